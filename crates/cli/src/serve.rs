@@ -1,0 +1,178 @@
+//! `tether serve`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use tether_core::{Clock, LeasePolicy, SystemClock};
+use tether_server::{App, ServiceConfig};
+use tether_store::Store;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:4780")]
+    pub listen: String,
+    /// Directory of the embedded store and the bootstrap admin token.
+    #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL; without it the embedded SQLite store in --data-dir is used.
+    #[arg(long = "database", env = "TETHER_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Base URL workers are told to call back (defaults to http://<listen>).
+    #[arg(long, env = "TETHER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Dispatcher tick in milliseconds.
+    #[arg(long, env = "TETHER_TICK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub tick_ms: u64,
+    /// Lease TTL in seconds until a heartbeat asks for another.
+    #[arg(long, env = "TETHER_LEASE_TTL", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=600))]
+    pub lease_ttl: u32,
+    /// Smallest lease TTL a heartbeat may ask for.
+    #[arg(long, env = "TETHER_LEASE_TTL_MIN", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
+    pub lease_ttl_min: u32,
+    /// Largest lease TTL a heartbeat may ask for.
+    #[arg(long, env = "TETHER_LEASE_TTL_MAX", default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub lease_ttl_max: u32,
+    /// Lease expiries that requeue an item before it is stopped as poison.
+    #[arg(long, env = "TETHER_MAX_REQUEUES", default_value_t = 3)]
+    pub max_requeues: u32,
+    /// Lease amnesty window at start, in milliseconds.
+    #[arg(long, env = "TETHER_AMNESTY_MS", default_value_t = 30_000)]
+    pub amnesty_ms: i64,
+    /// Largest request body in bytes.
+    #[arg(long, env = "TETHER_BODY_LIMIT", default_value_t = 32 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// Log format.
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
+    if let Some(url) = &args.database_url {
+        let store = tether_store::postgres::connect(url)
+            .await
+            .with_context(|| {
+                "cannot open the PostgreSQL store (check --database / TETHER_DATABASE_URL)"
+            })?;
+        return Ok(Arc::new(store));
+    }
+    std::fs::create_dir_all(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.data_dir.display()
+        )
+    })?;
+    let path = args.data_dir.join("tether.db");
+    let store = tether_store::sqlite::open(&path)
+        .with_context(|| format!("cannot open the store at {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    init_logging(args.log_format);
+    anyhow::ensure!(
+        args.lease_ttl_min <= args.lease_ttl_max,
+        "--lease-ttl-min must not exceed --lease-ttl-max"
+    );
+    let store = open_store(&args).await?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another server running? try --listen)",
+                args.listen
+            )
+        })?;
+    let local = listener.local_addr()?;
+    let config = ServiceConfig {
+        public_url: args
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local}")),
+        lease: LeasePolicy {
+            default_ttl_seconds: args.lease_ttl.clamp(args.lease_ttl_min, args.lease_ttl_max),
+            min_ttl_seconds: args.lease_ttl_min,
+            max_ttl_seconds: args.lease_ttl_max,
+            max_requeues: args.max_requeues,
+        },
+        amnesty_grace_ms: args.amnesty_ms,
+        tick: Duration::from_millis(args.tick_ms),
+        ..ServiceConfig::default()
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let app = App::new(store, clock, config);
+    bootstrap_admin(&app, &args.data_dir).await?;
+    tracing::info!(address = %local, store = app.store.backend(), "tether is listening");
+    eprintln!(
+        "tether listening on http://{local} ({} store)",
+        app.store.backend()
+    );
+    tether_server::serve(app, listener, args.body_limit, shutdown_signal()).await?;
+    tracing::info!("tether stopped");
+    Ok(())
+}
+
+/// First start of an empty store: mint the admin token (or adopt TETHER_ADMIN_TOKEN), print it once and
+/// write it to `<data-dir>/admin-token` with mode 0600.
+async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
+    let given = std::env::var("TETHER_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let minted = app
+        .bootstrap_admin_token(given)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let Some(secret) = minted else { return Ok(()) };
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("admin-token");
+    write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!(
+        "Created the first admin token (shown once; also saved to {}):\n\n    {secret}\n",
+        path.display()
+    );
+    Ok(())
+}
+
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(file, "{secret}")?;
+    file.sync_all()
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

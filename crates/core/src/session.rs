@@ -1,0 +1,348 @@
+//! Session status and the work ↔ session coupling rules (§7.3, §12.4), as pure decisions.
+//!
+//! Where §7.3 rule 5 ("stopping a work item never changes session status") and §12.4 ("an item that reaches
+//! `stopped` while its session is `running` makes the session `idle` with a `session.error`") meet, the
+//! later and more specific §12.4 wins: a turn that nobody can finish must not leave the session `running`
+//! for ever.
+
+use serde::{Deserialize, Serialize};
+
+use crate::work::{Cause, Transition, WorkState};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    Idle,
+    Running,
+    Rescheduling,
+    Terminated,
+}
+
+impl SessionStatus {
+    pub const ALL: [SessionStatus; 4] = [
+        SessionStatus::Idle,
+        SessionStatus::Running,
+        SessionStatus::Rescheduling,
+        SessionStatus::Terminated,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Idle => "idle",
+            SessionStatus::Running => "running",
+            SessionStatus::Rescheduling => "rescheduling",
+            SessionStatus::Terminated => "terminated",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SessionStatus> {
+        SessionStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Documented transitions (§2.2). Staying put is always allowed.
+    pub fn may_become(self, next: SessionStatus) -> bool {
+        use SessionStatus::*;
+        self == next
+            || matches!(
+                (self, next),
+                (Idle, Running | Rescheduling | Terminated)
+                    | (Running, Idle | Rescheduling | Terminated)
+                    | (Rescheduling, Idle | Running | Terminated)
+            )
+    }
+}
+
+/// An event the server writes into a session's log on its own account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    StatusRunning,
+    StatusRescheduled,
+    StatusIdle,
+    Error { message: String },
+}
+
+/// What a work transition does to its session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionEffect {
+    pub status: Option<SessionStatus>,
+    pub events: Vec<ServerEvent>,
+    /// Input arrived while the item was `stopping` (§7.3 rule 3): a fresh item is due now.
+    pub enqueue_fresh_item: bool,
+    /// Clear the remembered "input is waiting" flag.
+    pub clear_pending_input: bool,
+}
+
+impl SessionEffect {
+    pub fn is_empty(&self) -> bool {
+        self == &SessionEffect::default()
+    }
+}
+
+/// The coupling rules applied to one work transition of the session's item.
+pub fn on_work_transition(
+    status: SessionStatus,
+    pending_input: bool,
+    transition: &Transition,
+) -> SessionEffect {
+    let mut effect = SessionEffect::default();
+    if status == SessionStatus::Terminated {
+        return effect;
+    }
+    match (transition.cause, transition.to) {
+        (Cause::LeaseExpiredRequeued, WorkState::Queued) if status == SessionStatus::Running => {
+            effect.status = Some(SessionStatus::Rescheduling);
+            effect.events.push(ServerEvent::StatusRescheduled);
+        }
+        (Cause::Acked, WorkState::Starting) if status == SessionStatus::Rescheduling => {
+            effect.status = Some(SessionStatus::Running);
+            effect.events.push(ServerEvent::StatusRunning);
+        }
+        (_, WorkState::Stopped) => {
+            if matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
+                effect.status = Some(SessionStatus::Idle);
+                effect.events.push(ServerEvent::Error {
+                    message: format!(
+                        "the work item serving this turn stopped ({})",
+                        transition.cause.as_str()
+                    ),
+                });
+                effect.events.push(ServerEvent::StatusIdle);
+            }
+            let by_session = matches!(
+                transition.cause,
+                Cause::SessionArchived | Cause::SessionDeleted
+            );
+            if pending_input && !by_session {
+                effect.enqueue_fresh_item = true;
+                effect.clear_pending_input = true;
+            }
+        }
+        _ => {}
+    }
+    effect
+}
+
+/// What runnable user input (a `user.message`) does, given the session and its live item (§7.3, §12.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InputDecision {
+    /// Refused: 409 (a turn is running, or the session is archived/terminated).
+    Refuse(&'static str),
+    /// Accepted. `start_turn`: the session becomes `running`. The queue effect says what to do with work.
+    Accept {
+        start_turn: bool,
+        queue: QueueEffect,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueEffect {
+    /// A live item serves the session already; the worker reads input from the event log.
+    None,
+    /// No live item: enqueue one now (D-12b).
+    Enqueue,
+    /// The live item is `stopping`: remember, and enqueue when it stops (D-34).
+    Buffer,
+}
+
+pub fn on_user_message(
+    status: SessionStatus,
+    archived: bool,
+    self_hosted: bool,
+    live_item: Option<WorkState>,
+) -> InputDecision {
+    if archived {
+        return InputDecision::Refuse("the session is archived");
+    }
+    match status {
+        SessionStatus::Terminated => InputDecision::Refuse("the session is terminated"),
+        SessionStatus::Running | SessionStatus::Rescheduling => InputDecision::Refuse(
+            "the session is running a turn; wait for session.status_idle or cancel it",
+        ),
+        SessionStatus::Idle => {
+            let queue = match (self_hosted, live_item) {
+                (false, _) => QueueEffect::None,
+                (true, None | Some(WorkState::Stopped)) => QueueEffect::Enqueue,
+                (true, Some(WorkState::Stopping)) => QueueEffect::Buffer,
+                (true, Some(_)) => QueueEffect::None,
+            };
+            InputDecision::Accept {
+                start_turn: true,
+                queue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::Timestamp;
+
+    fn t(cause: Cause, to: WorkState) -> Transition {
+        Transition {
+            at: Timestamp(0),
+            from: None,
+            to,
+            cause,
+            worker_id: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn requeue_while_running_reschedules_and_ack_resumes() {
+        let e = on_work_transition(
+            SessionStatus::Running,
+            false,
+            &t(Cause::LeaseExpiredRequeued, WorkState::Queued),
+        );
+        assert_eq!(e.status, Some(SessionStatus::Rescheduling));
+        assert_eq!(e.events, vec![ServerEvent::StatusRescheduled]);
+        let e = on_work_transition(
+            SessionStatus::Rescheduling,
+            false,
+            &t(Cause::Acked, WorkState::Starting),
+        );
+        assert_eq!(e.status, Some(SessionStatus::Running));
+        let e = on_work_transition(
+            SessionStatus::Idle,
+            false,
+            &t(Cause::LeaseExpiredRequeued, WorkState::Queued),
+        );
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn stop_mid_turn_goes_idle_with_error() {
+        for cause in [
+            Cause::ForceStopped,
+            Cause::PoisonStopped,
+            Cause::StopConfirmed,
+        ] {
+            let e =
+                on_work_transition(SessionStatus::Running, false, &t(cause, WorkState::Stopped));
+            assert_eq!(e.status, Some(SessionStatus::Idle));
+            assert!(matches!(e.events[0], ServerEvent::Error { .. }));
+            assert!(!e.enqueue_fresh_item);
+        }
+        let e = on_work_transition(
+            SessionStatus::Idle,
+            false,
+            &t(Cause::StopConfirmed, WorkState::Stopped),
+        );
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn buffered_input_is_served_by_a_fresh_item() {
+        let e = on_work_transition(
+            SessionStatus::Running,
+            true,
+            &t(Cause::StopConfirmed, WorkState::Stopped),
+        );
+        assert!(e.enqueue_fresh_item && e.clear_pending_input);
+        let e = on_work_transition(
+            SessionStatus::Idle,
+            true,
+            &t(Cause::SessionArchived, WorkState::Stopped),
+        );
+        assert!(!e.enqueue_fresh_item);
+    }
+
+    #[test]
+    fn user_message_table() {
+        use InputDecision::*;
+        use QueueEffect::{Buffer, Enqueue};
+        let cases = [
+            (
+                SessionStatus::Idle,
+                false,
+                true,
+                Option::None,
+                Accept {
+                    start_turn: true,
+                    queue: Enqueue,
+                },
+            ),
+            (
+                SessionStatus::Idle,
+                false,
+                true,
+                Some(WorkState::Stopped),
+                Accept {
+                    start_turn: true,
+                    queue: Enqueue,
+                },
+            ),
+            (
+                SessionStatus::Idle,
+                false,
+                true,
+                Some(WorkState::Active),
+                Accept {
+                    start_turn: true,
+                    queue: QueueEffect::None,
+                },
+            ),
+            (
+                SessionStatus::Idle,
+                false,
+                true,
+                Some(WorkState::Queued),
+                Accept {
+                    start_turn: true,
+                    queue: QueueEffect::None,
+                },
+            ),
+            (
+                SessionStatus::Idle,
+                false,
+                true,
+                Some(WorkState::Stopping),
+                Accept {
+                    start_turn: true,
+                    queue: Buffer,
+                },
+            ),
+            (
+                SessionStatus::Idle,
+                false,
+                false,
+                Option::None,
+                Accept {
+                    start_turn: true,
+                    queue: QueueEffect::None,
+                },
+            ),
+        ];
+        for (status, archived, self_hosted, live, want) in cases {
+            assert_eq!(
+                on_user_message(status, archived, self_hosted, live),
+                want,
+                "{status:?} {live:?}"
+            );
+        }
+        for status in [
+            SessionStatus::Running,
+            SessionStatus::Rescheduling,
+            SessionStatus::Terminated,
+        ] {
+            assert!(matches!(
+                on_user_message(status, false, true, None),
+                Refuse(_)
+            ));
+        }
+        assert!(matches!(
+            on_user_message(SessionStatus::Idle, true, true, None),
+            Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn documented_status_transitions() {
+        use SessionStatus::*;
+        assert!(Idle.may_become(Running));
+        assert!(!Terminated.may_become(Idle));
+        assert!(Rescheduling.may_become(Running));
+    }
+}

@@ -1,0 +1,705 @@
+//! The work-item state machine (§5). Every operation is a pure function from the current item, the
+//! request and `now` to either a new item plus the transitions it went through, or a typed refusal.
+//! Storage writes the result with one conditional write; HTTP maps refusals to status codes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lease::{self, LeasePolicy};
+use crate::metadata::{self, Metadata, MetadataError, MetadataPatch};
+use crate::time::Timestamp;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkState {
+    Queued,
+    Starting,
+    Active,
+    Stopping,
+    Stopped,
+}
+
+impl WorkState {
+    pub const ALL: [WorkState; 5] = [
+        WorkState::Queued,
+        WorkState::Starting,
+        WorkState::Active,
+        WorkState::Stopping,
+        WorkState::Stopped,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WorkState::Queued => "queued",
+            WorkState::Starting => "starting",
+            WorkState::Active => "active",
+            WorkState::Stopping => "stopping",
+            WorkState::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<WorkState> {
+        WorkState::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// Live = not yet stopped.
+    pub const fn is_live(self) -> bool {
+        !matches!(self, WorkState::Stopped)
+    }
+
+    /// States that hold a lease.
+    pub const fn is_leased(self) -> bool {
+        matches!(
+            self,
+            WorkState::Starting | WorkState::Active | WorkState::Stopping
+        )
+    }
+}
+
+impl std::fmt::Display for WorkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an item moved (§11.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    Enqueued,
+    Delivered,
+    Redelivered,
+    Acked,
+    FirstHeartbeat,
+    StopRequested,
+    StopConfirmed,
+    ForceStopped,
+    LeaseExpiredRequeued,
+    LeaseExpiredStopped,
+    PoisonStopped,
+    SessionArchived,
+    SessionDeleted,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Enqueued => "enqueued",
+            Cause::Delivered => "delivered",
+            Cause::Redelivered => "redelivered",
+            Cause::Acked => "acked",
+            Cause::FirstHeartbeat => "first_heartbeat",
+            Cause::StopRequested => "stop_requested",
+            Cause::StopConfirmed => "stop_confirmed",
+            Cause::ForceStopped => "force_stopped",
+            Cause::LeaseExpiredRequeued => "lease_expired_requeued",
+            Cause::LeaseExpiredStopped => "lease_expired_stopped",
+            Cause::PoisonStopped => "poison_stopped",
+            Cause::SessionArchived => "session_archived",
+            Cause::SessionDeleted => "session_deleted",
+        }
+    }
+}
+
+/// One line of an item's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub at: Timestamp,
+    pub from: Option<WorkState>,
+    pub to: WorkState,
+    pub cause: Cause,
+    pub worker_id: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// What the item asks a worker to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkData {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: String,
+}
+
+/// An outstanding, un-acked poll delivery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub worker_id: Option<String>,
+    pub delivered_at: Timestamp,
+}
+
+/// A work item with its public fields and the bookkeeping of §3.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkItem {
+    pub id: String,
+    pub environment_id: String,
+    pub data: WorkData,
+    pub state: WorkState,
+    pub created_at: Timestamp,
+    /// When the item (re)entered `queued`: FIFO order and `oldest_queued_at`.
+    pub enqueued_at: Timestamp,
+    pub acknowledged_at: Option<Timestamp>,
+    pub started_at: Option<Timestamp>,
+    /// The `last_heartbeat` of the current lease: the optimistic-concurrency token.
+    pub latest_heartbeat_at: Option<Timestamp>,
+    pub stop_requested_at: Option<Timestamp>,
+    pub stopped_at: Option<Timestamp>,
+    pub metadata: Metadata,
+    pub delivery: Option<Delivery>,
+    pub owner_worker_id: Option<String>,
+    pub lease_expires_at: Option<Timestamp>,
+    pub ttl_seconds: u32,
+    /// The greatest `last_heartbeat` ever handed out for this item, across requeues (D-30).
+    pub heartbeat_floor: Option<Timestamp>,
+    pub delivery_count: u32,
+    pub requeue_count: u32,
+    pub heartbeat_count: u64,
+    /// SHA-256 (hex) of the session token minted by the current delivery; cleared when it must die.
+    pub session_token_hash: Option<String>,
+}
+
+/// The result of an accepted operation: the item after it and the transitions on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub item: WorkItem,
+    pub transitions: Vec<Transition>,
+}
+
+impl Step {
+    fn unchanged(item: &WorkItem) -> Step {
+        Step {
+            item: item.clone(),
+            transitions: Vec::new(),
+        }
+    }
+
+    /// Whether anything must be written.
+    pub fn changes(&self, before: &WorkItem) -> bool {
+        &self.item != before
+    }
+}
+
+/// Why an operation was refused. Each maps to one documented status code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WorkError {
+    /// 409: the item's state does not allow the operation.
+    #[error("work item is {state}, which does not allow {operation}")]
+    InvalidState {
+        state: WorkState,
+        operation: &'static str,
+    },
+    /// 409: another worker holds the delivery or the lease.
+    #[error("work item is claimed by a different worker")]
+    WorkerMismatch,
+    /// 412: `expected_last_heartbeat` does not match, or a different Worker-ID heartbeats (D-7b).
+    #[error("{reason}")]
+    PreconditionFailed {
+        reason: &'static str,
+        current: CurrentLease,
+    },
+    /// Poll lost a race for this item (not an HTTP error: the poll tries the next candidate).
+    #[error("work item is not claimable")]
+    NotClaimable,
+    /// 400 on metadata limits.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+}
+
+/// What a 412 reports in `error.details.current_state`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentLease {
+    pub state: WorkState,
+    pub ttl_seconds: u32,
+    pub last_heartbeat: Option<Timestamp>,
+}
+
+impl CurrentLease {
+    fn of(item: &WorkItem) -> CurrentLease {
+        CurrentLease {
+            state: item.state,
+            ttl_seconds: item.ttl_seconds,
+            last_heartbeat: item.latest_heartbeat_at,
+        }
+    }
+}
+
+/// The `expected_last_heartbeat` query parameter, parsed (D-29).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedHeartbeat {
+    /// Omitted: unconditional.
+    Any,
+    /// `NO_HEARTBEAT`: claim the first heartbeat of the current lease.
+    None,
+    /// The exact `last_heartbeat` of the previous response.
+    At(Timestamp),
+}
+
+pub const NO_HEARTBEAT: &str = "NO_HEARTBEAT";
+
+impl ExpectedHeartbeat {
+    /// Parses the raw query value; `None` for anything that is neither the sentinel nor RFC 3339.
+    pub fn parse(raw: Option<&str>) -> Option<ExpectedHeartbeat> {
+        match raw {
+            None => Some(ExpectedHeartbeat::Any),
+            Some(NO_HEARTBEAT) => Some(ExpectedHeartbeat::None),
+            Some(text) => Timestamp::parse_rfc3339(text).map(ExpectedHeartbeat::At),
+        }
+    }
+
+    fn matches(self, item: &WorkItem) -> bool {
+        match self {
+            ExpectedHeartbeat::Any => true,
+            ExpectedHeartbeat::None => item.latest_heartbeat_at.is_none(),
+            ExpectedHeartbeat::At(t) => item.latest_heartbeat_at == Some(t),
+        }
+    }
+}
+
+/// What an accepted heartbeat answers (§2.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    pub last_heartbeat: Timestamp,
+    pub lease_extended: bool,
+    pub state: WorkState,
+    pub ttl_seconds: u32,
+}
+
+/// A fresh item for a session, in `queued`.
+pub fn enqueue(
+    id: String,
+    environment_id: String,
+    data: WorkData,
+    metadata: Metadata,
+    now: Timestamp,
+    policy: &LeasePolicy,
+) -> Step {
+    let item = WorkItem {
+        id,
+        environment_id,
+        data,
+        state: WorkState::Queued,
+        created_at: now,
+        enqueued_at: now,
+        acknowledged_at: None,
+        started_at: None,
+        latest_heartbeat_at: None,
+        stop_requested_at: None,
+        stopped_at: None,
+        metadata,
+        delivery: None,
+        owner_worker_id: None,
+        lease_expires_at: None,
+        ttl_seconds: policy.default_ttl_seconds,
+        heartbeat_floor: None,
+        delivery_count: 0,
+        requeue_count: 0,
+        heartbeat_count: 0,
+        session_token_hash: None,
+    };
+    let transition = Transition {
+        at: now,
+        from: None,
+        to: WorkState::Queued,
+        cause: Cause::Enqueued,
+        worker_id: None,
+        detail: None,
+    };
+    check_invariants(&item);
+    Step {
+        item,
+        transitions: vec![transition],
+    }
+}
+
+/// Whether a poll with this reclaim window may hand the item out now (§6.2 step 2).
+pub fn is_claimable(item: &WorkItem, now: Timestamp, reclaim_older_than_ms: i64) -> bool {
+    item.state == WorkState::Queued
+        && match &item.delivery {
+            None => true,
+            Some(d) => d.delivered_at <= now.minus_millis(reclaim_older_than_ms),
+        }
+}
+
+/// Poll delivery: records `{worker, now}` and the hash of the session token minted for it. The state stays
+/// `queued`. A previous delivery's token dies here (D-27).
+pub fn deliver(
+    item: &WorkItem,
+    worker_id: Option<&str>,
+    session_token_hash: String,
+    now: Timestamp,
+    reclaim_older_than_ms: i64,
+) -> Result<Step, WorkError> {
+    if !is_claimable(item, now, reclaim_older_than_ms) {
+        return Err(WorkError::NotClaimable);
+    }
+    let cause = if item.delivery.is_some() {
+        Cause::Redelivered
+    } else {
+        Cause::Delivered
+    };
+    let mut next = item.clone();
+    next.delivery = Some(Delivery {
+        worker_id: worker_id.map(str::to_owned),
+        delivered_at: now,
+    });
+    next.delivery_count += 1;
+    next.session_token_hash = Some(session_token_hash);
+    Ok(finish(item, next, now, cause, worker_id, None))
+}
+
+/// Ack (§5.1, D-6, D-28).
+pub fn ack(item: &WorkItem, worker_id: Option<&str>, now: Timestamp) -> Result<Step, WorkError> {
+    let recorded = match item.state {
+        WorkState::Queued => item.delivery.as_ref().and_then(|d| d.worker_id.as_deref()),
+        WorkState::Starting | WorkState::Active => item.owner_worker_id.as_deref(),
+        WorkState::Stopping | WorkState::Stopped => {
+            return Err(WorkError::InvalidState {
+                state: item.state,
+                operation: "ack",
+            });
+        }
+    };
+    if let (Some(w), Some(r)) = (worker_id, recorded) {
+        if w != r {
+            return Err(WorkError::WorkerMismatch);
+        }
+    }
+    if item.state != WorkState::Queued {
+        return Ok(Step::unchanged(item));
+    }
+    let mut next = item.clone();
+    next.state = WorkState::Starting;
+    next.acknowledged_at = Some(now);
+    next.owner_worker_id = worker_id
+        .map(str::to_owned)
+        .or_else(|| recorded.map(str::to_owned));
+    next.delivery = None;
+    next.lease_expires_at = Some(now.plus_seconds(i64::from(item.ttl_seconds)));
+    let owner = next.owner_worker_id.clone();
+    Ok(finish(
+        item,
+        next,
+        now,
+        Cause::Acked,
+        owner.as_deref(),
+        None,
+    ))
+}
+
+/// Heartbeat (§5.2, D-7b, D-8, D-30).
+pub fn heartbeat(
+    item: &WorkItem,
+    expected: ExpectedHeartbeat,
+    desired_ttl_seconds: Option<u32>,
+    worker_id: Option<&str>,
+    now: Timestamp,
+    policy: &LeasePolicy,
+) -> Result<(Step, HeartbeatReply), WorkError> {
+    if !item.state.is_leased() {
+        return Err(WorkError::InvalidState {
+            state: item.state,
+            operation: "heartbeat",
+        });
+    }
+    if let (Some(w), Some(owner)) = (worker_id, item.owner_worker_id.as_deref()) {
+        if w != owner {
+            return Err(WorkError::PreconditionFailed {
+                reason: "the work item is leased by a different worker",
+                current: CurrentLease::of(item),
+            });
+        }
+    }
+    if !expected.matches(item) {
+        let reason = match (expected, item.latest_heartbeat_at) {
+            (ExpectedHeartbeat::None, Some(_)) => "a heartbeat was already recorded for this lease",
+            (ExpectedHeartbeat::At(_), None) => "no heartbeat has been recorded for this lease yet",
+            _ => "expected_last_heartbeat does not match the current lease",
+        };
+        return Err(WorkError::PreconditionFailed {
+            reason,
+            current: CurrentLease::of(item),
+        });
+    }
+    let beat = match item.heartbeat_floor {
+        Some(floor) if now <= floor => floor.next(),
+        _ => now,
+    };
+    let ttl = policy.effective_ttl(desired_ttl_seconds, item.ttl_seconds);
+    let mut next = item.clone();
+    next.ttl_seconds = ttl;
+    next.latest_heartbeat_at = Some(beat);
+    next.heartbeat_floor = Some(beat);
+    next.lease_expires_at = Some(beat.plus_seconds(i64::from(ttl)));
+    next.heartbeat_count += 1;
+    let step = if item.state == WorkState::Starting {
+        next.state = WorkState::Active;
+        next.started_at = Some(now);
+        let owner = next.owner_worker_id.clone();
+        finish(
+            item,
+            next,
+            now,
+            Cause::FirstHeartbeat,
+            owner.as_deref(),
+            None,
+        )
+    } else {
+        check_invariants(&next);
+        Step {
+            item: next,
+            transitions: Vec::new(),
+        }
+    };
+    let reply = HeartbeatReply {
+        last_heartbeat: beat,
+        lease_extended: true,
+        state: step.item.state,
+        ttl_seconds: ttl,
+    };
+    Ok((step, reply))
+}
+
+/// Stop (§5.3, D-7, D-7c, D-8).
+pub fn stop(item: &WorkItem, force: bool, now: Timestamp) -> Result<Step, WorkError> {
+    match (item.state, force) {
+        (WorkState::Stopped, _) => Err(WorkError::InvalidState {
+            state: item.state,
+            operation: "stop",
+        }),
+        (_, true) => Ok(stop_now(item, now, Cause::ForceStopped, None)),
+        (WorkState::Queued, false) => Ok(stop_now(
+            item,
+            now,
+            Cause::StopRequested,
+            Some("stopped while queued: no worker held it"),
+        )),
+        (WorkState::Starting | WorkState::Active, false) => {
+            let mut next = item.clone();
+            next.state = WorkState::Stopping;
+            next.stop_requested_at = Some(now);
+            let owner = item.owner_worker_id.clone();
+            Ok(finish(
+                item,
+                next,
+                now,
+                Cause::StopRequested,
+                owner.as_deref(),
+                None,
+            ))
+        }
+        (WorkState::Stopping, false) => Ok(stop_now(item, now, Cause::StopConfirmed, None)),
+    }
+}
+
+/// Force-stop for a reason outside the work API (session archived or deleted). `None` if already stopped.
+pub fn force_stop_for(item: &WorkItem, now: Timestamp, cause: Cause) -> Option<Step> {
+    item.state
+        .is_live()
+        .then(|| stop_now(item, now, cause, None))
+}
+
+fn stop_now(item: &WorkItem, now: Timestamp, cause: Cause, detail: Option<&str>) -> Step {
+    debug_assert!(item.state.is_live());
+    let mut next = item.clone();
+    next.state = WorkState::Stopped;
+    next.stop_requested_at = item.stop_requested_at.or(Some(now));
+    next.stopped_at = Some(now);
+    release(&mut next);
+    let owner = item.owner_worker_id.clone();
+    finish(item, next, now, cause, owner.as_deref(), detail)
+}
+
+/// Clears everything that lets a worker act on the item: delivery, lease and session token.
+fn release(item: &mut WorkItem) {
+    item.delivery = None;
+    item.lease_expires_at = None;
+    item.session_token_hash = None;
+}
+
+/// Lazy expiry (§5.4, D-5): what a lapsed lease turns the item into, or `None` while the lease holds.
+pub fn expire_if_due(item: &WorkItem, now: Timestamp, policy: &LeasePolicy) -> Option<Step> {
+    if !item.state.is_leased() || !lease::is_expired(item.lease_expires_at, now) {
+        return None;
+    }
+    let deadline = item.lease_expires_at.expect("a leased item has a deadline");
+    let owner = item.owner_worker_id.clone();
+    let mut next = item.clone();
+    if item.state == WorkState::Stopping {
+        next.state = WorkState::Stopped;
+        next.stopped_at = Some(deadline);
+        release(&mut next);
+        return Some(finish(
+            item,
+            next,
+            now,
+            Cause::LeaseExpiredStopped,
+            owner.as_deref(),
+            None,
+        ));
+    }
+    if item.requeue_count >= policy.max_requeues {
+        next.state = WorkState::Stopped;
+        next.stop_requested_at = item.stop_requested_at.or(Some(now));
+        next.stopped_at = Some(now);
+        release(&mut next);
+        let detail = format!("lease expired after {} requeues", item.requeue_count);
+        return Some(finish(
+            item,
+            next,
+            now,
+            Cause::PoisonStopped,
+            owner.as_deref(),
+            Some(&detail),
+        ));
+    }
+    next.state = WorkState::Queued;
+    next.enqueued_at = now;
+    next.acknowledged_at = None;
+    next.started_at = None;
+    next.latest_heartbeat_at = None;
+    next.stop_requested_at = None;
+    next.owner_worker_id = None;
+    next.requeue_count += 1;
+    release(&mut next);
+    Some(finish(
+        item,
+        next,
+        now,
+        Cause::LeaseExpiredRequeued,
+        owner.as_deref(),
+        None,
+    ))
+}
+
+/// Lease amnesty at server start (§3.1). `None` when the lease is far enough out already.
+pub fn grant_amnesty(item: &WorkItem, now: Timestamp, grace_millis: i64) -> Option<WorkItem> {
+    if !item.state.is_leased() {
+        return None;
+    }
+    let deadline = lease::amnesty_deadline(item.lease_expires_at, now, grace_millis)?;
+    let mut next = item.clone();
+    next.lease_expires_at = Some(deadline);
+    Some(next)
+}
+
+/// Metadata merge-patch, allowed in every state (D-10).
+pub fn patch_metadata(item: &WorkItem, patch: &MetadataPatch) -> Result<Step, WorkError> {
+    let merged = metadata::merge(&item.metadata, patch)?;
+    let mut next = item.clone();
+    next.metadata = merged;
+    Ok(Step {
+        item: next,
+        transitions: Vec::new(),
+    })
+}
+
+/// Runs lazy expiry first, then `op` on the result. The expiry, if any, must be persisted even when the
+/// operation is refused; hence both parts are returned.
+pub struct Evaluation<T> {
+    pub expired: Option<Step>,
+    pub outcome: Result<T, WorkError>,
+}
+
+pub fn evaluate<T>(
+    item: &WorkItem,
+    now: Timestamp,
+    policy: &LeasePolicy,
+    op: impl FnOnce(&WorkItem) -> Result<T, WorkError>,
+) -> Evaluation<T> {
+    let expired = expire_if_due(item, now, policy);
+    let current = expired.as_ref().map_or(item, |s| &s.item);
+    let outcome = op(current);
+    Evaluation { expired, outcome }
+}
+
+/// Concatenates an expiry step with the step of the operation that followed it.
+pub fn chain(expired: Option<Step>, then: Step) -> Step {
+    match expired {
+        None => then,
+        Some(mut first) => {
+            first.transitions.extend(then.transitions);
+            Step {
+                item: then.item,
+                transitions: first.transitions,
+            }
+        }
+    }
+}
+
+fn finish(
+    before: &WorkItem,
+    next: WorkItem,
+    now: Timestamp,
+    cause: Cause,
+    worker_id: Option<&str>,
+    detail: Option<&str>,
+) -> Step {
+    check_invariants(&next);
+    let transition = Transition {
+        at: now,
+        from: Some(before.state),
+        to: next.state,
+        cause,
+        worker_id: worker_id.map(str::to_owned),
+        detail: detail.map(str::to_owned),
+    };
+    Step {
+        item: next,
+        transitions: vec![transition],
+    }
+}
+
+/// The field invariants of §2.3, plus the bookkeeping that goes with them. Violations are bugs.
+pub fn invariant_violation(item: &WorkItem) -> Option<&'static str> {
+    use WorkState::*;
+    let checks: [(bool, &'static str); 10] = [
+        (
+            item.state != Queued || item.acknowledged_at.is_none(),
+            "queued item has acknowledged_at",
+        ),
+        (
+            item.state != Queued || item.started_at.is_none(),
+            "queued item has started_at",
+        ),
+        (
+            item.state != Queued || item.latest_heartbeat_at.is_none(),
+            "queued item has latest_heartbeat_at",
+        ),
+        (
+            item.state != Queued || item.stopped_at.is_none(),
+            "queued item has stopped_at",
+        ),
+        (
+            item.state != Starting || (item.acknowledged_at.is_some() && item.started_at.is_none()),
+            "starting item stamps",
+        ),
+        (
+            item.state != Active
+                || (item.acknowledged_at.is_some()
+                    && item.started_at.is_some()
+                    && item.latest_heartbeat_at.is_some()),
+            "active item stamps",
+        ),
+        (
+            item.state != Stopping || item.stop_requested_at.is_some(),
+            "stopping item without stop_requested_at",
+        ),
+        (
+            item.state != Stopped || item.stopped_at.is_some(),
+            "stopped item without stopped_at",
+        ),
+        (
+            item.state.is_leased() == item.lease_expires_at.is_some(),
+            "lease deadline exists iff leased",
+        ),
+        (
+            item.state == Queued || item.delivery.is_none(),
+            "only queued items carry a delivery",
+        ),
+    ];
+    checks.iter().find(|(ok, _)| !ok).map(|(_, what)| *what)
+}
+
+fn check_invariants(item: &WorkItem) {
+    if let Some(what) = invariant_violation(item) {
+        panic!("work item invariant violated: {what}: {item:?}");
+    }
+}

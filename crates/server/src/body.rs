@@ -1,0 +1,125 @@
+//! Reading fields out of JSON request bodies with errors that name the field (§1.7 `param`).
+
+use serde_json::{Map, Value};
+use tether_core::metadata::{self, Metadata, MetadataPatch};
+
+use crate::error::{ApiError, ApiResult};
+
+/// A request body that must be a JSON object; `None` (no body) reads as `{}`.
+pub fn object(body: Option<Value>) -> ApiResult<Map<String, Value>> {
+    match body {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) => Ok(map),
+        Some(_) => Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        )),
+    }
+}
+
+pub fn required_string(body: &Map<String, Value>, field: &str) -> ApiResult<String> {
+    match body.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Value::Null) => Err(ApiError::bad_param(field, format!("{field} is required"))),
+        Some(_) => Err(ApiError::bad_param(
+            field,
+            format!("{field} must be a string"),
+        )),
+    }
+}
+
+/// `Ok(None)` when absent or null.
+pub fn optional_string(body: &Map<String, Value>, field: &str) -> ApiResult<Option<String>> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::bad_param(
+            field,
+            format!("{field} must be a string"),
+        )),
+    }
+}
+
+pub fn optional_bool(body: &Map<String, Value>, field: &str) -> ApiResult<Option<bool>> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::bad_param(
+            field,
+            format!("{field} must be a boolean"),
+        )),
+    }
+}
+
+/// An optional array, stored as given; absent means `[]`.
+pub fn optional_array(body: &Map<String, Value>, field: &str) -> ApiResult<Value> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(Value::Array(Vec::new())),
+        Some(v @ Value::Array(_)) => Ok(v.clone()),
+        Some(_) => Err(ApiError::bad_param(
+            field,
+            format!("{field} must be an array"),
+        )),
+    }
+}
+
+/// A complete metadata map (create).
+pub fn metadata(body: &Map<String, Value>) -> ApiResult<Metadata> {
+    match body.get("metadata") {
+        None => Ok(Metadata::new()),
+        Some(v) => {
+            metadata::from_json(v).map_err(|e| ApiError::bad_param("metadata", e.to_string()))
+        }
+    }
+}
+
+/// A metadata merge patch (update); `None` when absent.
+pub fn metadata_patch(body: &Map<String, Value>) -> ApiResult<Option<MetadataPatch>> {
+    match body.get("metadata") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => metadata::patch_from_json(v)
+            .map(Some)
+            .map_err(|e| ApiError::bad_param("metadata", e.to_string())),
+    }
+}
+
+/// A flat string→string map such as `environment_variables`.
+pub fn string_map(
+    body: &Map<String, Value>,
+    field: &str,
+) -> ApiResult<std::collections::BTreeMap<String, String>> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(Default::default()),
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                _ => Err(ApiError::bad_param(
+                    field,
+                    format!("{field}.{k} must be a string"),
+                )),
+            })
+            .collect(),
+        Some(_) => Err(ApiError::bad_param(
+            field,
+            format!("{field} must be an object of strings"),
+        )),
+    }
+}
+
+/// Checks a name-like string: non-empty and at most `max` characters.
+pub fn bounded_name(value: String, field: &str, max: usize) -> ApiResult<String> {
+    let chars = value.chars().count();
+    if chars == 0 || value.trim().is_empty() {
+        return Err(ApiError::bad_param(
+            field,
+            format!("{field} must not be empty"),
+        ));
+    }
+    if chars > max {
+        return Err(ApiError::bad_param(
+            field,
+            format!("{field} may be at most {max} characters"),
+        ));
+    }
+    Ok(value)
+}

@@ -1,0 +1,187 @@
+//! The error envelope (§1.7) and the mapping from every refusal to its status code.
+//!
+//! Handlers return [`ApiError`]; it travels to the request-id middleware inside the response's
+//! extensions, and the middleware writes the envelope with the request's id. Responses that are errors
+//! but were not made by us (a panic caught by the panic layer, a method the router does not serve) are
+//! rewritten into the same envelope there, so a client never sees any other error shape.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use tether_core::work::WorkError;
+use tether_store::StoreError;
+
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    pub details: Option<Value>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+            details: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn bad_param(param: &str, message: impl Into<String>) -> Self {
+        Self::bad_request(message).with_param(param)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+    }
+
+    /// 409 on the work endpoints and environment delete (D-13).
+    pub fn state_conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+    }
+
+    /// 409 elsewhere, e.g. archiving twice (D-13, D-19c).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict_error", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "api_error", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", message)
+    }
+
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_owned());
+        self
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    /// The envelope body for a request id.
+    pub fn body(&self, request_id: &str) -> Value {
+        let mut error = json!({ "type": self.kind, "message": self.message });
+        if let Some(param) = &self.param {
+            error["param"] = json!(param);
+        }
+        if let Some(code) = self.code {
+            error["code"] = json!(code);
+        }
+        if let Some(details) = &self.details {
+            error["details"] = details.clone();
+        }
+        json!({ "type": "error", "request_id": request_id, "error": error })
+    }
+
+    /// The envelope for a bare error status we did not produce ourselves.
+    pub fn for_status(status: StatusCode) -> Self {
+        let (kind, message) = match status.as_u16() {
+            400 | 413 | 415 | 422 => ("invalid_request_error", "the request is malformed"),
+            401 => ("authentication_error", "authentication is required"),
+            403 => ("permission_error", "not allowed"),
+            404 => ("not_found_error", "no such resource"),
+            405 => (
+                "invalid_request_error",
+                "this method is not allowed on this path",
+            ),
+            408 => ("invalid_request_error", "the request timed out"),
+            429 => ("rate_limit_error", "too many requests"),
+            503 => ("overloaded_error", "the server is unavailable"),
+            _ => ("api_error", "internal error"),
+        };
+        // Oversized or unparsable bodies are a 400 in this API (§1.3).
+        let status = if matches!(status.as_u16(), 413 | 415 | 422) {
+            StatusCode::BAD_REQUEST
+        } else {
+            status
+        };
+        ApiError::new(status, kind, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = self.status.into_response();
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => ApiError::unavailable(
+                "the request kept losing races with concurrent changes; retry it",
+            ),
+            StoreError::Unavailable(reason) => {
+                tracing::warn!(%reason, "store unavailable");
+                ApiError::unavailable("the database is unavailable; retry shortly")
+            }
+            StoreError::Internal(reason) => {
+                tracing::error!(%reason, "store error");
+                ApiError::internal("internal storage error")
+            }
+        }
+    }
+}
+
+impl From<WorkError> for ApiError {
+    fn from(e: WorkError) -> Self {
+        match &e {
+            WorkError::InvalidState { .. } => {
+                ApiError::state_conflict(e.to_string()).with_code("invalid_state")
+            }
+            WorkError::WorkerMismatch => {
+                ApiError::state_conflict(e.to_string()).with_code("worker_mismatch")
+            }
+            WorkError::NotClaimable => {
+                ApiError::state_conflict(e.to_string()).with_code("invalid_state")
+            }
+            WorkError::PreconditionFailed { reason, current } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "precondition_failed_error",
+                *reason,
+            )
+            .with_code("lease_mismatch")
+            .with_details(json!({
+                "error_code": "heartbeat_precondition_failed",
+                "current_state": {
+                    "state": current.state.as_str(),
+                    "ttl_seconds": current.ttl_seconds,
+                    "last_heartbeat": current.last_heartbeat.map(|t| t.to_rfc3339()),
+                }
+            })),
+            WorkError::Metadata(m) => ApiError::bad_param("metadata", m.to_string()),
+        }
+    }
+}

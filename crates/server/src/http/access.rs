@@ -1,0 +1,47 @@
+//! Who may do what (§11.1). Each check answers 403 for an authenticated caller without the right.
+
+use crate::error::{ApiError, ApiResult};
+use crate::service::tokens::Principal;
+
+fn forbidden() -> ApiError {
+    ApiError::forbidden("this credential may not perform this request")
+}
+
+pub fn admin(p: &Principal) -> ApiResult<()> {
+    match p {
+        Principal::Admin { .. } => Ok(()),
+        _ => Err(forbidden()),
+    }
+}
+
+/// Queue-wide work endpoints (list, poll, stats, ack, history, workers) of one environment.
+pub fn environment(p: &Principal, environment_id: &str) -> ApiResult<()> {
+    match p {
+        Principal::Admin { .. } => Ok(()),
+        Principal::EnvironmentKey {
+            environment_id: e, ..
+        } if e == environment_id => Ok(()),
+        _ => Err(forbidden()),
+    }
+}
+
+/// Endpoints on one work item (get, metadata, heartbeat, stop; and ack by its own session token).
+pub fn work_item(p: &Principal, environment_id: &str, work_id: &str) -> ApiResult<()> {
+    match p {
+        Principal::SessionToken { work_id: w, .. } if w == work_id => Ok(()),
+        other => environment(other, environment_id),
+    }
+}
+
+/// Reading a session (and its events), or posting worker-side events to it.
+pub fn session(p: &Principal, session_id: &str, session_environment_id: &str) -> ApiResult<()> {
+    match p {
+        Principal::SessionToken { session_id: s, .. } if s == session_id => Ok(()),
+        other => environment(other, session_environment_id),
+    }
+}
+
+/// Whether the caller is a worker credential (environment key or session token).
+pub fn is_worker(p: &Principal) -> bool {
+    !matches!(p, Principal::Admin { .. })
+}

@@ -1,0 +1,268 @@
+//! Request extractors that fail in the error envelope with the right status (D-32's order is kept by
+//! the handlers: they authenticate first, then look things up, then read parameters).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use serde_json::Value;
+use tether_core::ids::{self, IdKind};
+use tether_store::{Cursor, PageRequest};
+
+use crate::dialect::Dialect;
+use crate::error::{ApiError, ApiResult};
+use crate::service::tokens::Principal;
+use crate::service::App;
+
+/// The authenticated caller.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let dialect = dialect_of(parts);
+        let secret = bearer(&parts.headers)
+            .or_else(|| if dialect.accepts_x_api_key() { header(&parts.headers, "x-api-key") } else { None })
+            .ok_or_else(|| {
+                let hint = if !dialect.accepts_x_api_key() && header(&parts.headers, "x-api-key").is_some() {
+                    "send the token as Authorization: Bearer <token> (x-api-key is not accepted on this prefix)"
+                } else {
+                    "an Authorization: Bearer <token> header is required"
+                };
+                ApiError::unauthorized(hint)
+            })?;
+        Ok(Caller(app.authenticate(&secret).await?))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = header(headers, "authorization")?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+pub fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// The dialect the router stamped on the request.
+pub fn dialect_of(parts: &Parts) -> Dialect {
+    parts
+        .extensions
+        .get::<Dialect>()
+        .copied()
+        .unwrap_or(Dialect::Qoder)
+}
+
+/// The dialect, as an extractor.
+pub struct Wire(pub Dialect);
+
+impl<S: Send + Sync> FromRequestParts<S> for Wire {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Wire(dialect_of(parts)))
+    }
+}
+
+/// The worker identity header (D-24): empty or blank means absent; over 256 characters or non-printable → 400.
+pub struct WorkerId(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for WorkerId {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let dialect = dialect_of(parts);
+        for name in dialect.worker_headers() {
+            let Some(raw) = parts.headers.get(*name) else {
+                continue;
+            };
+            let bad = || {
+                ApiError::bad_param(
+                    name,
+                    "the worker id must be 1 to 256 printable ASCII characters",
+                )
+            };
+            let text = raw.to_str().map_err(|_| bad())?;
+            let text = text.trim();
+            if text.is_empty() {
+                return Ok(WorkerId(None));
+            }
+            if text.len() > 256 || !text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                return Err(bad());
+            }
+            return Ok(WorkerId(Some(text.to_owned())));
+        }
+        Ok(WorkerId(None))
+    }
+}
+
+/// The query string as ordered pairs, so that parameters can be validated one by one with clear errors.
+pub struct Params(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        Ok(Params(
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
+        ))
+    }
+}
+
+impl Params {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of a repeatable parameter (`name` or `name[]`), comma-separated values split.
+    pub fn all(&self, name: &str) -> Vec<String> {
+        let bracketed = format!("{name}[]");
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name || *k == bracketed)
+            .flat_map(|(_, v)| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// An integer parameter; 400 when present but not an integer.
+    pub fn int(&self, name: &str) -> ApiResult<Option<i64>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(raw) => raw
+                .trim()
+                .parse::<i64>()
+                .map(Some)
+                .map_err(|_| ApiError::bad_param(name, format!("{name} must be an integer"))),
+        }
+    }
+
+    pub fn bool(&self, name: &str) -> ApiResult<Option<bool>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some("true" | "1") => Ok(Some(true)),
+            Some("false" | "0") => Ok(Some(false)),
+            Some(_) => Err(ApiError::bad_param(
+                name,
+                format!("{name} must be true or false"),
+            )),
+        }
+    }
+
+    pub fn timestamp(&self, name: &str) -> ApiResult<Option<tether_core::Timestamp>> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(raw) => tether_core::Timestamp::parse_rfc3339(raw)
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::bad_param(name, format!("{name} must be an RFC 3339 timestamp"))
+                }),
+        }
+    }
+
+    /// Pagination (§1.8). `max` is the largest `limit`; above it → 400, or clamped when `clamp`.
+    /// `cursor_kind` is the kind of id the cursors must be shaped like (`None`: any non-empty string).
+    pub fn page(
+        &self,
+        max: u32,
+        clamp: bool,
+        cursor_kind: Option<IdKind>,
+    ) -> ApiResult<PageRequest> {
+        let limit = match self.int("limit")? {
+            None => 20,
+            Some(n) if n < 1 => {
+                return Err(ApiError::bad_param("limit", "limit must be at least 1"))
+            }
+            Some(n) if n > i64::from(max) && !clamp => {
+                return Err(ApiError::bad_param(
+                    "limit",
+                    format!("limit may be at most {max}"),
+                ))
+            }
+            Some(n) => n.min(i64::from(max)) as u32,
+        };
+        let cursors: Vec<(&str, &str)> = ["page", "after_id", "before_id"]
+            .into_iter()
+            .filter_map(|name| self.get(name).map(|v| (name, v)))
+            .collect();
+        if cursors.len() > 1 {
+            return Err(ApiError::bad_request(
+                "use at most one of page, after_id and before_id",
+            ));
+        }
+        let cursor = match cursors.first() {
+            None => Cursor::Start,
+            Some((name, value)) => {
+                let ok = match cursor_kind {
+                    Some(kind) => ids::is_well_formed(kind, value),
+                    None => !value.is_empty(),
+                };
+                if !ok {
+                    return Err(ApiError::bad_param(
+                        name,
+                        format!("{name} is not a valid cursor"),
+                    ));
+                }
+                if *name == "before_id" {
+                    Cursor::Before((*value).to_owned())
+                } else {
+                    Cursor::After((*value).to_owned())
+                }
+            }
+        };
+        let descending = match self.get("order") {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "order",
+                    "order must be \"asc\" or \"desc\"",
+                ))
+            }
+        };
+        Ok(PageRequest {
+            cursor,
+            limit,
+            descending,
+        })
+    }
+}
+
+/// An optional JSON body: none, empty, or a JSON value (§1.3). The content type is not required.
+pub struct JsonBody(pub Option<Value>);
+
+impl FromRequest<App> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, app: &App) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, app).await.map_err(|rejection| {
+            if rejection.status().as_u16() == 413 {
+                ApiError::bad_request("the request body is larger than the server accepts")
+            } else {
+                ApiError::bad_request("the request body could not be read")
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBody(None));
+        }
+        serde_json::from_slice(&bytes)
+            .map(|v| JsonBody(Some(v)))
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    }
+}

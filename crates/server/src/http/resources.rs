@@ -1,0 +1,386 @@
+//! Environments, agents, sessions and credentials (§7.1, §11.1, §12.1, §12.2).
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde_json::{json, Value};
+use tether_core::ids::IdKind;
+use tether_core::resources::CredentialKind;
+use tether_core::session::SessionStatus;
+use tether_store::{ArchiveFilter, SessionFilter};
+
+use super::access;
+use super::extract::{Caller, JsonBody, Params, Wire};
+use crate::body;
+use crate::dialect::Dialect;
+use crate::error::{ApiError, ApiResult};
+use crate::service::tokens::Principal;
+use crate::service::App;
+use crate::views;
+
+fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
+    Ok(ArchiveFilter {
+        include_archived: params.bool("include_archived")?.unwrap_or(false),
+        created_gte: params.timestamp("created_at[gte]")?,
+        created_lte: params.timestamp("created_at[lte]")?,
+    })
+}
+
+/// When a dialect lets `config` be omitted on create, what it means (§7.1: the Anthropic profile makes it
+/// optional; an environment without a config is a managed one there).
+fn default_config(dialect: Dialect) -> Option<Value> {
+    match dialect {
+        Dialect::Qoder => None,
+        Dialect::Anthropic => {
+            Some(json!({"type": "cloud", "networking": {"type": "unrestricted"}}))
+        }
+    }
+}
+
+pub async fn create_environment(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Wire(d): Wire,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let env = app
+        .create_environment(body::object(raw)?, default_config(d))
+        .await?;
+    Ok(Json(views::environment(&env)))
+}
+
+pub async fn list_environments(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Wire(d): Wire,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let page = params.page(d.max_list_limit(), false, Some(IdKind::Environment))?;
+    let envs = app
+        .list_environments(&archive_filter(&params)?, &page)
+        .await?;
+    Ok(Json(views::list(
+        &envs,
+        |e| e.id.clone(),
+        views::environment,
+    )))
+}
+
+pub async fn get_environment(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::environment(&p, &id)?;
+    Ok(Json(views::environment(&app.environment(&id).await?)))
+}
+
+pub async fn update_environment(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    app.environment(&id).await?;
+    Ok(Json(views::environment(
+        &app.update_environment(&id, body::object(raw)?).await?,
+    )))
+}
+
+pub async fn archive_environment(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    Ok(Json(views::environment(
+        &app.archive_environment(&id).await?,
+    )))
+}
+
+pub async fn delete_environment(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    app.delete_environment(&id).await?;
+    Ok(Json(json!({"id": id, "type": "environment_deleted"})))
+}
+
+pub async fn create_key(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let (credential, secret) = app.create_environment_key(&id, body::object(raw)?).await?;
+    Ok(Json(views::new_credential(&credential, &secret)))
+}
+
+pub async fn list_keys(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let page = params.page(100, false, Some(IdKind::EnvironmentKey))?;
+    let keys = app
+        .list_credentials(CredentialKind::Environment, Some(&id), &page)
+        .await?;
+    Ok(Json(views::list(
+        &keys,
+        |c| c.id.clone(),
+        views::credential,
+    )))
+}
+
+pub async fn revoke_key(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path((id, key_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    app.environment(&id).await?;
+    Ok(Json(views::credential(
+        &app.revoke_credential(CredentialKind::Environment, Some(&id), &key_id)
+            .await?,
+    )))
+}
+
+pub async fn create_token(
+    State(app): State<App>,
+    Caller(p): Caller,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let (credential, secret) = app.create_admin_token(body::object(raw)?).await?;
+    Ok(Json(views::new_credential(&credential, &secret)))
+}
+
+pub async fn list_tokens(
+    State(app): State<App>,
+    Caller(p): Caller,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let page = params.page(100, false, Some(IdKind::Token))?;
+    let tokens = app
+        .list_credentials(CredentialKind::Admin, None, &page)
+        .await?;
+    Ok(Json(views::list(
+        &tokens,
+        |c| c.id.clone(),
+        views::credential,
+    )))
+}
+
+pub async fn revoke_token(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    Ok(Json(views::credential(
+        &app.revoke_credential(CredentialKind::Admin, None, &id)
+            .await?,
+    )))
+}
+
+pub async fn create_agent(
+    State(app): State<App>,
+    Caller(p): Caller,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    Ok(Json(views::agent(
+        &app.create_agent(body::object(raw)?).await?,
+    )))
+}
+
+pub async fn list_agents(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Wire(d): Wire,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let page = params.page(d.max_list_limit(), false, Some(IdKind::Agent))?;
+    let agents = app.list_agents(&archive_filter(&params)?, &page).await?;
+    Ok(Json(views::list(&agents, |a| a.id.clone(), views::agent)))
+}
+
+pub async fn get_agent(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let agent = match &p {
+        Principal::Admin { .. } => app.agent(&id).await?,
+        Principal::SessionToken { session_id, .. } => {
+            let session = app.session(session_id).await?;
+            if session.agent.id != id {
+                return Err(ApiError::forbidden(
+                    "this credential may only read the agent of its session",
+                ));
+            }
+            app.agent(&id).await?
+        }
+        Principal::EnvironmentKey { environment_id, .. } => {
+            let filter = SessionFilter {
+                agent_id: Some(id.clone()),
+                environment_id: Some(environment_id.clone()),
+                include_archived: true,
+                ..Default::default()
+            };
+            let used = app
+                .list_sessions(&filter, &tether_store::PageRequest::first(1))
+                .await?;
+            if used.items.is_empty() {
+                return Err(ApiError::forbidden(
+                    "this credential may only read agents of its environment's sessions",
+                ));
+            }
+            app.agent(&id).await?
+        }
+    };
+    Ok(Json(views::agent(&agent)))
+}
+
+pub async fn update_agent(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    app.agent(&id).await?;
+    Ok(Json(views::agent(
+        &app.update_agent(&id, body::object(raw)?).await?,
+    )))
+}
+
+pub async fn archive_agent(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    Ok(Json(views::agent(&app.archive_agent(&id).await?)))
+}
+
+pub async fn create_session(
+    State(app): State<App>,
+    Caller(p): Caller,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let body = body::object(raw)?;
+    let session = app.create_session(body).await?;
+    Ok(Json(views::session(&session)))
+}
+
+pub async fn list_sessions(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Wire(d): Wire,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    let page = params.page(d.max_list_limit(), false, Some(IdKind::Session))?;
+    let archive = archive_filter(&params)?;
+    let statuses = params
+        .all("statuses")
+        .iter()
+        .map(|s| {
+            SessionStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_param("statuses", format!("unknown session status {s:?}"))
+            })
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
+    let mut filter = SessionFilter {
+        agent_id: params.get("agent_id").map(str::to_owned),
+        environment_id: params.get("environment_id").map(str::to_owned),
+        statuses,
+        include_archived: archive.include_archived,
+        created_gte: archive.created_gte,
+        created_lte: archive.created_lte,
+    };
+    // A worker credential sees the sessions of its own environment only.
+    match &p {
+        Principal::Admin { .. } => {}
+        Principal::EnvironmentKey { environment_id, .. } => {
+            if filter
+                .environment_id
+                .as_ref()
+                .is_some_and(|e| e != environment_id)
+            {
+                return Err(ApiError::forbidden(
+                    "this credential may only list its own environment's sessions",
+                ));
+            }
+            filter.environment_id = Some(environment_id.clone());
+        }
+        Principal::SessionToken { .. } => {
+            return Err(ApiError::forbidden("a session token may not list sessions"))
+        }
+    }
+    let sessions = app.list_sessions(&filter, &page).await?;
+    Ok(Json(views::list(
+        &sessions,
+        |s| s.id.clone(),
+        views::session,
+    )))
+}
+
+pub async fn get_session(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    if let Principal::SessionToken { session_id, .. } = &p {
+        if session_id != &id {
+            return Err(ApiError::forbidden(
+                "a session token may only read its own session",
+            ));
+        }
+    }
+    let session = app.session(&id).await?;
+    access::session(&p, &session.id, &session.environment_id)?;
+    Ok(Json(views::session(&session)))
+}
+
+pub async fn update_session(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    app.session(&id).await?;
+    Ok(Json(views::session(
+        &app.update_session(&id, body::object(raw)?).await?,
+    )))
+}
+
+pub async fn archive_session(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    Ok(Json(views::session(&app.archive_session(&id).await?)))
+}
+
+pub async fn delete_session(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    app.delete_session(&id).await?;
+    Ok(Json(json!({"id": id, "type": "session_deleted"})))
+}

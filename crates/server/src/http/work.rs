@@ -1,0 +1,254 @@
+//! The eight work endpoints (§6) plus history and workers (§11).
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use serde_json::{json, Value};
+use tether_core::ids::IdKind;
+use tether_core::work::ExpectedHeartbeat;
+
+use super::access;
+use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
+use crate::body;
+use crate::credentials;
+use crate::error::{ApiError, ApiResult};
+use crate::service::App;
+use crate::views;
+
+/// The work list clamps `limit` above 100 instead of refusing it (D-4).
+const WORK_LIST_MAX: u32 = 100;
+
+pub async fn list(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(env_id): Path<String>,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::environment(&p, &env_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let page = params.page(WORK_LIST_MAX, true, Some(IdKind::Work))?;
+    let items = app.list_work(&env, &page).await?;
+    Ok(Json(views::list(
+        &items,
+        |i| i.id.clone(),
+        |i| views::work(i, None),
+    )))
+}
+
+pub async fn poll(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Wire(dialect): Wire,
+    WorkerId(worker): WorkerId,
+    Path(env_id): Path<String>,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::environment(&p, &env_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let block = match params.int("block_ms")? {
+        None => None,
+        Some(ms @ 1..=999) => Some(Duration::from_millis(ms as u64)),
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "block_ms",
+                "block_ms must be an integer from 1 to 999",
+            ))
+        }
+    };
+    let reclaim_ms = match params.int("reclaim_older_than_ms")? {
+        None => app.config.default_reclaim_ms,
+        Some(ms) if ms >= dialect.min_reclaim_ms() => ms,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "reclaim_older_than_ms",
+                format!(
+                    "reclaim_older_than_ms must be an integer of at least {}",
+                    dialect.min_reclaim_ms()
+                ),
+            ))
+        }
+    };
+    let claimed = app.poll(&env, worker.as_deref(), block, reclaim_ms).await?;
+    Ok(Json(match claimed {
+        None => Value::Null,
+        Some(c) => {
+            let base = format!(
+                "{}{}",
+                app.config.public_url.trim_end_matches('/'),
+                dialect.prefix()
+            );
+            let secret = credentials::work_secret(&c.session_token, &base);
+            views::work(&c.item, Some(&secret))
+        }
+    }))
+}
+
+pub async fn stats(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(env_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::environment(&p, &env_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let stats = app.queue_stats(&env).await?;
+    let states: serde_json::Map<String, Value> = stats
+        .counts
+        .states
+        .iter()
+        .map(|(s, n)| (s.as_str().to_owned(), json!(n)))
+        .collect();
+    Ok(Json(json!({
+        "type": "work_queue_stats",
+        "depth": stats.counts.depth,
+        "pending": stats.counts.pending,
+        "oldest_queued_at": stats.counts.oldest_queued_at.map(|t| t.to_rfc3339()),
+        "workers_polling": stats.workers_polling,
+        "states": states,
+    })))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path((env_id, work_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    access::work_item(&p, &env_id, &work_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let item = app.get_work(&env, &work_id).await?;
+    Ok(Json(views::work(&item, None)))
+}
+
+pub async fn update(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path((env_id, work_id)): Path<(String, String)>,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::work_item(&p, &env_id, &work_id)?;
+    let env = app.work_environment(&env_id).await?;
+    app.get_work(&env, &work_id).await?;
+    let body = body::object(raw)?;
+    let item = match body::metadata_patch(&body)? {
+        None => app.get_work(&env, &work_id).await?,
+        Some(patch) => app.patch_work_metadata(&env, &work_id, &patch).await?,
+    };
+    Ok(Json(views::work(&item, None)))
+}
+
+pub async fn ack(
+    State(app): State<App>,
+    Caller(p): Caller,
+    WorkerId(worker): WorkerId,
+    Path((env_id, work_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    access::work_item(&p, &env_id, &work_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let item = app.ack(&env, &work_id, worker.as_deref()).await?;
+    Ok(Json(views::work(&item, None)))
+}
+
+pub async fn heartbeat(
+    State(app): State<App>,
+    Caller(p): Caller,
+    WorkerId(worker): WorkerId,
+    Path((env_id, work_id)): Path<(String, String)>,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::work_item(&p, &env_id, &work_id)?;
+    let env = app.work_environment(&env_id).await?;
+    // D-32: the item must exist (404) before its parameters are judged (400).
+    app.get_work(&env, &work_id).await?;
+    let expected =
+        ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")).ok_or_else(|| {
+            ApiError::bad_param(
+                "expected_last_heartbeat",
+                "expected_last_heartbeat must be NO_HEARTBEAT or an RFC 3339 timestamp",
+            )
+        })?;
+    let ttl = match params.get("desired_ttl_seconds") {
+        None => None,
+        Some(raw) => match raw.trim().parse::<i64>() {
+            Ok(n) if n > 0 => Some(n.min(i64::from(u32::MAX)) as u32),
+            _ => {
+                return Err(ApiError::bad_param(
+                    "desired_ttl_seconds",
+                    "desired_ttl_seconds must be a positive integer",
+                ))
+            }
+        },
+    };
+    let reply = app
+        .heartbeat(&env, &work_id, expected, ttl, worker.as_deref())
+        .await?;
+    Ok(Json(json!({
+        "type": "work_heartbeat",
+        "last_heartbeat": reply.last_heartbeat.to_rfc3339(),
+        "lease_extended": reply.lease_extended,
+        "state": reply.state.as_str(),
+        "ttl_seconds": reply.ttl_seconds,
+    })))
+}
+
+pub async fn stop(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path((env_id, work_id)): Path<(String, String)>,
+    JsonBody(raw): JsonBody,
+) -> ApiResult<Json<Value>> {
+    access::work_item(&p, &env_id, &work_id)?;
+    let env = app.work_environment(&env_id).await?;
+    app.get_work(&env, &work_id).await?;
+    let body = body::object(raw)?;
+    let force = body::optional_bool(&body, "force")?.unwrap_or(false);
+    let item = app.stop(&env, &work_id, force).await?;
+    Ok(Json(views::work(&item, None)))
+}
+
+pub async fn history(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path((env_id, work_id)): Path<(String, String)>,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    access::work_item(&p, &env_id, &work_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let page = params.page(100, false, None)?;
+    let after = match &page.cursor {
+        tether_store::Cursor::Start => None,
+        tether_store::Cursor::After(seq) => Some(
+            seq.parse::<i64>()
+                .map_err(|_| ApiError::bad_param("page", "page is not a valid cursor"))?,
+        ),
+        tether_store::Cursor::Before(_) => {
+            return Err(ApiError::bad_param(
+                "before_id",
+                "history pages forward only",
+            ))
+        }
+    };
+    let (item, rows) = app.work_history(&env, &work_id, after, page.limit).await?;
+    Ok(Json(views::history(&work_id, &item, &rows)))
+}
+
+pub async fn workers(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(env_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::environment(&p, &env_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let workers = app.workers(&env, 5 * 60 * 1000).await?;
+    let data: Vec<Value> = workers
+        .iter()
+        .map(|(worker, at, items)| {
+            json!({
+                "type": "worker",
+                "worker_id": worker,
+                "last_poll_at": at.to_rfc3339(),
+                "items": items.iter().map(|i| json!({"id": i.id, "state": i.state.as_str(), "session_id": i.data.id})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "data": data })))
+}

@@ -1,0 +1,177 @@
+//! Agents (§12.1).
+
+use serde_json::{Map, Value};
+use tether_core::ids::{self, IdKind};
+use tether_core::metadata;
+use tether_core::resources::Agent;
+use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
+
+use super::{with_retries, App, Retry};
+use crate::body;
+use crate::error::{ApiError, ApiResult};
+
+const MAX_NAME_CHARS: usize = 64;
+
+fn model(value: Option<&Value>) -> ApiResult<Option<Value>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(Value::String(s.clone()))),
+        Some(v @ Value::Object(m))
+            if m.get("id")
+                .is_some_and(|id| id.as_str().is_some_and(|s| !s.is_empty())) =>
+        {
+            Ok(Some(v.clone()))
+        }
+        Some(_) => Err(ApiError::bad_param(
+            "model",
+            "model must be a model name or an object with a string \"id\"",
+        )),
+    }
+}
+
+impl App {
+    pub(crate) async fn agent_versioned(&self, id: &str) -> ApiResult<Versioned<Agent>> {
+        if !ids::is_well_formed(IdKind::Agent, id) {
+            return Err(not_found_agent(id));
+        }
+        self.store
+            .get_agent(id)
+            .await?
+            .ok_or_else(|| not_found_agent(id))
+    }
+
+    pub async fn agent(&self, id: &str) -> ApiResult<Agent> {
+        Ok(self.agent_versioned(id).await?.value)
+    }
+
+    pub async fn create_agent(&self, body: Map<String, Value>) -> ApiResult<Agent> {
+        let name = body::bounded_name(
+            body::required_string(&body, "name")?,
+            "name",
+            MAX_NAME_CHARS,
+        )?;
+        let model = model(body.get("model"))?
+            .ok_or_else(|| ApiError::bad_param("model", "model is required"))?;
+        let now = self.now();
+        let agent = Agent {
+            id: ids::new_id(IdKind::Agent),
+            name,
+            model,
+            description: body::optional_string(&body, "description")?,
+            system: body::optional_string(&body, "system")?,
+            tools: body::optional_array(&body, "tools")?,
+            skills: body::optional_array(&body, "skills")?,
+            mcp_servers: body::optional_array(&body, "mcp_servers")?,
+            metadata: body::metadata(&body)?,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            archived_at: None,
+        };
+        self.store
+            .commit(ChangeSet::one(Write::InsertAgent(agent.clone())))
+            .await?;
+        Ok(agent)
+    }
+
+    pub async fn list_agents(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> ApiResult<Page<Agent>> {
+        Ok(self.store.list_agents(filter, page).await?)
+    }
+
+    /// Partial update; every accepted update makes a new version (§12.1).
+    pub async fn update_agent(&self, id: &str, body: Map<String, Value>) -> ApiResult<Agent> {
+        let name = body::optional_string(&body, "name")?
+            .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
+            .transpose()?;
+        let model = model(body.get("model"))?;
+        let description = body::optional_string(&body, "description")?;
+        let system = body::optional_string(&body, "system")?;
+        let arrays: Vec<(&str, Option<Value>)> = ["tools", "skills", "mcp_servers"]
+            .into_iter()
+            .map(|f| {
+                Ok((
+                    f,
+                    if body.contains_key(f) {
+                        Some(body::optional_array(&body, f)?)
+                    } else {
+                        None
+                    },
+                ))
+            })
+            .collect::<ApiResult<_>>()?;
+        let patch = body::metadata_patch(&body)?;
+        with_retries(|| async {
+            let current = self.agent_versioned(id).await?;
+            if current.value.archived_at.is_some() {
+                return Err(Retry::Fail(ApiError::bad_request("the agent is archived")));
+            }
+            let mut next = current.value.clone();
+            if let Some(v) = &name {
+                next.name = v.clone();
+            }
+            if let Some(v) = &model {
+                next.model = v.clone();
+            }
+            if description.is_some() {
+                next.description = description.clone();
+            }
+            if system.is_some() {
+                next.system = system.clone();
+            }
+            for (field, value) in &arrays {
+                if let Some(value) = value {
+                    match *field {
+                        "tools" => next.tools = value.clone(),
+                        "skills" => next.skills = value.clone(),
+                        _ => next.mcp_servers = value.clone(),
+                    }
+                }
+            }
+            if let Some(patch) = &patch {
+                next.metadata = metadata::merge(&next.metadata, patch)
+                    .map_err(|e| ApiError::bad_param("metadata", e.to_string()))?;
+            }
+            next.version = current.value.version + 1;
+            next.updated_at = self.now();
+            self.store
+                .commit(ChangeSet::one(Write::UpdateAgent {
+                    agent: next.clone(),
+                    expected_version: current.version,
+                }))
+                .await?;
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn archive_agent(&self, id: &str) -> ApiResult<Agent> {
+        with_retries(|| async {
+            let current = self.agent_versioned(id).await?;
+            if current.value.archived_at.is_some() {
+                return Err(Retry::Fail(ApiError::conflict(
+                    "the agent is already archived",
+                )));
+            }
+            let mut next = current.value.clone();
+            let now = self.now();
+            next.archived_at = Some(now);
+            next.updated_at = now;
+            self.store
+                .commit(ChangeSet::one(Write::UpdateAgent {
+                    agent: next.clone(),
+                    expected_version: current.version,
+                }))
+                .await?;
+            Ok(next)
+        })
+        .await
+    }
+}
+
+fn not_found_agent(id: &str) -> ApiError {
+    ApiError::not_found(format!("no agent {id}")).with_code("agent_not_found")
+}

@@ -1,0 +1,190 @@
+//! Environments (§7.1).
+
+use serde_json::{Map, Value};
+use tether_core::ids::{self, IdKind};
+use tether_core::metadata;
+use tether_core::resources::{normalize_config, Environment};
+use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
+
+use super::{with_retries, App, Retry};
+use crate::body;
+use crate::error::{ApiError, ApiResult};
+
+const MAX_NAME_CHARS: usize = 256;
+
+impl App {
+    async fn environment_versioned(&self, id: &str) -> ApiResult<Versioned<Environment>> {
+        if !ids::is_well_formed(IdKind::Environment, id) {
+            return Err(not_found_environment(id));
+        }
+        self.store
+            .get_environment(id)
+            .await?
+            .ok_or_else(|| not_found_environment(id))
+    }
+
+    pub async fn environment(&self, id: &str) -> ApiResult<Environment> {
+        Ok(self.environment_versioned(id).await?.value)
+    }
+
+    /// `config` may be omitted only where the dialect allows it; the caller passes the default then.
+    pub async fn create_environment(
+        &self,
+        body: Map<String, Value>,
+        default_config: Option<Value>,
+    ) -> ApiResult<Environment> {
+        let name = body::bounded_name(
+            body::required_string(&body, "name")?,
+            "name",
+            MAX_NAME_CHARS,
+        )?;
+        let description = body::optional_string(&body, "description")?.unwrap_or_default();
+        let config = match (body.get("config"), default_config) {
+            (Some(c), _) if !c.is_null() => c.clone(),
+            (_, Some(default)) => default,
+            _ => {
+                return Err(ApiError::bad_param(
+                    "config",
+                    "config is required, e.g. {\"type\": \"self_hosted\"}",
+                ))
+            }
+        };
+        let config =
+            normalize_config(&config).map_err(|e| ApiError::bad_param("config", e.message))?;
+        let metadata = body::metadata(&body)?;
+        let scope = body::optional_string(&body, "scope")?;
+        if let Some(scope) = &scope {
+            if !matches!(scope.as_str(), "organization" | "account") {
+                return Err(ApiError::bad_param(
+                    "scope",
+                    "scope must be \"organization\" or \"account\"",
+                ));
+            }
+        }
+        let now = self.now();
+        let env = Environment {
+            id: ids::new_id(IdKind::Environment),
+            name,
+            description,
+            config,
+            metadata,
+            scope,
+            created_at: now,
+            updated_at: now,
+            archived_at: None,
+        };
+        self.store
+            .commit(ChangeSet::one(Write::InsertEnvironment(env.clone())))
+            .await?;
+        Ok(env)
+    }
+
+    pub async fn list_environments(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> ApiResult<Page<Environment>> {
+        Ok(self.store.list_environments(filter, page).await?)
+    }
+
+    pub async fn update_environment(
+        &self,
+        id: &str,
+        body: Map<String, Value>,
+    ) -> ApiResult<Environment> {
+        let name = body::optional_string(&body, "name")?
+            .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
+            .transpose()?;
+        let description = body::optional_string(&body, "description")?;
+        let patch = body::metadata_patch(&body)?;
+        let config = match body.get("config") {
+            None | Some(Value::Null) => None,
+            Some(c) => {
+                Some(normalize_config(c).map_err(|e| ApiError::bad_param("config", e.message))?)
+            }
+        };
+        with_retries(|| async {
+            let current = self.environment_versioned(id).await?;
+            let mut next = current.value.clone();
+            if let Some(name) = &name {
+                next.name = name.clone();
+            }
+            if let Some(description) = &description {
+                next.description = description.clone();
+            }
+            if let Some(config) = &config {
+                if config.get("type") != current.value.config.get("type") {
+                    return Err(Retry::Fail(ApiError::bad_param(
+                        "config",
+                        "config.type cannot change after creation",
+                    )));
+                }
+                next.config = config.clone();
+            }
+            if let Some(patch) = &patch {
+                next.metadata = metadata::merge(&next.metadata, patch)
+                    .map_err(|e| ApiError::bad_param("metadata", e.to_string()))?;
+            }
+            next.updated_at = self.now();
+            self.store
+                .commit(ChangeSet::one(Write::UpdateEnvironment {
+                    environment: next.clone(),
+                    expected_version: current.version,
+                }))
+                .await?;
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn archive_environment(&self, id: &str) -> ApiResult<Environment> {
+        with_retries(|| async {
+            let current = self.environment_versioned(id).await?;
+            if current.value.archived_at.is_some() {
+                return Err(Retry::Fail(ApiError::conflict(
+                    "the environment is already archived",
+                )));
+            }
+            let mut next = current.value.clone();
+            let now = self.now();
+            next.archived_at = Some(now);
+            next.updated_at = now;
+            self.store
+                .commit(ChangeSet::one(Write::UpdateEnvironment {
+                    environment: next.clone(),
+                    expected_version: current.version,
+                }))
+                .await?;
+            Ok(next)
+        })
+        .await
+    }
+
+    pub async fn delete_environment(&self, id: &str) -> ApiResult<()> {
+        with_retries(|| async {
+            let current = self.environment_versioned(id).await?;
+            let sessions = self.store.count_sessions_in_environment(id).await?;
+            if sessions > 0 {
+                return Err(Retry::Fail(ApiError::state_conflict(format!(
+                    "{sessions} session(s) still reference this environment; delete them first"
+                ))));
+            }
+            match self
+                .store
+                .commit(ChangeSet::one(Write::DeleteEnvironment {
+                    id: id.to_owned(),
+                    expected_version: current.version,
+                }))
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) => Err(Retry::from(e)),
+            }
+        })
+        .await
+    }
+}
+
+fn not_found_environment(id: &str) -> ApiError {
+    ApiError::not_found(format!("no environment {id}")).with_code("environment_not_found")
+}

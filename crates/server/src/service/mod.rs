@@ -1,0 +1,199 @@
+//! The application service: reads records, asks `tether-core` what happens, and commits the answer with
+//! one conditional write, retrying from a fresh read when another request (or another server process)
+//! changed the record in between. HTTP handlers call only this layer.
+
+pub mod agents;
+pub mod environments;
+pub mod events;
+pub mod sessions;
+pub mod tokens;
+pub mod work;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether_core::{Clock, LeasePolicy, Timestamp};
+use tether_store::{Notice, Store};
+use tokio::sync::watch;
+
+use crate::error::{ApiError, ApiResult};
+use crate::hub::SessionHub;
+use crate::waiters::Waiters;
+
+/// How many times an operation re-reads and re-decides after losing a race before giving up with 503.
+pub const MAX_ATTEMPTS: usize = 32;
+
+/// Server settings that the service consults.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// The base URL workers are told to use (`api_base_url` in the work secret), without the dialect prefix.
+    pub public_url: String,
+    pub lease: LeasePolicy,
+    /// `reclaim_older_than_ms` when a poll does not say (§6.2).
+    pub default_reclaim_ms: i64,
+    /// Lease amnesty window at start (§3.1).
+    pub amnesty_grace_ms: i64,
+    /// Dispatcher tick.
+    pub tick: Duration,
+    /// Window of `workers_polling` (§2.5).
+    pub workers_polling_window_ms: i64,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            public_url: "http://127.0.0.1:4780".into(),
+            lease: LeasePolicy::default(),
+            default_reclaim_ms: 5_000,
+            amnesty_grace_ms: 30_000,
+            tick: Duration::from_secs(1),
+            workers_polling_window_ms: 30_000,
+        }
+    }
+}
+
+/// Everything a request handler needs. Cheap to clone (an `Arc`).
+#[derive(Clone)]
+pub struct App(pub Arc<AppInner>);
+
+pub struct AppInner {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub config: ServiceConfig,
+    pub waiters: Waiters,
+    pub hub: SessionHub,
+    /// Items some poll of this process is committing a delivery for, so that concurrent polls here pick
+    /// different items instead of colliding (other processes are kept apart by the conditional write).
+    claiming: Mutex<HashSet<String>>,
+    /// When this process last recorded each (environment, worker) poll, to write at most once a second.
+    workers_recorded: Mutex<HashMap<(String, String), Timestamp>>,
+    shutdown: watch::Sender<bool>,
+    /// Asks the dispatcher for a pass now (§3.1).
+    pub dispatch_now: tokio::sync::Notify,
+}
+
+impl std::ops::Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl App {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: ServiceConfig) -> App {
+        let (shutdown, _) = watch::channel(false);
+        App(Arc::new(AppInner {
+            store,
+            clock,
+            config,
+            waiters: Waiters::default(),
+            hub: SessionHub::default(),
+            claiming: Mutex::new(HashSet::new()),
+            workers_recorded: Mutex::new(HashMap::new()),
+            shutdown,
+            dispatch_now: tokio::sync::Notify::new(),
+        }))
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// Begins shutdown: blocked polls answer `null` at once, streams end.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+        self.waiters.wake_all();
+        self.hub.close_all();
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn until_shutdown(&self) {
+        let mut signal = self.shutdown_signal();
+        let _ = signal.wait_for(|stopping| *stopping).await;
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Wakes local waiters for the environments in `claimable` and tells other processes.
+    pub async fn announce_claimable(&self, claimable: &[String]) {
+        for env in claimable {
+            self.waiters.wake(env, 1);
+        }
+        if claimable.is_empty() {
+            return;
+        }
+        let notices = claimable
+            .iter()
+            .map(|e| Notice::WorkClaimable {
+                environment_id: e.clone(),
+            })
+            .collect();
+        if let Err(e) = self.store.announce(notices).await {
+            tracing::debug!(error = %e, "could not announce claimable work (waiters elsewhere fall back to their re-check)");
+        }
+    }
+
+    /// Wakes this process's streams of the session and tells other processes.
+    pub async fn announce_session(&self, session_id: &str) {
+        self.hub.notify(session_id);
+        let notice = Notice::Session {
+            session_id: session_id.to_owned(),
+        };
+        if let Err(e) = self.store.announce(vec![notice]).await {
+            tracing::debug!(error = %e, "could not announce a session change");
+        }
+    }
+}
+
+/// Retries `attempt` while it loses races, up to [`MAX_ATTEMPTS`].
+pub async fn with_retries<T, F, Fut>(mut attempt: F) -> ApiResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Retry>>,
+{
+    for _ in 0..MAX_ATTEMPTS {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(Retry::Conflict) => tokio::task::yield_now().await,
+            Err(Retry::Fail(e)) => return Err(e),
+        }
+    }
+    Err(ApiError::unavailable(
+        "the request kept losing races with concurrent changes; retry it",
+    ))
+}
+
+/// The outcome of one attempt that did not succeed.
+pub enum Retry {
+    /// Lost a race: read again and decide again.
+    Conflict,
+    Fail(ApiError),
+}
+
+impl From<ApiError> for Retry {
+    fn from(e: ApiError) -> Self {
+        Retry::Fail(e)
+    }
+}
+
+impl From<tether_store::StoreError> for Retry {
+    fn from(e: tether_store::StoreError) -> Self {
+        match e {
+            tether_store::StoreError::Conflict => Retry::Conflict,
+            other => Retry::Fail(other.into()),
+        }
+    }
+}
+
+impl From<tether_core::WorkError> for Retry {
+    fn from(e: tether_core::WorkError) -> Self {
+        Retry::Fail(e.into())
+    }
+}

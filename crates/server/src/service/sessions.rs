@@ -1,0 +1,282 @@
+//! Sessions (§12.2) and the parts of their lifecycle that touch the queue (§7.2).
+
+use serde_json::{Map, Value};
+use tether_core::ids::{self, IdKind};
+use tether_core::metadata;
+use tether_core::resources::{Agent, Session};
+use tether_core::session::SessionStatus;
+use tether_core::work::{self, Cause};
+use tether_store::{ChangeSet, Page, PageRequest, SessionFilter, Versioned, Write};
+
+use super::work::Effects;
+use super::{with_retries, App, Retry};
+use crate::body;
+use crate::error::{ApiError, ApiResult};
+
+const MAX_TITLE_CHARS: usize = 512;
+
+impl App {
+    pub(crate) async fn session_versioned(&self, id: &str) -> ApiResult<Versioned<Session>> {
+        if !ids::is_well_formed(IdKind::Session, id) {
+            return Err(not_found_session(id));
+        }
+        self.store
+            .get_session(id)
+            .await?
+            .ok_or_else(|| not_found_session(id))
+    }
+
+    pub async fn session(&self, id: &str) -> ApiResult<Session> {
+        Ok(self.session_versioned(id).await?.value)
+    }
+
+    /// `agent` is an id, or `{type:"agent", id, version?}`.
+    async fn resolve_agent(&self, reference: Option<&Value>) -> ApiResult<Agent> {
+        let (id, version) = match reference {
+            Some(Value::String(id)) => (id.clone(), None),
+            Some(Value::Object(m)) => {
+                let id = m
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::bad_param("agent", "agent.id is required"))?;
+                let version = match m.get("version") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(
+                        v.as_u64()
+                            .filter(|v| *v >= 1 && *v <= u64::from(u32::MAX))
+                            .ok_or_else(|| {
+                                ApiError::bad_param(
+                                    "agent",
+                                    "agent.version must be a positive integer",
+                                )
+                            })? as u32,
+                    ),
+                };
+                (id.to_owned(), version)
+            }
+            None | Some(Value::Null) => {
+                return Err(ApiError::bad_param("agent", "agent is required"))
+            }
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "agent",
+                    "agent must be an agent id or {\"type\": \"agent\", \"id\": …}",
+                ))
+            }
+        };
+        let current = self.agent(&id).await?;
+        if current.archived_at.is_some() {
+            return Err(ApiError::bad_param("agent", "the agent is archived"));
+        }
+        match version {
+            None => Ok(current),
+            Some(v) if v == current.version => Ok(current),
+            Some(v) => self.store.get_agent_version(&id, v).await?.ok_or_else(|| {
+                ApiError::bad_param("agent", format!("agent {id} has no version {v}"))
+            }),
+        }
+    }
+
+    pub async fn create_session(&self, body: Map<String, Value>) -> ApiResult<Session> {
+        let environment_id = body::required_string(&body, "environment_id")?;
+        let agent = self.resolve_agent(body.get("agent")).await?;
+        let env = self.environment(&environment_id).await?;
+        if env.archived_at.is_some() {
+            return Err(ApiError::bad_param(
+                "environment_id",
+                "the environment is archived and takes no new sessions",
+            ));
+        }
+        let title = body::optional_string(&body, "title")?;
+        if title
+            .as_ref()
+            .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)
+        {
+            return Err(ApiError::bad_param(
+                "title",
+                format!("title may be at most {MAX_TITLE_CHARS} characters"),
+            ));
+        }
+        let resources = body::optional_array(&body, "resources")?;
+        let budget = body.get("budget").filter(|v| !v.is_null()).cloned();
+        let now = self.now();
+        let session = Session {
+            id: ids::new_id(IdKind::Session),
+            agent,
+            environment_id: env.id.clone(),
+            status: SessionStatus::Idle,
+            title,
+            metadata: body::metadata(&body)?,
+            environment_variables: body::string_map(&body, "environment_variables")?,
+            resources,
+            budget,
+            created_at: now,
+            updated_at: now,
+            archived_at: None,
+            pending_input: false,
+            last_event_id: None,
+        };
+        let mut changes = ChangeSet::one(Write::InsertSession(session.clone()));
+        let mut claimable = Vec::new();
+        if env.is_self_hosted() {
+            let (item, write) = self.enqueue_for_session(&session, now);
+            changes.push(write);
+            claimable.push(item.environment_id);
+        }
+        self.store.commit(changes).await?;
+        self.announce_claimable(&claimable).await;
+        Ok(session)
+    }
+
+    pub async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> ApiResult<Page<Session>> {
+        Ok(self.store.list_sessions(filter, page).await?)
+    }
+
+    pub async fn update_session(&self, id: &str, body: Map<String, Value>) -> ApiResult<Session> {
+        let title = body::optional_string(&body, "title")?;
+        if title
+            .as_ref()
+            .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)
+        {
+            return Err(ApiError::bad_param(
+                "title",
+                format!("title may be at most {MAX_TITLE_CHARS} characters"),
+            ));
+        }
+        let patch = body::metadata_patch(&body)?;
+        with_retries(|| async {
+            let current = self.session_versioned(id).await?;
+            let mut next = current.value.clone();
+            if title.is_some() {
+                next.title = title.clone();
+            }
+            if let Some(patch) = &patch {
+                next.metadata = metadata::merge(&next.metadata, patch)
+                    .map_err(|e| ApiError::bad_param("metadata", e.to_string()))?;
+            }
+            next.updated_at = self.now();
+            self.store
+                .commit(ChangeSet::one(Write::UpdateSession {
+                    session: next.clone(),
+                    expected_version: current.version,
+                }))
+                .await?;
+            Ok(next)
+        })
+        .await
+    }
+
+    /// Archive: the session stays readable, refuses input, and its live item is force-stopped (§12.2).
+    pub async fn archive_session(&self, id: &str) -> ApiResult<Session> {
+        with_retries(|| async {
+            let current = self.session_versioned(id).await?;
+            if current.value.archived_at.is_some() {
+                return Err(Retry::Fail(ApiError::conflict(
+                    "the session is already archived",
+                )));
+            }
+            let now = self.now();
+            let mut next = current.value.clone();
+            next.archived_at = Some(now);
+            next.updated_at = now;
+            next.pending_input = false;
+            let mut changes = ChangeSet::new();
+            let mut effects = Effects::default();
+            self.stop_live_item(
+                &mut next,
+                Cause::SessionArchived,
+                now,
+                &mut changes,
+                &mut effects,
+            )
+            .await?;
+            changes.push(Write::UpdateSession {
+                session: next.clone(),
+                expected_version: current.version,
+            });
+            self.store.commit(changes).await?;
+            effects.sessions.push(next.id.clone());
+            self.finish_effects(effects).await;
+            Ok(next)
+        })
+        .await
+    }
+
+    /// Delete: force-stops the live item, then removes the session and its events.
+    pub async fn delete_session(&self, id: &str) -> ApiResult<()> {
+        with_retries(|| async {
+            let current = self.session_versioned(id).await?;
+            let now = self.now();
+            let mut doomed = current.value.clone();
+            let mut changes = ChangeSet::new();
+            let mut effects = Effects::default();
+            self.stop_live_item(
+                &mut doomed,
+                Cause::SessionDeleted,
+                now,
+                &mut changes,
+                &mut effects,
+            )
+            .await?;
+            changes.push(Write::DeleteSession {
+                id: id.to_owned(),
+                expected_version: current.version,
+            });
+            self.store.commit(changes).await?;
+            effects.sessions.push(id.to_owned());
+            self.finish_effects(effects).await;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Adds the force-stop of the session's live item (if any) to `changes`.
+    async fn stop_live_item(
+        &self,
+        session: &mut Session,
+        cause: Cause,
+        now: tether_core::Timestamp,
+        changes: &mut ChangeSet,
+        _effects: &mut Effects,
+    ) -> Result<(), Retry> {
+        let Some(live) = self.store.live_work_for_session(&session.id).await? else {
+            return Ok(());
+        };
+        let Some(step) = work::force_stop_for(&live.value, now, cause) else {
+            return Ok(());
+        };
+        for t in &step.transitions {
+            let effect =
+                tether_core::session::on_work_transition(session.status, session.pending_input, t);
+            if let Some(status) = effect.status {
+                session.status = status;
+            }
+            for event in &effect.events {
+                changes.push(Write::InsertEvent(super::events::server_event(
+                    session, event, now,
+                )));
+            }
+        }
+        changes.push(Write::UpdateWork {
+            item: step.item,
+            expected_version: live.version,
+            transitions: step.transitions,
+        });
+        Ok(())
+    }
+
+    pub(crate) async fn finish_effects(&self, effects: Effects) {
+        self.announce_claimable(&effects.claimable).await;
+        for session in &effects.sessions {
+            self.announce_session(session).await;
+        }
+    }
+}
+
+fn not_found_session(id: &str) -> ApiError {
+    ApiError::not_found(format!("no session {id}")).with_code("session_not_found")
+}

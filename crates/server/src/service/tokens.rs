@@ -1,0 +1,193 @@
+//! Credentials (§11.1): admin tokens, environment keys, and resolving a presented secret.
+
+use serde_json::{Map, Value};
+use tether_core::ids::{self, IdKind};
+use tether_core::resources::{Credential, CredentialKind};
+use tether_store::{ChangeSet, Page, PageRequest, Write};
+
+use super::App;
+use crate::body;
+use crate::credentials::{self, ADMIN_PREFIX, ENVIRONMENT_PREFIX, SESSION_PREFIX};
+use crate::error::{ApiError, ApiResult};
+
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    Admin {
+        credential_id: String,
+    },
+    EnvironmentKey {
+        credential_id: String,
+        environment_id: String,
+    },
+    /// The session token of one live work item.
+    SessionToken {
+        work_id: String,
+        environment_id: String,
+        session_id: String,
+    },
+}
+
+impl App {
+    /// Resolves a presented secret; 401 for anything unknown, revoked or dead.
+    pub async fn authenticate(&self, secret: &str) -> ApiResult<Principal> {
+        let invalid = || ApiError::unauthorized("the credential is invalid, revoked or expired");
+        let hash = credentials::hash(secret);
+        if secret.starts_with(SESSION_PREFIX) {
+            let item = self
+                .store
+                .work_by_token_hash(&hash)
+                .await?
+                .ok_or_else(invalid)?
+                .value;
+            if !item.state.is_live() {
+                return Err(invalid());
+            }
+            return Ok(Principal::SessionToken {
+                work_id: item.id,
+                environment_id: item.environment_id,
+                session_id: item.data.id,
+            });
+        }
+        let expected_kind = if secret.starts_with(ADMIN_PREFIX) {
+            CredentialKind::Admin
+        } else if secret.starts_with(ENVIRONMENT_PREFIX) {
+            CredentialKind::Environment
+        } else {
+            return Err(invalid());
+        };
+        let credential = self
+            .store
+            .credential_by_hash(&hash)
+            .await?
+            .ok_or_else(invalid)?;
+        if credential.revoked_at.is_some() || credential.kind != expected_kind {
+            return Err(invalid());
+        }
+        Ok(match credential.kind {
+            CredentialKind::Admin => Principal::Admin {
+                credential_id: credential.id,
+            },
+            CredentialKind::Environment => Principal::EnvironmentKey {
+                credential_id: credential.id,
+                environment_id: credential.environment_id.unwrap_or_default(),
+            },
+        })
+    }
+
+    /// Mints and stores a credential; returns it with its secret (shown once).
+    async fn mint_credential(
+        &self,
+        kind: CredentialKind,
+        environment_id: Option<String>,
+        name: Option<String>,
+        secret: Option<String>,
+    ) -> ApiResult<(Credential, String)> {
+        let prefix = match kind {
+            CredentialKind::Admin => ADMIN_PREFIX,
+            CredentialKind::Environment => ENVIRONMENT_PREFIX,
+        };
+        let secret = secret.unwrap_or_else(|| credentials::mint(prefix));
+        let id_kind = match kind {
+            CredentialKind::Admin => IdKind::Token,
+            CredentialKind::Environment => IdKind::EnvironmentKey,
+        };
+        let credential = Credential {
+            id: ids::new_id(id_kind),
+            kind,
+            environment_id,
+            name,
+            secret_hash: credentials::hash(&secret),
+            hint: credentials::hint(&secret),
+            created_at: self.now(),
+            revoked_at: None,
+        };
+        self.store
+            .commit(ChangeSet::one(Write::InsertCredential(credential.clone())))
+            .await?;
+        Ok((credential, secret))
+    }
+
+    /// On a store without any admin token, mints one (or adopts `given`) and returns its secret.
+    pub async fn bootstrap_admin_token(&self, given: Option<String>) -> ApiResult<Option<String>> {
+        if self.store.count_credentials(CredentialKind::Admin).await? > 0 {
+            return Ok(None);
+        }
+        if let Some(given) = &given {
+            if !given.starts_with(ADMIN_PREFIX) || given.len() < ADMIN_PREFIX.len() + 16 {
+                return Err(ApiError::bad_request(format!(
+                    "TETHER_ADMIN_TOKEN must start with {ADMIN_PREFIX} and carry at least 16 more characters"
+                )));
+            }
+        }
+        let (_, secret) = self
+            .mint_credential(CredentialKind::Admin, None, Some("bootstrap".into()), given)
+            .await?;
+        Ok(Some(secret))
+    }
+
+    pub async fn create_admin_token(
+        &self,
+        body: Map<String, Value>,
+    ) -> ApiResult<(Credential, String)> {
+        let name = body::optional_string(&body, "name")?;
+        self.mint_credential(CredentialKind::Admin, None, name, None)
+            .await
+    }
+
+    pub async fn create_environment_key(
+        &self,
+        environment_id: &str,
+        body: Map<String, Value>,
+    ) -> ApiResult<(Credential, String)> {
+        let env = self.environment(environment_id).await?;
+        let name = body::optional_string(&body, "name")?;
+        self.mint_credential(CredentialKind::Environment, Some(env.id), name, None)
+            .await
+    }
+
+    pub async fn list_credentials(
+        &self,
+        kind: CredentialKind,
+        environment_id: Option<&str>,
+        page: &PageRequest,
+    ) -> ApiResult<Page<Credential>> {
+        if let Some(env) = environment_id {
+            self.environment(env).await?;
+        }
+        Ok(self
+            .store
+            .list_credentials(kind, environment_id, page)
+            .await?)
+    }
+
+    /// Revokes a credential of `kind` (and, for keys, of that environment). Revoking twice is a no-op.
+    pub async fn revoke_credential(
+        &self,
+        kind: CredentialKind,
+        environment_id: Option<&str>,
+        id: &str,
+    ) -> ApiResult<Credential> {
+        let not_found = || ApiError::not_found(format!("no credential {id}"));
+        let credential = self.store.get_credential(id).await?.ok_or_else(not_found)?;
+        if credential.kind != kind || credential.environment_id.as_deref() != environment_id {
+            return Err(not_found());
+        }
+        if credential.revoked_at.is_some() {
+            return Ok(credential);
+        }
+        let at = self.now();
+        match self
+            .store
+            .commit(ChangeSet::one(Write::RevokeCredential {
+                id: id.to_owned(),
+                at,
+            }))
+            .await
+        {
+            Ok(()) | Err(tether_store::StoreError::Conflict) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(self.store.get_credential(id).await?.ok_or_else(not_found)?)
+    }
+}

@@ -1,0 +1,577 @@
+//! The work queue: poll, ack, heartbeat, stop, metadata, listing, stats, history, expiry and amnesty.
+
+use std::time::Duration;
+
+use tether_core::ids::{self, IdKind};
+use tether_core::resources::{Environment, Session};
+use tether_core::session::on_work_transition;
+use tether_core::work::{self, ExpectedHeartbeat, HeartbeatReply, Step, WorkData};
+use tether_core::{Timestamp, WorkError, WorkItem, WorkState};
+use tether_store::{ChangeSet, HistoryRow, Page, PageRequest, QueueCounts, Versioned, Write};
+
+use super::events::server_event;
+use super::{with_retries, App, Retry};
+use crate::credentials;
+use crate::error::{ApiError, ApiResult};
+
+/// A poll's catch: the item and the session token minted for this delivery.
+pub struct Claimed {
+    pub item: WorkItem,
+    pub session_token: String,
+}
+
+/// Queue statistics (§2.5).
+pub struct QueueStats {
+    pub counts: QueueCounts,
+    pub workers_polling: u64,
+}
+
+/// What must happen once a change set is committed: whom to wake.
+#[derive(Default)]
+pub struct Effects {
+    pub claimable: Vec<String>,
+    pub sessions: Vec<String>,
+}
+
+/// Candidates a poll reads at once.
+const CLAIM_BATCH: u32 = 64;
+/// Items one expiry pass handles at most; the next tick takes the rest.
+const EXPIRY_BATCH: u32 = 256;
+
+struct Reservation<'a> {
+    app: &'a App,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.app
+            .claiming
+            .lock()
+            .expect("claiming lock")
+            .remove(&self.id);
+    }
+}
+
+impl App {
+    /// The environment of a work endpoint: 404 when absent, 400 when it has no queue (§6).
+    pub async fn work_environment(&self, environment_id: &str) -> ApiResult<Environment> {
+        let env = self.environment(environment_id).await?;
+        if !env.is_self_hosted() {
+            return Err(ApiError::bad_param(
+                "environment_id",
+                "the environment is not self_hosted, so it has no work queue",
+            ));
+        }
+        Ok(env)
+    }
+
+    async fn load_item(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+    ) -> Result<Versioned<WorkItem>, Retry> {
+        if !ids::is_well_formed(IdKind::Work, work_id) {
+            return Err(not_found_work(work_id).into());
+        }
+        match self.store.get_work(work_id).await? {
+            Some(item) if item.value.environment_id == environment_id => Ok(item),
+            _ => Err(not_found_work(work_id).into()),
+        }
+    }
+
+    /// Runs `op` on the item after lazy expiry, commits the result with its session effects, and retries
+    /// from a fresh read when the item changed underneath. An expiry is committed even when `op` refuses.
+    pub async fn run_item_op<T>(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        op: impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
+    ) -> ApiResult<(WorkItem, T)> {
+        with_retries(|| async {
+            let current = self.load_item(environment_id, work_id).await?;
+            let now = self.now();
+            let evaluation = work::evaluate(&current.value, now, &self.config.lease, |item| {
+                op(item, now)
+            });
+            match evaluation.outcome {
+                Ok((step, extra)) => {
+                    let step = work::chain(evaluation.expired, step);
+                    self.commit_step(&current, &step, now).await?;
+                    Ok((step.item, extra))
+                }
+                Err(refusal) => {
+                    if let Some(expired) = evaluation.expired {
+                        self.commit_step(&current, &expired, now).await?;
+                    }
+                    Err(Retry::Fail(refusal.into()))
+                }
+            }
+        })
+        .await
+    }
+
+    /// Commits a step taken from `before` (if it changed anything), with its session coupling.
+    async fn commit_step(
+        &self,
+        before: &Versioned<WorkItem>,
+        step: &Step,
+        now: Timestamp,
+    ) -> Result<(), Retry> {
+        if !step.changes(&before.value) {
+            return Ok(());
+        }
+        let mut changes = ChangeSet::new();
+        let mut effects = Effects::default();
+        changes.push(Write::UpdateWork {
+            item: step.item.clone(),
+            expected_version: before.version,
+            transitions: step.transitions.clone(),
+        });
+        if step.transitions.iter().any(|t| t.to == WorkState::Queued) {
+            effects.claimable.push(step.item.environment_id.clone());
+        }
+        self.couple_session(step, now, &mut changes, &mut effects)
+            .await?;
+        self.store.commit(changes).await?;
+        self.after_commit(effects, step).await;
+        Ok(())
+    }
+
+    async fn after_commit(&self, effects: Effects, step: &Step) {
+        for t in &step.transitions {
+            metrics::counter!("tether_work_transitions_total", "cause" => t.cause.as_str())
+                .increment(1);
+        }
+        self.announce_claimable(&effects.claimable).await;
+        for session in &effects.sessions {
+            self.announce_session(session).await;
+        }
+        if step.transitions.iter().any(|t| {
+            matches!(
+                t.cause,
+                tether_core::Cause::Acked
+                    | tether_core::Cause::StopRequested
+                    | tether_core::Cause::StopConfirmed
+                    | tether_core::Cause::ForceStopped
+            )
+        }) {
+            // §3.1: ack, stop and requeue run a dispatcher pass at once.
+            self.dispatch_now.notify_one();
+        }
+    }
+
+    /// Applies §7.3/§12.4 to the transitions of a step: session status, server events, and a fresh item
+    /// for input that waited while the old item was stopping.
+    async fn couple_session(
+        &self,
+        step: &Step,
+        now: Timestamp,
+        changes: &mut ChangeSet,
+        effects: &mut Effects,
+    ) -> Result<(), Retry> {
+        let relevant = step.transitions.iter().any(|t| {
+            t.to == WorkState::Stopped
+                || matches!(
+                    t.cause,
+                    tether_core::Cause::LeaseExpiredRequeued | tether_core::Cause::Acked
+                )
+        });
+        if !relevant || step.item.data.kind != "session" {
+            return Ok(());
+        }
+        let Some(session) = self.store.get_session(&step.item.data.id).await? else {
+            return Ok(());
+        };
+        let mut next = session.value.clone();
+        let mut events = Vec::new();
+        let mut fresh_item = false;
+        for transition in &step.transitions {
+            let effect = on_work_transition(next.status, next.pending_input, transition);
+            if let Some(status) = effect.status {
+                debug_assert!(next.status.may_become(status));
+                next.status = status;
+            }
+            for event in &effect.events {
+                events.push(server_event(&mut next, event, now));
+            }
+            if effect.clear_pending_input {
+                next.pending_input = false;
+            }
+            fresh_item |= effect.enqueue_fresh_item;
+        }
+        if next == session.value {
+            return Ok(());
+        }
+        next.updated_at = now;
+        if fresh_item {
+            let (item, write) = self.enqueue_for_session(&next, now);
+            changes.push(write);
+            effects.claimable.push(item.environment_id);
+        }
+        changes.push(Write::UpdateSession {
+            session: next.clone(),
+            expected_version: session.version,
+        });
+        for event in events {
+            changes.push(Write::InsertEvent(event));
+        }
+        effects.sessions.push(next.id);
+        Ok(())
+    }
+
+    /// A new queued item for a session (§7.2): its metadata is a snapshot of the session's.
+    pub fn enqueue_for_session(&self, session: &Session, now: Timestamp) -> (WorkItem, Write) {
+        let step = work::enqueue(
+            ids::new_id(IdKind::Work),
+            session.environment_id.clone(),
+            WorkData {
+                kind: "session".into(),
+                id: session.id.clone(),
+            },
+            session.metadata.clone(),
+            now,
+            &self.config.lease,
+        );
+        let item = step.item.clone();
+        (
+            item,
+            Write::InsertWork {
+                item: step.item,
+                transitions: step.transitions,
+            },
+        )
+    }
+
+    /// Poll (§6.2): claim the oldest claimable item, waiting up to `block` for one to appear.
+    pub async fn poll(
+        &self,
+        env: &Environment,
+        worker_id: Option<&str>,
+        block: Option<Duration>,
+        reclaim_ms: i64,
+    ) -> ApiResult<Option<Claimed>> {
+        self.record_worker(&env.id, worker_id).await?;
+        let deadline = tokio::time::Instant::now() + block.unwrap_or_default();
+        loop {
+            let ticket = if block.is_some() && !self.is_shutting_down() {
+                self.waiters.register(&env.id)
+            } else {
+                None
+            };
+            if let Some(claimed) = self.try_claim(env, worker_id, reclaim_ms).await? {
+                if let Some(t) = &ticket {
+                    t.consume();
+                }
+                return Ok(Some(claimed));
+            }
+            let Some(ticket) = ticket else {
+                return Ok(None);
+            };
+            tokio::select! {
+                _ = ticket.woken() => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                _ = self.until_shutdown() => return Ok(None),
+            }
+        }
+    }
+
+    async fn try_claim(
+        &self,
+        env: &Environment,
+        worker_id: Option<&str>,
+        reclaim_ms: i64,
+    ) -> ApiResult<Option<Claimed>> {
+        for _ in 0..super::MAX_ATTEMPTS {
+            let now = self.now();
+            let candidates = self
+                .store
+                .claim_candidates(&env.id, now.minus_millis(reclaim_ms), CLAIM_BATCH)
+                .await?;
+            let mut lost_a_race = false;
+            for candidate in candidates {
+                let Some(_reservation) = self.reserve(&candidate.value.id) else {
+                    lost_a_race = true;
+                    continue;
+                };
+                let token = credentials::mint(credentials::SESSION_PREFIX);
+                let now = self.now();
+                let Ok(step) = work::deliver(
+                    &candidate.value,
+                    worker_id,
+                    credentials::hash(&token),
+                    now,
+                    reclaim_ms,
+                ) else {
+                    continue;
+                };
+                let write = Write::UpdateWork {
+                    item: step.item.clone(),
+                    expected_version: candidate.version,
+                    transitions: step.transitions.clone(),
+                };
+                match self.store.commit(ChangeSet::one(write)).await {
+                    Ok(()) => {
+                        metrics::counter!("tether_work_transitions_total", "cause" => step.transitions[0].cause.as_str()).increment(1);
+                        metrics::histogram!("tether_enqueue_to_delivery_seconds").record(
+                            now.millis_since(candidate.value.enqueued_at).max(0) as f64 / 1000.0,
+                        );
+                        return Ok(Some(Claimed {
+                            item: step.item,
+                            session_token: token,
+                        }));
+                    }
+                    Err(tether_store::StoreError::Conflict) => lost_a_race = true,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !lost_a_race {
+                return Ok(None);
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(None)
+    }
+
+    fn reserve(&self, work_id: &str) -> Option<Reservation<'_>> {
+        let mut claiming = self.claiming.lock().expect("claiming lock");
+        claiming.insert(work_id.to_owned()).then(|| Reservation {
+            app: self,
+            id: work_id.to_owned(),
+        })
+    }
+
+    /// Records a poll for `workers_polling`, at most once a second per worker and process.
+    async fn record_worker(&self, environment_id: &str, worker_id: Option<&str>) -> ApiResult<()> {
+        let Some(worker_id) = worker_id else {
+            return Ok(());
+        };
+        let now = self.now();
+        let key = (environment_id.to_owned(), worker_id.to_owned());
+        {
+            let mut recorded = self.workers_recorded.lock().expect("workers lock");
+            if recorded
+                .get(&key)
+                .is_some_and(|at| now.millis_since(*at) < 1_000)
+            {
+                return Ok(());
+            }
+            if recorded.len() > 100_000 {
+                recorded.clear();
+            }
+            recorded.insert(key, now);
+        }
+        let write = Write::TouchWorker {
+            environment_id: environment_id.to_owned(),
+            worker_id: worker_id.to_owned(),
+            at: now,
+        };
+        self.store.commit(ChangeSet::one(write)).await?;
+        Ok(())
+    }
+
+    pub async fn ack(
+        &self,
+        env: &Environment,
+        work_id: &str,
+        worker_id: Option<&str>,
+    ) -> ApiResult<WorkItem> {
+        let (item, ()) = self
+            .run_item_op(&env.id, work_id, |item, now| {
+                let step = work::ack(item, worker_id, now)?;
+                Ok((step, ()))
+            })
+            .await?;
+        if let Some(acked) = item.acknowledged_at {
+            metrics::histogram!("tether_delivery_to_ack_seconds")
+                .record(self.now().millis_since(acked).max(0) as f64 / 1000.0);
+        }
+        Ok(item)
+    }
+
+    pub async fn heartbeat(
+        &self,
+        env: &Environment,
+        work_id: &str,
+        expected: ExpectedHeartbeat,
+        desired_ttl_seconds: Option<u32>,
+        worker_id: Option<&str>,
+    ) -> ApiResult<HeartbeatReply> {
+        let policy = self.config.lease;
+        let (item, reply) = self
+            .run_item_op(&env.id, work_id, |item, now| {
+                work::heartbeat(item, expected, desired_ttl_seconds, worker_id, now, &policy)
+            })
+            .await?;
+        if reply.state == WorkState::Active && item.heartbeat_count == 1 {
+            if let (Some(acked), Some(started)) = (item.acknowledged_at, item.started_at) {
+                metrics::histogram!("tether_ack_to_first_heartbeat_seconds")
+                    .record(started.millis_since(acked).max(0) as f64 / 1000.0);
+            }
+        }
+        Ok(reply)
+    }
+
+    pub async fn stop(&self, env: &Environment, work_id: &str, force: bool) -> ApiResult<WorkItem> {
+        let (item, ()) = self
+            .run_item_op(&env.id, work_id, |item, now| {
+                Ok((work::stop(item, force, now)?, ()))
+            })
+            .await?;
+        Ok(item)
+    }
+
+    pub async fn get_work(&self, env: &Environment, work_id: &str) -> ApiResult<WorkItem> {
+        let (item, ()) = self
+            .run_item_op(&env.id, work_id, |item, _| Ok((unchanged(item), ())))
+            .await?;
+        Ok(item)
+    }
+
+    pub async fn patch_work_metadata(
+        &self,
+        env: &Environment,
+        work_id: &str,
+        patch: &tether_core::metadata::MetadataPatch,
+    ) -> ApiResult<WorkItem> {
+        let (item, ()) = self
+            .run_item_op(&env.id, work_id, |item, _| {
+                Ok((work::patch_metadata(item, patch)?, ()))
+            })
+            .await?;
+        Ok(item)
+    }
+
+    pub async fn list_work(
+        &self,
+        env: &Environment,
+        page: &PageRequest,
+    ) -> ApiResult<Page<WorkItem>> {
+        self.expire_due_leases().await?;
+        Ok(self.store.list_work(&env.id, page).await?)
+    }
+
+    pub async fn queue_stats(&self, env: &Environment) -> ApiResult<QueueStats> {
+        self.expire_due_leases().await?;
+        let counts = self.store.queue_counts(&env.id).await?;
+        let since = self
+            .now()
+            .minus_millis(self.config.workers_polling_window_ms);
+        let workers_polling = self.store.workers_seen(&env.id, since).await?.len() as u64;
+        Ok(QueueStats {
+            counts,
+            workers_polling,
+        })
+    }
+
+    pub async fn work_history(
+        &self,
+        env: &Environment,
+        work_id: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> ApiResult<(WorkItem, Page<HistoryRow>)> {
+        let item = self.get_work(env, work_id).await?;
+        let page = self.store.list_history(work_id, after_seq, limit).await?;
+        Ok((item, page))
+    }
+
+    /// Live items per worker seen polling in the last `window_ms` (§11.4).
+    pub async fn workers(
+        &self,
+        env: &Environment,
+        window_ms: i64,
+    ) -> ApiResult<Vec<(String, Timestamp, Vec<WorkItem>)>> {
+        let since = self.now().minus_millis(window_ms);
+        let seen = self.store.workers_seen(&env.id, since).await?;
+        let mut live = Vec::new();
+        let mut page = PageRequest::first(1000);
+        loop {
+            let batch = self.store.list_work(&env.id, &page).await?;
+            let last = batch.items.last().map(|i| i.id.clone());
+            live.extend(batch.items.into_iter().filter(|i| i.state.is_leased()));
+            match (batch.has_more, last) {
+                (true, Some(last)) => page.cursor = tether_store::Cursor::After(last),
+                _ => break,
+            }
+        }
+        Ok(seen
+            .into_iter()
+            .map(|(worker, at)| {
+                let held = live
+                    .iter()
+                    .filter(|i| i.owner_worker_id.as_deref() == Some(worker.as_str()))
+                    .cloned()
+                    .collect();
+                (worker, at, held)
+            })
+            .collect())
+    }
+
+    /// One expiry pass: every lease past its deadline is settled (§5.4). Returns how many were handled.
+    pub async fn expire_due_leases(&self) -> ApiResult<usize> {
+        let now = self.now();
+        let due = self.store.leases_due_before(now, EXPIRY_BATCH).await?;
+        let mut handled = 0;
+        for item in due {
+            match self
+                .run_item_op(&item.value.environment_id, &item.value.id, |it, _| {
+                    Ok((unchanged(it), ()))
+                })
+                .await
+            {
+                Ok(_) => handled += 1,
+                Err(e) if e.status.as_u16() == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if handled > 0 {
+            metrics::counter!("tether_lease_expiries_total").increment(handled as u64);
+        }
+        Ok(handled)
+    }
+
+    /// Lease amnesty at start (§3.1): no lease expires because this process was down.
+    pub async fn grant_amnesty(&self) -> ApiResult<usize> {
+        let grace = self.config.amnesty_grace_ms;
+        let mut granted = 0;
+        // One `now` for the whole pass: an extended deadline equals the horizon, so it is not read again.
+        let now = self.now();
+        loop {
+            let due = self
+                .store
+                .leases_due_before(now.plus_millis(grace), EXPIRY_BATCH)
+                .await?;
+            if due.is_empty() {
+                return Ok(granted);
+            }
+            for item in due {
+                let Some(next) = work::grant_amnesty(&item.value, now, grace) else {
+                    continue;
+                };
+                let write = Write::UpdateWork {
+                    item: next,
+                    expected_version: item.version,
+                    transitions: Vec::new(),
+                };
+                match self.store.commit(ChangeSet::one(write)).await {
+                    Ok(()) => granted += 1,
+                    Err(tether_store::StoreError::Conflict) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+fn unchanged(item: &WorkItem) -> Step {
+    Step {
+        item: item.clone(),
+        transitions: Vec::new(),
+    }
+}
+
+fn not_found_work(work_id: &str) -> ApiError {
+    ApiError::not_found(format!("no work item {work_id} in this environment"))
+        .with_code("work_not_found")
+}

@@ -1,0 +1,287 @@
+//! The one [`Store`] implementation, generic over how SQL reaches a database.
+
+use async_trait::async_trait;
+use tether_core::resources::{
+    Agent, Credential, CredentialKind, Environment, Session, SessionEvent,
+};
+use tether_core::{Timestamp, WorkItem};
+use tokio::sync::broadcast;
+
+use crate::sql::{self, Expect, Row, Statement};
+use crate::{
+    ArchiveFilter, ChangeSet, HistoryRow, Notice, Page, PageRequest, QueueCounts, SessionFilter,
+    Store, StoreResult, Versioned,
+};
+
+/// What a backend provides: run a query, run a list of writes atomically, and pass notices around.
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+    async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>>;
+    /// Runs every statement in one transaction; a statement whose [`Expect`] fails, or a uniqueness
+    /// violation, rolls the whole list back with `Conflict`.
+    async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()>;
+    async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()>;
+    fn subscribe(&self) -> broadcast::Receiver<Notice>;
+}
+
+/// A [`Store`] over any [`Executor`].
+pub struct SqlStore<E> {
+    exec: E,
+}
+
+impl<E: Executor> SqlStore<E> {
+    pub fn new(exec: E) -> Self {
+        SqlStore { exec }
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.exec
+    }
+
+    async fn optional<T>(
+        &self,
+        statement: Statement,
+        decode: fn(&Row) -> StoreResult<T>,
+    ) -> StoreResult<Option<T>> {
+        let rows = self.exec.query(statement).await?;
+        rows.first().map(decode).transpose()
+    }
+
+    async fn all<T>(
+        &self,
+        statement: Statement,
+        decode: fn(&Row) -> StoreResult<T>,
+    ) -> StoreResult<Vec<T>> {
+        let rows = self.exec.query(statement).await?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn paged<T>(
+        &self,
+        statement: Statement,
+        request: &PageRequest,
+        decode: fn(&Row) -> StoreResult<T>,
+    ) -> StoreResult<Page<T>> {
+        Ok(sql::page(self.all(statement, decode).await?, request))
+    }
+
+    async fn count(&self, statement: Statement) -> StoreResult<u64> {
+        Ok(self.optional(statement, sql::count).await?.unwrap_or(0))
+    }
+}
+
+#[async_trait]
+impl<E: Executor> Store for SqlStore<E> {
+    fn backend(&self) -> &'static str {
+        self.exec.backend()
+    }
+
+    async fn commit(&self, changes: ChangeSet) -> StoreResult<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.exec.execute(sql::change_statements(&changes)).await
+    }
+
+    async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {
+        self.exec.announce(notices).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.exec.subscribe()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.exec
+            .query(Statement::new("SELECT 1", vec![]))
+            .await
+            .map(drop)
+    }
+
+    async fn get_environment(&self, id: &str) -> StoreResult<Option<Versioned<Environment>>> {
+        self.optional(sql::get_by_id("environments", id), sql::versioned)
+            .await
+    }
+
+    async fn list_environments(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Environment>> {
+        self.paged(sql::list_environments(filter, page), page, sql::doc)
+            .await
+    }
+
+    async fn count_sessions_in_environment(&self, environment_id: &str) -> StoreResult<u64> {
+        self.count(sql::count_sessions_in_environment(environment_id))
+            .await
+    }
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Versioned<Agent>>> {
+        self.optional(sql::get_by_id("agents", id), sql::versioned)
+            .await
+    }
+
+    async fn get_agent_version(&self, id: &str, version: u32) -> StoreResult<Option<Agent>> {
+        self.optional(sql::get_agent_version(id, version), sql::doc)
+            .await
+    }
+
+    async fn list_agents(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Agent>> {
+        self.paged(sql::list_agents(filter, page), page, sql::doc)
+            .await
+    }
+
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Versioned<Session>>> {
+        self.optional(sql::get_by_id("sessions", id), sql::versioned)
+            .await
+    }
+
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Session>> {
+        self.paged(sql::list_sessions(filter, page), page, sql::doc)
+            .await
+    }
+
+    async fn list_events(
+        &self,
+        session_id: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<SessionEvent>> {
+        self.paged(sql::list_events(session_id, page), page, sql::doc)
+            .await
+    }
+
+    async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {
+        self.optional(sql::get_by_id("work_items", id), sql::versioned)
+            .await
+    }
+
+    async fn list_work(
+        &self,
+        environment_id: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WorkItem>> {
+        self.paged(sql::list_work(environment_id, page), page, sql::doc)
+            .await
+    }
+
+    async fn claim_candidates(
+        &self,
+        environment_id: &str,
+        reclaim_cutoff: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<Versioned<WorkItem>>> {
+        self.all(
+            sql::claim_candidates(environment_id, reclaim_cutoff, limit),
+            sql::versioned,
+        )
+        .await
+    }
+
+    async fn live_work_for_session(
+        &self,
+        session_id: &str,
+    ) -> StoreResult<Option<Versioned<WorkItem>>> {
+        self.optional(sql::live_work_for_session(session_id), sql::versioned)
+            .await
+    }
+
+    async fn leases_due_before(
+        &self,
+        before: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<Versioned<WorkItem>>> {
+        self.all(sql::leases_due_before(before, limit), sql::versioned)
+            .await
+    }
+
+    async fn environments_with_claimable(
+        &self,
+        reclaim_cutoff: Timestamp,
+    ) -> StoreResult<Vec<String>> {
+        self.all(
+            sql::environments_with_claimable(reclaim_cutoff),
+            sql::single_text,
+        )
+        .await
+    }
+
+    async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts> {
+        Ok(self
+            .optional(sql::queue_counts(environment_id), sql::decode_queue_counts)
+            .await?
+            .unwrap_or_default())
+    }
+
+    async fn work_by_token_hash(
+        &self,
+        token_hash: &str,
+    ) -> StoreResult<Option<Versioned<WorkItem>>> {
+        self.optional(sql::work_by_token_hash(token_hash), sql::versioned)
+            .await
+    }
+
+    async fn list_history(
+        &self,
+        work_id: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Page<HistoryRow>> {
+        let request = PageRequest::first(limit);
+        self.paged(
+            sql::list_history(work_id, after_seq, limit),
+            &request,
+            sql::decode_history,
+        )
+        .await
+    }
+
+    async fn workers_seen(
+        &self,
+        environment_id: &str,
+        since: Timestamp,
+    ) -> StoreResult<Vec<(String, Timestamp)>> {
+        self.all(sql::workers_seen(environment_id, since), sql::decode_worker)
+            .await
+    }
+
+    async fn credential_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Credential>> {
+        self.optional(
+            sql::credential_by_hash(secret_hash),
+            sql::credential_from_row,
+        )
+        .await
+    }
+
+    async fn get_credential(&self, id: &str) -> StoreResult<Option<Credential>> {
+        self.optional(sql::get_credential(id), sql::credential_from_row)
+            .await
+    }
+
+    async fn list_credentials(
+        &self,
+        kind: CredentialKind,
+        environment_id: Option<&str>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Credential>> {
+        self.paged(
+            sql::list_credentials(kind, environment_id, page),
+            page,
+            sql::credential_from_row,
+        )
+        .await
+    }
+
+    async fn count_credentials(&self, kind: CredentialKind) -> StoreResult<u64> {
+        self.count(sql::count_credentials(kind)).await
+    }
+}

@@ -1,0 +1,321 @@
+//! Tether's storage interface and its backends.
+//!
+//! The interface is deliberately small and dumb: reads return records with their row `version`, and every
+//! state change is a [`ChangeSet`] committed atomically, where each update is conditional on the version
+//! it was computed from. The decisions (what the new record is) are made by `tether-core`; the store only
+//! guarantees that a change computed from a stale read is refused with [`StoreError::Conflict`], so that
+//! the caller re-reads and decides again. That is what makes several server processes on one database
+//! behave as one, and it needs nothing beyond plain conditional `UPDATE`s, which PostgreSQL-compatible
+//! distributed engines support too.
+//!
+//! Both backends run the same SQL text (see [`sql`]), so they cannot drift apart.
+
+pub mod executor;
+pub mod postgres;
+pub mod sql;
+pub mod sqlite;
+
+pub use executor::{Executor, SqlStore};
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use tether_core::resources::{
+    Agent, Credential, CredentialKind, Environment, Session, SessionEvent,
+};
+use tether_core::session::SessionStatus;
+use tether_core::{Timestamp, Transition, WorkItem, WorkState};
+
+/// A record together with the row version its update must name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub version: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A conditional write found a newer version (or a uniqueness rule refused it): re-read and retry.
+    #[error("the record changed concurrently")]
+    Conflict,
+    /// The database cannot be reached or refused service; retrying later may succeed.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or a corrupt row.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One write of a change set.
+#[derive(Clone, Debug)]
+pub enum Write {
+    InsertEnvironment(Environment),
+    UpdateEnvironment {
+        environment: Environment,
+        expected_version: i64,
+    },
+    /// Removes the environment with its queue, provided no session references it (else `Conflict`).
+    DeleteEnvironment {
+        id: String,
+        expected_version: i64,
+    },
+    /// Also records this version of the agent, so that sessions can name it later.
+    InsertAgent(Agent),
+    UpdateAgent {
+        agent: Agent,
+        expected_version: i64,
+    },
+    InsertSession(Session),
+    UpdateSession {
+        session: Session,
+        expected_version: i64,
+    },
+    /// Removes the session and its events.
+    DeleteSession {
+        id: String,
+        expected_version: i64,
+    },
+    /// Refused with `Conflict` if the session already has a live item (§7.3 rule 1).
+    InsertWork {
+        item: WorkItem,
+        transitions: Vec<Transition>,
+    },
+    UpdateWork {
+        item: WorkItem,
+        expected_version: i64,
+        transitions: Vec<Transition>,
+    },
+    InsertEvent(SessionEvent),
+    InsertCredential(Credential),
+    RevokeCredential {
+        id: String,
+        at: Timestamp,
+    },
+    /// Records that a worker polled (cluster-wide `workers_polling`).
+    TouchWorker {
+        environment_id: String,
+        worker_id: String,
+        at: Timestamp,
+    },
+}
+
+/// Writes committed all together or not at all.
+#[derive(Clone, Debug, Default)]
+pub struct ChangeSet {
+    pub writes: Vec<Write>,
+}
+
+impl ChangeSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn one(write: Write) -> Self {
+        ChangeSet {
+            writes: vec![write],
+        }
+    }
+
+    pub fn push(&mut self, write: Write) -> &mut Self {
+        self.writes.push(write);
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// Where a page starts (§1.8). `page` is the same as `after_id` (D-3).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Cursor {
+    #[default]
+    Start,
+    After(String),
+    Before(String),
+}
+
+/// A page request: at most `limit` rows in ascending id order (descending when `descending`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    pub cursor: Cursor,
+    pub limit: u32,
+    pub descending: bool,
+}
+
+impl PageRequest {
+    pub fn first(limit: u32) -> Self {
+        PageRequest {
+            cursor: Cursor::Start,
+            limit,
+            descending: false,
+        }
+    }
+}
+
+/// A page of rows in the requested order, and whether more follow.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveFilter {
+    pub include_archived: bool,
+    pub created_gte: Option<Timestamp>,
+    pub created_lte: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    pub agent_id: Option<String>,
+    pub environment_id: Option<String>,
+    pub statuses: Vec<SessionStatus>,
+    pub include_archived: bool,
+    pub created_gte: Option<Timestamp>,
+    pub created_lte: Option<Timestamp>,
+}
+
+/// Counts behind `GET …/work/stats` (§2.5, D-9).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Queued items without an outstanding delivery.
+    pub depth: u64,
+    /// Queued items with an outstanding delivery.
+    pub pending: u64,
+    pub oldest_queued_at: Option<Timestamp>,
+    /// Live items per state.
+    pub states: BTreeMap<WorkState, u64>,
+}
+
+/// A history row with its position, for paging.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryRow {
+    pub seq: i64,
+    pub transition: Transition,
+}
+
+/// A change another process made, announced so that waiters here wake up (a hint, never the truth).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// Items may have become claimable in this environment.
+    WorkClaimable { environment_id: String },
+    /// A session's log or status changed.
+    Session { session_id: String },
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Human-readable backend name, for logs and `/readyz`.
+    fn backend(&self) -> &'static str;
+
+    /// Commits every write or none. `Conflict` when a condition failed.
+    async fn commit(&self, changes: ChangeSet) -> StoreResult<()>;
+
+    /// Announces a notice to the other server processes sharing this store (no-op for an embedded store).
+    async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()>;
+
+    /// Notices from other server processes.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice>;
+
+    /// Cheap round trip, for readiness.
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn get_environment(&self, id: &str) -> StoreResult<Option<Versioned<Environment>>>;
+    async fn list_environments(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Environment>>;
+    /// How many sessions reference the environment.
+    async fn count_sessions_in_environment(&self, environment_id: &str) -> StoreResult<u64>;
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Versioned<Agent>>>;
+    async fn get_agent_version(&self, id: &str, version: u32) -> StoreResult<Option<Agent>>;
+    async fn list_agents(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Agent>>;
+
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Versioned<Session>>>;
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Session>>;
+
+    async fn list_events(
+        &self,
+        session_id: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<SessionEvent>>;
+
+    async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>>;
+    async fn list_work(
+        &self,
+        environment_id: &str,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WorkItem>>;
+    /// Queued items a poll may take: undelivered, or delivered at or before `reclaim_cutoff`; oldest
+    /// `enqueued_at` first, then smallest id (D-22).
+    async fn claim_candidates(
+        &self,
+        environment_id: &str,
+        reclaim_cutoff: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<Versioned<WorkItem>>>;
+    async fn live_work_for_session(
+        &self,
+        session_id: &str,
+    ) -> StoreResult<Option<Versioned<WorkItem>>>;
+    /// Leased items whose deadline is before `before`, across all environments, oldest deadline first.
+    async fn leases_due_before(
+        &self,
+        before: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<Versioned<WorkItem>>>;
+    /// Environments that have at least one claimable item for a poll with this cutoff.
+    async fn environments_with_claimable(
+        &self,
+        reclaim_cutoff: Timestamp,
+    ) -> StoreResult<Vec<String>>;
+    async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts>;
+    async fn work_by_token_hash(
+        &self,
+        token_hash: &str,
+    ) -> StoreResult<Option<Versioned<WorkItem>>>;
+    async fn list_history(
+        &self,
+        work_id: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Page<HistoryRow>>;
+
+    /// Workers that polled at or after `since`, most recent first.
+    async fn workers_seen(
+        &self,
+        environment_id: &str,
+        since: Timestamp,
+    ) -> StoreResult<Vec<(String, Timestamp)>>;
+
+    async fn credential_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Credential>>;
+    async fn get_credential(&self, id: &str) -> StoreResult<Option<Credential>>;
+    async fn list_credentials(
+        &self,
+        kind: CredentialKind,
+        environment_id: Option<&str>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Credential>>;
+    async fn count_credentials(&self, kind: CredentialKind) -> StoreResult<u64>;
+}
+
+/// The `seq` of the `index`-th transition written with the item's `version`: versions increase by one per
+/// write, so this orders an item's history without a global sequence (which distributed engines lack).
+pub fn history_seq(version: i64, index: usize) -> i64 {
+    assert!(index < 64, "a single step never has this many transitions");
+    version * 64 + index as i64
+}

@@ -1,0 +1,788 @@
+//! The SQL both backends run, written once.
+//!
+//! Statements use `$n` placeholders (PostgreSQL's form; the SQLite backend rewrites them to `?n`) and
+//! only portable SQL: `BIGINT`/`TEXT` columns, partial indexes, `INSERT … ON CONFLICT`, conditional
+//! `UPDATE … WHERE version = $n`. Records are stored as a JSON document plus the few columns that
+//! queries filter or sort on; [`work_columns`] and friends derive those columns from the record in
+//! one place, so the two can never disagree.
+
+use tether_core::resources::{Agent, Credential, CredentialKind};
+use tether_core::{Timestamp, WorkItem, WorkState};
+
+use crate::{
+    history_seq, ArchiveFilter, ChangeSet, Cursor, HistoryRow, Page, PageRequest, QueueCounts,
+    SessionFilter, StoreError, StoreResult, Versioned, Write,
+};
+
+/// A bound parameter or a fetched column value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+impl From<Timestamp> for Value {
+    fn from(v: Timestamp) -> Self {
+        Value::Int(v.as_micros())
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// One statement with its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+impl Statement {
+    pub fn new(sql: impl Into<String>, params: Vec<Value>) -> Self {
+        Statement {
+            sql: sql.into(),
+            params,
+        }
+    }
+}
+
+/// What a write statement must achieve for its change set to stand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Exactly one row affected, else the change set is a `Conflict`.
+    OneRow,
+    /// Any number of rows.
+    Any,
+}
+
+pub type Row = Vec<Value>;
+
+/// Versioned schema migrations, applied in order; each runs once.
+pub const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE IF NOT EXISTS environments (
+    id TEXT PRIMARY KEY,
+    version BIGINT NOT NULL,
+    archived BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    version BIGINT NOT NULL,
+    archived BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_versions (
+    agent_id TEXT NOT NULL,
+    agent_version BIGINT NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (agent_id, agent_version)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    version BIGINT NOT NULL,
+    environment_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    archived BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_environment ON sessions (environment_id, id);
+CREATE TABLE IF NOT EXISTS session_events (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_session ON session_events (session_id, id);
+CREATE TABLE IF NOT EXISTS work_items (
+    id TEXT PRIMARY KEY,
+    version BIGINT NOT NULL,
+    environment_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    enqueued_at BIGINT NOT NULL,
+    delivered_at BIGINT,
+    lease_expires_at BIGINT,
+    token_hash TEXT,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS work_by_environment ON work_items (environment_id, id);
+CREATE INDEX IF NOT EXISTS work_queue ON work_items (environment_id, state, enqueued_at, id);
+CREATE UNIQUE INDEX IF NOT EXISTS one_live_item_per_session ON work_items (session_id) WHERE state <> 'stopped';
+CREATE INDEX IF NOT EXISTS work_leases ON work_items (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS work_tokens ON work_items (token_hash) WHERE token_hash IS NOT NULL;
+CREATE TABLE IF NOT EXISTS work_transitions (
+    work_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (work_id, seq)
+);
+CREATE TABLE IF NOT EXISTS credentials (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    environment_id TEXT,
+    secret_hash TEXT NOT NULL UNIQUE,
+    revoked_at BIGINT,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workers (
+    environment_id TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    last_poll_at BIGINT NOT NULL,
+    PRIMARY KEY (environment_id, worker_id)
+);
+"#,
+)];
+
+/// Splits a migration script into statements (none of ours contain a `;` inside a literal).
+pub fn split_script(script: &str) -> impl Iterator<Item = &str> {
+    script.split(';').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn to_doc<T: serde::Serialize>(value: &T) -> Value {
+    Value::Text(serde_json::to_string(value).expect("records always serialize"))
+}
+
+fn from_doc<T: serde::de::DeserializeOwned>(value: &Value) -> StoreResult<T> {
+    match value {
+        Value::Text(text) => serde_json::from_str(text)
+            .map_err(|e| StoreError::Internal(format!("corrupt record: {e}"))),
+        other => Err(StoreError::Internal(format!(
+            "expected a document, found {other:?}"
+        ))),
+    }
+}
+
+fn int(value: &Value) -> StoreResult<i64> {
+    match value {
+        Value::Int(v) => Ok(*v),
+        other => Err(StoreError::Internal(format!(
+            "expected an integer, found {other:?}"
+        ))),
+    }
+}
+
+fn opt_int(value: &Value) -> StoreResult<Option<i64>> {
+    match value {
+        Value::Null => Ok(None),
+        other => int(other).map(Some),
+    }
+}
+
+fn text(value: &Value) -> StoreResult<String> {
+    match value {
+        Value::Text(v) => Ok(v.clone()),
+        other => Err(StoreError::Internal(format!(
+            "expected text, found {other:?}"
+        ))),
+    }
+}
+
+/// Decodes `(version, doc)` rows.
+pub fn versioned<T: serde::de::DeserializeOwned>(row: &Row) -> StoreResult<Versioned<T>> {
+    Ok(Versioned {
+        version: int(&row[0])?,
+        value: from_doc(&row[1])?,
+    })
+}
+
+/// Decodes `(doc)` rows.
+pub fn doc<T: serde::de::DeserializeOwned>(row: &Row) -> StoreResult<T> {
+    from_doc(&row[0])
+}
+
+/// The indexed columns of a work item, derived from the record.
+struct WorkColumns {
+    state: &'static str,
+    delivered_at: Option<Timestamp>,
+    token_hash: Option<String>,
+}
+
+fn work_columns(item: &WorkItem) -> WorkColumns {
+    WorkColumns {
+        state: item.state.as_str(),
+        delivered_at: item.delivery.as_ref().map(|d| d.delivered_at),
+        token_hash: item.session_token_hash.clone(),
+    }
+}
+
+fn transition_statements(
+    work_id: &str,
+    version: i64,
+    transitions: &[tether_core::Transition],
+) -> Vec<(Statement, Expect)> {
+    transitions
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            (
+                Statement::new(
+                    "INSERT INTO work_transitions (work_id, seq, doc) VALUES ($1, $2, $3)",
+                    vec![work_id.into(), history_seq(version, i).into(), to_doc(t)],
+                ),
+                Expect::OneRow,
+            )
+        })
+        .collect()
+}
+
+/// The statements of a change set, in order.
+pub fn change_statements(changes: &ChangeSet) -> Vec<(Statement, Expect)> {
+    let mut out = Vec::new();
+    for write in &changes.writes {
+        write_statements(write, &mut out);
+    }
+    out
+}
+
+fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
+    use Expect::*;
+    match write {
+        Write::InsertEnvironment(env) => out.push((
+            Statement::new(
+                "INSERT INTO environments (id, version, archived, created_at, doc) VALUES ($1, 1, $2, $3, $4)",
+                vec![env.id.as_str().into(), env.archived_at.is_some().into(), env.created_at.into(), to_doc(env)],
+            ),
+            OneRow,
+        )),
+        Write::UpdateEnvironment { environment: env, expected_version } => out.push((
+            Statement::new(
+                "UPDATE environments SET version = version + 1, archived = $2, doc = $3 WHERE id = $1 AND version = $4",
+                vec![env.id.as_str().into(), env.archived_at.is_some().into(), to_doc(env), (*expected_version).into()],
+            ),
+            OneRow,
+        )),
+        Write::DeleteEnvironment { id, expected_version } => {
+            out.push((
+                Statement::new(
+                    "DELETE FROM environments WHERE id = $1 AND version = $2 \
+                     AND NOT EXISTS (SELECT 1 FROM sessions WHERE environment_id = $1)",
+                    vec![id.as_str().into(), (*expected_version).into()],
+                ),
+                OneRow,
+            ));
+            for sql in [
+                "DELETE FROM work_transitions WHERE work_id IN (SELECT id FROM work_items WHERE environment_id = $1)",
+                "DELETE FROM work_items WHERE environment_id = $1",
+                "DELETE FROM workers WHERE environment_id = $1",
+                "DELETE FROM credentials WHERE environment_id = $1",
+            ] {
+                out.push((Statement::new(sql, vec![id.as_str().into()]), Any));
+            }
+        }
+        Write::InsertAgent(agent) => {
+            out.push((
+                Statement::new(
+                    "INSERT INTO agents (id, version, archived, created_at, doc) VALUES ($1, 1, $2, $3, $4)",
+                    vec![agent.id.as_str().into(), agent.archived_at.is_some().into(), agent.created_at.into(), to_doc(agent)],
+                ),
+                OneRow,
+            ));
+            out.push(agent_version_statement(agent));
+        }
+        Write::UpdateAgent { agent, expected_version } => {
+            out.push((
+                Statement::new(
+                    "UPDATE agents SET version = version + 1, archived = $2, doc = $3 WHERE id = $1 AND version = $4",
+                    vec![agent.id.as_str().into(), agent.archived_at.is_some().into(), to_doc(agent), (*expected_version).into()],
+                ),
+                OneRow,
+            ));
+            out.push(agent_version_statement(agent));
+        }
+        Write::InsertSession(s) => out.push((
+            Statement::new(
+                "INSERT INTO sessions (id, version, environment_id, agent_id, status, archived, created_at, doc) \
+                 VALUES ($1, 1, $2, $3, $4, $5, $6, $7)",
+                vec![
+                    s.id.as_str().into(),
+                    s.environment_id.as_str().into(),
+                    s.agent.id.as_str().into(),
+                    s.status.as_str().into(),
+                    s.archived_at.is_some().into(),
+                    s.created_at.into(),
+                    to_doc(s),
+                ],
+            ),
+            OneRow,
+        )),
+        Write::UpdateSession { session: s, expected_version } => out.push((
+            Statement::new(
+                "UPDATE sessions SET version = version + 1, status = $2, archived = $3, doc = $4 \
+                 WHERE id = $1 AND version = $5",
+                vec![
+                    s.id.as_str().into(),
+                    s.status.as_str().into(),
+                    s.archived_at.is_some().into(),
+                    to_doc(s),
+                    (*expected_version).into(),
+                ],
+            ),
+            OneRow,
+        )),
+        Write::DeleteSession { id, expected_version } => {
+            out.push((
+                Statement::new(
+                    "DELETE FROM sessions WHERE id = $1 AND version = $2",
+                    vec![id.as_str().into(), (*expected_version).into()],
+                ),
+                OneRow,
+            ));
+            out.push((Statement::new("DELETE FROM session_events WHERE session_id = $1", vec![id.as_str().into()]), Any));
+        }
+        Write::InsertWork { item, transitions } => {
+            let c = work_columns(item);
+            out.push((
+                Statement::new(
+                    "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, \
+                     delivered_at, lease_expires_at, token_hash, doc) VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    vec![
+                        item.id.as_str().into(),
+                        item.environment_id.as_str().into(),
+                        item.data.id.as_str().into(),
+                        c.state.into(),
+                        item.enqueued_at.into(),
+                        c.delivered_at.into(),
+                        item.lease_expires_at.into(),
+                        c.token_hash.into(),
+                        to_doc(item),
+                    ],
+                ),
+                OneRow,
+            ));
+            out.extend(transition_statements(&item.id, 1, transitions));
+        }
+        Write::UpdateWork { item, expected_version, transitions } => {
+            let c = work_columns(item);
+            out.push((
+                Statement::new(
+                    "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
+                     lease_expires_at = $5, token_hash = $6, doc = $7 WHERE id = $1 AND version = $8",
+                    vec![
+                        item.id.as_str().into(),
+                        c.state.into(),
+                        item.enqueued_at.into(),
+                        c.delivered_at.into(),
+                        item.lease_expires_at.into(),
+                        c.token_hash.into(),
+                        to_doc(item),
+                        (*expected_version).into(),
+                    ],
+                ),
+                OneRow,
+            ));
+            out.extend(transition_statements(&item.id, expected_version + 1, transitions));
+        }
+        Write::InsertEvent(event) => out.push((
+            Statement::new(
+                "INSERT INTO session_events (id, session_id, doc) VALUES ($1, $2, $3)",
+                vec![event.id.as_str().into(), event.session_id.as_str().into(), to_doc(event)],
+            ),
+            OneRow,
+        )),
+        Write::InsertCredential(c) => out.push((
+            Statement::new(
+                "INSERT INTO credentials (id, kind, environment_id, secret_hash, revoked_at, doc) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                vec![
+                    c.id.as_str().into(),
+                    kind_str(c.kind).into(),
+                    c.environment_id.clone().into(),
+                    c.secret_hash.as_str().into(),
+                    c.revoked_at.into(),
+                    to_doc(c),
+                ],
+            ),
+            OneRow,
+        )),
+        Write::RevokeCredential { id, at } => {
+            // The document carries `revoked_at` too; it is rewritten by the caller's next read through
+            // `credential_from_row`, which takes the column as the truth.
+            out.push((
+                Statement::new(
+                    "UPDATE credentials SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                    vec![id.as_str().into(), (*at).into()],
+                ),
+                OneRow,
+            ))
+        }
+        Write::TouchWorker { environment_id, worker_id, at } => out.push((
+            Statement::new(
+                "INSERT INTO workers (environment_id, worker_id, last_poll_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (environment_id, worker_id) DO UPDATE SET last_poll_at = \
+                 CASE WHEN excluded.last_poll_at > workers.last_poll_at THEN excluded.last_poll_at \
+                 ELSE workers.last_poll_at END",
+                vec![environment_id.as_str().into(), worker_id.as_str().into(), (*at).into()],
+            ),
+            Any,
+        )),
+    }
+}
+
+fn agent_version_statement(agent: &Agent) -> (Statement, Expect) {
+    (
+        Statement::new(
+            "INSERT INTO agent_versions (agent_id, agent_version, doc) VALUES ($1, $2, $3) \
+             ON CONFLICT (agent_id, agent_version) DO UPDATE SET doc = excluded.doc",
+            vec![
+                agent.id.as_str().into(),
+                i64::from(agent.version).into(),
+                to_doc(agent),
+            ],
+        ),
+        Expect::Any,
+    )
+}
+
+pub fn kind_str(kind: CredentialKind) -> &'static str {
+    match kind {
+        CredentialKind::Admin => "admin",
+        CredentialKind::Environment => "environment",
+    }
+}
+
+/// Builds `WHERE …` clauses with numbered parameters.
+#[derive(Default)]
+struct Filter {
+    clauses: Vec<String>,
+    params: Vec<Value>,
+}
+
+impl Filter {
+    fn param(&mut self, v: impl Into<Value>) -> String {
+        self.params.push(v.into());
+        format!("${}", self.params.len())
+    }
+
+    fn add(&mut self, clause: String) {
+        self.clauses.push(clause);
+    }
+
+    fn archive(&mut self, f: &ArchiveFilter) {
+        if !f.include_archived {
+            self.add("archived = 0".into());
+        }
+        if let Some(t) = f.created_gte {
+            let p = self.param(t);
+            self.add(format!("created_at >= {p}"));
+        }
+        if let Some(t) = f.created_lte {
+            let p = self.param(t);
+            self.add(format!("created_at <= {p}"));
+        }
+    }
+
+    /// Appends the cursor condition and returns `ORDER BY … LIMIT …`. The page is fetched one row longer
+    /// than asked, to learn `has_more`; a `Before` page is fetched backwards and flipped by [`page`].
+    fn paginate(&mut self, column: &str, page: &PageRequest) -> String {
+        let (forward_cmp, forward_dir, backward_cmp, backward_dir) = if page.descending {
+            ("<", "DESC", ">", "ASC")
+        } else {
+            (">", "ASC", "<", "DESC")
+        };
+        let dir = match &page.cursor {
+            Cursor::Start => forward_dir,
+            Cursor::After(id) => {
+                let p = self.param(id.as_str());
+                self.add(format!("{column} {forward_cmp} {p}"));
+                forward_dir
+            }
+            Cursor::Before(id) => {
+                let p = self.param(id.as_str());
+                self.add(format!("{column} {backward_cmp} {p}"));
+                backward_dir
+            }
+        };
+        let limit = self.param(i64::from(page.limit) + 1);
+        format!(" ORDER BY {column} {dir} LIMIT {limit}")
+    }
+
+    fn statement(self, select: &str, tail: &str) -> Statement {
+        let mut sql = select.to_owned();
+        if !self.clauses.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&self.clauses.join(" AND "));
+        }
+        sql.push_str(tail);
+        Statement {
+            sql,
+            params: self.params,
+        }
+    }
+}
+
+/// Turns `limit + 1` fetched rows into a page in list order.
+pub fn page<T>(mut rows: Vec<T>, request: &PageRequest) -> Page<T> {
+    let has_more = rows.len() > request.limit as usize;
+    rows.truncate(request.limit as usize);
+    if matches!(request.cursor, Cursor::Before(_)) {
+        rows.reverse();
+    }
+    Page {
+        items: rows,
+        has_more,
+    }
+}
+
+pub fn get_by_id(table: &str, id: &str) -> Statement {
+    Statement::new(
+        format!("SELECT version, doc FROM {table} WHERE id = $1"),
+        vec![id.into()],
+    )
+}
+
+pub fn list_environments(filter: &ArchiveFilter, page: &PageRequest) -> Statement {
+    list_archivable("environments", filter, page)
+}
+
+pub fn list_agents(filter: &ArchiveFilter, page: &PageRequest) -> Statement {
+    list_archivable("agents", filter, page)
+}
+
+fn list_archivable(table: &str, filter: &ArchiveFilter, page: &PageRequest) -> Statement {
+    let mut f = Filter::default();
+    f.archive(filter);
+    let tail = f.paginate("id", page);
+    f.statement(&format!("SELECT doc FROM {table}"), &tail)
+}
+
+pub fn count_sessions_in_environment(environment_id: &str) -> Statement {
+    Statement::new(
+        "SELECT COUNT(*) FROM sessions WHERE environment_id = $1",
+        vec![environment_id.into()],
+    )
+}
+
+pub fn get_agent_version(id: &str, version: u32) -> Statement {
+    Statement::new(
+        "SELECT doc FROM agent_versions WHERE agent_id = $1 AND agent_version = $2",
+        vec![id.into(), i64::from(version).into()],
+    )
+}
+
+pub fn list_sessions(filter: &SessionFilter, page: &PageRequest) -> Statement {
+    let mut f = Filter::default();
+    f.archive(&ArchiveFilter {
+        include_archived: filter.include_archived,
+        created_gte: filter.created_gte,
+        created_lte: filter.created_lte,
+    });
+    if let Some(agent) = &filter.agent_id {
+        let p = f.param(agent.as_str());
+        f.add(format!("agent_id = {p}"));
+    }
+    if let Some(env) = &filter.environment_id {
+        let p = f.param(env.as_str());
+        f.add(format!("environment_id = {p}"));
+    }
+    if !filter.statuses.is_empty() {
+        let ps: Vec<String> = filter
+            .statuses
+            .iter()
+            .map(|s| f.param(s.as_str()))
+            .collect();
+        f.add(format!("status IN ({})", ps.join(", ")));
+    }
+    let tail = f.paginate("id", page);
+    f.statement("SELECT doc FROM sessions", &tail)
+}
+
+pub fn list_events(session_id: &str, page: &PageRequest) -> Statement {
+    let mut f = Filter::default();
+    let p = f.param(session_id);
+    f.add(format!("session_id = {p}"));
+    let tail = f.paginate("id", page);
+    f.statement("SELECT doc FROM session_events", &tail)
+}
+
+pub fn list_work(environment_id: &str, page: &PageRequest) -> Statement {
+    let mut f = Filter::default();
+    let p = f.param(environment_id);
+    f.add(format!("environment_id = {p}"));
+    let tail = f.paginate("id", page);
+    f.statement("SELECT doc FROM work_items", &tail)
+}
+
+pub fn claim_candidates(environment_id: &str, reclaim_cutoff: Timestamp, limit: u32) -> Statement {
+    Statement::new(
+        "SELECT version, doc FROM work_items WHERE environment_id = $1 AND state = 'queued' \
+         AND (delivered_at IS NULL OR delivered_at <= $2) ORDER BY enqueued_at, id LIMIT $3",
+        vec![
+            environment_id.into(),
+            reclaim_cutoff.into(),
+            i64::from(limit).into(),
+        ],
+    )
+}
+
+pub fn live_work_for_session(session_id: &str) -> Statement {
+    Statement::new(
+        "SELECT version, doc FROM work_items WHERE session_id = $1 AND state <> 'stopped'",
+        vec![session_id.into()],
+    )
+}
+
+pub fn leases_due_before(before: Timestamp, limit: u32) -> Statement {
+    Statement::new(
+        "SELECT version, doc FROM work_items WHERE lease_expires_at IS NOT NULL AND lease_expires_at < $1 \
+         ORDER BY lease_expires_at LIMIT $2",
+        vec![before.into(), i64::from(limit).into()],
+    )
+}
+
+pub fn environments_with_claimable(reclaim_cutoff: Timestamp) -> Statement {
+    Statement::new(
+        "SELECT DISTINCT environment_id FROM work_items WHERE state = 'queued' \
+         AND (delivered_at IS NULL OR delivered_at <= $1)",
+        vec![reclaim_cutoff.into()],
+    )
+}
+
+pub fn queue_counts(environment_id: &str) -> Statement {
+    Statement::new(
+        "SELECT \
+           COALESCE(SUM(CASE WHEN state = 'queued' AND delivered_at IS NULL THEN 1 ELSE 0 END), 0), \
+           COALESCE(SUM(CASE WHEN state = 'queued' AND delivered_at IS NOT NULL THEN 1 ELSE 0 END), 0), \
+           MIN(CASE WHEN state = 'queued' THEN enqueued_at ELSE NULL END), \
+           COALESCE(SUM(CASE WHEN state = 'starting' THEN 1 ELSE 0 END), 0), \
+           COALESCE(SUM(CASE WHEN state = 'active' THEN 1 ELSE 0 END), 0), \
+           COALESCE(SUM(CASE WHEN state = 'stopping' THEN 1 ELSE 0 END), 0) \
+         FROM work_items WHERE environment_id = $1 AND state <> 'stopped'",
+        vec![environment_id.into()],
+    )
+}
+
+pub fn decode_queue_counts(row: &Row) -> StoreResult<QueueCounts> {
+    let n = |i: usize| -> StoreResult<u64> { Ok(opt_int(&row[i])?.unwrap_or(0).max(0) as u64) };
+    let (depth, pending) = (n(0)?, n(1)?);
+    let mut counts = QueueCounts {
+        depth,
+        pending,
+        oldest_queued_at: opt_int(&row[2])?.map(Timestamp::from_micros),
+        states: Default::default(),
+    };
+    counts.states.insert(WorkState::Queued, depth + pending);
+    counts.states.insert(WorkState::Starting, n(3)?);
+    counts.states.insert(WorkState::Active, n(4)?);
+    counts.states.insert(WorkState::Stopping, n(5)?);
+    Ok(counts)
+}
+
+pub fn work_by_token_hash(token_hash: &str) -> Statement {
+    Statement::new(
+        "SELECT version, doc FROM work_items WHERE token_hash = $1",
+        vec![token_hash.into()],
+    )
+}
+
+pub fn list_history(work_id: &str, after_seq: Option<i64>, limit: u32) -> Statement {
+    Statement::new(
+        "SELECT seq, doc FROM work_transitions WHERE work_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        vec![work_id.into(), after_seq.unwrap_or(-1).into(), (i64::from(limit) + 1).into()],
+    )
+}
+
+pub fn decode_history(row: &Row) -> StoreResult<HistoryRow> {
+    Ok(HistoryRow {
+        seq: int(&row[0])?,
+        transition: from_doc(&row[1])?,
+    })
+}
+
+pub fn workers_seen(environment_id: &str, since: Timestamp) -> Statement {
+    Statement::new(
+        "SELECT worker_id, last_poll_at FROM workers WHERE environment_id = $1 AND last_poll_at >= $2 \
+         ORDER BY last_poll_at DESC",
+        vec![environment_id.into(), since.into()],
+    )
+}
+
+pub fn decode_worker(row: &Row) -> StoreResult<(String, Timestamp)> {
+    Ok((text(&row[0])?, Timestamp::from_micros(int(&row[1])?)))
+}
+
+const CREDENTIAL_COLUMNS: &str = "SELECT revoked_at, doc FROM credentials";
+
+pub fn credential_by_hash(secret_hash: &str) -> Statement {
+    Statement::new(
+        format!("{CREDENTIAL_COLUMNS} WHERE secret_hash = $1"),
+        vec![secret_hash.into()],
+    )
+}
+
+pub fn get_credential(id: &str) -> Statement {
+    Statement::new(
+        format!("{CREDENTIAL_COLUMNS} WHERE id = $1"),
+        vec![id.into()],
+    )
+}
+
+pub fn list_credentials(
+    kind: CredentialKind,
+    environment_id: Option<&str>,
+    page: &PageRequest,
+) -> Statement {
+    let mut f = Filter::default();
+    let p = f.param(kind_str(kind));
+    f.add(format!("kind = {p}"));
+    if let Some(env) = environment_id {
+        let p = f.param(env);
+        f.add(format!("environment_id = {p}"));
+    }
+    let tail = f.paginate("id", page);
+    f.statement(CREDENTIAL_COLUMNS, &tail)
+}
+
+pub fn count_credentials(kind: CredentialKind) -> Statement {
+    Statement::new(
+        "SELECT COUNT(*) FROM credentials WHERE kind = $1 AND revoked_at IS NULL",
+        vec![kind_str(kind).into()],
+    )
+}
+
+/// Credentials are revoked by a column update; the column is the truth for `revoked_at`.
+pub fn credential_from_row(row: &Row) -> StoreResult<Credential> {
+    let mut c: Credential = from_doc(&row[1])?;
+    c.revoked_at = opt_int(&row[0])?.map(Timestamp::from_micros);
+    Ok(c)
+}
+
+pub fn count(row: &Row) -> StoreResult<u64> {
+    Ok(int(&row[0])?.max(0) as u64)
+}
+
+pub fn single_text(row: &Row) -> StoreResult<String> {
+    text(&row[0])
+}
+
+/// Records kept only as documents, decoded by type.
+pub fn decode_docs<T: serde::de::DeserializeOwned>(rows: &[Row]) -> StoreResult<Vec<T>> {
+    rows.iter().map(doc).collect()
+}

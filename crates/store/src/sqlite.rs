@@ -1,0 +1,292 @@
+//! The embedded store: SQLite in WAL mode with `synchronous=FULL`.
+//!
+//! One writer thread owns the only writing connection. Writers queue their statement lists; the thread
+//! takes everything waiting (up to [`MAX_BATCH`]), runs each list inside its own savepoint of a single
+//! transaction, and commits once: one fsync per batch instead of one per request (group commit). A list
+//! whose condition fails is rolled back to its savepoint alone and answered `Conflict`; the others still
+//! commit. Nobody is answered before the commit that contains their write has returned, so an answered
+//! write survives `kill -9`. Reads use a small pool of read-only connections and see the last commit.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+
+use crate::executor::{Executor, SqlStore};
+use crate::sql::{self, Expect, Row, Statement, Value};
+use crate::{Notice, StoreError, StoreResult};
+
+/// The most write lists one transaction commits together.
+pub const MAX_BATCH: usize = 512;
+/// How many write lists may wait for the writer before callers are held back.
+pub const WRITE_QUEUE_BOUND: usize = 8_192;
+/// Read-only connections.
+pub const READERS: usize = 4;
+
+struct WriteJob {
+    statements: Vec<(Statement, Expect)>,
+    reply: oneshot::Sender<StoreResult<()>>,
+}
+
+pub struct SqliteExecutor {
+    writer: mpsc::Sender<WriteJob>,
+    readers: Arc<ReadPool>,
+    notices: broadcast::Sender<Notice>,
+}
+
+struct ReadPool {
+    connections: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+/// Opens (creating if needed) the database at `path`, applies migrations and starts the writer thread.
+pub fn open(path: &Path) -> StoreResult<SqlStore<SqliteExecutor>> {
+    let mut writer = Connection::open(path).map_err(internal)?;
+    writer
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(internal)?;
+    migrate(&mut writer)?;
+    let mut connections = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(internal)?;
+        reader
+            .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;")
+            .map_err(internal)?;
+        connections.push(reader);
+    }
+    let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);
+    std::thread::Builder::new()
+        .name("tether-sqlite-writer".into())
+        .spawn(move || writer_loop(writer, rx))
+        .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+    let (notices, _) = broadcast::channel(16);
+    Ok(SqlStore::new(SqliteExecutor {
+        writer: tx,
+        readers: Arc::new(ReadPool {
+            connections: Mutex::new(connections),
+            permits: Semaphore::new(READERS),
+        }),
+        notices,
+    }))
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")
+        .map_err(internal)?;
+    for (version, script) in sql::MIGRATIONS {
+        let applied: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM schema_migrations WHERE version = ?1",
+                [version],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(internal)?
+            > 0;
+        if applied {
+            continue;
+        }
+        let tx = conn.transaction().map_err(internal)?;
+        for statement in sql::split_script(script) {
+            tx.execute_batch(statement).map_err(internal)?;
+        }
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES (?1)",
+            [version],
+        )
+        .map_err(internal)?;
+        tx.commit().map_err(internal)?;
+    }
+    Ok(())
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let results = commit_batch(&mut conn, &batch);
+        metrics::histogram!("tether_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tether_store_commit_batch_size").record(batch.len() as f64);
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()>> {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let message = e.to_string();
+        return batch
+            .iter()
+            .map(|_| Err(StoreError::Unavailable(message.clone())))
+            .collect();
+    }
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let outcome = run_in_savepoint(conn, &job.statements);
+        results.push(outcome);
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        let _ = conn.execute_batch("ROLLBACK");
+        let message = e.to_string();
+        return batch
+            .iter()
+            .map(|_| Err(StoreError::Unavailable(message.clone())))
+            .collect();
+    }
+    results
+}
+
+fn run_in_savepoint(conn: &Connection, statements: &[(Statement, Expect)]) -> StoreResult<()> {
+    conn.execute_batch("SAVEPOINT job").map_err(internal)?;
+    let outcome = statements.iter().try_for_each(|(statement, expect)| {
+        let mut prepared = conn
+            .prepare_cached(&placeholders(&statement.sql))
+            .map_err(classify)?;
+        let changed = prepared
+            .execute(rusqlite::params_from_iter(
+                statement.params.iter().map(to_sql),
+            ))
+            .map_err(classify)?;
+        match expect {
+            Expect::OneRow if changed != 1 => Err(StoreError::Conflict),
+            _ => Ok(()),
+        }
+    });
+    if outcome.is_err() {
+        conn.execute_batch("ROLLBACK TO job").map_err(internal)?;
+    }
+    conn.execute_batch("RELEASE job").map_err(internal)?;
+    outcome
+}
+
+/// `$n` → `?n`: SQLite numbers parameters by the digits, whatever order they appear in.
+fn placeholders(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+fn to_sql(value: &Value) -> SqlValue {
+    match value {
+        Value::Int(v) => SqlValue::Integer(*v),
+        Value::Text(t) => SqlValue::Text(t.clone()),
+        Value::Null => SqlValue::Null,
+    }
+}
+
+fn from_sql(value: ValueRef<'_>) -> StoreResult<Value> {
+    Ok(match value {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(v) => Value::Int(v),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Real(r) => Value::Int(r as i64),
+        ValueRef::Blob(_) => return Err(StoreError::Internal("unexpected blob column".into())),
+    })
+}
+
+fn classify(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation => {
+            StoreError::Conflict
+        }
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn internal(e: rusqlite::Error) -> StoreError {
+    StoreError::Internal(e.to_string())
+}
+
+fn query_rows(conn: &Connection, statement: &Statement) -> StoreResult<Vec<Row>> {
+    let mut prepared = conn
+        .prepare_cached(&placeholders(&statement.sql))
+        .map_err(classify)?;
+    let columns = prepared.column_count();
+    let mut rows = prepared
+        .query(rusqlite::params_from_iter(
+            statement.params.iter().map(to_sql),
+        ))
+        .map_err(classify)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(classify)? {
+        let mut values = Vec::with_capacity(columns);
+        for i in 0..columns {
+            values.push(from_sql(row.get_ref(i).map_err(classify)?)?);
+        }
+        out.push(values);
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Executor for SqliteExecutor {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {
+        let pool = self.readers.clone();
+        let _permit = pool
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("store closed".into()))?;
+        let pool_for_task = pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool_for_task
+                .connections
+                .lock()
+                .expect("reader pool lock")
+                .pop()
+                .expect("a permit guarantees a connection");
+            let result = query_rows(&conn, &statement);
+            pool_for_task
+                .connections
+                .lock()
+                .expect("reader pool lock")
+                .push(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+    }
+
+    async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteJob { statements, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?
+    }
+
+    async fn announce(&self, _notices: Vec<Notice>) -> StoreResult<()> {
+        // One process owns an embedded store: the server already woke its own waiters.
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+}

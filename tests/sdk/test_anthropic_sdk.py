@@ -1,0 +1,457 @@
+"""Tether's Claude Managed Agents dialect (/v1) driven by the official `anthropic` SDK.
+
+Draft: written before the server exists (see WIRE_NOTES.md). Three layers:
+
+1. typed resource methods (`client.beta.environments…`, `…work…`, `…sessions…`),
+   the work/environment calls through a client with
+   `_strict_response_validation=True` so responses must match the SDK's
+   pydantic models exactly (required fields, Literal tags);
+2. the SDK's own helpers: the work poller (`client.beta.environments.work.poller`)
+   and the lease heartbeat loop of `anthropic.lib.environments` (private
+   `_heartbeat_loop`, exactly what `EnvironmentWorker` runs);
+3. the full `EnvironmentWorker` with a custom tool, the test playing the
+   platform runtime by posting agent-side events with the admin token.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import anyio
+import pytest
+from anthropic import (
+    Anthropic,
+    APIResponseValidationError,
+    AsyncAnthropic,
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailedError,
+)
+from anthropic.lib.environments import EnvironmentWorker
+from anthropic.lib.environments._worker import _heartbeat_loop, _Lease, _LeaseEndReason
+from anthropic.lib.tools import beta_async_tool
+from anthropic.types.beta.environments import BetaHeartbeatPreconditionFailedError
+
+from conftest import (
+    ADMIN_TOKEN,
+    CUSTOM_TOOL,
+    HTTP_TIMEOUT,
+    MODEL,
+    TETHER_URL,
+    decode_secret,
+    mint_environment_key,
+    parse_ts,
+    uniq,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_client(*, strict: bool, token: str = ADMIN_TOKEN, max_retries: int = 0, **kw) -> Anthropic:
+    # api_key travels as `Authorization: Bearer …` in anthropic>=2 (not x-api-key)
+    return Anthropic(
+        api_key=token,
+        base_url=TETHER_URL,
+        timeout=HTTP_TIMEOUT,
+        max_retries=max_retries,
+        _strict_response_validation=strict,
+        **kw,
+    )
+
+
+def make_async_client(*, strict: bool = False, **kw) -> AsyncAnthropic:
+    kw.setdefault("timeout", HTTP_TIMEOUT)
+    kw.setdefault("max_retries", 0)
+    return AsyncAnthropic(api_key=ADMIN_TOKEN, base_url=TETHER_URL, _strict_response_validation=strict, **kw)
+
+
+@pytest.fixture(scope="module")
+def ant():
+    """Strict client: for environments and work (the queue contract)."""
+    with make_client(strict=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ant_lenient():
+    """Lenient client: for agents/sessions/events (see test_agent_and_session_match_the_typed_models)."""
+    with make_client(strict=False) as c:
+        yield c
+
+
+@pytest.fixture
+def env(ant, ant_lenient):
+    e = ant.beta.environments.create(name=uniq("ant-env"), config={"type": "self_hosted"}, metadata={"suite": "anthropic"})
+    yield e
+    try:
+        for s in ant_lenient.beta.sessions.list(include_archived=True, limit=100, extra_query={"environment_id": e.id}):
+            if s.environment_id == e.id:
+                ant_lenient.beta.sessions.delete(s.id)
+        ant.beta.environments.delete(e.id)
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def agent(ant_lenient):
+    return ant_lenient.beta.agents.create(name=uniq("ant-agent"), model=MODEL, tools=[CUSTOM_TOOL])
+
+
+def work_items(ant, env_id):
+    return list(ant.beta.environments.work.list(env_id))
+
+
+# --------------------------------------------------------------------------- typed methods
+
+
+def test_environment_crud(ant):
+    e = ant.beta.environments.create(name=uniq("ant-env"), config={"type": "self_hosted"}, metadata={"a": "1", "b": "2"})
+    assert e.type == "environment" and e.config.type == "self_hosted"
+    assert e.metadata == {"a": "1", "b": "2"} and e.archived_at is None
+    assert ant.beta.environments.retrieve(e.id).name == e.name
+    upd = ant.beta.environments.update(e.id, metadata={"a": None, "c": "3"}, description="x")
+    assert upd.metadata == {"b": "2", "c": "3"} and upd.description == "x"
+    assert e.id in {x.id for x in ant.beta.environments.list(limit=100)}
+    assert ant.beta.environments.archive(e.id).archived_at is not None
+    assert e.id not in {x.id for x in ant.beta.environments.list(limit=100)}
+    assert e.id in {x.id for x in ant.beta.environments.list(limit=100, include_archived=True)}
+    deleted = ant.beta.environments.delete(e.id)
+    assert (deleted.id, deleted.type) == (e.id, "environment_deleted")
+    with pytest.raises(NotFoundError):
+        ant.beta.environments.retrieve(e.id)
+
+
+def test_agent_and_session_match_the_typed_models(env):
+    """Agents and sessions parsed *strictly*: every field the SDK's models REQUIRE must be there.
+
+    Notably `model` as an object `{"id": …}` even when created from a string,
+    `execution_identity`, `mcp_servers`, and on the session `resources`,
+    `vault_ids`, `outcome_evaluations`, `stats`, `usage` and the agent's `skills`
+    (EnvironmentWorker iterates `session.resources` and `session.agent.skills`).
+    """
+    with make_client(strict=True) as strict:
+        try:
+            a = strict.beta.agents.create(name=uniq("ant-agent"), model=MODEL, tools=[CUSTOM_TOOL])
+            s = strict.beta.sessions.create(agent=a.id, environment_id=env.id, title="strict")
+            s2 = strict.beta.sessions.retrieve(s.id)
+        except APIResponseValidationError as e:  # pragma: no cover - the message is the point
+            pytest.fail(f"response does not validate against the SDK model: {e.__cause__ or e}")
+    assert a.model.id == MODEL and a.version == 1
+    assert a.execution_identity.type == "service_account"
+    assert a.mcp_servers == [] and a.skills == []
+    assert [(t.type, t.name) for t in a.tools] == [("custom", "add")]
+    assert s2.status == "idle" and s2.type == "session"
+    assert s2.agent.id == a.id and s2.agent.version == 1 and s2.agent.model.id == MODEL
+    assert s2.agent.skills == [] and [t.name for t in s2.agent.tools] == ["add"]
+    assert s2.resources == [] and s2.vault_ids == [] and s2.outcome_evaluations == []
+
+
+def test_work_lifecycle(ant, ant_lenient, env, agent):
+    w = ant.beta.environments.work
+    sess = ant_lenient.beta.sessions.create(agent=agent.id, environment_id=env.id, metadata={"job": "j1"})
+
+    [queued] = work_items(ant, env.id)
+    assert (queued.type, queued.state, queued.data.type, queued.data.id) == ("work", "queued", "session", sess.id)
+    assert queued.metadata == {"job": "j1"} and queued.secret is None
+
+    stats = w.stats(env.id)
+    assert (stats.type, stats.depth, stats.pending) == ("work_queue_stats", 1, 0)
+
+    item = w.poll(env.id, block_ms=999, anthropic_worker_id="ant-worker-1")
+    assert item is not None and item.id == queued.id and item.state == "queued"
+    payload = decode_secret(item.secret)
+    assert payload["sessions_token"].startswith("tth_ses_")
+    stats = w.stats(env.id)
+    assert (stats.depth, stats.pending, stats.workers_polling) == (0, 1, 1)
+    assert w.poll(env.id) is None  # JSON `null`, never an empty body
+
+    acked = w.ack(item.id, environment_id=env.id)
+    assert acked.state == "starting" and acked.acknowledged_at is not None and acked.secret is None
+
+    hb1 = w.heartbeat(item.id, environment_id=env.id, expected_last_heartbeat="NO_HEARTBEAT", desired_ttl_seconds=30)
+    assert (hb1.type, hb1.state, hb1.lease_extended, hb1.ttl_seconds) == ("work_heartbeat", "active", True, 30)
+    hb2 = w.heartbeat(item.id, environment_id=env.id, expected_last_heartbeat=hb1.last_heartbeat)
+    assert hb2.state == "active" and hb2.ttl_seconds == 30  # an explicit TTL persists (D-9b)
+    assert parse_ts(hb2.last_heartbeat) > parse_ts(hb1.last_heartbeat)
+
+    # 412 is surfaced as the typed lease-lost error, with the server's view of the lease
+    with pytest.raises(BetaHeartbeatPreconditionFailedError) as ei:
+        w.heartbeat(item.id, environment_id=env.id, expected_last_heartbeat=hb1.last_heartbeat)
+    err = ei.value
+    assert isinstance(err, PreconditionFailedError) and err.status_code == 412
+    assert err.type == "precondition_failed_error" and err.error_code == "heartbeat_precondition_failed"
+    cur = err.details.current_state
+    assert cur.state == "active" and cur.ttl_seconds == 30 and cur.lease_extended is True
+    assert parse_ts(cur.last_heartbeat) == parse_ts(hb2.last_heartbeat)
+
+    got = w.retrieve(item.id, environment_id=env.id)
+    assert got.state == "active" and got.started_at is not None and got.secret is None
+    assert parse_ts(got.latest_heartbeat_at) == parse_ts(hb2.last_heartbeat)
+
+    upd = w.update(item.id, environment_id=env.id, metadata={"host": "h1", "job": None})
+    assert upd.metadata == {"host": "h1"}
+
+    stopping = w.stop(item.id, environment_id=env.id)
+    assert stopping.state == "stopping" and stopping.stop_requested_at is not None
+    hb3 = w.heartbeat(item.id, environment_id=env.id, expected_last_heartbeat=hb2.last_heartbeat)
+    assert hb3.state == "stopping"
+    done = w.stop(item.id, environment_id=env.id)
+    assert done.state == "stopped" and done.stopped_at is not None
+    with pytest.raises(ConflictError):
+        w.heartbeat(item.id, environment_id=env.id, expected_last_heartbeat=hb3.last_heartbeat)
+    with pytest.raises(ConflictError):
+        w.stop(item.id, environment_id=env.id, force=True)
+
+    # force stop of a live item
+    ant_lenient.beta.sessions.create(agent=agent.id, environment_id=env.id)
+    item2 = w.poll(env.id, block_ms=999, anthropic_worker_id="ant-worker-1")
+    w.ack(item2.id, environment_id=env.id)
+    forced = w.stop(item2.id, environment_id=env.id, force=True)
+    assert forced.state == "stopped" and forced.stop_requested_at is not None and forced.stopped_at is not None
+
+    assert [x.state for x in work_items(ant, env.id)] == ["stopped", "stopped"]
+    stats = w.stats(env.id)
+    assert (stats.depth, stats.pending, stats.oldest_queued_at) == (0, 0, None)
+
+
+def test_work_list_pages_follow_next_page(ant, ant_lenient, env, agent):
+    made = [ant_lenient.beta.sessions.create(agent=agent.id, environment_id=env.id).id for _ in range(3)]
+    first = ant.beta.environments.work.list(env.id, limit=2)
+    assert len(first.data) == 2 and first.next_page
+    assert [x.data.id for x in ant.beta.environments.work.list(env.id, limit=2)] == made
+    last = ant.beta.environments.work.list(env.id, limit=2, page=first.next_page)
+    assert [x.data.id for x in last.data] == made[2:] and last.next_page is None
+
+
+def test_validation_errors(ant, env):
+    w = ant.beta.environments.work
+    for bad in (0, 1000):
+        with pytest.raises(BadRequestError) as ei:
+            w.poll(env.id, block_ms=bad)
+        assert ei.value.type == "invalid_request_error"
+    with pytest.raises(BadRequestError):
+        w.poll(env.id, reclaim_older_than_ms=0)  # Anthropic profile: >= 1
+    with pytest.raises(NotFoundError):
+        w.retrieve("work_" + "0" * 32, environment_id=env.id)
+
+
+def test_conflicts_are_side_effect_free_under_sdk_retries(ant, ant_lenient, env, agent):
+    """The anthropic client retries 409 (twice by default): repeating a conflicting call changes nothing."""
+    ant_lenient.beta.sessions.create(agent=agent.id, environment_id=env.id)
+    item = ant.beta.environments.work.poll(env.id, anthropic_worker_id="ant-r")
+    ant.beta.environments.work.stop(item.id, environment_id=env.id, force=True)
+    before = ant.beta.environments.work.retrieve(item.id, environment_id=env.id)
+    with make_client(strict=True, max_retries=2) as retrying:
+        t0 = time.monotonic()
+        with pytest.raises(ConflictError):
+            retrying.beta.environments.work.ack(item.id, environment_id=env.id)
+        assert time.monotonic() - t0 < 20
+    after = ant.beta.environments.work.retrieve(item.id, environment_id=env.id)
+    assert after.to_dict() == before.to_dict()
+
+
+def test_sessions_and_events(ant_lenient, ant, env, agent):
+    c = ant_lenient
+    sess = c.beta.sessions.create(agent=agent.id, environment_id=env.id, title="t", metadata={"k": "v"})
+    assert sess.status == "idle" and sess.environment_id == env.id and sess.agent.id == agent.id
+    assert c.beta.sessions.update(sess.id, title="t2", metadata={"k": None}).metadata == {}
+    assert sess.id in {s.id for s in c.beta.sessions.list(agent_id=agent.id, limit=10)}
+
+    sent = c.beta.sessions.events.send(sess.id, events=[{"type": "user.message", "content": [{"type": "text", "text": "hi"}]}])
+    assert sent.data[0].type == "user.message" and sent.data[0].id.startswith("evt_")
+    assert c.beta.sessions.retrieve(sess.id).status == "running"
+    assert sess.id in {s.id for s in c.beta.sessions.list(agent_id=agent.id, statuses=["running"])}
+
+    events = list(c.beta.sessions.events.list(sess.id, limit=1000))  # the SDK worker asks for 1000
+    assert [e.type for e in events][:2] == ["user.message", "session.status_running"]
+
+    # no Last-Event-ID from this SDK: the stream starts with events written after it opened.
+    # The SDK drops SSE frames that have no `event:` line, so this also checks the framing.
+    with c.beta.sessions.events.stream(sess.id) as stream:
+        c.beta.sessions.events.send(
+            sess.id, events=[{"type": "agent.message", "content": [{"type": "text", "text": "hello"}]}]
+        )
+        for ev in stream:
+            assert ev.type != "user.message", "stream replayed history without Last-Event-ID"
+            if ev.type == "agent.message":
+                assert ev.content[0].text == "hello" and ev.id.startswith("evt_")
+                break
+
+    c.beta.sessions.events.send(sess.id, events=[{"type": "session.status_idle", "stop_reason": {"type": "end_turn"}}])
+    assert c.beta.sessions.retrieve(sess.id).status == "idle"
+
+    assert c.beta.sessions.archive(sess.id).archived_at is not None
+    wait_until(lambda: work_items(ant, env.id)[0].state == "stopped", timeout=5, what="archive force-stops the item")
+    deleted = c.beta.sessions.delete(sess.id)
+    assert (deleted.id, deleted.type) == (sess.id, "session_deleted")
+
+
+# --------------------------------------------------------------------------- SDK helpers (async)
+
+
+async def _until(fn, *, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await anyio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+async def _setup_async(admin: AsyncAnthropic, **session_kw):
+    env = await admin.beta.environments.create(name=uniq("ant-async-env"), config={"type": "self_hosted"})
+    agent = await admin.beta.agents.create(name=uniq("ant-async-agent"), model=MODEL, tools=[CUSTOM_TOOL])
+    sess = await admin.beta.sessions.create(agent=agent.id, environment_id=env.id, **session_kw)
+    key = await anyio.to_thread.run_sync(mint_environment_key, env.id)
+    return env, agent, sess, key
+
+
+def _lease_client(sessions_token: str) -> AsyncAnthropic:
+    """A Bearer client on the item's sessions token, like EnvironmentWorker's per-item client.
+
+    `desired_ttl_seconds=10` (clamped minimum) via default_query makes the
+    helper's heartbeat interval max(1, ttl/2) = 5 s instead of 30 s.
+    """
+    return AsyncAnthropic(
+        auth_token=sessions_token,
+        base_url=TETHER_URL,
+        timeout=HTTP_TIMEOUT,
+        default_query={"desired_ttl_seconds": 10},
+    )
+
+
+@pytest.mark.anyio
+async def test_poller_and_heartbeat_loop_follow_a_graceful_stop():
+    admin = make_async_client()
+    env, _agent, sess, key = await _setup_async(admin)
+    w = admin.beta.environments.work
+
+    poller = w.poller(environment_id=env.id, environment_key=key, worker_id="ant-poller-1")
+    with anyio.fail_after(15):
+        item = await poller.__anext__()  # polled (env key, Anthropic-Worker-ID) and already acked
+    assert item.data.id == sess.id and item.secret
+    assert (await w.retrieve(item.id, environment_id=env.id)).state == "starting"
+
+    token = decode_secret(item.secret)["sessions_token"]
+    lease = _Lease()
+    async with _lease_client(token) as lc, anyio.create_task_group() as tg:
+        tg.start_soon(partial(_heartbeat_loop, lc.beta.environments.work, work_id=item.id, environment_id=env.id, lease=lease))
+
+        async def active():
+            return (await w.retrieve(item.id, environment_id=env.id)).state == "active"
+
+        await _until(active, timeout=10, what="first heartbeat -> active")
+        stopped = await w.stop(item.id, environment_id=env.id)  # operator's graceful stop
+        assert stopped.state == "stopping"
+        with anyio.fail_after(20):  # next beat (<= 5 s) reports `stopping`
+            await lease.wait_ended()
+    assert lease._end_reason is _LeaseEndReason.HEARTBEAT_STOP and not lease.lost
+
+    # leaving the poller's loop body: auto_stop sends a plain stop, which confirms stopping -> stopped
+    with anyio.fail_after(15):
+        await poller.aclose()
+    final = await w.retrieve(item.id, environment_id=env.id)
+    assert final.state == "stopped" and final.stopped_at is not None
+    stats = await w.stats(env.id)
+    assert stats.workers_polling == 1
+    await admin.close()
+
+
+@pytest.mark.anyio
+async def test_heartbeat_loop_stop_requested_before_first_beat():
+    admin = make_async_client()
+    env, _agent, _sess, key = await _setup_async(admin)
+    w = admin.beta.environments.work
+    poller = w.poller(environment_id=env.id, environment_key=key, worker_id="ant-poller-2")
+    with anyio.fail_after(15):
+        item = await poller.__anext__()
+    assert (await w.stop(item.id, environment_id=env.id)).state == "stopping"
+
+    lease = _Lease()
+    async with _lease_client(decode_secret(item.secret)["sessions_token"]) as lc:
+        with anyio.fail_after(10):  # NO_HEARTBEAT on a never-beaten stopping item -> 200 state=stopping
+            await _heartbeat_loop(lc.beta.environments.work, work_id=item.id, environment_id=env.id, lease=lease)
+    assert lease._end_reason is _LeaseEndReason.HEARTBEAT_STOP
+
+    with anyio.fail_after(15):
+        await poller.aclose()
+    assert (await w.retrieve(item.id, environment_id=env.id)).state == "stopped"
+    await admin.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+async def test_environment_worker_answers_a_custom_tool_call(tmp_path):
+    admin = make_async_client()
+    env, _agent, sess, key = await _setup_async(
+        admin, initial_events=[{"type": "user.message", "content": [{"type": "text", "text": "add 2 and 3"}]}]
+    )
+    w = admin.beta.environments.work
+
+    calls = []
+
+    @beta_async_tool
+    async def add(a: int, b: int) -> str:
+        """Add two integers."""
+        calls.append((a, b))
+        return str(a + b)
+
+    # The worker's parent client: production defaults (600 s timeout, 2 retries);
+    # its own credential is replaced by the env key / sessions token in scoped copies.
+    parent = AsyncAnthropic(api_key=ADMIN_TOKEN, base_url=TETHER_URL)
+    worker = EnvironmentWorker(
+        parent,
+        environment_id=env.id,
+        environment_key=key,
+        tools=[add],
+        workdir=str(tmp_path),
+        max_idle=2.0,
+        worker_id="ant-env-worker",
+    )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+
+        async def item_in(state):
+            items = [x async for x in w.list(env.id)]
+            return items[0] if len(items) == 1 and items[0].state == state else None
+
+        item = await _until(partial(item_in, "active"), timeout=20, what="worker polled, acked and heartbeated")
+        assert item.data.id == sess.id
+
+        # play the platform runtime: the agent calls the custom tool
+        sent = await admin.beta.sessions.events.send(
+            sess.id, events=[{"type": "agent.custom_tool_use", "name": "add", "input": {"a": 2, "b": 3}}]
+        )
+        tool_use_id = sent.data[0].id
+        assert tool_use_id.startswith("evt_")
+
+        async def answered():
+            async for ev in admin.beta.sessions.events.list(sess.id, limit=100):
+                if ev.type == "user.custom_tool_result" and ev.custom_tool_use_id == tool_use_id:
+                    return ev
+            return None
+
+        result = await _until(answered, timeout=20, what="user.custom_tool_result from the worker")
+        assert calls == [(2, 3)]
+        assert result.is_error is False
+        assert [(b.type, b.text) for b in result.content] == [("text", "5")]
+
+        # end the turn; after max_idle the worker force-stops its item
+        await admin.beta.sessions.events.send(
+            sess.id, events=[{"type": "session.status_idle", "stop_reason": {"type": "end_turn"}}]
+        )
+        final = await _until(partial(item_in, "stopped"), timeout=30, what="worker force-stopped the item")
+        assert final.stopped_at is not None
+        tg.cancel_scope.cancel()
+
+    s = await admin.beta.sessions.retrieve(sess.id)
+    assert s.status == "idle"
+    assert calls == [(2, 3)]  # executed exactly once (reconcile + stream de-duplicated)
+    await parent.close()
+    await admin.close()

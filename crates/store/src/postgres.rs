@@ -3,11 +3,12 @@
 use crate::executor::SqlStore;
 use crate::{StoreError, StoreResult};
 
-/// Placeholder until the backend lands: refuses clearly instead of pretending.
-pub struct PostgresExecutor;
-
+/// Not yet built: refuses clearly instead of pretending.
 pub async fn connect(_url: &str) -> StoreResult<SqlStore<crate::sqlite::SqliteExecutor>> {
-    Err(StoreError::Unavailable(
-        "the PostgreSQL backend is not built into this version".into(),
-    ))
+    Err(StoreError::Unavailable("the PostgreSQL backend is not built into this version".into()))
+}
+
+/// Creates a fresh database for a test and returns its URL.
+pub async fn create_test_database(_admin_url: &str) -> StoreResult<String> {
+    Err(StoreError::Unavailable("the PostgreSQL backend is not built into this version".into()))
 }

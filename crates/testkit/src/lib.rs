@@ -1,0 +1,241 @@
+//! Real servers for tests: a `tether-server` bound to a real TCP socket on 127.0.0.1, over a real
+//! store (SQLite in a temporary directory, or a fresh PostgreSQL database), with an [`OffsetClock`] that
+//! tests can jump forward to make leases expire without waiting.
+//!
+//! Behavioural tests run once per backend: `for backend in backends() { … }`. PostgreSQL joins when
+//! `TETHER_TEST_POSTGRES_URL` names a server the tests may create databases on; under CI (`CI` set) its
+//! absence is an error, so a green CI always means both backends passed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tether_core::{Clock, OffsetClock};
+use tether_server::{App, ServiceConfig};
+use tether_store::Store;
+
+/// Which store a test server uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    /// Admin URL of a PostgreSQL server; each test server gets a fresh database on it.
+    Postgres(String),
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// The backends every behavioural test must pass on.
+pub fn backends() -> Vec<Backend> {
+    let mut out = vec![Backend::Sqlite];
+    match std::env::var("TETHER_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => out.push(Backend::Postgres(url)),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI must run the suite against PostgreSQL too: set TETHER_TEST_POSTGRES_URL (see .ci/run)")
+        }
+        _ => eprintln!("note: TETHER_TEST_POSTGRES_URL is not set; running on SQLite only"),
+    }
+    out
+}
+
+/// Where a store lives, so that a server can be restarted on the same data.
+pub enum StoreLocation {
+    Sqlite(tempfile::TempDir),
+    Postgres { url: String },
+}
+
+impl StoreLocation {
+    /// A fresh, empty location for `backend`.
+    pub async fn fresh(backend: &Backend) -> anyhow::Result<StoreLocation> {
+        Ok(match backend {
+            Backend::Sqlite => StoreLocation::Sqlite(tempfile::tempdir()?),
+            Backend::Postgres(admin_url) => StoreLocation::Postgres { url: fresh_postgres_database(admin_url).await? },
+        })
+    }
+
+    pub async fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match self {
+            StoreLocation::Sqlite(dir) => Arc::new(tether_store::sqlite::open(&dir.path().join("tether.db"))?),
+            StoreLocation::Postgres { url } => Arc::new(tether_store::postgres::connect(url).await?),
+        })
+    }
+}
+
+/// Creates a uniquely named database on the server at `admin_url` and returns its URL.
+async fn fresh_postgres_database(admin_url: &str) -> anyhow::Result<String> {
+    tether_store::postgres::create_test_database(admin_url).await.map_err(Into::into)
+}
+
+/// Settings for a test server; defaults are the production defaults with a fast dispatcher tick.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config: ServiceConfig,
+    pub body_limit: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            config: ServiceConfig { tick: Duration::from_millis(100), ..ServiceConfig::default() },
+            body_limit: 1024 * 1024,
+        }
+    }
+}
+
+/// A running server.
+pub struct TestServer {
+    pub base: String,
+    pub admin_token: String,
+    pub app: App,
+    pub clock: OffsetClock,
+    pub backend: Backend,
+    pub location: Arc<StoreLocation>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    http: reqwest::Client,
+}
+
+impl TestServer {
+    pub async fn start(backend: &Backend) -> TestServer {
+        Self::start_with(backend, Options::default()).await
+    }
+
+    pub async fn start_with(backend: &Backend, options: Options) -> TestServer {
+        let location = Arc::new(StoreLocation::fresh(backend).await.expect("fresh store"));
+        Self::start_on(backend, location, options, OffsetClock::new()).await
+    }
+
+    /// Starts a server on an existing store (a restart), sharing `clock`.
+    pub async fn start_on(backend: &Backend, location: Arc<StoreLocation>, options: Options, clock: OffsetClock) -> TestServer {
+        let store = location.open().await.expect("open store");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = options.config.clone();
+        config.public_url = format!("http://{addr}");
+        let shared_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+        let app = App::new(store, shared_clock, config);
+        let admin_token = match app.bootstrap_admin_token(None).await.expect("bootstrap") {
+            Some(t) => t,
+            None => app.create_admin_token(Default::default()).await.expect("admin token").1,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tether_server::serve(app.clone(), listener, options.body_limit, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            base: format!("http://{addr}"),
+            admin_token,
+            app,
+            clock,
+            backend: backend.clone(),
+            location,
+            stop: Some(stop),
+            task: Some(task),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Shuts the server down gracefully and waits for it.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// `/api/v1/cloud` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/api/v1/cloud{path}", self.base)
+    }
+
+    /// `/v1` + `path`.
+    pub fn v1(&self, path: &str) -> String {
+        format!("{}/v1{path}", self.base)
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Sends a request with the admin token on the Qoder prefix.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(&self.admin_token.clone(), method, path, body, &[]).await
+    }
+
+    /// Sends a request with `token` and extra headers on the Qoder prefix.
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request");
+        read(resp).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// Creates a self-hosted environment and returns its id.
+    pub async fn self_hosted_environment(&self) -> String {
+        let (status, env) = self.post("/environments", serde_json::json!({"name": "test", "config": {"type": "self_hosted"}})).await;
+        assert_eq!(status, StatusCode::OK, "{env}");
+        env["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Creates an agent and returns its id.
+    pub async fn agent(&self) -> String {
+        let (status, agent) = self.post("/agents", serde_json::json!({"name": "test-agent", "model": "test-model"})).await;
+        assert_eq!(status, StatusCode::OK, "{agent}");
+        agent["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Creates a session (which enqueues one work item on a self-hosted environment); returns its id.
+    pub async fn session(&self, environment_id: &str, agent_id: &str) -> String {
+        let (status, s) = self.post("/sessions", serde_json::json!({"agent": agent_id, "environment_id": environment_id})).await;
+        assert_eq!(status, StatusCode::OK, "{s}");
+        s["id"].as_str().expect("id").to_owned()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Status and JSON body (or `Value::String` of the raw text when it is not JSON).
+pub async fn read(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}

@@ -1,0 +1,194 @@
+//! Durability: `kill -9` the server while it is answering writes, restart it, and check that every write
+//! it answered with 200 is there. Runs several kill/restart cycles on one data directory.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::ServerProcess;
+
+const CYCLES: usize = 3;
+const WRITERS: usize = 16;
+
+async fn post(
+    client: &reqwest::Client,
+    server_url: &str,
+    token: &str,
+    body: Value,
+) -> Option<Value> {
+    let resp = client
+        .post(server_url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answered_writes_survive_kill_dash_nine() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // session id → the metadata value last answered for it
+    let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let mut env_and_agent: Option<(String, String)> = None;
+    for cycle in 0..CYCLES {
+        let mut server = ServerProcess::start(dir.path(), &[]);
+        let (env, agent) = match &env_and_agent {
+            Some(ids) => ids.clone(),
+            None => {
+                let env = post(
+                    &client,
+                    &server.url("/environments"),
+                    &server.token,
+                    json!({"name": "crash", "config": {"type": "self_hosted"}}),
+                )
+                .await
+                .unwrap();
+                let agent = post(
+                    &client,
+                    &server.url("/agents"),
+                    &server.token,
+                    json!({"name": "crash", "model": "m"}),
+                )
+                .await
+                .unwrap();
+                let ids = (
+                    env["id"].as_str().unwrap().to_owned(),
+                    agent["id"].as_str().unwrap().to_owned(),
+                );
+                env_and_agent = Some(ids.clone());
+                ids
+            }
+        };
+        // Everything answered before this restart must be readable now.
+        verify(&client, &server, &acknowledged.lock().unwrap().clone()).await;
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..WRITERS {
+            let (client, url, token) = (client.clone(), server.url(""), server.token.clone());
+            let (env, agent, acked, stop) = (
+                env.clone(),
+                agent.clone(),
+                acknowledged.clone(),
+                stop.clone(),
+            );
+            writers.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    let value = format!("c{cycle}-w{w}-n{n}");
+                    let body =
+                        json!({"agent": agent, "environment_id": env, "metadata": {"v": value}});
+                    if let Some(s) = post(&client, &format!("{url}/sessions"), &token, body).await {
+                        let id = s["id"].as_str().unwrap().to_owned();
+                        acked.lock().unwrap().insert(id.clone(), value.clone());
+                        // An update of an existing record, answered or not.
+                        let patched = format!("{value}-patched");
+                        if post(
+                            &client,
+                            &format!("{url}/sessions/{id}"),
+                            &token,
+                            json!({"metadata": {"v": patched}}),
+                        )
+                        .await
+                        .is_some()
+                        {
+                            acked.lock().unwrap().insert(id, patched);
+                        }
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(700 + 300 * cycle as u64)).await;
+        server.kill_hard();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for w in writers {
+            w.await.unwrap();
+        }
+        println!(
+            "cycle {cycle}: {} writes acknowledged so far",
+            acknowledged.lock().unwrap().len()
+        );
+    }
+    let server = ServerProcess::start(dir.path(), &[]);
+    let acked = acknowledged.lock().unwrap().clone();
+    assert!(
+        acked.len() > 50,
+        "the load produced too few writes to mean anything: {}",
+        acked.len()
+    );
+    verify(&client, &server, &acked).await;
+    // Each session's work item was enqueued in the same write as the session itself.
+    let (env, _) = env_and_agent.unwrap();
+    let mut with_items = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = server.url(&format!("/environments/{env}/work?limit=100"));
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&page={c}"));
+        }
+        let page: Value = client
+            .get(url)
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for item in page["data"].as_array().unwrap() {
+            with_items.insert(item["data"]["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_page"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    for id in acked.keys() {
+        assert!(with_items.contains(id), "session {id} lost its work item");
+    }
+    println!(
+        "verified {} acknowledged writes across {CYCLES} kill -9 cycles",
+        acked.len()
+    );
+}
+
+/// Every acknowledged session exists with its last acknowledged metadata value — or a later one that was
+/// written but whose answer was lost to the kill (the value is then this writer's own `-patched` form).
+async fn verify(
+    client: &reqwest::Client,
+    server: &ServerProcess,
+    acked: &BTreeMap<String, String>,
+) {
+    for (id, value) in acked {
+        let resp = client
+            .get(server.url(&format!("/sessions/{id}")))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "acknowledged session {id} is missing after a restart"
+        );
+        let session: Value = resp.json().await.unwrap();
+        let stored = session["metadata"]["v"].as_str().unwrap();
+        assert!(
+            stored == value || stored == format!("{value}-patched"),
+            "session {id}: acknowledged metadata {value:?}, found {stored:?}"
+        );
+    }
+}

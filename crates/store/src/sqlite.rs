@@ -43,8 +43,33 @@ struct ReadPool {
     permits: Semaphore,
 }
 
+/// Tuning of the embedded store.
+#[derive(Clone, Copy, Debug)]
+pub struct SqliteOptions {
+    /// The most write lists one commit carries. 1 turns group commit off (one fsync per write), which
+    /// only the benchmark's baseline wants.
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            max_batch: MAX_BATCH,
+        }
+    }
+}
+
 /// Opens (creating if needed) the database at `path`, applies migrations and starts the writer thread.
 pub fn open(path: &Path) -> StoreResult<SqlStore<SqliteExecutor>> {
+    open_with(path, SqliteOptions::default())
+}
+
+/// [`open`] with explicit options.
+pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<SqliteExecutor>> {
+    assert!(
+        (1..=MAX_BATCH).contains(&options.max_batch),
+        "max_batch must be 1..={MAX_BATCH}"
+    );
     let mut writer = Connection::open(path).map_err(internal)?;
     writer
         .execute_batch(
@@ -67,7 +92,7 @@ pub fn open(path: &Path) -> StoreResult<SqlStore<SqliteExecutor>> {
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);
     std::thread::Builder::new()
         .name("tether-sqlite-writer".into())
-        .spawn(move || writer_loop(writer, rx))
+        .spawn(move || writer_loop(writer, rx, options.max_batch))
         .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
     let (notices, _) = broadcast::channel(16);
     Ok(SqlStore::new(SqliteExecutor {
@@ -109,10 +134,10 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max_batch: usize) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,

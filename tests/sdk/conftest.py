@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import time
 import uuid
 from datetime import datetime
@@ -98,7 +99,8 @@ def wait_until(fn: Callable[[], Optional[T]], *, timeout: float, interval: float
 
 
 def _find_token(obj: Any, prefix: str) -> Optional[str]:
-    if isinstance(obj, str) and obj.startswith(prefix):
+    # a whole secret: prefix + 43 base64url chars (SPEC §11.1) — not a display hint like "tth_env_AU02…"
+    if isinstance(obj, str) and re.fullmatch(re.escape(prefix) + r"[A-Za-z0-9_-]{43}", obj):
         return obj
     if isinstance(obj, dict):
         for v in obj.values():
@@ -117,7 +119,7 @@ def mint_environment_key(environment_id: str, *, dialect_prefix: str = ANTHROPIC
     """Mint a per-environment key with the admin token (Tether extension, SPEC §11.1).
 
     Not part of either SDK, so plain HTTP. The response shape is Tether's; we
-    take the first string value that looks like an environment key.
+    take the first value shaped like a whole environment-key secret.
     """
     if os.environ.get("TETHER_NO_ENV_KEYS") == "1":
         return ADMIN_TOKEN

@@ -179,6 +179,8 @@ impl From<WorkError> for ApiError {
                     "state": current.state.as_str(),
                     "ttl_seconds": current.ttl_seconds,
                     "last_heartbeat": current.last_heartbeat.map(|t| t.to_rfc3339()),
+                    // The Anthropic SDK's model of this object requires the field; nothing was extended.
+                    "lease_extended": false,
                 }
             })),
             WorkError::Metadata(m) => ApiError::bad_param("metadata", m.to_string()),

@@ -125,9 +125,16 @@ async fn envelope(request: Request, next: Next) -> Response {
         response = (error.status, Json(body)).into_response();
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
+        // The Anthropic SDK reads `request-id`; D-18 names `x-request-id`. Both carry the same value.
+        response.headers_mut().insert("request-id", value.clone());
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status();
+    if status.is_client_error() && !matches!(status.as_u16(), 408 | 429) {
+        // Our 4xx answers are deterministic: tell SDKs that honour it (both official ones do) not to
+        // retry them — the Anthropic SDK would otherwise retry every 409 twice.
+        response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    }
     record_request(&method, &route, status, started);
     response
 }

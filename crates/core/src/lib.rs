@@ -4,6 +4,7 @@
 //! [`time::Timestamp`] argument read from an injected [`time::Clock`]; identifiers come in as arguments
 //! too. Storage, HTTP and the dispatcher call into this crate and never re-implement its rules.
 
+pub mod events;
 pub mod ids;
 pub mod lease;
 pub mod metadata;

@@ -98,7 +98,17 @@ pub fn on_work_transition(
             effect.events.push(ServerEvent::StatusRunning);
         }
         (_, WorkState::Stopped) => {
-            if matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
+            let by_session = matches!(
+                transition.cause,
+                Cause::SessionArchived | Cause::SessionDeleted
+            );
+            if pending_input && !by_session {
+                // The input (and the turn it started) arrived while this item was already `stopping`:
+                // the item was never going to serve it, so the turn goes on with a fresh item (D-34)
+                // instead of ending in an error.
+                effect.enqueue_fresh_item = true;
+                effect.clear_pending_input = true;
+            } else if matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
                 effect.status = Some(SessionStatus::Idle);
                 effect.events.push(ServerEvent::Error {
                     message: format!(
@@ -107,14 +117,6 @@ pub fn on_work_transition(
                     ),
                 });
                 effect.events.push(ServerEvent::StatusIdle);
-            }
-            let by_session = matches!(
-                transition.cause,
-                Cause::SessionArchived | Cause::SessionDeleted
-            );
-            if pending_input && !by_session {
-                effect.enqueue_fresh_item = true;
-                effect.clear_pending_input = true;
             }
         }
         _ => {}
@@ -158,18 +160,20 @@ pub fn on_user_message(
         SessionStatus::Running | SessionStatus::Rescheduling => InputDecision::Refuse(
             "the session is running a turn; wait for session.status_idle or cancel it",
         ),
-        SessionStatus::Idle => {
-            let queue = match (self_hosted, live_item) {
-                (false, _) => QueueEffect::None,
-                (true, None | Some(WorkState::Stopped)) => QueueEffect::Enqueue,
-                (true, Some(WorkState::Stopping)) => QueueEffect::Buffer,
-                (true, Some(_)) => QueueEffect::None,
-            };
-            InputDecision::Accept {
-                start_turn: true,
-                queue,
-            }
-        }
+        SessionStatus::Idle => InputDecision::Accept {
+            start_turn: true,
+            queue: queue_effect(self_hosted, live_item),
+        },
+    }
+}
+
+/// What runnable input does to the queue, given the session's live item (D-12b, D-34).
+pub fn queue_effect(self_hosted: bool, live_item: Option<WorkState>) -> QueueEffect {
+    match (self_hosted, live_item) {
+        (false, _) => QueueEffect::None,
+        (true, None | Some(WorkState::Stopped)) => QueueEffect::Enqueue,
+        (true, Some(WorkState::Stopping)) => QueueEffect::Buffer,
+        (true, Some(_)) => QueueEffect::None,
     }
 }
 
@@ -241,6 +245,11 @@ mod tests {
             &t(Cause::StopConfirmed, WorkState::Stopped),
         );
         assert!(e.enqueue_fresh_item && e.clear_pending_input);
+        assert_eq!(
+            e.status, None,
+            "the buffered turn goes on with the fresh item"
+        );
+        assert!(e.events.is_empty());
         let e = on_work_transition(
             SessionStatus::Idle,
             true,

@@ -2,6 +2,7 @@
 //! every response a request id and every error the envelope.
 
 pub mod access;
+pub mod events;
 pub mod extract;
 pub mod ops;
 pub mod resources;
@@ -73,6 +74,12 @@ fn api() -> Router<App> {
                 .delete(r::delete_session),
         )
         .route("/sessions/{id}/archive", post(r::archive_session))
+        .route(
+            "/sessions/{id}/events",
+            get(events::list_events).post(events::post_events),
+        )
+        .route("/sessions/{id}/events/stream", get(events::stream))
+        .route("/sessions/{id}/cancel", post(events::cancel))
         .route("/tokens", get(r::list_tokens).post(r::create_token))
         .route("/tokens/{id}", axum::routing::delete(r::revoke_token))
 }

@@ -1,10 +1,19 @@
-//! Building session events: ids that only grow within a session, and the bodies the server writes itself.
+//! Session events (§12.3, §12.4): building them (ids that only grow within a session, the bodies the server
+//! writes itself), accepting batches from clients and workers, listing them, and following them live.
+
+use std::collections::VecDeque;
 
 use serde_json::{json, Map, Value};
+use tether_core::events::{self as rules, EventType, Sender, TurnState, MAX_EVENTS_PER_BATCH};
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Session, SessionEvent};
-use tether_core::session::ServerEvent;
+use tether_core::session::{ServerEvent, SessionStatus};
 use tether_core::Timestamp;
+use tether_store::{ChangeSet, Cursor, Page, PageRequest, Write};
+use tokio::sync::watch;
+
+use super::{with_retries, App, Retry};
+use crate::error::{ApiError, ApiResult};
 
 /// Appends an event of `kind` with `fields` to `session` (which remembers the newest id). The id is a
 /// fresh UUIDv7 unless that would not sort after the session's newest event (clock skew between
@@ -58,4 +67,384 @@ pub fn server_event(session: &mut Session, event: &ServerEvent, now: Timestamp) 
         }
     };
     new_event(session, kind, fields, now)
+}
+
+/// One incoming event that passed the shape and permission checks.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub kind: EventType,
+    /// The event as sent; `id`, `type` and `processed_at` are the server's to set.
+    pub fields: Map<String, Value>,
+}
+
+/// What appending a batch produced.
+#[derive(Debug, Default)]
+pub struct Appended {
+    /// The caller's events as stored, in the order sent (the answer of `POST …/events`).
+    pub posted: Vec<SessionEvent>,
+    /// Every event to insert: the caller's and those the server writes after them.
+    pub all: Vec<SessionEvent>,
+    /// A new work item is due (the session had no live item, D-12b).
+    pub enqueue: bool,
+}
+
+/// Appends `batch` to `session`, whose turn-relevant state `turn` mirrors (§12.4). All or nothing: the
+/// first refused event refuses the batch (409) and `session` must then be thrown away.
+pub fn append_batch(
+    session: &mut Session,
+    turn: &mut TurnState,
+    batch: &[Incoming],
+    now: Timestamp,
+) -> ApiResult<Appended> {
+    let mut out = Appended::default();
+    for event in batch {
+        let applied = rules::apply(turn, event.kind)
+            .map_err(|r| ApiError::state_conflict(r.reason).with_code(r.code))?;
+        let stored = new_event(session, event.kind.as_str(), event.fields.clone(), now);
+        out.posted.push(stored.clone());
+        out.all.push(stored);
+        for server in &applied.server_events {
+            out.all.push(server_event(session, server, now));
+        }
+        out.enqueue |= applied.enqueue;
+    }
+    session.status = turn.status;
+    session.pending_input = turn.pending_input;
+    Ok(out)
+}
+
+/// The largest page a live stream reads at once.
+const TAIL_PAGE: u32 = 100;
+
+impl App {
+    /// Reads and checks the events a request carries under `field` (`events`, or `initial_events` on
+    /// session create): every type is known and postable (400), the sender may send each (403), every
+    /// shape is right (400), and every tool result names a tool call of the right kind in the session
+    /// (400). Refusals name the field at fault, e.g. `events[1].content`.
+    pub async fn incoming_events(
+        &self,
+        session_id: &str,
+        field: &str,
+        raw: Option<&Value>,
+        sender: Sender,
+        required: bool,
+    ) -> ApiResult<Vec<Incoming>> {
+        let list = match raw {
+            Some(Value::Array(list)) => list.as_slice(),
+            None | Some(Value::Null) if !required => &[],
+            None | Some(Value::Null) => {
+                return Err(ApiError::bad_param(
+                    field,
+                    format!("{field} is required (an array of 1 to {MAX_EVENTS_PER_BATCH} events)"),
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    field,
+                    format!("{field} must be an array of events"),
+                ))
+            }
+        };
+        if (required && list.is_empty()) || list.len() > MAX_EVENTS_PER_BATCH {
+            let least = usize::from(required);
+            return Err(ApiError::bad_param(
+                field,
+                format!("{field} must hold {least} to {MAX_EVENTS_PER_BATCH} events"),
+            ));
+        }
+        let at = |i: usize| format!("{field}[{i}]");
+        let kinds = list
+            .iter()
+            .enumerate()
+            .map(|(i, event)| rules::event_type(&at(i), event))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::bad_param(&e.param, e.message))?;
+        if let Some((i, kind)) = kinds
+            .iter()
+            .enumerate()
+            .find(|(_, kind)| !rules::may_send(sender, **kind))
+        {
+            return Err(ApiError::forbidden(format!(
+                "a worker credential may not send {} events",
+                kind.as_str()
+            ))
+            .with_param(&format!("{}.type", at(i))));
+        }
+        let mut batch = Vec::with_capacity(list.len());
+        for (i, (event, kind)) in list.iter().zip(kinds).enumerate() {
+            rules::validate(&at(i), kind, event)
+                .map_err(|e| ApiError::bad_param(&e.param, e.message))?;
+            let fields = event.as_object().cloned().unwrap_or_default();
+            if let Some((name, call_kind)) = kind.tool_reference() {
+                let call = fields.get(name).and_then(Value::as_str).unwrap_or_default();
+                if !self.is_event_of(session_id, call, call_kind).await? {
+                    return Err(ApiError::bad_param(
+                        &format!("{}.{name}", at(i)),
+                        format!(
+                            "{name} {call:?} names no {} event of this session",
+                            call_kind.as_str()
+                        ),
+                    ));
+                }
+            }
+            batch.push(Incoming { kind, fields });
+        }
+        Ok(batch)
+    }
+
+    /// Whether `id` is an event of type `kind` in the session's log.
+    async fn is_event_of(&self, session_id: &str, id: &str, kind: EventType) -> ApiResult<bool> {
+        if !rules::is_event_id(id) {
+            return Ok(false);
+        }
+        let Some(next) = ids::successor(IdKind::Event, id) else {
+            return Ok(false);
+        };
+        // The one event at or before `id`: the log has no lookup by id, and needs none elsewhere.
+        let page = self
+            .store
+            .list_events(
+                session_id,
+                &PageRequest {
+                    cursor: Cursor::Before(next),
+                    limit: 1,
+                    descending: false,
+                },
+            )
+            .await?;
+        Ok(page.items.first().is_some_and(|e| {
+            e.id == id && e.body.get("type").and_then(Value::as_str) == Some(kind.as_str())
+        }))
+    }
+
+    /// `POST /sessions/{id}/events` (§12.3): the batch is one atomic conditional write of the session row,
+    /// its events and any work item, decided again from a fresh read whenever it loses a race.
+    pub async fn post_events(
+        &self,
+        session: &Session,
+        sender: Sender,
+        body: Map<String, Value>,
+    ) -> ApiResult<Vec<SessionEvent>> {
+        let session_id = session.id.as_str();
+        let batch = self
+            .incoming_events(session_id, "events", body.get("events"), sender, true)
+            .await?;
+        // The kind of an environment never changes (D-20), so it is read once.
+        let self_hosted = self
+            .environment(&session.environment_id)
+            .await?
+            .is_self_hosted();
+        let runnable = batch.iter().any(|e| e.kind.is_runnable_input());
+        with_retries(|| async {
+            let current = self.session_versioned(session_id).await?;
+            let live = if runnable && self_hosted {
+                self.store.live_work_for_session(session_id).await?
+            } else {
+                None
+            };
+            let now = self.now();
+            let mut next = current.value.clone();
+            let mut turn = TurnState {
+                status: next.status,
+                archived: next.archived_at.is_some(),
+                self_hosted,
+                live_item: live.as_ref().map(|l| l.value.state),
+                pending_input: next.pending_input,
+            };
+            let appended = append_batch(&mut next, &mut turn, &batch, now)?;
+            next.updated_at = now;
+            let mut changes = ChangeSet::new();
+            if let Some(live) = &live {
+                // The queue decision rested on this item's state: write it back unchanged under its version,
+                // so that the batch fails and is decided again if the item moved meanwhile (say, it stopped
+                // without anyone left to serve the turn that this batch starts).
+                changes.push(Write::UpdateWork {
+                    item: live.value.clone(),
+                    expected_version: live.version,
+                    transitions: Vec::new(),
+                });
+            }
+            let mut claimable = Vec::new();
+            if appended.enqueue {
+                let (item, write) = self.enqueue_for_session(&next, now);
+                changes.push(write);
+                claimable.push(item.environment_id);
+            }
+            changes.push(Write::UpdateSession {
+                session: next.clone(),
+                expected_version: current.version,
+            });
+            changes
+                .writes
+                .extend(appended.all.into_iter().map(Write::InsertEvent));
+            self.store.commit(changes).await?;
+            self.announce_claimable(&claimable).await;
+            self.announce_session(session_id).await;
+            Ok::<_, Retry>(appended.posted)
+        })
+        .await
+    }
+
+    /// `GET /sessions/{id}/events`: one page of the log.
+    pub async fn list_events(
+        &self,
+        session_id: &str,
+        page: &PageRequest,
+    ) -> ApiResult<Page<SessionEvent>> {
+        Ok(self.store.list_events(session_id, page).await?)
+    }
+
+    /// `POST /sessions/{id}/cancel` (§7.2, §12.2): while a turn runs, appends `user.interrupt` for the
+    /// worker to act on and answers `true` ("canceling"); the turn ends when the worker (or an admin
+    /// runtime) posts `session.status_idle`. Without a running turn nothing happens.
+    pub async fn cancel_session(&self, session_id: &str) -> ApiResult<(bool, Session)> {
+        with_retries(|| async {
+            let current = self.session_versioned(session_id).await?;
+            if !matches!(
+                current.value.status,
+                SessionStatus::Running | SessionStatus::Rescheduling
+            ) {
+                return Ok((false, current.value));
+            }
+            if current.value.archived_at.is_some() {
+                return Err(Retry::Fail(
+                    ApiError::state_conflict("the session is archived and refuses new events")
+                        .with_code("session_archived"),
+                ));
+            }
+            let now = self.now();
+            let mut next = current.value.clone();
+            let interrupt = new_event(
+                &mut next,
+                EventType::UserInterrupt.as_str(),
+                Map::new(),
+                now,
+            );
+            next.updated_at = now;
+            let mut changes = ChangeSet::one(Write::UpdateSession {
+                session: next.clone(),
+                expected_version: current.version,
+            });
+            changes.push(Write::InsertEvent(interrupt));
+            self.store.commit(changes).await?;
+            self.announce_session(session_id).await;
+            Ok((true, next))
+        })
+        .await
+    }
+
+    /// Opens a live tail of a session's log. It subscribes to the session's wake-ups before it reads the
+    /// session, so that nothing committed in between is missed. With `after`, the tail starts after that
+    /// event (a resume); without, after the newest event at this moment.
+    pub async fn tail_events(
+        &self,
+        session_id: &str,
+        after: Option<String>,
+    ) -> ApiResult<(Session, EventTail)> {
+        let wake = self.hub.subscribe(session_id);
+        let closed = self.hub.closed();
+        let session = self.session(session_id).await?;
+        let cursor = after.or_else(|| session.last_event_id.clone());
+        let tail = EventTail {
+            app: self.clone(),
+            session_id: session.id.clone(),
+            cursor,
+            wake,
+            closed,
+            pending: VecDeque::new(),
+            caught_up: false,
+            finished: false,
+        };
+        Ok((session, tail))
+    }
+}
+
+/// A live tail of one session's log. It reads the store only when the hub says the session changed
+/// (a write here, or a notice from another server process), so idle tails cost no queries.
+pub struct EventTail {
+    app: App,
+    session_id: String,
+    /// The newest event handed out (or the starting point).
+    cursor: Option<String>,
+    wake: watch::Receiver<u64>,
+    closed: watch::Receiver<bool>,
+    pending: VecDeque<Value>,
+    /// Everything up to the last wake-up has been read.
+    caught_up: bool,
+    /// The last event has been queued: `session.status_terminated`, or the deletion notice.
+    finished: bool,
+}
+
+impl EventTail {
+    /// The next event, waiting for it if need be. `None` ends the stream: after
+    /// `session.status_terminated`, after the session was deleted (the last event is then a
+    /// `session.deleted` the server makes up, since the log went with the session), at shutdown, or when
+    /// the store fails (the client resumes with `Last-Event-ID`).
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                if event.get("type").and_then(Value::as_str)
+                    == Some(EventType::SessionStatusTerminated.as_str())
+                {
+                    self.finished = true;
+                    self.pending.clear();
+                }
+                return Some(event);
+            }
+            if self.finished || *self.closed.borrow() {
+                return None;
+            }
+            if !self.caught_up {
+                if let Err(e) = self.read().await {
+                    tracing::debug!(session = %self.session_id, error = %e.message, "event stream ends on a store error");
+                    return None;
+                }
+                continue;
+            }
+            let (wake, closed) = (&mut self.wake, &mut self.closed);
+            tokio::select! {
+                changed = wake.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    self.caught_up = false;
+                }
+                _ = closed.wait_for(|closed| *closed) => return None,
+            }
+        }
+    }
+
+    async fn read(&mut self) -> ApiResult<()> {
+        let request = PageRequest {
+            cursor: self.cursor.clone().map_or(Cursor::Start, Cursor::After),
+            limit: TAIL_PAGE,
+            descending: false,
+        };
+        let page = self
+            .app
+            .store
+            .list_events(&self.session_id, &request)
+            .await?;
+        self.caught_up = !page.has_more;
+        if let Some(last) = page.items.last() {
+            self.cursor = Some(last.id.clone());
+        } else {
+            // Nothing new: the wake-up may have been a deletion, or the session may be over already.
+            match self.app.store.get_session(&self.session_id).await? {
+                None => {
+                    self.pending.push_back(json!({
+                        "id": ids::new_id(IdKind::Event),
+                        "type": EventType::SessionDeleted.as_str(),
+                        "processed_at": self.app.now().to_rfc3339(),
+                    }));
+                    self.finished = true;
+                }
+                Some(s) if s.value.status == SessionStatus::Terminated => self.finished = true,
+                Some(_) => {}
+            }
+        }
+        self.pending
+            .extend(page.items.into_iter().map(|event| event.body));
+        Ok(())
+    }
 }

@@ -1,6 +1,7 @@
 //! Sessions (§12.2) and the parts of their lifecycle that touch the queue (§7.2).
 
 use serde_json::{Map, Value};
+use tether_core::events::{Sender, TurnState};
 use tether_core::ids::{self, IdKind};
 use tether_core::metadata;
 use tether_core::resources::{Agent, Session};
@@ -8,6 +9,7 @@ use tether_core::session::SessionStatus;
 use tether_core::work::{self, Cause};
 use tether_store::{ChangeSet, Page, PageRequest, SessionFilter, Versioned, Write};
 
+use super::events::append_batch;
 use super::work::Effects;
 use super::{with_retries, App, Retry};
 use crate::body;
@@ -99,15 +101,29 @@ impl App {
         }
         let resources = body::optional_array(&body, "resources")?;
         let budget = body.get("budget").filter(|v| !v.is_null()).cloned();
+        let metadata = body::metadata(&body)?;
+        let environment_variables = body::string_map(&body, "environment_variables")?;
+        let id = ids::new_id(IdKind::Session);
+        // `initial_events` are appended as if the creator sent them right after creation (§12.2): the same
+        // checks and turn rules as `POST /sessions/{id}/events` from an admin, in the same atomic write.
+        let initial = self
+            .incoming_events(
+                &id,
+                "initial_events",
+                body.get("initial_events"),
+                Sender::Admin,
+                false,
+            )
+            .await?;
         let now = self.now();
-        let session = Session {
-            id: ids::new_id(IdKind::Session),
+        let mut session = Session {
+            id,
             agent,
             environment_id: env.id.clone(),
             status: SessionStatus::Idle,
             title,
-            metadata: body::metadata(&body)?,
-            environment_variables: body::string_map(&body, "environment_variables")?,
+            metadata,
+            environment_variables,
             resources,
             budget,
             created_at: now,
@@ -116,13 +132,38 @@ impl App {
             pending_input: false,
             last_event_id: None,
         };
-        let mut changes = ChangeSet::one(Write::InsertSession(session.clone()));
-        let mut claimable = Vec::new();
+        let mut work = Vec::new();
+        let mut live_item = None;
         if env.is_self_hosted() {
             let (item, write) = self.enqueue_for_session(&session, now);
-            changes.push(write);
-            claimable.push(item.environment_id);
+            work.push(write);
+            live_item = Some(item.state);
         }
+        let mut events = Vec::new();
+        if !initial.is_empty() {
+            let mut turn = TurnState {
+                status: session.status,
+                archived: false,
+                self_hosted: env.is_self_hosted(),
+                live_item,
+                pending_input: false,
+            };
+            let appended = append_batch(&mut session, &mut turn, &initial, now)?;
+            if appended.enqueue {
+                work.push(self.enqueue_for_session(&session, now).1);
+            }
+            events = appended.all;
+        }
+        let claimable = if work.is_empty() {
+            Vec::new()
+        } else {
+            vec![env.id.clone()]
+        };
+        let mut changes = ChangeSet::one(Write::InsertSession(session.clone()));
+        changes.writes.extend(work);
+        changes
+            .writes
+            .extend(events.into_iter().map(Write::InsertEvent));
         self.store.commit(changes).await?;
         self.announce_claimable(&claimable).await;
         Ok(session)

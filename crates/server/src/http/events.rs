@@ -1,0 +1,204 @@
+//! Session events over HTTP (§12.3): post, list, the live stream; and cancel (§7.2, §12.2).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tether_core::events::{self as rules, Sender};
+use tether_core::ids::IdKind;
+use tether_core::resources::Session;
+
+use super::access;
+use super::extract::{Caller, JsonBody, Params, Wire};
+use crate::body;
+use crate::error::{ApiError, ApiResult};
+use crate::service::tokens::Principal;
+use crate::service::App;
+use crate::views;
+
+/// Silence on a stream longer than this is broken by a `:keep-alive` comment (§12.3), so that proxies and
+/// clients do not take an idle session for a dead connection.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The session a caller names, if it may read it (and post to it, within [`rules::may_send`]): an admin,
+/// an environment key of the session's environment, or the session token of the session's live item.
+async fn session_for(app: &App, p: &Principal, id: &str) -> ApiResult<Session> {
+    if let Principal::SessionToken { session_id, .. } = p {
+        // Known before any lookup: a session token serves exactly one session (D-32: 403 before 404).
+        if session_id != id {
+            return Err(ApiError::forbidden(
+                "a session token may only use its own session",
+            ));
+        }
+    }
+    let session = app.session(id).await?;
+    access::session(p, &session.id, &session.environment_id)?;
+    Ok(session)
+}
+
+fn sender(p: &Principal) -> Sender {
+    if access::is_worker(p) {
+        Sender::Worker
+    } else {
+        Sender::Admin
+    }
+}
+
+pub async fn post_events(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    body: Result<JsonBody, ApiError>,
+) -> ApiResult<Json<Value>> {
+    let session = session_for(&app, &p, &id).await?;
+    // D-32: the body is judged (400) only once the session is known to exist and be the caller's.
+    let JsonBody(raw) = body?;
+    let body = body::object(raw)?;
+    let stored = app.post_events(&session, sender(&p), body).await?;
+    let data: Vec<Value> = stored.into_iter().map(|e| e.body).collect();
+    Ok(Json(json!({ "data": data })))
+}
+
+pub async fn list_events(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Wire(d): Wire,
+    Path(id): Path<String>,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    let session = session_for(&app, &p, &id).await?;
+    // The Anthropic worker reconciles with `limit=1000`; the dialect table says how far each one goes.
+    let page = params.page(d.max_list_limit(), false, Some(IdKind::Event))?;
+    let events = app.list_events(&session.id, &page).await?;
+    Ok(Json(views::list(
+        &events,
+        |e| e.id.clone(),
+        |e| e.body.clone(),
+    )))
+}
+
+/// Where a resumed stream starts: the `Last-Event-ID` header, else the `last_event_id` query parameter.
+/// Blank means absent. A well-formed id that names no event is used positionally (as list cursors are, D-4).
+fn resume_point(headers: &HeaderMap, params: &Params) -> ApiResult<Option<String>> {
+    let from_header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().map(str::trim));
+    let (param, value) = match from_header {
+        Some(Err(_)) => {
+            return Err(ApiError::bad_param(
+                "Last-Event-ID",
+                "Last-Event-ID must be an event id",
+            ))
+        }
+        Some(Ok(v)) if !v.is_empty() => ("Last-Event-ID", v),
+        _ => match params.get("last_event_id").map(str::trim) {
+            Some(v) if !v.is_empty() => ("last_event_id", v),
+            _ => return Ok(None),
+        },
+    };
+    if !rules::is_event_id(value) {
+        return Err(ApiError::bad_param(
+            param,
+            format!("{param} must be an event id (evt_…)"),
+        ));
+    }
+    Ok(Some(value.to_owned()))
+}
+
+/// `GET /sessions/{id}/events/stream`: Server-Sent Events, one frame per event with `id:`, `event:` (the
+/// Anthropic SDK drops frames without it) and `data:`. The response head goes out at once, before any event.
+pub async fn stream(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    params: Params,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let session = session_for(&app, &p, &id).await?;
+    let after = resume_point(&headers, &params)?;
+    let (_, tail) = app.tail_events(&session.id, after).await?;
+    let frames = futures::stream::unfold(tail, |mut tail| async move {
+        let event = tail.next().await?;
+        Some((Ok::<_, Infallible>(frame(&event)), tail))
+    });
+    Ok(Sse::new(frames)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
+        .into_response())
+}
+
+fn frame(event: &Value) -> Event {
+    let mut frame = Event::default().data(event.to_string());
+    if let Some(id) = event.get("id").and_then(Value::as_str) {
+        frame = frame.id(id);
+    }
+    if let Some(kind) = event.get("type").and_then(Value::as_str) {
+        frame = frame.event(kind);
+    }
+    frame
+}
+
+/// `POST /sessions/{id}/cancel`. While a turn runs (`running`, or `rescheduling` while its item waits for a
+/// new worker) a `user.interrupt` is appended and the answer is 202 `{id, type:"session",
+/// status:"canceling"}` (§7.2); the session stays `running` until the worker ends the turn with
+/// `session.status_idle`, because only the worker can stop what it is doing. Otherwise nothing happens and
+/// the answer is 200 with the session, whose `id`, `type` and `status` have the same places.
+pub async fn cancel(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    // Interrupting is a user-side act (§12.3): workers may not.
+    access::admin(&p)?;
+    let (canceling, session) = app.cancel_session(&id).await?;
+    Ok(if canceling {
+        (
+            StatusCode::ACCEPTED,
+            Json(json!({"id": session.id, "type": "session", "status": "canceling"})),
+        )
+            .into_response()
+    } else {
+        Json(views::session(&session)).into_response()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(query: &str) -> Params {
+        Params(
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn resume_point_prefers_the_header() {
+        let a = "evt_019f3be4fd2475d9a784bf2c739e11ff";
+        let b = "evt_019f3be4fd2475d9a784bf2c739e1200";
+        let mut headers = HeaderMap::new();
+        assert_eq!(resume_point(&headers, &params("")).unwrap(), None);
+        assert_eq!(
+            resume_point(&headers, &params(&format!("last_event_id={b}"))).unwrap(),
+            Some(b.to_owned())
+        );
+        headers.insert("last-event-id", a.parse().unwrap());
+        assert_eq!(
+            resume_point(&headers, &params(&format!("last_event_id={b}"))).unwrap(),
+            Some(a.to_owned())
+        );
+        headers.insert("last-event-id", " ".parse().unwrap());
+        assert_eq!(resume_point(&headers, &params("")).unwrap(), None);
+        headers.insert("last-event-id", "work_1".parse().unwrap());
+        let e = resume_point(&headers, &params("")).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("Last-Event-ID"));
+        let e = resume_point(&HeaderMap::new(), &params("last_event_id=nope")).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("last_event_id"));
+    }
+}

@@ -23,6 +23,10 @@ pub trait Executor: Send + Sync + 'static {
     async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()>;
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()>;
     fn subscribe(&self) -> broadcast::Receiver<Notice>;
+    /// See [`Store::reconnections`].
+    fn reconnections(&self) -> u64 {
+        0
+    }
 }
 
 /// A [`Store`] over any [`Executor`].
@@ -90,6 +94,10 @@ impl<E: Executor> Store for SqlStore<E> {
 
     fn subscribe(&self) -> broadcast::Receiver<Notice> {
         self.exec.subscribe()
+    }
+
+    fn reconnections(&self) -> u64 {
+        self.exec.reconnections()
     }
 
     async fn ping(&self) -> StoreResult<()> {

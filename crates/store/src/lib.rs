@@ -221,6 +221,14 @@ pub trait Store: Send + Sync + 'static {
     /// Notices from other server processes.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice>;
 
+    /// How many times the store lost its database and got it back. Whenever this grows, leases may
+    /// have run out while nobody could renew them; the service answers with lease amnesty (§3.1).
+    /// The count has grown by the time the first successful call after the outage returns. An
+    /// embedded store never loses its database.
+    fn reconnections(&self) -> u64 {
+        0
+    }
+
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -71,6 +71,10 @@ pub struct AppInner {
     shutdown: watch::Sender<bool>,
     /// Asks the dispatcher for a pass now (§3.1).
     pub dispatch_now: tokio::sync::Notify,
+    /// The store's reconnection count that lease amnesty has been granted for (see
+    /// [`App::amnesty_after_outage`]).
+    amnesty_granted_through: std::sync::atomic::AtomicU64,
+    amnesty_running: tokio::sync::Mutex<()>,
 }
 
 impl std::ops::Deref for App {
@@ -83,6 +87,7 @@ impl std::ops::Deref for App {
 impl App {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: ServiceConfig) -> App {
         let (shutdown, _) = watch::channel(false);
+        let reconnections = store.reconnections();
         App(Arc::new(AppInner {
             store,
             clock,
@@ -93,6 +98,8 @@ impl App {
             workers_recorded: Mutex::new(HashMap::new()),
             shutdown,
             dispatch_now: tokio::sync::Notify::new(),
+            amnesty_granted_through: reconnections.into(),
+            amnesty_running: tokio::sync::Mutex::new(()),
         }))
     }
 

@@ -90,6 +90,10 @@ impl App {
     ) -> ApiResult<(WorkItem, T)> {
         with_retries(|| async {
             let current = self.load_item(environment_id, work_id).await?;
+            if self.amnesty_after_outage().await? {
+                // Deadlines may have moved: decide from a fresh read.
+                return Err(Retry::Conflict);
+            }
             let now = self.now();
             let evaluation = work::evaluate(&current.value, now, &self.config.lease, |item| {
                 op(item, now)
@@ -511,7 +515,10 @@ impl App {
     /// One expiry pass: every lease past its deadline is settled (§5.4). Returns how many were handled.
     pub async fn expire_due_leases(&self) -> ApiResult<usize> {
         let now = self.now();
-        let due = self.store.leases_due_before(now, EXPIRY_BATCH).await?;
+        let mut due = self.store.leases_due_before(now, EXPIRY_BATCH).await?;
+        if self.amnesty_after_outage().await? {
+            due = self.store.leases_due_before(now, EXPIRY_BATCH).await?;
+        }
         let mut handled = 0;
         for item in due {
             match self
@@ -529,6 +536,35 @@ impl App {
             metrics::counter!("tether_lease_expiries_total").increment(handled as u64);
         }
         Ok(handled)
+    }
+
+    /// Lease amnesty after the store lost its database and got it back: the start-up amnesty of §3.1
+    /// applied to the database's downtime, so that no lease expires because workers could not renew
+    /// it while the database was away. Granting it once per reconnection, before any expiry is
+    /// decided from a read made after the reconnection, is enough: the store counts the reconnection
+    /// before that read returns. Several server processes may each grant it; the grants are
+    /// conditional writes and only ever move a deadline to `now + grace`, so repeating one is
+    /// harmless. The price is that a worker that died during the outage keeps its item up to one
+    /// grace window longer. Returns whether amnesty was granted just now.
+    pub async fn amnesty_after_outage(&self) -> ApiResult<bool> {
+        use std::sync::atomic::Ordering;
+        let seen = self.store.reconnections();
+        if seen <= self.amnesty_granted_through.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let _running = self.amnesty_running.lock().await;
+        if seen <= self.amnesty_granted_through.load(Ordering::SeqCst) {
+            // Another request granted it while this one waited.
+            return Ok(true);
+        }
+        let granted = self.grant_amnesty().await?;
+        tracing::info!(
+            granted,
+            "lease amnesty after the database came back: no lease expires because of the outage"
+        );
+        self.amnesty_granted_through
+            .fetch_max(seen, Ordering::SeqCst);
+        Ok(true)
     }
 
     /// Lease amnesty at start (§3.1): no lease expires because this process was down.

@@ -1,0 +1,208 @@
+//! The PostgreSQL executor against a real server: migrations under concurrent starts, value mapping,
+//! the conflict rules, notices between processes, and clear failures when the server is absent.
+//!
+//! Needs `TETHER_TEST_POSTGRES_URL` (see `scripts/pg`); without it these tests say so and pass, except
+//! under CI, where they must run.
+
+use std::time::Duration;
+
+use tether_core::resources::CredentialKind;
+use tether_core::Timestamp;
+use tether_store::executor::Executor;
+use tether_store::sql::{Expect, Statement, Value};
+use tether_store::{postgres, ChangeSet, Notice, Store, StoreError, Write};
+
+fn admin_url() -> Option<String> {
+    match std::env::var("TETHER_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!(
+                "CI must run the PostgreSQL tests: set TETHER_TEST_POSTGRES_URL (see scripts/pg)"
+            )
+        }
+        _ => {
+            eprintln!("skipped: TETHER_TEST_POSTGRES_URL is not set");
+            None
+        }
+    }
+}
+
+async fn fresh() -> Option<String> {
+    let admin = admin_url()?;
+    Some(
+        postgres::create_test_database(&admin)
+            .await
+            .expect("create a test database"),
+    )
+}
+
+#[tokio::test]
+async fn servers_starting_together_migrate_once() {
+    let Some(url) = fresh().await else { return };
+    let starts = (0..4).map(|_| postgres::connect(&url));
+    let stores = futures::future::join_all(starts).await;
+    for store in &stores {
+        assert!(store.is_ok(), "{:?}", store.as_ref().err());
+    }
+    let store = stores.into_iter().next().unwrap().unwrap();
+    let rows = store
+        .executor()
+        .query(Statement::new(
+            "SELECT COUNT(*) FROM schema_migrations",
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![vec![Value::Int(tether_store::sql::MIGRATIONS.len() as i64)]]
+    );
+    store.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn values_round_trip_and_conditions_conflict() {
+    let Some(url) = fresh().await else { return };
+    let store = postgres::connect(&url).await.unwrap();
+    let exec = store.executor();
+    let insert = |version: i64| {
+        (
+            Statement::new(
+                "INSERT INTO workers (environment_id, worker_id, last_poll_at) VALUES ($1, $2, $3)",
+                vec!["env_a".into(), "w1".into(), Value::Int(version)],
+            ),
+            Expect::OneRow,
+        )
+    };
+    exec.execute(vec![insert(7)]).await.unwrap();
+    // A uniqueness violation is a lost race, and rolls the whole list back.
+    let second = exec
+        .execute(vec![
+            (
+                Statement::new(
+                    "INSERT INTO workers (environment_id, worker_id, last_poll_at) VALUES ($1, $2, $3)",
+                    vec!["env_a".into(), "w2".into(), Value::Int(1)],
+                ),
+                Expect::OneRow,
+            ),
+            insert(8),
+        ])
+        .await;
+    assert!(matches!(second, Err(StoreError::Conflict)), "{second:?}");
+    // A condition that matches no row is a conflict too.
+    let stale = exec
+        .execute(vec![
+            (
+                Statement::new(
+                    "UPDATE workers SET last_poll_at = $2 WHERE worker_id = $1",
+                    vec!["w1".into(), Value::Int(9)],
+                ),
+                Expect::OneRow,
+            ),
+            (
+                Statement::new(
+                    "UPDATE workers SET last_poll_at = $2 WHERE worker_id = $1",
+                    vec!["nobody".into(), Value::Int(9)],
+                ),
+                Expect::OneRow,
+            ),
+        ])
+        .await;
+    assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    let rows = exec
+        .query(Statement::new(
+            "SELECT worker_id, last_poll_at, NULL, COUNT(*) OVER () FROM workers ORDER BY worker_id",
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![vec![
+            Value::Text("w1".into()),
+            Value::Int(7),
+            Value::Null,
+            Value::Int(1)
+        ]]
+    );
+    // NULL parameters bind to whatever type the statement needs.
+    let rows = exec
+        .query(Statement::new(
+            "SELECT COUNT(*) FROM credentials WHERE environment_id = $1 OR revoked_at = $2",
+            vec![Value::Null, Value::Null],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![vec![Value::Int(0)]]);
+
+    // The store's own queries on an empty queue: SUM and COUNT arrive as integers.
+    let counts = store.queue_counts("env_a").await.unwrap();
+    assert_eq!((counts.depth, counts.pending), (0, 0));
+    assert_eq!(counts.oldest_queued_at, None);
+    assert_eq!(
+        store
+            .count_credentials(CredentialKind::Admin)
+            .await
+            .unwrap(),
+        0
+    );
+    let now = Timestamp::from_micros(1_000_000);
+    store
+        .commit(ChangeSet::one(Write::TouchWorker {
+            environment_id: "env_a".into(),
+            worker_id: "w1".into(),
+            at: now,
+        }))
+        .await
+        .unwrap();
+    let seen = store
+        .workers_seen("env_a", Timestamp::from_micros(0))
+        .await
+        .unwrap();
+    assert_eq!(seen, vec![("w1".to_owned(), now)]);
+}
+
+#[tokio::test]
+async fn notices_reach_other_processes_but_not_their_sender() {
+    let Some(url) = fresh().await else { return };
+    let a = postgres::connect(&url).await.unwrap();
+    let b = postgres::connect(&url).await.unwrap();
+    let mut at_a = a.subscribe();
+    let mut at_b = b.subscribe();
+    let notice = Notice::WorkClaimable {
+        environment_id: "env_x".into(),
+    };
+    // The listener connects in the background: announce until B hears it.
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            a.announce(vec![notice.clone()]).await.unwrap();
+            match tokio::time::timeout(Duration::from_millis(200), at_b.recv()).await {
+                Ok(Ok(n)) => return n,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("B hears A");
+    assert_eq!(heard, notice);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), at_a.recv())
+            .await
+            .is_err(),
+        "A does not wake itself twice"
+    );
+}
+
+#[tokio::test]
+async fn an_absent_server_is_unavailable() {
+    if admin_url().is_none() {
+        return;
+    }
+    // Nothing listens on port 1.
+    let outcome = postgres::connect("postgresql://postgres@127.0.0.1:1/postgres").await;
+    assert!(
+        matches!(outcome, Err(StoreError::Unavailable(_))),
+        "{:?}",
+        outcome.err()
+    );
+}

@@ -1,5 +1,6 @@
 //! `tether`: the server, the worker and the admin CLI in one binary.
 
+mod admin;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP server.
     Serve(serve::ServeArgs),
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -30,6 +33,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Admin(command) => admin::run(command).await,
         }
     });
     match result {

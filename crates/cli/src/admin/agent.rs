@@ -1,0 +1,173 @@
+//! `tether agent …`.
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use tether_client::{Agent, CreateAgent, ListResources, UpdateAgent};
+
+use super::output::{self, Table};
+use super::{key_value, metadata_patch, Ctx, PageArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Create an agent.
+    Create(CreateArgs),
+    /// List agents.
+    List(ListArgs),
+    /// Show one agent (its current version).
+    Get { id: String },
+    /// Change an agent; every change makes a new version (sessions keep theirs).
+    Update(UpdateArgs),
+    /// Archive an agent: no new sessions may use it.
+    Archive { id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Display name (1–64 characters).
+    #[arg(long)]
+    name: String,
+    /// Model name.
+    #[arg(long)]
+    model: String,
+    /// Free-text description.
+    #[arg(long)]
+    description: Option<String>,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Tool definitions as a JSON array.
+    #[arg(long, value_name = "JSON")]
+    tools: Option<String>,
+    /// Metadata entry KEY=VALUE (repeatable).
+    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Include archived agents.
+    #[arg(long)]
+    include_archived: bool,
+    #[command(flatten)]
+    page: PageArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct UpdateArgs {
+    id: String,
+    /// New name.
+    #[arg(long)]
+    name: Option<String>,
+    /// New model name.
+    #[arg(long)]
+    model: Option<String>,
+    /// New description.
+    #[arg(long)]
+    description: Option<String>,
+    /// New system prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Replace the tools with this JSON array.
+    #[arg(long, value_name = "JSON")]
+    tools: Option<String>,
+    /// Set a metadata entry KEY=VALUE (repeatable).
+    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
+    /// Remove a metadata key (repeatable).
+    #[arg(long = "unset-metadata", value_name = "KEY")]
+    unset_metadata: Vec<String>,
+}
+
+fn tools(raw: Option<String>) -> Result<Option<Vec<Value>>> {
+    raw.map(|text| serde_json::from_str(&text).context("--tools must be a JSON array of objects"))
+        .transpose()
+}
+
+pub async fn run(cx: Ctx, command: AgentCommand) -> Result<()> {
+    let client = &cx.client;
+    match command {
+        AgentCommand::Create(args) => {
+            let mut body = CreateAgent::new(args.name, args.model);
+            body.description = args.description;
+            body.system = args.system;
+            body.tools = tools(args.tools)?;
+            body.metadata = args.metadata.into_iter().collect();
+            let agent = client.create_agent(&body).await?;
+            cx.emit(&agent, || show(&agent));
+        }
+        AgentCommand::List(args) => {
+            let page = args
+                .page
+                .fetch(|list| {
+                    let client = client.clone();
+                    let params = ListResources {
+                        list,
+                        include_archived: args.include_archived,
+                        ..Default::default()
+                    };
+                    async move { client.list_agents(&params).await }
+                })
+                .await?;
+            cx.emit_list(&page, "No agents.", table);
+        }
+        AgentCommand::Get { id } => {
+            let agent = client.get_agent(&id).await?;
+            cx.emit(&agent, || show(&agent));
+        }
+        AgentCommand::Update(args) => {
+            let body = UpdateAgent {
+                name: args.name,
+                model: args.model.map(Value::String),
+                description: args.description,
+                system: args.system,
+                tools: tools(args.tools)?,
+                metadata: metadata_patch(&args.metadata, &args.unset_metadata),
+                ..Default::default()
+            };
+            let agent = client.update_agent(&args.id, &body).await?;
+            cx.emit(&agent, || show(&agent));
+        }
+        AgentCommand::Archive { id } => {
+            let agent = client.archive_agent(&id).await?;
+            cx.emit(&agent, || format!("Archived agent {}.\n", agent.id));
+        }
+    }
+    Ok(())
+}
+
+fn show(agent: &Agent) -> String {
+    output::fields(&[
+        ("id", agent.id.clone()),
+        ("name", agent.name.clone()),
+        ("model", output::or_dash(agent.model_name())),
+        ("version", agent.version.to_string()),
+        ("description", output::or_dash(agent.description.as_deref())),
+        ("system", output::or_dash(agent.system.as_deref())),
+        ("tools", agent.tools.len().to_string()),
+        ("metadata", output::map(&agent.metadata)),
+        ("created", output::time(Some(&agent.created_at))),
+        ("updated", output::time(Some(&agent.updated_at))),
+        ("archived", output::time(agent.archived_at.as_deref())),
+    ])
+}
+
+fn table(agents: &[Agent]) -> String {
+    let mut t = Table::new(&["ID", "NAME", "MODEL", "VERSION", "ARCHIVED", "CREATED"]);
+    for agent in agents {
+        t.row(vec![
+            agent.id.clone(),
+            agent.name.clone(),
+            output::or_dash(agent.model_name()),
+            agent.version.to_string(),
+            if agent.archived_at.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+            .to_owned(),
+            output::time(Some(&agent.created_at)),
+        ]);
+    }
+    t.render()
+}

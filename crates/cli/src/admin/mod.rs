@@ -1,0 +1,319 @@
+//! The admin commands (`tether env|agent|session|work|token …`): they talk to a running server over
+//! HTTP through `tether-client`, print tables for people and the server's JSON with `--json`, and turn
+//! failures into messages that say what to do.
+
+mod agent;
+mod env;
+mod output;
+mod session;
+mod token;
+mod work;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tether_client::{Client, ListParams, MetadataPatch, Page};
+
+/// Where the server is, who we are, and how to print.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Connection")]
+pub struct Connection {
+    /// URL of the Tether server.
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_SERVER",
+        hide_env_values = true,
+        default_value = "http://127.0.0.1:4780"
+    )]
+    pub server: String,
+    /// Admin token [default: the admin-token file in --data-dir].
+    #[arg(long, global = true, env = "TETHER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory of the server, whose admin-token file is read when no token is given.
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_DATA_DIR",
+        hide_env_values = true,
+        default_value = "./tether-data"
+    )]
+    pub data_dir: PathBuf,
+    /// Print the server's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// One group of admin commands with the connection options (accepted anywhere after the group name).
+#[derive(Args, Debug)]
+pub struct Group<C: Subcommand> {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: C,
+}
+
+/// The admin command groups, flattened into the top-level command list.
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Manage environments and their worker keys.
+    Env(Group<env::EnvCommand>),
+    /// Manage agents.
+    Agent(Group<agent::AgentCommand>),
+    /// Manage sessions.
+    Session(Group<session::SessionCommand>),
+    /// Inspect and stop work items.
+    Work(Group<work::WorkCommand>),
+    /// Manage admin tokens.
+    Token(Group<token::TokenCommand>),
+}
+
+/// Runs one admin command.
+pub async fn run(command: AdminCommand) -> Result<()> {
+    match command {
+        AdminCommand::Env(g) => with_context(g.connection, |cx| env::run(cx, g.command)).await,
+        AdminCommand::Agent(g) => with_context(g.connection, |cx| agent::run(cx, g.command)).await,
+        AdminCommand::Session(g) => {
+            with_context(g.connection, |cx| session::run(cx, g.command)).await
+        }
+        AdminCommand::Work(g) => with_context(g.connection, |cx| work::run(cx, g.command)).await,
+        AdminCommand::Token(g) => with_context(g.connection, |cx| token::run(cx, g.command)).await,
+    }
+}
+
+async fn with_context<F, Fut>(connection: Connection, body: F) -> Result<()>
+where
+    F: FnOnce(Ctx) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let cx = Ctx::new(connection)?;
+    let explainer = cx.explainer();
+    body(cx).await.map_err(|e| explainer.explain(e))
+}
+
+/// Where the token came from, to name it in error messages.
+#[derive(Clone, Debug)]
+enum TokenSource {
+    Given,
+    File(PathBuf),
+}
+
+/// What a command needs: the client and the output mode.
+pub struct Ctx {
+    pub client: Client,
+    pub json: bool,
+    server: String,
+    source: TokenSource,
+}
+
+impl Ctx {
+    fn new(connection: Connection) -> Result<Ctx> {
+        let (token, source) = match connection.token.filter(|t| !t.trim().is_empty()) {
+            Some(token) => (token.trim().to_owned(), TokenSource::Given),
+            None => {
+                let path = connection.data_dir.join("admin-token");
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    anyhow!(
+                        "no admin token: pass --token or set TETHER_TOKEN, or point --data-dir \
+                         (TETHER_DATA_DIR) at the server's data directory, which holds the \
+                         admin-token file written by the first `tether serve` (cannot read {}: {e})",
+                        path.display()
+                    )
+                })?;
+                let token = text.trim().to_owned();
+                if token.is_empty() {
+                    bail!(
+                        "{} is empty; pass --token or set TETHER_TOKEN",
+                        path.display()
+                    );
+                }
+                (token, TokenSource::File(path))
+            }
+        };
+        let client = Client::new(connection.server.clone(), token)
+            .with_context(|| format!("invalid --server / TETHER_SERVER {:?}", connection.server))?;
+        Ok(Ctx {
+            client,
+            json: connection.json,
+            server: connection.server,
+            source,
+        })
+    }
+
+    fn explainer(&self) -> Explainer {
+        Explainer {
+            server: self.server.clone(),
+            source: self.source.clone(),
+        }
+    }
+
+    /// Prints `value` as JSON with `--json`, else what `human` renders.
+    pub fn emit<T: Serialize + ?Sized>(&self, value: &T, human: impl FnOnce() -> String) {
+        if self.json {
+            print!("{}", output::json(value));
+        } else {
+            print!("{}", human());
+        }
+    }
+
+    /// Prints a list: JSON, or the table, or `empty` when there is nothing; and says when more pages exist.
+    pub fn emit_list<T: Serialize>(
+        &self,
+        page: &Page<T>,
+        empty: &str,
+        table: impl FnOnce(&[T]) -> String,
+    ) {
+        if self.json {
+            print!("{}", output::json(page));
+            return;
+        }
+        if page.data.is_empty() {
+            println!("{empty}");
+        } else {
+            print!("{}", table(&page.data));
+        }
+        if let Some(next) = page.next_page.as_deref().filter(|_| page.has_more) {
+            eprintln!("(more results: add --all, or --page {next} for the next page)");
+        }
+    }
+}
+
+/// Turns client errors into messages that say what to do.
+struct Explainer {
+    server: String,
+    source: TokenSource,
+}
+
+impl Explainer {
+    fn explain(&self, error: anyhow::Error) -> anyhow::Error {
+        let error = match error.downcast::<tether_client::Error>() {
+            Ok(e) => e,
+            Err(other) => return other,
+        };
+        let server = &self.server;
+        match &error {
+            tether_client::Error::Connect { .. } => anyhow!(
+                "cannot reach the Tether server at {server}: is `tether serve` running at {server}? \
+                 (point elsewhere with --server or TETHER_SERVER)\n  cause: {}",
+                root_cause(&error)
+            ),
+            tether_client::Error::Timeout { .. } => anyhow!(
+                "the Tether server at {server} did not answer in time; is it overloaded or \
+                 stuck?\n  cause: {}",
+                root_cause(&error)
+            ),
+            tether_client::Error::Api(api) => match api.status {
+                401 => {
+                    let from = match &self.source {
+                        TokenSource::Given => "came from --token or TETHER_TOKEN".to_owned(),
+                        TokenSource::File(path) => format!("was read from {}", path.display()),
+                    };
+                    anyhow!(
+                        "the server at {server} rejected the admin token ({}). The token {from}; \
+                         use the admin token printed by the first `tether serve` (saved in \
+                         <data-dir>/admin-token) or one made with `tether token create`, via \
+                         --token, TETHER_TOKEN or --data-dir",
+                        api.message
+                    )
+                }
+                403 => anyhow!(
+                    "the token may not do this ({}); admin commands need an admin token \
+                     (tth_adm_…), not an environment key",
+                    api.message
+                ),
+                404 => anyhow!("not found: {}", api.message),
+                _ => {
+                    let mut text = format!(
+                        "the server refused the request: {} ({} {}",
+                        api.message, api.status, api.kind
+                    );
+                    if let Some(param) = &api.param {
+                        text.push_str(&format!(", parameter {param}"));
+                    }
+                    if let Some(id) = &api.request_id {
+                        text.push_str(&format!(", request id {id}"));
+                    }
+                    text.push(')');
+                    anyhow!(text)
+                }
+            },
+            _ => anyhow::Error::new(error),
+        }
+    }
+}
+
+/// The innermost error of a chain: for a refused connection that is the operating system's words.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+/// `--limit`, `--page` and `--all` of list commands.
+#[derive(Args, Clone, Debug, Default)]
+pub struct PageArgs {
+    /// Items per page (1–100).
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Start at this cursor (the `next_page` of an earlier listing).
+    #[arg(long, conflicts_with = "all")]
+    pub page: Option<String>,
+    /// Fetch every page.
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl PageArgs {
+    /// One page, or with `--all` every page joined into one.
+    pub async fn fetch<T, F, Fut>(&self, mut fetch: F) -> tether_client::Result<Page<T>>
+    where
+        F: FnMut(ListParams) -> Fut,
+        Fut: Future<Output = tether_client::Result<Page<T>>>,
+    {
+        let params = ListParams {
+            limit: self.limit,
+            page: self.page.clone(),
+            ..Default::default()
+        };
+        if !self.all {
+            return fetch(params).await;
+        }
+        let data = tether_client::collect_all(|cursor| fetch(params.at(cursor))).await?;
+        Ok(Page {
+            first_id: None,
+            last_id: None,
+            has_more: false,
+            next_page: None,
+            data,
+        })
+    }
+}
+
+/// Parses `KEY=VALUE`.
+pub fn key_value(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {raw:?}")),
+    }
+}
+
+/// A metadata patch from `--metadata k=v` (set) and `--unset-metadata k` (delete); `None` when both are empty.
+pub fn metadata_patch(set: &[(String, String)], unset: &[String]) -> Option<MetadataPatch> {
+    if set.is_empty() && unset.is_empty() {
+        return None;
+    }
+    let mut patch: MetadataPatch = BTreeMap::new();
+    for key in unset {
+        patch.insert(key.clone(), None);
+    }
+    for (k, v) in set {
+        patch.insert(k.clone(), Some(v.clone()));
+    }
+    Some(patch)
+}

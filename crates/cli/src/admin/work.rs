@@ -1,0 +1,242 @@
+//! `tether work …`: look at an environment's queue and stop items.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use tether_client::{ListParams, Paginated, QueueStats, WorkHistory, WorkItem, Worker};
+
+use super::output::{self, Table};
+use super::{Ctx, PageArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum WorkCommand {
+    /// List an environment's work items (every state, queue order).
+    List {
+        /// The environment.
+        env: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one work item.
+    Get(ItemArgs),
+    /// Show queue statistics.
+    Stats {
+        /// The environment.
+        env: String,
+    },
+    /// Show why an item moved: its state transitions, oldest first.
+    History {
+        #[command(flatten)]
+        item: ItemArgs,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Stop an item: gracefully (the worker drains, then confirms) or at once with --force.
+    Stop {
+        #[command(flatten)]
+        item: ItemArgs,
+        /// Stop at once instead of asking the worker to drain.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the workers seen polling an environment in the last five minutes.
+    Workers {
+        /// The environment.
+        env: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ItemArgs {
+    /// The environment.
+    env: String,
+    /// The work item (work_…).
+    work: String,
+}
+
+pub async fn run(cx: Ctx, command: WorkCommand) -> Result<()> {
+    let client = &cx.client;
+    match command {
+        WorkCommand::List { env, page } => {
+            let page = page
+                .fetch(|list: ListParams| {
+                    let client = client.clone();
+                    let env = env.clone();
+                    async move { client.list_work(&env, &list).await }
+                })
+                .await?;
+            cx.emit_list(&page, "No work items.", table);
+        }
+        WorkCommand::Get(item) => {
+            let work = client.get_work(&item.env, &item.work).await?;
+            cx.emit(&work, || show(&work));
+        }
+        WorkCommand::Stats { env } => {
+            let stats = client.work_stats(&env).await?;
+            cx.emit(&stats, || show_stats(&stats));
+        }
+        WorkCommand::History { item, page } => {
+            let mut params = ListParams {
+                limit: page.limit,
+                page: page.page.clone(),
+                ..Default::default()
+            };
+            let mut history = client.work_history(&item.env, &item.work, &params).await?;
+            if page.all {
+                // Joined by hand (not `collect_all`) to keep the envelope's heartbeat count.
+                while let (_, Some(next)) = history.clone().into_parts() {
+                    params.page = Some(next);
+                    let more = client.work_history(&item.env, &item.work, &params).await?;
+                    history.data.extend(more.data);
+                    history.has_more = more.has_more;
+                    history.next_page = more.next_page;
+                    history.last_id = more.last_id;
+                }
+            }
+            cx.emit(&history, || show_history(&history));
+            if !cx.json && history.has_more {
+                if let Some(next) = &history.next_page {
+                    eprintln!("(more results: add --all, or --page {next} for the next page)");
+                }
+            }
+        }
+        WorkCommand::Stop { item, force } => {
+            let work = client.stop_work(&item.env, &item.work, force).await?;
+            cx.emit(&work, || {
+                let note = match work.state.as_str() {
+                    "stopping" => " (the worker drains, then confirms; --force stops at once)",
+                    _ => "",
+                };
+                format!("Work item {} is {}{note}.\n", work.id, work.state)
+            });
+        }
+        WorkCommand::Workers { env } => {
+            let workers = client.list_workers(&env).await?;
+            if cx.json {
+                cx.emit(&serde_json::json!({ "data": workers }), String::new);
+            } else if workers.is_empty() {
+                println!("No workers polled in the last five minutes.");
+            } else {
+                print!("{}", workers_table(&workers));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show(w: &WorkItem) -> String {
+    output::fields(&[
+        ("id", w.id.clone()),
+        ("state", w.state.to_string()),
+        ("environment", w.environment_id.clone()),
+        ("serves", format!("{} {}", w.data.kind, w.data.id)),
+        ("metadata", output::map(&w.metadata)),
+        ("created", output::time(Some(&w.created_at))),
+        ("acknowledged", output::time(w.acknowledged_at.as_deref())),
+        ("started", output::time(w.started_at.as_deref())),
+        (
+            "last heartbeat",
+            output::or_dash(w.latest_heartbeat_at.as_deref()),
+        ),
+        (
+            "stop requested",
+            output::time(w.stop_requested_at.as_deref()),
+        ),
+        ("stopped", output::time(w.stopped_at.as_deref())),
+        ("deliveries", count(w.delivery_count)),
+        ("requeues", count(w.requeue_count)),
+    ])
+}
+
+fn count(n: Option<u64>) -> String {
+    n.map_or_else(|| "-".to_owned(), |n| n.to_string())
+}
+
+fn table(items: &[WorkItem]) -> String {
+    let mut t = Table::new(&[
+        "ID",
+        "STATE",
+        "SESSION",
+        "DELIVERIES",
+        "REQUEUES",
+        "CREATED",
+        "LAST HEARTBEAT",
+    ]);
+    for w in items {
+        t.row(vec![
+            w.id.clone(),
+            w.state.to_string(),
+            w.session_id().unwrap_or(&w.data.id).to_owned(),
+            count(w.delivery_count),
+            count(w.requeue_count),
+            output::time(Some(&w.created_at)),
+            output::time(w.latest_heartbeat_at.as_deref()),
+        ]);
+    }
+    t.render()
+}
+
+fn show_stats(s: &QueueStats) -> String {
+    let states = if s.states.is_empty() {
+        "-".to_owned()
+    } else {
+        s.states
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    output::fields(&[
+        ("depth", s.depth.to_string()),
+        ("pending", s.pending.to_string()),
+        ("oldest queued", output::time(s.oldest_queued_at.as_deref())),
+        ("workers polling", count(s.workers_polling)),
+        ("live items", states),
+    ])
+}
+
+fn show_history(h: &WorkHistory) -> String {
+    let mut t = Table::new(&["AT", "FROM", "TO", "CAUSE", "WORKER", "DETAIL"]);
+    for tr in &h.data {
+        t.row(vec![
+            output::time(Some(&tr.at)),
+            tr.from
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string),
+            tr.to.to_string(),
+            tr.cause.clone(),
+            output::or_dash(tr.worker_id.as_deref()),
+            match &tr.detail {
+                None | Some(Value::Null) => "-".to_owned(),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+            },
+        ]);
+    }
+    let mut out = t.render();
+    if let Some(n) = h.heartbeat_count {
+        out.push_str(&format!("heartbeats: {n} (counted, not listed)\n"));
+    }
+    out
+}
+
+fn workers_table(workers: &[Worker]) -> String {
+    let mut t = Table::new(&["WORKER", "LAST POLL", "ITEMS"]);
+    for w in workers {
+        let items = if w.items.is_empty() {
+            "-".to_owned()
+        } else {
+            w.items
+                .iter()
+                .map(|i| format!("{} ({})", i.id, i.state))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        t.row(vec![
+            w.worker_id.clone(),
+            output::time(Some(&w.last_poll_at)),
+            items,
+        ]);
+    }
+    t.render()
+}

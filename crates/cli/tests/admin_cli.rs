@@ -1,0 +1,377 @@
+//! The real `tether` binary: `tether serve` on a free port with a temporary data directory, driven by
+//! the admin commands exactly as a person or a script would run them.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+/// Variables that would otherwise leak from the caller's shell into the commands under test.
+const AMBIENT: &[&str] = &[
+    "TETHER_SERVER",
+    "TETHER_TOKEN",
+    "TETHER_DATA_DIR",
+    "TETHER_LISTEN",
+    "TETHER_DATABASE_URL",
+    "TETHER_PUBLIC_URL",
+    "TETHER_ADMIN_TOKEN",
+];
+
+/// A `tether serve` child process; killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+    data: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let data = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .env("TETHER_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for name in AMBIENT {
+            command.env_remove(name);
+        }
+        let mut child = command.spawn().expect("spawn tether serve");
+        // The server announces the address it bound; keep draining its stderr afterwards so that it
+        // never blocks on a full pipe.
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("tether listening on ") {
+                    let url = rest.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("tether serve did not start: {:?}", child.wait());
+            }
+        };
+        Server { child, url, data }
+    }
+
+    fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Runs `tether ARGS` against this server; the token comes from the data directory.
+    fn run(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("TETHER_SERVER", &self.url)
+            .env("TETHER_DATA_DIR", self.data_dir())
+            .stdin(Stdio::null());
+        for name in AMBIENT
+            .iter()
+            .filter(|n| !matches!(**n, "TETHER_SERVER" | "TETHER_DATA_DIR"))
+        {
+            command.env_remove(name);
+        }
+        command.output().expect("run tether")
+    }
+
+    /// Runs a command that must succeed and prints JSON (`--json` is added).
+    fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let out = self.run(&args);
+        assert!(
+            out.status.success(),
+            "tether {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "tether {args:?} printed no JSON ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "tether {args:?} unexpectedly succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn id(value: &Value) -> String {
+    value["id"].as_str().expect("an id").to_owned()
+}
+
+#[test]
+fn admin_commands_drive_a_real_server() {
+    let server = Server::start();
+
+    // Environments, with the admin token read from the data directory.
+    let env = server.json(&[
+        "env",
+        "create",
+        "--name",
+        "laptop",
+        "--self-hosted",
+        "--description",
+        "my box",
+        "--metadata",
+        "team=a",
+        "--metadata",
+        "drop=me",
+    ]);
+    let env_id = id(&env);
+    assert!(env_id.starts_with("env_"), "{env}");
+    assert_eq!(env["config"]["type"], "self_hosted");
+    assert_eq!(env["description"], "my box");
+    assert_eq!(env["metadata"]["team"], "a");
+    let cloud = server.json(&["env", "create", "--name", "managed", "--cloud"]);
+    assert_eq!(cloud["config"]["type"], "cloud");
+    assert_eq!(server.json(&["env", "get", &env_id])["name"], "laptop");
+    let updated = server.json(&[
+        "env",
+        "update",
+        &env_id,
+        "--name",
+        "desk",
+        "--metadata",
+        "x=1",
+        "--unset-metadata",
+        "drop",
+    ]);
+    assert_eq!(updated["name"], "desk");
+    assert_eq!(
+        updated["metadata"],
+        serde_json::json!({"team": "a", "x": "1"})
+    );
+    let first = server.json(&["env", "list", "--limit", "1"]);
+    assert_eq!(first["data"].as_array().unwrap().len(), 1);
+    assert_eq!(first["has_more"], true);
+    let all = server.json(&["env", "list", "--limit", "1", "--all"]);
+    let ids: Vec<&str> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![env_id.as_str(), cloud["id"].as_str().unwrap()]);
+
+    // Worker keys.
+    let key = server.json(&["env", "key", "create", &env_id, "--name", "box-1"]);
+    assert!(
+        key["token"].as_str().unwrap().starts_with("tth_env_"),
+        "{key}"
+    );
+    let keys = server.json(&["env", "key", "list", &env_id]);
+    assert_eq!(keys["data"][0]["id"], key["id"]);
+    assert!(keys["data"][0].get("token").is_none(), "{keys}");
+    let revoked = server.json(&["env", "key", "revoke", &env_id, &id(&key)]);
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+
+    // Agents.
+    let agent = server.json(&[
+        "agent",
+        "create",
+        "--name",
+        "helper",
+        "--model",
+        "model-a",
+        "--system",
+        "be brief",
+        "--tools",
+        r#"[{"type": "bash"}]"#,
+    ]);
+    let agent_id = id(&agent);
+    assert_eq!(agent["version"], 1);
+    assert_eq!(agent["tools"][0]["type"], "bash");
+    let v2 = server.json(&["agent", "update", &agent_id, "--model", "model-b"]);
+    assert_eq!(
+        (v2["version"].as_u64(), v2["model"].as_str()),
+        (Some(2), Some("model-b"))
+    );
+    assert_eq!(server.json(&["agent", "get", &agent_id])["version"], 2);
+    assert_eq!(
+        server.json(&["agent", "list"])["data"][0]["id"],
+        agent_id.as_str()
+    );
+
+    // Sessions: creating one queues a work item on the self-hosted environment.
+    let session = server.json(&[
+        "session",
+        "create",
+        "--agent",
+        &agent_id,
+        "--env",
+        &env_id,
+        "--title",
+        "first",
+        "--metadata",
+        "job=report",
+        "--env-var",
+        "MODE=fast",
+    ]);
+    let session_id = id(&session);
+    assert_eq!(session["agent_id"], agent_id.as_str());
+    assert_eq!(session["environment_id"], env_id.as_str());
+    assert_eq!(session["environment_variables"]["MODE"], "fast");
+    let listed = server.json(&["session", "list", "--env", &env_id, "--status", "idle"]);
+    assert_eq!(listed["data"][0]["id"], session_id.as_str());
+    let renamed = server.json(&["session", "update", &session_id, "--title", "second"]);
+    assert_eq!(renamed["title"], "second");
+    assert_eq!(
+        server.json(&["session", "get", &session_id])["title"],
+        "second"
+    );
+
+    // Work.
+    let work = server.json(&["work", "list", &env_id]);
+    let item = &work["data"][0];
+    let work_id = id(item);
+    assert_eq!(item["state"], "queued");
+    assert_eq!(item["data"]["id"], session_id.as_str());
+    assert_eq!(item["metadata"]["job"], "report");
+    assert_eq!(
+        server.json(&["work", "get", &env_id, &work_id])["id"],
+        work_id.as_str()
+    );
+    let stats = server.json(&["work", "stats", &env_id]);
+    assert_eq!(
+        (stats["depth"].as_u64(), stats["pending"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let stopped = server.json(&["work", "stop", &env_id, &work_id, "--force"]);
+    assert_eq!(stopped["state"], "stopped");
+    let history = server.json(&["work", "history", &env_id, &work_id, "--all"]);
+    let causes: Vec<&str> = history["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["cause"].as_str().unwrap())
+        .collect();
+    assert_eq!(causes, vec!["enqueued", "force_stopped"]);
+    let err = server.fails(&["work", "stop", &env_id, &work_id]);
+    assert!(err.contains("409"), "{err}");
+    assert_eq!(
+        server.json(&["work", "workers", &env_id])["data"],
+        serde_json::json!([])
+    );
+
+    // Tearing down: a referenced environment refuses deletion until its session is gone.
+    let err = server.fails(&["env", "delete", &env_id]);
+    assert!(err.contains("delete them first"), "{err}");
+    let archived = server.json(&["session", "archive", &session_id]);
+    assert!(archived["archived_at"].is_string());
+    let deleted = server.json(&["session", "delete", &session_id]);
+    assert_eq!(deleted["type"], "session_deleted");
+    assert!(server.json(&["agent", "archive", &agent_id])["archived_at"].is_string());
+    assert_eq!(
+        server.json(&["env", "archive", &id(&cloud)])["status"],
+        "archived"
+    );
+    let gone = server.json(&["env", "delete", &env_id]);
+    assert_eq!(gone["type"], "environment_deleted");
+    let err = server.fails(&["env", "get", &env_id]);
+    assert!(err.contains("not found"), "{err}");
+
+    // Admin tokens: a new one works until it is revoked.
+    let token = server.json(&["token", "create", "--name", "ci"]);
+    let secret = token["token"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("tth_adm_"));
+    let tokens = server.json(&["token", "list", "--token", &secret]);
+    assert!(tokens["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["id"] == token["id"] && t["name"] == "ci"));
+    server.json(&["token", "revoke", &id(&token)]);
+    let err = server.fails(&["token", "list", "--token", &secret]);
+    assert!(err.contains("rejected the admin token"), "{err}");
+}
+
+#[test]
+fn tables_for_people_and_errors_that_say_what_to_do() {
+    let server = Server::start();
+    let created = server.run(&["env", "create", "--name", "laptop"]);
+    assert!(created.status.success());
+    let shown = String::from_utf8(created.stdout).unwrap();
+    assert!(
+        shown.contains("kind:") && shown.contains("self_hosted"),
+        "{shown}"
+    );
+
+    let out = server.run(&["env", "list"]);
+    assert!(out.status.success());
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    let header = lines[0];
+    assert!(header.starts_with("ID "), "{table}");
+    // Columns are aligned: each value starts where its header does.
+    for (column, value) in [
+        ("NAME", "laptop"),
+        ("KIND", "self_hosted"),
+        ("STATUS", "ready"),
+    ] {
+        assert_eq!(header.find(column), lines[1].find(value), "{table}");
+    }
+
+    // A wrong token: non-zero exit, and where tokens come from.
+    let err = server.fails(&["env", "list", "--token", "tth_adm_not-a-real-token"]);
+    assert!(err.contains("rejected the admin token"), "{err}");
+    assert!(
+        err.contains("--token") && err.contains("TETHER_TOKEN"),
+        "{err}"
+    );
+    assert!(err.contains("admin-token"), "{err}");
+
+    // No token at all.
+    let out = Command::new(BIN)
+        .args(["env", "list", "--server", &server.url, "--data-dir"])
+        .arg(server.data_dir().join("missing"))
+        .env_remove("TETHER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no admin token") && err.contains("TETHER_TOKEN"),
+        "{err}"
+    );
+
+    // Nothing listening.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let err = server.fails(&["env", "list", "--server", &closed]);
+    assert!(
+        err.contains(&format!("is `tether serve` running at {closed}?")),
+        "{err}"
+    );
+}

@@ -1,0 +1,703 @@
+//! The HTTP client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderValue, ACCEPT};
+use reqwest::{Method, RequestBuilder};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, Error, Result};
+use crate::params::{
+    HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, PollOptions, Query,
+};
+use crate::sse::EventStream;
+use crate::types::{
+    Agent, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential, Deleted, Environment,
+    Event, Heartbeat, MetadataPatch, NewEvent, Page, QueueStats, Session, UpdateAgent,
+    UpdateEnvironment, UpdateSession, WorkHistory, WorkItem, WorkSecret, Worker,
+};
+
+/// The path prefix of the Qoder dialect, which this client speaks.
+pub const API_PREFIX: &str = "/api/v1/cloud";
+
+/// The default time allowed for one ordinary request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default time allowed to open a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default longest silence on an open connection; it bounds how long a dead event stream goes
+/// unnoticed and is well above the server's 15 s keep-alive.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings for a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    server: String,
+    prefix: String,
+    token: Option<String>,
+    timeout: Duration,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    user_agent: String,
+}
+
+impl ClientBuilder {
+    /// The bearer token sent on every request (an admin token, an environment key or a session token).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The path prefix of the API under the server URL; [`API_PREFIX`] by default. Use `""` when the
+    /// URL given to [`Client::builder`] already ends in the prefix (like a work secret's `api_base_url`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Time allowed for one ordinary request ([`DEFAULT_TIMEOUT`]). A long poll gets its `block_ms`
+    /// on top; an event stream has no overall limit.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Time allowed to open a connection ([`DEFAULT_CONNECT_TIMEOUT`]).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Longest silence tolerated on an open connection ([`DEFAULT_READ_TIMEOUT`]).
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout;
+        self
+    }
+
+    /// The `User-Agent` header.
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
+        self.user_agent = user_agent.into();
+        self
+    }
+
+    /// Builds the client.
+    pub fn build(self) -> Result<Client> {
+        let server = self.server.trim().trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&server)
+            .map_err(|e| Error::Config(format!("the server URL {server:?} is not a URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "the server URL {server:?} must start with http:// or https://"
+            )));
+        }
+        let prefix = self.prefix.trim_end_matches('/');
+        let prefix = if prefix.is_empty() || prefix.starts_with('/') {
+            prefix.to_owned()
+        } else {
+            format!("/{prefix}")
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.read_timeout)
+            .user_agent(self.user_agent)
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            api_base: Arc::from(format!("{server}{prefix}")),
+            server: Arc::from(server),
+            token: self.token.map(Arc::from),
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// A typed client of Tether's HTTP API (the `/api/v1/cloud` dialect). Cheap to clone; clones share
+/// one connection pool.
+///
+/// Every method returns [`Error::Api`] with the server's error envelope when the server refuses, and
+/// a transport variant ([`Error::Connect`], [`Error::Timeout`], [`Error::Transport`]) when no answer
+/// came back.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    server: Arc<str>,
+    api_base: Arc<str>,
+    token: Option<Arc<str>>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Settings for a client of the server at `server` (e.g. `http://127.0.0.1:4780`).
+    pub fn builder(server: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            server: server.into(),
+            prefix: API_PREFIX.to_owned(),
+            token: None,
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            user_agent: format!("tether-client/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// A client of the server at `server` using `token`, with default settings.
+    pub fn new(server: impl Into<String>, token: impl Into<String>) -> Result<Client> {
+        Client::builder(server).token(token).build()
+    }
+
+    /// A client for one polled work item: it calls the secret's `api_base_url` (or `fallback_server`
+    /// with the default prefix when the secret has none) with the item's session token.
+    pub fn for_work_secret(secret: &WorkSecret, fallback_server: &str) -> Result<Client> {
+        let builder = match &secret.api_base_url {
+            Some(base) => Client::builder(base.clone()).prefix(""),
+            None => Client::builder(fallback_server),
+        };
+        builder.token(secret.sessions_token.clone()).build()
+    }
+
+    /// The same client (and connection pool) with another token.
+    pub fn with_token(&self, token: impl Into<String>) -> Client {
+        Client {
+            token: Some(Arc::from(token.into())),
+            ..self.clone()
+        }
+    }
+
+    /// The server URL, without the API prefix.
+    pub fn server_url(&self) -> &str {
+        &self.server
+    }
+
+    /// The API base URL: the server URL and the prefix.
+    pub fn api_base_url(&self) -> &str {
+        &self.api_base
+    }
+
+    // ---- plumbing -------------------------------------------------------------------------------
+
+    fn url(&self, segments: &[&str]) -> String {
+        let mut url = String::from(&*self.api_base);
+        for segment in segments {
+            url.push('/');
+            url.push_str(&encode_segment(segment));
+        }
+        url
+    }
+
+    fn request(&self, method: Method, url: &str) -> RequestBuilder {
+        let mut builder = self.http.request(method, url).timeout(self.timeout);
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        builder
+    }
+
+    /// Sends a request and decodes a success body as `T`, or the error envelope as [`Error::Api`].
+    async fn send<T: DeserializeOwned>(&self, builder: RequestBuilder, url: &str) -> Result<T> {
+        let response = builder.send().await.map_err(|e| Error::transport(url, e))?;
+        let status = response.status().as_u16();
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| Error::transport(url, e))?;
+        if !(200..300).contains(&status) {
+            return Err(ApiError::from_response(status, request_id, &body).into());
+        }
+        serde_json::from_slice(&body).map_err(|source| Error::Decode {
+            url: url.to_owned(),
+            status,
+            source,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, segments: &[&str], query: &Query) -> Result<T> {
+        let url = self.url(segments);
+        self.send(self.request(Method::GET, &url).query(query), &url)
+            .await
+    }
+
+    async fn post<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        segments: &[&str],
+        body: Option<&B>,
+    ) -> Result<T> {
+        let url = self.url(segments);
+        let mut builder = self.request(Method::POST, &url);
+        if let Some(body) = body {
+            builder = builder.json(body);
+        }
+        self.send(builder, &url).await
+    }
+
+    async fn delete<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<T> {
+        let url = self.url(segments);
+        self.send(self.request(Method::DELETE, &url), &url).await
+    }
+
+    /// Any call, for endpoints this client does not model: `path` is relative to the API base
+    /// (e.g. `/environments`), the answer is the raw JSON.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Value> {
+        let url = format!("{}/{}", self.api_base, path.trim_start_matches('/'));
+        let mut builder = self.request(method, &url).query(query);
+        if let Some(body) = body {
+            builder = builder.json(body);
+        }
+        self.send(builder, &url).await
+    }
+
+    /// `GET /healthz`: whether the server process is up.
+    pub async fn health(&self) -> Result<()> {
+        let url = format!("{}/healthz", self.server);
+        self.send::<Value>(self.request(Method::GET, &url), &url)
+            .await
+            .map(drop)
+    }
+
+    // ---- environments (§7.1) --------------------------------------------------------------------
+
+    /// `POST /environments`.
+    pub async fn create_environment(&self, body: &CreateEnvironment) -> Result<Environment> {
+        self.post(&["environments"], Some(body)).await
+    }
+
+    /// `GET /environments`: one page (archived ones only when asked for).
+    pub async fn list_environments(&self, params: &ListResources) -> Result<Page<Environment>> {
+        self.get(&["environments"], &params.query()).await
+    }
+
+    /// `GET /environments/{id}`.
+    pub async fn get_environment(&self, id: &str) -> Result<Environment> {
+        self.get(&["environments", id], &Query::new()).await
+    }
+
+    /// `POST /environments/{id}`: partial update.
+    pub async fn update_environment(
+        &self,
+        id: &str,
+        body: &UpdateEnvironment,
+    ) -> Result<Environment> {
+        self.post(&["environments", id], Some(body)).await
+    }
+
+    /// `POST /environments/{id}/archive`: no new sessions; existing work continues. 409 if archived.
+    pub async fn archive_environment(&self, id: &str) -> Result<Environment> {
+        self.post::<_, Value>(&["environments", id, "archive"], None)
+            .await
+    }
+
+    /// `DELETE /environments/{id}`: 409 while sessions still reference it.
+    pub async fn delete_environment(&self, id: &str) -> Result<Deleted> {
+        self.delete(&["environments", id]).await
+    }
+
+    // ---- environment keys (§11.1) ---------------------------------------------------------------
+
+    /// `POST /environments/{id}/keys`: mints a worker key for one environment; the answer's `token`
+    /// is the only time the secret is shown.
+    pub async fn create_environment_key(
+        &self,
+        environment_id: &str,
+        name: Option<&str>,
+    ) -> Result<Credential> {
+        self.post(
+            &["environments", environment_id, "keys"],
+            Some(&named(name)),
+        )
+        .await
+    }
+
+    /// `GET /environments/{id}/keys` (secrets are never listed).
+    pub async fn list_environment_keys(
+        &self,
+        environment_id: &str,
+        params: &ListParams,
+    ) -> Result<Page<Credential>> {
+        let mut query = Query::new();
+        params.push(&mut query);
+        self.get(&["environments", environment_id, "keys"], &query)
+            .await
+    }
+
+    /// `DELETE /environments/{id}/keys/{key_id}`: revoking twice is harmless.
+    pub async fn revoke_environment_key(
+        &self,
+        environment_id: &str,
+        key_id: &str,
+    ) -> Result<Credential> {
+        self.delete(&["environments", environment_id, "keys", key_id])
+            .await
+    }
+
+    // ---- admin tokens (§11.1) -------------------------------------------------------------------
+
+    /// `POST /tokens`: mints an admin token; the answer's `token` is the only time it is shown.
+    pub async fn create_token(&self, name: Option<&str>) -> Result<Credential> {
+        self.post(&["tokens"], Some(&named(name))).await
+    }
+
+    /// `GET /tokens` (secrets are never listed).
+    pub async fn list_tokens(&self, params: &ListParams) -> Result<Page<Credential>> {
+        let mut query = Query::new();
+        params.push(&mut query);
+        self.get(&["tokens"], &query).await
+    }
+
+    /// `DELETE /tokens/{id}`: revoking twice is harmless.
+    pub async fn revoke_token(&self, id: &str) -> Result<Credential> {
+        self.delete(&["tokens", id]).await
+    }
+
+    // ---- agents (§12.1) -------------------------------------------------------------------------
+
+    /// `POST /agents`.
+    pub async fn create_agent(&self, body: &CreateAgent) -> Result<Agent> {
+        self.post(&["agents"], Some(body)).await
+    }
+
+    /// `GET /agents`: one page.
+    pub async fn list_agents(&self, params: &ListResources) -> Result<Page<Agent>> {
+        self.get(&["agents"], &params.query()).await
+    }
+
+    /// `GET /agents/{id}`: the current version.
+    pub async fn get_agent(&self, id: &str) -> Result<Agent> {
+        self.get(&["agents", id], &Query::new()).await
+    }
+
+    /// `POST /agents/{id}`: partial update, making a new version.
+    pub async fn update_agent(&self, id: &str, body: &UpdateAgent) -> Result<Agent> {
+        self.post(&["agents", id], Some(body)).await
+    }
+
+    /// `POST /agents/{id}/archive`: 409 if archived already.
+    pub async fn archive_agent(&self, id: &str) -> Result<Agent> {
+        self.post::<_, Value>(&["agents", id, "archive"], None)
+            .await
+    }
+
+    // ---- sessions (§12.2) -----------------------------------------------------------------------
+
+    /// `POST /sessions`: on a `self_hosted` environment this enqueues a work item.
+    pub async fn create_session(&self, body: &CreateSession) -> Result<Session> {
+        self.post(&["sessions"], Some(body)).await
+    }
+
+    /// `GET /sessions`: one page.
+    pub async fn list_sessions(&self, params: &ListSessions) -> Result<Page<Session>> {
+        self.get(&["sessions"], &params.query()).await
+    }
+
+    /// `GET /sessions/{id}`.
+    pub async fn get_session(&self, id: &str) -> Result<Session> {
+        self.get(&["sessions", id], &Query::new()).await
+    }
+
+    /// `POST /sessions/{id}`: title and metadata patch.
+    pub async fn update_session(&self, id: &str, body: &UpdateSession) -> Result<Session> {
+        self.post(&["sessions", id], Some(body)).await
+    }
+
+    /// `POST /sessions/{id}/archive`: force-stops its live work item; 409 if archived already.
+    pub async fn archive_session(&self, id: &str) -> Result<Session> {
+        self.post::<_, Value>(&["sessions", id, "archive"], None)
+            .await
+    }
+
+    /// `DELETE /sessions/{id}`: force-stops its live work item, then removes it and its events.
+    pub async fn delete_session(&self, id: &str) -> Result<Deleted> {
+        self.delete(&["sessions", id]).await
+    }
+
+    /// `POST /sessions/{id}/cancel`: interrupts the running turn (`status` comes back as
+    /// `canceling`); a no-op on an idle session (the session comes back unchanged).
+    pub async fn cancel_session(&self, id: &str) -> Result<Cancel> {
+        self.post::<_, Value>(&["sessions", id, "cancel"], None)
+            .await
+    }
+
+    // ---- session events (§12.3) -----------------------------------------------------------------
+
+    /// `POST /sessions/{id}/events` with 1–100 events; returns them as stored (with ids).
+    pub async fn send_events(&self, session_id: &str, events: &[NewEvent]) -> Result<Vec<Event>> {
+        #[derive(Deserialize)]
+        struct Stored {
+            data: Vec<Event>,
+        }
+        let stored: Stored = self
+            .post(
+                &["sessions", session_id, "events"],
+                Some(&json!({ "events": events })),
+            )
+            .await?;
+        Ok(stored.data)
+    }
+
+    /// `GET /sessions/{id}/events`: one page of the session's event log.
+    pub async fn list_events(&self, session_id: &str, params: &ListEvents) -> Result<Page<Event>> {
+        self.get(&["sessions", session_id, "events"], &params.query())
+            .await
+    }
+
+    /// `GET /sessions/{id}/events/stream`: the live event stream. With `last_event_id` the server
+    /// first replays every later event, then follows live; without it the stream starts with events
+    /// written after it opened.
+    ///
+    /// The stream has no overall timeout; a connection silent for longer than the read timeout ends
+    /// it with [`Error::Timeout`].
+    pub async fn stream_events(
+        &self,
+        session_id: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<EventStream> {
+        let url = self.url(&["sessions", session_id, "events", "stream"]);
+        let mut builder = self
+            .http
+            .get(&url)
+            .header(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        if let Some(token) = &self.token {
+            builder = builder.bearer_auth(token);
+        }
+        if let Some(id) = last_event_id {
+            builder = builder.header("last-event-id", id);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| Error::transport(&url, e))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let request_id = response
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(ApiError::from_response(status, request_id, &body).into());
+        }
+        Ok(EventStream::new(
+            response,
+            url,
+            last_event_id.map(str::to_owned),
+        ))
+    }
+
+    // ---- work (§6, §11.2, §11.4) ----------------------------------------------------------------
+
+    /// `GET /environments/{id}/work`: every state, in queue order.
+    pub async fn list_work(
+        &self,
+        environment_id: &str,
+        params: &ListParams,
+    ) -> Result<Page<WorkItem>> {
+        let mut query = Query::new();
+        params.push(&mut query);
+        self.get(&["environments", environment_id, "work"], &query)
+            .await
+    }
+
+    /// `GET /environments/{id}/work/poll`: claims the oldest claimable item, or `None` when there is
+    /// none (after waiting up to `block_ms`). The item carries its `secret`; acknowledge it promptly
+    /// or it is handed out again after `reclaim_older_than_ms`.
+    pub async fn poll_work(
+        &self,
+        environment_id: &str,
+        options: &PollOptions,
+    ) -> Result<Option<WorkItem>> {
+        let url = self.url(&["environments", environment_id, "work", "poll"]);
+        let wait = Duration::from_millis(u64::from(options.block_ms.unwrap_or(0)));
+        let mut builder = self
+            .request(Method::GET, &url)
+            .query(&options.query())
+            .timeout(self.timeout + wait);
+        if let Some(worker) = &options.worker_id {
+            builder = builder.header("worker-id", worker);
+        }
+        self.send(builder, &url).await
+    }
+
+    /// `GET /environments/{id}/work/stats`.
+    pub async fn work_stats(&self, environment_id: &str) -> Result<QueueStats> {
+        self.get(
+            &["environments", environment_id, "work", "stats"],
+            &Query::new(),
+        )
+        .await
+    }
+
+    /// `GET /environments/{id}/work/{work_id}`.
+    pub async fn get_work(&self, environment_id: &str, work_id: &str) -> Result<WorkItem> {
+        self.get(
+            &["environments", environment_id, "work", work_id],
+            &Query::new(),
+        )
+        .await
+    }
+
+    /// `POST /environments/{id}/work/{work_id}`: merge-patches the item's metadata (allowed in every
+    /// state).
+    pub async fn update_work_metadata(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        metadata: &MetadataPatch,
+    ) -> Result<WorkItem> {
+        self.post(
+            &["environments", environment_id, "work", work_id],
+            Some(&json!({ "metadata": metadata })),
+        )
+        .await
+    }
+
+    /// `POST /environments/{id}/work/{work_id}/ack`: queued → starting. Repeating it on a started
+    /// item is a harmless 200; a different `worker_id` than the one the item was delivered to is 409.
+    pub async fn ack_work(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        worker_id: Option<&str>,
+    ) -> Result<WorkItem> {
+        let url = self.url(&["environments", environment_id, "work", work_id, "ack"]);
+        let mut builder = self.request(Method::POST, &url);
+        if let Some(worker) = worker_id {
+            builder = builder.header("worker-id", worker);
+        }
+        self.send(builder, &url).await
+    }
+
+    /// `POST /environments/{id}/work/{work_id}/heartbeat`: renews the lease. 409 means the item is no
+    /// longer this worker's (stop working on it, do not stop it); 412 means the lease was lost.
+    pub async fn heartbeat(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        options: &HeartbeatOptions,
+    ) -> Result<Heartbeat> {
+        let url = self.url(&["environments", environment_id, "work", work_id, "heartbeat"]);
+        let mut builder = self
+            .request(Method::POST, &url)
+            .query(&options.query())
+            .timeout(options.timeout.unwrap_or(self.timeout));
+        if let Some(worker) = &options.worker_id {
+            builder = builder.header("worker-id", worker);
+        }
+        self.send(builder, &url).await
+    }
+
+    /// `POST /environments/{id}/work/{work_id}/stop`: graceful (`force = false`: starting/active →
+    /// stopping, stopping → stopped) or forced (any live state → stopped). 409 once stopped.
+    pub async fn stop_work(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        force: bool,
+    ) -> Result<WorkItem> {
+        self.post(
+            &["environments", environment_id, "work", work_id, "stop"],
+            Some(&json!({ "force": force })),
+        )
+        .await
+    }
+
+    /// `GET /environments/{id}/work/{work_id}/history`: one page of transitions, oldest first.
+    pub async fn work_history(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        params: &ListParams,
+    ) -> Result<WorkHistory> {
+        let mut query = Query::new();
+        params.push(&mut query);
+        self.get(
+            &["environments", environment_id, "work", work_id, "history"],
+            &query,
+        )
+        .await
+    }
+
+    /// `GET /environments/{id}/workers`: workers seen polling in the last five minutes.
+    pub async fn list_workers(&self, environment_id: &str) -> Result<Vec<Worker>> {
+        #[derive(Deserialize)]
+        struct Workers {
+            data: Vec<Worker>,
+        }
+        let workers: Workers = self
+            .get(&["environments", environment_id, "workers"], &Query::new())
+            .await?;
+        Ok(workers.data)
+    }
+}
+
+/// `{"name": …}` or `{}`.
+fn named(name: Option<&str>) -> Value {
+    match name {
+        Some(name) => json!({ "name": name }),
+        None => json!({}),
+    }
+}
+
+/// Percent-encodes one path segment, so that an id can never change the path it is placed in.
+fn encode_segment(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_escape_their_path_segment() {
+        assert_eq!(encode_segment("env_0123abc"), "env_0123abc");
+        assert_eq!(encode_segment("../tokens"), "..%2Ftokens");
+        assert_eq!(encode_segment("a b?c"), "a%20b%3Fc");
+    }
+
+    #[test]
+    fn urls_are_built_from_server_and_prefix() {
+        let client = Client::new("http://127.0.0.1:4780/", "t").unwrap();
+        assert_eq!(client.api_base_url(), "http://127.0.0.1:4780/api/v1/cloud");
+        assert_eq!(
+            client.url(&["environments", "env_1", "work", "poll"]),
+            "http://127.0.0.1:4780/api/v1/cloud/environments/env_1/work/poll"
+        );
+        let secret = WorkSecret {
+            sessions_token: "tth_ses_x".into(),
+            api_base_url: Some("http://h:1/api/v1/cloud".into()),
+        };
+        let item_client = Client::for_work_secret(&secret, "http://unused").unwrap();
+        assert_eq!(item_client.api_base_url(), "http://h:1/api/v1/cloud");
+    }
+
+    #[test]
+    fn bad_server_urls_are_configuration_errors() {
+        assert!(matches!(
+            Client::new("127.0.0.1:4780", "t"),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            Client::new("not a url", "t"),
+            Err(Error::Config(_))
+        ));
+    }
+}

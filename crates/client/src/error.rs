@@ -1,0 +1,279 @@
+//! Errors: the server's error envelope (§1.7) as a typed value, and everything that can go wrong before
+//! a response arrives.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// What every fallible call of this crate returns.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A refusal by the server, read from its error envelope:
+/// `{"type":"error","request_id":…,"error":{"type","message","param"?,"code"?,"details"?}}`.
+///
+/// Decide on [`ApiError::status`] rather than on `kind`: the same status comes with different `type`
+/// strings on different endpoints (a 409 is `invalid_request_error` on the work endpoints and
+/// `conflict_error` elsewhere).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// The HTTP status code.
+    pub status: u16,
+    /// `error.type`, e.g. `not_found_error`, `precondition_failed_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `error.message`: human-readable text, not a contract.
+    pub message: String,
+    /// `error.param`: the request parameter to blame, when there is one.
+    pub param: Option<String>,
+    /// `error.code`: a stable snake_case machine code (`work_not_found`, `lease_mismatch`, …), when given.
+    pub code: Option<String>,
+    /// `error.details`: extra structure, e.g. `current_state` on a 412 heartbeat refusal.
+    pub details: Option<Value>,
+    /// The envelope's `request_id` (or the `x-request-id` response header), for correlating with server logs.
+    pub request_id: Option<String>,
+}
+
+impl ApiError {
+    /// Reads an error response. A body that is not the envelope (a proxy's HTML page, say) still yields
+    /// an error carrying the status, with the start of the body as its message.
+    pub(crate) fn from_response(
+        status: u16,
+        header_request_id: Option<String>,
+        body: &[u8],
+    ) -> Self {
+        #[derive(Deserialize)]
+        struct Envelope {
+            request_id: Option<String>,
+            error: Inner,
+        }
+        #[derive(Deserialize)]
+        struct Inner {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            message: Option<String>,
+            param: Option<String>,
+            code: Option<String>,
+            details: Option<Value>,
+        }
+        match serde_json::from_slice::<Envelope>(body) {
+            Ok(envelope) => ApiError {
+                status,
+                kind: envelope
+                    .error
+                    .kind
+                    .unwrap_or_else(|| kind_for_status(status).to_owned()),
+                message: envelope.error.message.unwrap_or_default(),
+                param: envelope.error.param,
+                code: envelope.error.code,
+                details: envelope.error.details,
+                request_id: envelope.request_id.or(header_request_id),
+            },
+            Err(_) => {
+                let text = String::from_utf8_lossy(body);
+                let snippet: String = text.trim().chars().take(200).collect();
+                ApiError {
+                    status,
+                    kind: kind_for_status(status).to_owned(),
+                    message: if snippet.is_empty() {
+                        format!("HTTP {status} with an empty body")
+                    } else {
+                        format!("HTTP {status}: {snippet}")
+                    },
+                    param: None,
+                    code: None,
+                    details: None,
+                    request_id: header_request_id,
+                }
+            }
+        }
+    }
+}
+
+/// The error type the spec assigns to a status, for responses that did not say.
+fn kind_for_status(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        412 => "precondition_failed_error",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.kind, self.message)?;
+        if let Some(param) = &self.param {
+            write!(f, " (param: {param})")?;
+        }
+        if let Some(code) = &self.code {
+            write!(f, " [{code}]")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Everything a call can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server answered with an error status and (usually) the error envelope.
+    #[error("{0}")]
+    Api(Box<ApiError>),
+    /// No connection could be made (refused, unresolvable host, connect timeout).
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL that was being called.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The request or a read from the response took longer than allowed.
+    #[error("the request to {url} timed out")]
+    Timeout {
+        /// The URL that was being called.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Any other transport failure (connection reset, malformed HTTP, …).
+    #[error("HTTP transport error calling {url}: {source}")]
+    Transport {
+        /// The URL that was being called.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A success response whose body is not the JSON this client expects.
+    #[error("cannot decode the response of {url} (HTTP {status}): {source}")]
+    Decode {
+        /// The URL that was called.
+        url: String,
+        /// The HTTP status of the response.
+        status: u16,
+        /// Why decoding failed.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A setting given to the client builder is unusable (a base URL that does not parse, say).
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+    /// A work item's `secret` is not URL-safe base64 of `{sessions_token, api_base_url}`.
+    #[error("invalid work secret: {0}")]
+    Secret(String),
+    /// The server-sent event stream carried something that is not an event of this API.
+    #[error("malformed event stream: {0}")]
+    Stream(String),
+}
+
+impl Error {
+    /// The envelope, when the server refused the request.
+    pub fn api(&self) -> Option<&ApiError> {
+        match self {
+            Error::Api(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        self.api().map(|e| e.status)
+    }
+
+    /// `error.code` of a refusal.
+    pub fn code(&self) -> Option<&str> {
+        self.api().and_then(|e| e.code.as_deref())
+    }
+
+    /// 401: the credential is missing, unknown, revoked or dead.
+    pub fn is_unauthorized(&self) -> bool {
+        self.status() == Some(401)
+    }
+
+    /// 403: the credential may not do this.
+    pub fn is_forbidden(&self) -> bool {
+        self.status() == Some(403)
+    }
+
+    /// 404: the resource does not exist (or is invisible to this credential).
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    /// 409: a state conflict. On a work heartbeat it means "this item is no longer yours".
+    pub fn is_conflict(&self) -> bool {
+        self.status() == Some(409)
+    }
+
+    /// 412: a heartbeat's `expected_last_heartbeat` did not match (the lease is lost).
+    pub fn is_precondition_failed(&self) -> bool {
+        self.status() == Some(412)
+    }
+
+    /// No connection could be made: the server is not running or not reachable at that address.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect { .. })
+    }
+
+    /// Whether trying again later may succeed: transport failures, timeouts, 408, 429 and 5xx
+    /// (the worker protocol, §8, backs off on exactly these).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Timeout { .. } | Error::Transport { .. } => true,
+            Error::Api(e) => matches!(e.status, 408 | 429) || e.status >= 500,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn transport(url: &str, source: reqwest::Error) -> Error {
+        let url = url.to_owned();
+        if source.is_timeout() {
+            Error::Timeout { url, source }
+        } else if source.is_connect() {
+            Error::Connect { url, source }
+        } else {
+            Error::Transport { url, source }
+        }
+    }
+}
+
+impl From<ApiError> for Error {
+    fn from(e: ApiError) -> Self {
+        Error::Api(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_envelope() {
+        let body = br#"{"type":"error","request_id":"r1","error":{"type":"precondition_failed_error","message":"no","code":"lease_mismatch","details":{"current_state":{"state":"active"}}}}"#;
+        let e = ApiError::from_response(412, Some("header".into()), body);
+        assert_eq!(e.kind, "precondition_failed_error");
+        assert_eq!(e.code.as_deref(), Some("lease_mismatch"));
+        assert_eq!(e.request_id.as_deref(), Some("r1"));
+        assert_eq!(e.details.unwrap()["current_state"]["state"], "active");
+    }
+
+    #[test]
+    fn tolerates_a_body_that_is_not_the_envelope() {
+        let e = ApiError::from_response(502, Some("h".into()), b"<html>Bad Gateway</html>");
+        assert_eq!(e.status, 502);
+        assert_eq!(e.kind, "api_error");
+        assert!(e.message.contains("Bad Gateway"));
+        assert_eq!(e.request_id.as_deref(), Some("h"));
+        assert!(Error::from(e).is_retryable());
+    }
+}

@@ -40,9 +40,11 @@ pub async fn create_environment(
     State(app): State<App>,
     Caller(p): Caller,
     Wire(d): Wire,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
+    // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
+    let JsonBody(raw) = body?;
     let env = app
         .create_environment(body::object(raw)?, default_config(d))
         .await?;
@@ -80,10 +82,11 @@ pub async fn update_environment(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.environment(&id).await?;
+    let JsonBody(raw) = body?;
     Ok(Json(views::environment(
         &app.update_environment(&id, body::object(raw)?).await?,
     )))
@@ -114,9 +117,11 @@ pub async fn create_key(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
+    app.environment(&id).await?;
+    let JsonBody(raw) = body?;
     let (credential, secret) = app.create_environment_key(&id, body::object(raw)?).await?;
     Ok(Json(views::new_credential(&credential, &secret)))
 }
@@ -155,9 +160,10 @@ pub async fn revoke_key(
 pub async fn create_token(
     State(app): State<App>,
     Caller(p): Caller,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
+    let JsonBody(raw) = body?;
     let (credential, secret) = app.create_admin_token(body::object(raw)?).await?;
     Ok(Json(views::new_credential(&credential, &secret)))
 }
@@ -194,9 +200,10 @@ pub async fn revoke_token(
 pub async fn create_agent(
     State(app): State<App>,
     Caller(p): Caller,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
+    let JsonBody(raw) = body?;
     Ok(Json(views::agent(
         &app.create_agent(body::object(raw)?).await?,
     )))
@@ -255,10 +262,11 @@ pub async fn update_agent(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.agent(&id).await?;
+    let JsonBody(raw) = body?;
     Ok(Json(views::agent(
         &app.update_agent(&id, body::object(raw)?).await?,
     )))
@@ -276,9 +284,10 @@ pub async fn archive_agent(
 pub async fn create_session(
     State(app): State<App>,
     Caller(p): Caller,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
+    let JsonBody(raw) = body?;
     let body = body::object(raw)?;
     let session = app.create_session(body).await?;
     Ok(Json(views::session(&session)))
@@ -357,10 +366,11 @@ pub async fn update_session(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.session(&id).await?;
+    let JsonBody(raw) = body?;
     Ok(Json(views::session(
         &app.update_session(&id, body::object(raw)?).await?,
     )))

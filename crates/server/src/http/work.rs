@@ -40,12 +40,13 @@ pub async fn poll(
     State(app): State<App>,
     Caller(p): Caller,
     Wire(dialect): Wire,
-    WorkerId(worker): WorkerId,
+    worker: Result<WorkerId, ApiError>,
     Path(env_id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
     access::environment(&p, &env_id)?;
     let env = app.work_environment(&env_id).await?;
+    let WorkerId(worker) = worker?;
     let block = match params.int("block_ms")? {
         None => None,
         Some(ms @ 1..=999) => Some(Duration::from_millis(ms as u64)),
@@ -123,11 +124,13 @@ pub async fn update(
     State(app): State<App>,
     Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::work_item(&p, &env_id, &work_id)?;
     let env = app.work_environment(&env_id).await?;
     app.get_work(&env, &work_id).await?;
+    // D-32: a body is judged (400) only once the item is known to exist (404).
+    let JsonBody(raw) = body?;
     let body = body::object(raw)?;
     let item = match body::metadata_patch(&body)? {
         None => app.get_work(&env, &work_id).await?,
@@ -139,11 +142,14 @@ pub async fn update(
 pub async fn ack(
     State(app): State<App>,
     Caller(p): Caller,
-    WorkerId(worker): WorkerId,
+    worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     access::work_item(&p, &env_id, &work_id)?;
     let env = app.work_environment(&env_id).await?;
+    // D-32: the Worker-ID header is a parameter, judged after the item is found.
+    app.get_work(&env, &work_id).await?;
+    let WorkerId(worker) = worker?;
     let item = app.ack(&env, &work_id, worker.as_deref()).await?;
     Ok(Json(views::work(&item, None)))
 }
@@ -151,7 +157,7 @@ pub async fn ack(
 pub async fn heartbeat(
     State(app): State<App>,
     Caller(p): Caller,
-    WorkerId(worker): WorkerId,
+    worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
@@ -159,6 +165,7 @@ pub async fn heartbeat(
     let env = app.work_environment(&env_id).await?;
     // D-32: the item must exist (404) before its parameters are judged (400).
     app.get_work(&env, &work_id).await?;
+    let WorkerId(worker) = worker?;
     let expected =
         ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")).ok_or_else(|| {
             ApiError::bad_param(
@@ -194,11 +201,13 @@ pub async fn stop(
     State(app): State<App>,
     Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
-    JsonBody(raw): JsonBody,
+    body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::work_item(&p, &env_id, &work_id)?;
     let env = app.work_environment(&env_id).await?;
     app.get_work(&env, &work_id).await?;
+    // D-32: a body is judged (400) only once the item is known to exist (404).
+    let JsonBody(raw) = body?;
     let body = body::object(raw)?;
     let force = body::optional_bool(&body, "force")?.unwrap_or(false);
     let item = app.stop(&env, &work_id, force).await?;
@@ -213,6 +222,8 @@ pub async fn history(
 ) -> ApiResult<Json<Value>> {
     access::work_item(&p, &env_id, &work_id)?;
     let env = app.work_environment(&env_id).await?;
+    // D-32: 404 for the item before 400 for its paging parameters.
+    app.get_work(&env, &work_id).await?;
     let page = params.page(100, false, None)?;
     let after = match &page.cursor {
         tether_store::Cursor::Start => None,

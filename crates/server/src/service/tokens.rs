@@ -188,6 +188,6 @@ impl App {
             Ok(()) | Err(tether_store::StoreError::Conflict) => {}
             Err(e) => return Err(e.into()),
         }
-        Ok(self.store.get_credential(id).await?.ok_or_else(not_found)?)
+        self.store.get_credential(id).await?.ok_or_else(not_found)
     }
 }

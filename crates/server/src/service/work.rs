@@ -256,6 +256,9 @@ impl App {
         reclaim_ms: i64,
     ) -> ApiResult<Option<Claimed>> {
         self.record_worker(&env.id, worker_id).await?;
+        // Lazy expiry (§3.1): an item whose lease lapsed is claimable now, whether or not the
+        // dispatcher's tick has come round yet.
+        self.expire_due_leases().await?;
         let deadline = tokio::time::Instant::now() + block.unwrap_or_default();
         loop {
             let ticket = if block.is_some() && !self.is_shutting_down() {

@@ -6,19 +6,6 @@ mod conformance;
 
 use conformance::*;
 
-fn is_id(value: &Value, prefix: &str) -> bool {
-    value.as_str().is_some_and(|id| {
-        id.strip_prefix(prefix)
-            .and_then(|r| r.strip_prefix('_'))
-            .is_some_and(|hex| {
-                hex.len() == 32
-                    && hex
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            })
-    })
-}
-
 async fn create_environment(server: &TestServer, body: Value) -> Reply {
     req(server, Method::POST, "/environments")
         .json(body)
@@ -36,7 +23,7 @@ async fn environments_create_and_validate() {
         )
         .await;
         let env = created.ok().clone();
-        assert!(is_id(&env["id"], "env"), "{env}");
+        assert!(is_uuid7_id(&env["id"], "env"), "{env}");
         assert_eq!(env["type"], "environment");
         assert_eq!(env["name"], "build farm");
         assert_eq!(
@@ -376,7 +363,7 @@ async fn agents_create_update_archive() {
             .await;
         let agent = created.ok().clone();
         let id = agent["id"].as_str().unwrap().to_owned();
-        assert!(is_id(&agent["id"], "agent"));
+        assert!(is_uuid7_id(&agent["id"], "agent"));
         assert_eq!(agent["type"], "agent");
         assert_eq!(agent["version"], 1);
         assert_eq!(agent["model"], "m-1");
@@ -548,7 +535,7 @@ async fn sessions_create_and_enqueue() {
             .await;
         let session = created.ok().clone();
         let sid = session["id"].as_str().unwrap().to_owned();
-        assert!(is_id(&session["id"], "sess"));
+        assert!(is_uuid7_id(&session["id"], "sess"));
         assert_eq!(session["type"], "session");
         assert_eq!(session["status"], "idle");
         assert_eq!(session["agent_id"], q.agent.as_str());
@@ -735,7 +722,11 @@ async fn sessions_list_filters() {
                     .send()
                     .await
             ),
-            [s1.session.as_str(), s2.session.as_str(), s3.session.as_str()]
+            [
+                s1.session.as_str(),
+                s2.session.as_str(),
+                s3.session.as_str()
+            ]
         );
         assert_eq!(
             ids(&req(

@@ -436,11 +436,49 @@ impl<'a> Queue<'a> {
     }
 }
 
-/// Asserts the §2.3 field invariants of a rendered work item.
+/// Whether `value` is `<prefix>_<32 lowercase hex>` whose hex is a UUIDv7 (§1.5, D-1).
+pub fn is_uuid7_id(value: &Value, prefix: &str) -> bool {
+    value.as_str().is_some_and(|id| {
+        id.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('_'))
+            .is_some_and(|hex| {
+                hex.len() == 32
+                    && hex
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    && hex.as_bytes()[12] == b'7'
+            })
+    })
+}
+
+/// Asserts the §2.3 field invariants of a rendered work item, and the id and timestamp formats of §1.5
+/// and §1.6 (UTC with a `Z`, nullable stamps present as `null`).
 #[track_caller]
 pub fn assert_invariants(item: &Value) {
     let set = |f: &str| !item[f].is_null();
     assert_eq!(item["type"], "work");
+    assert!(is_uuid7_id(&item["id"], "work"), "{item}");
+    assert!(is_uuid7_id(&item["environment_id"], "env"), "{item}");
+    for stamp in [
+        "created_at",
+        "acknowledged_at",
+        "started_at",
+        "latest_heartbeat_at",
+        "stop_requested_at",
+        "stopped_at",
+    ] {
+        let value = item
+            .get(stamp)
+            .unwrap_or_else(|| panic!("{stamp} is missing: {item}"));
+        if !value.is_null() {
+            assert!(
+                value.as_str().is_some_and(|t| t.ends_with('Z')),
+                "{stamp} is not UTC with Z: {item}"
+            );
+            micros(value);
+        }
+    }
+    assert!(set("created_at"), "{item}");
     assert!(item["secret"].is_null() || item["secret"].is_string());
     match item["state"].as_str().expect("state") {
         "queued" => {

@@ -96,6 +96,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         args.lease_ttl_min <= args.lease_ttl_max,
         "--lease-ttl-min must not exceed --lease-ttl-max"
     );
+    // Before the store opens, so that its writer thread's first commits are counted too.
+    tether_server::http::ops::install_metrics();
     let store = open_store(&args).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

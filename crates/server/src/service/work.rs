@@ -260,13 +260,21 @@ impl App {
         // dispatcher's tick has come round yet.
         self.expire_due_leases().await?;
         let deadline = tokio::time::Instant::now() + block.unwrap_or_default();
+        // The ticket whose wake-up this poll is acting on. The scan that follows spends the wake-up
+        // whatever it finds: passing it on after a fruitless scan would send it round every waiter
+        // again and again, each time costing a query, for as long as polls keep waiting.
+        let mut answering: Option<crate::waiters::Ticket> = None;
         loop {
             let ticket = if block.is_some() && !self.is_shutting_down() {
                 self.waiters.register(&env.id)
             } else {
                 None
             };
-            if let Some(claimed) = self.try_claim(env, worker_id, reclaim_ms).await? {
+            let claimed = self.try_claim(env, worker_id, reclaim_ms).await?;
+            if let Some(woken) = answering.take() {
+                woken.consume();
+            }
+            if let Some(claimed) = claimed {
                 if let Some(t) = &ticket {
                     t.consume();
                 }
@@ -276,7 +284,7 @@ impl App {
                 return Ok(None);
             };
             tokio::select! {
-                _ = ticket.woken() => {}
+                _ = ticket.woken() => answering = Some(ticket),
                 _ = tokio::time::sleep_until(deadline) => return Ok(None),
                 _ = self.until_shutdown() => return Ok(None),
             }

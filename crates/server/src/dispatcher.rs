@@ -21,7 +21,11 @@ pub fn spawn(app: App) -> JoinHandle<()> {
                 notice = notices.recv() => match notice {
                     Ok(Notice::WorkClaimable { environment_id }) => { app.waiters.wake(&environment_id, 1); }
                     Ok(Notice::Session { session_id }) => app.hub.notify(&session_id),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => pass(&app).await,
+                    // Notices were missed: look at every environment and wake every stream.
+                    Ok(Notice::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        pass(&app).await;
+                        app.hub.notify_all();
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => notices = app.store.subscribe(),
                 },
                 _ = app.until_shutdown() => return,

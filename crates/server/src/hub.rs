@@ -29,6 +29,14 @@ impl SessionHub {
         }
     }
 
+    /// Wakes every stream, to read whatever it may have missed.
+    pub fn notify_all(&self) {
+        let map = self.inner.lock().expect("hub lock");
+        for tx in map.values() {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
     /// Ends every stream (shutdown).
     pub fn close_all(&self) {
         self.closed.send_replace(true);

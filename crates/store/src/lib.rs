@@ -205,6 +205,9 @@ pub enum Notice {
     WorkClaimable { environment_id: String },
     /// A session's log or status changed.
     Session { session_id: String },
+    /// Notices from other processes may have been missed (the channel carrying them was down for a
+    /// while): every waiter and stream should look again. Raised locally, never sent.
+    Resync,
 }
 
 #[async_trait]

@@ -211,6 +211,7 @@ async fn listen(
     origin: String,
 ) {
     let mut backoff = LISTEN_BACKOFF_MIN;
+    let mut listened_before = false;
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
@@ -240,6 +241,10 @@ async fn listen(
                     Ok(()) => {
                         health.reached();
                         backoff = LISTEN_BACKOFF_MIN;
+                        if std::mem::replace(&mut listened_before, true) {
+                            // Whatever was announced while this connection was down is lost.
+                            let _ = notices.send(Notice::Resync);
+                        }
                         let why = loop {
                             match messages.next().await {
                                 Some(Ok(message)) => deliver(message),
@@ -282,6 +287,7 @@ fn encode_payloads(notices: &[Notice], origin: &str) -> Vec<String> {
         let id = match notice {
             Notice::WorkClaimable { environment_id } => environment_id.as_str(),
             Notice::Session { session_id } => session_id.as_str(),
+            Notice::Resync => continue,
         };
         if size + id.len() + 4 > MAX_PAYLOAD - origin.len() - 32 {
             flush(&mut work, &mut sessions, &mut payloads);
@@ -291,6 +297,7 @@ fn encode_payloads(notices: &[Notice], origin: &str) -> Vec<String> {
         match notice {
             Notice::WorkClaimable { .. } => work.push(id),
             Notice::Session { .. } => sessions.push(id),
+            Notice::Resync => {}
         }
     }
     flush(&mut work, &mut sessions, &mut payloads);
@@ -487,6 +494,18 @@ impl PostgresExecutor {
         classify(e)
     }
 
+    /// Once, after a lost connection that left no doubt that nothing was committed: the next
+    /// attempt takes a fresh connection. A busy pool is not retried, the caller already waited.
+    fn worth_retrying<T>(&self, outcome: &Result<T, Failure>) -> bool {
+        matches!(
+            outcome,
+            Err(Failure {
+                error: StoreError::Unavailable(_),
+                before_commit: true,
+            })
+        ) && self.health.lost.load(Ordering::SeqCst)
+    }
+
     async fn query_once(&self, statement: &Statement) -> Result<Vec<Row>, Failure> {
         let client = self.client().await.map_err(|error| Failure {
             error,
@@ -589,11 +608,7 @@ impl Executor for PostgresExecutor {
         // A read is always safe to repeat; one retry covers a pooled connection that died with a
         // restarted database before anyone noticed.
         let mut outcome = self.query_once(&statement).await;
-        if let Err(Failure {
-            error: StoreError::Unavailable(_),
-            before_commit: true,
-        }) = &outcome
-        {
+        if self.worth_retrying(&outcome) {
             outcome = self.query_once(&statement).await;
         }
         match outcome {
@@ -608,12 +623,7 @@ impl Executor for PostgresExecutor {
     async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()> {
         let started = std::time::Instant::now();
         let mut outcome = self.execute_once(&statements).await;
-        // Retried only when the failure left no doubt that nothing was committed.
-        if let Err(Failure {
-            error: StoreError::Unavailable(_),
-            before_commit: true,
-        }) = &outcome
-        {
+        if self.worth_retrying(&outcome) {
             outcome = self.execute_once(&statements).await;
         }
         metrics::histogram!("tether_store_commit_seconds").record(started.elapsed().as_secs_f64());

@@ -9,8 +9,9 @@ use std::time::Duration;
 use tether_core::resources::CredentialKind;
 use tether_core::Timestamp;
 use tether_store::executor::Executor;
+use tether_store::postgres::PostgresExecutor;
 use tether_store::sql::{Expect, Statement, Value};
-use tether_store::{postgres, ChangeSet, Notice, Store, StoreError, Write};
+use tether_store::{postgres, ChangeSet, Notice, SqlStore, Store, StoreError, Write};
 
 fn admin_url() -> Option<String> {
     match std::env::var("TETHER_TEST_POSTGRES_URL") {
@@ -191,6 +192,62 @@ async fn notices_reach_other_processes_but_not_their_sender() {
             .is_err(),
         "A does not wake itself twice"
     );
+}
+
+/// Announces from `a` until `at` hears it (listeners connect in the background).
+async fn hears(
+    a: &SqlStore<PostgresExecutor>,
+    at: &mut tokio::sync::broadcast::Receiver<Notice>,
+    notice: &Notice,
+) {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            a.announce(vec![notice.clone()]).await.unwrap();
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), at.recv()).await {
+                if &n == notice {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the notice is heard");
+}
+
+#[tokio::test]
+async fn a_dropped_listener_reconnects_and_asks_for_a_resync() {
+    let Some(url) = fresh().await else { return };
+    let a = postgres::connect(&url).await.unwrap();
+    let b = postgres::connect(&url).await.unwrap();
+    let mut at_b = b.subscribe();
+    let notice = Notice::Session {
+        session_id: "sess_x".into(),
+    };
+    hears(&a, &mut at_b, &notice).await;
+    let before = b.reconnections();
+    // Cut every listening connection of this database, as a network failure or a restart would.
+    a.executor()
+        .query(Statement::new(
+            "SELECT pg_terminate_backend(pid)::TEXT FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            vec![],
+        ))
+        .await
+        .unwrap();
+    let resync = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(Notice::Resync) = at_b.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(resync.is_ok(), "B asks for a resync after reconnecting");
+    assert!(
+        b.reconnections() > before,
+        "the reconnection is counted, so that the service grants lease amnesty"
+    );
+    hears(&a, &mut at_b, &notice).await;
 }
 
 #[tokio::test]

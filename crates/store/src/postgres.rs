@@ -110,7 +110,17 @@ pub async fn connect(url: &str) -> StoreResult<SqlStore<PostgresExecutor>> {
     if config.get_application_name().is_none() {
         config.application_name("tether");
     }
-    migrate(&config).await?;
+    let mut collisions = 0;
+    loop {
+        match migrate(&config).await {
+            // Only without advisory locks: another server ran the same migration at the same time.
+            Err(StoreError::Conflict) if collisions < 5 => {
+                collisions += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            outcome => break outcome?,
+        }
+    }
 
     let manager = Manager::from_config(
         config.clone(),
@@ -154,10 +164,23 @@ async fn migrate(config: &Config) -> StoreResult<()> {
         let _ = connection.await;
     });
     let outcome = async {
-        client
+        let locked = match client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
             .await
-            .map_err(classify)?;
+        {
+            Ok(_) => true,
+            // Some PostgreSQL-compatible engines lack advisory locks. The migrations are idempotent
+            // (IF NOT EXISTS, and a version recorded twice is recorded once), so servers starting
+            // together there may both run one; a collision fails a start, which is retried.
+            Err(e)
+                if e.code() == Some(&SqlState::UNDEFINED_FUNCTION)
+                    || e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) =>
+            {
+                tracing::warn!(error = %describe(&e), "no advisory locks: migrating without one");
+                false
+            }
+            Err(e) => return Err(classify(e)),
+        };
         client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)",
@@ -178,12 +201,17 @@ async fn migrate(config: &Config) -> StoreResult<()> {
             }
             let tx = client.transaction().await.map_err(classify)?;
             for statement in sql::split_script(script) {
-                tx.batch_execute(statement).await.map_err(|e| {
-                    StoreError::Internal(format!("migration {version} failed: {e:?}"))
-                })?;
+                tx.batch_execute(statement)
+                    .await
+                    .map_err(|e| match classify(e) {
+                        StoreError::Internal(why) => {
+                            StoreError::Internal(format!("migration {version} failed: {why}"))
+                        }
+                        other => other,
+                    })?;
             }
             tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                "INSERT INTO schema_migrations (version) VALUES ($1) ON CONFLICT (version) DO NOTHING",
                 &[version],
             )
             .await
@@ -191,10 +219,12 @@ async fn migrate(config: &Config) -> StoreResult<()> {
             tx.commit().await.map_err(classify)?;
             tracing::info!(version, "applied a schema migration");
         }
-        client
-            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(classify)?;
+        if locked {
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+                .await
+                .map_err(classify)?;
+        }
         Ok(())
     }
     .await;
@@ -212,6 +242,7 @@ async fn listen(
 ) {
     let mut backoff = LISTEN_BACKOFF_MIN;
     let mut listened_before = false;
+    let mut refused_before = false;
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
@@ -227,13 +258,17 @@ async fn listen(
                 // The connection has to be driven for LISTEN to complete.
                 let statement = format!("LISTEN {CHANNEL}");
                 let mut subscribe = std::pin::pin!(client.batch_execute(&statement));
+                // Err((whether the database was lost, why)).
                 let subscribed = loop {
                     tokio::select! {
-                        r = &mut subscribe => break r.map_err(|e| e.to_string()),
+                        r = &mut subscribe => break match r {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err((is_connection_failure(&e), describe(&e))),
+                        },
                         m = messages.next() => match m {
                             Some(Ok(message)) => deliver(message),
-                            Some(Err(e)) => break Err(e.to_string()),
-                            None => break Err("the connection closed".into()),
+                            Some(Err(e)) => break Err((true, e.to_string())),
+                            None => break Err((true, "the connection closed".into())),
                         },
                     }
                 };
@@ -254,16 +289,19 @@ async fn listen(
                         };
                         health.lost(&why);
                     }
-                    Err(why) => {
-                        health.lost(&why);
-                        tracing::debug!(error = %why, "LISTEN failed");
+                    Err((true, why)) => health.lost(&why),
+                    Err((false, why)) => {
+                        // An engine without LISTEN: correctness never needed it, only promptness.
+                        if !std::mem::replace(&mut refused_before, true) {
+                            tracing::warn!(error = %why, "the database refuses LISTEN; changes made \
+                                through other servers reach this one on the dispatcher's tick");
+                        }
+                        backoff = LISTEN_BACKOFF_MAX;
                     }
                 }
             }
-            Err(e) => {
-                health.lost(&e.to_string());
-                tracing::debug!(error = %e, "cannot connect the listener");
-            }
+            Err(e) if is_connection_failure(&e) => health.lost(&e.to_string()),
+            Err(e) => tracing::warn!(error = %describe(&e), "cannot connect the listener"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);

@@ -72,7 +72,8 @@ async fn answered_writes_survive_kill_dash_nine() {
             }
         };
         // Everything answered before this restart must be readable now.
-        verify(&client, &server, &acknowledged.lock().unwrap().clone()).await;
+        let answered_so_far = acknowledged.lock().unwrap().clone();
+        verify(&client, &server, &answered_so_far).await;
 
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut writers = Vec::new();

@@ -120,10 +120,41 @@ impl App {
                 )));
             }
         }
-        let (_, secret) = self
-            .mint_credential(CredentialKind::Admin, None, Some("bootstrap".into()), given)
-            .await?;
-        Ok(Some(secret))
+        if let Some(given) = &given {
+            // Several servers starting together on one database may all try to adopt the same token.
+            let exists = self
+                .store
+                .credential_by_hash(&credentials::hash(given))
+                .await?;
+            if exists.is_some() {
+                return Ok(None);
+            }
+        }
+        match self
+            .mint_credential(
+                CredentialKind::Admin,
+                None,
+                Some("bootstrap".into()),
+                given.clone(),
+            )
+            .await
+        {
+            Ok((_, secret)) => Ok(Some(secret)),
+            // Lost that race to another server: the token it stored is the one we were given.
+            Err(_)
+                if given.is_some()
+                    && self
+                        .store
+                        .credential_by_hash(&credentials::hash(
+                            given.as_deref().unwrap_or_default(),
+                        ))
+                        .await?
+                        .is_some() =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn create_admin_token(

@@ -4,6 +4,7 @@
 
 mod agent;
 mod env;
+mod events;
 mod output;
 mod session;
 mod token;

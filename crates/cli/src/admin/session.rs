@@ -1,9 +1,15 @@
 //! `tether session …`.
 
-use anyhow::Result;
-use clap::{Args, Subcommand};
-use tether_client::{AgentRef, CreateSession, ListSessions, NewEvent, Session, UpdateSession};
+use std::io::{Read, Write};
 
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use tether_client::{
+    AgentRef, CreateSession, Event, ListEvents, ListSessions, NewEvent, Order, Session,
+    UpdateSession,
+};
+
+use super::events::{self, Ending, Renderer, BEFORE_FIRST_EVENT};
 use super::output::{self, Table};
 use super::{key_value, metadata_patch, Ctx, PageArgs};
 
@@ -21,6 +27,52 @@ pub enum SessionCommand {
     Archive { id: String },
     /// Delete a session and its events (its running work is stopped).
     Delete { id: String },
+    /// Send a user message: on an idle session it starts a turn, which a worker serves.
+    Send(SendArgs),
+    /// Follow a session's events as they happen, one line each (times in UTC), until the session is
+    /// deleted or terminated, or Ctrl-C. With --json, one JSON object per line.
+    Watch(WatchArgs),
+    /// List a session's events (oldest first unless --order desc).
+    Events(EventsArgs),
+    /// Interrupt the running turn (sends user.interrupt; the agent stops what it is doing).
+    Cancel { id: String },
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// The session (sess_…).
+    id: String,
+    /// The message; `-` reads it from standard input.
+    text: String,
+    /// Then show the turn's events as they happen, and return when the turn ends.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    /// The session (sess_…).
+    id: String,
+    /// Show the whole log first instead of only what happens from now on.
+    #[arg(long)]
+    from_start: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// The session (sess_…).
+    id: String,
+    /// asc (oldest first, the default) or desc (newest first).
+    #[arg(long, value_enum)]
+    order: Option<OrderArg>,
+    #[command(flatten)]
+    page: PageArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OrderArg {
+    Asc,
+    Desc,
 }
 
 #[derive(Args, Debug)]
@@ -142,8 +194,150 @@ pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
             let deleted = client.delete_session(&id).await?;
             cx.emit(&deleted, || format!("Deleted session {}.\n", deleted.id));
         }
+        SessionCommand::Cancel { id } => {
+            let cancel = client.cancel_session(&id).await?;
+            cx.emit(&cancel, || {
+                if cancel.is_canceling() {
+                    format!("Interrupting the running turn of session {}.\n", cancel.id)
+                } else {
+                    format!(
+                        "Session {} is not running a turn (status {}); nothing to interrupt.\n",
+                        cancel.id, cancel.status
+                    )
+                }
+            });
+        }
+        SessionCommand::Send(args) => send(&cx, args).await?,
+        SessionCommand::Watch(args) => watch(&cx, args).await?,
+        SessionCommand::Events(args) => {
+            let order = args.order.map(|o| match o {
+                OrderArg::Asc => Order::Asc,
+                OrderArg::Desc => Order::Desc,
+            });
+            let page = args
+                .page
+                .fetch(|list| {
+                    let client = client.clone();
+                    let id = args.id.clone();
+                    async move { client.list_events(&id, &ListEvents { list, order }).await }
+                })
+                .await?;
+            let renderer = Renderer::for_stdout();
+            cx.emit_list(&page, "No events.", |events| {
+                events.iter().map(|e| renderer.render(e)).collect()
+            });
+        }
     }
     Ok(())
+}
+
+async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
+    let text = if args.text == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the message from standard input")?;
+        // `echo cmd | tether session send S -` should send `cmd`, not `cmd` and a line break.
+        if text.ends_with('\n') {
+            text.pop();
+        }
+        text
+    } else {
+        args.text
+    };
+    if text.trim().is_empty() {
+        bail!("the message is empty");
+    }
+    let stored = cx
+        .client
+        .send_events(&args.id, &[NewEvent::user_message(text)])
+        .await?;
+    let sent = stored
+        .into_iter()
+        .next()
+        .context("the server answered without the stored event")?;
+    if !args.wait {
+        cx.emit(&sent, || {
+            format!("Sent {} to session {}.\n", sent.id, args.id)
+        });
+        return Ok(());
+    }
+    let printer = Printer::new(cx.json);
+    if !printer.print(&sent) {
+        return Ok(());
+    }
+    // Resuming after the message itself shows exactly this turn, however quickly a worker answered.
+    let following = events::follow(&cx.client, &args.id, sent.id.clone(), |event| {
+        printer.print(event) && event.kind != "session.status_idle"
+    });
+    let ending = tokio::select! {
+        ending = following => ending?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    match ending {
+        Ending::Done => Ok(()),
+        Ending::Deleted => bail!("the session was deleted before the turn ended"),
+        Ending::Terminated => bail!("the session was terminated before the turn ended"),
+    }
+}
+
+async fn watch(cx: &Ctx, args: WatchArgs) -> Result<()> {
+    let session = cx.client.get_session(&args.id).await?;
+    // An explicit starting point (rather than "whatever is new when the stream opens") means that
+    // events written while the stream connects, or while it reconnects, are never lost.
+    let after = if args.from_start {
+        BEFORE_FIRST_EVENT.to_owned()
+    } else {
+        events::newest_event(&cx.client, &session.id).await?
+    };
+    // On standard error, so that it never mixes with the events; it also tells a script that
+    // everything from here on will be shown.
+    eprintln!(
+        "Watching session {} (status {}); times are UTC; Ctrl-C to stop.",
+        session.id, session.status
+    );
+    let printer = Printer::new(cx.json);
+    let following = events::follow(&cx.client, &session.id, after, |event| printer.print(event));
+    let ending = tokio::select! {
+        ending = following => ending?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    match ending {
+        Ending::Deleted => eprintln!("(session {} was deleted)", session.id),
+        Ending::Terminated => eprintln!("(session {} is terminated)", session.id),
+        Ending::Done => {}
+    }
+    Ok(())
+}
+
+/// Prints events as they arrive: readable lines, or one JSON object per line with --json.
+struct Printer {
+    json: bool,
+    renderer: Renderer,
+}
+
+impl Printer {
+    fn new(json: bool) -> Printer {
+        Printer {
+            json,
+            renderer: Renderer::for_stdout(),
+        }
+    }
+
+    /// Whether printing worked; a closed pipe (`… | head`) ends the command quietly.
+    fn print(&self, event: &Event) -> bool {
+        let text = if self.json {
+            let mut line = serde_json::to_string(event).expect("events always serialize");
+            line.push('\n');
+            line
+        } else {
+            self.renderer.render(event)
+        };
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .is_ok()
+    }
 }
 
 fn show(session: &Session) -> String {

@@ -1,0 +1,477 @@
+//! `tether session send|events|watch` against a real `tether serve` process; the agent's side of the
+//! conversation is posted over HTTP, as a worker's program would.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::ServerProcess;
+use tether_client::{Client, NewEvent};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+/// How long to wait for something that should happen in well under a second before calling it a hang.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Variables that would otherwise leak from the caller's shell into the commands under test.
+const AMBIENT: &[&str] = &[
+    "TETHER_SERVER",
+    "TETHER_TOKEN",
+    "TETHER_DATA_DIR",
+    "NO_COLOR",
+];
+
+fn tether(server: &ServerProcess, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    for name in AMBIENT {
+        command.env_remove(name);
+    }
+    command
+        .env("TETHER_SERVER", &server.base)
+        .env("TETHER_TOKEN", &server.token);
+    command
+}
+
+fn run(server: &ServerProcess, args: &[&str]) -> Output {
+    tether(server, args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tether")
+}
+
+fn ok(server: &ServerProcess, args: &[&str]) -> String {
+    let out = run(server, args);
+    assert!(
+        out.status.success(),
+        "tether {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(server: &ServerProcess, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let text = ok(server, &args);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("tether {args:?}: not JSON ({e}):\n{text}"))
+}
+
+/// A running command whose standard output is read line by line.
+struct Lines {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    /// Starts `tether ARGS` with `input` on its standard input; waits for `ready` on its standard
+    /// error when given.
+    fn start(server: &ServerProcess, args: &[&str], input: &str, ready: Option<&str>) -> Lines {
+        let mut child = tether(server, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tether");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let wanted = ready.map(str::to_owned);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[tether stderr] {line}");
+                if wanted.as_deref().is_some_and(|w| line.contains(w)) {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        if ready.is_some() {
+            ready_rx
+                .recv_timeout(PATIENCE)
+                .expect("the command did not get ready");
+        }
+        Lines {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line satisfying `wanted`, reading (and keeping) every line before it.
+    fn until(&mut self, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no such line ({e}); seen so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Waits for the command to exit by itself; then every line it printed is in `seen`.
+    fn exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The reader thread ends with the pipe; collect what it still holds.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the command did not exit; seen:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Posts the agent's side of a turn (as an admin, who may send every type).
+fn agent_turn(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    session: &str,
+    command: &str,
+    output: &str,
+) {
+    rt.block_on(async {
+        let tool_use = client
+            .send_events(
+                session,
+                &[NewEvent::new(
+                    "agent.tool_use",
+                    json!({"name": "shell", "input": {"command": command}}),
+                )],
+            )
+            .await
+            .unwrap();
+        client
+            .send_events(
+                session,
+                &[
+                    NewEvent::new(
+                        "agent.tool_result",
+                        json!({"tool_use_id": tool_use[0].id, "content": [{"type": "text", "text": output}], "is_error": false}),
+                    ),
+                    NewEvent::agent_message("Command finished with exit status 0."),
+                    NewEvent::status_idle("end_turn"),
+                ],
+            )
+            .await
+            .unwrap();
+    });
+}
+
+/// `tether serve` on a given address, so that a restart comes back where clients expect it.
+fn serve_on(data: &std::path::Path, listen: &str) -> ServerProcess {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", listen, "--data-dir"])
+        .arg(data)
+        .env("TETHER_ADMIN_TOKEN", support::ADMIN_TOKEN)
+        .env("TETHER_LOG", "warn")
+        .env_remove("TETHER_DATABASE_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keeps draining after the address, so that the server never blocks on a full pipe.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("tether listening on ").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let base = rx
+        .recv_timeout(PATIENCE)
+        .expect("tether serve did not report its address");
+    ServerProcess {
+        child,
+        base,
+        token: support::ADMIN_TOKEN.to_owned(),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn send_events_and_watch() {
+    let data = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut server = serve_on(data.path(), &listen);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(&server.base, &server.token).unwrap();
+
+    let env = json(&server, &["env", "create", "--name", "laptop"]);
+    let agent = json(
+        &server,
+        &["agent", "create", "--name", "shell", "--model", "none"],
+    );
+    let session = json(
+        &server,
+        &[
+            "session",
+            "create",
+            "--agent",
+            agent["id"].as_str().unwrap(),
+            "--env",
+            env["id"].as_str().unwrap(),
+        ],
+    );
+    let session = session["id"].as_str().unwrap().to_owned();
+    let s = session.as_str();
+
+    // An empty log lists as such.
+    assert_eq!(ok(&server, &["session", "events", s]), "No events.\n");
+
+    let mut watch = Lines::start(
+        &server,
+        &["session", "watch", s],
+        "",
+        Some("Watching session"),
+    );
+
+    // send: a user message starts a turn.
+    let sent = json(&server, &["session", "send", s, "echo hello"]);
+    assert_eq!(sent["type"], "user.message");
+    assert_eq!(sent["content"][0]["text"], "echo hello");
+    assert!(sent["id"].as_str().unwrap().starts_with("evt_"), "{sent}");
+    assert_eq!(json(&server, &["session", "get", s])["status"], "running");
+
+    // A second message while the turn runs is refused, and the error says why.
+    let refused = run(&server, &["session", "send", s, "too soon"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("running a turn") && err.contains("409"),
+        "{err}"
+    );
+
+    // watch: one readable line per event, in order, without colours on a pipe.
+    let line = watch.until(|l| l.contains("user.message"));
+    assert!(line.ends_with("user.message        echo hello"), "{line:?}");
+    assert!(
+        line.as_bytes()[..8]
+            .iter()
+            .all(|b| b.is_ascii_digit() || *b == b':'),
+        "{line:?}"
+    );
+    watch.until(|l| l.contains("session.status_running"));
+    agent_turn(&rt, &client, s, "echo hello", "hello\nworld\n");
+    let line = watch.until(|l| l.contains("agent.tool_use"));
+    assert!(
+        line.ends_with("agent.tool_use      shell: echo hello"),
+        "{line:?}"
+    );
+    let line = watch.until(|l| l.contains("agent.tool_result"));
+    assert!(line.ends_with("agent.tool_result   hello"), "{line:?}");
+    // Further lines of a multi-line output are indented under the first.
+    let next = watch.until(|_| true);
+    assert_eq!(next.trim_start(), "world");
+    assert_eq!(
+        next.len() - next.trim_start().len(),
+        line.len() - "hello".len()
+    );
+    watch.until(|l| l.contains("agent.message") && l.contains("exit status 0"));
+    let line = watch.until(|l| l.contains("session.status_idle"));
+    assert!(line.ends_with("session.status_idle end_turn"), "{line:?}");
+    assert!(
+        watch.seen.iter().all(|l| !l.contains('\x1b')),
+        "{:?}",
+        watch.seen
+    );
+
+    // events --json: the whole log, oldest first.
+    let page = json(&server, &["session", "events", s]);
+    let kinds: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "user.message",
+            "session.status_running",
+            "agent.tool_use",
+            "agent.tool_result",
+            "agent.message",
+            "session.status_idle"
+        ]
+    );
+    assert_eq!(page["data"][0]["id"], sent["id"]);
+    let newest = json(
+        &server,
+        &["session", "events", s, "--order", "desc", "--limit", "2"],
+    );
+    assert_eq!(newest["data"][0]["type"], "session.status_idle");
+    assert_eq!(newest["data"][1]["type"], "agent.message");
+    assert_eq!(newest["has_more"], true);
+    let all = json(&server, &["session", "events", s, "--limit", "4", "--all"]);
+    assert_eq!(all["data"].as_array().unwrap().len(), 6);
+    // And for people: the same lines as watch.
+    let listed = ok(&server, &["session", "events", s]);
+    assert_eq!(listed.lines().count(), 7, "{listed}");
+    assert!(
+        listed
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("user.message        echo hello"),
+        "{listed}"
+    );
+
+    // send --wait (the message from standard input): shows the turn, returns when it ends.
+    let mut waiting = Lines::start(
+        &server,
+        &["session", "send", s, "-", "--wait"],
+        "ls -l\n",
+        None,
+    );
+    let line = waiting.until(|l| l.contains("user.message"));
+    assert!(line.ends_with("user.message        ls -l"), "{line:?}");
+    agent_turn(&rt, &client, s, "ls -l", "total 0\n");
+    let status = waiting.exit();
+    assert!(status.success(), "{status}");
+    assert!(
+        waiting.seen.last().unwrap().contains("session.status_idle"),
+        "{:?}",
+        waiting.seen
+    );
+    assert!(waiting
+        .seen
+        .iter()
+        .any(|l| l.contains("agent.tool_result   total 0")));
+    // watch saw that turn too.
+    watch.until(|l| l.contains("user.message") && l.contains("ls -l"));
+    watch.until(|l| l.contains("session.status_idle"));
+
+    // The server goes away and comes back: watch resumes where it was, losing and repeating nothing.
+    server.terminate();
+    let server = serve_on(data.path(), &listen);
+    let client = Client::new(&server.base, &server.token).unwrap();
+    let sent = json(&server, &["session", "send", s, "after the restart"]);
+    let line = watch.until(|l| l.contains("user.message"));
+    assert!(line.ends_with("after the restart"), "{line:?}");
+    // cancel interrupts a running turn (the agent ends it), and is a no-op between turns.
+    let cancel = ok(&server, &["session", "cancel", s]);
+    assert!(cancel.contains("Interrupting the running turn"), "{cancel}");
+    watch.until(|l| l.contains("user.interrupt"));
+    agent_turn(&rt, &client, s, "true", "");
+    watch.until(|l| l.contains("session.status_idle"));
+    let user_lines = watch
+        .seen
+        .iter()
+        .filter(|l| l.contains("user.message"))
+        .count();
+    assert_eq!(user_lines, 3, "{:#?}", watch.seen);
+    assert_eq!(sent["type"], "user.message");
+
+    let cancel = ok(&server, &["session", "cancel", s]);
+    assert!(cancel.contains("not running a turn"), "{cancel}");
+
+    // Deleting the session ends watch, successfully.
+    ok(&server, &["session", "delete", s]);
+    let status = watch.exit();
+    assert!(status.success(), "{status}");
+    assert!(
+        watch.seen.last().unwrap().contains("session.deleted"),
+        "{:?}",
+        watch.seen
+    );
+
+    // watch on a session that does not exist says so.
+    let out = run(&server, &["session", "watch", s]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+#[test]
+fn watch_from_start_replays_the_log_and_json_prints_one_object_per_line() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), &[]);
+    let env = json(&server, &["env", "create", "--name", "laptop"]);
+    let agent = json(
+        &server,
+        &["agent", "create", "--name", "shell", "--model", "none"],
+    );
+    let session = json(
+        &server,
+        &[
+            "session",
+            "create",
+            "--agent",
+            agent["id"].as_str().unwrap(),
+            "--env",
+            env["id"].as_str().unwrap(),
+            "--message",
+            "uname",
+        ],
+    );
+    let s = session["id"].as_str().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(&server.base, &server.token).unwrap();
+    agent_turn(&rt, &client, s, "uname", "Linux\n");
+
+    let mut watch = Lines::start(
+        &server,
+        &["session", "watch", s, "--from-start", "--json"],
+        "",
+        None,
+    );
+    let first: Value = serde_json::from_str(&watch.until(|_| true)).unwrap();
+    assert_eq!(first["type"], "user.message");
+    assert_eq!(first["content"][0]["text"], "uname");
+    let last: Value =
+        serde_json::from_str(&watch.until(|l| l.contains("session.status_idle"))).unwrap();
+    assert_eq!(last["stop_reason"]["type"], "end_turn");
+    assert_eq!(watch.seen.len(), 6, "{:#?}", watch.seen);
+
+    ok(&server, &["session", "delete", s]);
+    assert!(watch.exit().success());
+    let deleted: Value = serde_json::from_str(watch.seen.last().unwrap()).unwrap();
+    assert_eq!(deleted["type"], "session.deleted");
+}

@@ -1,0 +1,346 @@
+//! The shell agent alone against a real server: the test plays the worker (poll, ack, heartbeat, the
+//! TETHER_* variables, the work item on standard input) and drives the session as a user would.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tether_client::{
+    Client, CreateAgent, CreateEnvironment, CreateSession, Event, HeartbeatOptions, ListEvents,
+    ListParams, NewEvent, PollOptions, SessionStatus, WorkItem,
+};
+use tether_testkit::{Backend, TestServer};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_tether-shell-agent");
+const WORKER_ID: &str = "agent-test-worker";
+/// How long to wait for something that should happen in well under a second before calling it a hang.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Served {
+    admin: Client,
+    env_id: String,
+    session_id: String,
+    item: WorkItem,
+    item_client: Client,
+    heartbeats: JoinHandle<()>,
+}
+
+/// An environment, an agent and a session, and the session's work item claimed the way `tether
+/// worker` claims it: poll, ack, first heartbeat, and a heartbeat loop.
+async fn claimed_session(server: &TestServer) -> Served {
+    let admin = Client::new(&server.base, &server.admin_token).unwrap();
+    let env = admin
+        .create_environment(&CreateEnvironment::self_hosted("shell"))
+        .await
+        .unwrap();
+    let agent = admin
+        .create_agent(&CreateAgent::new("shell", "none"))
+        .await
+        .unwrap();
+    let session = admin
+        .create_session(&CreateSession::new(agent.id.as_str(), env.id.as_str()))
+        .await
+        .unwrap();
+    let poll = PollOptions {
+        block_ms: Some(999),
+        worker_id: Some(WORKER_ID.into()),
+        ..Default::default()
+    };
+    let item = loop {
+        if let Some(item) = admin.poll_work(&env.id, &poll).await.unwrap() {
+            break item;
+        }
+    };
+    assert_eq!(item.session_id(), Some(session.id.as_str()));
+    let secret = item
+        .decode_secret()
+        .unwrap()
+        .expect("a polled item has a secret");
+    admin
+        .ack_work(&env.id, &item.id, Some(WORKER_ID))
+        .await
+        .unwrap();
+    let item_client = Client::for_work_secret(&secret, &server.base).unwrap();
+    let heartbeats = {
+        let (client, env_id, work_id) = (item_client.clone(), env.id.clone(), item.id.clone());
+        tokio::spawn(async move {
+            let mut options = HeartbeatOptions::first();
+            options.worker_id = Some(WORKER_ID.into());
+            loop {
+                // The item stops when the test is done with it; so do the heartbeats.
+                let Ok(beat) = client.heartbeat(&env_id, &work_id, &options).await else {
+                    return;
+                };
+                options.expected_last_heartbeat = Some(beat.last_heartbeat);
+                tokio::time::sleep(Duration::from_secs(u64::from(beat.ttl_seconds / 2).max(1)))
+                    .await;
+            }
+        })
+    };
+    Served {
+        admin,
+        env_id: env.id,
+        session_id: session.id,
+        item,
+        item_client,
+        heartbeats,
+    }
+}
+
+/// Starts the agent the way `tether worker` runs its program.
+async fn spawn_agent(
+    server: &TestServer,
+    served: &Served,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> Child {
+    let secret = served.item.decode_secret().unwrap().unwrap();
+    let mut command = Command::new(AGENT);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env("TETHER_API_URL", format!("{}/api/v1/cloud", server.base))
+        .env("TETHER_WORK_ID", &served.item.id)
+        .env("TETHER_ENVIRONMENT_ID", &served.env_id)
+        .env("TETHER_SESSION_ID", &served.session_id)
+        .env("TETHER_SESSION_TOKEN", &secret.sessions_token)
+        .env_remove("TETHER_AGENT_MAX_IDLE")
+        .env_remove("TETHER_AGENT_COMMAND_TIMEOUT")
+        .env_remove("TETHER_AGENT_MAX_OUTPUT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().expect("spawn the agent");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(serde_json::to_string(&served.item).unwrap().as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    child
+}
+
+/// Waits until the agent says it serves the session (it then follows the stream), passing its log on.
+async fn until_serving(child: &mut Child) {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tx = Some(tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            if line.contains("serving session") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    tokio::time::timeout(PATIENCE, rx)
+        .await
+        .expect("the agent did not start")
+        .expect("the agent exited before serving");
+}
+
+async fn events(client: &Client, session_id: &str) -> Vec<Event> {
+    tether_client::collect_all(|cursor| {
+        let client = client.clone();
+        let params = ListEvents {
+            list: ListParams {
+                limit: Some(100),
+                page: cursor,
+                ..Default::default()
+            },
+            order: None,
+        };
+        let id = session_id.to_owned();
+        async move { client.list_events(&id, &params).await }
+    })
+    .await
+    .unwrap()
+}
+
+/// The events after `after` once a `session.status_idle` has arrived among them.
+async fn turn_after(client: &Client, session_id: &str, after: &str) -> Vec<Event> {
+    let wait = async {
+        loop {
+            let later: Vec<Event> = events(client, session_id)
+                .await
+                .into_iter()
+                .filter(|e| e.id.as_str() > after)
+                .collect();
+            if later.iter().any(|e| e.kind == "session.status_idle") {
+                return later;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("the turn did not end")
+}
+
+fn kinds(events: &[Event]) -> Vec<&str> {
+    events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+fn result_text(event: &Event) -> String {
+    event.fields["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A served turn: the command, its result naming it, a message, and the end of the turn.
+fn check_turn(turn: &[Event], command: &str) -> (Event, Event) {
+    assert_eq!(
+        kinds(turn),
+        vec![
+            "session.status_running",
+            "agent.tool_use",
+            "agent.tool_result",
+            "agent.message",
+            "session.status_idle"
+        ],
+        "{turn:#?}"
+    );
+    let tool_use = &turn[1];
+    assert_eq!(tool_use.fields["name"], "shell");
+    assert_eq!(tool_use.fields["input"]["command"], command);
+    let result = &turn[2];
+    assert_eq!(result.fields["tool_use_id"], tool_use.id.as_str());
+    assert_eq!(turn[4].fields["stop_reason"]["type"], "end_turn");
+    (tool_use.clone(), result.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_a_waiting_message_then_exits_when_idle() {
+    let server = TestServer::start(&Backend::Sqlite).await;
+    let served = claimed_session(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The message is there before the agent starts, as when a session is created with one.
+    let sent = served
+        .admin
+        .send_events(&served.session_id, &[NewEvent::user_message("echo hello")])
+        .await
+        .unwrap();
+    let mut agent = spawn_agent(&server, &served, dir.path(), &["--max-idle", "1s"]).await;
+    until_serving(&mut agent).await;
+
+    let turn = turn_after(&served.admin, &served.session_id, &sent[0].id).await;
+    let (_, result) = check_turn(&turn, "echo hello");
+    assert_eq!(result_text(&result), "hello\n");
+    assert_eq!(result.fields["is_error"], false);
+    assert_eq!(
+        served
+            .admin
+            .get_session(&served.session_id)
+            .await
+            .unwrap()
+            .status,
+        SessionStatus::Idle
+    );
+
+    // Nothing more comes: the agent leaves by itself, and the worker stops the item.
+    let status = tokio::time::timeout(PATIENCE, agent.wait())
+        .await
+        .expect("the idle agent did not exit")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    served.heartbeats.abort();
+    let stopped = served
+        .item_client
+        .stop_work(&served.env_id, &served.item.id, true)
+        .await
+        .unwrap();
+    assert_eq!(stopped.state.as_str(), "stopped");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_stream_runs_in_its_directory_and_can_be_interrupted() {
+    let server = TestServer::start(&Backend::Sqlite).await;
+    let served = claimed_session(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = spawn_agent(&server, &served, dir.path(), &["--max-idle", "0"]).await;
+    until_serving(&mut agent).await;
+    let admin = &served.admin;
+    let session = served.session_id.as_str();
+
+    // A message sent while the agent waits arrives through the live stream.
+    let sent = admin
+        .send_events(
+            session,
+            &[NewEvent::user_message(
+                "echo hello; pwd; echo oops >&2; exit 3",
+            )],
+        )
+        .await
+        .unwrap();
+    let turn = turn_after(admin, session, &sent[0].id).await;
+    let (_, result) = check_turn(&turn, "echo hello; pwd; echo oops >&2; exit 3");
+    let expected_dir = dir.path().canonicalize().unwrap();
+    assert_eq!(
+        result_text(&result),
+        format!("hello\n{}\noops\n", expected_dir.display())
+    );
+    assert_eq!(result.fields["is_error"], true);
+    assert!(
+        turn[3].text().unwrap().contains("exit status 3"),
+        "{:?}",
+        turn[3]
+    );
+
+    // A long command is killed by an interrupt, and the turn still ends properly.
+    let sent = admin
+        .send_events(
+            session,
+            &[NewEvent::user_message("echo started; sleep 1000")],
+        )
+        .await
+        .unwrap();
+    let started = async {
+        loop {
+            let all = events(admin, session).await;
+            if all
+                .iter()
+                .any(|e| e.id > sent[0].id && e.kind == "agent.tool_use")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, started).await.unwrap();
+    assert!(admin.cancel_session(session).await.unwrap().is_canceling());
+    let turn = turn_after(admin, session, &sent[0].id).await;
+    let result = turn
+        .iter()
+        .find(|e| e.kind == "agent.tool_result")
+        .expect("a result");
+    assert_eq!(result.fields["is_error"], Value::Bool(true));
+    assert!(turn.iter().any(|e| e.kind == "user.interrupt"));
+    assert_eq!(
+        turn.last().unwrap().fields["stop_reason"]["type"],
+        "end_turn"
+    );
+    assert_eq!(
+        admin.get_session(session).await.unwrap().status,
+        SessionStatus::Idle
+    );
+
+    // Deleting the session ends the agent, however long it was willing to wait.
+    admin.delete_session(session).await.unwrap();
+    let status = tokio::time::timeout(PATIENCE, agent.wait())
+        .await
+        .expect("the agent did not exit after the session was deleted")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    served.heartbeats.abort();
+    server.shutdown().await;
+}

@@ -20,13 +20,16 @@ from functools import partial
 
 import anyio
 import pytest
+import httpx
 from anthropic import (
     Anthropic,
     APIResponseValidationError,
     AsyncAnthropic,
+    AuthenticationError,
     BadRequestError,
     ConflictError,
     NotFoundError,
+    PermissionDeniedError,
     PreconditionFailedError,
 )
 from anthropic.lib.environments import EnvironmentWorker
@@ -149,6 +152,46 @@ def test_agent_and_session_match_the_typed_models(env):
     assert s2.resources == [] and s2.vault_ids == [] and s2.outcome_evaluations == []
 
 
+def test_agent_versions_and_the_update_precondition():
+    """`version` in an update is the version the caller saw: a stale one is refused (409) and changes
+    nothing; without it the update applies unconditionally. `retrieve(version=n)` reads an old version."""
+    with make_client(strict=True) as strict:
+        a = strict.beta.agents.create(name=uniq("ant-agent"), model=MODEL, tools=[CUSTOM_TOOL])
+        a2 = strict.beta.agents.update(a.id, version=a.version, description="v2")
+        assert (a2.version, a2.description) == (2, "v2")
+        with pytest.raises(ConflictError) as ei:
+            strict.beta.agents.update(a.id, version=1, description="stale")
+        assert ei.value.status_code == 409 and ei.value.body["error"]["param"] == "version"
+        assert strict.beta.agents.retrieve(a.id).description == "v2"
+        old = strict.beta.agents.retrieve(a.id, version=1)
+        assert (old.version, old.description, old.model.id) == (1, None, MODEL)
+        a3 = strict.beta.agents.update(a.id, system="be brief")
+        assert a3.version == 3 and a3.description == "v2"
+        with pytest.raises(NotFoundError):
+            strict.beta.agents.retrieve(a.id, version=9)
+        archived = strict.beta.agents.archive(a.id)
+        assert archived.archived_at is not None
+        assert a.id in {x.id for x in strict.beta.agents.list(include_archived=True, limit=1000)}
+
+
+def test_x_api_key_and_ignored_beta_markers(ant, env):
+    """/v1 also takes the token as `x-api-key` (curl, older SDKs); `?beta=true`, `anthropic-beta`,
+    `anthropic-version` and the workspace header are accepted and ignored. Qoder answers 401 to x-api-key."""
+    headers = {
+        "x-api-key": ADMIN_TOKEN,
+        "anthropic-beta": "managed-agents-2026-04-01",
+        "anthropic-version": "2023-06-01",
+        "anthropic-workspace-id": "wrkspc_ignored",
+    }
+    r = httpx.get(f"{TETHER_URL}/v1/environments/{env.id}?beta=true", headers=headers, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == env.id
+    r = httpx.get(f"{TETHER_URL}/api/v1/cloud/environments/{env.id}", headers={"x-api-key": ADMIN_TOKEN}, timeout=HTTP_TIMEOUT)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    stats = ant.beta.environments.work.stats(env.id, extra_query={"beta": "true"}, betas=["managed-agents-2026-04-01"])
+    assert stats.depth == 0
+
+
 def test_work_lifecycle(ant, ant_lenient, env, agent):
     w = ant.beta.environments.work
     sess = ant_lenient.beta.sessions.create(agent=agent.id, environment_id=env.id, metadata={"job": "j1"})
@@ -184,7 +227,8 @@ def test_work_lifecycle(ant, ant_lenient, env, agent):
     assert isinstance(err, PreconditionFailedError) and err.status_code == 412
     assert err.type == "precondition_failed_error" and err.error_code == "heartbeat_precondition_failed"
     cur = err.details.current_state
-    assert cur.state == "active" and cur.ttl_seconds == 30 and cur.lease_extended is True
+    # the model's docstring: "Always false: a refused heartbeat does not extend the lease"
+    assert cur.state == "active" and cur.ttl_seconds == 30 and cur.lease_extended is False
     assert parse_ts(cur.last_heartbeat) == parse_ts(hb2.last_heartbeat)
 
     got = w.retrieve(item.id, environment_id=env.id)
@@ -234,6 +278,11 @@ def test_validation_errors(ant, env):
         assert ei.value.type == "invalid_request_error"
     with pytest.raises(BadRequestError):
         w.poll(env.id, reclaim_older_than_ms=0)  # Anthropic profile: >= 1
+    assert w.poll(env.id, reclaim_older_than_ms=1) is None
+    # lists go up to 1000 on /v1 (the SDK worker reads events with limit=1000)
+    assert ant.beta.environments.list(limit=1000).data is not None
+    with pytest.raises(BadRequestError):
+        ant.beta.environments.list(limit=1001)
     with pytest.raises(NotFoundError):
         w.retrieve("work_" + "0" * 32, environment_id=env.id)
 
@@ -255,6 +304,15 @@ def test_conflicts_are_side_effect_free_under_sdk_retries(ant, ant_lenient, env,
 
 def test_sessions_and_events(ant_lenient, ant, env, agent):
     c = ant_lenient
+    # overrides are not implemented: refused rather than silently dropped
+    with pytest.raises(BadRequestError) as ei:
+        c.beta.sessions.create(
+            agent={"type": "agent_with_overrides", "id": agent.id, "system": "other"}, environment_id=env.id
+        )
+    assert ei.value.body["error"]["param"] == "agent"
+    pinned = c.beta.sessions.create(agent={"type": "agent", "id": agent.id, "version": 1}, environment_id=env.id)
+    assert pinned.agent.version == 1
+    c.beta.sessions.delete(pinned.id)
     sess = c.beta.sessions.create(agent=agent.id, environment_id=env.id, title="t", metadata={"k": "v"})
     assert sess.status == "idle" and sess.environment_id == env.id and sess.agent.id == agent.id
     assert c.beta.sessions.update(sess.id, title="t2", metadata={"k": None}).metadata == {}
@@ -284,9 +342,83 @@ def test_sessions_and_events(ant_lenient, ant, env, agent):
     assert c.beta.sessions.retrieve(sess.id).status == "idle"
 
     assert c.beta.sessions.archive(sess.id).archived_at is not None
-    wait_until(lambda: work_items(ant, env.id)[0].state == "stopped", timeout=5, what="archive force-stops the item")
+    wait_until(
+        lambda: [x.state for x in work_items(ant, env.id) if x.data.id == sess.id] == ["stopped"],
+        timeout=5,
+        what="archive force-stops the item",
+    )
     deleted = c.beta.sessions.delete(sess.id)
     assert (deleted.id, deleted.type) == (sess.id, "session_deleted")
+
+
+def test_a_turn_cut_short_reads_as_exhausted_retries(ant, ant_lenient, env, agent):
+    """A turn whose item stops under it (here a force stop) leaves the session idle with a
+    `session.error` (`unknown_error`, `retry_status: exhausted`) and `session.status_idle`
+    (`retries_exhausted`): shapes the SDK's event models know, parsed strictly."""
+    sess = ant_lenient.beta.sessions.create(
+        agent=agent.id,
+        environment_id=env.id,
+        initial_events=[{"type": "user.message", "content": [{"type": "text", "text": "go"}]}],
+    )
+    assert ant_lenient.beta.sessions.retrieve(sess.id).status == "running"
+    w = ant.beta.environments.work
+    item = w.poll(env.id, anthropic_worker_id="ant-dies")
+    w.ack(item.id, environment_id=env.id)
+    w.stop(item.id, environment_id=env.id, force=True)
+    with make_client(strict=True) as strict:
+        events = list(strict.beta.sessions.events.list(sess.id, limit=1000))
+        assert strict.beta.sessions.retrieve(sess.id).status == "idle"
+    [error] = [e for e in events if e.type == "session.error"]
+    assert error.error.type == "unknown_error" and error.error.retry_status.type == "exhausted"
+    assert events[-1].type == "session.status_idle" and events[-1].stop_reason.type == "retries_exhausted"
+
+
+def test_session_token_serves_its_own_session(ant_lenient, env, agent):
+    """What EnvironmentWorker does with an item's `sessions_token` (WIRE_NOTES §5.4): read the session
+    and its agent, list and stream the events, answer a tool call, heartbeat, force-stop — and nothing
+    else. The token dies with its item, which the SDK reads as final (401)."""
+    sess = ant_lenient.beta.sessions.create(
+        agent=agent.id,
+        environment_id=env.id,
+        initial_events=[{"type": "user.message", "content": [{"type": "text", "text": "add 2 and 3"}]}],
+    )
+    with make_client(strict=True, token=mint_environment_key(env.id)) as envc:
+        item = envc.beta.environments.work.poll(env.id, anthropic_worker_id="ant-tok")
+        envc.beta.environments.work.ack(item.id, environment_id=env.id)
+    call = ant_lenient.beta.sessions.events.send(
+        sess.id, events=[{"type": "agent.custom_tool_use", "name": "add", "input": {"a": 2, "b": 3}}]
+    ).data[0]
+    token = decode_secret(item.secret)["sessions_token"]
+    with make_client(strict=False, token=token) as tok:
+        assert tok.beta.sessions.retrieve(sess.id).agent.id == agent.id
+        assert tok.beta.agents.retrieve(agent.id).id == agent.id
+        assert call.id in [e.id for e in tok.beta.sessions.events.list(sess.id, limit=1000)]
+        with tok.beta.sessions.events.stream(sess.id) as stream:
+            tok.beta.sessions.events.send(
+                sess.id,
+                events=[
+                    {
+                        "type": "user.custom_tool_result",
+                        "custom_tool_use_id": call.id,
+                        "is_error": False,
+                        "content": [{"type": "text", "text": "5"}],
+                    }
+                ],
+            )
+            for ev in stream:
+                if ev.type == "user.custom_tool_result":
+                    assert ev.custom_tool_use_id == call.id
+                    break
+        # user-side input is the user's, and the queue is the environment's
+        with pytest.raises(PermissionDeniedError):
+            tok.beta.sessions.events.send(sess.id, events=[{"type": "user.interrupt"}])
+        with pytest.raises(PermissionDeniedError):
+            tok.beta.environments.work.poll(env.id)
+        hb = tok.beta.environments.work.heartbeat(item.id, environment_id=env.id, expected_last_heartbeat="NO_HEARTBEAT")
+        assert hb.state == "active"
+        assert tok.beta.environments.work.stop(item.id, environment_id=env.id, force=True).state == "stopped"
+        with pytest.raises(AuthenticationError):
+            tok.beta.sessions.retrieve(sess.id)
 
 
 # --------------------------------------------------------------------------- SDK helpers (async)
@@ -381,6 +513,55 @@ async def test_heartbeat_loop_stop_requested_before_first_beat():
     with anyio.fail_after(15):
         await poller.aclose()
     assert (await w.retrieve(item.id, environment_id=env.id)).state == "stopped"
+    await admin.close()
+
+
+@pytest.mark.anyio
+async def test_heartbeat_loop_loses_the_lease_to_a_takeover():
+    """Two workers hold deliveries of one item (the second poll came after the reclaim window) and both
+    ack — the SDK sends no worker id on ack, so both succeed. The other worker's first heartbeat takes
+    the lease. This worker's heartbeat loop then ends without stopping the item: on its own sessions
+    token, which died at the re-delivery, the beat is rejected (401, final); on the environment key
+    (EnvironmentWorker's fallback credential) it meets 412 and reports the lease lost."""
+    admin = make_async_client()
+    env, _agent, _sess, key = await _setup_async(admin)
+    w = admin.beta.environments.work
+    async with AsyncAnthropic(auth_token=key, base_url=TETHER_URL, timeout=HTTP_TIMEOUT, max_retries=0) as envc:
+        ew = envc.beta.environments.work
+        mine = await ew.poll(env.id, anthropic_worker_id="ant-slow")
+        await anyio.sleep(0.05)
+        theirs = await ew.poll(env.id, anthropic_worker_id="ant-fast", reclaim_older_than_ms=1)
+        assert theirs is not None and theirs.id == mine.id
+        assert (await ew.ack(mine.id, environment_id=env.id)).state == "starting"
+        assert (await ew.ack(theirs.id, environment_id=env.id)).state == "starting"
+
+        their_lease = _Lease()
+        async with _lease_client(decode_secret(theirs.secret)["sessions_token"]) as tc, anyio.create_task_group() as tg:
+            tg.start_soon(partial(_heartbeat_loop, tc.beta.environments.work, work_id=theirs.id, environment_id=env.id, lease=their_lease))
+
+            async def active():
+                return (await w.retrieve(mine.id, environment_id=env.id)).state == "active"
+
+            await _until(active, timeout=10, what="the other worker's first heartbeat")
+
+            lease = _Lease()
+            async with _lease_client(decode_secret(mine.secret)["sessions_token"]) as lc:
+                with anyio.fail_after(10):
+                    await _heartbeat_loop(lc.beta.environments.work, work_id=mine.id, environment_id=env.id, lease=lease)
+            assert lease._end_reason is _LeaseEndReason.HEARTBEAT_REJECTED
+
+            lease = _Lease()
+            with anyio.fail_after(10):
+                await _heartbeat_loop(ew, work_id=mine.id, environment_id=env.id, lease=lease)
+            assert lease._end_reason is _LeaseEndReason.LEASE_LOST and lease.lost
+
+            # the item is still the other worker's, and its loop still follows it
+            assert (await w.retrieve(mine.id, environment_id=env.id)).state == "active"
+            assert not their_lease.ended
+            await w.stop(mine.id, environment_id=env.id)
+            with anyio.fail_after(20):
+                await their_lease.wait_ended()
+        assert their_lease._end_reason is _LeaseEndReason.HEARTBEAT_STOP
     await admin.close()
 
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 import time
 
 import pytest
-from qca import APIStatusError, BadRequestError, ConflictError, Managed, NotFoundError
+from qca import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    Managed,
+    NotFoundError,
+    PermissionDeniedError,
+)
 
 from conftest import (
     ADMIN_TOKEN,
@@ -132,6 +140,16 @@ def test_agent_crud(qca):
     a2 = qca.agents.update(a.id, description="v2", version=a.version)
     assert a2.version == 2 and a2.description == "v2"
     assert a.id in {x.id for x in qca.agents.list(limit=100)}
+    # the model is shown as it was given on this prefix (a name stays a name)
+    assert a2.model == MODEL
+
+    # `version` is a precondition: a stale one is refused and changes nothing
+    with pytest.raises(ConflictError) as ei:
+        qca.agents.update(a.id, description="stale", version=1)
+    assert ei.value.status_code == 409
+    assert qca.agents.retrieve(a.id).description == "v2"
+    v1 = qca.agents.retrieve(a.id, version=1)
+    assert v1.version == 1 and v1.description == "v1"
 
     arch = qca.agents.archive(a.id)
     assert arch.archived_at is not None
@@ -323,6 +341,10 @@ def test_parameter_validation(qca, env, agent):
         w.retrieve("work_" + "0" * 32, environment_id=env.id)
     with pytest.raises(NotFoundError):
         w.stats("env_" + "0" * 32)
+    # lists stop at 100 on this prefix (1000 on /v1); the work list clamps instead (D-4)
+    with pytest.raises(BadRequestError):
+        qca.environments.list(limit=1000)
+    assert len(w.list(env.id, limit=1000).data) == 1
 
 
 def test_work_list_pagination_in_queue_order(qca, env, agent):
@@ -422,10 +444,28 @@ def test_session_token_is_scoped_to_its_item(qca, env, agent):
     new_session(qca, env, agent)
     item = qca.environments.work.poll(env.id, worker_id="qca-tok")
     token = decode_secret(item.secret)["sessions_token"]
+    qca.environments.work.ack(item.id, environment_id=env.id)
+    call = qca.sessions.events.send(
+        item.data.id, events=[{"type": "agent.custom_tool_use", "name": "add", "input": {"a": 1, "b": 2}}]
+    ).data[0]
     with make_client(token=token) as scoped:
         assert scoped.environments.work.retrieve(item.id, environment_id=env.id).id == item.id
         assert scoped.sessions.retrieve(item.data.id).id == item.data.id
-        # the session token may not poll the queue (environment key / admin only)
+        # it reads its session's events and answers tool calls
+        assert call.id in [e.id for e in scoped.sessions.events.list(item.data.id, limit=100)]
+        result = scoped.sessions.events.send(
+            item.data.id,
+            events=[{"type": "user.custom_tool_result", "custom_tool_use_id": call.id, "content": [{"type": "text", "text": "3"}]}],
+        )
+        assert result.data[0].type == "user.custom_tool_result"
+        # the session token may not poll the queue (environment key / admin only), nor send user input
         with pytest.raises(APIStatusError) as ei:
             scoped.environments.work.poll(env.id)
         assert ei.value.status_code == 403
+        with pytest.raises(PermissionDeniedError):
+            scoped.sessions.events.send(item.data.id, events=[{"type": "user.message", "content": [{"type": "text", "text": "x"}]}])
+        assert scoped.environments.work.heartbeat(item.id, environment_id=env.id).state == "active"
+        assert scoped.environments.work.stop(item.id, environment_id=env.id, force=True).state == "stopped"
+        # the token died with its item
+        with pytest.raises(AuthenticationError):
+            scoped.sessions.retrieve(item.data.id)

@@ -176,6 +176,10 @@ pub struct Agent {
     pub tools: Value,
     pub skills: Value,
     pub mcp_servers: Value,
+    /// Who the agent acts as (`{"type": …, …}`), stored as given; `None` when it was never set, so that
+    /// each dialect can show its own default. Absent from agents stored before the field existed.
+    #[serde(default)]
+    pub execution_identity: Option<Value>,
     pub metadata: Metadata,
     pub version: u32,
     pub created_at: Timestamp,

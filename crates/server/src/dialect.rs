@@ -1,5 +1,8 @@
 //! The two wire dialects (§9). Every difference between them is a field of [`Dialect`]'s table here;
-//! handlers ask the table and never branch on the dialect themselves.
+//! handlers and views ask the table and never branch on the dialect themselves. docs/dialects.md says
+//! why each entry is what it is.
+
+use serde_json::{json, Value};
 
 /// Which prefix a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -11,6 +14,9 @@ pub enum Dialect {
 }
 
 impl Dialect {
+    /// Both dialects, in the order they are mounted and documented.
+    pub const ALL: [Dialect; 2] = [Dialect::Qoder, Dialect::Anthropic];
+
     pub const fn prefix(self) -> &'static str {
         match self {
             Dialect::Qoder => "/api/v1/cloud",
@@ -18,7 +24,16 @@ impl Dialect {
         }
     }
 
-    /// Largest `limit` on list endpoints other than the work list.
+    /// A short name for documents (OpenAPI operation ids and tags).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Dialect::Qoder => "qoder",
+            Dialect::Anthropic => "anthropic",
+        }
+    }
+
+    /// Largest `limit` on list endpoints other than the work list (§9; the Anthropic worker lists
+    /// session events with `limit=1000`).
     pub const fn max_list_limit(self) -> u32 {
         match self {
             Dialect::Qoder => 100,
@@ -46,5 +61,42 @@ impl Dialect {
     /// Whether `x-api-key` is an accepted way to send a credential (Qoder documents it as a 401).
     pub const fn accepts_x_api_key(self) -> bool {
         matches!(self, Dialect::Anthropic)
+    }
+
+    /// Whether an agent's `model` is always rendered as an object `{"id": …}`. The Anthropic SDK's agent
+    /// model requires the object form even when the agent was created from a model name; Qoder's SDK
+    /// takes either, so there the model is shown as it was given.
+    pub const fn agent_model_as_object(self) -> bool {
+        matches!(self, Dialect::Anthropic)
+    }
+
+    /// What an agent created without an `execution_identity` shows in that field. The Anthropic SDK
+    /// requires the field; Qoder does not model it.
+    pub fn default_execution_identity(self) -> Value {
+        match self {
+            Dialect::Qoder => Value::Null,
+            Dialect::Anthropic => json!({"type": "service_account"}),
+        }
+    }
+
+    /// The `config` an environment gets when its create request has none (§7.1: required in the Qoder
+    /// profile, optional in the Anthropic one, where an environment without a config is a managed one).
+    pub fn default_environment_config(self) -> Option<Value> {
+        match self {
+            Dialect::Qoder => None,
+            Dialect::Anthropic => {
+                Some(json!({"type": "cloud", "networking": {"type": "unrestricted"}}))
+            }
+        }
+    }
+
+    /// The credentials a request may carry, as OpenAPI security scheme names (see
+    /// `http::openapi`): bearer everywhere, `x-api-key` where [`Dialect::accepts_x_api_key`].
+    pub fn security_schemes(self) -> &'static [&'static str] {
+        if self.accepts_x_api_key() {
+            &["bearer", "api_key"]
+        } else {
+            &["bearer"]
+        }
     }
 }

@@ -1,9 +1,12 @@
-//! Rendering records as the JSON the wire expects (§2). One function per resource, used by both dialects.
+//! Rendering records as the JSON the wire expects (§2). One function per resource, used by both dialects;
+//! where the dialects render a field differently the function takes the [`Dialect`] and asks its table.
 
 use serde_json::{json, Value};
 use tether_core::resources::{Agent, Credential, Environment, Session};
 use tether_core::{Timestamp, WorkItem};
 use tether_store::{HistoryRow, Page};
+
+use crate::dialect::Dialect;
 
 fn ts(t: Option<Timestamp>) -> Value {
     t.map_or(Value::Null, |t| json!(t.to_rfc3339()))
@@ -47,17 +50,26 @@ pub fn work(item: &WorkItem, secret: Option<&str>) -> Value {
     })
 }
 
-pub fn agent(agent: &Agent) -> Value {
+pub fn agent(agent: &Agent, dialect: Dialect) -> Value {
+    let model = match &agent.model {
+        Value::String(name) if dialect.agent_model_as_object() => json!({ "id": name }),
+        other => other.clone(),
+    };
+    let execution_identity = agent
+        .execution_identity
+        .clone()
+        .unwrap_or_else(|| dialect.default_execution_identity());
     json!({
         "id": agent.id,
         "type": "agent",
         "name": agent.name,
-        "model": agent.model,
+        "model": model,
         "description": agent.description,
         "system": agent.system,
         "tools": agent.tools,
         "skills": agent.skills,
         "mcp_servers": agent.mcp_servers,
+        "execution_identity": execution_identity,
         "metadata": agent.metadata,
         "version": agent.version,
         "created_at": agent.created_at.to_rfc3339(),
@@ -66,11 +78,13 @@ pub fn agent(agent: &Agent) -> Value {
     })
 }
 
-pub fn session(s: &Session) -> Value {
+/// A session. Workers iterate `resources` and `agent.skills`, and the Anthropic SDK requires
+/// `outcome_evaluations`, `stats`, `usage` and `vault_ids`: all of them are always present.
+pub fn session(s: &Session, dialect: Dialect) -> Value {
     json!({
         "id": s.id,
         "type": "session",
-        "agent": agent(&s.agent),
+        "agent": agent(&s.agent, dialect),
         "agent_id": s.agent.id,
         "environment_id": s.environment_id,
         "status": s.status.as_str(),

@@ -150,6 +150,7 @@ fn frame(event: &Value) -> Event {
 pub async fn cancel(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     // Interrupting is a user-side act (§12.3): workers may not.
@@ -162,7 +163,7 @@ pub async fn cancel(
         )
             .into_response()
     } else {
-        Json(views::session(&session)).into_response()
+        Json(views::session(&session, d)).into_response()
     })
 }
 

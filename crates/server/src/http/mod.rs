@@ -4,17 +4,19 @@
 pub mod access;
 pub mod events;
 pub mod extract;
+pub mod openapi;
 pub mod ops;
 pub mod resources;
+pub mod routes;
 pub mod work;
 
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -22,86 +24,56 @@ use crate::dialect::Dialect;
 use crate::error::ApiError;
 use crate::service::App;
 
-/// The routes of one dialect, relative to its prefix.
+/// The routes of one dialect, relative to its prefix, from the route table.
 fn api() -> Router<App> {
-    use resources as r;
-    Router::new()
-        .route(
-            "/environments",
-            get(r::list_environments).post(r::create_environment),
-        )
-        .route(
-            "/environments/{id}",
-            get(r::get_environment)
-                .post(r::update_environment)
-                .delete(r::delete_environment),
-        )
-        .route("/environments/{id}/archive", post(r::archive_environment))
-        .route(
-            "/environments/{id}/keys",
-            get(r::list_keys).post(r::create_key),
-        )
-        .route(
-            "/environments/{id}/keys/{key_id}",
-            axum::routing::delete(r::revoke_key),
-        )
-        .route("/environments/{id}/workers", get(work::workers))
-        .route("/environments/{id}/work", get(work::list))
-        .route("/environments/{id}/work/poll", get(work::poll))
-        .route("/environments/{id}/work/stats", get(work::stats))
-        .route(
-            "/environments/{id}/work/{work_id}",
-            get(work::get).post(work::update),
-        )
-        .route("/environments/{id}/work/{work_id}/ack", post(work::ack))
-        .route(
-            "/environments/{id}/work/{work_id}/heartbeat",
-            post(work::heartbeat),
-        )
-        .route("/environments/{id}/work/{work_id}/stop", post(work::stop))
-        .route(
-            "/environments/{id}/work/{work_id}/history",
-            get(work::history),
-        )
-        .route("/agents", get(r::list_agents).post(r::create_agent))
-        .route("/agents/{id}", get(r::get_agent).post(r::update_agent))
-        .route("/agents/{id}/archive", post(r::archive_agent))
-        .route("/sessions", get(r::list_sessions).post(r::create_session))
-        .route(
-            "/sessions/{id}",
-            get(r::get_session)
-                .post(r::update_session)
-                .delete(r::delete_session),
-        )
-        .route("/sessions/{id}/archive", post(r::archive_session))
-        .route(
-            "/sessions/{id}/events",
-            get(events::list_events).post(events::post_events),
-        )
-        .route("/sessions/{id}/events/stream", get(events::stream))
-        .route("/sessions/{id}/cancel", post(events::cancel))
-        .route("/tokens", get(r::list_tokens).post(r::create_token))
-        .route("/tokens/{id}", axum::routing::delete(r::revoke_token))
+    routes::api()
+        .into_iter()
+        .fold(Router::new(), |router, e| router.route(e.path, e.route))
 }
 
 /// The whole application.
 pub fn router(app: App, body_limit: usize) -> Router {
-    let dialects = [Dialect::Qoder, Dialect::Anthropic];
-    let mut router = Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics));
-    for dialect in dialects {
+    let mut router = routes::ops()
+        .into_iter()
+        .fold(Router::new(), |router, e| router.route(e.path, e.route));
+    for dialect in Dialect::ALL {
         router = router.nest(dialect.prefix(), api().layer(Extension(dialect)));
     }
     router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(body_limit, read_body))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         }))
         .layer(middleware::from_fn(envelope))
         .with_state(app)
+}
+
+/// Reads the whole request body before the handler runs. A handler that answers without reading the
+/// body (ack, heartbeat, archive: the SDKs send `{}` or `Content-Length: 0` there; any early error)
+/// would otherwise leave unread bytes on a keep-alive connection, and hyper then closes it after the
+/// response; a client that reuses that pooled connection sees "server disconnected" — and the Qoder
+/// SDK never retries a POST after a transport error.
+async fn read_body(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || ApiError::bad_request("the request body is larger than the server accepts");
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large().into_response();
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Err(_) if declared.is_none() => too_large().into_response(),
+        Err(_) => ApiError::bad_request("the request body could not be read").into_response(),
+    }
 }
 
 /// Request ids (D-18), the error envelope (§1.7) and request metrics.
@@ -140,7 +112,9 @@ async fn envelope(request: Request, next: Next) -> Response {
     if status.is_client_error() && !matches!(status.as_u16(), 408 | 429) {
         // Our 4xx answers are deterministic: tell SDKs that honour it (both official ones do) not to
         // retry them — the Anthropic SDK would otherwise retry every 409 twice.
-        response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+        response
+            .headers_mut()
+            .insert("x-should-retry", HeaderValue::from_static("false"));
     }
     record_request(&method, &route, status, started);
     response

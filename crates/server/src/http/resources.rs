@@ -11,7 +11,6 @@ use tether_store::{ArchiveFilter, SessionFilter};
 use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire};
 use crate::body;
-use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
 use crate::service::App;
@@ -25,17 +24,6 @@ fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
     })
 }
 
-/// When a dialect lets `config` be omitted on create, what it means (§7.1: the Anthropic profile makes it
-/// optional; an environment without a config is a managed one there).
-fn default_config(dialect: Dialect) -> Option<Value> {
-    match dialect {
-        Dialect::Qoder => None,
-        Dialect::Anthropic => {
-            Some(json!({"type": "cloud", "networking": {"type": "unrestricted"}}))
-        }
-    }
-}
-
 pub async fn create_environment(
     State(app): State<App>,
     Caller(p): Caller,
@@ -46,7 +34,7 @@ pub async fn create_environment(
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
     let JsonBody(raw) = body?;
     let env = app
-        .create_environment(body::object(raw)?, default_config(d))
+        .create_environment(body::object(raw)?, d.default_environment_config())
         .await?;
     Ok(Json(views::environment(&env)))
 }
@@ -200,12 +188,14 @@ pub async fn revoke_token(
 pub async fn create_agent(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     let JsonBody(raw) = body?;
     Ok(Json(views::agent(
         &app.create_agent(body::object(raw)?).await?,
+        d,
     )))
 }
 
@@ -218,13 +208,19 @@ pub async fn list_agents(
     access::admin(&p)?;
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Agent))?;
     let agents = app.list_agents(&archive_filter(&params)?, &page).await?;
-    Ok(Json(views::list(&agents, |a| a.id.clone(), views::agent)))
+    Ok(Json(views::list(
+        &agents,
+        |a| a.id.clone(),
+        |a| views::agent(a, d),
+    )))
 }
 
 pub async fn get_agent(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     Path(id): Path<String>,
+    params: Params,
 ) -> ApiResult<Json<Value>> {
     let agent = match &p {
         Principal::Admin { .. } => app.agent(&id).await?,
@@ -255,12 +251,18 @@ pub async fn get_agent(
             app.agent(&id).await?
         }
     };
-    Ok(Json(views::agent(&agent)))
+    // `?version=n` reads an earlier version (both SDKs' `agents.retrieve(id, version=…)`).
+    let agent = match params.int("version")? {
+        None => agent,
+        Some(version) => app.agent_version(&id, version).await?,
+    };
+    Ok(Json(views::agent(&agent, d)))
 }
 
 pub async fn update_agent(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
@@ -269,28 +271,31 @@ pub async fn update_agent(
     let JsonBody(raw) = body?;
     Ok(Json(views::agent(
         &app.update_agent(&id, body::object(raw)?).await?,
+        d,
     )))
 }
 
 pub async fn archive_agent(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
-    Ok(Json(views::agent(&app.archive_agent(&id).await?)))
+    Ok(Json(views::agent(&app.archive_agent(&id).await?, d)))
 }
 
 pub async fn create_session(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     let JsonBody(raw) = body?;
     let body = body::object(raw)?;
     let session = app.create_session(body).await?;
-    Ok(Json(views::session(&session)))
+    Ok(Json(views::session(&session, d)))
 }
 
 pub async fn list_sessions(
@@ -341,13 +346,14 @@ pub async fn list_sessions(
     Ok(Json(views::list(
         &sessions,
         |s| s.id.clone(),
-        views::session,
+        |s| views::session(s, d),
     )))
 }
 
 pub async fn get_session(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     if let Principal::SessionToken { session_id, .. } = &p {
@@ -359,12 +365,13 @@ pub async fn get_session(
     }
     let session = app.session(&id).await?;
     access::session(&p, &session.id, &session.environment_id)?;
-    Ok(Json(views::session(&session)))
+    Ok(Json(views::session(&session, d)))
 }
 
 pub async fn update_session(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
@@ -373,16 +380,18 @@ pub async fn update_session(
     let JsonBody(raw) = body?;
     Ok(Json(views::session(
         &app.update_session(&id, body::object(raw)?).await?,
+        d,
     )))
 }
 
 pub async fn archive_session(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
-    Ok(Json(views::session(&app.archive_session(&id).await?)))
+    Ok(Json(views::session(&app.archive_session(&id).await?, d)))
 }
 
 pub async fn delete_session(

@@ -29,6 +29,37 @@ fn model(value: Option<&Value>) -> ApiResult<Option<Value>> {
     }
 }
 
+/// `execution_identity`: an object naming its `type` (`service_account`, `aws_role`, …), stored as given.
+fn execution_identity(value: Option<&Value>) -> ApiResult<Option<Value>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Object(m))
+            if m.get("type")
+                .is_some_and(|t| t.as_str().is_some_and(|s| !s.is_empty())) =>
+        {
+            Ok(Some(v.clone()))
+        }
+        Some(_) => Err(ApiError::bad_param(
+            "execution_identity",
+            "execution_identity must be an object with a string \"type\"",
+        )),
+    }
+}
+
+/// The optional `version` of an update: the version the caller last saw (both official SDKs send it as
+/// an optimistic-concurrency precondition).
+fn expected_version(body: &Map<String, Value>) -> ApiResult<Option<u32>> {
+    match body.get("version") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_param("version", "version must be a positive integer")),
+    }
+}
+
 impl App {
     pub(crate) async fn agent_versioned(&self, id: &str) -> ApiResult<Versioned<Agent>> {
         if !ids::is_well_formed(IdKind::Agent, id) {
@@ -42,6 +73,22 @@ impl App {
 
     pub async fn agent(&self, id: &str) -> ApiResult<Agent> {
         Ok(self.agent_versioned(id).await?.value)
+    }
+
+    /// One version of an agent, as sessions created on it see it.
+    pub async fn agent_version(&self, id: &str, version: i64) -> ApiResult<Agent> {
+        let version = u32::try_from(version)
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| ApiError::bad_param("version", "version must be a positive integer"))?;
+        self.agent_versioned(id).await?;
+        self.store
+            .get_agent_version(id, version)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(format!("agent {id} has no version {version}"))
+                    .with_code("agent_version_not_found")
+            })
     }
 
     pub async fn create_agent(&self, body: Map<String, Value>) -> ApiResult<Agent> {
@@ -62,6 +109,7 @@ impl App {
             tools: body::optional_array(&body, "tools")?,
             skills: body::optional_array(&body, "skills")?,
             mcp_servers: body::optional_array(&body, "mcp_servers")?,
+            execution_identity: execution_identity(body.get("execution_identity"))?,
             metadata: body::metadata(&body)?,
             version: 1,
             created_at: now,
@@ -82,7 +130,8 @@ impl App {
         Ok(self.store.list_agents(filter, page).await?)
     }
 
-    /// Partial update; every accepted update makes a new version (§12.1).
+    /// Partial update; every accepted update makes a new version (§12.1). A `version` in the body must
+    /// equal the current version, else nothing changes and the answer is 409 (docs/dialects.md).
     pub async fn update_agent(&self, id: &str, body: Map<String, Value>) -> ApiResult<Agent> {
         let name = body::optional_string(&body, "name")?
             .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
@@ -103,11 +152,29 @@ impl App {
                 ))
             })
             .collect::<ApiResult<_>>()?;
+        let identity = if body.contains_key("execution_identity") {
+            Some(execution_identity(body.get("execution_identity"))?)
+        } else {
+            None
+        };
+        let expected = expected_version(&body)?;
         let patch = body::metadata_patch(&body)?;
         with_retries(|| async {
             let current = self.agent_versioned(id).await?;
             if current.value.archived_at.is_some() {
                 return Err(Retry::Fail(ApiError::bad_request("the agent is archived")));
+            }
+            if let Some(expected) = expected {
+                if expected != current.value.version {
+                    return Err(Retry::Fail(
+                        ApiError::conflict(format!(
+                            "the agent is at version {}, not {expected}; read it again and retry",
+                            current.value.version
+                        ))
+                        .with_param("version")
+                        .with_code("version_mismatch"),
+                    ));
+                }
             }
             let mut next = current.value.clone();
             if let Some(v) = &name {
@@ -121,6 +188,9 @@ impl App {
             }
             if system.is_some() {
                 next.system = system.clone();
+            }
+            if let Some(v) = &identity {
+                next.execution_identity = v.clone();
             }
             for (field, value) in &arrays {
                 if let Some(value) = value {

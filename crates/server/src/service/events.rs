@@ -52,16 +52,25 @@ pub fn server_event(session: &mut Session, event: &ServerEvent, now: Timestamp) 
     let (kind, fields) = match event {
         ServerEvent::StatusRunning => ("session.status_running", Map::new()),
         ServerEvent::StatusRescheduled => ("session.status_rescheduled", Map::new()),
+        // The turn died with the item that served it and the session takes new input: in the official
+        // SDKs' terms the retries are exhausted (`retry_status: exhausted`; `terminal` would promise a
+        // `terminated` session). Both SDKs know these values; §12.3's `error` stop reason is known to
+        // neither (docs/dialects.md).
         ServerEvent::StatusIdle => {
             let mut m = Map::new();
-            m.insert("stop_reason".into(), json!({"type": "error"}));
+            m.insert("stop_reason".into(), json!({"type": "retries_exhausted"}));
             ("session.status_idle", m)
         }
         ServerEvent::Error { message } => {
             let mut m = Map::new();
             m.insert(
                 "error".into(),
-                json!({"type": "work_stopped", "message": message}),
+                json!({
+                    "type": "unknown_error",
+                    "message": message,
+                    "retry_status": {"type": "exhausted"},
+                    "code": "work_stopped",
+                }),
             );
             ("session.error", m)
         }

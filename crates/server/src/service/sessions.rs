@@ -32,11 +32,26 @@ impl App {
         Ok(self.session_versioned(id).await?.value)
     }
 
-    /// `agent` is an id, or `{type:"agent", id, version?}`.
+    /// `agent` is an id, or `{type:"agent", id, version?}` (`type` may be omitted).
     async fn resolve_agent(&self, reference: Option<&Value>) -> ApiResult<Agent> {
         let (id, version) = match reference {
             Some(Value::String(id)) => (id.clone(), None),
             Some(Value::Object(m)) => {
+                // Both SDKs also offer `{"type":"agent_with_overrides", …}`. Serving it as a plain
+                // reference would silently drop the overrides, so anything but `agent` is refused.
+                match m.get("type") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(t)) if t == "agent" => {}
+                    Some(other) => {
+                        return Err(ApiError::bad_param(
+                            "agent",
+                            format!(
+                                "agent.type {other} is not supported: send an agent id or \
+                                 {{\"type\": \"agent\", \"id\": …, \"version\": …}}"
+                            ),
+                        ))
+                    }
+                }
                 let id = m
                     .get("id")
                     .and_then(Value::as_str)

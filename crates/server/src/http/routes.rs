@@ -1,0 +1,456 @@
+//! The route table: every endpoint once, with its handler and what the OpenAPI document says about it.
+//! The router ([`super::router`]) and the document ([`super::openapi`]) are both built from this table,
+//! so an endpoint cannot be served without being documented, or documented without being served.
+
+use axum::handler::Handler;
+use axum::routing::{on, MethodFilter, MethodRouter};
+
+use super::{events, ops, resources as r, work};
+use crate::service::App;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Verb {
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+            Verb::Delete => MethodFilter::DELETE,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Delete => "DELETE",
+        }
+    }
+}
+
+/// Which credentials an endpoint takes (§11.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// No credential at all (operations surface).
+    Public,
+    /// An admin token.
+    Admin,
+    /// An admin token or the key of the environment in the path.
+    Environment,
+    /// An admin token, the key of the environment in the path, or the item's session token.
+    WorkItem,
+    /// An admin token, the key of the session's environment, or the session token of its live item.
+    Session,
+    /// An admin token, or a worker credential of an environment where a session uses the agent.
+    Agent,
+    /// An admin token, or an environment key (which sees its own environment's sessions only).
+    SessionList,
+}
+
+impl Access {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Access::Public => "No credential.",
+            Access::Admin => "Credential: an admin token.",
+            Access::Environment => "Credential: an admin token or this environment's key.",
+            Access::WorkItem => {
+                "Credential: an admin token, this environment's key, or the item's session token \
+                 (from the `secret` of the poll that delivered it)."
+            }
+            Access::Session => {
+                "Credential: an admin token, the key of the session's environment, or the session \
+                 token of the session's live work item."
+            }
+            Access::Agent => {
+                "Credential: an admin token, or a worker credential of an environment with a session \
+                 on this agent."
+            }
+            Access::SessionList => {
+                "Credential: an admin token, or an environment key (it lists its own environment's \
+                 sessions only)."
+            }
+        }
+    }
+}
+
+/// Where a documented parameter travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    Query,
+    Header,
+    /// The worker identity header, whose name is the dialect's (`Dialect::worker_headers`).
+    WorkerHeader,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ty {
+    Integer,
+    String,
+    Boolean,
+    Timestamp,
+    /// Repeatable (`name=a&name=b`, `name[]=a`, or comma-separated).
+    Strings,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    pub name: &'static str,
+    pub at: At,
+    pub ty: Ty,
+    pub doc: &'static str,
+}
+
+const fn q(name: &'static str, ty: Ty, doc: &'static str) -> Param {
+    Param {
+        name,
+        at: At::Query,
+        ty,
+        doc,
+    }
+}
+
+/// The request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// None is read; any body is ignored.
+    None,
+    /// Optional (absent, empty and `{}` are the same); the component schema's name.
+    Optional(&'static str),
+    /// Required; the component schema's name.
+    Required(&'static str),
+}
+
+/// The successful answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Returns {
+    /// 200 with the named component schema.
+    Json(&'static str),
+    /// 200 with a list envelope of the named component schema.
+    List(&'static str),
+    /// 200 with the named schema, or the JSON literal `null`.
+    JsonOrNull(&'static str),
+    /// 200 with the first schema, or 202 with the second.
+    JsonOr202(&'static str, &'static str),
+    /// 200 `text/event-stream`.
+    EventStream,
+    /// 200 `text/plain`.
+    Text,
+    /// 200 with any JSON document (the OpenAPI document itself).
+    AnyJson,
+}
+
+pub struct Endpoint {
+    pub verb: Verb,
+    /// Relative to the dialect prefix for API endpoints; absolute for the operations surface.
+    pub path: &'static str,
+    pub route: MethodRouter<App>,
+    pub operation: &'static str,
+    pub tag: &'static str,
+    pub summary: &'static str,
+    pub access: Access,
+    pub params: Vec<Param>,
+    pub body: Body,
+    pub returns: Returns,
+}
+
+fn ep<H, T>(verb: Verb, path: &'static str, operation: &'static str, handler: H) -> Endpoint
+where
+    H: Handler<T, App>,
+    T: 'static,
+{
+    Endpoint {
+        verb,
+        path,
+        route: on(verb.filter(), handler),
+        operation,
+        tag: "",
+        summary: "",
+        access: Access::Admin,
+        params: Vec::new(),
+        body: Body::None,
+        returns: Returns::AnyJson,
+    }
+}
+
+impl Endpoint {
+    fn doc(mut self, tag: &'static str, summary: &'static str) -> Self {
+        self.tag = tag;
+        self.summary = summary;
+        self
+    }
+
+    fn access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    fn params(mut self, params: &[Param]) -> Self {
+        self.params.extend_from_slice(params);
+        self
+    }
+
+    fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    fn returns(mut self, returns: Returns) -> Self {
+        self.returns = returns;
+        self
+    }
+}
+
+const PAGE: &[Param] = &[
+    q("limit", Ty::Integer, "Page size, from 1 (default 20) to the dialect's largest (100 on /api/v1/cloud, 1000 on /v1)."),
+    q("page", Ty::String, "Cursor: the `next_page` of the previous page."),
+    q("after_id", Ty::String, "Cursor: items strictly after this id."),
+    q("before_id", Ty::String, "Cursor: items strictly before this id."),
+];
+const ARCHIVED: &[Param] = &[
+    q(
+        "include_archived",
+        Ty::Boolean,
+        "Also list archived resources (default false).",
+    ),
+    q(
+        "created_at[gte]",
+        Ty::Timestamp,
+        "Created at or after this instant.",
+    ),
+    q(
+        "created_at[lte]",
+        Ty::Timestamp,
+        "Created at or before this instant.",
+    ),
+];
+const WORKER_ID: Param = Param {
+    name: "worker-id",
+    at: At::WorkerHeader,
+    ty: Ty::String,
+    doc: "Stable worker identity: 1 to 256 printable ASCII characters.",
+};
+
+/// Every endpoint of one dialect, relative to its prefix (both dialects serve the same table).
+pub fn api() -> Vec<Endpoint> {
+    use Access::*;
+    use Body::{Optional, Required};
+    use Returns::*;
+    use Verb::*;
+    vec![
+        // Environments (§7.1) and their keys (§11.1).
+        ep(Get, "/environments", "listEnvironments", r::list_environments)
+            .doc("environments", "List environments")
+            .params(PAGE)
+            .params(ARCHIVED)
+            .returns(List("Environment")),
+        ep(Post, "/environments", "createEnvironment", r::create_environment)
+            .doc("environments", "Create an environment")
+            .body(Required("CreateEnvironment"))
+            .returns(Json("Environment")),
+        ep(Get, "/environments/{environment_id}", "getEnvironment", r::get_environment)
+            .doc("environments", "Get an environment")
+            .access(Environment)
+            .returns(Json("Environment")),
+        ep(Post, "/environments/{environment_id}", "updateEnvironment", r::update_environment)
+            .doc("environments", "Update an environment (partial; metadata is a merge patch)")
+            .body(Required("UpdateEnvironment"))
+            .returns(Json("Environment")),
+        ep(Delete, "/environments/{environment_id}", "deleteEnvironment", r::delete_environment)
+            .doc("environments", "Delete an environment and its queue")
+            .returns(Json("Deleted")),
+        ep(Post, "/environments/{environment_id}/archive", "archiveEnvironment", r::archive_environment)
+            .doc("environments", "Archive an environment")
+            .returns(Json("Environment")),
+        ep(Get, "/environments/{environment_id}/keys", "listEnvironmentKeys", r::list_keys)
+            .doc("credentials", "List the environment's keys (never their secrets)")
+            .params(PAGE)
+            .returns(List("Credential")),
+        ep(Post, "/environments/{environment_id}/keys", "createEnvironmentKey", r::create_key)
+            .doc("credentials", "Mint an environment key (its secret is shown once)")
+            .body(Optional("CreateCredential"))
+            .returns(Json("NewCredential")),
+        ep(Delete, "/environments/{environment_id}/keys/{key_id}", "revokeEnvironmentKey", r::revoke_key)
+            .doc("credentials", "Revoke an environment key")
+            .returns(Json("Credential")),
+        ep(Get, "/environments/{environment_id}/workers", "listWorkers", work::workers)
+            .doc("work", "Workers seen polling in the last 5 minutes, with the live items they hold")
+            .access(Environment)
+            .returns(Json("Workers")),
+        // The work queue (§6).
+        ep(Get, "/environments/{environment_id}/work", "listWork", work::list)
+            .doc("work", "List work items in queue order")
+            .access(Environment)
+            .params(PAGE)
+            .returns(List("WorkItem")),
+        ep(Get, "/environments/{environment_id}/work/poll", "pollWork", work::poll)
+            .doc("work", "Claim one queued item (`null` when there is none)")
+            .access(Environment)
+            .params(&[
+                q("block_ms", Ty::Integer, "Wait up to this long (1 to 999 ms) for an item; absent: answer at once."),
+                q("reclaim_older_than_ms", Ty::Integer, "Re-deliver un-acked deliveries older than this (default 5000; at least 0 on /api/v1/cloud, 1 on /v1)."),
+                WORKER_ID,
+            ])
+            .returns(JsonOrNull("WorkItem")),
+        ep(Get, "/environments/{environment_id}/work/stats", "workStats", work::stats)
+            .doc("work", "Queue statistics")
+            .access(Environment)
+            .returns(Json("WorkQueueStats")),
+        ep(Get, "/environments/{environment_id}/work/{work_id}", "getWork", work::get)
+            .doc("work", "Get a work item")
+            .access(WorkItem)
+            .returns(Json("WorkItem")),
+        ep(Post, "/environments/{environment_id}/work/{work_id}", "updateWork", work::update)
+            .doc("work", "Merge-patch a work item's metadata")
+            .access(WorkItem)
+            .body(Optional("WorkMetadataPatch"))
+            .returns(Json("WorkItem")),
+        ep(Post, "/environments/{environment_id}/work/{work_id}/ack", "ackWork", work::ack)
+            .doc("work", "Acknowledge a delivered item (queued → starting)")
+            .access(WorkItem)
+            .params(&[WORKER_ID])
+            .returns(Json("WorkItem")),
+        ep(Post, "/environments/{environment_id}/work/{work_id}/heartbeat", "heartbeatWork", work::heartbeat)
+            .doc("work", "Renew the lease (the first heartbeat makes the item active)")
+            .access(WorkItem)
+            .params(&[
+                q("expected_last_heartbeat", Ty::String, "`NO_HEARTBEAT`, or the `last_heartbeat` of the previous answer; absent: unconditional."),
+                q("desired_ttl_seconds", Ty::Integer, "Lease length wanted; clamped into the server's bounds (10 to 600 by default)."),
+                WORKER_ID,
+            ])
+            .returns(Json("WorkHeartbeat")),
+        ep(Post, "/environments/{environment_id}/work/{work_id}/stop", "stopWork", work::stop)
+            .doc("work", "Request, confirm or force a stop")
+            .access(WorkItem)
+            .body(Optional("StopRequest"))
+            .returns(Json("WorkItem")),
+        ep(Get, "/environments/{environment_id}/work/{work_id}/history", "workHistory", work::history)
+            .doc("work", "Every state change of a work item, oldest first")
+            .access(WorkItem)
+            .params(&[
+                q("limit", Ty::Integer, "Page size, 1 to 100 (default 20)."),
+                q("page", Ty::String, "Cursor: the `next_page` of the previous page."),
+            ])
+            .returns(Json("WorkHistory")),
+        // Agents (§12.1).
+        ep(Get, "/agents", "listAgents", r::list_agents)
+            .doc("agents", "List agents")
+            .params(PAGE)
+            .params(ARCHIVED)
+            .returns(List("Agent")),
+        ep(Post, "/agents", "createAgent", r::create_agent)
+            .doc("agents", "Create an agent (version 1)")
+            .body(Required("CreateAgent"))
+            .returns(Json("Agent")),
+        ep(Get, "/agents/{agent_id}", "getAgent", r::get_agent)
+            .doc("agents", "Get an agent, at its current or an earlier version")
+            .access(Agent)
+            .params(&[q("version", Ty::Integer, "Read this version instead of the current one.")])
+            .returns(Json("Agent")),
+        ep(Post, "/agents/{agent_id}", "updateAgent", r::update_agent)
+            .doc("agents", "Update an agent: a new version; `version` in the body must match the current one")
+            .body(Required("UpdateAgent"))
+            .returns(Json("Agent")),
+        ep(Post, "/agents/{agent_id}/archive", "archiveAgent", r::archive_agent)
+            .doc("agents", "Archive an agent")
+            .returns(Json("Agent")),
+        // Sessions (§12.2) and their events (§12.3).
+        ep(Get, "/sessions", "listSessions", r::list_sessions)
+            .doc("sessions", "List sessions")
+            .access(SessionList)
+            .params(PAGE)
+            .params(ARCHIVED)
+            .params(&[
+                q("agent_id", Ty::String, "Only sessions of this agent."),
+                q("environment_id", Ty::String, "Only sessions in this environment."),
+                q("statuses", Ty::Strings, "Only sessions in one of these statuses (`statuses[]=idle&statuses[]=running` or `statuses=idle,running`)."),
+            ])
+            .returns(List("Session")),
+        ep(Post, "/sessions", "createSession", r::create_session)
+            .doc("sessions", "Create a session (on a self-hosted environment, enqueues its first work item)")
+            .body(Required("CreateSession"))
+            .returns(Json("Session")),
+        ep(Get, "/sessions/{session_id}", "getSession", r::get_session)
+            .doc("sessions", "Get a session")
+            .access(Session)
+            .returns(Json("Session")),
+        ep(Post, "/sessions/{session_id}", "updateSession", r::update_session)
+            .doc("sessions", "Update a session's title and metadata")
+            .body(Required("UpdateSession"))
+            .returns(Json("Session")),
+        ep(Delete, "/sessions/{session_id}", "deleteSession", r::delete_session)
+            .doc("sessions", "Delete a session (force-stops its live work item)")
+            .returns(Json("Deleted")),
+        ep(Post, "/sessions/{session_id}/archive", "archiveSession", r::archive_session)
+            .doc("sessions", "Archive a session (force-stops its live work item)")
+            .returns(Json("Session")),
+        ep(Post, "/sessions/{session_id}/cancel", "cancelSession", events::cancel)
+            .doc("sessions", "Interrupt the running turn (202), or do nothing while idle (200)")
+            .returns(JsonOr202("Session", "Canceling")),
+        ep(Get, "/sessions/{session_id}/events", "listEvents", events::list_events)
+            .doc("events", "List a session's events")
+            .access(Session)
+            .params(PAGE)
+            .params(&[q("order", Ty::String, "`asc` (default) or `desc`.")])
+            .returns(List("Event")),
+        ep(Post, "/sessions/{session_id}/events", "postEvents", events::post_events)
+            .doc("events", "Append 1 to 100 events (workers: agent-side events and tool results only)")
+            .access(Session)
+            .body(Required("PostEvents"))
+            .returns(Json("PostedEvents")),
+        ep(Get, "/sessions/{session_id}/events/stream", "streamEvents", events::stream)
+            .doc("events", "Follow a session's events as Server-Sent Events")
+            .access(Session)
+            .params(&[
+                Param {
+                    name: "Last-Event-ID",
+                    at: At::Header,
+                    ty: Ty::String,
+                    doc: "Replay every event after this one first.",
+                },
+                q("last_event_id", Ty::String, "The same as the Last-Event-ID header, for clients that cannot set headers."),
+            ])
+            .returns(EventStream),
+        // Admin tokens (§11.1).
+        ep(Get, "/tokens", "listTokens", r::list_tokens)
+            .doc("credentials", "List admin tokens (never their secrets)")
+            .params(PAGE)
+            .returns(List("Credential")),
+        ep(Post, "/tokens", "createToken", r::create_token)
+            .doc("credentials", "Mint an admin token (its secret is shown once)")
+            .body(Optional("CreateCredential"))
+            .returns(Json("NewCredential")),
+        ep(Delete, "/tokens/{token_id}", "revokeToken", r::revoke_token)
+            .doc("credentials", "Revoke an admin token")
+            .returns(Json("Credential")),
+    ]
+}
+
+/// The operations surface (§11.4), outside the dialect prefixes.
+pub fn ops() -> Vec<Endpoint> {
+    use Access::Public;
+    use Returns::*;
+    use Verb::Get;
+    vec![
+        ep(Get, "/healthz", "healthz", ops::healthz)
+            .doc("operations", "The process is up")
+            .access(Public)
+            .returns(Json("Health")),
+        ep(Get, "/readyz", "readyz", ops::readyz)
+            .doc("operations", "The store answers (503 otherwise)")
+            .access(Public)
+            .returns(Json("Health")),
+        ep(Get, "/metrics", "metrics", ops::metrics)
+            .doc("operations", "Prometheus metrics")
+            .access(Public)
+            .returns(Text),
+        ep(Get, "/openapi.json", "openapi", super::openapi::serve)
+            .doc("operations", "This document")
+            .access(Public)
+            .returns(AnyJson),
+    ]
+}

@@ -325,6 +325,9 @@ def test_sessions_and_events(ant_lenient, ant, env, agent):
 
     events = list(c.beta.sessions.events.list(sess.id, limit=1000))  # the SDK worker asks for 1000
     assert [e.type for e in events][:2] == ["user.message", "session.status_running"]
+    # `types[]=…` filters, and the pager follows next_page through the filtered pages
+    picked = list(c.beta.sessions.events.list(sess.id, types=["session.status_running", "user.message"], limit=1))
+    assert [e.type for e in picked] == ["user.message", "session.status_running"]
 
     # no Last-Event-ID from this SDK: the stream starts with events written after it opened.
     # The SDK drops SSE frames that have no `event:` line, so this also checks the framing.

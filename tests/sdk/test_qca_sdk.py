@@ -393,6 +393,8 @@ def test_sessions_events_and_stream(qca, qca_lenient, env, agent):
     types = [e.type for e in log]
     assert types[:2] == ["user.message", "session.status_running"], types
     assert [e.id for e in log] == sorted(e.id for e in log)
+    newest_first = list(qca.sessions.events.list(sess.id, types=["user.message", "session.status_running"], order="desc", limit=1))
+    assert [e.type for e in newest_first] == ["session.status_running", "user.message"]
 
     # the stream replays what follows Last-Event-ID, then follows live
     with qca.sessions.events.stream(sess.id, last_event_id=msg.id) as stream:

@@ -17,6 +17,7 @@ use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire};
 use crate::body;
 use crate::error::{ApiError, ApiResult};
+use crate::service::events::EventFilter;
 use crate::service::tokens::Principal;
 use crate::service::App;
 use crate::views;
@@ -74,7 +75,14 @@ pub async fn list_events(
     let session = session_for(&app, &p, &id).await?;
     // The Anthropic worker reconciles with `limit=1000`; the dialect table says how far each one goes.
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Event))?;
-    let events = app.list_events(&session.id, &page).await?;
+    let filter = EventFilter {
+        types: params.all("types"),
+        created_gt: params.timestamp("created_at[gt]")?,
+        created_gte: params.timestamp("created_at[gte]")?,
+        created_lt: params.timestamp("created_at[lt]")?,
+        created_lte: params.timestamp("created_at[lte]")?,
+    };
+    let events = app.list_events(&session.id, &page, &filter).await?;
     Ok(Json(views::list(
         &events,
         |e| e.id.clone(),

@@ -395,7 +395,14 @@ pub fn api() -> Vec<Endpoint> {
             .doc("events", "List a session's events")
             .access(Session)
             .params(PAGE)
-            .params(&[q("order", Ty::String, "`asc` (default) or `desc`.")])
+            .params(&[
+                q("order", Ty::String, "`asc` (default) or `desc`."),
+                q("types", Ty::Strings, "Only events of these types (`types[]=agent.message&types[]=…`)."),
+                q("created_at[gt]", Ty::Timestamp, "Processed after this instant."),
+                q("created_at[gte]", Ty::Timestamp, "Processed at or after this instant."),
+                q("created_at[lt]", Ty::Timestamp, "Processed before this instant."),
+                q("created_at[lte]", Ty::Timestamp, "Processed at or before this instant."),
+            ])
             .returns(List("Event")),
         ep(Post, "/sessions/{session_id}/events", "postEvents", events::post_events)
             .doc("events", "Append 1 to 100 events (workers: agent-side events and tool results only)")

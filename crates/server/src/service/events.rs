@@ -125,6 +125,63 @@ pub fn append_batch(
 /// The largest page a live stream reads at once.
 const TAIL_PAGE: u32 = 100;
 
+/// How many events a filtered listing reads from the store at a time.
+const SCAN_PAGE: u32 = 500;
+
+/// Which events a listing keeps: the SDKs' `types[]` and `created_at[gt|gte|lt|lte]` (an event's
+/// creation time is its `processed_at`). Type names the server does not know simply match nothing.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub types: Vec<String>,
+    pub created_gt: Option<Timestamp>,
+    pub created_gte: Option<Timestamp>,
+    pub created_lt: Option<Timestamp>,
+    pub created_lte: Option<Timestamp>,
+}
+
+impl EventFilter {
+    pub fn is_empty(&self) -> bool {
+        self.types.is_empty()
+            && self.created_gt.is_none()
+            && self.created_gte.is_none()
+            && self.created_lt.is_none()
+            && self.created_lte.is_none()
+    }
+
+    pub fn keeps(&self, event: &SessionEvent) -> bool {
+        let kind = event.body.get("type").and_then(Value::as_str).unwrap_or("");
+        if !self.types.is_empty() && !self.types.iter().any(|t| t == kind) {
+            return false;
+        }
+        let bounds = [
+            self.created_gt,
+            self.created_gte,
+            self.created_lt,
+            self.created_lte,
+        ];
+        if bounds.iter().all(Option::is_none) {
+            return true;
+        }
+        let Some(at) = event
+            .body
+            .get("processed_at")
+            .and_then(Value::as_str)
+            .and_then(Timestamp::parse_rfc3339)
+        else {
+            return false;
+        };
+        // `Option::is_none_or` would say this more briefly, but it is newer than the supported Rust.
+        let within = |bound: Option<Timestamp>, ok: fn(Timestamp, Timestamp) -> bool| match bound {
+            None => true,
+            Some(t) => ok(at, t),
+        };
+        within(self.created_gt, |at, t| at > t)
+            && within(self.created_gte, |at, t| at >= t)
+            && within(self.created_lt, |at, t| at < t)
+            && within(self.created_lte, |at, t| at <= t)
+    }
+}
+
 impl App {
     /// Reads and checks the events a request carries under `field` (`events`, or `initial_events` on
     /// session create): every type is known and postable (400), the sender may send each (403), every
@@ -294,13 +351,57 @@ impl App {
         .await
     }
 
-    /// `GET /sessions/{id}/events`: one page of the log.
+    /// `GET /sessions/{id}/events`: one page of the log, of the events `filter` keeps.
     pub async fn list_events(
         &self,
         session_id: &str,
         page: &PageRequest,
+        filter: &EventFilter,
     ) -> ApiResult<Page<SessionEvent>> {
-        Ok(self.store.list_events(session_id, page).await?)
+        if filter.is_empty() {
+            return Ok(self.store.list_events(session_id, page).await?);
+        }
+        // The store pages by id only, so a filtered page is gathered by scanning on from the cursor
+        // until one more match than the page holds has been seen (that one only says `has_more`).
+        let backward = matches!(page.cursor, Cursor::Before(_));
+        let want = page.limit as usize;
+        let mut found: Vec<SessionEvent> = Vec::new();
+        let mut scan = PageRequest {
+            cursor: page.cursor.clone(),
+            limit: SCAN_PAGE,
+            descending: page.descending,
+        };
+        loop {
+            let chunk = self.store.list_events(session_id, &scan).await?;
+            let (Some(first), Some(last)) = (chunk.items.first(), chunk.items.last()) else {
+                break;
+            };
+            let next = if backward {
+                Cursor::Before(first.id.clone())
+            } else {
+                Cursor::After(last.id.clone())
+            };
+            let kept = chunk.items.iter().filter(|e| filter.keeps(e)).cloned();
+            if backward {
+                found.splice(0..0, kept);
+            } else {
+                found.extend(kept);
+            }
+            if found.len() > want || !chunk.has_more {
+                break;
+            }
+            scan.cursor = next;
+        }
+        let has_more = found.len() > want;
+        if backward {
+            found.drain(..found.len().saturating_sub(want));
+        } else {
+            found.truncate(want);
+        }
+        Ok(Page {
+            items: found,
+            has_more,
+        })
     }
 
     /// `POST /sessions/{id}/cancel` (§7.2, §12.2): while a turn runs, appends `user.interrupt` for the

@@ -295,10 +295,11 @@ def test_graceful_stop_of_queued_item_and_before_first_heartbeat(qca, env, agent
 
 def test_poll_blocking_reclaim_and_worker_identity(qca, env, agent):
     w = qca.environments.work
+    # a blocking poll on an empty queue waits out block_ms and answers null (no upper bound asserted:
+    # a loaded machine may be slow to answer)
     t0 = time.monotonic()
     assert w.poll(env.id, block_ms=400, worker_id="qca-a") is None
-    waited = time.monotonic() - t0
-    assert 0.3 <= waited < 5, waited
+    assert time.monotonic() - t0 >= 0.3
 
     new_session(qca, env, agent)
     first = w.poll(env.id, block_ms=999, worker_id="qca-a")

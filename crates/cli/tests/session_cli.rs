@@ -3,18 +3,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
 
 use serde_json::{json, Value};
+use support::lines::{Lines, PATIENCE};
 use support::ServerProcess;
 use tether_client::{Client, NewEvent};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tether");
-/// How long to wait for something that should happen in well under a second before calling it a hang.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Variables that would otherwise leak from the caller's shell into the commands under test.
 const AMBIENT: &[&str] = &[
@@ -59,104 +57,6 @@ fn json(server: &ServerProcess, args: &[&str]) -> Value {
     let text = ok(server, &args);
     serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("tether {args:?}: not JSON ({e}):\n{text}"))
-}
-
-/// A running command whose standard output is read line by line.
-struct Lines {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    /// Starts `tether ARGS` with `input` on its standard input; waits for `ready` on its standard
-    /// error when given.
-    fn start(server: &ServerProcess, args: &[&str], input: &str, ready: Option<&str>) -> Lines {
-        let mut child = tether(server, args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tether");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let wanted = ready.map(str::to_owned);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[tether stderr] {line}");
-                if wanted.as_deref().is_some_and(|w| line.contains(w)) {
-                    let _ = ready_tx.send(());
-                }
-            }
-        });
-        if ready.is_some() {
-            ready_rx
-                .recv_timeout(PATIENCE)
-                .expect("the command did not get ready");
-        }
-        Lines {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next line satisfying `wanted`, reading (and keeping) every line before it.
-    fn until(&mut self, wanted: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if wanted(&line) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no such line ({e}); seen so far:\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    /// Waits for the command to exit by itself; then every line it printed is in `seen`.
-    fn exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // The reader thread ends with the pipe; collect what it still holds.
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-                    self.seen.push(line);
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the command did not exit; seen:\n{}",
-                self.seen.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Posts the agent's side of a turn (as an admin, who may send every type).
@@ -266,10 +166,10 @@ fn send_events_and_watch() {
     // An empty log lists as such.
     assert_eq!(ok(&server, &["session", "events", s]), "No events.\n");
 
-    let mut watch = Lines::start(
-        &server,
-        &["session", "watch", s],
+    let mut watch = Lines::spawn(
+        tether(&server, &["session", "watch", s]),
         "",
+        "tether",
         Some("Watching session"),
     );
 
@@ -365,10 +265,10 @@ fn send_events_and_watch() {
     );
 
     // send --wait (the message from standard input): shows the turn, returns when it ends.
-    let mut waiting = Lines::start(
-        &server,
-        &["session", "send", s, "-", "--wait"],
+    let mut waiting = Lines::spawn(
+        tether(&server, &["session", "send", s, "-", "--wait"]),
         "ls -l\n",
+        "tether",
         None,
     );
     let line = waiting.until(|l| l.contains("user.message"));
@@ -456,10 +356,10 @@ fn watch_from_start_replays_the_log_and_json_prints_one_object_per_line() {
     let client = Client::new(&server.base, &server.token).unwrap();
     agent_turn(&rt, &client, s, "uname", "Linux\n");
 
-    let mut watch = Lines::start(
-        &server,
-        &["session", "watch", s, "--from-start", "--json"],
+    let mut watch = Lines::spawn(
+        tether(&server, &["session", "watch", s, "--from-start", "--json"]),
         "",
+        "tether",
         None,
     );
     let first: Value = serde_json::from_str(&watch.until(|_| true)).unwrap();

@@ -25,10 +25,16 @@ pub fn environment(p: &Principal, environment_id: &str) -> ApiResult<()> {
     }
 }
 
-/// Endpoints on one work item (get, metadata, heartbeat, stop; and ack by its own session token).
+/// Endpoints on one work item (get, metadata, heartbeat, stop; and ack by its own session token). A
+/// session token is bound to its environment too: under another environment's path it is the wrong
+/// environment (403), not a lookup that happens to miss.
 pub fn work_item(p: &Principal, environment_id: &str, work_id: &str) -> ApiResult<()> {
     match p {
-        Principal::SessionToken { work_id: w, .. } if w == work_id => Ok(()),
+        Principal::SessionToken {
+            work_id: w,
+            environment_id: e,
+            ..
+        } if w == work_id && e == environment_id => Ok(()),
         other => environment(other, environment_id),
     }
 }

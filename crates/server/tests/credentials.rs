@@ -1,0 +1,699 @@
+//! Who may do what (§11.1), as one table: every kind of credential against every endpoint.
+//!
+//! Rows are credentials: the admin token; an environment key of the environment under test and one of
+//! another environment; the session token of the live item under test and that of another item of the
+//! same environment; session tokens that died (item re-delivered, item stopped); a revoked key; garbage.
+//! Columns are the endpoints, each with the target it names. Every cell is 200, 401 or 403.
+//!
+//! A key may use every work endpoint of its environment, read its environment (§2.1: the setup script
+//! is shown to workers), read the sessions of its environment and the agents they use, and post
+//! worker-side events to them; a session token may do the item calls of its own item (get, metadata,
+//! ack — §2.3 names it —, heartbeat, history, stop), read its session, that session's events and agent,
+//! and post worker-side events to it. Everything else is 403; a dead, revoked or unknown token is 401.
+
+mod conformance;
+
+use conformance::*;
+
+/// Who holds the credential of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cred {
+    Admin,
+    OwnKey,
+    OtherEnvKey,
+    LiveToken,
+    OtherItemToken,
+    RedeliveredToken,
+    StoppedToken,
+    RevokedKey,
+    Garbage,
+}
+
+const CREDS: [Cred; 9] = [
+    Cred::Admin,
+    Cred::OwnKey,
+    Cred::OtherEnvKey,
+    Cred::LiveToken,
+    Cred::OtherItemToken,
+    Cred::RedeliveredToken,
+    Cred::StoppedToken,
+    Cred::RevokedKey,
+    Cred::Garbage,
+];
+
+/// Which credentials an endpoint's target admits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// Admin only.
+    Admin,
+    /// Environment A as a whole (its queue, its session list, the environment itself): admin, A's key.
+    EnvA,
+    /// Item W1, its session S1, S1's events and S1's agent: admin, A's key, W1's session token.
+    Item,
+    /// Listing sessions without naming an environment: any key (it sees its own environment's).
+    AnyKey,
+}
+
+fn expected(scope: Scope, cred: Cred) -> u16 {
+    match cred {
+        Cred::RedeliveredToken | Cred::StoppedToken | Cred::RevokedKey | Cred::Garbage => 401,
+        Cred::Admin => 200,
+        Cred::OwnKey => match scope {
+            Scope::Admin => 403,
+            _ => 200,
+        },
+        Cred::OtherEnvKey => match scope {
+            Scope::AnyKey => 200,
+            _ => 403,
+        },
+        Cred::LiveToken => match scope {
+            Scope::Item => 200,
+            _ => 403,
+        },
+        Cred::OtherItemToken => 403,
+    }
+}
+
+/// Everything a row's requests point at, built through the public API.
+struct World {
+    env_a: String,
+    env_to_archive: String,
+    env_to_delete: String,
+    agent_x: String,
+    agent_to_archive: String,
+    key_a: String,
+    key_b: String,
+    key_revoked: String,
+    key_to_revoke: String,
+    token_to_revoke: String,
+    s1: String,
+    w1: String,
+    t1: String,
+    t2: String,
+    token_redelivered: String,
+    token_stopped: String,
+    session_to_archive: String,
+    session_to_delete: String,
+    tool_use_id: String,
+}
+
+async fn ok(server: &TestServer, method: Method, path: &str, body: Option<Value>) -> Value {
+    let mut r = req(server, method, path);
+    if let Some(body) = body {
+        r = r.json(body);
+    }
+    r.send().await.ok().clone()
+}
+
+async fn id_of(server: &TestServer, path: &str, body: Value) -> String {
+    ok(server, Method::POST, path, Some(body)).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned()
+}
+
+impl World {
+    async fn build(server: &TestServer) -> World {
+        let env = |name: &str| json!({"name": name, "config": {"type": "self_hosted"}});
+        let env_a = id_of(server, "/environments", env("a")).await;
+        let env_b = id_of(server, "/environments", env("b")).await;
+        let env_to_archive = id_of(server, "/environments", env("archive-me")).await;
+        let env_to_delete = id_of(server, "/environments", env("delete-me")).await;
+        let agent = |name: &str| json!({"name": name, "model": "m"});
+        let agent_x = id_of(server, "/agents", agent("x")).await;
+        let agent_z = id_of(server, "/agents", agent("z")).await;
+        let agent_y = id_of(server, "/agents", agent("y")).await;
+        let agent_to_archive = id_of(server, "/agents", agent("archive-me")).await;
+
+        let key = |env: String| async move {
+            let k = ok(
+                server,
+                Method::POST,
+                &format!("/environments/{env}/keys"),
+                Some(json!({})),
+            )
+            .await;
+            (
+                k["id"].as_str().unwrap().to_owned(),
+                k["token"].as_str().unwrap().to_owned(),
+            )
+        };
+        let (_, key_a) = key(env_a.clone()).await;
+        let (_, key_b) = key(env_b.clone()).await;
+        let (revoked_id, key_revoked) = key(env_a.clone()).await;
+        ok(
+            server,
+            Method::DELETE,
+            &format!("/environments/{env_a}/keys/{revoked_id}"),
+            None,
+        )
+        .await;
+        let (key_to_revoke, _) = key(env_a.clone()).await;
+        let token_to_revoke = id_of(server, "/tokens", json!({"name": "spare"})).await;
+
+        let session = |agent: String, env: String| async move {
+            id_of(
+                server,
+                "/sessions",
+                json!({"agent": agent, "environment_id": env}),
+            )
+            .await
+        };
+        let poll = |query: &'static str| {
+            let env_a = env_a.clone();
+            async move {
+                let item = ok(
+                    server,
+                    Method::GET,
+                    &format!("/environments/{env_a}/work/poll{query}"),
+                    None,
+                )
+                .await;
+                let (token, _) = decode_secret(&item);
+                (item["id"].as_str().unwrap().to_owned(), token)
+            }
+        };
+        let ack = |work: String| {
+            let env_a = env_a.clone();
+            async move {
+                ok(
+                    server,
+                    Method::POST,
+                    &format!("/environments/{env_a}/work/{work}/ack"),
+                    None,
+                )
+                .await;
+            }
+        };
+
+        // W1: the live item under test, active.
+        let s1 = session(agent_x.clone(), env_a.clone()).await;
+        let (w1, t1) = poll("").await;
+        ack(w1.clone()).await;
+        ok(
+            server,
+            Method::POST,
+            &format!(
+                "/environments/{env_a}/work/{w1}/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"
+            ),
+            None,
+        )
+        .await;
+        // W2: another live item of the same environment, whose session uses another agent.
+        session(agent_z, env_a.clone()).await;
+        let (w2, t2) = poll("").await;
+        ack(w2).await;
+        // W4: delivered twice, so its first token is dead. It is the only claimable item here, so the
+        // second poll (reclaiming at once) must hand out the same item.
+        session(agent_x.clone(), env_a.clone()).await;
+        let (w4, token_redelivered) = poll("").await;
+        let (again, _) = poll("?reclaim_older_than_ms=0").await;
+        assert_eq!(again, w4, "the re-delivery is of the same item");
+        ack(w4).await;
+        // W5: stopped, so its token is dead.
+        session(agent_x.clone(), env_a.clone()).await;
+        let (w5, token_stopped) = poll("").await;
+        ok(
+            server,
+            Method::POST,
+            &format!("/environments/{env_a}/work/{w5}/stop"),
+            Some(json!({"force": true})),
+        )
+        .await;
+        // Environment B has a session of its own, with an agent nobody in A uses.
+        session(agent_y, env_b.clone()).await;
+        let session_to_archive = session(agent_x.clone(), env_a.clone()).await;
+        let session_to_delete = session(agent_x.clone(), env_a.clone()).await;
+        // A tool call in S1, so that a tool result has something to answer.
+        let posted = ok(
+            server,
+            Method::POST,
+            &format!("/sessions/{s1}/events"),
+            Some(json!({"events": [{"type": "agent.tool_use", "name": "bash", "input": {"command": "true"}}]})),
+        )
+        .await;
+        let tool_use_id = posted["data"][0]["id"].as_str().unwrap().to_owned();
+        World {
+            env_a,
+            env_to_archive,
+            env_to_delete,
+            agent_x,
+            agent_to_archive,
+            key_a,
+            key_b,
+            key_revoked,
+            key_to_revoke,
+            token_to_revoke,
+            s1,
+            w1,
+            t1,
+            t2,
+            token_redelivered,
+            token_stopped,
+            session_to_archive,
+            session_to_delete,
+            tool_use_id,
+        }
+    }
+
+    fn secret(&self, cred: Cred, admin: &str) -> String {
+        match cred {
+            Cred::Admin => admin.to_owned(),
+            Cred::OwnKey => self.key_a.clone(),
+            Cred::OtherEnvKey => self.key_b.clone(),
+            Cred::LiveToken => self.t1.clone(),
+            Cred::OtherItemToken => self.t2.clone(),
+            Cred::RedeliveredToken => self.token_redelivered.clone(),
+            Cred::StoppedToken => self.token_stopped.clone(),
+            Cred::RevokedKey => self.key_revoked.clone(),
+            Cred::Garbage => "tth_env_not-a-key-anybody-minted".to_owned(),
+        }
+    }
+}
+
+/// One column of the table.
+struct Endpoint {
+    name: &'static str,
+    scope: Scope,
+    method: Method,
+    path: String,
+    body: Option<Value>,
+}
+
+/// Every endpoint, in an order where those that change things come after those that need them
+/// unchanged: W1 is stopped (gracefully, so its token lives on) only once its other calls are done, and
+/// the destructive admin calls have targets of their own.
+fn endpoints(w: &World) -> Vec<Endpoint> {
+    let e = |name, scope, method: Method, path: String, body: Option<Value>| Endpoint {
+        name,
+        scope,
+        method,
+        path,
+        body,
+    };
+    let env = &w.env_a;
+    let w1 = |suffix: &str| format!("/environments/{env}/work/{}{suffix}", w.w1);
+    let s1 = |suffix: &str| format!("/sessions/{}{suffix}", w.s1);
+    use Scope::*;
+    vec![
+        // Work, queue-wide (§6).
+        e(
+            "work list",
+            EnvA,
+            Method::GET,
+            format!("/environments/{env}/work"),
+            None,
+        ),
+        e(
+            "work poll",
+            EnvA,
+            Method::GET,
+            format!("/environments/{env}/work/poll"),
+            None,
+        ),
+        e(
+            "work stats",
+            EnvA,
+            Method::GET,
+            format!("/environments/{env}/work/stats"),
+            None,
+        ),
+        e(
+            "workers",
+            EnvA,
+            Method::GET,
+            format!("/environments/{env}/workers"),
+            None,
+        ),
+        // Work, one item.
+        e("work get", Item, Method::GET, w1(""), None),
+        e(
+            "work metadata",
+            Item,
+            Method::POST,
+            w1(""),
+            Some(json!({"metadata": {"seen": "yes"}})),
+        ),
+        e("work ack", Item, Method::POST, w1("/ack"), None),
+        e("work heartbeat", Item, Method::POST, w1("/heartbeat"), None),
+        e("work history", Item, Method::GET, w1("/history"), None),
+        // Environments and their keys.
+        e(
+            "environment get",
+            EnvA,
+            Method::GET,
+            format!("/environments/{env}"),
+            None,
+        ),
+        e(
+            "environment list",
+            Admin,
+            Method::GET,
+            "/environments".into(),
+            None,
+        ),
+        e(
+            "environment create",
+            Admin,
+            Method::POST,
+            "/environments".into(),
+            Some(json!({"name": "new", "config": {"type": "self_hosted"}})),
+        ),
+        e(
+            "environment update",
+            Admin,
+            Method::POST,
+            format!("/environments/{env}"),
+            Some(json!({"description": "changed"})),
+        ),
+        e(
+            "key list",
+            Admin,
+            Method::GET,
+            format!("/environments/{env}/keys"),
+            None,
+        ),
+        e(
+            "key create",
+            Admin,
+            Method::POST,
+            format!("/environments/{env}/keys"),
+            Some(json!({})),
+        ),
+        // Agents.
+        e(
+            "agent get",
+            Item,
+            Method::GET,
+            format!("/agents/{}", w.agent_x),
+            None,
+        ),
+        e("agent list", Admin, Method::GET, "/agents".into(), None),
+        e(
+            "agent create",
+            Admin,
+            Method::POST,
+            "/agents".into(),
+            Some(json!({"name": "n", "model": "m"})),
+        ),
+        e(
+            "agent update",
+            Admin,
+            Method::POST,
+            format!("/agents/{}", w.agent_x),
+            Some(json!({"description": "changed"})),
+        ),
+        // Sessions and events.
+        e("session get", Item, Method::GET, s1(""), None),
+        e(
+            "session list",
+            AnyKey,
+            Method::GET,
+            "/sessions".into(),
+            None,
+        ),
+        e(
+            "session list of A",
+            EnvA,
+            Method::GET,
+            format!("/sessions?environment_id={env}"),
+            None,
+        ),
+        e(
+            "session create",
+            Admin,
+            Method::POST,
+            "/sessions".into(),
+            Some(json!({"agent": w.agent_x, "environment_id": env})),
+        ),
+        e(
+            "session update",
+            Admin,
+            Method::POST,
+            s1(""),
+            Some(json!({"title": "t"})),
+        ),
+        e("session cancel", Admin, Method::POST, s1("/cancel"), None),
+        e("events list", Item, Method::GET, s1("/events"), None),
+        e(
+            "events stream",
+            Item,
+            Method::GET,
+            s1("/events/stream"),
+            None,
+        ),
+        e(
+            "post agent.message",
+            Item,
+            Method::POST,
+            s1("/events"),
+            Some(
+                json!({"events": [{"type": "agent.message", "content": [{"type": "text", "text": "hi"}]}]}),
+            ),
+        ),
+        e(
+            "post user.tool_result",
+            Item,
+            Method::POST,
+            s1("/events"),
+            Some(
+                json!({"events": [{"type": "user.tool_result", "tool_use_id": w.tool_use_id, "content": [{"type": "text", "text": "ok"}]}]}),
+            ),
+        ),
+        e(
+            "post user.message",
+            Admin,
+            Method::POST,
+            s1("/events"),
+            Some(
+                json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "go"}]}]}),
+            ),
+        ),
+        // Admin tokens.
+        e("token list", Admin, Method::GET, "/tokens".into(), None),
+        e(
+            "token create",
+            Admin,
+            Method::POST,
+            "/tokens".into(),
+            Some(json!({})),
+        ),
+        // What destroys or ends something, each on a target of its own.
+        e(
+            "work stop",
+            Item,
+            Method::POST,
+            w1("/stop"),
+            Some(json!({})),
+        ),
+        e(
+            "key revoke",
+            Admin,
+            Method::DELETE,
+            format!("/environments/{env}/keys/{}", w.key_to_revoke),
+            None,
+        ),
+        e(
+            "token revoke",
+            Admin,
+            Method::DELETE,
+            format!("/tokens/{}", w.token_to_revoke),
+            None,
+        ),
+        e(
+            "agent archive",
+            Admin,
+            Method::POST,
+            format!("/agents/{}/archive", w.agent_to_archive),
+            None,
+        ),
+        e(
+            "session archive",
+            Admin,
+            Method::POST,
+            format!("/sessions/{}/archive", w.session_to_archive),
+            None,
+        ),
+        e(
+            "session delete",
+            Admin,
+            Method::DELETE,
+            format!("/sessions/{}", w.session_to_delete),
+            None,
+        ),
+        e(
+            "environment archive",
+            Admin,
+            Method::POST,
+            format!("/environments/{}/archive", w.env_to_archive),
+            None,
+        ),
+        e(
+            "environment delete",
+            Admin,
+            Method::DELETE,
+            format!("/environments/{}", w.env_to_delete),
+            None,
+        ),
+    ]
+}
+
+/// Sends one cell's request and returns the status and the error envelope's type (if any). A 200 on the
+/// event stream is not read: it never ends.
+async fn call(server: &TestServer, endpoint: &Endpoint, secret: &str) -> (u16, String) {
+    let mut request = server
+        .http()
+        .request(endpoint.method.clone(), server.url(&endpoint.path))
+        .bearer_auth(secret)
+        .timeout(std::time::Duration::from_secs(30));
+    if let Some(body) = &endpoint.body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    if status == 200 {
+        return (status, String::new());
+    }
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let kind = body["error"]["type"].as_str().unwrap_or("?").to_owned();
+    (status, kind)
+}
+
+#[tokio::test]
+async fn every_credential_against_every_endpoint() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let mut wrong = Vec::new();
+        let mut cells = 0;
+        for cred in CREDS {
+            // A world per row, so that what one row changes cannot decide another row's answers.
+            let world = World::build(&server).await;
+            let secret = world.secret(cred, &server.admin_token);
+            for endpoint in endpoints(&world) {
+                let want = expected(endpoint.scope, cred);
+                let (got, kind) = call(&server, &endpoint, &secret).await;
+                cells += 1;
+                let want_kind = match want {
+                    401 => "authentication_error",
+                    403 => "permission_error",
+                    _ => "",
+                };
+                if got != want || kind != want_kind {
+                    wrong.push(format!(
+                        "{:?} × {} ({} {}): want {want} {want_kind}, got {got} {kind}",
+                        cred, endpoint.name, endpoint.method, endpoint.path
+                    ));
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "[{}] {} of {cells} cells disagree with §11.1:\n{}",
+            backend.name(),
+            wrong.len(),
+            wrong.join("\n")
+        );
+        server.shutdown().await;
+    }
+}
+
+/// The calls the `anthropic` SDK's EnvironmentWorker makes with an item's session token, in its order, on
+/// the `/v1` prefix (tests/sdk/WIRE_NOTES.md §5): all allowed while the item lives; the token is dead
+/// (401, before any 409) once the item stops.
+#[tokio::test]
+async fn a_session_token_serves_the_environment_worker() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let world = World::build(&server).await;
+        let env = &world.env_a;
+        let work = |suffix: &str| format!("/environments/{env}/work/{}{suffix}", world.w1);
+        let session = |suffix: &str| format!("/sessions/{}{suffix}", world.s1);
+        let v1 = |method: Method, path: String| req_v1(&server, method, &path).bearer(&world.t1);
+        v1(Method::GET, session("")).send().await.ok();
+        let beat = v1(Method::POST, work("/heartbeat")).send().await;
+        let last = beat.ok()["last_heartbeat"].as_str().unwrap().to_owned();
+        let stream = server
+            .http()
+            .get(server.v1(&session("/events/stream")))
+            .bearer_auth(&world.t1)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .expect("stream");
+        assert_eq!(stream.status(), 200);
+        drop(stream);
+        v1(Method::GET, session("/events?limit=1000"))
+            .send()
+            .await
+            .ok();
+        v1(Method::POST, session("/events"))
+            .json(json!({"events": [{"type": "user.tool_result", "tool_use_id": world.tool_use_id, "content": [{"type": "text", "text": "done"}]}]}))
+            .send()
+            .await
+            .ok();
+        v1(
+            Method::POST,
+            work(&format!(
+                "/heartbeat?expected_last_heartbeat={}",
+                urlencode(&last)
+            )),
+        )
+        .send()
+        .await
+        .ok();
+        // x-api-key is the same credential on this prefix.
+        req_v1(&server, Method::GET, &session(""))
+            .anonymous()
+            .header("x-api-key", &world.t1)
+            .send()
+            .await
+            .ok();
+        let stopped = v1(Method::POST, work("/stop"))
+            .json(json!({"force": true}))
+            .send()
+            .await;
+        assert_eq!(stopped.ok()["state"], "stopped");
+        for (method, path) in [
+            (Method::POST, work("/heartbeat")),
+            (Method::POST, work("/stop")),
+            (Method::GET, session("")),
+            (Method::GET, session("/events")),
+        ] {
+            v1(method, path)
+                .send()
+                .await
+                .error(401, "authentication_error");
+        }
+        server.shutdown().await;
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// A session token names its environment as well as its item: the item's calls under another
+/// environment's path are the wrong environment (403), not an unknown item.
+#[tokio::test]
+async fn a_session_token_is_bound_to_its_environment() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let world = World::build(&server).await;
+        let other = server.self_hosted_environment().await;
+        for (method, suffix) in [
+            (Method::GET, ""),
+            (Method::POST, "/heartbeat"),
+            (Method::POST, "/ack"),
+            (Method::GET, "/history"),
+            (Method::POST, "/stop"),
+        ] {
+            let path = format!("/environments/{other}/work/{}{suffix}", world.w1);
+            req(&server, method, &path)
+                .bearer(&world.t1)
+                .send()
+                .await
+                .error(403, "permission_error");
+        }
+        server.shutdown().await;
+    }
+}

@@ -2,6 +2,7 @@
 
 mod admin;
 mod serve;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP server.
     Serve(serve::ServeArgs),
+    /// Run the sessions of an environment on this machine: PROGRAM once per work item.
+    Worker(worker::WorkerArgs),
     #[command(flatten)]
     Admin(admin::AdminCommand),
 }
@@ -33,6 +36,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Worker(args) => worker::run(args).await,
             Command::Admin(command) => admin::run(command).await,
         }
     });

@@ -1,0 +1,145 @@
+//! The claim loop (§8 step 1): long polls with the Worker-ID while a slot is free, hands each item to its
+//! own supervisor, backs off on transient failures, and gives up with a clear message on refusals that
+//! trying again cannot fix.
+
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use tether_client::{Error, PollOptions};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::backoff::Backoff;
+use super::status::Activity;
+use super::{reached, supervisor, Phase, Shared};
+
+/// The longest wait a poll may ask for (§6.2).
+const LONG_POLL_MS: u32 = 999;
+
+/// Claims work until the worker stops claiming (any phase past `Running`), or a refusal says that
+/// claiming cannot work (the error explains why). Supervisors go into `tasks`.
+pub async fn run(
+    shared: Arc<Shared>,
+    concurrency: usize,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut phase = shared.phase.clone();
+    let mut backoff = Backoff::new();
+    let report = &shared.report;
+    let options = PollOptions {
+        block_ms: Some(LONG_POLL_MS),
+        worker_id: Some(shared.worker_id.clone()),
+        ..Default::default()
+    };
+    loop {
+        while tasks.try_join_next().is_some() {}
+        if *phase.borrow() != Phase::Running {
+            return Ok(());
+        }
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                report.activity(Activity::Full);
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+                }
+            }
+        };
+        report.activity(Activity::Polling);
+        let polled = tokio::select! {
+            polled = shared.client.poll_work(&shared.environment_id, &options) => polled,
+            // An item this poll would have claimed is handed out again after the reclaim window.
+            _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+        };
+        match polled {
+            // Capacity left and work found: poll again at once.
+            Ok(Some(item)) => {
+                backoff.reset();
+                tasks.spawn(supervisor::serve(shared.clone(), item, slot));
+            }
+            // The long poll already waited.
+            Ok(None) => backoff.reset(),
+            Err(e) if is_fatal(&e) => return Err(explain(&e, &shared)),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                report.warn(
+                    "poll failed; retrying",
+                    &[
+                        ("error", &e.to_string()),
+                        ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
+                    ],
+                );
+                report.activity(Activity::Backoff(delay));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// A refusal that another try cannot fix: a 4xx other than 408, 409 and 429, or an answer that is not
+/// Tether's at all.
+fn is_fatal(e: &Error) -> bool {
+    match e.status() {
+        Some(status) => (400..500).contains(&status) && !matches!(status, 408 | 409 | 429),
+        None => matches!(e, Error::Decode { .. } | Error::Config(_)),
+    }
+}
+
+/// What the operator should fix, in words.
+fn explain(e: &Error, shared: &Shared) -> anyhow::Error {
+    let env = &shared.environment_id;
+    let server = shared.client.server_url();
+    match e.status() {
+        Some(401) => anyhow!(
+            "the server refused the key ({e}). Check --key / TETHER_KEY: it may be mistyped or \
+             revoked; mint a new one with `tether env key create {env}`"
+        ),
+        Some(403) => anyhow!(
+            "the key may not take work from environment {env} ({e}). An environment key works for \
+             its own environment only: check --environment / TETHER_ENVIRONMENT and --key / TETHER_KEY"
+        ),
+        Some(404) if e.code() == Some("environment_not_found") => anyhow!(
+            "environment {env} does not exist on {server} ({e}). Check --environment / \
+             TETHER_ENVIRONMENT (`tether env list` shows them)"
+        ),
+        Some(404) => anyhow!(
+            "{server} answered 404 to a poll ({e}). Is --server / TETHER_SERVER the Tether server?"
+        ),
+        Some(400) => anyhow!("the server will not hand out work from environment {env}: {e}"),
+        Some(_) => anyhow!("the server refused to hand out work: {e}"),
+        None => anyhow!("{server} did not answer like a Tether server ({e}). Check --server / TETHER_SERVER"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16) -> Error {
+        tether_client::ApiError {
+            status,
+            kind: "x".into(),
+            message: "m".into(),
+            param: None,
+            code: None,
+            details: None,
+            request_id: None,
+        }
+        .into()
+    }
+
+    #[test]
+    fn only_refusals_that_cannot_change_are_fatal() {
+        for status in [400, 401, 403, 404, 413] {
+            assert!(is_fatal(&api(status)), "{status}");
+        }
+        for status in [408, 409, 429, 500, 502, 503] {
+            assert!(!is_fatal(&api(status)), "{status}");
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The per-item child process: finding PROGRAM, starting it in a process group of its own with the item's
+//! identifiers and credential in its environment and the work item on stdin, routing its output, and
+//! signalling the whole group so that nothing it started outlives it.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+use super::status::Reporter;
+
+/// Environment variables of the worker that its programs must not see: the program's credential is its
+/// item's session token, scoped to that item, not the key the worker claims with.
+const WITHHELD: [&str; 2] = ["TETHER_KEY", "TETHER_TOKEN"];
+
+/// PROGRAM and its arguments, resolved once at start-up.
+#[derive(Clone, Debug)]
+pub struct Program {
+    /// As given on the command line (the child's `argv[0]`).
+    pub name: OsString,
+    pub path: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl Program {
+    /// Finds PROGRAM the way a shell would (a name without `/` is looked up in `PATH`) and checks that it
+    /// is an executable file. Failing here is fatal for the whole worker: claiming work it cannot run would
+    /// only bounce every item.
+    pub fn resolve(argv: &[OsString]) -> Result<Program> {
+        let Some((name, args)) = argv.split_first() else {
+            bail!("no PROGRAM given: put the command to run per item after `--`");
+        };
+        let shown = name.to_string_lossy();
+        let path = if name.as_encoded_bytes().contains(&b'/') {
+            let path = PathBuf::from(name);
+            check_executable(&path)
+                .map_err(|why| anyhow::anyhow!("cannot run PROGRAM {shown}: {why}"))?;
+            path
+        } else {
+            let search = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&search)
+                .map(|dir| dir.join(name))
+                .find(|candidate| check_executable(candidate).is_ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "cannot run PROGRAM {shown}: no executable of that name in PATH"
+                    )
+                })?
+        };
+        Ok(Program {
+            name: name.clone(),
+            path,
+            args: args.to_vec(),
+        })
+    }
+
+    pub fn display(&self) -> String {
+        let mut out = self.name.to_string_lossy().into_owned();
+        for arg in &self.args {
+            out.push(' ');
+            out.push_str(&arg.to_string_lossy());
+        }
+        out
+    }
+}
+
+fn check_executable(path: &Path) -> std::result::Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => "no such file".to_owned(),
+        _ => e.to_string(),
+    })?;
+    if !meta.is_file() {
+        return Err("not a file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable (chmod +x?)".into());
+    }
+    Ok(())
+}
+
+/// Where a program's stdout and stderr go.
+#[derive(Clone)]
+pub enum Output {
+    /// The worker's log, line by line, prefixed with the work id.
+    Log(Reporter),
+    /// `<dir>/<work_id>.log`, appended to.
+    Dir(PathBuf),
+}
+
+/// How a program ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl Exit {
+    fn from_status(status: ExitStatus) -> Exit {
+        use std::os::unix::process::ExitStatusExt;
+        Exit {
+            code: status.code(),
+            signal: status.signal(),
+        }
+    }
+
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// The exit code a shell would report: the code, or 128 + the signal number.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => -1,
+        }
+    }
+
+    pub fn signal_name(&self) -> Option<String> {
+        self.signal.map(|n| match Signal::try_from(n) {
+            Ok(s) => s.as_str().to_owned(),
+            Err(_) => format!("signal {n}"),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal_name()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(name)) => format!("killed by {name}"),
+            (None, None) => "unknown exit status".to_owned(),
+        }
+    }
+}
+
+/// A started program, leader of its own process group.
+pub struct Running {
+    child: Child,
+    group: Pid,
+    pub pid: u32,
+    readers: Vec<JoinHandle<()>>,
+    reaped: bool,
+}
+
+impl Running {
+    /// Starts `program` for `work_id` with `env` added to the worker's environment (minus [`WITHHELD`])
+    /// and `stdin` written to its standard input.
+    pub fn spawn(
+        program: &Program,
+        work_id: &str,
+        env: &[(&str, String)],
+        stdin: Vec<u8>,
+        output: &Output,
+    ) -> io::Result<Running> {
+        let mut command = Command::new(&program.path);
+        command
+            .arg0(&program.name)
+            .args(&program.args)
+            .stdin(Stdio::piped())
+            // Its own group: one signal reaches everything it starts, and a Ctrl-C at the worker's
+            // terminal reaches the worker only, which then decides what the programs get.
+            .process_group(0)
+            .kill_on_drop(true);
+        for name in WITHHELD {
+            command.env_remove(name);
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        match output {
+            Output::Log(_) => {
+                command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+            Output::Dir(dir) => {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(format!("{work_id}.log")))?;
+                command.stdout(file.try_clone()?).stderr(file);
+            }
+        }
+        die_with_the_worker(&mut command);
+        let mut child = command.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| io::Error::other("the program exited at once"))?;
+        let mut readers = Vec::new();
+        if let Output::Log(report) = output {
+            if let Some(out) = child.stdout.take() {
+                readers.push(forward(out, report.clone(), work_id.to_owned(), "stdout"));
+            }
+            if let Some(err) = child.stderr.take() {
+                readers.push(forward(err, report.clone(), work_id.to_owned(), "stderr"));
+            }
+        }
+        if let Some(mut pipe) = child.stdin.take() {
+            // A program that never reads its stdin must not stall the worker on a full pipe.
+            tokio::spawn(async move {
+                let _ = pipe.write_all(&stdin).await;
+                let _ = pipe.shutdown().await;
+            });
+        }
+        Ok(Running {
+            child,
+            group: Pid::from_raw(pid as i32),
+            pid,
+            readers,
+            reaped: false,
+        })
+    }
+
+    /// Sends `signal` to the program's whole process group.
+    pub fn signal(&self, signal: Signal) {
+        if !self.reaped {
+            let _ = killpg(self.group, signal);
+        }
+    }
+
+    /// Waits for the program to exit. Whatever it left behind in its group is killed then, and its output
+    /// is given a moment to drain into the log.
+    pub async fn wait(&mut self) -> Exit {
+        let status = self.child.wait().await;
+        if !self.reaped {
+            // The group outlives its leader while anything started in it is still running.
+            let _ = killpg(self.group, Signal::SIGKILL);
+            self.reaped = true;
+        }
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+        }
+        match status {
+            Ok(status) => Exit::from_status(status),
+            Err(_) => Exit {
+                code: None,
+                signal: None,
+            },
+        }
+    }
+
+    /// SIGKILL to the group at once, then reap.
+    pub async fn kill(&mut self) -> Exit {
+        self.signal(Signal::SIGKILL);
+        self.wait().await
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // A supervisor that is torn down before it reaped its program must not leave the group behind.
+        if !self.reaped {
+            let _ = killpg(self.group, Signal::SIGKILL);
+        }
+    }
+}
+
+/// On Linux the program is also killed if the worker dies without a chance to clean up (SIGKILL, a
+/// crash), so that an item whose lease then expires is never run twice at once. The death signal follows
+/// the thread that forked; tokio's runtime threads live as long as the worker.
+#[cfg(target_os = "linux")]
+fn die_with_the_worker(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure makes two system calls and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // The worker may have died before the call above took effect.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(io::Error::other("the worker exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_the_worker(_: &mut Command) {}
+
+fn forward<R: AsyncRead + Unpin + Send + 'static>(
+    stream: R,
+    report: Reporter,
+    work_id: String,
+    name: &'static str,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']);
+                    report.program_line(&work_id, name, line);
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_names_in_path_and_refuses_what_cannot_run() {
+        let sh = Program::resolve(&["sh".into(), "-c".into(), "true".into()]).unwrap();
+        assert!(sh.path.is_absolute(), "{:?}", sh.path);
+        assert_eq!(sh.display(), "sh -c true");
+        let missing = Program::resolve(&["no-such-program-anywhere".into()]).unwrap_err();
+        assert!(missing.to_string().contains("no executable"), "{missing}");
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("script");
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let err = Program::resolve(&[plain.clone().into()]).unwrap_err();
+        assert!(err.to_string().contains("not executable"), "{err}");
+        let err = Program::resolve(&[dir.path().join("nope").into()]).unwrap_err();
+        assert!(err.to_string().contains("no such file"), "{err}");
+        assert!(Program::resolve(&[]).is_err());
+    }
+
+    #[test]
+    fn exit_statuses_read_as_a_shell_would() {
+        let killed = Exit {
+            code: None,
+            signal: Some(9),
+        };
+        assert_eq!(killed.shell_code(), 137);
+        assert_eq!(killed.signal_name().as_deref(), Some("SIGKILL"));
+        assert_eq!(killed.describe(), "killed by SIGKILL");
+        let failed = Exit {
+            code: Some(3),
+            signal: None,
+        };
+        assert!(!failed.success());
+        assert_eq!(failed.describe(), "exit code 3");
+    }
+}

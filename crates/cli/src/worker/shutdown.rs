@@ -1,0 +1,109 @@
+//! Ending the worker: the first SIGTERM/SIGINT stops claiming and lets running programs finish within the
+//! drain timeout, after which they are terminated (SIGTERM, grace, SIGKILL) and their stops confirmed; a
+//! second signal forces (programs killed at once, items force-stopped, non-zero exit).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::status::Reporter;
+use super::Phase;
+
+/// Moves the worker to `next` unless it is already further along; phases never go back.
+pub fn advance(phase: &watch::Sender<Phase>, next: Phase) {
+    phase.send_if_modified(|current| {
+        let later = next > *current;
+        if later {
+            *current = next;
+        }
+        later
+    });
+}
+
+/// Installs the handlers now (so that a signal during start-up is not fatal) and acts on them.
+pub fn watch_signals(
+    phase: Arc<watch::Sender<Phase>>,
+    report: Reporter,
+    drain_timeout: Duration,
+) -> Result<JoinHandle<()>> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        report.info(
+            &format!(
+                "{name}: taking no new work; running programs get {}s to finish (signal again to stop at once)",
+                drain_timeout.as_secs_f64()
+            ),
+            &[],
+        );
+        advance(&phase, Phase::Draining);
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        report.warn(
+            &format!("{name} again: killing programs and force-stopping their items"),
+            &[],
+        );
+        advance(&phase, Phase::Forced);
+    }))
+}
+
+/// Waits for every supervisor; once `timeout` has passed, tells them to terminate their programs.
+pub async fn drain(
+    tasks: &mut JoinSet<()>,
+    phase: &watch::Sender<Phase>,
+    timeout: Duration,
+    report: &Reporter,
+) {
+    if tasks.is_empty() {
+        return;
+    }
+    report.info(
+        &format!(
+            "waiting up to {}s for {} running item(s)",
+            timeout.as_secs_f64(),
+            tasks.len()
+        ),
+        &[],
+    );
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut terminating = false;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => {
+                if joined.is_none() {
+                    return;
+                }
+            }
+            _ = &mut deadline, if !terminating => {
+                terminating = true;
+                advance(phase, Phase::Terminating);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_only_move_forward() {
+        let (tx, rx) = watch::channel(Phase::Running);
+        advance(&tx, Phase::Terminating);
+        advance(&tx, Phase::Draining);
+        assert_eq!(*rx.borrow(), Phase::Terminating);
+        advance(&tx, Phase::Forced);
+        assert_eq!(*rx.borrow(), Phase::Forced);
+    }
+}

@@ -1,0 +1,1146 @@
+//! `tether worker` end to end: real `tether serve` processes, real `tether worker` processes, real child
+//! programs (small `sh` scripts that stamp what they do into files named after their work item).
+//!
+//! The server runs with short leases (`--lease-ttl-min 1 --lease-ttl 2 --tick-ms 100`) and the workers
+//! ask for 2 s leases, so a lost lease shows within seconds. Nothing here asserts how long anything took:
+//! waits are bounded only so that a hang fails instead of blocking the suite.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use reqwest::Method;
+use serde_json::{json, Value};
+use support::ServerProcess;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// How long any one wait may take before the test gives up (a liveness bound, not a timing assertion).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+const SHORT_LEASES: [&str; 6] = [
+    "--lease-ttl-min",
+    "1",
+    "--lease-ttl",
+    "2",
+    "--tick-ms",
+    "100",
+];
+
+// ---- the server and its API --------------------------------------------------------------------------
+
+struct Setup {
+    server: ServerProcess,
+    api: Api,
+    env: String,
+    key: String,
+    agent: String,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = ServerProcess::start(&dir.path().join("data"), &SHORT_LEASES);
+        let api = Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            base: server.base.clone(),
+            token: server.token.clone(),
+        };
+        let env = api
+            .ok(
+                Method::POST,
+                "/environments",
+                json!({"name": "workers", "config": {"type": "self_hosted"}}),
+            )
+            .await["id"]
+            .as_str()
+            .expect("env id")
+            .to_owned();
+        let key = api.key(&env).await;
+        let agent = api
+            .ok(
+                Method::POST,
+                "/agents",
+                json!({"name": "shell", "model": "none"}),
+            )
+            .await["id"]
+            .as_str()
+            .expect("agent id")
+            .to_owned();
+        std::fs::create_dir_all(dir.path().join("stamps")).expect("stamps dir");
+        Setup {
+            server,
+            api,
+            env,
+            key,
+            agent,
+            dir,
+        }
+    }
+
+    fn stamps(&self) -> PathBuf {
+        self.dir.path().join("stamps")
+    }
+
+    /// Creates a session (which queues one work item) and returns the item's id.
+    async fn session(&self, metadata: Value) -> String {
+        let session = self
+            .api
+            .ok(
+                Method::POST,
+                "/sessions",
+                json!({"agent": self.agent, "environment_id": self.env, "metadata": metadata}),
+            )
+            .await;
+        let session = session["id"].as_str().expect("session id").to_owned();
+        self.work_items()
+            .await
+            .into_iter()
+            .find(|i| i["data"]["id"] == session.as_str())
+            .and_then(|i| i["id"].as_str().map(str::to_owned))
+            .expect("a session on a self-hosted environment has a work item")
+    }
+
+    async fn work_items(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let mut path = format!("/environments/{}/work?limit=100", self.env);
+            if let Some(p) = &page {
+                path.push_str(&format!("&page={p}"));
+            }
+            let body = self.api.get(&path).await;
+            out.extend(body["data"].as_array().expect("data").iter().cloned());
+            match body["next_page"].as_str() {
+                Some(next) => page = Some(next.to_owned()),
+                None => return out,
+            }
+        }
+    }
+
+    async fn item(&self, work: &str) -> Value {
+        self.api
+            .get(&format!("/environments/{}/work/{work}", self.env))
+            .await
+    }
+
+    async fn causes(&self, work: &str) -> Vec<String> {
+        let history = self
+            .api
+            .get(&format!(
+                "/environments/{}/work/{work}/history?limit=100",
+                self.env
+            ))
+            .await;
+        history["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|t| t["cause"].as_str().expect("cause").to_owned())
+            .collect()
+    }
+
+    async fn stop(&self, work: &str, force: bool) -> Value {
+        self.api
+            .ok(
+                Method::POST,
+                &format!("/environments/{}/work/{work}/stop", self.env),
+                json!({ "force": force }),
+            )
+            .await
+    }
+
+    async fn wait_for_state(&self, work: &str, state: &str) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let item = self.item(work).await;
+            if item["state"] == state {
+                return item;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{work} never became {state}: {item}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn worker(&self, name: &str, options: WorkerOptions) -> WorkerProcess {
+        let server = options
+            .server
+            .clone()
+            .unwrap_or_else(|| self.server.base.clone());
+        WorkerProcess::start(
+            name,
+            &server,
+            &self.env,
+            &self.key,
+            &self.stamps(),
+            self.dir.path(),
+            &options,
+        )
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}/api/v1/cloud{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn ok(&self, method: Method, path: &str, body: Value) -> Value {
+        let (status, body) = self.call(method.clone(), path, Some(body)).await;
+        assert_eq!(status, 200, "{method} {path}: {body}");
+        body
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.call(Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    async fn key(&self, env: &str) -> String {
+        let key = self
+            .ok(
+                Method::POST,
+                &format!("/environments/{env}/keys"),
+                json!({}),
+            )
+            .await;
+        key["token"].as_str().expect("token").to_owned()
+    }
+}
+
+// ---- worker processes ----------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct WorkerOptions {
+    /// Another URL for the server (a proxy); the server's own by default.
+    server: Option<String>,
+    /// Pass the key as TETHER_KEY instead of --key.
+    key_in_env: bool,
+    concurrency: &'static str,
+    ttl: &'static str,
+    grace: &'static str,
+    drain_timeout: &'static str,
+    log_dir: Option<PathBuf>,
+    script: String,
+}
+
+impl WorkerOptions {
+    fn running(script: &str) -> WorkerOptions {
+        WorkerOptions {
+            server: None,
+            key_in_env: false,
+            concurrency: "1",
+            ttl: "2",
+            grace: "1",
+            drain_timeout: "2",
+            log_dir: None,
+            script: script.to_owned(),
+        }
+    }
+}
+
+/// The lines every script starts with: `$f` is the item's stamp file, and the start is stamped.
+const PRELUDE: &str = r#"f="$STAMPS/$TETHER_WORK_ID"
+echo "start $TETHER_WORKER_ID $$" >> "$f"
+"#;
+
+/// Runs until `$f.release` exists, then stamps its end and exits 0.
+const UNTIL_RELEASED: &str = r#"while [ ! -e "$f.release" ]; do sleep 0.1; done
+echo "end $TETHER_WORKER_ID $$" >> "$f"
+"#;
+
+/// On SIGTERM: stamps it and exits 0.
+const TRAP_TERM: &str = r#"trap 'echo "term $TETHER_WORKER_ID $$" >> "$f"; exit 0' TERM
+"#;
+
+struct WorkerProcess {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    fn start(
+        name: &str,
+        server: &str,
+        env: &str,
+        key: &str,
+        stamps: &Path,
+        dir: &Path,
+        options: &WorkerOptions,
+    ) -> WorkerProcess {
+        let log = dir.join(format!("{name}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        command
+            .arg("worker")
+            .args(["--server", server, "--environment", env])
+            .args(["--worker-id", name])
+            .args(["--concurrency", options.concurrency, "--ttl", options.ttl])
+            .args([
+                "--grace",
+                options.grace,
+                "--drain-timeout",
+                options.drain_timeout,
+            ]);
+        for var in [
+            "TETHER_KEY",
+            "TETHER_LOG_DIR",
+            "TETHER_LOG_FORMAT",
+            "TETHER_TOKEN",
+        ] {
+            command.env_remove(var);
+        }
+        if options.key_in_env {
+            command.env("TETHER_KEY", key);
+        } else {
+            command.args(["--key", key]);
+        }
+        if let Some(log_dir) = &options.log_dir {
+            command.arg("--log-dir").arg(log_dir);
+        }
+        let child = command
+            .args(["--", "sh", "-c", &options.script, "sh"])
+            .env("STAMPS", stamps)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("worker log"))
+            .spawn()
+            .expect("spawn tether worker");
+        WorkerProcess {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the worker");
+    }
+
+    async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "worker {} never logged {needle:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {} did not exit:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, and the exit status.
+    async fn shut_down(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit().await
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- log of worker {} ---\n{}", self.name, self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tether worker` to its end with `args` (and `PROGRAM` after `--`); returns its status and stderr.
+async fn run_worker_to_end(args: &[&str], program: &[&str]) -> (ExitStatus, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("worker")
+        .args(args)
+        .arg("--")
+        .args(program)
+        .env_remove("TETHER_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn tether worker");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "tether worker {args:?} did not exit: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+// ---- stamps and processes --------------------------------------------------------------------------------
+
+/// One line a script stamped: what (`start`, `end`, `term`), which worker, which process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    what: String,
+    worker: String,
+    pid: i32,
+}
+
+fn stamps(dir: &Path, work: &str) -> Vec<Stamp> {
+    std::fs::read_to_string(dir.join(work))
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            let mut next = || parts.next().unwrap_or_default().to_owned();
+            Stamp {
+                what: next(),
+                worker: next(),
+                pid: next().parse().unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+fn stamp(what: &str, worker: &str, pid: i32) -> Stamp {
+    Stamp {
+        what: what.into(),
+        worker: worker.into(),
+        pid,
+    }
+}
+
+/// Waits for the `n`th start stamp of `work`; returns it.
+async fn started(dir: &Path, work: &str, n: usize) -> Stamp {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let starts: Vec<Stamp> = stamps(dir, work)
+            .into_iter()
+            .filter(|s| s.what == "start")
+            .collect();
+        if starts.len() >= n {
+            return starts[n - 1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{work} was never started {n} time(s)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A history without `first_heartbeat`: a program that ends at once may be done, and its item stopped,
+/// before the first heartbeat (sent concurrently with the start) lands.
+fn without_first_heartbeat(causes: Vec<String>) -> Vec<String> {
+    causes
+        .into_iter()
+        .filter(|c| c != "first_heartbeat")
+        .collect()
+}
+
+fn release(dir: &Path, work: &str) {
+    File::create(dir.join(format!("{work}.release"))).expect("release file");
+}
+
+/// Whether a process runs (a zombie does not: nothing may reap orphans inside a container).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            !matches!(state, Some("Z" | "X") | None)
+        }
+    }
+}
+
+async fn wait_dead(pid: i32) {
+    let deadline = Instant::now() + PATIENCE;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} is still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- a TCP proxy that can cut a worker off ----------------------------------------------------------------
+
+/// Forwards 127.0.0.1 connections to the server until told to drop the traffic; then it holds every
+/// connection open and silent (a network partition, not a refusal) until told to forward again, when the
+/// held connections are closed.
+struct Proxy {
+    url: String,
+    blocked: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Proxy {
+        let upstream: SocketAddr = upstream
+            .trim_start_matches("http://")
+            .parse()
+            .expect("server address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("proxy address"));
+        let (blocked, watcher) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(relay(client, upstream, watcher.clone()));
+            }
+        });
+        Proxy { url, blocked, task }
+    }
+
+    fn block(&self) {
+        self.blocked.send_replace(true);
+    }
+
+    fn unblock(&self) {
+        self.blocked.send_replace(false);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(mut client: TcpStream, upstream: SocketAddr, mut blocked: watch::Receiver<bool>) {
+    if *blocked.borrow() {
+        let _ = blocked.wait_for(|b| !*b).await;
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let cut = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+        _ = async { let _ = blocked.wait_for(|b| *b).await; } => true,
+    };
+    if cut {
+        let _ = blocked.wait_for(|b| !*b).await;
+    }
+}
+
+// ---- the tests ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn serves_a_session_end_to_end() {
+    let setup = Setup::new().await;
+    let script = format!(
+        r#"{PRELUDE}env | grep '^TETHER_' | sort > "$f.env"
+cat > "$f.stdin"
+echo "hello from the program"
+echo "complaint on stderr" >&2
+echo "end $TETHER_WORKER_ID $$" >> "$f"
+"#
+    );
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            key_in_env: true,
+            ..WorkerOptions::running(&script)
+        },
+    );
+    let work = setup.session(json!({"job": "daily-report"})).await;
+    let item = setup.wait_for_state(&work, "stopped").await;
+    let dir = setup.stamps();
+    let s = stamps(&dir, &work);
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(s[0], stamp("start", "w1", s[0].pid));
+    assert_eq!(s[1], stamp("end", "w1", s[0].pid));
+
+    // The program's environment: the item's identifiers and its session token, never the worker's key.
+    let env: BTreeMap<String, String> = std::fs::read_to_string(dir.join(format!("{work}.env")))
+        .expect("env file")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(
+        env["TETHER_API_URL"],
+        format!("{}/api/v1/cloud", setup.server.base)
+    );
+    assert_eq!(env["TETHER_WORK_ID"], work);
+    assert_eq!(env["TETHER_ENVIRONMENT_ID"], setup.env);
+    assert_eq!(
+        env["TETHER_SESSION_ID"],
+        item["data"]["id"].as_str().unwrap()
+    );
+    assert_eq!(env["TETHER_WORKER_ID"], "w1");
+    assert!(
+        env["TETHER_SESSION_TOKEN"].starts_with("tth_ses_"),
+        "{env:?}"
+    );
+    assert!(!env.contains_key("TETHER_KEY"), "the key leaked: {env:?}");
+    // The work item on stdin.
+    let stdin: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("{work}.stdin"))).expect("stdin file"),
+    )
+    .expect("the work item as JSON");
+    assert_eq!(stdin["id"], work.as_str());
+    assert_eq!(stdin["data"]["type"], "session");
+    assert_eq!(stdin["metadata"]["job"], "daily-report");
+
+    // Exit status recorded, then the item stopped by the worker.
+    assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+    assert_eq!(item["metadata"]["tether.worker_id"], "w1", "{item}");
+    assert_eq!(item["metadata"]["job"], "daily-report");
+    assert_eq!(
+        without_first_heartbeat(setup.causes(&work).await),
+        ["enqueued", "delivered", "acked", "force_stopped"]
+    );
+    // Output reaches the worker's log, line by line, prefixed with the work id.
+    worker
+        .wait_for_log(&format!("[{work}] hello from the program"))
+        .await;
+    worker
+        .wait_for_log(&format!("[{work}] complaint on stderr"))
+        .await;
+
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+}
+
+#[tokio::test]
+async fn failures_are_recorded_and_the_items_stopped() {
+    let setup = Setup::new().await;
+    let logs = setup.dir.path().join("item-logs");
+    let script = r#"input=$(cat)
+echo "about to fail"
+case "$input" in *'"mode":"kill"'*) kill -KILL $$ ;; esac
+exit 3
+"#;
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            log_dir: Some(logs.clone()),
+            ..WorkerOptions::running(script)
+        },
+    );
+    let failing = setup.session(json!({})).await;
+    let killed = setup.session(json!({"mode": "kill"})).await;
+    let item = setup.wait_for_state(&failing, "stopped").await;
+    assert_eq!(item["metadata"]["tether.exit_code"], "3", "{item}");
+    assert!(item["metadata"].get("tether.signal").is_none(), "{item}");
+    let item = setup.wait_for_state(&killed, "stopped").await;
+    assert_eq!(item["metadata"]["tether.exit_code"], "137", "{item}");
+    assert_eq!(item["metadata"]["tether.signal"], "SIGKILL", "{item}");
+    for work in [&failing, &killed] {
+        assert_eq!(
+            setup.causes(work).await.last().map(String::as_str),
+            Some("force_stopped")
+        );
+        // With --log-dir the output goes to a file per item, not to the worker's log.
+        let text = std::fs::read_to_string(logs.join(format!("{work}.log"))).expect("item log");
+        assert!(text.contains("about to fail"), "{text}");
+    }
+    assert!(
+        !worker.log().contains("] about to fail"),
+        "{}",
+        worker.log()
+    );
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        worker.log().contains("0 done, 2 failed"),
+        "{}",
+        worker.log()
+    );
+}
+
+#[tokio::test]
+async fn refuses_to_start_when_it_cannot_work() {
+    let setup = Setup::new().await;
+    let work = setup.session(json!({})).await;
+    let server = setup.server.base.as_str();
+    let env = setup.env.as_str();
+    let key = setup.key.as_str();
+    let base = ["--server", server, "--environment", env];
+
+    // PROGRAM is checked before anything is claimed.
+    let not_executable = setup.dir.path().join("plain-file");
+    std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+    for (program, says) in [
+        ("/nonexistent/agent", "no such file"),
+        (
+            "no-such-program-in-path",
+            "no executable of that name in PATH",
+        ),
+        (not_executable.to_str().unwrap(), "not executable"),
+    ] {
+        let args = [&base[..], &["--key", key]].concat();
+        let (status, stderr) = run_worker_to_end(&args, &[program]).await;
+        assert!(!status.success(), "{program}: {stderr}");
+        assert!(
+            stderr.contains("cannot run PROGRAM") && stderr.contains(says),
+            "{program}: {stderr}"
+        );
+    }
+    let item = setup.item(&work).await;
+    assert_eq!(item["state"], "queued");
+    assert_eq!(item["delivery_count"], 0, "nothing was claimed: {item}");
+
+    // Refusals that another try cannot fix end the worker with what to fix.
+    let other_env = setup
+        .api
+        .ok(
+            Method::POST,
+            "/environments",
+            json!({"name": "other", "config": {"type": "self_hosted"}}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other_key = setup.api.key(&other_env).await;
+    let cloud_env = setup
+        .api
+        .ok(
+            Method::POST,
+            "/environments",
+            json!({"name": "cloud", "config": {"type": "cloud", "networking": {"type": "unrestricted"}}}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cloud_key = setup.api.key(&cloud_env).await;
+    let unknown_env = "env_0000000000000000000000000000abcd";
+    let admin = setup.server.token.as_str();
+    for (environment, key, says) in [
+        (env, "tth_env_not-a-real-key", "refused the key"),
+        (
+            env,
+            other_key.as_str(),
+            "may not take work from environment",
+        ),
+        (unknown_env, admin, "does not exist"),
+        (
+            cloud_env.as_str(),
+            cloud_key.as_str(),
+            "will not hand out work",
+        ),
+    ] {
+        let args = [
+            "--server",
+            server,
+            "--environment",
+            environment,
+            "--key",
+            key,
+        ];
+        let (status, stderr) = run_worker_to_end(&args, &["true"]).await;
+        assert!(!status.success(), "{says}: {stderr}");
+        assert!(stderr.contains(says), "{says}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_graceful_stop_sends_sigterm_then_confirms() {
+    let setup = Setup::new().await;
+    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let mut worker = setup.worker("w1", WorkerOptions::running(&script));
+    let work = setup.session(json!({})).await;
+    let dir = setup.stamps();
+    let start = started(&dir, &work, 1).await;
+    setup.wait_for_state(&work, "active").await;
+    assert_eq!(setup.stop(&work, false).await["state"], "stopping");
+    let item = setup.wait_for_state(&work, "stopped").await;
+    assert_eq!(
+        stamps(&dir, &work),
+        [start.clone(), stamp("term", "w1", start.pid)]
+    );
+    assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+    assert_eq!(
+        setup.causes(&work).await,
+        [
+            "enqueued",
+            "delivered",
+            "acked",
+            "first_heartbeat",
+            "stop_requested",
+            "stop_confirmed"
+        ]
+    );
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_force_stop_kills_the_program() {
+    let setup = Setup::new().await;
+    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let mut worker = setup.worker("w1", WorkerOptions::running(&script));
+    let work = setup.session(json!({})).await;
+    let dir = setup.stamps();
+    let start = started(&dir, &work, 1).await;
+    setup.wait_for_state(&work, "active").await;
+    setup.stop(&work, true).await;
+    // The next heartbeat finds the item gone (its token died with it): SIGKILL, no SIGTERM.
+    wait_dead(start.pid).await;
+    worker.wait_for_log("lease lost").await;
+    assert_eq!(stamps(&dir, &work), [start]);
+    let item = setup.item(&work).await;
+    assert!(
+        item["metadata"].get("tether.exit_code").is_none(),
+        "a worker that lost the item leaves it alone: {item}"
+    );
+    assert_eq!(
+        setup.causes(&work).await,
+        [
+            "enqueued",
+            "delivered",
+            "acked",
+            "first_heartbeat",
+            "force_stopped"
+        ]
+    );
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn the_item_of_a_killed_worker_is_served_by_another() {
+    let setup = Setup::new().await;
+    let script = format!("{PRELUDE}{UNTIL_RELEASED}");
+    let mut first = setup.worker("w1", WorkerOptions::running(&script));
+    let work = setup.session(json!({})).await;
+    let dir = setup.stamps();
+    let start = started(&dir, &work, 1).await;
+    setup.wait_for_state(&work, "active").await;
+
+    first.signal(Signal::SIGKILL);
+    first.wait_exit().await;
+    // The program does not outlive its worker.
+    wait_dead(start.pid).await;
+    let item = setup.wait_for_state(&work, "queued").await;
+    assert_eq!(item["requeue_count"], 1, "{item}");
+
+    release(&dir, &work);
+    let mut second = setup.worker("w2", WorkerOptions::running(&script));
+    let item = setup.wait_for_state(&work, "stopped").await;
+    let second_start = started(&dir, &work, 2).await;
+    assert_eq!(
+        stamps(&dir, &work),
+        [
+            start,
+            second_start.clone(),
+            stamp("end", "w2", second_start.pid)
+        ],
+        "the first program never ran again"
+    );
+    assert_eq!(item["metadata"]["tether.worker_id"], "w2", "{item}");
+    assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+    let causes = setup.causes(&work).await;
+    assert_eq!(
+        causes[..5],
+        [
+            "enqueued",
+            "delivered",
+            "acked",
+            "first_heartbeat",
+            "lease_expired_requeued"
+        ],
+        "{causes:?}"
+    );
+    assert_eq!(
+        without_first_heartbeat(causes[5..].to_vec()),
+        ["delivered", "acked", "force_stopped"]
+    );
+    let status = second.shut_down().await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_worker_cut_off_from_the_server_abandons_its_item() {
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(&setup.server.base).await;
+    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let mut cut_off = setup.worker(
+        "w1",
+        WorkerOptions {
+            server: Some(proxy.url.clone()),
+            ..WorkerOptions::running(&script)
+        },
+    );
+    let work = setup.session(json!({})).await;
+    let dir = setup.stamps();
+    let start = started(&dir, &work, 1).await;
+    setup.wait_for_state(&work, "active").await;
+
+    // No heartbeat gets through for longer than the lease: the worker kills its program, the server
+    // puts the item back in the queue.
+    proxy.block();
+    wait_dead(start.pid).await;
+    cut_off.wait_for_log("lease lost").await;
+    let item = setup.wait_for_state(&work, "queued").await;
+    assert_eq!(item["requeue_count"], 1, "{item}");
+    assert_eq!(stamps(&dir, &work), [start], "SIGKILL, not SIGTERM");
+
+    release(&dir, &work);
+    let mut other = setup.worker("w2", WorkerOptions::running(&script));
+    let item = setup.wait_for_state(&work, "stopped").await;
+    assert_eq!(item["metadata"]["tether.worker_id"], "w2", "{item}");
+
+    // Back on the network, the first worker leaves the item alone and keeps working.
+    proxy.unblock();
+    let next = setup.session(json!({})).await;
+    release(&dir, &next);
+    setup.wait_for_state(&next, "stopped").await;
+    // A long poll of the first worker that was under way when the line went dead may still have been
+    // handed the item before the second worker got it; what matters is who stopped it, and how often.
+    let causes = setup.causes(&work).await;
+    assert_eq!(
+        causes[..5],
+        [
+            "enqueued",
+            "delivered",
+            "acked",
+            "first_heartbeat",
+            "lease_expired_requeued"
+        ],
+        "{causes:?}"
+    );
+    let stops: Vec<&String> = causes.iter().filter(|c| c.contains("stop")).collect();
+    assert_eq!(stops, ["force_stopped"], "{causes:?}");
+    assert_eq!(causes.last().map(String::as_str), Some("force_stopped"));
+    assert_eq!(
+        setup.item(&work).await["metadata"]["tether.worker_id"],
+        "w2"
+    );
+    for worker in [&mut cut_off, &mut other] {
+        let status = worker.shut_down().await;
+        assert!(status.success(), "{status:?}\n{}", worker.log());
+    }
+}
+
+#[tokio::test]
+async fn two_workers_serve_two_hundred_sessions_exactly_once() {
+    const SESSIONS: usize = 200;
+    let setup = Setup::new().await;
+    let script = format!(
+        r#"{PRELUDE}sleep 0.05
+echo "end $TETHER_WORKER_ID $$" >> "$f"
+"#
+    );
+    let options = WorkerOptions {
+        concurrency: "4",
+        ttl: "10",
+        ..WorkerOptions::running(&script)
+    };
+    let mut workers = [
+        setup.worker("w1", options.clone()),
+        setup.worker("w2", options),
+    ];
+    let mut created = Vec::new();
+    for chunk in (0..SESSIONS).collect::<Vec<_>>().chunks(10) {
+        let batch = chunk.iter().map(|_| {
+            setup.api.ok(
+                Method::POST,
+                "/sessions",
+                json!({"agent": setup.agent, "environment_id": setup.env}),
+            )
+        });
+        created.extend(futures::future::join_all(batch).await);
+    }
+    assert_eq!(created.len(), SESSIONS);
+
+    let deadline = Instant::now() + PATIENCE;
+    let items = loop {
+        let items = setup.work_items().await;
+        if items.len() == SESSIONS && items.iter().all(|i| i["state"] == "stopped") {
+            break items;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every item was served: {} of {} stopped",
+            items.iter().filter(|i| i["state"] == "stopped").count(),
+            items.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let dir = setup.stamps();
+    let mut served_by: BTreeMap<String, usize> = BTreeMap::new();
+    for item in &items {
+        let work = item["id"].as_str().unwrap();
+        let s = stamps(&dir, work);
+        // Served once, and the one run started and ended before anything else touched the item.
+        assert_eq!(s.len(), 2, "{work}: {s:?}");
+        assert_eq!(s[0].what, "start", "{work}: {s:?}");
+        assert_eq!(s[1], stamp("end", &s[0].worker, s[0].pid), "{work}: {s:?}");
+        assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+        assert_eq!(item["metadata"]["tether.worker_id"], s[0].worker.as_str());
+        assert_eq!(item["requeue_count"], 0, "{item}");
+        *served_by.entry(s[0].worker.clone()).or_default() += 1;
+    }
+    eprintln!("items served per worker: {served_by:?}");
+    for worker in &mut workers {
+        let status = worker.shut_down().await;
+        assert!(status.success(), "{status:?}\n{}", worker.log());
+    }
+}
+
+#[tokio::test]
+async fn shutting_down_drains_then_terminates_and_leaves_nothing_live() {
+    let setup = Setup::new().await;
+    let script = format!(
+        r#"{PRELUDE}input=$(cat)
+case "$input" in
+  *'"mode":"stubborn"'*) trap '' TERM ;;
+  *) trap 'echo "term $TETHER_WORKER_ID $$" >> "$f"; exit 0' TERM ;;
+esac
+{UNTIL_RELEASED}"#
+    );
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            concurrency: "3",
+            drain_timeout: "3",
+            ..WorkerOptions::running(&script)
+        },
+    );
+    let stubborn = setup.session(json!({"mode": "stubborn"})).await;
+    let polite = setup.session(json!({})).await;
+    let finishing = setup.session(json!({})).await;
+    let dir = setup.stamps();
+    let mut starts = BTreeMap::new();
+    for work in [&stubborn, &polite, &finishing] {
+        starts.insert(work.clone(), started(&dir, work, 1).await);
+        setup.wait_for_state(work, "active").await;
+    }
+
+    worker.signal(Signal::SIGTERM);
+    worker.wait_for_log("taking no new work").await;
+    // One program finishes by itself within the drain timeout; the others are still at it when it ends.
+    release(&dir, &finishing);
+    let status = worker.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+
+    for item in setup.work_items().await {
+        assert_eq!(item["state"], "stopped", "left live: {item}");
+    }
+    let finished = setup.item(&finishing).await;
+    assert_eq!(finished["metadata"]["tether.exit_code"], "0");
+    let f = &starts[&finishing];
+    assert_eq!(
+        stamps(&dir, &finishing),
+        [f.clone(), stamp("end", "w1", f.pid)]
+    );
+    let p = &starts[&polite];
+    assert_eq!(
+        stamps(&dir, &polite),
+        [p.clone(), stamp("term", "w1", p.pid)]
+    );
+    assert_eq!(
+        setup.item(&polite).await["metadata"]["tether.exit_code"],
+        "0"
+    );
+    let s = setup.item(&stubborn).await;
+    assert_eq!(s["metadata"]["tether.signal"], "SIGKILL", "{s}");
+    assert_eq!(stamps(&dir, &stubborn), [starts[&stubborn].clone()]);
+    for work in [&polite, &stubborn] {
+        let causes = setup.causes(work).await;
+        assert_eq!(
+            &causes[causes.len() - 2..],
+            ["stop_requested", "stop_confirmed"],
+            "{work}"
+        );
+        assert!(!alive(starts[work].pid));
+    }
+}
+
+#[tokio::test]
+async fn a_second_signal_forces_the_shutdown() {
+    let setup = Setup::new().await;
+    let script = format!("{PRELUDE}trap '' TERM\n{UNTIL_RELEASED}");
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            drain_timeout: "60",
+            grace: "60",
+            ..WorkerOptions::running(&script)
+        },
+    );
+    let work = setup.session(json!({})).await;
+    let dir = setup.stamps();
+    let start = started(&dir, &work, 1).await;
+    setup.wait_for_state(&work, "active").await;
+    worker.signal(Signal::SIGTERM);
+    worker.wait_for_log("taking no new work").await;
+    worker.signal(Signal::SIGINT);
+    let status = worker.wait_exit().await;
+    assert!(
+        !status.success(),
+        "a forced shutdown is a failure: {status:?}"
+    );
+    assert!(!alive(start.pid));
+    let item = setup.item(&work).await;
+    assert_eq!(item["state"], "stopped", "{item}");
+    assert_eq!(item["metadata"]["tether.signal"], "SIGKILL", "{item}");
+    assert_eq!(
+        setup.causes(&work).await.last().map(String::as_str),
+        Some("force_stopped")
+    );
+}

@@ -344,3 +344,55 @@ async fn follows_the_stream_runs_in_its_directory_and_can_be_interrupted() {
     served.heartbeats.abort();
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_kills_the_command_reports_it_and_ends_the_turn() {
+    let server = TestServer::start(&Backend::Sqlite).await;
+    let served = claimed_session(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = spawn_agent(&server, &served, dir.path(), &["--max-idle", "0"]).await;
+    until_serving(&mut agent).await;
+    let admin = &served.admin;
+    let session = served.session_id.as_str();
+
+    let sent = admin
+        .send_events(session, &[NewEvent::user_message("sleep 1000")])
+        .await
+        .unwrap();
+    let started = async {
+        loop {
+            let all = events(admin, session).await;
+            if all
+                .iter()
+                .any(|e| e.id > sent[0].id && e.kind == "agent.tool_use")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, started).await.unwrap();
+
+    // What `tether worker` does when the item is to stop.
+    let pid = nix::unistd::Pid::from_raw(agent.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(PATIENCE, agent.wait())
+        .await
+        .expect("the agent did not exit on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let turn = turn_after(admin, session, &sent[0].id).await;
+    let result = turn
+        .iter()
+        .find(|e| e.kind == "agent.tool_result")
+        .expect("a result");
+    assert_eq!(result.fields["is_error"], Value::Bool(true));
+    assert_eq!(turn.last().unwrap().fields["stop_reason"]["type"], "error");
+    assert_eq!(
+        admin.get_session(session).await.unwrap().status,
+        SessionStatus::Idle
+    );
+    served.heartbeats.abort();
+    server.shutdown().await;
+}

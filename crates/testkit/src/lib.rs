@@ -56,21 +56,29 @@ impl StoreLocation {
     pub async fn fresh(backend: &Backend) -> anyhow::Result<StoreLocation> {
         Ok(match backend {
             Backend::Sqlite => StoreLocation::Sqlite(tempfile::tempdir()?),
-            Backend::Postgres(admin_url) => StoreLocation::Postgres { url: fresh_postgres_database(admin_url).await? },
+            Backend::Postgres(admin_url) => StoreLocation::Postgres {
+                url: fresh_postgres_database(admin_url).await?,
+            },
         })
     }
 
     pub async fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
         Ok(match self {
-            StoreLocation::Sqlite(dir) => Arc::new(tether_store::sqlite::open(&dir.path().join("tether.db"))?),
-            StoreLocation::Postgres { url } => Arc::new(tether_store::postgres::connect(url).await?),
+            StoreLocation::Sqlite(dir) => {
+                Arc::new(tether_store::sqlite::open(&dir.path().join("tether.db"))?)
+            }
+            StoreLocation::Postgres { url } => {
+                Arc::new(tether_store::postgres::connect(url).await?)
+            }
         })
     }
 }
 
 /// Creates a uniquely named database on the server at `admin_url` and returns its URL.
 async fn fresh_postgres_database(admin_url: &str) -> anyhow::Result<String> {
-    tether_store::postgres::create_test_database(admin_url).await.map_err(Into::into)
+    tether_store::postgres::create_test_database(admin_url)
+        .await
+        .map_err(Into::into)
 }
 
 /// Settings for a test server; defaults are the production defaults with a fast dispatcher tick.
@@ -83,7 +91,10 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            config: ServiceConfig { tick: Duration::from_millis(100), ..ServiceConfig::default() },
+            config: ServiceConfig {
+                tick: Duration::from_millis(100),
+                ..ServiceConfig::default()
+            },
             body_limit: 1024 * 1024,
         }
     }
@@ -113,9 +124,16 @@ impl TestServer {
     }
 
     /// Starts a server on an existing store (a restart), sharing `clock`.
-    pub async fn start_on(backend: &Backend, location: Arc<StoreLocation>, options: Options, clock: OffsetClock) -> TestServer {
+    pub async fn start_on(
+        backend: &Backend,
+        location: Arc<StoreLocation>,
+        options: Options,
+        clock: OffsetClock,
+    ) -> TestServer {
         let store = location.open().await.expect("open store");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = options.config.clone();
         config.public_url = format!("http://{addr}");
@@ -123,12 +141,22 @@ impl TestServer {
         let app = App::new(store, shared_clock, config);
         let admin_token = match app.bootstrap_admin_token(None).await.expect("bootstrap") {
             Some(t) => t,
-            None => app.create_admin_token(Default::default()).await.expect("admin token").1,
+            None => {
+                app.create_admin_token(Default::default())
+                    .await
+                    .expect("admin token")
+                    .1
+            }
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(tether_server::serve(app.clone(), listener, options.body_limit, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(tether_server::serve(
+            app.clone(),
+            listener,
+            options.body_limit,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         TestServer {
             base: format!("http://{addr}"),
             admin_token,
@@ -167,8 +195,14 @@ impl TestServer {
     }
 
     /// Sends a request with the admin token on the Qoder prefix.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        self.call_as(&self.admin_token.clone(), method, path, body, &[]).await
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call_as(&self.admin_token.clone(), method, path, body, &[])
+            .await
     }
 
     /// Sends a request with `token` and extra headers on the Qoder prefix.
@@ -201,21 +235,36 @@ impl TestServer {
 
     /// Creates a self-hosted environment and returns its id.
     pub async fn self_hosted_environment(&self) -> String {
-        let (status, env) = self.post("/environments", serde_json::json!({"name": "test", "config": {"type": "self_hosted"}})).await;
+        let (status, env) = self
+            .post(
+                "/environments",
+                serde_json::json!({"name": "test", "config": {"type": "self_hosted"}}),
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{env}");
         env["id"].as_str().expect("id").to_owned()
     }
 
     /// Creates an agent and returns its id.
     pub async fn agent(&self) -> String {
-        let (status, agent) = self.post("/agents", serde_json::json!({"name": "test-agent", "model": "test-model"})).await;
+        let (status, agent) = self
+            .post(
+                "/agents",
+                serde_json::json!({"name": "test-agent", "model": "test-model"}),
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{agent}");
         agent["id"].as_str().expect("id").to_owned()
     }
 
     /// Creates a session (which enqueues one work item on a self-hosted environment); returns its id.
     pub async fn session(&self, environment_id: &str, agent_id: &str) -> String {
-        let (status, s) = self.post("/sessions", serde_json::json!({"agent": agent_id, "environment_id": environment_id})).await;
+        let (status, s) = self
+            .post(
+                "/sessions",
+                serde_json::json!({"agent": agent_id, "environment_id": environment_id}),
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{s}");
         s["id"].as_str().expect("id").to_owned()
     }

@@ -70,6 +70,25 @@ impl Waiters {
         woken
     }
 
+    /// Removes a waiter that leaves without having been woken.
+    fn forget(&self, environment_id: &str, slot: &Arc<Slot>) {
+        let mut inner = self.inner.lock().expect("waiters lock");
+        let Some(queue) = inner.queues.get_mut(environment_id) else {
+            return;
+        };
+        let gone = Arc::as_ptr(slot);
+        queue.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), gone));
+        if queue.is_empty() {
+            inner.queues.remove(environment_id);
+        }
+    }
+
+    /// Environments with an entry in the map (for tests of its bound).
+    #[cfg(test)]
+    fn environments(&self) -> usize {
+        self.inner.lock().expect("waiters lock").queues.len()
+    }
+
     /// Wakes every waiter of every environment (shutdown).
     pub fn wake_all(&self) {
         let environments: Vec<String> = self
@@ -137,6 +156,13 @@ impl Drop for Ticket {
         let consumed = self.slot.consumed.load(std::sync::atomic::Ordering::SeqCst);
         if woken && !consumed {
             self.waiters.wake(&self.environment_id, 1);
+            return;
+        }
+        if !woken {
+            // A poll that timed out (or whose client left) is still queued: take it out, and the
+            // environment's entry with it once empty, so that the map holds only environments that
+            // are being waited on rather than every environment ever polled.
+            self.waiters.forget(&self.environment_id, &self.slot);
         }
     }
 }
@@ -174,6 +200,29 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(100), b.woken())
             .await
             .expect("passed on to b");
+    }
+
+    #[tokio::test]
+    async fn waiters_that_give_up_leave_nothing_behind() {
+        let w = Waiters::default();
+        for i in 0..100 {
+            let env = format!("env-{i}");
+            let a = w.register(&env).unwrap();
+            let b = w.register(&env).unwrap();
+            drop(a);
+            drop(b);
+        }
+        assert_eq!(w.environments(), 0);
+        assert_eq!(w.count(), 0);
+        // One leaving does not take the others' places.
+        let a = w.register("env").unwrap();
+        let b = w.register("env").unwrap();
+        drop(a);
+        assert_eq!(w.wake("env", 1), 1);
+        tokio::time::timeout(Duration::from_millis(100), b.woken())
+            .await
+            .expect("the remaining waiter is woken");
+        b.consume();
     }
 
     #[tokio::test]

@@ -9,14 +9,25 @@ use tokio::task::JoinHandle;
 
 use crate::service::App;
 
+/// How often stale poll records are dropped. Readers filter by time anyway, so this only bounds the
+/// table; doing it every tick would cost a write (and on SQLite an fsync) per second for nothing.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub fn spawn(app: App) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut notices = app.store.subscribe();
         let mut tick = tokio::time::interval(app.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => pass(&app).await,
+                _ = prune.tick() => {
+                    if let Err(e) = app.forget_idle_workers().await {
+                        tracing::warn!(error = %e.message, "dispatcher: pruning idle workers failed");
+                    }
+                }
                 _ = app.dispatch_now.notified() => pass(&app).await,
                 notice = notices.recv() => match notice {
                     Ok(Notice::WorkClaimable { environment_id }) => { app.waiters.wake(&environment_id, 1); }

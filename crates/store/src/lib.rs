@@ -99,6 +99,10 @@ pub enum Write {
         worker_id: String,
         at: Timestamp,
     },
+    /// Forgets every worker whose last poll was before `before`, in every environment.
+    ForgetWorkers {
+        before: Timestamp,
+    },
 }
 
 /// Writes committed all together or not at all.

@@ -443,6 +443,10 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             ),
             Any,
         )),
+        Write::ForgetWorkers { before } => out.push((
+            Statement::new("DELETE FROM workers WHERE last_poll_at < $1", vec![(*before).into()]),
+            Any,
+        )),
     }
 }
 

@@ -161,6 +161,28 @@ async fn values_round_trip_and_conditions_conflict() {
         .await
         .unwrap();
     assert_eq!(seen, vec![("w1".to_owned(), now)]);
+    store
+        .commit(ChangeSet::one(Write::ForgetWorkers { before: now }))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .workers_seen("env_a", Timestamp::from_micros(0))
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "a poll at the cutoff is kept"
+    );
+    store
+        .commit(ChangeSet::one(Write::ForgetWorkers { before: now.next() }))
+        .await
+        .unwrap();
+    assert!(store
+        .workers_seen("env_a", Timestamp::from_micros(0))
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

@@ -249,7 +249,7 @@ pub async fn workers(
 ) -> ApiResult<Json<Value>> {
     access::environment(&p, &env_id)?;
     let env = app.work_environment(&env_id).await?;
-    let workers = app.workers(&env, 5 * 60 * 1000).await?;
+    let workers = app.workers(&env).await?;
     let data: Vec<Value> = workers
         .iter()
         .map(|(worker, at, items)| {

@@ -37,6 +37,8 @@ pub struct Effects {
 const CLAIM_BATCH: u32 = 64;
 /// Items one expiry pass handles at most; the next tick takes the rest.
 const EXPIRY_BATCH: u32 = 256;
+/// How far back `GET …/workers` (§11.4) looks for polls.
+pub const WORKERS_LISTED_MS: i64 = 5 * 60 * 1000;
 
 struct Reservation<'a> {
     app: &'a App,
@@ -491,13 +493,12 @@ impl App {
         Ok((item, page))
     }
 
-    /// Live items per worker seen polling in the last `window_ms` (§11.4).
+    /// Live items per worker seen polling in the last [`WORKERS_LISTED_MS`] (§11.4).
     pub async fn workers(
         &self,
         env: &Environment,
-        window_ms: i64,
     ) -> ApiResult<Vec<(String, Timestamp, Vec<WorkItem>)>> {
-        let since = self.now().minus_millis(window_ms);
+        let since = self.now().minus_millis(WORKERS_LISTED_MS);
         let seen = self.store.workers_seen(&env.id, since).await?;
         let mut live = Vec::new();
         let mut page = PageRequest::first(1000);
@@ -521,6 +522,17 @@ impl App {
                 (worker, at, held)
             })
             .collect())
+    }
+
+    /// Forgets workers that no reader of the poll record looks at any more (§3.1): worker ids are
+    /// per process, so without this every worker ever started would keep a row for good.
+    pub async fn forget_idle_workers(&self) -> ApiResult<()> {
+        let window = WORKERS_LISTED_MS.max(self.config.workers_polling_window_ms);
+        let before = self.now().minus_millis(window);
+        self.store
+            .commit(ChangeSet::one(Write::ForgetWorkers { before }))
+            .await?;
+        Ok(())
     }
 
     /// One expiry pass: every lease past its deadline is settled (§5.4). Returns how many were handled.

@@ -303,3 +303,79 @@ async fn concurrent_stops_and_acks_leave_a_consistent_item() {
         server.shutdown().await;
     }
 }
+
+/// A session created while its environment is deleted or archived: either the session wins (and the
+/// delete answers 409, the archive leaves it in place) or the environment change wins (and the create
+/// answers 404 or 400). Never both, which would leave a session, and a queued item, in an environment
+/// that is gone or takes no new sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_created_during_environment_delete_or_archive_never_outlive_it() {
+    const ROUNDS: usize = 40;
+    const CREATORS: usize = 4;
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let agent = server.agent().await;
+        for round in 0..ROUNDS {
+            let env = server.self_hosted_environment().await;
+            let archive = round % 2 == 1;
+            let creates = join_all((0..CREATORS).map(|_| {
+                req(&server, Method::POST, "/sessions")
+                    .json(json!({"agent": agent, "environment_id": env}))
+                    .send()
+            }));
+            let change = async {
+                if archive {
+                    req(
+                        &server,
+                        Method::POST,
+                        &format!("/environments/{env}/archive"),
+                    )
+                    .send()
+                    .await
+                } else {
+                    req(&server, Method::DELETE, &format!("/environments/{env}"))
+                        .send()
+                        .await
+                }
+            };
+            let (creates, change) = tokio::join!(creates, change);
+            let created: Vec<&Value> = creates
+                .iter()
+                .filter(|r| r.status == StatusCode::OK)
+                .map(|r| &r.body)
+                .collect();
+            for refused in creates.iter().filter(|r| r.status != StatusCode::OK) {
+                let (status, kind) = if archive {
+                    (400, "invalid_request_error")
+                } else {
+                    (404, "not_found_error")
+                };
+                refused.error(status, kind);
+            }
+            let label = format!("[{}] round {round}", backend.name());
+            if archive {
+                change.ok();
+                let env_doc = req(&server, Method::GET, &format!("/environments/{env}"))
+                    .send()
+                    .await;
+                let archived_at = env_doc.ok()["archived_at"].as_str().unwrap().to_owned();
+                for session in created {
+                    assert!(
+                        session["created_at"].as_str().unwrap() <= archived_at.as_str(),
+                        "{label}: session {} created after its environment was archived",
+                        session["id"]
+                    );
+                }
+            } else if change.status == StatusCode::OK {
+                let ids: Vec<&Value> = created.iter().map(|s| &s["id"]).collect();
+                assert!(
+                    ids.is_empty(),
+                    "{label}: the environment was deleted, yet sessions were created in it: {ids:?}"
+                );
+            } else {
+                change.error(409, "invalid_request_error");
+                assert!(!created.is_empty(), "{label}: 409 without any session");
+            }
+        }
+    }
+}

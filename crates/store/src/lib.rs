@@ -67,6 +67,9 @@ pub enum Write {
         agent: Agent,
         expected_version: i64,
     },
+    /// Refused with `Conflict` unless the session's environment exists and is not archived. It also
+    /// bumps the environment's version, so that a delete or archive decided from an earlier read of
+    /// the environment conflicts instead of leaving a session (and its work item) without one.
     InsertSession(Session),
     UpdateSession {
         session: Session,

@@ -317,22 +317,33 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             ));
             out.push(agent_version_statement(agent));
         }
-        Write::InsertSession(s) => out.push((
-            Statement::new(
-                "INSERT INTO sessions (id, version, environment_id, agent_id, status, archived, created_at, doc) \
-                 VALUES ($1, 1, $2, $3, $4, $5, $6, $7)",
-                vec![
-                    s.id.as_str().into(),
-                    s.environment_id.as_str().into(),
-                    s.agent.id.as_str().into(),
-                    s.status.as_str().into(),
-                    s.archived_at.is_some().into(),
-                    s.created_at.into(),
-                    to_doc(s),
-                ],
-            ),
-            OneRow,
-        )),
+        Write::InsertSession(s) => {
+            // First, so that the environment's row lock orders this against a concurrent delete or
+            // archive on PostgreSQL (whose `NOT EXISTS` check alone cannot see an uncommitted session).
+            out.push((
+                Statement::new(
+                    "UPDATE environments SET version = version + 1 WHERE id = $1 AND archived = 0",
+                    vec![s.environment_id.as_str().into()],
+                ),
+                OneRow,
+            ));
+            out.push((
+                Statement::new(
+                    "INSERT INTO sessions (id, version, environment_id, agent_id, status, archived, created_at, doc) \
+                     VALUES ($1, 1, $2, $3, $4, $5, $6, $7)",
+                    vec![
+                        s.id.as_str().into(),
+                        s.environment_id.as_str().into(),
+                        s.agent.id.as_str().into(),
+                        s.status.as_str().into(),
+                        s.archived_at.is_some().into(),
+                        s.created_at.into(),
+                        to_doc(s),
+                    ],
+                ),
+                OneRow,
+            ));
+        }
         Write::UpdateSession { session: s, expected_version } => out.push((
             Statement::new(
                 "UPDATE sessions SET version = version + 1, status = $2, archived = $3, doc = $4 \

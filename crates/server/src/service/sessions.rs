@@ -4,10 +4,10 @@ use serde_json::{Map, Value};
 use tether_core::events::{Sender, TurnState};
 use tether_core::ids::{self, IdKind};
 use tether_core::metadata;
-use tether_core::resources::{Agent, Session};
+use tether_core::resources::{Agent, Environment, Session};
 use tether_core::session::SessionStatus;
 use tether_core::work::{self, Cause};
-use tether_store::{ChangeSet, Page, PageRequest, SessionFilter, Versioned, Write};
+use tether_store::{ChangeSet, Page, PageRequest, SessionFilter, StoreError, Versioned, Write};
 
 use super::events::append_batch;
 use super::work::Effects;
@@ -98,12 +98,7 @@ impl App {
         let environment_id = body::required_string(&body, "environment_id")?;
         let agent = self.resolve_agent(body.get("agent")).await?;
         let env = self.environment(&environment_id).await?;
-        if env.archived_at.is_some() {
-            return Err(ApiError::bad_param(
-                "environment_id",
-                "the environment is archived and takes no new sessions",
-            ));
-        }
+        refuse_archived(&env)?;
         let title = body::optional_string(&body, "title")?;
         if title
             .as_ref()
@@ -179,7 +174,18 @@ impl App {
         changes
             .writes
             .extend(events.into_iter().map(Write::InsertEvent));
-        self.store.commit(changes).await?;
+        with_retries(|| async {
+            match self.store.commit(changes.clone()).await {
+                Err(StoreError::Conflict) => {
+                    // The environment was deleted or archived since it was read: answer as if that had
+                    // happened first.
+                    refuse_archived(&self.environment(&environment_id).await?)?;
+                    Err(Retry::Conflict)
+                }
+                other => Ok(other?),
+            }
+        })
+        .await?;
         self.announce_claimable(&claimable).await;
         Ok(session)
     }
@@ -331,6 +337,16 @@ impl App {
             self.announce_session(session).await;
         }
     }
+}
+
+fn refuse_archived(env: &Environment) -> ApiResult<()> {
+    if env.archived_at.is_some() {
+        return Err(ApiError::bad_param(
+            "environment_id",
+            "the environment is archived and takes no new sessions",
+        ));
+    }
+    Ok(())
 }
 
 fn not_found_session(id: &str) -> ApiError {

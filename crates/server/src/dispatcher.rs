@@ -2,7 +2,8 @@
 //! when another server process announces a change. Correctness never depends on it: every request
 //! settles expired leases of the items it touches itself. The pass makes expiry timely and wakes waiters
 //! for items that became claimable without an enqueue (a delivery passing its reclaim window, a
-//! notification from another process that got lost).
+//! notification from another process that got lost). Once a minute it also drops poll records too old
+//! for any reader, which keeps the workers table from growing with every worker ever started.
 
 use tether_store::Notice;
 use tokio::task::JoinHandle;

@@ -1,7 +1,10 @@
 //! Who may do what (§11.1). Each check answers 403 for an authenticated caller without the right.
 
+use tether_core::resources::Session;
+
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
+use crate::service::App;
 
 fn forbidden() -> ApiError {
     ApiError::forbidden("this credential may not perform this request")
@@ -45,6 +48,22 @@ pub fn session(p: &Principal, session_id: &str, session_environment_id: &str) ->
         Principal::SessionToken { session_id: s, .. } if s == session_id => Ok(()),
         other => environment(other, session_environment_id),
     }
+}
+
+/// The session a caller names, if it may read it (and post to it, within the event rules): an admin, an
+/// environment key of the session's environment, or the session token of the session's live item.
+pub async fn readable_session(app: &App, p: &Principal, id: &str) -> ApiResult<Session> {
+    if let Principal::SessionToken { session_id, .. } = p {
+        // Known before any lookup: a session token serves exactly one session (D-32: 403 before 404).
+        if session_id != id {
+            return Err(ApiError::forbidden(
+                "a session token may only use its own session",
+            ));
+        }
+    }
+    let found = app.session(id).await?;
+    session(p, &found.id, &found.environment_id)?;
+    Ok(found)
 }
 
 /// Whether the caller is a worker credential (environment key or session token).

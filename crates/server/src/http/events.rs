@@ -11,7 +11,6 @@ use axum::Json;
 use serde_json::{json, Value};
 use tether_core::events::{self as rules, Sender};
 use tether_core::ids::IdKind;
-use tether_core::resources::Session;
 
 use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire};
@@ -25,22 +24,6 @@ use crate::views;
 /// Silence on a stream longer than this is broken by a `:keep-alive` comment (§12.3), so that proxies and
 /// clients do not take an idle session for a dead connection.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
-
-/// The session a caller names, if it may read it (and post to it, within [`rules::may_send`]): an admin,
-/// an environment key of the session's environment, or the session token of the session's live item.
-async fn session_for(app: &App, p: &Principal, id: &str) -> ApiResult<Session> {
-    if let Principal::SessionToken { session_id, .. } = p {
-        // Known before any lookup: a session token serves exactly one session (D-32: 403 before 404).
-        if session_id != id {
-            return Err(ApiError::forbidden(
-                "a session token may only use its own session",
-            ));
-        }
-    }
-    let session = app.session(id).await?;
-    access::session(p, &session.id, &session.environment_id)?;
-    Ok(session)
-}
 
 fn sender(p: &Principal) -> Sender {
     if access::is_worker(p) {
@@ -56,7 +39,7 @@ pub async fn post_events(
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    let session = session_for(&app, &p, &id).await?;
+    let session = access::readable_session(&app, &p, &id).await?;
     // D-32: the body is judged (400) only once the session is known to exist and be the caller's.
     let JsonBody(raw) = body?;
     let body = body::object(raw)?;
@@ -72,7 +55,7 @@ pub async fn list_events(
     Path(id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    let session = session_for(&app, &p, &id).await?;
+    let session = access::readable_session(&app, &p, &id).await?;
     // The Anthropic worker reconciles with `limit=1000`; the dialect table says how far each one goes.
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Event))?;
     let filter = EventFilter {
@@ -127,7 +110,7 @@ pub async fn stream(
     params: Params,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let session = session_for(&app, &p, &id).await?;
+    let session = access::readable_session(&app, &p, &id).await?;
     let after = resume_point(&headers, &params)?;
     let (_, tail) = app.tail_events(&session.id, after).await?;
     let frames = futures::stream::unfold(tail, |mut tail| async move {

@@ -356,15 +356,7 @@ pub async fn get_session(
     Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    if let Principal::SessionToken { session_id, .. } = &p {
-        if session_id != &id {
-            return Err(ApiError::forbidden(
-                "a session token may only read its own session",
-            ));
-        }
-    }
-    let session = app.session(&id).await?;
-    access::session(&p, &session.id, &session.environment_id)?;
+    let session = access::readable_session(&app, &p, &id).await?;
     Ok(Json(views::session(&session, d)))
 }
 

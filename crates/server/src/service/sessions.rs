@@ -10,7 +10,6 @@ use tether_core::work::{self, Cause};
 use tether_store::{ChangeSet, Page, PageRequest, SessionFilter, StoreError, Versioned, Write};
 
 use super::events::append_batch;
-use super::work::Effects;
 use super::{with_retries, App, Retry};
 use crate::body;
 use crate::error::{ApiError, ApiResult};
@@ -99,16 +98,7 @@ impl App {
         let agent = self.resolve_agent(body.get("agent")).await?;
         let env = self.environment(&environment_id).await?;
         refuse_archived(&env)?;
-        let title = body::optional_string(&body, "title")?;
-        if title
-            .as_ref()
-            .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)
-        {
-            return Err(ApiError::bad_param(
-                "title",
-                format!("title may be at most {MAX_TITLE_CHARS} characters"),
-            ));
-        }
+        let title = title(&body)?;
         let resources = body::optional_array(&body, "resources")?;
         let budget = body.get("budget").filter(|v| !v.is_null()).cloned();
         let metadata = body::metadata(&body)?;
@@ -199,16 +189,7 @@ impl App {
     }
 
     pub async fn update_session(&self, id: &str, body: Map<String, Value>) -> ApiResult<Session> {
-        let title = body::optional_string(&body, "title")?;
-        if title
-            .as_ref()
-            .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)
-        {
-            return Err(ApiError::bad_param(
-                "title",
-                format!("title may be at most {MAX_TITLE_CHARS} characters"),
-            ));
-        }
+        let title = title(&body)?;
         let patch = body::metadata_patch(&body)?;
         with_retries(|| async {
             let current = self.session_versioned(id).await?;
@@ -247,22 +228,14 @@ impl App {
             next.updated_at = now;
             next.pending_input = false;
             let mut changes = ChangeSet::new();
-            let mut effects = Effects::default();
-            self.stop_live_item(
-                &mut next,
-                Cause::SessionArchived,
-                now,
-                &mut changes,
-                &mut effects,
-            )
-            .await?;
+            self.stop_live_item(&mut next, Cause::SessionArchived, now, &mut changes)
+                .await?;
             changes.push(Write::UpdateSession {
                 session: next.clone(),
                 expected_version: current.version,
             });
             self.store.commit(changes).await?;
-            effects.sessions.push(next.id.clone());
-            self.finish_effects(effects).await;
+            self.announce_session(&next.id).await;
             Ok(next)
         })
         .await
@@ -275,22 +248,14 @@ impl App {
             let now = self.now();
             let mut doomed = current.value.clone();
             let mut changes = ChangeSet::new();
-            let mut effects = Effects::default();
-            self.stop_live_item(
-                &mut doomed,
-                Cause::SessionDeleted,
-                now,
-                &mut changes,
-                &mut effects,
-            )
-            .await?;
+            self.stop_live_item(&mut doomed, Cause::SessionDeleted, now, &mut changes)
+                .await?;
             changes.push(Write::DeleteSession {
                 id: id.to_owned(),
                 expected_version: current.version,
             });
             self.store.commit(changes).await?;
-            effects.sessions.push(id.to_owned());
-            self.finish_effects(effects).await;
+            self.announce_session(id).await;
             Ok(())
         })
         .await
@@ -303,7 +268,6 @@ impl App {
         cause: Cause,
         now: tether_core::Timestamp,
         changes: &mut ChangeSet,
-        _effects: &mut Effects,
     ) -> Result<(), Retry> {
         let Some(live) = self.store.live_work_for_session(&session.id).await? else {
             return Ok(());
@@ -330,13 +294,21 @@ impl App {
         });
         Ok(())
     }
+}
 
-    pub(crate) async fn finish_effects(&self, effects: Effects) {
-        self.announce_claimable(&effects.claimable).await;
-        for session in &effects.sessions {
-            self.announce_session(session).await;
-        }
+/// The optional `title` of a create or update, at most [`MAX_TITLE_CHARS`] long.
+fn title(body: &Map<String, Value>) -> ApiResult<Option<String>> {
+    let title = body::optional_string(body, "title")?;
+    if title
+        .as_ref()
+        .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)
+    {
+        return Err(ApiError::bad_param(
+            "title",
+            format!("title may be at most {MAX_TITLE_CHARS} characters"),
+        ));
     }
+    Ok(title)
 }
 
 fn refuse_archived(env: &Environment) -> ApiResult<()> {

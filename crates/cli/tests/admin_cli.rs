@@ -276,7 +276,15 @@ fn admin_commands_drive_a_real_server() {
         .collect();
     assert_eq!(causes, vec!["enqueued", "force_stopped"]);
     let err = server.fails(&["work", "stop", &env_id, &work_id]);
-    assert!(err.contains("409"), "{err}");
+    // The whole envelope as the client renders it, not a bare "409" (which an id may contain).
+    assert!(
+        err.contains("(409 invalid_request_error, request id "),
+        "{err}"
+    );
+    assert!(
+        err.contains("is stopped, which does not allow stop"),
+        "{err}"
+    );
     assert_eq!(
         server.json(&["work", "workers", &env_id])["data"],
         serde_json::json!([])
@@ -284,6 +292,10 @@ fn admin_commands_drive_a_real_server() {
 
     // Tearing down: a referenced environment refuses deletion until its session is gone.
     let err = server.fails(&["env", "delete", &env_id]);
+    assert!(
+        err.contains("(409 invalid_request_error, request id "),
+        "{err}"
+    );
     assert!(err.contains("delete them first"), "{err}");
     let archived = server.json(&["session", "archive", &session_id]);
     assert!(archived["archived_at"].is_string());
@@ -297,7 +309,10 @@ fn admin_commands_drive_a_real_server() {
     let gone = server.json(&["env", "delete", &env_id]);
     assert_eq!(gone["type"], "environment_deleted");
     let err = server.fails(&["env", "get", &env_id]);
-    assert!(err.contains("not found"), "{err}");
+    assert!(
+        err.contains(&format!("not found: no environment {env_id}")),
+        "{err}"
+    );
 
     // Admin tokens: a new one works until it is revoked.
     let token = server.json(&["token", "create", "--name", "ci"]);

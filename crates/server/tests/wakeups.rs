@@ -120,6 +120,9 @@ impl Store for Counting {
     ) -> StoreResult<Option<Versioned<WorkItem>>> {
         self.inner.live_work_for_session(session_id).await
     }
+    async fn leased_work_in_environment(&self, environment_id: &str) -> StoreResult<Vec<WorkItem>> {
+        self.inner.leased_work_in_environment(environment_id).await
+    }
     async fn leases_due_before(
         &self,
         before: Timestamp,

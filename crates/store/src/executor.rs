@@ -195,6 +195,11 @@ impl<E: Executor> Store for SqlStore<E> {
         .await
     }
 
+    async fn leased_work_in_environment(&self, environment_id: &str) -> StoreResult<Vec<WorkItem>> {
+        self.all(sql::leased_work_in_environment(environment_id), sql::doc)
+            .await
+    }
+
     async fn live_work_for_session(
         &self,
         session_id: &str,

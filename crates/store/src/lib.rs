@@ -290,6 +290,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         session_id: &str,
     ) -> StoreResult<Option<Versioned<WorkItem>>>;
+    /// The environment's items that hold a lease (`starting`, `active`, `stopping`), in id order.
+    async fn leased_work_in_environment(&self, environment_id: &str) -> StoreResult<Vec<WorkItem>>;
     /// Leased items whose deadline is before `before`, across all environments, oldest deadline first.
     async fn leases_due_before(
         &self,

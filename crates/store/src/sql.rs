@@ -664,6 +664,15 @@ pub fn live_work_for_session(session_id: &str) -> Statement {
     )
 }
 
+/// Served by the `work_queue` index (environment, state, …); stopped items, which pile up, are not read.
+pub fn leased_work_in_environment(environment_id: &str) -> Statement {
+    Statement::new(
+        "SELECT doc FROM work_items WHERE environment_id = $1 \
+         AND state IN ('starting', 'active', 'stopping') ORDER BY id",
+        vec![environment_id.into()],
+    )
+}
+
 pub fn leases_due_before(before: Timestamp, limit: u32) -> Statement {
     Statement::new(
         "SELECT version, doc FROM work_items WHERE lease_expires_at IS NOT NULL AND lease_expires_at < $1 \

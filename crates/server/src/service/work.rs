@@ -500,17 +500,7 @@ impl App {
     ) -> ApiResult<Vec<(String, Timestamp, Vec<WorkItem>)>> {
         let since = self.now().minus_millis(WORKERS_LISTED_MS);
         let seen = self.store.workers_seen(&env.id, since).await?;
-        let mut live = Vec::new();
-        let mut page = PageRequest::first(1000);
-        loop {
-            let batch = self.store.list_work(&env.id, &page).await?;
-            let last = batch.items.last().map(|i| i.id.clone());
-            live.extend(batch.items.into_iter().filter(|i| i.state.is_leased()));
-            match (batch.has_more, last) {
-                (true, Some(last)) => page.cursor = tether_store::Cursor::After(last),
-                _ => break,
-            }
-        }
+        let live = self.store.leased_work_in_environment(&env.id).await?;
         Ok(seen
             .into_iter()
             .map(|(worker, at)| {

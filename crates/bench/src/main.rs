@@ -233,7 +233,22 @@ async fn wake_latency_ms(blocking: bool, samples: usize) -> Result<f64> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let mut quick = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "-h" | "--help" => {
+                println!("Usage: tether-bench [--quick]\n\nStarts real servers (real sockets, SQLite with fsync) and prints each figure next to a\nbaseline measured in the same run. --quick runs a quarter of the work.");
+                return Ok(());
+            }
+            other => {
+                eprintln!(
+                    "tether-bench: unknown argument {other:?} (usage: tether-bench [--quick])"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
     let scale = if quick { 1 } else { 4 };
     println!(
         "tether-bench ({} run; figures on a shared machine: compare the ratios)",

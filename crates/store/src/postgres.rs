@@ -183,7 +183,9 @@ async fn migrate(config: &Config) -> StoreResult<()> {
         };
         client
             .batch_execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)",
+                // A second server finding the table logs a NOTICE for every `IF NOT EXISTS`; quiet.
+                "SET client_min_messages = warning; \
+                 CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)",
             )
             .await
             .map_err(classify)?;

@@ -228,13 +228,15 @@ impl App {
             next.updated_at = now;
             next.pending_input = false;
             let mut changes = ChangeSet::new();
-            self.stop_live_item(&mut next, Cause::SessionArchived, now, &mut changes)
+            let stopped = self
+                .stop_live_item(&mut next, Cause::SessionArchived, now, &mut changes)
                 .await?;
             changes.push(Write::UpdateSession {
                 session: next.clone(),
                 expected_version: current.version,
             });
             self.store.commit(changes).await?;
+            super::work::record_transitions(&stopped);
             self.announce_session(&next.id).await;
             Ok(next)
         })
@@ -248,32 +250,35 @@ impl App {
             let now = self.now();
             let mut doomed = current.value.clone();
             let mut changes = ChangeSet::new();
-            self.stop_live_item(&mut doomed, Cause::SessionDeleted, now, &mut changes)
+            let stopped = self
+                .stop_live_item(&mut doomed, Cause::SessionDeleted, now, &mut changes)
                 .await?;
             changes.push(Write::DeleteSession {
                 id: id.to_owned(),
                 expected_version: current.version,
             });
             self.store.commit(changes).await?;
+            super::work::record_transitions(&stopped);
             self.announce_session(id).await;
             Ok(())
         })
         .await
     }
 
-    /// Adds the force-stop of the session's live item (if any) to `changes`.
+    /// Adds the force-stop of the session's live item (if any) to `changes`; returns its transitions,
+    /// to be counted once the change is committed.
     async fn stop_live_item(
         &self,
         session: &mut Session,
         cause: Cause,
         now: tether_core::Timestamp,
         changes: &mut ChangeSet,
-    ) -> Result<(), Retry> {
+    ) -> Result<Vec<tether_core::Transition>, Retry> {
         let Some(live) = self.store.live_work_for_session(&session.id).await? else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let Some(step) = work::force_stop_for(&live.value, now, cause) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         for t in &step.transitions {
             let effect =
@@ -290,9 +295,9 @@ impl App {
         changes.push(Write::UpdateWork {
             item: step.item,
             expected_version: live.version,
-            transitions: step.transitions,
+            transitions: step.transitions.clone(),
         });
-        Ok(())
+        Ok(step.transitions)
     }
 }
 

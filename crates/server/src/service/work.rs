@@ -145,10 +145,7 @@ impl App {
     }
 
     async fn after_commit(&self, effects: Effects, step: &Step) {
-        for t in &step.transitions {
-            metrics::counter!("tether_work_transitions_total", "cause" => t.cause.as_str())
-                .increment(1);
-        }
+        record_transitions(&step.transitions);
         self.announce_claimable(&effects.claimable).await;
         for session in &effects.sessions {
             self.announce_session(session).await;
@@ -329,7 +326,7 @@ impl App {
                 };
                 match self.store.commit(ChangeSet::one(write)).await {
                     Ok(()) => {
-                        metrics::counter!("tether_work_transitions_total", "cause" => step.transitions[0].cause.as_str()).increment(1);
+                        record_transitions(&step.transitions);
                         metrics::histogram!("tether_enqueue_to_delivery_seconds").record(
                             now.millis_since(candidate.value.enqueued_at).max(0) as f64 / 1000.0,
                         );
@@ -610,6 +607,14 @@ impl App {
                 }
             }
         }
+    }
+}
+
+/// Counts committed transitions by cause (`/metrics`). Call only after the commit that holds them.
+pub(crate) fn record_transitions(transitions: &[tether_core::Transition]) {
+    for t in transitions {
+        metrics::counter!("tether_work_transitions_total", "cause" => t.cause.as_str())
+            .increment(1);
     }
 }
 

@@ -86,10 +86,40 @@ pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
             args.data_dir.display()
         )
     })?;
+    claim_data_dir(&args.data_dir)?;
     let path = args.data_dir.join("tether.db");
     let store = tether_store::sqlite::open(&path)
         .with_context(|| format!("cannot open the store at {}", path.display()))?;
     Ok(Arc::new(store))
+}
+
+/// Holds the embedded store's directory lock for the life of the process.
+static DATA_DIR_LOCK: std::sync::OnceLock<nix::fcntl::Flock<std::fs::File>> =
+    std::sync::OnceLock::new();
+
+/// One process owns an embedded store: its long-poll waiters, session streams and claim reservations
+/// live in memory, so a second server on the same directory would miss the first one's wake-ups. The
+/// kernel drops the lock when the process ends, however it ends.
+fn claim_data_dir(dir: &Path) -> Result<()> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            let _ = DATA_DIR_LOCK.set(lock);
+            Ok(())
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => anyhow::bail!(
+            "another `tether serve` is using {}; stop it, or give this one another --data-dir \
+             (several servers share one store through PostgreSQL: --database)",
+            dir.display()
+        ),
+        Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {

@@ -140,3 +140,23 @@ async fn metrics_health_and_readiness() {
         "request counts carry the status"
     );
 }
+
+#[test]
+fn a_data_directory_serves_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = ServerProcess::start(dir.path(), &[]);
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run a second tether serve");
+    assert!(
+        !second.status.success(),
+        "a second server on one data directory must refuse to start"
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("another `tether serve` is using"),
+        "{stderr}"
+    );
+}

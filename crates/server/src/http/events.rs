@@ -14,7 +14,6 @@ use tether_core::ids::IdKind;
 
 use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire};
-use crate::body;
 use crate::error::{ApiError, ApiResult};
 use crate::service::events::EventFilter;
 use crate::service::tokens::Principal;
@@ -41,9 +40,8 @@ pub async fn post_events(
 ) -> ApiResult<Json<Value>> {
     let session = access::readable_session(&app, &p, &id).await?;
     // D-32: the body is judged (400) only once the session is known to exist and be the caller's.
-    let JsonBody(raw) = body?;
-    let body = body::object(raw)?;
-    let stored = app.post_events(&session, sender(&p), body).await?;
+    let fields = JsonBody::object(body)?;
+    let stored = app.post_events(&session, sender(&p), fields).await?;
     let data: Vec<Value> = stored.into_iter().map(|e| e.body).collect();
     Ok(Json(json!({ "data": data })))
 }

@@ -247,6 +247,15 @@ impl Params {
 /// An optional JSON body: none, empty, or a JSON value (§1.3). The content type is not required.
 pub struct JsonBody(pub Option<Value>);
 
+impl JsonBody {
+    /// The body as a JSON object (absent or empty reads as `{}`). Handlers take the extraction's
+    /// `Result` and call this after their lookups, so a bad body (400) never outranks 403/404 (D-32).
+    pub fn object(body: Result<JsonBody, ApiError>) -> ApiResult<serde_json::Map<String, Value>> {
+        let JsonBody(raw) = body?;
+        crate::body::object(raw)
+    }
+}
+
 impl FromRequest<App> for JsonBody {
     type Rejection = ApiError;
 

@@ -10,7 +10,6 @@ use tether_store::{ArchiveFilter, SessionFilter};
 
 use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire};
-use crate::body;
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
 use crate::service::App;
@@ -32,9 +31,9 @@ pub async fn create_environment(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
-    let JsonBody(raw) = body?;
+    let fields = JsonBody::object(body)?;
     let env = app
-        .create_environment(body::object(raw)?, d.default_environment_config())
+        .create_environment(fields, d.default_environment_config())
         .await?;
     Ok(Json(views::environment(&env)))
 }
@@ -74,9 +73,9 @@ pub async fn update_environment(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.environment(&id).await?;
-    let JsonBody(raw) = body?;
+    let fields = JsonBody::object(body)?;
     Ok(Json(views::environment(
-        &app.update_environment(&id, body::object(raw)?).await?,
+        &app.update_environment(&id, fields).await?,
     )))
 }
 
@@ -109,8 +108,8 @@ pub async fn create_key(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.environment(&id).await?;
-    let JsonBody(raw) = body?;
-    let (credential, secret) = app.create_environment_key(&id, body::object(raw)?).await?;
+    let fields = JsonBody::object(body)?;
+    let (credential, secret) = app.create_environment_key(&id, fields).await?;
     Ok(Json(views::new_credential(&credential, &secret)))
 }
 
@@ -151,8 +150,8 @@ pub async fn create_token(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
-    let JsonBody(raw) = body?;
-    let (credential, secret) = app.create_admin_token(body::object(raw)?).await?;
+    let fields = JsonBody::object(body)?;
+    let (credential, secret) = app.create_admin_token(fields).await?;
     Ok(Json(views::new_credential(&credential, &secret)))
 }
 
@@ -192,11 +191,8 @@ pub async fn create_agent(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
-    let JsonBody(raw) = body?;
-    Ok(Json(views::agent(
-        &app.create_agent(body::object(raw)?).await?,
-        d,
-    )))
+    let fields = JsonBody::object(body)?;
+    Ok(Json(views::agent(&app.create_agent(fields).await?, d)))
 }
 
 pub async fn list_agents(
@@ -268,11 +264,8 @@ pub async fn update_agent(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.agent(&id).await?;
-    let JsonBody(raw) = body?;
-    Ok(Json(views::agent(
-        &app.update_agent(&id, body::object(raw)?).await?,
-        d,
-    )))
+    let fields = JsonBody::object(body)?;
+    Ok(Json(views::agent(&app.update_agent(&id, fields).await?, d)))
 }
 
 pub async fn archive_agent(
@@ -292,9 +285,8 @@ pub async fn create_session(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
-    let JsonBody(raw) = body?;
-    let body = body::object(raw)?;
-    let session = app.create_session(body).await?;
+    let fields = JsonBody::object(body)?;
+    let session = app.create_session(fields).await?;
     Ok(Json(views::session(&session, d)))
 }
 
@@ -369,9 +361,9 @@ pub async fn update_session(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.session(&id).await?;
-    let JsonBody(raw) = body?;
+    let fields = JsonBody::object(body)?;
     Ok(Json(views::session(
-        &app.update_session(&id, body::object(raw)?).await?,
+        &app.update_session(&id, fields).await?,
         d,
     )))
 }

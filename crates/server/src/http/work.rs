@@ -6,18 +6,36 @@ use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
 use tether_core::ids::IdKind;
+use tether_core::resources::Environment;
 use tether_core::work::ExpectedHeartbeat;
+use tether_core::WorkItem;
 
 use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
 use crate::body;
 use crate::credentials;
 use crate::error::{ApiError, ApiResult};
+use crate::service::tokens::Principal;
 use crate::service::App;
 use crate::views;
 
 /// The work list clamps `limit` above 100 instead of refusing it (D-4).
 const WORK_LIST_MAX: u32 = 100;
+
+/// The D-32 prefix of every endpoint on one work item: the caller's rights (403), the environment (404,
+/// then 400 when it has no queue), the item (404, after lazy expiry). Headers, parameters and bodies are
+/// judged only after it, so that a 400 never reveals anything about an item the caller cannot see.
+async fn item_in_queue(
+    app: &App,
+    principal: &Principal,
+    env_id: &str,
+    work_id: &str,
+) -> ApiResult<(Environment, WorkItem)> {
+    access::work_item(principal, env_id, work_id)?;
+    let env = app.work_environment(env_id).await?;
+    let item = app.get_work(&env, work_id).await?;
+    Ok((env, item))
+}
 
 pub async fn list(
     State(app): State<App>,
@@ -114,9 +132,7 @@ pub async fn get(
     Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    access::work_item(&p, &env_id, &work_id)?;
-    let env = app.work_environment(&env_id).await?;
-    let item = app.get_work(&env, &work_id).await?;
+    let (_, item) = item_in_queue(&app, &p, &env_id, &work_id).await?;
     Ok(Json(views::work(&item, None)))
 }
 
@@ -126,13 +142,9 @@ pub async fn update(
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::work_item(&p, &env_id, &work_id)?;
-    let env = app.work_environment(&env_id).await?;
-    app.get_work(&env, &work_id).await?;
-    // D-32: a body is judged (400) only once the item is known to exist (404).
-    let JsonBody(raw) = body?;
-    let body = body::object(raw)?;
-    let item = match body::metadata_patch(&body)? {
+    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let fields = JsonBody::object(body)?;
+    let item = match body::metadata_patch(&fields)? {
         None => app.get_work(&env, &work_id).await?,
         Some(patch) => app.patch_work_metadata(&env, &work_id, &patch).await?,
     };
@@ -145,10 +157,7 @@ pub async fn ack(
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    access::work_item(&p, &env_id, &work_id)?;
-    let env = app.work_environment(&env_id).await?;
-    // D-32: the Worker-ID header is a parameter, judged after the item is found.
-    app.get_work(&env, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
     let WorkerId(worker) = worker?;
     let item = app.ack(&env, &work_id, worker.as_deref()).await?;
     Ok(Json(views::work(&item, None)))
@@ -161,10 +170,7 @@ pub async fn heartbeat(
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    access::work_item(&p, &env_id, &work_id)?;
-    let env = app.work_environment(&env_id).await?;
-    // D-32: the item must exist (404) before its parameters are judged (400).
-    app.get_work(&env, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
     let WorkerId(worker) = worker?;
     let expected =
         ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")).ok_or_else(|| {
@@ -203,13 +209,9 @@ pub async fn stop(
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::work_item(&p, &env_id, &work_id)?;
-    let env = app.work_environment(&env_id).await?;
-    app.get_work(&env, &work_id).await?;
-    // D-32: a body is judged (400) only once the item is known to exist (404).
-    let JsonBody(raw) = body?;
-    let body = body::object(raw)?;
-    let force = body::optional_bool(&body, "force")?.unwrap_or(false);
+    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let fields = JsonBody::object(body)?;
+    let force = body::optional_bool(&fields, "force")?.unwrap_or(false);
     let item = app.stop(&env, &work_id, force).await?;
     Ok(Json(views::work(&item, None)))
 }
@@ -220,10 +222,7 @@ pub async fn history(
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    access::work_item(&p, &env_id, &work_id)?;
-    let env = app.work_environment(&env_id).await?;
-    // D-32: 404 for the item before 400 for its paging parameters.
-    app.get_work(&env, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
     let page = params.page(100, false, None)?;
     let after = match &page.cursor {
         tether_store::Cursor::Start => None,

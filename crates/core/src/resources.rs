@@ -238,6 +238,9 @@ pub struct Credential {
     /// The first characters of the secret, so that a person can tell keys apart.
     pub hint: String,
     pub created_at: Timestamp,
+    /// Kept in its own column, which a revocation updates alone; it is never written into the stored
+    /// document, so the record cannot hold two answers to "is it revoked?".
+    #[serde(skip_serializing, default)]
     pub revoked_at: Option<Timestamp>,
 }
 

@@ -434,8 +434,7 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             OneRow,
         )),
         Write::RevokeCredential { id, at } => {
-            // The document carries `revoked_at` too; it is rewritten by the caller's next read through
-            // `credential_from_row`, which takes the column as the truth.
+            // `revoked_at` lives in its column only (the document never carries it).
             out.push((
                 Statement::new(
                     "UPDATE credentials SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",

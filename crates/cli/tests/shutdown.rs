@@ -101,6 +101,26 @@ async fn metrics_health_and_readiness() {
         .await
         .unwrap();
     assert_eq!(created.status(), 200);
+    let agent: Value = created.json().await.unwrap();
+    // A session on a self-hosted environment enqueues a work item: an `enqueued` transition.
+    let env: Value = http
+        .post(server.url("/environments"))
+        .bearer_auth(&server.token)
+        .json(&json!({"name": "m", "config": {"type": "self_hosted"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = http
+        .post(server.url("/sessions"))
+        .bearer_auth(&server.token)
+        .json(&json!({"agent": agent["id"], "environment_id": env["id"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(session.status(), 200);
     let health = http
         .get(format!("{}/healthz", server.base))
         .send()
@@ -138,6 +158,12 @@ async fn metrics_health_and_readiness() {
     assert!(
         metrics.contains("status=\"401\""),
         "request counts carry the status"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tether_work_transitions_total{cause=\"enqueued\"} 1")),
+        "work transitions are counted by cause, enqueues included:\n{metrics}"
     );
 }
 

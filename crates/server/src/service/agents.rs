@@ -116,8 +116,7 @@ impl App {
             updated_at: now,
             archived_at: None,
         };
-        self.store
-            .commit(ChangeSet::one(Write::InsertAgent(agent.clone())))
+        self.commit(ChangeSet::one(Write::InsertAgent(agent.clone())))
             .await?;
         Ok(agent)
     }
@@ -207,12 +206,11 @@ impl App {
             }
             next.version = current.value.version + 1;
             next.updated_at = self.now();
-            self.store
-                .commit(ChangeSet::one(Write::UpdateAgent {
-                    agent: next.clone(),
-                    expected_version: current.version,
-                }))
-                .await?;
+            self.commit(ChangeSet::one(Write::UpdateAgent {
+                agent: next.clone(),
+                expected_version: current.version,
+            }))
+            .await?;
             Ok(next)
         })
         .await
@@ -230,12 +228,11 @@ impl App {
             let now = self.now();
             next.archived_at = Some(now);
             next.updated_at = now;
-            self.store
-                .commit(ChangeSet::one(Write::UpdateAgent {
-                    agent: next.clone(),
-                    expected_version: current.version,
-                }))
-                .await?;
+            self.commit(ChangeSet::one(Write::UpdateAgent {
+                agent: next.clone(),
+                expected_version: current.version,
+            }))
+            .await?;
             Ok(next)
         })
         .await

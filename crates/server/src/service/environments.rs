@@ -73,8 +73,7 @@ impl App {
             updated_at: now,
             archived_at: None,
         };
-        self.store
-            .commit(ChangeSet::one(Write::InsertEnvironment(env.clone())))
+        self.commit(ChangeSet::one(Write::InsertEnvironment(env.clone())))
             .await?;
         Ok(env)
     }
@@ -126,12 +125,11 @@ impl App {
                     .map_err(|e| ApiError::bad_param("metadata", e.to_string()))?;
             }
             next.updated_at = self.now();
-            self.store
-                .commit(ChangeSet::one(Write::UpdateEnvironment {
-                    environment: next.clone(),
-                    expected_version: current.version,
-                }))
-                .await?;
+            self.commit(ChangeSet::one(Write::UpdateEnvironment {
+                environment: next.clone(),
+                expected_version: current.version,
+            }))
+            .await?;
             Ok(next)
         })
         .await
@@ -149,12 +147,11 @@ impl App {
             let now = self.now();
             next.archived_at = Some(now);
             next.updated_at = now;
-            self.store
-                .commit(ChangeSet::one(Write::UpdateEnvironment {
-                    environment: next.clone(),
-                    expected_version: current.version,
-                }))
-                .await?;
+            self.commit(ChangeSet::one(Write::UpdateEnvironment {
+                environment: next.clone(),
+                expected_version: current.version,
+            }))
+            .await?;
             Ok(next)
         })
         .await
@@ -170,7 +167,6 @@ impl App {
                 ))));
             }
             match self
-                .store
                 .commit(ChangeSet::one(Write::DeleteEnvironment {
                     id: id.to_owned(),
                     expected_version: current.version,

@@ -343,7 +343,7 @@ impl App {
             changes
                 .writes
                 .extend(appended.all.into_iter().map(Write::InsertEvent));
-            self.store.commit(changes).await?;
+            self.commit(changes).await?;
             self.announce_claimable(&claimable).await;
             self.announce_session(session_id).await;
             Ok::<_, Retry>(appended.posted)
@@ -436,7 +436,7 @@ impl App {
                 expected_version: current.version,
             });
             changes.push(Write::InsertEvent(interrupt));
-            self.store.commit(changes).await?;
+            self.commit(changes).await?;
             self.announce_session(session_id).await;
             Ok((true, next))
         })

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_core::{Clock, LeasePolicy, Timestamp};
-use tether_store::{Notice, Store};
+use tether_store::{ChangeSet, Notice, Store, Write};
 use tokio::sync::watch;
 
 use crate::error::{ApiError, ApiResult};
@@ -126,6 +126,28 @@ impl App {
 
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Commits a change set; once it stands, counts the work transitions it carried by cause
+    /// (`tether_work_transitions_total`). Every write of the service goes through here, so the count
+    /// covers enqueues, deliveries and stops alike and never counts a write that was refused.
+    pub async fn commit(&self, changes: ChangeSet) -> tether_store::StoreResult<()> {
+        let transitions: Vec<&'static str> = changes
+            .writes
+            .iter()
+            .flat_map(|w| match w {
+                Write::InsertWork { transitions, .. } | Write::UpdateWork { transitions, .. } => {
+                    transitions.as_slice()
+                }
+                _ => &[],
+            })
+            .map(|t| t.cause.as_str())
+            .collect();
+        self.store.commit(changes).await?;
+        for cause in transitions {
+            metrics::counter!("tether_work_transitions_total", "cause" => cause).increment(1);
+        }
+        Ok(())
     }
 
     /// Wakes local waiters for the environments in `claimable` and tells other processes.

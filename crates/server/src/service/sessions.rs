@@ -165,7 +165,7 @@ impl App {
             .writes
             .extend(events.into_iter().map(Write::InsertEvent));
         with_retries(|| async {
-            match self.store.commit(changes.clone()).await {
+            match self.commit(changes.clone()).await {
                 Err(StoreError::Conflict) => {
                     // The environment was deleted or archived since it was read: answer as if that had
                     // happened first.
@@ -202,12 +202,11 @@ impl App {
                     .map_err(|e| ApiError::bad_param("metadata", e.to_string()))?;
             }
             next.updated_at = self.now();
-            self.store
-                .commit(ChangeSet::one(Write::UpdateSession {
-                    session: next.clone(),
-                    expected_version: current.version,
-                }))
-                .await?;
+            self.commit(ChangeSet::one(Write::UpdateSession {
+                session: next.clone(),
+                expected_version: current.version,
+            }))
+            .await?;
             Ok(next)
         })
         .await
@@ -228,15 +227,13 @@ impl App {
             next.updated_at = now;
             next.pending_input = false;
             let mut changes = ChangeSet::new();
-            let stopped = self
-                .stop_live_item(&mut next, Cause::SessionArchived, now, &mut changes)
+            self.stop_live_item(&mut next, Cause::SessionArchived, now, &mut changes)
                 .await?;
             changes.push(Write::UpdateSession {
                 session: next.clone(),
                 expected_version: current.version,
             });
-            self.store.commit(changes).await?;
-            super::work::record_transitions(&stopped);
+            self.commit(changes).await?;
             self.announce_session(&next.id).await;
             Ok(next)
         })
@@ -250,35 +247,32 @@ impl App {
             let now = self.now();
             let mut doomed = current.value.clone();
             let mut changes = ChangeSet::new();
-            let stopped = self
-                .stop_live_item(&mut doomed, Cause::SessionDeleted, now, &mut changes)
+            self.stop_live_item(&mut doomed, Cause::SessionDeleted, now, &mut changes)
                 .await?;
             changes.push(Write::DeleteSession {
                 id: id.to_owned(),
                 expected_version: current.version,
             });
-            self.store.commit(changes).await?;
-            super::work::record_transitions(&stopped);
+            self.commit(changes).await?;
             self.announce_session(id).await;
             Ok(())
         })
         .await
     }
 
-    /// Adds the force-stop of the session's live item (if any) to `changes`; returns its transitions,
-    /// to be counted once the change is committed.
+    /// Adds the force-stop of the session's live item (if any) to `changes`.
     async fn stop_live_item(
         &self,
         session: &mut Session,
         cause: Cause,
         now: tether_core::Timestamp,
         changes: &mut ChangeSet,
-    ) -> Result<Vec<tether_core::Transition>, Retry> {
+    ) -> Result<(), Retry> {
         let Some(live) = self.store.live_work_for_session(&session.id).await? else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let Some(step) = work::force_stop_for(&live.value, now, cause) else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         for t in &step.transitions {
             let effect =
@@ -295,9 +289,9 @@ impl App {
         changes.push(Write::UpdateWork {
             item: step.item,
             expected_version: live.version,
-            transitions: step.transitions.clone(),
+            transitions: step.transitions,
         });
-        Ok(step.transitions)
+        Ok(())
     }
 }
 

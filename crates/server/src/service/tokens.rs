@@ -102,8 +102,7 @@ impl App {
             created_at: self.now(),
             revoked_at: None,
         };
-        self.store
-            .commit(ChangeSet::one(Write::InsertCredential(credential.clone())))
+        self.commit(ChangeSet::one(Write::InsertCredential(credential.clone())))
             .await?;
         Ok((credential, secret))
     }
@@ -209,7 +208,6 @@ impl App {
         }
         let at = self.now();
         match self
-            .store
             .commit(ChangeSet::one(Write::RevokeCredential {
                 id: id.to_owned(),
                 at,

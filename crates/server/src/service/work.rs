@@ -139,13 +139,12 @@ impl App {
         }
         self.couple_session(step, now, &mut changes, &mut effects)
             .await?;
-        self.store.commit(changes).await?;
+        self.commit(changes).await?;
         self.after_commit(effects, step).await;
         Ok(())
     }
 
     async fn after_commit(&self, effects: Effects, step: &Step) {
-        record_transitions(&step.transitions);
         self.announce_claimable(&effects.claimable).await;
         for session in &effects.sessions {
             self.announce_session(session).await;
@@ -324,9 +323,8 @@ impl App {
                     expected_version: candidate.version,
                     transitions: step.transitions.clone(),
                 };
-                match self.store.commit(ChangeSet::one(write)).await {
+                match self.commit(ChangeSet::one(write)).await {
                     Ok(()) => {
-                        record_transitions(&step.transitions);
                         metrics::histogram!("tether_enqueue_to_delivery_seconds").record(
                             now.millis_since(candidate.value.enqueued_at).max(0) as f64 / 1000.0,
                         );
@@ -380,7 +378,7 @@ impl App {
             worker_id: worker_id.to_owned(),
             at: now,
         };
-        self.store.commit(ChangeSet::one(write)).await?;
+        self.commit(ChangeSet::one(write)).await?;
         Ok(())
     }
 
@@ -516,8 +514,7 @@ impl App {
     pub async fn forget_idle_workers(&self) -> ApiResult<()> {
         let window = WORKERS_LISTED_MS.max(self.config.workers_polling_window_ms);
         let before = self.now().minus_millis(window);
-        self.store
-            .commit(ChangeSet::one(Write::ForgetWorkers { before }))
+        self.commit(ChangeSet::one(Write::ForgetWorkers { before }))
             .await?;
         Ok(())
     }
@@ -600,21 +597,13 @@ impl App {
                     expected_version: item.version,
                     transitions: Vec::new(),
                 };
-                match self.store.commit(ChangeSet::one(write)).await {
+                match self.commit(ChangeSet::one(write)).await {
                     Ok(()) => granted += 1,
                     Err(tether_store::StoreError::Conflict) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
         }
-    }
-}
-
-/// Counts committed transitions by cause (`/metrics`). Call only after the commit that holds them.
-pub(crate) fn record_transitions(transitions: &[tether_core::Transition]) {
-    for t in transitions {
-        metrics::counter!("tether_work_transitions_total", "cause" => t.cause.as_str())
-            .increment(1);
     }
 }
 

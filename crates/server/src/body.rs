@@ -66,9 +66,7 @@ pub fn optional_array(body: &Map<String, Value>, field: &str) -> ApiResult<Value
 pub fn metadata(body: &Map<String, Value>) -> ApiResult<Metadata> {
     match body.get("metadata") {
         None => Ok(Metadata::new()),
-        Some(v) => {
-            metadata::from_json(v).map_err(|e| ApiError::bad_param("metadata", e.to_string()))
-        }
+        Some(v) => metadata::from_json(v).map_err(ApiError::from),
     }
 }
 
@@ -78,7 +76,7 @@ pub fn metadata_patch(body: &Map<String, Value>) -> ApiResult<Option<MetadataPat
         None | Some(Value::Null) => Ok(None),
         Some(v) => metadata::patch_from_json(v)
             .map(Some)
-            .map_err(|e| ApiError::bad_param("metadata", e.to_string())),
+            .map_err(ApiError::from),
     }
 }
 

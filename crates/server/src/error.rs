@@ -137,6 +137,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Every metadata map in the API is the `metadata` field (§1.9).
+impl From<tether_core::metadata::MetadataError> for ApiError {
+    fn from(e: tether_core::metadata::MetadataError) -> Self {
+        ApiError::bad_param("metadata", e.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -183,7 +190,7 @@ impl From<WorkError> for ApiError {
                     "lease_extended": false,
                 }
             })),
-            WorkError::Metadata(m) => ApiError::bad_param("metadata", m.to_string()),
+            WorkError::Metadata(m) => m.clone().into(),
         }
     }
 }

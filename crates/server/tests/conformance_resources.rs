@@ -398,6 +398,14 @@ async fn agents_create_update_archive() {
             (json!({"name": "n", "model": {}}), "model"),
             (json!({"name": "n", "model": {"id": 5}}), "model"),
             (json!({"name": "n", "model": 5}), "model"),
+            (
+                json!({"name": "n", "model": "m", "execution_identity": "service_account"}),
+                "execution_identity",
+            ),
+            (
+                json!({"name": "n", "model": "m", "execution_identity": {"type": ""}}),
+                "execution_identity",
+            ),
             (json!({"name": "n", "model": "m", "tools": "bash"}), "tools"),
             (
                 json!({"name": "n", "model": "m", "metadata": {"k": ["v"]}}),

@@ -12,38 +12,48 @@ use crate::error::{ApiError, ApiResult};
 
 const MAX_NAME_CHARS: usize = 64;
 
-fn model(value: Option<&Value>) -> ApiResult<Option<Value>> {
+/// An optional object that must name itself with a non-empty string `field` (stored as given), or —
+/// when `name_alone` — that bare name as a string.
+fn named_object(
+    value: Option<&Value>,
+    field: &str,
+    name_alone: bool,
+    param: &str,
+    message: &str,
+) -> ApiResult<Option<Value>> {
+    let names_itself = |m: &serde_json::Map<String, Value>| {
+        m.get(field)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    };
     match value {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() => Ok(Some(Value::String(s.clone()))),
-        Some(v @ Value::Object(m))
-            if m.get("id")
-                .is_some_and(|id| id.as_str().is_some_and(|s| !s.is_empty())) =>
-        {
-            Ok(Some(v.clone()))
-        }
-        Some(_) => Err(ApiError::bad_param(
-            "model",
-            "model must be a model name or an object with a string \"id\"",
-        )),
+        Some(Value::String(s)) if name_alone && !s.is_empty() => Ok(Some(Value::String(s.clone()))),
+        Some(v @ Value::Object(m)) if names_itself(m) => Ok(Some(v.clone())),
+        Some(_) => Err(ApiError::bad_param(param, message)),
     }
+}
+
+/// `model`: a model name, or an object with a string `id` and further settings (§12.1).
+fn model(value: Option<&Value>) -> ApiResult<Option<Value>> {
+    named_object(
+        value,
+        "id",
+        true,
+        "model",
+        "model must be a model name or an object with a string \"id\"",
+    )
 }
 
 /// `execution_identity`: an object naming its `type` (`service_account`, `aws_role`, …), stored as given.
 fn execution_identity(value: Option<&Value>) -> ApiResult<Option<Value>> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(v @ Value::Object(m))
-            if m.get("type")
-                .is_some_and(|t| t.as_str().is_some_and(|s| !s.is_empty())) =>
-        {
-            Ok(Some(v.clone()))
-        }
-        Some(_) => Err(ApiError::bad_param(
-            "execution_identity",
-            "execution_identity must be an object with a string \"type\"",
-        )),
-    }
+    named_object(
+        value,
+        "type",
+        false,
+        "execution_identity",
+        "execution_identity must be an object with a string \"type\"",
+    )
 }
 
 /// The optional `version` of an update: the version the caller last saw (both official SDKs send it as
@@ -201,8 +211,7 @@ impl App {
                 }
             }
             if let Some(patch) = &patch {
-                next.metadata = metadata::merge(&next.metadata, patch)
-                    .map_err(|e| ApiError::bad_param("metadata", e.to_string()))?;
+                next.metadata = metadata::merge(&next.metadata, patch).map_err(ApiError::from)?;
             }
             next.version = current.value.version + 1;
             next.updated_at = self.now();

@@ -121,8 +121,7 @@ impl App {
                 next.config = config.clone();
             }
             if let Some(patch) = &patch {
-                next.metadata = metadata::merge(&next.metadata, patch)
-                    .map_err(|e| ApiError::bad_param("metadata", e.to_string()))?;
+                next.metadata = metadata::merge(&next.metadata, patch).map_err(ApiError::from)?;
             }
             next.updated_at = self.now();
             self.commit(ChangeSet::one(Write::UpdateEnvironment {

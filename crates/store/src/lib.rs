@@ -14,6 +14,7 @@ pub mod executor;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
+pub mod tls;
 
 pub use executor::{Executor, SqlStore};
 

@@ -14,7 +14,6 @@
 //! counts the times it got the database back ([`Executor::reconnections`]), which the service uses to
 //! grant lease amnesty, so that time the database was away never counts against a worker.
 
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,10 +24,12 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::executor::{Executor, SqlStore};
 use crate::sql::{self, Expect, Row, Statement, Value};
+use crate::tls;
 use crate::{Notice, StoreError, StoreResult};
 
 /// The channel every process listens on.
@@ -92,11 +93,13 @@ impl Health {
     }
 }
 
-/// Connects to the database at `url` (a `postgres://` URL or a `key=value` string), applies the
-/// migrations once across all processes, and starts listening for other processes' notices.
+/// Connects to the database at `url` (a `postgres://` URL or a `key=value` string, with libpq's
+/// `sslmode` and `sslrootcert`: see [`tls`]), applies the migrations once across all processes, and
+/// starts listening for other processes' notices.
 pub async fn connect(url: &str) -> StoreResult<SqlStore<PostgresExecutor>> {
-    let mut config = Config::from_str(url)
-        .map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
+    let tls::Connection {
+        mut config, tls, ..
+    } = tls::parse(url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -112,7 +115,7 @@ pub async fn connect(url: &str) -> StoreResult<SqlStore<PostgresExecutor>> {
     }
     let mut collisions = 0;
     loop {
-        match migrate(&config).await {
+        match migrate(&config, &tls).await {
             // Only without advisory locks: another server ran the same migration at the same time.
             Err(StoreError::Conflict) if collisions < 5 => {
                 collisions += 1;
@@ -124,7 +127,7 @@ pub async fn connect(url: &str) -> StoreResult<SqlStore<PostgresExecutor>> {
 
     let manager = Manager::from_config(
         config.clone(),
-        NoTls,
+        tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -142,6 +145,7 @@ pub async fn connect(url: &str) -> StoreResult<SqlStore<PostgresExecutor>> {
     let origin = unique_suffix();
     let listener = tokio::spawn(listen(
         config,
+        tls,
         notices.clone(),
         health.clone(),
         origin.clone(),
@@ -158,8 +162,8 @@ pub async fn connect(url: &str) -> StoreResult<SqlStore<PostgresExecutor>> {
 /// Applies the migrations not yet recorded in `schema_migrations`. Servers starting together queue on
 /// an advisory lock, so each migration runs exactly once; the lock belongs to a connection of its own
 /// and goes away with it, whatever happens here.
-async fn migrate(config: &Config) -> StoreResult<()> {
-    let (mut client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+async fn migrate(config: &Config, tls: &MakeRustlsConnect) -> StoreResult<()> {
+    let (mut client, connection) = config.connect(tls.clone()).await.map_err(connect_error)?;
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -238,6 +242,7 @@ async fn migrate(config: &Config) -> StoreResult<()> {
 /// Keeps one connection listening on [`CHANNEL`], reconnecting with backoff whenever it drops.
 async fn listen(
     config: Config,
+    tls: MakeRustlsConnect,
     notices: broadcast::Sender<Notice>,
     health: Arc<Health>,
     origin: String,
@@ -246,7 +251,7 @@ async fn listen(
     let mut listened_before = false;
     let mut refused_before = false;
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let mut messages = std::pin::pin!(messages);
@@ -731,9 +736,8 @@ const TEST_DATABASE_MAX_AGE: Duration = Duration::from_secs(6 * 3600);
 /// and returns a URL naming it. Test databases left behind by earlier runs are dropped once they are
 /// old enough that no running test can still use them.
 pub async fn create_test_database(admin_url: &str) -> StoreResult<String> {
-    let config = Config::from_str(admin_url)
-        .map_err(|e| StoreError::Internal(format!("invalid PostgreSQL URL: {e}")))?;
-    let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+    let tls::Connection { config, tls, .. } = tls::parse(admin_url)?;
+    let (client, connection) = config.connect(tls).await.map_err(connect_error)?;
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });

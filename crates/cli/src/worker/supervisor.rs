@@ -101,6 +101,7 @@ impl<'a> Item<'a> {
             "claimed",
             &[("type", &item.data.kind), ("id", &item.data.id)],
         );
+        let acked = tokio::time::Instant::now();
         if !self.ack().await {
             return Outcome::Skipped;
         }
@@ -120,14 +121,19 @@ impl<'a> Item<'a> {
             self.work_id.clone(),
             self.shared.worker_id.clone(),
             self.shared.desired_ttl,
+            acked,
         );
+        // The program starts only under a lease whose deadline the worker knows: after the first
+        // accepted heartbeat (one round trip).
+        let established = lease.established().await;
         if *self.phase.borrow() >= Phase::Terminating {
             self.warn("the worker is shutting down: stopping the item unrun", &[]);
             self.stop(true, 1).await;
             return Outcome::Skipped;
         }
-        match lease.current() {
+        match established {
             Lease::Held => {}
+            Lease::Pending => unreachable!("established() waits for the first answer"),
             Lease::Lost(why) => {
                 self.warn("lease lost before the program started", &[("reason", &why)]);
                 return Outcome::Lost;
@@ -162,7 +168,7 @@ impl<'a> Item<'a> {
             event = lease.event() => match event {
                 Lease::StopRequested => Ending::StopRequested,
                 Lease::Lost(why) => Ending::Lost(why),
-                Lease::Held => unreachable!("event() waits for a change"),
+                Lease::Held | Lease::Pending => unreachable!("event() waits for a change"),
             },
             _ = reached(&mut self.phase, Phase::Terminating) => Ending::Shutdown,
         };

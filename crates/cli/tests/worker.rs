@@ -2,7 +2,8 @@
 //! programs (small `sh` scripts that stamp what they do into files named after their work item).
 //!
 //! The server runs with short leases (`--lease-ttl-min 1 --lease-ttl 2 --tick-ms 100`) and the workers
-//! ask for 2 s leases, so a lost lease shows within seconds. Nothing here asserts how long anything took:
+//! ask for 4 s leases (a worker kills its program a quarter of the TTL before its deadline), so a lost
+//! lease shows within seconds. Nothing here asserts how long anything took:
 //! waits are bounded only so that a hang fails instead of blocking the suite.
 
 mod support;
@@ -264,7 +265,7 @@ impl WorkerOptions {
             server: None,
             key_in_env: false,
             concurrency: "1",
-            ttl: "2",
+            ttl: "4",
             grace: "1",
             drain_timeout: "2",
             log_dir: None,
@@ -283,7 +284,7 @@ const UNTIL_RELEASED: &str = r#"while [ ! -e "$f.release" ]; do sleep 0.1; done
 echo "end $TETHER_WORKER_ID $$" >> "$f"
 "#;
 
-/// On SIGTERM: stamps it and exits 0.
+/// On SIGTERM: stamps it and exits 0. Goes before [`PRELUDE`]: once the start is stamped, a stop may come.
 const TRAP_TERM: &str = r#"trap 'echo "term $TETHER_WORKER_ID $$" >> "$f"; exit 0' TERM
 "#;
 
@@ -800,7 +801,7 @@ async fn refuses_to_start_when_it_cannot_work() {
 #[tokio::test]
 async fn a_graceful_stop_sends_sigterm_then_confirms() {
     let setup = Setup::new().await;
-    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut worker = setup.worker("w1", WorkerOptions::running(&script));
     let work = setup.session(json!({})).await;
     let dir = setup.stamps();
@@ -831,7 +832,7 @@ async fn a_graceful_stop_sends_sigterm_then_confirms() {
 #[tokio::test]
 async fn a_force_stop_kills_the_program() {
     let setup = Setup::new().await;
-    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut worker = setup.worker("w1", WorkerOptions::running(&script));
     let work = setup.session(json!({})).await;
     let dir = setup.stamps();
@@ -917,7 +918,7 @@ async fn the_item_of_a_killed_worker_is_served_by_another() {
 async fn a_worker_cut_off_from_the_server_abandons_its_item() {
     let setup = Setup::new().await;
     let proxy = Proxy::start(&setup.server.base).await;
-    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut cut_off = setup.worker(
         "w1",
         WorkerOptions {

@@ -72,9 +72,11 @@ pub fn heartbeat_interval(ttl: Duration) -> Duration {
 /// later, so the worker's deadline is never after the server's as long as both clocks run at the same
 /// rate. The margin absorbs what remains: a difference in rate (1 % of the TTL, twenty times the
 /// 500 ppm an NTP-disciplined clock may be slewed by) and the time to kill the program's process group
-/// and reap it (1 s, for a worker that is itself slow to be scheduled).
+/// and reap it (1 s, for a worker that is itself slow to be scheduled). Leases shorter than the
+/// protocol's 10 s (a server may be configured to allow them, tests are) keep at least three quarters
+/// of their length, so that a beat every half TTL still renews them in time.
 pub fn kill_margin(ttl: Duration) -> Duration {
-    KILL_LATENCY + ttl / 100
+    (KILL_LATENCY + ttl / 100).min(ttl / 4)
 }
 
 /// The part of [`kill_margin`] that does not grow with the TTL.
@@ -213,7 +215,7 @@ mod tests {
 
     #[test]
     fn margins() {
-        for (ttl, margin) in [(10.0, 1.1), (60.0, 1.6), (600.0, 7.0)] {
+        for (ttl, margin) in [(2.0, 0.5), (4.0, 1.0), (10.0, 1.1), (60.0, 1.6), (600.0, 7.0)] {
             assert_eq!(kill_margin(s(ttl)), s(margin), "{ttl}");
         }
     }

@@ -91,6 +91,8 @@ pub const KILL_LATENCY: Duration = Duration::from_secs(1);
 pub struct WorkerLease {
     ttl: Duration,
     kill_at: Duration,
+    /// The margin `kill_at` keeps before the deadline it was derived from.
+    margin: Duration,
 }
 
 impl WorkerLease {
@@ -100,6 +102,7 @@ impl WorkerLease {
         WorkerLease {
             ttl,
             kill_at: kill_time(sent, ttl),
+            margin: kill_margin(ttl),
         }
     }
 
@@ -108,6 +111,7 @@ impl WorkerLease {
     pub fn renewed(&mut self, sent: Duration, ttl: Duration) {
         self.ttl = ttl;
         self.kill_at = kill_time(sent, ttl);
+        self.margin = kill_margin(ttl);
     }
 
     /// A heartbeat sent at `sent` was answered at `answered` with the server's promise of lease amnesty:
@@ -119,9 +123,11 @@ impl WorkerLease {
         if answered >= self.kill_at {
             return false;
         }
-        let promised = kill_time(sent, grace.min(MAX_AMNESTY));
+        let grace = grace.min(MAX_AMNESTY);
+        let promised = kill_time(sent, grace);
         if promised > self.kill_at {
             self.kill_at = promised;
+            self.margin = kill_margin(grace);
             true
         } else {
             false
@@ -131,6 +137,14 @@ impl WorkerLease {
     /// The moment the program must be dead by.
     pub fn kill_at(&self) -> Duration {
         self.kill_at
+    }
+
+    /// The last resort: if the program still runs at this moment, the worker could not act (stopped,
+    /// starved) and must be ended from outside. Half the margin after [`WorkerLease::kill_at`], so it
+    /// never fires on a healthy worker that is merely killing the program, and still comes before the
+    /// server may expire the lease.
+    pub fn last_resort(&self) -> Duration {
+        self.kill_at + self.margin / 2
     }
 
     /// The TTL of the last renewal (or the provisional one).
@@ -267,8 +281,10 @@ mod tests {
         // Absurd promises are capped.
         assert!(lease.amnesty(s(7.0), s(8.0), s(1e9)));
         assert_eq!(lease.kill_at(), s(7.0 + 600.0 - 7.0));
+        assert_eq!(lease.last_resort(), s(600.0 - 3.5));
         // A renewal replaces whatever amnesty gave.
         lease.renewed(s(9.0), s(10.0));
         assert_eq!(lease.kill_at(), s(17.9));
+        assert_eq!(lease.last_resort(), s(18.45));
     }
 }

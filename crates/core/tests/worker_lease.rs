@@ -109,6 +109,11 @@ proptest! {
                 dead_by <= server_may_expire,
                 "the program would still run at {dead_by:?}, the server may expire at {server_may_expire:?}"
             );
+            let last_resort = real_of(lease.last_resort());
+            prop_assert!(
+                last_resort > real_of(lease.kill_at()) && last_resort < server_may_expire,
+                "the last resort at {last_resort:?} is not between the kill and {server_may_expire:?}"
+            );
         }
     }
 }

@@ -17,6 +17,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::deadman;
+
 /// What the supervisor of the item needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lease {
@@ -96,6 +98,8 @@ pub struct Heartbeat {
     state: watch::Receiver<Lease>,
     /// When the program must be dead by; moves with every renewal (and amnesty).
     kill_at: watch::Receiver<Instant>,
+    /// When the dead man's switch ends the worker if the program still runs ([`super::deadman`]).
+    last_resort: watch::Receiver<Instant>,
 }
 
 impl Heartbeat {
@@ -112,6 +116,7 @@ impl Heartbeat {
         let (tx, state) = watch::channel(Lease::Pending);
         let provisional = WorkerLease::acknowledged(Duration::ZERO, PROVISIONAL_TTL);
         let (deadline_tx, kill_at) = watch::channel(acked + provisional.kill_at());
+        let (last_resort_tx, last_resort) = watch::channel(acked + provisional.last_resort());
         let task = tokio::spawn(async move {
             let beats = Beats {
                 client: &client,
@@ -122,6 +127,7 @@ impl Heartbeat {
                 origin: acked,
                 state: &tx,
                 kill_at: &deadline_tx,
+                last_resort: &last_resort_tx,
             };
             let outcome = beats.run(provisional).await;
             tx.send_replace(Lease::Lost(outcome));
@@ -132,7 +138,13 @@ impl Heartbeat {
             task,
             state,
             kill_at,
+            last_resort,
         }
+    }
+
+    /// Arms the dead man's switch for the program about to start; drop the guard once it is reaped.
+    pub fn dead_man(&self) -> deadman::Guard {
+        deadman::Guard::arm(self.last_resort.clone())
     }
 
     /// Waits for the first answer that settles the lease: `Held` (start the program), a stop request,
@@ -210,6 +222,7 @@ struct Beats<'a> {
     origin: Instant,
     state: &'a watch::Sender<Lease>,
     kill_at: &'a watch::Sender<Instant>,
+    last_resort: &'a watch::Sender<Instant>,
 }
 
 impl Beats<'_> {
@@ -219,6 +232,8 @@ impl Beats<'_> {
 
     fn publish(&self, lease: &WorkerLease) {
         self.kill_at.send_replace(self.origin + lease.kill_at());
+        self.last_resort
+            .send_replace(self.origin + lease.last_resort());
     }
 
     /// Beats until the lease is lost; returns why.

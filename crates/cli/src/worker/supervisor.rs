@@ -144,6 +144,9 @@ impl<'a> Item<'a> {
                 return Outcome::Skipped;
             }
         }
+        // Armed before the program exists, disarmed once it is reaped: if the worker cannot act by then
+        // (stopped, starved), the kernel ends it, and the program with it.
+        let dead_man = lease.dead_man();
         let mut running = match self.spawn(&item) {
             Ok(running) => running,
             Err(e) => {
@@ -174,20 +177,28 @@ impl<'a> Item<'a> {
         };
         match ending {
             Ending::Exited(exit) => {
+                drop(dead_man);
                 self.info("program exited", &[("status", &exit.describe())]);
                 self.record_exit(exit, 3).await;
                 self.stop(true, 5).await;
                 outcome_of(exit)
             }
-            Ending::Lost(why) => self.abandon(&mut running, &why).await,
+            Ending::Lost(why) => {
+                let outcome = self.abandon(&mut running, &why).await;
+                drop(dead_man);
+                outcome
+            }
             Ending::StopRequested => {
                 self.info(
                     "stop requested: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
-                match self.terminate(&mut running, &mut lease).await {
-                    Terminated::Lost(why) => self.abandon(&mut running, &why).await,
-                    Terminated::Exited(exit) => {
+                let terminated = self.terminate(&mut running, &mut lease).await;
+                let terminated = self.reaped(terminated, &mut running).await;
+                drop(dead_man);
+                match terminated {
+                    Err(lost) => lost,
+                    Ok(exit) => {
                         self.info("program ended", &[("status", &exit.describe())]);
                         let phase = *self.phase.borrow();
                         self.record_exit(exit, attempts(phase)).await;
@@ -198,6 +209,7 @@ impl<'a> Item<'a> {
             }
             Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
                 let exit = running.kill().await;
+                drop(dead_man);
                 self.warn(
                     "forced shutdown: program killed",
                     &[("status", &exit.describe())],
@@ -213,9 +225,12 @@ impl<'a> Item<'a> {
                 );
                 // Ask first, so that the server shows the item winding down rather than active.
                 let requested = self.stop(false, 1).await;
-                match self.terminate(&mut running, &mut lease).await {
-                    Terminated::Lost(why) => self.abandon(&mut running, &why).await,
-                    Terminated::Exited(exit) => {
+                let terminated = self.terminate(&mut running, &mut lease).await;
+                let terminated = self.reaped(terminated, &mut running).await;
+                drop(dead_man);
+                match terminated {
+                    Err(lost) => lost,
+                    Ok(exit) => {
                         self.info("program ended", &[("status", &exit.describe())]);
                         let phase = *self.phase.borrow();
                         self.record_exit(exit, attempts(phase)).await;
@@ -298,6 +313,15 @@ impl<'a> Item<'a> {
                 self.warn("forced shutdown: SIGKILL", &[]);
                 Terminated::Exited(running.kill().await)
             }
+        }
+    }
+
+    /// The program's exit after a termination, or (the lease was lost meanwhile) the outcome of
+    /// abandoning it: either way the program is reaped when this returns.
+    async fn reaped(&self, terminated: Terminated, running: &mut Running) -> Result<Exit, Outcome> {
+        match terminated {
+            Terminated::Exited(exit) => Ok(exit),
+            Terminated::Lost(why) => Err(self.abandon(running, &why).await),
         }
     }
 

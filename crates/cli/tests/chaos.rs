@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::proxy::{Mode, Proxy};
+use support::seed::Rng;
 use support::ServerProcess;
 use tether_core::time::Timestamp;
 
@@ -52,43 +53,6 @@ trap 'echo "stop $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"; exit 0' TERM
 echo "start $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"
 while :; do echo "alive $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"; sleep 0.05; done
 "#;
-
-// ---- seeded randomness ------------------------------------------------------------------------------
-
-/// splitmix64: small, and the same sequence for the same seed everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("TETHER_CHAOS_SEED")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
-        eprintln!("chaos seed {seed} (replay with TETHER_CHAOS_SEED={seed})");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, from: u64, to: u64) -> Duration {
-        Duration::from_millis(from + self.below(to - from + 1))
-    }
-}
 
 // ---- the server, its API and the workers --------------------------------------------------------------
 

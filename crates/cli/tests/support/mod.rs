@@ -4,6 +4,7 @@
 
 pub mod lines;
 pub mod proxy;
+pub mod seed;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -41,8 +41,16 @@ impl Principal {
 }
 
 impl App {
-    /// Resolves a presented secret; 401 for anything unknown, revoked or dead.
+    /// Resolves a presented secret; 401 for anything unknown, revoked or dead. A 503 because the
+    /// database is away carries the promise of lease amnesty ([`App::with_amnesty_promise`]): a worker's
+    /// heartbeat fails here first, when the database is down.
     pub async fn authenticate(&self, secret: &str) -> ApiResult<Principal> {
+        self.resolve(secret)
+            .await
+            .map_err(|e| self.with_amnesty_promise(e))
+    }
+
+    async fn resolve(&self, secret: &str) -> ApiResult<Principal> {
         let invalid = || ApiError::unauthorized("the credential is invalid, revoked or expired");
         let hash = credentials::hash(secret);
         if secret.starts_with(SESSION_PREFIX) {

@@ -735,12 +735,11 @@ impl PrivateCluster {
 
     fn start() -> Result<(PrivateCluster, String), String> {
         let cluster = PrivateCluster {
-            dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!(
-                    "pg-restart-{}-{}",
-                    std::process::id(),
-                    CLUSTERS.fetch_add(1, Ordering::SeqCst)
-                )),
+            dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+                "pg-restart-{}-{}",
+                std::process::id(),
+                CLUSTERS.fetch_add(1, Ordering::SeqCst)
+            )),
             port: free_port(),
         };
         let out = cluster.script("start", "fast");
@@ -919,7 +918,14 @@ async fn a_worker_keeps_its_program_through_a_database_outage() {
     let worker_log = records.path().join("worker.log");
     let mut worker = Command::new(env!("CARGO_BIN_EXE_tether"))
         .arg("worker")
-        .args(["--server", &server.base, "--environment", &env, "--key", &key])
+        .args([
+            "--server",
+            &server.base,
+            "--environment",
+            &env,
+            "--key",
+            &key,
+        ])
         .args(["--worker-id", "outage", "--ttl", "4", "--grace", "1"])
         .args([
             "--",
@@ -975,8 +981,15 @@ async fn a_worker_keeps_its_program_through_a_database_outage() {
 
     let log = std::fs::read_to_string(&worker_log).unwrap_or_default();
     let starts = std::fs::read_to_string(&record).unwrap_or_default();
-    assert_eq!(starts.lines().count(), 1, "one program, never restarted:\n{starts}\n{log}");
-    assert!(!log.contains("lease lost"), "the worker kept its lease:\n{log}");
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "one program, never restarted:\n{starts}\n{log}"
+    );
+    assert!(
+        !log.contains("lease lost"),
+        "the worker kept its lease:\n{log}"
+    );
     let item = api
         .all_work(&env)
         .await

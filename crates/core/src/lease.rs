@@ -229,7 +229,13 @@ mod tests {
 
     #[test]
     fn margins() {
-        for (ttl, margin) in [(2.0, 0.5), (4.0, 1.0), (10.0, 1.1), (60.0, 1.6), (600.0, 7.0)] {
+        for (ttl, margin) in [
+            (2.0, 0.5),
+            (4.0, 1.0),
+            (10.0, 1.1),
+            (60.0, 1.6),
+            (600.0, 7.0),
+        ] {
             assert_eq!(kill_margin(s(ttl)), s(margin), "{ttl}");
         }
     }
@@ -258,11 +264,7 @@ mod tests {
             (8.9, None),
             (9.5, None),
         ] {
-            assert_eq!(
-                lease.request_timeout(s(now)),
-                timeout.map(s),
-                "at {now}"
-            );
+            assert_eq!(lease.request_timeout(s(now)), timeout.map(s), "at {now}");
         }
     }
 

@@ -36,10 +36,8 @@ struct Beat {
 fn answer() -> impl Strategy<Value = Answer> {
     prop_oneof![
         (10u64..=600).prop_map(|ttl_s| Answer::Accepted { ttl_s }),
-        (1u64..=900, 0u64..=120_000).prop_map(|(grace_s, outage_ms)| Answer::Amnesty {
-            grace_s,
-            outage_ms
-        }),
+        (1u64..=900, 0u64..=120_000)
+            .prop_map(|(grace_s, outage_ms)| Answer::Amnesty { grace_s, outage_ms }),
         Just(Answer::Nothing),
     ]
 }

@@ -708,10 +708,14 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
         let q = Queue::new(&server).await;
         let mut keys = Vec::new();
         for _ in 0..2 {
-            let key = req(&server, Method::POST, &format!("/environments/{}/keys", q.env))
-                .json(json!({}))
-                .send()
-                .await;
+            let key = req(
+                &server,
+                Method::POST,
+                &format!("/environments/{}/keys", q.env),
+            )
+            .json(json!({}))
+            .send()
+            .await;
             let key = key.ok();
             keys.push((
                 key["id"].as_str().expect("key id").to_owned(),
@@ -747,7 +751,10 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
                         .await
                 }
             };
-            assert_eq!(beat(token.clone(), work.clone()).await.ok()["state"], "active");
+            assert_eq!(
+                beat(token.clone(), work.clone()).await.ok()["state"],
+                "active"
+            );
             items.push((work, token, beat));
         }
 
@@ -765,13 +772,22 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
         beat(cut_token.clone(), cut_off.clone())
             .await
             .error(401, "authentication_error");
-        q.req(Method::GET, &format!("/sessions/{}", q.get(cut_off).await["data"]["id"].as_str().unwrap()))
-            .bearer(cut_token)
-            .send()
-            .await
-            .error(401, "authentication_error");
+        q.req(
+            Method::GET,
+            &format!(
+                "/sessions/{}",
+                q.get(cut_off).await["data"]["id"].as_str().unwrap()
+            ),
+        )
+        .bearer(cut_token)
+        .send()
+        .await
+        .error(401, "authentication_error");
         let (kept, kept_token, beat) = &items[1];
-        assert_eq!(beat(kept_token.clone(), kept.clone()).await.ok()["state"], "active");
+        assert_eq!(
+            beat(kept_token.clone(), kept.clone()).await.ok()["state"],
+            "active"
+        );
 
         // Nobody can renew the cut-off item: at the end of its lease it is queued again.
         server.clock.advance_millis(61_000);

@@ -225,9 +225,15 @@ async fn a_fruitless_wake_up_costs_one_scan() {
                 let (app, env) = (app.clone(), env.clone());
                 tokio::spawn(async move {
                     let worker = format!("w{i}");
-                    app.poll(&env, Some(&worker), None, Some(Duration::from_millis(999)), 5_000)
-                        .await
-                        .expect("poll")
+                    app.poll(
+                        &env,
+                        Some(&worker),
+                        None,
+                        Some(Duration::from_millis(999)),
+                        5_000,
+                    )
+                    .await
+                    .expect("poll")
                 })
             })
             .collect();

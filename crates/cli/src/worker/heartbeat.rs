@@ -371,7 +371,10 @@ mod tests {
         );
         // Without the promise (or with a malformed one) a 503 is only worth another try.
         outage.details = Some(serde_json::json!({"lease_amnesty_ms": "soon"}));
-        assert!(matches!(judge(&Err(outage.clone().into())), Verdict::Retry(_)));
+        assert!(matches!(
+            judge(&Err(outage.clone().into())),
+            Verdict::Retry(_)
+        ));
         outage.details = Some(serde_json::json!({"lease_amnesty_ms": 30_000}));
         outage.code = Some("busy".into());
         assert!(matches!(judge(&Err(outage.into())), Verdict::Retry(_)));

@@ -32,9 +32,8 @@ impl Principal {
     /// The stored credential behind this caller; `None` for a session token, which is not one.
     pub fn credential_id(&self) -> Option<&str> {
         match self {
-            Principal::Admin { credential_id } | Principal::EnvironmentKey { credential_id, .. } => {
-                Some(credential_id)
-            }
+            Principal::Admin { credential_id }
+            | Principal::EnvironmentKey { credential_id, .. } => Some(credential_id),
             Principal::SessionToken { .. } => None,
         }
     }

@@ -223,8 +223,16 @@ impl<'a> Item<'a> {
                     "drain time is up: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
-                // Ask first, so that the server shows the item winding down rather than active.
-                let requested = self.stop(false, 1).await;
+                // Ask first, so that the server shows the item winding down rather than active; the
+                // lease deadline still holds while the request is under way.
+                let requested = tokio::select! {
+                    requested = self.stop(false, 1) => requested,
+                    why = lease.lost() => {
+                        let outcome = self.abandon(&mut running, &why).await;
+                        drop(dead_man);
+                        return outcome;
+                    }
+                };
                 let terminated = self.terminate(&mut running, &mut lease).await;
                 let terminated = self.reaped(terminated, &mut running).await;
                 drop(dead_man);

@@ -283,7 +283,7 @@ mod tests {
         // Absurd promises are capped.
         assert!(lease.amnesty(s(7.0), s(8.0), s(1e9)));
         assert_eq!(lease.kill_at(), s(7.0 + 600.0 - 7.0));
-        assert_eq!(lease.last_resort(), s(600.0 - 3.5));
+        assert_eq!(lease.last_resort(), s(600.0 + 3.5));
         // A renewal replaces whatever amnesty gave.
         lease.renewed(s(9.0), s(10.0));
         assert_eq!(lease.kill_at(), s(17.9));

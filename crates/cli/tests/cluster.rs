@@ -713,6 +713,9 @@ async fn a_killed_server_loses_nothing_and_its_workers_carry_on() {
     );
 }
 
+/// How many private clusters this process made (each gets a directory of its own).
+static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+
 /// A PostgreSQL cluster of this test's own, so that restarting it disturbs nobody else.
 struct PrivateCluster {
     dir: PathBuf,
@@ -732,8 +735,11 @@ impl PrivateCluster {
 
     fn start() -> Result<(PrivateCluster, String), String> {
         let cluster = PrivateCluster {
-            dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("pg-restart-{}", std::process::id())),
+            dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+                "pg-restart-{}-{}",
+                std::process::id(),
+                CLUSTERS.fetch_add(1, Ordering::SeqCst)
+            )),
             port: free_port(),
         };
         let out = cluster.script("start", "fast");
@@ -872,4 +878,128 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
         ledger.unavailable.load(Ordering::SeqCst)
     );
     drop((a, b));
+}
+
+/// Issue 10, defect 2: a worker with a short lease keeps its program through a database outage longer
+/// than the lease. During the outage every heartbeat is answered 503 with the server's promise of lease
+/// amnesty (`error.details.lease_amnesty_ms`), which the worker takes in place of a renewal; once the
+/// database is back the server grants the amnesty before deciding any expiry, and the heartbeats are
+/// accepted again. One program ran, from start to end, and the item was never requeued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_its_program_through_a_database_outage() {
+    if postgres_url().is_none() {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let (cluster, url) = match PrivateCluster::start() {
+        Ok(c) => c,
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: the outage test needs the PostgreSQL server binaries for a cluster of its own: {why}");
+            return;
+        }
+        Err(why) => panic!("cannot start a private PostgreSQL cluster: {why}"),
+    };
+    let server = Server::start("A", &url, &["--lease-ttl-min", "1", "--tick-ms", "200"]).await;
+    let api = server.api();
+    let env = api.environment().await;
+    let agent = api.agent().await;
+    let key = api
+        .ok(
+            Method::POST,
+            &format!("/environments/{env}/keys"),
+            Some(json!({})),
+        )
+        .await["token"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let records = tempfile::tempdir().expect("records");
+    let record = records.path().join("program");
+    let worker_log = records.path().join("worker.log");
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("worker")
+        .args([
+            "--server",
+            &server.base,
+            "--environment",
+            &env,
+            "--key",
+            &key,
+        ])
+        .args(["--worker-id", "outage", "--ttl", "4", "--grace", "1"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            r#"echo "start $$" >> "$RECORD"; while :; do sleep 0.1; done"#,
+        ])
+        .env_remove("TETHER_KEY")
+        .env("RECORD", &record)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&worker_log).expect("worker log"))
+        .spawn()
+        .expect("spawn tether worker");
+    let session = api.session(&env, &agent).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let work = loop {
+        let items = api.all_work(&env).await;
+        if let Some(item) = items
+            .iter()
+            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active")
+        {
+            break item["id"].as_str().expect("id").to_owned();
+        }
+        assert!(Instant::now() < deadline, "the session was never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // Away for 10 s: two and a half of the worker's 4 s leases.
+    cluster.run("stop", "immediate");
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, body) = api
+        .call(
+            Method::POST,
+            &format!("/environments/{env}/work/{work}/heartbeat"),
+            None,
+            None,
+        )
+        .await
+        .expect("the server answers during the outage");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert!(
+        body["error"]["details"]["lease_amnesty_ms"].as_u64() > Some(0),
+        "the 503 promises amnesty: {body}"
+    );
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
+    cluster.run("start", "fast");
+    server.wait_ready().await;
+    // Two leases' worth of heartbeats after the database came back.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    let log = std::fs::read_to_string(&worker_log).unwrap_or_default();
+    let starts = std::fs::read_to_string(&record).unwrap_or_default();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "one program, never restarted:\n{starts}\n{log}"
+    );
+    assert!(
+        !log.contains("lease lost"),
+        "the worker kept its lease:\n{log}"
+    );
+    let item = api
+        .all_work(&env)
+        .await
+        .into_iter()
+        .find(|i| i["id"] == work.as_str())
+        .expect("the item");
+    assert_eq!(item["state"], "active", "{item}");
+    assert_eq!(item["requeue_count"], 0, "{item}");
+    assert_eq!(item["delivery_count"], 1, "{item}");
+    let _ = worker.kill();
+    let _ = worker.wait();
+    drop(server);
 }

@@ -1,5 +1,7 @@
 //! Durability: `kill -9` the server while it is answering writes, restart it, and check that every write
-//! it answered with 200 is there. Runs several kill/restart cycles on one data directory.
+//! it answered with 200 is there. Runs several kill/restart cycles on one store, on each backend: the
+//! embedded SQLite store, and PostgreSQL (under `TETHER_TEST_POSTGRES_URL`, mandatory under CI). The
+//! moment of each kill is drawn from a seed that is printed; `TETHER_CHAOS_SEED=<n>` replays it.
 
 mod support;
 
@@ -8,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::seed::Rng;
 use support::ServerProcess;
 
 const CYCLES: usize = 3;
@@ -34,6 +37,31 @@ async fn post(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn answered_writes_survive_kill_dash_nine() {
+    kill_nine_cycles(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answered_writes_survive_kill_dash_nine_on_postgres() {
+    let Some(admin_url) = std::env::var("TETHER_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the PostgreSQL crash test: set TETHER_TEST_POSTGRES_URL"
+        );
+        eprintln!("skipped: set TETHER_TEST_POSTGRES_URL (e.g. `scripts/pg start`)");
+        return;
+    };
+    let url = tether_store::postgres::create_test_database(&admin_url)
+        .await
+        .expect("a fresh test database");
+    kill_nine_cycles(&["--database", &url]).await;
+}
+
+/// Kills the server (started with `extra`) at random moments under concurrent writes, `CYCLES` times.
+async fn kill_nine_cycles(extra: &[&str]) {
+    let mut rng = Rng::from_env();
     let dir = tempfile::tempdir().unwrap();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -43,7 +71,7 @@ async fn answered_writes_survive_kill_dash_nine() {
     let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
     let mut env_and_agent: Option<(String, String)> = None;
     for cycle in 0..CYCLES {
-        let mut server = ServerProcess::start(dir.path(), &[]);
+        let mut server = ServerProcess::start(dir.path(), extra);
         let (env, agent) = match &env_and_agent {
             Some(ids) => ids.clone(),
             None => {
@@ -112,7 +140,9 @@ async fn answered_writes_survive_kill_dash_nine() {
                 }
             }));
         }
-        tokio::time::sleep(Duration::from_millis(700 + 300 * cycle as u64)).await;
+        let run_for = rng.millis(500, 1_500);
+        println!("cycle {cycle}: kill -9 after {run_for:?} of writes");
+        tokio::time::sleep(run_for).await;
         server.kill_hard();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         for w in writers {
@@ -123,7 +153,7 @@ async fn answered_writes_survive_kill_dash_nine() {
             acknowledged.lock().unwrap().len()
         );
     }
-    let server = ServerProcess::start(dir.path(), &[]);
+    let server = ServerProcess::start(dir.path(), extra);
     let acked = acknowledged.lock().unwrap().clone();
     assert!(
         acked.len() > 50,

@@ -2,14 +2,14 @@
 //! programs (small `sh` scripts that stamp what they do into files named after their work item).
 //!
 //! The server runs with short leases (`--lease-ttl-min 1 --lease-ttl 2 --tick-ms 100`) and the workers
-//! ask for 2 s leases, so a lost lease shows within seconds. Nothing here asserts how long anything took:
+//! ask for 4 s leases (a worker kills its program a quarter of the TTL before its deadline), so a lost
+//! lease shows within seconds. Nothing here asserts how long anything took:
 //! waits are bounded only so that a hang fails instead of blocking the suite.
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -18,9 +18,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::proxy::{Mode, Proxy};
 use support::ServerProcess;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// How long any one wait may take before the test gives up (a liveness bound, not a timing assertion).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -264,7 +263,7 @@ impl WorkerOptions {
             server: None,
             key_in_env: false,
             concurrency: "1",
-            ttl: "2",
+            ttl: "4",
             grace: "1",
             drain_timeout: "2",
             log_dir: None,
@@ -283,7 +282,7 @@ const UNTIL_RELEASED: &str = r#"while [ ! -e "$f.release" ]; do sleep 0.1; done
 echo "end $TETHER_WORKER_ID $$" >> "$f"
 "#;
 
-/// On SIGTERM: stamps it and exits 0.
+/// On SIGTERM: stamps it and exits 0. Goes before [`PRELUDE`]: once the start is stamped, a stop may come.
 const TRAP_TERM: &str = r#"trap 'echo "term $TETHER_WORKER_ID $$" >> "$f"; exit 0' TERM
 "#;
 
@@ -520,69 +519,6 @@ async fn wait_dead(pid: i32) {
     }
 }
 
-// ---- a TCP proxy that can cut a worker off ----------------------------------------------------------------
-
-/// Forwards 127.0.0.1 connections to the server until told to drop the traffic; then it holds every
-/// connection open and silent (a network partition, not a refusal) until told to forward again, when the
-/// held connections are closed.
-struct Proxy {
-    url: String,
-    blocked: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: &str) -> Proxy {
-        let upstream: SocketAddr = upstream
-            .trim_start_matches("http://")
-            .parse()
-            .expect("server address");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let url = format!("http://{}", listener.local_addr().expect("proxy address"));
-        let (blocked, watcher) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(relay(client, upstream, watcher.clone()));
-            }
-        });
-        Proxy { url, blocked, task }
-    }
-
-    fn block(&self) {
-        self.blocked.send_replace(true);
-    }
-
-    fn unblock(&self) {
-        self.blocked.send_replace(false);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn relay(mut client: TcpStream, upstream: SocketAddr, mut blocked: watch::Receiver<bool>) {
-    if *blocked.borrow() {
-        let _ = blocked.wait_for(|b| !*b).await;
-        return;
-    }
-    let Ok(mut server) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    let cut = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-        _ = async { let _ = blocked.wait_for(|b| *b).await; } => true,
-    };
-    if cut {
-        let _ = blocked.wait_for(|b| !*b).await;
-    }
-}
-
 // ---- the tests ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -800,7 +736,7 @@ async fn refuses_to_start_when_it_cannot_work() {
 #[tokio::test]
 async fn a_graceful_stop_sends_sigterm_then_confirms() {
     let setup = Setup::new().await;
-    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut worker = setup.worker("w1", WorkerOptions::running(&script));
     let work = setup.session(json!({})).await;
     let dir = setup.stamps();
@@ -831,7 +767,7 @@ async fn a_graceful_stop_sends_sigterm_then_confirms() {
 #[tokio::test]
 async fn a_force_stop_kills_the_program() {
     let setup = Setup::new().await;
-    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut worker = setup.worker("w1", WorkerOptions::running(&script));
     let work = setup.session(json!({})).await;
     let dir = setup.stamps();
@@ -917,7 +853,7 @@ async fn the_item_of_a_killed_worker_is_served_by_another() {
 async fn a_worker_cut_off_from_the_server_abandons_its_item() {
     let setup = Setup::new().await;
     let proxy = Proxy::start(&setup.server.base).await;
-    let script = format!("{PRELUDE}{TRAP_TERM}{UNTIL_RELEASED}");
+    let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut cut_off = setup.worker(
         "w1",
         WorkerOptions {
@@ -932,7 +868,7 @@ async fn a_worker_cut_off_from_the_server_abandons_its_item() {
 
     // No heartbeat gets through for longer than the lease: the worker kills its program, the server
     // puts the item back in the queue.
-    proxy.block();
+    proxy.set(Mode::Drop);
     wait_dead(start.pid).await;
     cut_off.wait_for_log("lease lost").await;
     let item = setup.wait_for_state(&work, "queued").await;
@@ -945,7 +881,7 @@ async fn a_worker_cut_off_from_the_server_abandons_its_item() {
     assert_eq!(item["metadata"]["tether.worker_id"], "w2", "{item}");
 
     // Back on the network, the first worker leaves the item alone and keeps working.
-    proxy.unblock();
+    proxy.set(Mode::Forward);
     let next = setup.session(json!({})).await;
     release(&dir, &next);
     setup.wait_for_state(&next, "stopped").await;

@@ -1,5 +1,7 @@
 //! Lease arithmetic: TTL clamping, expiry, amnesty and the worker's heartbeat cadence.
 
+use std::time::Duration;
+
 use crate::time::Timestamp;
 
 /// Bounds and defaults that govern leases and requeues. One value per server process.
@@ -58,6 +60,119 @@ pub fn heartbeat_interval_millis(ttl_seconds: u32) -> u64 {
     (u64::from(ttl_seconds) * 1_000 / 2).clamp(1_000, 30_000)
 }
 
+/// [`heartbeat_interval_millis`] for a TTL of any precision.
+pub fn heartbeat_interval(ttl: Duration) -> Duration {
+    (ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// How long before its own lease deadline a worker must have killed the program.
+///
+/// The worker measures its deadline on its own monotonic clock from the moment it *sent* the last
+/// heartbeat the server accepted; the server stamps the lease when it processes that request, which is
+/// later, so the worker's deadline is never after the server's as long as both clocks run at the same
+/// rate. The margin absorbs what remains: a difference in rate (1 % of the TTL, twenty times the
+/// 500 ppm an NTP-disciplined clock may be slewed by) and the time to kill the program's process group
+/// and reap it (1 s, for a worker that is itself slow to be scheduled). Leases shorter than the
+/// protocol's 10 s (a server may be configured to allow them, tests are) keep at least three quarters
+/// of their length, so that a beat every half TTL still renews them in time.
+pub fn kill_margin(ttl: Duration) -> Duration {
+    (KILL_LATENCY + ttl / 100).min(ttl / 4)
+}
+
+/// The part of [`kill_margin`] that does not grow with the TTL.
+pub const KILL_LATENCY: Duration = Duration::from_secs(1);
+
+/// A worker's own view of one lease, on its monotonic clock.
+///
+/// Instants are readings of a monotonic clock the caller injects, given as the time elapsed since an
+/// origin of its choosing. The rule this keeps: the program runs only before [`WorkerLease::kill_at`],
+/// which never lies past the moment the server may expire the lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerLease {
+    ttl: Duration,
+    kill_at: Duration,
+    /// The margin `kill_at` keeps before the deadline it was derived from.
+    margin: Duration,
+}
+
+impl WorkerLease {
+    /// The provisional lease of an acknowledgement sent at `sent`: the server starts it with the item's
+    /// current TTL when it processes the ack.
+    pub fn acknowledged(sent: Duration, ttl: Duration) -> WorkerLease {
+        WorkerLease {
+            ttl,
+            kill_at: kill_time(sent, ttl),
+            margin: kill_margin(ttl),
+        }
+    }
+
+    /// A heartbeat sent at `sent` was accepted with a lease of `ttl`. The server replaces the deadline
+    /// (it may shrink with a shorter TTL), so the worker does too.
+    pub fn renewed(&mut self, sent: Duration, ttl: Duration) {
+        self.ttl = ttl;
+        self.kill_at = kill_time(sent, ttl);
+        self.margin = kill_margin(ttl);
+    }
+
+    /// A heartbeat sent at `sent` was answered at `answered` with the server's promise of lease amnesty:
+    /// it could not write, so it expires nothing until it can again, and then first extends every lease
+    /// to at least `grace` past that moment. Taken only when the answer came while the lease was still
+    /// ours: then the server processed the request before the lease could have expired, and no expiry
+    /// can be decided before `sent + grace`. Returns whether the deadline moved.
+    pub fn amnesty(&mut self, sent: Duration, answered: Duration, grace: Duration) -> bool {
+        if answered >= self.kill_at {
+            return false;
+        }
+        let grace = grace.min(MAX_AMNESTY);
+        let promised = kill_time(sent, grace);
+        if promised > self.kill_at {
+            self.kill_at = promised;
+            self.margin = kill_margin(grace);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The moment the program must be dead by.
+    pub fn kill_at(&self) -> Duration {
+        self.kill_at
+    }
+
+    /// The last resort: if the program still runs at this moment, the worker could not act (stopped,
+    /// starved) and must be ended from outside. Half the margin after [`WorkerLease::kill_at`], so it
+    /// never fires on a healthy worker that is merely killing the program, and still comes before the
+    /// server may expire the lease.
+    pub fn last_resort(&self) -> Duration {
+        self.kill_at + self.margin / 2
+    }
+
+    /// The TTL of the last renewal (or the provisional one).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Time left before the program must be killed; `None` once that moment has come.
+    pub fn time_left(&self, now: Duration) -> Option<Duration> {
+        self.kill_at.checked_sub(now).filter(|left| !left.is_zero())
+    }
+
+    /// The timeout of a heartbeat sent at `now`: the beat interval, capped by the time left, so that no
+    /// answer is awaited past the moment the program must die. `None`: do not send, kill.
+    pub fn request_timeout(&self, now: Duration) -> Option<Duration> {
+        self.time_left(now)
+            .map(|left| left.min(heartbeat_interval(self.ttl)))
+    }
+}
+
+/// Amnesty promises longer than this are taken as this: a server misconfigured with a huge grace window
+/// must not keep a program alive for days on a stale answer.
+pub const MAX_AMNESTY: Duration = Duration::from_secs(600);
+
+fn kill_time(start: Duration, length: Duration) -> Duration {
+    (start + length).saturating_sub(kill_margin(length))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +214,79 @@ mod tests {
         assert_eq!(heartbeat_interval_millis(10), 5_000);
         assert_eq!(heartbeat_interval_millis(600), 30_000);
         assert_eq!(heartbeat_interval_millis(1), 1_000);
+        for (ttl, interval) in [(1, 1), (2, 1), (10, 5), (20, 10), (60, 30), (600, 30)] {
+            assert_eq!(
+                heartbeat_interval(Duration::from_secs(ttl)),
+                Duration::from_secs(interval),
+                "{ttl}"
+            );
+        }
+    }
+
+    fn s(secs: f64) -> Duration {
+        Duration::from_secs_f64(secs)
+    }
+
+    #[test]
+    fn margins() {
+        for (ttl, margin) in [
+            (2.0, 0.5),
+            (4.0, 1.0),
+            (10.0, 1.1),
+            (60.0, 1.6),
+            (600.0, 7.0),
+        ] {
+            assert_eq!(kill_margin(s(ttl)), s(margin), "{ttl}");
+        }
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_send_of_the_accepted_beat() {
+        let mut lease = WorkerLease::acknowledged(s(0.0), s(60.0));
+        assert_eq!(lease.kill_at(), s(58.4));
+        // Sent at 25 s, answered whenever: the lease runs from 25 s.
+        lease.renewed(s(25.0), s(10.0));
+        assert_eq!(lease.kill_at(), s(33.9));
+        assert_eq!(lease.time_left(s(30.0)), Some(s(3.9)));
+        assert_eq!(lease.time_left(s(33.9)), None);
+        assert_eq!(lease.time_left(s(40.0)), None);
+    }
+
+    #[test]
+    fn request_timeouts_are_capped_by_the_time_left() {
+        let lease = WorkerLease::acknowledged(s(0.0), s(10.0));
+        // kill at 8.9 s; the interval is 5 s.
+        for (now, timeout) in [
+            (0.0, Some(5.0)),
+            (3.9, Some(5.0)),
+            (4.0, Some(4.9)),
+            (8.0, Some(0.9)),
+            (8.9, None),
+            (9.5, None),
+        ] {
+            assert_eq!(lease.request_timeout(s(now)), timeout.map(s), "at {now}");
+        }
+    }
+
+    #[test]
+    fn amnesty_extends_only_on_answers_that_came_in_time() {
+        let mut lease = WorkerLease::acknowledged(s(0.0), s(10.0));
+        // Answered after the kill time: too late to prove anything.
+        assert!(!lease.amnesty(s(5.0), s(9.0), s(30.0)));
+        assert_eq!(lease.kill_at(), s(8.9));
+        // Answered in time: the server expires nothing before 5 s + 30 s.
+        assert!(lease.amnesty(s(5.0), s(6.0), s(30.0)));
+        assert_eq!(lease.kill_at(), s(5.0 + 30.0 - 1.3));
+        // A shorter promise never shortens the deadline.
+        assert!(!lease.amnesty(s(6.0), s(7.0), s(1.0)));
+        assert_eq!(lease.kill_at(), s(33.7));
+        // Absurd promises are capped.
+        assert!(lease.amnesty(s(7.0), s(8.0), s(1e9)));
+        assert_eq!(lease.kill_at(), s(7.0 + 600.0 - 7.0));
+        assert_eq!(lease.last_resort(), s(600.0 + 3.5));
+        // A renewal replaces whatever amnesty gave.
+        lease.renewed(s(9.0), s(10.0));
+        assert_eq!(lease.kill_at(), s(17.9));
+        assert_eq!(lease.last_resort(), s(18.45));
     }
 }

@@ -154,6 +154,10 @@ pub struct WorkItem {
     pub heartbeat_count: u64,
     /// SHA-256 (hex) of the session token minted by the current delivery; cleared when it must die.
     pub session_token_hash: Option<String>,
+    /// The credential the current delivery was made to (the poller's environment key). Revoking it ends
+    /// the session token too.
+    #[serde(default)]
+    pub session_token_issuer: Option<String>,
 }
 
 /// The result of an accepted operation: the item after it and the transitions on the way.
@@ -293,6 +297,7 @@ pub fn enqueue(
         requeue_count: 0,
         heartbeat_count: 0,
         session_token_hash: None,
+        session_token_issuer: None,
     };
     let transition = Transition {
         at: now,
@@ -318,12 +323,13 @@ pub fn is_claimable(item: &WorkItem, now: Timestamp, reclaim_older_than_ms: i64)
         }
 }
 
-/// Poll delivery: records `{worker, now}` and the hash of the session token minted for it. The state stays
-/// `queued`. A previous delivery's token dies here (D-27).
+/// Poll delivery: records `{worker, now}`, the hash of the session token minted for it and the credential
+/// it was minted under. The state stays `queued`. A previous delivery's token dies here (D-27).
 pub fn deliver(
     item: &WorkItem,
     worker_id: Option<&str>,
     session_token_hash: String,
+    issuer: Option<&str>,
     now: Timestamp,
     reclaim_older_than_ms: i64,
 ) -> Result<Step, WorkError> {
@@ -342,6 +348,7 @@ pub fn deliver(
     });
     next.delivery_count += 1;
     next.session_token_hash = Some(session_token_hash);
+    next.session_token_issuer = issuer.map(str::to_owned);
     Ok(finish(item, next, now, cause, worker_id, None))
 }
 
@@ -512,6 +519,7 @@ fn release(item: &mut WorkItem) {
     item.delivery = None;
     item.lease_expires_at = None;
     item.session_token_hash = None;
+    item.session_token_issuer = None;
 }
 
 /// Lazy expiry (§5.4, D-5): what a lapsed lease turns the item into, or `None` while the lease holds.

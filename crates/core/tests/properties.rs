@@ -366,6 +366,7 @@ fn check_expiry(
             stopped_at: Some(deadline),
             lease_expires_at: None,
             session_token_hash: None,
+            session_token_issuer: None,
             ..before.clone()
         };
         prop_assert_eq!(after, &want);
@@ -378,6 +379,7 @@ fn check_expiry(
             stopped_at: Some(now),
             lease_expires_at: None,
             session_token_hash: None,
+            session_token_issuer: None,
             ..before.clone()
         };
         prop_assert_eq!(after, &want);
@@ -393,6 +395,7 @@ fn check_expiry(
             owner_worker_id: None,
             lease_expires_at: None,
             session_token_hash: None,
+            session_token_issuer: None,
             delivery: None,
             requeue_count: before.requeue_count + 1,
             ..before.clone()
@@ -503,6 +506,7 @@ fn apply(
                     delivery: None,
                     lease_expires_at: None,
                     session_token_hash: None,
+                    session_token_issuer: None,
                     ..cur.clone()
                 };
                 prop_assert_eq!(&step.item, &want);
@@ -549,7 +553,7 @@ fn apply(
             let token = format!("token-{tokens}");
             let w = worker.map(|i| WORKERS[i]);
             let ev = work::evaluate(&before, now, policy, |cur| {
-                work::deliver(cur, w, token.clone(), now, reclaim_ms)
+                work::deliver(cur, w, token.clone(), None, now, reclaim_ms)
             });
             let cur = ev.expired.as_ref().map_or(&before, |s| &s.item).clone();
             let claimable = work::is_claimable(&cur, now, reclaim_ms);
@@ -563,6 +567,7 @@ fn apply(
                         }),
                         delivery_count: cur.delivery_count + 1,
                         session_token_hash: Some(token.clone()),
+                        session_token_issuer: None,
                         ..cur.clone()
                     };
                     prop_assert_eq!(&step.item, &want);
@@ -747,6 +752,7 @@ fn apply(
                 delivery: None,
                 lease_expires_at: None,
                 session_token_hash: None,
+                session_token_issuer: None,
                 ..cur.clone()
             };
             let want = match (cur.state, force) {
@@ -878,7 +884,7 @@ proptest! {
         let policy = LeasePolicy::default();
         let mut now = start();
         let item = enqueue(0, now, &policy)?;
-        let item = work::deliver(&item, Some("w0"), "tok".into(), now, 5_000).unwrap().item;
+        let item = work::deliver(&item, Some("w0"), "tok".into(), None, now, 5_000).unwrap().item;
         let mut item = work::ack(&item, Some("w0"), now).unwrap().item;
         let mut expected = ExpectedHeartbeat::None;
         let mut last: Option<Timestamp> = None;

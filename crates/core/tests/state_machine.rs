@@ -103,7 +103,7 @@ impl Fx {
         let p = policy();
         let fresh = || enqueue_at(t(0), &p);
         let delivered = |w: Option<&str>| {
-            work::deliver(&fresh(), w, TOKEN_1.into(), t(1), 5_000)
+            work::deliver(&fresh(), w, TOKEN_1.into(), None, t(1), 5_000)
                 .unwrap()
                 .item
         };
@@ -306,7 +306,7 @@ fn run(rows: Vec<Row>) {
 fn deliver_op(worker: Option<&'static str>, reclaim_ms: i64) -> Op {
     Box::new(move |item, at| {
         let claimable = work::is_claimable(item, at, reclaim_ms);
-        let result = work::deliver(item, worker, TOKEN_NEW.into(), at, reclaim_ms);
+        let result = work::deliver(item, worker, TOKEN_NEW.into(), None, at, reclaim_ms);
         assert_eq!(
             claimable,
             result.is_ok(),
@@ -324,6 +324,7 @@ fn delivered_to(worker: Option<&'static str>) -> Expect {
         }),
         delivery_count: b.delivery_count + 1,
         session_token_hash: Some(TOKEN_NEW.into()),
+        session_token_issuer: None,
         ..b.clone()
     })
 }
@@ -575,7 +576,7 @@ fn a_reclaimable_delivery_still_protects_its_worker_against_a_foreign_ack() {
         Err(WorkError::WorkerMismatch)
     );
     // Once re-delivered to W2, W2 may ack and W1 may not.
-    let redelivered = work::deliver(&item, Some(W2), TOKEN_NEW.into(), late, 5_000)
+    let redelivered = work::deliver(&item, Some(W2), TOKEN_NEW.into(), None, late, 5_000)
         .unwrap()
         .item;
     assert_eq!(
@@ -1091,6 +1092,7 @@ fn stopped_now() -> Expect {
         delivery: None,
         lease_expires_at: None,
         session_token_hash: None,
+        session_token_issuer: None,
         ..b.clone()
     })
 }
@@ -1234,7 +1236,7 @@ fn table_5_4_reclaim_window() {
             "{at} {window}"
         );
         assert_eq!(
-            work::deliver(&delivered, Some(W2), TOKEN_NEW.into(), at, window).is_ok(),
+            work::deliver(&delivered, Some(W2), TOKEN_NEW.into(), None, at, window).is_ok(),
             claimable,
             "{at} {window}"
         );
@@ -1251,7 +1253,7 @@ fn table_5_4_reclaim_window() {
         }
     }
     // Re-delivery overwrites the delivery and mints a new token.
-    let again = work::deliver(&delivered, Some(W2), TOKEN_NEW.into(), t(7), 5_000).unwrap();
+    let again = work::deliver(&delivered, Some(W2), TOKEN_NEW.into(), None, t(7), 5_000).unwrap();
     assert_eq!(again.transitions[0].cause, Cause::Redelivered);
     assert_eq!(
         again.item.delivery,
@@ -1295,6 +1297,7 @@ fn requeued_to(at: Timestamp) -> impl Fn(&WorkItem) -> WorkItem {
         owner_worker_id: None,
         lease_expires_at: None,
         session_token_hash: None,
+        session_token_issuer: None,
         requeue_count: b.requeue_count + 1,
         ..b.clone()
     }
@@ -1307,6 +1310,7 @@ fn poisoned_at(at: Timestamp) -> impl Fn(&WorkItem) -> WorkItem {
         stopped_at: Some(at),
         lease_expires_at: None,
         session_token_hash: None,
+        session_token_issuer: None,
         ..b.clone()
     }
 }
@@ -1406,6 +1410,7 @@ fn table_5_4_lease_expiry() {
                 stopped_at: Some(deadline),
                 lease_expires_at: None,
                 session_token_hash: None,
+                session_token_issuer: None,
                 ..item.clone()
             };
             check_expiry(

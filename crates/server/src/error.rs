@@ -153,6 +153,7 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(reason) => {
                 tracing::warn!(%reason, "store unavailable");
                 ApiError::unavailable("the database is unavailable; retry shortly")
+                    .with_code("store_unavailable")
             }
             StoreError::Internal(reason) => {
                 tracing::error!(%reason, "store error");

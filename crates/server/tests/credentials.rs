@@ -697,3 +697,105 @@ async fn a_session_token_is_bound_to_its_environment() {
         server.shutdown().await;
     }
 }
+
+/// Revoking an environment key ends the session tokens minted for the polls it made (issue 10, defect
+/// 6): the worker that held it can no longer renew, so its items go back to the queue by the ordinary
+/// lease expiry. Tokens minted under another key of the same environment live on.
+#[tokio::test]
+async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let q = Queue::new(&server).await;
+        let mut keys = Vec::new();
+        for _ in 0..2 {
+            let key = req(
+                &server,
+                Method::POST,
+                &format!("/environments/{}/keys", q.env),
+            )
+            .json(json!({}))
+            .send()
+            .await;
+            let key = key.ok();
+            keys.push((
+                key["id"].as_str().expect("key id").to_owned(),
+                key["token"].as_str().expect("key secret").to_owned(),
+            ));
+        }
+        // One item polled, acked and renewed under each key, each with its own session token.
+        let mut items = Vec::new();
+        for (_, secret) in &keys {
+            q.enqueue().await;
+            let polled = q
+                .req(Method::GET, &q.path("/poll"))
+                .bearer(secret)
+                .worker("w")
+                .send()
+                .await;
+            let polled = polled.ok().clone();
+            let work = polled["id"].as_str().expect("polled item").to_owned();
+            let (token, _) = decode_secret(&polled);
+            q.req(Method::POST, &q.item_path(&work, "/ack"))
+                .bearer(&token)
+                .worker("w")
+                .send()
+                .await
+                .ok();
+            let beat = |token: String, work: String| {
+                let q = &q;
+                async move {
+                    q.req(Method::POST, &q.item_path(&work, "/heartbeat"))
+                        .bearer(&token)
+                        .worker("w")
+                        .send()
+                        .await
+                }
+            };
+            assert_eq!(
+                beat(token.clone(), work.clone()).await.ok()["state"],
+                "active"
+            );
+            items.push((work, token, beat));
+        }
+
+        let (revoked_id, _) = &keys[0];
+        req(
+            &server,
+            Method::DELETE,
+            &format!("/environments/{}/keys/{revoked_id}", q.env),
+        )
+        .send()
+        .await
+        .ok();
+
+        let (cut_off, cut_token, beat) = &items[0];
+        beat(cut_token.clone(), cut_off.clone())
+            .await
+            .error(401, "authentication_error");
+        q.req(
+            Method::GET,
+            &format!(
+                "/sessions/{}",
+                q.get(cut_off).await["data"]["id"].as_str().unwrap()
+            ),
+        )
+        .bearer(cut_token)
+        .send()
+        .await
+        .error(401, "authentication_error");
+        let (kept, kept_token, beat) = &items[1];
+        assert_eq!(
+            beat(kept_token.clone(), kept.clone()).await.ok()["state"],
+            "active"
+        );
+
+        // Nobody can renew the cut-off item: at the end of its lease it is queued again.
+        server.clock.advance_millis(61_000);
+        assert_eq!(q.state(cut_off).await, "queued");
+        assert_eq!(
+            q.causes(cut_off).await.last().map(String::as_str),
+            Some("lease_expired_requeued")
+        );
+        server.shutdown().await;
+    }
+}

@@ -45,6 +45,12 @@ impl Store for Counting {
     fn reconnections(&self) -> u64 {
         self.inner.reconnections()
     }
+    fn losses(&self) -> u64 {
+        self.inner.losses()
+    }
+    fn in_outage(&self) -> bool {
+        self.inner.in_outage()
+    }
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await
     }
@@ -219,9 +225,15 @@ async fn a_fruitless_wake_up_costs_one_scan() {
                 let (app, env) = (app.clone(), env.clone());
                 tokio::spawn(async move {
                     let worker = format!("w{i}");
-                    app.poll(&env, Some(&worker), Some(Duration::from_millis(999)), 5_000)
-                        .await
-                        .expect("poll")
+                    app.poll(
+                        &env,
+                        Some(&worker),
+                        None,
+                        Some(Duration::from_millis(999)),
+                        5_000,
+                    )
+                    .await
+                    .expect("poll")
                 })
             })
             .collect();

@@ -27,6 +27,14 @@ pub trait Executor: Send + Sync + 'static {
     fn reconnections(&self) -> u64 {
         0
     }
+    /// See [`Store::losses`].
+    fn losses(&self) -> u64 {
+        0
+    }
+    /// See [`Store::in_outage`].
+    fn in_outage(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Store`] over any [`Executor`].
@@ -98,6 +106,14 @@ impl<E: Executor> Store for SqlStore<E> {
 
     fn reconnections(&self) -> u64 {
         self.exec.reconnections()
+    }
+
+    fn losses(&self) -> u64 {
+        self.exec.losses()
+    }
+
+    fn in_outage(&self) -> bool {
+        self.exec.in_outage()
     }
 
     async fn ping(&self) -> StoreResult<()> {

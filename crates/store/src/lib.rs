@@ -240,6 +240,21 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
+    /// How many times the store lost its database (counted when it notices, before the call that noticed
+    /// returns its error). A decision read before the count grew may rest on a lease a worker could not
+    /// renew since; the service decides such an expiry again from a fresh read.
+    fn losses(&self) -> u64 {
+        0
+    }
+
+    /// Whether the store has lost its database and not reached it since. While this holds, the next
+    /// successful call grows [`Store::reconnections`] before it returns, so every lease gets amnesty
+    /// before any expiry is decided again: the server may promise a worker that its lease will not expire
+    /// because of the outage.
+    fn in_outage(&self) -> bool {
+        false
+    }
+
     /// Cheap round trip, for readiness.
     async fn ping(&self) -> StoreResult<()>;
 

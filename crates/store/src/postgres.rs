@@ -68,6 +68,8 @@ impl Drop for PostgresExecutor {
 struct Health {
     lost: AtomicBool,
     reconnections: AtomicU64,
+    /// How many times `lost` went from false to true.
+    losses: AtomicU64,
     /// Makes "count the recovery, then clear the flag" one step, so that whoever sees the flag clear
     /// also sees the count that goes with it.
     recovering: Mutex<()>,
@@ -76,6 +78,7 @@ struct Health {
 impl Health {
     fn lost(&self, why: &str) {
         if !self.lost.swap(true, Ordering::SeqCst) {
+            self.losses.fetch_add(1, Ordering::SeqCst);
             tracing::warn!(reason = %why, "lost the database");
         }
     }
@@ -710,6 +713,14 @@ impl Executor for PostgresExecutor {
 
     fn reconnections(&self) -> u64 {
         self.health.reconnections.load(Ordering::SeqCst)
+    }
+
+    fn losses(&self) -> u64 {
+        self.health.losses.load(Ordering::SeqCst)
+    }
+
+    fn in_outage(&self) -> bool {
+        self.health.lost.load(Ordering::SeqCst)
     }
 }
 

@@ -1,17 +1,29 @@
 //! The heartbeat task of one item (§8 step 3): renews the lease with the item's session token, first
 //! with `NO_HEARTBEAT`, then echoing each `last_heartbeat` verbatim, every clamp(ttl/2, 1 s, 30 s); and
 //! says when the server asked for a stop or the lease is gone.
+//!
+//! The lease is also the worker's own: [`WorkerLease`] (in the core) keeps the moment the program must
+//! be dead by, counted on this process's monotonic clock from the *send* of the last heartbeat the
+//! server accepted. Every request is cut off at that moment, and the waits of the supervisor
+//! ([`Heartbeat::established`], [`Heartbeat::event`], [`Heartbeat::lost`]) carry their own timer for it,
+//! so that the program dies in time whatever the network does: answers that fail fast, then hang, or
+//! never come.
 
 use std::time::Duration;
 
 use tether_client::{Client, Error, Heartbeat as Beat, HeartbeatOptions, WorkState, NO_HEARTBEAT};
+use tether_core::lease::{heartbeat_interval, WorkerLease};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::deadman;
+
 /// What the supervisor of the item needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lease {
+    /// No heartbeat accepted yet: the program must not start.
+    Pending,
     Held,
     /// The item is `stopping`: end the program gracefully, then confirm the stop.
     StopRequested,
@@ -19,21 +31,23 @@ pub enum Lease {
     Lost(String),
 }
 
-/// The lease length assumed until the server says (§8).
+/// The lease length assumed for the cadence until the server says (§8).
 const ASSUMED_TTL: Duration = Duration::from_secs(90);
 
-/// How often to beat for a lease of `ttl`.
-pub fn interval_for(ttl: Duration) -> Duration {
-    (ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
-}
+/// The provisional lease of the ack, as far as the worker can know it: the shortest TTL of §8. It only
+/// bounds how long the first heartbeat is tried; the program starts after the first accepted one.
+const PROVISIONAL_TTL: Duration = Duration::from_secs(10);
 
 /// What one heartbeat answer means.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 enum Verdict {
     Renewed {
         stopping: bool,
     },
     Lost(String),
+    /// The server could not write (its database is away) and promises that no lease expires before
+    /// this long after it can again.
+    Amnesty(Duration),
     /// Worth another try while the lease may still be alive.
     Retry(String),
 }
@@ -54,8 +68,12 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
                 "the item went back to the queue or was stopped ({e})"
             )),
             Some(401) => Verdict::Lost(format!(
-                "the item's session token died: it was stopped or handed to another worker ({e})"
+                "the item's session token died: it was stopped, handed to another worker, or its key was revoked ({e})"
             )),
+            Some(503) => match amnesty_promised(e) {
+                Some(grace) => Verdict::Amnesty(grace),
+                None => Verdict::Retry(e.to_string()),
+            },
             _ if e.is_retryable() => Verdict::Retry(e.to_string()),
             Some(_) => Verdict::Lost(format!("the server refused the heartbeat ({e})")),
             None => Verdict::Retry(e.to_string()),
@@ -63,59 +81,126 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
     }
 }
 
+/// The amnesty a 503 promises: `error.code = "store_unavailable"` with
+/// `error.details.lease_amnesty_ms`, the window the server extends every lease to once it can write again.
+fn amnesty_promised(e: &Error) -> Option<Duration> {
+    let Error::Api(api) = e else { return None };
+    if api.code.as_deref() != Some("store_unavailable") {
+        return None;
+    }
+    let ms = api.details.as_ref()?.get("lease_amnesty_ms")?.as_u64()?;
+    Some(Duration::from_millis(ms))
+}
+
 /// The running heartbeat task of one item. Dropping it stops the task.
 pub struct Heartbeat {
     task: JoinHandle<()>,
     state: watch::Receiver<Lease>,
+    /// When the program must be dead by; moves with every renewal (and amnesty).
+    kill_at: watch::Receiver<Instant>,
+    /// When the dead man's switch ends the worker if the program still runs ([`super::deadman`]).
+    last_resort: watch::Receiver<Instant>,
 }
 
 impl Heartbeat {
-    /// Starts beating at once. `client` carries the item's session token.
+    /// Starts beating at once. `client` carries the item's session token; `acked` is when the ack that
+    /// gave the provisional lease was sent.
     pub fn start(
         client: Client,
         environment_id: String,
         work_id: String,
         worker_id: String,
         desired_ttl: Option<u32>,
+        acked: Instant,
     ) -> Heartbeat {
-        let (tx, state) = watch::channel(Lease::Held);
+        let (tx, state) = watch::channel(Lease::Pending);
+        let provisional = WorkerLease::acknowledged(Duration::ZERO, PROVISIONAL_TTL);
+        let (deadline_tx, kill_at) = watch::channel(acked + provisional.kill_at());
+        let (last_resort_tx, last_resort) = watch::channel(acked + provisional.last_resort());
         let task = tokio::spawn(async move {
-            let outcome = beat(
-                &client,
-                &environment_id,
-                &work_id,
-                &worker_id,
+            let beats = Beats {
+                client: &client,
+                environment_id: &environment_id,
+                work_id: &work_id,
+                worker_id: &worker_id,
                 desired_ttl,
-                &tx,
-            )
-            .await;
+                origin: acked,
+                state: &tx,
+                kill_at: &deadline_tx,
+                last_resort: &last_resort_tx,
+            };
+            let outcome = beats.run(provisional).await;
             tx.send_replace(Lease::Lost(outcome));
-            // The sender stays, so that waiting on the state never sees a closed channel.
+            // The senders stay, so that waiting on them never sees a closed channel.
             std::future::pending::<()>().await;
         });
-        Heartbeat { task, state }
+        Heartbeat {
+            task,
+            state,
+            kill_at,
+            last_resort,
+        }
     }
 
-    pub fn current(&self) -> Lease {
-        self.state.borrow().clone()
+    /// Arms the dead man's switch for the program about to start; drop the guard once it is reaped.
+    pub fn dead_man(&self) -> deadman::Guard {
+        deadman::Guard::arm(self.last_resort.clone())
+    }
+
+    /// Waits for the first answer that settles the lease: `Held` (start the program), a stop request,
+    /// or a loss.
+    pub async fn established(&mut self) -> Lease {
+        self.wait(|l| *l != Lease::Pending).await
     }
 
     /// Waits until the lease is anything but plainly held.
     pub async fn event(&mut self) -> Lease {
-        match self.state.wait_for(|l| *l != Lease::Held).await {
-            Ok(lease) => lease.clone(),
-            Err(_) => Lease::Lost("the heartbeat task ended".into()),
-        }
+        self.wait(|l| !matches!(l, Lease::Held | Lease::Pending))
+            .await
     }
 
     /// Waits until the lease is lost; returns why.
     pub async fn lost(&mut self) -> String {
-        match self.state.wait_for(|l| matches!(l, Lease::Lost(_))).await {
-            Ok(lease) => match &*lease {
-                Lease::Lost(why) => why.clone(),
-                _ => unreachable!("waited for a lost lease"),
-            },
-            Err(_) => "the heartbeat task ended".into(),
+        match self.wait(|l| matches!(l, Lease::Lost(_))).await {
+            Lease::Lost(why) => why,
+            _ => unreachable!("waited for a lost lease"),
+        }
+    }
+
+    /// Waits until the state satisfies `until`, or the kill deadline passes, whichever comes first: the
+    /// deadline is kept here, independently of the heartbeat task's progress.
+    async fn wait(&mut self, until: impl Fn(&Lease) -> bool) -> Lease {
+        let mut state = self.state.clone();
+        let changed = async {
+            match state.wait_for(|l| until(l)).await {
+                Ok(lease) => lease.clone(),
+                Err(_) => Lease::Lost("the heartbeat task ended".into()),
+            }
+        };
+        tokio::select! {
+            lease = changed => lease,
+            why = deadline_passed(self.kill_at.clone()) => Lease::Lost(why),
+        }
+    }
+}
+
+/// Returns once the kill deadline (as it stands at that moment) has passed.
+async fn deadline_passed(mut kill_at: watch::Receiver<Instant>) -> String {
+    loop {
+        let at = *kill_at.borrow_and_update();
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {
+                if *kill_at.borrow() <= Instant::now() {
+                    return "the lease deadline passed without a renewal".into();
+                }
+            }
+            changed = kill_at.changed() => {
+                if changed.is_err() {
+                    // The task is gone; the last deadline still holds.
+                    tokio::time::sleep_until(at).await;
+                    return "the lease deadline passed without a renewal".into();
+                }
+            }
         }
     }
 }
@@ -126,59 +211,105 @@ impl Drop for Heartbeat {
     }
 }
 
-/// Beats until the lease is lost; returns why.
-async fn beat(
-    client: &Client,
-    environment_id: &str,
-    work_id: &str,
-    worker_id: &str,
+/// The heartbeat loop of one item.
+struct Beats<'a> {
+    client: &'a Client,
+    environment_id: &'a str,
+    work_id: &'a str,
+    worker_id: &'a str,
     desired_ttl: Option<u32>,
-    tx: &watch::Sender<Lease>,
-) -> String {
-    let mut expected = NO_HEARTBEAT.to_owned();
-    let mut ttl = desired_ttl.map_or(ASSUMED_TTL, |s| Duration::from_secs(s.into()));
-    let mut last_ok = Instant::now();
-    loop {
-        let interval = interval_for(ttl);
-        let options = HeartbeatOptions {
-            expected_last_heartbeat: Some(expected.clone()),
-            desired_ttl_seconds: desired_ttl,
-            worker_id: Some(worker_id.to_owned()),
-            // A call that takes longer than the gap between beats is as good as lost.
-            timeout: Some(interval),
-        };
-        let sent = Instant::now();
-        let result = client.heartbeat(environment_id, work_id, &options).await;
-        let wait = match judge(&result) {
-            Verdict::Renewed { stopping } => {
-                let beat = result.expect("a renewal is a success");
-                expected = beat.last_heartbeat;
-                ttl = Duration::from_secs(beat.ttl_seconds.into());
-                last_ok = sent;
-                if stopping {
-                    tx.send_if_modified(|l| {
-                        let first = *l == Lease::Held;
-                        if first {
-                            *l = Lease::StopRequested;
-                        }
-                        first
-                    });
+    /// The zero of the readings handed to [`WorkerLease`].
+    origin: Instant,
+    state: &'a watch::Sender<Lease>,
+    kill_at: &'a watch::Sender<Instant>,
+    last_resort: &'a watch::Sender<Instant>,
+}
+
+impl Beats<'_> {
+    fn reading(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.origin)
+    }
+
+    fn publish(&self, lease: &WorkerLease) {
+        self.kill_at.send_replace(self.origin + lease.kill_at());
+        self.last_resort
+            .send_replace(self.origin + lease.last_resort());
+    }
+
+    /// Beats until the lease is lost; returns why.
+    async fn run(&self, mut lease: WorkerLease) -> String {
+        let mut expected = NO_HEARTBEAT.to_owned();
+        let mut renewed_once = false;
+        let mut last_error = String::from("none");
+        loop {
+            let sent = Instant::now();
+            let Some(timeout) = lease.request_timeout(self.reading(sent)) else {
+                return format!(
+                    "no successful heartbeat before the lease deadline (last error: {last_error})"
+                );
+            };
+            // Until the server said, the cadence assumes a long TTL (§8); the timeout is capped anyway.
+            let interval = if renewed_once {
+                heartbeat_interval(lease.ttl())
+            } else {
+                heartbeat_interval(ASSUMED_TTL)
+            };
+            let options = HeartbeatOptions {
+                expected_last_heartbeat: Some(expected.clone()),
+                desired_ttl_seconds: self.desired_ttl,
+                worker_id: Some(self.worker_id.to_owned()),
+                timeout: Some(timeout.min(interval)),
+            };
+            let call = self
+                .client
+                .heartbeat(self.environment_id, self.work_id, &options);
+            // The client's own timeout should end the call; this one holds even if it does not.
+            let result = match tokio::time::timeout(timeout.min(interval), call).await {
+                Ok(result) => result,
+                Err(_) => {
+                    last_error = "no answer in time".into();
+                    continue;
                 }
-                interval_for(ttl).saturating_sub(sent.elapsed())
-            }
-            Verdict::Lost(why) => return why,
-            Verdict::Retry(why) => {
-                // The server forgets the lease one TTL after the last beat it accepted; so do we.
-                if last_ok.elapsed() >= ttl {
-                    return format!(
-                        "no successful heartbeat for {}s (last error: {why})",
-                        ttl.as_secs()
+            };
+            let answered = Instant::now();
+            let wait = match judge(&result) {
+                Verdict::Renewed { stopping } => {
+                    let beat = result.expect("a renewal is a success");
+                    expected = beat.last_heartbeat;
+                    lease.renewed(
+                        self.reading(sent),
+                        Duration::from_secs(beat.ttl_seconds.into()),
                     );
+                    renewed_once = true;
+                    self.publish(&lease);
+                    self.state.send_if_modified(|l| {
+                        let next = match l {
+                            Lease::Pending | Lease::Held if stopping => Lease::StopRequested,
+                            Lease::Pending => Lease::Held,
+                            _ => return false,
+                        };
+                        *l = next;
+                        true
+                    });
+                    heartbeat_interval(lease.ttl()).saturating_sub(sent.elapsed())
                 }
-                (interval / 4).max(Duration::from_millis(250))
-            }
-        };
-        tokio::time::sleep(wait).await;
+                Verdict::Lost(why) => return why,
+                Verdict::Amnesty(grace) => {
+                    if lease.amnesty(self.reading(sent), self.reading(answered), grace) {
+                        self.publish(&lease);
+                    }
+                    last_error = "the server's database is unavailable (amnesty promised)".into();
+                    (interval / 4).max(Duration::from_millis(250))
+                }
+                Verdict::Retry(why) => {
+                    last_error = why;
+                    (interval / 4).max(Duration::from_millis(250))
+                }
+            };
+            // Sleep no further than the deadline: the next round notices it has passed.
+            let deadline = self.origin + lease.kill_at();
+            tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
+        }
     }
 }
 
@@ -211,24 +342,6 @@ mod tests {
     }
 
     #[test]
-    fn intervals_are_half_the_ttl_within_bounds() {
-        assert_eq!(interval_for(Duration::from_secs(2)), Duration::from_secs(1));
-        assert_eq!(interval_for(Duration::from_secs(1)), Duration::from_secs(1));
-        assert_eq!(
-            interval_for(Duration::from_secs(60)),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            interval_for(Duration::from_secs(600)),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            interval_for(Duration::from_secs(20)),
-            Duration::from_secs(10)
-        );
-    }
-
-    #[test]
     fn answers_are_judged_as_the_worker_protocol_says() {
         assert_eq!(
             judge(&beat("active", true)),
@@ -243,6 +356,28 @@ mod tests {
         for lost in [401, 403, 404, 409, 412, 400] {
             assert!(matches!(judge(&refused(lost)), Verdict::Lost(_)), "{lost}");
         }
+        let mut outage = tether_client::ApiError {
+            status: 503,
+            kind: "overloaded_error".into(),
+            message: "the database is unavailable".into(),
+            param: None,
+            code: Some("store_unavailable".into()),
+            details: Some(serde_json::json!({"lease_amnesty_ms": 30_000})),
+            request_id: None,
+        };
+        assert_eq!(
+            judge(&Err(outage.clone().into())),
+            Verdict::Amnesty(Duration::from_secs(30))
+        );
+        // Without the promise (or with a malformed one) a 503 is only worth another try.
+        outage.details = Some(serde_json::json!({"lease_amnesty_ms": "soon"}));
+        assert!(matches!(
+            judge(&Err(outage.clone().into())),
+            Verdict::Retry(_)
+        ));
+        outage.details = Some(serde_json::json!({"lease_amnesty_ms": 30_000}));
+        outage.code = Some("busy".into());
+        assert!(matches!(judge(&Err(outage.into())), Verdict::Retry(_)));
         for transient in [408, 429, 500, 502, 503] {
             assert!(
                 matches!(judge(&refused(transient)), Verdict::Retry(_)),

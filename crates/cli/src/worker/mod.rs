@@ -11,6 +11,7 @@
 
 mod backoff;
 mod claim;
+mod deadman;
 mod heartbeat;
 mod program;
 mod shutdown;

@@ -101,6 +101,7 @@ impl<'a> Item<'a> {
             "claimed",
             &[("type", &item.data.kind), ("id", &item.data.id)],
         );
+        let acked = tokio::time::Instant::now();
         if !self.ack().await {
             return Outcome::Skipped;
         }
@@ -120,14 +121,19 @@ impl<'a> Item<'a> {
             self.work_id.clone(),
             self.shared.worker_id.clone(),
             self.shared.desired_ttl,
+            acked,
         );
+        // The program starts only under a lease whose deadline the worker knows: after the first
+        // accepted heartbeat (one round trip).
+        let established = lease.established().await;
         if *self.phase.borrow() >= Phase::Terminating {
             self.warn("the worker is shutting down: stopping the item unrun", &[]);
             self.stop(true, 1).await;
             return Outcome::Skipped;
         }
-        match lease.current() {
+        match established {
             Lease::Held => {}
+            Lease::Pending => unreachable!("established() waits for the first answer"),
             Lease::Lost(why) => {
                 self.warn("lease lost before the program started", &[("reason", &why)]);
                 return Outcome::Lost;
@@ -138,6 +144,9 @@ impl<'a> Item<'a> {
                 return Outcome::Skipped;
             }
         }
+        // Armed before the program exists, disarmed once it is reaped: if the worker cannot act by then
+        // (stopped, starved), the kernel ends it, and the program with it.
+        let dead_man = lease.dead_man();
         let mut running = match self.spawn(&item) {
             Ok(running) => running,
             Err(e) => {
@@ -162,26 +171,34 @@ impl<'a> Item<'a> {
             event = lease.event() => match event {
                 Lease::StopRequested => Ending::StopRequested,
                 Lease::Lost(why) => Ending::Lost(why),
-                Lease::Held => unreachable!("event() waits for a change"),
+                Lease::Held | Lease::Pending => unreachable!("event() waits for a change"),
             },
             _ = reached(&mut self.phase, Phase::Terminating) => Ending::Shutdown,
         };
         match ending {
             Ending::Exited(exit) => {
+                drop(dead_man);
                 self.info("program exited", &[("status", &exit.describe())]);
                 self.record_exit(exit, 3).await;
                 self.stop(true, 5).await;
                 outcome_of(exit)
             }
-            Ending::Lost(why) => self.abandon(&mut running, &why).await,
+            Ending::Lost(why) => {
+                let outcome = self.abandon(&mut running, &why).await;
+                drop(dead_man);
+                outcome
+            }
             Ending::StopRequested => {
                 self.info(
                     "stop requested: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
-                match self.terminate(&mut running, &mut lease).await {
-                    Terminated::Lost(why) => self.abandon(&mut running, &why).await,
-                    Terminated::Exited(exit) => {
+                let terminated = self.terminate(&mut running, &mut lease).await;
+                let terminated = self.reaped(terminated, &mut running).await;
+                drop(dead_man);
+                match terminated {
+                    Err(lost) => lost,
+                    Ok(exit) => {
                         self.info("program ended", &[("status", &exit.describe())]);
                         let phase = *self.phase.borrow();
                         self.record_exit(exit, attempts(phase)).await;
@@ -192,6 +209,7 @@ impl<'a> Item<'a> {
             }
             Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
                 let exit = running.kill().await;
+                drop(dead_man);
                 self.warn(
                     "forced shutdown: program killed",
                     &[("status", &exit.describe())],
@@ -205,11 +223,22 @@ impl<'a> Item<'a> {
                     "drain time is up: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
-                // Ask first, so that the server shows the item winding down rather than active.
-                let requested = self.stop(false, 1).await;
-                match self.terminate(&mut running, &mut lease).await {
-                    Terminated::Lost(why) => self.abandon(&mut running, &why).await,
-                    Terminated::Exited(exit) => {
+                // Ask first, so that the server shows the item winding down rather than active; the
+                // lease deadline still holds while the request is under way.
+                let requested = tokio::select! {
+                    requested = self.stop(false, 1) => requested,
+                    why = lease.lost() => {
+                        let outcome = self.abandon(&mut running, &why).await;
+                        drop(dead_man);
+                        return outcome;
+                    }
+                };
+                let terminated = self.terminate(&mut running, &mut lease).await;
+                let terminated = self.reaped(terminated, &mut running).await;
+                drop(dead_man);
+                match terminated {
+                    Err(lost) => lost,
+                    Ok(exit) => {
                         self.info("program ended", &[("status", &exit.describe())]);
                         let phase = *self.phase.borrow();
                         self.record_exit(exit, attempts(phase)).await;
@@ -292,6 +321,15 @@ impl<'a> Item<'a> {
                 self.warn("forced shutdown: SIGKILL", &[]);
                 Terminated::Exited(running.kill().await)
             }
+        }
+    }
+
+    /// The program's exit after a termination, or (the lease was lost meanwhile) the outcome of
+    /// abandoning it: either way the program is reaped when this returns.
+    async fn reaped(&self, terminated: Terminated, running: &mut Running) -> Result<Exit, Outcome> {
+        match terminated {
+            Terminated::Exited(exit) => Ok(exit),
+            Terminated::Lost(why) => Err(self.abandon(running, &why).await),
         }
     }
 

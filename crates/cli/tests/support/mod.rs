@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod lines;
+pub mod proxy;
+pub mod seed;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -88,7 +88,10 @@ pub async fn poll(
             ))
         }
     };
-    let claimed = app.poll(&env, worker.as_deref(), block, reclaim_ms).await?;
+    let issuer = p.credential_id();
+    let claimed = app
+        .poll(&env, worker.as_deref(), issuer, block, reclaim_ms)
+        .await?;
     Ok(Json(match claimed {
         None => Value::Null,
         Some(c) => {
@@ -170,7 +173,19 @@ pub async fn heartbeat(
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let answer = renew(&app, p, worker, &env_id, &work_id, params).await;
+    answer.map_err(|e| app.with_amnesty_promise(e))
+}
+
+async fn renew(
+    app: &App,
+    p: Principal,
+    worker: Result<WorkerId, ApiError>,
+    env_id: &str,
+    work_id: &str,
+    params: Params,
+) -> ApiResult<Json<Value>> {
+    let (env, _) = item_in_queue(app, &p, env_id, work_id).await?;
     let WorkerId(worker) = worker?;
     let expected =
         ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")).ok_or_else(|| {
@@ -192,7 +207,7 @@ pub async fn heartbeat(
         },
     };
     let reply = app
-        .heartbeat(&env, &work_id, expected, ttl, worker.as_deref())
+        .heartbeat(&env, work_id, expected, ttl, worker.as_deref())
         .await?;
     Ok(Json(json!({
         "type": "work_heartbeat",

@@ -28,9 +28,28 @@ pub enum Principal {
     },
 }
 
+impl Principal {
+    /// The stored credential behind this caller; `None` for a session token, which is not one.
+    pub fn credential_id(&self) -> Option<&str> {
+        match self {
+            Principal::Admin { credential_id }
+            | Principal::EnvironmentKey { credential_id, .. } => Some(credential_id),
+            Principal::SessionToken { .. } => None,
+        }
+    }
+}
+
 impl App {
-    /// Resolves a presented secret; 401 for anything unknown, revoked or dead.
+    /// Resolves a presented secret; 401 for anything unknown, revoked or dead. A 503 because the
+    /// database is away carries the promise of lease amnesty ([`App::with_amnesty_promise`]): a worker's
+    /// heartbeat fails here first, when the database is down.
     pub async fn authenticate(&self, secret: &str) -> ApiResult<Principal> {
+        self.resolve(secret)
+            .await
+            .map_err(|e| self.with_amnesty_promise(e))
+    }
+
+    async fn resolve(&self, secret: &str) -> ApiResult<Principal> {
         let invalid = || ApiError::unauthorized("the credential is invalid, revoked or expired");
         let hash = credentials::hash(secret);
         if secret.starts_with(SESSION_PREFIX) {
@@ -42,6 +61,14 @@ impl App {
                 .value;
             if !item.state.is_live() {
                 return Err(invalid());
+            }
+            // A session token lives no longer than the credential it was minted under: revoking a
+            // worker's key cuts it off from its items at once, and their leases then run out as usual.
+            if let Some(issuer) = &item.session_token_issuer {
+                match self.store.get_credential(issuer).await? {
+                    Some(credential) if credential.revoked_at.is_none() => {}
+                    _ => return Err(invalid()),
+                }
             }
             return Ok(Principal::SessionToken {
                 work_id: item.id,

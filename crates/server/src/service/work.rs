@@ -91,6 +91,7 @@ impl App {
         op: impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
     ) -> ApiResult<(WorkItem, T)> {
         with_retries(|| async {
+            let losses = self.store.losses();
             let current = self.load_item(environment_id, work_id).await?;
             if self.amnesty_after_outage().await? {
                 // Deadlines may have moved: decide from a fresh read.
@@ -100,6 +101,12 @@ impl App {
             let evaluation = work::evaluate(&current.value, now, &self.config.lease, |item| {
                 op(item, now)
             });
+            if evaluation.expired.is_some() && self.store.losses() != losses {
+                // The database was lost after this read: a worker may have been told (503 with the
+                // amnesty promise) that its lease will outlast the outage. Decide after the amnesty
+                // that follows the reconnection, from a read made then.
+                return Err(Retry::Conflict);
+            }
             match evaluation.outcome {
                 Ok((step, extra)) => {
                     let step = work::chain(evaluation.expired, step);
@@ -245,11 +252,13 @@ impl App {
         )
     }
 
-    /// Poll (§6.2): claim the oldest claimable item, waiting up to `block` for one to appear.
+    /// Poll (§6.2): claim the oldest claimable item, waiting up to `block` for one to appear. `issuer` is
+    /// the credential the caller presented; the session token minted for a delivery dies with it.
     pub async fn poll(
         &self,
         env: &Environment,
         worker_id: Option<&str>,
+        issuer: Option<&str>,
         block: Option<Duration>,
         reclaim_ms: i64,
     ) -> ApiResult<Option<Claimed>> {
@@ -268,7 +277,7 @@ impl App {
             } else {
                 None
             };
-            let claimed = self.try_claim(env, worker_id, reclaim_ms).await?;
+            let claimed = self.try_claim(env, worker_id, issuer, reclaim_ms).await?;
             if let Some(woken) = answering.take() {
                 woken.consume();
             }
@@ -293,6 +302,7 @@ impl App {
         &self,
         env: &Environment,
         worker_id: Option<&str>,
+        issuer: Option<&str>,
         reclaim_ms: i64,
     ) -> ApiResult<Option<Claimed>> {
         for _ in 0..super::MAX_ATTEMPTS {
@@ -313,6 +323,7 @@ impl App {
                     &candidate.value,
                     worker_id,
                     credentials::hash(&token),
+                    issuer,
                     now,
                     reclaim_ms,
                 ) else {
@@ -572,6 +583,22 @@ impl App {
         self.amnesty_granted_through
             .fetch_max(seen, Ordering::SeqCst);
         Ok(true)
+    }
+
+    /// A 503 because the database is away tells a worker (`error.details.lease_amnesty_ms`) that its
+    /// lease will not expire because of the outage: while the store cannot reach its database this
+    /// process can expire nothing, and the first successful call after the outage makes it grant
+    /// amnesty (`amnesty_grace_ms` from then) before any expiry is decided again ([`Self::run_item_op`]
+    /// re-decides an expiry read before a loss). Given only while the store says it is in an outage,
+    /// not for a merely busy pool, whose database others can still write to.
+    pub fn with_amnesty_promise(&self, error: ApiError) -> ApiError {
+        let outage = error.status == axum::http::StatusCode::SERVICE_UNAVAILABLE
+            && error.code == Some("store_unavailable")
+            && self.store.in_outage();
+        if !outage || self.config.amnesty_grace_ms <= 0 {
+            return error;
+        }
+        error.with_details(serde_json::json!({ "lease_amnesty_ms": self.config.amnesty_grace_ms }))
     }
 
     /// Lease amnesty at start (§3.1): no lease expires because this process was down.

@@ -1,0 +1,545 @@
+//! Chaos between workers and the server: a real `tether serve`, real `tether worker` processes, each
+//! behind a TCP proxy of its own (`support::proxy`) that forwards, delays, refuses, drops or freezes on a
+//! seeded schedule, while workers are killed with SIGKILL and stopped with SIGSTOP.
+//!
+//! The programs record themselves: every program appends `start`, then an `alive` line every 50 ms (and
+//! `stop` on SIGTERM), each with the wall clock in nanoseconds, to a file named after its session. From
+//! those records alone the suite checks the cardinal rule: never two programs running for one session at
+//! once. From the items' histories it checks the server's side: a lease nobody renews is requeued
+//! within TTL + 1 s of the last heartbeat it accepted (a liveness bound with slack, not a speed claim).
+//!
+//! The schedule is seeded: the seed is printed; `TETHER_CHAOS_SEED=<n>` replays it. Everything runs on
+//! loopback; every wait is bounded.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use reqwest::Method;
+use serde_json::{json, Value};
+use support::proxy::{Mode, Proxy};
+use support::seed::Rng;
+use support::ServerProcess;
+use tether_core::time::Timestamp;
+
+/// How long any one wait may take before the test gives up (a liveness bound, not a timing assertion).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The lease workers ask for, in seconds.
+const TTL: i64 = 4;
+
+/// Short leases, a fast dispatcher tick, and no poison limit: under chaos an item may be requeued many
+/// times, and every session must still be served at the end.
+const SERVER_ARGS: [&str; 8] = [
+    "--lease-ttl-min",
+    "1",
+    "--lease-ttl",
+    "4",
+    "--tick-ms",
+    "100",
+    "--max-requeues",
+    "1000",
+];
+
+/// A program that records its life and never ends by itself.
+const RECORDING_PROGRAM: &str = r#"r="$RECORDS/$TETHER_SESSION_ID"
+trap 'echo "stop $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"; exit 0' TERM
+echo "start $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"
+while :; do echo "alive $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"; sleep 0.05; done
+"#;
+
+// ---- the server, its API and the workers --------------------------------------------------------------
+
+struct Setup {
+    server: ServerProcess,
+    http: reqwest::Client,
+    env: String,
+    key: String,
+    agent: String,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = ServerProcess::start(&dir.path().join("data"), &SERVER_ARGS);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        let mut setup = Setup {
+            server,
+            http,
+            env: String::new(),
+            key: String::new(),
+            agent: String::new(),
+            dir,
+        };
+        setup.env = setup
+            .ok(
+                Method::POST,
+                "/environments",
+                json!({"name": "chaos", "config": {"type": "self_hosted"}}),
+            )
+            .await["id"]
+            .as_str()
+            .expect("env")
+            .to_owned();
+        setup.key = setup
+            .ok(
+                Method::POST,
+                &format!("/environments/{}/keys", setup.env),
+                json!({}),
+            )
+            .await["token"]
+            .as_str()
+            .expect("key")
+            .to_owned();
+        setup.agent = setup
+            .ok(
+                Method::POST,
+                "/agents",
+                json!({"name": "chaos", "model": "none"}),
+            )
+            .await["id"]
+            .as_str()
+            .expect("agent")
+            .to_owned();
+        std::fs::create_dir_all(setup.records()).expect("records dir");
+        setup
+    }
+
+    fn records(&self) -> PathBuf {
+        self.dir.path().join("records")
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.server.url(path))
+            .bearer_auth(&self.server.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("the server answers the test");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn ok(&self, method: Method, path: &str, body: Value) -> Value {
+        let (status, body) = self.call(method.clone(), path, Some(body)).await;
+        assert_eq!(status, 200, "{method} {path}: {body}");
+        body
+    }
+
+    /// A new session; returns its id.
+    async fn session(&self) -> String {
+        self.ok(
+            Method::POST,
+            "/sessions",
+            json!({"agent": self.agent, "environment_id": self.env}),
+        )
+        .await["id"]
+            .as_str()
+            .expect("session")
+            .to_owned()
+    }
+
+    async fn items(&self) -> Vec<Value> {
+        let (status, page) = self
+            .call(
+                Method::GET,
+                &format!("/environments/{}/work?limit=100", self.env),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        page["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    async fn history(&self, work: &str) -> Vec<Value> {
+        let (status, page) = self
+            .call(
+                Method::GET,
+                &format!("/environments/{}/work/{work}/history?limit=100", self.env),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        page["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn worker(&self, name: &str, server: &str) -> Worker {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("worker")
+            .args(["--server", server, "--environment", &self.env])
+            .args(["--key", &self.key, "--worker-id", name])
+            .args(["--concurrency", "3", "--ttl", &TTL.to_string()])
+            .args(["--grace", "1", "--drain-timeout", "2"])
+            .args(["--", "sh", "-c", RECORDING_PROGRAM, "sh"])
+            .env_remove("TETHER_KEY")
+            .env_remove("TETHER_LOG_DIR")
+            .env("RECORDS", self.records())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("worker log"))
+            .spawn()
+            .expect("spawn tether worker");
+        Worker {
+            name: name.to_owned(),
+            child,
+            log,
+            stopped: false,
+        }
+    }
+}
+
+struct Worker {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Worker {
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        let _ = kill(self.pid(), signal);
+        match signal {
+            Signal::SIGSTOP => self.stopped = true,
+            Signal::SIGCONT => self.stopped = false,
+            _ => {}
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- log of worker {} ---\n{}", self.name, self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- records ------------------------------------------------------------------------------------------
+
+/// One program's life as it recorded it: first and last record, in µs since the epoch.
+#[derive(Clone, Debug)]
+#[allow(dead_code)] // shown when the rule is broken
+struct Run {
+    pid: u32,
+    worker: String,
+    first: i64,
+    last: i64,
+}
+
+fn runs(dir: &Path) -> BTreeMap<String, Vec<Run>> {
+    let mut all = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).expect("records").flatten() {
+        let session = entry.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let mut by_pid: BTreeMap<u32, Run> = BTreeMap::new();
+        for line in text.lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            // A line cut short by a SIGKILL mid-write is no record.
+            let [_, nanos, pid, worker] = parts[..] else {
+                continue;
+            };
+            let (Ok(nanos), Ok(pid)) = (nanos.parse::<i64>(), pid.parse::<u32>()) else {
+                continue;
+            };
+            let micros = nanos / 1_000;
+            let run = by_pid.entry(pid).or_insert(Run {
+                pid,
+                worker: worker.to_owned(),
+                first: micros,
+                last: micros,
+            });
+            run.first = run.first.min(micros);
+            run.last = run.last.max(micros);
+        }
+        let mut runs: Vec<Run> = by_pid.into_values().collect();
+        runs.sort_by_key(|r| r.first);
+        all.insert(session, runs);
+    }
+    all
+}
+
+/// The cardinal rule, from the programs' own records.
+fn assert_never_two_at_once(dir: &Path) -> usize {
+    let mut programs = 0;
+    for (session, runs) in runs(dir) {
+        programs += runs.len();
+        for pair in runs.windows(2) {
+            assert!(
+                pair[0].last < pair[1].first,
+                "two programs ran for session {session} at once: {:?} (last record {} µs after the other started)",
+                pair,
+                pair[0].last - pair[1].first
+            );
+        }
+    }
+    programs
+}
+
+fn micros(value: &Value) -> Option<i64> {
+    Timestamp::parse_rfc3339(value.as_str()?).map(|t| t.0)
+}
+
+/// Watches every item's last accepted heartbeat (or ack) while the chaos runs, so that each requeue can
+/// be held against the renewal it followed.
+#[derive(Default)]
+struct Renewals {
+    /// work id → the latest `latest_heartbeat_at` / `acknowledged_at` seen, in µs.
+    last: BTreeMap<String, Vec<i64>>,
+}
+
+impl Renewals {
+    async fn observe(&mut self, setup: &Setup) {
+        for item in setup.items().await {
+            let id = item["id"].as_str().unwrap_or_default().to_owned();
+            let seen = [&item["latest_heartbeat_at"], &item["acknowledged_at"]]
+                .into_iter()
+                .filter_map(micros)
+                .max();
+            if let Some(at) = seen {
+                let list = self.last.entry(id).or_default();
+                if list.last() != Some(&at) {
+                    list.push(at);
+                }
+            }
+        }
+    }
+
+    /// Every `lease_expired_requeued` comes at most TTL + 1 s after the last renewal before it.
+    async fn assert_requeues_timely(&self, setup: &Setup) -> usize {
+        let mut requeues = 0;
+        for (work, renewals) in &self.last {
+            for transition in setup.history(work).await {
+                if transition["cause"] != "lease_expired_requeued" {
+                    continue;
+                }
+                requeues += 1;
+                let at = micros(&transition["at"]).expect("transition time");
+                let Some(renewed) = renewals.iter().filter(|r| **r < at).max() else {
+                    continue;
+                };
+                assert!(
+                    at - renewed <= (TTL + 1) * 1_000_000,
+                    "{work} was requeued {} ms after its last renewal (TTL {TTL} s)",
+                    (at - renewed) / 1_000
+                );
+            }
+        }
+        requeues
+    }
+}
+
+async fn sleep_observing(setup: &Setup, renewals: &mut Renewals, how_long: Duration) {
+    let until = Instant::now() + how_long;
+    while Instant::now() < until {
+        renewals.observe(setup).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---- the tests ----------------------------------------------------------------------------------------
+
+/// Issue 10, defect 1: right after a good heartbeat the worker's connection fails fast for a while, then
+/// hangs. The program must be dead before the server requeues the item, not some seconds later.
+#[tokio::test]
+async fn a_line_that_fails_fast_then_hangs_loses_the_program_before_the_lease() {
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(&setup.server.base).await;
+    let _worker = setup.worker("cut", &proxy.url);
+    let session = setup.session().await;
+    let work = loop {
+        let items = setup.items().await;
+        let active = items
+            .iter()
+            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active");
+        if let Some(item) = active {
+            break item["id"].as_str().expect("id").to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Just after a renewal: wait for the next one to land.
+    let seen = setup.items().await;
+    let beat = |items: &[Value]| {
+        items
+            .iter()
+            .find(|i| i["id"] == work.as_str())
+            .map(|i| i["latest_heartbeat_at"].clone())
+    };
+    let first = beat(&seen);
+    let deadline = Instant::now() + PATIENCE;
+    while beat(&setup.items().await) == first {
+        assert!(Instant::now() < deadline, "no second heartbeat");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set(Mode::Refuse);
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    proxy.set(Mode::Freeze);
+    let requeued_at = loop {
+        let history = setup.history(&work).await;
+        if let Some(t) = history
+            .iter()
+            .find(|t| t["cause"] == "lease_expired_requeued")
+        {
+            break micros(&t["at"]).expect("at");
+        }
+        assert!(Instant::now() < deadline, "the item was never requeued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Whatever was still to come from the program has been written by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs = runs(&setup.records());
+    let run = &runs[&session][0];
+    assert!(
+        run.last < requeued_at,
+        "the program was still running {} ms after the server requeued its item",
+        (run.last - requeued_at) / 1_000
+    );
+}
+
+/// Partitions, hangs, delays, SIGKILL and SIGSTOP of workers on a seeded schedule: never two programs for
+/// one session, requeues within TTL + 1 s of the last renewal, and at the end every session served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_between_workers_and_server_never_runs_a_session_twice() {
+    const WORKERS: usize = 3;
+    const SESSIONS: usize = 6;
+    const STEPS: usize = 12;
+    let mut rng = Rng::from_env();
+    let setup = Setup::new().await;
+    let mut proxies = Vec::new();
+    let mut workers = Vec::new();
+    for i in 0..WORKERS {
+        let proxy = Proxy::start(&setup.server.base).await;
+        workers.push(setup.worker(&format!("w{i}-0"), &proxy.url));
+        proxies.push(proxy);
+    }
+    for _ in 0..SESSIONS {
+        setup.session().await;
+    }
+    let mut renewals = Renewals::default();
+    let mut generation = 1;
+    let started = Instant::now();
+    for step in 0..STEPS {
+        let target = rng.below(WORKERS as u64) as usize;
+        let pause = rng.millis(500, 3_000);
+        let action = match rng.below(10) {
+            0 => {
+                workers[target].signal(Signal::SIGKILL);
+                "SIGKILL".to_owned()
+            }
+            1 | 2 if !workers[target].stopped => {
+                workers[target].signal(Signal::SIGSTOP);
+                "SIGSTOP".to_owned()
+            }
+            1 | 2 => {
+                workers[target].signal(Signal::SIGCONT);
+                "SIGCONT".to_owned()
+            }
+            3 => {
+                proxies[target].set(Mode::Refuse);
+                "refuse".to_owned()
+            }
+            4 => {
+                proxies[target].set(Mode::Drop);
+                "drop".to_owned()
+            }
+            5 => {
+                proxies[target].set(Mode::Freeze);
+                "freeze".to_owned()
+            }
+            6 => {
+                let delay = rng.millis(20, 1_500);
+                proxies[target].set(Mode::Delay(delay));
+                format!("delay {delay:?}")
+            }
+            _ => {
+                proxies[target].set(Mode::Forward);
+                "forward".to_owned()
+            }
+        };
+        eprintln!("step {step}: worker {target}: {action}, then {pause:?}");
+        sleep_observing(&setup, &mut renewals, pause).await;
+        // A worker that died (SIGKILL, or its dead man's switch while stopped) is replaced.
+        for (i, worker) in workers.iter_mut().enumerate() {
+            if !worker.running() {
+                eprintln!("worker {i} is gone: a new one takes its place");
+                *worker = setup.worker(&format!("w{i}-{generation}"), &proxies[i].url);
+                generation += 1;
+            }
+        }
+    }
+    // Heal everything; every session is served again.
+    for (proxy, worker) in proxies.iter().zip(workers.iter_mut()) {
+        proxy.set(Mode::Forward);
+        if worker.stopped {
+            worker.signal(Signal::SIGCONT);
+        }
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        renewals.observe(&setup).await;
+        for (i, worker) in workers.iter_mut().enumerate() {
+            if !worker.running() {
+                *worker = setup.worker(&format!("w{i}-{generation}"), &proxies[i].url);
+                generation += 1;
+            }
+        }
+        let items = setup.items().await;
+        let live = items.iter().filter(|i| i["state"] != "stopped").count();
+        let active = items.iter().filter(|i| i["state"] == "active").count();
+        if live == SESSIONS && active == SESSIONS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every session is served again: {items:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let chaos = started.elapsed();
+    // Let the last programs record a little, then stop everything and judge from the records.
+    sleep_observing(&setup, &mut renewals, Duration::from_millis(500)).await;
+    let programs = assert_never_two_at_once(&setup.records());
+    let requeues = renewals.assert_requeues_timely(&setup).await;
+    for item in setup.items().await {
+        let work = item["id"].as_str().expect("id");
+        setup
+            .ok(
+                Method::POST,
+                &format!("/environments/{}/work/{work}/stop", setup.env),
+                json!({"force": true}),
+            )
+            .await;
+    }
+    drop(workers);
+    assert_never_two_at_once(&setup.records());
+    eprintln!(
+        "{STEPS} chaos steps over {chaos:.1?}: {programs} programs for {SESSIONS} sessions, \
+         {requeues} lease requeues, never two at once"
+    );
+}

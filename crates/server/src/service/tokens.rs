@@ -28,6 +28,26 @@ pub enum Principal {
     },
 }
 
+impl Principal {
+    /// What kind of credential authenticated the request (for logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Principal::Admin { .. } => "admin",
+            Principal::EnvironmentKey { .. } => "environment_key",
+            Principal::SessionToken { .. } => "session_token",
+        }
+    }
+
+    /// The credential's public id, when it has one (session tokens are known by their work item).
+    pub fn credential_id(&self) -> Option<&str> {
+        match self {
+            Principal::Admin { credential_id }
+            | Principal::EnvironmentKey { credential_id, .. } => Some(credential_id),
+            Principal::SessionToken { work_id, .. } => Some(work_id),
+        }
+    }
+}
+
 impl App {
     /// Resolves a presented secret; 401 for anything unknown, revoked or dead.
     pub async fn authenticate(&self, secret: &str) -> ApiResult<Principal> {

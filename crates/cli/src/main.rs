@@ -4,6 +4,8 @@ mod admin;
 mod serve;
 mod worker;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,7 +24,7 @@ enum Command {
     /// Run the HTTP server.
     Serve(serve::ServeArgs),
     /// Run the sessions of an environment on this machine: PROGRAM once per work item.
-    Worker(worker::WorkerArgs),
+    Worker(worker::WorkerCommand),
     #[command(flatten)]
     Admin(admin::AdminCommand),
 }
@@ -35,13 +37,13 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
-            Command::Worker(args) => worker::run(args).await,
-            Command::Admin(command) => admin::run(command).await,
+            Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Worker(command) => worker::main(command).await,
+            Command::Admin(command) => admin::run(command).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -1,12 +1,13 @@
 //! `tether`: the server, the worker and the admin CLI in one binary.
 
 mod admin;
+mod install;
 mod serve;
 mod worker;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -27,10 +28,45 @@ enum Command {
     Worker(worker::WorkerCommand),
     #[command(flatten)]
     Admin(admin::AdminCommand),
+    /// Print a shell completion script (bash, zsh or fish) to standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: install::Shell,
+    },
+    /// Write the man pages (tether.1 and one per subcommand) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            return match install::completions(*shell, Cli::command(), &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Man { dir } => {
+            return match install::man_pages(Cli::command(), dir) {
+                Ok(n) => {
+                    eprintln!("wrote {n} man pages to {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,6 +76,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Worker(command) => worker::main(command).await,
             Command::Admin(command) => admin::run(command).await.map(|()| ExitCode::SUCCESS),
+            Command::Completions { .. } | Command::Man { .. } => unreachable!("answered above"),
         }
     });
     match result {

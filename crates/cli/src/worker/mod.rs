@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, FromArgMatches as _};
+use clap::Args;
 use tether_client::Client;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -247,6 +247,7 @@ async fn run_with(args: WorkerArgs, exits: Arc<std::sync::Mutex<Vec<Exit>>>) -> 
         .build()
         .with_context(|| format!("invalid --server / TETHER_SERVER {:?}", args.server))?;
     let concurrency = args.concurrency as usize;
+    crate::serve::init_logging_to(args.log_format, status::LogWriter);
     let report = Reporter::new(args.log_format, concurrency);
     let output = match &args.log_dir {
         Some(dir) => {

@@ -183,6 +183,7 @@ async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
     let given = std::env::var("TETHER_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
+    let adopted = given.is_some();
     let minted = app
         .bootstrap_admin_token(given)
         .await
@@ -191,10 +192,24 @@ async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(data_dir)?;
     let path = data_dir.join("admin-token");
     write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!(
-        "Created the first admin token (shown once; also saved to {}):\n\n    {secret}\n",
-        path.display()
-    );
+    // The secret goes to a person at a terminal only: a service's stderr is a log (journald, a file),
+    // and logs never carry secrets. The file has it either way.
+    if adopted {
+        eprintln!(
+            "Adopted TETHER_ADMIN_TOKEN as the first admin token (also saved to {}).",
+            path.display()
+        );
+    } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "Created the first admin token (shown once; also saved to {}):\n\n    {secret}\n",
+            path.display()
+        );
+    } else {
+        eprintln!(
+            "Created the first admin token; it is in {} (mode 0600).",
+            path.display()
+        );
+    }
     Ok(())
 }
 

@@ -138,6 +138,12 @@ async fn envelope(request: Request, next: Next) -> Response {
     response
 }
 
+/// The route as a metric label: `{param}` becomes `:param`, so that PromQL regex matchers (RE2, where
+/// braces are repetition) and simple text-format parsers take the label as it is.
+fn route_label(route: &str) -> String {
+    route.replace('{', ":").replace('}', "")
+}
+
 fn is_json(response: &Response) -> bool {
     response
         .headers()
@@ -149,7 +155,7 @@ fn is_json(response: &Response) -> bool {
 fn record_request(method: &str, route: &str, status: StatusCode, started: Instant) {
     let labels = [
         ("method", method.to_owned()),
-        ("route", route.to_owned()),
+        ("route", route_label(route)),
         ("status", status.as_u16().to_string()),
     ];
     metrics::counter!("tether_http_requests_total", &labels).increment(1);

@@ -359,6 +359,25 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
             assert!(sample.metric.ends_with("_total"), "{}", sample.metric);
         }
     }
+    // The dashboard and the autoscaler example ask for series that exist (the lease-expiry counter
+    // appears with the first expiry).
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    for file in [
+        "grafana/tether-dashboard.json",
+        "kubernetes/keda-scaledobject.yaml",
+    ] {
+        let text = std::fs::read_to_string(deploy.join(file)).unwrap();
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("tether_") || word == "tether_lease_expiries_total" {
+                continue;
+            }
+            let family = word.trim_end_matches("_bucket");
+            assert!(
+                typed.contains(family),
+                "{file} uses {word}, which /metrics does not have"
+            );
+        }
+    }
     let build = named("tether_build_info")
         .next()
         .expect("tether_build_info");

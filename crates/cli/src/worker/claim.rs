@@ -89,7 +89,7 @@ async fn claim(
             }
             // The long poll already waited.
             Ok(None) => backoff.reset(),
-            Err(e) if is_fatal(&e) => return Err(explain(&e, &shared)),
+            Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
             Err(e) => {
                 let delay = backoff.next_delay();
                 report.warn(

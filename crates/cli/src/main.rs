@@ -1,10 +1,13 @@
 //! `tether`: the server, the worker and the admin CLI in one binary.
 
 mod admin;
+mod install;
 mod serve;
 mod worker;
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -22,26 +25,62 @@ enum Command {
     /// Run the HTTP server.
     Serve(serve::ServeArgs),
     /// Run the sessions of an environment on this machine: PROGRAM once per work item.
-    Worker(worker::WorkerArgs),
+    Worker(worker::WorkerCommand),
     #[command(flatten)]
     Admin(admin::AdminCommand),
+    /// Print a shell completion script (bash, zsh or fish) to standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: install::Shell,
+    },
+    /// Write the man pages (tether.1 and one per subcommand) into DIR.
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            return match install::completions(*shell, Cli::command(), &mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Man { dir } => {
+            return match install::man_pages(Cli::command(), dir) {
+                Ok(n) => {
+                    eprintln!("wrote {n} man pages to {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
-            Command::Worker(args) => worker::run(args).await,
-            Command::Admin(command) => admin::run(command).await,
+            Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Worker(command) => worker::main(command).await,
+            Command::Admin(command) => admin::run(command).await.map(|()| ExitCode::SUCCESS),
+            Command::Completions { .. } | Command::Man { .. } => unreachable!("answered above"),
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

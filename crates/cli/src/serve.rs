@@ -58,13 +58,22 @@ pub struct ServeArgs {
 }
 
 pub fn init_logging(format: LogFormat) {
+    init_logging_to(format, std::io::stderr);
+}
+
+/// The log shape of `serve` and `worker` alike: text or JSON lines from `tracing`, level from
+/// `TETHER_LOG` (default `info`), written to `writer`.
+pub fn init_logging_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG").unwrap_or_else(|_| "info".into());
     // Colours only on a terminal: a log redirected to a file gets no escape sequences.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -174,6 +183,7 @@ async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
     let given = std::env::var("TETHER_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
+    let adopted = given.is_some();
     let minted = app
         .bootstrap_admin_token(given)
         .await
@@ -182,10 +192,24 @@ async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(data_dir)?;
     let path = data_dir.join("admin-token");
     write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!(
-        "Created the first admin token (shown once; also saved to {}):\n\n    {secret}\n",
-        path.display()
-    );
+    // The secret goes to a person at a terminal only: a service's stderr is a log (journald, a file),
+    // and logs never carry secrets. The file has it either way.
+    if adopted {
+        eprintln!(
+            "Adopted TETHER_ADMIN_TOKEN as the first admin token (also saved to {}).",
+            path.display()
+        );
+    } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "Created the first admin token (shown once; also saved to {}):\n\n    {secret}\n",
+            path.display()
+        );
+    } else {
+        eprintln!(
+            "Created the first admin token; it is in {} (mode 0600).",
+            path.display()
+        );
+    }
     Ok(())
 }
 

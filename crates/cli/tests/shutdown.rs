@@ -146,8 +146,8 @@ async fn metrics_health_and_readiness() {
         .unwrap();
     for series in [
         "tether_http_requests_total",
-        "tether_http_request_seconds",
-        "tether_store_commit_seconds",
+        "tether_http_request_duration_seconds",
+        "tether_store_commit_duration_seconds",
         "tether_long_poll_waiters",
     ] {
         assert!(

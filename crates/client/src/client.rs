@@ -612,6 +612,35 @@ impl Client {
         .await
     }
 
+    /// `GET /environments/{id}/work?cause=poison` (Tether extension): the items stopped after too many
+    /// lease expiries (D-5) that no one has requeued yet.
+    pub async fn list_poison_work(
+        &self,
+        environment_id: &str,
+        params: &ListParams,
+    ) -> Result<Page<WorkItem>> {
+        let mut query = Query::new();
+        params.push(&mut query);
+        query.push(("cause", "poison".to_owned()));
+        self.get(&["environments", environment_id, "work"], &query)
+            .await
+    }
+
+    /// `POST /environments/{id}/work/{work_id}/requeue` (Tether extension, admin only): gives the
+    /// session of a stopped item a fresh queued item, which is returned. `reason` goes into the history.
+    pub async fn requeue_work(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        reason: Option<&str>,
+    ) -> Result<WorkItem> {
+        self.post(
+            &["environments", environment_id, "work", work_id, "requeue"],
+            Some(&json!({ "reason": reason })),
+        )
+        .await
+    }
+
     /// `GET /environments/{id}/work/{work_id}/history`: one page of transitions, oldest first.
     pub async fn work_history(
         &self,

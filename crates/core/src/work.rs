@@ -78,6 +78,8 @@ pub enum Cause {
     PoisonStopped,
     SessionArchived,
     SessionDeleted,
+    /// An operator requeued a stopped item: its session got a fresh item (Tether extension).
+    Requeued,
 }
 
 impl Cause {
@@ -96,6 +98,7 @@ impl Cause {
             Cause::PoisonStopped => "poison_stopped",
             Cause::SessionArchived => "session_archived",
             Cause::SessionDeleted => "session_deleted",
+            Cause::Requeued => "requeued",
         }
     }
 }
@@ -599,6 +602,84 @@ pub fn patch_metadata(item: &WorkItem, patch: &MetadataPatch) -> Result<Step, Wo
     })
 }
 
+/// An operator's requeue of a stopped item (Tether extension, §11): what it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requeue {
+    /// The stopped item, unchanged but for a `requeued` line in its history (stopped → stopped).
+    pub stopped: Step,
+    /// The session's fresh item, in `queued`, whose history says whose requeue made it.
+    pub fresh: Step,
+}
+
+/// Who asks for a requeue and what is known about the item's past, for [`requeue`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequeueRequest<'a> {
+    /// The id for the fresh item.
+    pub fresh_id: String,
+    /// The credential id of the operator (an admin token).
+    pub by: &'a str,
+    /// Why, in the operator's words.
+    pub reason: Option<&'a str>,
+    /// Whether the item's history already has a `requeued` line (it was requeued once).
+    pub already_requeued: bool,
+}
+
+/// Requeue (Tether extension): a `stopped` item stays stopped — `stopped` is final (§5), and D-33's
+/// "same id" is about lease expiry — so the session gets a fresh queued item with the same work data
+/// and metadata, and the old item's history records who requeued it, why, and as which item. An item
+/// is requeued once at most; a live item cannot be requeued (stop it first).
+pub fn requeue(
+    item: &WorkItem,
+    request: RequeueRequest<'_>,
+    now: Timestamp,
+    policy: &LeasePolicy,
+) -> Result<Requeue, WorkError> {
+    if item.state != WorkState::Stopped {
+        return Err(WorkError::InvalidState {
+            state: item.state,
+            operation: "requeue",
+        });
+    }
+    if request.already_requeued {
+        // Its history names the fresh item; that one is the item to act on now.
+        return Err(WorkError::InvalidState {
+            state: item.state,
+            operation: "another requeue",
+        });
+    }
+    let because = request
+        .reason
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    let mut fresh = enqueue(
+        request.fresh_id,
+        item.environment_id.clone(),
+        item.data.clone(),
+        item.metadata.clone(),
+        now,
+        policy,
+    );
+    fresh.transitions[0].detail =
+        Some(format!("requeue of {} by {}{because}", item.id, request.by));
+    let stopped = Step {
+        item: item.clone(),
+        transitions: vec![Transition {
+            at: now,
+            from: Some(WorkState::Stopped),
+            to: WorkState::Stopped,
+            cause: Cause::Requeued,
+            worker_id: None,
+            detail: Some(format!(
+                "requeued as {} by {}{because}",
+                fresh.item.id, request.by
+            )),
+        }],
+    };
+    Ok(Requeue { stopped, fresh })
+}
+
 /// Runs lazy expiry first, then `op` on the result. The expiry, if any, must be persisted even when the
 /// operation is refused; hence both parts are returned.
 pub struct Evaluation<T> {
@@ -709,5 +790,153 @@ pub fn invariant_violation(item: &WorkItem) -> Option<&'static str> {
 fn check_invariants(item: &WorkItem) {
     if let Some(what) = invariant_violation(item) {
         panic!("work item invariant violated: {what}: {item:?}");
+    }
+}
+
+#[cfg(test)]
+mod requeue_tests {
+    use super::*;
+
+    fn policy() -> LeasePolicy {
+        LeasePolicy {
+            max_requeues: 1,
+            ..LeasePolicy::default()
+        }
+    }
+
+    /// An item delivered, acked and left to expire until it is stopped as poison.
+    fn poisoned(t0: Timestamp) -> WorkItem {
+        let policy = policy();
+        let data = WorkData {
+            kind: "session".into(),
+            id: "sesn_1".into(),
+        };
+        let mut item = enqueue(
+            "work_old".into(),
+            "env_1".into(),
+            data,
+            Metadata::new(),
+            t0,
+            &policy,
+        )
+        .item;
+        let mut now = t0;
+        for _ in 0..=policy.max_requeues {
+            item = deliver(&item, Some("w"), "hash".into(), now, 5_000)
+                .unwrap()
+                .item;
+            item = ack(&item, Some("w"), now).unwrap().item;
+            now = now.plus_millis(120_000);
+            item = expire_if_due(&item, now, &policy).unwrap().item;
+        }
+        assert_eq!(item.state, WorkState::Stopped);
+        item
+    }
+
+    fn request(already_requeued: bool) -> RequeueRequest<'static> {
+        RequeueRequest {
+            fresh_id: "work_new".into(),
+            by: "tok_admin",
+            reason: Some("fixed the agent"),
+            already_requeued,
+        }
+    }
+
+    #[test]
+    fn a_stopped_item_gives_its_session_a_fresh_queued_item() {
+        let t0 = Timestamp::from_millis(1_700_000_000_000);
+        let old = poisoned(t0);
+        let now = t0.plus_millis(3_600_000);
+        let r = requeue(&old, request(false), now, &policy()).unwrap();
+        assert_eq!(
+            r.stopped.item, old,
+            "the stopped item itself does not change"
+        );
+        let line = &r.stopped.transitions[0];
+        assert_eq!(
+            (line.from, line.to, line.cause),
+            (
+                Some(WorkState::Stopped),
+                WorkState::Stopped,
+                Cause::Requeued
+            )
+        );
+        assert_eq!(
+            line.detail.as_deref(),
+            Some("requeued as work_new by tok_admin: fixed the agent")
+        );
+        let fresh = &r.fresh.item;
+        assert_eq!(
+            (fresh.id.as_str(), fresh.state),
+            ("work_new", WorkState::Queued)
+        );
+        assert_eq!(
+            (&fresh.data, &fresh.metadata, &fresh.environment_id),
+            (&old.data, &old.metadata, &old.environment_id)
+        );
+        assert_eq!(
+            (fresh.requeue_count, fresh.delivery_count, fresh.enqueued_at),
+            (0, 0, now)
+        );
+        let first = &r.fresh.transitions[0];
+        assert_eq!(first.cause, Cause::Enqueued);
+        assert_eq!(
+            first.detail.as_deref(),
+            Some("requeue of work_old by tok_admin: fixed the agent")
+        );
+    }
+
+    #[test]
+    fn only_stopped_items_never_requeued_before_may_be_requeued() {
+        let t0 = Timestamp::from_millis(1_700_000_000_000);
+        let policy = policy();
+        let data = WorkData {
+            kind: "session".into(),
+            id: "sesn_1".into(),
+        };
+        let queued = enqueue(
+            "work_q".into(),
+            "env_1".into(),
+            data,
+            Metadata::new(),
+            t0,
+            &policy,
+        )
+        .item;
+        let starting = ack(
+            &deliver(&queued, None, "h".into(), t0, 0).unwrap().item,
+            None,
+            t0,
+        )
+        .unwrap()
+        .item;
+        let stopping = stop(&starting, false, t0).unwrap().item;
+        let cases: [(&WorkItem, bool, Option<&str>); 5] = [
+            (&queued, false, Some("requeue")),
+            (&starting, false, Some("requeue")),
+            (&stopping, false, Some("requeue")),
+            (&poisoned(t0), true, Some("another requeue")),
+            (&poisoned(t0), false, None),
+        ];
+        for (item, already, refused) in cases {
+            let got = requeue(item, request(already), t0, &policy);
+            match refused {
+                None => assert!(got.is_ok(), "{:?} refused: {got:?}", item.state),
+                Some(operation) => assert_eq!(
+                    got.unwrap_err(),
+                    WorkError::InvalidState {
+                        state: item.state,
+                        operation
+                    },
+                ),
+            }
+        }
+        let mut silent = request(false);
+        silent.reason = Some("  ");
+        let r = requeue(&poisoned(t0), silent, t0, &policy).unwrap();
+        assert_eq!(
+            r.fresh.transitions[0].detail.as_deref(),
+            Some("requeue of work_old by tok_admin")
+        );
     }
 }

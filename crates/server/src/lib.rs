@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod service;
+pub mod telemetry;
 pub mod views;
 pub mod waiters;
 

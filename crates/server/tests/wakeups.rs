@@ -105,9 +105,10 @@ impl Store for Counting {
     async fn list_work(
         &self,
         environment_id: &str,
+        filter: &tether_store::WorkFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<WorkItem>> {
-        self.inner.list_work(environment_id, page).await
+        self.inner.list_work(environment_id, filter, page).await
     }
     async fn claim_candidates(
         &self,

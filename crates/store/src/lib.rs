@@ -170,6 +170,13 @@ pub struct Page<T> {
     pub has_more: bool,
 }
 
+/// Which work items a list keeps (all of the environment's by default).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkFilter {
+    /// Only items stopped as poison (`poison_stopped`, D-5) that no operator has requeued yet.
+    pub poison: bool,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ArchiveFilter {
     pub include_archived: bool,
@@ -292,6 +299,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_work(
         &self,
         environment_id: &str,
+        filter: &WorkFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<WorkItem>>;
     /// Queued items a poll may take: undelivered, or delivered at or before `reclaim_cutoff`; oldest

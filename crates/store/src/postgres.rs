@@ -674,7 +674,8 @@ impl Executor for PostgresExecutor {
         if self.worth_retrying(&outcome) {
             outcome = self.execute_once(&statements).await;
         }
-        metrics::histogram!("tether_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tether_store_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => {
                 self.health.reached();

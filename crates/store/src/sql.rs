@@ -7,11 +7,11 @@
 //! one place, so the two can never disagree.
 
 use tether_core::resources::{Agent, Credential, CredentialKind};
-use tether_core::{Timestamp, WorkItem, WorkState};
+use tether_core::{Cause, Timestamp, WorkItem, WorkState};
 
 use crate::{
     history_seq, ArchiveFilter, ChangeSet, Cursor, HistoryRow, Page, PageRequest, QueueCounts,
-    SessionFilter, StoreError, StoreResult, Versioned, Write,
+    SessionFilter, StoreError, StoreResult, Versioned, WorkFilter, Write,
 };
 
 /// A bound parameter or a fetched column value.
@@ -636,10 +636,23 @@ pub fn list_events(session_id: &str, page: &PageRequest) -> Statement {
     f.statement("SELECT doc FROM session_events", &tail)
 }
 
-pub fn list_work(environment_id: &str, page: &PageRequest) -> Statement {
+pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) -> Statement {
     let mut f = Filter::default();
     let p = f.param(environment_id);
     f.add(format!("environment_id = {p}"));
+    if filter.poison {
+        // The cause lives in the history's documents (one serialization, `"cause":"…"`, on both
+        // backends); a poison item has a handful of history lines, read through the primary key.
+        let has = |cause: &str| {
+            format!(
+                "EXISTS (SELECT 1 FROM work_transitions t WHERE t.work_id = work_items.id \
+                 AND t.doc LIKE '%\"cause\":\"{cause}\"%')"
+            )
+        };
+        f.add("state = 'stopped'".into());
+        f.add(has(Cause::PoisonStopped.as_str()));
+        f.add(format!("NOT {}", has(Cause::Requeued.as_str())));
+    }
     let tail = f.paginate("id", page);
     f.statement("SELECT doc FROM work_items", &tail)
 }

@@ -145,7 +145,8 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max_batch
         }
         let started = Instant::now();
         let results = commit_batch(&mut conn, &batch);
-        metrics::histogram!("tether_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tether_store_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::histogram!("tether_store_commit_batch_size").record(batch.len() as f64);
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.reply.send(result);

@@ -14,6 +14,9 @@ pub enum WorkCommand {
     List {
         /// The environment.
         env: String,
+        /// Only the items stopped as poison (too many lease expiries) and not requeued yet.
+        #[arg(long)]
+        poison: bool,
         #[command(flatten)]
         page: PageArgs,
     },
@@ -39,6 +42,14 @@ pub enum WorkCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Give the session of a stopped item (e.g. poison) a fresh queued item (admin only).
+    Requeue {
+        #[command(flatten)]
+        item: ItemArgs,
+        /// Why, for the history of both items.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// List the workers seen polling an environment in the last five minutes.
     Workers {
         /// The environment.
@@ -57,12 +68,18 @@ pub struct ItemArgs {
 pub async fn run(cx: Ctx, command: WorkCommand) -> Result<()> {
     let client = &cx.client;
     match command {
-        WorkCommand::List { env, page } => {
+        WorkCommand::List { env, poison, page } => {
             let page = page
                 .fetch(|list: ListParams| {
                     let client = client.clone();
                     let env = env.clone();
-                    async move { client.list_work(&env, &list).await }
+                    async move {
+                        if poison {
+                            client.list_poison_work(&env, &list).await
+                        } else {
+                            client.list_work(&env, &list).await
+                        }
+                    }
                 })
                 .await?;
             cx.emit_list(&page, "No work items.", table);
@@ -108,6 +125,17 @@ pub async fn run(cx: Ctx, command: WorkCommand) -> Result<()> {
                     _ => "",
                 };
                 format!("Work item {} is {}{note}.\n", work.id, work.state)
+            });
+        }
+        WorkCommand::Requeue { item, reason } => {
+            let work = client
+                .requeue_work(&item.env, &item.work, reason.as_deref())
+                .await?;
+            cx.emit(&work, || {
+                format!(
+                    "Work item {} requeued as {} ({}).\n",
+                    item.work, work.id, work.state
+                )
             });
         }
         WorkCommand::Workers { env } => {

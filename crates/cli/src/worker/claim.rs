@@ -3,6 +3,7 @@
 //! trying again cannot fix.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::anyhow;
 use tether_client::{Error, PollOptions};
@@ -16,12 +17,26 @@ use super::{reached, supervisor, Phase, Shared};
 /// The longest wait a poll may ask for (§6.2).
 const LONG_POLL_MS: u32 = 999;
 
-/// Claims work until the worker stops claiming (any phase past `Running`), or a refusal says that
-/// claiming cannot work (the error explains why). Supervisors go into `tasks`.
+/// Claims work until the worker stops claiming (any phase past `Running`, the one item of `run-one`,
+/// `--max-idle` without work), or a refusal says that claiming cannot work (the error explains why).
+/// Supervisors go into `tasks`. Returns how many items it claimed.
 pub async fn run(
     shared: Arc<Shared>,
     concurrency: usize,
     tasks: &mut JoinSet<()>,
+) -> anyhow::Result<u64> {
+    let mut claimed = 0;
+    let mut idle_since = Instant::now();
+    let result = claim(&shared, concurrency, tasks, &mut claimed, &mut idle_since).await;
+    result.map(|()| claimed)
+}
+
+async fn claim(
+    shared: &Arc<Shared>,
+    concurrency: usize,
+    tasks: &mut JoinSet<()>,
+    claimed: &mut u64,
+    idle_since: &mut Instant,
 ) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut phase = shared.phase.clone();
@@ -34,8 +49,19 @@ pub async fn run(
     };
     loop {
         while tasks.try_join_next().is_some() {}
-        if *phase.borrow() != Phase::Running {
+        if *phase.borrow() != Phase::Running || (shared.run_one && *claimed > 0) {
             return Ok(());
+        }
+        if !tasks.is_empty() {
+            *idle_since = Instant::now();
+        } else if let Some(max_idle) = shared.max_idle {
+            if idle_since.elapsed() >= max_idle {
+                report.info(
+                    "no work for --max-idle: exiting",
+                    &[("max_idle", &format!("{}s", max_idle.as_secs_f64()))],
+                );
+                return Ok(());
+            }
         }
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
@@ -57,11 +83,13 @@ pub async fn run(
             // Capacity left and work found: poll again at once.
             Ok(Some(item)) => {
                 backoff.reset();
+                *claimed += 1;
+                *idle_since = Instant::now();
                 tasks.spawn(supervisor::serve(shared.clone(), item, slot));
             }
             // The long poll already waited.
             Ok(None) => backoff.reset(),
-            Err(e) if is_fatal(&e) => return Err(explain(&e, &shared)),
+            Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
             Err(e) => {
                 let delay = backoff.next_delay();
                 report.warn(

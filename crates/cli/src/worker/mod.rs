@@ -17,6 +17,7 @@ mod program;
 mod shutdown;
 mod status;
 mod supervisor;
+mod workdir;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -30,8 +31,88 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::serve::LogFormat;
-use program::{Output, Program};
+use program::{Exit, Output, Program};
 use status::{Activity, Reporter};
+use workdir::Workdirs;
+
+/// `tether worker [run-one] … -- PROGRAM`.
+#[derive(Debug)]
+pub struct WorkerCommand {
+    mode: Option<Mode>,
+    args: Option<WorkerArgs>,
+}
+
+// By hand rather than derived: a derived `Option<WorkerArgs>` counts a value from the environment
+// (TETHER_KEY, …) as the flags being given, and then wants all of them even when `run-one` is used.
+impl clap::FromArgMatches for WorkerCommand {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        match matches.subcommand() {
+            Some(_) => Ok(WorkerCommand {
+                mode: Some(Mode::from_arg_matches(matches)?),
+                args: None,
+            }),
+            None => Ok(WorkerCommand {
+                mode: None,
+                args: Some(WorkerArgs::from_arg_matches(matches)?),
+            }),
+        }
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for WorkerCommand {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::Subcommand as _;
+        Mode::augment_subcommands(WorkerArgs::augment_args(cmd))
+            .subcommand_negates_reqs(true)
+            .args_conflicts_with_subcommands(true)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Mode {
+    /// Claim one item, run PROGRAM for it, and exit with PROGRAM's status (for cron and CI runners).
+    /// With --max-idle, exit 0 when no item came within that time.
+    RunOne(WorkerArgs),
+}
+
+/// Runs the worker; the exit code is PROGRAM's for `run-one`, else 0.
+pub async fn main(command: WorkerCommand) -> Result<std::process::ExitCode> {
+    match (command.mode, command.args) {
+        (Some(Mode::RunOne(args)), _) => run_one(args).await,
+        (None, Some(args)) => run(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        (None, None) => {
+            bail!("tether worker needs --environment, --key and a PROGRAM (see --help)")
+        }
+    }
+}
+
+async fn run_one(mut args: WorkerArgs) -> Result<std::process::ExitCode> {
+    args.concurrency = 1;
+    args.run_one = true;
+    let exits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let claimed = run_with(args, exits.clone()).await?;
+    let exit = exits
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .first()
+        .copied();
+    match (claimed, exit) {
+        (false, _) => Ok(std::process::ExitCode::SUCCESS),
+        (true, Some(exit)) => Ok(std::process::ExitCode::from(
+            u8::try_from(exit.shell_code()).unwrap_or(1),
+        )),
+        (true, None) => bail!("the item ended without PROGRAM running to its end (see the log)"),
+    }
+}
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -75,6 +156,19 @@ pub struct WorkerArgs {
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Run each item in a fresh directory <DIR>/<work_id> (PROGRAM's working directory, also in
+    /// TETHER_WORKDIR), removed when the item is done.
+    #[arg(long, env = "TETHER_WORKDIR", value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Keep each item's --workdir directory instead of removing it.
+    #[arg(long, env = "TETHER_KEEP_WORKDIR", requires = "workdir")]
+    keep_workdir: bool,
+    /// Exit 0 after this long without work (no item claimed or running), e.g. 5m.
+    #[arg(long, env = "TETHER_MAX_IDLE", value_parser = parse_duration)]
+    max_idle: Option<Duration>,
+    /// Set by `run-one`.
+    #[arg(skip)]
+    run_one: bool,
     /// The program to run for each item, and its arguments.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     program: Vec<OsString>,
@@ -111,9 +205,33 @@ pub struct Shared {
     pub grace: Duration,
     pub report: Reporter,
     pub phase: watch::Receiver<Phase>,
+    /// `--workdir`: a fresh directory per item.
+    pub workdirs: Option<Workdirs>,
+    /// `--max-idle`: stop claiming after this long without work.
+    pub max_idle: Option<Duration>,
+    /// `run-one`: stop claiming after the first item.
+    pub run_one: bool,
+    /// How PROGRAM exited, per item run (for `run-one`'s exit status).
+    pub exits: Arc<std::sync::Mutex<Vec<Exit>>>,
+}
+
+impl Shared {
+    pub fn note_exit(&self, exit: Exit) {
+        if self.run_one {
+            self.exits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(exit);
+        }
+    }
 }
 
 pub async fn run(args: WorkerArgs) -> Result<()> {
+    run_with(args, Arc::default()).await.map(|_| ())
+}
+
+/// Runs the worker to its end; `Ok(true)` when it claimed at least one item.
+async fn run_with(args: WorkerArgs, exits: Arc<std::sync::Mutex<Vec<Exit>>>) -> Result<bool> {
     // Everything that cannot work is found out before the first claim.
     let program = Program::resolve(&args.program)?;
     let worker_id = match args.worker_id {
@@ -130,6 +248,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         .build()
         .with_context(|| format!("invalid --server / TETHER_SERVER {:?}", args.server))?;
     let concurrency = args.concurrency as usize;
+    crate::serve::init_logging_to(args.log_format, status::LogWriter);
     let report = Reporter::new(args.log_format, concurrency);
     let output = match &args.log_dir {
         Some(dir) => {
@@ -138,6 +257,10 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             Output::Dir(dir.clone())
         }
         None => Output::Log(report.clone()),
+    };
+    let workdirs = match &args.workdir {
+        Some(root) => Some(Workdirs::new(root.clone(), args.keep_workdir)?),
+        None => None,
     };
     let (phase_tx, phase) = watch::channel(Phase::Running);
     let phase_tx = Arc::new(phase_tx);
@@ -162,9 +285,23 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
         grace: args.grace,
         report: report.clone(),
         phase: phase.clone(),
+        workdirs,
+        max_idle: args.max_idle,
+        run_one: args.run_one,
+        exits,
     });
     let mut tasks = JoinSet::new();
     let claimed = claim::run(shared.clone(), concurrency, &mut tasks).await;
+    let any_claimed = matches!(claimed, Ok(n) if n > 0);
+    let claimed = claimed.map(|_| ());
+    if shared.run_one {
+        // The item runs to its end; a signal still drains (and then terminates) it as usual.
+        let mut phase = phase.clone();
+        tokio::select! {
+            _ = async { while tasks.join_next().await.is_some() {} } => {}
+            _ = reached(&mut phase, Phase::Draining) => {}
+        }
+    }
     shutdown::advance(&phase_tx, Phase::Draining);
     report.activity(Activity::Draining);
     if let Err(e) = &claimed {
@@ -181,7 +318,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     if forced {
         bail!("forced shutdown: programs were killed and their items force-stopped");
     }
-    Ok(())
+    Ok(any_claimed)
 }
 
 /// `<hostname>-<12 random hex digits>`: stable for the life of the process, unique across processes.

@@ -160,8 +160,12 @@ impl Running {
         env: &[(&str, String)],
         stdin: Vec<u8>,
         output: &Output,
+        cwd: Option<&std::path::Path>,
     ) -> io::Result<Running> {
         let mut command = Command::new(&program.path);
+        if let Some(dir) = cwd {
+            command.current_dir(dir);
+        }
         command
             .arg0(&program.name)
             .args(&program.args)

@@ -1,5 +1,6 @@
-//! What the worker tells people: log lines (text or JSON) on stderr, and on a terminal a live status line
-//! under them — what the claim loop is doing, the items running with their age, done/failed counts.
+//! What the worker tells people: log lines on stderr, written through `tracing` like the server's (the
+//! same text and JSON shapes, `TETHER_LOG` for the level), and on a terminal a live status line under
+//! them — what the claim loop is doing, the items running with their age, done/failed counts.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -8,8 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Map, Value};
-use tether_core::{Clock, SystemClock};
 
 use crate::serve::LogFormat;
 
@@ -67,16 +66,6 @@ pub enum Level {
     Error,
 }
 
-impl Level {
-    fn as_str(self) -> &'static str {
-        match self {
-            Level::Info => "info",
-            Level::Warn => "warn",
-            Level::Error => "error",
-        }
-    }
-}
-
 impl Reporter {
     /// A status line is drawn only for text logs on a terminal; anything else gets plain lines.
     pub fn new(format: LogFormat, concurrency: usize) -> Reporter {
@@ -88,6 +77,7 @@ impl Reporter {
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.enable_steady_tick(Duration::from_millis(120));
+            let _ = LIVE_BAR.set(bar.clone());
             bar
         });
         let reporter = Reporter {
@@ -134,26 +124,20 @@ impl Reporter {
     }
 
     pub fn log(&self, level: Level, message: &str, fields: &[(&str, &str)]) {
-        let now = SystemClock.now().to_rfc3339();
-        let line = match self.inner.format {
-            LogFormat::Text => text_line(&now, level, message, fields),
-            LogFormat::Json => json_line(&now, level, message, fields),
-        };
-        self.emit(&line);
+        log_event(level, message, fields);
     }
 
-    /// One line a program wrote, attributed to its item.
+    /// One line a program wrote, attributed to its item: as it is, prefixed with the item, in text
+    /// logs; a log record in JSON logs.
     pub fn program_line(&self, work_id: &str, stream: &str, line: &str) {
-        let text = match self.inner.format {
-            LogFormat::Text => format!("[{work_id}] {line}"),
-            LogFormat::Json => json_line(
-                &SystemClock.now().to_rfc3339(),
+        match self.inner.format {
+            LogFormat::Text => self.emit(&format!("[{work_id}] {line}")),
+            LogFormat::Json => log_event(
                 Level::Info,
                 "output",
                 &[("work_id", work_id), ("stream", stream), ("line", line)],
             ),
-        };
-        self.emit(&text);
+        }
     }
 
     fn emit(&self, line: &str) {
@@ -222,6 +206,126 @@ impl Reporter {
     }
 }
 
+/// The live status line, when there is one: log lines are printed above it.
+static LIVE_BAR: std::sync::OnceLock<ProgressBar> = std::sync::OnceLock::new();
+
+/// Where the worker's `tracing` output goes: above the status line on a terminal, else to stderr.
+#[derive(Clone, Copy, Default)]
+pub struct LogWriter;
+
+/// One formatted record; written out whole when the formatter drops it.
+pub struct LogLine(Vec<u8>);
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        match LIVE_BAR.get() {
+            Some(bar) if !bar.is_finished() => {
+                bar.println(String::from_utf8_lossy(&self.0).trim_end())
+            }
+            _ => {
+                let _ = std::io::stderr().lock().write_all(&self.0);
+            }
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> LogLine {
+        LogLine(Vec::with_capacity(256))
+    }
+}
+
+/// A worker log record through `tracing`. Field names must be known when the program is compiled, so
+/// the worker's fields are listed here; a field not listed is kept in `detail`.
+fn log_event(level: Level, message: &str, fields: &[(&str, &str)]) {
+    const KNOWN: &[&str] = &[
+        "work_id",
+        "environment_id",
+        "worker_id",
+        "session_id",
+        "server",
+        "program",
+        "concurrency",
+        "error",
+        "retry_in",
+        "type",
+        "id",
+        "reason",
+        "pid",
+        "status",
+        "grace",
+        "state",
+        "active",
+        "stopping",
+        "stopped",
+        "stream",
+        "line",
+        "max_idle",
+        "detail",
+    ];
+    let get = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+    let mut detail: Vec<String> = fields
+        .iter()
+        .filter(|(k, _)| !KNOWN.contains(k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    debug_assert!(detail.is_empty(), "unlisted log fields: {detail:?}");
+    if let Some(d) = get("detail") {
+        detail.insert(0, d.to_owned());
+    }
+    let detail = (!detail.is_empty()).then(|| detail.join(" "));
+    macro_rules! event {
+        ($level:expr) => {
+            tracing::event!(
+                target: "tether::worker",
+                $level,
+                work_id = get("work_id"),
+                environment_id = get("environment_id"),
+                worker_id = get("worker_id"),
+                session_id = get("session_id"),
+                server = get("server"),
+                program = get("program"),
+                concurrency = get("concurrency"),
+                error = get("error"),
+                retry_in = get("retry_in"),
+                work_type = get("type"),
+                data_id = get("id"),
+                reason = get("reason"),
+                pid = get("pid"),
+                status = get("status"),
+                grace = get("grace"),
+                state = get("state"),
+                active = get("active"),
+                stopping = get("stopping"),
+                stopped = get("stopped"),
+                stream = get("stream"),
+                line = get("line"),
+                max_idle = get("max_idle"),
+                detail = detail.as_deref(),
+                "{message}"
+            )
+        };
+    }
+    match level {
+        Level::Info => event!(tracing::Level::INFO),
+        Level::Warn => event!(tracing::Level::WARN),
+        Level::Error => event!(tracing::Level::ERROR),
+    }
+}
+
 /// The status line, e.g. `polling · 2/4 running: …e1194 12s, …0a3b 3s · 5 done · 1 failed`.
 fn status_text(s: &State, now: Instant) -> String {
     let mut out = match &s.activity {
@@ -282,29 +386,6 @@ fn age(d: Duration) -> String {
     }
 }
 
-fn text_line(now: &str, level: Level, message: &str, fields: &[(&str, &str)]) -> String {
-    let mut out = format!("{now} {:<5} {message}", level.as_str().to_uppercase());
-    for (k, v) in fields {
-        if v.is_empty() || v.contains(char::is_whitespace) || v.contains('"') {
-            let _ = write!(out, " {k}={v:?}");
-        } else {
-            let _ = write!(out, " {k}={v}");
-        }
-    }
-    out
-}
-
-fn json_line(now: &str, level: Level, message: &str, fields: &[(&str, &str)]) -> String {
-    let mut map = Map::new();
-    map.insert("ts".into(), json!(now));
-    map.insert("level".into(), json!(level.as_str()));
-    map.insert("msg".into(), json!(message));
-    for (k, v) in fields {
-        map.insert((*k).to_owned(), json!(v));
-    }
-    Value::Object(map).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,26 +425,6 @@ mod tests {
         assert_eq!(
             status_text(&idle, now),
             "polling · 0/1 running · 0 done · 0 failed · 2 lost"
-        );
-    }
-
-    #[test]
-    fn log_lines_quote_what_needs_it() {
-        assert_eq!(
-            text_line(
-                "T",
-                Level::Warn,
-                "lease lost",
-                &[("work_id", "work_1"), ("reason", "no heartbeat")]
-            ),
-            "T WARN  lease lost work_id=work_1 reason=\"no heartbeat\""
-        );
-        let v: Value =
-            serde_json::from_str(&json_line("T", Level::Info, "claimed", &[("work_id", "w")]))
-                .unwrap();
-        assert_eq!(
-            v,
-            json!({"ts": "T", "level": "info", "msg": "claimed", "work_id": "w"})
         );
     }
 }

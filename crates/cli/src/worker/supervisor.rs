@@ -26,6 +26,14 @@ use super::{reached, Phase, Shared};
 pub async fn serve(shared: Arc<Shared>, item: WorkItem, slot: OwnedSemaphorePermit) {
     let work_id = item.id.clone();
     let outcome = Item::new(&shared, &item).run(item.clone()).await;
+    if let Some(dirs) = &shared.workdirs {
+        if let Err(e) = dirs.finish(&work_id) {
+            shared.report.warn(
+                "cannot remove the item's working directory",
+                &[("work_id", &work_id), ("error", &e.to_string())],
+            );
+        }
+    }
     shared.report.finished(&work_id, outcome);
     drop(slot);
 }
@@ -299,9 +307,24 @@ impl<'a> Item<'a> {
         if let Some(token) = &self.token {
             env.push(("TETHER_SESSION_TOKEN", token.clone()));
         }
+        let cwd = match &shared.workdirs {
+            Some(dirs) => {
+                let dir = dirs.prepare(&self.work_id)?;
+                env.push(("TETHER_WORKDIR", dir.to_string_lossy().into_owned()));
+                Some(dir)
+            }
+            None => None,
+        };
         let mut stdin = serde_json::to_vec(item).unwrap_or_default();
         stdin.push(b'\n');
-        Running::spawn(&shared.program, &self.work_id, &env, stdin, &shared.output)
+        Running::spawn(
+            &shared.program,
+            &self.work_id,
+            &env,
+            stdin,
+            &shared.output,
+            cwd.as_deref(),
+        )
     }
 
     /// SIGTERM to the program's group, then SIGKILL after the grace period; a lost lease or a forced
@@ -345,6 +368,7 @@ impl<'a> Item<'a> {
     }
 
     async fn record_exit(&self, exit: Exit, attempts: u32) {
+        self.shared.note_exit(exit);
         let code = exit.shell_code().to_string();
         let signal = exit.signal_name();
         self.record(

@@ -32,7 +32,14 @@ impl FromRequestParts<App> for Caller {
                 };
                 ApiError::unauthorized(hint)
             })?;
-        Ok(Caller(app.authenticate(&secret).await?))
+        let principal = app.authenticate(&secret).await?;
+        // The access log names the kind of credential and its id, never the secret.
+        let span = tracing::Span::current();
+        span.record("credential", principal.kind());
+        if let Some(id) = principal.credential_id() {
+            span.record("credential_id", id);
+        }
+        Ok(Caller(principal))
     }
 }
 

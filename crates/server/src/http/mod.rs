@@ -19,6 +19,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument as _;
 
 use crate::dialect::Dialect;
 use crate::error::ApiError;
@@ -76,7 +77,8 @@ async fn read_body(State(limit): State<usize>, request: Request, next: Next) -> 
     }
 }
 
-/// Request ids (D-18), the error envelope (§1.7) and request metrics.
+/// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
+/// request causes is logged inside its span, so every line carries the request id.
 async fn envelope(request: Request, next: Next) -> Response {
     let request_id = request
         .headers()
@@ -92,7 +94,15 @@ async fn envelope(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().as_str().to_owned();
     let started = Instant::now();
-    let mut response = next.run(request).await;
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %method,
+        route = %route,
+        credential = tracing::field::Empty,
+        credential_id = tracing::field::Empty,
+    );
+    let mut response = next.run(request).instrument(span.clone()).await;
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {
         let body = error.body(&request_id);
         response = (error.status, Json(body)).into_response();
@@ -117,7 +127,21 @@ async fn envelope(request: Request, next: Next) -> Response {
             .insert("x-should-retry", HeaderValue::from_static("false"));
     }
     record_request(&method, &route, status, started);
+    span.in_scope(|| {
+        tracing::info!(
+            target: "tether::access",
+            status = status.as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        )
+    });
     response
+}
+
+/// The route as a metric label: `{param}` becomes `:param`, so that PromQL regex matchers (RE2, where
+/// braces are repetition) and simple text-format parsers take the label as it is.
+fn route_label(route: &str) -> String {
+    route.replace('{', ":").replace('}', "")
 }
 
 fn is_json(response: &Response) -> bool {
@@ -131,10 +155,10 @@ fn is_json(response: &Response) -> bool {
 fn record_request(method: &str, route: &str, status: StatusCode, started: Instant) {
     let labels = [
         ("method", method.to_owned()),
-        ("route", route.to_owned()),
+        ("route", route_label(route)),
         ("status", status.as_u16().to_string()),
     ];
     metrics::counter!("tether_http_requests_total", &labels).increment(1);
-    metrics::histogram!("tether_http_request_seconds", &labels)
+    metrics::histogram!("tether_http_request_duration_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
 }

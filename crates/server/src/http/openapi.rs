@@ -610,6 +610,13 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
             ),
         ),
         (
+            "RequeueRequest",
+            object(
+                "Tether extension: why the item is requeued (kept in the history of both items, at most 500 characters).",
+                vec![("reason", nullable_string(), false)],
+            ),
+        ),
+        (
             "WorkHeartbeat",
             object(
                 "A heartbeat's answer (§2.4); echo `last_heartbeat` as the next `expected_last_heartbeat`.",

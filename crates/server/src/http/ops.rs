@@ -1,30 +1,18 @@
 //! Health, readiness and metrics (§11.4).
 
-use std::sync::OnceLock;
-
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 use crate::service::App;
 
-static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
 /// Installs the process-wide metrics recorder once (several servers in one test process share it).
 pub fn install_metrics() -> Option<&'static PrometheusHandle> {
-    PROMETHEUS
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed");
-                None
-            }
-        })
-        .as_ref()
+    crate::telemetry::install()
 }
 
 pub async fn healthz() -> Json<Value> {
@@ -47,6 +35,7 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<Json<Value>> {
 pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
     metrics::gauge!("tether_long_poll_waiters").set(app.waiters.count() as f64);
     metrics::gauge!("tether_session_streams").set(app.hub.streams() as f64);
-    let text = install_metrics().map(|h| h.render()).unwrap_or_default();
+    let mut text = install_metrics().map(|h| h.render()).unwrap_or_default();
+    text.push_str(&crate::telemetry::queue_gauges(&app).await);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

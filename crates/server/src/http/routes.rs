@@ -286,6 +286,7 @@ pub fn api() -> Vec<Endpoint> {
             .doc("work", "List work items in queue order")
             .access(Environment)
             .params(PAGE)
+            .params(&[q("cause", Ty::String, "Tether extension: `poison` lists only the items stopped after too many lease expiries (D-5) that no one has requeued yet.")])
             .returns(List("WorkItem")),
         ep(Get, "/environments/{environment_id}/work/poll", "pollWork", work::poll)
             .doc("work", "Claim one queued item (`null` when there is none)")
@@ -327,6 +328,10 @@ pub fn api() -> Vec<Endpoint> {
             .doc("work", "Request, confirm or force a stop")
             .access(WorkItem)
             .body(Optional("StopRequest"))
+            .returns(Json("WorkItem")),
+        ep(Post, "/environments/{environment_id}/work/{work_id}/requeue", "requeueWork", work::requeue)
+            .doc("work", "Tether extension: give the session of a stopped item (e.g. poison) a fresh queued item; the history of both says who requeued it and why")
+            .body(Optional("RequeueRequest"))
             .returns(Json("WorkItem")),
         ep(Get, "/environments/{environment_id}/work/{work_id}/history", "workHistory", work::history)
             .doc("work", "Every state change of a work item, oldest first")

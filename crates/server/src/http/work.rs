@@ -46,12 +46,30 @@ pub async fn list(
     access::environment(&p, &env_id)?;
     let env = app.work_environment(&env_id).await?;
     let page = params.page(WORK_LIST_MAX, true, Some(IdKind::Work))?;
-    let items = app.list_work(&env, &page).await?;
+    let filter = work_filter(&params)?;
+    let items = app.list_work(&env, &filter, &page).await?;
     Ok(Json(views::list(
         &items,
         |i| i.id.clone(),
         |i| views::work(i, None),
     )))
+}
+
+/// The list's filters (Tether extensions): `cause=poison` keeps the items stopped as poison (D-5) that
+/// no one has requeued yet.
+fn work_filter(params: &Params) -> ApiResult<tether_store::WorkFilter> {
+    let mut filter = tether_store::WorkFilter::default();
+    match params.get("cause") {
+        None => {}
+        Some("poison") => filter.poison = true,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "cause",
+                "cause must be `poison` (items stopped after too many lease expiries)",
+            ))
+        }
+    }
+    Ok(filter)
 }
 
 pub async fn poll(
@@ -228,6 +246,36 @@ pub async fn stop(
     let fields = JsonBody::object(body)?;
     let force = body::optional_bool(&fields, "force")?.unwrap_or(false);
     let item = app.stop(&env, &work_id, force).await?;
+    Ok(Json(views::work(&item, None)))
+}
+
+/// Requeue (Tether extension): the session of a stopped item gets a fresh queued item.
+pub async fn requeue(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path((env_id, work_id)): Path<(String, String)>,
+    body: Result<JsonBody, ApiError>,
+) -> ApiResult<Json<Value>> {
+    access::admin(&p)?;
+    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let fields = JsonBody::object(body)?;
+    let reason = body::optional_string(&fields, "reason")?;
+    if reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > crate::service::requeue::MAX_REASON_CHARS)
+    {
+        return Err(ApiError::bad_param(
+            "reason",
+            format!(
+                "reason must be at most {} characters",
+                crate::service::requeue::MAX_REASON_CHARS
+            ),
+        ));
+    }
+    let by = p.credential_id().unwrap_or("admin");
+    let item = app
+        .requeue_work(&env, &work_id, by, reason.as_deref())
+        .await?;
     Ok(Json(views::work(&item, None)))
 }
 

@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod environments;
 pub mod events;
+pub mod requeue;
 pub mod sessions;
 pub mod tokens;
 pub mod work;

@@ -29,6 +29,15 @@ pub enum Principal {
 }
 
 impl Principal {
+    /// What kind of credential authenticated the request (for logs).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Principal::Admin { .. } => "admin",
+            Principal::EnvironmentKey { .. } => "environment_key",
+            Principal::SessionToken { .. } => "session_token",
+        }
+    }
+
     /// The stored credential behind this caller; `None` for a session token, which is not one.
     pub fn credential_id(&self) -> Option<&str> {
         match self {

@@ -68,7 +68,7 @@ impl App {
         Ok(env)
     }
 
-    async fn load_item(
+    pub(super) async fn load_item(
         &self,
         environment_id: &str,
         work_id: &str,
@@ -468,10 +468,11 @@ impl App {
     pub async fn list_work(
         &self,
         env: &Environment,
+        filter: &tether_store::WorkFilter,
         page: &PageRequest,
     ) -> ApiResult<Page<WorkItem>> {
         self.expire_due_leases().await?;
-        Ok(self.store.list_work(&env.id, page).await?)
+        Ok(self.store.list_work(&env.id, filter, page).await?)
     }
 
     pub async fn queue_stats(&self, env: &Environment) -> ApiResult<QueueStats> {
@@ -641,7 +642,7 @@ fn unchanged(item: &WorkItem) -> Step {
     }
 }
 
-fn not_found_work(work_id: &str) -> ApiError {
+pub(super) fn not_found_work(work_id: &str) -> ApiError {
     ApiError::not_found(format!("no work item {work_id} in this environment"))
         .with_code("work_not_found")
 }

@@ -1,0 +1,87 @@
+//! `--workdir DIR`: each item runs in a fresh directory of its own, `DIR/<work_id>`, removed when the
+//! item is done unless `--keep-workdir`.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct Workdirs {
+    root: PathBuf,
+    keep: bool,
+}
+
+impl Workdirs {
+    /// Creates `root` if needed; the worker refuses to start when it cannot.
+    pub fn new(root: PathBuf, keep: bool) -> anyhow::Result<Workdirs> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create --workdir {}", root.display()))?;
+        // Absolute, so that PROGRAM's view does not depend on the worker's own directory.
+        let root = std::fs::canonicalize(&root)
+            .with_context(|| format!("cannot resolve --workdir {}", root.display()))?;
+        Ok(Workdirs { root, keep })
+    }
+
+    pub fn path(&self, work_id: &str) -> PathBuf {
+        debug_assert!(
+            !work_id.is_empty()
+                && !work_id.contains(['/', '\0'])
+                && work_id != ".."
+                && work_id != ".",
+            "work ids are plain names"
+        );
+        self.root.join(work_id)
+    }
+
+    /// A fresh, empty directory for the item: whatever an earlier run of the same item (a lease that
+    /// expired, a kept directory) left there is removed first.
+    pub fn prepare(&self, work_id: &str) -> io::Result<PathBuf> {
+        let dir = self.path(work_id);
+        remove(&dir)?;
+        std::fs::create_dir(&dir)?;
+        Ok(dir)
+    }
+
+    /// Removes the item's directory unless the directories are kept. Returns what went wrong, if
+    /// anything, for the log.
+    pub fn finish(&self, work_id: &str) -> io::Result<()> {
+        if self.keep {
+            return Ok(());
+        }
+        remove(&self.path(work_id))
+    }
+}
+
+fn remove(dir: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_item_gets_a_fresh_directory_that_goes_away_unless_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = Workdirs::new(root.path().join("items"), false).unwrap();
+        let dir = dirs.prepare("work_1").unwrap();
+        std::fs::write(dir.join("leftover"), "x").unwrap();
+        let again = dirs.prepare("work_1").unwrap();
+        assert_eq!(dir, again);
+        assert!(
+            !again.join("leftover").exists(),
+            "a second run starts empty"
+        );
+        dirs.finish("work_1").unwrap();
+        assert!(!dir.exists());
+        dirs.finish("work_1").unwrap();
+
+        let kept = Workdirs::new(root.path().join("kept"), true).unwrap();
+        let dir = kept.prepare("work_2").unwrap();
+        kept.finish("work_2").unwrap();
+        assert!(dir.exists());
+    }
+}

@@ -1,0 +1,98 @@
+//! Requeue of a stopped item (a Tether extension, §11): the way back for an item stopped as poison.
+//! The rule is the core's (`work::requeue`); this reads what it needs and commits its answer at once.
+
+use tether_core::ids::{self, IdKind};
+use tether_core::resources::Environment;
+use tether_core::work::{self, RequeueRequest};
+use tether_core::{Cause, WorkItem};
+use tether_store::{ChangeSet, Write};
+
+use super::{with_retries, App, Retry};
+use crate::error::{ApiError, ApiResult};
+
+/// History lines read to learn whether an item was requeued before. A poison item has a handful
+/// (four per lease it went through, at most `max_requeues` + 1 leases); past this many the item is
+/// treated as requeued already, which refuses rather than requeues twice.
+const HISTORY_READ: u32 = 1000;
+
+/// The longest reason kept in the history.
+pub const MAX_REASON_CHARS: usize = 500;
+
+impl App {
+    /// Gives the session of the stopped item `work_id` a fresh queued item. Returns the fresh item.
+    pub async fn requeue_work(
+        &self,
+        env: &Environment,
+        work_id: &str,
+        by: &str,
+        reason: Option<&str>,
+    ) -> ApiResult<WorkItem> {
+        let fresh = with_retries(|| async {
+            let current = self.load_item(&env.id, work_id).await?;
+            let history = self.store.list_history(work_id, None, HISTORY_READ).await?;
+            let already_requeued = history.has_more
+                || history
+                    .items
+                    .iter()
+                    .any(|h| h.transition.cause == Cause::Requeued);
+            let now = self.now();
+            let request = RequeueRequest {
+                fresh_id: ids::new_id(IdKind::Work),
+                by,
+                reason,
+                already_requeued,
+            };
+            let requeue = work::requeue(&current.value, request, now, &self.config.lease)
+                .map_err(ApiError::from)?;
+            let session_id = &current.value.data.id;
+            let session = match self.store.get_session(session_id).await? {
+                Some(s) if s.value.archived_at.is_none() => s,
+                Some(_) => {
+                    return Err(ApiError::state_conflict(format!(
+                        "session {session_id} is archived: its work cannot be requeued"
+                    ))
+                    .with_code("invalid_state")
+                    .into())
+                }
+                None => {
+                    return Err(ApiError::state_conflict(format!(
+                        "session {session_id} no longer exists: its work cannot be requeued"
+                    ))
+                    .with_code("invalid_state")
+                    .into())
+                }
+            };
+            if let Some(live) = self.store.live_work_for_session(session_id).await? {
+                return Err(ApiError::state_conflict(format!(
+                    "session {session_id} already has a live work item ({})",
+                    live.value.id
+                ))
+                .with_code("invalid_state")
+                .into());
+            }
+            let mut changes = ChangeSet::new();
+            changes.push(Write::UpdateWork {
+                item: requeue.stopped.item.clone(),
+                expected_version: current.version,
+                transitions: requeue.stopped.transitions.clone(),
+            });
+            changes.push(Write::InsertWork {
+                item: requeue.fresh.item.clone(),
+                transitions: requeue.fresh.transitions.clone(),
+            });
+            // The session's version is the guard against a concurrent archive or delete; a concurrent
+            // fresh item for it is refused by the one-live-item-per-session index.
+            changes.push(Write::UpdateSession {
+                session: session.value.clone(),
+                expected_version: session.version,
+            });
+            self.commit(changes).await?;
+            Ok::<_, Retry>(requeue.fresh.item)
+        })
+        .await?;
+        self.announce_claimable(std::slice::from_ref(&env.id)).await;
+        // §3.1: a requeue runs a dispatcher pass at once.
+        self.dispatch_now.notify_one();
+        Ok(fresh)
+    }
+}

@@ -1,0 +1,249 @@
+//! What `/metrics` exposes: the recorder with explicit histogram buckets per series, a HELP text for
+//! every series, and the per-environment queue gauges, which are computed from the store at scrape time.
+//!
+//! Why the queue gauges are not recorded through the `metrics` facade: they describe the database, not
+//! this process. Read at scrape time they are the same on every server of a cluster, they never go stale
+//! (an environment that is deleted simply stops appearing), and nothing has to keep them up to date
+//! between scrapes. Their cardinality is bounded by [`GAUGE_ENVIRONMENTS`].
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tether_core::WorkState;
+use tether_store::{ArchiveFilter, PageRequest};
+
+use crate::service::App;
+
+/// At most this many environments get queue gauges: the first, in id order (the oldest), among those
+/// that are not archived. When there are more, `tether_queue_gauges_truncated` is 1. Each environment
+/// costs 8 series.
+pub const GAUGE_ENVIRONMENTS: u32 = 200;
+
+/// HTTP requests: most answer in milliseconds; a long poll waits up to 1 s; streams last longer.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Queueing delays: from an immediate hand-off to a queue that waited for a worker for minutes.
+const QUEUE_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+/// Worker reaction times: an ack or first heartbeat follows a delivery within a lease (60 s default).
+const WORKER_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// A commit is one fsync (SQLite) or a round trip (PostgreSQL).
+const COMMIT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Every histogram and its buckets.
+pub const HISTOGRAMS: &[(&str, &[f64])] = &[
+    ("tether_http_request_duration_seconds", REQUEST_BUCKETS),
+    ("tether_enqueue_to_delivery_seconds", QUEUE_BUCKETS),
+    ("tether_delivery_to_ack_seconds", WORKER_BUCKETS),
+    ("tether_ack_to_first_heartbeat_seconds", WORKER_BUCKETS),
+    ("tether_store_commit_duration_seconds", COMMIT_BUCKETS),
+    ("tether_store_commit_batch_size", BATCH_BUCKETS),
+];
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide metrics recorder once (several servers in one test process share it).
+pub fn install() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let mut builder = PrometheusBuilder::new();
+            for (name, buckets) in HISTOGRAMS {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full((*name).to_owned()), buckets)
+                    .expect("bucket lists are not empty");
+            }
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    metrics::gauge!("tether_build_info", "version" => env!("CARGO_PKG_VERSION"))
+                        .set(1.0);
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The HELP text of every series the recorder carries.
+fn describe() {
+    describe_gauge!(
+        "tether_build_info",
+        "Always 1; the version label is the server's version."
+    );
+    describe_counter!(
+        "tether_http_requests_total",
+        "HTTP requests answered, by method, matched route and status."
+    );
+    describe_histogram!(
+        "tether_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request to response head, by method, matched route and status."
+    );
+    describe_histogram!(
+        "tether_enqueue_to_delivery_seconds",
+        Unit::Seconds,
+        "Time a work item waited in the queue before a poll handed it out."
+    );
+    describe_histogram!(
+        "tether_delivery_to_ack_seconds",
+        Unit::Seconds,
+        "Time from a poll's delivery to the worker's ack."
+    );
+    describe_histogram!(
+        "tether_ack_to_first_heartbeat_seconds",
+        Unit::Seconds,
+        "Time from an ack to the first heartbeat (the item becomes active)."
+    );
+    describe_histogram!(
+        "tether_store_commit_duration_seconds",
+        Unit::Seconds,
+        "Time one store commit took (a group of writes on SQLite, one transaction on PostgreSQL)."
+    );
+    describe_histogram!(
+        "tether_store_commit_batch_size",
+        "Writes committed together by one SQLite group commit."
+    );
+    describe_counter!(
+        "tether_work_transitions_total",
+        "Work item state changes committed, by cause (§11.2)."
+    );
+    describe_counter!(
+        "tether_lease_expiries_total",
+        "Leases the dispatcher found expired."
+    );
+    describe_gauge!(
+        "tether_long_poll_waiters",
+        "Long polls blocked in this process."
+    );
+    describe_gauge!(
+        "tether_session_streams",
+        "Session event streams open on this process."
+    );
+}
+
+/// One per-environment gauge family: name, help.
+const QUEUE_GAUGES: &[(&str, &str)] = &[
+    (
+        "tether_queue_depth",
+        "Queued work items no poll has handed out yet (the autoscaling signal).",
+    ),
+    (
+        "tether_queue_pending",
+        "Queued work items handed out but not acknowledged yet.",
+    ),
+    (
+        "tether_queue_items",
+        "Live work items by state (stopped items are not counted).",
+    ),
+    (
+        "tether_queue_oldest_queued_age_seconds",
+        "Age of the oldest queued work item; 0 when none is queued.",
+    ),
+    (
+        "tether_queue_workers_polling",
+        "Distinct workers that polled in the last 30 seconds.",
+    ),
+];
+
+/// The per-environment queue gauges in Prometheus text format, read from the store now.
+pub async fn queue_gauges(app: &App) -> String {
+    let mut page = PageRequest::first(GAUGE_ENVIRONMENTS);
+    page.limit = GAUGE_ENVIRONMENTS + 1;
+    let envs = match app
+        .store
+        .list_environments(&ArchiveFilter::default(), &page)
+        .await
+    {
+        Ok(page) => page.items,
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot list environments");
+            return "# the store did not answer: no queue gauges in this scrape\n".to_owned();
+        }
+    };
+    let truncated = u8::from(envs.len() > GAUGE_ENVIRONMENTS as usize);
+    let now = app.now();
+    let polling_since = now.minus_millis(app.config.workers_polling_window_ms);
+    // name → lines
+    let mut families: Vec<(&str, &str, Vec<String>)> = QUEUE_GAUGES
+        .iter()
+        .map(|(n, h)| (*n, *h, Vec::new()))
+        .collect();
+    let hosted = envs
+        .iter()
+        .take(GAUGE_ENVIRONMENTS as usize)
+        .filter(|e| e.is_self_hosted());
+    for env in hosted {
+        // No expiry pass per environment here: the dispatcher's tick keeps leases timely.
+        let (Ok(c), Ok(workers)) = (
+            app.store.queue_counts(&env.id).await,
+            app.store.workers_seen(&env.id, polling_since).await,
+        ) else {
+            continue;
+        };
+        let label = format!("environment_id=\"{}\"", escape_label(&env.id));
+        let age = c
+            .oldest_queued_at
+            .map_or(0.0, |t| now.millis_since(t).max(0) as f64 / 1000.0);
+        families[0]
+            .2
+            .push(format!("tether_queue_depth{{{label}}} {}", c.depth));
+        families[1]
+            .2
+            .push(format!("tether_queue_pending{{{label}}} {}", c.pending));
+        for state in [
+            WorkState::Queued,
+            WorkState::Starting,
+            WorkState::Active,
+            WorkState::Stopping,
+        ] {
+            let n = c.states.get(&state).copied().unwrap_or(0);
+            families[2].2.push(format!(
+                "tether_queue_items{{{label},state=\"{}\"}} {n}",
+                state.as_str()
+            ));
+        }
+        families[3].2.push(format!(
+            "tether_queue_oldest_queued_age_seconds{{{label}}} {age}"
+        ));
+        families[4].2.push(format!(
+            "tether_queue_workers_polling{{{label}}} {}",
+            workers.len()
+        ));
+    }
+    let mut out = String::new();
+    for (name, help, lines) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for line in lines {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tether_queue_gauges_truncated 1 when there are more than {GAUGE_ENVIRONMENTS} \
+         environments and only the first {GAUGE_ENVIRONMENTS} have queue gauges.\n\
+         # TYPE tether_queue_gauges_truncated gauge\n\
+         tether_queue_gauges_truncated {truncated}"
+    );
+    out
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -7,6 +7,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod sampler;
 pub mod service;
 pub mod views;
 pub mod waiters;
@@ -32,6 +33,7 @@ pub async fn serve(
         tracing::warn!(error = %e.message, "lease amnesty failed");
     }
     let dispatcher = dispatcher::spawn(app.clone());
+    let sampler = sampler::spawn(app.clone());
     let router = http::router(app.clone(), body_limit);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let app_for_signal = app.clone();
@@ -55,5 +57,6 @@ pub async fn serve(
         }
     };
     dispatcher.abort();
+    sampler.abort();
     outcome
 }

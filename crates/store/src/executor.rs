@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use crate::sql::{self, Expect, Row, Statement};
 use crate::{
     ArchiveFilter, ChangeSet, HistoryRow, Notice, Page, PageRequest, QueueCounts, SessionFilter,
-    Store, StoreResult, Versioned,
+    Store, StoreResult, Versioned, WorkFilter,
 };
 
 /// What a backend provides: run a query, run a list of writes atomically, and pass notices around.
@@ -176,9 +176,10 @@ impl<E: Executor> Store for SqlStore<E> {
     async fn list_work(
         &self,
         environment_id: &str,
+        filter: &WorkFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<WorkItem>> {
-        self.paged(sql::list_work(environment_id, page), page, sql::doc)
+        self.paged(sql::list_work(environment_id, filter, page), page, sql::doc)
             .await
     }
 

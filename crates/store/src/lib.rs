@@ -186,6 +186,14 @@ pub struct SessionFilter {
     pub created_lte: Option<Timestamp>,
 }
 
+/// Which items a work listing returns; the default is every item (D-4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkFilter {
+    /// Only items in one of these states (empty: all states). A Tether extension: neither dialect
+    /// filters the work list.
+    pub states: Vec<WorkState>,
+}
+
 /// Counts behind `GET …/work/stats` (§2.5, D-9).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueCounts {
@@ -276,6 +284,7 @@ pub trait Store: Send + Sync + 'static {
     async fn list_work(
         &self,
         environment_id: &str,
+        filter: &WorkFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<WorkItem>>;
     /// Queued items a poll may take: undelivered, or delivered at or before `reclaim_cutoff`; oldest

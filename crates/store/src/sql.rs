@@ -11,7 +11,7 @@ use tether_core::{Timestamp, WorkItem, WorkState};
 
 use crate::{
     history_seq, ArchiveFilter, ChangeSet, Cursor, HistoryRow, Page, PageRequest, QueueCounts,
-    SessionFilter, StoreError, StoreResult, Versioned, Write,
+    SessionFilter, StoreError, WorkFilter, StoreResult, Versioned, Write,
 };
 
 /// A bound parameter or a fetched column value.
@@ -636,10 +636,18 @@ pub fn list_events(session_id: &str, page: &PageRequest) -> Statement {
     f.statement("SELECT doc FROM session_events", &tail)
 }
 
-pub fn list_work(environment_id: &str, page: &PageRequest) -> Statement {
+pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) -> Statement {
     let mut f = Filter::default();
     let p = f.param(environment_id);
     f.add(format!("environment_id = {p}"));
+    if !filter.states.is_empty() {
+        let ps: Vec<String> = filter
+            .states
+            .iter()
+            .map(|s| f.param(s.as_str()))
+            .collect();
+        f.add(format!("state IN ({})", ps.join(", ")));
+    }
     let tail = f.paginate("id", page);
     f.statement("SELECT doc FROM work_items", &tail)
 }

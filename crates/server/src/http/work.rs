@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use tether_core::ids::IdKind;
 use tether_core::resources::Environment;
 use tether_core::work::ExpectedHeartbeat;
-use tether_core::WorkItem;
+use tether_core::{WorkItem, WorkState};
+use tether_store::WorkFilter;
 
 use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
@@ -46,12 +47,31 @@ pub async fn list(
     access::environment(&p, &env_id)?;
     let env = app.work_environment(&env_id).await?;
     let page = params.page(WORK_LIST_MAX, true, Some(IdKind::Work))?;
-    let items = app.list_work(&env, &page).await?;
+    let filter = WorkFilter {
+        states: work_states(&params)?,
+    };
+    let items = app.list_work(&env, &filter, &page).await?;
     Ok(Json(views::list(
         &items,
         |i| i.id.clone(),
         |i| views::work(i, None),
     )))
+}
+
+/// The `state` filter of the work list (a Tether extension): repeated or comma-separated states.
+fn work_states(params: &Params) -> ApiResult<Vec<WorkState>> {
+    params
+        .all("state")
+        .iter()
+        .map(|raw| {
+            WorkState::parse(raw).ok_or_else(|| {
+                ApiError::bad_param(
+                    "state",
+                    "state must be one of queued, starting, active, stopping, stopped",
+                )
+            })
+        })
+        .collect()
 }
 
 pub async fn poll(
@@ -124,6 +144,41 @@ pub async fn stats(
         "oldest_queued_at": stats.counts.oldest_queued_at.map(|t| t.to_rfc3339()),
         "workers_polling": stats.workers_polling,
         "states": states,
+    })))
+}
+
+/// The last hour of queue statistics, as sampled by this server (`crate::sampler`).
+pub async fn stats_history(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(env_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::environment(&p, &env_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let since = app
+        .now()
+        .minus_millis(crate::sampler::RETENTION.as_millis() as i64);
+    let data: Vec<Value> = app
+        .queue_history
+        .since(&env.id, since)
+        .iter()
+        .map(|s| {
+            json!({
+                "at": s.at.to_rfc3339(),
+                "depth": s.depth,
+                "pending": s.pending,
+                "starting": s.starting,
+                "active": s.active,
+                "stopping": s.stopping,
+                "workers_polling": s.workers_polling,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "type": "work_queue_stats_history",
+        "environment_id": env.id,
+        "interval_seconds": app.config.sample_interval.as_secs_f64(),
+        "data": data,
     })))
 }
 

@@ -7,7 +7,9 @@ use tether_core::resources::{Environment, Session};
 use tether_core::session::on_work_transition;
 use tether_core::work::{self, ExpectedHeartbeat, HeartbeatReply, Step, WorkData};
 use tether_core::{Timestamp, WorkError, WorkItem, WorkState};
-use tether_store::{ChangeSet, HistoryRow, Page, PageRequest, QueueCounts, Versioned, Write};
+use tether_store::{
+    ChangeSet, HistoryRow, Page, PageRequest, QueueCounts, Versioned, WorkFilter, Write,
+};
 
 use super::events::server_event;
 use super::{with_retries, App, Retry};
@@ -457,10 +459,11 @@ impl App {
     pub async fn list_work(
         &self,
         env: &Environment,
+        filter: &WorkFilter,
         page: &PageRequest,
     ) -> ApiResult<Page<WorkItem>> {
         self.expire_due_leases().await?;
-        Ok(self.store.list_work(&env.id, page).await?)
+        Ok(self.store.list_work(&env.id, filter, page).await?)
     }
 
     pub async fn queue_stats(&self, env: &Environment) -> ApiResult<QueueStats> {

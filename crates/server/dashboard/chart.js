@@ -4,7 +4,6 @@
 import { s } from './dom.js';
 import { clockTime } from './format.js';
 
-const W = 600;
 const H = 160;
 const PAD = { left: 34, right: 8, top: 10, bottom: 22 };
 
@@ -14,7 +13,9 @@ const SERIES = [
   { key: 'active', label: 'active items', cls: 'line-active' },
 ];
 
-export function queueChart(samples, label) {
+/** `width`: the width the chart is drawn at, in CSS pixels, so that its text is not stretched. */
+export function queueChart(samples, label, width = 600) {
+  const W = Math.max(240, Math.round(width));
   const latest = samples[samples.length - 1];
   const summary = latest
     ? `${label}: queue depth and active items over the last hour, ${samples.length} samples; ` +

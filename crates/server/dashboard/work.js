@@ -93,7 +93,7 @@ export function environmentPage(main, ctx, envId) {
     fill(title, env.name);
     document.title = `${env.name} · Tether`;
     fill(stats, statsList(s));
-    fill(chart, queueChart(history.data, env.name), h('figcaption', {}, legend(), '(last hour)'));
+    fill(chart, queueChart(history.data, env.name, chart.clientWidth || 600), h('figcaption', {}, legend(), '(last hour)'));
   }
 
   async function refreshWork() {

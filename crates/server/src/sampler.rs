@@ -175,9 +175,14 @@ mod tests {
         }
         let kept = history.since("env_a", Timestamp::from_micros(0));
         assert_eq!(kept.len(), 361);
-        assert_eq!(kept[0].at, Timestamp::from_micros((1000 - 361) * 10_000 * 1000));
         assert_eq!(
-            history.since("env_a", Timestamp::from_micros(999 * 10_000 * 1000)).len(),
+            kept[0].at,
+            Timestamp::from_micros((1000 - 361) * 10_000 * 1000)
+        );
+        assert_eq!(
+            history
+                .since("env_a", Timestamp::from_micros(999 * 10_000 * 1000))
+                .len(),
             1
         );
     }

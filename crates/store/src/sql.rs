@@ -11,7 +11,7 @@ use tether_core::{Timestamp, WorkItem, WorkState};
 
 use crate::{
     history_seq, ArchiveFilter, ChangeSet, Cursor, HistoryRow, Page, PageRequest, QueueCounts,
-    SessionFilter, StoreError, WorkFilter, StoreResult, Versioned, Write,
+    SessionFilter, StoreError, StoreResult, Versioned, WorkFilter, Write,
 };
 
 /// A bound parameter or a fetched column value.
@@ -641,11 +641,7 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
     let p = f.param(environment_id);
     f.add(format!("environment_id = {p}"));
     if !filter.states.is_empty() {
-        let ps: Vec<String> = filter
-            .states
-            .iter()
-            .map(|s| f.param(s.as_str()))
-            .collect();
+        let ps: Vec<String> = filter.states.iter().map(|s| f.param(s.as_str())).collect();
         f.add(format!("state IN ({})", ps.join(", ")));
     }
     let tail = f.paginate("id", page);

@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 
 /// The policy every dashboard response carries.
-pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+pub const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self'; connect-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'";
 
@@ -96,7 +97,10 @@ fn serve(name: &str, headers: &HeaderMap) -> Response {
     let fresh = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|tag| tag.trim() == etag || tag.trim() == "*")
+        });
     let mut response = if fresh {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -113,7 +117,10 @@ fn serve(name: &str, headers: &HeaderMap) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     response
 }
@@ -129,10 +136,18 @@ mod tests {
 
     #[test]
     fn every_module_the_page_imports_is_served() {
-        for asset in ASSETS.iter().filter(|a| a.name.ends_with(".js") || a.name.ends_with(".html")) {
+        for asset in ASSETS
+            .iter()
+            .filter(|a| a.name.ends_with(".js") || a.name.ends_with(".html"))
+        {
             let text = std::str::from_utf8(asset.bytes).expect("utf-8");
-            for quoted in text.split(['"', '\'']).filter(|s| s.starts_with("./") || s.starts_with("/dashboard/")) {
-                let name = quoted.trim_start_matches("./").trim_start_matches("/dashboard/");
+            for quoted in text
+                .split(['"', '\''])
+                .filter(|s| s.starts_with("./") || s.starts_with("/dashboard/"))
+            {
+                let name = quoted
+                    .trim_start_matches("./")
+                    .trim_start_matches("/dashboard/");
                 if name.contains(' ') || name.is_empty() {
                     continue;
                 }

@@ -463,11 +463,17 @@ pub fn ops() -> Vec<Endpoint> {
             .access(Public)
             .returns(Text),
         ep(Get, "/", "dashboard", dashboard::index)
-            .doc("operations", "The dashboard, for a browser (sign in with an admin token)")
+            .doc(
+                "operations",
+                "The dashboard, for a browser (sign in with an admin token)",
+            )
             .access(Public)
             .returns(File),
         ep(Get, "/dashboard/{file}", "dashboardFile", dashboard::file)
-            .doc("operations", "A file of the dashboard (`ETag`, `Cache-Control: no-cache`)")
+            .doc(
+                "operations",
+                "A file of the dashboard (`ETag`, `Cache-Control: no-cache`)",
+            )
             .access(Public)
             .returns(File),
         ep(Get, "/openapi.json", "openapi", super::openapi::serve)

@@ -250,6 +250,49 @@ test('6. a force-stop from the UI reaches the worker: its program is terminated'
   noProblems();
 });
 
+/** Every visible text of the page against its background: WCAG AA (4.5:1, 3:1 for large text). */
+function contrastProblems() {
+  return page.evaluate(() => {
+    const rgb = (text) => text.match(/[\d.]+/g).map(Number);
+    const luminance = ([r, g, b]) => {
+      const lin = (c) => { const v = c / 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+      return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b);
+    };
+    const background = (element) => {
+      for (let e = element; e; e = e.parentElement) {
+        const c = rgb(getComputedStyle(e).backgroundColor);
+        if (c.length < 4 || c[3] === 1) return c.slice(0, 3);
+      }
+      return [255, 255, 255];
+    };
+    const problems = [];
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      const element = node.parentElement;
+      if (!node.textContent.trim() || !element.checkVisibility() || element.closest('button:disabled, svg, .visually-hidden')) continue;
+      const style = getComputedStyle(element);
+      const fg = luminance(rgb(style.color));
+      const bg = luminance(background(element));
+      const ratio = (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+      const size = parseFloat(style.fontSize);
+      const large = size >= 24 || (size >= 18.66 && Number(style.fontWeight) >= 700);
+      if (ratio < (large ? 3 : 4.5)) problems.push(`${ratio.toFixed(2)}:1 "${node.textContent.trim().slice(0, 40)}"`);
+    }
+    return problems;
+  });
+}
+
+test('text meets WCAG AA contrast on every main view', async () => {
+  for (const hash of ['#/', `#/environments/${env.id}`, `#/environments/${env.id}/work/${env.workId}`, '#/sessions', `#/sessions/${sessionId}`]) {
+    await page.goto(`${server.base}/${hash}`);
+    await page.locator('main h1').first().waitFor();
+    await page.waitForLoadState('networkidle');
+    await page.waitForTimeout(300);
+    assert.deepEqual(await contrastProblems(), [], hash);
+  }
+  noProblems();
+});
+
 test('usable at phone width: nothing but tables scrolls sideways', async () => {
   await page.setViewportSize({ width: 390, height: 844 });
   for (const hash of ['#/', `#/environments/${env.id}`, `#/sessions/${sessionId}`]) {

@@ -212,7 +212,7 @@ export function environmentPage(main, ctx, envId) {
     copy.focus();
   }
 
-  ctx.every(LIVE_MS * 2, refreshQueue, 'queue');
+  ctx.every(LIVE_MS, refreshQueue, 'queue');
   ctx.every(LIVE_MS, refreshWork, 'work');
   refreshKeys().catch((e) => notify(e.message, { key: 'keys' }));
 }

@@ -192,6 +192,14 @@ test('5. the history of that item: a timeline with causes, and its metadata', as
   assert.ok(targets.indexOf('starting') < targets.indexOf('active'), targets.join(','));
   assert.equal(targets[targets.length - 1], 'stopped');
   await page.getByRole('region', { name: 'Metadata' }).getByText('tether.exit_code').waitFor();
+  // Times in the viewer's zone (the browser runs in Asia/Kolkata, UTC+5:30), not the server's UTC.
+  const created = await page.locator('time').first().getAttribute('datetime');
+  const shown = await page.locator('time').first().textContent();
+  assert.match(shown, /GMT\+5:30/, shown);
+  const local = new Date(Date.parse(created) + 330 * 60_000);
+  const hh = local.getUTCHours() % 12 || 12;
+  assert.ok(shown.includes(`${String(hh).padStart(2, '0')}:${String(local.getUTCMinutes()).padStart(2, '0')}`),
+    `${created} shown as ${shown}`);
   await shot('work-item');
   noProblems();
 });
@@ -281,6 +289,32 @@ function contrastProblems() {
     return problems;
   });
 }
+
+test('keys: revoke one after a confirmation; sessions: listed with their status', async () => {
+  await page.goto(`${server.base}/#/environments/${env.id}`);
+  await page.getByLabel('Key name (optional)').fill('spare');
+  await page.getByRole('button', { name: 'Create key' }).click();
+  await page.locator('#new-key-token').waitFor();
+  const keys = page.getByRole('region', { name: 'Environment keys' });
+  const spare = keys.locator('tr', { hasText: 'spare' });
+  await spare.getByRole('button', { name: 'Revoke' }).click();
+  const dialog = page.getByRole('dialog');
+  await dialog.getByRole('button', { name: 'Cancel' }).click();
+  assert.equal(await spare.getByRole('button', { name: 'Revoke' }).count(), 1, 'cancel revokes nothing');
+  await spare.getByRole('button', { name: 'Revoke' }).click();
+  await dialog.getByRole('button', { name: 'Revoke key' }).press('Enter');
+  await spare.getByText('revoked').waitFor();
+  await keys.locator('tr', { hasText: 'ci-worker' }).getByText('active').waitFor();
+  const listed = await api(server, 'GET', `/environments/${env.id}/keys`);
+  assert.ok(listed.data.find((k) => k.name === 'spare').revoked_at);
+  assert.equal(listed.data.find((k) => k.name === 'ci-worker').revoked_at, null);
+
+  await page.getByRole('navigation').getByRole('link', { name: 'Sessions' }).click();
+  const row = page.getByRole('region', { name: 'Sessions' }).locator('tr', { hasText: `first-${marker}` });
+  await row.locator('.badge').waitFor();
+  assert.match(await row.locator('.badge').textContent(), /^(idle|running)$/);
+  noProblems();
+});
 
 test('text meets WCAG AA contrast on every main view', async () => {
   for (const hash of ['#/', `#/environments/${env.id}`, `#/environments/${env.id}/work/${env.workId}`, '#/sessions', `#/sessions/${sessionId}`]) {

@@ -111,6 +111,9 @@ export async function launchBrowser(origin) {
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
     viewport: { width: 1280, height: 800 },
+    // A zone other than the machine's (UTC on CI), so that the tests see times shown in the viewer's zone.
+    locale: 'en-US',
+    timezoneId: 'Asia/Kolkata',
   });
   await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin });
   return {

@@ -8,7 +8,7 @@
 //! difference, and a chart is no place for correctness. Keeping them out of the store also costs no
 //! write (and, on the embedded store, no fsync) per tick.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -66,7 +66,7 @@ impl QueueHistory {
     }
 
     /// Drops the rings of environments that were not sampled in the last pass (deleted or archived).
-    fn retain(&self, sampled: &[String]) {
+    fn retain(&self, sampled: &HashSet<String>) {
         let mut rings = self.rings.lock().expect("queue history lock");
         rings.retain(|env, _| sampled.contains(env));
     }
@@ -127,7 +127,7 @@ pub async fn pass(app: &App) -> crate::error::ApiResult<()> {
     app.expire_due_leases().await?;
     let now = app.now();
     let polling_since = now.minus_millis(app.config.workers_polling_window_ms);
-    let mut sampled = Vec::with_capacity(environments.len());
+    let mut sampled = HashSet::with_capacity(environments.len());
     for env in &environments {
         let counts = app.store.queue_counts(&env.id).await?;
         let workers_polling = app.store.workers_seen(&env.id, polling_since).await?.len() as u64;
@@ -144,7 +144,7 @@ pub async fn pass(app: &App) -> crate::error::ApiResult<()> {
                 workers_polling,
             },
         );
-        sampled.push(env.id.clone());
+        sampled.insert(env.id.clone());
     }
     app.queue_history.retain(&sampled);
     Ok(())
@@ -192,7 +192,7 @@ mod tests {
         let history = QueueHistory::new(Duration::from_secs(10));
         history.record("env_a", sample(0));
         history.record("env_b", sample(0));
-        history.retain(&["env_b".to_owned()]);
+        history.retain(&HashSet::from(["env_b".to_owned()]));
         assert!(history.since("env_a", Timestamp::from_micros(0)).is_empty());
         assert_eq!(history.since("env_b", Timestamp::from_micros(0)).len(), 1);
     }

@@ -243,3 +243,59 @@ async fn the_history_endpoint_and_the_state_filter_are_documented() {
     assert!(doc["components"]["schemas"]["WorkQueueStatsHistory"].is_object());
     server.shutdown().await;
 }
+
+/// Reads `server`'s queue history of `env` until a sample shows `depth` (bounded: 100 tries).
+async fn history_showing(server: &TestServer, env: &str, depth: u64) -> Value {
+    let mut history = Value::Null;
+    for _ in 0..100 {
+        history = req(
+            server,
+            Method::GET,
+            &format!("/environments/{env}/work/stats/history"),
+        )
+        .send()
+        .await
+        .ok()
+        .clone();
+        let last = history["data"].as_array().unwrap().last().cloned();
+        if last.is_some_and(|s| s["depth"] == depth) {
+            return history;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no sample with depth {depth}: {history}");
+}
+
+#[tokio::test]
+async fn every_server_on_one_database_samples_the_whole_cluster() {
+    for backend in backends() {
+        // An embedded SQLite store belongs to one process; only a shared database has neighbours.
+        if backend == Backend::Sqlite {
+            continue;
+        }
+        let mut options = Options::default();
+        options.config.sample_interval = Duration::from_millis(100);
+        let first = TestServer::start_with(&backend, options.clone()).await;
+        let second = TestServer::start_on(
+            &backend,
+            first.location.clone(),
+            options,
+            first.clock.clone(),
+        )
+        .await;
+        // Work enqueued through the first server shows in the second one's history, and the reverse.
+        let q = Queue::new(&first).await;
+        q.enqueue().await;
+        history_showing(&second, &q.env, 1).await;
+        let agent = q.agent.clone();
+        req(&second, Method::POST, "/sessions")
+            .json(json!({"agent": agent, "environment_id": q.env}))
+            .send()
+            .await
+            .ok();
+        history_showing(&first, &q.env, 2).await;
+        history_showing(&second, &q.env, 2).await;
+        second.shutdown().await;
+        first.shutdown().await;
+    }
+}

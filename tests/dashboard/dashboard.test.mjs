@@ -313,6 +313,7 @@ test('keys: revoke one after a confirmation; sessions: listed with their status'
   const row = page.getByRole('region', { name: 'Sessions' }).locator('tr', { hasText: `first-${marker}` });
   await row.locator('.badge').waitFor();
   assert.match(await row.locator('.badge').textContent(), /^(idle|running)$/);
+  await shot('sessions');
   noProblems();
 });
 

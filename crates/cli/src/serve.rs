@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// Dispatcher tick in milliseconds.
     #[arg(long, env = "TETHER_TICK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub tick_ms: u64,
+    /// How often queue statistics are sampled for the dashboard's chart, in milliseconds.
+    #[arg(long, env = "TETHER_SAMPLE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub sample_ms: u64,
     /// Lease TTL in seconds until a heartbeat asks for another.
     #[arg(long, env = "TETHER_LEASE_TTL", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=600))]
     pub lease_ttl: u32,
@@ -162,6 +165,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         amnesty_grace_ms: args.amnesty_ms,
         tick: Duration::from_millis(args.tick_ms),
+        sample_interval: Duration::from_millis(args.sample_ms),
         ..ServiceConfig::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

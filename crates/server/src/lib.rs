@@ -7,6 +7,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod sampler;
 pub mod service;
 pub mod telemetry;
 pub mod views;
@@ -33,6 +34,7 @@ pub async fn serve(
         tracing::warn!(error = %e.message, "lease amnesty failed");
     }
     let dispatcher = dispatcher::spawn(app.clone());
+    let sampler = sampler::spawn(app.clone());
     let router = http::router(app.clone(), body_limit);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let app_for_signal = app.clone();
@@ -56,5 +58,6 @@ pub async fn serve(
         }
     };
     dispatcher.abort();
+    sampler.abort();
     outcome
 }

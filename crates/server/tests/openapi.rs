@@ -15,6 +15,7 @@ fn sample(param: &str) -> &'static str {
         "agent_id" => "agent_019f3be4fd2475d9a784bf2c739e1194",
         "session_id" => "sess_019f3be4fd2475d9a784bf2c739e1194",
         "key_id" => "envkey_019f3be4fd2475d9a784bf2c739e1194",
+        "file" => "app.js",
         _ => "tok_019f3be4fd2475d9a784bf2c739e1194",
     }
 }
@@ -106,8 +107,8 @@ async fn every_documented_operation_is_served_under_both_prefixes() {
     );
     assert_eq!(
         seen,
-        per_prefix[0] + per_prefix[1] + 4,
-        "the operations surface: healthz, readyz, metrics, openapi.json"
+        per_prefix[0] + per_prefix[1] + 6,
+        "the operations surface: healthz, readyz, metrics, openapi.json, the dashboard and its files"
     );
 
     // And the converse sanity check: what is not documented is not served.

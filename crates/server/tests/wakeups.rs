@@ -16,7 +16,7 @@ use tether_core::{SystemClock, Timestamp, WorkItem};
 use tether_server::{App, ServiceConfig};
 use tether_store::{
     ArchiveFilter, ChangeSet, HistoryRow, Notice, Page, PageRequest, QueueCounts, SessionFilter,
-    Store, StoreResult, Versioned,
+    Store, StoreResult, Versioned, WorkFilter,
 };
 use tether_testkit::{backends, StoreLocation};
 
@@ -105,7 +105,7 @@ impl Store for Counting {
     async fn list_work(
         &self,
         environment_id: &str,
-        filter: &tether_store::WorkFilter,
+        filter: &WorkFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<WorkItem>> {
         self.inner.list_work(environment_id, filter, page).await

@@ -170,13 +170,6 @@ pub struct Page<T> {
     pub has_more: bool,
 }
 
-/// Which work items a list keeps (all of the environment's by default).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WorkFilter {
-    /// Only items stopped as poison (`poison_stopped`, D-5) that no operator has requeued yet.
-    pub poison: bool,
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ArchiveFilter {
     pub include_archived: bool,
@@ -192,6 +185,16 @@ pub struct SessionFilter {
     pub include_archived: bool,
     pub created_gte: Option<Timestamp>,
     pub created_lte: Option<Timestamp>,
+}
+
+/// Which items a work listing returns; the default is every item (D-4). Both filters are Tether
+/// extensions (neither dialect filters the work list), and they combine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkFilter {
+    /// Only items in one of these states (empty: all states).
+    pub states: Vec<WorkState>,
+    /// Only items stopped as poison (`poison_stopped`, D-5) that no operator has requeued yet.
+    pub poison: bool,
 }
 
 /// Counts behind `GET …/work/stats` (§2.5, D-9).

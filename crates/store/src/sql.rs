@@ -640,6 +640,10 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
     let mut f = Filter::default();
     let p = f.param(environment_id);
     f.add(format!("environment_id = {p}"));
+    if !filter.states.is_empty() {
+        let ps: Vec<String> = filter.states.iter().map(|s| f.param(s.as_str())).collect();
+        f.add(format!("state IN ({})", ps.join(", ")));
+    }
     if filter.poison {
         // The cause lives in the history's documents (one serialization, `"cause":"…"`, on both
         // backends); a poison item has a handful of history lines, read through the primary key.

@@ -2,6 +2,7 @@
 //! every response a request id and every error the envelope.
 
 pub mod access;
+pub mod dashboard;
 pub mod events;
 pub mod extract;
 pub mod openapi;

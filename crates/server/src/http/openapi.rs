@@ -219,6 +219,16 @@ fn add(paths: &mut Paths, endpoint: &Endpoint, path: String, dialect: Option<Dia
                 .build(),
         ),
         Returns::AnyJson => responses.response("200", ok_json(any_object())),
+        Returns::File => responses.response(
+            "200",
+            ResponseBuilder::new()
+                .description("The file; `304` when `If-None-Match` names its `ETag`.")
+                .content("text/html", ContentBuilder::new().schema(Some(string())).build())
+                .content("text/javascript", ContentBuilder::new().schema(Some(string())).build())
+                .content("text/css", ContentBuilder::new().schema(Some(string())).build())
+                .content("image/svg+xml", ContentBuilder::new().schema(Some(string())).build())
+                .build(),
+        ),
     };
     if endpoint.access != Access::Public {
         responses = responses.response(
@@ -263,6 +273,7 @@ fn path_param_doc(name: &str) -> &'static str {
         "session_id" => "The session (`sess_…`).",
         "key_id" => "The environment key (`envkey_…`).",
         "token_id" => "The admin token's id.",
+        "file" => "The file's name.",
         _ => "An id.",
     }
 }
@@ -646,6 +657,35 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
                             .additional_properties(Some(ObjectBuilder::new().schema_type(Type::Integer)))
                             .into(),
                         false,
+                    ),
+                ],
+            ),
+        ),
+        (
+            "WorkQueueStatsHistory",
+            object(
+                "Queue statistics of the last hour, oldest first. Every server samples the shared store \
+                 on its own tick, so any server's answer covers the whole cluster; a server that started \
+                 less than an hour ago has fewer samples.",
+                vec![
+                    ("type", constant("work_queue_stats_history"), true),
+                    ("environment_id", string(), true),
+                    ("interval_seconds", ObjectBuilder::new().schema_type(Type::Number).into(), true),
+                    (
+                        "data",
+                        array_of(object(
+                            "One sample.",
+                            vec![
+                                ("at", timestamp(), true),
+                                ("depth", integer(), true),
+                                ("pending", integer(), true),
+                                ("starting", integer(), true),
+                                ("active", integer(), true),
+                                ("stopping", integer(), true),
+                                ("workers_polling", integer(), true),
+                            ],
+                        )),
+                        true,
                     ),
                 ],
             ),

@@ -5,7 +5,7 @@
 use axum::handler::Handler;
 use axum::routing::{on, MethodFilter, MethodRouter};
 
-use super::{events, ops, resources as r, work};
+use super::{dashboard, events, ops, resources as r, work};
 use crate::service::App;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +142,8 @@ pub enum Returns {
     Text,
     /// 200 with any JSON document (the OpenAPI document itself).
     AnyJson,
+    /// 200 with a file of the dashboard (HTML, JavaScript, CSS or SVG).
+    File,
 }
 
 pub struct Endpoint {
@@ -286,6 +288,7 @@ pub fn api() -> Vec<Endpoint> {
             .doc("work", "List work items in queue order")
             .access(Environment)
             .params(PAGE)
+            .params(&[q("state", Ty::Strings, "Tether extension: only items in one of these states (`state=queued&state=active` or `state=queued,active`); absent: every state.")])
             .params(&[q("cause", Ty::String, "Tether extension: `poison` lists only the items stopped after too many lease expiries (D-5) that no one has requeued yet.")])
             .returns(List("WorkItem")),
         ep(Get, "/environments/{environment_id}/work/poll", "pollWork", work::poll)
@@ -301,6 +304,10 @@ pub fn api() -> Vec<Endpoint> {
             .doc("work", "Queue statistics")
             .access(Environment)
             .returns(Json("WorkQueueStats")),
+        ep(Get, "/environments/{environment_id}/work/stats/history", "workStatsHistory", work::stats_history)
+            .doc("work", "Tether extension: the queue statistics of the last hour, sampled every `interval_seconds` by the server that answers")
+            .access(Environment)
+            .returns(Json("WorkQueueStatsHistory")),
         ep(Get, "/environments/{environment_id}/work/{work_id}", "getWork", work::get)
             .doc("work", "Get a work item")
             .access(WorkItem)
@@ -460,6 +467,20 @@ pub fn ops() -> Vec<Endpoint> {
             .doc("operations", "Prometheus metrics")
             .access(Public)
             .returns(Text),
+        ep(Get, "/", "dashboard", dashboard::index)
+            .doc(
+                "operations",
+                "The dashboard, for a browser (sign in with an admin token)",
+            )
+            .access(Public)
+            .returns(File),
+        ep(Get, "/dashboard/{file}", "dashboardFile", dashboard::file)
+            .doc(
+                "operations",
+                "A file of the dashboard (`ETag`, `Cache-Control: no-cache`)",
+            )
+            .access(Public)
+            .returns(File),
         ep(Get, "/openapi.json", "openapi", super::openapi::serve)
             .doc("operations", "This document")
             .access(Public)

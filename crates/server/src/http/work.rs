@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use tether_core::ids::IdKind;
 use tether_core::resources::Environment;
 use tether_core::work::ExpectedHeartbeat;
-use tether_core::WorkItem;
+use tether_core::{WorkItem, WorkState};
+use tether_store::WorkFilter;
 
 use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
@@ -55,10 +56,14 @@ pub async fn list(
     )))
 }
 
-/// The list's filters (Tether extensions): `cause=poison` keeps the items stopped as poison (D-5) that
-/// no one has requeued yet.
-fn work_filter(params: &Params) -> ApiResult<tether_store::WorkFilter> {
-    let mut filter = tether_store::WorkFilter::default();
+/// The list's filters (Tether extensions, combined): `state` keeps the items in one of the states
+/// given (repeated or comma-separated); `cause=poison` keeps the items stopped as poison (D-5) that no
+/// one has requeued yet.
+fn work_filter(params: &Params) -> ApiResult<WorkFilter> {
+    let mut filter = WorkFilter {
+        states: work_states(params)?,
+        ..WorkFilter::default()
+    };
     match params.get("cause") {
         None => {}
         Some("poison") => filter.poison = true,
@@ -70,6 +75,22 @@ fn work_filter(params: &Params) -> ApiResult<tether_store::WorkFilter> {
         }
     }
     Ok(filter)
+}
+
+/// The `state` filter of the work list (a Tether extension): repeated or comma-separated states.
+fn work_states(params: &Params) -> ApiResult<Vec<WorkState>> {
+    params
+        .all("state")
+        .iter()
+        .map(|raw| {
+            WorkState::parse(raw).ok_or_else(|| {
+                ApiError::bad_param(
+                    "state",
+                    "state must be one of queued, starting, active, stopping, stopped",
+                )
+            })
+        })
+        .collect()
 }
 
 pub async fn poll(
@@ -145,6 +166,41 @@ pub async fn stats(
         "oldest_queued_at": stats.counts.oldest_queued_at.map(|t| t.to_rfc3339()),
         "workers_polling": stats.workers_polling,
         "states": states,
+    })))
+}
+
+/// The last hour of queue statistics, as sampled by this server (`crate::sampler`).
+pub async fn stats_history(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Path(env_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    access::environment(&p, &env_id)?;
+    let env = app.work_environment(&env_id).await?;
+    let since = app
+        .now()
+        .minus_millis(crate::sampler::RETENTION.as_millis() as i64);
+    let data: Vec<Value> = app
+        .queue_history
+        .since(&env.id, since)
+        .iter()
+        .map(|s| {
+            json!({
+                "at": s.at.to_rfc3339(),
+                "depth": s.depth,
+                "pending": s.pending,
+                "starting": s.starting,
+                "active": s.active,
+                "stopping": s.stopping,
+                "workers_polling": s.workers_polling,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "type": "work_queue_stats_history",
+        "environment_id": env.id,
+        "interval_seconds": app.config.sample_interval.as_secs_f64(),
+        "data": data,
     })))
 }
 

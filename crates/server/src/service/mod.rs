@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::error::{ApiError, ApiResult};
 use crate::hub::SessionHub;
+use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
 
 /// How many times an operation re-reads and re-decides after losing a race before giving up with 503.
@@ -39,6 +40,8 @@ pub struct ServiceConfig {
     pub tick: Duration,
     /// Window of `workers_polling` (§2.5).
     pub workers_polling_window_ms: i64,
+    /// How often the sampler records each environment's queue statistics (`crate::sampler`).
+    pub sample_interval: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -50,6 +53,7 @@ impl Default for ServiceConfig {
             amnesty_grace_ms: 30_000,
             tick: Duration::from_secs(1),
             workers_polling_window_ms: 30_000,
+            sample_interval: Duration::from_secs(10),
         }
     }
 }
@@ -64,6 +68,8 @@ pub struct AppInner {
     pub config: ServiceConfig,
     pub waiters: Waiters,
     pub hub: SessionHub,
+    /// The last hour of queue statistics per environment, for the dashboard's chart.
+    pub queue_history: QueueHistory,
     /// Items some poll of this process is committing a delivery for, so that concurrent polls here pick
     /// different items instead of colliding (other processes are kept apart by the conditional write).
     claiming: Mutex<HashSet<String>>,
@@ -89,12 +95,14 @@ impl App {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: ServiceConfig) -> App {
         let (shutdown, _) = watch::channel(false);
         let reconnections = store.reconnections();
+        let queue_history = QueueHistory::new(config.sample_interval);
         App(Arc::new(AppInner {
             store,
             clock,
             config,
             waiters: Waiters::default(),
             hub: SessionHub::default(),
+            queue_history,
             claiming: Mutex::new(HashSet::new()),
             workers_recorded: Mutex::new(HashMap::new()),
             shutdown,

@@ -7,7 +7,9 @@ use tether_core::resources::{Environment, Session};
 use tether_core::session::on_work_transition;
 use tether_core::work::{self, ExpectedHeartbeat, HeartbeatReply, Step, WorkData};
 use tether_core::{Timestamp, WorkError, WorkItem, WorkState};
-use tether_store::{ChangeSet, HistoryRow, Page, PageRequest, QueueCounts, Versioned, Write};
+use tether_store::{
+    ChangeSet, HistoryRow, Page, PageRequest, QueueCounts, Versioned, WorkFilter, Write,
+};
 
 use super::events::server_event;
 use super::{with_retries, App, Retry};
@@ -468,7 +470,7 @@ impl App {
     pub async fn list_work(
         &self,
         env: &Environment,
-        filter: &tether_store::WorkFilter,
+        filter: &WorkFilter,
         page: &PageRequest,
     ) -> ApiResult<Page<WorkItem>> {
         self.expire_due_leases().await?;

@@ -1,0 +1,234 @@
+// Sessions: the list (and creating one), and a session's live view with a box to send a message.
+
+import * as api from './api.js';
+import { h, fill, field, table } from './dom.js';
+import { localTime, shortId, zone } from './format.js';
+import { notify, clearMessage, go } from './app.js';
+
+const LIST_MS = 3000;
+const LIST_PAGE = 50;
+/** Events kept on screen; older ones are dropped from the page (the API still has them). */
+const EVENTS_SHOWN = 1000;
+
+function time(iso) {
+  return iso ? h('time', { datetime: iso }, localTime(iso)) : '—';
+}
+
+function statusBadge(status) {
+  return h('span', { class: `badge status-${status}` }, status);
+}
+
+async function options(path, signal) {
+  const page = await api.get(path, { signal });
+  return page.data;
+}
+
+function createForms(ctx, reload) {
+  const agent = h('select', { name: 'agent', required: true });
+  const env = h('select', { name: 'environment', required: true });
+  const title = h('input', { type: 'text', name: 'title', maxlength: 200 });
+  const message = h('textarea', { name: 'message', rows: 2 });
+  const button = h('button', { type: 'submit' }, 'Create session');
+  const session = h('form', { class: 'card', 'aria-labelledby': 'new-session-h' },
+    h('h2', { id: 'new-session-h' }, 'New session'),
+    h('div', { class: 'grid-form' }, field('Agent', agent), field('Environment', env), field('Title (optional)', title)),
+    field('First message (optional)', message), button);
+  session.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    button.disabled = true;
+    const body = { agent: agent.value, environment_id: env.value };
+    if (title.value) body.title = title.value;
+    if (message.value.trim()) {
+      body.initial_events = [{ type: 'user.message', content: [{ type: 'text', text: message.value }] }];
+    }
+    try {
+      const created = await api.post('/sessions', body, { signal: ctx.signal });
+      clearMessage('create-session');
+      go(`#/sessions/${api.seg(created.id)}`);
+    } catch (error) {
+      notify(`Could not create the session: ${error.message}`, { key: 'create-session' });
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  const agentName = h('input', { type: 'text', name: 'agent-name', required: true, maxlength: 64 });
+  const model = h('input', { type: 'text', name: 'model', required: true, value: 'none' });
+  const agentButton = h('button', { type: 'submit' }, 'Create agent');
+  const newAgent = h('form', { class: 'inline-form', 'aria-label': 'Create an agent' },
+    field('New agent', agentName), field('Model', model), agentButton);
+  newAgent.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    agentButton.disabled = true;
+    try {
+      const created = await api.post('/agents', { name: agentName.value, model: model.value }, { signal: ctx.signal });
+      clearMessage('create-agent');
+      agentName.value = '';
+      await loadChoices(created.id);
+    } catch (error) {
+      notify(`Could not create the agent: ${error.message}`, { key: 'create-agent' });
+    } finally {
+      agentButton.disabled = false;
+    }
+  });
+
+  async function loadChoices(selectAgent) {
+    const [agents, envs] = await Promise.all([
+      options('/agents?limit=100', ctx.signal),
+      options('/environments?limit=100', ctx.signal),
+    ]);
+    fill(agent, agents.map((a) => h('option', { value: a.id, selected: a.id === selectAgent }, `${a.name} (${shortId(a.id)})`)));
+    fill(env, envs.filter((x) => x.config?.type === 'self_hosted')
+      .map((x) => h('option', { value: x.id }, `${x.name} (${shortId(x.id)})`)));
+    button.disabled = !agents.length || !env.options.length;
+  }
+  loadChoices().catch((e) => notify(e.message, { key: 'choices' }));
+  reload.choices = loadChoices;
+  return [session, newAgent];
+}
+
+export function sessionsPage(main, ctx) {
+  const list = h('div', {}, h('p', { class: 'muted' }, 'Loading…'));
+  const pager = h('div', { class: 'pager' });
+  let cursor = '';
+  const reload = {};
+  fill(main,
+    h('div', { class: 'title-row' }, h('h1', {}, 'Sessions'),
+      h('p', { class: 'muted' }, `Refreshes every ${LIST_MS / 1000} s. Times in ${zone}.`)),
+    createForms(ctx, reload),
+    h('section', { 'aria-label': 'Sessions' }, list, pager));
+  const refresh = async () => {
+    const page = await api.get(`/sessions${api.query({ limit: LIST_PAGE, page: cursor })}`, { signal: ctx.signal });
+    if (!ctx.active) return;
+    fill(list, table('Sessions', [
+      ['Session', (x) => h('a', { href: `#/sessions/${api.seg(x.id)}`, class: 'mono', title: x.id }, shortId(x.id))],
+      ['Title', (x) => x.title ?? '—'],
+      ['Status', (x) => statusBadge(x.status)],
+      ['Agent', (x) => x.agent?.name ?? x.agent_id],
+      ['Environment', (x) => h('a', { href: `#/environments/${api.seg(x.environment_id)}`, class: 'mono' }, shortId(x.environment_id))],
+      ['Created', (x) => time(x.created_at)],
+    ], page.data, 'No sessions yet.'));
+    fill(pager,
+      cursor ? h('button', { type: 'button', onclick: () => { cursor = ''; refresh(); } }, 'First page') : null,
+      page.has_more ? h('button', { type: 'button', onclick: () => { cursor = page.next_page; refresh(); } }, 'Next page') : null);
+  };
+  ctx.every(LIST_MS, refresh, 'sessions');
+}
+
+// ----------------------------------------------------------------------------------------- one session
+
+function textOf(content) {
+  if (typeof content === 'string') return content;
+  if (!Array.isArray(content)) return content == null ? '' : JSON.stringify(content);
+  return content.map((block) => (block?.type === 'text' ? block.text : JSON.stringify(block))).join('\n');
+}
+
+/** What an event says, as plain text. */
+function describe(event) {
+  switch (event.type) {
+    case 'user.message':
+    case 'agent.message':
+    case 'agent.thinking':
+      return textOf(event.content);
+    case 'agent.tool_use':
+    case 'agent.custom_tool_use':
+      return `${event.name}: ${typeof event.input?.command === 'string' ? event.input.command : JSON.stringify(event.input)}`;
+    case 'agent.tool_result':
+    case 'user.tool_result':
+    case 'user.custom_tool_result':
+      return `${event.is_error ? '(error) ' : ''}${textOf(event.content)}`;
+    case 'session.status_idle':
+      return event.stop_reason?.type ?? '';
+    case 'session.error':
+      return event.error?.message ?? '';
+    default:
+      return '';
+  }
+}
+
+function eventItem(event) {
+  return h('li', { class: `event ev-${event.type.replace(/[^a-z_]/g, '-')}`, dataset: { id: event.id } },
+    h('div', { class: 'event-head' }, h('span', { class: 'event-type' }, event.type), ' ', time(event.processed_at)),
+    h('pre', { class: 'event-text' }, describe(event)));
+}
+
+export function sessionPage(main, ctx, sessionId) {
+  const path = `/sessions/${api.seg(sessionId)}`;
+  const title = h('h1', {}, 'Session');
+  const facts = h('p', { class: 'muted' });
+  const live = h('p', { class: 'live-status', role: 'status' }, 'Connecting…');
+  const log = h('ol', { class: 'events', 'aria-label': 'Events', 'aria-live': 'polite' });
+  const logBox = h('div', { class: 'event-box', tabindex: 0, role: 'region', 'aria-label': 'Session events' }, log);
+  const text = h('textarea', { name: 'message', rows: 3, required: true });
+  const send = h('button', { type: 'submit' }, 'Send');
+  const cancel = h('button', { type: 'button', class: 'secondary' }, 'Interrupt');
+  const form = h('form', { class: 'send', 'aria-label': 'Send a message' },
+    field('Message (Ctrl+Enter sends)', text), h('div', { class: 'actions' }, send, cancel));
+  fill(main,
+    h('p', { class: 'crumbs' }, h('a', { href: '#/sessions' }, 'Sessions'), ' / ', h('span', {}, shortId(sessionId))),
+    title, facts, live, logBox, form);
+
+  const seen = new Set();
+  function add(event) {
+    if (seen.has(event.id)) return;
+    seen.add(event.id);
+    const stick = logBox.scrollHeight - logBox.scrollTop - logBox.clientHeight < 40;
+    log.append(eventItem(event));
+    while (log.children.length > EVENTS_SHOWN) log.firstElementChild.remove();
+    if (stick) logBox.scrollTop = logBox.scrollHeight;
+  }
+
+  async function post(body, what) {
+    try {
+      await api.post(path + what, body, { signal: ctx.signal });
+      return true;
+    } catch (error) {
+      notify(`Could not ${what === '/cancel' ? 'interrupt the turn' : 'send the message'}: ${error.message}`, { key: 'send' });
+      return false;
+    }
+  }
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    if (!text.value.trim()) return;
+    send.disabled = true;
+    const sent = await post({ events: [{ type: 'user.message', content: [{ type: 'text', text: text.value }] }] }, '/events');
+    send.disabled = false;
+    if (sent) {
+      clearMessage('send');
+      text.value = '';
+    }
+    text.focus();
+  });
+  text.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) form.requestSubmit();
+  });
+  cancel.addEventListener('click', () => post(undefined, '/cancel'));
+
+  ctx.every(LIST_MS, async () => {
+    const s = await api.get(path, { signal: ctx.signal });
+    fill(title, s.title || 'Session');
+    fill(facts, h('code', {}, s.id), ' · ', h('span', { class: `badge status-${s.status}` }, s.status),
+      ' · agent ', s.agent?.name ?? s.agent_id, ' · environment ',
+      h('a', { href: `#/environments/${api.seg(s.environment_id)}` }, shortId(s.environment_id)),
+      ' · created ', time(s.created_at));
+  }, 'session');
+
+  (async () => {
+    // The newest events first (at most 100), then the live stream from the newest one on.
+    const recent = await api.get(`${path}/events?limit=100&order=desc`, { signal: ctx.signal });
+    if (!ctx.active) return;
+    recent.data.slice().reverse().forEach(add);
+    await api.follow(sessionId, {
+      lastEventId: recent.data[0]?.id,
+      signal: ctx.signal,
+      onEvent: add,
+      onStatus: (status, detail) => {
+        fill(live, status === 'live' ? 'Live: new events appear as they happen.' : detail);
+        if (status === 'live') clearMessage('stream');
+        else if (status === 'retrying') notify(detail, { key: 'stream' });
+      },
+    });
+  })().catch((e) => {
+    if (e.name !== 'AbortError') notify(`Could not load the events: ${e.message}`, { key: 'stream' });
+  });
+}

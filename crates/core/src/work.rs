@@ -822,7 +822,7 @@ mod requeue_tests {
         .item;
         let mut now = t0;
         for _ in 0..=policy.max_requeues {
-            item = deliver(&item, Some("w"), "hash".into(), now, 5_000)
+            item = deliver(&item, Some("w"), "hash".into(), None, now, 5_000)
                 .unwrap()
                 .item;
             item = ack(&item, Some("w"), now).unwrap().item;
@@ -904,7 +904,7 @@ mod requeue_tests {
         )
         .item;
         let starting = ack(
-            &deliver(&queued, None, "h".into(), t0, 0).unwrap().item,
+            &deliver(&queued, None, "h".into(), None, t0, 0).unwrap().item,
             None,
             t0,
         )

@@ -4,6 +4,8 @@
 //! the worker (each is spawned with `PR_SET_PDEATHSIG = SIGKILL`), so no program survives into the time
 //! the server may hand its session to another worker. A healthy worker never lets it fire: its own
 //! deadline timer ([`super::heartbeat`]) kills the program at the deadline and disarms its entry.
+//! The timer counts on `CLOCK_BOOTTIME`, so time spent suspended counts against the lease as it does on
+//! the server.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +35,20 @@ fn switch() -> &'static Mutex<Switch> {
             signal: Signal::SIGKILL,
             si_value: 0,
         });
-        let timer = Timer::new(ClockId::CLOCK_MONOTONIC, event).ok();
+        // CLOCK_BOOTTIME, unlike the monotonic clock, runs while the machine is suspended: a laptop
+        // that sleeps through its lease wakes to a switch that fires at once, before the program can
+        // act on a lease the server has already given away.
+        let timer = match Timer::new(ClockId::CLOCK_BOOTTIME, event) {
+            Ok(timer) => Some(timer),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "cannot create the dead man's switch: a worker that is stopped or starved \
+                     could keep a program past its lease"
+                );
+                None
+            }
+        };
         Mutex::new(Switch {
             timer,
             deadlines: BTreeMap::new(),

@@ -90,8 +90,9 @@ impl Store for Counting {
         &self,
         session_id: &str,
         page: &PageRequest,
-    ) -> StoreResult<Page<SessionEvent>> {
-        self.inner.list_events(session_id, page).await
+        max_bytes: usize,
+    ) -> StoreResult<Page<tether_store::EventDoc>> {
+        self.inner.list_events(session_id, page, max_bytes).await
     }
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {
         self.inner.get_work(id).await

@@ -38,7 +38,14 @@ pub struct ServiceConfig {
     pub tick: Duration,
     /// Window of `workers_polling` (§2.5).
     pub workers_polling_window_ms: i64,
+    /// The largest event, in bytes of its JSON as stored (`--event-limit`).
+    pub max_event_bytes: usize,
+    /// What request bodies may take in memory, all together (`--request-memory`, `http::budget`).
+    pub request_memory: usize,
 }
+
+/// The default `--event-limit`: 1 MiB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 
 impl Default for ServiceConfig {
     fn default() -> Self {
@@ -49,6 +56,8 @@ impl Default for ServiceConfig {
             amnesty_grace_ms: 30_000,
             tick: Duration::from_secs(1),
             workers_polling_window_ms: 30_000,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            request_memory: crate::http::budget::DEFAULT_REQUEST_MEMORY,
         }
     }
 }

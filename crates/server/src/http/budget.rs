@@ -2,12 +2,13 @@
 //!
 //! A body is read whole before its handler runs (see [`read_body`]) and parsed into a JSON tree, which
 //! can take many times the bytes of its text: `[0,0,0,…]` costs some 32 bytes of tree per 2 bytes of
-//! text. So every request pays, from one budget shared by the process (`--request-memory`), for the
-//! bytes it holds as they arrive, then for the tree it will build: `VALUE_COST` bytes per JSON value
-//! (counted by a scan that builds nothing) plus its length once more for the strings. A request that
-//! cannot get its share within [`BUDGET_WAIT`] is answered 503; one whose share alone exceeds the whole
-//! budget, or that holds more than [`MAX_JSON_VALUES`] values, is answered 400. Requests without a body
-//! (polls, heartbeats, `/healthz`) pay nothing and are never held up by large ones.
+//! text. So every request pays, from one budget shared by the process (`--request-memory`),
+//! [`BYTE_COST`] per byte of body (the text, and the copies of its strings that the handler makes: the
+//! parsed tree, the events built from it, the stored documents, the answer), then [`VALUE_COST`] per
+//! JSON value of the tree, counted first by a scan that builds nothing. A request that cannot get its
+//! share within [`BUDGET_WAIT`] is answered 503; one whose share alone exceeds the whole budget, or
+//! that holds more than [`MAX_JSON_VALUES`] values, is answered 400. Requests without a body (polls,
+//! heartbeats, `/healthz`) pay nothing and are never held up by large ones.
 
 use std::cell::Cell;
 use std::fmt;
@@ -36,6 +37,17 @@ pub const MAX_JSON_VALUES: u64 = 1_000_000;
 /// What one parsed JSON value is charged, in bytes: the tree node, the slack of the vector or map that
 /// holds it, and the handler's one copy of it.
 pub const VALUE_COST: usize = 128;
+
+/// What one byte of body is charged: the text itself and the handler's copies of its strings (the
+/// parsed tree, the events built from it, the stored documents and the answer).
+pub const BYTE_COST: usize = 5;
+
+/// How long a whole request body may take to arrive (408 after that).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn charge_for_bytes(n: usize) -> usize {
+    n.saturating_mul(BYTE_COST)
+}
 
 /// How long a request waits for its share of the budget before it is answered 503.
 pub const BUDGET_WAIT: Duration = Duration::from_secs(10);
@@ -203,19 +215,42 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
         return too_large().into_response();
     }
     let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+    // A body of declared length pays for all of it at once, so that requests never each hold part of
+    // what they need while waiting for the rest; one sent in chunks pays as they arrive. Either way the
+    // whole body must arrive within BODY_READ_TIMEOUT, so that a slow sender holds its share only so long.
+    if let Some(n) = declared {
+        match policy.budget.take(charge_for_bytes(n as usize)).await {
+            Ok(permit) => permits.extend(permit),
+            Err(refusal) => return refused(refusal),
+        }
+    }
     let mut bytes: Vec<u8> = Vec::new();
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else {
-            return ApiError::bad_request("the request body could not be read").into_response();
+    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => {
+                return ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    "the request body did not arrive in time",
+                )
+                .into_response()
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return ApiError::bad_request("the request body could not be read").into_response()
+            }
+            Ok(Some(Ok(chunk))) => chunk,
         };
         if bytes.len() + chunk.len() > policy.limit {
             return too_large().into_response();
         }
-        // Paid for as it arrives: a slow sender holds only what it has sent.
-        match policy.budget.take(chunk.len()).await {
-            Ok(permit) => permits.extend(permit),
-            Err(refusal) => return refused(refusal),
+        if declared.is_none() {
+            match policy.budget.take(charge_for_bytes(chunk.len())).await {
+                Ok(permit) => permits.extend(permit),
+                Err(refusal) => return refused(refusal),
+            }
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -227,9 +262,7 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
             ))
             .into_response();
         }
-        let tree = (values as usize)
-            .saturating_mul(VALUE_COST)
-            .saturating_add(bytes.len());
+        let tree = (values as usize).saturating_mul(VALUE_COST);
         match policy.budget.take(tree).await {
             Ok(permit) => permits.extend(permit),
             Err(refusal) => return refused(refusal),

@@ -207,9 +207,10 @@ fn add(paths: &mut Paths, endpoint: &Endpoint, path: String, dialect: Option<Dia
                     "Server-Sent Events: each frame has `id: evt_…`, `event: <type>` and `data: <the \
                      event as JSON>`; a comment line every 15 s keeps the connection alive.",
                 )
+                // The schema is that of each frame's `data` (what SSE-aware tools validate): an event.
                 .content(
                     "text/event-stream",
-                    ContentBuilder::new().schema(Some(string())).build(),
+                    ContentBuilder::new().schema(Some(reference("Event"))).build(),
                 )
                 .build(),
         ),

@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
-use tether_core::resources::{
-    Agent, Credential, CredentialKind, Environment, Session, SessionEvent,
-};
+use tether_core::resources::{Agent, Credential, CredentialKind, Environment, Session};
 use tether_core::{SystemClock, Timestamp, WorkItem};
 use tether_server::{App, ServiceConfig};
 use tether_store::{

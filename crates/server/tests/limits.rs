@@ -368,3 +368,73 @@ async fn bodies_that_say_nothing_are_refused_where_they_would_hide_a_mistake() {
         server.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_states_the_limits_the_server_enforces() {
+    let backend = backends().remove(0);
+    let server = TestServer::start(&backend).await;
+    let doc: Value = server
+        .http()
+        .get(format!("{}/openapi.json", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let param = |path: &str, method: &str, name: &str| -> Value {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{method} {path} has no {name}"))["schema"]
+            .clone()
+    };
+    let limit = param("/api/v1/cloud/sessions", "get", "limit");
+    assert_eq!(
+        (limit["minimum"].as_i64(), limit["maximum"].as_i64()),
+        (Some(1), Some(100))
+    );
+    let limit = param("/v1/sessions", "get", "limit");
+    assert_eq!(
+        (limit["minimum"].as_i64(), limit["maximum"].as_i64()),
+        (Some(1), Some(1000))
+    );
+    let block = param(
+        "/api/v1/cloud/environments/{environment_id}/work/poll",
+        "get",
+        "block_ms",
+    );
+    assert_eq!(
+        (block["minimum"].as_i64(), block["maximum"].as_i64()),
+        (Some(1), Some(999))
+    );
+    let schemas = &doc["components"]["schemas"];
+    let name = &schemas["CreateEnvironment"]["properties"]["name"];
+    assert_eq!(name["minLength"], 1, "{name}");
+    assert_eq!(name["maxLength"], 256, "{name}");
+    assert_eq!(
+        schemas["CreateAgent"]["properties"]["name"]["maxLength"],
+        64
+    );
+    assert_eq!(
+        schemas["CreateCredential"]["properties"]["name"]["minLength"],
+        1
+    );
+    let metadata = &schemas["CreateSession"]["properties"]["metadata"];
+    assert_eq!(metadata["maxProperties"], 16, "{metadata}");
+    assert_eq!(metadata["propertyNames"]["maxLength"], 64, "{metadata}");
+    assert_eq!(
+        metadata["additionalProperties"]["maxLength"], 512,
+        "{metadata}"
+    );
+    let patch = &schemas["UpdateSession"]["properties"]["metadata"];
+    assert_eq!(patch["propertyNames"]["maxLength"], 64, "{patch}");
+    let events = &schemas["PostEvents"]["properties"]["events"];
+    assert_eq!(
+        (events["minItems"].as_i64(), events["maxItems"].as_i64()),
+        (Some(1), Some(100))
+    );
+    server.shutdown().await;
+}

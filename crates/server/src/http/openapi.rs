@@ -914,7 +914,11 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
                 "1 to 100 events, each `{\"type\": …, …}`.",
                 vec![(
                     "events",
-                    array_of(object("An event to append.", vec![("type", string(), true)])),
+                    ArrayBuilder::new()
+                        .items(object("An event to append.", vec![("type", string(), true)]))
+                        .min_items(Some(1))
+                        .max_items(Some(tether_core::events::MAX_EVENTS_PER_BATCH))
+                        .into(),
                     true,
                 )],
             ),

@@ -55,6 +55,14 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, env = "TETHER_BODY_LIMIT", default_value_t = 32 * 1024 * 1024)]
     pub body_limit: usize,
+    /// Largest session event in bytes of JSON.
+    #[arg(long, env = "TETHER_EVENT_LIMIT", default_value_t = tether_server::service::DEFAULT_MAX_EVENT_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
+    pub event_limit: u64,
+    /// Memory all request bodies together may take, in bytes (see ARCHITECTURE.md, "Bounded everything").
+    #[arg(long, env = "TETHER_REQUEST_MEMORY", default_value_t = tether_server::http::budget::DEFAULT_REQUEST_MEMORY as u64,
+          value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
+    pub request_memory: u64,
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -166,6 +174,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         amnesty_grace_ms: args.amnesty_ms,
         tick: Duration::from_millis(args.tick_ms),
         sample_interval: Duration::from_millis(args.sample_ms),
+        max_event_bytes: args.event_limit as usize,
+        request_memory: args.request_memory as usize,
         ..ServiceConfig::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -5,13 +5,43 @@ use tether_core::metadata::{self, Metadata, MetadataPatch};
 
 use crate::error::{ApiError, ApiResult};
 
-/// A request body that must be a JSON object; `None` (no body) reads as `{}`.
+/// A request body that must be a JSON object; `None` (no body, or an empty one) reads as `{}`. Any
+/// other JSON value, `null` included, is refused: §1.3 lets an optional body be absent, empty or `{}`,
+/// and a `null` that stood for "graceful" or "no change" would hide a client's bug.
 pub fn object(body: Option<Value>) -> ApiResult<Map<String, Value>> {
     match body {
-        None | Some(Value::Null) => Ok(Map::new()),
+        None => Ok(Map::new()),
         Some(Value::Object(map)) => Ok(map),
         Some(_) => Err(ApiError::bad_request(
             "the request body must be a JSON object",
+        )),
+    }
+}
+
+/// A request body that must be present and a JSON object (updates: an absent body is a client's
+/// mistake, not an update that changes nothing).
+pub fn required_object(body: Option<Value>) -> ApiResult<Map<String, Value>> {
+    match body {
+        None => Err(ApiError::bad_request(
+            "this request needs a JSON object body",
+        )),
+        some => object(some),
+    }
+}
+
+/// An optional name-like string: absent means none; when present it must be a string (not `null`) of
+/// 1 to `max` characters.
+pub fn optional_name(
+    body: &Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> ApiResult<Option<String>> {
+    match body.get(field) {
+        None => Ok(None),
+        Some(Value::String(s)) => bounded_name(s.clone(), field, max).map(Some),
+        Some(_) => Err(ApiError::bad_param(
+            field,
+            format!("{field} must be a string (omit it for none)"),
         )),
     }
 }

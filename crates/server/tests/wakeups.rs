@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
-use tether_core::resources::{
-    Agent, Credential, CredentialKind, Environment, Session, SessionEvent,
-};
+use tether_core::resources::{Agent, Credential, CredentialKind, Environment, Session};
 use tether_core::{SystemClock, Timestamp, WorkItem};
 use tether_server::{App, ServiceConfig};
 use tether_store::{
@@ -96,8 +94,9 @@ impl Store for Counting {
         &self,
         session_id: &str,
         page: &PageRequest,
-    ) -> StoreResult<Page<SessionEvent>> {
-        self.inner.list_events(session_id, page).await
+        max_bytes: usize,
+    ) -> StoreResult<Page<tether_store::EventDoc>> {
+        self.inner.list_events(session_id, page, max_bytes).await
     }
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {
         self.inner.get_work(id).await

@@ -1,16 +1,14 @@
 //! The one [`Store`] implementation, generic over how SQL reaches a database.
 
 use async_trait::async_trait;
-use tether_core::resources::{
-    Agent, Credential, CredentialKind, Environment, Session, SessionEvent,
-};
+use tether_core::resources::{Agent, Credential, CredentialKind, Environment, Session};
 use tether_core::{Timestamp, WorkItem};
 use tokio::sync::broadcast;
 
 use crate::sql::{self, Expect, Row, Statement};
 use crate::{
-    ArchiveFilter, ChangeSet, HistoryRow, Notice, Page, PageRequest, QueueCounts, SessionFilter,
-    Store, StoreResult, Versioned, WorkFilter,
+    ArchiveFilter, ChangeSet, EventDoc, HistoryRow, Notice, Page, PageRequest, QueueCounts,
+    SessionFilter, Store, StoreResult, Versioned, WorkFilter,
 };
 
 /// What a backend provides: run a query, run a list of writes atomically, and pass notices around.
@@ -179,9 +177,41 @@ impl<E: Executor> Store for SqlStore<E> {
         &self,
         session_id: &str,
         page: &PageRequest,
-    ) -> StoreResult<Page<SessionEvent>> {
-        self.paged(sql::list_events(session_id, page), page, sql::doc)
-            .await
+        max_bytes: usize,
+    ) -> StoreResult<Page<EventDoc>> {
+        // First the ids and sizes of the page's candidates (nearest the cursor first), without their
+        // documents; then the documents of those that fit, which are a contiguous run of ids. Ids only
+        // grow within a session, so nothing new can appear inside that run between the two queries.
+        let sizes = self
+            .all(sql::event_sizes(session_id, page), sql::decode_id_size)
+            .await?;
+        let limit = page.limit as usize;
+        let mut kept = 0;
+        let mut bytes = 0usize;
+        for (_, size) in sizes.iter().take(limit) {
+            let size = usize::try_from(*size).unwrap_or(usize::MAX);
+            if kept > 0 && bytes.saturating_add(size) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            kept += 1;
+        }
+        let has_more = sizes.len() > kept;
+        if kept == 0 {
+            return Ok(Page {
+                items: Vec::new(),
+                has_more,
+            });
+        }
+        let (a, b) = (&sizes[0].0, &sizes[kept - 1].0);
+        let (low, high) = if a <= b { (a, b) } else { (b, a) };
+        let mut items = self
+            .all(sql::events_between(session_id, low, high), sql::event_doc)
+            .await?;
+        if page.descending {
+            items.reverse();
+        }
+        Ok(Page { items, has_more })
     }
 
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {

@@ -164,6 +164,30 @@ impl PageRequest {
 }
 
 /// A page of rows in the requested order, and whether more follow.
+/// A stored event, its body kept as the JSON text it was stored as.
+#[derive(Clone, Debug)]
+pub struct EventDoc {
+    pub id: String,
+    /// The whole event as it is rendered (`id`, `type`, `processed_at`, and the type's fields).
+    pub body: Box<serde_json::value::RawValue>,
+}
+
+impl EventDoc {
+    /// The event's `type` and `processed_at`, read without building the rest of it.
+    pub fn head(&self) -> EventHead {
+        serde_json::from_str(self.body.get()).unwrap_or_default()
+    }
+}
+
+/// The few fields of an event that listings filter on.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct EventHead {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub processed_at: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -292,11 +316,16 @@ pub trait Store: Send + Sync + 'static {
         page: &PageRequest,
     ) -> StoreResult<Page<Session>>;
 
+    /// A page of a session's events, as stored (never parsed into a tree: a listing costs the bytes of
+    /// the events it returns, not a multiple of them). The page holds at most `page.limit` events and
+    /// stops before the event that would take the documents it holds past `max_bytes`; it always holds
+    /// at least one event when any is left, so a page may exceed `max_bytes` by one event.
     async fn list_events(
         &self,
         session_id: &str,
         page: &PageRequest,
-    ) -> StoreResult<Page<SessionEvent>>;
+        max_bytes: usize,
+    ) -> StoreResult<Page<EventDoc>>;
 
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>>;
     async fn list_work(

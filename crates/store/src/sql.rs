@@ -628,12 +628,44 @@ pub fn list_sessions(filter: &SessionFilter, page: &PageRequest) -> Statement {
     f.statement("SELECT doc FROM sessions", &tail)
 }
 
-pub fn list_events(session_id: &str, page: &PageRequest) -> Statement {
+/// The ids and stored sizes (bytes) of a page of events, nearest the cursor first, one more than asked.
+pub fn event_sizes(session_id: &str, page: &PageRequest) -> Statement {
     let mut f = Filter::default();
     let p = f.param(session_id);
     f.add(format!("session_id = {p}"));
     let tail = f.paginate("id", page);
-    f.statement("SELECT doc FROM session_events", &tail)
+    f.statement("SELECT id, OCTET_LENGTH(doc) FROM session_events", &tail)
+}
+
+/// The events of a session from `low` to `high` (both included), in id order.
+pub fn events_between(session_id: &str, low: &str, high: &str) -> Statement {
+    Statement::new(
+        "SELECT doc FROM session_events WHERE session_id = $1 AND id >= $2 AND id <= $3 ORDER BY id",
+        vec![session_id.into(), low.into(), high.into()],
+    )
+}
+
+pub fn decode_id_size(row: &Row) -> StoreResult<(String, i64)> {
+    Ok((text(&row[0])?, int(&row[1])?))
+}
+
+/// An event's document, its body kept as JSON text.
+pub fn event_doc(row: &Row) -> StoreResult<crate::EventDoc> {
+    #[derive(serde::Deserialize)]
+    struct Stored<'a> {
+        id: String,
+        #[serde(borrow)]
+        body: &'a serde_json::value::RawValue,
+    }
+    let Value::Text(doc) = &row[0] else {
+        return Err(StoreError::Internal("expected an event document".into()));
+    };
+    let stored: Stored<'_> = serde_json::from_str(doc)
+        .map_err(|e| StoreError::Internal(format!("corrupt event: {e}")))?;
+    Ok(crate::EventDoc {
+        id: stored.id,
+        body: stored.body.to_owned(),
+    })
 }
 
 pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) -> Statement {

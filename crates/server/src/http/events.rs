@@ -3,8 +3,9 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -52,7 +53,7 @@ pub async fn list_events(
     Wire(d): Wire,
     Path(id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let session = access::readable_session(&app, &p, &id).await?;
     // The Anthropic worker reconciles with `limit=1000`; the dialect table says how far each one goes.
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Event))?;
@@ -64,11 +65,36 @@ pub async fn list_events(
         created_lte: params.timestamp("created_at[lte]")?,
     };
     let events = app.list_events(&session.id, &page, &filter).await?;
-    Ok(Json(views::list(
-        &events,
-        |e| e.id.clone(),
-        |e| e.body.clone(),
-    )))
+    Ok(streamed_list(events))
+}
+
+/// A list envelope (§1.8) of stored events, written out piece by piece: each event's JSON goes to the
+/// socket as it was stored, never parsed into a tree nor copied into one big response text.
+fn streamed_list(page: tether_store::Page<tether_store::EventDoc>) -> Response {
+    let first = page.items.first().map(|e| e.id.clone());
+    let last = page.items.last().map(|e| e.id.clone());
+    let tail = json!({
+        "first_id": first,
+        "last_id": last,
+        "has_more": page.has_more,
+        "next_page": if page.has_more { last.clone() } else { None },
+    })
+    .to_string();
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(page.items.len() * 2 + 2);
+    chunks.push(Bytes::from_static(b"{\"data\":["));
+    for (i, event) in page.items.into_iter().enumerate() {
+        if i > 0 {
+            chunks.push(Bytes::from_static(b","));
+        }
+        let text: Box<str> = event.body.into();
+        chunks.push(Bytes::from(String::from(text)));
+    }
+    // The envelope's other members follow `data`: `{"first_id":…}` becomes `],"first_id":…}`.
+    chunks.push(Bytes::from(format!("],{}", &tail[1..])));
+    let body = Body::from_stream(futures::stream::iter(
+        chunks.into_iter().map(Ok::<_, Infallible>),
+    ));
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Where a resumed stream starts: the `Last-Event-ID` header, else the `last_event_id` query parameter.
@@ -120,13 +146,11 @@ pub async fn stream(
         .into_response())
 }
 
-fn frame(event: &Value) -> Event {
-    let mut frame = Event::default().data(event.to_string());
-    if let Some(id) = event.get("id").and_then(Value::as_str) {
-        frame = frame.id(id);
-    }
-    if let Some(kind) = event.get("type").and_then(Value::as_str) {
-        frame = frame.event(kind);
+fn frame(event: &tether_store::EventDoc) -> Event {
+    let head = event.head();
+    let mut frame = Event::default().data(event.body.get()).id(&event.id);
+    if !head.kind.is_empty() {
+        frame = frame.event(head.kind);
     }
     frame
 }

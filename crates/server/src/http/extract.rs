@@ -261,6 +261,14 @@ impl JsonBody {
         let JsonBody(raw) = body?;
         crate::body::object(raw)
     }
+
+    /// Like [`JsonBody::object`], for a body that must be there (updates).
+    pub fn required_object(
+        body: Result<JsonBody, ApiError>,
+    ) -> ApiResult<serde_json::Map<String, Value>> {
+        let JsonBody(raw) = body?;
+        crate::body::required_object(raw)
+    }
 }
 
 impl FromRequest<App> for JsonBody {

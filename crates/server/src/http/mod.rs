@@ -2,6 +2,7 @@
 //! every response a request id and every error the envelope.
 
 pub mod access;
+pub mod budget;
 pub mod dashboard;
 pub mod events;
 pub mod extract;
@@ -13,8 +14,7 @@ pub mod work;
 
 use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -44,38 +44,18 @@ pub fn router(app: App, body_limit: usize) -> Router {
     router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(body_limit, read_body))
+        .layer(middleware::from_fn_with_state(
+            budget::BodyPolicy {
+                limit: body_limit,
+                budget: budget::MemoryBudget::new(app.config.request_memory),
+            },
+            budget::read_body,
+        ))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         }))
         .layer(middleware::from_fn(envelope))
         .with_state(app)
-}
-
-/// Reads the whole request body before the handler runs. A handler that answers without reading the
-/// body (ack, heartbeat, archive: the SDKs send `{}` or `Content-Length: 0` there; any early error)
-/// would otherwise leave unread bytes on a keep-alive connection, and hyper then closes it after the
-/// response; a client that reuses that pooled connection sees "server disconnected" — and the Qoder
-/// SDK never retries a POST after a transport error.
-async fn read_body(State(limit): State<usize>, request: Request, next: Next) -> Response {
-    let (parts, body) = request.into_parts();
-    let declared = parts
-        .headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let too_large = || ApiError::bad_request("the request body is larger than the server accepts");
-    if declared.is_some_and(|n| n > limit as u64) {
-        return too_large().into_response();
-    }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
-        }
-        Err(_) if declared.is_none() => too_large().into_response(),
-        Err(_) => ApiError::bad_request("the request body could not be read").into_response(),
-    }
 }
 
 /// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the

@@ -23,6 +23,8 @@ use utoipa::openapi::{
 use super::routes::{self, Access, At, Body, Endpoint, Param, Returns, Ty, Verb};
 use crate::dialect::Dialect;
 use crate::error::ApiError;
+use crate::service::{agents, environments, sessions, tokens};
+use tether_core::metadata;
 
 /// `GET /openapi.json`. The document depends only on the route table, so it is rendered once.
 pub async fn serve() -> Response {
@@ -205,9 +207,10 @@ fn add(paths: &mut Paths, endpoint: &Endpoint, path: String, dialect: Option<Dia
                     "Server-Sent Events: each frame has `id: evt_…`, `event: <type>` and `data: <the \
                      event as JSON>`; a comment line every 15 s keeps the connection alive.",
                 )
+                // The schema is that of each frame's `data` (what SSE-aware tools validate): an event.
                 .content(
                     "text/event-stream",
-                    ContentBuilder::new().schema(Some(string())).build(),
+                    ContentBuilder::new().schema(Some(reference("Event"))).build(),
                 )
                 .build(),
         ),
@@ -288,7 +291,14 @@ fn parameter(param: &Param, dialect: Option<Dialect>) -> utoipa::openapi::path::
         ),
     };
     let schema: RefOr<Schema> = match param.ty {
-        Ty::Integer => ObjectBuilder::new().schema_type(Type::Integer).into(),
+        Ty::Integer => {
+            let (min, max) = integer_bounds(param.name, dialect);
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(min)
+                .maximum(max)
+                .into()
+        }
         Ty::String => string(),
         Ty::Boolean => ObjectBuilder::new().schema_type(Type::Boolean).into(),
         Ty::Timestamp => timestamp(),
@@ -308,6 +318,19 @@ fn parameter(param: &Param, dialect: Option<Dialect>) -> utoipa::openapi::path::
             .explode(Some(true));
     }
     builder.build()
+}
+
+/// The range the server accepts for an integer query parameter (values outside are a 400, except where
+/// a parameter is clamped: then only the lower bound is given).
+fn integer_bounds(name: &str, dialect: Option<Dialect>) -> (Option<i64>, Option<i64>) {
+    let dialect = dialect.unwrap_or(Dialect::Qoder);
+    match name {
+        "limit" => (Some(1), Some(i64::from(dialect.max_list_limit()))),
+        "block_ms" => (Some(1), Some(999)),
+        "reclaim_older_than_ms" => (Some(dialect.min_reclaim_ms()), None),
+        "version" => (Some(1), None),
+        _ => (None, None),
+    }
 }
 
 /// The dialect's preferred worker identity header, in its documented spelling.
@@ -440,6 +463,49 @@ fn list_of(item: &str) -> RefOr<Schema> {
     )
 }
 
+/// A name the server accepts: 1 to `max` characters, not all of them blank.
+fn name(max: usize) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(max))
+        .pattern(Some(r"\S"))
+        .into()
+}
+
+/// A session title.
+fn title() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(sessions::MAX_TITLE_CHARS))
+        .into()
+}
+
+/// A metadata key (§1.9).
+fn metadata_key() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(metadata::MAX_KEY_CHARS))
+}
+
+/// A complete metadata map as sent (§1.9).
+fn metadata_map() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "At most 16 keys of 1 to 64 characters, values of at most 512.",
+        ))
+        .max_properties(Some(metadata::MAX_KEYS))
+        .property_names(Some(metadata_key()))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .max_length(Some(metadata::MAX_VALUE_CHARS)),
+        ))
+        .into()
+}
+
 fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
     let string_map = || -> RefOr<Schema> {
         ObjectBuilder::new()
@@ -451,10 +517,14 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
         ObjectBuilder::new()
             .schema_type(Type::Object)
             .description(Some(
-                "Merge patch: a string sets a key, null deletes it, absent keys stay.",
+                "Merge patch: a string sets a key, null deletes it, absent keys stay; the merged map \
+                 keeps the limits of §1.9 (at most 16 keys).",
             ))
+            .property_names(Some(metadata_key()))
             .additional_properties(Some(
-                ObjectBuilder::new().schema_type(SchemaType::from_iter([Type::String, Type::Null])),
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+                    .max_length(Some(metadata::MAX_VALUE_CHARS)),
             ))
             .into()
     };
@@ -549,10 +619,10 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
                 "A new environment. `config` is required under /api/v1/cloud; under /v1 its absence \
                  means a cloud environment.",
                 vec![
-                    ("name", string(), true),
+                    ("name", name(environments::MAX_NAME_CHARS), true),
                     ("description", string(), false),
                     ("config", reference("EnvironmentConfig"), false),
-                    ("metadata", string_map(), false),
+                    ("metadata", metadata_map(), false),
                     ("scope", string(), false),
                 ],
             ),
@@ -562,7 +632,7 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
             object(
                 "A partial update; `config.type` cannot change.",
                 vec![
-                    ("name", string(), false),
+                    ("name", name(environments::MAX_NAME_CHARS), false),
                     ("description", string(), false),
                     ("config", reference("EnvironmentConfig"), false),
                     ("metadata", metadata_patch(), false),
@@ -767,7 +837,7 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
             object(
                 "A new agent.",
                 vec![
-                    ("name", string(), true),
+                    ("name", name(agents::MAX_NAME_CHARS), true),
                     ("model", model(), true),
                     ("description", string(), false),
                     ("system", string(), false),
@@ -775,7 +845,7 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
                     ("skills", any_array(), false),
                     ("mcp_servers", any_array(), false),
                     ("execution_identity", any_object(), false),
-                    ("metadata", string_map(), false),
+                    ("metadata", metadata_map(), false),
                 ],
             ),
         ),
@@ -786,7 +856,7 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
                  version (else 409 and nothing changes).",
                 vec![
                     ("version", integer(), false),
-                    ("name", string(), false),
+                    ("name", name(agents::MAX_NAME_CHARS), false),
                     ("model", model(), false),
                     ("description", string(), false),
                     ("system", string(), false),
@@ -847,8 +917,8 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
                         true,
                     ),
                     ("environment_id", string(), true),
-                    ("title", string(), false),
-                    ("metadata", string_map(), false),
+                    ("title", title(), false),
+                    ("metadata", metadata_map(), false),
                     ("environment_variables", string_map(), false),
                     ("initial_events", any_array(), false),
                     ("resources", any_array(), false),
@@ -860,7 +930,7 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
             "UpdateSession",
             object(
                 "A partial update.",
-                vec![("title", string(), false), ("metadata", metadata_patch(), false)],
+                vec![("title", title(), false), ("metadata", metadata_patch(), false)],
             ),
         ),
         (
@@ -891,7 +961,11 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
                 "1 to 100 events, each `{\"type\": …, …}`.",
                 vec![(
                     "events",
-                    array_of(object("An event to append.", vec![("type", string(), true)])),
+                    ArrayBuilder::new()
+                        .items(object("An event to append.", vec![("type", string(), true)]))
+                        .min_items(Some(1))
+                        .max_items(Some(tether_core::events::MAX_EVENTS_PER_BATCH))
+                        .into(),
                     true,
                 )],
             ),
@@ -933,7 +1007,10 @@ fn schemas() -> Vec<(&'static str, RefOr<Schema>)> {
         ),
         (
             "CreateCredential",
-            object("A new credential.", vec![("name", string(), false)]),
+            object(
+                "A new credential; without `name` it has none.",
+                vec![("name", name(tokens::MAX_CREDENTIAL_NAME_CHARS), false)],
+            ),
         ),
     ]
 }

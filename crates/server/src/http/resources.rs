@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
-use tether_core::ids::IdKind;
+use tether_core::ids::{self, IdKind};
 use tether_core::resources::CredentialKind;
 use tether_core::session::SessionStatus;
 use tether_store::{ArchiveFilter, SessionFilter};
@@ -73,7 +73,7 @@ pub async fn update_environment(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.environment(&id).await?;
-    let fields = JsonBody::object(body)?;
+    let fields = JsonBody::required_object(body)?;
     Ok(Json(views::environment(
         &app.update_environment(&id, fields).await?,
     )))
@@ -264,7 +264,7 @@ pub async fn update_agent(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.agent(&id).await?;
-    let fields = JsonBody::object(body)?;
+    let fields = JsonBody::required_object(body)?;
     Ok(Json(views::agent(&app.update_agent(&id, fields).await?, d)))
 }
 
@@ -334,7 +334,24 @@ pub async fn list_sessions(
             return Err(ApiError::forbidden("a session token may not list sessions"))
         }
     }
-    let sessions = app.list_sessions(&filter, &page).await?;
+    // An id filter that is not shaped like an id of its kind matches no session: answered without asking
+    // the store, which could not even be asked about some strings (PostgreSQL text holds no NUL).
+    let matches_nothing = filter
+        .agent_id
+        .as_deref()
+        .is_some_and(|a| !ids::is_well_formed(IdKind::Agent, a))
+        || filter
+            .environment_id
+            .as_deref()
+            .is_some_and(|e| !ids::is_well_formed(IdKind::Environment, e));
+    let sessions = if matches_nothing {
+        tether_store::Page {
+            items: Vec::new(),
+            has_more: false,
+        }
+    } else {
+        app.list_sessions(&filter, &page).await?
+    };
     Ok(Json(views::list(
         &sessions,
         |s| s.id.clone(),
@@ -361,7 +378,7 @@ pub async fn update_session(
 ) -> ApiResult<Json<Value>> {
     access::admin(&p)?;
     app.session(&id).await?;
-    let fields = JsonBody::object(body)?;
+    let fields = JsonBody::required_object(body)?;
     Ok(Json(views::session(
         &app.update_session(&id, fields).await?,
         d,

@@ -10,7 +10,8 @@ use super::{with_retries, App, Retry};
 use crate::body;
 use crate::error::{ApiError, ApiResult};
 
-const MAX_NAME_CHARS: usize = 64;
+/// The longest agent name (§12.1).
+pub const MAX_NAME_CHARS: usize = 64;
 
 /// An optional object that must name itself with a non-empty string `field` (stored as given), or —
 /// when `name_alone` — that bare name as a string.

@@ -10,7 +10,8 @@ use super::{with_retries, App, Retry};
 use crate::body;
 use crate::error::{ApiError, ApiResult};
 
-const MAX_NAME_CHARS: usize = 256;
+/// The longest environment name.
+pub const MAX_NAME_CHARS: usize = 256;
 
 impl App {
     async fn environment_versioned(&self, id: &str) -> ApiResult<Versioned<Environment>> {

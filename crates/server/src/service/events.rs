@@ -9,7 +9,7 @@ use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Session, SessionEvent};
 use tether_core::session::{ServerEvent, SessionStatus};
 use tether_core::Timestamp;
-use tether_store::{ChangeSet, Cursor, Page, PageRequest, Write};
+use tether_store::{ChangeSet, Cursor, EventDoc, Page, PageRequest, Write};
 use tokio::sync::watch;
 
 use super::{with_retries, App, Retry};
@@ -128,6 +128,11 @@ const TAIL_PAGE: u32 = 100;
 /// How many events a filtered listing reads from the store at a time.
 const SCAN_PAGE: u32 = 500;
 
+/// The most event bytes one read of the store brings into memory for a listing, a filtered scan or a
+/// live stream's replay (plus at most one event more: a read always makes progress). Together with the
+/// event limit this bounds what any one of them holds at a time (ARCHITECTURE.md, "Bounded everything").
+pub const READ_BYTES: usize = 1 << 20;
+
 /// Which events a listing keeps: the SDKs' `types[]` and `created_at[gt|gte|lt|lte]` (an event's
 /// creation time is its `processed_at`). Type names the server does not know simply match nothing.
 #[derive(Clone, Debug, Default)]
@@ -148,8 +153,12 @@ impl EventFilter {
             && self.created_lte.is_none()
     }
 
-    pub fn keeps(&self, event: &SessionEvent) -> bool {
-        let kind = event.body.get("type").and_then(Value::as_str).unwrap_or("");
+    pub fn keeps(&self, event: &EventDoc) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let head = event.head();
+        let kind = head.kind.as_str();
         if !self.types.is_empty() && !self.types.iter().any(|t| t == kind) {
             return false;
         }
@@ -162,10 +171,9 @@ impl EventFilter {
         if bounds.iter().all(Option::is_none) {
             return true;
         }
-        let Some(at) = event
-            .body
-            .get("processed_at")
-            .and_then(Value::as_str)
+        let Some(at) = head
+            .processed_at
+            .as_deref()
             .and_then(Timestamp::parse_rfc3339)
         else {
             return false;
@@ -240,6 +248,7 @@ impl App {
         for (i, (event, kind)) in list.iter().zip(kinds).enumerate() {
             rules::validate(&at(i), kind, event)
                 .map_err(|e| ApiError::bad_param(&e.param, e.message))?;
+            self.check_event_size(&at(i), event)?;
             let fields = event.as_object().cloned().unwrap_or_default();
             if let Some((name, call_kind)) = kind.tool_reference() {
                 let call = fields.get(name).and_then(Value::as_str).unwrap_or_default();
@@ -256,6 +265,21 @@ impl App {
             batch.push(Incoming { kind, fields });
         }
         Ok(batch)
+    }
+
+    /// An event as sent may take at most the event limit in bytes of JSON (the server adds its `id`,
+    /// `type` and `processed_at`, a fixed ~100 bytes, to what is stored).
+    fn check_event_size(&self, param: &str, event: &Value) -> ApiResult<()> {
+        let limit = self.config.max_event_bytes;
+        let size = json_size(event);
+        if size > limit {
+            return Err(ApiError::bad_param(
+                param,
+                format!("{param} is {size} bytes of JSON; an event may be at most {limit} bytes"),
+            )
+            .with_code("event_too_large"));
+        }
+        Ok(())
     }
 
     /// Whether `id` is an event of type `kind` in the session's log.
@@ -276,11 +300,13 @@ impl App {
                     limit: 1,
                     descending: false,
                 },
+                READ_BYTES,
             )
             .await?;
-        Ok(page.items.first().is_some_and(|e| {
-            e.id == id && e.body.get("type").and_then(Value::as_str) == Some(kind.as_str())
-        }))
+        Ok(page
+            .items
+            .first()
+            .is_some_and(|e| e.id == id && e.head().kind == kind.as_str()))
     }
 
     /// `POST /sessions/{id}/events` (§12.3): the batch is one atomic conditional write of the session row,
@@ -357,22 +383,25 @@ impl App {
         session_id: &str,
         page: &PageRequest,
         filter: &EventFilter,
-    ) -> ApiResult<Page<SessionEvent>> {
+    ) -> ApiResult<Page<EventDoc>> {
         if filter.is_empty() {
-            return Ok(self.store.list_events(session_id, page).await?);
+            return Ok(self.store.list_events(session_id, page, READ_BYTES).await?);
         }
         // The store pages by id only, so a filtered page is gathered by scanning on from the cursor
         // until one more match than the page holds has been seen (that one only says `has_more`).
         let backward = matches!(page.cursor, Cursor::Before(_));
         let want = page.limit as usize;
-        let mut found: Vec<SessionEvent> = Vec::new();
+        let mut found: Vec<EventDoc> = Vec::new();
+        let mut found_bytes = 0usize;
         let mut scan = PageRequest {
             cursor: page.cursor.clone(),
             limit: SCAN_PAGE,
             descending: page.descending,
         };
         loop {
-            let chunk = self.store.list_events(session_id, &scan).await?;
+            // What the page holds so far counts against the read's bytes too.
+            let room = READ_BYTES.saturating_sub(found_bytes).max(1);
+            let chunk = self.store.list_events(session_id, &scan, room).await?;
             let (Some(first), Some(last)) = (chunk.items.first(), chunk.items.last()) else {
                 break;
             };
@@ -381,14 +410,28 @@ impl App {
             } else {
                 Cursor::After(last.id.clone())
             };
-            let kept = chunk.items.iter().filter(|e| filter.keeps(e)).cloned();
+            let more = chunk.has_more;
+            let kept: Vec<EventDoc> = chunk
+                .items
+                .into_iter()
+                .filter(|e| filter.keeps(e))
+                .collect();
+            found_bytes += kept.iter().map(|e| e.body.get().len()).sum::<usize>();
             if backward {
                 found.splice(0..0, kept);
             } else {
                 found.extend(kept);
             }
-            if found.len() > want || !chunk.has_more {
+            if found.len() > want || !more {
                 break;
+            }
+            if found_bytes > READ_BYTES && !found.is_empty() {
+                // A page is bounded by bytes as well as by count: stop here and say there is more.
+                let has_more = true;
+                return Ok(Page {
+                    items: found,
+                    has_more,
+                });
             }
             scan.cursor = next;
         }
@@ -478,7 +521,7 @@ pub struct EventTail {
     cursor: Option<String>,
     wake: watch::Receiver<u64>,
     closed: watch::Receiver<bool>,
-    pending: VecDeque<Value>,
+    pending: VecDeque<EventDoc>,
     /// Everything up to the last wake-up has been read.
     caught_up: bool,
     /// The last event has been queued: `session.status_terminated`, or the deletion notice.
@@ -490,12 +533,10 @@ impl EventTail {
     /// `session.status_terminated`, after the session was deleted (the last event is then a
     /// `session.deleted` the server makes up, since the log went with the session), at shutdown, or when
     /// the store fails (the client resumes with `Last-Event-ID`).
-    pub async fn next(&mut self) -> Option<Value> {
+    pub async fn next(&mut self) -> Option<EventDoc> {
         loop {
             if let Some(event) = self.pending.pop_front() {
-                if event.get("type").and_then(Value::as_str)
-                    == Some(EventType::SessionStatusTerminated.as_str())
-                {
+                if event.head().kind == EventType::SessionStatusTerminated.as_str() {
                     self.finished = true;
                     self.pending.clear();
                 }
@@ -533,7 +574,7 @@ impl EventTail {
         let page = self
             .app
             .store
-            .list_events(&self.session_id, &request)
+            .list_events(&self.session_id, &request, READ_BYTES)
             .await?;
         self.caught_up = !page.has_more;
         if let Some(last) = page.items.last() {
@@ -542,19 +583,41 @@ impl EventTail {
             // Nothing new: the wake-up may have been a deletion, or the session may be over already.
             match self.app.store.get_session(&self.session_id).await? {
                 None => {
-                    self.pending.push_back(json!({
-                        "id": ids::new_id(IdKind::Event),
+                    let id = ids::new_id(IdKind::Event);
+                    let body = json!({
+                        "id": id,
                         "type": EventType::SessionDeleted.as_str(),
                         "processed_at": self.app.now().to_rfc3339(),
-                    }));
+                    });
+                    self.pending.push_back(EventDoc {
+                        id,
+                        body: serde_json::value::to_raw_value(&body)
+                            .expect("a JSON value serializes"),
+                    });
                     self.finished = true;
                 }
                 Some(s) if s.value.status == SessionStatus::Terminated => self.finished = true,
                 Some(_) => {}
             }
         }
-        self.pending
-            .extend(page.items.into_iter().map(|event| event.body));
+        self.pending.extend(page.items);
         Ok(())
     }
+}
+
+/// The length of `value` as compact JSON, counted without building the text.
+pub fn json_size(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).expect("a JSON value serializes");
+    counter.0
 }

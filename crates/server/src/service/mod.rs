@@ -42,7 +42,14 @@ pub struct ServiceConfig {
     pub workers_polling_window_ms: i64,
     /// How often the sampler records each environment's queue statistics (`crate::sampler`).
     pub sample_interval: Duration,
+    /// The largest event, in bytes of its JSON as stored (`--event-limit`).
+    pub max_event_bytes: usize,
+    /// What request bodies may take in memory, all together (`--request-memory`, `http::budget`).
+    pub request_memory: usize,
 }
+
+/// The default `--event-limit`: 1 MiB.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
 
 impl Default for ServiceConfig {
     fn default() -> Self {
@@ -54,6 +61,8 @@ impl Default for ServiceConfig {
             tick: Duration::from_secs(1),
             workers_polling_window_ms: 30_000,
             sample_interval: Duration::from_secs(10),
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            request_memory: crate::http::budget::DEFAULT_REQUEST_MEMORY,
         }
     }
 }

@@ -14,7 +14,7 @@ use super::{with_retries, App, Retry};
 use crate::body;
 use crate::error::{ApiError, ApiResult};
 
-const MAX_TITLE_CHARS: usize = 512;
+pub const MAX_TITLE_CHARS: usize = 512;
 
 impl App {
     pub(crate) async fn session_versioned(&self, id: &str) -> ApiResult<Versioned<Session>> {

@@ -10,6 +10,9 @@ use crate::body;
 use crate::credentials::{self, ADMIN_PREFIX, ENVIRONMENT_PREFIX, SESSION_PREFIX};
 use crate::error::{ApiError, ApiResult};
 
+/// The longest name an admin token or environment key may carry.
+pub const MAX_CREDENTIAL_NAME_CHARS: usize = 256;
+
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
@@ -196,7 +199,7 @@ impl App {
         &self,
         body: Map<String, Value>,
     ) -> ApiResult<(Credential, String)> {
-        let name = body::optional_string(&body, "name")?;
+        let name = body::optional_name(&body, "name", MAX_CREDENTIAL_NAME_CHARS)?;
         self.mint_credential(CredentialKind::Admin, None, name, None)
             .await
     }
@@ -207,7 +210,7 @@ impl App {
         body: Map<String, Value>,
     ) -> ApiResult<(Credential, String)> {
         let env = self.environment(environment_id).await?;
-        let name = body::optional_string(&body, "name")?;
+        let name = body::optional_name(&body, "name", MAX_CREDENTIAL_NAME_CHARS)?;
         self.mint_credential(CredentialKind::Environment, Some(env.id), name, None)
             .await
     }

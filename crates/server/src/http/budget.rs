@@ -1,0 +1,335 @@
+//! What request bodies may cost in memory, all of them together.
+//!
+//! A body is read whole before its handler runs (see [`read_body`]) and parsed into a JSON tree, which
+//! can take many times the bytes of its text: `[0,0,0,…]` costs some 32 bytes of tree per 2 bytes of
+//! text. So every request pays, from one budget shared by the process (`--request-memory`),
+//! [`BYTE_COST`] per byte of body (the text, and the copies of its strings that the handler makes: the
+//! parsed tree, the events built from it, the stored documents, the answer), then [`VALUE_COST`] per
+//! JSON value of the tree, counted first by a scan that builds nothing. A request that cannot get its
+//! share within [`BUDGET_WAIT`] is answered 503; one whose share alone exceeds the whole budget, or
+//! that holds more than [`MAX_JSON_VALUES`] values, is answered 400. Requests without a body (polls,
+//! heartbeats, `/healthz`) pay nothing and are never held up by large ones.
+
+use std::cell::Cell;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ApiError;
+
+/// The default `--request-memory`: 256 MiB.
+pub const DEFAULT_REQUEST_MEMORY: usize = 256 << 20;
+
+/// The most JSON values (objects, arrays, strings, numbers, …; object keys count too) one body may hold.
+pub const MAX_JSON_VALUES: u64 = 1_000_000;
+
+/// What one parsed JSON value is charged, in bytes: the tree node, the slack of the vector or map that
+/// holds it, and the handler's one copy of it.
+pub const VALUE_COST: usize = 128;
+
+/// What one byte of body is charged: the text itself and the handler's copies of its strings (the
+/// parsed tree, the events built from it, the stored documents and the answer).
+pub const BYTE_COST: usize = 5;
+
+/// How long a whole request body may take to arrive (408 after that).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn charge_for_bytes(n: usize) -> usize {
+    n.saturating_mul(BYTE_COST)
+}
+
+/// How long a request waits for its share of the budget before it is answered 503.
+pub const BUDGET_WAIT: Duration = Duration::from_secs(10);
+
+/// The budget is counted in KiB, so that a semaphore's `u32` permits cover any size.
+const UNIT: usize = 1024;
+
+/// Request-body memory, shared by every request of the process.
+#[derive(Clone)]
+pub struct MemoryBudget {
+    units: Arc<Semaphore>,
+    total_units: usize,
+}
+
+/// Why a request did not get its share.
+enum Refusal {
+    /// More than the whole budget: it can never be served.
+    TooLarge,
+    /// The budget stayed spent by other requests for [`BUDGET_WAIT`].
+    Busy,
+}
+
+impl MemoryBudget {
+    pub fn new(bytes: usize) -> Self {
+        let total_units = bytes.div_ceil(UNIT).max(1);
+        MemoryBudget {
+            units: Arc::new(Semaphore::new(total_units)),
+            total_units,
+        }
+    }
+
+    async fn take(&self, bytes: usize) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
+        let units = bytes.div_ceil(UNIT);
+        if units == 0 {
+            return Ok(None);
+        }
+        if units > self.total_units {
+            return Err(Refusal::TooLarge);
+        }
+        let units = u32::try_from(units).map_err(|_| Refusal::TooLarge)?;
+        match tokio::time::timeout(BUDGET_WAIT, self.units.clone().acquire_many_owned(units)).await
+        {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(_)) | Err(_) => Err(Refusal::Busy),
+        }
+    }
+}
+
+/// Counts the values of a JSON text without building anything, stopping at `max`. `None`: the text is
+/// not JSON (the handler's parser will say so; a text that breaks off is charged what was counted).
+pub fn count_json_values(text: &[u8], max: u64) -> (u64, bool) {
+    let count = Cell::new(0u64);
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let ok = Counter { count: &count, max }.deserialize(&mut de).is_ok();
+    (count.get(), ok)
+}
+
+#[derive(Clone, Copy)]
+struct Counter<'a> {
+    count: &'a Cell<u64>,
+    max: u64,
+}
+
+impl Counter<'_> {
+    fn bump<E: serde::de::Error>(self) -> Result<(), E> {
+        let n = self.count.get() + 1;
+        self.count.set(n);
+        if n > self.max {
+            return Err(E::custom("too many JSON values"));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Counter<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Counter<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.bump()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.bump()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.bump()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.bump()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.bump()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.bump()
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.bump()
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.bump()?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.bump()?;
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            self.bump()?;
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+}
+
+/// The state [`read_body`] needs.
+#[derive(Clone)]
+pub struct BodyPolicy {
+    pub limit: usize,
+    pub budget: MemoryBudget,
+}
+
+fn refused(refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::TooLarge => ApiError::bad_request(
+            "the request body would take more memory than the server grants all requests together \
+             (--request-memory)",
+        )
+        .into_response(),
+        Refusal::Busy => {
+            let mut response = ApiError::unavailable(
+                "the server is busy with other large requests; retry shortly",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+/// Reads the whole request body before the handler runs, paying for it from the memory budget. (Reading
+/// it first matters on its own: a handler that answers without reading the body — ack, heartbeat,
+/// archive: the SDKs send `{}` or `Content-Length: 0` there; any early error — would leave unread bytes
+/// on a keep-alive connection, and hyper then closes it after the response; a client that reuses that
+/// pooled connection sees "server disconnected", and the Qoder SDK never retries a POST after a
+/// transport error.) The share is held until the response has been written out.
+pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || ApiError::bad_request("the request body is larger than the server accepts");
+    if declared.is_some_and(|n| n > policy.limit as u64) {
+        return too_large().into_response();
+    }
+    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
+    // A body of declared length pays for all of it at once, so that requests never each hold part of
+    // what they need while waiting for the rest; one sent in chunks pays as they arrive. Either way the
+    // whole body must arrive within BODY_READ_TIMEOUT, so that a slow sender holds its share only so long.
+    if let Some(n) = declared {
+        match policy.budget.take(charge_for_bytes(n as usize)).await {
+            Ok(permit) => permits.extend(permit),
+            Err(refusal) => return refused(refusal),
+        }
+    }
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut stream = body.into_data_stream();
+    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => {
+                return ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    "the request body did not arrive in time",
+                )
+                .into_response()
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return ApiError::bad_request("the request body could not be read").into_response()
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        if bytes.len() + chunk.len() > policy.limit {
+            return too_large().into_response();
+        }
+        if declared.is_none() {
+            match policy.budget.take(charge_for_bytes(chunk.len())).await {
+                Ok(permit) => permits.extend(permit),
+                Err(refusal) => return refused(refusal),
+            }
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    if !bytes.is_empty() {
+        let (values, _) = count_json_values(&bytes, MAX_JSON_VALUES);
+        if values > MAX_JSON_VALUES {
+            return ApiError::bad_request(format!(
+                "the request body holds more than {MAX_JSON_VALUES} JSON values"
+            ))
+            .into_response();
+        }
+        let tree = (values as usize).saturating_mul(VALUE_COST);
+        match policy.budget.take(tree).await {
+            Ok(permit) => permits.extend(permit),
+            Err(refusal) => return refused(refusal),
+        }
+    }
+    let response = next
+        .run(Request::from_parts(parts, Body::from(Bytes::from(bytes))))
+        .await;
+    if permits.is_empty() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, Body::new(Holding { body, permits }))
+}
+
+/// A response body that keeps the request's memory share until it has been sent (or dropped).
+struct Holding {
+    body: Body,
+    #[allow(dead_code)] // held for its `Drop`
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_values_without_building_them() {
+        assert_eq!(count_json_values(b"{}", 10), (1, true));
+        assert_eq!(
+            count_json_values(br#"{"a":[1,2,"x"],"b":null}"#, 100),
+            (8, true)
+        );
+        let (n, ok) = count_json_values(b"[0,0,0,0,0,0]", 3);
+        assert_eq!((n, ok), (4, false));
+        assert!(!count_json_values(b"[1,", 100).1);
+    }
+
+    #[tokio::test]
+    async fn a_share_larger_than_the_budget_is_refused_at_once() {
+        let budget = MemoryBudget::new(64 * 1024);
+        assert!(matches!(
+            budget.take(65 * 1024).await,
+            Err(Refusal::TooLarge)
+        ));
+        let held = budget.take(64 * 1024).await.ok().flatten();
+        assert!(held.is_some());
+        assert!(budget.take(0).await.ok().is_some());
+    }
+}

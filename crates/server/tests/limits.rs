@@ -1,0 +1,440 @@
+//! Limits and contract edges, on every backend: the size of one event, listings bounded by bytes, the
+//! memory request bodies may take, NUL characters, and bodies that are present but say nothing.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tether_server::ServiceConfig;
+use tether_testkit::{backends, Options, TestServer};
+
+fn text_event(kind: &str, text: &str) -> Value {
+    json!({"type": kind, "content": [{"type": "text", "text": text}]})
+}
+
+async fn setup(server: &TestServer) -> (String, String) {
+    let env = server.self_hosted_environment().await;
+    let agent = server.agent().await;
+    let session = server.session(&env, &agent).await;
+    (env, session)
+}
+
+fn options(max_event_bytes: usize, request_memory: usize, body_limit: usize) -> Options {
+    let defaults = Options::default();
+    Options {
+        config: ServiceConfig {
+            max_event_bytes,
+            request_memory,
+            ..defaults.config
+        },
+        body_limit,
+    }
+}
+
+#[tokio::test]
+async fn an_event_over_the_limit_is_refused_and_names_itself() {
+    for backend in backends() {
+        let server = TestServer::start_with(&backend, options(64 * 1024, 256 << 20, 1 << 20)).await;
+        let (env, session) = setup(&server).await;
+        let big = "x".repeat(70 * 1024);
+        let (status, body) = server
+            .post(
+                &format!("/sessions/{session}/events"),
+                json!({"events": [text_event("agent.message", "small"), text_event("agent.message", &big)]}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{}: {body}",
+            backend.name()
+        );
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["param"], "events[1]", "{body}");
+        assert_eq!(body["error"]["code"], "event_too_large", "{body}");
+        // All or nothing: the small one was not stored either.
+        let (_, list) = server.get(&format!("/sessions/{session}/events")).await;
+        assert_eq!(list["data"].as_array().unwrap().len(), 0, "{list}");
+        // Just under the limit is fine.
+        let fits = "x".repeat(60 * 1024);
+        let (status, body) = server
+            .post(
+                &format!("/sessions/{session}/events"),
+                json!({"events": [text_event("agent.message", &fits)]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // Session creation's initial events are held to the same limit.
+        let agent = server.agent().await;
+        let (status, body) = server
+            .post(
+                "/sessions",
+                json!({"agent": agent, "environment_id": env,
+                       "initial_events": [text_event("user.message", &big)]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["param"], "initial_events[0]", "{body}");
+        server.shutdown().await;
+    }
+}
+
+/// Ids of a listing, following `next_page` to the end.
+async fn all_pages(server: &TestServer, session: &str, query: &str) -> (Vec<String>, usize) {
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let page = cursor
+            .as_ref()
+            .map(|c| format!("&page={c}"))
+            .unwrap_or_default();
+        let (status, body) = server
+            .get(&format!(
+                "/sessions/{session}/events?limit=100{query}{page}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        pages += 1;
+        for e in body["data"].as_array().unwrap() {
+            ids.push(e["id"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            body["has_more"].as_bool().unwrap(),
+            !body["next_page"].is_null()
+        );
+        match body["next_page"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return (ids, pages),
+        }
+    }
+    panic!("the listing did not end");
+}
+
+#[tokio::test]
+async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let (_, session) = setup(&server).await;
+        // 12 events of 300 KiB: a page holds at most 1 MiB of events plus one.
+        let chunk = "y".repeat(300 * 1024);
+        let mut posted = Vec::new();
+        for i in 0..12 {
+            let (status, body) = server
+                .post(
+                    &format!("/sessions/{session}/events"),
+                    json!({"events": [text_event("agent.message", &format!("{i}{chunk}"))]}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            posted.push(body["data"][0]["id"].as_str().unwrap().to_owned());
+        }
+        let (ids, pages) = all_pages(&server, &session, "").await;
+        assert_eq!(ids, posted, "{}", backend.name());
+        assert!(
+            pages >= 3,
+            "12 × 300 KiB must take several pages, took {pages}"
+        );
+        let (mut ids, _) = all_pages(&server, &session, "&order=desc").await;
+        ids.reverse();
+        assert_eq!(ids, posted);
+        // A filtered listing is bounded the same way.
+        let (ids, pages) = all_pages(&server, &session, "&types[]=agent.message").await;
+        assert_eq!(ids, posted);
+        assert!(pages >= 3, "{pages}");
+        // The response is valid JSON with the whole envelope.
+        let (status, body) = server
+            .get(&format!("/sessions/{session}/events?limit=2"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["first_id"], json!(posted[0]));
+        assert_eq!(body["last_id"], json!(posted[1]));
+        assert_eq!(body["next_page"], json!(posted[1]));
+        assert_eq!(
+            body["data"][1]["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .len(),
+            chunk.len() + 1
+        );
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn bodies_that_would_cost_too_much_memory_are_refused() {
+    for backend in backends() {
+        let server = TestServer::start_with(&backend, options(1 << 20, 8 << 20, 4 << 20)).await;
+        let (_, session) = setup(&server).await;
+        let path = server.url(&format!("/sessions/{session}/events"));
+        // 100,000 tiny values: some 200 KB of text, but a tree of many megabytes.
+        let many = format!("{{\"events\":[{}0]}}", "0,".repeat(100_000));
+        let resp = server
+            .http()
+            .post(&path)
+            .bearer_auth(&server.admin_token)
+            .body(many)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = tether_testkit::read(resp).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("memory"),
+            "{body}"
+        );
+        // Over a million values: refused whatever the budget.
+        let server2 = TestServer::start_with(&backend, options(1 << 20, 1 << 30, 4 << 20)).await;
+        let (_, session2) = setup(&server2).await;
+        let too_many = format!("[{}0]", "0,".repeat(1_000_001));
+        let resp = server2
+            .http()
+            .post(server2.url(&format!("/sessions/{session2}/events")))
+            .bearer_auth(&server2.admin_token)
+            .body(too_many)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = tether_testkit::read(resp).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["type"], "error");
+        // Requests without a body are not held up, and a normal post still works.
+        let (status, _) = server
+            .post(
+                &format!("/sessions/{session}/events"),
+                json!({"events": [text_event("agent.message", "fine")]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        server.shutdown().await;
+        server2.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_nul_in_an_id_filter_matches_nothing() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        setup(&server).await;
+        for base in [server.url("/sessions"), server.v1("/sessions")] {
+            for filter in [
+                "agent_id=x%00y",
+                "environment_id=x%00y",
+                "agent_id=%00",
+                "environment_id=env_%00",
+            ] {
+                let resp = server
+                    .http()
+                    .get(format!("{base}?{filter}"))
+                    .bearer_auth(&server.admin_token)
+                    .send()
+                    .await
+                    .unwrap();
+                let (status, body) = tether_testkit::read(resp).await;
+                assert_eq!(
+                    status,
+                    StatusCode::OK,
+                    "{} {base}?{filter}: {body}",
+                    backend.name()
+                );
+                assert_eq!(body["data"], json!([]), "{body}");
+                assert_eq!(body["has_more"], json!(false));
+            }
+        }
+        // A path id with a NUL is no id at all (D-2).
+        let (status, body) = server.get("/sessions/sess_%00").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn strings_with_nul_are_stored_as_sent() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let nul = "a\u{0}b";
+        let (status, env) = server
+            .post(
+                "/environments",
+                json!({"name": nul, "description": nul, "config": {"type": "self_hosted"},
+                       "metadata": {"k\u{0}": nul}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{}: {env}", backend.name());
+        let env_id = env["id"].as_str().unwrap();
+        let (_, again) = server.get(&format!("/environments/{env_id}")).await;
+        assert_eq!(again["name"], json!(nul));
+        assert_eq!(again["metadata"], json!({"k\u{0}": nul}));
+        let agent = server.agent().await;
+        let (status, session) = server
+            .post(
+                "/sessions",
+                json!({"agent": agent, "environment_id": env_id, "title": nul}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{session}");
+        let session_id = session["id"].as_str().unwrap();
+        let (status, body) = server
+            .post(
+                &format!("/sessions/{session_id}/events"),
+                json!({"events": [text_event("agent.message", nul)]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (_, got) = server.get(&format!("/sessions/{session_id}")).await;
+        assert_eq!(got["title"], json!(nul));
+        let (_, events) = server.get(&format!("/sessions/{session_id}/events")).await;
+        assert_eq!(
+            events["data"][0]["content"][0]["text"],
+            json!(nul),
+            "{events}"
+        );
+        let (status, token) = server.post("/tokens", json!({"name": nul})).await;
+        assert_eq!(status, StatusCode::OK, "{token}");
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn bodies_that_say_nothing_are_refused_where_they_would_hide_a_mistake() {
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let (env, _) = setup(&server).await;
+        let (_, before) = server.get(&format!("/environments/{env}")).await;
+        // An update without a body, or with `null`, is a 400 and changes nothing.
+        let path = server.url(&format!("/environments/{env}"));
+        for body in [None, Some("null"), Some("")] {
+            let mut req = server.http().post(&path).bearer_auth(&server.admin_token);
+            if let Some(text) = body {
+                req = req.header("content-type", "application/json").body(text);
+            }
+            let (status, answer) = tether_testkit::read(req.send().await.unwrap()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {answer}");
+            assert_eq!(answer["error"]["type"], "invalid_request_error");
+        }
+        let (_, after) = server.get(&format!("/environments/{env}")).await;
+        assert_eq!(before["updated_at"], after["updated_at"]);
+        // `{}` is a valid (empty) update.
+        let (status, _) = server
+            .post(&format!("/environments/{env}"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+
+        // Stop with `null` is not a graceful stop: 400, and the item is untouched.
+        let (status, item) = server
+            .call_as(
+                &server.admin_token.clone(),
+                Method::GET,
+                &format!("/environments/{env}/work/poll"),
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{item}");
+        let work = item["id"].as_str().unwrap();
+        let resp = server
+            .http()
+            .post(server.url(&format!("/environments/{env}/work/{work}/stop")))
+            .bearer_auth(&server.admin_token)
+            .header("content-type", "application/json")
+            .body("null")
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = tether_testkit::read(resp).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (_, now) = server
+            .get(&format!("/environments/{env}/work/{work}"))
+            .await;
+        assert_eq!(now["state"], item["state"]);
+        assert!(now["stop_requested_at"].is_null());
+        // No body, an empty body and `{}` still mean graceful (§6.8).
+        let (status, stopped) = server
+            .post(&format!("/environments/{env}/work/{work}/stop"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{stopped}");
+
+        // Credential names: absent is fine; null, empty or blank is a 400 naming `name`.
+        for path in ["/tokens".to_owned(), format!("/environments/{env}/keys")] {
+            for name in [json!(null), json!(""), json!("  "), json!(7)] {
+                let (status, body) = server.post(&path, json!({ "name": name })).await;
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {name}: {body}");
+                assert_eq!(body["error"]["param"], "name");
+            }
+            let (status, body) = server.post(&path, json!({})).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_states_the_limits_the_server_enforces() {
+    let backend = backends().remove(0);
+    let server = TestServer::start(&backend).await;
+    let doc: Value = server
+        .http()
+        .get(format!("{}/openapi.json", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let param = |path: &str, method: &str, name: &str| -> Value {
+        doc["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{method} {path} has no {name}"))["schema"]
+            .clone()
+    };
+    let limit = param("/api/v1/cloud/sessions", "get", "limit");
+    assert_eq!(
+        (limit["minimum"].as_i64(), limit["maximum"].as_i64()),
+        (Some(1), Some(100))
+    );
+    let limit = param("/v1/sessions", "get", "limit");
+    assert_eq!(
+        (limit["minimum"].as_i64(), limit["maximum"].as_i64()),
+        (Some(1), Some(1000))
+    );
+    let block = param(
+        "/api/v1/cloud/environments/{environment_id}/work/poll",
+        "get",
+        "block_ms",
+    );
+    assert_eq!(
+        (block["minimum"].as_i64(), block["maximum"].as_i64()),
+        (Some(1), Some(999))
+    );
+    let schemas = &doc["components"]["schemas"];
+    let name = &schemas["CreateEnvironment"]["properties"]["name"];
+    assert_eq!(name["minLength"], 1, "{name}");
+    assert_eq!(name["maxLength"], 256, "{name}");
+    assert_eq!(
+        schemas["CreateAgent"]["properties"]["name"]["maxLength"],
+        64
+    );
+    assert_eq!(
+        schemas["CreateCredential"]["properties"]["name"]["minLength"],
+        1
+    );
+    let metadata = &schemas["CreateSession"]["properties"]["metadata"];
+    assert_eq!(metadata["maxProperties"], 16, "{metadata}");
+    assert_eq!(metadata["propertyNames"]["maxLength"], 64, "{metadata}");
+    assert_eq!(
+        metadata["additionalProperties"]["maxLength"], 512,
+        "{metadata}"
+    );
+    let patch = &schemas["UpdateSession"]["properties"]["metadata"];
+    assert_eq!(patch["propertyNames"]["maxLength"], 64, "{patch}");
+    let events = &schemas["PostEvents"]["properties"]["events"];
+    assert_eq!(
+        (events["minItems"].as_i64(), events["maxItems"].as_i64()),
+        (Some(1), Some(100))
+    );
+    server.shutdown().await;
+}

@@ -216,7 +216,7 @@ fn check_worker_id(id: &str) -> Result<String> {
 }
 
 /// Seconds (`30`, `1.5`), or a number with a unit: `500ms`, `30s`, `2m`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
         (n, 0.001)

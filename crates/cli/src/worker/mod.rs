@@ -35,8 +35,8 @@ use status::{Activity, Reporter};
 #[derive(Args, Debug)]
 #[command(after_help = "\
 PROGRAM runs once per work item, in its own process group, with TETHER_API_URL, TETHER_WORK_ID, \
-TETHER_ENVIRONMENT_ID, TETHER_SESSION_ID, TETHER_SESSION_TOKEN and TETHER_WORKER_ID in its \
-environment and the work item as JSON on stdin. Its exit status is recorded in the item's metadata \
+TETHER_ENVIRONMENT_ID, TETHER_SESSION_ID, TETHER_SESSION_TOKEN and TETHER_WORKER_ID (and \
+TETHER_CA_CERT with --ca-cert) in its environment and the work item as JSON on stdin. Its exit status is recorded in the item's metadata \
 (tether.exit_code, tether.signal) and the item is stopped. When the server asks for a stop, PROGRAM \
 gets SIGTERM, then SIGKILL after --grace.
 
@@ -46,6 +46,10 @@ pub struct WorkerArgs {
     /// URL of the Tether server.
     #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:4780")]
     server: String,
+    /// Also trust the certificate authorities in this PEM file (for a server whose certificate a
+    /// private CA signed); handed on to PROGRAM as TETHER_CA_CERT.
+    #[arg(long, env = "TETHER_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
     /// The environment whose work to run (env_…).
     #[arg(long, env = "TETHER_ENVIRONMENT")]
     environment: String,
@@ -103,6 +107,8 @@ pub struct Shared {
     /// Carries the environment key (poll, ack).
     pub client: Client,
     pub environment_id: String,
+    /// The private CA to trust (--ca-cert), handed on to PROGRAM.
+    pub ca_cert: Option<PathBuf>,
     pub worker_id: String,
     pub program: Program,
     pub output: Output,
@@ -123,11 +129,23 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     if key.is_empty() {
         bail!("--key / TETHER_KEY is empty: pass the environment key from `tether env key create`");
     }
-    let client = Client::builder(args.server.clone())
+    // Absolute, so that PROGRAM finds it from whatever directory it runs in.
+    let ca_cert = match &args.ca_cert {
+        Some(path) => Some(
+            std::path::absolute(path)
+                .with_context(|| format!("invalid --ca-cert {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut builder = Client::builder(args.server.clone())
         .token(key)
-        .user_agent(format!("tether-worker/{}", env!("CARGO_PKG_VERSION")))
+        .user_agent(format!("tether-worker/{}", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &ca_cert {
+        builder = builder.ca_cert_file(path);
+    }
+    let client = builder
         .build()
-        .with_context(|| format!("invalid --server / TETHER_SERVER {:?}", args.server))?;
+        .with_context(|| format!("invalid --server / TETHER_SERVER {:?} or --ca-cert", args.server))?;
     let concurrency = args.concurrency as usize;
     let report = Reporter::new(args.log_format, concurrency);
     let output = match &args.log_dir {
@@ -154,6 +172,7 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     let shared = Arc::new(Shared {
         client,
         environment_id: args.environment,
+        ca_cert,
         worker_id,
         program,
         output,

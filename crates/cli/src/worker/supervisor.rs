@@ -270,6 +270,9 @@ impl<'a> Item<'a> {
         if let Some(token) = &self.token {
             env.push(("TETHER_SESSION_TOKEN", token.clone()));
         }
+        if let Some(ca) = &shared.ca_cert {
+            env.push(("TETHER_CA_CERT", ca.display().to_string()));
+        }
         let mut stdin = serde_json::to_vec(item).unwrap_or_default();
         stdin.push(b'\n');
         Running::spawn(&shared.program, &self.work_id, &env, stdin, &shared.output)

@@ -193,6 +193,9 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaph
                 (tls, protocol)
             });
             if let Some((tls, protocol)) = tls {
+                if matches!(protocol, Protocol::Http2) {
+                    state.track_heads.store(false, Ordering::Relaxed);
+                }
                 drive(Tracked::new(tls, state.clone()), protocol, &shared, state).await;
             }
         }
@@ -315,6 +318,9 @@ const UNSET: u64 = u64::MAX;
 /// What the watchdog of a connection knows about it, as milliseconds since it was accepted.
 struct ConnState {
     opened: Instant,
+    /// HTTP/1: a byte after an idle spell starts the next request's header clock. Not on HTTP/2,
+    /// where an idle client may send PING or WINDOW_UPDATE frames without starting a request.
+    track_heads: std::sync::atomic::AtomicBool,
     in_flight: AtomicU32,
     /// When the current request's first byte arrived while nothing was in flight (from accept, for the
     /// first request); `UNSET` while a request is in flight or the connection idles after one.
@@ -335,6 +341,7 @@ impl ConnState {
     fn new() -> ConnState {
         ConnState {
             opened: Instant::now(),
+            track_heads: std::sync::atomic::AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
             head_started: AtomicU64::new(0),
             idle_since: AtomicU64::new(UNSET),
@@ -390,6 +397,9 @@ impl ConnState {
     }
 
     fn bytes_read(&self) {
+        if !self.track_heads.load(Ordering::Relaxed) {
+            return;
+        }
         if self.in_flight.load(Ordering::Acquire) == 0
             && self.head_started.load(Ordering::Acquire) == UNSET
         {

@@ -83,9 +83,14 @@ impl Server {
             tls,
             ..tether_server::ServeOptions::plain(1 << 20)
         };
-        tokio::spawn(tether_server::serve_with(app, listener, options, async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(tether_server::serve_with(
+            app,
+            listener,
+            options,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Ok(Server {
             base: format!("{scheme}://{addr}/api/v1/cloud"),
             token,

@@ -56,10 +56,20 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. SIGHUP reloads it.
-    #[arg(long, env = "TETHER_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "TETHER_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM: PKCS#8, RSA or EC); needs --tls-cert.
-    #[arg(long, env = "TETHER_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "TETHER_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
     pub tls_key: Option<PathBuf>,
     /// Most connections open at once; more are closed as they arrive. Lowered to fit the process's
     /// open-file limit.
@@ -94,7 +104,9 @@ fn raise_open_file_limit() -> Option<u64> {
 
 /// The connection cap: what was asked for, within what the open-file limit allows.
 fn connection_cap(asked: usize, open_files: Option<u64>) -> usize {
-    let Some(limit) = open_files else { return asked };
+    let Some(limit) = open_files else {
+        return asked;
+    };
     let room = limit.saturating_sub(RESERVED_FDS).max(16) as usize;
     if room < asked {
         tracing::warn!(

@@ -203,7 +203,11 @@ fn a_session_served_end_to_end_over_https_with_a_private_ca() {
         .leaf(&["localhost", "127.0.0.1"])
         .write(dir.path(), "server");
     let server = TlsServer::start(&cert, &key, &[]);
-    assert!(server.base.starts_with("https://127.0.0.1:"), "{}", server.base);
+    assert!(
+        server.base.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.base
+    );
     let base = server.base.as_str();
 
     // The admin CLI over HTTPS.
@@ -406,7 +410,11 @@ fn sighup_serves_a_rotated_certificate_without_dropping_connections() {
     let base = server.base.clone();
     let rt = runtime();
 
-    let env = id(&json(&base, &old_ca_path, &["env", "create", "--name", "e"]));
+    let env = id(&json(
+        &base,
+        &old_ca_path,
+        &["env", "create", "--name", "e"],
+    ));
     let old_client = tether_client::Client::builder(&base)
         .token(ADMIN_TOKEN)
         .ca_cert_file(&old_ca_path)
@@ -467,7 +475,10 @@ fn sighup_serves_a_rotated_certificate_without_dropping_connections() {
             .get(format!("{base}/healthz"))
             .send(),
     );
-    assert!(refused.is_err(), "the old CA must not verify the new certificate");
+    assert!(
+        refused.is_err(),
+        "the old CA must not verify the new certificate"
+    );
 }
 
 /// Runs `command` to its end (it must end by itself) and returns its exit status and standard error.
@@ -505,8 +516,16 @@ fn certificate_refusals_end_the_worker_and_the_cli_with_one_clear_line() {
     let stranger = TestCa::new("some other root");
     let ca = root.write(dir.path(), "root");
     let cases = [
-        ("untrusted", stranger.leaf(&["127.0.0.1"]), "not signed by an authority"),
-        ("wrong-name", root.leaf(&["tether.invalid"]), "not valid for 127.0.0.1"),
+        (
+            "untrusted",
+            stranger.leaf(&["127.0.0.1"]),
+            "not signed by an authority",
+        ),
+        (
+            "wrong-name",
+            root.leaf(&["tether.invalid"]),
+            "not valid for 127.0.0.1",
+        ),
         (
             "expired",
             root.leaf_with(&["127.0.0.1"], KeyKind::EcPkcs8, true),
@@ -534,10 +553,7 @@ fn certificate_refusals_end_the_worker_and_the_cli_with_one_clear_line() {
         for (who, command) in [("worker", worker), ("cli", admin)] {
             let (status, stderr) = run_to_end(command);
             assert!(!status.success(), "{name} {who}: {stderr}");
-            let errors: Vec<&str> = stderr
-                .lines()
-                .filter(|l| l.starts_with("error:"))
-                .collect();
+            let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
             assert_eq!(errors.len(), 1, "{name} {who}: {stderr}");
             assert!(errors[0].contains(&base), "{name} {who}: {}", errors[0]);
             assert!(errors[0].contains(reason), "{name} {who}: {}", errors[0]);
@@ -560,7 +576,8 @@ fn plain_http_to_the_tls_port_is_answered_and_https_to_a_plain_port_is_refused()
     // A plain-HTTP request gets a 400 in the error envelope.
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", server.port())).unwrap();
     tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut answer = String::new();
     tcp.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
@@ -575,7 +592,11 @@ fn plain_http_to_the_tls_port_is_answered_and_https_to_a_plain_port_is_refused()
     // The server still serves HTTPS.
     let rt = runtime();
     let status = rt
-        .block_on(https_client(&ca).get(format!("{}/healthz", server.base)).send())
+        .block_on(
+            https_client(&ca)
+                .get(format!("{}/healthz", server.base))
+                .send(),
+        )
         .unwrap()
         .status();
     assert_eq!(status, 200);

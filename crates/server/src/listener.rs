@@ -81,7 +81,10 @@ pub async fn run(
     stop: CancellationToken,
     drain: Duration,
 ) {
-    assert!(limits.max_connections > 0, "max_connections must be positive");
+    assert!(
+        limits.max_connections > 0,
+        "max_connections must be positive"
+    );
     assert!(
         u32::try_from(limits.max_connections).is_ok(),
         "max_connections too large"
@@ -162,7 +165,15 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaph
     metrics::gauge!("tether_http_connections").increment(1.0);
     let state = Arc::new(ConnState::new());
     match &shared.acceptor {
-        None => drive(Tracked::new(stream, state.clone()), Protocol::Sniff, &shared, state).await,
+        None => {
+            drive(
+                Tracked::new(stream, state.clone()),
+                Protocol::Sniff,
+                &shared,
+                state,
+            )
+            .await
+        }
         Some(acceptor) => {
             let handshake = async {
                 if speaks_plain_http(&stream).await {
@@ -376,7 +387,12 @@ impl ConnState {
             ));
         }
         let idle = self.idle_since.load(Ordering::Acquire);
-        (idle != UNSET).then(|| (self.at(idle) + limits.idle_timeout, Verdict::CloseGracefully))
+        (idle != UNSET).then(|| {
+            (
+                self.at(idle) + limits.idle_timeout,
+                Verdict::CloseGracefully,
+            )
+        })
     }
 
     fn verdict(&self, limits: &ConnectionLimits, now: Instant) -> Verdict {

@@ -130,9 +130,7 @@ impl TestCa {
             }
             KeyKind::RsaPkcs8 | KeyKind::RsaPkcs1 => rsa_key(kind),
         };
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .expect("sign the leaf");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign the leaf");
         Leaf {
             chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
             key_pem,
@@ -181,11 +179,7 @@ fn der(input: &[u8]) -> (u8, &[u8], &[u8]) {
             (len, 2 + count)
         }
     };
-    (
-        tag,
-        &input[header..header + len],
-        &input[header + len..],
-    )
+    (tag, &input[header..header + len], &input[header + len..])
 }
 
 fn pem(label: &str, der: &[u8]) -> String {

@@ -87,7 +87,10 @@ fn is_fatal(e: &Error) -> bool {
     match e.status() {
         Some(status) => (400..500).contains(&status) && !matches!(status, 408 | 409 | 429),
         // A refused certificate stays refused.
-        None => matches!(e, Error::Decode { .. } | Error::Config(_) | Error::Tls { .. }),
+        None => matches!(
+            e,
+            Error::Decode { .. } | Error::Config(_) | Error::Tls { .. }
+        ),
     }
 }
 

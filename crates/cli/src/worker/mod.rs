@@ -143,9 +143,12 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     if let Some(path) = &ca_cert {
         builder = builder.ca_cert_file(path);
     }
-    let client = builder
-        .build()
-        .with_context(|| format!("invalid --server / TETHER_SERVER {:?} or --ca-cert", args.server))?;
+    let client = builder.build().with_context(|| {
+        format!(
+            "invalid --server / TETHER_SERVER {:?} or --ca-cert",
+            args.server
+        )
+    })?;
     let concurrency = args.concurrency as usize;
     let report = Reporter::new(args.log_format, concurrency);
     let output = match &args.log_dir {

@@ -182,7 +182,9 @@ impl Client {
     }
 
     /// A client for one polled work item: it calls the secret's `api_base_url` (or `fallback_server`
-    /// with the default prefix when the secret has none) with the item's session token.
+    /// with the default prefix when the secret has none) with the item's session token. It trusts the
+    /// system's roots only; for a private CA build one with [`Client::builder`] and
+    /// [`ClientBuilder::ca_cert_file`].
     pub fn for_work_secret(secret: &WorkSecret, fallback_server: &str) -> Result<Client> {
         let builder = match &secret.api_base_url {
             Some(base) => Client::builder(base.clone()).prefix(""),

@@ -170,3 +170,55 @@ impl TlsSettings {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(dir: &Path, name: &str) -> TlsFiles {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let files = TlsFiles {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+
+    #[test]
+    fn a_bad_reload_keeps_the_certificate_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = self_signed(dir.path(), "a");
+        let settings = TlsSettings::load(files.clone()).unwrap();
+        let before = settings.cert.get();
+
+        // Someone else's key with our certificate.
+        let other = self_signed(dir.path(), "b");
+        std::fs::copy(&other.key, &files.key).unwrap();
+        assert!(matches!(settings.reload(), Err(TlsError::Mismatch { .. })));
+        std::fs::write(&files.cert, "nothing here").unwrap();
+        let e = settings.reload().unwrap_err();
+        assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
+        assert!(Arc::ptr_eq(&before, &settings.cert.get()));
+
+        // A good pair is taken.
+        std::fs::copy(&other.cert, &files.cert).unwrap();
+        settings.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &settings.cert.get()));
+    }
+
+    #[test]
+    fn missing_files_say_which() {
+        let files = TlsFiles {
+            cert: "/nonexistent/server.crt".into(),
+            key: "/nonexistent/server.key".into(),
+        };
+        let e = TlsSettings::load(files).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/server.crt"), "{e}");
+    }
+}

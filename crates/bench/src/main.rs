@@ -6,6 +6,7 @@
 //! 1. Concurrent writes (session creations) with group commit vs one fsync per write.
 //! 2. The worker cycle (poll → ack → heartbeat → stop) with concurrent workers, group commit vs not.
 //! 3. Long-poll wake-up latency (an enqueue wakes a blocked poll) vs a client that re-polls every 50 ms.
+//! 4. The worker cycle over HTTPS (rustls, certificates made for the run) vs plain HTTP.
 //!
 //! Usage: `cargo run --release -p tether-bench [-- --quick]`.
 
@@ -21,12 +22,37 @@ use tether_store::sqlite::{self, SqliteOptions};
 struct Server {
     base: String,
     token: String,
+    /// PEM of the CA that signed the server's certificate, when it serves HTTPS.
+    ca_pem: Option<String>,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// A throwaway CA and a certificate for 127.0.0.1 signed by it, written into `dir`.
+fn make_certificates(dir: &std::path::Path) -> Result<(tether_server::TlsFiles, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, &issuer)?;
+    let files = tether_server::TlsFiles {
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&files.cert, cert.pem())?;
+    std::fs::write(&files.key, key.serialize_pem())?;
+    Ok((files, ca_cert.pem()))
+}
+
 impl Server {
     async fn start(max_batch: usize) -> Result<Server> {
+        Self::start_with(max_batch, false).await
+    }
+
+    async fn start_with(max_batch: usize, tls: bool) -> Result<Server> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(sqlite::open_with(
             &dir.path().join("tether.db"),
@@ -35,8 +61,15 @@ impl Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let (tls, ca_pem) = if tls {
+            let (files, ca) = make_certificates(dir.path())?;
+            (Some(tether_server::TlsSettings::load(files)?), Some(ca))
+        } else {
+            (None, None)
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let config = ServiceConfig {
-            public_url: format!("http://{addr}"),
+            public_url: format!("{scheme}://{addr}"),
             ..ServiceConfig::default()
         };
         let app = App::new(store, clock, config);
@@ -46,15 +79,36 @@ impl Server {
             .map_err(|e| anyhow::anyhow!(e.message))?
             .expect("fresh store");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(tether_server::serve(app, listener, 1 << 20, async move {
-            let _ = stopped.await;
-        }));
+        let options = tether_server::ServeOptions {
+            tls,
+            ..tether_server::ServeOptions::plain(1 << 20)
+        };
+        tokio::spawn(tether_server::serve_with(
+            app,
+            listener,
+            options,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Ok(Server {
-            base: format!("http://{addr}/api/v1/cloud"),
+            base: format!("{scheme}://{addr}/api/v1/cloud"),
             token,
+            ca_pem,
             _dir: dir,
             stop: Some(stop),
         })
+    }
+
+    /// An HTTP client for this server (trusting its CA when it serves HTTPS).
+    fn client(&self) -> Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(pem) = &self.ca_pem {
+            builder = builder
+                .use_rustls_tls()
+                .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes())?);
+        }
+        Ok(builder.build()?)
     }
 
     async fn post(&self, http: &reqwest::Client, path: &str, body: Value) -> Result<Value> {
@@ -135,9 +189,14 @@ async fn writes_per_second(max_batch: usize, writers: usize, total: usize) -> Re
 }
 
 /// Items fully served (poll, ack, heartbeat, stop) per second by `workers` concurrent workers.
-async fn cycles_per_second(max_batch: usize, workers: usize, items: usize) -> Result<f64> {
-    let server = Arc::new(Server::start(max_batch).await?);
-    let http = reqwest::Client::new();
+async fn cycles_per_second(
+    max_batch: usize,
+    tls: bool,
+    workers: usize,
+    items: usize,
+) -> Result<f64> {
+    let server = Arc::new(Server::start_with(max_batch, tls).await?);
+    let http = server.client()?;
     let (env, agent) = server.fixtures(&http).await?;
     for _ in 0..items {
         server
@@ -231,6 +290,11 @@ async fn wake_latency_ms(blocking: bool, samples: usize) -> Result<f64> {
     Ok(latencies[latencies.len() / 2])
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut quick = false;
@@ -264,8 +328,8 @@ async fn main() -> Result<()> {
     println!("   ratio                   {:>9.2}x", grouped / single);
 
     let items = 200 * scale;
-    let grouped = cycles_per_second(sqlite::MAX_BATCH, 16, items).await?;
-    let single = cycles_per_second(1, 16, items).await?;
+    let grouped = cycles_per_second(sqlite::MAX_BATCH, false, 16, items).await?;
+    let single = cycles_per_second(1, false, 16, items).await?;
     println!("2. worker cycle (poll, ack, heartbeat, stop), 16 workers, {items} items");
     println!("   group commit            {grouped:>9.0} items/s");
     println!("   one fsync per write     {single:>9.0} items/s    (baseline)");
@@ -281,5 +345,17 @@ async fn main() -> Result<()> {
         "   ratio                   {:>9.2}x faster",
         polled / blocked
     );
+
+    // Alternating rounds, median of each: on a shared machine one run of each is mostly noise.
+    let (mut https, mut http) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        https.push(cycles_per_second(sqlite::MAX_BATCH, true, 16, items).await?);
+        http.push(cycles_per_second(sqlite::MAX_BATCH, false, 16, items).await?);
+    }
+    let (https, http) = (median(https), median(http));
+    println!("4. worker cycle over HTTPS (rustls), 16 workers, {items} items, median of 3 alternating rounds");
+    println!("   HTTPS                   {https:>9.0} items/s");
+    println!("   plain HTTP              {http:>9.0} items/s    (baseline)");
+    println!("   ratio                   {:>9.2}x", https / http);
     Ok(())
 }

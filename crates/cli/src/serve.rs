@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use tether_core::{Clock, LeasePolicy, SystemClock};
-use tether_server::{App, ServiceConfig};
+use tether_server::{App, ConnectionLimits, ServeOptions, ServiceConfig, TlsFiles, TlsSettings};
 use tether_store::Store;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -66,6 +66,68 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key. SIGHUP reloads it.
+    #[arg(
+        long,
+        env = "TETHER_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, RSA or EC); needs --tls-cert.
+    #[arg(
+        long,
+        env = "TETHER_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Most connections open at once; more are closed as they arrive. Lowered to fit the process's
+    /// open-file limit.
+    #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = tether_server::listener::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_connections: usize,
+    /// Time a client gets to send a request's headers (from connecting, TLS handshake included, or
+    /// from the first byte of a later request on the same connection).
+    #[arg(long, env = "TETHER_HEADER_TIMEOUT", default_value = "10s", value_parser = crate::worker::parse_duration)]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight is closed after this long.
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "75s", value_parser = crate::worker::parse_duration)]
+    pub idle_timeout: Duration,
+}
+
+/// File descriptors kept free of connections: the store, its WAL, the PostgreSQL pool, logs.
+const RESERVED_FDS: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit (a server with many clients needs a
+/// descriptor per connection) and returns the soft limit now in force.
+fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => return Some(hard),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    Some(soft)
+}
+
+/// The connection cap: what was asked for, within what the open-file limit allows.
+fn connection_cap(asked: usize, open_files: Option<u64>) -> usize {
+    let Some(limit) = open_files else {
+        return asked;
+    };
+    let room = limit.saturating_sub(RESERVED_FDS).max(16) as usize;
+    if room < asked {
+        tracing::warn!(
+            asked,
+            allowed = room,
+            open_file_limit = limit,
+            "--max-connections lowered to fit the open-file limit (raise it with ulimit -n)"
+        );
+    }
+    asked.min(room)
 }
 
 pub fn init_logging(format: LogFormat) {
@@ -160,11 +222,32 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             )
         })?;
     let local = listener.local_addr()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsSettings::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .context("cannot serve HTTPS (check --tls-cert and --tls-key)")?,
+        ),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let open_files = raise_open_file_limit();
+    let limits = ConnectionLimits {
+        max_connections: connection_cap(args.max_connections, open_files),
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
+    };
+    anyhow::ensure!(
+        !limits.header_timeout.is_zero() && !limits.idle_timeout.is_zero(),
+        "--header-timeout and --idle-timeout must be above zero"
+    );
     let config = ServiceConfig {
         public_url: args
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{local}")),
+            .unwrap_or_else(|| format!("{scheme}://{local}")),
         lease: LeasePolicy {
             default_ttl_seconds: args.lease_ttl.clamp(args.lease_ttl_min, args.lease_ttl_max),
             min_ttl_seconds: args.lease_ttl_min,
@@ -181,12 +264,27 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let app = App::new(store, clock, config);
     bootstrap_admin(&app, &args.data_dir).await?;
-    tracing::info!(address = %local, store = app.store.backend(), "tether is listening");
+    tracing::info!(
+        address = %local,
+        store = app.store.backend(),
+        tls = tls.is_some(),
+        max_connections = limits.max_connections,
+        "tether is listening"
+    );
     eprintln!(
-        "tether listening on http://{local} ({} store)",
+        "tether listening on {scheme}://{local} ({} store)",
         app.store.backend()
     );
-    tether_server::serve(app, listener, args.body_limit, shutdown_signal()).await?;
+    let reloader = tls.clone().map(|tls| tokio::spawn(reload_on_sighup(tls)));
+    let options = ServeOptions {
+        body_limit: args.body_limit,
+        tls,
+        limits,
+    };
+    tether_server::serve_with(app, listener, options, shutdown_signal()).await?;
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     tracing::info!("tether stopped");
     Ok(())
 }
@@ -237,6 +335,29 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
         .open(path)?;
     writeln!(file, "{secret}")?;
     file.sync_all()
+}
+
+/// SIGHUP: read the certificate and key again. New connections get the new certificate; open ones
+/// keep theirs. A certificate that does not load is logged and the current one stays.
+async fn reload_on_sighup(tls: TlsSettings) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch for SIGHUP: the certificate will not be reloaded");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let cert = tls.files().cert.display().to_string();
+        match tls.reload() {
+            Ok(()) => tracing::info!(%cert, "SIGHUP: TLS certificate reloaded"),
+            Err(e) => tracing::error!(
+                error = %e,
+                "SIGHUP: cannot reload the TLS certificate; still serving the previous one"
+            ),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,5 +1,6 @@
 //! The HTTP client.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,9 +42,17 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     read_timeout: Duration,
     user_agent: String,
+    ca_cert_files: Vec<PathBuf>,
 }
 
 impl ClientBuilder {
+    /// Also trust the certificate authorities in this PEM file (a private CA), besides the system's
+    /// roots. The file is read by [`ClientBuilder::build`].
+    pub fn ca_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_cert_files.push(path.into());
+        self
+    }
+
     /// The bearer token sent on every request (an admin token, an environment key or a session token).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
@@ -98,7 +107,30 @@ impl ClientBuilder {
         } else {
             format!("/{prefix}")
         };
-        let http = reqwest::Client::builder()
+        // rustls, trusting the system's roots (rustls-native-certs, which also honours SSL_CERT_FILE
+        // and SSL_CERT_DIR) plus any CA files given.
+        let mut http = reqwest::Client::builder().use_rustls_tls();
+        for path in &self.ca_cert_files {
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::Config(format!(
+                    "cannot read the CA certificate file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|certs| !certs.is_empty())
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "{} holds no PEM certificate (BEGIN CERTIFICATE)",
+                        path.display()
+                    ))
+                })?;
+            for cert in certs {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http
             .connect_timeout(self.connect_timeout)
             .read_timeout(self.read_timeout)
             .user_agent(self.user_agent)
@@ -140,6 +172,7 @@ impl Client {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
             user_agent: format!("tether-client/{}", env!("CARGO_PKG_VERSION")),
+            ca_cert_files: Vec::new(),
         }
     }
 
@@ -149,7 +182,9 @@ impl Client {
     }
 
     /// A client for one polled work item: it calls the secret's `api_base_url` (or `fallback_server`
-    /// with the default prefix when the secret has none) with the item's session token.
+    /// with the default prefix when the secret has none) with the item's session token. It trusts the
+    /// system's roots only; for a private CA build one with [`Client::builder`] and
+    /// [`ClientBuilder::ca_cert_file`].
     pub fn for_work_secret(secret: &WorkSecret, fallback_server: &str) -> Result<Client> {
         let builder = match &secret.api_base_url {
             Some(base) => Client::builder(base.clone()).prefix(""),

@@ -136,6 +136,16 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    /// The server's TLS certificate was refused (unknown issuer, wrong host name, expired …) or the TLS
+    /// handshake failed (say, `https://` to a plain-HTTP port). Not retryable: trying again meets the
+    /// same certificate.
+    #[error("TLS error calling {url}: {reason}")]
+    Tls {
+        /// The URL that was being called.
+        url: String,
+        /// What was wrong, in words.
+        reason: String,
+    },
     /// The request or a read from the response took longer than allowed.
     #[error("the request to {url} timed out")]
     Timeout {
@@ -235,8 +245,19 @@ impl Error {
         }
     }
 
+    /// A refused certificate or a failed TLS handshake.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Error::Tls { .. })
+    }
+
     pub(crate) fn transport(url: &str, source: reqwest::Error) -> Error {
         let url = url.to_owned();
+        if let Some(tls) = find_tls_error(&source) {
+            return Error::Tls {
+                reason: describe_tls_error(tls, &url),
+                url,
+            };
+        }
         if source.is_timeout() {
             Error::Timeout { url, source }
         } else if source.is_connect() {
@@ -244,6 +265,58 @@ impl Error {
         } else {
             Error::Transport { url, source }
         }
+    }
+}
+
+/// The rustls error somewhere in a transport error's chain. An `io::Error` does not list the error it
+/// wraps as its source, so each link is also looked into.
+fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(tls) = find_tls_error(inner) {
+                return Some(tls);
+            }
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// A certificate refusal in words that say what to do.
+fn describe_tls_error(error: &rustls::Error, url: &str) -> String {
+    use rustls::CertificateError as C;
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split(['/', '?']).next())
+        .unwrap_or(url);
+    match error {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            C::UnknownIssuer | C::BadSignature => format!(
+                "the server's certificate is not signed by an authority this client trusts                  (for a private CA, pass its certificate with --ca-cert or TETHER_CA_CERT): {error}"
+            ),
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                format!("the server's certificate is not valid for {host}: {error}")
+            }
+            C::Expired | C::ExpiredContext { .. } => {
+                format!("the server's certificate has expired: {error}")
+            }
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                format!("the server's certificate is not valid yet (check the clocks): {error}")
+            }
+            _ => format!("the server's certificate was refused: {error}"),
+        },
+        rustls::Error::InvalidMessage(_) => format!(
+            "the server did not answer the TLS handshake ({error}); does it serve HTTPS on that              port? (use http:// for a plain-HTTP server)"
+        ),
+        _ => format!("the TLS handshake failed: {error}"),
     }
 }
 

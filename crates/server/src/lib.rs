@@ -7,26 +7,59 @@ pub mod dispatcher;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod listener;
 pub mod sampler;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod views;
 pub mod waiters;
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use listener::ConnectionLimits;
 pub use service::{App, ServiceConfig};
+pub use tls::{TlsFiles, TlsSettings};
 
 /// How long shutdown waits for requests in flight before giving up on them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains: blocked polls answer `null`,
-/// streams end, requests in flight finish (bounded by [`SHUTDOWN_GRACE`]).
+/// How to serve: the body limit, TLS (or plain TCP) and the limits on connections.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub body_limit: usize,
+    pub tls: Option<TlsSettings>,
+    pub limits: ConnectionLimits,
+}
+
+impl ServeOptions {
+    /// Plain HTTP with the default connection limits.
+    pub fn plain(body_limit: usize) -> ServeOptions {
+        ServeOptions {
+            body_limit,
+            tls: None,
+            limits: ConnectionLimits::default(),
+        }
+    }
+}
+
+/// Serves `app` on `listener` in plain HTTP until `shutdown` resolves; see [`serve_with`].
 pub async fn serve(
     app: App,
     listener: tokio::net::TcpListener,
     body_limit: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(app, listener, ServeOptions::plain(body_limit), shutdown).await
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains: blocked polls answer `null`,
+/// streams end, requests in flight finish (bounded by [`SHUTDOWN_GRACE`]).
+pub async fn serve_with(
+    app: App,
+    listener: tokio::net::TcpListener,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     http::ops::install_metrics();
@@ -35,28 +68,20 @@ pub async fn serve(
     }
     let dispatcher = dispatcher::spawn(app.clone());
     let sampler = sampler::spawn(app.clone());
-    let router = http::router(app.clone(), body_limit);
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let app_for_signal = app.clone();
-    let signal = async move {
-        shutdown.await;
-        app_for_signal.begin_shutdown();
-        let _ = drained_tx.send(());
-    };
-    let server = axum::serve(listener, router).with_graceful_shutdown(signal);
-    let server = tokio::spawn(async move { server.await });
-    let result = async {
-        let _ = drained_rx.await;
-        tokio::time::timeout(SHUTDOWN_GRACE, server).await
-    };
-    let outcome = match result.await {
-        Ok(Ok(r)) => r,
-        Ok(Err(join)) => Err(std::io::Error::other(join)),
-        Err(_) => {
-            tracing::warn!("requests still in flight after the shutdown grace; closing anyway");
-            Ok(())
-        }
-    };
+    let router = http::router(app.clone(), options.body_limit);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let accepting = tokio::spawn(listener::run(
+        listener,
+        router,
+        options.tls,
+        options.limits,
+        stop.clone(),
+        SHUTDOWN_GRACE,
+    ));
+    shutdown.await;
+    app.begin_shutdown();
+    stop.cancel();
+    let outcome = accepting.await.map_err(std::io::Error::other);
     dispatcher.abort();
     sampler.abort();
     outcome

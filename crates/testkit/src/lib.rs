@@ -6,6 +6,8 @@
 //! `TETHER_TEST_POSTGRES_URL` names a server the tests may create databases on; under CI (`CI` set) its
 //! absence is an error, so a green CI always means both backends passed.
 
+pub mod tls;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -42,6 +42,10 @@ struct Args {
     /// The API base URL, including the API prefix (e.g. http://127.0.0.1:4780/api/v1/cloud).
     #[arg(long, env = "TETHER_API_URL")]
     api_url: String,
+    /// A PEM file of certificate authorities to trust besides the system's (set by `tether worker
+    /// --ca-cert`).
+    #[arg(long, env = "TETHER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// The session to serve (sess_…).
     #[arg(long, env = "TETHER_SESSION_ID")]
     session_id: String,
@@ -204,11 +208,15 @@ struct Agent {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let client = Client::builder(args.api_url.clone())
+    let mut builder = Client::builder(args.api_url.clone())
         .prefix("")
-        .token(args.session_token.clone())
+        .token(args.session_token.clone());
+    if let Some(path) = &args.ca_cert {
+        builder = builder.ca_cert_file(path);
+    }
+    let client = builder
         .build()
-        .context("invalid TETHER_API_URL")?;
+        .context("invalid TETHER_API_URL or TETHER_CA_CERT")?;
     if !client.api_base_url().ends_with(API_PREFIX) {
         log!(
             "note: TETHER_API_URL {} does not end in {API_PREFIX}; using it as given",

@@ -44,6 +44,15 @@ pub struct Connection {
         default_value = "./tether-data"
     )]
     pub data_dir: PathBuf,
+    /// Also trust the certificate authorities in this PEM file (a server with a private CA).
+    #[arg(
+        long,
+        global = true,
+        env = "TETHER_CA_CERT",
+        hide_env_values = true,
+        value_name = "PEM"
+    )]
+    pub ca_cert: Option<PathBuf>,
     /// Print the server's JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -135,8 +144,16 @@ impl Ctx {
                 (token, TokenSource::File(path))
             }
         };
-        let client = Client::new(connection.server.clone(), token)
-            .with_context(|| format!("invalid --server / TETHER_SERVER {:?}", connection.server))?;
+        let mut builder = Client::builder(connection.server.clone()).token(token);
+        if let Some(path) = &connection.ca_cert {
+            builder = builder.ca_cert_file(path);
+        }
+        let client = builder.build().with_context(|| {
+            format!(
+                "invalid --server / TETHER_SERVER {:?} or --ca-cert",
+                connection.server
+            )
+        })?;
         Ok(Ctx {
             client,
             json: connection.json,

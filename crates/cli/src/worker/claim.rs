@@ -114,7 +114,11 @@ async fn claim(
 fn is_fatal(e: &Error) -> bool {
     match e.status() {
         Some(status) => (400..500).contains(&status) && !matches!(status, 408 | 409 | 429),
-        None => matches!(e, Error::Decode { .. } | Error::Config(_)),
+        // A refused certificate stays refused.
+        None => matches!(
+            e,
+            Error::Decode { .. } | Error::Config(_) | Error::Tls { .. }
+        ),
     }
 }
 
@@ -140,6 +144,7 @@ fn explain(e: &Error, shared: &Shared) -> anyhow::Error {
         ),
         Some(400) => anyhow!("the server will not hand out work from environment {env}: {e}"),
         Some(_) => anyhow!("the server refused to hand out work: {e}"),
+        None if e.is_tls() => anyhow!("{e}"),
         None => anyhow!("{server} did not answer like a Tether server ({e}). Check --server / TETHER_SERVER"),
     }
 }

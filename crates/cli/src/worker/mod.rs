@@ -117,8 +117,8 @@ async fn run_one(mut args: WorkerArgs) -> Result<std::process::ExitCode> {
 #[derive(Args, Debug)]
 #[command(after_help = "\
 PROGRAM runs once per work item, in its own process group, with TETHER_API_URL, TETHER_WORK_ID, \
-TETHER_ENVIRONMENT_ID, TETHER_SESSION_ID, TETHER_SESSION_TOKEN and TETHER_WORKER_ID in its \
-environment and the work item as JSON on stdin. Its exit status is recorded in the item's metadata \
+TETHER_ENVIRONMENT_ID, TETHER_SESSION_ID, TETHER_SESSION_TOKEN and TETHER_WORKER_ID (and \
+TETHER_CA_CERT with --ca-cert) in its environment and the work item as JSON on stdin. Its exit status is recorded in the item's metadata \
 (tether.exit_code, tether.signal) and the item is stopped. When the server asks for a stop, PROGRAM \
 gets SIGTERM, then SIGKILL after --grace.
 
@@ -128,6 +128,10 @@ pub struct WorkerArgs {
     /// URL of the Tether server.
     #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:4780")]
     server: String,
+    /// Also trust the certificate authorities in this PEM file (for a server whose certificate a
+    /// private CA signed); handed on to PROGRAM as TETHER_CA_CERT.
+    #[arg(long, env = "TETHER_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
     /// The environment whose work to run (env_…).
     #[arg(long, env = "TETHER_ENVIRONMENT")]
     environment: String,
@@ -198,6 +202,8 @@ pub struct Shared {
     /// Carries the environment key (poll, ack).
     pub client: Client,
     pub environment_id: String,
+    /// The private CA to trust (--ca-cert), handed on to PROGRAM.
+    pub ca_cert: Option<PathBuf>,
     pub worker_id: String,
     pub program: Program,
     pub output: Output,
@@ -242,11 +248,26 @@ async fn run_with(args: WorkerArgs, exits: Arc<std::sync::Mutex<Vec<Exit>>>) -> 
     if key.is_empty() {
         bail!("--key / TETHER_KEY is empty: pass the environment key from `tether env key create`");
     }
-    let client = Client::builder(args.server.clone())
+    // Absolute, so that PROGRAM finds it from whatever directory it runs in.
+    let ca_cert = match &args.ca_cert {
+        Some(path) => Some(
+            std::path::absolute(path)
+                .with_context(|| format!("invalid --ca-cert {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut builder = Client::builder(args.server.clone())
         .token(key)
-        .user_agent(format!("tether-worker/{}", env!("CARGO_PKG_VERSION")))
-        .build()
-        .with_context(|| format!("invalid --server / TETHER_SERVER {:?}", args.server))?;
+        .user_agent(format!("tether-worker/{}", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = &ca_cert {
+        builder = builder.ca_cert_file(path);
+    }
+    let client = builder.build().with_context(|| {
+        format!(
+            "invalid --server / TETHER_SERVER {:?} or --ca-cert",
+            args.server
+        )
+    })?;
     let concurrency = args.concurrency as usize;
     crate::serve::init_logging_to(args.log_format, status::LogWriter);
     let report = Reporter::new(args.log_format, concurrency);
@@ -278,6 +299,7 @@ async fn run_with(args: WorkerArgs, exits: Arc<std::sync::Mutex<Vec<Exit>>>) -> 
     let shared = Arc::new(Shared {
         client,
         environment_id: args.environment,
+        ca_cert,
         worker_id,
         program,
         output,
@@ -354,7 +376,7 @@ fn check_worker_id(id: &str) -> Result<String> {
 }
 
 /// Seconds (`30`, `1.5`), or a number with a unit: `500ms`, `30s`, `2m`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
         (n, 0.001)

@@ -307,6 +307,9 @@ impl<'a> Item<'a> {
         if let Some(token) = &self.token {
             env.push(("TETHER_SESSION_TOKEN", token.clone()));
         }
+        if let Some(ca) = &shared.ca_cert {
+            env.push(("TETHER_CA_CERT", ca.display().to_string()));
+        }
         let cwd = match &shared.workdirs {
             Some(dirs) => {
                 let dir = dirs.prepare(&self.work_id)?;

@@ -1,0 +1,568 @@
+//! The accept loop: plain TCP or TLS, HTTP/1.1 and HTTP/2, with the limits that keep a flood of
+//! connections from taking the server down.
+//!
+//! * **A cap on open connections** ([`ConnectionLimits::max_connections`]). Past it, a new connection
+//!   is accepted and closed at once: the client learns at once, and the listen backlog never fills up
+//!   with connections nobody will serve.
+//! * **A header timeout**: from accept (and, on a kept-alive connection, from the first byte of the
+//!   next request) to the end of the request's headers, TLS handshake included. Slowloris connections
+//!   and connections that never say anything are closed by it.
+//! * **An idle timeout**: a connection with no request in flight is closed gracefully (HTTP/2: GOAWAY)
+//!   after this long.
+//! * **A write-stall timeout** (the idle timeout again): a response the client has stopped reading.
+//!
+//! A request in flight is never cut by the header or idle timeouts, so long polls (≤ 999 ms) and event
+//! streams (a keep-alive comment every 15 s) are untouched by them. The timeouts are enforced per
+//! connection by a watchdog that reads a few atomics ([`ConnState`]) kept up to date by the I/O
+//! wrapper ([`Tracked`]) and the response body wrapper ([`TrackedBody`]).
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use crate::tls::{TlsSettings, ALPN_H2};
+
+/// The limits on connections. [`Default`] gives the documented defaults of `tether serve`.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// From accept, or from the first byte of a request on a kept-alive connection, to the end of
+    /// its headers (the TLS handshake included).
+    pub header_timeout: Duration,
+    /// A connection with no request in flight is closed after this long; a response the client does
+    /// not read for this long is abandoned.
+    pub idle_timeout: Duration,
+}
+
+/// `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// `--header-timeout`.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `--idle-timeout`: above the 15 s event-stream keep-alive and the 60 s idle limits of common proxies'
+/// upstream pools, so the proxy closes first.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// How long a connection told to close gracefully may take to finish what it is doing.
+const CLOSING_GRACE: Duration = Duration::from_secs(10);
+
+/// Accepts connections until `stop` is cancelled, then waits (at most `drain`) for the open ones to
+/// finish. Each connection closes gracefully once `stop` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsSettings>,
+    limits: ConnectionLimits,
+    stop: CancellationToken,
+    drain: Duration,
+) {
+    assert!(
+        limits.max_connections > 0,
+        "max_connections must be positive"
+    );
+    assert!(
+        u32::try_from(limits.max_connections).is_ok(),
+        "max_connections too large"
+    );
+    let shared = Arc::new(Shared {
+        router,
+        acceptor: tls.map(|t| t.acceptor()),
+        limits: limits.clone(),
+        auto: auto::Builder::new(TokioExecutor::new()),
+        http1: auto::Builder::new(TokioExecutor::new()).http1_only(),
+        http2: auto::Builder::new(TokioExecutor::new()).http2_only(),
+        stop: stop.clone(),
+    });
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut refusals = RateLimitedLog::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => break,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors (or another resource): wait a little instead of spinning;
+                // the cap normally keeps this from happening at all.
+                if refusals.due() {
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("tether_http_connections_refused_total").increment(1);
+            if refusals.due() {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "connection limit reached: closing new connections (see --max-connections)"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        tokio::spawn(connection(stream, shared.clone(), permit));
+    }
+    drop(listener);
+    // Every connection holds a permit until it is gone: all permits back means all connections closed.
+    let all = limits.max_connections as u32;
+    if tokio::time::timeout(drain, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the shutdown grace; closing anyway");
+    }
+}
+
+struct Shared {
+    router: Router,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    limits: ConnectionLimits,
+    auto: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    stop: CancellationToken,
+}
+
+/// Which HTTP version to speak on a connection.
+#[derive(Clone, Copy)]
+enum Protocol {
+    /// Plain TCP: HTTP/1.1, or HTTP/2 with prior knowledge, told apart by the first bytes.
+    Sniff,
+    Http1,
+    Http2,
+}
+
+async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+    let _ = stream.set_nodelay(true);
+    metrics::gauge!("tether_http_connections").increment(1.0);
+    let state = Arc::new(ConnState::new());
+    match &shared.acceptor {
+        None => {
+            drive(
+                Tracked::new(stream, state.clone()),
+                Protocol::Sniff,
+                &shared,
+                state,
+            )
+            .await
+        }
+        Some(acceptor) => {
+            let handshake = async {
+                if speaks_plain_http(&stream).await {
+                    refuse_plain_http(stream).await;
+                    return None;
+                }
+                match acceptor.accept(stream).await {
+                    Ok(tls) => Some(tls),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        None
+                    }
+                }
+            };
+            let tls = match tokio::time::timeout(shared.limits.header_timeout, handshake).await {
+                Ok(Some(tls)) => Some(tls),
+                Ok(None) => None,
+                Err(_) => {
+                    metrics::counter!("tether_http_connections_timed_out_total", "reason" => "handshake").increment(1);
+                    None
+                }
+            }
+            .map(|tls| {
+                let protocol = match tls.get_ref().1.alpn_protocol() {
+                    Some(p) if p == ALPN_H2 => Protocol::Http2,
+                    _ => Protocol::Http1,
+                };
+                (tls, protocol)
+            });
+            if let Some((tls, protocol)) = tls {
+                if matches!(protocol, Protocol::Http2) {
+                    state.track_heads.store(false, Ordering::Relaxed);
+                }
+                drive(Tracked::new(tls, state.clone()), protocol, &shared, state).await;
+            }
+        }
+    }
+    metrics::gauge!("tether_http_connections").decrement(1.0);
+}
+
+/// Whether the first bytes on a TLS port are a plain-HTTP request line rather than a TLS handshake
+/// (which starts with the record type 0x16). Waits for at least one byte.
+async fn speaks_plain_http(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) => first[0].is_ascii_uppercase(),
+        _ => false,
+    }
+}
+
+/// Answers a plain-HTTP request on the TLS port with a 400 in the error envelope, then closes.
+async fn refuse_plain_http(mut stream: TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    // Read the request first: closing a socket with unread bytes resets it, and the client would then
+    // lose the answer.
+    let mut request = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut request)).await;
+    let body = serde_json::json!({
+        "type": "error",
+        "request_id": null,
+        "error": {
+            "type": "invalid_request_error",
+            "message": "this port speaks HTTPS: use an https:// URL",
+        }
+    })
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    let drained = async { while matches!(stream.read(&mut request).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+}
+
+/// Serves HTTP on one connection until it ends, a timeout closes it, or the server stops.
+async fn drive<IO>(io: Tracked<IO>, protocol: Protocol, shared: &Shared, state: Arc<ConnState>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let router = shared.router.clone();
+    let service_state = state.clone();
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let in_flight = InFlight::begin(service_state.clone());
+        let router = router.clone();
+        async move {
+            let response = router
+                .oneshot(request.map(axum::body::Body::new))
+                .await
+                .unwrap_or_else(|never: Infallible| match never {});
+            Ok::<_, Infallible>(response.map(|inner| TrackedBody {
+                inner,
+                _in_flight: in_flight,
+            }))
+        }
+    });
+    let builder = match protocol {
+        Protocol::Sniff => &shared.auto,
+        Protocol::Http1 => &shared.http1,
+        Protocol::Http2 => &shared.http2,
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let stop = shared.stop.cancelled();
+    tokio::pin!(stop);
+    let limits = &shared.limits;
+    let mut closing: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let wake = match closing {
+            Some(since) => since + CLOSING_GRACE,
+            None => state.next_check(limits, now),
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if closing.is_some() {
+                    return;
+                }
+                match state.verdict(limits, now) {
+                    Verdict::Fine => {}
+                    Verdict::Close(reason) => {
+                        metrics::counter!("tether_http_connections_timed_out_total", "reason" => reason).increment(1);
+                        tracing::debug!(reason, "closing a connection");
+                        // Dropping the connection closes the socket.
+                        return;
+                    }
+                    Verdict::CloseGracefully => {
+                        metrics::counter!("tether_http_connections_timed_out_total", "reason" => "idle").increment(1);
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(now);
+                    }
+                }
+            }
+            _ = &mut stop, if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// "Not set" in the millisecond fields of [`ConnState`].
+const UNSET: u64 = u64::MAX;
+
+/// What the watchdog of a connection knows about it, as milliseconds since it was accepted.
+struct ConnState {
+    opened: Instant,
+    /// HTTP/1: a byte after an idle spell starts the next request's header clock. Not on HTTP/2,
+    /// where an idle client may send PING or WINDOW_UPDATE frames without starting a request.
+    track_heads: std::sync::atomic::AtomicBool,
+    in_flight: AtomicU32,
+    /// When the current request's first byte arrived while nothing was in flight (from accept, for the
+    /// first request); `UNSET` while a request is in flight or the connection idles after one.
+    head_started: AtomicU64,
+    /// When the last request in flight finished; `UNSET` before the first.
+    idle_since: AtomicU64,
+    /// Since when a write has been waiting for the client to read; `UNSET` when none waits.
+    write_blocked: AtomicU64,
+}
+
+enum Verdict {
+    Fine,
+    Close(&'static str),
+    CloseGracefully,
+}
+
+impl ConnState {
+    fn new() -> ConnState {
+        ConnState {
+            opened: Instant::now(),
+            track_heads: std::sync::atomic::AtomicBool::new(true),
+            in_flight: AtomicU32::new(0),
+            head_started: AtomicU64::new(0),
+            idle_since: AtomicU64::new(UNSET),
+            write_blocked: AtomicU64::new(UNSET),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
+    }
+
+    /// The deadline the connection's current state is held to, and what happens when it passes.
+    fn deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, Verdict)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            let blocked = self.write_blocked.load(Ordering::Acquire);
+            return (blocked != UNSET).then(|| {
+                (
+                    self.at(blocked) + limits.idle_timeout,
+                    Verdict::Close("write_stalled"),
+                )
+            });
+        }
+        let head = self.head_started.load(Ordering::Acquire);
+        if head != UNSET {
+            return Some((
+                self.at(head) + limits.header_timeout,
+                Verdict::Close("header"),
+            ));
+        }
+        let idle = self.idle_since.load(Ordering::Acquire);
+        (idle != UNSET).then(|| {
+            (
+                self.at(idle) + limits.idle_timeout,
+                Verdict::CloseGracefully,
+            )
+        })
+    }
+
+    fn verdict(&self, limits: &ConnectionLimits, now: Instant) -> Verdict {
+        match self.deadline(limits) {
+            Some((deadline, verdict)) if deadline <= now => verdict,
+            _ => Verdict::Fine,
+        }
+    }
+
+    /// When to look again: at the deadline, but no later than the shortest timeout from now, because
+    /// a deadline that starts meanwhile (a request's first byte) may be due before the current one.
+    fn next_check(&self, limits: &ConnectionLimits, now: Instant) -> Instant {
+        let horizon = now + limits.header_timeout.min(limits.idle_timeout);
+        match self.deadline(limits) {
+            Some((deadline, _)) => deadline.min(horizon).max(now),
+            None => horizon,
+        }
+    }
+
+    fn bytes_read(&self) {
+        if !self.track_heads.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_started.load(Ordering::Acquire) == UNSET
+        {
+            self.head_started.store(self.now_ms(), Ordering::Release);
+        }
+    }
+
+    fn write_pending(&self, pending: bool) {
+        let current = self.write_blocked.load(Ordering::Relaxed);
+        if pending && current == UNSET {
+            self.write_blocked.store(self.now_ms(), Ordering::Release);
+        } else if !pending && current != UNSET {
+            self.write_blocked.store(UNSET, Ordering::Release);
+        }
+    }
+}
+
+/// One request in flight on a connection, from the call of the service to the end of its response
+/// body (an event stream stays in flight while it lasts).
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn begin(state: Arc<ConnState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        state.head_started.store(UNSET, Ordering::Release);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let state = &self.0;
+        if state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            state.idle_since.store(state.now_ms(), Ordering::Release);
+            state.head_started.store(UNSET, Ordering::Release);
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is finished or dropped.
+struct TrackedBody {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection's byte stream, reporting reads and stalled writes to its [`ConnState`].
+struct Tracked<IO> {
+    io: IO,
+    state: Arc<ConnState>,
+}
+
+impl<IO> Tracked<IO> {
+    fn new(io: IO, state: Arc<ConnState>) -> Tracked<IO> {
+        Tracked { io, state }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.bytes_read();
+        }
+        result
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.state.write_pending(result.is_pending());
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.state.write_pending(result.is_pending());
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = Pin::new(&mut self.io).poll_flush(cx);
+        self.state.write_pending(result.is_pending());
+        result
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// At most one warning every ten seconds, however many connections a flood brings.
+struct RateLimitedLog {
+    last: Option<Instant>,
+}
+
+impl RateLimitedLog {
+    fn new() -> RateLimitedLog {
+        RateLimitedLog { last: None }
+    }
+
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}

@@ -25,7 +25,7 @@ enum Command {
     /// Run the HTTP server.
     Serve(serve::ServeArgs),
     /// Run the sessions of an environment on this machine: PROGRAM once per work item.
-    Worker(worker::WorkerCommand),
+    Worker(Box<worker::WorkerCommand>),
     #[command(flatten)]
     Admin(admin::AdminCommand),
     /// Print a shell completion script (bash, zsh or fish) to standard output.
@@ -74,7 +74,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
-            Command::Worker(command) => worker::main(command).await,
+            Command::Worker(command) => worker::main(*command).await,
             Command::Admin(command) => admin::run(command).await.map(|()| ExitCode::SUCCESS),
             Command::Completions { .. } | Command::Man { .. } => unreachable!("answered above"),
         }

@@ -904,7 +904,9 @@ mod requeue_tests {
         )
         .item;
         let starting = ack(
-            &deliver(&queued, None, "h".into(), None, t0, 0).unwrap().item,
+            &deliver(&queued, None, "h".into(), None, t0, 0)
+                .unwrap()
+                .item,
             None,
             t0,
         )

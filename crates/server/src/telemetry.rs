@@ -132,6 +132,18 @@ fn describe() {
         "tether_session_streams",
         "Session event streams open on this process."
     );
+    describe_gauge!(
+        "tether_http_connections",
+        "Client connections this process holds open (plain and TLS)."
+    );
+    describe_counter!(
+        "tether_http_connections_refused_total",
+        "Connections closed on arrival because --max-connections were already open."
+    );
+    describe_counter!(
+        "tether_http_connections_timed_out_total",
+        "Connections closed by a timeout, by reason (handshake, headers, idle, write stall)."
+    );
 }
 
 /// One per-environment gauge family: name, help.

@@ -231,6 +231,19 @@ fn add(paths: &mut Paths, endpoint: &Endpoint, path: String, dialect: Option<Dia
                 .content("text/css", ContentBuilder::new().schema(Some(string())).build())
                 .content("image/svg+xml", ContentBuilder::new().schema(Some(string())).build())
                 .build(),
+        )
+        .response(
+            "304",
+            ResponseBuilder::new()
+                .description("Not modified: `If-None-Match` names the file's current `ETag`.")
+                .build(),
+        )
+        .response(
+            "404",
+            ResponseBuilder::new()
+                .description("No such file of the dashboard, in the error envelope.")
+                .content("application/json", json_content(reference("Error")))
+                .build(),
         ),
     };
     if endpoint.access != Access::Public {

@@ -240,18 +240,18 @@ fn client_config(options: &TlsOptions) -> StoreResult<ClientConfig> {
         SslMode::Require => matches!(options.roots, RootSource::File(_)),
         SslMode::VerifyCa | SslMode::VerifyFull => true,
     };
-    let verifier: Arc<dyn ServerCertVerifier> = if verify_chain {
+    let chain = if verify_chain {
         let roots = Arc::new(load_roots(&options.roots)?);
         let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
             .build()
             .map_err(|e| invalid(format!("TLS set-up failed: {e}")))?;
-        if options.mode == SslMode::VerifyFull {
-            webpki
-        } else {
-            Arc::new(ChainOnly(webpki))
-        }
+        Some(webpki)
     } else {
-        Arc::new(EncryptionOnly(provider))
+        None
+    };
+    let verifier: Arc<dyn ServerCertVerifier> = match chain {
+        Some(webpki) if options.mode == SslMode::VerifyFull => webpki,
+        chain => Arc::new(LibpqVerifier { provider, chain }),
     };
     Ok(builder
         .dangerous()
@@ -299,11 +299,19 @@ fn invalid(message: String) -> StoreError {
     StoreError::Internal(message)
 }
 
-/// `verify-ca`: the chain must lead to a trusted root, whatever name the certificate was issued to.
+/// The server-certificate check of `prefer`, `require` and `verify-ca` (`verify-full` uses rustls's own
+/// verifier as it is). With a `chain` verifier the chain must lead to a trusted root, whatever name the
+/// certificate was issued to (`verify-ca`); without one, nothing about the certificate is checked — the
+/// connection is encrypted, the server not authenticated, libpq's meaning of `prefer` and `require`.
+/// The handshake signature is checked in every case, so the peer must hold the key of the certificate
+/// it shows.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct LibpqVerifier {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for LibpqVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -312,10 +320,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             // The name is checked last, after the chain and the validity period, so this error
             // means everything else was in order.
             Err(rustls::Error::InvalidCertificate(
@@ -331,7 +339,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -340,62 +349,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` (without a root): the connection is encrypted, the server is not
-/// authenticated — libpq's meaning of these modes. The handshake signature is still checked, so the
-/// peer must hold the key of the certificate it shows.
-#[derive(Debug)]
-struct EncryptionOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptionOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -541,12 +541,13 @@ impl<IO: AsyncWrite + Unpin> Tracked<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_replacement(cx))?;
-        let http1 = *self.http1.get_or_insert_with(|| {
+        if self.http1.is_none() {
             // An HTTP/1 response starts with "HTTP/"; an HTTP/2 server starts with a SETTINGS frame.
-            bufs.iter().find(|b| !b.is_empty()).map(|b| b[0]) == Some(b'H')
-        });
-        // Hyper answers a parse error only between requests, never while a response of ours is out.
-        if http1 && self.state.in_flight.load(Ordering::Acquire) == 0 {
+            self.http1 = bufs.iter().find(|b| !b.is_empty()).map(|b| b[0] == b'H');
+        }
+        // Hyper answers a parse error only when no request is in flight: no need to look otherwise.
+        // (Our own responses may also be written then; `find` tells them apart by their headers.)
+        if self.http1 == Some(true) && self.state.in_flight.load(Ordering::Acquire) == 0 {
             let total: usize = bufs.iter().map(|b| b.len()).sum();
             let tail = last_bytes(bufs, crate::parse_error::MAX_HEAD);
             if let Some(head) = crate::parse_error::find(&tail) {

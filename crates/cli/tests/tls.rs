@@ -353,9 +353,12 @@ fn every_key_format_loads_and_alpn_offers_http2_and_http1() {
     }
 }
 
-/// Negotiates `offer` by ALPN and sends `GET /healthz` in that protocol; the answer's HTTP version.
-async fn alpn_get(ca: &Path, port: u16, offer: &str) -> String {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+/// A TLS connection to the server that negotiated `offer` by ALPN.
+async fn tls_connect(
+    ca: &Path,
+    port: u16,
+    offer: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
@@ -377,6 +380,13 @@ async fn alpn_get(ca: &Path, port: u16, offer: &str) -> String {
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(offer.as_bytes()));
+    tls
+}
+
+/// Negotiates `offer` by ALPN and sends `GET /healthz` in that protocol; the answer's HTTP version.
+async fn alpn_get(ca: &Path, port: u16, offer: &str) -> String {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tls = tls_connect(ca, port, offer).await;
     let request = hyper::Request::get(format!("https://127.0.0.1:{port}/healthz"))
         .body(String::new())
         .unwrap();
@@ -611,4 +621,40 @@ fn plain_http_to_the_tls_port_is_answered_and_https_to_a_plain_port_is_refused()
     let (status, stderr) = run_to_end(tether(&https_url, None, &["env", "list"]));
     assert!(!status.success());
     assert!(stderr.contains("does it serve HTTPS"), "{stderr}");
+}
+
+#[test]
+fn a_request_hyper_cannot_parse_over_tls_is_answered_in_the_error_envelope() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let root = TestCa::new("root");
+    let ca = root.write(dir.path(), "root");
+    let (cert, key) = root.leaf(&["127.0.0.1"]).write(dir.path(), "server");
+    let server = TlsServer::start(&cert, &key, &[]);
+    let rt = runtime();
+    let answer = rt.block_on(async {
+        let mut tls = tls_connect(&ca, server.port(), "http/1.1").await;
+        tls.write_all(b"GET /\x01 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        // The server closes after answering; how it closes (close_notify or not) is no concern here.
+        let read = tls.read_to_end(&mut answer);
+        let _ = tokio::time::timeout(Duration::from_secs(20), read).await;
+        String::from_utf8(answer).unwrap()
+    });
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a full answer");
+    assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+    assert!(
+        head.contains("\r\ncontent-type: application/json\r\n"),
+        "{head}"
+    );
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let id = body["request_id"].as_str().unwrap();
+    assert!(
+        head.contains(&format!("\r\nrequest-id: {id}\r\n")),
+        "{head}"
+    );
 }

@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -167,7 +167,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaph
     match &shared.acceptor {
         None => {
             drive(
-                Tracked::new(stream, state.clone()),
+                Tracked::new(stream, state.clone(), Protocol::Sniff),
                 Protocol::Sniff,
                 &shared,
                 state,
@@ -207,7 +207,13 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaph
                 if matches!(protocol, Protocol::Http2) {
                     state.track_heads.store(false, Ordering::Relaxed);
                 }
-                drive(Tracked::new(tls, state.clone()), protocol, &shared, state).await;
+                drive(
+                    Tracked::new(tls, state.clone(), protocol),
+                    protocol,
+                    &shared,
+                    state,
+                )
+                .await;
             }
         }
     }
@@ -481,16 +487,108 @@ impl http_body::Body for TrackedBody {
     }
 }
 
-/// A connection's byte stream, reporting reads and stalled writes to its [`ConnState`].
+/// A connection's byte stream, reporting reads and stalled writes to its [`ConnState`]. On HTTP/1 it
+/// also swaps hyper's bare answer to an unparsable request for the enveloped one ([`crate::parse_error`]).
 struct Tracked<IO> {
     io: IO,
     state: Arc<ConnState>,
+    /// Whether this connection speaks HTTP/1 (where hyper's parse-error answers are rewritten); `None`
+    /// until the first byte written tells (a plain-TCP connection may turn out to be HTTP/2).
+    http1: Option<bool>,
+    /// The enveloped answer and how much of it is written. Hyper was told its own answer was written
+    /// as soon as this was buffered; every later write, flush or shutdown writes this out first.
+    replacement: Option<(Vec<u8>, usize)>,
 }
 
 impl<IO> Tracked<IO> {
-    fn new(io: IO, state: Arc<ConnState>) -> Tracked<IO> {
-        Tracked { io, state }
+    fn new(io: IO, state: Arc<ConnState>, protocol: Protocol) -> Tracked<IO> {
+        let http1 = match protocol {
+            Protocol::Sniff => None,
+            Protocol::Http1 => Some(true),
+            Protocol::Http2 => Some(false),
+        };
+        Tracked {
+            io,
+            state,
+            http1,
+            replacement: None,
+        }
     }
+}
+
+impl<IO: AsyncWrite + Unpin> Tracked<IO> {
+    /// Writes out what is left of the replacement, if any.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, written)) = &mut self.replacement {
+            if *written == bytes.len() {
+                self.replacement = None;
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &bytes[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes `bufs`, unless they end with hyper's answer to an unparsable request: then the bytes
+    /// before it are written first, and the answer itself is taken as written and replaced.
+    fn poll_write_bufs(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_replacement(cx))?;
+        if self.http1.is_none() {
+            // An HTTP/1 response starts with "HTTP/"; an HTTP/2 server starts with a SETTINGS frame.
+            self.http1 = bufs.iter().find(|b| !b.is_empty()).map(|b| b[0] == b'H');
+        }
+        // Hyper answers a parse error only when no request is in flight: no need to look otherwise.
+        // (Our own responses may also be written then; `find` tells them apart by their headers.)
+        if self.http1 == Some(true) && self.state.in_flight.load(Ordering::Acquire) == 0 {
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let tail = last_bytes(bufs, crate::parse_error::MAX_HEAD);
+            if let Some(head) = crate::parse_error::find(&tail) {
+                let at = total - tail.len() + head.at;
+                if at == 0 {
+                    self.replacement = Some((crate::parse_error::enveloped(&head), 0));
+                    // Start writing it now; a partial write is finished by the next call or the flush.
+                    if let Poll::Ready(Err(e)) = self.poll_replacement(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                    return Poll::Ready(Ok(total));
+                }
+                // The end of the previous response comes first; the head is found again next call.
+                // (A shorter write than offered is allowed: hyper offers the rest again.)
+                let first = bufs
+                    .iter()
+                    .find(|b| !b.is_empty())
+                    .expect("the head is in bufs");
+                let before = &first[..at.min(first.len())];
+                return Pin::new(&mut self.io).poll_write(cx, before);
+            }
+        }
+        if bufs.len() == 1 {
+            Pin::new(&mut self.io).poll_write(cx, &bufs[0])
+        } else {
+            Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        }
+    }
+}
+
+/// The last `n` bytes (or fewer) of `bufs`, joined.
+fn last_bytes(bufs: &[io::IoSlice<'_>], n: usize) -> Vec<u8> {
+    let mut tail = Vec::with_capacity(n);
+    for buf in bufs.iter().rev() {
+        let take = buf.len().min(n - tail.len());
+        tail.splice(0..0, buf[buf.len() - take..].iter().copied());
+        if tail.len() == n {
+            break;
+        }
+    }
+    tail
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
@@ -514,7 +612,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        let result = self.poll_write_bufs(cx, &[io::IoSlice::new(buf)]);
         self.state.write_pending(result.is_pending());
         result
     }
@@ -524,7 +622,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let result = self.poll_write_bufs(cx, bufs);
         self.state.write_pending(result.is_pending());
         result
     }
@@ -534,12 +632,16 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let result = Pin::new(&mut self.io).poll_flush(cx);
+        let result = match self.poll_replacement(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut self.io).poll_flush(cx),
+            other => other,
+        };
         self.state.write_pending(result.is_pending());
         result
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_replacement(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

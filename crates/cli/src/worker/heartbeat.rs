@@ -62,6 +62,9 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
             WorkState::Stopping => Verdict::Renewed { stopping: true },
             ref other => Verdict::Lost(format!("the heartbeat says the item is {other}")),
         },
+        // A refused certificate stays refused: retrying would only keep the program running on a lease
+        // this worker can no longer renew (the poll loop ends the worker on the same error).
+        Err(e) if e.is_tls() => Verdict::Lost(format!("the server's TLS was refused ({e})")),
         Err(e) => match e.status() {
             Some(412) => Verdict::Lost(format!("another heartbeat holds the lease ({e})")),
             Some(409) => Verdict::Lost(format!(
@@ -378,6 +381,11 @@ mod tests {
         outage.details = Some(serde_json::json!({"lease_amnesty_ms": 30_000}));
         outage.code = Some("busy".into());
         assert!(matches!(judge(&Err(outage.into())), Verdict::Retry(_)));
+        let tls = Error::Tls {
+            url: "https://server.example/x".into(),
+            reason: "the server's certificate was refused: UnknownIssuer".into(),
+        };
+        assert!(matches!(judge(&Err(tls)), Verdict::Lost(_)));
         for transient in [408, 429, 500, 502, 503] {
             assert!(
                 matches!(judge(&refused(transient)), Verdict::Retry(_)),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tether_testkit::{backends, Options, TestServer};
+use tether_testkit::{backends, Backend, Options, TestServer};
 
 /// Default lease (60 s) plus a margin.
 const PAST_THE_LEASE_MS: i64 = 61_000;
@@ -40,6 +40,18 @@ async fn poison_item(server: &TestServer, env: &str, agent: &str) -> String {
     id
 }
 
+/// A server whose items turn poison at their first lease expiry, with an environment, an agent and one
+/// poison item.
+async fn with_a_poison_item(backend: &Backend) -> (TestServer, String, String, String) {
+    let mut options = Options::default();
+    options.config.lease.max_requeues = 0;
+    let server = TestServer::start_with(backend, options).await;
+    let env = server.self_hosted_environment().await;
+    let agent = server.agent().await;
+    let poison = poison_item(&server, &env, &agent).await;
+    (server, env, agent, poison)
+}
+
 fn ids(list: &Value) -> Vec<String> {
     list["data"]
         .as_array()
@@ -52,12 +64,7 @@ fn ids(list: &Value) -> Vec<String> {
 #[tokio::test]
 async fn poison_items_are_listed_and_requeued_once() {
     for backend in backends() {
-        let mut options = Options::default();
-        options.config.lease.max_requeues = 0;
-        let server = TestServer::start_with(&backend, options).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
-        let poison = poison_item(&server, &env, &agent).await;
+        let (server, env, agent, poison) = with_a_poison_item(&backend).await;
         // A second session's item, stopped by hand: stopped, but not poison.
         server.session(&env, &agent).await;
         let (_, listed) = server.get(&format!("/environments/{env}/work")).await;
@@ -148,12 +155,7 @@ async fn poison_items_are_listed_and_requeued_once() {
 #[tokio::test]
 async fn only_an_admin_may_requeue() {
     for backend in backends() {
-        let mut options = Options::default();
-        options.config.lease.max_requeues = 0;
-        let server = TestServer::start_with(&backend, options).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
-        let poison = poison_item(&server, &env, &agent).await;
+        let (server, env, _agent, poison) = with_a_poison_item(&backend).await;
         let (status, key) = server
             .post(&format!("/environments/{env}/keys"), json!({}))
             .await;

@@ -23,6 +23,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::api::Api;
 use support::proxy::{Mode, Proxy};
 use support::seed::Rng;
 use support::ServerProcess;
@@ -58,7 +59,7 @@ while :; do echo "alive $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"; sleep 0.05;
 
 struct Setup {
     server: ServerProcess,
-    http: reqwest::Client,
+    api: Api,
     env: String,
     key: String,
     agent: String,
@@ -69,19 +70,17 @@ impl Setup {
     async fn new() -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let server = ServerProcess::start(&dir.path().join("data"), &SERVER_ARGS);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
+        let api = Api::of(&server);
         let mut setup = Setup {
             server,
-            http,
+            api,
             env: String::new(),
             key: String::new(),
             agent: String::new(),
             dir,
         };
         setup.env = setup
+            .api
             .ok(
                 Method::POST,
                 "/environments",
@@ -91,17 +90,9 @@ impl Setup {
             .as_str()
             .expect("env")
             .to_owned();
-        setup.key = setup
-            .ok(
-                Method::POST,
-                &format!("/environments/{}/keys", setup.env),
-                json!({}),
-            )
-            .await["token"]
-            .as_str()
-            .expect("key")
-            .to_owned();
+        setup.key = setup.api.key(&setup.env).await;
         setup.agent = setup
+            .api
             .ok(
                 Method::POST,
                 "/agents",
@@ -119,60 +110,39 @@ impl Setup {
         self.dir.path().join("records")
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, self.server.url(path))
-            .bearer_auth(&self.server.token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.expect("the server answers the test");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn ok(&self, method: Method, path: &str, body: Value) -> Value {
-        let (status, body) = self.call(method.clone(), path, Some(body)).await;
-        assert_eq!(status, 200, "{method} {path}: {body}");
-        body
-    }
-
     /// A new session; returns its id.
     async fn session(&self) -> String {
-        self.ok(
-            Method::POST,
-            "/sessions",
-            json!({"agent": self.agent, "environment_id": self.env}),
-        )
-        .await["id"]
+        self.api
+            .ok(
+                Method::POST,
+                "/sessions",
+                json!({"agent": self.agent, "environment_id": self.env}),
+            )
+            .await["id"]
             .as_str()
             .expect("session")
             .to_owned()
     }
 
     async fn items(&self) -> Vec<Value> {
-        let (status, page) = self
-            .call(
-                Method::GET,
-                &format!("/environments/{}/work?limit=100", self.env),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{page}");
-        page["data"].as_array().cloned().unwrap_or_default()
+        self.api
+            .get(&format!("/environments/{}/work?limit=100", self.env))
+            .await["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     async fn history(&self, work: &str) -> Vec<Value> {
-        let (status, page) = self
-            .call(
-                Method::GET,
-                &format!("/environments/{}/work/{work}/history?limit=100", self.env),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{page}");
-        page["data"].as_array().cloned().unwrap_or_default()
+        self.api
+            .get(&format!(
+                "/environments/{}/work/{work}/history?limit=100",
+                self.env
+            ))
+            .await["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn worker(&self, name: &str, server: &str) -> Worker {
@@ -529,6 +499,7 @@ async fn chaos_between_workers_and_server_never_runs_a_session_twice() {
     for item in setup.items().await {
         let work = item["id"].as_str().expect("id");
         setup
+            .api
             .ok(
                 Method::POST,
                 &format!("/environments/{}/work/{work}/stop", setup.env),

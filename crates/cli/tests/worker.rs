@@ -18,6 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::api::Api;
 use support::proxy::{Mode, Proxy};
 use support::ServerProcess;
 
@@ -48,14 +49,7 @@ impl Setup {
     async fn new() -> Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let server = ServerProcess::start(&dir.path().join("data"), &SHORT_LEASES);
-        let api = Api {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client"),
-            base: server.base.clone(),
-            token: server.token.clone(),
-        };
+        let api = Api::of(&server);
         let env = api
             .ok(
                 Method::POST,
@@ -192,57 +186,7 @@ impl Setup {
     }
 }
 
-#[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}/api/v1/cloud{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn ok(&self, method: Method, path: &str, body: Value) -> Value {
-        let (status, body) = self.call(method.clone(), path, Some(body)).await;
-        assert_eq!(status, 200, "{method} {path}: {body}");
-        body
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let (status, body) = self.call(Method::GET, path, None).await;
-        assert_eq!(status, 200, "GET {path}: {body}");
-        body
-    }
-
-    async fn key(&self, env: &str) -> String {
-        let key = self
-            .ok(
-                Method::POST,
-                &format!("/environments/{env}/keys"),
-                json!({}),
-            )
-            .await;
-        key["token"].as_str().expect("token").to_owned()
-    }
-}
-
 // ---- worker processes ----------------------------------------------------------------------------------
-
 #[derive(Clone)]
 struct WorkerOptions {
     /// Another URL for the server (a proxy); the server's own by default.

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod api;
 pub mod lines;
 pub mod proxy;
 pub mod seed;

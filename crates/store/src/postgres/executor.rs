@@ -1,0 +1,313 @@
+//! The pooled executor: every change set in one transaction on a pooled connection, a lone statement
+//! without BEGIN/COMMIT, one retry after a connection loss that left no doubt nothing committed, and
+//! the mapping between the shared SQL's values and PostgreSQL's types.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Pool, PoolError};
+use tokio::sync::broadcast;
+use tokio_postgres::types::{ToSql, Type};
+
+use super::listener::{encode_payloads, Health};
+use super::{classify, connect_error, is_connection_failure, CHANNEL};
+use crate::executor::Executor;
+use crate::sql::{Expect, Row, Statement, Value};
+use crate::{Notice, StoreError, StoreResult};
+
+pub struct PostgresExecutor {
+    pub(super) pool: Pool,
+    pub(super) notices: broadcast::Sender<Notice>,
+    pub(super) health: Arc<Health>,
+    /// Tags this process's notifications, so that it does not wake itself a second time.
+    pub(super) origin: String,
+    pub(super) listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresExecutor {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// A failure together with whether the transaction could not have committed (so retrying on a fresh
+/// connection is safe).
+struct Failure {
+    error: StoreError,
+    before_commit: bool,
+}
+
+impl PostgresExecutor {
+    async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        match self.pool.get().await {
+            Ok(client) => Ok(client),
+            Err(PoolError::Backend(e)) => {
+                if is_connection_failure(&e) {
+                    self.health.lost(&e.to_string());
+                }
+                Err(connect_error(e))
+            }
+            Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => Err(
+                StoreError::Unavailable("every database connection is busy".into()),
+            ),
+            Err(e) => {
+                self.health.lost(&e.to_string());
+                Err(StoreError::Unavailable(format!(
+                    "cannot reach the database: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Notes a connection-level failure; the caller still sees the mapped error.
+    fn observe(&self, e: tokio_postgres::Error) -> StoreError {
+        if is_connection_failure(&e) {
+            self.health.lost(&e.to_string());
+        }
+        classify(e)
+    }
+
+    /// Once, after a lost connection that left no doubt that nothing was committed: the next
+    /// attempt takes a fresh connection. A busy pool is not retried, the caller already waited.
+    fn worth_retrying<T>(&self, outcome: &Result<T, Failure>) -> bool {
+        matches!(
+            outcome,
+            Err(Failure {
+                error: StoreError::Unavailable(_),
+                before_commit: true,
+            })
+        ) && self.health.lost.load(Ordering::SeqCst)
+    }
+
+    async fn query_once(&self, statement: &Statement) -> Result<Vec<Row>, Failure> {
+        let client = self.client().await.map_err(|error| Failure {
+            error,
+            before_commit: true,
+        })?;
+        let fail = |e: tokio_postgres::Error| Failure {
+            error: self.observe(e),
+            before_commit: true,
+        };
+        let prepared = client.prepare_cached(&statement.sql).await.map_err(fail)?;
+        let params = bind_all(&statement.params, prepared.params()).map_err(|error| Failure {
+            error,
+            before_commit: false,
+        })?;
+        let rows = client
+            .query(&prepared, &refs(&params))
+            .await
+            .map_err(fail)?;
+        rows.iter()
+            .map(|row| (0..row.len()).map(|i| column(row, i)).collect())
+            .collect::<StoreResult<Vec<Row>>>()
+            .map_err(|error| Failure {
+                error,
+                before_commit: false,
+            })
+    }
+
+    async fn execute_once(&self, statements: &[(Statement, Expect)]) -> Result<(), Failure> {
+        let mut client = self.client().await.map_err(|error| Failure {
+            error,
+            before_commit: true,
+        })?;
+        let fail = |e: tokio_postgres::Error| Failure {
+            error: self.observe(e),
+            before_commit: true,
+        };
+        let refused = |error: StoreError| Failure {
+            error,
+            before_commit: false,
+        };
+        // A lone statement is atomic by itself: skip BEGIN/COMMIT and their round trips.
+        if let [(statement, expect)] = statements {
+            let prepared = client.prepare_cached(&statement.sql).await.map_err(fail)?;
+            let params = bind_all(&statement.params, prepared.params()).map_err(refused)?;
+            let changed = client
+                .execute(&prepared, &refs(&params))
+                .await
+                .map_err(|e| Failure {
+                    // The statement may have committed before the connection dropped.
+                    before_commit: !is_connection_failure(&e),
+                    error: self.observe(e),
+                })?;
+            return match expect {
+                Expect::OneRow if changed != 1 => Err(refused(StoreError::Conflict)),
+                _ => Ok(()),
+            };
+        }
+        let tx = client.transaction().await.map_err(fail)?;
+        for (statement, expect) in statements {
+            let prepared = tx.prepare_cached(&statement.sql).await.map_err(fail)?;
+            let params = bind_all(&statement.params, prepared.params()).map_err(refused)?;
+            let changed = tx.execute(&prepared, &refs(&params)).await.map_err(fail)?;
+            if *expect == Expect::OneRow && changed != 1 {
+                // Dropping the transaction rolls it back.
+                return Err(refused(StoreError::Conflict));
+            }
+        }
+        tx.commit().await.map_err(|e| Failure {
+            before_commit: false,
+            error: self.observe(e),
+        })
+    }
+}
+
+fn bind_all(values: &[Value], types: &[Type]) -> StoreResult<Vec<Box<dyn ToSql + Sync + Send>>> {
+    if values.len() != types.len() {
+        return Err(StoreError::Internal(format!(
+            "the statement takes {} parameters, {} given",
+            types.len(),
+            values.len()
+        )));
+    }
+    values.iter().zip(types).map(|(v, t)| bind(v, t)).collect()
+}
+
+fn refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+#[async_trait]
+impl Executor for PostgresExecutor {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {
+        // A read is always safe to repeat; one retry covers a pooled connection that died with a
+        // restarted database before anyone noticed.
+        let mut outcome = self.query_once(&statement).await;
+        if self.worth_retrying(&outcome) {
+            outcome = self.query_once(&statement).await;
+        }
+        match outcome {
+            Ok(rows) => {
+                self.health.reached();
+                Ok(rows)
+            }
+            Err(f) => Err(f.error),
+        }
+    }
+
+    async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()> {
+        let started = std::time::Instant::now();
+        let mut outcome = self.execute_once(&statements).await;
+        if self.worth_retrying(&outcome) {
+            outcome = self.execute_once(&statements).await;
+        }
+        metrics::histogram!("tether_store_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(()) => {
+                self.health.reached();
+                Ok(())
+            }
+            Err(Failure {
+                error: StoreError::Conflict,
+                ..
+            }) => {
+                // A refused condition is still an answer from the database.
+                self.health.reached();
+                Err(StoreError::Conflict)
+            }
+            Err(f) => Err(f.error),
+        }
+    }
+
+    async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {
+        let payloads = encode_payloads(&notices, &self.origin);
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        for payload in payloads {
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+                .await
+                .map_err(|e| self.observe(e))?;
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    fn reconnections(&self) -> u64 {
+        self.health.reconnections.load(Ordering::SeqCst)
+    }
+
+    fn losses(&self) -> u64 {
+        self.health.losses.load(Ordering::SeqCst)
+    }
+
+    fn in_outage(&self) -> bool {
+        self.health.lost.load(Ordering::SeqCst)
+    }
+}
+
+/// Binds `value` as a parameter of type `ty` (as the server inferred it from the statement).
+fn bind(value: &Value, ty: &Type) -> StoreResult<Box<dyn ToSql + Sync + Send>> {
+    let mismatch =
+        || StoreError::Internal(format!("cannot bind {value:?} to a parameter of type {ty}"));
+    let text_like = matches!(
+        *ty,
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN
+    );
+    Ok(match value {
+        Value::Null => match *ty {
+            Type::INT8 => Box::new(None::<i64>),
+            Type::INT4 => Box::new(None::<i32>),
+            Type::INT2 => Box::new(None::<i16>),
+            Type::BOOL => Box::new(None::<bool>),
+            _ if text_like => Box::new(None::<String>),
+            _ => return Err(mismatch()),
+        },
+        Value::Int(v) => match *ty {
+            Type::INT8 => Box::new(*v),
+            Type::INT4 => Box::new(i32::try_from(*v).map_err(|_| mismatch())?),
+            Type::INT2 => Box::new(i16::try_from(*v).map_err(|_| mismatch())?),
+            Type::BOOL => Box::new(*v != 0),
+            _ => return Err(mismatch()),
+        },
+        Value::Text(t) if text_like => Box::new(t.clone()),
+        Value::Text(_) => return Err(mismatch()),
+    })
+}
+
+fn column(row: &tokio_postgres::Row, i: usize) -> StoreResult<Value> {
+    let ty = row.columns()[i].type_();
+    let fail = |e: tokio_postgres::Error| StoreError::Internal(format!("column {i}: {e}"));
+    Ok(match *ty {
+        Type::INT8 => row
+            .try_get::<_, Option<i64>>(i)
+            .map_err(fail)?
+            .map_or(Value::Null, Value::Int),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)
+            .map_err(fail)?
+            .map_or(Value::Null, |v| Value::Int(v.into())),
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)
+            .map_err(fail)?
+            .map_or(Value::Null, |v| Value::Int(v.into())),
+        Type::BOOL => row
+            .try_get::<_, Option<bool>>(i)
+            .map_err(fail)?
+            .map_or(Value::Null, |v| Value::Int(v.into())),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => row
+            .try_get::<_, Option<String>>(i)
+            .map_err(fail)?
+            .map_or(Value::Null, Value::Text),
+        ref other => {
+            return Err(StoreError::Internal(format!(
+                "column {i} has type {other}, which the shared SQL never produces (cast it to BIGINT or TEXT)"
+            )))
+        }
+    })
+}

@@ -1,0 +1,235 @@
+//! The notification listener: one connection per process listening on [`CHANNEL`], reconnecting with
+//! backoff, and the [`Health`] it shares with the executor, which tracks outages and recoveries.
+//!
+//! Notifications are a hint only; nothing here is needed for correctness.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::broadcast;
+use tokio_postgres::{AsyncMessage, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::{describe, is_connection_failure, CHANNEL};
+use crate::Notice;
+
+/// `NOTIFY` payloads must stay below 8000 bytes.
+const MAX_PAYLOAD: usize = 7_000;
+/// Notices buffered per subscriber; a slow one sees `Lagged` and runs a full pass instead.
+pub(super) const NOTICE_BUFFER: usize = 1_024;
+const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Whether the database was lost, and how many times it came back.
+#[derive(Default)]
+pub(super) struct Health {
+    pub(super) lost: AtomicBool,
+    pub(super) reconnections: AtomicU64,
+    /// How many times `lost` went from false to true.
+    pub(super) losses: AtomicU64,
+    /// Makes "count the recovery, then clear the flag" one step, so that whoever sees the flag clear
+    /// also sees the count that goes with it.
+    recovering: Mutex<()>,
+}
+
+impl Health {
+    pub(super) fn lost(&self, why: &str) {
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            self.losses.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!(reason = %why, "lost the database");
+        }
+    }
+
+    pub(super) fn reached(&self) {
+        if !self.lost.load(Ordering::SeqCst) {
+            return;
+        }
+        let _guard = self.recovering.lock().expect("health lock");
+        if self.lost.load(Ordering::SeqCst) {
+            self.reconnections.fetch_add(1, Ordering::SeqCst);
+            self.lost.store(false, Ordering::SeqCst);
+            tracing::info!("the database is reachable again");
+        }
+    }
+}
+
+/// Keeps one connection listening on [`CHANNEL`], reconnecting with backoff whenever it drops.
+pub(super) async fn listen(
+    config: Config,
+    tls: MakeRustlsConnect,
+    notices: broadcast::Sender<Notice>,
+    health: Arc<Health>,
+    origin: String,
+) {
+    let mut backoff = LISTEN_BACKOFF_MIN;
+    let mut listened_before = false;
+    let mut refused_before = false;
+    loop {
+        match config.connect(tls.clone()).await {
+            Ok((client, mut connection)) => {
+                let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let mut messages = std::pin::pin!(messages);
+                let deliver = |message: AsyncMessage| {
+                    if let AsyncMessage::Notification(n) = message {
+                        for notice in decode_payload(n.payload(), &origin) {
+                            let _ = notices.send(notice);
+                        }
+                    }
+                };
+                // The connection has to be driven for LISTEN to complete.
+                let statement = format!("LISTEN {CHANNEL}");
+                let mut subscribe = std::pin::pin!(client.batch_execute(&statement));
+                // Err((whether the database was lost, why)).
+                let subscribed = loop {
+                    tokio::select! {
+                        r = &mut subscribe => break match r {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err((is_connection_failure(&e), describe(&e))),
+                        },
+                        m = messages.next() => match m {
+                            Some(Ok(message)) => deliver(message),
+                            Some(Err(e)) => break Err((true, e.to_string())),
+                            None => break Err((true, "the connection closed".into())),
+                        },
+                    }
+                };
+                match subscribed {
+                    Ok(()) => {
+                        health.reached();
+                        backoff = LISTEN_BACKOFF_MIN;
+                        if std::mem::replace(&mut listened_before, true) {
+                            // Whatever was announced while this connection was down is lost.
+                            let _ = notices.send(Notice::Resync);
+                        }
+                        let why = loop {
+                            match messages.next().await {
+                                Some(Ok(message)) => deliver(message),
+                                Some(Err(e)) => break e.to_string(),
+                                None => break "the listening connection closed".to_owned(),
+                            }
+                        };
+                        health.lost(&why);
+                    }
+                    Err((true, why)) => health.lost(&why),
+                    Err((false, why)) => {
+                        // An engine without LISTEN: correctness never needed it, only promptness.
+                        if !std::mem::replace(&mut refused_before, true) {
+                            tracing::warn!(error = %why, "the database refuses LISTEN; changes made \
+                                through other servers reach this one on the dispatcher's tick");
+                        }
+                        backoff = LISTEN_BACKOFF_MAX;
+                    }
+                }
+            }
+            Err(e) if is_connection_failure(&e) => health.lost(&e.to_string()),
+            Err(e) => tracing::warn!(error = %describe(&e), "cannot connect the listener"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
+    }
+}
+
+/// `{"o": origin, "w": [environment ids], "s": [session ids]}`.
+pub(super) fn encode_payloads(notices: &[Notice], origin: &str) -> Vec<String> {
+    let mut payloads = Vec::new();
+    let mut work = Vec::new();
+    let mut sessions = Vec::new();
+    let mut size = 0;
+    let flush = |work: &mut Vec<&str>, sessions: &mut Vec<&str>, payloads: &mut Vec<String>| {
+        if !work.is_empty() || !sessions.is_empty() {
+            payloads.push(serde_json::json!({"o": origin, "w": work, "s": sessions}).to_string());
+        }
+        work.clear();
+        sessions.clear();
+    };
+    for notice in notices {
+        let id = match notice {
+            Notice::WorkClaimable { environment_id } => environment_id.as_str(),
+            Notice::Session { session_id } => session_id.as_str(),
+            Notice::Resync => continue,
+        };
+        if size + id.len() + 4 > MAX_PAYLOAD - origin.len() - 32 {
+            flush(&mut work, &mut sessions, &mut payloads);
+            size = 0;
+        }
+        size += id.len() + 4;
+        match notice {
+            Notice::WorkClaimable { .. } => work.push(id),
+            Notice::Session { .. } => sessions.push(id),
+            Notice::Resync => {}
+        }
+    }
+    flush(&mut work, &mut sessions, &mut payloads);
+    payloads
+}
+
+fn decode_payload(payload: &str, origin: &str) -> Vec<Notice> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else {
+        tracing::debug!(payload, "ignoring a notification that is not ours");
+        return Vec::new();
+    };
+    if value["o"].as_str() == Some(origin) {
+        return Vec::new();
+    }
+    let ids = |key: &str| -> Vec<String> {
+        value[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out: Vec<Notice> = ids("w")
+        .into_iter()
+        .map(|environment_id| Notice::WorkClaimable { environment_id })
+        .collect();
+    out.extend(
+        ids("s")
+            .into_iter()
+            .map(|session_id| Notice::Session { session_id }),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_skip_their_origin() {
+        let notices = vec![
+            Notice::WorkClaimable {
+                environment_id: "env_1".into(),
+            },
+            Notice::Session {
+                session_id: "sess_1".into(),
+            },
+        ];
+        let payloads = encode_payloads(&notices, "me");
+        assert_eq!(payloads.len(), 1);
+        assert_eq!(decode_payload(&payloads[0], "other"), notices);
+        assert!(decode_payload(&payloads[0], "me").is_empty());
+        assert!(decode_payload("not json", "other").is_empty());
+    }
+
+    #[test]
+    fn large_announcements_are_split_below_the_payload_limit() {
+        let notices: Vec<Notice> = (0..2_000)
+            .map(|i| Notice::WorkClaimable {
+                environment_id: format!("env_{i:032x}"),
+            })
+            .collect();
+        let payloads = encode_payloads(&notices, "me");
+        assert!(payloads.len() > 1);
+        assert!(payloads.iter().all(|p| p.len() < 8_000));
+        let decoded: Vec<Notice> = payloads
+            .iter()
+            .flat_map(|p| decode_payload(p, "other"))
+            .collect();
+        assert_eq!(decoded, notices);
+    }
+}

@@ -39,7 +39,7 @@ fn postgres_url() -> Option<String> {
 }
 
 async fn fresh_database(admin_url: &str) -> String {
-    tether_store::postgres::create_test_database(admin_url)
+    tether_testkit::postgres::create_test_database(admin_url)
         .await
         .expect("create a test database")
 }

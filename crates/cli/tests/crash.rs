@@ -53,7 +53,7 @@ async fn answered_writes_survive_kill_dash_nine_on_postgres() {
         eprintln!("skipped: set TETHER_TEST_POSTGRES_URL (e.g. `scripts/pg start`)");
         return;
     };
-    let url = tether_store::postgres::create_test_database(&admin_url)
+    let url = tether_testkit::postgres::create_test_database(&admin_url)
         .await
         .expect("a fresh test database");
     kill_nine_cycles(&["--database", &url]).await;

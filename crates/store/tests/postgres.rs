@@ -31,7 +31,7 @@ fn admin_url() -> Option<String> {
 async fn fresh() -> Option<String> {
     let admin = admin_url()?;
     Some(
-        postgres::create_test_database(&admin)
+        tether_testkit::postgres::create_test_database(&admin)
             .await
             .expect("create a test database"),
     )

@@ -71,7 +71,7 @@ async fn verify_full_runs_the_store_over_tls() {
     let Some(admin) = tls_url() else { return };
     assert_eq!(encrypted(&admin).await, Ok(true));
     // The whole store — migrations, the pool, the listener — on a database reached the same way.
-    let url = postgres::create_test_database(&admin)
+    let url = tether_testkit::postgres::create_test_database(&admin)
         .await
         .expect("a test database over TLS");
     assert!(url.contains("sslmode=verify-full"), "{url}");

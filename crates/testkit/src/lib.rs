@@ -6,6 +6,7 @@
 //! `TETHER_TEST_POSTGRES_URL` names a server the tests may create databases on; under CI (`CI` set) its
 //! absence is an error, so a green CI always means both backends passed.
 
+pub mod postgres;
 pub mod tls;
 
 use std::sync::Arc;
@@ -59,7 +60,7 @@ impl StoreLocation {
         Ok(match backend {
             Backend::Sqlite => StoreLocation::Sqlite(tempfile::tempdir()?),
             Backend::Postgres(admin_url) => StoreLocation::Postgres {
-                url: fresh_postgres_database(admin_url).await?,
+                url: postgres::create_test_database(admin_url).await?,
             },
         })
     }
@@ -74,13 +75,6 @@ impl StoreLocation {
             }
         })
     }
-}
-
-/// Creates a uniquely named database on the server at `admin_url` and returns its URL.
-async fn fresh_postgres_database(admin_url: &str) -> anyhow::Result<String> {
-    tether_store::postgres::create_test_database(admin_url)
-        .await
-        .map_err(Into::into)
 }
 
 /// Settings for a test server; defaults are the production defaults with a fast dispatcher tick.

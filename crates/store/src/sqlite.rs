@@ -154,6 +154,25 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max_batch
     }
 }
 
+/// Commits `lists` on `conn` exactly as the writer thread commits one batch (one transaction, each list
+/// in a savepoint of its own) and returns each list's outcome in order. The writer groups whatever is
+/// waiting, which a test cannot choose; this lets the group commit's per-list rollback be tested on a
+/// batch of known composition.
+#[doc(hidden)]
+pub fn commit_as_one_batch(
+    conn: &mut Connection,
+    lists: Vec<Vec<(Statement, Expect)>>,
+) -> Vec<StoreResult<()>> {
+    let batch: Vec<WriteJob> = lists
+        .into_iter()
+        .map(|statements| WriteJob {
+            statements,
+            reply: oneshot::channel().0,
+        })
+        .collect();
+    commit_batch(conn, &batch)
+}
+
 fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()>> {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let message = e.to_string();

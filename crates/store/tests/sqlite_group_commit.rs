@@ -1,0 +1,293 @@
+//! The embedded store's group commit, on real SQLite files: one transaction carries many write lists,
+//! each in a savepoint of its own, and a list that fails is rolled back to its savepoint alone while the
+//! lists around it commit.
+//!
+//! The writer thread groups whatever happens to be waiting, which a test cannot choose, so most tests
+//! here hand a batch of known composition to `sqlite::commit_as_one_batch`, the function the writer
+//! runs on each batch. The last tests go through the writer thread itself.
+
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tether_store::executor::Executor;
+use tether_store::sql::{Expect, Statement, Value};
+use tether_store::sqlite::{self, SqliteExecutor};
+use tether_store::{SqlStore, StoreError, StoreResult};
+
+type List = Vec<(Statement, Expect)>;
+
+/// A migrated store in a temporary directory with an extra `scratch (id, n)` table, and a second
+/// writing connection to the same file for handing batches to the group commit directly.
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: SqlStore<SqliteExecutor>,
+    conn: Connection,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+        store
+            .executor()
+            .execute(vec![(
+                Statement::new(
+                    "CREATE TABLE scratch (id TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+                    vec![],
+                ),
+                Expect::Any,
+            )])
+            .await
+            .unwrap();
+        let conn = Connection::open(dir.path().join("tether.db")).unwrap();
+        Fixture { dir, store, conn }
+    }
+
+    /// Runs `lists` as one batch and checks that no transaction is left open behind it.
+    fn batch(&mut self, lists: Vec<List>) -> Vec<StoreResult<()>> {
+        let count = lists.len();
+        let results = sqlite::commit_as_one_batch(&mut self.conn, lists);
+        assert_eq!(results.len(), count, "one outcome per list");
+        assert!(
+            self.conn.is_autocommit(),
+            "the batch left a transaction open"
+        );
+        results
+    }
+
+    /// The scratch rows, read through the store's own read path (another connection).
+    async fn rows(&self) -> Vec<(String, i64)> {
+        scratch_rows(&self.store).await
+    }
+}
+
+async fn scratch_rows(store: &SqlStore<SqliteExecutor>) -> Vec<(String, i64)> {
+    store
+        .executor()
+        .query(Statement::new(
+            "SELECT id, n FROM scratch ORDER BY id",
+            vec![],
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| match row.as_slice() {
+            [Value::Text(id), Value::Int(n)] => (id.clone(), *n),
+            other => panic!("unexpected row {other:?}"),
+        })
+        .collect()
+}
+
+fn insert(id: &str, n: i64) -> (Statement, Expect) {
+    (
+        Statement::new(
+            "INSERT INTO scratch (id, n) VALUES ($1, $2)",
+            vec![Value::Text(id.into()), Value::Int(n)],
+        ),
+        Expect::OneRow,
+    )
+}
+
+/// Increments `id` provided it still holds `from`: the shape of every versioned update.
+fn bump(id: &str, from: i64) -> (Statement, Expect) {
+    (
+        Statement::new(
+            "UPDATE scratch SET n = n + 1 WHERE id = $1 AND n = $2",
+            vec![Value::Text(id.into()), Value::Int(from)],
+        ),
+        Expect::OneRow,
+    )
+}
+
+/// A statement SQLite refuses outright (not a condition: an error).
+fn broken() -> (Statement, Expect) {
+    (
+        Statement::new(
+            "INSERT INTO no_such_table (id) VALUES ($1)",
+            vec![Value::Int(1)],
+        ),
+        Expect::Any,
+    )
+}
+
+fn rows(expected: &[(&str, i64)]) -> Vec<(String, i64)> {
+    expected
+        .iter()
+        .map(|(id, n)| (id.to_string(), *n))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failing_list_rolls_back_alone_and_its_neighbours_commit() {
+    let mut f = Fixture::new().await;
+    let results = f.batch(vec![
+        vec![insert("a", 1)],
+        // Its first statement ran inside the batch's transaction before the second failed.
+        vec![insert("b", 1), broken()],
+        vec![insert("c", 1)],
+    ]);
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(StoreError::Internal(_))),
+        "{:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert_eq!(f.rows().await, rows(&[("a", 1), ("c", 1)]));
+
+    // Committed, not merely visible: the rows are there after the store is closed and reopened.
+    let path = f.dir.path().join("tether.db");
+    let Fixture { dir, store, conn } = f;
+    drop((store, conn));
+    let reopened = sqlite::open(&path).unwrap();
+    assert_eq!(scratch_rows(&reopened).await, rows(&[("a", 1), ("c", 1)]));
+    drop(dir);
+}
+
+#[tokio::test]
+async fn a_list_whose_condition_fails_is_a_conflict_and_leaves_nothing_behind() {
+    let mut f = Fixture::new().await;
+    assert!(f.batch(vec![vec![insert("x", 1)]])[0].is_ok());
+    let results = f.batch(vec![
+        vec![insert("a", 1)],
+        // Decided from a stale read of `x`: its insert of `b` must go with it.
+        vec![insert("b", 1), bump("x", 5)],
+        vec![bump("x", 1)],
+    ]);
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(StoreError::Conflict)),
+        "{:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert_eq!(f.rows().await, rows(&[("a", 1), ("x", 2)]));
+}
+
+#[tokio::test]
+async fn a_uniqueness_violation_is_a_conflict_for_that_list_only() {
+    let mut f = Fixture::new().await;
+    let results = f.batch(vec![
+        vec![insert("d", 1)],
+        // The same key as the list before it, which the batch has already written.
+        vec![insert("e", 1), insert("d", 2)],
+        vec![insert("f", 1)],
+    ]);
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(StoreError::Conflict)),
+        "{:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert_eq!(f.rows().await, rows(&[("d", 1), ("f", 1)]));
+}
+
+#[tokio::test]
+async fn lists_see_earlier_lists_of_their_batch_but_never_rolled_back_ones() {
+    let mut f = Fixture::new().await;
+    let results = f.batch(vec![
+        vec![insert("a", 1)],
+        // Sees the insert of the list before it.
+        vec![bump("a", 1)],
+        vec![insert("z", 1), broken()],
+        // `z` was rolled back with its list, so this condition finds no row.
+        vec![bump("z", 1)],
+        // And the batch goes on after two failures.
+        vec![bump("a", 2)],
+    ]);
+    let outcomes: Vec<&str> = results
+        .iter()
+        .map(|r| match r {
+            Ok(()) => "ok",
+            Err(StoreError::Conflict) => "conflict",
+            Err(StoreError::Internal(_)) => "internal",
+            Err(StoreError::Unavailable(_)) => "unavailable",
+        })
+        .collect();
+    assert_eq!(outcomes, ["ok", "ok", "internal", "conflict", "ok"]);
+    assert_eq!(f.rows().await, rows(&[("a", 3)]));
+}
+
+#[tokio::test]
+async fn every_list_failing_commits_nothing_and_leaves_the_connection_usable() {
+    let mut f = Fixture::new().await;
+    let results = f.batch(vec![
+        vec![insert("a", 1), broken()],
+        vec![bump("nobody", 1)],
+    ]);
+    assert!(matches!(results[0], Err(StoreError::Internal(_))));
+    assert!(matches!(results[1], Err(StoreError::Conflict)));
+    assert!(f.rows().await.is_empty());
+    assert!(f.batch(vec![vec![insert("a", 1)]])[0].is_ok());
+    assert_eq!(f.rows().await, rows(&[("a", 1)]));
+}
+
+#[tokio::test]
+async fn a_batch_that_cannot_begin_answers_every_list_unavailable_and_writes_nothing() {
+    let mut f = Fixture::new().await;
+    // Another connection holds the write lock; this one gives up at once instead of waiting.
+    let holder = Connection::open(f.dir.path().join("tether.db")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    f.conn.busy_timeout(Duration::ZERO).unwrap();
+    let results = f.batch(vec![vec![insert("a", 1)], vec![insert("b", 1)]]);
+    for result in &results {
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+    }
+    holder.execute_batch("ROLLBACK").unwrap();
+    assert!(f.rows().await.is_empty());
+    // Nothing of the refused batch lingers on the connection.
+    assert!(f.batch(vec![vec![insert("b", 1)]])[0].is_ok());
+    assert_eq!(f.rows().await, rows(&[("b", 1)]));
+}
+
+#[tokio::test]
+async fn a_list_through_the_writer_thread_is_all_or_nothing() {
+    let f = Fixture::new().await;
+    let exec = f.store.executor();
+    exec.execute(vec![insert("x", 1)]).await.unwrap();
+    let outcome = exec.execute(vec![insert("a", 1), bump("x", 7)]).await;
+    assert!(matches!(outcome, Err(StoreError::Conflict)), "{outcome:?}");
+    exec.execute(vec![insert("b", 1), bump("x", 1)])
+        .await
+        .unwrap();
+    assert_eq!(f.rows().await, rows(&[("b", 1), ("x", 2)]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_lists_through_the_writer_thread_each_get_their_own_outcome() {
+    let f = Fixture::new().await;
+    // However the writer happens to group them, every failing list fails alone.
+    let lists = (0..60).map(|i| {
+        let id = format!("k{i:02}");
+        let list = match i % 3 {
+            0 => vec![insert(&id, i)],
+            1 => vec![insert(&id, i), broken()],
+            _ => vec![insert(&id, i), bump("missing", 0)],
+        };
+        (i, f.store.executor().execute(list))
+    });
+    let outcomes =
+        futures::future::join_all(lists.map(|(i, write)| async move { (i, write.await) })).await;
+    for (i, outcome) in &outcomes {
+        match i % 3 {
+            0 => assert!(outcome.is_ok(), "{i}: {outcome:?}"),
+            1 => assert!(
+                matches!(outcome, Err(StoreError::Internal(_))),
+                "{i}: {outcome:?}"
+            ),
+            _ => assert!(
+                matches!(outcome, Err(StoreError::Conflict)),
+                "{i}: {outcome:?}"
+            ),
+        }
+    }
+    let expected: Vec<(String, i64)> = (0..60)
+        .filter(|i| i % 3 == 0)
+        .map(|i| (format!("k{i:02}"), i))
+        .collect();
+    assert_eq!(f.rows().await, expected);
+}

@@ -830,6 +830,46 @@ const KINDS: [Kind; 7] = [
     Kind::Revoked,
 ];
 
+/// §11.1 for every operation, written here independently of the route table, so that a route declared
+/// with the wrong access fails the walk as surely as a declaration the server does not enforce.
+fn spec_access(operation: &str) -> Access {
+    match operation {
+        "healthz" | "readyz" | "metrics" | "dashboard" | "dashboardFile" | "openapi" => {
+            Access::Public
+        }
+        "getEnvironment" | "listWorkers" | "listWork" | "pollWork" | "workStats"
+        | "workStatsHistory" => Access::Environment,
+        "getWork" | "updateWork" | "ackWork" | "heartbeatWork" | "stopWork" | "workHistory" => {
+            Access::WorkItem
+        }
+        "getSession" | "listEvents" | "postEvents" | "streamEvents" => Access::Session,
+        "getAgent" => Access::Agent,
+        "listSessions" => Access::SessionList,
+        "listEnvironments"
+        | "createEnvironment"
+        | "updateEnvironment"
+        | "deleteEnvironment"
+        | "archiveEnvironment"
+        | "listEnvironmentKeys"
+        | "createEnvironmentKey"
+        | "revokeEnvironmentKey"
+        | "requeueWork"
+        | "listAgents"
+        | "createAgent"
+        | "updateAgent"
+        | "archiveAgent"
+        | "createSession"
+        | "updateSession"
+        | "deleteSession"
+        | "archiveSession"
+        | "cancelSession"
+        | "listTokens"
+        | "createToken"
+        | "revokeToken" => Access::Admin,
+        other => panic!("{other}: a route §11.1 (and this walk) does not know"),
+    }
+}
+
 /// §11.1 for a route declared `access`, with targets chosen as [`route_request`] chooses them: `Some`
 /// status of a refusal, `None` when the call is allowed (any 2xx).
 fn refusal(access: Access, kind: Kind) -> Option<u16> {
@@ -910,6 +950,14 @@ fn route_request(w: &World, operation: &str, path: &str) -> (String, Option<Valu
 async fn every_route_of_the_table_with_every_credential_kind() {
     let api = tether_server::http::routes::api();
     let ops = tether_server::http::routes::ops();
+    for endpoint in api.iter().chain(&ops) {
+        assert_eq!(
+            endpoint.access,
+            spec_access(endpoint.operation),
+            "the route table declares {} with the wrong access",
+            endpoint.operation
+        );
+    }
     for backend in backends() {
         let server = TestServer::start(&backend).await;
         let base = server

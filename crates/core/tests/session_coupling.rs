@@ -87,6 +87,17 @@ fn the_cause_filter_is_exactly_what_coupling_reacts_to() {
     )));
 }
 
+/// (status, pending input, transitions, status after, pending after, event types, fresh item)
+type Row = (
+    SessionStatus,
+    bool,
+    Vec<Transition>,
+    SessionStatus,
+    bool,
+    Vec<EventType>,
+    bool,
+);
+
 /// Each row: the session before, the step's transitions, and what it must come to.
 #[test]
 fn coupling_table() {
@@ -96,15 +107,7 @@ fn coupling_table() {
     let ack = t(Cause::Acked, WorkState::Starting);
     let archived = t(Cause::SessionArchived, WorkState::Stopped);
     // (status, pending input, transitions, status after, pending after, event types, fresh item)
-    let cases: Vec<(
-        SessionStatus,
-        bool,
-        Vec<Transition>,
-        SessionStatus,
-        bool,
-        Vec<EventType>,
-        bool,
-    )> = vec![
+    let cases: Vec<Row> = vec![
         (
             Running,
             false,

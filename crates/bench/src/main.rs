@@ -76,7 +76,7 @@ impl Server {
         let token = app
             .bootstrap_admin_token(None)
             .await
-            .map_err(|e| anyhow::anyhow!(e.message))?
+            .map_err(anyhow::Error::new)?
             .expect("fresh store");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let options = tether_server::ServeOptions {

@@ -299,7 +299,7 @@ async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
     let minted = app
         .bootstrap_admin_token(given)
         .await
-        .map_err(|e| anyhow::anyhow!(e.message))?;
+        .map_err(anyhow::Error::new)?;
     let Some(secret) = minted else { return Ok(()) };
     std::fs::create_dir_all(data_dir)?;
     let path = data_dir.join("admin-token");

@@ -412,6 +412,67 @@ pub struct Applied {
     pub enqueue: bool,
 }
 
+/// What an archived session answers to anything sent to it.
+const ARCHIVED: Refusal = Refusal {
+    reason: "the session is archived and refuses new events",
+    code: "session_archived",
+};
+
+/// `cancel` (§7.2, §12.2): whether a `user.interrupt` is appended for the worker to act on. Only a
+/// running turn (`running`, or `rescheduling` while its item waits for a new worker) is interrupted;
+/// otherwise nothing happens. An archived session refuses the interrupt as it refuses every event.
+pub fn interrupt(status: SessionStatus, archived: bool) -> Result<bool, Refusal> {
+    if !matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
+        return Ok(false);
+    }
+    if archived {
+        return Err(ARCHIVED);
+    }
+    Ok(true)
+}
+
+impl ServerEvent {
+    /// The type of the event the server writes.
+    pub const fn kind(&self) -> EventType {
+        match self {
+            ServerEvent::StatusRunning => EventType::SessionStatusRunning,
+            ServerEvent::StatusRescheduled => EventType::SessionStatusRescheduled,
+            ServerEvent::StatusIdle => EventType::SessionStatusIdle,
+            ServerEvent::Error { .. } => EventType::SessionError,
+        }
+    }
+
+    /// The event's fields besides `id`, `type` and `processed_at`.
+    pub fn fields(&self) -> Map<String, Value> {
+        let mut fields = Map::new();
+        match self {
+            ServerEvent::StatusRunning | ServerEvent::StatusRescheduled => {}
+            // The turn died with the item that served it and the session takes new input: in the
+            // official SDKs' terms the retries are exhausted (`retry_status: exhausted`; `terminal`
+            // would promise a `terminated` session). Both SDKs know these values; §12.3's `error` stop
+            // reason is known to neither (docs/dialects.md).
+            ServerEvent::StatusIdle => {
+                fields.insert(
+                    "stop_reason".into(),
+                    serde_json::json!({"type": "retries_exhausted"}),
+                );
+            }
+            ServerEvent::Error { message } => {
+                fields.insert(
+                    "error".into(),
+                    serde_json::json!({
+                        "type": "unknown_error",
+                        "message": message,
+                        "retry_status": {"type": "exhausted"},
+                        "code": "work_stopped",
+                    }),
+                );
+            }
+        }
+        fields
+    }
+}
+
 /// Applies one accepted event to `state` (§7.2, §7.3, §12.4). On refusal `state` is unchanged.
 ///
 /// * `user.message` on an idle session starts a turn (`running` + `session.status_running`) and, on a
@@ -422,10 +483,7 @@ pub struct Applied {
 /// * Nothing is accepted by an archived or terminated session.
 pub fn apply(state: &mut TurnState, kind: EventType) -> Result<Applied, Refusal> {
     if state.archived {
-        return Err(Refusal {
-            reason: "the session is archived and refuses new events",
-            code: "session_archived",
-        });
+        return Err(ARCHIVED);
     }
     if state.status == SessionStatus::Terminated {
         return Err(Refusal {

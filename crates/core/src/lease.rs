@@ -55,14 +55,15 @@ pub fn amnesty_deadline(
     }
 }
 
-/// The worker's heartbeat interval for a lease of `ttl_seconds` (§8): half the TTL, within 1‥30 s.
-pub fn heartbeat_interval_millis(ttl_seconds: u32) -> u64 {
-    (u64::from(ttl_seconds) * 1_000 / 2).clamp(1_000, 30_000)
-}
+/// The shortest heartbeat interval (§8).
+pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_secs(1);
 
-/// [`heartbeat_interval_millis`] for a TTL of any precision.
+/// The longest heartbeat interval (§8): also the cadence while the worker does not know its TTL yet.
+pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(30);
+
+/// The worker's heartbeat interval for a lease of `ttl` (§8): half the TTL, within 1‥30 s.
 pub fn heartbeat_interval(ttl: Duration) -> Duration {
-    (ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+    (ttl / 2).clamp(HEARTBEAT_INTERVAL_MIN, HEARTBEAT_INTERVAL_MAX)
 }
 
 /// How long before its own lease deadline a worker must have killed the program.
@@ -210,10 +211,6 @@ mod tests {
 
     #[test]
     fn heartbeat_interval_bounds() {
-        assert_eq!(heartbeat_interval_millis(60), 30_000);
-        assert_eq!(heartbeat_interval_millis(10), 5_000);
-        assert_eq!(heartbeat_interval_millis(600), 30_000);
-        assert_eq!(heartbeat_interval_millis(1), 1_000);
         for (ttl, interval) in [(1, 1), (2, 1), (10, 5), (20, 10), (60, 30), (600, 30)] {
             assert_eq!(
                 heartbeat_interval(Duration::from_secs(ttl)),

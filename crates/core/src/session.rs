@@ -124,6 +124,63 @@ pub fn on_work_transition(
     effect
 }
 
+/// Whether a work transition can matter to its session at all: the only ones [`on_work_transition`]
+/// reacts to. The service reads the session only for these.
+pub fn touches_session(transition: &Transition) -> bool {
+    transition.to == WorkState::Stopped
+        || matches!(transition.cause, Cause::LeaseExpiredRequeued | Cause::Acked)
+}
+
+/// What a step's transitions, applied in order, do to the session of the item (§7.3, §12.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Coupling {
+    pub status: SessionStatus,
+    pub pending_input: bool,
+    /// The events the server writes, in order.
+    pub events: Vec<ServerEvent>,
+    /// Input was waiting for the item to stop: a fresh item is due now (D-34).
+    pub enqueue_fresh_item: bool,
+}
+
+impl Coupling {
+    /// Whether the session changes at all.
+    pub fn changes(&self, status: SessionStatus, pending_input: bool) -> bool {
+        self.status != status
+            || self.pending_input != pending_input
+            || !self.events.is_empty()
+            || self.enqueue_fresh_item
+    }
+}
+
+/// Applies [`on_work_transition`] to each transition of a step in turn, starting from the session's
+/// `status` and `pending_input`. Every caller that couples a work change to its session uses this, so
+/// the buffered-input rule (D-34) cannot be left out of one of them.
+pub fn couple(status: SessionStatus, pending_input: bool, transitions: &[Transition]) -> Coupling {
+    let mut coupling = Coupling {
+        status,
+        pending_input,
+        events: Vec::new(),
+        enqueue_fresh_item: false,
+    };
+    for transition in transitions {
+        let effect = on_work_transition(coupling.status, coupling.pending_input, transition);
+        if let Some(next) = effect.status {
+            assert!(
+                coupling.status.may_become(next),
+                "undocumented session transition {:?} -> {next:?}",
+                coupling.status
+            );
+            coupling.status = next;
+        }
+        coupling.events.extend(effect.events);
+        if effect.clear_pending_input {
+            coupling.pending_input = false;
+        }
+        coupling.enqueue_fresh_item |= effect.enqueue_fresh_item;
+    }
+    coupling
+}
+
 /// What runnable user input (a `user.message`) does, given the session and its live item (§7.3, §12.4).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InputDecision {

@@ -122,6 +122,24 @@ pub struct WorkData {
     pub id: String,
 }
 
+impl WorkData {
+    /// The `data.type` of an item that serves a session (§7.2).
+    pub const SESSION: &'static str = "session";
+
+    /// The data of an item that serves session `id`.
+    pub fn session(id: impl Into<String>) -> WorkData {
+        WorkData {
+            kind: WorkData::SESSION.into(),
+            id: id.into(),
+        }
+    }
+
+    /// The session the item serves, if it serves one.
+    pub fn session_id(&self) -> Option<&str> {
+        (self.kind == WorkData::SESSION).then_some(self.id.as_str())
+    }
+}
+
 /// An outstanding, un-acked poll delivery.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {

@@ -26,7 +26,7 @@ pub fn spawn(app: App) -> JoinHandle<()> {
                 _ = tick.tick() => pass(&app).await,
                 _ = prune.tick() => {
                     if let Err(e) = app.forget_idle_workers().await {
-                        tracing::warn!(error = %e.message, "dispatcher: pruning idle workers failed");
+                        tracing::warn!(error = %e, "dispatcher: pruning idle workers failed");
                     }
                 }
                 _ = app.dispatch_now.notified() => pass(&app).await,
@@ -49,7 +49,7 @@ pub fn spawn(app: App) -> JoinHandle<()> {
 /// One pass over every environment.
 pub async fn pass(app: &App) {
     if let Err(e) = app.expire_due_leases().await {
-        tracing::warn!(error = %e.message, "dispatcher: lease expiry pass failed");
+        tracing::warn!(error = %e, "dispatcher: lease expiry pass failed");
     }
     let waiting = app.waiters.environments_waiting();
     if waiting.is_empty() {

@@ -1,6 +1,7 @@
 //! The error envelope (§1.7) and the mapping from every refusal to its status code.
 //!
-//! Handlers return [`ApiError`]; it travels to the request-id middleware inside the response's
+//! The service answers in its own terms (`service::Error`); this is the only place that maps them to
+//! HTTP. Handlers return [`ApiError`]; it travels to the request-id middleware inside the response's
 //! extensions, and the middleware writes the envelope with the request's id. Responses that are errors
 //! but were not made by us (a panic caught by the panic layer, a method the router does not serve) are
 //! rewritten into the same envelope there, so a client never sees any other error shape.
@@ -9,7 +10,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use tether_core::work::WorkError;
-use tether_store::StoreError;
+
+use crate::service::{self, Error, Missing};
 
 #[derive(Clone, Debug)]
 pub struct ApiError {
@@ -137,28 +139,62 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Every metadata map in the API is the `metadata` field (§1.9).
-impl From<tether_core::metadata::MetadataError> for ApiError {
-    fn from(e: tether_core::metadata::MetadataError) -> Self {
-        ApiError::bad_param("metadata", e.to_string())
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
+/// The one place a service error becomes a status, an error type, a code and a message (§1.7, D-13,
+/// D-14). Handlers use `?` on service calls and get this.
+impl From<service::Error> for ApiError {
+    fn from(e: service::Error) -> Self {
+        let message = e.to_string();
         match e {
-            StoreError::Conflict => ApiError::unavailable(
-                "the request kept losing races with concurrent changes; retry it",
-            ),
-            StoreError::Unavailable(reason) => {
-                tracing::warn!(%reason, "store unavailable");
-                ApiError::unavailable("the database is unavailable; retry shortly")
-                    .with_code("store_unavailable")
+            Error::NotFound { kind, .. } => {
+                let error = ApiError::not_found(message);
+                match kind {
+                    Missing::Environment => error.with_code("environment_not_found"),
+                    Missing::Agent => error.with_code("agent_not_found"),
+                    Missing::AgentVersion(_) => error.with_code("agent_version_not_found"),
+                    Missing::Session => error.with_code("session_not_found"),
+                    Missing::Work => error.with_code("work_not_found"),
+                    Missing::Credential => error,
+                }
             }
-            StoreError::Internal(reason) => {
-                tracing::error!(%reason, "store error");
-                ApiError::internal("internal storage error")
+            Error::Invalid { param, .. } => {
+                let error = ApiError::bad_request(message);
+                match param {
+                    Some(param) => error.with_param(&param),
+                    None => error,
+                }
             }
+            Error::EventTooLarge { param, .. } => {
+                ApiError::bad_param(&param, message).with_code("event_too_large")
+            }
+            Error::Unauthenticated => ApiError::unauthorized(message),
+            Error::Forbidden { param, .. } => {
+                let error = ApiError::forbidden(message);
+                match param {
+                    Some(param) => error.with_param(&param),
+                    None => error,
+                }
+            }
+            Error::Refused(refusal) => refusal.into(),
+            Error::EventRefused(refusal) => {
+                ApiError::state_conflict(message).with_code(refusal.code)
+            }
+            Error::InvalidState { .. } => {
+                ApiError::state_conflict(message).with_code("invalid_state")
+            }
+            Error::EnvironmentInUse { .. } => ApiError::state_conflict(message),
+            Error::AlreadyArchived { .. } => ApiError::conflict(message),
+            Error::VersionMismatch { .. } => ApiError::conflict(message)
+                .with_param("version")
+                .with_code("version_mismatch"),
+            Error::Contended => ApiError::unavailable(message),
+            Error::StoreUnavailable { lease_amnesty_ms } => {
+                let error = ApiError::unavailable(message).with_code("store_unavailable");
+                match lease_amnesty_ms {
+                    Some(ms) => error.with_details(json!({ "lease_amnesty_ms": ms })),
+                    None => error,
+                }
+            }
+            Error::Internal => ApiError::internal(message),
         }
     }
 }
@@ -191,7 +227,7 @@ impl From<WorkError> for ApiError {
                     "lease_extended": false,
                 }
             })),
-            WorkError::Metadata(m) => m.clone().into(),
+            WorkError::Metadata(m) => service::Error::from(m.clone()).into(),
         }
     }
 }

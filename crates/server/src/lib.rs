@@ -65,7 +65,7 @@ pub async fn serve_with(
 ) -> std::io::Result<()> {
     http::ops::install_metrics();
     if let Err(e) = app.grant_amnesty().await {
-        tracing::warn!(error = %e.message, "lease amnesty failed");
+        tracing::warn!(error = %e, "lease amnesty failed");
     }
     let dispatcher = dispatcher::spawn(app.clone());
     let sampler = sampler::spawn(app.clone());

@@ -89,7 +89,7 @@ pub fn spawn(app: App) -> JoinHandle<()> {
             tokio::select! {
                 _ = tick.tick() => {
                     if let Err(e) = pass(&app).await {
-                        tracing::warn!(error = %e.message, "sampler: queue sampling failed");
+                        tracing::warn!(error = %e, "sampler: queue sampling failed");
                     }
                 }
                 _ = app.until_shutdown() => return,
@@ -99,7 +99,7 @@ pub fn spawn(app: App) -> JoinHandle<()> {
 }
 
 /// One sample of every environment with a work queue that is not archived.
-pub async fn pass(app: &App) -> crate::error::ApiResult<()> {
+pub async fn pass(app: &App) -> crate::service::Result<()> {
     let mut environments = Vec::new();
     let mut page = PageRequest::first(LIST_PAGE);
     loop {

@@ -14,6 +14,7 @@
 mod conformance;
 
 use conformance::*;
+use tether_server::http::routes::{Access, Verb};
 
 /// Who holds the credential of a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +96,8 @@ struct World {
     session_to_archive: String,
     session_to_delete: String,
     tool_use_id: String,
+    /// A stopped item whose session has no live item: what a requeue takes.
+    w_stopped: String,
 }
 
 async fn ok(server: &TestServer, method: Method, path: &str, body: Option<Value>) -> Value {
@@ -213,6 +216,7 @@ impl World {
         // W5: stopped, so its token is dead.
         session(agent_x.clone(), env_a.clone()).await;
         let (w5, token_stopped) = poll("").await;
+        let w_stopped = w5.clone();
         ok(
             server,
             Method::POST,
@@ -253,6 +257,7 @@ impl World {
             session_to_archive,
             session_to_delete,
             tool_use_id,
+            w_stopped,
         }
     }
 
@@ -795,6 +800,245 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
         assert_eq!(
             q.causes(cut_off).await.last().map(String::as_str),
             Some("lease_expired_requeued")
+        );
+        server.shutdown().await;
+    }
+}
+
+/// The credential kinds of the route-table walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// No credential at all.
+    None,
+    Admin,
+    /// A key of the environment the request names (or of the session's or agent's environment).
+    ThisEnvKey,
+    OtherEnvKey,
+    /// The session token of the item (and so of the session and its agent) the request names.
+    ThisItemToken,
+    OtherItemToken,
+    Revoked,
+}
+
+const KINDS: [Kind; 7] = [
+    Kind::None,
+    Kind::Admin,
+    Kind::ThisEnvKey,
+    Kind::OtherEnvKey,
+    Kind::ThisItemToken,
+    Kind::OtherItemToken,
+    Kind::Revoked,
+];
+
+/// §11.1 for every operation, written here independently of the route table, so that a route declared
+/// with the wrong access fails the walk as surely as a declaration the server does not enforce.
+fn spec_access(operation: &str) -> Access {
+    match operation {
+        "healthz" | "readyz" | "metrics" | "dashboard" | "dashboardFile" | "openapi" => {
+            Access::Public
+        }
+        "getEnvironment" | "listWorkers" | "listWork" | "pollWork" | "workStats"
+        | "workStatsHistory" => Access::Environment,
+        "getWork" | "updateWork" | "ackWork" | "heartbeatWork" | "stopWork" | "workHistory" => {
+            Access::WorkItem
+        }
+        "getSession" | "listEvents" | "postEvents" | "streamEvents" => Access::Session,
+        "getAgent" => Access::Agent,
+        "listSessions" => Access::SessionList,
+        "listEnvironments"
+        | "createEnvironment"
+        | "updateEnvironment"
+        | "deleteEnvironment"
+        | "archiveEnvironment"
+        | "listEnvironmentKeys"
+        | "createEnvironmentKey"
+        | "revokeEnvironmentKey"
+        | "requeueWork"
+        | "listAgents"
+        | "createAgent"
+        | "updateAgent"
+        | "archiveAgent"
+        | "createSession"
+        | "updateSession"
+        | "deleteSession"
+        | "archiveSession"
+        | "cancelSession"
+        | "listTokens"
+        | "createToken"
+        | "revokeToken" => Access::Admin,
+        other => panic!("{other}: a route §11.1 (and this walk) does not know"),
+    }
+}
+
+/// §11.1 for a route declared `access`, with targets chosen as [`route_request`] chooses them: `Some`
+/// status of a refusal, `None` when the call is allowed (any 2xx).
+fn refusal(access: Access, kind: Kind) -> Option<u16> {
+    use Access as A;
+    if access == A::Public {
+        return None;
+    }
+    match kind {
+        Kind::None | Kind::Revoked => Some(401),
+        Kind::Admin => None,
+        Kind::ThisEnvKey => match access {
+            A::Environment | A::WorkItem | A::Session | A::Agent | A::SessionList => None,
+            _ => Some(403),
+        },
+        // Environment B's key: it may list sessions (its own), nothing of A.
+        Kind::OtherEnvKey => match access {
+            A::SessionList => None,
+            _ => Some(403),
+        },
+        Kind::ThisItemToken => match access {
+            A::WorkItem | A::Session | A::Agent => None,
+            _ => Some(403),
+        },
+        Kind::OtherItemToken => Some(403),
+    }
+}
+
+/// The concrete request for one route of the table: each `{param}` of the path gets a target of the
+/// world (those that end or destroy something get targets of their own), and a body that is valid for
+/// every caller allowed to send it. A route the walk does not know fails the test.
+fn route_request(w: &World, operation: &str, path: &str) -> (String, Option<Value>) {
+    let mut concrete = path.to_owned();
+    let fill = |name: &str| -> String {
+        match (name, operation) {
+            ("environment_id", "deleteEnvironment") => w.env_to_delete.clone(),
+            ("environment_id", "archiveEnvironment") => w.env_to_archive.clone(),
+            ("environment_id", _) => w.env_a.clone(),
+            ("work_id", "requeueWork") => w.w_stopped.clone(),
+            ("work_id", _) => w.w1.clone(),
+            ("key_id", _) => w.key_to_revoke.clone(),
+            ("token_id", _) => w.token_to_revoke.clone(),
+            ("agent_id", "archiveAgent") => w.agent_to_archive.clone(),
+            ("agent_id", _) => w.agent_x.clone(),
+            ("session_id", "archiveSession") => w.session_to_archive.clone(),
+            ("session_id", "deleteSession") => w.session_to_delete.clone(),
+            ("session_id", _) => w.s1.clone(),
+            ("file", _) => "app.js".into(),
+            (other, _) => panic!("{operation}: the walk has no target for {{{other}}}"),
+        }
+    };
+    while let Some(start) = concrete.find('{') {
+        let end = concrete[start..].find('}').expect("closing brace") + start;
+        let name = concrete[start + 1..end].to_owned();
+        concrete.replace_range(start..=end, &fill(&name));
+    }
+    let body = match operation {
+        "createEnvironment" => Some(json!({"name": "new", "config": {"type": "self_hosted"}})),
+        "updateEnvironment" | "updateAgent" => Some(json!({"description": "changed"})),
+        "createEnvironmentKey" | "createToken" | "requeueWork" => Some(json!({})),
+        // A graceful stop keeps the item's token alive for the routes after it.
+        "stopWork" => Some(json!({})),
+        "updateWork" => Some(json!({"metadata": {"seen": "yes"}})),
+        "createAgent" => Some(json!({"name": "n", "model": "m"})),
+        "createSession" => Some(json!({"agent": w.agent_x, "environment_id": w.env_a})),
+        "updateSession" => Some(json!({"title": "t"})),
+        // Agent-side: every sender the route admits may send it.
+        "postEvents" => Some(
+            json!({"events": [{"type": "agent.message", "content": [{"type": "text", "text": "hi"}]}]}),
+        ),
+        _ => None,
+    };
+    (concrete, body)
+}
+
+/// Every route of the route table — both surfaces, every verb — against every kind of credential: the
+/// table's declared access is what the server enforces (401 before 403, and a 2xx where allowed).
+#[tokio::test]
+async fn every_route_of_the_table_with_every_credential_kind() {
+    let api = tether_server::http::routes::api();
+    let ops = tether_server::http::routes::ops();
+    for endpoint in api.iter().chain(&ops) {
+        assert_eq!(
+            endpoint.access,
+            spec_access(endpoint.operation),
+            "the route table declares {} with the wrong access",
+            endpoint.operation
+        );
+    }
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let base = server
+            .url("")
+            .strip_suffix("/api/v1/cloud")
+            .expect("the Qoder prefix")
+            .to_owned();
+        let mut wrong = Vec::new();
+        let mut cells = 0;
+        for kind in KINDS {
+            // A world per credential kind, so that what one row changes cannot decide another's.
+            let w = World::build(&server).await;
+            let secret = match kind {
+                Kind::None => None,
+                Kind::Admin => Some(server.admin_token.clone()),
+                Kind::ThisEnvKey => Some(w.key_a.clone()),
+                Kind::OtherEnvKey => Some(w.key_b.clone()),
+                Kind::ThisItemToken => Some(w.t1.clone()),
+                Kind::OtherItemToken => Some(w.t2.clone()),
+                Kind::Revoked => Some(w.key_revoked.clone()),
+            };
+            // API routes under the Qoder prefix, the operations surface at the root.
+            let routes = api
+                .iter()
+                .map(|e| (e, true))
+                .chain(ops.iter().map(|e| (e, false)));
+            for (endpoint, prefixed) in routes {
+                let (path, body) = route_request(&w, endpoint.operation, endpoint.path);
+                let url = if prefixed {
+                    server.url(&path)
+                } else {
+                    format!("{base}{path}")
+                };
+                let method = match endpoint.verb {
+                    Verb::Get => Method::GET,
+                    Verb::Post => Method::POST,
+                    Verb::Delete => Method::DELETE,
+                };
+                let mut request = server
+                    .http()
+                    .request(method.clone(), &url)
+                    .timeout(std::time::Duration::from_secs(30));
+                if let Some(secret) = &secret {
+                    request = request.bearer_auth(secret);
+                }
+                if let Some(body) = &body {
+                    request = request.json(body);
+                }
+                let response = request.send().await.expect("request");
+                let status = response.status().as_u16();
+                // A stream that was allowed never ends: its status is all there is to read.
+                let error_type = if response.status().is_success() {
+                    String::new()
+                } else {
+                    let body: Value = response.json().await.unwrap_or(Value::Null);
+                    body["error"]["type"].as_str().unwrap_or("?").to_owned()
+                };
+                cells += 1;
+                let ok = match refusal(endpoint.access, kind) {
+                    None => (200..300).contains(&status),
+                    Some(401) => status == 401 && error_type == "authentication_error",
+                    Some(403) => status == 403 && error_type == "permission_error",
+                    Some(other) => unreachable!("{other}"),
+                };
+                if !ok {
+                    wrong.push(format!(
+                        "{kind:?} × {} ({method} {path}, {:?}): want {}, got {status} {error_type}",
+                        endpoint.operation,
+                        endpoint.access,
+                        refusal(endpoint.access, kind).map_or("2xx".into(), |s| s.to_string()),
+                    ));
+                }
+            }
+        }
+        assert_eq!(cells, KINDS.len() * (api.len() + ops.len()));
+        assert!(
+            wrong.is_empty(),
+            "[{}] {} of {cells} cells disagree with the route table:\n{}",
+            backend.name(),
+            wrong.len(),
+            wrong.join("\n")
         );
         server.shutdown().await;
     }

@@ -1,6 +1,7 @@
 //! The heartbeat task of one item (§8 step 3): renews the lease with the item's session token, first
-//! with `NO_HEARTBEAT`, then echoing each `last_heartbeat` verbatim, every clamp(ttl/2, 1 s, 30 s); and
-//! says when the server asked for a stop or the lease is gone.
+//! with `NO_HEARTBEAT`, then echoing each `last_heartbeat` verbatim, at the core's cadence
+//! (`tether_core::lease::heartbeat_interval`); and says when the server asked for a stop or the lease
+//! is gone.
 //!
 //! The lease is also the worker's own: [`WorkerLease`] (in the core) keeps the moment the program must
 //! be dead by, counted on this process's monotonic clock from the *send* of the last heartbeat the
@@ -12,7 +13,7 @@
 use std::time::Duration;
 
 use tether_client::{Client, Error, Heartbeat as Beat, HeartbeatOptions, WorkState, NO_HEARTBEAT};
-use tether_core::lease::{heartbeat_interval, WorkerLease};
+use tether_core::lease::{heartbeat_interval, WorkerLease, HEARTBEAT_INTERVAL_MAX};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -30,9 +31,6 @@ pub enum Lease {
     /// The item is not this worker's any more: kill the program at once and leave the item alone.
     Lost(String),
 }
-
-/// The lease length assumed for the cadence until the server says (§8).
-const ASSUMED_TTL: Duration = Duration::from_secs(90);
 
 /// The provisional lease of the ack, as far as the worker can know it: the shortest TTL of §8. It only
 /// bounds how long the first heartbeat is tried; the program starts after the first accepted one.
@@ -251,11 +249,11 @@ impl Beats<'_> {
                     "no successful heartbeat before the lease deadline (last error: {last_error})"
                 );
             };
-            // Until the server said, the cadence assumes a long TTL (§8); the timeout is capped anyway.
+            // Until the server said, the cadence is the longest (§8); the timeout is capped anyway.
             let interval = if renewed_once {
                 heartbeat_interval(lease.ttl())
             } else {
-                heartbeat_interval(ASSUMED_TTL)
+                HEARTBEAT_INTERVAL_MAX
             };
             let options = HeartbeatOptions {
                 expected_last_heartbeat: Some(expected.clone()),

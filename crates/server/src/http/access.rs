@@ -1,16 +1,104 @@
-//! Who may do what (§11.1). Each check answers 403 for an authenticated caller without the right.
+//! Who may do what (§11.1), enforced from the route table: every route of `routes.rs` declares its
+//! [`Access`], and the router wraps each route in [`authorize`] built from that declaration. No handler
+//! checks rights itself; a handler runs only for a caller the table admits.
+//!
+//! The layer keeps D-32's order: it authenticates (401), then checks what the caller may do (403), and
+//! only then do the handler's lookups (404) and parameter checks (400) run. Where a right depends on a
+//! record (a session, the sessions that use an agent), the layer reads that record; a session it read
+//! is handed to the handler ([`ReadableSession`]) instead of being read twice.
 
+use axum::extract::{FromRequestParts, RawPathParams, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use tether_core::resources::Session;
+use tether_store::{PageRequest, SessionFilter};
 
+use super::extract::{Caller, Params};
+use super::routes::Access;
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
 use crate::service::App;
+
+/// The state of one route's [`authorize`] layer: the application and the route's declared access.
+#[derive(Clone)]
+pub struct Guard {
+    pub app: App,
+    pub access: Access,
+}
+
+/// Authorizes a request by its route's declared [`Access`]; answers 401 or 403 (or 404 for a session
+/// that does not exist, once the caller may know) without running the handler.
+pub async fn authorize(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    if guard.access == Access::Public {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let Caller(principal) = match Caller::from_request_parts(&mut parts, &guard.app).await {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let path = match RawPathParams::from_request_parts(&mut parts, &guard.app).await {
+        Ok(path) => path,
+        // A path that cannot be decoded: the handler's own extractor would refuse it the same way.
+        Err(rejection) => return rejection.into_response(),
+    };
+    let path: Vec<(String, String)> = path
+        .iter()
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+    let target = |name: &str| {
+        path.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| {
+                panic!(
+                    "a route declared {:?} has no {{{name}}} in its path",
+                    guard.access
+                )
+            })
+    };
+    let granted = match guard.access {
+        Access::Public => Ok(None),
+        Access::Admin => admin(&principal).map(|()| None),
+        Access::Environment => environment(&principal, target("environment_id")).map(|()| None),
+        Access::WorkItem => {
+            work_item(&principal, target("environment_id"), target("work_id")).map(|()| None)
+        }
+        Access::Session => readable_session(&guard.app, &principal, target("session_id"))
+            .await
+            .map(Some),
+        Access::Agent => readable_agent(&guard.app, &principal, target("agent_id"))
+            .await
+            .map(|()| None),
+        Access::SessionList => {
+            let query = parts.uri.query().unwrap_or("");
+            let params = Params(
+                form_urlencoded::parse(query.as_bytes())
+                    .into_owned()
+                    .collect(),
+            );
+            session_list(&principal, params.get("environment_id")).map(|()| None)
+        }
+    };
+    match granted {
+        Ok(session) => {
+            if let Some(session) = session {
+                parts.extensions.insert(ReadableSession(session));
+            }
+            // The handler's `Caller` takes the principal from here instead of authenticating again.
+            parts.extensions.insert(principal);
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
 
 fn forbidden() -> ApiError {
     ApiError::forbidden("this credential may not perform this request")
 }
 
-pub fn admin(p: &Principal) -> ApiResult<()> {
+fn admin(p: &Principal) -> ApiResult<()> {
     match p {
         Principal::Admin { .. } => Ok(()),
         _ => Err(forbidden()),
@@ -18,7 +106,7 @@ pub fn admin(p: &Principal) -> ApiResult<()> {
 }
 
 /// Queue-wide work endpoints (list, poll, stats, ack, history, workers) of one environment.
-pub fn environment(p: &Principal, environment_id: &str) -> ApiResult<()> {
+fn environment(p: &Principal, environment_id: &str) -> ApiResult<()> {
     match p {
         Principal::Admin { .. } => Ok(()),
         Principal::EnvironmentKey {
@@ -31,7 +119,7 @@ pub fn environment(p: &Principal, environment_id: &str) -> ApiResult<()> {
 /// Endpoints on one work item (get, metadata, heartbeat, stop; and ack by its own session token). A
 /// session token is bound to its environment too: under another environment's path it is the wrong
 /// environment (403), not a lookup that happens to miss.
-pub fn work_item(p: &Principal, environment_id: &str, work_id: &str) -> ApiResult<()> {
+fn work_item(p: &Principal, environment_id: &str, work_id: &str) -> ApiResult<()> {
     match p {
         Principal::SessionToken {
             work_id: w,
@@ -42,17 +130,9 @@ pub fn work_item(p: &Principal, environment_id: &str, work_id: &str) -> ApiResul
     }
 }
 
-/// Reading a session (and its events), or posting worker-side events to it.
-pub fn session(p: &Principal, session_id: &str, session_environment_id: &str) -> ApiResult<()> {
-    match p {
-        Principal::SessionToken { session_id: s, .. } if s == session_id => Ok(()),
-        other => environment(other, session_environment_id),
-    }
-}
-
 /// The session a caller names, if it may read it (and post to it, within the event rules): an admin, an
 /// environment key of the session's environment, or the session token of the session's live item.
-pub async fn readable_session(app: &App, p: &Principal, id: &str) -> ApiResult<Session> {
+async fn readable_session(app: &App, p: &Principal, id: &str) -> ApiResult<Session> {
     if let Principal::SessionToken { session_id, .. } = p {
         // Known before any lookup: a session token serves exactly one session (D-32: 403 before 404).
         if session_id != id {
@@ -62,8 +142,78 @@ pub async fn readable_session(app: &App, p: &Principal, id: &str) -> ApiResult<S
         }
     }
     let found = app.session(id).await?;
-    session(p, &found.id, &found.environment_id)?;
+    match p {
+        Principal::SessionToken { session_id, .. } if *session_id == found.id => {}
+        other => environment(other, &found.environment_id)?,
+    }
     Ok(found)
+}
+
+/// An agent may be read by an admin, by the session token of a session on it, and by a key of an
+/// environment where some session uses it.
+async fn readable_agent(app: &App, p: &Principal, id: &str) -> ApiResult<()> {
+    match p {
+        Principal::Admin { .. } => Ok(()),
+        Principal::SessionToken { session_id, .. } => {
+            let session = app.session(session_id).await?;
+            if session.agent.id != id {
+                return Err(ApiError::forbidden(
+                    "this credential may only read the agent of its session",
+                ));
+            }
+            Ok(())
+        }
+        Principal::EnvironmentKey { environment_id, .. } => {
+            let filter = SessionFilter {
+                agent_id: Some(id.to_owned()),
+                environment_id: Some(environment_id.clone()),
+                include_archived: true,
+                ..Default::default()
+            };
+            let used = app.list_sessions(&filter, &PageRequest::first(1)).await?;
+            if used.items.is_empty() {
+                return Err(ApiError::forbidden(
+                    "this credential may only read agents of its environment's sessions",
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Listing sessions: an admin lists any; an environment key lists its own environment's only (the
+/// handler confines the listing to it); a session token none.
+fn session_list(p: &Principal, environment_filter: Option<&str>) -> ApiResult<()> {
+    match p {
+        Principal::Admin { .. } => Ok(()),
+        Principal::EnvironmentKey { environment_id, .. } => {
+            if environment_filter.is_some_and(|e| e != environment_id) {
+                return Err(ApiError::forbidden(
+                    "this credential may only list its own environment's sessions",
+                ));
+            }
+            Ok(())
+        }
+        Principal::SessionToken { .. } => {
+            Err(ApiError::forbidden("a session token may not list sessions"))
+        }
+    }
+}
+
+/// The session of a route declared [`Access::Session`], as [`authorize`] read it for the caller.
+#[derive(Clone)]
+pub struct ReadableSession(pub Session);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReadableSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.remove::<ReadableSession>().ok_or_else(|| {
+            // Only a route the table declares `Access::Session` carries one.
+            tracing::error!("a handler asked for the session of a route without session access");
+            ApiError::internal("internal error")
+        })
+    }
 }
 
 /// Whether the caller is a worker credential (environment key or session token).

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tether_core::events::{self as rules, Sender};
 use tether_core::ids::IdKind;
 
-use super::access;
+use super::access::{self, ReadableSession};
 use super::extract::{Caller, JsonBody, Params, Wire};
 use crate::error::{ApiError, ApiResult};
 use crate::service::events::EventFilter;
@@ -36,10 +36,9 @@ fn sender(p: &Principal) -> Sender {
 pub async fn post_events(
     State(app): State<App>,
     Caller(p): Caller,
-    Path(id): Path<String>,
+    ReadableSession(session): ReadableSession,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    let session = access::readable_session(&app, &p, &id).await?;
     // D-32: the body is judged (400) only once the session is known to exist and be the caller's.
     let fields = JsonBody::object(body)?;
     let stored = app.post_events(&session, sender(&p), fields).await?;
@@ -49,12 +48,10 @@ pub async fn post_events(
 
 pub async fn list_events(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
-    Path(id): Path<String>,
+    ReadableSession(session): ReadableSession,
     params: Params,
 ) -> ApiResult<Response> {
-    let session = access::readable_session(&app, &p, &id).await?;
     // The Anthropic worker reconciles with `limit=1000`; the dialect table says how far each one goes.
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Event))?;
     let filter = EventFilter {
@@ -129,12 +126,10 @@ fn resume_point(headers: &HeaderMap, params: &Params) -> ApiResult<Option<String
 /// Anthropic SDK drops frames without it) and `data:`. The response head goes out at once, before any event.
 pub async fn stream(
     State(app): State<App>,
-    Caller(p): Caller,
-    Path(id): Path<String>,
+    ReadableSession(session): ReadableSession,
     params: Params,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let session = access::readable_session(&app, &p, &id).await?;
     let after = resume_point(&headers, &params)?;
     let (_, tail) = app.tail_events(&session.id, after).await?;
     let frames = futures::stream::unfold(tail, |mut tail| async move {
@@ -162,12 +157,10 @@ fn frame(event: &tether_store::EventDoc) -> Event {
 /// the answer is 200 with the session, whose `id`, `type` and `status` have the same places.
 pub async fn cancel(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    // Interrupting is a user-side act (§12.3): workers may not.
-    access::admin(&p)?;
+    // Interrupting is a user-side act (§12.3): workers may not (the route is admin-only).
     let (canceling, session) = app.cancel_session(&id).await?;
     Ok(if canceling {
         (

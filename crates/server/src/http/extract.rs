@@ -1,5 +1,6 @@
-//! Request extractors that fail in the error envelope with the right status (D-32's order is kept by
-//! the handlers: they authenticate first, then look things up, then read parameters).
+//! Request extractors that fail in the error envelope with the right status (D-32's order: the route's
+//! authorization, `access::authorize`, authenticates and checks rights first; handlers then look
+//! things up, then read parameters).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -21,6 +22,10 @@ impl FromRequestParts<App> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            // Authenticated already, by the route's authorization (`access::authorize`).
+            return Ok(Caller(principal.clone()));
+        }
         let dialect = dialect_of(parts);
         let secret = bearer(&parts.headers)
             .or_else(|| if dialect.accepts_x_api_key() { header(&parts.headers, "x-api-key") } else { None })
@@ -259,7 +264,7 @@ impl JsonBody {
     /// `Result` and call this after their lookups, so a bad body (400) never outranks 403/404 (D-32).
     pub fn object(body: Result<JsonBody, ApiError>) -> ApiResult<serde_json::Map<String, Value>> {
         let JsonBody(raw) = body?;
-        crate::body::object(raw)
+        Ok(crate::body::object(raw)?)
     }
 
     /// Like [`JsonBody::object`], for a body that must be there (updates).
@@ -267,7 +272,7 @@ impl JsonBody {
         body: Result<JsonBody, ApiError>,
     ) -> ApiResult<serde_json::Map<String, Value>> {
         let JsonBody(raw) = body?;
-        crate::body::required_object(raw)
+        Ok(crate::body::required_object(raw)?)
     }
 }
 

@@ -26,20 +26,27 @@ use crate::dialect::Dialect;
 use crate::error::ApiError;
 use crate::service::App;
 
-/// The routes of one dialect, relative to its prefix, from the route table.
-fn api() -> Router<App> {
-    routes::api()
-        .into_iter()
-        .fold(Router::new(), |router, e| router.route(e.path, e.route))
+/// Routes from the route table, each behind the authorization its entry declares.
+fn guarded(app: &App, endpoints: Vec<routes::Endpoint>) -> Router<App> {
+    endpoints.into_iter().fold(Router::new(), |router, e| {
+        let guard = access::Guard {
+            app: app.clone(),
+            access: e.access,
+        };
+        let route = e
+            .route
+            .route_layer(middleware::from_fn_with_state(guard, access::authorize));
+        router.route(e.path, route)
+    })
 }
 
 /// The whole application.
 pub fn router(app: App, body_limit: usize) -> Router {
-    let mut router = routes::ops()
-        .into_iter()
-        .fold(Router::new(), |router, e| router.route(e.path, e.route));
+    let mut router = guarded(&app, routes::ops());
     for dialect in Dialect::ALL {
-        router = router.nest(dialect.prefix(), api().layer(Extension(dialect)));
+        // The routes of one dialect, relative to its prefix.
+        let api = guarded(&app, routes::api());
+        router = router.nest(dialect.prefix(), api.layer(Extension(dialect)));
     }
     router
         .fallback(|| async { ApiError::not_found("no such endpoint") })

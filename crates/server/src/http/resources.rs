@@ -8,7 +8,7 @@ use tether_core::resources::CredentialKind;
 use tether_core::session::SessionStatus;
 use tether_store::{ArchiveFilter, SessionFilter};
 
-use super::access;
+use super::access::ReadableSession;
 use super::extract::{Caller, JsonBody, Params, Wire};
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
@@ -25,11 +25,9 @@ fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
 
 pub async fn create_environment(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
     let fields = JsonBody::object(body)?;
     let env = app
@@ -40,11 +38,9 @@ pub async fn create_environment(
 
 pub async fn list_environments(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Environment))?;
     let envs = app
         .list_environments(&archive_filter(&params)?, &page)
@@ -58,20 +54,16 @@ pub async fn list_environments(
 
 pub async fn get_environment(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::environment(&p, &id)?;
     Ok(Json(views::environment(&app.environment(&id).await?)))
 }
 
 pub async fn update_environment(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     app.environment(&id).await?;
     let fields = JsonBody::required_object(body)?;
     Ok(Json(views::environment(
@@ -81,10 +73,8 @@ pub async fn update_environment(
 
 pub async fn archive_environment(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     Ok(Json(views::environment(
         &app.archive_environment(&id).await?,
     )))
@@ -92,21 +82,17 @@ pub async fn archive_environment(
 
 pub async fn delete_environment(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     app.delete_environment(&id).await?;
     Ok(Json(json!({"id": id, "type": "environment_deleted"})))
 }
 
 pub async fn create_key(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     app.environment(&id).await?;
     let fields = JsonBody::object(body)?;
     let (credential, secret) = app.create_environment_key(&id, fields).await?;
@@ -115,11 +101,9 @@ pub async fn create_key(
 
 pub async fn list_keys(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     let page = params.page(100, false, Some(IdKind::EnvironmentKey))?;
     let keys = app
         .list_credentials(CredentialKind::Environment, Some(&id), &page)
@@ -133,10 +117,8 @@ pub async fn list_keys(
 
 pub async fn revoke_key(
     State(app): State<App>,
-    Caller(p): Caller,
     Path((id, key_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     app.environment(&id).await?;
     Ok(Json(views::credential(
         &app.revoke_credential(CredentialKind::Environment, Some(&id), &key_id)
@@ -146,21 +128,14 @@ pub async fn revoke_key(
 
 pub async fn create_token(
     State(app): State<App>,
-    Caller(p): Caller,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     let fields = JsonBody::object(body)?;
     let (credential, secret) = app.create_admin_token(fields).await?;
     Ok(Json(views::new_credential(&credential, &secret)))
 }
 
-pub async fn list_tokens(
-    State(app): State<App>,
-    Caller(p): Caller,
-    params: Params,
-) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
+pub async fn list_tokens(State(app): State<App>, params: Params) -> ApiResult<Json<Value>> {
     let page = params.page(100, false, Some(IdKind::Token))?;
     let tokens = app
         .list_credentials(CredentialKind::Admin, None, &page)
@@ -174,10 +149,8 @@ pub async fn list_tokens(
 
 pub async fn revoke_token(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     Ok(Json(views::credential(
         &app.revoke_credential(CredentialKind::Admin, None, &id)
             .await?,
@@ -186,22 +159,18 @@ pub async fn revoke_token(
 
 pub async fn create_agent(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     let fields = JsonBody::object(body)?;
     Ok(Json(views::agent(&app.create_agent(fields).await?, d)))
 }
 
 pub async fn list_agents(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Agent))?;
     let agents = app.list_agents(&archive_filter(&params)?, &page).await?;
     Ok(Json(views::list(
@@ -213,40 +182,11 @@ pub async fn list_agents(
 
 pub async fn get_agent(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    let agent = match &p {
-        Principal::Admin { .. } => app.agent(&id).await?,
-        Principal::SessionToken { session_id, .. } => {
-            let session = app.session(session_id).await?;
-            if session.agent.id != id {
-                return Err(ApiError::forbidden(
-                    "this credential may only read the agent of its session",
-                ));
-            }
-            app.agent(&id).await?
-        }
-        Principal::EnvironmentKey { environment_id, .. } => {
-            let filter = SessionFilter {
-                agent_id: Some(id.clone()),
-                environment_id: Some(environment_id.clone()),
-                include_archived: true,
-                ..Default::default()
-            };
-            let used = app
-                .list_sessions(&filter, &tether_store::PageRequest::first(1))
-                .await?;
-            if used.items.is_empty() {
-                return Err(ApiError::forbidden(
-                    "this credential may only read agents of its environment's sessions",
-                ));
-            }
-            app.agent(&id).await?
-        }
-    };
+    let agent = app.agent(&id).await?;
     // `?version=n` reads an earlier version (both SDKs' `agents.retrieve(id, version=…)`).
     let agent = match params.int("version")? {
         None => agent,
@@ -257,12 +197,10 @@ pub async fn get_agent(
 
 pub async fn update_agent(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     app.agent(&id).await?;
     let fields = JsonBody::required_object(body)?;
     Ok(Json(views::agent(&app.update_agent(&id, fields).await?, d)))
@@ -270,21 +208,17 @@ pub async fn update_agent(
 
 pub async fn archive_agent(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     Ok(Json(views::agent(&app.archive_agent(&id).await?, d)))
 }
 
 pub async fn create_session(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     let fields = JsonBody::object(body)?;
     let session = app.create_session(fields).await?;
     Ok(Json(views::session(&session, d)))
@@ -315,24 +249,10 @@ pub async fn list_sessions(
         created_gte: archive.created_gte,
         created_lte: archive.created_lte,
     };
-    // A worker credential sees the sessions of its own environment only.
-    match &p {
-        Principal::Admin { .. } => {}
-        Principal::EnvironmentKey { environment_id, .. } => {
-            if filter
-                .environment_id
-                .as_ref()
-                .is_some_and(|e| e != environment_id)
-            {
-                return Err(ApiError::forbidden(
-                    "this credential may only list its own environment's sessions",
-                ));
-            }
-            filter.environment_id = Some(environment_id.clone());
-        }
-        Principal::SessionToken { .. } => {
-            return Err(ApiError::forbidden("a session token may not list sessions"))
-        }
+    // A worker credential sees the sessions of its own environment only (the route's authorization
+    // refused any other environment it named).
+    if let Principal::EnvironmentKey { environment_id, .. } = &p {
+        filter.environment_id = Some(environment_id.clone());
     }
     // An id filter that is not shaped like an id of its kind matches no session: answered without asking
     // the store, which could not even be asked about some strings (PostgreSQL text holds no NUL).
@@ -360,23 +280,18 @@ pub async fn list_sessions(
 }
 
 pub async fn get_session(
-    State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
-    Path(id): Path<String>,
+    ReadableSession(session): ReadableSession,
 ) -> ApiResult<Json<Value>> {
-    let session = access::readable_session(&app, &p, &id).await?;
     Ok(Json(views::session(&session, d)))
 }
 
 pub async fn update_session(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     app.session(&id).await?;
     let fields = JsonBody::required_object(body)?;
     Ok(Json(views::session(
@@ -387,20 +302,16 @@ pub async fn update_session(
 
 pub async fn archive_session(
     State(app): State<App>,
-    Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     Ok(Json(views::session(&app.archive_session(&id).await?, d)))
 }
 
 pub async fn delete_session(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
     app.delete_session(&id).await?;
     Ok(Json(json!({"id": id, "type": "session_deleted"})))
 }

@@ -1,6 +1,8 @@
-//! The route table: every endpoint once, with its handler and what the OpenAPI document says about it.
-//! The router ([`super::router`]) and the document ([`super::openapi`]) are both built from this table,
-//! so an endpoint cannot be served without being documented, or documented without being served.
+//! The route table: every endpoint once, with its handler, who may call it, and what the OpenAPI
+//! document says about it. The router ([`super::router`]) and the document ([`super::openapi`]) are both
+//! built from this table, so an endpoint cannot be served without being documented, or documented
+//! without being served; and the router puts each route behind the authorization its [`Access`]
+//! declares ([`super::access::authorize`]), so what the document says of credentials is what is enforced.
 
 use axum::handler::Handler;
 use axum::routing::{on, MethodFilter, MethodRouter};
@@ -33,7 +35,9 @@ impl Verb {
     }
 }
 
-/// Which credentials an endpoint takes (§11.1).
+/// Which credentials an endpoint takes (§11.1); enforced by [`super::access::authorize`]. The kinds
+/// that name a target read it from the path: `{environment_id}`, `{environment_id}` and `{work_id}`,
+/// `{session_id}`, `{agent_id}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     /// No credential at all (operations surface).
@@ -486,4 +490,33 @@ pub fn ops() -> Vec<Endpoint> {
             .access(Public)
             .returns(AnyJson),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The authorization reads its targets from the path: a route declaring an access that names a
+    /// target must have it in its path.
+    #[test]
+    fn every_route_names_the_targets_of_its_access() {
+        for e in api().into_iter().chain(ops()) {
+            let targets: &[&str] = match e.access {
+                Access::Environment => &["environment_id"],
+                Access::WorkItem => &["environment_id", "work_id"],
+                Access::Session => &["session_id"],
+                Access::Agent => &["agent_id"],
+                Access::Public | Access::Admin | Access::SessionList => &[],
+            };
+            for target in targets {
+                assert!(
+                    e.path.contains(&format!("{{{target}}}")),
+                    "{} {} is declared {:?} but has no {{{target}}}",
+                    e.verb.as_str(),
+                    e.path,
+                    e.access
+                );
+            }
+        }
+    }
 }

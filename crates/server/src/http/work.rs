@@ -11,28 +11,25 @@ use tether_core::work::ExpectedHeartbeat;
 use tether_core::{WorkItem, WorkState};
 use tether_store::WorkFilter;
 
-use super::access;
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
 use crate::body;
 use crate::credentials;
 use crate::error::{ApiError, ApiResult};
-use crate::service::tokens::Principal;
 use crate::service::App;
 use crate::views;
 
 /// The work list clamps `limit` above 100 instead of refusing it (D-4).
 const WORK_LIST_MAX: u32 = 100;
 
-/// The D-32 prefix of every endpoint on one work item: the caller's rights (403), the environment (404,
-/// then 400 when it has no queue), the item (404, after lazy expiry). Headers, parameters and bodies are
-/// judged only after it, so that a 400 never reveals anything about an item the caller cannot see.
+/// The D-32 prefix of every endpoint on one work item, after the caller's rights (403, checked by the
+/// route's authorization): the environment (404, then 400 when it has no queue), the item (404, after
+/// lazy expiry). Headers, parameters and bodies are judged only after it, so that a 400 never reveals
+/// anything about an item the caller cannot see.
 async fn item_in_queue(
     app: &App,
-    principal: &Principal,
     env_id: &str,
     work_id: &str,
 ) -> ApiResult<(Environment, WorkItem)> {
-    access::work_item(principal, env_id, work_id)?;
     let env = app.work_environment(env_id).await?;
     let item = app.get_work(&env, work_id).await?;
     Ok((env, item))
@@ -40,11 +37,9 @@ async fn item_in_queue(
 
 pub async fn list(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(env_id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    access::environment(&p, &env_id)?;
     let env = app.work_environment(&env_id).await?;
     let page = params.page(WORK_LIST_MAX, true, Some(IdKind::Work))?;
     let filter = work_filter(&params)?;
@@ -101,7 +96,6 @@ pub async fn poll(
     Path(env_id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    access::environment(&p, &env_id)?;
     let env = app.work_environment(&env_id).await?;
     let WorkerId(worker) = worker?;
     let block = match params.int("block_ms")? {
@@ -145,12 +139,7 @@ pub async fn poll(
     }))
 }
 
-pub async fn stats(
-    State(app): State<App>,
-    Caller(p): Caller,
-    Path(env_id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    access::environment(&p, &env_id)?;
+pub async fn stats(State(app): State<App>, Path(env_id): Path<String>) -> ApiResult<Json<Value>> {
     let env = app.work_environment(&env_id).await?;
     let stats = app.queue_stats(&env).await?;
     let states: serde_json::Map<String, Value> = stats
@@ -172,10 +161,8 @@ pub async fn stats(
 /// The last hour of queue statistics, as sampled by this server (`crate::sampler`).
 pub async fn stats_history(
     State(app): State<App>,
-    Caller(p): Caller,
     Path(env_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access::environment(&p, &env_id)?;
     let env = app.work_environment(&env_id).await?;
     let since = app
         .now()
@@ -206,20 +193,18 @@ pub async fn stats_history(
 
 pub async fn get(
     State(app): State<App>,
-    Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let (_, item) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let (_, item) = item_in_queue(&app, &env_id, &work_id).await?;
     Ok(Json(views::work(&item, None)))
 }
 
 pub async fn update(
     State(app): State<App>,
-    Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let fields = JsonBody::object(body)?;
     let item = match body::metadata_patch(&fields)? {
         None => app.get_work(&env, &work_id).await?,
@@ -230,11 +215,10 @@ pub async fn update(
 
 pub async fn ack(
     State(app): State<App>,
-    Caller(p): Caller,
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let WorkerId(worker) = worker?;
     let item = app.ack(&env, &work_id, worker.as_deref()).await?;
     Ok(Json(views::work(&item, None)))
@@ -242,24 +226,33 @@ pub async fn ack(
 
 pub async fn heartbeat(
     State(app): State<App>,
-    Caller(p): Caller,
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    let answer = renew(&app, p, worker, &env_id, &work_id, params).await;
-    answer.map_err(|e| app.with_amnesty_promise(e))
+    let answer = renew(&app, worker, &env_id, &work_id, params).await;
+    answer.map_err(|e| with_amnesty_promise(&app, e))
+}
+
+/// A heartbeat refused because the database is away carries the service's promise of lease amnesty
+/// (`App::lease_amnesty_promise`) in `error.details.lease_amnesty_ms`.
+fn with_amnesty_promise(app: &App, error: ApiError) -> ApiError {
+    match app.lease_amnesty_promise() {
+        Some(ms) if error.code == Some("store_unavailable") => {
+            error.with_details(json!({ "lease_amnesty_ms": ms }))
+        }
+        _ => error,
+    }
 }
 
 async fn renew(
     app: &App,
-    p: Principal,
     worker: Result<WorkerId, ApiError>,
     env_id: &str,
     work_id: &str,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    let (env, _) = item_in_queue(app, &p, env_id, work_id).await?;
+    let (env, _) = item_in_queue(app, env_id, work_id).await?;
     let WorkerId(worker) = worker?;
     let expected =
         ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")).ok_or_else(|| {
@@ -294,11 +287,10 @@ async fn renew(
 
 pub async fn stop(
     State(app): State<App>,
-    Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let fields = JsonBody::object(body)?;
     let force = body::optional_bool(&fields, "force")?.unwrap_or(false);
     let item = app.stop(&env, &work_id, force).await?;
@@ -312,8 +304,7 @@ pub async fn requeue(
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<Value>> {
-    access::admin(&p)?;
-    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let fields = JsonBody::object(body)?;
     let reason = body::optional_string(&fields, "reason")?;
     if reason
@@ -337,11 +328,10 @@ pub async fn requeue(
 
 pub async fn history(
     State(app): State<App>,
-    Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
 ) -> ApiResult<Json<Value>> {
-    let (env, _) = item_in_queue(&app, &p, &env_id, &work_id).await?;
+    let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let page = params.page(100, false, None)?;
     let after = match &page.cursor {
         tether_store::Cursor::Start => None,
@@ -360,12 +350,7 @@ pub async fn history(
     Ok(Json(views::history(&work_id, &item, &rows)))
 }
 
-pub async fn workers(
-    State(app): State<App>,
-    Caller(p): Caller,
-    Path(env_id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    access::environment(&p, &env_id)?;
+pub async fn workers(State(app): State<App>, Path(env_id): Path<String>) -> ApiResult<Json<Value>> {
     let env = app.work_environment(&env_id).await?;
     let workers = app.workers(&env).await?;
     let data: Vec<Value> = workers

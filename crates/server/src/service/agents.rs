@@ -6,9 +6,8 @@ use tether_core::metadata;
 use tether_core::resources::Agent;
 use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
 
-use super::{with_retries, App, Retry};
+use super::{with_retries, App, Error, Missing, Result, Retry};
 use crate::body;
-use crate::error::{ApiError, ApiResult};
 
 /// The longest agent name (§12.1).
 pub const MAX_NAME_CHARS: usize = 64;
@@ -21,7 +20,7 @@ fn named_object(
     name_alone: bool,
     param: &str,
     message: &str,
-) -> ApiResult<Option<Value>> {
+) -> Result<Option<Value>> {
     let names_itself = |m: &serde_json::Map<String, Value>| {
         m.get(field)
             .and_then(Value::as_str)
@@ -31,12 +30,12 @@ fn named_object(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if name_alone && !s.is_empty() => Ok(Some(Value::String(s.clone()))),
         Some(v @ Value::Object(m)) if names_itself(m) => Ok(Some(v.clone())),
-        Some(_) => Err(ApiError::bad_param(param, message)),
+        Some(_) => Err(Error::invalid(param, message)),
     }
 }
 
 /// `model`: a model name, or an object with a string `id` and further settings (§12.1).
-fn model(value: Option<&Value>) -> ApiResult<Option<Value>> {
+fn model(value: Option<&Value>) -> Result<Option<Value>> {
     named_object(
         value,
         "id",
@@ -47,7 +46,7 @@ fn model(value: Option<&Value>) -> ApiResult<Option<Value>> {
 }
 
 /// `execution_identity`: an object naming its `type` (`service_account`, `aws_role`, …), stored as given.
-fn execution_identity(value: Option<&Value>) -> ApiResult<Option<Value>> {
+fn execution_identity(value: Option<&Value>) -> Result<Option<Value>> {
     named_object(
         value,
         "type",
@@ -59,7 +58,7 @@ fn execution_identity(value: Option<&Value>) -> ApiResult<Option<Value>> {
 
 /// The optional `version` of an update: the version the caller last saw (both official SDKs send it as
 /// an optimistic-concurrency precondition).
-fn expected_version(body: &Map<String, Value>) -> ApiResult<Option<u32>> {
+fn expected_version(body: &Map<String, Value>) -> Result<Option<u32>> {
     match body.get("version") {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -67,12 +66,12 @@ fn expected_version(body: &Map<String, Value>) -> ApiResult<Option<u32>> {
             .filter(|n| *n >= 1)
             .and_then(|n| u32::try_from(n).ok())
             .map(Some)
-            .ok_or_else(|| ApiError::bad_param("version", "version must be a positive integer")),
+            .ok_or_else(|| Error::invalid("version", "version must be a positive integer")),
     }
 }
 
 impl App {
-    pub(crate) async fn agent_versioned(&self, id: &str) -> ApiResult<Versioned<Agent>> {
+    pub(crate) async fn agent_versioned(&self, id: &str) -> Result<Versioned<Agent>> {
         if !ids::is_well_formed(IdKind::Agent, id) {
             return Err(not_found_agent(id));
         }
@@ -82,34 +81,31 @@ impl App {
             .ok_or_else(|| not_found_agent(id))
     }
 
-    pub async fn agent(&self, id: &str) -> ApiResult<Agent> {
+    pub async fn agent(&self, id: &str) -> Result<Agent> {
         Ok(self.agent_versioned(id).await?.value)
     }
 
     /// One version of an agent, as sessions created on it see it.
-    pub async fn agent_version(&self, id: &str, version: i64) -> ApiResult<Agent> {
+    pub async fn agent_version(&self, id: &str, version: i64) -> Result<Agent> {
         let version = u32::try_from(version)
             .ok()
             .filter(|v| *v >= 1)
-            .ok_or_else(|| ApiError::bad_param("version", "version must be a positive integer"))?;
+            .ok_or_else(|| Error::invalid("version", "version must be a positive integer"))?;
         self.agent_versioned(id).await?;
         self.store
             .get_agent_version(id, version)
             .await?
-            .ok_or_else(|| {
-                ApiError::not_found(format!("agent {id} has no version {version}"))
-                    .with_code("agent_version_not_found")
-            })
+            .ok_or_else(|| Error::not_found(Missing::AgentVersion(version), id))
     }
 
-    pub async fn create_agent(&self, body: Map<String, Value>) -> ApiResult<Agent> {
+    pub async fn create_agent(&self, body: Map<String, Value>) -> Result<Agent> {
         let name = body::bounded_name(
             body::required_string(&body, "name")?,
             "name",
             MAX_NAME_CHARS,
         )?;
         let model = model(body.get("model"))?
-            .ok_or_else(|| ApiError::bad_param("model", "model is required"))?;
+            .ok_or_else(|| Error::invalid("model", "model is required"))?;
         let now = self.now();
         let agent = Agent {
             id: ids::new_id(IdKind::Agent),
@@ -136,13 +132,13 @@ impl App {
         &self,
         filter: &ArchiveFilter,
         page: &PageRequest,
-    ) -> ApiResult<Page<Agent>> {
+    ) -> Result<Page<Agent>> {
         Ok(self.store.list_agents(filter, page).await?)
     }
 
     /// Partial update; every accepted update makes a new version (§12.1). A `version` in the body must
     /// equal the current version, else nothing changes and the answer is 409 (docs/dialects.md).
-    pub async fn update_agent(&self, id: &str, body: Map<String, Value>) -> ApiResult<Agent> {
+    pub async fn update_agent(&self, id: &str, body: Map<String, Value>) -> Result<Agent> {
         let name = body::optional_string(&body, "name")?
             .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
             .transpose()?;
@@ -161,7 +157,7 @@ impl App {
                     },
                 ))
             })
-            .collect::<ApiResult<_>>()?;
+            .collect::<Result<_>>()?;
         let identity = if body.contains_key("execution_identity") {
             Some(execution_identity(body.get("execution_identity"))?)
         } else {
@@ -172,18 +168,14 @@ impl App {
         with_retries(|| async {
             let current = self.agent_versioned(id).await?;
             if current.value.archived_at.is_some() {
-                return Err(Retry::Fail(ApiError::bad_request("the agent is archived")));
+                return Err(Retry::Fail(Error::malformed("the agent is archived")));
             }
             if let Some(expected) = expected {
                 if expected != current.value.version {
-                    return Err(Retry::Fail(
-                        ApiError::conflict(format!(
-                            "the agent is at version {}, not {expected}; read it again and retry",
-                            current.value.version
-                        ))
-                        .with_param("version")
-                        .with_code("version_mismatch"),
-                    ));
+                    return Err(Retry::Fail(Error::VersionMismatch {
+                        current: current.value.version,
+                        expected,
+                    }));
                 }
             }
             let mut next = current.value.clone();
@@ -212,7 +204,7 @@ impl App {
                 }
             }
             if let Some(patch) = &patch {
-                next.metadata = metadata::merge(&next.metadata, patch).map_err(ApiError::from)?;
+                next.metadata = metadata::merge(&next.metadata, patch)?;
             }
             next.version = current.value.version + 1;
             next.updated_at = self.now();
@@ -226,13 +218,11 @@ impl App {
         .await
     }
 
-    pub async fn archive_agent(&self, id: &str) -> ApiResult<Agent> {
+    pub async fn archive_agent(&self, id: &str) -> Result<Agent> {
         with_retries(|| async {
             let current = self.agent_versioned(id).await?;
             if current.value.archived_at.is_some() {
-                return Err(Retry::Fail(ApiError::conflict(
-                    "the agent is already archived",
-                )));
+                return Err(Retry::Fail(Error::AlreadyArchived { what: "agent" }));
             }
             let mut next = current.value.clone();
             let now = self.now();
@@ -249,6 +239,6 @@ impl App {
     }
 }
 
-fn not_found_agent(id: &str) -> ApiError {
-    ApiError::not_found(format!("no agent {id}")).with_code("agent_not_found")
+fn not_found_agent(id: &str) -> Error {
+    Error::not_found(Missing::Agent, id)
 }

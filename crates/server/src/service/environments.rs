@@ -6,15 +6,14 @@ use tether_core::metadata;
 use tether_core::resources::{normalize_config, Environment};
 use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
 
-use super::{with_retries, App, Retry};
+use super::{with_retries, App, Error, Missing, Result, Retry};
 use crate::body;
-use crate::error::{ApiError, ApiResult};
 
 /// The longest environment name.
 pub const MAX_NAME_CHARS: usize = 256;
 
 impl App {
-    async fn environment_versioned(&self, id: &str) -> ApiResult<Versioned<Environment>> {
+    async fn environment_versioned(&self, id: &str) -> Result<Versioned<Environment>> {
         if !ids::is_well_formed(IdKind::Environment, id) {
             return Err(not_found_environment(id));
         }
@@ -24,7 +23,7 @@ impl App {
             .ok_or_else(|| not_found_environment(id))
     }
 
-    pub async fn environment(&self, id: &str) -> ApiResult<Environment> {
+    pub async fn environment(&self, id: &str) -> Result<Environment> {
         Ok(self.environment_versioned(id).await?.value)
     }
 
@@ -33,7 +32,7 @@ impl App {
         &self,
         body: Map<String, Value>,
         default_config: Option<Value>,
-    ) -> ApiResult<Environment> {
+    ) -> Result<Environment> {
         let name = body::bounded_name(
             body::required_string(&body, "name")?,
             "name",
@@ -44,19 +43,18 @@ impl App {
             (Some(c), _) if !c.is_null() => c.clone(),
             (_, Some(default)) => default,
             _ => {
-                return Err(ApiError::bad_param(
+                return Err(Error::invalid(
                     "config",
                     "config is required, e.g. {\"type\": \"self_hosted\"}",
                 ))
             }
         };
-        let config =
-            normalize_config(&config).map_err(|e| ApiError::bad_param("config", e.message))?;
+        let config = normalize_config(&config).map_err(|e| Error::invalid("config", e.message))?;
         let metadata = body::metadata(&body)?;
         let scope = body::optional_string(&body, "scope")?;
         if let Some(scope) = &scope {
             if !matches!(scope.as_str(), "organization" | "account") {
-                return Err(ApiError::bad_param(
+                return Err(Error::invalid(
                     "scope",
                     "scope must be \"organization\" or \"account\"",
                 ));
@@ -83,7 +81,7 @@ impl App {
         &self,
         filter: &ArchiveFilter,
         page: &PageRequest,
-    ) -> ApiResult<Page<Environment>> {
+    ) -> Result<Page<Environment>> {
         Ok(self.store.list_environments(filter, page).await?)
     }
 
@@ -91,7 +89,7 @@ impl App {
         &self,
         id: &str,
         body: Map<String, Value>,
-    ) -> ApiResult<Environment> {
+    ) -> Result<Environment> {
         let name = body::optional_string(&body, "name")?
             .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
             .transpose()?;
@@ -99,9 +97,7 @@ impl App {
         let patch = body::metadata_patch(&body)?;
         let config = match body.get("config") {
             None | Some(Value::Null) => None,
-            Some(c) => {
-                Some(normalize_config(c).map_err(|e| ApiError::bad_param("config", e.message))?)
-            }
+            Some(c) => Some(normalize_config(c).map_err(|e| Error::invalid("config", e.message))?),
         };
         with_retries(|| async {
             let current = self.environment_versioned(id).await?;
@@ -114,7 +110,7 @@ impl App {
             }
             if let Some(config) = &config {
                 if config.get("type") != current.value.config.get("type") {
-                    return Err(Retry::Fail(ApiError::bad_param(
+                    return Err(Retry::Fail(Error::invalid(
                         "config",
                         "config.type cannot change after creation",
                     )));
@@ -122,7 +118,7 @@ impl App {
                 next.config = config.clone();
             }
             if let Some(patch) = &patch {
-                next.metadata = metadata::merge(&next.metadata, patch).map_err(ApiError::from)?;
+                next.metadata = metadata::merge(&next.metadata, patch)?;
             }
             next.updated_at = self.now();
             self.commit(ChangeSet::one(Write::UpdateEnvironment {
@@ -135,13 +131,13 @@ impl App {
         .await
     }
 
-    pub async fn archive_environment(&self, id: &str) -> ApiResult<Environment> {
+    pub async fn archive_environment(&self, id: &str) -> Result<Environment> {
         with_retries(|| async {
             let current = self.environment_versioned(id).await?;
             if current.value.archived_at.is_some() {
-                return Err(Retry::Fail(ApiError::conflict(
-                    "the environment is already archived",
-                )));
+                return Err(Retry::Fail(Error::AlreadyArchived {
+                    what: "environment",
+                }));
             }
             let mut next = current.value.clone();
             let now = self.now();
@@ -157,14 +153,12 @@ impl App {
         .await
     }
 
-    pub async fn delete_environment(&self, id: &str) -> ApiResult<()> {
+    pub async fn delete_environment(&self, id: &str) -> Result<()> {
         with_retries(|| async {
             let current = self.environment_versioned(id).await?;
             let sessions = self.store.count_sessions_in_environment(id).await?;
             if sessions > 0 {
-                return Err(Retry::Fail(ApiError::state_conflict(format!(
-                    "{sessions} session(s) still reference this environment; delete them first"
-                ))));
+                return Err(Retry::Fail(Error::EnvironmentInUse { sessions }));
             }
             match self
                 .commit(ChangeSet::one(Write::DeleteEnvironment {
@@ -181,6 +175,6 @@ impl App {
     }
 }
 
-fn not_found_environment(id: &str) -> ApiError {
-    ApiError::not_found(format!("no environment {id}")).with_code("environment_not_found")
+fn not_found_environment(id: &str) -> Error {
+    Error::not_found(Missing::Environment, id)
 }

@@ -12,8 +12,7 @@ use tether_core::Timestamp;
 use tether_store::{ChangeSet, Cursor, EventDoc, Page, PageRequest, Write};
 use tokio::sync::watch;
 
-use super::{with_retries, App, Retry};
-use crate::error::{ApiError, ApiResult};
+use super::{with_retries, App, Error, Result, Retry};
 
 /// Appends an event of `kind` with `fields` to `session` (which remembers the newest id). The id is a
 /// fresh UUIDv7 unless that would not sort after the session's newest event (clock skew between
@@ -47,35 +46,9 @@ pub fn new_event(
     }
 }
 
-/// The event the server writes for a coupling decision.
+/// The event the server writes for a coupling decision (its type and fields are the core's).
 pub fn server_event(session: &mut Session, event: &ServerEvent, now: Timestamp) -> SessionEvent {
-    let (kind, fields) = match event {
-        ServerEvent::StatusRunning => ("session.status_running", Map::new()),
-        ServerEvent::StatusRescheduled => ("session.status_rescheduled", Map::new()),
-        // The turn died with the item that served it and the session takes new input: in the official
-        // SDKs' terms the retries are exhausted (`retry_status: exhausted`; `terminal` would promise a
-        // `terminated` session). Both SDKs know these values; §12.3's `error` stop reason is known to
-        // neither (docs/dialects.md).
-        ServerEvent::StatusIdle => {
-            let mut m = Map::new();
-            m.insert("stop_reason".into(), json!({"type": "retries_exhausted"}));
-            ("session.status_idle", m)
-        }
-        ServerEvent::Error { message } => {
-            let mut m = Map::new();
-            m.insert(
-                "error".into(),
-                json!({
-                    "type": "unknown_error",
-                    "message": message,
-                    "retry_status": {"type": "exhausted"},
-                    "code": "work_stopped",
-                }),
-            );
-            ("session.error", m)
-        }
-    };
-    new_event(session, kind, fields, now)
+    new_event(session, event.kind().as_str(), event.fields(), now)
 }
 
 /// One incoming event that passed the shape and permission checks.
@@ -104,11 +77,10 @@ pub fn append_batch(
     turn: &mut TurnState,
     batch: &[Incoming],
     now: Timestamp,
-) -> ApiResult<Appended> {
+) -> Result<Appended> {
     let mut out = Appended::default();
     for event in batch {
-        let applied = rules::apply(turn, event.kind)
-            .map_err(|r| ApiError::state_conflict(r.reason).with_code(r.code))?;
+        let applied = rules::apply(turn, event.kind)?;
         let stored = new_event(session, event.kind.as_str(), event.fields.clone(), now);
         out.posted.push(stored.clone());
         out.all.push(stored);
@@ -202,18 +174,18 @@ impl App {
         raw: Option<&Value>,
         sender: Sender,
         required: bool,
-    ) -> ApiResult<Vec<Incoming>> {
+    ) -> Result<Vec<Incoming>> {
         let list = match raw {
             Some(Value::Array(list)) => list.as_slice(),
             None | Some(Value::Null) if !required => &[],
             None | Some(Value::Null) => {
-                return Err(ApiError::bad_param(
+                return Err(Error::invalid(
                     field,
                     format!("{field} is required (an array of 1 to {MAX_EVENTS_PER_BATCH} events)"),
                 ))
             }
             Some(_) => {
-                return Err(ApiError::bad_param(
+                return Err(Error::invalid(
                     field,
                     format!("{field} must be an array of events"),
                 ))
@@ -221,7 +193,7 @@ impl App {
         };
         if (required && list.is_empty()) || list.len() > MAX_EVENTS_PER_BATCH {
             let least = usize::from(required);
-            return Err(ApiError::bad_param(
+            return Err(Error::invalid(
                 field,
                 format!("{field} must hold {least} to {MAX_EVENTS_PER_BATCH} events"),
             ));
@@ -232,28 +204,27 @@ impl App {
             .enumerate()
             .map(|(i, event)| rules::event_type(&at(i), event))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ApiError::bad_param(&e.param, e.message))?;
+            .map_err(|e| Error::invalid(&e.param, e.message))?;
         if let Some((i, kind)) = kinds
             .iter()
             .enumerate()
             .find(|(_, kind)| !rules::may_send(sender, **kind))
         {
-            return Err(ApiError::forbidden(format!(
-                "a worker credential may not send {} events",
-                kind.as_str()
-            ))
-            .with_param(&format!("{}.type", at(i))));
+            return Err(Error::Forbidden {
+                param: Some(format!("{}.type", at(i))),
+                message: format!("a worker credential may not send {} events", kind.as_str()),
+            });
         }
         let mut batch = Vec::with_capacity(list.len());
         for (i, (event, kind)) in list.iter().zip(kinds).enumerate() {
             rules::validate(&at(i), kind, event)
-                .map_err(|e| ApiError::bad_param(&e.param, e.message))?;
+                .map_err(|e| Error::invalid(&e.param, e.message))?;
             self.check_event_size(&at(i), event)?;
             let fields = event.as_object().cloned().unwrap_or_default();
             if let Some((name, call_kind)) = kind.tool_reference() {
                 let call = fields.get(name).and_then(Value::as_str).unwrap_or_default();
                 if !self.is_event_of(session_id, call, call_kind).await? {
-                    return Err(ApiError::bad_param(
+                    return Err(Error::invalid(
                         &format!("{}.{name}", at(i)),
                         format!(
                             "{name} {call:?} names no {} event of this session",
@@ -269,21 +240,21 @@ impl App {
 
     /// An event as sent may take at most the event limit in bytes of JSON (the server adds its `id`,
     /// `type` and `processed_at`, a fixed ~100 bytes, to what is stored).
-    fn check_event_size(&self, param: &str, event: &Value) -> ApiResult<()> {
+    fn check_event_size(&self, param: &str, event: &Value) -> Result<()> {
         let limit = self.config.max_event_bytes;
         let size = json_size(event);
         if size > limit {
-            return Err(ApiError::bad_param(
-                param,
-                format!("{param} is {size} bytes of JSON; an event may be at most {limit} bytes"),
-            )
-            .with_code("event_too_large"));
+            return Err(Error::EventTooLarge {
+                param: param.to_owned(),
+                size,
+                limit,
+            });
         }
         Ok(())
     }
 
     /// Whether `id` is an event of type `kind` in the session's log.
-    async fn is_event_of(&self, session_id: &str, id: &str, kind: EventType) -> ApiResult<bool> {
+    async fn is_event_of(&self, session_id: &str, id: &str, kind: EventType) -> Result<bool> {
         if !rules::is_event_id(id) {
             return Ok(false);
         }
@@ -316,7 +287,7 @@ impl App {
         session: &Session,
         sender: Sender,
         body: Map<String, Value>,
-    ) -> ApiResult<Vec<SessionEvent>> {
+    ) -> Result<Vec<SessionEvent>> {
         let session_id = session.id.as_str();
         let batch = self
             .incoming_events(session_id, "events", body.get("events"), sender, true)
@@ -383,7 +354,7 @@ impl App {
         session_id: &str,
         page: &PageRequest,
         filter: &EventFilter,
-    ) -> ApiResult<Page<EventDoc>> {
+    ) -> Result<Page<EventDoc>> {
         if filter.is_empty() {
             return Ok(self.store.list_events(session_id, page, READ_BYTES).await?);
         }
@@ -450,20 +421,13 @@ impl App {
     /// `POST /sessions/{id}/cancel` (§7.2, §12.2): while a turn runs, appends `user.interrupt` for the
     /// worker to act on and answers `true` ("canceling"); the turn ends when the worker (or an admin
     /// runtime) posts `session.status_idle`. Without a running turn nothing happens.
-    pub async fn cancel_session(&self, session_id: &str) -> ApiResult<(bool, Session)> {
+    pub async fn cancel_session(&self, session_id: &str) -> Result<(bool, Session)> {
         with_retries(|| async {
             let current = self.session_versioned(session_id).await?;
-            if !matches!(
-                current.value.status,
-                SessionStatus::Running | SessionStatus::Rescheduling
-            ) {
+            let interrupt =
+                rules::interrupt(current.value.status, current.value.archived_at.is_some())?;
+            if !interrupt {
                 return Ok((false, current.value));
-            }
-            if current.value.archived_at.is_some() {
-                return Err(Retry::Fail(
-                    ApiError::state_conflict("the session is archived and refuses new events")
-                        .with_code("session_archived"),
-                ));
             }
             let now = self.now();
             let mut next = current.value.clone();
@@ -493,7 +457,7 @@ impl App {
         &self,
         session_id: &str,
         after: Option<String>,
-    ) -> ApiResult<(Session, EventTail)> {
+    ) -> Result<(Session, EventTail)> {
         let wake = self.hub.subscribe(session_id);
         let closed = self.hub.closed();
         let session = self.session(session_id).await?;
@@ -547,7 +511,7 @@ impl EventTail {
             }
             if !self.caught_up {
                 if let Err(e) = self.read().await {
-                    tracing::debug!(session = %self.session_id, error = %e.message, "event stream ends on a store error");
+                    tracing::debug!(session = %self.session_id, error = %e, "event stream ends on a store error");
                     return None;
                 }
                 continue;
@@ -565,7 +529,7 @@ impl EventTail {
         }
     }
 
-    async fn read(&mut self) -> ApiResult<()> {
+    async fn read(&mut self) -> Result<()> {
         let request = PageRequest {
             cursor: self.cursor.clone().map_or(Cursor::Start, Cursor::After),
             limit: TAIL_PAGE,

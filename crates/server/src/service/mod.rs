@@ -1,9 +1,11 @@
 //! The application service: reads records, asks `tether-core` what happens, and commits the answer with
 //! one conditional write, retrying from a fresh read when another request (or another server process)
-//! changed the record in between. HTTP handlers call only this layer.
+//! changed the record in between. HTTP handlers call only this layer. It answers in domain terms
+//! ([`Error`]); only `http/` (through `crate::error`) turns an answer into a status and an envelope.
 
 pub mod agents;
 pub mod environments;
+mod error;
 pub mod events;
 pub mod requeue;
 pub mod sessions;
@@ -18,7 +20,7 @@ use tether_core::{Clock, LeasePolicy, Timestamp};
 use tether_store::{ChangeSet, Notice, Store, Write};
 use tokio::sync::watch;
 
-use crate::error::{ApiError, ApiResult};
+pub use self::error::{Error, Missing, Result};
 use crate::hub::SessionHub;
 use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
@@ -200,7 +202,7 @@ impl App {
 }
 
 /// Retries `attempt` while it loses races, up to [`MAX_ATTEMPTS`].
-pub async fn with_retries<T, F, Fut>(mut attempt: F) -> ApiResult<T>
+pub async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Retry>>,
@@ -212,20 +214,18 @@ where
             Err(Retry::Fail(e)) => return Err(e),
         }
     }
-    Err(ApiError::unavailable(
-        "the request kept losing races with concurrent changes; retry it",
-    ))
+    Err(Error::Contended)
 }
 
 /// The outcome of one attempt that did not succeed.
 pub enum Retry {
     /// Lost a race: read again and decide again.
     Conflict,
-    Fail(ApiError),
+    Fail(Error),
 }
 
-impl From<ApiError> for Retry {
-    fn from(e: ApiError) -> Self {
+impl From<Error> for Retry {
+    fn from(e: Error) -> Self {
         Retry::Fail(e)
     }
 }
@@ -241,6 +241,18 @@ impl From<tether_store::StoreError> for Retry {
 
 impl From<tether_core::WorkError> for Retry {
     fn from(e: tether_core::WorkError) -> Self {
+        Retry::Fail(e.into())
+    }
+}
+
+impl From<tether_core::events::Refusal> for Retry {
+    fn from(refusal: tether_core::events::Refusal) -> Self {
+        Retry::Fail(refusal.into())
+    }
+}
+
+impl From<tether_core::metadata::MetadataError> for Retry {
+    fn from(e: tether_core::metadata::MetadataError) -> Self {
         Retry::Fail(e.into())
     }
 }

@@ -7,8 +7,7 @@ use tether_core::work::{self, RequeueRequest};
 use tether_core::{Cause, WorkItem};
 use tether_store::{ChangeSet, Write};
 
-use super::{with_retries, App, Retry};
-use crate::error::{ApiError, ApiResult};
+use super::{with_retries, App, Error, Result, Retry};
 
 /// History lines read to learn whether an item was requeued before. A poison item has a handful
 /// (four per lease it went through, at most `max_requeues` + 1 leases); past this many the item is
@@ -26,7 +25,7 @@ impl App {
         work_id: &str,
         by: &str,
         reason: Option<&str>,
-    ) -> ApiResult<WorkItem> {
+    ) -> Result<WorkItem> {
         let fresh = with_retries(|| async {
             let current = self.load_item(&env.id, work_id).await?;
             let history = self.store.list_history(work_id, None, HISTORY_READ).await?;
@@ -42,32 +41,28 @@ impl App {
                 reason,
                 already_requeued,
             };
-            let requeue = work::requeue(&current.value, request, now, &self.config.lease)
-                .map_err(ApiError::from)?;
+            let requeue = work::requeue(&current.value, request, now, &self.config.lease)?;
             let session_id = &current.value.data.id;
             let session = match self.store.get_session(session_id).await? {
                 Some(s) if s.value.archived_at.is_none() => s,
                 Some(_) => {
-                    return Err(ApiError::state_conflict(format!(
+                    return Err(Error::invalid_state(format!(
                         "session {session_id} is archived: its work cannot be requeued"
                     ))
-                    .with_code("invalid_state")
                     .into())
                 }
                 None => {
-                    return Err(ApiError::state_conflict(format!(
+                    return Err(Error::invalid_state(format!(
                         "session {session_id} no longer exists: its work cannot be requeued"
                     ))
-                    .with_code("invalid_state")
                     .into())
                 }
             };
             if let Some(live) = self.store.live_work_for_session(session_id).await? {
-                return Err(ApiError::state_conflict(format!(
+                return Err(Error::invalid_state(format!(
                     "session {session_id} already has a live work item ({})",
                     live.value.id
                 ))
-                .with_code("invalid_state")
                 .into());
             }
             let mut changes = ChangeSet::new();

@@ -5,19 +5,18 @@ use tether_core::events::{Sender, TurnState};
 use tether_core::ids::{self, IdKind};
 use tether_core::metadata;
 use tether_core::resources::{Agent, Environment, Session};
-use tether_core::session::SessionStatus;
+use tether_core::session::{self, SessionStatus};
 use tether_core::work::{self, Cause};
 use tether_store::{ChangeSet, Page, PageRequest, SessionFilter, StoreError, Versioned, Write};
 
 use super::events::append_batch;
-use super::{with_retries, App, Retry};
+use super::{with_retries, App, Error, Missing, Result, Retry};
 use crate::body;
-use crate::error::{ApiError, ApiResult};
 
 pub const MAX_TITLE_CHARS: usize = 512;
 
 impl App {
-    pub(crate) async fn session_versioned(&self, id: &str) -> ApiResult<Versioned<Session>> {
+    pub(crate) async fn session_versioned(&self, id: &str) -> Result<Versioned<Session>> {
         if !ids::is_well_formed(IdKind::Session, id) {
             return Err(not_found_session(id));
         }
@@ -27,12 +26,12 @@ impl App {
             .ok_or_else(|| not_found_session(id))
     }
 
-    pub async fn session(&self, id: &str) -> ApiResult<Session> {
+    pub async fn session(&self, id: &str) -> Result<Session> {
         Ok(self.session_versioned(id).await?.value)
     }
 
     /// `agent` is an id, or `{type:"agent", id, version?}` (`type` may be omitted).
-    async fn resolve_agent(&self, reference: Option<&Value>) -> ApiResult<Agent> {
+    async fn resolve_agent(&self, reference: Option<&Value>) -> Result<Agent> {
         let (id, version) = match reference {
             Some(Value::String(id)) => (id.clone(), None),
             Some(Value::Object(m)) => {
@@ -42,7 +41,7 @@ impl App {
                     None | Some(Value::Null) => {}
                     Some(Value::String(t)) if t == "agent" => {}
                     Some(other) => {
-                        return Err(ApiError::bad_param(
+                        return Err(Error::invalid(
                             "agent",
                             format!(
                                 "agent.type {other} is not supported: send an agent id or \
@@ -54,27 +53,22 @@ impl App {
                 let id = m
                     .get("id")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::bad_param("agent", "agent.id is required"))?;
+                    .ok_or_else(|| Error::invalid("agent", "agent.id is required"))?;
                 let version = match m.get("version") {
                     None | Some(Value::Null) => None,
                     Some(v) => Some(
                         v.as_u64()
                             .filter(|v| *v >= 1 && *v <= u64::from(u32::MAX))
                             .ok_or_else(|| {
-                                ApiError::bad_param(
-                                    "agent",
-                                    "agent.version must be a positive integer",
-                                )
+                                Error::invalid("agent", "agent.version must be a positive integer")
                             })? as u32,
                     ),
                 };
                 (id.to_owned(), version)
             }
-            None | Some(Value::Null) => {
-                return Err(ApiError::bad_param("agent", "agent is required"))
-            }
+            None | Some(Value::Null) => return Err(Error::invalid("agent", "agent is required")),
             Some(_) => {
-                return Err(ApiError::bad_param(
+                return Err(Error::invalid(
                     "agent",
                     "agent must be an agent id or {\"type\": \"agent\", \"id\": …}",
                 ))
@@ -82,18 +76,20 @@ impl App {
         };
         let current = self.agent(&id).await?;
         if current.archived_at.is_some() {
-            return Err(ApiError::bad_param("agent", "the agent is archived"));
+            return Err(Error::invalid("agent", "the agent is archived"));
         }
         match version {
             None => Ok(current),
             Some(v) if v == current.version => Ok(current),
-            Some(v) => self.store.get_agent_version(&id, v).await?.ok_or_else(|| {
-                ApiError::bad_param("agent", format!("agent {id} has no version {v}"))
-            }),
+            Some(v) => {
+                self.store.get_agent_version(&id, v).await?.ok_or_else(|| {
+                    Error::invalid("agent", format!("agent {id} has no version {v}"))
+                })
+            }
         }
     }
 
-    pub async fn create_session(&self, body: Map<String, Value>) -> ApiResult<Session> {
+    pub async fn create_session(&self, body: Map<String, Value>) -> Result<Session> {
         let environment_id = body::required_string(&body, "environment_id")?;
         let agent = self.resolve_agent(body.get("agent")).await?;
         let env = self.environment(&environment_id).await?;
@@ -184,11 +180,11 @@ impl App {
         &self,
         filter: &SessionFilter,
         page: &PageRequest,
-    ) -> ApiResult<Page<Session>> {
+    ) -> Result<Page<Session>> {
         Ok(self.store.list_sessions(filter, page).await?)
     }
 
-    pub async fn update_session(&self, id: &str, body: Map<String, Value>) -> ApiResult<Session> {
+    pub async fn update_session(&self, id: &str, body: Map<String, Value>) -> Result<Session> {
         let title = title(&body)?;
         let patch = body::metadata_patch(&body)?;
         with_retries(|| async {
@@ -198,7 +194,7 @@ impl App {
                 next.title = title.clone();
             }
             if let Some(patch) = &patch {
-                next.metadata = metadata::merge(&next.metadata, patch).map_err(ApiError::from)?;
+                next.metadata = metadata::merge(&next.metadata, patch)?;
             }
             next.updated_at = self.now();
             self.commit(ChangeSet::one(Write::UpdateSession {
@@ -212,13 +208,11 @@ impl App {
     }
 
     /// Archive: the session stays readable, refuses input, and its live item is force-stopped (§12.2).
-    pub async fn archive_session(&self, id: &str) -> ApiResult<Session> {
+    pub async fn archive_session(&self, id: &str) -> Result<Session> {
         with_retries(|| async {
             let current = self.session_versioned(id).await?;
             if current.value.archived_at.is_some() {
-                return Err(Retry::Fail(ApiError::conflict(
-                    "the session is already archived",
-                )));
+                return Err(Retry::Fail(Error::AlreadyArchived { what: "session" }));
             }
             let now = self.now();
             let mut next = current.value.clone();
@@ -240,7 +234,7 @@ impl App {
     }
 
     /// Delete: force-stops the live item, then removes the session and its events.
-    pub async fn delete_session(&self, id: &str) -> ApiResult<()> {
+    pub async fn delete_session(&self, id: &str) -> Result<()> {
         with_retries(|| async {
             let current = self.session_versioned(id).await?;
             let now = self.now();
@@ -273,17 +267,17 @@ impl App {
         let Some(step) = work::force_stop_for(&live.value, now, cause) else {
             return Ok(());
         };
-        for t in &step.transitions {
-            let effect =
-                tether_core::session::on_work_transition(session.status, session.pending_input, t);
-            if let Some(status) = effect.status {
-                session.status = status;
-            }
-            for event in &effect.events {
-                changes.push(Write::InsertEvent(super::events::server_event(
-                    session, event, now,
-                )));
-            }
+        let coupling = session::couple(session.status, session.pending_input, &step.transitions);
+        assert!(
+            !coupling.enqueue_fresh_item,
+            "input waiting on a session that is archived or deleted is never served"
+        );
+        session.status = coupling.status;
+        session.pending_input = coupling.pending_input;
+        for event in &coupling.events {
+            changes.push(Write::InsertEvent(super::events::server_event(
+                session, event, now,
+            )));
         }
         changes.push(Write::UpdateWork {
             item: step.item,
@@ -295,13 +289,13 @@ impl App {
 }
 
 /// The optional `title` of a create or update, at most [`MAX_TITLE_CHARS`] long.
-fn title(body: &Map<String, Value>) -> ApiResult<Option<String>> {
+fn title(body: &Map<String, Value>) -> Result<Option<String>> {
     let title = body::optional_string(body, "title")?;
     if title
         .as_ref()
         .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)
     {
-        return Err(ApiError::bad_param(
+        return Err(Error::invalid(
             "title",
             format!("title may be at most {MAX_TITLE_CHARS} characters"),
         ));
@@ -309,9 +303,9 @@ fn title(body: &Map<String, Value>) -> ApiResult<Option<String>> {
     Ok(title)
 }
 
-fn refuse_archived(env: &Environment) -> ApiResult<()> {
+fn refuse_archived(env: &Environment) -> Result<()> {
     if env.archived_at.is_some() {
-        return Err(ApiError::bad_param(
+        return Err(Error::invalid(
             "environment_id",
             "the environment is archived and takes no new sessions",
         ));
@@ -319,6 +313,6 @@ fn refuse_archived(env: &Environment) -> ApiResult<()> {
     Ok(())
 }
 
-fn not_found_session(id: &str) -> ApiError {
-    ApiError::not_found(format!("no session {id}")).with_code("session_not_found")
+fn not_found_session(id: &str) -> Error {
+    Error::not_found(Missing::Session, id)
 }

@@ -5,10 +5,9 @@ use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Credential, CredentialKind};
 use tether_store::{ChangeSet, Page, PageRequest, Write};
 
-use super::App;
+use super::{App, Error, Missing, Result};
 use crate::body;
 use crate::credentials::{self, ADMIN_PREFIX, ENVIRONMENT_PREFIX, SESSION_PREFIX};
-use crate::error::{ApiError, ApiResult};
 
 /// The longest name an admin token or environment key may carry.
 pub const MAX_CREDENTIAL_NAME_CHARS: usize = 256;
@@ -55,14 +54,14 @@ impl App {
     /// Resolves a presented secret; 401 for anything unknown, revoked or dead. A 503 because the
     /// database is away carries the promise of lease amnesty ([`App::with_amnesty_promise`]): a worker's
     /// heartbeat fails here first, when the database is down.
-    pub async fn authenticate(&self, secret: &str) -> ApiResult<Principal> {
+    pub async fn authenticate(&self, secret: &str) -> Result<Principal> {
         self.resolve(secret)
             .await
             .map_err(|e| self.with_amnesty_promise(e))
     }
 
-    async fn resolve(&self, secret: &str) -> ApiResult<Principal> {
-        let invalid = || ApiError::unauthorized("the credential is invalid, revoked or expired");
+    async fn resolve(&self, secret: &str) -> Result<Principal> {
+        let invalid = || Error::Unauthenticated;
         let hash = credentials::hash(secret);
         if secret.starts_with(SESSION_PREFIX) {
             let item = self
@@ -121,7 +120,7 @@ impl App {
         environment_id: Option<String>,
         name: Option<String>,
         secret: Option<String>,
-    ) -> ApiResult<(Credential, String)> {
+    ) -> Result<(Credential, String)> {
         let prefix = match kind {
             CredentialKind::Admin => ADMIN_PREFIX,
             CredentialKind::Environment => ENVIRONMENT_PREFIX,
@@ -147,13 +146,13 @@ impl App {
     }
 
     /// On a store without any admin token, mints one (or adopts `given`) and returns its secret.
-    pub async fn bootstrap_admin_token(&self, given: Option<String>) -> ApiResult<Option<String>> {
+    pub async fn bootstrap_admin_token(&self, given: Option<String>) -> Result<Option<String>> {
         if self.store.count_credentials(CredentialKind::Admin).await? > 0 {
             return Ok(None);
         }
         if let Some(given) = &given {
             if !given.starts_with(ADMIN_PREFIX) || given.len() < ADMIN_PREFIX.len() + 16 {
-                return Err(ApiError::bad_request(format!(
+                return Err(Error::malformed(format!(
                     "TETHER_ADMIN_TOKEN must start with {ADMIN_PREFIX} and carry at least 16 more characters"
                 )));
             }
@@ -198,7 +197,7 @@ impl App {
     pub async fn create_admin_token(
         &self,
         body: Map<String, Value>,
-    ) -> ApiResult<(Credential, String)> {
+    ) -> Result<(Credential, String)> {
         let name = body::optional_name(&body, "name", MAX_CREDENTIAL_NAME_CHARS)?;
         self.mint_credential(CredentialKind::Admin, None, name, None)
             .await
@@ -208,7 +207,7 @@ impl App {
         &self,
         environment_id: &str,
         body: Map<String, Value>,
-    ) -> ApiResult<(Credential, String)> {
+    ) -> Result<(Credential, String)> {
         let env = self.environment(environment_id).await?;
         let name = body::optional_name(&body, "name", MAX_CREDENTIAL_NAME_CHARS)?;
         self.mint_credential(CredentialKind::Environment, Some(env.id), name, None)
@@ -220,7 +219,7 @@ impl App {
         kind: CredentialKind,
         environment_id: Option<&str>,
         page: &PageRequest,
-    ) -> ApiResult<Page<Credential>> {
+    ) -> Result<Page<Credential>> {
         if let Some(env) = environment_id {
             self.environment(env).await?;
         }
@@ -236,8 +235,8 @@ impl App {
         kind: CredentialKind,
         environment_id: Option<&str>,
         id: &str,
-    ) -> ApiResult<Credential> {
-        let not_found = || ApiError::not_found(format!("no credential {id}"));
+    ) -> Result<Credential> {
+        let not_found = || Error::not_found(Missing::Credential, id);
         let credential = self.store.get_credential(id).await?.ok_or_else(not_found)?;
         if credential.kind != kind || credential.environment_id.as_deref() != environment_id {
             return Err(not_found());

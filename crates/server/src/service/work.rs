@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Environment, Session};
-use tether_core::session::on_work_transition;
+use tether_core::session;
 use tether_core::work::{self, ExpectedHeartbeat, HeartbeatReply, Step, WorkData};
 use tether_core::{Timestamp, WorkError, WorkItem, WorkState};
 use tether_store::{
@@ -12,9 +12,8 @@ use tether_store::{
 };
 
 use super::events::server_event;
-use super::{with_retries, App, Retry};
+use super::{with_retries, App, Error, Missing, Result, Retry};
 use crate::credentials;
-use crate::error::{ApiError, ApiResult};
 
 /// A poll's catch: the item and the session token minted for this delivery.
 pub struct Claimed {
@@ -59,10 +58,10 @@ impl Drop for Reservation<'_> {
 
 impl App {
     /// The environment of a work endpoint: 404 when absent, 400 when it has no queue (§6).
-    pub async fn work_environment(&self, environment_id: &str) -> ApiResult<Environment> {
+    pub async fn work_environment(&self, environment_id: &str) -> Result<Environment> {
         let env = self.environment(environment_id).await?;
         if !env.is_self_hosted() {
-            return Err(ApiError::bad_param(
+            return Err(Error::invalid(
                 "environment_id",
                 "the environment is not self_hosted, so it has no work queue",
             ));
@@ -91,7 +90,7 @@ impl App {
         environment_id: &str,
         work_id: &str,
         op: impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
-    ) -> ApiResult<(WorkItem, T)> {
+    ) -> Result<(WorkItem, T)> {
         with_retries(|| async {
             let losses = self.store.losses();
             let current = self.load_item(environment_id, work_id).await?;
@@ -181,41 +180,29 @@ impl App {
         changes: &mut ChangeSet,
         effects: &mut Effects,
     ) -> Result<(), Retry> {
-        let relevant = step.transitions.iter().any(|t| {
-            t.to == WorkState::Stopped
-                || matches!(
-                    t.cause,
-                    tether_core::Cause::LeaseExpiredRequeued | tether_core::Cause::Acked
-                )
-        });
-        if !relevant || step.item.data.kind != "session" {
+        if !step.transitions.iter().any(session::touches_session) {
             return Ok(());
         }
-        let Some(session) = self.store.get_session(&step.item.data.id).await? else {
+        let Some(session_id) = step.item.data.session_id() else {
+            return Ok(());
+        };
+        let Some(session) = self.store.get_session(session_id).await? else {
             return Ok(());
         };
         let mut next = session.value.clone();
-        let mut events = Vec::new();
-        let mut fresh_item = false;
-        for transition in &step.transitions {
-            let effect = on_work_transition(next.status, next.pending_input, transition);
-            if let Some(status) = effect.status {
-                debug_assert!(next.status.may_become(status));
-                next.status = status;
-            }
-            for event in &effect.events {
-                events.push(server_event(&mut next, event, now));
-            }
-            if effect.clear_pending_input {
-                next.pending_input = false;
-            }
-            fresh_item |= effect.enqueue_fresh_item;
-        }
-        if next == session.value {
+        let coupling = session::couple(next.status, next.pending_input, &step.transitions);
+        if !coupling.changes(next.status, next.pending_input) {
             return Ok(());
         }
+        next.status = coupling.status;
+        next.pending_input = coupling.pending_input;
+        let events: Vec<_> = coupling
+            .events
+            .iter()
+            .map(|event| server_event(&mut next, event, now))
+            .collect();
         next.updated_at = now;
-        if fresh_item {
+        if coupling.enqueue_fresh_item {
             let (item, write) = self.enqueue_for_session(&next, now);
             changes.push(write);
             effects.claimable.push(item.environment_id);
@@ -236,10 +223,7 @@ impl App {
         let step = work::enqueue(
             ids::new_id(IdKind::Work),
             session.environment_id.clone(),
-            WorkData {
-                kind: "session".into(),
-                id: session.id.clone(),
-            },
+            WorkData::session(session.id.clone()),
             session.metadata.clone(),
             now,
             &self.config.lease,
@@ -263,7 +247,7 @@ impl App {
         issuer: Option<&str>,
         block: Option<Duration>,
         reclaim_ms: i64,
-    ) -> ApiResult<Option<Claimed>> {
+    ) -> Result<Option<Claimed>> {
         self.record_worker(&env.id, worker_id).await?;
         // Lazy expiry (§3.1): an item whose lease lapsed is claimable now, whether or not the
         // dispatcher's tick has come round yet.
@@ -306,7 +290,7 @@ impl App {
         worker_id: Option<&str>,
         issuer: Option<&str>,
         reclaim_ms: i64,
-    ) -> ApiResult<Option<Claimed>> {
+    ) -> Result<Option<Claimed>> {
         for _ in 0..super::MAX_ATTEMPTS {
             let now = self.now();
             let candidates = self
@@ -367,7 +351,7 @@ impl App {
     }
 
     /// Records a poll for `workers_polling`, at most once a second per worker and process.
-    async fn record_worker(&self, environment_id: &str, worker_id: Option<&str>) -> ApiResult<()> {
+    async fn record_worker(&self, environment_id: &str, worker_id: Option<&str>) -> Result<()> {
         let Some(worker_id) = worker_id else {
             return Ok(());
         };
@@ -400,7 +384,7 @@ impl App {
         env: &Environment,
         work_id: &str,
         worker_id: Option<&str>,
-    ) -> ApiResult<WorkItem> {
+    ) -> Result<WorkItem> {
         let (item, ()) = self
             .run_item_op(&env.id, work_id, |item, now| {
                 let step = work::ack(item, worker_id, now)?;
@@ -421,7 +405,7 @@ impl App {
         expected: ExpectedHeartbeat,
         desired_ttl_seconds: Option<u32>,
         worker_id: Option<&str>,
-    ) -> ApiResult<HeartbeatReply> {
+    ) -> Result<HeartbeatReply> {
         let policy = self.config.lease;
         let (item, reply) = self
             .run_item_op(&env.id, work_id, |item, now| {
@@ -437,7 +421,7 @@ impl App {
         Ok(reply)
     }
 
-    pub async fn stop(&self, env: &Environment, work_id: &str, force: bool) -> ApiResult<WorkItem> {
+    pub async fn stop(&self, env: &Environment, work_id: &str, force: bool) -> Result<WorkItem> {
         let (item, ()) = self
             .run_item_op(&env.id, work_id, |item, now| {
                 Ok((work::stop(item, force, now)?, ()))
@@ -446,7 +430,7 @@ impl App {
         Ok(item)
     }
 
-    pub async fn get_work(&self, env: &Environment, work_id: &str) -> ApiResult<WorkItem> {
+    pub async fn get_work(&self, env: &Environment, work_id: &str) -> Result<WorkItem> {
         let (item, ()) = self
             .run_item_op(&env.id, work_id, |item, _| Ok((unchanged(item), ())))
             .await?;
@@ -458,7 +442,7 @@ impl App {
         env: &Environment,
         work_id: &str,
         patch: &tether_core::metadata::MetadataPatch,
-    ) -> ApiResult<WorkItem> {
+    ) -> Result<WorkItem> {
         let (item, ()) = self
             .run_item_op(&env.id, work_id, |item, _| {
                 Ok((work::patch_metadata(item, patch)?, ()))
@@ -472,12 +456,12 @@ impl App {
         env: &Environment,
         filter: &WorkFilter,
         page: &PageRequest,
-    ) -> ApiResult<Page<WorkItem>> {
+    ) -> Result<Page<WorkItem>> {
         self.expire_due_leases().await?;
         Ok(self.store.list_work(&env.id, filter, page).await?)
     }
 
-    pub async fn queue_stats(&self, env: &Environment) -> ApiResult<QueueStats> {
+    pub async fn queue_stats(&self, env: &Environment) -> Result<QueueStats> {
         self.expire_due_leases().await?;
         let counts = self.store.queue_counts(&env.id).await?;
         let since = self
@@ -496,7 +480,7 @@ impl App {
         work_id: &str,
         after_seq: Option<i64>,
         limit: u32,
-    ) -> ApiResult<(WorkItem, Page<HistoryRow>)> {
+    ) -> Result<(WorkItem, Page<HistoryRow>)> {
         let item = self.get_work(env, work_id).await?;
         let page = self.store.list_history(work_id, after_seq, limit).await?;
         Ok((item, page))
@@ -506,7 +490,7 @@ impl App {
     pub async fn workers(
         &self,
         env: &Environment,
-    ) -> ApiResult<Vec<(String, Timestamp, Vec<WorkItem>)>> {
+    ) -> Result<Vec<(String, Timestamp, Vec<WorkItem>)>> {
         let since = self.now().minus_millis(WORKERS_LISTED_MS);
         let seen = self.store.workers_seen(&env.id, since).await?;
         let live = self.store.leased_work_in_environment(&env.id).await?;
@@ -525,7 +509,7 @@ impl App {
 
     /// Forgets workers that no reader of the poll record looks at any more (§3.1): worker ids are
     /// per process, so without this every worker ever started would keep a row for good.
-    pub async fn forget_idle_workers(&self) -> ApiResult<()> {
+    pub async fn forget_idle_workers(&self) -> Result<()> {
         let window = WORKERS_LISTED_MS.max(self.config.workers_polling_window_ms);
         let before = self.now().minus_millis(window);
         self.commit(ChangeSet::one(Write::ForgetWorkers { before }))
@@ -534,7 +518,7 @@ impl App {
     }
 
     /// One expiry pass: every lease past its deadline is settled (§5.4). Returns how many were handled.
-    pub async fn expire_due_leases(&self) -> ApiResult<usize> {
+    pub async fn expire_due_leases(&self) -> Result<usize> {
         let now = self.now();
         let mut due = self.store.leases_due_before(now, EXPIRY_BATCH).await?;
         if self.amnesty_after_outage().await? {
@@ -549,7 +533,7 @@ impl App {
                 .await
             {
                 Ok(_) => handled += 1,
-                Err(e) if e.status.as_u16() == 404 => {}
+                Err(Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -567,7 +551,7 @@ impl App {
     /// conditional writes and only ever move a deadline to `now + grace`, so repeating one is
     /// harmless. The price is that a worker that died during the outage keeps its item up to one
     /// grace window longer. Returns whether amnesty was granted just now.
-    pub async fn amnesty_after_outage(&self) -> ApiResult<bool> {
+    pub async fn amnesty_after_outage(&self) -> Result<bool> {
         use std::sync::atomic::Ordering;
         let seen = self.store.reconnections();
         if seen <= self.amnesty_granted_through.load(Ordering::SeqCst) {
@@ -594,18 +578,23 @@ impl App {
     /// amnesty (`amnesty_grace_ms` from then) before any expiry is decided again ([`Self::run_item_op`]
     /// re-decides an expiry read before a loss). Given only while the store says it is in an outage,
     /// not for a merely busy pool, whose database others can still write to.
-    pub fn with_amnesty_promise(&self, error: ApiError) -> ApiError {
-        let outage = error.status == axum::http::StatusCode::SERVICE_UNAVAILABLE
-            && error.code == Some("store_unavailable")
-            && self.store.in_outage();
-        if !outage || self.config.amnesty_grace_ms <= 0 {
-            return error;
+    pub fn with_amnesty_promise(&self, error: Error) -> Error {
+        match error {
+            Error::StoreUnavailable { .. } => Error::StoreUnavailable {
+                lease_amnesty_ms: self.lease_amnesty_promise(),
+            },
+            other => other,
         }
-        error.with_details(serde_json::json!({ "lease_amnesty_ms": self.config.amnesty_grace_ms }))
+    }
+
+    /// The lease amnesty promised while the database is away (see [`Self::with_amnesty_promise`]).
+    pub fn lease_amnesty_promise(&self) -> Option<i64> {
+        (self.store.in_outage() && self.config.amnesty_grace_ms > 0)
+            .then_some(self.config.amnesty_grace_ms)
     }
 
     /// Lease amnesty at start (§3.1): no lease expires because this process was down.
-    pub async fn grant_amnesty(&self) -> ApiResult<usize> {
+    pub async fn grant_amnesty(&self) -> Result<usize> {
         let grace = self.config.amnesty_grace_ms;
         let mut granted = 0;
         // One `now` for the whole pass: an extended deadline equals the horizon, so it is not read again.
@@ -644,7 +633,6 @@ fn unchanged(item: &WorkItem) -> Step {
     }
 }
 
-pub(super) fn not_found_work(work_id: &str) -> ApiError {
-    ApiError::not_found(format!("no work item {work_id} in this environment"))
-        .with_code("work_not_found")
+pub(super) fn not_found_work(work_id: &str) -> Error {
+    Error::not_found(Missing::Work, work_id)
 }

@@ -1,0 +1,336 @@
+//! The session rules the service calls instead of restating them: which work transitions touch a
+//! session, what a step's transitions do to it (one loop, with the buffered-input rule of D-34), what
+//! `cancel` does, and the events the server writes on its own account.
+//!
+//! Reproduce a run with a fixed seed: `PROPTEST_RNG_SEED=<u64> cargo test -p tether-core --test session_coupling`.
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use serde_json::json;
+use tether_core::events::{self, EventType};
+use tether_core::session::{
+    couple, on_work_transition, touches_session, ServerEvent, SessionStatus,
+};
+use tether_core::time::Timestamp;
+use tether_core::work::{Cause, Transition, WorkData, WorkState};
+
+const CAUSES: [Cause; 14] = [
+    Cause::Enqueued,
+    Cause::Delivered,
+    Cause::Redelivered,
+    Cause::Acked,
+    Cause::FirstHeartbeat,
+    Cause::StopRequested,
+    Cause::StopConfirmed,
+    Cause::ForceStopped,
+    Cause::LeaseExpiredRequeued,
+    Cause::LeaseExpiredStopped,
+    Cause::PoisonStopped,
+    Cause::SessionArchived,
+    Cause::SessionDeleted,
+    Cause::Requeued,
+];
+
+fn t(cause: Cause, to: WorkState) -> Transition {
+    Transition {
+        at: Timestamp(0),
+        from: None,
+        to,
+        cause,
+        worker_id: None,
+        detail: None,
+    }
+}
+
+fn transition() -> impl Strategy<Value = Transition> {
+    (
+        proptest::sample::select(CAUSES.to_vec()),
+        proptest::sample::select(WorkState::ALL.to_vec()),
+    )
+        .prop_map(|(cause, to)| t(cause, to))
+}
+
+fn status() -> impl Strategy<Value = SessionStatus> {
+    proptest::sample::select(SessionStatus::ALL.to_vec())
+}
+
+#[test]
+fn the_cause_filter_is_exactly_what_coupling_reacts_to() {
+    for cause in CAUSES {
+        for to in WorkState::ALL {
+            let transition = t(cause, to);
+            let reacts = SessionStatus::ALL.into_iter().any(|status| {
+                [false, true]
+                    .into_iter()
+                    .any(|pending| !on_work_transition(status, pending, &transition).is_empty())
+            });
+            if reacts {
+                assert!(touches_session(&transition), "{cause:?} → {to:?}");
+            }
+        }
+    }
+    // The three kinds of transition the filter lets through.
+    assert!(touches_session(&t(Cause::Acked, WorkState::Starting)));
+    assert!(touches_session(&t(
+        Cause::LeaseExpiredRequeued,
+        WorkState::Queued
+    )));
+    assert!(touches_session(&t(Cause::ForceStopped, WorkState::Stopped)));
+    assert!(!touches_session(&t(Cause::Delivered, WorkState::Queued)));
+    assert!(!touches_session(&t(
+        Cause::FirstHeartbeat,
+        WorkState::Active
+    )));
+    assert!(!touches_session(&t(
+        Cause::StopRequested,
+        WorkState::Stopping
+    )));
+}
+
+/// (status, pending input, transitions, status after, pending after, event types, fresh item)
+type Row = (
+    SessionStatus,
+    bool,
+    Vec<Transition>,
+    SessionStatus,
+    bool,
+    Vec<EventType>,
+    bool,
+);
+
+/// Each row: the session before, the step's transitions, and what it must come to.
+#[test]
+fn coupling_table() {
+    use SessionStatus::*;
+    let stop = t(Cause::StopConfirmed, WorkState::Stopped);
+    let expire = t(Cause::LeaseExpiredRequeued, WorkState::Queued);
+    let ack = t(Cause::Acked, WorkState::Starting);
+    let archived = t(Cause::SessionArchived, WorkState::Stopped);
+    // (status, pending input, transitions, status after, pending after, event types, fresh item)
+    let cases: Vec<Row> = vec![
+        (
+            Running,
+            false,
+            vec![expire.clone()],
+            Rescheduling,
+            false,
+            vec![EventType::SessionStatusRescheduled],
+            false,
+        ),
+        (
+            Rescheduling,
+            false,
+            vec![ack.clone()],
+            Running,
+            false,
+            vec![EventType::SessionStatusRunning],
+            false,
+        ),
+        // Expired and re-acked within one step: both events, in order.
+        (
+            Running,
+            false,
+            vec![expire.clone(), ack.clone()],
+            Running,
+            false,
+            vec![
+                EventType::SessionStatusRescheduled,
+                EventType::SessionStatusRunning,
+            ],
+            false,
+        ),
+        (
+            Running,
+            false,
+            vec![stop.clone()],
+            Idle,
+            false,
+            vec![EventType::SessionError, EventType::SessionStatusIdle],
+            false,
+        ),
+        (
+            Rescheduling,
+            false,
+            vec![stop.clone()],
+            Idle,
+            false,
+            vec![EventType::SessionError, EventType::SessionStatusIdle],
+            false,
+        ),
+        (Idle, false, vec![stop.clone()], Idle, false, vec![], false),
+        // Input buffered while the item was stopping: a fresh item carries the turn on (D-34).
+        (
+            Running,
+            true,
+            vec![stop.clone()],
+            Running,
+            false,
+            vec![],
+            true,
+        ),
+        (Idle, true, vec![stop.clone()], Idle, false, vec![], true),
+        // An archive or delete never serves buffered input.
+        (
+            Running,
+            true,
+            vec![archived.clone()],
+            Idle,
+            true,
+            vec![EventType::SessionError, EventType::SessionStatusIdle],
+            false,
+        ),
+        (Idle, true, vec![archived], Idle, true, vec![], false),
+        (
+            Terminated,
+            true,
+            vec![stop, expire, ack],
+            Terminated,
+            true,
+            vec![],
+            false,
+        ),
+    ];
+    for (status, pending, transitions, want_status, want_pending, want_events, want_fresh) in cases
+    {
+        let coupling = couple(status, pending, &transitions);
+        let kinds: Vec<EventType> = coupling.events.iter().map(ServerEvent::kind).collect();
+        let case = format!("{status:?} pending={pending} {transitions:?}");
+        assert_eq!(coupling.status, want_status, "{case}");
+        assert_eq!(coupling.pending_input, want_pending, "{case}");
+        assert_eq!(kinds, want_events, "{case}");
+        assert_eq!(coupling.enqueue_fresh_item, want_fresh, "{case}");
+        assert_eq!(
+            coupling.changes(status, pending),
+            want_status != status
+                || want_pending != pending
+                || !want_events.is_empty()
+                || want_fresh,
+            "{case}"
+        );
+    }
+}
+
+proptest! {
+    /// `couple` is `on_work_transition` folded over the step: every status it passes through is a
+    /// documented one, and transitions the filter drops change nothing.
+    #[test]
+    fn coupling_folds_the_single_transition_rule(
+        start in status(),
+        pending in any::<bool>(),
+        transitions in vec(transition(), 0..6),
+    ) {
+        let coupling = couple(start, pending, &transitions);
+        let (mut status, mut waiting, mut events, mut fresh) = (start, pending, Vec::new(), false);
+        for transition in &transitions {
+            let effect = on_work_transition(status, waiting, transition);
+            if !touches_session(transition) {
+                prop_assert!(effect.is_empty());
+            }
+            if let Some(next) = effect.status {
+                prop_assert!(status.may_become(next));
+                status = next;
+            }
+            events.extend(effect.events);
+            waiting &= !effect.clear_pending_input;
+            fresh |= effect.enqueue_fresh_item;
+        }
+        prop_assert_eq!(coupling.status, status);
+        prop_assert_eq!(coupling.pending_input, waiting);
+        prop_assert_eq!(coupling.events, events);
+        prop_assert_eq!(coupling.enqueue_fresh_item, fresh);
+        let filtered: Vec<Transition> =
+            transitions.iter().filter(|t| touches_session(t)).cloned().collect();
+        prop_assert_eq!(couple(start, pending, &filtered), couple(start, pending, &transitions));
+    }
+
+    /// A terminated session is never touched, whatever happens to its items.
+    #[test]
+    fn a_terminated_session_stays_as_it_is(pending in any::<bool>(), transitions in vec(transition(), 0..6)) {
+        let coupling = couple(SessionStatus::Terminated, pending, &transitions);
+        prop_assert!(!coupling.changes(SessionStatus::Terminated, pending));
+    }
+}
+
+#[test]
+fn cancel_interrupts_only_a_running_turn() {
+    use SessionStatus::*;
+    // (status, archived, answer: Ok(interrupt) or Err(code))
+    let cases = [
+        (Idle, false, Ok(false)),
+        (Idle, true, Ok(false)),
+        (Terminated, false, Ok(false)),
+        (Terminated, true, Ok(false)),
+        (Running, false, Ok(true)),
+        (Rescheduling, false, Ok(true)),
+        (Running, true, Err("session_archived")),
+        (Rescheduling, true, Err("session_archived")),
+    ];
+    for (status, archived, want) in cases {
+        let got = events::interrupt(status, archived).map_err(|r| r.code);
+        assert_eq!(got, want, "{status:?} archived={archived}");
+    }
+    // The refusal is the one every event meets on an archived session.
+    let mut turn = events::TurnState {
+        status: Running,
+        archived: true,
+        self_hosted: true,
+        live_item: None,
+        pending_input: false,
+    };
+    assert_eq!(
+        events::interrupt(Running, true).unwrap_err(),
+        events::apply(&mut turn, EventType::UserInterrupt).unwrap_err()
+    );
+}
+
+#[test]
+fn server_events_name_server_side_types_and_carry_their_fields() {
+    let cases = [
+        (
+            ServerEvent::StatusRunning,
+            "session.status_running",
+            json!({}),
+        ),
+        (
+            ServerEvent::StatusRescheduled,
+            "session.status_rescheduled",
+            json!({}),
+        ),
+        (
+            ServerEvent::StatusIdle,
+            "session.status_idle",
+            json!({"stop_reason": {"type": "retries_exhausted"}}),
+        ),
+        (
+            ServerEvent::Error {
+                message: "gone".into(),
+            },
+            "session.error",
+            json!({"error": {"type": "unknown_error", "message": "gone",
+                "retry_status": {"type": "exhausted"}, "code": "work_stopped"}}),
+        ),
+    ];
+    for (event, kind, fields) in cases {
+        assert_eq!(event.kind().as_str(), kind);
+        assert_eq!(serde_json::Value::Object(event.fields()), fields, "{kind}");
+        // What the server writes passes the shape rules a client's event of that type must pass.
+        let mut body = event.fields();
+        body.insert("type".into(), json!(kind));
+        if matches!(event, ServerEvent::StatusIdle | ServerEvent::Error { .. }) {
+            events::validate("e", event.kind(), &serde_json::Value::Object(body))
+                .expect("a well-formed event");
+        }
+    }
+}
+
+#[test]
+fn session_work_data() {
+    let data = WorkData::session("sesn_1");
+    assert_eq!(data.kind, "session");
+    assert_eq!(data.session_id(), Some("sesn_1"));
+    let other = WorkData {
+        kind: "batch".into(),
+        id: "x".into(),
+    };
+    assert_eq!(other.session_id(), None);
+}

@@ -1,0 +1,154 @@
+//! What the service answers when it does not do what it was asked: a domain error that says what went
+//! wrong, never how HTTP shows it. `crate::error` maps each variant to its status and envelope (§1.7).
+
+use tether_core::events::Refusal;
+use tether_core::metadata::MetadataError;
+use tether_core::work::WorkError;
+use tether_store::StoreError;
+
+/// The kinds of record a lookup can miss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Missing {
+    Environment,
+    Agent,
+    /// A version of an agent that exists.
+    AgentVersion(u32),
+    Session,
+    /// A work item of the environment the request names.
+    Work,
+    Credential,
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Error {
+    /// No such record (or none the caller may know of there).
+    #[error("{}", not_found_message(*.kind, .id))]
+    NotFound { kind: Missing, id: String },
+    /// A parameter or body field the service cannot take; `param` names it when it is one field.
+    #[error("{message}")]
+    Invalid {
+        param: Option<String>,
+        message: String,
+    },
+    /// An event bigger than the event limit.
+    #[error("{param} is {size} bytes of JSON; an event may be at most {limit} bytes")]
+    EventTooLarge {
+        param: String,
+        size: usize,
+        limit: usize,
+    },
+    /// The presented credential is unknown, revoked, or (a session token) no longer live.
+    #[error("the credential is invalid, revoked or expired")]
+    Unauthenticated,
+    /// The caller may not ask for this (beyond what the route's access admits), e.g. a worker sending a
+    /// user-side event.
+    #[error("{message}")]
+    Forbidden {
+        param: Option<String>,
+        message: String,
+    },
+    /// The work-item state machine refused the operation (§5).
+    #[error(transparent)]
+    Refused(#[from] WorkError),
+    /// The session's turn rules refused an event (§12.3, §12.4).
+    #[error("{}", .0.reason)]
+    EventRefused(Refusal),
+    /// The operation does not fit the state of the records around it, e.g. a requeue for a session
+    /// that already has a live item.
+    #[error("{message}")]
+    InvalidState { message: String },
+    /// The environment still has sessions and cannot be deleted.
+    #[error("{sessions} session(s) still reference this environment; delete them first")]
+    EnvironmentInUse { sessions: u64 },
+    /// Archiving what is archived already (`what`: "agent", "environment", "session").
+    #[error("the {what} is already archived")]
+    AlreadyArchived { what: &'static str },
+    /// An update named a version that is no longer the current one.
+    #[error("the agent is at version {current}, not {expected}; read it again and retry")]
+    VersionMismatch { current: u32, expected: u32 },
+    /// Lost every race with concurrent changes ([`super::MAX_ATTEMPTS`]).
+    #[error("the request kept losing races with concurrent changes; retry it")]
+    Contended,
+    /// The store cannot reach its database. `lease_amnesty_ms`: the promise that no lease expires
+    /// because of the outage (see [`super::App::with_amnesty_promise`]).
+    #[error("the database is unavailable; retry shortly")]
+    StoreUnavailable { lease_amnesty_ms: Option<i64> },
+    /// Anything else the store failed at.
+    #[error("internal storage error")]
+    Internal,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn not_found_message(kind: Missing, id: &str) -> String {
+    match kind {
+        Missing::Environment => format!("no environment {id}"),
+        Missing::Agent => format!("no agent {id}"),
+        Missing::AgentVersion(version) => format!("agent {id} has no version {version}"),
+        Missing::Session => format!("no session {id}"),
+        Missing::Work => format!("no work item {id} in this environment"),
+        Missing::Credential => format!("no credential {id}"),
+    }
+}
+
+impl Error {
+    pub fn not_found(kind: Missing, id: &str) -> Error {
+        Error::NotFound {
+            kind,
+            id: id.to_owned(),
+        }
+    }
+
+    /// A bad value of one named parameter or field.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Error {
+        Error::Invalid {
+            param: Some(param.to_owned()),
+            message: message.into(),
+        }
+    }
+
+    /// A request the service cannot take as a whole (no one field to blame).
+    pub fn malformed(message: impl Into<String>) -> Error {
+        Error::Invalid {
+            param: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid_state(message: impl Into<String>) -> Error {
+        Error::InvalidState {
+            message: message.into(),
+        }
+    }
+}
+
+/// Every metadata map in the API is the `metadata` field (§1.9).
+impl From<MetadataError> for Error {
+    fn from(e: MetadataError) -> Self {
+        Error::invalid("metadata", e.to_string())
+    }
+}
+
+impl From<Refusal> for Error {
+    fn from(refusal: Refusal) -> Self {
+        Error::EventRefused(refusal)
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Error::Contended,
+            StoreError::Unavailable(reason) => {
+                tracing::warn!(%reason, "store unavailable");
+                Error::StoreUnavailable {
+                    lease_amnesty_ms: None,
+                }
+            }
+            StoreError::Internal(reason) => {
+                tracing::error!(%reason, "store error");
+                Error::Internal
+            }
+        }
+    }
+}

@@ -10,6 +10,8 @@
 //!
 //! Usage: `cargo run --release -p tether-bench [-- --quick]`.
 
+mod cycle;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -298,16 +300,18 @@ fn median(mut values: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut quick = false;
+    let mut only_cycle = false;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--quick" => quick = true,
+            "--cycle" => only_cycle = true,
             "-h" | "--help" => {
-                println!("Usage: tether-bench [--quick]\n\nStarts real servers (real sockets, SQLite with fsync) and prints each figure next to a\nbaseline measured in the same run. --quick runs a quarter of the work.");
+                println!("Usage: tether-bench [--quick]\n\nStarts real servers (real sockets, SQLite with fsync) and prints each figure next to a\nbaseline measured in the same run. --quick runs a quarter of the work; --cycle runs only the\ncycle's cost (5), on PostgreSQL too when TETHER_BENCH_POSTGRES_URL names a server.");
                 return Ok(());
             }
             other => {
                 eprintln!(
-                    "tether-bench: unknown argument {other:?} (usage: tether-bench [--quick])"
+                    "tether-bench: unknown argument {other:?} (usage: tether-bench [--quick] [--cycle])"
                 );
                 std::process::exit(2);
             }
@@ -318,6 +322,10 @@ async fn main() -> Result<()> {
         "tether-bench ({} run; figures on a shared machine: compare the ratios)",
         if quick { "quick" } else { "full" }
     );
+
+    if only_cycle {
+        return cycle::report(5, quick).await;
+    }
 
     let writes = 500 * scale;
     let grouped = writes_per_second(sqlite::MAX_BATCH, 32, writes).await?;
@@ -357,5 +365,6 @@ async fn main() -> Result<()> {
     println!("   HTTPS                   {https:>9.0} items/s");
     println!("   plain HTTP              {http:>9.0} items/s    (baseline)");
     println!("   ratio                   {:>9.2}x", https / http);
-    Ok(())
+
+    cycle::report(5, quick).await
 }

@@ -23,19 +23,19 @@ pub fn spawn(app: App) -> JoinHandle<()> {
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => pass(&app).await,
+                _ = tick.tick() => pass(&app, Expiry::Always).await,
                 _ = prune.tick() => {
                     if let Err(e) = app.forget_idle_workers().await {
                         tracing::warn!(error = %e, "dispatcher: pruning idle workers failed");
                     }
                 }
-                _ = app.dispatch_now.notified() => pass(&app).await,
+                _ = app.dispatch_now.notified() => pass(&app, Expiry::WhenDue).await,
                 notice = notices.recv() => match notice {
                     Ok(Notice::WorkClaimable { environment_id }) => { app.waiters.wake(&environment_id, 1); }
                     Ok(Notice::Session { session_id }) => app.hub.notify(&session_id),
                     // Notices were missed: look at every environment and wake every stream.
                     Ok(Notice::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        pass(&app).await;
+                        pass(&app, Expiry::Always).await;
                         app.hub.notify_all();
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => notices = app.store.subscribe(),
@@ -46,22 +46,39 @@ pub fn spawn(app: App) -> JoinHandle<()> {
     })
 }
 
-/// One pass over every environment.
-pub async fn pass(app: &App) {
-    if let Err(e) = app.expire_due_leases().await {
-        tracing::warn!(error = %e, "dispatcher: lease expiry pass failed");
+/// Whether a pass asks the store for due leases.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Always (the tick): this also refreshes the lease horizon, which bounds how long a deadline
+    /// written by another process can go unnoticed by the hinted passes.
+    Always,
+    /// Only when the lease horizon says a lease may be due (passes on demand, after ack and stop).
+    WhenDue,
+}
+
+/// One pass over the environments being waited on. Each is probed with one index-backed read of its
+/// oldest claimable item, so a pass costs a read per waited-on environment whatever the backlog.
+pub async fn pass(app: &App, expiry: Expiry) {
+    if expiry == Expiry::Always || app.lease_horizon.may_be_due(app.now()) {
+        if let Err(e) = app.expire_due_leases().await {
+            tracing::warn!(error = %e, "dispatcher: lease expiry pass failed");
+        }
     }
     let waiting = app.waiters.environments_waiting();
     if waiting.is_empty() {
         return;
     }
     let cutoff = app.now().minus_millis(app.config.default_reclaim_ms);
-    match app.store.environments_with_claimable(cutoff).await {
-        Ok(claimable) => {
-            for env in waiting.iter().filter(|e| claimable.contains(e)) {
-                app.waiters.wake(env, 1);
+    for env in waiting {
+        match app.store.claim_candidates(&env, cutoff, 1).await {
+            Ok(claimable) if !claimable.is_empty() => {
+                app.waiters.wake(&env, 1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatcher: claimable probe failed");
+                return;
             }
         }
-        Err(e) => tracing::warn!(error = %e, "dispatcher: claimable scan failed"),
     }
 }

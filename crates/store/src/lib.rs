@@ -68,9 +68,12 @@ pub enum Write {
         agent: Agent,
         expected_version: i64,
     },
-    /// Refused with `Conflict` unless the session's environment exists and is not archived. It also
-    /// bumps the environment's version, so that a delete or archive decided from an earlier read of
-    /// the environment conflicts instead of leaving a session (and its work item) without one.
+    /// Refused with `Conflict` unless the session's environment exists and is not archived. It locks
+    /// one of the environment's session slots (`sql::SESSION_SLOTS`), which a delete or update of the
+    /// environment locks all of first: a delete then sees the session and conflicts, and an archive
+    /// conflicts when a session was created after its `archived_at`, instead of leaving a session (and
+    /// its work item) in an environment that is gone or archived. Inserts into one environment do not
+    /// queue behind each other unless they pick the same slot.
     InsertSession(Session),
     UpdateSession {
         session: Session,

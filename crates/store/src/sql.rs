@@ -58,6 +58,10 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 pub struct Statement {
     pub sql: String,
     pub params: Vec<Value>,
+    /// The read touches a few rows through an index (a lookup by key, or a `LIMIT` in index order), so
+    /// it takes microseconds: the embedded store runs it on the caller's thread instead of handing it
+    /// to a blocking thread and back.
+    pub bounded: bool,
 }
 
 impl Statement {
@@ -65,7 +69,14 @@ impl Statement {
         Statement {
             sql: sql.into(),
             params,
+            bounded: false,
         }
+    }
+
+    /// Marks the statement as a bounded read (see its `bounded` field).
+    pub fn bounded(mut self) -> Self {
+        self.bounded = true;
+        self
     }
 }
 
@@ -81,9 +92,10 @@ pub enum Expect {
 pub type Row = Vec<Value>;
 
 /// Versioned schema migrations, applied in order; each runs once.
-pub const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE IF NOT EXISTS environments (
     id TEXT PRIMARY KEY,
     version BIGINT NOT NULL,
@@ -159,7 +171,49 @@ CREATE TABLE IF NOT EXISTS workers (
     PRIMARY KEY (environment_id, worker_id)
 );
 "#,
-)];
+    ),
+    (
+        2,
+        // Session slots (see `SESSION_SLOTS`), and the slots of every environment that exists already.
+        r#"
+CREATE TABLE IF NOT EXISTS session_slots (
+    environment_id TEXT NOT NULL,
+    slot BIGINT NOT NULL,
+    sessions_inserted BIGINT NOT NULL,
+    PRIMARY KEY (environment_id, slot)
+);
+WITH RECURSIVE slots(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM slots WHERE n < 31)
+INSERT INTO session_slots (environment_id, slot, sessions_inserted)
+SELECT environments.id, slots.n, 0 FROM environments, slots WHERE 1 = 1
+ON CONFLICT (environment_id, slot) DO NOTHING;
+"#,
+    ),
+];
+
+/// Rows per environment that a session insert locks one of (chosen by the session's id) instead of the
+/// environment's own row, which every insert would otherwise queue behind. A change of the environment
+/// (archive, delete, any update) locks all of them first, so it waits for the inserts in flight and then
+/// sees their sessions. Must match the `31` of migration 2.
+pub const SESSION_SLOTS: u64 = 32;
+
+/// The slot a session's insert locks: spread by its (random) id.
+pub fn session_slot(session_id: &str) -> i64 {
+    let hash = session_id
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    (hash % SESSION_SLOTS) as i64
+}
+
+/// Locks every session slot of an environment (`Any`: an environment that is gone has none).
+fn lock_session_slots(environment_id: &str) -> (Statement, Expect) {
+    (
+        Statement::new(
+            "UPDATE session_slots SET sessions_inserted = sessions_inserted + 1 WHERE environment_id = $1",
+            vec![environment_id.into()],
+        ),
+        Expect::Any,
+    )
+}
 
 /// Splits a migration script into statements (none of ours contain a `;` inside a literal).
 pub fn split_script(script: &str) -> impl Iterator<Item = &str> {
@@ -265,21 +319,46 @@ pub fn change_statements(changes: &ChangeSet) -> Vec<(Statement, Expect)> {
 fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
     use Expect::*;
     match write {
-        Write::InsertEnvironment(env) => out.push((
-            Statement::new(
-                "INSERT INTO environments (id, version, archived, created_at, doc) VALUES ($1, 1, $2, $3, $4)",
-                vec![env.id.as_str().into(), env.archived_at.is_some().into(), env.created_at.into(), to_doc(env)],
-            ),
-            OneRow,
-        )),
-        Write::UpdateEnvironment { environment: env, expected_version } => out.push((
-            Statement::new(
-                "UPDATE environments SET version = version + 1, archived = $2, doc = $3 WHERE id = $1 AND version = $4",
-                vec![env.id.as_str().into(), env.archived_at.is_some().into(), to_doc(env), (*expected_version).into()],
-            ),
-            OneRow,
-        )),
+        Write::InsertEnvironment(env) => {
+            out.push((
+                Statement::new(
+                    "INSERT INTO environments (id, version, archived, created_at, doc) VALUES ($1, 1, $2, $3, $4)",
+                    vec![env.id.as_str().into(), env.archived_at.is_some().into(), env.created_at.into(), to_doc(env)],
+                ),
+                OneRow,
+            ));
+            let rows: Vec<String> = (0..SESSION_SLOTS).map(|slot| format!("($1, {slot}, 0)")).collect();
+            out.push((
+                Statement::new(
+                    format!("INSERT INTO session_slots (environment_id, slot, sessions_inserted) VALUES {}", rows.join(", ")),
+                    vec![env.id.as_str().into()],
+                ),
+                Any,
+            ));
+        }
+        Write::UpdateEnvironment { environment: env, expected_version } => {
+            out.push(lock_session_slots(&env.id));
+            // Archiving: no session may have been created after the archive's own time (a session
+            // insert committed since the environment was read conflicts, and the archive decides again
+            // with a later time). An environment archived before keeps its sessions as they are.
+            out.push((
+                Statement::new(
+                    "UPDATE environments SET version = version + 1, archived = $2, doc = $3 WHERE id = $1 AND version = $4 \
+                     AND (archived = 1 OR CAST($5 AS BIGINT) IS NULL OR NOT EXISTS \
+                     (SELECT 1 FROM sessions WHERE environment_id = $1 AND created_at > CAST($5 AS BIGINT)))",
+                    vec![
+                        env.id.as_str().into(),
+                        env.archived_at.is_some().into(),
+                        to_doc(env),
+                        (*expected_version).into(),
+                        env.archived_at.into(),
+                    ],
+                ),
+                OneRow,
+            ));
+        }
         Write::DeleteEnvironment { id, expected_version } => {
+            out.push(lock_session_slots(id));
             out.push((
                 Statement::new(
                     "DELETE FROM environments WHERE id = $1 AND version = $2 \
@@ -292,6 +371,7 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
                 "DELETE FROM work_transitions WHERE work_id IN (SELECT id FROM work_items WHERE environment_id = $1)",
                 "DELETE FROM work_items WHERE environment_id = $1",
                 "DELETE FROM workers WHERE environment_id = $1",
+                "DELETE FROM session_slots WHERE environment_id = $1",
                 "DELETE FROM credentials WHERE environment_id = $1",
             ] {
                 out.push((Statement::new(sql, vec![id.as_str().into()]), Any));
@@ -318,19 +398,24 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             out.push(agent_version_statement(agent));
         }
         Write::InsertSession(s) => {
-            // First, so that the environment's row lock orders this against a concurrent delete or
-            // archive on PostgreSQL (whose `NOT EXISTS` check alone cannot see an uncommitted session).
+            // First, one of the environment's session slots: a concurrent delete or archive locks them
+            // all, so it waits for this insert and then sees the session, or this insert waits for it
+            // and then sees it (the slot is gone, or the environment is archived). Inserts into the same
+            // environment queue only when they pick the same slot.
             out.push((
                 Statement::new(
-                    "UPDATE environments SET version = version + 1 WHERE id = $1 AND archived = 0",
-                    vec![s.environment_id.as_str().into()],
+                    "UPDATE session_slots SET sessions_inserted = sessions_inserted + 1 \
+                     WHERE environment_id = $1 AND slot = $2",
+                    vec![s.environment_id.as_str().into(), session_slot(&s.id).into()],
                 ),
                 OneRow,
             ));
             out.push((
                 Statement::new(
                     "INSERT INTO sessions (id, version, environment_id, agent_id, status, archived, created_at, doc) \
-                     VALUES ($1, 1, $2, $3, $4, $5, $6, $7)",
+                     SELECT CAST($1 AS TEXT), 1, CAST($2 AS TEXT), CAST($3 AS TEXT), CAST($4 AS TEXT), \
+                     CAST($5 AS BIGINT), CAST($6 AS BIGINT), CAST($7 AS TEXT) \
+                     WHERE EXISTS (SELECT 1 FROM environments WHERE id = $2 AND archived = 0)",
                     vec![
                         s.id.as_str().into(),
                         s.environment_id.as_str().into(),
@@ -545,10 +630,7 @@ impl Filter {
             sql.push_str(&self.clauses.join(" AND "));
         }
         sql.push_str(tail);
-        Statement {
-            sql,
-            params: self.params,
-        }
+        Statement::new(sql, self.params)
     }
 }
 
@@ -570,6 +652,7 @@ pub fn get_by_id(table: &str, id: &str) -> Statement {
         format!("SELECT version, doc FROM {table} WHERE id = $1"),
         vec![id.into()],
     )
+    .bounded()
 }
 
 pub fn list_environments(filter: &ArchiveFilter, page: &PageRequest) -> Statement {
@@ -599,6 +682,7 @@ pub fn get_agent_version(id: &str, version: u32) -> Statement {
         "SELECT doc FROM agent_versions WHERE agent_id = $1 AND agent_version = $2",
         vec![id.into(), i64::from(version).into()],
     )
+    .bounded()
 }
 
 pub fn list_sessions(filter: &SessionFilter, page: &PageRequest) -> Statement {
@@ -703,6 +787,7 @@ pub fn claim_candidates(environment_id: &str, reclaim_cutoff: Timestamp, limit: 
             i64::from(limit).into(),
         ],
     )
+    .bounded()
 }
 
 pub fn live_work_for_session(session_id: &str) -> Statement {
@@ -710,6 +795,7 @@ pub fn live_work_for_session(session_id: &str) -> Statement {
         "SELECT version, doc FROM work_items WHERE session_id = $1 AND state <> 'stopped'",
         vec![session_id.into()],
     )
+    .bounded()
 }
 
 /// Served by the `work_queue` index (environment, state, …); stopped items, which pile up, are not read.
@@ -727,6 +813,7 @@ pub fn leases_due_before(before: Timestamp, limit: u32) -> Statement {
          ORDER BY lease_expires_at LIMIT $2",
         vec![before.into(), i64::from(limit).into()],
     )
+    .bounded()
 }
 
 pub fn environments_with_claimable(reclaim_cutoff: Timestamp) -> Statement {
@@ -772,6 +859,7 @@ pub fn work_by_token_hash(token_hash: &str) -> Statement {
         "SELECT version, doc FROM work_items WHERE token_hash = $1",
         vec![token_hash.into()],
     )
+    .bounded()
 }
 
 pub fn list_history(work_id: &str, after_seq: Option<i64>, limit: u32) -> Statement {
@@ -807,6 +895,7 @@ pub fn credential_by_hash(secret_hash: &str) -> Statement {
         format!("{CREDENTIAL_COLUMNS} WHERE secret_hash = $1"),
         vec![secret_hash.into()],
     )
+    .bounded()
 }
 
 pub fn get_credential(id: &str) -> Statement {
@@ -814,6 +903,7 @@ pub fn get_credential(id: &str) -> Statement {
         format!("{CREDENTIAL_COLUMNS} WHERE id = $1"),
         vec![id.into()],
     )
+    .bounded()
 }
 
 pub fn list_credentials(

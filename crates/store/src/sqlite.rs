@@ -295,6 +295,22 @@ impl Executor for SqliteExecutor {
             .acquire()
             .await
             .map_err(|_| StoreError::Unavailable("store closed".into()))?;
+        if statement.bounded {
+            // A few rows through an index (WAL readers never wait for the writer): cheaper here than
+            // the two thread switches of a blocking task.
+            let conn = pool
+                .connections
+                .lock()
+                .expect("reader pool lock")
+                .pop()
+                .expect("a permit guarantees a connection");
+            let result = query_rows(&conn, &statement);
+            pool.connections
+                .lock()
+                .expect("reader pool lock")
+                .push(conn);
+            return result;
+        }
         let pool_for_task = pool.clone();
         tokio::task::spawn_blocking(move || {
             let conn = pool_for_task

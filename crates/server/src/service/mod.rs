@@ -21,6 +21,7 @@ use tether_store::{ChangeSet, Notice, Store, Write};
 use tokio::sync::watch;
 
 pub use self::error::{Error, Missing, Result};
+use crate::cache::{LeaseHorizon, TtlCache, RECORD_TTL};
 use crate::hub::SessionHub;
 use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
@@ -93,6 +94,11 @@ pub struct AppInner {
     /// [`App::amnesty_after_outage`]).
     amnesty_granted_through: std::sync::atomic::AtomicU64,
     amnesty_running: tokio::sync::Mutex<()>,
+    /// Hints that spare the store a read (`crate::cache`): credentials and environments read in the
+    /// last second, and a lower bound on the earliest lease deadline.
+    pub(crate) credentials_read: TtlCache<String, tether_core::resources::Credential>,
+    pub(crate) environments_read: TtlCache<String, tether_core::resources::Environment>,
+    pub(crate) lease_horizon: LeaseHorizon,
 }
 
 impl std::ops::Deref for App {
@@ -120,6 +126,9 @@ impl App {
             dispatch_now: tokio::sync::Notify::new(),
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
+            credentials_read: TtlCache::new(RECORD_TTL),
+            environments_read: TtlCache::new(RECORD_TTL),
+            lease_horizon: LeaseHorizon::default(),
         }))
     }
 
@@ -163,7 +172,12 @@ impl App {
             })
             .map(|t| t.cause.as_str())
             .collect();
+        let cached_records_changed = self.before_commit(&changes);
         self.store.commit(changes).await?;
+        if cached_records_changed {
+            // Again: a read that raced with the write may have cached the record as it was.
+            self.forget_cached_records();
+        }
         for cause in transitions {
             metrics::counter!("tether_work_transitions_total", "cause" => cause).increment(1);
         }

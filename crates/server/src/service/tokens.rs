@@ -50,6 +50,13 @@ impl Principal {
     }
 }
 
+/// How [`App::credential_read`] looks a credential up.
+#[derive(Clone, Copy)]
+enum CredentialKey {
+    Id,
+    SecretHash,
+}
+
 impl App {
     /// Resolves a presented secret; 401 for anything unknown, revoked or dead. A 503 because the
     /// database is away carries the promise of lease amnesty ([`App::with_amnesty_promise`]): a worker's
@@ -76,7 +83,7 @@ impl App {
             // A session token lives no longer than the credential it was minted under: revoking a
             // worker's key cuts it off from its items at once, and their leases then run out as usual.
             if let Some(issuer) = &item.session_token_issuer {
-                match self.store.get_credential(issuer).await? {
+                match self.credential_read(issuer, CredentialKey::Id).await? {
                     Some(credential) if credential.revoked_at.is_none() => {}
                     _ => return Err(invalid()),
                 }
@@ -95,8 +102,7 @@ impl App {
             return Err(invalid());
         };
         let credential = self
-            .store
-            .credential_by_hash(&hash)
+            .credential_read(&hash, CredentialKey::SecretHash)
             .await?
             .ok_or_else(invalid)?;
         if credential.revoked_at.is_some() || credential.kind != expected_kind {
@@ -111,6 +117,29 @@ impl App {
                 environment_id: credential.environment_id.unwrap_or_default(),
             },
         })
+    }
+
+    /// A credential by id or by secret hash, from the one-second cache (`crate::cache`) when this
+    /// process read it lately: a revocation through another process takes effect within that bound,
+    /// one through this process at once (the commit clears the cache). Unknown secrets are not cached.
+    async fn credential_read(&self, key: &str, kind: CredentialKey) -> Result<Option<Credential>> {
+        let cache_key = match kind {
+            CredentialKey::Id => format!("id:{key}"),
+            CredentialKey::SecretHash => format!("hash:{key}"),
+        };
+        if let Some(credential) = self.credentials_read.get(&cache_key) {
+            return Ok(Some(credential));
+        }
+        let read_at = std::time::Instant::now();
+        let credential = match kind {
+            CredentialKey::Id => self.store.get_credential(key).await?,
+            CredentialKey::SecretHash => self.store.credential_by_hash(key).await?,
+        };
+        if let Some(credential) = &credential {
+            self.credentials_read
+                .put(cache_key, credential.clone(), read_at);
+        }
+        Ok(credential)
     }
 
     /// Mints and stores a credential; returns it with its secret (shown once).

@@ -58,8 +58,20 @@ impl Drop for Reservation<'_> {
 
 impl App {
     /// The environment of a work endpoint: 404 when absent, 400 when it has no queue (§6).
+    /// The environment comes from the one-second cache (`crate::cache`) when this process read it
+    /// lately: an archive or delete made through another process is seen within that bound, and the
+    /// writes that care (enqueue, delete) re-check the environment in their own conditional write.
     pub async fn work_environment(&self, environment_id: &str) -> Result<Environment> {
-        let env = self.environment(environment_id).await?;
+        let env = match self.environments_read.get(&environment_id.to_owned()) {
+            Some(env) => env,
+            None => {
+                let read_at = std::time::Instant::now();
+                let env = self.environment(environment_id).await?;
+                self.environments_read
+                    .put(env.id.clone(), env.clone(), read_at);
+                env
+            }
+        };
         if !env.is_self_hosted() {
             return Err(Error::invalid(
                 "environment_id",
@@ -250,8 +262,10 @@ impl App {
     ) -> Result<Option<Claimed>> {
         self.record_worker(&env.id, worker_id).await?;
         // Lazy expiry (§3.1): an item whose lease lapsed is claimable now, whether or not the
-        // dispatcher's tick has come round yet.
-        self.expire_due_leases().await?;
+        // dispatcher's tick has come round yet. Asked of the store only when a lease may be due.
+        if self.lease_horizon.may_be_due(self.now()) || self.amnesty_pending() {
+            self.expire_due_leases().await?;
+        }
         let deadline = tokio::time::Instant::now() + block.unwrap_or_default();
         // The ticket whose wake-up this poll is acting on. The scan that follows spends the wake-up
         // whatever it finds: passing it on after a fruitless scan would send it round every waiter
@@ -350,18 +364,20 @@ impl App {
         })
     }
 
-    /// Records a poll for `workers_polling`, at most once a second per worker and process.
+    /// Records a poll for `workers_polling`, at most once per [`Self::worker_record_interval_ms`] per
+    /// worker and process: an idle worker re-polls every second, and each record is a write.
     async fn record_worker(&self, environment_id: &str, worker_id: Option<&str>) -> Result<()> {
         let Some(worker_id) = worker_id else {
             return Ok(());
         };
         let now = self.now();
+        let interval = self.worker_record_interval_ms();
         let key = (environment_id.to_owned(), worker_id.to_owned());
         {
             let mut recorded = self.workers_recorded.lock().expect("workers lock");
             if recorded
                 .get(&key)
-                .is_some_and(|at| now.millis_since(*at) < 1_000)
+                .is_some_and(|at| now.millis_since(*at) < interval)
             {
                 return Ok(());
             }
@@ -377,6 +393,12 @@ impl App {
         };
         self.commit(ChangeSet::one(write)).await?;
         Ok(())
+    }
+
+    /// A sixth of the `workers_polling` window, between 1 and 5 s: a worker polling now and then is
+    /// still counted by a window that ends any time before its next record.
+    fn worker_record_interval_ms(&self) -> i64 {
+        (self.config.workers_polling_window_ms / 6).clamp(1_000, 5_000)
     }
 
     pub async fn ack(
@@ -540,7 +562,61 @@ impl App {
         if handled > 0 {
             metrics::counter!("tether_lease_expiries_total").increment(handled as u64);
         }
+        if (handled as u32) < EXPIRY_BATCH {
+            self.refresh_lease_horizon().await?;
+        }
         Ok(handled)
+    }
+
+    /// Reads the earliest lease deadline in the store into [`crate::cache::LeaseHorizon`] (one index
+    /// probe). Runs after each expiry pass, so at least once per dispatcher tick.
+    async fn refresh_lease_horizon(&self) -> Result<()> {
+        let writes_before = self.lease_horizon.before_refresh();
+        let earliest = self
+            .store
+            .leases_due_before(Timestamp(i64::MAX), 1)
+            .await?
+            .first()
+            .and_then(|item| item.value.lease_expires_at);
+        self.lease_horizon.refreshed(writes_before, earliest);
+        Ok(())
+    }
+
+    /// Whether the store reconnected since amnesty was last granted (the next expiry pass grants it).
+    fn amnesty_pending(&self) -> bool {
+        self.store.reconnections()
+            > self
+                .amnesty_granted_through
+                .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Keeps the in-memory hints true for a change set about to be committed: the lease horizon learns
+    /// every deadline it writes, and credentials and environments it changes leave the caches. Returns
+    /// whether cached records changed (the caches are cleared once more after the commit).
+    pub(super) fn before_commit(&self, changes: &ChangeSet) -> bool {
+        let mut cached_records_changed = false;
+        for write in &changes.writes {
+            match write {
+                Write::InsertWork { item, .. } | Write::UpdateWork { item, .. } => {
+                    if let Some(deadline) = item.lease_expires_at {
+                        self.lease_horizon.wrote(deadline);
+                    }
+                }
+                Write::UpdateEnvironment { .. }
+                | Write::DeleteEnvironment { .. }
+                | Write::RevokeCredential { .. } => cached_records_changed = true,
+                _ => {}
+            }
+        }
+        if cached_records_changed {
+            self.forget_cached_records();
+        }
+        cached_records_changed
+    }
+
+    pub(super) fn forget_cached_records(&self) {
+        self.credentials_read.clear();
+        self.environments_read.clear();
     }
 
     /// Lease amnesty after the store lost its database and got it back: the start-up amnesty of §3.1

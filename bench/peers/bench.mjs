@@ -3,7 +3,7 @@
 // one Node process (undici with keep-alive for Tether, node-postgres for the peers). Each figure is
 // printed with its ratio to graphile-worker's in the same run; on a shared machine only ratios mean much.
 //
-//   node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d] [--json FILE]
+//   node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--json FILE]
 //
 // scripts/bench-peers starts the cluster, installs this directory's locked dependencies and builds the
 // server; run that. Scenarios (each runs every system in turn before the next scenario starts):
@@ -11,6 +11,7 @@
 //   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue
 //   C  idle workers: memory, CPU and an unrelated worker's latencies beside many idle long polls
 //   D  poll+ack latency with 1k queued, with 100k queued in another environment, and with 100k queued
+//   E  enqueue rate from 32 concurrent clients
 import { spawn, fork, execFileSync } from "node:child_process";
 import { readFileSync, readdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -34,16 +35,16 @@ const quick = args.includes("--quick");
 const tetherBin = option("--tether");
 const pgUrl = option("--pg");
 const pgData = option("--pg-data");
-const only = new Set((option("--only") ?? "a,b,c,d").toLowerCase().split(","));
+const only = new Set((option("--only") ?? "a,b,e,c,d").toLowerCase().split(","));
 const jsonOut = option("--json");
 if (!tetherBin || !pgUrl || !pgData) {
-    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d] [--json FILE]");
+    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--json FILE]");
     process.exit(2);
 }
 
 const counts = quick
-    ? { wake: 10, items: 100, workers: 16, idle: 50, unrelated: 10, small: 30, big: 200, samples: 10, window: 300 }
-    : { wake: 300, items: 5000, workers: 16, idle: 2000, unrelated: 200, small: 1000, big: 100000, samples: 300, window: 5000 };
+    ? { wake: 10, items: 100, workers: 16, idle: 50, unrelated: 10, small: 30, big: 200, samples: 10, window: 300, enqueue: 100 }
+    : { wake: 300, items: 5000, workers: 16, idle: 2000, unrelated: 200, small: 1000, big: 100000, samples: 300, window: 5000, enqueue: 5000 };
 
 // ------------------------------------------------------------------------------------------------ /proc
 const CLK_TCK = Number(execFileSync("getconf", ["CLK_TCK"]).toString().trim());
@@ -325,6 +326,19 @@ class TetherSystem {
         return { done, seconds, cpu, clientCpu: (client.user + client.system) / 1e6 };
     }
 
+    // E: enqueues (session creations) from `clients` concurrent clients.
+    async enqueueRate(n, clients) {
+        await this.start(clients + 8);
+        const env = await this.environment("enqueue");
+        const cpu0 = this.cpu();
+        const started = now();
+        await parallel(n, clients, () => this.enqueue(env));
+        const seconds = (now() - started) / 1000;
+        const cpu = this.cpu() - cpu0;
+        await this.shutdown();
+        return { n, seconds, cpu };
+    }
+
     // C: an unrelated worker's ack and heartbeat latencies, the server's memory and the CPU of server and
     // database, first alone, then beside `idle` workers long-polling an empty environment.
     async idle(idle, rounds, windowMs) {
@@ -536,6 +550,27 @@ class PeerSystem {
         return { done: n, seconds: result.ms / 1000, cpu };
     }
 
+    // E: add_job calls or INSERTs from `clients` concurrent connections, one item each.
+    async enqueueRate(n, clients) {
+        await this.start();
+        const pool = new pg.Pool({ connectionString: this.db.url, max: clients });
+        await parallel(clients, clients, () => pool.query("SELECT 1")); // connect first
+        const sql =
+            this.kind === "graphile"
+                ? "SELECT graphile_worker.add_job('bench', $1::json)"
+                : "INSERT INTO raw_jobs (payload) VALUES ($1)";
+        const cpu0 = this.cpu();
+        const started = now();
+        await parallel(n, clients, () => pool.query(sql, ['{"i":0}']));
+        const seconds = (now() - started) / 1000;
+        const cpu = this.cpu() - cpu0;
+        await pool.end();
+        const queued = await this.remaining();
+        await this.shutdown();
+        check(queued === n, `${this.name}: ${queued} of ${n} enqueued items are in the queue`);
+        return { n, seconds, cpu };
+    }
+
     // The unrelated operation: the timed enqueue (add_job or INSERT) and, for the raw loop, a claim and
     // delete from another queue, beside idle workers sharing a pool of 16 connections.
     async idle(idle, rounds, windowMs) {
@@ -666,6 +701,26 @@ await scenario(
         console.log(
             "   (the peers' CPU includes their worker process, where their queue logic runs; Tether's excludes its HTTP clients, whose CPU per 1000 items is the last column)",
         );
+    },
+);
+
+await scenario(
+    "e",
+    `E. enqueue: ${counts.enqueue} items from 32 concurrent clients (session create, add_job, INSERT; CPU = server + database)`,
+    async (system) => {
+        const r = await system.enqueueRate(counts.enqueue, 32);
+        return { ...r, perSecond: r.n / r.seconds, cpuPer1000: (r.cpu / r.n) * 1000 };
+    },
+    (out) => {
+        const base = out["graphile-worker"];
+        const w = [24, 10, 10, 16, 10];
+        console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio"], w));
+        for (const s of systems) {
+            const r = out[s.name];
+            console.log(
+                row([s.label, fmt(r.perSecond, 0), ratio(r.perSecond, base.perSecond), fmt(r.cpuPer1000, 2), ratio(r.cpuPer1000, base.cpuPer1000)], w),
+            );
+        }
     },
 );
 

@@ -3,7 +3,7 @@
 // one Node process (undici with keep-alive for Tether, node-postgres for the peers). Each figure is
 // printed with its ratio to graphile-worker's in the same run; on a shared machine only ratios mean much.
 //
-//   node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--json FILE]
+//   node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--big N] [--json FILE]
 //
 // scripts/bench-peers starts the cluster, installs this directory's locked dependencies and builds the
 // server; run that. Scenarios (each runs every system in turn before the next scenario starts):
@@ -35,16 +35,24 @@ const quick = args.includes("--quick");
 const tetherBin = option("--tether");
 const pgUrl = option("--pg");
 const pgData = option("--pg-data");
+// --big N: the deep queue of D (100,000 by default). Tether fills it through its API, so on a slow disk
+// a smaller one keeps the run short.
+const big = option("--big");
 const only = new Set((option("--only") ?? "a,b,e,c,d").toLowerCase().split(","));
 const jsonOut = option("--json");
 if (!tetherBin || !pgUrl || !pgData) {
-    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--json FILE]");
+    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--big N] [--json FILE]");
     process.exit(2);
 }
 
 const counts = quick
     ? { wake: 10, items: 100, workers: 16, idle: 50, unrelated: 10, small: 30, big: 200, samples: 10, window: 300, enqueue: 100 }
     : { wake: 300, items: 5000, workers: 16, idle: 2000, unrelated: 200, small: 1000, big: 100000, samples: 300, window: 5000, enqueue: 5000 };
+if (big) counts.big = Number(big);
+if (!Number.isInteger(counts.big) || counts.big <= counts.small) {
+    console.error("bench-peers: --big must be an integer above the small queue");
+    process.exit(2);
+}
 
 // ------------------------------------------------------------------------------------------------ /proc
 const CLK_TCK = Number(execFileSync("getconf", ["CLK_TCK"]).toString().trim());
@@ -352,7 +360,9 @@ class TetherSystem {
             const cores = (this.cpu() - cpu0) / ((now() - t0) / 1000);
             const acks = [];
             const heartbeats = [];
-            for (let i = 0; i < rounds; i++) {
+            // Bounded in time as well: beside many idle workers a slow server would take minutes.
+            const until = now() + (quick ? 5_000 : 60_000);
+            for (let i = 0; i < rounds && now() < until; i++) {
                 await this.enqueue(workEnv);
                 const item = await this.poll(workEnv, "unrelated");
                 check(item, `${this.name}: the unrelated worker found no item`);
@@ -364,7 +374,7 @@ class TetherSystem {
                 heartbeats.push(now() - t);
                 await this.stop(workEnv, item.id);
             }
-            return { rssMb: rssMb(this.serverPid()), cores, ack: summary(acks), heartbeat: summary(heartbeats) };
+            return { rssMb: rssMb(this.serverPid()), cores, ack: summary(acks), heartbeat: summary(heartbeats), n: acks.length };
         };
         await sleep(quick ? 200 : 1000);
         const alone = await measure();
@@ -581,12 +591,13 @@ class PeerSystem {
             await sleep(windowMs);
             const cores = (this.cpu() - cpu0) / ((now() - t0) / 1000);
             const enqueues = [];
-            for (let i = 0; i < rounds; i++) {
+            const until = now() + (quick ? 5_000 : 60_000);
+            for (let i = 0; i < rounds && now() < until; i++) {
                 const t = now();
                 await this.enqueue("unrelated");
                 enqueues.push(now() - t);
             }
-            return { rssMb: rssMb(this.serverPid()), cores, ack: summary(enqueues), heartbeat: null };
+            return { rssMb: rssMb(this.serverPid()), cores, ack: summary(enqueues), heartbeat: null, n: enqueues.length };
         };
         await sleep(quick ? 200 : 1000);
         const alone = await measure();
@@ -731,9 +742,9 @@ await scenario(
     (out) => {
         const base = out["graphile-worker"];
         const slowdown = (r) => r.beside.ack.p99 / r.alone.ack.p99;
-        const w = [24, 9, 9, 9, 9, 10, 10, 10, 10, 10];
-        console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99"], w));
-        console.log(row(["", "MB", "MB", "", "", "alone", "beside", "alone", "beside", "growth"], w));
+        const w = [24, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
+        console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99", "rounds"], w));
+        console.log(row(["", "MB", "MB", "", "", "alone", "beside", "alone", "beside", "growth", ""], w));
         for (const s of systems) {
             const r = out[s.name];
             console.log(
@@ -749,13 +760,15 @@ await scenario(
                         fmt(r.alone.heartbeat?.p99, 2),
                         fmt(r.beside.heartbeat?.p99, 2),
                         `${fmt(slowdown(r), 2)}x`,
+                        `${r.alone.n}/${r.beside.n}`,
                     ],
                     w,
                 ),
             );
         }
         console.log(
-            `   (the peers have no ack: their "ack" is the enqueue call, add_job or INSERT; growth is p99 beside / alone, graphile-worker's is ${fmt(slowdown(base), 2)}x)`,
+            `   (the peers have no ack: their "ack" is the enqueue call, add_job or INSERT; growth is p99 beside / alone, graphile-worker's is ${fmt(slowdown(base), 2)}x;\n` +
+                `    cores: server or worker process + database beside the idle workers; rounds: unrelated cycles measured alone/beside, at most 60 s each)`,
         );
     },
 );

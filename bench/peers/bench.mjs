@@ -152,6 +152,13 @@ async function dropDatabase(name) {
     await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
 }
 
+// Whatever this run started goes with it, also when it fails: servers, worker processes, data dirs.
+const leftovers = { children: new Set(), dirs: new Set() };
+process.on("exit", () => {
+    for (const child of leftovers.children) child.kill("SIGKILL");
+    for (const dir of leftovers.dirs) rmSync(dir, { recursive: true, force: true });
+});
+
 // ----------------------------------------------------------------------------------------------- Tether
 const TOKEN = "tth_adm_benchpeers0123456789abcdef";
 
@@ -196,6 +203,7 @@ class TetherSystem {
     }
     async start(connections = 64) {
         this.dir = mkdtempSync(join(tmpdir(), "tether-bench-"));
+        leftovers.dirs.add(this.dir);
         const serveArgs = ["serve", "--listen", "127.0.0.1:0", "--data-dir", this.dir];
         if (this.backend === "postgres") {
             this.db = await freshDatabase("tether");
@@ -205,6 +213,7 @@ class TetherSystem {
             env: { ...process.env, TETHER_ADMIN_TOKEN: TOKEN, TETHER_LOG: "warn" },
             stdio: ["ignore", "ignore", "pipe"],
         });
+        leftovers.children.add(this.child);
         let log = "";
         const origin = await new Promise((resolve, reject) => {
             const timer = setTimeout(() => reject(new Error(`tether serve did not start:\n${log}`)), 60_000);
@@ -270,7 +279,9 @@ class TetherSystem {
         await this.api?.close();
         this.child.kill("SIGTERM");
         await this.exited;
+        leftovers.children.delete(this.child);
         rmSync(this.dir, { recursive: true, force: true });
+        leftovers.dirs.delete(this.dir);
         if (this.db) await dropDatabase(this.db.name);
     }
 
@@ -380,6 +391,7 @@ class TetherSystem {
         const alone = await measure();
         // The idle workers run in a process of their own; each has had one answer before measuring.
         const pollers = fork(join(here, "idle-pollers.mjs"), [this.origin, TOKEN, quietEnv, String(idle)]);
+        leftovers.children.add(pollers);
         const answer = (ev) =>
             new Promise((resolve, reject) => {
                 const timer = setTimeout(() => reject(new Error(`${this.name}: idle workers: no ${ev} in 120 s`)), 120_000);
@@ -461,6 +473,7 @@ class PeerSystem {
                     FOR EACH STATEMENT EXECUTE FUNCTION raw_jobs_notify();`);
         }
         this.child = fork(join(here, "peer-worker.mjs"), [this.kind, this.db.url], { stdio: "inherit" });
+        leftovers.children.add(this.child);
         this.exited = new Promise((resolve) => this.child.on("exit", resolve));
         this.handlers = [];
         this.child.on("message", (message) => {
@@ -806,7 +819,7 @@ await scenario(
                 ),
             );
         }
-        console.log("   (graphile-worker's time per item is the interval between job starts; same/1k = p50 at 100k in its own environment / p50 at 1k)");
+        console.log("   (graphile-worker's time per item is the interval between job starts; same/1k = p50 with the deep queue in its own environment / p50 at 1k)");
     },
 );
 

@@ -2,18 +2,18 @@
 
 use axum::extract::{Path, State};
 use axum::Json;
-use serde_json::{json, Value};
+use tether_api as api;
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::CredentialKind;
 use tether_core::session::SessionStatus;
 use tether_store::{ArchiveFilter, SessionFilter};
 
 use super::access;
+use super::wire;
 use super::extract::{Caller, JsonBody, Params, Wire};
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
 use crate::service::App;
-use crate::views;
 
 fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
     Ok(ArchiveFilter {
@@ -28,14 +28,14 @@ pub async fn create_environment(
     Caller(p): Caller,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Environment>> {
     access::admin(&p)?;
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
     let fields = JsonBody::object(body)?;
     let env = app
         .create_environment(fields, d.default_environment_config())
         .await?;
-    Ok(Json(views::environment(&env)))
+    Ok(Json(wire::environment(&env)))
 }
 
 pub async fn list_environments(
@@ -43,16 +43,16 @@ pub async fn list_environments(
     Caller(p): Caller,
     Wire(d): Wire,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Environment>>> {
     access::admin(&p)?;
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Environment))?;
     let envs = app
         .list_environments(&archive_filter(&params)?, &page)
         .await?;
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &envs,
         |e| e.id.clone(),
-        views::environment,
+        wire::environment,
     )))
 }
 
@@ -60,9 +60,9 @@ pub async fn get_environment(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Environment>> {
     access::environment(&p, &id)?;
-    Ok(Json(views::environment(&app.environment(&id).await?)))
+    Ok(Json(wire::environment(&app.environment(&id).await?)))
 }
 
 pub async fn update_environment(
@@ -70,11 +70,11 @@ pub async fn update_environment(
     Caller(p): Caller,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Environment>> {
     access::admin(&p)?;
     app.environment(&id).await?;
     let fields = JsonBody::required_object(body)?;
-    Ok(Json(views::environment(
+    Ok(Json(wire::environment(
         &app.update_environment(&id, fields).await?,
     )))
 }
@@ -83,9 +83,9 @@ pub async fn archive_environment(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Environment>> {
     access::admin(&p)?;
-    Ok(Json(views::environment(
+    Ok(Json(wire::environment(
         &app.archive_environment(&id).await?,
     )))
 }
@@ -94,10 +94,10 @@ pub async fn delete_environment(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Deleted>> {
     access::admin(&p)?;
     app.delete_environment(&id).await?;
-    Ok(Json(json!({"id": id, "type": "environment_deleted"})))
+    Ok(Json(wire::deleted(&id, "environment_deleted")))
 }
 
 pub async fn create_key(
@@ -105,12 +105,12 @@ pub async fn create_key(
     Caller(p): Caller,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Credential>> {
     access::admin(&p)?;
     app.environment(&id).await?;
     let fields = JsonBody::object(body)?;
     let (credential, secret) = app.create_environment_key(&id, fields).await?;
-    Ok(Json(views::new_credential(&credential, &secret)))
+    Ok(Json(wire::new_credential(&credential, &secret)))
 }
 
 pub async fn list_keys(
@@ -118,16 +118,16 @@ pub async fn list_keys(
     Caller(p): Caller,
     Path(id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Credential>>> {
     access::admin(&p)?;
     let page = params.page(100, false, Some(IdKind::EnvironmentKey))?;
     let keys = app
         .list_credentials(CredentialKind::Environment, Some(&id), &page)
         .await?;
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &keys,
         |c| c.id.clone(),
-        views::credential,
+        wire::credential,
     )))
 }
 
@@ -135,10 +135,10 @@ pub async fn revoke_key(
     State(app): State<App>,
     Caller(p): Caller,
     Path((id, key_id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Credential>> {
     access::admin(&p)?;
     app.environment(&id).await?;
-    Ok(Json(views::credential(
+    Ok(Json(wire::credential(
         &app.revoke_credential(CredentialKind::Environment, Some(&id), &key_id)
             .await?,
     )))
@@ -148,27 +148,27 @@ pub async fn create_token(
     State(app): State<App>,
     Caller(p): Caller,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Credential>> {
     access::admin(&p)?;
     let fields = JsonBody::object(body)?;
     let (credential, secret) = app.create_admin_token(fields).await?;
-    Ok(Json(views::new_credential(&credential, &secret)))
+    Ok(Json(wire::new_credential(&credential, &secret)))
 }
 
 pub async fn list_tokens(
     State(app): State<App>,
     Caller(p): Caller,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Credential>>> {
     access::admin(&p)?;
     let page = params.page(100, false, Some(IdKind::Token))?;
     let tokens = app
         .list_credentials(CredentialKind::Admin, None, &page)
         .await?;
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &tokens,
         |c| c.id.clone(),
-        views::credential,
+        wire::credential,
     )))
 }
 
@@ -176,9 +176,9 @@ pub async fn revoke_token(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Credential>> {
     access::admin(&p)?;
-    Ok(Json(views::credential(
+    Ok(Json(wire::credential(
         &app.revoke_credential(CredentialKind::Admin, None, &id)
             .await?,
     )))
@@ -189,10 +189,10 @@ pub async fn create_agent(
     Caller(p): Caller,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Agent>> {
     access::admin(&p)?;
     let fields = JsonBody::object(body)?;
-    Ok(Json(views::agent(&app.create_agent(fields).await?, d)))
+    Ok(Json(wire::agent(&app.create_agent(fields).await?, d)))
 }
 
 pub async fn list_agents(
@@ -200,14 +200,14 @@ pub async fn list_agents(
     Caller(p): Caller,
     Wire(d): Wire,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Agent>>> {
     access::admin(&p)?;
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Agent))?;
     let agents = app.list_agents(&archive_filter(&params)?, &page).await?;
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &agents,
         |a| a.id.clone(),
-        |a| views::agent(a, d),
+        |a| wire::agent(a, d),
     )))
 }
 
@@ -217,7 +217,7 @@ pub async fn get_agent(
     Wire(d): Wire,
     Path(id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Agent>> {
     let agent = match &p {
         Principal::Admin { .. } => app.agent(&id).await?,
         Principal::SessionToken { session_id, .. } => {
@@ -252,7 +252,7 @@ pub async fn get_agent(
         None => agent,
         Some(version) => app.agent_version(&id, version).await?,
     };
-    Ok(Json(views::agent(&agent, d)))
+    Ok(Json(wire::agent(&agent, d)))
 }
 
 pub async fn update_agent(
@@ -261,11 +261,11 @@ pub async fn update_agent(
     Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Agent>> {
     access::admin(&p)?;
     app.agent(&id).await?;
     let fields = JsonBody::required_object(body)?;
-    Ok(Json(views::agent(&app.update_agent(&id, fields).await?, d)))
+    Ok(Json(wire::agent(&app.update_agent(&id, fields).await?, d)))
 }
 
 pub async fn archive_agent(
@@ -273,9 +273,9 @@ pub async fn archive_agent(
     Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Agent>> {
     access::admin(&p)?;
-    Ok(Json(views::agent(&app.archive_agent(&id).await?, d)))
+    Ok(Json(wire::agent(&app.archive_agent(&id).await?, d)))
 }
 
 pub async fn create_session(
@@ -283,11 +283,11 @@ pub async fn create_session(
     Caller(p): Caller,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Session>> {
     access::admin(&p)?;
     let fields = JsonBody::object(body)?;
     let session = app.create_session(fields).await?;
-    Ok(Json(views::session(&session, d)))
+    Ok(Json(wire::session(&session, d)))
 }
 
 pub async fn list_sessions(
@@ -295,7 +295,7 @@ pub async fn list_sessions(
     Caller(p): Caller,
     Wire(d): Wire,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Session>>> {
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Session))?;
     let archive = archive_filter(&params)?;
     let statuses = params
@@ -352,10 +352,10 @@ pub async fn list_sessions(
     } else {
         app.list_sessions(&filter, &page).await?
     };
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &sessions,
         |s| s.id.clone(),
-        |s| views::session(s, d),
+        |s| wire::session(s, d),
     )))
 }
 
@@ -364,9 +364,9 @@ pub async fn get_session(
     Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Session>> {
     let session = access::readable_session(&app, &p, &id).await?;
-    Ok(Json(views::session(&session, d)))
+    Ok(Json(wire::session(&session, d)))
 }
 
 pub async fn update_session(
@@ -375,11 +375,11 @@ pub async fn update_session(
     Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Session>> {
     access::admin(&p)?;
     app.session(&id).await?;
     let fields = JsonBody::required_object(body)?;
-    Ok(Json(views::session(
+    Ok(Json(wire::session(
         &app.update_session(&id, fields).await?,
         d,
     )))
@@ -390,17 +390,17 @@ pub async fn archive_session(
     Caller(p): Caller,
     Wire(d): Wire,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Session>> {
     access::admin(&p)?;
-    Ok(Json(views::session(&app.archive_session(&id).await?, d)))
+    Ok(Json(wire::session(&app.archive_session(&id).await?, d)))
 }
 
 pub async fn delete_session(
     State(app): State<App>,
     Caller(p): Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Deleted>> {
     access::admin(&p)?;
     app.delete_session(&id).await?;
-    Ok(Json(json!({"id": id, "type": "session_deleted"})))
+    Ok(Json(wire::deleted(&id, "session_deleted")))
 }

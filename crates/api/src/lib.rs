@@ -12,8 +12,8 @@
 
 mod events;
 mod requests;
-mod schemas;
 mod resources;
+mod schemas;
 mod secret;
 mod states;
 mod work;

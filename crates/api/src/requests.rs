@@ -215,7 +215,9 @@ impl utoipa::PartialSchema for AgentRef {
             .required("id")
             .property(
                 "version",
-                ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)),
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
             );
         OneOfBuilder::new()
             .item(ObjectBuilder::new().schema_type(Type::String))
@@ -375,7 +377,10 @@ mod tests {
             version: 2,
         };
         let wire = serde_json::to_value(&pinned).unwrap();
-        assert_eq!(wire, json!({"type": "agent", "id": "agent_1", "version": 2}));
+        assert_eq!(
+            wire,
+            json!({"type": "agent", "id": "agent_1", "version": 2})
+        );
         assert_eq!(serde_json::from_value::<AgentRef>(wire).unwrap(), pinned);
     }
 

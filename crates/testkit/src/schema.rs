@@ -13,7 +13,8 @@ struct Document {
     doc: Value,
     /// `(method, path template, status)` → the compiled schema, or `None` when that answer has no JSON
     /// schema (a stream, a file, text).
-    compiled: Mutex<HashMap<(String, String, String), Option<std::sync::Arc<jsonschema::Validator>>>>,
+    compiled:
+        Mutex<HashMap<(String, String, String), Option<std::sync::Arc<jsonschema::Validator>>>>,
 }
 
 fn document() -> &'static Document {
@@ -73,7 +74,9 @@ fn compile(doc: &Value, path: &str, method: &str, status: &str) -> Option<jsonsc
             .with_draft(jsonschema::Draft::Draft202012)
             .should_validate_formats(true)
             .build(&root)
-            .unwrap_or_else(|e| panic!("{method} {path} {status}: the schema does not compile: {e}")),
+            .unwrap_or_else(|e| {
+                panic!("{method} {path} {status}: the schema does not compile: {e}")
+            }),
     )
 }
 
@@ -81,7 +84,13 @@ fn compile(doc: &Value, path: &str, method: &str, status: &str) -> Option<jsonsc
 /// the document declares for it. Answers that are not JSON, and paths outside the document (tests of
 /// unknown routes), are not checked.
 #[track_caller]
-pub fn check_response(method: &Method, url: &str, status: StatusCode, content_type: Option<&str>, body: &Value) {
+pub fn check_response(
+    method: &Method,
+    url: &str,
+    status: StatusCode,
+    content_type: Option<&str>,
+    body: &Value,
+) {
     if !content_type.is_some_and(|t| t.starts_with("application/json")) {
         return;
     }
@@ -105,7 +114,9 @@ pub fn check_response(method: &Method, url: &str, status: StatusCode, content_ty
         let mut compiled = document.compiled.lock().expect("schema cache");
         compiled
             .entry(key)
-            .or_insert_with(|| compile(&document.doc, path, &method, &status).map(std::sync::Arc::new))
+            .or_insert_with(|| {
+                compile(&document.doc, path, &method, &status).map(std::sync::Arc::new)
+            })
             .clone()
     };
     let Some(validator) = validator else {
@@ -130,7 +141,10 @@ mod tests {
     #[test]
     fn templates_prefer_literal_segments() {
         let paths: serde_json::Map<String, Value> = [
-            ("/v1/environments/{environment_id}/work/{work_id}", json!({})),
+            (
+                "/v1/environments/{environment_id}/work/{work_id}",
+                json!({}),
+            ),
             ("/v1/environments/{environment_id}/work/poll", json!({})),
         ]
         .into_iter()
@@ -154,17 +168,35 @@ mod tests {
             "type": "work_queue_stats", "depth": 0, "pending": 0, "oldest_queued_at": null,
             "workers_polling": 0, "states": {}
         });
-        check_response(&Method::GET, url, StatusCode::OK, Some("application/json"), &good);
+        check_response(
+            &Method::GET,
+            url,
+            StatusCode::OK,
+            Some("application/json"),
+            &good,
+        );
         let mut drifted = good.clone();
         drifted["depth"] = json!("zero");
         let outcome = std::panic::catch_unwind(|| {
-            check_response(&Method::GET, url, StatusCode::OK, Some("application/json"), &drifted)
+            check_response(
+                &Method::GET,
+                url,
+                StatusCode::OK,
+                Some("application/json"),
+                &drifted,
+            )
         });
         assert!(outcome.is_err(), "a string depth must not match the schema");
         let mut missing = good;
         missing.as_object_mut().unwrap().remove("oldest_queued_at");
         let outcome = std::panic::catch_unwind(|| {
-            check_response(&Method::GET, url, StatusCode::OK, Some("application/json"), &missing)
+            check_response(
+                &Method::GET,
+                url,
+                StatusCode::OK,
+                Some("application/json"),
+                &missing,
+            )
         });
         assert!(outcome.is_err(), "a required field may not be missing");
     }

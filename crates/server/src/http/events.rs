@@ -14,8 +14,8 @@ use tether_core::events::{self as rules, Sender};
 use tether_core::ids::IdKind;
 
 use super::access;
-use super::wire;
 use super::extract::{Caller, JsonBody, Params, Wire};
+use super::wire;
 use crate::error::{ApiError, ApiResult};
 use crate::service::events::EventFilter;
 use crate::service::tokens::Principal;
@@ -175,11 +175,7 @@ pub async fn cancel(
     access::admin(&p)?;
     let (canceling, session) = app.cancel_session(&id).await?;
     Ok(if canceling {
-        (
-            StatusCode::ACCEPTED,
-            Json(api::Canceling::new(session.id)),
-        )
-            .into_response()
+        (StatusCode::ACCEPTED, Json(api::Canceling::new(session.id))).into_response()
     } else {
         Json(wire::session(&session, d)).into_response()
     })

@@ -72,7 +72,7 @@ pub fn document() -> OpenApi {
                  /api/v1/cloud it is a 401).",
             ))),
         );
-    for (name, schema) in components(ops.iter().chain(&api)) {
+    for (name, schema) in schema_components(ops.iter().chain(&api)) {
         components = components.schema(name, schema);
     }
     let tags = [
@@ -243,7 +243,10 @@ fn add(paths: &mut Paths, endpoint: &Endpoint, path: String, dialect: Option<Dia
                 .description(
                     "An error (400, 401, 403, 404, 409, 412, 500, 503), in the error envelope.",
                 )
-                .content("application/json", json_content(reference(&routes::shape::<api::ErrorEnvelope>())))
+                .content(
+                    "application/json",
+                    json_content(reference(&routes::shape::<api::ErrorEnvelope>())),
+                )
                 .build(),
         );
     }
@@ -416,7 +419,9 @@ fn shapes(endpoint: &Endpoint) -> Vec<(Shape, bool)> {
 
 /// The component schemas: every type the route table names (and the types those refer to), a list
 /// page of each listed type, and the error envelope. Each comes from its `tether-api` type.
-fn components<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> Vec<(String, RefOr<Schema>)> {
+fn schema_components<'a>(
+    endpoints: impl Iterator<Item = &'a Endpoint>,
+) -> Vec<(String, RefOr<Schema>)> {
     let mut all: Vec<(String, RefOr<Schema>)> = Vec::new();
     let error = routes::shape::<api::ErrorEnvelope>();
     let mut wanted = vec![(error, false)];

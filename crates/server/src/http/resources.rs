@@ -9,8 +9,8 @@ use tether_core::session::SessionStatus;
 use tether_store::{ArchiveFilter, SessionFilter};
 
 use super::access;
-use super::wire;
 use super::extract::{Caller, JsonBody, Params, Wire};
+use super::wire;
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
 use crate::service::App;
@@ -49,11 +49,7 @@ pub async fn list_environments(
     let envs = app
         .list_environments(&archive_filter(&params)?, &page)
         .await?;
-    Ok(Json(wire::list(
-        &envs,
-        |e| e.id.clone(),
-        wire::environment,
-    )))
+    Ok(Json(wire::list(&envs, |e| e.id.clone(), wire::environment)))
 }
 
 pub async fn get_environment(
@@ -124,11 +120,7 @@ pub async fn list_keys(
     let keys = app
         .list_credentials(CredentialKind::Environment, Some(&id), &page)
         .await?;
-    Ok(Json(wire::list(
-        &keys,
-        |c| c.id.clone(),
-        wire::credential,
-    )))
+    Ok(Json(wire::list(&keys, |c| c.id.clone(), wire::credential)))
 }
 
 pub async fn revoke_key(

@@ -55,7 +55,14 @@ pub fn environment(env: &Environment) -> api::Environment {
         config: env.config.clone(),
         metadata: env.metadata.clone(),
         scope: env.scope.clone(),
-        status: Some(if env.archived_at.is_some() { "archived" } else { "ready" }.into()),
+        status: Some(
+            if env.archived_at.is_some() {
+                "archived"
+            } else {
+                "ready"
+            }
+            .into(),
+        ),
         archived: Some(env.archived_at.is_some()),
         archived_at: maybe_ts(env.archived_at),
         created_at: ts(env.created_at),
@@ -90,12 +97,13 @@ pub fn work(item: &WorkItem, secret: Option<String>) -> api::WorkItem {
 }
 
 pub fn agent(agent: &Agent, dialect: Dialect) -> api::Agent {
-    let model = match &agent.model {
-        Value::String(name) if dialect.agent_model_as_object() => {
-            Value::Object(Map::from_iter([("id".to_owned(), Value::String(name.clone()))]))
-        }
-        other => other.clone(),
-    };
+    let model =
+        match &agent.model {
+            Value::String(name) if dialect.agent_model_as_object() => Value::Object(
+                Map::from_iter([("id".to_owned(), Value::String(name.clone()))]),
+            ),
+            other => other.clone(),
+        };
     let execution_identity = agent
         .execution_identity
         .clone()
@@ -131,7 +139,12 @@ pub fn session(s: &Session, dialect: Dialect) -> api::Session {
         environment_id: s.environment_id.clone(),
         status: api::SessionStatus::from(s.status.as_str()),
         turn_status: Some(
-            if s.status == SessionStatus::Running { "running" } else { "idle" }.into(),
+            if s.status == SessionStatus::Running {
+                "running"
+            } else {
+                "idle"
+            }
+            .into(),
         ),
         title: s.title.clone(),
         metadata: s.metadata.clone(),

@@ -12,8 +12,8 @@ use tether_core::{WorkItem, WorkState};
 use tether_store::WorkFilter;
 
 use super::access;
-use super::wire;
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
+use super::wire;
 use crate::body;
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;

@@ -9,12 +9,14 @@ use std::sync::{Mutex, OnceLock};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
+/// `(method, path template, status)`.
+type Answer = (String, String, String);
+
 struct Document {
     doc: Value,
-    /// `(method, path template, status)` → the compiled schema, or `None` when that answer has no JSON
-    /// schema (a stream, a file, text).
-    compiled:
-        Mutex<HashMap<(String, String, String), Option<std::sync::Arc<jsonschema::Validator>>>>,
+    /// Each answer's compiled schema, or `None` when that answer has no JSON schema (a stream, a file,
+    /// text).
+    compiled: Mutex<HashMap<Answer, Option<std::sync::Arc<jsonschema::Validator>>>>,
 }
 
 fn document() -> &'static Document {

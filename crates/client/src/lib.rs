@@ -48,7 +48,7 @@ pub use reqwest::Method;
 pub use sse::{EventStream, SseEvent};
 pub use types::{
     Agent, AgentRef, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential, Deleted,
-    Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page, QueueStats, Session,
-    SessionStatus, UpdateAgent, UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem,
-    WorkSecret, WorkState, WorkTransition, Worker, WorkerItem,
+    Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page, QueueStats,
+    SecretError, Session, SessionStatus, UpdateAgent, UpdateEnvironment, UpdateSession, WorkData,
+    WorkHistory, WorkItem, WorkSecret, WorkState, WorkTransition, Worker, WorkerItem,
 };

@@ -1,9 +1,9 @@
-//! Secrets: minting, hashing and the `secret` payload carried by polled work items (§11.1).
+//! Secrets: minting and hashing (§11.1). The `secret` payload of polled work items is
+//! `tether_api::WorkSecret`.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
 pub const ADMIN_PREFIX: &str = "tth_adm_";
@@ -28,12 +28,6 @@ pub fn hint(secret: &str) -> String {
     secret.chars().take(12).collect::<String>() + "…"
 }
 
-/// The `secret` field of a polled work item.
-pub fn work_secret(session_token: &str, api_base_url: &str) -> String {
-    let payload = json!({ "sessions_token": session_token, "api_base_url": api_base_url });
-    URL_SAFE_NO_PAD.encode(payload.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,14 +39,5 @@ mod tests {
         assert_eq!(s.len(), ADMIN_PREFIX.len() + 43);
         assert_ne!(s, mint(ADMIN_PREFIX));
         assert_eq!(hash(&s).len(), 64);
-    }
-
-    #[test]
-    fn work_secret_round_trips() {
-        let encoded = work_secret("tth_ses_x", "http://h/api/v1/cloud");
-        let decoded: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(encoded).unwrap()).unwrap();
-        assert_eq!(decoded["sessions_token"], "tth_ses_x");
-        assert_eq!(decoded["api_base_url"], "http://h/api/v1/cloud");
     }
 }

@@ -91,18 +91,18 @@ impl ApiError {
     }
 
     /// The envelope body for a request id.
-    pub fn body(&self, request_id: &str) -> Value {
-        let mut error = json!({ "type": self.kind, "message": self.message });
-        if let Some(param) = &self.param {
-            error["param"] = json!(param);
+    pub fn body(&self, request_id: &str) -> tether_api::ErrorEnvelope {
+        tether_api::ErrorEnvelope {
+            object: "error".into(),
+            request_id: request_id.to_owned(),
+            error: tether_api::ErrorBody {
+                kind: self.kind.to_owned(),
+                message: self.message.clone(),
+                param: self.param.clone(),
+                code: self.code.map(str::to_owned),
+                details: self.details.clone(),
+            },
         }
-        if let Some(code) = self.code {
-            error["code"] = json!(code);
-        }
-        if let Some(details) = &self.details {
-            error["details"] = details.clone();
-        }
-        json!({ "type": "error", "request_id": request_id, "error": error })
     }
 
     /// The envelope for a bare error status we did not produce ourselves.

@@ -14,7 +14,6 @@ pub mod sampler;
 pub mod service;
 pub mod telemetry;
 pub mod tls;
-pub mod views;
 pub mod waiters;
 
 use std::future::Future;

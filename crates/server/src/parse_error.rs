@@ -70,9 +70,10 @@ pub(crate) fn enveloped(head: &ParseErrorHead<'_>) -> Vec<u8> {
         _ => "the request is not valid HTTP: its request line or a header cannot be parsed",
     };
     let request_id = uuid::Uuid::new_v4().to_string();
-    let body = ApiError::new(head.status, "invalid_request_error", message)
-        .body(&request_id)
-        .to_string();
+    let body = serde_json::to_string(
+        &ApiError::new(head.status, "invalid_request_error", message).body(&request_id),
+    )
+    .expect("an error envelope always serializes");
     tracing::info!(
         target: "tether::access",
         request_id = %request_id,

@@ -7,6 +7,7 @@
 //! absence is an error, so a green CI always means both backends passed.
 
 pub mod postgres;
+pub mod schema;
 pub mod tls;
 
 use std::sync::Arc;
@@ -210,6 +211,7 @@ impl TestServer {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (StatusCode, Value) {
+        let method_sent = method.clone();
         let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -218,7 +220,7 @@ impl TestServer {
             req = req.json(&body);
         }
         let resp = req.send().await.expect("request");
-        read(resp).await
+        read_checked(&method_sent, resp).await
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -275,6 +277,20 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// [`read`], with the body checked against the schema `/openapi.json` declares for it
+/// ([`schema::check_response`]).
+pub async fn read_checked(method: &Method, resp: reqwest::Response) -> (StatusCode, Value) {
+    let url = resp.url().to_string();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (status, body) = read(resp).await;
+    schema::check_response(method, &url, status, content_type.as_deref(), &body);
+    (status, body)
 }
 
 /// Status and JSON body (or `Value::String` of the raw text when it is not JSON).

@@ -9,17 +9,17 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use tether_api as api;
 use tether_core::events::{self as rules, Sender};
 use tether_core::ids::IdKind;
 
 use super::access::{self, ReadableSession};
 use super::extract::{Caller, JsonBody, Params, Wire};
+use super::wire;
 use crate::error::{ApiError, ApiResult};
 use crate::service::events::EventFilter;
 use crate::service::tokens::Principal;
 use crate::service::App;
-use crate::views;
 
 /// Silence on a stream longer than this is broken by a `:keep-alive` comment (§12.3), so that proxies and
 /// clients do not take an idle session for a dead connection.
@@ -38,12 +38,16 @@ pub async fn post_events(
     Caller(p): Caller,
     ReadableSession(session): ReadableSession,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::PostedEvents>> {
     // D-32: the body is judged (400) only once the session is known to exist and be the caller's.
     let fields = JsonBody::object(body)?;
     let stored = app.post_events(&session, sender(&p), fields).await?;
-    let data: Vec<Value> = stored.into_iter().map(|e| e.body).collect();
-    Ok(Json(json!({ "data": data })))
+    let data = stored
+        .into_iter()
+        .map(|e| serde_json::from_value(e.body))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::internal(format!("a stored event is not an event: {e}")))?;
+    Ok(Json(api::PostedEvents { data }))
 }
 
 pub async fn list_events(
@@ -68,15 +72,16 @@ pub async fn list_events(
 /// A list envelope (§1.8) of stored events, written out piece by piece: each event's JSON goes to the
 /// socket as it was stored, never parsed into a tree nor copied into one big response text.
 fn streamed_list(page: tether_store::Page<tether_store::EventDoc>) -> Response {
-    let first = page.items.first().map(|e| e.id.clone());
-    let last = page.items.last().map(|e| e.id.clone());
-    let tail = json!({
-        "first_id": first,
-        "last_id": last,
-        "has_more": page.has_more,
-        "next_page": if page.has_more { last.clone() } else { None },
+    // The envelope without its events: `{"data":[],"first_id":…}`.
+    let cursors = wire::list(&page, |e| e.id.clone(), |_| ());
+    let envelope = serde_json::to_string(&api::Page {
+        data: Vec::new(),
+        ..cursors
     })
-    .to_string();
+    .expect("a page envelope always serializes");
+    let tail = envelope
+        .strip_prefix("{\"data\":[]")
+        .expect("a page's first member is data");
     let mut chunks: Vec<Bytes> = Vec::with_capacity(page.items.len() * 2 + 2);
     chunks.push(Bytes::from_static(b"{\"data\":["));
     for (i, event) in page.items.into_iter().enumerate() {
@@ -86,8 +91,8 @@ fn streamed_list(page: tether_store::Page<tether_store::EventDoc>) -> Response {
         let text: Box<str> = event.body.into();
         chunks.push(Bytes::from(String::from(text)));
     }
-    // The envelope's other members follow `data`: `{"first_id":…}` becomes `],"first_id":…}`.
-    chunks.push(Bytes::from(format!("],{}", &tail[1..])));
+    // The envelope's other members follow `data`: `,"first_id":…}` after the events' `]`.
+    chunks.push(Bytes::from(format!("]{tail}")));
     let body = Body::from_stream(futures::stream::iter(
         chunks.into_iter().map(Ok::<_, Infallible>),
     ));
@@ -163,13 +168,9 @@ pub async fn cancel(
     // Interrupting is a user-side act (§12.3): workers may not (the route is admin-only).
     let (canceling, session) = app.cancel_session(&id).await?;
     Ok(if canceling {
-        (
-            StatusCode::ACCEPTED,
-            Json(json!({"id": session.id, "type": "session", "status": "canceling"})),
-        )
-            .into_response()
+        (StatusCode::ACCEPTED, Json(api::Canceling::new(session.id))).into_response()
     } else {
-        Json(views::session(&session, d)).into_response()
+        Json(wire::session(&session, d)).into_response()
     })
 }
 

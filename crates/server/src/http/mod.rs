@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod ops;
 pub mod resources;
 pub mod routes;
+pub mod wire;
 pub mod work;
 
 use std::time::Instant;

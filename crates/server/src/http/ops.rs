@@ -5,7 +5,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::{json, Value};
+use tether_api::Health;
 
 use crate::error::{ApiError, ApiResult};
 use crate::service::App;
@@ -15,11 +15,14 @@ pub fn install_metrics() -> Option<&'static PrometheusHandle> {
     crate::telemetry::install()
 }
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        store: None,
+    })
 }
 
-pub async fn readyz(State(app): State<App>) -> ApiResult<Json<Value>> {
+pub async fn readyz(State(app): State<App>) -> ApiResult<Json<Health>> {
     if app.is_shutting_down() {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
@@ -27,9 +30,10 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<Json<Value>> {
         .ping()
         .await
         .map_err(|_| ApiError::unavailable("the database does not answer"))?;
-    Ok(Json(
-        json!({"status": "ready", "store": app.store.backend()}),
-    ))
+    Ok(Json(Health {
+        status: "ready".into(),
+        store: Some(app.store.backend().to_owned()),
+    }))
 }
 
 pub async fn metrics(State(app): State<App>) -> impl IntoResponse {

@@ -2,7 +2,7 @@
 
 use axum::extract::{Path, State};
 use axum::Json;
-use serde_json::{json, Value};
+use tether_api as api;
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::CredentialKind;
 use tether_core::session::SessionStatus;
@@ -10,10 +10,10 @@ use tether_store::{ArchiveFilter, SessionFilter};
 
 use super::access::ReadableSession;
 use super::extract::{Caller, JsonBody, Params, Wire};
+use super::wire;
 use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
 use crate::service::App;
-use crate::views;
 
 fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
     Ok(ArchiveFilter {
@@ -27,46 +27,42 @@ pub async fn create_environment(
     State(app): State<App>,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Environment>> {
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
     let fields = JsonBody::object(body)?;
     let env = app
         .create_environment(fields, d.default_environment_config())
         .await?;
-    Ok(Json(views::environment(&env)))
+    Ok(Json(wire::environment(&env)))
 }
 
 pub async fn list_environments(
     State(app): State<App>,
     Wire(d): Wire,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Environment>>> {
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Environment))?;
     let envs = app
         .list_environments(&archive_filter(&params)?, &page)
         .await?;
-    Ok(Json(views::list(
-        &envs,
-        |e| e.id.clone(),
-        views::environment,
-    )))
+    Ok(Json(wire::list(&envs, |e| e.id.clone(), wire::environment)))
 }
 
 pub async fn get_environment(
     State(app): State<App>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(views::environment(&app.environment(&id).await?)))
+) -> ApiResult<Json<api::Environment>> {
+    Ok(Json(wire::environment(&app.environment(&id).await?)))
 }
 
 pub async fn update_environment(
     State(app): State<App>,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Environment>> {
     app.environment(&id).await?;
     let fields = JsonBody::required_object(body)?;
-    Ok(Json(views::environment(
+    Ok(Json(wire::environment(
         &app.update_environment(&id, fields).await?,
     )))
 }
@@ -74,8 +70,8 @@ pub async fn update_environment(
 pub async fn archive_environment(
     State(app): State<App>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(views::environment(
+) -> ApiResult<Json<api::Environment>> {
+    Ok(Json(wire::environment(
         &app.archive_environment(&id).await?,
     )))
 }
@@ -83,44 +79,40 @@ pub async fn archive_environment(
 pub async fn delete_environment(
     State(app): State<App>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Deleted>> {
     app.delete_environment(&id).await?;
-    Ok(Json(json!({"id": id, "type": "environment_deleted"})))
+    Ok(Json(wire::deleted(&id, "environment_deleted")))
 }
 
 pub async fn create_key(
     State(app): State<App>,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Credential>> {
     app.environment(&id).await?;
     let fields = JsonBody::object(body)?;
     let (credential, secret) = app.create_environment_key(&id, fields).await?;
-    Ok(Json(views::new_credential(&credential, &secret)))
+    Ok(Json(wire::new_credential(&credential, &secret)))
 }
 
 pub async fn list_keys(
     State(app): State<App>,
     Path(id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Credential>>> {
     let page = params.page(100, false, Some(IdKind::EnvironmentKey))?;
     let keys = app
         .list_credentials(CredentialKind::Environment, Some(&id), &page)
         .await?;
-    Ok(Json(views::list(
-        &keys,
-        |c| c.id.clone(),
-        views::credential,
-    )))
+    Ok(Json(wire::list(&keys, |c| c.id.clone(), wire::credential)))
 }
 
 pub async fn revoke_key(
     State(app): State<App>,
     Path((id, key_id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Credential>> {
     app.environment(&id).await?;
-    Ok(Json(views::credential(
+    Ok(Json(wire::credential(
         &app.revoke_credential(CredentialKind::Environment, Some(&id), &key_id)
             .await?,
     )))
@@ -129,29 +121,32 @@ pub async fn revoke_key(
 pub async fn create_token(
     State(app): State<App>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Credential>> {
     let fields = JsonBody::object(body)?;
     let (credential, secret) = app.create_admin_token(fields).await?;
-    Ok(Json(views::new_credential(&credential, &secret)))
+    Ok(Json(wire::new_credential(&credential, &secret)))
 }
 
-pub async fn list_tokens(State(app): State<App>, params: Params) -> ApiResult<Json<Value>> {
+pub async fn list_tokens(
+    State(app): State<App>,
+    params: Params,
+) -> ApiResult<Json<api::Page<api::Credential>>> {
     let page = params.page(100, false, Some(IdKind::Token))?;
     let tokens = app
         .list_credentials(CredentialKind::Admin, None, &page)
         .await?;
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &tokens,
         |c| c.id.clone(),
-        views::credential,
+        wire::credential,
     )))
 }
 
 pub async fn revoke_token(
     State(app): State<App>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(views::credential(
+) -> ApiResult<Json<api::Credential>> {
+    Ok(Json(wire::credential(
         &app.revoke_credential(CredentialKind::Admin, None, &id)
             .await?,
     )))
@@ -161,22 +156,22 @@ pub async fn create_agent(
     State(app): State<App>,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Agent>> {
     let fields = JsonBody::object(body)?;
-    Ok(Json(views::agent(&app.create_agent(fields).await?, d)))
+    Ok(Json(wire::agent(&app.create_agent(fields).await?, d)))
 }
 
 pub async fn list_agents(
     State(app): State<App>,
     Wire(d): Wire,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Agent>>> {
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Agent))?;
     let agents = app.list_agents(&archive_filter(&params)?, &page).await?;
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &agents,
         |a| a.id.clone(),
-        |a| views::agent(a, d),
+        |a| wire::agent(a, d),
     )))
 }
 
@@ -185,14 +180,14 @@ pub async fn get_agent(
     Wire(d): Wire,
     Path(id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Agent>> {
     let agent = app.agent(&id).await?;
     // `?version=n` reads an earlier version (both SDKs' `agents.retrieve(id, version=…)`).
     let agent = match params.int("version")? {
         None => agent,
         Some(version) => app.agent_version(&id, version).await?,
     };
-    Ok(Json(views::agent(&agent, d)))
+    Ok(Json(wire::agent(&agent, d)))
 }
 
 pub async fn update_agent(
@@ -200,28 +195,28 @@ pub async fn update_agent(
     Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Agent>> {
     app.agent(&id).await?;
     let fields = JsonBody::required_object(body)?;
-    Ok(Json(views::agent(&app.update_agent(&id, fields).await?, d)))
+    Ok(Json(wire::agent(&app.update_agent(&id, fields).await?, d)))
 }
 
 pub async fn archive_agent(
     State(app): State<App>,
     Wire(d): Wire,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(views::agent(&app.archive_agent(&id).await?, d)))
+) -> ApiResult<Json<api::Agent>> {
+    Ok(Json(wire::agent(&app.archive_agent(&id).await?, d)))
 }
 
 pub async fn create_session(
     State(app): State<App>,
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Session>> {
     let fields = JsonBody::object(body)?;
     let session = app.create_session(fields).await?;
-    Ok(Json(views::session(&session, d)))
+    Ok(Json(wire::session(&session, d)))
 }
 
 pub async fn list_sessions(
@@ -229,7 +224,7 @@ pub async fn list_sessions(
     Caller(p): Caller,
     Wire(d): Wire,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::Session>>> {
     let page = params.page(d.max_list_limit(), false, Some(IdKind::Session))?;
     let archive = archive_filter(&params)?;
     let statuses = params
@@ -272,18 +267,18 @@ pub async fn list_sessions(
     } else {
         app.list_sessions(&filter, &page).await?
     };
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &sessions,
         |s| s.id.clone(),
-        |s| views::session(s, d),
+        |s| wire::session(s, d),
     )))
 }
 
 pub async fn get_session(
     Wire(d): Wire,
     ReadableSession(session): ReadableSession,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(views::session(&session, d)))
+) -> ApiResult<Json<api::Session>> {
+    Ok(Json(wire::session(&session, d)))
 }
 
 pub async fn update_session(
@@ -291,10 +286,10 @@ pub async fn update_session(
     Wire(d): Wire,
     Path(id): Path<String>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Session>> {
     app.session(&id).await?;
     let fields = JsonBody::required_object(body)?;
-    Ok(Json(views::session(
+    Ok(Json(wire::session(
         &app.update_session(&id, fields).await?,
         d,
     )))
@@ -304,14 +299,14 @@ pub async fn archive_session(
     State(app): State<App>,
     Wire(d): Wire,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(views::session(&app.archive_session(&id).await?, d)))
+) -> ApiResult<Json<api::Session>> {
+    Ok(Json(wire::session(&app.archive_session(&id).await?, d)))
 }
 
 pub async fn delete_session(
     State(app): State<App>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Deleted>> {
     app.delete_session(&id).await?;
-    Ok(Json(json!({"id": id, "type": "session_deleted"})))
+    Ok(Json(wire::deleted(&id, "session_deleted")))
 }

@@ -7,6 +7,10 @@
 use axum::handler::Handler;
 use axum::routing::{on, MethodFilter, MethodRouter};
 
+use tether_api as api;
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{PartialSchema, ToSchema};
+
 use super::{dashboard, events, ops, resources as r, work};
 use crate::service::App;
 
@@ -118,28 +122,58 @@ const fn q(name: &'static str, ty: Ty, doc: &'static str) -> Param {
     }
 }
 
+/// A body's type in the wire model (`tether-api`): its OpenAPI component name and schemas come from the
+/// type itself, so the document cannot describe a shape other than the one the handler produces.
+#[derive(Clone, Copy)]
+pub struct Shape {
+    /// The component's name.
+    pub name: fn() -> String,
+    /// The component's schema.
+    pub schema: fn() -> RefOr<Schema>,
+    /// The components it refers to, recursively.
+    pub dependencies: fn(&mut Vec<(String, RefOr<Schema>)>),
+    /// The schema of a list page (§1.8) of it.
+    pub page: fn() -> RefOr<Schema>,
+}
+
+impl std::fmt::Debug for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.name)())
+    }
+}
+
+/// The [`Shape`] of `T`.
+pub fn shape<T: ToSchema + 'static>() -> Shape {
+    Shape {
+        name: || T::name().into_owned(),
+        schema: T::schema,
+        dependencies: T::schemas,
+        page: <api::Page<T> as PartialSchema>::schema,
+    }
+}
+
 /// The request body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum Body {
     /// None is read; any body is ignored.
     None,
-    /// Optional (absent, empty and `{}` are the same); the component schema's name.
-    Optional(&'static str),
-    /// Required; the component schema's name.
-    Required(&'static str),
+    /// Optional (absent, empty and `{}` are the same).
+    Optional(Shape),
+    /// Required.
+    Required(Shape),
 }
 
 /// The successful answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub enum Returns {
-    /// 200 with the named component schema.
-    Json(&'static str),
-    /// 200 with a list envelope of the named component schema.
-    List(&'static str),
-    /// 200 with the named schema, or the JSON literal `null`.
-    JsonOrNull(&'static str),
-    /// 200 with the first schema, or 202 with the second.
-    JsonOr202(&'static str, &'static str),
+    /// 200 with the type.
+    Json(Shape),
+    /// 200 with a list envelope of the type.
+    List(Shape),
+    /// 200 with the type, or the JSON literal `null`.
+    JsonOrNull(Shape),
+    /// 200 with the first type, or 202 with the second.
+    JsonOr202(Shape, Shape),
     /// 200 `text/event-stream`.
     EventStream,
     /// 200 `text/plain`.
@@ -253,40 +287,40 @@ pub fn api() -> Vec<Endpoint> {
             .doc("environments", "List environments")
             .params(PAGE)
             .params(ARCHIVED)
-            .returns(List("Environment")),
+            .returns(List(shape::<api::Environment>())),
         ep(Post, "/environments", "createEnvironment", r::create_environment)
             .doc("environments", "Create an environment")
-            .body(Required("CreateEnvironment"))
-            .returns(Json("Environment")),
+            .body(Required(shape::<api::CreateEnvironment>()))
+            .returns(Json(shape::<api::Environment>())),
         ep(Get, "/environments/{environment_id}", "getEnvironment", r::get_environment)
             .doc("environments", "Get an environment")
             .access(Environment)
-            .returns(Json("Environment")),
+            .returns(Json(shape::<api::Environment>())),
         ep(Post, "/environments/{environment_id}", "updateEnvironment", r::update_environment)
             .doc("environments", "Update an environment (partial; metadata is a merge patch)")
-            .body(Required("UpdateEnvironment"))
-            .returns(Json("Environment")),
+            .body(Required(shape::<api::UpdateEnvironment>()))
+            .returns(Json(shape::<api::Environment>())),
         ep(Delete, "/environments/{environment_id}", "deleteEnvironment", r::delete_environment)
             .doc("environments", "Delete an environment and its queue")
-            .returns(Json("Deleted")),
+            .returns(Json(shape::<api::Deleted>())),
         ep(Post, "/environments/{environment_id}/archive", "archiveEnvironment", r::archive_environment)
             .doc("environments", "Archive an environment")
-            .returns(Json("Environment")),
+            .returns(Json(shape::<api::Environment>())),
         ep(Get, "/environments/{environment_id}/keys", "listEnvironmentKeys", r::list_keys)
             .doc("credentials", "List the environment's keys (never their secrets)")
             .params(PAGE)
-            .returns(List("Credential")),
+            .returns(List(shape::<api::Credential>())),
         ep(Post, "/environments/{environment_id}/keys", "createEnvironmentKey", r::create_key)
             .doc("credentials", "Mint an environment key (its secret is shown once)")
-            .body(Optional("CreateCredential"))
-            .returns(Json("NewCredential")),
+            .body(Optional(shape::<api::CreateCredential>()))
+            .returns(Json(shape::<api::Credential>())),
         ep(Delete, "/environments/{environment_id}/keys/{key_id}", "revokeEnvironmentKey", r::revoke_key)
             .doc("credentials", "Revoke an environment key")
-            .returns(Json("Credential")),
+            .returns(Json(shape::<api::Credential>())),
         ep(Get, "/environments/{environment_id}/workers", "listWorkers", work::workers)
             .doc("work", "Workers seen polling in the last 5 minutes, with the live items they hold")
             .access(Environment)
-            .returns(Json("Workers")),
+            .returns(Json(shape::<api::Workers>())),
         // The work queue (§6).
         ep(Get, "/environments/{environment_id}/work", "listWork", work::list)
             .doc("work", "List work items in queue order")
@@ -294,7 +328,7 @@ pub fn api() -> Vec<Endpoint> {
             .params(PAGE)
             .params(&[q("state", Ty::Strings, "Tether extension: only items in one of these states (`state=queued&state=active` or `state=queued,active`); absent: every state.")])
             .params(&[q("cause", Ty::String, "Tether extension: `poison` lists only the items stopped after too many lease expiries (D-5) that no one has requeued yet.")])
-            .returns(List("WorkItem")),
+            .returns(List(shape::<api::WorkItem>())),
         ep(Get, "/environments/{environment_id}/work/poll", "pollWork", work::poll)
             .doc("work", "Claim one queued item (`null` when there is none)")
             .access(Environment)
@@ -303,29 +337,29 @@ pub fn api() -> Vec<Endpoint> {
                 q("reclaim_older_than_ms", Ty::Integer, "Re-deliver un-acked deliveries older than this (default 5000; at least 0 on /api/v1/cloud, 1 on /v1)."),
                 WORKER_ID,
             ])
-            .returns(JsonOrNull("WorkItem")),
+            .returns(JsonOrNull(shape::<api::WorkItem>())),
         ep(Get, "/environments/{environment_id}/work/stats", "workStats", work::stats)
             .doc("work", "Queue statistics")
             .access(Environment)
-            .returns(Json("WorkQueueStats")),
+            .returns(Json(shape::<api::QueueStats>())),
         ep(Get, "/environments/{environment_id}/work/stats/history", "workStatsHistory", work::stats_history)
             .doc("work", "Tether extension: the queue statistics of the last hour, sampled every `interval_seconds` by the server that answers")
             .access(Environment)
-            .returns(Json("WorkQueueStatsHistory")),
+            .returns(Json(shape::<api::QueueStatsHistory>())),
         ep(Get, "/environments/{environment_id}/work/{work_id}", "getWork", work::get)
             .doc("work", "Get a work item")
             .access(WorkItem)
-            .returns(Json("WorkItem")),
+            .returns(Json(shape::<api::WorkItem>())),
         ep(Post, "/environments/{environment_id}/work/{work_id}", "updateWork", work::update)
             .doc("work", "Merge-patch a work item's metadata")
             .access(WorkItem)
-            .body(Optional("WorkMetadataPatch"))
-            .returns(Json("WorkItem")),
+            .body(Optional(shape::<api::WorkMetadataPatch>()))
+            .returns(Json(shape::<api::WorkItem>())),
         ep(Post, "/environments/{environment_id}/work/{work_id}/ack", "ackWork", work::ack)
             .doc("work", "Acknowledge a delivered item (queued → starting)")
             .access(WorkItem)
             .params(&[WORKER_ID])
-            .returns(Json("WorkItem")),
+            .returns(Json(shape::<api::WorkItem>())),
         ep(Post, "/environments/{environment_id}/work/{work_id}/heartbeat", "heartbeatWork", work::heartbeat)
             .doc("work", "Renew the lease (the first heartbeat makes the item active)")
             .access(WorkItem)
@@ -334,16 +368,16 @@ pub fn api() -> Vec<Endpoint> {
                 q("desired_ttl_seconds", Ty::Integer, "Lease length wanted; clamped into the server's bounds (10 to 600 by default)."),
                 WORKER_ID,
             ])
-            .returns(Json("WorkHeartbeat")),
+            .returns(Json(shape::<api::Heartbeat>())),
         ep(Post, "/environments/{environment_id}/work/{work_id}/stop", "stopWork", work::stop)
             .doc("work", "Request, confirm or force a stop")
             .access(WorkItem)
-            .body(Optional("StopRequest"))
-            .returns(Json("WorkItem")),
+            .body(Optional(shape::<api::StopRequest>()))
+            .returns(Json(shape::<api::WorkItem>())),
         ep(Post, "/environments/{environment_id}/work/{work_id}/requeue", "requeueWork", work::requeue)
             .doc("work", "Tether extension: give the session of a stopped item (e.g. poison) a fresh queued item; the history of both says who requeued it and why")
-            .body(Optional("RequeueRequest"))
-            .returns(Json("WorkItem")),
+            .body(Optional(shape::<api::RequeueRequest>()))
+            .returns(Json(shape::<api::WorkItem>())),
         ep(Get, "/environments/{environment_id}/work/{work_id}/history", "workHistory", work::history)
             .doc("work", "Every state change of a work item, oldest first")
             .access(WorkItem)
@@ -351,29 +385,29 @@ pub fn api() -> Vec<Endpoint> {
                 q("limit", Ty::Integer, "Page size, 1 to 100 (default 20)."),
                 q("page", Ty::String, "Cursor: the `next_page` of the previous page."),
             ])
-            .returns(Json("WorkHistory")),
+            .returns(Json(shape::<api::WorkHistory>())),
         // Agents (§12.1).
         ep(Get, "/agents", "listAgents", r::list_agents)
             .doc("agents", "List agents")
             .params(PAGE)
             .params(ARCHIVED)
-            .returns(List("Agent")),
+            .returns(List(shape::<api::Agent>())),
         ep(Post, "/agents", "createAgent", r::create_agent)
             .doc("agents", "Create an agent (version 1)")
-            .body(Required("CreateAgent"))
-            .returns(Json("Agent")),
+            .body(Required(shape::<api::CreateAgent>()))
+            .returns(Json(shape::<api::Agent>())),
         ep(Get, "/agents/{agent_id}", "getAgent", r::get_agent)
             .doc("agents", "Get an agent, at its current or an earlier version")
             .access(Agent)
             .params(&[q("version", Ty::Integer, "Read this version instead of the current one.")])
-            .returns(Json("Agent")),
+            .returns(Json(shape::<api::Agent>())),
         ep(Post, "/agents/{agent_id}", "updateAgent", r::update_agent)
             .doc("agents", "Update an agent: a new version; `version` in the body must match the current one")
-            .body(Required("UpdateAgent"))
-            .returns(Json("Agent")),
+            .body(Required(shape::<api::UpdateAgent>()))
+            .returns(Json(shape::<api::Agent>())),
         ep(Post, "/agents/{agent_id}/archive", "archiveAgent", r::archive_agent)
             .doc("agents", "Archive an agent")
-            .returns(Json("Agent")),
+            .returns(Json(shape::<api::Agent>())),
         // Sessions (§12.2) and their events (§12.3).
         ep(Get, "/sessions", "listSessions", r::list_sessions)
             .doc("sessions", "List sessions")
@@ -385,28 +419,28 @@ pub fn api() -> Vec<Endpoint> {
                 q("environment_id", Ty::String, "Only sessions in this environment."),
                 q("statuses", Ty::Strings, "Only sessions in one of these statuses (`statuses[]=idle&statuses[]=running` or `statuses=idle,running`)."),
             ])
-            .returns(List("Session")),
+            .returns(List(shape::<api::Session>())),
         ep(Post, "/sessions", "createSession", r::create_session)
             .doc("sessions", "Create a session (on a self-hosted environment, enqueues its first work item)")
-            .body(Required("CreateSession"))
-            .returns(Json("Session")),
+            .body(Required(shape::<api::CreateSession>()))
+            .returns(Json(shape::<api::Session>())),
         ep(Get, "/sessions/{session_id}", "getSession", r::get_session)
             .doc("sessions", "Get a session")
             .access(Session)
-            .returns(Json("Session")),
+            .returns(Json(shape::<api::Session>())),
         ep(Post, "/sessions/{session_id}", "updateSession", r::update_session)
             .doc("sessions", "Update a session's title and metadata")
-            .body(Required("UpdateSession"))
-            .returns(Json("Session")),
+            .body(Required(shape::<api::UpdateSession>()))
+            .returns(Json(shape::<api::Session>())),
         ep(Delete, "/sessions/{session_id}", "deleteSession", r::delete_session)
             .doc("sessions", "Delete a session (force-stops its live work item)")
-            .returns(Json("Deleted")),
+            .returns(Json(shape::<api::Deleted>())),
         ep(Post, "/sessions/{session_id}/archive", "archiveSession", r::archive_session)
             .doc("sessions", "Archive a session (force-stops its live work item)")
-            .returns(Json("Session")),
+            .returns(Json(shape::<api::Session>())),
         ep(Post, "/sessions/{session_id}/cancel", "cancelSession", events::cancel)
             .doc("sessions", "Interrupt the running turn (202), or do nothing while idle (200)")
-            .returns(JsonOr202("Session", "Canceling")),
+            .returns(JsonOr202(shape::<api::Session>(), shape::<api::Canceling>())),
         ep(Get, "/sessions/{session_id}/events", "listEvents", events::list_events)
             .doc("events", "List a session's events")
             .access(Session)
@@ -419,12 +453,12 @@ pub fn api() -> Vec<Endpoint> {
                 q("created_at[lt]", Ty::Timestamp, "Processed before this instant."),
                 q("created_at[lte]", Ty::Timestamp, "Processed at or before this instant."),
             ])
-            .returns(List("Event")),
+            .returns(List(shape::<api::Event>())),
         ep(Post, "/sessions/{session_id}/events", "postEvents", events::post_events)
             .doc("events", "Append 1 to 100 events (workers: agent-side events and tool results only)")
             .access(Session)
-            .body(Required("PostEvents"))
-            .returns(Json("PostedEvents")),
+            .body(Required(shape::<api::PostEvents>()))
+            .returns(Json(shape::<api::PostedEvents>())),
         ep(Get, "/sessions/{session_id}/events/stream", "streamEvents", events::stream)
             .doc("events", "Follow a session's events as Server-Sent Events")
             .access(Session)
@@ -442,14 +476,14 @@ pub fn api() -> Vec<Endpoint> {
         ep(Get, "/tokens", "listTokens", r::list_tokens)
             .doc("credentials", "List admin tokens (never their secrets)")
             .params(PAGE)
-            .returns(List("Credential")),
+            .returns(List(shape::<api::Credential>())),
         ep(Post, "/tokens", "createToken", r::create_token)
             .doc("credentials", "Mint an admin token (its secret is shown once)")
-            .body(Optional("CreateCredential"))
-            .returns(Json("NewCredential")),
+            .body(Optional(shape::<api::CreateCredential>()))
+            .returns(Json(shape::<api::Credential>())),
         ep(Delete, "/tokens/{token_id}", "revokeToken", r::revoke_token)
             .doc("credentials", "Revoke an admin token")
-            .returns(Json("Credential")),
+            .returns(Json(shape::<api::Credential>())),
     ]
 }
 
@@ -462,11 +496,11 @@ pub fn ops() -> Vec<Endpoint> {
         ep(Get, "/healthz", "healthz", ops::healthz)
             .doc("operations", "The process is up")
             .access(Public)
-            .returns(Json("Health")),
+            .returns(Json(shape::<api::Health>())),
         ep(Get, "/readyz", "readyz", ops::readyz)
             .doc("operations", "The store answers (503 otherwise)")
             .access(Public)
-            .returns(Json("Health")),
+            .returns(Json(shape::<api::Health>())),
         ep(Get, "/metrics", "metrics", ops::metrics)
             .doc("operations", "Prometheus metrics")
             .access(Public)

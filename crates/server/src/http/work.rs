@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::Json;
-use serde_json::{json, Value};
+use tether_api as api;
 use tether_core::ids::IdKind;
 use tether_core::resources::Environment;
 use tether_core::work::ExpectedHeartbeat;
@@ -12,11 +12,10 @@ use tether_core::{WorkItem, WorkState};
 use tether_store::WorkFilter;
 
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
+use super::wire;
 use crate::body;
-use crate::credentials;
 use crate::error::{ApiError, ApiResult};
 use crate::service::App;
-use crate::views;
 
 /// The work list clamps `limit` above 100 instead of refusing it (D-4).
 const WORK_LIST_MAX: u32 = 100;
@@ -39,15 +38,15 @@ pub async fn list(
     State(app): State<App>,
     Path(env_id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Page<api::WorkItem>>> {
     let env = app.work_environment(&env_id).await?;
     let page = params.page(WORK_LIST_MAX, true, Some(IdKind::Work))?;
     let filter = work_filter(&params)?;
     let items = app.list_work(&env, &filter, &page).await?;
-    Ok(Json(views::list(
+    Ok(Json(wire::list(
         &items,
         |i| i.id.clone(),
-        |i| views::work(i, None),
+        |i| wire::work(i, None),
     )))
 }
 
@@ -95,7 +94,7 @@ pub async fn poll(
     worker: Result<WorkerId, ApiError>,
     Path(env_id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Option<api::WorkItem>>> {
     let env = app.work_environment(&env_id).await?;
     let WorkerId(worker) = worker?;
     let block = match params.int("block_ms")? {
@@ -125,103 +124,101 @@ pub async fn poll(
     let claimed = app
         .poll(&env, worker.as_deref(), issuer, block, reclaim_ms)
         .await?;
-    Ok(Json(match claimed {
-        None => Value::Null,
-        Some(c) => {
-            let base = format!(
-                "{}{}",
-                app.config.public_url.trim_end_matches('/'),
-                dialect.prefix()
-            );
-            let secret = credentials::work_secret(&c.session_token, &base);
-            views::work(&c.item, Some(&secret))
-        }
-    }))
+    Ok(Json(claimed.map(|c| {
+        let base = format!(
+            "{}{}",
+            app.config.public_url.trim_end_matches('/'),
+            dialect.prefix()
+        );
+        let secret = api::WorkSecret::new(c.session_token, base).encode();
+        wire::work(&c.item, Some(secret))
+    })))
 }
 
-pub async fn stats(State(app): State<App>, Path(env_id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn stats(
+    State(app): State<App>,
+    Path(env_id): Path<String>,
+) -> ApiResult<Json<api::QueueStats>> {
     let env = app.work_environment(&env_id).await?;
     let stats = app.queue_stats(&env).await?;
-    let states: serde_json::Map<String, Value> = stats
-        .counts
-        .states
-        .iter()
-        .map(|(s, n)| (s.as_str().to_owned(), json!(n)))
-        .collect();
-    Ok(Json(json!({
-        "type": "work_queue_stats",
-        "depth": stats.counts.depth,
-        "pending": stats.counts.pending,
-        "oldest_queued_at": stats.counts.oldest_queued_at.map(|t| t.to_rfc3339()),
-        "workers_polling": stats.workers_polling,
-        "states": states,
-    })))
+    Ok(Json(api::QueueStats {
+        object: "work_queue_stats".into(),
+        depth: stats.counts.depth,
+        pending: stats.counts.pending,
+        oldest_queued_at: stats.counts.oldest_queued_at.map(|t| t.to_rfc3339()),
+        workers_polling: Some(stats.workers_polling),
+        states: stats
+            .counts
+            .states
+            .iter()
+            .map(|(s, n)| (s.as_str().to_owned(), *n))
+            .collect(),
+        extra: Default::default(),
+    }))
 }
 
 /// The last hour of queue statistics, as sampled by this server (`crate::sampler`).
 pub async fn stats_history(
     State(app): State<App>,
     Path(env_id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::QueueStatsHistory>> {
     let env = app.work_environment(&env_id).await?;
     let since = app
         .now()
         .minus_millis(crate::sampler::RETENTION.as_millis() as i64);
-    let data: Vec<Value> = app
+    let data = app
         .queue_history
         .since(&env.id, since)
         .iter()
-        .map(|s| {
-            json!({
-                "at": s.at.to_rfc3339(),
-                "depth": s.depth,
-                "pending": s.pending,
-                "starting": s.starting,
-                "active": s.active,
-                "stopping": s.stopping,
-                "workers_polling": s.workers_polling,
-            })
+        .map(|s| api::QueueSample {
+            at: s.at.to_rfc3339(),
+            depth: s.depth,
+            pending: s.pending,
+            starting: s.starting,
+            active: s.active,
+            stopping: s.stopping,
+            workers_polling: s.workers_polling,
         })
         .collect();
-    Ok(Json(json!({
-        "type": "work_queue_stats_history",
-        "environment_id": env.id,
-        "interval_seconds": app.config.sample_interval.as_secs_f64(),
-        "data": data,
-    })))
+    Ok(Json(api::QueueStatsHistory {
+        object: "work_queue_stats_history".into(),
+        environment_id: env.id,
+        interval_seconds: app.config.sample_interval.as_secs_f64(),
+        data,
+    }))
 }
 
 pub async fn get(
     State(app): State<App>,
     Path((env_id, work_id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::WorkItem>> {
     let (_, item) = item_in_queue(&app, &env_id, &work_id).await?;
-    Ok(Json(views::work(&item, None)))
+    Ok(Json(wire::work(&item, None)))
 }
 
 pub async fn update(
     State(app): State<App>,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::WorkItem>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let fields = JsonBody::object(body)?;
     let item = match body::metadata_patch(&fields)? {
         None => app.get_work(&env, &work_id).await?,
         Some(patch) => app.patch_work_metadata(&env, &work_id, &patch).await?,
     };
-    Ok(Json(views::work(&item, None)))
+    Ok(Json(wire::work(&item, None)))
 }
 
 pub async fn ack(
     State(app): State<App>,
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::WorkItem>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let WorkerId(worker) = worker?;
     let item = app.ack(&env, &work_id, worker.as_deref()).await?;
-    Ok(Json(views::work(&item, None)))
+    Ok(Json(wire::work(&item, None)))
 }
 
 pub async fn heartbeat(
@@ -229,7 +226,7 @@ pub async fn heartbeat(
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Heartbeat>> {
     let answer = renew(&app, worker, &env_id, &work_id, params).await;
     answer.map_err(|e| with_amnesty_promise(&app, e))
 }
@@ -239,7 +236,7 @@ pub async fn heartbeat(
 fn with_amnesty_promise(app: &App, error: ApiError) -> ApiError {
     match app.lease_amnesty_promise() {
         Some(ms) if error.code == Some("store_unavailable") => {
-            error.with_details(json!({ "lease_amnesty_ms": ms }))
+            error.with_details(serde_json::json!({ "lease_amnesty_ms": ms }))
         }
         _ => error,
     }
@@ -251,7 +248,7 @@ async fn renew(
     env_id: &str,
     work_id: &str,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::Heartbeat>> {
     let (env, _) = item_in_queue(app, env_id, work_id).await?;
     let WorkerId(worker) = worker?;
     let expected =
@@ -276,25 +273,19 @@ async fn renew(
     let reply = app
         .heartbeat(&env, work_id, expected, ttl, worker.as_deref())
         .await?;
-    Ok(Json(json!({
-        "type": "work_heartbeat",
-        "last_heartbeat": reply.last_heartbeat.to_rfc3339(),
-        "lease_extended": reply.lease_extended,
-        "state": reply.state.as_str(),
-        "ttl_seconds": reply.ttl_seconds,
-    })))
+    Ok(Json(wire::heartbeat(&reply)))
 }
 
 pub async fn stop(
     State(app): State<App>,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::WorkItem>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let fields = JsonBody::object(body)?;
     let force = body::optional_bool(&fields, "force")?.unwrap_or(false);
     let item = app.stop(&env, &work_id, force).await?;
-    Ok(Json(views::work(&item, None)))
+    Ok(Json(wire::work(&item, None)))
 }
 
 /// Requeue (Tether extension): the session of a stopped item gets a fresh queued item.
@@ -303,7 +294,7 @@ pub async fn requeue(
     Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::WorkItem>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let fields = JsonBody::object(body)?;
     let reason = body::optional_string(&fields, "reason")?;
@@ -323,14 +314,14 @@ pub async fn requeue(
     let item = app
         .requeue_work(&env, &work_id, by, reason.as_deref())
         .await?;
-    Ok(Json(views::work(&item, None)))
+    Ok(Json(wire::work(&item, None)))
 }
 
 pub async fn history(
     State(app): State<App>,
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<api::WorkHistory>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
     let page = params.page(100, false, None)?;
     let after = match &page.cursor {
@@ -347,22 +338,14 @@ pub async fn history(
         }
     };
     let (item, rows) = app.work_history(&env, &work_id, after, page.limit).await?;
-    Ok(Json(views::history(&work_id, &item, &rows)))
+    Ok(Json(wire::history(&work_id, &item, &rows)))
 }
 
-pub async fn workers(State(app): State<App>, Path(env_id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn workers(
+    State(app): State<App>,
+    Path(env_id): Path<String>,
+) -> ApiResult<Json<api::Workers>> {
     let env = app.work_environment(&env_id).await?;
     let workers = app.workers(&env).await?;
-    let data: Vec<Value> = workers
-        .iter()
-        .map(|(worker, at, items)| {
-            json!({
-                "type": "worker",
-                "worker_id": worker,
-                "last_poll_at": at.to_rfc3339(),
-                "items": items.iter().map(|i| json!({"id": i.id, "state": i.state.as_str(), "session_id": i.data.id})).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "data": data })))
+    Ok(Json(wire::workers(&workers)))
 }

@@ -148,6 +148,7 @@ impl<'a> Req<'a> {
     }
 
     pub async fn send(self) -> Reply {
+        let method = self.method.clone();
         let mut req = self
             .server
             .http()
@@ -167,8 +168,12 @@ impl<'a> Req<'a> {
         let resp = req.send().await.expect("request");
         let status = resp.status();
         let headers = resp.headers().clone();
+        let url = resp.url().to_string();
         let text = resp.text().await.expect("body");
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        // Every answer the suites see must match what /openapi.json declares for it.
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
+        tether_testkit::schema::check_response(&method, &url, status, content_type, &body);
         Reply {
             status,
             headers,

@@ -1,0 +1,401 @@
+//! Request bodies. Each keeps a flattened `extra` map so that a caller can send fields this crate does
+//! not model yet; the server reads the fields it knows and ignores the rest (§1.3).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{json, Map, Value};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
+
+use crate::events::NewEvent;
+use crate::resources::EnvironmentConfig;
+use crate::{Metadata, MetadataPatch};
+
+/// Body of `POST /environments`. `config` is required under /api/v1/cloud; under /v1 its absence means
+/// a cloud environment.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateEnvironment {
+    /// 1 to 256 characters, not all blank.
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
+    pub name: String,
+    /// Optional free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// `{"type": "self_hosted"}` makes a work queue.
+    #[serde(default)]
+    #[schema(value_type = Option<EnvironmentConfig>)]
+    pub config: Value,
+    /// Initial metadata: at most 16 keys of 1 to 64 characters, values of at most 512.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    #[schema(schema_with = crate::schemas::metadata_map)]
+    pub metadata: Metadata,
+    /// `organization` or `account` (Anthropic dialect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Further fields sent as given.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
+}
+
+impl CreateEnvironment {
+    /// A `self_hosted` environment: the kind that owns a work queue served by your own workers.
+    pub fn self_hosted(name: impl Into<String>) -> Self {
+        CreateEnvironment {
+            name: name.into(),
+            config: json!({"type": "self_hosted"}),
+            ..Default::default()
+        }
+    }
+
+    /// A `cloud` environment (stored, never run by Tether) with unrestricted networking.
+    pub fn cloud(name: impl Into<String>) -> Self {
+        CreateEnvironment {
+            name: name.into(),
+            config: json!({"type": "cloud", "networking": {"type": "unrestricted"}}),
+            ..Default::default()
+        }
+    }
+}
+
+/// Body of `POST /environments/{id}`: only the fields set are changed; `config.type` cannot change.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateEnvironment {
+    /// New name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
+    pub name: Option<String>,
+    /// New description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Replaces the whole config; its `type` cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<EnvironmentConfig>)]
+    pub config: Option<Value>,
+    /// Metadata merge patch: a string sets a key, null deletes it, absent keys stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schemas::metadata_patch)]
+    pub metadata: Option<MetadataPatch>,
+    /// Further fields sent as given.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
+}
+
+/// Body of `POST /tokens` and `POST /environments/{id}/keys`: without `name` the credential has none.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateCredential {
+    /// 1 to 256 characters, not all blank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
+    pub name: Option<String>,
+}
+
+/// Body of `POST /agents`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateAgent {
+    /// Required, 1–64 characters.
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
+    pub name: String,
+    /// Required: a model name (`json!("model-name")`) or `{"id": …, …}`.
+    pub model: Value,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// System prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Tool definitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
+    /// Skills.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skills: Option<Vec<Value>>,
+    /// MCP servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_servers: Option<Vec<Value>>,
+    /// `{"type": …, …}`, stored as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub execution_identity: Option<Value>,
+    /// Initial metadata.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    #[schema(schema_with = crate::schemas::metadata_map)]
+    pub metadata: Metadata,
+    /// Further fields sent as given.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
+}
+
+impl CreateAgent {
+    /// An agent with a name and a model name.
+    pub fn new(name: impl Into<String>, model: impl Into<String>) -> Self {
+        CreateAgent {
+            name: name.into(),
+            model: Value::String(model.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Body of `POST /agents/{id}`: only the fields set are changed; any change makes a new version.
+/// `version`, when given, must be the current version (else 409 and nothing changes).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateAgent {
+    /// The version the caller last saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub version: Option<u32>,
+    /// New name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 64, pattern = r"\S")]
+    pub name: Option<String>,
+    /// New model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<Value>,
+    /// New description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// New system prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Replaces the tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
+    /// Replaces the skills.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skills: Option<Vec<Value>>,
+    /// Replaces the MCP servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_servers: Option<Vec<Value>>,
+    /// Replaces the execution identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub execution_identity: Option<Value>,
+    /// Metadata merge patch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schemas::metadata_patch)]
+    pub metadata: Option<MetadataPatch>,
+    /// Further fields sent as given.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
+}
+
+/// How a new session names its agent: by id (latest version) or pinned to a version
+/// (`{"type": "agent", "id": …, "version": …}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentRef {
+    /// The agent's current version.
+    Id(String),
+    /// A given version of the agent.
+    Version {
+        /// `agent_…`.
+        id: String,
+        /// The version to use.
+        version: u32,
+    },
+}
+
+impl utoipa::PartialSchema for AgentRef {
+    fn schema() -> RefOr<Schema> {
+        let pinned = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("An agent at a version."))
+            .property(
+                "type",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some(["agent"])),
+            )
+            .property("id", ObjectBuilder::new().schema_type(Type::String))
+            .required("id")
+            .property(
+                "version",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
+            );
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(pinned)
+            .into()
+    }
+}
+
+impl ToSchema for AgentRef {}
+
+impl Default for AgentRef {
+    fn default() -> Self {
+        AgentRef::Id(String::new())
+    }
+}
+
+impl From<&str> for AgentRef {
+    fn from(id: &str) -> Self {
+        AgentRef::Id(id.to_owned())
+    }
+}
+
+impl From<String> for AgentRef {
+    fn from(id: String) -> Self {
+        AgentRef::Id(id)
+    }
+}
+
+impl Serialize for AgentRef {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AgentRef::Id(id) => serializer.serialize_str(id),
+            AgentRef::Version { id, version } => {
+                json!({"type": "agent", "id": id, "version": version}).serialize(serializer)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Id(String),
+            Pinned { id: String, version: u32 },
+        }
+        Ok(match Form::deserialize(deserializer)? {
+            Form::Id(id) => AgentRef::Id(id),
+            Form::Pinned { id, version } => AgentRef::Version { id, version },
+        })
+    }
+}
+
+/// Body of `POST /sessions`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateSession {
+    /// The agent: its id, or `{"type": "agent", "id": …, "version"?: …}`.
+    pub agent: AgentRef,
+    /// The environment whose queue serves the session (a `self_hosted` one enqueues a work item).
+    pub environment_id: String,
+    /// Optional title, at most 512 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 512)]
+    pub title: Option<String>,
+    /// Metadata, copied into the session's work items.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    #[schema(schema_with = crate::schemas::metadata_map)]
+    pub metadata: Metadata,
+    /// Variables for the worker's program.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environment_variables: BTreeMap<String, String>,
+    /// User-side events appended right after creation, e.g. a first `user.message`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub initial_events: Vec<NewEvent>,
+    /// Resources, stored as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<Value>>,
+    /// A budget, stored as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub budget: Option<Value>,
+    /// Further fields sent as given.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
+}
+
+impl CreateSession {
+    /// A session of `agent` on `environment_id`.
+    pub fn new(agent: impl Into<AgentRef>, environment_id: impl Into<String>) -> Self {
+        CreateSession {
+            agent: agent.into(),
+            environment_id: environment_id.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Body of `POST /sessions/{id}`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateSession {
+    /// New title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 512)]
+    pub title: Option<String>,
+    /// Metadata merge patch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schemas::metadata_patch)]
+    pub metadata: Option<MetadataPatch>,
+    /// Further fields sent as given.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub extra: Map<String, Value>,
+}
+
+/// Body of `POST /environments/{id}/work/{work_id}`: a metadata merge patch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WorkMetadataPatch {
+    /// A string sets a key, null deletes it, absent keys stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schemas::metadata_patch)]
+    pub metadata: Option<MetadataPatch>,
+}
+
+/// Body of `POST …/work/{work_id}/stop`: `force: true` stops at once; otherwise a graceful stop (or its
+/// confirmation).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StopRequest {
+    /// Stop at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force: Option<bool>,
+}
+
+/// Body of `POST …/work/{work_id}/requeue` (a Tether extension): why the item is requeued (kept in the
+/// history of both items, at most 500 characters).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RequeueRequest {
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 500)]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_refs_serialize_as_id_or_object() {
+        assert_eq!(
+            serde_json::to_value(AgentRef::from("agent_1")).unwrap(),
+            json!("agent_1")
+        );
+        let pinned = AgentRef::Version {
+            id: "agent_1".into(),
+            version: 2,
+        };
+        let wire = serde_json::to_value(&pinned).unwrap();
+        assert_eq!(
+            wire,
+            json!({"type": "agent", "id": "agent_1", "version": 2})
+        );
+        assert_eq!(serde_json::from_value::<AgentRef>(wire).unwrap(), pinned);
+    }
+
+    #[test]
+    fn metadata_patches_send_null_for_deletions() {
+        let update = UpdateEnvironment {
+            metadata: Some(MetadataPatch::from([
+                ("keep".to_owned(), Some("v".to_owned())),
+                ("drop".to_owned(), None),
+            ])),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(update).unwrap(),
+            json!({"metadata": {"keep": "v", "drop": null}})
+        );
+    }
+}

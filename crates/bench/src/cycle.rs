@@ -75,7 +75,7 @@ impl Served {
             Backend::Sqlite => Arc::new(tether_store::sqlite::open(&dir.path().join("tether.db"))?),
             Backend::Postgres => {
                 let admin = postgres_url().context("no PostgreSQL URL")?;
-                let url = tether_store::postgres::create_test_database(&admin).await?;
+                let url = tether_testkit::postgres::create_test_database(&admin).await?;
                 Arc::new(tether_store::postgres::connect(&url).await?)
             }
         };
@@ -90,7 +90,7 @@ impl Served {
         let token = app
             .bootstrap_admin_token(None)
             .await
-            .map_err(|e| anyhow::anyhow!(e.message))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?
             .context("fresh store")?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(tether_server::serve_with(

@@ -344,7 +344,9 @@ pub async fn report(number: usize, quick: bool) -> Result<()> {
     } else {
         (2_000, 100_000, 400)
     };
-    println!("{number}. the cycle's cost, 16 workers, {items} items (an idle long poll waits elsewhere)");
+    println!(
+        "{number}. the cycle's cost, 16 workers, {items} items (an idle long poll waits elsewhere)"
+    );
     let mut sqlite_rate = None;
     for &backend in &backends {
         let rate = throughput(backend, 16, items).await?;

@@ -146,7 +146,10 @@ mod tests {
         let h = LeaseHorizon::default();
         assert!(h.may_be_due(at(0)));
         h.wrote(at(5));
-        assert!(h.may_be_due(at(0)), "one write does not make the bound known");
+        assert!(
+            h.may_be_due(at(0)),
+            "one write does not make the bound known"
+        );
         let n = h.before_refresh();
         h.refreshed(n, None);
         assert!(!h.may_be_due(at(1_000_000)));

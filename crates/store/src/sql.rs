@@ -92,9 +92,10 @@ pub enum Expect {
 pub type Row = Vec<Value>;
 
 /// Versioned schema migrations, applied in order; each runs once.
-pub const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE IF NOT EXISTS environments (
     id TEXT PRIMARY KEY,
     version BIGINT NOT NULL,
@@ -170,10 +171,11 @@ CREATE TABLE IF NOT EXISTS workers (
     PRIMARY KEY (environment_id, worker_id)
 );
 "#,
-), (
-    2,
-    // Session slots (see `SESSION_SLOTS`), and the slots of every environment that exists already.
-    r#"
+    ),
+    (
+        2,
+        // Session slots (see `SESSION_SLOTS`), and the slots of every environment that exists already.
+        r#"
 CREATE TABLE IF NOT EXISTS session_slots (
     environment_id TEXT NOT NULL,
     slot BIGINT NOT NULL,
@@ -185,7 +187,8 @@ INSERT INTO session_slots (environment_id, slot, sessions_inserted)
 SELECT environments.id, slots.n, 0 FROM environments, slots WHERE 1 = 1
 ON CONFLICT (environment_id, slot) DO NOTHING;
 "#,
-)];
+    ),
+];
 
 /// Rows per environment that a session insert locks one of (chosen by the session's id) instead of the
 /// environment's own row, which every insert would otherwise queue behind. A change of the environment

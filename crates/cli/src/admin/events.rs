@@ -8,6 +8,7 @@ use anyhow::Result;
 use futures::StreamExt;
 use serde_json::{Map, Value};
 use tether_client::{Client, Event, ListEvents, ListParams, Order, SessionStatus};
+use tether_worker::backoff::Backoff;
 
 /// A well-formed event id that sorts before every real one. The server reads a resume point that names
 /// no event by its position, so resuming "after" it replays the whole log.
@@ -249,9 +250,12 @@ pub async fn follow(
     mut after: String,
     mut on_event: impl FnMut(&Event) -> bool,
 ) -> Result<Ending> {
-    const FIRST_PAUSE: Duration = Duration::from_millis(500);
-    const LONGEST_PAUSE: Duration = Duration::from_secs(10);
-    let mut pause = FIRST_PAUSE;
+    // ½ s doubling to 10 s between reconnects, without jitter: one person is waiting, not a fleet.
+    let mut pause = Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+        Duration::ZERO,
+    );
     let mut warned = false;
     loop {
         match client.stream_events(session_id, Some(&after)).await {
@@ -260,7 +264,7 @@ pub async fn follow(
                     eprintln!("(reconnected)");
                     warned = false;
                 }
-                pause = FIRST_PAUSE;
+                pause.reset();
                 while let Some(item) = stream.next().await {
                     let sse = match item {
                         Ok(sse) => sse,
@@ -309,8 +313,7 @@ pub async fn follow(
             }
             Err(e) => return Err(e.into()),
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(LONGEST_PAUSE);
+        tokio::time::sleep(pause.next_delay()).await;
     }
 }
 

@@ -5,13 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::status::Reporter;
-use super::Phase;
+use crate::status::Reporter;
+use crate::{Error, Phase};
 
 /// Moves the worker to `next` unless it is already further along; phases never go back.
 pub fn advance(phase: &watch::Sender<Phase>, next: Phase) {
@@ -29,9 +28,11 @@ pub fn watch_signals(
     phase: Arc<watch::Sender<Phase>>,
     report: Reporter,
     drain_timeout: Duration,
-) -> Result<JoinHandle<()>> {
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+) -> Result<JoinHandle<()>, Error> {
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| Error::config(format!("cannot handle SIGTERM: {e}")))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::config(format!("cannot handle SIGINT: {e}")))?;
     Ok(tokio::spawn(async move {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
@@ -105,5 +106,38 @@ mod tests {
         assert_eq!(*rx.borrow(), Phase::Terminating);
         advance(&tx, Phase::Forced);
         assert_eq!(*rx.borrow(), Phase::Forced);
+    }
+
+    /// On tokio's paused clock: items that finish within the drain timeout are waited for; one that
+    /// does not is told to terminate exactly when the timeout is up, and the drain ends once it did.
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_waits_then_terminates_what_is_left() {
+        let report = Reporter::new(crate::LogFormat::Json, 2);
+        let (tx, rx) = watch::channel(Phase::Draining);
+        let start = tokio::time::Instant::now();
+        let timeout = Duration::from_secs(60);
+        let mut tasks = JoinSet::new();
+        // One item finishes on its own after 5 s.
+        tasks.spawn(tokio::time::sleep(Duration::from_secs(5)));
+        // One ignores the drain and ends 2 s after it is told to terminate.
+        let mut told = rx.clone();
+        tasks.spawn(async move {
+            crate::reached(&mut told, Phase::Terminating).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        drain(&mut tasks, &tx, timeout, &report).await;
+        assert!(tasks.is_empty());
+        assert_eq!(*rx.borrow(), Phase::Terminating);
+        assert_eq!(start.elapsed(), timeout + Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_with_nothing_left_terminates_nothing() {
+        let report = Reporter::new(crate::LogFormat::Json, 1);
+        let (tx, rx) = watch::channel(Phase::Draining);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(tokio::time::sleep(Duration::from_secs(1)));
+        drain(&mut tasks, &tx, Duration::from_secs(60), &report).await;
+        assert_eq!(*rx.borrow(), Phase::Draining);
     }
 }

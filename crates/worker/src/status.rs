@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::serve::LogFormat;
+use crate::LogFormat;
 
 /// What the claim loop is doing.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use super::status::Reporter;
+use crate::status::Reporter;
+use crate::{Error, Result};
 
 /// Environment variables of the worker that its programs must not see: the program's credential is its
 /// item's session token, scoped to that item, not the key the worker claims with.
@@ -38,13 +38,15 @@ impl Program {
     /// only bounce every item.
     pub fn resolve(argv: &[OsString]) -> Result<Program> {
         let Some((name, args)) = argv.split_first() else {
-            bail!("no PROGRAM given: put the command to run per item after `--`");
+            return Err(Error::config(
+                "no PROGRAM given: put the command to run per item after `--`",
+            ));
         };
         let shown = name.to_string_lossy();
         let path = if name.as_encoded_bytes().contains(&b'/') {
             let path = PathBuf::from(name);
             check_executable(&path)
-                .map_err(|why| anyhow::anyhow!("cannot run PROGRAM {shown}: {why}"))?;
+                .map_err(|why| Error::config(format!("cannot run PROGRAM {shown}: {why}")))?;
             path
         } else {
             let search = std::env::var_os("PATH").unwrap_or_default();
@@ -52,9 +54,9 @@ impl Program {
                 .map(|dir| dir.join(name))
                 .find(|candidate| check_executable(candidate).is_ok())
                 .ok_or_else(|| {
-                    anyhow::anyhow!(
+                    Error::config(format!(
                         "cannot run PROGRAM {shown}: no executable of that name in PATH"
-                    )
+                    ))
                 })?
         };
         Ok(Program {

@@ -16,11 +16,11 @@ use nix::sys::signal::Signal;
 use tether_client::{Client, MetadataPatch, WorkItem};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use super::backoff::retry;
-use super::heartbeat::{Heartbeat, Lease};
-use super::program::{Exit, Running};
-use super::status::Outcome;
-use super::{reached, Phase, Shared};
+use crate::backoff::retry;
+use crate::heartbeat::{Heartbeat, ItemLease, Lease};
+use crate::program::{Exit, Running};
+use crate::status::Outcome;
+use crate::{reached, Phase, Shared};
 
 /// Serves `item`, holding `slot` (one unit of `--concurrency`) until it is done.
 pub async fn serve(shared: Arc<Shared>, item: WorkItem, slot: OwnedSemaphorePermit) {
@@ -123,10 +123,13 @@ impl<'a> Item<'a> {
             return Outcome::Skipped;
         }
         // Before anything slow: the provisional lease of the ack is short.
+        let renewer = ItemLease {
+            client: self.client.clone(),
+            environment_id: self.env().to_owned(),
+            work_id: self.work_id.clone(),
+        };
         let mut lease = Heartbeat::start(
-            self.client.clone(),
-            self.env().to_owned(),
-            self.work_id.clone(),
+            renewer,
             self.shared.worker_id.clone(),
             self.shared.desired_ttl,
             acked,

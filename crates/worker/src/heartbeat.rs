@@ -10,6 +10,7 @@
 //! so that the program dies in time whatever the network does: answers that fail fast, then hang, or
 //! never come.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tether_client::{Client, Error, Heartbeat as Beat, HeartbeatOptions, WorkState, NO_HEARTBEAT};
@@ -18,7 +19,29 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::deadman;
+use crate::deadman;
+
+/// One lease renewal of one item: the heartbeat call. The worker's is [`ItemLease`] (HTTP, with the
+/// item's session token); the unit tests below script the server's answers on tokio's paused clock.
+pub trait Renew: Send + Sync + 'static {
+    fn renew(&self, options: HeartbeatOptions) -> impl Future<Output = Result<Beat, Error>> + Send;
+}
+
+/// The heartbeat call of one item, over HTTP.
+pub struct ItemLease {
+    /// Carries the item's session token.
+    pub client: Client,
+    pub environment_id: String,
+    pub work_id: String,
+}
+
+impl Renew for ItemLease {
+    async fn renew(&self, options: HeartbeatOptions) -> Result<Beat, Error> {
+        self.client
+            .heartbeat(&self.environment_id, &self.work_id, &options)
+            .await
+    }
+}
 
 /// What the supervisor of the item needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,12 +127,10 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts beating at once. `client` carries the item's session token; `acked` is when the ack that
-    /// gave the provisional lease was sent.
+    /// Starts beating at once through `renewer`; `acked` is when the ack that gave the provisional
+    /// lease was sent.
     pub fn start(
-        client: Client,
-        environment_id: String,
-        work_id: String,
+        renewer: impl Renew,
         worker_id: String,
         desired_ttl: Option<u32>,
         acked: Instant,
@@ -120,9 +141,7 @@ impl Heartbeat {
         let (last_resort_tx, last_resort) = watch::channel(acked + provisional.last_resort());
         let task = tokio::spawn(async move {
             let beats = Beats {
-                client: &client,
-                environment_id: &environment_id,
-                work_id: &work_id,
+                renewer: &renewer,
                 worker_id: &worker_id,
                 desired_ttl,
                 origin: acked,
@@ -213,10 +232,8 @@ impl Drop for Heartbeat {
 }
 
 /// The heartbeat loop of one item.
-struct Beats<'a> {
-    client: &'a Client,
-    environment_id: &'a str,
-    work_id: &'a str,
+struct Beats<'a, R> {
+    renewer: &'a R,
     worker_id: &'a str,
     desired_ttl: Option<u32>,
     /// The zero of the readings handed to [`WorkerLease`].
@@ -226,7 +243,7 @@ struct Beats<'a> {
     last_resort: &'a watch::Sender<Instant>,
 }
 
-impl Beats<'_> {
+impl<R: Renew> Beats<'_, R> {
     fn reading(&self, at: Instant) -> Duration {
         at.saturating_duration_since(self.origin)
     }
@@ -261,9 +278,7 @@ impl Beats<'_> {
                 worker_id: Some(self.worker_id.to_owned()),
                 timeout: Some(timeout.min(interval)),
             };
-            let call = self
-                .client
-                .heartbeat(self.environment_id, self.work_id, &options);
+            let call = self.renewer.renew(options);
             // The client's own timeout should end the call; this one holds even if it does not.
             let result = match tokio::time::timeout(timeout.min(interval), call).await {
                 Ok(result) => result,
@@ -319,14 +334,203 @@ mod tests {
     use super::*;
 
     fn beat(state: &str, extended: bool) -> Result<Beat, Error> {
+        beat_with_ttl(state, extended, 60)
+    }
+
+    fn beat_with_ttl(state: &str, extended: bool, ttl_seconds: u32) -> Result<Beat, Error> {
         Ok(serde_json::from_value(serde_json::json!({
             "type": "work_heartbeat",
             "last_heartbeat": "2026-07-01T08:15:06.120394Z",
             "lease_extended": extended,
             "state": state,
-            "ttl_seconds": 60,
+            "ttl_seconds": ttl_seconds,
         }))
         .unwrap())
+    }
+
+    /// One scripted answer of the server: after `delay` (on tokio's paused clock), `answer`; a script
+    /// that has run out never answers again.
+    struct Step {
+        delay: Duration,
+        answer: Result<Beat, Error>,
+    }
+
+    fn at_once(answer: Result<Beat, Error>) -> Step {
+        Step {
+            delay: Duration::ZERO,
+            answer,
+        }
+    }
+
+    /// When each heartbeat was sent, and the `last_heartbeat` it expected.
+    type Sent = std::sync::Arc<std::sync::Mutex<Vec<(Instant, Option<String>)>>>;
+
+    /// A server whose heartbeat answers are scripted; it records when each heartbeat was sent and
+    /// what it expected.
+    struct Scripted {
+        steps: std::sync::Mutex<std::collections::VecDeque<Step>>,
+        sent: Sent,
+    }
+
+    impl Scripted {
+        fn new(steps: Vec<Step>) -> (Scripted, Sent) {
+            let sent = std::sync::Arc::default();
+            let server = Scripted {
+                steps: std::sync::Mutex::new(steps.into()),
+                sent: std::sync::Arc::clone(&sent),
+            };
+            (server, sent)
+        }
+    }
+
+    impl Renew for Scripted {
+        fn renew(
+            &self,
+            options: HeartbeatOptions,
+        ) -> impl Future<Output = Result<Beat, Error>> + Send {
+            self.sent
+                .lock()
+                .unwrap()
+                .push((Instant::now(), options.expected_last_heartbeat.clone()));
+            let step = self.steps.lock().unwrap().pop_front();
+            async move {
+                match step {
+                    Some(step) => {
+                        tokio::time::sleep(step.delay).await;
+                        step.answer
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+        }
+    }
+
+    fn unavailable() -> Result<Beat, Error> {
+        refused(503)
+    }
+
+    /// The provisional lease of an ack sent at the test's start.
+    fn provisional() -> WorkerLease {
+        WorkerLease::acknowledged(Duration::ZERO, PROVISIONAL_TTL)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_answers_never_lets_the_program_start() {
+        let acked = Instant::now();
+        let (server, sent) = Scripted::new(vec![]);
+        let mut lease = Heartbeat::start(server, "w".into(), None, acked);
+        let Lease::Lost(why) = lease.established().await else {
+            panic!("a lease nobody renewed was taken as held");
+        };
+        assert!(why.contains("deadline"), "{why}");
+        // Given up by the provisional deadline, counted from the send of the ack, and not before.
+        assert_eq!(acked.elapsed(), provisional().kill_at());
+        let sent = sent.lock().unwrap();
+        assert_eq!(sent[0], (acked, Some(NO_HEARTBEAT.to_owned())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_come_at_the_cores_interval_and_the_deadline_follows_the_last_send() {
+        const TTL: u32 = 20;
+        const ROUND_TRIP: Duration = Duration::from_millis(300);
+        let acked = Instant::now();
+        let renewals = 4;
+        let steps = (0..renewals)
+            .map(|_| Step {
+                delay: ROUND_TRIP,
+                answer: beat_with_ttl("active", true, TTL),
+            })
+            .collect();
+        let (server, sent) = Scripted::new(steps);
+        let mut lease = Heartbeat::start(server, "w".into(), Some(TTL), acked);
+        assert_eq!(lease.established().await, Lease::Held);
+        let why = lease.lost().await;
+        assert!(why.contains("deadline"), "{why}");
+        let lost_at = acked.elapsed();
+
+        let sent = sent.lock().unwrap();
+        let interval = heartbeat_interval(Duration::from_secs(TTL.into()));
+        // The first beat goes out at once and expects no earlier heartbeat; each later one echoes the
+        // answer and leaves one interval after the send of the one before.
+        assert_eq!(sent[0], (acked, Some(NO_HEARTBEAT.to_owned())));
+        for pair in sent[..renewals].windows(2) {
+            assert_eq!(pair[1].0 - pair[0].0, interval);
+            assert_eq!(pair[1].1.as_deref(), Some("2026-07-01T08:15:06.120394Z"));
+        }
+        // The core's arithmetic, fed the same sends, gives the moment the program had to be dead by.
+        let mut model = provisional();
+        for (at, _) in &sent[..renewals] {
+            model.renewed(*at - acked, Duration::from_secs(TTL.into()));
+        }
+        assert_eq!(lost_at, model.kill_at());
+        assert!(lost_at < (sent[renewals - 1].0 - acked) + Duration::from_secs(TTL.into()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_that_fail_fast_then_hang_lose_the_lease_at_the_deadline_of_the_last_renewal() {
+        let acked = Instant::now();
+        let mut steps = vec![at_once(beat_with_ttl("active", true, 10))];
+        steps.extend((0..5).map(|_| at_once(unavailable())));
+        let (server, sent) = Scripted::new(steps);
+        let mut lease = Heartbeat::start(server, "w".into(), None, acked);
+        assert_eq!(lease.established().await, Lease::Held);
+        lease.lost().await;
+        let mut model = provisional();
+        model.renewed(Duration::ZERO, Duration::from_secs(10));
+        assert_eq!(acked.elapsed(), model.kill_at());
+        // The failures were retried while the lease lasted (one every quarter interval).
+        assert!(sent.lock().unwrap().len() >= 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_request_is_told_to_the_supervisor_and_the_lease_is_kept() {
+        let acked = Instant::now();
+        let (server, _) = Scripted::new(vec![
+            at_once(beat_with_ttl("active", true, 30)),
+            at_once(beat_with_ttl("stopping", true, 30)),
+            at_once(beat_with_ttl("stopping", true, 30)),
+        ]);
+        let mut lease = Heartbeat::start(server, "w".into(), None, acked);
+        assert_eq!(lease.established().await, Lease::Held);
+        assert_eq!(lease.event().await, Lease::StopRequested);
+        // Renewed at least twice: the deadline is past the first renewal's.
+        let first = {
+            let mut model = provisional();
+            model.renewed(Duration::ZERO, Duration::from_secs(30));
+            model.kill_at()
+        };
+        assert!(*lease.kill_at.borrow() > acked + first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_promised_amnesty_keeps_the_program_past_its_lease_and_no_further() {
+        let acked = Instant::now();
+        let outage = tether_client::ApiError {
+            status: 503,
+            kind: "overloaded_error".into(),
+            message: "the database is unavailable".into(),
+            param: None,
+            code: Some("store_unavailable".into()),
+            details: Some(serde_json::json!({"lease_amnesty_ms": 60_000})),
+            request_id: None,
+        };
+        let mut steps = vec![at_once(beat_with_ttl("active", true, 10))];
+        steps.extend((0..400).map(|_| at_once(Err(outage.clone().into()))));
+        let (server, sent) = Scripted::new(steps);
+        let mut lease = Heartbeat::start(server, "w".into(), None, acked);
+        assert_eq!(lease.established().await, Lease::Held);
+        lease.lost().await;
+        let lost_at = acked.elapsed();
+        // The same answers fed to the core's arithmetic.
+        let mut model = provisional();
+        model.renewed(Duration::ZERO, Duration::from_secs(10));
+        let without_amnesty = model.kill_at();
+        // Only the answered ones: after the script, heartbeats go unanswered.
+        for (at, _) in sent.lock().unwrap().iter().skip(1).take(400) {
+            model.amnesty(*at - acked, *at - acked, Duration::from_secs(60));
+        }
+        assert!(lost_at > without_amnesty, "the promise was not taken");
+        assert_eq!(lost_at, model.kill_at());
     }
 
     fn refused(status: u16) -> Result<Beat, Error> {

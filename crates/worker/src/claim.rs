@@ -5,14 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::anyhow;
 use tether_client::{Error, PollOptions};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::backoff::Backoff;
-use super::status::Activity;
-use super::{reached, supervisor, Phase, Shared};
+use crate::backoff::Backoff;
+use crate::status::Activity;
+use crate::{reached, supervisor, Phase, Shared};
 
 /// The longest wait a poll may ask for (§6.2).
 const LONG_POLL_MS: u32 = 999;
@@ -24,7 +23,7 @@ pub async fn run(
     shared: Arc<Shared>,
     concurrency: usize,
     tasks: &mut JoinSet<()>,
-) -> anyhow::Result<u64> {
+) -> crate::Result<u64> {
     let mut claimed = 0;
     let mut idle_since = Instant::now();
     let result = claim(&shared, concurrency, tasks, &mut claimed, &mut idle_since).await;
@@ -37,10 +36,10 @@ async fn claim(
     tasks: &mut JoinSet<()>,
     claimed: &mut u64,
     idle_since: &mut Instant,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut phase = shared.phase.clone();
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::poll();
     let report = &shared.report;
     let options = PollOptions {
         block_ms: Some(LONG_POLL_MS),
@@ -123,30 +122,31 @@ fn is_fatal(e: &Error) -> bool {
 }
 
 /// What the operator should fix, in words.
-fn explain(e: &Error, shared: &Shared) -> anyhow::Error {
+fn explain(e: &Error, shared: &Shared) -> crate::Error {
     let env = &shared.environment_id;
     let server = shared.client.server_url();
-    match e.status() {
-        Some(401) => anyhow!(
+    let why = match e.status() {
+        Some(401) => format!(
             "the server refused the key ({e}). Check --key / TETHER_KEY: it may be mistyped or \
              revoked; mint a new one with `tether env key create {env}`"
         ),
-        Some(403) => anyhow!(
+        Some(403) => format!(
             "the key may not take work from environment {env} ({e}). An environment key works for \
              its own environment only: check --environment / TETHER_ENVIRONMENT and --key / TETHER_KEY"
         ),
-        Some(404) if e.code() == Some("environment_not_found") => anyhow!(
+        Some(404) if e.code() == Some("environment_not_found") => format!(
             "environment {env} does not exist on {server} ({e}). Check --environment / \
              TETHER_ENVIRONMENT (`tether env list` shows them)"
         ),
-        Some(404) => anyhow!(
+        Some(404) => format!(
             "{server} answered 404 to a poll ({e}). Is --server / TETHER_SERVER the Tether server?"
         ),
-        Some(400) => anyhow!("the server will not hand out work from environment {env}: {e}"),
-        Some(_) => anyhow!("the server refused to hand out work: {e}"),
-        None if e.is_tls() => anyhow!("{e}"),
-        None => anyhow!("{server} did not answer like a Tether server ({e}). Check --server / TETHER_SERVER"),
-    }
+        Some(400) => format!("the server will not hand out work from environment {env}: {e}"),
+        Some(_) => format!("the server refused to hand out work: {e}"),
+        None if e.is_tls() => format!("{e}"),
+        None => format!("{server} did not answer like a Tether server ({e}). Check --server / TETHER_SERVER"),
+    };
+    crate::Error::Refused(why)
 }
 
 #[cfg(test)]

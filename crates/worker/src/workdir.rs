@@ -12,13 +12,14 @@ pub struct Workdirs {
 
 impl Workdirs {
     /// Creates `root` if needed; the worker refuses to start when it cannot.
-    pub fn new(root: PathBuf, keep: bool) -> anyhow::Result<Workdirs> {
-        use anyhow::Context as _;
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("cannot create --workdir {}", root.display()))?;
+    pub fn new(root: PathBuf, keep: bool) -> crate::Result<Workdirs> {
+        std::fs::create_dir_all(&root).map_err(|e| {
+            crate::Error::config(format!("cannot create --workdir {}: {e}", root.display()))
+        })?;
         // Absolute, so that PROGRAM's view does not depend on the worker's own directory.
-        let root = std::fs::canonicalize(&root)
-            .with_context(|| format!("cannot resolve --workdir {}", root.display()))?;
+        let root = std::fs::canonicalize(&root).map_err(|e| {
+            crate::Error::config(format!("cannot resolve --workdir {}: {e}", root.display()))
+        })?;
         Ok(Workdirs { root, keep })
     }
 

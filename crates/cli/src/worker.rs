@@ -1,0 +1,229 @@
+//! `tether worker`: the command line of the worker. The runtime itself is the `tether-worker` crate;
+//! this module turns flags and environment variables into its `Config` and installs the log.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use tether_worker::{Config, Summary};
+
+use crate::serve::LogFormat;
+
+/// `tether worker [run-one] … -- PROGRAM`.
+#[derive(Debug)]
+pub struct WorkerCommand {
+    mode: Option<Mode>,
+    args: Option<WorkerArgs>,
+}
+
+// By hand rather than derived: a derived `Option<WorkerArgs>` counts a value from the environment
+// (TETHER_KEY, …) as the flags being given, and then wants all of them even when `run-one` is used.
+impl clap::FromArgMatches for WorkerCommand {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        match matches.subcommand() {
+            Some(_) => Ok(WorkerCommand {
+                mode: Some(Mode::from_arg_matches(matches)?),
+                args: None,
+            }),
+            None => Ok(WorkerCommand {
+                mode: None,
+                args: Some(WorkerArgs::from_arg_matches(matches)?),
+            }),
+        }
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for WorkerCommand {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::Subcommand as _;
+        Mode::augment_subcommands(WorkerArgs::augment_args(cmd))
+            .subcommand_negates_reqs(true)
+            .args_conflicts_with_subcommands(true)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Mode {
+    /// Claim one item, run PROGRAM for it, and exit with PROGRAM's status (for cron and CI runners).
+    /// With --max-idle, exit 0 when no item came within that time.
+    RunOne(WorkerArgs),
+}
+
+/// Runs the worker; the exit code is PROGRAM's for `run-one`, else 0.
+pub async fn main(command: WorkerCommand) -> Result<std::process::ExitCode> {
+    match (command.mode, command.args) {
+        (Some(Mode::RunOne(args)), _) => run_one(args).await,
+        (None, Some(args)) => run_with(args)
+            .await
+            .map(|_| std::process::ExitCode::SUCCESS),
+        (None, None) => {
+            bail!("tether worker needs --environment, --key and a PROGRAM (see --help)")
+        }
+    }
+}
+
+async fn run_one(mut args: WorkerArgs) -> Result<std::process::ExitCode> {
+    args.concurrency = 1;
+    args.run_one = true;
+    let summary = run_with(args).await?;
+    match (summary.claimed, summary.exits.first().copied()) {
+        (false, _) => Ok(std::process::ExitCode::SUCCESS),
+        (true, Some(exit)) => Ok(std::process::ExitCode::from(
+            u8::try_from(exit.shell_code()).unwrap_or(1),
+        )),
+        (true, None) => Err(tether_worker::Error::NotRun.into()),
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+PROGRAM runs once per work item, in its own process group, with TETHER_API_URL, TETHER_WORK_ID, \
+TETHER_ENVIRONMENT_ID, TETHER_SESSION_ID, TETHER_SESSION_TOKEN and TETHER_WORKER_ID (and \
+TETHER_CA_CERT with --ca-cert) in its environment and the work item as JSON on stdin. Its exit status is recorded in the item's metadata \
+(tether.exit_code, tether.signal) and the item is stopped. When the server asks for a stop, PROGRAM \
+gets SIGTERM, then SIGKILL after --grace.
+
+Example:
+  tether worker --server http://127.0.0.1:4780 --environment env_… --key tth_env_… -- ./agent.sh")]
+pub struct WorkerArgs {
+    /// URL of the Tether server.
+    #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:4780")]
+    server: String,
+    /// Also trust the certificate authorities in this PEM file (for a server whose certificate a
+    /// private CA signed); handed on to PROGRAM as TETHER_CA_CERT.
+    #[arg(long, env = "TETHER_CA_CERT", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
+    /// The environment whose work to run (env_…).
+    #[arg(long, env = "TETHER_ENVIRONMENT")]
+    environment: String,
+    /// The environment's key (tth_env_…, from `tether env key create`).
+    #[arg(long, env = "TETHER_KEY", hide_env_values = true)]
+    key: String,
+    /// Identity sent on poll, ack and heartbeat [default: <hostname>-<12 random hex digits>].
+    #[arg(long, env = "TETHER_WORKER_ID")]
+    worker_id: Option<String>,
+    /// Items run at the same time.
+    #[arg(long, env = "TETHER_CONCURRENCY", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    concurrency: u32,
+    /// Lease to ask for, in seconds (the server clamps it) [default: the server's].
+    #[arg(long, env = "TETHER_TTL", value_parser = clap::value_parser!(u32).range(1..))]
+    ttl: Option<u32>,
+    /// Time PROGRAM gets between SIGTERM and SIGKILL (e.g. 30, 30s, 500ms, 2m).
+    #[arg(long, env = "TETHER_GRACE", default_value = "30s", value_parser = parse_duration)]
+    grace: Duration,
+    /// After SIGTERM/SIGINT, how long running programs may take to finish before they are terminated.
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Write each item's output to <DIR>/<work_id>.log instead of the worker's log.
+    #[arg(long, env = "TETHER_LOG_DIR", value_name = "DIR")]
+    log_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Run each item in a fresh directory <DIR>/<work_id> (PROGRAM's working directory, also in
+    /// TETHER_WORKDIR), removed when the item is done.
+    #[arg(long, env = "TETHER_WORKDIR", value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Keep each item's --workdir directory instead of removing it.
+    #[arg(long, env = "TETHER_KEEP_WORKDIR", requires = "workdir")]
+    keep_workdir: bool,
+    /// Exit 0 after this long without work (no item claimed or running), e.g. 5m.
+    #[arg(long, env = "TETHER_MAX_IDLE", value_parser = parse_duration)]
+    max_idle: Option<Duration>,
+    /// Set by `run-one`.
+    #[arg(skip)]
+    run_one: bool,
+    /// The program to run for each item, and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    program: Vec<OsString>,
+}
+
+impl From<LogFormat> for tether_worker::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => tether_worker::LogFormat::Text,
+            LogFormat::Json => tether_worker::LogFormat::Json,
+        }
+    }
+}
+
+impl WorkerArgs {
+    fn into_config(self) -> Config {
+        Config {
+            server: self.server,
+            ca_cert: self.ca_cert,
+            environment: self.environment,
+            key: self.key,
+            worker_id: self.worker_id,
+            concurrency: self.concurrency,
+            ttl: self.ttl,
+            grace: self.grace,
+            drain_timeout: self.drain_timeout,
+            log_dir: self.log_dir,
+            log_format: self.log_format.into(),
+            workdir: self.workdir,
+            keep_workdir: self.keep_workdir,
+            max_idle: self.max_idle,
+            run_one: self.run_one,
+            program: self.program,
+        }
+    }
+}
+
+/// Runs the worker, its log lines in the shape of `serve`'s (above the status line on a terminal).
+async fn run_with(args: WorkerArgs) -> Result<Summary> {
+    crate::serve::init_logging_to(args.log_format, tether_worker::LogWriter);
+    Ok(tether_worker::run(args.into_config()).await?)
+}
+
+/// Seconds (`30`, `1.5`), or a number with a unit: `500ms`, `30s`, `2m`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 30, 30s, 500ms, 2m)"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!(
+            "{text:?} is not a duration (e.g. 30, 30s, 500ms, 2m)"
+        ));
+    }
+    Duration::try_from_secs_f64(value * scale).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_with_or_without_units() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

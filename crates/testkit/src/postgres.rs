@@ -2,10 +2,10 @@
 //! its own on the server a test run names, so tests never see each other's rows. Databases that earlier
 //! runs left behind are dropped once they are old enough that no running test can still use them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use tether_store::postgres::unique_suffix;
 use tokio_postgres::error::SqlState;
 
 const TEST_DATABASE_PREFIX: &str = "tether_test_";
@@ -49,21 +49,6 @@ pub async fn create_test_database(admin_url: &str) -> anyhow::Result<String> {
     let _ = driver.await;
     outcome?;
     Ok(with_database(admin_url, &name))
-}
-
-/// Milliseconds since the epoch (hex, so that names sort and age can be read back), process id and a
-/// counter: unique across processes and calls.
-fn unique_suffix() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    format!(
-        "{millis:013x}_{:x}_{:x}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 async fn drop_stale_test_databases(client: &tokio_postgres::Client) {

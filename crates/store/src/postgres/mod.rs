@@ -170,9 +170,10 @@ fn connect_error(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// Milliseconds since the epoch, process id and a counter: unique across processes and calls, and
-/// sortable by creation time.
-fn unique_suffix() -> String {
+/// Milliseconds since the epoch (hex), process id and a counter: unique across processes and calls,
+/// and sortable by creation time. Also names the test databases (tether-testkit), whose age is read
+/// back from the name.
+pub fn unique_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -224,6 +224,21 @@ fn unchanged(item: &WorkItem) -> Step {
 }
 
 /// The worker the server has on record for ack (§5.1): the delivery worker while queued, the owner after.
+/// What stopping `item` at `now` (forced or on confirmation) must leave: stopped, with the stop
+/// request kept if one was made earlier, and no delivery, lease or session token left.
+fn stopped_now(item: &WorkItem, now: Timestamp) -> WorkItem {
+    WorkItem {
+        state: WorkState::Stopped,
+        stop_requested_at: item.stop_requested_at.or(Some(now)),
+        stopped_at: Some(now),
+        delivery: None,
+        lease_expires_at: None,
+        session_token_hash: None,
+        session_token_issuer: None,
+        ..item.clone()
+    }
+}
+
 fn recorded_for_ack(item: &WorkItem) -> Option<&str> {
     match item.state {
         WorkState::Queued => item.delivery.as_ref().and_then(|d| d.worker_id.as_deref()),
@@ -499,16 +514,7 @@ fn apply(
             let cur = ev.expired.as_ref().map_or(&before, |s| &s.item).clone();
             let step = ev.outcome.clone().unwrap();
             if cur.state.is_live() {
-                let want = WorkItem {
-                    state: WorkState::Stopped,
-                    stop_requested_at: cur.stop_requested_at.or(Some(now)),
-                    stopped_at: Some(now),
-                    delivery: None,
-                    lease_expires_at: None,
-                    session_token_hash: None,
-                    session_token_issuer: None,
-                    ..cur.clone()
-                };
+                let want = stopped_now(&cur, now);
                 prop_assert_eq!(&step.item, &want);
                 prop_assert_eq!(step.transitions.len(), 1);
                 prop_assert_eq!(step.transitions[0].cause, cause);
@@ -745,16 +751,7 @@ fn apply(
         Action::Stop { force } => {
             let ev = work::evaluate(&before, now, policy, |cur| work::stop(cur, force, now));
             let cur = ev.expired.as_ref().map_or(&before, |s| &s.item).clone();
-            let stopped = WorkItem {
-                state: WorkState::Stopped,
-                stop_requested_at: cur.stop_requested_at.or(Some(now)),
-                stopped_at: Some(now),
-                delivery: None,
-                lease_expires_at: None,
-                session_token_hash: None,
-                session_token_issuer: None,
-                ..cur.clone()
-            };
+            let stopped = stopped_now(&cur, now);
             let want = match (cur.state, force) {
                 (WorkState::Stopped, _) => None,
                 (_, true) => Some((stopped, Cause::ForceStopped)),

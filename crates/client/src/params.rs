@@ -76,16 +76,31 @@ impl ListResources {
     pub(crate) fn query(&self) -> Query {
         let mut q = Query::new();
         self.list.push(&mut q);
-        if self.include_archived {
-            q.push(("include_archived", "true".into()));
-        }
-        if let Some(t) = &self.created_gte {
-            q.push(("created_at[gte]", t.clone()));
-        }
-        if let Some(t) = &self.created_lte {
-            q.push(("created_at[lte]", t.clone()));
-        }
+        push_archive_and_created(
+            &mut q,
+            self.include_archived,
+            self.created_gte.as_deref(),
+            self.created_lte.as_deref(),
+        );
         q
+    }
+}
+
+/// The archive and creation-time filters that resource and session listings share.
+fn push_archive_and_created(
+    q: &mut Query,
+    include_archived: bool,
+    created_gte: Option<&str>,
+    created_lte: Option<&str>,
+) {
+    if include_archived {
+        q.push(("include_archived", "true".into()));
+    }
+    if let Some(t) = created_gte {
+        q.push(("created_at[gte]", t.to_owned()));
+    }
+    if let Some(t) = created_lte {
+        q.push(("created_at[lte]", t.to_owned()));
     }
 }
 
@@ -122,15 +137,12 @@ impl ListSessions {
             let joined: Vec<&str> = self.statuses.iter().map(SessionStatus::as_str).collect();
             q.push(("statuses", joined.join(",")));
         }
-        if self.include_archived {
-            q.push(("include_archived", "true".into()));
-        }
-        if let Some(t) = &self.created_gte {
-            q.push(("created_at[gte]", t.clone()));
-        }
-        if let Some(t) = &self.created_lte {
-            q.push(("created_at[lte]", t.clone()));
-        }
+        push_archive_and_created(
+            &mut q,
+            self.include_archived,
+            self.created_gte.as_deref(),
+            self.created_lte.as_deref(),
+        );
         q
     }
 }

@@ -170,36 +170,23 @@ mod tests {
             "type": "work_queue_stats", "depth": 0, "pending": 0, "oldest_queued_at": null,
             "workers_polling": 0, "states": {}
         });
-        check_response(
-            &Method::GET,
-            url,
-            StatusCode::OK,
-            Some("application/json"),
-            &good,
-        );
-        let mut drifted = good.clone();
-        drifted["depth"] = json!("zero");
-        let outcome = std::panic::catch_unwind(|| {
+        let check = |body: &Value| {
             check_response(
                 &Method::GET,
                 url,
                 StatusCode::OK,
                 Some("application/json"),
-                &drifted,
+                body,
             )
-        });
+        };
+        check(&good);
+        let mut drifted = good.clone();
+        drifted["depth"] = json!("zero");
+        let outcome = std::panic::catch_unwind(|| check(&drifted));
         assert!(outcome.is_err(), "a string depth must not match the schema");
         let mut missing = good;
         missing.as_object_mut().unwrap().remove("oldest_queued_at");
-        let outcome = std::panic::catch_unwind(|| {
-            check_response(
-                &Method::GET,
-                url,
-                StatusCode::OK,
-                Some("application/json"),
-                &missing,
-            )
-        });
+        let outcome = std::panic::catch_unwind(|| check(&missing));
         assert!(outcome.is_err(), "a required field may not be missing");
     }
 }

@@ -117,6 +117,19 @@ fn rows(expected: &[(&str, i64)]) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// Each list's outcome by kind, in order, so that a batch's answers are checked in one assertion.
+fn outcomes(results: &[StoreResult<()>]) -> Vec<&'static str> {
+    results
+        .iter()
+        .map(|r| match r {
+            Ok(()) => "ok",
+            Err(StoreError::Conflict) => "conflict",
+            Err(StoreError::Internal(_)) => "internal",
+            Err(StoreError::Unavailable(_)) => "unavailable",
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_failing_list_rolls_back_alone_and_its_neighbours_commit() {
     let mut f = Fixture::new().await;
@@ -126,13 +139,7 @@ async fn a_failing_list_rolls_back_alone_and_its_neighbours_commit() {
         vec![insert("b", 1), broken()],
         vec![insert("c", 1)],
     ]);
-    assert!(results[0].is_ok(), "{:?}", results[0]);
-    assert!(
-        matches!(results[1], Err(StoreError::Internal(_))),
-        "{:?}",
-        results[1]
-    );
-    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert_eq!(outcomes(&results), ["ok", "internal", "ok"], "{results:?}");
     assert_eq!(f.rows().await, rows(&[("a", 1), ("c", 1)]));
 
     // Committed, not merely visible: the rows are there after the store is closed and reopened.
@@ -154,13 +161,7 @@ async fn a_list_whose_condition_fails_is_a_conflict_and_leaves_nothing_behind() 
         vec![insert("b", 1), bump("x", 5)],
         vec![bump("x", 1)],
     ]);
-    assert!(results[0].is_ok(), "{:?}", results[0]);
-    assert!(
-        matches!(results[1], Err(StoreError::Conflict)),
-        "{:?}",
-        results[1]
-    );
-    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert_eq!(outcomes(&results), ["ok", "conflict", "ok"], "{results:?}");
     assert_eq!(f.rows().await, rows(&[("a", 1), ("x", 2)]));
 }
 
@@ -173,13 +174,7 @@ async fn a_uniqueness_violation_is_a_conflict_for_that_list_only() {
         vec![insert("e", 1), insert("d", 2)],
         vec![insert("f", 1)],
     ]);
-    assert!(results[0].is_ok(), "{:?}", results[0]);
-    assert!(
-        matches!(results[1], Err(StoreError::Conflict)),
-        "{:?}",
-        results[1]
-    );
-    assert!(results[2].is_ok(), "{:?}", results[2]);
+    assert_eq!(outcomes(&results), ["ok", "conflict", "ok"], "{results:?}");
     assert_eq!(f.rows().await, rows(&[("d", 1), ("f", 1)]));
 }
 
@@ -196,16 +191,11 @@ async fn lists_see_earlier_lists_of_their_batch_but_never_rolled_back_ones() {
         // And the batch goes on after two failures.
         vec![bump("a", 2)],
     ]);
-    let outcomes: Vec<&str> = results
-        .iter()
-        .map(|r| match r {
-            Ok(()) => "ok",
-            Err(StoreError::Conflict) => "conflict",
-            Err(StoreError::Internal(_)) => "internal",
-            Err(StoreError::Unavailable(_)) => "unavailable",
-        })
-        .collect();
-    assert_eq!(outcomes, ["ok", "ok", "internal", "conflict", "ok"]);
+    assert_eq!(
+        outcomes(&results),
+        ["ok", "ok", "internal", "conflict", "ok"],
+        "{results:?}"
+    );
     assert_eq!(f.rows().await, rows(&[("a", 3)]));
 }
 
@@ -216,8 +206,7 @@ async fn every_list_failing_commits_nothing_and_leaves_the_connection_usable() {
         vec![insert("a", 1), broken()],
         vec![bump("nobody", 1)],
     ]);
-    assert!(matches!(results[0], Err(StoreError::Internal(_))));
-    assert!(matches!(results[1], Err(StoreError::Conflict)));
+    assert_eq!(outcomes(&results), ["internal", "conflict"], "{results:?}");
     assert!(f.rows().await.is_empty());
     assert!(f.batch(vec![vec![insert("a", 1)]])[0].is_ok());
     assert_eq!(f.rows().await, rows(&[("a", 1)]));

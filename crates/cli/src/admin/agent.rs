@@ -3,7 +3,7 @@
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
-use tether_client::{Agent, CreateAgent, ListResources, UpdateAgent};
+use tether_client::{Agent, CreateAgent, UpdateAgent};
 
 use super::output::{self, Table};
 use super::{key_value, metadata_patch, Ctx, PageArgs};
@@ -99,14 +99,8 @@ pub async fn run(cx: Ctx, command: AgentCommand) -> Result<()> {
         AgentCommand::List(args) => {
             let page = args
                 .page
-                .fetch(|list| {
-                    let client = client.clone();
-                    let params = ListResources {
-                        list,
-                        include_archived: args.include_archived,
-                        ..Default::default()
-                    };
-                    async move { client.list_agents(&params).await }
+                .fetch_resources(client, args.include_archived, |client, params| async move {
+                    client.list_agents(&params).await
                 })
                 .await?;
             cx.emit_list(&page, "No agents.", table);

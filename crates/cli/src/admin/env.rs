@@ -2,9 +2,7 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use tether_client::{
-    CreateEnvironment, Credential, Environment, ListParams, ListResources, UpdateEnvironment,
-};
+use tether_client::{CreateEnvironment, Credential, Environment, ListParams, UpdateEnvironment};
 
 use super::output::{self, Table};
 use super::{key_value, metadata_patch, Ctx, PageArgs};
@@ -122,14 +120,8 @@ pub async fn run(cx: Ctx, command: EnvCommand) -> Result<()> {
         EnvCommand::List(args) => {
             let page = args
                 .page
-                .fetch(|list| {
-                    let client = client.clone();
-                    let params = ListResources {
-                        list,
-                        include_archived: args.include_archived,
-                        ..Default::default()
-                    };
-                    async move { client.list_environments(&params).await }
+                .fetch_resources(client, args.include_archived, |client, params| async move {
+                    client.list_environments(&params).await
                 })
                 .await?;
             cx.emit_list(&page, "No environments.", table);

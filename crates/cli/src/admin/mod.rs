@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use tether_client::{Client, ListParams, MetadataPatch, Page};
+use tether_client::{Client, ListParams, ListResources, MetadataPatch, Page};
 
 /// Where the server is, who we are, and how to print.
 #[derive(Args, Clone, Debug)]
@@ -310,6 +310,29 @@ impl PageArgs {
             next_page: None,
             data,
         })
+    }
+
+    /// [`fetch`](Self::fetch) for the archivable resources (agents, environments), whose listings
+    /// take the same filters.
+    pub async fn fetch_resources<T, F, Fut>(
+        &self,
+        client: &Client,
+        include_archived: bool,
+        list: F,
+    ) -> tether_client::Result<Page<T>>
+    where
+        F: Fn(Client, ListResources) -> Fut,
+        Fut: Future<Output = tether_client::Result<Page<T>>>,
+    {
+        self.fetch(|list_params| {
+            let params = ListResources {
+                list: list_params,
+                include_archived,
+                ..Default::default()
+            };
+            list(client.clone(), params)
+        })
+        .await
     }
 }
 

@@ -5,7 +5,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use reqwest::Method;
 use serde_json::{json, Value};
+use support::api::Api;
 use support::ServerProcess;
 
 #[tokio::test]
@@ -13,16 +15,13 @@ async fn sigterm_answers_blocked_polls_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = ServerProcess::start(dir.path(), &[]);
     let http = reqwest::Client::new();
-    let env: Value = http
-        .post(server.url("/environments"))
-        .bearer_auth(&server.token)
-        .json(&json!({"name": "drain", "config": {"type": "self_hosted"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let env = Api::of(&server)
+        .ok(
+            Method::POST,
+            "/environments",
+            json!({"name": "drain", "config": {"type": "self_hosted"}}),
+        )
+        .await;
     let env_id = env["id"].as_str().unwrap().to_owned();
 
     // Several polls blocked on an empty queue.
@@ -93,34 +92,24 @@ async fn metrics_health_and_readiness() {
         .send()
         .await
         .unwrap();
-    let created = http
-        .post(server.url("/agents"))
-        .bearer_auth(&server.token)
-        .json(&json!({"name": "m", "model": "m"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 200);
-    let agent: Value = created.json().await.unwrap();
+    let api = Api::of(&server);
+    let agent = api
+        .ok(Method::POST, "/agents", json!({"name": "m", "model": "m"}))
+        .await;
     // A session on a self-hosted environment enqueues a work item: an `enqueued` transition.
-    let env: Value = http
-        .post(server.url("/environments"))
-        .bearer_auth(&server.token)
-        .json(&json!({"name": "m", "config": {"type": "self_hosted"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let session = http
-        .post(server.url("/sessions"))
-        .bearer_auth(&server.token)
-        .json(&json!({"agent": agent["id"], "environment_id": env["id"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(session.status(), 200);
+    let env = api
+        .ok(
+            Method::POST,
+            "/environments",
+            json!({"name": "m", "config": {"type": "self_hosted"}}),
+        )
+        .await;
+    api.ok(
+        Method::POST,
+        "/sessions",
+        json!({"agent": agent["id"], "environment_id": env["id"]}),
+    )
+    .await;
     let health = http
         .get(format!("{}/healthz", server.base))
         .send()

@@ -1,6 +1,8 @@
 //! The real `tether` binary: `tether serve` on a free port with a temporary data directory, driven by
 //! the admin commands exactly as a person or a script would run them.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -92,17 +94,7 @@ impl Server {
         let mut args = args.to_vec();
         args.push("--json");
         let out = self.run(&args);
-        assert!(
-            out.status.success(),
-            "tether {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "tether {args:?} printed no JSON ({e}):\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        support::json_output(&args, &out)
     }
 
     /// Runs a command that must fail; returns its stderr.

@@ -78,17 +78,7 @@ fn json(server: &ServerProcess, args: &[&str]) -> Value {
         .stdin(Stdio::null())
         .output()
         .expect("run tether");
-    assert!(
-        out.status.success(),
-        "tether {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "tether {args:?} printed no JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    support::json_output(args, &out)
 }
 
 fn id(value: &Value) -> String {

@@ -3,6 +3,8 @@
 //! CLI, the worker's --workdir, --max-idle and run-one with a real program, completions, man pages and
 //! the systemd units.
 
+mod support;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -110,17 +112,7 @@ impl Server {
         let mut args = args.to_vec();
         args.push("--json");
         let out = self.run(&args);
-        assert!(
-            out.status.success(),
-            "tether {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "tether {args:?}: no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        support::json_output(&args, &out)
     }
 
     /// An environment, its key, an agent and a session (which queues the first item).

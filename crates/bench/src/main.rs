@@ -152,6 +152,21 @@ impl Server {
             agent["id"].as_str().unwrap().to_owned(),
         ))
     }
+
+    /// `POST /sessions` on the self-hosted `env`, which enqueues one work item.
+    async fn create_session(
+        &self,
+        http: &reqwest::Client,
+        env: &str,
+        agent: &str,
+    ) -> Result<Value> {
+        self.post(
+            http,
+            "/sessions",
+            json!({"agent": agent, "environment_id": env}),
+        )
+        .await
+    }
 }
 
 impl Drop for Server {
@@ -173,13 +188,7 @@ async fn writes_per_second(max_batch: usize, writers: usize, total: usize) -> Re
         let (server, http, env, agent) = (server.clone(), http.clone(), env.clone(), agent.clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..total / writers {
-                server
-                    .post(
-                        &http,
-                        "/sessions",
-                        json!({"agent": agent, "environment_id": env}),
-                    )
-                    .await?;
+                server.create_session(&http, &env, &agent).await?;
             }
             anyhow::Ok(())
         }));
@@ -201,13 +210,7 @@ async fn cycles_per_second(
     let http = server.client()?;
     let (env, agent) = server.fixtures(&http).await?;
     for _ in 0..items {
-        server
-            .post(
-                &http,
-                "/sessions",
-                json!({"agent": agent, "environment_id": env}),
-            )
-            .await?;
+        server.create_session(&http, &env, &agent).await?;
     }
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
@@ -278,13 +281,7 @@ async fn wake_latency_ms(blocking: bool, samples: usize) -> Result<f64> {
         });
         tokio::time::sleep(Duration::from_millis(120)).await;
         let enqueued = Instant::now();
-        server
-            .post(
-                &http,
-                "/sessions",
-                json!({"agent": agent, "environment_id": env}),
-            )
-            .await?;
+        server.create_session(&http, &env, &agent).await?;
         let got = waiter.await??;
         latencies.push(got.duration_since(enqueued).as_secs_f64() * 1000.0);
     }

@@ -79,29 +79,9 @@ impl Setup {
             agent: String::new(),
             dir,
         };
-        setup.env = setup
-            .api
-            .ok(
-                Method::POST,
-                "/environments",
-                json!({"name": "chaos", "config": {"type": "self_hosted"}}),
-            )
-            .await["id"]
-            .as_str()
-            .expect("env")
-            .to_owned();
+        setup.env = setup.api.self_hosted_environment("chaos").await;
         setup.key = setup.api.key(&setup.env).await;
-        setup.agent = setup
-            .api
-            .ok(
-                Method::POST,
-                "/agents",
-                json!({"name": "chaos", "model": "none"}),
-            )
-            .await["id"]
-            .as_str()
-            .expect("agent")
-            .to_owned();
+        setup.agent = setup.api.agent("chaos").await;
         std::fs::create_dir_all(setup.records()).expect("records dir");
         setup
     }

@@ -50,27 +50,9 @@ impl Setup {
         let dir = tempfile::tempdir().expect("temp dir");
         let server = ServerProcess::start(&dir.path().join("data"), &SHORT_LEASES);
         let api = Api::of(&server);
-        let env = api
-            .ok(
-                Method::POST,
-                "/environments",
-                json!({"name": "workers", "config": {"type": "self_hosted"}}),
-            )
-            .await["id"]
-            .as_str()
-            .expect("env id")
-            .to_owned();
+        let env = api.self_hosted_environment("workers").await;
         let key = api.key(&env).await;
-        let agent = api
-            .ok(
-                Method::POST,
-                "/agents",
-                json!({"name": "shell", "model": "none"}),
-            )
-            .await["id"]
-            .as_str()
-            .expect("agent id")
-            .to_owned();
+        let agent = api.agent("shell").await;
         std::fs::create_dir_all(dir.path().join("stamps")).expect("stamps dir");
         Setup {
             server,
@@ -623,17 +605,7 @@ async fn refuses_to_start_when_it_cannot_work() {
     assert_eq!(item["delivery_count"], 0, "nothing was claimed: {item}");
 
     // Refusals that another try cannot fix end the worker with what to fix.
-    let other_env = setup
-        .api
-        .ok(
-            Method::POST,
-            "/environments",
-            json!({"name": "other", "config": {"type": "self_hosted"}}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let other_env = setup.api.self_hosted_environment("other").await;
     let other_key = setup.api.key(&other_env).await;
     let cloud_env = setup
         .api

@@ -55,6 +55,32 @@ impl Api {
         body
     }
 
+    /// Creates a self-hosted environment named `name`; returns its id.
+    pub async fn self_hosted_environment(&self, name: &str) -> String {
+        self.ok(
+            Method::POST,
+            "/environments",
+            json!({"name": name, "config": {"type": "self_hosted"}}),
+        )
+        .await["id"]
+            .as_str()
+            .expect("environment id")
+            .to_owned()
+    }
+
+    /// Creates an agent named `name` on a model no one serves; returns its id.
+    pub async fn agent(&self, name: &str) -> String {
+        self.ok(
+            Method::POST,
+            "/agents",
+            json!({"name": name, "model": "none"}),
+        )
+        .await["id"]
+            .as_str()
+            .expect("agent id")
+            .to_owned()
+    }
+
     pub async fn key(&self, env: &str) -> String {
         let key = self
             .ok(

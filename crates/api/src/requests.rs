@@ -1,5 +1,8 @@
-//! Request bodies. Each keeps a flattened `extra` map so that a caller can send fields this crate does
-//! not model yet; the server reads the fields it knows and ignores the rest (§1.3).
+//! Request bodies. Most keep a flattened `extra` map so that a caller can send fields this crate does
+//! not model yet; the server reads the fields it knows and ignores the rest (§1.3). The bodies the
+//! server deserializes directly (`UpdateSession`, the work and credential bodies) have none: serde
+//! ignores unknown fields anyway, and a flattened map would hide the failing field's path, which the
+//! server's field errors name (`param`).
 
 use std::collections::BTreeMap;
 
@@ -87,10 +90,22 @@ pub struct UpdateEnvironment {
 /// Body of `POST /tokens` and `POST /environments/{id}/keys`: without `name` the credential has none.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CreateCredential {
-    /// 1 to 256 characters, not all blank.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// 1 to 256 characters, not all blank. Omit it for none: `null` is refused.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub name: Option<String>,
+}
+
+/// A field that may be omitted but, when sent, must hold a value: `null` is refused rather than read as
+/// "none", since a `null` standing for "no name" hides a client's bug.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
 }
 
 /// Body of `POST /agents`.
@@ -328,10 +343,6 @@ pub struct UpdateSession {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::schemas::metadata_patch)]
     pub metadata: Option<MetadataPatch>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 /// Body of `POST /environments/{id}/work/{work_id}`: a metadata merge patch.

@@ -26,19 +26,6 @@ pub fn required_object(body: Option<Value>) -> Result<Map<String, Value>> {
     }
 }
 
-/// An optional name-like string: absent means none; when present it must be a string (not `null`) of
-/// 1 to `max` characters.
-pub fn optional_name(body: &Map<String, Value>, field: &str, max: usize) -> Result<Option<String>> {
-    match body.get(field) {
-        None => Ok(None),
-        Some(Value::String(s)) => bounded_name(s.clone(), field, max).map(Some),
-        Some(_) => Err(Error::invalid(
-            field,
-            format!("{field} must be a string (omit it for none)"),
-        )),
-    }
-}
-
 pub fn required_string(body: &Map<String, Value>, field: &str) -> Result<String> {
     match body.get(field) {
         Some(Value::String(s)) => Ok(s.clone()),
@@ -53,14 +40,6 @@ pub fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(_) => Err(Error::invalid(field, format!("{field} must be a string"))),
-    }
-}
-
-pub fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(Error::invalid(field, format!("{field} must be a boolean"))),
     }
 }
 

@@ -10,9 +10,10 @@ use tether_store::{ArchiveFilter, SessionFilter};
 
 use super::access::ReadableSession;
 use super::extract::{Caller, JsonBody, Params, Wire};
-use super::wire;
+use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
-use crate::service::tokens::Principal;
+use crate::service::sessions::SessionChanges;
+use crate::service::tokens::{NewCredential, Principal};
 use crate::service::App;
 
 fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
@@ -90,9 +91,16 @@ pub async fn create_key(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Credential>> {
     app.environment(&id).await?;
-    let fields = JsonBody::object(body)?;
-    let (credential, secret) = app.create_environment_key(&id, fields).await?;
+    let request: api::CreateCredential = decode::optional(body)?;
+    let (credential, secret) = app
+        .create_environment_key(&id, new_credential(request))
+        .await?;
     Ok(Json(wire::new_credential(&credential, &secret)))
+}
+
+fn new_credential(request: api::CreateCredential) -> NewCredential {
+    let api::CreateCredential { name } = request;
+    NewCredential { name }
 }
 
 pub async fn list_keys(
@@ -122,8 +130,8 @@ pub async fn create_token(
     State(app): State<App>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Credential>> {
-    let fields = JsonBody::object(body)?;
-    let (credential, secret) = app.create_admin_token(fields).await?;
+    let request: api::CreateCredential = decode::optional(body)?;
+    let (credential, secret) = app.create_admin_token(new_credential(request)).await?;
     Ok(Json(wire::new_credential(&credential, &secret)))
 }
 
@@ -288,9 +296,10 @@ pub async fn update_session(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Session>> {
     app.session(&id).await?;
-    let fields = JsonBody::required_object(body)?;
+    let api::UpdateSession { title, metadata } = decode::required(body)?;
+    let changes = SessionChanges { title, metadata };
     Ok(Json(wire::session(
-        &app.update_session(&id, fields).await?,
+        &app.update_session(&id, changes).await?,
         d,
     )))
 }

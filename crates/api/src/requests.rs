@@ -1,6 +1,6 @@
 //! Request bodies. Most keep a flattened `extra` map so that a caller can send fields this crate does
 //! not model yet; the server reads the fields it knows and ignores the rest (§1.3). The bodies the
-//! server deserializes directly (`UpdateSession`, the work and credential bodies) have none: serde
+//! server deserializes directly (environments, `UpdateSession`, the work and credential bodies) have none: serde
 //! ignores unknown fields anyway, and a flattened map would hide the failing field's path, which the
 //! server's field errors name (`param`).
 
@@ -30,17 +30,17 @@ pub struct CreateEnvironment {
     #[serde(default)]
     #[schema(value_type = Option<EnvironmentConfig>)]
     pub config: Value,
-    /// Initial metadata: at most 16 keys of 1 to 64 characters, values of at most 512.
-    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    /// Initial metadata: at most 16 keys of 1 to 64 characters, values of at most 512. `null` means none.
+    #[serde(
+        default,
+        skip_serializing_if = "Metadata::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     #[schema(schema_with = crate::schemas::metadata_map)]
     pub metadata: Metadata,
     /// `organization` or `account` (Anthropic dialect).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 impl CreateEnvironment {
@@ -81,10 +81,6 @@ pub struct UpdateEnvironment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::schemas::metadata_patch)]
     pub metadata: Option<MetadataPatch>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 /// Body of `POST /tokens` and `POST /environments/{id}/keys`: without `name` the credential has none.
@@ -106,6 +102,13 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     deserializer: D,
 ) -> Result<Option<T>, D::Error> {
     T::deserialize(deserializer).map(Some)
+}
+
+/// A field whose `null` means the same as its absence: the type's default.
+fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
 }
 
 /// Body of `POST /agents`.

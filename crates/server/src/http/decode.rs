@@ -95,6 +95,49 @@ fn metadata_patch_message(rest: &[String]) -> String {
     }
 }
 
+/// A complete metadata map that did not deserialize (`metadata::from_json`'s wording).
+fn metadata_message(rest: &[String]) -> String {
+    match rest.first() {
+        Some(key) => MetadataError::ValueNotString(key.clone()).to_string(),
+        None => MetadataError::NotAnObject.to_string(),
+    }
+}
+
+/// A required string: `null` (or absence, read as `null`) is "required", anything else not a string.
+fn required_string_message(param: &str, serde: &str) -> String {
+    if serde.starts_with("invalid type: null") || serde.starts_with("missing field") {
+        format!("{param} is required")
+    } else {
+        format!("{param} must be a string")
+    }
+}
+
+impl RequestBody for api::CreateEnvironment {
+    const FIELDS: &'static [&'static str] = &["name", "description", "config", "metadata", "scope"];
+    const REQUIRED: &'static [&'static str] = &["name"];
+
+    fn field_message(param: &str, rest: &[String], serde: &str) -> String {
+        match param {
+            "name" => required_string_message(param, serde),
+            "description" | "scope" => format!("{param} must be a string"),
+            "metadata" => metadata_message(rest),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
+impl RequestBody for api::UpdateEnvironment {
+    const FIELDS: &'static [&'static str] = &["name", "description", "metadata", "config"];
+
+    fn field_message(param: &str, rest: &[String], serde: &str) -> String {
+        match param {
+            "name" | "description" => format!("{param} must be a string"),
+            "metadata" => metadata_patch_message(rest),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
 impl RequestBody for api::StopRequest {
     const FIELDS: &'static [&'static str] = &["force"];
 
@@ -190,6 +233,27 @@ mod tests {
                 "name must be a string (omit it for none)".into()
             )
         );
+    }
+
+    #[test]
+    fn required_fields_are_judged_in_their_turn() {
+        assert_eq!(
+            param_and_message::<api::CreateEnvironment>(json!({"description": 1})),
+            ("name".into(), "name is required".into())
+        );
+        assert_eq!(
+            param_and_message::<api::CreateEnvironment>(json!({"name": 1})),
+            ("name".into(), "name must be a string".into())
+        );
+        assert_eq!(
+            param_and_message::<api::CreateEnvironment>(json!({"name": "n", "metadata": {"k": 1}})),
+            (
+                "metadata".into(),
+                "metadata value for key \"k\" must be a string".into()
+            )
+        );
+        let env: api::CreateEnvironment = decode(json!({"name": "n", "metadata": null})).unwrap();
+        assert!(env.metadata.is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use super::access::ReadableSession;
 use super::extract::{Caller, JsonBody, Params, Wire};
 use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
+use crate::service::environments::{EnvironmentChanges, NewEnvironment};
 use crate::service::sessions::SessionChanges;
 use crate::service::tokens::{NewCredential, Principal};
 use crate::service::App;
@@ -30,9 +31,22 @@ pub async fn create_environment(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Environment>> {
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
-    let fields = JsonBody::object(body)?;
+    let api::CreateEnvironment {
+        name,
+        description,
+        config,
+        metadata,
+        scope,
+    } = decode::optional(body)?;
+    let command = NewEnvironment {
+        name,
+        description,
+        config: Some(config).filter(|c| !c.is_null()),
+        metadata,
+        scope,
+    };
     let env = app
-        .create_environment(fields, d.default_environment_config())
+        .create_environment(command, d.default_environment_config())
         .await?;
     Ok(Json(wire::environment(&env)))
 }
@@ -62,9 +76,20 @@ pub async fn update_environment(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Environment>> {
     app.environment(&id).await?;
-    let fields = JsonBody::required_object(body)?;
+    let api::UpdateEnvironment {
+        name,
+        description,
+        config,
+        metadata,
+    } = decode::required(body)?;
+    let changes = EnvironmentChanges {
+        name,
+        description,
+        config,
+        metadata,
+    };
     Ok(Json(wire::environment(
-        &app.update_environment(&id, fields).await?,
+        &app.update_environment(&id, changes).await?,
     )))
 }
 

@@ -138,6 +138,56 @@ impl RequestBody for api::UpdateEnvironment {
     }
 }
 
+impl RequestBody for api::CreateAgent {
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "model",
+        "description",
+        "system",
+        "tools",
+        "skills",
+        "mcp_servers",
+        "execution_identity",
+        "metadata",
+    ];
+    const REQUIRED: &'static [&'static str] = &["name", "model"];
+
+    fn field_message(param: &str, rest: &[String], serde: &str) -> String {
+        match param {
+            "name" => required_string_message(param, serde),
+            "description" | "system" => format!("{param} must be a string"),
+            "tools" | "skills" | "mcp_servers" => format!("{param} must be an array"),
+            "metadata" => metadata_message(rest),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
+impl RequestBody for api::UpdateAgent {
+    const FIELDS: &'static [&'static str] = &[
+        "name",
+        "model",
+        "description",
+        "system",
+        "tools",
+        "skills",
+        "mcp_servers",
+        "execution_identity",
+        "version",
+        "metadata",
+    ];
+
+    fn field_message(param: &str, rest: &[String], serde: &str) -> String {
+        match param {
+            "name" | "description" | "system" => format!("{param} must be a string"),
+            "tools" | "skills" | "mcp_servers" => format!("{param} must be an array"),
+            "version" => "version must be a positive integer".to_owned(),
+            "metadata" => metadata_patch_message(rest),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
 impl RequestBody for api::StopRequest {
     const FIELDS: &'static [&'static str] = &["force"];
 
@@ -254,6 +304,22 @@ mod tests {
         );
         let env: api::CreateEnvironment = decode(json!({"name": "n", "metadata": null})).unwrap();
         assert!(env.metadata.is_empty());
+    }
+
+    #[test]
+    fn an_agent_update_tells_null_from_absence() {
+        let update: api::UpdateAgent =
+            decode(json!({"tools": null, "execution_identity": null})).unwrap();
+        assert_eq!(update.tools, Some(Vec::new()));
+        assert_eq!(update.skills, None);
+        assert_eq!(update.execution_identity, Some(Value::Null));
+        assert_eq!(
+            param_and_message::<api::UpdateAgent>(json!({"version": -1})),
+            (
+                "version".into(),
+                "version must be a positive integer".into()
+            )
+        );
     }
 
     #[test]

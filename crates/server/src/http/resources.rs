@@ -12,6 +12,7 @@ use super::access::ReadableSession;
 use super::extract::{Caller, JsonBody, Params, Wire};
 use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
+use crate::service::agents::{AgentChanges, NewAgent};
 use crate::service::environments::{EnvironmentChanges, NewEnvironment};
 use crate::service::sessions::SessionChanges;
 use crate::service::tokens::{NewCredential, Principal};
@@ -190,8 +191,29 @@ pub async fn create_agent(
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Agent>> {
-    let fields = JsonBody::object(body)?;
-    Ok(Json(wire::agent(&app.create_agent(fields).await?, d)))
+    let api::CreateAgent {
+        name,
+        model,
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        execution_identity,
+        metadata,
+    } = decode::optional(body)?;
+    let command = NewAgent {
+        name,
+        model: Some(model).filter(|m| !m.is_null()),
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        execution_identity: execution_identity.filter(|i| !i.is_null()),
+        metadata,
+    };
+    Ok(Json(wire::agent(&app.create_agent(command).await?, d)))
 }
 
 pub async fn list_agents(
@@ -230,8 +252,32 @@ pub async fn update_agent(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Agent>> {
     app.agent(&id).await?;
-    let fields = JsonBody::required_object(body)?;
-    Ok(Json(wire::agent(&app.update_agent(&id, fields).await?, d)))
+    let api::UpdateAgent {
+        version,
+        name,
+        model,
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        execution_identity,
+        metadata,
+    } = decode::required(body)?;
+    let changes = AgentChanges {
+        version,
+        name,
+        model: model.filter(|m| !m.is_null()),
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        // A `null` sent removes the identity; absence leaves it.
+        execution_identity: execution_identity.map(|i| Some(i).filter(|i| !i.is_null())),
+        metadata,
+    };
+    Ok(Json(wire::agent(&app.update_agent(&id, changes).await?, d)))
 }
 
 pub async fn archive_agent(

@@ -2,7 +2,7 @@
 //! service's terms (`Error::Invalid`).
 
 use serde_json::{Map, Value};
-use tether_core::metadata::{self, Metadata, MetadataPatch};
+use tether_core::metadata::{self, Metadata};
 
 use crate::service::{Error, Result};
 
@@ -57,14 +57,6 @@ pub fn metadata(body: &Map<String, Value>) -> Result<Metadata> {
     match body.get("metadata") {
         None => Ok(Metadata::new()),
         Some(v) => metadata::from_json(v).map_err(Error::from),
-    }
-}
-
-/// A metadata merge patch (update); `None` when absent.
-pub fn metadata_patch(body: &Map<String, Value>) -> Result<Option<MetadataPatch>> {
-    match body.get("metadata") {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => metadata::patch_from_json(v).map(Some).map_err(Error::from),
     }
 }
 

@@ -41,6 +41,10 @@ pub fn required<T: RequestBody>(body: Result<JsonBody, ApiError>) -> ApiResult<T
 }
 
 fn fields<T: RequestBody>(mut object: Map<String, Value>) -> ApiResult<T> {
+    debug_assert!(
+        T::REQUIRED.iter().all(|name| T::FIELDS.contains(name)),
+        "a required field has its place in the order"
+    );
     let mut ordered: Vec<(String, Value)> = Vec::with_capacity(object.len() + T::REQUIRED.len());
     for name in T::FIELDS {
         match object.remove(*name) {

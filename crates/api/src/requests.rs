@@ -1,5 +1,8 @@
-//! Request bodies. Each keeps a flattened `extra` map so that a caller can send fields this crate does
-//! not model yet; the server reads the fields it knows and ignores the rest (§1.3).
+//! Request bodies. Most keep a flattened `extra` map so that a caller can send fields this crate does
+//! not model yet; the server reads the fields it knows and ignores the rest (§1.3). The bodies the
+//! server deserializes directly (environments, agents, `UpdateSession`, the work and credential bodies) have none: serde
+//! ignores unknown fields anyway, and a flattened map would hide the failing field's path, which the
+//! server's field errors name (`param`).
 
 use std::collections::BTreeMap;
 
@@ -27,17 +30,17 @@ pub struct CreateEnvironment {
     #[serde(default)]
     #[schema(value_type = Option<EnvironmentConfig>)]
     pub config: Value,
-    /// Initial metadata: at most 16 keys of 1 to 64 characters, values of at most 512.
-    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    /// Initial metadata: at most 16 keys of 1 to 64 characters, values of at most 512. `null` means none.
+    #[serde(
+        default,
+        skip_serializing_if = "Metadata::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     #[schema(schema_with = crate::schemas::metadata_map)]
     pub metadata: Metadata,
     /// `organization` or `account` (Anthropic dialect).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 impl CreateEnvironment {
@@ -78,19 +81,41 @@ pub struct UpdateEnvironment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::schemas::metadata_patch)]
     pub metadata: Option<MetadataPatch>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 /// Body of `POST /tokens` and `POST /environments/{id}/keys`: without `name` the credential has none.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CreateCredential {
-    /// 1 to 256 characters, not all blank.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// 1 to 256 characters, not all blank. Omit it for none: `null` is refused.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub name: Option<String>,
+}
+
+/// A field that may be omitted but, when sent, must hold a value: `null` is refused rather than read as
+/// "none", since a `null` standing for "no name" hides a client's bug.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
+}
+
+/// A field whose `null` means the same as its absence: the type's default.
+fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
+}
+
+/// A list that may be omitted (no change) or sent as `null`, which means the empty list.
+fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    Option::<Vec<T>>::deserialize(deserializer).map(|list| Some(list.unwrap_or_default()))
 }
 
 /// Body of `POST /agents`.
@@ -120,14 +145,14 @@ pub struct CreateAgent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub execution_identity: Option<Value>,
-    /// Initial metadata.
-    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    /// Initial metadata. `null` means none.
+    #[serde(
+        default,
+        skip_serializing_if = "Metadata::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     #[schema(schema_with = crate::schemas::metadata_map)]
     pub metadata: Metadata,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 impl CreateAgent {
@@ -162,27 +187,39 @@ pub struct UpdateAgent {
     /// New system prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
-    /// Replaces the tools.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Replaces the tools; `null` clears them.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "null_as_empty"
+    )]
     pub tools: Option<Vec<Value>>,
-    /// Replaces the skills.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Replaces the skills; `null` clears them.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "null_as_empty"
+    )]
     pub skills: Option<Vec<Value>>,
-    /// Replaces the MCP servers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Replaces the MCP servers; `null` clears them.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "null_as_empty"
+    )]
     pub mcp_servers: Option<Vec<Value>>,
-    /// Replaces the execution identity.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Replaces the execution identity; `Some(Value::Null)` (a `null` sent) removes it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     #[schema(value_type = Option<Object>)]
     pub execution_identity: Option<Value>,
     /// Metadata merge patch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::schemas::metadata_patch)]
     pub metadata: Option<MetadataPatch>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 /// How a new session names its agent: by id (latest version) or pinned to a version
@@ -328,10 +365,6 @@ pub struct UpdateSession {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = crate::schemas::metadata_patch)]
     pub metadata: Option<MetadataPatch>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 /// Body of `POST /environments/{id}/work/{work_id}`: a metadata merge patch.

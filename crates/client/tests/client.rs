@@ -232,7 +232,6 @@ async fn agents_and_sessions() {
         let update = UpdateSession {
             title: Some("renamed".into()),
             metadata: Some(MetadataPatch::from([("job".to_owned(), None)])),
-            ..Default::default()
         };
         let updated = client.update_session(&session.id, &update).await.unwrap();
         assert_eq!(updated.title.as_deref(), Some("renamed"));

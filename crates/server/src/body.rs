@@ -2,7 +2,7 @@
 //! service's terms (`Error::Invalid`).
 
 use serde_json::{Map, Value};
-use tether_core::metadata::{self, Metadata, MetadataPatch};
+use tether_core::metadata::{self, Metadata};
 
 use crate::service::{Error, Result};
 
@@ -26,19 +26,6 @@ pub fn required_object(body: Option<Value>) -> Result<Map<String, Value>> {
     }
 }
 
-/// An optional name-like string: absent means none; when present it must be a string (not `null`) of
-/// 1 to `max` characters.
-pub fn optional_name(body: &Map<String, Value>, field: &str, max: usize) -> Result<Option<String>> {
-    match body.get(field) {
-        None => Ok(None),
-        Some(Value::String(s)) => bounded_name(s.clone(), field, max).map(Some),
-        Some(_) => Err(Error::invalid(
-            field,
-            format!("{field} must be a string (omit it for none)"),
-        )),
-    }
-}
-
 pub fn required_string(body: &Map<String, Value>, field: &str) -> Result<String> {
     match body.get(field) {
         Some(Value::String(s)) => Ok(s.clone()),
@@ -56,14 +43,6 @@ pub fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<
     }
 }
 
-pub fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>> {
-    match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(Error::invalid(field, format!("{field} must be a boolean"))),
-    }
-}
-
 /// An optional array, stored as given; absent means `[]`.
 pub fn optional_array(body: &Map<String, Value>, field: &str) -> Result<Value> {
     match body.get(field) {
@@ -78,14 +57,6 @@ pub fn metadata(body: &Map<String, Value>) -> Result<Metadata> {
     match body.get("metadata") {
         None => Ok(Metadata::new()),
         Some(v) => metadata::from_json(v).map_err(Error::from),
-    }
-}
-
-/// A metadata merge patch (update); `None` when absent.
-pub fn metadata_patch(body: &Map<String, Value>) -> Result<Option<MetadataPatch>> {
-    match body.get("metadata") {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => metadata::patch_from_json(v).map(Some).map_err(Error::from),
     }
 }
 

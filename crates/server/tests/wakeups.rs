@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use tether_core::resources::{Agent, Credential, CredentialKind, Environment, Session};
 use tether_core::{SystemClock, Timestamp, WorkItem};
+use tether_server::service::environments::NewEnvironment;
 use tether_server::{App, ServiceConfig};
 use tether_store::{
     ArchiveFilter, ChangeSet, HistoryRow, Notice, Page, PageRequest, QueueCounts, SessionFilter,
@@ -187,10 +188,6 @@ impl Store for Counting {
     }
 }
 
-fn body(value: Value) -> Map<String, Value> {
-    value.as_object().expect("an object").clone()
-}
-
 /// In a cluster a notice often arrives for an item that a poll elsewhere has already taken: the
 /// woken poll finds nothing. That wake-up must end with its scan, not travel on to the next waiter,
 /// which would find nothing either and pass it on again, a query each time, until the polls end.
@@ -214,7 +211,11 @@ async fn a_fruitless_wake_up_costs_one_scan() {
         );
         let env = app
             .create_environment(
-                body(json!({"name": "wakeups", "config": {"type": "self_hosted"}})),
+                NewEnvironment {
+                    name: "wakeups".into(),
+                    config: Some(json!({"type": "self_hosted"})),
+                    ..NewEnvironment::default()
+                },
                 None,
             )
             .await

@@ -181,7 +181,6 @@ pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
             let body = UpdateSession {
                 title: args.title,
                 metadata: metadata_patch(&args.metadata, &args.unset_metadata),
-                ..Default::default()
             };
             let session = client.update_session(&args.id, &body).await?;
             cx.emit(&session, || show(&session));

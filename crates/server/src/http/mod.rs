@@ -4,6 +4,7 @@
 pub mod access;
 pub mod budget;
 pub mod dashboard;
+pub mod decode;
 pub mod events;
 pub mod extract;
 pub mod openapi;

@@ -10,9 +10,12 @@ use tether_store::{ArchiveFilter, SessionFilter};
 
 use super::access::ReadableSession;
 use super::extract::{Caller, JsonBody, Params, Wire};
-use super::wire;
+use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
-use crate::service::tokens::Principal;
+use crate::service::agents::{AgentChanges, NewAgent};
+use crate::service::environments::{EnvironmentChanges, NewEnvironment};
+use crate::service::sessions::SessionChanges;
+use crate::service::tokens::{NewCredential, Principal};
 use crate::service::App;
 
 fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
@@ -29,9 +32,22 @@ pub async fn create_environment(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Environment>> {
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
-    let fields = JsonBody::object(body)?;
+    let api::CreateEnvironment {
+        name,
+        description,
+        config,
+        metadata,
+        scope,
+    } = decode::optional(body)?;
+    let command = NewEnvironment {
+        name,
+        description,
+        config: Some(config).filter(|c| !c.is_null()),
+        metadata,
+        scope,
+    };
     let env = app
-        .create_environment(fields, d.default_environment_config())
+        .create_environment(command, d.default_environment_config())
         .await?;
     Ok(Json(wire::environment(&env)))
 }
@@ -61,9 +77,20 @@ pub async fn update_environment(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Environment>> {
     app.environment(&id).await?;
-    let fields = JsonBody::required_object(body)?;
+    let api::UpdateEnvironment {
+        name,
+        description,
+        config,
+        metadata,
+    } = decode::required(body)?;
+    let changes = EnvironmentChanges {
+        name,
+        description,
+        config,
+        metadata,
+    };
     Ok(Json(wire::environment(
-        &app.update_environment(&id, fields).await?,
+        &app.update_environment(&id, changes).await?,
     )))
 }
 
@@ -90,9 +117,16 @@ pub async fn create_key(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Credential>> {
     app.environment(&id).await?;
-    let fields = JsonBody::object(body)?;
-    let (credential, secret) = app.create_environment_key(&id, fields).await?;
+    let request: api::CreateCredential = decode::optional(body)?;
+    let (credential, secret) = app
+        .create_environment_key(&id, new_credential(request))
+        .await?;
     Ok(Json(wire::new_credential(&credential, &secret)))
+}
+
+fn new_credential(request: api::CreateCredential) -> NewCredential {
+    let api::CreateCredential { name } = request;
+    NewCredential { name }
 }
 
 pub async fn list_keys(
@@ -122,8 +156,8 @@ pub async fn create_token(
     State(app): State<App>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Credential>> {
-    let fields = JsonBody::object(body)?;
-    let (credential, secret) = app.create_admin_token(fields).await?;
+    let request: api::CreateCredential = decode::optional(body)?;
+    let (credential, secret) = app.create_admin_token(new_credential(request)).await?;
     Ok(Json(wire::new_credential(&credential, &secret)))
 }
 
@@ -157,8 +191,29 @@ pub async fn create_agent(
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Agent>> {
-    let fields = JsonBody::object(body)?;
-    Ok(Json(wire::agent(&app.create_agent(fields).await?, d)))
+    let api::CreateAgent {
+        name,
+        model,
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        execution_identity,
+        metadata,
+    } = decode::optional(body)?;
+    let command = NewAgent {
+        name,
+        model: Some(model).filter(|m| !m.is_null()),
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        execution_identity: execution_identity.filter(|i| !i.is_null()),
+        metadata,
+    };
+    Ok(Json(wire::agent(&app.create_agent(command).await?, d)))
 }
 
 pub async fn list_agents(
@@ -197,8 +252,32 @@ pub async fn update_agent(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Agent>> {
     app.agent(&id).await?;
-    let fields = JsonBody::required_object(body)?;
-    Ok(Json(wire::agent(&app.update_agent(&id, fields).await?, d)))
+    let api::UpdateAgent {
+        version,
+        name,
+        model,
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        execution_identity,
+        metadata,
+    } = decode::required(body)?;
+    let changes = AgentChanges {
+        version,
+        name,
+        model: model.filter(|m| !m.is_null()),
+        description,
+        system,
+        tools,
+        skills,
+        mcp_servers,
+        // A `null` sent removes the identity; absence leaves it.
+        execution_identity: execution_identity.map(|i| Some(i).filter(|i| !i.is_null())),
+        metadata,
+    };
+    Ok(Json(wire::agent(&app.update_agent(&id, changes).await?, d)))
 }
 
 pub async fn archive_agent(
@@ -288,9 +367,10 @@ pub async fn update_session(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Session>> {
     app.session(&id).await?;
-    let fields = JsonBody::required_object(body)?;
+    let api::UpdateSession { title, metadata } = decode::required(body)?;
+    let changes = SessionChanges { title, metadata };
     Ok(Json(wire::session(
-        &app.update_session(&id, fields).await?,
+        &app.update_session(&id, changes).await?,
         d,
     )))
 }

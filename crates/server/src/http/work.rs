@@ -12,8 +12,7 @@ use tether_core::{WorkItem, WorkState};
 use tether_store::WorkFilter;
 
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
-use super::wire;
-use crate::body;
+use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
 use crate::service::App;
 
@@ -202,8 +201,8 @@ pub async fn update(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
-    let fields = JsonBody::object(body)?;
-    let item = match body::metadata_patch(&fields)? {
+    let api::WorkMetadataPatch { metadata } = decode::optional(body)?;
+    let item = match metadata {
         None => app.get_work(&env, &work_id).await?,
         Some(patch) => app.patch_work_metadata(&env, &work_id, &patch).await?,
     };
@@ -282,8 +281,8 @@ pub async fn stop(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
-    let fields = JsonBody::object(body)?;
-    let force = body::optional_bool(&fields, "force")?.unwrap_or(false);
+    let api::StopRequest { force } = decode::optional(body)?;
+    let force = force.unwrap_or(false);
     let item = app.stop(&env, &work_id, force).await?;
     Ok(Json(wire::work(&item, None)))
 }
@@ -296,8 +295,7 @@ pub async fn requeue(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
     let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
-    let fields = JsonBody::object(body)?;
-    let reason = body::optional_string(&fields, "reason")?;
+    let api::RequeueRequest { reason } = decode::optional(body)?;
     if reason
         .as_ref()
         .is_some_and(|r| r.chars().count() > crate::service::requeue::MAX_REASON_CHARS)

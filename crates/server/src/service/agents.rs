@@ -1,8 +1,8 @@
 //! Agents (§12.1).
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tether_core::ids::{self, IdKind};
-use tether_core::metadata;
+use tether_core::metadata::{self, Metadata, MetadataPatch};
 use tether_core::resources::Agent;
 use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
 
@@ -58,16 +58,49 @@ fn execution_identity(value: Option<&Value>) -> Result<Option<Value>> {
 
 /// The optional `version` of an update: the version the caller last saw (both official SDKs send it as
 /// an optimistic-concurrency precondition).
-fn expected_version(body: &Map<String, Value>) -> Result<Option<u32>> {
-    match body.get("version") {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n >= 1)
-            .and_then(|n| u32::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(|| Error::invalid("version", "version must be a positive integer")),
+fn expected_version(version: Option<u32>) -> Result<Option<u32>> {
+    match version {
+        Some(0) => Err(Error::invalid(
+            "version",
+            "version must be a positive integer",
+        )),
+        other => Ok(other),
     }
+}
+
+/// A new agent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NewAgent {
+    pub name: String,
+    /// A model name or `{"id": …, …}`; required (`None` is refused).
+    pub model: Option<Value>,
+    pub description: Option<String>,
+    pub system: Option<String>,
+    /// `None` reads as the empty list.
+    pub tools: Option<Vec<Value>>,
+    pub skills: Option<Vec<Value>>,
+    pub mcp_servers: Option<Vec<Value>>,
+    /// `{"type": …, …}`, stored as given.
+    pub execution_identity: Option<Value>,
+    pub metadata: Metadata,
+}
+
+/// The changes of an agent update: only what is set changes, and any change makes a new version.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentChanges {
+    /// The version the caller last saw: when given, it must be the current one.
+    pub version: Option<u32>,
+    pub name: Option<String>,
+    pub model: Option<Value>,
+    pub description: Option<String>,
+    pub system: Option<String>,
+    pub tools: Option<Vec<Value>>,
+    pub skills: Option<Vec<Value>>,
+    pub mcp_servers: Option<Vec<Value>>,
+    /// `Some(None)` removes the execution identity.
+    pub execution_identity: Option<Option<Value>>,
+    /// A merge patch: a value sets its key, `None` deletes it, keys not named stay.
+    pub metadata: Option<MetadataPatch>,
 }
 
 impl App {
@@ -98,26 +131,24 @@ impl App {
             .ok_or_else(|| Error::not_found(Missing::AgentVersion(version), id))
     }
 
-    pub async fn create_agent(&self, body: Map<String, Value>) -> Result<Agent> {
-        let name = body::bounded_name(
-            body::required_string(&body, "name")?,
-            "name",
-            MAX_NAME_CHARS,
-        )?;
-        let model = model(body.get("model"))?
+    pub async fn create_agent(&self, command: NewAgent) -> Result<Agent> {
+        let name = body::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
+        let model = model(command.model.as_ref())?
             .ok_or_else(|| Error::invalid("model", "model is required"))?;
+        let execution_identity = execution_identity(command.execution_identity.as_ref())?;
+        metadata::validate(&command.metadata)?;
         let now = self.now();
         let agent = Agent {
             id: ids::new_id(IdKind::Agent),
             name,
             model,
-            description: body::optional_string(&body, "description")?,
-            system: body::optional_string(&body, "system")?,
-            tools: body::optional_array(&body, "tools")?,
-            skills: body::optional_array(&body, "skills")?,
-            mcp_servers: body::optional_array(&body, "mcp_servers")?,
-            execution_identity: execution_identity(body.get("execution_identity"))?,
-            metadata: body::metadata(&body)?,
+            description: command.description,
+            system: command.system,
+            tools: list(command.tools),
+            skills: list(command.skills),
+            mcp_servers: list(command.mcp_servers),
+            execution_identity,
+            metadata: command.metadata,
             version: 1,
             created_at: now,
             updated_at: now,
@@ -138,33 +169,25 @@ impl App {
 
     /// Partial update; every accepted update makes a new version (§12.1). A `version` in the body must
     /// equal the current version, else nothing changes and the answer is 409 (docs/dialects.md).
-    pub async fn update_agent(&self, id: &str, body: Map<String, Value>) -> Result<Agent> {
-        let name = body::optional_string(&body, "name")?
+    pub async fn update_agent(&self, id: &str, changes: AgentChanges) -> Result<Agent> {
+        let name = changes
+            .name
             .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
             .transpose()?;
-        let model = model(body.get("model"))?;
-        let description = body::optional_string(&body, "description")?;
-        let system = body::optional_string(&body, "system")?;
-        let arrays: Vec<(&str, Option<Value>)> = ["tools", "skills", "mcp_servers"]
-            .into_iter()
-            .map(|f| {
-                Ok((
-                    f,
-                    if body.contains_key(f) {
-                        Some(body::optional_array(&body, f)?)
-                    } else {
-                        None
-                    },
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let identity = if body.contains_key("execution_identity") {
-            Some(execution_identity(body.get("execution_identity"))?)
-        } else {
-            None
+        let model = model(changes.model.as_ref())?;
+        let description = changes.description;
+        let system = changes.system;
+        let arrays: Vec<(&str, Option<Value>)> = vec![
+            ("tools", changes.tools.map(Value::Array)),
+            ("skills", changes.skills.map(Value::Array)),
+            ("mcp_servers", changes.mcp_servers.map(Value::Array)),
+        ];
+        let identity = match changes.execution_identity {
+            None => None,
+            Some(given) => Some(execution_identity(given.as_ref())?),
         };
-        let expected = expected_version(&body)?;
-        let patch = body::metadata_patch(&body)?;
+        let expected = expected_version(changes.version)?;
+        let patch = changes.metadata;
         with_retries(|| async {
             let current = self.agent_versioned(id).await?;
             if current.value.archived_at.is_some() {
@@ -237,6 +260,11 @@ impl App {
         })
         .await
     }
+}
+
+/// A list field of a new agent, stored as a JSON array; absent is empty.
+fn list(given: Option<Vec<Value>>) -> Value {
+    Value::Array(given.unwrap_or_default())
 }
 
 fn not_found_agent(id: &str) -> Error {

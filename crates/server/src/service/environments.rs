@@ -1,8 +1,8 @@
 //! Environments (§7.1).
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tether_core::ids::{self, IdKind};
-use tether_core::metadata;
+use tether_core::metadata::{self, Metadata, MetadataPatch};
 use tether_core::resources::{normalize_config, Environment};
 use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
 
@@ -11,6 +11,29 @@ use crate::body;
 
 /// The longest environment name.
 pub const MAX_NAME_CHARS: usize = 256;
+
+/// A new environment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NewEnvironment {
+    pub name: String,
+    pub description: Option<String>,
+    /// `None`: the dialect's default, if it has one.
+    pub config: Option<Value>,
+    pub metadata: Metadata,
+    /// `organization` or `account`.
+    pub scope: Option<String>,
+}
+
+/// The changes of an environment update: only what is set changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EnvironmentChanges {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Replaces the whole config; its `type` cannot change.
+    pub config: Option<Value>,
+    /// A merge patch: a value sets its key, `None` deletes it, keys not named stay.
+    pub metadata: Option<MetadataPatch>,
+}
 
 impl App {
     async fn environment_versioned(&self, id: &str) -> Result<Versioned<Environment>> {
@@ -30,18 +53,14 @@ impl App {
     /// `config` may be omitted only where the dialect allows it; the caller passes the default then.
     pub async fn create_environment(
         &self,
-        body: Map<String, Value>,
+        command: NewEnvironment,
         default_config: Option<Value>,
     ) -> Result<Environment> {
-        let name = body::bounded_name(
-            body::required_string(&body, "name")?,
-            "name",
-            MAX_NAME_CHARS,
-        )?;
-        let description = body::optional_string(&body, "description")?.unwrap_or_default();
-        let config = match (body.get("config"), default_config) {
-            (Some(c), _) if !c.is_null() => c.clone(),
-            (_, Some(default)) => default,
+        let name = body::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
+        let description = command.description.unwrap_or_default();
+        let config = match (command.config, default_config) {
+            (Some(c), _) => c,
+            (None, Some(default)) => default,
             _ => {
                 return Err(Error::invalid(
                     "config",
@@ -50,8 +69,9 @@ impl App {
             }
         };
         let config = normalize_config(&config).map_err(|e| Error::invalid("config", e.message))?;
-        let metadata = body::metadata(&body)?;
-        let scope = body::optional_string(&body, "scope")?;
+        let metadata = command.metadata;
+        metadata::validate(&metadata)?;
+        let scope = command.scope;
         if let Some(scope) = &scope {
             if !matches!(scope.as_str(), "organization" | "account") {
                 return Err(Error::invalid(
@@ -88,16 +108,17 @@ impl App {
     pub async fn update_environment(
         &self,
         id: &str,
-        body: Map<String, Value>,
+        changes: EnvironmentChanges,
     ) -> Result<Environment> {
-        let name = body::optional_string(&body, "name")?
+        let name = changes
+            .name
             .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
             .transpose()?;
-        let description = body::optional_string(&body, "description")?;
-        let patch = body::metadata_patch(&body)?;
-        let config = match body.get("config") {
-            None | Some(Value::Null) => None,
-            Some(c) => Some(normalize_config(c).map_err(|e| Error::invalid("config", e.message))?),
+        let description = changes.description;
+        let patch = changes.metadata;
+        let config = match changes.config {
+            None => None,
+            Some(c) => Some(normalize_config(&c).map_err(|e| Error::invalid("config", e.message))?),
         };
         with_retries(|| async {
             let current = self.environment_versioned(id).await?;

@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 use tether_core::events::{Sender, TurnState};
 use tether_core::ids::{self, IdKind};
-use tether_core::metadata;
+use tether_core::metadata::{self, MetadataPatch};
 use tether_core::resources::{Agent, Environment, Session};
 use tether_core::session::{self, SessionStatus};
 use tether_core::work::{self, Cause};
@@ -14,6 +14,14 @@ use super::{with_retries, App, Error, Missing, Result, Retry};
 use crate::body;
 
 pub const MAX_TITLE_CHARS: usize = 512;
+
+/// The changes of a session update: only what is set changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionChanges {
+    pub title: Option<String>,
+    /// A merge patch: a value sets its key, `None` deletes it, keys not named stay.
+    pub metadata: Option<MetadataPatch>,
+}
 
 impl App {
     pub(crate) async fn session_versioned(&self, id: &str) -> Result<Versioned<Session>> {
@@ -94,7 +102,7 @@ impl App {
         let agent = self.resolve_agent(body.get("agent")).await?;
         let env = self.environment(&environment_id).await?;
         refuse_archived(&env)?;
-        let title = title(&body)?;
+        let title = checked_title(body::optional_string(&body, "title")?)?;
         let resources = body::optional_array(&body, "resources")?;
         let budget = body.get("budget").filter(|v| !v.is_null()).cloned();
         let metadata = body::metadata(&body)?;
@@ -184,9 +192,9 @@ impl App {
         Ok(self.store.list_sessions(filter, page).await?)
     }
 
-    pub async fn update_session(&self, id: &str, body: Map<String, Value>) -> Result<Session> {
-        let title = title(&body)?;
-        let patch = body::metadata_patch(&body)?;
+    pub async fn update_session(&self, id: &str, changes: SessionChanges) -> Result<Session> {
+        let title = checked_title(changes.title)?;
+        let patch = changes.metadata;
         with_retries(|| async {
             let current = self.session_versioned(id).await?;
             let mut next = current.value.clone();
@@ -289,8 +297,7 @@ impl App {
 }
 
 /// The optional `title` of a create or update, at most [`MAX_TITLE_CHARS`] long.
-fn title(body: &Map<String, Value>) -> Result<Option<String>> {
-    let title = body::optional_string(body, "title")?;
+fn checked_title(title: Option<String>) -> Result<Option<String>> {
     if title
         .as_ref()
         .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)

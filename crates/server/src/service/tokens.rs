@@ -1,6 +1,5 @@
 //! Credentials (§11.1): admin tokens, environment keys, and resolving a presented secret.
 
-use serde_json::{Map, Value};
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Credential, CredentialKind};
 use tether_store::{ChangeSet, Page, PageRequest, Write};
@@ -11,6 +10,21 @@ use crate::credentials::{self, ADMIN_PREFIX, ENVIRONMENT_PREFIX, SESSION_PREFIX}
 
 /// The longest name an admin token or environment key may carry.
 pub const MAX_CREDENTIAL_NAME_CHARS: usize = 256;
+
+/// A new admin token or environment key: its optional name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewCredential {
+    pub name: Option<String>,
+}
+
+impl NewCredential {
+    /// The name, when given, is 1 to [`MAX_CREDENTIAL_NAME_CHARS`] characters, not all blank.
+    fn checked_name(self) -> Result<Option<String>> {
+        self.name
+            .map(|name| body::bounded_name(name, "name", MAX_CREDENTIAL_NAME_CHARS))
+            .transpose()
+    }
+}
 
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,11 +237,8 @@ impl App {
         }
     }
 
-    pub async fn create_admin_token(
-        &self,
-        body: Map<String, Value>,
-    ) -> Result<(Credential, String)> {
-        let name = body::optional_name(&body, "name", MAX_CREDENTIAL_NAME_CHARS)?;
+    pub async fn create_admin_token(&self, command: NewCredential) -> Result<(Credential, String)> {
+        let name = command.checked_name()?;
         self.mint_credential(CredentialKind::Admin, None, name, None)
             .await
     }
@@ -235,10 +246,10 @@ impl App {
     pub async fn create_environment_key(
         &self,
         environment_id: &str,
-        body: Map<String, Value>,
+        command: NewCredential,
     ) -> Result<(Credential, String)> {
         let env = self.environment(environment_id).await?;
-        let name = body::optional_name(&body, "name", MAX_CREDENTIAL_NAME_CHARS)?;
+        let name = command.checked_name()?;
         self.mint_credential(CredentialKind::Environment, Some(env.id), name, None)
             .await
     }

@@ -202,7 +202,7 @@ impl WorkerArgs {
             max_idle: self.max_idle,
             run_one: self.run_one,
             program: self.program,
-            sandbox: self.sandbox.then(|| tether_worker::SandboxConfig {
+            sandbox: self.sandbox.then_some(tether_worker::SandboxConfig {
                 network: match self.sandbox_network {
                     SandboxNetwork::Full => tether_worker::Network::Full,
                     SandboxNetwork::Api => tether_worker::Network::Api,

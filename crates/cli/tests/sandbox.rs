@@ -126,6 +126,18 @@ impl Server {
     /// program could look for it), the program's output in `<dir>/out/<work_id>.log`. Returns the
     /// worker's exit status, its log and the program's output.
     fn run_one(&self, env: &str, key: &str, args: &[&str], script: &str) -> Ran {
+        self.run_one_at_home(env, key, args, script, None)
+    }
+
+    /// `run_one` with the worker's `HOME` set to `home` (a stand-in for the user's home).
+    fn run_one_at_home(
+        &self,
+        env: &str,
+        key: &str,
+        args: &[&str],
+        script: &str,
+        home: Option<&Path>,
+    ) -> Ran {
         let out = self.dir.join("out");
         let log = self.dir.join(format!("worker-{}.log", rand_suffix()));
         let mut worker = command()
@@ -138,6 +150,7 @@ impl Server {
             .env("TETHER_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("worker log"))
+            .envs(home.map(|home| ("HOME", home)))
             .spawn()
             .expect("spawn tether worker");
         let status = wait_exit(&mut worker, "tether worker run-one");
@@ -241,15 +254,21 @@ fn escape_script(
 ) -> String {
     format!(
         r#"
-echo probe > "{outside}/escaped" 2>/dev/null && echo ESCAPED_WRITE
-echo probe > /etc/tether-sandbox-probe 2>/dev/null && echo ESCAPED_ETC
-cat "{secret}" 2>/dev/null | grep -q ssh-key && echo ESCAPED_SSH
-cat "{other_item}" 2>/dev/null | grep -q item-secret && echo ESCAPED_OTHER_ITEM
-cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\0' '\n' | grep -q "tth_en""v_" && echo ESCAPED_KEY_PROC
-env | grep -q "tth_en""v_" && echo ESCAPED_KEY_ENV
-kill -0 {host_pid} 2>/dev/null && echo ESCAPED_SEE_HOST
-kill -9 {host_pid} 2>/dev/null && echo ESCAPED_KILL_HOST
-grep -q '^NoNewPrivs:[[:space:]]*1' /proc/self/status || echo ESCAPED_PRIVS
+# Each probe prints its name with its verdict: ESCAPED_<NAME> when the attempt worked, refused_<NAME>
+# when it did not, so a failing run says which one got out.
+verdict() {{ if [ "$1" -eq 0 ]; then echo "ESCAPED_$2"; else echo "refused_$2"; fi; }}
+echo probe > "{outside}/escaped" 2>/dev/null; verdict $? WRITE
+echo probe > /etc/tether-sandbox-probe 2>/dev/null; verdict $? ETC
+cat "{secret}" 2>/dev/null | grep -q ssh-key; verdict $? SSH
+cat "{other_item}" 2>/dev/null | grep -q item-secret; verdict $? OTHER_ITEM
+# The key's prefix is searched as `tth_en[v]_`: the pattern itself must not match, or the probe finds
+# its own grep's command line in /proc (the pipeline's processes start together) and reports an
+# escape that is not one.
+cat /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null | tr '\0' '\n' | grep -q 'tth_en[v]_'; verdict $? KEY_PROC
+env | grep -q 'tth_en[v]_'; verdict $? KEY_ENV
+kill -0 {host_pid} 2>/dev/null; verdict $? SEE_HOST
+kill -9 {host_pid} 2>/dev/null; verdict $? KILL_HOST
+! grep -q '^NoNewPrivs:[[:space:]]*1' /proc/self/status; verdict $? PRIVS
 ( setsid sleep {daemon} </dev/null >/dev/null 2>&1 & ) ; sleep 0.2
 echo inside > "$TETHER_WORKDIR/own-file" && echo WROTE_OWN
 echo tmp > /tmp/own-tmp && echo WROTE_TMP
@@ -269,6 +288,9 @@ async fn escape_attempts_from_a_sandboxed_program_are_refused() {
     let (env, key) = server.environment();
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
+    // The worker's HOME, with a key in it. It is the worker's real `$HOME` (set below), not just a
+    // directory that happens to be under the hidden /tmp: with TMPDIR elsewhere the sandbox used to
+    // leave a home outside /home and /root readable.
     let home = dir.path().join("home");
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     let secret = home.join(".ssh/id_test");
@@ -282,17 +304,19 @@ async fn escape_attempts_from_a_sandboxed_program_are_refused() {
     // The same script unconfined gets out: the test is able to see an escape.
     let daemon_free = "301.7071";
     server.session(&env);
-    let free = server.run_one(
+    let free = server.run_one_at_home(
         &env,
         &key,
         &["--workdir", items.to_str().unwrap()],
         &escape_script(&outside, &secret, &other_item, host.id(), daemon_free),
+        Some(&home),
     );
     free.expect_success("unconfined");
     for word in [
         "ESCAPED_WRITE",
         "ESCAPED_SSH",
         "ESCAPED_OTHER_ITEM",
+        "ESCAPED_KEY_PROC",
         "ESCAPED_SEE_HOST",
     ] {
         assert!(
@@ -317,20 +341,44 @@ async fn escape_attempts_from_a_sandboxed_program_are_refused() {
 
     let daemon = "302.7071";
     server.session(&env);
-    let boxed = server.run_one(
+    let boxed = server.run_one_at_home(
         &env,
         &key,
         &["--sandbox", "--workdir", items.to_str().unwrap()],
         &escape_script(&outside, &secret, &other_item, host.id(), daemon),
+        Some(&home),
     );
     boxed.expect_success("sandboxed");
     assert!(boxed.output.contains("SCRIPT_DONE"), "{}", boxed.output);
+    let escaped: Vec<&str> = boxed
+        .output
+        .split_whitespace()
+        .filter(|word| word.starts_with("ESCAPED"))
+        .collect();
     assert!(
-        !boxed.output.contains("ESCAPED"),
-        "an escape worked:\n{}\nlog:\n{}",
+        escaped.is_empty(),
+        "escapes worked: {escaped:?}\n{}\nlog:\n{}",
         boxed.output,
         boxed.log
     );
+    for probe in [
+        "WRITE",
+        "ETC",
+        "SSH",
+        "OTHER_ITEM",
+        "KEY_PROC",
+        "KEY_ENV",
+        "SEE_HOST",
+        "KILL_HOST",
+        "PRIVS",
+    ] {
+        let refused = format!("refused_{probe}");
+        assert!(
+            boxed.output.contains(&refused),
+            "{refused}:\n{}",
+            boxed.output
+        );
+    }
     assert!(boxed.output.contains("WROTE_OWN") && boxed.output.contains("WROTE_TMP"));
     assert!(!outside.join("escaped").exists());
     assert!(!Path::new("/etc/tether-sandbox-probe").exists());

@@ -207,8 +207,12 @@ pub async fn run(config: Config) -> Result<Summary> {
     let sandbox = match &config.sandbox {
         Some(wanted) => {
             // The worker's own places are hidden from the programs: the item directories (each
-            // program sees its own only) and the logs.
+            // program sees its own only), the logs, the worker's working directory and the home of
+            // the user it runs as, wherever that lives (not every home is under /home or /root:
+            // service users, CI runners and containers put it anywhere).
             let mut hidden = Vec::new();
+            hidden.extend(std::env::var_os("HOME").map(std::path::PathBuf::from));
+            hidden.extend(std::env::current_dir().ok());
             hidden.extend(workdirs.as_ref().map(|w| w.root().to_owned()));
             hidden.extend(
                 config

@@ -176,6 +176,12 @@ impl Sandbox {
             })?),
             false => None,
         };
+        // Only existing directories can be emptied, and `/` never is (a home or working directory of
+        // `/` would hide the whole system; its files stay read-only like the rest).
+        let hidden = hidden
+            .into_iter()
+            .filter(|place| place.is_absolute() && place.parent().is_some() && place.is_dir())
+            .collect();
         let sandbox = Sandbox {
             bwrap,
             env,

@@ -488,3 +488,61 @@ async fn a_sandbox_that_cannot_be_had_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bubblewrap"), "{err}");
 }
+
+/// Seconds since midnight UTC of an RFC 3339 `...THH:MM:SS.fffZ` or a bare `HH:MM:SS.fff`.
+fn seconds_of_day(text: &str) -> Option<f64> {
+    let clock = text.rsplit('T').next()?.trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+/// Claim to PROGRAM running, in seconds: the worker's "claimed" log line to the first thing the
+/// program does (print the clock).
+fn claim_to_program(ran: &Ran) -> Option<f64> {
+    let claimed = ran.log.lines().find(|line| line.contains("\"claimed\""))?;
+    let claimed: Value = serde_json::from_str(claimed).ok()?;
+    let claimed = seconds_of_day(claimed["timestamp"].as_str()?)?;
+    let started = ran
+        .output
+        .split("STARTED_AT ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    let started = seconds_of_day(started)?;
+    // Negative only across midnight: no sample.
+    (started >= claimed).then_some(started - claimed)
+}
+
+/// The cost of confinement per item, printed (no timing assertion: the machine is shared): the
+/// median time from claim to PROGRAM running, sandboxed and unconfined, in the same run.
+#[tokio::test(flavor = "multi_thread")]
+async fn claim_to_program_cost_of_the_sandbox_is_printed() {
+    const RUNS: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (env, key) = server.environment();
+    let script = "echo STARTED_AT $(date -u +%H:%M:%S.%N)";
+    let mut medians = Vec::new();
+    for args in [&[][..], &["--sandbox"][..]] {
+        let mut samples = Vec::new();
+        for _ in 0..RUNS {
+            server.session(&env);
+            let ran = server.run_one(&env, &key, args, script);
+            ran.expect_success("timed run");
+            samples.extend(claim_to_program(&ran));
+        }
+        assert!(!samples.is_empty(), "no timing sample for {args:?}");
+        samples.sort_by(f64::total_cmp);
+        medians.push(samples[samples.len() / 2]);
+    }
+    let (free, boxed) = (medians[0] * 1000.0, medians[1] * 1000.0);
+    println!(
+        "claim to program running, median of {RUNS}: unconfined {free:.1} ms, sandboxed {boxed:.1} ms \
+         (+{:.1} ms, x{:.2})",
+        boxed - free,
+        boxed / free.max(0.001)
+    );
+}

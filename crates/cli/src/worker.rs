@@ -142,12 +142,36 @@ pub struct WorkerArgs {
     /// Exit 0 after this long without work (no item claimed or running), e.g. 5m.
     #[arg(long, env = "TETHER_MAX_IDLE", value_parser = parse_duration)]
     max_idle: Option<Duration>,
+    /// Run each item's PROGRAM confined (bubblewrap): read-only system, its own directory the only
+    /// writable place, home and other items hidden, own PID namespace. Refuses to start where the
+    /// kernel cannot do it.
+    #[arg(long, env = "TETHER_SANDBOX")]
+    sandbox: bool,
+    /// What a sandboxed PROGRAM may reach: full (the host's network) or none.
+    #[arg(long, env = "TETHER_SANDBOX_NETWORK", value_enum, default_value_t = SandboxNetwork::Full, requires = "sandbox")]
+    sandbox_network: SandboxNetwork,
+    /// Address-space cap of a sandboxed PROGRAM (RLIMIT_AS), e.g. 512M, 2G.
+    #[arg(long, env = "TETHER_SANDBOX_MEMORY", value_parser = tether_worker::sandbox::parse_size, requires = "sandbox")]
+    sandbox_memory: Option<u64>,
+    /// Process cap of a sandboxed PROGRAM (RLIMIT_NPROC; not for a worker running as root).
+    #[arg(long, env = "TETHER_SANDBOX_PIDS", value_parser = clap::value_parser!(u32).range(1..), requires = "sandbox")]
+    sandbox_pids: Option<u32>,
+    /// Make PATH visible inside the sandbox, writable, or read-only with :ro (repeatable).
+    #[arg(long, value_name = "PATH[:ro]", requires = "sandbox")]
+    sandbox_bind: Vec<tether_worker::Bind>,
     /// Set by `run-one`.
     #[arg(skip)]
     run_one: bool,
     /// The program to run for each item, and its arguments.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     program: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SandboxNetwork {
+    Full,
+    Api,
+    None,
 }
 
 impl From<LogFormat> for tether_worker::LogFormat {
@@ -178,6 +202,16 @@ impl WorkerArgs {
             max_idle: self.max_idle,
             run_one: self.run_one,
             program: self.program,
+            sandbox: self.sandbox.then_some(tether_worker::SandboxConfig {
+                network: match self.sandbox_network {
+                    SandboxNetwork::Full => tether_worker::Network::Full,
+                    SandboxNetwork::Api => tether_worker::Network::Api,
+                    SandboxNetwork::None => tether_worker::Network::None,
+                },
+                memory: self.sandbox_memory,
+                pids: self.sandbox_pids,
+                binds: self.sandbox_bind,
+            }),
         }
     }
 }

@@ -16,6 +16,7 @@ mod deadman;
 mod error;
 pub mod heartbeat;
 pub mod program;
+pub mod sandbox;
 pub mod shutdown;
 pub mod status;
 mod supervisor;
@@ -32,6 +33,7 @@ use tokio::task::JoinSet;
 
 pub use error::{Error, Result};
 pub use program::Exit;
+pub use sandbox::{Bind, Network, SandboxConfig};
 pub use status::LogWriter;
 
 use program::{Output, Program};
@@ -78,6 +80,8 @@ pub struct Config {
     pub run_one: bool,
     /// PROGRAM and its arguments.
     pub program: Vec<OsString>,
+    /// `--sandbox`: run each item's PROGRAM confined.
+    pub sandbox: Option<SandboxConfig>,
 }
 
 /// How a run of the worker ended (when it ended without an error).
@@ -130,6 +134,8 @@ pub(crate) struct Shared {
     pub run_one: bool,
     /// How PROGRAM exited, per item run (for `run-one`'s exit status).
     pub exits: std::sync::Mutex<Vec<Exit>>,
+    /// `--sandbox`, checked at start-up.
+    pub sandbox: Option<sandbox::Sandbox>,
 }
 
 impl Shared {
@@ -191,6 +197,31 @@ pub async fn run(config: Config) -> Result<Summary> {
     };
     let workdirs = match &config.workdir {
         Some(root) => Some(Workdirs::new(root.clone(), config.keep_workdir)?),
+        // A sandboxed program always gets a fresh directory of its own, the only place it may write.
+        None if config.sandbox.is_some() => Some(Workdirs::new(
+            std::env::temp_dir().join(format!("tether-items-{}", std::process::id())),
+            false,
+        )?),
+        None => None,
+    };
+    let sandbox = match &config.sandbox {
+        Some(wanted) => {
+            // The worker's own places are hidden from the programs: the item directories (each
+            // program sees its own only), the logs, the worker's working directory and the home of
+            // the user it runs as, wherever that lives (not every home is under /home or /root:
+            // service users, CI runners and containers put it anywhere).
+            let mut hidden = Vec::new();
+            hidden.extend(std::env::var_os("HOME").map(std::path::PathBuf::from));
+            hidden.extend(std::env::current_dir().ok());
+            hidden.extend(workdirs.as_ref().map(|w| w.root().to_owned()));
+            hidden.extend(
+                config
+                    .log_dir
+                    .iter()
+                    .filter_map(|d| std::path::absolute(d).ok()),
+            );
+            Some(sandbox::Sandbox::check(wanted.clone(), hidden)?)
+        }
         None => None,
     };
     let (phase_tx, phase) = watch::channel(Phase::Running);
@@ -206,6 +237,16 @@ pub async fn run(config: Config) -> Result<Summary> {
             ("concurrency", &concurrency.to_string()),
         ],
     );
+    match &sandbox {
+        Some(sandbox) => report.info(
+            &format!("confinement: sandbox, {}", sandbox.describe()),
+            &[],
+        ),
+        None => report.info(
+            "confinement: none (programs run with the worker's rights; see --sandbox)",
+            &[],
+        ),
+    }
     let shared = Arc::new(Shared {
         client,
         environment_id: config.environment.clone(),
@@ -221,6 +262,7 @@ pub async fn run(config: Config) -> Result<Summary> {
         max_idle: config.max_idle,
         run_one: config.run_one,
         exits: std::sync::Mutex::default(),
+        sandbox,
     });
     let mut tasks = JoinSet::new();
     let claimed = claim::run(shared.clone(), concurrency, &mut tasks).await;

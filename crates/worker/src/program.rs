@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
+use crate::sandbox::Sandbox;
 use crate::status::Reporter;
 use crate::{Error, Result};
 
@@ -155,7 +156,9 @@ pub struct Running {
 
 impl Running {
     /// Starts `program` for `work_id` with `env` added to the worker's environment (minus [`WITHHELD`])
-    /// and `stdin` written to its standard input.
+    /// and `stdin` written to its standard input. With a `sandbox`, the program runs confined in
+    /// `cwd` (then required) with `env` as its whole environment, and `read_only` visible.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         program: &Program,
         work_id: &str,
@@ -163,25 +166,43 @@ impl Running {
         stdin: Vec<u8>,
         output: &Output,
         cwd: Option<&std::path::Path>,
+        sandbox: Option<&Sandbox>,
+        read_only: &[&Path],
     ) -> io::Result<Running> {
-        let mut command = Command::new(&program.path);
-        if let Some(dir) = cwd {
-            command.current_dir(dir);
-        }
-        command
-            .arg0(&program.name)
-            .args(&program.args)
-            .stdin(Stdio::piped())
-            // Its own group: one signal reaches everything it starts, and a Ctrl-C at the worker's
-            // terminal reaches the worker only, which then decides what the programs get.
-            .process_group(0)
-            .kill_on_drop(true);
-        for name in WITHHELD {
-            command.env_remove(name);
-        }
-        for (k, v) in env {
-            command.env(k, v);
-        }
+        let mut command = match (sandbox, cwd) {
+            (Some(sandbox), Some(dir)) => {
+                let mut command =
+                    sandbox.command(&program.path, &program.args, dir, env, read_only);
+                confined_session(&mut command);
+                command
+            }
+            (Some(_), None) => {
+                return Err(io::Error::other(
+                    "a sandboxed program needs a working directory of its own",
+                ))
+            }
+            (None, _) => {
+                let mut command = Command::new(&program.path);
+                if let Some(dir) = cwd {
+                    command.current_dir(dir);
+                }
+                command
+                    .arg0(&program.name)
+                    .args(&program.args)
+                    // Its own group: one signal reaches everything it starts, and a Ctrl-C at the
+                    // worker's terminal reaches the worker only, which then decides what the programs
+                    // get.
+                    .process_group(0);
+                for name in WITHHELD {
+                    command.env_remove(name);
+                }
+                for (k, v) in env {
+                    command.env(k, v);
+                }
+                command
+            }
+        };
+        command.stdin(Stdio::piped()).kill_on_drop(true);
         match output {
             Output::Log(_) => {
                 command.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -289,6 +310,25 @@ fn die_with_the_worker(command: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn die_with_the_worker(_: &mut Command) {}
+
+/// bwrap starts in a session of its own: leader of its own process group (signalled as a whole, like
+/// an unconfined program's) and without the worker's controlling terminal, so that nothing inside can
+/// push input into it. bwrap itself ignores SIGTERM and SIGINT, so that a stop's SIGTERM reaches the
+/// program (which gets the default action back from `env --default-signal`) without killing bwrap,
+/// and with it the whole sandbox, before the grace period.
+fn confined_session(command: &mut Command) {
+    use nix::sys::signal::{signal, SigHandler};
+    // SAFETY: between fork and exec the closure makes only system calls (setsid, sigaction) and
+    // allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            signal(Signal::SIGTERM, SigHandler::SigIgn).map_err(io::Error::from)?;
+            signal(Signal::SIGINT, SigHandler::SigIgn).map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+}
 
 fn forward<R: AsyncRead + Unpin + Send + 'static>(
     stream: R,

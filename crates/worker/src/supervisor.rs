@@ -323,6 +323,7 @@ impl<'a> Item<'a> {
         };
         let mut stdin = serde_json::to_vec(item).unwrap_or_default();
         stdin.push(b'\n');
+        let read_only: Vec<&std::path::Path> = shared.ca_cert.iter().map(|p| p.as_path()).collect();
         Running::spawn(
             &shared.program,
             &self.work_id,
@@ -330,6 +331,8 @@ impl<'a> Item<'a> {
             stdin,
             &shared.output,
             cwd.as_deref(),
+            shared.sandbox.as_ref(),
+            &read_only,
         )
     }
 

@@ -23,6 +23,11 @@ impl Workdirs {
         Ok(Workdirs { root, keep })
     }
 
+    /// The directory the items' directories are made in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn path(&self, work_id: &str) -> PathBuf {
         debug_assert!(
             !work_id.is_empty()

@@ -18,30 +18,8 @@ const ADMIN_TOKEN: &str = "tth_adm_operations-test-admin-token-0123456789";
 /// How long anything in these tests may take before it counts as hung.
 const PATIENCE: Duration = Duration::from_secs(90);
 
-/// Variables that would otherwise leak from the caller's shell into the commands under test.
-const AMBIENT: &[&str] = &[
-    "TETHER_SERVER",
-    "TETHER_TOKEN",
-    "TETHER_DATA_DIR",
-    "TETHER_LISTEN",
-    "TETHER_DATABASE_URL",
-    "TETHER_PUBLIC_URL",
-    "TETHER_ADMIN_TOKEN",
-    "TETHER_KEY",
-    "TETHER_LOG",
-    "TETHER_LOG_FORMAT",
-    "TETHER_LOG_DIR",
-    "TETHER_WORKDIR",
-    "TETHER_MAX_IDLE",
-];
-
 fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for name in AMBIENT {
-        command.env_remove(name);
-    }
-    command.stdin(Stdio::null());
-    command
+    support::tether_command()
 }
 
 /// `tether serve` with JSON logs at `info` into `<dir>/server.log`; killed on drop.

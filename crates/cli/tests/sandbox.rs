@@ -5,6 +5,8 @@
 //! Needs `bwrap` and unprivileged user namespaces (`.ci/run` installs bubblewrap); without them the
 //! tests fail, as they should on a machine where `--sandbox` would refuse to start.
 
+mod support;
+
 use std::io::Read as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -13,35 +15,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
 const ADMIN_TOKEN: &str = "tth_adm_sandbox-test-admin-token-0123456789";
 /// How long anything in these tests may take before it counts as hung.
 const PATIENCE: Duration = Duration::from_secs(90);
 
-/// Variables that would otherwise leak from the caller's shell into the commands under test.
-const AMBIENT: &[&str] = &[
-    "TETHER_SERVER",
-    "TETHER_TOKEN",
-    "TETHER_DATA_DIR",
-    "TETHER_LISTEN",
-    "TETHER_DATABASE_URL",
-    "TETHER_PUBLIC_URL",
-    "TETHER_ADMIN_TOKEN",
-    "TETHER_KEY",
-    "TETHER_LOG",
-    "TETHER_LOG_FORMAT",
-    "TETHER_LOG_DIR",
-    "TETHER_WORKDIR",
-    "TETHER_MAX_IDLE",
-];
-
 fn command() -> Command {
-    let mut command = Command::new(BIN);
-    for name in AMBIENT {
-        command.env_remove(name);
-    }
-    command.stdin(Stdio::null());
-    command
+    support::tether_command()
 }
 
 /// `tether serve` on a loopback port with its store in `<dir>/data`; killed on drop.

@@ -12,6 +12,33 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+/// Variables that would otherwise leak from the caller's shell into the commands under test.
+pub const AMBIENT: &[&str] = &[
+    "TETHER_SERVER",
+    "TETHER_TOKEN",
+    "TETHER_DATA_DIR",
+    "TETHER_LISTEN",
+    "TETHER_DATABASE_URL",
+    "TETHER_PUBLIC_URL",
+    "TETHER_ADMIN_TOKEN",
+    "TETHER_KEY",
+    "TETHER_LOG",
+    "TETHER_LOG_FORMAT",
+    "TETHER_LOG_DIR",
+    "TETHER_WORKDIR",
+    "TETHER_MAX_IDLE",
+];
+
+/// The `tether` binary with none of [`AMBIENT`] inherited and no standard input.
+pub fn tether_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+    for name in AMBIENT {
+        command.env_remove(name);
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
 /// A `tether serve` child process.
 pub struct ServerProcess {
     pub child: Child,

@@ -137,12 +137,6 @@ impl Store for Counting {
     ) -> StoreResult<Vec<Versioned<WorkItem>>> {
         self.inner.leases_due_before(before, limit).await
     }
-    async fn environments_with_claimable(
-        &self,
-        reclaim_cutoff: Timestamp,
-    ) -> StoreResult<Vec<String>> {
-        self.inner.environments_with_claimable(reclaim_cutoff).await
-    }
     async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts> {
         self.inner.queue_counts(environment_id).await
     }

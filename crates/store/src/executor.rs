@@ -264,17 +264,6 @@ impl<E: Executor> Store for SqlStore<E> {
             .await
     }
 
-    async fn environments_with_claimable(
-        &self,
-        reclaim_cutoff: Timestamp,
-    ) -> StoreResult<Vec<String>> {
-        self.all(
-            sql::environments_with_claimable(reclaim_cutoff),
-            sql::single_text,
-        )
-        .await
-    }
-
     async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts> {
         Ok(self
             .optional(sql::queue_counts(environment_id), sql::decode_queue_counts)

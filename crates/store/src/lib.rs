@@ -357,11 +357,6 @@ pub trait Store: Send + Sync + 'static {
         before: Timestamp,
         limit: u32,
     ) -> StoreResult<Vec<Versioned<WorkItem>>>;
-    /// Environments that have at least one claimable item for a poll with this cutoff.
-    async fn environments_with_claimable(
-        &self,
-        reclaim_cutoff: Timestamp,
-    ) -> StoreResult<Vec<String>>;
     async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts>;
     async fn work_by_token_hash(
         &self,

@@ -816,14 +816,6 @@ pub fn leases_due_before(before: Timestamp, limit: u32) -> Statement {
     .bounded()
 }
 
-pub fn environments_with_claimable(reclaim_cutoff: Timestamp) -> Statement {
-    Statement::new(
-        "SELECT DISTINCT environment_id FROM work_items WHERE state = 'queued' \
-         AND (delivered_at IS NULL OR delivered_at <= $1)",
-        vec![reclaim_cutoff.into()],
-    )
-}
-
 pub fn queue_counts(environment_id: &str) -> Statement {
     Statement::new(
         "SELECT \
@@ -938,10 +930,6 @@ pub fn credential_from_row(row: &Row) -> StoreResult<Credential> {
 
 pub fn count(row: &Row) -> StoreResult<u64> {
     Ok(int(&row[0])?.max(0) as u64)
-}
-
-pub fn single_text(row: &Row) -> StoreResult<String> {
-    text(&row[0])
 }
 
 /// Records kept only as documents, decoded by type.

@@ -38,6 +38,16 @@ enum Command {
         #[arg(value_name = "DIR")]
         dir: std::path::PathBuf,
     },
+    /// Inside a sandbox under `--sandbox-network api`: forward LISTEN to SOCKET, then exec PROGRAM.
+    #[command(name = tether_worker::forward::SUBCOMMAND, hide = true)]
+    SandboxForward {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(last = true, required = true)]
+        program: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +75,16 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        Command::SandboxForward {
+            listen,
+            socket,
+            program,
+        } => {
+            // Before any thread exists: it forks.
+            let error = tether_worker::forward::main(*listen, socket.clone(), program.clone());
+            eprintln!("error: {error}");
+            return ExitCode::from(127);
+        }
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -76,7 +96,9 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Worker(command) => worker::main(*command).await,
             Command::Admin(command) => admin::run(command).await.map(|()| ExitCode::SUCCESS),
-            Command::Completions { .. } | Command::Man { .. } => unreachable!("answered above"),
+            Command::Completions { .. } | Command::Man { .. } | Command::SandboxForward { .. } => {
+                unreachable!("answered above")
+            }
         }
     });
     match result {

@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::ffi::OsStr;
 use std::io::Read as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -32,10 +33,16 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path) -> Server {
+        Server::start_with(dir, &[])
+    }
+
+    /// With extra `tether serve` arguments.
+    fn start_with(dir: &Path, extra: &[&str]) -> Server {
         let log = dir.join("server.log");
         let child = command()
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.join("data"))
+            .args(extra)
             .env("TETHER_ADMIN_TOKEN", ADMIN_TOKEN)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("server log"))
@@ -101,6 +108,56 @@ impl Server {
         id(&self.json(&["session", "create", "--agent", &agent, "--env", env]))
     }
 
+    /// The work item of `session` (the newest, if it had several).
+    fn item_of(&self, env: &str, session: &str) -> Value {
+        self.json(&["work", "list", env, "--all"])["data"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .rfind(|item| item["data"]["id"] == session)
+            .cloned()
+            .unwrap_or_else(|| panic!("no item for {session}"))
+    }
+
+    /// Waits until the item of `session` is in `state`.
+    fn wait_for_item(&self, env: &str, session: &str, state: &str) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let item = self.item_of(env, session);
+            if item["state"] == state {
+                return item;
+            }
+            assert!(Instant::now() < deadline, "never {state}: {item}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `tether worker [ARGS…] -- PROGRAM…` running until dropped, its JSON log in `<dir>/<name>.log`.
+    fn worker(
+        &self,
+        env: &str,
+        key: &str,
+        name: &str,
+        args: &[&str],
+        program: &[&OsStr],
+    ) -> Worker {
+        let log = self.dir.join(format!("{name}.log"));
+        let child = command()
+            .args(["worker", "--log-format", "json", "--worker-id", name])
+            .args(args)
+            .args(["--environment", env])
+            .arg("--")
+            .args(program)
+            .env("TETHER_SERVER", &self.url)
+            .env("TETHER_KEY", key)
+            .env("TETHER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("worker log"))
+            .spawn()
+            .expect("spawn tether worker");
+        Worker { child, log }
+    }
+
     /// `tether worker run-one [ARGS…] -- bash -c SCRIPT`, the key in the worker's environment (where a
     /// program could look for it), the program's output in `<dir>/out/<work_id>.log`. Returns the
     /// worker's exit status, its log and the program's output.
@@ -153,6 +210,25 @@ impl Server {
 }
 
 impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `tether worker` process, killed on drop.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -381,41 +457,112 @@ async fn escape_attempts_from_a_sandboxed_program_are_refused() {
     let _ = host.wait();
 }
 
+/// Tries a host listener (`REACHED`), the server's own port (`REACHED_SERVER`), the API through the
+/// program's `TETHER_API_URL` (`API:` lines: the server's answer) and a path outside the API through
+/// the same address (`OUTSIDE:` lines).
+fn network_script(port: u16, server_port: &str) -> String {
+    format!(
+        r#"
+(echo hello > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED
+(echo hello > /dev/tcp/127.0.0.1/{server_port}) 2>/dev/null && echo REACHED_SERVER
+hostport=${{TETHER_API_URL#http://}}; hostport=${{hostport%%/*}}
+host=${{hostport%:*}}; p=${{hostport##*:}}; path="/${{TETHER_API_URL#http://*/}}"
+echo "API_URL $TETHER_API_URL"
+if exec 3<>"/dev/tcp/$host/$p"; then
+  printf 'GET %s/environments HTTP/1.0\r\nHost: x\r\n\r\n' "$path" >&3
+  head -c 4000 <&3 | tr -d '\r' | sed 's/^/API: /'; exec 3<&-
+fi 2>/dev/null
+if exec 3<>"/dev/tcp/$host/$p"; then
+  printf 'GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n' >&3
+  head -c 4000 <&3 | tr -d '\r' | sed 's/^/OUTSIDE: /'; exec 3<&-
+fi 2>/dev/null
+echo SCRIPT_DONE
+"#
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn without_network_a_host_listener_is_unreachable() {
+async fn without_network_or_with_the_api_only_a_host_listener_is_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let (env, key) = server.environment();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
-    let script = format!(
-        "(echo hello > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo REACHED; echo SCRIPT_DONE"
-    );
+    let server_port = server.url.rsplit(':').next().unwrap().trim_end_matches('/');
+    let script = network_script(port, server_port);
+    let drain = |listener: &TcpListener| {
+        let mut accepted = 0;
+        while let Ok((mut stream, _)) = listener.accept() {
+            let mut text = String::new();
+            let _ = stream.read_to_string(&mut text);
+            accepted += 1;
+        }
+        accepted
+    };
+
+    // Shared network: the same script reaches both (the test can see a connection that works).
     server.session(&env);
     let free = server.run_one(&env, &key, &["--sandbox"], &script);
     free.expect_success("network full");
-    assert!(free.output.contains("REACHED"), "{}", free.output);
-    let mut accepted = 0;
-    while let Ok((mut stream, _)) = listener.accept() {
-        let mut text = String::new();
-        let _ = stream.read_to_string(&mut text);
-        accepted += 1;
-    }
-    assert_eq!(accepted, 1);
+    assert!(free.output.contains("REACHED\n"), "{}", free.output);
+    assert!(free.output.contains("REACHED_SERVER"), "{}", free.output);
+    assert_eq!(drain(&listener), 1);
 
-    server.session(&env);
-    let none = server.run_one(
-        &env,
-        &key,
-        &["--sandbox", "--sandbox-network", "none"],
-        &script,
-    );
-    none.expect_success("network none");
-    assert!(none.output.contains("SCRIPT_DONE"), "{}", none.output);
-    assert!(!none.output.contains("REACHED"), "{}", none.output);
-    assert!(listener.accept().is_err(), "nothing connected");
-    assert!(none.log.contains("network none"), "{}", none.log);
+    for network in ["none", "api"] {
+        server.session(&env);
+        let ran = server.run_one(
+            &env,
+            &key,
+            &["--sandbox", "--sandbox-network", network],
+            &script,
+        );
+        ran.expect_success(network);
+        assert!(ran.output.contains("SCRIPT_DONE"), "{}", ran.output);
+        assert!(!ran.output.contains("REACHED"), "{network}: {}", ran.output);
+        assert_eq!(drain(&listener), 0, "{network}: something connected");
+        assert!(
+            ran.log.contains(&format!("network {network}")),
+            "{}",
+            ran.log
+        );
+        match network {
+            "none" => assert!(!ran.output.contains("API: "), "{}", ran.output),
+            _ => {
+                // The API answers through the proxy (the server's own 401, not the proxy's), and
+                // nothing else of the server does.
+                assert!(
+                    ran.output
+                        .contains("API_URL http://127.0.0.1:4780/api/v1/cloud"),
+                    "{}",
+                    ran.output
+                );
+                assert!(
+                    ran.output.contains("API: HTTP/1.0 401")
+                        && ran.output.contains("authentication_error"),
+                    "{}",
+                    ran.output
+                );
+                assert!(
+                    ran.output.contains("OUTSIDE: HTTP/1.0 404")
+                        && ran.output.contains("only the Tether API"),
+                    "{}",
+                    ran.output
+                );
+            }
+        }
+    }
+}
+
+/// Which mechanism the start-up line says enforces `controller`'s cap: `cgroup` or an rlimit.
+fn cap_mechanism(log: &str, controller: &str) -> &'static str {
+    if log.contains(&format!("cgroup v1 {controller}"))
+        || log.contains(&format!("cgroup v2 {controller}"))
+    {
+        "cgroup"
+    } else {
+        "rlimit"
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -423,24 +570,264 @@ async fn memory_past_the_cap_cannot_be_had() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let (env, key) = server.environment();
-    // 512 MiB in one piece: python's allocation either succeeds or raises MemoryError.
-    let script = "python3 -c 'b = bytearray(512 * 1024 * 1024); print(\"ALLOCATED\", len(b))'; echo SCRIPT_DONE";
+    // 512 MiB, every page written: under an rlimit the allocation fails (MemoryError), under a
+    // cgroup the kernel's OOM killer ends the program.
+    let script = "python3 -c 'b = b\"x\" * (512 * 1024 * 1024); print(\"ALLOCATED\", len(b))'";
     server.session(&env);
     let free = server.run_one(&env, &key, &["--sandbox"], script);
     free.expect_success("no cap");
     assert!(free.output.contains("ALLOCATED"), "{}", free.output);
 
-    server.session(&env);
+    let session = server.session(&env);
     let capped = server.run_one(
         &env,
         &key,
         &["--sandbox", "--sandbox-memory", "128M"],
         script,
     );
-    capped.expect_success("capped");
-    assert!(capped.output.contains("SCRIPT_DONE"), "{}", capped.output);
+    assert!(!capped.status.success(), "{}", capped.log);
     assert!(!capped.output.contains("ALLOCATED"), "{}", capped.output);
-    assert!(capped.output.contains("MemoryError"), "{}", capped.output);
+    let metadata = &server.item_of(&env, &session)["metadata"];
+    match cap_mechanism(&capped.log, "memory") {
+        "cgroup" => {
+            assert_eq!(metadata["tether.exit_reason"], "memory_limit", "{metadata}");
+            // SIGKILL, as bwrap reports it: 128 + 9.
+            assert_eq!(metadata["tether.exit_code"], "137", "{metadata}");
+        }
+        _ => {
+            assert!(capped.output.contains("MemoryError"), "{}", capped.output);
+            assert!(metadata.get("tether.exit_reason").is_none(), "{metadata}");
+        }
+    }
+}
+
+/// A fork bomb stops at `--sandbox-pids`: the program's forks are refused at the cap, everything it
+/// started dies with it, and the host can still start processes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_bomb_stops_at_the_process_cap() {
+    const CAP: u32 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (env, key) = server.environment();
+    // Each child sleeps: the processes pile up until a fork is refused. The marker is in every
+    // child's command line, for the host to look for afterwards.
+    let marker = "fork-bomb-7071";
+    let script = format!(
+        r#"exec python3 -c '
+import os, sys, time
+# {marker}
+n = 0
+try:
+    while n < 1000:
+        if os.fork() == 0:
+            time.sleep(300)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print("FORK_REFUSED", n, e, flush=True)
+    sys.exit(3)
+print("FORKED_ALL", n, flush=True)
+'"#
+    );
+    let session = server.session(&env);
+    let ran = server.run_one(
+        &env,
+        &key,
+        &["--sandbox", "--sandbox-pids", &CAP.to_string()],
+        &script,
+    );
+    assert_eq!(ran.status.code(), Some(3), "{}\n{}", ran.log, ran.output);
+    let forked: u32 = ran
+        .output
+        .split("FORK_REFUSED ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no refusal:\n{}", ran.output));
+    // The program itself counts too.
+    assert!(
+        forked < CAP,
+        "{forked} processes started under a cap of {CAP}"
+    );
+    assert!(forked > 0, "{}", ran.output);
+    assert!(ran.log.contains(&format!("{CAP} processes")), "{}", ran.log);
+    let metadata = &server.item_of(&env, &session)["metadata"];
+    assert_eq!(metadata["tether.exit_code"], "3", "{metadata}");
+    if cap_mechanism(&ran.log, "pids") == "cgroup" {
+        assert_eq!(metadata["tether.exit_reason"], "pids_limit", "{metadata}");
+    }
+    // Nothing of the bomb is left, and the host forks as ever.
+    wait_gone(marker, &ran.log);
+    assert!(Command::new("true").status().unwrap().success());
+}
+
+/// Waits (bounded) until no process with `marker` in its command line is left.
+fn wait_gone(marker: &str, log: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while process_with(marker) {
+        assert!(
+            Instant::now() < deadline,
+            "{marker} outlived its item:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits (bounded) until a process with `marker` in its command line runs.
+fn wait_running(marker: &str, worker: &Worker) {
+    let deadline = Instant::now() + PATIENCE;
+    while !process_with(marker) {
+        assert!(
+            Instant::now() < deadline,
+            "{marker} never started:\n{}",
+            worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts a double-forked daemon named after the session (`tether-daemon-<session>` in its command
+/// line), then runs until told to stop.
+const DAEMON_PROGRAM: &str = r#"( setsid bash -c 'exec -a "tether-daemon-$TETHER_SESSION_ID" sleep 300' </dev/null >/dev/null 2>&1 & )
+trap 'exit 0' TERM
+while :; do sleep 0.1; done
+"#;
+
+/// A double-forked daemon started by a sandboxed program dies with the item however it ends: the
+/// program exits, the item is stopped, force-stopped, or the worker loses its lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_dies_with_its_item_on_exit_stop_force_stop_and_lease_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    // Short leases, so that a cut line ends the lease within seconds.
+    let server = Server::start_with(dir.path(), &["--lease-ttl-min", "1", "--tick-ms", "100"]);
+    let (env, key) = server.environment();
+
+    // The program exits at once.
+    let session = server.session(&env);
+    let ran = server.run_one(
+        &env,
+        &key,
+        &["--sandbox"],
+        "( setsid bash -c 'exec -a \"tether-daemon-$TETHER_SESSION_ID\" sleep 300' </dev/null >/dev/null 2>&1 & ); sleep 0.3; exit 0",
+    );
+    ran.expect_success("exit");
+    wait_gone(&format!("tether-daemon-{session}"), &ran.log);
+
+    // The other endings, with a worker that reaches the server through a line the test can cut.
+    let line = support::proxy::Proxy::start(&server.url).await;
+    let worker = server.worker(
+        &env,
+        &key,
+        "daemons",
+        &[
+            "--sandbox",
+            "--server",
+            &line.url,
+            "--ttl",
+            "2",
+            "--grace",
+            "5s",
+        ],
+        &[
+            OsStr::new("bash"),
+            OsStr::new("-c"),
+            OsStr::new(DAEMON_PROGRAM),
+        ],
+    );
+    for ending in ["stop", "force-stop", "lease-loss"] {
+        let session = server.session(&env);
+        let marker = format!("tether-daemon-{session}");
+        wait_running(&marker, &worker);
+        let item = server.item_of(&env, &session);
+        let work = item["id"].as_str().expect("an id");
+        match ending {
+            "stop" => {
+                server.json(&["work", "stop", &env, work]);
+                server.wait_for_item(&env, &session, "stopped");
+            }
+            "force-stop" => {
+                server.json(&["work", "stop", &env, work, "--force"]);
+            }
+            _ => line.set(support::proxy::Mode::Refuse),
+        }
+        wait_gone(&marker, &worker.log());
+        assert!(
+            !worker.log().contains("cannot start PROGRAM"),
+            "{}",
+            worker.log()
+        );
+    }
+    let log = worker.log();
+    assert!(log.contains("lease lost"), "{log}");
+}
+
+/// The example shell agent, next to `tether` in the target directory (built here if a run of this
+/// package's tests alone has not).
+fn shell_agent() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_tether"));
+    let dir = bin.parent().expect("a target directory");
+    let agent = dir.join("tether-shell-agent");
+    if !agent.exists() {
+        let mut build = Command::new(env!("CARGO"));
+        build.args([
+            "build",
+            "-p",
+            "tether-shell-agent",
+            "--bin",
+            "tether-shell-agent",
+        ]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().expect("cargo build").success());
+    }
+    agent
+}
+
+/// The recommended set-up: the shell agent under `--sandbox --sandbox-network api` answers a message,
+/// every call of its own going through the worker's proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shell_agent_answers_through_the_api_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (env, key) = server.environment();
+    let session = server.session(&env);
+    server.json(&["session", "send", &session, "echo hello from the box; pwd"]);
+    let agent = shell_agent();
+    let worker = server.worker(
+        &env,
+        &key,
+        "boxed-agent",
+        &["--sandbox", "--sandbox-network", "api"],
+        &[
+            agent.as_os_str(),
+            OsStr::new("--max-idle"),
+            OsStr::new("2s"),
+        ],
+    );
+    // The agent idles out after its answer, and the worker stops the item.
+    let item = server.wait_for_item(&env, &session, "stopped");
+    assert_eq!(
+        item["metadata"]["tether.exit_code"],
+        "0",
+        "{item}\n{}",
+        worker.log()
+    );
+    let events = server.json(&["session", "events", &session]);
+    // The command ran in the item's own directory, and the agent posted its answer itself.
+    let results: Vec<&Value> = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "agent.tool_result")
+        .collect();
+    assert_eq!(results.len(), 1, "{events:#}");
+    let result = results[0].to_string();
+    assert!(
+        result.contains("hello from the box") && result.contains("tether-items-"),
+        "{events:#}"
+    );
+    assert!(worker.log().contains("network api"), "{}", worker.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]

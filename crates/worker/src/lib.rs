@@ -7,6 +7,8 @@
 //! * [`supervisor`]: one item from ack to stop;
 //! * [`heartbeat`]: one item's lease (the arithmetic is `tether_core::lease`);
 //! * [`program`]: the child process;
+//! * [`sandbox`], [`limits`], [`proxy`], [`forward`]: `--sandbox` (bubblewrap), its caps (cgroups or
+//!   rlimits), and the API proxy of `--sandbox-network api` with its forwarder inside the sandbox;
 //! * [`shutdown`]: signals and draining;
 //! * [`status`]: log lines and the live status line.
 
@@ -14,8 +16,11 @@ pub mod backoff;
 mod claim;
 mod deadman;
 mod error;
+pub mod forward;
 pub mod heartbeat;
+pub mod limits;
 pub mod program;
+pub mod proxy;
 pub mod sandbox;
 pub mod shutdown;
 pub mod status;
@@ -23,6 +28,7 @@ mod supervisor;
 pub mod workdir;
 
 use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +142,14 @@ pub(crate) struct Shared {
     pub exits: std::sync::Mutex<Vec<Exit>>,
     /// `--sandbox`, checked at start-up.
     pub sandbox: Option<sandbox::Sandbox>,
+    /// `--sandbox-network api`: where each item's proxy sends requests, and where its socket goes.
+    pub api_proxy: Option<ApiProxySetup>,
+}
+
+pub(crate) struct ApiProxySetup {
+    pub upstream: proxy::Upstream,
+    /// A directory of the worker's own (mode 0700, hidden from the programs) for the items' sockets.
+    pub sockets: PathBuf,
 }
 
 impl Shared {
@@ -224,6 +238,23 @@ pub async fn run(config: Config) -> Result<Summary> {
         }
         None => None,
     };
+    let api_proxy = match &sandbox {
+        Some(sandbox) if sandbox.network() == Network::Api => {
+            let upstream = proxy::Upstream::new(client.api_base_url(), ca_cert.as_deref())?;
+            let sockets = std::env::temp_dir().join(format!("tether-api-{}", std::process::id()));
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&sockets)
+                .map_err(|e| {
+                    Error::config(format!(
+                        "cannot create the API proxy's directory {}: {e}",
+                        sockets.display()
+                    ))
+                })?;
+            Some(ApiProxySetup { upstream, sockets })
+        }
+        _ => None,
+    };
     let (phase_tx, phase) = watch::channel(Phase::Running);
     let phase_tx = Arc::new(phase_tx);
     let signals = shutdown::watch_signals(phase_tx.clone(), report.clone(), config.drain_timeout)?;
@@ -263,6 +294,7 @@ pub async fn run(config: Config) -> Result<Summary> {
         run_one: config.run_one,
         exits: std::sync::Mutex::default(),
         sandbox,
+        api_proxy,
     });
     let mut tasks = JoinSet::new();
     let claimed = claim::run(shared.clone(), concurrency, &mut tasks).await;
@@ -285,6 +317,12 @@ pub async fn run(config: Config) -> Result<Summary> {
     }
     shutdown::drain(&mut tasks, &phase_tx, config.drain_timeout, &report).await;
     signals.abort();
+    if let Some(sandbox) = &shared.sandbox {
+        limits::remove_worker_groups(sandbox.caps());
+    }
+    if let Some(api) = &shared.api_proxy {
+        let _ = std::fs::remove_dir_all(&api.sockets);
+    }
     let forced = *phase.borrow() == Phase::Forced;
     report.info(&format!("worker stopped: {}", report.totals()), &[]);
     report.finish();

@@ -16,6 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
+use crate::limits::ItemGroups;
+use crate::proxy::ApiProxy;
 use crate::sandbox::Sandbox;
 use crate::status::Reporter;
 use crate::{Error, Result};
@@ -105,6 +107,8 @@ pub enum Output {
 pub struct Exit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
+    /// The sandbox's cap that ended it (`memory_limit`, `pids_limit`), when the kernel says so.
+    pub reason: Option<&'static str>,
 }
 
 impl Exit {
@@ -113,6 +117,7 @@ impl Exit {
         Exit {
             code: status.code(),
             signal: status.signal(),
+            reason: None,
         }
     }
 
@@ -145,6 +150,14 @@ impl Exit {
     }
 }
 
+/// What a sandboxed program gets besides its command: its cgroups and its API proxy, both held (and
+/// the groups emptied) until the program is reaped.
+pub struct Confined<'a> {
+    pub sandbox: &'a Sandbox,
+    pub groups: ItemGroups,
+    pub proxy: Option<ApiProxy>,
+}
+
 /// A started program, leader of its own process group.
 pub struct Running {
     child: Child,
@@ -152,6 +165,8 @@ pub struct Running {
     pub pid: u32,
     readers: Vec<JoinHandle<()>>,
     reaped: bool,
+    cgroups: Option<ItemGroups>,
+    proxy: Option<ApiProxy>,
 }
 
 impl Running {
@@ -166,14 +181,24 @@ impl Running {
         stdin: Vec<u8>,
         output: &Output,
         cwd: Option<&std::path::Path>,
-        sandbox: Option<&Sandbox>,
+        confined: Option<Confined<'_>>,
         read_only: &[&Path],
     ) -> io::Result<Running> {
-        let mut command = match (sandbox, cwd) {
-            (Some(sandbox), Some(dir)) => {
-                let mut command =
-                    sandbox.command(&program.path, &program.args, dir, env, read_only);
-                confined_session(&mut command);
+        let mut cgroups = None;
+        let mut proxy = None;
+        let mut command = match (confined, cwd) {
+            (Some(confined), Some(dir)) => {
+                let mut command = confined.sandbox.command(
+                    &program.path,
+                    &program.args,
+                    dir,
+                    env,
+                    read_only,
+                    confined.proxy.as_ref().map(|p| p.socket()),
+                );
+                confined_session(&mut command, confined.groups.procs_files());
+                cgroups = Some(confined.groups);
+                proxy = confined.proxy;
                 command
             }
             (Some(_), None) => {
@@ -242,6 +267,8 @@ impl Running {
             pid,
             readers,
             reaped: false,
+            cgroups,
+            proxy,
         })
     }
 
@@ -252,8 +279,8 @@ impl Running {
         }
     }
 
-    /// Waits for the program to exit. Whatever it left behind in its group is killed then, and its output
-    /// is given a moment to drain into the log.
+    /// Waits for the program to exit. Whatever it left behind in its group (and its cgroups) is killed
+    /// then, and its output is given a moment to drain into the log.
     pub async fn wait(&mut self) -> Exit {
         let status = self.child.wait().await;
         if !self.reaped {
@@ -261,14 +288,25 @@ impl Running {
             let _ = killpg(self.group, Signal::SIGKILL);
             self.reaped = true;
         }
+        // Read before the groups go: their counters say whether a cap ended the program.
+        let reason = self.cgroups.as_ref().and_then(ItemGroups::exit_reason);
+        if let Some(mut groups) = self.cgroups.take() {
+            // Emptying may wait a moment for the last processes to die: off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
+        }
+        self.proxy = None;
         for reader in self.readers.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
         }
         match status {
-            Ok(status) => Exit::from_status(status),
+            Ok(status) => Exit {
+                reason,
+                ..Exit::from_status(status)
+            },
             Err(_) => Exit {
                 code: None,
                 signal: None,
+                reason,
             },
         }
     }
@@ -316,15 +354,19 @@ fn die_with_the_worker(_: &mut Command) {}
 /// push input into it. bwrap itself ignores SIGTERM and SIGINT, so that a stop's SIGTERM reaches the
 /// program (which gets the default action back from `env --default-signal`) without killing bwrap,
 /// and with it the whole sandbox, before the grace period.
-fn confined_session(command: &mut Command) {
+///
+/// It also joins the item's cgroups (`cgroups`, their `cgroup.procs` files) before it execs, so that
+/// everything in the sandbox is counted and capped from its first instruction.
+fn confined_session(command: &mut Command, cgroups: Vec<std::ffi::CString>) {
     use nix::sys::signal::{signal, SigHandler};
-    // SAFETY: between fork and exec the closure makes only system calls (setsid, sigaction) and
-    // allocates nothing.
+    // SAFETY: between fork and exec the closure makes only system calls (setsid, sigaction, open,
+    // write) and allocates nothing: the paths were built before the fork.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
             signal(Signal::SIGTERM, SigHandler::SigIgn).map_err(io::Error::from)?;
             signal(Signal::SIGINT, SigHandler::SigIgn).map_err(io::Error::from)?;
+            crate::limits::join(&cgroups)?;
             Ok(())
         });
     }
@@ -379,6 +421,7 @@ mod tests {
         let killed = Exit {
             code: None,
             signal: Some(9),
+            reason: None,
         };
         assert_eq!(killed.shell_code(), 137);
         assert_eq!(killed.signal_name().as_deref(), Some("SIGKILL"));
@@ -386,6 +429,7 @@ mod tests {
         let failed = Exit {
             code: Some(3),
             signal: None,
+            reason: None,
         };
         assert!(!failed.success());
         assert_eq!(failed.describe(), "exit code 3");

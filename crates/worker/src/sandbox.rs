@@ -15,23 +15,35 @@
 //! bwrap sets `no_new_privs` and `--die-with-parent`; the PID namespace ends with its first process, so
 //! whatever the program started (a double-forked daemon included) dies with it.
 //!
-//! Limits: memory (`RLIMIT_AS`) and process count (`RLIMIT_NPROC`) are set by `prlimit` inside the
-//! sandbox, just before PROGRAM, and are inherited by everything it starts; the program cannot raise
-//! them (that needs a capability in the host's user namespace). The kernel does not apply `RLIMIT_NPROC` to root, so a
-//! root worker refuses `--sandbox-pids` rather than promise a cap it cannot keep.
+//! Network: `full` shares the host's; `none` and `api` get a namespace with only a loopback of their
+//! own. Under `api` the sandbox starts with `tether sandbox-forward` ([`crate::forward`]), which
+//! listens on [`INSIDE_API_ADDR`] and carries each connection to the worker's API proxy
+//! ([`crate::proxy`]) through a Unix socket bound at [`INSIDE_API_SOCKET`].
+//!
+//! Limits ([`crate::limits`]): a cgroup per item (v2 where delegated, else v1 where the worker may
+//! create groups), else rlimits set by `prlimit` inside the sandbox, just before PROGRAM, inherited by
+//! everything it starts and not raisable from inside (that needs a capability in the host's user
+//! namespace). The kernel does not apply `RLIMIT_NPROC` to root, so a root worker without a pids
+//! cgroup refuses `--sandbox-pids` rather than promise a cap it cannot keep.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use crate::limits::{self, Caps, Mechanism};
 use crate::{Error, Result};
+
+/// Where the program reaches the API under `--sandbox-network api`, inside its own network namespace.
+pub const INSIDE_API_ADDR: &str = "127.0.0.1:4780";
+/// Where the worker's API proxy socket is bound inside the sandbox.
+pub const INSIDE_API_SOCKET: &str = "/run/tether/api.sock";
 
 /// What the sandboxed program may reach on the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Network {
     /// The host's network, shared.
     Full,
-    /// Only the Tether API (not supported yet: refused at start-up).
+    /// Only the Tether API, through the worker's proxy.
     Api,
     /// No network at all: a network namespace with only a loopback device of its own.
     None,
@@ -113,8 +125,12 @@ pub struct Sandbox {
     bwrap: PathBuf,
     /// `env`, which gives the program back the default SIGTERM and SIGINT.
     env: PathBuf,
-    /// `prlimit`, when a cap is asked for.
+    /// `prlimit`, when a cap is enforced by an rlimit.
     prlimit: Option<PathBuf>,
+    /// The caps and how each is enforced.
+    caps: Caps,
+    /// The worker's own executable, run inside as `sandbox-forward` under `api`.
+    forwarder: Option<PathBuf>,
     version: String,
     config: SandboxConfig,
     /// Host places the program must not see (made empty inside).
@@ -135,17 +151,14 @@ impl Sandbox {
     /// namespaces): the worker refuses to start otherwise, and never runs a program unconfined.
     /// `hidden` are the worker's own places.
     pub fn check(config: SandboxConfig, hidden: Vec<PathBuf>) -> Result<Sandbox> {
-        if config.network == Network::Api {
-            return Err(Error::config(
-                "--sandbox-network api is not available in this version: use none or full",
-            ));
-        }
-        if config.pids.is_some() && running_as_root() {
-            return Err(Error::config(
-                "--sandbox-pids cannot be enforced for a worker running as root (the kernel does \
-                 not apply RLIMIT_NPROC to root): run the worker as an ordinary user",
-            ));
-        }
+        let forwarder = match config.network {
+            Network::Api => Some(std::env::current_exe().map_err(|e| {
+                Error::config(format!(
+                    "--sandbox-network api: cannot find the worker's own executable: {e}"
+                ))
+            })?),
+            _ => None,
+        };
         for bind in &config.binds {
             if !bind.path.is_absolute() || !bind.path.exists() {
                 return Err(Error::config(format!(
@@ -168,24 +181,18 @@ impl Sandbox {
             .unwrap_or_default();
         let env = find_in_path("env")
             .ok_or_else(|| Error::config("--sandbox needs `env` (coreutils) in PATH"))?;
-        let prlimit = match config.memory.is_some() || config.pids.is_some() {
-            true => Some(find_in_path("prlimit").ok_or_else(|| {
-                Error::config(
-                    "--sandbox-memory and --sandbox-pids need `prlimit` (util-linux) in PATH",
-                )
-            })?),
-            false => None,
-        };
         // Only existing directories can be emptied, and `/` never is (a home or working directory of
         // `/` would hide the whole system; its files stay read-only like the rest).
         let hidden = hidden
             .into_iter()
             .filter(|place| place.is_absolute() && place.parent().is_some() && place.is_dir())
             .collect();
-        let sandbox = Sandbox {
+        let mut sandbox = Sandbox {
             bwrap,
             env,
-            prlimit,
+            prlimit: None,
+            caps: Caps::default(),
+            forwarder,
             version,
             config,
             hidden,
@@ -221,17 +228,56 @@ impl Sandbox {
                 String::from_utf8_lossy(&probe.stderr).trim()
             )));
         }
+        // The caps last: choosing a cgroup creates the worker's group in it, undone if it is refused.
+        let memory = sandbox
+            .config
+            .memory
+            .map(|bytes| (bytes, limits::choose("memory")));
+        let pids = sandbox.config.pids.map(|n| (n, limits::choose("pids")));
+        sandbox.caps = Caps {
+            memory,
+            pids,
+            // bwrap, its init in the PID namespace, and the API forwarder.
+            overhead_pids: if sandbox.config.network == Network::Api {
+                3
+            } else {
+                2
+            },
+        };
+        let refused = if matches!(sandbox.caps.pids, Some((_, Mechanism::Rlimit)))
+            && running_as_root()
+        {
+            Some(
+                "--sandbox-pids cannot be enforced for this worker: it runs as root, where the \
+                 kernel does not apply RLIMIT_NPROC, and it may not create a pids cgroup (v2 \
+                 delegated, or v1): run the worker as an ordinary user, or where it may use cgroups",
+            )
+        } else if !sandbox.caps.rlimit_args().is_empty() {
+            sandbox.prlimit = find_in_path("prlimit");
+            sandbox.prlimit.is_none().then_some(
+                "--sandbox-memory and --sandbox-pids need `prlimit` (util-linux) in PATH where no \
+                 cgroup can enforce them",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            limits::remove_worker_groups(&sandbox.caps);
+            return Err(Error::config(why));
+        }
         Ok(sandbox)
     }
 
     /// What is confined, for the start-up log.
     pub fn describe(&self) -> String {
-        let memory = match self.config.memory {
-            Some(bytes) => format!("memory {} MiB (RLIMIT_AS)", bytes >> 20),
+        let memory = match &self.caps.memory {
+            Some((bytes, how)) => {
+                format!("memory {} MiB ({})", bytes >> 20, how.describe("memory"))
+            }
             None => "memory unlimited".to_owned(),
         };
-        let pids = match self.config.pids {
-            Some(n) => format!("{n} processes (RLIMIT_NPROC)"),
+        let pids = match &self.caps.pids {
+            Some((n, how)) => format!("{n} processes ({})", how.describe("pids")),
             None => "processes unlimited".to_owned(),
         };
         let binds: Vec<String> = self
@@ -254,7 +300,10 @@ impl Sandbox {
             } else {
                 &self.version
             },
-            self.config.network.as_str(),
+            match self.config.network {
+                Network::Api => format!("api (only {INSIDE_API_ADDR}, proxied to the server)"),
+                other => other.as_str().to_owned(),
+            },
             if binds.is_empty() {
                 String::new()
             } else {
@@ -278,7 +327,8 @@ impl Sandbox {
         args
     }
 
-    /// The command that runs `program` confined, in `workdir`, with exactly `env` as its environment.
+    /// The command that runs `program` confined, in `workdir`, with exactly `env` as its environment;
+    /// under `api`, `api_socket` is the item's proxy socket.
     pub fn command(
         &self,
         program: &Path,
@@ -286,6 +336,7 @@ impl Sandbox {
         workdir: &Path,
         env: &[(&str, String)],
         extra_ro: &[&Path],
+        api_socket: Option<&Path>,
     ) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(&self.bwrap);
         command.env_clear();
@@ -318,29 +369,38 @@ impl Sandbox {
                 .arg(&bind.path)
                 .arg(&bind.path);
         }
-        for path in std::iter::once(program).chain(extra_ro.iter().copied()) {
+        for path in std::iter::once(program)
+            .chain(extra_ro.iter().copied())
+            .chain(self.forwarder.as_deref())
+        {
             command.arg("--ro-bind").arg(path).arg(path);
+        }
+        if let Some(socket) = api_socket {
+            command.arg("--bind").arg(socket).arg(INSIDE_API_SOCKET);
         }
         command.arg("--bind").arg(workdir).arg(workdir);
         command.arg("--chdir").arg(workdir);
         // The worker's own SIGTERM reaches bwrap and the program alike (one process group); bwrap
         // ignores it (see `pre_exec` in `program`) and `env` gives the program the default back, so
         // the program gets its grace period instead of dying with bwrap.
-        command
-            .arg("--")
-            .arg(&self.env)
-            .arg("--default-signal=TERM,INT");
-        // The caps are set inside, in the sandbox's own user namespace: RLIMIT_NPROC then counts the
-        // sandbox's processes only, not every process of the user.
+        command.arg("--");
+        if let (Some(forwarder), Some(_)) = (&self.forwarder, api_socket) {
+            command
+                .arg(forwarder)
+                .arg(crate::forward::SUBCOMMAND)
+                .args([
+                    "--listen",
+                    INSIDE_API_ADDR,
+                    "--socket",
+                    INSIDE_API_SOCKET,
+                    "--",
+                ]);
+        }
+        command.arg(&self.env).arg("--default-signal=TERM,INT");
+        // The rlimits are set inside, in the sandbox's own user namespace: RLIMIT_NPROC then counts
+        // the sandbox's processes only, not every process of the user.
         if let Some(prlimit) = &self.prlimit {
-            command.arg(prlimit);
-            if let Some(bytes) = self.config.memory {
-                command.arg(format!("--as={bytes}"));
-            }
-            if let Some(pids) = self.config.pids {
-                command.arg(format!("--nproc={pids}"));
-            }
-            command.arg("--");
+            command.arg(prlimit).args(self.caps.rlimit_args()).arg("--");
         }
         command.arg(program).args(args);
         command
@@ -348,6 +408,15 @@ impl Sandbox {
 
     pub fn network(&self) -> Network {
         self.config.network
+    }
+
+    pub fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    /// `TETHER_API_URL` inside the sandbox under `api`: the forwarder's address and the API's path.
+    pub fn inside_api_url(prefix: &str) -> String {
+        format!("http://{INSIDE_API_ADDR}{prefix}")
     }
 }
 

@@ -18,7 +18,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::retry;
 use crate::heartbeat::{Heartbeat, ItemLease, Lease};
-use crate::program::{Exit, Running};
+use crate::program::{Confined, Exit, Running};
+use crate::proxy::ApiProxy;
+use crate::sandbox::Sandbox;
 use crate::status::Outcome;
 use crate::{reached, Phase, Shared};
 
@@ -189,7 +191,13 @@ impl<'a> Item<'a> {
         match ending {
             Ending::Exited(exit) => {
                 drop(dead_man);
-                self.info("program exited", &[("status", &exit.describe())]);
+                match exit.reason.filter(|_| !exit.success()) {
+                    Some(reason) => self.info(
+                        "program exited",
+                        &[("status", &exit.describe()), ("reason", reason)],
+                    ),
+                    None => self.info("program exited", &[("status", &exit.describe())]),
+                }
                 self.record_exit(exit, 3).await;
                 self.stop(true, 5).await;
                 outcome_of(exit)
@@ -300,8 +308,21 @@ impl<'a> Item<'a> {
 
     fn spawn(&self, item: &WorkItem) -> std::io::Result<Running> {
         let shared = self.shared;
+        // Under `--sandbox-network api` the program's only way out is this item's proxy, and its
+        // `TETHER_API_URL` names the forwarder inside the sandbox (plain HTTP: the worker speaks TLS).
+        let proxy = match &shared.api_proxy {
+            Some(api) => Some(ApiProxy::start(
+                api.sockets.join(format!("{}.sock", self.work_id)),
+                api.upstream.clone(),
+            )?),
+            None => None,
+        };
+        let api_url = match &shared.api_proxy {
+            Some(api) => Sandbox::inside_api_url(api.upstream.prefix()),
+            None => shared.client.api_base_url().to_owned(),
+        };
         let mut env = vec![
-            ("TETHER_API_URL", shared.client.api_base_url().to_owned()),
+            ("TETHER_API_URL", api_url),
             ("TETHER_WORK_ID", self.work_id.clone()),
             ("TETHER_ENVIRONMENT_ID", item.environment_id.clone()),
             ("TETHER_SESSION_ID", item.data.id.clone()),
@@ -310,7 +331,7 @@ impl<'a> Item<'a> {
         if let Some(token) = &self.token {
             env.push(("TETHER_SESSION_TOKEN", token.clone()));
         }
-        if let Some(ca) = &shared.ca_cert {
+        if let (Some(ca), None) = (&shared.ca_cert, &proxy) {
             env.push(("TETHER_CA_CERT", ca.display().to_string()));
         }
         let cwd = match &shared.workdirs {
@@ -319,6 +340,14 @@ impl<'a> Item<'a> {
                 env.push(("TETHER_WORKDIR", dir.to_string_lossy().into_owned()));
                 Some(dir)
             }
+            None => None,
+        };
+        let confined = match &shared.sandbox {
+            Some(sandbox) => Some(Confined {
+                sandbox,
+                groups: sandbox.caps().item_groups(&self.work_id)?,
+                proxy,
+            }),
             None => None,
         };
         let mut stdin = serde_json::to_vec(item).unwrap_or_default();
@@ -331,7 +360,7 @@ impl<'a> Item<'a> {
             stdin,
             &shared.output,
             cwd.as_deref(),
-            shared.sandbox.as_ref(),
+            confined,
             &read_only,
         )
     }
@@ -380,10 +409,14 @@ impl<'a> Item<'a> {
         self.shared.note_exit(exit);
         let code = exit.shell_code().to_string();
         let signal = exit.signal_name();
+        // A cap's reason only when the program failed: a cap hit along the way that the program got
+        // over did not end it.
+        let reason = exit.reason.filter(|_| !exit.success());
         self.record(
             &[
                 ("tether.exit_code", Some(code.as_str())),
                 ("tether.signal", signal.as_deref()),
+                ("tether.exit_reason", reason),
             ],
             attempts,
         )

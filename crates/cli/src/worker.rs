@@ -91,7 +91,7 @@ async fn run_one(mut args: WorkerArgs) -> Result<std::process::ExitCode> {
 PROGRAM runs once per work item, in its own process group, with TETHER_API_URL, TETHER_WORK_ID, \
 TETHER_ENVIRONMENT_ID, TETHER_SESSION_ID, TETHER_SESSION_TOKEN and TETHER_WORKER_ID (and \
 TETHER_CA_CERT with --ca-cert) in its environment and the work item as JSON on stdin. Its exit status is recorded in the item's metadata \
-(tether.exit_code, tether.signal) and the item is stopped. When the server asks for a stop, PROGRAM \
+(tether.exit_code, tether.signal, and tether.exit_reason when a --sandbox cap ended it) and the item is stopped. When the server asks for a stop, PROGRAM \
 gets SIGTERM, then SIGKILL after --grace.
 
 Example:
@@ -147,13 +147,16 @@ pub struct WorkerArgs {
     /// kernel cannot do it.
     #[arg(long, env = "TETHER_SANDBOX")]
     sandbox: bool,
-    /// What a sandboxed PROGRAM may reach: full (the host's network) or none.
+    /// What a sandboxed PROGRAM may reach: full (the host's network), api (only the Tether API,
+    /// through the worker's proxy: TETHER_API_URL is http://127.0.0.1:4780/… inside) or none.
     #[arg(long, env = "TETHER_SANDBOX_NETWORK", value_enum, default_value_t = SandboxNetwork::Full, requires = "sandbox")]
     sandbox_network: SandboxNetwork,
-    /// Address-space cap of a sandboxed PROGRAM (RLIMIT_AS), e.g. 512M, 2G.
+    /// Memory cap of a sandboxed PROGRAM, e.g. 512M, 2G: a cgroup (v2 where delegated, else v1)
+    /// where the worker may create one, else RLIMIT_AS. The start-up line says which.
     #[arg(long, env = "TETHER_SANDBOX_MEMORY", value_parser = tether_worker::sandbox::parse_size, requires = "sandbox")]
     sandbox_memory: Option<u64>,
-    /// Process cap of a sandboxed PROGRAM (RLIMIT_NPROC; not for a worker running as root).
+    /// Process cap of a sandboxed PROGRAM: a pids cgroup where the worker may create one, else
+    /// RLIMIT_NPROC (refused for a worker running as root, to which the kernel does not apply it).
     #[arg(long, env = "TETHER_SANDBOX_PIDS", value_parser = clap::value_parser!(u32).range(1..), requires = "sandbox")]
     sandbox_pids: Option<u32>,
     /// Make PATH visible inside the sandbox, writable, or read-only with :ro (repeatable).

@@ -883,7 +883,8 @@ fn claim_to_program(ran: &Ran) -> Option<f64> {
 }
 
 /// The cost of confinement per item, printed (no timing assertion: the machine is shared): the
-/// median time from claim to PROGRAM running, sandboxed and unconfined, in the same run.
+/// median time from claim to PROGRAM running, unconfined, sandboxed, and sandboxed with the API proxy
+/// and both caps, in the same run.
 #[tokio::test(flavor = "multi_thread")]
 async fn claim_to_program_cost_of_the_sandbox_is_printed() {
     const RUNS: usize = 5;
@@ -892,7 +893,16 @@ async fn claim_to_program_cost_of_the_sandbox_is_printed() {
     let (env, key) = server.environment();
     let script = "echo STARTED_AT $(date -u +%H:%M:%S.%N)";
     let mut medians = Vec::new();
-    for args in [&[][..], &["--sandbox"][..]] {
+    let full: &[&str] = &[
+        "--sandbox",
+        "--sandbox-network",
+        "api",
+        "--sandbox-memory",
+        "256M",
+        "--sandbox-pids",
+        "64",
+    ];
+    for args in [&[][..], &["--sandbox"][..], full] {
         let mut samples = Vec::new();
         for _ in 0..RUNS {
             server.session(&env);
@@ -904,11 +914,17 @@ async fn claim_to_program_cost_of_the_sandbox_is_printed() {
         samples.sort_by(f64::total_cmp);
         medians.push(samples[samples.len() / 2]);
     }
-    let (free, boxed) = (medians[0] * 1000.0, medians[1] * 1000.0);
+    let (free, boxed, api) = (
+        medians[0] * 1000.0,
+        medians[1] * 1000.0,
+        medians[2] * 1000.0,
+    );
     println!(
         "claim to program running, median of {RUNS}: unconfined {free:.1} ms, sandboxed {boxed:.1} ms \
-         (+{:.1} ms, x{:.2})",
+         (+{:.1} ms, x{:.2}), sandboxed with api and caps {api:.1} ms (+{:.1} ms, x{:.2})",
         boxed - free,
-        boxed / free.max(0.001)
+        boxed / free.max(0.001),
+        api - free,
+        api / free.max(0.001)
     );
 }

@@ -658,3 +658,83 @@ fn a_request_hyper_cannot_parse_over_tls_is_answered_in_the_error_envelope() {
         "{head}"
     );
 }
+
+/// `--sandbox-network api` against an HTTPS server: the shell agent talks plain HTTP to its loopback
+/// inside the sandbox and needs no CA of its own; the worker's proxy makes the TLS connection, trusting
+/// `--ca-cert`.
+#[test]
+fn a_sandboxed_agent_reaches_an_https_server_through_the_api_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = TestCa::new("tether test root");
+    let ca = root.write(dir.path(), "root");
+    let (cert, key) = root
+        .leaf(&["localhost", "127.0.0.1"])
+        .write(dir.path(), "server");
+    let server = TlsServer::start(&cert, &key, &[]);
+    let base = server.base.as_str();
+    let env = id(&json(base, &ca, &["env", "create", "--name", "boxed"]));
+    let key = json(base, &ca, &["env", "key", "create", &env, "--name", "w"]);
+    let key = key["token"].as_str().unwrap().to_owned();
+    let agent = id(&json(
+        base,
+        &ca,
+        &["agent", "create", "--name", "shell", "--model", "none"],
+    ));
+    let session = id(&json(
+        base,
+        &ca,
+        &["session", "create", "--agent", &agent, "--env", &env],
+    ));
+    json(
+        base,
+        &ca,
+        &["session", "send", &session, "echo over-tls-proxy; env"],
+    );
+    let mut command = tether(
+        base,
+        None,
+        &[
+            "worker",
+            "--environment",
+            &env,
+            "--key",
+            &key,
+            "--ca-cert",
+            ca.to_str().unwrap(),
+            "--sandbox",
+            "--sandbox-network",
+            "api",
+            "--",
+        ],
+    );
+    command.arg(shell_agent()).args(["--max-idle", "2s"]);
+    let mut worker = Lines::spawn(command, "", "worker", Some("worker started"));
+    let items = json(base, &ca, &["work", "list", &env, "--all"]);
+    let work = items["data"][0]["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let item = json(base, &ca, &["work", "get", &env, &work]);
+        if item["state"] == "stopped" {
+            assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the item never stopped: {item}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let events = json(base, &ca, &["session", "events", &session]);
+    let result = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "agent.tool_result")
+        .unwrap_or_else(|| panic!("no tool result: {events:#}"))
+        .to_string();
+    assert!(result.contains("over-tls-proxy"), "{result}");
+    // Inside, the API is plain HTTP on the sandbox's loopback, and no CA file is handed on.
+    assert!(
+        result.contains("TETHER_API_URL=http://127.0.0.1:4780/api/v1/cloud"),
+        "{result}"
+    );
+    assert!(!result.contains("TETHER_CA_CERT"), "{result}");
+    assert!(worker.terminate().success());
+}

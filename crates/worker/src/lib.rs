@@ -323,6 +323,10 @@ pub async fn run(config: Config) -> Result<Summary> {
     if let Some(api) = &shared.api_proxy {
         let _ = std::fs::remove_dir_all(&api.sockets);
     }
+    // The temporary root of the items' directories is the worker's own (a `--workdir` is the user's).
+    if let (None, Some(dirs)) = (&config.workdir, &shared.workdirs) {
+        let _ = std::fs::remove_dir(dirs.root());
+    }
     let forced = *phase.borrow() == Phase::Forced;
     report.info(&format!("worker stopped: {}", report.totals()), &[]);
     report.finish();

@@ -202,13 +202,15 @@ async fn forward(upstream: &Upstream, request: Request<Incoming>) -> Response<Pr
     let (parts, body) = request.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return refusal(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            &format!(
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return refusal(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                &format!(
                 "request bodies through the sandbox's API proxy are limited to {MAX_BODY} bytes"
             ),
-        ),
+            )
+        }
         Err(e) => {
             return refusal(
                 StatusCode::BAD_REQUEST,

@@ -292,4 +292,64 @@ mod tests {
         assert!(!upstream.allows("/metrics"));
         assert!(Upstream::new("not a url", None).is_err());
     }
+
+    /// One raw HTTP/1.1 request through the proxy's socket; the status line of the answer.
+    async fn status_line(socket: &Path, head: &str, body: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // The proxy may answer (and close) before it has read a body past its limit.
+        let _ = stream.write_all(body).await;
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn the_proxy_refuses_other_paths_large_bodies_and_says_when_the_server_is_away() {
+        let dir = tempfile::tempdir().unwrap();
+        // A port nothing listens on: the server is away.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let upstream =
+            Upstream::new(&format!("http://127.0.0.1:{port}/api/v1/cloud"), None).unwrap();
+        let proxy = ApiProxy::start(dir.path().join("api.sock"), upstream).unwrap();
+        let socket = proxy.socket().to_owned();
+        let outside = status_line(
+            &socket,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await;
+        assert!(outside.contains(" 404"), "{outside}");
+        let dotted = status_line(
+            &socket,
+            "GET /api/v1/cloud/../../metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await;
+        assert!(dotted.contains(" 404"), "{dotted}");
+        let big = vec![b'x'; MAX_BODY + 1];
+        let head = format!(
+            "POST /api/v1/cloud/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        );
+        let large = status_line(&socket, &head, &big).await;
+        assert!(large.contains(" 413"), "{large}");
+        let away = status_line(
+            &socket,
+            "GET /api/v1/cloud/environments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await;
+        assert!(away.contains(" 502"), "{away}");
+        drop(proxy);
+        assert!(!socket.exists(), "the socket goes with the proxy");
+    }
 }

@@ -229,7 +229,19 @@ impl Worker {
 }
 
 impl Drop for Worker {
+    /// SIGTERM first, so that the worker removes its own places (cgroups, proxy sockets); SIGKILL if
+    /// it has not gone after a while.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

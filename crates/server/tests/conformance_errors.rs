@@ -40,8 +40,7 @@ fn forged(prefix: &str) -> String {
 
 #[tokio::test]
 async fn every_work_endpoint_requires_a_valid_credential() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         let admin = server.admin_token.clone();
@@ -116,14 +115,13 @@ async fn every_work_endpoint_requires_a_valid_credential() {
             .send()
             .await
             .error(401, "authentication_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environment_keys_and_session_tokens_are_scoped() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let a = Queue::new(&server).await;
         let b = Queue {
             server: &server,
@@ -314,14 +312,13 @@ async fn environment_keys_and_session_tokens_are_scoped() {
             .send()
             .await
             .error(401, "authentication_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_and_malformed_ids_are_404() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         let elsewhere = Queue {
@@ -384,14 +381,13 @@ async fn unknown_and_malformed_ids_are_404() {
             ["enqueued"],
             "another environment's item was not touched"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn cloud_environments_have_no_queue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         for config in [
             json!({"type": "cloud"}),
             json!({"type": "managed", "networking": {"type": "limited"}}),
@@ -423,14 +419,13 @@ async fn cloud_environments_have_no_queue() {
                 }
             }
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn poll_parameters() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         for bad in ["0", "1000", "-1", "abc", "1.5", "", "99999999999999999999"] {
             q.poll(&format!("?block_ms={bad}"), Some("w"))
@@ -502,14 +497,13 @@ async fn poll_parameters() {
             2,
             "Anthropic-Worker-ID counts as a worker"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn worker_id_header_limits() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let too_long = "w".repeat(257);
         let longest = "w".repeat(256);
@@ -541,15 +535,14 @@ async fn worker_id_header_limits() {
             .send()
             .await;
         assert_eq!(reply.ok()["state"], "active");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// D-32 where two things are wrong at once: the earlier check in the order decides the answer.
 #[tokio::test]
 async fn check_order_d32() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let long_worker = "w".repeat(300);
         let unknown_env = unknown_id("env");
@@ -727,14 +720,13 @@ async fn check_order_d32() {
             .send()
             .await;
         foreign.error(409, "invalid_request_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn request_bodies() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
 
         // Ack takes no body and ignores any; no body, empty and `{}` are all accepted.
@@ -855,8 +847,8 @@ async fn request_bodies() {
             .send()
             .await;
         assert_eq!(env.ok()["name"], "n");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -910,8 +902,7 @@ async fn oversized_bodies_are_400() {
 
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
 
@@ -954,14 +945,13 @@ async fn request_ids_are_echoed_or_generated() {
         assert!(reply
             .header("x-request-id")
             .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()));
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_envelope() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         for url in [
@@ -1000,16 +990,15 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
             ["enqueued"],
             "GET …/ack did not ack"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// D-32 beyond the work endpoints: who may call (403) and whether the target exists (404) are settled
 /// before a body is judged (400).
 #[tokio::test]
 async fn check_order_d32_on_resource_bodies() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         let key = req(
@@ -1068,6 +1057,6 @@ async fn check_order_d32_on_resource_bodies() {
             );
             reply.error(404, "not_found_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

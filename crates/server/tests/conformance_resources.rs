@@ -15,8 +15,7 @@ async fn create_environment(server: &TestServer, body: Value) -> Reply {
 
 #[tokio::test]
 async fn environments_create_and_validate() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let created = create_environment(
             &server,
             json!({"name": "build farm", "config": {"type": "self_hosted"}}),
@@ -161,14 +160,13 @@ async fn environments_create_and_validate() {
             5,
             "refused creates stored nothing"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environments_update() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let env = create_environment(&server, json!({"name": "a", "config": {"type": "self_hosted"}, "metadata": {"keep": "1", "drop": "2"}})).await;
         let env = env.ok().clone();
         let path = format!("/environments/{}", env["id"].as_str().unwrap());
@@ -243,14 +241,13 @@ async fn environments_update() {
                 .await
                 .error(404, "not_found_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environments_archive_and_delete() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         let path = format!("/environments/{}", q.env);
@@ -349,14 +346,13 @@ async fn environments_archive_and_delete() {
             .send()
             .await
             .error(404, "not_found_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn agents_create_update_archive() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let created = req(&server, Method::POST, "/agents")
             .json(json!({"name": "coder", "model": "m-1", "system": "be brief", "tools": [{"type": "bash"}], "metadata": {"team": "x"}}))
             .send()
@@ -528,14 +524,13 @@ async fn agents_create_update_archive() {
                 .await
                 .error(404, "not_found_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn sessions_create_and_enqueue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let created = req(&server, Method::POST, "/sessions")
             .json(json!({"agent": q.agent, "environment_id": q.env, "title": "t", "metadata": {"job": "j"}, "environment_variables": {"A": "1"}, "resources": [{"type": "file", "id": "f"}], "unknown": true}))
@@ -686,14 +681,13 @@ async fn sessions_create_and_enqueue() {
             .send()
             .await
             .bad_param("metadata");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn sessions_list_filters() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let other_env = Queue {
             server: &server,
@@ -711,14 +705,7 @@ async fn sessions_list_filters() {
         .send()
         .await
         .ok();
-        let ids = |reply: &Reply| -> Vec<String> {
-            reply.ok()["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["id"].as_str().unwrap().to_owned())
-                .collect()
-        };
+        let ids = |reply: &Reply| listed_ids(reply.ok());
 
         assert_eq!(
             ids(&req(&server, Method::GET, "/sessions").send().await),
@@ -835,14 +822,13 @@ async fn sessions_list_filters() {
         .send()
         .await;
         assert_eq!(ids(&next), [s2.session.as_str()]);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn session_archive_and_delete_force_stop_the_live_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
 
         // Archive while a worker runs the item.
@@ -969,14 +955,13 @@ async fn session_archive_and_delete_force_stop_the_live_item() {
             json!({"queued": 0, "starting": 0, "active": 0, "stopping": 0}),
             "{stats}"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn admin_tokens_create_list_revoke() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let created = req(&server, Method::POST, "/tokens")
             .json(json!({"name": "ci"}))
             .send()
@@ -1116,8 +1101,8 @@ async fn admin_tokens_create_list_revoke() {
             .send()
             .await
             .ok();
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// Creates `n` sessions on `q` concurrently, a few at a time; returns nothing (ids come from the list).
@@ -1135,19 +1120,9 @@ async fn enqueue_many(q: &Queue<'_>, n: usize) {
     }
 }
 
-fn ids_of(page: &Value) -> Vec<String> {
-    page["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test]
 async fn work_list_pagination() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         enqueue_many(&q, 105).await;
         // Another environment's items never show up.
@@ -1175,7 +1150,7 @@ async fn work_list_pagination() {
         .clone();
         assert_eq!(second["has_more"], false);
         assert!(second["next_page"].is_null());
-        let all: Vec<String> = ids_of(&first).into_iter().chain(ids_of(&second)).collect();
+        let all: Vec<String> = listed_ids(&first).into_iter().chain(listed_ids(&second)).collect();
         assert_eq!(all.len(), 105);
         let mut sorted = all.clone();
         sorted.sort();
@@ -1184,7 +1159,7 @@ async fn work_list_pagination() {
         for limit in ["101", "500", "100000"] {
             let page = list(format!("?limit={limit}")).await;
             assert_eq!(
-                ids_of(page.ok()),
+                listed_ids(page.ok()),
                 all[..100],
                 "limit={limit} is clamped to 100"
             );
@@ -1193,7 +1168,7 @@ async fn work_list_pagination() {
 
         // Default limit 20; the envelope.
         let page = list(String::new()).await.ok().clone();
-        assert_eq!(ids_of(&page), all[..20]);
+        assert_eq!(listed_ids(&page), all[..20]);
         assert_eq!(page["first_id"], json!(all[0]));
         assert_eq!(page["last_id"], json!(all[19]));
         assert_eq!(page["has_more"], true);
@@ -1206,12 +1181,12 @@ async fn work_list_pagination() {
         let by_page = list(format!("?page={}", all[19])).await.ok().clone();
         let by_after = list(format!("?after_id={}", all[19])).await.ok().clone();
         assert_eq!(by_page, by_after);
-        assert_eq!(ids_of(&by_page), all[20..40]);
+        assert_eq!(listed_ids(&by_page), all[20..40]);
         let last = list(format!("?limit=5&after_id={}", all[99]))
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&last), all[100..]);
+        assert_eq!(listed_ids(&last), all[100..]);
         assert_eq!(last["has_more"], false);
         assert!(last["next_page"].is_null());
         let empty = list(format!("?after_id={}", all[104])).await.ok().clone();
@@ -1225,7 +1200,7 @@ async fn work_list_pagination() {
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&before), all[45..50]);
+        assert_eq!(listed_ids(&before), all[45..50]);
         assert_eq!(before["first_id"], json!(all[45]));
         assert_eq!(before["last_id"], json!(all[49]));
         assert_eq!(before["has_more"], true);
@@ -1233,35 +1208,35 @@ async fn work_list_pagination() {
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&start), all[..3]);
+        assert_eq!(listed_ids(&start), all[..3]);
         let none = list(format!("?before_id={}", all[0])).await.ok().clone();
-        assert!(ids_of(&none).is_empty());
+        assert!(listed_ids(&none).is_empty());
         assert!(none["first_id"].is_null() && none["last_id"].is_null());
 
         // Unknown but well-formed cursors are positions in id order (D-4).
         let between = id_after(&all[9]);
         assert!(!all.contains(&between));
         assert_eq!(
-            ids_of(list(format!("?limit=3&after_id={between}")).await.ok()),
+            listed_ids(list(format!("?limit=3&after_id={between}")).await.ok()),
             all[10..13]
         );
         assert_eq!(
-            ids_of(list(format!("?limit=3&page={between}")).await.ok()),
+            listed_ids(list(format!("?limit=3&page={between}")).await.ok()),
             all[10..13]
         );
         assert_eq!(
-            ids_of(list(format!("?limit=3&before_id={between}")).await.ok()),
+            listed_ids(list(format!("?limit=3&before_id={between}")).await.ok()),
             all[7..10]
         );
         assert_eq!(
-            ids_of(
+            listed_ids(
                 list("?limit=3&after_id=work_00000000000000000000000000000000".into())
                     .await
                     .ok()
             ),
             all[..3]
         );
-        assert!(ids_of(
+        assert!(listed_ids(
             list("?after_id=work_ffffffffffffffffffffffffffffffff".into())
                 .await
                 .ok()
@@ -1307,14 +1282,13 @@ async fn work_list_pagination() {
             .map(|i| i["state"].clone())
             .collect();
         assert_eq!(states, [json!("stopped"), json!("starting")]);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environment_and_agent_list_pagination() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let mut envs = Vec::new();
         for i in 0..25 {
             let env = create_environment(
@@ -1346,7 +1320,7 @@ async fn environment_and_agent_list_pagination() {
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&page), visible[..20]);
+        assert_eq!(listed_ids(&page), visible[..20]);
         assert_eq!(page["has_more"], true);
         assert_eq!(page["next_page"], json!(visible[19]));
         let rest = req(
@@ -1358,7 +1332,7 @@ async fn environment_and_agent_list_pagination() {
         .await
         .ok()
         .clone();
-        assert_eq!(ids_of(&rest), visible[20..]);
+        assert_eq!(listed_ids(&rest), visible[20..]);
         assert_eq!(rest["has_more"], false);
         let all = req(
             &server,
@@ -1367,7 +1341,7 @@ async fn environment_and_agent_list_pagination() {
         )
         .send()
         .await;
-        assert_eq!(ids_of(all.ok()), envs);
+        assert_eq!(listed_ids(all.ok()), envs);
         let before = req(
             &server,
             Method::GET,
@@ -1378,7 +1352,7 @@ async fn environment_and_agent_list_pagination() {
         )
         .send()
         .await;
-        assert_eq!(ids_of(before.ok()), envs[7..10]);
+        assert_eq!(listed_ids(before.ok()), envs[7..10]);
 
         // Above 100 is refused here (unlike the work list), on the Qoder prefix; the Anthropic prefix
         // allows up to 1000.
@@ -1393,7 +1367,7 @@ async fn environment_and_agent_list_pagination() {
         let v1 = req_v1(&server, Method::GET, "/environments?limit=101")
             .send()
             .await;
-        assert_eq!(ids_of(v1.ok()), visible);
+        assert_eq!(listed_ids(v1.ok()), visible);
         req_v1(&server, Method::GET, "/environments?limit=1001")
             .send()
             .await
@@ -1435,7 +1409,7 @@ async fn environment_and_agent_list_pagination() {
         )
         .send()
         .await;
-        assert!(ids_of(future.ok()).is_empty());
+        assert!(listed_ids(future.ok()).is_empty());
         let past = req(
             &server,
             Method::GET,
@@ -1443,7 +1417,7 @@ async fn environment_and_agent_list_pagination() {
         )
         .send()
         .await;
-        assert_eq!(ids_of(past.ok()), visible);
+        assert_eq!(listed_ids(past.ok()), visible);
 
         // Agents page the same way.
         let mut agents = Vec::new();
@@ -1455,7 +1429,7 @@ async fn environment_and_agent_list_pagination() {
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&page), agents[..2]);
+        assert_eq!(listed_ids(&page), agents[..2]);
         assert_eq!(page["next_page"], json!(agents[1]));
         let rest = req(
             &server,
@@ -1464,11 +1438,11 @@ async fn environment_and_agent_list_pagination() {
         )
         .send()
         .await;
-        assert_eq!(ids_of(rest.ok()), agents[2..]);
+        assert_eq!(listed_ids(rest.ok()), agents[2..]);
         req(&server, Method::GET, "/agents?limit=101")
             .send()
             .await
             .bad_param("limit");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

@@ -30,8 +30,7 @@ fn enc(text: &str) -> String {
 
 #[tokio::test]
 async fn poll_selects_only_queued_items() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         for state in ["starting", "active", "stopping", "stopped"] {
             q.item_in(state).await;
@@ -80,14 +79,13 @@ async fn poll_selects_only_queued_items() {
 
         // A delivered item is not handed out again while its delivery is fresh.
         assert_eq!(q.poll("", Some("w2")).await.ok(), &Value::Null);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn ack_in_every_state() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
 
         // queued → starting, with a provisional lease.
@@ -121,14 +119,13 @@ async fn ack_in_every_state() {
                 "a refused ack on {state} changes nothing"
             );
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn ack_checks_the_recorded_worker() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
 
         // queued, delivered to w1: a different Worker-ID is refused, the same one wins.
@@ -215,14 +212,13 @@ async fn ack_checks_the_recorded_worker() {
             .send()
             .await;
         assert_eq!(own.ok()["state"], "active");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn get_and_metadata_in_every_state() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         for state in STATES {
             let item = q.item_in(state).await;
@@ -251,14 +247,13 @@ async fn get_and_metadata_in_every_state() {
             expected["metadata"] = json!({"where": state});
             assert_eq!(q.get(&item.id).await, expected, "only metadata changed");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn metadata_merge_patch_and_limits() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
 
         // The item's metadata is a snapshot of the session's at enqueue time (§7.3 rule 4).
@@ -370,8 +365,8 @@ async fn metadata_merge_patch_and_limits() {
             json!({ ok_key: ok_value }),
             "refused patches changed nothing"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// What one heartbeat cell of §5.2 must answer.
@@ -384,8 +379,7 @@ enum Expect {
 
 #[tokio::test]
 async fn heartbeat_table() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let foreign_time = "2020-01-01T00:00:00.000001Z";
         // (state, E, expectation). E: "none" = NO_HEARTBEAT, "omit", "equal" = current last_heartbeat
@@ -512,14 +506,13 @@ async fn heartbeat_table() {
                 reply.bad_param("desired_ttl_seconds");
             }
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn heartbeat_tokens_ttl_and_precision() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.item_in("starting").await;
         let first = q
@@ -596,14 +589,13 @@ async fn heartbeat_tokens_ttl_and_precision() {
         q.heartbeat(&item.id, "?expected_last_heartbeat=no_heartbeat")
             .await
             .bad_param("expected_last_heartbeat");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn stop_table() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         // Every spelling of a graceful stop.
         let graceful = [
@@ -719,14 +711,13 @@ async fn stop_table() {
             .await
             .error(409, "invalid_request_error");
         assert_eq!(q.get(&item.id).await, before);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn lease_expiry_requeues_lazily_and_keeps_the_id() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
+    each_backend_with(without_tick(), async |server| {
         let q = Queue::new(&server).await;
         let starting = q.item_in("starting").await;
         let active = q.item_in("active").await;
@@ -797,14 +788,13 @@ async fn lease_expiry_requeues_lazily_and_keeps_the_id() {
         assert!(micros(&beat.ok()["last_heartbeat"]) > micros(&json!(old_token)));
         let stats = q.stats().await;
         assert_eq!(stats["states"]["active"], 1, "{stats}");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn heartbeats_extend_the_lease() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
+    each_backend_with(without_tick(), async |server| {
         let q = Queue::new(&server).await;
         let item = q.item_in("active").await;
         let mut last = item.last_heartbeat.clone().unwrap();
@@ -838,14 +828,13 @@ async fn heartbeats_extend_the_lease() {
         assert_eq!(beat.ok()["ttl_seconds"], 10);
         server.clock.advance_millis(11_000);
         assert_eq!(q.state(&item.id).await, "queued");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn stopping_lease_expiry_stops_at_the_deadline() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
+    each_backend_with(without_tick(), async |server| {
         let q = Queue::new(&server).await;
         let item = q.item_in("stopping").await;
         let before = q.get(&item.id).await;
@@ -868,14 +857,13 @@ async fn stopping_lease_expiry_stops_at_the_deadline() {
         q.stop(&item.id, json!({}))
             .await
             .error(409, "invalid_request_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn poison_stop_after_three_requeues() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
+    each_backend_with(without_tick(), async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         for round in 1..=3 {
@@ -908,14 +896,13 @@ async fn poison_stop_after_three_requeues() {
             q.poll("?reclaim_older_than_ms=0", None).await.ok(),
             &Value::Null
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn requeued_item_is_redelivered_and_old_credentials_die() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
+    each_backend_with(without_tick(), async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         let first = q.poll("", Some("w1")).await.ok().clone();
@@ -984,14 +971,13 @@ async fn requeued_item_is_redelivered_and_old_credentials_die() {
                 "first_heartbeat"
             ]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn reclaim_redelivers_an_unacked_delivery() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         let first = q.poll("", Some("w1")).await.ok().clone();
@@ -1055,14 +1041,13 @@ async fn reclaim_redelivers_an_unacked_delivery() {
             workers[1..],
             [&json!("w1"), &json!("w2"), &json!("w3"), &json!("w3")]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn poll_order_is_oldest_enqueue_first() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
+    each_backend_with(without_tick(), async |server| {
         let q = Queue::new(&server).await;
         let a = q.enqueue().await;
         let b = q.enqueue().await;
@@ -1082,14 +1067,13 @@ async fn poll_order_is_oldest_enqueue_first() {
             );
         }
         assert_eq!(got, [b.id.clone(), c.id.clone(), a.id.clone()]);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn blocked_poll_is_woken_by_an_enqueue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let mut latencies = Vec::new();
         for _ in 0..5 {
@@ -1126,7 +1110,7 @@ async fn blocked_poll_is_woken_by_an_enqueue() {
             latencies.push(wake);
             println!(
                 "[{}] blocked poll woken {:?} after the session create was sent ({:?} after it was answered; poll blocked {:?} in all)",
-                backend.name(),
+                server.backend.name(),
                 wake,
                 poll_done.checked_duration_since(answered).unwrap_or_default(),
                 poll_done - poll_started
@@ -1138,18 +1122,17 @@ async fn blocked_poll_is_woken_by_an_enqueue() {
         latencies.sort();
         println!(
             "[{}] wake-up latency: median {:?}, max {:?}",
-            backend.name(),
+            server.backend.name(),
             latencies[2],
             latencies[4]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn blocked_poll_answers_null_at_its_deadline() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         for block in [1, 300, 999] {
             let started = Instant::now();
@@ -1157,7 +1140,7 @@ async fn blocked_poll_answers_null_at_its_deadline() {
             assert_eq!(reply.ok(), &Value::Null);
             println!(
                 "[{}] block_ms={block}: null after {:?}",
-                backend.name(),
+                server.backend.name(),
                 started.elapsed()
             );
         }
@@ -1168,17 +1151,16 @@ async fn blocked_poll_answers_null_at_its_deadline() {
         assert_eq!(q.poll("?block_ms=400", Some("w2")).await.ok(), &Value::Null);
         println!(
             "[{}] block_ms=400 with only a fresh delivery: null after {:?}",
-            backend.name(),
+            server.backend.name(),
             started.elapsed()
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn blocked_poll_is_woken_by_a_lease_expiry_requeue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.item_in("starting").await;
         let poll = async {
@@ -1200,17 +1182,16 @@ async fn blocked_poll_is_woken_by_a_lease_expiry_requeue() {
         assert_eq!(got["requeue_count"], 1);
         println!(
             "[{}] blocked poll got the requeued item {:?} after the lease ran out",
-            backend.name(),
+            server.backend.name(),
             done.saturating_duration_since(jumped)
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn queue_statistics() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
+    each_backend_with(without_tick(), async |server| {
         let q = Queue::new(&server).await;
         let empty = q.stats().await;
         assert_eq!(
@@ -1300,14 +1281,13 @@ async fn queue_statistics() {
             micros(&stats["oldest_queued_at"]),
             micros(&q.get(&c.id).await["created_at"])
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn history_records_every_move() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let item = q.enqueue().await;
         q.poll("", Some("w1")).await.ok();
@@ -1398,8 +1378,8 @@ async fn history_records_every_move() {
             seen,
             rows.iter().map(|t| t["cause"].clone()).collect::<Vec<_>>()
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

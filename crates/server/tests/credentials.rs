@@ -566,8 +566,7 @@ async fn call(server: &TestServer, endpoint: &Endpoint, secret: &str) -> (u16, S
 
 #[tokio::test]
 async fn every_credential_against_every_endpoint() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let mut wrong = Vec::new();
         let mut cells = 0;
         for cred in CREDS {
@@ -594,12 +593,12 @@ async fn every_credential_against_every_endpoint() {
         assert!(
             wrong.is_empty(),
             "[{}] {} of {cells} cells disagree with §11.1:\n{}",
-            backend.name(),
+            server.backend.name(),
             wrong.len(),
             wrong.join("\n")
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// The calls the `anthropic` SDK's EnvironmentWorker makes with an item's session token, in its order, on
@@ -607,8 +606,7 @@ async fn every_credential_against_every_endpoint() {
 /// (401, before any 409) once the item stops.
 #[tokio::test]
 async fn a_session_token_serves_the_environment_worker() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let world = World::build(&server).await;
         let env = &world.env_a;
         let work = |suffix: &str| format!("/environments/{env}/work/{}{suffix}", world.w1);
@@ -669,8 +667,8 @@ async fn a_session_token_serves_the_environment_worker() {
                 .await
                 .error(401, "authentication_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 fn urlencode(text: &str) -> String {
@@ -681,8 +679,7 @@ fn urlencode(text: &str) -> String {
 /// environment's path are the wrong environment (403), not an unknown item.
 #[tokio::test]
 async fn a_session_token_is_bound_to_its_environment() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let world = World::build(&server).await;
         let other = server.self_hosted_environment().await;
         for (method, suffix) in [
@@ -699,8 +696,8 @@ async fn a_session_token_is_bound_to_its_environment() {
                 .await
                 .error(403, "permission_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// Revoking an environment key ends the session tokens minted for the polls it made (issue 10, defect
@@ -708,8 +705,7 @@ async fn a_session_token_is_bound_to_its_environment() {
 /// lease expiry. Tokens minted under another key of the same environment live on.
 #[tokio::test]
 async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let q = Queue::new(&server).await;
         let mut keys = Vec::new();
         for _ in 0..2 {
@@ -801,8 +797,8 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
             q.causes(cut_off).await.last().map(String::as_str),
             Some("lease_expired_requeued")
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// The credential kinds of the route-table walk.
@@ -958,8 +954,7 @@ async fn every_route_of_the_table_with_every_credential_kind() {
             endpoint.operation
         );
     }
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let base = server
             .url("")
             .strip_suffix("/api/v1/cloud")
@@ -1036,10 +1031,10 @@ async fn every_route_of_the_table_with_every_credential_kind() {
         assert!(
             wrong.is_empty(),
             "[{}] {} of {cells} cells disagree with the route table:\n{}",
-            backend.name(),
+            server.backend.name(),
             wrong.len(),
             wrong.join("\n")
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tether_testkit::{backends, TestServer};
+use tether_testkit::{backends, each_backend, send_and_read, TestServer};
 
 /// A guard against hangs only: every wait below normally ends in milliseconds.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -26,9 +26,7 @@ fn end_turn() -> Value {
 
 /// A self-hosted environment, an agent, and a session on them (its first item is queued).
 async fn setup(server: &TestServer) -> (String, String) {
-    let env = server.self_hosted_environment().await;
-    let agent = server.agent().await;
-    let session = server.session(&env, &agent).await;
+    let (env, _agent, session) = server.environment_agent_and_session().await;
     (env, session)
 }
 
@@ -117,16 +115,7 @@ async fn env_key(server: &TestServer, env: &str) -> String {
 
 /// Polls one item and returns it with the session token from its `secret` (§11.1).
 async fn poll(server: &TestServer, env: &str) -> (Value, String) {
-    let (status, item) = server
-        .call_as(
-            &server.admin_token,
-            Method::GET,
-            &format!("/environments/{env}/work/poll?block_ms=500"),
-            None,
-            &[("Worker-ID", "w1")],
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{item}");
+    let item = server.poll_as_worker(env, "w1", "?block_ms=500").await;
     assert!(item.is_object(), "nothing to poll: {item}");
     let secret = item["secret"].as_str().expect("secret");
     let payload: Value =
@@ -262,8 +251,7 @@ impl Stream {
 
 #[tokio::test]
 async fn batches_are_validated_with_the_field_at_fault() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (_, session) = setup(&server).await;
         let text = json!([{"type": "text", "text": "x"}]);
         let cases: Vec<(Value, &str)> = vec![
@@ -350,14 +338,13 @@ async fn batches_are_validated_with_the_field_at_fault() {
                 .unwrap();
             assert_eq!(response.status(), want);
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn who_may_send_what() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         let key = env_key(&server, &env).await;
         let (item, token) = poll(&server, &env).await;
@@ -495,14 +482,13 @@ async fn who_may_send_what() {
                 .await;
             assert_eq!(status, StatusCode::OK, "{page}");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn archived_sessions_and_running_turns_refuse_with_409() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (_, session) = setup(&server).await;
         let sent = post_ok(&server, &session, json!([message("one")])).await;
         assert_eq!(sent.len(), 1);
@@ -540,16 +526,15 @@ async fn archived_sessions_and_running_turns_refuse_with_409() {
             let (status, err) = post(&server, &session, events).await;
             assert_eq!(status, StatusCode::CONFLICT, "{err}");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 // ------------------------------------------------------------------------------------------- listing
 
 #[tokio::test]
 async fn the_log_pages_both_ways() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (_, session) = setup(&server).await;
         let batch: Vec<Value> = (0..25).map(|i| agent_message(&format!("m{i}"))).collect();
         let sent = post_ok(&server, &session, json!(batch)).await;
@@ -625,16 +610,15 @@ async fn the_log_pages_both_ways() {
             .get("/sessions/sess_019f3be3fa66750bb9a1fbcde85b5fe1/events")
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 // ------------------------------------------------------------------------------------------- streams
 
 #[tokio::test]
 async fn a_stream_resumes_without_losing_or_repeating() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (_, session) = setup(&server).await;
         let early = post_ok(
             &server,
@@ -718,14 +702,13 @@ async fn a_stream_resumes_without_losing_or_repeating() {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_stream_ends_when_its_session_is_deleted() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (_, session) = setup(&server).await;
         let mut stream = Stream::open(&server, &server.admin_token, &session, None).await;
         post_ok(&server, &session, json!([agent_message("hi")])).await;
@@ -748,8 +731,8 @@ async fn a_stream_ends_when_its_session_is_deleted() {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -769,8 +752,7 @@ async fn streams_end_at_shutdown() {
 
 #[tokio::test]
 async fn streams_are_scoped_like_the_session() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         let (_, token) = poll(&server, &env).await;
         let agent = server.agent().await;
@@ -803,14 +785,13 @@ async fn streams_are_scoped_like_the_session() {
         .await;
         let frame = stream.next_frame().await;
         assert_eq!(frame.data["content"][0]["text"], "from the worker");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn two_hundred_streams_all_see_one_event() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (_, session) = setup(&server).await;
         const STREAMS: usize = 200;
         let mut streams = Vec::with_capacity(STREAMS);
@@ -829,17 +810,16 @@ async fn two_hundred_streams_all_see_one_event() {
         }
         println!(
             "{}: {STREAMS} streams received one posted event within {:?} of the post",
-            backend.name(),
+            server.backend.name(),
             started.elapsed()
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_idle_stream_gets_keep_alive_comments() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (_, session) = setup(&server).await;
         let mut stream = Stream::open(&server, &server.admin_token, &session, None).await;
         // The first keep-alive comes after 15 s of silence; the event after it proves the stream lived on.
@@ -865,16 +845,15 @@ async fn an_idle_stream_gets_keep_alive_comments() {
             stream.comments >= 1,
             "a `:` comment kept the idle stream alive"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 // ------------------------------------------------------------------------------------------- turns
 
 #[tokio::test]
 async fn a_turn_runs_through_the_work_api() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         let mut watcher = Stream::open(&server, &server.admin_token, &session, None).await;
 
@@ -944,14 +923,13 @@ async fn a_turn_runs_through_the_work_api() {
         let items = work_items(&server, &env).await;
         assert_eq!(states(&items), ["stopped", "queued"]);
         assert_ne!(items[1]["id"], json!(work));
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_lost_lease_reschedules_the_turn_until_the_next_ack() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         post_ok(&server, &session, json!([message("work")])).await;
         let (work, _) = take(&server, &env).await;
@@ -985,14 +963,13 @@ async fn a_lost_lease_reschedules_the_turn_until_the_next_ack() {
                 "session.status_running"
             ]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_item_stopped_mid_turn_ends_the_turn_with_an_error() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         post_ok(&server, &session, json!([message("work")])).await;
         let (work, _) = take(&server, &env).await;
@@ -1020,14 +997,13 @@ async fn an_item_stopped_mid_turn_ends_the_turn_with_an_error() {
             states(&work_items(&server, &env).await),
             ["stopped", "queued"]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn input_while_the_item_is_stopping_waits_for_a_fresh_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         let (work, token) = take(&server, &env).await;
         // The operator asks the worker to wind down.
@@ -1063,16 +1039,14 @@ async fn input_while_the_item_is_stopping_waits_for_a_fresh_item() {
         )
         .await;
         assert_eq!(status_of(&server, &session).await, "idle");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn initial_events_start_the_first_turn_at_once() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
+    each_backend(async |server| {
+        let (env, agent) = server.environment_and_agent().await;
         let (status, created) = server
             .post(
                 "/sessions",
@@ -1135,14 +1109,13 @@ async fn initial_events_start_the_first_turn_at_once() {
             .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(quiet["status"], "idle");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn cancel_interrupts_a_running_turn() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         let path = format!("/sessions/{session}/cancel");
 
@@ -1162,15 +1135,14 @@ async fn cancel_interrupts_a_running_turn() {
         let (work, token) = take(&server, &env).await;
         let mut watcher = Stream::open(&server, &token, &session, None).await;
         // Bodiless, as the Anthropic SDK sends it.
-        let response = server
-            .http()
-            .post(server.url(&path))
-            .bearer_auth(&server.admin_token)
-            .header("content-type", "application/json")
-            .send()
-            .await
-            .unwrap();
-        let (status, canceling) = tether_testkit::read(response).await;
+        let (status, canceling) = send_and_read(
+            server
+                .http()
+                .post(server.url(&path))
+                .bearer_auth(&server.admin_token)
+                .header("content-type", "application/json"),
+        )
+        .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{canceling}");
         assert_eq!(
             canceling,
@@ -1207,14 +1179,13 @@ async fn cancel_interrupts_a_running_turn() {
             ]
         );
         let _ = work;
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_defined_outcome_wakes_a_dormant_session_without_a_turn() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         let (work, token) = take(&server, &env).await;
         work_call(
@@ -1237,14 +1208,13 @@ async fn a_defined_outcome_wakes_a_dormant_session_without_a_turn() {
             ["stopped", "queued"]
         );
         assert_eq!(status_of(&server, &session).await, "idle");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn racing_messages_start_one_turn_and_one_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (env, session) = setup(&server).await;
         let (work, token) = take(&server, &env).await;
         work_call(
@@ -1289,8 +1259,8 @@ async fn racing_messages_start_one_turn_and_one_item() {
             types(&server, &session).await,
             ["user.message", "session.status_running"]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

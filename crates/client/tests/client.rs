@@ -36,7 +36,7 @@ fn refusal<T: std::fmt::Debug>(result: tether_client::Result<T>) -> tether_clien
 #[tokio::test]
 async fn environments_keys_and_tokens() {
     each_backend(async |server| {
-        let client = admin(&server);
+        let client = admin(server);
 
         let mut create = CreateEnvironment::self_hosted("laptop");
         create.description = Some("my machine".into());
@@ -166,7 +166,7 @@ async fn environments_keys_and_tokens() {
 #[tokio::test]
 async fn agents_and_sessions() {
     each_backend(async |server| {
-        let client = admin(&server);
+        let client = admin(server);
         let env = client
             .create_environment(&CreateEnvironment::self_hosted("e"))
             .await
@@ -279,7 +279,7 @@ async fn agents_and_sessions() {
 #[tokio::test]
 async fn the_work_lifecycle_with_typed_refusals() {
     each_backend(async |server| {
-        let client = admin(&server);
+        let client = admin(server);
         let (env, _agent, session) = environment_agent_and_session(&client, "e").await;
 
         let poll = PollOptions {
@@ -423,7 +423,7 @@ async fn the_work_lifecycle_with_typed_refusals() {
 #[tokio::test]
 async fn pagination_walks_every_page() {
     each_backend(async |server| {
-        let client = admin(&server);
+        let client = admin(server);
         let mut made = Vec::new();
         for i in 0..5 {
             let env = client
@@ -481,7 +481,7 @@ async fn pagination_walks_every_page() {
 #[tokio::test]
 async fn session_events_send_list_and_stream() {
     each_backend(async |server| {
-        let client = admin(&server);
+        let client = admin(server);
         let (_env, _agent, session) = environment_agent_and_session(&client, "e").await;
         let sent = client
             .send_events(&session.id, &[NewEvent::user_message("hello")])

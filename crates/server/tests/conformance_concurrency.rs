@@ -19,12 +19,12 @@ const POLLERS: usize = 32;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_pollers_never_share_an_item() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let started = Instant::now();
         for chunk in (0..ITEMS).collect::<Vec<_>>().chunks(16) {
             join_all(chunk.iter().map(|_| async {
                 let body = json!({"agent": q.agent, "environment_id": q.env});
-                req(&server, Method::POST, "/sessions")
+                req(server, Method::POST, "/sessions")
                     .json(body)
                     .send()
                     .await
@@ -146,7 +146,7 @@ async fn concurrent_pollers_never_share_an_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_acks_have_one_winner() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         for round in 0..10 {
             let item = q.enqueue().await;
             if round % 2 == 1 {
@@ -207,7 +207,7 @@ async fn concurrent_acks_have_one_winner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_heartbeats_with_one_token_have_one_winner() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         for round in 0..10 {
             // Half the rounds race for the first heartbeat, half for a later one.
             let item = if round % 2 == 0 {
@@ -259,7 +259,7 @@ async fn concurrent_heartbeats_with_one_token_have_one_winner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_stops_and_acks_leave_a_consistent_item() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         for round in 0..10 {
             let item = q.enqueue().await;
             let id = item.id.clone();

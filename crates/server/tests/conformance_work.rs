@@ -31,7 +31,7 @@ fn enc(text: &str) -> String {
 #[tokio::test]
 async fn poll_selects_only_queued_items() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         for state in ["starting", "active", "stopping", "stopped"] {
             q.item_in(state).await;
         }
@@ -86,7 +86,7 @@ async fn poll_selects_only_queued_items() {
 #[tokio::test]
 async fn ack_in_every_state() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
 
         // queued → starting, with a provisional lease.
         let item = q.item_in("queued").await;
@@ -126,7 +126,7 @@ async fn ack_in_every_state() {
 #[tokio::test]
 async fn ack_checks_the_recorded_worker() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
 
         // queued, delivered to w1: a different Worker-ID is refused, the same one wins.
         let item = q.enqueue().await;
@@ -219,7 +219,7 @@ async fn ack_checks_the_recorded_worker() {
 #[tokio::test]
 async fn get_and_metadata_in_every_state() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         for state in STATES {
             let item = q.item_in(state).await;
             let got = q.get(&item.id).await;
@@ -254,7 +254,7 @@ async fn get_and_metadata_in_every_state() {
 #[tokio::test]
 async fn metadata_merge_patch_and_limits() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
 
         // The item's metadata is a snapshot of the session's at enqueue time (§7.3 rule 4).
         let item = q
@@ -264,14 +264,10 @@ async fn metadata_merge_patch_and_limits() {
             q.get(&item.id).await["metadata"],
             json!({"job": "daily", "team": "infra"})
         );
-        let later = req(
-            &server,
-            Method::POST,
-            &format!("/sessions/{}", item.session),
-        )
-        .json(json!({"metadata": {"job": "weekly"}}))
-        .send()
-        .await;
+        let later = req(server, Method::POST, &format!("/sessions/{}", item.session))
+            .json(json!({"metadata": {"job": "weekly"}}))
+            .send()
+            .await;
         later.ok();
         assert_eq!(
             q.get(&item.id).await["metadata"]["job"],
@@ -380,7 +376,7 @@ enum Expect {
 #[tokio::test]
 async fn heartbeat_table() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let foreign_time = "2020-01-01T00:00:00.000001Z";
         // (state, E, expectation). E: "none" = NO_HEARTBEAT, "omit", "equal" = current last_heartbeat
         // (or, where there is none, a valid RFC 3339 value), "other" = another RFC 3339 value, "bad".
@@ -513,7 +509,7 @@ async fn heartbeat_table() {
 #[tokio::test]
 async fn heartbeat_tokens_ttl_and_precision() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.item_in("starting").await;
         let first = q
             .heartbeat(
@@ -596,7 +592,7 @@ async fn heartbeat_tokens_ttl_and_precision() {
 #[tokio::test]
 async fn stop_table() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         // Every spelling of a graceful stop.
         let graceful = [
             Body::None,
@@ -718,7 +714,7 @@ async fn stop_table() {
 #[tokio::test]
 async fn lease_expiry_requeues_lazily_and_keeps_the_id() {
     each_backend_with(without_tick(), async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let starting = q.item_in("starting").await;
         let active = q.item_in("active").await;
         let queued = q.item_in("queued").await;
@@ -795,7 +791,7 @@ async fn lease_expiry_requeues_lazily_and_keeps_the_id() {
 #[tokio::test]
 async fn heartbeats_extend_the_lease() {
     each_backend_with(without_tick(), async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.item_in("active").await;
         let mut last = item.last_heartbeat.clone().unwrap();
         settle().await;
@@ -835,7 +831,7 @@ async fn heartbeats_extend_the_lease() {
 #[tokio::test]
 async fn stopping_lease_expiry_stops_at_the_deadline() {
     each_backend_with(without_tick(), async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.item_in("stopping").await;
         let before = q.get(&item.id).await;
         settle().await;
@@ -864,7 +860,7 @@ async fn stopping_lease_expiry_stops_at_the_deadline() {
 #[tokio::test]
 async fn poison_stop_after_three_requeues() {
     each_backend_with(without_tick(), async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         for round in 1..=3 {
             q.ack(&item.id, Some("w1")).await.ok();
@@ -903,7 +899,7 @@ async fn poison_stop_after_three_requeues() {
 #[tokio::test]
 async fn requeued_item_is_redelivered_and_old_credentials_die() {
     each_backend_with(without_tick(), async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let first = q.poll("", Some("w1")).await.ok().clone();
         let (token1, _) = decode_secret(&first);
@@ -978,7 +974,7 @@ async fn requeued_item_is_redelivered_and_old_credentials_die() {
 #[tokio::test]
 async fn reclaim_redelivers_an_unacked_delivery() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let first = q.poll("", Some("w1")).await.ok().clone();
         assert_eq!(first["delivery_count"], 1);
@@ -1048,7 +1044,7 @@ async fn reclaim_redelivers_an_unacked_delivery() {
 #[tokio::test]
 async fn poll_order_is_oldest_enqueue_first() {
     each_backend_with(without_tick(), async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let a = q.enqueue().await;
         let b = q.enqueue().await;
         let c = q.enqueue().await;
@@ -1074,7 +1070,7 @@ async fn poll_order_is_oldest_enqueue_first() {
 #[tokio::test]
 async fn blocked_poll_is_woken_by_an_enqueue() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let mut latencies = Vec::new();
         for _ in 0..5 {
             let poll = async {
@@ -1087,7 +1083,7 @@ async fn blocked_poll_is_woken_by_an_enqueue() {
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 let sent = Instant::now();
                 let body = json!({"agent": q.agent, "environment_id": q.env});
-                let session = req(&server, Method::POST, "/sessions")
+                let session = req(server, Method::POST, "/sessions")
                     .json(body)
                     .send()
                     .await;
@@ -1133,7 +1129,7 @@ async fn blocked_poll_is_woken_by_an_enqueue() {
 #[tokio::test]
 async fn blocked_poll_answers_null_at_its_deadline() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         for block in [1, 300, 999] {
             let started = Instant::now();
             let reply = q.poll(&format!("?block_ms={block}"), Some("w")).await;
@@ -1161,7 +1157,7 @@ async fn blocked_poll_answers_null_at_its_deadline() {
 #[tokio::test]
 async fn blocked_poll_is_woken_by_a_lease_expiry_requeue() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.item_in("starting").await;
         let poll = async {
             let reply = q.poll("?block_ms=999", Some("w2")).await;
@@ -1192,7 +1188,7 @@ async fn blocked_poll_is_woken_by_a_lease_expiry_requeue() {
 #[tokio::test]
 async fn queue_statistics() {
     each_backend_with(without_tick(), async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let empty = q.stats().await;
         assert_eq!(
             empty,
@@ -1288,7 +1284,7 @@ async fn queue_statistics() {
 #[tokio::test]
 async fn history_records_every_move() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         q.poll("", Some("w1")).await.ok();
         server.clock.advance_millis(6_000);

@@ -571,11 +571,11 @@ async fn every_credential_against_every_endpoint() {
         let mut cells = 0;
         for cred in CREDS {
             // A world per row, so that what one row changes cannot decide another row's answers.
-            let world = World::build(&server).await;
+            let world = World::build(server).await;
             let secret = world.secret(cred, &server.admin_token);
             for endpoint in endpoints(&world) {
                 let want = expected(endpoint.scope, cred);
-                let (got, kind) = call(&server, &endpoint, &secret).await;
+                let (got, kind) = call(server, &endpoint, &secret).await;
                 cells += 1;
                 let want_kind = match want {
                     401 => "authentication_error",
@@ -607,11 +607,11 @@ async fn every_credential_against_every_endpoint() {
 #[tokio::test]
 async fn a_session_token_serves_the_environment_worker() {
     each_backend(async |server| {
-        let world = World::build(&server).await;
+        let world = World::build(server).await;
         let env = &world.env_a;
         let work = |suffix: &str| format!("/environments/{env}/work/{}{suffix}", world.w1);
         let session = |suffix: &str| format!("/sessions/{}{suffix}", world.s1);
-        let v1 = |method: Method, path: String| req_v1(&server, method, &path).bearer(&world.t1);
+        let v1 = |method: Method, path: String| req_v1(server, method, &path).bearer(&world.t1);
         v1(Method::GET, session("")).send().await.ok();
         let beat = v1(Method::POST, work("/heartbeat")).send().await;
         let last = beat.ok()["last_heartbeat"].as_str().unwrap().to_owned();
@@ -645,7 +645,7 @@ async fn a_session_token_serves_the_environment_worker() {
         .await
         .ok();
         // x-api-key is the same credential on this prefix.
-        req_v1(&server, Method::GET, &session(""))
+        req_v1(server, Method::GET, &session(""))
             .anonymous()
             .header("x-api-key", &world.t1)
             .send()
@@ -680,7 +680,7 @@ fn urlencode(text: &str) -> String {
 #[tokio::test]
 async fn a_session_token_is_bound_to_its_environment() {
     each_backend(async |server| {
-        let world = World::build(&server).await;
+        let world = World::build(server).await;
         let other = server.self_hosted_environment().await;
         for (method, suffix) in [
             (Method::GET, ""),
@@ -690,7 +690,7 @@ async fn a_session_token_is_bound_to_its_environment() {
             (Method::POST, "/stop"),
         ] {
             let path = format!("/environments/{other}/work/{}{suffix}", world.w1);
-            req(&server, method, &path)
+            req(server, method, &path)
                 .bearer(&world.t1)
                 .send()
                 .await
@@ -706,11 +706,11 @@ async fn a_session_token_is_bound_to_its_environment() {
 #[tokio::test]
 async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let mut keys = Vec::new();
         for _ in 0..2 {
             let key = req(
-                &server,
+                server,
                 Method::POST,
                 &format!("/environments/{}/keys", q.env),
             )
@@ -761,7 +761,7 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
 
         let (revoked_id, _) = &keys[0];
         req(
-            &server,
+            server,
             Method::DELETE,
             &format!("/environments/{}/keys/{revoked_id}", q.env),
         )
@@ -964,7 +964,7 @@ async fn every_route_of_the_table_with_every_credential_kind() {
         let mut cells = 0;
         for kind in KINDS {
             // A world per credential kind, so that what one row changes cannot decide another's.
-            let w = World::build(&server).await;
+            let w = World::build(server).await;
             let secret = match kind {
                 Kind::None => None,
                 Kind::Admin => Some(server.admin_token.clone()),

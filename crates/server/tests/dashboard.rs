@@ -78,7 +78,7 @@ async fn the_dashboard_is_served_with_caching_headers_and_a_strict_policy() {
 #[tokio::test]
 async fn the_work_list_filters_by_state() {
     each_backend(async |server| {
-        let q = Queue::new(&server).await;
+        let q = Queue::new(server).await;
         let a = q.enqueue().await;
         let b = q.enqueue().await;
         let c = q.enqueue().await;
@@ -117,7 +117,7 @@ async fn the_work_list_filters_by_state() {
         assert_eq!(next.ok()["has_more"], false);
 
         list("?state=sleeping").await.bad_param("state");
-        let v1 = req_v1(&server, Method::GET, &q.path("?state=stopped"))
+        let v1 = req_v1(server, Method::GET, &q.path("?state=stopped"))
             .send()
             .await;
         assert_eq!(ids(v1.ok()), [b.id.as_str()], "both prefixes");

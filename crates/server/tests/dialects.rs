@@ -28,7 +28,7 @@ async fn agents_render_per_dialect_and_updates_check_the_version() {
         // Qoder: as given. Anthropic: a model object and a default execution identity.
         assert_eq!(agent["model"], "m-1");
         assert_eq!(agent["execution_identity"], Value::Null);
-        let (_, on_v1) = get_v1(&server, &format!("/agents/{id}")).await;
+        let (_, on_v1) = get_v1(server, &format!("/agents/{id}")).await;
         assert_eq!(on_v1["model"], json!({"id": "m-1"}));
         assert_eq!(
             on_v1["execution_identity"],
@@ -37,7 +37,7 @@ async fn agents_render_per_dialect_and_updates_check_the_version() {
         // Both: a session's agent is rendered the same way.
         let env = server.self_hosted_environment().await;
         let session = server.session(&env, &id).await;
-        let (_, s) = get_v1(&server, &format!("/sessions/{session}")).await;
+        let (_, s) = get_v1(server, &format!("/sessions/{session}")).await;
         assert_eq!(s["agent"]["model"], json!({"id": "m-1"}));
         for field in ["resources", "vault_ids", "outcome_evaluations"] {
             assert_eq!(s[field], json!([]), "{field}");

@@ -32,7 +32,7 @@ fn options(max_event_bytes: usize, request_memory: usize, body_limit: usize) -> 
 #[tokio::test]
 async fn an_event_over_the_limit_is_refused_and_names_itself() {
     each_backend_with(options(64 * 1024, 256 << 20, 1 << 20), async |server| {
-        let (env, session) = setup(&server).await;
+        let (env, session) = setup(server).await;
         let big = "x".repeat(70 * 1024);
         let (status, body) = server
             .post(
@@ -111,7 +111,7 @@ async fn all_pages(server: &TestServer, session: &str, query: &str) -> (Vec<Stri
 #[tokio::test]
 async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
     each_backend(async |server| {
-        let (_, session) = setup(&server).await;
+        let (_, session) = setup(server).await;
         // 12 events of 300 KiB: a page holds at most 1 MiB of events plus one.
         let chunk = "y".repeat(300 * 1024);
         let mut posted = Vec::new();
@@ -125,17 +125,17 @@ async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
             assert_eq!(status, StatusCode::OK, "{body}");
             posted.push(body["data"][0]["id"].as_str().unwrap().to_owned());
         }
-        let (ids, pages) = all_pages(&server, &session, "").await;
+        let (ids, pages) = all_pages(server, &session, "").await;
         assert_eq!(ids, posted, "{}", server.backend.name());
         assert!(
             pages >= 3,
             "12 × 300 KiB must take several pages, took {pages}"
         );
-        let (mut ids, _) = all_pages(&server, &session, "&order=desc").await;
+        let (mut ids, _) = all_pages(server, &session, "&order=desc").await;
         ids.reverse();
         assert_eq!(ids, posted);
         // A filtered listing is bounded the same way.
-        let (ids, pages) = all_pages(&server, &session, "&types[]=agent.message").await;
+        let (ids, pages) = all_pages(server, &session, "&types[]=agent.message").await;
         assert_eq!(ids, posted);
         assert!(pages >= 3, "{pages}");
         // The response is valid JSON with the whole envelope.
@@ -211,7 +211,7 @@ async fn bodies_that_would_cost_too_much_memory_are_refused() {
 #[tokio::test]
 async fn a_nul_in_an_id_filter_matches_nothing() {
     each_backend(async |server| {
-        setup(&server).await;
+        setup(server).await;
         for base in [server.url("/sessions"), server.v1("/sessions")] {
             for filter in [
                 "agent_id=x%00y",
@@ -292,7 +292,7 @@ async fn strings_with_nul_are_stored_as_sent() {
 #[tokio::test]
 async fn bodies_that_say_nothing_are_refused_where_they_would_hide_a_mistake() {
     each_backend(async |server| {
-        let (env, _) = setup(&server).await;
+        let (env, _) = setup(server).await;
         let (_, before) = server.get(&format!("/environments/{env}")).await;
         // An update without a body, or with `null`, is a 400 and changes nothing.
         let path = server.url(&format!("/environments/{env}"));

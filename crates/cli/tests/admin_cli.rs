@@ -10,19 +10,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
-
-/// Variables that would otherwise leak from the caller's shell into the commands under test.
-const AMBIENT: &[&str] = &[
-    "TETHER_SERVER",
-    "TETHER_TOKEN",
-    "TETHER_DATA_DIR",
-    "TETHER_LISTEN",
-    "TETHER_DATABASE_URL",
-    "TETHER_PUBLIC_URL",
-    "TETHER_ADMIN_TOKEN",
-];
+use support::{AMBIENT, BIN};
+use tether_testkit::string_fields;
 
 /// A `tether serve` child process; killed on drop.
 struct Server {
@@ -166,12 +155,7 @@ fn admin_commands_drive_a_real_server() {
     assert_eq!(first["data"].as_array().unwrap().len(), 1);
     assert_eq!(first["has_more"], true);
     let all = server.json(&["env", "list", "--limit", "1", "--all"]);
-    let ids: Vec<&str> = all["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_str().unwrap())
-        .collect();
+    let ids = string_fields(&all["data"], "id");
     assert_eq!(ids, vec![env_id.as_str(), cloud["id"].as_str().unwrap()]);
 
     // Worker keys.
@@ -260,12 +244,7 @@ fn admin_commands_drive_a_real_server() {
     let stopped = server.json(&["work", "stop", &env_id, &work_id, "--force"]);
     assert_eq!(stopped["state"], "stopped");
     let history = server.json(&["work", "history", &env_id, &work_id, "--all"]);
-    let causes: Vec<&str> = history["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["cause"].as_str().unwrap())
-        .collect();
+    let causes = string_fields(&history["data"], "cause");
     assert_eq!(causes, vec!["enqueued", "force_stopped"]);
     let err = server.fails(&["work", "stop", &env_id, &work_id]);
     // The whole envelope as the client renders it, not a bare "409" (which an id may contain).

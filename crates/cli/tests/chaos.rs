@@ -23,10 +23,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::api::Api;
+use support::api::Deployment;
 use support::proxy::{Mode, Proxy};
 use support::seed::Rng;
-use support::ServerProcess;
 use tether_core::time::Timestamp;
 
 /// How long any one wait may take before the test gives up (a liveness bound, not a timing assertion).
@@ -57,31 +56,12 @@ while :; do echo "alive $(date +%s%N) $$ $TETHER_WORKER_ID" >> "$r"; sleep 0.05;
 
 // ---- the server, its API and the workers --------------------------------------------------------------
 
-struct Setup {
-    server: ServerProcess,
-    api: Api,
-    env: String,
-    key: String,
-    agent: String,
-    dir: tempfile::TempDir,
-}
+/// The deployment the chaos runs against; its methods below are what these tests ask of it.
+type Setup = Deployment;
 
 impl Setup {
     async fn new() -> Setup {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let server = ServerProcess::start(&dir.path().join("data"), &SERVER_ARGS);
-        let api = Api::of(&server);
-        let mut setup = Setup {
-            server,
-            api,
-            env: String::new(),
-            key: String::new(),
-            agent: String::new(),
-            dir,
-        };
-        setup.env = setup.api.self_hosted_environment("chaos").await;
-        setup.key = setup.api.key(&setup.env).await;
-        setup.agent = setup.api.agent("chaos").await;
+        let setup = Deployment::start(&SERVER_ARGS, "chaos").await;
         std::fs::create_dir_all(setup.records()).expect("records dir");
         setup
     }

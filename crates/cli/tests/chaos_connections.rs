@@ -12,10 +12,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use support::ServerProcess;
-use tether_client::{
-    Client, CreateAgent, CreateEnvironment, CreateSession, HeartbeatOptions, PollOptions,
-    NO_HEARTBEAT,
-};
+use tether_client::{Client, CreateEnvironment, HeartbeatOptions, PollOptions, NO_HEARTBEAT};
+use tether_testkit::client::environment_agent_and_session;
 
 const IDLE_CONNECTIONS: usize = 5_000;
 const SLOWLORIS_CONNECTIONS: usize = 100;
@@ -76,18 +74,7 @@ fn the_server_keeps_serving_under_idle_slowloris_and_long_poll_floods() {
     // A work item with a live lease, to heartbeat under load; and an empty environment to long-poll.
     let admin = Client::new(&server.base, &server.token).unwrap();
     let (work_env, work_id, mut last) = rt.block_on(async {
-        let env = admin
-            .create_environment(&CreateEnvironment::self_hosted("leased"))
-            .await
-            .unwrap();
-        let agent = admin
-            .create_agent(&CreateAgent::new("a", "none"))
-            .await
-            .unwrap();
-        admin
-            .create_session(&CreateSession::new(agent.id.as_str(), env.id.as_str()))
-            .await
-            .unwrap();
+        let (env, _, _) = environment_agent_and_session(&admin, "leased").await;
         let poll = PollOptions {
             block_ms: Some(999),
             worker_id: Some("w".into()),

@@ -26,16 +26,7 @@ const ADMIN_TOKEN: &str = "tth_adm_cluster-test-token-0123456789abcdef";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn postgres_url() -> Option<String> {
-    match std::env::var("TETHER_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("CI must run the cluster tests: set TETHER_TEST_POSTGRES_URL (scripts/test does, with scripts/pg)")
-        }
-        _ => {
-            eprintln!("skipped: the cluster tests need PostgreSQL; set TETHER_TEST_POSTGRES_URL (e.g. `scripts/pg start`)");
-            None
-        }
-    }
+    tether_testkit::required_url("TETHER_TEST_POSTGRES_URL", "the cluster tests")
 }
 
 async fn fresh_database(admin_url: &str) -> String {
@@ -341,6 +332,57 @@ struct WorkerPlan {
     deadline: Instant,
 }
 
+impl WorkerPlan {
+    /// Workers that serve `total` items of `env` within `within`, holding each for `hold` and
+    /// heartbeating every `beat`; 503 answers count as failures.
+    fn new(
+        env: &str,
+        total: usize,
+        hold: Duration,
+        beat: Duration,
+        within: Duration,
+    ) -> WorkerPlan {
+        WorkerPlan {
+            apis: Vec::new(),
+            env: env.to_owned(),
+            worker_id: String::new(),
+            total,
+            hold,
+            beat,
+            tolerate_unavailable: false,
+            deadline: Instant::now() + within,
+        }
+    }
+
+    /// The same plan with 503 answers expected.
+    fn tolerating_unavailable(self) -> WorkerPlan {
+        WorkerPlan {
+            tolerate_unavailable: true,
+            ..self
+        }
+    }
+
+    /// Starts four workers `{prefix}-0` … `{prefix}-3` on this plan, worker `i` trying the servers
+    /// `apis(i)` in order, all recording into `ledger`.
+    fn spawn_four(
+        &self,
+        prefix: &str,
+        apis: impl Fn(usize) -> Vec<Api>,
+        ledger: &Arc<Ledger>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..4)
+            .map(|i| {
+                let plan = WorkerPlan {
+                    apis: apis(i),
+                    worker_id: format!("{prefix}-{i}"),
+                    ..self.clone()
+                };
+                tokio::spawn(run_worker(plan, ledger.clone()))
+            })
+            .collect()
+    }
+}
+
 /// Sends one step until a live server answers it with something other than 503, moving to the next
 /// server when the current one does not answer at all. Returns the answer (`None` past the deadline)
 /// and the server that gave it.
@@ -525,22 +567,18 @@ async fn two_servers_drain_one_queue_without_double_delivery() {
 
     let ledger = Arc::new(Ledger::default());
     let started = Instant::now();
-    let workers: Vec<_> = (0..4)
-        .map(|i| {
-            let first = if i < 2 { api_a.clone() } else { api_b.clone() };
-            let plan = WorkerPlan {
-                apis: vec![first],
-                env: env.clone(),
-                worker_id: format!("drain-{i}"),
-                total: N,
-                hold: Duration::ZERO,
-                beat: Duration::ZERO,
-                tolerate_unavailable: false,
-                deadline: Instant::now() + Duration::from_secs(150),
-            };
-            tokio::spawn(run_worker(plan, ledger.clone()))
-        })
-        .collect();
+    let workers = WorkerPlan::new(
+        &env,
+        N,
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::from_secs(150),
+    )
+    .spawn_four(
+        "drain",
+        |i| vec![if i < 2 { api_a.clone() } else { api_b.clone() }],
+        &ledger,
+    );
     for w in workers {
         w.await.expect("worker");
     }
@@ -658,27 +696,20 @@ async fn a_killed_server_loses_nothing_and_its_workers_carry_on() {
     const N: usize = 300;
     enqueue(&[api_a.clone(), api_b.clone()], &env, &agent, N).await;
     let ledger = Arc::new(Ledger::default());
-    let workers: Vec<_> = (0..4)
-        .map(|i| {
-            // Workers 2 and 3 start on B and fall back to A.
-            let apis = if i < 2 {
+    let hold = Duration::from_millis(20);
+    let beat = Duration::from_millis(10);
+    // Workers 2 and 3 start on B and fall back to A.
+    let workers = WorkerPlan::new(&env, N, hold, beat, Duration::from_secs(120)).spawn_four(
+        "kill",
+        |i| {
+            if i < 2 {
                 vec![api_a.clone(), api_b.clone()]
             } else {
                 vec![api_b.clone(), api_a.clone()]
-            };
-            let plan = WorkerPlan {
-                apis,
-                env: env.clone(),
-                worker_id: format!("kill-{i}"),
-                total: N,
-                hold: Duration::from_millis(20),
-                beat: Duration::from_millis(10),
-                tolerate_unavailable: false,
-                deadline: Instant::now() + Duration::from_secs(120),
-            };
-            tokio::spawn(run_worker(plan, ledger.clone()))
-        })
-        .collect();
+            }
+        },
+        &ledger,
+    );
     while ledger.finished.load(Ordering::SeqCst) < N / 3 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -715,6 +746,19 @@ async fn a_killed_server_loses_nothing_and_its_workers_carry_on() {
 
 /// How many private clusters this process made (each gets a directory of its own).
 static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+
+/// A private PostgreSQL cluster and its URL, for the `which` test. Without the server binaries the
+/// test says so and passes, except under CI, where that is an error.
+fn private_cluster(which: &str) -> Option<(PrivateCluster, String)> {
+    match PrivateCluster::start() {
+        Ok(c) => Some(c),
+        Err(why) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped: the {which} test needs the PostgreSQL server binaries for a cluster of its own: {why}");
+            None
+        }
+        Err(why) => panic!("cannot start a private PostgreSQL cluster: {why}"),
+    }
+}
 
 /// A PostgreSQL cluster of this test's own, so that restarting it disturbs nobody else.
 struct PrivateCluster {
@@ -772,13 +816,8 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let (cluster, url) = match PrivateCluster::start() {
-        Ok(c) => c,
-        Err(why) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipped: the restart test needs the PostgreSQL server binaries for a cluster of its own: {why}");
-            return;
-        }
-        Err(why) => panic!("cannot start a private PostgreSQL cluster: {why}"),
+    let Some((cluster, url)) = private_cluster("restart") else {
+        return;
     };
     // Leases of 4 s, heartbeats every 300 ms; the database stays away for 6 s, longer than a lease.
     // Every lease would have run out by the time it is back; the servers grant lease amnesty once
@@ -800,26 +839,15 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
     const N: usize = 60;
     enqueue(&[api_a.clone(), api_b.clone()], &env, &agent, N).await;
     let ledger = Arc::new(Ledger::default());
-    let workers: Vec<_> = (0..4)
-        .map(|i| {
-            let apis = if i < 2 {
-                vec![api_a.clone()]
-            } else {
-                vec![api_b.clone()]
-            };
-            let plan = WorkerPlan {
-                apis,
-                env: env.clone(),
-                worker_id: format!("restart-{i}"),
-                total: N,
-                hold: Duration::from_millis(800),
-                beat: Duration::from_millis(300),
-                tolerate_unavailable: true,
-                deadline: Instant::now() + Duration::from_secs(120),
-            };
-            tokio::spawn(run_worker(plan, ledger.clone()))
-        })
-        .collect();
+    let hold = Duration::from_millis(800);
+    let beat = Duration::from_millis(300);
+    let workers = WorkerPlan::new(&env, N, hold, beat, Duration::from_secs(120))
+        .tolerating_unavailable()
+        .spawn_four(
+            "restart",
+            |i| vec![if i < 2 { api_a.clone() } else { api_b.clone() }],
+            &ledger,
+        );
     // Under load: items are held by every worker.
     while ledger.finished.load(Ordering::SeqCst) < 8 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -891,13 +919,8 @@ async fn a_worker_keeps_its_program_through_a_database_outage() {
         return;
     }
     let _serial = SERIAL.lock().await;
-    let (cluster, url) = match PrivateCluster::start() {
-        Ok(c) => c,
-        Err(why) if std::env::var_os("CI").is_none() => {
-            eprintln!("skipped: the outage test needs the PostgreSQL server binaries for a cluster of its own: {why}");
-            return;
-        }
-        Err(why) => panic!("cannot start a private PostgreSQL cluster: {why}"),
+    let Some((cluster, url)) = private_cluster("outage") else {
+        return;
     };
     let server = Server::start("A", &url, &["--lease-ttl-min", "1", "--tick-ms", "200"]).await;
     let api = server.api();

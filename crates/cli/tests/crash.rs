@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::seed::Rng;
 use support::ServerProcess;
+use tether_testkit::json_of;
 
 const CYCLES: usize = 3;
 const WRITERS: usize = 16;
@@ -170,15 +171,7 @@ async fn kill_nine_cycles(extra: &[&str]) {
         if let Some(c) = &cursor {
             url.push_str(&format!("&page={c}"));
         }
-        let page: Value = client
-            .get(url)
-            .bearer_auth(&server.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = json_of(client.get(url).bearer_auth(&server.token)).await;
         for item in page["data"].as_array().unwrap() {
             with_items.insert(item["data"]["id"].as_str().unwrap().to_owned());
         }

@@ -12,28 +12,7 @@ use std::time::Instant;
 use serde_json::Value;
 use support::lines::{Lines, PATIENCE};
 use support::ServerProcess;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
-
-/// Variables that would otherwise leak from the caller's shell into the commands under test.
-const AMBIENT: &[&str] = &[
-    "TETHER_SERVER",
-    "TETHER_TOKEN",
-    "TETHER_DATA_DIR",
-    "TETHER_ENVIRONMENT",
-    "TETHER_KEY",
-    "TETHER_WORKER_ID",
-    "TETHER_CONCURRENCY",
-    "TETHER_TTL",
-    "TETHER_GRACE",
-    "TETHER_DRAIN_TIMEOUT",
-    "TETHER_LOG_DIR",
-    "TETHER_LOG_FORMAT",
-    "TETHER_AGENT_MAX_IDLE",
-    "TETHER_AGENT_COMMAND_TIMEOUT",
-    "TETHER_AGENT_MAX_OUTPUT",
-    "NO_COLOR",
-];
+use support::BIN;
 
 /// The example agent's binary, which lives next to `tether` in the target directory. `cargo test
 /// --workspace` (and scripts/test) build it; a run of this package's tests alone may not have.
@@ -59,15 +38,8 @@ fn shell_agent() -> PathBuf {
 }
 
 fn tether(server: &ServerProcess, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.args(args);
-    for name in AMBIENT {
-        command.env_remove(name);
-    }
-    command
-        .env("TETHER_SERVER", &server.base)
-        .env("TETHER_TOKEN", &server.token)
-        .env("TETHER_LOG", "info");
+    let mut command = support::tether_as_admin(server, args);
+    command.env("TETHER_LOG", "info");
     command
 }
 

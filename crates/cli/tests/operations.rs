@@ -6,102 +6,41 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use prometheus_parse::{Scrape, Value as Prom};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
 const ADMIN_TOKEN: &str = "tth_adm_operations-test-admin-token-0123456789";
 /// How long anything in these tests may take before it counts as hung.
 const PATIENCE: Duration = Duration::from_secs(90);
 
-fn command() -> Command {
-    support::tether_command()
-}
-
 /// `tether serve` with JSON logs at `info` into `<dir>/server.log`; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    dir: PathBuf,
-}
+type Server = support::LoggedServer;
 
 impl Server {
     fn start(dir: &Path, extra: &[&str]) -> Server {
-        let log = dir.join("server.log");
-        let child = command()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--data-dir",
-            ])
-            .arg(dir.join("data"))
-            .args(extra)
-            .env("TETHER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TETHER_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("server log"))
-            .spawn()
-            .expect("spawn tether serve");
-        let deadline = Instant::now() + PATIENCE;
-        let url = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(rest) = text.split("tether listening on ").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tether serve did not start:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Server {
-            child,
-            url,
-            dir: dir.to_owned(),
-        }
+        let mut args = vec!["--log-format", "json"];
+        args.extend_from_slice(extra);
+        Server::spawn(dir, ADMIN_TOKEN, &args, &[("TETHER_LOG", "info")], PATIENCE)
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
-    fn run(&self, args: &[&str]) -> Output {
-        command()
-            .args(args)
-            .env("TETHER_SERVER", &self.url)
-            .env("TETHER_TOKEN", ADMIN_TOKEN)
-            .output()
-            .expect("run tether")
-    }
-
-    /// A command that must succeed and print JSON (`--json` is added).
-    fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.push("--json");
-        let out = self.run(&args);
-        support::json_output(&args, &out)
-    }
-
     /// An environment, its key, an agent and a session (which queues the first item).
     fn setup(&self) -> Setup {
-        let env = id(&self.json(&["env", "create", "--name", "ops"]));
+        let env = support::id(&self.json(&["env", "create", "--name", "ops"]));
         let key = self.json(&["env", "key", "create", &env])["token"]
             .as_str()
             .expect("a key")
             .to_owned();
-        let agent = id(&self.json(&["agent", "create", "--name", "a", "--model", "none"]));
-        let session = id(&self.json(&["session", "create", "--agent", &agent, "--env", &env]));
+        let agent = support::id(&self.json(&["agent", "create", "--name", "a", "--model", "none"]));
+        let session =
+            support::id(&self.json(&["session", "create", "--agent", &agent, "--env", &env]));
         Setup {
             env,
             key,
@@ -112,7 +51,7 @@ impl Server {
 
     /// `tether worker [ARGS…] -- sh -c SCRIPT` with its log in `<dir>/<name>.log`.
     fn worker(&self, name: &str, setup: &Setup, args: &[&str], script: &str) -> Child {
-        command()
+        support::tether_command()
             .arg("worker")
             .args(args)
             .args([
@@ -132,36 +71,11 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 struct Setup {
     env: String,
     key: String,
     agent: String,
     session: String,
-}
-
-fn id(value: &Value) -> String {
-    value["id"].as_str().expect("an id").to_owned()
-}
-
-fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Polls `check` until it gives a value (bounded by PATIENCE).
@@ -204,7 +118,7 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         ],
         CYCLE,
     );
-    let status = wait_exit(&mut worker, "tether worker run-one");
+    let status = support::wait_exit(&mut worker, "tether worker run-one", PATIENCE);
     let worker_log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
     assert_eq!(
         status.code(),
@@ -212,7 +126,7 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         "run-one exits with the program's status:\n{worker_log}"
     );
     let items = server.json(&["work", "list", &setup.env]);
-    let work = id(&items["data"][0]);
+    let work = support::id(&items["data"][0]);
     assert_eq!(items["data"][0]["state"], "stopped");
     let pwd = std::fs::read_to_string(dir.path().join(format!("pwd-{work}"))).unwrap();
     assert_eq!(
@@ -472,7 +386,7 @@ async fn a_poison_item_is_listed_and_requeued_through_the_cli() {
     let mut worker = server.worker("doomed", &setup, &["--ttl", "1"], "exec sleep 600");
     let work = eventually("the worker holds the item", || {
         let items = server.json(&["work", "list", &setup.env]);
-        (items["data"][0]["state"] == "active").then(|| id(&items["data"][0]))
+        (items["data"][0]["state"] == "active").then(|| support::id(&items["data"][0]))
     });
     // The worker dies without a word; its program goes with it; the lease lapses.
     worker.kill().unwrap();
@@ -483,7 +397,7 @@ async fn a_poison_item_is_listed_and_requeued_through_the_cli() {
         (!data.is_empty()).then_some(data)
     });
     assert_eq!(poison.len(), 1);
-    assert_eq!(id(&poison[0]), work);
+    assert_eq!(support::id(&poison[0]), work);
     let history = server.json(&["work", "history", &setup.env, &work]);
     assert_eq!(
         history["data"].as_array().unwrap().last().unwrap()["cause"],
@@ -511,7 +425,7 @@ async fn a_poison_item_is_listed_and_requeued_through_the_cli() {
         "--reason",
         "the agent is fixed",
     ]);
-    let fresh_id = id(&fresh);
+    let fresh_id = support::id(&fresh);
     assert_ne!(fresh_id, work);
     assert_eq!(fresh["state"], "queued");
     assert_eq!(fresh["data"]["id"], setup.session.as_str());
@@ -555,7 +469,10 @@ async fn a_poison_item_is_listed_and_requeued_through_the_cli() {
 
     // A healthy worker now serves the session.
     let mut worker = server.worker("healthy", &setup, &["run-one", "--ttl", "1"], "exit 0");
-    assert_eq!(wait_exit(&mut worker, "run-one").code(), Some(0));
+    assert_eq!(
+        support::wait_exit(&mut worker, "run-one", PATIENCE).code(),
+        Some(0)
+    );
     let item = server.json(&["work", "get", &setup.env, &fresh_id]);
     assert_eq!(item["state"], "stopped");
     assert_eq!(item["metadata"]["tether.exit_code"], "0");
@@ -567,7 +484,7 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
     let server = Server::start(dir.path(), &[]);
     let setup = server.setup();
     let workdir = dir.path().join("kept");
-    let mut worker = command()
+    let mut worker = support::tether_command()
         .args([
             "worker",
             "--max-idle",
@@ -591,7 +508,7 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let status = wait_exit(&mut worker, "tether worker --max-idle");
+    let status = support::wait_exit(&mut worker, "tether worker --max-idle", PATIENCE);
     let mut log = String::new();
     std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut log).unwrap();
     assert!(status.success(), "--max-idle exits 0: {log}");
@@ -600,7 +517,7 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
         "TETHER_LOG=warn hides info lines:\n{log}"
     );
     let items = server.json(&["work", "list", &setup.env]);
-    let work = id(&items["data"][0]);
+    let work = support::id(&items["data"][0]);
     assert_eq!(items["data"][0]["metadata"]["tether.exit_code"], "0");
     assert_eq!(
         std::fs::read_to_string(workdir.join(&work).join("scratch")).unwrap(),
@@ -609,13 +526,19 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
 
     // run-one with nothing to do and --max-idle gives up cleanly.
     let mut idle = server.worker("idle", &setup, &["run-one", "--max-idle", "1s"], "exit 7");
-    assert_eq!(wait_exit(&mut idle, "run-one --max-idle").code(), Some(0));
+    assert_eq!(
+        support::wait_exit(&mut idle, "run-one --max-idle", PATIENCE).code(),
+        Some(0)
+    );
 }
 
 #[test]
 fn completions_are_generated_for_each_shell() {
     for shell in ["bash", "zsh", "fish"] {
-        let out = command().args(["completions", shell]).output().unwrap();
+        let out = support::tether_command()
+            .args(["completions", shell])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{shell}");
         let script = String::from_utf8(out.stdout).unwrap();
         for word in [
@@ -640,7 +563,7 @@ fn completions_are_generated_for_each_shell() {
             eprintln!("{shell} is not installed: its completion script is not syntax-checked");
         }
     }
-    let out = command()
+    let out = support::tether_command()
         .args(["completions", "powershell"])
         .output()
         .unwrap();
@@ -650,7 +573,11 @@ fn completions_are_generated_for_each_shell() {
 #[test]
 fn man_pages_are_written_for_every_command() {
     let dir = tempfile::tempdir().unwrap();
-    let out = command().arg("man").arg(dir.path()).output().unwrap();
+    let out = support::tether_command()
+        .arg("man")
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -703,7 +630,7 @@ fn the_systemd_units_verify() {
             assert!(text.contains(needed), "{file} lacks {needed}");
         }
         let path = dir.path().join(instance);
-        std::fs::write(&path, text.replace("/usr/local/bin/tether", BIN)).unwrap();
+        std::fs::write(&path, text.replace("/usr/local/bin/tether", support::BIN)).unwrap();
         paths.push(path);
     }
     let out = Command::new("systemd-analyze")

@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::io::Read as _;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -20,16 +20,8 @@ const ADMIN_TOKEN: &str = "tth_adm_sandbox-test-admin-token-0123456789";
 /// How long anything in these tests may take before it counts as hung.
 const PATIENCE: Duration = Duration::from_secs(90);
 
-fn command() -> Command {
-    support::tether_command()
-}
-
 /// `tether serve` on a loopback port with its store in `<dir>/data`; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    dir: PathBuf,
-}
+type Server = support::LoggedServer;
 
 impl Server {
     fn start(dir: &Path) -> Server {
@@ -38,63 +30,12 @@ impl Server {
 
     /// With extra `tether serve` arguments.
     fn start_with(dir: &Path, extra: &[&str]) -> Server {
-        let log = dir.join("server.log");
-        let child = command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(extra)
-            .env("TETHER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("server log"))
-            .spawn()
-            .expect("spawn tether serve");
-        let deadline = Instant::now() + PATIENCE;
-        let url = loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(rest) = text.split("tether listening on ").nth(1) {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tether serve did not start:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        Server {
-            child,
-            url,
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        command()
-            .args(args)
-            .env("TETHER_SERVER", &self.url)
-            .env("TETHER_TOKEN", ADMIN_TOKEN)
-            .output()
-            .expect("run tether")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.push("--json");
-        let out = self.run(&args);
-        assert!(
-            out.status.success(),
-            "tether {args:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON")
+        Server::spawn(dir, ADMIN_TOKEN, extra, &[], PATIENCE)
     }
 
     /// An environment and its key.
     fn environment(&self) -> (String, String) {
-        let env = id(&self.json(&["env", "create", "--name", "sandbox"]));
+        let env = support::id(&self.json(&["env", "create", "--name", "sandbox"]));
         let key = self.json(&["env", "key", "create", &env])["token"]
             .as_str()
             .expect("a key")
@@ -104,8 +45,8 @@ impl Server {
 
     /// Queues one session (one work item) in `env`.
     fn session(&self, env: &str) -> String {
-        let agent = id(&self.json(&["agent", "create", "--name", "a", "--model", "none"]));
-        id(&self.json(&["session", "create", "--agent", &agent, "--env", env]))
+        let agent = support::id(&self.json(&["agent", "create", "--name", "a", "--model", "none"]));
+        support::id(&self.json(&["session", "create", "--agent", &agent, "--env", env]))
     }
 
     /// The work item of `session` (the newest, if it had several).
@@ -142,7 +83,7 @@ impl Server {
         program: &[&OsStr],
     ) -> Worker {
         let log = self.dir.join(format!("{name}.log"));
-        let child = command()
+        let child = support::tether_command()
             .args(["worker", "--log-format", "json", "--worker-id", name])
             .args(args)
             .args(["--environment", env])
@@ -176,7 +117,7 @@ impl Server {
     ) -> Ran {
         let out = self.dir.join("out");
         let log = self.dir.join(format!("worker-{}.log", rand_suffix()));
-        let mut worker = command()
+        let mut worker = support::tether_command()
             .args(["worker", "run-one", "--log-format", "json", "--log-dir"])
             .arg(&out)
             .args(args)
@@ -189,7 +130,7 @@ impl Server {
             .envs(home.map(|home| ("HOME", home)))
             .spawn()
             .expect("spawn tether worker");
-        let status = wait_exit(&mut worker, "tether worker run-one");
+        let status = support::wait_exit(&mut worker, "tether worker run-one", PATIENCE);
         let log = std::fs::read_to_string(&log).unwrap_or_default();
         let output = std::fs::read_dir(&out)
             .map(|entries| {
@@ -206,13 +147,6 @@ impl Server {
             log,
             output,
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -270,24 +204,6 @@ fn rand_suffix() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(0);
     h.finish()
-}
-
-fn id(value: &Value) -> String {
-    value["id"].as_str().expect("an id").to_owned()
-}
-
-fn wait_exit(child: &mut Child, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The processes on the host that have `marker` in their command line.
@@ -849,7 +765,7 @@ async fn a_sandbox_that_cannot_be_had_is_refused_at_start() {
     let empty = dir.path().join("bin");
     std::fs::create_dir_all(&empty).unwrap();
     std::os::unix::fs::symlink("/bin/sh", empty.join("sh")).unwrap();
-    let out = command()
+    let out = support::tether_command()
         .args([
             "worker",
             "--environment",

@@ -10,32 +10,12 @@ use std::sync::mpsc;
 use serde_json::{json, Value};
 use support::lines::{Lines, PATIENCE};
 use support::ServerProcess;
+use support::BIN;
 use tether_client::{Client, NewEvent};
-
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
-
-/// Variables that would otherwise leak from the caller's shell into the commands under test.
-const AMBIENT: &[&str] = &[
-    "TETHER_SERVER",
-    "TETHER_TOKEN",
-    "TETHER_DATA_DIR",
-    "NO_COLOR",
-];
-
-fn tether(server: &ServerProcess, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    command.args(args);
-    for name in AMBIENT {
-        command.env_remove(name);
-    }
-    command
-        .env("TETHER_SERVER", &server.base)
-        .env("TETHER_TOKEN", &server.token);
-    command
-}
+use tether_testkit::string_fields;
 
 fn run(server: &ServerProcess, args: &[&str]) -> Output {
-    tether(server, args)
+    support::tether_as_admin(server, args)
         .stdin(Stdio::null())
         .output()
         .expect("run tether")
@@ -136,6 +116,26 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Creates an environment, an agent and a session on them with `tether … create` (the session with
+/// `extra` arguments); returns the session's id.
+fn laptop_session(server: &ServerProcess, extra: &[&str]) -> String {
+    let env = json(server, &["env", "create", "--name", "laptop"]);
+    let agent = json(
+        server,
+        &["agent", "create", "--name", "shell", "--model", "none"],
+    );
+    let mut args = vec![
+        "session",
+        "create",
+        "--agent",
+        agent["id"].as_str().unwrap(),
+        "--env",
+        env["id"].as_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    json(server, &args)["id"].as_str().unwrap().to_owned()
+}
+
 #[test]
 fn send_events_and_watch() {
     let data = tempfile::tempdir().unwrap();
@@ -144,30 +144,14 @@ fn send_events_and_watch() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = Client::new(&server.base, &server.token).unwrap();
 
-    let env = json(&server, &["env", "create", "--name", "laptop"]);
-    let agent = json(
-        &server,
-        &["agent", "create", "--name", "shell", "--model", "none"],
-    );
-    let session = json(
-        &server,
-        &[
-            "session",
-            "create",
-            "--agent",
-            agent["id"].as_str().unwrap(),
-            "--env",
-            env["id"].as_str().unwrap(),
-        ],
-    );
-    let session = session["id"].as_str().unwrap().to_owned();
+    let session = laptop_session(&server, &[]);
     let s = session.as_str();
 
     // An empty log lists as such.
     assert_eq!(ok(&server, &["session", "events", s]), "No events.\n");
 
     let mut watch = Lines::spawn(
-        tether(&server, &["session", "watch", s]),
+        support::tether_as_admin(&server, &["session", "watch", s]),
         "",
         "tether",
         Some("Watching session"),
@@ -225,12 +209,7 @@ fn send_events_and_watch() {
 
     // events --json: the whole log, oldest first.
     let page = json(&server, &["session", "events", s]);
-    let kinds: Vec<&str> = page["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["type"].as_str().unwrap())
-        .collect();
+    let kinds = string_fields(&page["data"], "type");
     assert_eq!(
         kinds,
         [
@@ -266,7 +245,7 @@ fn send_events_and_watch() {
 
     // send --wait (the message from standard input): shows the turn, returns when it ends.
     let mut waiting = Lines::spawn(
-        tether(&server, &["session", "send", s, "-", "--wait"]),
+        support::tether_as_admin(&server, &["session", "send", s, "-", "--wait"]),
         "ls -l\n",
         "tether",
         None,
@@ -274,13 +253,7 @@ fn send_events_and_watch() {
     let line = waiting.until(|l| l.contains("user.message"));
     assert!(line.ends_with("user.message        ls -l"), "{line:?}");
     agent_turn(&rt, &client, s, "ls -l", "total 0\n");
-    let status = waiting.exit();
-    assert!(status.success(), "{status}");
-    assert!(
-        waiting.seen.last().unwrap().contains("session.status_idle"),
-        "{:?}",
-        waiting.seen
-    );
+    waiting.exits_successfully_after("session.status_idle");
     assert!(waiting
         .seen
         .iter()
@@ -315,13 +288,7 @@ fn send_events_and_watch() {
 
     // Deleting the session ends watch, successfully.
     ok(&server, &["session", "delete", s]);
-    let status = watch.exit();
-    assert!(status.success(), "{status}");
-    assert!(
-        watch.seen.last().unwrap().contains("session.deleted"),
-        "{:?}",
-        watch.seen
-    );
+    watch.exits_successfully_after("session.deleted");
 
     // watch on a session that does not exist says so.
     let out = run(&server, &["session", "watch", s]);
@@ -333,31 +300,14 @@ fn send_events_and_watch() {
 fn watch_from_start_replays_the_log_and_json_prints_one_object_per_line() {
     let data = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(data.path(), &[]);
-    let env = json(&server, &["env", "create", "--name", "laptop"]);
-    let agent = json(
-        &server,
-        &["agent", "create", "--name", "shell", "--model", "none"],
-    );
-    let session = json(
-        &server,
-        &[
-            "session",
-            "create",
-            "--agent",
-            agent["id"].as_str().unwrap(),
-            "--env",
-            env["id"].as_str().unwrap(),
-            "--message",
-            "uname",
-        ],
-    );
-    let s = session["id"].as_str().unwrap();
+    let session = laptop_session(&server, &["--message", "uname"]);
+    let s = session.as_str();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = Client::new(&server.base, &server.token).unwrap();
     agent_turn(&rt, &client, s, "uname", "Linux\n");
 
     let mut watch = Lines::spawn(
-        tether(&server, &["session", "watch", s, "--from-start", "--json"]),
+        support::tether_as_admin(&server, &["session", "watch", s, "--from-start", "--json"]),
         "",
         "tether",
         None,

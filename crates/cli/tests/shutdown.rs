@@ -9,6 +9,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use support::api::Api;
 use support::ServerProcess;
+use tether_testkit::json_of;
 
 #[tokio::test]
 async fn sigterm_answers_blocked_polls_and_exits_cleanly() {
@@ -116,14 +117,7 @@ async fn metrics_health_and_readiness() {
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
-    let ready: Value = http
-        .get(format!("{}/readyz", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = json_of(http.get(format!("{}/readyz", server.base))).await;
     assert_eq!(ready["store"], "sqlite");
     let metrics = http
         .get(format!("{}/metrics", server.base))

@@ -15,23 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::lines::{Lines, PATIENCE};
+use support::{AMBIENT, BIN};
 use tether_testkit::tls::{KeyKind, TestCa};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tether");
 const ADMIN_TOKEN: &str = "tth_adm_test-admin-token-for-tls-tests";
-
-/// Variables that would otherwise leak from the caller's shell into the commands under test.
-const AMBIENT: &[&str] = &[
-    "TETHER_SERVER",
-    "TETHER_TOKEN",
-    "TETHER_DATA_DIR",
-    "TETHER_CA_CERT",
-    "TETHER_PUBLIC_URL",
-    "TETHER_TLS_CERT",
-    "TETHER_TLS_KEY",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-];
 
 /// `tether serve` with TLS; its log lines are kept to be waited for.
 struct TlsServer {
@@ -192,6 +179,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A throwaway root CA and a certificate it signs for 127.0.0.1, written into `dir`: the CA's file,
+/// then the certificate's and its key's.
+fn root_and_loopback_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let root = TestCa::new("root");
+    let ca = root.write(dir, "root");
+    let (cert, key) = root.leaf(&["127.0.0.1"]).write(dir, "server");
+    (ca, cert, key)
+}
+
 #[test]
 fn a_session_served_end_to_end_over_https_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,9 +277,7 @@ fn a_session_served_end_to_end_over_https_with_a_private_ca() {
 #[test]
 fn work_secrets_carry_the_public_url() {
     let dir = tempfile::tempdir().unwrap();
-    let root = TestCa::new("root");
-    let ca = root.write(dir.path(), "root");
-    let (cert, key) = root.leaf(&["127.0.0.1"]).write(dir.path(), "server");
+    let (ca, cert, key) = root_and_loopback_certificate(dir.path());
     let rt = runtime();
     for public in [None, Some("https://tether.example.com/base")] {
         let extra: Vec<&str> = public.iter().flat_map(|p| ["--public-url", p]).collect();
@@ -578,9 +572,7 @@ fn certificate_refusals_end_the_worker_and_the_cli_with_one_clear_line() {
 #[test]
 fn plain_http_to_the_tls_port_is_answered_and_https_to_a_plain_port_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let root = TestCa::new("root");
-    let ca = root.write(dir.path(), "root");
-    let (cert, key) = root.leaf(&["127.0.0.1"]).write(dir.path(), "server");
+    let (ca, cert, key) = root_and_loopback_certificate(dir.path());
     let server = TlsServer::start(&cert, &key, &[]);
 
     // A plain-HTTP request gets a 400 in the error envelope.
@@ -627,9 +619,7 @@ fn plain_http_to_the_tls_port_is_answered_and_https_to_a_plain_port_is_refused()
 fn a_request_hyper_cannot_parse_over_tls_is_answered_in_the_error_envelope() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
-    let root = TestCa::new("root");
-    let ca = root.write(dir.path(), "root");
-    let (cert, key) = root.leaf(&["127.0.0.1"]).write(dir.path(), "server");
+    let (ca, cert, key) = root_and_loopback_certificate(dir.path());
     let server = TlsServer::start(&cert, &key, &[]);
     let rt = runtime();
     let answer = rt.block_on(async {

@@ -18,9 +18,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
-use support::api::Api;
+use support::api::Deployment;
 use support::proxy::{Mode, Proxy};
-use support::ServerProcess;
 
 /// How long any one wait may take before the test gives up (a liveness bound, not a timing assertion).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -36,36 +35,27 @@ const SHORT_LEASES: [&str; 6] = [
 
 // ---- the server and its API --------------------------------------------------------------------------
 
-struct Setup {
-    server: ServerProcess,
-    api: Api,
-    env: String,
-    key: String,
-    agent: String,
-    dir: tempfile::TempDir,
-}
+/// The deployment the workers run against; its methods below are what these tests ask of it.
+type Setup = Deployment;
 
 impl Setup {
     async fn new() -> Setup {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let server = ServerProcess::start(&dir.path().join("data"), &SHORT_LEASES);
-        let api = Api::of(&server);
-        let env = api.self_hosted_environment("workers").await;
-        let key = api.key(&env).await;
-        let agent = api.agent("shell").await;
-        std::fs::create_dir_all(dir.path().join("stamps")).expect("stamps dir");
-        Setup {
-            server,
-            api,
-            env,
-            key,
-            agent,
-            dir,
-        }
+        let setup = Deployment::start(&SHORT_LEASES, "workers").await;
+        std::fs::create_dir_all(setup.stamps()).expect("stamps dir");
+        setup
     }
 
     fn stamps(&self) -> PathBuf {
         self.dir.path().join("stamps")
+    }
+
+    /// Queues one session, waits until a worker has started its program once and the item is
+    /// active; returns the item's id and when the program started.
+    async fn session_started_and_active(&self) -> (String, Stamp) {
+        let work = self.session(json!({})).await;
+        let start = started(&self.stamps(), &work, 1).await;
+        self.wait_for_state(&work, "active").await;
+        (work, start)
     }
 
     /// Creates a session (which queues one work item) and returns the item's id.
@@ -313,6 +303,12 @@ impl WorkerProcess {
     async fn shut_down(&mut self) -> ExitStatus {
         self.signal(Signal::SIGTERM);
         self.wait_exit().await
+    }
+
+    /// [`Self::shut_down`], which must end in a successful exit.
+    async fn shut_down_cleanly(&mut self) {
+        let status = self.shut_down().await;
+        assert!(status.success(), "{status:?}");
     }
 }
 
@@ -563,8 +559,7 @@ exit 3
         "{}",
         worker.log()
     );
-    let status = worker.shut_down().await;
-    assert!(status.success(), "{status:?}");
+    worker.shut_down_cleanly().await;
     assert!(
         worker.log().contains("0 done, 2 failed"),
         "{}",
@@ -654,10 +649,8 @@ async fn a_graceful_stop_sends_sigterm_then_confirms() {
     let setup = Setup::new().await;
     let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut worker = setup.worker("w1", WorkerOptions::running(&script));
-    let work = setup.session(json!({})).await;
+    let (work, start) = setup.session_started_and_active().await;
     let dir = setup.stamps();
-    let start = started(&dir, &work, 1).await;
-    setup.wait_for_state(&work, "active").await;
     assert_eq!(setup.stop(&work, false).await["state"], "stopping");
     let item = setup.wait_for_state(&work, "stopped").await;
     assert_eq!(
@@ -676,8 +669,7 @@ async fn a_graceful_stop_sends_sigterm_then_confirms() {
             "stop_confirmed"
         ]
     );
-    let status = worker.shut_down().await;
-    assert!(status.success(), "{status:?}");
+    worker.shut_down_cleanly().await;
 }
 
 #[tokio::test]
@@ -685,10 +677,8 @@ async fn a_force_stop_kills_the_program() {
     let setup = Setup::new().await;
     let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
     let mut worker = setup.worker("w1", WorkerOptions::running(&script));
-    let work = setup.session(json!({})).await;
+    let (work, start) = setup.session_started_and_active().await;
     let dir = setup.stamps();
-    let start = started(&dir, &work, 1).await;
-    setup.wait_for_state(&work, "active").await;
     setup.stop(&work, true).await;
     // The next heartbeat finds the item gone (its token died with it): SIGKILL, no SIGTERM.
     wait_dead(start.pid).await;
@@ -709,8 +699,7 @@ async fn a_force_stop_kills_the_program() {
             "force_stopped"
         ]
     );
-    let status = worker.shut_down().await;
-    assert!(status.success(), "{status:?}");
+    worker.shut_down_cleanly().await;
 }
 
 #[tokio::test]
@@ -718,10 +707,8 @@ async fn the_item_of_a_killed_worker_is_served_by_another() {
     let setup = Setup::new().await;
     let script = format!("{PRELUDE}{UNTIL_RELEASED}");
     let mut first = setup.worker("w1", WorkerOptions::running(&script));
-    let work = setup.session(json!({})).await;
+    let (work, start) = setup.session_started_and_active().await;
     let dir = setup.stamps();
-    let start = started(&dir, &work, 1).await;
-    setup.wait_for_state(&work, "active").await;
 
     first.signal(Signal::SIGKILL);
     first.wait_exit().await;
@@ -761,8 +748,7 @@ async fn the_item_of_a_killed_worker_is_served_by_another() {
         without_first_heartbeat(causes[5..].to_vec()),
         ["delivered", "acked", "force_stopped"]
     );
-    let status = second.shut_down().await;
-    assert!(status.success(), "{status:?}");
+    second.shut_down_cleanly().await;
 }
 
 #[tokio::test]
@@ -777,10 +763,8 @@ async fn a_worker_cut_off_from_the_server_abandons_its_item() {
             ..WorkerOptions::running(&script)
         },
     );
-    let work = setup.session(json!({})).await;
+    let (work, start) = setup.session_started_and_active().await;
     let dir = setup.stamps();
-    let start = started(&dir, &work, 1).await;
-    setup.wait_for_state(&work, "active").await;
 
     // No heartbeat gets through for longer than the lease: the worker kills its program, the server
     // puts the item back in the queue.
@@ -975,10 +959,7 @@ async fn a_second_signal_forces_the_shutdown() {
             ..WorkerOptions::running(&script)
         },
     );
-    let work = setup.session(json!({})).await;
-    let dir = setup.stamps();
-    let start = started(&dir, &work, 1).await;
-    setup.wait_for_state(&work, "active").await;
+    let (work, start) = setup.session_started_and_active().await;
     worker.signal(Signal::SIGTERM);
     worker.wait_for_log("taking no new work").await;
     worker.signal(Signal::SIGINT);

@@ -10,7 +10,8 @@ use tether_client::{
     HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, MetadataPatch, NewEvent,
     PollOptions, SessionStatus, UpdateAgent, UpdateEnvironment, UpdateSession, WorkState,
 };
-use tether_testkit::{backends, TestServer};
+use tether_testkit::client::environment_agent_and_session;
+use tether_testkit::{each_backend, TestServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn admin(server: &TestServer) -> Client {
@@ -34,9 +35,8 @@ fn refusal<T: std::fmt::Debug>(result: tether_client::Result<T>) -> tether_clien
 
 #[tokio::test]
 async fn environments_keys_and_tokens() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let client = admin(&server);
+    each_backend(async |server| {
+        let client = admin(server);
 
         let mut create = CreateEnvironment::self_hosted("laptop");
         create.description = Some("my machine".into());
@@ -159,15 +159,14 @@ async fn environments_keys_and_tokens() {
             .await
             .unwrap_err()
             .is_not_found());
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn agents_and_sessions() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let client = admin(&server);
+    each_backend(async |server| {
+        let client = admin(server);
         let env = client
             .create_environment(&CreateEnvironment::self_hosted("e"))
             .await
@@ -273,27 +272,15 @@ async fn agents_and_sessions() {
         // An archived agent takes no new sessions.
         let e = refusal(client.create_session(&create).await);
         assert_eq!((e.status, e.param.as_deref()), (400, Some("agent")));
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_work_lifecycle_with_typed_refusals() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let client = admin(&server);
-        let env = client
-            .create_environment(&CreateEnvironment::self_hosted("e"))
-            .await
-            .unwrap();
-        let agent = client
-            .create_agent(&CreateAgent::new("a", "m"))
-            .await
-            .unwrap();
-        let session = client
-            .create_session(&CreateSession::new(agent.id.as_str(), env.id.as_str()))
-            .await
-            .unwrap();
+    each_backend(async |server| {
+        let client = admin(server);
+        let (env, _agent, session) = environment_agent_and_session(&client, "e").await;
 
         let poll = PollOptions {
             block_ms: Some(500),
@@ -429,15 +416,14 @@ async fn the_work_lifecycle_with_typed_refusals() {
         }
         assert_eq!(history.data.last().unwrap().to, WorkState::Stopped);
         assert!(history.heartbeat_count.is_some());
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn pagination_walks_every_page() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let client = admin(&server);
+    each_backend(async |server| {
+        let client = admin(server);
         let mut made = Vec::new();
         for i in 0..5 {
             let env = client
@@ -488,27 +474,15 @@ async fn pagination_walks_every_page() {
         }));
         let e = stream.try_next().await.unwrap_err();
         assert_eq!(e.api().unwrap().param.as_deref(), Some("limit"));
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn session_events_send_list_and_stream() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let client = admin(&server);
-        let env = client
-            .create_environment(&CreateEnvironment::self_hosted("e"))
-            .await
-            .unwrap();
-        let agent = client
-            .create_agent(&CreateAgent::new("a", "m"))
-            .await
-            .unwrap();
-        let session = client
-            .create_session(&CreateSession::new(agent.id.as_str(), env.id.as_str()))
-            .await
-            .unwrap();
+    each_backend(async |server| {
+        let client = admin(server);
+        let (_env, _agent, session) = environment_agent_and_session(&client, "e").await;
         let sent = client
             .send_events(&session.id, &[NewEvent::user_message("hello")])
             .await
@@ -569,8 +543,8 @@ async fn session_events_send_list_and_stream() {
 
         let cancel = client.cancel_session(&session.id).await.unwrap();
         assert_eq!(cancel.id, session.id);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -18,14 +18,13 @@ const POLLERS: usize = 32;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_pollers_never_share_an_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let started = Instant::now();
         for chunk in (0..ITEMS).collect::<Vec<_>>().chunks(16) {
             join_all(chunk.iter().map(|_| async {
                 let body = json!({"agent": q.agent, "environment_id": q.env});
-                req(&server, Method::POST, "/sessions")
+                req(server, Method::POST, "/sessions")
                     .json(body)
                     .send()
                     .await
@@ -35,7 +34,7 @@ async fn concurrent_pollers_never_share_an_item() {
         }
         println!(
             "[{}] enqueued {ITEMS} items in {:?}",
-            backend.name(),
+            server.backend.name(),
             started.elapsed()
         );
         assert_eq!(q.stats().await["depth"], ITEMS as u64);
@@ -88,7 +87,7 @@ async fn concurrent_pollers_never_share_an_item() {
         let delivered = delivered.into_inner().unwrap();
         println!(
             "[{}] {POLLERS} pollers took {} deliveries in {elapsed:?} ({:.0}/s); {} empty answers",
-            backend.name(),
+            server.backend.name(),
             delivered.len(),
             delivered.len() as f64 / elapsed.as_secs_f64(),
             empty_answers.load(Ordering::Relaxed)
@@ -138,17 +137,16 @@ async fn concurrent_pollers_never_share_an_item() {
         let workers = per_item.values().flatten().collect::<HashSet<_>>().len();
         println!(
             "[{}] {workers} of {POLLERS} pollers got at least one item",
-            backend.name()
+            server.backend.name()
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_acks_have_one_winner() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         for round in 0..10 {
             let item = q.enqueue().await;
             if round % 2 == 1 {
@@ -202,15 +200,14 @@ async fn concurrent_acks_have_one_winner() {
                 .await;
             assert_eq!(owned.ok()["state"], "active");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_heartbeats_with_one_token_have_one_winner() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         for round in 0..10 {
             // Half the rounds race for the first heartbeat, half for a later one.
             let item = if round % 2 == 0 {
@@ -255,15 +252,14 @@ async fn concurrent_heartbeats_with_one_token_have_one_winner() {
                 "losers were not counted"
             );
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_stops_and_acks_leave_a_consistent_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         for round in 0..10 {
             let item = q.enqueue().await;
             let id = item.id.clone();
@@ -300,8 +296,8 @@ async fn concurrent_stops_and_acks_leave_a_consistent_item() {
             );
             assert_eq!(causes.last().map(String::as_str), Some("force_stopped"));
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// A session created while its environment is deleted or archived: either the session wins (and the

@@ -40,14 +40,13 @@ fn forged(prefix: &str) -> String {
 
 #[tokio::test]
 async fn every_work_endpoint_requires_a_valid_credential() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let admin = server.admin_token.clone();
         for (name, m, suffix) in ENDPOINTS {
             let path = endpoint_path(&q.env, &item.id, suffix);
-            let anonymous = req(&server, method(m), &path).anonymous().send().await;
+            let anonymous = req(server, method(m), &path).anonymous().send().await;
             anonymous.error(401, "authentication_error");
             for token in [
                 "garbage".to_owned(),
@@ -56,7 +55,7 @@ async fn every_work_endpoint_requires_a_valid_credential() {
                 forged("tth_ses_"),
                 format!("{admin}x"),
             ] {
-                let reply = req(&server, method(m), &path).bearer(&token).send().await;
+                let reply = req(server, method(m), &path).bearer(&token).send().await;
                 reply.error(401, "authentication_error");
             }
             for header in [
@@ -65,7 +64,7 @@ async fn every_work_endpoint_requires_a_valid_credential() {
                 "Bearer    ".to_owned(),
                 admin.clone(),
             ] {
-                let reply = req(&server, method(m), &path)
+                let reply = req(server, method(m), &path)
                     .anonymous()
                     .header("Authorization", &header)
                     .send()
@@ -77,7 +76,7 @@ async fn every_work_endpoint_requires_a_valid_credential() {
                 );
             }
             // The Qoder profile documents x-api-key as a 401 case.
-            let x_api_key = req(&server, method(m), &path)
+            let x_api_key = req(server, method(m), &path)
                 .anonymous()
                 .header("x-api-key", &admin)
                 .send()
@@ -86,7 +85,7 @@ async fn every_work_endpoint_requires_a_valid_credential() {
             // 401 comes before everything else (D-32).
             let unknown_env = endpoint_path(&unknown_id("env"), &unknown_id("work"), suffix);
             req(
-                &server,
+                server,
                 method(m),
                 &format!("{unknown_env}?block_ms=abc&limit=0"),
             )
@@ -103,37 +102,36 @@ async fn every_work_endpoint_requires_a_valid_credential() {
         assert_eq!(q.causes(&item.id).await, ["enqueued"]);
 
         // The Anthropic prefix takes the same token as x-api-key, and as Bearer.
-        let v1 = req_v1(&server, Method::GET, &q.path(""))
+        let v1 = req_v1(server, Method::GET, &q.path(""))
             .anonymous()
             .header("x-api-key", &admin)
             .send()
             .await;
         assert_eq!(v1.ok()["data"].as_array().unwrap().len(), 1);
-        req_v1(&server, Method::GET, &q.path("")).send().await.ok();
-        req_v1(&server, Method::GET, &q.path(""))
+        req_v1(server, Method::GET, &q.path("")).send().await.ok();
+        req_v1(server, Method::GET, &q.path(""))
             .anonymous()
             .header("x-api-key", "nope")
             .send()
             .await
             .error(401, "authentication_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environment_keys_and_session_tokens_are_scoped() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let a = Queue::new(&server).await;
+    each_backend(async |server| {
+        let a = Queue::new(server).await;
         let b = Queue {
-            server: &server,
+            server,
             env: server.self_hosted_environment().await,
             agent: a.agent.clone(),
         };
         let a_item = a.enqueue().await;
         let b_item = b.enqueue().await;
         let key = req(
-            &server,
+            server,
             Method::POST,
             &format!("/environments/{}/keys", a.env),
         )
@@ -148,7 +146,7 @@ async fn environment_keys_and_session_tokens_are_scoped() {
         for (name, m, suffix) in ENDPOINTS {
             if m == "GET" {
                 let reply = req(
-                    &server,
+                    server,
                     method(m),
                     &endpoint_path(&a.env, &a_item.id, suffix),
                 )
@@ -167,7 +165,7 @@ async fn environment_keys_and_session_tokens_are_scoped() {
             ] {
                 let path = endpoint_path(&b.env, &work, suffix);
                 let reply = req(
-                    &server,
+                    server,
                     method(m),
                     &format!("{path}?block_ms=0&limit=0&expected_last_heartbeat=x"),
                 )
@@ -180,20 +178,20 @@ async fn environment_keys_and_session_tokens_are_scoped() {
             }
             // 403 before 404 environment.
             let unknown = endpoint_path(&unknown_id("env"), &unknown_id("work"), suffix);
-            req(&server, method(m), &unknown)
+            req(server, method(m), &unknown)
                 .bearer(&key_secret)
                 .send()
                 .await
                 .error(403, "permission_error");
         }
         let long_worker = "w".repeat(300);
-        let reply = req(&server, Method::GET, &b.path("/poll"))
+        let reply = req(server, Method::GET, &b.path("/poll"))
             .bearer(&key_secret)
             .worker(&long_worker)
             .send()
             .await;
         reply.error(403, "permission_error");
-        let reply = req(&server, Method::POST, &b.item_path(&b_item.id, "/ack"))
+        let reply = req(server, Method::POST, &b.item_path(&b_item.id, "/ack"))
             .bearer(&key_secret)
             .worker(&long_worker)
             .send()
@@ -214,7 +212,7 @@ async fn environment_keys_and_session_tokens_are_scoped() {
             (Method::GET, "/tokens".to_owned()),
             (Method::POST, "/tokens".to_owned()),
         ] {
-            let reply = req(&server, m.clone(), &path)
+            let reply = req(server, m.clone(), &path)
                 .bearer(&key_secret)
                 .json(json!({"name": "x", "config": {"type": "self_hosted"}}))
                 .send()
@@ -233,25 +231,25 @@ async fn environment_keys_and_session_tokens_are_scoped() {
         assert_eq!(polled["id"], a_item.id.as_str());
         let (session_token, _) = decode_secret(&polled);
         let own = |suffix: &str| a.item_path(&a_item.id, suffix);
-        req(&server, Method::GET, &own(""))
+        req(server, Method::GET, &own(""))
             .bearer(&session_token)
             .send()
             .await
             .ok();
-        req(&server, Method::POST, &own(""))
+        req(server, Method::POST, &own(""))
             .bearer(&session_token)
             .json(json!({"metadata": {"by": "worker"}}))
             .send()
             .await
             .ok();
-        req(&server, Method::POST, &own("/ack"))
+        req(server, Method::POST, &own("/ack"))
             .bearer(&session_token)
             .worker("w1")
             .send()
             .await
             .ok();
         let beat = req(
-            &server,
+            server,
             Method::POST,
             &own("/heartbeat?expected_last_heartbeat=NO_HEARTBEAT"),
         )
@@ -266,13 +264,13 @@ async fn environment_keys_and_session_tokens_are_scoped() {
             } else {
                 &a_item.id
             };
-            let reply = req(&server, method(m), &endpoint_path(&a.env, work, suffix))
+            let reply = req(server, method(m), &endpoint_path(&a.env, work, suffix))
                 .bearer(&session_token)
                 .send()
                 .await;
             reply.error(403, "permission_error");
             let reply = req(
-                &server,
+                server,
                 method(m),
                 &endpoint_path(&b.env, &b_item.id, suffix),
             )
@@ -282,13 +280,13 @@ async fn environment_keys_and_session_tokens_are_scoped() {
             reply.error(403, "permission_error");
         }
         // It dies when the item stops (§11.1).
-        req(&server, Method::POST, &own("/stop"))
+        req(server, Method::POST, &own("/stop"))
             .bearer(&session_token)
             .json(json!({"force": true}))
             .send()
             .await
             .ok();
-        req(&server, Method::GET, &own(""))
+        req(server, Method::GET, &own(""))
             .bearer(&session_token)
             .send()
             .await
@@ -297,35 +295,34 @@ async fn environment_keys_and_session_tokens_are_scoped() {
         // A revoked key is unknown from then on: 401.
         let key_id = key["id"].as_str().unwrap();
         req(
-            &server,
+            server,
             Method::DELETE,
             &format!("/environments/{}/keys/{key_id}", a.env),
         )
         .send()
         .await
         .ok();
-        req(&server, Method::GET, &a.path(""))
+        req(server, Method::GET, &a.path(""))
             .bearer(&key_secret)
             .send()
             .await
             .error(401, "authentication_error");
-        req(&server, Method::GET, &b.path(""))
+        req(server, Method::GET, &b.path(""))
             .bearer(&key_secret)
             .send()
             .await
             .error(401, "authentication_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_and_malformed_ids_are_404() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let elsewhere = Queue {
-            server: &server,
+            server,
             env: server.self_hosted_environment().await,
             agent: q.agent.clone(),
         };
@@ -342,7 +339,7 @@ async fn unknown_and_malformed_ids_are_404() {
         ];
         for env in &bad_envs {
             for (name, m, suffix) in ENDPOINTS {
-                let reply = req(&server, method(m), &endpoint_path(env, &item.id, suffix))
+                let reply = req(server, method(m), &endpoint_path(env, &item.id, suffix))
                     .send()
                     .await;
                 assert_eq!(
@@ -366,7 +363,7 @@ async fn unknown_and_malformed_ids_are_404() {
         ];
         for work in &bad_items {
             for (name, m, suffix) in ENDPOINTS.iter().filter(|(_, _, s)| has_item(s)) {
-                let reply = req(&server, method(m), &endpoint_path(&q.env, work, suffix))
+                let reply = req(server, method(m), &endpoint_path(&q.env, work, suffix))
                     .send()
                     .await;
                 assert_eq!(
@@ -384,19 +381,18 @@ async fn unknown_and_malformed_ids_are_404() {
             ["enqueued"],
             "another environment's item was not touched"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn cloud_environments_have_no_queue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         for config in [
             json!({"type": "cloud"}),
             json!({"type": "managed", "networking": {"type": "limited"}}),
         ] {
-            let env = req(&server, Method::POST, "/environments")
+            let env = req(server, Method::POST, "/environments")
                 .json(json!({"name": "c", "config": config}))
                 .send()
                 .await;
@@ -406,7 +402,7 @@ async fn cloud_environments_have_no_queue() {
                 for work in [unknown_id("work"), "work_bad".to_owned()] {
                     let path = endpoint_path(&env, &work, suffix);
                     let reply = req(
-                        &server,
+                        server,
                         method(m),
                         &format!("{path}?block_ms=abc&limit=0&desired_ttl_seconds=0"),
                     )
@@ -423,15 +419,14 @@ async fn cloud_environments_have_no_queue() {
                 }
             }
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn poll_parameters() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         for bad in ["0", "1000", "-1", "abc", "1.5", "", "99999999999999999999"] {
             q.poll(&format!("?block_ms={bad}"), Some("w"))
                 .await
@@ -466,7 +461,7 @@ async fn poll_parameters() {
         // The Anthropic profile: reclaim_older_than_ms ≥ 1, `beta` and the SDK headers are tolerated.
         let admin = server.admin_token.clone();
         let v1 = |query: &str| {
-            req_v1(&server, Method::GET, &q.path(&format!("/poll{query}")))
+            req_v1(server, Method::GET, &q.path(&format!("/poll{query}")))
                 .anonymous()
                 .header("x-api-key", &admin)
                 .header("anthropic-beta", "managed-agents-2026-04-01")
@@ -502,15 +497,14 @@ async fn poll_parameters() {
             2,
             "Anthropic-Worker-ID counts as a worker"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn worker_id_header_limits() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let too_long = "w".repeat(257);
         let longest = "w".repeat(256);
         let item = q.enqueue().await;
@@ -541,16 +535,15 @@ async fn worker_id_header_limits() {
             .send()
             .await;
         assert_eq!(reply.ok()["state"], "active");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// D-32 where two things are wrong at once: the earlier check in the order decides the answer.
 #[tokio::test]
 async fn check_order_d32() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let long_worker = "w".repeat(300);
         let unknown_env = unknown_id("env");
         let unknown_work = unknown_id("work");
@@ -559,7 +552,7 @@ async fn check_order_d32() {
         for (name, m, suffix) in ENDPOINTS {
             let path = endpoint_path(&unknown_env, &unknown_work, suffix);
             let query = "?block_ms=0&reclaim_older_than_ms=-1&limit=0&page=x&after_id=y&expected_last_heartbeat=bad&desired_ttl_seconds=0";
-            let reply = req(&server, method(m), &format!("{path}{query}"))
+            let reply = req(server, method(m), &format!("{path}{query}"))
                 .send()
                 .await;
             assert_eq!(
@@ -568,7 +561,7 @@ async fn check_order_d32() {
                 "{name} with bad parameters: {}",
                 reply.body
             );
-            let reply = req(&server, method(m), &path)
+            let reply = req(server, method(m), &path)
                 .worker(&long_worker)
                 .send()
                 .await;
@@ -578,7 +571,7 @@ async fn check_order_d32() {
                 "{name} with an overlong Worker-ID: {}",
                 reply.body
             );
-            let reply = req(&server, method(m), &path).raw("{not json").send().await;
+            let reply = req(server, method(m), &path).raw("{not json").send().await;
             assert_eq!(
                 reply.status,
                 StatusCode::NOT_FOUND,
@@ -709,7 +702,7 @@ async fn check_order_d32() {
         }
         // A queued item delivered to w1: a heartbeat naming w2 is a state conflict (409), not the
         // D-7b precondition failure (412).
-        let other = Queue::new(&server).await;
+        let other = Queue::new(server).await;
         let delivered = other.enqueue().await;
         assert_eq!(
             other.poll("", Some("w1")).await.ok()["id"],
@@ -727,15 +720,14 @@ async fn check_order_d32() {
             .send()
             .await;
         foreign.error(409, "invalid_request_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn request_bodies() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
 
         // Ack takes no body and ignores any; no body, empty and `{}` are all accepted.
         for body in [
@@ -835,28 +827,28 @@ async fn request_bodies() {
         assert_eq!(reply.ok()["metadata"], json!({"a": "b"}));
 
         // Bodies elsewhere: malformed → 400 envelope; unknown fields ignored.
-        req(&server, Method::POST, "/environments")
+        req(server, Method::POST, "/environments")
             .raw("{\"name\": ")
             .send()
             .await
             .error(400, "invalid_request_error");
-        req(&server, Method::POST, "/agents")
+        req(server, Method::POST, "/agents")
             .raw("nope")
             .send()
             .await
             .error(400, "invalid_request_error");
-        req(&server, Method::POST, "/sessions")
+        req(server, Method::POST, "/sessions")
             .raw("[1]")
             .send()
             .await
             .error(400, "invalid_request_error");
-        let env = req(&server, Method::POST, "/environments")
+        let env = req(server, Method::POST, "/environments")
             .json(json!({"name": "n", "config": {"type": "self_hosted"}, "unknown": 1}))
             .send()
             .await;
         assert_eq!(env.ok()["name"], "n");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -910,9 +902,8 @@ async fn oversized_bodies_are_400() {
 
 #[tokio::test]
 async fn request_ids_are_echoed_or_generated() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
 
         // Echoed on success and on error, in the header and in the envelope (D-18).
@@ -954,15 +945,14 @@ async fn request_ids_are_echoed_or_generated() {
         assert!(reply
             .header("x-request-id")
             .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()));
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_envelope() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         for url in [
             server.url("/nope"),
@@ -970,7 +960,7 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
             format!("{}/nope", server.base),
             server.v1("/nope"),
         ] {
-            let reply = Req::new(&server, Method::GET, url.clone()).send().await;
+            let reply = Req::new(server, Method::GET, url.clone()).send().await;
             reply.error(404, "not_found_error");
         }
         for (m, path) in [
@@ -981,7 +971,7 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
             (Method::GET, q.item_path(&item.id, "/stop")),
             (Method::PATCH, "/environments".to_owned()),
         ] {
-            let reply = req(&server, m.clone(), &path).send().await;
+            let reply = req(server, m.clone(), &path).send().await;
             assert_eq!(
                 reply.status,
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -1000,20 +990,19 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
             ["enqueued"],
             "GET …/ack did not ack"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// D-32 beyond the work endpoints: who may call (403) and whether the target exists (404) are settled
 /// before a body is judged (400).
 #[tokio::test]
 async fn check_order_d32_on_resource_bodies() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let key = req(
-            &server,
+            server,
             Method::POST,
             &format!("/environments/{}/keys", q.env),
         )
@@ -1031,7 +1020,7 @@ async fn check_order_d32_on_resource_bodies() {
             format!("/sessions/{}", item.session),
         ];
         for path in &with_body {
-            let reply = req(&server, Method::POST, path)
+            let reply = req(server, Method::POST, path)
                 .bearer(&key)
                 .raw("{not json")
                 .send()
@@ -1043,7 +1032,7 @@ async fn check_order_d32_on_resource_bodies() {
                 reply.body
             );
             reply.error(403, "permission_error");
-            let reply = req(&server, Method::POST, path)
+            let reply = req(server, Method::POST, path)
                 .anonymous()
                 .raw("{not json")
                 .send()
@@ -1056,7 +1045,7 @@ async fn check_order_d32_on_resource_bodies() {
             format!("/agents/{}", unknown_id("agent")),
             format!("/sessions/{}", unknown_id("sess")),
         ] {
-            let reply = req(&server, Method::POST, &path)
+            let reply = req(server, Method::POST, &path)
                 .raw("{not json")
                 .send()
                 .await;
@@ -1068,6 +1057,6 @@ async fn check_order_d32_on_resource_bodies() {
             );
             reply.error(404, "not_found_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

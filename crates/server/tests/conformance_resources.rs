@@ -15,10 +15,9 @@ async fn create_environment(server: &TestServer, body: Value) -> Reply {
 
 #[tokio::test]
 async fn environments_create_and_validate() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let created = create_environment(
-            &server,
+            server,
             json!({"name": "build farm", "config": {"type": "self_hosted"}}),
         )
         .await;
@@ -38,7 +37,7 @@ async fn environments_create_and_validate() {
         micros(&env["created_at"]);
         micros(&env["updated_at"]);
         let got = req(
-            &server,
+            server,
             Method::GET,
             &format!("/environments/{}", env["id"].as_str().unwrap()),
         )
@@ -49,7 +48,7 @@ async fn environments_create_and_validate() {
         // Accepted shapes.
         let script = "s".repeat(64 * 1024);
         let full = create_environment(
-            &server,
+            server,
             json!({"name": "n", "description": "d", "config": {"type": "self_hosted", "setup_script": script}, "metadata": {"a": "b"}}),
         )
         .await;
@@ -58,14 +57,14 @@ async fn environments_create_and_validate() {
             Some(64 * 1024)
         );
         assert_eq!(full.ok()["metadata"], json!({"a": "b"}));
-        let managed = create_environment(&server, json!({"name": "m", "config": {"type": "managed", "networking": {"type": "unrestricted"}}})).await;
+        let managed = create_environment(server, json!({"name": "m", "config": {"type": "managed", "networking": {"type": "unrestricted"}}})).await;
         assert_eq!(
             managed.ok()["config"]["type"],
             "cloud",
             "managed is stored and shown as cloud"
         );
         let cloud = create_environment(
-            &server,
+            server,
             json!({"name": "c", "config": {"type": "cloud", "networking": {"type": "allowed_hosts", "allowed_hosts": ["example.com"]}, "packages": {"type": "packages", "pip": ["requests"]}}}),
         )
         .await;
@@ -74,7 +73,7 @@ async fn environments_create_and_validate() {
             json!(["example.com"])
         );
         // The Anthropic profile lets config be omitted.
-        let v1 = req_v1(&server, Method::POST, "/environments")
+        let v1 = req_v1(server, Method::POST, "/environments")
             .json(json!({"name": "anthropic"}))
             .send()
             .await;
@@ -144,7 +143,7 @@ async fn environments_create_and_validate() {
             ),
         ];
         for (body, param) in cases {
-            let reply = create_environment(&server, body.clone()).await;
+            let reply = create_environment(server, body.clone()).await;
             assert_eq!(
                 reply.status,
                 StatusCode::BAD_REQUEST,
@@ -153,7 +152,7 @@ async fn environments_create_and_validate() {
             );
             reply.bad_param(param);
         }
-        let list = req(&server, Method::GET, "/environments?limit=100")
+        let list = req(server, Method::GET, "/environments?limit=100")
             .send()
             .await;
         assert_eq!(
@@ -161,19 +160,18 @@ async fn environments_create_and_validate() {
             5,
             "refused creates stored nothing"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environments_update() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let env = create_environment(&server, json!({"name": "a", "config": {"type": "self_hosted"}, "metadata": {"keep": "1", "drop": "2"}})).await;
+    each_backend(async |server| {
+        let env = create_environment(server, json!({"name": "a", "config": {"type": "self_hosted"}, "metadata": {"keep": "1", "drop": "2"}})).await;
         let env = env.ok().clone();
         let path = format!("/environments/{}", env["id"].as_str().unwrap());
         server.clock.advance_millis(1_000);
-        let updated = req(&server, Method::POST, &path)
+        let updated = req(server, Method::POST, &path)
             .json(json!({"name": "b", "description": "new", "metadata": {"drop": null, "add": "3"}, "config": {"type": "self_hosted", "setup_script": "echo"}}))
             .send()
             .await;
@@ -194,7 +192,7 @@ async fn environments_update() {
         assert!(micros(&updated["updated_at"]) > micros(&env["updated_at"]));
         // An empty update changes nothing but is accepted.
         assert_eq!(
-            req(&server, Method::POST, &path)
+            req(server, Method::POST, &path)
                 .json(json!({}))
                 .send()
                 .await
@@ -216,7 +214,7 @@ async fn environments_update() {
                 "metadata",
             ),
         ] {
-            let reply = req(&server, Method::POST, &path)
+            let reply = req(server, Method::POST, &path)
                 .json(body.clone())
                 .send()
                 .await;
@@ -228,51 +226,50 @@ async fn environments_update() {
             );
             reply.bad_param(param);
         }
-        let now = req(&server, Method::GET, &path).send().await;
+        let now = req(server, Method::GET, &path).send().await;
         assert_eq!(now.ok()["metadata"], json!({"keep": "1", "add": "3"}));
         assert_eq!(now.ok()["config"]["type"], "self_hosted");
 
         for id in [unknown_id("env"), "env_bad".to_owned()] {
-            let reply = req(&server, Method::POST, &format!("/environments/{id}"))
+            let reply = req(server, Method::POST, &format!("/environments/{id}"))
                 .json(json!({"name": "x"}))
                 .send()
                 .await;
             reply.error(404, "not_found_error");
-            req(&server, Method::GET, &format!("/environments/{id}"))
+            req(server, Method::GET, &format!("/environments/{id}"))
                 .send()
                 .await
                 .error(404, "not_found_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environments_archive_and_delete() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let path = format!("/environments/{}", q.env);
 
-        let archived = req(&server, Method::POST, &format!("{path}/archive"))
+        let archived = req(server, Method::POST, &format!("{path}/archive"))
             .send()
             .await;
         let archived = archived.ok().clone();
         assert!(!archived["archived_at"].is_null());
         assert_eq!(archived["status"], "archived");
         assert_eq!(archived["archived"], true);
-        let again = req(&server, Method::POST, &format!("{path}/archive"))
+        let again = req(server, Method::POST, &format!("{path}/archive"))
             .send()
             .await;
         again.error(409, "conflict_error");
         assert_eq!(
-            req(&server, Method::GET, &path).send().await.ok()["archived_at"],
+            req(server, Method::GET, &path).send().await.ok()["archived_at"],
             archived["archived_at"]
         );
 
         // No new sessions (D-19d) …
-        let refused = req(&server, Method::POST, "/sessions")
+        let refused = req(server, Method::POST, "/sessions")
             .json(json!({"agent": q.agent, "environment_id": q.env}))
             .send()
             .await;
@@ -284,13 +281,13 @@ async fn environments_archive_and_delete() {
         assert_eq!(q.stats().await["states"]["active"], 1);
 
         // Hidden from the list unless asked for.
-        let list = req(&server, Method::GET, "/environments").send().await;
+        let list = req(server, Method::GET, "/environments").send().await;
         assert!(list.ok()["data"]
             .as_array()
             .unwrap()
             .iter()
             .all(|e| e["id"] != q.env.as_str()));
-        let list = req(&server, Method::GET, "/environments?include_archived=true")
+        let list = req(server, Method::GET, "/environments?include_archived=true")
             .send()
             .await;
         assert!(list.ok()["data"]
@@ -298,16 +295,16 @@ async fn environments_archive_and_delete() {
             .unwrap()
             .iter()
             .any(|e| e["id"] == q.env.as_str()));
-        req(&server, Method::GET, "/environments?include_archived=maybe")
+        req(server, Method::GET, "/environments?include_archived=maybe")
             .send()
             .await
             .bad_param("include_archived");
 
         // Delete refuses while a session references the environment (409 invalid_request_error, D-13).
-        let refused = req(&server, Method::DELETE, &path).send().await;
+        let refused = req(server, Method::DELETE, &path).send().await;
         refused.error(409, "invalid_request_error");
         assert_eq!(
-            req(&server, Method::GET, &path).send().await.ok()["id"],
+            req(server, Method::GET, &path).send().await.ok()["id"],
             q.env.as_str()
         );
         assert_eq!(
@@ -317,47 +314,46 @@ async fn environments_archive_and_delete() {
         );
 
         req(
-            &server,
+            server,
             Method::DELETE,
             &format!("/sessions/{}", item.session),
         )
         .send()
         .await
         .ok();
-        let deleted = req(&server, Method::DELETE, &path).send().await;
+        let deleted = req(server, Method::DELETE, &path).send().await;
         assert_eq!(
             deleted.ok(),
             &json!({"id": q.env, "type": "environment_deleted"})
         );
-        req(&server, Method::GET, &path)
+        req(server, Method::GET, &path)
             .send()
             .await
             .error(404, "not_found_error");
-        req(&server, Method::DELETE, &path)
+        req(server, Method::DELETE, &path)
             .send()
             .await
             .error(404, "not_found_error");
-        req(&server, Method::GET, &q.path(""))
+        req(server, Method::GET, &q.path(""))
             .send()
             .await
             .error(404, "not_found_error");
-        req(&server, Method::GET, &q.item_path(&item.id, ""))
+        req(server, Method::GET, &q.item_path(&item.id, ""))
             .send()
             .await
             .error(404, "not_found_error");
-        req(&server, Method::POST, &format!("{path}/archive"))
+        req(server, Method::POST, &format!("{path}/archive"))
             .send()
             .await
             .error(404, "not_found_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn agents_create_update_archive() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let created = req(&server, Method::POST, "/agents")
+    each_backend(async |server| {
+        let created = req(server, Method::POST, "/agents")
             .json(json!({"name": "coder", "model": "m-1", "system": "be brief", "tools": [{"type": "bash"}], "metadata": {"team": "x"}}))
             .send()
             .await;
@@ -371,7 +367,7 @@ async fn agents_create_update_archive() {
         assert_eq!(agent["skills"], json!([]));
         assert_eq!(agent["metadata"], json!({"team": "x"}));
         assert!(agent["archived_at"].is_null());
-        let object_model = req(&server, Method::POST, "/agents")
+        let object_model = req(server, Method::POST, "/agents")
             .json(json!({"name": "o", "model": {"id": "m-2", "speed": "fast"}}))
             .send()
             .await;
@@ -381,7 +377,7 @@ async fn agents_create_update_archive() {
             "stored as given"
         );
         assert_eq!(
-            req(&server, Method::POST, "/agents")
+            req(server, Method::POST, "/agents")
                 .json(json!({"name": "n".repeat(64), "model": "m"}))
                 .send()
                 .await
@@ -412,7 +408,7 @@ async fn agents_create_update_archive() {
                 "metadata",
             ),
         ] {
-            let reply = req(&server, Method::POST, "/agents")
+            let reply = req(server, Method::POST, "/agents")
                 .json(body.clone())
                 .send()
                 .await;
@@ -427,12 +423,12 @@ async fn agents_create_update_archive() {
 
         // Updates make new versions; sessions keep the version they were created with.
         let q = Queue {
-            server: &server,
+            server,
             env: server.self_hosted_environment().await,
             agent: id.clone(),
         };
         let before = q.enqueue().await;
-        let updated = req(&server, Method::POST, &format!("/agents/{id}"))
+        let updated = req(server, Method::POST, &format!("/agents/{id}"))
             .json(json!({"name": "coder-2", "tools": []}))
             .send()
             .await;
@@ -442,7 +438,7 @@ async fn agents_create_update_archive() {
         assert_eq!(updated["system"], "be brief", "untouched fields stay");
         assert_eq!(updated["created_at"], agent["created_at"]);
         let old_session = req(
-            &server,
+            server,
             Method::GET,
             &format!("/sessions/{}", before.session),
         )
@@ -456,43 +452,43 @@ async fn agents_create_update_archive() {
         );
         let after = q.enqueue().await;
         let new_session = req(
-            &server,
+            server,
             Method::GET,
             &format!("/sessions/{}", after.session),
         )
         .send()
         .await;
         assert_eq!(new_session.ok()["agent"]["version"], 2);
-        let pinned = req(&server, Method::POST, "/sessions").json(json!({"agent": {"type": "agent", "id": id, "version": 1}, "environment_id": q.env})).send().await;
+        let pinned = req(server, Method::POST, "/sessions").json(json!({"agent": {"type": "agent", "id": id, "version": 1}, "environment_id": q.env})).send().await;
         assert_eq!(pinned.ok()["agent"]["name"], "coder");
         for version in [json!(99), json!(0), json!("1")] {
-            let reply = req(&server, Method::POST, "/sessions").json(json!({"agent": {"type": "agent", "id": id, "version": version}, "environment_id": q.env})).send().await;
+            let reply = req(server, Method::POST, "/sessions").json(json!({"agent": {"type": "agent", "id": id, "version": version}, "environment_id": q.env})).send().await;
             reply.bad_param("agent");
         }
 
         // Archive: once; afterwards no new sessions and no updates.
-        let archived = req(&server, Method::POST, &format!("/agents/{id}/archive"))
+        let archived = req(server, Method::POST, &format!("/agents/{id}/archive"))
             .send()
             .await;
         assert!(!archived.ok()["archived_at"].is_null());
         assert_eq!(archived.ok()["version"], 2);
-        req(&server, Method::POST, &format!("/agents/{id}/archive"))
+        req(server, Method::POST, &format!("/agents/{id}/archive"))
             .send()
             .await
             .error(409, "conflict_error");
-        req(&server, Method::POST, &format!("/agents/{id}"))
+        req(server, Method::POST, &format!("/agents/{id}"))
             .json(json!({"name": "x"}))
             .send()
             .await
             .error(400, "invalid_request_error");
-        req(&server, Method::POST, "/sessions")
+        req(server, Method::POST, "/sessions")
             .json(json!({"agent": id, "environment_id": q.env}))
             .send()
             .await
             .bad_param("agent");
         assert_eq!(
             req(
-                &server,
+                server,
                 Method::GET,
                 &format!("/sessions/{}", before.session)
             )
@@ -503,41 +499,40 @@ async fn agents_create_update_archive() {
             "existing sessions are unaffected"
         );
 
-        let list = req(&server, Method::GET, "/agents").send().await;
+        let list = req(server, Method::GET, "/agents").send().await;
         assert_eq!(
             list.ok()["data"].as_array().unwrap().len(),
             2,
             "archived agents are hidden by default"
         );
-        let list = req(&server, Method::GET, "/agents?include_archived=true")
+        let list = req(server, Method::GET, "/agents?include_archived=true")
             .send()
             .await;
         assert_eq!(list.ok()["data"].as_array().unwrap().len(), 3);
         for bad in [unknown_id("agent"), "agent_x".to_owned(), q.env.clone()] {
-            req(&server, Method::GET, &format!("/agents/{bad}"))
+            req(server, Method::GET, &format!("/agents/{bad}"))
                 .send()
                 .await
                 .error(404, "not_found_error");
-            req(&server, Method::POST, &format!("/agents/{bad}"))
+            req(server, Method::POST, &format!("/agents/{bad}"))
                 .json(json!({}))
                 .send()
                 .await
                 .error(404, "not_found_error");
-            req(&server, Method::POST, &format!("/agents/{bad}/archive"))
+            req(server, Method::POST, &format!("/agents/{bad}/archive"))
                 .send()
                 .await
                 .error(404, "not_found_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn sessions_create_and_enqueue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
-        let created = req(&server, Method::POST, "/sessions")
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let created = req(server, Method::POST, "/sessions")
             .json(json!({"agent": q.agent, "environment_id": q.env, "title": "t", "metadata": {"job": "j"}, "environment_variables": {"A": "1"}, "resources": [{"type": "file", "id": "f"}], "unknown": true}))
             .send()
             .await;
@@ -556,7 +551,7 @@ async fn sessions_create_and_enqueue() {
         assert_eq!(session["resources"], json!([{"type": "file", "id": "f"}]));
         assert!(session["archived_at"].is_null());
         assert_eq!(
-            req(&server, Method::GET, &format!("/sessions/{sid}"))
+            req(server, Method::GET, &format!("/sessions/{sid}"))
                 .send()
                 .await
                 .ok(),
@@ -574,9 +569,9 @@ async fn sessions_create_and_enqueue() {
 
         // On a cloud environment a session is stored but nothing is enqueued anywhere.
         let cloud =
-            create_environment(&server, json!({"name": "c", "config": {"type": "cloud"}})).await;
+            create_environment(server, json!({"name": "c", "config": {"type": "cloud"}})).await;
         let cloud = cloud.ok()["id"].as_str().unwrap().to_owned();
-        let on_cloud = req(&server, Method::POST, "/sessions")
+        let on_cloud = req(server, Method::POST, "/sessions")
             .json(json!({"agent": q.agent, "environment_id": cloud}))
             .send()
             .await;
@@ -637,7 +632,7 @@ async fn sessions_create_and_enqueue() {
                 None,
             ),
         ] {
-            let reply = req(&server, Method::POST, "/sessions")
+            let reply = req(server, Method::POST, "/sessions")
                 .json(body.clone())
                 .send()
                 .await;
@@ -655,48 +650,47 @@ async fn sessions_create_and_enqueue() {
             "refused creates enqueued nothing"
         );
         for bad in [unknown_id("sess"), "sess_bad".to_owned(), q.env.clone()] {
-            req(&server, Method::GET, &format!("/sessions/{bad}"))
+            req(server, Method::GET, &format!("/sessions/{bad}"))
                 .send()
                 .await
                 .error(404, "not_found_error");
-            req(&server, Method::POST, &format!("/sessions/{bad}"))
+            req(server, Method::POST, &format!("/sessions/{bad}"))
                 .json(json!({}))
                 .send()
                 .await
                 .error(404, "not_found_error");
-            req(&server, Method::POST, &format!("/sessions/{bad}/archive"))
+            req(server, Method::POST, &format!("/sessions/{bad}/archive"))
                 .send()
                 .await
                 .error(404, "not_found_error");
-            req(&server, Method::DELETE, &format!("/sessions/{bad}"))
+            req(server, Method::DELETE, &format!("/sessions/{bad}"))
                 .send()
                 .await
                 .error(404, "not_found_error");
         }
 
         // Update: title and a metadata merge patch.
-        let updated = req(&server, Method::POST, &format!("/sessions/{sid}"))
+        let updated = req(server, Method::POST, &format!("/sessions/{sid}"))
             .json(json!({"title": "t2", "metadata": {"job": null, "k": "v"}}))
             .send()
             .await;
         assert_eq!(updated.ok()["title"], "t2");
         assert_eq!(updated.ok()["metadata"], json!({"k": "v"}));
-        req(&server, Method::POST, &format!("/sessions/{sid}"))
+        req(server, Method::POST, &format!("/sessions/{sid}"))
             .json(json!({"metadata": {"k": 2}}))
             .send()
             .await
             .bad_param("metadata");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn sessions_list_filters() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let other_env = Queue {
-            server: &server,
+            server,
             env: server.self_hosted_environment().await,
             agent: server.agent().await,
         };
@@ -704,32 +698,23 @@ async fn sessions_list_filters() {
         let s2 = q.enqueue().await;
         let s3 = other_env.enqueue().await;
         req(
-            &server,
+            server,
             Method::POST,
             &format!("/sessions/{}/archive", s2.session),
         )
         .send()
         .await
         .ok();
-        let ids = |reply: &Reply| -> Vec<String> {
-            reply.ok()["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s["id"].as_str().unwrap().to_owned())
-                .collect()
-        };
+        let ids = |reply: &Reply| listed_ids(reply.ok());
 
         assert_eq!(
-            ids(&req(&server, Method::GET, "/sessions").send().await),
+            ids(&req(server, Method::GET, "/sessions").send().await),
             [s1.session.as_str(), s3.session.as_str()]
         );
         assert_eq!(
-            ids(
-                &req(&server, Method::GET, "/sessions?include_archived=true")
-                    .send()
-                    .await
-            ),
+            ids(&req(server, Method::GET, "/sessions?include_archived=true")
+                .send()
+                .await),
             [
                 s1.session.as_str(),
                 s2.session.as_str(),
@@ -738,7 +723,7 @@ async fn sessions_list_filters() {
         );
         assert_eq!(
             ids(&req(
-                &server,
+                server,
                 Method::GET,
                 &format!("/sessions?environment_id={}", q.env)
             )
@@ -748,7 +733,7 @@ async fn sessions_list_filters() {
         );
         assert_eq!(
             ids(&req(
-                &server,
+                server,
                 Method::GET,
                 &format!("/sessions?agent_id={}", other_env.agent)
             )
@@ -757,28 +742,26 @@ async fn sessions_list_filters() {
             [s3.session.as_str()]
         );
         assert_eq!(
-            ids(&req(&server, Method::GET, "/sessions?statuses=idle")
+            ids(&req(server, Method::GET, "/sessions?statuses=idle")
                 .send()
                 .await)
             .len(),
             2
         );
-        assert!(ids(&req(&server, Method::GET, "/sessions?statuses=running")
+        assert!(ids(&req(server, Method::GET, "/sessions?statuses=running")
             .send()
             .await)
         .is_empty());
         assert_eq!(
-            ids(
-                &req(&server, Method::GET, "/sessions?statuses=running,idle")
-                    .send()
-                    .await
-            )
+            ids(&req(server, Method::GET, "/sessions?statuses=running,idle")
+                .send()
+                .await)
             .len(),
             2
         );
         assert_eq!(
             ids(&req(
-                &server,
+                server,
                 Method::GET,
                 "/sessions?statuses[]=running&statuses[]=idle"
             )
@@ -789,7 +772,7 @@ async fn sessions_list_filters() {
         );
         assert_eq!(
             ids(&req(
-                &server,
+                server,
                 Method::GET,
                 "/sessions?statuses=running&statuses=idle"
             )
@@ -798,16 +781,16 @@ async fn sessions_list_filters() {
             .len(),
             2
         );
-        req(&server, Method::GET, "/sessions?statuses=sleeping")
+        req(server, Method::GET, "/sessions?statuses=sleeping")
             .send()
             .await
             .bad_param("statuses");
-        req(&server, Method::GET, "/sessions?limit=0")
+        req(server, Method::GET, "/sessions?limit=0")
             .send()
             .await
             .bad_param("limit");
         req(
-            &server,
+            server,
             Method::GET,
             "/sessions?after_id=work_0000000000000000000000000000abcd",
         )
@@ -815,7 +798,7 @@ async fn sessions_list_filters() {
         .await
         .bad_param("after_id");
         let page = req(
-            &server,
+            server,
             Method::GET,
             "/sessions?limit=1&include_archived=true",
         )
@@ -825,7 +808,7 @@ async fn sessions_list_filters() {
         assert_eq!(page["has_more"], true);
         assert_eq!(page["next_page"], json!(s1.session));
         let next = req(
-            &server,
+            server,
             Method::GET,
             &format!(
                 "/sessions?limit=1&include_archived=true&page={}",
@@ -835,20 +818,19 @@ async fn sessions_list_filters() {
         .send()
         .await;
         assert_eq!(ids(&next), [s2.session.as_str()]);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn session_archive_and_delete_force_stop_the_live_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
 
         // Archive while a worker runs the item.
         let running = q.item_in("active").await;
         let archived = req(
-            &server,
+            server,
             Method::POST,
             &format!("/sessions/{}/archive", running.session),
         )
@@ -879,7 +861,7 @@ async fn session_archive_and_delete_force_stop_the_live_item() {
             .await;
         beat.error(409, "invalid_request_error");
         req(
-            &server,
+            server,
             Method::POST,
             &format!("/sessions/{}/archive", running.session),
         )
@@ -888,7 +870,7 @@ async fn session_archive_and_delete_force_stop_the_live_item() {
         .error(409, "conflict_error");
         assert_eq!(
             req(
-                &server,
+                server,
                 Method::GET,
                 &format!("/sessions/{}", running.session)
             )
@@ -904,7 +886,7 @@ async fn session_archive_and_delete_force_stop_the_live_item() {
             let item = q.item_in(state).await;
             let before = q.causes(&item.id).await;
             req(
-                &server,
+                server,
                 Method::POST,
                 &format!("/sessions/{}/archive", item.session),
             )
@@ -926,7 +908,7 @@ async fn session_archive_and_delete_force_stop_the_live_item() {
         for state in ["queued", "starting", "active", "stopping", "stopped"] {
             let item = q.item_in(state).await;
             let deleted = req(
-                &server,
+                server,
                 Method::DELETE,
                 &format!("/sessions/{}", item.session),
             )
@@ -936,12 +918,12 @@ async fn session_archive_and_delete_force_stop_the_live_item() {
                 deleted.ok(),
                 &json!({"id": item.session, "type": "session_deleted"})
             );
-            req(&server, Method::GET, &format!("/sessions/{}", item.session))
+            req(server, Method::GET, &format!("/sessions/{}", item.session))
                 .send()
                 .await
                 .error(404, "not_found_error");
             req(
-                &server,
+                server,
                 Method::DELETE,
                 &format!("/sessions/{}", item.session),
             )
@@ -969,15 +951,14 @@ async fn session_archive_and_delete_force_stop_the_live_item() {
             json!({"queued": 0, "starting": 0, "active": 0, "stopping": 0}),
             "{stats}"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn admin_tokens_create_list_revoke() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let created = req(&server, Method::POST, "/tokens")
+    each_backend(async |server| {
+        let created = req(server, Method::POST, "/tokens")
             .json(json!({"name": "ci"}))
             .send()
             .await;
@@ -992,12 +973,12 @@ async fn admin_tokens_create_list_revoke() {
         let id = created["id"].as_str().unwrap().to_owned();
 
         // The new token is an admin token.
-        req(&server, Method::GET, "/environments")
+        req(server, Method::GET, "/environments")
             .bearer(&secret)
             .send()
             .await
             .ok();
-        let made = req(&server, Method::POST, "/tokens")
+        let made = req(server, Method::POST, "/tokens")
             .bearer(&secret)
             .json(json!({}))
             .send()
@@ -1006,7 +987,7 @@ async fn admin_tokens_create_list_revoke() {
         assert!(made["name"].is_null());
 
         // The listing never shows a secret.
-        let list = req(&server, Method::GET, "/tokens").send().await;
+        let list = req(server, Method::GET, "/tokens").send().await;
         let text = list.ok().to_string();
         let listed = list.ok()["data"].as_array().unwrap();
         assert_eq!(listed.len(), 3, "bootstrap, ci and the unnamed one: {text}");
@@ -1021,23 +1002,23 @@ async fn admin_tokens_create_list_revoke() {
         assert!(listed.iter().any(|t| t["id"] == id.as_str()));
 
         // Revoke: the token stops working at once, the others keep working.
-        let revoked = req(&server, Method::DELETE, &format!("/tokens/{id}"))
+        let revoked = req(server, Method::DELETE, &format!("/tokens/{id}"))
             .send()
             .await;
         assert!(!revoked.ok()["revoked_at"].is_null());
         assert!(revoked.ok().get("token").is_none());
-        req(&server, Method::GET, "/environments")
+        req(server, Method::GET, "/environments")
             .bearer(&secret)
             .send()
             .await
             .error(401, "authentication_error");
-        req(&server, Method::GET, "/environments")
+        req(server, Method::GET, "/environments")
             .bearer(made["token"].as_str().unwrap())
             .send()
             .await
             .ok();
         req(
-            &server,
+            server,
             Method::DELETE,
             &format!("/tokens/{}", unknown_id("tok")),
         )
@@ -1046,12 +1027,12 @@ async fn admin_tokens_create_list_revoke() {
         .error(404, "not_found_error");
         // A token may revoke itself; it is dead afterwards.
         let own = made["id"].as_str().unwrap();
-        req(&server, Method::DELETE, &format!("/tokens/{own}"))
+        req(server, Method::DELETE, &format!("/tokens/{own}"))
             .bearer(made["token"].as_str().unwrap())
             .send()
             .await
             .ok();
-        req(&server, Method::GET, "/tokens")
+        req(server, Method::GET, "/tokens")
             .bearer(made["token"].as_str().unwrap())
             .send()
             .await
@@ -1059,14 +1040,14 @@ async fn admin_tokens_create_list_revoke() {
 
         // Environment keys are listed without secrets and scoped to one environment.
         let env = server.self_hosted_environment().await;
-        let key = req(&server, Method::POST, &format!("/environments/{env}/keys"))
+        let key = req(server, Method::POST, &format!("/environments/{env}/keys"))
             .json(json!({"name": "k"}))
             .send()
             .await;
         let key = key.ok().clone();
         assert_eq!(key["environment_id"], env.as_str());
         assert!(key["token"].as_str().unwrap().starts_with("tth_env_"));
-        let keys = req(&server, Method::GET, &format!("/environments/{env}/keys"))
+        let keys = req(server, Method::GET, &format!("/environments/{env}/keys"))
             .send()
             .await;
         assert_eq!(keys.ok()["data"].as_array().unwrap().len(), 1);
@@ -1074,7 +1055,7 @@ async fn admin_tokens_create_list_revoke() {
             .ok()
             .to_string()
             .contains(key["token"].as_str().unwrap()));
-        let listed_tokens = req(&server, Method::GET, "/tokens").send().await;
+        let listed_tokens = req(server, Method::GET, "/tokens").send().await;
         assert!(
             listed_tokens.ok()["data"]
                 .as_array()
@@ -1084,7 +1065,7 @@ async fn admin_tokens_create_list_revoke() {
             "keys are not admin tokens"
         );
         req(
-            &server,
+            server,
             Method::POST,
             &format!("/environments/{}/keys", unknown_id("env")),
         )
@@ -1093,7 +1074,7 @@ async fn admin_tokens_create_list_revoke() {
         .error(404, "not_found_error");
         // A key cannot be revoked through the token endpoint, nor a token through an environment.
         req(
-            &server,
+            server,
             Method::DELETE,
             &format!("/tokens/{}", key["id"].as_str().unwrap()),
         )
@@ -1101,7 +1082,7 @@ async fn admin_tokens_create_list_revoke() {
         .await
         .error(404, "not_found_error");
         req(
-            &server,
+            server,
             Method::DELETE,
             &format!(
                 "/environments/{env}/keys/{}",
@@ -1111,13 +1092,13 @@ async fn admin_tokens_create_list_revoke() {
         .send()
         .await
         .error(404, "not_found_error");
-        req(&server, Method::GET, &format!("/environments/{env}/work"))
+        req(server, Method::GET, &format!("/environments/{env}/work"))
             .bearer(key["token"].as_str().unwrap())
             .send()
             .await
             .ok();
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// Creates `n` sessions on `q` concurrently, a few at a time; returns nothing (ids come from the list).
@@ -1135,24 +1116,14 @@ async fn enqueue_many(q: &Queue<'_>, n: usize) {
     }
 }
 
-fn ids_of(page: &Value) -> Vec<String> {
-    page["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test]
 async fn work_list_pagination() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         enqueue_many(&q, 105).await;
         // Another environment's items never show up.
         let other = Queue {
-            server: &server,
+            server,
             env: server.self_hosted_environment().await,
             agent: q.agent.clone(),
         };
@@ -1175,7 +1146,7 @@ async fn work_list_pagination() {
         .clone();
         assert_eq!(second["has_more"], false);
         assert!(second["next_page"].is_null());
-        let all: Vec<String> = ids_of(&first).into_iter().chain(ids_of(&second)).collect();
+        let all: Vec<String> = listed_ids(&first).into_iter().chain(listed_ids(&second)).collect();
         assert_eq!(all.len(), 105);
         let mut sorted = all.clone();
         sorted.sort();
@@ -1184,7 +1155,7 @@ async fn work_list_pagination() {
         for limit in ["101", "500", "100000"] {
             let page = list(format!("?limit={limit}")).await;
             assert_eq!(
-                ids_of(page.ok()),
+                listed_ids(page.ok()),
                 all[..100],
                 "limit={limit} is clamped to 100"
             );
@@ -1193,7 +1164,7 @@ async fn work_list_pagination() {
 
         // Default limit 20; the envelope.
         let page = list(String::new()).await.ok().clone();
-        assert_eq!(ids_of(&page), all[..20]);
+        assert_eq!(listed_ids(&page), all[..20]);
         assert_eq!(page["first_id"], json!(all[0]));
         assert_eq!(page["last_id"], json!(all[19]));
         assert_eq!(page["has_more"], true);
@@ -1206,12 +1177,12 @@ async fn work_list_pagination() {
         let by_page = list(format!("?page={}", all[19])).await.ok().clone();
         let by_after = list(format!("?after_id={}", all[19])).await.ok().clone();
         assert_eq!(by_page, by_after);
-        assert_eq!(ids_of(&by_page), all[20..40]);
+        assert_eq!(listed_ids(&by_page), all[20..40]);
         let last = list(format!("?limit=5&after_id={}", all[99]))
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&last), all[100..]);
+        assert_eq!(listed_ids(&last), all[100..]);
         assert_eq!(last["has_more"], false);
         assert!(last["next_page"].is_null());
         let empty = list(format!("?after_id={}", all[104])).await.ok().clone();
@@ -1225,7 +1196,7 @@ async fn work_list_pagination() {
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&before), all[45..50]);
+        assert_eq!(listed_ids(&before), all[45..50]);
         assert_eq!(before["first_id"], json!(all[45]));
         assert_eq!(before["last_id"], json!(all[49]));
         assert_eq!(before["has_more"], true);
@@ -1233,35 +1204,35 @@ async fn work_list_pagination() {
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&start), all[..3]);
+        assert_eq!(listed_ids(&start), all[..3]);
         let none = list(format!("?before_id={}", all[0])).await.ok().clone();
-        assert!(ids_of(&none).is_empty());
+        assert!(listed_ids(&none).is_empty());
         assert!(none["first_id"].is_null() && none["last_id"].is_null());
 
         // Unknown but well-formed cursors are positions in id order (D-4).
         let between = id_after(&all[9]);
         assert!(!all.contains(&between));
         assert_eq!(
-            ids_of(list(format!("?limit=3&after_id={between}")).await.ok()),
+            listed_ids(list(format!("?limit=3&after_id={between}")).await.ok()),
             all[10..13]
         );
         assert_eq!(
-            ids_of(list(format!("?limit=3&page={between}")).await.ok()),
+            listed_ids(list(format!("?limit=3&page={between}")).await.ok()),
             all[10..13]
         );
         assert_eq!(
-            ids_of(list(format!("?limit=3&before_id={between}")).await.ok()),
+            listed_ids(list(format!("?limit=3&before_id={between}")).await.ok()),
             all[7..10]
         );
         assert_eq!(
-            ids_of(
+            listed_ids(
                 list("?limit=3&after_id=work_00000000000000000000000000000000".into())
                     .await
                     .ok()
             ),
             all[..3]
         );
-        assert!(ids_of(
+        assert!(listed_ids(
             list("?after_id=work_ffffffffffffffffffffffffffffffff".into())
                 .await
                 .ok()
@@ -1307,18 +1278,17 @@ async fn work_list_pagination() {
             .map(|i| i["state"].clone())
             .collect();
         assert_eq!(states, [json!("stopped"), json!("starting")]);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn environment_and_agent_list_pagination() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let mut envs = Vec::new();
         for i in 0..25 {
             let env = create_environment(
-                &server,
+                server,
                 json!({"name": format!("e{i}"), "config": {"type": "self_hosted"}}),
             )
             .await;
@@ -1326,7 +1296,7 @@ async fn environment_and_agent_list_pagination() {
         }
         for archived in [&envs[2], &envs[7], &envs[24]] {
             req(
-                &server,
+                server,
                 Method::POST,
                 &format!("/environments/{archived}/archive"),
             )
@@ -1341,16 +1311,16 @@ async fn environment_and_agent_list_pagination() {
             .map(|(_, e)| e.clone())
             .collect();
 
-        let page = req(&server, Method::GET, "/environments")
+        let page = req(server, Method::GET, "/environments")
             .send()
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&page), visible[..20]);
+        assert_eq!(listed_ids(&page), visible[..20]);
         assert_eq!(page["has_more"], true);
         assert_eq!(page["next_page"], json!(visible[19]));
         let rest = req(
-            &server,
+            server,
             Method::GET,
             &format!("/environments?page={}", visible[19]),
         )
@@ -1358,18 +1328,18 @@ async fn environment_and_agent_list_pagination() {
         .await
         .ok()
         .clone();
-        assert_eq!(ids_of(&rest), visible[20..]);
+        assert_eq!(listed_ids(&rest), visible[20..]);
         assert_eq!(rest["has_more"], false);
         let all = req(
-            &server,
+            server,
             Method::GET,
             "/environments?include_archived=true&limit=100",
         )
         .send()
         .await;
-        assert_eq!(ids_of(all.ok()), envs);
+        assert_eq!(listed_ids(all.ok()), envs);
         let before = req(
-            &server,
+            server,
             Method::GET,
             &format!(
                 "/environments?include_archived=true&limit=3&before_id={}",
@@ -1378,34 +1348,34 @@ async fn environment_and_agent_list_pagination() {
         )
         .send()
         .await;
-        assert_eq!(ids_of(before.ok()), envs[7..10]);
+        assert_eq!(listed_ids(before.ok()), envs[7..10]);
 
         // Above 100 is refused here (unlike the work list), on the Qoder prefix; the Anthropic prefix
         // allows up to 1000.
-        req(&server, Method::GET, "/environments?limit=101")
+        req(server, Method::GET, "/environments?limit=101")
             .send()
             .await
             .bad_param("limit");
-        req(&server, Method::GET, "/environments?limit=100")
+        req(server, Method::GET, "/environments?limit=100")
             .send()
             .await
             .ok();
-        let v1 = req_v1(&server, Method::GET, "/environments?limit=101")
+        let v1 = req_v1(server, Method::GET, "/environments?limit=101")
             .send()
             .await;
-        assert_eq!(ids_of(v1.ok()), visible);
-        req_v1(&server, Method::GET, "/environments?limit=1001")
+        assert_eq!(listed_ids(v1.ok()), visible);
+        req_v1(server, Method::GET, "/environments?limit=1001")
             .send()
             .await
             .bad_param("limit");
         for bad in ["0", "-3", "x"] {
-            req(&server, Method::GET, &format!("/environments?limit={bad}"))
+            req(server, Method::GET, &format!("/environments?limit={bad}"))
                 .send()
                 .await
                 .bad_param("limit");
         }
         let two = req(
-            &server,
+            server,
             Method::GET,
             &format!("/environments?page={0}&before_id={0}", envs[3]),
         )
@@ -1413,7 +1383,7 @@ async fn environment_and_agent_list_pagination() {
         .await;
         two.error(400, "invalid_request_error");
         req(
-            &server,
+            server,
             Method::GET,
             "/environments?after_id=work_00000000000000000000000000000000",
         )
@@ -1421,7 +1391,7 @@ async fn environment_and_agent_list_pagination() {
         .await
         .bad_param("after_id");
         req(
-            &server,
+            server,
             Method::GET,
             "/environments?created_at[gte]=yesterday",
         )
@@ -1429,46 +1399,46 @@ async fn environment_and_agent_list_pagination() {
         .await
         .bad_param("created_at[gte]");
         let future = req(
-            &server,
+            server,
             Method::GET,
             "/environments?created_at[gte]=2999-01-01T00:00:00Z",
         )
         .send()
         .await;
-        assert!(ids_of(future.ok()).is_empty());
+        assert!(listed_ids(future.ok()).is_empty());
         let past = req(
-            &server,
+            server,
             Method::GET,
             "/environments?created_at[gte]=2000-01-01T00:00:00%2B02:00&limit=100",
         )
         .send()
         .await;
-        assert_eq!(ids_of(past.ok()), visible);
+        assert_eq!(listed_ids(past.ok()), visible);
 
         // Agents page the same way.
         let mut agents = Vec::new();
         for _ in 0..3 {
             agents.push(server.agent().await);
         }
-        let page = req(&server, Method::GET, "/agents?limit=2")
+        let page = req(server, Method::GET, "/agents?limit=2")
             .send()
             .await
             .ok()
             .clone();
-        assert_eq!(ids_of(&page), agents[..2]);
+        assert_eq!(listed_ids(&page), agents[..2]);
         assert_eq!(page["next_page"], json!(agents[1]));
         let rest = req(
-            &server,
+            server,
             Method::GET,
             &format!("/agents?limit=2&after_id={}", agents[1]),
         )
         .send()
         .await;
-        assert_eq!(ids_of(rest.ok()), agents[2..]);
-        req(&server, Method::GET, "/agents?limit=101")
+        assert_eq!(listed_ids(rest.ok()), agents[2..]);
+        req(server, Method::GET, "/agents?limit=101")
             .send()
             .await
             .bad_param("limit");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

@@ -30,9 +30,8 @@ fn enc(text: &str) -> String {
 
 #[tokio::test]
 async fn poll_selects_only_queued_items() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         for state in ["starting", "active", "stopping", "stopped"] {
             q.item_in(state).await;
         }
@@ -80,15 +79,14 @@ async fn poll_selects_only_queued_items() {
 
         // A delivered item is not handed out again while its delivery is fresh.
         assert_eq!(q.poll("", Some("w2")).await.ok(), &Value::Null);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn ack_in_every_state() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
 
         // queued → starting, with a provisional lease.
         let item = q.item_in("queued").await;
@@ -121,15 +119,14 @@ async fn ack_in_every_state() {
                 "a refused ack on {state} changes nothing"
             );
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn ack_checks_the_recorded_worker() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
 
         // queued, delivered to w1: a different Worker-ID is refused, the same one wins.
         let item = q.enqueue().await;
@@ -215,15 +212,14 @@ async fn ack_checks_the_recorded_worker() {
             .send()
             .await;
         assert_eq!(own.ok()["state"], "active");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn get_and_metadata_in_every_state() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         for state in STATES {
             let item = q.item_in(state).await;
             let got = q.get(&item.id).await;
@@ -251,15 +247,14 @@ async fn get_and_metadata_in_every_state() {
             expected["metadata"] = json!({"where": state});
             assert_eq!(q.get(&item.id).await, expected, "only metadata changed");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn metadata_merge_patch_and_limits() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
 
         // The item's metadata is a snapshot of the session's at enqueue time (§7.3 rule 4).
         let item = q
@@ -269,14 +264,10 @@ async fn metadata_merge_patch_and_limits() {
             q.get(&item.id).await["metadata"],
             json!({"job": "daily", "team": "infra"})
         );
-        let later = req(
-            &server,
-            Method::POST,
-            &format!("/sessions/{}", item.session),
-        )
-        .json(json!({"metadata": {"job": "weekly"}}))
-        .send()
-        .await;
+        let later = req(server, Method::POST, &format!("/sessions/{}", item.session))
+            .json(json!({"metadata": {"job": "weekly"}}))
+            .send()
+            .await;
         later.ok();
         assert_eq!(
             q.get(&item.id).await["metadata"]["job"],
@@ -370,8 +361,8 @@ async fn metadata_merge_patch_and_limits() {
             json!({ ok_key: ok_value }),
             "refused patches changed nothing"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// What one heartbeat cell of §5.2 must answer.
@@ -384,9 +375,8 @@ enum Expect {
 
 #[tokio::test]
 async fn heartbeat_table() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let foreign_time = "2020-01-01T00:00:00.000001Z";
         // (state, E, expectation). E: "none" = NO_HEARTBEAT, "omit", "equal" = current last_heartbeat
         // (or, where there is none, a valid RFC 3339 value), "other" = another RFC 3339 value, "bad".
@@ -512,15 +502,14 @@ async fn heartbeat_table() {
                 reply.bad_param("desired_ttl_seconds");
             }
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn heartbeat_tokens_ttl_and_precision() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.item_in("starting").await;
         let first = q
             .heartbeat(
@@ -596,15 +585,14 @@ async fn heartbeat_tokens_ttl_and_precision() {
         q.heartbeat(&item.id, "?expected_last_heartbeat=no_heartbeat")
             .await
             .bad_param("expected_last_heartbeat");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn stop_table() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         // Every spelling of a graceful stop.
         let graceful = [
             Body::None,
@@ -719,15 +707,14 @@ async fn stop_table() {
             .await
             .error(409, "invalid_request_error");
         assert_eq!(q.get(&item.id).await, before);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn lease_expiry_requeues_lazily_and_keeps_the_id() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
-        let q = Queue::new(&server).await;
+    each_backend_with(without_tick(), async |server| {
+        let q = Queue::new(server).await;
         let starting = q.item_in("starting").await;
         let active = q.item_in("active").await;
         let queued = q.item_in("queued").await;
@@ -797,15 +784,14 @@ async fn lease_expiry_requeues_lazily_and_keeps_the_id() {
         assert!(micros(&beat.ok()["last_heartbeat"]) > micros(&json!(old_token)));
         let stats = q.stats().await;
         assert_eq!(stats["states"]["active"], 1, "{stats}");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn heartbeats_extend_the_lease() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
-        let q = Queue::new(&server).await;
+    each_backend_with(without_tick(), async |server| {
+        let q = Queue::new(server).await;
         let item = q.item_in("active").await;
         let mut last = item.last_heartbeat.clone().unwrap();
         settle().await;
@@ -838,15 +824,14 @@ async fn heartbeats_extend_the_lease() {
         assert_eq!(beat.ok()["ttl_seconds"], 10);
         server.clock.advance_millis(11_000);
         assert_eq!(q.state(&item.id).await, "queued");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn stopping_lease_expiry_stops_at_the_deadline() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
-        let q = Queue::new(&server).await;
+    each_backend_with(without_tick(), async |server| {
+        let q = Queue::new(server).await;
         let item = q.item_in("stopping").await;
         let before = q.get(&item.id).await;
         settle().await;
@@ -868,15 +853,14 @@ async fn stopping_lease_expiry_stops_at_the_deadline() {
         q.stop(&item.id, json!({}))
             .await
             .error(409, "invalid_request_error");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn poison_stop_after_three_requeues() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
-        let q = Queue::new(&server).await;
+    each_backend_with(without_tick(), async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         for round in 1..=3 {
             q.ack(&item.id, Some("w1")).await.ok();
@@ -908,15 +892,14 @@ async fn poison_stop_after_three_requeues() {
             q.poll("?reclaim_older_than_ms=0", None).await.ok(),
             &Value::Null
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn requeued_item_is_redelivered_and_old_credentials_die() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
-        let q = Queue::new(&server).await;
+    each_backend_with(without_tick(), async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let first = q.poll("", Some("w1")).await.ok().clone();
         let (token1, _) = decode_secret(&first);
@@ -984,15 +967,14 @@ async fn requeued_item_is_redelivered_and_old_credentials_die() {
                 "first_heartbeat"
             ]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn reclaim_redelivers_an_unacked_delivery() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         let first = q.poll("", Some("w1")).await.ok().clone();
         assert_eq!(first["delivery_count"], 1);
@@ -1055,15 +1037,14 @@ async fn reclaim_redelivers_an_unacked_delivery() {
             workers[1..],
             [&json!("w1"), &json!("w2"), &json!("w3"), &json!("w3")]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn poll_order_is_oldest_enqueue_first() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
-        let q = Queue::new(&server).await;
+    each_backend_with(without_tick(), async |server| {
+        let q = Queue::new(server).await;
         let a = q.enqueue().await;
         let b = q.enqueue().await;
         let c = q.enqueue().await;
@@ -1082,15 +1063,14 @@ async fn poll_order_is_oldest_enqueue_first() {
             );
         }
         assert_eq!(got, [b.id.clone(), c.id.clone(), a.id.clone()]);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn blocked_poll_is_woken_by_an_enqueue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let mut latencies = Vec::new();
         for _ in 0..5 {
             let poll = async {
@@ -1103,7 +1083,7 @@ async fn blocked_poll_is_woken_by_an_enqueue() {
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 let sent = Instant::now();
                 let body = json!({"agent": q.agent, "environment_id": q.env});
-                let session = req(&server, Method::POST, "/sessions")
+                let session = req(server, Method::POST, "/sessions")
                     .json(body)
                     .send()
                     .await;
@@ -1126,7 +1106,7 @@ async fn blocked_poll_is_woken_by_an_enqueue() {
             latencies.push(wake);
             println!(
                 "[{}] blocked poll woken {:?} after the session create was sent ({:?} after it was answered; poll blocked {:?} in all)",
-                backend.name(),
+                server.backend.name(),
                 wake,
                 poll_done.checked_duration_since(answered).unwrap_or_default(),
                 poll_done - poll_started
@@ -1138,26 +1118,25 @@ async fn blocked_poll_is_woken_by_an_enqueue() {
         latencies.sort();
         println!(
             "[{}] wake-up latency: median {:?}, max {:?}",
-            backend.name(),
+            server.backend.name(),
             latencies[2],
             latencies[4]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn blocked_poll_answers_null_at_its_deadline() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         for block in [1, 300, 999] {
             let started = Instant::now();
             let reply = q.poll(&format!("?block_ms={block}"), Some("w")).await;
             assert_eq!(reply.ok(), &Value::Null);
             println!(
                 "[{}] block_ms={block}: null after {:?}",
-                backend.name(),
+                server.backend.name(),
                 started.elapsed()
             );
         }
@@ -1168,18 +1147,17 @@ async fn blocked_poll_answers_null_at_its_deadline() {
         assert_eq!(q.poll("?block_ms=400", Some("w2")).await.ok(), &Value::Null);
         println!(
             "[{}] block_ms=400 with only a fresh delivery: null after {:?}",
-            backend.name(),
+            server.backend.name(),
             started.elapsed()
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn blocked_poll_is_woken_by_a_lease_expiry_requeue() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.item_in("starting").await;
         let poll = async {
             let reply = q.poll("?block_ms=999", Some("w2")).await;
@@ -1200,18 +1178,17 @@ async fn blocked_poll_is_woken_by_a_lease_expiry_requeue() {
         assert_eq!(got["requeue_count"], 1);
         println!(
             "[{}] blocked poll got the requeued item {:?} after the lease ran out",
-            backend.name(),
+            server.backend.name(),
             done.saturating_duration_since(jumped)
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn queue_statistics() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, without_tick()).await;
-        let q = Queue::new(&server).await;
+    each_backend_with(without_tick(), async |server| {
+        let q = Queue::new(server).await;
         let empty = q.stats().await;
         assert_eq!(
             empty,
@@ -1300,15 +1277,14 @@ async fn queue_statistics() {
             micros(&stats["oldest_queued_at"]),
             micros(&q.get(&c.id).await["created_at"])
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn history_records_every_move() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let item = q.enqueue().await;
         q.poll("", Some("w1")).await.ok();
         server.clock.advance_millis(6_000);
@@ -1398,8 +1374,8 @@ async fn history_records_every_move() {
             seen,
             rows.iter().map(|t| t["cause"].clone()).collect::<Vec<_>>()
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -566,17 +566,16 @@ async fn call(server: &TestServer, endpoint: &Endpoint, secret: &str) -> (u16, S
 
 #[tokio::test]
 async fn every_credential_against_every_endpoint() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let mut wrong = Vec::new();
         let mut cells = 0;
         for cred in CREDS {
             // A world per row, so that what one row changes cannot decide another row's answers.
-            let world = World::build(&server).await;
+            let world = World::build(server).await;
             let secret = world.secret(cred, &server.admin_token);
             for endpoint in endpoints(&world) {
                 let want = expected(endpoint.scope, cred);
-                let (got, kind) = call(&server, &endpoint, &secret).await;
+                let (got, kind) = call(server, &endpoint, &secret).await;
                 cells += 1;
                 let want_kind = match want {
                     401 => "authentication_error",
@@ -594,12 +593,12 @@ async fn every_credential_against_every_endpoint() {
         assert!(
             wrong.is_empty(),
             "[{}] {} of {cells} cells disagree with §11.1:\n{}",
-            backend.name(),
+            server.backend.name(),
             wrong.len(),
             wrong.join("\n")
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// The calls the `anthropic` SDK's EnvironmentWorker makes with an item's session token, in its order, on
@@ -607,13 +606,12 @@ async fn every_credential_against_every_endpoint() {
 /// (401, before any 409) once the item stops.
 #[tokio::test]
 async fn a_session_token_serves_the_environment_worker() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let world = World::build(&server).await;
+    each_backend(async |server| {
+        let world = World::build(server).await;
         let env = &world.env_a;
         let work = |suffix: &str| format!("/environments/{env}/work/{}{suffix}", world.w1);
         let session = |suffix: &str| format!("/sessions/{}{suffix}", world.s1);
-        let v1 = |method: Method, path: String| req_v1(&server, method, &path).bearer(&world.t1);
+        let v1 = |method: Method, path: String| req_v1(server, method, &path).bearer(&world.t1);
         v1(Method::GET, session("")).send().await.ok();
         let beat = v1(Method::POST, work("/heartbeat")).send().await;
         let last = beat.ok()["last_heartbeat"].as_str().unwrap().to_owned();
@@ -647,7 +645,7 @@ async fn a_session_token_serves_the_environment_worker() {
         .await
         .ok();
         // x-api-key is the same credential on this prefix.
-        req_v1(&server, Method::GET, &session(""))
+        req_v1(server, Method::GET, &session(""))
             .anonymous()
             .header("x-api-key", &world.t1)
             .send()
@@ -669,8 +667,8 @@ async fn a_session_token_serves_the_environment_worker() {
                 .await
                 .error(401, "authentication_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 fn urlencode(text: &str) -> String {
@@ -681,9 +679,8 @@ fn urlencode(text: &str) -> String {
 /// environment's path are the wrong environment (403), not an unknown item.
 #[tokio::test]
 async fn a_session_token_is_bound_to_its_environment() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let world = World::build(&server).await;
+    each_backend(async |server| {
+        let world = World::build(server).await;
         let other = server.self_hosted_environment().await;
         for (method, suffix) in [
             (Method::GET, ""),
@@ -693,14 +690,14 @@ async fn a_session_token_is_bound_to_its_environment() {
             (Method::POST, "/stop"),
         ] {
             let path = format!("/environments/{other}/work/{}{suffix}", world.w1);
-            req(&server, method, &path)
+            req(server, method, &path)
                 .bearer(&world.t1)
                 .send()
                 .await
                 .error(403, "permission_error");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// Revoking an environment key ends the session tokens minted for the polls it made (issue 10, defect
@@ -708,13 +705,12 @@ async fn a_session_token_is_bound_to_its_environment() {
 /// lease expiry. Tokens minted under another key of the same environment live on.
 #[tokio::test]
 async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let mut keys = Vec::new();
         for _ in 0..2 {
             let key = req(
-                &server,
+                server,
                 Method::POST,
                 &format!("/environments/{}/keys", q.env),
             )
@@ -765,7 +761,7 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
 
         let (revoked_id, _) = &keys[0];
         req(
-            &server,
+            server,
             Method::DELETE,
             &format!("/environments/{}/keys/{revoked_id}", q.env),
         )
@@ -801,8 +797,8 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
             q.causes(cut_off).await.last().map(String::as_str),
             Some("lease_expired_requeued")
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// The credential kinds of the route-table walk.
@@ -958,8 +954,7 @@ async fn every_route_of_the_table_with_every_credential_kind() {
             endpoint.operation
         );
     }
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let base = server
             .url("")
             .strip_suffix("/api/v1/cloud")
@@ -969,7 +964,7 @@ async fn every_route_of_the_table_with_every_credential_kind() {
         let mut cells = 0;
         for kind in KINDS {
             // A world per credential kind, so that what one row changes cannot decide another's.
-            let w = World::build(&server).await;
+            let w = World::build(server).await;
             let secret = match kind {
                 Kind::None => None,
                 Kind::Admin => Some(server.admin_token.clone()),
@@ -1036,10 +1031,10 @@ async fn every_route_of_the_table_with_every_credential_kind() {
         assert!(
             wrong.is_empty(),
             "[{}] {} of {cells} cells disagree with the route table:\n{}",
-            backend.name(),
+            server.backend.name(),
             wrong.len(),
             wrong.join("\n")
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

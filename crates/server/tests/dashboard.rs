@@ -77,9 +77,8 @@ async fn the_dashboard_is_served_with_caching_headers_and_a_strict_policy() {
 
 #[tokio::test]
 async fn the_work_list_filters_by_state() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let q = Queue::new(&server).await;
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
         let a = q.enqueue().await;
         let b = q.enqueue().await;
         let c = q.enqueue().await;
@@ -118,12 +117,12 @@ async fn the_work_list_filters_by_state() {
         assert_eq!(next.ok()["has_more"], false);
 
         list("?state=sleeping").await.bad_param("state");
-        let v1 = req_v1(&server, Method::GET, &q.path("?state=stopped"))
+        let v1 = req_v1(server, Method::GET, &q.path("?state=stopped"))
             .send()
             .await;
         assert_eq!(ids(v1.ok()), [b.id.as_str()], "both prefixes");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -231,12 +230,7 @@ async fn the_history_endpoint_and_the_state_filter_are_documented() {
             [format!("{prefix}/environments/{{environment_id}}/work/stats/history")]["get"];
         assert!(history.is_object(), "{prefix}: history undocumented");
         let list = &doc["paths"][format!("{prefix}/environments/{{environment_id}}/work")]["get"];
-        let params: Vec<&str> = list["parameters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["name"].as_str().unwrap())
-            .collect();
+        let params = string_fields(&list["parameters"], "name");
         assert!(params.contains(&"state"), "{prefix}: {params:?}");
     }
     assert!(doc["paths"]["/"]["get"].is_object());

@@ -4,7 +4,7 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tether_testkit::{backends, read, TestServer};
+use tether_testkit::{each_backend, read, string_fields, TestServer};
 
 async fn get_v1(server: &TestServer, path: &str) -> (StatusCode, Value) {
     let response = server
@@ -19,8 +19,7 @@ async fn get_v1(server: &TestServer, path: &str) -> (StatusCode, Value) {
 
 #[tokio::test]
 async fn agents_render_per_dialect_and_updates_check_the_version() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let (status, agent) = server
             .post("/agents", json!({"name": "a", "model": "m-1"}))
             .await;
@@ -29,7 +28,7 @@ async fn agents_render_per_dialect_and_updates_check_the_version() {
         // Qoder: as given. Anthropic: a model object and a default execution identity.
         assert_eq!(agent["model"], "m-1");
         assert_eq!(agent["execution_identity"], Value::Null);
-        let (_, on_v1) = get_v1(&server, &format!("/agents/{id}")).await;
+        let (_, on_v1) = get_v1(server, &format!("/agents/{id}")).await;
         assert_eq!(on_v1["model"], json!({"id": "m-1"}));
         assert_eq!(
             on_v1["execution_identity"],
@@ -38,7 +37,7 @@ async fn agents_render_per_dialect_and_updates_check_the_version() {
         // Both: a session's agent is rendered the same way.
         let env = server.self_hosted_environment().await;
         let session = server.session(&env, &id).await;
-        let (_, s) = get_v1(&server, &format!("/sessions/{session}")).await;
+        let (_, s) = get_v1(server, &format!("/sessions/{session}")).await;
         assert_eq!(s["agent"]["model"], json!({"id": "m-1"}));
         for field in ["resources", "vault_ids", "outcome_evaluations"] {
             assert_eq!(s[field], json!([]), "{field}");
@@ -91,16 +90,14 @@ async fn agents_render_per_dialect_and_updates_check_the_version() {
         assert_eq!(status, StatusCode::NOT_FOUND);
         let (status, _) = server.get(&format!("/agents/{id}?version=0")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn overrides_are_refused_rather_than_dropped() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
+    each_backend(async |server| {
+        let (env, agent) = server.environment_and_agent().await;
         let (status, err) = server
             .post(
                 "/sessions",
@@ -110,17 +107,14 @@ async fn overrides_are_refused_rather_than_dropped() {
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
         assert_eq!(err["error"]["param"], "agent");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn filtered_event_listings_page_like_unfiltered_ones() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
-        let session = server.session(&env, &agent).await;
+    each_backend(async |server| {
+        let (_env, _agent, session) = server.environment_agent_and_session().await;
         // user.message, session.status_running, then alternating agent.message / agent.thinking
         let message = |text: &str| json!({"type": "user.message", "content": [{"type": "text", "text": text}]});
         let (status, _) = server
@@ -181,12 +175,7 @@ async fn filtered_event_listings_page_like_unfiltered_ones() {
         let (_, body) = server
             .get(&format!("/sessions/{session}/events?types=user.message&types=session.status_running&order=desc"))
             .await;
-        let types: Vec<&str> = body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["type"].as_str().unwrap())
-            .collect();
+        let types = string_fields(&body["data"], "type");
         assert_eq!(types, ["session.status_running", "user.message"]);
 
         // before_id with a filter: the matches immediately before the cursor, in list order.
@@ -232,6 +221,6 @@ async fn filtered_event_listings_page_like_unfiltered_ones() {
             )
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

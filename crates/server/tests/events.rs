@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tether_testkit::{backends, TestServer};
+use tether_testkit::{backends, each_backend, send_and_read, TestServer};
 
 /// A guard against hangs only: every wait below normally ends in milliseconds.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -26,9 +26,7 @@ fn end_turn() -> Value {
 
 /// A self-hosted environment, an agent, and a session on them (its first item is queued).
 async fn setup(server: &TestServer) -> (String, String) {
-    let env = server.self_hosted_environment().await;
-    let agent = server.agent().await;
-    let session = server.session(&env, &agent).await;
+    let (env, _agent, session) = server.environment_agent_and_session().await;
     (env, session)
 }
 
@@ -117,16 +115,7 @@ async fn env_key(server: &TestServer, env: &str) -> String {
 
 /// Polls one item and returns it with the session token from its `secret` (§11.1).
 async fn poll(server: &TestServer, env: &str) -> (Value, String) {
-    let (status, item) = server
-        .call_as(
-            &server.admin_token,
-            Method::GET,
-            &format!("/environments/{env}/work/poll?block_ms=500"),
-            None,
-            &[("Worker-ID", "w1")],
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{item}");
+    let item = server.poll_as_worker(env, "w1", "?block_ms=500").await;
     assert!(item.is_object(), "nothing to poll: {item}");
     let secret = item["secret"].as_str().expect("secret");
     let payload: Value =
@@ -262,9 +251,8 @@ impl Stream {
 
 #[tokio::test]
 async fn batches_are_validated_with_the_field_at_fault() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
         let text = json!([{"type": "text", "text": "x"}]);
         let cases: Vec<(Value, &str)> = vec![
             (json!({}), "events"),
@@ -313,12 +301,12 @@ async fn batches_are_validated_with_the_field_at_fault() {
             assert_eq!(err["error"]["param"], param, "{body} → {err}");
         }
         // Nothing of a refused batch was stored, and the session did not move.
-        assert!(log(&server, &session).await.is_empty());
-        assert_eq!(status_of(&server, &session).await, "idle");
+        assert!(log(server, &session).await.is_empty());
+        assert_eq!(status_of(server, &session).await, "idle");
 
         // Unknown session, no credential.
         let (status, _) = post(
-            &server,
+            server,
             "sess_019f3be3fa66750bb9a1fbcde85b5fe1",
             json!([agent_message("x")]),
         )
@@ -350,17 +338,16 @@ async fn batches_are_validated_with_the_field_at_fault() {
                 .unwrap();
             assert_eq!(response.status(), want);
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn who_may_send_what() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        let key = env_key(&server, &env).await;
-        let (item, token) = poll(&server, &env).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let key = env_key(server, &env).await;
+        let (item, token) = poll(server, &env).await;
         assert_eq!(item["data"]["id"], json!(session));
 
         // Worker credentials: agent-side types and tool results, nothing else user-side.
@@ -372,7 +359,7 @@ async fn who_may_send_what() {
                 json!({"type": "user.tool_confirmation", "tool_use_id": "evt_019f3be4fd2475d9a784bf2c739e11ff", "result": "allow"}),
             ] {
                 let (status, err) = post_as(
-                    &server,
+                    server,
                     worker,
                     &session,
                     json!([agent_message("a"), refused]),
@@ -384,7 +371,7 @@ async fn who_may_send_what() {
             }
         }
         let (status, sent) = post_as(
-            &server,
+            server,
             &token,
             &session,
             json!([
@@ -404,7 +391,7 @@ async fn who_may_send_what() {
 
         // Tool results name a tool call of the right kind in this session.
         let (status, sent) = post_as(
-            &server,
+            server,
             &key,
             &session,
             json!([
@@ -433,7 +420,7 @@ async fn who_may_send_what() {
                 "events[0].custom_tool_use_id",
             ),
         ] {
-            let (status, err) = post_as(&server, &token, &session, json!([bad])).await;
+            let (status, err) = post_as(server, &token, &session, json!([bad])).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
             assert_eq!(err["error"]["param"], param);
         }
@@ -442,23 +429,23 @@ async fn who_may_send_what() {
         let agent = server.agent().await;
         let other = server.session(&env, &agent).await;
         let (status, err) = post(
-            &server,
+            server,
             &other,
             json!([{"type": "user.tool_result", "tool_use_id": tool_use, "content": "x"}]),
         )
         .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
-        let (status, _) = post_as(&server, &token, &other, json!([agent_message("x")])).await;
+        let (status, _) = post_as(server, &token, &other, json!([agent_message("x")])).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         let other_env = server.self_hosted_environment().await;
-        let foreign_key = env_key(&server, &other_env).await;
+        let foreign_key = env_key(server, &other_env).await;
         let (status, _) =
-            post_as(&server, &foreign_key, &session, json!([agent_message("x")])).await;
+            post_as(server, &foreign_key, &session, json!([agent_message("x")])).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
 
         // The admin may send every type, user side included.
         post_ok(
-            &server,
+            server,
             &session,
             json!([
                 {"type": "user.tool_confirmation", "tool_use_id": tool_use, "result": "allow"},
@@ -467,7 +454,7 @@ async fn who_may_send_what() {
             ]),
         )
         .await;
-        let kinds = types(&server, &session).await;
+        let kinds = types(server, &session).await;
         assert_eq!(
             kinds,
             [
@@ -495,23 +482,22 @@ async fn who_may_send_what() {
                 .await;
             assert_eq!(status, StatusCode::OK, "{page}");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn archived_sessions_and_running_turns_refuse_with_409() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
-        let sent = post_ok(&server, &session, json!([message("one")])).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
+        let sent = post_ok(server, &session, json!([message("one")])).await;
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0]["type"], "user.message");
-        assert_eq!(status_of(&server, &session).await, "running");
-        let before = log(&server, &session).await;
+        assert_eq!(status_of(server, &session).await, "running");
+        let before = log(server, &session).await;
 
         let (status, err) = post(
-            &server,
+            server,
             &session,
             json!([agent_message("a"), message("two")]),
         )
@@ -519,7 +505,7 @@ async fn archived_sessions_and_running_turns_refuse_with_409() {
         assert_eq!(status, StatusCode::CONFLICT, "{err}");
         assert_eq!(err["error"]["type"], "invalid_request_error");
         assert_eq!(
-            log(&server, &session).await,
+            log(server, &session).await,
             before,
             "a refused batch stores nothing"
         );
@@ -528,31 +514,30 @@ async fn archived_sessions_and_running_turns_refuse_with_409() {
         let agent = server.agent().await;
         let env = server.self_hosted_environment().await;
         let fresh = server.session(&env, &agent).await;
-        let (status, _) = post(&server, &fresh, json!([message("a"), message("b")])).await;
+        let (status, _) = post(server, &fresh, json!([message("a"), message("b")])).await;
         assert_eq!(status, StatusCode::CONFLICT);
-        assert_eq!(status_of(&server, &fresh).await, "idle");
+        assert_eq!(status_of(server, &fresh).await, "idle");
 
         let (status, _) = server
             .post(&format!("/sessions/{session}/archive"), json!({}))
             .await;
         assert_eq!(status, StatusCode::OK);
         for events in [json!([agent_message("late")]), json!([end_turn()])] {
-            let (status, err) = post(&server, &session, events).await;
+            let (status, err) = post(server, &session, events).await;
             assert_eq!(status, StatusCode::CONFLICT, "{err}");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 // ------------------------------------------------------------------------------------------- listing
 
 #[tokio::test]
 async fn the_log_pages_both_ways() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
         let batch: Vec<Value> = (0..25).map(|i| agent_message(&format!("m{i}"))).collect();
-        let sent = post_ok(&server, &session, json!(batch)).await;
+        let sent = post_ok(server, &session, json!(batch)).await;
         let ids: Vec<String> = sent.iter().map(id_of).collect();
         let mut sorted = ids.clone();
         sorted.sort();
@@ -625,33 +610,32 @@ async fn the_log_pages_both_ways() {
             .get("/sessions/sess_019f3be3fa66750bb9a1fbcde85b5fe1/events")
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 // ------------------------------------------------------------------------------------------- streams
 
 #[tokio::test]
 async fn a_stream_resumes_without_losing_or_repeating() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
         let early = post_ok(
-            &server,
+            server,
             &session,
             json!([agent_message("before the stream")]),
         )
         .await;
 
         // Without Last-Event-ID the stream starts with what is written after it opened.
-        let mut stream = Stream::open(&server, &server.admin_token, &session, None).await;
+        let mut stream = Stream::open(server, &server.admin_token, &session, None).await;
         let mut sent: Vec<String> = Vec::new();
         for round in 0..3 {
             let batch: Vec<Value> = (0..4)
                 .map(|i| agent_message(&format!("{round}.{i}")))
                 .collect();
             sent.extend(
-                post_ok(&server, &session, json!(batch))
+                post_ok(server, &session, json!(batch))
                     .await
                     .iter()
                     .map(id_of),
@@ -670,7 +654,7 @@ async fn a_stream_resumes_without_losing_or_repeating() {
         drop(stream);
         sent.extend(
             post_ok(
-                &server,
+                server,
                 &session,
                 json!([agent_message("while away"), agent_message("again")]),
             )
@@ -679,13 +663,13 @@ async fn a_stream_resumes_without_losing_or_repeating() {
             .map(id_of),
         );
         let last = seen.last().unwrap().clone();
-        let mut resumed = Stream::open(&server, &server.admin_token, &session, Some(&last)).await;
+        let mut resumed = Stream::open(server, &server.admin_token, &session, Some(&last)).await;
         while seen.len() < sent.len() {
             seen.push(resumed.next_frame().await.id.unwrap());
         }
         // And it follows live after the replay.
         sent.extend(
-            post_ok(&server, &session, json!([agent_message("live")]))
+            post_ok(server, &session, json!([agent_message("live")]))
                 .await
                 .iter()
                 .map(id_of),
@@ -718,17 +702,16 @@ async fn a_stream_resumes_without_losing_or_repeating() {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_stream_ends_when_its_session_is_deleted() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
-        let mut stream = Stream::open(&server, &server.admin_token, &session, None).await;
-        post_ok(&server, &session, json!([agent_message("hi")])).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
+        let mut stream = Stream::open(server, &server.admin_token, &session, None).await;
+        post_ok(server, &session, json!([agent_message("hi")])).await;
         assert_eq!(stream.next_frame().await.data["type"], "agent.message");
         let (status, _) = server
             .call(Method::DELETE, &format!("/sessions/{session}"), None)
@@ -748,8 +731,8 @@ async fn a_stream_ends_when_its_session_is_deleted() {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -769,10 +752,9 @@ async fn streams_end_at_shutdown() {
 
 #[tokio::test]
 async fn streams_are_scoped_like_the_session() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        let (_, token) = poll(&server, &env).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let (_, token) = poll(server, &env).await;
         let agent = server.agent().await;
         let other = server.session(&env, &agent).await;
         let url = |s: &str| server.url(&format!("/sessions/{s}/events/stream"));
@@ -795,7 +777,7 @@ async fn streams_are_scoped_like_the_session() {
                 .unwrap(),
         );
         post_as(
-            &server,
+            server,
             &token,
             &session,
             json!([agent_message("from the worker")]),
@@ -803,22 +785,21 @@ async fn streams_are_scoped_like_the_session() {
         .await;
         let frame = stream.next_frame().await;
         assert_eq!(frame.data["content"][0]["text"], "from the worker");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn two_hundred_streams_all_see_one_event() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
         const STREAMS: usize = 200;
         let mut streams = Vec::with_capacity(STREAMS);
         for _ in 0..STREAMS {
-            streams.push(Stream::open(&server, &server.admin_token, &session, None).await);
+            streams.push(Stream::open(server, &server.admin_token, &session, None).await);
         }
         let started = Instant::now();
-        let sent = post_ok(&server, &session, json!([agent_message("to everyone")])).await;
+        let sent = post_ok(server, &session, json!([agent_message("to everyone")])).await;
         let want = id_of(&sent[0]);
         let readers: Vec<_> = streams
             .into_iter()
@@ -829,19 +810,18 @@ async fn two_hundred_streams_all_see_one_event() {
         }
         println!(
             "{}: {STREAMS} streams received one posted event within {:?} of the post",
-            backend.name(),
+            server.backend.name(),
             started.elapsed()
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_idle_stream_gets_keep_alive_comments() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
-        let mut stream = Stream::open(&server, &server.admin_token, &session, None).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
+        let mut stream = Stream::open(server, &server.admin_token, &session, None).await;
         // The first keep-alive comes after 15 s of silence; the event after it proves the stream lived on.
         let poster = {
             let base = server.url(&format!("/sessions/{session}/events"));
@@ -865,39 +845,38 @@ async fn an_idle_stream_gets_keep_alive_comments() {
             stream.comments >= 1,
             "a `:` comment kept the idle stream alive"
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 // ------------------------------------------------------------------------------------------- turns
 
 #[tokio::test]
 async fn a_turn_runs_through_the_work_api() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        let mut watcher = Stream::open(&server, &server.admin_token, &session, None).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let mut watcher = Stream::open(server, &server.admin_token, &session, None).await;
 
         // A user message starts a turn; the session's queued item will serve it (nothing new enqueued).
-        post_ok(&server, &session, json!([message("hello")])).await;
-        assert_eq!(status_of(&server, &session).await, "running");
+        post_ok(server, &session, json!([message("hello")])).await;
+        assert_eq!(status_of(server, &session).await, "running");
         assert_eq!(
-            types(&server, &session).await,
+            types(server, &session).await,
             ["user.message", "session.status_running"]
         );
-        assert_eq!(states(&work_items(&server, &env).await), ["queued"]);
+        assert_eq!(states(&work_items(server, &env).await), ["queued"]);
 
         // A worker takes the item and answers with its session token.
-        let (work, token) = take(&server, &env).await;
+        let (work, token) = take(server, &env).await;
         let (status, _) = post_as(
-            &server,
+            server,
             &token,
             &session,
             json!([agent_message("hi, human"), end_turn()]),
         )
         .await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(status_of(&server, &session).await, "idle");
+        assert_eq!(status_of(server, &session).await, "idle");
         let seen: Vec<String> = [
             watcher.next_frame().await,
             watcher.next_frame().await,
@@ -918,15 +897,15 @@ async fn a_turn_runs_through_the_work_api() {
         );
 
         // The next message reaches the same live item: no new work.
-        post_ok(&server, &session, json!([message("again")])).await;
-        assert_eq!(status_of(&server, &session).await, "running");
-        assert_eq!(states(&work_items(&server, &env).await), ["active"]);
-        post_as(&server, &token, &session, json!([end_turn()])).await;
-        assert_eq!(status_of(&server, &session).await, "idle");
+        post_ok(server, &session, json!([message("again")])).await;
+        assert_eq!(status_of(server, &session).await, "running");
+        assert_eq!(states(&work_items(server, &env).await), ["active"]);
+        post_as(server, &token, &session, json!([end_turn()])).await;
+        assert_eq!(status_of(server, &session).await, "idle");
 
         // The worker stops its item after the turn: the idle session is left alone.
         work_call(
-            &server,
+            server,
             &token,
             &env,
             &work,
@@ -934,27 +913,26 @@ async fn a_turn_runs_through_the_work_api() {
             Some(json!({"force": true})),
         )
         .await;
-        assert_eq!(status_of(&server, &session).await, "idle");
-        assert!(!types(&server, &session)
+        assert_eq!(status_of(server, &session).await, "idle");
+        assert!(!types(server, &session)
             .await
             .contains(&"session.error".to_owned()));
 
         // A dormant session gets a fresh item with its next message (D-12b).
-        post_ok(&server, &session, json!([message("wake up")])).await;
-        let items = work_items(&server, &env).await;
+        post_ok(server, &session, json!([message("wake up")])).await;
+        let items = work_items(server, &env).await;
         assert_eq!(states(&items), ["stopped", "queued"]);
         assert_ne!(items[1]["id"], json!(work));
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_lost_lease_reschedules_the_turn_until_the_next_ack() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        post_ok(&server, &session, json!([message("work")])).await;
-        let (work, _) = take(&server, &env).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        post_ok(server, &session, json!([message("work")])).await;
+        let (work, _) = take(server, &env).await;
 
         server.clock.advance_millis(61_000);
         // Any touch settles the expired lease (§5.4, lazily) — no need to wait for the dispatcher.
@@ -963,21 +941,21 @@ async fn a_lost_lease_reschedules_the_turn_until_the_next_ack() {
             .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(item["state"], "queued");
-        assert_eq!(status_of(&server, &session).await, "rescheduling");
+        assert_eq!(status_of(server, &session).await, "rescheduling");
         assert_eq!(
-            types(&server, &session).await.last().map(String::as_str),
+            types(server, &session).await.last().map(String::as_str),
             Some("session.status_rescheduled")
         );
         // A user message still waits for the turn to end.
-        let (status, _) = post(&server, &session, json!([message("hurry")])).await;
+        let (status, _) = post(server, &session, json!([message("hurry")])).await;
         assert_eq!(status, StatusCode::CONFLICT);
 
-        let (again, token) = poll(&server, &env).await;
+        let (again, token) = poll(server, &env).await;
         assert_eq!(again["id"], json!(work), "the same item comes back (D-33)");
-        work_call(&server, &token, &env, &work, "ack", None).await;
-        assert_eq!(status_of(&server, &session).await, "running");
+        work_call(server, &token, &env, &work, "ack", None).await;
+        assert_eq!(status_of(server, &session).await, "running");
         assert_eq!(
-            types(&server, &session).await,
+            types(server, &session).await,
             [
                 "user.message",
                 "session.status_running",
@@ -985,19 +963,18 @@ async fn a_lost_lease_reschedules_the_turn_until_the_next_ack() {
                 "session.status_running"
             ]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_item_stopped_mid_turn_ends_the_turn_with_an_error() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        post_ok(&server, &session, json!([message("work")])).await;
-        let (work, _) = take(&server, &env).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        post_ok(server, &session, json!([message("work")])).await;
+        let (work, _) = take(server, &env).await;
         let stopped = work_call(
-            &server,
+            server,
             &server.admin_token,
             &env,
             &work,
@@ -1006,8 +983,8 @@ async fn an_item_stopped_mid_turn_ends_the_turn_with_an_error() {
         )
         .await;
         assert_eq!(stopped["state"], "stopped");
-        assert_eq!(status_of(&server, &session).await, "idle");
-        let events = log(&server, &session).await;
+        assert_eq!(status_of(server, &session).await, "idle");
+        let events = log(server, &session).await;
         let error = events
             .iter()
             .find(|e| e["type"] == "session.error")
@@ -1015,64 +992,61 @@ async fn an_item_stopped_mid_turn_ends_the_turn_with_an_error() {
         assert!(error["error"]["message"].is_string(), "{error}");
         assert_eq!(events.last().unwrap()["type"], "session.status_idle");
         // The session takes input again, on a fresh item.
-        post_ok(&server, &session, json!([message("retry")])).await;
+        post_ok(server, &session, json!([message("retry")])).await;
         assert_eq!(
-            states(&work_items(&server, &env).await),
+            states(&work_items(server, &env).await),
             ["stopped", "queued"]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn input_while_the_item_is_stopping_waits_for_a_fresh_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        let (work, token) = take(&server, &env).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let (work, token) = take(server, &env).await;
         // The operator asks the worker to wind down.
-        let stopping = work_call(&server, &server.admin_token, &env, &work, "stop", None).await;
+        let stopping = work_call(server, &server.admin_token, &env, &work, "stop", None).await;
         assert_eq!(stopping["state"], "stopping");
 
-        post_ok(&server, &session, json!([message("one more thing")])).await;
-        assert_eq!(status_of(&server, &session).await, "running");
+        post_ok(server, &session, json!([message("one more thing")])).await;
+        assert_eq!(status_of(server, &session).await, "running");
         assert_eq!(
-            states(&work_items(&server, &env).await),
+            states(&work_items(server, &env).await),
             ["stopping"],
             "buffered (D-34)"
         );
 
         // The worker confirms the stop: a fresh item serves the waiting input, and the turn goes on.
-        let stopped = work_call(&server, &token, &env, &work, "stop", None).await;
+        let stopped = work_call(server, &token, &env, &work, "stop", None).await;
         assert_eq!(stopped["state"], "stopped");
-        let items = work_items(&server, &env).await;
+        let items = work_items(server, &env).await;
         assert_eq!(states(&items), ["stopped", "queued"]);
         assert_eq!(items[1]["data"]["id"], json!(session));
-        assert_eq!(status_of(&server, &session).await, "running");
-        assert!(!types(&server, &session)
+        assert_eq!(status_of(server, &session).await, "running");
+        assert!(!types(server, &session)
             .await
             .contains(&"session.error".to_owned()));
 
-        let (fresh, fresh_token) = take(&server, &env).await;
+        let (fresh, fresh_token) = take(server, &env).await;
         assert_eq!(json!(fresh), items[1]["id"]);
         post_as(
-            &server,
+            server,
             &fresh_token,
             &session,
             json!([agent_message("done"), end_turn()]),
         )
         .await;
-        assert_eq!(status_of(&server, &session).await, "idle");
-        server.shutdown().await;
-    }
+        assert_eq!(status_of(server, &session).await, "idle");
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn initial_events_start_the_first_turn_at_once() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
+    each_backend(async |server| {
+        let (env, agent) = server.environment_and_agent().await;
         let (status, created) = server
             .post(
                 "/sessions",
@@ -1083,11 +1057,11 @@ async fn initial_events_start_the_first_turn_at_once() {
         assert_eq!(created["status"], "running");
         let session = created["id"].as_str().unwrap().to_owned();
         assert_eq!(
-            types(&server, &session).await,
+            types(server, &session).await,
             ["user.message", "session.status_running"]
         );
         assert_eq!(
-            states(&work_items(&server, &env).await),
+            states(&work_items(server, &env).await),
             ["queued"],
             "one item, not two"
         );
@@ -1124,7 +1098,7 @@ async fn initial_events_start_the_first_turn_at_once() {
         }
         let (_, sessions) = server.get(&format!("/sessions?agent_id={agent}")).await;
         assert_eq!(sessions["data"].as_array().unwrap().len(), 1);
-        assert_eq!(work_items(&server, &env).await.len(), 1);
+        assert_eq!(work_items(server, &env).await.len(), 1);
 
         // An empty list is no input at all.
         let (status, quiet) = server
@@ -1135,15 +1109,14 @@ async fn initial_events_start_the_first_turn_at_once() {
             .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(quiet["status"], "idle");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn cancel_interrupts_a_running_turn() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
         let path = format!("/sessions/{session}/cancel");
 
         let (status, idle) = server.post(&path, json!({})).await;
@@ -1156,21 +1129,20 @@ async fn cancel_interrupts_a_running_turn() {
             ),
             (Some(session.as_str()), Some("session"), Some("idle"))
         );
-        assert!(log(&server, &session).await.is_empty());
+        assert!(log(server, &session).await.is_empty());
 
-        post_ok(&server, &session, json!([message("long job")])).await;
-        let (work, token) = take(&server, &env).await;
-        let mut watcher = Stream::open(&server, &token, &session, None).await;
+        post_ok(server, &session, json!([message("long job")])).await;
+        let (work, token) = take(server, &env).await;
+        let mut watcher = Stream::open(server, &token, &session, None).await;
         // Bodiless, as the Anthropic SDK sends it.
-        let response = server
-            .http()
-            .post(server.url(&path))
-            .bearer_auth(&server.admin_token)
-            .header("content-type", "application/json")
-            .send()
-            .await
-            .unwrap();
-        let (status, canceling) = tether_testkit::read(response).await;
+        let (status, canceling) = send_and_read(
+            server
+                .http()
+                .post(server.url(&path))
+                .bearer_auth(&server.admin_token)
+                .header("content-type", "application/json"),
+        )
+        .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{canceling}");
         assert_eq!(
             canceling,
@@ -1181,7 +1153,7 @@ async fn cancel_interrupts_a_running_turn() {
             Some("user.interrupt")
         );
         assert_eq!(
-            status_of(&server, &session).await,
+            status_of(server, &session).await,
             "running",
             "until the worker ends the turn"
         );
@@ -1190,15 +1162,15 @@ async fn cancel_interrupts_a_running_turn() {
         let (status, _) = server.call_as(&token, Method::POST, &path, None, &[]).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         post_as(
-            &server,
+            server,
             &token,
             &session,
             json!([{"type": "session.status_idle", "stop_reason": {"type": "end_turn"}}]),
         )
         .await;
-        assert_eq!(status_of(&server, &session).await, "idle");
+        assert_eq!(status_of(server, &session).await, "idle");
         assert_eq!(
-            types(&server, &session).await,
+            types(server, &session).await,
             [
                 "user.message",
                 "session.status_running",
@@ -1207,18 +1179,17 @@ async fn cancel_interrupts_a_running_turn() {
             ]
         );
         let _ = work;
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_defined_outcome_wakes_a_dormant_session_without_a_turn() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        let (work, token) = take(&server, &env).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let (work, token) = take(server, &env).await;
         work_call(
-            &server,
+            server,
             &token,
             &env,
             &work,
@@ -1227,28 +1198,27 @@ async fn a_defined_outcome_wakes_a_dormant_session_without_a_turn() {
         )
         .await;
         post_ok(
-            &server,
+            server,
             &session,
             json!([{"type": "user.define_outcome", "description": "tests pass"}]),
         )
         .await;
         assert_eq!(
-            states(&work_items(&server, &env).await),
+            states(&work_items(server, &env).await),
             ["stopped", "queued"]
         );
-        assert_eq!(status_of(&server, &session).await, "idle");
-        server.shutdown().await;
-    }
+        assert_eq!(status_of(server, &session).await, "idle");
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn racing_messages_start_one_turn_and_one_item() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, session) = setup(&server).await;
-        let (work, token) = take(&server, &env).await;
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let (work, token) = take(server, &env).await;
         work_call(
-            &server,
+            server,
             &token,
             &env,
             &work,
@@ -1282,15 +1252,15 @@ async fn racing_messages_start_one_turn_and_one_item() {
         }
         assert_eq!(won, 1);
         assert_eq!(
-            states(&work_items(&server, &env).await),
+            states(&work_items(server, &env).await),
             ["stopped", "queued"]
         );
         assert_eq!(
-            types(&server, &session).await,
+            types(server, &session).await,
             ["user.message", "session.status_running"]
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -4,16 +4,16 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tether_server::ServiceConfig;
-use tether_testkit::{backends, Options, TestServer};
+use tether_testkit::{
+    backends, each_backend, each_backend_with, json_of, send_and_read, Options, TestServer,
+};
 
 fn text_event(kind: &str, text: &str) -> Value {
     json!({"type": kind, "content": [{"type": "text", "text": text}]})
 }
 
 async fn setup(server: &TestServer) -> (String, String) {
-    let env = server.self_hosted_environment().await;
-    let agent = server.agent().await;
-    let session = server.session(&env, &agent).await;
+    let (env, _agent, session) = server.environment_agent_and_session().await;
     (env, session)
 }
 
@@ -31,9 +31,8 @@ fn options(max_event_bytes: usize, request_memory: usize, body_limit: usize) -> 
 
 #[tokio::test]
 async fn an_event_over_the_limit_is_refused_and_names_itself() {
-    for backend in backends() {
-        let server = TestServer::start_with(&backend, options(64 * 1024, 256 << 20, 1 << 20)).await;
-        let (env, session) = setup(&server).await;
+    each_backend_with(options(64 * 1024, 256 << 20, 1 << 20), async |server| {
+        let (env, session) = setup(server).await;
         let big = "x".repeat(70 * 1024);
         let (status, body) = server
             .post(
@@ -45,7 +44,7 @@ async fn an_event_over_the_limit_is_refused_and_names_itself() {
             status,
             StatusCode::BAD_REQUEST,
             "{}: {body}",
-            backend.name()
+            server.backend.name()
         );
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["param"], "events[1]", "{body}");
@@ -73,8 +72,8 @@ async fn an_event_over_the_limit_is_refused_and_names_itself() {
             .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(body["error"]["param"], "initial_events[0]", "{body}");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 /// Ids of a listing, following `next_page` to the end.
@@ -111,9 +110,8 @@ async fn all_pages(server: &TestServer, session: &str, query: &str) -> (Vec<Stri
 
 #[tokio::test]
 async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (_, session) = setup(&server).await;
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
         // 12 events of 300 KiB: a page holds at most 1 MiB of events plus one.
         let chunk = "y".repeat(300 * 1024);
         let mut posted = Vec::new();
@@ -127,17 +125,17 @@ async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
             assert_eq!(status, StatusCode::OK, "{body}");
             posted.push(body["data"][0]["id"].as_str().unwrap().to_owned());
         }
-        let (ids, pages) = all_pages(&server, &session, "").await;
-        assert_eq!(ids, posted, "{}", backend.name());
+        let (ids, pages) = all_pages(server, &session, "").await;
+        assert_eq!(ids, posted, "{}", server.backend.name());
         assert!(
             pages >= 3,
             "12 × 300 KiB must take several pages, took {pages}"
         );
-        let (mut ids, _) = all_pages(&server, &session, "&order=desc").await;
+        let (mut ids, _) = all_pages(server, &session, "&order=desc").await;
         ids.reverse();
         assert_eq!(ids, posted);
         // A filtered listing is bounded the same way.
-        let (ids, pages) = all_pages(&server, &session, "&types[]=agent.message").await;
+        let (ids, pages) = all_pages(server, &session, "&types[]=agent.message").await;
         assert_eq!(ids, posted);
         assert!(pages >= 3, "{pages}");
         // The response is valid JSON with the whole envelope.
@@ -155,8 +153,8 @@ async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
                 .len(),
             chunk.len() + 1
         );
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -167,15 +165,14 @@ async fn bodies_that_would_cost_too_much_memory_are_refused() {
         let path = server.url(&format!("/sessions/{session}/events"));
         // 100,000 tiny values: some 200 KB of text, but a tree of many megabytes.
         let many = format!("{{\"events\":[{}0]}}", "0,".repeat(100_000));
-        let resp = server
-            .http()
-            .post(&path)
-            .bearer_auth(&server.admin_token)
-            .body(many)
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = tether_testkit::read(resp).await;
+        let (status, body) = send_and_read(
+            server
+                .http()
+                .post(&path)
+                .bearer_auth(&server.admin_token)
+                .body(many),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert!(
             body["error"]["message"]
@@ -188,15 +185,14 @@ async fn bodies_that_would_cost_too_much_memory_are_refused() {
         let server2 = TestServer::start_with(&backend, options(1 << 20, 1 << 30, 4 << 20)).await;
         let (_, session2) = setup(&server2).await;
         let too_many = format!("[{}0]", "0,".repeat(1_000_001));
-        let resp = server2
-            .http()
-            .post(server2.url(&format!("/sessions/{session2}/events")))
-            .bearer_auth(&server2.admin_token)
-            .body(too_many)
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = tether_testkit::read(resp).await;
+        let (status, body) = send_and_read(
+            server2
+                .http()
+                .post(server2.url(&format!("/sessions/{session2}/events")))
+                .bearer_auth(&server2.admin_token)
+                .body(too_many),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         assert_eq!(body["type"], "error");
         // Requests without a body are not held up, and a normal post still works.
@@ -214,9 +210,8 @@ async fn bodies_that_would_cost_too_much_memory_are_refused() {
 
 #[tokio::test]
 async fn a_nul_in_an_id_filter_matches_nothing() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        setup(&server).await;
+    each_backend(async |server| {
+        setup(server).await;
         for base in [server.url("/sessions"), server.v1("/sessions")] {
             for filter in [
                 "agent_id=x%00y",
@@ -224,19 +219,18 @@ async fn a_nul_in_an_id_filter_matches_nothing() {
                 "agent_id=%00",
                 "environment_id=env_%00",
             ] {
-                let resp = server
-                    .http()
-                    .get(format!("{base}?{filter}"))
-                    .bearer_auth(&server.admin_token)
-                    .send()
-                    .await
-                    .unwrap();
-                let (status, body) = tether_testkit::read(resp).await;
+                let (status, body) = send_and_read(
+                    server
+                        .http()
+                        .get(format!("{base}?{filter}"))
+                        .bearer_auth(&server.admin_token),
+                )
+                .await;
                 assert_eq!(
                     status,
                     StatusCode::OK,
                     "{} {base}?{filter}: {body}",
-                    backend.name()
+                    server.backend.name()
                 );
                 assert_eq!(body["data"], json!([]), "{body}");
                 assert_eq!(body["has_more"], json!(false));
@@ -245,14 +239,13 @@ async fn a_nul_in_an_id_filter_matches_nothing() {
         // A path id with a NUL is no id at all (D-2).
         let (status, body) = server.get("/sessions/sess_%00").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn strings_with_nul_are_stored_as_sent() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
+    each_backend(async |server| {
         let nul = "a\u{0}b";
         let (status, env) = server
             .post(
@@ -261,7 +254,7 @@ async fn strings_with_nul_are_stored_as_sent() {
                        "metadata": {"k\u{0}": nul}}),
             )
             .await;
-        assert_eq!(status, StatusCode::OK, "{}: {env}", backend.name());
+        assert_eq!(status, StatusCode::OK, "{}: {env}", server.backend.name());
         let env_id = env["id"].as_str().unwrap();
         let (_, again) = server.get(&format!("/environments/{env_id}")).await;
         assert_eq!(again["name"], json!(nul));
@@ -292,15 +285,14 @@ async fn strings_with_nul_are_stored_as_sent() {
         );
         let (status, token) = server.post("/tokens", json!({"name": nul})).await;
         assert_eq!(status, StatusCode::OK, "{token}");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn bodies_that_say_nothing_are_refused_where_they_would_hide_a_mistake() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let (env, _) = setup(&server).await;
+    each_backend(async |server| {
+        let (env, _) = setup(server).await;
         let (_, before) = server.get(&format!("/environments/{env}")).await;
         // An update without a body, or with `null`, is a 400 and changes nothing.
         let path = server.url(&format!("/environments/{env}"));
@@ -309,7 +301,7 @@ async fn bodies_that_say_nothing_are_refused_where_they_would_hide_a_mistake() {
             if let Some(text) = body {
                 req = req.header("content-type", "application/json").body(text);
             }
-            let (status, answer) = tether_testkit::read(req.send().await.unwrap()).await;
+            let (status, answer) = send_and_read(req).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {answer}");
             assert_eq!(answer["error"]["type"], "invalid_request_error");
         }
@@ -333,16 +325,15 @@ async fn bodies_that_say_nothing_are_refused_where_they_would_hide_a_mistake() {
             .await;
         assert_eq!(status, StatusCode::OK, "{item}");
         let work = item["id"].as_str().unwrap();
-        let resp = server
-            .http()
-            .post(server.url(&format!("/environments/{env}/work/{work}/stop")))
-            .bearer_auth(&server.admin_token)
-            .header("content-type", "application/json")
-            .body("null")
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = tether_testkit::read(resp).await;
+        let (status, body) = send_and_read(
+            server
+                .http()
+                .post(server.url(&format!("/environments/{env}/work/{work}/stop")))
+                .bearer_auth(&server.admin_token)
+                .header("content-type", "application/json")
+                .body("null"),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
         let (_, now) = server
             .get(&format!("/environments/{env}/work/{work}"))
@@ -365,23 +356,15 @@ async fn bodies_that_say_nothing_are_refused_where_they_would_hide_a_mistake() {
             let (status, body) = server.post(&path, json!({})).await;
             assert_eq!(status, StatusCode::OK, "{body}");
         }
-        server.shutdown().await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_openapi_document_states_the_limits_the_server_enforces() {
     let backend = backends().remove(0);
     let server = TestServer::start(&backend).await;
-    let doc: Value = server
-        .http()
-        .get(format!("{}/openapi.json", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = json_of(server.http().get(format!("{}/openapi.json", server.base))).await;
     let param = |path: &str, method: &str, name: &str| -> Value {
         doc["paths"][path][method]["parameters"]
             .as_array()

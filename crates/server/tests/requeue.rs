@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tether_testkit::{backends, Backend, Options, TestServer};
+use tether_testkit::{backends, listed_ids, send_and_read, Backend, Options, TestServer};
 
 /// Default lease (60 s) plus a margin.
 const PAST_THE_LEASE_MS: i64 = 61_000;
@@ -13,27 +13,9 @@ const PAST_THE_LEASE_MS: i64 = 61_000;
 /// A session's item, delivered and acked, then left to expire with `max_requeues` 0: poison.
 async fn poison_item(server: &TestServer, env: &str, agent: &str) -> String {
     server.session(env, agent).await;
-    let (status, item) = server
-        .call_as(
-            &server.admin_token,
-            Method::GET,
-            &format!("/environments/{env}/work/poll"),
-            None,
-            &[("Worker-ID", "w1")],
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{item}");
+    let item = server.poll_as_worker(env, "w1", "").await;
     let id = item["id"].as_str().expect("an item").to_owned();
-    let (status, _) = server
-        .call_as(
-            &server.admin_token,
-            Method::POST,
-            &format!("/environments/{env}/work/{id}/ack"),
-            None,
-            &[("Worker-ID", "w1")],
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    server.ack_as_worker(env, &id, "w1").await;
     server.clock.advance_millis(PAST_THE_LEASE_MS);
     let (_, item) = server.get(&format!("/environments/{env}/work/{id}")).await;
     assert_eq!(item["state"], "stopped", "{item}");
@@ -46,19 +28,9 @@ async fn with_a_poison_item(backend: &Backend) -> (TestServer, String, String, S
     let mut options = Options::default();
     options.config.lease.max_requeues = 0;
     let server = TestServer::start_with(backend, options).await;
-    let env = server.self_hosted_environment().await;
-    let agent = server.agent().await;
+    let (env, agent) = server.environment_and_agent().await;
     let poison = poison_item(&server, &env, &agent).await;
     (server, env, agent, poison)
-}
-
-fn ids(list: &Value) -> Vec<String> {
-    list["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|i| i["id"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[tokio::test]
@@ -68,7 +40,10 @@ async fn poison_items_are_listed_and_requeued_once() {
         // A second session's item, stopped by hand: stopped, but not poison.
         server.session(&env, &agent).await;
         let (_, listed) = server.get(&format!("/environments/{env}/work")).await;
-        let other = ids(&listed).into_iter().find(|i| *i != poison).unwrap();
+        let other = listed_ids(&listed)
+            .into_iter()
+            .find(|i| *i != poison)
+            .unwrap();
         let (status, _) = server
             .post(
                 &format!("/environments/{env}/work/{other}/stop"),
@@ -80,17 +55,24 @@ async fn poison_items_are_listed_and_requeued_once() {
         let poisoned = format!("/environments/{env}/work?cause=poison");
         let (status, list) = server.get(&poisoned).await;
         assert_eq!(status, StatusCode::OK, "{list}");
-        assert_eq!(ids(&list), vec![poison.clone()], "{}", backend.name());
+        assert_eq!(
+            listed_ids(&list),
+            vec![poison.clone()],
+            "{}",
+            backend.name()
+        );
         // The same filter on the other prefix.
-        let v1 = server
-            .http()
-            .get(server.v1(&poisoned))
-            .bearer_auth(&server.admin_token)
-            .send()
-            .await
-            .unwrap();
-        let (status, list) = tether_testkit::read(v1).await;
-        assert_eq!((status, ids(&list)), (StatusCode::OK, vec![poison.clone()]));
+        let (status, list) = send_and_read(
+            server
+                .http()
+                .get(server.v1(&poisoned))
+                .bearer_auth(&server.admin_token),
+        )
+        .await;
+        assert_eq!(
+            (status, listed_ids(&list)),
+            (StatusCode::OK, vec![poison.clone()])
+        );
         let (status, err) = server
             .get(&format!("/environments/{env}/work?cause=bogus"))
             .await;
@@ -115,7 +97,10 @@ async fn poison_items_are_listed_and_requeued_once() {
         let fresh_id = fresh["id"].as_str().unwrap().to_owned();
         assert_ne!(fresh_id, poison);
         let (_, list) = server.get(&poisoned).await;
-        assert!(ids(&list).is_empty(), "requeued items leave the list");
+        assert!(
+            listed_ids(&list).is_empty(),
+            "requeued items leave the list"
+        );
 
         // Once only; never a live item; and the session's live item blocks a requeue of another.
         let (status, err) = server.post(&requeue(&poison), json!({})).await;
@@ -176,7 +161,7 @@ async fn only_an_admin_may_requeue() {
                 &[],
             )
             .await;
-        assert_eq!((status, ids(&list)), (StatusCode::OK, vec![poison]));
+        assert_eq!((status, listed_ids(&list)), (StatusCode::OK, vec![poison]));
         server.shutdown().await;
     }
 }

@@ -2,39 +2,17 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
-use tether_testkit::{backends, TestServer};
+use tether_testkit::each_backend;
 
 #[tokio::test]
 async fn lifecycle_poll_ack_heartbeat_stop() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
-        let session = server.session(&env, &agent).await;
-        let w = [("Worker-ID", "w1")];
-        let (status, item) = server
-            .call_as(
-                &server.admin_token,
-                Method::GET,
-                &format!("/environments/{env}/work/poll?block_ms=100"),
-                None,
-                &w,
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{item}");
+    each_backend(async |server| {
+        let (env, _agent, session) = server.environment_agent_and_session().await;
+        let item = server.poll_as_worker(&env, "w1", "?block_ms=100").await;
         assert_eq!(item["data"]["id"], json!(session));
         assert!(item["secret"].is_string());
         let id = item["id"].as_str().unwrap().to_owned();
-        let (status, acked) = server
-            .call_as(
-                &server.admin_token,
-                Method::POST,
-                &format!("/environments/{env}/work/{id}/ack"),
-                None,
-                &w,
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{acked}");
+        let acked = server.ack_as_worker(&env, &id, "w1").await;
         assert_eq!(acked["state"], "starting");
         let (status, hb) = server
             .call(
@@ -56,6 +34,6 @@ async fn lifecycle_poll_ack_heartbeat_stop() {
             .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(stopped["state"], "stopped");
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

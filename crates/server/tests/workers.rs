@@ -1,48 +1,22 @@
 //! `GET /environments/{id}/workers` (§11.4): who polled lately, and which live items each one holds.
 
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tether_testkit::{backends, TestServer};
-
-async fn poll_as(server: &TestServer, env: &str, worker: &str) -> Value {
-    let path = format!("/environments/{env}/work/poll");
-    let (status, item) = server
-        .call_as(
-            &server.admin_token,
-            Method::GET,
-            &path,
-            None,
-            &[("Worker-ID", worker)],
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{item}");
-    item
-}
+use tether_testkit::{each_backend, string_fields};
 
 #[tokio::test]
 async fn lists_recent_pollers_with_the_items_they_hold() {
-    for backend in backends() {
-        let server = TestServer::start(&backend).await;
-        let env = server.self_hosted_environment().await;
-        let agent = server.agent().await;
+    each_backend(async |server| {
+        let (env, agent) = server.environment_and_agent().await;
         server.session(&env, &agent).await;
         server.session(&env, &agent).await;
 
         // alpha takes and acks two items, then force-stops one; beta polls an empty queue.
         let mut held = Vec::new();
         for _ in 0..2 {
-            let item = poll_as(&server, &env, "alpha").await;
+            let item = server.poll_as_worker(&env, "alpha", "").await;
             let id = item["id"].as_str().expect("an item").to_owned();
-            let (status, _) = server
-                .call_as(
-                    &server.admin_token,
-                    Method::POST,
-                    &format!("/environments/{env}/work/{id}/ack"),
-                    None,
-                    &[("Worker-ID", "alpha")],
-                )
-                .await;
-            assert_eq!(status, StatusCode::OK);
+            server.ack_as_worker(&env, &id, "alpha").await;
             held.push(id);
         }
         let (status, _) = server
@@ -52,7 +26,7 @@ async fn lists_recent_pollers_with_the_items_they_hold() {
             )
             .await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(poll_as(&server, &env, "beta").await, Value::Null);
+        assert_eq!(server.poll_as_worker(&env, "beta", "").await, Value::Null);
 
         let (status, listing) = server.get(&format!("/environments/{env}/workers")).await;
         assert_eq!(status, StatusCode::OK, "{listing}");
@@ -60,23 +34,18 @@ async fn lists_recent_pollers_with_the_items_they_hold() {
         let by_id = |name: &str| workers.iter().find(|w| w["worker_id"] == name).cloned();
         let alpha = by_id("alpha").expect("alpha is listed");
         let beta = by_id("beta").expect("beta is listed");
-        let alpha_items: Vec<&str> = alpha["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["id"].as_str().unwrap())
-            .collect();
+        let alpha_items = string_fields(&alpha["items"], "id");
         assert_eq!(
             alpha_items,
             vec![held[0].as_str()],
             "only the live item alpha holds ({})",
-            backend.name()
+            server.backend.name()
         );
         assert_eq!(alpha["items"][0]["state"], "starting");
         assert!(beta["items"].as_array().unwrap().is_empty());
         assert!(alpha["last_poll_at"]
             .as_str()
             .is_some_and(|t| t.ends_with('Z')));
-        server.shutdown().await;
-    }
+    })
+    .await;
 }

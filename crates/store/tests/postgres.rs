@@ -37,6 +37,20 @@ async fn fresh() -> Option<String> {
     )
 }
 
+/// Two stores on one fresh database, as two server processes would have (`None` without PostgreSQL).
+async fn two_stores_on_a_fresh_database(
+) -> Option<(SqlStore<PostgresExecutor>, SqlStore<PostgresExecutor>)> {
+    let url = fresh().await?;
+    let a = postgres::connect(&url).await.unwrap();
+    let b = postgres::connect(&url).await.unwrap();
+    Some((a, b))
+}
+
+/// Every row `sql` (a statement without parameters) returns.
+async fn query_all(executor: &PostgresExecutor, sql: &str) -> Vec<Vec<Value>> {
+    executor.query(Statement::new(sql, vec![])).await.unwrap()
+}
+
 #[tokio::test]
 async fn servers_starting_together_migrate_once() {
     let Some(url) = fresh().await else { return };
@@ -46,14 +60,7 @@ async fn servers_starting_together_migrate_once() {
         assert!(store.is_ok(), "{:?}", store.as_ref().err());
     }
     let store = stores.into_iter().next().unwrap().unwrap();
-    let rows = store
-        .executor()
-        .query(Statement::new(
-            "SELECT COUNT(*) FROM schema_migrations",
-            vec![],
-        ))
-        .await
-        .unwrap();
+    let rows = query_all(store.executor(), "SELECT COUNT(*) FROM schema_migrations").await;
     assert_eq!(
         rows,
         vec![vec![Value::Int(tether_store::sql::MIGRATIONS.len() as i64)]]
@@ -110,13 +117,11 @@ async fn values_round_trip_and_conditions_conflict() {
         ])
         .await;
     assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
-    let rows = exec
-        .query(Statement::new(
-            "SELECT worker_id, last_poll_at, NULL, COUNT(*) OVER () FROM workers ORDER BY worker_id",
-            vec![],
-        ))
-        .await
-        .unwrap();
+    let rows = query_all(
+        exec,
+        "SELECT worker_id, last_poll_at, NULL, COUNT(*) OVER () FROM workers ORDER BY worker_id",
+    )
+    .await;
     assert_eq!(
         rows,
         vec![vec![
@@ -187,9 +192,9 @@ async fn values_round_trip_and_conditions_conflict() {
 
 #[tokio::test]
 async fn notices_reach_other_processes_but_not_their_sender() {
-    let Some(url) = fresh().await else { return };
-    let a = postgres::connect(&url).await.unwrap();
-    let b = postgres::connect(&url).await.unwrap();
+    let Some((a, b)) = two_stores_on_a_fresh_database().await else {
+        return;
+    };
     let mut at_a = a.subscribe();
     let mut at_b = b.subscribe();
     let notice = Notice::WorkClaimable {
@@ -238,9 +243,9 @@ async fn hears(
 
 #[tokio::test]
 async fn a_dropped_listener_reconnects_and_asks_for_a_resync() {
-    let Some(url) = fresh().await else { return };
-    let a = postgres::connect(&url).await.unwrap();
-    let b = postgres::connect(&url).await.unwrap();
+    let Some((a, b)) = two_stores_on_a_fresh_database().await else {
+        return;
+    };
     let mut at_b = b.subscribe();
     let notice = Notice::Session {
         session_id: "sess_x".into(),
@@ -248,14 +253,12 @@ async fn a_dropped_listener_reconnects_and_asks_for_a_resync() {
     hears(&a, &mut at_b, &notice).await;
     let before = b.reconnections();
     // Cut every listening connection of this database, as a network failure or a restart would.
-    a.executor()
-        .query(Statement::new(
-            "SELECT pg_terminate_backend(pid)::TEXT FROM pg_stat_activity \
+    query_all(
+        a.executor(),
+        "SELECT pg_terminate_backend(pid)::TEXT FROM pg_stat_activity \
              WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-            vec![],
-        ))
-        .await
-        .unwrap();
+    )
+    .await;
     let resync = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             if let Ok(Notice::Resync) = at_b.recv().await {

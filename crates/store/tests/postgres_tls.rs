@@ -9,15 +9,14 @@ use std::path::PathBuf;
 use tether_store::{postgres, tls, Store};
 
 fn required(variable: &str) -> Option<String> {
-    match std::env::var(variable) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("CI must run the PostgreSQL TLS tests: set {variable} (see scripts/test)")
-        }
-        _ => {
-            eprintln!("skipped: {variable} is not set");
-            None
-        }
+    tether_testkit::required_url(variable, "the PostgreSQL TLS tests")
+}
+
+/// Why [`postgres::connect`] refuses `url`; panics when it connects.
+async fn store_refusal(url: &str) -> String {
+    match postgres::connect(url).await {
+        Ok(_) => panic!("the store connected to {url}"),
+        Err(error) => error.to_string(),
     }
 }
 
@@ -87,11 +86,7 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
     assert_ne!(by_address, admin, "the TLS URL names localhost");
     let refused = encrypted(&by_address).await.expect_err("wrong host name");
     assert!(refused.contains("NotValidForName"), "{refused}");
-    let error = postgres::connect(&by_address)
-        .await
-        .err()
-        .expect("the store refuses too")
-        .to_string();
+    let error = store_refusal(&by_address).await;
     assert!(error.contains("certificate"), "{error}");
 
     let verify_ca = by_address.replace("sslmode=verify-full", "sslmode=verify-ca");
@@ -135,20 +130,12 @@ async fn require_against_a_server_without_tls_is_a_clear_error() {
     assert_eq!(encrypted(&prefer).await, Ok(false), "prefer falls back");
 
     let require = with_query(&plain, "sslmode=require");
-    let error = postgres::connect(&require)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = store_refusal(&require).await;
     assert!(error.contains("server does not support TLS"), "{error}");
 }
 
 #[tokio::test]
 async fn unsupported_modes_are_refused_before_connecting() {
-    let error = postgres::connect("postgres://127.0.0.1:1/x?sslmode=allow")
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let error = store_refusal("postgres://127.0.0.1:1/x?sslmode=allow").await;
     assert!(error.contains("sslmode=allow is not supported"), "{error}");
 }

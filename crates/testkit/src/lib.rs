@@ -6,6 +6,7 @@
 //! `TETHER_TEST_POSTGRES_URL` names a server the tests may create databases on; under CI (`CI` set) its
 //! absence is an error, so a green CI always means both backends passed.
 
+pub mod client;
 pub mod postgres;
 pub mod schema;
 pub mod tls;
@@ -47,6 +48,37 @@ pub fn backends() -> Vec<Backend> {
         _ => eprintln!("note: TETHER_TEST_POSTGRES_URL is not set; running on SQLite only"),
     }
     out
+}
+
+/// The URL in the environment variable `variable`, when it is set and not empty. Without it the tests
+/// that need it (`which`, e.g. "the cluster tests") say so and pass, except under CI (`CI` set), where
+/// its absence is an error: a green CI means they ran.
+pub fn required_url(variable: &str, which: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI must run {which}: set {variable} (scripts/test does, with scripts/pg)")
+        }
+        _ => {
+            eprintln!("skipped: {which} need {variable} (e.g. `scripts/pg start`)");
+            None
+        }
+    }
+}
+
+/// Runs `test` once per backend ([`backends`]), each time against a fresh server with the default
+/// [`Options`], and shuts that server down afterwards.
+pub async fn each_backend(test: impl AsyncFn(&TestServer)) {
+    each_backend_with(Options::default(), test).await
+}
+
+/// [`each_backend`] with a server started with `options`.
+pub async fn each_backend_with(options: Options, test: impl AsyncFn(&TestServer)) {
+    for backend in backends() {
+        let server = TestServer::start_with(&backend, options.clone()).await;
+        test(&server).await;
+        server.shutdown().await;
+    }
 }
 
 /// Where a store lives, so that a server can be restarted on the same data.
@@ -231,6 +263,31 @@ impl TestServer {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// Polls environment `env`'s queue with the admin token as worker `worker` (the `Worker-ID`
+    /// header); `query` goes after the path (e.g. `?block_ms=500`, or empty). Asserts 200 and returns
+    /// the reply: the item, or `null` when there was none.
+    pub async fn poll_as_worker(&self, env: &str, worker: &str, query: &str) -> Value {
+        let path = format!("/environments/{env}/work/poll{query}");
+        self.ok_as_worker(Method::GET, &path, worker).await
+    }
+
+    /// Acks item `work` of environment `env` with the admin token as worker `worker`; asserts 200 and
+    /// returns the acked item.
+    pub async fn ack_as_worker(&self, env: &str, work: &str, worker: &str) -> Value {
+        let path = format!("/environments/{env}/work/{work}/ack");
+        self.ok_as_worker(Method::POST, &path, worker).await
+    }
+
+    /// A body-less request with the admin token and `Worker-ID: worker_id` that must answer 200.
+    async fn ok_as_worker(&self, method: Method, path: &str, worker_id: &str) -> Value {
+        let headers = [("Worker-ID", worker_id)];
+        let (status, body) = self
+            .call_as(&self.admin_token, method, path, None, &headers)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
     /// Creates a self-hosted environment and returns its id.
     pub async fn self_hosted_environment(&self) -> String {
         let (status, env) = self
@@ -253,6 +310,19 @@ impl TestServer {
             .await;
         assert_eq!(status, StatusCode::OK, "{agent}");
         agent["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Creates a self-hosted environment and an agent; returns their ids.
+    pub async fn environment_and_agent(&self) -> (String, String) {
+        (self.self_hosted_environment().await, self.agent().await)
+    }
+
+    /// Creates a self-hosted environment, an agent, and a session of that agent there (which
+    /// enqueues one work item); returns the three ids.
+    pub async fn environment_agent_and_session(&self) -> (String, String, String) {
+        let (environment_id, agent_id) = self.environment_and_agent().await;
+        let session_id = self.session(&environment_id, &agent_id).await;
+        (environment_id, agent_id, session_id)
     }
 
     /// Creates a session (which enqueues one work item on a self-hosted environment); returns its id.
@@ -286,8 +356,7 @@ pub async fn read_checked(method: &Method, resp: reqwest::Response) -> (StatusCo
     let content_type = resp
         .headers()
         .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .and_then(|v| v.to_str().ok().map(str::to_owned));
     let (status, body) = read(resp).await;
     schema::check_response(method, &url, status, content_type.as_deref(), &body);
     (status, body)
@@ -299,4 +368,38 @@ pub async fn read(resp: reqwest::Response) -> (StatusCode, Value) {
     let text = resp.text().await.expect("body");
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, value)
+}
+
+/// The string `field` of every element of the JSON array `array` (a listing's `data`, say), in order;
+/// panics when `array` is not an array or an element lacks a string `field`.
+pub fn string_fields<'a>(array: &'a Value, field: &str) -> Vec<&'a str> {
+    array
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {array}"))
+        .iter()
+        .map(|element| {
+            element[field]
+                .as_str()
+                .unwrap_or_else(|| panic!("no string {field:?} in {element}"))
+        })
+        .collect()
+}
+
+/// The ids of a listing's `data`, in order.
+pub fn listed_ids(page: &Value) -> Vec<String> {
+    string_fields(&page["data"], "id")
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Sends `request` and returns its body as JSON; panics when the request fails or the body is not JSON.
+pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    let response = request.send().await.expect("request");
+    response.json().await.expect("a JSON body")
+}
+
+/// Sends `request` and returns its status and body as [`read`] does; panics when the request fails.
+pub async fn send_and_read(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    read(request.send().await.expect("request")).await
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tether_client::{
-    Client, CreateAgent, CreateEnvironment, CreateSession, Event, HeartbeatOptions, ListEvents,
-    ListParams, NewEvent, PollOptions, SessionStatus, WorkItem,
+    Client, Event, HeartbeatOptions, ListEvents, ListParams, NewEvent, PollOptions, SessionStatus,
+    WorkItem,
 };
+use tether_testkit::client::environment_agent_and_session;
 use tether_testkit::{Backend, TestServer};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -32,18 +33,7 @@ struct Served {
 /// worker` claims it: poll, ack, first heartbeat, and a heartbeat loop.
 async fn claimed_session(server: &TestServer) -> Served {
     let admin = Client::new(&server.base, &server.admin_token).unwrap();
-    let env = admin
-        .create_environment(&CreateEnvironment::self_hosted("shell"))
-        .await
-        .unwrap();
-    let agent = admin
-        .create_agent(&CreateAgent::new("shell", "none"))
-        .await
-        .unwrap();
-    let session = admin
-        .create_session(&CreateSession::new(agent.id.as_str(), env.id.as_str()))
-        .await
-        .unwrap();
+    let (env, _agent, session) = environment_agent_and_session(&admin, "shell").await;
     let poll = PollOptions {
         block_ms: Some(999),
         worker_id: Some(WORKER_ID.into()),

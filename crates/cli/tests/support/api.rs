@@ -92,3 +92,34 @@ impl Api {
         key["token"].as_str().expect("token").to_owned()
     }
 }
+
+/// A `tether serve` child process with its data in a temporary directory, and what the tests that
+/// run workers against it all need: a self-hosted environment, a key for it and an agent.
+pub struct Deployment {
+    pub server: ServerProcess,
+    pub api: Api,
+    pub env: String,
+    pub key: String,
+    pub agent: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Deployment {
+    /// Starts `tether serve SERVER_ARGS…` and creates the environment and the agent, both named `name`.
+    pub async fn start(server_args: &[&str], name: &str) -> Deployment {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server = ServerProcess::start(&dir.path().join("data"), server_args);
+        let api = Api::of(&server);
+        let env = api.self_hosted_environment(name).await;
+        let key = api.key(&env).await;
+        let agent = api.agent(name).await;
+        Deployment {
+            server,
+            api,
+            env,
+            key,
+            agent,
+            dir,
+        }
+    }
+}

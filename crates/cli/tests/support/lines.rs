@@ -78,6 +78,14 @@ impl Lines {
         }
     }
 
+    /// Waits for the command to exit by itself, which it must do successfully with `last` in the
+    /// last line it printed.
+    pub fn exits_successfully_after(&mut self, last: &str) {
+        let status = self.exit();
+        assert!(status.success(), "{status}");
+        assert!(self.seen.last().unwrap().contains(last), "{:?}", self.seen);
+    }
+
     /// Waits for the command to exit by itself; then every line it printed is in `seen`.
     pub fn exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + PATIENCE;

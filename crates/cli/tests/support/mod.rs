@@ -12,6 +12,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+/// The `tether` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
 /// Variables that would otherwise leak from the caller's shell into the commands under test.
 pub const AMBIENT: &[&str] = &[
     "TETHER_SERVER",
@@ -27,15 +30,40 @@ pub const AMBIENT: &[&str] = &[
     "TETHER_LOG_DIR",
     "TETHER_WORKDIR",
     "TETHER_MAX_IDLE",
+    "NO_COLOR",
+    "TETHER_ENVIRONMENT",
+    "TETHER_WORKER_ID",
+    "TETHER_CONCURRENCY",
+    "TETHER_TTL",
+    "TETHER_GRACE",
+    "TETHER_DRAIN_TIMEOUT",
+    "TETHER_AGENT_MAX_IDLE",
+    "TETHER_AGENT_COMMAND_TIMEOUT",
+    "TETHER_AGENT_MAX_OUTPUT",
+    "TETHER_CA_CERT",
+    "TETHER_TLS_CERT",
+    "TETHER_TLS_KEY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ];
 
 /// The `tether` binary with none of [`AMBIENT`] inherited and no standard input.
 pub fn tether_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+    let mut command = Command::new(BIN);
     for name in AMBIENT {
         command.env_remove(name);
     }
     command.stdin(Stdio::null());
+    command
+}
+
+/// [`tether_command`] with `args`, run as the admin of `server` (`TETHER_SERVER`, `TETHER_TOKEN`).
+pub fn tether_as_admin(server: &ServerProcess, args: &[&str]) -> Command {
+    let mut command = tether_command();
+    command
+        .args(args)
+        .env("TETHER_SERVER", &server.base)
+        .env("TETHER_TOKEN", &server.token);
     command
 }
 
@@ -51,7 +79,7 @@ pub const ADMIN_TOKEN: &str = "tth_adm_test-admin-token-for-integration-tests";
 impl ServerProcess {
     /// Starts `tether serve` on a free port with `data_dir` and extra arguments; waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        let mut child = Command::new(BIN)
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -140,4 +168,111 @@ pub fn json_output(args: &[&str], out: &Output) -> serde_json::Value {
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+/// Waits (at most `patience`) until the `tether serve` whose standard error goes to `log` says where it
+/// listens, and returns that URL.
+pub fn listening_url_in(log: &Path, patience: Duration) -> String {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(rest) = text.split("tether listening on ").nth(1) {
+            return rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tether serve did not start:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `tether serve` on a loopback port with its store in `<dir>/data` and its standard error in
+/// `<dir>/server.log`; killed on drop.
+pub struct LoggedServer {
+    pub child: Child,
+    pub url: String,
+    pub dir: std::path::PathBuf,
+    pub admin_token: &'static str,
+}
+
+impl LoggedServer {
+    /// Starts `tether serve --listen 127.0.0.1:0 --data-dir <dir>/data ARGS…` with `env` and
+    /// `admin_token`, and waits (at most `patience`) until it listens.
+    pub fn spawn(
+        dir: &Path,
+        admin_token: &'static str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        patience: Duration,
+    ) -> LoggedServer {
+        let log = dir.join("server.log");
+        let child = tether_command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(args)
+            .envs(env.iter().copied())
+            .env("TETHER_ADMIN_TOKEN", admin_token)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("server log"))
+            .spawn()
+            .expect("spawn tether serve");
+        let url = listening_url_in(&log, patience);
+        LoggedServer {
+            child,
+            url,
+            dir: dir.to_owned(),
+            admin_token,
+        }
+    }
+
+    /// Runs `tether ARGS…` as the admin of this server.
+    pub fn run(&self, args: &[&str]) -> Output {
+        tether_command()
+            .args(args)
+            .env("TETHER_SERVER", &self.url)
+            .env("TETHER_TOKEN", self.admin_token)
+            .output()
+            .expect("run tether")
+    }
+
+    /// A command that must succeed and print JSON (`--json` is added).
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let out = self.run(&args);
+        json_output(&args, &out)
+    }
+}
+
+impl Drop for LoggedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `id` of a created resource.
+pub fn id(value: &serde_json::Value) -> String {
+    value["id"].as_str().expect("an id").to_owned()
+}
+
+/// Waits (at most `patience`) for `child`, named `what` in the failure, to exit; kills it and fails
+/// when it does not.
+pub fn wait_exit(child: &mut Child, what: &str, patience: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -12,7 +12,10 @@ use base64::Engine;
 pub use reqwest::header::HeaderMap;
 pub use reqwest::{Method, StatusCode};
 pub use serde_json::{json, Value};
-pub use tether_testkit::{backends, Backend, Options, StoreLocation, TestServer};
+pub use tether_testkit::{
+    backends, each_backend, each_backend_with, listed_ids, string_fields, Backend, Options,
+    StoreLocation, TestServer,
+};
 
 /// A request body as sent on the wire.
 #[derive(Clone, Debug)]

@@ -302,6 +302,47 @@ mod tests {
         b.consume();
     }
 
+    #[test]
+    fn an_empty_scan_marks_its_environment_until_a_wake_up() {
+        let w = Waiters::default();
+        let ttl = Duration::from_secs(60);
+        let now = tether_core::Timestamp::from_micros(1_000_000);
+        assert!(!w.known_empty("env", now, ttl), "never scanned");
+        let scan = w.begin_scan("env");
+        assert!(
+            !w.known_empty("env", now, ttl),
+            "a scan under way proves nothing"
+        );
+        w.found_empty("env", scan, now);
+        assert!(w.known_empty("env", now, ttl));
+        assert!(!w.known_empty("other", now, ttl), "per environment");
+        assert!(
+            !w.known_empty("env", now.plus_millis(60_000), ttl),
+            "the mark ages with the server's clock"
+        );
+        w.wake("env", 1);
+        assert!(!w.known_empty("env", now, ttl), "a wake-up ends the mark");
+    }
+
+    #[test]
+    fn a_scan_begun_before_a_wake_up_leaves_no_mark() {
+        let w = Waiters::default();
+        let ttl = Duration::from_secs(60);
+        let now = tether_core::Timestamp::from_micros(1_000_000);
+        let scan = w.begin_scan("env");
+        // An enqueue commits while the scan runs: the scan may have missed it.
+        w.wake("env", 1);
+        w.found_empty("env", scan, now);
+        assert!(!w.known_empty("env", now, ttl));
+        // A later scan began before this one finished: only the later one may mark.
+        let first = w.begin_scan("env");
+        let second = w.begin_scan("env");
+        w.found_empty("env", first, now);
+        assert!(!w.known_empty("env", now, ttl));
+        w.found_empty("env", second, now);
+        assert!(w.known_empty("env", now, ttl));
+    }
+
     #[tokio::test]
     async fn wakes_are_not_lost_between_register_and_wait() {
         let w = Waiters::default();

@@ -156,7 +156,7 @@ impl PostgresExecutor {
             .map(|((statement, _), prepared)| bind_all(&statement.params, prepared.params()))
             .collect::<StoreResult<Vec<_>>>()
             .map_err(refused)?;
-        let params: Vec<_> = params.iter().map(|p| refs(p)).collect();
+        let params: Vec<_> = params.iter().map(Vec::as_slice).map(refs).collect();
         let outcomes = futures::future::join_all(
             prepared
                 .iter()

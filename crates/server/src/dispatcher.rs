@@ -23,7 +23,12 @@ pub fn spawn(app: App) -> JoinHandle<()> {
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => pass(&app, Expiry::Always).await,
+                _ = tick.tick() => {
+                    pass(&app, Expiry::Always).await;
+                    if let Err(e) = app.write_worker_records().await {
+                        tracing::warn!(error = %e, "dispatcher: writing poll records failed");
+                    }
+                }
                 _ = prune.tick() => {
                     if let Err(e) = app.forget_idle_workers().await {
                         tracing::warn!(error = %e, "dispatcher: pruning idle workers failed");
@@ -40,7 +45,12 @@ pub fn spawn(app: App) -> JoinHandle<()> {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => notices = app.store.subscribe(),
                 },
-                _ = app.until_shutdown() => return,
+                _ = app.until_shutdown() => {
+                    if let Err(e) = app.write_worker_records().await {
+                        tracing::warn!(error = %e, "dispatcher: writing poll records failed");
+                    }
+                    return;
+                }
             }
         }
     })

@@ -4,6 +4,14 @@
 //! the scan and the wait still wakes it. A newly claimable item wakes exactly one waiter (no thundering
 //! herd); a waiter that was woken but gives up without claiming (its deadline hit, its client left) passes
 //! the wake-up on to the next waiter when its ticket drops.
+//!
+//! Idle long polls re-poll about once a second (`block_ms` is at most 999), and most of them would
+//! find the queue as empty as the one before them did. A scan that found nothing leaves a [`Scan`] mark
+//! on its environment; until the mark is a tick old, or anything wakes the environment's waiters (an
+//! enqueue, a requeue, another process's notice, a dispatcher probe that found work), blocked polls
+//! of that environment wait without scanning again. Nothing that makes an item claimable goes
+//! unnoticed for longer than a blocked waiter would miss it anyway: the dispatcher's tick probes every
+//! environment that has a waiter.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -20,7 +28,25 @@ struct Slot {
 #[derive(Default)]
 struct Inner {
     queues: HashMap<String, VecDeque<Weak<Slot>>>,
+    /// Per environment: the scan under way or the last one that found nothing (see [`Scan`]).
+    scans: HashMap<String, ScanMark>,
+    next_scan: u64,
 }
+
+/// A scan of an environment's queue: begun, or finished empty at `found_empty` (real time, and the
+/// server's clock, whichever says it is older counts).
+#[derive(Clone, Copy)]
+struct ScanMark {
+    id: u64,
+    found_empty: Option<(std::time::Instant, tether_core::Timestamp)>,
+}
+
+/// A scan begun with [`Waiters::begin_scan`]; tell [`Waiters::found_empty`] when it found nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct Scan(u64);
+
+/// Bound on environments with a scan mark (the map is cleared beyond it; marks are only hints).
+const MAX_SCAN_MARKS: usize = 100_000;
 
 /// All waiters of one server process.
 #[derive(Clone, Default)]
@@ -49,10 +75,61 @@ impl Waiters {
         })
     }
 
+    /// Whether a scan of the environment found nothing less than `ttl` ago (by the real clock and by
+    /// `now`) and nothing has woken its waiters since: a blocked poll may then wait without scanning.
+    pub fn known_empty(
+        &self,
+        environment_id: &str,
+        now: tether_core::Timestamp,
+        ttl: std::time::Duration,
+    ) -> bool {
+        let inner = self.inner.lock().expect("waiters lock");
+        let Some((at, at_clock)) = inner
+            .scans
+            .get(environment_id)
+            .and_then(|mark| mark.found_empty)
+        else {
+            return false;
+        };
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        at.elapsed() < ttl && now.millis_since(at_clock) < ttl_ms && now >= at_clock
+    }
+
+    /// Notes that a scan of the environment's queue begins now (see [`Self::found_empty`]).
+    pub fn begin_scan(&self, environment_id: &str) -> Scan {
+        let mut inner = self.inner.lock().expect("waiters lock");
+        inner.next_scan += 1;
+        let id = inner.next_scan;
+        if inner.scans.len() >= MAX_SCAN_MARKS && !inner.scans.contains_key(environment_id) {
+            inner.scans.clear();
+        }
+        inner.scans.insert(
+            environment_id.to_owned(),
+            ScanMark {
+                id,
+                found_empty: None,
+            },
+        );
+        Scan(id)
+    }
+
+    /// The scan found nothing to claim. Marks the environment empty unless something woke its waiters
+    /// (or another scan began) since the scan began.
+    pub fn found_empty(&self, environment_id: &str, scan: Scan, now: tether_core::Timestamp) {
+        let mut inner = self.inner.lock().expect("waiters lock");
+        if let Some(mark) = inner.scans.get_mut(environment_id) {
+            if mark.id == scan.0 {
+                mark.found_empty = Some((std::time::Instant::now(), now));
+            }
+        }
+    }
+
     /// Wakes up to `count` waiters of the environment, oldest first. Returns how many were woken.
+    /// Any scan mark of the environment goes too: whatever woke it may have made an item claimable.
     pub fn wake(&self, environment_id: &str, count: usize) -> usize {
         let mut woken = 0;
         let mut inner = self.inner.lock().expect("waiters lock");
+        inner.scans.remove(environment_id);
         let Some(queue) = inner.queues.get_mut(environment_id) else {
             return 0;
         };
@@ -223,6 +300,47 @@ mod tests {
             .await
             .expect("the remaining waiter is woken");
         b.consume();
+    }
+
+    #[test]
+    fn an_empty_scan_marks_its_environment_until_a_wake_up() {
+        let w = Waiters::default();
+        let ttl = Duration::from_secs(60);
+        let now = tether_core::Timestamp::from_micros(1_000_000);
+        assert!(!w.known_empty("env", now, ttl), "never scanned");
+        let scan = w.begin_scan("env");
+        assert!(
+            !w.known_empty("env", now, ttl),
+            "a scan under way proves nothing"
+        );
+        w.found_empty("env", scan, now);
+        assert!(w.known_empty("env", now, ttl));
+        assert!(!w.known_empty("other", now, ttl), "per environment");
+        assert!(
+            !w.known_empty("env", now.plus_millis(60_000), ttl),
+            "the mark ages with the server's clock"
+        );
+        w.wake("env", 1);
+        assert!(!w.known_empty("env", now, ttl), "a wake-up ends the mark");
+    }
+
+    #[test]
+    fn a_scan_begun_before_a_wake_up_leaves_no_mark() {
+        let w = Waiters::default();
+        let ttl = Duration::from_secs(60);
+        let now = tether_core::Timestamp::from_micros(1_000_000);
+        let scan = w.begin_scan("env");
+        // An enqueue commits while the scan runs: the scan may have missed it.
+        w.wake("env", 1);
+        w.found_empty("env", scan, now);
+        assert!(!w.known_empty("env", now, ttl));
+        // A later scan began before this one finished: only the later one may mark.
+        let first = w.begin_scan("env");
+        let second = w.begin_scan("env");
+        w.found_empty("env", first, now);
+        assert!(!w.known_empty("env", now, ttl));
+        w.found_empty("env", second, now);
+        assert!(w.known_empty("env", now, ttl));
     }
 
     #[tokio::test]

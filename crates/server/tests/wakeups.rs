@@ -115,7 +115,7 @@ impl Store for Counting {
         environment_id: &str,
         reclaim_cutoff: Timestamp,
         limit: u32,
-    ) -> StoreResult<Vec<Versioned<WorkItem>>> {
+    ) -> StoreResult<Vec<tether_store::Candidate>> {
         self.scans.fetch_add(1, Ordering::SeqCst);
         self.inner
             .claim_candidates(environment_id, reclaim_cutoff, limit)
@@ -232,10 +232,9 @@ async fn a_fruitless_wake_up_costs_one_scan() {
                 })
             })
             .collect();
-        // Until every poll has scanned once and is waiting.
-        while counting.scans.load(Ordering::SeqCst) < WAITERS
-            || app.waiters.count() < WAITERS as usize
-        {
+        // Until every poll is waiting (after one scan at least: those that came after a scan found
+        // the queue empty wait without one of their own).
+        while counting.scans.load(Ordering::SeqCst) < 1 || app.waiters.count() < WAITERS as usize {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let before = counting.scans.load(Ordering::SeqCst);
@@ -247,6 +246,96 @@ async fn a_fruitless_wake_up_costs_one_scan() {
         assert!(
             scans <= 2,
             "{}: one fruitless wake-up made {scans} queue scans with {WAITERS} polls waiting",
+            backend.name()
+        );
+        app.begin_shutdown();
+    }
+}
+
+/// Idle workers re-poll about once a second (`block_ms` is at most 999). A scan that found the queue
+/// empty spares the re-polls after it a scan of their own until something is announced, and an
+/// enqueue is still delivered to a parked poll at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_re_polls_wait_without_scanning() {
+    const ROUNDS: u64 = 5;
+    for backend in backends() {
+        let location = StoreLocation::fresh(&backend).await.expect("store");
+        let counting = Arc::new(Counting {
+            inner: location.open().await.expect("open"),
+            scans: AtomicU64::new(0),
+        });
+        let app = App::new(
+            counting.clone(),
+            Arc::new(SystemClock),
+            ServiceConfig {
+                // No periodic pass during the test: every scan counted comes from a poll.
+                tick: Duration::from_secs(3600),
+                ..ServiceConfig::default()
+            },
+        );
+        let env = app
+            .create_environment(
+                NewEnvironment {
+                    name: "parked".into(),
+                    config: Some(json!({"type": "self_hosted"})),
+                    ..NewEnvironment::default()
+                },
+                None,
+            )
+            .await
+            .expect("environment");
+        let started = std::time::Instant::now();
+        for _ in 0..ROUNDS {
+            let got = app
+                .poll(
+                    &env,
+                    Some("idle"),
+                    None,
+                    Some(Duration::from_millis(20)),
+                    5_000,
+                )
+                .await
+                .expect("poll");
+            assert!(got.is_none());
+        }
+        let scans = counting.scans.load(Ordering::SeqCst);
+        // The mark lasts a second of real time: on a machine too slow to poll five times in one, the
+        // rounds after it scan again, which is right too.
+        if started.elapsed() < Duration::from_millis(900) {
+            assert_eq!(
+                scans,
+                1,
+                "{}: {ROUNDS} idle polls in a row scanned {scans} times",
+                backend.name()
+            );
+        }
+        // Anything that wakes the environment's waiters ends the mark: a woken parked poll scans.
+        let waiting = {
+            let (app, env) = (app.clone(), env.clone());
+            tokio::spawn(async move {
+                app.poll(
+                    &env,
+                    Some("idle"),
+                    None,
+                    Some(Duration::from_millis(999)),
+                    5_000,
+                )
+                .await
+                .expect("poll")
+            })
+        };
+        for _ in 0..2_000 {
+            if app.waiters.count() >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = counting.scans.load(Ordering::SeqCst);
+        app.waiters.wake(&env.id, 1);
+        assert!(waiting.await.expect("poll task").is_none());
+        assert!(
+            counting.scans.load(Ordering::SeqCst) > before,
+            "{}: a woken poll scans",
             backend.name()
         );
         app.begin_shutdown();

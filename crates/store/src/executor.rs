@@ -7,8 +7,8 @@ use tokio::sync::broadcast;
 
 use crate::sql::{self, Expect, Row, Statement};
 use crate::{
-    ArchiveFilter, ChangeSet, EventDoc, HistoryRow, Notice, Page, PageRequest, QueueCounts,
-    SessionFilter, Store, StoreResult, Versioned, WorkFilter,
+    ArchiveFilter, Candidate, ChangeSet, EventDoc, HistoryRow, Notice, Page, PageRequest,
+    QueueCounts, SessionFilter, Store, StoreResult, Versioned, WorkFilter,
 };
 
 /// What a backend provides: run a query, run a list of writes atomically, and pass notices around.
@@ -234,10 +234,10 @@ impl<E: Executor> Store for SqlStore<E> {
         environment_id: &str,
         reclaim_cutoff: Timestamp,
         limit: u32,
-    ) -> StoreResult<Vec<Versioned<WorkItem>>> {
+    ) -> StoreResult<Vec<Candidate>> {
         self.all(
             sql::claim_candidates(environment_id, reclaim_cutoff, limit),
-            sql::versioned,
+            sql::candidate,
         )
         .await
     }

@@ -148,6 +148,30 @@ pub enum Cursor {
     Before(String),
 }
 
+/// A queued item a poll may take. Its document is decoded only when the poll takes it: a poll reads a
+/// few candidates, to step past those that other polls of this process are taking, and uses one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub id: String,
+    pub version: i64,
+    doc: String,
+}
+
+impl Candidate {
+    pub fn new(id: String, version: i64, doc: String) -> Self {
+        Candidate { id, version, doc }
+    }
+
+    /// The item, as it was when the candidate was read.
+    pub fn decode(&self) -> StoreResult<Versioned<WorkItem>> {
+        Ok(Versioned {
+            version: self.version,
+            value: serde_json::from_str(&self.doc)
+                .map_err(|e| StoreError::Internal(format!("corrupt record: {e}")))?,
+        })
+    }
+}
+
 /// A page request: at most `limit` rows in ascending id order (descending when `descending`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageRequest {
@@ -344,7 +368,7 @@ pub trait Store: Send + Sync + 'static {
         environment_id: &str,
         reclaim_cutoff: Timestamp,
         limit: u32,
-    ) -> StoreResult<Vec<Versioned<WorkItem>>>;
+    ) -> StoreResult<Vec<Candidate>>;
     async fn live_work_for_session(
         &self,
         session_id: &str,

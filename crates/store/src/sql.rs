@@ -779,7 +779,7 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
 
 pub fn claim_candidates(environment_id: &str, reclaim_cutoff: Timestamp, limit: u32) -> Statement {
     Statement::new(
-        "SELECT version, doc FROM work_items WHERE environment_id = $1 AND state = 'queued' \
+        "SELECT id, version, doc FROM work_items WHERE environment_id = $1 AND state = 'queued' \
          AND (delivered_at IS NULL OR delivered_at <= $2) ORDER BY enqueued_at, id LIMIT $3",
         vec![
             environment_id.into(),
@@ -788,6 +788,15 @@ pub fn claim_candidates(environment_id: &str, reclaim_cutoff: Timestamp, limit: 
         ],
     )
     .bounded()
+}
+
+/// Decodes `(id, version, doc)` rows, leaving the document as text.
+pub fn candidate(row: &Row) -> StoreResult<crate::Candidate> {
+    Ok(crate::Candidate::new(
+        text(&row[0])?,
+        int(&row[1])?,
+        text(&row[2])?,
+    ))
 }
 
 pub fn live_work_for_session(session_id: &str) -> Statement {

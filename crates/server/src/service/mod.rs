@@ -87,6 +87,9 @@ pub struct AppInner {
     claiming: Mutex<HashSet<String>>,
     /// When this process last recorded each (environment, worker) poll, to write at most once a second.
     workers_recorded: Mutex<HashMap<(String, String), Timestamp>>,
+    /// Poll records not written yet: the dispatcher's tick writes them all in one commit
+    /// ([`App::write_worker_records`]), instead of a commit per idle worker's re-poll.
+    pub(crate) workers_unwritten: Mutex<HashMap<(String, String), Timestamp>>,
     shutdown: watch::Sender<bool>,
     /// Asks the dispatcher for a pass now (§3.1).
     pub dispatch_now: tokio::sync::Notify,
@@ -122,6 +125,7 @@ impl App {
             queue_history,
             claiming: Mutex::new(HashSet::new()),
             workers_recorded: Mutex::new(HashMap::new()),
+            workers_unwritten: Mutex::new(HashMap::new()),
             shutdown,
             dispatch_now: tokio::sync::Notify::new(),
             amnesty_granted_through: reconnections.into(),

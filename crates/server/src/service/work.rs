@@ -34,10 +34,18 @@ pub struct Effects {
     pub sessions: Vec<String>,
 }
 
-/// Candidates a poll reads at once.
+/// The most candidates a poll reads at once.
 const CLAIM_BATCH: u32 = 64;
+/// Candidates a poll reads beyond the items this process's other polls are taking right now: those
+/// head the queue until their delivery commits, and the poll steps past them without a conflict.
+const CLAIM_SPARE: u32 = 8;
 /// Items one expiry pass handles at most; the next tick takes the rest.
 const EXPIRY_BATCH: u32 = 256;
+/// Poll records one commit writes at most.
+const WORKER_RECORDS_PER_COMMIT: usize = 1_000;
+/// Poll records that may wait in memory for the next tick (beyond it a poll is not recorded; the
+/// worker's next poll after the record interval is).
+const MAX_UNWRITTEN_WORKER_RECORDS: usize = 100_000;
 /// How far back `GET …/workers` (§11.4) looks for polls.
 pub const WORKERS_LISTED_MS: i64 = 5 * 60 * 1000;
 
@@ -277,7 +285,20 @@ impl App {
             } else {
                 None
             };
-            let claimed = self.try_claim(env, worker_id, issuer, reclaim_ms).await?;
+            // A blocked poll whose environment a scan found empty lately, with nothing announced since,
+            // waits without scanning again (`crate::waiters`): idle workers re-polling cost no store work.
+            let parked = ticket.is_some()
+                && answering.is_none()
+                && self
+                    .waiters
+                    .known_empty(&env.id, self.now(), self.parked_scan_ttl());
+            let claimed = if parked {
+                None
+            } else {
+                let scan = ticket.as_ref().map(|_| self.waiters.begin_scan(&env.id));
+                self.try_claim(env, worker_id, issuer, reclaim_ms, scan)
+                    .await?
+            };
             if let Some(woken) = answering.take() {
                 woken.consume();
             }
@@ -304,19 +325,27 @@ impl App {
         worker_id: Option<&str>,
         issuer: Option<&str>,
         reclaim_ms: i64,
+        scan: Option<crate::waiters::Scan>,
     ) -> Result<Option<Claimed>> {
         for _ in 0..super::MAX_ATTEMPTS {
             let now = self.now();
+            let taking = self.claiming.lock().expect("claiming lock").len();
+            let batch = u32::try_from(taking)
+                .unwrap_or(u32::MAX)
+                .saturating_add(CLAIM_SPARE)
+                .min(CLAIM_BATCH);
             let candidates = self
                 .store
-                .claim_candidates(&env.id, now.minus_millis(reclaim_ms), CLAIM_BATCH)
+                .claim_candidates(&env.id, now.minus_millis(reclaim_ms), batch)
                 .await?;
             let mut lost_a_race = false;
             for candidate in candidates {
-                let Some(_reservation) = self.reserve(&candidate.value.id) else {
+                let Some(_reservation) = self.reserve(&candidate.id) else {
                     lost_a_race = true;
                     continue;
                 };
+                // Decoded only now: the candidates this poll steps past cost no parsing.
+                let candidate = candidate.decode()?;
                 let token = credentials::mint(credentials::SESSION_PREFIX);
                 let now = self.now();
                 let Ok(step) = work::deliver(
@@ -349,11 +378,20 @@ impl App {
                 }
             }
             if !lost_a_race {
+                if let Some(scan) = scan {
+                    self.waiters.found_empty(&env.id, scan, self.now());
+                }
                 return Ok(None);
             }
             tokio::task::yield_now().await;
         }
         Ok(None)
+    }
+
+    /// How long a scan that found nothing spares blocked polls a scan of their own: at most a dispatcher
+    /// tick (whose pass probes every environment with a waiter), and never over a second.
+    fn parked_scan_ttl(&self) -> Duration {
+        self.config.tick.min(Duration::from_secs(1))
     }
 
     fn reserve(&self, work_id: &str) -> Option<Reservation<'_>> {
@@ -365,7 +403,10 @@ impl App {
     }
 
     /// Records a poll for `workers_polling`, at most once per [`Self::worker_record_interval_ms`] per
-    /// worker and process: an idle worker re-polls every second, and each record is a write.
+    /// worker and process: an idle worker re-polls every second. The record waits in memory for the
+    /// dispatcher's next tick, which writes every waiting record in one commit; readers of the records
+    /// in this process write them first, other processes see them a tick later (the window they count
+    /// in is 30 s).
     async fn record_worker(&self, environment_id: &str, worker_id: Option<&str>) -> Result<()> {
         let Some(worker_id) = worker_id else {
             return Ok(());
@@ -384,14 +425,34 @@ impl App {
             if recorded.len() > 100_000 {
                 recorded.clear();
             }
-            recorded.insert(key, now);
+            recorded.insert(key.clone(), now);
         }
-        let write = Write::TouchWorker {
-            environment_id: environment_id.to_owned(),
-            worker_id: worker_id.to_owned(),
-            at: now,
-        };
-        self.commit(ChangeSet::one(write)).await?;
+        let mut unwritten = self.workers_unwritten.lock().expect("workers lock");
+        if unwritten.len() < MAX_UNWRITTEN_WORKER_RECORDS {
+            unwritten.insert(key, now);
+        }
+        Ok(())
+    }
+
+    /// Writes the poll records waiting in memory (see [`Self::record_worker`]), in one commit per
+    /// [`WORKER_RECORDS_PER_COMMIT`]. Records that fail to be written are dropped: the worker's next
+    /// poll after the record interval records it again.
+    pub async fn write_worker_records(&self) -> Result<()> {
+        let unwritten = std::mem::take(&mut *self.workers_unwritten.lock().expect("workers lock"));
+        let writes: Vec<Write> = unwritten
+            .into_iter()
+            .map(|((environment_id, worker_id), at)| Write::TouchWorker {
+                environment_id,
+                worker_id,
+                at,
+            })
+            .collect();
+        for chunk in writes.chunks(WORKER_RECORDS_PER_COMMIT) {
+            self.commit(ChangeSet {
+                writes: chunk.to_vec(),
+            })
+            .await?;
+        }
         Ok(())
     }
 
@@ -485,6 +546,7 @@ impl App {
 
     pub async fn queue_stats(&self, env: &Environment) -> Result<QueueStats> {
         self.expire_due_leases().await?;
+        self.write_worker_records().await?;
         let counts = self.store.queue_counts(&env.id).await?;
         let since = self
             .now()
@@ -513,6 +575,7 @@ impl App {
         &self,
         env: &Environment,
     ) -> Result<Vec<(String, Timestamp, Vec<WorkItem>)>> {
+        self.write_worker_records().await?;
         let since = self.now().minus_millis(WORKERS_LISTED_MS);
         let seen = self.store.workers_seen(&env.id, since).await?;
         let live = self.store.leased_work_in_environment(&env.id).await?;

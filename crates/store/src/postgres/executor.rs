@@ -138,12 +138,35 @@ impl PostgresExecutor {
             };
         }
         let tx = client.transaction().await.map_err(fail)?;
-        for (statement, expect) in statements {
-            let prepared = tx.prepare_cached(&statement.sql).await.map_err(fail)?;
-            let params = bind_all(&statement.params, prepared.params()).map_err(refused)?;
-            let changed = tx.execute(&prepared, &refs(&params)).await.map_err(fail)?;
+        // The statements go out together (tokio-postgres pipelines requests polled at once): one round
+        // trip for the whole list instead of one per statement. Each still runs after the one before it,
+        // and the outcome is the first failure in order, as if they had run one by one; whatever the
+        // statements after a failure did is rolled back with the rest (dropping the transaction rolls
+        // it back), and COMMIT is sent only after every result has been checked.
+        let prepared = futures::future::try_join_all(
+            statements
+                .iter()
+                .map(|(statement, _)| tx.prepare_cached(&statement.sql)),
+        )
+        .await
+        .map_err(fail)?;
+        let params = statements
+            .iter()
+            .zip(&prepared)
+            .map(|((statement, _), prepared)| bind_all(&statement.params, prepared.params()))
+            .collect::<StoreResult<Vec<_>>>()
+            .map_err(refused)?;
+        let params: Vec<_> = params.iter().map(Vec::as_slice).map(refs).collect();
+        let outcomes = futures::future::join_all(
+            prepared
+                .iter()
+                .zip(&params)
+                .map(|(prepared, params)| tx.execute(prepared, params)),
+        )
+        .await;
+        for ((_, expect), outcome) in statements.iter().zip(outcomes) {
+            let changed = outcome.map_err(fail)?;
             if *expect == Expect::OneRow && changed != 1 {
-                // Dropping the transaction rolls it back.
                 return Err(refused(StoreError::Conflict));
             }
         }

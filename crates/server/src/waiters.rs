@@ -33,12 +33,12 @@ struct Inner {
     next_scan: u64,
 }
 
-/// A scan of an environment's queue: begun, or finished empty at `found_empty` (real time, and the
-/// server's clock, whichever says it is older counts).
+/// A scan of an environment's queue: begun, or finished empty at `found_empty` (the server's clock,
+/// which tests inject; a clock that steps back ends the mark).
 #[derive(Clone, Copy)]
 struct ScanMark {
     id: u64,
-    found_empty: Option<(std::time::Instant, tether_core::Timestamp)>,
+    found_empty: Option<tether_core::Timestamp>,
 }
 
 /// A scan begun with [`Waiters::begin_scan`]; tell [`Waiters::found_empty`] when it found nothing.
@@ -84,7 +84,7 @@ impl Waiters {
         ttl: std::time::Duration,
     ) -> bool {
         let inner = self.inner.lock().expect("waiters lock");
-        let Some((at, at_clock)) = inner
+        let Some(at) = inner
             .scans
             .get(environment_id)
             .and_then(|mark| mark.found_empty)
@@ -92,7 +92,7 @@ impl Waiters {
             return false;
         };
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        at.elapsed() < ttl && now.millis_since(at_clock) < ttl_ms && now >= at_clock
+        now >= at && now.millis_since(at) < ttl_ms
     }
 
     /// Notes that a scan of the environment's queue begins now (see [`Self::found_empty`]).
@@ -119,7 +119,7 @@ impl Waiters {
         let mut inner = self.inner.lock().expect("waiters lock");
         if let Some(mark) = inner.scans.get_mut(environment_id) {
             if mark.id == scan.0 {
-                mark.found_empty = Some((std::time::Instant::now(), now));
+                mark.found_empty = Some(now);
             }
         }
     }

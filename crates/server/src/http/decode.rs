@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use serde_path_to_error::Segment;
 use tether_api as api;
+use tether_core::events::MAX_EVENTS_PER_BATCH;
 use tether_core::metadata::MetadataError;
 
 use super::extract::JsonBody;
@@ -245,6 +246,58 @@ impl RequestBody for api::UpdateSession {
             "metadata" => metadata_patch_message(rest),
             _ => serde.to_owned(),
         }
+    }
+}
+
+impl RequestBody for api::CreateSession {
+    const FIELDS: &'static [&'static str] = &[
+        "environment_id",
+        "agent",
+        "title",
+        "resources",
+        "budget",
+        "metadata",
+        "environment_variables",
+        "initial_events",
+    ];
+    const REQUIRED: &'static [&'static str] = &["environment_id", "agent"];
+
+    fn field_message(param: &str, rest: &[String], serde: &str) -> String {
+        match param {
+            "environment_id" => required_string_message(param, serde),
+            // `AgentRef` words its own refusals.
+            "agent" => serde.to_owned(),
+            "title" => "title must be a string".to_owned(),
+            "resources" => "resources must be an array".to_owned(),
+            "metadata" => metadata_message(rest),
+            "environment_variables" => match rest.first() {
+                Some(key) => format!("{param}.{key} must be a string"),
+                None => format!("{param} must be an object of strings"),
+            },
+            "initial_events" => events_message(param, serde),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
+impl RequestBody for api::PostEvents {
+    const FIELDS: &'static [&'static str] = &["events"];
+    const REQUIRED: &'static [&'static str] = &["events"];
+
+    fn field_message(param: &str, _: &[String], serde: &str) -> String {
+        match param {
+            "events" => events_message(param, serde),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
+/// A list of events that did not deserialize (its events are judged one by one later, by the core).
+fn events_message(param: &str, serde: &str) -> String {
+    if serde.starts_with("invalid type: null") || serde.starts_with("missing field") {
+        format!("{param} is required (an array of 1 to {MAX_EVENTS_PER_BATCH} events)")
+    } else {
+        format!("{param} must be an array of events")
     }
 }
 

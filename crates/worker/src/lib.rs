@@ -136,6 +136,9 @@ pub(crate) struct Shared {
     pub exits: std::sync::Mutex<Vec<Exit>>,
     /// `--sandbox`, checked at start-up.
     pub sandbox: Option<sandbox::Sandbox>,
+    /// Whether a running program arms the dead man's switch ([`deadman`]). Always in a worker; off
+    /// only in unit tests on tokio's paused clock, whose instants the kernel's timer cannot follow.
+    pub dead_mans_switch: bool,
 }
 
 impl Shared {
@@ -263,6 +266,7 @@ pub async fn run(config: Config) -> Result<Summary> {
         run_one: config.run_one,
         exits: std::sync::Mutex::default(),
         sandbox,
+        dead_mans_switch: true,
     });
     let mut tasks = JoinSet::new();
     let claimed = claim::run(shared.clone(), concurrency, &mut tasks).await;

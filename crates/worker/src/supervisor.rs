@@ -18,6 +18,7 @@ use tether_client::{Client, MetadataPatch, WorkItem, WorkState};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::retry;
+use crate::deadman;
 use crate::heartbeat::{Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Exit, Running};
 use crate::status::Outcome;
@@ -276,19 +277,9 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     "stop requested: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
-                let terminated = self.terminate(&mut running, &mut lease).await;
-                let terminated = self.reaped(terminated, &mut running).await;
-                drop(dead_man);
-                match terminated {
-                    Err(lost) => lost,
-                    Ok(exit) => {
-                        self.info("program ended", &[("status", &exit.describe())]);
-                        let phase = *self.phase.borrow();
-                        self.record_exit(exit, attempts(phase)).await;
-                        self.stop(phase == Phase::Forced, attempts(phase)).await;
-                        outcome_of(exit)
-                    }
-                }
+                // The server asked: the stop that ends it is a confirmation.
+                self.wind_down(&mut running, &mut lease, dead_man, true)
+                    .await
             }
             Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
                 let exit = running.kill().await;
@@ -316,20 +307,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                         return outcome;
                     }
                 };
-                let terminated = self.terminate(&mut running, &mut lease).await;
-                let terminated = self.reaped(terminated, &mut running).await;
-                drop(dead_man);
-                match terminated {
-                    Err(lost) => lost,
-                    Ok(exit) => {
-                        self.info("program ended", &[("status", &exit.describe())]);
-                        let phase = *self.phase.borrow();
-                        self.record_exit(exit, attempts(phase)).await;
-                        let forced = !requested || phase == Phase::Forced;
-                        self.stop(forced, attempts(phase)).await;
-                        outcome_of(exit)
-                    }
-                }
+                self.wind_down(&mut running, &mut lease, dead_man, requested)
+                    .await
             }
         }
     }
@@ -418,6 +397,32 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             _ = reached(&mut phase, Phase::Forced) => {
                 self.warn("forced shutdown: SIGKILL", &[]);
                 Terminated::Exited(running.kill().await)
+            }
+        }
+    }
+
+    /// Terminates the program and ends the item: its exit recorded, then a stop that confirms
+    /// `stop_requested` (forced when no stop was requested, or the worker is being forced to quit).
+    /// The dead man's switch is disarmed once the program is reaped.
+    async fn wind_down(
+        &self,
+        running: &mut Running,
+        lease: &mut Heartbeat,
+        dead_man: Option<deadman::Guard>,
+        stop_requested: bool,
+    ) -> Outcome {
+        let terminated = self.terminate(running, lease).await;
+        let terminated = self.reaped(terminated, running).await;
+        drop(dead_man);
+        match terminated {
+            Err(lost) => lost,
+            Ok(exit) => {
+                self.info("program ended", &[("status", &exit.describe())]);
+                let phase = *self.phase.borrow();
+                self.record_exit(exit, attempts(phase)).await;
+                let forced = !stop_requested || phase == Phase::Forced;
+                self.stop(forced, attempts(phase)).await;
+                outcome_of(exit)
             }
         }
     }

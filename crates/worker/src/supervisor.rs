@@ -568,22 +568,10 @@ mod tests {
     use tether_client::{Heartbeat as Beat, HeartbeatOptions};
 
     use super::*;
+    use crate::heartbeat::tests::refusal as refused;
     use crate::program::{Output, Program};
     use crate::status::Reporter;
     use crate::LogFormat;
-
-    fn refused(status: u16) -> tether_client::Error {
-        tether_client::ApiError {
-            status,
-            kind: "x".into(),
-            message: "no".into(),
-            param: None,
-            code: None,
-            details: None,
-            request_id: None,
-        }
-        .into()
-    }
 
     fn beat(state: &str) -> tether_client::Result<Beat> {
         Ok(serde_json::from_value(json!({

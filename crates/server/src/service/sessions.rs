@@ -78,27 +78,25 @@ impl App {
     }
 
     pub async fn create_session(&self, command: NewSession) -> Result<Session> {
-        let NewSession {
-            environment_id,
-            agent,
-            agent_version,
-            title,
-            metadata,
-            environment_variables,
-            resources,
-            budget,
-            initial_events,
-        } = command;
-        let agent = self.resolve_agent(&agent, agent_version).await?;
+        let agent = self
+            .resolve_agent(&command.agent, command.agent_version)
+            .await?;
+        let environment_id = command.environment_id;
         let env = self.environment(&environment_id).await?;
         refuse_archived(&env)?;
-        let title = checked_title(title)?;
-        metadata::validate(&metadata)?;
+        let title = checked_title(command.title)?;
+        metadata::validate(&command.metadata)?;
         let id = ids::new_id(IdKind::Session);
         // `initial_events` are appended as if the creator sent them right after creation (§12.2): the same
         // checks and turn rules as `POST /sessions/{id}/events` from an admin, in the same atomic write.
         let initial = self
-            .incoming_events(&id, "initial_events", initial_events, Sender::Admin, 0)
+            .incoming_events(
+                &id,
+                "initial_events",
+                command.initial_events,
+                Sender::Admin,
+                0,
+            )
             .await?;
         let now = self.now();
         let mut session = Session {
@@ -107,10 +105,10 @@ impl App {
             environment_id: env.id.clone(),
             status: SessionStatus::Idle,
             title,
-            metadata,
-            environment_variables,
-            resources: Value::Array(resources),
-            budget,
+            metadata: command.metadata,
+            environment_variables: command.environment_variables,
+            resources: Value::Array(command.resources),
+            budget: command.budget,
             created_at: now,
             updated_at: now,
             archived_at: None,

@@ -4,6 +4,45 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
+/// The names of the event types (§12.3), written once: `tether-core`'s `EventType` (which owns what each
+/// type means) and every client name them through these constants.
+pub mod event_type {
+    /// `user.message`
+    pub const USER_MESSAGE: &str = "user.message";
+    /// `user.interrupt`
+    pub const USER_INTERRUPT: &str = "user.interrupt";
+    /// `user.tool_confirmation`
+    pub const USER_TOOL_CONFIRMATION: &str = "user.tool_confirmation";
+    /// `user.tool_result`
+    pub const USER_TOOL_RESULT: &str = "user.tool_result";
+    /// `user.custom_tool_result`
+    pub const USER_CUSTOM_TOOL_RESULT: &str = "user.custom_tool_result";
+    /// `user.define_outcome`
+    pub const USER_DEFINE_OUTCOME: &str = "user.define_outcome";
+    /// `agent.message`
+    pub const AGENT_MESSAGE: &str = "agent.message";
+    /// `agent.thinking`
+    pub const AGENT_THINKING: &str = "agent.thinking";
+    /// `agent.tool_use`
+    pub const AGENT_TOOL_USE: &str = "agent.tool_use";
+    /// `agent.custom_tool_use`
+    pub const AGENT_CUSTOM_TOOL_USE: &str = "agent.custom_tool_use";
+    /// `agent.tool_result`
+    pub const AGENT_TOOL_RESULT: &str = "agent.tool_result";
+    /// `session.status_idle`
+    pub const SESSION_STATUS_IDLE: &str = "session.status_idle";
+    /// `session.error`
+    pub const SESSION_ERROR: &str = "session.error";
+    /// `session.status_running`
+    pub const SESSION_STATUS_RUNNING: &str = "session.status_running";
+    /// `session.status_rescheduled`
+    pub const SESSION_STATUS_RESCHEDULED: &str = "session.status_rescheduled";
+    /// `session.status_terminated`
+    pub const SESSION_STATUS_TERMINATED: &str = "session.status_terminated";
+    /// `session.deleted`
+    pub const SESSION_DELETED: &str = "session.deleted";
+}
+
 /// A stored session event (§12.3): `id`, `type`, `processed_at` and the fields of its type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
@@ -60,20 +99,20 @@ impl NewEvent {
     /// `user.message` with one text block: starts a turn on an idle session.
     pub fn user_message(text: impl Into<String>) -> Self {
         Self::new(
-            "user.message",
+            event_type::USER_MESSAGE,
             json!({"content": [{"type": "text", "text": text.into()}]}),
         )
     }
 
     /// `user.interrupt`: asks the running turn to stop.
     pub fn user_interrupt() -> Self {
-        Self::new("user.interrupt", json!({}))
+        Self::new(event_type::USER_INTERRUPT, json!({}))
     }
 
     /// `agent.message` with one text block.
     pub fn agent_message(text: impl Into<String>) -> Self {
         Self::new(
-            "agent.message",
+            event_type::AGENT_MESSAGE,
             json!({"content": [{"type": "text", "text": text.into()}]}),
         )
     }
@@ -81,18 +120,37 @@ impl NewEvent {
     /// `session.status_idle` with a stop reason (`end_turn`, `requires_action` or `error`): ends a turn.
     pub fn status_idle(stop_reason: &str) -> Self {
         Self::new(
-            "session.status_idle",
+            event_type::SESSION_STATUS_IDLE,
             json!({"stop_reason": {"type": stop_reason}}),
         )
+    }
+}
+
+impl From<NewEvent> for Value {
+    fn from(event: NewEvent) -> Value {
+        let mut fields = event.fields;
+        fields.insert("type".to_owned(), Value::String(event.kind));
+        Value::Object(fields)
     }
 }
 
 /// Body of `POST /sessions/{id}/events`: 1 to 100 events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PostEvents {
-    /// The events, appended in order.
-    #[schema(min_items = 1, max_items = 100)]
-    pub events: Vec<NewEvent>,
+    /// The events, appended in order. Each is a [`NewEvent`], held as the JSON sent: event types are
+    /// open-ended (a user event may carry fields of its own), and the server judges each against its
+    /// type's rules, naming the field at fault (`events[1].content`), which a typed decode could not.
+    #[schema(value_type = Vec<NewEvent>, min_items = 1, max_items = 100)]
+    pub events: Vec<Value>,
+}
+
+impl PostEvents {
+    /// A batch of events to send.
+    pub fn new(events: impl IntoIterator<Item = NewEvent>) -> Self {
+        PostEvents {
+            events: events.into_iter().map(Value::from).collect(),
+        }
+    }
 }
 
 /// The answer to `POST /sessions/{id}/events`: the events as stored.

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use events::{Event, NewEvent, PostEvents, PostedEvents};
+pub use events::{event_type, Event, NewEvent, PostEvents, PostedEvents};
 pub use requests::{
     AgentRef, CreateAgent, CreateCredential, CreateEnvironment, CreateSession, RequeueRequest,
     StopRequest, UpdateAgent, UpdateEnvironment, UpdateSession, WorkMetadataPatch,

@@ -1,13 +1,11 @@
-//! Request bodies. Most keep a flattened `extra` map so that a caller can send fields this crate does
-//! not model yet; the server reads the fields it knows and ignores the rest (§1.3). The bodies the
-//! server deserializes directly (environments, agents, `UpdateSession`, the work and credential bodies) have none: serde
-//! ignores unknown fields anyway, and a flattened map would hide the failing field's path, which the
-//! server's field errors name (`param`).
+//! Request bodies, as the server deserializes them and clients send them. None keeps a flattened
+//! `extra` map: serde ignores unknown fields anyway (§1.3), and a flattened map would hide the failing
+//! field's path, which the server's field errors name (`param`).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
 use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
@@ -296,16 +294,48 @@ impl Serialize for AgentRef {
 
 impl<'de> Deserialize<'de> for AgentRef {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Form {
-            Id(String),
-            Pinned { id: String, version: u32 },
+        AgentRef::from_json(Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl AgentRef {
+    /// Reads an agent reference, refusing anything else in the API's words (the server reports them
+    /// under `param: "agent"`). `{"type": "agent", "id": …}` without a version is the current version.
+    fn from_json(value: Value) -> Result<AgentRef, String> {
+        let mut fields = match value {
+            Value::String(id) => return Ok(AgentRef::Id(id)),
+            Value::Object(fields) => fields,
+            Value::Null => return Err("agent is required".to_owned()),
+            _ => {
+                return Err(
+                    "agent must be an agent id or {\"type\": \"agent\", \"id\": …}".to_owned(),
+                )
+            }
+        };
+        // Both SDKs also offer `{"type":"agent_with_overrides", …}`. Serving it as a plain reference
+        // would silently drop the overrides, so anything but `agent` is refused.
+        match fields.get("type") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(kind)) if kind == "agent" => {}
+            Some(other) => {
+                return Err(format!(
+                    "agent.type {other} is not supported: send an agent id or \
+                     {{\"type\": \"agent\", \"id\": …, \"version\": …}}"
+                ))
+            }
         }
-        Ok(match Form::deserialize(deserializer)? {
-            Form::Id(id) => AgentRef::Id(id),
-            Form::Pinned { id, version } => AgentRef::Version { id, version },
-        })
+        let Some(Value::String(id)) = fields.remove("id") else {
+            return Err("agent.id is required".to_owned());
+        };
+        match fields.remove("version") {
+            None | Some(Value::Null) => Ok(AgentRef::Id(id)),
+            Some(version) => version
+                .as_u64()
+                .filter(|v| *v >= 1)
+                .and_then(|v| u32::try_from(v).ok())
+                .map(|version| AgentRef::Version { id, version })
+                .ok_or_else(|| "agent.version must be a positive integer".to_owned()),
+        }
     }
 }
 
@@ -320,16 +350,30 @@ pub struct CreateSession {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 512)]
     pub title: Option<String>,
-    /// Metadata, copied into the session's work items.
-    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    /// Metadata, copied into the session's work items. `null` means none.
+    #[serde(
+        default,
+        skip_serializing_if = "Metadata::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     #[schema(schema_with = crate::schemas::metadata_map)]
     pub metadata: Metadata,
-    /// Variables for the worker's program.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Variables for the worker's program. `null` means none.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub environment_variables: BTreeMap<String, String>,
-    /// User-side events appended right after creation, e.g. a first `user.message`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub initial_events: Vec<NewEvent>,
+    /// User-side events appended right after creation, e.g. a first `user.message` (see
+    /// [`PostEvents::events`] for why they are JSON values here).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    #[schema(value_type = Vec<NewEvent>, max_items = 100)]
+    pub initial_events: Vec<Value>,
     /// Resources, stored as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Vec<Value>>,
@@ -337,10 +381,6 @@ pub struct CreateSession {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub budget: Option<Value>,
-    /// Further fields sent as given.
-    #[serde(flatten)]
-    #[schema(ignore)]
-    pub extra: Map<String, Value>,
 }
 
 impl CreateSession {
@@ -351,6 +391,13 @@ impl CreateSession {
             environment_id: environment_id.into(),
             ..Default::default()
         }
+    }
+
+    /// Adds events to append right after creation.
+    pub fn with_initial_events(mut self, events: impl IntoIterator<Item = NewEvent>) -> Self {
+        self.initial_events
+            .extend(events.into_iter().map(Value::from));
+        self
     }
 }
 

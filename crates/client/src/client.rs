@@ -17,8 +17,8 @@ use crate::params::{
 use crate::sse::EventStream;
 use crate::types::{
     Agent, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential, Deleted, Environment,
-    Event, Heartbeat, MetadataPatch, NewEvent, Page, QueueStats, Session, UpdateAgent,
-    UpdateEnvironment, UpdateSession, WorkHistory, WorkItem, WorkSecret, Worker,
+    Event, Heartbeat, MetadataPatch, NewEvent, Page, PostEvents, PostedEvents, QueueStats, Session,
+    UpdateAgent, UpdateEnvironment, UpdateSession, WorkHistory, WorkItem, WorkSecret, Worker,
 };
 
 /// The path prefix of the Qoder dialect, which this client speaks.
@@ -468,15 +468,9 @@ impl Client {
 
     /// `POST /sessions/{id}/events` with 1–100 events; returns them as stored (with ids).
     pub async fn send_events(&self, session_id: &str, events: &[NewEvent]) -> Result<Vec<Event>> {
-        #[derive(Deserialize)]
-        struct Stored {
-            data: Vec<Event>,
-        }
-        let stored: Stored = self
-            .post(
-                &["sessions", session_id, "events"],
-                Some(&json!({ "events": events })),
-            )
+        let body = PostEvents::new(events.iter().cloned());
+        let stored: PostedEvents = self
+            .post(&["sessions", session_id, "events"], Some(&body))
             .await?;
         Ok(stored.data)
     }

@@ -47,8 +47,9 @@ pub use params::{
 pub use reqwest::Method;
 pub use sse::{EventStream, SseEvent};
 pub use types::{
-    Agent, AgentRef, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential, Deleted,
-    Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page, QueueStats,
-    SecretError, Session, SessionStatus, UpdateAgent, UpdateEnvironment, UpdateSession, WorkData,
-    WorkHistory, WorkItem, WorkSecret, WorkState, WorkTransition, Worker, WorkerItem,
+    event_type, Agent, AgentRef, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential,
+    Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page, PostEvents,
+    PostedEvents, QueueStats, SecretError, Session, SessionStatus, UpdateAgent, UpdateEnvironment,
+    UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret, WorkState, WorkTransition, Worker,
+    WorkerItem,
 };

@@ -5,6 +5,7 @@
 //! Fields a type does not define are kept as given (D-17): an event log is worth more complete than tidy.
 
 use serde_json::{Map, Value};
+use tether_api::event_type as name;
 
 use crate::ids::{self, IdKind};
 use crate::session::{self, InputDecision, QueueEffect, ServerEvent, SessionStatus};
@@ -66,23 +67,23 @@ impl EventType {
 
     pub const fn as_str(self) -> &'static str {
         match self {
-            EventType::UserMessage => "user.message",
-            EventType::UserInterrupt => "user.interrupt",
-            EventType::UserToolConfirmation => "user.tool_confirmation",
-            EventType::UserToolResult => "user.tool_result",
-            EventType::UserCustomToolResult => "user.custom_tool_result",
-            EventType::UserDefineOutcome => "user.define_outcome",
-            EventType::AgentMessage => "agent.message",
-            EventType::AgentThinking => "agent.thinking",
-            EventType::AgentToolUse => "agent.tool_use",
-            EventType::AgentCustomToolUse => "agent.custom_tool_use",
-            EventType::AgentToolResult => "agent.tool_result",
-            EventType::SessionStatusIdle => "session.status_idle",
-            EventType::SessionError => "session.error",
-            EventType::SessionStatusRunning => "session.status_running",
-            EventType::SessionStatusRescheduled => "session.status_rescheduled",
-            EventType::SessionStatusTerminated => "session.status_terminated",
-            EventType::SessionDeleted => "session.deleted",
+            EventType::UserMessage => name::USER_MESSAGE,
+            EventType::UserInterrupt => name::USER_INTERRUPT,
+            EventType::UserToolConfirmation => name::USER_TOOL_CONFIRMATION,
+            EventType::UserToolResult => name::USER_TOOL_RESULT,
+            EventType::UserCustomToolResult => name::USER_CUSTOM_TOOL_RESULT,
+            EventType::UserDefineOutcome => name::USER_DEFINE_OUTCOME,
+            EventType::AgentMessage => name::AGENT_MESSAGE,
+            EventType::AgentThinking => name::AGENT_THINKING,
+            EventType::AgentToolUse => name::AGENT_TOOL_USE,
+            EventType::AgentCustomToolUse => name::AGENT_CUSTOM_TOOL_USE,
+            EventType::AgentToolResult => name::AGENT_TOOL_RESULT,
+            EventType::SessionStatusIdle => name::SESSION_STATUS_IDLE,
+            EventType::SessionError => name::SESSION_ERROR,
+            EventType::SessionStatusRunning => name::SESSION_STATUS_RUNNING,
+            EventType::SessionStatusRescheduled => name::SESSION_STATUS_RESCHEDULED,
+            EventType::SessionStatusTerminated => name::SESSION_STATUS_TERMINATED,
+            EventType::SessionDeleted => name::SESSION_DELETED,
         }
     }
 

@@ -1,6 +1,5 @@
 //! Tether's HTTP server: both wire dialects over one service layer, the dispatcher and long polling.
 
-pub mod body;
 pub mod cache;
 pub mod credentials;
 pub mod dialect;

@@ -152,19 +152,7 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn api(status: u16) -> Error {
-        tether_client::ApiError {
-            status,
-            kind: "x".into(),
-            message: "m".into(),
-            param: None,
-            code: None,
-            details: None,
-            request_id: None,
-        }
-        .into()
-    }
+    use crate::heartbeat::tests::refusal as api;
 
     #[test]
     fn only_refusals_that_cannot_change_are_fatal() {

@@ -330,7 +330,7 @@ impl<R: Renew> Beats<'_, R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn beat(state: &str, extended: bool) -> Result<Beat, Error> {
@@ -534,7 +534,12 @@ mod tests {
     }
 
     fn refused(status: u16) -> Result<Beat, Error> {
-        Err(tether_client::ApiError {
+        Err(refusal(status))
+    }
+
+    /// The server's refusal with `status`, as the client reports it.
+    pub(crate) fn refusal(status: u16) -> Error {
+        tether_client::ApiError {
             status,
             kind: "x".into(),
             message: "no".into(),
@@ -543,7 +548,7 @@ mod tests {
             details: None,
             request_id: None,
         }
-        .into())
+        .into()
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub(crate) struct Shared {
     pub sandbox: Option<sandbox::Sandbox>,
     /// `--sandbox-network api`: where each item's proxy sends requests, and where its socket goes.
     pub api_proxy: Option<ApiProxySetup>,
+    /// Whether a running program arms the dead man's switch ([`deadman`]). Always in a worker; off
+    /// only in unit tests on tokio's paused clock, whose instants the kernel's timer cannot follow.
+    pub dead_mans_switch: bool,
 }
 
 pub(crate) struct ApiProxySetup {
@@ -295,6 +298,7 @@ pub async fn run(config: Config) -> Result<Summary> {
         exits: std::sync::Mutex::default(),
         sandbox,
         api_proxy,
+        dead_mans_switch: true,
     });
     let mut tasks = JoinSet::new();
     let claimed = claim::run(shared.clone(), concurrency, &mut tasks).await;

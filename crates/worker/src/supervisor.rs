@@ -9,15 +9,17 @@
 //! | the worker's drain time is up   | SIGTERM, grace, SIGKILL          | stop requested, exit status, stop confirmed |
 //! | the worker is forced to quit    | SIGKILL at once                  | force stop                        |
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tether_client::{Client, MetadataPatch, WorkItem};
+use tether_client::{Client, MetadataPatch, WorkItem, WorkState};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::retry;
-use crate::heartbeat::{Heartbeat, ItemLease, Lease};
+use crate::deadman;
+use crate::heartbeat::{Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
 use crate::proxy::ApiProxy;
 use crate::sandbox::Sandbox;
@@ -27,7 +29,10 @@ use crate::{reached, Phase, Shared};
 /// Serves `item`, holding `slot` (one unit of `--concurrency`) until it is done.
 pub async fn serve(shared: Arc<Shared>, item: WorkItem, slot: OwnedSemaphorePermit) {
     let work_id = item.id.clone();
-    let outcome = Item::new(&shared, &item).run(item.clone()).await;
+    let (calls, token) = HttpItem::new(&shared, &item);
+    let outcome = Item::new(&shared, &item, calls, token)
+        .run(item.clone())
+        .await;
     if let Some(dirs) = &shared.workdirs {
         if let Err(e) = dirs.finish(&work_id) {
             shared.report.warn(
@@ -53,17 +58,39 @@ enum Terminated {
     Lost(String),
 }
 
-struct Item<'a> {
-    shared: &'a Shared,
-    work_id: String,
-    /// Carries the item's session token: every call about the item after the ack uses it.
-    client: Client,
-    token: Option<String>,
-    phase: watch::Receiver<Phase>,
+/// The calls one item makes to the server after its claim. The worker's are [`HttpItem`]; the unit
+/// tests below script the server's answers on tokio's paused clock.
+pub(crate) trait ItemCalls: Send + Sync + 'static {
+    /// The heartbeat call, owned by the item's lease.
+    type Lease: Renew;
+
+    /// The acknowledgement, with the Worker-ID.
+    fn ack(&self) -> impl Future<Output = tether_client::Result<()>> + Send;
+    /// A graceful stop (or its confirmation), or a forced one; the item's state afterwards.
+    fn stop(&self, force: bool) -> impl Future<Output = tether_client::Result<WorkState>> + Send;
+    /// A merge patch of the item's metadata.
+    fn record(
+        &self,
+        patch: &MetadataPatch,
+    ) -> impl Future<Output = tether_client::Result<()>> + Send;
+    fn lease(&self) -> Self::Lease;
 }
 
-impl<'a> Item<'a> {
-    fn new(shared: &'a Shared, item: &WorkItem) -> Item<'a> {
+/// An item's calls over HTTP: the ack with the environment key, the rest with the item's session
+/// token.
+pub(crate) struct HttpItem {
+    /// Carries the environment key.
+    environment_client: Client,
+    /// Carries the item's session token (the environment key when the item has none).
+    client: Client,
+    environment_id: String,
+    work_id: String,
+    worker_id: String,
+}
+
+impl HttpItem {
+    /// The calls of `item`, and its session token (handed on to PROGRAM).
+    fn new(shared: &Shared, item: &WorkItem) -> (HttpItem, Option<String>) {
         let (client, token) = match item.decode_secret() {
             Ok(Some(secret)) => (
                 shared.client.with_token(secret.sessions_token.clone()),
@@ -81,17 +108,68 @@ impl<'a> Item<'a> {
                 (shared.client.clone(), None)
             }
         };
+        let calls = HttpItem {
+            environment_client: shared.client.clone(),
+            client,
+            environment_id: shared.environment_id.clone(),
+            work_id: item.id.clone(),
+            worker_id: shared.worker_id.clone(),
+        };
+        (calls, token)
+    }
+}
+
+impl ItemCalls for HttpItem {
+    type Lease = ItemLease;
+
+    async fn ack(&self) -> tether_client::Result<()> {
+        self.environment_client
+            .ack_work(&self.environment_id, &self.work_id, Some(&self.worker_id))
+            .await
+            .map(drop)
+    }
+
+    async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
+        self.client
+            .stop_work(&self.environment_id, &self.work_id, force)
+            .await
+            .map(|item| item.state)
+    }
+
+    async fn record(&self, patch: &MetadataPatch) -> tether_client::Result<()> {
+        self.client
+            .update_work_metadata(&self.environment_id, &self.work_id, patch)
+            .await
+            .map(drop)
+    }
+
+    fn lease(&self) -> ItemLease {
+        ItemLease {
+            client: self.client.clone(),
+            environment_id: self.environment_id.clone(),
+            work_id: self.work_id.clone(),
+        }
+    }
+}
+
+struct Item<'a, C> {
+    shared: &'a Shared,
+    work_id: String,
+    calls: C,
+    /// The item's session token, for PROGRAM.
+    token: Option<String>,
+    phase: watch::Receiver<Phase>,
+}
+
+impl<'a, C: ItemCalls> Item<'a, C> {
+    fn new(shared: &'a Shared, item: &WorkItem, calls: C, token: Option<String>) -> Item<'a, C> {
         Item {
             shared,
             work_id: item.id.clone(),
-            client,
+            calls,
             token,
             phase: shared.phase.clone(),
         }
-    }
-
-    fn env(&self) -> &str {
-        &self.shared.environment_id
     }
 
     fn info(&self, message: &str, fields: &[(&str, &str)]) {
@@ -125,13 +203,8 @@ impl<'a> Item<'a> {
             return Outcome::Skipped;
         }
         // Before anything slow: the provisional lease of the ack is short.
-        let renewer = ItemLease {
-            client: self.client.clone(),
-            environment_id: self.env().to_owned(),
-            work_id: self.work_id.clone(),
-        };
         let mut lease = Heartbeat::start(
-            renewer,
+            self.calls.lease(),
             self.shared.worker_id.clone(),
             self.shared.desired_ttl,
             acked,
@@ -159,7 +232,7 @@ impl<'a> Item<'a> {
         }
         // Armed before the program exists, disarmed once it is reaped: if the worker cannot act by then
         // (stopped, starved), the kernel ends it, and the program with it.
-        let dead_man = lease.dead_man();
+        let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
         let mut running = match self.spawn(&item) {
             Ok(running) => running,
             Err(e) => {
@@ -212,19 +285,9 @@ impl<'a> Item<'a> {
                     "stop requested: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
-                let terminated = self.terminate(&mut running, &mut lease).await;
-                let terminated = self.reaped(terminated, &mut running).await;
-                drop(dead_man);
-                match terminated {
-                    Err(lost) => lost,
-                    Ok(exit) => {
-                        self.info("program ended", &[("status", &exit.describe())]);
-                        let phase = *self.phase.borrow();
-                        self.record_exit(exit, attempts(phase)).await;
-                        self.stop(phase == Phase::Forced, attempts(phase)).await;
-                        outcome_of(exit)
-                    }
-                }
+                // The server asked: the stop that ends it is a confirmation.
+                self.wind_down(&mut running, &mut lease, dead_man, true)
+                    .await
             }
             Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
                 let exit = running.kill().await;
@@ -252,33 +315,15 @@ impl<'a> Item<'a> {
                         return outcome;
                     }
                 };
-                let terminated = self.terminate(&mut running, &mut lease).await;
-                let terminated = self.reaped(terminated, &mut running).await;
-                drop(dead_man);
-                match terminated {
-                    Err(lost) => lost,
-                    Ok(exit) => {
-                        self.info("program ended", &[("status", &exit.describe())]);
-                        let phase = *self.phase.borrow();
-                        self.record_exit(exit, attempts(phase)).await;
-                        let forced = !requested || phase == Phase::Forced;
-                        self.stop(forced, attempts(phase)).await;
-                        outcome_of(exit)
-                    }
-                }
+                self.wind_down(&mut running, &mut lease, dead_man, requested)
+                    .await
             }
         }
     }
 
     /// Acknowledges with the Worker-ID and the environment key; false when the item is not ours to run.
     async fn ack(&self) -> bool {
-        let shared = self.shared;
-        let result = retry(3, || {
-            shared
-                .client
-                .ack_work(self.env(), &self.work_id, Some(&shared.worker_id))
-        })
-        .await;
+        let result = retry(3, || self.calls.ack()).await;
         match result {
             Ok(_) => true,
             Err(e) if e.status() == Some(409) => {
@@ -385,6 +430,32 @@ impl<'a> Item<'a> {
         }
     }
 
+    /// Terminates the program and ends the item: its exit recorded, then a stop that confirms
+    /// `stop_requested` (forced when no stop was requested, or the worker is being forced to quit).
+    /// The dead man's switch is disarmed once the program is reaped.
+    async fn wind_down(
+        &self,
+        running: &mut Running,
+        lease: &mut Heartbeat,
+        dead_man: Option<deadman::Guard>,
+        stop_requested: bool,
+    ) -> Outcome {
+        let terminated = self.terminate(running, lease).await;
+        let terminated = self.reaped(terminated, running).await;
+        drop(dead_man);
+        match terminated {
+            Err(lost) => lost,
+            Ok(exit) => {
+                self.info("program ended", &[("status", &exit.describe())]);
+                let phase = *self.phase.borrow();
+                self.record_exit(exit, attempts(phase)).await;
+                let forced = !stop_requested || phase == Phase::Forced;
+                self.stop(forced, attempts(phase)).await;
+                outcome_of(exit)
+            }
+        }
+    }
+
     /// The program's exit after a termination, or (the lease was lost meanwhile) the outcome of
     /// abandoning it: either way the program is reaped when this returns.
     async fn reaped(&self, terminated: Terminated, running: &mut Running) -> Result<Exit, Outcome> {
@@ -434,10 +505,7 @@ impl<'a> Item<'a> {
         for (k, v) in entries {
             patch.insert((*k).to_owned(), v.map(str::to_owned));
         }
-        let call = retry(attempts, || {
-            self.client
-                .update_work_metadata(self.env(), &self.work_id, &patch)
-        });
+        let call = retry(attempts, || self.calls.record(&patch));
         let failed = match tokio::time::timeout(time_limit(attempts), call).await {
             Ok(Ok(_)) => return,
             Ok(Err(e)) => e.to_string(),
@@ -453,17 +521,15 @@ impl<'a> Item<'a> {
     /// its confirmation (stopping → stopped). True when the server took it or the item had already
     /// ended.
     async fn stop(&self, force: bool, attempts: u32) -> bool {
-        let call = retry(attempts, || {
-            self.client.stop_work(self.env(), &self.work_id, force)
-        });
+        let call = retry(attempts, || self.calls.stop(force));
         match tokio::time::timeout(time_limit(attempts), call).await {
-            Ok(Ok(item)) => {
-                let message = if item.state.is_live() {
+            Ok(Ok(state)) => {
+                let message = if state.is_live() {
                     "stop requested"
                 } else {
                     "item stopped"
                 };
-                self.info(message, &[("state", item.state.as_str())]);
+                self.info(message, &[("state", state.as_str())]);
                 true
             }
             Ok(Err(e)) if matches!(e.status(), Some(409 | 401)) => {
@@ -518,4 +584,320 @@ fn outcome_of(exit: Exit) -> Outcome {
 
 fn seconds(d: Duration) -> String {
     format!("{}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The supervisor on tokio's paused clock: the server's answers are scripted, PROGRAM is a real
+    //! child process. Paused time runs ahead whenever the runtime waits (on a child too), so a test
+    //! that needs the program to be running when the next answer comes waits for it in real time
+    //! inside that answer (`Beat::after_ready`), which holds the paused clock still.
+
+    use std::collections::VecDeque;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use serde_json::json;
+    use tether_client::{Heartbeat as Beat, HeartbeatOptions};
+
+    use super::*;
+    use crate::heartbeat::tests::refusal as refused;
+    use crate::program::{Output, Program};
+    use crate::status::Reporter;
+    use crate::LogFormat;
+
+    fn beat(state: &str) -> tether_client::Result<Beat> {
+        Ok(serde_json::from_value(json!({
+            "type": "work_heartbeat",
+            "last_heartbeat": "2026-07-01T08:15:06.120394Z",
+            "lease_extended": true,
+            "state": state,
+            "ttl_seconds": 60,
+        }))
+        .unwrap())
+    }
+
+    /// A scripted heartbeat answer.
+    enum Answer {
+        /// Answered at once.
+        Now(tether_client::Result<Beat>),
+        /// Answered once the file exists (the program is running and ready), waiting for it in real
+        /// time: the paused clock stands still meanwhile.
+        AfterReady(PathBuf, tether_client::Result<Beat>),
+    }
+
+    /// The server's side of one item: scripted answers, and a log of the calls made.
+    #[derive(Default)]
+    struct Script {
+        acks: Mutex<VecDeque<tether_client::Result<()>>>,
+        /// Once these run out, every heartbeat is answered "active" at once.
+        beats: Mutex<VecDeque<Answer>>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Script {
+        fn log(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+
+        /// The calls other than heartbeats, in order.
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    #[derive(Clone)]
+    struct Scripted(Arc<Script>);
+
+    impl ItemCalls for Scripted {
+        type Lease = Scripted;
+
+        async fn ack(&self) -> tether_client::Result<()> {
+            self.0.log("ack".into());
+            let answer = self.0.acks.lock().unwrap().pop_front();
+            answer.unwrap_or(Ok(()))
+        }
+
+        async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
+            self.0.log(format!("stop force={force}"));
+            Ok(if force {
+                WorkState::Stopped
+            } else {
+                WorkState::Stopping
+            })
+        }
+
+        async fn record(&self, patch: &MetadataPatch) -> tether_client::Result<()> {
+            let entries: Vec<String> = patch
+                .iter()
+                .filter(|(key, _)| key.as_str() != "tether.worker_id")
+                .map(|(key, value)| format!("{key}={}", value.as_deref().unwrap_or("-")))
+                .collect();
+            self.0.log(format!("record {}", entries.join(" ")));
+            Ok(())
+        }
+
+        fn lease(&self) -> Scripted {
+            self.clone()
+        }
+    }
+
+    impl Renew for Scripted {
+        fn renew(
+            &self,
+            _: HeartbeatOptions,
+        ) -> impl Future<Output = tether_client::Result<Beat>> + Send {
+            let answer = self.0.beats.lock().unwrap().pop_front();
+            async move {
+                match answer {
+                    None => beat("active"),
+                    Some(Answer::Now(answer)) => answer,
+                    Some(Answer::AfterReady(file, answer)) => {
+                        wait_for_file(&file);
+                        answer
+                    }
+                }
+            }
+        }
+    }
+
+    /// Blocks (in real time, at most 20 s) until `file` exists.
+    fn wait_for_file(file: &Path) {
+        let started = std::time::Instant::now();
+        while !file.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the program never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// What one test runs: a worker's shared state around `script` (a `sh -c` program), and its phase.
+    fn worker(script: &str) -> (Shared, watch::Sender<Phase>) {
+        let (phase_tx, phase) = watch::channel(Phase::Running);
+        let report = Reporter::new(LogFormat::Json, 1);
+        let program = Program::resolve(&["sh".into(), "-c".into(), script.into()]).unwrap();
+        let shared = Shared {
+            // Never called: the item's calls are scripted.
+            client: Client::new("http://127.0.0.1:9", "tth_env_unused").unwrap(),
+            environment_id: "env_1".into(),
+            ca_cert: None,
+            worker_id: "worker-1".into(),
+            program,
+            output: Output::Log(report.clone()),
+            desired_ttl: None,
+            grace: Duration::from_secs(5),
+            report,
+            phase,
+            workdirs: None,
+            max_idle: None,
+            run_one: false,
+            exits: Mutex::new(Vec::new()),
+            sandbox: None,
+            api_proxy: None,
+            // It would follow this test's paused clock with a real kernel timer, and SIGKILL the
+            // test process once the clocks drift apart.
+            dead_mans_switch: false,
+        };
+        (shared, phase_tx)
+    }
+
+    fn session_item() -> WorkItem {
+        serde_json::from_value(json!({
+            "id": "work_1",
+            "object": "work",
+            "environment_id": "env_1",
+            "data": {"type": "session", "id": "sess_1"},
+            "state": "queued",
+            "created_at": "2026-07-01T08:15:00Z",
+        }))
+        .unwrap()
+    }
+
+    async fn run(shared: &Shared, script: &Arc<Script>) -> Outcome {
+        let item = session_item();
+        Item::new(shared, &item, Scripted(Arc::clone(script)), None)
+            .run(item)
+            .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_ack_runs_nothing_and_a_malformed_one_stops_the_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let ran = dir.path().join("ran");
+        let (shared, _phase) = worker(&format!("touch {}", ran.display()));
+
+        // 409: another worker holds it; not ours to stop.
+        let script = Arc::new(Script::default());
+        script.acks.lock().unwrap().push_back(Err(refused(409)));
+        assert_eq!(run(&shared, &script).await, Outcome::Skipped);
+        assert_eq!(script.calls(), ["ack"]);
+
+        // 503 three times: retried, then left for the server to hand out again.
+        let script = Arc::new(Script::default());
+        for _ in 0..3 {
+            script.acks.lock().unwrap().push_back(Err(refused(503)));
+        }
+        assert_eq!(run(&shared, &script).await, Outcome::Skipped);
+        assert_eq!(script.calls(), ["ack", "ack", "ack"]);
+
+        // A refusal that no retry cures: the item is stopped so that it does not come back.
+        let script = Arc::new(Script::default());
+        script.acks.lock().unwrap().push_back(Err(refused(400)));
+        assert_eq!(run(&shared, &script).await, Outcome::Skipped);
+        assert_eq!(script.calls(), ["ack", "stop force=true"]);
+
+        assert!(!ran.exists(), "no program ran");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_program_that_exits_is_recorded_and_its_item_stopped() {
+        let (shared, _phase) = worker("exit 3");
+        let script = Arc::new(Script::default());
+        assert_eq!(run(&shared, &script).await, Outcome::Failed);
+        assert_eq!(
+            script.calls(),
+            [
+                "ack",
+                "record tether.exit_code=3 tether.exit_reason=- tether.signal=-",
+                "stop force=true"
+            ]
+        );
+
+        let (shared, _phase) = worker("exit 0");
+        let script = Arc::new(Script::default());
+        assert_eq!(run(&shared, &script).await, Outcome::Done);
+        assert_eq!(script.calls().last().unwrap(), "stop force=true");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_request_ends_a_program_that_ignores_sigterm_with_sigkill_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        // The program ignores SIGTERM (its `sleep` inherits that), so only the SIGKILL after the grace
+        // period ends it.
+        let (shared, _phase) = worker(&format!(
+            "trap '' TERM; touch {}; sleep 60",
+            ready.display()
+        ));
+        let script = Arc::new(Script::default());
+        {
+            let mut beats = script.beats.lock().unwrap();
+            beats.push_back(Answer::Now(beat("active")));
+            beats.push_back(Answer::AfterReady(ready.clone(), beat("stopping")));
+        }
+        let started = tokio::time::Instant::now();
+        assert_eq!(run(&shared, &script).await, Outcome::Failed);
+        assert!(
+            started.elapsed() >= shared.grace,
+            "SIGKILL came only after the grace period"
+        );
+        assert_eq!(
+            script.calls(),
+            [
+                "ack",
+                "record tether.exit_code=137 tether.exit_reason=- tether.signal=SIGKILL",
+                // The server asked for the stop: the worker confirms it.
+                "stop force=false"
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_kills_the_program_and_leaves_the_item_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let (shared, _phase) = worker(&format!("touch {}; sleep 60", ready.display()));
+        let script = Arc::new(Script::default());
+        {
+            let mut beats = script.beats.lock().unwrap();
+            beats.push_back(Answer::Now(beat("active")));
+            beats.push_back(Answer::AfterReady(ready.clone(), Err(refused(409))));
+        }
+        let started = tokio::time::Instant::now();
+        assert_eq!(run(&shared, &script).await, Outcome::Lost);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the program was killed, not waited for"
+        );
+        // Neither stopped nor annotated: the item may already run elsewhere.
+        assert_eq!(script.calls(), ["ack"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_the_drain_time_asks_for_a_stop_then_terminates_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let (shared, phase) = worker(&format!(
+            "trap '' TERM; touch {}; sleep 60",
+            ready.display()
+        ));
+        let script = Arc::new(Script::default());
+        let item = session_item();
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let drain = async {
+            // Yielding keeps the runtime busy, so the paused clock stands still until the program
+            // runs; then the drain time ends.
+            let started = std::time::Instant::now();
+            while !ready.exists() {
+                assert!(started.elapsed() < Duration::from_secs(20), "no program");
+                tokio::task::yield_now().await;
+            }
+            phase.send_replace(Phase::Terminating);
+        };
+        let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), drain);
+        assert_eq!(outcome, Outcome::Failed);
+        assert_eq!(
+            script.calls(),
+            [
+                "ack",
+                // Asked first, so that the server shows the item winding down.
+                "stop force=false",
+                // It ignored SIGTERM: SIGKILL after the grace period.
+                "record tether.exit_code=137 tether.exit_reason=- tether.signal=SIGKILL",
+                "stop force=false"
+            ]
+        );
+    }
 }

@@ -20,7 +20,7 @@ use clap::Parser;
 use futures::StreamExt;
 use serde_json::json;
 use tether_client::{
-    Client, Event, ListEvents, ListParams, NewEvent, Order, SessionStatus, API_PREFIX,
+    event_type, Client, Event, ListEvents, ListParams, NewEvent, Order, SessionStatus, API_PREFIX,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
@@ -145,18 +145,18 @@ impl Backlog {
         let mut backlog = Backlog::default();
         for event in events {
             match event.kind.as_str() {
-                "user.message" => {
+                event_type::USER_MESSAGE => {
                     backlog.turn_open = true;
                     backlog.messages.push_back(Message::of(event));
                 }
-                "session.status_running" => backlog.turn_open = true,
-                "user.interrupt" => backlog.messages.clear(),
+                event_type::SESSION_STATUS_RUNNING => backlog.turn_open = true,
+                event_type::USER_INTERRUPT => backlog.messages.clear(),
                 // A command was already run for the oldest message: never run it twice.
-                "agent.tool_use" => {
+                event_type::AGENT_TOOL_USE => {
                     backlog.messages.pop_front();
                     backlog.unfinished_tool_use = Some(event.id.clone());
                 }
-                "agent.tool_result" => {
+                event_type::AGENT_TOOL_RESULT => {
                     let answered = event.fields.get("tool_use_id").and_then(|v| v.as_str());
                     if answered == backlog.unfinished_tool_use.as_deref() {
                         backlog.unfinished_tool_use = None;
@@ -283,7 +283,7 @@ impl Agent {
                 .context("cannot list the session's events")?;
             for event in page.data {
                 newest.get_or_insert_with(|| event.id.clone());
-                if event.kind == "session.status_idle" {
+                if event.kind == event_type::SESSION_STATUS_IDLE {
                     break 'pages;
                 }
                 since_last_turn.push(event);
@@ -398,7 +398,7 @@ impl Agent {
                 log!("running {:?} (message {})", command, message.id);
                 let stored = self
                     .post(vec![NewEvent::new(
-                        "agent.tool_use",
+                        event_type::AGENT_TOOL_USE,
                         json!({"name": "shell", "input": {"command": command}}),
                     )])
                     .await?;
@@ -507,7 +507,7 @@ fn over(reason: String, failure: bool) -> Result<()> {
 
 fn tool_result(tool_use_id: &str, text: &str, is_error: bool) -> NewEvent {
     NewEvent::new(
-        "agent.tool_result",
+        event_type::AGENT_TOOL_RESULT,
         json!({
             "tool_use_id": tool_use_id,
             "content": [{"type": "text", "text": text}],
@@ -560,10 +560,12 @@ async fn feed(
                         }
                     };
                     let input = match event.kind.as_str() {
-                        "session.deleted" => end("the session was deleted", false),
-                        "session.status_terminated" => end("the session was terminated", false),
-                        "user.message" => Input::Message(Message::of(&event)),
-                        "user.interrupt" => Input::Interrupt,
+                        event_type::SESSION_DELETED => end("the session was deleted", false),
+                        event_type::SESSION_STATUS_TERMINATED => {
+                            end("the session was terminated", false)
+                        }
+                        event_type::USER_MESSAGE => Input::Message(Message::of(&event)),
+                        event_type::USER_INTERRUPT => Input::Interrupt,
                         _ => {
                             after = event.id;
                             continue;

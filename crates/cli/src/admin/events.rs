@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use futures::StreamExt;
 use serde_json::{Map, Value};
-use tether_client::{Client, Event, ListEvents, ListParams, Order, SessionStatus};
+use tether_client::{event_type, Client, Event, ListEvents, ListParams, Order, SessionStatus};
 use tether_worker::backoff::Backoff;
 
 /// A well-formed event id that sorts before every real one. The server reads a resume point that names
@@ -97,8 +97,8 @@ impl Renderer {
 
 fn kind_tone(kind: &str) -> Tone {
     match kind {
-        "session.error" => Tone::Error,
-        "agent.tool_use" | "agent.custom_tool_use" => Tone::Tool,
+        event_type::SESSION_ERROR => Tone::Error,
+        event_type::AGENT_TOOL_USE | event_type::AGENT_CUSTOM_TOOL_USE => Tone::Tool,
         k if k.starts_with("user.") => Tone::User,
         k if k.starts_with("agent.") => Tone::Agent,
         _ => Tone::Server,
@@ -117,10 +117,10 @@ fn clock(processed_at: Option<&str>) -> String {
 fn detail(event: &Event) -> (String, Tone) {
     let fields = &event.fields;
     let text = match event.kind.as_str() {
-        "user.message" | "agent.message" | "agent.thinking" => {
+        event_type::USER_MESSAGE | event_type::AGENT_MESSAGE | event_type::AGENT_THINKING => {
             content_text(fields.get("content")).unwrap_or_default()
         }
-        "agent.tool_use" | "agent.custom_tool_use" => {
+        event_type::AGENT_TOOL_USE | event_type::AGENT_CUSTOM_TOOL_USE => {
             let name = fields.get("name").and_then(Value::as_str).unwrap_or("?");
             let input = fields.get("input").cloned().unwrap_or(Value::Null);
             match input.get("command").and_then(Value::as_str) {
@@ -128,7 +128,9 @@ fn detail(event: &Event) -> (String, Tone) {
                 None => format!("{name} {input}"),
             }
         }
-        "agent.tool_result" | "user.tool_result" | "user.custom_tool_result" => {
+        event_type::AGENT_TOOL_RESULT
+        | event_type::USER_TOOL_RESULT
+        | event_type::USER_CUSTOM_TOOL_RESULT => {
             let output = content_text(fields.get("content")).unwrap_or_default();
             let output = output.trim_end_matches('\n');
             if fields.get("is_error").and_then(Value::as_bool) == Some(true) {
@@ -136,13 +138,13 @@ fn detail(event: &Event) -> (String, Tone) {
             }
             output.to_owned()
         }
-        "session.status_idle" => fields
+        event_type::SESSION_STATUS_IDLE => fields
             .get("stop_reason")
             .and_then(|r| r.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_owned(),
-        "session.error" => {
+        event_type::SESSION_ERROR => {
             let error = fields.get("error");
             let kind = error
                 .and_then(|e| e.get("type"))
@@ -154,7 +156,7 @@ fn detail(event: &Event) -> (String, Tone) {
                 .unwrap_or("");
             return (clean(&format!("{kind}: {message}")), Tone::Error);
         }
-        "user.tool_confirmation" => format!(
+        event_type::USER_TOOL_CONFIRMATION => format!(
             "{} {}",
             fields.get("result").and_then(Value::as_str).unwrap_or("?"),
             fields
@@ -162,11 +164,11 @@ fn detail(event: &Event) -> (String, Tone) {
                 .and_then(Value::as_str)
                 .unwrap_or("?")
         ),
-        "user.interrupt"
-        | "session.status_running"
-        | "session.status_rescheduled"
-        | "session.status_terminated"
-        | "session.deleted" => String::new(),
+        event_type::USER_INTERRUPT
+        | event_type::SESSION_STATUS_RUNNING
+        | event_type::SESSION_STATUS_RESCHEDULED
+        | event_type::SESSION_STATUS_TERMINATED
+        | event_type::SESSION_DELETED => String::new(),
         _ => {
             let rest: Map<String, Value> = fields
                 .iter()
@@ -282,7 +284,7 @@ pub async fn follow(
                         }
                     };
                     let kind = event.kind.as_str();
-                    if kind == "session.deleted" {
+                    if kind == event_type::SESSION_DELETED {
                         on_event(&event);
                         return Ok(Ending::Deleted);
                     }
@@ -290,7 +292,7 @@ pub async fn follow(
                     if !on_event(&event) {
                         return Ok(Ending::Done);
                     }
-                    if kind == "session.status_terminated" {
+                    if kind == event_type::SESSION_STATUS_TERMINATED {
                         return Ok(Ending::Terminated);
                     }
                 }

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use tether_client::{
-    AgentRef, CreateSession, Event, ListEvents, ListSessions, NewEvent, Order, Session,
+    event_type, AgentRef, CreateSession, Event, ListEvents, ListSessions, NewEvent, Order, Session,
     UpdateSession,
 };
 
@@ -147,11 +147,7 @@ pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
             body.title = args.title;
             body.metadata = args.metadata.into_iter().collect();
             body.environment_variables = args.env_vars.into_iter().collect();
-            body.initial_events = args
-                .message
-                .map(NewEvent::user_message)
-                .into_iter()
-                .collect();
+            let body = body.with_initial_events(args.message.map(NewEvent::user_message));
             let session = client.create_session(&body).await?;
             cx.emit(&session, || show(&session));
         }
@@ -267,7 +263,7 @@ async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
     }
     // Resuming after the message itself shows exactly this turn, however quickly a worker answered.
     let following = events::follow(&cx.client, &args.id, sent.id.clone(), |event| {
-        printer.print(event) && event.kind != "session.status_idle"
+        printer.print(event) && event.kind != event_type::SESSION_STATUS_IDLE
     });
     let ending = tokio::select! {
         ending = following => ending?,

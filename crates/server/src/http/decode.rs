@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use serde_path_to_error::Segment;
 use tether_api as api;
+use tether_core::events::MAX_EVENTS_PER_BATCH;
 use tether_core::metadata::MetadataError;
 
 use super::extract::JsonBody;
@@ -159,10 +160,8 @@ impl RequestBody for api::CreateAgent {
     fn field_message(param: &str, rest: &[String], serde: &str) -> String {
         match param {
             "name" => required_string_message(param, serde),
-            "description" | "system" => format!("{param} must be a string"),
-            "tools" | "skills" | "mcp_servers" => format!("{param} must be an array"),
             "metadata" => metadata_message(rest),
-            _ => serde.to_owned(),
+            _ => agent_field_message(param, serde),
         }
     }
 }
@@ -183,12 +182,20 @@ impl RequestBody for api::UpdateAgent {
 
     fn field_message(param: &str, rest: &[String], serde: &str) -> String {
         match param {
-            "name" | "description" | "system" => format!("{param} must be a string"),
-            "tools" | "skills" | "mcp_servers" => format!("{param} must be an array"),
+            "name" => format!("{param} must be a string"),
             "version" => "version must be a positive integer".to_owned(),
             "metadata" => metadata_patch_message(rest),
-            _ => serde.to_owned(),
+            _ => agent_field_message(param, serde),
         }
+    }
+}
+
+/// The wording of the fields a new agent and an agent update share.
+fn agent_field_message(param: &str, serde: &str) -> String {
+    match param {
+        "description" | "system" => format!("{param} must be a string"),
+        "tools" | "skills" | "mcp_servers" => format!("{param} must be an array"),
+        _ => serde.to_owned(),
     }
 }
 
@@ -245,6 +252,58 @@ impl RequestBody for api::UpdateSession {
             "metadata" => metadata_patch_message(rest),
             _ => serde.to_owned(),
         }
+    }
+}
+
+impl RequestBody for api::CreateSession {
+    const FIELDS: &'static [&'static str] = &[
+        "environment_id",
+        "agent",
+        "title",
+        "resources",
+        "budget",
+        "metadata",
+        "environment_variables",
+        "initial_events",
+    ];
+    const REQUIRED: &'static [&'static str] = &["environment_id", "agent"];
+
+    fn field_message(param: &str, rest: &[String], serde: &str) -> String {
+        match param {
+            "environment_id" => required_string_message(param, serde),
+            // `AgentRef` words its own refusals.
+            "agent" => serde.to_owned(),
+            "title" => "title must be a string".to_owned(),
+            "resources" => "resources must be an array".to_owned(),
+            "metadata" => metadata_message(rest),
+            "environment_variables" => match rest.first() {
+                Some(key) => format!("{param}.{key} must be a string"),
+                None => format!("{param} must be an object of strings"),
+            },
+            "initial_events" => events_message(param, serde),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
+impl RequestBody for api::PostEvents {
+    const FIELDS: &'static [&'static str] = &["events"];
+    const REQUIRED: &'static [&'static str] = &["events"];
+
+    fn field_message(param: &str, _: &[String], serde: &str) -> String {
+        match param {
+            "events" => events_message(param, serde),
+            _ => serde.to_owned(),
+        }
+    }
+}
+
+/// A list of events that did not deserialize (its events are judged one by one later, by the core).
+fn events_message(param: &str, serde: &str) -> String {
+    if serde.starts_with("invalid type: null") || serde.starts_with("missing field") {
+        format!("{param} is required (an array of 1 to {MAX_EVENTS_PER_BATCH} events)")
+    } else {
+        format!("{param} must be an array of events")
     }
 }
 
@@ -340,5 +399,89 @@ mod tests {
         let update: api::UpdateSession = decode(json!({"title": null, "metadata": null})).unwrap();
         assert_eq!(update.title, None);
         assert_eq!(update.metadata, None);
+    }
+
+    #[test]
+    fn session_bodies_keep_the_api_wording() {
+        let cases = [
+            (json!({}), "environment_id", "environment_id is required"),
+            (
+                json!({"environment_id": "env_1"}),
+                "agent",
+                "agent is required",
+            ),
+            (
+                json!({"environment_id": "env_1", "agent": 5}),
+                "agent",
+                "agent must be an agent id or {\"type\": \"agent\", \"id\": …}",
+            ),
+            (
+                json!({"environment_id": "env_1", "agent": {"type": "agent"}}),
+                "agent",
+                "agent.id is required",
+            ),
+            (
+                json!({"environment_id": "env_1", "agent": {"id": "a", "version": 0}}),
+                "agent",
+                "agent.version must be a positive integer",
+            ),
+            (
+                json!({"environment_id": "env_1", "agent": "a", "environment_variables": {"K": 1}}),
+                "environment_variables",
+                "environment_variables.K must be a string",
+            ),
+            (
+                json!({"environment_id": "env_1", "agent": "a", "environment_variables": []}),
+                "environment_variables",
+                "environment_variables must be an object of strings",
+            ),
+            (
+                json!({"environment_id": "env_1", "agent": "a", "initial_events": "go"}),
+                "initial_events",
+                "initial_events must be an array of events",
+            ),
+        ];
+        for (body, param, message) in cases {
+            assert_eq!(
+                param_and_message::<api::CreateSession>(body.clone()),
+                (param.to_owned(), message.to_owned()),
+                "{body}"
+            );
+        }
+        let (param, message) = param_and_message::<api::CreateSession>(json!({
+            "environment_id": "env_1", "agent": {"type": "agent_with_overrides", "id": "a"}
+        }));
+        assert_eq!(param, "agent");
+        assert!(
+            message.starts_with("agent.type \"agent_with_overrides\" is not supported"),
+            "{message}"
+        );
+        let session: api::CreateSession = decode(json!({
+            "environment_id": "env_1",
+            "agent": {"type": "agent", "id": "a", "version": null},
+            "metadata": null, "initial_events": null, "budget": null,
+        }))
+        .unwrap();
+        assert_eq!(session.agent, api::AgentRef::Id("a".into()));
+        assert!(session.initial_events.is_empty() && session.budget.is_none());
+    }
+
+    #[test]
+    fn event_batches_must_be_arrays_whose_events_the_core_judges() {
+        assert_eq!(
+            param_and_message::<api::PostEvents>(json!({})),
+            (
+                "events".into(),
+                "events is required (an array of 1 to 100 events)".into()
+            )
+        );
+        assert_eq!(
+            param_and_message::<api::PostEvents>(json!({"events": {}})),
+            ("events".into(), "events must be an array of events".into())
+        );
+        // Any JSON value is an event here: its type's rules come later, from the core.
+        let batch: api::PostEvents =
+            decode(json!({"events": [7, {"type": "user.shout"}]})).unwrap();
+        assert_eq!(batch.events.len(), 2);
     }
 }

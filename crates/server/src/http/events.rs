@@ -15,9 +15,9 @@ use tether_core::ids::IdKind;
 
 use super::access::{self, ReadableSession};
 use super::extract::{Caller, JsonBody, Params, Wire};
-use super::wire;
+use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
-use crate::service::events::EventFilter;
+use crate::service::events::{EventFilter, NewEvents};
 use crate::service::tokens::Principal;
 use crate::service::App;
 
@@ -40,8 +40,10 @@ pub async fn post_events(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::PostedEvents>> {
     // D-32: the body is judged (400) only once the session is known to exist and be the caller's.
-    let fields = JsonBody::object(body)?;
-    let stored = app.post_events(&session, sender(&p), fields).await?;
+    let api::PostEvents { events } = decode::optional(body)?;
+    let stored = app
+        .post_events(&session, sender(&p), NewEvents { events })
+        .await?;
     let data = stored
         .into_iter()
         .map(|e| serde_json::from_value(e.body))

@@ -262,17 +262,29 @@ pub struct JsonBody(pub Option<Value>);
 impl JsonBody {
     /// The body as a JSON object (absent or empty reads as `{}`). Handlers take the extraction's
     /// `Result` and call this after their lookups, so a bad body (400) never outranks 403/404 (D-32).
+    /// Any other JSON value, `null` included, is refused: §1.3 lets an optional body be absent, empty
+    /// or `{}`, and a `null` that stood for "graceful" or "no change" would hide a client's bug.
     pub fn object(body: Result<JsonBody, ApiError>) -> ApiResult<serde_json::Map<String, Value>> {
-        let JsonBody(raw) = body?;
-        Ok(crate::body::object(raw)?)
+        match body? {
+            JsonBody(None) => Ok(serde_json::Map::new()),
+            JsonBody(Some(Value::Object(map))) => Ok(map),
+            JsonBody(Some(_)) => Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            )),
+        }
     }
 
-    /// Like [`JsonBody::object`], for a body that must be there (updates).
+    /// Like [`JsonBody::object`], for a body that must be there (updates): an absent body is a
+    /// client's mistake, not an update that changes nothing.
     pub fn required_object(
         body: Result<JsonBody, ApiError>,
     ) -> ApiResult<serde_json::Map<String, Value>> {
-        let JsonBody(raw) = body?;
-        Ok(crate::body::required_object(raw)?)
+        match body? {
+            JsonBody(None) => Err(ApiError::bad_request(
+                "this request needs a JSON object body",
+            )),
+            some => JsonBody::object(Ok(some)),
+        }
     }
 }
 

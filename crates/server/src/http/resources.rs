@@ -14,7 +14,7 @@ use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
 use crate::service::agents::{AgentChanges, NewAgent};
 use crate::service::environments::{EnvironmentChanges, NewEnvironment};
-use crate::service::sessions::SessionChanges;
+use crate::service::sessions::{NewSession, SessionChanges};
 use crate::service::tokens::{NewCredential, Principal};
 use crate::service::App;
 
@@ -293,8 +293,32 @@ pub async fn create_session(
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Session>> {
-    let fields = JsonBody::object(body)?;
-    let session = app.create_session(fields).await?;
+    let api::CreateSession {
+        agent,
+        environment_id,
+        title,
+        metadata,
+        environment_variables,
+        initial_events,
+        resources,
+        budget,
+    } = decode::optional(body)?;
+    let (agent, agent_version) = match agent {
+        api::AgentRef::Id(id) => (id, None),
+        api::AgentRef::Version { id, version } => (id, Some(version)),
+    };
+    let command = NewSession {
+        environment_id,
+        agent,
+        agent_version,
+        title,
+        metadata,
+        environment_variables,
+        resources: resources.unwrap_or_default(),
+        budget,
+        initial_events,
+    };
+    let session = app.create_session(command).await?;
     Ok(Json(wire::session(&session, d)))
 }
 

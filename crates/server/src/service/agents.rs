@@ -7,7 +7,6 @@ use tether_core::resources::Agent;
 use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
 
 use super::{with_retries, App, Error, Missing, Result, Retry};
-use crate::body;
 
 /// The longest agent name (§12.1).
 pub const MAX_NAME_CHARS: usize = 64;
@@ -132,7 +131,7 @@ impl App {
     }
 
     pub async fn create_agent(&self, command: NewAgent) -> Result<Agent> {
-        let name = body::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
+        let name = super::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
         let model = model(command.model.as_ref())?
             .ok_or_else(|| Error::invalid("model", "model is required"))?;
         let execution_identity = execution_identity(command.execution_identity.as_ref())?;
@@ -172,7 +171,7 @@ impl App {
     pub async fn update_agent(&self, id: &str, changes: AgentChanges) -> Result<Agent> {
         let name = changes
             .name
-            .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
+            .map(|n| super::bounded_name(n, "name", MAX_NAME_CHARS))
             .transpose()?;
         let model = model(changes.model.as_ref())?;
         let description = changes.description;

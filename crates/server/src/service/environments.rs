@@ -7,7 +7,6 @@ use tether_core::resources::{normalize_config, Environment};
 use tether_store::{ArchiveFilter, ChangeSet, Page, PageRequest, Versioned, Write};
 
 use super::{with_retries, App, Error, Missing, Result, Retry};
-use crate::body;
 
 /// The longest environment name.
 pub const MAX_NAME_CHARS: usize = 256;
@@ -56,7 +55,7 @@ impl App {
         command: NewEnvironment,
         default_config: Option<Value>,
     ) -> Result<Environment> {
-        let name = body::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
+        let name = super::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
         let description = command.description.unwrap_or_default();
         let config = match (command.config, default_config) {
             (Some(c), _) => c,
@@ -112,7 +111,7 @@ impl App {
     ) -> Result<Environment> {
         let name = changes
             .name
-            .map(|n| body::bounded_name(n, "name", MAX_NAME_CHARS))
+            .map(|n| super::bounded_name(n, "name", MAX_NAME_CHARS))
             .transpose()?;
         let description = changes.description;
         let patch = changes.metadata;

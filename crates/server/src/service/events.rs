@@ -51,6 +51,14 @@ pub fn server_event(session: &mut Session, event: &ServerEvent, now: Timestamp) 
     new_event(session, event.kind().as_str(), event.fields(), now)
 }
 
+/// The events of one `POST /sessions/{id}/events`, in order, as sent: event types are open-ended (a
+/// user event may carry fields of its own), so each is judged against its type's rules
+/// ([`App::incoming_events`]) rather than by its shape in the request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NewEvents {
+    pub events: Vec<Value>,
+}
+
 /// One incoming event that passed the shape and permission checks.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -163,36 +171,20 @@ impl EventFilter {
 }
 
 impl App {
-    /// Reads and checks the events a request carries under `field` (`events`, or `initial_events` on
-    /// session create): every type is known and postable (400), the sender may send each (403), every
-    /// shape is right (400), and every tool result names a tool call of the right kind in the session
-    /// (400). Refusals name the field at fault, e.g. `events[1].content`.
+    /// Checks the events a request carries under `field` (`events`, or `initial_events` on session
+    /// create): `least` to [`MAX_EVENTS_PER_BATCH`] of them (400), every type is known and postable
+    /// (400), the sender may send each (403), every shape is right (400), and every tool result names a
+    /// tool call of the right kind in the session (400). Refusals name the field at fault, e.g.
+    /// `events[1].content`.
     pub async fn incoming_events(
         &self,
         session_id: &str,
         field: &str,
-        raw: Option<&Value>,
+        list: Vec<Value>,
         sender: Sender,
-        required: bool,
+        least: usize,
     ) -> Result<Vec<Incoming>> {
-        let list = match raw {
-            Some(Value::Array(list)) => list.as_slice(),
-            None | Some(Value::Null) if !required => &[],
-            None | Some(Value::Null) => {
-                return Err(Error::invalid(
-                    field,
-                    format!("{field} is required (an array of 1 to {MAX_EVENTS_PER_BATCH} events)"),
-                ))
-            }
-            Some(_) => {
-                return Err(Error::invalid(
-                    field,
-                    format!("{field} must be an array of events"),
-                ))
-            }
-        };
-        if (required && list.is_empty()) || list.len() > MAX_EVENTS_PER_BATCH {
-            let least = usize::from(required);
+        if list.len() < least || list.len() > MAX_EVENTS_PER_BATCH {
             return Err(Error::invalid(
                 field,
                 format!("{field} must hold {least} to {MAX_EVENTS_PER_BATCH} events"),
@@ -216,11 +208,13 @@ impl App {
             });
         }
         let mut batch = Vec::with_capacity(list.len());
-        for (i, (event, kind)) in list.iter().zip(kinds).enumerate() {
-            rules::validate(&at(i), kind, event)
+        for (i, (event, kind)) in list.into_iter().zip(kinds).enumerate() {
+            rules::validate(&at(i), kind, &event)
                 .map_err(|e| Error::invalid(&e.param, e.message))?;
-            self.check_event_size(&at(i), event)?;
-            let fields = event.as_object().cloned().unwrap_or_default();
+            self.check_event_size(&at(i), &event)?;
+            let Value::Object(fields) = event else {
+                unreachable!("an event that passed validation is an object");
+            };
             if let Some((name, call_kind)) = kind.tool_reference() {
                 let call = fields.get(name).and_then(Value::as_str).unwrap_or_default();
                 if !self.is_event_of(session_id, call, call_kind).await? {
@@ -286,11 +280,11 @@ impl App {
         &self,
         session: &Session,
         sender: Sender,
-        body: Map<String, Value>,
+        events: NewEvents,
     ) -> Result<Vec<SessionEvent>> {
         let session_id = session.id.as_str();
         let batch = self
-            .incoming_events(session_id, "events", body.get("events"), sender, true)
+            .incoming_events(session_id, "events", events.events, sender, 1)
             .await?;
         // The kind of an environment never changes (D-20), so it is read once.
         let self_hosted = self

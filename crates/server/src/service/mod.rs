@@ -274,3 +274,18 @@ impl From<tether_core::metadata::MetadataError> for Retry {
         Retry::Fail(e.into())
     }
 }
+
+/// Checks a name-like string: not blank and at most `max` characters.
+pub(crate) fn bounded_name(value: String, field: &str, max: usize) -> Result<String> {
+    let chars = value.chars().count();
+    if chars == 0 || value.trim().is_empty() {
+        return Err(Error::invalid(field, format!("{field} must not be empty")));
+    }
+    if chars > max {
+        return Err(Error::invalid(
+            field,
+            format!("{field} may be at most {max} characters"),
+        ));
+    }
+    Ok(value)
+}

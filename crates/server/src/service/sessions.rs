@@ -1,9 +1,11 @@
 //! Sessions (§12.2) and the parts of their lifecycle that touch the queue (§7.2).
 
-use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+use serde_json::Value;
 use tether_core::events::{Sender, TurnState};
 use tether_core::ids::{self, IdKind};
-use tether_core::metadata::{self, MetadataPatch};
+use tether_core::metadata::{self, Metadata, MetadataPatch};
 use tether_core::resources::{Agent, Environment, Session};
 use tether_core::session::{self, SessionStatus};
 use tether_core::work::{self, Cause};
@@ -11,9 +13,29 @@ use tether_store::{ChangeSet, Page, PageRequest, SessionFilter, StoreError, Vers
 
 use super::events::append_batch;
 use super::{with_retries, App, Error, Missing, Result, Retry};
-use crate::body;
 
 pub const MAX_TITLE_CHARS: usize = 512;
+
+/// A new session (§12.2).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NewSession {
+    pub environment_id: String,
+    /// The agent's id; it must not be archived.
+    pub agent: String,
+    /// The agent's version to run; `None` is its current version.
+    pub agent_version: Option<u32>,
+    pub title: Option<String>,
+    pub metadata: Metadata,
+    /// Variables for the worker's program.
+    pub environment_variables: BTreeMap<String, String>,
+    /// Stored as given.
+    pub resources: Vec<Value>,
+    /// Stored as given.
+    pub budget: Option<Value>,
+    /// Events appended right after creation, as sent: judged as `POST /sessions/{id}/events` judges
+    /// an admin's (`App::incoming_events`).
+    pub initial_events: Vec<Value>,
+}
 
 /// The changes of a session update: only what is set changes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,51 +60,9 @@ impl App {
         Ok(self.session_versioned(id).await?.value)
     }
 
-    /// `agent` is an id, or `{type:"agent", id, version?}` (`type` may be omitted).
-    async fn resolve_agent(&self, reference: Option<&Value>) -> Result<Agent> {
-        let (id, version) = match reference {
-            Some(Value::String(id)) => (id.clone(), None),
-            Some(Value::Object(m)) => {
-                // Both SDKs also offer `{"type":"agent_with_overrides", …}`. Serving it as a plain
-                // reference would silently drop the overrides, so anything but `agent` is refused.
-                match m.get("type") {
-                    None | Some(Value::Null) => {}
-                    Some(Value::String(t)) if t == "agent" => {}
-                    Some(other) => {
-                        return Err(Error::invalid(
-                            "agent",
-                            format!(
-                                "agent.type {other} is not supported: send an agent id or \
-                                 {{\"type\": \"agent\", \"id\": …, \"version\": …}}"
-                            ),
-                        ))
-                    }
-                }
-                let id = m
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| Error::invalid("agent", "agent.id is required"))?;
-                let version = match m.get("version") {
-                    None | Some(Value::Null) => None,
-                    Some(v) => Some(
-                        v.as_u64()
-                            .filter(|v| *v >= 1 && *v <= u64::from(u32::MAX))
-                            .ok_or_else(|| {
-                                Error::invalid("agent", "agent.version must be a positive integer")
-                            })? as u32,
-                    ),
-                };
-                (id.to_owned(), version)
-            }
-            None | Some(Value::Null) => return Err(Error::invalid("agent", "agent is required")),
-            Some(_) => {
-                return Err(Error::invalid(
-                    "agent",
-                    "agent must be an agent id or {\"type\": \"agent\", \"id\": …}",
-                ))
-            }
-        };
-        let current = self.agent(&id).await?;
+    /// The agent a new session runs: its current version, or the version named.
+    async fn resolve_agent(&self, id: &str, version: Option<u32>) -> Result<Agent> {
+        let current = self.agent(id).await?;
         if current.archived_at.is_some() {
             return Err(Error::invalid("agent", "the agent is archived"));
         }
@@ -90,23 +70,22 @@ impl App {
             None => Ok(current),
             Some(v) if v == current.version => Ok(current),
             Some(v) => {
-                self.store.get_agent_version(&id, v).await?.ok_or_else(|| {
+                self.store.get_agent_version(id, v).await?.ok_or_else(|| {
                     Error::invalid("agent", format!("agent {id} has no version {v}"))
                 })
             }
         }
     }
 
-    pub async fn create_session(&self, body: Map<String, Value>) -> Result<Session> {
-        let environment_id = body::required_string(&body, "environment_id")?;
-        let agent = self.resolve_agent(body.get("agent")).await?;
+    pub async fn create_session(&self, command: NewSession) -> Result<Session> {
+        let agent = self
+            .resolve_agent(&command.agent, command.agent_version)
+            .await?;
+        let environment_id = command.environment_id;
         let env = self.environment(&environment_id).await?;
         refuse_archived(&env)?;
-        let title = checked_title(body::optional_string(&body, "title")?)?;
-        let resources = body::optional_array(&body, "resources")?;
-        let budget = body.get("budget").filter(|v| !v.is_null()).cloned();
-        let metadata = body::metadata(&body)?;
-        let environment_variables = body::string_map(&body, "environment_variables")?;
+        let title = checked_title(command.title)?;
+        metadata::validate(&command.metadata)?;
         let id = ids::new_id(IdKind::Session);
         // `initial_events` are appended as if the creator sent them right after creation (§12.2): the same
         // checks and turn rules as `POST /sessions/{id}/events` from an admin, in the same atomic write.
@@ -114,9 +93,9 @@ impl App {
             .incoming_events(
                 &id,
                 "initial_events",
-                body.get("initial_events"),
+                command.initial_events,
                 Sender::Admin,
-                false,
+                0,
             )
             .await?;
         let now = self.now();
@@ -126,10 +105,10 @@ impl App {
             environment_id: env.id.clone(),
             status: SessionStatus::Idle,
             title,
-            metadata,
-            environment_variables,
-            resources,
-            budget,
+            metadata: command.metadata,
+            environment_variables: command.environment_variables,
+            resources: Value::Array(command.resources),
+            budget: command.budget,
             created_at: now,
             updated_at: now,
             archived_at: None,

@@ -5,7 +5,6 @@ use tether_core::resources::{Credential, CredentialKind};
 use tether_store::{ChangeSet, Page, PageRequest, Write};
 
 use super::{App, Error, Missing, Result};
-use crate::body;
 use crate::credentials::{self, ADMIN_PREFIX, ENVIRONMENT_PREFIX, SESSION_PREFIX};
 
 /// The longest name an admin token or environment key may carry.
@@ -21,7 +20,7 @@ impl NewCredential {
     /// The name, when given, is 1 to [`MAX_CREDENTIAL_NAME_CHARS`] characters, not all blank.
     fn checked_name(self) -> Result<Option<String>> {
         self.name
-            .map(|name| body::bounded_name(name, "name", MAX_CREDENTIAL_NAME_CHARS))
+            .map(|name| super::bounded_name(name, "name", MAX_CREDENTIAL_NAME_CHARS))
             .transpose()
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod budget;
+mod commands;
 pub mod dashboard;
 pub mod decode;
 pub mod events;

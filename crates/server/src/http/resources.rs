@@ -12,10 +12,7 @@ use super::access::ReadableSession;
 use super::extract::{Caller, JsonBody, Params, Wire};
 use super::{decode, wire};
 use crate::error::{ApiError, ApiResult};
-use crate::service::agents::{AgentChanges, NewAgent};
-use crate::service::environments::{EnvironmentChanges, NewEnvironment};
-use crate::service::sessions::{NewSession, SessionChanges};
-use crate::service::tokens::{NewCredential, Principal};
+use crate::service::tokens::Principal;
 use crate::service::App;
 
 fn archive_filter(params: &Params) -> ApiResult<ArchiveFilter> {
@@ -32,22 +29,9 @@ pub async fn create_environment(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Environment>> {
     // D-32: the body is judged (400) after the caller's rights (403) and the target (404).
-    let api::CreateEnvironment {
-        name,
-        description,
-        config,
-        metadata,
-        scope,
-    } = decode::optional(body)?;
-    let command = NewEnvironment {
-        name,
-        description,
-        config: Some(config).filter(|c| !c.is_null()),
-        metadata,
-        scope,
-    };
+    let request: api::CreateEnvironment = decode::optional(body)?;
     let env = app
-        .create_environment(command, d.default_environment_config())
+        .create_environment(request.into(), d.default_environment_config())
         .await?;
     Ok(Json(wire::environment(&env)))
 }
@@ -77,20 +61,9 @@ pub async fn update_environment(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Environment>> {
     app.environment(&id).await?;
-    let api::UpdateEnvironment {
-        name,
-        description,
-        config,
-        metadata,
-    } = decode::required(body)?;
-    let changes = EnvironmentChanges {
-        name,
-        description,
-        config,
-        metadata,
-    };
+    let request: api::UpdateEnvironment = decode::required(body)?;
     Ok(Json(wire::environment(
-        &app.update_environment(&id, changes).await?,
+        &app.update_environment(&id, request.into()).await?,
     )))
 }
 
@@ -118,15 +91,8 @@ pub async fn create_key(
 ) -> ApiResult<Json<api::Credential>> {
     app.environment(&id).await?;
     let request: api::CreateCredential = decode::optional(body)?;
-    let (credential, secret) = app
-        .create_environment_key(&id, new_credential(request))
-        .await?;
+    let (credential, secret) = app.create_environment_key(&id, request.into()).await?;
     Ok(Json(wire::new_credential(&credential, &secret)))
-}
-
-fn new_credential(request: api::CreateCredential) -> NewCredential {
-    let api::CreateCredential { name } = request;
-    NewCredential { name }
 }
 
 pub async fn list_keys(
@@ -157,7 +123,7 @@ pub async fn create_token(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Credential>> {
     let request: api::CreateCredential = decode::optional(body)?;
-    let (credential, secret) = app.create_admin_token(new_credential(request)).await?;
+    let (credential, secret) = app.create_admin_token(request.into()).await?;
     Ok(Json(wire::new_credential(&credential, &secret)))
 }
 
@@ -191,29 +157,11 @@ pub async fn create_agent(
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Agent>> {
-    let api::CreateAgent {
-        name,
-        model,
-        description,
-        system,
-        tools,
-        skills,
-        mcp_servers,
-        execution_identity,
-        metadata,
-    } = decode::optional(body)?;
-    let command = NewAgent {
-        name,
-        model: Some(model).filter(|m| !m.is_null()),
-        description,
-        system,
-        tools,
-        skills,
-        mcp_servers,
-        execution_identity: execution_identity.filter(|i| !i.is_null()),
-        metadata,
-    };
-    Ok(Json(wire::agent(&app.create_agent(command).await?, d)))
+    let request: api::CreateAgent = decode::optional(body)?;
+    Ok(Json(wire::agent(
+        &app.create_agent(request.into()).await?,
+        d,
+    )))
 }
 
 pub async fn list_agents(
@@ -252,32 +200,11 @@ pub async fn update_agent(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Agent>> {
     app.agent(&id).await?;
-    let api::UpdateAgent {
-        version,
-        name,
-        model,
-        description,
-        system,
-        tools,
-        skills,
-        mcp_servers,
-        execution_identity,
-        metadata,
-    } = decode::required(body)?;
-    let changes = AgentChanges {
-        version,
-        name,
-        model: model.filter(|m| !m.is_null()),
-        description,
-        system,
-        tools,
-        skills,
-        mcp_servers,
-        // A `null` sent removes the identity; absence leaves it.
-        execution_identity: execution_identity.map(|i| Some(i).filter(|i| !i.is_null())),
-        metadata,
-    };
-    Ok(Json(wire::agent(&app.update_agent(&id, changes).await?, d)))
+    let request: api::UpdateAgent = decode::required(body)?;
+    Ok(Json(wire::agent(
+        &app.update_agent(&id, request.into()).await?,
+        d,
+    )))
 }
 
 pub async fn archive_agent(
@@ -293,32 +220,8 @@ pub async fn create_session(
     Wire(d): Wire,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Session>> {
-    let api::CreateSession {
-        agent,
-        environment_id,
-        title,
-        metadata,
-        environment_variables,
-        initial_events,
-        resources,
-        budget,
-    } = decode::optional(body)?;
-    let (agent, agent_version) = match agent {
-        api::AgentRef::Id(id) => (id, None),
-        api::AgentRef::Version { id, version } => (id, Some(version)),
-    };
-    let command = NewSession {
-        environment_id,
-        agent,
-        agent_version,
-        title,
-        metadata,
-        environment_variables,
-        resources: resources.unwrap_or_default(),
-        budget,
-        initial_events,
-    };
-    let session = app.create_session(command).await?;
+    let request: api::CreateSession = decode::optional(body)?;
+    let session = app.create_session(request.into()).await?;
     Ok(Json(wire::session(&session, d)))
 }
 
@@ -391,10 +294,9 @@ pub async fn update_session(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::Session>> {
     app.session(&id).await?;
-    let api::UpdateSession { title, metadata } = decode::required(body)?;
-    let changes = SessionChanges { title, metadata };
+    let request: api::UpdateSession = decode::required(body)?;
     Ok(Json(wire::session(
-        &app.update_session(&id, changes).await?,
+        &app.update_session(&id, request.into()).await?,
         d,
     )))
 }

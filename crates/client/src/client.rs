@@ -361,9 +361,7 @@ impl Client {
         environment_id: &str,
         params: &ListParams,
     ) -> Result<Page<Credential>> {
-        let mut query = Query::new();
-        params.push(&mut query);
-        self.get(&["environments", environment_id, "keys"], &query)
+        self.get(&["environments", environment_id, "keys"], &params.query())
             .await
     }
 
@@ -386,9 +384,7 @@ impl Client {
 
     /// `GET /tokens` (secrets are never listed).
     pub async fn list_tokens(&self, params: &ListParams) -> Result<Page<Credential>> {
-        let mut query = Query::new();
-        params.push(&mut query);
-        self.get(&["tokens"], &query).await
+        self.get(&["tokens"], &params.query()).await
     }
 
     /// `DELETE /tokens/{id}`: revoking twice is harmless.
@@ -532,9 +528,7 @@ impl Client {
         environment_id: &str,
         params: &ListParams,
     ) -> Result<Page<WorkItem>> {
-        let mut query = Query::new();
-        params.push(&mut query);
-        self.get(&["environments", environment_id, "work"], &query)
+        self.get(&["environments", environment_id, "work"], &params.query())
             .await
     }
 
@@ -648,8 +642,7 @@ impl Client {
         environment_id: &str,
         params: &ListParams,
     ) -> Result<Page<WorkItem>> {
-        let mut query = Query::new();
-        params.push(&mut query);
+        let mut query = params.query();
         query.push(("cause", "poison".to_owned()));
         self.get(&["environments", environment_id, "work"], &query)
             .await
@@ -677,11 +670,9 @@ impl Client {
         work_id: &str,
         params: &ListParams,
     ) -> Result<WorkHistory> {
-        let mut query = Query::new();
-        params.push(&mut query);
         self.get(
             &["environments", environment_id, "work", work_id, "history"],
-            &query,
+            &params.query(),
         )
         .await
     }

@@ -43,7 +43,9 @@ impl ListParams {
         }
     }
 
-    pub(crate) fn push(&self, query: &mut Query) {
+    /// The pagination parameters; a listing with filters adds its own to these.
+    pub(crate) fn query(&self) -> Query {
+        let mut query = Query::new();
         if let Some(limit) = self.limit {
             query.push(("limit", limit.to_string()));
         }
@@ -56,6 +58,7 @@ impl ListParams {
         if let Some(before) = &self.before_id {
             query.push(("before_id", before.clone()));
         }
+        query
     }
 }
 
@@ -74,8 +77,7 @@ pub struct ListResources {
 
 impl ListResources {
     pub(crate) fn query(&self) -> Query {
-        let mut q = Query::new();
-        self.list.push(&mut q);
+        let mut q = self.list.query();
         push_archive_and_created(
             &mut q,
             self.include_archived,
@@ -125,8 +127,7 @@ pub struct ListSessions {
 
 impl ListSessions {
     pub(crate) fn query(&self) -> Query {
-        let mut q = Query::new();
-        self.list.push(&mut q);
+        let mut q = self.list.query();
         if let Some(a) = &self.agent_id {
             q.push(("agent_id", a.clone()));
         }
@@ -168,8 +169,7 @@ pub struct ListEvents {
 
 impl ListEvents {
     pub(crate) fn query(&self) -> Query {
-        let mut q = Query::new();
-        self.list.push(&mut q);
+        let mut q = self.list.query();
         match self.order {
             None => {}
             Some(Order::Asc) => q.push(("order", "asc".into())),

@@ -6,7 +6,7 @@ use serde_json::Value;
 use tether_client::{Agent, CreateAgent, UpdateAgent};
 
 use super::output::{self, Table};
-use super::{key_value, metadata_patch, Ctx, PageArgs};
+use super::{key_value, Ctx, MetadataPatchArgs, PageArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum AgentCommand {
@@ -71,12 +71,8 @@ pub struct UpdateArgs {
     /// Replace the tools with this JSON array.
     #[arg(long, value_name = "JSON")]
     tools: Option<String>,
-    /// Set a metadata entry KEY=VALUE (repeatable).
-    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
-    metadata: Vec<(String, String)>,
-    /// Remove a metadata key (repeatable).
-    #[arg(long = "unset-metadata", value_name = "KEY")]
-    unset_metadata: Vec<String>,
+    #[command(flatten)]
+    metadata: MetadataPatchArgs,
 }
 
 fn tools(raw: Option<String>) -> Result<Option<Vec<Value>>> {
@@ -116,7 +112,7 @@ pub async fn run(cx: Ctx, command: AgentCommand) -> Result<()> {
                 description: args.description,
                 system: args.system,
                 tools: tools(args.tools)?,
-                metadata: metadata_patch(&args.metadata, &args.unset_metadata),
+                metadata: args.metadata.patch(),
                 ..Default::default()
             };
             let agent = client.update_agent(&args.id, &body).await?;

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use tether_client::{CreateEnvironment, Credential, Environment, ListParams, UpdateEnvironment};
 
 use super::output::{self, Table};
-use super::{key_value, metadata_patch, Ctx, PageArgs};
+use super::{key_value, Ctx, MetadataPatchArgs, PageArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum EnvCommand {
@@ -66,12 +66,8 @@ pub struct UpdateArgs {
     /// New description.
     #[arg(long)]
     description: Option<String>,
-    /// Set a metadata entry KEY=VALUE (repeatable).
-    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
-    metadata: Vec<(String, String)>,
-    /// Remove a metadata key (repeatable).
-    #[arg(long = "unset-metadata", value_name = "KEY")]
-    unset_metadata: Vec<String>,
+    #[command(flatten)]
+    metadata: MetadataPatchArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,7 +130,7 @@ pub async fn run(cx: Ctx, command: EnvCommand) -> Result<()> {
             let body = UpdateEnvironment {
                 name: args.name,
                 description: args.description,
-                metadata: metadata_patch(&args.metadata, &args.unset_metadata),
+                metadata: args.metadata.patch(),
                 ..Default::default()
             };
             let env = client.update_environment(&args.id, &body).await?;

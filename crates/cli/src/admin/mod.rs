@@ -344,17 +344,30 @@ pub fn key_value(raw: &str) -> Result<(String, String), String> {
     }
 }
 
-/// A metadata patch from `--metadata k=v` (set) and `--unset-metadata k` (delete); `None` when both are empty.
-pub fn metadata_patch(set: &[(String, String)], unset: &[String]) -> Option<MetadataPatch> {
-    if set.is_empty() && unset.is_empty() {
-        return None;
+/// `--metadata k=v` (set) and `--unset-metadata k` (delete) of the update commands.
+#[derive(Args, Debug)]
+pub struct MetadataPatchArgs {
+    /// Set a metadata entry KEY=VALUE (repeatable).
+    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
+    metadata: Vec<(String, String)>,
+    /// Remove a metadata key (repeatable).
+    #[arg(long = "unset-metadata", value_name = "KEY")]
+    unset_metadata: Vec<String>,
+}
+
+impl MetadataPatchArgs {
+    /// The merge patch these flags ask for; `None` when both are empty.
+    pub fn patch(&self) -> Option<MetadataPatch> {
+        if self.metadata.is_empty() && self.unset_metadata.is_empty() {
+            return None;
+        }
+        let mut patch: MetadataPatch = BTreeMap::new();
+        for key in &self.unset_metadata {
+            patch.insert(key.clone(), None);
+        }
+        for (k, v) in &self.metadata {
+            patch.insert(k.clone(), Some(v.clone()));
+        }
+        Some(patch)
     }
-    let mut patch: MetadataPatch = BTreeMap::new();
-    for key in unset {
-        patch.insert(key.clone(), None);
-    }
-    for (k, v) in set {
-        patch.insert(k.clone(), Some(v.clone()));
-    }
-    Some(patch)
 }

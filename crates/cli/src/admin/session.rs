@@ -11,7 +11,7 @@ use tether_client::{
 
 use super::events::{self, Ending, Renderer, BEFORE_FIRST_EVENT};
 use super::output::{self, Table};
-use super::{key_value, metadata_patch, Ctx, PageArgs};
+use super::{key_value, Ctx, MetadataPatchArgs, PageArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum SessionCommand {
@@ -124,12 +124,8 @@ pub struct UpdateArgs {
     /// New title.
     #[arg(long)]
     title: Option<String>,
-    /// Set a metadata entry KEY=VALUE (repeatable).
-    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
-    metadata: Vec<(String, String)>,
-    /// Remove a metadata key (repeatable).
-    #[arg(long = "unset-metadata", value_name = "KEY")]
-    unset_metadata: Vec<String>,
+    #[command(flatten)]
+    metadata: MetadataPatchArgs,
 }
 
 pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
@@ -176,7 +172,7 @@ pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
         SessionCommand::Update(args) => {
             let body = UpdateSession {
                 title: args.title,
-                metadata: metadata_patch(&args.metadata, &args.unset_metadata),
+                metadata: args.metadata.patch(),
             };
             let session = client.update_session(&args.id, &body).await?;
             cx.emit(&session, || show(&session));

@@ -230,14 +230,24 @@ impl App {
             }
             next.version = current.value.version + 1;
             next.updated_at = self.now();
-            self.commit(ChangeSet::one(Write::UpdateAgent {
-                agent: next.clone(),
-                expected_version: current.version,
-            }))
-            .await?;
-            Ok(next)
+            Ok(self.replace_agent(&current, next).await?)
         })
         .await
+    }
+
+    /// Writes `next` over the version `current` was read at; a write since then makes this a
+    /// conflict, so the caller reads again and decides again.
+    async fn replace_agent(
+        &self,
+        current: &Versioned<Agent>,
+        next: Agent,
+    ) -> tether_store::StoreResult<Agent> {
+        self.commit(ChangeSet::one(Write::UpdateAgent {
+            agent: next.clone(),
+            expected_version: current.version,
+        }))
+        .await?;
+        Ok(next)
     }
 
     pub async fn archive_agent(&self, id: &str) -> Result<Agent> {
@@ -250,12 +260,7 @@ impl App {
             let now = self.now();
             next.archived_at = Some(now);
             next.updated_at = now;
-            self.commit(ChangeSet::one(Write::UpdateAgent {
-                agent: next.clone(),
-                expected_version: current.version,
-            }))
-            .await?;
-            Ok(next)
+            Ok(self.replace_agent(&current, next).await?)
         })
         .await
     }

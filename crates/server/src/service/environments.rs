@@ -141,14 +141,24 @@ impl App {
                 next.metadata = metadata::merge(&next.metadata, patch)?;
             }
             next.updated_at = self.now();
-            self.commit(ChangeSet::one(Write::UpdateEnvironment {
-                environment: next.clone(),
-                expected_version: current.version,
-            }))
-            .await?;
-            Ok(next)
+            Ok(self.replace_environment(&current, next).await?)
         })
         .await
+    }
+
+    /// Writes `next` over the version `current` was read at; a write since then makes this a
+    /// conflict, so the caller reads again and decides again.
+    async fn replace_environment(
+        &self,
+        current: &Versioned<Environment>,
+        next: Environment,
+    ) -> tether_store::StoreResult<Environment> {
+        self.commit(ChangeSet::one(Write::UpdateEnvironment {
+            environment: next.clone(),
+            expected_version: current.version,
+        }))
+        .await?;
+        Ok(next)
     }
 
     pub async fn archive_environment(&self, id: &str) -> Result<Environment> {
@@ -163,12 +173,7 @@ impl App {
             let now = self.now();
             next.archived_at = Some(now);
             next.updated_at = now;
-            self.commit(ChangeSet::one(Write::UpdateEnvironment {
-                environment: next.clone(),
-                expected_version: current.version,
-            }))
-            .await?;
-            Ok(next)
+            Ok(self.replace_environment(&current, next).await?)
         })
         .await
     }

@@ -47,6 +47,25 @@ struct ReadPool {
     permits: Semaphore,
 }
 
+impl ReadPool {
+    /// Runs one read on a pooled connection and puts the connection back. The caller holds a permit,
+    /// so a connection is there to take.
+    fn query(&self, statement: &Statement) -> StoreResult<Vec<Row>> {
+        let conn = self
+            .connections
+            .lock()
+            .expect("reader pool lock")
+            .pop()
+            .expect("a permit guarantees a connection");
+        let result = query_rows(&conn, statement);
+        self.connections
+            .lock()
+            .expect("reader pool lock")
+            .push(conn);
+        result
+    }
+}
+
 /// Tuning of the embedded store.
 #[derive(Clone, Copy, Debug)]
 pub struct SqliteOptions {
@@ -305,37 +324,12 @@ impl Executor for SqliteExecutor {
         if statement.bounded {
             // A few rows through an index (WAL readers never wait for the writer): cheaper here than
             // the two thread switches of a blocking task.
-            let conn = pool
-                .connections
-                .lock()
-                .expect("reader pool lock")
-                .pop()
-                .expect("a permit guarantees a connection");
-            let result = query_rows(&conn, &statement);
-            pool.connections
-                .lock()
-                .expect("reader pool lock")
-                .push(conn);
-            return result;
+            return pool.query(&statement);
         }
         let pool_for_task = pool.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = pool_for_task
-                .connections
-                .lock()
-                .expect("reader pool lock")
-                .pop()
-                .expect("a permit guarantees a connection");
-            let result = query_rows(&conn, &statement);
-            pool_for_task
-                .connections
-                .lock()
-                .expect("reader pool lock")
-                .push(conn);
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+        tokio::task::spawn_blocking(move || pool_for_task.query(&statement))
+            .await
+            .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
     }
 
     async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()> {

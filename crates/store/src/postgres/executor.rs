@@ -38,6 +38,24 @@ struct Failure {
     before_commit: bool,
 }
 
+impl Failure {
+    /// Nothing was sent that could have committed: another connection may try again.
+    fn retry_safe(error: StoreError) -> Self {
+        Failure {
+            error,
+            before_commit: true,
+        }
+    }
+
+    /// The statement was refused for itself, or may have committed: not to be tried again.
+    fn no_retry(error: StoreError) -> Self {
+        Failure {
+            error,
+            before_commit: false,
+        }
+    }
+}
+
 impl PostgresExecutor {
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
         match self.pool.get().await {
@@ -81,19 +99,10 @@ impl PostgresExecutor {
     }
 
     async fn query_once(&self, statement: &Statement) -> Result<Vec<Row>, Failure> {
-        let client = self.client().await.map_err(|error| Failure {
-            error,
-            before_commit: true,
-        })?;
-        let fail = |e: tokio_postgres::Error| Failure {
-            error: self.observe(e),
-            before_commit: true,
-        };
+        let client = self.client().await.map_err(Failure::retry_safe)?;
+        let fail = |e: tokio_postgres::Error| Failure::retry_safe(self.observe(e));
         let prepared = client.prepare_cached(&statement.sql).await.map_err(fail)?;
-        let params = bind_all(&statement.params, prepared.params()).map_err(|error| Failure {
-            error,
-            before_commit: false,
-        })?;
+        let params = bind_all(&statement.params, prepared.params()).map_err(Failure::no_retry)?;
         let rows = client
             .query(&prepared, &refs(&params))
             .await
@@ -101,29 +110,17 @@ impl PostgresExecutor {
         rows.iter()
             .map(|row| (0..row.len()).map(|i| column(row, i)).collect())
             .collect::<StoreResult<Vec<Row>>>()
-            .map_err(|error| Failure {
-                error,
-                before_commit: false,
-            })
+            .map_err(Failure::no_retry)
     }
 
     async fn execute_once(&self, statements: &[(Statement, Expect)]) -> Result<(), Failure> {
-        let mut client = self.client().await.map_err(|error| Failure {
-            error,
-            before_commit: true,
-        })?;
-        let fail = |e: tokio_postgres::Error| Failure {
-            error: self.observe(e),
-            before_commit: true,
-        };
-        let refused = |error: StoreError| Failure {
-            error,
-            before_commit: false,
-        };
+        let mut client = self.client().await.map_err(Failure::retry_safe)?;
+        let fail = |e: tokio_postgres::Error| Failure::retry_safe(self.observe(e));
         // A lone statement is atomic by itself: skip BEGIN/COMMIT and their round trips.
         if let [(statement, expect)] = statements {
             let prepared = client.prepare_cached(&statement.sql).await.map_err(fail)?;
-            let params = bind_all(&statement.params, prepared.params()).map_err(refused)?;
+            let params =
+                bind_all(&statement.params, prepared.params()).map_err(Failure::no_retry)?;
             let changed = client
                 .execute(&prepared, &refs(&params))
                 .await
@@ -133,7 +130,7 @@ impl PostgresExecutor {
                     error: self.observe(e),
                 })?;
             return match expect {
-                Expect::OneRow if changed != 1 => Err(refused(StoreError::Conflict)),
+                Expect::OneRow if changed != 1 => Err(Failure::no_retry(StoreError::Conflict)),
                 _ => Ok(()),
             };
         }
@@ -155,7 +152,7 @@ impl PostgresExecutor {
             .zip(&prepared)
             .map(|((statement, _), prepared)| bind_all(&statement.params, prepared.params()))
             .collect::<StoreResult<Vec<_>>>()
-            .map_err(refused)?;
+            .map_err(Failure::no_retry)?;
         let params: Vec<_> = params.iter().map(Vec::as_slice).map(refs).collect();
         let outcomes = futures::future::join_all(
             prepared
@@ -167,13 +164,12 @@ impl PostgresExecutor {
         for ((_, expect), outcome) in statements.iter().zip(outcomes) {
             let changed = outcome.map_err(fail)?;
             if *expect == Expect::OneRow && changed != 1 {
-                return Err(refused(StoreError::Conflict));
+                return Err(Failure::no_retry(StoreError::Conflict));
             }
         }
-        tx.commit().await.map_err(|e| Failure {
-            before_commit: false,
-            error: self.observe(e),
-        })
+        tx.commit()
+            .await
+            .map_err(|e| Failure::no_retry(self.observe(e)))
     }
 }
 

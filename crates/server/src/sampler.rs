@@ -125,6 +125,8 @@ pub async fn pass(app: &App) -> crate::service::Result<()> {
     }
     // Settle due leases once, so that no sample counts an expired lease as live.
     app.expire_due_leases().await?;
+    // And write the poll records waiting for the tick, so that `workers_polling` counts them.
+    app.write_worker_records().await?;
     let now = app.now();
     let polling_since = now.minus_millis(app.config.workers_polling_window_ms);
     let mut sampled = HashSet::with_capacity(environments.len());

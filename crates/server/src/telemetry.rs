@@ -186,6 +186,10 @@ pub async fn queue_gauges(app: &App) -> String {
         }
     };
     let truncated = u8::from(envs.len() > GAUGE_ENVIRONMENTS as usize);
+    // Poll records wait in memory for the dispatcher's tick; this scrape counts them now.
+    if let Err(e) = app.write_worker_records().await {
+        tracing::warn!(error = %e, "metrics: cannot write the waiting poll records");
+    }
     let now = app.now();
     let polling_since = now.minus_millis(app.config.workers_polling_window_ms);
     // name → lines

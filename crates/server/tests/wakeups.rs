@@ -189,31 +189,8 @@ impl Store for Counting {
 async fn a_fruitless_wake_up_costs_one_scan() {
     const WAITERS: u64 = 8;
     for backend in backends() {
-        let location = StoreLocation::fresh(&backend).await.expect("store");
-        let counting = Arc::new(Counting {
-            inner: location.open().await.expect("open"),
-            scans: AtomicU64::new(0),
-        });
-        let app = App::new(
-            counting.clone(),
-            Arc::new(SystemClock),
-            ServiceConfig {
-                // No periodic pass during the test: every scan counted comes from the wake-up.
-                tick: Duration::from_secs(3600),
-                ..ServiceConfig::default()
-            },
-        );
-        let env = app
-            .create_environment(
-                NewEnvironment {
-                    name: "wakeups".into(),
-                    config: Some(json!({"type": "self_hosted"})),
-                    ..NewEnvironment::default()
-                },
-                None,
-            )
-            .await
-            .expect("environment");
+        let (_location, app, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "wakeups").await;
 
         let polls: Vec<_> = (0..WAITERS)
             .map(|i| {
@@ -259,33 +236,10 @@ async fn a_fruitless_wake_up_costs_one_scan() {
 async fn idle_re_polls_wait_without_scanning() {
     const ROUNDS: u64 = 5;
     for backend in backends() {
-        let location = StoreLocation::fresh(&backend).await.expect("store");
-        let counting = Arc::new(Counting {
-            inner: location.open().await.expect("open"),
-            scans: AtomicU64::new(0),
-        });
-        let app = App::new(
-            counting.clone(),
-            Arc::new(ManualClock::new(Timestamp::from_micros(
-                1_700_000_000_000_000,
-            ))),
-            ServiceConfig {
-                // No periodic pass during the test: every scan counted comes from a poll.
-                tick: Duration::from_secs(3600),
-                ..ServiceConfig::default()
-            },
-        );
-        let env = app
-            .create_environment(
-                NewEnvironment {
-                    name: "parked".into(),
-                    config: Some(json!({"type": "self_hosted"})),
-                    ..NewEnvironment::default()
-                },
-                None,
-            )
-            .await
-            .expect("environment");
+        // The server's clock stands still, so a scan mark cannot age out during the test.
+        let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
+        let (_location, app, counting, env) =
+            counting_app(&backend, Arc::new(clock), "parked").await;
         for _ in 0..ROUNDS {
             let got = app
                 .poll(
@@ -338,4 +292,39 @@ async fn idle_re_polls_wait_without_scanning() {
         );
         app.begin_shutdown();
     }
+}
+
+/// An app over a fresh store of `backend` that counts claim scans, with no periodic dispatcher pass
+/// (every scan counted comes from the test), and one self-hosted environment named `name`.
+async fn counting_app(
+    backend: &tether_testkit::Backend,
+    clock: Arc<dyn tether_core::Clock>,
+    name: &str,
+) -> (StoreLocation, App, Arc<Counting>, Environment) {
+    let location = StoreLocation::fresh(backend).await.expect("store");
+    let counting = Arc::new(Counting {
+        inner: location.open().await.expect("open"),
+        scans: AtomicU64::new(0),
+    });
+    let app = App::new(
+        counting.clone(),
+        clock,
+        ServiceConfig {
+            tick: Duration::from_secs(3600),
+            ..ServiceConfig::default()
+        },
+    );
+    let env = app
+        .create_environment(
+            NewEnvironment {
+                name: name.into(),
+                config: Some(json!({"type": "self_hosted"})),
+                ..NewEnvironment::default()
+            },
+            None,
+        )
+        .await
+        .expect("environment");
+    // The location goes back too: a SQLite one is a directory that must outlive the store.
+    (location, app, counting, env)
 }

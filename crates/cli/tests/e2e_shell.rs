@@ -5,37 +5,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use serde_json::Value;
 use support::lines::{Lines, PATIENCE};
 use support::ServerProcess;
-use support::BIN;
-
-/// The example agent's binary, which lives next to `tether` in the target directory. `cargo test
-/// --workspace` (and scripts/test) build it; a run of this package's tests alone may not have.
-fn shell_agent() -> PathBuf {
-    let dir = Path::new(BIN).parent().expect("a target directory");
-    let agent = dir.join("tether-shell-agent");
-    if !agent.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args([
-            "build",
-            "-p",
-            "tether-shell-agent",
-            "--bin",
-            "tether-shell-agent",
-        ]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cannot build tether-shell-agent");
-    }
-    agent
-}
 
 fn tether(server: &ServerProcess, args: &[&str]) -> Command {
     let mut command = support::tether_as_admin(server, args);
@@ -59,7 +35,7 @@ fn id(value: &Value) -> String {
 
 /// `tether worker` with the shell agent as its program, in `sandbox` (the commands' directory).
 fn worker(server: &ServerProcess, env: &str, key: &str, name: &str, sandbox: &Path) -> Lines {
-    let agent = shell_agent();
+    let agent = support::shell_agent();
     let mut command = tether(
         server,
         &[

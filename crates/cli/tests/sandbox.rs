@@ -689,29 +689,6 @@ async fn a_daemon_dies_with_its_item_on_exit_stop_force_stop_and_lease_loss() {
     assert!(log.contains("lease lost"), "{log}");
 }
 
-/// The example shell agent, next to `tether` in the target directory (built here if a run of this
-/// package's tests alone has not).
-fn shell_agent() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_tether"));
-    let dir = bin.parent().expect("a target directory");
-    let agent = dir.join("tether-shell-agent");
-    if !agent.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args([
-            "build",
-            "-p",
-            "tether-shell-agent",
-            "--bin",
-            "tether-shell-agent",
-        ]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        assert!(build.status().expect("cargo build").success());
-    }
-    agent
-}
-
 /// The recommended set-up: the shell agent under `--sandbox --sandbox-network api` answers a message,
 /// every call of its own going through the worker's proxy.
 #[tokio::test(flavor = "multi_thread")]
@@ -721,7 +698,7 @@ async fn the_shell_agent_answers_through_the_api_proxy() {
     let (env, key) = server.environment();
     let session = server.session(&env);
     server.json(&["session", "send", &session, "echo hello from the box; pwd"]);
-    let agent = shell_agent();
+    let agent = support::shell_agent();
     let worker = server.worker(
         &env,
         &key,

@@ -141,25 +141,6 @@ fn id(value: &Value) -> String {
     value["id"].as_str().expect("an id").to_owned()
 }
 
-fn shell_agent() -> PathBuf {
-    let dir = Path::new(BIN).parent().expect("a target directory");
-    let agent = dir.join("tether-shell-agent");
-    if !agent.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-p",
-                "tether-shell-agent",
-                "--bin",
-                "tether-shell-agent",
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot build tether-shell-agent");
-    }
-    agent
-}
-
 /// A blocking HTTPS client that trusts only `ca`.
 fn https_client(ca: &Path) -> reqwest::Client {
     let pem = std::fs::read(ca).unwrap();
@@ -247,7 +228,7 @@ fn a_session_served_end_to_end_over_https_with_a_private_ca() {
         ],
     );
     command
-        .arg(shell_agent())
+        .arg(support::shell_agent())
         .args(["--max-idle", "2s"])
         .current_dir(sandbox.path());
     let mut worker = Lines::spawn(command, "", "worker", Some("worker started"));
@@ -697,7 +678,9 @@ fn a_sandboxed_agent_reaches_an_https_server_through_the_api_proxy() {
             "--",
         ],
     );
-    command.arg(shell_agent()).args(["--max-idle", "2s"]);
+    command
+        .arg(support::shell_agent())
+        .args(["--max-idle", "2s"]);
     let mut worker = Lines::spawn(command, "", "worker", Some("worker started"));
     let items = json(base, &ca, &["work", "list", &env, "--all"]);
     let work = items["data"][0]["id"].as_str().unwrap().to_owned();

@@ -276,3 +276,26 @@ pub fn wait_exit(child: &mut Child, what: &str, patience: Duration) -> std::proc
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The example agent's binary, which lives next to `tether` in the target directory. `cargo test
+/// --workspace` (and scripts/test) build it; a run of this package's tests alone may not have.
+pub fn shell_agent() -> std::path::PathBuf {
+    let dir = Path::new(BIN).parent().expect("a target directory");
+    let agent = dir.join("tether-shell-agent");
+    if !agent.exists() {
+        let mut build = Command::new(env!("CARGO"));
+        build.args([
+            "build",
+            "-p",
+            "tether-shell-agent",
+            "--bin",
+            "tether-shell-agent",
+        ]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cannot build tether-shell-agent");
+    }
+    agent
+}

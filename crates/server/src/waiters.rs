@@ -13,7 +13,7 @@
 //! unnoticed for longer than a blocked waiter would miss it anyway: the dispatcher's tick probes every
 //! environment that has a waiter.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
@@ -27,7 +27,11 @@ struct Slot {
 
 #[derive(Default)]
 struct Inner {
-    queues: HashMap<String, VecDeque<Weak<Slot>>>,
+    /// Per environment, its waiters by registration number: the first is the oldest. Registering,
+    /// leaving and waking one cost a logarithm of the count, not a pass over every waiter, which with
+    /// thousands of idle long polls re-polling every second would be quadratic.
+    queues: HashMap<String, BTreeMap<u64, Weak<Slot>>>,
+    next_waiter: u64,
     /// Per environment: the scan under way or the last one that found nothing (see [`Scan`]).
     scans: HashMap<String, ScanMark>,
     next_scan: u64,
@@ -62,15 +66,17 @@ impl Waiters {
     pub fn register(&self, environment_id: &str) -> Option<Ticket> {
         let slot = Arc::new(Slot::default());
         let mut inner = self.inner.lock().expect("waiters lock");
+        inner.next_waiter += 1;
+        let id = inner.next_waiter;
         let queue = inner.queues.entry(environment_id.to_owned()).or_default();
-        queue.retain(|w| w.strong_count() > 0);
         if queue.len() >= MAX_WAITERS_PER_ENVIRONMENT {
             return None;
         }
-        queue.push_back(Arc::downgrade(&slot));
+        queue.insert(id, Arc::downgrade(&slot));
         Some(Ticket {
             waiters: self.clone(),
             environment_id: environment_id.to_owned(),
+            id,
             slot,
         })
     }
@@ -127,14 +133,20 @@ impl Waiters {
     /// Wakes up to `count` waiters of the environment, oldest first. Returns how many were woken.
     /// Any scan mark of the environment goes too: whatever woke it may have made an item claimable.
     pub fn wake(&self, environment_id: &str, count: usize) -> usize {
-        let mut woken = 0;
         let mut inner = self.inner.lock().expect("waiters lock");
+        Self::wake_locked(&mut inner, environment_id, count)
+    }
+
+    fn wake_locked(inner: &mut Inner, environment_id: &str, count: usize) -> usize {
+        let mut woken = 0;
         inner.scans.remove(environment_id);
         let Some(queue) = inner.queues.get_mut(environment_id) else {
             return 0;
         };
         while woken < count {
-            let Some(weak) = queue.pop_front() else { break };
+            let Some((_, weak)) = queue.pop_first() else {
+                break;
+            };
             if let Some(slot) = weak.upgrade() {
                 slot.woken.store(true, std::sync::atomic::Ordering::SeqCst);
                 slot.notify.notify_one();
@@ -147,16 +159,28 @@ impl Waiters {
         woken
     }
 
-    /// Removes a waiter that leaves without having been woken.
-    fn forget(&self, environment_id: &str, slot: &Arc<Slot>) {
+    /// A waiter leaves. Still queued, it is taken out (and the environment's entry with it once
+    /// empty, so that the map holds only environments being waited on). Already woken, its wake-up is
+    /// passed on to the next waiter unless it was spent on an item. Both are decided under the lock
+    /// that [`Self::wake`] takes, so a wake-up landing while the waiter leaves is never lost.
+    fn leave(&self, ticket: &Ticket) {
         let mut inner = self.inner.lock().expect("waiters lock");
-        let Some(queue) = inner.queues.get_mut(environment_id) else {
-            return;
+        let queued = match inner.queues.get_mut(&ticket.environment_id) {
+            Some(queue) => {
+                let queued = queue.remove(&ticket.id).is_some();
+                if queue.is_empty() {
+                    inner.queues.remove(&ticket.environment_id);
+                }
+                queued
+            }
+            None => false,
         };
-        let gone = Arc::as_ptr(slot);
-        queue.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), gone));
-        if queue.is_empty() {
-            inner.queues.remove(environment_id);
+        let consumed = ticket
+            .slot
+            .consumed
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if !queued && !consumed {
+            Self::wake_locked(&mut inner, &ticket.environment_id, 1);
         }
     }
 
@@ -187,7 +211,7 @@ impl Waiters {
         inner
             .queues
             .iter()
-            .filter(|(_, q)| q.iter().any(|w| w.strong_count() > 0))
+            .filter(|(_, q)| q.values().any(|w| w.strong_count() > 0))
             .map(|(env, _)| env.clone())
             .collect()
     }
@@ -198,7 +222,7 @@ impl Waiters {
         inner
             .queues
             .values()
-            .map(|q| q.iter().filter(|w| w.strong_count() > 0).count())
+            .map(|q| q.values().filter(|w| w.strong_count() > 0).count())
             .sum()
     }
 }
@@ -207,6 +231,8 @@ impl Waiters {
 pub struct Ticket {
     waiters: Waiters,
     environment_id: String,
+    /// Its registration number, the key of its place in the environment's queue.
+    id: u64,
     slot: Arc<Slot>,
 }
 
@@ -229,18 +255,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let woken = self.slot.woken.load(std::sync::atomic::Ordering::SeqCst);
-        let consumed = self.slot.consumed.load(std::sync::atomic::Ordering::SeqCst);
-        if woken && !consumed {
-            self.waiters.wake(&self.environment_id, 1);
-            return;
-        }
-        if !woken {
-            // A poll that timed out (or whose client left) is still queued: take it out, and the
-            // environment's entry with it once empty, so that the map holds only environments that
-            // are being waited on rather than every environment ever polled.
-            self.waiters.forget(&self.environment_id, &self.slot);
-        }
+        self.waiters.leave(self);
     }
 }
 
@@ -341,6 +356,35 @@ mod tests {
         assert!(!w.known_empty("env", now, ttl));
         w.found_empty("env", second, now);
         assert!(w.known_empty("env", now, ttl));
+    }
+
+    #[tokio::test]
+    async fn waiters_are_woken_oldest_first_whoever_leaves_between() {
+        let w = Waiters::default();
+        let tickets: Vec<Ticket> = (0..6).map(|_| w.register("env").unwrap()).collect();
+        let mut tickets: Vec<Option<Ticket>> = tickets.into_iter().map(Some).collect();
+        // The second and the fifth leave; the rest are woken one at a time in the order they came.
+        tickets[1].take();
+        tickets[4].take();
+        assert_eq!(w.count(), 4);
+        for expected in [0, 2, 3, 5] {
+            assert_eq!(w.wake("env", 1), 1);
+            let ticket = tickets[expected].take().unwrap();
+            tokio::time::timeout(Duration::from_millis(100), ticket.woken())
+                .await
+                .unwrap_or_else(|_| panic!("waiter {expected} is the oldest left"));
+            ticket.consume();
+            for (i, later) in tickets.iter().enumerate() {
+                if let Some(later) = later {
+                    assert!(
+                        !later.slot.woken.load(std::sync::atomic::Ordering::SeqCst),
+                        "waiter {i} was woken before its turn"
+                    );
+                }
+            }
+        }
+        assert_eq!(w.count(), 0);
+        assert_eq!(w.environments(), 0);
     }
 
     #[tokio::test]

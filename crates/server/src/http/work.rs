@@ -33,6 +33,25 @@ async fn item_in_queue(
     Ok((env, item))
 }
 
+/// The same D-32 order for the endpoints of the worker cycle (ack, heartbeat, stop), without reading the
+/// item twice: their operation reads it once itself and answers the same 404 for an unknown item, so
+/// the item is read up front only when the request's own inputs are refused, to put its 404 first.
+async fn judged<T>(
+    app: &App,
+    env_id: &str,
+    work_id: &str,
+    inputs: ApiResult<T>,
+) -> ApiResult<(Environment, T)> {
+    let env = app.work_environment(env_id).await?;
+    match inputs {
+        Ok(inputs) => Ok((env, inputs)),
+        Err(refused) => {
+            app.get_work(&env, work_id).await?;
+            Err(refused)
+        }
+    }
+}
+
 pub async fn list(
     State(app): State<App>,
     Path(env_id): Path<String>,
@@ -214,8 +233,7 @@ pub async fn ack(
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
 ) -> ApiResult<Json<api::WorkItem>> {
-    let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
-    let WorkerId(worker) = worker?;
+    let (env, WorkerId(worker)) = judged(&app, &env_id, &work_id, worker).await?;
     let item = app.ack(&env, &work_id, worker.as_deref()).await?;
     Ok(Json(wire::work(&item, None)))
 }
@@ -248,7 +266,19 @@ async fn renew(
     work_id: &str,
     params: Params,
 ) -> ApiResult<Json<api::Heartbeat>> {
-    let (env, _) = item_in_queue(app, env_id, work_id).await?;
+    let inputs = heartbeat_inputs(worker, &params);
+    let (env, (worker, expected, ttl)) = judged(app, env_id, work_id, inputs).await?;
+    let reply = app
+        .heartbeat(&env, work_id, expected, ttl, worker.as_deref())
+        .await?;
+    Ok(Json(wire::heartbeat(&reply)))
+}
+
+/// A heartbeat's worker, expected last heartbeat and desired TTL, judged in that order.
+fn heartbeat_inputs(
+    worker: Result<WorkerId, ApiError>,
+    params: &Params,
+) -> ApiResult<(Option<String>, ExpectedHeartbeat, Option<u32>)> {
     let WorkerId(worker) = worker?;
     let expected =
         ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")).ok_or_else(|| {
@@ -269,10 +299,7 @@ async fn renew(
             }
         },
     };
-    let reply = app
-        .heartbeat(&env, work_id, expected, ttl, worker.as_deref())
-        .await?;
-    Ok(Json(wire::heartbeat(&reply)))
+    Ok((worker, expected, ttl))
 }
 
 pub async fn stop(
@@ -280,8 +307,8 @@ pub async fn stop(
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
-    let (env, _) = item_in_queue(&app, &env_id, &work_id).await?;
-    let api::StopRequest { force } = decode::optional(body)?;
+    let stop = decode::optional::<api::StopRequest>(body);
+    let (env, api::StopRequest { force }) = judged(&app, &env_id, &work_id, stop).await?;
     let force = force.unwrap_or(false);
     let item = app.stop(&env, &work_id, force).await?;
     Ok(Json(wire::work(&item, None)))

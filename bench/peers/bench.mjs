@@ -41,7 +41,7 @@ const big = option("--big");
 const only = new Set((option("--only") ?? "a,b,e,c,d").toLowerCase().split(","));
 const jsonOut = option("--json");
 if (!tetherBin || !pgUrl || !pgData) {
-    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--big N] [--json FILE]");
+    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres] [--big N] [--json FILE]");
     process.exit(2);
 }
 
@@ -198,6 +198,7 @@ class TetherApi {
 class TetherSystem {
     constructor(backend) {
         this.backend = backend;
+        this.kind = backend;
         this.name = `tether-${backend}`;
         this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}`;
     }
@@ -647,12 +648,14 @@ class PeerSystem {
 }
 
 // ------------------------------------------------------------------------------------------------ output
+// --systems graphile,sqlite: only these (graphile, raw, sqlite, postgres); ratios need graphile.
+const wanted = new Set((option("--systems") ?? "graphile,raw,sqlite,postgres").toLowerCase().split(","));
 const systems = [
     new PeerSystem("graphile"),
     new PeerSystem("raw"),
     new TetherSystem("sqlite"),
     new TetherSystem("postgres"),
-];
+].filter((system) => wanted.has(system.kind));
 const results = { quick, counts, started: new Date().toISOString(), scenarios: {} };
 const fmt = (v, digits = 1) => (v === null || v === undefined || Number.isNaN(v) ? "—" : v.toFixed(digits));
 const ratio = (v, base) => (base ? `${(v / base).toFixed(2)}x` : "—");
@@ -680,7 +683,7 @@ await scenario(
     `A. wake latency: one worker blocked in a long poll, ${counts.wake} enqueues one at a time (ms, enqueue call to worker holding the item)`,
     async (system) => ({ ...summary(await system.wake(counts.wake)), n: counts.wake }),
     (out) => {
-        const base = out["graphile-worker"];
+        const base = out["graphile-worker"] ?? {};
         const w = [24, 8, 8, 8, 12];
         console.log(row(["", "p50", "p99", "max", "p99 ratio"], w));
         for (const s of systems) {
@@ -703,7 +706,7 @@ await scenario(
         };
     },
     (out) => {
-        const base = out["graphile-worker"];
+        const base = out["graphile-worker"] ?? {};
         const w = [24, 10, 10, 16, 10, 12];
         console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "client CPU-s"], w));
         for (const s of systems) {
@@ -736,7 +739,7 @@ await scenario(
         return { ...r, perSecond: r.n / r.seconds, cpuPer1000: (r.cpu / r.n) * 1000 };
     },
     (out) => {
-        const base = out["graphile-worker"];
+        const base = out["graphile-worker"] ?? {};
         const w = [24, 10, 10, 16, 10];
         console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio"], w));
         for (const s of systems) {
@@ -753,7 +756,7 @@ await scenario(
     `C. ${counts.idle} idle long-polling workers: server memory, CPU of server and database, an unrelated worker's p99 (ms)`,
     (system) => system.idle(counts.idle, counts.unrelated, counts.window),
     (out) => {
-        const base = out["graphile-worker"];
+        const base = out["graphile-worker"] ?? {};
         const slowdown = (r) => r.beside.ack.p99 / r.alone.ack.p99;
         const w = [24, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
         console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99", "rounds"], w));
@@ -780,7 +783,7 @@ await scenario(
             );
         }
         console.log(
-            `   (the peers have no ack: their "ack" is the enqueue call, add_job or INSERT; growth is p99 beside / alone, graphile-worker's is ${fmt(slowdown(base), 2)}x;\n` +
+            `   (the peers have no ack: their "ack" is the enqueue call, add_job or INSERT; growth is p99 beside / alone, graphile-worker's is ${base.alone ? `${fmt(slowdown(base), 2)}x` : "—"};\n` +
                 `    cores: server or worker process + database beside the idle workers; rounds: unrelated cycles measured alone/beside, at most 60 s each)`,
         );
     },
@@ -794,13 +797,13 @@ await scenario(
         return { alone: summary(r.alone), otherEnv: summary(r.otherEnv), sameEnv: summary(r.sameEnv), loadSeconds: r.loadSeconds };
     },
     (out) => {
-        const base = out["graphile-worker"];
+        const base = out["graphile-worker"] ?? {};
         const w = [24, 8, 8, 9, 9, 9, 9, 10, 10, 8];
         console.log(row(["", "1k p50", "1k p99", "other p50", "other p99", "same p50", "same p99", "same/1k", "ratio", "load s"], w));
         for (const s of systems) {
             const r = out[s.name];
             const growth = r.sameEnv.p50 / r.alone.p50;
-            const baseGrowth = base.sameEnv.p50 / base.alone.p50;
+            const baseGrowth = base.sameEnv ? base.sameEnv.p50 / base.alone.p50 : undefined;
             console.log(
                 row(
                     [

@@ -50,6 +50,10 @@ enum Command {
     },
 }
 
+/// See the workspace manifest for why.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match &cli.command {

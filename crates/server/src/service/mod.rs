@@ -12,7 +12,7 @@ pub mod sessions;
 pub mod tokens;
 pub mod work;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,9 +82,10 @@ pub struct AppInner {
     pub hub: SessionHub,
     /// The last hour of queue statistics per environment, for the dashboard's chart.
     pub queue_history: QueueHistory,
-    /// Items some poll of this process is committing a delivery for, so that concurrent polls here pick
-    /// different items instead of colliding (other processes are kept apart by the conditional write).
-    claiming: Mutex<HashSet<String>>,
+    /// Items this process's polls are taking or took lately (`work::Claims`), so that its concurrent
+    /// polls pick different items instead of colliding (other processes are kept apart by the
+    /// conditional write).
+    claiming: Mutex<work::Claims>,
     /// When this process last recorded each (environment, worker) poll, to write at most once a second.
     workers_recorded: Mutex<HashMap<(String, String), Timestamp>>,
     /// Poll records not written yet: the dispatcher's tick writes them all in one commit
@@ -123,7 +124,7 @@ impl App {
             waiters: Waiters::default(),
             hub: SessionHub::default(),
             queue_history,
-            claiming: Mutex::new(HashSet::new()),
+            claiming: Mutex::new(work::Claims::default()),
             workers_recorded: Mutex::new(HashMap::new()),
             workers_unwritten: Mutex::new(HashMap::new()),
             shutdown,

@@ -79,7 +79,18 @@ pub const ADMIN_TOKEN: &str = "tth_adm_test-admin-token-for-integration-tests";
 impl ServerProcess {
     /// Starts `tether serve` on a free port with `data_dir` and extra arguments; waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
-        let mut child = Command::new(BIN)
+        ServerProcess::start_logging(data_dir, extra, "warn", |_| {})
+    }
+
+    /// [`ServerProcess::start`] with `TETHER_LOG=level`, handing each line the server logs to `on_line`
+    /// (on a thread of its own, for as long as the server runs).
+    pub fn start_logging(
+        data_dir: &Path,
+        extra: &[&str],
+        level: &str,
+        mut on_line: impl FnMut(String) + Send + 'static,
+    ) -> ServerProcess {
+        let mut child = tether_command()
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -87,8 +98,7 @@ impl ServerProcess {
             .arg(data_dir)
             .args(extra)
             .env("TETHER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TETHER_LOG", "warn")
-            .stdin(Stdio::null())
+            .env("TETHER_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -97,6 +107,7 @@ impl ServerProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
+            // Reads to the end, so that the child never blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent {
                     if let Some(rest) = line.split("tether listening on ").nth(1) {
@@ -109,7 +120,7 @@ impl ServerProcess {
                         sent = true;
                     }
                 }
-                // Keep draining so the child never blocks on a full pipe.
+                on_line(line);
             }
         });
         let base = rx

@@ -137,6 +137,11 @@ impl ServerProcess {
         format!("{}/api/v1/cloud{path}", self.base)
     }
 
+    /// A `GET` of `path` (on the `/api/v1/cloud` prefix) with the admin token, sent through `http`.
+    pub fn admin_get(&self, http: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        http.get(self.url(path)).bearer_auth(&self.token)
+    }
+
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill_hard(&mut self) {
         let _ = self.child.kill();

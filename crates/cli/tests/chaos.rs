@@ -390,26 +390,16 @@ async fn chaos_between_workers_and_server_never_runs_a_session_twice() {
                 workers[target].signal(Signal::SIGCONT);
                 "SIGCONT".to_owned()
             }
-            3 => {
-                proxies[target].set(Mode::Refuse);
-                "refuse".to_owned()
-            }
-            4 => {
-                proxies[target].set(Mode::Drop);
-                "drop".to_owned()
-            }
-            5 => {
-                proxies[target].set(Mode::Freeze);
-                "freeze".to_owned()
-            }
-            6 => {
-                let delay = rng.millis(20, 1_500);
-                proxies[target].set(Mode::Delay(delay));
-                format!("delay {delay:?}")
-            }
-            _ => {
-                proxies[target].set(Mode::Forward);
-                "forward".to_owned()
+            network => {
+                let mode = match network {
+                    3 => Mode::Refuse,
+                    4 => Mode::Drop,
+                    5 => Mode::Freeze,
+                    6 => Mode::Delay(rng.millis(20, 1_500)),
+                    _ => Mode::Forward,
+                };
+                proxies[target].set(mode);
+                format!("proxy {mode:?}")
             }
         };
         eprintln!("step {step}: worker {target}: {action}, then {pause:?}");

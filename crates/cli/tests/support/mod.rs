@@ -6,6 +6,7 @@ pub mod api;
 pub mod lines;
 pub mod proxy;
 pub mod seed;
+pub mod worker;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -446,6 +446,17 @@ async def _setup_async(admin: AsyncAnthropic, **session_kw):
     return env, agent, sess, key
 
 
+async def _first_from_poller(admin: AsyncAnthropic, worker_id: str):
+    """A fresh session's item as the SDK's poller hands it out: polled with the environment key and
+    `Anthropic-Worker-ID: worker_id`, and already acked. Returns the environment, the session, the
+    poller and the item."""
+    env, _agent, sess, key = await _setup_async(admin)
+    poller = admin.beta.environments.work.poller(environment_id=env.id, environment_key=key, worker_id=worker_id)
+    with anyio.fail_after(15):
+        item = await poller.__anext__()
+    return env, sess, poller, item
+
+
 def _lease_client(sessions_token: str) -> AsyncAnthropic:
     """A Bearer client on the item's sessions token, like EnvironmentWorker's per-item client.
 
@@ -463,12 +474,8 @@ def _lease_client(sessions_token: str) -> AsyncAnthropic:
 @pytest.mark.anyio
 async def test_poller_and_heartbeat_loop_follow_a_graceful_stop():
     admin = make_async_client()
-    env, _agent, sess, key = await _setup_async(admin)
+    env, sess, poller, item = await _first_from_poller(admin, "ant-poller-1")
     w = admin.beta.environments.work
-
-    poller = w.poller(environment_id=env.id, environment_key=key, worker_id="ant-poller-1")
-    with anyio.fail_after(15):
-        item = await poller.__anext__()  # polled (env key, Anthropic-Worker-ID) and already acked
     assert item.data.id == sess.id and item.secret
     assert (await w.retrieve(item.id, environment_id=env.id)).state == "starting"
 
@@ -500,11 +507,8 @@ async def test_poller_and_heartbeat_loop_follow_a_graceful_stop():
 @pytest.mark.anyio
 async def test_heartbeat_loop_stop_requested_before_first_beat():
     admin = make_async_client()
-    env, _agent, _sess, key = await _setup_async(admin)
+    env, _sess, poller, item = await _first_from_poller(admin, "ant-poller-2")
     w = admin.beta.environments.work
-    poller = w.poller(environment_id=env.id, environment_key=key, worker_id="ant-poller-2")
-    with anyio.fail_after(15):
-        item = await poller.__anext__()
     assert (await w.stop(item.id, environment_id=env.id)).state == "stopping"
 
     lease = _Lease()

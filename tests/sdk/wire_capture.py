@@ -109,6 +109,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _resource(self, parts, obj, deleted_type):
+        """`/things` (a page of `obj`, or `obj` created) or `/things/{id}` (`obj`, or its deletion)."""
+        if len(parts) == 1:
+            return self._send(200, page([obj]) if self.command == "GET" else obj)
+        if self.command == "DELETE":
+            return self._send(200, {"id": obj["id"], "type": deleted_type})
+        return self._send(200, obj)
+
     def do_GET(self):
         self._handle()
 
@@ -130,12 +138,8 @@ class Handler(BaseHTTPRequestHandler):
         m = self.command
         parts = p.strip("/").split("/")
         if parts[0] == "environments":
-            if len(parts) == 1:
-                return self._send(200, page([ENVIRONMENT]) if m == "GET" else ENVIRONMENT)
-            if len(parts) == 2:
-                if m == "DELETE":
-                    return self._send(200, {"id": ENV, "type": "environment_deleted"})
-                return self._send(200, ENVIRONMENT)
+            if len(parts) <= 2:
+                return self._resource(parts, ENVIRONMENT, "environment_deleted")
             if parts[2] == "archive":
                 return self._send(200, ENVIRONMENT)
             # work
@@ -167,12 +171,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, page([AGENT_OBJ]))
             return self._send(200, AGENT_OBJ)
         if parts[0] == "sessions":
-            if len(parts) == 1:
-                return self._send(200, page([SESSION]) if m == "GET" else SESSION)
-            if len(parts) == 2:
-                if m == "DELETE":
-                    return self._send(200, {"id": SESS, "type": "session_deleted"})
-                return self._send(200, SESSION)
+            if len(parts) <= 2:
+                return self._resource(parts, SESSION, "session_deleted")
             if parts[2] == "cancel":
                 return self._send(200, {"id": SESS, "type": "session", "status": "canceling"})
             if parts[2] == "archive":

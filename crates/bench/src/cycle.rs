@@ -333,6 +333,16 @@ pub async fn poll_ack_ms(backend: Backend, backlog: Backlog, samples: usize) -> 
     Ok((p50, p99))
 }
 
+/// The ratio column of a rate: the first backend measured (SQLite, which `sqlite_rate` then holds) is
+/// the baseline, every later one is shown as a multiple of it.
+fn versus_sqlite(sqlite_rate: &mut Option<f64>, rate: f64) -> String {
+    let ratio = sqlite_rate
+        .map(|s| format!("   {:.2}x of SQLite", rate / s))
+        .unwrap_or_else(|| "   (baseline)".into());
+    sqlite_rate.get_or_insert(rate);
+    ratio
+}
+
 /// Runs every figure of this module and prints it (section `number` of the report).
 pub async fn report(number: usize, quick: bool) -> Result<()> {
     let mut backends = vec![Backend::Sqlite];
@@ -350,10 +360,7 @@ pub async fn report(number: usize, quick: bool) -> Result<()> {
     let mut sqlite_rate = None;
     for &backend in &backends {
         let rate = throughput(backend, 16, items).await?;
-        let ratio = sqlite_rate
-            .map(|s: f64| format!("   {:.2}x of SQLite", rate / s))
-            .unwrap_or_else(|| "   (baseline)".into());
-        sqlite_rate.get_or_insert(rate);
+        let ratio = versus_sqlite(&mut sqlite_rate, rate);
         println!("   {:<23} {rate:>9.0} items/s{ratio}", backend.name());
     }
     let creations = items * 2;
@@ -361,10 +368,7 @@ pub async fn report(number: usize, quick: bool) -> Result<()> {
     let mut sqlite_rate = None;
     for &backend in &backends {
         let rate = enqueues_per_second(backend, 32, creations).await?;
-        let ratio = sqlite_rate
-            .map(|s: f64| format!("   {:.2}x of SQLite", rate / s))
-            .unwrap_or_else(|| "   (baseline)".into());
-        sqlite_rate.get_or_insert(rate);
+        let ratio = versus_sqlite(&mut sqlite_rate, rate);
         println!("   {:<23} {rate:>9.0} sessions/s{ratio}", backend.name());
     }
     println!("{number}c. poll+ack p50/p99 (ms), {samples} in a row, backlog 1k vs {deep}");

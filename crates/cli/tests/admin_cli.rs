@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{AMBIENT, BIN};
+use support::{id, AMBIENT, BIN};
 use tether_testkit::string_fields;
 
 /// A `tether serve` child process; killed on drop.
@@ -103,10 +103,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn id(value: &Value) -> String {
-    value["id"].as_str().expect("an id").to_owned()
 }
 
 #[test]

@@ -14,18 +14,16 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::api::Deployment;
 use support::proxy::{Mode, Proxy};
 use support::seed::Rng;
+use support::worker::WorkerChild;
 use tether_core::time::Timestamp;
 
 /// How long any one wait may take before the test gives up (a liveness bound, not a timing assertion).
@@ -106,45 +104,29 @@ impl Setup {
     }
 
     fn worker(&self, name: &str, server: &str) -> Worker {
-        let log = self.dir.path().join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .arg("worker")
-            .args(["--server", server, "--environment", &self.env])
-            .args(["--key", &self.key, "--worker-id", name])
+        let mut command = WorkerChild::command(server, &self.env, name);
+        command
+            .args(["--key", &self.key])
             .args(["--concurrency", "3", "--ttl", &TTL.to_string()])
             .args(["--grace", "1", "--drain-timeout", "2"])
             .args(["--", "sh", "-c", RECORDING_PROGRAM, "sh"])
-            .env_remove("TETHER_KEY")
-            .env_remove("TETHER_LOG_DIR")
-            .env("RECORDS", self.records())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("worker log"))
-            .spawn()
-            .expect("spawn tether worker");
+            .env("RECORDS", self.records());
         Worker {
-            name: name.to_owned(),
-            child,
-            log,
+            process: WorkerChild::spawn(name, self.dir.path(), command),
             stopped: false,
         }
     }
 }
 
+/// A worker that may be stopped (SIGSTOP) and continued.
 struct Worker {
-    name: String,
-    child: Child,
-    log: PathBuf,
+    process: WorkerChild,
     stopped: bool,
 }
 
 impl Worker {
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
     fn signal(&mut self, signal: Signal) {
-        let _ = kill(self.pid(), signal);
+        let _ = kill(self.process.pid(), signal);
         match signal {
             Signal::SIGSTOP => self.stopped = true,
             Signal::SIGCONT => self.stopped = false,
@@ -153,21 +135,7 @@ impl Worker {
     }
 
     fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- log of worker {} ---\n{}", self.name, self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        matches!(self.process.child.try_wait(), Ok(None))
     }
 }
 
@@ -390,26 +358,16 @@ async fn chaos_between_workers_and_server_never_runs_a_session_twice() {
                 workers[target].signal(Signal::SIGCONT);
                 "SIGCONT".to_owned()
             }
-            3 => {
-                proxies[target].set(Mode::Refuse);
-                "refuse".to_owned()
-            }
-            4 => {
-                proxies[target].set(Mode::Drop);
-                "drop".to_owned()
-            }
-            5 => {
-                proxies[target].set(Mode::Freeze);
-                "freeze".to_owned()
-            }
-            6 => {
-                let delay = rng.millis(20, 1_500);
-                proxies[target].set(Mode::Delay(delay));
-                format!("delay {delay:?}")
-            }
-            _ => {
-                proxies[target].set(Mode::Forward);
-                "forward".to_owned()
+            network => {
+                let mode = match network {
+                    3 => Mode::Refuse,
+                    4 => Mode::Drop,
+                    5 => Mode::Freeze,
+                    6 => Mode::Delay(rng.millis(20, 1_500)),
+                    _ => Mode::Forward,
+                };
+                proxies[target].set(mode);
+                format!("proxy {mode:?}")
             }
         };
         eprintln!("step {step}: worker {target}: {action}, then {pause:?}");

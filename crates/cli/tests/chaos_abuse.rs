@@ -77,6 +77,12 @@ impl Api {
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         self.send(self.http.get(self.url(path))).await
     }
+
+    /// A body-less request as the worker that holds an item through the abuse.
+    async fn as_worker(&self, method: reqwest::Method, path: &str) -> (StatusCode, Value) {
+        let req = self.http.request(method, self.url(path));
+        self.send(req.header("Worker-ID", "abuse-worker")).await
+    }
 }
 
 /// Sends only the head of a POST that declares `length` bytes of body, and reads the answer.
@@ -156,22 +162,12 @@ async fn chaos_abuse_keeps_the_server_answering_within_its_memory_bound() {
     let (_, held) = api
         .post("/sessions", json!({"agent": agent, "environment_id": env}))
         .await;
-    let (_, item) = api
-        .send(
-            api.http
-                .get(api.url(&format!("/environments/{env}/work/poll?block_ms=999")))
-                .header("Worker-ID", "abuse-worker"),
-        )
-        .await;
+    let poll = format!("/environments/{env}/work/poll?block_ms=999");
+    let (_, item) = api.as_worker(reqwest::Method::GET, &poll).await;
     assert_eq!(item["data"]["id"], held["id"], "{item}");
     let work = item["id"].as_str().unwrap().to_owned();
-    let (status, _) = api
-        .send(
-            api.http
-                .post(api.url(&format!("/environments/{env}/work/{work}/ack")))
-                .header("Worker-ID", "abuse-worker"),
-        )
-        .await;
+    let ack = format!("/environments/{env}/work/{work}/ack");
+    let (status, _) = api.as_worker(reqwest::Method::POST, &ack).await;
     assert_eq!(status, StatusCode::OK);
     let (_, session) = api
         .post("/sessions", json!({"agent": agent, "environment_id": env}))

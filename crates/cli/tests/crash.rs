@@ -167,11 +167,11 @@ async fn kill_nine_cycles(extra: &[&str]) {
     let mut with_items = std::collections::HashSet::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut url = server.url(&format!("/environments/{env}/work?limit=100"));
+        let mut path = format!("/environments/{env}/work?limit=100");
         if let Some(c) = &cursor {
-            url.push_str(&format!("&page={c}"));
+            path.push_str(&format!("&page={c}"));
         }
-        let page: Value = json_of(client.get(url).bearer_auth(&server.token)).await;
+        let page: Value = json_of(server.admin_get(&client, &path)).await;
         for item in page["data"].as_array().unwrap() {
             with_items.insert(item["data"]["id"].as_str().unwrap().to_owned());
         }
@@ -197,9 +197,8 @@ async fn verify(
     acked: &BTreeMap<String, String>,
 ) {
     for (id, value) in acked {
-        let resp = client
-            .get(server.url(&format!("/sessions/{id}")))
-            .bearer_auth(&server.token)
+        let resp = server
+            .admin_get(client, &format!("/sessions/{id}"))
             .send()
             .await
             .unwrap();

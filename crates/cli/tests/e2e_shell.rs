@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 use support::lines::{Lines, PATIENCE};
-use support::ServerProcess;
+use support::{id, ServerProcess};
 
 fn tether(server: &ServerProcess, args: &[&str]) -> Command {
     let mut command = support::tether_as_admin(server, args);
@@ -27,10 +27,6 @@ fn json(server: &ServerProcess, args: &[&str]) -> Value {
         .output()
         .expect("run tether");
     support::json_output(args, &out)
-}
-
-fn id(value: &Value) -> String {
-    value["id"].as_str().expect("an id").to_owned()
 }
 
 /// `tether worker` with the shell agent as its program, in `sandbox` (the commands' directory).

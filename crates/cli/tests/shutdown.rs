@@ -71,9 +71,8 @@ async fn sigterm_answers_blocked_polls_and_exits_cleanly() {
 
     // The environment written before the shutdown is still there.
     let server = ServerProcess::start(dir.path(), &[]);
-    let resp = http
-        .get(server.url(&format!("/environments/{env_id}")))
-        .bearer_auth(&server.token)
+    let resp = server
+        .admin_get(&http, &format!("/environments/{env_id}"))
         .send()
         .await
         .unwrap();
@@ -87,9 +86,8 @@ async fn metrics_health_and_readiness() {
     let http = reqwest::Client::new();
     // Generate some traffic, including an error.
     let _ = http.get(server.url("/environments")).send().await.unwrap();
-    let _ = http
-        .get(server.url("/environments"))
-        .bearer_auth(&server.token)
+    let _ = server
+        .admin_get(&http, "/environments")
         .send()
         .await
         .unwrap();

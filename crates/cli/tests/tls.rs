@@ -6,23 +6,21 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::lines::{Lines, PATIENCE};
-use support::{AMBIENT, BIN};
+use support::{id, tether_command, ServerProcess, ADMIN_TOKEN};
 use tether_testkit::tls::{KeyKind, TestCa};
-
-const ADMIN_TOKEN: &str = "tth_adm_test-admin-token-for-tls-tests";
 
 /// `tether serve` with TLS; its log lines are kept to be waited for.
 struct TlsServer {
-    child: Child,
+    server: ServerProcess,
     base: String,
     log: Receiver<String>,
     _data: tempfile::TempDir,
@@ -31,47 +29,20 @@ struct TlsServer {
 impl TlsServer {
     fn start(cert: &Path, key: &Path, extra: &[&str]) -> TlsServer {
         let data = tempfile::tempdir().unwrap();
-        let mut command = Command::new(BIN);
-        for name in AMBIENT {
-            command.env_remove(name);
-        }
-        let mut child = command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
-            .arg("--tls-cert")
-            .arg(cert)
-            .arg("--tls-key")
-            .arg(key)
-            .args(extra)
-            .env("TETHER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TETHER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tether serve");
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let mut args = vec!["--tls-cert", cert, "--tls-key", key];
+        args.extend(extra);
         let (tx, log) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[serve] {line}");
-                let _ = tx.send(line);
-            }
+        let server = ServerProcess::start_logging(data.path(), &args, "info", move |line| {
+            eprintln!("[serve] {line}");
+            let _ = tx.send(line);
         });
-        let mut server = TlsServer {
-            child,
-            base: String::new(),
+        TlsServer {
+            base: server.base.clone(),
+            server,
             log,
             _data: data,
-        };
-        let line = server.wait_log("tether listening on ");
-        server.base = line
-            .split("tether listening on ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap()
-            .to_owned();
-        server
+        }
     }
 
     fn wait_log(&mut self, wanted: &str) -> String {
@@ -92,26 +63,16 @@ impl TlsServer {
 
     fn hangup(&self) {
         let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+            .args(["-HUP", &self.server.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
     }
 }
 
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A `tether` command against `server`, trusting `ca` (when given).
 fn tether(server: &str, ca: Option<&Path>, args: &[&str]) -> Command {
-    let mut command = Command::new(BIN);
-    for name in AMBIENT {
-        command.env_remove(name);
-    }
+    let mut command = tether_command();
     command
         .args(args)
         .env("TETHER_SERVER", server)
@@ -126,19 +87,73 @@ fn tether(server: &str, ca: Option<&Path>, args: &[&str]) -> Command {
 fn json(server: &str, ca: &Path, args: &[&str]) -> Value {
     let out = tether(server, Some(ca), args)
         .arg("--json")
-        .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "tether {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    support::json_output(args, &out)
 }
 
-fn id(value: &Value) -> String {
-    value["id"].as_str().expect("an id").to_owned()
+/// What [`seed`] made through the admin CLI.
+struct Seeded {
+    env: String,
+    /// The secret of a worker key of `env`.
+    key: String,
+    session: String,
+}
+
+/// A self-hosted environment named `env_name` with a worker key, and a session on it of a fresh agent.
+fn seed(base: &str, ca: &Path, env_name: &str) -> Seeded {
+    let env = id(&json(base, ca, &["env", "create", "--name", env_name]));
+    let key = json(base, ca, &["env", "key", "create", &env, "--name", "w"]);
+    let key = key["token"].as_str().unwrap().to_owned();
+    let agent = id(&json(
+        base,
+        ca,
+        &["agent", "create", "--name", "shell", "--model", "none"],
+    ));
+    let session = id(&json(
+        base,
+        ca,
+        &["session", "create", "--agent", &agent, "--env", &env],
+    ));
+    Seeded { env, key, session }
+}
+
+/// A worker of `env` (with `options` before the program) running the shell agent until it has been
+/// idle for 2 s; it trusts `ca` through `--ca-cert` only (no `TETHER_CA_CERT` in its environment).
+fn shell_worker(base: &str, ca: &Path, env: &str, key: &str, options: &[&str]) -> Command {
+    let ca = ca.to_str().unwrap();
+    let mut args = vec![
+        "worker",
+        "--environment",
+        env,
+        "--key",
+        key,
+        "--ca-cert",
+        ca,
+    ];
+    args.extend(options);
+    args.push("--");
+    let mut command = tether(base, None, &args);
+    command
+        .arg(support::shell_agent())
+        .args(["--max-idle", "2s"]);
+    command
+}
+
+/// Waits until the first item of `env` has stopped, and asserts its program exited with 0.
+fn wait_for_clean_stop(base: &str, ca: &Path, env: &str) {
+    let items = json(base, ca, &["work", "list", env, "--all"]);
+    let work = items["data"][0]["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let item = json(base, ca, &["work", "get", env, &work]);
+        if item["state"] == "stopped" {
+            assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "the item never stopped: {item}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A blocking HTTPS client that trusts only `ca`.
@@ -188,19 +203,7 @@ fn a_session_served_end_to_end_over_https_with_a_private_ca() {
     let base = server.base.as_str();
 
     // The admin CLI over HTTPS.
-    let env = id(&json(base, &ca, &["env", "create", "--name", "laptop"]));
-    let key = json(base, &ca, &["env", "key", "create", &env, "--name", "w"]);
-    let key = key["token"].as_str().unwrap().to_owned();
-    let agent = id(&json(
-        base,
-        &ca,
-        &["agent", "create", "--name", "shell", "--model", "none"],
-    ));
-    let session = id(&json(
-        base,
-        &ca,
-        &["session", "create", "--agent", &agent, "--env", &env],
-    ));
+    let Seeded { env, key, session } = seed(base, &ca, "laptop");
 
     // An event stream over HTTPS.
     let mut watch = Lines::spawn(
@@ -213,24 +216,8 @@ fn a_session_served_end_to_end_over_https_with_a_private_ca() {
 
     // The worker trusts the CA with --ca-cert and hands it to the shell agent as TETHER_CA_CERT.
     let sandbox = tempfile::tempdir().unwrap();
-    let mut command = tether(
-        base,
-        None,
-        &[
-            "worker",
-            "--environment",
-            &env,
-            "--key",
-            &key,
-            "--ca-cert",
-            ca.to_str().unwrap(),
-            "--",
-        ],
-    );
-    command
-        .arg(support::shell_agent())
-        .args(["--max-idle", "2s"])
-        .current_dir(sandbox.path());
+    let mut command = shell_worker(base, &ca, &env, &key, &[]);
+    command.current_dir(sandbox.path());
     let mut worker = Lines::spawn(command, "", "worker", Some("worker started"));
 
     let line = watch.until(|l| l.contains("agent.tool_result"));
@@ -238,18 +225,7 @@ fn a_session_served_end_to_end_over_https_with_a_private_ca() {
     watch.until(|l| l.contains("session.status_idle"));
 
     // The item's secret names the HTTPS URL the server is reached at (its public URL).
-    let items = json(base, &ca, &["work", "list", &env, "--all"]);
-    let work = items["data"][0]["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let item = json(base, &ca, &["work", "get", &env, &work]);
-        if item["state"] == "stopped" {
-            assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the item never stopped: {item}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_clean_stop(base, &ca, &env);
     assert!(worker.terminate().success());
     json(base, &ca, &["session", "delete", &session]);
     assert!(watch.exit().success());
@@ -643,57 +619,21 @@ fn a_sandboxed_agent_reaches_an_https_server_through_the_api_proxy() {
         .write(dir.path(), "server");
     let server = TlsServer::start(&cert, &key, &[]);
     let base = server.base.as_str();
-    let env = id(&json(base, &ca, &["env", "create", "--name", "boxed"]));
-    let key = json(base, &ca, &["env", "key", "create", &env, "--name", "w"]);
-    let key = key["token"].as_str().unwrap().to_owned();
-    let agent = id(&json(
-        base,
-        &ca,
-        &["agent", "create", "--name", "shell", "--model", "none"],
-    ));
-    let session = id(&json(
-        base,
-        &ca,
-        &["session", "create", "--agent", &agent, "--env", &env],
-    ));
+    let Seeded { env, key, session } = seed(base, &ca, "boxed");
     json(
         base,
         &ca,
         &["session", "send", &session, "echo over-tls-proxy; env"],
     );
-    let mut command = tether(
+    let command = shell_worker(
         base,
-        None,
-        &[
-            "worker",
-            "--environment",
-            &env,
-            "--key",
-            &key,
-            "--ca-cert",
-            ca.to_str().unwrap(),
-            "--sandbox",
-            "--sandbox-network",
-            "api",
-            "--",
-        ],
+        &ca,
+        &env,
+        &key,
+        &["--sandbox", "--sandbox-network", "api"],
     );
-    command
-        .arg(support::shell_agent())
-        .args(["--max-idle", "2s"]);
     let mut worker = Lines::spawn(command, "", "worker", Some("worker started"));
-    let items = json(base, &ca, &["work", "list", &env, "--all"]);
-    let work = items["data"][0]["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let item = json(base, &ca, &["work", "get", &env, &work]);
-        if item["state"] == "stopped" {
-            assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the item never stopped: {item}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_clean_stop(base, &ca, &env);
     let events = json(base, &ca, &["session", "events", &session]);
     let result = events["data"]
         .as_array()

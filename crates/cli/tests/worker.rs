@@ -11,15 +11,15 @@ mod support;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::api::Deployment;
 use support::proxy::{Mode, Proxy};
+use support::worker::WorkerChild;
 
 /// How long any one wait may take before the test gives up (a liveness bound, not a timing assertion).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -202,11 +202,8 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
 const TRAP_TERM: &str = r#"trap 'echo "term $TETHER_WORKER_ID $$" >> "$f"; exit 0' TERM
 "#;
 
-struct WorkerProcess {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
+/// A `tether worker` of these tests; its methods below are what the tests ask of it.
+type WorkerProcess = WorkerChild;
 
 impl WorkerProcess {
     fn start(
@@ -218,12 +215,8 @@ impl WorkerProcess {
         dir: &Path,
         options: &WorkerOptions,
     ) -> WorkerProcess {
-        let log = dir.join(format!("{name}.log"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        let mut command = WorkerChild::command(server, env, name);
         command
-            .arg("worker")
-            .args(["--server", server, "--environment", env])
-            .args(["--worker-id", name])
             .args(["--concurrency", options.concurrency, "--ttl", options.ttl])
             .args([
                 "--grace",
@@ -231,14 +224,6 @@ impl WorkerProcess {
                 "--drain-timeout",
                 options.drain_timeout,
             ]);
-        for var in [
-            "TETHER_KEY",
-            "TETHER_LOG_DIR",
-            "TETHER_LOG_FORMAT",
-            "TETHER_TOKEN",
-        ] {
-            command.env_remove(var);
-        }
         if options.key_in_env {
             command.env("TETHER_KEY", key);
         } else {
@@ -247,27 +232,14 @@ impl WorkerProcess {
         if let Some(log_dir) = &options.log_dir {
             command.arg("--log-dir").arg(log_dir);
         }
-        let child = command
+        command
             .args(["--", "sh", "-c", &options.script, "sh"])
-            .env("STAMPS", stamps)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("worker log"))
-            .spawn()
-            .expect("spawn tether worker");
-        WorkerProcess {
-            name: name.to_owned(),
-            child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+            .env("STAMPS", stamps);
+        WorkerChild::spawn(name, dir, command)
     }
 
     fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the worker");
+        kill(self.pid(), signal).expect("signal the worker");
     }
 
     async fn wait_for_log(&self, needle: &str) {
@@ -309,16 +281,6 @@ impl WorkerProcess {
     async fn shut_down_cleanly(&mut self) {
         let status = self.shut_down().await;
         assert!(status.success(), "{status:?}");
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- log of worker {} ---\n{}", self.name, self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -323,20 +323,24 @@ impl Fields<'_> {
         }
     }
 
+    /// The required object `field`, whose members are checked as fields of their own; `holds` says
+    /// what it must hold when it is missing.
+    fn object(&self, field: &str, holds: &str) -> Result<&Map<String, Value>, ShapeError> {
+        match self.map.get(field) {
+            Some(Value::Object(map)) => Ok(map),
+            None | Some(Value::Null) => Err(self.error(field, &format!("is required ({holds})"))),
+            Some(_) => Err(self.error(field, "must be an object")),
+        }
+    }
+
     fn stop_reason(&self) -> Result<(), ShapeError> {
-        let reason = match self.map.get("stop_reason") {
-            Some(Value::Object(reason)) => reason,
-            None | Some(Value::Null) => {
-                return Err(self.error("stop_reason", "is required ({\"type\": …})"))
-            }
-            Some(_) => return Err(self.error("stop_reason", "must be an object")),
-        };
+        let at = self.param("stop_reason");
         let inner = Fields {
-            at: &self.param("stop_reason"),
-            map: reason,
+            at: &at,
+            map: self.object("stop_reason", "{\"type\": …}")?,
         };
         inner.one_of("type", &STOP_REASONS)?;
-        match reason.get("event_ids") {
+        match inner.map.get("event_ids") {
             None | Some(Value::Null) => Ok(()),
             Some(Value::Array(ids)) if ids.iter().all(Value::is_string) => Ok(()),
             Some(_) => Err(inner.error("event_ids", "must be an array of event ids")),
@@ -344,20 +348,14 @@ impl Fields<'_> {
     }
 
     fn error_object(&self) -> Result<(), ShapeError> {
-        let error = match self.map.get("error") {
-            Some(Value::Object(error)) => error,
-            None | Some(Value::Null) => {
-                return Err(self.error("error", "is required ({\"type\", \"message\"})"))
-            }
-            Some(_) => return Err(self.error("error", "must be an object")),
-        };
+        let at = self.param("error");
         let inner = Fields {
-            at: &self.param("error"),
-            map: error,
+            at: &at,
+            map: self.object("error", "{\"type\", \"message\"}")?,
         };
         inner.string("type", true)?;
         inner.string("message", true)?;
-        match error.get("retry_status") {
+        match inner.map.get("retry_status") {
             None | Some(Value::Null | Value::Object(_)) => Ok(()),
             Some(_) => Err(inner.error("retry_status", "must be an object")),
         }

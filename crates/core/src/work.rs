@@ -822,22 +822,24 @@ mod requeue_tests {
         }
     }
 
-    /// An item delivered, acked and left to expire until it is stopped as poison.
-    fn poisoned(t0: Timestamp) -> WorkItem {
-        let policy = policy();
-        let data = WorkData {
-            kind: "session".into(),
-            id: "sesn_1".into(),
-        };
-        let mut item = enqueue(
-            "work_old".into(),
+    /// A fresh queued item `id` of session `sesn_1`, enqueued at `t0`.
+    fn queued(id: &str, t0: Timestamp) -> WorkItem {
+        let data = WorkData::session("sesn_1");
+        enqueue(
+            id.into(),
             "env_1".into(),
             data,
             Metadata::new(),
             t0,
-            &policy,
+            &policy(),
         )
-        .item;
+        .item
+    }
+
+    /// An item delivered, acked and left to expire until it is stopped as poison.
+    fn poisoned(t0: Timestamp) -> WorkItem {
+        let policy = policy();
+        let mut item = queued("work_old", t0);
         let mut now = t0;
         for _ in 0..=policy.max_requeues {
             item = deliver(&item, Some("w"), "hash".into(), None, now, 5_000)
@@ -908,19 +910,7 @@ mod requeue_tests {
     fn only_stopped_items_never_requeued_before_may_be_requeued() {
         let t0 = Timestamp::from_millis(1_700_000_000_000);
         let policy = policy();
-        let data = WorkData {
-            kind: "session".into(),
-            id: "sesn_1".into(),
-        };
-        let queued = enqueue(
-            "work_q".into(),
-            "env_1".into(),
-            data,
-            Metadata::new(),
-            t0,
-            &policy,
-        )
-        .item;
+        let queued = queued("work_q", t0);
         let starting = ack(
             &deliver(&queued, None, "h".into(), None, t0, 0)
                 .unwrap()

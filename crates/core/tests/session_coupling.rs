@@ -1,6 +1,7 @@
 //! The session rules the service calls instead of restating them: which work transitions touch a
-//! session, what a step's transitions do to it (one loop, with the buffered-input rule of D-34), what
-//! `cancel` does, and the events the server writes on its own account.
+//! session, what one transition and a step's transitions do to it (one loop, with the buffered-input
+//! rule of D-34), what a user message and `cancel` do, and the events the server writes on its own
+//! account.
 //!
 //! Reproduce a run with a fixed seed: `PROPTEST_RNG_SEED=<u64> cargo test -p tether-core --test session_coupling`.
 
@@ -9,7 +10,8 @@ use proptest::prelude::*;
 use serde_json::json;
 use tether_core::events::{self, EventType};
 use tether_core::session::{
-    couple, on_work_transition, touches_session, ServerEvent, SessionStatus,
+    couple, on_user_message, on_work_transition, touches_session, InputDecision, QueueEffect,
+    ServerEvent, SessionStatus,
 };
 use tether_core::time::Timestamp;
 use tether_core::work::{Cause, Transition, WorkData, WorkState};
@@ -85,6 +87,167 @@ fn the_cause_filter_is_exactly_what_coupling_reacts_to() {
         Cause::StopRequested,
         WorkState::Stopping
     )));
+}
+
+#[test]
+fn requeue_while_running_reschedules_and_ack_resumes() {
+    let e = on_work_transition(
+        SessionStatus::Running,
+        false,
+        &t(Cause::LeaseExpiredRequeued, WorkState::Queued),
+    );
+    assert_eq!(e.status, Some(SessionStatus::Rescheduling));
+    assert_eq!(e.events, vec![ServerEvent::StatusRescheduled]);
+    let e = on_work_transition(
+        SessionStatus::Rescheduling,
+        false,
+        &t(Cause::Acked, WorkState::Starting),
+    );
+    assert_eq!(e.status, Some(SessionStatus::Running));
+    let e = on_work_transition(
+        SessionStatus::Idle,
+        false,
+        &t(Cause::LeaseExpiredRequeued, WorkState::Queued),
+    );
+    assert!(e.is_empty());
+}
+
+#[test]
+fn stop_mid_turn_goes_idle_with_error() {
+    for cause in [
+        Cause::ForceStopped,
+        Cause::PoisonStopped,
+        Cause::StopConfirmed,
+    ] {
+        let e = on_work_transition(SessionStatus::Running, false, &t(cause, WorkState::Stopped));
+        assert_eq!(e.status, Some(SessionStatus::Idle));
+        assert!(matches!(e.events[0], ServerEvent::Error { .. }));
+        assert!(!e.enqueue_fresh_item);
+    }
+    let e = on_work_transition(
+        SessionStatus::Idle,
+        false,
+        &t(Cause::StopConfirmed, WorkState::Stopped),
+    );
+    assert!(e.is_empty());
+}
+
+#[test]
+fn buffered_input_is_served_by_a_fresh_item() {
+    let e = on_work_transition(
+        SessionStatus::Running,
+        true,
+        &t(Cause::StopConfirmed, WorkState::Stopped),
+    );
+    assert!(e.enqueue_fresh_item && e.clear_pending_input);
+    assert_eq!(
+        e.status, None,
+        "the buffered turn goes on with the fresh item"
+    );
+    assert!(e.events.is_empty());
+    let e = on_work_transition(
+        SessionStatus::Idle,
+        true,
+        &t(Cause::SessionArchived, WorkState::Stopped),
+    );
+    assert!(!e.enqueue_fresh_item);
+}
+
+#[test]
+fn user_message_table() {
+    use InputDecision::*;
+    use QueueEffect::{Buffer, Enqueue};
+    let cases = [
+        (
+            SessionStatus::Idle,
+            false,
+            true,
+            Option::None,
+            Accept {
+                start_turn: true,
+                queue: Enqueue,
+            },
+        ),
+        (
+            SessionStatus::Idle,
+            false,
+            true,
+            Some(WorkState::Stopped),
+            Accept {
+                start_turn: true,
+                queue: Enqueue,
+            },
+        ),
+        (
+            SessionStatus::Idle,
+            false,
+            true,
+            Some(WorkState::Active),
+            Accept {
+                start_turn: true,
+                queue: QueueEffect::None,
+            },
+        ),
+        (
+            SessionStatus::Idle,
+            false,
+            true,
+            Some(WorkState::Queued),
+            Accept {
+                start_turn: true,
+                queue: QueueEffect::None,
+            },
+        ),
+        (
+            SessionStatus::Idle,
+            false,
+            true,
+            Some(WorkState::Stopping),
+            Accept {
+                start_turn: true,
+                queue: Buffer,
+            },
+        ),
+        (
+            SessionStatus::Idle,
+            false,
+            false,
+            Option::None,
+            Accept {
+                start_turn: true,
+                queue: QueueEffect::None,
+            },
+        ),
+    ];
+    for (status, archived, self_hosted, live, want) in cases {
+        assert_eq!(
+            on_user_message(status, archived, self_hosted, live),
+            want,
+            "{status:?} {live:?}"
+        );
+    }
+    for status in [
+        SessionStatus::Running,
+        SessionStatus::Rescheduling,
+        SessionStatus::Terminated,
+    ] {
+        assert!(matches!(
+            on_user_message(status, false, true, None),
+            Refuse(_)
+        ));
+    }
+    assert!(matches!(
+        on_user_message(SessionStatus::Idle, true, true, None),
+        Refuse(_)
+    ));
+}
+
+#[test]
+fn documented_status_transitions() {
+    use SessionStatus::*;
+    assert!(Idle.may_become(Running));
+    assert!(!Terminated.may_become(Idle));
+    assert!(Rescheduling.may_become(Running));
 }
 
 /// (status, pending input, transitions, status after, pending after, event types, fresh item)

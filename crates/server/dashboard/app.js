@@ -36,6 +36,27 @@ export function clearMessage(key) {
   shown.delete(key);
 }
 
+/**
+ * Makes `form` send `request()` when submitted, with `button` disabled meanwhile. Once the request has
+ * succeeded, the message under `key` is cleared and `then(answer)` runs; a failure of either is shown
+ * under `key` as "Could not <what>: <reason>".
+ */
+export function onSubmit(form, button, { key, what }, request, then) {
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    button.disabled = true;
+    try {
+      const answer = await request();
+      clearMessage(key);
+      await then(answer);
+    } catch (error) {
+      notify(`Could not ${what}: ${error.message}`, { key });
+    } finally {
+      button.disabled = false;
+    }
+  });
+}
+
 function clearAllMessages() {
   messages.replaceChildren();
   shown.clear();

@@ -3,7 +3,7 @@
 import * as api from './api.js';
 import { h, fill, field, table } from './dom.js';
 import { localTime, shortId, zone } from './format.js';
-import { notify, clearMessage, go } from './app.js';
+import { notify, clearMessage, go, onSubmit } from './app.js';
 
 const LIST_MS = 3000;
 const LIST_PAGE = 50;
@@ -33,44 +33,26 @@ function createForms(ctx, reload) {
     h('h2', { id: 'new-session-h' }, 'New session'),
     h('div', { class: 'grid-form' }, field('Agent', agent), field('Environment', env), field('Title (optional)', title)),
     field('First message (optional)', message), button);
-  session.addEventListener('submit', async (e) => {
-    e.preventDefault();
-    button.disabled = true;
+  onSubmit(session, button, { key: 'create-session', what: 'create the session' }, () => {
     const body = { agent: agent.value, environment_id: env.value };
     if (title.value) body.title = title.value;
     if (message.value.trim()) {
       body.initial_events = [{ type: 'user.message', content: [{ type: 'text', text: message.value }] }];
     }
-    try {
-      const created = await api.post('/sessions', body, { signal: ctx.signal });
-      clearMessage('create-session');
-      go(`#/sessions/${api.seg(created.id)}`);
-    } catch (error) {
-      notify(`Could not create the session: ${error.message}`, { key: 'create-session' });
-    } finally {
-      button.disabled = false;
-    }
-  });
+    return api.post('/sessions', body, { signal: ctx.signal });
+  }, (created) => go(`#/sessions/${api.seg(created.id)}`));
 
   const agentName = h('input', { type: 'text', name: 'agent-name', required: true, maxlength: 64 });
   const model = h('input', { type: 'text', name: 'model', required: true, value: 'none' });
   const agentButton = h('button', { type: 'submit' }, 'Create agent');
   const newAgent = h('form', { class: 'inline-form', 'aria-label': 'Create an agent' },
     field('New agent', agentName), field('Model', model), agentButton);
-  newAgent.addEventListener('submit', async (e) => {
-    e.preventDefault();
-    agentButton.disabled = true;
-    try {
-      const created = await api.post('/agents', { name: agentName.value, model: model.value }, { signal: ctx.signal });
-      clearMessage('create-agent');
+  onSubmit(newAgent, agentButton, { key: 'create-agent', what: 'create the agent' },
+    () => api.post('/agents', { name: agentName.value, model: model.value }, { signal: ctx.signal }),
+    async (created) => {
       agentName.value = '';
       await loadChoices(created.id);
-    } catch (error) {
-      notify(`Could not create the agent: ${error.message}`, { key: 'create-agent' });
-    } finally {
-      agentButton.disabled = false;
-    }
-  });
+    });
 
   async function loadChoices(selectAgent) {
     const [agents, envs] = await Promise.all([

@@ -4,7 +4,7 @@ import * as api from './api.js';
 import { h, fill, field } from './dom.js';
 import { localTime, ago, zone } from './format.js';
 import { queueChart, legend } from './chart.js';
-import { notify, clearMessage, go } from './app.js';
+import { go, onSubmit } from './app.js';
 
 /** Refresh period of the overview. */
 const OVERVIEW_MS = 5000;
@@ -77,20 +77,9 @@ function createEnvironmentForm(ctx) {
   const button = h('button', { type: 'submit' }, 'Create environment');
   const form = h('form', { class: 'inline-form', 'aria-label': 'Create a self-hosted environment' },
     field('New self-hosted environment', name), button);
-  form.addEventListener('submit', async (e) => {
-    e.preventDefault();
-    button.disabled = true;
-    try {
-      const env = await api.post('/environments',
-        { name: name.value, config: { type: 'self_hosted' } }, { signal: ctx.signal });
-      clearMessage('create-environment');
-      go(`#/environments/${api.seg(env.id)}`);
-    } catch (error) {
-      notify(`Could not create the environment: ${error.message}`, { key: 'create-environment' });
-    } finally {
-      button.disabled = false;
-    }
-  });
+  onSubmit(form, button, { key: 'create-environment', what: 'create the environment' },
+    () => api.post('/environments', { name: name.value, config: { type: 'self_hosted' } }, { signal: ctx.signal }),
+    (env) => go(`#/environments/${api.seg(env.id)}`));
   return form;
 }
 

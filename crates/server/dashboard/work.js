@@ -5,7 +5,7 @@ import { h, fill, field, table } from './dom.js';
 import { localTime, ago, shortId, zone } from './format.js';
 import { queueChart, legend } from './chart.js';
 import { statsList } from './views.js';
-import { notify, clearMessage, confirmAction } from './app.js';
+import { notify, confirmAction, onSubmit } from './app.js';
 
 /** Refresh period of the live views. */
 const LIVE_MS = 2000;
@@ -174,21 +174,13 @@ export function environmentPage(main, ctx, envId) {
     const button = h('button', { type: 'submit' }, 'Create key');
     const form = h('form', { class: 'inline-form', 'aria-label': 'Create an environment key' },
       field('Key name (optional)', name), button);
-    form.addEventListener('submit', async (e) => {
-      e.preventDefault();
-      button.disabled = true;
-      try {
-        const created = await api.post(`${base}/keys`, name.value ? { name: name.value } : {}, { signal: ctx.signal });
-        clearMessage('keys');
+    onSubmit(form, button, { key: 'keys', what: 'create the key' },
+      () => api.post(`${base}/keys`, name.value ? { name: name.value } : {}, { signal: ctx.signal }),
+      async (created) => {
         name.value = '';
         showNewKey(created);
         await refreshKeys();
-      } catch (error) {
-        notify(`Could not create the key: ${error.message}`, { key: 'keys' });
-      } finally {
-        button.disabled = false;
-      }
-    });
+      });
     return form;
   }
 

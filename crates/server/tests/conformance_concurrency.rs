@@ -187,17 +187,9 @@ async fn concurrent_acks_have_one_winner() {
             );
             // The winner owns the lease: its heartbeat passes, any loser's fails (D-7b).
             let loser = if winner == "w0" { "w1" } else { "w0" };
-            let stolen = q
-                .req(Method::POST, &q.item_path(&item.id, "/heartbeat"))
-                .worker(loser)
-                .send()
-                .await;
+            let stolen = q.heartbeat_as(&item.id, loser).await;
             stolen.error(412, "precondition_failed_error");
-            let owned = q
-                .req(Method::POST, &q.item_path(&item.id, "/heartbeat"))
-                .worker(winner)
-                .send()
-                .await;
+            let owned = q.heartbeat_as(&item.id, winner).await;
             assert_eq!(owned.ok()["state"], "active");
         }
     })

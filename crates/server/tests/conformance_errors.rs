@@ -523,17 +523,9 @@ async fn worker_id_header_limits() {
             q.ack(&item.id, Some(&longest)).await.ok()["state"],
             "starting"
         );
-        let reply = q
-            .req(Method::POST, &q.item_path(&item.id, "/heartbeat"))
-            .worker(&too_long)
-            .send()
-            .await;
+        let reply = q.heartbeat_as(&item.id, &too_long).await;
         reply.error(400, "invalid_request_error");
-        let reply = q
-            .req(Method::POST, &q.item_path(&item.id, "/heartbeat"))
-            .worker(&longest)
-            .send()
-            .await;
+        let reply = q.heartbeat_as(&item.id, &longest).await;
         assert_eq!(reply.ok()["state"], "active");
     })
     .await;
@@ -679,10 +671,7 @@ async fn check_order_d32() {
             .send()
             .await
             .error(400, "invalid_request_error");
-        q.req(Method::POST, &q.item_path(&queued.id, "/heartbeat"))
-            .worker(&long_worker)
-            .send()
-            .await
+        q.heartbeat_as(&queued.id, &long_worker).await
             .error(400, "invalid_request_error");
 
         // 409 state before 412 precondition.

@@ -933,11 +933,7 @@ async fn requeued_item_is_redelivered_and_old_credentials_die() {
             .await;
         dead.error(401, "authentication_error");
         // w1 cannot hijack the new lease: by Worker-ID (D-7b) or by its stale CAS token.
-        let by_worker = q
-            .req(Method::POST, &q.item_path(&item.id, "/heartbeat"))
-            .worker("w1")
-            .send()
-            .await;
+        let by_worker = q.heartbeat_as(&item.id, "w1").await;
         by_worker.error(412, "precondition_failed_error");
         let by_token = q
             .heartbeat(&item.id, &format!("?expected_last_heartbeat={}", enc(&old)))

@@ -65,20 +65,13 @@ async fn status_of(server: &TestServer, session: &str) -> String {
 
 /// The whole log, oldest first.
 async fn log(server: &TestServer, session: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut page: Option<String> = None;
-    loop {
-        let cursor = page.map(|p| format!("&page={p}")).unwrap_or_default();
-        let (status, body) = server
-            .get(&format!("/sessions/{session}/events?limit=100{cursor}"))
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        out.extend(body["data"].as_array().expect("data").iter().cloned());
-        match body["next_page"].as_str() {
-            Some(next) => page = Some(next.to_owned()),
-            None => return out,
-        }
-    }
+    let pages = server
+        .pages(&format!("/sessions/{session}/events?limit=100"))
+        .await;
+    pages
+        .iter()
+        .flat_map(|page| page["data"].as_array().expect("data").iter().cloned())
+        .collect()
 }
 
 async fn types(server: &TestServer, session: &str) -> Vec<String> {

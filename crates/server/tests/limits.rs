@@ -5,7 +5,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tether_server::ServiceConfig;
 use tether_testkit::{
-    backends, each_backend, each_backend_with, json_of, send_and_read, Options, TestServer,
+    backends, each_backend, each_backend_with, json_of, listed_ids, send_and_read, Options,
+    TestServer,
 };
 
 fn text_event(kind: &str, text: &str) -> Value {
@@ -76,36 +77,12 @@ async fn an_event_over_the_limit_is_refused_and_names_itself() {
     .await;
 }
 
-/// Ids of a listing, following `next_page` to the end.
+/// Ids of a session's events, following `next_page` to the end, and how many pages that took.
 async fn all_pages(server: &TestServer, session: &str, query: &str) -> (Vec<String>, usize) {
-    let mut ids = Vec::new();
-    let mut pages = 0;
-    let mut cursor: Option<String> = None;
-    for _ in 0..100 {
-        let page = cursor
-            .as_ref()
-            .map(|c| format!("&page={c}"))
-            .unwrap_or_default();
-        let (status, body) = server
-            .get(&format!(
-                "/sessions/{session}/events?limit=100{query}{page}"
-            ))
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        pages += 1;
-        for e in body["data"].as_array().unwrap() {
-            ids.push(e["id"].as_str().unwrap().to_owned());
-        }
-        assert_eq!(
-            body["has_more"].as_bool().unwrap(),
-            !body["next_page"].is_null()
-        );
-        match body["next_page"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
-            None => return (ids, pages),
-        }
-    }
-    panic!("the listing did not end");
+    let pages = server
+        .pages(&format!("/sessions/{session}/events?limit=100{query}"))
+        .await;
+    (pages.iter().flat_map(listed_ids).collect(), pages.len())
 }
 
 #[tokio::test]

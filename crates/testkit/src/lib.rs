@@ -263,6 +263,26 @@ impl TestServer {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// Every page of the listing at `path`, whose query has a parameter already (`&page=` is appended),
+    /// following `next_page` to the end. Asserts that each page answers 200 and that `has_more` says
+    /// whether a next page follows; gives up after 100 pages.
+    pub async fn pages(&self, path: &str) -> Vec<Value> {
+        let mut pages = Vec::new();
+        let mut cursor = String::new();
+        for _ in 0..100 {
+            let (status, body) = self.get(&format!("{path}{cursor}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let next = body["next_page"].as_str().map(str::to_owned);
+            assert_eq!(body["has_more"].as_bool(), Some(next.is_some()), "{body}");
+            pages.push(body);
+            match next {
+                Some(next) => cursor = format!("&page={next}"),
+                None => return pages,
+            }
+        }
+        panic!("the listing {path} did not end within 100 pages");
+    }
+
     /// Polls environment `env`'s queue with the admin token as worker `worker` (the `Worker-ID`
     /// header); `query` goes after the path (e.g. `?block_ms=500`, or empty). Asserts 200 and returns
     /// the reply: the item, or `null` when there was none.

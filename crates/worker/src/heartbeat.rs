@@ -505,15 +505,7 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_promised_amnesty_keeps_the_program_past_its_lease_and_no_further() {
         let acked = Instant::now();
-        let outage = tether_client::ApiError {
-            status: 503,
-            kind: "overloaded_error".into(),
-            message: "the database is unavailable".into(),
-            param: None,
-            code: Some("store_unavailable".into()),
-            details: Some(serde_json::json!({"lease_amnesty_ms": 60_000})),
-            request_id: None,
-        };
+        let outage = outage(60_000);
         let mut steps = vec![at_once(beat_with_ttl("active", true, 10))];
         steps.extend((0..400).map(|_| at_once(Err(outage.clone().into()))));
         let (server, sent) = Scripted::new(steps);
@@ -535,6 +527,19 @@ pub(crate) mod tests {
 
     fn refused(status: u16) -> Result<Beat, Error> {
         Err(refusal(status))
+    }
+
+    /// The 503 of a server whose database is away, promising `amnesty_ms` of lease amnesty.
+    fn outage(amnesty_ms: u64) -> tether_client::ApiError {
+        tether_client::ApiError {
+            status: 503,
+            kind: "overloaded_error".into(),
+            message: "the database is unavailable".into(),
+            param: None,
+            code: Some("store_unavailable".into()),
+            details: Some(serde_json::json!({ "lease_amnesty_ms": amnesty_ms })),
+            request_id: None,
+        }
     }
 
     /// The server's refusal with `status`, as the client reports it.
@@ -566,15 +571,7 @@ pub(crate) mod tests {
         for lost in [401, 403, 404, 409, 412, 400] {
             assert!(matches!(judge(&refused(lost)), Verdict::Lost(_)), "{lost}");
         }
-        let mut outage = tether_client::ApiError {
-            status: 503,
-            kind: "overloaded_error".into(),
-            message: "the database is unavailable".into(),
-            param: None,
-            code: Some("store_unavailable".into()),
-            details: Some(serde_json::json!({"lease_amnesty_ms": 30_000})),
-            request_id: None,
-        };
+        let mut outage = outage(30_000);
         assert_eq!(
             judge(&Err(outage.clone().into())),
             Verdict::Amnesty(Duration::from_secs(30))

@@ -310,6 +310,12 @@ mod tests {
             .to_owned()
     }
 
+    /// [`status_line`] of a body-less `GET path`.
+    async fn get_status_line(socket: &Path, path: &str) -> String {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        status_line(socket, &head, b"").await
+    }
+
     #[tokio::test]
     async fn the_proxy_refuses_other_paths_large_bodies_and_says_when_the_server_is_away() {
         let dir = tempfile::tempdir().unwrap();
@@ -321,19 +327,9 @@ mod tests {
             Upstream::new(&format!("http://127.0.0.1:{port}/api/v1/cloud"), None).unwrap();
         let proxy = ApiProxy::start(dir.path().join("api.sock"), upstream).unwrap();
         let socket = proxy.socket().to_owned();
-        let outside = status_line(
-            &socket,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            b"",
-        )
-        .await;
+        let outside = get_status_line(&socket, "/metrics").await;
         assert!(outside.contains(" 404"), "{outside}");
-        let dotted = status_line(
-            &socket,
-            "GET /api/v1/cloud/../../metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            b"",
-        )
-        .await;
+        let dotted = get_status_line(&socket, "/api/v1/cloud/../../metrics").await;
         assert!(dotted.contains(" 404"), "{dotted}");
         let big = vec![b'x'; MAX_BODY + 1];
         let head = format!(
@@ -342,12 +338,7 @@ mod tests {
         );
         let large = status_line(&socket, &head, &big).await;
         assert!(large.contains(" 413"), "{large}");
-        let away = status_line(
-            &socket,
-            "GET /api/v1/cloud/environments HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            b"",
-        )
-        .await;
+        let away = get_status_line(&socket, "/api/v1/cloud/environments").await;
         assert!(away.contains(" 502"), "{away}");
         drop(proxy);
         assert!(!socket.exists(), "the socket goes with the proxy");

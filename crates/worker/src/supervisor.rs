@@ -636,6 +636,21 @@ mod tests {
     }
 
     impl Script {
+        /// Renews the first heartbeat at once and answers the second with `then` once the program has
+        /// made the file `ready`.
+        fn renewed_then_after_ready(
+            ready: &Path,
+            then: tether_client::Result<Beat>,
+        ) -> Arc<Script> {
+            let script = Arc::new(Script::default());
+            {
+                let mut beats = script.beats.lock().unwrap();
+                beats.push_back(Answer::Now(beat("active")));
+                beats.push_back(Answer::AfterReady(ready.to_owned(), then));
+            }
+            script
+        }
+
         fn log(&self, call: String) {
             self.calls.lock().unwrap().push(call);
         }
@@ -821,12 +836,7 @@ mod tests {
             "trap '' TERM; touch {}; sleep 60",
             ready.display()
         ));
-        let script = Arc::new(Script::default());
-        {
-            let mut beats = script.beats.lock().unwrap();
-            beats.push_back(Answer::Now(beat("active")));
-            beats.push_back(Answer::AfterReady(ready.clone(), beat("stopping")));
-        }
+        let script = Script::renewed_then_after_ready(&ready, beat("stopping"));
         let started = tokio::time::Instant::now();
         assert_eq!(run(&shared, &script).await, Outcome::Failed);
         assert!(
@@ -849,12 +859,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
         let (shared, _phase) = worker(&format!("touch {}; sleep 60", ready.display()));
-        let script = Arc::new(Script::default());
-        {
-            let mut beats = script.beats.lock().unwrap();
-            beats.push_back(Answer::Now(beat("active")));
-            beats.push_back(Answer::AfterReady(ready.clone(), Err(refused(409))));
-        }
+        let script = Script::renewed_then_after_ready(&ready, Err(refused(409)));
         let started = tokio::time::Instant::now();
         assert_eq!(run(&shared, &script).await, Outcome::Lost);
         assert!(

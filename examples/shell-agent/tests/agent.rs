@@ -80,7 +80,7 @@ async fn claimed_session(server: &TestServer) -> Served {
     }
 }
 
-/// Starts the agent the way `tether worker` runs its program.
+/// Starts the agent the way `tether worker` runs its program, and waits until it serves the session.
 async fn spawn_agent(
     server: &TestServer,
     served: &Served,
@@ -111,6 +111,7 @@ async fn spawn_agent(
         .await
         .unwrap();
     drop(stdin);
+    until_serving(&mut child).await;
     child
 }
 
@@ -174,6 +175,45 @@ async fn turn_after(client: &Client, session_id: &str, after: &str) -> Vec<Event
         .expect("the turn did not end")
 }
 
+/// Waits until the agent has started a command for a message after `after`.
+async fn until_tool_use(client: &Client, session_id: &str, after: &str) {
+    let started = async {
+        loop {
+            let all = events(client, session_id).await;
+            if all
+                .iter()
+                .any(|e| e.id.as_str() > after && e.kind == "agent.tool_use")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, started)
+        .await
+        .expect("the agent never started the command");
+}
+
+/// Waits for the agent to exit, which it must do with status 0; `on_hang` is the failure when it does
+/// not exit at all.
+async fn exits_cleanly(agent: &mut Child, on_hang: &str) {
+    let status = tokio::time::timeout(PATIENCE, agent.wait())
+        .await
+        .expect(on_hang)
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// Asserts that the turn holds a command result, and that it is an error.
+#[track_caller]
+fn assert_failed_result(turn: &[Event]) {
+    let result = turn
+        .iter()
+        .find(|e| e.kind == "agent.tool_result")
+        .expect("a result");
+    assert_eq!(result.fields["is_error"], Value::Bool(true));
+}
+
 fn kinds(events: &[Event]) -> Vec<&str> {
     events.iter().map(|e| e.kind.as_str()).collect()
 }
@@ -220,7 +260,6 @@ async fn serves_a_waiting_message_then_exits_when_idle() {
         .await
         .unwrap();
     let mut agent = spawn_agent(&server, &served, dir.path(), &["--max-idle", "1s"]).await;
-    until_serving(&mut agent).await;
 
     let turn = turn_after(&served.admin, &served.session_id, &sent[0].id).await;
     let (_, result) = check_turn(&turn, "echo hello");
@@ -237,11 +276,7 @@ async fn serves_a_waiting_message_then_exits_when_idle() {
     );
 
     // Nothing more comes: the agent leaves by itself, and the worker stops the item.
-    let status = tokio::time::timeout(PATIENCE, agent.wait())
-        .await
-        .expect("the idle agent did not exit")
-        .unwrap();
-    assert!(status.success(), "{status}");
+    exits_cleanly(&mut agent, "the idle agent did not exit").await;
     served.heartbeats.abort();
     let stopped = served
         .item_client
@@ -258,7 +293,6 @@ async fn follows_the_stream_runs_in_its_directory_and_can_be_interrupted() {
     let served = claimed_session(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let mut agent = spawn_agent(&server, &served, dir.path(), &["--max-idle", "0"]).await;
-    until_serving(&mut agent).await;
     let admin = &served.admin;
     let session = served.session_id.as_str();
 
@@ -294,26 +328,10 @@ async fn follows_the_stream_runs_in_its_directory_and_can_be_interrupted() {
         )
         .await
         .unwrap();
-    let started = async {
-        loop {
-            let all = events(admin, session).await;
-            if all
-                .iter()
-                .any(|e| e.id > sent[0].id && e.kind == "agent.tool_use")
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, started).await.unwrap();
+    until_tool_use(admin, session, &sent[0].id).await;
     assert!(admin.cancel_session(session).await.unwrap().is_canceling());
     let turn = turn_after(admin, session, &sent[0].id).await;
-    let result = turn
-        .iter()
-        .find(|e| e.kind == "agent.tool_result")
-        .expect("a result");
-    assert_eq!(result.fields["is_error"], Value::Bool(true));
+    assert_failed_result(&turn);
     assert!(turn.iter().any(|e| e.kind == "user.interrupt"));
     assert_eq!(
         turn.last().unwrap().fields["stop_reason"]["type"],
@@ -326,11 +344,11 @@ async fn follows_the_stream_runs_in_its_directory_and_can_be_interrupted() {
 
     // Deleting the session ends the agent, however long it was willing to wait.
     admin.delete_session(session).await.unwrap();
-    let status = tokio::time::timeout(PATIENCE, agent.wait())
-        .await
-        .expect("the agent did not exit after the session was deleted")
-        .unwrap();
-    assert!(status.success(), "{status}");
+    exits_cleanly(
+        &mut agent,
+        "the agent did not exit after the session was deleted",
+    )
+    .await;
     served.heartbeats.abort();
     server.shutdown().await;
 }
@@ -341,7 +359,6 @@ async fn sigterm_kills_the_command_reports_it_and_ends_the_turn() {
     let served = claimed_session(&server).await;
     let dir = tempfile::tempdir().unwrap();
     let mut agent = spawn_agent(&server, &served, dir.path(), &["--max-idle", "0"]).await;
-    until_serving(&mut agent).await;
     let admin = &served.admin;
     let session = served.session_id.as_str();
 
@@ -349,35 +366,15 @@ async fn sigterm_kills_the_command_reports_it_and_ends_the_turn() {
         .send_events(session, &[NewEvent::user_message("sleep 1000")])
         .await
         .unwrap();
-    let started = async {
-        loop {
-            let all = events(admin, session).await;
-            if all
-                .iter()
-                .any(|e| e.id > sent[0].id && e.kind == "agent.tool_use")
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, started).await.unwrap();
+    until_tool_use(admin, session, &sent[0].id).await;
 
     // What `tether worker` does when the item is to stop.
     let pid = nix::unistd::Pid::from_raw(agent.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(PATIENCE, agent.wait())
-        .await
-        .expect("the agent did not exit on SIGTERM")
-        .unwrap();
-    assert!(status.success(), "{status}");
+    exits_cleanly(&mut agent, "the agent did not exit on SIGTERM").await;
 
     let turn = turn_after(admin, session, &sent[0].id).await;
-    let result = turn
-        .iter()
-        .find(|e| e.kind == "agent.tool_result")
-        .expect("a result");
-    assert_eq!(result.fields["is_error"], Value::Bool(true));
+    assert_failed_result(&turn);
     assert_eq!(turn.last().unwrap().fields["stop_reason"]["type"], "error");
     assert_eq!(
         admin.get_session(session).await.unwrap().status,

@@ -6,6 +6,7 @@ pub mod api;
 pub mod lines;
 pub mod proxy;
 pub mod seed;
+pub mod worker;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -79,7 +80,18 @@ pub const ADMIN_TOKEN: &str = "tth_adm_test-admin-token-for-integration-tests";
 impl ServerProcess {
     /// Starts `tether serve` on a free port with `data_dir` and extra arguments; waits until it listens.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
-        let mut child = Command::new(BIN)
+        ServerProcess::start_logging(data_dir, extra, "warn", |_| {})
+    }
+
+    /// [`ServerProcess::start`] with `TETHER_LOG=level`, handing each line the server logs to `on_line`
+    /// (on a thread of its own, for as long as the server runs).
+    pub fn start_logging(
+        data_dir: &Path,
+        extra: &[&str],
+        level: &str,
+        mut on_line: impl FnMut(String) + Send + 'static,
+    ) -> ServerProcess {
+        let mut child = tether_command()
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -87,8 +99,7 @@ impl ServerProcess {
             .arg(data_dir)
             .args(extra)
             .env("TETHER_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("TETHER_LOG", "warn")
-            .stdin(Stdio::null())
+            .env("TETHER_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -97,6 +108,7 @@ impl ServerProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
+            // Reads to the end, so that the child never blocks on a full pipe.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent {
                     if let Some(rest) = line.split("tether listening on ").nth(1) {
@@ -109,7 +121,7 @@ impl ServerProcess {
                         sent = true;
                     }
                 }
-                // Keep draining so the child never blocks on a full pipe.
+                on_line(line);
             }
         });
         let base = rx
@@ -124,6 +136,11 @@ impl ServerProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}/api/v1/cloud{path}", self.base)
+    }
+
+    /// A `GET` of `path` (on the `/api/v1/cloud` prefix) with the admin token, sent through `http`.
+    pub fn admin_get(&self, http: &reqwest::Client, path: &str) -> reqwest::RequestBuilder {
+        http.get(self.url(path)).bearer_auth(&self.token)
     }
 
     /// SIGKILL: no chance to flush or clean up.

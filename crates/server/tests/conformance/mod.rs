@@ -404,6 +404,14 @@ impl<'a> Queue<'a> {
         .await
     }
 
+    /// A heartbeat without a query, sent as `worker` (the `Worker-ID` header).
+    pub async fn heartbeat_as(&self, id: &str, worker: &str) -> Reply {
+        self.req(Method::POST, &self.item_path(id, "/heartbeat"))
+            .worker(worker)
+            .send()
+            .await
+    }
+
     pub async fn stop(&self, id: &str, body: Value) -> Reply {
         self.req(Method::POST, &self.item_path(id, "/stop"))
             .json(body)

@@ -1,5 +1,6 @@
 //! The eight work endpoints (§6) plus history and workers (§11).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -27,7 +28,7 @@ async fn item_in_queue(
     app: &App,
     env_id: &str,
     work_id: &str,
-) -> ApiResult<(Environment, WorkItem)> {
+) -> ApiResult<(Arc<Environment>, WorkItem)> {
     let env = app.work_environment(env_id).await?;
     let item = app.get_work(&env, work_id).await?;
     Ok((env, item))
@@ -41,7 +42,7 @@ async fn judged<T>(
     env_id: &str,
     work_id: &str,
     inputs: ApiResult<T>,
-) -> ApiResult<(Environment, T)> {
+) -> ApiResult<(Arc<Environment>, T)> {
     let env = app.work_environment(env_id).await?;
     match inputs {
         Ok(inputs) => Ok((env, inputs)),
@@ -200,7 +201,7 @@ pub async fn stats_history(
         .collect();
     Ok(Json(api::QueueStatsHistory {
         object: "work_queue_stats_history".into(),
-        environment_id: env.id,
+        environment_id: env.id.clone(),
         interval_seconds: app.config.sample_interval.as_secs_f64(),
         data,
     }))

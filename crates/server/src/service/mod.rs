@@ -101,7 +101,7 @@ pub struct AppInner {
     /// Hints that spare the store a read (`crate::cache`): credentials and environments read in the
     /// last second, and a lower bound on the earliest lease deadline.
     pub(crate) credentials_read: TtlCache<String, tether_core::resources::Credential>,
-    pub(crate) environments_read: TtlCache<String, tether_core::resources::Environment>,
+    pub(crate) environments_read: TtlCache<String, Arc<tether_core::resources::Environment>>,
     pub(crate) lease_horizon: LeaseHorizon,
 }
 

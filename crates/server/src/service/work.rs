@@ -1,6 +1,7 @@
 //! The work queue: poll, ack, heartbeat, stop, metadata, listing, stats, history, expiry and amnesty.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tether_core::ids::{self, IdKind};
@@ -108,12 +109,13 @@ impl App {
     /// The environment comes from the one-second cache (`crate::cache`) when this process read it
     /// lately: an archive or delete made through another process is seen within that bound, and the
     /// writes that care (enqueue, delete) re-check the environment in their own conditional write.
-    pub async fn work_environment(&self, environment_id: &str) -> Result<Environment> {
-        let env = match self.environments_read.get(&environment_id.to_owned()) {
+    /// Shared, not copied: every work request (an idle worker's re-poll among them) takes one.
+    pub async fn work_environment(&self, environment_id: &str) -> Result<Arc<Environment>> {
+        let env = match self.environments_read.get(environment_id) {
             Some(env) => env,
             None => {
                 let read_at = std::time::Instant::now();
-                let env = self.environment(environment_id).await?;
+                let env = Arc::new(self.environment(environment_id).await?);
                 self.environments_read
                     .put(env.id.clone(), env.clone(), read_at);
                 env
@@ -310,8 +312,11 @@ impl App {
         self.record_worker(&env.id, worker_id).await?;
         // Lazy expiry (§3.1): an item whose lease lapsed is claimable now, whether or not the
         // dispatcher's tick has come round yet. Asked of the store only when a lease may be due.
+        // The store calls are boxed: a blocked poll then holds, for the whole of its wait, a future the
+        // size of its own loop rather than one with room for the largest store call in it (thousands
+        // of idle long polls at once each hold one).
         if self.lease_horizon.may_be_due(self.now()) || self.amnesty_pending() {
-            self.expire_due_leases().await?;
+            Box::pin(self.expire_due_leases()).await?;
         }
         let deadline = tokio::time::Instant::now() + block.unwrap_or_default();
         // The ticket whose wake-up this poll is acting on. The scan that follows spends the wake-up
@@ -335,8 +340,7 @@ impl App {
                 None
             } else {
                 let scan = ticket.as_ref().map(|_| self.waiters.begin_scan(&env.id));
-                self.try_claim(env, worker_id, issuer, reclaim_ms, scan)
-                    .await?
+                Box::pin(self.try_claim(env, worker_id, issuer, reclaim_ms, scan)).await?
             };
             if let Some(woken) = answering.take() {
                 woken.consume();

@@ -243,7 +243,10 @@ test('6. a force-stop from the UI reaches the worker: its program is terminated'
 
   await page.goto(`${server.base}/#/environments/${env.id}`);
   await page.getByLabel('Show').selectOption('active');
-  const link = page.getByRole('region', { name: 'Work items' }).getByRole('link', { name: /work_/ }).first();
+  // A row that shows the item active: until the filtered page arrives, the list still holds the stopped
+  // items of the earlier scenarios.
+  const link = page.getByRole('region', { name: 'Work items' }).getByRole('row')
+    .filter({ has: page.locator('.badge.state-active') }).getByRole('link', { name: /work_/ }).first();
   await link.waitFor();
   await link.click();
   await page.getByRole('button', { name: 'Force-stop…' }).click();

@@ -30,6 +30,10 @@ pub const READERS: usize = 4;
 /// whenever another connection commits, which here is hundreds of times a second; through the map, a
 /// page it reads again costs no `pread` (pages newer than the last checkpoint still come from the WAL).
 const MMAP_BYTES: u64 = 256 << 20;
+/// Prepared statements each connection keeps. rusqlite keeps 16 by default, fewer than the distinct
+/// statements the server runs (the claim's text names its limit, see `sql::claim_candidates`); one
+/// pushed out is parsed and planned again on its next use.
+const STATEMENTS_CACHED: usize = 256;
 
 struct WriteJob {
     statements: Vec<(Statement, Expect)>,
@@ -101,6 +105,7 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
         ))
         .map_err(internal)?;
     migrate(&mut writer)?;
+    writer.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
     let mut connections = Vec::with_capacity(READERS);
     for _ in 0..READERS {
         let reader = Connection::open_with_flags(
@@ -113,6 +118,7 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
                 "PRAGMA busy_timeout = 5000; PRAGMA query_only = 1; PRAGMA mmap_size = {MMAP_BYTES};"
             ))
             .map_err(internal)?;
+        reader.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
         connections.push(reader);
     }
     let (tx, rx) = mpsc::channel(WRITE_QUEUE_BOUND);

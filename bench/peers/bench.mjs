@@ -39,6 +39,14 @@ const pgData = option("--pg-data");
 // a smaller one keeps the run short.
 const big = option("--big");
 const only = new Set((option("--only") ?? "a,b,e,c,d").toLowerCase().split(","));
+// --systems graphile,sqlite: only these; the ratios need graphile.
+const knownSystems = ["graphile", "raw", "sqlite", "postgres"];
+const wanted = new Set((option("--systems") ?? knownSystems.join(",")).toLowerCase().split(","));
+const unknownSystems = [...wanted].filter((name) => !knownSystems.includes(name));
+if (unknownSystems.length > 0) {
+    console.error(`bench-peers: --systems takes some of ${knownSystems.join(",")}, not ${unknownSystems.join(",")}`);
+    process.exit(2);
+}
 const jsonOut = option("--json");
 if (!tetherBin || !pgUrl || !pgData) {
     console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres] [--big N] [--json FILE]");
@@ -198,9 +206,12 @@ class TetherApi {
 class TetherSystem {
     constructor(backend) {
         this.backend = backend;
-        this.kind = backend;
         this.name = `tether-${backend}`;
         this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}`;
+    }
+    // What `--systems` names this system by, as a peer's `kind`.
+    get kind() {
+        return this.backend;
     }
     async start(connections = 64) {
         this.dir = mkdtempSync(join(tmpdir(), "tether-bench-"));
@@ -648,8 +659,6 @@ class PeerSystem {
 }
 
 // ------------------------------------------------------------------------------------------------ output
-// --systems graphile,sqlite: only these (graphile, raw, sqlite, postgres); ratios need graphile.
-const wanted = new Set((option("--systems") ?? "graphile,raw,sqlite,postgres").toLowerCase().split(","));
 const systems = [
     new PeerSystem("graphile"),
     new PeerSystem("raw"),

@@ -15,6 +15,10 @@ use crate::{
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
+    /// The SQL it takes beyond the portable subset (see [`sql::Dialect`]).
+    fn dialect(&self) -> sql::Dialect {
+        sql::Dialect::Portable
+    }
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>>;
     /// Runs every statement in one transaction; a statement whose [`Expect`] fails, or a uniqueness
     /// violation, rolls the whole list back with `Conflict`.
@@ -91,7 +95,9 @@ impl<E: Executor> Store for SqlStore<E> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.exec.execute(sql::change_statements(&changes)).await
+        self.exec
+            .execute(sql::change_statements(&changes, self.exec.dialect()))
+            .await
     }
 
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {

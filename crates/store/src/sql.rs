@@ -85,8 +85,34 @@ impl Statement {
 pub enum Expect {
     /// Exactly one row affected, else the change set is a `Conflict`.
     OneRow,
+    /// Exactly this many rows affected (a row and the history rows written with it in one statement),
+    /// else the change set is a `Conflict`.
+    Rows(u64),
     /// Any number of rows.
     Any,
+}
+
+impl Expect {
+    /// Whether a statement that affected `changed` rows did what its change set needs.
+    pub fn met_by(self, changed: u64) -> bool {
+        match self {
+            Expect::OneRow => changed == 1,
+            Expect::Rows(rows) => changed == rows,
+            Expect::Any => true,
+        }
+    }
+}
+
+/// The SQL a backend takes beyond the portable subset every statement is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// One statement per table written (SQLite: statements are function calls in the process, so
+    /// there is nothing to save by joining them).
+    Portable,
+    /// PostgreSQL and engines compatible with it take a data-modifying `WITH`: a work item's row and
+    /// its history rows are written by one statement. Over a network each statement is a round trip,
+    /// and a change set that becomes one statement needs no BEGIN and COMMIT either.
+    Postgres,
 }
 
 pub type Row = Vec<Value>;
@@ -287,36 +313,61 @@ fn work_columns(item: &WorkItem) -> WorkColumns {
     }
 }
 
-fn transition_statements(
+/// A work item's row written by `row` (an `INSERT` or a conditional `UPDATE`, taking the parameters
+/// `params`), with the item's history rows: in the portable dialect one statement each, in the
+/// PostgreSQL dialect one statement that inserts the history only when the row was written (`row`
+/// then ends in `RETURNING id`, and the statement affects one row per history row, or none).
+fn work_with_history(
+    dialect: Dialect,
+    row: &str,
+    mut params: Vec<Value>,
     work_id: &str,
     version: i64,
     transitions: &[tether_core::Transition],
-) -> Vec<(Statement, Expect)> {
-    transitions
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            (
+    out: &mut Vec<(Statement, Expect)>,
+) {
+    if dialect == Dialect::Portable || transitions.is_empty() {
+        out.push((Statement::new(row, params), Expect::OneRow));
+        for (i, t) in transitions.iter().enumerate() {
+            out.push((
                 Statement::new(
                     "INSERT INTO work_transitions (work_id, seq, doc) VALUES ($1, $2, $3)",
                     vec![work_id.into(), history_seq(version, i).into(), to_doc(t)],
                 ),
                 Expect::OneRow,
-            )
-        })
-        .collect()
+            ));
+        }
+        return;
+    }
+    let mut rows = Vec::with_capacity(transitions.len());
+    for (i, t) in transitions.iter().enumerate() {
+        params.push(history_seq(version, i).into());
+        params.push(to_doc(t));
+        let n = params.len();
+        rows.push(format!("(CAST(${} AS BIGINT), CAST(${n} AS TEXT))", n - 1));
+    }
+    let sql = format!(
+        "WITH written AS ({row} RETURNING id) \
+         INSERT INTO work_transitions (work_id, seq, doc) \
+         SELECT written.id, history.seq, history.doc FROM written CROSS JOIN (VALUES {}) AS history (seq, doc)",
+        rows.join(", ")
+    );
+    out.push((
+        Statement::new(sql, params),
+        Expect::Rows(transitions.len() as u64),
+    ));
 }
 
 /// The statements of a change set, in order.
-pub fn change_statements(changes: &ChangeSet) -> Vec<(Statement, Expect)> {
+pub fn change_statements(changes: &ChangeSet, dialect: Dialect) -> Vec<(Statement, Expect)> {
     let mut out = Vec::new();
     for write in &changes.writes {
-        write_statements(write, &mut out);
+        write_statements(write, dialect, &mut out);
     }
     out
 }
 
-fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
+fn write_statements(write: &Write, dialect: Dialect, out: &mut Vec<(Statement, Expect)>) {
     use Expect::*;
     match write {
         Write::InsertEnvironment(env) => {
@@ -455,46 +506,48 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
         }
         Write::InsertWork { item, transitions } => {
             let c = work_columns(item);
-            out.push((
-                Statement::new(
-                    "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, \
-                     delivered_at, lease_expires_at, token_hash, doc) VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    vec![
-                        item.id.as_str().into(),
-                        item.environment_id.as_str().into(),
-                        item.data.id.as_str().into(),
-                        c.state.into(),
-                        item.enqueued_at.into(),
-                        c.delivered_at.into(),
-                        item.lease_expires_at.into(),
-                        c.token_hash.into(),
-                        to_doc(item),
-                    ],
-                ),
-                OneRow,
-            ));
-            out.extend(transition_statements(&item.id, 1, transitions));
+            work_with_history(
+                dialect,
+                "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, \
+                 delivered_at, lease_expires_at, token_hash, doc) VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                vec![
+                    item.id.as_str().into(),
+                    item.environment_id.as_str().into(),
+                    item.data.id.as_str().into(),
+                    c.state.into(),
+                    item.enqueued_at.into(),
+                    c.delivered_at.into(),
+                    item.lease_expires_at.into(),
+                    c.token_hash.into(),
+                    to_doc(item),
+                ],
+                &item.id,
+                1,
+                transitions,
+                out,
+            );
         }
         Write::UpdateWork { item, expected_version, transitions } => {
             let c = work_columns(item);
-            out.push((
-                Statement::new(
-                    "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
-                     lease_expires_at = $5, token_hash = $6, doc = $7 WHERE id = $1 AND version = $8",
-                    vec![
-                        item.id.as_str().into(),
-                        c.state.into(),
-                        item.enqueued_at.into(),
-                        c.delivered_at.into(),
-                        item.lease_expires_at.into(),
-                        c.token_hash.into(),
-                        to_doc(item),
-                        (*expected_version).into(),
-                    ],
-                ),
-                OneRow,
-            ));
-            out.extend(transition_statements(&item.id, expected_version + 1, transitions));
+            work_with_history(
+                dialect,
+                "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
+                 lease_expires_at = $5, token_hash = $6, doc = $7 WHERE id = $1 AND version = $8",
+                vec![
+                    item.id.as_str().into(),
+                    c.state.into(),
+                    item.enqueued_at.into(),
+                    c.delivered_at.into(),
+                    item.lease_expires_at.into(),
+                    c.token_hash.into(),
+                    to_doc(item),
+                    (*expected_version).into(),
+                ],
+                &item.id,
+                expected_version + 1,
+                transitions,
+                out,
+            );
         }
         Write::InsertEvent(event) => out.push((
             Statement::new(
@@ -945,4 +998,73 @@ pub fn count(row: &Row) -> StoreResult<u64> {
 /// Records kept only as documents, decoded by type.
 pub fn decode_docs<T: serde::de::DeserializeOwned>(rows: &[Row]) -> StoreResult<Vec<T>> {
     rows.iter().map(doc).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_core::work::{self, WorkData};
+
+    fn enqueued() -> (WorkItem, Vec<tether_core::Transition>) {
+        let step = work::enqueue(
+            "work_1".into(),
+            "env_1".into(),
+            WorkData::session("sesn_1".to_owned()),
+            Default::default(),
+            Timestamp::from_micros(1),
+            &Default::default(),
+        );
+        (step.item, step.transitions)
+    }
+
+    fn shapes(write: Write, dialect: Dialect) -> Vec<(bool, Expect)> {
+        change_statements(&ChangeSet::one(write), dialect)
+            .into_iter()
+            .map(|(statement, expect)| (statement.sql.starts_with("WITH written"), expect))
+            .collect()
+    }
+
+    #[test]
+    fn an_items_row_and_history_are_one_statement_only_where_the_dialect_allows() {
+        let (item, transitions) = enqueued();
+        let two = vec![transitions[0].clone(), transitions[0].clone()];
+        let update = |transitions: Vec<tether_core::Transition>| Write::UpdateWork {
+            item: item.clone(),
+            expected_version: 3,
+            transitions,
+        };
+        use Expect::*;
+        assert_eq!(
+            shapes(update(two.clone()), Dialect::Portable),
+            vec![(false, OneRow), (false, OneRow), (false, OneRow)]
+        );
+        assert_eq!(
+            shapes(update(two), Dialect::Postgres),
+            vec![(true, Rows(2))]
+        );
+        for dialect in [Dialect::Portable, Dialect::Postgres] {
+            assert_eq!(shapes(update(vec![]), dialect), vec![(false, OneRow)]);
+        }
+        let insert = Write::InsertWork {
+            item: item.clone(),
+            transitions,
+        };
+        assert_eq!(shapes(insert, Dialect::Postgres), vec![(true, Rows(1))]);
+    }
+
+    #[test]
+    fn expectations_hold_for_their_row_counts_only() {
+        for (expect, changed, holds) in [
+            (Expect::OneRow, 1, true),
+            (Expect::OneRow, 0, false),
+            (Expect::OneRow, 2, false),
+            (Expect::Rows(3), 3, true),
+            (Expect::Rows(3), 0, false),
+            (Expect::Rows(0), 0, true),
+            (Expect::Any, 0, true),
+            (Expect::Any, 7, true),
+        ] {
+            assert_eq!(expect.met_by(changed), holds, "{expect:?} with {changed}");
+        }
+    }
 }

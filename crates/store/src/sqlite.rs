@@ -240,9 +240,10 @@ fn run_in_savepoint(conn: &Connection, statements: &[(Statement, Expect)]) -> St
                 statement.params.iter().map(to_sql),
             ))
             .map_err(classify)?;
-        match expect {
-            Expect::OneRow if changed != 1 => Err(StoreError::Conflict),
-            _ => Ok(()),
+        if expect.met_by(changed as u64) {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
         }
     });
     if outcome.is_err() {

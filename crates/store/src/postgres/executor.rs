@@ -13,7 +13,7 @@ use tokio_postgres::types::{ToSql, Type};
 use super::listener::{encode_payloads, Health};
 use super::{classify, connect_error, is_connection_failure, CHANNEL};
 use crate::executor::Executor;
-use crate::sql::{Expect, Row, Statement, Value};
+use crate::sql::{Dialect, Expect, Row, Statement, Value};
 use crate::{Notice, StoreError, StoreResult};
 
 pub struct PostgresExecutor {
@@ -129,9 +129,10 @@ impl PostgresExecutor {
                     before_commit: !is_connection_failure(&e),
                     error: self.observe(e),
                 })?;
-            return match expect {
-                Expect::OneRow if changed != 1 => Err(Failure::no_retry(StoreError::Conflict)),
-                _ => Ok(()),
+            return if expect.met_by(changed) {
+                Ok(())
+            } else {
+                Err(Failure::no_retry(StoreError::Conflict))
             };
         }
         let tx = client.transaction().await.map_err(fail)?;
@@ -163,7 +164,7 @@ impl PostgresExecutor {
         .await;
         for ((_, expect), outcome) in statements.iter().zip(outcomes) {
             let changed = outcome.map_err(fail)?;
-            if *expect == Expect::OneRow && changed != 1 {
+            if !expect.met_by(changed) {
                 return Err(Failure::no_retry(StoreError::Conflict));
             }
         }
@@ -195,6 +196,10 @@ fn refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
 impl Executor for PostgresExecutor {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
     }
 
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {

@@ -102,6 +102,12 @@ impl Store for Counting {
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {
         self.inner.get_work(id).await
     }
+    async fn get_work_with_session(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<tether_store::WorkWithSession>> {
+        self.inner.get_work_with_session(id).await
+    }
     async fn list_work(
         &self,
         environment_id: &str,

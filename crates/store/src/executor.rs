@@ -8,7 +8,7 @@ use tokio::sync::broadcast;
 use crate::sql::{self, Expect, Row, Statement};
 use crate::{
     ArchiveFilter, Candidate, ChangeSet, EventDoc, HistoryRow, Notice, Page, PageRequest,
-    QueueCounts, SessionFilter, Store, StoreResult, Versioned, WorkFilter,
+    QueueCounts, SessionFilter, Store, StoreResult, Versioned, WorkFilter, WorkWithSession,
 };
 
 /// What a backend provides: run a query, run a list of writes atomically, and pass notices around.
@@ -222,6 +222,11 @@ impl<E: Executor> Store for SqlStore<E> {
 
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {
         self.optional(sql::get_by_id("work_items", id), sql::versioned)
+            .await
+    }
+
+    async fn get_work_with_session(&self, id: &str) -> StoreResult<Option<WorkWithSession>> {
+        self.optional(sql::get_work_with_session(id), sql::work_with_session)
             .await
     }
 

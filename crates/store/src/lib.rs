@@ -34,6 +34,9 @@ pub struct Versioned<T> {
     pub version: i64,
 }
 
+/// A work item and its session, read together (see [`Store::get_work_with_session`]).
+pub type WorkWithSession = (Versioned<WorkItem>, Option<Versioned<Session>>);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A conditional write found a newer version (or a uniqueness rule refused it): re-read and retry.
@@ -355,6 +358,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Page<EventDoc>>;
 
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>>;
+    /// An item with its session as one read (`None` for the session when the item has none, or it is
+    /// gone): for the operations whose steps usually change the session too (ack, stop).
+    async fn get_work_with_session(&self, id: &str) -> StoreResult<Option<WorkWithSession>>;
     async fn list_work(
         &self,
         environment_id: &str,

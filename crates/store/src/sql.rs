@@ -287,10 +287,25 @@ fn text(value: &Value) -> StoreResult<String> {
 
 /// Decodes `(version, doc)` rows.
 pub fn versioned<T: serde::de::DeserializeOwned>(row: &Row) -> StoreResult<Versioned<T>> {
+    versioned_at(row, 0)
+}
+
+/// Decodes the `(version, doc)` pair that starts at column `at`.
+fn versioned_at<T: serde::de::DeserializeOwned>(row: &Row, at: usize) -> StoreResult<Versioned<T>> {
     Ok(Versioned {
-        version: int(&row[0])?,
-        value: from_doc(&row[1])?,
+        version: int(&row[at])?,
+        value: from_doc(&row[at + 1])?,
     })
+}
+
+/// Decodes the rows of [`get_work_with_session`].
+pub fn work_with_session(row: &Row) -> StoreResult<crate::WorkWithSession> {
+    let item = versioned_at(row, 0)?;
+    let session = match row[3] {
+        Value::Null => None,
+        _ => Some(versioned_at(row, 2)?),
+    };
+    Ok((item, session))
 }
 
 /// Decodes `(doc)` rows.
@@ -703,6 +718,17 @@ pub fn page<T>(mut rows: Vec<T>, request: &PageRequest) -> Page<T> {
 pub fn get_by_id(table: &str, id: &str) -> Statement {
     Statement::new(
         format!("SELECT version, doc FROM {table} WHERE id = $1"),
+        vec![id.into()],
+    )
+    .bounded()
+}
+
+/// An item and the session it serves, by the item's id (the session's columns are null when there is
+/// none).
+pub fn get_work_with_session(id: &str) -> Statement {
+    Statement::new(
+        "SELECT w.version, w.doc, s.version, s.doc FROM work_items w \
+         LEFT JOIN sessions s ON s.id = w.session_id WHERE w.id = $1",
         vec![id.into()],
     )
     .bounded()

@@ -4,6 +4,8 @@
 //! Needs `TETHER_TEST_POSTGRES_URL` (see `scripts/pg`); without it these tests say so and pass, except
 //! under CI, where they must run.
 
+mod common;
+
 use std::time::Duration;
 
 use tether_core::resources::CredentialKind;
@@ -289,72 +291,16 @@ async fn an_absent_server_is_unavailable() {
     );
 }
 
-/// On PostgreSQL an item's row and its history rows are one statement (`sql::Dialect::Postgres`):
-/// the history is written exactly when the conditional write of the row is, never alone.
 #[tokio::test]
 async fn an_items_history_is_written_with_its_row_or_not_at_all() {
-    use tether_core::work::{self, WorkData};
     let Some(url) = fresh().await else { return };
     let store = postgres::connect(&url).await.unwrap();
-    let now = Timestamp::from_micros(5_000_000);
-    let enqueued = work::enqueue(
-        "work_history_1".into(),
-        "env_h".into(),
-        WorkData::session("sesn_h".to_owned()),
-        Default::default(),
-        now,
-        &Default::default(),
-    );
-    store
-        .commit(ChangeSet::one(Write::InsertWork {
-            item: enqueued.item.clone(),
-            transitions: enqueued.transitions.clone(),
-        }))
-        .await
-        .unwrap();
-    async fn history(store: &SqlStore<PostgresExecutor>) -> usize {
-        let page = store.list_history("work_history_1", None, 100).await;
-        page.unwrap().items.len()
-    }
-    assert_eq!(history(&store).await, 1);
+    common::an_items_history_is_written_with_its_row_or_not_at_all(&store).await;
+}
 
-    let delivered = work::deliver(
-        &enqueued.item,
-        Some("w"),
-        "hash".into(),
-        None,
-        now.next(),
-        0,
-    )
-    .unwrap();
-    assert!(!delivered.transitions.is_empty());
-    let stale = Write::UpdateWork {
-        item: delivered.item.clone(),
-        expected_version: 7,
-        transitions: delivered.transitions.clone(),
-    };
-    assert!(matches!(
-        store.commit(ChangeSet::one(stale)).await,
-        Err(StoreError::Conflict)
-    ));
-    assert_eq!(
-        history(&store).await,
-        1,
-        "a refused write leaves no history"
-    );
-
-    let current = Write::UpdateWork {
-        item: delivered.item.clone(),
-        expected_version: 1,
-        transitions: delivered.transitions.clone(),
-    };
-    store.commit(ChangeSet::one(current)).await.unwrap();
-    assert_eq!(
-        history(&store).await,
-        1 + delivered.transitions.len(),
-        "the history of a committed write is all there"
-    );
-    let read = store.get_work("work_history_1").await.unwrap().unwrap();
-    assert_eq!(read.version, 2);
-    assert_eq!(read.value, delivered.item);
+#[tokio::test]
+async fn an_item_is_read_with_its_session() {
+    let Some(url) = fresh().await else { return };
+    let store = postgres::connect(&url).await.unwrap();
+    common::an_item_is_read_with_its_session(&store).await;
 }

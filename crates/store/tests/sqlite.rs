@@ -1,7 +1,24 @@
-//! The embedded store's bookkeeping tables, on a real file.
+//! The embedded store on a real file: the checks every backend passes, its bookkeeping tables, and
+//! its prepared statements.
+
+mod common;
 
 use tether_core::Timestamp;
 use tether_store::{sqlite, ChangeSet, Store, Write};
+
+#[tokio::test]
+async fn an_items_history_is_written_with_its_row_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::an_items_history_is_written_with_its_row_or_not_at_all(&store).await;
+}
+
+#[tokio::test]
+async fn an_item_is_read_with_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::an_item_is_read_with_its_session(&store).await;
+}
 
 #[tokio::test]
 async fn idle_workers_are_forgotten_and_recent_ones_kept() {

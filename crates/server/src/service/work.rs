@@ -36,6 +36,23 @@ pub struct Effects {
     pub sessions: Vec<String>,
 }
 
+/// What an item operation reads before it decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemRead {
+    /// The item alone: its session is read afterwards, only if a step touches it.
+    Item,
+    /// The item and its session in one read, for operations whose steps usually change the session
+    /// (ack, stop, a lease's expiry): one round trip to the store instead of two.
+    ItemAndSession,
+}
+
+/// The session an operation read with its item, if it did ([`ItemRead`]). Only a starting point: the
+/// session's write is conditional on the version read, as when it is read later.
+enum SessionAhead {
+    Unread,
+    Read(Option<Versioned<Session>>),
+}
+
 /// The most candidates a poll reads at once.
 const CLAIM_BATCH: u32 = 64;
 /// Candidates a poll reads beyond the items this process's other polls are taking right now: those
@@ -135,11 +152,38 @@ impl App {
         environment_id: &str,
         work_id: &str,
     ) -> Result<Versioned<WorkItem>, Retry> {
+        Ok(self
+            .load_item_for(environment_id, work_id, ItemRead::Item)
+            .await?
+            .0)
+    }
+
+    /// The item of an operation, with its session when `read` asks for it.
+    async fn load_item_for(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        read: ItemRead,
+    ) -> Result<(Versioned<WorkItem>, SessionAhead), Retry> {
         if !ids::is_well_formed(IdKind::Work, work_id) {
             return Err(not_found_work(work_id).into());
         }
-        match self.store.get_work(work_id).await? {
-            Some(item) if item.value.environment_id == environment_id => Ok(item),
+        let found = match read {
+            ItemRead::Item => self
+                .store
+                .get_work(work_id)
+                .await?
+                .map(|item| (item, SessionAhead::Unread)),
+            ItemRead::ItemAndSession => self
+                .store
+                .get_work_with_session(work_id)
+                .await?
+                .map(|(item, session)| (item, SessionAhead::Read(session))),
+        };
+        match found {
+            Some((item, session)) if item.value.environment_id == environment_id => {
+                Ok((item, session))
+            }
             _ => Err(not_found_work(work_id).into()),
         }
     }
@@ -150,11 +194,12 @@ impl App {
         &self,
         environment_id: &str,
         work_id: &str,
+        read: ItemRead,
         op: impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
     ) -> Result<(WorkItem, T)> {
         with_retries(|| async {
             let losses = self.store.losses();
-            let current = self.load_item(environment_id, work_id).await?;
+            let (current, session) = self.load_item_for(environment_id, work_id, read).await?;
             if self.amnesty_after_outage().await? {
                 // Deadlines may have moved: decide from a fresh read.
                 return Err(Retry::Conflict);
@@ -172,12 +217,12 @@ impl App {
             match evaluation.outcome {
                 Ok((step, extra)) => {
                     let step = work::chain(evaluation.expired, step);
-                    self.commit_step(&current, &step, now).await?;
+                    self.commit_step(&current, session, &step, now).await?;
                     Ok((step.item, extra))
                 }
                 Err(refusal) => {
                     if let Some(expired) = evaluation.expired {
-                        self.commit_step(&current, &expired, now).await?;
+                        self.commit_step(&current, session, &expired, now).await?;
                     }
                     Err(Retry::Fail(refusal.into()))
                 }
@@ -190,6 +235,7 @@ impl App {
     async fn commit_step(
         &self,
         before: &Versioned<WorkItem>,
+        session: SessionAhead,
         step: &Step,
         now: Timestamp,
     ) -> Result<(), Retry> {
@@ -206,7 +252,7 @@ impl App {
         if step.transitions.iter().any(|t| t.to == WorkState::Queued) {
             effects.claimable.push(step.item.environment_id.clone());
         }
-        self.couple_session(step, now, &mut changes, &mut effects)
+        self.couple_session(step, session, now, &mut changes, &mut effects)
             .await?;
         self.commit(changes).await?;
         self.after_commit(effects, step).await;
@@ -237,6 +283,7 @@ impl App {
     async fn couple_session(
         &self,
         step: &Step,
+        session: SessionAhead,
         now: Timestamp,
         changes: &mut ChangeSet,
         effects: &mut Effects,
@@ -247,7 +294,11 @@ impl App {
         let Some(session_id) = step.item.data.session_id() else {
             return Ok(());
         };
-        let Some(session) = self.store.get_session(session_id).await? else {
+        let session = match session {
+            SessionAhead::Read(session) => session.filter(|s| s.value.id == session_id),
+            SessionAhead::Unread => self.store.get_session(session_id).await?,
+        };
+        let Some(session) = session else {
             return Ok(());
         };
         let mut next = session.value.clone();
@@ -522,7 +573,7 @@ impl App {
         worker_id: Option<&str>,
     ) -> Result<WorkItem> {
         let (item, ()) = self
-            .run_item_op(&env.id, work_id, |item, now| {
+            .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
                 let step = work::ack(item, worker_id, now)?;
                 Ok((step, ()))
             })
@@ -544,7 +595,7 @@ impl App {
     ) -> Result<HeartbeatReply> {
         let policy = self.config.lease;
         let (item, reply) = self
-            .run_item_op(&env.id, work_id, |item, now| {
+            .run_item_op(&env.id, work_id, ItemRead::Item, |item, now| {
                 work::heartbeat(item, expected, desired_ttl_seconds, worker_id, now, &policy)
             })
             .await?;
@@ -559,7 +610,7 @@ impl App {
 
     pub async fn stop(&self, env: &Environment, work_id: &str, force: bool) -> Result<WorkItem> {
         let (item, ()) = self
-            .run_item_op(&env.id, work_id, |item, now| {
+            .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
                 Ok((work::stop(item, force, now)?, ()))
             })
             .await?;
@@ -568,7 +619,9 @@ impl App {
 
     pub async fn get_work(&self, env: &Environment, work_id: &str) -> Result<WorkItem> {
         let (item, ()) = self
-            .run_item_op(&env.id, work_id, |item, _| Ok((unchanged(item), ())))
+            .run_item_op(&env.id, work_id, ItemRead::Item, |item, _| {
+                Ok((unchanged(item), ()))
+            })
             .await?;
         Ok(item)
     }
@@ -580,7 +633,7 @@ impl App {
         patch: &tether_core::metadata::MetadataPatch,
     ) -> Result<WorkItem> {
         let (item, ()) = self
-            .run_item_op(&env.id, work_id, |item, _| {
+            .run_item_op(&env.id, work_id, ItemRead::Item, |item, _| {
                 Ok((work::patch_metadata(item, patch)?, ()))
             })
             .await?;
@@ -665,9 +718,13 @@ impl App {
         let mut handled = 0;
         for item in due {
             match self
-                .run_item_op(&item.value.environment_id, &item.value.id, |it, _| {
-                    Ok((unchanged(it), ()))
-                })
+                .run_item_op(
+                    &item.value.environment_id,
+                    &item.value.id,
+                    // A lease past its deadline is settled, and that changes its session.
+                    ItemRead::ItemAndSession,
+                    |it, _| Ok((unchanged(it), ())),
+                )
                 .await
             {
                 Ok(_) => handled += 1,

@@ -50,7 +50,7 @@ pub enum ItemRead {
 /// session's write is conditional on the version read, as when it is read later.
 enum SessionAhead {
     Unread,
-    Read(Option<Versioned<Session>>),
+    Read(Option<Box<Versioned<Session>>>),
 }
 
 /// The most candidates a poll reads at once.
@@ -178,7 +178,7 @@ impl App {
                 .store
                 .get_work_with_session(work_id)
                 .await?
-                .map(|(item, session)| (item, SessionAhead::Read(session))),
+                .map(|(item, session)| (item, SessionAhead::Read(session.map(Box::new)))),
         };
         match found {
             Some((item, session)) if item.value.environment_id == environment_id => {
@@ -295,7 +295,7 @@ impl App {
             return Ok(());
         };
         let session = match session {
-            SessionAhead::Read(session) => session.filter(|s| s.value.id == session_id),
+            SessionAhead::Read(session) => session.filter(|s| s.value.id == session_id).map(|s| *s),
             SessionAhead::Unread => self.store.get_session(session_id).await?,
         };
         let Some(session) = session else {

@@ -224,6 +224,36 @@ async fn notices_reach_other_processes_but_not_their_sender() {
 }
 
 /// Announces from `a` until `at` hears it (listeners connect in the background).
+/// Notices announced in a burst are sent together, and each is heard as often as it was announced: a
+/// waiter elsewhere is woken per notice.
+#[tokio::test]
+async fn a_burst_of_notices_is_heard_once_per_announcement() {
+    let Some((a, b)) = two_stores_on_a_fresh_database().await else {
+        return;
+    };
+    let mut at_b = b.subscribe();
+    let ready = Notice::Session {
+        session_id: "sesn_ready".into(),
+    };
+    hears(&a, &mut at_b, &ready).await;
+    while at_b.try_recv().is_ok() {}
+    let notice = Notice::WorkClaimable {
+        environment_id: "env_burst".into(),
+    };
+    let burst = (0..300).map(|_| a.announce(vec![notice.clone()]));
+    for sent in futures::future::join_all(burst).await {
+        sent.unwrap();
+    }
+    let mut heard = 0;
+    while heard < 300 {
+        match tokio::time::timeout(Duration::from_secs(10), at_b.recv()).await {
+            Ok(Ok(n)) if n == notice => heard += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("heard {heard} of 300 notices, then {other:?}"),
+        }
+    }
+}
+
 async fn hears(
     a: &SqlStore<PostgresExecutor>,
     at: &mut tokio::sync::broadcast::Receiver<Notice>,

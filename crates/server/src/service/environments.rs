@@ -1,5 +1,7 @@
 //! Environments (§7.1).
 
+use std::sync::Arc;
+
 use serde_json::Value;
 use tether_core::ids::{self, IdKind};
 use tether_core::metadata::{self, Metadata, MetadataPatch};
@@ -47,6 +49,22 @@ impl App {
 
     pub async fn environment(&self, id: &str) -> Result<Environment> {
         Ok(self.environment_versioned(id).await?.value)
+    }
+
+    /// The environment as this process read it within the last second (`crate::cache`), else as the
+    /// store has it now. Shared, not copied. An archive or delete made through another process is
+    /// seen within that bound; the writes that depend on it (a session's insert, an environment's
+    /// delete) re-check the environment in their own conditional write, so they never act on a stale
+    /// copy. A change of `config` made elsewhere is seen within the same second.
+    pub async fn recent_environment(&self, id: &str) -> Result<Arc<Environment>> {
+        if let Some(env) = self.environments_read.get(id) {
+            return Ok(env);
+        }
+        let read_at = std::time::Instant::now();
+        let env = Arc::new(self.environment(id).await?);
+        self.environments_read
+            .put(env.id.clone(), env.clone(), read_at);
+        Ok(env)
     }
 
     /// `config` may be omitted only where the dialect allows it; the caller passes the default then.

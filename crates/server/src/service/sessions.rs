@@ -82,7 +82,9 @@ impl App {
             .resolve_agent(&command.agent, command.agent_version)
             .await?;
         let environment_id = command.environment_id;
-        let env = self.environment(&environment_id).await?;
+        // A copy up to a second old will do: the session's insert is conditional on the environment
+        // existing unarchived, and a conflict is answered from a fresh read below.
+        let env = self.recent_environment(&environment_id).await?;
         refuse_archived(&env)?;
         let title = checked_title(command.title)?;
         metadata::validate(&command.metadata)?;

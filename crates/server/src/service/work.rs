@@ -123,21 +123,10 @@ impl Drop for Reservation<'_> {
 
 impl App {
     /// The environment of a work endpoint: 404 when absent, 400 when it has no queue (§6).
-    /// The environment comes from the one-second cache (`crate::cache`) when this process read it
-    /// lately: an archive or delete made through another process is seen within that bound, and the
-    /// writes that care (enqueue, delete) re-check the environment in their own conditional write.
-    /// Shared, not copied: every work request (an idle worker's re-poll among them) takes one.
+    /// It comes from [`Self::recent_environment`]: every work request (an idle worker's re-poll among
+    /// them) takes one.
     pub async fn work_environment(&self, environment_id: &str) -> Result<Arc<Environment>> {
-        let env = match self.environments_read.get(environment_id) {
-            Some(env) => env,
-            None => {
-                let read_at = std::time::Instant::now();
-                let env = Arc::new(self.environment(environment_id).await?);
-                self.environments_read
-                    .put(env.id.clone(), env.clone(), read_at);
-                env
-            }
-        };
+        let env = self.recent_environment(environment_id).await?;
         if !env.is_self_hosted() {
             return Err(Error::invalid(
                 "environment_id",

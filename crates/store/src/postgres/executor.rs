@@ -10,8 +10,9 @@ use deadpool_postgres::{Pool, PoolError};
 use tokio::sync::broadcast;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::listener::{encode_payloads, Health};
-use super::{classify, connect_error, is_connection_failure, CHANNEL};
+use super::announcer::Announcer;
+use super::listener::Health;
+use super::{classify, connect_error, is_connection_failure};
 use crate::executor::Executor;
 use crate::sql::{Dialect, Expect, Row, Statement, Value};
 use crate::{Notice, StoreError, StoreResult};
@@ -20,14 +21,15 @@ pub struct PostgresExecutor {
     pub(super) pool: Pool,
     pub(super) notices: broadcast::Sender<Notice>,
     pub(super) health: Arc<Health>,
-    /// Tags this process's notifications, so that it does not wake itself a second time.
-    pub(super) origin: String,
     pub(super) listener: tokio::task::JoinHandle<()>,
+    pub(super) announcer: Arc<Announcer>,
+    pub(super) sender: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for PostgresExecutor {
     fn drop(&mut self) {
         self.listener.abort();
+        self.sender.abort();
     }
 }
 
@@ -244,17 +246,8 @@ impl Executor for PostgresExecutor {
     }
 
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {
-        let payloads = encode_payloads(&notices, &self.origin);
-        if payloads.is_empty() {
-            return Ok(());
-        }
-        let client = self.client().await?;
-        for payload in payloads {
-            client
-                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-                .await
-                .map_err(|e| self.observe(e))?;
-        }
+        // Sent by the announcer's task, together with whatever else gathers meanwhile.
+        self.announcer.queue(notices);
         Ok(())
     }
 

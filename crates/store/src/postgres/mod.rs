@@ -6,14 +6,15 @@
 //! re-reads and decides again. Nothing here keeps state that another process would need to see, and
 //! the SQL is plain enough for PostgreSQL-compatible distributed engines.
 //!
-//! Processes wake each other's long polls and session streams with `NOTIFY` on one channel. That is a
-//! hint only: a notification sent while a listener was reconnecting is lost, and the dispatcher's
+//! Processes wake each other's long polls and session streams with `NOTIFY` on one channel, sent by
+//! one task per process in batches (`announcer`). That is a hint only: a notification sent while a listener was reconnecting is lost, and the dispatcher's
 //! periodic re-check (§3.1) is what guarantees progress.
 //!
 //! Losing the database is reported as [`StoreError::Unavailable`] (503 to clients). The executor also
 //! counts the times it got the database back ([`crate::Store::reconnections`]), which the service uses to
 //! grant lease amnesty, so that time the database was away never counts against a worker.
 
+mod announcer;
 mod executor;
 mod listener;
 mod migrations;
@@ -99,12 +100,15 @@ pub async fn connect(url: &str) -> StoreResult<SqlStore<PostgresExecutor>> {
         health.clone(),
         origin.clone(),
     ));
+    let announcer = Arc::new(announcer::Announcer::default());
+    let sender = tokio::spawn(announcer::send(announcer.clone(), pool.clone(), origin));
     Ok(SqlStore::new(PostgresExecutor {
         pool,
         notices,
         health,
-        origin,
         listener,
+        announcer,
+        sender,
     }))
 }
 

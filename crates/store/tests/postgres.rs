@@ -70,6 +70,16 @@ async fn servers_starting_together_migrate_once() {
     store.ping().await.unwrap();
 }
 
+fn insert_worker(worker_id: &str) -> (Statement, Expect) {
+    (
+        Statement::new(
+            "INSERT INTO workers (environment_id, worker_id, last_poll_at) VALUES ($1, $2, $3)",
+            vec!["env_a".into(), worker_id.into(), Value::Int(1)],
+        ),
+        Expect::OneRow,
+    )
+}
+
 #[tokio::test]
 async fn values_round_trip_and_conditions_conflict() {
     let Some(url) = fresh().await else { return };
@@ -119,6 +129,52 @@ async fn values_round_trip_and_conditions_conflict() {
         ])
         .await;
     assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    // The refused lists left no transaction open on their connection: the next list commits itself
+    // only, not the update of w1 that came before the refusal.
+    exec.execute(vec![insert_worker("w3"), insert_worker("w4")])
+        .await
+        .unwrap();
+    exec.execute(vec![(
+        Statement::new(
+            "DELETE FROM workers WHERE worker_id IN ('w3', 'w4')",
+            vec![],
+        ),
+        Expect::Any,
+    )])
+    .await
+    .unwrap();
+    // Nor does a list whose caller gave up while it ran: its connection leaves the pool. Lists then
+    // run on every connection of the pool at once, one of which would be the abandoned list's, were
+    // it back in the pool, and would commit what the abandoned list had done.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(200),
+        exec.execute(vec![
+            insert_worker("w5"),
+            (Statement::new("SELECT pg_sleep(2)", vec![]), Expect::Any),
+        ]),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the list was still running");
+    let everywhere = (0..postgres::POOL_SIZE).map(|i| {
+        exec.execute(vec![
+            insert_worker(&format!("x{i:02}")),
+            insert_worker(&format!("y{i:02}")),
+        ])
+    });
+    for list in futures::future::join_all(everywhere).await {
+        list.unwrap();
+    }
+    let w5 = "SELECT COUNT(*) FROM workers WHERE worker_id = 'w5'";
+    assert_eq!(query_all(exec, w5).await, vec![vec![Value::Int(0)]]);
+    exec.execute(vec![(
+        Statement::new(
+            "DELETE FROM workers WHERE worker_id LIKE 'x%' OR worker_id LIKE 'y%'",
+            vec![],
+        ),
+        Expect::Any,
+    )])
+    .await
+    .unwrap();
     let rows = query_all(
         exec,
         "SELECT worker_id, last_poll_at, NULL, COUNT(*) OVER () FROM workers ORDER BY worker_id",

@@ -6,10 +6,12 @@
 //! (an environment that is deleted simply stops appearing), and nothing has to keep them up to date
 //! between scrapes. Their cardinality is bounded by [`GAUGE_ENVIRONMENTS`].
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tether_core::WorkState;
 use tether_store::{ArchiveFilter, PageRequest};
@@ -75,6 +77,65 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// Records one answered request in `tether_http_requests_total` and
+/// `tether_http_request_duration_seconds`, labelled by method, matched route (`{param}` written
+/// `:param`, which PromQL's RE2 matchers and simple text-format parsers take as it is) and status.
+///
+/// The handles of each series are kept once the recorder is installed, so a request builds no label
+/// strings and looks nothing up in the registry (an idle worker's re-poll is the commonest request,
+/// and every one records). At most [`REMEMBERED_SERIES`] are kept: methods come from clients, so a
+/// hostile one could otherwise grow the map; beyond it a request takes the registry's path.
+pub fn record_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    let seconds = elapsed.as_secs_f64();
+    let installed = matches!(PROMETHEUS.get(), Some(Some(_)));
+    let remembered = request_series();
+    if installed {
+        let by_route = remembered.read().expect("series lock");
+        if let Some(series) = by_route.get(route).and_then(|list| {
+            list.iter()
+                .find(|s| s.method == method && s.status == status)
+        }) {
+            series.requests.increment(1);
+            series.duration.record(seconds);
+            return;
+        }
+    }
+    let labels = [
+        ("method", method.to_owned()),
+        ("route", route.replace('{', ":").replace('}', "")),
+        ("status", status.to_string()),
+    ];
+    let series = RequestSeries {
+        method: method.to_owned(),
+        status,
+        requests: metrics::counter!("tether_http_requests_total", &labels),
+        duration: metrics::histogram!("tether_http_request_duration_seconds", &labels),
+    };
+    series.requests.increment(1);
+    series.duration.record(seconds);
+    if installed {
+        let mut by_route = remembered.write().expect("series lock");
+        if by_route.values().map(Vec::len).sum::<usize>() < REMEMBERED_SERIES {
+            by_route.entry(route.to_owned()).or_default().push(series);
+        }
+    }
+}
+
+/// See [`record_request`].
+pub const REMEMBERED_SERIES: usize = 1_024;
+
+struct RequestSeries {
+    method: String,
+    status: u16,
+    requests: Counter,
+    duration: Histogram,
+}
+
+fn request_series() -> &'static RwLock<HashMap<String, Vec<RequestSeries>>> {
+    static SERIES: OnceLock<RwLock<HashMap<String, Vec<RequestSeries>>>> = OnceLock::new();
+    SERIES.get_or_init(Default::default)
 }
 
 /// The HELP text of every series the recorder carries.
@@ -262,4 +323,41 @@ fn escape_label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn requests_are_counted_per_method_route_and_status_through_the_kept_handles() {
+        let handle = install().expect("the recorder installs");
+        let route = "/test/{item_id}/records";
+        for _ in 0..3 {
+            record_request("GET", route, 200, Duration::from_millis(2));
+        }
+        record_request("GET", route, 404, Duration::from_millis(1));
+        record_request("POST", route, 200, Duration::from_millis(1));
+        let text = handle.render();
+        let series = |method: &str, status: u16| {
+            sample(
+                &text,
+                &format!(
+                    "tether_http_requests_total{{method=\"{method}\",route=\"/test/:item_id/records\",status=\"{status}\"}}"
+                ),
+            )
+        };
+        assert_eq!(series("GET", 200), Some(3.0), "{text}");
+        assert_eq!(series("GET", 404), Some(1.0), "{text}");
+        assert_eq!(series("POST", 200), Some(1.0), "{text}");
+        let kept = request_series().read().unwrap();
+        assert_eq!(kept.get(route).map(Vec::len), Some(3));
+    }
 }

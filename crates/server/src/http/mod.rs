@@ -18,7 +18,7 @@ pub mod work;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
@@ -117,7 +117,7 @@ async fn envelope(request: Request, next: Next) -> Response {
             .headers_mut()
             .insert("x-should-retry", HeaderValue::from_static("false"));
     }
-    record_request(&method, &route, status, started);
+    crate::telemetry::record_request(&method, &route, status.as_u16(), started.elapsed());
     span.in_scope(|| {
         tracing::info!(
             target: "tether::access",
@@ -129,27 +129,10 @@ async fn envelope(request: Request, next: Next) -> Response {
     response
 }
 
-/// The route as a metric label: `{param}` becomes `:param`, so that PromQL regex matchers (RE2, where
-/// braces are repetition) and simple text-format parsers take the label as it is.
-fn route_label(route: &str) -> String {
-    route.replace('{', ":").replace('}', "")
-}
-
 fn is_json(response: &Response) -> bool {
     response
         .headers()
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"))
-}
-
-fn record_request(method: &str, route: &str, status: StatusCode, started: Instant) {
-    let labels = [
-        ("method", method.to_owned()),
-        ("route", route_label(route)),
-        ("status", status.as_u16().to_string()),
-    ];
-    metrics::counter!("tether_http_requests_total", &labels).increment(1);
-    metrics::histogram!("tether_http_request_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
 }

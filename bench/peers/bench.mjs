@@ -148,6 +148,12 @@ if (!quick) {
     await admin.query("ALTER SYSTEM SET full_page_writes = on");
     await admin.query("SELECT pg_reload_conf()");
 }
+// An idle pooled connection whose database is dropped (DROP DATABASE … WITH (FORCE)) reports an
+// error event, which would end this process if nobody listened. Queries in flight reject anyway.
+function idleConnectionEnded(error) {
+    console.error(`bench-peers: an idle database connection ended: ${error.message}`);
+}
+
 let databaseSerial = 0;
 async function freshDatabase(prefix) {
     const name = `bench_${prefix}_${process.pid}_${databaseSerial++}`;
@@ -589,6 +595,7 @@ class PeerSystem {
     async enqueueRate(n, clients) {
         await this.start();
         const pool = new pg.Pool({ connectionString: this.db.url, max: clients });
+        pool.on("error", idleConnectionEnded);
         await parallel(clients, clients, () => pool.query("SELECT 1")); // connect first
         const sql =
             this.kind === "graphile"

@@ -42,6 +42,11 @@ const COMPLETE = "DELETE FROM raw_jobs WHERE id = $1";
 async function rawRunner({ concurrency, pool, onJob, timed }) {
     const db = new pg.Pool({ connectionString, max: pool ?? concurrency });
     const listener = new pg.Client({ connectionString });
+    // An idle connection whose database was dropped under it reports an error event, which would end
+    // this process if nobody listened; queries in flight reject anyway.
+    const ended = (error) => console.error(`peer-worker: a database connection ended: ${error.message}`);
+    db.on("error", ended);
+    listener.on("error", ended);
     await listener.connect();
     let generation = 0;
     const waiters = new Set();

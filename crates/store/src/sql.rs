@@ -2,9 +2,11 @@
 //!
 //! Statements use `$n` placeholders (PostgreSQL's form; the SQLite backend rewrites them to `?n`) and
 //! only portable SQL: `BIGINT`/`TEXT` columns, partial indexes, `INSERT … ON CONFLICT`, conditional
-//! `UPDATE … WHERE version = $n`. Records are stored as a JSON document plus the few columns that
-//! queries filter or sort on; [`work_columns`] and friends derive those columns from the record in
-//! one place, so the two can never disagree.
+//! `UPDATE … WHERE version = $n`. The one exception is [`Dialect`]: on PostgreSQL a work item's row
+//! and its history rows are joined into one data-modifying `WITH` statement, which SQLite lacks.
+//! Records are stored as a JSON document plus the few columns that queries filter or sort on;
+//! [`work_values`] and friends derive those columns from the record in one place, so the two can
+//! never disagree.
 
 use tether_core::resources::{Agent, Credential, CredentialKind};
 use tether_core::{Cause, Timestamp, WorkItem, WorkState};
@@ -313,19 +315,18 @@ pub fn doc<T: serde::de::DeserializeOwned>(row: &Row) -> StoreResult<T> {
     from_doc(&row[0])
 }
 
-/// The indexed columns of a work item, derived from the record.
-struct WorkColumns {
-    state: &'static str,
-    delivered_at: Option<Timestamp>,
-    token_hash: Option<String>,
-}
-
-fn work_columns(item: &WorkItem) -> WorkColumns {
-    WorkColumns {
-        state: item.state.as_str(),
-        delivered_at: item.delivery.as_ref().map(|d| d.delivered_at),
-        token_hash: item.session_token_hash.clone(),
-    }
+/// The values every write of a work item sets, in this order: `state`, `enqueued_at`, `delivered_at`,
+/// `lease_expires_at`, `token_hash` (the columns queries filter or sort on, derived from the record)
+/// and `doc`.
+fn work_values(item: &WorkItem) -> [Value; 6] {
+    [
+        item.state.as_str().into(),
+        item.enqueued_at.into(),
+        item.delivery.as_ref().map(|d| d.delivered_at).into(),
+        item.lease_expires_at.into(),
+        item.session_token_hash.clone().into(),
+        to_doc(item),
+    ]
 }
 
 /// A work item's row written by `row` (an `INSERT` or a conditional `UPDATE`, taking the parameters
@@ -520,22 +521,17 @@ fn write_statements(write: &Write, dialect: Dialect, out: &mut Vec<(Statement, E
             out.push((Statement::new("DELETE FROM session_events WHERE session_id = $1", vec![id.as_str().into()]), Any));
         }
         Write::InsertWork { item, transitions } => {
-            let c = work_columns(item);
+            let mut params: Vec<Value> = vec![
+                item.id.as_str().into(),
+                item.environment_id.as_str().into(),
+                item.data.id.as_str().into(),
+            ];
+            params.extend(work_values(item));
             work_with_history(
                 dialect,
                 "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, \
                  delivered_at, lease_expires_at, token_hash, doc) VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                vec![
-                    item.id.as_str().into(),
-                    item.environment_id.as_str().into(),
-                    item.data.id.as_str().into(),
-                    c.state.into(),
-                    item.enqueued_at.into(),
-                    c.delivered_at.into(),
-                    item.lease_expires_at.into(),
-                    c.token_hash.into(),
-                    to_doc(item),
-                ],
+                params,
                 &item.id,
                 1,
                 transitions,
@@ -543,21 +539,14 @@ fn write_statements(write: &Write, dialect: Dialect, out: &mut Vec<(Statement, E
             );
         }
         Write::UpdateWork { item, expected_version, transitions } => {
-            let c = work_columns(item);
+            let mut params: Vec<Value> = vec![item.id.as_str().into()];
+            params.extend(work_values(item));
+            params.push((*expected_version).into());
             work_with_history(
                 dialect,
                 "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
                  lease_expires_at = $5, token_hash = $6, doc = $7 WHERE id = $1 AND version = $8",
-                vec![
-                    item.id.as_str().into(),
-                    c.state.into(),
-                    item.enqueued_at.into(),
-                    c.delivered_at.into(),
-                    item.lease_expires_at.into(),
-                    c.token_hash.into(),
-                    to_doc(item),
-                    (*expected_version).into(),
-                ],
+                params,
                 &item.id,
                 expected_version + 1,
                 transitions,

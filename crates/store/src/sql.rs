@@ -5,7 +5,7 @@
 //! `UPDATE … WHERE version = $n`. The one exception is [`Dialect`]: on PostgreSQL a work item's row
 //! and its history rows are joined into one data-modifying `WITH` statement, which SQLite lacks.
 //! Records are stored as a JSON document plus the few columns that queries filter or sort on;
-//! [`work_values`] and friends derive those columns from the record in one place, so the two can
+//! `work_values` and friends derive those columns from the record in one place, so the two can
 //! never disagree.
 
 use tether_core::resources::{Agent, Credential, CredentialKind};

@@ -283,9 +283,15 @@ impl App {
         let Some(session_id) = step.item.data.session_id() else {
             return Ok(());
         };
+        // The session read with the item is the one the item names (the join is on the item's
+        // `session_id` column); anything else is read now rather than taken for absent, so that a
+        // mismatch can never skip the coupling.
         let session = match session {
-            SessionAhead::Read(session) => session.filter(|s| s.value.id == session_id).map(|s| *s),
-            SessionAhead::Unread => self.store.get_session(session_id).await?,
+            SessionAhead::Read(Some(session)) if session.value.id == session_id => Some(*session),
+            SessionAhead::Read(None) => None,
+            SessionAhead::Read(Some(_)) | SessionAhead::Unread => {
+                self.store.get_session(session_id).await?
+            }
         };
         let Some(session) = session else {
             return Ok(());

@@ -14,7 +14,7 @@
 //! environment that has a waiter.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -29,8 +29,10 @@ struct Slot {
 struct Inner {
     /// Per environment, its waiters by registration number: the first is the oldest. Registering,
     /// leaving and waking one cost a logarithm of the count, not a pass over every waiter, which with
-    /// thousands of idle long polls re-polling every second would be quadratic.
-    queues: HashMap<String, BTreeMap<u64, Weak<Slot>>>,
+    /// thousands of idle long polls re-polling every second would be quadratic. Every entry is a live
+    /// ticket's: a ticket takes its entry out when it is dropped (`leave`), and a wake-up when it pops
+    /// it, so an environment is here exactly while someone waits on it.
+    queues: HashMap<String, BTreeMap<u64, Arc<Slot>>>,
     next_waiter: u64,
     /// Per environment: the scan under way or the last one that found nothing (see [`Scan`]).
     scans: HashMap<String, ScanMark>,
@@ -72,7 +74,7 @@ impl Waiters {
         if queue.len() >= MAX_WAITERS_PER_ENVIRONMENT {
             return None;
         }
-        queue.insert(id, Arc::downgrade(&slot));
+        queue.insert(id, slot.clone());
         Some(Ticket {
             waiters: self.clone(),
             environment_id: environment_id.to_owned(),
@@ -144,14 +146,12 @@ impl Waiters {
             return 0;
         };
         while woken < count {
-            let Some((_, weak)) = queue.pop_first() else {
+            let Some((_, slot)) = queue.pop_first() else {
                 break;
             };
-            if let Some(slot) = weak.upgrade() {
-                slot.woken.store(true, std::sync::atomic::Ordering::SeqCst);
-                slot.notify.notify_one();
-                woken += 1;
-            }
+            slot.woken.store(true, std::sync::atomic::Ordering::SeqCst);
+            slot.notify.notify_one();
+            woken += 1;
         }
         if queue.is_empty() {
             inner.queues.remove(environment_id);
@@ -184,46 +184,23 @@ impl Waiters {
         }
     }
 
-    /// Environments with an entry in the map (for tests of its bound).
-    #[cfg(test)]
-    fn environments(&self) -> usize {
-        self.inner.lock().expect("waiters lock").queues.len()
-    }
-
     /// Wakes every waiter of every environment (shutdown).
     pub fn wake_all(&self) {
-        let environments: Vec<String> = self
-            .inner
-            .lock()
-            .expect("waiters lock")
-            .queues
-            .keys()
-            .cloned()
-            .collect();
-        for env in environments {
+        for env in self.environments_waiting() {
             self.wake(&env, usize::MAX);
         }
     }
 
-    /// Environments with at least one live waiter.
+    /// Environments with at least one waiter (the map holds no others).
     pub fn environments_waiting(&self) -> Vec<String> {
         let inner = self.inner.lock().expect("waiters lock");
-        inner
-            .queues
-            .iter()
-            .filter(|(_, q)| q.values().any(|w| w.strong_count() > 0))
-            .map(|(env, _)| env.clone())
-            .collect()
+        inner.queues.keys().cloned().collect()
     }
 
     /// Live waiters across all environments (for metrics).
     pub fn count(&self) -> usize {
         let inner = self.inner.lock().expect("waiters lock");
-        inner
-            .queues
-            .values()
-            .map(|q| q.values().filter(|w| w.strong_count() > 0).count())
-            .sum()
+        inner.queues.values().map(BTreeMap::len).sum()
     }
 }
 
@@ -304,7 +281,7 @@ mod tests {
             drop(a);
             drop(b);
         }
-        assert_eq!(w.environments(), 0);
+        assert_eq!(w.environments_waiting().len(), 0);
         assert_eq!(w.count(), 0);
         // One leaving does not take the others' places.
         let a = w.register("env").unwrap();
@@ -384,7 +361,7 @@ mod tests {
             }
         }
         assert_eq!(w.count(), 0);
-        assert_eq!(w.environments(), 0);
+        assert_eq!(w.environments_waiting().len(), 0);
     }
 
     #[tokio::test]

@@ -39,6 +39,12 @@ async fn fresh() -> Option<String> {
     )
 }
 
+/// A store on a fresh database, as one server process would have (`None` without PostgreSQL).
+async fn store_on_a_fresh_database() -> Option<SqlStore<PostgresExecutor>> {
+    let url = fresh().await?;
+    Some(postgres::connect(&url).await.unwrap())
+}
+
 /// Two stores on one fresh database, as two server processes would have (`None` without PostgreSQL).
 async fn two_stores_on_a_fresh_database(
 ) -> Option<(SqlStore<PostgresExecutor>, SqlStore<PostgresExecutor>)> {
@@ -82,8 +88,9 @@ fn insert_worker(worker_id: &str) -> (Statement, Expect) {
 
 #[tokio::test]
 async fn values_round_trip_and_conditions_conflict() {
-    let Some(url) = fresh().await else { return };
-    let store = postgres::connect(&url).await.unwrap();
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
     let exec = store.executor();
     let insert = |version: i64| {
         (
@@ -379,14 +386,16 @@ async fn an_absent_server_is_unavailable() {
 
 #[tokio::test]
 async fn an_items_history_is_written_with_its_row_or_not_at_all() {
-    let Some(url) = fresh().await else { return };
-    let store = postgres::connect(&url).await.unwrap();
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
     common::an_items_history_is_written_with_its_row_or_not_at_all(&store).await;
 }
 
 #[tokio::test]
 async fn an_item_is_read_with_its_session() {
-    let Some(url) = fresh().await else { return };
-    let store = postgres::connect(&url).await.unwrap();
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
     common::an_item_is_read_with_its_session(&store).await;
 }

@@ -80,3 +80,29 @@ pub(super) async fn send(announcer: Arc<Announcer>, pool: Pool, origin: String) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimable(n: usize) -> Vec<Notice> {
+        (0..n)
+            .map(|i| Notice::WorkClaimable {
+                environment_id: format!("env_{i}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn notices_waiting_for_the_sender_are_bounded_and_taken_in_order() {
+        let announcer = Announcer::default();
+        announcer.queue(claimable(3));
+        announcer.queue(claimable(MAX_PENDING));
+        let pending = announcer.take();
+        assert_eq!(pending.len(), MAX_PENDING, "the overflow is dropped");
+        assert_eq!(pending[..3], claimable(3)[..], "the first ones are kept");
+        assert!(announcer.take().is_empty(), "taking empties the queue");
+        announcer.queue(claimable(1));
+        assert_eq!(announcer.take(), claimable(1), "room again once taken");
+    }
+}

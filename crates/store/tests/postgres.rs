@@ -286,7 +286,6 @@ async fn notices_reach_other_processes_but_not_their_sender() {
     );
 }
 
-/// Announces from `a` until `at` hears it (listeners connect in the background).
 /// Notices announced in a burst are sent together, and each is heard as often as it was announced: a
 /// waiter elsewhere is woken per notice.
 #[tokio::test]
@@ -317,6 +316,7 @@ async fn a_burst_of_notices_is_heard_once_per_announcement() {
     }
 }
 
+/// Announces from `a` until `at` hears it (listeners connect in the background).
 async fn hears(
     a: &SqlStore<PostgresExecutor>,
     at: &mut tokio::sync::broadcast::Receiver<Notice>,

@@ -258,7 +258,10 @@ class TetherSystem {
         return env.id;
     }
     cpu() {
-        return processCpu(this.child.pid) + (this.backend === "postgres" ? pgCpu() : 0);
+        return processCpu(this.child.pid) + this.dbCpu();
+    }
+    dbCpu() {
+        return this.backend === "postgres" ? pgCpu() : 0;
     }
     serverPid() {
         return this.child.pid;
@@ -342,6 +345,7 @@ class TetherSystem {
         await this.load(env, n);
         let done = 0;
         const cpu0 = this.cpu();
+        const db0 = this.dbCpu();
         const client0 = process.cpuUsage();
         const started = now();
         await Promise.all(
@@ -357,10 +361,11 @@ class TetherSystem {
         );
         const seconds = (now() - started) / 1000;
         const cpu = this.cpu() - cpu0;
+        const dbCpu = this.dbCpu() - db0;
         const client = process.cpuUsage(client0);
         await this.shutdown();
         check(done === n, `${this.name} served ${done} of ${n} items`);
-        return { done, seconds, cpu, clientCpu: (client.user + client.system) / 1e6 };
+        return { done, seconds, cpu, dbCpu, clientCpu: (client.user + client.system) / 1e6 };
     }
 
     // E: enqueues (session creations) from `clients` concurrent clients.
@@ -384,9 +389,12 @@ class TetherSystem {
         const workEnv = await this.environment("work");
         const measure = async () => {
             const cpu0 = this.cpu();
+            const db0 = this.dbCpu();
             const t0 = now();
             await sleep(windowMs);
-            const cores = (this.cpu() - cpu0) / ((now() - t0) / 1000);
+            const elapsed = (now() - t0) / 1000;
+            const cores = (this.cpu() - cpu0) / elapsed;
+            const dbCores = (this.dbCpu() - db0) / elapsed;
             const acks = [];
             const heartbeats = [];
             // Bounded in time as well: beside many idle workers a slow server would take minutes.
@@ -403,7 +411,7 @@ class TetherSystem {
                 heartbeats.push(now() - t);
                 await this.stop(workEnv, item.id);
             }
-            return { rssMb: rssMb(this.serverPid()), cores, ack: summary(acks), heartbeat: summary(heartbeats), n: acks.length };
+            return { rssMb: rssMb(this.serverPid()), cores, dbCores, ack: summary(acks), heartbeat: summary(heartbeats), n: acks.length };
         };
         await sleep(quick ? 200 : 1000);
         const alone = await measure();
@@ -516,7 +524,10 @@ class PeerSystem {
         });
     }
     cpu() {
-        return processCpu(this.child.pid) + pgCpu();
+        return processCpu(this.child.pid) + this.dbCpu();
+    }
+    dbCpu() {
+        return pgCpu();
     }
     serverPid() {
         return this.child.pid;
@@ -583,12 +594,14 @@ class PeerSystem {
         await this.start();
         await this.load(n);
         const cpu0 = this.cpu();
+        const db0 = this.dbCpu();
         const result = await this.command({ cmd: "drain", n, concurrency: workers }, "drained");
         const cpu = this.cpu() - cpu0;
+        const dbCpu = this.dbCpu() - db0;
         const left = await this.remaining();
         await this.shutdown();
         check(result.done >= n && left === 0, `${this.name} completed ${result.done} of ${n} items, ${left} left`);
-        return { done: n, seconds: result.ms / 1000, cpu };
+        return { done: n, seconds: result.ms / 1000, cpu, dbCpu };
     }
 
     // E: add_job calls or INSERTs from `clients` concurrent connections, one item each.
@@ -619,9 +632,12 @@ class PeerSystem {
         await this.start();
         const measure = async () => {
             const cpu0 = this.cpu();
+            const db0 = this.dbCpu();
             const t0 = now();
             await sleep(windowMs);
-            const cores = (this.cpu() - cpu0) / ((now() - t0) / 1000);
+            const elapsed = (now() - t0) / 1000;
+            const cores = (this.cpu() - cpu0) / elapsed;
+            const dbCores = (this.dbCpu() - db0) / elapsed;
             const enqueues = [];
             const until = now() + (quick ? 5_000 : 60_000);
             for (let i = 0; i < rounds && now() < until; i++) {
@@ -629,7 +645,7 @@ class PeerSystem {
                 await this.enqueue("unrelated");
                 enqueues.push(now() - t);
             }
-            return { rssMb: rssMb(this.serverPid()), cores, ack: summary(enqueues), heartbeat: null, n: enqueues.length };
+            return { rssMb: rssMb(this.serverPid()), cores, dbCores, ack: summary(enqueues), heartbeat: null, n: enqueues.length };
         };
         await sleep(quick ? 200 : 1000);
         const alone = await measure();
@@ -718,13 +734,14 @@ await scenario(
             ...r,
             perSecond: r.done / r.seconds,
             cpuPer1000: (r.cpu / r.done) * 1000,
+            dbCpuPer1000: (r.dbCpu / r.done) * 1000,
             clientCpuPer1000: r.clientCpu === undefined ? null : (r.clientCpu / r.done) * 1000,
         };
     },
     (out) => {
         const base = out["graphile-worker"] ?? {};
-        const w = [24, 10, 10, 16, 10, 12];
-        console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "client CPU-s"], w));
+        const w = [24, 10, 10, 16, 10, 12, 12];
+        console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "of it db", "client CPU-s"], w));
         for (const s of systems) {
             const r = out[s.name];
             console.log(
@@ -735,6 +752,7 @@ await scenario(
                         ratio(r.perSecond, base.perSecond),
                         fmt(r.cpuPer1000, 2),
                         ratio(r.cpuPer1000, base.cpuPer1000),
+                        fmt(r.dbCpuPer1000, 2),
                         fmt(r.clientCpuPer1000, 2),
                     ],
                     w,
@@ -742,7 +760,7 @@ await scenario(
             );
         }
         console.log(
-            "   (the peers' CPU includes their worker process, where their queue logic runs; Tether's excludes its HTTP clients, whose CPU per 1000 items is the last column)",
+            "   (the peers' CPU includes their worker process, where their queue logic runs; Tether's excludes its HTTP clients, whose CPU per 1000 items is the last column; \"of it db\" is the database's share)",
         );
     },
 );
@@ -774,9 +792,9 @@ await scenario(
     (out) => {
         const base = out["graphile-worker"] ?? {};
         const slowdown = (r) => r.beside.ack.p99 / r.alone.ack.p99;
-        const w = [24, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
-        console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99", "rounds"], w));
-        console.log(row(["", "MB", "MB", "", "", "alone", "beside", "alone", "beside", "growth", ""], w));
+        const w = [24, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
+        console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "of it", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99", "rounds"], w));
+        console.log(row(["", "MB", "MB", "", "", "db", "alone", "beside", "alone", "beside", "growth", ""], w));
         for (const s of systems) {
             const r = out[s.name];
             console.log(
@@ -787,6 +805,7 @@ await scenario(
                         fmt(r.beside.rssMb, 0),
                         fmt(r.beside.rssMb - r.alone.rssMb, 0),
                         fmt(r.beside.cores, 2),
+                        fmt(r.beside.dbCores, 2),
                         fmt(r.alone.ack.p99, 2),
                         fmt(r.beside.ack.p99, 2),
                         fmt(r.alone.heartbeat?.p99, 2),
@@ -800,7 +819,7 @@ await scenario(
         }
         console.log(
             `   (the peers have no ack: their "ack" is the enqueue call, add_job or INSERT; growth is p99 beside / alone, graphile-worker's is ${base.alone ? `${fmt(slowdown(base), 2)}x` : "—"};\n` +
-                `    cores: server or worker process + database beside the idle workers; rounds: unrelated cycles measured alone/beside, at most 60 s each)`,
+                `    cores: server or worker process + database beside the idle workers, "of it db" the database's share; rounds: unrelated cycles measured alone/beside, at most 60 s each)`,
         );
     },
 );

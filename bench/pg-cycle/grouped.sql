@@ -1,0 +1,9 @@
+-- bare's four updates under one commit instead of four: what committing the writes of several
+-- requests together (group commit) would approach. The item is a fresh queued one each time.
+SELECT nextval('pick') AS i \gset
+BEGIN;
+UPDATE grouped_leases SET version = version + 1, delivered_at = :i, token_hash = md5(:i::text), worker_id = 'w', counters = repeat('c', 62) WHERE id = 'work_' || md5(:i::text) AND version = 1;
+UPDATE grouped_leases SET version = version + 1, state = 'starting', phase = 'leased', delivered_at = NULL, lease_expires_at = :i + 60, review_at = :i + 60, counters = repeat('c', 64) WHERE id = 'work_' || md5(:i::text) AND version = 2;
+UPDATE grouped_leases SET version = version + 1, state = 'active', lease_expires_at = :i + 120, counters = repeat('c', 66) WHERE id = 'work_' || md5(:i::text) AND version = 3;
+UPDATE grouped_leases SET version = version + 1, state = 'stopped', phase = 'stopped', lease_expires_at = NULL, review_at = NULL, token_hash = NULL, counters = repeat('c', 68) WHERE id = 'work_' || md5(:i::text) AND version = 4;
+COMMIT;

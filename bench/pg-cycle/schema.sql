@@ -1,7 +1,7 @@
 -- The layouts of scripts/bench-pg-cycle of the work-item row, each holding :items queued items of one environment. See
 -- scripts/bench-pg-cycle for what each stands for.
 DROP TABLE IF EXISTS today_items, today_history, hot_items, hot_history, lean_items, lean_leases,
-    lean_history, bare_items, bare_leases, grouped_leases, inline_items;
+    lean_history, bare_items, bare_leases, grouped_leases, inline_items, nohist_items;
 DROP SEQUENCE IF EXISTS pick;
 -- The cycles take items in order, each once.
 CREATE SEQUENCE pick;
@@ -22,6 +22,9 @@ CREATE TABLE today_history (work_id TEXT NOT NULL, seq BIGINT NOT NULL, doc TEXT
 -- rows of its own.
 CREATE TABLE inline_items (LIKE today_items INCLUDING ALL);
 ALTER TABLE inline_items ADD COLUMN history TEXT NOT NULL DEFAULT '';
+
+-- nohist: today's row and indexes, no history at all.
+CREATE TABLE nohist_items (LIKE today_items INCLUDING ALL);
 
 -- hot: the same row, but the indexes name a coarse phase (queued, leased, stopped) instead of the state,
 -- and a review time set at ack instead of the lease's end: a heartbeat changes no indexed column and is
@@ -63,6 +66,7 @@ CREATE TABLE grouped_leases (LIKE lean_leases INCLUDING ALL) WITH (fillfactor = 
 INSERT INTO today_items SELECT 'work_' || md5(i::text), 1, 'env_1', 'sess_' || md5(i::text), 'queued', i,
     NULL, NULL, NULL, repeat('d', 590) FROM generate_series(1, :items) i;
 INSERT INTO inline_items SELECT *, '' FROM today_items;
+INSERT INTO nohist_items SELECT * FROM today_items;
 INSERT INTO hot_items SELECT 'work_' || md5(i::text), 1, 'env_1', 'sess_' || md5(i::text), 'queued',
     'queued', i, NULL, NULL, NULL, NULL, repeat('d', 590) FROM generate_series(1, :items) i;
 INSERT INTO lean_items SELECT 'work_' || md5(i::text), 'env_1', repeat('d', 440) FROM generate_series(1, :items) i;

@@ -1,0 +1,7 @@
+-- today's cycle without the history rows: the bound for any way of keeping the history. The item
+-- is a fresh queued one each time.
+SELECT nextval('pick') AS i \gset
+UPDATE nohist_items SET version = version + 1, delivered_at = :i, token_hash = md5(:i::text), doc = repeat('d', 640) WHERE id = 'work_' || md5(:i::text) AND version = 1;
+UPDATE nohist_items SET version = version + 1, state = 'starting', delivered_at = NULL, lease_expires_at = :i + 60, doc = repeat('d', 660) WHERE id = 'work_' || md5(:i::text) AND version = 2;
+UPDATE nohist_items SET version = version + 1, state = 'active', lease_expires_at = :i + 120, doc = repeat('d', 680) WHERE id = 'work_' || md5(:i::text) AND version = 3;
+UPDATE nohist_items SET version = version + 1, state = 'stopped', lease_expires_at = NULL, token_hash = NULL, doc = repeat('d', 690) WHERE id = 'work_' || md5(:i::text) AND version = 4;

@@ -15,10 +15,6 @@ use crate::{
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
-    /// The SQL it takes beyond the portable subset (see [`sql::Dialect`]).
-    fn dialect(&self) -> sql::Dialect {
-        sql::Dialect::Portable
-    }
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>>;
     /// Runs every statement in one transaction; a statement whose [`Expect`] fails, or a uniqueness
     /// violation, rolls the whole list back with `Conflict`.
@@ -95,9 +91,7 @@ impl<E: Executor> Store for SqlStore<E> {
         if changes.is_empty() {
             return Ok(());
         }
-        self.exec
-            .execute(sql::change_statements(&changes, self.exec.dialect()))
-            .await
+        self.exec.execute(sql::change_statements(&changes)).await
     }
 
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {
@@ -296,13 +290,14 @@ impl<E: Executor> Store for SqlStore<E> {
         after_seq: Option<i64>,
         limit: u32,
     ) -> StoreResult<Page<HistoryRow>> {
-        let request = PageRequest::first(limit);
-        self.paged(
-            sql::list_history(work_id, after_seq, limit),
-            &request,
-            sql::decode_history,
-        )
-        .await
+        let rows = self
+            .exec
+            .query(sql::list_history(work_id, after_seq, limit))
+            .await?;
+        Ok(sql::page(
+            sql::decode_history(&rows, after_seq)?,
+            &PageRequest::first(limit),
+        ))
     }
 
     async fn workers_seen(

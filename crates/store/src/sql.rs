@@ -2,11 +2,10 @@
 //!
 //! Statements use `$n` placeholders (PostgreSQL's form; the SQLite backend rewrites them to `?n`) and
 //! only portable SQL: `BIGINT`/`TEXT` columns, partial indexes, `INSERT … ON CONFLICT`, conditional
-//! `UPDATE … WHERE version = $n`. The one exception is [`Dialect`]: on PostgreSQL a work item's row
-//! and its history rows are joined into one data-modifying `WITH` statement, which SQLite lacks.
-//! Records are stored as a JSON document plus the few columns that queries filter or sort on;
-//! `work_values` and friends derive those columns from the record in one place, so the two can
-//! never disagree.
+//! `UPDATE … WHERE version = $n`. Records are stored as a JSON document plus the few columns that
+//! queries filter or sort on; `work_values` and friends derive those columns from the record in one
+//! place, so the two can never disagree. A work item's history lives in its own row (see
+//! [`HISTORY_SPILL_EVERY`]), so that a transition is one conditional `UPDATE` on either backend.
 
 use tether_core::resources::{Agent, Credential, CredentialKind};
 use tether_core::{Cause, Timestamp, WorkItem, WorkState};
@@ -87,9 +86,6 @@ impl Statement {
 pub enum Expect {
     /// Exactly one row affected, else the change set is a `Conflict`.
     OneRow,
-    /// Exactly this many rows affected (a row and the history rows written with it in one statement),
-    /// else the change set is a `Conflict`.
-    Rows(u64),
     /// Any number of rows.
     Any,
 }
@@ -99,22 +95,9 @@ impl Expect {
     pub fn met_by(self, changed: u64) -> bool {
         match self {
             Expect::OneRow => changed == 1,
-            Expect::Rows(rows) => changed == rows,
             Expect::Any => true,
         }
     }
-}
-
-/// The SQL a backend takes beyond the portable subset every statement is written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dialect {
-    /// One statement per table written (SQLite: statements are function calls in the process, so
-    /// there is nothing to save by joining them).
-    Portable,
-    /// PostgreSQL and engines compatible with it take a data-modifying `WITH`: a work item's row and
-    /// its history rows are written by one statement. Over a network each statement is a round trip,
-    /// and a change set that becomes one statement needs no BEGIN and COMMIT either.
-    Postgres,
 }
 
 pub type Row = Vec<Value>;
@@ -216,7 +199,26 @@ SELECT environments.id, slots.n, 0 FROM environments, slots WHERE 1 = 1
 ON CONFLICT (environment_id, slot) DO NOTHING;
 "#,
     ),
+    (
+        3,
+        // A work item's history in its own row (see `HISTORY_SPILL_EVERY`). The rows of
+        // `work_transitions` written before stay where they are and are read with it.
+        r#"
+ALTER TABLE work_items ADD COLUMN history TEXT NOT NULL DEFAULT '';
+"#,
+    ),
 ];
+
+/// A work item's history is appended to the item's own `history` column, one line per transition
+/// (`<seq> <transition as JSON>`), by the same `UPDATE` that writes the item: no row of its own per
+/// transition, which measured as the largest single cost of a transition on PostgreSQL
+/// (`scripts/bench-pg-cycle`). So that the row stays small however long the item lives, a write whose
+/// new version is a multiple of this first moves the lines gathered so far into one row of
+/// `work_transitions` (a "chunk", whose `seq` is above every line in it), in the same transaction.
+pub const HISTORY_SPILL_EVERY: i64 = 32;
+
+/// The `seq` the history's read gives the item's own lines: after every row of `work_transitions`.
+const INLINE_HISTORY: i64 = i64::MAX;
 
 /// Rows per environment that a session insert locks one of (chosen by the session's id) instead of the
 /// environment's own row, which every insert would otherwise queue behind. A change of the environment
@@ -329,61 +331,29 @@ fn work_values(item: &WorkItem) -> [Value; 6] {
     ]
 }
 
-/// A work item's row written by `row` (an `INSERT` or a conditional `UPDATE`, taking the parameters
-/// `params`), with the item's history rows: in the portable dialect one statement each, in the
-/// PostgreSQL dialect one statement that inserts the history only when the row was written (`row`
-/// then ends in `RETURNING id`, and the statement affects one row per history row, or none).
-fn work_with_history(
-    dialect: Dialect,
-    row: &str,
-    mut params: Vec<Value>,
-    work_id: &str,
-    version: i64,
-    transitions: &[tether_core::Transition],
-    out: &mut Vec<(Statement, Expect)>,
-) {
-    if dialect == Dialect::Portable || transitions.is_empty() {
-        out.push((Statement::new(row, params), Expect::OneRow));
-        for (i, t) in transitions.iter().enumerate() {
-            out.push((
-                Statement::new(
-                    "INSERT INTO work_transitions (work_id, seq, doc) VALUES ($1, $2, $3)",
-                    vec![work_id.into(), history_seq(version, i).into(), to_doc(t)],
-                ),
-                Expect::OneRow,
-            ));
-        }
-        return;
-    }
-    let mut rows = Vec::with_capacity(transitions.len());
+/// The history lines of `transitions`, written with the item's `version` (see [`HISTORY_SPILL_EVERY`]).
+fn history_lines(version: i64, transitions: &[tether_core::Transition]) -> String {
+    let mut lines = String::new();
     for (i, t) in transitions.iter().enumerate() {
-        params.push(history_seq(version, i).into());
-        params.push(to_doc(t));
-        let n = params.len();
-        rows.push(format!("(CAST(${} AS BIGINT), CAST(${n} AS TEXT))", n - 1));
+        lines.push_str(&history_seq(version, i).to_string());
+        lines.push(' ');
+        // Compact JSON escapes every line break inside strings, so a line is one transition.
+        lines.push_str(&serde_json::to_string(t).expect("transitions always serialize"));
+        lines.push('\n');
     }
-    let sql = format!(
-        "WITH written AS ({row} RETURNING id) \
-         INSERT INTO work_transitions (work_id, seq, doc) \
-         SELECT written.id, history.seq, history.doc FROM written CROSS JOIN (VALUES {}) AS history (seq, doc)",
-        rows.join(", ")
-    );
-    out.push((
-        Statement::new(sql, params),
-        Expect::Rows(transitions.len() as u64),
-    ));
+    lines
 }
 
 /// The statements of a change set, in order.
-pub fn change_statements(changes: &ChangeSet, dialect: Dialect) -> Vec<(Statement, Expect)> {
+pub fn change_statements(changes: &ChangeSet) -> Vec<(Statement, Expect)> {
     let mut out = Vec::new();
     for write in &changes.writes {
-        write_statements(write, dialect, &mut out);
+        write_statements(write, &mut out);
     }
     out
 }
 
-fn write_statements(write: &Write, dialect: Dialect, out: &mut Vec<(Statement, Expect)>) {
+fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
     use Expect::*;
     match write {
         Write::InsertEnvironment(env) => {
@@ -527,31 +497,59 @@ fn write_statements(write: &Write, dialect: Dialect, out: &mut Vec<(Statement, E
                 item.data.id.as_str().into(),
             ];
             params.extend(work_values(item));
-            work_with_history(
-                dialect,
-                "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, \
-                 delivered_at, lease_expires_at, token_hash, doc) VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                params,
-                &item.id,
-                1,
-                transitions,
-                out,
-            );
+            params.push(history_lines(1, transitions).into());
+            out.push((
+                Statement::new(
+                    "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, \
+                     delivered_at, lease_expires_at, token_hash, doc, history) \
+                     VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    params,
+                ),
+                OneRow,
+            ));
         }
         Write::UpdateWork { item, expected_version, transitions } => {
+            let version = expected_version + 1;
+            let spill = version % HISTORY_SPILL_EVERY == 0;
+            if spill {
+                // The lines so far become one chunk row, read from the very version this change set
+                // is conditional on (a row changed since inserts nothing, and the update below then
+                // fails and takes this insert back with it).
+                out.push((
+                    Statement::new(
+                        "INSERT INTO work_transitions (work_id, seq, doc) \
+                         SELECT id, CAST($3 AS BIGINT), history FROM work_items \
+                         WHERE id = $1 AND version = $2 AND history <> ''",
+                        vec![item.id.as_str().into(), (*expected_version).into(), (history_seq(version, 0) - 1).into()],
+                    ),
+                    Any,
+                ));
+            }
             let mut params: Vec<Value> = vec![item.id.as_str().into()];
             params.extend(work_values(item));
             params.push((*expected_version).into());
-            work_with_history(
-                dialect,
-                "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
-                 lease_expires_at = $5, token_hash = $6, doc = $7 WHERE id = $1 AND version = $8",
-                params,
-                &item.id,
-                expected_version + 1,
-                transitions,
-                out,
-            );
+            // A write without transitions (a heartbeat after the first) leaves the column alone: on
+            // PostgreSQL an unchanged value, stored apart once it has grown, is not written again.
+            let history = if spill {
+                ", history = $9"
+            } else if transitions.is_empty() {
+                ""
+            } else {
+                ", history = history || $9"
+            };
+            if !history.is_empty() {
+                params.push(history_lines(version, transitions).into());
+            }
+            out.push((
+                Statement::new(
+                    format!(
+                        "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
+                         lease_expires_at = $5, token_hash = $6, doc = $7{history} WHERE id = $1 AND version = $8"
+                    ),
+                    params,
+                ),
+                OneRow,
+            ));
         }
         Write::InsertEvent(event) => out.push((
             Statement::new(
@@ -829,12 +827,14 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
         f.add(format!("state IN ({})", ps.join(", ")));
     }
     if filter.poison {
-        // The cause lives in the history's documents (one serialization, `"cause":"…"`, on both
-        // backends); a poison item has a handful of history lines, read through the primary key.
+        // The cause lives in the history (one serialization, `"cause":"…"`, on both backends): in
+        // the item's own lines or in its rows of `work_transitions` (chunks, and rows written before
+        // migration 3), read through the primary key. A poison item's history is a handful of lines.
         let has = |cause: &str| {
+            let pattern = format!("'%\"cause\":\"{cause}\"%'");
             format!(
-                "EXISTS (SELECT 1 FROM work_transitions t WHERE t.work_id = work_items.id \
-                 AND t.doc LIKE '%\"cause\":\"{cause}\"%')"
+                "(work_items.history LIKE {pattern} OR EXISTS (SELECT 1 FROM work_transitions t \
+                 WHERE t.work_id = work_items.id AND t.doc LIKE {pattern}))"
             )
         };
         f.add("state = 'stopped'".into());
@@ -932,18 +932,61 @@ pub fn work_by_token_hash(token_hash: &str) -> Statement {
     .bounded()
 }
 
+/// An item's history after `after_seq`: the rows of `work_transitions` (one transition each, as written
+/// before migration 3, or chunks of lines) and then the item's own lines, in one statement so that a
+/// concurrent spill cannot move lines between the two reads. Every row holds at least one transition,
+/// and only the first row may hold none after `after_seq` (a chunk's `seq` is above its lines'), so
+/// `limit + 2` rows of `work_transitions` and the item's own row give [`decode_history`] more than
+/// `limit` transitions whenever there are.
 pub fn list_history(work_id: &str, after_seq: Option<i64>, limit: u32) -> Statement {
     Statement::new(
-        "SELECT seq, doc FROM work_transitions WHERE work_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        vec![work_id.into(), after_seq.unwrap_or(-1).into(), (i64::from(limit) + 1).into()],
+        "SELECT seq, doc FROM work_transitions WHERE work_id = $1 AND seq > $2 \
+         UNION ALL SELECT CAST($3 AS BIGINT), history FROM work_items WHERE id = $1 \
+         ORDER BY 1 LIMIT $4",
+        vec![
+            work_id.into(),
+            after_seq.unwrap_or(-1).into(),
+            INLINE_HISTORY.into(),
+            (i64::from(limit) + 3).into(),
+        ],
     )
 }
 
-pub fn decode_history(row: &Row) -> StoreResult<HistoryRow> {
-    Ok(HistoryRow {
-        seq: int(&row[0])?,
-        transition: from_doc(&row[1])?,
-    })
+/// Decodes the rows of [`list_history`] into the transitions after `after_seq`, in order.
+pub fn decode_history(rows: &[Row], after_seq: Option<i64>) -> StoreResult<Vec<HistoryRow>> {
+    let corrupt = |why: String| StoreError::Internal(format!("corrupt history: {why}"));
+    let mut history = Vec::new();
+    for row in rows {
+        let seq = int(&row[0])?;
+        let doc = text(&row[1])?;
+        if seq != INLINE_HISTORY && doc.starts_with('{') {
+            // A row of its own, as written before migration 3.
+            history.push(HistoryRow {
+                seq,
+                transition: from_doc(&row[1])?,
+            });
+            continue;
+        }
+        for line in doc.lines() {
+            let (seq, transition) = line
+                .split_once(' ')
+                .ok_or_else(|| corrupt(format!("a line without its seq: {line:?}")))?;
+            history.push(HistoryRow {
+                seq: seq
+                    .parse()
+                    .map_err(|e| corrupt(format!("seq {seq:?}: {e}")))?,
+                transition: serde_json::from_str(transition)
+                    .map_err(|e| corrupt(format!("transition {transition:?}: {e}")))?,
+            });
+        }
+    }
+    let after = after_seq.unwrap_or(-1);
+    history.retain(|h| h.seq > after);
+    debug_assert!(
+        history.windows(2).all(|w| w[0].seq < w[1].seq),
+        "history out of order"
+    );
+    Ok(history)
 }
 
 pub fn workers_seen(environment_id: &str, since: Timestamp) -> Statement {
@@ -1032,39 +1075,125 @@ mod tests {
         (step.item, step.transitions)
     }
 
-    fn shapes(write: Write, dialect: Dialect) -> Vec<(bool, Expect)> {
-        change_statements(&ChangeSet::one(write), dialect)
+    /// Each statement of a write: whether it writes `work_transitions`, and its expectation.
+    fn shapes(write: Write) -> Vec<(bool, Expect)> {
+        change_statements(&ChangeSet::one(write))
             .into_iter()
-            .map(|(statement, expect)| (statement.sql.starts_with("WITH written"), expect))
+            .map(|(statement, expect)| (statement.sql.contains("INTO work_transitions"), expect))
             .collect()
     }
 
     #[test]
-    fn an_items_row_and_history_are_one_statement_only_where_the_dialect_allows() {
+    fn a_transition_is_one_statement_and_a_spill_precedes_it_every_so_many_versions() {
         let (item, transitions) = enqueued();
         let two = vec![transitions[0].clone(), transitions[0].clone()];
-        let update = |transitions: Vec<tether_core::Transition>| Write::UpdateWork {
-            item: item.clone(),
-            expected_version: 3,
-            transitions,
-        };
+        let update =
+            |expected_version, transitions: Vec<tether_core::Transition>| Write::UpdateWork {
+                item: item.clone(),
+                expected_version,
+                transitions,
+            };
         use Expect::*;
-        assert_eq!(
-            shapes(update(two.clone()), Dialect::Portable),
-            vec![(false, OneRow), (false, OneRow), (false, OneRow)]
-        );
-        assert_eq!(
-            shapes(update(two), Dialect::Postgres),
-            vec![(true, Rows(2))]
-        );
-        for dialect in [Dialect::Portable, Dialect::Postgres] {
-            assert_eq!(shapes(update(vec![]), dialect), vec![(false, OneRow)]);
+        for expected in [
+            1,
+            3,
+            HISTORY_SPILL_EVERY,
+            HISTORY_SPILL_EVERY + 1,
+            2 * HISTORY_SPILL_EVERY,
+        ] {
+            assert_eq!(
+                shapes(update(expected, two.clone())),
+                vec![(false, OneRow)],
+                "{expected}"
+            );
+            assert_eq!(
+                shapes(update(expected, vec![])),
+                vec![(false, OneRow)],
+                "{expected}"
+            );
         }
+        for expected in [HISTORY_SPILL_EVERY - 1, 3 * HISTORY_SPILL_EVERY - 1] {
+            assert_eq!(
+                shapes(update(expected, two.clone())),
+                vec![(true, Any), (false, OneRow)],
+                "{expected}"
+            );
+        }
+        let sql = |write| {
+            change_statements(&ChangeSet::one(write))
+                .pop()
+                .unwrap()
+                .0
+                .sql
+        };
+        assert!(
+            !sql(update(3, vec![])).contains("history"),
+            "a heartbeat leaves the history alone"
+        );
+        assert!(sql(update(3, two.clone())).contains("history = history || $9"));
+        assert!(sql(update(HISTORY_SPILL_EVERY - 1, vec![])).contains("history = $9"));
         let insert = Write::InsertWork {
             item: item.clone(),
             transitions,
         };
-        assert_eq!(shapes(insert, Dialect::Postgres), vec![(true, Rows(1))]);
+        assert_eq!(shapes(insert), vec![(false, OneRow)]);
+    }
+
+    fn transition(cause: tether_core::Cause) -> tether_core::Transition {
+        let (_, mut transitions) = enqueued();
+        let mut t = transitions.remove(0);
+        t.cause = cause;
+        t
+    }
+
+    #[test]
+    fn history_reads_old_rows_chunks_and_the_items_own_lines_in_order() {
+        use tether_core::Cause::*;
+        let old = |seq: i64, cause| vec![Value::Int(seq), to_doc(&transition(cause))];
+        let lines = |version: i64, causes: &[tether_core::Cause]| {
+            let transitions: Vec<_> = causes.iter().map(|c| transition(*c)).collect();
+            history_lines(version, &transitions)
+        };
+        let chunk = format!(
+            "{}{}",
+            lines(2, &[Delivered]),
+            lines(3, &[Acked, FirstHeartbeat])
+        );
+        let rows = vec![
+            old(history_seq(1, 0), Enqueued),
+            vec![Value::Int(history_seq(4, 0) - 1), Value::Text(chunk)],
+            vec![
+                Value::Int(INLINE_HISTORY),
+                Value::Text(lines(5, &[StopRequested])),
+            ],
+        ];
+        let all = decode_history(&rows, None).unwrap();
+        let seqs: Vec<i64> = all.iter().map(|h| h.seq).collect();
+        assert_eq!(seqs, vec![64, 128, 192, 193, 320]);
+        let causes: Vec<_> = all.iter().map(|h| h.transition.cause).collect();
+        assert_eq!(
+            causes,
+            vec![Enqueued, Delivered, Acked, FirstHeartbeat, StopRequested]
+        );
+        // A cursor inside a chunk skips the chunk's earlier lines.
+        let after: Vec<i64> = decode_history(&rows, Some(192))
+            .unwrap()
+            .iter()
+            .map(|h| h.seq)
+            .collect();
+        assert_eq!(after, vec![193, 320]);
+        // An item without lines of its own yet.
+        let empty = vec![vec![Value::Int(INLINE_HISTORY), Value::Text(String::new())]];
+        assert!(decode_history(&empty, None).unwrap().is_empty());
+        // A damaged line is an error, never a silently shorter history.
+        let damaged = vec![vec![
+            Value::Int(INLINE_HISTORY),
+            Value::Text("64 {not json\n".into()),
+        ]];
+        assert!(matches!(
+            decode_history(&damaged, None),
+            Err(StoreError::Internal(_))
+        ));
     }
 
     #[test]
@@ -1073,9 +1202,6 @@ mod tests {
             (Expect::OneRow, 1, true),
             (Expect::OneRow, 0, false),
             (Expect::OneRow, 2, false),
-            (Expect::Rows(3), 3, true),
-            (Expect::Rows(3), 0, false),
-            (Expect::Rows(0), 0, true),
             (Expect::Any, 0, true),
             (Expect::Any, 7, true),
         ] {

@@ -393,6 +393,14 @@ async fn an_items_history_is_written_with_its_row_or_not_at_all() {
 }
 
 #[tokio::test]
+async fn an_items_long_history_reads_whole_in_pages() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::an_items_long_history_reads_whole_in_pages(&store).await;
+}
+
+#[tokio::test]
 async fn an_item_is_read_with_its_session() {
     let Some(store) = store_on_a_fresh_database().await else {
         return;

@@ -14,6 +14,13 @@ async fn an_items_history_is_written_with_its_row_or_not_at_all() {
 }
 
 #[tokio::test]
+async fn an_items_long_history_reads_whole_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::an_items_long_history_reads_whole_in_pages(&store).await;
+}
+
+#[tokio::test]
 async fn an_item_is_read_with_its_session() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
@@ -88,5 +95,99 @@ fn the_claim_query_is_not_prepared_again_for_each_cutoff() {
         statement.get_status(rusqlite::StatementStatus::RePrepare),
         0,
         "the claim query was prepared again on a new binding: {text}"
+    );
+}
+
+/// A database written before migration 3 kept each transition in a row of `work_transitions`. Opened
+/// now, its items' histories read whole: the old rows first, then the lines their later writes keep
+/// in the item's row; and those lines move to a chunk row at the spill version like any others.
+#[tokio::test]
+async fn history_written_before_migration_3_reads_with_what_came_after() {
+    use tether_core::work::{self, WorkData};
+    use tether_store::sql::{HISTORY_SPILL_EVERY, MIGRATIONS};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tether.db");
+    let at = Timestamp::from_micros(5_000_000);
+    let enqueued = work::enqueue(
+        "work_old".into(),
+        "env_old".into(),
+        WorkData::session("sesn_old".to_owned()),
+        Default::default(),
+        at,
+        &Default::default(),
+    );
+    {
+        // The schema and rows as the build before migration 3 wrote them.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY)")
+            .unwrap();
+        for (version, script) in MIGRATIONS.iter().filter(|(v, _)| *v < 3) {
+            for statement in tether_store::sql::split_script(script) {
+                conn.execute_batch(statement).unwrap();
+            }
+            conn.execute(
+                "INSERT INTO schema_migrations (version) VALUES (?1)",
+                [version],
+            )
+            .unwrap();
+        }
+        let item = &enqueued.item;
+        conn.execute(
+            "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, doc) \
+             VALUES (?1, 1, ?2, ?3, 'queued', ?4, ?5)",
+            rusqlite::params![
+                item.id,
+                item.environment_id,
+                item.data.id,
+                item.enqueued_at.as_micros(),
+                serde_json::to_string(item).unwrap()
+            ],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO work_transitions (work_id, seq, doc) VALUES (?1, ?2, ?3)",
+            rusqlite::params![
+                item.id,
+                tether_store::history_seq(1, 0),
+                serde_json::to_string(&enqueued.transitions[0]).unwrap()
+            ],
+        )
+        .unwrap();
+    }
+    let store = sqlite::open(&path).unwrap();
+    let delivered =
+        work::deliver(&enqueued.item, Some("w"), "hash".into(), None, at.next(), 0).unwrap();
+    for version in 1..HISTORY_SPILL_EVERY + 2 {
+        store
+            .commit(ChangeSet::one(Write::UpdateWork {
+                item: delivered.item.clone(),
+                expected_version: version,
+                transitions: delivered.transitions.clone(),
+            }))
+            .await
+            .unwrap();
+    }
+    let history = store.list_history("work_old", None, 1_000).await.unwrap();
+    assert_eq!(
+        history.items.len(),
+        1 + (HISTORY_SPILL_EVERY as usize + 1) * delivered.transitions.len()
+    );
+    assert_eq!(history.items[0].transition, enqueued.transitions[0]);
+    assert!(history.items.windows(2).all(|w| w[0].seq < w[1].seq));
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (rows, lines): (i64, String) = conn
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM work_transitions WHERE work_id = 'work_old'), \
+             (SELECT history FROM work_items WHERE id = 'work_old')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(rows, 2, "the old row and one chunk");
+    assert_eq!(
+        lines.lines().count(),
+        3 * delivered.transitions.len(),
+        "the spilling write (version 32) and the two after it keep their lines in the row: {lines:?}"
     );
 }

@@ -14,7 +14,7 @@ use super::announcer::Announcer;
 use super::listener::Health;
 use super::{classify, connect_error, is_connection_failure};
 use crate::executor::Executor;
-use crate::sql::{Dialect, Expect, Row, Statement, Value};
+use crate::sql::{Expect, Row, Statement, Value};
 use crate::{Notice, StoreError, StoreResult};
 
 pub struct PostgresExecutor {
@@ -198,10 +198,6 @@ fn refs(params: &[Box<dyn ToSql + Sync + Send>]) -> Vec<&(dyn ToSql + Sync)> {
 impl Executor for PostgresExecutor {
     fn backend(&self) -> &'static str {
         "postgres"
-    }
-
-    fn dialect(&self) -> Dialect {
-        Dialect::Postgres
     }
 
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {

@@ -116,6 +116,59 @@ pub async fn an_items_history_is_written_with_its_row_or_not_at_all(store: &impl
     assert_eq!((read.version, read.value), (2, delivered.item));
 }
 
+/// An item's history stays whole and in order, page after page, however many writes it has had: the
+/// lines kept in the item's row move to chunk rows every `HISTORY_SPILL_EVERY` versions, and a refused
+/// write at such a version moves nothing.
+pub async fn an_items_long_history_reads_whole_in_pages(store: &impl Store) {
+    use tether_store::sql::HISTORY_SPILL_EVERY;
+    let enqueued = enqueue(store, "work_long", "sesn_long").await;
+    let delivered =
+        work::deliver(&enqueued.item, Some("w"), "hash".into(), None, AT.next(), 0).unwrap();
+    let update = |expected_version| {
+        ChangeSet::one(Write::UpdateWork {
+            item: delivered.item.clone(),
+            expected_version,
+            transitions: delivered.transitions.clone(),
+        })
+    };
+    let mut expected = vec![tether_store::history_seq(1, 0)];
+    for version in 1..3 * HISTORY_SPILL_EVERY + 5 {
+        if (version + 1) % HISTORY_SPILL_EVERY == 0 {
+            assert!(matches!(
+                store.commit(update(version + 1)).await,
+                Err(StoreError::Conflict)
+            ));
+        }
+        store.commit(update(version)).await.unwrap();
+        expected.extend(
+            (0..delivered.transitions.len()).map(|i| tether_store::history_seq(version + 1, i)),
+        );
+    }
+    let mut read = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_history("work_long", after, 7).await.unwrap();
+        assert!(page.items.len() <= 7);
+        read.extend(page.items.iter().map(|h| h.seq));
+        after = read.last().copied();
+        if !page.has_more {
+            break;
+        }
+        assert_eq!(
+            page.items.len(),
+            7,
+            "a page short of its limit says there is no more"
+        );
+    }
+    assert_eq!(read, expected);
+    let whole = store.list_history("work_long", None, 1_000).await.unwrap();
+    assert!(!whole.has_more);
+    assert_eq!(whole.items[0].transition, enqueued.transitions[0]);
+    assert!(whole.items[1..]
+        .iter()
+        .all(|h| h.transition == delivered.transitions[0]));
+}
+
 /// `get_work_with_session` answers the item and its session as they are, the session `None` when it
 /// is gone, and nothing for an unknown item.
 pub async fn an_item_is_read_with_its_session(store: &impl Store) {

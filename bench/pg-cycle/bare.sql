@@ -1,5 +1,6 @@
--- One work item's cycle as Tether's server writes it: poll (delivery), ack, first heartbeat, stop, each
--- an autocommitted conditional update with its history row. The item is a fresh queued one each time.
+-- lean's cycle without any history.
+-- Each update commits on its own, as the server commits a request's write; each cycle takes a
+-- fresh queued item.
 SELECT nextval('pick') AS i \gset
 UPDATE bare_leases SET version = version + 1, delivered_at = :i, token_hash = md5(:i::text), worker_id = 'w', counters = repeat('c', 62) WHERE id = 'work_' || md5(:i::text) AND version = 1;
 UPDATE bare_leases SET version = version + 1, state = 'starting', phase = 'leased', delivered_at = NULL, lease_expires_at = :i + 60, review_at = :i + 60, counters = repeat('c', 64) WHERE id = 'work_' || md5(:i::text) AND version = 2;

@@ -1,5 +1,5 @@
 -- bare's four updates under one commit instead of four: what committing the writes of several
--- requests together (group commit) would approach. The item is a fresh queued one each time.
+-- requests together (group commit) would approach. Each cycle takes a fresh queued item.
 SELECT nextval('pick') AS i \gset
 BEGIN;
 UPDATE grouped_leases SET version = version + 1, delivered_at = :i, token_hash = md5(:i::text), worker_id = 'w', counters = repeat('c', 62) WHERE id = 'work_' || md5(:i::text) AND version = 1;

@@ -1,5 +1,6 @@
--- today's cycle without the history rows: the bound for any way of keeping the history. The item
--- is a fresh queued one each time.
+-- today's cycle without any history: the bound for any way of keeping it.
+-- Each update commits on its own, as the server commits a request's write; each cycle takes a
+-- fresh queued item.
 SELECT nextval('pick') AS i \gset
 UPDATE nohist_items SET version = version + 1, delivered_at = :i, token_hash = md5(:i::text), doc = repeat('d', 640) WHERE id = 'work_' || md5(:i::text) AND version = 1;
 UPDATE nohist_items SET version = version + 1, state = 'starting', delivered_at = NULL, lease_expires_at = :i + 60, doc = repeat('d', 660) WHERE id = 'work_' || md5(:i::text) AND version = 2;

@@ -1,7 +1,0 @@
--- today's cycle with the history kept in the item's own row: each update appends its transition
--- there instead of inserting a history row. The item is a fresh queued one each time.
-SELECT nextval('pick') AS i \gset
-UPDATE inline_items SET version = version + 1, history = history || repeat('h', 99), delivered_at = :i, token_hash = md5(:i::text), doc = repeat('d', 640) WHERE id = 'work_' || md5(:i::text) AND version = 1;;
-UPDATE inline_items SET version = version + 1, history = history || repeat('h', 99), state = 'starting', delivered_at = NULL, lease_expires_at = :i + 60, doc = repeat('d', 660) WHERE id = 'work_' || md5(:i::text) AND version = 2;;
-UPDATE inline_items SET version = version + 1, history = history || repeat('h', 99), state = 'active', lease_expires_at = :i + 120, doc = repeat('d', 680) WHERE id = 'work_' || md5(:i::text) AND version = 3;;
-UPDATE inline_items SET version = version + 1, history = history || repeat('h', 99), state = 'stopped', lease_expires_at = NULL, token_hash = NULL, doc = repeat('d', 690) WHERE id = 'work_' || md5(:i::text) AND version = 4;;

@@ -24,6 +24,15 @@ impl Dialect {
         }
     }
 
+    /// The dialect of a request's path: the one whose prefix it starts with, as a whole segment.
+    /// `None` for the paths of neither (the operations surface, unknown paths).
+    pub fn of_path(path: &str) -> Option<Dialect> {
+        Dialect::ALL.into_iter().find(|d| {
+            path.strip_prefix(d.prefix())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    }
+
     /// A short name for documents (OpenAPI operation ids and tags).
     pub const fn name(self) -> &'static str {
         match self {
@@ -97,6 +106,27 @@ impl Dialect {
             &["bearer", "api_key"]
         } else {
             &["bearer"]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_belongs_to_the_dialect_whose_prefix_is_a_whole_segment_of_it() {
+        for (path, dialect) in [
+            ("/api/v1/cloud/environments", Some(Dialect::Qoder)),
+            ("/api/v1/cloud", Some(Dialect::Qoder)),
+            ("/v1/environments/env_1/work/poll", Some(Dialect::Anthropic)),
+            ("/v1", Some(Dialect::Anthropic)),
+            ("/v10/environments", None),
+            ("/api/v1/cloudy", None),
+            ("/healthz", None),
+            ("/", None),
+        ] {
+            assert_eq!(Dialect::of_path(path), dialect, "{path}");
         }
     }
 }

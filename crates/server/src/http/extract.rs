@@ -64,13 +64,9 @@ pub fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The dialect the router stamped on the request.
+/// The dialect of the prefix the request came in on (Qoder's for paths of neither).
 pub fn dialect_of(parts: &Parts) -> Dialect {
-    parts
-        .extensions
-        .get::<Dialect>()
-        .copied()
-        .unwrap_or(Dialect::Qoder)
+    Dialect::of_path(parts.uri.path()).unwrap_or(Dialect::Qoder)
 }
 
 /// The dialect, as an extractor.

@@ -98,9 +98,10 @@ pub struct AppInner {
     /// [`App::amnesty_after_outage`]).
     amnesty_granted_through: std::sync::atomic::AtomicU64,
     amnesty_running: tokio::sync::Mutex<()>,
-    /// Hints that spare the store a read (`crate::cache`): credentials and environments read in the
-    /// last second, and a lower bound on the earliest lease deadline.
-    pub(crate) credentials_read: TtlCache<String, tether_core::resources::Credential>,
+    /// Hints that spare the store a read (`crate::cache`): credentials (by id and by secret hash) and
+    /// environments read in the last second, and a lower bound on the earliest lease deadline.
+    pub(crate) credentials_by_id: TtlCache<String, Arc<tether_core::resources::Credential>>,
+    pub(crate) credentials_by_hash: TtlCache<String, Arc<tether_core::resources::Credential>>,
     pub(crate) environments_read: TtlCache<String, Arc<tether_core::resources::Environment>>,
     pub(crate) lease_horizon: LeaseHorizon,
 }
@@ -131,7 +132,8 @@ impl App {
             dispatch_now: tokio::sync::Notify::new(),
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
-            credentials_read: TtlCache::new(RECORD_TTL),
+            credentials_by_id: TtlCache::new(RECORD_TTL),
+            credentials_by_hash: TtlCache::new(RECORD_TTL),
             environments_read: TtlCache::new(RECORD_TTL),
             lease_horizon: LeaseHorizon::default(),
         }))

@@ -1,5 +1,7 @@
 //! Credentials (§11.1): admin tokens, environment keys, and resolving a presented secret.
 
+use std::sync::Arc;
+
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Credential, CredentialKind};
 use tether_store::{ChangeSet, Page, PageRequest, Write};
@@ -123,11 +125,11 @@ impl App {
         }
         Ok(match credential.kind {
             CredentialKind::Admin => Principal::Admin {
-                credential_id: credential.id,
+                credential_id: credential.id.clone(),
             },
             CredentialKind::Environment => Principal::EnvironmentKey {
-                credential_id: credential.id,
-                environment_id: credential.environment_id.unwrap_or_default(),
+                credential_id: credential.id.clone(),
+                environment_id: credential.environment_id.clone().unwrap_or_default(),
             },
         })
     }
@@ -135,22 +137,28 @@ impl App {
     /// A credential by id or by secret hash, from the one-second cache (`crate::cache`) when this
     /// process read it lately: a revocation through another process takes effect within that bound,
     /// one through this process at once (the commit clears the cache). Unknown secrets are not cached.
-    async fn credential_read(&self, key: &str, kind: CredentialKey) -> Result<Option<Credential>> {
-        let cache_key = match kind {
-            CredentialKey::Id => format!("id:{key}"),
-            CredentialKey::SecretHash => format!("hash:{key}"),
+    async fn credential_read(
+        &self,
+        key: &str,
+        kind: CredentialKey,
+    ) -> Result<Option<Arc<Credential>>> {
+        // One cache per key, looked up by `&str` and holding shared records: a request authenticated
+        // from the cache allocates nothing here.
+        let cache = match kind {
+            CredentialKey::Id => &self.credentials_by_id,
+            CredentialKey::SecretHash => &self.credentials_by_hash,
         };
-        if let Some(credential) = self.credentials_read.get(&cache_key) {
+        if let Some(credential) = cache.get(key) {
             return Ok(Some(credential));
         }
         let read_at = std::time::Instant::now();
         let credential = match kind {
             CredentialKey::Id => self.store.get_credential(key).await?,
             CredentialKey::SecretHash => self.store.credential_by_hash(key).await?,
-        };
+        }
+        .map(Arc::new);
         if let Some(credential) = &credential {
-            self.credentials_read
-                .put(cache_key, credential.clone(), read_at);
+            cache.put(key.to_owned(), Arc::clone(credential), read_at);
         }
         Ok(credential)
     }

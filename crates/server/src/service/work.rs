@@ -783,7 +783,8 @@ impl App {
     }
 
     pub(super) fn forget_cached_records(&self) {
-        self.credentials_read.clear();
+        self.credentials_by_id.clear();
+        self.credentials_by_hash.clear();
         self.environments_read.clear();
     }
 

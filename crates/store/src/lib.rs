@@ -419,7 +419,8 @@ pub trait Store: Send + Sync + 'static {
 
 /// The `seq` of the `index`-th transition written with the item's `version`: versions increase by one per
 /// write, so this orders an item's history without a global sequence (which distributed engines lack).
+/// The last seq of each version (`index` 63) is kept for the chunk rows of `sql::HISTORY_SPILL_EVERY`.
 pub fn history_seq(version: i64, index: usize) -> i64 {
-    assert!(index < 64, "a single step never has this many transitions");
+    assert!(index < 63, "a single step never has this many transitions");
     version * 64 + index as i64
 }

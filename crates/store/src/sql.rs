@@ -209,6 +209,24 @@ ALTER TABLE work_items ADD COLUMN history TEXT NOT NULL DEFAULT '';
     ),
 ];
 
+/// The statement that reads the newest migration a database has had.
+pub const NEWEST_MIGRATION: &str = "SELECT CAST(MAX(version) AS BIGINT) FROM schema_migrations";
+
+/// Refuses a database that a newer build has migrated past the migrations this one knows: its SQL
+/// may no longer match the schema (a newer build keeps a work item's history where this one would
+/// not look for it, say). Servers sharing one database run the same build; an upgrade stops them
+/// all, starts one of the new build (which migrates), then the rest.
+pub fn check_schema_known(newest_applied: Option<i64>) -> StoreResult<()> {
+    let known = MIGRATIONS.last().map_or(0, |(version, _)| *version);
+    match newest_applied {
+        Some(newest) if newest > known => Err(StoreError::Internal(format!(
+            "the database's schema is at migration {newest}, newer than this build knows ({known}): \
+             run the build that migrated it (servers sharing a database must run the same build)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A work item's history is appended to the item's own `history` column, one line per transition
 /// (`<seq> <transition as JSON>`), by the same `UPDATE` that writes the item: no row of its own per
 /// transition, which measured as the largest single cost of a transition on PostgreSQL

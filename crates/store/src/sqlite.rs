@@ -140,6 +140,10 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)")
         .map_err(internal)?;
+    let newest: Option<i64> = conn
+        .query_row(sql::NEWEST_MIGRATION, [], |r| r.get(0))
+        .map_err(internal)?;
+    sql::check_schema_known(newest)?;
     for (version, script) in sql::MIGRATIONS {
         let applied: bool = conn
             .query_row(

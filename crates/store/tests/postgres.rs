@@ -397,7 +397,33 @@ async fn an_items_long_history_reads_whole_in_pages() {
     let Some(store) = store_on_a_fresh_database().await else {
         return;
     };
-    common::an_items_long_history_reads_whole_in_pages(&store).await;
+    let shapes = common::an_items_long_history_reads_whole_in_pages(&store).await;
+    for shape in shapes {
+        let rows = query_all(
+            store.executor(),
+            &format!(
+                "SELECT CAST((SELECT COUNT(*) FROM work_transitions WHERE work_id = '{0}') AS BIGINT), \
+                 (SELECT history FROM work_items WHERE id = '{0}')",
+                shape.work_id
+            ),
+        )
+        .await;
+        assert_eq!(
+            rows[0][0],
+            Value::Int(shape.chunks as i64),
+            "{}: chunk rows",
+            shape.work_id
+        );
+        let Value::Text(lines) = &rows[0][1] else {
+            panic!("{}: no history column", shape.work_id);
+        };
+        assert_eq!(
+            lines.lines().count(),
+            shape.lines,
+            "{}: lines in the row",
+            shape.work_id
+        );
+    }
 }
 
 #[tokio::test]
@@ -406,4 +432,33 @@ async fn an_item_is_read_with_its_session() {
         return;
     };
     common::an_item_is_read_with_its_session(&store).await;
+}
+
+/// A database that a newer build has migrated further is refused at connect, with the reason.
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_build_is_refused() {
+    let Some(url) = fresh().await else {
+        return;
+    };
+    let store = postgres::connect(&url).await.unwrap();
+    let inserted = store
+        .executor()
+        .execute(vec![(
+            Statement::new(
+                "INSERT INTO schema_migrations (version) VALUES (1000)",
+                vec![],
+            ),
+            Expect::OneRow,
+        )])
+        .await;
+    assert!(inserted.is_ok(), "{inserted:?}");
+    drop(store);
+    let refused = postgres::connect(&url)
+        .await
+        .err()
+        .expect("a newer schema is refused");
+    assert!(
+        refused.to_string().contains("newer than this build knows"),
+        "{refused}"
+    );
 }

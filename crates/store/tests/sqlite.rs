@@ -17,7 +17,29 @@ async fn an_items_history_is_written_with_its_row_or_not_at_all() {
 async fn an_items_long_history_reads_whole_in_pages() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
-    common::an_items_long_history_reads_whole_in_pages(&store).await;
+    let shapes = common::an_items_long_history_reads_whole_in_pages(&store).await;
+    let conn = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+    for shape in shapes {
+        let (chunks, lines): (i64, String) = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM work_transitions WHERE work_id = ?1), \
+                 (SELECT history FROM work_items WHERE id = ?1)",
+                [shape.work_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            chunks as usize, shape.chunks,
+            "{}: chunk rows",
+            shape.work_id
+        );
+        assert_eq!(
+            lines.lines().count(),
+            shape.lines,
+            "{}: lines in the row",
+            shape.work_id
+        );
+    }
 }
 
 #[tokio::test]
@@ -189,5 +211,25 @@ async fn history_written_before_migration_3_reads_with_what_came_after() {
         lines.lines().count(),
         3 * delivered.transitions.len(),
         "the spilling write (version 32) and the two after it keep their lines in the row: {lines:?}"
+    );
+}
+
+/// A database that a newer build has migrated further is refused at open, with the reason: this
+/// build's SQL may no longer fit its schema.
+#[test]
+fn a_database_migrated_by_a_newer_build_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tether.db");
+    drop(sqlite::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("INSERT INTO schema_migrations (version) VALUES (1000)", [])
+        .unwrap();
+    drop(conn);
+    let refused = sqlite::open(&path)
+        .err()
+        .expect("a newer schema is refused");
+    assert!(
+        refused.to_string().contains("newer than this build knows"),
+        "{refused}"
     );
 }

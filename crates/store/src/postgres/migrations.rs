@@ -25,9 +25,10 @@ pub(super) async fn migrate(config: &Config, tls: &MakeRustlsConnect) -> StoreRe
             .await
         {
             Ok(_) => true,
-            // Some PostgreSQL-compatible engines lack advisory locks. The migrations are idempotent
-            // (IF NOT EXISTS, and a version recorded twice is recorded once), so servers starting
-            // together there may both run one; a collision fails a start, which is retried.
+            // Some PostgreSQL-compatible engines lack advisory locks. Servers starting together there
+            // may both run a migration: most are idempotent (IF NOT EXISTS, and a version recorded
+            // twice is recorded once); the second run of one that is not (migration 3 adds a column)
+            // fails in its transaction, which fails that start, and the retried start finds it done.
             Err(e)
                 if e.code() == Some(&SqlState::UNDEFINED_FUNCTION)
                     || e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED) =>
@@ -45,6 +46,12 @@ pub(super) async fn migrate(config: &Config, tls: &MakeRustlsConnect) -> StoreRe
             )
             .await
             .map_err(classify)?;
+        let newest: Option<i64> = client
+            .query_one(sql::NEWEST_MIGRATION, &[])
+            .await
+            .map_err(classify)?
+            .get(0);
+        sql::check_schema_known(newest)?;
         for (version, script) in sql::MIGRATIONS {
             let applied = client
                 .query_opt(

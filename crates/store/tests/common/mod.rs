@@ -116,57 +116,120 @@ pub async fn an_items_history_is_written_with_its_row_or_not_at_all(store: &impl
     assert_eq!((read.version, read.value), (2, delivered.item));
 }
 
-/// An item's history stays whole and in order, page after page, however many writes it has had: the
-/// lines kept in the item's row move to chunk rows every `HISTORY_SPILL_EVERY` versions, and a refused
-/// write at such a version moves nothing.
-pub async fn an_items_long_history_reads_whole_in_pages(store: &impl Store) {
-    use tether_store::sql::HISTORY_SPILL_EVERY;
-    let enqueued = enqueue(store, "work_long", "sesn_long").await;
-    let delivered =
-        work::deliver(&enqueued.item, Some("w"), "hash".into(), None, AT.next(), 0).unwrap();
-    let update = |expected_version| {
-        ChangeSet::one(Write::UpdateWork {
-            item: delivered.item.clone(),
-            expected_version,
-            transitions: delivered.transitions.clone(),
-        })
-    };
-    let mut expected = vec![tether_store::history_seq(1, 0)];
-    for version in 1..3 * HISTORY_SPILL_EVERY + 5 {
-        if (version + 1) % HISTORY_SPILL_EVERY == 0 {
-            assert!(matches!(
-                store.commit(update(version + 1)).await,
-                Err(StoreError::Conflict)
-            ));
-        }
-        store.commit(update(version)).await.unwrap();
-        expected.extend(
-            (0..delivered.transitions.len()).map(|i| tether_store::history_seq(version + 1, i)),
-        );
-    }
+/// How many chunk rows of `work_transitions` and lines of its own an item should have.
+pub struct HistoryShape {
+    pub work_id: &'static str,
+    pub chunks: usize,
+    pub lines: usize,
+}
+
+/// Reads an item's whole history `limit` transitions at a time; checks that every page but the last
+/// is full and says there is more, and the last says there is not.
+async fn history_in_pages(store: &impl Store, work_id: &str, limit: u32) -> Vec<i64> {
     let mut read = Vec::new();
     let mut after = None;
-    loop {
-        let page = store.list_history("work_long", after, 7).await.unwrap();
-        assert!(page.items.len() <= 7);
+    for _ in 0..10_000 {
+        let page = store.list_history(work_id, after, limit).await.unwrap();
         read.extend(page.items.iter().map(|h| h.seq));
         after = read.last().copied();
         if !page.has_more {
-            break;
+            return read;
         }
         assert_eq!(
             page.items.len(),
-            7,
-            "a page short of its limit says there is no more"
+            limit as usize,
+            "{work_id}: a page that says there is more is full"
         );
     }
-    assert_eq!(read, expected);
+    panic!("{work_id}: the pages never end");
+}
+
+/// An item's history stays whole and in order, page after page, however many writes it has had: the
+/// lines kept in the item's row move to chunk rows every `HISTORY_SPILL_EVERY` versions, and a change
+/// set refused after its spill moves nothing. Returns what each item's rows should hold, for the
+/// caller to check with its backend's own SQL.
+pub async fn an_items_long_history_reads_whole_in_pages(store: &impl Store) -> Vec<HistoryShape> {
+    use tether_store::history_seq;
+    use tether_store::sql::HISTORY_SPILL_EVERY as EVERY;
+    let update = |item: &tether_core::WorkItem,
+                  expected_version,
+                  transitions: &[tether_core::Transition]| Write::UpdateWork {
+        item: item.clone(),
+        expected_version,
+        transitions: transitions.to_vec(),
+    };
+
+    // An item with a transition at every write: three chunks, and six versions' lines in its row.
+    let enqueued = enqueue(store, "work_long", "sesn_long").await;
+    let delivered =
+        work::deliver(&enqueued.item, Some("w"), "hash".into(), None, AT.next(), 0).unwrap();
+    let per_write = delivered.transitions.len();
+    let mut expected = vec![history_seq(1, 0)];
+    for version in 1..3 * EVERY + 5 {
+        let write = update(&delivered.item, version, &delivered.transitions);
+        if (version + 1) % EVERY == 0 {
+            // The same write twice in one change set: the second finds the version moved on, and the
+            // whole set, the first write's spill included, is taken back. Were the spill's chunk row
+            // left behind, the retry below would collide with it.
+            let mut refused = ChangeSet::one(write.clone());
+            refused.push(write.clone());
+            assert!(matches!(
+                store.commit(refused).await,
+                Err(StoreError::Conflict)
+            ));
+        }
+        store.commit(ChangeSet::one(write)).await.unwrap();
+        expected.extend((0..per_write).map(|i| history_seq(version + 1, i)));
+    }
+    for limit in [1, 7, 1_000] {
+        assert_eq!(
+            history_in_pages(store, "work_long", limit).await,
+            expected,
+            "limit {limit}"
+        );
+    }
     let whole = store.list_history("work_long", None, 1_000).await.unwrap();
-    assert!(!whole.has_more);
     assert_eq!(whole.items[0].transition, enqueued.transitions[0]);
     assert!(whole.items[1..]
         .iter()
         .all(|h| h.transition == delivered.transitions[0]));
+
+    // An item whose writes mostly carry no transition (heartbeats): each chunk holds one line, so a
+    // cursor at a chunk's end leaves that chunk with nothing after it.
+    let enqueued = enqueue(store, "work_sparse", "sesn_sparse").await;
+    let mut expected = vec![history_seq(1, 0)];
+    for version in 1..=5 * EVERY {
+        let transitions: &[tether_core::Transition] = if (version + 1) % EVERY == 1 {
+            &delivered.transitions
+        } else {
+            &[]
+        };
+        store
+            .commit(ChangeSet::one(update(&enqueued.item, version, transitions)))
+            .await
+            .unwrap();
+        expected.extend((0..transitions.len()).map(|i| history_seq(version + 1, i)));
+    }
+    for limit in [1, 2, 3, 1_000] {
+        assert_eq!(
+            history_in_pages(store, "work_sparse", limit).await,
+            expected,
+            "limit {limit}"
+        );
+    }
+
+    vec![
+        HistoryShape {
+            work_id: "work_long",
+            chunks: 3,
+            lines: 6 * per_write,
+        },
+        HistoryShape {
+            work_id: "work_sparse",
+            chunks: 5,
+            lines: per_write,
+        },
+    ]
 }
 
 /// `get_work_with_session` answers the item and its session as they are, the session `None` when it

@@ -419,8 +419,15 @@ pub trait Store: Send + Sync + 'static {
 
 /// The `seq` of the `index`-th transition written with the item's `version`: versions increase by one per
 /// write, so this orders an item's history without a global sequence (which distributed engines lack).
-/// The last seq of each version (`index` 63) is kept for the chunk rows of `sql::HISTORY_SPILL_EVERY`.
+/// The last seq of each version (`index` 63) is kept for [`history_chunk_seq`].
 pub fn history_seq(version: i64, index: usize) -> i64 {
     assert!(index < 63, "a single step never has this many transitions");
     version * 64 + index as i64
+}
+
+/// The `seq` of the chunk row that the write creating `version` moves the item's history lines into
+/// (`sql::HISTORY_SPILL_EVERY`): above every line written before that version, below every line
+/// written with it or after.
+pub fn history_chunk_seq(version: i64) -> i64 {
+    history_seq(version, 0) - 1
 }

@@ -11,8 +11,8 @@ use tether_core::resources::{Agent, Credential, CredentialKind};
 use tether_core::{Cause, Timestamp, WorkItem, WorkState};
 
 use crate::{
-    history_seq, ArchiveFilter, ChangeSet, Cursor, HistoryRow, Page, PageRequest, QueueCounts,
-    SessionFilter, StoreError, StoreResult, Versioned, WorkFilter, Write,
+    history_chunk_seq, history_seq, ArchiveFilter, ChangeSet, Cursor, HistoryRow, Page,
+    PageRequest, QueueCounts, SessionFilter, StoreError, StoreResult, Versioned, WorkFilter, Write,
 };
 
 /// A bound parameter or a fetched column value.
@@ -538,7 +538,7 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
                         "INSERT INTO work_transitions (work_id, seq, doc) \
                          SELECT id, CAST($3 AS BIGINT), history FROM work_items \
                          WHERE id = $1 AND version = $2 AND history <> ''",
-                        vec![item.id.as_str().into(), (*expected_version).into(), (history_seq(version, 0) - 1).into()],
+                        vec![item.id.as_str().into(), (*expected_version).into(), history_chunk_seq(version).into()],
                     ),
                     Any,
                 ));
@@ -1000,8 +1000,8 @@ pub fn decode_history(rows: &[Row], after_seq: Option<i64>) -> StoreResult<Vec<H
     }
     let after = after_seq.unwrap_or(-1);
     history.retain(|h| h.seq > after);
-    // Already in order, except while a server of the build before migration 3 still writes rows
-    // beside another's lines (a rolling upgrade): the order is the seq's either way.
+    // Already in order, unless a build from before migration 3 wrote rows after this build's lines,
+    // which the README's upgrade rule forbids: the order is the seq's even then.
     history.sort_by_key(|h| h.seq);
     Ok(history)
 }
@@ -1178,7 +1178,7 @@ mod tests {
         );
         let rows = vec![
             old(history_seq(1, 0), Enqueued),
-            vec![Value::Int(history_seq(4, 0) - 1), Value::Text(chunk)],
+            vec![Value::Int(history_chunk_seq(4)), Value::Text(chunk)],
             vec![
                 Value::Int(INLINE_HISTORY),
                 Value::Text(lines(5, &[StopRequested])),

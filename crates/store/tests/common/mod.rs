@@ -82,8 +82,8 @@ async fn history_len(store: &impl Store, work_id: &str) -> usize {
     page.unwrap().items.len()
 }
 
-/// An item's history rows are written exactly when the conditional write of its row is, never alone
-/// (PostgreSQL writes both in one statement, SQLite in one transaction).
+/// An item's history is written exactly when the conditional write of its row is, never alone (its
+/// lines are part of that one `UPDATE` or `INSERT`).
 pub async fn an_items_history_is_written_with_its_row_or_not_at_all(store: &impl Store) {
     let enqueued = enqueue(store, "work_history", "sesn_history").await;
     assert_eq!(history_len(store, "work_history").await, 1);

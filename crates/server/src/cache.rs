@@ -9,6 +9,12 @@
 //!   earlier; the dispatcher's tick queries the store anyway and refreshes the bound, and every request
 //!   that touches an item settles its expiry itself, so the bound only delays an expiry's timeliness by
 //!   at most one tick.
+//! - [`WrittenRecords`] holds work items and sessions as this process last wrote them, with the row
+//!   version the write produced, so that the next operation on the item (a heartbeat after an ack, a
+//!   stop after a heartbeat) starts from there instead of reading. Another process may have written
+//!   since: the next write is conditional on that version, so a stale record is refused and forgotten,
+//!   and the caller reads and decides again. A decision taken from a remembered record that writes
+//!   nothing (a refusal, a read) is never answered from it.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -16,6 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tether_core::Timestamp;
+use tether_store::Versioned;
 
 /// How long a cached credential or environment may be used: a revocation or archive made through
 /// another server process takes effect within this bound.
@@ -61,6 +68,75 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
 
     pub fn clear(&self) {
         self.entries.lock().expect("cache lock").clear();
+    }
+}
+
+/// Records as this process last wrote them (see the module's comment), keyed by id. Bounded: two
+/// generations of at most `capacity` each, the older dropped whole when the newer fills, so the
+/// records written last are kept and a lookup or a write costs O(1).
+pub struct WrittenRecords<V> {
+    capacity: usize,
+    generations: Mutex<Generations<V>>,
+}
+
+struct Generations<V> {
+    newer: HashMap<String, Versioned<V>>,
+    older: HashMap<String, Versioned<V>>,
+}
+
+impl<V: Clone> WrittenRecords<V> {
+    pub fn new(capacity: usize) -> Self {
+        assert!(capacity > 0, "a memory of no records remembers nothing");
+        WrittenRecords {
+            capacity,
+            generations: Mutex::new(Generations {
+                newer: HashMap::new(),
+                older: HashMap::new(),
+            }),
+        }
+    }
+
+    /// The record as this process last wrote it, if it still remembers.
+    pub fn get(&self, id: &str) -> Option<Versioned<V>> {
+        let generations = self.generations.lock().expect("written records lock");
+        generations
+            .newer
+            .get(id)
+            .or_else(|| generations.older.get(id))
+            .cloned()
+    }
+
+    /// This process committed `record`. Two requests on one record may finish their commits in
+    /// either order: a version older than the one remembered is not taken.
+    pub fn wrote(&self, id: &str, record: Versioned<V>) {
+        let mut generations = self.generations.lock().expect("written records lock");
+        let Generations { newer, older } = &mut *generations;
+        let known = newer.get(id).or_else(|| older.get(id));
+        if known.is_some_and(|known| known.version >= record.version) {
+            return;
+        }
+        older.remove(id);
+        if newer.len() >= self.capacity {
+            *older = std::mem::take(newer);
+        }
+        newer.insert(id.to_owned(), record);
+        debug_assert!(newer.len() <= self.capacity && older.len() <= self.capacity);
+    }
+
+    /// Drops the record: a write to it was refused or its outcome is unknown, or it was deleted.
+    pub fn forget(&self, id: &str) {
+        let mut generations = self.generations.lock().expect("written records lock");
+        generations.newer.remove(id);
+        generations.older.remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        let generations = self.generations.lock().expect("written records lock");
+        generations.newer.len() + generations.older.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -169,6 +245,57 @@ mod tests {
         h.refreshed(n, Some(at(200)));
         assert!(h.may_be_due(at(50)));
         assert!(!h.may_be_due(at(49)));
+    }
+
+    fn record(version: i64) -> Versioned<&'static str> {
+        Versioned {
+            value: "doc",
+            version,
+        }
+    }
+
+    #[test]
+    fn a_written_record_is_remembered_at_its_newest_version() {
+        let w = WrittenRecords::new(4);
+        assert_eq!(w.get("a"), None);
+        w.wrote("a", record(3));
+        w.wrote("a", record(2));
+        assert_eq!(
+            w.get("a").map(|r| r.version),
+            Some(3),
+            "an older write finishing late"
+        );
+        w.wrote("a", record(4));
+        assert_eq!(w.get("a").map(|r| r.version), Some(4));
+        w.forget("a");
+        assert_eq!(w.get("a"), None);
+        w.wrote("a", record(1));
+        assert_eq!(
+            w.get("a").map(|r| r.version),
+            Some(1),
+            "a forgotten record starts over"
+        );
+    }
+
+    #[test]
+    fn written_records_keep_the_latest_within_two_generations() {
+        let capacity = 8;
+        let w = WrittenRecords::new(capacity);
+        for i in 0..100_usize {
+            w.wrote(&format!("r{i}"), record(1));
+            assert!(w.len() <= 2 * capacity);
+            // The last `capacity` writes are always there.
+            for j in i.saturating_sub(capacity - 1)..=i {
+                assert!(w.get(&format!("r{j}")).is_some(), "r{j} after r{i}");
+            }
+        }
+        // A record rewritten moves to the newer generation and survives the next turnover.
+        w.wrote("r92", record(2));
+        for i in 100..100 + capacity {
+            w.wrote(&format!("r{i}"), record(1));
+        }
+        assert_eq!(w.get("r92").map(|r| r.version), Some(2));
+        assert_eq!(w.get("r93"), None);
     }
 
     #[test]

@@ -21,13 +21,17 @@ use tether_store::{ChangeSet, Notice, Store, Write};
 use tokio::sync::watch;
 
 pub use self::error::{Error, Missing, Result};
-use crate::cache::{LeaseHorizon, TtlCache, RECORD_TTL};
+use crate::cache::{LeaseHorizon, TtlCache, WrittenRecords, RECORD_TTL};
 use crate::hub::SessionHub;
 use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
 
 /// How many times an operation re-reads and re-decides after losing a race before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 32;
+/// Work items, and sessions, whose last write here each generation of the memory holds
+/// (`crate::cache::WrittenRecords`): a few thousand live items at once start their next operation
+/// from memory; beyond that some read first, as all did before.
+const WRITTEN_RECORDS: usize = 4_096;
 
 /// Server settings that the service consults.
 #[derive(Clone, Debug)]
@@ -104,6 +108,10 @@ pub struct AppInner {
     pub(crate) credentials_by_hash: TtlCache<String, Arc<tether_core::resources::Credential>>,
     pub(crate) environments_read: TtlCache<String, Arc<tether_core::resources::Environment>>,
     pub(crate) lease_horizon: LeaseHorizon,
+    /// Work items and sessions as this process last wrote them (`crate::cache::WrittenRecords`):
+    /// where the next operation on an item starts instead of reading it.
+    pub(crate) written_items: WrittenRecords<tether_core::WorkItem>,
+    pub(crate) written_sessions: WrittenRecords<tether_core::resources::Session>,
 }
 
 impl std::ops::Deref for App {
@@ -136,6 +144,8 @@ impl App {
             credentials_by_hash: TtlCache::new(RECORD_TTL),
             environments_read: TtlCache::new(RECORD_TTL),
             lease_horizon: LeaseHorizon::default(),
+            written_items: WrittenRecords::new(WRITTEN_RECORDS),
+            written_sessions: WrittenRecords::new(WRITTEN_RECORDS),
         }))
     }
 
@@ -180,7 +190,12 @@ impl App {
             .map(|t| t.cause.as_str())
             .collect();
         let cached_records_changed = self.before_commit(&changes);
-        self.store.commit(changes).await?;
+        let written = WrittenSet::of(&changes);
+        if let Err(e) = self.store.commit(changes).await {
+            written.forget(self);
+            return Err(e);
+        }
+        written.remember(self);
         if cached_records_changed {
             // Again: a read that raced with the write may have cached the record as it was.
             self.forget_cached_records();
@@ -291,4 +306,88 @@ pub(crate) fn bounded_name(value: String, field: &str, max: usize) -> Result<Str
         ));
     }
     Ok(value)
+}
+
+/// The work items and sessions a change set writes, as they will be once it commits.
+struct WrittenSet {
+    items: Vec<(
+        String,
+        Option<tether_store::Versioned<tether_core::WorkItem>>,
+    )>,
+    sessions: Vec<(
+        String,
+        Option<tether_store::Versioned<tether_core::resources::Session>>,
+    )>,
+}
+
+impl WrittenSet {
+    fn of(changes: &ChangeSet) -> Self {
+        let mut set = WrittenSet {
+            items: Vec::new(),
+            sessions: Vec::new(),
+        };
+        fn at<V>(value: V, version: i64) -> Option<tether_store::Versioned<V>> {
+            Some(tether_store::Versioned { value, version })
+        }
+        for write in &changes.writes {
+            match write {
+                // A row's first version is 1; each update adds one (`tether_store::sql`). A finished
+                // item takes no further operation worth a memory slot.
+                Write::InsertWork { item, .. } => {
+                    set.items.push((item.id.clone(), at(item.clone(), 1)))
+                }
+                Write::UpdateWork {
+                    item,
+                    expected_version,
+                    ..
+                } => set.items.push((
+                    item.id.clone(),
+                    item.state
+                        .is_live()
+                        .then(|| item.clone())
+                        .and_then(|item| at(item, expected_version + 1)),
+                )),
+                Write::InsertSession(session) => set
+                    .sessions
+                    .push((session.id.clone(), at(session.clone(), 1))),
+                Write::UpdateSession {
+                    session,
+                    expected_version,
+                } => set.sessions.push((
+                    session.id.clone(),
+                    at(session.clone(), expected_version + 1),
+                )),
+                Write::DeleteSession { id, .. } => set.sessions.push((id.clone(), None)),
+                _ => {}
+            }
+        }
+        set
+    }
+
+    /// The change set committed: its records are as written (a deleted or finished one is dropped).
+    fn remember(self, app: &App) {
+        for (id, item) in self.items {
+            match item {
+                Some(item) => app.written_items.wrote(&id, item),
+                None => app.written_items.forget(&id),
+            }
+        }
+        for (id, session) in self.sessions {
+            match session {
+                Some(session) => app.written_sessions.wrote(&id, session),
+                None => app.written_sessions.forget(&id),
+            }
+        }
+    }
+
+    /// The change set was refused, or its outcome is unknown: what this process remembers of its
+    /// records may be stale.
+    fn forget(self, app: &App) {
+        for (id, _) in self.items {
+            app.written_items.forget(&id);
+        }
+        for (id, _) in self.sessions {
+            app.written_sessions.forget(&id);
+        }
+    }
 }

@@ -53,6 +53,15 @@ enum SessionAhead {
     Read(Option<Box<Versioned<Session>>>),
 }
 
+/// Where an attempt of an item operation started from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// The item as this process last wrote it (`crate::cache::WrittenRecords`).
+    Remembered,
+    /// A read made by this attempt.
+    Read,
+}
+
 /// The most candidates a poll reads at once.
 const CLAIM_BATCH: u32 = 64;
 /// Candidates a poll reads beyond the items this process's other polls are taking right now: those
@@ -177,8 +186,36 @@ impl App {
         }
     }
 
+    /// The item of an operation, and its session when `read` asks for it, as this process last wrote
+    /// them (`crate::cache::WrittenRecords`); `None` when it does not remember them all.
+    fn remembered_item_for(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        read: ItemRead,
+    ) -> Option<(Versioned<WorkItem>, SessionAhead)> {
+        let item = self.written_items.get(work_id)?;
+        if item.value.environment_id != environment_id {
+            return None;
+        }
+        let session = match read {
+            ItemRead::Item => SessionAhead::Unread,
+            ItemRead::ItemAndSession => {
+                let session = self.written_sessions.get(item.value.data.session_id()?)?;
+                SessionAhead::Read(Some(Box::new(session)))
+            }
+        };
+        Some((item, session))
+    }
+
     /// Runs `op` on the item after lazy expiry, commits the result with its session effects, and retries
     /// from a fresh read when the item changed underneath. An expiry is committed even when `op` refuses.
+    ///
+    /// An attempt starts from the item as this process last wrote it, when it remembers it, and reads
+    /// only when it does not: most operations on an item follow one made here a moment before. Such a
+    /// start answers only through a conditional write that succeeds, which proves it was current; an
+    /// outcome that writes nothing (a refusal, an expiry, an unchanged item) is decided again from a
+    /// fresh read.
     pub async fn run_item_op<T>(
         &self,
         environment_id: &str,
@@ -188,36 +225,74 @@ impl App {
     ) -> Result<(WorkItem, T)> {
         with_retries(|| async {
             let losses = self.store.losses();
+            let mut recalled = None;
+            if let Some((current, session)) =
+                self.remembered_item_for(environment_id, work_id, read)
+            {
+                recalled = Some(current.version);
+                if let Some(done) = self
+                    .decide_item_op(current, session, Start::Remembered, losses, &op)
+                    .await?
+                {
+                    return Ok(done);
+                }
+            }
             let (current, session) = self.load_item_for(environment_id, work_id, read).await?;
-            if self.amnesty_after_outage().await? {
-                // Deadlines may have moved: decide from a fresh read.
-                return Err(Retry::Conflict);
+            if recalled.is_some_and(|version| version != current.version) {
+                // Written elsewhere since: the next operation would only send a write to be refused.
+                self.written_items.forget(work_id);
             }
-            let now = self.now();
-            let evaluation = work::evaluate(&current.value, now, &self.config.lease, |item| {
-                op(item, now)
-            });
-            if evaluation.expired.is_some() && self.store.losses() != losses {
-                // The database was lost after this read: a worker may have been told (503 with the
-                // amnesty promise) that its lease will outlast the outage. Decide after the amnesty
-                // that follows the reconnection, from a read made then.
-                return Err(Retry::Conflict);
-            }
-            match evaluation.outcome {
-                Ok((step, extra)) => {
-                    let step = work::chain(evaluation.expired, step);
-                    self.commit_step(&current, session, &step, now).await?;
-                    Ok((step.item, extra))
-                }
-                Err(refusal) => {
-                    if let Some(expired) = evaluation.expired {
-                        self.commit_step(&current, session, &expired, now).await?;
-                    }
-                    Err(Retry::Fail(refusal.into()))
-                }
-            }
+            let done = self
+                .decide_item_op(current, session, Start::Read, losses, &op)
+                .await?;
+            Ok(done.expect("a decision from a fresh read is always answered"))
         })
         .await
+    }
+
+    /// One attempt of [`Self::run_item_op`] from `current`: `Ok(None)` when it started from memory
+    /// and its outcome would write nothing, so that it must be decided again from a read. `losses` is
+    /// the store's count of lost connections from before `current` was read or recalled.
+    async fn decide_item_op<T>(
+        &self,
+        current: Versioned<WorkItem>,
+        session: SessionAhead,
+        start: Start,
+        losses: u64,
+        op: &impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
+    ) -> Result<Option<(WorkItem, T)>, Retry> {
+        if self.amnesty_after_outage().await? {
+            // Deadlines may have moved: decide from a fresh read.
+            return Err(Retry::Conflict);
+        }
+        let now = self.now();
+        let evaluation = work::evaluate(&current.value, now, &self.config.lease, |item| {
+            op(item, now)
+        });
+        if evaluation.expired.is_some() && self.store.losses() != losses {
+            // The database was lost after this read: a worker may have been told (503 with the
+            // amnesty promise) that its lease will outlast the outage. Decide after the amnesty
+            // that follows the reconnection, from a read made then.
+            return Err(Retry::Conflict);
+        }
+        let remembered = start == Start::Remembered;
+        match evaluation.outcome {
+            Ok((step, extra)) => {
+                let step = work::chain(evaluation.expired, step);
+                if remembered && !step.changes(&current.value) {
+                    return Ok(None);
+                }
+                self.commit_step(&current, session, &step, now).await?;
+                Ok(Some((step.item, extra)))
+            }
+            Err(_) if remembered => Ok(None),
+            Err(refusal) => {
+                if let Some(expired) = evaluation.expired {
+                    self.commit_step(&current, session, &expired, now).await?;
+                }
+                Err(Retry::Fail(refusal.into()))
+            }
+        }
     }
 
     /// Commits a step taken from `before` (if it changed anything), with its session coupling.

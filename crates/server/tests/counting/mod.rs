@@ -1,0 +1,235 @@
+//! A store that counts some of its calls, and an app over it: for tests of how many store round
+//! trips an operation costs.
+#![allow(dead_code)] // Each test binary uses part of it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tether_core::resources::{Agent, Credential, CredentialKind, Environment, Session};
+use tether_core::{Timestamp, WorkItem};
+use tether_server::service::environments::NewEnvironment;
+use tether_server::{App, ServiceConfig};
+use tether_store::{
+    ArchiveFilter, ChangeSet, HistoryRow, Notice, Page, PageRequest, QueueCounts, SessionFilter,
+    Store, StoreResult, Versioned, WorkFilter,
+};
+use tether_testkit::StoreLocation;
+
+impl Counting {
+    /// Item and session reads so far.
+    pub fn reads(&self) -> u64 {
+        self.item_reads.load(Ordering::SeqCst)
+    }
+}
+
+/// A store that counts queue scans and reads of single work items and sessions.
+pub struct Counting {
+    inner: Arc<dyn Store>,
+    /// `claim_candidates` calls.
+    pub scans: AtomicU64,
+    /// `get_work`, `get_work_with_session` and `get_session` calls.
+    pub item_reads: AtomicU64,
+}
+
+#[async_trait]
+impl Store for Counting {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn commit(&self, changes: ChangeSet) -> StoreResult<()> {
+        self.inner.commit(changes).await
+    }
+    async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {
+        self.inner.announce(notices).await
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice> {
+        self.inner.subscribe()
+    }
+    fn reconnections(&self) -> u64 {
+        self.inner.reconnections()
+    }
+    fn losses(&self) -> u64 {
+        self.inner.losses()
+    }
+    fn in_outage(&self) -> bool {
+        self.inner.in_outage()
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
+    async fn get_environment(&self, id: &str) -> StoreResult<Option<Versioned<Environment>>> {
+        self.inner.get_environment(id).await
+    }
+    async fn list_environments(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Environment>> {
+        self.inner.list_environments(filter, page).await
+    }
+    async fn count_sessions_in_environment(&self, environment_id: &str) -> StoreResult<u64> {
+        self.inner
+            .count_sessions_in_environment(environment_id)
+            .await
+    }
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Versioned<Agent>>> {
+        self.inner.get_agent(id).await
+    }
+    async fn get_agent_version(&self, id: &str, version: u32) -> StoreResult<Option<Agent>> {
+        self.inner.get_agent_version(id, version).await
+    }
+    async fn list_agents(
+        &self,
+        filter: &ArchiveFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Agent>> {
+        self.inner.list_agents(filter, page).await
+    }
+    async fn get_session(&self, id: &str) -> StoreResult<Option<Versioned<Session>>> {
+        self.item_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_session(id).await
+    }
+    async fn list_sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Session>> {
+        self.inner.list_sessions(filter, page).await
+    }
+    async fn list_events(
+        &self,
+        session_id: &str,
+        page: &PageRequest,
+        max_bytes: usize,
+    ) -> StoreResult<Page<tether_store::EventDoc>> {
+        self.inner.list_events(session_id, page, max_bytes).await
+    }
+    async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {
+        self.item_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_work(id).await
+    }
+    async fn get_work_with_session(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<tether_store::WorkWithSession>> {
+        self.item_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_work_with_session(id).await
+    }
+    async fn list_work(
+        &self,
+        environment_id: &str,
+        filter: &WorkFilter,
+        page: &PageRequest,
+    ) -> StoreResult<Page<WorkItem>> {
+        self.inner.list_work(environment_id, filter, page).await
+    }
+    async fn claim_candidates(
+        &self,
+        environment_id: &str,
+        reclaim_cutoff: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<tether_store::Candidate>> {
+        self.scans.fetch_add(1, Ordering::SeqCst);
+        self.inner
+            .claim_candidates(environment_id, reclaim_cutoff, limit)
+            .await
+    }
+    async fn live_work_for_session(
+        &self,
+        session_id: &str,
+    ) -> StoreResult<Option<Versioned<WorkItem>>> {
+        self.inner.live_work_for_session(session_id).await
+    }
+    async fn leased_work_in_environment(&self, environment_id: &str) -> StoreResult<Vec<WorkItem>> {
+        self.inner.leased_work_in_environment(environment_id).await
+    }
+    async fn leases_due_before(
+        &self,
+        before: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<Versioned<WorkItem>>> {
+        self.inner.leases_due_before(before, limit).await
+    }
+    async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts> {
+        self.inner.queue_counts(environment_id).await
+    }
+    async fn work_by_token_hash(
+        &self,
+        token_hash: &str,
+    ) -> StoreResult<Option<Versioned<WorkItem>>> {
+        self.inner.work_by_token_hash(token_hash).await
+    }
+    async fn list_history(
+        &self,
+        work_id: &str,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Page<HistoryRow>> {
+        self.inner.list_history(work_id, after_seq, limit).await
+    }
+    async fn workers_seen(
+        &self,
+        environment_id: &str,
+        since: Timestamp,
+    ) -> StoreResult<Vec<(String, Timestamp)>> {
+        self.inner.workers_seen(environment_id, since).await
+    }
+    async fn credential_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Credential>> {
+        self.inner.credential_by_hash(secret_hash).await
+    }
+    async fn get_credential(&self, id: &str) -> StoreResult<Option<Credential>> {
+        self.inner.get_credential(id).await
+    }
+    async fn list_credentials(
+        &self,
+        kind: CredentialKind,
+        environment_id: Option<&str>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Credential>> {
+        self.inner
+            .list_credentials(kind, environment_id, page)
+            .await
+    }
+    async fn count_credentials(&self, kind: CredentialKind) -> StoreResult<u64> {
+        self.inner.count_credentials(kind).await
+    }
+}
+
+/// An app over a fresh store of `backend` that counts claim scans and item reads, with no periodic dispatcher pass
+/// (every scan counted comes from the test), and one self-hosted environment named `name`.
+pub async fn counting_app(
+    backend: &tether_testkit::Backend,
+    clock: Arc<dyn tether_core::Clock>,
+    name: &str,
+) -> (StoreLocation, App, Arc<Counting>, Environment) {
+    let location = StoreLocation::fresh(backend).await.expect("store");
+    let counting = Arc::new(Counting {
+        inner: location.open().await.expect("open"),
+        scans: AtomicU64::new(0),
+        item_reads: AtomicU64::new(0),
+    });
+    let app = App::new(
+        counting.clone(),
+        clock,
+        ServiceConfig {
+            tick: Duration::from_secs(3600),
+            ..ServiceConfig::default()
+        },
+    );
+    let env = app
+        .create_environment(
+            NewEnvironment {
+                name: name.into(),
+                config: Some(json!({"type": "self_hosted"})),
+                ..NewEnvironment::default()
+            },
+            None,
+        )
+        .await
+        .expect("environment");
+    // The location goes back too: a SQLite one is a directory that must outlive the store.
+    (location, app, counting, env)
+}

@@ -1,0 +1,205 @@
+//! An operation on a work item that follows one made by the same server process starts from the item
+//! (and its session) as that process wrote them, instead of reading them again; and a record another
+//! process changed since never decides an answer: the conditional write is refused and the operation
+//! is decided again from a fresh read.
+
+mod counting;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use counting::counting_app;
+use serde_json::json;
+use tether_core::session::SessionStatus;
+use tether_core::work::ExpectedHeartbeat;
+use tether_core::{SystemClock, WorkState};
+use tether_server::service::agents::NewAgent;
+use tether_server::service::sessions::NewSession;
+use tether_server::{App, ServiceConfig};
+use tether_store::Store;
+use tether_testkit::backends;
+
+/// A session running a turn, with its queued item, in `env`, created through `app`.
+async fn session_in(app: &App, env: &tether_core::resources::Environment) -> String {
+    let agent = app
+        .create_agent(NewAgent {
+            name: "agent".into(),
+            model: Some(json!("model")),
+            ..NewAgent::default()
+        })
+        .await
+        .expect("agent");
+    app.create_session(NewSession {
+        environment_id: env.id.clone(),
+        agent: agent.id,
+        initial_events: vec![json!({
+            "type": "user.message",
+            "content": [{"type": "text", "text": "hello"}]
+        })],
+        ..NewSession::default()
+    })
+    .await
+    .expect("session")
+    .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_cycle_on_one_server_reads_each_item_once() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, app, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "cycle").await;
+        let session_id = session_in(&app, &env).await;
+        let claimed = app
+            .poll(&env, Some("w"), None, None, 5_000)
+            .await
+            .expect("poll")
+            .expect("the session's item");
+        let id = claimed.item.id.clone();
+        let before = counting.reads();
+
+        let acked = app.ack(&env, &id, Some("w")).await.expect("ack");
+        let first = app
+            .heartbeat(&env, &id, ExpectedHeartbeat::None, None, Some("w"))
+            .await
+            .expect("first heartbeat");
+        let second = app
+            .heartbeat(
+                &env,
+                &id,
+                ExpectedHeartbeat::At(first.last_heartbeat),
+                None,
+                Some("w"),
+            )
+            .await
+            .expect("second heartbeat");
+        let reads = counting.reads();
+        app.get_work(&env, &id).await.expect("get");
+        assert_eq!(
+            counting.reads() - reads,
+            1,
+            "{name}: a read that writes nothing is answered from the store, not from memory"
+        );
+        let stopped = app.stop(&env, &id, true).await.expect("stop");
+        assert_eq!(
+            counting.reads() - before,
+            1,
+            "{name}: ack, two heartbeats and a stop after a delivery here read the item or its session"
+        );
+
+        // What the answers said is what the store holds.
+        assert_eq!(acked.state, WorkState::Starting, "{name}");
+        assert_eq!(second.state, WorkState::Active, "{name}");
+        assert_eq!(stopped.state, WorkState::Stopped, "{name}");
+        let stored = counting.get_work(&id).await.expect("read").expect("item");
+        assert_eq!(stored.value, stopped, "{name}");
+        assert_eq!(
+            stored.version, 6,
+            "{name}: insert, delivery, ack, 2 heartbeats, stop"
+        );
+        let session = counting
+            .get_session(&session_id)
+            .await
+            .expect("read")
+            .expect("session");
+        assert!(
+            session.version > 1 && session.value.status != SessionStatus::Running,
+            "{name}: the stop ends the session's turn ({session:?})"
+        );
+
+        app.begin_shutdown();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "two").await;
+        let elsewhere = App::new(
+            counting.clone(),
+            Arc::new(SystemClock),
+            ServiceConfig {
+                tick: Duration::from_secs(3600),
+                ..ServiceConfig::default()
+            },
+        );
+        session_in(&here, &env).await;
+        let id = here
+            .poll(&env, Some("w"), None, None, 5_000)
+            .await
+            .expect("poll")
+            .expect("item")
+            .item
+            .id;
+        here.ack(&env, &id, Some("w")).await.expect("ack");
+        // Timestamps are in microseconds: keep two heartbeats from sharing one.
+        let tick = || tokio::time::sleep(Duration::from_millis(2));
+
+        // The other server takes the first heartbeat: what `here` remembers is one write behind,
+        // and by it the heartbeat below would be refused (the lease has no heartbeat yet).
+        let elsewhere_first = elsewhere
+            .heartbeat(&env, &id, ExpectedHeartbeat::None, None, Some("w"))
+            .await
+            .expect("heartbeat elsewhere");
+        tick().await;
+        let reads = counting.reads();
+        let here_second = here
+            .heartbeat(
+                &env,
+                &id,
+                ExpectedHeartbeat::At(elsewhere_first.last_heartbeat),
+                None,
+                Some("w"),
+            )
+            .await
+            .expect("decided from the store, where the expected heartbeat is the last");
+        assert!(counting.reads() > reads, "{name}: answered from memory");
+
+        // Now `here` remembers its own write, and by it a heartbeat expecting that write is fine;
+        // but the other server has written since, so the store refuses it.
+        tick().await;
+        elsewhere
+            .heartbeat(
+                &env,
+                &id,
+                ExpectedHeartbeat::At(here_second.last_heartbeat),
+                None,
+                Some("w"),
+            )
+            .await
+            .expect("heartbeat elsewhere");
+        tick().await;
+        let stale = here
+            .heartbeat(
+                &env,
+                &id,
+                ExpectedHeartbeat::At(here_second.last_heartbeat),
+                None,
+                Some("w"),
+            )
+            .await;
+        assert!(
+            stale.is_err(),
+            "{name}: a heartbeat expecting a superseded one was accepted"
+        );
+
+        // A stop elsewhere: `here` still remembers a live item, and must not renew its lease.
+        elsewhere
+            .stop(&env, &id, true)
+            .await
+            .expect("stop elsewhere");
+        let renewed = here
+            .heartbeat(&env, &id, ExpectedHeartbeat::Any, None, Some("w"))
+            .await;
+        assert!(
+            renewed.is_err(),
+            "{name}: a stopped item's lease was renewed"
+        );
+        let stored = counting.get_work(&id).await.expect("read").expect("item");
+        assert_eq!(stored.value.state, WorkState::Stopped, "{name}");
+        here.begin_shutdown();
+        elsewhere.begin_shutdown();
+    }
+}

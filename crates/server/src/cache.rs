@@ -71,27 +71,63 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     }
 }
 
-/// Records as this process last wrote them (see the module's comment), keyed by id. Bounded: two
-/// generations of at most `capacity` each, the older dropped whole when the newer fills, so the
-/// records written last are kept and a lookup or a write costs O(1).
+/// Records as this process last wrote them (see the module's comment), keyed by id. Bounded in count
+/// and in bytes (each record weighed by `weigh`, about its size as JSON): two generations,
+/// the older dropped whole when the newer reaches half of either bound, so the records written last
+/// are kept and a lookup or a write costs O(1). A record heavier than a [`RECORD_SHARE`]th of the
+/// byte bound is not kept at all (a session carries its agent, whose tools may be large): its next
+/// operation reads it, as every operation did before.
 pub struct WrittenRecords<V> {
-    capacity: usize,
+    max_entries: usize,
+    max_bytes: usize,
+    weigh: fn(&V) -> usize,
     generations: Mutex<Generations<V>>,
 }
 
+/// The part of the byte bound one record may take at most.
+pub const RECORD_SHARE: usize = 256;
+
 struct Generations<V> {
-    newer: HashMap<String, Versioned<V>>,
-    older: HashMap<String, Versioned<V>>,
+    newer: Generation<V>,
+    older: Generation<V>,
+}
+
+struct Generation<V> {
+    records: HashMap<String, (Versioned<V>, usize)>,
+    bytes: usize,
+}
+
+impl<V> Default for Generation<V> {
+    fn default() -> Self {
+        Generation {
+            records: HashMap::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<V> Generation<V> {
+    fn remove(&mut self, id: &str) {
+        if let Some((_, weight)) = self.records.remove(id) {
+            self.bytes -= weight;
+        }
+    }
 }
 
 impl<V: Clone> WrittenRecords<V> {
-    pub fn new(capacity: usize) -> Self {
-        assert!(capacity > 0, "a memory of no records remembers nothing");
+    /// At most `max_entries` records and `max_bytes` of them, as `weigh` counts, in all.
+    pub fn new(max_entries: usize, max_bytes: usize, weigh: fn(&V) -> usize) -> Self {
+        assert!(
+            max_entries >= 2 && max_bytes >= 2 * RECORD_SHARE,
+            "a memory of no records remembers nothing"
+        );
         WrittenRecords {
-            capacity,
+            max_entries,
+            max_bytes,
+            weigh,
             generations: Mutex::new(Generations {
-                newer: HashMap::new(),
-                older: HashMap::new(),
+                newer: Generation::default(),
+                older: Generation::default(),
             }),
         }
     }
@@ -101,26 +137,41 @@ impl<V: Clone> WrittenRecords<V> {
         let generations = self.generations.lock().expect("written records lock");
         generations
             .newer
+            .records
             .get(id)
-            .or_else(|| generations.older.get(id))
-            .cloned()
+            .or_else(|| generations.older.records.get(id))
+            .map(|(record, _)| record.clone())
     }
 
     /// This process committed `record`. Two requests on one record may finish their commits in
     /// either order: a version older than the one remembered is not taken.
     pub fn wrote(&self, id: &str, record: Versioned<V>) {
+        let weight = id.len() + (self.weigh)(&record.value);
         let mut generations = self.generations.lock().expect("written records lock");
         let Generations { newer, older } = &mut *generations;
-        let known = newer.get(id).or_else(|| older.get(id));
-        if known.is_some_and(|known| known.version >= record.version) {
+        let known = newer
+            .records
+            .get(id)
+            .or_else(|| older.records.get(id))
+            .map(|(known, _)| known.version);
+        if known.is_some_and(|known| known >= record.version) {
             return;
         }
+        newer.remove(id);
         older.remove(id);
-        if newer.len() >= self.capacity {
+        if weight > self.max_bytes / RECORD_SHARE {
+            return;
+        }
+        if newer.records.len() >= self.max_entries / 2 || newer.bytes + weight > self.max_bytes / 2
+        {
             *older = std::mem::take(newer);
         }
-        newer.insert(id.to_owned(), record);
-        debug_assert!(newer.len() <= self.capacity && older.len() <= self.capacity);
+        newer.bytes += weight;
+        newer.records.insert(id.to_owned(), (record, weight));
+        assert!(
+            newer.records.len() <= self.max_entries / 2 && newer.bytes <= self.max_bytes / 2,
+            "a generation over its bounds"
+        );
     }
 
     /// Drops the record: a write to it was refused or its outcome is unknown, or it was deleted.
@@ -130,13 +181,36 @@ impl<V: Clone> WrittenRecords<V> {
         generations.older.remove(id);
     }
 
-    pub fn len(&self) -> usize {
+    /// Records and their weight in bytes.
+    pub fn size(&self) -> (usize, usize) {
         let generations = self.generations.lock().expect("written records lock");
-        generations.newer.len() + generations.older.len()
+        let Generations { newer, older } = &*generations;
+        (
+            newer.records.len() + older.records.len(),
+            newer.bytes + older.bytes,
+        )
     }
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+/// The length of `value` as JSON, without building the text: a record's weight in
+/// [`WrittenRecords`].
+pub fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // A record that cannot be written as JSON could not have been stored either: weigh it as
+    // too heavy to keep.
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX / 2,
     }
 }
 
@@ -256,7 +330,7 @@ mod tests {
 
     #[test]
     fn a_written_record_is_remembered_at_its_newest_version() {
-        let w = WrittenRecords::new(4);
+        let w = WrittenRecords::new(8, 1 << 20, json_len);
         assert_eq!(w.get("a"), None);
         w.wrote("a", record(3));
         w.wrote("a", record(2));
@@ -267,8 +341,10 @@ mod tests {
         );
         w.wrote("a", record(4));
         assert_eq!(w.get("a").map(|r| r.version), Some(4));
+        assert_eq!(w.size(), (1, "a".len() + "\"doc\"".len()));
         w.forget("a");
         assert_eq!(w.get("a"), None);
+        assert_eq!(w.size(), (0, 0));
         w.wrote("a", record(1));
         assert_eq!(
             w.get("a").map(|r| r.version),
@@ -278,24 +354,45 @@ mod tests {
     }
 
     #[test]
-    fn written_records_keep_the_latest_within_two_generations() {
-        let capacity = 8;
-        let w = WrittenRecords::new(capacity);
+    fn written_records_keep_the_latest_within_their_count() {
+        let generation = 8;
+        let w = WrittenRecords::new(2 * generation, 1 << 20, json_len);
         for i in 0..100_usize {
             w.wrote(&format!("r{i}"), record(1));
-            assert!(w.len() <= 2 * capacity);
-            // The last `capacity` writes are always there.
-            for j in i.saturating_sub(capacity - 1)..=i {
+            assert!(w.size().0 <= 2 * generation);
+            // The last `generation` writes are always there.
+            for j in i.saturating_sub(generation - 1)..=i {
                 assert!(w.get(&format!("r{j}")).is_some(), "r{j} after r{i}");
             }
         }
         // A record rewritten moves to the newer generation and survives the next turnover.
         w.wrote("r92", record(2));
-        for i in 100..100 + capacity {
+        for i in 100..100 + generation {
             w.wrote(&format!("r{i}"), record(1));
         }
         assert_eq!(w.get("r92").map(|r| r.version), Some(2));
         assert_eq!(w.get("r93"), None);
+    }
+
+    #[test]
+    fn written_records_keep_within_their_bytes() {
+        let max_bytes = 64 * 1024;
+        let w = WrittenRecords::new(1_000_000, max_bytes, |v: &String| v.len());
+        let heavy = |version, bytes: usize| Versioned {
+            value: "x".repeat(bytes),
+            version,
+        };
+        for i in 0..10_000 {
+            w.wrote(&format!("r{i}"), heavy(1, 100));
+            assert!(w.size().1 <= max_bytes, "{:?}", w.size());
+        }
+        assert!(w.get("r9999").is_some());
+        // Too heavy to keep (with its id): not remembered, and an older copy is dropped rather
+        // than kept.
+        w.wrote("r9999", heavy(2, max_bytes / RECORD_SHARE));
+        assert_eq!(w.get("r9999"), None);
+        w.wrote("r9998", heavy(2, max_bytes / RECORD_SHARE - 10));
+        assert_eq!(w.get("r9998").map(|r| r.version), Some(2));
     }
 
     #[test]

@@ -28,10 +28,13 @@ use crate::waiters::Waiters;
 
 /// How many times an operation re-reads and re-decides after losing a race before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 32;
-/// Work items, and sessions, whose last write here each generation of the memory holds
+/// Work items, and sessions, whose last write here the memory holds at most
 /// (`crate::cache::WrittenRecords`): a few thousand live items at once start their next operation
 /// from memory; beyond that some read first, as all did before.
-const WRITTEN_RECORDS: usize = 4_096;
+const WRITTEN_RECORDS: usize = 8_192;
+/// The bytes (as JSON) of those records, each kind: a work item weighs about 1 KB, a session carries
+/// its agent and may weigh much more.
+const WRITTEN_RECORD_BYTES: usize = 8 << 20;
 
 /// Server settings that the service consults.
 #[derive(Clone, Debug)]
@@ -144,8 +147,16 @@ impl App {
             credentials_by_hash: TtlCache::new(RECORD_TTL),
             environments_read: TtlCache::new(RECORD_TTL),
             lease_horizon: LeaseHorizon::default(),
-            written_items: WrittenRecords::new(WRITTEN_RECORDS),
-            written_sessions: WrittenRecords::new(WRITTEN_RECORDS),
+            written_items: WrittenRecords::new(
+                WRITTEN_RECORDS,
+                WRITTEN_RECORD_BYTES,
+                work::item_weight,
+            ),
+            written_sessions: WrittenRecords::new(
+                WRITTEN_RECORDS,
+                WRITTEN_RECORD_BYTES,
+                crate::cache::json_len,
+            ),
         }))
     }
 

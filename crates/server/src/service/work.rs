@@ -53,6 +53,20 @@ enum SessionAhead {
     Read(Option<Box<Versioned<Session>>>),
 }
 
+/// About the size of `item` as JSON, for the memory of written records, without writing it out (a
+/// work item is written four times per cycle): its fixed fields take well under 1 KB, and what varies
+/// is its metadata (at most 16 keys) and a few ids.
+pub(super) fn item_weight(item: &WorkItem) -> usize {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    1024 + item
+        .metadata
+        .iter()
+        .map(|(key, value)| key.len() + value.len() + 8)
+        .sum::<usize>()
+        + text(&item.owner_worker_id)
+        + text(&item.session_token_issuer)
+}
+
 /// Where an attempt of an item operation started from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Start {
@@ -985,6 +999,39 @@ mod tests {
             claims.take("work_a", 4),
             "read after it (e.g. reclaimable again): may be taken"
         );
+    }
+
+    #[test]
+    fn an_items_weight_is_near_its_size_as_json() {
+        let now = Timestamp::from_micros(1_700_000_000_000_000);
+        let mut item = work::enqueue(
+            ids::new_id(IdKind::Work),
+            ids::new_id(IdKind::Environment),
+            WorkData::session(ids::new_id(IdKind::Session)),
+            Default::default(),
+            now,
+            &tether_core::LeasePolicy::default(),
+        )
+        .item;
+        item.owner_worker_id = Some("worker-1".into());
+        item.session_token_hash = Some("f".repeat(64));
+        item.session_token_issuer = Some(format!("tok_{}", "0".repeat(32)));
+        let full: tether_core::metadata::Metadata = (0..tether_core::metadata::MAX_KEYS)
+            .map(|i| {
+                (
+                    format!("{i:0>64}"),
+                    "v".repeat(tether_core::metadata::MAX_VALUE_CHARS),
+                )
+            })
+            .collect();
+        for metadata in [Default::default(), full] {
+            item.metadata = metadata;
+            let (estimate, json) = (item_weight(&item), crate::cache::json_len(&item));
+            assert!(
+                json <= estimate && estimate <= 2 * json,
+                "estimate {estimate} for {json} bytes of JSON"
+            );
+        }
     }
 
     #[test]

@@ -72,7 +72,8 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
 }
 
 /// Records as this process last wrote them (see the module's comment), keyed by id. Bounded in count
-/// and in bytes (each record weighed by `weigh`, about its size as JSON): two generations,
+/// and in bytes (each record weighed by `weigh`, about its size as JSON, told the most a record may
+/// weigh so that it can stop counting there): two generations,
 /// the older dropped whole when the newer reaches half of either bound, so the records written last
 /// are kept and a lookup or a write costs O(1). A record heavier than a [`RECORD_SHARE`]th of the
 /// byte bound is not kept at all (a session carries its agent, whose tools may be large): its next
@@ -80,7 +81,7 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
 pub struct WrittenRecords<V> {
     max_entries: usize,
     max_bytes: usize,
-    weigh: fn(&V) -> usize,
+    weigh: fn(&V, usize) -> usize,
     generations: Mutex<Generations<V>>,
 }
 
@@ -116,7 +117,7 @@ impl<V> Generation<V> {
 
 impl<V: Clone> WrittenRecords<V> {
     /// At most `max_entries` records and `max_bytes` of them, as `weigh` counts, in all.
-    pub fn new(max_entries: usize, max_bytes: usize, weigh: fn(&V) -> usize) -> Self {
+    pub fn new(max_entries: usize, max_bytes: usize, weigh: fn(&V, usize) -> usize) -> Self {
         assert!(
             max_entries >= 2 && max_bytes >= 2 * RECORD_SHARE,
             "a memory of no records remembers nothing"
@@ -146,7 +147,8 @@ impl<V: Clone> WrittenRecords<V> {
     /// This process committed `record`. Two requests on one record may finish their commits in
     /// either order: a version older than the one remembered is not taken.
     pub fn wrote(&self, id: &str, record: Versioned<V>) {
-        let weight = id.len() + (self.weigh)(&record.value);
+        let most = self.max_bytes / RECORD_SHARE;
+        let weight = id.len().saturating_add((self.weigh)(&record.value, most));
         let mut generations = self.generations.lock().expect("written records lock");
         let Generations { newer, older } = &mut *generations;
         let known = newer
@@ -159,7 +161,7 @@ impl<V: Clone> WrittenRecords<V> {
         }
         newer.remove(id);
         older.remove(id);
-        if weight > self.max_bytes / RECORD_SHARE {
+        if weight > most {
             return;
         }
         if newer.records.len() >= self.max_entries / 2 || newer.bytes + weight > self.max_bytes / 2
@@ -192,25 +194,32 @@ impl<V: Clone> WrittenRecords<V> {
     }
 }
 
-/// The length of `value` as JSON, without building the text: a record's weight in
-/// [`WrittenRecords`].
-pub fn json_len(value: &impl serde::Serialize) -> usize {
-    struct Count(usize);
+/// The length of `value` as JSON, without building the text, or `most + 1` as soon as it is longer
+/// than `most`: a record's weight in [`WrittenRecords`].
+pub fn json_len(value: &impl serde::Serialize, most: usize) -> usize {
+    struct Count {
+        bytes: usize,
+        most: usize,
+    }
     impl std::io::Write for Count {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
+            self.bytes += bytes.len();
+            if self.bytes > self.most {
+                // Stops the serializer: the record is too heavy to keep whatever the rest weighs.
+                return Err(std::io::ErrorKind::FileTooLarge.into());
+            }
             Ok(bytes.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
-    let mut count = Count(0);
-    // A record that cannot be written as JSON could not have been stored either: weigh it as
-    // too heavy to keep.
+    let mut count = Count { bytes: 0, most };
+    // Also a record that cannot be written as JSON (it could not have been stored either) weighs
+    // too much to keep.
     match serde_json::to_writer(&mut count, value) {
-        Ok(()) => count.0,
-        Err(_) => usize::MAX / 2,
+        Ok(()) => count.bytes,
+        Err(_) => most.saturating_add(1),
     }
 }
 
@@ -374,17 +383,40 @@ mod tests {
         assert_eq!(w.get("r93"), None);
     }
 
+    /// The bytes the records held weigh, from the records themselves, against the counters.
+    fn check_bytes<V: Clone>(w: &WrittenRecords<V>) -> usize {
+        let generations = w.generations.lock().unwrap();
+        let held = |g: &Generation<V>| g.records.values().map(|(_, weight)| weight).sum::<usize>();
+        assert_eq!(held(&generations.newer), generations.newer.bytes);
+        assert_eq!(held(&generations.older), generations.older.bytes);
+        generations.newer.bytes + generations.older.bytes
+    }
+
+    #[test]
+    fn json_weighs_stop_at_the_most_a_record_may_weigh() {
+        assert_eq!(json_len(&"doc", 100), 5);
+        assert_eq!(json_len(&"x".repeat(1_000), 100), 101);
+    }
+
     #[test]
     fn written_records_keep_within_their_bytes() {
         let max_bytes = 64 * 1024;
-        let w = WrittenRecords::new(1_000_000, max_bytes, |v: &String| v.len());
+        let w = WrittenRecords::new(1_000_000, max_bytes, |v: &String, _| v.len());
         let heavy = |version, bytes: usize| Versioned {
             value: "x".repeat(bytes),
             version,
         };
         for i in 0..10_000 {
             w.wrote(&format!("r{i}"), heavy(1, 100));
-            assert!(w.size().1 <= max_bytes, "{:?}", w.size());
+            if i % 7 == 0 {
+                // Rewritten, newer: moves between generations.
+                w.wrote(&format!("r{}", i / 2), heavy(2 + i as i64, 50 + i % 100));
+            }
+            if i % 11 == 0 {
+                w.forget(&format!("r{}", i / 3));
+            }
+            assert!(check_bytes(&w) <= max_bytes, "{:?}", w.size());
+            assert_eq!(check_bytes(&w), w.size().1);
         }
         assert!(w.get("r9999").is_some());
         // Too heavy to keep (with its id): not remembered, and an older copy is dropped rather

@@ -5,15 +5,18 @@
 
 mod counting;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use counting::counting_app;
 use serde_json::json;
+use tether_core::events::Sender;
 use tether_core::session::SessionStatus;
 use tether_core::work::ExpectedHeartbeat;
-use tether_core::{SystemClock, WorkState};
+use tether_core::{ManualClock, SystemClock, Timestamp, WorkState};
 use tether_server::service::agents::NewAgent;
+use tether_server::service::events::NewEvents;
 use tether_server::service::sessions::NewSession;
 use tether_server::{App, ServiceConfig};
 use tether_store::Store;
@@ -117,14 +120,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
         let name = backend.name();
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(SystemClock), "two").await;
-        let elsewhere = App::new(
-            counting.clone(),
-            Arc::new(SystemClock),
-            ServiceConfig {
-                tick: Duration::from_secs(3600),
-                ..ServiceConfig::default()
-            },
-        );
+        let elsewhere = other_server(&counting, Arc::new(SystemClock));
         session_in(&here, &env).await;
         let id = here
             .poll(&env, Some("w"), None, None, 5_000)
@@ -201,5 +197,181 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
         assert_eq!(stored.value.state, WorkState::Stopped, "{name}");
         here.begin_shutdown();
         elsewhere.begin_shutdown();
+    }
+}
+
+/// A second server over the same store, with no dispatcher tick of its own during the test.
+fn other_server(counting: &Arc<counting::Counting>, clock: Arc<dyn tether_core::Clock>) -> App {
+    App::new(
+        counting.clone(),
+        clock,
+        ServiceConfig {
+            tick: Duration::from_secs(3600),
+            ..ServiceConfig::default()
+        },
+    )
+}
+
+fn user_message() -> serde_json::Value {
+    json!({"type": "user.message", "content": [{"type": "text", "text": "hi"}]})
+}
+
+/// The session is what the coupling judges when an item stops; a turn started through another
+/// server since `here` last wrote the session must still end with the item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "turn").await;
+        let elsewhere = other_server(&counting, Arc::new(SystemClock));
+        let agent = here
+            .create_agent(NewAgent {
+                name: "agent".into(),
+                model: Some(json!("model")),
+                ..NewAgent::default()
+            })
+            .await
+            .expect("agent");
+        // Created here, idle: `here` remembers the session as idle.
+        let session = here
+            .create_session(NewSession {
+                environment_id: env.id.clone(),
+                agent: agent.id,
+                ..NewSession::default()
+            })
+            .await
+            .expect("session");
+        assert_eq!(session.status, SessionStatus::Idle, "{name}");
+        // The user's message goes through the other server: the session runs a turn.
+        elsewhere
+            .post_events(
+                &session,
+                Sender::Admin,
+                NewEvents {
+                    events: vec![user_message()],
+                },
+            )
+            .await
+            .expect("message elsewhere");
+        let id = here
+            .poll(&env, Some("w"), None, None, 5_000)
+            .await
+            .expect("poll")
+            .expect("item")
+            .item
+            .id;
+        here.ack(&env, &id, Some("w")).await.expect("ack");
+        let stopped = here.stop(&env, &id, true).await.expect("stop");
+        assert_eq!(stopped.state, WorkState::Stopped, "{name}");
+        let session = counting
+            .get_session(&session.id)
+            .await
+            .expect("read")
+            .expect("session");
+        assert_ne!(
+            session.value.status,
+            SessionStatus::Running,
+            "{name}: the item of the turn stopped, and the session still runs it"
+        );
+        here.begin_shutdown();
+        elsewhere.begin_shutdown();
+    }
+}
+
+/// A lease settled by another server puts the session in `rescheduling`; the next ack here must
+/// bring it back to `running`, whatever `here` remembers of the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
+    for backend in backends() {
+        let name = backend.name();
+        let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
+        let (_location, here, counting, env) =
+            counting_app(&backend, Arc::new(clock.clone()), "lapsed").await;
+        let elsewhere = other_server(&counting, Arc::new(clock.clone()));
+        let session_id = session_in(&here, &env).await;
+        let id = here
+            .poll(&env, Some("w"), None, None, 5_000)
+            .await
+            .expect("poll")
+            .expect("item")
+            .item
+            .id;
+        here.ack(&env, &id, Some("w")).await.expect("ack");
+        // The worker goes silent; the other server settles the lapsed lease.
+        clock.advance_millis(3_600_000);
+        assert!(elsewhere.expire_due_leases().await.expect("expiry") >= 1);
+        let status = |counting: Arc<counting::Counting>| {
+            let session_id = session_id.clone();
+            async move {
+                counting
+                    .get_session(&session_id)
+                    .await
+                    .expect("read")
+                    .expect("session")
+                    .value
+                    .status
+            }
+        };
+        assert_eq!(
+            status(counting.clone()).await,
+            SessionStatus::Rescheduling,
+            "{name}"
+        );
+        let again = here
+            .poll(&env, Some("w2"), None, None, 5_000)
+            .await
+            .expect("poll")
+            .expect("the item again")
+            .item
+            .id;
+        assert_eq!(again, id, "{name}");
+        here.ack(&env, &id, Some("w2")).await.expect("ack");
+        assert_eq!(
+            status(counting.clone()).await,
+            SessionStatus::Running,
+            "{name}: acked, and the session still says rescheduling"
+        );
+        here.begin_shutdown();
+        elsewhere.begin_shutdown();
+    }
+}
+
+/// A worker that could not reach the server while the database was away was promised that its
+/// lease outlasts the outage. The first request after the database returns must not settle the
+/// lease from what the server remembers before the amnesty is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_lease_lapses_from_memory_right_after_an_outage() {
+    for backend in backends() {
+        let name = backend.name();
+        let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
+        let (_location, here, counting, env) =
+            counting_app(&backend, Arc::new(clock.clone()), "outage").await;
+        session_in(&here, &env).await;
+        let id = here
+            .poll(&env, Some("w"), None, None, 5_000)
+            .await
+            .expect("poll")
+            .expect("item")
+            .item
+            .id;
+        here.ack(&env, &id, Some("w")).await.expect("ack");
+        counting.down.store(true, Ordering::SeqCst);
+        assert!(here.get_work(&env, &id).await.is_err(), "{name}: down");
+        assert!(
+            here.lease_amnesty_promise().is_some(),
+            "{name}: the worker is promised amnesty"
+        );
+        clock.advance_millis(61_000);
+        counting.down.store(false, Ordering::SeqCst);
+        let answered = here.get_work(&env, &id).await.expect("get");
+        let stored = counting.get_work(&id).await.expect("read").expect("item");
+        assert_eq!(
+            stored.value.state,
+            WorkState::Starting,
+            "{name}: {stored:?}"
+        );
+        assert_eq!(answered.state, WorkState::Starting, "{name}");
+        here.begin_shutdown();
     }
 }

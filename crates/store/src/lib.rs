@@ -96,6 +96,10 @@ pub enum Write {
         item: WorkItem,
         expected_version: i64,
         transitions: Vec<Transition>,
+        /// Also conditional on the item's session being at this version, which the change set does
+        /// not write: a decision that took the session's state into account and left it as it was
+        /// stands only if nobody changed it since (else `Conflict`).
+        session_version: Option<i64>,
     },
     InsertEvent(SessionEvent),
     InsertCredential(Credential),

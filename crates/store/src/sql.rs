@@ -526,7 +526,7 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
                 OneRow,
             ));
         }
-        Write::UpdateWork { item, expected_version, transitions } => {
+        Write::UpdateWork { item, expected_version, transitions, session_version } => {
             let version = expected_version + 1;
             let spill = version % HISTORY_SPILL_EVERY == 0;
             if spill {
@@ -558,11 +558,23 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             if !history.is_empty() {
                 params.push(history_lines(version, transitions).into());
             }
+            let session_guard = match (session_version, item.data.session_id()) {
+                (Some(session_version), Some(session_id)) => {
+                    params.push(session_id.into());
+                    params.push((*session_version).into());
+                    let (id, version) = (params.len() - 1, params.len());
+                    format!(" AND EXISTS (SELECT 1 FROM sessions WHERE id = ${id} AND version = ${version})")
+                }
+                // An item without a session has none to guard: its write is refused as if the
+                // session had changed, rather than standing on nothing.
+                (Some(_), None) => " AND 1 = 0".to_owned(),
+                (None, _) => String::new(),
+            };
             out.push((
                 Statement::new(
                     format!(
                         "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
-                         lease_expires_at = $5, token_hash = $6, doc = $7{history} WHERE id = $1 AND version = $8"
+                         lease_expires_at = $5, token_hash = $6, doc = $7{history} WHERE id = $1 AND version = $8{session_guard}"
                     ),
                     params,
                 ),
@@ -1109,6 +1121,7 @@ mod tests {
                 item: item.clone(),
                 expected_version,
                 transitions,
+                session_version: None,
             };
         use Expect::*;
         for expected in [

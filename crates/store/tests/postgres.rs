@@ -434,6 +434,14 @@ async fn an_item_is_read_with_its_session() {
     common::an_item_is_read_with_its_session(&store).await;
 }
 
+#[tokio::test]
+async fn an_items_write_can_be_conditional_on_its_session() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::an_items_write_can_be_conditional_on_its_session(&store).await;
+}
+
 /// A database that a newer build has migrated further is refused at connect, with the reason.
 #[tokio::test]
 async fn a_database_migrated_by_a_newer_build_is_refused() {

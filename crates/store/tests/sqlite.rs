@@ -50,6 +50,13 @@ async fn an_item_is_read_with_its_session() {
 }
 
 #[tokio::test]
+async fn an_items_write_can_be_conditional_on_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::an_items_write_can_be_conditional_on_its_session(&store).await;
+}
+
+#[tokio::test]
 async fn idle_workers_are_forgotten_and_recent_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
@@ -185,6 +192,7 @@ async fn history_written_before_migration_3_reads_with_what_came_after() {
                 item: delivered.item.clone(),
                 expected_version: version,
                 transitions: delivered.transitions.clone(),
+                session_version: None,
             }))
             .await
             .unwrap();

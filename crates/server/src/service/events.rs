@@ -319,6 +319,7 @@ impl App {
                     item: live.value.clone(),
                     expected_version: live.version,
                     transitions: Vec::new(),
+                    session_version: None,
                 });
             }
             let mut claimable = Vec::new();

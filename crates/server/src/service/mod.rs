@@ -319,16 +319,14 @@ pub(crate) fn bounded_name(value: String, field: &str, max: usize) -> Result<Str
     Ok(value)
 }
 
-/// The work items and sessions a change set writes, as they will be once it commits.
+type Remembered<V> = Option<tether_store::Versioned<V>>;
+
+/// The work items and sessions a change set writes, as they will be once it commits (`None`: to be
+/// forgotten), and the sessions it is conditional on without writing them.
 struct WrittenSet {
-    items: Vec<(
-        String,
-        Option<tether_store::Versioned<tether_core::WorkItem>>,
-    )>,
-    sessions: Vec<(
-        String,
-        Option<tether_store::Versioned<tether_core::resources::Session>>,
-    )>,
+    items: Vec<(String, Remembered<tether_core::WorkItem>)>,
+    sessions: Vec<(String, Remembered<tether_core::resources::Session>)>,
+    judged_sessions: Vec<String>,
 }
 
 impl WrittenSet {
@@ -336,8 +334,9 @@ impl WrittenSet {
         let mut set = WrittenSet {
             items: Vec::new(),
             sessions: Vec::new(),
+            judged_sessions: Vec::new(),
         };
-        fn at<V>(value: V, version: i64) -> Option<tether_store::Versioned<V>> {
+        fn at<V>(value: V, version: i64) -> Remembered<V> {
             Some(tether_store::Versioned { value, version })
         }
         for write in &changes.writes {
@@ -350,14 +349,18 @@ impl WrittenSet {
                 Write::UpdateWork {
                     item,
                     expected_version,
+                    session_version,
                     ..
-                } => set.items.push((
-                    item.id.clone(),
-                    item.state
-                        .is_live()
-                        .then(|| item.clone())
-                        .and_then(|item| at(item, expected_version + 1)),
-                )),
+                } => {
+                    let live = item.state.is_live().then(|| item.clone());
+                    set.items.push((
+                        item.id.clone(),
+                        live.and_then(|item| at(item, expected_version + 1)),
+                    ));
+                    if let (Some(_), Some(session_id)) = (session_version, item.data.session_id()) {
+                        set.judged_sessions.push(session_id.to_owned());
+                    }
+                }
                 Write::InsertSession(session) => set
                     .sessions
                     .push((session.id.clone(), at(session.clone(), 1))),
@@ -398,6 +401,10 @@ impl WrittenSet {
             app.written_items.forget(&id);
         }
         for (id, _) in self.sessions {
+            app.written_sessions.forget(&id);
+        }
+        // Refused perhaps because the session changed since it was judged.
+        for id in self.judged_sessions {
             app.written_sessions.forget(&id);
         }
     }

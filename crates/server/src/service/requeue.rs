@@ -70,6 +70,7 @@ impl App {
                 item: requeue.stopped.item.clone(),
                 expected_version: current.version,
                 transitions: requeue.stopped.transitions.clone(),
+                session_version: None,
             });
             changes.push(Write::InsertWork {
                 item: requeue.fresh.item.clone(),

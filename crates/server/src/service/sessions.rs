@@ -272,6 +272,7 @@ impl App {
             item: step.item,
             expected_version: live.version,
             transitions: step.transitions,
+            session_version: None,
         });
         Ok(())
     }

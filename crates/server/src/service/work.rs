@@ -56,7 +56,7 @@ enum SessionAhead {
 /// About the size of `item` as JSON, for the memory of written records, without writing it out (a
 /// work item is written four times per cycle): its fixed fields take well under 1 KB, and what varies
 /// is its metadata (at most 16 keys) and a few ids.
-pub(super) fn item_weight(item: &WorkItem) -> usize {
+pub(super) fn item_weight(item: &WorkItem, _most: usize) -> usize {
     let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     1024 + item
         .metadata
@@ -290,6 +290,11 @@ impl App {
             return Err(Retry::Conflict);
         }
         let remembered = start == Start::Remembered;
+        if remembered && evaluation.expired.is_some() {
+            // A lease is settled from a read: after an outage, only a call that reaches the store
+            // counts the reconnection, and the amnesty above must have seen it before any expiry.
+            return Ok(None);
+        }
         match evaluation.outcome {
             Ok((step, extra)) => {
                 let step = work::chain(evaluation.expired, step);
@@ -326,12 +331,22 @@ impl App {
             item: step.item.clone(),
             expected_version: before.version,
             transitions: step.transitions.clone(),
+            session_version: None,
         });
         if step.transitions.iter().any(|t| t.to == WorkState::Queued) {
             effects.claimable.push(step.item.environment_id.clone());
         }
-        self.couple_session(step, session, now, &mut changes, &mut effects)
+        let unchanged_session = self
+            .couple_session(step, session, now, &mut changes, &mut effects)
             .await?;
+        if let Some(Write::UpdateWork {
+            session_version, ..
+        }) = changes.writes.first_mut()
+        {
+            // The coupling judged the session (perhaps as remembered, perhaps read a while ago) and
+            // left it as it was: the item's write stands only if the session is still as judged.
+            *session_version = unchanged_session;
+        }
         self.commit(changes).await?;
         self.after_commit(effects, step).await;
         Ok(())
@@ -357,7 +372,8 @@ impl App {
     }
 
     /// Applies §7.3/§12.4 to the transitions of a step: session status, server events, and a fresh item
-    /// for input that waited while the old item was stopping.
+    /// for input that waited while the old item was stopping. Returns the version of a session it
+    /// judged and left unchanged, which the item's write is then conditional on.
     async fn couple_session(
         &self,
         step: &Step,
@@ -365,12 +381,12 @@ impl App {
         now: Timestamp,
         changes: &mut ChangeSet,
         effects: &mut Effects,
-    ) -> Result<(), Retry> {
+    ) -> Result<Option<i64>, Retry> {
         if !step.transitions.iter().any(session::touches_session) {
-            return Ok(());
+            return Ok(None);
         }
         let Some(session_id) = step.item.data.session_id() else {
-            return Ok(());
+            return Ok(None);
         };
         // The session read with the item is the one the item names (the join is on the item's
         // `session_id` column); anything else is read now rather than taken for absent, so that a
@@ -383,12 +399,12 @@ impl App {
             }
         };
         let Some(session) = session else {
-            return Ok(());
+            return Ok(None);
         };
         let mut next = session.value.clone();
         let coupling = session::couple(next.status, next.pending_input, &step.transitions);
         if !coupling.changes(next.status, next.pending_input) {
-            return Ok(());
+            return Ok(Some(session.version));
         }
         next.status = coupling.status;
         next.pending_input = coupling.pending_input;
@@ -411,7 +427,7 @@ impl App {
             changes.push(Write::InsertEvent(event));
         }
         effects.sessions.push(next.id);
-        Ok(())
+        Ok(None)
     }
 
     /// A new queued item for a session (§7.2): its metadata is a snapshot of the session's.
@@ -540,6 +556,7 @@ impl App {
                     item: step.item.clone(),
                     expected_version: candidate.version,
                     transitions: step.transitions.clone(),
+                    session_version: None,
                 };
                 match self.commit(ChangeSet::one(write)).await {
                     Ok(()) => {
@@ -949,6 +966,7 @@ impl App {
                     item: next,
                     expected_version: item.version,
                     transitions: Vec::new(),
+                    session_version: None,
                 };
                 match self.commit(ChangeSet::one(write)).await {
                     Ok(()) => granted += 1,
@@ -1026,7 +1044,10 @@ mod tests {
             .collect();
         for metadata in [Default::default(), full] {
             item.metadata = metadata;
-            let (estimate, json) = (item_weight(&item), crate::cache::json_len(&item));
+            let (estimate, json) = (
+                item_weight(&item, usize::MAX),
+                crate::cache::json_len(&item, usize::MAX - 1),
+            );
             assert!(
                 json <= estimate && estimate <= 2 * json,
                 "estimate {estimate} for {json} bytes of JSON"

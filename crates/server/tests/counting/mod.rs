@@ -1,8 +1,9 @@
-//! A store that counts some of its calls, and an app over it: for tests of how many store round
-//! trips an operation costs.
+//! A store that counts some of its calls and can be switched off as if its database went away, and an
+//! app over it: for tests of how many store round trips an operation costs, and of what happens
+//! around an outage.
 #![allow(dead_code)] // Each test binary uses part of it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,34 @@ pub struct Counting {
     pub scans: AtomicU64,
     /// `get_work`, `get_work_with_session` and `get_session` calls.
     pub item_reads: AtomicU64,
+    /// While set, commits and the work reads fail as `Unavailable`, and the losses and
+    /// reconnections are counted as a real backend counts them (a reconnection when a call
+    /// succeeds again).
+    pub down: AtomicBool,
+    lost: AtomicBool,
+    losses: AtomicU64,
+    reconnections: AtomicU64,
+}
+
+impl Counting {
+    fn before_call(&self) -> StoreResult<()> {
+        if self.down.load(Ordering::SeqCst) {
+            if !self.lost.swap(true, Ordering::SeqCst) {
+                self.losses.fetch_add(1, Ordering::SeqCst);
+            }
+            return Err(tether_store::StoreError::Unavailable(
+                "the database is switched off".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn after_call<T>(&self, outcome: StoreResult<T>) -> StoreResult<T> {
+        if self.lost.swap(false, Ordering::SeqCst) {
+            self.reconnections.fetch_add(1, Ordering::SeqCst);
+        }
+        outcome
+    }
 }
 
 #[async_trait]
@@ -40,7 +69,8 @@ impl Store for Counting {
         self.inner.backend()
     }
     async fn commit(&self, changes: ChangeSet) -> StoreResult<()> {
-        self.inner.commit(changes).await
+        self.before_call()?;
+        self.after_call(self.inner.commit(changes).await)
     }
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {
         self.inner.announce(notices).await
@@ -49,13 +79,13 @@ impl Store for Counting {
         self.inner.subscribe()
     }
     fn reconnections(&self) -> u64 {
-        self.inner.reconnections()
+        self.inner.reconnections() + self.reconnections.load(Ordering::SeqCst)
     }
     fn losses(&self) -> u64 {
-        self.inner.losses()
+        self.inner.losses() + self.losses.load(Ordering::SeqCst)
     }
     fn in_outage(&self) -> bool {
-        self.inner.in_outage()
+        self.inner.in_outage() || self.lost.load(Ordering::SeqCst)
     }
     async fn ping(&self) -> StoreResult<()> {
         self.inner.ping().await
@@ -89,8 +119,9 @@ impl Store for Counting {
         self.inner.list_agents(filter, page).await
     }
     async fn get_session(&self, id: &str) -> StoreResult<Option<Versioned<Session>>> {
+        self.before_call()?;
         self.item_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_session(id).await
+        self.after_call(self.inner.get_session(id).await)
     }
     async fn list_sessions(
         &self,
@@ -108,15 +139,17 @@ impl Store for Counting {
         self.inner.list_events(session_id, page, max_bytes).await
     }
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {
+        self.before_call()?;
         self.item_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_work(id).await
+        self.after_call(self.inner.get_work(id).await)
     }
     async fn get_work_with_session(
         &self,
         id: &str,
     ) -> StoreResult<Option<tether_store::WorkWithSession>> {
+        self.before_call()?;
         self.item_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_work_with_session(id).await
+        self.after_call(self.inner.get_work_with_session(id).await)
     }
     async fn list_work(
         &self,
@@ -151,7 +184,8 @@ impl Store for Counting {
         before: Timestamp,
         limit: u32,
     ) -> StoreResult<Vec<Versioned<WorkItem>>> {
-        self.inner.leases_due_before(before, limit).await
+        self.before_call()?;
+        self.after_call(self.inner.leases_due_before(before, limit).await)
     }
     async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts> {
         self.inner.queue_counts(environment_id).await
@@ -210,6 +244,10 @@ pub async fn counting_app(
         inner: location.open().await.expect("open"),
         scans: AtomicU64::new(0),
         item_reads: AtomicU64::new(0),
+        down: AtomicBool::new(false),
+        lost: AtomicBool::new(false),
+        losses: AtomicU64::new(0),
+        reconnections: AtomicU64::new(0),
     });
     let app = App::new(
         counting.clone(),

@@ -95,6 +95,7 @@ pub async fn an_items_history_is_written_with_its_row_or_not_at_all(store: &impl
             item: delivered.item.clone(),
             expected_version,
             transitions: delivered.transitions.clone(),
+            session_version: None,
         })
     };
     assert!(matches!(
@@ -157,6 +158,7 @@ pub async fn an_items_long_history_reads_whole_in_pages(store: &impl Store) -> V
         item: item.clone(),
         expected_version,
         transitions: transitions.to_vec(),
+        session_version: None,
     };
 
     // An item with a transition at every write: three chunks, and six versions' lines in its row.
@@ -264,4 +266,64 @@ pub async fn an_item_is_read_with_its_session(store: &impl Store) {
         .await
         .unwrap()
         .is_none());
+}
+
+/// An item's write conditional on its session's version (`UpdateWork::session_version`) is refused
+/// when the session is at another version or gone, and changes neither row then.
+pub async fn an_items_write_can_be_conditional_on_its_session(store: &impl Store) {
+    let mut changes = ChangeSet::one(Write::InsertEnvironment(environment("env_store")));
+    changes.push(Write::InsertSession(session("sesn_judged", "env_store")));
+    store.commit(changes).await.unwrap();
+    let enqueued = enqueue(store, "work_judged", "sesn_judged").await;
+    let delivered =
+        work::deliver(&enqueued.item, Some("w"), "hash".into(), None, AT.next(), 0).unwrap();
+    let update = |session_version| {
+        ChangeSet::one(Write::UpdateWork {
+            item: delivered.item.clone(),
+            expected_version: 1,
+            transitions: delivered.transitions.clone(),
+            session_version,
+        })
+    };
+    for stale in [0, 2] {
+        assert!(
+            matches!(
+                store.commit(update(Some(stale))).await,
+                Err(StoreError::Conflict)
+            ),
+            "judged at version {stale}, the session is at 1"
+        );
+    }
+    assert_eq!(
+        store
+            .get_work("work_judged")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        1
+    );
+    store.commit(update(Some(1))).await.unwrap();
+    let read = store.get_work("work_judged").await.unwrap().unwrap();
+    assert_eq!((read.version, read.value), (2, delivered.item.clone()));
+    assert_eq!(
+        history_len(store, "work_judged").await,
+        1 + delivered.transitions.len()
+    );
+
+    // A session gone refuses the write too.
+    let orphan = enqueue(store, "work_unjudged", "sesn_never").await;
+    let delivered =
+        work::deliver(&orphan.item, Some("w"), "hash2".into(), None, AT.next(), 0).unwrap();
+    assert!(matches!(
+        store
+            .commit(ChangeSet::one(Write::UpdateWork {
+                item: delivered.item,
+                expected_version: 1,
+                transitions: delivered.transitions,
+                session_version: Some(1),
+            }))
+            .await,
+        Err(StoreError::Conflict)
+    ));
 }

@@ -22,8 +22,27 @@ use tether_server::{App, ServiceConfig};
 use tether_store::Store;
 use tether_testkit::backends;
 
+/// The id of the item `worker` takes from `env` through `app` (there must be one).
+async fn claim(app: &App, env: &tether_core::resources::Environment, worker: &str) -> String {
+    app.poll(env, Some(worker), None, None, 5_000)
+        .await
+        .expect("poll")
+        .expect("an item to take")
+        .item
+        .id
+}
+
 /// A session running a turn, with its queued item, in `env`, created through `app`.
 async fn session_in(app: &App, env: &tether_core::resources::Environment) -> String {
+    session_with(app, env, vec![user_message()]).await.id
+}
+
+/// A session created through `app` in `env` with `initial_events`.
+async fn session_with(
+    app: &App,
+    env: &tether_core::resources::Environment,
+    initial_events: Vec<serde_json::Value>,
+) -> tether_core::resources::Session {
     let agent = app
         .create_agent(NewAgent {
             name: "agent".into(),
@@ -35,15 +54,11 @@ async fn session_in(app: &App, env: &tether_core::resources::Environment) -> Str
     app.create_session(NewSession {
         environment_id: env.id.clone(),
         agent: agent.id,
-        initial_events: vec![json!({
-            "type": "user.message",
-            "content": [{"type": "text", "text": "hello"}]
-        })],
+        initial_events,
         ..NewSession::default()
     })
     .await
     .expect("session")
-    .id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,13 +137,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
             counting_app(&backend, Arc::new(SystemClock), "two").await;
         let elsewhere = other_server(&counting, Arc::new(SystemClock));
         session_in(&here, &env).await;
-        let id = here
-            .poll(&env, Some("w"), None, None, 5_000)
-            .await
-            .expect("poll")
-            .expect("item")
-            .item
-            .id;
+        let id = claim(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
         // Timestamps are in microseconds: keep two heartbeats from sharing one.
         let tick = || tokio::time::sleep(Duration::from_millis(2));
@@ -225,23 +234,8 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(SystemClock), "turn").await;
         let elsewhere = other_server(&counting, Arc::new(SystemClock));
-        let agent = here
-            .create_agent(NewAgent {
-                name: "agent".into(),
-                model: Some(json!("model")),
-                ..NewAgent::default()
-            })
-            .await
-            .expect("agent");
         // Created here, idle: `here` remembers the session as idle.
-        let session = here
-            .create_session(NewSession {
-                environment_id: env.id.clone(),
-                agent: agent.id,
-                ..NewSession::default()
-            })
-            .await
-            .expect("session");
+        let session = session_with(&here, &env, Vec::new()).await;
         assert_eq!(session.status, SessionStatus::Idle, "{name}");
         // The user's message goes through the other server: the session runs a turn.
         elsewhere
@@ -254,13 +248,7 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
             )
             .await
             .expect("message elsewhere");
-        let id = here
-            .poll(&env, Some("w"), None, None, 5_000)
-            .await
-            .expect("poll")
-            .expect("item")
-            .item
-            .id;
+        let id = claim(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
         let stopped = here.stop(&env, &id, true).await.expect("stop");
         assert_eq!(stopped.state, WorkState::Stopped, "{name}");
@@ -290,13 +278,7 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
             counting_app(&backend, Arc::new(clock.clone()), "lapsed").await;
         let elsewhere = other_server(&counting, Arc::new(clock.clone()));
         let session_id = session_in(&here, &env).await;
-        let id = here
-            .poll(&env, Some("w"), None, None, 5_000)
-            .await
-            .expect("poll")
-            .expect("item")
-            .item
-            .id;
+        let id = claim(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
         // The worker goes silent; the other server settles the lapsed lease.
         clock.advance_millis(3_600_000);
@@ -318,13 +300,7 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
             SessionStatus::Rescheduling,
             "{name}"
         );
-        let again = here
-            .poll(&env, Some("w2"), None, None, 5_000)
-            .await
-            .expect("poll")
-            .expect("the item again")
-            .item
-            .id;
+        let again = claim(&here, &env, "w2").await;
         assert_eq!(again, id, "{name}");
         here.ack(&env, &id, Some("w2")).await.expect("ack");
         assert_eq!(
@@ -348,13 +324,7 @@ async fn no_lease_lapses_from_memory_right_after_an_outage() {
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(clock.clone()), "outage").await;
         session_in(&here, &env).await;
-        let id = here
-            .poll(&env, Some("w"), None, None, 5_000)
-            .await
-            .expect("poll")
-            .expect("item")
-            .item
-            .id;
+        let id = claim(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
         counting.down.store(true, Ordering::SeqCst);
         assert!(here.get_work(&env, &id).await.is_err(), "{name}: down");

@@ -32,6 +32,20 @@ async fn claim(app: &App, env: &tether_core::resources::Environment, worker: &st
         .id
 }
 
+/// A clock that moves only when told, from a fixed start.
+fn manual_clock() -> ManualClock {
+    ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000))
+}
+
+/// A session running a turn in `env`, and its item taken and acknowledged by worker `w`, all through
+/// `app`: (session id, item id).
+async fn acked_item(app: &App, env: &tether_core::resources::Environment) -> (String, String) {
+    let session_id = session_in(app, env).await;
+    let id = claim(app, env, "w").await;
+    app.ack(env, &id, Some("w")).await.expect("ack");
+    (session_id, id)
+}
+
 /// A session running a turn, with its queued item, in `env`, created through `app`.
 async fn session_in(app: &App, env: &tether_core::resources::Environment) -> String {
     session_with(app, env, vec![user_message()]).await.id
@@ -136,9 +150,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(SystemClock), "two").await;
         let elsewhere = other_server(&counting, Arc::new(SystemClock));
-        session_in(&here, &env).await;
-        let id = claim(&here, &env, "w").await;
-        here.ack(&env, &id, Some("w")).await.expect("ack");
+        let (_, id) = acked_item(&here, &env).await;
         // Timestamps are in microseconds: keep two heartbeats from sharing one.
         let tick = || tokio::time::sleep(Duration::from_millis(2));
 
@@ -273,13 +285,11 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
 async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
     for backend in backends() {
         let name = backend.name();
-        let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
+        let clock = manual_clock();
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(clock.clone()), "lapsed").await;
         let elsewhere = other_server(&counting, Arc::new(clock.clone()));
-        let session_id = session_in(&here, &env).await;
-        let id = claim(&here, &env, "w").await;
-        here.ack(&env, &id, Some("w")).await.expect("ack");
+        let (session_id, id) = acked_item(&here, &env).await;
         // The worker goes silent; the other server settles the lapsed lease.
         clock.advance_millis(3_600_000);
         assert!(elsewhere.expire_due_leases().await.expect("expiry") >= 1);
@@ -320,12 +330,10 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
 async fn no_lease_lapses_from_memory_right_after_an_outage() {
     for backend in backends() {
         let name = backend.name();
-        let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
+        let clock = manual_clock();
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(clock.clone()), "outage").await;
-        session_in(&here, &env).await;
-        let id = claim(&here, &env, "w").await;
-        here.ack(&env, &id, Some("w")).await.expect("ack");
+        let (_, id) = acked_item(&here, &env).await;
         counting.down.store(true, Ordering::SeqCst);
         assert!(here.get_work(&env, &id).await.is_err(), "{name}: down");
         assert!(

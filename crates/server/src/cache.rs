@@ -88,6 +88,10 @@ pub struct WrittenRecords<V> {
 /// The part of the byte bound one record may take at most.
 pub const RECORD_SHARE: usize = 256;
 
+/// A record's weight, within what [`WrittenRecords`] keeps ([`WrittenRecords::weigh`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Weight(usize);
+
 struct Generations<V> {
     newer: Generation<V>,
     older: Generation<V>,
@@ -144,11 +148,27 @@ impl<V: Clone> WrittenRecords<V> {
             .map(|(record, _)| record.clone())
     }
 
-    /// This process committed `record`. Two requests on one record may finish their commits in
-    /// either order: a version older than the one remembered is not taken.
-    pub fn wrote(&self, id: &str, record: Versioned<V>) {
+    /// The weight of a record with this `id` and `value`, or `None` when it is too heavy to keep:
+    /// taken before the record is copied for [`Self::wrote_weighed`], so that one too heavy is
+    /// never copied.
+    pub fn weigh(&self, id: &str, value: &V) -> Option<Weight> {
         let most = self.max_bytes / RECORD_SHARE;
-        let weight = id.len().saturating_add((self.weigh)(&record.value, most));
+        let weight = id.len().saturating_add((self.weigh)(value, most));
+        (weight <= most).then_some(Weight(weight))
+    }
+
+    /// This process committed `record`: [`Self::weigh`], then [`Self::wrote_weighed`] (or
+    /// [`Self::forget`] when it is too heavy).
+    pub fn wrote(&self, id: &str, record: Versioned<V>) {
+        match self.weigh(id, &record.value) {
+            Some(weight) => self.wrote_weighed(id, record, weight),
+            None => self.forget(id),
+        }
+    }
+
+    /// This process committed `record`, of `weight`. Two requests on one record may finish their
+    /// commits in either order: a version older than the one remembered is not taken.
+    pub fn wrote_weighed(&self, id: &str, record: Versioned<V>, Weight(weight): Weight) {
         let mut generations = self.generations.lock().expect("written records lock");
         let Generations { newer, older } = &mut *generations;
         let known = newer
@@ -161,9 +181,6 @@ impl<V: Clone> WrittenRecords<V> {
         }
         newer.remove(id);
         older.remove(id);
-        if weight > most {
-            return;
-        }
         if newer.records.len() >= self.max_entries / 2 || newer.bytes + weight > self.max_bytes / 2
         {
             *older = std::mem::take(newer);
@@ -425,6 +442,9 @@ mod tests {
         assert_eq!(w.get("r9999"), None);
         w.wrote("r9998", heavy(2, max_bytes / RECORD_SHARE - 10));
         assert_eq!(w.get("r9998").map(|r| r.version), Some(2));
+        // Weighed before it is copied: a record too heavy to keep is known as such up front.
+        assert_eq!(w.weigh("r", &"x".repeat(max_bytes / RECORD_SHARE)), None);
+        assert_eq!(w.weigh("r", &"x".repeat(10)), Some(Weight("r".len() + 10)));
     }
 
     #[test]

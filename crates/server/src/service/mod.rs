@@ -21,7 +21,7 @@ use tether_store::{ChangeSet, Notice, Store, Write};
 use tokio::sync::watch;
 
 pub use self::error::{Error, Missing, Result};
-use crate::cache::{LeaseHorizon, TtlCache, WrittenRecords, RECORD_TTL};
+use crate::cache::{LeaseHorizon, TtlCache, Weight, WrittenRecords, RECORD_TTL};
 use crate::hub::SessionHub;
 use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
@@ -201,7 +201,7 @@ impl App {
             .map(|t| t.cause.as_str())
             .collect();
         let cached_records_changed = self.before_commit(&changes);
-        let written = WrittenSet::of(&changes);
+        let written = WrittenSet::of(self, &changes);
         if let Err(e) = self.store.commit(changes).await {
             written.forget(self);
             return Err(e);
@@ -319,10 +319,12 @@ pub(crate) fn bounded_name(value: String, field: &str, max: usize) -> Result<Str
     Ok(value)
 }
 
-type Remembered<V> = Option<tether_store::Versioned<V>>;
+/// A record as a change set writes it, with its weight; `None`: to be forgotten (deleted,
+/// finished, or too heavy to keep).
+type Remembered<V> = Option<(tether_store::Versioned<V>, Weight)>;
 
-/// The work items and sessions a change set writes, as they will be once it commits (`None`: to be
-/// forgotten), and the sessions it is conditional on without writing them.
+/// The work items and sessions a change set writes, as they will be once it commits, and the
+/// sessions it is conditional on without writing them.
 struct WrittenSet {
     items: Vec<(String, Remembered<tether_core::WorkItem>)>,
     sessions: Vec<(String, Remembered<tether_core::resources::Session>)>,
@@ -330,46 +332,54 @@ struct WrittenSet {
 }
 
 impl WrittenSet {
-    fn of(changes: &ChangeSet) -> Self {
+    /// What `changes` will leave in `app`'s memory; a record is copied only if it will be kept.
+    fn of(app: &App, changes: &ChangeSet) -> Self {
         let mut set = WrittenSet {
             items: Vec::new(),
             sessions: Vec::new(),
             judged_sessions: Vec::new(),
         };
-        fn at<V>(value: V, version: i64) -> Remembered<V> {
-            Some(tether_store::Versioned { value, version })
+        fn at<V: Clone>(
+            memory: &WrittenRecords<V>,
+            id: &str,
+            value: &V,
+            version: i64,
+        ) -> Remembered<V> {
+            let weight = memory.weigh(id, value)?;
+            let value = value.clone();
+            Some((tether_store::Versioned { value, version }, weight))
         }
+        let (items, sessions) = (&app.written_items, &app.written_sessions);
         for write in &changes.writes {
             match write {
                 // A row's first version is 1; each update adds one (`tether_store::sql`). A finished
                 // item takes no further operation worth a memory slot.
-                Write::InsertWork { item, .. } => {
-                    set.items.push((item.id.clone(), at(item.clone(), 1)))
-                }
+                Write::InsertWork { item, .. } => set
+                    .items
+                    .push((item.id.clone(), at(items, &item.id, item, 1))),
                 Write::UpdateWork {
                     item,
                     expected_version,
                     session_version,
                     ..
                 } => {
-                    let live = item.state.is_live().then(|| item.clone());
-                    set.items.push((
-                        item.id.clone(),
-                        live.and_then(|item| at(item, expected_version + 1)),
-                    ));
+                    let kept = item.state.is_live().then_some(item);
+                    let kept =
+                        kept.and_then(|item| at(items, &item.id, item, expected_version + 1));
+                    set.items.push((item.id.clone(), kept));
                     if let (Some(_), Some(session_id)) = (session_version, item.data.session_id()) {
                         set.judged_sessions.push(session_id.to_owned());
                     }
                 }
                 Write::InsertSession(session) => set
                     .sessions
-                    .push((session.id.clone(), at(session.clone(), 1))),
+                    .push((session.id.clone(), at(sessions, &session.id, session, 1))),
                 Write::UpdateSession {
                     session,
                     expected_version,
                 } => set.sessions.push((
                     session.id.clone(),
-                    at(session.clone(), expected_version + 1),
+                    at(sessions, &session.id, session, expected_version + 1),
                 )),
                 Write::DeleteSession { id, .. } => set.sessions.push((id.clone(), None)),
                 _ => {}
@@ -378,17 +388,18 @@ impl WrittenSet {
         set
     }
 
-    /// The change set committed: its records are as written (a deleted or finished one is dropped).
+    /// The change set committed: its records are as written (a deleted, finished or too heavy one
+    /// is dropped).
     fn remember(self, app: &App) {
         for (id, item) in self.items {
             match item {
-                Some(item) => app.written_items.wrote(&id, item),
+                Some((item, weight)) => app.written_items.wrote_weighed(&id, item, weight),
                 None => app.written_items.forget(&id),
             }
         }
         for (id, session) in self.sessions {
             match session {
-                Some(session) => app.written_sessions.wrote(&id, session),
+                Some((session, weight)) => app.written_sessions.wrote_weighed(&id, session, weight),
                 None => app.written_sessions.forget(&id),
             }
         }

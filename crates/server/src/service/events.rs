@@ -566,17 +566,49 @@ impl EventTail {
 
 /// The length of `value` as compact JSON, counted without building the text.
 pub fn json_size(value: &Value) -> usize {
-    struct Counter(usize);
+    json_size_up_to(value, usize::MAX - 1)
+}
+
+/// [`json_size`] of any serializable value, or `most + 1` as soon as it is longer than `most`: the
+/// count stops there (a work item or session weighed for `crate::cache::WrittenRecords` need not be
+/// written out whole to be known too heavy to keep).
+pub fn json_size_up_to(value: &impl serde::Serialize, most: usize) -> usize {
+    struct Counter {
+        bytes: usize,
+        most: usize,
+    }
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
+            self.bytes += buf.len();
+            if self.bytes > self.most {
+                // Stops the serializer: the value is too long whatever the rest is.
+                return Err(std::io::ErrorKind::FileTooLarge.into());
+            }
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
-    let mut counter = Counter(0);
-    serde_json::to_writer(&mut counter, value).expect("a JSON value serializes");
-    counter.0
+    let mut counter = Counter { bytes: 0, most };
+    // A value that cannot be written as JSON could not be stored either: it counts as too long.
+    match serde_json::to_writer(&mut counter, value) {
+        Ok(()) => counter.bytes,
+        Err(_) => most.saturating_add(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_sizes_stop_at_the_most_asked_for() {
+        assert_eq!(json_size_up_to(&"doc", 100), 5);
+        assert_eq!(json_size_up_to(&"x".repeat(1_000), 100), 101);
+        assert_eq!(
+            json_size(&serde_json::json!({"a": [1, "b"]})),
+            r#"{"a":[1,"b"]}"#.len()
+        );
+    }
 }

@@ -155,7 +155,7 @@ impl App {
             written_sessions: WrittenRecords::new(
                 WRITTEN_RECORDS,
                 WRITTEN_RECORD_BYTES,
-                crate::cache::json_len,
+                events::json_size_up_to,
             ),
         }))
     }

@@ -1046,7 +1046,7 @@ mod tests {
             item.metadata = metadata;
             let (estimate, json) = (
                 item_weight(&item, usize::MAX),
-                crate::cache::json_len(&item, usize::MAX - 1),
+                crate::service::events::json_size_up_to(&item, usize::MAX - 1),
             );
             assert!(
                 json <= estimate && estimate <= 2 * json,

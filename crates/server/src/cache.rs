@@ -139,13 +139,22 @@ impl<V: Clone> WrittenRecords<V> {
 
     /// The record as this process last wrote it, if it still remembers.
     pub fn get(&self, id: &str) -> Option<Versioned<V>> {
+        self.look_up(id, Versioned::clone)
+    }
+
+    /// The version of the record as this process last wrote it, if it still remembers.
+    pub fn version_of(&self, id: &str) -> Option<i64> {
+        self.look_up(id, |record| record.version)
+    }
+
+    fn look_up<R>(&self, id: &str, read: impl FnOnce(&Versioned<V>) -> R) -> Option<R> {
         let generations = self.generations.lock().expect("written records lock");
         generations
             .newer
             .records
             .get(id)
             .or_else(|| generations.older.records.get(id))
-            .map(|(record, _)| record.clone())
+            .map(|(record, _)| read(record))
     }
 
     /// The weight of a record with this `id` and `value`, or `None` when it is too heavy to keep:
@@ -343,6 +352,8 @@ mod tests {
         );
         w.wrote("a", record(4));
         assert_eq!(w.get("a").map(|r| r.version), Some(4));
+        assert_eq!(w.version_of("a"), Some(4));
+        assert_eq!(w.version_of("b"), None);
         assert_eq!(w.size(), (1, "a".len() + "\"doc\"".len()));
         w.forget("a");
         assert_eq!(w.get("a"), None);

@@ -1,6 +1,6 @@
 //! The work queue: poll, ack, heartbeat, stop, metadata, listing, stats, history, expiry and amnesty.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,40 +91,26 @@ const MAX_UNWRITTEN_WORKER_RECORDS: usize = 100_000;
 /// How far back `GET …/workers` (§11.4) looks for polls.
 pub const WORKERS_LISTED_MS: i64 = 5 * 60 * 1000;
 
-/// Deliveries this process remembers (see [`Claims::delivered`]); beyond it the memory starts over.
-const DELIVERIES_REMEMBERED: usize = 4_096;
-
 /// What this process's polls know of the items they take.
 #[derive(Default)]
 pub(crate) struct Claims {
     /// Items some poll is committing a delivery for.
     taking: HashSet<String>,
-    /// Items delivered here lately, with the row version the delivery wrote. A poll whose candidates
-    /// were read before that delivery committed holds an older version of the item: it passes it over
-    /// instead of sending a conditional write that can only conflict (with 16 polls at once, about
-    /// one delivery in five did). Only a hint: the conditional write still decides.
-    delivered: HashMap<String, i64>,
 }
 
 impl Claims {
-    /// Whether a poll may take the candidate it read at `version`: nobody here is taking it, and no
-    /// delivery here wrote a later version. Marks it taken when so.
-    fn take(&mut self, work_id: &str, version: i64) -> bool {
-        if self
-            .delivered
-            .get(work_id)
-            .is_some_and(|&delivered| delivered > version)
-        {
+    /// Whether a poll may take the candidate it read at `version`, given the version this process
+    /// last wrote of it (`written_here`, from `crate::cache::WrittenRecords`): nobody here is taking
+    /// it, and no write here (a delivery, most often) made a later version. A poll whose candidates
+    /// were read before such a write committed holds an older version of the item: it passes it
+    /// over instead of sending a conditional write that can only conflict (with 16 polls at once,
+    /// about one delivery in five did). Only a hint: the conditional write still decides. Marks the
+    /// item taken when so.
+    fn take(&mut self, work_id: &str, version: i64, written_here: Option<i64>) -> bool {
+        if written_here.is_some_and(|written| written > version) {
             return false;
         }
         self.taking.insert(work_id.to_owned())
-    }
-
-    fn remember_delivery(&mut self, work_id: &str, version: i64) {
-        if self.delivered.len() >= DELIVERIES_REMEMBERED {
-            self.delivered.clear();
-        }
-        self.delivered.insert(work_id.to_owned(), version);
     }
 }
 
@@ -560,7 +546,6 @@ impl App {
                 };
                 match self.commit(ChangeSet::one(write)).await {
                     Ok(()) => {
-                        self.delivered(&step.item.id, candidate.version + 1);
                         metrics::histogram!("tether_enqueue_to_delivery_seconds").record(
                             now.millis_since(candidate.value.enqueued_at).max(0) as f64 / 1000.0,
                         );
@@ -593,18 +578,17 @@ impl App {
     /// Reserves a candidate read at `version` for this poll: `None` when another poll here is taking
     /// it, or delivered it since that version was read.
     fn reserve(&self, work_id: &str, version: i64) -> Option<Reservation<'_>> {
+        // Under the claims lock: a poll that committed a delivery has remembered it (`App::commit`)
+        // before it lets go of its reservation, so a poll here sees either the reservation or the
+        // delivery's version.
         let mut claims = self.claiming.lock().expect("claiming lock");
-        claims.take(work_id, version).then(|| Reservation {
-            app: self,
-            id: work_id.to_owned(),
-        })
-    }
-
-    /// Remembers a delivery this process committed (see [`Claims::delivered`]); called while the
-    /// poll still holds its reservation, so no other poll here slips in between.
-    fn delivered(&self, work_id: &str, version: i64) {
-        let mut claims = self.claiming.lock().expect("claiming lock");
-        claims.remember_delivery(work_id, version);
+        let written_here = self.written_items.version_of(work_id);
+        claims
+            .take(work_id, version, written_here)
+            .then(|| Reservation {
+                app: self,
+                id: work_id.to_owned(),
+            })
     }
 
     /// Records a poll for `workers_polling`, at most once per [`Self::worker_record_interval_ms`] per
@@ -996,12 +980,12 @@ mod tests {
     #[test]
     fn a_candidate_is_taken_by_one_poll_at_a_time() {
         let mut claims = Claims::default();
-        assert!(claims.take("work_a", 3));
-        assert!(!claims.take("work_a", 3), "another poll is taking it");
-        assert!(claims.take("work_b", 3), "other items are free");
+        assert!(claims.take("work_a", 3, None));
+        assert!(!claims.take("work_a", 3, None), "another poll is taking it");
+        assert!(claims.take("work_b", 3, None), "other items are free");
         claims.taking.remove("work_a");
         assert!(
-            claims.take("work_a", 3),
+            claims.take("work_a", 3, None),
             "free again once the first poll let go"
         );
     }
@@ -1009,12 +993,14 @@ mod tests {
     #[test]
     fn a_candidate_read_before_a_delivery_here_is_passed_over() {
         let mut claims = Claims::default();
-        assert!(claims.take("work_a", 3));
-        claims.remember_delivery("work_a", 4);
+        assert!(claims.take("work_a", 3, Some(3)));
         claims.taking.remove("work_a");
-        assert!(!claims.take("work_a", 3), "read before the delivery: stale");
         assert!(
-            claims.take("work_a", 4),
+            !claims.take("work_a", 3, Some(4)),
+            "read before the delivery: stale"
+        );
+        assert!(
+            claims.take("work_a", 4, Some(4)),
             "read after it (e.g. reclaimable again): may be taken"
         );
     }
@@ -1052,15 +1038,6 @@ mod tests {
                 json <= estimate && estimate <= 2 * json,
                 "estimate {estimate} for {json} bytes of JSON"
             );
-        }
-    }
-
-    #[test]
-    fn remembered_deliveries_are_bounded() {
-        let mut claims = Claims::default();
-        for i in 0..DELIVERIES_REMEMBERED * 3 {
-            claims.remember_delivery(&format!("work_{i}"), 2);
-            assert!(claims.delivered.len() <= DELIVERIES_REMEMBERED);
         }
     }
 }

@@ -2,7 +2,7 @@
 // running the shell agent: the scenarios of the dashboard's issue, in the order a person would meet
 // them. Every scenario fails on a console error or a request to another origin.
 
-import { test, before, after } from 'node:test';
+import { test, before, beforeEach, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -19,6 +19,8 @@ let page;
 let worker;
 const shots = screenshotDir();
 const problems = [];          // console errors, page errors and foreign requests, never expected
+const failedRequests = [];    // every request that got no answer, with the browser's reason: evidence for a problem
+let running = '';             // the scenario under way, named in each problem
 let expectedFailures = [];    // failed requests a scenario provokes on purpose (a refused token)
 let env;                      // the environment created through the UI
 let sessionId;
@@ -40,26 +42,36 @@ before(async () => {
   browser.context.on('request', (request) => {
     const url = new URL(request.url());
     if (url.origin !== origin && url.protocol !== 'data:' && url.protocol !== 'blob:') {
-      problems.push(`request to another origin: ${request.url()}`);
+      problems.push(`[${running}] request to another origin: ${request.url()}`);
     }
+  });
+  browser.context.on('requestfailed', (request) => {
+    failedRequests.push(`[${running}] ${new Date().toISOString()} ${request.method()} ${request.url()}: ${request.failure()?.errorText}`);
   });
   browser.context.on('console', (message) => {
     if (message.type() !== 'error') return;
     const where = message.location()?.url ?? '';
     const expected = expectedFailures.some((f) => message.text().includes(f.text) && where.includes(f.path));
-    if (!expected) problems.push(`console error: ${message.text()} (${where})`);
+    if (!expected) problems.push(`[${running}] ${new Date().toISOString()} console error: ${message.text()} (${where})`);
   });
-  browser.context.on('weberror', (error) => problems.push(`page error: ${error.error().message}`));
+  browser.context.on('weberror', (error) => problems.push(`[${running}] page error: ${error.error().message}`));
 });
 
+beforeEach((t) => { running = t.name; });
+
 after(async () => {
+  if (problems.length > 0) {
+    // What the browser and the server saw, for a failure that only shows on another machine.
+    console.log(`dashboard: requests that got no answer:\n${failedRequests.join('\n') || '(none)'}`);
+    console.log(`dashboard: the server's log (warnings and errors):\n${server?.log().slice(-8000) || '(empty)'}`);
+  }
   await worker?.stop();
   await browser?.close();
   await server?.stop();
 });
 
 function noProblems() {
-  assert.deepEqual(problems, [], 'console errors or foreign requests');
+  assert.deepEqual(problems, [], `console errors or foreign requests:\n${problems.join('\n')}`);
 }
 
 test('1. sign in: a bad token is refused with a clear message and nothing else loads; a good one works', async () => {
@@ -356,7 +368,12 @@ test('the work list of an environment holding 10,000 items', async () => {
   await Promise.all(Array.from({ length: 16 }, async () => {
     while (next < total) {
       next += 1;
-      await api(server, 'POST', '/sessions', { agent: agent.id, environment_id: big.id });
+      try {
+        await api(server, 'POST', '/sessions', { agent: agent.id, environment_id: big.id });
+      } catch (e) {
+        next = total; // the other loops stop too, rather than outlive the test
+        throw e;
+      }
     }
   }));
   const seeded = Date.now() - started;
@@ -366,14 +383,15 @@ test('the work list of an environment holding 10,000 items', async () => {
   const measure = async (prepare) => page.evaluate(async ([hash, state]) => {
     const t0 = performance.now();
     location.hash = hash;
-    for (let i = 0; i < 600; i += 1) {
-      const rows = document.querySelectorAll('[aria-label="Work items"] tbody tr .badge');
+    let rows = [];
+    while (performance.now() - t0 < 30_000) {
+      rows = document.querySelectorAll('[aria-label="Work items"] tbody tr .badge');
       if (rows.length === 50 && (!state || document.querySelector('select[name=state]').value === state)) {
         return performance.now() - t0;
       }
       await new Promise((r) => setTimeout(r, 5));
     }
-    throw new Error('the work list did not show 50 rows');
+    throw new Error(`the work list showed ${rows.length} rows, not 50, after 30 s`);
   }, prepare);
   await page.goto(`${server.base}/#/`);
   await page.locator('main h1').waitFor();

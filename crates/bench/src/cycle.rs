@@ -208,7 +208,10 @@ impl Served {
                     now,
                     &policy,
                 );
-                changes.push(Write::InsertSession(session));
+                changes.push(Write::InsertSession {
+                    session,
+                    agent_version: None,
+                });
                 changes.push(Write::InsertWork {
                     item: step.item,
                     transitions: step.transitions,

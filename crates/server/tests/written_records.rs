@@ -1,7 +1,8 @@
 //! An operation on a work item that follows one made by the same server process starts from the item
 //! (and its session) as that process wrote them, instead of reading them again; and a record another
 //! process changed since never decides an answer: the conditional write is refused and the operation
-//! is decided again from a fresh read.
+//! is decided again from a fresh read. The same holds for the agent a new session copies, which a
+//! server takes from a read up to a second old.
 
 mod counting;
 
@@ -15,7 +16,7 @@ use tether_core::events::Sender;
 use tether_core::session::SessionStatus;
 use tether_core::work::ExpectedHeartbeat;
 use tether_core::{ManualClock, SystemClock, Timestamp, WorkState};
-use tether_server::service::agents::NewAgent;
+use tether_server::service::agents::{AgentChanges, NewAgent};
 use tether_server::service::events::NewEvents;
 use tether_server::service::sessions::NewSession;
 use tether_server::{App, ServiceConfig};
@@ -350,6 +351,74 @@ async fn no_lease_lapses_from_memory_right_after_an_outage() {
             "{name}: {stored:?}"
         );
         assert_eq!(answered.state, WorkState::Starting, "{name}");
+        here.begin_shutdown();
+    }
+}
+
+/// A session copies its agent from a read up to a second old, and its insert is conditional on the
+/// agent's row being at the version read: an agent changed or archived through another server since
+/// is read again, and the session runs the agent as it is now, or is refused as archived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_runs_its_agent_as_it_is_now() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "agents").await;
+        let elsewhere = other_server(&counting, Arc::new(SystemClock));
+        let agent = here
+            .create_agent(NewAgent {
+                name: "agent".into(),
+                model: Some(json!("first")),
+                ..NewAgent::default()
+            })
+            .await
+            .expect("agent");
+        let create = || {
+            here.create_session(NewSession {
+                environment_id: env.id.clone(),
+                agent: agent.id.clone(),
+                ..NewSession::default()
+            })
+        };
+        let agent_reads = || counting.agent_reads.load(Ordering::SeqCst);
+        create().await.expect("first session");
+        let reads = agent_reads();
+        let second = create().await.expect("second session");
+        assert_eq!(agent_reads(), reads, "{name}: the agent was read again");
+        assert_eq!(second.agent.model, json!("first"), "{name}");
+
+        elsewhere
+            .update_agent(
+                &agent.id,
+                AgentChanges {
+                    model: Some(json!("second")),
+                    ..AgentChanges::default()
+                },
+            )
+            .await
+            .expect("update elsewhere");
+        let third = create().await.expect("a session after the update");
+        assert_eq!(
+            (third.agent.version, &third.agent.model),
+            (2, &json!("second")),
+            "{name}: created from the agent as it was before the update"
+        );
+        let stored = counting
+            .get_session(&third.id)
+            .await
+            .expect("read")
+            .expect("session");
+        assert_eq!(stored.value.agent, third.agent, "{name}");
+
+        elsewhere
+            .archive_agent(&agent.id)
+            .await
+            .expect("archive elsewhere");
+        let refused = create().await;
+        assert!(
+            matches!(&refused, Err(e) if e.to_string().contains("archived")),
+            "{name}: a session on an archived agent: {refused:?}"
+        );
         here.begin_shutdown();
     }
 }

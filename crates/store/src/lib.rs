@@ -77,7 +77,13 @@ pub enum Write {
     /// conflicts when a session was created after its `archived_at`, instead of leaving a session (and
     /// its work item) in an environment that is gone or archived. Inserts into one environment do not
     /// queue behind each other unless they pick the same slot.
-    InsertSession(Session),
+    InsertSession {
+        session: Session,
+        /// Also conditional on the session's agent row being at this version (else `Conflict`): a
+        /// session whose copy of its agent came from a cached read is created only if the agent has
+        /// neither changed nor been archived since.
+        agent_version: Option<i64>,
+    },
     UpdateSession {
         session: Session,
         expected_version: i64,

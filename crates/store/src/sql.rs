@@ -452,7 +452,7 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             ));
             out.push(agent_version_statement(agent));
         }
-        Write::InsertSession(s) => {
+        Write::InsertSession { session: s, agent_version } => {
             // First, one of the environment's session slots: a concurrent delete or archive locks them
             // all, so it waits for this insert and then sees the session, or this insert waits for it
             // and then sees it (the slot is gone, or the environment is archived). Inserts into the same
@@ -465,21 +465,31 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
                 ),
                 OneRow,
             ));
+            let mut params = vec![
+                s.id.as_str().into(),
+                s.environment_id.as_str().into(),
+                s.agent.id.as_str().into(),
+                s.status.as_str().into(),
+                s.archived_at.is_some().into(),
+                s.created_at.into(),
+                to_doc(s),
+            ];
+            let agent_guard = match agent_version {
+                Some(version) => {
+                    params.push((*version).into());
+                    " AND EXISTS (SELECT 1 FROM agents WHERE id = $3 AND version = $8)"
+                }
+                None => "",
+            };
             out.push((
                 Statement::new(
-                    "INSERT INTO sessions (id, version, environment_id, agent_id, status, archived, created_at, doc) \
-                     SELECT CAST($1 AS TEXT), 1, CAST($2 AS TEXT), CAST($3 AS TEXT), CAST($4 AS TEXT), \
-                     CAST($5 AS BIGINT), CAST($6 AS BIGINT), CAST($7 AS TEXT) \
-                     WHERE EXISTS (SELECT 1 FROM environments WHERE id = $2 AND archived = 0)",
-                    vec![
-                        s.id.as_str().into(),
-                        s.environment_id.as_str().into(),
-                        s.agent.id.as_str().into(),
-                        s.status.as_str().into(),
-                        s.archived_at.is_some().into(),
-                        s.created_at.into(),
-                        to_doc(s),
-                    ],
+                    format!(
+                        "INSERT INTO sessions (id, version, environment_id, agent_id, status, archived, created_at, doc) \
+                         SELECT CAST($1 AS TEXT), 1, CAST($2 AS TEXT), CAST($3 AS TEXT), CAST($4 AS TEXT), \
+                         CAST($5 AS BIGINT), CAST($6 AS BIGINT), CAST($7 AS TEXT) \
+                         WHERE EXISTS (SELECT 1 FROM environments WHERE id = $2 AND archived = 0){agent_guard}"
+                    ),
+                    params,
                 ),
                 OneRow,
             ));

@@ -435,6 +435,14 @@ async fn an_item_is_read_with_its_session() {
 }
 
 #[tokio::test]
+async fn a_sessions_insert_can_be_conditional_on_its_agent() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::a_sessions_insert_can_be_conditional_on_its_agent(&store).await;
+}
+
+#[tokio::test]
 async fn an_items_write_can_be_conditional_on_its_session() {
     let Some(store) = store_on_a_fresh_database().await else {
         return;

@@ -50,6 +50,13 @@ async fn an_item_is_read_with_its_session() {
 }
 
 #[tokio::test]
+async fn a_sessions_insert_can_be_conditional_on_its_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::a_sessions_insert_can_be_conditional_on_its_agent(&store).await;
+}
+
+#[tokio::test]
 async fn an_items_write_can_be_conditional_on_its_session() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();

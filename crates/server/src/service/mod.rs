@@ -110,6 +110,9 @@ pub struct AppInner {
     pub(crate) credentials_by_id: TtlCache<String, Arc<tether_core::resources::Credential>>,
     pub(crate) credentials_by_hash: TtlCache<String, Arc<tether_core::resources::Credential>>,
     pub(crate) environments_read: TtlCache<String, Arc<tether_core::resources::Environment>>,
+    /// Agents as read for new sessions, whose inserts are conditional on the agent's row version.
+    pub(crate) agents_read:
+        TtlCache<String, Arc<tether_store::Versioned<tether_core::resources::Agent>>>,
     pub(crate) lease_horizon: LeaseHorizon,
     /// Work items and sessions as this process last wrote them (`crate::cache::WrittenRecords`):
     /// where the next operation on an item starts instead of reading it.
@@ -146,6 +149,7 @@ impl App {
             credentials_by_id: TtlCache::new(RECORD_TTL),
             credentials_by_hash: TtlCache::new(RECORD_TTL),
             environments_read: TtlCache::new(RECORD_TTL),
+            agents_read: TtlCache::new(RECORD_TTL),
             lease_horizon: LeaseHorizon::default(),
             written_items: WrittenRecords::new(
                 WRITTEN_RECORDS,
@@ -371,7 +375,7 @@ impl WrittenSet {
                         set.judged_sessions.push(session_id.to_owned());
                     }
                 }
-                Write::InsertSession(session) => set
+                Write::InsertSession { session, .. } => set
                     .sessions
                     .push((session.id.clone(), at(sessions, &session.id, session, 1))),
                 Write::UpdateSession {

@@ -60,33 +60,60 @@ impl App {
         Ok(self.session_versioned(id).await?.value)
     }
 
-    /// The agent a new session runs: its current version, or the version named.
-    async fn resolve_agent(&self, id: &str, version: Option<u32>) -> Result<Agent> {
-        let current = self.agent(id).await?;
-        if current.archived_at.is_some() {
+    /// The agent a new session runs — its current version, or the version named — with the row
+    /// version of the agent as it was read. `recent` takes a copy up to [`crate::cache::RECORD_TTL`]
+    /// old: the session's insert is then conditional on that row version, so a copy that is stale
+    /// (the agent was changed or archived since) refuses the insert, which is decided again from a
+    /// fresh read.
+    async fn resolve_agent(
+        &self,
+        id: &str,
+        version: Option<u32>,
+        recent: bool,
+    ) -> Result<(Agent, i64)> {
+        let current = if recent {
+            self.recent_agent(id).await?
+        } else {
+            let read_at = std::time::Instant::now();
+            let fresh = std::sync::Arc::new(self.agent_versioned(id).await?);
+            self.agents_read.put(id.to_owned(), fresh.clone(), read_at);
+            fresh
+        };
+        if current.value.archived_at.is_some() {
             return Err(Error::invalid("agent", "the agent is archived"));
         }
-        match version {
-            None => Ok(current),
-            Some(v) if v == current.version => Ok(current),
-            Some(v) => {
-                self.store.get_agent_version(id, v).await?.ok_or_else(|| {
+        let agent =
+            match version {
+                None => current.value.clone(),
+                Some(v) if v == current.value.version => current.value.clone(),
+                Some(v) => self.store.get_agent_version(id, v).await?.ok_or_else(|| {
                     Error::invalid("agent", format!("agent {id} has no version {v}"))
-                })
-            }
-        }
+                })?,
+            };
+        Ok((agent, current.version))
     }
 
-    pub async fn create_session(&self, command: NewSession) -> Result<Session> {
-        let agent = self
-            .resolve_agent(&command.agent, command.agent_version)
+    /// An agent as read up to [`crate::cache::RECORD_TTL`] ago.
+    async fn recent_agent(&self, id: &str) -> Result<std::sync::Arc<Versioned<Agent>>> {
+        if let Some(agent) = self.agents_read.get(id) {
+            return Ok(agent);
+        }
+        let read_at = std::time::Instant::now();
+        let agent = std::sync::Arc::new(self.agent_versioned(id).await?);
+        self.agents_read.put(id.to_owned(), agent.clone(), read_at);
+        Ok(agent)
+    }
+
+    pub async fn create_session(&self, mut command: NewSession) -> Result<Session> {
+        let first_agent = self
+            .resolve_agent(&command.agent, command.agent_version, true)
             .await?;
-        let environment_id = command.environment_id;
+        let environment_id = &command.environment_id;
         // A copy up to a second old will do: the session's insert is conditional on the environment
         // existing unarchived, and a conflict is answered from a fresh read below.
-        let env = self.recent_environment(&environment_id).await?;
+        let env = self.recent_environment(environment_id).await?;
         refuse_archived(&env)?;
-        let title = checked_title(command.title)?;
+        let title = checked_title(command.title.take())?;
         metadata::validate(&command.metadata)?;
         let id = ids::new_id(IdKind::Session);
         // `initial_events` are appended as if the creator sent them right after creation (§12.2): the same
@@ -95,22 +122,75 @@ impl App {
             .incoming_events(
                 &id,
                 "initial_events",
-                command.initial_events,
+                std::mem::take(&mut command.initial_events),
                 Sender::Admin,
                 0,
             )
             .await?;
         let now = self.now();
+        let retried = std::sync::atomic::AtomicBool::new(false);
+        let session = with_retries(|| async {
+            // The first attempt takes the agent as recently read; a conflict may mean that copy is
+            // stale, so every later attempt reads it again.
+            let (agent, agent_version) = if retried.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                self.resolve_agent(&command.agent, command.agent_version, false)
+                    .await?
+            } else {
+                first_agent.clone()
+            };
+            let (session, changes) = self.new_session_changes(
+                &id,
+                agent,
+                agent_version,
+                &env,
+                title.clone(),
+                &command,
+                &initial,
+                now,
+            )?;
+            match self.commit(changes).await {
+                Err(StoreError::Conflict) => {
+                    // The environment was deleted or archived since it was read, or the agent changed:
+                    // answer as if that had happened first.
+                    refuse_archived(&self.environment(&command.environment_id).await?)?;
+                    Err(Retry::Conflict)
+                }
+                Err(e) => Err(Retry::Fail(e.into())),
+                Ok(()) => Ok(session),
+            }
+        })
+        .await?;
+        if env.is_self_hosted() {
+            self.announce_claimable(std::slice::from_ref(&env.id)).await;
+        }
+        Ok(session)
+    }
+
+    /// The session `create_session` inserts, running `agent` (whose row is at `agent_version`), and
+    /// the change set that inserts it with its work item and initial events.
+    #[allow(clippy::too_many_arguments)]
+    fn new_session_changes(
+        &self,
+        id: &str,
+        agent: Agent,
+        agent_version: i64,
+        env: &Environment,
+        title: Option<String>,
+        command: &NewSession,
+        initial: &[super::events::Incoming],
+        now: tether_core::Timestamp,
+    ) -> Result<(Session, ChangeSet)> {
         let mut session = Session {
-            id,
+            id: id.to_owned(),
             agent,
             environment_id: env.id.clone(),
             status: SessionStatus::Idle,
             title,
-            metadata: command.metadata,
-            environment_variables: command.environment_variables,
-            resources: Value::Array(command.resources),
-            budget: command.budget,
+            metadata: command.metadata.clone(),
+            environment_variables: command.environment_variables.clone(),
+            resources: Value::Array(command.resources.clone()),
+            budget: command.budget.clone(),
             created_at: now,
             updated_at: now,
             archived_at: None,
@@ -133,36 +213,21 @@ impl App {
                 live_item,
                 pending_input: false,
             };
-            let appended = append_batch(&mut session, &mut turn, &initial, now)?;
+            let appended = append_batch(&mut session, &mut turn, initial, now)?;
             if appended.enqueue {
                 work.push(self.enqueue_for_session(&session, now).1);
             }
             events = appended.all;
         }
-        let claimable = if work.is_empty() {
-            Vec::new()
-        } else {
-            vec![env.id.clone()]
-        };
-        let mut changes = ChangeSet::one(Write::InsertSession(session.clone()));
+        let mut changes = ChangeSet::one(Write::InsertSession {
+            session: session.clone(),
+            agent_version: Some(agent_version),
+        });
         changes.writes.extend(work);
         changes
             .writes
             .extend(events.into_iter().map(Write::InsertEvent));
-        with_retries(|| async {
-            match self.commit(changes.clone()).await {
-                Err(StoreError::Conflict) => {
-                    // The environment was deleted or archived since it was read: answer as if that had
-                    // happened first.
-                    refuse_archived(&self.environment(&environment_id).await?)?;
-                    Err(Retry::Conflict)
-                }
-                other => Ok(other?),
-            }
-        })
-        .await?;
-        self.announce_claimable(&claimable).await;
-        Ok(session)
+        Ok((session, changes))
     }
 
     pub async fn list_sessions(

@@ -862,6 +862,7 @@ impl App {
                 }
                 Write::UpdateEnvironment { .. }
                 | Write::DeleteEnvironment { .. }
+                | Write::UpdateAgent { .. }
                 | Write::RevokeCredential { .. } => cached_records_changed = true,
                 _ => {}
             }
@@ -876,6 +877,7 @@ impl App {
         self.credentials_by_id.clear();
         self.credentials_by_hash.clear();
         self.environments_read.clear();
+        self.agents_read.clear();
     }
 
     /// Lease amnesty after the store lost its database and got it back: the start-up amnesty of §3.1

@@ -33,6 +33,8 @@ pub struct Counting {
     pub scans: AtomicU64,
     /// `get_work`, `get_work_with_session` and `get_session` calls.
     pub item_reads: AtomicU64,
+    /// `get_agent` calls.
+    pub agent_reads: AtomicU64,
     /// While set, commits and the work reads fail as `Unavailable`, and the losses and
     /// reconnections are counted as a real backend counts them (a reconnection when a call
     /// succeeds again).
@@ -106,6 +108,7 @@ impl Store for Counting {
             .await
     }
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Versioned<Agent>>> {
+        self.agent_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get_agent(id).await
     }
     async fn get_agent_version(&self, id: &str, version: u32) -> StoreResult<Option<Agent>> {
@@ -244,6 +247,7 @@ pub async fn counting_app(
         inner: location.open().await.expect("open"),
         scans: AtomicU64::new(0),
         item_reads: AtomicU64::new(0),
+        agent_reads: AtomicU64::new(0),
         down: AtomicBool::new(false),
         lost: AtomicBool::new(false),
         losses: AtomicU64::new(0),

@@ -238,7 +238,10 @@ pub async fn an_items_long_history_reads_whole_in_pages(store: &impl Store) -> V
 /// is gone, and nothing for an unknown item.
 pub async fn an_item_is_read_with_its_session(store: &impl Store) {
     let mut changes = ChangeSet::one(Write::InsertEnvironment(environment("env_store")));
-    changes.push(Write::InsertSession(session("sesn_joined", "env_store")));
+    changes.push(Write::InsertSession {
+        session: session("sesn_joined", "env_store"),
+        agent_version: None,
+    });
     store.commit(changes).await.unwrap();
     let enqueued = enqueue(store, "work_joined", "sesn_joined").await;
     let orphan = enqueue(store, "work_orphan", "sesn_gone").await;
@@ -272,7 +275,10 @@ pub async fn an_item_is_read_with_its_session(store: &impl Store) {
 /// when the session is at another version or gone, and changes neither row then.
 pub async fn an_items_write_can_be_conditional_on_its_session(store: &impl Store) {
     let mut changes = ChangeSet::one(Write::InsertEnvironment(environment("env_store")));
-    changes.push(Write::InsertSession(session("sesn_judged", "env_store")));
+    changes.push(Write::InsertSession {
+        session: session("sesn_judged", "env_store"),
+        agent_version: None,
+    });
     store.commit(changes).await.unwrap();
     let enqueued = enqueue(store, "work_judged", "sesn_judged").await;
     let delivered =
@@ -326,4 +332,57 @@ pub async fn an_items_write_can_be_conditional_on_its_session(store: &impl Store
             .await,
         Err(StoreError::Conflict)
     ));
+}
+
+/// A session's insert conditional on its agent's row version (`InsertSession::agent_version`) is
+/// refused when the agent has moved on (updated or archived) or does not exist, and inserts nothing
+/// then; at the agent's current version it succeeds.
+pub async fn a_sessions_insert_can_be_conditional_on_its_agent(store: &impl Store) {
+    let agent = session("sesn_unused", "env_store").agent;
+    let mut changes = ChangeSet::one(Write::InsertEnvironment(environment("env_store")));
+    changes.push(Write::InsertAgent(agent.clone()));
+    store.commit(changes).await.unwrap();
+    let mut updated = agent.clone();
+    updated.version = 2;
+    store
+        .commit(ChangeSet::one(Write::UpdateAgent {
+            agent: updated,
+            expected_version: 1,
+        }))
+        .await
+        .unwrap();
+    let insert = |id: &str, agent_id: &str, agent_version| {
+        let mut session = session(id, "env_store");
+        session.agent.id = agent_id.into();
+        ChangeSet::one(Write::InsertSession {
+            session,
+            agent_version: Some(agent_version),
+        })
+    };
+    for (id, agent_id, version) in [
+        ("sesn_stale", "agent_1", 1),
+        ("sesn_ahead", "agent_1", 3),
+        ("sesn_no_agent", "agent_none", 1),
+    ] {
+        assert!(
+            matches!(
+                store.commit(insert(id, agent_id, version)).await,
+                Err(StoreError::Conflict)
+            ),
+            "{id}: the agent row is at version 2"
+        );
+        assert!(store.get_session(id).await.unwrap().is_none(), "{id}");
+    }
+    store
+        .commit(insert("sesn_current", "agent_1", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_session("sesn_current")
+            .await
+            .unwrap()
+            .map(|s| s.version),
+        Some(1)
+    );
 }

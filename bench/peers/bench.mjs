@@ -373,12 +373,14 @@ class TetherSystem {
         await this.start(clients + 8);
         const env = await this.environment("enqueue");
         const cpu0 = this.cpu();
+        const db0 = this.dbCpu();
         const started = now();
         await parallel(n, clients, () => this.enqueue(env));
         const seconds = (now() - started) / 1000;
         const cpu = this.cpu() - cpu0;
+        const dbCpu = this.dbCpu() - db0;
         await this.shutdown();
-        return { n, seconds, cpu };
+        return { n, seconds, cpu, dbCpu };
     }
 
     // C: an unrelated worker's ack and heartbeat latencies, the server's memory and the CPU of server and
@@ -770,16 +772,31 @@ await scenario(
     `E. enqueue: ${counts.enqueue} items from 32 concurrent clients (session create, add_job, INSERT; CPU = server + database)`,
     async (system) => {
         const r = await system.enqueueRate(counts.enqueue, 32);
-        return { ...r, perSecond: r.n / r.seconds, cpuPer1000: (r.cpu / r.n) * 1000 };
+        return {
+            ...r,
+            perSecond: r.n / r.seconds,
+            cpuPer1000: (r.cpu / r.n) * 1000,
+            dbCpuPer1000: r.dbCpu === undefined ? null : (r.dbCpu / r.n) * 1000,
+        };
     },
     (out) => {
         const base = out["graphile-worker"] ?? {};
-        const w = [24, 10, 10, 16, 10];
-        console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio"], w));
+        const w = [24, 10, 10, 16, 10, 12];
+        console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "of it db"], w));
         for (const s of systems) {
             const r = out[s.name];
             console.log(
-                row([s.label, fmt(r.perSecond, 0), ratio(r.perSecond, base.perSecond), fmt(r.cpuPer1000, 2), ratio(r.cpuPer1000, base.cpuPer1000)], w),
+                row(
+                    [
+                        s.label,
+                        fmt(r.perSecond, 0),
+                        ratio(r.perSecond, base.perSecond),
+                        fmt(r.cpuPer1000, 2),
+                        ratio(r.cpuPer1000, base.cpuPer1000),
+                        fmt(r.dbCpuPer1000, 2),
+                    ],
+                    w,
+                ),
             );
         }
     },

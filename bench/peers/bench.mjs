@@ -695,6 +695,29 @@ const fmt = (v, digits = 1) => (v === null || v === undefined || Number.isNaN(v)
 const ratio = (v, base) => (base ? `${(v / base).toFixed(2)}x` : "—");
 const row = (cells, widths) => cells.map((c, i) => (i === 0 ? String(c).padEnd(widths[i]) : String(c).padStart(widths[i]))).join(" ");
 
+/** B's and E's table: items/s and CPU per 1000 items, each with its ratio to graphile-worker, the
+ * database's share, and (B) the CPU of Tether's HTTP clients. */
+function printRates(out, withClient) {
+    const base = out["graphile-worker"] ?? {};
+    const w = [24, 10, 10, 16, 10, 12, 12];
+    const head = ["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "of it db", "client CPU-s"];
+    const columns = withClient ? head.length : head.length - 1;
+    console.log(row(head.slice(0, columns), w));
+    for (const s of systems) {
+        const r = out[s.name];
+        const cells = [
+            s.label,
+            fmt(r.perSecond, 0),
+            ratio(r.perSecond, base.perSecond),
+            fmt(r.cpuPer1000, 2),
+            ratio(r.cpuPer1000, base.cpuPer1000),
+            fmt(r.dbCpuPer1000, 2),
+            fmt(r.clientCpuPer1000, 2),
+        ];
+        console.log(row(cells.slice(0, columns), w));
+    }
+}
+
 console.log(`bench-peers (${quick ? "quick" : "full"} run): ratios are to graphile-worker in this run\n`);
 
 async function scenario(key, title, fn, print) {
@@ -741,26 +764,7 @@ await scenario(
         };
     },
     (out) => {
-        const base = out["graphile-worker"] ?? {};
-        const w = [24, 10, 10, 16, 10, 12, 12];
-        console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "of it db", "client CPU-s"], w));
-        for (const s of systems) {
-            const r = out[s.name];
-            console.log(
-                row(
-                    [
-                        s.label,
-                        fmt(r.perSecond, 0),
-                        ratio(r.perSecond, base.perSecond),
-                        fmt(r.cpuPer1000, 2),
-                        ratio(r.cpuPer1000, base.cpuPer1000),
-                        fmt(r.dbCpuPer1000, 2),
-                        fmt(r.clientCpuPer1000, 2),
-                    ],
-                    w,
-                ),
-            );
-        }
+        printRates(out, true);
         console.log(
             "   (the peers' CPU includes their worker process, where their queue logic runs; Tether's excludes its HTTP clients, whose CPU per 1000 items is the last column; \"of it db\" is the database's share)",
         );
@@ -780,25 +784,7 @@ await scenario(
         };
     },
     (out) => {
-        const base = out["graphile-worker"] ?? {};
-        const w = [24, 10, 10, 16, 10, 12];
-        console.log(row(["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "of it db"], w));
-        for (const s of systems) {
-            const r = out[s.name];
-            console.log(
-                row(
-                    [
-                        s.label,
-                        fmt(r.perSecond, 0),
-                        ratio(r.perSecond, base.perSecond),
-                        fmt(r.cpuPer1000, 2),
-                        ratio(r.cpuPer1000, base.cpuPer1000),
-                        fmt(r.dbCpuPer1000, 2),
-                    ],
-                    w,
-                ),
-            );
-        }
+        printRates(out, false);
     },
 );
 

@@ -52,20 +52,24 @@ async fn session_in(app: &App, env: &tether_core::resources::Environment) -> Str
     session_with(app, env, vec![user_message()]).await.id
 }
 
+/// An agent created through `app`, running `model`.
+async fn agent_on(app: &App, model: &str) -> tether_core::resources::Agent {
+    app.create_agent(NewAgent {
+        name: "agent".into(),
+        model: Some(json!(model)),
+        ..NewAgent::default()
+    })
+    .await
+    .expect("agent")
+}
+
 /// A session created through `app` in `env` with `initial_events`.
 async fn session_with(
     app: &App,
     env: &tether_core::resources::Environment,
     initial_events: Vec<serde_json::Value>,
 ) -> tether_core::resources::Session {
-    let agent = app
-        .create_agent(NewAgent {
-            name: "agent".into(),
-            model: Some(json!("model")),
-            ..NewAgent::default()
-        })
-        .await
-        .expect("agent");
+    let agent = agent_on(app, "model").await;
     app.create_session(NewSession {
         environment_id: env.id.clone(),
         agent: agent.id,
@@ -365,14 +369,7 @@ async fn a_new_session_runs_its_agent_as_it_is_now() {
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(SystemClock), "agents").await;
         let elsewhere = other_server(&counting, Arc::new(SystemClock));
-        let agent = here
-            .create_agent(NewAgent {
-                name: "agent".into(),
-                model: Some(json!("first")),
-                ..NewAgent::default()
-            })
-            .await
-            .expect("agent");
+        let agent = agent_on(&here, "first").await;
         let create = || {
             here.create_session(NewSession {
                 environment_id: env.id.clone(),

@@ -71,14 +71,7 @@ impl App {
         version: Option<u32>,
         recent: bool,
     ) -> Result<(Agent, i64)> {
-        let current = if recent {
-            self.recent_agent(id).await?
-        } else {
-            let read_at = std::time::Instant::now();
-            let fresh = std::sync::Arc::new(self.agent_versioned(id).await?);
-            self.agents_read.put(id.to_owned(), fresh.clone(), read_at);
-            fresh
-        };
+        let current = self.read_agent(id, recent).await?;
         if current.value.archived_at.is_some() {
             return Err(Error::invalid("agent", "the agent is archived"));
         }
@@ -93,9 +86,10 @@ impl App {
         Ok((agent, current.version))
     }
 
-    /// An agent as read up to [`crate::cache::RECORD_TTL`] ago.
-    async fn recent_agent(&self, id: &str) -> Result<std::sync::Arc<Versioned<Agent>>> {
-        if let Some(agent) = self.agents_read.get(id) {
+    /// An agent as read now, or (`recent`) up to [`crate::cache::RECORD_TTL`] ago; either way the
+    /// copy read is what the next `recent` read takes.
+    async fn read_agent(&self, id: &str, recent: bool) -> Result<std::sync::Arc<Versioned<Agent>>> {
+        if let Some(agent) = self.agents_read.get(id).filter(|_| recent) {
             return Ok(agent);
         }
         let read_at = std::time::Instant::now();
@@ -113,7 +107,7 @@ impl App {
         // existing unarchived, and a conflict is answered from a fresh read below.
         let env = self.recent_environment(environment_id).await?;
         refuse_archived(&env)?;
-        let title = checked_title(command.title.take())?;
+        command.title = checked_title(command.title.take())?;
         metadata::validate(&command.metadata)?;
         let id = ids::new_id(IdKind::Session);
         // `initial_events` are appended as if the creator sent them right after creation (§12.2): the same
@@ -127,7 +121,6 @@ impl App {
                 0,
             )
             .await?;
-        let now = self.now();
         let retried = std::sync::atomic::AtomicBool::new(false);
         let session = with_retries(|| async {
             // The first attempt takes the agent as recently read; a conflict may mean that copy is
@@ -139,16 +132,8 @@ impl App {
             } else {
                 first_agent.clone()
             };
-            let (session, changes) = self.new_session_changes(
-                &id,
-                agent,
-                agent_version,
-                &env,
-                title.clone(),
-                &command,
-                &initial,
-                now,
-            )?;
+            let (session, changes) =
+                self.new_session_changes(&id, agent, agent_version, &env, &command, &initial)?;
             match self.commit(changes).await {
                 Err(StoreError::Conflict) => {
                     // The environment was deleted or archived since it was read, or the agent changed:
@@ -168,25 +153,25 @@ impl App {
     }
 
     /// The session `create_session` inserts, running `agent` (whose row is at `agent_version`), and
-    /// the change set that inserts it with its work item and initial events.
-    #[allow(clippy::too_many_arguments)]
+    /// the change set that inserts it with its work item and initial events. `command` is checked
+    /// already; its initial events are in `initial`.
     fn new_session_changes(
         &self,
         id: &str,
         agent: Agent,
         agent_version: i64,
         env: &Environment,
-        title: Option<String>,
         command: &NewSession,
         initial: &[super::events::Incoming],
-        now: tether_core::Timestamp,
     ) -> Result<(Session, ChangeSet)> {
+        // Each attempt's own time: the session is created when the attempt that commits decided.
+        let now = self.now();
         let mut session = Session {
             id: id.to_owned(),
             agent,
             environment_id: env.id.clone(),
             status: SessionStatus::Idle,
-            title,
+            title: command.title.clone(),
             metadata: command.metadata.clone(),
             environment_variables: command.environment_variables.clone(),
             resources: Value::Array(command.resources.clone()),

@@ -10,6 +10,7 @@
 //   A  wake latency: one blocked worker, enqueues one at a time
 //   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue
 //   C  idle workers: memory, CPU and an unrelated worker's latencies beside many idle long polls
+//      (Tether twice: a connection per worker, then the workers sharing 16 HTTP/2 connections)
 //   D  poll+ack latency with 1k queued, with 100k queued in another environment, and with 100k queued
 //   E  enqueue rate from 32 concurrent clients
 import { spawn, fork, execFileSync } from "node:child_process";
@@ -61,6 +62,9 @@ if (!Number.isInteger(counts.big) || counts.big <= counts.small) {
     console.error("bench-peers: --big must be an integer above the small queue");
     process.exit(2);
 }
+// C: the peers' idle workers share a pool of this many database connections; Tether's, in C's second run of
+// each Tether system, this many HTTP/2 connections.
+const IDLE_CONNECTIONS = 16;
 
 // ------------------------------------------------------------------------------------------------ /proc
 const CLK_TCK = Number(execFileSync("getconf", ["CLK_TCK"]).toString().trim());
@@ -384,8 +388,9 @@ class TetherSystem {
     }
 
     // C: an unrelated worker's ack and heartbeat latencies, the server's memory and the CPU of server and
-    // database, first alone, then beside `idle` workers long-polling an empty environment.
-    async idle(idle, rounds, windowMs) {
+    // database, first alone, then beside `idle` workers long-polling an empty environment: each on an
+    // HTTP/1.1 connection of its own, or, with `h2Connections`, all sharing that many HTTP/2 connections.
+    async idle(idle, rounds, windowMs, h2Connections = 0) {
         await this.start(16);
         const quietEnv = await this.environment("idle");
         const workEnv = await this.environment("work");
@@ -418,7 +423,8 @@ class TetherSystem {
         await sleep(quick ? 200 : 1000);
         const alone = await measure();
         // The idle workers run in a process of their own; each has had one answer before measuring.
-        const pollers = fork(join(here, "idle-pollers.mjs"), [this.origin, TOKEN, quietEnv, String(idle)]);
+        const transport = h2Connections > 0 ? [String(h2Connections)] : [];
+        const pollers = fork(join(here, "idle-pollers.mjs"), [this.origin, TOKEN, quietEnv, String(idle), ...transport]);
         leftovers.children.add(pollers);
         const answer = (ev) =>
             new Promise((resolve, reject) => {
@@ -651,7 +657,7 @@ class PeerSystem {
         };
         await sleep(quick ? 200 : 1000);
         const alone = await measure();
-        await this.command({ cmd: "idle", concurrency: idle, pool: 16 }, "ready");
+        await this.command({ cmd: "idle", concurrency: idle, pool: IDLE_CONNECTIONS }, "ready");
         await sleep(quick ? 300 : 2000);
         const beside = await measure();
         await this.command({ cmd: "halt" }, "halted");
@@ -791,19 +797,28 @@ await scenario(
 await scenario(
     "c",
     `C. ${counts.idle} idle long-polling workers: server memory, CPU of server and database, an unrelated worker's p99 (ms)`,
-    (system) => system.idle(counts.idle, counts.unrelated, counts.window),
+    async (system) => {
+        const r = await system.idle(counts.idle, counts.unrelated, counts.window);
+        // Tether again with the same workers sharing HTTP/2 connections, as many as graphile-worker's pool:
+        // what a connection per worker costs, measured rather than estimated.
+        if (system instanceof TetherSystem) r.shared = await system.idle(counts.idle, counts.unrelated, counts.window, IDLE_CONNECTIONS);
+        return r;
+    },
     (out) => {
         const base = out["graphile-worker"] ?? {};
         const slowdown = (r) => r.beside.ack.p99 / r.alone.ack.p99;
         const w = [24, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
         console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "of it", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99", "rounds"], w));
         console.log(row(["", "MB", "MB", "", "", "db", "alone", "beside", "alone", "beside", "growth", ""], w));
-        for (const s of systems) {
+        const lines = systems.flatMap((s) => {
             const r = out[s.name];
+            return r.shared ? [[s.label, r], [`  on ${IDLE_CONNECTIONS} HTTP/2 conns`, r.shared]] : [[s.label, r]];
+        });
+        for (const [label, r] of lines) {
             console.log(
                 row(
                     [
-                        s.label,
+                        label,
                         fmt(r.alone.rssMb, 0),
                         fmt(r.beside.rssMb, 0),
                         fmt(r.beside.rssMb - r.alone.rssMb, 0),
@@ -822,7 +837,8 @@ await scenario(
         }
         console.log(
             `   (the peers have no ack: their "ack" is the enqueue call, add_job or INSERT; growth is p99 beside / alone, graphile-worker's is ${base.alone ? `${fmt(slowdown(base), 2)}x` : "—"};\n` +
-                `    cores: server or worker process + database beside the idle workers, "of it db" the database's share; rounds: unrelated cycles measured alone/beside, at most 60 s each)`,
+                `    cores: server or worker process + database beside the idle workers, "of it db" the database's share; rounds: unrelated cycles measured alone/beside, at most 60 s each;\n` +
+                `    each Tether worker has an HTTP/1.1 connection of its own, and then, on the line below, the same workers share ${IDLE_CONNECTIONS} HTTP/2 connections, as graphile-worker's share a pool of ${IDLE_CONNECTIONS})`,
         );
     },
 );

@@ -24,24 +24,50 @@ use std::time::{Duration, Instant};
 use tether_core::Timestamp;
 use tether_store::Versioned;
 
-/// How long a cached credential or environment may be used: a revocation or archive made through
-/// another server process takes effect within this bound.
+/// How long a cached credential, environment or agent may be used (`ServiceConfig::record_ttl`): a
+/// revocation or archive made through another server process takes effect within this bound.
 pub const RECORD_TTL: Duration = Duration::from_secs(1);
 
 /// Entries a cache holds at most; when full it starts again empty (a miss only costs a read).
 const MAX_ENTRIES: usize = 10_000;
 
-/// Records read recently, each usable for [`RECORD_TTL`].
+/// Records read recently, each usable for its time to live. Bounded in count and, when built
+/// [`TtlCache::weighed`], in bytes: a record heavier than a [`RECORD_SHARE`]th of the byte bound is not
+/// kept (its next use reads it), and a record that would take the cache past either bound empties it
+/// first. Expired entries are not swept: the bounds hold them.
 pub struct TtlCache<K, V> {
     ttl: Duration,
-    entries: Mutex<HashMap<K, (Instant, V)>>,
+    max_bytes: usize,
+    weigh: fn(&V, usize) -> usize,
+    entries: Mutex<Entries<K, V>>,
+}
+
+struct Entries<K, V> {
+    records: HashMap<K, (Instant, V, usize)>,
+    bytes: usize,
 }
 
 impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
+    /// Small records (credentials, environments): bounded in count only.
     pub fn new(ttl: Duration) -> Self {
+        TtlCache::weighed(ttl, usize::MAX, |_, _| 0)
+    }
+
+    /// Records that may be large (an agent with its tools): at most `max_bytes` of them, as `weigh`
+    /// counts (told the most a record may weigh, so that it can stop counting there).
+    pub fn weighed(ttl: Duration, max_bytes: usize, weigh: fn(&V, usize) -> usize) -> Self {
+        assert!(
+            max_bytes >= RECORD_SHARE,
+            "a cache of no records holds nothing"
+        );
         TtlCache {
             ttl,
-            entries: Mutex::new(HashMap::new()),
+            max_bytes,
+            weigh,
+            entries: Mutex::new(Entries {
+                records: HashMap::new(),
+                bytes: 0,
+            }),
         }
     }
 
@@ -52,22 +78,37 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     {
         let entries = self.entries.lock().expect("cache lock");
         entries
+            .records
             .get(key)
-            .filter(|(read_at, _)| read_at.elapsed() < self.ttl)
-            .map(|(_, value)| value.clone())
+            .filter(|(read_at, _, _)| read_at.elapsed() < self.ttl)
+            .map(|(_, value, _)| value.clone())
     }
 
-    /// Stores `value`, read at `read_at` (taken before the read, so the bound counts from then).
+    /// Stores `value`, read at `read_at` (taken before the read, so the bound counts from then). One
+    /// too heavy to keep is not stored, and the older copy of it, if any, is dropped.
     pub fn put(&self, key: K, value: V, read_at: Instant) {
+        let most = self.max_bytes / RECORD_SHARE;
+        let weight = (self.weigh)(&value, most);
         let mut entries = self.entries.lock().expect("cache lock");
-        if entries.len() >= MAX_ENTRIES {
-            entries.clear();
+        if let Some((_, _, old)) = entries.records.remove(&key) {
+            entries.bytes -= old;
         }
-        entries.insert(key, (read_at, value));
+        if weight > most {
+            return;
+        }
+        if entries.records.len() >= MAX_ENTRIES || entries.bytes + weight > self.max_bytes {
+            entries.records.clear();
+            entries.bytes = 0;
+        }
+        entries.bytes += weight;
+        entries.records.insert(key, (read_at, value, weight));
+        assert!(entries.records.len() <= MAX_ENTRIES && entries.bytes <= self.max_bytes);
     }
 
     pub fn clear(&self) {
-        self.entries.lock().expect("cache lock").clear();
+        let mut entries = self.entries.lock().expect("cache lock");
+        entries.records.clear();
+        entries.bytes = 0;
     }
 }
 
@@ -438,5 +479,38 @@ mod tests {
         assert_eq!(c.get(&"k"), Some(1));
         c.clear();
         assert_eq!(c.get(&"k"), None);
+    }
+
+    /// The bytes a weighed cache holds: what its entries weigh, as its own count says.
+    fn cached_bytes<K: Eq + Hash, V: Clone>(c: &TtlCache<K, V>) -> (usize, usize) {
+        let entries = c.entries.lock().expect("cache lock");
+        let counted = entries.records.values().map(|(_, _, w)| w).sum();
+        (counted, entries.bytes)
+    }
+
+    #[test]
+    fn a_weighed_cache_holds_no_more_than_its_bytes() {
+        let max_bytes = 64 * 1024;
+        let most = max_bytes / RECORD_SHARE;
+        let c = TtlCache::weighed(Duration::from_secs(60), max_bytes, |v: &String, _| v.len());
+        for i in 0..5_000 {
+            c.put(
+                format!("k{}", i % 700),
+                "x".repeat(i % most + 1),
+                Instant::now(),
+            );
+            let (counted, bytes) = cached_bytes(&c);
+            assert_eq!(counted, bytes);
+            assert!(bytes <= max_bytes, "{bytes} bytes held");
+        }
+        c.put("k299".to_owned(), "x".repeat(10), Instant::now());
+        assert_eq!(c.get("k299").map(|v| v.len()), Some(10));
+        // Too heavy to keep: not stored, and the older copy is dropped rather than kept.
+        c.put("k299".to_owned(), "x".repeat(most + 1), Instant::now());
+        assert_eq!(c.get("k299"), None);
+        c.put("k298".to_owned(), "x".repeat(most), Instant::now());
+        assert_eq!(c.get("k298").map(|v| v.len()), Some(most));
+        c.clear();
+        assert_eq!(cached_bytes(&c), (0, 0));
     }
 }

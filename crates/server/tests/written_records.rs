@@ -359,15 +359,32 @@ async fn no_lease_lapses_from_memory_right_after_an_outage() {
     }
 }
 
-/// A session copies its agent from a read up to a second old, and its insert is conditional on the
-/// agent's row being at the version read: an agent changed or archived through another server since
-/// is read again, and the session runs the agent as it is now, or is refused as archived.
+/// A server whose reads of credentials, environments and agents stay usable for an hour: whatever it
+/// then learns of a change made elsewhere, a conditional write taught it, not an expiry.
+fn long_memory_server(counting: &Arc<counting::Counting>) -> App {
+    App::new(
+        counting.clone(),
+        Arc::new(SystemClock),
+        ServiceConfig {
+            tick: Duration::from_secs(3600),
+            record_ttl: Duration::from_secs(3600),
+            ..ServiceConfig::default()
+        },
+    )
+}
+
+/// A session copies its agent from a recent read (up to a second old by default; an hour here), and
+/// its insert is conditional on the agent's row being at the version read: an agent changed or
+/// archived through another server since is read again, and the session runs the agent as it is now,
+/// or is refused as archived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_session_runs_its_agent_as_it_is_now() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, here, counting, env) =
+        let (_location, setup, counting, env) =
             counting_app(&backend, Arc::new(SystemClock), "agents").await;
+        setup.begin_shutdown();
+        let here = long_memory_server(&counting);
         let elsewhere = other_server(&counting, Arc::new(SystemClock));
         let agent = agent_on(&here, "first").await;
         let create = || {
@@ -416,6 +433,43 @@ async fn a_new_session_runs_its_agent_as_it_is_now() {
             matches!(&refused, Err(e) if e.to_string().contains("archived")),
             "{name}: a session on an archived agent: {refused:?}"
         );
+        here.begin_shutdown();
+    }
+}
+
+/// The agents read for new sessions are bounded in bytes: one too large to keep (here a 64 KB system
+/// prompt) is read for every new session, however long reads may be used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_agent_is_read_for_each_new_session() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, setup, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "large").await;
+        setup.begin_shutdown();
+        let here = long_memory_server(&counting);
+        let agent = here
+            .create_agent(NewAgent {
+                name: "large".into(),
+                model: Some(json!("model")),
+                system: Some("x".repeat(64 * 1024)),
+                ..NewAgent::default()
+            })
+            .await
+            .expect("agent");
+        let agent_reads = || counting.agent_reads.load(Ordering::SeqCst);
+        let mut reads = Vec::new();
+        for _ in 0..3 {
+            let before = agent_reads();
+            here.create_session(NewSession {
+                environment_id: env.id.clone(),
+                agent: agent.id.clone(),
+                ..NewSession::default()
+            })
+            .await
+            .expect("session");
+            reads.push(agent_reads() - before);
+        }
+        assert_eq!(reads, [1, 1, 1], "{name}: agent reads per new session");
         here.begin_shutdown();
     }
 }

@@ -35,6 +35,9 @@ const WRITTEN_RECORDS: usize = 8_192;
 /// The bytes (as JSON) of those records, each kind: a work item weighs about 1 KB, a session carries
 /// its agent and may weigh much more.
 const WRITTEN_RECORD_BYTES: usize = 8 << 20;
+/// The bytes (as JSON) of the agents read for new sessions that the cache holds at most; an agent
+/// over a 256th of it (32 KB, large tools) is read for each new session, as every agent once was.
+const AGENTS_READ_BYTES: usize = 8 << 20;
 
 /// Server settings that the service consults.
 #[derive(Clone, Debug)]
@@ -56,6 +59,10 @@ pub struct ServiceConfig {
     pub max_event_bytes: usize,
     /// What request bodies may take in memory, all together (`--request-memory`, `http::budget`).
     pub request_memory: usize,
+    /// How long a credential, environment or agent read may be used again ([`RECORD_TTL`], 1 s): a
+    /// change made through another server takes effect within it where nothing else checks it.
+    /// Tests lengthen it to show that a conditional write, not the expiry, catches such a change.
+    pub record_ttl: Duration,
 }
 
 /// The default `--event-limit`: 1 MiB.
@@ -73,6 +80,7 @@ impl Default for ServiceConfig {
             sample_interval: Duration::from_secs(10),
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             request_memory: crate::http::budget::DEFAULT_REQUEST_MEMORY,
+            record_ttl: RECORD_TTL,
         }
     }
 }
@@ -132,6 +140,7 @@ impl App {
         let (shutdown, _) = watch::channel(false);
         let reconnections = store.reconnections();
         let queue_history = QueueHistory::new(config.sample_interval);
+        let ttl = config.record_ttl;
         App(Arc::new(AppInner {
             store,
             clock,
@@ -146,10 +155,12 @@ impl App {
             dispatch_now: tokio::sync::Notify::new(),
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
-            credentials_by_id: TtlCache::new(RECORD_TTL),
-            credentials_by_hash: TtlCache::new(RECORD_TTL),
-            environments_read: TtlCache::new(RECORD_TTL),
-            agents_read: TtlCache::new(RECORD_TTL),
+            credentials_by_id: TtlCache::new(ttl),
+            credentials_by_hash: TtlCache::new(ttl),
+            environments_read: TtlCache::new(ttl),
+            agents_read: TtlCache::weighed(ttl, AGENTS_READ_BYTES, |agent, most| {
+                events::json_size_up_to(&agent.value, most)
+            }),
             lease_horizon: LeaseHorizon::default(),
             written_items: WrittenRecords::new(
                 WRITTEN_RECORDS,

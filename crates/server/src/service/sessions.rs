@@ -61,7 +61,7 @@ impl App {
     }
 
     /// The agent a new session runs — its current version, or the version named — with the row
-    /// version of the agent as it was read. `recent` takes a copy up to [`crate::cache::RECORD_TTL`]
+    /// version of the agent as it was read. `recent` takes a copy up to `ServiceConfig::record_ttl`
     /// old: the session's insert is then conditional on that row version, so a copy that is stale
     /// (the agent was changed or archived since) refuses the insert, which is decided again from a
     /// fresh read.
@@ -86,7 +86,7 @@ impl App {
         Ok((agent, current.version))
     }
 
-    /// An agent as read now, or (`recent`) up to [`crate::cache::RECORD_TTL`] ago; either way the
+    /// An agent as read now, or (`recent`) up to `ServiceConfig::record_ttl` ago; either way the
     /// copy read is what the next `recent` read takes.
     async fn read_agent(&self, id: &str, recent: bool) -> Result<std::sync::Arc<Versioned<Agent>>> {
         if let Some(agent) = self.agents_read.get(id).filter(|_| recent) {

@@ -359,10 +359,21 @@ async fn no_lease_lapses_from_memory_right_after_an_outage() {
     }
 }
 
-/// A server whose reads of credentials, environments and agents stay usable for an hour: whatever it
-/// then learns of a change made elsewhere, a conditional write taught it, not an expiry.
-fn long_memory_server(counting: &Arc<counting::Counting>) -> App {
-    App::new(
+/// A fresh store in `backend` with an environment named `name`, and a server on it whose reads of
+/// credentials, environments and agents stay usable for an hour: whatever it then learns of a change
+/// made elsewhere, a conditional write taught it, not an expiry.
+async fn long_memory_server(
+    backend: &tether_testkit::Backend,
+    name: &str,
+) -> (
+    tether_testkit::StoreLocation,
+    App,
+    Arc<counting::Counting>,
+    tether_core::resources::Environment,
+) {
+    let (location, setup, counting, env) = counting_app(backend, Arc::new(SystemClock), name).await;
+    setup.begin_shutdown();
+    let here = App::new(
         counting.clone(),
         Arc::new(SystemClock),
         ServiceConfig {
@@ -370,7 +381,8 @@ fn long_memory_server(counting: &Arc<counting::Counting>) -> App {
             record_ttl: Duration::from_secs(3600),
             ..ServiceConfig::default()
         },
-    )
+    );
+    (location, here, counting, env)
 }
 
 /// A session copies its agent from a recent read (up to a second old by default; an hour here), and
@@ -381,10 +393,7 @@ fn long_memory_server(counting: &Arc<counting::Counting>) -> App {
 async fn a_new_session_runs_its_agent_as_it_is_now() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, setup, counting, env) =
-            counting_app(&backend, Arc::new(SystemClock), "agents").await;
-        setup.begin_shutdown();
-        let here = long_memory_server(&counting);
+        let (_location, here, counting, env) = long_memory_server(&backend, "agents").await;
         let elsewhere = other_server(&counting, Arc::new(SystemClock));
         let agent = agent_on(&here, "first").await;
         let create = || {
@@ -443,10 +452,7 @@ async fn a_new_session_runs_its_agent_as_it_is_now() {
 async fn a_large_agent_is_read_for_each_new_session() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, setup, counting, env) =
-            counting_app(&backend, Arc::new(SystemClock), "large").await;
-        setup.begin_shutdown();
-        let here = long_memory_server(&counting);
+        let (_location, here, counting, env) = long_memory_server(&backend, "large").await;
         let agent = here
             .create_agent(NewAgent {
                 name: "large".into(),

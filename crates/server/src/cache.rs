@@ -87,15 +87,14 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     /// Stores `value`, read at `read_at` (taken before the read, so the bound counts from then). One
     /// too heavy to keep is not stored, and the older copy of it, if any, is dropped.
     pub fn put(&self, key: K, value: V, read_at: Instant) {
-        let most = self.max_bytes / RECORD_SHARE;
-        let weight = (self.weigh)(&value, most);
+        let weight = weight_within_share(self.max_bytes, self.weigh, &value, 0);
         let mut entries = self.entries.lock().expect("cache lock");
         if let Some((_, _, old)) = entries.records.remove(&key) {
             entries.bytes -= old;
         }
-        if weight > most {
+        let Some(weight) = weight else {
             return;
-        }
+        };
         if entries.records.len() >= MAX_ENTRIES || entries.bytes + weight > self.max_bytes {
             entries.records.clear();
             entries.bytes = 0;
@@ -128,6 +127,20 @@ pub struct WrittenRecords<V> {
 
 /// The part of the byte bound one record may take at most.
 pub const RECORD_SHARE: usize = 256;
+
+/// What `value` weighs, as `weigh` counts it, plus `extra` (its key, where that is counted), or `None`
+/// when that is over a [`RECORD_SHARE`]th of `max_bytes`: too heavy for a bounded memory to keep.
+/// `weigh` is told that limit, so that it can stop counting there.
+fn weight_within_share<V>(
+    max_bytes: usize,
+    weigh: fn(&V, usize) -> usize,
+    value: &V,
+    extra: usize,
+) -> Option<usize> {
+    let most = max_bytes / RECORD_SHARE;
+    let weight = extra.saturating_add(weigh(value, most));
+    (weight <= most).then_some(weight)
+}
 
 /// A record's weight, within what [`WrittenRecords`] keeps ([`WrittenRecords::weigh`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,9 +215,7 @@ impl<V: Clone> WrittenRecords<V> {
     /// taken before the record is copied for [`Self::wrote_weighed`], so that one too heavy is
     /// never copied.
     pub fn weigh(&self, id: &str, value: &V) -> Option<Weight> {
-        let most = self.max_bytes / RECORD_SHARE;
-        let weight = id.len().saturating_add((self.weigh)(value, most));
-        (weight <= most).then_some(Weight(weight))
+        weight_within_share(self.max_bytes, self.weigh, value, id.len()).map(Weight)
     }
 
     /// This process committed `record`: [`Self::weigh`], then [`Self::wrote_weighed`] (or

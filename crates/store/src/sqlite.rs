@@ -26,10 +26,6 @@ pub const MAX_BATCH: usize = 512;
 pub const WRITE_QUEUE_BOUND: usize = 8_192;
 /// Read-only connections.
 pub const READERS: usize = 4;
-/// How much of the database file each connection maps into memory. A reader's page cache is emptied
-/// whenever another connection commits, which here is hundreds of times a second; through the map, a
-/// page it reads again costs no `pread` (pages newer than the last checkpoint still come from the WAL).
-const MMAP_BYTES: u64 = 256 << 20;
 /// Prepared statements each connection keeps. rusqlite keeps 16 by default, fewer than the distinct
 /// statements the server runs (the claim's text names its limit, see `sql::claim_candidates`); one
 /// pushed out is parsed and planned again on its next use.
@@ -97,12 +93,17 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
         (1..=MAX_BATCH).contains(&options.max_batch),
         "max_batch must be 1..={MAX_BATCH}"
     );
+    // The connections read the database file with `pread`, not through a memory map (`mmap_size`
+    // stays 0). A reader's page cache is emptied whenever another connection has committed since its
+    // last read, which here is hundreds of times a second, and with a map SQLite then also unmaps the
+    // whole file (`unixUnfetch`) and maps it again: a `munmap` whose TLB shootdown interrupts the
+    // other cores, and a page fault for every page read after it. With the map, that took a quarter
+    // of a poll's candidate read in the throughput benchmark (README, "B on SQLite").
     let mut writer = Connection::open(path).map_err(internal)?;
     writer
-        .execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; \
-                 PRAGMA mmap_size = {MMAP_BYTES};"
-        ))
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+        )
         .map_err(internal)?;
     migrate(&mut writer)?;
     writer.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
@@ -114,9 +115,7 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
         )
         .map_err(internal)?;
         reader
-            .execute_batch(&format!(
-                "PRAGMA busy_timeout = 5000; PRAGMA query_only = 1; PRAGMA mmap_size = {MMAP_BYTES};"
-            ))
+            .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;")
             .map_err(internal)?;
         reader.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
         connections.push(reader);
@@ -191,7 +190,7 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max_batch
 }
 
 /// Commits `lists` on `conn` exactly as the writer thread commits one batch (one transaction, each list
-/// in a savepoint of its own) and returns each list's outcome in order. The writer groups whatever is
+/// in a savepoint of its own unless it is alone) and returns each list's outcome in order. The writer groups whatever is
 /// waiting, which a test cannot choose; this lets the group commit's per-list rollback be tested on a
 /// batch of known composition.
 #[doc(hidden)]
@@ -210,32 +209,62 @@ pub fn commit_as_one_batch(
 }
 
 fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()>> {
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    let unavailable = |e: rusqlite::Error| {
         let message = e.to_string();
-        return batch
+        batch
             .iter()
             .map(|_| Err(StoreError::Unavailable(message.clone())))
-            .collect();
+            .collect()
+    };
+    if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
+        return unavailable(e);
     }
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        let outcome = run_in_savepoint(conn, &job.statements);
-        results.push(outcome);
-    }
-    if let Err(e) = conn.execute_batch("COMMIT") {
-        let _ = conn.execute_batch("ROLLBACK");
-        let message = e.to_string();
-        return batch
+    let results = if let [job] = batch {
+        // A list alone needs no savepoint: if it fails, rolling back the whole transaction undoes
+        // exactly that list. This spares most commits at low load two statements and the savepoint's
+        // copies of the pages the list changes.
+        let outcome = run_statements(conn, &job.statements);
+        if outcome.is_err() {
+            return match control(conn, "ROLLBACK") {
+                Ok(()) => vec![outcome],
+                Err(e) => unavailable(e),
+            };
+        }
+        vec![outcome]
+    } else {
+        batch
             .iter()
-            .map(|_| Err(StoreError::Unavailable(message.clone())))
-            .collect();
+            .map(|job| run_in_savepoint(conn, &job.statements))
+            .collect()
+    };
+    if let Err(e) = control(conn, "COMMIT") {
+        let _ = control(conn, "ROLLBACK");
+        return unavailable(e);
     }
     results
 }
 
+/// Runs a transaction-control statement (`BEGIN`, `SAVEPOINT`, `COMMIT`, …) through the statement
+/// cache: the writer runs two to four of them for every list it commits, and `execute_batch` would
+/// parse each one every time.
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 fn run_in_savepoint(conn: &Connection, statements: &[(Statement, Expect)]) -> StoreResult<()> {
-    conn.execute_batch("SAVEPOINT job").map_err(internal)?;
-    let outcome = statements.iter().try_for_each(|(statement, expect)| {
+    control(conn, "SAVEPOINT job").map_err(internal)?;
+    let outcome = run_statements(conn, statements);
+    if outcome.is_err() {
+        control(conn, "ROLLBACK TO job").map_err(internal)?;
+    }
+    control(conn, "RELEASE job").map_err(internal)?;
+    outcome
+}
+
+/// Runs one write list's statements in order, stopping at the first that fails or misses its
+/// [`Expect`]; undoing what the ones before it did is the caller's part.
+fn run_statements(conn: &Connection, statements: &[(Statement, Expect)]) -> StoreResult<()> {
+    statements.iter().try_for_each(|(statement, expect)| {
         let mut prepared = conn
             .prepare_cached(&placeholders(&statement.sql))
             .map_err(classify)?;
@@ -249,12 +278,7 @@ fn run_in_savepoint(conn: &Connection, statements: &[(Statement, Expect)]) -> St
         } else {
             Err(StoreError::Conflict)
         }
-    });
-    if outcome.is_err() {
-        conn.execute_batch("ROLLBACK TO job").map_err(internal)?;
-    }
-    conn.execute_batch("RELEASE job").map_err(internal)?;
-    outcome
+    })
 }
 
 /// `$n` → `?n`: SQLite numbers parameters by the digits, whatever order they appear in.

@@ -1,6 +1,7 @@
 //! The embedded store's group commit, on real SQLite files: one transaction carries many write lists,
 //! each in a savepoint of its own, and a list that fails is rolled back to its savepoint alone while the
-//! lists around it commit.
+//! lists around it commit. A list alone in its batch has no savepoint: if it fails, its transaction is
+//! rolled back.
 //!
 //! The writer thread groups whatever happens to be waiting, which a test cannot choose, so most tests
 //! here hand a batch of known composition to `sqlite::commit_as_one_batch`, the function the writer
@@ -128,6 +129,21 @@ fn outcomes(results: &[StoreResult<()>]) -> Vec<&'static str> {
             Err(StoreError::Unavailable(_)) => "unavailable",
         })
         .collect()
+}
+
+#[tokio::test]
+async fn a_list_alone_in_its_batch_that_fails_leaves_nothing_behind() {
+    let mut f = Fixture::new().await;
+    assert!(f.batch(vec![vec![insert("x", 1)]])[0].is_ok());
+    // No savepoint here: what the first statement of each list did must still be undone.
+    let results = f.batch(vec![vec![insert("a", 1), bump("x", 5)]]);
+    assert_eq!(outcomes(&results), ["conflict"], "{results:?}");
+    let results = f.batch(vec![vec![insert("b", 1), broken()]]);
+    assert_eq!(outcomes(&results), ["internal"], "{results:?}");
+    assert_eq!(f.rows().await, rows(&[("x", 1)]));
+    // And the connection goes on committing.
+    assert!(f.batch(vec![vec![bump("x", 1)]])[0].is_ok());
+    assert_eq!(f.rows().await, rows(&[("x", 2)]));
 }
 
 #[tokio::test]

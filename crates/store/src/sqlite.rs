@@ -225,10 +225,14 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()
         // copies of the pages the list changes.
         let outcome = run_statements(conn, &job.statements);
         if outcome.is_err() {
-            return match control(conn, "ROLLBACK") {
-                Ok(()) => vec![outcome],
-                Err(e) => unavailable(e),
-            };
+            // Some errors (I/O, say) make SQLite roll the transaction back itself; the list's own
+            // error then says more than the refused `ROLLBACK` would.
+            if !conn.is_autocommit() {
+                if let Err(e) = control(conn, "ROLLBACK") {
+                    return unavailable(e);
+                }
+            }
+            return vec![outcome];
         }
         vec![outcome]
     } else {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 
@@ -274,7 +274,7 @@ fn run_statements(conn: &Connection, statements: &[(Statement, Expect)]) -> Stor
             .map_err(classify)?;
         let changed = prepared
             .execute(rusqlite::params_from_iter(
-                statement.params.iter().map(to_sql),
+                statement.params.iter().map(Param),
             ))
             .map_err(classify)?;
         if expect.met_by(changed as u64) {
@@ -290,11 +290,17 @@ fn placeholders(sql: &str) -> String {
     sql.replace('$', "?")
 }
 
-fn to_sql(value: &Value) -> SqlValue {
-    match value {
-        Value::Int(v) => SqlValue::Integer(*v),
-        Value::Text(t) => SqlValue::Text(t.clone()),
-        Value::Null => SqlValue::Null,
+/// A statement's parameter as SQLite binds it: text is lent, not copied (a work item's document and
+/// history go out with every write of it; SQLite takes its own copy when it binds).
+struct Param<'a>(&'a Value);
+
+impl rusqlite::ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Value::Int(v) => ToSqlOutput::Owned(SqlValue::Integer(*v)),
+            Value::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+        })
     }
 }
 
@@ -333,7 +339,7 @@ fn query_rows(conn: &Connection, statement: &Statement) -> StoreResult<Vec<Row>>
     let columns = prepared.column_count();
     let mut rows = prepared
         .query(rusqlite::params_from_iter(
-            statement.params.iter().map(to_sql),
+            statement.params.iter().map(Param),
         ))
         .map_err(classify)?;
     let mut out = Vec::new();

@@ -2,9 +2,10 @@
 //!
 //! One writer thread owns the only writing connection. Writers queue their statement lists; the thread
 //! takes everything waiting (up to [`MAX_BATCH`]), runs each list inside its own savepoint of a single
-//! transaction, and commits once: one fsync per batch instead of one per request (group commit). A list
-//! whose condition fails is rolled back to its savepoint alone and answered `Conflict`; the others still
-//! commit. Nobody is answered before the commit that contains their write has returned, so an answered
+//! transaction (a list alone needs none), and commits once: one fsync per batch instead of one per
+//! request (group commit). A list whose condition fails is rolled back to its savepoint alone and
+//! answered `Conflict`; the others still commit. An error after which SQLite rolls back the whole
+//! transaction itself (I/O, a full disk) is answered `Unavailable` to every list of the batch. Nobody is answered before the commit that contains their write has returned, so an answered
 //! write survives `kill -9`. Reads use a small pool of read-only connections and see the last commit.
 
 use std::path::Path;
@@ -209,41 +210,54 @@ pub fn commit_as_one_batch(
 }
 
 fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()>> {
-    let unavailable = |e: rusqlite::Error| {
-        let message = e.to_string();
+    let unavailable = |message: String| {
         batch
             .iter()
             .map(|_| Err(StoreError::Unavailable(message.clone())))
             .collect()
     };
-    if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
-        return unavailable(e);
+    // Some errors (I/O, a full disk) make SQLite roll back the whole transaction itself: every list
+    // run before is undone as well, and a savepoint opened after it would start a transaction of
+    // its own. The whole batch is then answered as not written.
+    let rolled_back =
+        |e: &StoreError| unavailable(format!("the batch's transaction was rolled back: {e}"));
+    if !conn.is_autocommit() {
+        // Left open by a failure whose `ROLLBACK` was refused; every `BEGIN` would fail behind it.
+        let _ = control(conn, "ROLLBACK");
     }
-    let results = if let [job] = batch {
+    if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
+        return unavailable(e.to_string());
+    }
+    let mut results = Vec::with_capacity(batch.len());
+    if let [job] = batch {
         // A list alone needs no savepoint: if it fails, rolling back the whole transaction undoes
         // exactly that list. This spares most commits at low load two statements and the savepoint's
         // copies of the pages the list changes.
-        let outcome = run_statements(conn, &job.statements);
-        if outcome.is_err() {
-            // Some errors (I/O, say) make SQLite roll the transaction back itself; the list's own
-            // error then says more than the refused `ROLLBACK` would.
-            if !conn.is_autocommit() {
-                if let Err(e) = control(conn, "ROLLBACK") {
-                    return unavailable(e);
-                }
+        if let Err(e) = run_statements(conn, &job.statements) {
+            if conn.is_autocommit() {
+                return rolled_back(&e);
             }
-            return vec![outcome];
+            if let Err(refused) = control(conn, "ROLLBACK") {
+                return unavailable(refused.to_string());
+            }
+            return vec![Err(e)];
         }
-        vec![outcome]
+        results.push(Ok(()));
     } else {
-        batch
-            .iter()
-            .map(|job| run_in_savepoint(conn, &job.statements))
-            .collect()
-    };
+        for job in batch {
+            let outcome = run_in_savepoint(conn, &job.statements);
+            if conn.is_autocommit() {
+                let error = outcome
+                    .err()
+                    .unwrap_or_else(|| StoreError::Internal("the transaction ended".into()));
+                return rolled_back(&error);
+            }
+            results.push(outcome);
+        }
+    }
     if let Err(e) = control(conn, "COMMIT") {
         let _ = control(conn, "ROLLBACK");
-        return unavailable(e);
+        return unavailable(e.to_string());
     }
     results
 }

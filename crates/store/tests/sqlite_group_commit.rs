@@ -111,6 +111,18 @@ fn broken() -> (Statement, Expect) {
     )
 }
 
+/// An insert of an id already there that makes SQLite roll back the whole transaction itself, as
+/// it does after an I/O error or a full disk.
+fn rolls_back_everything(id: &str) -> (Statement, Expect) {
+    (
+        Statement::new(
+            "INSERT OR ROLLBACK INTO scratch (id, n) VALUES ($1, 0)",
+            vec![Value::Text(id.into())],
+        ),
+        Expect::OneRow,
+    )
+}
+
 fn rows(expected: &[(&str, i64)]) -> Vec<(String, i64)> {
     expected
         .iter()
@@ -142,6 +154,33 @@ async fn a_list_alone_in_its_batch_that_fails_leaves_nothing_behind() {
     assert_eq!(outcomes(&results), ["internal"], "{results:?}");
     assert_eq!(f.rows().await, rows(&[("x", 1)]));
     // And the connection goes on committing.
+    assert!(f.batch(vec![vec![bump("x", 1)]])[0].is_ok());
+    assert_eq!(f.rows().await, rows(&[("x", 2)]));
+}
+
+#[tokio::test]
+async fn a_transaction_sqlite_rolled_back_itself_answers_every_list_unavailable() {
+    let mut f = Fixture::new().await;
+    assert!(f.batch(vec![vec![insert("x", 1)]])[0].is_ok());
+    // Alone: no savepoint, and no transaction left to roll back.
+    let results = f.batch(vec![vec![insert("a", 1), rolls_back_everything("x")]]);
+    assert!(
+        matches!(&results[..], [Err(StoreError::Unavailable(m))] if m.contains("rolled back")),
+        "{results:?}"
+    );
+    // In a batch: the list before was undone with it, and the list after must not run on in a
+    // transaction of its own.
+    let results = f.batch(vec![
+        vec![insert("b", 1)],
+        vec![insert("c", 1), rolls_back_everything("x")],
+        vec![insert("d", 1)],
+    ]);
+    assert_eq!(
+        outcomes(&results),
+        ["unavailable", "unavailable", "unavailable"],
+        "{results:?}"
+    );
+    assert_eq!(f.rows().await, rows(&[("x", 1)]));
     assert!(f.batch(vec![vec![bump("x", 1)]])[0].is_ok());
     assert_eq!(f.rows().await, rows(&[("x", 2)]));
 }

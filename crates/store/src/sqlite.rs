@@ -15,7 +15,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::executor::{Executor, SqlStore};
 use crate::sql::{self, Expect, Row, Statement, Value};
@@ -45,19 +45,24 @@ pub struct SqliteExecutor {
 
 struct ReadPool {
     connections: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    /// One per connection. A read holds its permit until its connection is back in the pool, also
+    /// when the caller stops waiting for it (a client gone, a timeout): a read on a blocking thread
+    /// runs on after its caller's future is dropped, and a permit released with that future would
+    /// let another read find the pool empty.
+    permits: Arc<Semaphore>,
 }
 
 impl ReadPool {
     /// Runs one read on a pooled connection and puts the connection back. The caller holds a permit,
     /// so a connection is there to take.
-    fn query(&self, statement: &Statement) -> StoreResult<Vec<Row>> {
-        let conn = self
-            .connections
-            .lock()
-            .expect("reader pool lock")
-            .pop()
-            .expect("a permit guarantees a connection");
+    fn query(
+        &self,
+        statement: &Statement,
+        _permit: &OwnedSemaphorePermit,
+    ) -> StoreResult<Vec<Row>> {
+        let taken = self.connections.lock().expect("reader pool lock").pop();
+        // Checked with the lock let go: a broken invariant fails this read, not every read after it.
+        let conn = taken.expect("a permit guarantees a connection");
         let result = query_rows(&conn, statement);
         self.connections
             .lock()
@@ -131,7 +136,7 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
         writer: tx,
         readers: Arc::new(ReadPool {
             connections: Mutex::new(connections),
-            permits: Semaphore::new(READERS),
+            permits: Arc::new(Semaphore::new(READERS)),
         }),
         notices,
     }))
@@ -375,18 +380,19 @@ impl Executor for SqliteExecutor {
 
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {
         let pool = self.readers.clone();
-        let _permit = pool
+        let permit = pool
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| StoreError::Unavailable("store closed".into()))?;
         if statement.bounded {
             // A few rows through an index (WAL readers never wait for the writer): cheaper here than
             // the two thread switches of a blocking task.
-            return pool.query(&statement);
+            return pool.query(&statement, &permit);
         }
-        let pool_for_task = pool.clone();
-        tokio::task::spawn_blocking(move || pool_for_task.query(&statement))
+        // The permit goes with the task (see `ReadPool::permits`).
+        tokio::task::spawn_blocking(move || pool.query(&statement, &permit))
             .await
             .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
     }

@@ -5,8 +5,9 @@
 //! transaction (a list alone needs none), and commits once: one fsync per batch instead of one per
 //! request (group commit). A list whose condition fails is rolled back to its savepoint alone and
 //! answered `Conflict`; the others still commit. An error after which SQLite rolls back the whole
-//! transaction itself (I/O, a full disk) is answered `Unavailable` to every list of the batch. Nobody is answered before the commit that contains their write has returned, so an answered
-//! write survives `kill -9`. Reads use a small pool of read-only connections and see the last commit.
+//! transaction itself (I/O, a full disk) is answered `Unavailable` to every list of the batch. Nobody
+//! is answered before the commit that contains their write has returned, so an answered write
+//! survives `kill -9`. Reads use a small pool of read-only connections and see the last commit.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -196,9 +197,9 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteJob>, max_batch
 }
 
 /// Commits `lists` on `conn` exactly as the writer thread commits one batch (one transaction, each list
-/// in a savepoint of its own unless it is alone) and returns each list's outcome in order. The writer groups whatever is
-/// waiting, which a test cannot choose; this lets the group commit's per-list rollback be tested on a
-/// batch of known composition.
+/// in a savepoint of its own unless it is alone) and returns each list's outcome in order. The writer
+/// groups whatever is waiting, which a test cannot choose; this lets the group commit's per-list
+/// rollback be tested on a batch of known composition.
 #[doc(hidden)]
 pub fn commit_as_one_batch(
     conn: &mut Connection,
@@ -250,14 +251,17 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()
         results.push(Ok(()));
     } else {
         for job in batch {
-            let outcome = run_in_savepoint(conn, &job.statements);
-            if conn.is_autocommit() {
-                let error = outcome
-                    .err()
-                    .unwrap_or_else(|| StoreError::Internal("the transaction ended".into()));
-                return rolled_back(&error);
+            match run_in_savepoint(conn, &job.statements) {
+                Ok(outcome) => results.push(outcome),
+                // The savepoint could not be rolled back or released, most often because SQLite has
+                // ended the transaction itself: what the batch wrote is unknown, so none of it stays.
+                Err(e) => {
+                    if !conn.is_autocommit() {
+                        let _ = control(conn, "ROLLBACK");
+                    }
+                    return rolled_back(&internal(e));
+                }
             }
-            results.push(outcome);
         }
     }
     if let Err(e) = control(conn, "COMMIT") {
@@ -274,14 +278,20 @@ fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
-fn run_in_savepoint(conn: &Connection, statements: &[(Statement, Expect)]) -> StoreResult<()> {
-    control(conn, "SAVEPOINT job").map_err(internal)?;
+/// Runs one write list in a savepoint of the batch's transaction and answers its outcome, having
+/// undone what it wrote if it failed; `Err` when a savepoint statement itself fails, which leaves the
+/// transaction in a state the caller must not commit.
+fn run_in_savepoint(
+    conn: &Connection,
+    statements: &[(Statement, Expect)],
+) -> rusqlite::Result<StoreResult<()>> {
+    control(conn, "SAVEPOINT job")?;
     let outcome = run_statements(conn, statements);
     if outcome.is_err() {
-        control(conn, "ROLLBACK TO job").map_err(internal)?;
+        control(conn, "ROLLBACK TO job")?;
     }
-    control(conn, "RELEASE job").map_err(internal)?;
-    outcome
+    control(conn, "RELEASE job")?;
+    Ok(outcome)
 }
 
 /// Runs one write list's statements in order, stopping at the first that fails or misses its

@@ -32,10 +32,10 @@ async fn a_read_whose_caller_gave_up_keeps_its_connection_until_it_ends() {
     assert!(gave_up.is_err(), "the slow read finished within 20 ms");
     // As many reads as the pool has connections, at once and long enough to overlap: one of them
     // must wait for the abandoned read's connection instead of finding the pool empty.
-    let reads = (0..sqlite::READERS).map(|_| exec.query(counting_read(200_000)));
+    let reads = (0..sqlite::READERS).map(|_| exec.query(counting_read(1_000_000)));
     for outcome in futures::future::join_all(reads).await {
         let rows = outcome.expect("a read while another's caller gave up");
-        assert_eq!(rows, vec![vec![Value::Int(200_000)]]);
+        assert_eq!(rows, vec![vec![Value::Int(1_000_000)]]);
     }
     // And the pool is whole afterwards.
     let reads = (0..sqlite::READERS * 2).map(|_| exec.query(counting_read(1_000)));

@@ -432,7 +432,7 @@ async fn poll_parameters() {
                 .await
                 .bad_param("block_ms");
         }
-        for bad in ["-1", "abc", "0.5", ""] {
+        for bad in ["-1", "abc", "0.5", "", "-99999999999999999999"] {
             q.poll(&format!("?reclaim_older_than_ms={bad}"), Some("w"))
                 .await
                 .bad_param("reclaim_older_than_ms");
@@ -442,8 +442,17 @@ async fn poll_parameters() {
             "?reclaim_older_than_ms=0",
             "?block_ms=1&reclaim_older_than_ms=0",
             "?reclaim_older_than_ms=600000",
+            // Past i64: still a non-negative integer, as good as the range's end.
+            "?reclaim_older_than_ms=99999999999999999999",
         ] {
             assert_eq!(q.poll(good, Some("w")).await.ok(), &Value::Null, "{good}");
+        }
+        // The work list clamps `limit` above 100 (§6.1), past i64 as well.
+        for limit in ["101", "99999999999999999999"] {
+            q.req(Method::GET, &q.path(&format!("?limit={limit}")))
+                .send()
+                .await
+                .ok();
         }
         // block_ms=999 with an item waiting answers at once with it.
         let item = q.enqueue().await;

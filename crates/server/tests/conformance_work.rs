@@ -523,7 +523,14 @@ async fn heartbeat_tokens_ttl_and_precision() {
         let started_at = q.get(&item.id).await["started_at"].clone();
 
         let mut beats = vec![last.clone()];
-        for (desired, ttl) in [(Some(10_000), 600), (None, 600), (Some(45), 45), (None, 45)] {
+        // A value past i64 is still a positive integer, clamped like any other (§6.7).
+        for (desired, ttl) in [
+            (Some("10000"), 600),
+            (Some("99999999999999999999"), 600),
+            (None, 600),
+            (Some("45"), 45),
+            (None, 45),
+        ] {
             let mut query = format!("?expected_last_heartbeat={}", enc(&last));
             if let Some(d) = desired {
                 query.push_str(&format!("&desired_ttl_seconds={d}"));

@@ -149,15 +149,13 @@ impl Params {
             .collect()
     }
 
-    /// An integer parameter; 400 when present but not an integer.
+    /// An integer parameter (see [`integer`]); 400 when present but not an integer.
     pub fn int(&self, name: &str) -> ApiResult<Option<i64>> {
         match self.get(name) {
             None => Ok(None),
-            Some(raw) => raw
-                .trim()
-                .parse::<i64>()
+            Some(raw) => integer(raw)
                 .map(Some)
-                .map_err(|_| ApiError::bad_param(name, format!("{name} must be an integer"))),
+                .ok_or_else(|| ApiError::bad_param(name, format!("{name} must be an integer"))),
         }
     }
 
@@ -301,5 +299,21 @@ impl FromRequest<App> for JsonBody {
         serde_json::from_slice(&bytes)
             .map(|v| JsonBody(Some(v)))
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    }
+}
+
+/// A decimal integer, held to `i64`'s range: one beyond it is still an integer, and the contract's
+/// integer parameters are either clamped (`limit`, `desired_ttl_seconds`) or ranges whose end it is
+/// as good as (`reclaim_older_than_ms`), so it answers as the range's end would, not as if it were
+/// not a number. `None` for anything that is not an integer.
+pub fn integer(raw: &str) -> Option<i64> {
+    use std::num::IntErrorKind;
+    match raw.trim().parse::<i64>() {
+        Ok(n) => Some(n),
+        Err(e) => match e.kind() {
+            IntErrorKind::PosOverflow => Some(i64::MAX),
+            IntErrorKind::NegOverflow => Some(i64::MIN),
+            _ => None,
+        },
     }
 }

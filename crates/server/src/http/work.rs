@@ -290,8 +290,8 @@ fn heartbeat_inputs(
         })?;
     let ttl = match params.get("desired_ttl_seconds") {
         None => None,
-        Some(raw) => match raw.trim().parse::<i64>() {
-            Ok(n) if n > 0 => Some(n.min(i64::from(u32::MAX)) as u32),
+        Some(raw) => match super::extract::integer(raw) {
+            Some(n) if n > 0 => Some(n.min(i64::from(u32::MAX)) as u32),
             _ => {
                 return Err(ApiError::bad_param(
                     "desired_ttl_seconds",

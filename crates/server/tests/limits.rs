@@ -185,6 +185,173 @@ async fn bodies_that_would_cost_too_much_memory_are_refused() {
     }
 }
 
+/// Posts an event whose text is `bytes` long: a request that needs some 5 × `bytes` of the budget.
+async fn post_a_large_event(server: &TestServer, session: &str, bytes: usize) -> StatusCode {
+    let (status, body) = server
+        .post(
+            &format!("/sessions/{session}/events"),
+            json!({"events": [text_event("agent.message", &"x".repeat(bytes))]}),
+        )
+        .await;
+    assert!(
+        status == StatusCode::OK || status.is_server_error(),
+        "{body}"
+    );
+    status
+}
+
+#[tokio::test]
+async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_caller() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A budget of 1 MiB: a body of 209,000 bytes is charged 1,045,000 bytes of it (5 a byte), which
+    // leaves too little for an event of 20 kB.
+    const NEARLY_ALL: usize = 209_000;
+    for backend in backends() {
+        let server = TestServer::start_with(&backend, options(1 << 20, 1 << 20, 4 << 20)).await;
+        let (_, session) = setup(&server).await;
+
+        // A caller without a credential declares that large body and sends one byte of it.
+        let address = server.base.trim_start_matches("http://").to_owned();
+        let mut stranger = tokio::net::TcpStream::connect(&address).await.unwrap();
+        stranger
+            .write_all(
+                format!(
+                    "POST /api/v1/cloud/sessions HTTP/1.1\r\nHost: {address}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {NEARLY_ALL}\r\n\r\n{{"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        // Let its headers reach the server (where the budget used to be taken before the credential
+        // was looked at), then a caller that is admitted needs the budget.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(
+            post_a_large_event(&server, &session, 20_000).await,
+            StatusCode::OK,
+            "a caller without a credential held the budget"
+        );
+        let mut answer = vec![0u8; 12];
+        stranger.read_exact(&mut answer).await.unwrap();
+        assert_eq!(
+            &answer,
+            b"HTTP/1.1 401",
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+
+        // An admitted caller opens an event stream and sends that large body with it: the stream
+        // takes no body, so nothing of it is kept or charged, however long the stream stays open.
+        let stream = server
+            .http()
+            .get(server.url(&format!("/sessions/{session}/events/stream")))
+            .bearer_auth(&server.admin_token)
+            .body(vec![b' '; NEARLY_ALL])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), StatusCode::OK);
+        assert_eq!(
+            post_a_large_event(&server, &session, 20_000).await,
+            StatusCode::OK,
+            "an open event stream held the budget"
+        );
+        drop(stream);
+
+        // The budget still binds a body that is kept: while one request holds nearly all of it (an
+        // event post whose body has not all arrived), the large event waits and is refused.
+        let mut holder = tokio::net::TcpStream::connect(&address).await.unwrap();
+        holder
+            .write_all(
+                format!(
+                    "POST /api/v1/cloud/sessions/{session}/events HTTP/1.1\r\nHost: {address}\r\n\
+                     Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
+                     Content-Length: {NEARLY_ALL}\r\n\r\n{{",
+                    server.admin_token
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(
+            post_a_large_event(&server, &session, 20_000).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        drop(holder);
+        server.shutdown().await;
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` from `stream`: its status line.
+async fn status_line_of_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "the connection closed: {}",
+            String::from_utf8_lossy(&read)
+        );
+        read.extend_from_slice(&chunk[..n]);
+        if let Some(at) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&read[..head_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    while read.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed mid-answer");
+        read.extend_from_slice(&chunk[..n]);
+    }
+    head.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_refused_request_leaves_its_connection_usable() {
+    use tokio::io::AsyncWriteExt;
+    each_backend(async |server| {
+        let address = server.base.trim_start_matches("http://").to_owned();
+        let mut connection = tokio::net::TcpStream::connect(&address).await.unwrap();
+        for (request, refusal) in [
+            ("POST /api/v1/cloud/sessions", "401"),
+            ("POST /api/v1/cloud/no/such/endpoint", "404"),
+        ] {
+            // The body follows its headers a moment later, as some clients send it, so that it is not
+            // in the server's buffer when the refusal is decided.
+            connection
+                .write_all(
+                    format!(
+                        "{request} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer nobody\r\n\
+                         Content-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            connection.write_all(b"{}").await.unwrap();
+            let status = status_line_of_response(&mut connection).await;
+            assert!(status.contains(refusal), "{request}: {status}");
+        }
+        connection
+            .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let status = status_line_of_response(&mut connection).await;
+        assert!(status.contains("200"), "{status}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_nul_in_an_id_filter_matches_nothing() {
     each_backend(async |server| {

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use tether_core::resources::Session;
 use tether_store::{PageRequest, SessionFilter};
 
+use super::budget;
 use super::extract::{Caller, Params};
 use super::routes::Access;
 use crate::error::{ApiError, ApiResult};
@@ -34,15 +35,27 @@ pub async fn authorize(State(guard): State<Guard>, request: Request, next: Next)
         return next.run(request).await;
     }
     let (mut parts, body) = request.into_parts();
-    let Caller(principal) = match Caller::from_request_parts(&mut parts, &guard.app).await {
-        Ok(caller) => caller,
-        Err(e) => return e.into_response(),
-    };
-    let path = match RawPathParams::from_request_parts(&mut parts, &guard.app).await {
-        Ok(path) => path,
+    match grant(&guard, &mut parts).await {
+        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+        Err(refusal) => {
+            // The body is not read for a caller refused here (it would cost the memory budget), but a
+            // small one is drained so that the connection can carry the client's next request.
+            budget::drain_refused(body).await;
+            refusal
+        }
+    }
+}
+
+/// Authenticates the caller and checks the route's access rule, leaving the principal (and the session
+/// it may read) in the request's extensions; the refusal to answer otherwise.
+async fn grant(guard: &Guard, parts: &mut Parts) -> Result<(), Response> {
+    let Caller(principal) = Caller::from_request_parts(parts, &guard.app)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let path = RawPathParams::from_request_parts(parts, &guard.app)
+        .await
         // A path that cannot be decoded: the handler's own extractor would refuse it the same way.
-        Err(rejection) => return rejection.into_response(),
-    };
+        .map_err(IntoResponse::into_response)?;
     let path: Vec<(String, String)> = path
         .iter()
         .map(|(name, value)| (name.to_owned(), value.to_owned()))
@@ -81,17 +94,13 @@ pub async fn authorize(State(guard): State<Guard>, request: Request, next: Next)
             session_list(&principal, params.get("environment_id")).map(|()| None)
         }
     };
-    match granted {
-        Ok(session) => {
-            if let Some(session) = session {
-                parts.extensions.insert(ReadableSession(session));
-            }
-            // The handler's `Caller` takes the principal from here instead of authenticating again.
-            parts.extensions.insert(principal);
-            next.run(Request::from_parts(parts, body)).await
-        }
-        Err(e) => e.into_response(),
+    let session = granted.map_err(IntoResponse::into_response)?;
+    if let Some(session) = session {
+        parts.extensions.insert(ReadableSession(session));
     }
+    // The handler's `Caller` takes the principal from here instead of authenticating again.
+    parts.extensions.insert(principal);
+    Ok(())
 }
 
 fn forbidden() -> ApiError {

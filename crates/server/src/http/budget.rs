@@ -1,6 +1,14 @@
 //! What request bodies may cost in memory, all of them together.
 //!
-//! A body is read whole before its handler runs (see [`read_body`]) and parsed into a JSON tree, which
+//! A body is read only once the request's credential has been accepted: the router puts
+//! authorization in front of the two middlewares here, so a caller without a credential never spends
+//! the budget (a refusal reads a small body, and only that, to keep the connection usable:
+//! [`drain_refused`]). An endpoint that takes no body reads and drops whatever was sent, keeping and
+//! charging nothing ([`skip_body`]); so a long-lived answer to a request that sent one (an event
+//! stream) holds no share either.
+//!
+//! An endpoint that takes a body reads it whole before its handler runs ([`read_body`]) and parses
+//! it into a JSON tree, which
 //! can take many times the bytes of its text: `[0,0,0,…]` costs some 32 bytes of tree per 2 bytes of
 //! text. So every request pays, from one budget shared by the process (`--request-memory`),
 //! [`BYTE_COST`] per byte of body (the text, and the copies of its strings that the handler makes: the
@@ -48,6 +56,13 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 fn charge_for_bytes(n: usize) -> usize {
     n.saturating_mul(BYTE_COST)
 }
+
+/// The most a refused request's body is read (and dropped) before the refusal is sent, and how long
+/// that may take: enough for any body a client with the wrong credential meant to send, and not a
+/// way for one without any to hold its connection open. A longer body is left unread, and the
+/// connection closes after the answer.
+pub const REFUSED_BODY_DRAIN: usize = 64 * 1024;
+pub const REFUSED_BODY_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a request waits for its share of the budget before it is answered 503.
 pub const BUDGET_WAIT: Duration = Duration::from_secs(10);
@@ -177,6 +192,67 @@ pub struct BodyPolicy {
     pub budget: MemoryBudget,
 }
 
+fn too_large() -> ApiError {
+    ApiError::bad_request("the request body is larger than the server accepts")
+}
+
+fn late() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        "invalid_request_error",
+        "the request body did not arrive in time",
+    )
+}
+
+fn unreadable() -> ApiError {
+    ApiError::bad_request("the request body could not be read")
+}
+
+/// Reads `body` to its end and drops it as it comes, keeping nothing: at most `cap` bytes (a longer
+/// declared length is refused before any byte is read), within `wait`.
+async fn drain(body: Body, cap: usize, wait: Duration) -> Result<(), ApiError> {
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(());
+    }
+    if http_body::Body::size_hint(&body).lower() > cap as u64 {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut read = 0usize;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => return Err(late()),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(_))) => return Err(unreadable()),
+            Ok(Some(Ok(chunk))) => {
+                read = read.saturating_add(chunk.len());
+                if read > cap {
+                    return Err(too_large());
+                }
+            }
+        }
+    }
+}
+
+/// For an endpoint that takes no body (its table entry says `Body::None`): whatever was sent is read
+/// and dropped, charged nothing since nothing is kept, and the handler gets an empty body. Reading it
+/// still matters, for the reason [`read_body`] gives.
+pub async fn skip_body(State(policy): State<BodyPolicy>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    if let Err(e) = drain(body, policy.limit, BODY_READ_TIMEOUT).await {
+        return e.into_response();
+    }
+    next.run(Request::from_parts(parts, Body::empty())).await
+}
+
+/// Before a refusal that no handler answers (no credential, a credential that may not, no such
+/// endpoint): reads what is left of a small body (see [`REFUSED_BODY_DRAIN`]), so that the client's
+/// connection stays usable for its next request.
+pub async fn drain_refused(body: Body) {
+    let _ = drain(body, REFUSED_BODY_DRAIN, REFUSED_BODY_WAIT).await;
+}
+
 fn refused(refusal: Refusal) -> Response {
     match refusal {
         Refusal::TooLarge => ApiError::bad_request(
@@ -210,7 +286,6 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let too_large = || ApiError::bad_request("the request body is larger than the server accepts");
     if declared.is_some_and(|n| n > policy.limit as u64) {
         return too_large().into_response();
     }
@@ -229,18 +304,9 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
     let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
     loop {
         let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => {
-                return ApiError::new(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
-                    "invalid_request_error",
-                    "the request body did not arrive in time",
-                )
-                .into_response()
-            }
+            Err(_) => return late().into_response(),
             Ok(None) => break,
-            Ok(Some(Err(_))) => {
-                return ApiError::bad_request("the request body could not be read").into_response()
-            }
+            Ok(Some(Err(_))) => return unreadable().into_response(),
             Ok(Some(Ok(chunk))) => chunk,
         };
         if bytes.len() + chunk.len() > policy.limit {

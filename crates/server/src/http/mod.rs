@@ -29,44 +29,55 @@ use crate::dialect::Dialect;
 use crate::error::ApiError;
 use crate::service::App;
 
-/// Routes from the route table under `prefix`, each behind the authorization its entry declares.
+/// Routes from the route table under `prefix`, each behind the authorization its entry declares, and
+/// behind that the reading of its body: paid from the memory budget where the entry takes a body,
+/// read and dropped where it takes none (see [`budget`]).
 fn guarded(
     router: Router<App>,
     app: &App,
     prefix: &str,
     endpoints: Vec<routes::Endpoint>,
+    bodies: &budget::BodyPolicy,
 ) -> Router<App> {
     endpoints.into_iter().fold(router, |router, e| {
         let guard = access::Guard {
             app: app.clone(),
             access: e.access,
         };
-        let route = e
-            .route
-            .route_layer(middleware::from_fn_with_state(guard, access::authorize));
+        let route = match e.body {
+            routes::Body::None => e.route.route_layer(middleware::from_fn_with_state(
+                bodies.clone(),
+                budget::skip_body,
+            )),
+            routes::Body::Optional(_) | routes::Body::Required(_) => e.route.route_layer(
+                middleware::from_fn_with_state(bodies.clone(), budget::read_body),
+            ),
+        };
+        // The layer added last runs first: the credential is checked before the body is read.
+        let route = route.route_layer(middleware::from_fn_with_state(guard, access::authorize));
         router.route(&format!("{prefix}{}", e.path), route)
     })
 }
 
 /// The whole application.
 pub fn router(app: App, body_limit: usize) -> Router {
-    let mut router = guarded(Router::new(), &app, "", routes::ops());
+    let bodies = budget::BodyPolicy {
+        limit: body_limit,
+        budget: budget::MemoryBudget::new(app.config.request_memory),
+    };
+    let mut router = guarded(Router::new(), &app, "", routes::ops(), &bodies);
     for dialect in Dialect::ALL {
         // Each dialect's routes under its prefix, in one flat table: a nested router per prefix cost
         // every request a second routing, a rewritten URI and two request extensions (the handlers
         // take the dialect from the path, `extract::dialect_of`).
-        router = guarded(router, &app, dialect.prefix(), routes::api());
+        router = guarded(router, &app, dialect.prefix(), routes::api(), &bodies);
     }
     router
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .fallback(|body: axum::body::Body| async {
+            budget::drain_refused(body).await;
+            ApiError::not_found("no such endpoint")
+        })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(
-            budget::BodyPolicy {
-                limit: body_limit,
-                budget: budget::MemoryBudget::new(app.config.request_memory),
-            },
-            budget::read_body,
-        ))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         }))

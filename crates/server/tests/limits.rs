@@ -200,9 +200,35 @@ async fn post_a_large_event(server: &TestServer, session: &str, bytes: usize) ->
     status
 }
 
+/// A `POST` to `path` on a connection of its own that declares a JSON body of `declared` bytes and
+/// sends its first byte only, with the extra header lines `headers`; returned once the server has had
+/// a moment to read its head.
+async fn begin_a_body(
+    server: &TestServer,
+    path: &str,
+    headers: &str,
+    declared: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let address = server.base.trim_start_matches("http://");
+    let mut connection = tokio::net::TcpStream::connect(address).await.unwrap();
+    connection
+        .write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {address}\r\n{headers}\
+                 Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    connection
+}
+
 #[tokio::test]
 async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_caller() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     // A budget of 1 MiB: a body of 209,000 bytes is charged 1,045,000 bytes of it (5 a byte), which
     // leaves too little for an event of 20 kB.
     const NEARLY_ALL: usize = 209_000;
@@ -210,22 +236,10 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
         let server = TestServer::start_with(&backend, options(1 << 20, 1 << 20, 4 << 20)).await;
         let (_, session) = setup(&server).await;
 
-        // A caller without a credential declares that large body and sends one byte of it.
-        let address = server.base.trim_start_matches("http://").to_owned();
-        let mut stranger = tokio::net::TcpStream::connect(&address).await.unwrap();
-        stranger
-            .write_all(
-                format!(
-                    "POST /api/v1/cloud/sessions HTTP/1.1\r\nHost: {address}\r\n\
-                     Content-Type: application/json\r\nContent-Length: {NEARLY_ALL}\r\n\r\n{{"
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-        // Let its headers reach the server (where the budget used to be taken before the credential
-        // was looked at), then a caller that is admitted needs the budget.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // A caller without a credential declares that large body and sends one byte of it (where the
+        // budget used to be taken before the credential was looked at); then a caller that is
+        // admitted needs the budget.
+        let mut stranger = begin_a_body(&server, "/api/v1/cloud/sessions", "", NEARLY_ALL).await;
         assert_eq!(
             post_a_large_event(&server, &session, 20_000).await,
             StatusCode::OK,
@@ -260,20 +274,13 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
 
         // The budget still binds a body that is kept: while one request holds nearly all of it (an
         // event post whose body has not all arrived), the large event waits and is refused.
-        let mut holder = tokio::net::TcpStream::connect(&address).await.unwrap();
-        holder
-            .write_all(
-                format!(
-                    "POST /api/v1/cloud/sessions/{session}/events HTTP/1.1\r\nHost: {address}\r\n\
-                     Authorization: Bearer {}\r\nContent-Type: application/json\r\n\
-                     Content-Length: {NEARLY_ALL}\r\n\r\n{{",
-                    server.admin_token
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let holder = begin_a_body(
+            &server,
+            &format!("/api/v1/cloud/sessions/{session}/events"),
+            &format!("Authorization: Bearer {}\r\n", server.admin_token),
+            NEARLY_ALL,
+        )
+        .await;
         assert_eq!(
             post_a_large_event(&server, &session, 20_000).await,
             StatusCode::SERVICE_UNAVAILABLE

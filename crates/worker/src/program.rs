@@ -372,6 +372,11 @@ fn confined_session(command: &mut Command, cgroups: Vec<std::ffi::CString>) {
     }
 }
 
+/// The longest line of a program's output the worker logs as one; a longer one is logged in pieces
+/// of this length. Output is read as it comes, so a program that never ends a line (or writes
+/// `/dev/zero`) costs the worker this much memory, not as much as it printed.
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+
 fn forward<R: AsyncRead + Unpin + Send + 'static>(
     stream: R,
     report: Reporter,
@@ -379,20 +384,53 @@ fn forward<R: AsyncRead + Unpin + Send + 'static>(
     name: &'static str,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut reader = BufReader::new(stream);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match reader.read_until(b'\n', &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf);
-                    let line = line.trim_end_matches(['\n', '\r']);
-                    report.program_line(&work_id, name, line);
-                }
-            }
-        }
+        each_line(stream, MAX_LOG_LINE, |line| {
+            let line = String::from_utf8_lossy(line);
+            report.program_line(&work_id, name, line.trim_end_matches('\r'));
+        })
+        .await;
     })
+}
+
+/// Calls `line` with each line `stream` yields, without its `\n`, and with each `max` bytes of a line
+/// longer than that; a last line without `\n` too. Stops at the end of the stream or at a read error.
+async fn each_line<R: AsyncRead + Unpin>(stream: R, max: usize, mut line: impl FnMut(&[u8])) {
+    assert!(max > 0);
+    let mut reader = BufReader::new(stream);
+    let mut pending: Vec<u8> = Vec::new();
+    // A line cut at `max` whose `\n` comes right after the cut ends there, not with an empty line.
+    let mut cut = false;
+    loop {
+        let available = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(available) => available,
+        };
+        if std::mem::take(&mut cut) && available[0] == b'\n' {
+            reader.consume(1);
+            continue;
+        }
+        let room = &available[..available.len().min(max - pending.len())];
+        let (taken, ended) = match room.iter().position(|&b| b == b'\n') {
+            Some(at) => {
+                pending.extend_from_slice(&room[..at]);
+                (at + 1, true)
+            }
+            None => {
+                pending.extend_from_slice(room);
+                cut = pending.len() == max;
+                (room.len(), cut)
+            }
+        };
+        reader.consume(taken);
+        if ended {
+            line(&pending);
+            pending.clear();
+        }
+        debug_assert!(pending.len() < max);
+    }
+    if !pending.is_empty() {
+        line(&pending);
+    }
 }
 
 #[cfg(test)]
@@ -414,6 +452,37 @@ mod tests {
         let err = Program::resolve(&[dir.path().join("nope").into()]).unwrap_err();
         assert!(err.to_string().contains("no such file"), "{err}");
         assert!(Program::resolve(&[]).is_err());
+    }
+
+    #[tokio::test]
+    async fn output_is_logged_line_by_line_and_a_long_line_in_pieces() {
+        let lines = |text: &'static [u8], max: usize| async move {
+            let mut got = Vec::new();
+            each_line(text, max, |l| {
+                got.push(String::from_utf8_lossy(l).into_owned())
+            })
+            .await;
+            got
+        };
+        assert_eq!(lines(b"a\nbc\n\nd", 8).await, ["a", "bc", "", "d"]);
+        assert_eq!(lines(b"abcdefgh\nij", 4).await, ["abcd", "efgh", "ij"]);
+        assert_eq!(
+            lines(b"abcdefghi\n\nj", 4).await,
+            ["abcd", "efgh", "i", "", "j"]
+        );
+        assert_eq!(lines(b"", 4).await, Vec::<String>::new());
+        // A stream that never ends a line is read in pieces, however long it is.
+        let endless = tokio::io::repeat(b'z');
+        let mut pieces = 0;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            each_line(endless, 1024, |l| {
+                assert_eq!(l.len(), 1024);
+                pieces += 1;
+            }),
+        )
+        .await;
+        assert!(pieces > 0);
     }
 
     #[test]

@@ -48,6 +48,17 @@ enum Command {
         #[arg(last = true, required = true)]
         program: Vec<std::ffi::OsString>,
     },
+    /// Between the worker and an unconfined program: runs PROGRAM (path, argv[0], arguments) and kills
+    /// its whole process group if the worker dies.
+    #[cfg(target_os = "linux")]
+    #[command(name = tether_worker::guard::SUBCOMMAND, hide = true)]
+    ProgramGuard {
+        /// The worker's process id.
+        #[arg(long)]
+        worker: u32,
+        #[arg(last = true, required = true)]
+        program: Vec<std::ffi::OsString>,
+    },
 }
 
 /// See the workspace manifest for why.
@@ -89,6 +100,13 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error}");
             return ExitCode::from(127);
         }
+        #[cfg(target_os = "linux")]
+        Command::ProgramGuard { worker, program } => {
+            // Before any thread exists: it installs signal handlers and waits for its child.
+            let error = tether_worker::guard::main(*worker, program.clone());
+            eprintln!("error: {error}");
+            return ExitCode::from(127);
+        }
         _ => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -103,6 +121,8 @@ fn main() -> std::process::ExitCode {
             Command::Completions { .. } | Command::Man { .. } | Command::SandboxForward { .. } => {
                 unreachable!("answered above")
             }
+            #[cfg(target_os = "linux")]
+            Command::ProgramGuard { .. } => unreachable!("answered above"),
         }
     });
     match result {

@@ -667,15 +667,34 @@ async fn a_force_stop_kills_the_program() {
 #[tokio::test]
 async fn the_item_of_a_killed_worker_is_served_by_another() {
     let setup = Setup::new().await;
-    let script = format!("{PRELUDE}{UNTIL_RELEASED}");
+    // The program starts a process of its own (a tool, a build), and notes its pid.
+    let script = format!(
+        "{PRELUDE}sleep 600 &\necho $! > \"$f.child.tmp\"; mv \"$f.child.tmp\" \"$f.child\"\n{UNTIL_RELEASED}"
+    );
     let mut first = setup.worker("w1", WorkerOptions::running(&script));
     let (work, start) = setup.session_started_and_active().await;
     let dir = setup.stamps();
+    let child = dir.join(format!("{work}.child"));
+    let deadline = Instant::now() + PATIENCE;
+    while !child.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the program never started its child"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let child: i32 = std::fs::read_to_string(&child)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(child));
 
     first.signal(Signal::SIGKILL);
     first.wait_exit().await;
-    // The program does not outlive its worker.
+    // Neither the program nor anything it started outlives its worker.
     wait_dead(start.pid).await;
+    wait_dead(child).await;
     let item = setup.wait_for_state(&work, "queued").await;
     assert_eq!(item["requeue_count"], 1, "{item}");
 

@@ -17,6 +17,8 @@ mod claim;
 mod deadman;
 mod error;
 pub mod forward;
+#[cfg(target_os = "linux")]
+pub mod guard;
 pub mod heartbeat;
 pub mod limits;
 pub mod program;

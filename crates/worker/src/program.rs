@@ -1,6 +1,7 @@
 //! The per-item child process: finding PROGRAM, starting it in a process group of its own with the item's
 //! identifiers and credential in its environment and the work item on stdin, routing its output, and
-//! signalling the whole group so that nothing it started outlives it.
+//! signalling the whole group so that nothing it started outlives it (nor the worker: see
+//! [`crate::guard`]).
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -158,10 +159,12 @@ pub struct Confined<'a> {
     pub proxy: Option<ApiProxy>,
 }
 
-/// A started program, leader of its own process group.
+/// A started program, in a process group of its own.
 pub struct Running {
     child: Child,
     group: Pid,
+    /// The process the worker started, leader of the group: the program's guard ([`crate::guard`]) on
+    /// Linux, bwrap for a sandboxed program, else the program itself.
     pub pid: u32,
     readers: Vec<JoinHandle<()>>,
     reaped: bool,
@@ -186,6 +189,13 @@ impl Running {
     ) -> io::Result<Running> {
         let mut cgroups = None;
         let mut proxy = None;
+        // A sandbox (bwrap) dies outright with the worker, and its PID namespace with it; an
+        // unconfined program's guard is told, and takes the program's whole group with it.
+        let death_signal = if confined.is_some() {
+            Signal::SIGKILL
+        } else {
+            GUARD_DEATH_SIGNAL
+        };
         let mut command = match (confined, cwd) {
             (Some(confined), Some(dir)) => {
                 let mut command = confined.sandbox.command(
@@ -207,17 +217,14 @@ impl Running {
                 ))
             }
             (None, _) => {
-                let mut command = Command::new(&program.path);
+                let mut command = guarded(program);
                 if let Some(dir) = cwd {
                     command.current_dir(dir);
                 }
-                command
-                    .arg0(&program.name)
-                    .args(&program.args)
-                    // Its own group: one signal reaches everything it starts, and a Ctrl-C at the
-                    // worker's terminal reaches the worker only, which then decides what the programs
-                    // get.
-                    .process_group(0);
+                // Its own group: one signal reaches everything it starts, and a Ctrl-C at the
+                // worker's terminal reaches the worker only, which then decides what the programs
+                // get.
+                command.process_group(0);
                 for name in WITHHELD {
                     command.env_remove(name);
                 }
@@ -240,7 +247,7 @@ impl Running {
                 command.stdout(file.try_clone()?).stderr(file);
             }
         }
-        die_with_the_worker(&mut command);
+        die_with_the_worker(&mut command, death_signal);
         let mut child = command.spawn()?;
         let pid = child
             .id()
@@ -327,16 +334,48 @@ impl Drop for Running {
     }
 }
 
-/// On Linux the program is also killed if the worker dies without a chance to clean up (SIGKILL, a
-/// crash), so that an item whose lease then expires is never run twice at once. The death signal follows
-/// the thread that forked; tokio's runtime threads live as long as the worker.
+/// The command that runs an unconfined `program`: on Linux, through its guard ([`crate::guard`]), which
+/// is this very executable (`/proc/self/exe`, which still names it if it has been replaced on disk
+/// since the worker started).
 #[cfg(target_os = "linux")]
-fn die_with_the_worker(command: &mut Command) {
+fn guarded(program: &Program) -> Command {
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg(crate::guard::SUBCOMMAND)
+        .arg("--worker")
+        .arg(std::process::id().to_string())
+        .arg("--")
+        .arg(&program.path)
+        .arg(&program.name)
+        .args(&program.args);
+    command
+}
+
+#[cfg(target_os = "linux")]
+const GUARD_DEATH_SIGNAL: Signal = Signal::SIGHUP;
+
+#[cfg(not(target_os = "linux"))]
+fn guarded(program: &Program) -> Command {
+    let mut command = Command::new(&program.path);
+    command.arg0(&program.name).args(&program.args);
+    command
+}
+
+#[cfg(not(target_os = "linux"))]
+const GUARD_DEATH_SIGNAL: Signal = Signal::SIGKILL;
+
+/// On Linux the worker's child is also sent `signal` if the worker dies without a chance to clean up
+/// (SIGKILL, a crash): SIGKILL for a sandbox, SIGHUP for an unconfined program's guard, which then
+/// kills the program's whole group. So an item whose lease then expires is never run twice at once.
+/// The death signal follows the thread that forked; tokio's runtime threads live as long as the
+/// worker.
+#[cfg(target_os = "linux")]
+fn die_with_the_worker(command: &mut Command, signal: Signal) {
     let parent = std::process::id();
     // SAFETY: between fork and exec the closure makes two system calls and allocates nothing.
     unsafe {
         command.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(signal).map_err(io::Error::from)?;
             // The worker may have died before the call above took effect.
             if nix::unistd::getppid().as_raw() as u32 != parent {
                 return Err(io::Error::other("the worker exited"));
@@ -347,7 +386,7 @@ fn die_with_the_worker(command: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_the_worker(_: &mut Command) {}
+fn die_with_the_worker(_: &mut Command, _: Signal) {}
 
 /// bwrap starts in a session of its own: leader of its own process group (signalled as a whole, like
 /// an unconfined program's) and without the worker's controlling terminal, so that nothing inside can

@@ -205,6 +205,9 @@ impl WorkerArgs {
             max_idle: self.max_idle,
             run_one: self.run_one,
             program: self.program,
+            // This binary answers `program-guard`; `/proc/self/exe` still names it if it has been
+            // replaced on disk since the worker started.
+            guard: cfg!(target_os = "linux").then(|| "/proc/self/exe".into()),
             sandbox: self.sandbox.then_some(tether_worker::SandboxConfig {
                 network: match self.sandbox_network {
                     SandboxNetwork::Full => tether_worker::Network::Full,

@@ -90,6 +90,10 @@ pub struct Config {
     pub program: Vec<OsString>,
     /// `--sandbox`: run each item's PROGRAM confined.
     pub sandbox: Option<SandboxConfig>,
+    /// An executable that answers `program-guard` (the `tether` binary does: [`guard`]), to run each
+    /// unconfined PROGRAM under, so that nothing PROGRAM starts outlives a worker that dies outright.
+    /// Without one (and off Linux), PROGRAM itself dies with the worker, but not what it started.
+    pub guard: Option<PathBuf>,
 }
 
 /// How a run of the worker ended (when it ended without an error).
@@ -172,7 +176,10 @@ impl Shared {
 /// `run-one` ended, or the server refused to hand out work (an error that says why).
 pub async fn run(config: Config) -> Result<Summary> {
     // Everything that cannot work is found out before the first claim.
-    let program = Program::resolve(&config.program)?;
+    let program = Program {
+        guard: config.guard.clone(),
+        ..Program::resolve(&config.program)?
+    };
     let worker_id = match &config.worker_id {
         Some(id) => check_worker_id(id.trim())?,
         None => default_worker_id(),

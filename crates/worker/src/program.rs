@@ -34,6 +34,8 @@ pub struct Program {
     pub name: OsString,
     pub path: PathBuf,
     pub args: Vec<OsString>,
+    /// Runs it when it is not sandboxed: see [`crate::Config::guard`].
+    pub guard: Option<PathBuf>,
 }
 
 impl Program {
@@ -67,6 +69,7 @@ impl Program {
             name: name.clone(),
             path,
             args: args.to_vec(),
+            guard: None,
         })
     }
 
@@ -191,10 +194,9 @@ impl Running {
         let mut proxy = None;
         // A sandbox (bwrap) dies outright with the worker, and its PID namespace with it; an
         // unconfined program's guard is told, and takes the program's whole group with it.
-        let death_signal = if confined.is_some() {
-            Signal::SIGKILL
-        } else {
-            GUARD_DEATH_SIGNAL
+        let death_signal = match (&confined, &program.guard) {
+            (None, Some(_)) => Signal::SIGHUP,
+            _ => Signal::SIGKILL,
         };
         let mut command = match (confined, cwd) {
             (Some(confined), Some(dir)) => {
@@ -334,35 +336,34 @@ impl Drop for Running {
     }
 }
 
-/// The command that runs an unconfined `program`: on Linux, through its guard ([`crate::guard`]), which
-/// is this very executable (`/proc/self/exe`, which still names it if it has been replaced on disk
-/// since the worker started).
-#[cfg(target_os = "linux")]
+/// The command that runs an unconfined `program`: through its guard ([`crate::guard`]) when there is
+/// one, else the program itself.
 fn guarded(program: &Program) -> Command {
-    let mut command = Command::new("/proc/self/exe");
-    command
-        .arg(crate::guard::SUBCOMMAND)
-        .arg("--worker")
-        .arg(std::process::id().to_string())
-        .arg("--")
-        .arg(&program.path)
-        .arg(&program.name)
-        .args(&program.args);
-    command
+    match &program.guard {
+        Some(guard) => {
+            let mut command = Command::new(guard);
+            command
+                .arg(GUARD_SUBCOMMAND)
+                .arg("--worker")
+                .arg(std::process::id().to_string())
+                .arg("--")
+                .arg(&program.path)
+                .arg(&program.name)
+                .args(&program.args);
+            command
+        }
+        None => {
+            let mut command = Command::new(&program.path);
+            command.arg0(&program.name).args(&program.args);
+            command
+        }
+    }
 }
 
 #[cfg(target_os = "linux")]
-const GUARD_DEATH_SIGNAL: Signal = Signal::SIGHUP;
-
+const GUARD_SUBCOMMAND: &str = crate::guard::SUBCOMMAND;
 #[cfg(not(target_os = "linux"))]
-fn guarded(program: &Program) -> Command {
-    let mut command = Command::new(&program.path);
-    command.arg0(&program.name).args(&program.args);
-    command
-}
-
-#[cfg(not(target_os = "linux"))]
-const GUARD_DEATH_SIGNAL: Signal = Signal::SIGKILL;
+const GUARD_SUBCOMMAND: &str = "program-guard";
 
 /// On Linux the worker's child is also sent `signal` if the worker dies without a chance to clean up
 /// (SIGKILL, a crash): SIGKILL for a sandbox, SIGHUP for an unconfined program's guard, which then

@@ -74,6 +74,12 @@ impl Backoff {
 
 /// Runs `call` until it succeeds, fails for good, or `attempts` tries have failed with errors worth
 /// another try (transport failures, 408, 429, 5xx), waiting as [`Backoff::call`] says in between.
+///
+/// A 503 that promises lease amnesty (the server's database is down) does not count against
+/// `attempts` when there is more than one: the server can expire nothing meanwhile and extends every
+/// lease once it can write again, so a call that ends an item (recording its program's exit,
+/// stopping it) is worth trying until the database is back. Given up, it would leave the lease to
+/// expire after the outage, and the item, whose program has already run, to be run again.
 pub async fn retry<T, F, Fut>(attempts: u32, mut call: F) -> tether_client::Result<T>
 where
     F: FnMut() -> Fut,
@@ -83,6 +89,9 @@ where
     let mut tried = 1;
     loop {
         match call().await {
+            Err(e) if attempts > 1 && crate::heartbeat::amnesty_promised(&e).is_some() => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
             Err(e) if e.is_retryable() && tried < attempts => {
                 tokio::time::sleep(backoff.next_delay()).await;
                 tried += 1;
@@ -152,6 +161,42 @@ mod tests {
         assert_eq!(result.unwrap_err().status(), Some(503));
         assert_eq!(tries.load(Ordering::SeqCst), 4);
         assert_eq!(at, [0, 500, 1500, 3500].map(Duration::from_millis).to_vec());
+    }
+
+    /// The database is down for 40 s: the call goes on through it, and gives up only on a forced quit
+    /// (a single attempt).
+    #[tokio::test(start_paused = true)]
+    async fn a_database_outage_is_outlasted_unless_there_is_one_attempt_only() {
+        let outage = || -> tether_client::Error {
+            tether_client::ApiError {
+                status: 503,
+                kind: "overloaded_error".into(),
+                message: "the database is unavailable".into(),
+                param: None,
+                code: Some("store_unavailable".into()),
+                details: Some(serde_json::json!({ "lease_amnesty_ms": 30_000 })),
+                request_id: None,
+            }
+            .into()
+        };
+        let start = Instant::now();
+        let tries = AtomicU32::new(0);
+        let result: tether_client::Result<()> = retry(3, || {
+            tries.fetch_add(1, Ordering::SeqCst);
+            let down = start.elapsed() < Duration::from_secs(40);
+            async move {
+                if down {
+                    Err(outage())
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert!(result.is_ok(), "{result:?}");
+        assert!(tries.load(Ordering::SeqCst) > 3);
+        let once: tether_client::Result<()> = retry(1, || async { Err(outage()) }).await;
+        assert_eq!(once.unwrap_err().status(), Some(503));
     }
 
     #[tokio::test(start_paused = true)]

@@ -107,7 +107,7 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
 
 /// The amnesty a 503 promises: `error.code = "store_unavailable"` with
 /// `error.details.lease_amnesty_ms`, the window the server extends every lease to once it can write again.
-fn amnesty_promised(e: &Error) -> Option<Duration> {
+pub(crate) fn amnesty_promised(e: &Error) -> Option<Duration> {
     let Error::Api(api) = e else { return None };
     if api.code.as_deref() != Some("store_unavailable") {
         return None;

@@ -506,7 +506,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             patch.insert((*k).to_owned(), v.map(str::to_owned));
         }
         let call = retry(attempts, || self.calls.record(&patch));
-        let failed = match tokio::time::timeout(time_limit(attempts), call).await {
+        let failed = match within_time_limit(attempts, call).await {
             Ok(Ok(_)) => return,
             Ok(Err(e)) => e.to_string(),
             Err(_) => "no answer".to_owned(),
@@ -522,7 +522,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// ended.
     async fn stop(&self, force: bool, attempts: u32) -> bool {
         let call = retry(attempts, || self.calls.stop(force));
-        match tokio::time::timeout(time_limit(attempts), call).await {
+        match within_time_limit(attempts, call).await {
             Ok(Ok(state)) => {
                 let message = if state.is_live() {
                     "stop requested"
@@ -555,13 +555,18 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     }
 }
 
-/// How long a call of `attempts` tries may take in all: a single try is what a shutdown (forced, or
-/// out of drain time) can afford, and it does not wait on a server that does not answer.
-fn time_limit(attempts: u32) -> Duration {
+/// Runs a call of `attempts` tries, timed out (`Err`) if it is a single try: that is what a shutdown
+/// (forced, or out of drain time) can afford, and it does not wait on a server that does not answer.
+/// Several tries have no limit in all: each is bounded by the client's request timeout, their number
+/// by `attempts`, except while the server promises lease amnesty ([`retry`]).
+async fn within_time_limit<T>(
+    attempts: u32,
+    call: impl Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
     if attempts <= 1 {
-        Duration::from_secs(10)
+        tokio::time::timeout(Duration::from_secs(10), call).await
     } else {
-        Duration::from_secs(120)
+        Ok(call.await)
     }
 }
 

@@ -167,18 +167,7 @@ mod tests {
     /// (a single attempt).
     #[tokio::test(start_paused = true)]
     async fn a_database_outage_is_outlasted_unless_there_is_one_attempt_only() {
-        let outage = || -> tether_client::Error {
-            tether_client::ApiError {
-                status: 503,
-                kind: "overloaded_error".into(),
-                message: "the database is unavailable".into(),
-                param: None,
-                code: Some("store_unavailable".into()),
-                details: Some(serde_json::json!({ "lease_amnesty_ms": 30_000 })),
-                request_id: None,
-            }
-            .into()
-        };
+        let outage = || -> tether_client::Error { crate::heartbeat::tests::outage(30_000).into() };
         let start = Instant::now();
         let tries = AtomicU32::new(0);
         let result: tether_client::Result<()> = retry(3, || {

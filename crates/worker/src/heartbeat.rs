@@ -530,7 +530,7 @@ pub(crate) mod tests {
     }
 
     /// The 503 of a server whose database is away, promising `amnesty_ms` of lease amnesty.
-    fn outage(amnesty_ms: u64) -> tether_client::ApiError {
+    pub(crate) fn outage(amnesty_ms: u64) -> tether_client::ApiError {
         tether_client::ApiError {
             status: 503,
             kind: "overloaded_error".into(),

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
-  startServer, startWorker, launchBrowser, api, until, childrenOf, screenshotDir,
+  startServer, startWorker, launchBrowser, api, until, descendantsOf, screenshotDir,
 } from './harness.mjs';
 
 const marker = randomBytes(4).toString('hex');
@@ -251,7 +251,7 @@ test('6. a force-stop from the UI reaches the worker: its program is terminated'
   await page.getByLabel('Message (Ctrl+Enter sends)').press('Control+Enter');
   await page.locator('.ev-agent-tool_use .event-text', { hasText: `sleep 60 # ${marker}` }).waitFor({ timeout: 60_000 });
   const program = await until('the shell agent to run under the worker',
-    () => childrenOf(worker.pid).find((c) => c.comm.startsWith('tether-shell')));
+    () => descendantsOf(worker.pid).find((c) => c.comm.startsWith('tether-shell')));
 
   await page.goto(`${server.base}/#/environments/${env.id}`);
   await page.getByLabel('Show').selectOption('active');
@@ -268,7 +268,7 @@ test('6. a force-stop from the UI reaches the worker: its program is terminated'
   await page.getByText('Force-stopped: the item is now stopped.').waitFor();
   await page.locator('ol.timeline .cause', { hasText: 'force_stopped' }).waitFor();
   // The worker learns of it from its next heartbeat (every 5 s with --ttl 10) and kills the program.
-  await until('the program to be terminated', () => !childrenOf(worker.pid).some((c) => c.pid === program.pid), 30_000);
+  await until('the program to be terminated', () => !descendantsOf(worker.pid).some((c) => c.pid === program.pid), 30_000);
   assert.equal(worker.exited(), false, 'the worker itself keeps running');
   noProblems();
 });

@@ -80,9 +80,12 @@ export function startWorker(server, environmentId, key, extraEnv = {}) {
   };
 }
 
-/** Live child processes of `pid` (Linux /proc), as {pid, comm}. */
-export function childrenOf(pid) {
-  const out = [];
+/**
+ * Live descendants of `pid` (Linux /proc), as {pid, comm}: the worker's programs run under a guard
+ * process of their own, so they are its grandchildren.
+ */
+export function descendantsOf(pid) {
+  const processes = [];
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
     try {
@@ -90,9 +93,21 @@ export function childrenOf(pid) {
       const close = stat.lastIndexOf(')');
       const comm = stat.slice(stat.indexOf('(') + 1, close);
       const [state, ppid] = stat.slice(close + 2).split(' ');
-      if (Number(ppid) === pid && state !== 'Z') out.push({ pid: Number(entry), comm });
+      if (state !== 'Z') processes.push({ pid: Number(entry), ppid: Number(ppid), comm });
     } catch {
       // the process went away while we looked
+    }
+  }
+  const out = [];
+  const parents = new Set([pid]);
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const p of processes) {
+      if (parents.has(p.ppid) && !parents.has(p.pid)) {
+        parents.add(p.pid);
+        out.push({ pid: p.pid, comm: p.comm });
+        grew = true;
+      }
     }
   }
   return out;

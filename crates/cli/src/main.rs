@@ -50,7 +50,6 @@ enum Command {
     },
     /// Between the worker and an unconfined program: runs PROGRAM (path, argv[0], arguments) and kills
     /// its whole process group if the worker dies.
-    #[cfg(target_os = "linux")]
     #[command(name = tether_worker::guard::SUBCOMMAND, hide = true)]
     ProgramGuard {
         /// The worker's process id.
@@ -100,7 +99,6 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error}");
             return ExitCode::from(127);
         }
-        #[cfg(target_os = "linux")]
         Command::ProgramGuard { worker, program } => {
             // Before any thread exists: it installs signal handlers and waits for its child.
             let error = tether_worker::guard::main(*worker, program.clone());
@@ -118,11 +116,10 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Worker(command) => worker::main(*command).await,
             Command::Admin(command) => admin::run(command).await.map(|()| ExitCode::SUCCESS),
-            Command::Completions { .. } | Command::Man { .. } | Command::SandboxForward { .. } => {
-                unreachable!("answered above")
-            }
-            #[cfg(target_os = "linux")]
-            Command::ProgramGuard { .. } => unreachable!("answered above"),
+            Command::Completions { .. }
+            | Command::Man { .. }
+            | Command::SandboxForward { .. }
+            | Command::ProgramGuard { .. } => unreachable!("answered above"),
         }
     });
     match result {

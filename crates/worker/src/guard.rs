@@ -57,8 +57,9 @@ pub fn main(worker: u32, program: Vec<OsString>) -> std::io::Error {
             }
         }
     }
-    // The worker started this process with SIGHUP as its death signal; it may have died before the
-    // handler above was in place.
+    // The worker started this process with SIGHUP as its death signal. If the worker died before the
+    // handler above was in place, that SIGHUP either ended this process or, under a worker whose
+    // SIGHUP is ignored (`nohup`), was ignored with it: what is left to check is the parent.
     if getppid() != Pid::from_raw(worker as i32) {
         kill_the_group(0);
     }

@@ -17,7 +17,6 @@ mod claim;
 mod deadman;
 mod error;
 pub mod forward;
-#[cfg(target_os = "linux")]
 pub mod guard;
 pub mod heartbeat;
 pub mod limits;

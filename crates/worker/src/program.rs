@@ -343,7 +343,7 @@ fn guarded(program: &Program) -> Command {
         Some(guard) => {
             let mut command = Command::new(guard);
             command
-                .arg(GUARD_SUBCOMMAND)
+                .arg(crate::guard::SUBCOMMAND)
                 .arg("--worker")
                 .arg(std::process::id().to_string())
                 .arg("--")
@@ -359,11 +359,6 @@ fn guarded(program: &Program) -> Command {
         }
     }
 }
-
-#[cfg(target_os = "linux")]
-const GUARD_SUBCOMMAND: &str = crate::guard::SUBCOMMAND;
-#[cfg(not(target_os = "linux"))]
-const GUARD_SUBCOMMAND: &str = "program-guard";
 
 /// On Linux the worker's child is also sent `signal` if the worker dies without a chance to clean up
 /// (SIGKILL, a crash): SIGKILL for a sandbox, SIGHUP for an unconfined program's guard, which then

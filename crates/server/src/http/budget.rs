@@ -208,6 +208,19 @@ fn unreadable() -> ApiError {
     ApiError::bad_request("the request body could not be read")
 }
 
+/// The next chunk of a body that must have arrived whole by `deadline`; `None` at its end.
+async fn next_chunk(
+    stream: &mut axum::body::BodyDataStream,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Bytes>, ApiError> {
+    match tokio::time::timeout_at(deadline, stream.next()).await {
+        Err(_) => Err(late()),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(_))) => Err(unreadable()),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+    }
+}
+
 /// Reads `body` to its end and drops it as it comes, keeping nothing: at most `cap` bytes (a longer
 /// declared length is refused before any byte is read), within `wait`.
 async fn drain(body: Body, cap: usize, wait: Duration) -> Result<(), ApiError> {
@@ -220,19 +233,13 @@ async fn drain(body: Body, cap: usize, wait: Duration) -> Result<(), ApiError> {
     let mut stream = body.into_data_stream();
     let deadline = tokio::time::Instant::now() + wait;
     let mut read = 0usize;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return Err(late()),
-            Ok(None) => return Ok(()),
-            Ok(Some(Err(_))) => return Err(unreadable()),
-            Ok(Some(Ok(chunk))) => {
-                read = read.saturating_add(chunk.len());
-                if read > cap {
-                    return Err(too_large());
-                }
-            }
+    while let Some(chunk) = next_chunk(&mut stream, deadline).await? {
+        read = read.saturating_add(chunk.len());
+        if read > cap {
+            return Err(too_large());
         }
     }
+    Ok(())
 }
 
 /// For an endpoint that takes no body (its table entry says `Body::None`): whatever was sent is read
@@ -303,11 +310,10 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
     let mut stream = body.into_data_stream();
     let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
     loop {
-        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
-            Err(_) => return late().into_response(),
+        let chunk = match next_chunk(&mut stream, deadline).await {
+            Err(e) => return e.into_response(),
             Ok(None) => break,
-            Ok(Some(Err(_))) => return unreadable().into_response(),
-            Ok(Some(Ok(chunk))) => chunk,
+            Ok(Some(chunk)) => chunk,
         };
         if bytes.len() + chunk.len() > policy.limit {
             return too_large().into_response();

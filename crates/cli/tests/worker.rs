@@ -489,7 +489,10 @@ async fn failures_are_recorded_and_the_items_stopped() {
     let logs = setup.dir.path().join("item-logs");
     let script = r#"input=$(cat)
 echo "about to fail"
-case "$input" in *'"mode":"kill"'*) kill -KILL $$ ;; esac
+case "$input" in
+  *'"mode":"kill"'*) kill -KILL $$ ;;
+  *'"mode":"term"'*) kill -TERM $$ ;;
+esac
 exit 3
 "#;
     let mut worker = setup.worker(
@@ -501,13 +504,18 @@ exit 3
     );
     let failing = setup.session(json!({})).await;
     let killed = setup.session(json!({"mode": "kill"})).await;
+    // A signal the guard itself catches (SIGTERM) must still read as the program's end.
+    let terminated = setup.session(json!({"mode": "term"})).await;
     let item = setup.wait_for_state(&failing, "stopped").await;
     assert_eq!(item["metadata"]["tether.exit_code"], "3", "{item}");
     assert!(item["metadata"].get("tether.signal").is_none(), "{item}");
     let item = setup.wait_for_state(&killed, "stopped").await;
     assert_eq!(item["metadata"]["tether.exit_code"], "137", "{item}");
     assert_eq!(item["metadata"]["tether.signal"], "SIGKILL", "{item}");
-    for work in [&failing, &killed] {
+    let item = setup.wait_for_state(&terminated, "stopped").await;
+    assert_eq!(item["metadata"]["tether.exit_code"], "143", "{item}");
+    assert_eq!(item["metadata"]["tether.signal"], "SIGTERM", "{item}");
+    for work in [&failing, &killed, &terminated] {
         assert_eq!(
             setup.causes(work).await.last().map(String::as_str),
             Some("force_stopped")
@@ -523,7 +531,7 @@ exit 3
     );
     worker.shut_down_cleanly().await;
     assert!(
-        worker.log().contains("0 done, 2 failed"),
+        worker.log().contains("0 done, 3 failed"),
         "{}",
         worker.log()
     );

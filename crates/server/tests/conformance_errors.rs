@@ -982,6 +982,12 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
                 reply.header("x-request-id"),
                 reply.body["request_id"].as_str()
             );
+            // RFC 9110 §15.5.6: a 405 names the methods the path has.
+            let allow = reply.header("allow").unwrap_or_default();
+            assert!(
+                !allow.is_empty() && !allow.contains(m.as_str()),
+                "{m} {path}: allow {allow:?}"
+            );
         }
         assert_eq!(
             q.causes(&item.id).await,

@@ -331,6 +331,7 @@ async fn a_refused_request_leaves_its_connection_usable() {
         for (request, refusal) in [
             ("POST /api/v1/cloud/sessions", "401"),
             ("POST /api/v1/cloud/no/such/endpoint", "404"),
+            ("PUT /api/v1/cloud/sessions", "405"),
         ] {
             // The body follows its headers a moment later, as some clients send it, so that it is not
             // in the server's buffer when the refusal is decided.

@@ -254,8 +254,8 @@ pub async fn skip_body(State(policy): State<BodyPolicy>, request: Request, next:
 }
 
 /// Before a refusal that no handler answers (no credential, a credential that may not, no such
-/// endpoint): reads what is left of a small body (see [`REFUSED_BODY_DRAIN`]), so that the client's
-/// connection stays usable for its next request.
+/// endpoint, a method the path does not have): reads what is left of a small body (see
+/// [`REFUSED_BODY_DRAIN`]), so that the client's connection stays usable for its next request.
 pub async fn drain_refused(body: Body) {
     let _ = drain(body, REFUSED_BODY_DRAIN, REFUSED_BODY_WAIT).await;
 }

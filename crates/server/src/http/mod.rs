@@ -73,6 +73,12 @@ pub fn router(app: App, body_limit: usize) -> Router {
         router = guarded(router, &app, dialect.prefix(), routes::api(), &bodies);
     }
     router
+        // Both refusals drain what they can of the body, as an authorization refusal does, so that the
+        // client keeps its connection. Each route's `Allow` header is kept on its 405.
+        .method_not_allowed_fallback(|body: axum::body::Body| async {
+            budget::drain_refused(body).await;
+            ApiError::for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
+        })
         .fallback(|body: axum::body::Body| async {
             budget::drain_refused(body).await;
             ApiError::not_found("no such endpoint")

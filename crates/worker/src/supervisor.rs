@@ -286,7 +286,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     &[("grace", &seconds(self.shared.grace))],
                 );
                 // The server asked: the stop that ends it is a confirmation.
-                self.wind_down(&mut running, &mut lease, dead_man, true)
+                self.wind_down(&mut running, &mut lease, dead_man, std::future::ready(true))
                     .await
             }
             Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
@@ -305,17 +305,10 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     "drain time is up: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
-                // Ask first, so that the server shows the item winding down rather than active; the
-                // lease deadline still holds while the request is under way.
-                let requested = tokio::select! {
-                    requested = self.stop(false, 1) => requested,
-                    why = lease.lost() => {
-                        let outcome = self.abandon(&mut running, &why).await;
-                        drop(dead_man);
-                        return outcome;
-                    }
-                };
-                self.wind_down(&mut running, &mut lease, dead_man, requested)
+                // Asked, so that the server shows the item winding down rather than active; asked
+                // while the program is being terminated, not before, so that a server that does
+                // not answer delays neither the SIGTERM nor the SIGKILL after the grace.
+                self.wind_down(&mut running, &mut lease, dead_man, self.stop(false, 1))
                     .await
             }
         }
@@ -430,23 +423,30 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         }
     }
 
-    /// Terminates the program and ends the item: its exit recorded, then a stop that confirms
-    /// `stop_requested` (forced when no stop was requested, or the worker is being forced to quit).
-    /// The dead man's switch is disarmed once the program is reaped.
+    /// Terminates the program and ends the item: its exit recorded, then a stop that confirms the
+    /// request `stop_requested` made (forced when it made none, or the worker is being forced to
+    /// quit). The request runs alongside the termination. The dead man's switch is disarmed once
+    /// the program is reaped.
     async fn wind_down(
         &self,
         running: &mut Running,
         lease: &mut Heartbeat,
         dead_man: Option<deadman::Guard>,
-        stop_requested: bool,
+        stop_requested: impl Future<Output = bool>,
     ) -> Outcome {
-        let terminated = self.terminate(running, lease).await;
-        let terminated = self.reaped(terminated, running).await;
+        let (stop_requested, terminated) = tokio::join!(stop_requested, async {
+            let terminated = self.terminate(running, lease).await;
+            // Reaped here, not after the request's answer: a lost lease kills the program at once.
+            let reaped = self.reaped(terminated, running).await;
+            if let Ok(exit) = &reaped {
+                self.info("program ended", &[("status", &exit.describe())]);
+            }
+            reaped
+        });
         drop(dead_man);
         match terminated {
             Err(lost) => lost,
             Ok(exit) => {
-                self.info("program ended", &[("status", &exit.describe())]);
                 let phase = *self.phase.borrow();
                 self.record_exit(exit, attempts(phase)).await;
                 let forced = !stop_requested || phase == Phase::Forced;
@@ -506,10 +506,10 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             patch.insert((*k).to_owned(), v.map(str::to_owned));
         }
         let call = retry(attempts, || self.calls.record(&patch));
-        let failed = match within_time_limit(attempts, call).await {
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "no answer".to_owned(),
+        let failed = match within_shutdown_limit(self.phase.clone(), call).await {
+            Some(Ok(_)) => return,
+            Some(Err(e)) => e.to_string(),
+            None => "no answer".to_owned(),
         };
         self.warn(
             "could not record the outcome in the item's metadata",
@@ -522,8 +522,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// ended.
     async fn stop(&self, force: bool, attempts: u32) -> bool {
         let call = retry(attempts, || self.calls.stop(force));
-        match within_time_limit(attempts, call).await {
-            Ok(Ok(state)) => {
+        match within_shutdown_limit(self.phase.clone(), call).await {
+            Some(Ok(state)) => {
                 let message = if state.is_live() {
                     "stop requested"
                 } else {
@@ -532,19 +532,19 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 self.info(message, &[("state", state.as_str())]);
                 true
             }
-            Ok(Err(e)) if matches!(e.status(), Some(409 | 401)) => {
+            Some(Err(e)) if matches!(e.status(), Some(409 | 401)) => {
                 // 409: already stopped; 401: the token died with the item (or its re-delivery).
                 self.info("item already ended", &[("detail", &e.to_string())]);
                 true
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 self.warn(
                     "could not stop the item; its lease will expire on the server",
                     &[("error", &e.to_string())],
                 );
                 false
             }
-            Err(_) => {
+            None => {
                 self.warn(
                     "the server did not answer the stop; its lease will expire",
                     &[],
@@ -555,18 +555,26 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     }
 }
 
-/// Runs a call of `attempts` tries, timed out (`Err`) if it is a single try: that is what a shutdown
-/// (forced, or out of drain time) can afford, and it does not wait on a server that does not answer.
-/// Several tries have no limit in all: each is bounded by the client's request timeout, their number
-/// by `attempts`, except while the server promises lease amnesty ([`retry`]).
-async fn within_time_limit<T>(
-    attempts: u32,
+/// How long a call that ends an item may go on once the worker's drain time is up, or it is being
+/// forced to quit: a worker told to quit does not wait on a server that does not answer, and the
+/// item's lease expires on the server without it.
+const SHUTDOWN_CALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs a call that ends an item: to its end while the worker runs or drains (each try is bounded
+/// by the client's request timeout, their number by its `attempts`, except while the server
+/// promises lease amnesty, see [`retry`]); once the drain time is up, for at most
+/// [`SHUTDOWN_CALL_LIMIT`] more. `None` when it was given up.
+async fn within_shutdown_limit<T>(
+    mut phase: watch::Receiver<Phase>,
     call: impl Future<Output = T>,
-) -> Result<T, tokio::time::error::Elapsed> {
-    if attempts <= 1 {
-        tokio::time::timeout(Duration::from_secs(10), call).await
-    } else {
-        Ok(call.await)
+) -> Option<T> {
+    let limit = async {
+        reached(&mut phase, Phase::Terminating).await;
+        tokio::time::sleep(SHUTDOWN_CALL_LIMIT).await;
+    };
+    tokio::select! {
+        done = call => Some(done),
+        () = limit => None,
     }
 }
 
@@ -637,6 +645,8 @@ mod tests {
         acks: Mutex<VecDeque<tether_client::Result<()>>>,
         /// Once these run out, every heartbeat is answered "active" at once.
         beats: Mutex<VecDeque<Answer>>,
+        /// A server that takes stops in and never answers them.
+        stops_unanswered: bool,
         calls: Mutex<Vec<String>>,
     }
 
@@ -680,6 +690,9 @@ mod tests {
 
         async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
             self.0.log(format!("stop force={force}"));
+            if self.0.stops_unanswered {
+                std::future::pending::<()>().await;
+            }
             Ok(if force {
                 WorkState::Stopped
             } else {
@@ -909,5 +922,64 @@ mod tests {
                 "stop force=false"
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_does_not_answer_delays_neither_the_sigterm_nor_the_end_of_a_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let termed = dir.path().join("termed");
+        let (shared, phase) = worker(&format!(
+            "trap 'touch {}; exit 0' TERM; echo $$ > {ready}.new; mv {ready}.new {ready}; sleep 60 & wait",
+            termed.display(),
+            ready = ready.display()
+        ));
+        let script = Arc::new(Script {
+            stops_unanswered: true,
+            ..Script::default()
+        });
+        let item = session_item();
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let drain = async {
+            let started = std::time::Instant::now();
+            while !ready.exists() {
+                assert!(started.elapsed() < Duration::from_secs(20), "no program");
+                tokio::task::yield_now().await;
+            }
+            let pid: i32 = std::fs::read_to_string(&ready)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            phase.send_replace(Phase::Terminating);
+            let terminated_at = tokio::time::Instant::now();
+            // The runtime is kept busy, so the paused clock stands still: the program gets its
+            // SIGTERM while the stop request is still unanswered, or never. Then until the worker
+            // has reaped it, lest the clock run on to the SIGKILL meanwhile.
+            let program = nix::unistd::Pid::from_raw(pid);
+            while !termed.exists() || nix::sys::signal::kill(program, None).is_ok() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "no SIGTERM while the stop request went unanswered"
+                );
+                tokio::task::yield_now().await;
+            }
+            terminated_at
+        };
+        let (outcome, terminated_at) = tokio::join!(supervisor.run(item.clone()), drain);
+        assert_eq!(outcome, Outcome::Done);
+        assert_eq!(
+            script.calls(),
+            [
+                "ack",
+                "stop force=false",
+                "record tether.exit_code=0 tether.exit_reason=- tether.signal=-",
+                // Its request never answered, the stop is forced; also unanswered, it is given up.
+                "stop force=true"
+            ]
+        );
+        // Each unanswered stop was given up after the limit: the first alongside the program's
+        // termination, the second after it.
+        assert_eq!(terminated_at.elapsed(), 2 * SHUTDOWN_CALL_LIMIT);
     }
 }

@@ -6,6 +6,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -51,6 +52,11 @@ impl Server {
 
     /// `tether worker [ARGS…] -- sh -c SCRIPT` with its log in `<dir>/<name>.log`.
     fn worker(&self, name: &str, setup: &Setup, args: &[&str], script: &str) -> Child {
+        self.worker_running(name, setup, args, &["sh", "-c", script, "sh"])
+    }
+
+    /// A worker started in the server's directory, running `program` for each item.
+    fn worker_running(&self, name: &str, setup: &Setup, args: &[&str], program: &[&str]) -> Child {
         support::tether_command()
             .arg("worker")
             .args(args)
@@ -62,7 +68,9 @@ impl Server {
                 "--key",
                 &setup.key,
             ])
-            .args(["--", "sh", "-c", script, "sh"])
+            .arg("--")
+            .args(program)
+            .current_dir(&self.dir)
             .env("OUT", &self.dir)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log"))
@@ -104,9 +112,13 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
     let server = Server::start(dir.path(), &[]);
     let setup = server.setup();
     let workdir = dir.path().join("items");
+    let program = dir.path().join("cycle.sh");
+    std::fs::write(&program, format!("#!/bin/sh\n{CYCLE}\n")).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     // run-one: claims the session's item, runs the program in a fresh directory, exits with its status.
-    let mut worker = server.worker(
+    // The program is named relative to the worker's directory, as `./agent.sh` is in the README.
+    let mut worker = server.worker_running(
         "worker",
         &setup,
         &[
@@ -116,7 +128,7 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
             "--workdir",
             workdir.to_str().unwrap(),
         ],
-        CYCLE,
+        &["./cycle.sh"],
     );
     let status = support::wait_exit(&mut worker, "tether worker run-one", PATIENCE);
     let worker_log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();

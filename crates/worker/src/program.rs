@@ -41,7 +41,9 @@ pub struct Program {
 impl Program {
     /// Finds PROGRAM the way a shell would (a name without `/` is looked up in `PATH`) and checks that it
     /// is an executable file. Failing here is fatal for the whole worker: claiming work it cannot run would
-    /// only bounce every item.
+    /// only bounce every item. The path is made absolute against the worker's directory, where it was
+    /// checked: an item runs in a directory of its own (`--workdir`) or a sandbox, where `./agent.sh`
+    /// would name another file, or none.
     pub fn resolve(argv: &[OsString]) -> Result<Program> {
         let Some((name, args)) = argv.split_first() else {
             return Err(Error::config(
@@ -65,6 +67,8 @@ impl Program {
                     ))
                 })?
         };
+        let path = std::path::absolute(&path)
+            .map_err(|e| Error::config(format!("cannot run PROGRAM {shown}: {e}")))?;
         Ok(Program {
             name: name.clone(),
             path,

@@ -85,9 +85,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 ///
 /// The handles of each series are kept once the recorder is installed, so a request builds no label
 /// strings and looks nothing up in the registry (an idle worker's re-poll is the commonest request,
-/// and every one records). At most [`REMEMBERED_SERIES`] are kept: methods come from clients, so a
-/// hostile one could otherwise grow the map; beyond it a request takes the registry's path.
+/// and every one records). At most [`REMEMBERED_SERIES`] are kept, a bound on the map whatever
+/// clients send; beyond it a request takes the registry's path.
 pub fn record_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    let method = method_label(method);
     let seconds = elapsed.as_secs_f64();
     let installed = matches!(PROMETHEUS.get(), Some(Some(_)));
     let remembered = request_series();
@@ -125,6 +126,19 @@ pub fn record_request(method: &str, route: &str, status: u16, elapsed: Duration)
 
 /// See [`record_request`].
 pub const REMEMBERED_SERIES: usize = 1_024;
+
+/// The method as a label: one of HTTP's own, or `other`. Any token is a valid method, and a series
+/// once registered lives as long as the process: a label taken from the client as it came would let
+/// anyone, without a credential, grow the registry and every scrape without bound.
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|known| *known == method)
+        .unwrap_or("other")
+}
 
 struct RequestSeries {
     method: String,
@@ -345,6 +359,10 @@ mod tests {
         }
         record_request("GET", route, 404, Duration::from_millis(1));
         record_request("POST", route, 200, Duration::from_millis(1));
+        // Methods of the client's own invention share one series.
+        for invented in ["BREW", "M0001", "M0002"] {
+            record_request(invented, route, 405, Duration::from_millis(1));
+        }
         let text = handle.render();
         let series = |method: &str, status: u16| {
             sample(
@@ -357,7 +375,9 @@ mod tests {
         assert_eq!(series("GET", 200), Some(3.0), "{text}");
         assert_eq!(series("GET", 404), Some(1.0), "{text}");
         assert_eq!(series("POST", 200), Some(1.0), "{text}");
+        assert_eq!(series("other", 405), Some(3.0), "{text}");
+        assert!(!text.contains("BREW"), "{text}");
         let kept = request_series().read().unwrap();
-        assert_eq!(kept.get(route).map(Vec::len), Some(3));
+        assert_eq!(kept.get(route).map(Vec::len), Some(4));
     }
 }

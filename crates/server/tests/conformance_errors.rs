@@ -943,6 +943,36 @@ async fn request_ids_are_echoed_or_generated() {
         assert!(reply
             .header("x-request-id")
             .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()));
+
+        // An id that could pass for more of the access log's line (spaces, braces, quotes, `=`) is
+        // not taken: a new one is generated, as for one that is too long.
+        for hostile in [
+            "x}: tether::access: request status=200",
+            "a\"b",
+            "status=200",
+            &"a".repeat(201),
+        ] {
+            let reply = q
+                .req(Method::GET, &q.path("/stats"))
+                .header("x-request-id", hostile)
+                .send()
+                .await;
+            let id = reply.header("x-request-id").unwrap();
+            assert!(uuid::Uuid::parse_str(id).is_ok(), "{hostile:?}: {id}");
+        }
+        // What ids are made of elsewhere is kept: trace contexts, UUIDs, prefixed ids, paths.
+        for plain in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "req_011CSHoEeqs5C35K2UUqR7Fy",
+            "svc/a.b:c@d+e",
+        ] {
+            let reply = q
+                .req(Method::GET, &q.path("/stats"))
+                .header("x-request-id", plain)
+                .send()
+                .await;
+            assert_eq!(reply.header("x-request-id"), Some(plain));
+        }
     })
     .await;
 }

@@ -91,6 +91,18 @@ pub fn router(app: App, body_limit: usize) -> Router {
         .with_state(app)
 }
 
+/// Whether a client's `x-request-id` is taken as the request's id (D-18): up to 200 characters of
+/// those that ids are made of (letters, digits and `-_.:/+@`). The id is written into every log
+/// line the request causes, unquoted in the text format; one with spaces, braces, quotes or `=` could
+/// pass for more of the line than the id (a forged `status=200` on a refused request). Otherwise
+/// an id is generated, as when none was sent.
+fn is_plain_request_id(id: &str) -> bool {
+    (1..=200).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+@".contains(&b))
+}
+
 /// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
 /// request causes is logged inside its span, so every line carries the request id.
 async fn envelope(request: Request, next: Next) -> Response {
@@ -98,7 +110,7 @@ async fn envelope(request: Request, next: Next) -> Response {
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
+        .filter(|v| is_plain_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let route = request

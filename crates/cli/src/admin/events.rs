@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use super::output;
 use anyhow::Result;
 use futures::StreamExt;
 use serde_json::{Map, Value};
@@ -201,19 +202,9 @@ fn content_text(content: Option<&Value>) -> Option<String> {
     }
 }
 
-/// Event text comes from agents and commands: control characters (escape sequences above all) are
-/// shown escaped so that they cannot rewrite the terminal. Line breaks and tabs stay.
+/// Event text, fit for a terminal ([`output::printable`]); its line breaks and tabs stay.
 fn clean(text: &str) -> String {
-    let text = text.replace("\r\n", "\n");
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    output::printable(&text.replace("\r\n", "\n"), &['\n', '\t'])
 }
 
 /// Why following a stream ended.

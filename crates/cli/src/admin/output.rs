@@ -17,7 +17,8 @@ impl Table {
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows
+            .push(cells.iter().map(|cell| printable(cell, &[])).collect());
     }
 
     pub fn render(&self) -> String {
@@ -48,7 +49,7 @@ impl Table {
     }
 }
 
-/// `label: value` lines with the values aligned.
+/// `label: value` lines with the values aligned, each value on its line.
 pub fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs
         .iter()
@@ -58,7 +59,25 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
     let mut out = String::new();
     for (label, value) in pairs {
         let pad = width - label.chars().count();
+        let value = printable(value, &[]);
         out.push_str(&format!("{label}:{}  {value}\n", " ".repeat(pad)));
+    }
+    out
+}
+
+/// Text from the server, made fit for a terminal: control characters other than those `kept` are
+/// shown escaped (`\u{1b}`). Much of what is shown was written by others than the operator: work
+/// metadata and worker ids by any worker with the environment's key, event text by agents and
+/// commands. An escape sequence among them could otherwise rewrite the operator's terminal, or a
+/// line break pass for a line of its own.
+pub fn printable(text: &str, kept: &[char]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && !kept.contains(&c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
     out
 }
@@ -111,6 +130,18 @@ mod tests {
         t.row(vec!["env_1".into(), "a".into()]);
         t.row(vec!["e".into(), "longer name".into()]);
         assert_eq!(t.render(), "ID     NAME\nenv_1  a\ne      longer name\n");
+    }
+
+    #[test]
+    fn what_others_wrote_cannot_rewrite_the_terminal() {
+        let mut t = Table::new(&["ID", "WORKER"]);
+        t.row(vec!["w".into(), "a\u{1b}[2Jb\nc".into()]);
+        assert_eq!(t.render(), "ID  WORKER\nw   a\\u{1b}[2Jb\\nc\n");
+        assert_eq!(
+            fields(&[("metadata", "note=ok\u{1b}]0;owned\u{7}".into())]),
+            "metadata:  note=ok\\u{1b}]0;owned\\u{7}\n"
+        );
+        assert_eq!(printable("a\tb\u{9b}c\n", &['\n', '\t']), "a\tb\\u{9b}c\n");
     }
 
     #[test]

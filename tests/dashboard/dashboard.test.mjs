@@ -405,6 +405,37 @@ test('the work list of an environment holding 10,000 items', async () => {
   noProblems();
 });
 
+test('a cloud environment\'s page asks nothing of a queue; a link that is not well encoded shows a message; a form offers every environment', async () => {
+  // A cloud environment: its card names it without a link, and its page (sessions link to it) says
+  // that it has no queue instead of asking for one every 2 s.
+  const cloud = await api(server, 'POST', '/environments', { name: `cloud-${marker}`, config: { type: 'cloud' } });
+  const queueRequests = [];
+  const count = (request) => { if (request.url().includes(`/environments/${cloud.id}/work`)) queueRequests.push(request.url()); };
+  page.on('request', count);
+  await page.goto(`${server.base}/#/environments/${cloud.id}`);
+  await page.getByRole('heading', { name: `cloud-${marker}` }).waitFor();
+  await page.getByText('A cloud environment: it has no work queue.').waitFor();
+  page.off('request', count);
+  assert.deepEqual(queueRequests, [], 'no request for a queue it does not have');
+
+  // A link whose id is not well %-encoded: the page says what the server said, not a blank.
+  expectedFailures = [{ text: 'status of 404', path: '/api/v1/cloud/sessions/' }];
+  await page.goto(`${server.base}/#/sessions/sess_%zz`);
+  await page.getByRole('alert').filter({ hasText: 'no session sess_%zz' }).first().waitFor();
+  expectedFailures = [];
+
+  // More environments than one page holds: the session form offers the newest too.
+  let newest;
+  for (let i = 0; i < 101; i += 1) {
+    newest = await api(server, 'POST', '/environments', { name: `many-${i}`, config: { type: 'self_hosted' } });
+  }
+  await page.goto(`${server.base}/#/sessions`);
+  const choices = page.getByRole('combobox', { name: 'Environment' });
+  await choices.locator(`option[value="${newest.id}"]`).waitFor({ state: 'attached' });
+  assert.equal(await choices.locator(`option[value="${cloud.id}"]`).count(), 0, 'no cloud environment is offered');
+  noProblems();
+});
+
 test('a server that goes away shows as a message, not a blank', async () => {
   await page.goto(`${server.base}/#/environments/${env.id}`);
   await page.getByRole('region', { name: 'Work items' }).locator('tbody tr').first().waitFor();

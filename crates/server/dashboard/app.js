@@ -124,6 +124,16 @@ class ViewContext {
 
 let current = null;
 
+/** A segment of the location's hash; one that is not well %-encoded is taken as it is (an id the
+ * server then does not know), rather than leaving the page blank. */
+function decodeSegment(segment) {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return segment;
+  }
+}
+
 function route() {
   current?.close();
   current = new ViewContext();
@@ -134,7 +144,7 @@ function route() {
     signIn(main, ctx, () => { clearAllMessages(); route(); });
     return;
   }
-  const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
+  const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeSegment);
   let title = 'Environments';
   if (parts[0] === 'environments' && parts[1] && parts[2] === 'work' && parts[3]) {
     title = 'Work item';

@@ -18,9 +18,20 @@ function statusBadge(status) {
   return h('span', { class: `badge status-${status}` }, status);
 }
 
+/** Most choices a form offers from one list. */
+const MOST_CHOICES = 1000;
+
+/** The items of a list, following its pages, up to MOST_CHOICES: a form offers every one, not the
+ * first page's. */
 async function options(path, signal) {
-  const page = await api.get(path, { signal });
-  return page.data;
+  const items = [];
+  let page = '';
+  do {
+    const answer = await api.get(`${path}${api.query({ limit: 100, page })}`, { signal });
+    items.push(...answer.data);
+    page = answer.has_more ? answer.next_page : '';
+  } while (page && items.length < MOST_CHOICES);
+  return items;
 }
 
 function createForms(ctx, reload) {
@@ -56,8 +67,8 @@ function createForms(ctx, reload) {
 
   async function loadChoices(selectAgent) {
     const [agents, envs] = await Promise.all([
-      options('/agents?limit=100', ctx.signal),
-      options('/environments?limit=100', ctx.signal),
+      options('/agents', ctx.signal),
+      options('/environments', ctx.signal),
     ]);
     fill(agent, agents.map((a) => h('option', { value: a.id, selected: a.id === selectAgent }, `${a.name} (${shortId(a.id)})`)));
     fill(env, envs.filter((x) => x.config?.type === 'self_hosted')

@@ -83,12 +83,15 @@ function createEnvironmentForm(ctx) {
   return form;
 }
 
+/** What a cloud environment's card and page say: there is nothing more to show. */
+export const CLOUD_NOTE = 'A cloud environment: it has no work queue.';
+
 async function environmentCard(env, signal) {
-  const head = h('h2', {}, environmentLink(env));
   const meta = h('p', { class: 'muted' }, h('code', {}, env.id), ` · created ${localTime(env.created_at)}`);
   if (env.config?.type !== 'self_hosted') {
-    return h('section', { class: 'card env' }, head, meta, h('p', {}, 'A cloud environment: it has no work queue.'));
+    return h('section', { class: 'card env' }, h('h2', {}, env.name), meta, h('p', {}, CLOUD_NOTE));
   }
+  const head = h('h2', {}, environmentLink(env));
   const base = `/environments/${api.seg(env.id)}/work`;
   const [stats, history] = await Promise.all([
     api.get(`${base}/stats`, { signal }),

@@ -4,7 +4,7 @@ import * as api from './api.js';
 import { h, fill, field, table } from './dom.js';
 import { localTime, ago, shortId, zone } from './format.js';
 import { queueChart, legend } from './chart.js';
-import { statsList } from './views.js';
+import { statsList, CLOUD_NOTE } from './views.js';
 import { notify, confirmAction, onSubmit } from './app.js';
 
 /** Refresh period of the live views. */
@@ -45,7 +45,30 @@ function holders(workers) {
 
 // ---------------------------------------------------------------------------------- environment page
 
+function environmentCrumbs(envId) {
+  return h('p', { class: 'crumbs' }, h('a', { href: '#/' }, 'Environments'), ' / ', h('span', {}, envId));
+}
+
 export function environmentPage(main, ctx, envId) {
+  fill(main, environmentCrumbs(envId), h('h1', {}, 'Environment'), h('p', { class: 'muted' }, 'Loading…'));
+  // A cloud environment has no queue to show (its queue's endpoints refuse it): its page says so and
+  // polls nothing. Sessions link to their environment whichever kind it is.
+  api.get(`/environments/${api.seg(envId)}`, { signal: ctx.signal }).then((env) => {
+    if (!ctx.active) return;
+    if (env.config?.type === 'self_hosted') {
+      queuePage(main, ctx, envId);
+    } else {
+      document.title = `${env.name} · Tether`;
+      fill(main, environmentCrumbs(envId), h('h1', {}, env.name), h('p', { class: 'muted' }, h('code', {}, envId)),
+        h('p', {}, CLOUD_NOTE));
+    }
+  }, (e) => {
+    if (!ctx.active || e.name === 'AbortError') return;
+    fill(main, environmentCrumbs(envId), h('h1', {}, 'Environment'), h('p', { role: 'alert' }, e.message));
+  });
+}
+
+function queuePage(main, ctx, envId) {
   const base = `/environments/${api.seg(envId)}`;
   const title = h('h1', {}, 'Environment');
   const idLine = h('p', { class: 'muted' }, h('code', {}, envId));
@@ -71,7 +94,7 @@ export function environmentPage(main, ctx, envId) {
   });
 
   fill(main,
-    h('p', { class: 'crumbs' }, h('a', { href: '#/' }, 'Environments'), ' / ', h('span', {}, envId)),
+    environmentCrumbs(envId),
     title, idLine,
     h('section', { 'aria-labelledby': 'queue-h' }, h('h2', { id: 'queue-h' }, 'Queue'), stats, chart),
     h('section', { 'aria-labelledby': 'work-h' },

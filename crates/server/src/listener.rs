@@ -544,6 +544,10 @@ impl<IO: AsyncWrite + Unpin> Tracked<IO> {
         if self.http1.is_none() {
             // An HTTP/1 response starts with "HTTP/"; an HTTP/2 server starts with a SETTINGS frame.
             self.http1 = bufs.iter().find(|b| !b.is_empty()).map(|b| b[0] == b'H');
+            if self.http1 == Some(false) {
+                // HTTP/2 on the plain port: from here on as over TLS (see `ConnState::track_heads`).
+                self.state.track_heads.store(false, Ordering::Relaxed);
+            }
         }
         // Hyper answers a parse error only when no request is in flight: no need to look otherwise.
         // (Our own responses may also be written then; `find` tells them apart by their headers.)

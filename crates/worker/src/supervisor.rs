@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use tether_client::{Client, MetadataPatch, WorkItem, WorkState};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::backoff::retry;
+use crate::backoff::{retry, Backoff};
 use crate::deadman;
 use crate::heartbeat::{Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
@@ -213,36 +213,17 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         // accepted heartbeat (one round trip).
         let established = lease.established().await;
         if *self.phase.borrow() >= Phase::Terminating {
-            self.warn("the worker is shutting down: stopping the item unrun", &[]);
-            self.stop(true, 1).await;
-            return Outcome::Skipped;
+            return self.shut_down_before_start().await;
         }
-        match established {
-            Lease::Held => {}
-            Lease::Pending => unreachable!("established() waits for the first answer"),
-            Lease::Lost(why) => {
-                self.warn("lease lost before the program started", &[("reason", &why)]);
-                return Outcome::Lost;
-            }
-            Lease::StopRequested => {
-                self.info("stop requested before the program started", &[]);
-                self.stop(false, 5).await;
-                return Outcome::Skipped;
-            }
+        if let Some(outcome) = self.ended_before_start(established).await {
+            return outcome;
         }
         // Armed before the program exists, disarmed once it is reaped: if the worker cannot act by then
         // (stopped, starved), the kernel ends it, and the program with it.
         let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
-        let mut running = match self.spawn(&item) {
+        let mut running = match self.start_program(&mut lease, || self.spawn(&item)).await {
             Ok(running) => running,
-            Err(e) => {
-                let why = e.to_string();
-                self.warn("cannot start PROGRAM", &[("error", &why)]);
-                self.record(&[("tether.error", Some(why.as_str()))], 3)
-                    .await;
-                self.stop(true, 5).await;
-                return Outcome::Failed;
-            }
+            Err(outcome) => return outcome,
         };
         self.shared.report.started(&self.work_id);
         self.info(
@@ -310,6 +291,82 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 // not answer delays neither the SIGTERM nor the SIGKILL after the grace.
                 self.wind_down(&mut running, &mut lease, dead_man, self.stop(false, 1))
                     .await
+            }
+        }
+    }
+
+    /// What a change of the lease means before the program has started: nothing while it is held;
+    /// otherwise the item's end, without its program.
+    async fn ended_before_start(&self, lease: Lease) -> Option<Outcome> {
+        match lease {
+            Lease::Held => None,
+            Lease::Pending => unreachable!("only a first answer or a change is looked at"),
+            Lease::Lost(why) => {
+                self.warn("lease lost before the program started", &[("reason", &why)]);
+                Some(Outcome::Lost)
+            }
+            Lease::StopRequested => {
+                self.info("stop requested before the program started", &[]);
+                self.stop(false, 5).await;
+                Some(Outcome::Skipped)
+            }
+        }
+    }
+
+    async fn shut_down_before_start(&self) -> Outcome {
+        self.warn("the worker is shutting down: stopping the item unrun", &[]);
+        self.stop(true, 1).await;
+        Outcome::Skipped
+    }
+
+    /// Starts the program with `spawn`. A shortage that passes (of processes, open files or memory)
+    /// is waited out, the lease kept, for up to [`SPAWN_PATIENCE`]; after that the item is left for
+    /// its lease to expire, and the server hands it out again, here or to another worker. Stopping
+    /// it would end a session for a moment's want of this machine's. Any other failure is the
+    /// item's: recorded in its metadata, and the item stopped.
+    async fn start_program(
+        &self,
+        lease: &mut Heartbeat,
+        mut spawn: impl FnMut() -> std::io::Result<Running>,
+    ) -> Result<Running, Outcome> {
+        let first_try = tokio::time::Instant::now();
+        let mut backoff = Backoff::call();
+        let mut phase = self.phase.clone();
+        loop {
+            let error = match spawn() {
+                Ok(running) => return Ok(running),
+                Err(error) => error,
+            };
+            let why = error.to_string();
+            if !is_passing_shortage(&error) {
+                self.warn("cannot start PROGRAM", &[("error", &why)]);
+                self.record(&[("tether.error", Some(why.as_str()))], 3)
+                    .await;
+                self.stop(true, 5).await;
+                return Err(Outcome::Failed);
+            }
+            if first_try.elapsed() >= SPAWN_PATIENCE {
+                self.warn(
+                    "cannot start PROGRAM for now: leaving the item, which the server hands out again once its lease expires",
+                    &[("error", &why)],
+                );
+                return Err(Outcome::Skipped);
+            }
+            let delay = backoff.next_delay();
+            self.warn(
+                "cannot start PROGRAM for now; trying again",
+                &[("error", &why), ("retry_in", &seconds(delay))],
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                event = lease.event() => {
+                    if let Some(outcome) = self.ended_before_start(event).await {
+                        return Err(outcome);
+                    }
+                }
+                () = reached(&mut phase, Phase::Terminating) => {
+                    return Err(self.shut_down_before_start().await);
+                }
             }
         }
     }
@@ -553,6 +610,21 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             }
         }
     }
+}
+
+/// How long a program that cannot be started for want of processes, open files or memory is tried
+/// again before its item is left to the server (see `Item::start_program`).
+const SPAWN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Whether a failure to start a program is a shortage of this machine's that passes: the process
+/// limit (EAGAIN from fork), the open-file limits of the worker or the system, memory.
+fn is_passing_shortage(error: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    error.raw_os_error().is_some_and(|code| {
+        [Errno::EAGAIN, Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM]
+            .iter()
+            .any(|shortage| *shortage as i32 == code)
+    })
 }
 
 /// How long a call that ends an item may go on once the worker's drain time is up, or it is being
@@ -981,5 +1053,80 @@ mod tests {
         // Each unanswered stop was given up after the limit: the first alongside the program's
         // termination, the second after it.
         assert_eq!(terminated_at.elapsed(), 2 * SHUTDOWN_CALL_LIMIT);
+    }
+
+    /// A held lease on `script`, and the item's supervisor.
+    async fn held_lease(script: &Arc<Script>) -> Heartbeat {
+        let mut lease = Heartbeat::start(
+            Scripted(Arc::clone(script)),
+            "worker-1".into(),
+            None,
+            tokio::time::Instant::now(),
+        );
+        assert_eq!(lease.established().await, Lease::Held);
+        lease
+    }
+
+    fn shortage() -> std::io::Error {
+        std::io::Error::from_raw_os_error(nix::errno::Errno::EAGAIN as i32)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_shortage_is_waited_out_and_a_lasting_one_leaves_the_item_to_the_server() {
+        let (shared, _phase) = worker("exit 0");
+        let item = session_item();
+
+        // Out of processes twice, then started: nothing is said to the server meanwhile.
+        let script = Arc::new(Script::default());
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let mut lease = held_lease(&script).await;
+        let started = tokio::time::Instant::now();
+        let mut tries = 0;
+        let running = supervisor
+            .start_program(&mut lease, || {
+                tries += 1;
+                if tries <= 2 {
+                    Err(shortage())
+                } else {
+                    supervisor.spawn(&item)
+                }
+            })
+            .await;
+        // The call backoff's first two waits.
+        assert_eq!(started.elapsed(), Duration::from_millis(500 + 1_000));
+        let mut running = running.unwrap_or_else(|_| panic!("started on the third try"));
+        assert!(running.wait().await.success());
+        assert_eq!(tries, 3);
+        assert_eq!(script.calls(), Vec::<String>::new());
+
+        // A shortage that lasts: the item is neither stopped nor annotated, but left to its lease.
+        let script = Arc::new(Script::default());
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let mut lease = held_lease(&script).await;
+        let started = tokio::time::Instant::now();
+        let outcome = supervisor
+            .start_program(&mut lease, || Err(shortage()))
+            .await
+            .err();
+        assert_eq!(outcome, Some(Outcome::Skipped));
+        assert!(started.elapsed() >= SPAWN_PATIENCE);
+        assert!(started.elapsed() < SPAWN_PATIENCE + Duration::from_secs(10));
+        assert_eq!(script.calls(), Vec::<String>::new());
+
+        // Any other failure is the item's: recorded, and the item stopped.
+        let script = Arc::new(Script::default());
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let mut lease = held_lease(&script).await;
+        let outcome = supervisor
+            .start_program(&mut lease, || {
+                Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+            })
+            .await
+            .err();
+        assert_eq!(outcome, Some(Outcome::Failed));
+        assert_eq!(
+            script.calls(),
+            ["record tether.error=entity not found", "stop force=true"]
+        );
     }
 }

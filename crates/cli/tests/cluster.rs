@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::proxy::{Mode, Proxy};
+
+mod support;
 
 const ADMIN_TOKEN: &str = "tth_adm_cluster-test-token-0123456789abcdef";
 
@@ -908,6 +911,123 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
     drop((a, b));
 }
 
+/// A real `tether worker` whose program records each start, on an item of a new session.
+struct RecordedWorker {
+    child: Child,
+    record: PathBuf,
+    log: PathBuf,
+    work: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RecordedWorker {
+    /// Starts the worker with a lease of `ttl` seconds and waits until it runs the session's item.
+    async fn serving(server: &Server, api: &Api, env: &str, agent: &str, ttl: &str) -> Self {
+        let key = api
+            .ok(
+                Method::POST,
+                &format!("/environments/{env}/keys"),
+                Some(json!({})),
+            )
+            .await["token"]
+            .as_str()
+            .expect("key")
+            .to_owned();
+        let dir = tempfile::tempdir().expect("records");
+        let record = dir.path().join("program");
+        let log = dir.path().join("worker.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("worker")
+            .args([
+                "--server",
+                &server.base,
+                "--environment",
+                env,
+                "--key",
+                &key,
+            ])
+            .args(["--worker-id", "outage", "--ttl", ttl, "--grace", "1"])
+            .args([
+                "--",
+                "sh",
+                "-c",
+                r#"echo "start $$" >> "$RECORD"; while :; do sleep 0.1; done"#,
+            ])
+            .env_remove("TETHER_KEY")
+            .env("RECORD", &record)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("worker log"))
+            .spawn()
+            .expect("spawn tether worker");
+        let session = api.session(env, agent).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let work = loop {
+            let items = api.all_work(env).await;
+            if let Some(item) = items
+                .iter()
+                .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active")
+            {
+                break item["id"].as_str().expect("id").to_owned();
+            }
+            assert!(Instant::now() < deadline, "the session was never served");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        RecordedWorker {
+            child,
+            record,
+            log,
+            work,
+            _dir: dir,
+        }
+    }
+
+    /// One program ran from start to now, under one delivery of the item that was never requeued.
+    async fn assert_kept_its_program(mut self, api: &Api, env: &str) {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let starts = std::fs::read_to_string(&self.record).unwrap_or_default();
+        assert_eq!(
+            starts.lines().count(),
+            1,
+            "one program, never restarted:\n{starts}\n{log}"
+        );
+        assert!(
+            !log.contains("lease lost"),
+            "the worker kept its lease:\n{log}"
+        );
+        let item = api
+            .all_work(env)
+            .await
+            .into_iter()
+            .find(|i| i["id"] == self.work.as_str())
+            .expect("the item");
+        assert_eq!(item["state"], "active", "{item}");
+        assert_eq!(item["requeue_count"], 0, "{item}");
+        assert_eq!(item["delivery_count"], 1, "{item}");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The 503 of an outage, with its promise of lease amnesty, in answer to a heartbeat.
+async fn assert_heartbeat_promises_amnesty(api: &Api, env: &str, work: &str) {
+    let (status, body) = api
+        .call(
+            Method::POST,
+            &format!("/environments/{env}/work/{work}/heartbeat"),
+            None,
+            None,
+        )
+        .await
+        .expect("the server answers during the outage");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert!(
+        body["error"]["details"]["lease_amnesty_ms"].as_u64() > Some(0),
+        "the 503 promises amnesty: {body}"
+    );
+}
+
 /// Issue 10, defect 2: a worker with a short lease keeps its program through a database outage longer
 /// than the lease. During the outage every heartbeat is answered 503 with the server's promise of lease
 /// amnesty (`error.details.lease_amnesty_ms`), which the worker takes in place of a renewal; once the
@@ -926,103 +1046,73 @@ async fn a_worker_keeps_its_program_through_a_database_outage() {
     let api = server.api();
     let env = api.environment().await;
     let agent = api.agent().await;
-    let key = api
-        .ok(
-            Method::POST,
-            &format!("/environments/{env}/keys"),
-            Some(json!({})),
-        )
-        .await["token"]
-        .as_str()
-        .expect("key")
-        .to_owned();
-    let records = tempfile::tempdir().expect("records");
-    let record = records.path().join("program");
-    let worker_log = records.path().join("worker.log");
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("worker")
-        .args([
-            "--server",
-            &server.base,
-            "--environment",
-            &env,
-            "--key",
-            &key,
-        ])
-        .args(["--worker-id", "outage", "--ttl", "4", "--grace", "1"])
-        .args([
-            "--",
-            "sh",
-            "-c",
-            r#"echo "start $$" >> "$RECORD"; while :; do sleep 0.1; done"#,
-        ])
-        .env_remove("TETHER_KEY")
-        .env("RECORD", &record)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&worker_log).expect("worker log"))
-        .spawn()
-        .expect("spawn tether worker");
-    let session = api.session(&env, &agent).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let work = loop {
-        let items = api.all_work(&env).await;
-        if let Some(item) = items
-            .iter()
-            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active")
-        {
-            break item["id"].as_str().expect("id").to_owned();
-        }
-        assert!(Instant::now() < deadline, "the session was never served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let worker = RecordedWorker::serving(&server, &api, &env, &agent, "4").await;
 
     // Away for 10 s: two and a half of the worker's 4 s leases.
     cluster.run("stop", "immediate");
     let down = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (status, body) = api
-        .call(
-            Method::POST,
-            &format!("/environments/{env}/work/{work}/heartbeat"),
-            None,
-            None,
-        )
-        .await
-        .expect("the server answers during the outage");
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
-    assert!(
-        body["error"]["details"]["lease_amnesty_ms"].as_u64() > Some(0),
-        "the 503 promises amnesty: {body}"
-    );
+    assert_heartbeat_promises_amnesty(&api, &env, &worker.work).await;
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
     cluster.run("start", "fast");
     server.wait_ready().await;
     // Two leases' worth of heartbeats after the database came back.
     tokio::time::sleep(Duration::from_secs(8)).await;
+    worker.assert_kept_its_program(&api, &env).await;
+    drop(server);
+}
 
-    let log = std::fs::read_to_string(&worker_log).unwrap_or_default();
-    let starts = std::fs::read_to_string(&record).unwrap_or_default();
-    assert_eq!(
-        starts.lines().count(),
-        1,
-        "one program, never restarted:\n{starts}\n{log}"
-    );
-    assert!(
-        !log.contains("lease lost"),
-        "the worker kept its lease:\n{log}"
-    );
-    let item = api
-        .all_work(&env)
+/// A database that stops answering without closing its connections (frozen, its host paused, a
+/// partition that drops packets), here a proxy that stops passing bytes on: no error ever comes, so
+/// the server notices by its probe. Requests are answered 503 within the probe's bound rather than
+/// held for as long as it lasts, and a worker on the shortest default lease (10 s) keeps its
+/// program through 15 s of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_is_an_outage_not_a_hang() {
+    let Some(admin) = postgres_url() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let url = fresh_database(&admin).await;
+    let address = url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split(['/', '?']).next())
+        .filter(|address| address.parse::<std::net::SocketAddr>().is_ok());
+    let Some(address) = address else {
+        eprintln!("skipped: the database's address in {url} is not an IP address and port");
+        return;
+    };
+    let proxy = Proxy::start(&format!("http://{address}")).await;
+    let proxied = url.replacen(address, proxy.url.trim_start_matches("http://"), 1);
+    let server = Server::start("A", &proxied, &["--tick-ms", "200"]).await;
+    let api = server.api();
+    let env = api.environment().await;
+    let agent = api.agent().await;
+    let worker = RecordedWorker::serving(&server, &api, &env, &agent, "10").await;
+
+    proxy.set(Mode::Freeze);
+    let frozen = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_heartbeat_promises_amnesty(&api, &env, &worker.work).await;
+    let (status, body) = api
+        .call(
+            Method::GET,
+            &format!("/environments/{env}/work/stats"),
+            None,
+            None,
+        )
         .await
-        .into_iter()
-        .find(|i| i["id"] == work.as_str())
-        .expect("the item");
-    assert_eq!(item["state"], "active", "{item}");
-    assert_eq!(item["requeue_count"], 0, "{item}");
-    assert_eq!(item["delivery_count"], 1, "{item}");
-    let _ = worker.kill();
-    let _ = worker.wait();
+        .expect("a read is answered too");
+    assert_eq!(status, 503, "{body}");
+    let answered = frozen.elapsed();
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(frozen.elapsed())).await;
+    proxy.set(Mode::Forward);
+    server.wait_ready().await;
+    // A lease's worth of heartbeats after the database answers again.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    worker.assert_kept_its_program(&api, &env).await;
+    eprintln!(
+        "database unanswering for 15 s: a heartbeat and a read were answered 503 within {answered:.2?} of its start"
+    );
     drop(server);
 }

@@ -100,6 +100,24 @@ impl PostgresExecutor {
         ) && self.health.lost.load(Ordering::SeqCst)
     }
 
+    /// Runs `operation` unless the database stops answering meanwhile ([`Health::unresponsive`]),
+    /// and does not start it while it does not: then it is given up as `Unavailable`. What it had
+    /// sent may still commit once the database answers again: like a lost connection's, its
+    /// outcome is unknown to the caller, who was answered nothing but 503.
+    async fn while_answering<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        let mut unresponsive = self.health.unresponsive.subscribe();
+        tokio::select! {
+            biased;
+            _ = unresponsive.wait_for(|unresponsive| *unresponsive) => Err(Failure::no_retry(
+                StoreError::Unavailable("the database does not answer".into()),
+            )),
+            outcome = operation => outcome,
+        }
+    }
+
     async fn query_once(&self, statement: &Statement) -> Result<Vec<Row>, Failure> {
         let client = self.client().await.map_err(Failure::retry_safe)?;
         let fail = |e: tokio_postgres::Error| Failure::retry_safe(self.observe(e));
@@ -203,10 +221,15 @@ impl Executor for PostgresExecutor {
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {
         // A read is always safe to repeat; one retry covers a pooled connection that died with a
         // restarted database before anyone noticed.
-        let mut outcome = self.query_once(&statement).await;
-        if self.worth_retrying(&outcome) {
-            outcome = self.query_once(&statement).await;
-        }
+        let outcome = self
+            .while_answering(async {
+                let outcome = self.query_once(&statement).await;
+                if self.worth_retrying(&outcome) {
+                    return self.query_once(&statement).await;
+                }
+                outcome
+            })
+            .await;
         match outcome {
             Ok(rows) => {
                 self.health.reached();
@@ -218,10 +241,15 @@ impl Executor for PostgresExecutor {
 
     async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()> {
         let started = std::time::Instant::now();
-        let mut outcome = self.execute_once(&statements).await;
-        if self.worth_retrying(&outcome) {
-            outcome = self.execute_once(&statements).await;
-        }
+        let outcome = self
+            .while_answering(async {
+                let outcome = self.execute_once(&statements).await;
+                if self.worth_retrying(&outcome) {
+                    return self.execute_once(&statements).await;
+                }
+                outcome
+            })
+            .await;
         metrics::histogram!("tether_store_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match outcome {

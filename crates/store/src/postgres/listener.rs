@@ -1,7 +1,10 @@
 //! The notification listener: one connection per process listening on [`CHANNEL`], reconnecting with
 //! backoff, and the [`Health`] it shares with the executor, which tracks outages and recoveries.
 //!
-//! Notifications are a hint only; nothing here is needed for correctness.
+//! Notifications are a hint only; nothing here is needed for correctness. The same connection
+//! probes the database every [`PROBE_INTERVAL`]: a database that keeps its connections open but
+//! stops answering (frozen, its host paused, a partition that drops packets) would otherwise hold
+//! every request for as long as it lasts, since no error ever comes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +24,16 @@ const MAX_PAYLOAD: usize = 7_000;
 pub(super) const NOTICE_BUFFER: usize = 1_024;
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the listening connection asks the database for a trivial answer.
+pub(super) const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// A probe unanswered for this long makes the database unresponsive ([`Health::unresponsive`]).
+/// With the interval, a database that stops answering is noticed within 3 s: before the next
+/// heartbeat of a worker on the shortest lease (10 s, a beat every 5 s) runs out of time, so that
+/// it gets the 503 that promises lease amnesty rather than no answer.
+pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connecting the listener, the startup exchange included (`connect_timeout` bounds only the TCP
+/// connection, and a frozen database accepts those).
+const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the database was lost, and how many times it came back.
 #[derive(Default)]
@@ -29,6 +42,9 @@ pub(super) struct Health {
     pub(super) reconnections: AtomicU64,
     /// How many times `lost` went from false to true.
     pub(super) losses: AtomicU64,
+    /// True from a probe that went unanswered until the database answers again: every statement
+    /// under way is given up with `Unavailable`, and none is sent meanwhile (see the executor).
+    pub(super) unresponsive: tokio::sync::watch::Sender<bool>,
     /// Makes "count the recovery, then clear the flag" one step, so that whoever sees the flag clear
     /// also sees the count that goes with it.
     recovering: Mutex<()>,
@@ -43,6 +59,8 @@ impl Health {
     }
 
     pub(super) fn reached(&self) {
+        self.unresponsive
+            .send_if_modified(|u| std::mem::replace(u, false));
         if !self.lost.load(Ordering::SeqCst) {
             return;
         }
@@ -67,8 +85,13 @@ pub(super) async fn listen(
     let mut listened_before = false;
     let mut refused_before = false;
     loop {
-        match config.connect(tls.clone()).await {
-            Ok((client, mut connection)) => {
+        let connected =
+            tokio::time::timeout(LISTEN_CONNECT_TIMEOUT, config.connect(tls.clone())).await;
+        match connected {
+            Err(_) => health.lost(&format!(
+                "the database did not let the listener connect within {LISTEN_CONNECT_TIMEOUT:?}"
+            )),
+            Ok(Ok((client, mut connection))) => {
                 let messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                 let mut messages = std::pin::pin!(messages);
                 let deliver = |message: AsyncMessage| {
@@ -104,10 +127,35 @@ pub(super) async fn listen(
                             let _ = notices.send(Notice::Resync);
                         }
                         let why = loop {
-                            match messages.next().await {
-                                Some(Ok(message)) => deliver(message),
-                                Some(Err(e)) => break e.to_string(),
-                                None => break "the listening connection closed".to_owned(),
+                            let probe = async {
+                                tokio::time::sleep(PROBE_INTERVAL).await;
+                                tokio::time::timeout(PROBE_TIMEOUT, client.simple_query("")).await
+                            };
+                            let mut probe = std::pin::pin!(probe);
+                            let ended = loop {
+                                tokio::select! {
+                                    m = messages.next() => match m {
+                                        Some(Ok(message)) => deliver(message),
+                                        Some(Err(e)) => break Some(e.to_string()),
+                                        None => break Some("the listening connection closed".to_owned()),
+                                    },
+                                    answer = &mut probe => break match answer {
+                                        Ok(Ok(_)) => None,
+                                        Ok(Err(e)) => Some(describe(&e)),
+                                        Err(_) => {
+                                            let why = format!(
+                                                "the database did not answer within {PROBE_TIMEOUT:?}"
+                                            );
+                                            // Lost first: the requests given up now promise amnesty.
+                                            health.lost(&why);
+                                            health.unresponsive.send_replace(true);
+                                            Some(why)
+                                        }
+                                    },
+                                }
+                            };
+                            if let Some(why) = ended {
+                                break why;
                             }
                         };
                         health.lost(&why);
@@ -123,8 +171,8 @@ pub(super) async fn listen(
                     }
                 }
             }
-            Err(e) if is_connection_failure(&e) => health.lost(&e.to_string()),
-            Err(e) => tracing::warn!(error = %describe(&e), "cannot connect the listener"),
+            Ok(Err(e)) if is_connection_failure(&e) => health.lost(&e.to_string()),
+            Ok(Err(e)) => tracing::warn!(error = %describe(&e), "cannot connect the listener"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);

@@ -113,7 +113,7 @@ pub struct WorkerArgs {
     /// Identity sent on poll, ack and heartbeat [default: <hostname>-<12 random hex digits>].
     #[arg(long, env = "TETHER_WORKER_ID")]
     worker_id: Option<String>,
-    /// Items run at the same time.
+    /// Items run at the same time (`run-one` runs one, whatever this says).
     #[arg(long, env = "TETHER_CONCURRENCY", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     concurrency: u32,
@@ -159,8 +159,15 @@ pub struct WorkerArgs {
     /// RLIMIT_NPROC (refused for a worker running as root, to which the kernel does not apply it).
     #[arg(long, env = "TETHER_SANDBOX_PIDS", value_parser = clap::value_parser!(u32).range(1..), requires = "sandbox")]
     sandbox_pids: Option<u32>,
-    /// Make PATH visible inside the sandbox, writable, or read-only with :ro (repeatable).
-    #[arg(long, value_name = "PATH[:ro]", requires = "sandbox")]
+    /// Make PATH visible inside the sandbox, writable, or read-only with :ro (repeatable; in
+    /// TETHER_SANDBOX_BIND, comma-separated).
+    #[arg(
+        long,
+        env = "TETHER_SANDBOX_BIND",
+        value_delimiter = ',',
+        value_name = "PATH[:ro]",
+        requires = "sandbox"
+    )]
     sandbox_bind: Vec<tether_worker::Bind>,
     /// Set by `run-one`.
     #[arg(skip)]
@@ -255,6 +262,20 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The README promises a variable for every flag, so that a worker can be configured from its
+    /// unit's environment alone.
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let command = WorkerArgs::augment_args(clap::Command::new("worker"));
+        let without: Vec<_> = command
+            .get_arguments()
+            .filter(|a| a.get_long().is_some() && a.get_env().is_none())
+            .map(|a| a.get_id().to_string())
+            .filter(|id| id != "help")
+            .collect();
+        assert_eq!(without, Vec::<String>::new());
+    }
 
     #[test]
     fn durations_read_with_or_without_units() {

@@ -21,8 +21,8 @@
 //! * [`Client`] has one method per endpoint; lists return one [`Page`], and [`paginate`] /
 //!   [`collect_all`] walk every page.
 //! * Refusals come back as [`Error::Api`] carrying the server's error envelope ([`ApiError`]:
-//!   `status`, `type`, `message`, `param`, `code`, `details`); transport failures have their own
-//!   variants, and [`Error::is_retryable`] says which are worth another try.
+//!   `status`, `kind` (the envelope's `type`), `message`, `param`, `code`, `details`); transport
+//!   failures have their own variants, and [`Error::is_retryable`] says which are worth another try.
 //! * Responses keep fields this client does not model in `extra`, so they re-serialize losslessly.
 
 #![warn(missing_docs)]

@@ -863,17 +863,7 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
     for api in [&api_a, &api_b] {
         let (status, body) = api.readyz().await.expect("the server itself stays up");
         assert_eq!(status, 503, "readiness while the database is down: {body}");
-        let (status, body) = api
-            .call(
-                Method::GET,
-                &format!("/environments/{env}/work/stats"),
-                None,
-                None,
-            )
-            .await
-            .expect("answered");
-        assert_eq!(status, 503, "{body}");
-        assert!(is_503_envelope(&body), "a clear envelope: {body}");
+        assert_a_read_is_answered_503(api, &env).await;
     }
     tokio::time::sleep(Duration::from_secs(6).saturating_sub(down.elapsed())).await;
     cluster.run("start", "fast");
@@ -1009,18 +999,26 @@ impl RecordedWorker {
     }
 }
 
-/// The 503 of an outage, with its promise of lease amnesty, in answer to a heartbeat.
-async fn assert_heartbeat_promises_amnesty(api: &Api, env: &str, work: &str) {
+/// The answer to `method path` during an outage: a 503 in the envelope; its body.
+async fn outage_answer(api: &Api, method: Method, path: &str) -> Value {
     let (status, body) = api
-        .call(
-            Method::POST,
-            &format!("/environments/{env}/work/{work}/heartbeat"),
-            None,
-            None,
-        )
+        .call(method, path, None, None)
         .await
         .expect("the server answers during the outage");
     assert_eq!(status, 503, "{body}");
+    assert!(is_503_envelope(&body), "a clear envelope: {body}");
+    body
+}
+
+/// A read during an outage: answered, 503 in the envelope.
+async fn assert_a_read_is_answered_503(api: &Api, env: &str) {
+    outage_answer(api, Method::GET, &format!("/environments/{env}/work/stats")).await;
+}
+
+/// The 503 of an outage, with its promise of lease amnesty, in answer to a heartbeat.
+async fn assert_heartbeat_promises_amnesty(api: &Api, env: &str, work: &str) {
+    let path = format!("/environments/{env}/work/{work}/heartbeat");
+    let body = outage_answer(api, Method::POST, &path).await;
     assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
     assert!(
         body["error"]["details"]["lease_amnesty_ms"].as_u64() > Some(0),
@@ -1094,16 +1092,7 @@ async fn a_database_that_stops_answering_is_an_outage_not_a_hang() {
     let frozen = Instant::now();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_heartbeat_promises_amnesty(&api, &env, &worker.work).await;
-    let (status, body) = api
-        .call(
-            Method::GET,
-            &format!("/environments/{env}/work/stats"),
-            None,
-            None,
-        )
-        .await
-        .expect("a read is answered too");
-    assert_eq!(status, 503, "{body}");
+    assert_a_read_is_answered_503(&api, &env).await;
     let answered = frozen.elapsed();
     tokio::time::sleep(Duration::from_secs(15).saturating_sub(frozen.elapsed())).await;
     proxy.set(Mode::Forward);

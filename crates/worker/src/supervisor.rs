@@ -806,6 +806,16 @@ mod tests {
         }
     }
 
+    /// Yields until `done()`, for at most 20 s of real time: the runtime stays busy meanwhile, so the
+    /// paused clock stands still.
+    async fn yield_until(what: &str, mut done: impl FnMut() -> bool) {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(20), "{what}");
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Blocks (in real time, at most 20 s) until `file` exists.
     fn wait_for_file(file: &Path) {
         let started = std::time::Instant::now();
@@ -972,13 +982,8 @@ mod tests {
         let item = session_item();
         let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
         let drain = async {
-            // Yielding keeps the runtime busy, so the paused clock stands still until the program
-            // runs; then the drain time ends.
-            let started = std::time::Instant::now();
-            while !ready.exists() {
-                assert!(started.elapsed() < Duration::from_secs(20), "no program");
-                tokio::task::yield_now().await;
-            }
+            // The program runs; then the drain time ends.
+            yield_until("no program", || ready.exists()).await;
             phase.send_replace(Phase::Terminating);
         };
         let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), drain);
@@ -1013,11 +1018,7 @@ mod tests {
         let item = session_item();
         let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
         let drain = async {
-            let started = std::time::Instant::now();
-            while !ready.exists() {
-                assert!(started.elapsed() < Duration::from_secs(20), "no program");
-                tokio::task::yield_now().await;
-            }
+            yield_until("no program", || ready.exists()).await;
             let pid: i32 = std::fs::read_to_string(&ready)
                 .unwrap()
                 .trim()
@@ -1025,17 +1026,13 @@ mod tests {
                 .unwrap();
             phase.send_replace(Phase::Terminating);
             let terminated_at = tokio::time::Instant::now();
-            // The runtime is kept busy, so the paused clock stands still: the program gets its
-            // SIGTERM while the stop request is still unanswered, or never. Then until the worker
-            // has reaped it, lest the clock run on to the SIGKILL meanwhile.
+            // The program gets its SIGTERM while the stop request is still unanswered, or never.
+            // Then until the worker has reaped it, lest the clock run on to the SIGKILL meanwhile.
             let program = nix::unistd::Pid::from_raw(pid);
-            while !termed.exists() || nix::sys::signal::kill(program, None).is_ok() {
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "no SIGTERM while the stop request went unanswered"
-                );
-                tokio::task::yield_now().await;
-            }
+            yield_until("no SIGTERM while the stop request went unanswered", || {
+                termed.exists() && nix::sys::signal::kill(program, None).is_err()
+            })
+            .await;
             terminated_at
         };
         let (outcome, terminated_at) = tokio::join!(supervisor.run(item.clone()), drain);

@@ -100,6 +100,21 @@ impl PostgresExecutor {
         ) && self.health.lost.load(Ordering::SeqCst)
     }
 
+    /// `attempt`, and once more when [`Self::worth_retrying`]; both under [`Self::while_answering`].
+    async fn attempted<T, Attempt>(&self, attempt: impl Fn() -> Attempt) -> Result<T, Failure>
+    where
+        Attempt: std::future::Future<Output = Result<T, Failure>>,
+    {
+        self.while_answering(async {
+            let outcome = attempt().await;
+            if self.worth_retrying(&outcome) {
+                return attempt().await;
+            }
+            outcome
+        })
+        .await
+    }
+
     /// Runs `operation` unless the database stops answering meanwhile ([`Health::unresponsive`]),
     /// and does not start it while it does not: then it is given up as `Unavailable`. What it had
     /// sent may still commit once the database answers again: like a lost connection's, its
@@ -221,15 +236,7 @@ impl Executor for PostgresExecutor {
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {
         // A read is always safe to repeat; one retry covers a pooled connection that died with a
         // restarted database before anyone noticed.
-        let outcome = self
-            .while_answering(async {
-                let outcome = self.query_once(&statement).await;
-                if self.worth_retrying(&outcome) {
-                    return self.query_once(&statement).await;
-                }
-                outcome
-            })
-            .await;
+        let outcome = self.attempted(|| self.query_once(&statement)).await;
         match outcome {
             Ok(rows) => {
                 self.health.reached();
@@ -241,15 +248,7 @@ impl Executor for PostgresExecutor {
 
     async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()> {
         let started = std::time::Instant::now();
-        let outcome = self
-            .while_answering(async {
-                let outcome = self.execute_once(&statements).await;
-                if self.worth_retrying(&outcome) {
-                    return self.execute_once(&statements).await;
-                }
-                outcome
-            })
-            .await;
+        let outcome = self.attempted(|| self.execute_once(&statements)).await;
         metrics::histogram!("tether_store_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match outcome {

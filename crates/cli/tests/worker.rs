@@ -966,3 +966,125 @@ async fn a_second_signal_forces_the_shutdown() {
         Some("force_stopped")
     );
 }
+
+/// A server whose every poll hands out one item with `work_id`, and which answers anything else
+/// 404; the request lines it got.
+async fn hostile_server(
+    work_id: &'static str,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0;
+                    loop {
+                        let mut header = String::new();
+                        if stream.read_line(&mut header).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if header == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = header.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    let _ = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut body).await;
+                    seen.lock().unwrap().push(line.trim().to_owned());
+                    let (status, body) = if line.contains("/work/poll") {
+                        let item = json!({
+                            "type": "work", "id": work_id, "environment_id": "env_1",
+                            "data": {"type": "session", "id": "sess_1"}, "state": "starting",
+                            "created_at": "2026-07-01T08:15:00Z",
+                        });
+                        ("200 OK", item.to_string())
+                    } else {
+                        let error = json!({"type": "error", "error": {"type": "not_found_error", "message": "no"}});
+                        ("404 Not Found", error.to_string())
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream
+                        .get_mut()
+                        .write_all(response.as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (base, requests)
+}
+
+/// Work ids become paths (the item's directory, which is removed whole; its log file): one that is
+/// not a plain name, from a server that should not be trusted with the worker's files, is neither
+/// acknowledged nor run, and the directory it names is left alone.
+#[tokio::test]
+async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("kept"), "x").unwrap();
+    let items = dir.path().join("items");
+    std::fs::create_dir(&items).unwrap();
+    let (base, requests) = hostile_server("../victim").await;
+    let log = dir.path().join("worker.log");
+    let mut worker = Command::new(support::BIN)
+        .args(["worker", "--server", &base, "--environment", "env_1"])
+        .args(["--key", "tth_env_hostile_server_test_0123456789"])
+        .args(["--workdir", items.to_str().unwrap(), "--log-dir"])
+        .arg(dir.path())
+        .args(["--", "sh", "-c", "touch ran"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    // Two polls: the second one after the item of the first was turned away.
+    while requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("/work/poll"))
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "never polled twice");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("not a plain name"), "{log}");
+    let requests = requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|l| l.contains("/work/poll")),
+        "nothing but polls: {requests:?}"
+    );
+    assert!(
+        victim.join("kept").exists(),
+        "the directory it names is left alone"
+    );
+    assert!(!dir.path().join("ran").exists() && !victim.join("ran").exists());
+    assert!(!dir.path().join("victim.log").exists());
+}

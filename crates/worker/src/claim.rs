@@ -79,6 +79,22 @@ async fn claim(
             _ = reached(&mut phase, Phase::Draining) => return Ok(()),
         };
         match polled {
+            // An id the worker would make paths of (its work directory, its log file, its cgroups)
+            // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
+            Ok(Some(item)) if !is_plain_name(&item.id) => {
+                let delay = backoff.next_delay();
+                report.warn(
+                    "the server handed out a work item whose id is not a plain name: not running it",
+                    &[
+                        ("work_id", &format!("{:?}", item.id)),
+                        ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
+                    ],
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+                }
+            }
             // Capacity left and work found: poll again at once.
             Ok(Some(item)) => {
                 backoff.reset();
@@ -106,6 +122,18 @@ async fn claim(
             }
         }
     }
+}
+
+/// Longest work id taken: Tether's are 37 characters.
+const MAX_WORK_ID: usize = 128;
+
+/// Whether a work id can name a file or directory as it is: letters, digits, `_` and `-`, at most
+/// [`MAX_WORK_ID`] of them. Every id the worker makes a path of has passed this.
+pub fn is_plain_name(id: &str) -> bool {
+    (1..=MAX_WORK_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A refusal that another try cannot fix: a 4xx other than 408, 409 and 429, or an answer that is not
@@ -153,6 +181,28 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
 mod tests {
     use super::*;
     use crate::heartbeat::tests::refusal as api;
+
+    #[test]
+    fn only_plain_names_are_taken_as_work_ids() {
+        for id in ["work_01a23bd33d127689958ec38dd7ab8310", "w-1", "A_b"] {
+            assert!(is_plain_name(id), "{id}");
+        }
+        let long = "w".repeat(MAX_WORK_ID + 1);
+        for id in [
+            "",
+            "..",
+            ".",
+            "../victim",
+            "/tmp/x",
+            "a/b",
+            "a\0b",
+            "a b",
+            "a.log",
+            &long,
+        ] {
+            assert!(!is_plain_name(id), "{id:?}");
+        }
+    }
 
     #[test]
     fn only_refusals_that_cannot_change_are_fatal() {

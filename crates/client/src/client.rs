@@ -32,6 +32,14 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// unnoticed and is well above the server's 15 s keep-alive.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Most bytes of a response body this client reads: above any answer of this API (a request body
+/// is at most 32 MiB, an event page about 2 MiB), and a bound on memory whatever a server sends.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// Most bytes of an error response's body read: an envelope is small; the rest of a larger one
+/// (a proxy's page) is not needed to say what went wrong.
+const MAX_ERROR_BYTES: usize = 64 << 10;
+
 /// Settings for a [`Client`].
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
@@ -239,13 +247,11 @@ impl Client {
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| Error::transport(url, e))?;
         if !(200..300).contains(&status) {
+            let body = error_body(response).await;
             return Err(ApiError::from_response(status, request_id, &body).into());
         }
+        let body = body_within(response, url, MAX_RESPONSE_BYTES).await?;
         serde_json::from_slice(&body).map_err(|source| Error::Decode {
             url: url.to_owned(),
             status,
@@ -510,7 +516,11 @@ impl Client {
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body = response.bytes().await.unwrap_or_default();
+            // This request has no overall timeout (it is a stream): its error's body gets the
+            // client's timeout of its own.
+            let body = tokio::time::timeout(self.timeout, error_body(response))
+                .await
+                .unwrap_or_default();
             return Err(ApiError::from_response(status, request_id, &body).into());
         }
         Ok(EventStream::new(
@@ -709,6 +719,47 @@ fn encode_segment(segment: &str) -> String {
         }
     }
     out
+}
+
+/// A success response's body, refused past `limit` bytes (a declared length past it is refused
+/// before anything is read).
+async fn body_within(
+    mut response: reqwest::Response,
+    url: &str,
+    limit: usize,
+) -> Result<bytes::Bytes> {
+    let too_large = || Error::TooLarge {
+        url: url.to_owned(),
+        limit,
+    };
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| Error::transport(url, e))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The first [`MAX_ERROR_BYTES`] of an error response's body; what could not be read is left out.
+async fn error_body(mut response: reqwest::Response) -> bytes::Bytes {
+    let mut body = bytes::BytesMut::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ERROR_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() == MAX_ERROR_BYTES {
+            break;
+        }
+    }
+    body.freeze()
 }
 
 #[cfg(test)]

@@ -181,6 +181,14 @@ pub enum Error {
     /// A work item's `secret` is not URL-safe base64 of `{sessions_token, api_base_url}`.
     #[error("invalid work secret: {0}")]
     Secret(String),
+    /// The response's body is longer than this client reads ([`crate::MAX_RESPONSE_BYTES`]).
+    #[error("the response of {url} is longer than {limit} bytes")]
+    TooLarge {
+        /// The URL that was called.
+        url: String,
+        /// The most this client reads.
+        limit: usize,
+    },
     /// The server-sent event stream carried something that is not an event of this API.
     #[error("malformed event stream: {0}")]
     Stream(String),

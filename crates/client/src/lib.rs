@@ -36,7 +36,7 @@ mod types;
 
 pub use client::{
     Client, ClientBuilder, API_PREFIX, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT,
-    DEFAULT_TIMEOUT,
+    DEFAULT_TIMEOUT, MAX_RESPONSE_BYTES,
 };
 pub use error::{ApiError, Error, Result};
 pub use pages::{collect_all, paginate, Paginated};
@@ -45,7 +45,7 @@ pub use params::{
     NO_HEARTBEAT,
 };
 pub use reqwest::Method;
-pub use sse::{EventStream, SseEvent};
+pub use sse::{EventStream, SseEvent, MAX_EVENT_BYTES};
 pub use types::{
     event_type, Agent, AgentRef, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential,
     Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page, PostEvents,

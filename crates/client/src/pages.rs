@@ -1,5 +1,6 @@
 //! Walking every page of a list endpoint.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use futures::stream::{self, Stream, TryStreamExt};
@@ -68,7 +69,8 @@ impl Paginated for WorkHistory {
 /// ```
 ///
 /// The walk stops at the first error (which the stream yields) and, to protect against a server that
-/// hands back the same cursor again, when a cursor repeats. The stream is not `Unpin`: pin it
+/// hands back a cursor it gave before (which would walk in circles for ever), when any cursor
+/// repeats. The stream is not `Unpin`: pin it
 /// (`Box::pin`) to call `next` on it.
 pub fn paginate<P, F, Fut>(fetch: F) -> impl Stream<Item = Result<P::Item>>
 where
@@ -76,16 +78,17 @@ where
     F: FnMut(Option<String>) -> Fut,
     Fut: Future<Output = Result<P>>,
 {
-    // State: the fetcher, the cursor to load next (`None` once the last page was read) and the one
-    // loaded before it.
-    let start = (fetch, Some(None::<String>), None::<String>);
-    stream::try_unfold(start, |(mut fetch, cursor, previous)| async move {
+    // State: the fetcher, the cursor to load next (`None` once the last page was read) and every
+    // cursor loaded so far.
+    let start = (fetch, Some(None::<String>), HashSet::<String>::new());
+    stream::try_unfold(start, |(mut fetch, cursor, mut seen)| async move {
         let Some(cursor) = cursor else {
             return Ok::<_, Error>(None);
         };
         let (items, next) = fetch(cursor.clone()).await?.into_parts();
-        let next = next.filter(|n| Some(n) != cursor.as_ref() && Some(n) != previous.as_ref());
-        Ok(Some((items, (fetch, next.map(Some), cursor))))
+        seen.extend(cursor);
+        let next = next.filter(|n| !seen.contains(n));
+        Ok(Some((items, (fetch, next.map(Some), seen))))
     })
     .map_ok(|items| stream::iter(items.into_iter().map(Ok)))
     .try_flatten()
@@ -142,5 +145,23 @@ mod tests {
         .unwrap();
         assert_eq!(all, vec![7, 7]);
         assert_eq!(calls, 2);
+    }
+
+    #[test]
+    fn stops_when_the_cursors_go_round_in_a_circle() {
+        let mut calls = 0;
+        let all = run(collect_all(|cursor: Option<String>| {
+            calls += 1;
+            async move {
+                Ok(match cursor.as_deref() {
+                    None | Some("c") => page(&[1], Some("a")),
+                    Some("a") => page(&[2], Some("b")),
+                    _ => page(&[3], Some("c")),
+                })
+            }
+        }))
+        .unwrap();
+        assert_eq!(all, vec![1, 2, 3, 1]);
+        assert_eq!(calls, 4);
     }
 }

@@ -45,10 +45,19 @@ pub(crate) struct RawEvent {
     pub data: String,
 }
 
+/// Most bytes one event may take on the wire (its lines together, the line being read included):
+/// far above any event of this API (the server's own limit is 1 MiB by default), and a bound on
+/// the decoder's memory whatever a server sends.
+pub const MAX_EVENT_BYTES: usize = 16 << 20;
+
 /// Incremental `text/event-stream` decoder: feed it bytes as they arrive, collect complete events.
 #[derive(Debug, Default)]
 pub(crate) struct SseDecoder {
     buffer: Vec<u8>,
+    /// How much of `buffer` is known to hold no line end: each byte is looked at once.
+    scanned: usize,
+    /// Bytes of the event under way, its complete lines.
+    event_bytes: usize,
     started: bool,
     /// A CR ended the previous line; an LF at the start of the next chunk belongs to it.
     after_cr: bool,
@@ -59,8 +68,9 @@ pub(crate) struct SseDecoder {
 }
 
 impl SseDecoder {
-    /// Decodes `chunk`, appending every event it completes to `out`.
-    pub fn feed(&mut self, chunk: &[u8], out: &mut VecDeque<RawEvent>) {
+    /// Decodes `chunk`, appending every event it completes to `out`. Refuses an event longer than
+    /// [`MAX_EVENT_BYTES`].
+    pub fn feed(&mut self, chunk: &[u8], out: &mut VecDeque<RawEvent>) -> Result<(), String> {
         let mut chunk = chunk;
         if self.after_cr && !chunk.is_empty() {
             self.after_cr = false;
@@ -71,7 +81,7 @@ impl SseDecoder {
         self.buffer.extend_from_slice(chunk);
         if !self.started {
             if self.buffer.len() < 3 && b"\xEF\xBB\xBF".starts_with(&self.buffer) {
-                return;
+                return Ok(());
             }
             self.started = true;
             if self.buffer.starts_with(b"\xEF\xBB\xBF") {
@@ -79,17 +89,19 @@ impl SseDecoder {
             }
         }
         let mut start = 0;
-        let mut i = 0;
+        let mut i = self.scanned;
         while i < self.buffer.len() {
             match self.buffer[i] {
                 b'\n' => {
                     let line = self.buffer[start..i].to_vec();
+                    self.event_bytes += i + 1 - start;
                     self.line(&line, out);
                     i += 1;
                     start = i;
                 }
                 b'\r' => {
                     let line = self.buffer[start..i].to_vec();
+                    self.event_bytes += i + 1 - start;
                     self.line(&line, out);
                     i += 1;
                     if i < self.buffer.len() {
@@ -105,6 +117,13 @@ impl SseDecoder {
             }
         }
         self.buffer.drain(..start);
+        self.scanned = self.buffer.len();
+        if self.event_bytes + self.buffer.len() > MAX_EVENT_BYTES {
+            return Err(format!(
+                "an event longer than {MAX_EVENT_BYTES} bytes (or a line that does not end)"
+            ));
+        }
+        Ok(())
     }
 
     fn line(&mut self, line: &[u8], out: &mut VecDeque<RawEvent>) {
@@ -135,6 +154,7 @@ impl SseDecoder {
     }
 
     fn dispatch(&mut self, out: &mut VecDeque<RawEvent>) {
+        self.event_bytes = 0;
         let event = self.event.take();
         let id = self.id.take();
         if !self.has_data {
@@ -225,7 +245,12 @@ impl Stream for EventStream {
             match this.body.as_mut().poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => this.done = true,
-                Poll::Ready(Some(Ok(chunk))) => this.decoder.feed(&chunk, &mut this.ready),
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if let Err(why) = this.decoder.feed(&chunk, &mut this.ready) {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Error::Stream(why))));
+                    }
+                }
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(Error::transport(&this.url, e))));
@@ -243,7 +268,7 @@ mod tests {
         let mut decoder = SseDecoder::default();
         let mut out = VecDeque::new();
         for chunk in chunks {
-            decoder.feed(chunk, &mut out);
+            decoder.feed(chunk, &mut out).unwrap();
         }
         out.into_iter().collect()
     }
@@ -254,6 +279,32 @@ mod tests {
             event: event.to_owned(),
             data: data.to_owned(),
         }
+    }
+
+    #[test]
+    fn an_event_or_a_line_past_the_bound_is_refused() {
+        let mut decoder = SseDecoder::default();
+        let mut out = VecDeque::new();
+        // Events right up to the bound pass, one after another.
+        let line = format!("data: {}\n", "x".repeat(MAX_EVENT_BYTES / 2));
+        for _ in 0..3 {
+            decoder.feed(line.as_bytes(), &mut out).unwrap();
+            decoder.feed(b"\n", &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 3);
+        // A line that does not end, fed in pieces.
+        let piece = vec![b'y'; 1 << 20];
+        let fed = (0..20)
+            .map(|_| decoder.feed(&piece, &mut out))
+            .find(|r| r.is_err());
+        assert!(fed.is_some(), "refused before 20 MiB");
+        // Lines that never end their event.
+        let mut decoder = SseDecoder::default();
+        let line = format!("data: {}\n", "z".repeat(1 << 20));
+        let fed = (0..20)
+            .map(|_| decoder.feed(line.as_bytes(), &mut out))
+            .find(|r| r.is_err());
+        assert!(fed.is_some(), "refused before 20 MiB");
     }
 
     #[test]

@@ -967,11 +967,9 @@ async fn a_second_signal_forces_the_shutdown() {
     );
 }
 
-/// A server whose every poll hands out one item with `work_id`, and which answers anything else
-/// 404; the request lines it got.
-async fn hostile_server(
-    work_id: &'static str,
-) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// A server that answers every poll with `poll` at once, and anything else 404; the request lines
+/// it got.
+async fn hostile_server(poll: Value) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -980,6 +978,7 @@ async fn hostile_server(
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let seen = seen.clone();
+            let poll = poll.clone();
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
                 loop {
@@ -1006,12 +1005,7 @@ async fn hostile_server(
                     let _ = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut body).await;
                     seen.lock().unwrap().push(line.trim().to_owned());
                     let (status, body) = if line.contains("/work/poll") {
-                        let item = json!({
-                            "type": "work", "id": work_id, "environment_id": "env_1",
-                            "data": {"type": "session", "id": "sess_1"}, "state": "starting",
-                            "created_at": "2026-07-01T08:15:00Z",
-                        });
-                        ("200 OK", item.to_string())
+                        ("200 OK", poll.to_string())
                     } else {
                         let error = json!({"type": "error", "error": {"type": "not_found_error", "message": "no"}});
                         ("404 Not Found", error.to_string())
@@ -1046,7 +1040,12 @@ async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
     std::fs::write(victim.join("kept"), "x").unwrap();
     let items = dir.path().join("items");
     std::fs::create_dir(&items).unwrap();
-    let (base, requests) = hostile_server("../victim").await;
+    let (base, requests) = hostile_server(json!({
+        "type": "work", "id": "../victim", "environment_id": "env_1",
+        "data": {"type": "session", "id": "sess_1"}, "state": "starting",
+        "created_at": "2026-07-01T08:15:00Z",
+    }))
+    .await;
     let log = dir.path().join("worker.log");
     let mut worker = Command::new(support::BIN)
         .args(["worker", "--server", &base, "--environment", "env_1"])
@@ -1087,4 +1086,30 @@ async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
     );
     assert!(!dir.path().join("ran").exists() && !victim.join("ran").exists());
     assert!(!dir.path().join("victim.log").exists());
+}
+
+/// A server that answers every poll with `null` at once, without holding it: the worker waits 1 to
+/// 3 s before the next one (§8), rather than polling as fast as the server answers.
+#[tokio::test]
+async fn a_server_that_answers_polls_at_once_is_not_polled_in_a_loop() {
+    let (base, requests) = hostile_server(Value::Null).await;
+    let mut worker = Command::new(support::BIN)
+        .args(["worker", "--server", &base, "--environment", "env_1"])
+        .args(["--key", "tth_env_hostile_server_test_0123456789"])
+        .args(["--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while requests.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "never polled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let polls = requests.lock().unwrap().len();
+    // At most one poll a second; polling in a loop makes thousands.
+    assert!(polls <= 4, "{polls} polls in 2.5 s");
 }

@@ -3,7 +3,9 @@
 //! trying again cannot fix.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use rand::Rng as _;
 
 use tether_client::{Error, PollOptions};
 use tokio::sync::Semaphore;
@@ -15,6 +17,8 @@ use crate::{reached, supervisor, Phase, Shared};
 
 /// The longest wait a poll may ask for (§6.2).
 const LONG_POLL_MS: u32 = 999;
+/// An empty answer sooner than this did not wait for work (see the claim loop).
+const EARLY_EMPTY_POLL: Duration = Duration::from_millis(LONG_POLL_MS as u64 / 2);
 
 /// Claims work until the worker stops claiming (any phase past `Running`, the one item of `run-one`,
 /// `--max-idle` without work), or a refusal says that claiming cannot work (the error explains why).
@@ -73,6 +77,7 @@ async fn claim(
             }
         };
         report.activity(Activity::Polling);
+        let asked = Instant::now();
         let polled = tokio::select! {
             polled = shared.client.poll_work(&shared.environment_id, &options) => polled,
             // An item this poll would have claimed is handed out again after the reclaim window.
@@ -103,7 +108,17 @@ async fn claim(
                 tasks.spawn(supervisor::serve(shared.clone(), item, slot));
             }
             // The long poll already waited.
-            Ok(None) => backoff.reset(),
+            Ok(None) if asked.elapsed() >= EARLY_EMPTY_POLL => backoff.reset(),
+            // Nothing, and at once: a server that does not hold polls (or is shutting down) would
+            // otherwise be polled as fast as it answers. §8: sleep a random 1–3 s.
+            Ok(None) => {
+                backoff.reset();
+                let pause = Duration::from_millis(rand::rng().random_range(1_000..=3_000));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+                }
+            }
             Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
             Err(e) => {
                 let delay = backoff.next_delay();

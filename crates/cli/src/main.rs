@@ -125,7 +125,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The message may carry a server's words (an error envelope's): shown escaped.
+            let message = admin::output::printable(&format!("{e:#}"), &['\n']);
+            eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
         }
     }

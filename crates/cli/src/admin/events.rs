@@ -73,13 +73,15 @@ impl Renderer {
     pub fn render(&self, event: &Event) -> String {
         let (detail, detail_tone) = detail(event);
         let kind_tone = kind_tone(&event.kind);
-        let time = clock(event.processed_at.as_deref());
-        let pad = TYPE_WIDTH.saturating_sub(event.kind.chars().count()).max(1);
-        let indent = " ".repeat(time.chars().count() + 2 + event.kind.chars().count() + pad);
+        // Every part comes from the server: none is printed as it came (see `clean`).
+        let kind = clean(&event.kind);
+        let time = clean(&clock(event.processed_at.as_deref()));
+        let pad = TYPE_WIDTH.saturating_sub(kind.chars().count()).max(1);
+        let indent = " ".repeat(time.chars().count() + 2 + kind.chars().count() + pad);
         let mut out = format!(
             "{}  {}{}",
             self.paint(Tone::Dim, &time),
-            self.paint(kind_tone, &event.kind),
+            self.paint(kind_tone, &kind),
             " ".repeat(pad)
         );
         let mut lines = detail.split('\n');
@@ -367,6 +369,12 @@ mod tests {
             PLAIN.render(&e),
             "08:15:01  agent.tool_result   [error] boom\n"
         );
+        // The type and the time come from the server too.
+        let e = event(json!({
+            "id": "evt_1", "type": "x\x1b]0;owned\x07", "processed_at": "2026-07-01T\x1b[5m:01Z"
+        }));
+        let line = PLAIN.render(&e);
+        assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line:?}");
     }
 
     #[test]

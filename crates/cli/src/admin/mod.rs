@@ -5,7 +5,7 @@
 mod agent;
 mod env;
 mod events;
-mod output;
+pub(crate) mod output;
 mod session;
 mod token;
 mod work;

@@ -285,7 +285,8 @@ async fn watch(cx: &Ctx, args: WatchArgs) -> Result<()> {
     // everything from here on will be shown.
     eprintln!(
         "Watching session {} (status {}); times are UTC; Ctrl-C to stop.",
-        session.id, session.status
+        output::printable(&session.id, &[]),
+        session.status
     );
     let printer = Printer::new(cx.json);
     let following = events::follow(&cx.client, &session.id, after, |event| printer.print(event));

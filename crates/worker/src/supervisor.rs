@@ -218,13 +218,11 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         if let Some(outcome) = self.ended_before_start(established).await {
             return outcome;
         }
-        // Armed before the program exists, disarmed once it is reaped: if the worker cannot act by then
-        // (stopped, starved), the kernel ends it, and the program with it.
-        let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
-        let mut running = match self.start_program(&mut lease, || self.spawn(&item)).await {
-            Ok(running) => running,
-            Err(outcome) => return outcome,
-        };
+        let (mut running, dead_man) =
+            match self.start_program(&mut lease, || self.spawn(&item)).await {
+                Ok(started) => started,
+                Err(outcome) => return outcome,
+            };
         self.shared.report.started(&self.work_id);
         self.info(
             "program started",
@@ -324,19 +322,25 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// its lease to expire, and the server hands it out again, here or to another worker. Stopping
     /// it would end a session for a moment's want of this machine's. Any other failure is the
     /// item's: recorded in its metadata, and the item stopped.
+    ///
+    /// The dead man's switch comes with the program: armed just before each try (so that the
+    /// kernel ends a worker that cannot act by the lease's deadline, and the program with it),
+    /// disarmed when the try fails, before any call to the server.
     async fn start_program(
         &self,
         lease: &mut Heartbeat,
         mut spawn: impl FnMut() -> std::io::Result<Running>,
-    ) -> Result<Running, Outcome> {
+    ) -> Result<(Running, Option<deadman::Guard>), Outcome> {
         let first_try = tokio::time::Instant::now();
         let mut backoff = Backoff::call();
         let mut phase = self.phase.clone();
         loop {
+            let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
             let error = match spawn() {
-                Ok(running) => return Ok(running),
+                Ok(running) => return Ok((running, dead_man)),
                 Err(error) => error,
             };
+            drop(dead_man);
             let why = error.to_string();
             if !is_passing_shortage(&error) {
                 self.warn("cannot start PROGRAM", &[("error", &why)]);
@@ -495,12 +499,15 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             let terminated = self.terminate(running, lease).await;
             // Reaped here, not after the request's answer: a lost lease kills the program at once.
             let reaped = self.reaped(terminated, running).await;
+            // Disarmed as soon as there is no program, not after the request: a server that does
+            // not answer it must not let the lease's deadline pass with the switch armed, which
+            // would end the whole worker (and every other item's program).
+            drop(dead_man);
             if let Ok(exit) = &reaped {
                 self.info("program ended", &[("status", &exit.describe())]);
             }
             reaped
         });
-        drop(dead_man);
         match terminated {
             Err(lost) => lost,
             Ok(exit) => {
@@ -1091,7 +1098,7 @@ mod tests {
             .await;
         // The call backoff's first two waits.
         assert_eq!(started.elapsed(), Duration::from_millis(500 + 1_000));
-        let mut running = running.unwrap_or_else(|_| panic!("started on the third try"));
+        let (mut running, _) = running.unwrap_or_else(|_| panic!("started on the third try"));
         assert!(running.wait().await.success());
         assert_eq!(tries, 3);
         assert_eq!(script.calls(), Vec::<String>::new());
@@ -1125,5 +1132,43 @@ mod tests {
             script.calls(),
             ["record tether.error=entity not found", "stop force=true"]
         );
+    }
+
+    /// In real time, with the dead man's switch armed (a kernel timer): the program ends at the
+    /// end of the drain time while the server answers neither heartbeats nor stops, and the lease's
+    /// deadline passes while the stop is still asked for. The switch must be off by then, or the
+    /// kernel ends this whole test process with SIGKILL.
+    #[tokio::test]
+    async fn the_switch_is_disarmed_with_the_program_not_after_the_unanswered_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let (mut shared, phase) = worker(&format!(
+            "trap 'exit 0' TERM; touch {}; sleep 60 & wait",
+            ready.display()
+        ));
+        shared.dead_mans_switch = true;
+        let script = Arc::new(Script {
+            stops_unanswered: true,
+            ..Script::default()
+        });
+        {
+            let mut beats = script.beats.lock().unwrap();
+            let mut renewed = beat("active").unwrap();
+            renewed.ttl_seconds = 4;
+            beats.push_back(Answer::Now(Ok(renewed)));
+            for _ in 0..1_000 {
+                beats.push_back(Answer::Now(Err(refused(500))));
+            }
+        }
+        let item = session_item();
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let drain = async {
+            while !ready.exists() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            phase.send_replace(Phase::Terminating);
+        };
+        let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), drain);
+        assert_eq!(outcome, Outcome::Done);
     }
 }

@@ -115,22 +115,46 @@ impl PostgresExecutor {
         .await
     }
 
-    /// Runs `operation` unless the database stops answering meanwhile ([`Health::unresponsive`]),
-    /// and does not start it while it does not: then it is given up as `Unavailable`. What it had
-    /// sent may still commit once the database answers again: like a lost connection's, its
-    /// outcome is unknown to the caller, who was answered nothing but 503.
+    /// Runs `operation` unless the database stops answering meanwhile ([`Health::unresponsive`]);
+    /// while it is taken as not answering, for as long as a probe may take. Given up, it is
+    /// `Unavailable`. What it had sent may still commit once the database answers again: like a
+    /// lost connection's, its outcome is unknown to the caller, who was answered nothing but 503.
     async fn while_answering<T>(
         &self,
         operation: impl std::future::Future<Output = Result<T, Failure>>,
     ) -> Result<T, Failure> {
+        let unanswered = || {
+            Err(Failure::no_retry(StoreError::Unavailable(
+                "the database does not answer".into(),
+            )))
+        };
         let mut unresponsive = self.health.unresponsive.subscribe();
-        tokio::select! {
-            biased;
-            _ = unresponsive.wait_for(|unresponsive| *unresponsive) => Err(Failure::no_retry(
-                StoreError::Unavailable("the database does not answer".into()),
-            )),
-            outcome = operation => outcome,
+        let probes_failed = self.health.unanswered_probes.load(Ordering::SeqCst);
+        if !*unresponsive.borrow_and_update() {
+            return tokio::select! {
+                biased;
+                _ = unresponsive.wait_for(|unresponsive| *unresponsive) => unanswered(),
+                outcome = operation => outcome,
+            };
         }
+        // Taken as unresponsive: this statement gets as long as a probe to answer, and its answer
+        // (a refusal is one too) ends the outage as the listener's would, should the listener be
+        // unable to get through itself (no connection slot left for it, say).
+        let outcome = match tokio::time::timeout(super::listener::PROBE_TIMEOUT, operation).await {
+            Ok(outcome) => outcome,
+            Err(_) => return unanswered(),
+        };
+        if matches!(
+            &outcome,
+            Ok(_)
+                | Err(Failure {
+                    error: StoreError::Conflict,
+                    ..
+                })
+        ) {
+            self.health.answered_since(probes_failed);
+        }
+        outcome
     }
 
     async fn query_once(&self, statement: &Statement) -> Result<Vec<Row>, Failure> {

@@ -42,9 +42,14 @@ pub(super) struct Health {
     pub(super) reconnections: AtomicU64,
     /// How many times `lost` went from false to true.
     pub(super) losses: AtomicU64,
-    /// True from a probe that went unanswered until the database answers again: every statement
-    /// under way is given up with `Unavailable`, and none is sent meanwhile (see the executor).
+    /// True from a probe that went unanswered (or a listener's connection that the database did
+    /// not let through in time) until the database answers again: every statement under way is
+    /// given up with `Unavailable`, and each one sent meanwhile gets [`PROBE_TIMEOUT`] to answer
+    /// (see the executor). An answer to the listener's probe or to one of those clears it.
     pub(super) unresponsive: tokio::sync::watch::Sender<bool>,
+    /// How many times `unresponsive` was set: a statement's answer clears it only when no probe
+    /// failed after the statement was sent ([`Health::answered_since`]).
+    pub(super) unanswered_probes: AtomicU64,
     /// Makes "count the recovery, then clear the flag" one step, so that whoever sees the flag clear
     /// also sees the count that goes with it.
     recovering: Mutex<()>,
@@ -58,9 +63,29 @@ impl Health {
         }
     }
 
-    pub(super) fn reached(&self) {
+    /// The database did not answer: an outage, and what is under way is given up.
+    pub(super) fn unresponsive(&self, why: &str) {
+        // Lost first: the requests given up now promise amnesty.
+        self.lost(why);
+        self.unanswered_probes.fetch_add(1, Ordering::SeqCst);
+        self.unresponsive.send_replace(true);
+    }
+
+    /// The database answered something sent while it was taken as unresponsive, after the
+    /// `unanswered_probes`-th probe failed and before any later one did.
+    pub(super) fn answered_since(&self, unanswered_probes: u64) {
+        if self.unanswered_probes.load(Ordering::SeqCst) == unanswered_probes {
+            self.answered();
+        }
+    }
+
+    /// The listener's own connection got an answer.
+    fn answered(&self) {
         self.unresponsive
             .send_if_modified(|u| std::mem::replace(u, false));
+    }
+
+    pub(super) fn reached(&self) {
         if !self.lost.load(Ordering::SeqCst) {
             return;
         }
@@ -88,7 +113,7 @@ pub(super) async fn listen(
         let connected =
             tokio::time::timeout(LISTEN_CONNECT_TIMEOUT, config.connect(tls.clone())).await;
         match connected {
-            Err(_) => health.lost(&format!(
+            Err(_) => health.unresponsive(&format!(
                 "the database did not let the listener connect within {LISTEN_CONNECT_TIMEOUT:?}"
             )),
             Ok(Ok((client, mut connection))) => {
@@ -120,6 +145,7 @@ pub(super) async fn listen(
                 };
                 match subscribed {
                     Ok(()) => {
+                        health.answered();
                         health.reached();
                         backoff = LISTEN_BACKOFF_MIN;
                         if std::mem::replace(&mut listened_before, true) {
@@ -140,15 +166,16 @@ pub(super) async fn listen(
                                         None => break Some("the listening connection closed".to_owned()),
                                     },
                                     answer = &mut probe => break match answer {
-                                        Ok(Ok(_)) => None,
+                                        Ok(Ok(_)) => {
+                                            health.answered();
+                                            None
+                                        }
                                         Ok(Err(e)) => Some(describe(&e)),
                                         Err(_) => {
                                             let why = format!(
                                                 "the database did not answer within {PROBE_TIMEOUT:?}"
                                             );
-                                            // Lost first: the requests given up now promise amnesty.
-                                            health.lost(&why);
-                                            health.unresponsive.send_replace(true);
+                                            health.unresponsive(&why);
                                             Some(why)
                                         }
                                     },
@@ -246,6 +273,27 @@ fn decode_payload(payload: &str, origin: &str) -> Vec<Notice> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_answer_to_what_was_sent_after_the_last_unanswered_probe_ends_unresponsiveness() {
+        let health = Health::default();
+        let before = health.unanswered_probes.load(Ordering::SeqCst);
+        health.unresponsive("no answer");
+        assert!(*health.unresponsive.borrow());
+        assert!(health.lost.load(Ordering::SeqCst), "an outage: amnesty is promised");
+        // Sent before that probe failed: its answer says nothing of now.
+        health.answered_since(before);
+        assert!(*health.unresponsive.borrow());
+        // Sent after it: the database answers again.
+        let after = health.unanswered_probes.load(Ordering::SeqCst);
+        health.answered_since(after);
+        assert!(!*health.unresponsive.borrow());
+        // Counting the recovery is the executor's and the listener's `reached`, apart.
+        assert!(health.lost.load(Ordering::SeqCst));
+        health.reached();
+        assert!(!health.lost.load(Ordering::SeqCst));
+        assert_eq!(health.reconnections.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn payloads_round_trip_and_skip_their_origin() {

@@ -160,11 +160,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "TETHER_SANDBOX_PIDS", value_parser = clap::value_parser!(u32).range(1..), requires = "sandbox")]
     sandbox_pids: Option<u32>,
     /// Make PATH visible inside the sandbox, writable, or read-only with :ro (repeatable; in
-    /// TETHER_SANDBOX_BIND, comma-separated).
+    /// TETHER_SANDBOX_BIND, one).
     #[arg(
         long,
         env = "TETHER_SANDBOX_BIND",
-        value_delimiter = ',',
         value_name = "PATH[:ro]",
         requires = "sandbox"
     )]

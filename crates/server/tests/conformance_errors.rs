@@ -944,27 +944,21 @@ async fn request_ids_are_echoed_or_generated() {
             .header("x-request-id")
             .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()));
 
-        // An id that could pass for more of the access log's line (spaces, braces, quotes, `=`) is
-        // not taken: a new one is generated, as for one that is too long.
-        for hostile in [
-            "x}: tether::access: request status=200",
-            "a\"b",
-            "status=200",
-            &"a".repeat(201),
-        ] {
-            let reply = q
-                .req(Method::GET, &q.path("/stats"))
-                .header("x-request-id", hostile)
-                .send()
-                .await;
-            let id = reply.header("x-request-id").unwrap();
-            assert!(uuid::Uuid::parse_str(id).is_ok(), "{hostile:?}: {id}");
-        }
-        // What ids are made of elsewhere is kept: trace contexts, UUIDs, prefixed ids, paths.
+        // One that is too long is replaced by a generated one.
+        let reply = q
+            .req(Method::GET, &q.path("/stats"))
+            .header("x-request-id", &"a".repeat(201))
+            .send()
+            .await;
+        let id = reply.header("x-request-id").unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+        // Any other is echoed as it came (only the log escapes it): trace contexts, prefixed ids,
+        // base64, and text that could pass for more of a log line.
         for plain in [
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "req_011CSHoEeqs5C35K2UUqR7Fy",
-            "svc/a.b:c@d+e",
+            "YWJjZA==",
+            "x}: tether::access: request status=200",
         ] {
             let reply = q
                 .req(Method::GET, &q.path("/stats"))

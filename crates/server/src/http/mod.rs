@@ -91,16 +91,25 @@ pub fn router(app: App, body_limit: usize) -> Router {
         .with_state(app)
 }
 
-/// Whether a client's `x-request-id` is taken as the request's id (D-18): up to 200 characters of
-/// those that ids are made of (letters, digits and `-_.:/+@`). The id is written into every log
-/// line the request causes, unquoted in the text format; one with spaces, braces, quotes or `=` could
-/// pass for more of the line than the id (a forged `status=200` on a refused request). Otherwise
-/// an id is generated, as when none was sent.
-fn is_plain_request_id(id: &str) -> bool {
-    (1..=200).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+@".contains(&b))
+/// A request id as the log shows it: the characters ids are made of as they are, any other
+/// %-escaped (`%20` for a space). A client's own id (D-18) is echoed as it came, up to 200 visible
+/// characters; but the log's text format writes it unquoted, and spaces, braces, quotes or `=`
+/// could pass for more of the line than the id (a forged `status=200` on a refused request).
+fn loggable_request_id(id: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_.:/+@".contains(&b);
+    if id.bytes().all(plain) {
+        return id.into();
+    }
+    id.bytes()
+        .map(|b| {
+            if plain(b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
@@ -110,7 +119,7 @@ async fn envelope(request: Request, next: Next) -> Response {
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| is_plain_request_id(v))
+        .filter(|v| !v.is_empty() && v.len() <= 200)
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let route = request
@@ -122,7 +131,7 @@ async fn envelope(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let span = tracing::info_span!(
         "request",
-        request_id = %request_id,
+        request_id = %loggable_request_id(&request_id),
         method = %method,
         route = %route,
         credential = tracing::field::Empty,
@@ -170,4 +179,21 @@ fn is_json(response: &Response) -> bool {
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_id_in_the_log_is_one_word() {
+        assert_eq!(
+            loggable_request_id("req_01a-b.c:d/e+f@g"),
+            "req_01a-b.c:d/e+f@g"
+        );
+        assert_eq!(
+            loggable_request_id("x}: status=200 \"y\""),
+            "x%7D:%20status%3D200%20%22y%22"
+        );
+    }
 }

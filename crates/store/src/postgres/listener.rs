@@ -280,7 +280,10 @@ mod tests {
         let before = health.unanswered_probes.load(Ordering::SeqCst);
         health.unresponsive("no answer");
         assert!(*health.unresponsive.borrow());
-        assert!(health.lost.load(Ordering::SeqCst), "an outage: amnesty is promised");
+        assert!(
+            health.lost.load(Ordering::SeqCst),
+            "an outage: amnesty is promised"
+        );
         // Sent before that probe failed: its answer says nothing of now.
         health.answered_since(before);
         assert!(*health.unresponsive.borrow());

@@ -95,9 +95,9 @@ async fn claim(
                         ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
                     ],
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+                report.activity(Activity::Backoff(delay));
+                if !waited(&mut phase, delay).await {
+                    return Ok(());
                 }
             }
             // Capacity left and work found: poll again at once.
@@ -114,9 +114,8 @@ async fn claim(
             Ok(None) => {
                 backoff.reset();
                 let pause = Duration::from_millis(rand::rng().random_range(1_000..=3_000));
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+                if !waited(&mut phase, pause).await {
+                    return Ok(());
                 }
             }
             Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
@@ -130,12 +129,20 @@ async fn claim(
                     ],
                 );
                 report.activity(Activity::Backoff(delay));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+                if !waited(&mut phase, delay).await {
+                    return Ok(());
                 }
             }
         }
+    }
+}
+
+/// Waits `delay` before the next poll; false when the worker began draining meanwhile (and claims
+/// no more).
+async fn waited(phase: &mut tokio::sync::watch::Receiver<Phase>, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = reached(phase, Phase::Draining) => false,
     }
 }
 

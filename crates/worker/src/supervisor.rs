@@ -627,11 +627,10 @@ const SPAWN_PATIENCE: Duration = Duration::from_secs(60);
 /// limit (EAGAIN from fork), the open-file limits of the worker or the system, memory.
 fn is_passing_shortage(error: &std::io::Error) -> bool {
     use nix::errno::Errno;
-    error.raw_os_error().is_some_and(|code| {
-        [Errno::EAGAIN, Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM]
-            .iter()
-            .any(|shortage| *shortage as i32 == code)
-    })
+    matches!(
+        error.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EAGAIN | Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM)
+    )
 }
 
 /// How long a call that ends an item may go on once the worker's drain time is up, or it is being
@@ -1073,6 +1072,19 @@ mod tests {
 
     fn shortage() -> std::io::Error {
         std::io::Error::from_raw_os_error(nix::errno::Errno::EAGAIN as i32)
+    }
+
+    #[test]
+    fn shortages_that_pass_are_told_from_other_failures() {
+        use nix::errno::Errno;
+        let os = |e: Errno| std::io::Error::from_raw_os_error(e as i32);
+        for passing in [Errno::EAGAIN, Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM] {
+            assert!(is_passing_shortage(&os(passing)), "{passing}");
+        }
+        for lasting in [Errno::ENOENT, Errno::EACCES, Errno::E2BIG, Errno::ENOEXEC] {
+            assert!(!is_passing_shortage(&os(lasting)), "{lasting}");
+        }
+        assert!(!is_passing_shortage(&std::io::Error::other("nul byte")));
     }
 
     #[tokio::test(start_paused = true)]

@@ -656,3 +656,40 @@ fn the_systemd_units_verify() {
         "systemd-analyze verify:\n{stderr}"
     );
 }
+
+/// A client's own `x-request-id` is echoed as it came (D-18), but the text log writes it %-escaped:
+/// an unauthenticated request cannot make its own refusal's access line read as an admin's 200.
+#[tokio::test]
+async fn a_request_id_cannot_forge_an_access_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::spawn(
+        dir.path(),
+        ADMIN_TOKEN,
+        &["--log-format", "text"],
+        &[("TETHER_LOG", "info")],
+        PATIENCE,
+    );
+    let forged = r#"x}: tether::access: request status=200 credential="admin""#;
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/v1/cloud/environments", server.url))
+        .header("x-request-id", forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["x-request-id"].to_str().unwrap(),
+        forged,
+        "echoed as it came"
+    );
+    let log = eventually("the refusal's access line", || {
+        let log = server.log();
+        log.contains("status=401").then_some(log)
+    });
+    assert!(!log.contains("status=200"), "{log}");
+    assert!(!log.contains(r#"credential="admin""#), "{log}");
+    assert!(
+        log.contains("x%7D:%20tether::access:%20request%20status%3D200"),
+        "{log}"
+    );
+}

@@ -38,6 +38,14 @@ async fn fresh_database(admin_url: &str) -> String {
         .expect("create a test database")
 }
 
+/// This test's turn (see [`SERIAL`]) and a database of its own on the shared server; `None`
+/// (the test then passes, saying why) without one.
+async fn serial_fresh_database() -> Option<(tokio::sync::MutexGuard<'static, ()>, String)> {
+    let admin_url = postgres_url()?;
+    let serial = SERIAL.lock().await;
+    Some((serial, fresh_database(&admin_url).await))
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -550,11 +558,9 @@ async fn assert_all_done(api: &Api, env: &str, ledger: &Ledger, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_drain_one_queue_without_double_delivery() {
-    let Some(admin_url) = postgres_url() else {
+    let Some((_serial, url)) = serial_fresh_database().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let url = fresh_database(&admin_url).await;
     let a = Server::start("A", &url, &[]).await;
     let b = Server::start("B", &url, &[]).await;
     let (api_a, api_b) = (a.api(), b.api());
@@ -609,11 +615,9 @@ async fn two_servers_drain_one_queue_without_double_delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_poll_on_one_server_wakes_for_work_created_on_another() {
-    let Some(admin_url) = postgres_url() else {
+    let Some((_serial, url)) = serial_fresh_database().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let url = fresh_database(&admin_url).await;
     // The default one-second dispatcher tick: a wake-up well under it came through the notification.
     let a = Server::start("A", &url, &[]).await;
     let b = Server::start("B", &url, &[]).await;
@@ -685,11 +689,9 @@ async fn a_long_poll_on_one_server_wakes_for_work_created_on_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_loses_nothing_and_its_workers_carry_on() {
-    let Some(admin_url) = postgres_url() else {
+    let Some((_serial, url)) = serial_fresh_database().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let url = fresh_database(&admin_url).await;
     let a = Server::start("A", &url, &[]).await;
     let mut b = Server::start("B", &url, &[]).await;
     let (api_a, api_b) = (a.api(), b.api());
@@ -1067,11 +1069,9 @@ async fn a_worker_keeps_its_program_through_a_database_outage() {
 /// program through 15 s of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_stops_answering_is_an_outage_not_a_hang() {
-    let Some(admin) = postgres_url() else {
+    let Some((_serial, url)) = serial_fresh_database().await else {
         return;
     };
-    let _serial = SERIAL.lock().await;
-    let url = fresh_database(&admin).await;
     let address = url
         .split_once('@')
         .and_then(|(_, rest)| rest.split(['/', '?']).next())

@@ -1288,3 +1288,47 @@ async fn a_stream_wakes_for_events_written_by_another_server_process() {
         first.shutdown().await;
     }
 }
+
+/// Many clients posting to one session at once all get their events in: none is answered 503 for
+/// losing races to the others (they take turns), and each client's events are in the log in the order
+/// it posted them. 64 writers is twice the number of attempts a lost race allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_of_one_session_all_get_their_events_in() {
+    const WRITERS: usize = 64;
+    const POSTS: usize = 4;
+    each_backend(async |server| {
+        let (_env, session) = setup(server).await;
+        let writers = (0..WRITERS).map(|w| {
+            let session = session.clone();
+            async move {
+                for p in 0..POSTS {
+                    let (status, body) = post(
+                        server,
+                        &session,
+                        json!([agent_message(&format!("writer {w} post {p}"))]),
+                    )
+                    .await;
+                    assert_eq!(status, StatusCode::OK, "writer {w} post {p}: {body}");
+                }
+            }
+        });
+        futures::future::join_all(writers).await;
+        let texts: Vec<String> = log(server, &session)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "agent.message")
+            .map(|e| e["content"][0]["text"].as_str().expect("text").to_owned())
+            .collect();
+        assert_eq!(texts.len(), WRITERS * POSTS, "{texts:?}");
+        for w in 0..WRITERS {
+            let own: Vec<&String> = texts
+                .iter()
+                .filter(|t| t.starts_with(&format!("writer {w} post ")))
+                .collect();
+            let expected: Vec<String> =
+                (0..POSTS).map(|p| format!("writer {w} post {p}")).collect();
+            assert_eq!(own, expected.iter().collect::<Vec<_>>(), "writer {w}");
+        }
+    })
+    .await;
+}

@@ -12,7 +12,7 @@ use tether_core::Timestamp;
 use tether_store::{ChangeSet, Cursor, EventDoc, Page, PageRequest, Write};
 use tokio::sync::watch;
 
-use super::{with_retries, App, Error, Result, Retry};
+use super::{App, Error, Result, Retry};
 
 /// Appends an event of `kind` with `fields` to `session` (which remembers the newest id). The id is a
 /// fresh UUIDv7 unless that would not sort after the session's newest event (clock skew between
@@ -292,7 +292,7 @@ impl App {
             .await?
             .is_self_hosted();
         let runnable = batch.iter().any(|e| e.kind.is_runnable_input());
-        with_retries(|| async {
+        self.with_session_retries(session_id, || async {
             let current = self.session_versioned(session_id).await?;
             let live = if runnable && self_hosted {
                 self.store.live_work_for_session(session_id).await?
@@ -417,7 +417,7 @@ impl App {
     /// worker to act on and answers `true` ("canceling"); the turn ends when the worker (or an admin
     /// runtime) posts `session.status_idle`. Without a running turn nothing happens.
     pub async fn cancel_session(&self, session_id: &str) -> Result<(bool, Session)> {
-        with_retries(|| async {
+        self.with_session_retries(session_id, || async {
             let current = self.session_versioned(session_id).await?;
             let interrupt =
                 rules::interrupt(current.value.status, current.value.archived_at.is_some())?;

@@ -10,6 +10,7 @@ pub mod events;
 pub mod requeue;
 pub mod sessions;
 pub mod tokens;
+mod turns;
 pub mod work;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use crate::cache::{LeaseHorizon, TtlCache, Weight, WrittenRecords, RECORD_TTL};
 use crate::hub::SessionHub;
 use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
+use turns::SessionTurns;
 
 /// How many times an operation re-reads and re-decides after losing a race before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 32;
@@ -126,6 +128,9 @@ pub struct AppInner {
     /// where the next operation on an item starts instead of reading it.
     pub(crate) written_items: WrittenRecords<tether_core::WorkItem>,
     pub(crate) written_sessions: WrittenRecords<tether_core::resources::Session>,
+    /// Turns at writing a session's document, for the requests of this process that change it
+    /// ([`App::with_session_retries`]).
+    session_turns: SessionTurns,
 }
 
 impl std::ops::Deref for App {
@@ -172,6 +177,7 @@ impl App {
                 WRITTEN_RECORD_BYTES,
                 events::json_size_up_to,
             ),
+            session_turns: SessionTurns::default(),
         }))
     }
 
@@ -260,6 +266,20 @@ impl App {
         if let Err(e) = self.store.announce(vec![notice]).await {
             tracing::debug!(error = %e, "could not announce a session change");
         }
+    }
+}
+
+impl App {
+    /// [`with_retries`] for a request that changes one session's document: it waits for its turn
+    /// behind this process's other such requests for the session first (`turns`), so that any number
+    /// of them succeed rather than race each other past [`MAX_ATTEMPTS`].
+    pub async fn with_session_retries<T, F, Fut>(&self, session_id: &str, attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Retry>>,
+    {
+        let _turn = self.session_turns.take(session_id).await;
+        with_retries(attempt).await
     }
 }
 

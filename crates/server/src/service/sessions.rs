@@ -226,7 +226,7 @@ impl App {
     pub async fn update_session(&self, id: &str, changes: SessionChanges) -> Result<Session> {
         let title = checked_title(changes.title)?;
         let patch = changes.metadata;
-        with_retries(|| async {
+        self.with_session_retries(id, || async {
             let current = self.session_versioned(id).await?;
             let mut next = current.value.clone();
             if title.is_some() {
@@ -248,7 +248,7 @@ impl App {
 
     /// Archive: the session stays readable, refuses input, and its live item is force-stopped (§12.2).
     pub async fn archive_session(&self, id: &str) -> Result<Session> {
-        with_retries(|| async {
+        self.with_session_retries(id, || async {
             let current = self.session_versioned(id).await?;
             if current.value.archived_at.is_some() {
                 return Err(Retry::Fail(Error::AlreadyArchived { what: "session" }));
@@ -274,7 +274,7 @@ impl App {
 
     /// Delete: force-stops the live item, then removes the session and its events.
     pub async fn delete_session(&self, id: &str) -> Result<()> {
-        with_retries(|| async {
+        self.with_session_retries(id, || async {
             let current = self.session_versioned(id).await?;
             let now = self.now();
             let mut doomed = current.value.clone();

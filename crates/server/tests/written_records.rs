@@ -479,3 +479,87 @@ async fn a_large_agent_is_read_for_each_new_session() {
         here.begin_shutdown();
     }
 }
+
+fn agent_message() -> serde_json::Value {
+    json!({"type": "agent.message", "content": [{"type": "text", "text": "working"}]})
+}
+
+/// Requests that change a session take turns at it within one server (`service/turns.rs`), so that
+/// many clients posting to a session do not race each other into 503s. A work item operation that
+/// changes the session too (here a stop) joins the queue once it has lost a race for the session;
+/// before, it kept racing the posts and, under a flood of them, now and then lost every try (503).
+/// Deterministic: the post holds the session's turn at a held commit while the stop loses its race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_session_turn() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "turns").await;
+        let elsewhere = other_server(&counting, Arc::new(SystemClock));
+        let (session_id, id) = acked_item(&here, &env).await;
+        // The first stop leaves the session as it is; the second, to `stopped`, ends its turn.
+        let stopping = here.stop(&env, &id, false).await.expect("first stop");
+        assert_eq!(stopping.state, WorkState::Stopping, "{name}");
+        // Another server changes the session: what `here` remembers of it is one write behind, so
+        // the second stop's first try, made from memory, loses its race.
+        elsewhere
+            .update_session(
+                &session_id,
+                tether_server::service::sessions::SessionChanges {
+                    title: Some("renamed elsewhere".into()),
+                    metadata: None,
+                },
+            )
+            .await
+            .expect("update elsewhere");
+        // A client's post takes the session's turn here and stops at its commit.
+        let held = counting.hold_next_commit();
+        let session = here.session(&session_id).await.expect("session");
+        let post = tokio::spawn({
+            let here = here.clone();
+            async move {
+                here.post_events(
+                    &session,
+                    Sender::Admin,
+                    NewEvents {
+                        events: vec![agent_message()],
+                    },
+                )
+                .await
+            }
+        });
+        held.arrived.await.expect("the post's commit arrives");
+        let stop = tokio::spawn({
+            let (here, env, id) = (here.clone(), env.clone(), id.clone());
+            async move { here.stop(&env, &id, false).await }
+        });
+        // Without turns the stop, re-reading after its loss, would finish now, before the post.
+        let early = tokio::time::timeout(Duration::from_millis(500), async {
+            while !stop.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            early.is_err(),
+            "{name}: the stop went past a post that held the session's turn"
+        );
+        held.release.send(()).expect("release the post");
+        post.await.expect("post task").expect("the post succeeds");
+        let stopped = stop.await.expect("stop task").expect("the stop succeeds");
+        assert_eq!(stopped.state, WorkState::Stopped, "{name}");
+        let session = counting
+            .get_session(&session_id)
+            .await
+            .expect("read")
+            .expect("session");
+        assert_ne!(session.value.status, SessionStatus::Running, "{name}");
+        assert_eq!(
+            session.value.title.as_deref(),
+            Some("renamed elsewhere"),
+            "{name}"
+        );
+        here.begin_shutdown();
+        elsewhere.begin_shutdown();
+    }
+}

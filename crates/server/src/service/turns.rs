@@ -8,6 +8,13 @@
 //! first and then write in one attempt; the conditional write still keeps them apart from other server
 //! processes and from the work queue's own writes, which are few.
 //!
+//! The work queue's operations that may change a session (ack, stop, a lease's expiry) take the
+//! session's turn only after losing a race once, so that the common case pays no lock.
+//!
+//! Invariant: nothing that holds a turn takes another (the locks are not re-entrant, and two sessions
+//! may share one). The holders are the bodies of `App::with_session_retries`, which write one session
+//! and its live item directly, never through another operation that could wait for a turn.
+//!
 //! A fixed number of locks, each shared by the sessions whose ids hash to it: memory stays bounded
 //! whatever the number of sessions, and two sessions that share a lock only take turns, which their
 //! commits to one SQLite writer do anyway.

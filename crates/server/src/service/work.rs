@@ -216,6 +216,11 @@ impl App {
     /// start answers only through a conditional write that succeeds, which proves it was current; an
     /// outcome that writes nothing (a refusal, an expiry, an unchanged item) is decided again from a
     /// fresh read.
+    ///
+    /// An operation that may change the item's session (`ItemRead::ItemAndSession`) and loses a race
+    /// retries in the session's turn (`turns.rs`), as the requests that write sessions do, so that it
+    /// does not lose every race to clients posting to the session meanwhile. Only then: most
+    /// operations win at once, and the turn would cost them a lock for nothing.
     pub async fn run_item_op<T>(
         &self,
         environment_id: &str,
@@ -223,12 +228,22 @@ impl App {
         read: ItemRead,
         op: impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
     ) -> Result<(WorkItem, T)> {
-        with_retries(|| async {
+        let session_of_item = std::sync::OnceLock::<String>::new();
+        let note_session = |item: &WorkItem| {
+            if read == ItemRead::ItemAndSession {
+                if let Some(id) = item.data.session_id() {
+                    // Set once: an item's session never changes.
+                    let _ = session_of_item.set(id.to_owned());
+                }
+            }
+        };
+        let attempt = || async {
             let losses = self.store.losses();
             let mut recalled = None;
             if let Some((current, session)) =
                 self.remembered_item_for(environment_id, work_id, read)
             {
+                note_session(&current.value);
                 recalled = Some(current.version);
                 if let Some(done) = self
                     .decide_item_op(current, session, Start::Remembered, losses, &op)
@@ -238,6 +253,7 @@ impl App {
                 }
             }
             let (current, session) = self.load_item_for(environment_id, work_id, read).await?;
+            note_session(&current.value);
             if recalled.is_some_and(|version| version != current.version) {
                 // Written elsewhere since: the next operation would only send a write to be refused.
                 self.written_items.forget(work_id);
@@ -246,8 +262,16 @@ impl App {
                 .decide_item_op(current, session, Start::Read, losses, &op)
                 .await?;
             Ok(done.expect("a decision from a fresh read is always answered"))
-        })
-        .await
+        };
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(Retry::Fail(e)) => return Err(e),
+            Err(Retry::Conflict) => {}
+        }
+        match session_of_item.get() {
+            Some(session_id) => self.with_session_retries(session_id, attempt).await,
+            None => with_retries(attempt).await,
+        }
     }
 
     /// One attempt of [`Self::run_item_op`] from `current`: `Ok(None)` when it started from memory

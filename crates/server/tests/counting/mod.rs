@@ -42,9 +42,35 @@ pub struct Counting {
     lost: AtomicBool,
     losses: AtomicU64,
     reconnections: AtomicU64,
+    /// Set by [`Counting::hold_next_commit`]: the next commit waits here until the hold is released.
+    held_commit: std::sync::Mutex<Option<CommitHold>>,
+}
+
+/// The next commit's hold: it says when the commit has arrived, then waits for the release.
+struct CommitHold {
+    arrived: tokio::sync::oneshot::Sender<()>,
+    released: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// A held commit, from [`Counting::hold_next_commit`].
+pub struct HeldCommit {
+    pub arrived: tokio::sync::oneshot::Receiver<()>,
+    pub release: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Counting {
+    /// Holds the next commit, whoever makes it, before it reaches the database: `arrived` fires
+    /// when it comes, and it goes on once `release` is sent (or dropped).
+    pub fn hold_next_commit(&self) -> HeldCommit {
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+        let (release, released) = tokio::sync::oneshot::channel();
+        *self.held_commit.lock().expect("hold lock") = Some(CommitHold {
+            arrived: arrived_tx,
+            released,
+        });
+        HeldCommit { arrived, release }
+    }
+
     fn before_call(&self) -> StoreResult<()> {
         if self.down.load(Ordering::SeqCst) {
             if !self.lost.swap(true, Ordering::SeqCst) {
@@ -71,6 +97,11 @@ impl Store for Counting {
         self.inner.backend()
     }
     async fn commit(&self, changes: ChangeSet) -> StoreResult<()> {
+        let hold = self.held_commit.lock().expect("hold lock").take();
+        if let Some(hold) = hold {
+            let _ = hold.arrived.send(());
+            let _ = hold.released.await;
+        }
         self.before_call()?;
         self.after_call(self.inner.commit(changes).await)
     }
@@ -252,6 +283,7 @@ pub async fn counting_app(
         lost: AtomicBool::new(false),
         losses: AtomicU64::new(0),
         reconnections: AtomicU64::new(0),
+        held_commit: std::sync::Mutex::new(None),
     });
     let app = App::new(
         counting.clone(),

@@ -152,9 +152,8 @@ async fn a_work_cycle_on_one_server_reads_each_item_once() {
 async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, here, counting, env) =
-            counting_app(&backend, Arc::new(SystemClock), "two").await;
-        let elsewhere = other_server(&counting, Arc::new(SystemClock));
+        let (_location, here, elsewhere, counting, env) =
+            two_servers(&backend, Arc::new(SystemClock), "two").await;
         let (_, id) = acked_item(&here, &env).await;
         // Timestamps are in microseconds: keep two heartbeats from sharing one.
         let tick = || tokio::time::sleep(Duration::from_millis(2));
@@ -226,6 +225,24 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
     }
 }
 
+/// Two servers over one counting store of `backend` with `clock`, and an environment created
+/// through the first: (its location, `here`, `elsewhere`, the store, the environment).
+async fn two_servers(
+    backend: &tether_testkit::Backend,
+    clock: Arc<dyn tether_core::Clock>,
+    name: &str,
+) -> (
+    tether_testkit::StoreLocation,
+    App,
+    App,
+    Arc<counting::Counting>,
+    tether_core::resources::Environment,
+) {
+    let (location, here, counting, env) = counting_app(backend, clock.clone(), name).await;
+    let elsewhere = other_server(&counting, clock);
+    (location, here, elsewhere, counting, env)
+}
+
 /// A second server over the same store, with no dispatcher tick of its own during the test.
 fn other_server(counting: &Arc<counting::Counting>, clock: Arc<dyn tether_core::Clock>) -> App {
     App::new(
@@ -238,8 +255,13 @@ fn other_server(counting: &Arc<counting::Counting>, clock: Arc<dyn tether_core::
     )
 }
 
+/// An event of type `kind` with one text block.
+fn message(kind: &str, text: &str) -> serde_json::Value {
+    json!({"type": kind, "content": [{"type": "text", "text": text}]})
+}
+
 fn user_message() -> serde_json::Value {
-    json!({"type": "user.message", "content": [{"type": "text", "text": "hi"}]})
+    message("user.message", "hi")
 }
 
 /// The session is what the coupling judges when an item stops; a turn started through another
@@ -248,9 +270,8 @@ fn user_message() -> serde_json::Value {
 async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, here, counting, env) =
-            counting_app(&backend, Arc::new(SystemClock), "turn").await;
-        let elsewhere = other_server(&counting, Arc::new(SystemClock));
+        let (_location, here, elsewhere, counting, env) =
+            two_servers(&backend, Arc::new(SystemClock), "turn").await;
         // Created here, idle: `here` remembers the session as idle.
         let session = session_with(&here, &env, Vec::new()).await;
         assert_eq!(session.status, SessionStatus::Idle, "{name}");
@@ -291,9 +312,8 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
     for backend in backends() {
         let name = backend.name();
         let clock = manual_clock();
-        let (_location, here, counting, env) =
-            counting_app(&backend, Arc::new(clock.clone()), "lapsed").await;
-        let elsewhere = other_server(&counting, Arc::new(clock.clone()));
+        let (_location, here, elsewhere, counting, env) =
+            two_servers(&backend, Arc::new(clock.clone()), "lapsed").await;
         let (session_id, id) = acked_item(&here, &env).await;
         // The worker goes silent; the other server settles the lapsed lease.
         clock.advance_millis(3_600_000);
@@ -480,10 +500,6 @@ async fn a_large_agent_is_read_for_each_new_session() {
     }
 }
 
-fn agent_message() -> serde_json::Value {
-    json!({"type": "agent.message", "content": [{"type": "text", "text": "working"}]})
-}
-
 /// Requests that change a session take turns at it within one server (`service/turns.rs`), so that
 /// many clients posting to a session do not race each other into 503s. A work item operation that
 /// changes the session too (here a stop) joins the queue once it has lost a race for the session;
@@ -493,9 +509,8 @@ fn agent_message() -> serde_json::Value {
 async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_session_turn() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, here, counting, env) =
-            counting_app(&backend, Arc::new(SystemClock), "turns").await;
-        let elsewhere = other_server(&counting, Arc::new(SystemClock));
+        let (_location, here, elsewhere, counting, env) =
+            two_servers(&backend, Arc::new(SystemClock), "turns").await;
         let (session_id, id) = acked_item(&here, &env).await;
         // The first stop leaves the session as it is; the second, to `stopped`, ends its turn.
         let stopping = here.stop(&env, &id, false).await.expect("first stop");
@@ -522,7 +537,7 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
                     &session,
                     Sender::Admin,
                     NewEvents {
-                        events: vec![agent_message()],
+                        events: vec![message("agent.message", "working")],
                     },
                 )
                 .await

@@ -6,10 +6,11 @@
 //! [`super::MAX_ATTEMPTS`] concurrent writers (clients posting events to one session, say) some were
 //! answered 503 although nothing was wrong. Requests of this process therefore queue for their turn
 //! first and then write in one attempt; the conditional write still keeps them apart from other server
-//! processes and from the work queue's own writes, which are few.
+//! processes.
 //!
 //! The work queue's operations that may change a session (ack, stop, a lease's expiry) take the
-//! session's turn only after losing a race once, so that the common case pays no lock.
+//! session's turn only after losing a race once, so that the common case pays no lock; their first
+//! try is kept apart by the conditional write too.
 //!
 //! Invariant: nothing that holds a turn takes another (the locks are not re-entrant, and two sessions
 //! may share one). The holders are the bodies of `App::with_session_retries`, which write one session

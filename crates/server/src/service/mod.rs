@@ -272,13 +272,16 @@ impl App {
 impl App {
     /// [`with_retries`] for a request that changes one session's document: it waits for its turn
     /// behind this process's other such requests for the session first (`turns`), so that any number
-    /// of them succeed rather than race each other past [`MAX_ATTEMPTS`].
+    /// of them succeed rather than race each other past [`MAX_ATTEMPTS`]. A turn that does not come
+    /// within `turns::TURN_WAIT` is [`Error::Contended`] (503, retry).
     pub async fn with_session_retries<T, F, Fut>(&self, session_id: &str, attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Retry>>,
     {
-        let _turn = self.session_turns.take(session_id).await;
+        let Some(_turn) = self.session_turns.take(session_id).await else {
+            return Err(Error::Contended);
+        };
         with_retries(attempt).await
     }
 }

@@ -21,11 +21,17 @@
 //! commits to one SQLite writer do anyway.
 
 use std::hash::BuildHasher as _;
+use std::time::Duration;
 
 use tokio::sync::{Mutex, MutexGuard};
 
 /// How many locks; a power of two, so a hash picks one with a mask.
 const LOCKS: usize = 256;
+
+/// The longest a request waits for its turn before it is told to retry (503), as it would wait for
+/// the request-body budget: a queue behind a database that answers slowly or not at all must not
+/// hold its requests for as long as that lasts.
+pub const TURN_WAIT: Duration = Duration::from_secs(10);
 
 pub struct SessionTurns {
     locks: Box<[Mutex<()>]>,
@@ -45,9 +51,15 @@ impl Default for SessionTurns {
 
 impl SessionTurns {
     /// Waits for this process's earlier writers of `session_id` (first come, first served) and holds
-    /// the turn until the guard is dropped.
-    pub async fn take(&self, session_id: &str) -> MutexGuard<'_, ()> {
-        self.locks[self.index(session_id)].lock().await
+    /// the turn until the guard is dropped; `None` when the turn did not come within [`TURN_WAIT`].
+    pub async fn take(&self, session_id: &str) -> Option<MutexGuard<'_, ()>> {
+        self.take_within(session_id, TURN_WAIT).await
+    }
+
+    async fn take_within(&self, session_id: &str, wait: Duration) -> Option<MutexGuard<'_, ()>> {
+        tokio::time::timeout(wait, self.locks[self.index(session_id)].lock())
+            .await
+            .ok()
     }
 
     fn index(&self, session_id: &str) -> usize {
@@ -60,29 +72,44 @@ impl SessionTurns {
 mod tests {
     use super::*;
 
+    /// The turn, if it is free now.
+    async fn at_once<'a>(turns: &'a SessionTurns, id: &str) -> Option<MutexGuard<'a, ()>> {
+        turns.take_within(id, Duration::ZERO).await
+    }
+
     #[tokio::test]
     async fn one_session_waits_for_its_turn_and_others_need_not() {
         let turns = SessionTurns::default();
-        let held = turns.take("sesn_a").await;
-        let waiting = tokio::time::timeout(std::time::Duration::ZERO, turns.take("sesn_a"));
+        let held = turns.take("sesn_a").await.expect("a free turn");
         assert!(
-            waiting.await.is_err(),
+            at_once(&turns, "sesn_a").await.is_none(),
             "a second writer of the session waits"
         );
         let other = (0..)
             .map(|i| format!("sesn_{i}"))
             .find(|id| turns.index(id) != turns.index("sesn_a"))
             .expect("some id hashes elsewhere");
-        let free = tokio::time::timeout(std::time::Duration::ZERO, turns.take(&other));
         assert!(
-            free.await.is_ok(),
+            at_once(&turns, &other).await.is_some(),
             "a session on another lock does not wait"
         );
         drop(held);
-        let next = tokio::time::timeout(std::time::Duration::ZERO, turns.take("sesn_a"));
         assert!(
-            next.await.is_ok(),
+            at_once(&turns, "sesn_a").await.is_some(),
             "the turn passes on when the holder is done"
         );
+    }
+
+    #[tokio::test]
+    async fn a_turn_that_does_not_come_is_given_up_after_the_bound() {
+        let turns = SessionTurns::default();
+        let _held = turns.take("sesn_a").await.expect("a free turn");
+        let wait = Duration::from_millis(50);
+        let started = tokio::time::Instant::now();
+        assert!(
+            turns.take_within("sesn_a", wait).await.is_none(),
+            "given up"
+        );
+        assert!(started.elapsed() >= wait, "not before the bound");
     }
 }

@@ -12,39 +12,55 @@
 //! session's turn only after losing a race once, so that the common case pays no lock; their first
 //! try is kept apart by the conditional write too.
 //!
-//! Invariant: nothing that holds a turn takes another (the locks are not re-entrant, and two sessions
-//! may share one). The holders are the bodies of `App::with_session_retries`, which write one session
-//! and its live item directly, never through another operation that could wait for a turn.
+//! Invariant: nothing that holds a turn takes another (the locks are not re-entrant). The holders are
+//! the bodies of `App::with_session_retries`, which write one session and its live item directly,
+//! never through another operation that could wait for a turn.
 //!
-//! A fixed number of locks, each shared by the sessions whose ids hash to it: memory stays bounded
-//! whatever the number of sessions, and two sessions that share a lock only take turns, which their
-//! commits to one SQLite writer do anyway.
+//! A session has a lock only while requests hold or wait for its turn: the last one to leave removes
+//! it. So memory is bounded by the requests in flight, not by the number of sessions, and a client
+//! that floods its own session delays no other session's writers.
 
-use std::hash::BuildHasher as _;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Mutex, MutexGuard};
-
-/// How many locks; a power of two, so a hash picks one with a mask.
-const LOCKS: usize = 256;
+use tokio::sync::OwnedMutexGuard;
 
 /// The longest a request waits for its turn before it is told to retry (503), as it would wait for
 /// the request-body budget: a queue behind a database that answers slowly or not at all must not
 /// hold its requests for as long as that lasts.
 pub const TURN_WAIT: Duration = Duration::from_secs(10);
 
+type TurnLock = Arc<tokio::sync::Mutex<()>>;
+
+/// The locks of the sessions that have writers in this process now.
+#[derive(Default)]
 pub struct SessionTurns {
-    locks: Box<[Mutex<()>]>,
-    /// Keyed per process, so that which sessions share a lock cannot be chosen from outside.
-    hasher: std::collections::hash_map::RandomState,
+    locks: Mutex<HashMap<String, TurnLock>>,
 }
 
-impl Default for SessionTurns {
-    fn default() -> Self {
-        const { assert!(LOCKS.is_power_of_two()) };
-        SessionTurns {
-            locks: (0..LOCKS).map(|_| Mutex::new(())).collect(),
-            hasher: Default::default(),
+/// A session's turn, held until dropped.
+pub struct Turn<'a> {
+    // Declared first, so dropped first: the turn passes on before the ticket is given back.
+    _guard: OwnedMutexGuard<()>,
+    _ticket: Ticket<'a>,
+}
+
+/// A place in a session's queue, held or waited for: the lock stays while any ticket does.
+struct Ticket<'a> {
+    turns: &'a SessionTurns,
+    session_id: String,
+    lock: TurnLock,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.turns.locks.lock().expect("turns lock");
+        // The map's reference and this one: nobody else holds or waits for the turn, and nobody can
+        // take a new ticket meanwhile, since that needs the map.
+        if Arc::strong_count(&self.lock) == 2 {
+            let removed = locks.remove(&self.session_id);
+            debug_assert!(removed.is_some_and(|lock| Arc::ptr_eq(&lock, &self.lock)));
         }
     }
 }
@@ -52,19 +68,35 @@ impl Default for SessionTurns {
 impl SessionTurns {
     /// Waits for this process's earlier writers of `session_id` (first come, first served) and holds
     /// the turn until the guard is dropped; `None` when the turn did not come within [`TURN_WAIT`].
-    pub async fn take(&self, session_id: &str) -> Option<MutexGuard<'_, ()>> {
+    pub async fn take(&self, session_id: &str) -> Option<Turn<'_>> {
         self.take_within(session_id, TURN_WAIT).await
     }
 
-    async fn take_within(&self, session_id: &str, wait: Duration) -> Option<MutexGuard<'_, ()>> {
-        tokio::time::timeout(wait, self.locks[self.index(session_id)].lock())
+    async fn take_within(&self, session_id: &str, wait: Duration) -> Option<Turn<'_>> {
+        let ticket = self.ticket(session_id);
+        let guard = tokio::time::timeout(wait, ticket.lock.clone().lock_owned())
             .await
-            .ok()
+            .ok()?;
+        Some(Turn {
+            _guard: guard,
+            _ticket: ticket,
+        })
     }
 
-    fn index(&self, session_id: &str) -> usize {
-        // Truncating the hash is intended: the mask keeps its low bits only.
-        (self.hasher.hash_one(session_id) as usize) & (LOCKS - 1)
+    fn ticket(&self, session_id: &str) -> Ticket<'_> {
+        let mut locks = self.locks.lock().expect("turns lock");
+        let lock = locks.entry(session_id.to_owned()).or_default().clone();
+        Ticket {
+            turns: self,
+            session_id: session_id.to_owned(),
+            lock,
+        }
+    }
+
+    /// How many sessions have a lock now.
+    #[cfg(test)]
+    fn sessions(&self) -> usize {
+        self.locks.lock().expect("turns lock").len()
     }
 }
 
@@ -73,7 +105,7 @@ mod tests {
     use super::*;
 
     /// The turn, if it is free now.
-    async fn at_once<'a>(turns: &'a SessionTurns, id: &str) -> Option<MutexGuard<'a, ()>> {
+    async fn at_once<'a>(turns: &'a SessionTurns, id: &str) -> Option<Turn<'a>> {
         turns.take_within(id, Duration::ZERO).await
     }
 
@@ -85,14 +117,9 @@ mod tests {
             at_once(&turns, "sesn_a").await.is_none(),
             "a second writer of the session waits"
         );
-        let other = (0..)
-            .map(|i| format!("sesn_{i}"))
-            .find(|id| turns.index(id) != turns.index("sesn_a"))
-            .expect("some id hashes elsewhere");
-        assert!(
-            at_once(&turns, &other).await.is_some(),
-            "a session on another lock does not wait"
-        );
+        let other = at_once(&turns, "sesn_b").await;
+        assert!(other.is_some(), "another session does not wait");
+        drop(other);
         drop(held);
         assert!(
             at_once(&turns, "sesn_a").await.is_some(),
@@ -101,9 +128,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn turns_pass_in_the_order_they_were_asked_for() {
+        let turns = Arc::new(SessionTurns::default());
+        let held = turns.take("sesn_a").await.expect("a free turn");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for i in 0..5 {
+            let (turns, order) = (turns.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                let _turn = turns.take("sesn_a").await.expect("the turn comes");
+                order.lock().unwrap().push(i);
+            }));
+            // On this single-threaded runtime, yielding runs the waiter up to its place in the
+            // queue before the next one is spawned.
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        for waiter in waiters {
+            waiter.await.expect("waiter");
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(turns.sessions(), 0, "the last one out removed the lock");
+    }
+
+    #[tokio::test]
     async fn a_turn_that_does_not_come_is_given_up_after_the_bound() {
         let turns = SessionTurns::default();
-        let _held = turns.take("sesn_a").await.expect("a free turn");
+        let held = turns.take("sesn_a").await.expect("a free turn");
         let wait = Duration::from_millis(50);
         let started = tokio::time::Instant::now();
         assert!(
@@ -111,5 +162,27 @@ mod tests {
             "given up"
         );
         assert!(started.elapsed() >= wait, "not before the bound");
+        drop(held);
+        assert_eq!(
+            turns.sessions(),
+            0,
+            "a waiter that gave up leaves nothing behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn locks_live_only_while_they_are_wanted() {
+        let turns = SessionTurns::default();
+        for i in 0..1_000 {
+            let _turn = turns.take(&format!("sesn_{i}")).await.expect("free");
+        }
+        assert_eq!(turns.sessions(), 0);
+        let a = turns.take("sesn_a").await.expect("free");
+        let b = turns.take("sesn_b").await.expect("free");
+        assert_eq!(turns.sessions(), 2);
+        drop(a);
+        assert_eq!(turns.sessions(), 1);
+        drop(b);
+        assert_eq!(turns.sessions(), 0);
     }
 }

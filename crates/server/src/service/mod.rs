@@ -284,6 +284,31 @@ impl App {
         };
         with_retries(attempt).await
     }
+
+    /// [`with_retries`] for an operation on a work item that may change the item's session too (an
+    /// ack, a stop, an expiry, a requeue). Its first try takes no turn: most win at once, and the lock
+    /// would cost them for nothing. Once it has lost a race, it retries in the turn of the session
+    /// that `session_of` names by then (each try sets it when it reads the item), as the requests
+    /// that write sessions do, rather than keep losing to clients posting to the session.
+    pub async fn with_retries_then_session_turn<T, F, Fut>(
+        &self,
+        session_of: &std::sync::OnceLock<String>,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Retry>>,
+    {
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(Retry::Fail(e)) => return Err(e),
+            Err(Retry::Conflict) => {}
+        }
+        match session_of.get() {
+            Some(session_id) => self.with_session_retries(session_id, attempt).await,
+            None => with_retries(attempt).await,
+        }
+    }
 }
 
 /// Retries `attempt` while it loses races, up to [`MAX_ATTEMPTS`].

@@ -7,7 +7,7 @@ use tether_core::work::{self, RequeueRequest};
 use tether_core::{Cause, WorkItem};
 use tether_store::{ChangeSet, Write};
 
-use super::{with_retries, App, Error, Result, Retry};
+use super::{App, Error, Result, Retry};
 
 /// History lines read to learn whether an item was requeued before. A poison item has a handful
 /// (four per lease it went through, at most `max_requeues` + 1 leases); past this many the item is
@@ -26,8 +26,14 @@ impl App {
         by: &str,
         reason: Option<&str>,
     ) -> Result<WorkItem> {
-        let fresh = with_retries(|| async {
+        // The requeue writes the session as its guard: under clients posting to it, it takes the
+        // session's turn after a lost race, as an ack or a stop does.
+        let session_of_item = std::sync::OnceLock::new();
+        let attempt = || async {
             let current = self.load_item(&env.id, work_id).await?;
+            if let Some(id) = current.value.data.session_id() {
+                let _ = session_of_item.set(id.to_owned());
+            }
             let history = self.store.list_history(work_id, None, HISTORY_READ).await?;
             let already_requeued = history.has_more
                 || history
@@ -84,8 +90,10 @@ impl App {
             });
             self.commit(changes).await?;
             Ok::<_, Retry>(requeue.fresh.item)
-        })
-        .await?;
+        };
+        let fresh = self
+            .with_retries_then_session_turn(&session_of_item, attempt)
+            .await?;
         self.announce_claimable(std::slice::from_ref(&env.id)).await;
         // §3.1: a requeue runs a dispatcher pass at once.
         self.dispatch_now.notify_one();

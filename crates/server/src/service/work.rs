@@ -14,7 +14,7 @@ use tether_store::{
 };
 
 use super::events::server_event;
-use super::{with_retries, App, Error, Missing, Result, Retry};
+use super::{App, Error, Missing, Result, Retry};
 use crate::credentials;
 
 /// A poll's catch: the item and the session token minted for this delivery.
@@ -217,10 +217,8 @@ impl App {
     /// outcome that writes nothing (a refusal, an expiry, an unchanged item) is decided again from a
     /// fresh read.
     ///
-    /// An operation that may change the item's session (`ItemRead::ItemAndSession`) and loses a race
-    /// retries in the session's turn (`turns.rs`), as the requests that write sessions do, so that it
-    /// does not lose every race to clients posting to the session meanwhile. Only then: most
-    /// operations win at once, and the turn would cost them a lock for nothing.
+    /// An operation that may change the item's session (`ItemRead::ItemAndSession`) retries in the
+    /// session's turn once it has lost a race ([`App::with_retries_then_session_turn`]).
     pub async fn run_item_op<T>(
         &self,
         environment_id: &str,
@@ -263,15 +261,8 @@ impl App {
                 .await?;
             Ok(done.expect("a decision from a fresh read is always answered"))
         };
-        match attempt().await {
-            Ok(done) => return Ok(done),
-            Err(Retry::Fail(e)) => return Err(e),
-            Err(Retry::Conflict) => {}
-        }
-        match session_of_item.get() {
-            Some(session_id) => self.with_session_retries(session_id, attempt).await,
-            None => with_retries(attempt).await,
-        }
+        self.with_retries_then_session_turn(&session_of_item, attempt)
+            .await
     }
 
     /// One attempt of [`Self::run_item_op`] from `current`: `Ok(None)` when it started from memory

@@ -83,32 +83,27 @@ async fn claim(
             // An item this poll would have claimed is handed out again after the reclaim window.
             _ = reached(&mut phase, Phase::Draining) => return Ok(()),
         };
-        match polled {
+        // What went wrong, when the next poll must wait for the backoff: a message and what it is about.
+        let (trouble, about) = match polled {
             // An id the worker would make paths of (its work directory, its log file, its cgroups)
             // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
-            Ok(Some(item)) if !is_plain_name(&item.id) => {
-                let delay = backoff.next_delay();
-                report.warn(
-                    "the server handed out a work item whose id is not a plain name: not running it",
-                    &[
-                        ("work_id", &format!("{:?}", item.id)),
-                        ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
-                    ],
-                );
-                report.activity(Activity::Backoff(delay));
-                if !waited(&mut phase, delay).await {
-                    return Ok(());
-                }
-            }
+            Ok(Some(item)) if !is_plain_name(&item.id) => (
+                "the server handed out a work item whose id is not a plain name: not running it",
+                ("work_id", format!("{:?}", item.id)),
+            ),
             // Capacity left and work found: poll again at once.
             Ok(Some(item)) => {
                 backoff.reset();
                 *claimed += 1;
                 *idle_since = Instant::now();
                 tasks.spawn(supervisor::serve(shared.clone(), item, slot));
+                continue;
             }
             // The long poll already waited.
-            Ok(None) if asked.elapsed() >= EARLY_EMPTY_POLL => backoff.reset(),
+            Ok(None) if asked.elapsed() >= EARLY_EMPTY_POLL => {
+                backoff.reset();
+                continue;
+            }
             // Nothing, and at once: a server that does not hold polls (or is shutting down) would
             // otherwise be polled as fast as it answers. §8: sleep a random 1–3 s.
             Ok(None) => {
@@ -117,22 +112,22 @@ async fn claim(
                 if !waited(&mut phase, pause).await {
                     return Ok(());
                 }
+                continue;
             }
             Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
-            Err(e) => {
-                let delay = backoff.next_delay();
-                report.warn(
-                    "poll failed; retrying",
-                    &[
-                        ("error", &e.to_string()),
-                        ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
-                    ],
-                );
-                report.activity(Activity::Backoff(delay));
-                if !waited(&mut phase, delay).await {
-                    return Ok(());
-                }
-            }
+            Err(e) => ("poll failed; retrying", ("error", e.to_string())),
+        };
+        let delay = backoff.next_delay();
+        report.warn(
+            trouble,
+            &[
+                (about.0, &about.1),
+                ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
+            ],
+        );
+        report.activity(Activity::Backoff(delay));
+        if !waited(&mut phase, delay).await {
+            return Ok(());
         }
     }
 }

@@ -8,7 +8,7 @@
 //! first and then write in one attempt; the conditional write still keeps them apart from other server
 //! processes.
 //!
-//! The work queue's operations that may change a session (ack, stop, a lease's expiry) take the
+//! The work queue's operations that may change a session (ack, stop, a lease's expiry, requeue) take the
 //! session's turn only after losing a race once, so that the common case pays no lock; their first
 //! try is kept apart by the conditional write too.
 //!

@@ -1088,3 +1088,61 @@ async fn check_order_d32_on_resource_bodies() {
     })
     .await;
 }
+
+/// `depth` nested arrays.
+fn nested_arrays(depth: usize) -> Value {
+    serde_json::from_str(&format!("{}{}", "[".repeat(depth), "]".repeat(depth))).expect("nested")
+}
+
+#[tokio::test]
+async fn bodies_nested_too_deep_are_400_and_what_was_accepted_stays_readable() {
+    each_backend(async |server| {
+        let env = server.self_hosted_environment().await;
+        // The body, its `tools` array and the tool object are three levels; the tool's field the rest.
+        let agent_nested = |depth: usize| {
+            json!({"name": "deep", "model": "m", "tools": [{"x": nested_arrays(depth - 3)}]})
+        };
+
+        let too_deep = req(server, Method::POST, "/agents")
+            .json(agent_nested(101))
+            .send()
+            .await;
+        let error = too_deep.error(400, "invalid_request_error");
+        assert!(
+            error["message"].as_str().unwrap().contains("100 deep"),
+            "{error}"
+        );
+
+        // The deepest accepted agent: its sessions embed it a level deeper, and must still be read,
+        // listed, archived and deleted, on both dialects.
+        let agent = req(server, Method::POST, "/agents")
+            .json(agent_nested(100))
+            .send()
+            .await;
+        let agent = agent.ok()["id"].as_str().expect("agent id").to_owned();
+        let session = req(server, Method::POST, "/sessions")
+            .json(json!({"agent": agent, "environment_id": env}))
+            .send()
+            .await;
+        let session = session.ok()["id"].as_str().expect("session id").to_owned();
+        let read = req(server, Method::GET, &format!("/sessions/{session}"))
+            .send()
+            .await;
+        assert_eq!(read.ok()["agent"]["tools"][0]["x"], nested_arrays(97));
+        let read = req_v1(server, Method::GET, &format!("/sessions/{session}"))
+            .send()
+            .await;
+        assert_eq!(read.ok()["id"], json!(session));
+        let listed = req(server, Method::GET, "/sessions").send().await;
+        assert_eq!(listed.ok()["data"][0]["id"], json!(session));
+        let archived = req(server, Method::POST, &format!("/sessions/{session}/archive"))
+            .send()
+            .await;
+        assert!(archived.ok()["archived_at"].is_string());
+        let deleted = req(server, Method::DELETE, &format!("/sessions/{session}"))
+            .send()
+            .await;
+        assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
+    })
+    .await;
+}

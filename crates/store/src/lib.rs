@@ -179,10 +179,24 @@ impl Candidate {
     pub fn decode(&self) -> StoreResult<Versioned<WorkItem>> {
         Ok(Versioned {
             version: self.version,
-            value: serde_json::from_str(&self.doc)
+            value: read_record(&self.doc)
                 .map_err(|e| StoreError::Internal(format!("corrupt record: {e}")))?,
         })
     }
+}
+
+/// Reads a stored document, without serde_json's limit of 128 nested arrays and objects. A record
+/// holds what a client sent a level or two deeper than the client sent it (a session embeds its
+/// agent), so a body the server accepted must not make its record unreadable: the limit would turn
+/// every read of the session, and every list that holds it, into an error. Records are written only
+/// by the server, from values it parsed itself, so their depth stays bounded by what it accepts (the
+/// server's `MAX_BODY_DEPTH`, or 128 for records written before that bound).
+pub fn read_record<T: serde::de::DeserializeOwned>(text: &str) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }
 
 /// A page request: at most `limit` rows in ascending id order (descending when `descending`).
@@ -440,4 +454,19 @@ pub fn history_seq(version: i64, index: usize) -> i64 {
 /// written with it or after.
 pub fn history_chunk_seq(version: i64) -> i64 {
     history_seq(version, 0) - 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_nested_past_the_parsers_limit_is_read() {
+        let depth = 200;
+        let text = format!(r#"{{"tools":{}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_err());
+        let value: serde_json::Value = read_record(&text).expect("read");
+        assert!(value["tools"].is_array());
+        assert!(read_record::<serde_json::Value>(r#"{"a":1} trailing"#).is_err());
+    }
 }

@@ -274,7 +274,7 @@ fn to_doc<T: serde::Serialize>(value: &T) -> Value {
 
 fn from_doc<T: serde::de::DeserializeOwned>(value: &Value) -> StoreResult<T> {
     match value {
-        Value::Text(text) => serde_json::from_str(text)
+        Value::Text(text) => crate::read_record(text)
             .map_err(|e| StoreError::Internal(format!("corrupt record: {e}"))),
         other => Err(StoreError::Internal(format!(
             "expected a document, found {other:?}"

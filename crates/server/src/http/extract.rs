@@ -296,9 +296,30 @@ impl FromRequest<App> for JsonBody {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(None));
         }
-        serde_json::from_slice(&bytes)
-            .map(|v| JsonBody(Some(v)))
-            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+        })?;
+        if nests_deeper_than(&value, MAX_BODY_DEPTH) {
+            return Err(ApiError::bad_request(format!(
+                "the request body nests arrays and objects more than {MAX_BODY_DEPTH} deep"
+            )));
+        }
+        Ok(JsonBody(Some(value)))
+    }
+}
+
+/// The most arrays and objects a request body may nest. The parser itself stops at 128, but what a
+/// client sends is stored and answered a level or two deeper (a session holds its agent, tools
+/// and all), and every reader of those answers — the official SDKs, `tether-client`, anyone's
+/// serde_json — must be able to read them within that same common limit.
+pub const MAX_BODY_DEPTH: usize = 100;
+
+/// Whether `value` nests arrays and objects more than `max` deep (a scalar is depth 0, `[]` depth 1).
+fn nests_deeper_than(value: &Value, max: usize) -> bool {
+    match value {
+        Value::Array(items) => max == 0 || items.iter().any(|v| nests_deeper_than(v, max - 1)),
+        Value::Object(fields) => max == 0 || fields.values().any(|v| nests_deeper_than(v, max - 1)),
+        _ => false,
     }
 }
 
@@ -315,5 +336,36 @@ pub fn integer(raw: &str) -> Option<i64> {
             IntErrorKind::NegOverflow => Some(i64::MIN),
             _ => None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(depth: usize) -> Value {
+        let text = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        serde_json::from_str(&text).expect("within the parser's limit")
+    }
+
+    #[test]
+    fn depth_counts_arrays_and_objects_not_scalars() {
+        let cases = [
+            (serde_json::json!(1), 0),
+            (serde_json::json!([]), 1),
+            (serde_json::json!({"a": [1, {"b": "c"}]}), 3),
+            (serde_json::json!([[], [[[]]], 2]), 4),
+            (nested(MAX_BODY_DEPTH), MAX_BODY_DEPTH),
+        ];
+        for (value, depth) in cases {
+            assert!(!nests_deeper_than(&value, depth), "{value} within {depth}");
+            if depth > 0 {
+                assert!(
+                    nests_deeper_than(&value, depth - 1),
+                    "{value} beyond {}",
+                    depth - 1
+                );
+            }
+        }
     }
 }

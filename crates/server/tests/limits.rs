@@ -281,10 +281,22 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
             NEARLY_ALL,
         )
         .await;
+        let refused = server
+            .http()
+            .post(server.url(&format!("/sessions/{session}/events")))
+            .bearer_auth(&server.admin_token)
+            .json(&json!({"events": [text_event("agent.message", &"x".repeat(20_000))]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
-            post_a_large_event(&server, &session, 20_000).await,
-            StatusCode::SERVICE_UNAVAILABLE
+            refused.headers().get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..]),
+            "the refusal says when to retry, in the envelope"
         );
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "overloaded_error", "{body}");
         drop(holder);
         server.shutdown().await;
     }

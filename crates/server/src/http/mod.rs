@@ -139,14 +139,12 @@ async fn envelope(request: Request, next: Next) -> Response {
     );
     let mut response = next.run(request).instrument(span.clone()).await;
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {
-        let body = error.body(&request_id);
-        response = (error.status, Json(body)).into_response();
+        response = enveloped(response, &error, &request_id);
     } else if (response.status().is_client_error() || response.status().is_server_error())
         && !is_json(&response)
     {
         let error = ApiError::for_status(response.status());
-        let body = error.body(&request_id);
-        response = (error.status, Json(body)).into_response();
+        response = enveloped(response, &error, &request_id);
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         // The Anthropic SDK reads `request-id`; D-18 names `x-request-id`. Both carry the same value.
@@ -171,6 +169,24 @@ async fn envelope(request: Request, next: Next) -> Response {
         )
     });
     response
+}
+
+/// `error` in the envelope, in place of `response`'s body. The headers the refusal was given are kept
+/// (`Allow` on a 405, `retry-after` on a 503), but not those that described the body it replaces.
+fn enveloped(response: Response, error: &ApiError, request_id: &str) -> Response {
+    let mut enveloped = (error.status, Json(error.body(request_id))).into_response();
+    let (parts, _) = response.into_parts();
+    for (name, value) in &parts.headers {
+        if !matches!(
+            *name,
+            axum::http::header::CONTENT_TYPE
+                | axum::http::header::CONTENT_LENGTH
+                | axum::http::header::TRANSFER_ENCODING
+        ) {
+            enveloped.headers_mut().append(name, value.clone());
+        }
+    }
+    enveloped
 }
 
 fn is_json(response: &Response) -> bool {

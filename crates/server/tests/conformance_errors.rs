@@ -1018,6 +1018,21 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
             ["enqueued"],
             "GET …/ack did not ack"
         );
+
+        // HEAD is served as GET without the body, except on the poll, which would claim an item
+        // that nobody then sees.
+        let head = q
+            .req(Method::HEAD, &q.path("/poll"))
+            .worker("head-only")
+            .send()
+            .await;
+        assert_eq!(head.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(head.header("allow"), Some("GET"));
+        assert!(head.header("x-request-id").is_some());
+        assert_eq!(q.causes(&item.id).await, ["enqueued"], "HEAD did not claim");
+        assert_eq!(q.stats().await["workers_polling"], 0);
+        let head = q.req(Method::HEAD, &q.path("/stats")).send().await;
+        assert_eq!(head.status, StatusCode::OK);
     })
     .await;
 }

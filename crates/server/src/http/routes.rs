@@ -243,6 +243,28 @@ impl Endpoint {
         self.returns = returns;
         self
     }
+
+    /// For a GET that changes state (the poll claims an item): HEAD is refused instead of being
+    /// served by the GET handler, as the router would otherwise do. A HEAD request is safe by
+    /// definition (RFC 9110 §9.2.1), and its answer has no body: a HEAD poll would claim an item, mint
+    /// its session token and show a worker that nobody can see.
+    fn no_head(mut self) -> Self {
+        assert_eq!(self.verb, Verb::Get, "HEAD is served only by GET routes");
+        self.route = self.route.head(head_refused);
+        self
+    }
+}
+
+async fn head_refused() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let mut response =
+        crate::error::ApiError::for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
+            .into_response();
+    response.headers_mut().insert(
+        axum::http::header::ALLOW,
+        axum::http::HeaderValue::from_static("GET"),
+    );
+    response
 }
 
 const PAGE: &[Param] = &[
@@ -337,7 +359,8 @@ pub fn api() -> Vec<Endpoint> {
                 q("reclaim_older_than_ms", Ty::Integer, "Re-deliver un-acked deliveries older than this (default 5000; at least 0 on /api/v1/cloud, 1 on /v1)."),
                 WORKER_ID,
             ])
-            .returns(JsonOrNull(shape::<api::WorkItem>())),
+            .returns(JsonOrNull(shape::<api::WorkItem>()))
+            .no_head(),
         ep(Get, "/environments/{environment_id}/work/stats", "workStats", work::stats)
             .doc("work", "Queue statistics")
             .access(Environment)

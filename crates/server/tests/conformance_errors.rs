@@ -162,6 +162,8 @@ async fn environment_keys_and_session_tokens_are_scoped() {
                 b_item.id.clone(),
                 unknown_id("work"),
                 "work_malformed".to_owned(),
+                // %-escapes that decode to no UTF-8 text.
+                "work_%ff".to_owned(),
             ] {
                 let path = endpoint_path(&b.env, &work, suffix);
                 let reply = req(
@@ -336,6 +338,10 @@ async fn unknown_and_malformed_ids_are_404() {
             format!("{}0", q.env),
             item.session.clone(),
             "environment".to_owned(),
+            // %-escapes that decode to no UTF-8 text, and one that does.
+            "%ff".to_owned(),
+            format!("{}%c3%28", q.env),
+            "env_%e2%82%ac".to_owned(),
         ];
         for env in &bad_envs {
             for (name, m, suffix) in ENDPOINTS {
@@ -360,6 +366,8 @@ async fn unknown_and_malformed_ids_are_404() {
             item.session.clone(),
             q.env.clone(),
             foreign.id.clone(),
+            "%ff".to_owned(),
+            format!("{}%80", item.id),
         ];
         for work in &bad_items {
             for (name, m, suffix) in ENDPOINTS.iter().filter(|(_, _, s)| has_item(s)) {
@@ -374,6 +382,10 @@ async fn unknown_and_malformed_ids_are_404() {
                 );
                 reply.error(404, "not_found_error");
             }
+        }
+        for path in ["/environments/%ff", "/sessions/sess_%c3%28", "/agents/%80"] {
+            let reply = req(server, Method::GET, path).send().await;
+            reply.error(404, "not_found_error");
         }
         assert_eq!(q.causes(&item.id).await, ["enqueued"]);
         assert_eq!(

@@ -72,7 +72,7 @@ pub fn router(app: App, body_limit: usize) -> Router {
         // take the dialect from the path, `extract::dialect_of`).
         router = guarded(router, &app, dialect.prefix(), routes::api(), &bodies);
     }
-    router
+    let router = router
         // Both refusals drain what they can of the body, as an authorization refusal does, so that the
         // client keeps its connection. Each route's `Allow` header is kept on its 405.
         .method_not_allowed_fallback(|body: axum::body::Body| async {
@@ -88,7 +88,69 @@ pub fn router(app: App, body_limit: usize) -> Router {
             ApiError::internal("internal error").into_response()
         }))
         .layer(middleware::from_fn(envelope))
-        .with_state(app)
+        .with_state(app);
+    // Before routing, so that the rewritten path is what the routes see.
+    Router::new()
+        .fallback_service(router)
+        .layer(tower::util::MapRequestLayer::new(readable_path))
+}
+
+/// Path segments whose %-escapes decode to no UTF-8 text are read as their lossy decoding (U+FFFD
+/// for each bad sequence), escaped again. Ids are ASCII, so such a segment names nothing: the request
+/// is routed as any other and its id is not found — 404 after the credential's 401 and 403 (D-2,
+/// D-32). Left as they came, the router refuses the undecodable parameter with a 400 before any of
+/// those checks.
+fn readable_path(mut request: Request) -> Request {
+    use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
+    // What must stay escaped in a path segment (RFC 3986 §3.3), beyond the controls.
+    const SEGMENT: &AsciiSet = &CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'%')
+        .add(b'/')
+        .add(b'<')
+        .add(b'>')
+        .add(b'?')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}');
+    let undecodable = |segment: &str| percent_decode_str(segment).decode_utf8().is_err();
+    let path = request.uri().path();
+    if !path.contains('%') || !path.split('/').any(undecodable) {
+        return request;
+    }
+    let mut readable: String = path
+        .split('/')
+        .map(|segment| {
+            if undecodable(segment) {
+                let text =
+                    String::from_utf8_lossy(&percent_decode_str(segment).collect::<Vec<u8>>())
+                        .into_owned();
+                utf8_percent_encode(&text, SEGMENT).to_string()
+            } else {
+                segment.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    if let Some(query) = request.uri().query() {
+        readable.push('?');
+        readable.push_str(query);
+    }
+    let mut parts = request.uri().clone().into_parts();
+    match readable.parse() {
+        Ok(path_and_query) => {
+            parts.path_and_query = Some(path_and_query);
+            if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+        // Cannot happen (the rest of the path was a valid URI, and the new segments are escaped);
+        // the request then goes on as it came.
+        Err(_) => debug_assert!(false, "a readable path is a valid URI: {readable:?}"),
+    }
+    request
 }
 
 /// A request id as the log shows it: the characters ids are made of as they are, any other

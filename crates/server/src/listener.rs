@@ -236,10 +236,15 @@ async fn refuse_plain_http(mut stream: TcpStream) {
     // Read the request first: closing a socket with unread bytes resets it, and the client would then
     // lose the answer.
     let mut request = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut request)).await;
+    let read = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut request)).await;
+    let head = match read {
+        Ok(Ok(n)) => &request[..n],
+        _ => &[],
+    };
+    let request_id = crate::http::request_id(header_of(head, "x-request-id"));
     let body = serde_json::json!({
         "type": "error",
-        "request_id": null,
+        "request_id": request_id,
         "error": {
             "type": "invalid_request_error",
             "message": "this port speaks HTTPS: use an https:// URL",
@@ -247,13 +252,30 @@ async fn refuse_plain_http(mut stream: TcpStream) {
     })
     .to_string();
     let response = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         request-id: {request_id}\r\nx-request-id: {request_id}\r\nx-should-retry: false\r\n\
+         connection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
     let drained = async { while matches!(stream.read(&mut request).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;
+}
+
+/// The value of the header `name` in the head of an HTTP/1 request as it came (lines after the
+/// request line, up to the blank line), its surrounding blanks trimmed.
+fn header_of<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    head.split(|&b| b == b'\n')
+        .skip(1)
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .take_while(|line| !line.is_empty())
+        .find_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            let (key, value) = (&line[..colon], &line[colon + 1..]);
+            key.eq_ignore_ascii_case(name.as_bytes())
+                .then(|| value.trim_ascii())
+        })
 }
 
 /// Serves HTTP on one connection until it ends, a timeout closes it, or the server stops.

@@ -174,16 +174,27 @@ fn loggable_request_id(id: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// A request's id (D-18): the client's own `x-request-id` when it has one of 1 to 200 visible ASCII
+/// characters, else a new UUID.
+pub fn request_id(client: Option<&[u8]>) -> String {
+    let visible = |b: &u8| *b == b'\t' || (0x20..0x7f).contains(b);
+    match client {
+        Some(id) if !id.is_empty() && id.len() <= 200 && id.iter().all(visible) => {
+            String::from_utf8_lossy(id).into_owned()
+        }
+        _ => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
 /// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
 /// request causes is logged inside its span, so every line carries the request id.
 async fn envelope(request: Request, next: Next) -> Response {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let request_id = request_id(
+        request
+            .headers()
+            .get("x-request-id")
+            .map(HeaderValue::as_bytes),
+    );
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -402,6 +402,40 @@ test('the work list of an environment holding 10,000 items', async () => {
   console.log(`dashboard: seeded ${total} work items in ${(seeded / 1000).toFixed(1)} s; ` +
     `work list of ${total} items shown in ${cold.toFixed(0)} ms (first), ${warm.toFixed(0)} ms (again), ` +
     'from navigation to 50 rendered rows, headless Chromium');
+
+  // The pager, backwards from the newest page: each page is the 50 items before the last one's
+  // first, and Earlier is offered until the oldest item is on the page.
+  const ids = [];
+  for (let cursor = null; ;) {
+    const listed = await api(server, 'GET', `/environments/${big.id}/work?limit=100${cursor ? `&page=${cursor}` : ''}`);
+    ids.push(...listed.data.map((i) => i.id));
+    if (!listed.has_more) break;
+    cursor = listed.next_page;
+  }
+  assert.equal(ids.length, total);
+  const shown = () => page.evaluate(() => [...document.querySelectorAll('[aria-label="Work items"] tbody tr td:first-child [title]')]
+    .map((e) => e.getAttribute('title')));
+  const button = (name) => page.getByRole('button', { name, exact: true });
+  const showsPage = async (expected) => until('the page of the pager', async () =>
+    JSON.stringify(await shown()) === JSON.stringify(expected));
+  // The page opens on the newest items.
+  await showsPage(ids.slice(total - 50));
+  assert.equal(await button('Newest').isDisabled(), true);
+  assert.equal(await button('Later').isDisabled(), true);
+  assert.equal(await button('Earlier').isDisabled(), false);
+  await button('Earlier').click();
+  await showsPage(ids.slice(total - 100, total - 50));
+  assert.equal(await button('Later').isDisabled(), false);
+  await button('Later').click();
+  await showsPage(ids.slice(total - 50));
+  // A backward page that reaches the oldest item offers nothing earlier.
+  await button('Oldest').click();
+  await showsPage(ids.slice(0, 50));
+  await button('Later').click();
+  await showsPage(ids.slice(50, 100));
+  await button('Earlier').click();
+  await showsPage(ids.slice(0, 50));
+  assert.equal(await button('Earlier').isDisabled(), true, 'nothing precedes the oldest item');
   noProblems();
 });
 

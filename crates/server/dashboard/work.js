@@ -121,7 +121,11 @@ function queuePage(main, ctx, envId) {
 
   async function refreshWork() {
     const started = performance.now();
-    const params = { limit: WORK_PAGE, state: stateFilter, after_id: cursor.after, before_id: cursor.before };
+    const backward = Boolean(cursor.before);
+    // A page read backwards asks for one item more: `has_more` tells what follows a page in queue
+    // order (§1.8), so that extra item, the earliest, is what tells whether an earlier page exists.
+    const limit = backward ? WORK_PAGE + 1 : WORK_PAGE;
+    const params = { limit, state: stateFilter, after_id: cursor.after, before_id: cursor.before };
     const [page, seen] = await Promise.all([
       api.get(`${base}/work${api.query(params)}`, { signal: ctx.signal }),
       api.get(`${base}/workers`, { signal: ctx.signal }),
@@ -129,6 +133,10 @@ function queuePage(main, ctx, envId) {
     if (!ctx.active) return;
     const held = holders(seen);
     const now = Date.now();
+    const beyond = backward && page.data.length > WORK_PAGE;
+    const items = beyond ? page.data.slice(1) : page.data;
+    const firstId = items.length ? items[0].id : null;
+    const lastId = items.length ? items[items.length - 1].id : null;
     fill(work, table('Work items', [
       ['Item', (i) => idCell(i.id, workHref(envId, i.id))],
       ['State', (i) => stateBadge(i.state)],
@@ -138,24 +146,23 @@ function queuePage(main, ctx, envId) {
       ['Deliveries', (i) => String(i.delivery_count ?? 0)],
       ['Requeues', (i) => String(i.requeue_count ?? 0)],
       ['Session', (i) => idCell(i.data.id, sessionHref(i.data.id))],
-    ], page.data, stateFilter ? `No ${stateFilter} items on this page.` : 'No work items.'));
+    ], items, stateFilter ? `No ${stateFilter} items on this page.` : 'No work items.'));
     work.dataset.renderedMs = String(Math.round(performance.now() - started));
-    const backward = Boolean(cursor.before);
     const atNewest = cursor.before === AFTER_EVERY_ID;
     const atOldest = !cursor.before && !cursor.after;
-    const earlier = backward ? page.has_more : !atOldest && page.data.length > 0;
-    const later = backward ? !atNewest && page.data.length > 0 : page.has_more;
+    const earlier = backward ? beyond : !atOldest && items.length > 0;
+    const later = backward ? !atNewest && items.length > 0 : page.has_more;
     const move = (next) => () => {
       cursor = next;
       refreshWork().catch((e) => notify(e.message, { key: 'work' }));
     };
     fill(pager,
       h('button', { type: 'button', disabled: atOldest, onclick: move({}) }, 'Oldest'),
-      h('button', { type: 'button', disabled: !earlier, onclick: move({ before: page.first_id }) }, 'Earlier'),
-      h('button', { type: 'button', disabled: !later, onclick: move({ after: page.last_id }) }, 'Later'),
+      h('button', { type: 'button', disabled: !earlier, onclick: move({ before: firstId }) }, 'Earlier'),
+      h('button', { type: 'button', disabled: !later, onclick: move({ after: lastId }) }, 'Later'),
       h('button', { type: 'button', disabled: atNewest, onclick: move({ before: AFTER_EVERY_ID }) }, 'Newest'));
-    fill(position, page.data.length
-      ? `Items ${shortId(page.first_id)} to ${shortId(page.last_id)} in queue order, ${WORK_PAGE} a page` +
+    fill(position, items.length
+      ? `Items ${shortId(firstId)} to ${shortId(lastId)} in queue order, ${WORK_PAGE} a page` +
         `${atNewest ? ' (the newest)' : ''}.`
       : '');
     fill(workers, table('Workers', [

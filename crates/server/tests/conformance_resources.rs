@@ -1199,15 +1199,28 @@ async fn work_list_pagination() {
         assert_eq!(listed_ids(&before), all[45..50]);
         assert_eq!(before["first_id"], json!(all[45]));
         assert_eq!(before["last_id"], json!(all[49]));
+        // `has_more` and `next_page` say what follows the page in list order (§1.8, D-3), whichever
+        // way it was asked for: here the cursor's own item and on.
         assert_eq!(before["has_more"], true);
+        assert_eq!(before["next_page"], json!(all[49]));
         let start = list(format!("?limit=5&before_id={}", all[3]))
             .await
             .ok()
             .clone();
         assert_eq!(listed_ids(&start), all[..3]);
+        assert_eq!(start["has_more"], true, "nothing precedes it, but all[3] follows");
+        assert_eq!(start["next_page"], json!(all[2]));
+        let newest = list("?limit=2&before_id=work_ffffffffffffffffffffffffffffffff".into())
+            .await
+            .ok()
+            .clone();
+        assert_eq!(listed_ids(&newest), all[103..]);
+        assert_eq!(newest["has_more"], false, "nothing follows the newest page");
+        assert!(newest["next_page"].is_null());
         let none = list(format!("?before_id={}", all[0])).await.ok().clone();
         assert!(listed_ids(&none).is_empty());
         assert!(none["first_id"].is_null() && none["last_id"].is_null());
+        assert_eq!(none["has_more"], false);
 
         // Unknown but well-formed cursors are positions in id order (D-4).
         let between = id_after(&all[9]);

@@ -175,7 +175,24 @@ async fn filtered_event_listings_page_like_unfiltered_ones() {
             .map(|e| e["content"][0]["text"].as_str().unwrap())
             .collect();
         assert_eq!(texts, ["m5", "m6"]);
-        assert_eq!(body["has_more"], true);
+        // `has_more` looks forward in list order (§1.8): no agent.message follows m6, although
+        // earlier ones precede m5.
+        assert_eq!(body["has_more"], false);
+        assert!(body["next_page"].is_null());
+        let (_, body) = server
+            .get(&format!(
+                "/sessions/{session}/events?limit=2&types[]=agent.message&before_id={}",
+                posted["data"][10]["id"].as_str().unwrap()
+            ))
+            .await;
+        let texts: Vec<&str> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["content"][0]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(texts, ["m3", "m4"]);
+        assert_eq!(body["has_more"], true, "m5 and m6 follow");
 
         // A time window that holds nothing, and a type nobody wrote.
         let (_, body) = server

@@ -163,7 +163,12 @@ impl App {
         filter: &ArchiveFilter,
         page: &PageRequest,
     ) -> Result<Page<Agent>> {
-        Ok(self.store.list_agents(filter, page).await?)
+        super::in_list_order(
+            page,
+            |a: &Agent| &a.id,
+            |page| async move { Ok(self.store.list_agents(filter, &page).await?) },
+        )
+        .await
     }
 
     /// Partial update; every accepted update makes a new version (§12.1). A `version` in the body must

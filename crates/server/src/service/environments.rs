@@ -119,7 +119,12 @@ impl App {
         filter: &ArchiveFilter,
         page: &PageRequest,
     ) -> Result<Page<Environment>> {
-        Ok(self.store.list_environments(filter, page).await?)
+        super::in_list_order(
+            page,
+            |e: &Environment| &e.id,
+            |page| async move { Ok(self.store.list_environments(filter, &page).await?) },
+        )
+        .await
     }
 
     pub async fn update_environment(

@@ -350,6 +350,22 @@ impl App {
         page: &PageRequest,
         filter: &EventFilter,
     ) -> Result<Page<EventDoc>> {
+        super::in_list_order(
+            page,
+            |e: &EventDoc| &e.id,
+            |page| async move { self.events_page(session_id, &page, filter).await },
+        )
+        .await
+    }
+
+    /// A page of the events `filter` keeps, read in the page's direction (`has_more`: one more
+    /// match lies beyond it in that direction).
+    async fn events_page(
+        &self,
+        session_id: &str,
+        page: &PageRequest,
+        filter: &EventFilter,
+    ) -> Result<Page<EventDoc>> {
         if filter.is_empty() {
             return Ok(self.store.list_events(session_id, page, READ_BYTES).await?);
         }

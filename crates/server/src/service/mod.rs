@@ -483,3 +483,34 @@ impl WrittenSet {
         }
     }
 }
+
+/// One page of a listing, its `has_more` as §1.8 defines it: whether items follow the page in list
+/// order, however the page was asked for. A `before_id` page is read backwards from its cursor, and
+/// the extra row read there says only that items come *before* it; `next_page` (its last id, D-3)
+/// points the other way. So for such a page what follows it is asked for separately: the first item
+/// after its last. An empty page has no last id for a `next_page` to name, and says no more.
+pub(crate) async fn in_list_order<T, F, Fut>(
+    page: &tether_store::PageRequest,
+    id: fn(&T) -> &str,
+    list: F,
+) -> Result<tether_store::Page<T>>
+where
+    F: Fn(tether_store::PageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<tether_store::Page<T>>>,
+{
+    let mut listed = list(page.clone()).await?;
+    if matches!(page.cursor, tether_store::Cursor::Before(_)) {
+        listed.has_more = match listed.items.last() {
+            None => false,
+            Some(last) => {
+                let after = tether_store::PageRequest {
+                    cursor: tether_store::Cursor::After(id(last).to_owned()),
+                    limit: 1,
+                    descending: page.descending,
+                };
+                !list(after).await?.items.is_empty()
+            }
+        };
+    }
+    Ok(listed)
+}

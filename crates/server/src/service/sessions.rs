@@ -220,7 +220,12 @@ impl App {
         filter: &SessionFilter,
         page: &PageRequest,
     ) -> Result<Page<Session>> {
-        Ok(self.store.list_sessions(filter, page).await?)
+        super::in_list_order(
+            page,
+            |s: &Session| &s.id,
+            |page| async move { Ok(self.store.list_sessions(filter, &page).await?) },
+        )
+        .await
     }
 
     pub async fn update_session(&self, id: &str, changes: SessionChanges) -> Result<Session> {

@@ -270,10 +270,17 @@ impl App {
         if let Some(env) = environment_id {
             self.environment(env).await?;
         }
-        Ok(self
-            .store
-            .list_credentials(kind, environment_id, page)
-            .await?)
+        super::in_list_order(
+            page,
+            |c: &Credential| &c.id,
+            |page| async move {
+                Ok(self
+                    .store
+                    .list_credentials(kind, environment_id, &page)
+                    .await?)
+            },
+        )
+        .await
     }
 
     /// Revokes a credential of `kind` (and, for keys, of that environment). Revoking twice is a no-op.

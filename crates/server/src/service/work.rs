@@ -747,7 +747,12 @@ impl App {
         page: &PageRequest,
     ) -> Result<Page<WorkItem>> {
         self.expire_due_leases().await?;
-        Ok(self.store.list_work(&env.id, filter, page).await?)
+        super::in_list_order(
+            page,
+            |w: &WorkItem| &w.id,
+            |page| async move { Ok(self.store.list_work(&env.id, filter, &page).await?) },
+        )
+        .await
     }
 
     pub async fn queue_stats(&self, env: &Environment) -> Result<QueueStats> {

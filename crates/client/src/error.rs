@@ -308,7 +308,8 @@ fn describe_tls_error(error: &rustls::Error, url: &str) -> String {
     match error {
         rustls::Error::InvalidCertificate(cert) => match cert {
             C::UnknownIssuer | C::BadSignature => format!(
-                "the server's certificate is not signed by an authority this client trusts                  (for a private CA, pass its certificate with --ca-cert or TETHER_CA_CERT): {error}"
+                "the server's certificate is not signed by an authority this client trusts \
+                 (for a private CA, pass its certificate with --ca-cert or TETHER_CA_CERT): {error}"
             ),
             C::NotValidForName | C::NotValidForNameContext { .. } => {
                 format!("the server's certificate is not valid for {host}: {error}")
@@ -322,7 +323,8 @@ fn describe_tls_error(error: &rustls::Error, url: &str) -> String {
             _ => format!("the server's certificate was refused: {error}"),
         },
         rustls::Error::InvalidMessage(_) => format!(
-            "the server did not answer the TLS handshake ({error}); does it serve HTTPS on that              port? (use http:// for a plain-HTTP server)"
+            "the server did not answer the TLS handshake ({error}); does it serve HTTPS on that \
+             port? (use http:// for a plain-HTTP server)"
         ),
         _ => format!("the TLS handshake failed: {error}"),
     }
@@ -346,6 +348,30 @@ mod tests {
         assert_eq!(e.code.as_deref(), Some("lease_mismatch"));
         assert_eq!(e.request_id.as_deref(), Some("r1"));
         assert_eq!(e.details.unwrap()["current_state"]["state"], "active");
+    }
+
+    #[test]
+    fn tls_explanations_are_single_spaced_sentences() {
+        use rustls::{CertificateError, InvalidMessage};
+        let url = "https://127.0.0.1:4780/api/v1/cloud/environments";
+        for error in [
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+            rustls::Error::InvalidCertificate(CertificateError::Expired),
+            rustls::Error::InvalidCertificate(CertificateError::NotValidYet),
+            rustls::Error::InvalidCertificate(CertificateError::Revoked),
+            rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType),
+            rustls::Error::HandshakeNotComplete,
+        ] {
+            let text = describe_tls_error(&error, url);
+            assert!(!text.contains("  "), "a run of spaces in {text:?}");
+            assert!(!text.contains('\n'), "a line break in {text:?}");
+        }
+        let text = describe_tls_error(
+            &rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType),
+            url,
+        );
+        assert!(text.contains("does it serve HTTPS on that port?"), "{text}");
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub(super) async fn listen(
     let mut listened_before = false;
     let mut refused_before = false;
     loop {
+        let mut reconnect_at_once = false;
         let connected =
             tokio::time::timeout(LISTEN_CONNECT_TIMEOUT, config.connect(tls.clone())).await;
         match connected {
@@ -152,6 +153,7 @@ pub(super) async fn listen(
                             // Whatever was announced while this connection was down is lost.
                             let _ = notices.send(Notice::Resync);
                         }
+                        let listening_since = std::time::Instant::now();
                         let why = loop {
                             let probe = async {
                                 tokio::time::sleep(PROBE_INTERVAL).await;
@@ -185,7 +187,17 @@ pub(super) async fn listen(
                                 break why;
                             }
                         };
-                        health.lost(&why);
+                        // A connection that ended is not yet an outage: a proxy, a firewall or an
+                        // operator may cut it while the database stays up, and an outage costs every
+                        // live lease an amnesty (the reconnection the service counts), so cuts
+                        // repeated often enough would keep an abandoned item from ever lapsing.
+                        // Reconnecting at once tells the two apart: a database that cannot be
+                        // reached again is lost below, and the pool reports its own failures too.
+                        // (A probe left unanswered has already made the database unresponsive.)
+                        tracing::info!(reason = %why, "the listening connection ended; reconnecting");
+                        // At once only after a connection that lived: one that ends as soon as it
+                        // listens is retried with backoff.
+                        reconnect_at_once = listening_since.elapsed() >= PROBE_INTERVAL;
                     }
                     Err((true, why)) => health.lost(&why),
                     Err((false, why)) => {
@@ -200,6 +212,9 @@ pub(super) async fn listen(
             }
             Ok(Err(e)) if is_connection_failure(&e) => health.lost(&e.to_string()),
             Ok(Err(e)) => tracing::warn!(error = %describe(&e), "cannot connect the listener"),
+        }
+        if reconnect_at_once {
+            continue;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);

@@ -357,3 +357,18 @@ fn tables_for_people_and_errors_that_say_what_to_do() {
         "{err}"
     );
 }
+
+#[test]
+fn a_server_url_with_the_api_path_is_refused_with_the_base_url_to_give() {
+    let server = Server::start();
+    // The shape a worker's program sees in TETHER_API_URL.
+    for path in ["/api/v1/cloud", "/api/v1/cloud/", "/v1"] {
+        let url = format!("{}{path}", server.url);
+        let err = server.fails(&["env", "list", "--server", &url]);
+        assert!(
+            err.contains(&format!("give the server's base URL ({})", server.url)),
+            "{err}"
+        );
+        assert!(!err.contains("not found"), "{err}");
+    }
+}

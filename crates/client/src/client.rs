@@ -24,6 +24,9 @@ use crate::types::{
 /// The path prefix of the Qoder dialect, which this client speaks.
 pub const API_PREFIX: &str = "/api/v1/cloud";
 
+/// The path prefixes of the server's two dialects (§1.1): the Qoder one this client speaks, and `/v1`.
+const DIALECT_PREFIXES: [&str; 2] = [API_PREFIX, "/v1"];
+
 /// The default time allowed for one ordinary request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The default time allowed to open a connection.
@@ -115,6 +118,25 @@ impl ClientBuilder {
         } else {
             format!("/{prefix}")
         };
+        // A server URL that already ends in a dialect's prefix (the shape of a program's
+        // TETHER_API_URL, or of a work secret's api_base_url) would have the prefix added twice,
+        // and every call would then be a bare 404. It is refused here with words that say what to
+        // give instead, rather than stripped: a URL that is not what its user thinks is better
+        // corrected at its source than guessed at, and a stripped `/v1` would silently change the
+        // dialect spoken. A URL that is the API base itself is for `prefix("")`.
+        if !prefix.is_empty() {
+            let path = parsed.path().trim_end_matches('/');
+            if let Some(dialect) = DIALECT_PREFIXES.iter().find(|p| path.ends_with(*p)) {
+                let base = server
+                    .strip_suffix(*dialect)
+                    .filter(|_| parsed.query().is_none() && parsed.fragment().is_none())
+                    .unwrap_or("the URL without it");
+                return Err(Error::Config(format!(
+                    "the server URL {server:?} ends in the API path {dialect}; give the \
+                     server's base URL ({base}): the client adds {prefix} itself"
+                )));
+            }
+        }
         // rustls, trusting the system's roots (rustls-native-certs, which also honours SSL_CERT_FILE
         // and SSL_CERT_DIR) plus any CA files given.
         let mut http = reqwest::Client::builder().use_rustls_tls();
@@ -170,7 +192,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// Settings for a client of the server at `server` (e.g. `http://127.0.0.1:4780`).
+    /// Settings for a client of the server at `server` (e.g. `http://127.0.0.1:4780`). With the
+    /// default prefix, [`ClientBuilder::build`] refuses a URL whose path already ends in an API path
+    /// (`/api/v1/cloud` or `/v1`).
     pub fn builder(server: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             server: server.into(),
@@ -787,6 +811,45 @@ mod tests {
         };
         let item_client = Client::for_work_secret(&secret, "http://unused").unwrap();
         assert_eq!(item_client.api_base_url(), "http://h:1/api/v1/cloud");
+    }
+
+    #[test]
+    fn a_server_url_that_ends_in_an_api_path_is_refused_with_the_base_url_to_give() {
+        for (url, base) in [
+            (
+                "http://127.0.0.1:4780/api/v1/cloud",
+                "http://127.0.0.1:4780",
+            ),
+            (
+                "http://127.0.0.1:4780/api/v1/cloud/",
+                "http://127.0.0.1:4780",
+            ),
+            ("https://h.example/tether/v1", "https://h.example/tether"),
+        ] {
+            match Client::new(url, "t") {
+                Err(Error::Config(message)) => {
+                    assert!(message.contains("API path"), "{message}");
+                    assert!(
+                        message.contains(&format!("give the server's base URL ({base})")),
+                        "{message}"
+                    );
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        // The API base itself, with no prefix added, and a server under some other path, are fine.
+        let client = Client::builder("http://127.0.0.1:4780/api/v1/cloud")
+            .prefix("")
+            .build()
+            .unwrap();
+        assert_eq!(client.api_base_url(), "http://127.0.0.1:4780/api/v1/cloud");
+        let client = Client::new("https://h.example/tether", "t").unwrap();
+        assert_eq!(
+            client.api_base_url(),
+            "https://h.example/tether/api/v1/cloud"
+        );
+        let client = Client::new("https://h.example/v10", "t").unwrap();
+        assert_eq!(client.api_base_url(), "https://h.example/v10/api/v1/cloud");
     }
 
     #[test]

@@ -728,6 +728,79 @@ async fn a_stream_ends_when_its_session_is_deleted() {
     .await;
 }
 
+/// An open stream answers to its caller's credential as a new request does (§11.1): once the key
+/// or admin token is revoked, or the session token dies with its item, the stream ends, and a client
+/// that reconnects gets the 401.
+#[tokio::test]
+async fn a_stream_ends_when_its_credential_is_revoked_or_its_session_token_dies() {
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let (status, key) = server
+            .post(
+                &format!("/environments/{env}/keys"),
+                json!({"name": "reader"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{key}");
+        let (status, admin) = server.post("/tokens", json!({"name": "spare"})).await;
+        assert_eq!(status, StatusCode::OK, "{admin}");
+        let (work, session_token) = take(server, &env).await;
+        let secret = |v: &Value| v["token"].as_str().unwrap().to_owned();
+        let mut streams = vec![
+            (
+                "environment key",
+                Stream::open(server, &secret(&key), &session, None).await,
+            ),
+            (
+                "admin token",
+                Stream::open(server, &secret(&admin), &session, None).await,
+            ),
+            (
+                "session token",
+                Stream::open(server, &session_token, &session, None).await,
+            ),
+        ];
+        let mut unrevoked = Stream::open(server, &server.admin_token, &session, None).await;
+
+        for (method, path, body) in [
+            (
+                Method::DELETE,
+                format!("/environments/{env}/keys/{}", key["id"].as_str().unwrap()),
+                None,
+            ),
+            (
+                Method::DELETE,
+                format!("/tokens/{}", admin["id"].as_str().unwrap()),
+                None,
+            ),
+            (
+                Method::POST,
+                format!("/environments/{env}/work/{work}/stop"),
+                Some(json!({"force": true})),
+            ),
+        ] {
+            let (status, out) = server.call(method, &path, body).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {out}");
+        }
+        for (who, stream) in &mut streams {
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                while stream.next().await.is_some() {}
+            })
+            .await;
+            assert!(ended.is_ok(), "the stream of a dead {who} ended");
+        }
+        post_ok(server, &session, json!([agent_message("still here")])).await;
+        loop {
+            let frame = unrevoked.next_frame().await;
+            if frame.data["type"] == "agent.message" {
+                assert_eq!(frame.data["content"][0]["text"], "still here");
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn streams_end_at_shutdown() {
     for backend in backends() {

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt as _;
 use tether_api as api;
 use tether_core::events::{self as rules, Sender};
 use tether_core::ids::IdKind;
@@ -133,6 +134,7 @@ fn resume_point(headers: &HeaderMap, params: &Params) -> ApiResult<Option<String
 /// Anthropic SDK drops frames without it) and `data:`. The response head goes out at once, before any event.
 pub async fn stream(
     State(app): State<App>,
+    Caller(caller): Caller,
     ReadableSession(session): ReadableSession,
     params: Params,
     headers: HeaderMap,
@@ -142,7 +144,10 @@ pub async fn stream(
     let frames = futures::stream::unfold(tail, |mut tail| async move {
         let event = tail.next().await?;
         Some((Ok::<_, Infallible>(frame(&event)), tail))
-    });
+    })
+    // The stream ends once its caller's credential is revoked or its session token dies, as its
+    // next request would be refused: a client that reconnects then gets the 401.
+    .take_until(app.clone().lapsed(caller));
     Ok(Sse::new(frames)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
         .into_response())

@@ -72,6 +72,10 @@ enum CredentialKey {
     SecretHash,
 }
 
+/// How often an answer that outlives its request (an event stream) asks whether its caller still
+/// holds: the revocation bound the credential cache gives every request.
+pub const CALLER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl App {
     /// Resolves a presented secret; 401 for anything unknown, revoked or dead. A 503 because the
     /// database is away carries the promise of lease amnesty ([`App::with_amnesty_promise`]): a worker's
@@ -92,16 +96,8 @@ impl App {
                 .await?
                 .ok_or_else(invalid)?
                 .value;
-            if !item.state.is_live() {
+            if !self.session_token_lives(&item).await? {
                 return Err(invalid());
-            }
-            // A session token lives no longer than the credential it was minted under: revoking a
-            // worker's key cuts it off from its items at once, and their leases then run out as usual.
-            if let Some(issuer) = &item.session_token_issuer {
-                match self.credential_read(issuer, CredentialKey::Id).await? {
-                    Some(credential) if credential.revoked_at.is_none() => {}
-                    _ => return Err(invalid()),
-                }
             }
             return Ok(Principal::SessionToken {
                 work_id: item.id,
@@ -132,6 +128,52 @@ impl App {
                 environment_id: credential.environment_id.clone().unwrap_or_default(),
             },
         })
+    }
+
+    /// Whether the session token of `item` is still good: the item is live, and the credential the
+    /// token was minted under is not revoked. A session token lives no longer than that credential:
+    /// revoking a worker's key cuts it off from its items at once, and their leases then run out as
+    /// usual.
+    async fn session_token_lives(&self, item: &tether_core::WorkItem) -> Result<bool> {
+        if !item.state.is_live() {
+            return Ok(false);
+        }
+        Ok(match &item.session_token_issuer {
+            Some(issuer) => self
+                .credential_read(issuer, CredentialKey::Id)
+                .await?
+                .is_some_and(|credential| credential.revoked_at.is_none()),
+            None => true,
+        })
+    }
+
+    /// Whether an authenticated caller still holds: its credential is not revoked, its session token
+    /// not dead. Asked again by answers that outlive their request (event streams), from the same
+    /// one-second cache as [`App::authenticate`], so a revocation reaches them within the same bound.
+    pub async fn still_holds(&self, principal: &Principal) -> Result<bool> {
+        match principal {
+            Principal::Admin { credential_id }
+            | Principal::EnvironmentKey { credential_id, .. } => Ok(self
+                .credential_read(credential_id, CredentialKey::Id)
+                .await?
+                .is_some_and(|credential| credential.revoked_at.is_none())),
+            Principal::SessionToken { work_id, .. } => match self.store.get_work(work_id).await? {
+                Some(item) => self.session_token_lives(&item.value).await,
+                None => Ok(false),
+            },
+        }
+    }
+
+    /// Resolves once `principal` no longer holds ([`App::still_holds`], asked every
+    /// [`CALLER_RECHECK`]). A store that does not answer ends nothing: the caller keeps its stream
+    /// through an outage, as it keeps its lease.
+    pub async fn lapsed(self, principal: Principal) {
+        loop {
+            tokio::time::sleep(CALLER_RECHECK).await;
+            if let Ok(false) = self.still_holds(&principal).await {
+                return;
+            }
+        }
     }
 
     /// A credential by id or by secret hash, from the one-second cache (`crate::cache`) when this

@@ -325,3 +325,101 @@ fn watch_from_start_replays_the_log_and_json_prints_one_object_per_line() {
     let deleted: Value = serde_json::from_str(watch.seen.last().unwrap()).unwrap();
     assert_eq!(deleted["type"], "session.deleted");
 }
+
+#[test]
+fn send_wait_says_when_no_worker_serves_the_environment_and_gives_up_at_its_timeout() {
+    let data = tempfile::tempdir().unwrap();
+    let server = support::ServerProcess::start(data.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agent = json(
+        &server,
+        &["agent", "create", "--name", "shell", "--model", "none"],
+    );
+    let agent = agent["id"].as_str().unwrap();
+    let session_on = |env: &str| {
+        let session = json(
+            &server,
+            &["session", "create", "--agent", agent, "--env", env],
+        );
+        session["id"].as_str().unwrap().to_owned()
+    };
+
+    // An environment no worker has ever polled.
+    let lonely = json(&server, &["env", "create", "--name", "lonely"]);
+    let lonely = lonely["id"].as_str().unwrap().to_owned();
+    let unserved = session_on(&lonely);
+    // One whose worker polled a moment ago and found nothing (the session comes after): it may be
+    // busy elsewhere, or about to poll again, so nothing is said.
+    let served = json(&server, &["env", "create", "--name", "served"]);
+    let served = served["id"].as_str().unwrap().to_owned();
+    let key = json(&server, &["env", "key", "create", &served]);
+    let worker = Client::new(&server.base, key["token"].as_str().unwrap()).unwrap();
+    let poll = tether_client::PollOptions {
+        block_ms: None,
+        worker_id: Some("w1".into()),
+        ..Default::default()
+    };
+    assert!(rt
+        .block_on(worker.poll_work(&served, &poll))
+        .unwrap()
+        .is_none());
+    let polled = session_on(&served);
+
+    // Both wait at once, each until its timeout.
+    let started = std::time::Instant::now();
+    let waits: Vec<_> = [&unserved, &polled]
+        .map(|session| {
+            let mut command = support::tether_as_admin(
+                &server,
+                &[
+                    "session",
+                    "send",
+                    session,
+                    "hi",
+                    "--wait",
+                    "--timeout",
+                    "8s",
+                ],
+            );
+            command.stdin(Stdio::null());
+            std::thread::spawn(move || command.output().expect("run tether"))
+        })
+        .into_iter()
+        .map(|wait| wait.join().unwrap())
+        .collect();
+    // The hint (due after 5 s) does not end the wait.
+    assert!(started.elapsed() >= std::time::Duration::from_secs(8));
+    for out in &waits {
+        assert!(!out.status.success());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("user.message"), "{stdout}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("the turn did not end within 8s"),
+            "{stderr}"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&waits[0].stderr);
+    assert!(
+        stderr.contains(&format!(
+            "its work item is queued and no worker has polled environment {lonely} in the last \
+             5 minutes"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("no worker has polled").count(),
+        1,
+        "{stderr}"
+    );
+    let stderr = String::from_utf8_lossy(&waits[1].stderr);
+    assert!(!stderr.contains("no worker has polled"), "{stderr}");
+
+    // --timeout belongs to --wait.
+    let out = run(
+        &server,
+        &["session", "send", &unserved, "x", "--timeout", "1s"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--wait"));
+}

@@ -1,12 +1,13 @@
 //! `tether session …`.
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use tether_client::{
-    event_type, AgentRef, CreateSession, Event, ListEvents, ListSessions, NewEvent, Order, Session,
-    UpdateSession,
+    event_type, AgentRef, Client, CreateSession, Event, ListEvents, ListSessions, NewEvent, Order,
+    Session, UpdateSession,
 };
 
 use super::events::{self, Ending, Renderer, BEFORE_FIRST_EVENT};
@@ -47,6 +48,10 @@ pub struct SendArgs {
     /// Then show the turn's events as they happen, and return when the turn ends.
     #[arg(long)]
     wait: bool,
+    /// With --wait, give up after this long (30, 30s, 500ms, 2m) and exit with an error; the
+    /// message stays sent.
+    #[arg(long, requires = "wait", value_parser = crate::worker::parse_duration)]
+    timeout: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -261,15 +266,70 @@ async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
     let following = events::follow(&cx.client, &args.id, sent.id.clone(), |event| {
         printer.print(event) && event.kind != event_type::SESSION_STATUS_IDLE
     });
+    let deadline = async {
+        match args.timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     let ending = tokio::select! {
         ending = following => ending?,
         _ = tokio::signal::ctrl_c() => return Ok(()),
+        () = hint_when_nobody_serves(&cx.client, &args.id) => unreachable!("it never returns"),
+        () = deadline => bail!(
+            "the turn did not end within {:?} (the message stays sent; `tether session watch {}` \
+             follows the session)",
+            args.timeout.unwrap_or_default(),
+            args.id
+        ),
     };
     match ending {
         Ending::Done => Ok(()),
         Ending::Deleted => bail!("the session was deleted before the turn ended"),
         Ending::Terminated => bail!("the session was terminated before the turn ended"),
     }
+}
+
+/// How long a turn may wait for a worker before `send --wait` looks for one.
+const QUEUED_HINT_AFTER: Duration = Duration::from_secs(5);
+/// How often it looks again, until it has said something.
+const QUEUED_HINT_EVERY: Duration = Duration::from_secs(30);
+
+/// While `send --wait` waits: says once, on standard error, when the session's environment has
+/// queued work, nothing running, and no worker that polled in the last 5 minutes (the workers
+/// listing's window), so that the wait is not silent when it would be endless. Never returns.
+async fn hint_when_nobody_serves(client: &Client, session_id: &str) {
+    tokio::time::sleep(QUEUED_HINT_AFTER).await;
+    loop {
+        // A failed look is no reason to disturb the wait: the next one may work.
+        if let Ok(Some(env)) = nobody_serves(client, session_id).await {
+            eprintln!(
+                "(the turn has not started: its work item is queued and no worker has polled \
+                 environment {env} in the last 5 minutes; start one with `tether worker \
+                 --environment {env}`. Still waiting; Ctrl-C to stop.)",
+                env = output::printable(&env, &[])
+            );
+            break;
+        }
+        tokio::time::sleep(QUEUED_HINT_EVERY).await;
+    }
+    std::future::pending().await
+}
+
+/// The session's environment, when it has queued items, none starting, active or stopping (so the
+/// session's own item, if any, is queued: no program holds it), and no worker seen polling.
+async fn nobody_serves(client: &Client, session_id: &str) -> tether_client::Result<Option<String>> {
+    let session = client.get_session(session_id).await?;
+    let env = session.environment_id;
+    let stats = client.work_stats(&env).await?;
+    let running = ["starting", "active", "stopping"]
+        .iter()
+        .any(|state| stats.states.get(*state).copied().unwrap_or(0) > 0);
+    if stats.depth + stats.pending == 0 || running {
+        return Ok(None);
+    }
+    let workers = client.list_workers(&env).await?;
+    Ok(workers.is_empty().then_some(env))
 }
 
 async fn watch(cx: &Ctx, args: WatchArgs) -> Result<()> {

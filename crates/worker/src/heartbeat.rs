@@ -179,6 +179,12 @@ impl Heartbeat {
             .await
     }
 
+    /// The lease's deadline as the worker knows it, followed as it moves, for waits that outlive
+    /// this handle's borrow.
+    pub fn deadline(&self) -> Deadline {
+        Deadline(self.kill_at.clone())
+    }
+
     /// Waits until the lease is lost; returns why.
     pub async fn lost(&mut self) -> String {
         match self.wait(|l| matches!(l, Lease::Lost(_))).await {
@@ -205,20 +211,33 @@ impl Heartbeat {
 }
 
 /// Returns once the kill deadline (as it stands at that moment) has passed.
-async fn deadline_passed(mut kill_at: watch::Receiver<Instant>) -> String {
-    loop {
-        let at = *kill_at.borrow_and_update();
-        tokio::select! {
-            _ = tokio::time::sleep_until(at) => {
-                if *kill_at.borrow() <= Instant::now() {
-                    return "the lease deadline passed without a renewal".into();
+async fn deadline_passed(kill_at: watch::Receiver<Instant>) -> String {
+    Deadline(kill_at).passed_by(Duration::ZERO).await;
+    "the lease deadline passed without a renewal".into()
+}
+
+/// An item's kill deadline (the moment its program must be dead by), followed as renewals and
+/// amnesty move it.
+#[derive(Clone)]
+pub struct Deadline(watch::Receiver<Instant>);
+
+impl Deadline {
+    /// Returns once `after` has passed since the deadline, as the deadline stands at that moment.
+    pub async fn passed_by(mut self, after: Duration) {
+        loop {
+            let at = *self.0.borrow_and_update() + after;
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {
+                    if *self.0.borrow() + after <= Instant::now() {
+                        return;
+                    }
                 }
-            }
-            changed = kill_at.changed() => {
-                if changed.is_err() {
-                    // The task is gone; the last deadline still holds.
-                    tokio::time::sleep_until(at).await;
-                    return "the lease deadline passed without a renewal".into();
+                changed = self.0.changed() => {
+                    if changed.is_err() {
+                        // The task is gone; the last deadline still holds.
+                        tokio::time::sleep_until(at).await;
+                        return;
+                    }
                 }
             }
         }

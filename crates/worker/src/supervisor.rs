@@ -19,7 +19,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::{retry, Backoff};
 use crate::deadman;
-use crate::heartbeat::{Heartbeat, ItemLease, Lease, Renew};
+use crate::heartbeat::{Deadline, Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
 use crate::proxy::ApiProxy;
 use crate::sandbox::Sandbox;
@@ -199,7 +199,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 "unknown work type: stopping it without running anything",
                 &[("type", &item.data.kind)],
             );
-            self.stop(true, 5).await;
+            self.stop(true, &Tries::Few(5)).await;
             return Outcome::Skipped;
         }
         // Before anything slow: the provisional lease of the ack is short.
@@ -250,8 +250,11 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     ),
                     None => self.info("program exited", &[("status", &exit.describe())]),
                 }
-                self.record_exit(exit, 3).await;
-                self.stop(true, 5).await;
+                // The program is gone: nothing is at risk in trying for as long as its lease may
+                // still be alive, so that its run is not lost to a server that is away meanwhile.
+                let tries = Tries::WhileLeased(lease.deadline());
+                self.record_exit(exit, &tries).await;
+                self.stop(true, &tries).await;
                 outcome_of(exit)
             }
             Ending::Lost(why) => {
@@ -275,8 +278,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     "forced shutdown: program killed",
                     &[("status", &exit.describe())],
                 );
-                self.record_exit(exit, 1).await;
-                self.stop(true, 1).await;
+                self.record_exit(exit, &Tries::Few(1)).await;
+                self.stop(true, &Tries::Few(1)).await;
                 Outcome::Failed
             }
             Ending::Shutdown => {
@@ -287,8 +290,13 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 // Asked, so that the server shows the item winding down rather than active; asked
                 // while the program is being terminated, not before, so that a server that does
                 // not answer delays neither the SIGTERM nor the SIGKILL after the grace.
-                self.wind_down(&mut running, &mut lease, dead_man, self.stop(false, 1))
-                    .await
+                self.wind_down(
+                    &mut running,
+                    &mut lease,
+                    dead_man,
+                    self.stop(false, &Tries::Few(1)),
+                )
+                .await
             }
         }
     }
@@ -305,7 +313,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             }
             Lease::StopRequested => {
                 self.info("stop requested before the program started", &[]);
-                self.stop(false, 5).await;
+                self.stop(false, &Tries::Few(5)).await;
                 Some(Outcome::Skipped)
             }
         }
@@ -313,7 +321,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
 
     async fn shut_down_before_start(&self) -> Outcome {
         self.warn("the worker is shutting down: stopping the item unrun", &[]);
-        self.stop(true, 1).await;
+        self.stop(true, &Tries::Few(1)).await;
         Outcome::Skipped
     }
 
@@ -344,9 +352,9 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             let why = error.to_string();
             if !is_passing_shortage(&error) {
                 self.warn("cannot start PROGRAM", &[("error", &why)]);
-                self.record(&[("tether.error", Some(why.as_str()))], 3)
+                self.record(&[("tether.error", Some(why.as_str()))], &Tries::Few(3))
                     .await;
-                self.stop(true, 5).await;
+                self.stop(true, &Tries::Few(5)).await;
                 return Err(Outcome::Failed);
             }
             if first_try.elapsed() >= SPAWN_PATIENCE {
@@ -399,7 +407,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     "the server refused the acknowledgement: stopping the item",
                     &[("error", &e.to_string())],
                 );
-                self.stop(true, 1).await;
+                self.stop(true, &Tries::Few(1)).await;
                 false
             }
         }
@@ -512,9 +520,14 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             Err(lost) => lost,
             Ok(exit) => {
                 let phase = *self.phase.borrow();
-                self.record_exit(exit, attempts(phase)).await;
+                let tries = if phase == Phase::Forced {
+                    Tries::Few(1)
+                } else {
+                    Tries::WhileLeased(lease.deadline())
+                };
+                self.record_exit(exit, &tries).await;
                 let forced = !stop_requested || phase == Phase::Forced;
-                self.stop(forced, attempts(phase)).await;
+                self.stop(forced, &tries).await;
                 outcome_of(exit)
             }
         }
@@ -540,7 +553,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         Outcome::Lost
     }
 
-    async fn record_exit(&self, exit: Exit, attempts: u32) {
+    async fn record_exit(&self, exit: Exit, tries: &Tries) {
         self.shared.note_exit(exit);
         let code = exit.shell_code().to_string();
         let signal = exit.signal_name();
@@ -553,14 +566,14 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 ("tether.signal", signal.as_deref()),
                 ("tether.exit_reason", reason),
             ],
-            attempts,
+            tries,
         )
         .await;
     }
 
     /// Merges `entries` (and who ran it) into the item's metadata; `None` deletes a key left by an
     /// earlier run.
-    async fn record(&self, entries: &[(&str, Option<&str>)], attempts: u32) {
+    async fn record(&self, entries: &[(&str, Option<&str>)], tries: &Tries) {
         let mut patch = MetadataPatch::new();
         patch.insert(
             "tether.worker_id".to_owned(),
@@ -569,8 +582,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         for (k, v) in entries {
             patch.insert((*k).to_owned(), v.map(str::to_owned));
         }
-        let call = retry(attempts, || self.calls.record(&patch));
-        let failed = match within_shutdown_limit(self.phase.clone(), call).await {
+        let failed = match self.ending_call(tries, || self.calls.record(&patch)).await {
             Some(Ok(_)) => return,
             Some(Err(e)) => e.to_string(),
             None => "no answer".to_owned(),
@@ -584,9 +596,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// Stops the item: `force` from any live state, otherwise a graceful request (active → stopping) or
     /// its confirmation (stopping → stopped). True when the server took it or the item had already
     /// ended.
-    async fn stop(&self, force: bool, attempts: u32) -> bool {
-        let call = retry(attempts, || self.calls.stop(force));
-        match within_shutdown_limit(self.phase.clone(), call).await {
+    async fn stop(&self, force: bool, tries: &Tries) -> bool {
+        match self.ending_call(tries, || self.calls.stop(force)).await {
             Some(Ok(state)) => {
                 let message = if state.is_live() {
                     "stop requested"
@@ -617,7 +628,52 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             }
         }
     }
+
+    /// Runs `call`, one of the calls that end an item, as `tries` says; `None` when it was given up
+    /// unanswered.
+    async fn ending_call<T, Fut>(
+        &self,
+        tries: &Tries,
+        mut call: impl FnMut() -> Fut,
+    ) -> Option<tether_client::Result<T>>
+    where
+        Fut: Future<Output = tether_client::Result<T>>,
+    {
+        let call = async {
+            match tries {
+                Tries::Few(attempts) => Some(retry(*attempts, &mut call).await),
+                Tries::WhileLeased(deadline) => tokio::select! {
+                    done = retry(u32::MAX, &mut call) => Some(done),
+                    () = deadline.clone().passed_by(PAST_THE_DEADLINE) => None,
+                },
+            }
+        };
+        within_shutdown_limit(self.phase.clone(), call)
+            .await
+            .flatten()
+    }
 }
+
+/// How long the calls that end an item (recording its program's exit, stopping it) go on when they
+/// fail in a way worth another try.
+enum Tries {
+    /// This many tries: before any program ran, or when the worker is being forced to quit.
+    Few(u32),
+    /// The program has run and is gone: tries with backoff (see [`retry`]) until the server answers,
+    /// for as long as the item's lease may still be alive: until [`PAST_THE_DEADLINE`] after the
+    /// lease's deadline as the worker knows it (which moves on while heartbeats get through). Given
+    /// up earlier, a server that was away for a while would let the lease expire after its return
+    /// and hand the item, whose program has already run, out again.
+    WhileLeased(Deadline),
+}
+
+/// How long past its lease's deadline an item whose program has ended is still tried. A server that
+/// was down starts by extending every lease due within its amnesty window (SPEC §3.1: 30 s by default)
+/// to that window's end, so a lease whose deadline passed during the outage may be alive again when
+/// the server is back. Nothing is at risk in trying: the program is gone, and the calls carry the
+/// item's session token, which dies when the item is handed to another worker (a 401, taken as an
+/// item already ended).
+const PAST_THE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// How long a program that cannot be started for want of processes, open files or memory is tried
 /// again before its item is left to the server (see `Item::start_program`).
@@ -653,15 +709,6 @@ async fn within_shutdown_limit<T>(
     tokio::select! {
         done = call => Some(done),
         () = limit => None,
-    }
-}
-
-/// Tries of the calls that end an item: one when the worker is being forced to quit.
-fn attempts(phase: Phase) -> u32 {
-    if phase == Phase::Forced {
-        1
-    } else {
-        5
     }
 }
 
@@ -725,6 +772,11 @@ mod tests {
         beats: Mutex<VecDeque<Answer>>,
         /// A server that takes stops in and never answers them.
         stops_unanswered: bool,
+        /// A server that goes away for this long when the program's exit is first recorded: every
+        /// call fails meanwhile (heartbeats, records and stops alike) with a plain 503.
+        outage_on_exit: Option<Duration>,
+        /// When that outage began.
+        outage_from: Mutex<Option<tokio::time::Instant>>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -748,6 +800,23 @@ mod tests {
             self.calls.lock().unwrap().push(call);
         }
 
+        /// Whether the server is away at this moment.
+        fn down(&self) -> bool {
+            match (*self.outage_from.lock().unwrap(), self.outage_on_exit) {
+                (Some(from), Some(length)) => from.elapsed() < length,
+                _ => false,
+            }
+        }
+
+        /// A call that fails while the server is away: logged as `call (unavailable)`.
+        fn unavailable(&self, call: &str) -> Option<tether_client::Error> {
+            if !self.down() {
+                return None;
+            }
+            self.log(format!("{call} (unavailable)"));
+            Some(refused(503))
+        }
+
         /// The calls other than heartbeats, in order.
         fn calls(&self) -> Vec<String> {
             self.calls.lock().unwrap().clone()
@@ -767,6 +836,9 @@ mod tests {
         }
 
         async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
+            if let Some(e) = self.0.unavailable(&format!("stop force={force}")) {
+                return Err(e);
+            }
             self.0.log(format!("stop force={force}"));
             if self.0.stops_unanswered {
                 std::future::pending::<()>().await;
@@ -784,7 +856,18 @@ mod tests {
                 .filter(|(key, _)| key.as_str() != "tether.worker_id")
                 .map(|(key, value)| format!("{key}={}", value.as_deref().unwrap_or("-")))
                 .collect();
-            self.0.log(format!("record {}", entries.join(" ")));
+            if self.0.outage_on_exit.is_some() {
+                self.0
+                    .outage_from
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(tokio::time::Instant::now);
+            }
+            let call = format!("record {}", entries.join(" "));
+            if let Some(e) = self.0.unavailable(&call) {
+                return Err(e);
+            }
+            self.0.log(call);
             Ok(())
         }
 
@@ -798,7 +881,11 @@ mod tests {
             &self,
             _: HeartbeatOptions,
         ) -> impl Future<Output = tether_client::Result<Beat>> + Send {
-            let answer = self.0.beats.lock().unwrap().pop_front();
+            let answer = if self.0.down() {
+                Some(Answer::Now(Err(refused(503))))
+            } else {
+                self.0.beats.lock().unwrap().pop_front()
+            };
             async move {
                 match answer {
                     None => beat("active"),
@@ -1056,6 +1143,73 @@ mod tests {
         // Each unanswered stop was given up after the limit: the first alongside the program's
         // termination, the second after it.
         assert_eq!(terminated_at.elapsed(), 2 * SHUTDOWN_CALL_LIMIT);
+    }
+
+    /// A program that exits while the server is away, which comes back after more than the lease:
+    /// the exit is recorded and the item stopped once it is back.
+    #[tokio::test(start_paused = true)]
+    async fn an_exit_during_a_server_outage_is_recorded_once_the_server_is_back() {
+        const OUTAGE: Duration = Duration::from_secs(12);
+        let (shared, _phase) = worker("exit 0");
+        let script = Arc::new(Script {
+            outage_on_exit: Some(OUTAGE),
+            ..Script::default()
+        });
+        short_leases(&script, 10);
+        assert_eq!(run(&shared, &script).await, Outcome::Done);
+        let calls = script.calls();
+        let answered: Vec<&String> = calls
+            .iter()
+            .filter(|c| !c.ends_with("(unavailable)"))
+            .collect();
+        assert_eq!(
+            answered,
+            [
+                "ack",
+                "record tether.exit_code=0 tether.exit_reason=- tether.signal=-",
+                "stop force=true"
+            ],
+            "{calls:?}"
+        );
+        assert!(calls.len() > 3, "the outage was waited out: {calls:?}");
+        let outage_from = script.outage_from.lock().unwrap().unwrap();
+        assert!(outage_from.elapsed() >= OUTAGE);
+
+        // A server that stays away: given up after the lease's deadline and the window a restarted
+        // server's amnesty could still give it, not before, nor ever after.
+        let (shared, _phase) = worker("exit 0");
+        let script = Arc::new(Script {
+            outage_on_exit: Some(Duration::from_secs(3600)),
+            ..Script::default()
+        });
+        short_leases(&script, 10);
+        assert_eq!(run(&shared, &script).await, Outcome::Done);
+        let calls = script.calls();
+        assert!(
+            calls[1..].iter().all(|c| c.ends_with("(unavailable)")),
+            "{calls:?}"
+        );
+        assert!(
+            calls.last().unwrap().starts_with("stop force=true"),
+            "{calls:?}"
+        );
+        let given_up = script.outage_from.lock().unwrap().unwrap().elapsed();
+        assert!(given_up >= PAST_THE_DEADLINE, "{given_up:?}");
+        // The deadline is at most one lease (less its margin) after the exit.
+        assert!(
+            given_up <= PAST_THE_DEADLINE + Duration::from_secs(10),
+            "{given_up:?}"
+        );
+    }
+
+    /// Every heartbeat of `script` is renewed at once for `ttl` seconds (until an outage).
+    fn short_leases(script: &Script, ttl: u32) {
+        let mut beats = script.beats.lock().unwrap();
+        for _ in 0..10_000 {
+            let mut renewed = beat("active").unwrap();
+            renewed.ttl_seconds = ttl;
+            beats.push_back(Answer::Now(Ok(renewed)));
+        }
     }
 
     /// A held lease on `script`, and the item's supervisor.

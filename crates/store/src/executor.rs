@@ -115,8 +115,11 @@ impl<E: Executor> Store for SqlStore<E> {
     }
 
     async fn ping(&self) -> StoreResult<()> {
+        // A read of a table, not `SELECT 1`: SQLite answers that without opening a read transaction
+        // on the database at all, so a file that can no longer be read (a disk gone bad, a file
+        // system shut down) would still look ready while every request failed.
         self.exec
-            .query(Statement::new("SELECT 1", vec![]))
+            .query(Statement::new("SELECT 1 FROM environments LIMIT 1", vec![]))
             .await
             .map(drop)
     }

@@ -248,3 +248,19 @@ fn a_database_migrated_by_a_newer_build_is_refused() {
         "{refused}"
     );
 }
+
+/// `ping` (behind `/readyz`) reads the database, not only the engine: a database whose tables can no
+/// longer be read is not ready.
+#[tokio::test]
+async fn ping_reads_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    store.ping().await.expect("ready");
+    let conn = rusqlite::Connection::open(dir.path().join("tether.db")).unwrap();
+    conn.execute_batch("PRAGMA foreign_keys = OFF; DROP TABLE environments;")
+        .unwrap();
+    assert!(
+        store.ping().await.is_err(),
+        "a database that cannot be read is not ready"
+    );
+}

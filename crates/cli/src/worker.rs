@@ -94,8 +94,8 @@ TETHER_CA_CERT with --ca-cert) in its environment and the work item as JSON on s
 (tether.exit_code, tether.signal, and tether.exit_reason when a --sandbox cap ended it) and the item is stopped. When the server asks for a stop, PROGRAM \
 gets SIGTERM, then SIGKILL after --grace.
 
-Example:
-  tether worker --server http://127.0.0.1:4780 --environment env_… --key tth_env_… -- ./agent.sh")]
+Example (the key in TETHER_KEY: a --key on the command line is visible to every local user):
+  TETHER_KEY=tth_env_… tether worker --server http://127.0.0.1:4780 --environment env_… -- ./agent.sh")]
 pub struct WorkerArgs {
     /// URL of the Tether server.
     #[arg(long, env = "TETHER_SERVER", default_value = "http://127.0.0.1:4780")]
@@ -107,7 +107,8 @@ pub struct WorkerArgs {
     /// The environment whose work to run (env_…).
     #[arg(long, env = "TETHER_ENVIRONMENT")]
     environment: String,
-    /// The environment's key (tth_env_…, from `tether env key create`).
+    /// The environment's key (tth_env_…, from `tether env key create`). Prefer TETHER_KEY: a command
+    /// line is visible to every user of the machine.
     #[arg(long, env = "TETHER_KEY", hide_env_values = true)]
     key: String,
     /// Identity sent on poll, ack and heartbeat [default: <hostname>-<12 random hex digits>].
@@ -261,6 +262,17 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_help_passes_the_key_in_the_environment() {
+        let mut command = WorkerArgs::augment_args(clap::Command::new("worker"));
+        let help = command.render_long_help().to_string();
+        assert!(
+            help.contains("TETHER_KEY=tth_env_… tether worker"),
+            "{help}"
+        );
+        assert!(!help.contains("--key tth_env_"), "{help}");
+    }
 
     /// The README promises a variable for every flag, so that a worker can be configured from its
     /// unit's environment alone.

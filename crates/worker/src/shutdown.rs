@@ -1,6 +1,6 @@
 //! Ending the worker: the first SIGTERM/SIGINT stops claiming and lets running programs finish within the
 //! drain timeout, after which they are terminated (SIGTERM, grace, SIGKILL) and their stops confirmed; a
-//! second signal forces (programs killed at once, items force-stopped, non-zero exit).
+//! second signal forces (programs killed at once, what is left of their items' stops within 1 s, non-zero exit).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! | the worker is forced to quit    | SIGKILL at once                  | force stop                        |
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -159,6 +159,14 @@ struct Item<'a, C> {
     /// The item's session token, for PROGRAM.
     token: Option<String>,
     phase: watch::Receiver<Phase>,
+    /// Whether no program of this item is being terminated: the calls made alongside a termination
+    /// start their shutdown bound only once the program has ended.
+    program_gone: watch::Sender<bool>,
+    /// The bound the calls that end the item share once the drain time is up
+    /// ([`SHUTDOWN_EXCHANGE_LIMIT`]), and the one after a second signal ([`FORCED_EXCHANGE_LIMIT`]);
+    /// set by the first call that needs it.
+    shutdown_until: Mutex<Option<tokio::time::Instant>>,
+    forced_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl<'a, C: ItemCalls> Item<'a, C> {
@@ -169,6 +177,9 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             calls,
             token,
             phase: shared.phase.clone(),
+            program_gone: watch::channel(true).0,
+            shutdown_until: Mutex::new(None),
+            forced_until: Mutex::new(None),
         }
     }
 
@@ -503,10 +514,12 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         dead_man: Option<deadman::Guard>,
         stop_requested: impl Future<Output = bool>,
     ) -> Outcome {
+        self.program_gone.send_replace(false);
         let (stop_requested, terminated) = tokio::join!(stop_requested, async {
             let terminated = self.terminate(running, lease).await;
             // Reaped here, not after the request's answer: a lost lease kills the program at once.
             let reaped = self.reaped(terminated, running).await;
+            self.program_gone.send_replace(true);
             // Disarmed as soon as there is no program, not after the request: a server that does
             // not answer it must not let the lease's deadline pass with the switch armed, which
             // would end the whole worker (and every other item's program).
@@ -648,9 +661,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 },
             }
         };
-        within_shutdown_limit(self.phase.clone(), call)
-            .await
-            .flatten()
+        self.within_shutdown_limit(call).await.flatten()
     }
 }
 
@@ -689,27 +700,58 @@ fn is_passing_shortage(error: &std::io::Error) -> bool {
     )
 }
 
-/// How long a call that ends an item may go on once the worker's drain time is up, or it is being
-/// forced to quit: a worker told to quit does not wait on a server that does not answer, and the
-/// item's lease expires on the server without it.
-const SHUTDOWN_CALL_LIMIT: Duration = Duration::from_secs(10);
+/// How long the calls that end an item (the stop request, the exit's record, the stop) may go on
+/// together once the worker's drain time is up, counted from the end of the item's program (or from
+/// the first such call, when no program is being terminated): a worker told to quit does not wait on
+/// a server that does not answer, and the item's lease expires on the server without it.
+const SHUTDOWN_EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
 
-/// Runs a call that ends an item: to its end while the worker runs or drains (each try is bounded
-/// by the client's request timeout, their number by its `attempts`, except while the server
-/// promises lease amnesty, see [`retry`]); once the drain time is up, for at most
-/// [`SHUTDOWN_CALL_LIMIT`] more. `None` when it was given up.
-async fn within_shutdown_limit<T>(
-    mut phase: watch::Receiver<Phase>,
-    call: impl Future<Output = T>,
-) -> Option<T> {
-    let limit = async {
-        reached(&mut phase, Phase::Terminating).await;
-        tokio::time::sleep(SHUTDOWN_CALL_LIMIT).await;
-    };
-    tokio::select! {
-        done = call => Some(done),
-        () = limit => None,
+/// How long what remains of those calls may go on after a second signal (one try each): long enough
+/// for a server that answers to hear of the forced stop, and no longer.
+const FORCED_EXCHANGE_LIMIT: Duration = Duration::from_secs(1);
+
+impl<C: ItemCalls> Item<'_, C> {
+    /// Runs a call that ends an item: to its end while the worker runs or drains (see [`Tries`]);
+    /// once the drain time is up, within the item's [`SHUTDOWN_EXCHANGE_LIMIT`], and after a second
+    /// signal within [`FORCED_EXCHANGE_LIMIT`] of it. `None` when it was given up; a call whose
+    /// bound has passed is not made.
+    async fn within_shutdown_limit<T>(&self, call: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            () = self.shutdown_limit() => None,
+            done = call => Some(done),
+        }
     }
+
+    /// Returns once the calls that end this item have had their time.
+    async fn shutdown_limit(&self) {
+        let mut terminating = self.phase.clone();
+        let mut forced = self.phase.clone();
+        let mut program_gone = self.program_gone.subscribe();
+        let shutdown = async {
+            reached(&mut terminating, Phase::Terminating).await;
+            // The calls made alongside a termination wait for it: it has a bound of its own.
+            let _ = program_gone.wait_for(|gone| *gone).await;
+            let until = bound(&self.shutdown_until, SHUTDOWN_EXCHANGE_LIMIT);
+            tokio::time::sleep_until(until).await;
+        };
+        let forced = async {
+            reached(&mut forced, Phase::Forced).await;
+            tokio::time::sleep_until(bound(&self.forced_until, FORCED_EXCHANGE_LIMIT)).await;
+        };
+        tokio::select! {
+            () = shutdown => {}
+            () = forced => {}
+        }
+    }
+}
+
+/// The moment in `slot`, set to `limit` from now by the first to ask.
+fn bound(slot: &Mutex<Option<tokio::time::Instant>>, limit: Duration) -> tokio::time::Instant {
+    *slot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(|| tokio::time::Instant::now() + limit)
 }
 
 fn outcome_of(exit: Exit) -> Outcome {
@@ -1130,19 +1172,68 @@ mod tests {
         };
         let (outcome, terminated_at) = tokio::join!(supervisor.run(item.clone()), drain);
         assert_eq!(outcome, Outcome::Done);
+        // The stop request, unanswered, used up the time the end of the item had: nothing more is
+        // asked of a server that does not answer.
+        assert_eq!(script.calls(), ["ack", "stop force=false"]);
+        // The calls that end the item shared one bound, counted from the program's end.
+        assert_eq!(terminated_at.elapsed(), SHUTDOWN_EXCHANGE_LIMIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_ends_the_wait_on_a_server_that_does_not_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let (shared, phase) = worker(&format!(
+            "trap 'exit 0' TERM; touch {}; sleep 60 & wait",
+            ready.display()
+        ));
+        let script = Arc::new(Script {
+            stops_unanswered: true,
+            ..Script::default()
+        });
+        let item = session_item();
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let signals = async {
+            yield_until("no program", || ready.exists()).await;
+            phase.send_replace(Phase::Terminating);
+            // The program is gone at once; the stop request goes unanswered for a while.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            phase.send_replace(Phase::Forced);
+            tokio::time::Instant::now()
+        };
+        let (outcome, forced_at) = tokio::join!(supervisor.run(item.clone()), signals);
+        assert_eq!(outcome, Outcome::Done);
+        assert_eq!(forced_at.elapsed(), FORCED_EXCHANGE_LIMIT);
+    }
+
+    /// A program that ends slowly at the end of the drain time: the calls that end its item get
+    /// their time after it, however long the termination took.
+    #[tokio::test(start_paused = true)]
+    async fn the_shutdown_bound_counts_from_the_end_of_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready");
+        let (shared, phase) = worker(&format!(
+            "trap '' TERM; touch {}; sleep 60",
+            ready.display()
+        ));
+        let script = Arc::new(Script::default());
+        let item = session_item();
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let drain = async {
+            yield_until("no program", || ready.exists()).await;
+            phase.send_replace(Phase::Terminating);
+        };
+        let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), drain);
+        assert_eq!(outcome, Outcome::Failed);
         assert_eq!(
             script.calls(),
             [
                 "ack",
                 "stop force=false",
-                "record tether.exit_code=0 tether.exit_reason=- tether.signal=-",
-                // Its request never answered, the stop is forced; also unanswered, it is given up.
-                "stop force=true"
+                "record tether.exit_code=137 tether.exit_reason=- tether.signal=SIGKILL",
+                "stop force=false"
             ]
         );
-        // Each unanswered stop was given up after the limit: the first alongside the program's
-        // termination, the second after it.
-        assert_eq!(terminated_at.elapsed(), 2 * SHUTDOWN_CALL_LIMIT);
     }
 
     /// A program that exits while the server is away, which comes back after more than the lease:

@@ -131,6 +131,8 @@ pub struct AppInner {
     /// Turns at writing a session's document, for the requests of this process that change it
     /// ([`App::with_session_retries`]).
     session_turns: SessionTurns,
+    /// The last reading of `/metrics`' queue gauges, shared by the scrapes of one second.
+    pub(crate) queue_gauges: crate::telemetry::QueueGaugeCache,
 }
 
 impl std::ops::Deref for App {
@@ -178,6 +180,7 @@ impl App {
                 events::json_size_up_to,
             ),
             session_turns: SessionTurns::default(),
+            queue_gauges: Default::default(),
         }))
     }
 

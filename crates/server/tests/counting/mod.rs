@@ -35,6 +35,8 @@ pub struct Counting {
     pub item_reads: AtomicU64,
     /// `get_agent` calls.
     pub agent_reads: AtomicU64,
+    /// `queue_counts` calls.
+    pub queue_counts: AtomicU64,
     /// While set, commits and the work reads fail as `Unavailable`, and the losses and
     /// reconnections are counted as a real backend counts them (a reconnection when a call
     /// succeeds again).
@@ -222,6 +224,7 @@ impl Store for Counting {
         self.after_call(self.inner.leases_due_before(before, limit).await)
     }
     async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts> {
+        self.queue_counts.fetch_add(1, Ordering::SeqCst);
         self.inner.queue_counts(environment_id).await
     }
     async fn work_by_token_hash(
@@ -279,6 +282,7 @@ pub async fn counting_app(
         scans: AtomicU64::new(0),
         item_reads: AtomicU64::new(0),
         agent_reads: AtomicU64::new(0),
+        queue_counts: AtomicU64::new(0),
         down: AtomicBool::new(false),
         lost: AtomicBool::new(false),
         losses: AtomicU64::new(0),

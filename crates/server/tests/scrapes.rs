@@ -1,0 +1,46 @@
+//! `/metrics` takes no credential, and its queue gauges cost the database a count over each
+//! environment's live items: scrapes that come together, or within a second of each other, share one
+//! reading, so that a client flooding it cannot load the database that every worker needs.
+
+mod counting;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use counting::counting_app;
+use tether_core::SystemClock;
+use tether_server::telemetry::{queue_gauges, QUEUE_GAUGES_TTL};
+use tether_testkit::backends;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_of_one_second_share_one_reading_of_the_queue() {
+    const SCRAPES: usize = 32;
+    for backend in backends() {
+        let (_location, app, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "scraped").await;
+        let scrapes: Vec<_> = (0..SCRAPES)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { queue_gauges(&app).await })
+            })
+            .collect();
+        let mut readings = Vec::new();
+        for scrape in scrapes {
+            readings.push(scrape.await.expect("scrape"));
+        }
+        assert!(readings.iter().all(|r| r == &readings[0]));
+        assert!(readings[0].contains(&format!(
+            "tether_queue_depth{{environment_id=\"{}\"}} 0",
+            env.id
+        )));
+        assert_eq!(
+            counting.queue_counts.load(Ordering::SeqCst),
+            1,
+            "{SCRAPES} scrapes at once read the one environment's counts once"
+        );
+        // A scrape after the reading has aged reads again.
+        tokio::time::sleep(QUEUE_GAUGES_TTL).await;
+        queue_gauges(&app).await;
+        assert_eq!(counting.queue_counts.load(Ordering::SeqCst), 2);
+    }
+}

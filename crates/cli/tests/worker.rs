@@ -936,6 +936,42 @@ esac
     }
 }
 
+/// A worker whose standard error nobody reads (a full pipe) keeps its leases and runs its programs,
+/// even ones with much output: what does not fit is dropped, not waited for.
+#[tokio::test]
+async fn a_standard_error_nobody_reads_blocks_neither_the_worker_nor_its_programs() {
+    let setup = Setup::new().await;
+    // Far more output than a pipe holds, then longer than a lease (4 s) with the pipe full.
+    let script =
+        format!("{PRELUDE}seq 1 40000\nsleep 6\necho \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
+    let mut command = WorkerChild::command(&setup.server.base, &setup.env, "w1");
+    command
+        .args(["--key", &setup.key, "--ttl", "4", "--grace", "1"])
+        .args(["--", "sh", "-c", &script, "sh"])
+        .env("STAMPS", setup.stamps());
+    let mut worker = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether worker");
+    // Held, never read.
+    let _stderr = worker.stderr.take();
+    for _ in 0..2 {
+        let work = setup.session(json!({})).await;
+        let item = setup.wait_for_state(&work, "stopped").await;
+        assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+        let stamped = std::fs::read_to_string(setup.stamps().join(&work)).unwrap_or_default();
+        assert_eq!(stamped.lines().count(), 2, "one run, to its end: {stamped}");
+        assert!(
+            worker.try_wait().expect("try_wait").is_none(),
+            "the worker died"
+        );
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
 #[tokio::test]
 async fn a_second_signal_forces_the_shutdown() {
     let setup = Setup::new().await;

@@ -20,6 +20,7 @@ pub mod forward;
 pub mod guard;
 pub mod heartbeat;
 pub mod limits;
+mod logsink;
 pub mod program;
 pub mod proxy;
 pub mod sandbox;
@@ -342,6 +343,7 @@ pub async fn run(config: Config) -> Result<Summary> {
     let forced = *phase.borrow() == Phase::Forced;
     report.info(&format!("worker stopped: {}", report.totals()), &[]);
     report.finish();
+    report.flush();
     claimed?;
     if forced {
         return Err(Error::Forced);

@@ -1,10 +1,11 @@
 //! What the worker tells people: log lines on stderr, written through `tracing` like the server's (the
 //! same text and JSON shapes, `TETHER_LOG` for the level), and on a terminal a live status line under
-//! them — what the claim loop is doing, the items running with their age, done/failed counts.
+//! them — what the claim loop is doing, the items running with their age, done/failed counts. Off a
+//! terminal, lines go to stderr without ever blocking the worker ([`crate::logsink`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write as _};
+use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,7 @@ pub enum Level {
 impl Reporter {
     /// A status line is drawn only for text logs on a terminal; anything else gets plain lines.
     pub fn new(format: LogFormat, concurrency: usize) -> Reporter {
+        let _ = crate::logsink::FORMAT.set(format);
         let live = matches!(format, LogFormat::Text) && std::io::stderr().is_terminal();
         let bar = live.then(|| {
             let bar = ProgressBar::new_spinner();
@@ -143,10 +145,7 @@ impl Reporter {
     fn emit(&self, line: &str) {
         match &self.inner.bar {
             Some(bar) => bar.println(line),
-            None => {
-                let mut err = std::io::stderr().lock();
-                let _ = writeln!(err, "{line}");
-            }
+            None => crate::logsink::stderr().line(format!("{line}\n").as_bytes()),
         }
     }
 
@@ -187,6 +186,11 @@ impl Reporter {
         if let Some(bar) = &self.inner.bar {
             bar.finish_and_clear();
         }
+    }
+
+    /// Writes out the log lines still waiting for standard error, for at most about a second.
+    pub fn flush(&self) {
+        crate::logsink::stderr().flush();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -233,9 +237,7 @@ impl Drop for LogLine {
             Some(bar) if !bar.is_finished() => {
                 bar.println(String::from_utf8_lossy(&self.0).trim_end())
             }
-            _ => {
-                let _ = std::io::stderr().lock().write_all(&self.0);
-            }
+            _ => crate::logsink::stderr().line(&self.0),
         }
     }
 }

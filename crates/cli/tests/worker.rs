@@ -972,6 +972,34 @@ async fn a_standard_error_nobody_reads_blocks_neither_the_worker_nor_its_program
     let _ = worker.wait();
 }
 
+/// A server that cannot be reached is logged with the reason the operating system gave.
+#[tokio::test]
+async fn a_refused_connection_is_logged_with_its_cause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A port nobody listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut command = WorkerChild::command(&format!("http://127.0.0.1:{port}"), "env_1", "w1");
+    command.args(["--key", "tth_env_unused", "--", "true"]);
+    let worker = WorkerChild::spawn("w1", dir.path(), command);
+    let deadline = Instant::now() + PATIENCE;
+    while !worker.log().contains("poll failed") {
+        assert!(
+            Instant::now() < deadline,
+            "no failed poll:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        worker.log().contains("Connection refused"),
+        "{}",
+        worker.log()
+    );
+}
+
 #[tokio::test]
 async fn a_second_signal_forces_the_shutdown() {
     let setup = Setup::new().await;

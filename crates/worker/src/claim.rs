@@ -115,7 +115,10 @@ async fn claim(
                 continue;
             }
             Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
-            Err(e) => ("poll failed; retrying", ("error", e.to_string())),
+            Err(e) => (
+                "poll failed; retrying",
+                ("error", crate::error::described(&e)),
+            ),
         };
         let delay = backoff.next_delay();
         report.warn(

@@ -24,3 +24,48 @@ impl Error {
         Error::Config(message.into())
     }
 }
+
+/// A failed call in words for the log: the client's message and, when the message does not already
+/// end with it, the innermost error of its source chain (the operating system's words for a refused
+/// connection or an unknown host, which the client's message leaves out).
+pub(crate) fn described(error: &tether_client::Error) -> String {
+    let message = error.to_string();
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let cause = cause.to_string();
+    if message.ends_with(&cause) {
+        message
+    } else {
+        format!("{message} (cause: {cause})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_error_is_logged_with_its_cause() {
+        // A port nobody listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client =
+            tether_client::Client::new(format!("http://127.0.0.1:{port}"), "tth_env_x").unwrap();
+        let error = client
+            .poll_work("env_1", &Default::default())
+            .await
+            .unwrap_err();
+        assert!(error.is_connect(), "{error:?}");
+        let text = described(&error);
+        assert!(text.starts_with(&error.to_string()), "{text}");
+        assert!(text.contains("Connection refused"), "{text}");
+        // An answer of the server's is its own words already.
+        let refused = crate::heartbeat::tests::refusal(409);
+        assert_eq!(described(&refused), refused.to_string());
+    }
+}

@@ -96,11 +96,11 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
             )),
             Some(503) => match amnesty_promised(e) {
                 Some(grace) => Verdict::Amnesty(grace),
-                None => Verdict::Retry(e.to_string()),
+                None => Verdict::Retry(crate::error::described(e)),
             },
-            _ if e.is_retryable() => Verdict::Retry(e.to_string()),
+            _ if e.is_retryable() => Verdict::Retry(crate::error::described(e)),
             Some(_) => Verdict::Lost(format!("the server refused the heartbeat ({e})")),
-            None => Verdict::Retry(e.to_string()),
+            None => Verdict::Retry(crate::error::described(e)),
         },
     }
 }

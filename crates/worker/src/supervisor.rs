@@ -402,21 +402,21 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             Err(e) if e.status() == Some(409) => {
                 self.warn(
                     "not acknowledged: another worker holds it, or it was stopped",
-                    &[("error", &e.to_string())],
+                    &[("error", &crate::error::described(&e))],
                 );
                 false
             }
             Err(e) if e.status().is_none() || e.is_retryable() => {
                 self.warn(
                     "could not acknowledge; the server will hand it out again",
-                    &[("error", &e.to_string())],
+                    &[("error", &crate::error::described(&e))],
                 );
                 false
             }
             Err(e) => {
                 self.warn(
                     "the server refused the acknowledgement: stopping the item",
-                    &[("error", &e.to_string())],
+                    &[("error", &crate::error::described(&e))],
                 );
                 self.stop(true, &Tries::Few(1)).await;
                 false
@@ -597,7 +597,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         }
         let failed = match self.ending_call(tries, || self.calls.record(&patch)).await {
             Some(Ok(_)) => return,
-            Some(Err(e)) => e.to_string(),
+            Some(Err(e)) => crate::error::described(&e),
             None => "no answer".to_owned(),
         };
         self.warn(
@@ -628,7 +628,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             Some(Err(e)) => {
                 self.warn(
                     "could not stop the item; its lease will expire on the server",
-                    &[("error", &e.to_string())],
+                    &[("error", &crate::error::described(&e))],
                 );
                 false
             }

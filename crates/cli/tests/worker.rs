@@ -586,8 +586,24 @@ async fn refuses_to_start_when_it_cannot_work() {
     let cloud_key = setup.api.key(&cloud_env).await;
     let unknown_env = "env_0000000000000000000000000000abcd";
     let admin = setup.server.token.as_str();
+    let deleted_env = setup.api.self_hosted_environment("deleted").await;
+    let deleted_key = setup.api.key(&deleted_env).await;
+    setup
+        .api
+        .ok(
+            Method::DELETE,
+            &format!("/environments/{deleted_env}"),
+            json!({}),
+        )
+        .await;
+    let deleted_says = format!("environment {deleted_env} deleted with its keys");
     for (environment, key, says) in [
         (env, "tth_env_not-a-real-key", "refused the key"),
+        (
+            deleted_env.as_str(),
+            deleted_key.as_str(),
+            deleted_says.as_str(),
+        ),
         (
             env,
             other_key.as_str(),

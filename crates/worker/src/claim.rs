@@ -176,7 +176,8 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
     let why = match e.status() {
         Some(401) => format!(
             "the server refused the key ({e}). Check --key / TETHER_KEY: it may be mistyped or \
-             revoked; mint a new one with `tether env key create {env}`"
+             revoked, or environment {env} deleted with its keys (`tether env get {env}` says \
+             whether it still exists); mint a new key with `tether env key create {env}`"
         ),
         Some(403) => format!(
             "the key may not take work from environment {env} ({e}). An environment key works for \

@@ -1193,3 +1193,45 @@ async fn a_server_that_answers_polls_at_once_is_not_polled_in_a_loop() {
     // At most one poll a second; polling in a loop makes thousands.
     assert!(polls <= 4, "{polls} polls in 2.5 s");
 }
+
+/// A PROGRAM removed or made non-executable while the worker runs (a deploy replacing it) would fail
+/// every item handed to it, each a session's turn: the worker takes no work until it can run again.
+#[tokio::test]
+async fn a_program_that_can_no_longer_run_takes_no_work_until_it_can() {
+    use std::os::unix::fs::PermissionsExt;
+    let setup = Setup::new().await;
+    let program = setup.dir.path().join("agent.sh");
+    std::fs::write(&program, format!("#!/bin/sh\n{PRELUDE}{UNTIL_RELEASED}")).unwrap();
+    let mode = |bits: u32| {
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(bits)).unwrap();
+    };
+    mode(0o755);
+    let mut command = WorkerChild::command(&setup.server.base, &setup.env, "w1");
+    command
+        .args(["--key", &setup.key, "--ttl", "4", "--grace", "1"])
+        .arg("--")
+        .arg(&program)
+        .env("STAMPS", setup.stamps());
+    let mut worker = WorkerChild::spawn("w1", setup.dir.path(), command);
+    worker.wait_for_log("worker started").await;
+
+    mode(0o644);
+    let work = setup.session(json!({})).await;
+    worker.wait_for_log("PROGRAM cannot run").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let item = setup.item(&work).await;
+    assert_eq!(item["state"], "queued", "{item}");
+    // A poll already under way when PROGRAM went may have been handed the item: it is left unacked,
+    // for the server to hand out again after its reclaim window.
+    assert!(item["acknowledged_at"].is_null(), "never acked: {item}");
+    assert!(item["delivery_count"].as_u64() <= Some(1), "{item}");
+    assert!(item["metadata"].get("tether.exit_code").is_none(), "{item}");
+
+    mode(0o755);
+    started(&setup.stamps(), &work, 1).await;
+    release(&setup.stamps(), &work);
+    let item = setup.wait_for_state(&work, "stopped").await;
+    assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+}

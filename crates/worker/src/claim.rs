@@ -76,49 +76,68 @@ async fn claim(
                 }
             }
         };
-        report.activity(Activity::Polling);
-        let asked = Instant::now();
-        let polled = tokio::select! {
-            polled = shared.client.poll_work(&shared.environment_id, &options) => polled,
-            // An item this poll would have claimed is handed out again after the reclaim window.
-            _ = reached(&mut phase, Phase::Draining) => return Ok(()),
-        };
         // What went wrong, when the next poll must wait for the backoff: a message and what it is about.
-        let (trouble, about) = match polled {
-            // An id the worker would make paths of (its work directory, its log file, its cgroups)
-            // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
-            Ok(Some(item)) if !is_plain_name(&item.id) => (
-                "the server handed out a work item whose id is not a plain name: not running it",
-                ("work_id", format!("{:?}", item.id)),
-            ),
-            // Capacity left and work found: poll again at once.
-            Ok(Some(item)) => {
-                backoff.reset();
-                *claimed += 1;
-                *idle_since = Instant::now();
-                tasks.spawn(supervisor::serve(shared.clone(), item, slot));
-                continue;
-            }
-            // The long poll already waited.
-            Ok(None) if asked.elapsed() >= EARLY_EMPTY_POLL => {
-                backoff.reset();
-                continue;
-            }
-            // Nothing, and at once: a server that does not hold polls (or is shutting down) would
-            // otherwise be polled as fast as it answers. §8: sleep a random 1–3 s.
-            Ok(None) => {
-                backoff.reset();
-                let pause = Duration::from_millis(rand::rng().random_range(1_000..=3_000));
-                if !waited(&mut phase, pause).await {
-                    return Ok(());
+        let (trouble, about) = if let Err(why) = shared.program.runnable() {
+            // PROGRAM was removed, replaced or made non-executable since start-up: every item it
+            // were handed would fail at once (exit 127) and take a session's turn with it. Claim
+            // nothing until it can run again.
+            (
+                "PROGRAM cannot run: taking no work until it can",
+                (
+                    "reason",
+                    format!("{}: {why}", shared.program.path.display()),
+                ),
+            )
+        } else {
+            report.activity(Activity::Polling);
+            let asked = Instant::now();
+            let polled = tokio::select! {
+                polled = shared.client.poll_work(&shared.environment_id, &options) => polled,
+                // An item this poll would have claimed is handed out again after the reclaim window.
+                _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+            };
+            match polled {
+                // An id the worker would make paths of (its work directory, its log file, its cgroups)
+                // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
+                Ok(Some(item)) if !is_plain_name(&item.id) => (
+                    "the server handed out a work item whose id is not a plain name: not running it",
+                    ("work_id", format!("{:?}", item.id)),
+                ),
+                // PROGRAM went between the check above and this answer: the item is left unacked,
+                // and the server hands it out again after its reclaim window.
+                Ok(Some(item)) if shared.program.runnable().is_err() => (
+                    "PROGRAM cannot run: leaving the item it was handed to be handed out again",
+                    ("work_id", item.id),
+                ),
+                // Capacity left and work found: poll again at once.
+                Ok(Some(item)) => {
+                    backoff.reset();
+                    *claimed += 1;
+                    *idle_since = Instant::now();
+                    tasks.spawn(supervisor::serve(shared.clone(), item, slot));
+                    continue;
                 }
-                continue;
+                // The long poll already waited.
+                Ok(None) if asked.elapsed() >= EARLY_EMPTY_POLL => {
+                    backoff.reset();
+                    continue;
+                }
+                // Nothing, and at once: a server that does not hold polls (or is shutting down) would
+                // otherwise be polled as fast as it answers. §8: sleep a random 1–3 s.
+                Ok(None) => {
+                    backoff.reset();
+                    let pause = Duration::from_millis(rand::rng().random_range(1_000..=3_000));
+                    if !waited(&mut phase, pause).await {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
+                Err(e) => (
+                    "poll failed; retrying",
+                    ("error", crate::error::described(&e)),
+                ),
             }
-            Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
-            Err(e) => (
-                "poll failed; retrying",
-                ("error", crate::error::described(&e)),
-            ),
         };
         let delay = backoff.next_delay();
         report.warn(

@@ -77,6 +77,11 @@ impl Program {
         })
     }
 
+    /// Whether the file is still there to run, as it was at start-up: a file, executable.
+    pub fn runnable(&self) -> std::result::Result<(), String> {
+        check_executable(&self.path)
+    }
+
     pub fn display(&self) -> String {
         let mut out = self.name.to_string_lossy().into_owned();
         for arg in &self.args {

@@ -159,38 +159,32 @@ async fn filtered_event_listings_page_like_unfiltered_ones() {
         assert_eq!(types, ["session.status_running", "user.message"]);
 
         // before_id with a filter: the matches immediately before the cursor, in list order.
+        let session_id = session.as_str();
+        let before = |cursor: String| async move {
+            let (_, body) = server
+                .get(&format!(
+                    "/sessions/{session_id}/events?limit=2&types[]=agent.message&before_id={cursor}"
+                ))
+                .await;
+            let texts: Vec<String> = body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["content"][0]["text"].as_str().unwrap().to_owned())
+                .collect();
+            (texts, body)
+        };
         let last = posted["data"].as_array().unwrap().last().unwrap()["id"]
             .as_str()
             .unwrap()
             .to_owned();
-        let (_, body) = server
-            .get(&format!(
-                "/sessions/{session}/events?limit=2&types[]=agent.message&before_id={last}"
-            ))
-            .await;
-        let texts: Vec<&str> = body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["content"][0]["text"].as_str().unwrap())
-            .collect();
+        let (texts, body) = before(last).await;
         assert_eq!(texts, ["m5", "m6"]);
         // `has_more` looks forward in list order (§1.8): no agent.message follows m6, although
         // earlier ones precede m5.
         assert_eq!(body["has_more"], false);
         assert!(body["next_page"].is_null());
-        let (_, body) = server
-            .get(&format!(
-                "/sessions/{session}/events?limit=2&types[]=agent.message&before_id={}",
-                posted["data"][10]["id"].as_str().unwrap()
-            ))
-            .await;
-        let texts: Vec<&str> = body["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["content"][0]["text"].as_str().unwrap())
-            .collect();
+        let (texts, body) = before(posted["data"][10]["id"].as_str().unwrap().to_owned()).await;
         assert_eq!(texts, ["m3", "m4"]);
         assert_eq!(body["has_more"], true, "m5 and m6 follow");
 

@@ -195,6 +195,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// The innermost error of the source chain, in words: for a refused connection or an unknown
+    /// host, the operating system's (`Connection refused`), which this error's own message leaves out.
+    pub fn root_cause(&self) -> String {
+        let mut current: &dyn std::error::Error = self;
+        while let Some(source) = current.source() {
+            current = source;
+        }
+        current.to_string()
+    }
+
     /// The envelope, when the server refused the request.
     pub fn api(&self) -> Option<&ApiError> {
         match self {

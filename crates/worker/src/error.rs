@@ -30,11 +30,7 @@ impl Error {
 /// connection or an unknown host, which the client's message leaves out).
 pub(crate) fn described(error: &tether_client::Error) -> String {
     let message = error.to_string();
-    let mut cause: &dyn std::error::Error = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    let cause = cause.to_string();
+    let cause = error.root_cause();
     if message.ends_with(&cause) {
         message
     } else {

@@ -217,12 +217,12 @@ impl Explainer {
             tether_client::Error::Connect { .. } => anyhow!(
                 "cannot reach the Tether server at {server}: is `tether serve` running at {server}? \
                  (point elsewhere with --server or TETHER_SERVER)\n  cause: {}",
-                root_cause(&error)
+                error.root_cause()
             ),
             tether_client::Error::Timeout { .. } => anyhow!(
                 "the Tether server at {server} did not answer in time; is it overloaded or \
                  stuck?\n  cause: {}",
-                root_cause(&error)
+                error.root_cause()
             ),
             tether_client::Error::Api(api) => match api.status {
                 401 => {
@@ -262,15 +262,6 @@ impl Explainer {
             _ => anyhow::Error::new(error),
         }
     }
-}
-
-/// The innermost error of a chain: for a refused connection that is the operating system's words.
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(source) = current.source() {
-        current = source;
-    }
-    current.to_string()
 }
 
 /// `--limit`, `--page` and `--all` of list commands.

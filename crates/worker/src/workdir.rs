@@ -42,8 +42,9 @@ impl Workdirs {
     /// expired, a kept directory) left there is removed first.
     pub fn prepare(&self, work_id: &str) -> io::Result<PathBuf> {
         let dir = self.path(work_id);
-        remove(&dir)?;
-        std::fs::create_dir(&dir)?;
+        remove(&dir)
+            .and_then(|()| std::fs::create_dir(&dir))
+            .map_err(|e| naming(&dir, e))?;
         Ok(dir)
     }
 
@@ -53,20 +54,54 @@ impl Workdirs {
         if self.keep {
             return Ok(());
         }
-        remove(&self.path(work_id))
+        let dir = self.path(work_id);
+        remove(&dir).map_err(|e| naming(&dir, e))
     }
 }
 
+/// Removes `dir` and what it holds; nothing to do when it is not there, its parent included (a
+/// `--workdir` replaced by a file while the worker ran: the item's directory was never made).
 fn remove(dir: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(())
+        }
         other => other,
     }
+}
+
+/// `e` with the path it is about: the operating system's words alone ("Not a directory") do not say
+/// which, and they end up in the item's `tether.error`.
+fn naming(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_root_that_became_a_file_is_named_in_the_error_and_leaves_nothing_to_remove() {
+        let root = tempfile::tempdir().unwrap();
+        let items = root.path().join("items");
+        let dirs = Workdirs::new(items.clone(), false).unwrap();
+        std::fs::remove_dir(&items).unwrap();
+        std::fs::write(&items, "not a directory").unwrap();
+        let error = dirs.prepare("work_1").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(&items.join("work_1").display().to_string()),
+            "{error}"
+        );
+        dirs.finish("work_1")
+            .expect("nothing was made, nothing to remove");
+    }
 
     #[test]
     fn each_item_gets_a_fresh_directory_that_goes_away_unless_kept() {

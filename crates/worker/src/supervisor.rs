@@ -658,6 +658,10 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 Tries::WhileLeased(deadline) => tokio::select! {
                     biased;
                     () = deadline.clone().passed_by(PAST_THE_DEADLINE) => None,
+                    // Heartbeats that get through move the deadline on: a call that the server
+                    // keeps refusing with an error worth another try (a proxy's 5xx on this path
+                    // alone) would otherwise be tried for as long as they do, its slot held.
+                    () = tokio::time::sleep(ENDING_PATIENCE) => None,
                     done = retry(u32::MAX, &mut call) => Some(done),
                 },
             }
@@ -686,6 +690,11 @@ enum Tries {
 /// item's session token, which dies when the item is handed to another worker (a 401, taken as an
 /// item already ended).
 const PAST_THE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The longest one call that ends an item whose program has ended is tried, however its lease moves
+/// on: longer than the outages amnesty covers, short enough that a call refused for good does not
+/// hold a slot of `--concurrency` for long.
+const ENDING_PATIENCE: Duration = Duration::from_secs(300);
 
 /// How long a program that cannot be started for want of processes, open files or memory is tried
 /// again before its item is left to the server (see `Item::start_program`).
@@ -820,6 +829,9 @@ mod tests {
         outage_on_exit: Option<Duration>,
         /// When that outage began.
         outage_from: Mutex<Option<tokio::time::Instant>>,
+        /// Every record of an exit is refused with an error worth another try, while heartbeats and
+        /// stops get through.
+        records_refused: bool,
         calls: Mutex<Vec<String>>,
     }
 
@@ -909,6 +921,9 @@ mod tests {
             let call = format!("record {}", entries.join(" "));
             if let Some(e) = self.0.unavailable(&call) {
                 return Err(e);
+            }
+            if self.0.records_refused {
+                return Err(refused(502));
             }
             self.0.log(call);
             Ok(())
@@ -1226,6 +1241,31 @@ mod tests {
         let (outcome, forced_at) = tokio::join!(supervisor.run(item.clone()), signals);
         assert_eq!(outcome, Outcome::Done);
         assert_eq!(forced_at.elapsed(), FORCED_EXCHANGE_LIMIT);
+    }
+
+    /// A record of the exit that the server keeps refusing while heartbeats get through is given up
+    /// after [`ENDING_PATIENCE`], although the lease, renewed all along, never lapses; the stop then
+    /// ends the item.
+    #[tokio::test(start_paused = true)]
+    async fn an_ending_call_refused_for_good_is_given_up_though_the_lease_lives_on() {
+        let (shared, _phase) = worker("exit 0");
+        let script = Arc::new(Script {
+            records_refused: true,
+            ..Script::default()
+        });
+        short_leases(&script, 10);
+        // The program's run itself moves the paused clock on (to the heartbeats' timers while the
+        // real process exits), so the bound is checked loosely: given up, not tried for ever.
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::time::timeout(ENDING_PATIENCE * 12, run(&shared, &script))
+            .await
+            .expect("the refused record is given up");
+        assert_eq!(outcome, Outcome::Done);
+        assert!(started.elapsed() >= ENDING_PATIENCE);
+        assert_eq!(
+            script.calls().last().map(String::as_str),
+            Some("stop force=true")
+        );
     }
 
     /// A program that exits while the server is away, which comes back after more than the lease:

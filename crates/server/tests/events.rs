@@ -797,6 +797,25 @@ async fn a_stream_ends_when_its_credential_is_revoked_or_its_session_token_dies(
                 break;
             }
         }
+
+        // A later delivery of the item mints a new token, and the old one dies (D-27), though the
+        // item lives on.
+        let agent = server.agent().await;
+        let other = server.session(&env, &agent).await;
+        let (first, first_token) = poll(server, &env).await;
+        let mut by_first = Stream::open(server, &first_token, &other, None).await;
+        let again = server
+            .poll_as_worker(&env, "w2", "?block_ms=500&reclaim_older_than_ms=0")
+            .await;
+        assert_eq!(again["id"], first["id"], "handed out again");
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while by_first.next().await.is_some() {}
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the stream of a token whose item was handed out again ended"
+        );
     })
     .await;
 }

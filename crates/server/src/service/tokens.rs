@@ -42,6 +42,9 @@ pub enum Principal {
         work_id: String,
         environment_id: String,
         session_id: String,
+        /// The SHA-256 of the token: the item carries only its latest delivery's (D-27), so a token
+        /// is asked after again by this, not by the item's id.
+        token_hash: String,
     },
 }
 
@@ -103,6 +106,7 @@ impl App {
                 work_id: item.id,
                 environment_id: item.environment_id,
                 session_id: item.data.id,
+                token_hash: hash,
             });
         }
         let expected_kind = if secret.starts_with(ADMIN_PREFIX) {
@@ -148,8 +152,9 @@ impl App {
     }
 
     /// Whether an authenticated caller still holds: its credential is not revoked, its session token
-    /// not dead. Asked again by answers that outlive their request (event streams), from the same
-    /// one-second cache as [`App::authenticate`], so a revocation reaches them within the same bound.
+    /// not dead. Asked again by answers that outlive their request (event streams). A key or admin
+    /// token is looked up in the same one-second cache as [`App::authenticate`], so a revocation
+    /// reaches them within the same bound; a session token is read again, as a request's would be.
     pub async fn still_holds(&self, principal: &Principal) -> Result<bool> {
         match principal {
             Principal::Admin { credential_id }
@@ -157,9 +162,17 @@ impl App {
                 .credential_read(credential_id, CredentialKey::Id)
                 .await?
                 .is_some_and(|credential| credential.revoked_at.is_none())),
-            Principal::SessionToken { work_id, .. } => match self.store.get_work(work_id).await? {
-                Some(item) => self.session_token_lives(&item.value).await,
-                None => Ok(false),
+            // By the token's hash, as it was authenticated: a later delivery of the item mints a
+            // new token and the old one dies (D-27), though the item lives on.
+            Principal::SessionToken {
+                work_id,
+                token_hash,
+                ..
+            } => match self.store.work_by_token_hash(token_hash).await? {
+                Some(item) if item.value.id == *work_id => {
+                    self.session_token_lives(&item.value).await
+                }
+                _ => Ok(false),
             },
         }
     }

@@ -371,6 +371,55 @@ async fn a_dropped_listener_reconnects_and_asks_for_a_resync_without_an_outage()
     assert!(!b.in_outage());
 }
 
+/// A cut listener that cannot listen again at once is an outage after all: the reconnection that
+/// follows is counted, so that the service grants lease amnesty. Here the database refuses new
+/// connections while the ones already open (the pool's) go on.
+#[tokio::test]
+async fn a_cut_listener_that_cannot_listen_again_is_an_outage() {
+    let Some((a, b)) = two_stores_on_a_fresh_database().await else {
+        return;
+    };
+    let mut at_b = b.subscribe();
+    let notice = Notice::Session {
+        session_id: "sess_y".into(),
+    };
+    hears(&a, &mut at_b, &notice).await;
+    let before = b.reconnections();
+    let name = match &query_all(a.executor(), "SELECT current_database()").await[0][0] {
+        Value::Text(name) => name.clone(),
+        other => panic!("{other:?}"),
+    };
+    // From another database: a database cannot close its own door.
+    let (admin, connection) = tokio_postgres::connect(&admin_url().unwrap(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let allow = |on: bool| format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {on}");
+    admin.batch_execute(&allow(false)).await.unwrap();
+    query_all(
+        a.executor(),
+        "SELECT pg_terminate_backend(pid)::TEXT FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .await;
+    let lost = tokio::time::timeout(Duration::from_secs(15), async {
+        while !b.in_outage() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    admin.batch_execute(&allow(true)).await.unwrap();
+    assert!(
+        lost.is_ok(),
+        "the cut that could not listen again is an outage"
+    );
+    hears(&a, &mut at_b, &notice).await;
+    assert!(
+        b.reconnections() > before,
+        "the reconnection is counted, so that the service grants lease amnesty"
+    );
+}
+
 #[tokio::test]
 async fn an_absent_server_is_unavailable() {
     if admin_url().is_none() {

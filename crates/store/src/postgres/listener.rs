@@ -109,8 +109,13 @@ pub(super) async fn listen(
     let mut backoff = LISTEN_BACKOFF_MIN;
     let mut listened_before = false;
     let mut refused_before = false;
+    // Why the last listening connection ended, while its reconnection at once is under way: a cut
+    // that this attempt does not get past, listening again, is an outage after all.
+    let mut cut: Option<String> = None;
     loop {
         let mut reconnect_at_once = false;
+        let mut listening = false;
+        let mut cut_now = None;
         let connected =
             tokio::time::timeout(LISTEN_CONNECT_TIMEOUT, config.connect(tls.clone())).await;
         match connected {
@@ -130,22 +135,36 @@ pub(super) async fn listen(
                 // The connection has to be driven for LISTEN to complete.
                 let statement = format!("LISTEN {CHANNEL}");
                 let mut subscribe = std::pin::pin!(client.batch_execute(&statement));
-                // Err((whether the database was lost, why)).
-                let subscribed = loop {
-                    tokio::select! {
-                        r = &mut subscribe => break match r {
-                            Ok(()) => Ok(()),
-                            Err(e) => Err((is_connection_failure(&e), describe(&e))),
-                        },
-                        m = messages.next() => match m {
-                            Some(Ok(message)) => deliver(message),
-                            Some(Err(e)) => break Err((true, e.to_string())),
-                            None => break Err((true, "the connection closed".into())),
-                        },
+                // Err((whether the database was lost, why)). Bounded as a probe is: something
+                // between (a pooler) may take the connection in and then hold the statement for
+                // as long as the database is away.
+                let subscribing = async {
+                    loop {
+                        tokio::select! {
+                            r = &mut subscribe => break match r {
+                                Ok(()) => Ok(()),
+                                Err(e) => Err((is_connection_failure(&e), describe(&e))),
+                            },
+                            m = messages.next() => match m {
+                                Some(Ok(message)) => deliver(message),
+                                Some(Err(e)) => break Err((true, e.to_string())),
+                                None => break Err((true, "the connection closed".into())),
+                            },
+                        }
+                    }
+                };
+                let subscribed = match tokio::time::timeout(PROBE_TIMEOUT, subscribing).await {
+                    Ok(subscribed) => subscribed,
+                    Err(_) => {
+                        let why =
+                            format!("the database did not answer LISTEN within {PROBE_TIMEOUT:?}");
+                        health.unresponsive(&why);
+                        Err((true, why))
                     }
                 };
                 match subscribed {
                     Ok(()) => {
+                        listening = true;
                         health.answered();
                         health.reached();
                         backoff = LISTEN_BACKOFF_MIN;
@@ -191,13 +210,15 @@ pub(super) async fn listen(
                         // operator may cut it while the database stays up, and an outage costs every
                         // live lease an amnesty (the reconnection the service counts), so cuts
                         // repeated often enough would keep an abandoned item from ever lapsing.
-                        // Reconnecting at once tells the two apart: a database that cannot be
-                        // reached again is lost below, and the pool reports its own failures too.
-                        // (A probe left unanswered has already made the database unresponsive.)
+                        // Reconnecting at once tells the two apart: unless the next attempt listens
+                        // again (within the probe's bound), the cut is counted as the loss after
+                        // all, below; and the pool reports its own failures too. (A probe left
+                        // unanswered has already made the database unresponsive.)
                         tracing::info!(reason = %why, "the listening connection ended; reconnecting");
                         // At once only after a connection that lived: one that ends as soon as it
                         // listens is retried with backoff.
                         reconnect_at_once = listening_since.elapsed() >= PROBE_INTERVAL;
+                        cut_now = Some(why);
                     }
                     Err((true, why)) => health.lost(&why),
                     Err((false, why)) => {
@@ -212,6 +233,11 @@ pub(super) async fn listen(
             }
             Ok(Err(e)) if is_connection_failure(&e) => health.lost(&e.to_string()),
             Ok(Err(e)) => tracing::warn!(error = %describe(&e), "cannot connect the listener"),
+        }
+        if let Some(why) = std::mem::replace(&mut cut, cut_now) {
+            if !listening {
+                health.lost(&format!("{why}, and listening again failed"));
+            }
         }
         if reconnect_at_once {
             continue;

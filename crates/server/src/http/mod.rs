@@ -138,17 +138,15 @@ fn readable_path(mut request: Request) -> Request {
         readable.push('?');
         readable.push_str(query);
     }
+    // Each bad byte grows from 3 characters to 9: a long enough path outgrows what a URI may hold
+    // (64 KiB), and then stands for a path that names nothing at all, answered 404 as it would be.
+    let path_and_query = readable
+        .parse()
+        .unwrap_or_else(|_| axum::http::uri::PathAndQuery::from_static("/%EF%BF%BD"));
     let mut parts = request.uri().clone().into_parts();
-    match readable.parse() {
-        Ok(path_and_query) => {
-            parts.path_and_query = Some(path_and_query);
-            if let Ok(uri) = axum::http::Uri::from_parts(parts) {
-                *request.uri_mut() = uri;
-            }
-        }
-        // Cannot happen (the rest of the path was a valid URI, and the new segments are escaped);
-        // the request then goes on as it came.
-        Err(_) => debug_assert!(false, "a readable path is a valid URI: {readable:?}"),
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
     }
     request
 }

@@ -253,24 +253,47 @@ const QUEUE_GAUGES: &[(&str, &str)] = &[
 pub const QUEUE_GAUGES_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The last reading of the queue gauges: scrapes that come together, or within
-/// [`QUEUE_GAUGES_TTL`] of it, share it, and only one reading runs at a time.
+/// [`QUEUE_GAUGES_TTL`] of it, share it, and only one reading runs at a time. While one runs, a
+/// scrape takes the last reading rather than queue behind a store that answers slowly.
 #[derive(Default)]
 pub struct QueueGaugeCache {
-    last: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<str>)>>,
+    last: std::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<str>)>>,
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl QueueGaugeCache {
+    /// The last reading, if it is younger than `age`.
+    fn younger_than(&self, age: std::time::Duration) -> Option<std::sync::Arc<str>> {
+        let last = self.last.lock().expect("gauge cache lock");
+        last.as_ref()
+            .filter(|(read_at, _)| read_at.elapsed() < age)
+            .map(|(_, text)| text.clone())
+    }
 }
 
 /// The per-environment queue gauges in Prometheus text format, read from the store at most once per
 /// [`QUEUE_GAUGES_TTL`] (see [`QueueGaugeCache`]).
 pub async fn queue_gauges(app: &App) -> std::sync::Arc<str> {
-    // Held while reading: a scrape that arrives meanwhile waits for this reading, not for its own.
-    let mut last = app.queue_gauges.last.lock().await;
-    if let Some((read_at, text)) = last.as_ref() {
-        if read_at.elapsed() < QUEUE_GAUGES_TTL {
-            return text.clone();
-        }
+    let cache = &app.queue_gauges;
+    if let Some(text) = cache.younger_than(QUEUE_GAUGES_TTL) {
+        return text;
+    }
+    let reading = match cache.reading.try_lock() {
+        Ok(reading) => reading,
+        Err(_) => match cache.younger_than(std::time::Duration::MAX) {
+            // A reading is under way: the one before it will do.
+            Some(stale) => return stale,
+            // The first: wait for it.
+            None => cache.reading.lock().await,
+        },
+    };
+    // Another scrape may have read while this one waited.
+    if let Some(text) = cache.younger_than(QUEUE_GAUGES_TTL) {
+        return text;
     }
     let text: std::sync::Arc<str> = read_queue_gauges(app).await.into();
-    *last = Some((std::time::Instant::now(), text.clone()));
+    *cache.last.lock().expect("gauge cache lock") = Some((std::time::Instant::now(), text.clone()));
+    drop(reading);
     text
 }
 

@@ -42,5 +42,24 @@ async fn scrapes_of_one_second_share_one_reading_of_the_queue() {
         tokio::time::sleep(QUEUE_GAUGES_TTL).await;
         queue_gauges(&app).await;
         assert_eq!(counting.queue_counts.load(Ordering::SeqCst), 2);
+
+        // While a reading waits for a slow store, a scrape takes the reading before it instead of
+        // queueing behind it.
+        tokio::time::sleep(QUEUE_GAUGES_TTL).await;
+        counting.queue_counts_stalled.store(true, Ordering::SeqCst);
+        let slow = tokio::spawn({
+            let app = app.clone();
+            async move { queue_gauges(&app).await }
+        });
+        while counting.queue_counts.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let meanwhile =
+            tokio::time::timeout(std::time::Duration::from_secs(10), queue_gauges(&app))
+                .await
+                .expect("a scrape does not wait for a reading under way");
+        assert_eq!(meanwhile, readings[0]);
+        counting.queue_counts_stalled.store(false, Ordering::SeqCst);
+        slow.await.expect("the slow reading ends");
     }
 }

@@ -37,6 +37,8 @@ pub struct Counting {
     pub agent_reads: AtomicU64,
     /// `queue_counts` calls.
     pub queue_counts: AtomicU64,
+    /// While set, `queue_counts` does not answer (a database that is slow to).
+    pub queue_counts_stalled: AtomicBool,
     /// While set, commits and the work reads fail as `Unavailable`, and the losses and
     /// reconnections are counted as a real backend counts them (a reconnection when a call
     /// succeeds again).
@@ -225,6 +227,9 @@ impl Store for Counting {
     }
     async fn queue_counts(&self, environment_id: &str) -> StoreResult<QueueCounts> {
         self.queue_counts.fetch_add(1, Ordering::SeqCst);
+        while self.queue_counts_stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.inner.queue_counts(environment_id).await
     }
     async fn work_by_token_hash(
@@ -283,6 +288,7 @@ pub async fn counting_app(
         item_reads: AtomicU64::new(0),
         agent_reads: AtomicU64::new(0),
         queue_counts: AtomicU64::new(0),
+        queue_counts_stalled: AtomicBool::new(false),
         down: AtomicBool::new(false),
         lost: AtomicBool::new(false),
         losses: AtomicU64::new(0),

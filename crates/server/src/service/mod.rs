@@ -506,12 +506,15 @@ where
         listed.has_more = match listed.items.last() {
             None => false,
             Some(last) => {
+                // A page of none: it only says whether one follows, and a filtered scan stops at
+                // the first match rather than looking for a second.
                 let after = tether_store::PageRequest {
                     cursor: tether_store::Cursor::After(id(last).to_owned()),
-                    limit: 1,
+                    limit: 0,
                     descending: page.descending,
                 };
-                !list(after).await?.items.is_empty()
+                let after = list(after).await?;
+                after.has_more || !after.items.is_empty()
             }
         };
     }

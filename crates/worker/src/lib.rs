@@ -175,6 +175,14 @@ impl Shared {
 /// Runs the worker to its end: until a signal drained it, `--max-idle` passed, the one item of
 /// `run-one` ended, or the server refused to hand out work (an error that says why).
 pub async fn run(config: Config) -> Result<Summary> {
+    let ended = run_to_end(config).await;
+    // Whichever way it ended, early refusals included: the log lines still waiting for standard
+    // error go out (for at most about a second) before the caller reports the outcome.
+    logsink::stderr().flush();
+    ended
+}
+
+async fn run_to_end(config: Config) -> Result<Summary> {
     // Everything that cannot work is found out before the first claim.
     let program = Program {
         guard: config.guard.clone(),
@@ -343,7 +351,6 @@ pub async fn run(config: Config) -> Result<Summary> {
     let forced = *phase.borrow() == Phase::Forced;
     report.info(&format!("worker stopped: {}", report.totals()), &[]);
     report.finish();
-    report.flush();
     claimed?;
     if forced {
         return Err(Error::Forced);

@@ -188,11 +188,6 @@ impl Reporter {
         }
     }
 
-    /// Writes out the log lines still waiting for standard error, for at most about a second.
-    pub fn flush(&self) {
-        crate::logsink::stderr().flush();
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }

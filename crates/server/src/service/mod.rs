@@ -291,11 +291,11 @@ impl App {
     /// [`with_retries`] for an operation on a work item that may change the item's session too (an
     /// ack, a stop, an expiry, a requeue). Its first try takes no turn: most win at once, and the lock
     /// would cost them for nothing. Once it has lost a race, it retries in the turn of the session
-    /// that `session_of` names by then (each try sets it when it reads the item), as the requests
+    /// that `session_of` names by then (each try notes it when it reads the item), as the requests
     /// that write sessions do, rather than keep losing to clients posting to the session.
     pub async fn with_retries_then_session_turn<T, F, Fut>(
         &self,
-        session_of: &std::sync::OnceLock<String>,
+        session_of: &SessionOfItem,
         mut attempt: F,
     ) -> Result<T>
     where
@@ -307,9 +307,24 @@ impl App {
             Err(Retry::Fail(e)) => return Err(e),
             Err(Retry::Conflict) => {}
         }
-        match session_of.get() {
+        match session_of.0.get() {
             Some(session_id) => self.with_session_retries(session_id, attempt).await,
             None => with_retries(attempt).await,
+        }
+    }
+}
+
+/// The session of the work item an operation is deciding on, as its tries read the item
+/// ([`App::with_retries_then_session_turn`]).
+#[derive(Default)]
+pub struct SessionOfItem(std::sync::OnceLock<String>);
+
+impl SessionOfItem {
+    /// Notes `item`'s session, if it serves one. Kept from the first read: an item's session never
+    /// changes.
+    pub fn note(&self, item: &tether_core::WorkItem) {
+        if let Some(id) = item.data.session_id() {
+            let _ = self.0.set(id.to_owned());
         }
     }
 }

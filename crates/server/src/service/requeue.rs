@@ -7,7 +7,7 @@ use tether_core::work::{self, RequeueRequest};
 use tether_core::{Cause, WorkItem};
 use tether_store::{ChangeSet, Write};
 
-use super::{App, Error, Result, Retry};
+use super::{App, Error, Result, Retry, SessionOfItem};
 
 /// History lines read to learn whether an item was requeued before. A poison item has a handful
 /// (four per lease it went through, at most `max_requeues` + 1 leases); past this many the item is
@@ -28,12 +28,10 @@ impl App {
     ) -> Result<WorkItem> {
         // The requeue writes the session as its guard: under clients posting to it, it takes the
         // session's turn after a lost race, as an ack or a stop does.
-        let session_of_item = std::sync::OnceLock::new();
+        let session_of_item = SessionOfItem::default();
         let attempt = || async {
             let current = self.load_item(&env.id, work_id).await?;
-            if let Some(id) = current.value.data.session_id() {
-                let _ = session_of_item.set(id.to_owned());
-            }
+            session_of_item.note(&current.value);
             let history = self.store.list_history(work_id, None, HISTORY_READ).await?;
             let already_requeued = history.has_more
                 || history

@@ -14,7 +14,7 @@ use tether_store::{
 };
 
 use super::events::server_event;
-use super::{App, Error, Missing, Result, Retry};
+use super::{App, Error, Missing, Result, Retry, SessionOfItem};
 use crate::credentials;
 
 /// A poll's catch: the item and the session token minted for this delivery.
@@ -226,13 +226,10 @@ impl App {
         read: ItemRead,
         op: impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
     ) -> Result<(WorkItem, T)> {
-        let session_of_item = std::sync::OnceLock::<String>::new();
+        let session_of_item = SessionOfItem::default();
         let note_session = |item: &WorkItem| {
             if read == ItemRead::ItemAndSession {
-                if let Some(id) = item.data.session_id() {
-                    // Set once: an item's session never changes.
-                    let _ = session_of_item.set(id.to_owned());
-                }
+                session_of_item.note(item);
             }
         };
         let attempt = || async {

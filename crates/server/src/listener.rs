@@ -242,22 +242,13 @@ async fn refuse_plain_http(mut stream: TcpStream) {
         _ => &[],
     };
     let request_id = crate::http::request_id(header_of(head, "x-request-id"));
-    let body = serde_json::json!({
-        "type": "error",
-        "request_id": request_id,
-        "error": {
-            "type": "invalid_request_error",
-            "message": "this port speaks HTTPS: use an https:// URL",
-        }
-    })
-    .to_string();
-    let response = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         request-id: {request_id}\r\nx-request-id: {request_id}\r\nx-should-retry: false\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
+    let response = crate::parse_error::raw_refusal(
+        axum::http::StatusCode::BAD_REQUEST,
+        "this port speaks HTTPS: use an https:// URL",
+        &request_id,
+        None,
     );
-    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.write_all(&response).await;
     let _ = stream.shutdown().await;
     let drained = async { while matches!(stream.read(&mut request).await, Ok(n) if n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(1), drained).await;

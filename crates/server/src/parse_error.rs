@@ -9,6 +9,9 @@
 //! The recognition cannot mistake one of our own answers for hyper's: every error response of the
 //! router goes through the envelope middleware, which gives it a JSON body and a `request-id` header,
 //! while hyper's head carries nothing but `content-length: 0` and `date`.
+//!
+//! [`raw_refusal`] writes such an answer whole; the listener also uses it for plain HTTP on its TLS
+//! port, where no HTTP stack runs at all.
 
 use axum::http::StatusCode;
 
@@ -70,26 +73,38 @@ pub(crate) fn enveloped(head: &ParseErrorHead<'_>) -> Vec<u8> {
         _ => "the request is not valid HTTP: its request line or a header cannot be parsed",
     };
     let request_id = uuid::Uuid::new_v4().to_string();
-    let body = serde_json::to_string(
-        &ApiError::new(head.status, "invalid_request_error", message).body(&request_id),
-    )
-    .expect("an error envelope always serializes");
     tracing::info!(
         target: "tether::access",
         request_id = %request_id,
         status = head.status.as_u16(),
         "unparsable request"
     );
+    raw_refusal(head.status, message, &request_id, head.date)
+}
+
+/// A whole HTTP/1.1 refusal, written by the listener itself outside hyper (to a request hyper could
+/// not parse, or plain HTTP on the TLS port): `status` with `message` in the §1.7 envelope, the
+/// request id in the headers (D-18), `connection: close`, and `date` when there is one to keep.
+pub(crate) fn raw_refusal(
+    status: StatusCode,
+    message: &str,
+    request_id: &str,
+    date: Option<&[u8]>,
+) -> Vec<u8> {
+    let body = serde_json::to_string(
+        &ApiError::new(status, "invalid_request_error", message).body(request_id),
+    )
+    .expect("an error envelope always serializes");
     let mut response = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
          connection: close\r\nrequest-id: {request_id}\r\nx-request-id: {request_id}\r\n\
          x-should-retry: false\r\n",
-        head.status.as_u16(),
-        head.status.canonical_reason().unwrap_or(""),
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
         body.len()
     )
     .into_bytes();
-    if let Some(date) = head.date {
+    if let Some(date) = date {
         response.extend_from_slice(b"date: ");
         response.extend_from_slice(date);
         response.extend_from_slice(b"\r\n");

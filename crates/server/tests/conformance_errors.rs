@@ -383,13 +383,16 @@ async fn unknown_and_malformed_ids_are_404() {
                 reply.error(404, "not_found_error");
             }
         }
-        // The last one would outgrow a URI's 64 KiB once each bad byte is escaped as U+FFFD.
+        // Long ones: a segment of 20,000 bad bytes, and 16,000 segments of one, which would outgrow
+        // a URI's 64 KiB once each is escaped as U+FFFD.
         let long = format!("/environments/{}", "%ff".repeat(20_000));
+        let many = format!("/environments/{}x", "%ff/".repeat(16_000));
         for path in [
             "/environments/%ff",
             "/sessions/sess_%c3%28",
             "/agents/%80",
             &long,
+            &many,
         ] {
             let reply = req(server, Method::GET, path).send().await;
             reply.error(404, "not_found_error");

@@ -95,27 +95,17 @@ pub fn router(app: App, body_limit: usize) -> Router {
         .layer(tower::util::MapRequestLayer::new(readable_path))
 }
 
-/// Path segments whose %-escapes decode to no UTF-8 text are read as their lossy decoding (U+FFFD
-/// for each bad sequence), escaped again. Ids are ASCII, so such a segment names nothing: the request
-/// is routed as any other and its id is not found — 404 after the credential's 401 and 403 (D-2,
-/// D-32). Left as they came, the router refuses the undecodable parameter with a 400 before any of
-/// those checks.
+/// A path segment whose %-escapes decode to no UTF-8 text is read as one U+FFFD, escaped. Ids are
+/// ASCII, so such a segment names nothing either way: the request is routed as any other and its id
+/// is not found — 404 after the credential's 401 and 403 (D-2, D-32). Left as they came, the router
+/// refuses the undecodable parameter with a 400 before any of those checks.
 fn readable_path(mut request: Request) -> Request {
-    use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
-    // What must stay escaped in a path segment (RFC 3986 §3.3), beyond the controls.
-    const SEGMENT: &AsciiSet = &CONTROLS
-        .add(b' ')
-        .add(b'"')
-        .add(b'#')
-        .add(b'%')
-        .add(b'/')
-        .add(b'<')
-        .add(b'>')
-        .add(b'?')
-        .add(b'`')
-        .add(b'{')
-        .add(b'}');
-    let undecodable = |segment: &str| percent_decode_str(segment).decode_utf8().is_err();
+    const UNREADABLE: &str = "%EF%BF%BD";
+    let undecodable = |segment: &str| {
+        percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .is_err()
+    };
     let path = request.uri().path();
     if !path.contains('%') || !path.split('/').any(undecodable) {
         return request;
@@ -124,12 +114,9 @@ fn readable_path(mut request: Request) -> Request {
         .split('/')
         .map(|segment| {
             if undecodable(segment) {
-                let text =
-                    String::from_utf8_lossy(&percent_decode_str(segment).collect::<Vec<u8>>())
-                        .into_owned();
-                utf8_percent_encode(&text, SEGMENT).to_string()
+                UNREADABLE
             } else {
-                segment.to_owned()
+                segment
             }
         })
         .collect::<Vec<_>>()
@@ -138,8 +125,9 @@ fn readable_path(mut request: Request) -> Request {
         readable.push('?');
         readable.push_str(query);
     }
-    // Each bad byte grows from 3 characters to 9: a long enough path outgrows what a URI may hold
-    // (64 KiB), and then stands for a path that names nothing at all, answered 404 as it would be.
+    // A path of many short undecodable segments (`/%ff/%ff/…`) grows with each, and may outgrow what
+    // a URI may hold (64 KiB): it then stands for a path that names nothing at all, answered 404 as
+    // it would be.
     let path_and_query = readable
         .parse()
         .unwrap_or_else(|_| axum::http::uri::PathAndQuery::from_static("/%EF%BF%BD"));

@@ -93,15 +93,7 @@ impl App {
         let invalid = || Error::Unauthenticated;
         let hash = credentials::hash(secret);
         if secret.starts_with(SESSION_PREFIX) {
-            let item = self
-                .store
-                .work_by_token_hash(&hash)
-                .await?
-                .ok_or_else(invalid)?
-                .value;
-            if !self.session_token_lives(&item).await? {
-                return Err(invalid());
-            }
+            let item = self.item_of_token(&hash).await?.ok_or_else(invalid)?;
             return Ok(Principal::SessionToken {
                 work_id: item.id,
                 environment_id: item.environment_id,
@@ -134,21 +126,29 @@ impl App {
         })
     }
 
-    /// Whether the session token of `item` is still good: the item is live, and the credential the
-    /// token was minted under is not revoked. A session token lives no longer than that credential:
-    /// revoking a worker's key cuts it off from its items at once, and their leases then run out as
-    /// usual.
-    async fn session_token_lives(&self, item: &tether_core::WorkItem) -> Result<bool> {
-        if !item.state.is_live() {
-            return Ok(false);
-        }
-        Ok(match &item.session_token_issuer {
-            Some(issuer) => self
-                .credential_read(issuer, CredentialKey::Id)
-                .await?
-                .is_some_and(|credential| credential.revoked_at.is_none()),
+    /// The live item whose current session token hashes to `token_hash`, when the credential the
+    /// token was minted under is not revoked either; `None` for a token that is dead. A session token
+    /// lives no longer than that credential: revoking a worker's key cuts it off from its items at
+    /// once, and their leases then run out as usual. The item carries only its latest delivery's
+    /// token (D-27), so an earlier one finds nothing.
+    async fn item_of_token(&self, token_hash: &str) -> Result<Option<tether_core::WorkItem>> {
+        let Some(item) = self.store.work_by_token_hash(token_hash).await? else {
+            return Ok(None);
+        };
+        let item = item.value;
+        let issuer_alive = match &item.session_token_issuer {
+            Some(issuer) => self.credential_alive(issuer).await?,
             None => true,
-        })
+        };
+        Ok((item.state.is_live() && issuer_alive).then_some(item))
+    }
+
+    /// Whether the stored credential `id` exists and is not revoked (from the one-second cache).
+    async fn credential_alive(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .credential_read(id, CredentialKey::Id)
+            .await?
+            .is_some_and(|credential| credential.revoked_at.is_none()))
     }
 
     /// Whether an authenticated caller still holds: its credential is not revoked, its session token
@@ -158,22 +158,17 @@ impl App {
     pub async fn still_holds(&self, principal: &Principal) -> Result<bool> {
         match principal {
             Principal::Admin { credential_id }
-            | Principal::EnvironmentKey { credential_id, .. } => Ok(self
-                .credential_read(credential_id, CredentialKey::Id)
-                .await?
-                .is_some_and(|credential| credential.revoked_at.is_none())),
-            // By the token's hash, as it was authenticated: a later delivery of the item mints a
-            // new token and the old one dies (D-27), though the item lives on.
+            | Principal::EnvironmentKey { credential_id, .. } => {
+                self.credential_alive(credential_id).await
+            }
             Principal::SessionToken {
                 work_id,
                 token_hash,
                 ..
-            } => match self.store.work_by_token_hash(token_hash).await? {
-                Some(item) if item.value.id == *work_id => {
-                    self.session_token_lives(&item.value).await
-                }
-                _ => Ok(false),
-            },
+            } => Ok(self
+                .item_of_token(token_hash)
+                .await?
+                .is_some_and(|item| item.id == *work_id)),
         }
     }
 

@@ -1452,6 +1452,62 @@ async fn environment_and_agent_list_pagination() {
             .send()
             .await
             .bad_param("limit");
+
+        // Every list's `before_id` page says what follows it in list order (§1.8, D-3), as the work
+        // list's does (`work_list_pagination`).
+        let env = &visible[0];
+        for _ in 0..3 {
+            server.session(env, &agents[0]).await;
+            req(server, Method::POST, &format!("/environments/{env}/keys"))
+                .json(json!({"name": "k"}))
+                .send()
+                .await
+                .ok();
+            req(server, Method::POST, "/tokens")
+                .json(json!({"name": "t"}))
+                .send()
+                .await
+                .ok();
+        }
+        for (path, prefix) in [
+            ("/environments?include_archived=true".to_owned(), "env"),
+            ("/agents".to_owned(), "agent"),
+            ("/sessions".to_owned(), "sess"),
+            (format!("/environments/{env}/keys"), "envkey"),
+            ("/tokens".to_owned(), "tok"),
+        ] {
+            before_pages_look_forward(server, &path, prefix).await;
+        }
     })
     .await;
+}
+
+/// On the list at `path` (3 items or more): the page before its last item says that item follows it,
+/// and the page before a cursor past every id says nothing does.
+async fn before_pages_look_forward(server: &TestServer, path: &str, prefix: &str) {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let get = |query: String| async move {
+        req(server, Method::GET, &format!("{path}{sep}{query}"))
+            .send()
+            .await
+            .ok()
+            .clone()
+    };
+    let ids = listed_ids(&get("limit=100".into()).await);
+    let n = ids.len();
+    assert!(n >= 3, "{path}: {ids:?}");
+    let before_last = get(format!("limit=2&before_id={}", ids[n - 1])).await;
+    assert_eq!(listed_ids(&before_last), ids[n - 3..n - 1], "{path}");
+    assert_eq!(
+        before_last["has_more"], true,
+        "{path}: the last item follows"
+    );
+    assert_eq!(before_last["next_page"], json!(ids[n - 2]), "{path}");
+    let newest = get(format!("limit=2&before_id={prefix}_{}", "f".repeat(32))).await;
+    assert_eq!(listed_ids(&newest), ids[n - 2..], "{path}");
+    assert_eq!(
+        newest["has_more"], false,
+        "{path}: nothing follows the newest"
+    );
+    assert!(newest["next_page"].is_null(), "{path}");
 }

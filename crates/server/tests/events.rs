@@ -575,6 +575,16 @@ async fn the_log_pages_both_ways() {
             .map(id_of)
             .collect();
         assert_eq!(got, ids[3..5]);
+        // It says what follows it in list order (§1.8): the cursor's own event, also when nothing
+        // precedes it.
+        assert_eq!(before["has_more"], true);
+        assert_eq!(before["next_page"], json!(ids[4]));
+        let (_, first) = server
+            .get(&format!("{path}?before_id={}&limit=5", ids[2]))
+            .await;
+        assert_eq!(first["data"].as_array().unwrap().len(), 2);
+        assert_eq!(first["has_more"], true);
+        assert_eq!(first["next_page"], json!(ids[1]));
 
         for (query, param) in [
             ("limit=0", "limit"),

@@ -923,6 +923,7 @@ mod tests {
                 return Err(e);
             }
             if self.0.records_refused {
+                self.0.log(format!("{call} (refused)"));
                 return Err(refused(502));
             }
             self.0.log(call);
@@ -965,6 +966,27 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(20), "{what}");
             tokio::task::yield_now().await;
         }
+    }
+
+    /// A program that runs `on_term` on SIGTERM and writes its pid into `ready` once its trap is set.
+    /// Its `sleep` keeps none of its output pipes: the worker reads them to their end as soon as the
+    /// program is gone, with no wait that would move the paused clock.
+    fn program_noting_its_pid(on_term: &str, ready: &Path) -> String {
+        format!(
+            "trap '{on_term}' TERM; echo $$ > {ready}.new; mv {ready}.new {ready}; sleep 60 >/dev/null 2>&1 & wait",
+            ready = ready.display()
+        )
+    }
+
+    /// The pid that [`program_noting_its_pid`] wrote, once it has.
+    async fn noted_pid(ready: &Path) -> nix::unistd::Pid {
+        yield_until("no program", || ready.exists()).await;
+        let pid = std::fs::read_to_string(ready)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        nix::unistd::Pid::from_raw(pid)
     }
 
     /// Blocks (in real time, at most 20 s) until `file` exists.
@@ -1156,15 +1178,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_server_that_does_not_answer_delays_neither_the_sigterm_nor_the_end_of_a_shutdown() {
-        // The program's `sleep` keeps none of its output pipes: the worker reads them to their end as
-        // soon as the program is gone, with no wait that would move the paused clock.
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
         let termed = dir.path().join("termed");
-        let (shared, phase) = worker(&format!(
-            "trap 'touch {}; exit 0' TERM; echo $$ > {ready}.new; mv {ready}.new {ready}; sleep 60 >/dev/null 2>&1 & wait",
-            termed.display(),
-            ready = ready.display()
+        let (shared, phase) = worker(&program_noting_its_pid(
+            &format!("touch {}; exit 0", termed.display()),
+            &ready,
         ));
         let script = Arc::new(Script {
             stops_unanswered: true,
@@ -1173,17 +1192,11 @@ mod tests {
         let item = session_item();
         let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
         let drain = async {
-            yield_until("no program", || ready.exists()).await;
-            let pid: i32 = std::fs::read_to_string(&ready)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let program = noted_pid(&ready).await;
             phase.send_replace(Phase::Terminating);
             let terminated_at = tokio::time::Instant::now();
             // The program gets its SIGTERM while the stop request is still unanswered, or never.
             // Then until the worker has reaped it, lest the clock run on to the SIGKILL meanwhile.
-            let program = nix::unistd::Pid::from_raw(pid);
             yield_until("no SIGTERM while the stop request went unanswered", || {
                 termed.exists() && nix::sys::signal::kill(program, None).is_err()
             })
@@ -1209,10 +1222,7 @@ mod tests {
     async fn a_second_signal_ends_the_wait_on_a_server_that_does_not_answer() {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
-        let (shared, phase) = worker(&format!(
-            "trap 'exit 0' TERM; echo $$ > {ready}.new; mv {ready}.new {ready}; sleep 60 >/dev/null 2>&1 & wait",
-            ready = ready.display()
-        ));
+        let (shared, phase) = worker(&program_noting_its_pid("exit 0", &ready));
         let script = Arc::new(Script {
             stops_unanswered: true,
             ..Script::default()
@@ -1220,16 +1230,10 @@ mod tests {
         let item = session_item();
         let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
         let signals = async {
-            yield_until("no program", || ready.exists()).await;
-            let pid: i32 = std::fs::read_to_string(&ready)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let program = noted_pid(&ready).await;
             phase.send_replace(Phase::Terminating);
             // The program is gone at once (waited for in real time, the clock held still); the stop
             // request goes unanswered for a while.
-            let program = nix::unistd::Pid::from_raw(pid);
             yield_until("the program outlived its SIGTERM", || {
                 nix::sys::signal::kill(program, None).is_err()
             })
@@ -1254,14 +1258,29 @@ mod tests {
             ..Script::default()
         });
         short_leases(&script, 10);
-        // The program's run itself moves the paused clock on (to the heartbeats' timers while the
-        // real process exits), so the bound is checked loosely: given up, not tried for ever.
+        // Busy until the first refusal, so that the paused clock stands still while the real program
+        // starts and exits (left idle, it would run on from heartbeat to heartbeat meanwhile); from
+        // there on, only the calls' own timers move it.
+        let first_refusal = async {
+            yield_until("the exit was never recorded", || {
+                script.calls().iter().any(|c| c.ends_with("(refused)"))
+            })
+            .await;
+            tokio::time::Instant::now()
+        };
         let started = tokio::time::Instant::now();
-        let outcome = tokio::time::timeout(ENDING_PATIENCE * 12, run(&shared, &script))
-            .await
-            .expect("the refused record is given up");
+        let (outcome, refused_at) = tokio::join!(
+            tokio::time::timeout(ENDING_PATIENCE * 12, run(&shared, &script)),
+            first_refusal
+        );
+        let outcome = outcome.expect("the refused record is given up");
         assert_eq!(outcome, Outcome::Done);
         assert!(started.elapsed() >= ENDING_PATIENCE);
+        let tried = refused_at.elapsed();
+        assert!(
+            tried >= ENDING_PATIENCE && tried < ENDING_PATIENCE + Duration::from_secs(30),
+            "{tried:?}"
+        );
         assert_eq!(
             script.calls().last().map(String::as_str),
             Some("stop force=true")

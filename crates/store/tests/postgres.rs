@@ -336,24 +336,46 @@ async fn hears(
     .expect("the notice is heard");
 }
 
-#[tokio::test]
-async fn a_dropped_listener_reconnects_and_asks_for_a_resync_without_an_outage() {
-    let Some((a, b)) = two_stores_on_a_fresh_database().await else {
-        return;
-    };
+/// Two stores on a fresh database, B hearing what A announces; `None` without PostgreSQL.
+async fn a_listening_pair() -> Option<(
+    SqlStore<PostgresExecutor>,
+    SqlStore<PostgresExecutor>,
+    tokio::sync::broadcast::Receiver<Notice>,
+)> {
+    let (a, b) = two_stores_on_a_fresh_database().await?;
     let mut at_b = b.subscribe();
-    let notice = Notice::Session {
+    hears(&a, &mut at_b, &listened()).await;
+    Some((a, b, at_b))
+}
+
+/// The notice the listening tests announce.
+fn listened() -> Notice {
+    Notice::Session {
         session_id: "sess_x".into(),
-    };
-    hears(&a, &mut at_b, &notice).await;
-    let before = b.reconnections();
-    // Cut every listening connection of this database, as a network failure or a restart would.
+    }
+}
+
+/// Cuts every listening connection of the database `store` is on, as a network failure, a proxy or
+/// an operator would. A listener's last statement is its `LISTEN`, or the empty probe it sends every
+/// second; the pool's connections never send an empty statement.
+async fn cut_the_listeners(store: &SqlStore<PostgresExecutor>) {
     query_all(
-        a.executor(),
+        store.executor(),
         "SELECT pg_terminate_backend(pid)::TEXT FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND (query LIKE 'LISTEN%' OR query = '')",
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_dropped_listener_reconnects_and_asks_for_a_resync_without_an_outage() {
+    let Some((a, b, mut at_b)) = a_listening_pair().await else {
+        return;
+    };
+    let notice = listened();
+    let before = b.reconnections();
+    cut_the_listeners(&a).await;
     let resync = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             if let Ok(Notice::Resync) = at_b.recv().await {
@@ -376,14 +398,10 @@ async fn a_dropped_listener_reconnects_and_asks_for_a_resync_without_an_outage()
 /// connections while the ones already open (the pool's) go on.
 #[tokio::test]
 async fn a_cut_listener_that_cannot_listen_again_is_an_outage() {
-    let Some((a, b)) = two_stores_on_a_fresh_database().await else {
+    let Some((a, b, mut at_b)) = a_listening_pair().await else {
         return;
     };
-    let mut at_b = b.subscribe();
-    let notice = Notice::Session {
-        session_id: "sess_y".into(),
-    };
-    hears(&a, &mut at_b, &notice).await;
+    let notice = listened();
     let before = b.reconnections();
     let name = match &query_all(a.executor(), "SELECT current_database()").await[0][0] {
         Value::Text(name) => name.clone(),
@@ -396,12 +414,7 @@ async fn a_cut_listener_that_cannot_listen_again_is_an_outage() {
     tokio::spawn(connection);
     let allow = |on: bool| format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {on}");
     admin.batch_execute(&allow(false)).await.unwrap();
-    query_all(
-        a.executor(),
-        "SELECT pg_terminate_backend(pid)::TEXT FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-    )
-    .await;
+    cut_the_listeners(&a).await;
     let lost = tokio::time::timeout(Duration::from_secs(15), async {
         while !b.in_outage() {
             tokio::time::sleep(Duration::from_millis(20)).await;

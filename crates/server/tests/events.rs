@@ -95,15 +95,24 @@ fn states(items: &[Value]) -> Vec<&str> {
         .collect()
 }
 
+/// `POST path` with `body`, which must succeed: what it created.
+async fn created(server: &TestServer, path: &str, body: Value) -> Value {
+    let (status, out) = server.post(path, body).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {out}");
+    out
+}
+
+/// A new key of `env`, as its record (`id`, `token`, …).
+async fn env_key_record(server: &TestServer, env: &str) -> Value {
+    let path = format!("/environments/{env}/keys");
+    created(server, &path, json!({"name": "worker"})).await
+}
+
 async fn env_key(server: &TestServer, env: &str) -> String {
-    let (status, key) = server
-        .post(
-            &format!("/environments/{env}/keys"),
-            json!({"name": "worker"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{key}");
-    key["token"].as_str().expect("token").to_owned()
+    env_key_record(server, env).await["token"]
+        .as_str()
+        .expect("token")
+        .to_owned()
 }
 
 /// Polls one item and returns it with the session token from its `secret` (§11.1).
@@ -745,15 +754,8 @@ async fn a_stream_ends_when_its_session_is_deleted() {
 async fn a_stream_ends_when_its_credential_is_revoked_or_its_session_token_dies() {
     each_backend(async |server| {
         let (env, session) = setup(server).await;
-        let (status, key) = server
-            .post(
-                &format!("/environments/{env}/keys"),
-                json!({"name": "reader"}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{key}");
-        let (status, admin) = server.post("/tokens", json!({"name": "spare"})).await;
-        assert_eq!(status, StatusCode::OK, "{admin}");
+        let key = env_key_record(server, &env).await;
+        let admin = created(server, "/tokens", json!({"name": "spare"})).await;
         let (work, session_token) = take(server, &env).await;
         let secret = |v: &Value| v["token"].as_str().unwrap().to_owned();
         let mut streams = vec![

@@ -533,24 +533,22 @@ fn plain_http_to_the_tls_port_is_answered_and_https_to_a_plain_port_is_refused()
     let server = TlsServer::start(&cert, &key, &[]);
 
     // A plain-HTTP request gets a 400 in the error envelope.
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id:  mine-1 \r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).unwrap();
+    let ask = |request: &[u8]| {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+        tcp.write_all(request).unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let answer = ask(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id:  mine-1 \r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("use an https:// URL"), "{answer}");
     // Its request id is the client's (D-18), in the envelope and the headers.
     assert!(answer.contains("\r\nx-request-id: mine-1\r\n"), "{answer}");
     assert!(answer.contains(r#""request_id":"mine-1""#), "{answer}");
     // Without one, a generated id.
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).unwrap();
+    let answer = ask(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     let envelope: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     let id = envelope["request_id"]
         .as_str()

@@ -9,9 +9,10 @@
 //! find the queue as empty as the one before them did. A scan that found nothing leaves a [`Scan`] mark
 //! on its environment; until the mark is a tick old, or anything wakes the environment's waiters (an
 //! enqueue, a requeue, another process's notice, a dispatcher probe that found work), blocked polls
-//! of that environment wait without scanning again. Nothing that makes an item claimable goes
-//! unnoticed for longer than a blocked waiter would miss it anyway: the dispatcher's tick probes every
-//! environment that has a waiter.
+//! of that environment wait without scanning again, provided their reclaim window is no shorter than
+//! the scan's (a poll asking to reclaim sooner has candidates the scan did not look for). Nothing that
+//! makes an item claimable goes unnoticed for longer than a blocked waiter would miss it anyway: the
+//! dispatcher's tick probes every environment that has a waiter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,8 @@ struct Inner {
 struct ScanMark {
     id: u64,
     found_empty: Option<tether_core::Timestamp>,
+    /// The scan's `reclaim_older_than_ms`: it looked for deliveries at least this old.
+    reclaim_ms: i64,
 }
 
 /// A scan begun with [`Waiters::begin_scan`]; tell [`Waiters::found_empty`] when it found nothing.
@@ -84,27 +87,29 @@ impl Waiters {
     }
 
     /// Whether a scan of the environment found nothing less than `ttl` ago (by the real clock and by
-    /// `now`) and nothing has woken its waiters since: a blocked poll may then wait without scanning.
+    /// `now`), looking for deliveries no older than `reclaim_ms` would reclaim, and nothing has woken
+    /// its waiters since: a blocked poll with that reclaim window may then wait without scanning.
     pub fn known_empty(
         &self,
         environment_id: &str,
         now: tether_core::Timestamp,
         ttl: std::time::Duration,
+        reclaim_ms: i64,
     ) -> bool {
         let inner = self.inner.lock().expect("waiters lock");
-        let Some(at) = inner
-            .scans
-            .get(environment_id)
-            .and_then(|mark| mark.found_empty)
-        else {
+        let Some(mark) = inner.scans.get(environment_id) else {
+            return false;
+        };
+        let Some(at) = mark.found_empty else {
             return false;
         };
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        now >= at && now.millis_since(at) < ttl_ms
+        reclaim_ms >= mark.reclaim_ms && now >= at && now.millis_since(at) < ttl_ms
     }
 
-    /// Notes that a scan of the environment's queue begins now (see [`Self::found_empty`]).
-    pub fn begin_scan(&self, environment_id: &str) -> Scan {
+    /// Notes that a scan of the environment's queue, reclaiming deliveries older than `reclaim_ms`,
+    /// begins now (see [`Self::found_empty`]).
+    pub fn begin_scan(&self, environment_id: &str, reclaim_ms: i64) -> Scan {
         let mut inner = self.inner.lock().expect("waiters lock");
         inner.next_scan += 1;
         let id = inner.next_scan;
@@ -116,6 +121,7 @@ impl Waiters {
             ScanMark {
                 id,
                 found_empty: None,
+                reclaim_ms,
             },
         );
         Scan(id)
@@ -294,26 +300,54 @@ mod tests {
         b.consume();
     }
 
+    /// A poll's reclaim window, the default's.
+    const RECLAIM: i64 = 5_000;
+
     #[test]
     fn an_empty_scan_marks_its_environment_until_a_wake_up() {
         let w = Waiters::default();
         let ttl = Duration::from_secs(60);
         let now = tether_core::Timestamp::from_micros(1_000_000);
-        assert!(!w.known_empty("env", now, ttl), "never scanned");
-        let scan = w.begin_scan("env");
+        assert!(!w.known_empty("env", now, ttl, RECLAIM), "never scanned");
+        let scan = w.begin_scan("env", RECLAIM);
         assert!(
-            !w.known_empty("env", now, ttl),
+            !w.known_empty("env", now, ttl, RECLAIM),
             "a scan under way proves nothing"
         );
         w.found_empty("env", scan, now);
-        assert!(w.known_empty("env", now, ttl));
-        assert!(!w.known_empty("other", now, ttl), "per environment");
+        assert!(w.known_empty("env", now, ttl, RECLAIM));
         assert!(
-            !w.known_empty("env", now.plus_millis(60_000), ttl),
+            !w.known_empty("other", now, ttl, RECLAIM),
+            "per environment"
+        );
+        assert!(
+            !w.known_empty("env", now.plus_millis(60_000), ttl, RECLAIM),
             "the mark ages with the server's clock"
         );
         w.wake("env", 1);
-        assert!(!w.known_empty("env", now, ttl), "a wake-up ends the mark");
+        assert!(
+            !w.known_empty("env", now, ttl, RECLAIM),
+            "a wake-up ends the mark"
+        );
+    }
+
+    #[test]
+    fn an_empty_scan_spares_only_polls_that_reclaim_no_sooner() {
+        let w = Waiters::default();
+        let ttl = Duration::from_secs(60);
+        let now = tether_core::Timestamp::from_micros(1_000_000);
+        let scan = w.begin_scan("env", RECLAIM);
+        w.found_empty("env", scan, now);
+        assert!(w.known_empty("env", now, ttl, RECLAIM));
+        assert!(w.known_empty("env", now, ttl, RECLAIM + 1));
+        // A delivery of 1 s ago was no candidate of the scan, but is one of this poll's.
+        assert!(!w.known_empty("env", now, ttl, RECLAIM - 1));
+        assert!(!w.known_empty("env", now, ttl, 0));
+        // A scan that reclaims everything spares every poll.
+        let eager = w.begin_scan("env", 0);
+        w.found_empty("env", eager, now);
+        assert!(w.known_empty("env", now, ttl, 0));
+        assert!(w.known_empty("env", now, ttl, RECLAIM));
     }
 
     #[test]
@@ -321,18 +355,18 @@ mod tests {
         let w = Waiters::default();
         let ttl = Duration::from_secs(60);
         let now = tether_core::Timestamp::from_micros(1_000_000);
-        let scan = w.begin_scan("env");
+        let scan = w.begin_scan("env", RECLAIM);
         // An enqueue commits while the scan runs: the scan may have missed it.
         w.wake("env", 1);
         w.found_empty("env", scan, now);
-        assert!(!w.known_empty("env", now, ttl));
+        assert!(!w.known_empty("env", now, ttl, RECLAIM));
         // A later scan began before this one finished: only the later one may mark.
-        let first = w.begin_scan("env");
-        let second = w.begin_scan("env");
+        let first = w.begin_scan("env", RECLAIM);
+        let second = w.begin_scan("env", RECLAIM);
         w.found_empty("env", first, now);
-        assert!(!w.known_empty("env", now, ttl));
+        assert!(!w.known_empty("env", now, ttl, RECLAIM));
         w.found_empty("env", second, now);
-        assert!(w.known_empty("env", now, ttl));
+        assert!(w.known_empty("env", now, ttl, RECLAIM));
     }
 
     #[tokio::test]

@@ -1044,6 +1044,34 @@ async fn reclaim_redelivers_an_unacked_delivery() {
     .await;
 }
 
+/// §6.2 steps 2–5: every poll looks for its own candidates before it waits. A blocked poll may skip
+/// its scan when another found the queue empty a moment ago, but only if that scan looked for every
+/// item this poll could take: one that reclaims sooner must still find the delivery the other left.
+#[tokio::test]
+async fn a_blocked_poll_reclaiming_sooner_than_an_empty_scan_before_it_takes_the_delivery() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let item = q.enqueue().await;
+        assert_eq!(q.poll("", Some("w1")).await.ok()["id"], item.id.as_str());
+        // A blocked poll that leaves deliveries alone for a minute finds nothing.
+        assert_eq!(
+            q.poll("?block_ms=50&reclaim_older_than_ms=60000", Some("w2"))
+                .await
+                .ok(),
+            &Value::Null
+        );
+        // The server's clock stands still: only a scan of this poll's own can find the item.
+        let taken = q
+            .poll("?block_ms=999&reclaim_older_than_ms=0", Some("w3"))
+            .await
+            .ok()
+            .clone();
+        assert_eq!(taken["id"], item.id.as_str());
+        assert_eq!(taken["delivery_count"], 2);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn poll_order_is_oldest_enqueue_first() {
     each_backend_with(without_tick(), async |server| {

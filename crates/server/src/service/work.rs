@@ -482,13 +482,18 @@ impl App {
             // waits without scanning again (`crate::waiters`): idle workers re-polling cost no store work.
             let parked = ticket.is_some()
                 && answering.is_none()
-                && self
-                    .waiters
-                    .known_empty(&env.id, self.now(), self.parked_scan_ttl());
+                && self.waiters.known_empty(
+                    &env.id,
+                    self.now(),
+                    self.parked_scan_ttl(),
+                    reclaim_ms,
+                );
             let claimed = if parked {
                 None
             } else {
-                let scan = ticket.as_ref().map(|_| self.waiters.begin_scan(&env.id));
+                let scan = ticket
+                    .as_ref()
+                    .map(|_| self.waiters.begin_scan(&env.id, reclaim_ms));
                 Box::pin(self.try_claim(env, worker_id, issuer, reclaim_ms, scan)).await?
             };
             if let Some(woken) = answering.take() {

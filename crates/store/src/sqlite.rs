@@ -10,6 +10,7 @@
 //! survives `kill -9`. Reads use a small pool of read-only connections and see the last commit.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -51,9 +52,41 @@ struct ReadPool {
     /// runs on after its caller's future is dropped, and a permit released with that future would
     /// let another read find the pool empty.
     permits: Arc<Semaphore>,
+    /// Bounded reads running on the runtime's own threads right now (see [`ReadPool::run_inline`]).
+    inline: AtomicUsize,
+}
+
+/// A bounded read's claim on a runtime thread; given back when the read is done.
+struct InlineSlot<'a>(&'a AtomicUsize);
+
+impl Drop for InlineSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl ReadPool {
+    /// Claims a runtime thread for a bounded read, if that leaves one of the runtime's threads free.
+    ///
+    /// A bounded read takes microseconds, but a disk that stalls (a frozen file system, a lost
+    /// network volume, a lock held on the database's shared memory) blocks it in the kernel for as
+    /// long as the stall lasts. Were every runtime thread inside such a read, nothing else would run:
+    /// not `/healthz`, not requests that need no store, not timeouts. So at most all threads but one
+    /// read inline; the other reads take a blocking thread, as unbounded reads always do. A runtime
+    /// with one thread reads nothing inline.
+    fn run_inline(&self) -> Option<InlineSlot<'_>> {
+        let workers = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_workers())
+            .unwrap_or(1);
+        let most = workers.saturating_sub(1);
+        self.inline
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |running| {
+                (running < most).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| InlineSlot(&self.inline))
+    }
+
     /// Runs one read on a pooled connection and puts the connection back. The caller holds a permit,
     /// so a connection is there to take.
     fn query(
@@ -138,6 +171,7 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
         readers: Arc::new(ReadPool {
             connections: Mutex::new(connections),
             permits: Arc::new(Semaphore::new(READERS)),
+            inline: AtomicUsize::new(0),
         }),
         notices,
     }))
@@ -349,7 +383,15 @@ fn classify(e: rusqlite::Error) -> StoreError {
             StoreError::Conflict
         }
         rusqlite::Error::SqliteFailure(f, _)
-            if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+            if matches!(
+                f.code,
+                // `FileLockingProtocolFailed` (SQLITE_PROTOCOL) is what a WAL reader answers when it
+                // could not take a read lock in the retries SQLite makes itself: the same wait for
+                // locks as `busy`, not a broken database.
+                ErrorCode::DatabaseBusy
+                    | ErrorCode::DatabaseLocked
+                    | ErrorCode::FileLockingProtocolFailed
+            ) =>
         {
             StoreError::Unavailable(e.to_string())
         }
@@ -398,8 +440,10 @@ impl Executor for SqliteExecutor {
             .map_err(|_| StoreError::Unavailable("store closed".into()))?;
         if statement.bounded {
             // A few rows through an index (WAL readers never wait for the writer): cheaper here than
-            // the two thread switches of a blocking task.
-            return pool.query(&statement, &permit);
+            // the two thread switches of a blocking task, while a runtime thread stays free.
+            if let Some(_slot) = pool.run_inline() {
+                return pool.query(&statement, &permit);
+            }
         }
         // The permit goes with the task (see `ReadPool::permits`).
         tokio::task::spawn_blocking(move || pool.query(&statement, &permit))

@@ -1,5 +1,7 @@
 //! Health, readiness and metrics (§11.4).
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -22,14 +24,25 @@ pub async fn healthz() -> Json<Health> {
     })
 }
 
+/// How long `/readyz` waits for the store. A store that takes longer is as good as gone to a caller:
+/// a disk that stalls, a database that no longer answers, or every read connection held by reads
+/// that do not come back. Without a bound, the probe would wait as long as they do.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn readyz(State(app): State<App>) -> ApiResult<Json<Health>> {
     if app.is_shutting_down() {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
-    app.store
-        .ping()
-        .await
-        .map_err(|_| ApiError::unavailable("the database does not answer"))?;
+    match tokio::time::timeout(READY_TIMEOUT, app.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(ApiError::unavailable("the database does not answer")),
+        Err(_) => {
+            return Err(ApiError::unavailable(format!(
+                "the database did not answer within {} s",
+                READY_TIMEOUT.as_secs()
+            )))
+        }
+    }
     Ok(Json(Health {
         status: "ready".into(),
         store: Some(app.store.backend().to_owned()),

@@ -248,15 +248,18 @@ impl Endpoint {
     /// served by the GET handler, as the router would otherwise do. A HEAD request is safe by
     /// definition (RFC 9110 §9.2.1), and its answer has no body: a HEAD poll would claim an item, mint
     /// its session token and show a worker that nobody can see.
+    /// Every other method gets the same 405: the router's own would offer HEAD in `Allow`.
     fn no_head(mut self) -> Self {
         assert_eq!(self.verb, Verb::Get, "HEAD is served only by GET routes");
-        self.route = self.route.head(head_refused);
+        self.route = self.route.head(only_get).fallback(only_get);
         self
     }
 }
 
-async fn head_refused() -> axum::response::Response {
+/// 405 with `Allow: GET`, after draining what it can of the body, as the router's own 405 does.
+async fn only_get(body: axum::body::Body) -> axum::response::Response {
     use axum::response::IntoResponse as _;
+    super::budget::drain_refused(body).await;
     let mut response =
         crate::error::ApiError::for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
             .into_response();

@@ -1035,7 +1035,10 @@ async fn unknown_routes_and_methods_answer_in_the_envelope() {
                 "{m} {path}: allow {allow:?}"
             );
             if path == q.path("/poll") {
-                assert_eq!(allow, "GET", "the poll refuses HEAD, so it does not offer it");
+                assert_eq!(
+                    allow, "GET",
+                    "the poll refuses HEAD, so it does not offer it"
+                );
             }
         }
         assert_eq!(

@@ -541,3 +541,133 @@ async fn a_database_migrated_by_a_newer_build_is_refused() {
         "{refused}"
     );
 }
+
+/// A pooled connection cut while the database stays up (a firewall or NAT that forgot it, a proxy,
+/// an operator) is no outage: the call that meets the cut is tried again on a fresh connection or
+/// answered 503, but no lease gets an amnesty for it. Here every connection B has open goes through
+/// [`Cutter`], which cuts them the way a middlebox that dropped their state does: silently, until B
+/// next sends on one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_pooled_connections_are_no_outage() {
+    let Some(url) = fresh().await else { return };
+    let cutter = Cutter::start(&url).await;
+    let b = postgres::connect(&cutter.url).await.unwrap();
+    // Several pooled connections open, each with its statements prepared, as on a busy server.
+    let statement = || Statement::new("SELECT pg_sleep(0.05)::TEXT", vec![]);
+    let busy = (0..8).map(|_| b.executor().query(statement()));
+    for read in futures::future::join_all(busy).await {
+        read.unwrap();
+    }
+    let write = || {
+        vec![(
+            Statement::new("UPDATE environments SET id = id WHERE id = 'none'", vec![]),
+            Expect::Any,
+        )]
+    };
+    b.executor().execute(write()).await.unwrap();
+    let (losses, reconnections) = (b.losses(), b.reconnections());
+
+    cutter.cut();
+    // What meets a cut connection may fail (a write that may have committed is not tried again),
+    // but the database answers the fresh connections at once. Looking into that, the store went
+    // through its cut connections, so the reads after it find fresh ones.
+    let _ = b.executor().execute(write()).await;
+    let reads = (0..8).map(|_| b.executor().query(statement()));
+    for read in futures::future::join_all(reads).await {
+        read.expect("a read after the cut was seen");
+    }
+    b.executor().execute(write()).await.unwrap();
+    assert!(cutter.cuts_met() > 0, "the pool met its cut connections");
+    assert_eq!(b.losses(), losses, "a cut connection is no lost database");
+    assert_eq!(b.reconnections(), reconnections, "so no lease amnesty");
+    assert!(!b.in_outage());
+}
+
+/// A TCP proxy in front of the database whose [`Cutter::cut`] drops every connection open at that
+/// moment without a word to either side; the client learns of it only when it next sends, and its
+/// request is answered by the connection's end. Connections made after the cut are forwarded as usual.
+struct Cutter {
+    url: String,
+    cuts: tokio::sync::watch::Sender<u64>,
+    cuts_met: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Cutter {
+    async fn start(url: &str) -> Cutter {
+        // postgresql://user@host:port/database…: the proxy takes the place of host:port.
+        let authority_start = url.find('@').expect("a user in the URL") + 1;
+        let authority_end = authority_start + url[authority_start..].find('/').expect("a path");
+        let upstream = url[authority_start..authority_end].to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxied = format!(
+            "{}{}{}",
+            &url[..authority_start],
+            listener.local_addr().unwrap(),
+            &url[authority_end..]
+        );
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let cuts_met = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (cuts_seen, cuts_met_counted) = (cuts.clone(), cuts_met.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let cut = cuts_seen.subscribe();
+                tokio::spawn(forward_until_cut(
+                    client,
+                    server,
+                    cut,
+                    cuts_met_counted.clone(),
+                ));
+            }
+        });
+        Cutter {
+            url: proxied,
+            cuts,
+            cuts_met,
+        }
+    }
+
+    fn cut(&self) {
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    fn cuts_met(&self) -> u64 {
+        self.cuts_met.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn forward_until_cut(
+    mut client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+    cuts_met: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let before = *cut.borrow_and_update();
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let forwarding = async {
+        tokio::select! {
+            _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
+            _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
+        }
+    };
+    tokio::select! {
+        _ = forwarding => return,
+        _ = cut.wait_for(|n| *n > before) => {}
+    }
+    // The server side goes away unseen (the database sees its connection end); the client is left
+    // waiting until it sends, and then sees the connection end under its request.
+    drop(from_server);
+    drop(to_server);
+    let mut byte = [0u8; 1];
+    if tokio::io::AsyncReadExt::read(&mut from_client, &mut byte)
+        .await
+        .is_ok_and(|n| n > 0)
+    {
+        cuts_met.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    let _ = client.shutdown().await;
+}

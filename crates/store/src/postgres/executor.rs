@@ -38,6 +38,8 @@ impl Drop for PostgresExecutor {
 struct Failure {
     error: StoreError,
     before_commit: bool,
+    /// Why the connection it ran on ended, when it did (see [`PostgresExecutor::noted_cut`]).
+    cut: Option<String>,
 }
 
 impl Failure {
@@ -46,6 +48,7 @@ impl Failure {
         Failure {
             error,
             before_commit: true,
+            cut: None,
         }
     }
 
@@ -54,6 +57,16 @@ impl Failure {
         Failure {
             error,
             before_commit: false,
+            cut: None,
+        }
+    }
+
+    /// `e`, from a connection that was already open; `before_commit` as for [`Failure`].
+    fn on_connection(e: tokio_postgres::Error, before_commit: bool) -> Self {
+        Failure {
+            cut: is_connection_failure(&e).then(|| e.to_string()),
+            error: classify(e),
+            before_commit,
         }
     }
 }
@@ -80,24 +93,55 @@ impl PostgresExecutor {
         }
     }
 
-    /// Notes a connection-level failure; the caller still sees the mapped error.
-    fn observe(&self, e: tokio_postgres::Error) -> StoreError {
-        if is_connection_failure(&e) {
-            self.health.lost(&e.to_string());
+    /// A pooled connection that ended under a statement is not by itself a lost database: a proxy, a
+    /// firewall's idle timeout or an operator may cut one while the database stays up, and each lost
+    /// database costs every live lease an amnesty once it is back. So the cut counts as the loss only
+    /// when the database does not answer a fresh connection either, as for the listener's cuts.
+    /// (A statement tried again after the cut is that fresh connection: its success settles it.)
+    ///
+    /// A database that does not answer at all is the listener's probe's to notice, within 3 s: a
+    /// look that runs out of time, or finds every connection busy, decides nothing here.
+    async fn noted_cut(&self, why: &str) {
+        let refused = tokio::time::timeout(super::listener::PROBE_TIMEOUT, async {
+            // The pooled connections handed out next may have been cut with this one. Each that
+            // fails is dropped from the pool, so the pool's size in tries reaches a new one.
+            for _ in 0..=super::POOL_SIZE {
+                match self.pool.get().await {
+                    Ok(client) => match client.simple_query("").await {
+                        Err(e) if is_connection_failure(&e) => {}
+                        _ => return false,
+                    },
+                    Err(PoolError::Timeout(_)) => return false,
+                    Err(_) => return true,
+                }
+            }
+            true
+        })
+        .await;
+        if refused == Ok(true) {
+            self.health.lost(why);
         }
-        classify(e)
     }
 
     /// Once, after a lost connection that left no doubt that nothing was committed: the next
     /// attempt takes a fresh connection. A busy pool is not retried, the caller already waited.
     fn worth_retrying<T>(&self, outcome: &Result<T, Failure>) -> bool {
-        matches!(
-            outcome,
+        match outcome {
             Err(Failure {
                 error: StoreError::Unavailable(_),
                 before_commit: true,
-            })
-        ) && self.health.lost.load(Ordering::SeqCst)
+                cut,
+            }) => cut.is_some() || self.health.lost.load(Ordering::SeqCst),
+            _ => false,
+        }
+    }
+
+    /// The error a call ends with, once a cut connection under it was looked into.
+    async fn failed(&self, failure: Failure) -> StoreError {
+        if let Some(why) = &failure.cut {
+            self.noted_cut(why).await;
+        }
+        failure.error
     }
 
     /// `attempt`, and once more when [`Self::worth_retrying`]; both under [`Self::while_answering`].
@@ -159,7 +203,7 @@ impl PostgresExecutor {
 
     async fn query_once(&self, statement: &Statement) -> Result<Vec<Row>, Failure> {
         let client = self.client().await.map_err(Failure::retry_safe)?;
-        let fail = |e: tokio_postgres::Error| Failure::retry_safe(self.observe(e));
+        let fail = |e| Failure::on_connection(e, true);
         let prepared = client.prepare_cached(&statement.sql).await.map_err(fail)?;
         let params = bind_all(&statement.params, prepared.params()).map_err(Failure::no_retry)?;
         let rows = client
@@ -174,7 +218,7 @@ impl PostgresExecutor {
 
     async fn execute_once(&self, statements: &[(Statement, Expect)]) -> Result<(), Failure> {
         let mut client = self.client().await.map_err(Failure::retry_safe)?;
-        let fail = |e: tokio_postgres::Error| Failure::retry_safe(self.observe(e));
+        let fail = |e| Failure::on_connection(e, true);
         // A lone statement is atomic by itself: skip BEGIN/COMMIT and their round trips.
         if let [(statement, expect)] = statements {
             let prepared = client.prepare_cached(&statement.sql).await.map_err(fail)?;
@@ -183,10 +227,10 @@ impl PostgresExecutor {
             let changed = client
                 .execute(&prepared, &refs(&params))
                 .await
-                .map_err(|e| Failure {
+                .map_err(|e| {
                     // The statement may have committed before the connection dropped.
-                    before_commit: !is_connection_failure(&e),
-                    error: self.observe(e),
+                    let before_commit = !is_connection_failure(&e);
+                    Failure::on_connection(e, before_commit)
                 })?;
             return if expect.met_by(changed) {
                 Ok(())
@@ -229,7 +273,7 @@ impl PostgresExecutor {
         }
         tx.commit()
             .await
-            .map_err(|e| Failure::no_retry(self.observe(e)))
+            .map_err(|e| Failure::on_connection(e, false))
     }
 }
 
@@ -266,7 +310,7 @@ impl Executor for PostgresExecutor {
                 self.health.reached();
                 Ok(rows)
             }
-            Err(f) => Err(f.error),
+            Err(f) => Err(self.failed(f).await),
         }
     }
 
@@ -288,7 +332,7 @@ impl Executor for PostgresExecutor {
                 self.health.reached();
                 Err(StoreError::Conflict)
             }
-            Err(f) => Err(f.error),
+            Err(f) => Err(self.failed(f).await),
         }
     }
 

@@ -275,16 +275,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "tether listening on {scheme}://{local} ({} store)",
         app.store.backend()
     );
-    let reloader = tls.clone().map(|tls| tokio::spawn(reload_on_sighup(tls)));
+    let reloader = tokio::spawn(reload_on_sighup(tls.clone()));
     let options = ServeOptions {
         body_limit: args.body_limit,
         tls,
         limits,
     };
     tether_server::serve_with(app, listener, options, shutdown_signal()).await?;
-    if let Some(reloader) = reloader {
-        reloader.abort();
-    }
+    reloader.abort();
     tracing::info!("tether stopped");
     Ok(())
 }
@@ -339,7 +337,11 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
 
 /// SIGHUP: read the certificate and key again. New connections get the new certificate; open ones
 /// keep theirs. A certificate that does not load is logged and the current one stays.
-async fn reload_on_sighup(tls: TlsSettings) {
+///
+/// Watched without TLS too, where it reloads nothing: SIGHUP's default action ends the process, and
+/// one sent to every `tether` process of a host after a certificate's renewal (or by a terminal that
+/// went away) must not take a plain-HTTP server down with it.
+async fn reload_on_sighup(tls: Option<TlsSettings>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -349,6 +351,10 @@ async fn reload_on_sighup(tls: TlsSettings) {
         }
     };
     while hangups.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: nothing to reload without --tls-cert; still serving");
+            continue;
+        };
         let cert = tls.files().cert.display().to_string();
         match tls.reload() {
             Ok(()) => tracing::info!(%cert, "SIGHUP: TLS certificate reloaded"),

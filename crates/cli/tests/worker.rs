@@ -952,6 +952,53 @@ esac
     }
 }
 
+/// The parent's process id of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let (_, rest) = stat.rsplit_once(')').expect("stat format");
+    rest.split_whitespace()
+        .nth(1)
+        .and_then(|ppid| ppid.parse().ok())
+        .expect("ppid")
+}
+
+/// SIGHUP, as `kill -HUP $(pidof tether)` sends it after a certificate's renewal, or a terminal that
+/// went away: the server, the worker and the guard between the worker and its program all go on, and
+/// the item ends when its program does.
+#[tokio::test]
+async fn a_sighup_to_every_tether_process_stops_nothing() {
+    let setup = Setup::new().await;
+    let script = format!("{PRELUDE}{UNTIL_RELEASED}");
+    let mut worker = setup.worker("w1", WorkerOptions::running(&script));
+    let (work, start) = setup.session_started_and_active().await;
+    let guard = parent_of(start.pid);
+    assert_eq!(
+        parent_of(guard),
+        worker.pid().as_raw(),
+        "the guard is the worker's child"
+    );
+
+    let server = nix::unistd::Pid::from_raw(setup.server.child.id() as i32);
+    for pid in [server, worker.pid(), nix::unistd::Pid::from_raw(guard)] {
+        kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    }
+    worker.wait_for_log("SIGHUP ignored").await;
+    // A SIGHUP that ended any of them would have ended the program, or the item, by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(start.pid), "the program runs on");
+    assert!(alive(guard), "the guard runs on");
+    assert_eq!(setup.item(&work).await["state"], "active");
+
+    release(&setup.stamps(), &work);
+    setup.wait_for_state(&work, "stopped").await;
+    assert_eq!(setup.item(&work).await["metadata"]["tether.exit_code"], "0");
+    assert_eq!(
+        stamps(&setup.stamps(), &work),
+        [start.clone(), stamp("end", "w1", start.pid)]
+    );
+    worker.shut_down_cleanly().await;
+}
+
 /// A worker whose standard error nobody reads (a full pipe) keeps its leases and runs its programs,
 /// even ones with much output: what does not fit is dropped, not waited for.
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! children would go on running, and with them a session the server hands to another worker once the
 //! lease expires. So the worker's child is this guard, the leader of the group, with the program as
 //! its child in the same group. The guard's death signal is SIGHUP, on which it kills the whole group,
-//! itself with it.
+//! itself with it, unless the worker is still its parent (a SIGHUP someone else sent).
 //!
 //! Otherwise it stays out of the way:
 //! - the program gets the guard's stdin, stdout, stderr, environment and working directory;
@@ -22,6 +22,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::sys::signal::{killpg, raise, signal, SigHandler, Signal};
 use nix::unistd::{getpgrp, getppid, Pid};
@@ -30,11 +31,24 @@ use nix::unistd::{getpgrp, getppid, Pid};
 /// [`main`].
 pub const SUBCOMMAND: &str = "program-guard";
 
+/// The worker's process id, for the SIGHUP handler (set before the handler is installed).
+static WORKER: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn kill_the_group(_: nix::libc::c_int) {
     // Only async-signal-safe calls here: killpg and _exit. The SIGKILL ends this process too.
     let _ = killpg(getpgrp(), Signal::SIGKILL);
     // SAFETY: `_exit` is async-signal-safe.
     unsafe { nix::libc::_exit(137) }
+}
+
+/// SIGHUP: the worker's death, or a SIGHUP sent by someone else while the worker lives (an operator's
+/// `kill -HUP` to every `tether` process after renewing a certificate). Only the first may end the
+/// program, so the guard asks whether the worker is still its parent.
+extern "C" fn on_hangup(signal: nix::libc::c_int) {
+    // Only async-signal-safe calls: getppid, an atomic load, and what `kill_the_group` makes.
+    if getppid().as_raw() != WORKER.load(Ordering::SeqCst) {
+        kill_the_group(signal);
+    }
 }
 
 extern "C" fn go_on_waiting(_: nix::libc::c_int) {}
@@ -45,10 +59,11 @@ pub fn main(worker: u32, program: Vec<OsString>) -> std::io::Error {
     let [path, name, args @ ..] = &program[..] else {
         return std::io::Error::other("program-guard: expected PATH ARGV0 [ARG...] after --");
     };
+    WORKER.store(worker as i32, Ordering::SeqCst);
     // SAFETY: the handlers make async-signal-safe calls only; this runs before any thread exists.
     unsafe {
         for (sig, handler) in [
-            (Signal::SIGHUP, SigHandler::Handler(kill_the_group)),
+            (Signal::SIGHUP, SigHandler::Handler(on_hangup)),
             (Signal::SIGTERM, SigHandler::Handler(go_on_waiting)),
             (Signal::SIGINT, SigHandler::Handler(go_on_waiting)),
         ] {

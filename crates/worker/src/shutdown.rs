@@ -33,6 +33,17 @@ pub fn watch_signals(
         .map_err(|e| Error::config(format!("cannot handle SIGTERM: {e}")))?;
     let mut int = signal(SignalKind::interrupt())
         .map_err(|e| Error::config(format!("cannot handle SIGINT: {e}")))?;
+    // SIGHUP is caught and ignored, as under `nohup`: its default would end the worker at once, without
+    // a drain, killing its programs, whether a terminal went away or an operator sent it to every
+    // `tether` process after renewing the server's certificate.
+    let mut hangup = signal(SignalKind::hangup())
+        .map_err(|e| Error::config(format!("cannot handle SIGHUP: {e}")))?;
+    let ignoring = report.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            ignoring.info("SIGHUP ignored: SIGTERM or Ctrl-C stops the worker", &[]);
+        }
+    });
     Ok(tokio::spawn(async move {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",

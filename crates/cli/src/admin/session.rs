@@ -97,7 +97,9 @@ pub struct CreateArgs {
     /// Metadata entry KEY=VALUE (repeatable; copied into the session's work items).
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
     metadata: Vec<(String, String)>,
-    /// Environment variable KEY=VALUE for the worker's program (repeatable).
+    /// Environment variable KEY=VALUE for the commands the agent runs (repeatable). Stored in the
+    /// session's `environment_variables`, where the agent's program reads it; the worker does not
+    /// add it to the program's own environment.
     #[arg(long = "env-var", value_name = "KEY=VALUE", value_parser = key_value)]
     env_vars: Vec<(String, String)>,
     /// A first user message, so that the first turn starts at once.

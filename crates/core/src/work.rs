@@ -200,6 +200,21 @@ impl Step {
     pub fn changes(&self, before: &WorkItem) -> bool {
         &self.item != before
     }
+
+    /// Notes who asked for the step (`asker`, a credential as [`Step::asked_by`]'s callers name it) on
+    /// each of its transitions, after the detail they already have. A transition's `worker_id` is the
+    /// worker that held the item, which is not always who acted on it: a stop may come from the
+    /// worker or from an operator.
+    pub fn asked_by(mut self, asker: &str) -> Step {
+        for transition in &mut self.transitions {
+            let asked = format!("asked for by {asker}");
+            transition.detail = Some(match transition.detail.take() {
+                Some(detail) => format!("{detail}; {asked}"),
+                None => asked,
+            });
+        }
+        self
+    }
 }
 
 /// Why an operation was refused. Each maps to one documented status code.

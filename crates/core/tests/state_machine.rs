@@ -1639,3 +1639,27 @@ fn lease_amnesty_only_extends_live_leases() {
         }
     }
 }
+
+/// Who asked for a step goes into each of its transitions' detail, after what was there; the
+/// item itself is what the step made of it.
+#[test]
+fn asked_by_notes_the_asker_after_the_detail() {
+    for fx in [Fx::Queued, Fx::Active, Fx::Stopping] {
+        for force in [false, true] {
+            let item = fx.build();
+            let step = work::stop(&item, force, now()).unwrap();
+            let before: Vec<Option<String>> =
+                step.transitions.iter().map(|t| t.detail.clone()).collect();
+            let asked = step.clone().asked_by("admin token tok_x");
+            assert_eq!(asked.item, step.item, "{fx:?} force={force}");
+            assert_eq!(asked.transitions.len(), before.len());
+            for (transition, detail) in asked.transitions.iter().zip(before) {
+                let expected = match detail {
+                    Some(d) => format!("{d}; asked for by admin token tok_x"),
+                    None => "asked for by admin token tok_x".to_owned(),
+                };
+                assert_eq!(transition.detail.as_deref(), Some(expected.as_str()));
+            }
+        }
+    }
+}

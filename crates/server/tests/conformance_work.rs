@@ -1409,6 +1409,64 @@ async fn history_records_every_move() {
     .await;
 }
 
+/// A transition's `worker_id` is the worker that held the item; who asked for a stop is in its
+/// `detail`, so that an operator's force stop reads apart from the worker's own at its program's end.
+#[tokio::test]
+async fn history_names_who_asked_for_a_stop() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let last_detail = async |id: &str| {
+            let history = q.history(id).await;
+            let last = history.last().expect("a transition").clone();
+            (
+                last["cause"].as_str().unwrap().to_owned(),
+                last["worker_id"].clone(),
+                last["detail"].as_str().unwrap_or_default().to_owned(),
+            )
+        };
+
+        // The worker ends its item with the item's own session token.
+        let own = q.enqueue().await;
+        let delivered = q.poll("", Some("w1")).await.ok().clone();
+        q.ack(&own.id, Some("w1")).await.ok();
+        let (token, _) = decode_secret(&delivered);
+        q.req(Method::POST, &q.item_path(&own.id, "/stop"))
+            .bearer(&token)
+            .json(json!({"force": true}))
+            .send()
+            .await
+            .ok();
+        let (cause, worker, detail) = last_detail(&own.id).await;
+        assert_eq!((cause.as_str(), &worker), ("force_stopped", &json!("w1")));
+        assert_eq!(detail, "asked for by the item's session token");
+
+        // An operator force-stops an item the same worker holds.
+        let operated = q.enqueue().await;
+        q.poll("", Some("w1")).await.ok();
+        q.ack(&operated.id, Some("w1")).await.ok();
+        q.stop(&operated.id, json!({"force": true})).await.ok();
+        let (cause, worker, detail) = last_detail(&operated.id).await;
+        assert_eq!((cause.as_str(), &worker), ("force_stopped", &json!("w1")));
+        assert!(
+            detail.starts_with("asked for by admin token tok_"),
+            "{detail}"
+        );
+
+        // A detail the stop already had is kept, with who asked after it.
+        let queued = q.enqueue().await;
+        q.stop(&queued.id, json!({})).await.ok();
+        let (cause, _, detail) = last_detail(&queued.id).await;
+        assert_eq!(cause, "stop_requested");
+        assert!(
+            detail.starts_with(
+                "stopped while queued: no worker held it; asked for by admin token tok_"
+            ),
+            "{detail}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn lease_amnesty_after_a_restart() {
     for backend in backends() {

@@ -305,13 +305,14 @@ fn heartbeat_inputs(
 
 pub async fn stop(
     State(app): State<App>,
+    Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
     let stop = decode::optional::<api::StopRequest>(body);
     let (env, api::StopRequest { force }) = judged(&app, &env_id, &work_id, stop).await?;
     let force = force.unwrap_or(false);
-    let item = app.stop(&env, &work_id, force).await?;
+    let item = app.stop(&env, &work_id, force, &p.asker()).await?;
     Ok(Json(wire::work(&item, None)))
 }
 

@@ -58,6 +58,17 @@ impl Principal {
         }
     }
 
+    /// The caller as a work item's history names who asked for a change.
+    pub fn asker(&self) -> String {
+        match self {
+            Principal::Admin { credential_id } => format!("admin token {credential_id}"),
+            Principal::EnvironmentKey { credential_id, .. } => {
+                format!("environment key {credential_id}")
+            }
+            Principal::SessionToken { .. } => "the item's session token".to_owned(),
+        }
+    }
+
     /// The stored credential behind this caller; `None` for a session token, which is not one.
     pub fn credential_id(&self) -> Option<&str> {
         match self {

@@ -710,10 +710,17 @@ impl App {
         Ok(reply)
     }
 
-    pub async fn stop(&self, env: &Environment, work_id: &str, force: bool) -> Result<WorkItem> {
+    /// Stop (§6.8); `asker` is the caller, as the item's history names it (`Principal::asker`).
+    pub async fn stop(
+        &self,
+        env: &Environment,
+        work_id: &str,
+        force: bool,
+        asker: &str,
+    ) -> Result<WorkItem> {
         let (item, ()) = self
             .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
-                Ok((work::stop(item, force, now)?, ()))
+                Ok((work::stop(item, force, now)?.asked_by(asker), ()))
             })
             .await?;
         Ok(item)

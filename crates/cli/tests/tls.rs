@@ -475,7 +475,7 @@ fn certificate_refusals_end_the_worker_and_the_cli_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let root = TestCa::new("root");
     let stranger = TestCa::new("some other root");
-    let ca = root.write(dir.path(), "root");
+    let root_ca = root.write(dir.path(), "root");
     let cases = [
         (
             "untrusted",
@@ -492,9 +492,20 @@ fn certificate_refusals_end_the_worker_and_the_cli_with_one_clear_line() {
             root.leaf_with(&["127.0.0.1"], KeyKind::EcPkcs8, true),
             "expired",
         ),
+        // Trusted as the clients' CA and served as the server's certificate.
+        (
+            "self-signed",
+            tether_testkit::tls::self_signed_ca_as_leaf(&["127.0.0.1"]),
+            "a CA's, not a server's",
+        ),
     ];
     for (name, leaf, reason) in cases {
         let (cert, key) = leaf.write(dir.path(), name);
+        let ca = if name == "self-signed" {
+            cert.clone()
+        } else {
+            root_ca.clone()
+        };
         let server = TlsServer::start(&cert, &key, &[]);
         let base = server.base.clone();
         let worker = tether(

@@ -330,6 +330,18 @@ fn describe_tls_error(error: &rustls::Error, url: &str) -> String {
             C::NotValidYet | C::NotValidYetContext { .. } => {
                 format!("the server's certificate is not valid yet (check the clocks): {error}")
             }
+            C::Other(other)
+                if matches!(
+                    other.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ) =>
+            {
+                // What `openssl req -x509` makes by default, and so the first certificate many try.
+                "the server's certificate is a CA's, not a server's (a self-signed certificate made \
+                 with `openssl req -x509` is one): sign a server certificate with that CA, serve \
+                 it, and keep passing the CA's certificate with --ca-cert or TETHER_CA_CERT"
+                    .to_owned()
+            }
             _ => format!("the server's certificate was refused: {error}"),
         },
         rustls::Error::InvalidMessage(_) => format!(
@@ -370,6 +382,9 @@ mod tests {
             rustls::Error::InvalidCertificate(CertificateError::Expired),
             rustls::Error::InvalidCertificate(CertificateError::NotValidYet),
             rustls::Error::InvalidCertificate(CertificateError::Revoked),
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                std::sync::Arc::new(webpki::Error::CaUsedAsEndEntity),
+            ))),
             rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType),
             rustls::Error::HandshakeNotComplete,
         ] {

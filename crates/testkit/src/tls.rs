@@ -138,6 +138,25 @@ impl TestCa {
     }
 }
 
+/// A certificate for `names` that is its own CA, as `openssl req -x509` makes by default: the server
+/// presents it, and clients would trust it as their CA.
+pub fn self_signed_ca_as_leaf(names: &[&str]) -> Leaf {
+    let key = KeyPair::generate().expect("generate a key");
+    let mut params = ca_params("tether self-signed");
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName((*n).try_into().expect("a DNS name")),
+        })
+        .collect();
+    let cert = params.self_signed(&key).expect("self-sign");
+    Leaf {
+        chain_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
 fn rsa_key(kind: KeyKind) -> (KeyPair, String) {
     use rsa::pkcs1::EncodeRsaPrivateKey as _;
     use rsa::pkcs8::EncodePrivateKey as _;

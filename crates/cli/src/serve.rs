@@ -215,11 +215,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let store = open_store(&args).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (is another server running? try --listen)",
-                args.listen
-            )
+        .map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::AddrInUse => " (is another server running? try --listen)",
+                // Not an address at all (`4780`, `localhost`), or a name that does not resolve.
+                std::io::ErrorKind::InvalidInput => {
+                    " (--listen takes HOST:PORT, e.g. 127.0.0.1:4780, or 0.0.0.0:4780 for every \
+                     interface)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!(e).context(format!("cannot listen on {}{hint}", args.listen))
         })?;
     let local = listener.local_addr()?;
     let tls = match (&args.tls_cert, &args.tls_key) {

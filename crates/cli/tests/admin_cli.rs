@@ -372,3 +372,34 @@ fn a_server_url_with_the_api_path_is_refused_with_the_base_url_to_give() {
         assert!(!err.contains("not found"), "{err}");
     }
 }
+
+/// `tether serve --listen` that cannot listen says why in terms of the flag: an address taken by
+/// another server, or a value that is no address at all.
+#[test]
+fn a_listen_address_that_cannot_be_used_is_explained() {
+    let server = Server::start();
+    let taken = server.url.trim_start_matches("http://").to_owned();
+    for (listen, hint) in [
+        (taken.as_str(), "is another server running?"),
+        ("4780", "--listen takes HOST:PORT"),
+        ("localhost", "--listen takes HOST:PORT"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = support::tether_command()
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("run tether serve");
+        assert!(!out.status.success(), "{listen}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("{listen}: no error line in {err}"));
+        assert!(
+            line.contains(&format!("cannot listen on {listen}")),
+            "{line}"
+        );
+        assert!(line.contains(hint), "{listen}: {line}");
+    }
+}

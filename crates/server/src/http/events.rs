@@ -147,10 +147,35 @@ pub async fn stream(
     })
     // The stream ends once its caller's credential is revoked or its session token dies, as its
     // next request would be refused: a client that reconnects then gets the 401.
-    .take_until(app.clone().lapsed(caller));
+    .take_until(CallerCheck(tokio::spawn(app.clone().lapsed(caller))));
     Ok(Sse::new(frames)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
         .into_response())
+}
+
+/// A stream's check of its caller, as a task of its own, stopped with the stream.
+///
+/// Not polled as part of the response body: a client that stops reading (an HTTP/2 stream whose
+/// window it keeps shut) stops the server from polling the body, and a check caught there in the
+/// middle of a store read would hold one of the pool's few connections for as long as the client
+/// likes. A thousand such streams took every connection, and every other request got 503.
+struct CallerCheck(tokio::task::JoinHandle<()>);
+
+impl std::future::Future for CallerCheck {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(drop)
+    }
+}
+
+impl Drop for CallerCheck {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn frame(event: &tether_store::EventDoc) -> Event {

@@ -583,11 +583,34 @@ async fn cut_pooled_connections_are_no_outage() {
     assert!(!b.in_outage());
 }
 
+/// The counterpart: cut connections whose database then refuses new ones are an outage, counted
+/// by the call that met the cut, so that its 503 already promises lease amnesty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_pooled_connections_with_no_way_back_are_an_outage() {
+    let Some(url) = fresh().await else { return };
+    let cutter = Cutter::start(&url).await;
+    let b = postgres::connect(&cutter.url).await.unwrap();
+    let statement = || Statement::new("SELECT pg_sleep(0.05)::TEXT", vec![]);
+    let busy = (0..4).map(|_| b.executor().query(statement()));
+    for read in futures::future::join_all(busy).await {
+        read.unwrap();
+    }
+    let losses = b.losses();
+    cutter.refuse();
+    cutter.cut();
+    let read = b.executor().query(statement()).await;
+    assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
+    assert!(b.in_outage(), "the outage is counted when the call returns");
+    assert_eq!(b.losses(), losses + 1);
+}
+
 /// A TCP proxy in front of the database whose [`Cutter::cut`] drops every connection open at that
 /// moment without a word to either side; the client learns of it only when it next sends, and its
 /// request is answered by the connection's end. Connections made after the cut are forwarded as usual.
 struct Cutter {
     url: String,
+    /// New connections are closed at once, as a database that is gone would refuse them.
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
     cuts_met: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -608,8 +631,14 @@ impl Cutter {
         let (cuts, _) = tokio::sync::watch::channel(0u64);
         let cuts_met = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (cuts_seen, cuts_met_counted) = (cuts.clone(), cuts_met.clone());
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = refusing.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                     continue;
                 };
@@ -624,9 +653,15 @@ impl Cutter {
         });
         Cutter {
             url: proxied,
+            refusing,
             cuts,
             cuts_met,
         }
+    }
+
+    fn refuse(&self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn cut(&self) {

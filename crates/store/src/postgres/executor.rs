@@ -99,10 +99,14 @@ impl PostgresExecutor {
     /// when the database does not answer a fresh connection either, as for the listener's cuts.
     /// (A statement tried again after the cut is that fresh connection: its success settles it.)
     ///
-    /// A database that does not answer at all is the listener's probe's to notice, within 3 s: a
-    /// look that runs out of time, or finds every connection busy, decides nothing here.
+    /// A look that gets no answer within the probe's 2 s counts as the loss too, as for the
+    /// listener: a proxy that cut the old connections may hold the new ones. Only a pool whose
+    /// connections are all busy decides nothing (they are in use, so the database answers them).
     async fn noted_cut(&self, why: &str) {
-        let refused = tokio::time::timeout(super::listener::PROBE_TIMEOUT, async {
+        if self.health.lost.load(Ordering::SeqCst) {
+            return;
+        }
+        let lost = tokio::time::timeout(super::listener::PROBE_TIMEOUT, async {
             // The pooled connections handed out next may have been cut with this one. Each that
             // fails is dropped from the pool, so the pool's size in tries reaches a new one.
             for _ in 0..=super::POOL_SIZE {
@@ -111,14 +115,16 @@ impl PostgresExecutor {
                         Err(e) if is_connection_failure(&e) => {}
                         _ => return false,
                     },
-                    Err(PoolError::Timeout(_)) => return false,
+                    Err(PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)) => return false,
+                    Err(PoolError::Backend(e)) => return is_connection_failure(&e),
                     Err(_) => return true,
                 }
             }
             true
         })
-        .await;
-        if refused == Ok(true) {
+        .await
+        .unwrap_or(true);
+        if lost {
             self.health.lost(why);
         }
     }
@@ -151,10 +157,15 @@ impl PostgresExecutor {
     {
         self.while_answering(async {
             let outcome = attempt().await;
-            if self.worth_retrying(&outcome) {
-                return attempt().await;
+            if !self.worth_retrying(&outcome) {
+                return outcome;
             }
-            outcome
+            let first_cut = outcome.err().and_then(|f| f.cut);
+            // A retry that fails without a cut of its own still ends a call that met one.
+            attempt().await.map_err(|mut failure| {
+                failure.cut = failure.cut.or(first_cut);
+                failure
+            })
         })
         .await
     }

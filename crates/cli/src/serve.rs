@@ -218,7 +218,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::AddrInUse => " (is another server running? try --listen)",
-                // Not an address at all (`4780`, `localhost`), or a name that does not resolve.
+                // Not an address at all (`4780`, `localhost`). A name that does not resolve fails
+                // otherwise, and gets the system's reason alone.
                 std::io::ErrorKind::InvalidInput => {
                     " (--listen takes HOST:PORT, e.g. 127.0.0.1:4780, or 0.0.0.0:4780 for every \
                      interface)"
@@ -270,6 +271,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let app = App::new(store, clock, config);
     bootstrap_admin(&app, &args.data_dir).await?;
+    // Watched before the server says it listens: from then on a SIGHUP may come.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tracing::info!(
         address = %local,
         store = app.store.backend(),
@@ -281,7 +284,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         "tether listening on {scheme}://{local} ({} store)",
         app.store.backend()
     );
-    let reloader = tokio::spawn(reload_on_sighup(tls.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(hangups, tls.clone()));
     let options = ServeOptions {
         body_limit: args.body_limit,
         tls,
@@ -347,9 +350,11 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
 /// Watched without TLS too, where it reloads nothing: SIGHUP's default action ends the process, and
 /// one sent to every `tether` process of a host after a certificate's renewal (or by a terminal that
 /// went away) must not take a plain-HTTP server down with it.
-async fn reload_on_sighup(tls: Option<TlsSettings>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = match signal(SignalKind::hangup()) {
+async fn reload_on_sighup(
+    hangups: std::io::Result<tokio::signal::unix::Signal>,
+    tls: Option<TlsSettings>,
+) {
+    let mut hangups = match hangups {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch for SIGHUP: the certificate will not be reloaded");

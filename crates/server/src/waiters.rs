@@ -86,8 +86,7 @@ impl Waiters {
         })
     }
 
-    /// Whether a scan of the environment found nothing less than `ttl` ago (by the real clock and by
-    /// `now`), looking for deliveries no older than `reclaim_ms` would reclaim, and nothing has woken
+    /// Whether a scan of the environment found nothing less than `ttl` ago (by `now`), looking for deliveries no older than `reclaim_ms` would reclaim, and nothing has woken
     /// its waiters since: a blocked poll with that reclaim window may then wait without scanning.
     pub fn known_empty(
         &self,

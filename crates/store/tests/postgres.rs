@@ -549,15 +549,10 @@ async fn a_database_migrated_by_a_newer_build_is_refused() {
 /// next sends on one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_pooled_connections_are_no_outage() {
-    let Some(url) = fresh().await else { return };
-    let cutter = Cutter::start(&url).await;
-    let b = postgres::connect(&cutter.url).await.unwrap();
-    // Several pooled connections open, each with its statements prepared, as on a busy server.
-    let statement = || Statement::new("SELECT pg_sleep(0.05)::TEXT", vec![]);
-    let busy = (0..8).map(|_| b.executor().query(statement()));
-    for read in futures::future::join_all(busy).await {
-        read.unwrap();
-    }
+    let Some((cutter, b)) = a_busy_store_behind_a_cutter(8).await else {
+        return;
+    };
+    let statement = a_read_that_takes_a_while;
     let write = || {
         vec![(
             Statement::new("UPDATE environments SET id = id WHERE id = 'none'", vec![]),
@@ -587,14 +582,10 @@ async fn cut_pooled_connections_are_no_outage() {
 /// by the call that met the cut, so that its 503 already promises lease amnesty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_pooled_connections_with_no_way_back_are_an_outage() {
-    let Some(url) = fresh().await else { return };
-    let cutter = Cutter::start(&url).await;
-    let b = postgres::connect(&cutter.url).await.unwrap();
-    let statement = || Statement::new("SELECT pg_sleep(0.05)::TEXT", vec![]);
-    let busy = (0..4).map(|_| b.executor().query(statement()));
-    for read in futures::future::join_all(busy).await {
-        read.unwrap();
-    }
+    let Some((cutter, b)) = a_busy_store_behind_a_cutter(4).await else {
+        return;
+    };
+    let statement = a_read_that_takes_a_while;
     let losses = b.losses();
     cutter.refuse();
     cutter.cut();
@@ -602,6 +593,26 @@ async fn cut_pooled_connections_with_no_way_back_are_an_outage() {
     assert!(matches!(read, Err(StoreError::Unavailable(_))), "{read:?}");
     assert!(b.in_outage(), "the outage is counted when the call returns");
     assert_eq!(b.losses(), losses + 1);
+}
+
+/// A store on a fresh database behind a [`Cutter`], with `connections` pooled connections open, each
+/// with its statement prepared, as on a busy server (`None` without PostgreSQL).
+async fn a_busy_store_behind_a_cutter(
+    connections: usize,
+) -> Option<(Cutter, SqlStore<PostgresExecutor>)> {
+    let url = fresh().await?;
+    let cutter = Cutter::start(&url).await;
+    let store = postgres::connect(&cutter.url).await.unwrap();
+    let busy = (0..connections).map(|_| store.executor().query(a_read_that_takes_a_while()));
+    for read in futures::future::join_all(busy).await {
+        read.unwrap();
+    }
+    Some((cutter, store))
+}
+
+/// A read that holds its connection long enough for others to open beside it.
+fn a_read_that_takes_a_while() -> Statement {
+    Statement::new("SELECT pg_sleep(0.05)::TEXT", vec![])
 }
 
 /// A TCP proxy in front of the database whose [`Cutter::cut`] drops every connection open at that

@@ -201,13 +201,14 @@ impl Step {
         &self.item != before
     }
 
-    /// Notes who asked for the step (`asker`, a credential as [`Step::asked_by`]'s callers name it) on
-    /// each of its transitions, after the detail they already have. A transition's `worker_id` is the
-    /// worker that held the item, which is not always who acted on it: a stop may come from the
-    /// worker or from an operator.
+    /// Notes who asked for the step (`asker`: the caller's credential in words, e.g. the server's
+    /// `Principal::asker`) on each of its transitions, after the detail they already have. A
+    /// transition's `worker_id` is the worker that held the item, which is not always who acted on
+    /// it: a stop may come from the worker or from an operator.
     pub fn asked_by(mut self, asker: &str) -> Step {
+        let asked = format!("asked for by {asker}");
         for transition in &mut self.transitions {
-            let asked = format!("asked for by {asker}");
+            let asked = asked.clone();
             transition.detail = Some(match transition.detail.take() {
                 Some(detail) => format!("{detail}; {asked}"),
                 None => asked,

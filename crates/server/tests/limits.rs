@@ -230,11 +230,13 @@ async fn begin_a_body(
 async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_caller() {
     use tokio::io::AsyncReadExt;
     // A budget of 1 MiB: a body of 209,000 bytes is charged 1,045,000 bytes of it (5 a byte), which
-    // leaves too little for an event of 20 kB.
+    // leaves too little for an event of 20 kB (some 100 kB). One caller may hold 768 KiB of it: a
+    // body of 150,000 bytes leaves too little of that.
     const NEARLY_ALL: usize = 209_000;
+    const MOST_OF_A_PART: usize = 150_000;
     for backend in backends() {
         let server = TestServer::start_with(&backend, options(1 << 20, 1 << 20, 4 << 20)).await;
-        let (_, session) = setup(&server).await;
+        let (env, session) = setup(&server).await;
 
         // A caller without a credential declares that large body and sends one byte of it (where the
         // budget used to be taken before the credential was looked at); then a caller that is
@@ -272,13 +274,15 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
         );
         drop(stream);
 
-        // The budget still binds a body that is kept: while one request holds nearly all of it (an
-        // event post whose body has not all arrived), the large event waits and is refused.
+        // The budget still binds a body that is kept, by caller: while one request of the admin
+        // token holds nearly all its part (an event post whose body has not all arrived, as a
+        // `Content-Length` that lies would leave it), the token's next large event waits for it and
+        // is refused …
         let holder = begin_a_body(
             &server,
             &format!("/api/v1/cloud/sessions/{session}/events"),
             &format!("Authorization: Bearer {}\r\n", server.admin_token),
-            NEARLY_ALL,
+            MOST_OF_A_PART,
         )
         .await;
         let refused = server
@@ -297,6 +301,28 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
         );
         let body: serde_json::Value = refused.json().await.unwrap();
         assert_eq!(body["error"]["type"], "overloaded_error", "{body}");
+        // … while another caller, the environment's key, still has the rest of the budget.
+        let (status, key) = server
+            .post(
+                &format!("/environments/{env}/keys"),
+                json!({"name": "worker"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{key}");
+        let (status, body) = server
+            .call_as(
+                key["token"].as_str().unwrap(),
+                Method::POST,
+                &format!("/sessions/{session}/events"),
+                Some(json!({"events": [text_event("agent.message", &"x".repeat(20_000))]})),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "a caller held more than its part: {body}"
+        );
         drop(holder);
         server.shutdown().await;
     }

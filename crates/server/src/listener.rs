@@ -9,12 +9,19 @@
 //!   and connections that never say anything are closed by it.
 //! * **An idle timeout**: a connection with no request in flight is closed gracefully (HTTP/2: GOAWAY)
 //!   after this long.
-//! * **A write-stall timeout** (the idle timeout again): a response the client has stopped reading.
+//! * **A write-stall timeout** (the idle timeout again): a response the client has stopped reading,
+//!   whether that shows as a write waiting on the socket (HTTP/1) or as a response body hyper has
+//!   stopped asking for more (an HTTP/2 stream whose window the client keeps shut:
+//!   [`responses`]).
+//! * **HTTP/2 streams**: at most [`H2_MAX_STREAMS`] at once per connection, each with at most
+//!   [`H2_MAX_SEND_BUFFER`] buffered for sending.
 //!
 //! A request in flight is never cut by the header or idle timeouts, so long polls (≤ 999 ms) and event
 //! streams (a keep-alive comment every 15 s) are untouched by them. The timeouts are enforced per
 //! connection by a watchdog that reads a few atomics ([`ConnState`]) kept up to date by the I/O
-//! wrapper ([`Tracked`]) and the response body wrapper ([`TrackedBody`]).
+//! wrapper ([`Tracked`]) and the response body wrapper ([`responses::TrackedBody`]).
+
+mod responses;
 
 use std::convert::Infallible;
 use std::io;
@@ -68,6 +75,24 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The most HTTP/2 streams one connection may have open at once: the least RFC 9113 advises (hyper's
+/// default is 200). With [`H2_MAX_SEND_BUFFER`] it bounds what a connection's unread answers hold.
+pub const H2_MAX_STREAMS: u32 = 100;
+
+/// The most one HTTP/2 stream buffers for sending (hyper's default is 400 KiB): a client that does not
+/// read an answer leaves at most this much, and a piece ([`responses::SPLIT`]), in the server's memory.
+pub const H2_MAX_SEND_BUFFER: usize = 64 * 1024;
+
+/// An HTTP server for one connection, with the HTTP/2 bounds above.
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_MAX_SEND_BUFFER);
+    builder
+}
+
 /// How long a connection told to close gracefully may take to finish what it is doing.
 const CLOSING_GRACE: Duration = Duration::from_secs(10);
 
@@ -93,9 +118,9 @@ pub async fn run(
         router,
         acceptor: tls.map(|t| t.acceptor()),
         limits: limits.clone(),
-        auto: auto::Builder::new(TokioExecutor::new()),
-        http1: auto::Builder::new(TokioExecutor::new()).http1_only(),
-        http2: auto::Builder::new(TokioExecutor::new()).http2_only(),
+        auto: http_builder(),
+        http1: http_builder().http1_only(),
+        http2: http_builder().http2_only(),
         stop: stop.clone(),
     });
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -279,14 +304,15 @@ where
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let in_flight = InFlight::begin(service_state.clone());
         let router = router.clone();
+        let state = service_state.clone();
+        let http2 = request.version() == hyper::Version::HTTP_2;
         async move {
             let response = router
                 .oneshot(request.map(axum::body::Body::new))
                 .await
                 .unwrap_or_else(|never: Infallible| match never {});
-            Ok::<_, Infallible>(response.map(|inner| TrackedBody {
-                inner,
-                _in_flight: in_flight,
+            Ok::<_, Infallible>(response.map(|inner| {
+                responses::TrackedBody::new(inner, in_flight, &state.responses, http2)
             }))
         }
     });
@@ -359,6 +385,8 @@ struct ConnState {
     idle_since: AtomicU64,
     /// Since when a write has been waiting for the client to read; `UNSET` when none waits.
     write_blocked: AtomicU64,
+    /// The response bodies in flight, and how long each has waited for the client to take more.
+    responses: responses::Responses,
 }
 
 enum Verdict {
@@ -369,8 +397,10 @@ enum Verdict {
 
 impl ConnState {
     fn new() -> ConnState {
+        let opened = Instant::now();
         ConnState {
-            opened: Instant::now(),
+            opened,
+            responses: responses::Responses::new(opened),
             track_heads: std::sync::atomic::AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
             head_started: AtomicU64::new(0),
@@ -391,9 +421,14 @@ impl ConnState {
     fn deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, Verdict)> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             let blocked = self.write_blocked.load(Ordering::Acquire);
-            return (blocked != UNSET).then(|| {
+            let blocked = (blocked != UNSET).then_some(blocked);
+            let stalled = blocked
+                .into_iter()
+                .chain(self.responses.longest_wait())
+                .min();
+            return stalled.map(|since| {
                 (
-                    self.at(blocked) + limits.idle_timeout,
+                    self.at(since) + limits.idle_timeout,
                     Verdict::Close("write_stalled"),
                 )
             });
@@ -471,32 +506,6 @@ impl Drop for InFlight {
             state.idle_since.store(state.now_ms(), Ordering::Release);
             state.head_started.store(UNSET, Ordering::Release);
         }
-    }
-}
-
-/// A response body that keeps its request counted as in flight until it is finished or dropped.
-struct TrackedBody {
-    inner: axum::body::Body,
-    _in_flight: InFlight,
-}
-
-impl http_body::Body for TrackedBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

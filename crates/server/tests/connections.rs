@@ -1,5 +1,7 @@
 //! The listener's connection limits, against a real client on a real socket.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
@@ -55,4 +57,119 @@ async fn an_idle_http2_connection_on_the_plain_port_is_held_to_the_idle_timeout_
     assert!(!conn.is_finished(), "the connection is still open");
     stop.cancel();
     server.await.unwrap();
+}
+
+/// A server on a fresh port with `idle_timeout`, serving `router`; its address and its stop.
+async fn serve(
+    router: Router,
+    idle_timeout: Duration,
+) -> (std::net::SocketAddr, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let limits = ConnectionLimits {
+        max_connections: 8,
+        header_timeout: Duration::from_secs(10),
+        idle_timeout,
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(run(
+        listener,
+        router,
+        None,
+        limits,
+        stop.clone(),
+        Duration::from_secs(1),
+    ));
+    (address, stop)
+}
+
+/// Sets its flag when dropped: whether a response body was let go.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// An HTTP/2 client connection (prior knowledge) whose streams may each hold `window` bytes unread.
+async fn h2_client(
+    address: std::net::SocketAddr,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<String>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(window)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// On HTTP/2 an answer the client stops taking shows as no stalled write: the client keeps the
+/// stream's window shut, and the socket and the other streams go on. Such an answer must still be
+/// given up after the idle timeout, with what it holds; one that is taken slowly is not.
+#[tokio::test]
+async fn an_http2_answer_the_client_stops_taking_is_given_up_after_the_idle_timeout() {
+    use http_body_util::BodyExt as _;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = dropped.clone();
+    let router = Router::new()
+        .route(
+            "/endless",
+            get(move || {
+                let guard = DropFlag(flag.clone());
+                let chunks = futures::stream::unfold(guard, |guard| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Some((Ok::<_, std::io::Error>(vec![b'x'; 4096]), guard))
+                });
+                async move { axum::body::Body::from_stream(chunks) }
+            }),
+        )
+        .route("/large", get(|| async { vec![b'y'; 256 * 1024] }));
+    let (address, stop) = serve(router, Duration::from_secs(1)).await;
+
+    // A client that asks for an endless answer and a large one, and reads neither.
+    let (mut sender, conn) = h2_client(address, 16 * 1024).await;
+    let mut unread = Vec::new();
+    for path in ["/endless", "/large"] {
+        let request = hyper::Request::get(format!("http://{address}{path}"))
+            .body(String::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        unread.push(response);
+    }
+    tokio::time::timeout(Duration::from_secs(20), conn)
+        .await
+        .expect("the connection of an answer nobody takes is closed")
+        .unwrap()
+        .ok();
+    assert!(
+        dropped.load(Ordering::Acquire),
+        "the endless answer was let go"
+    );
+
+    // A client that takes a large answer slowly, a piece at a time, well within the idle timeout.
+    let (mut sender, _conn) = h2_client(address, 16 * 1024).await;
+    let request = hyper::Request::get(format!("http://{address}/large"))
+        .body(String::new())
+        .unwrap();
+    let mut body = sender.send_request(request).await.unwrap().into_body();
+    let mut taken = 0;
+    while let Some(frame) = body.frame().await {
+        taken += frame
+            .expect("a slow reader is not cut")
+            .into_data()
+            .unwrap()
+            .len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(taken, 256 * 1024);
+    drop(unread);
+    stop.cancel();
 }

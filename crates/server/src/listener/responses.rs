@@ -1,0 +1,287 @@
+//! Response bodies as a connection's watchdog sees them: whether each one is still being taken.
+//!
+//! On HTTP/1 a response the client stops reading shows up as a write that waits on the socket
+//! (`Tracked`). On HTTP/2 it need not: a client that keeps one stream's flow-control window shut
+//! stops hyper from asking that body for more, while the socket and the other streams go on. So each
+//! response body reports when it is waiting for hyper to take its next frame ([`Progress`]): from when
+//! it hands a frame out, or, having had nothing to give, from when it is woken with more, until it is
+//! asked again. A body that waits longer than the idle timeout closes its connection, as a stalled
+//! write does on HTTP/1; closing frees what the response holds (its rows, its memory-budget share,
+//! what hyper buffered for it).
+//!
+//! On HTTP/2 a data frame larger than [`SPLIT`] is handed out in copied pieces of that size, so that
+//! what hyper and h2 buffer for a stream (at most the send buffer, `H2_MAX_SEND_BUFFER`, and a piece
+//! or two) never keeps the whole of a large answer alive: the rest stays with the body, and goes
+//! when the watchdog closes the connection.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+
+use bytes::{Buf, Bytes};
+use futures::task::AtomicWaker;
+use tokio::time::Instant;
+
+use super::{InFlight, UNSET};
+
+/// The size of the pieces a large HTTP/2 data frame is handed out in: h2's default frame size.
+pub const SPLIT: usize = 16 * 1024;
+
+/// Every live response body of one connection, for the watchdog to ask how long the longest waiting
+/// one has waited.
+pub(super) struct Responses {
+    opened: Instant,
+    live: Mutex<Vec<Weak<Progress>>>,
+}
+
+impl Responses {
+    pub(super) fn new(opened: Instant) -> Responses {
+        Responses {
+            opened,
+            live: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A new body's progress, waiting from now: hyper asks a body as soon as it has its head.
+    fn track(&self) -> Arc<Progress> {
+        let progress = Arc::new(Progress {
+            opened: self.opened,
+            waiting_since: AtomicU64::new(UNSET),
+            waker: AtomicWaker::new(),
+        });
+        progress.wait_from_now();
+        let mut live = self.live.lock().expect("no code panics holding the list");
+        // The list holds only the bodies in flight (HTTP/2 caps them per connection), so pruning it
+        // here keeps it that size.
+        live.retain(|p| p.strong_count() > 0);
+        live.push(Arc::downgrade(&progress));
+        progress
+    }
+
+    /// Since when (ms after the connection opened) the body that has waited longest has waited.
+    pub(super) fn longest_wait(&self) -> Option<u64> {
+        let live = self.live.lock().expect("no code panics holding the list");
+        live.iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| p.waiting_since.load(Ordering::Acquire))
+            .filter(|&since| since != UNSET)
+            .min()
+    }
+}
+
+/// Whether one response body is waiting for hyper to take its next frame, and since when.
+struct Progress {
+    opened: Instant,
+    waiting_since: AtomicU64,
+    /// Hyper's waker, woken through this one, so that more to send starts the clock too.
+    waker: AtomicWaker,
+}
+
+impl Progress {
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn wait_from_now(&self) {
+        self.waiting_since.store(self.now_ms(), Ordering::Release);
+    }
+
+    fn asked(&self) {
+        self.waiting_since.store(UNSET, Ordering::Release);
+    }
+}
+
+impl Wake for Progress {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // The body has more to give from now; hyper asks at once if the client takes it.
+        let _ = self.waiting_since.compare_exchange(
+            UNSET,
+            self.now_ms(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.waker.wake();
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is finished or dropped, and
+/// reports its progress to the connection's [`Responses`].
+pub(super) struct TrackedBody {
+    inner: axum::body::Body,
+    /// What is left of a data frame being handed out in pieces (HTTP/2 only).
+    rest: Option<Bytes>,
+    split: bool,
+    progress: Arc<Progress>,
+    waker: Waker,
+    _in_flight: InFlight,
+}
+
+impl TrackedBody {
+    /// `split`: hand large data frames out in pieces of [`SPLIT`] (for HTTP/2).
+    pub(super) fn new(
+        inner: axum::body::Body,
+        in_flight: InFlight,
+        responses: &Responses,
+        split: bool,
+    ) -> TrackedBody {
+        let progress = responses.track();
+        TrackedBody {
+            inner,
+            rest: None,
+            split,
+            waker: Waker::from(progress.clone()),
+            progress,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// The next piece of `rest`, copied so that it keeps nothing else alive.
+    fn next_piece(&mut self) -> Option<Bytes> {
+        let rest = self.rest.as_mut()?;
+        let piece = Bytes::copy_from_slice(&rest[..rest.len().min(SPLIT)]);
+        rest.advance(piece.len());
+        if rest.is_empty() {
+            self.rest = None;
+        }
+        Some(piece)
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        this.progress.asked();
+        if let Some(piece) = this.next_piece() {
+            this.progress.wait_from_now();
+            return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
+        }
+        this.progress.waker.register(cx.waker());
+        let mut inner_cx = Context::from_waker(&this.waker);
+        match Pin::new(&mut this.inner).poll_frame(&mut inner_cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(data) if this.split && data.len() > SPLIT => {
+                        this.rest = Some(data);
+                        let piece = this.next_piece().expect("a frame larger than a piece");
+                        http_body::Frame::data(piece)
+                    }
+                    Ok(data) => http_body::Frame::data(data),
+                    Err(other) => other,
+                };
+                this.progress.wait_from_now();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            // The end, or an error: nothing more to wait for.
+            done @ Poll::Ready(_) => done,
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+    use crate::listener::ConnState;
+
+    fn body(inner: axum::body::Body, split: bool) -> (TrackedBody, Arc<ConnState>) {
+        let state = Arc::new(ConnState::new());
+        let in_flight = InFlight::begin(state.clone());
+        (
+            TrackedBody::new(inner, in_flight, &state.responses, split),
+            state,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_handed_out_in_pieces_that_add_up_to_it() {
+        let whole: Vec<u8> = (0..(3 * SPLIT + 5)).map(|i| i as u8).collect();
+        let (mut tracked, _state) = body(axum::body::Body::from(whole.clone()), true);
+        assert_eq!(
+            http_body::Body::size_hint(&tracked).exact(),
+            Some(whole.len() as u64)
+        );
+        let mut pieces = Vec::new();
+        while let Some(frame) = tracked.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(data.len() <= SPLIT);
+            pieces.push(data);
+            let left: usize = whole.len() - pieces.iter().map(|p| p.len()).sum::<usize>();
+            assert_eq!(
+                http_body::Body::size_hint(&tracked).exact(),
+                Some(left as u64)
+            );
+        }
+        assert_eq!(pieces.len(), 4);
+        assert_eq!(pieces.concat(), whole);
+        assert!(http_body::Body::is_end_stream(&tracked));
+        // Over HTTP/1, frames go out as they are.
+        let (mut tracked, _state) = body(axum::body::Body::from(whole.clone()), false);
+        let frame = tracked.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap().len(), whole.len());
+    }
+
+    #[tokio::test]
+    async fn a_body_waits_from_each_frame_it_hands_out_until_it_is_asked_again() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, std::io::Error>>();
+        let (mut tracked, state) = body(axum::body::Body::from_stream(rx), true);
+        // Waiting from the start: hyper has not asked yet.
+        assert!(state.responses.longest_wait().is_some());
+        // Asked, with nothing to give: not waiting.
+        let woken = Arc::new(AtomicU32::new(0));
+        let waker = Waker::from(Arc::new(CountingWaker(woken.clone())));
+        let mut cx = Context::from_waker(&waker);
+        assert!(http_body::Body::poll_frame(Pin::new(&mut tracked), &mut cx).is_pending());
+        assert_eq!(state.responses.longest_wait(), None);
+        // More to give: waiting again, and hyper is woken.
+        tx.unbounded_send(Ok(Bytes::from_static(b"event"))).unwrap();
+        assert!(state.responses.longest_wait().is_some());
+        assert_eq!(woken.load(Ordering::Relaxed), 1);
+        // Handed out: still waiting, for the next ask.
+        assert!(http_body::Body::poll_frame(Pin::new(&mut tracked), &mut cx).is_ready());
+        assert!(state.responses.longest_wait().is_some());
+        drop(tracked);
+        assert_eq!(
+            state.responses.longest_wait(),
+            None,
+            "a finished body is forgotten"
+        );
+    }
+
+    struct CountingWaker(Arc<AtomicU32>);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

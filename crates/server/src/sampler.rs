@@ -132,7 +132,11 @@ pub async fn pass(app: &App) -> crate::service::Result<()> {
     let mut sampled = HashSet::with_capacity(environments.len());
     for env in &environments {
         let counts = app.store.queue_counts(&env.id).await?;
-        let workers_polling = app.store.workers_seen(&env.id, polling_since).await?.len() as u64;
+        let workers_polling = app
+            .store
+            .workers_seen(&env.id, polling_since, app.workers_listed_at_most())
+            .await?
+            .len() as u64;
         let count = |state: WorkState| counts.states.get(&state).copied().unwrap_or(0);
         app.queue_history.record(
             &env.id,

@@ -216,6 +216,11 @@ fn describe() {
         "Connections closed on arrival because --max-connections were already open."
     );
     describe_counter!(
+        "tether_worker_polls_unrecorded_total",
+        "Polls served but not recorded for workers_polling and the workers listing, because their \
+         environment already had 10,000 workers recorded (made-up Worker-IDs)."
+    );
+    describe_counter!(
         "tether_http_connections_timed_out_total",
         "Connections closed by a timeout, by reason (handshake, headers, idle, write stall)."
     );
@@ -332,7 +337,9 @@ async fn read_queue_gauges(app: &App) -> String {
         // No expiry pass per environment here: the dispatcher's tick keeps leases timely.
         let (Ok(c), Ok(workers)) = (
             app.store.queue_counts(&env.id).await,
-            app.store.workers_seen(&env.id, polling_since).await,
+            app.store
+                .workers_seen(&env.id, polling_since, app.workers_listed_at_most())
+                .await,
         ) else {
             continue;
         };

@@ -2,7 +2,8 @@
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tether_testkit::{each_backend, string_fields};
+use tether_server::ServiceConfig;
+use tether_testkit::{each_backend, each_backend_with, string_fields, Options};
 
 #[tokio::test]
 async fn lists_recent_pollers_with_the_items_they_hold() {
@@ -46,6 +47,34 @@ async fn lists_recent_pollers_with_the_items_they_hold() {
         assert!(alpha["last_poll_at"]
             .as_str()
             .is_some_and(|t| t.ends_with('Z')));
+    })
+    .await;
+}
+
+/// A `Worker-ID` is whatever the poll says, so a caller can make up a new one on every poll: past
+/// the cap, the polls are served but their workers are neither recorded nor listed, and workers
+/// already recorded go on being recorded.
+#[tokio::test]
+async fn workers_made_up_past_the_cap_are_not_recorded() {
+    let options = Options {
+        config: ServiceConfig {
+            max_workers_per_environment: 3,
+            ..Options::default().config
+        },
+        ..Options::default()
+    };
+    each_backend_with(options, async |server| {
+        let (env, _agent) = server.environment_and_agent().await;
+        for worker in ["w1", "w2", "w3", "w4", "w5"] {
+            assert_eq!(server.poll_as_worker(&env, worker, "").await, Value::Null);
+        }
+        let (status, listing) = server.get(&format!("/environments/{env}/workers")).await;
+        assert_eq!(status, StatusCode::OK, "{listing}");
+        let mut listed = string_fields(&listing["data"], "worker_id");
+        listed.sort();
+        assert_eq!(listed, ["w1", "w2", "w3"], "{}", server.backend.name());
+        let (_, stats) = server.get(&format!("/environments/{env}/work/stats")).await;
+        assert_eq!(stats["workers_polling"], 3, "{stats}");
     })
     .await;
 }

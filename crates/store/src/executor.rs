@@ -307,9 +307,13 @@ impl<E: Executor> Store for SqlStore<E> {
         &self,
         environment_id: &str,
         since: Timestamp,
+        limit: u32,
     ) -> StoreResult<Vec<(String, Timestamp)>> {
-        self.all(sql::workers_seen(environment_id, since), sql::decode_worker)
-            .await
+        self.all(
+            sql::workers_seen(environment_id, since, limit),
+            sql::decode_worker,
+        )
+        .await
     }
 
     async fn credential_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Credential>> {

@@ -423,11 +423,12 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<Page<HistoryRow>>;
 
-    /// Workers that polled at or after `since`, most recent first.
+    /// Workers that polled at or after `since`, most recent first, at most `limit`.
     async fn workers_seen(
         &self,
         environment_id: &str,
         since: Timestamp,
+        limit: u32,
     ) -> StoreResult<Vec<(String, Timestamp)>>;
 
     async fn credential_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Credential>>;

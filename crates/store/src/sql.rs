@@ -1028,11 +1028,11 @@ pub fn decode_history(rows: &[Row], after_seq: Option<i64>) -> StoreResult<Vec<H
     Ok(history)
 }
 
-pub fn workers_seen(environment_id: &str, since: Timestamp) -> Statement {
+pub fn workers_seen(environment_id: &str, since: Timestamp, limit: u32) -> Statement {
     Statement::new(
         "SELECT worker_id, last_poll_at FROM workers WHERE environment_id = $1 AND last_poll_at >= $2 \
-         ORDER BY last_poll_at DESC",
-        vec![environment_id.into(), since.into()],
+         ORDER BY last_poll_at DESC LIMIT $3",
+        vec![environment_id.into(), since.into(), i64::from(limit).into()],
     )
 }
 

@@ -227,7 +227,7 @@ async fn values_round_trip_and_conditions_conflict() {
         .await
         .unwrap();
     let seen = store
-        .workers_seen("env_a", Timestamp::from_micros(0))
+        .workers_seen("env_a", Timestamp::from_micros(0), 100)
         .await
         .unwrap();
     assert_eq!(seen, vec![("w1".to_owned(), now)]);
@@ -237,7 +237,7 @@ async fn values_round_trip_and_conditions_conflict() {
         .unwrap();
     assert_eq!(
         store
-            .workers_seen("env_a", Timestamp::from_micros(0))
+            .workers_seen("env_a", Timestamp::from_micros(0), 100)
             .await
             .unwrap()
             .len(),
@@ -249,7 +249,7 @@ async fn values_round_trip_and_conditions_conflict() {
         .await
         .unwrap();
     assert!(store
-        .workers_seen("env_a", Timestamp::from_micros(0))
+        .workers_seen("env_a", Timestamp::from_micros(0), 100)
         .await
         .unwrap()
         .is_empty());
@@ -511,6 +511,14 @@ async fn an_items_write_can_be_conditional_on_its_session() {
         return;
     };
     common::an_items_write_can_be_conditional_on_its_session(&store).await;
+}
+
+#[tokio::test]
+async fn workers_seen_are_the_most_recent_up_to_the_limit() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::workers_seen_are_the_most_recent_up_to_the_limit(&store).await;
 }
 
 /// A database that a newer build has migrated further is refused at connect, with the reason.

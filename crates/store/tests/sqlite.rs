@@ -64,6 +64,13 @@ async fn an_items_write_can_be_conditional_on_its_session() {
 }
 
 #[tokio::test]
+async fn workers_seen_are_the_most_recent_up_to_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::workers_seen_are_the_most_recent_up_to_the_limit(&store).await;
+}
+
+#[tokio::test]
 async fn idle_workers_are_forgotten_and_recent_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
@@ -91,10 +98,14 @@ async fn idle_workers_are_forgotten_and_recent_ones_kept() {
         .unwrap();
     let epoch = Timestamp::from_micros(0);
     assert_eq!(
-        store.workers_seen("env_a", epoch).await.unwrap(),
+        store.workers_seen("env_a", epoch, 100).await.unwrap(),
         vec![("w-new".to_owned(), recent)]
     );
-    assert!(store.workers_seen("env_b", epoch).await.unwrap().is_empty());
+    assert!(store
+        .workers_seen("env_b", epoch, 100)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// The poll's claim query runs hundreds of times a second with a new reclaim cutoff each time. SQLite

@@ -12,6 +12,7 @@ pub mod sessions;
 pub mod tokens;
 mod turns;
 pub mod work;
+pub mod worker_records;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,9 @@ pub struct ServiceConfig {
     pub tick: Duration,
     /// Window of `workers_polling` (§2.5).
     pub workers_polling_window_ms: i64,
+    /// Distinct workers per environment one process records, and a listing or count reads, at most
+    /// ([`worker_records::MAX_WORKERS_PER_ENVIRONMENT`]).
+    pub max_workers_per_environment: usize,
     /// How often the sampler records each environment's queue statistics (`crate::sampler`).
     pub sample_interval: Duration,
     /// The largest event, in bytes of its JSON as stored (`--event-limit`).
@@ -79,6 +83,7 @@ impl Default for ServiceConfig {
             amnesty_grace_ms: 30_000,
             tick: Duration::from_secs(1),
             workers_polling_window_ms: 30_000,
+            max_workers_per_environment: worker_records::MAX_WORKERS_PER_ENVIRONMENT,
             sample_interval: Duration::from_secs(10),
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             request_memory: crate::http::budget::DEFAULT_REQUEST_MEMORY,
@@ -103,8 +108,9 @@ pub struct AppInner {
     /// polls pick different items instead of colliding (other processes are kept apart by the
     /// conditional write).
     claiming: Mutex<work::Claims>,
-    /// When this process last recorded each (environment, worker) poll, to write at most once a second.
-    workers_recorded: Mutex<HashMap<(String, String), Timestamp>>,
+    /// The polls this process recorded lately, to write each worker's at most once an interval and
+    /// to bound the workers each environment may have recorded.
+    workers_recorded: Mutex<worker_records::WorkerRecords>,
     /// Poll records not written yet: the dispatcher's tick writes them all in one commit
     /// ([`App::write_worker_records`]), instead of a commit per idle worker's re-poll.
     pub(crate) workers_unwritten: Mutex<HashMap<(String, String), Timestamp>>,
@@ -148,6 +154,11 @@ impl App {
         let reconnections = store.reconnections();
         let queue_history = QueueHistory::new(config.sample_interval);
         let ttl = config.record_ttl;
+        let workers_recorded = worker_records::WorkerRecords::new(
+            work::worker_record_interval_ms(config.workers_polling_window_ms),
+            work::workers_window_ms(config.workers_polling_window_ms),
+            config.max_workers_per_environment,
+        );
         App(Arc::new(AppInner {
             store,
             clock,
@@ -156,7 +167,7 @@ impl App {
             hub: SessionHub::default(),
             queue_history,
             claiming: Mutex::new(work::Claims::default()),
-            workers_recorded: Mutex::new(HashMap::new()),
+            workers_recorded: Mutex::new(workers_recorded),
             workers_unwritten: Mutex::new(HashMap::new()),
             shutdown,
             dispatch_now: tokio::sync::Notify::new(),

@@ -14,6 +14,7 @@ use tether_store::{
 };
 
 use super::events::server_event;
+use super::worker_records::Record;
 use super::{App, Error, Missing, Result, Retry, SessionOfItem};
 use crate::credentials;
 
@@ -90,6 +91,17 @@ const WORKER_RECORDS_PER_COMMIT: usize = 1_000;
 const MAX_UNWRITTEN_WORKER_RECORDS: usize = 100_000;
 /// How far back `GET …/workers` (§11.4) looks for polls.
 pub const WORKERS_LISTED_MS: i64 = 5 * 60 * 1000;
+
+/// A sixth of the `workers_polling` window, between 1 and 5 s: a worker polling now and then is
+/// still counted by a window that ends any time before its next record.
+pub fn worker_record_interval_ms(workers_polling_window_ms: i64) -> i64 {
+    (workers_polling_window_ms / 6).clamp(1_000, 5_000)
+}
+
+/// How long a poll record is read by anyone: the listing's window or the `workers_polling` one.
+pub fn workers_window_ms(workers_polling_window_ms: i64) -> i64 {
+    WORKERS_LISTED_MS.max(workers_polling_window_ms)
+}
 
 /// What this process's polls know of the items they take.
 #[derive(Default)]
@@ -608,8 +620,9 @@ impl App {
             })
     }
 
-    /// Records a poll for `workers_polling`, at most once per [`Self::worker_record_interval_ms`] per
-    /// worker and process: an idle worker re-polls every second. The record waits in memory for the
+    /// Records a poll for `workers_polling`, at most once per [`worker_record_interval_ms`] per
+    /// worker and process (an idle worker re-polls every second), and for at most
+    /// `max_workers_per_environment` workers per environment ([`super::worker_records`]). The record waits in memory for the
     /// dispatcher's next tick, which writes every waiting record in one commit; readers of the records
     /// in this process write them first, other processes see them a tick later (the window they count
     /// in is 30 s).
@@ -618,26 +631,30 @@ impl App {
             return Ok(());
         };
         let now = self.now();
-        let interval = self.worker_record_interval_ms();
-        let key = (environment_id.to_owned(), worker_id.to_owned());
-        {
-            let mut recorded = self.workers_recorded.lock().expect("workers lock");
-            if recorded
-                .get(&key)
-                .is_some_and(|at| now.millis_since(*at) < interval)
-            {
+        let record = self.workers_recorded.lock().expect("workers lock").poll(
+            environment_id,
+            worker_id,
+            now,
+        );
+        match record {
+            Record::Write => {}
+            Record::Recent => return Ok(()),
+            Record::Full => {
+                metrics::counter!("tether_worker_polls_unrecorded_total").increment(1);
                 return Ok(());
             }
-            if recorded.len() > 100_000 {
-                recorded.clear();
-            }
-            recorded.insert(key.clone(), now);
         }
+        let key = (environment_id.to_owned(), worker_id.to_owned());
         let mut unwritten = self.workers_unwritten.lock().expect("workers lock");
         if unwritten.len() < MAX_UNWRITTEN_WORKER_RECORDS {
             unwritten.insert(key, now);
         }
         Ok(())
+    }
+
+    /// The most poll records a listing or a `workers_polling` count reads.
+    pub fn workers_listed_at_most(&self) -> u32 {
+        u32::try_from(self.config.max_workers_per_environment).unwrap_or(u32::MAX)
     }
 
     /// Writes the poll records waiting in memory (see [`Self::record_worker`]), in one commit per
@@ -660,12 +677,6 @@ impl App {
             .await?;
         }
         Ok(())
-    }
-
-    /// A sixth of the `workers_polling` window, between 1 and 5 s: a worker polling now and then is
-    /// still counted by a window that ends any time before its next record.
-    fn worker_record_interval_ms(&self) -> i64 {
-        (self.config.workers_polling_window_ms / 6).clamp(1_000, 5_000)
     }
 
     pub async fn ack(
@@ -771,7 +782,11 @@ impl App {
         let since = self
             .now()
             .minus_millis(self.config.workers_polling_window_ms);
-        let workers_polling = self.store.workers_seen(&env.id, since).await?.len() as u64;
+        let workers_polling = self
+            .store
+            .workers_seen(&env.id, since, self.workers_listed_at_most())
+            .await?
+            .len() as u64;
         Ok(QueueStats {
             counts,
             workers_polling,
@@ -797,7 +812,10 @@ impl App {
     ) -> Result<Vec<(String, Timestamp, Vec<WorkItem>)>> {
         self.write_worker_records().await?;
         let since = self.now().minus_millis(WORKERS_LISTED_MS);
-        let seen = self.store.workers_seen(&env.id, since).await?;
+        let seen = self
+            .store
+            .workers_seen(&env.id, since, self.workers_listed_at_most())
+            .await?;
         let live = self.store.leased_work_in_environment(&env.id).await?;
         Ok(seen
             .into_iter()
@@ -815,8 +833,12 @@ impl App {
     /// Forgets workers that no reader of the poll record looks at any more (§3.1): worker ids are
     /// per process, so without this every worker ever started would keep a row for good.
     pub async fn forget_idle_workers(&self) -> Result<()> {
-        let window = WORKERS_LISTED_MS.max(self.config.workers_polling_window_ms);
-        let before = self.now().minus_millis(window);
+        let now = self.now();
+        self.workers_recorded
+            .lock()
+            .expect("workers lock")
+            .forget_aged(now);
+        let before = now.minus_millis(workers_window_ms(self.config.workers_polling_window_ms));
         self.commit(ChangeSet::one(Write::ForgetWorkers { before }))
             .await?;
         Ok(())

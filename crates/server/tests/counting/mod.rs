@@ -250,8 +250,9 @@ impl Store for Counting {
         &self,
         environment_id: &str,
         since: Timestamp,
+        limit: u32,
     ) -> StoreResult<Vec<(String, Timestamp)>> {
-        self.inner.workers_seen(environment_id, since).await
+        self.inner.workers_seen(environment_id, since, limit).await
     }
     async fn credential_by_hash(&self, secret_hash: &str) -> StoreResult<Option<Credential>> {
         self.inner.credential_by_hash(secret_hash).await

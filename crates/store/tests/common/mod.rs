@@ -386,3 +386,28 @@ pub async fn a_sessions_insert_can_be_conditional_on_its_agent(store: &impl Stor
         Some(1)
     );
 }
+
+/// The workers seen since a time are the most recent first, at most as many as asked for.
+pub async fn workers_seen_are_the_most_recent_up_to_the_limit(store: &impl Store) {
+    for (worker, second) in [("w1", 1), ("w2", 3), ("w3", 2), ("w4", 4)] {
+        store
+            .commit(ChangeSet::one(Write::TouchWorker {
+                environment_id: "env_limit".into(),
+                worker_id: worker.into(),
+                at: Timestamp::from_micros(second * 1_000_000),
+            }))
+            .await
+            .unwrap();
+    }
+    let since = Timestamp::from_micros(2_000_000);
+    let names =
+        |seen: Vec<(String, Timestamp)>| seen.into_iter().map(|(w, _)| w).collect::<Vec<_>>();
+    assert_eq!(
+        names(store.workers_seen("env_limit", since, 10).await.unwrap()),
+        ["w4", "w2", "w3"]
+    );
+    assert_eq!(
+        names(store.workers_seen("env_limit", since, 2).await.unwrap()),
+        ["w4", "w2"]
+    );
+}

@@ -1003,8 +1003,26 @@ async fn a_sighup_to_every_tether_process_stops_nothing() {
 /// even ones with much output: what does not fit is dropped, not waited for.
 #[tokio::test]
 async fn a_standard_error_nobody_reads_blocks_neither_the_worker_nor_its_programs() {
+    runs_with_a_standard_error_nobody_reads(Stdio::piped(), |worker| worker.stderr.take()).await;
+}
+
+/// The same on a terminal that stops taking output (Ctrl-S, a stopped pager): there the worker draws
+/// a live status line, and its drawing must not wait for the terminal either.
+#[tokio::test]
+async fn a_terminal_that_stops_reading_blocks_neither_the_worker_nor_its_programs() {
+    let terminal = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+    // The terminal's other end: held, never read.
+    let _screen = terminal.master;
+    runs_with_a_standard_error_nobody_reads(Stdio::from(terminal.slave), |_| ()).await;
+}
+
+/// Runs two items whose programs write far more than `stderr` holds, then outlive a lease (4 s)
+/// with it full; `hold` keeps whatever end of it the test has.
+async fn runs_with_a_standard_error_nobody_reads<T>(
+    stderr: Stdio,
+    hold: impl FnOnce(&mut std::process::Child) -> T,
+) {
     let setup = Setup::new().await;
-    // Far more output than a pipe holds, then longer than a lease (4 s) with the pipe full.
     let script =
         format!("{PRELUDE}seq 1 40000\nsleep 6\necho \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
     let mut command = WorkerChild::command(&setup.server.base, &setup.env, "w1");
@@ -1015,11 +1033,10 @@ async fn a_standard_error_nobody_reads_blocks_neither_the_worker_nor_its_program
     let mut worker = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("spawn tether worker");
-    // Held, never read.
-    let _stderr = worker.stderr.take();
+    let _held = hold(&mut worker);
     for _ in 0..2 {
         let work = setup.session(json!({})).await;
         let item = setup.wait_for_state(&work, "stopped").await;

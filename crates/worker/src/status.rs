@@ -1,7 +1,9 @@
 //! What the worker tells people: log lines on stderr, written through `tracing` like the server's (the
 //! same text and JSON shapes, `TETHER_LOG` for the level), and on a terminal a live status line under
-//! them — what the claim loop is doing, the items running with their age, done/failed counts. Off a
-//! terminal, lines go to stderr without ever blocking the worker ([`crate::logsink`]).
+//! them — what the claim loop is doing, the items running with their age, done/failed counts. On a
+//! terminal or off it, everything goes to stderr without ever blocking the worker
+//! ([`crate::logsink`]): the status line is drawn through it too ([`LossyTerminal`]), so a terminal
+//! that stops taking output (Ctrl-S, a stopped pager) stops no heartbeat.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,7 +11,7 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
 use crate::LogFormat;
 
@@ -73,7 +75,9 @@ impl Reporter {
         let _ = crate::logsink::FORMAT.set(format);
         let live = matches!(format, LogFormat::Text) && std::io::stderr().is_terminal();
         let bar = live.then(|| {
-            let bar = ProgressBar::new_spinner();
+            let target =
+                ProgressDrawTarget::term_like_with_hz(Box::new(LossyTerminal::default()), 20);
+            let bar = ProgressBar::with_draw_target(None, target);
             bar.set_style(
                 ProgressStyle::with_template("{spinner} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
@@ -202,6 +206,80 @@ impl Reporter {
             let text = status_text(&self.lock(), Instant::now());
             bar.set_message(text);
         }
+    }
+}
+
+/// The terminal the status line is drawn on: what indicatif draws (text and the cursor movements of
+/// the ANSI escapes a terminal's own drawing would send) is gathered and handed, at each flush, as one
+/// piece to the lossy standard-error writer. A drawing that does not fit its buffer is dropped whole,
+/// like any line; the next one redraws the status line.
+#[derive(Debug, Default)]
+struct LossyTerminal {
+    pending: Mutex<Vec<u8>>,
+}
+
+impl LossyTerminal {
+    fn put(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn escape(&self, n: usize, code: char) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.put(format!("\x1b[{n}{code}").as_bytes())
+    }
+}
+
+impl TermLike for LossyTerminal {
+    /// The terminal's size is asked of the kernel (an `ioctl`, which never waits for a reader).
+    fn width(&self) -> u16 {
+        console::Term::stderr().size().1
+    }
+
+    fn height(&self) -> u16 {
+        console::Term::stderr().size().0
+    }
+
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        self.escape(n, 'A')
+    }
+
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        self.escape(n, 'B')
+    }
+
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        self.escape(n, 'C')
+    }
+
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        self.escape(n, 'D')
+    }
+
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.put(s.as_bytes())?;
+        self.put(b"\n")
+    }
+
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.put(s.as_bytes())
+    }
+
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.put(b"\r\x1b[2K")
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        let drawn = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        if !drawn.is_empty() {
+            crate::logsink::stderr().line(&drawn);
+        }
+        Ok(())
     }
 }
 
@@ -386,6 +464,22 @@ fn age(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_terminal_gathers_a_drawing_until_it_is_flushed() {
+        let terminal = LossyTerminal::default();
+        terminal.clear_line().unwrap();
+        terminal.move_cursor_up(2).unwrap();
+        terminal.move_cursor_down(0).unwrap();
+        terminal.write_line("log line").unwrap();
+        terminal.write_str("⠁ polling").unwrap();
+        assert_eq!(
+            String::from_utf8(terminal.pending.lock().unwrap().clone()).unwrap(),
+            "\r\x1b[2K\x1b[2Alog line\n⠁ polling"
+        );
+        terminal.flush().unwrap();
+        assert!(terminal.pending.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn the_status_line_lists_the_oldest_items_and_the_counts() {

@@ -201,4 +201,25 @@ fn requests_hyper_cannot_parse_are_answered_in_the_error_envelope() {
     assert_eq!(answer.status, 404);
     let body: Value = serde_json::from_slice(&answer.body).unwrap();
     assert_eq!(body["type"], "error");
+
+    // An HTTP/1.1 request must name its host once (RFC 9112 §3.2).
+    for request in [
+        &b"GET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\nhost: x\r\nhost: y\r\nconnection: close\r\n\r\n",
+    ] {
+        let answer = answer_to(&addr, request);
+        assert_eq!(answer.status, 400, "{}", String::from_utf8_lossy(request));
+        let body: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("Host"),
+            "{body}"
+        );
+    }
+    // A target that is a whole URL names its host there.
+    let answer = answer_to(
+        &addr,
+        b"GET http://x/healthz HTTP/1.1\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(answer.status, 200);
 }

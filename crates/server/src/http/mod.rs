@@ -87,6 +87,7 @@ pub fn router(app: App, body_limit: usize) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal("internal error").into_response()
         }))
+        .layer(middleware::from_fn(one_host))
         .layer(middleware::from_fn(envelope))
         .with_state(app);
     // Before routing, so that the rewritten path is what the routes see.
@@ -170,6 +171,32 @@ pub fn request_id(client: Option<&[u8]>) -> String {
         }
         _ => uuid::Uuid::new_v4().to_string(),
     }
+}
+
+/// An HTTP/1.1 request must name its host once (RFC 9112 §3.2: a server answers 400 to one with none
+/// or several): a proxy in front and this server could otherwise take it for different requests.
+/// One whose target is a whole URL (`GET https://host/path`) names it there, and is let through
+/// without a Host header, as clients built on bare HTTP connections send it. HTTP/1.0 has no such
+/// rule, and HTTP/2 names the host in the `:authority` pseudo-header instead.
+async fn one_host(request: Request, next: Next) -> Response {
+    if request.version() != axum::http::Version::HTTP_11 {
+        return next.run(request).await;
+    }
+    let hosts = request
+        .headers()
+        .get_all(axum::http::header::HOST)
+        .iter()
+        .count();
+    if hosts == 1 || (hosts == 0 && request.uri().authority().is_some()) {
+        return next.run(request).await;
+    }
+    budget::drain_refused(request.into_body()).await;
+    ApiError::bad_request(if hosts == 0 {
+        "an HTTP/1.1 request needs a Host header"
+    } else {
+        "an HTTP/1.1 request may have only one Host header"
+    })
+    .into_response()
 }
 
 /// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the

@@ -59,8 +59,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_EVENT_LIMIT", default_value_t = tether_server::service::DEFAULT_MAX_EVENT_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
     pub event_limit: u64,
-    /// Memory all request bodies together may take, in bytes (see ARCHITECTURE.md, "Bounded everything").
-    #[arg(long, env = "TETHER_REQUEST_MEMORY", default_value_t = tether_server::http::budget::DEFAULT_REQUEST_MEMORY as u64,
+    /// Memory request bodies may take together, in bytes; pages of events being read have a quarter
+    /// of it more. One caller may hold three quarters of either (see docs/limits.md).
+    #[arg(long, env = "TETHER_REQUEST_MEMORY", default_value_t = tether_server::memory::DEFAULT_REQUEST_MEMORY as u64,
           value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
     pub request_memory: u64,
     /// Log format.

@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod listener;
+pub mod memory;
 mod parse_error;
 pub mod sampler;
 pub mod service;

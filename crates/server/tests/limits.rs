@@ -611,3 +611,76 @@ async fn the_openapi_document_states_the_limits_the_server_enforces() {
     );
     server.shutdown().await;
 }
+
+/// A page of events is paid for from the pages' memory budget, by its caller, until it has been
+/// handed out: a caller that leaves pages unread (an HTTP/2 client that keeps its streams' windows
+/// shut) gets no more than its part, and other callers still get theirs.
+#[tokio::test]
+async fn unread_event_pages_hold_no_more_than_their_callers_part() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // Request memory of 64 MiB: pages have 16 MiB, of which a caller may hold 12 MiB; a read
+    // reserves 2 × (1 MiB + 64 KiB). The log holds 32 events of 60 kB: a page of up to 1 MiB.
+    let backend = backends().remove(0);
+    let server = TestServer::start_with(&backend, options(64 << 10, 64 << 20, 4 << 20)).await;
+    let (env, session) = setup(&server).await;
+    for _ in 0..2 {
+        let batch: Vec<Value> = (0..16)
+            .map(|_| text_event("agent.message", &"x".repeat(60_000)))
+            .collect();
+        let (status, body) = server
+            .post(
+                &format!("/sessions/{session}/events"),
+                json!({"events": batch}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let page = format!("/api/v1/cloud/sessions/{session}/events?limit=100");
+
+    // The admin token asks for 16 pages on one HTTP/2 connection and reads none of them.
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1024)
+        .handshake::<_, String>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let asks = (0..16).map(|_| {
+        let mut sender = sender.clone();
+        let request = hyper::Request::get(format!("http://{address}{page}"))
+            .header("authorization", format!("Bearer {}", server.admin_token))
+            .body(String::new())
+            .unwrap();
+        async move { sender.send_request(request).await.unwrap() }
+    });
+    let unread = futures::future::join_all(asks).await;
+    let statuses: Vec<u16> = unread.iter().map(|r| r.status().as_u16()).collect();
+    let answered = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(
+        (1..16).contains(&answered) && statuses.iter().all(|&s| s == 200 || s == 503),
+        "some pages answered, the rest refused once the caller's part was held: {statuses:?}"
+    );
+
+    // Another caller, the environment's key, still reads.
+    let (status, key) = server
+        .post(
+            &format!("/environments/{env}/keys"),
+            json!({"name": "reader"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{key}");
+    let (status, body) = server
+        .call_as(
+            key["token"].as_str().unwrap(),
+            Method::GET,
+            &format!("/sessions/{session}/events?limit=100"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body["data"].as_array().is_some_and(|d| !d.is_empty()));
+    drop(unread);
+    server.shutdown().await;
+}

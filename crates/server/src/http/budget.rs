@@ -14,21 +14,15 @@
 //! [`BYTE_COST`] per byte of body (the text, and the copies of its strings that the handler makes: the
 //! parsed tree, the events built from it, the stored documents, the answer), then [`VALUE_COST`] per
 //! JSON value of the tree, counted first by a scan that builds nothing. A request that cannot get its
-//! share within [`BUDGET_WAIT`] is answered 503; one whose share alone exceeds what one caller may
+//! share within [`crate::memory::BUDGET_WAIT`] is answered 503; one whose share alone exceeds what one caller may
 //! hold, or that holds more than [`MAX_JSON_VALUES`] values, is answered 400. Requests without a body
 //! (polls, heartbeats, `/healthz`) pay nothing and are never held up by large ones.
 //!
-//! One caller may hold at most [`CALLER_PART`] of the budget at once, over all its requests: a
-//! caller is an environment (its key and the session tokens of its items together) or an admin
-//! token. A caller that declares large bodies and never sends them (a `Content-Length` that lies)
-//! then waits for its own requests, and the rest of the budget stays for everyone else. The part is
-//! large enough for one body of the default `--body-limit` at the default `--request-memory`.
+//! The budget and what one caller may hold of it are [`crate::memory`]'s.
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,13 +33,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
+use crate::memory::{MemoryBudget, Refusal, Share};
 use crate::service::tokens::Principal;
-
-/// The default `--request-memory`: 256 MiB.
-pub const DEFAULT_REQUEST_MEMORY: usize = 256 << 20;
 
 /// The most JSON values (objects, arrays, strings, numbers, …; object keys count too) one body may hold.
 pub const MAX_JSON_VALUES: u64 = 1_000_000;
@@ -71,136 +62,6 @@ fn charge_for_bytes(n: usize) -> usize {
 /// connection closes after the answer.
 pub const REFUSED_BODY_DRAIN: usize = 64 * 1024;
 pub const REFUSED_BODY_WAIT: Duration = Duration::from_secs(1);
-
-/// How long a request waits for its share of the budget before it is answered 503.
-pub const BUDGET_WAIT: Duration = Duration::from_secs(10);
-
-/// The most of the budget one caller may hold at once, as a fraction: three quarters, so that a
-/// quarter always stays for the others.
-pub const CALLER_PART: (usize, usize) = (3, 4);
-
-/// The budget is counted in KiB, so that a semaphore's `u32` permits cover any size.
-const UNIT: usize = 1024;
-
-/// Request-body memory, shared by every request of the process, of which each caller may hold
-/// [`CALLER_PART`].
-#[derive(Clone)]
-pub struct MemoryBudget {
-    units: Arc<Semaphore>,
-    caller_units: usize,
-    /// The part of each caller that holds some of the budget now; a caller's entry goes when its
-    /// last share does, so the map is bounded by the requests in flight.
-    callers: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
-}
-
-/// Why a request did not get its share.
-#[derive(Debug)]
-enum Refusal {
-    /// More than one caller may hold: it can never be served.
-    TooLarge,
-    /// The budget, or the caller's part of it, stayed spent by other requests for [`BUDGET_WAIT`].
-    Busy,
-}
-
-impl MemoryBudget {
-    pub fn new(bytes: usize) -> Self {
-        let total_units = bytes.div_ceil(UNIT).max(1);
-        let (part, whole) = CALLER_PART;
-        MemoryBudget {
-            units: Arc::new(Semaphore::new(total_units)),
-            caller_units: (total_units * part / whole).max(1),
-            callers: Arc::default(),
-        }
-    }
-
-    /// An empty share for one request of `caller` (any string that names a caller: [`caller_of`]).
-    fn share_for(&self, caller: &str) -> Share {
-        let part = self
-            .callers
-            .lock()
-            .expect("no code panics holding the callers' map")
-            .entry(caller.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.caller_units)))
-            .clone();
-        Share {
-            budget: self.clone(),
-            caller: caller.to_owned(),
-            part,
-            units: 0,
-            held: Vec::new(),
-        }
-    }
-}
-
-/// Who pays for a request: its environment, for an environment key and the session tokens of the
-/// environment's items alike (so that claiming items gives no more of the budget); the admin token
-/// by its id.
-fn caller_of(principal: Option<&Principal>) -> String {
-    match principal {
-        Some(Principal::EnvironmentKey { environment_id, .. })
-        | Some(Principal::SessionToken { environment_id, .. }) => format!("env:{environment_id}"),
-        Some(Principal::Admin { credential_id }) => format!("admin:{credential_id}"),
-        // No route that takes a body is public; were one added, its callers would share one part.
-        None => "public".to_owned(),
-    }
-}
-
-/// What one request holds of the budget and of its caller's part, given back when it drops.
-struct Share {
-    budget: MemoryBudget,
-    caller: String,
-    part: Arc<Semaphore>,
-    /// What this request holds, in units, of each.
-    units: usize,
-    held: Vec<OwnedSemaphorePermit>,
-}
-
-impl Share {
-    /// Adds `bytes` to what the request holds: from its caller's part first, then from the whole,
-    /// each within [`BUDGET_WAIT`].
-    async fn take(&mut self, bytes: usize) -> Result<(), Refusal> {
-        let units = bytes.div_ceil(UNIT);
-        if units == 0 {
-            return Ok(());
-        }
-        let total = self.units.saturating_add(units);
-        if total > self.budget.caller_units {
-            return Err(Refusal::TooLarge);
-        }
-        let units = u32::try_from(units).map_err(|_| Refusal::TooLarge)?;
-        let deadline = tokio::time::Instant::now() + BUDGET_WAIT;
-        for pool in [&self.part, &self.budget.units] {
-            let permit = tokio::time::timeout_at(deadline, pool.clone().acquire_many_owned(units))
-                .await
-                .map_err(|_| Refusal::Busy)?
-                .map_err(|_| Refusal::Busy)?;
-            self.held.push(permit);
-        }
-        self.units = total;
-        Ok(())
-    }
-
-    fn is_empty(&self) -> bool {
-        self.units == 0
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        self.held.clear();
-        let mut callers = self
-            .budget
-            .callers
-            .lock()
-            .expect("no code panics holding the callers' map");
-        // Only the map and this share still know the part: no other request of the caller holds or
-        // waits for it (each got its handle under this lock), so the entry can go.
-        if Arc::strong_count(&self.part) == 2 {
-            debug_assert_eq!(self.part.available_permits(), self.budget.caller_units);
-            callers.remove(&self.caller);
-        }
-    }
-}
 
 /// Counts the values of a JSON text without building anything, stopping at `max`. `None`: the text is
 /// not JSON (the handler's parser will say so; a text that breaks off is charged what was counted).
@@ -351,7 +212,8 @@ pub async fn drain_refused(body: Body) {
     let _ = drain(body, REFUSED_BODY_DRAIN, REFUSED_BODY_WAIT).await;
 }
 
-fn refused(refusal: Refusal) -> Response {
+/// The answer to a request that did not get its share of the memory budget.
+pub fn refused(refusal: Refusal) -> Response {
     match refusal {
         Refusal::TooLarge => ApiError::bad_request(
             "the request body would take more memory than the server grants one caller's requests \
@@ -388,9 +250,7 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
         return too_large().into_response();
     }
     // The authorization layer in front of this one left the principal.
-    let mut share = policy
-        .budget
-        .share_for(&caller_of(parts.extensions.get::<Principal>()));
+    let mut share = policy.budget.share_for(parts.extensions.get::<Principal>());
     // A body of declared length pays for all of it at once, so that requests never each hold part of
     // what they need while waiting for the rest; one sent in chunks pays as they arrive. Either way the
     // whole body must arrive within BODY_READ_TIMEOUT, so that a slow sender holds its share only so long.
@@ -434,6 +294,11 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
     let response = next
         .run(Request::from_parts(parts, Body::from(Bytes::from(bytes))))
         .await;
+    holding(response, share)
+}
+
+/// `response`, keeping `share` until its body has been sent (or dropped).
+pub fn holding(response: Response, share: Share) -> Response {
     if share.is_empty() {
         return response;
     }
@@ -482,50 +347,5 @@ mod tests {
         let (n, ok) = count_json_values(b"[0,0,0,0,0,0]", 3);
         assert_eq!((n, ok), (4, false));
         assert!(!count_json_values(b"[1,", 100).1);
-    }
-
-    #[tokio::test]
-    async fn a_share_larger_than_a_callers_part_is_refused_at_once() {
-        let budget = MemoryBudget::new(64 * 1024);
-        let mut share = budget.share_for("env:a");
-        assert!(matches!(
-            share.take(49 * 1024).await,
-            Err(Refusal::TooLarge)
-        ));
-        share.take(40 * 1024).await.unwrap();
-        // The request's own shares add up.
-        assert!(matches!(share.take(9 * 1024).await, Err(Refusal::TooLarge)));
-        share.take(8 * 1024).await.unwrap();
-        assert!(!share.is_empty());
-        let mut nothing = budget.share_for("env:a");
-        nothing.take(0).await.unwrap();
-        assert!(nothing.is_empty());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_caller_waits_for_its_own_requests_and_leaves_the_rest_to_others() {
-        let budget = MemoryBudget::new(64 * 1024);
-        let mut first = budget.share_for("env:a");
-        first.take(40 * 1024).await.unwrap();
-        // The same caller again (its key, or a session token of its environment): its part is spent.
-        let mut second = budget.share_for("env:a");
-        let started = tokio::time::Instant::now();
-        assert!(matches!(second.take(16 * 1024).await, Err(Refusal::Busy)));
-        assert_eq!(started.elapsed(), BUDGET_WAIT);
-        // Another caller gets what is left of the whole at once.
-        let mut other = budget.share_for("env:b");
-        other.take(24 * 1024).await.unwrap();
-        // The whole is spent now, for everyone.
-        let mut third = budget.share_for("admin:t");
-        assert!(matches!(third.take(1024).await, Err(Refusal::Busy)));
-        drop((first, second, third));
-        let mut again = budget.share_for("env:a");
-        again.take(40 * 1024).await.unwrap();
-        drop((again, other));
-        assert!(
-            budget.callers.lock().unwrap().is_empty(),
-            "a caller's entry goes with its last share"
-        );
-        assert_eq!(budget.units.available_permits(), 64);
     }
 }

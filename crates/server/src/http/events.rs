@@ -16,9 +16,9 @@ use tether_core::ids::IdKind;
 
 use super::access::{self, ReadableSession};
 use super::extract::{Caller, JsonBody, Params, Wire};
-use super::{decode, wire};
+use super::{budget, decode, wire};
 use crate::error::{ApiError, ApiResult};
-use crate::service::events::{EventFilter, NewEvents};
+use crate::service::events::{page_bytes, EventFilter, NewEvents};
 use crate::service::tokens::Principal;
 use crate::service::App;
 
@@ -56,6 +56,7 @@ pub async fn post_events(
 pub async fn list_events(
     State(app): State<App>,
     Wire(d): Wire,
+    Caller(caller): Caller,
     ReadableSession(session): ReadableSession,
     params: Params,
 ) -> ApiResult<Response> {
@@ -68,8 +69,15 @@ pub async fn list_events(
         created_lt: params.timestamp("created_at[lt]")?,
         created_lte: params.timestamp("created_at[lte]")?,
     };
+    // The page is paid for from the memory budget until it has been handed out: a client that
+    // leaves pages unread holds no more than its caller's part.
+    let mut share = app.page_memory.share_for(Some(&caller));
+    if let Err(refusal) = share.take(app.page_reservation()).await {
+        return Ok(budget::refused(refusal));
+    }
     let events = app.list_events(&session.id, &page, &filter).await?;
-    Ok(streamed_list(events))
+    share.shrink_to(page_bytes(&events.items));
+    Ok(budget::holding(streamed_list(events), share))
 }
 
 /// A list envelope (§1.8) of stored events, written out piece by piece: each event's JSON goes to the
@@ -140,7 +148,8 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let after = resume_point(&headers, &params)?;
-    let (_, tail) = app.tail_events(&session.id, after).await?;
+    let share = app.page_memory.share_for(Some(&caller));
+    let (_, tail) = app.tail_events(&session.id, after, share).await?;
     let frames = futures::stream::unfold(tail, |mut tail| async move {
         let event = tail.next().await?;
         Some((Ok::<_, Infallible>(frame(&event)), tail))

@@ -63,7 +63,7 @@ fn guarded(
 pub fn router(app: App, body_limit: usize) -> Router {
     let bodies = budget::BodyPolicy {
         limit: body_limit,
-        budget: budget::MemoryBudget::new(app.config.request_memory),
+        budget: app.memory.clone(),
     };
     let mut router = guarded(Router::new(), &app, "", routes::ops(), &bodies);
     for dialect in Dialect::ALL {

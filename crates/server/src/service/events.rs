@@ -13,6 +13,7 @@ use tether_store::{ChangeSet, Cursor, EventDoc, Page, PageRequest, Write};
 use tokio::sync::watch;
 
 use super::{App, Error, Result, Retry};
+use crate::memory::Share;
 
 /// Appends an event of `kind` with `fields` to `session` (which remembers the newest id). The id is a
 /// fresh UUIDv7 unless that would not sort after the session's newest event (clock skew between
@@ -464,10 +465,13 @@ impl App {
     /// Opens a live tail of a session's log. It subscribes to the session's wake-ups before it reads the
     /// session, so that nothing committed in between is missed. With `after`, the tail starts after that
     /// event (a resume); without, after the newest event at this moment.
+    ///
+    /// `share` pays for each page the tail reads until its events are handed out.
     pub async fn tail_events(
         &self,
         session_id: &str,
         after: Option<String>,
+        share: Share,
     ) -> Result<(Session, EventTail)> {
         let wake = self.hub.subscribe(session_id);
         let closed = self.hub.closed();
@@ -480,11 +484,30 @@ impl App {
             wake,
             closed,
             pending: VecDeque::new(),
+            pending_bytes: 0,
+            share,
             caught_up: false,
             finished: false,
         };
         Ok((session, tail))
     }
+
+    /// What reading one page of events may take in memory: the rows as the store hands them over
+    /// and the documents cut from them, each a page's byte bound and one event more. A reader takes
+    /// this much of the memory budget first (no more than its caller may hold), then keeps what the
+    /// page turned out to hold ([`page_bytes`]) until it is handed out.
+    pub fn page_reservation(&self) -> usize {
+        (2 * (READ_BYTES + self.config.max_event_bytes)).min(self.page_memory.caller_part())
+    }
+}
+
+/// What a page of events holds in memory, near enough: its documents and their ids.
+pub fn page_bytes<'a>(events: impl IntoIterator<Item = &'a EventDoc>) -> usize {
+    events.into_iter().map(event_bytes).sum()
+}
+
+fn event_bytes(event: &EventDoc) -> usize {
+    event.body.get().len() + event.id.len()
 }
 
 /// A live tail of one session's log. It reads the store only when the hub says the session changed
@@ -497,6 +520,9 @@ pub struct EventTail {
     wake: watch::Receiver<u64>,
     closed: watch::Receiver<bool>,
     pending: VecDeque<EventDoc>,
+    /// What `pending` holds ([`page_bytes`]), paid for by `share`.
+    pending_bytes: usize,
+    share: Share,
     /// Everything up to the last wake-up has been read.
     caught_up: bool,
     /// The last event has been queued: `session.status_terminated`, or the deletion notice.
@@ -511,6 +537,8 @@ impl EventTail {
     pub async fn next(&mut self) -> Option<EventDoc> {
         loop {
             if let Some(event) = self.pending.pop_front() {
+                self.pending_bytes = self.pending_bytes.saturating_sub(event_bytes(&event));
+                self.share.shrink_to(self.pending_bytes);
                 if event.head().kind == EventType::SessionStatusTerminated.as_str() {
                     self.finished = true;
                     self.pending.clear();
@@ -540,7 +568,13 @@ impl EventTail {
         }
     }
 
+    /// Reads the next page, once the memory budget has room for it; without reading when it had
+    /// none for a while (the caller of `next` asks again, unless the stream is closing meanwhile).
     async fn read(&mut self) -> Result<()> {
+        if let Err(refusal) = self.share.take(self.app.page_reservation()).await {
+            tracing::debug!(session = %self.session_id, ?refusal, "event stream waits for memory");
+            return Ok(());
+        }
         let request = PageRequest {
             cursor: self.cursor.clone().map_or(Cursor::Start, Cursor::After),
             limit: TAIL_PAGE,
@@ -575,7 +609,9 @@ impl EventTail {
                 Some(_) => {}
             }
         }
+        self.pending_bytes += page_bytes(&page.items);
         self.pending.extend(page.items);
+        self.share.shrink_to(self.pending_bytes);
         Ok(())
     }
 }

@@ -63,7 +63,8 @@ pub struct ServiceConfig {
     pub sample_interval: Duration,
     /// The largest event, in bytes of its JSON as stored (`--event-limit`).
     pub max_event_bytes: usize,
-    /// What request bodies may take in memory, all together (`--request-memory`, `http::budget`).
+    /// What request bodies may take in memory, all together (`--request-memory`, `crate::memory`);
+    /// pages of events have a quarter of it more.
     pub request_memory: usize,
     /// How long a credential, environment or agent read may be used again ([`RECORD_TTL`], 1 s): a
     /// change made through another server takes effect within it where nothing else checks it.
@@ -86,7 +87,7 @@ impl Default for ServiceConfig {
             max_workers_per_environment: worker_records::MAX_WORKERS_PER_ENVIRONMENT,
             sample_interval: Duration::from_secs(10),
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
-            request_memory: crate::http::budget::DEFAULT_REQUEST_MEMORY,
+            request_memory: crate::memory::DEFAULT_REQUEST_MEMORY,
             record_ttl: RECORD_TTL,
         }
     }
@@ -104,6 +105,11 @@ pub struct AppInner {
     pub hub: SessionHub,
     /// The last hour of queue statistics per environment, for the dashboard's chart.
     pub queue_history: QueueHistory,
+    /// What request bodies may hold in memory (`--request-memory`, [`crate::memory`]).
+    pub memory: crate::memory::MemoryBudget,
+    /// What pages of events may hold until they are handed out: a budget of their own, so that
+    /// reads never wait behind a large body ([`crate::memory::page_budget`]).
+    pub page_memory: crate::memory::MemoryBudget,
     /// Items this process's polls are taking or took lately (`work::Claims`), so that its concurrent
     /// polls pick different items instead of colliding (other processes are kept apart by the
     /// conditional write).
@@ -154,6 +160,9 @@ impl App {
         let reconnections = store.reconnections();
         let queue_history = QueueHistory::new(config.sample_interval);
         let ttl = config.record_ttl;
+        let memory = crate::memory::MemoryBudget::new(config.request_memory);
+        let page_memory =
+            crate::memory::MemoryBudget::new(crate::memory::page_budget(config.request_memory));
         let workers_recorded = worker_records::WorkerRecords::new(
             work::worker_record_interval_ms(config.workers_polling_window_ms),
             work::workers_window_ms(config.workers_polling_window_ms),
@@ -166,6 +175,8 @@ impl App {
             waiters: Waiters::default(),
             hub: SessionHub::default(),
             queue_history,
+            memory,
+            page_memory,
             claiming: Mutex::new(work::Claims::default()),
             workers_recorded: Mutex::new(workers_recorded),
             workers_unwritten: Mutex::new(HashMap::new()),

@@ -1,0 +1,285 @@
+//! What requests may hold in memory, by budget (request bodies: `--request-memory`; pages of events:
+//! a quarter of it), and how much of each one caller may hold.
+//!
+//! Two kinds of request hold memory for as long as a client likes to make them: a body that is
+//! arriving (or that a lying `Content-Length` says is), and an answer of stored events that the
+//! client does not take (an event page, a live stream's replay; an HTTP/2 client can leave a hundred
+//! of them unread per connection until the idle timeout closes it). Each pays from a budget, through
+//! its [`Share`], held until the memory is let go: a request body until its answer is sent
+//! (`http::budget`), from `--request-memory`; a page of events until it is handed out, from a budget
+//! of its own, a quarter of that ([`page_budget`]), so that a read never waits behind a large body
+//! (the budget is first come, first served, and a body of 32 MiB waits for 160 MiB).
+//!
+//! One caller may hold at most [`CALLER_PART`] of the budget at once, over all its requests. A caller
+//! is an environment (its key and the session tokens of its items together: claiming items gives no
+//! more of the budget) or an admin token. So a caller that holds memory on purpose waits for its own
+//! requests, and the rest of the budget stays for everyone else. The part is large enough for one
+//! body of the default `--body-limit` at the default `--request-memory`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::service::tokens::Principal;
+
+/// The default `--request-memory`: 256 MiB.
+pub const DEFAULT_REQUEST_MEMORY: usize = 256 << 20;
+
+/// The most of the budget one caller may hold at once, as a fraction: three quarters, so that a
+/// quarter always stays for the others.
+pub const CALLER_PART: (usize, usize) = (3, 4);
+
+/// The budget of the pages of events being read or handed out, from `--request-memory`: a quarter of
+/// it (64 MiB by default: sixteen reads of a full page at once, and many more pages being handed out).
+pub fn page_budget(request_memory: usize) -> usize {
+    request_memory / 4
+}
+
+/// How long a request waits for its share of the budget before it is refused.
+pub const BUDGET_WAIT: Duration = Duration::from_secs(10);
+
+/// The budget is counted in KiB, so that a semaphore's `u32` permits cover any size.
+const UNIT: usize = 1024;
+
+/// Request memory, shared by every request of the process, of which each caller may hold
+/// [`CALLER_PART`].
+#[derive(Clone)]
+pub struct MemoryBudget {
+    units: Arc<Semaphore>,
+    caller_units: usize,
+    /// The part of each caller that holds some of the budget now; a caller's entry goes when its
+    /// last share does, so the map is bounded by the requests in flight.
+    callers: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+/// Why a request did not get its share.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// More than one caller may hold: it can never be served.
+    TooLarge,
+    /// The budget, or the caller's part of it, stayed spent by other requests for [`BUDGET_WAIT`].
+    Busy,
+}
+
+impl MemoryBudget {
+    pub fn new(bytes: usize) -> Self {
+        let total_units = bytes.div_ceil(UNIT).max(1);
+        let (part, whole) = CALLER_PART;
+        MemoryBudget {
+            units: Arc::new(Semaphore::new(total_units)),
+            caller_units: (total_units * part / whole).max(1),
+            callers: Arc::default(),
+        }
+    }
+
+    /// The most one caller may hold, in bytes.
+    pub fn caller_part(&self) -> usize {
+        self.caller_units * UNIT
+    }
+
+    /// An empty share for one request of `principal` (`None`: a public route's caller).
+    pub fn share_for(&self, principal: Option<&Principal>) -> Share {
+        let caller = caller_of(principal);
+        let part = self
+            .callers
+            .lock()
+            .expect("no code panics holding the callers' map")
+            .entry(caller.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.caller_units)))
+            .clone();
+        Share {
+            budget: self.clone(),
+            caller,
+            part,
+            units: 0,
+            held: None,
+        }
+    }
+}
+
+/// Who pays for a request (see the module's doc).
+fn caller_of(principal: Option<&Principal>) -> String {
+    match principal {
+        Some(Principal::EnvironmentKey { environment_id, .. })
+        | Some(Principal::SessionToken { environment_id, .. }) => format!("env:{environment_id}"),
+        Some(Principal::Admin { credential_id }) => format!("admin:{credential_id}"),
+        // Public routes neither take a body nor answer with events; were one added, its callers
+        // would share one part.
+        None => "public".to_owned(),
+    }
+}
+
+/// What one request holds of the budget and of its caller's part, given back when it drops.
+pub struct Share {
+    budget: MemoryBudget,
+    caller: String,
+    part: Arc<Semaphore>,
+    /// What this request holds, in units, of each.
+    units: usize,
+    /// Of the caller's part, and of the whole.
+    held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+impl Share {
+    /// Adds `bytes` to what the request holds: from its caller's part first, then from the whole,
+    /// each within [`BUDGET_WAIT`].
+    pub async fn take(&mut self, bytes: usize) -> Result<(), Refusal> {
+        let units = bytes.div_ceil(UNIT);
+        if units == 0 {
+            return Ok(());
+        }
+        let total = self.units.saturating_add(units);
+        if total > self.budget.caller_units {
+            return Err(Refusal::TooLarge);
+        }
+        let count = u32::try_from(units).map_err(|_| Refusal::TooLarge)?;
+        let deadline = tokio::time::Instant::now() + BUDGET_WAIT;
+        let acquire = |pool: &Arc<Semaphore>| {
+            tokio::time::timeout_at(deadline, pool.clone().acquire_many_owned(count))
+        };
+        let of_part = acquire(&self.part)
+            .await
+            .map_err(|_| Refusal::Busy)?
+            .map_err(|_| Refusal::Busy)?;
+        let of_whole = acquire(&self.budget.units)
+            .await
+            .map_err(|_| Refusal::Busy)?
+            .map_err(|_| Refusal::Busy)?;
+        match &mut self.held {
+            Some((part, whole)) => {
+                part.merge(of_part);
+                whole.merge(of_whole);
+            }
+            None => self.held = Some((of_part, of_whole)),
+        }
+        self.units = total;
+        Ok(())
+    }
+
+    /// Gives back what the request holds beyond `bytes` (a reservation for the most a read could
+    /// bring, once the read has said what it brought; what is left of a page as it is handed out).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let keep = bytes.div_ceil(UNIT);
+        if keep >= self.units {
+            return;
+        }
+        let release = self.units - keep;
+        if let Some((part, whole)) = &mut self.held {
+            drop(part.split(release));
+            drop(whole.split(release));
+        }
+        self.units = keep;
+        debug_assert_eq!(
+            self.held.as_ref().map_or(0, |(p, w)| {
+                assert_eq!(p.num_permits(), w.num_permits());
+                p.num_permits()
+            }),
+            keep
+        );
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.units == 0
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.held = None;
+        let mut callers = self
+            .budget
+            .callers
+            .lock()
+            .expect("no code panics holding the callers' map");
+        // Only the map and this share still know the part: no other request of the caller holds or
+        // waits for it (each got its handle under this lock), so the entry can go.
+        if Arc::strong_count(&self.part) == 2 {
+            debug_assert_eq!(self.part.available_permits(), self.budget.caller_units);
+            callers.remove(&self.caller);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(id: &str) -> Principal {
+        Principal::EnvironmentKey {
+            credential_id: format!("key_{id}"),
+            environment_id: id.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_share_larger_than_a_callers_part_is_refused_at_once() {
+        let budget = MemoryBudget::new(64 * 1024);
+        assert_eq!(budget.caller_part(), 48 * 1024);
+        let mut share = budget.share_for(Some(&env("a")));
+        assert_eq!(share.take(49 * 1024).await, Err(Refusal::TooLarge));
+        share.take(40 * 1024).await.unwrap();
+        // The request's own shares add up.
+        assert_eq!(share.take(9 * 1024).await, Err(Refusal::TooLarge));
+        share.take(8 * 1024).await.unwrap();
+        assert!(!share.is_empty());
+        let mut nothing = budget.share_for(Some(&env("a")));
+        nothing.take(0).await.unwrap();
+        assert!(nothing.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_waits_for_its_own_requests_and_leaves_the_rest_to_others() {
+        let budget = MemoryBudget::new(64 * 1024);
+        let mut first = budget.share_for(Some(&env("a")));
+        first.take(40 * 1024).await.unwrap();
+        // The same caller again, by a session token of its environment: its part is spent.
+        let token = Principal::SessionToken {
+            work_id: "work_1".into(),
+            environment_id: "a".into(),
+            session_id: "sesn_1".into(),
+            token_hash: "h".into(),
+        };
+        let mut second = budget.share_for(Some(&token));
+        let started = tokio::time::Instant::now();
+        assert_eq!(second.take(16 * 1024).await, Err(Refusal::Busy));
+        assert_eq!(started.elapsed(), BUDGET_WAIT);
+        // Another caller gets what is left of the whole at once.
+        let mut other = budget.share_for(Some(&env("b")));
+        other.take(24 * 1024).await.unwrap();
+        // The whole is spent now, for everyone.
+        let admin = Principal::Admin {
+            credential_id: "tok_1".into(),
+        };
+        let mut third = budget.share_for(Some(&admin));
+        assert_eq!(third.take(1024).await, Err(Refusal::Busy));
+        drop((first, second, third));
+        let mut again = budget.share_for(Some(&env("a")));
+        again.take(40 * 1024).await.unwrap();
+        drop((again, other));
+        assert!(
+            budget.callers.lock().unwrap().is_empty(),
+            "a caller's entry goes with its last share"
+        );
+        assert_eq!(budget.units.available_permits(), 64);
+    }
+
+    #[tokio::test]
+    async fn a_share_gives_back_what_it_holds_beyond_what_it_keeps() {
+        let budget = MemoryBudget::new(64 * 1024);
+        let mut share = budget.share_for(Some(&env("a")));
+        share.take(40 * 1024).await.unwrap();
+        share.shrink_to(10 * 1024 + 1);
+        assert_eq!(budget.units.available_permits(), 64 - 11);
+        // Never grows by shrinking.
+        share.shrink_to(30 * 1024);
+        assert_eq!(budget.units.available_permits(), 64 - 11);
+        // What was given back can be taken again, by this caller or another.
+        share.take(30 * 1024).await.unwrap();
+        assert_eq!(budget.units.available_permits(), 64 - 41);
+        share.shrink_to(0);
+        assert!(share.is_empty());
+        assert_eq!(budget.units.available_permits(), 64);
+    }
+}

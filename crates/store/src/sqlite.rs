@@ -471,3 +471,34 @@ impl Executor for SqliteExecutor {
         self.notices.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> ReadPool {
+        ReadPool {
+            connections: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(0)),
+            inline: AtomicUsize::new(0),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+    async fn bounded_reads_run_inline_on_all_runtime_threads_but_one() {
+        let pool = pool();
+        let first = pool.run_inline().expect("a thread of three");
+        let second = pool.run_inline().expect("another");
+        assert!(pool.run_inline().is_none(), "the last thread stays free");
+        drop(first);
+        let third = pool.run_inline().expect("a slot given back is taken again");
+        assert!(pool.run_inline().is_none());
+        drop((second, third));
+        assert_eq!(pool.inline.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_runtime_of_one_thread_reads_nothing_inline() {
+        assert!(pool().run_inline().is_none());
+    }
+}

@@ -457,13 +457,13 @@ async fn a_poison_item_is_listed_and_requeued_through_the_cli() {
     );
     assert_eq!(
         last["detail"],
-        format!("requeued as {fresh_id} by {admin_id}: the agent is fixed")
+        format!("requeued as {fresh_id} by admin token {admin_id}: the agent is fixed")
     );
     let new = server.json(&["work", "history", &setup.env, &fresh_id]);
     assert_eq!(new["data"][0]["cause"], "enqueued");
     assert_eq!(
         new["data"][0]["detail"],
-        format!("requeue of {work} by {admin_id}: the agent is fixed")
+        format!("requeue of {work} by admin token {admin_id}: the agent is fixed")
     );
 
     // Requeued items leave the poison list; a second requeue is refused.

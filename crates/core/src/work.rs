@@ -650,7 +650,7 @@ pub struct Requeue {
 pub struct RequeueRequest<'a> {
     /// The id for the fresh item.
     pub fresh_id: String,
-    /// The credential id of the operator (an admin token).
+    /// Who asks, as a history names an asker: "admin token tok_…" (see [`Step::asked_by`]).
     pub by: &'a str,
     /// Why, in the operator's words.
     pub reason: Option<&'a str>,
@@ -872,7 +872,7 @@ mod requeue_tests {
     fn request(already_requeued: bool) -> RequeueRequest<'static> {
         RequeueRequest {
             fresh_id: "work_new".into(),
-            by: "tok_admin",
+            by: "admin token tok_admin",
             reason: Some("fixed the agent"),
             already_requeued,
         }
@@ -899,7 +899,7 @@ mod requeue_tests {
         );
         assert_eq!(
             line.detail.as_deref(),
-            Some("requeued as work_new by tok_admin: fixed the agent")
+            Some("requeued as work_new by admin token tok_admin: fixed the agent")
         );
         let fresh = &r.fresh.item;
         assert_eq!(
@@ -918,7 +918,7 @@ mod requeue_tests {
         assert_eq!(first.cause, Cause::Enqueued);
         assert_eq!(
             first.detail.as_deref(),
-            Some("requeue of work_old by tok_admin: fixed the agent")
+            Some("requeue of work_old by admin token tok_admin: fixed the agent")
         );
     }
 
@@ -962,7 +962,7 @@ mod requeue_tests {
         let r = requeue(&poisoned(t0), silent, t0, &policy).unwrap();
         assert_eq!(
             r.fresh.transitions[0].detail.as_deref(),
-            Some("requeue of work_old by tok_admin")
+            Some("requeue of work_old by admin token tok_admin")
         );
     }
 }

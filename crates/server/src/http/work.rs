@@ -337,9 +337,10 @@ pub async fn requeue(
             ),
         ));
     }
-    let by = p.credential_id().unwrap_or("admin");
+    // Named as a stop names who asked for it: "admin token tok_…".
+    let by = p.asker();
     let item = app
-        .requeue_work(&env, &work_id, by, reason.as_deref())
+        .requeue_work(&env, &work_id, &by, reason.as_deref())
         .await?;
     Ok(Json(wire::work(&item, None)))
 }

@@ -15,23 +15,9 @@ use tokio_util::sync::CancellationToken;
 /// clock. The connection is held to the idle timeout, as over TLS and on HTTP/1.
 #[tokio::test]
 async fn an_idle_http2_connection_on_the_plain_port_is_held_to_the_idle_timeout_only() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
     let router = Router::new().route("/", get(|| async { "ok" }));
-    let limits = ConnectionLimits {
-        max_connections: 8,
-        header_timeout: Duration::from_millis(300),
-        idle_timeout: Duration::from_secs(60),
-    };
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(run(
-        listener,
-        router,
-        None,
-        limits,
-        stop.clone(),
-        Duration::from_secs(1),
-    ));
+    let (address, stop, server) =
+        serve(router, Duration::from_millis(300), Duration::from_secs(60)).await;
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -59,20 +45,26 @@ async fn an_idle_http2_connection_on_the_plain_port_is_held_to_the_idle_timeout_
     server.await.unwrap();
 }
 
-/// A server on a fresh port with `idle_timeout`, serving `router`; its address and its stop.
+/// A server on a fresh port with these timeouts, serving `router`: its address, its stop, and its
+/// task.
 async fn serve(
     router: Router,
+    header_timeout: Duration,
     idle_timeout: Duration,
-) -> (std::net::SocketAddr, CancellationToken) {
+) -> (
+    std::net::SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let limits = ConnectionLimits {
         max_connections: 8,
-        header_timeout: Duration::from_secs(10),
+        header_timeout,
         idle_timeout,
     };
     let stop = CancellationToken::new();
-    tokio::spawn(run(
+    let server = tokio::spawn(run(
         listener,
         router,
         None,
@@ -80,7 +72,7 @@ async fn serve(
         stop.clone(),
         Duration::from_secs(1),
     ));
-    (address, stop)
+    (address, stop, server)
 }
 
 /// Sets its flag when dropped: whether a response body was let go.
@@ -131,7 +123,8 @@ async fn an_http2_answer_the_client_stops_taking_is_given_up_after_the_idle_time
             }),
         )
         .route("/large", get(|| async { vec![b'y'; 256 * 1024] }));
-    let (address, stop) = serve(router, Duration::from_secs(1)).await;
+    let (address, stop, _server) =
+        serve(router, Duration::from_secs(10), Duration::from_secs(1)).await;
 
     // A client that asks for an endless answer and a large one, and reads neither.
     let (mut sender, conn) = h2_client(address, 16 * 1024).await;

@@ -92,7 +92,8 @@ pub struct ServeArgs {
     /// from the first byte of a later request on the same connection).
     #[arg(long, env = "TETHER_HEADER_TIMEOUT", default_value = "10s", value_parser = crate::worker::parse_duration)]
     pub header_timeout: Duration,
-    /// A connection with no request in flight is closed after this long.
+    /// A connection with no request in flight, or with an answer the client has taken nothing more of
+    /// for this long (a full socket on HTTP/1, a shut stream window on HTTP/2), is closed.
     #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "75s", value_parser = crate::worker::parse_duration)]
     pub idle_timeout: Duration,
 }

@@ -93,7 +93,6 @@ impl MemoryBudget {
             budget: self.clone(),
             caller,
             part,
-            units: 0,
             held: None,
         }
     }
@@ -116,9 +115,7 @@ pub struct Share {
     budget: MemoryBudget,
     caller: String,
     part: Arc<Semaphore>,
-    /// What this request holds, in units, of each.
-    units: usize,
-    /// Of the caller's part, and of the whole.
+    /// What this request holds of the caller's part, and the same of the whole.
     held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
@@ -130,7 +127,7 @@ impl Share {
         if units == 0 {
             return Ok(());
         }
-        let total = self.units.saturating_add(units);
+        let total = self.units().saturating_add(units);
         if total > self.budget.caller_units {
             return Err(Refusal::TooLarge);
         }
@@ -154,34 +151,32 @@ impl Share {
             }
             None => self.held = Some((of_part, of_whole)),
         }
-        self.units = total;
         Ok(())
+    }
+
+    /// What the request holds, in units (the same of its caller's part and of the whole).
+    fn units(&self) -> usize {
+        self.held.as_ref().map_or(0, |(part, _)| part.num_permits())
     }
 
     /// Gives back what the request holds beyond `bytes` (a reservation for the most a read could
     /// bring, once the read has said what it brought; what is left of a page as it is handed out).
     pub fn shrink_to(&mut self, bytes: usize) {
         let keep = bytes.div_ceil(UNIT);
-        if keep >= self.units {
+        let Some((part, whole)) = &mut self.held else {
+            return;
+        };
+        if keep >= part.num_permits() {
             return;
         }
-        let release = self.units - keep;
-        if let Some((part, whole)) = &mut self.held {
-            drop(part.split(release));
-            drop(whole.split(release));
-        }
-        self.units = keep;
-        debug_assert_eq!(
-            self.held.as_ref().map_or(0, |(p, w)| {
-                assert_eq!(p.num_permits(), w.num_permits());
-                p.num_permits()
-            }),
-            keep
-        );
+        let release = part.num_permits() - keep;
+        drop(part.split(release));
+        drop(whole.split(release));
+        debug_assert_eq!(whole.num_permits(), keep);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.units == 0
+        self.units() == 0
     }
 }
 

@@ -302,16 +302,10 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
         let body: serde_json::Value = refused.json().await.unwrap();
         assert_eq!(body["error"]["type"], "overloaded_error", "{body}");
         // … while another caller, the environment's key, still has the rest of the budget.
-        let (status, key) = server
-            .post(
-                &format!("/environments/{env}/keys"),
-                json!({"name": "worker"}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{key}");
+        let key = environment_key(&server, &env).await;
         let (status, body) = server
             .call_as(
-                key["token"].as_str().unwrap(),
+                &key,
                 Method::POST,
                 &format!("/sessions/{session}/events"),
                 Some(json!({"events": [text_event("agent.message", &"x".repeat(20_000))]})),
@@ -663,16 +657,10 @@ async fn unread_event_pages_hold_no_more_than_their_callers_part() {
     );
 
     // Another caller, the environment's key, still reads.
-    let (status, key) = server
-        .post(
-            &format!("/environments/{env}/keys"),
-            json!({"name": "reader"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{key}");
+    let key = environment_key(&server, &env).await;
     let (status, body) = server
         .call_as(
-            key["token"].as_str().unwrap(),
+            &key,
             Method::GET,
             &format!("/sessions/{session}/events?limit=100"),
             None,
@@ -681,6 +669,49 @@ async fn unread_event_pages_hold_no_more_than_their_callers_part() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert!(body["data"].as_array().is_some_and(|d| !d.is_empty()));
+
+    // A live stream's replay pays the same way: the admin token's waits while its part is held,
+    // the key's goes on.
+    let first = body["data"][0]["id"].as_str().unwrap();
+    assert_eq!(
+        frames_within(&server, &server.admin_token, &session, first).await,
+        0
+    );
+    assert!(frames_within(&server, &key, &session, first).await > 0);
     drop(unread);
     server.shutdown().await;
+}
+
+/// A new key of `env`'s: its secret.
+async fn environment_key(server: &TestServer, env: &str) -> String {
+    let (status, key) = server
+        .post(
+            &format!("/environments/{env}/keys"),
+            json!({"name": "reader"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{key}");
+    key["token"].as_str().unwrap().to_owned()
+}
+
+/// How many events a live stream of `session`, resumed after `after`, delivers to `token` within
+/// a second and a half.
+async fn frames_within(server: &TestServer, token: &str, session: &str, after: &str) -> usize {
+    use futures::StreamExt as _;
+    let response = server
+        .http()
+        .get(server.url(&format!("/sessions/{session}/events/stream")))
+        .bearer_auth(token)
+        .header("Last-Event-ID", after)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(1500);
+    let mut frames = 0;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(until, body.next()).await {
+        frames += chunk.windows(3).filter(|w| w == b"id:").count();
+    }
+    frames
 }

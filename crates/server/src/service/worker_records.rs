@@ -65,6 +65,8 @@ impl WorkerRecords {
     /// to be written.
     pub fn poll(&mut self, environment_id: &str, worker_id: &str, now: Timestamp) -> Record {
         let (interval_ms, window_ms, cap) = (self.interval_ms, self.window_ms, self.cap);
+        // Looked up before it is inserted: every poll comes here, and `entry` would copy the id each
+        // time.
         let environment = match self.environments.get_mut(environment_id) {
             Some(environment) => environment,
             None => self

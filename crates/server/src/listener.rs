@@ -14,13 +14,15 @@
 //!   stopped asking for more (an HTTP/2 stream whose window the client keeps shut:
 //!   [`responses`]).
 //! * **HTTP/2 streams**: at most [`H2_MAX_STREAMS`] at once per connection, each with at most
-//!   [`H2_MAX_SEND_BUFFER`] buffered for sending.
+//!   [`H2_MAX_SEND_BUFFER`] buffered for sending, and all of them together with at most
+//!   [`H2_MAX_UNSENT`] handed to hyper and not yet written ([`outbox`]).
 //!
 //! A request in flight is never cut by the header or idle timeouts, so long polls (≤ 999 ms) and event
 //! streams (a keep-alive comment every 15 s) are untouched by them. The timeouts are enforced per
 //! connection by a watchdog that reads a few atomics ([`ConnState`]) kept up to date by the I/O
 //! wrapper ([`Tracked`]) and the response body wrapper ([`responses::TrackedBody`]).
 
+mod outbox;
 mod responses;
 
 use std::convert::Infallible;
@@ -82,6 +84,12 @@ pub const H2_MAX_STREAMS: u32 = 100;
 /// The most one HTTP/2 stream buffers for sending (hyper's default is 400 KiB): a client that does not
 /// read an answer leaves at most this much, and a piece ([`responses::SPLIT`]), in the server's memory.
 pub const H2_MAX_SEND_BUFFER: usize = 64 * 1024;
+
+/// The most data of one HTTP/2 connection's answers that hyper may hold at once, over all its streams:
+/// four streams' send buffers ([`outbox`]). Bodies asked at the same moment may each add one frame (a
+/// piece, at most 16 KiB) beyond it. A client that leaves this much unread on some
+/// streams slows its other streams on the same connection, and no one else.
+pub const H2_MAX_UNSENT: usize = 4 * H2_MAX_SEND_BUFFER;
 
 /// An HTTP server for one connection, with the HTTP/2 bounds above.
 fn http_builder() -> auto::Builder<TokioExecutor> {
@@ -304,16 +312,15 @@ where
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let in_flight = InFlight::begin(service_state.clone());
         let router = router.clone();
-        let state = service_state.clone();
         let http2 = request.version() == hyper::Version::HTTP_2;
         async move {
             let response = router
                 .oneshot(request.map(axum::body::Body::new))
                 .await
                 .unwrap_or_else(|never: Infallible| match never {});
-            Ok::<_, Infallible>(response.map(|inner| {
-                responses::TrackedBody::new(inner, in_flight, &state.responses, http2)
-            }))
+            Ok::<_, Infallible>(
+                response.map(|inner| responses::TrackedBody::new(inner, in_flight, http2)),
+            )
         }
     });
     let builder = match protocol {
@@ -387,6 +394,8 @@ struct ConnState {
     write_blocked: AtomicU64,
     /// The response bodies in flight, and how long each has waited for the client to take more.
     responses: responses::Responses,
+    /// HTTP/2: what the connection's answers have handed to hyper and hyper still holds.
+    outbox: Arc<outbox::Outbox>,
 }
 
 enum Verdict {
@@ -401,6 +410,7 @@ impl ConnState {
         ConnState {
             opened,
             responses: responses::Responses::new(opened),
+            outbox: Arc::default(),
             track_heads: std::sync::atomic::AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
             head_started: AtomicU64::new(0),

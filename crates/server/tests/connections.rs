@@ -1,6 +1,6 @@
 //! The listener's connection limits, against a real client on a real socket.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tether_server::listener::{run, ConnectionLimits};
+use tether_testkit::net::Pausable;
 use tokio_util::sync::CancellationToken;
 
 /// HTTP/2 with prior knowledge on the plain port: between requests the client may send PING,
@@ -164,5 +165,118 @@ async fn an_http2_answer_the_client_stops_taking_is_given_up_after_the_idle_time
     }
     assert_eq!(taken, 256 * 1024);
     drop(unread);
+    stop.cancel();
+}
+
+/// Answer data alive in the server, counted from its making to the moment it is let go of.
+#[derive(Clone, Default)]
+struct Alive {
+    now: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+/// A chunk of answer that [`Alive`] counts while anything holds it.
+struct Counted(Vec<u8>, Alive);
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.1.now.fetch_sub(self.0.len(), Ordering::AcqRel);
+    }
+}
+
+impl Alive {
+    fn chunk(&self, len: usize) -> bytes::Bytes {
+        let now = self.now.fetch_add(len, Ordering::AcqRel) + len;
+        self.most.fetch_max(now, Ordering::AcqRel);
+        bytes::Bytes::from_owner(Counted(vec![b'z'; len], self.clone()))
+    }
+}
+
+/// A client that opens a hundred HTTP/2 streams of large answers and stops reading the socket (or
+/// keeps the windows shut, which is the same to the server) must not make the server hold a hundred
+/// streams' send buffers: the connection's answers together hold at most `H2_MAX_UNSENT` and a piece
+/// per runtime thread. Before that bound, the same client made it hold about 9 MiB. A client that
+/// reads gets every byte of every stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_stops_reading_holds_no_more_than_its_bound() {
+    use futures::StreamExt as _;
+    use http_body_util::BodyExt as _;
+    use tether_server::listener::H2_MAX_UNSENT;
+    const ANSWER: usize = 1024 * 1024;
+    const CHUNK: usize = 16 * 1024;
+    let alive = Alive::default();
+    let answers = alive.clone();
+    let router = Router::new().route(
+        "/large",
+        get(move || {
+            let alive = answers.clone();
+            let chunks = futures::stream::iter(0..ANSWER / CHUNK)
+                .map(move |_| Ok::<_, std::io::Error>(alive.chunk(CHUNK)));
+            async move { axum::body::Body::from_stream(chunks) }
+        }),
+    );
+    let (address, stop, _server) =
+        serve(router, Duration::from_secs(10), Duration::from_secs(60)).await;
+    let get_large = || {
+        hyper::Request::get(format!("http://{address}/large"))
+            .body(String::new())
+            .unwrap()
+    };
+
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (io, reading) = Pausable::new(tcp);
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(16 * 1024 * 1024)
+        .initial_connection_window_size(1024 * 1024 * 1024)
+        .handshake::<_, String>(TokioIo::new(io))
+        .await
+        .unwrap();
+    let _conn = tokio::spawn(conn);
+    // The first answer's head comes back; from then on the client reads nothing.
+    let first = sender.send_request(get_large()).await.unwrap();
+    reading.stop_reading();
+    let rest: Vec<_> = (1..100).map(|_| sender.send_request(get_large())).collect();
+    let rest = tokio::spawn(futures::future::join_all(rest));
+    // Until the server has stopped making answer data for a while.
+    let mut last = usize::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = alive.now.load(Ordering::Acquire);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let most = alive.most.load(Ordering::Acquire);
+    assert!(
+        most <= H2_MAX_UNSENT + 2 * CHUNK,
+        "the server held {most} bytes of answers for a client that reads nothing"
+    );
+    assert!(
+        most >= H2_MAX_UNSENT,
+        "the answers were sent up to the bound: {most}"
+    );
+    drop((first, rest));
+
+    // A client that reads: twenty streams at once, every byte of each.
+    let (mut sender, _conn) = h2_client(address, 64 * 1024).await;
+    let reads = (0..20).map(|_| {
+        let answer = sender.send_request(get_large());
+        async move {
+            let body = answer.await.unwrap().into_body();
+            body.collect().await.unwrap().to_bytes().len()
+        }
+    });
+    let lengths = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(reads))
+        .await
+        .expect("every answer is read");
+    assert_eq!(lengths, vec![ANSWER; 20]);
     stop.cancel();
 }

@@ -7,6 +7,7 @@
 //! absence is an error, so a green CI always means both backends passed.
 
 pub mod client;
+pub mod net;
 pub mod postgres;
 pub mod schema;
 pub mod tls;

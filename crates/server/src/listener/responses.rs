@@ -12,7 +12,9 @@
 //! On HTTP/2 a data frame larger than [`SPLIT`] is handed out in copied pieces of that size, so that
 //! what hyper and h2 buffer for a stream (at most the send buffer, `H2_MAX_SEND_BUFFER`, and a piece
 //! or two) never keeps the whole of a large answer alive: the rest stays with the body, and goes
-//! when the watchdog closes the connection.
+//! when the watchdog closes the connection. And a body hands out its next frame only while its
+//! connection's answers hold less than [`super::outbox::MAX_UNSENT`] in hyper; waiting for that
+//! counts as waiting to be taken.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +25,7 @@ use bytes::{Buf, Bytes};
 use futures::task::AtomicWaker;
 use tokio::time::Instant;
 
+use super::outbox::Outbox;
 use super::{InFlight, UNSET};
 
 /// The size of the pieces a large HTTP/2 data frame is handed out in: h2's default frame size.
@@ -115,28 +118,33 @@ pub(super) struct TrackedBody {
     inner: axum::body::Body,
     /// What is left of a data frame being handed out in pieces (HTTP/2 only).
     rest: Option<Bytes>,
-    split: bool,
+    /// HTTP/2: frames go out in pieces, counted in the connection's outbox.
+    outbox: Option<Arc<Outbox>>,
     progress: Arc<Progress>,
     waker: Waker,
     _in_flight: InFlight,
 }
 
 impl TrackedBody {
-    /// `split`: hand large data frames out in pieces of [`SPLIT`] (for HTTP/2).
-    pub(super) fn new(
-        inner: axum::body::Body,
-        in_flight: InFlight,
-        responses: &Responses,
-        split: bool,
-    ) -> TrackedBody {
-        let progress = responses.track();
+    /// `http2`: hand large data frames out in pieces of [`SPLIT`], within the connection's outbox.
+    pub(super) fn new(inner: axum::body::Body, in_flight: InFlight, http2: bool) -> TrackedBody {
+        let state = &in_flight.0;
+        let progress = state.responses.track();
         TrackedBody {
             inner,
             rest: None,
-            split,
+            outbox: http2.then(|| state.outbox.clone()),
             waker: Waker::from(progress.clone()),
             progress,
             _in_flight: in_flight,
+        }
+    }
+
+    /// `data` as handed to hyper: on HTTP/2, counted in the connection's outbox while hyper holds it.
+    fn hand(&self, data: Bytes) -> Bytes {
+        match &self.outbox {
+            Some(outbox) => outbox.hand(data),
+            None => data,
         }
     }
 
@@ -162,21 +170,28 @@ impl http_body::Body for TrackedBody {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         this.progress.asked();
+        if let Some(outbox) = &this.outbox {
+            if outbox.poll_room(cx).is_pending() {
+                // Waiting for the client to take what hyper holds for this connection.
+                this.progress.wait_from_now();
+                return Poll::Pending;
+            }
+        }
         if let Some(piece) = this.next_piece() {
             this.progress.wait_from_now();
-            return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
+            return Poll::Ready(Some(Ok(http_body::Frame::data(this.hand(piece)))));
         }
         this.progress.waker.register(cx.waker());
         let mut inner_cx = Context::from_waker(&this.waker);
         match Pin::new(&mut this.inner).poll_frame(&mut inner_cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match frame.into_data() {
-                    Ok(data) if this.split && data.len() > SPLIT => {
+                    Ok(data) if this.outbox.is_some() && data.len() > SPLIT => {
                         this.rest = Some(data);
                         let piece = this.next_piece().expect("a frame larger than a piece");
-                        http_body::Frame::data(piece)
+                        http_body::Frame::data(this.hand(piece))
                     }
-                    Ok(data) => http_body::Frame::data(data),
+                    Ok(data) => http_body::Frame::data(this.hand(data)),
                     Err(other) => other,
                 };
                 this.progress.wait_from_now();
@@ -213,13 +228,10 @@ mod tests {
     use super::*;
     use crate::listener::ConnState;
 
-    fn body(inner: axum::body::Body, split: bool) -> (TrackedBody, Arc<ConnState>) {
+    fn body(inner: axum::body::Body, http2: bool) -> (TrackedBody, Arc<ConnState>) {
         let state = Arc::new(ConnState::new());
         let in_flight = InFlight::begin(state.clone());
-        (
-            TrackedBody::new(inner, in_flight, &state.responses, split),
-            state,
-        )
+        (TrackedBody::new(inner, in_flight, http2), state)
     }
 
     #[tokio::test]

@@ -236,3 +236,121 @@ fn the_server_keeps_serving_under_idle_slowloris_and_long_poll_floods() {
         "resident memory {peak_mib} MiB above the bound {RSS_BOUND_MIB} MiB"
     );
 }
+
+/// Clients without a credential, on HTTP/2, ask for the largest public answers — `/openapi.json`
+/// (about 120 KB) and `/metrics` of a server with 200 environments — a hundred at once on each
+/// connection, and read none of them. The server must hold little for them: every ask of a public
+/// document shares one copy, and what hyper holds of one connection's answers is bounded
+/// (`H2_MAX_UNSENT`). Before, 50 such connections took the server from 16 MB to 630 MB.
+#[test]
+fn public_answers_nobody_reads_cost_the_server_little_memory() {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tether_testkit::net::Pausable;
+    const CONNECTIONS: usize = 50;
+    const STREAMS: usize = 100;
+    /// What one such connection may cost: the bound on what hyper holds (256 KiB) and the state of
+    /// a hundred streams, with a wide margin.
+    const PER_CONNECTION_KIB: u64 = 1024;
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), &[]);
+    let pid = server.child.id();
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin = Client::new(&server.base, &server.token).unwrap();
+    let metrics_len = rt.block_on(async {
+        for i in 0..200 {
+            let name = format!("env-{i}");
+            admin
+                .create_environment(&CreateEnvironment::self_hosted(&name))
+                .await
+                .unwrap();
+        }
+        let text = reqwest::get(format!("{}/metrics", server.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.len()
+    });
+    let baseline = resident_kib(pid);
+
+    let held = rt.block_on(async {
+        let mut held = Vec::new();
+        for c in 0..CONNECTIONS {
+            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let (io, reading) = Pausable::new(tcp);
+            let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(16 * 1024 * 1024)
+                .initial_connection_window_size(1024 * 1024 * 1024)
+                .handshake::<_, String>(TokioIo::new(io))
+                .await
+                .unwrap();
+            held.push(tokio::spawn(async move {
+                let _ = conn.await;
+            }));
+            let path = if c % 2 == 0 {
+                "openapi.json"
+            } else {
+                "metrics"
+            };
+            let ask = || {
+                hyper::Request::get(format!("http://{addr}/{path}"))
+                    .body(String::new())
+                    .unwrap()
+            };
+            // The first answer's head comes back; from then on this client reads nothing.
+            let first = sender.send_request(ask()).await.unwrap();
+            assert_eq!(first.status(), 200);
+            reading.stop_reading();
+            let rest: Vec<_> = (1..STREAMS).map(|_| sender.send_request(ask())).collect();
+            held.push(tokio::spawn(async move {
+                let _first = first;
+                let _ = futures::future::join_all(rest).await;
+            }));
+        }
+        held
+    });
+    // Until the server has taken every ask and its memory stays level.
+    let mut peak = resident_kib(pid);
+    let mut level_since = Instant::now();
+    let started = Instant::now();
+    while level_since.elapsed() < Duration::from_secs(2)
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = resident_kib(pid);
+        if now > peak {
+            peak = now;
+            level_since = Instant::now();
+        }
+    }
+    // Others are still served meanwhile.
+    let status = rt
+        .block_on(reqwest::get(format!("{}/healthz", server.base)))
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let grown = peak.saturating_sub(baseline);
+    let bound = CONNECTIONS as u64 * PER_CONNECTION_KIB;
+    println!(
+        "unread public answers: {CONNECTIONS} HTTP/2 connections × {STREAMS} asks of /openapi.json \
+         or /metrics ({metrics_len} bytes); server RSS {} MiB before, {} MiB peak: {} KiB per \
+         connection (bound {PER_CONNECTION_KIB})",
+        baseline / 1024,
+        peak / 1024,
+        grown / CONNECTIONS as u64
+    );
+    assert!(
+        grown <= bound,
+        "the server grew by {} MiB for answers nobody reads (bound {} MiB)",
+        grown / 1024,
+        bound / 1024
+    );
+    drop(held);
+}

@@ -276,6 +276,52 @@ impl QueueGaugeCache {
     }
 }
 
+/// The text of a scrape that answers are still handing out. `/metrics` is public, and its text grows
+/// with the environments (up to [`GAUGE_ENVIRONMENTS`]' gauges, some 100 KB): a client that asked for it
+/// many times at once and read none of the answers would otherwise make the server hold a copy per ask.
+/// A scrape that comes while another one's text is still being handed out, and is younger than
+/// [`QUEUE_GAUGES_TTL`], shares it; any other scrape renders afresh, so a scraper that reads its answers
+/// always gets the counters as they are now. Scrapes that come together may each render, one per
+/// runtime thread at most (rendering does not wait).
+#[derive(Default)]
+pub struct LiveScrape {
+    last: std::sync::Mutex<Option<(std::time::Instant, std::sync::Weak<String>)>>,
+}
+
+/// A scrape's text shared by the answers handing it out.
+struct SharedText(std::sync::Arc<String>);
+
+impl AsRef<[u8]> for SharedText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl LiveScrape {
+    /// The text of a live scrape young enough to share, or else `render`'s.
+    pub fn text(&self, render: impl FnOnce() -> String) -> bytes::Bytes {
+        let text = match self.live() {
+            Some(text) => text,
+            None => {
+                let text = std::sync::Arc::new(render());
+                *self.last.lock().expect("scrape lock") =
+                    Some((std::time::Instant::now(), std::sync::Arc::downgrade(&text)));
+                text
+            }
+        };
+        bytes::Bytes::from_owner(SharedText(text))
+    }
+
+    fn live(&self) -> Option<std::sync::Arc<String>> {
+        let last = self.last.lock().expect("scrape lock");
+        let (at, text) = last.as_ref()?;
+        if at.elapsed() >= QUEUE_GAUGES_TTL {
+            return None;
+        }
+        text.upgrade()
+    }
+}
+
 /// The per-environment queue gauges in Prometheus text format, read from the store at most once per
 /// [`QUEUE_GAUGES_TTL`] (see [`QueueGaugeCache`]).
 pub async fn queue_gauges(app: &App) -> std::sync::Arc<str> {
@@ -401,6 +447,28 @@ fn escape_label(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scrape_shares_the_text_still_being_handed_out_and_renders_afresh_otherwise() {
+        let live = LiveScrape::default();
+        let mut renders = 0;
+        let render = |n: &mut i32| {
+            *n += 1;
+            format!("render {n}")
+        };
+        let first = live.text(|| render(&mut renders));
+        let shared = live.text(|| render(&mut renders));
+        assert_eq!(renders, 1, "an answer still handing the text out shares it");
+        assert_eq!(first, shared);
+        assert_eq!(first.as_ptr(), shared.as_ptr(), "one copy");
+        drop((first, shared));
+        let fresh = live.text(|| render(&mut renders));
+        assert_eq!(
+            renders, 2,
+            "once every answer is out, a scrape renders afresh"
+        );
+        assert_eq!(&fresh[..], b"render 2");
+    }
 
     fn sample(text: &str, prefix: &str) -> Option<f64> {
         text.lines()

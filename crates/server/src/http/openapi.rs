@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use utoipa::openapi::path::{OperationBuilder, ParameterBuilder, ParameterIn, ParameterStyle};
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::schema::{
@@ -26,10 +27,18 @@ use crate::dialect::Dialect;
 use crate::error::ApiError;
 use tether_api as api;
 
-/// `GET /openapi.json`. The document depends only on the route table, so it is rendered once.
+/// `GET /openapi.json`. The document depends only on the route table, so it is rendered once, and
+/// every answer shares that one copy: the route is public, and a client that asks for it many times
+/// and reads nothing must not make the server hold a copy per ask.
 pub async fn serve() -> Response {
-    static JSON: OnceLock<Result<String, String>> = OnceLock::new();
-    match JSON.get_or_init(|| document().to_json().map_err(|e| e.to_string())) {
+    static JSON: OnceLock<Result<Bytes, String>> = OnceLock::new();
+    let rendered = JSON.get_or_init(|| {
+        document()
+            .to_json()
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    });
+    match rendered {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json.clone()).into_response(),
         Err(e) => {
             ApiError::internal(format!("cannot render the OpenAPI document: {e}")).into_response()

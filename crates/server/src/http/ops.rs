@@ -50,9 +50,13 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<Json<Health>> {
 }
 
 pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
-    metrics::gauge!("tether_long_poll_waiters").set(app.waiters.count() as f64);
-    metrics::gauge!("tether_session_streams").set(app.hub.streams() as f64);
-    let mut text = install_metrics().map(|h| h.render()).unwrap_or_default();
-    text.push_str(&crate::telemetry::queue_gauges(&app).await);
+    let gauges = crate::telemetry::queue_gauges(&app).await;
+    let text = app.live_scrape.text(|| {
+        metrics::gauge!("tether_long_poll_waiters").set(app.waiters.count() as f64);
+        metrics::gauge!("tether_session_streams").set(app.hub.streams() as f64);
+        let mut text = install_metrics().map(|h| h.render()).unwrap_or_default();
+        text.push_str(&gauges);
+        text
+    });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

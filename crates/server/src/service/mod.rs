@@ -145,6 +145,7 @@ pub struct AppInner {
     session_turns: SessionTurns,
     /// The last reading of `/metrics`' queue gauges, shared by the scrapes of one second.
     pub(crate) queue_gauges: crate::telemetry::QueueGaugeCache,
+    pub(crate) live_scrape: crate::telemetry::LiveScrape,
 }
 
 impl std::ops::Deref for App {
@@ -203,6 +204,7 @@ impl App {
             ),
             session_turns: SessionTurns::default(),
             queue_gauges: Default::default(),
+            live_scrape: Default::default(),
         }))
     }
 

@@ -83,8 +83,9 @@ pub struct ServeArgs {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
-    /// Most connections open at once; more are closed as they arrive. Lowered to fit the process's
-    /// open-file limit.
+    /// Most connections open at once. At the cap a new connection takes the place of the one that
+    /// has waited longest with no request in flight; when all have one, it is closed as it arrives.
+    /// Lowered to fit the process's open-file limit.
     #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = tether_server::listener::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_connections: usize,

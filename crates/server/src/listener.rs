@@ -1,9 +1,11 @@
 //! The accept loop: plain TCP or TLS, HTTP/1.1 and HTTP/2, with the limits that keep a flood of
 //! connections from taking the server down.
 //!
-//! * **A cap on open connections** ([`ConnectionLimits::max_connections`]). Past it, a new connection
-//!   is accepted and closed at once: the client learns at once, and the listen backlog never fills up
-//!   with connections nobody will serve.
+//! * **A cap on open connections** ([`ConnectionLimits::max_connections`]). At it, a new connection
+//!   takes the place of the one that has waited longest without a request in flight ([`slots`]);
+//!   when every one looked at has a request in flight, the new one is accepted and closed at once:
+//!   the client learns at once, and the listen backlog never fills up with connections nobody will
+//!   serve.
 //! * **A header timeout**: from accept (and, on a kept-alive connection, from the first byte of the
 //!   next request) to the end of the request's headers, TLS handshake included. Slowloris connections
 //!   and connections that never say anything are closed by it.
@@ -24,6 +26,7 @@
 
 mod outbox;
 mod responses;
+mod slots;
 
 use std::convert::Infallible;
 use std::io;
@@ -39,7 +42,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -115,10 +117,6 @@ pub async fn run(
     drain: Duration,
 ) {
     assert!(
-        limits.max_connections > 0,
-        "max_connections must be positive"
-    );
-    assert!(
         u32::try_from(limits.max_connections).is_ok(),
         "max_connections too large"
     );
@@ -131,7 +129,7 @@ pub async fn run(
         http2: http_builder().http2_only(),
         stop: stop.clone(),
     });
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = slots::Slots::new(limits.max_connections);
     let mut refusals = RateLimitedLog::new();
     loop {
         let accepted = tokio::select! {
@@ -150,26 +148,30 @@ pub async fn run(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("tether_http_connections_refused_total").increment(1);
-            if refusals.due() {
-                tracing::warn!(
-                    max_connections = limits.max_connections,
-                    "connection limit reached: closing new connections (see --max-connections)"
-                );
+        let state = Arc::new(ConnState::new());
+        let slot = match slots.admit(state.clone()) {
+            slots::Admission::Free(slot) => slot,
+            slots::Admission::Displaced(slot) => {
+                metrics::counter!("tether_http_connections_displaced_total").increment(1);
+                slot
             }
-            drop(stream);
-            continue;
+            slots::Admission::Refused => {
+                metrics::counter!("tether_http_connections_refused_total").increment(1);
+                if refusals.due() {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "connection limit reached with a request in flight on every connection: \
+                         closing new connections (see --max-connections)"
+                    );
+                }
+                drop(stream);
+                continue;
+            }
         };
-        tokio::spawn(connection(stream, shared.clone(), permit));
+        tokio::spawn(connection(stream, shared.clone(), state, slot));
     }
     drop(listener);
-    // Every connection holds a permit until it is gone: all permits back means all connections closed.
-    let all = limits.max_connections as u32;
-    if tokio::time::timeout(drain, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(drain, slots.all_gone()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace; closing anyway");
     }
 }
@@ -193,10 +195,14 @@ enum Protocol {
     Http2,
 }
 
-async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+async fn connection(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    state: Arc<ConnState>,
+    _slot: slots::Slot,
+) {
     let _ = stream.set_nodelay(true);
     metrics::gauge!("tether_http_connections").increment(1.0);
-    let state = Arc::new(ConnState::new());
     match &shared.acceptor {
         None => {
             drive(
@@ -219,6 +225,13 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaph
                         tracing::debug!(error = %e, "TLS handshake failed");
                         None
                     }
+                }
+            };
+            let handshake = async {
+                tokio::select! {
+                    tls = handshake => tls,
+                    // Displaced before it has said anything: nothing to finish.
+                    _ = state.displaced.cancelled() => None,
                 }
             };
             let tls = match tokio::time::timeout(shared.limits.header_timeout, handshake).await {
@@ -333,11 +346,12 @@ where
     let stop = shared.stop.cancelled();
     tokio::pin!(stop);
     let limits = &shared.limits;
+    // When a connection told to close gracefully is closed anyway.
     let mut closing: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let wake = match closing {
-            Some(since) => since + CLOSING_GRACE,
+            Some(deadline) => deadline,
             None => state.next_check(limits, now),
         };
         tokio::select! {
@@ -363,13 +377,23 @@ where
                     Verdict::CloseGracefully => {
                         metrics::counter!("tether_http_connections_timed_out_total", "reason" => "idle").increment(1);
                         conn.as_mut().graceful_shutdown();
-                        closing = Some(now);
+                        closing = Some(now + CLOSING_GRACE);
                     }
                 }
             }
             _ = &mut stop, if closing.is_none() => {
                 conn.as_mut().graceful_shutdown();
-                closing = Some(Instant::now());
+                closing = Some(Instant::now() + CLOSING_GRACE);
+            }
+            _ = state.displaced.cancelled(), if closing.is_none() => {
+                if state.head_started.load(Ordering::Acquire) != UNSET {
+                    // Nothing of a request yet, or part of its headers: nothing to finish.
+                    return;
+                }
+                // Idle between requests (or a request that came since it was chosen): close as
+                // the idle timeout does, sooner.
+                conn.as_mut().graceful_shutdown();
+                closing = Some(Instant::now() + slots::DISPLACED_GRACE);
             }
         }
     }
@@ -392,6 +416,8 @@ struct ConnState {
     idle_since: AtomicU64,
     /// Since when a write has been waiting for the client to read; `UNSET` when none waits.
     write_blocked: AtomicU64,
+    /// Cancelled when a new connection at the cap takes this one's place ([`slots`]).
+    displaced: CancellationToken,
     /// The response bodies in flight, and how long each has waited for the client to take more.
     responses: responses::Responses,
     /// HTTP/2: what the connection's answers have handed to hyper and hyper still holds.
@@ -409,6 +435,7 @@ impl ConnState {
         let opened = Instant::now();
         ConnState {
             opened,
+            displaced: CancellationToken::new(),
             responses: responses::Responses::new(opened),
             outbox: Arc::default(),
             track_heads: std::sync::atomic::AtomicBool::new(true),
@@ -457,6 +484,20 @@ impl ConnState {
                 Verdict::CloseGracefully,
             )
         })
+    }
+
+    /// Since when this connection has waited without a request in flight — for its first request,
+    /// for the rest of a request's headers, or for the next request — if it has none in flight and has
+    /// not been displaced already.
+    fn waiting_since(&self, now: Instant) -> Option<Instant> {
+        if self.displaced.is_cancelled() || self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let head = self.head_started.load(Ordering::Acquire);
+        let idle = self.idle_since.load(Ordering::Acquire);
+        // A request may begin and end between the loads; then the connection is not waiting for long.
+        let since = if head != UNSET { head } else { idle };
+        Some(if since == UNSET { now } else { self.at(since) })
     }
 
     fn verdict(&self, limits: &ConnectionLimits, now: Instant) -> Verdict {

@@ -213,7 +213,13 @@ fn describe() {
     );
     describe_counter!(
         "tether_http_connections_refused_total",
-        "Connections closed on arrival because --max-connections were already open."
+        "Connections closed on arrival because --max-connections were already open, each with a \
+         request in flight."
+    );
+    describe_counter!(
+        "tether_http_connections_displaced_total",
+        "Connections that arrived at --max-connections and took the place of an open one that was \
+         waiting without a request in flight (which was closed)."
     );
     describe_counter!(
         "tether_worker_polls_unrecorded_total",

@@ -280,3 +280,91 @@ async fn an_http2_connection_that_stops_reading_holds_no_more_than_its_bound() {
     assert_eq!(lengths, vec![ANSWER; 20]);
     stop.cancel();
 }
+
+/// Whether the server has closed `stream`: its read ends (or fails) within a moment.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+/// A plain HTTP/1.1 GET on a fresh connection: the status line, or `None` if the server closed it.
+async fn get_status(address: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .ok()?
+        .ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().map(str::to_owned)
+}
+
+/// At the cap (8 here), connections that say nothing do not keep others out: a new connection takes
+/// the place of the one that has waited longest without a request in flight, and the others stay.
+/// Connections with a request in flight are never displaced: when all have one, a new connection is
+/// closed at once.
+#[tokio::test]
+async fn at_the_cap_a_new_connection_displaces_the_longest_waiting_idle_one_never_a_busy_one() {
+    use tokio::io::AsyncWriteExt as _;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = release.clone();
+    let router = Router::new().route("/", get(|| async { "ok" })).route(
+        "/busy",
+        get(move || {
+            let held = held.clone();
+            async move {
+                held.notified().await;
+                "done"
+            }
+        }),
+    );
+    let (address, stop, server) =
+        serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
+
+    // Eight connections that say nothing, one after the other; the last has sent half a request.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    silent[7].write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    // A real client still gets in, in place of the oldest. Once the cap is full again, the next one
+    // gets in in place of the next oldest.
+    let status = get_status(address, "/").await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+    silent.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let status = get_status(address, "/").await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+    for (i, stream) in silent.iter_mut().enumerate() {
+        let closed = closed_by_server(stream).await;
+        assert_eq!(closed, i < 2, "silent connection {i}: closed {closed}");
+    }
+    drop(silent);
+
+    // Eight connections each with a request in flight: none is displaced, the newcomer is refused.
+    let mut busy = Vec::new();
+    for _ in 0..8 {
+        busy.push(tokio::spawn(get_status(address, "/busy")));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get_status(address, "/").await, None, "refused at the cap");
+    release.notify_waiters();
+    for answer in busy {
+        assert_eq!(answer.await.unwrap().as_deref(), Some("HTTP/1.1 200 OK"));
+    }
+    // And once they are done, there is room again.
+    assert_eq!(
+        get_status(address, "/").await.as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    stop.cancel();
+    server.await.unwrap();
+}

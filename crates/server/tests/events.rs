@@ -1436,3 +1436,54 @@ async fn concurrent_writers_of_one_session_all_get_their_events_in() {
     })
     .await;
 }
+
+/// A live stream reads the log only when hyper asks its body for more. A client that stops taking
+/// (an HTTP/2 window it keeps shut) can leave a body asked once and never again, caught in the
+/// middle of a read; that read must not keep one of the store's few pooled connections for as long
+/// as the client likes. More stalled streams than the pool has connections, each caught in a read,
+/// and the store still answers everyone else at once.
+#[tokio::test]
+async fn streams_caught_in_a_read_and_never_asked_again_hold_no_store_connection() {
+    use std::future::Future as _;
+    use std::task::Context;
+    for backend in backends() {
+        let server = TestServer::start(&backend).await;
+        let (_env, session) = setup(&server).await;
+        post_ok(&server, &session, json!([message("hello")])).await;
+        let app = &server.app;
+        let mut stalled = Vec::new();
+        for i in 0..20 {
+            // Each its own caller, so that each gets its page's memory at once.
+            let caller = tether_server::service::tokens::Principal::Admin {
+                credential_id: format!("tok_stalled{i}"),
+            };
+            let share = app.page_memory.share_for(Some(&caller));
+            let (_, tail) = app
+                .tail_events(&session, None, share)
+                .await
+                .expect("a tail");
+            let mut next = Box::pin(async move {
+                let mut tail = tail;
+                tail.next().await
+            });
+            // Asked once: it starts reading the log, and is never asked again.
+            let waker = futures::task::noop_waker();
+            if next
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+            {
+                stalled.push(next);
+            }
+        }
+        // Before, this read waited for the pool's 10 s and failed: every connection was held.
+        let read = tokio::time::timeout(PATIENCE, app.store.get_session(&session)).await;
+        let read = read.expect("the store answers");
+        assert!(
+            read.as_ref().is_ok_and(|s| s.is_some()),
+            "{backend:?}: with {} streams stalled in a read, another read got {read:?}",
+            stalled.len()
+        );
+        drop(stalled);
+    }
+}

@@ -580,34 +580,48 @@ impl EventTail {
             limit: TAIL_PAGE,
             descending: false,
         };
-        let page = self
-            .app
-            .store
-            .list_events(&self.session_id, &request, READ_BYTES)
-            .await?;
+        // The store's part runs as a task of its own. A stream's body is read only while hyper asks
+        // for more, and a client that stops taking (an HTTP/2 window kept shut) can leave a body
+        // asked once and never again; a read caught there would keep one of the store's few pooled
+        // connections for as long as the client liked. As a task, it ends and gives the connection
+        // back whatever the body does; its page waits here, paid for by the share.
+        let store = self.app.store.clone();
+        let session_id = self.session_id.clone();
+        let read = tokio::spawn(async move {
+            let page = store.list_events(&session_id, &request, READ_BYTES).await?;
+            // Nothing new: the wake-up may have been a deletion, or the session may be over already.
+            let session = if page.items.is_empty() {
+                Some(store.get_session(&session_id).await?)
+            } else {
+                None
+            };
+            Ok::<_, tether_store::StoreError>((page, session))
+        });
+        let (page, session) = read.await.map_err(|e| {
+            tracing::error!(session = %self.session_id, error = %e, "an event stream's read failed");
+            Error::Internal
+        })??;
         self.caught_up = !page.has_more;
         if let Some(last) = page.items.last() {
             self.cursor = Some(last.id.clone());
-        } else {
-            // Nothing new: the wake-up may have been a deletion, or the session may be over already.
-            match self.app.store.get_session(&self.session_id).await? {
-                None => {
-                    let id = ids::new_id(IdKind::Event);
-                    let body = json!({
-                        "id": id,
-                        "type": EventType::SessionDeleted.as_str(),
-                        "processed_at": self.app.now().to_rfc3339(),
-                    });
-                    self.pending.push_back(EventDoc {
-                        id,
-                        body: serde_json::value::to_raw_value(&body)
-                            .expect("a JSON value serializes"),
-                    });
-                    self.finished = true;
-                }
-                Some(s) if s.value.status == SessionStatus::Terminated => self.finished = true,
-                Some(_) => {}
+        }
+        // Read when the page was empty: `Some(None)`, the session is gone.
+        match session {
+            Some(None) => {
+                let id = ids::new_id(IdKind::Event);
+                let body = json!({
+                    "id": id,
+                    "type": EventType::SessionDeleted.as_str(),
+                    "processed_at": self.app.now().to_rfc3339(),
+                });
+                self.pending.push_back(EventDoc {
+                    id,
+                    body: serde_json::value::to_raw_value(&body).expect("a JSON value serializes"),
+                });
+                self.finished = true;
             }
+            Some(Some(s)) if s.value.status == SessionStatus::Terminated => self.finished = true,
+            _ => {}
         }
         self.pending_bytes += page_bytes(&page.items);
         self.pending.extend(page.items);

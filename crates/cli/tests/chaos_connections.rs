@@ -36,6 +36,23 @@ fn raise_own_file_limit() {
     );
 }
 
+/// `tether serve` on `data` with `extra` arguments, its pid and address (host:port), and a runtime
+/// for the test's clients.
+fn start(
+    data: &std::path::Path,
+    extra: &[&str],
+) -> (ServerProcess, u32, String, tokio::runtime::Runtime) {
+    let server = ServerProcess::start(data, extra);
+    let pid = server.child.id();
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    (server, pid, addr, rt)
+}
+
 /// VmRSS of `pid`, in KiB.
 fn resident_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -62,14 +79,7 @@ fn the_server_keeps_serving_under_idle_slowloris_and_long_poll_floods() {
     let started = Instant::now();
     let data = tempfile::tempdir().unwrap();
     let header_timeout = format!("{HEADER_TIMEOUT_SECS}s");
-    let server = ServerProcess::start(data.path(), &["--header-timeout", &header_timeout]);
-    let pid = server.child.id();
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (server, pid, addr, rt) = start(data.path(), &["--header-timeout", &header_timeout]);
 
     // A work item with a live lease, to heartbeat under load; and an empty environment to long-poll.
     let admin = Client::new(&server.base, &server.token).unwrap();
@@ -244,22 +254,14 @@ fn the_server_keeps_serving_under_idle_slowloris_and_long_poll_floods() {
 /// (`H2_MAX_UNSENT`). Before, 50 such connections took the server from 16 MB to 630 MB.
 #[test]
 fn public_answers_nobody_reads_cost_the_server_little_memory() {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use tether_testkit::net::Pausable;
+    use tether_testkit::net::h2_client_that_may_stop_reading;
     const CONNECTIONS: usize = 50;
     const STREAMS: usize = 100;
     /// What one such connection may cost: the bound on what hyper holds (256 KiB) and the state of
     /// a hundred streams, with a wide margin.
     const PER_CONNECTION_KIB: u64 = 1024;
     let data = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(data.path(), &[]);
-    let pid = server.child.id();
-    let addr = server.base.trim_start_matches("http://").to_owned();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (server, pid, addr, rt) = start(data.path(), &[]);
     let admin = Client::new(&server.base, &server.token).unwrap();
     let metrics_len = rt.block_on(async {
         for i in 0..200 {
@@ -282,18 +284,8 @@ fn public_answers_nobody_reads_cost_the_server_little_memory() {
     let held = rt.block_on(async {
         let mut held = Vec::new();
         for c in 0..CONNECTIONS {
-            let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-            let (io, reading) = Pausable::new(tcp);
-            let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .initial_stream_window_size(16 * 1024 * 1024)
-                .initial_connection_window_size(1024 * 1024 * 1024)
-                .handshake::<_, String>(TokioIo::new(io))
-                .await
-                .unwrap();
-            held.push(tokio::spawn(async move {
-                let _ = conn.await;
-            }));
+            let (mut sender, reading, conn) = h2_client_that_may_stop_reading(&addr).await;
+            held.push(conn);
             let path = if c % 2 == 0 {
                 "openapi.json"
             } else {

@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tether_server::listener::{run, ConnectionLimits};
-use tether_testkit::net::Pausable;
+use tether_testkit::net::h2_client_that_may_stop_reading;
 use tokio_util::sync::CancellationToken;
 
 /// HTTP/2 with prior knowledge on the plain port: between requests the client may send PING,
@@ -229,16 +229,7 @@ async fn an_http2_connection_that_stops_reading_holds_no_more_than_its_bound() {
             .unwrap()
     };
 
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (io, reading) = Pausable::new(tcp);
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(16 * 1024 * 1024)
-        .initial_connection_window_size(1024 * 1024 * 1024)
-        .handshake::<_, String>(TokioIo::new(io))
-        .await
-        .unwrap();
-    let _conn = tokio::spawn(conn);
+    let (mut sender, reading, _conn) = h2_client_that_may_stop_reading(address).await;
     // The first answer's head comes back; from then on the client reads nothing.
     let first = sender.send_request(get_large()).await.unwrap();
     reading.stop_reading();

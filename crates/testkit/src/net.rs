@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -71,4 +72,29 @@ impl AsyncWrite for Pausable {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// An HTTP/2 client connection (prior knowledge) to `address` over a [`Pausable`] stream, with
+/// windows so large that flow control never holds the server back: once its reading is stopped,
+/// only the socket does. Its connection task runs until the server closes it.
+pub async fn h2_client_that_may_stop_reading(
+    address: impl tokio::net::ToSocketAddrs,
+) -> (
+    hyper::client::conn::http2::SendRequest<String>,
+    ReadSwitch,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(address).await.expect("connect");
+    let (io, reading) = Pausable::new(tcp);
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(16 * 1024 * 1024)
+        .initial_connection_window_size(1024 * 1024 * 1024)
+        .handshake::<_, String>(TokioIo::new(io))
+        .await
+        .expect("an HTTP/2 handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, reading, conn)
 }

@@ -182,9 +182,17 @@ pub struct Running {
     reaped: bool,
     cgroups: Option<ItemGroups>,
     proxy: Option<ApiProxy>,
+    /// The dead man's switch of the program's lease ([`crate::deadman`]), disarmed once the program
+    /// and its group are killed.
+    dead_man: Option<crate::deadman::Guard>,
 }
 
 impl Running {
+    /// Hands the program its lease's dead man's switch, to hold until it is killed.
+    pub fn arm(&mut self, dead_man: Option<crate::deadman::Guard>) {
+        self.dead_man = dead_man;
+    }
+
     /// Starts `program` for `work_id` with `env` added to the worker's environment (minus [`WITHHELD`])
     /// and `stdin` written to its standard input. With a `sandbox`, the program runs confined in
     /// `cwd` (then required) with `env` as its whole environment, and `read_only` visible.
@@ -287,6 +295,7 @@ impl Running {
             reaped: false,
             cgroups,
             proxy,
+            dead_man: None,
         })
     }
 
@@ -312,6 +321,11 @@ impl Running {
             // Emptying may wait a moment for the last processes to die: off the runtime's threads.
             let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
         }
+        // The program and its group are killed: the switch has nothing left to guard. Disarmed
+        // before the wait for its output below, which a process that left the group can keep open
+        // for the full second per reader; past the lease's deadline the switch would end the whole
+        // worker, and every other item's program with it.
+        self.dead_man = None;
         self.proxy = None;
         for reader in self.readers.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;

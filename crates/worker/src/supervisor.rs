@@ -18,7 +18,6 @@ use tether_client::{Client, MetadataPatch, WorkItem, WorkState};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::{retry, Backoff};
-use crate::deadman;
 use crate::heartbeat::{Deadline, Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
 use crate::proxy::ApiProxy;
@@ -229,11 +228,10 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         if let Some(outcome) = self.ended_before_start(established).await {
             return outcome;
         }
-        let (mut running, dead_man) =
-            match self.start_program(&mut lease, || self.spawn(&item)).await {
-                Ok(started) => started,
-                Err(outcome) => return outcome,
-            };
+        let mut running = match self.start_program(&mut lease, || self.spawn(&item)).await {
+            Ok(running) => running,
+            Err(outcome) => return outcome,
+        };
         self.shared.report.started(&self.work_id);
         self.info(
             "program started",
@@ -253,7 +251,6 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         };
         match ending {
             Ending::Exited(exit) => {
-                drop(dead_man);
                 match exit.reason.filter(|_| !exit.success()) {
                     Some(reason) => self.info(
                         "program exited",
@@ -268,23 +265,18 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 self.stop(true, &tries).await;
                 outcome_of(exit)
             }
-            Ending::Lost(why) => {
-                let outcome = self.abandon(&mut running, &why).await;
-                drop(dead_man);
-                outcome
-            }
+            Ending::Lost(why) => self.abandon(&mut running, &why).await,
             Ending::StopRequested => {
                 self.info(
                     "stop requested: sending SIGTERM to the program",
                     &[("grace", &seconds(self.shared.grace))],
                 );
                 // The server asked: the stop that ends it is a confirmation.
-                self.wind_down(&mut running, &mut lease, dead_man, std::future::ready(true))
+                self.wind_down(&mut running, &mut lease, std::future::ready(true))
                     .await
             }
             Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
                 let exit = running.kill().await;
-                drop(dead_man);
                 self.warn(
                     "forced shutdown: program killed",
                     &[("status", &exit.describe())],
@@ -301,13 +293,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 // Asked, so that the server shows the item winding down rather than active; asked
                 // while the program is being terminated, not before, so that a server that does
                 // not answer delays neither the SIGTERM nor the SIGKILL after the grace.
-                self.wind_down(
-                    &mut running,
-                    &mut lease,
-                    dead_man,
-                    self.stop(false, &Tries::Few(1)),
-                )
-                .await
+                self.wind_down(&mut running, &mut lease, self.stop(false, &Tries::Few(1)))
+                    .await
             }
         }
     }
@@ -344,19 +331,23 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     ///
     /// The dead man's switch comes with the program: armed just before each try (so that the
     /// kernel ends a worker that cannot act by the lease's deadline, and the program with it),
-    /// disarmed when the try fails, before any call to the server.
+    /// disarmed when the try fails, before any call to the server, and otherwise held by the
+    /// program, which disarms it once it is killed ([`Running::wait`]).
     async fn start_program(
         &self,
         lease: &mut Heartbeat,
         mut spawn: impl FnMut() -> std::io::Result<Running>,
-    ) -> Result<(Running, Option<deadman::Guard>), Outcome> {
+    ) -> Result<Running, Outcome> {
         let first_try = tokio::time::Instant::now();
         let mut backoff = Backoff::call();
         let mut phase = self.phase.clone();
         loop {
             let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
             let error = match spawn() {
-                Ok(running) => return Ok((running, dead_man)),
+                Ok(mut running) => {
+                    running.arm(dead_man);
+                    return Ok(running);
+                }
                 Err(error) => error,
             };
             drop(dead_man);
@@ -505,13 +496,14 @@ impl<'a, C: ItemCalls> Item<'a, C> {
 
     /// Terminates the program and ends the item: its exit recorded, then a stop that confirms the
     /// request `stop_requested` made (forced when it made none, or the worker is being forced to
-    /// quit). The request runs alongside the termination. The dead man's switch is disarmed once
-    /// the program is reaped.
+    /// quit). The request runs alongside the termination. The dead man's switch is disarmed as the
+    /// program is killed, whatever the request does: a server that does not answer it must not let
+    /// the lease's deadline pass with the switch armed, which would end the whole worker (and every
+    /// other item's program).
     async fn wind_down(
         &self,
         running: &mut Running,
         lease: &mut Heartbeat,
-        dead_man: Option<deadman::Guard>,
         stop_requested: impl Future<Output = bool>,
     ) -> Outcome {
         self.program_gone.send_replace(false);
@@ -520,10 +512,6 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             // Reaped here, not after the request's answer: a lost lease kills the program at once.
             let reaped = self.reaped(terminated, running).await;
             self.program_gone.send_replace(true);
-            // Disarmed as soon as there is no program, not after the request: a server that does
-            // not answer it must not let the lease's deadline pass with the switch armed, which
-            // would end the whole worker (and every other item's program).
-            drop(dead_man);
             if let Ok(exit) = &reaped {
                 self.info("program ended", &[("status", &exit.describe())]);
             }
@@ -1404,7 +1392,7 @@ mod tests {
             .await;
         // The call backoff's first two waits.
         assert_eq!(started.elapsed(), Duration::from_millis(500 + 1_000));
-        let (mut running, _) = running.unwrap_or_else(|_| panic!("started on the third try"));
+        let mut running = running.unwrap_or_else(|_| panic!("started on the third try"));
         assert!(running.wait().await.success());
         assert_eq!(tries, 3);
         assert_eq!(script.calls(), Vec::<String>::new());
@@ -1476,5 +1464,32 @@ mod tests {
         };
         let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), drain);
         assert_eq!(outcome, Outcome::Done);
+    }
+
+    /// In real time, with the dead man's switch armed: the lease is lost while a process that left
+    /// the program's group (`setsid`) still holds its output open. The program is killed at once, and
+    /// the wait for its output (a second per reader) runs past the lease's deadline. The switch must be
+    /// off by then: it guards a program that is already killed, and would end the whole worker, every
+    /// other item's program with it (here, this test process).
+    #[tokio::test]
+    async fn the_switch_is_disarmed_when_a_lost_lease_kills_the_program_not_after_its_output() {
+        let (mut shared, _phase) = worker("setsid sleep 5 & sleep 60");
+        shared.dead_mans_switch = true;
+        let script = Arc::new(Script::default());
+        {
+            let mut beats = script.beats.lock().unwrap();
+            let mut renewed = beat("active").unwrap();
+            renewed.ttl_seconds = 2;
+            beats.push_back(Answer::Now(Ok(renewed)));
+            for _ in 0..1_000 {
+                beats.push_back(Answer::Now(Err(refused(500))));
+            }
+        }
+        let item = session_item();
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let outcome = supervisor.run(item.clone()).await;
+        assert_eq!(outcome, Outcome::Lost);
+        // Past the time the switch would have fired.
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }

@@ -127,8 +127,24 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // The message may carry a server's words (an error envelope's): shown escaped.
             let message = admin::output::printable(&format!("{e:#}"), &['\n']);
-            eprintln!("error: {message}");
+            last_words(format!("error: {message}"));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints the line a failed command ends with, waiting for standard error at most a second. A
+/// worker's standard error may be a pipe nobody reads, and the worker's own log thread may be
+/// blocked writing to it, holding its lock: the worker must end all the same, without that line.
+fn last_words(line: String) {
+    let (printed, wait) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("last-words".into())
+        .spawn(move || {
+            eprintln!("{line}");
+            let _ = printed.send(());
+        });
+    if spawned.is_ok() {
+        let _ = wait.recv_timeout(std::time::Duration::from_secs(1));
     }
 }

@@ -1048,8 +1048,26 @@ async fn runs_with_a_standard_error_nobody_reads<T>(
             "the worker died"
         );
     }
-    let _ = worker.kill();
-    let _ = worker.wait();
+    // Two signals while a program runs: a forced shutdown, whose last words ("error: forced
+    // shutdown") find standard error full. The worker must end all the same.
+    let work = setup.session(json!({})).await;
+    setup.wait_for_state(&work, "active").await;
+    // SIGTERM again and again until it ends: signals that come together may be taken as one.
+    let pid = nix::unistd::Pid::from_raw(worker.id() as i32);
+    let deadline = Instant::now() + PATIENCE;
+    while worker.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("the worker did not end after a forced shutdown with its standard error full");
+        }
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let status = worker.try_wait().expect("try_wait").expect("ended");
+    assert!(
+        !status.success(),
+        "a forced shutdown is a failure: {status}"
+    );
 }
 
 /// A server that cannot be reached is logged with the reason the operating system gave.

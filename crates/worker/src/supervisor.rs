@@ -386,8 +386,21 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     }
 
     /// Acknowledges with the Worker-ID and the environment key; false when the item is not ours to run.
+    /// Given up once the drain time is up (or the shutdown is forced): a server that keeps the answer
+    /// (or keeps promising amnesty) must not hold the worker's shutdown, and an item given up before
+    /// its program started is the server's to hand out again.
     async fn ack(&self) -> bool {
-        let result = retry(3, || self.calls.ack()).await;
+        let mut phase = self.phase.clone();
+        let result = tokio::select! {
+            result = retry(3, || self.calls.ack()) => result,
+            _ = reached(&mut phase, Phase::Terminating) => {
+                self.warn(
+                    "the worker is shutting down: acknowledgement given up; the server will hand the item out again",
+                    &[],
+                );
+                return false;
+            }
+        };
         match result {
             Ok(_) => true,
             Err(e) if e.status() == Some(409) => {
@@ -1491,5 +1504,39 @@ mod tests {
         assert_eq!(outcome, Outcome::Lost);
         // Past the time the switch would have fired.
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    /// A server that keeps promising amnesty to the acknowledgement (its database away) must not hold
+    /// the shutdown: once the drain time is up, the acknowledgement is given up and the item left to
+    /// the server, without its program.
+    #[tokio::test(start_paused = true)]
+    async fn an_acknowledgement_the_server_keeps_refusing_is_given_up_when_the_drain_ends() {
+        let (shared, phase) = worker("exit 0");
+        let script = Arc::new(Script::default());
+        {
+            let mut acks = script.acks.lock().unwrap();
+            for _ in 0..10_000 {
+                acks.push_back(Err(tether_client::Error::Api(Box::new(
+                    crate::heartbeat::tests::outage(30_000),
+                ))));
+            }
+        }
+        let item = session_item();
+        let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
+        let shutdown = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            phase.send_replace(Phase::Draining);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            phase.send_replace(Phase::Terminating);
+        };
+        let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), shutdown);
+        assert_eq!(outcome, Outcome::Skipped);
+        let calls = script.calls();
+        assert!(
+            calls.len() > 1,
+            "the acknowledgement was tried again meanwhile"
+        );
+        let others: Vec<_> = calls.iter().filter(|c| *c != "ack").collect();
+        assert!(others.is_empty(), "only acks, no {others:?}");
     }
 }

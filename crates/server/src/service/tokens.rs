@@ -90,6 +90,26 @@ enum CredentialKey {
 /// holds: the revocation bound the credential cache gives every request.
 pub const CALLER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Whether `given` may be adopted as the first admin token (`TETHER_ADMIN_TOKEN`): the prefix, at least
+/// 16 more characters, and only visible ASCII. A token with a space, a control character (the trailing
+/// newline of a secret read from a file) or a non-ASCII one could be stored but never sent back intact
+/// in an `Authorization` header, and once stored no other first token is ever minted: the operator
+/// would be locked out for good.
+pub fn adoptable(given: &str) -> std::result::Result<(), String> {
+    if !given.starts_with(ADMIN_PREFIX) || given.len() < ADMIN_PREFIX.len() + 16 {
+        return Err(format!(
+            "TETHER_ADMIN_TOKEN must start with {ADMIN_PREFIX} and carry at least 16 more characters"
+        ));
+    }
+    if let Some(c) = given.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "TETHER_ADMIN_TOKEN may hold only visible ASCII characters, not {c:?} (a trailing newline \
+             from a file or a secret?)"
+        ));
+    }
+    Ok(())
+}
+
 impl App {
     /// Resolves a presented secret; 401 for anything unknown, revoked or dead. A 503 because the
     /// database is away carries the promise of lease amnesty ([`App::with_amnesty_promise`]): a worker's
@@ -262,11 +282,7 @@ impl App {
             return Ok(None);
         }
         if let Some(given) = &given {
-            if !given.starts_with(ADMIN_PREFIX) || given.len() < ADMIN_PREFIX.len() + 16 {
-                return Err(Error::malformed(format!(
-                    "TETHER_ADMIN_TOKEN must start with {ADMIN_PREFIX} and carry at least 16 more characters"
-                )));
-            }
+            adoptable(given).map_err(Error::malformed)?;
         }
         if let Some(given) = &given {
             // Several servers starting together on one database may all try to adopt the same token.
@@ -371,5 +387,28 @@ impl App {
             Err(e) => return Err(e.into()),
         }
         self.store.get_credential(id).await?.ok_or_else(not_found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_token_that_can_be_sent_back_intact_is_adopted() {
+        let good = "tth_adm_0123456789abcdef";
+        assert_eq!(adoptable(good), Ok(()));
+        assert_eq!(adoptable(&format!("{good}-_.~+/=")), Ok(()));
+        for bad in [
+            "tth_adm_short",
+            "0123456789abcdef0123456789",
+            "tth_adm_0123456789abcdef\n",
+            "tth_adm_0123456789abcdef ",
+            "tth_adm_0123456789abcdef\t",
+            "tth_adm_0123456789abcdef\u{7f}",
+            "tth_adm_0123456789abcdéé",
+        ] {
+            assert!(adoptable(bad).is_err(), "{bad:?} was adopted");
+        }
     }
 }

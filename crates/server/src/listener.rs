@@ -93,9 +93,16 @@ pub const H2_MAX_SEND_BUFFER: usize = 64 * 1024;
 /// streams slows its other streams on the same connection, and no one else.
 pub const H2_MAX_UNSENT: usize = 4 * H2_MAX_SEND_BUFFER;
 
-/// An HTTP server for one connection, with the HTTP/2 bounds above.
+/// The most an HTTP/1 connection buffers (hyper's default is about 400 KiB): a request's headers
+/// must fit in it (more is answered 431), and a client that sends most of that much and never ends
+/// its headers holds no more than this until the header timeout. As generous as common servers'
+/// header limits (nginx: 4 × 8 KiB by default).
+pub const H1_MAX_BUFFER: usize = 64 * 1024;
+
+/// An HTTP server for one connection, with the HTTP/1 and HTTP/2 bounds above.
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(H1_MAX_BUFFER);
     builder
         .http2()
         .max_concurrent_streams(H2_MAX_STREAMS)

@@ -359,3 +359,42 @@ async fn at_the_cap_a_new_connection_displaces_the_longest_waiting_idle_one_neve
     stop.cancel();
     server.await.unwrap();
 }
+
+/// Sends `header_bytes` of extra headers on HTTP/1.1 and reads the status line of the answer.
+async fn status_with_headers(address: std::net::SocketAddr, header_bytes: usize) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
+    for i in 0..header_bytes / 1024 {
+        request.extend_from_slice(format!("X-Filler-{i:04}: ").as_bytes());
+        request.extend_from_slice(&[b'a'; 1024 - 17]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"\r\n");
+    let _ = stream.write_all(&request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A connection buffers at most `H1_MAX_BUFFER` on HTTP/1: headers within it are served, larger ones
+/// are refused with 431 (hyper's default let a client that never ends its headers make the server
+/// hold about 400 KB per connection).
+#[tokio::test]
+async fn http1_headers_are_bounded_by_the_connection_buffer() {
+    use tether_server::listener::H1_MAX_BUFFER;
+    let router = Router::new().route("/", get(|| async { "ok" }));
+    let (address, stop, _server) =
+        serve(router, Duration::from_secs(10), Duration::from_secs(10)).await;
+    assert_eq!(
+        status_with_headers(address, H1_MAX_BUFFER / 2).await,
+        "HTTP/1.1 200 OK"
+    );
+    let refused = status_with_headers(address, H1_MAX_BUFFER + 8 * 1024).await;
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+    stop.cancel();
+}

@@ -52,8 +52,9 @@ pub struct ServeArgs {
     /// Lease amnesty window at start, in milliseconds.
     #[arg(long, env = "TETHER_AMNESTY_MS", default_value_t = 30_000)]
     pub amnesty_ms: i64,
-    /// Largest request body in bytes.
-    #[arg(long, env = "TETHER_BODY_LIMIT", default_value_t = 32 * 1024 * 1024)]
+    /// Largest request body in bytes (at least 1024: below that, common requests would not fit).
+    #[arg(long, env = "TETHER_BODY_LIMIT", default_value_t = 32 * 1024 * 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=u32::MAX as u64))]
     pub body_limit: usize,
     /// Largest session event in bytes of JSON.
     #[arg(long, env = "TETHER_EVENT_LIMIT", default_value_t = tether_server::service::DEFAULT_MAX_EVENT_BYTES as u64,
@@ -387,5 +388,25 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: super::ServeArgs,
+    }
+
+    #[test]
+    fn a_body_limit_too_small_for_any_request_is_refused() {
+        for refused in ["0", "1023"] {
+            assert!(Command::try_parse_from(["serve", "--body-limit", refused]).is_err());
+        }
+        let parsed = Command::try_parse_from(["serve", "--body-limit", "1024"]).unwrap();
+        assert_eq!(parsed.serve.body_limit, 1024);
     }
 }

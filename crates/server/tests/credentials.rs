@@ -1038,3 +1038,52 @@ async fn every_route_of_the_table_with_every_credential_kind() {
     })
     .await;
 }
+
+/// A long poll that began before its key was revoked claims nothing it is woken for afterwards: it is
+/// answered 401, and the item stays queued for a caller that may have it.
+#[tokio::test]
+async fn a_long_poll_whose_key_is_revoked_meanwhile_claims_nothing() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let key = req(
+            server,
+            Method::POST,
+            &format!("/environments/{}/keys", q.env),
+        )
+        .json(json!({}))
+        .send()
+        .await;
+        let key = key.ok().clone();
+        let key_id = key["id"].as_str().expect("key id").to_owned();
+        let secret = key["token"].as_str().expect("key secret").to_owned();
+        let poll = q
+            .req(Method::GET, &format!("{}?block_ms=999", q.path("/poll")))
+            .bearer(&secret)
+            .worker("w")
+            .send();
+        let revoke_then_enqueue = async {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            req(
+                server,
+                Method::DELETE,
+                &format!("/environments/{}/keys/{key_id}", q.env),
+            )
+            .send()
+            .await
+            .ok();
+            q.enqueue().await
+        };
+        let (polled, enqueued) = tokio::join!(poll, revoke_then_enqueue);
+        polled.error(401, "authentication_error");
+        let item = q
+            .req(Method::GET, &q.item_path(&enqueued.id, ""))
+            .send()
+            .await;
+        assert_eq!(
+            item.ok()["state"],
+            "queued",
+            "the item is still there to claim"
+        );
+    })
+    .await;
+}

@@ -175,7 +175,7 @@ impl App {
     }
 
     /// Whether the stored credential `id` exists and is not revoked (from the one-second cache).
-    async fn credential_alive(&self, id: &str) -> Result<bool> {
+    pub(crate) async fn credential_alive(&self, id: &str) -> Result<bool> {
         Ok(self
             .credential_read(id, CredentialKey::Id)
             .await?

@@ -485,6 +485,15 @@ impl App {
         // again and again, each time costing a query, for as long as polls keep waiting.
         let mut answering: Option<crate::waiters::Ticket> = None;
         loop {
+            // Woken after a wait: the credential may have been revoked meanwhile. A poll that claimed
+            // now would hand the item (its session's metadata) to a caller refused from then on, and
+            // leave it delivered to nobody for the reclaim window. Its wake-up passes on to the next
+            // waiter as the ticket drops.
+            if let (Some(_), Some(issuer)) = (&answering, issuer) {
+                if !self.credential_alive(issuer).await? {
+                    return Err(Error::Unauthenticated);
+                }
+            }
             let ticket = if block.is_some() && !self.is_shutting_down() {
                 self.waiters.register(&env.id)
             } else {

@@ -709,19 +709,7 @@ async fn revoking_a_key_ends_the_session_tokens_minted_under_it() {
         let q = Queue::new(server).await;
         let mut keys = Vec::new();
         for _ in 0..2 {
-            let key = req(
-                server,
-                Method::POST,
-                &format!("/environments/{}/keys", q.env),
-            )
-            .json(json!({}))
-            .send()
-            .await;
-            let key = key.ok();
-            keys.push((
-                key["id"].as_str().expect("key id").to_owned(),
-                key["token"].as_str().expect("key secret").to_owned(),
-            ));
+            keys.push(new_key(server, &q.env).await);
         }
         // One item polled, acked and renewed under each key, each with its own session token.
         let mut items = Vec::new();
@@ -1039,23 +1027,26 @@ async fn every_route_of_the_table_with_every_credential_kind() {
     .await;
 }
 
+/// A new key of environment `env`: its id and its secret.
+async fn new_key(server: &TestServer, env: &str) -> (String, String) {
+    let key = req(server, Method::POST, &format!("/environments/{env}/keys"))
+        .json(json!({}))
+        .send()
+        .await;
+    let key = key.ok();
+    (
+        key["id"].as_str().expect("key id").to_owned(),
+        key["token"].as_str().expect("key secret").to_owned(),
+    )
+}
+
 /// A long poll that began before its key was revoked claims nothing it is woken for afterwards: it is
 /// answered 401, and the item stays queued for a caller that may have it.
 #[tokio::test]
 async fn a_long_poll_whose_key_is_revoked_meanwhile_claims_nothing() {
     each_backend(async |server| {
         let q = Queue::new(server).await;
-        let key = req(
-            server,
-            Method::POST,
-            &format!("/environments/{}/keys", q.env),
-        )
-        .json(json!({}))
-        .send()
-        .await;
-        let key = key.ok().clone();
-        let key_id = key["id"].as_str().expect("key id").to_owned();
-        let secret = key["token"].as_str().expect("key secret").to_owned();
+        let (key_id, secret) = new_key(server, &q.env).await;
         let poll = q
             .req(Method::GET, &format!("{}?block_ms=999", q.path("/poll")))
             .bearer(&secret)

@@ -155,7 +155,11 @@ fn requests_hyper_cannot_parse_are_answered_in_the_error_envelope() {
     // target itself could say 414: the head as a whole is too large.
     let long_target = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
     let answer = answer_to(&addr, long_target.as_bytes());
-    assert_enveloped(&answer, 431, "a request target over the connection's buffer");
+    assert_enveloped(
+        &answer,
+        431,
+        "a request target over the connection's buffer",
+    );
 
     let mut many_headers = String::from("GET /healthz HTTP/1.1\r\nhost: x\r\n");
     for i in 0..120 {

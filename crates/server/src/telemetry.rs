@@ -14,13 +14,13 @@ use std::time::Duration;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tether_core::WorkState;
-use tether_store::{ArchiveFilter, PageRequest};
+use tether_store::{ArchiveFilter, Cursor, PageRequest};
 
 use crate::service::App;
 
-/// At most this many environments get queue gauges: the first, in id order (the oldest), among those
-/// that are not archived. When there are more, `tether_queue_gauges_truncated` is 1. Each environment
-/// costs 8 series.
+/// At most this many environments get queue gauges: the first, in id order (the oldest), among the
+/// self-hosted ones that are not archived. When there are more, `tether_queue_gauges_truncated` is 1.
+/// Each environment costs 8 series.
 pub const GAUGE_ENVIRONMENTS: u32 = 200;
 
 /// HTTP requests: most answer in milliseconds; a long poll waits up to 1 s; streams last longer.
@@ -354,22 +354,47 @@ pub async fn queue_gauges(app: &App) -> std::sync::Arc<str> {
     text
 }
 
+/// Environments read at most per reading of the queue gauges, to find the self-hosted ones among them.
+const GAUGE_SCAN: u32 = 10 * GAUGE_ENVIRONMENTS;
+
+/// The first [`GAUGE_ENVIRONMENTS`] self-hosted environments that are not archived, oldest first, and
+/// whether there are more. Cloud environments have no queue, so they take no place among them: they
+/// are read past, [`GAUGE_SCAN`] environments at most, after which the gauges count as truncated.
+async fn self_hosted_environments(
+    app: &App,
+) -> tether_store::StoreResult<(Vec<tether_core::resources::Environment>, bool)> {
+    let mut hosted = Vec::new();
+    let mut read = 0;
+    let mut page = PageRequest::first(GAUGE_ENVIRONMENTS + 1);
+    loop {
+        let got = app
+            .store
+            .list_environments(&ArchiveFilter::default(), &page)
+            .await?;
+        read += got.items.len() as u32;
+        let last = got.items.last().map(|e| e.id.clone());
+        hosted.extend(got.items.into_iter().filter(|e| e.is_self_hosted()));
+        if hosted.len() > GAUGE_ENVIRONMENTS as usize {
+            hosted.truncate(GAUGE_ENVIRONMENTS as usize);
+            return Ok((hosted, true));
+        }
+        match last {
+            Some(last) if got.has_more && read < GAUGE_SCAN => page.cursor = Cursor::After(last),
+            _ => return Ok((hosted, got.has_more)),
+        }
+    }
+}
+
 /// The per-environment queue gauges in Prometheus text format, read from the store now.
 async fn read_queue_gauges(app: &App) -> String {
-    let mut page = PageRequest::first(GAUGE_ENVIRONMENTS);
-    page.limit = GAUGE_ENVIRONMENTS + 1;
-    let envs = match app
-        .store
-        .list_environments(&ArchiveFilter::default(), &page)
-        .await
-    {
-        Ok(page) => page.items,
+    let (hosted, truncated) = match self_hosted_environments(app).await {
+        Ok(found) => found,
         Err(e) => {
             tracing::warn!(error = %e, "metrics: cannot list environments");
             return "# the store did not answer: no queue gauges in this scrape\n".to_owned();
         }
     };
-    let truncated = u8::from(envs.len() > GAUGE_ENVIRONMENTS as usize);
+    let truncated = u8::from(truncated);
     // Poll records wait in memory for the dispatcher's tick; this scrape counts them now.
     if let Err(e) = app.write_worker_records().await {
         tracing::warn!(error = %e, "metrics: cannot write the waiting poll records");
@@ -381,11 +406,7 @@ async fn read_queue_gauges(app: &App) -> String {
         .iter()
         .map(|(n, h)| (*n, *h, Vec::new()))
         .collect();
-    let hosted = envs
-        .iter()
-        .take(GAUGE_ENVIRONMENTS as usize)
-        .filter(|e| e.is_self_hosted());
-    for env in hosted {
+    for env in &hosted {
         // No expiry pass per environment here: the dispatcher's tick keeps leases timely.
         let (Ok(c), Ok(workers)) = (
             app.store.queue_counts(&env.id).await,

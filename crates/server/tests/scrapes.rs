@@ -63,3 +63,52 @@ async fn scrapes_of_one_second_share_one_reading_of_the_queue() {
         slow.await.expect("the slow reading ends");
     }
 }
+
+/// Cloud environments have no queue, so they take no place among the environments that get queue
+/// gauges: with a few cloud environments first (the oldest), all 200 self-hosted ones still get
+/// theirs, and the gauges are not truncated.
+#[tokio::test]
+async fn cloud_environments_take_no_place_among_the_gauged() {
+    use reqwest::Method;
+    use serde_json::json;
+    use tether_server::telemetry::GAUGE_ENVIRONMENTS;
+    use tether_testkit::TestServer;
+    let server = TestServer::start(&tether_testkit::Backend::Sqlite).await;
+    for i in 0..5 {
+        let (status, body) = server
+            .call(
+                Method::POST,
+                "/environments",
+                Some(json!({"name": format!("cloud-{i}"), "config": {"type": "cloud"}})),
+            )
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+    for i in 0..GAUGE_ENVIRONMENTS {
+        let (status, body) = server
+            .call(
+                Method::POST,
+                "/environments",
+                Some(json!({"name": format!("hosted-{i}"), "config": {"type": "self_hosted"}})),
+            )
+            .await;
+        assert!(status.is_success(), "{body}");
+    }
+    let text = queue_gauges(&server.app).await;
+    let gauged = text
+        .lines()
+        .filter(|l| l.starts_with("tether_queue_depth{"))
+        .count();
+    assert_eq!(
+        gauged, GAUGE_ENVIRONMENTS as usize,
+        "every self-hosted environment"
+    );
+    assert!(
+        text.contains("tether_queue_gauges_truncated 0"),
+        "not truncated:\n{}",
+        text.lines()
+            .filter(|l| l.contains("truncated"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

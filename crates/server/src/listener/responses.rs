@@ -13,7 +13,7 @@
 //! what hyper and h2 buffer for a stream (at most the send buffer, `H2_MAX_SEND_BUFFER`, and a piece
 //! or two) never keeps the whole of a large answer alive: the rest stays with the body, and goes
 //! when the watchdog closes the connection. And a body hands out its next frame only while its
-//! connection's answers hold less than [`super::outbox::MAX_UNSENT`] in hyper; waiting for that
+//! connection's answers hold less than [`super::H2_MAX_UNSENT`] in hyper; waiting for that
 //! counts as waiting to be taken.
 
 use std::pin::Pin;
@@ -119,10 +119,10 @@ pub(super) struct TrackedBody {
     /// What is left of a data frame being handed out in pieces (HTTP/2 only).
     rest: Option<Bytes>,
     /// HTTP/2: frames go out in pieces, counted in the connection's outbox.
-    outbox: Option<Arc<Outbox>>,
+    http2: bool,
     progress: Arc<Progress>,
     waker: Waker,
-    _in_flight: InFlight,
+    in_flight: InFlight,
 }
 
 impl TrackedBody {
@@ -133,16 +133,21 @@ impl TrackedBody {
         TrackedBody {
             inner,
             rest: None,
-            outbox: http2.then(|| state.outbox.clone()),
+            http2,
             waker: Waker::from(progress.clone()),
             progress,
-            _in_flight: in_flight,
+            in_flight,
         }
+    }
+
+    /// The connection's outbox, on HTTP/2.
+    fn outbox(&self) -> Option<&Arc<Outbox>> {
+        self.http2.then_some(&self.in_flight.0.outbox)
     }
 
     /// `data` as handed to hyper: on HTTP/2, counted in the connection's outbox while hyper holds it.
     fn hand(&self, data: Bytes) -> Bytes {
-        match &self.outbox {
+        match self.outbox() {
             Some(outbox) => outbox.hand(data),
             None => data,
         }
@@ -170,7 +175,7 @@ impl http_body::Body for TrackedBody {
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         this.progress.asked();
-        if let Some(outbox) = &this.outbox {
+        if let Some(outbox) = this.outbox() {
             if outbox.poll_room(cx).is_pending() {
                 // Waiting for the client to take what hyper holds for this connection.
                 this.progress.wait_from_now();
@@ -186,7 +191,7 @@ impl http_body::Body for TrackedBody {
         match Pin::new(&mut this.inner).poll_frame(&mut inner_cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match frame.into_data() {
-                    Ok(data) if this.outbox.is_some() && data.len() > SPLIT => {
+                    Ok(data) if this.http2 && data.len() > SPLIT => {
                         this.rest = Some(data);
                         let piece = this.next_piece().expect("a frame larger than a piece");
                         http_body::Frame::data(this.hand(piece))

@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tether_server::listener::{run, ConnectionLimits};
-use tether_testkit::net::h2_client_that_may_stop_reading;
+use tether_testkit::net::{h2_client, h2_client_that_may_stop_reading};
 use tokio_util::sync::CancellationToken;
 
 /// HTTP/2 with prior knowledge on the plain port: between requests the client may send PING,
@@ -85,24 +85,6 @@ impl Drop for DropFlag {
     }
 }
 
-/// An HTTP/2 client connection (prior knowledge) whose streams may each hold `window` bytes unread.
-async fn h2_client(
-    address: std::net::SocketAddr,
-    window: u32,
-) -> (
-    hyper::client::conn::http2::SendRequest<String>,
-    tokio::task::JoinHandle<Result<(), hyper::Error>>,
-) {
-    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(window)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    (sender, tokio::spawn(conn))
-}
-
 /// On HTTP/2 an answer the client stops taking shows as no stalled write: the client keeps the
 /// stream's window shut, and the socket and the other streams go on. Such an answer must still be
 /// given up after the idle timeout, with what it holds; one that is taken slowly is not.
@@ -141,8 +123,7 @@ async fn an_http2_answer_the_client_stops_taking_is_given_up_after_the_idle_time
     tokio::time::timeout(Duration::from_secs(20), conn)
         .await
         .expect("the connection of an answer nobody takes is closed")
-        .unwrap()
-        .ok();
+        .unwrap();
     assert!(
         dropped.load(Ordering::Acquire),
         "the endless answer was let go"
@@ -282,19 +263,23 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
     }
 }
 
-/// A plain HTTP/1.1 GET on a fresh connection: the status line, or `None` if the server closed it.
-async fn get_status(address: std::net::SocketAddr, path: &str) -> Option<String> {
+/// `request` on a fresh HTTP/1.1 connection: the answer's status line, or `None` if the server closed
+/// the connection without one.
+async fn status_line(address: std::net::SocketAddr, request: &[u8]) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
+    // Written as far as the server takes it: one that answers early may close before the end.
+    let _ = stream.write_all(request).await;
     let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .ok()?
-        .ok()?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
     answer.lines().next().map(str::to_owned)
+}
+
+/// A plain HTTP/1.1 GET of `path` on a fresh connection (see [`status_line`]).
+async fn get_status(address: std::net::SocketAddr, path: &str) -> Option<String> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    status_line(address, request.as_bytes()).await
 }
 
 /// At the cap (8 here), connections that say nothing do not keep others out: a new connection takes
@@ -360,10 +345,8 @@ async fn at_the_cap_a_new_connection_displaces_the_longest_waiting_idle_one_neve
     server.await.unwrap();
 }
 
-/// Sends `header_bytes` of extra headers on HTTP/1.1 and reads the status line of the answer.
+/// A GET with `header_bytes` of extra headers on HTTP/1.1 (see [`status_line`]).
 async fn status_with_headers(address: std::net::SocketAddr, header_bytes: usize) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
     for i in 0..header_bytes / 1024 {
         request.extend_from_slice(format!("X-Filler-{i:04}: ").as_bytes());
@@ -371,14 +354,7 @@ async fn status_with_headers(address: std::net::SocketAddr, header_bytes: usize)
         request.extend_from_slice(b"\r\n");
     }
     request.extend_from_slice(b"\r\n");
-    let _ = stream.write_all(&request).await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+    status_line(address, &request).await.unwrap_or_default()
 }
 
 /// A connection buffers at most `H1_MAX_BUFFER` on HTTP/1: headers within it are served, larger ones

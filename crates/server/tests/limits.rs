@@ -611,7 +611,6 @@ async fn the_openapi_document_states_the_limits_the_server_enforces() {
 /// shut) gets no more than its part, and other callers still get theirs.
 #[tokio::test]
 async fn unread_event_pages_hold_no_more_than_their_callers_part() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     // Request memory of 64 MiB: pages have 16 MiB, of which a caller may hold 12 MiB; a read
     // reserves 2 × (1 MiB + 64 KiB). The log holds 32 events of 60 kB: a page of up to 1 MiB.
     let backend = backends().remove(0);
@@ -633,13 +632,7 @@ async fn unread_event_pages_hold_no_more_than_their_callers_part() {
 
     // The admin token asks for 16 pages on one HTTP/2 connection and reads none of them.
     let address = server.base.trim_start_matches("http://").to_owned();
-    let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(1024)
-        .handshake::<_, String>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (sender, _conn) = tether_testkit::net::h2_client(&address, 1024).await;
     let asks = (0..16).map(|_| {
         let mut sender = sender.clone();
         let request = hyper::Request::get(format!("http://{address}{page}"))

@@ -74,22 +74,16 @@ async fn cloud_environments_take_no_place_among_the_gauged() {
     use tether_server::telemetry::GAUGE_ENVIRONMENTS;
     use tether_testkit::TestServer;
     let server = TestServer::start(&tether_testkit::Backend::Sqlite).await;
-    for i in 0..5 {
+    let kinds = std::iter::repeat_n("cloud", 5).chain(std::iter::repeat_n(
+        "self_hosted",
+        GAUGE_ENVIRONMENTS as usize,
+    ));
+    for (i, kind) in kinds.enumerate() {
         let (status, body) = server
             .call(
                 Method::POST,
                 "/environments",
-                Some(json!({"name": format!("cloud-{i}"), "config": {"type": "cloud"}})),
-            )
-            .await;
-        assert!(status.is_success(), "{body}");
-    }
-    for i in 0..GAUGE_ENVIRONMENTS {
-        let (status, body) = server
-            .call(
-                Method::POST,
-                "/environments",
-                Some(json!({"name": format!("hosted-{i}"), "config": {"type": "self_hosted"}})),
+                Some(json!({"name": format!("{kind}-{i}"), "config": {"type": kind}})),
             )
             .await;
         assert!(status.is_success(), "{body}");

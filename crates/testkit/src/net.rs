@@ -74,9 +74,46 @@ impl AsyncWrite for Pausable {
     }
 }
 
-/// An HTTP/2 client connection (prior knowledge) to `address` over a [`Pausable`] stream, with
-/// windows so large that flow control never holds the server back: once its reading is stopped,
-/// only the socket does. Its connection task runs until the server closes it.
+/// An HTTP/2 client connection (prior knowledge) over `io`, whose streams may each hold `window` bytes
+/// unread (the connection as a whole 1 GiB), and its connection task, which runs until the server
+/// closes the connection.
+pub async fn h2_handshake<IO>(
+    io: IO,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<String>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(1024 * 1024 * 1024)
+        .handshake::<_, String>(TokioIo::new(io))
+        .await
+        .expect("an HTTP/2 handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, conn)
+}
+
+/// [`h2_handshake`] on a fresh TCP connection to `address`.
+pub async fn h2_client(
+    address: impl tokio::net::ToSocketAddrs,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<String>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(address).await.expect("connect");
+    h2_handshake(tcp, window).await
+}
+
+/// [`h2_handshake`] over a [`Pausable`] stream, with windows so large that flow control never holds
+/// the server back: once its reading is stopped, only the socket does.
 pub async fn h2_client_that_may_stop_reading(
     address: impl tokio::net::ToSocketAddrs,
 ) -> (
@@ -86,15 +123,6 @@ pub async fn h2_client_that_may_stop_reading(
 ) {
     let tcp = TcpStream::connect(address).await.expect("connect");
     let (io, reading) = Pausable::new(tcp);
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(16 * 1024 * 1024)
-        .initial_connection_window_size(1024 * 1024 * 1024)
-        .handshake::<_, String>(TokioIo::new(io))
-        .await
-        .expect("an HTTP/2 handshake");
-    let conn = tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let (sender, conn) = h2_handshake(io, 16 * 1024 * 1024).await;
     (sender, reading, conn)
 }

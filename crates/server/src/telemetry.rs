@@ -291,7 +291,9 @@ impl QueueGaugeCache {
 /// runtime thread at most (rendering does not wait).
 #[derive(Default)]
 pub struct LiveScrape {
-    last: std::sync::Mutex<Option<(std::time::Instant, std::sync::Weak<String>)>>,
+    /// When the last text was rendered (tokio's clock, which tests can move), and the text while any
+    /// answer still holds it.
+    last: std::sync::Mutex<Option<(tokio::time::Instant, std::sync::Weak<String>)>>,
 }
 
 /// A scrape's text shared by the answers handing it out.
@@ -311,7 +313,7 @@ impl LiveScrape {
             None => {
                 let text = std::sync::Arc::new(render());
                 *self.last.lock().expect("scrape lock") =
-                    Some((std::time::Instant::now(), std::sync::Arc::downgrade(&text)));
+                    Some((tokio::time::Instant::now(), std::sync::Arc::downgrade(&text)));
                 text
             }
         };
@@ -475,8 +477,8 @@ fn escape_label(value: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_scrape_shares_the_text_still_being_handed_out_and_renders_afresh_otherwise() {
+    #[tokio::test(start_paused = true)]
+    async fn a_scrape_shares_the_text_still_being_handed_out_and_renders_afresh_otherwise() {
         let live = LiveScrape::default();
         let mut renders = 0;
         let render = |n: &mut i32| {
@@ -490,10 +492,13 @@ mod tests {
         assert_eq!(first.as_ptr(), shared.as_ptr(), "one copy");
         drop((first, shared));
         let fresh = live.text(|| render(&mut renders));
-        assert_eq!(
-            renders, 2,
-            "once every answer is out, a scrape renders afresh"
-        );
+        assert_eq!(renders, 2, "once every answer is out, a scrape renders afresh");
+        assert_eq!(&fresh[..], b"render 2");
+        // Still being handed out, but as old as a queue-gauge reading may be: not shared any more.
+        tokio::time::advance(QUEUE_GAUGES_TTL).await;
+        let later = live.text(|| render(&mut renders));
+        assert_eq!(renders, 3, "a text a second old is rendered afresh");
+        assert_eq!(&later[..], b"render 3");
         assert_eq!(&fresh[..], b"render 2");
     }
 

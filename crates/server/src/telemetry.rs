@@ -312,8 +312,10 @@ impl LiveScrape {
             Some(text) => text,
             None => {
                 let text = std::sync::Arc::new(render());
-                *self.last.lock().expect("scrape lock") =
-                    Some((tokio::time::Instant::now(), std::sync::Arc::downgrade(&text)));
+                *self.last.lock().expect("scrape lock") = Some((
+                    tokio::time::Instant::now(),
+                    std::sync::Arc::downgrade(&text),
+                ));
                 text
             }
         };
@@ -492,7 +494,10 @@ mod tests {
         assert_eq!(first.as_ptr(), shared.as_ptr(), "one copy");
         drop((first, shared));
         let fresh = live.text(|| render(&mut renders));
-        assert_eq!(renders, 2, "once every answer is out, a scrape renders afresh");
+        assert_eq!(
+            renders, 2,
+            "once every answer is out, a scrape renders afresh"
+        );
         assert_eq!(&fresh[..], b"render 2");
         // Still being handed out, but as old as a queue-gauge reading may be: not shared any more.
         tokio::time::advance(QUEUE_GAUGES_TTL).await;

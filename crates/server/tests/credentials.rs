@@ -1053,7 +1053,13 @@ async fn a_long_poll_whose_key_is_revoked_meanwhile_claims_nothing() {
             .worker("w")
             .send();
         let revoke_then_enqueue = async {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            // Once the poll waits: a poll sent after the revocation would be refused at its start,
+            // and show nothing of what happens to one woken afterwards.
+            while server.app.waiters.count() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            // A waiter registers just before its first scan of the empty queue: past that scan.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             req(
                 server,
                 Method::DELETE,

@@ -120,6 +120,9 @@ pub struct AppInner {
     /// Poll records not written yet: the dispatcher's tick writes them all in one commit
     /// ([`App::write_worker_records`]), instead of a commit per idle worker's re-poll.
     pub(crate) workers_unwritten: Mutex<HashMap<(String, String), Timestamp>>,
+    /// Held by a write of the poll records from taking them to their commit, so that a reader that
+    /// writes them first also waits for a write already under way (the dispatcher's tick).
+    workers_writing: tokio::sync::Mutex<()>,
     shutdown: watch::Sender<bool>,
     /// Asks the dispatcher for a pass now (§3.1).
     pub dispatch_now: tokio::sync::Notify,
@@ -181,6 +184,7 @@ impl App {
             claiming: Mutex::new(work::Claims::default()),
             workers_recorded: Mutex::new(workers_recorded),
             workers_unwritten: Mutex::new(HashMap::new()),
+            workers_writing: tokio::sync::Mutex::new(()),
             shutdown,
             dispatch_now: tokio::sync::Notify::new(),
             amnesty_granted_through: reconnections.into(),

@@ -668,8 +668,11 @@ impl App {
 
     /// Writes the poll records waiting in memory (see [`Self::record_worker`]), in one commit per
     /// [`WORKER_RECORDS_PER_COMMIT`]. Records that fail to be written are dropped: the worker's next
-    /// poll after the record interval records it again.
+    /// poll after the record interval records it again. Writes take turns: a reader (the workers
+    /// listing, a scrape) that writes the records before it reads them must not find them taken by
+    /// the dispatcher's write and not yet committed.
     pub async fn write_worker_records(&self) -> Result<()> {
+        let _turn = self.workers_writing.lock().await;
         let unwritten = std::mem::take(&mut *self.workers_unwritten.lock().expect("workers lock"));
         let writes: Vec<Write> = unwritten
             .into_iter()

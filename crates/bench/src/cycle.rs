@@ -196,6 +196,7 @@ impl Served {
                     archived_at: None,
                     pending_input: false,
                     last_event_id: None,
+                    next_item_not_before: None,
                 };
                 let step = work::enqueue(
                     ids::new_id(IdKind::Work),
@@ -206,6 +207,7 @@ impl Served {
                     },
                     Default::default(),
                     now,
+                    None,
                     &policy,
                 );
                 changes.push(Write::InsertSession {

@@ -320,6 +320,61 @@ async fn a_line_that_fails_fast_then_hangs_loses_the_program_before_the_lease() 
     );
 }
 
+/// An operator force-stops a session's item while its program runs, and a message for the session
+/// follows at once. The worker learns of the stop only at its next heartbeat; the session's fresh item
+/// must not start a second program before then, whichever worker takes it.
+#[tokio::test]
+async fn an_operators_force_stop_never_runs_a_session_twice() {
+    let setup = Setup::new().await;
+    let _first = setup.worker("first", &setup.server.base);
+    let session = setup.session().await;
+    let deadline = Instant::now() + PATIENCE;
+    let running = loop {
+        let items = setup.items().await;
+        let active = items
+            .iter()
+            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active");
+        if let Some(item) = active {
+            break item["id"].as_str().expect("id").to_owned();
+        }
+        assert!(Instant::now() < deadline, "the session was never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A second worker, idle and polling, ready to take whatever comes.
+    let _second = setup.worker("second", &setup.server.base);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    setup
+        .api
+        .ok(
+            Method::POST,
+            &format!("/environments/{}/work/{running}/stop", setup.env),
+            json!({"force": true}),
+        )
+        .await;
+    setup
+        .api
+        .ok(
+            Method::POST,
+            &format!("/sessions/{session}/events"),
+            json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "again"}]}]}),
+        )
+        .await;
+    // Until a second program has started, and recorded a little.
+    loop {
+        if runs(&setup.records()).get(&session).map_or(0, Vec::len) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session's fresh item never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let programs = assert_never_two_at_once(&setup.records());
+    assert_eq!(programs, 2);
+}
+
 /// Partitions, hangs, delays, SIGKILL and SIGSTOP of workers on a seeded schedule: never two programs for
 /// one session, requeues within TTL + 1 s of the last renewal, and at the end every session served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

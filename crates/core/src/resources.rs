@@ -206,6 +206,11 @@ pub struct Session {
     pub pending_input: bool,
     /// The id of the newest event, so that new ids can be kept strictly increasing.
     pub last_event_id: Option<String>,
+    /// The session's next item is held until this moment: a program of an item stopped by someone
+    /// other than its worker may run until then (see `work::Step::holder_may_run_until`,
+    /// [`crate::session::hold_next_item`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_item_not_before: Option<Timestamp>,
 }
 
 /// One entry of a session's append-only event log.

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::time::Timestamp;
 use crate::work::{Cause, Transition, WorkState};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -179,6 +180,18 @@ pub fn couple(status: SessionStatus, pending_input: bool, transitions: &[Transit
         coupling.enqueue_fresh_item |= effect.enqueue_fresh_item;
     }
     coupling
+}
+
+/// Until when the session's next item is held (§7.3 rule 1, kept for programs as well as items):
+/// the later of what the session holds already (`held`) and what a step that stopped its item leaves
+/// running (`work::Step::holder_may_run_until`). A moment already past holds nothing and is
+/// forgotten, so that a session's document does not keep it.
+pub fn hold_next_item(
+    held: Option<Timestamp>,
+    left_running_until: Option<Timestamp>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    held.max(left_running_until).filter(|t| *t > now)
 }
 
 /// What runnable user input (a `user.message`) does, given the session and its live item (§7.3, §12.4).

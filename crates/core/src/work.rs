@@ -179,6 +179,13 @@ pub struct WorkItem {
     /// the session token too.
     #[serde(default)]
     pub session_token_issuer: Option<String>,
+    /// Not to be delivered before this moment (Tether). Its session's previous item was stopped by
+    /// someone other than the worker that held it, and that worker's program may run until the end
+    /// of the lease it held (see [`Step::holder_may_run_until`]): a worker learns of such a stop only
+    /// at its next heartbeat, and kills its program before its lease ends at the latest (§8). Only a
+    /// queued item is held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Timestamp>,
 }
 
 /// The result of an accepted operation: the item after it and the transitions on the way.
@@ -186,14 +193,33 @@ pub struct WorkItem {
 pub struct Step {
     pub item: WorkItem,
     pub transitions: Vec<Transition>,
+    /// The step stopped an item whose lease had not run out, and nobody has said that the program
+    /// behind that lease has ended: it may run until this moment, the lease's deadline. The session's
+    /// next item waits for it (§7.3 rule 1 read as "one program per session", not only one live
+    /// item). Set by every stop of a leased item; [`Step::asked_by_holder`] clears it.
+    pub holder_may_run_until: Option<Timestamp>,
 }
 
 impl Step {
-    fn unchanged(item: &WorkItem) -> Step {
+    fn new(item: WorkItem, transitions: Vec<Transition>) -> Step {
         Step {
-            item: item.clone(),
-            transitions: Vec::new(),
+            item,
+            transitions,
+            holder_may_run_until: None,
         }
+    }
+
+    /// The step that changes nothing.
+    pub fn unchanged(item: &WorkItem) -> Step {
+        Step::new(item.clone(), Vec::new())
+    }
+
+    /// The step was asked for by the holder of the item's lease itself: the worker whose session
+    /// token it is. A worker stops its item once its program has ended (§8, step 5), so nothing of
+    /// the lease runs on and the session's next item need not wait.
+    pub fn asked_by_holder(mut self) -> Step {
+        self.holder_may_run_until = None;
+        self
     }
 
     /// Whether anything must be written.
@@ -236,6 +262,11 @@ pub enum WorkError {
         reason: &'static str,
         current: CurrentLease,
     },
+    /// 409: an ack without a delivery (D-6) of an item that is held (see [`WorkItem::not_before`]).
+    #[error(
+        "work item is held until {until}: the program of its session's previous item may run until then"
+    )]
+    Held { until: Timestamp },
     /// Poll lost a race for this item (not an HTTP error: the poll tries the next candidate).
     #[error("work item is not claimable")]
     NotClaimable,
@@ -304,14 +335,20 @@ pub struct HeartbeatReply {
 }
 
 /// A fresh item for a session, in `queued`.
+///
+/// `not_before`: when the program of the session's previous item may run until (the session's
+/// [`crate::resources::Session::next_item_not_before`]); the item is held until then. A moment
+/// already past holds nothing.
 pub fn enqueue(
     id: String,
     environment_id: String,
     data: WorkData,
     metadata: Metadata,
     now: Timestamp,
+    not_before: Option<Timestamp>,
     policy: &LeasePolicy,
 ) -> Step {
+    let not_before = not_before.filter(|t| *t > now);
     let item = WorkItem {
         id,
         environment_id,
@@ -335,6 +372,7 @@ pub fn enqueue(
         heartbeat_count: 0,
         session_token_hash: None,
         session_token_issuer: None,
+        not_before,
     };
     let transition = Transition {
         at: now,
@@ -342,22 +380,27 @@ pub fn enqueue(
         to: WorkState::Queued,
         cause: Cause::Enqueued,
         worker_id: None,
-        detail: None,
+        detail: not_before.map(|t| {
+            format!("held until {t}: the program of the session's previous item may run until then")
+        }),
     };
     check_invariants(&item);
-    Step {
-        item,
-        transitions: vec![transition],
-    }
+    Step::new(item, vec![transition])
 }
 
 /// Whether a poll with this reclaim window may hand the item out now (§6.2 step 2).
 pub fn is_claimable(item: &WorkItem, now: Timestamp, reclaim_older_than_ms: i64) -> bool {
     item.state == WorkState::Queued
+        && !is_held(item, now)
         && match &item.delivery {
             None => true,
             Some(d) => d.delivered_at <= now.minus_millis(reclaim_older_than_ms),
         }
+}
+
+/// Whether the item may not be handed out yet (see [`WorkItem::not_before`]).
+pub fn is_held(item: &WorkItem, now: Timestamp) -> bool {
+    item.not_before.is_some_and(|t| t > now)
 }
 
 /// Poll delivery: records `{worker, now}`, the hash of the session token minted for it and the credential
@@ -409,8 +452,14 @@ pub fn ack(item: &WorkItem, worker_id: Option<&str>, now: Timestamp) -> Result<S
     if item.state != WorkState::Queued {
         return Ok(Step::unchanged(item));
     }
+    // Only an ack without a delivery (D-6's implicit claim) can meet a held item: no poll hands one
+    // out.
+    if let Some(until) = item.not_before.filter(|_| is_held(item, now)) {
+        return Err(WorkError::Held { until });
+    }
     let mut next = item.clone();
     next.state = WorkState::Starting;
+    next.not_before = None;
     next.acknowledged_at = Some(now);
     next.owner_worker_id = worker_id
         .map(str::to_owned)
@@ -487,10 +536,7 @@ pub fn heartbeat(
         )
     } else {
         check_invariants(&next);
-        Step {
-            item: next,
-            transitions: Vec::new(),
-        }
+        Step::new(next, Vec::new())
     };
     let reply = HeartbeatReply {
         last_heartbeat: beat,
@@ -501,7 +547,44 @@ pub fn heartbeat(
     Ok((step, reply))
 }
 
-/// Stop (§5.3, D-7, D-7c, D-8).
+/// Who asks for a stop, as far as the item can tell who holds its lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopper {
+    /// The session token of the item's current delivery: the worker that holds the lease.
+    SessionToken,
+    /// The environment key the item was delivered under (`session_token_issuer`): most often the
+    /// holder's own, but an operator may hold the same key.
+    DeliveryKey,
+    /// Anyone else: another key, an admin token.
+    Other,
+}
+
+/// [`stop`], knowing who asks. Whether the holder's program may run on (see
+/// [`Step::holder_may_run_until`]) depends on it: the holder's own stop comes after its program
+/// ended (§8). So does a stop's confirmation sent with the key the item was delivered under, which
+/// the protocol gives to the worker (§6.8: it drains, then calls stop again; poller-based workers
+/// send it with the environment key). A forced stop with that key may be an operator's, and is
+/// taken as one.
+pub fn stop_by(
+    item: &WorkItem,
+    force: bool,
+    now: Timestamp,
+    stopper: Stopper,
+) -> Result<Step, WorkError> {
+    let step = stop(item, force, now)?;
+    let by_holder = match stopper {
+        Stopper::SessionToken => true,
+        Stopper::DeliveryKey => !force && item.state == WorkState::Stopping,
+        Stopper::Other => false,
+    };
+    Ok(if by_holder {
+        step.asked_by_holder()
+    } else {
+        step
+    })
+}
+
+/// Stop (§5.3, D-7, D-7c, D-8), by someone who may not hold the lease: see [`stop_by`].
 pub fn stop(item: &WorkItem, force: bool, now: Timestamp) -> Result<Step, WorkError> {
     match (item.state, force) {
         (WorkState::Stopped, _) => Err(WorkError::InvalidState {
@@ -548,11 +631,16 @@ fn stop_now(item: &WorkItem, now: Timestamp, cause: Cause, detail: Option<&str>)
     next.stopped_at = Some(now);
     release(&mut next);
     let owner = item.owner_worker_id.clone();
-    finish(item, next, now, cause, owner.as_deref(), detail)
+    let mut step = finish(item, next, now, cause, owner.as_deref(), detail);
+    step.holder_may_run_until = item
+        .lease_expires_at
+        .filter(|deadline| item.state.is_leased() && *deadline > now);
+    step
 }
 
 /// Clears everything that lets a worker act on the item: delivery, lease and session token.
 fn release(item: &mut WorkItem) {
+    item.not_before = None;
     item.delivery = None;
     item.lease_expires_at = None;
     item.session_token_hash = None;
@@ -630,10 +718,7 @@ pub fn patch_metadata(item: &WorkItem, patch: &MetadataPatch) -> Result<Step, Wo
     let merged = metadata::merge(&item.metadata, patch)?;
     let mut next = item.clone();
     next.metadata = merged;
-    Ok(Step {
-        item: next,
-        transitions: Vec::new(),
-    })
+    Ok(Step::new(next, Vec::new()))
 }
 
 /// An operator's requeue of a stopped item (Tether extension, §11): what it changes.
@@ -656,6 +741,9 @@ pub struct RequeueRequest<'a> {
     pub reason: Option<&'a str>,
     /// Whether the item's history already has a `requeued` line (it was requeued once).
     pub already_requeued: bool,
+    /// The session's [`crate::resources::Session::next_item_not_before`]: the fresh item is held
+    /// until then, as any of the session's items is.
+    pub not_before: Option<Timestamp>,
 }
 
 /// Requeue (Tether extension): a `stopped` item stays stopped — `stopped` is final (§5), and D-33's
@@ -693,13 +781,18 @@ pub fn requeue(
         item.data.clone(),
         item.metadata.clone(),
         now,
+        request.not_before,
         policy,
     );
-    fresh.transitions[0].detail =
-        Some(format!("requeue of {} by {}{because}", item.id, request.by));
-    let stopped = Step {
-        item: item.clone(),
-        transitions: vec![Transition {
+    let requeue_of = format!("requeue of {} by {}{because}", item.id, request.by);
+    let detail = &mut fresh.transitions[0].detail;
+    *detail = Some(match detail.take() {
+        Some(held) => format!("{requeue_of}; {held}"),
+        None => requeue_of,
+    });
+    let stopped = Step::new(
+        item.clone(),
+        vec![Transition {
             at: now,
             from: Some(WorkState::Stopped),
             to: WorkState::Stopped,
@@ -710,7 +803,7 @@ pub fn requeue(
                 fresh.item.id, request.by
             )),
         }],
-    };
+    );
     Ok(Requeue { stopped, fresh })
 }
 
@@ -738,10 +831,13 @@ pub fn chain(expired: Option<Step>, then: Step) -> Step {
     match expired {
         None => then,
         Some(mut first) => {
+            // An expiry never leaves a program running (its lease is over); only `then` can.
+            debug_assert!(first.holder_may_run_until.is_none());
             first.transitions.extend(then.transitions);
             Step {
                 item: then.item,
                 transitions: first.transitions,
+                holder_may_run_until: then.holder_may_run_until,
             }
         }
     }
@@ -764,16 +860,13 @@ fn finish(
         worker_id: worker_id.map(str::to_owned),
         detail: detail.map(str::to_owned),
     };
-    Step {
-        item: next,
-        transitions: vec![transition],
-    }
+    Step::new(next, vec![transition])
 }
 
 /// The field invariants of §2.3, plus the bookkeeping that goes with them. Violations are bugs.
 pub fn invariant_violation(item: &WorkItem) -> Option<&'static str> {
     use WorkState::*;
-    let checks: [(bool, &'static str); 10] = [
+    let checks: [(bool, &'static str); 11] = [
         (
             item.state != Queued || item.acknowledged_at.is_none(),
             "queued item has acknowledged_at",
@@ -817,6 +910,10 @@ pub fn invariant_violation(item: &WorkItem) -> Option<&'static str> {
             item.state == Queued || item.delivery.is_none(),
             "only queued items carry a delivery",
         ),
+        (
+            item.state == Queued || item.not_before.is_none(),
+            "only queued items are held",
+        ),
     ];
     checks.iter().find(|(ok, _)| !ok).map(|(_, what)| *what)
 }
@@ -847,6 +944,7 @@ mod requeue_tests {
             data,
             Metadata::new(),
             t0,
+            None,
             &policy(),
         )
         .item
@@ -875,6 +973,7 @@ mod requeue_tests {
             by: "admin token tok_admin",
             reason: Some("fixed the agent"),
             already_requeued,
+            not_before: None,
         }
     }
 

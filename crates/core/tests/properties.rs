@@ -180,6 +180,7 @@ impl Coverage {
             WorkError::WorkerMismatch => "worker_mismatch",
             WorkError::PreconditionFailed { .. } => "precondition_failed",
             WorkError::NotClaimable => "not_claimable",
+            WorkError::Held { .. } => "held",
             WorkError::Metadata(_) => "metadata",
         });
     }
@@ -206,6 +207,7 @@ fn enqueue(n: usize, now: Timestamp, policy: &LeasePolicy) -> Result<WorkItem, T
         },
         Metadata::from([("job".to_string(), format!("job-{n}"))]),
         now,
+        None,
         policy,
     );
     prop_assert!(work::invariant_violation(&step.item).is_none());
@@ -217,10 +219,7 @@ fn enqueue(n: usize, now: Timestamp, policy: &LeasePolicy) -> Result<WorkItem, T
 }
 
 fn unchanged(item: &WorkItem) -> Step {
-    Step {
-        item: item.clone(),
-        transitions: Vec::new(),
-    }
+    Step::unchanged(item)
 }
 
 /// The worker the server has on record for ack (§5.1): the delivery worker while queued, the owner after.
@@ -474,10 +473,8 @@ fn check_step(
         prop_assert_eq!(l, f, "the current token is the latest ever handed out");
     }
     // The transitions of the stored step walk from the old state to the new one.
-    let step = Step {
-        item: stored.clone(),
-        transitions: transitions.to_vec(),
-    };
+    let mut step = Step::unchanged(stored);
+    step.transitions = transitions.to_vec();
     check_transitions(before.state, &step, now)?;
     if before.state != stored.state {
         prop_assert!(!transitions.is_empty());

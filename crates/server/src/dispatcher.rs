@@ -5,7 +5,7 @@
 //! notification from another process that got lost). Once a minute it also drops poll records too old
 //! for any reader, which keeps the workers table from growing with every worker ever started.
 
-use tether_store::Notice;
+use tether_store::{ClaimWindow, Notice};
 use tokio::task::JoinHandle;
 
 use crate::service::App;
@@ -78,9 +78,9 @@ pub async fn pass(app: &App, expiry: Expiry) {
     if waiting.is_empty() {
         return;
     }
-    let cutoff = app.now().minus_millis(app.config.default_reclaim_ms);
+    let window = ClaimWindow::at(app.now(), app.config.default_reclaim_ms);
     for env in waiting {
-        match app.store.claim_candidates(&env, cutoff, 1).await {
+        match app.store.claim_candidates(&env, window, 1).await {
             Ok(claimable) if !claimable.is_empty() => {
                 app.waiters.wake(&env, 1);
             }

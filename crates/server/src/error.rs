@@ -208,6 +208,9 @@ impl From<WorkError> for ApiError {
             WorkError::WorkerMismatch => {
                 ApiError::state_conflict(e.to_string()).with_code("worker_mismatch")
             }
+            WorkError::Held { .. } => {
+                ApiError::state_conflict(e.to_string()).with_code("work_held")
+            }
             WorkError::NotClaimable => {
                 ApiError::state_conflict(e.to_string()).with_code("invalid_state")
             }

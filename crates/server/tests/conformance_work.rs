@@ -1409,6 +1409,123 @@ async fn history_records_every_move() {
     .await;
 }
 
+/// A stop the worker holding the lease did not ask for ends the item at once (§6.8), but the
+/// worker learns of it only at its next heartbeat, and its program may run until the lease's end
+/// (§8). The session's next item is held until then, so that two programs never serve one session
+/// at once. The worker's own stop, sent with the item's session token, comes after its program
+/// ended, and holds nothing.
+#[tokio::test]
+async fn a_stop_its_holder_did_not_ask_for_holds_the_sessions_next_item_until_the_lease_ends() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let message = json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "go on"}]}]});
+        // Takes `item` as worker `w1`; returns the session token of the delivery.
+        let take = async |item: &Item| {
+            let delivered = q.poll("", Some("w1")).await.ok().clone();
+            assert_eq!(delivered["id"], item.id.as_str());
+            q.ack(&item.id, Some("w1")).await.ok();
+            decode_secret(&delivered).0
+        };
+        // Posts a message to `item`'s session and returns the fresh item it enqueued.
+        let next_item = async |item: &Item| {
+            req(server, Method::POST, &format!("/sessions/{}/events", item.session))
+                .json(message.clone())
+                .send()
+                .await
+                .ok();
+            let fresh = q.work_of_session(&item.session).await.expect("a fresh item");
+            assert_ne!(fresh, item.id);
+            fresh
+        };
+
+        // An operator force-stops a leased item: its lease had the whole minute left.
+        let operated = q.enqueue().await;
+        take(&operated).await;
+        q.stop(&operated.id, json!({"force": true})).await.ok();
+        let held = next_item(&operated).await;
+        assert_eq!(q.state(&held).await, "queued");
+        assert!(
+            q.poll("", Some("w2")).await.ok().is_null(),
+            "a held item is not handed out"
+        );
+        let implicit_claim = q.ack(&held, Some("w2")).await;
+        let error = implicit_claim.error(409, "invalid_request_error");
+        assert_eq!(error["code"], "work_held", "{error}");
+        let enqueued = q.history(&held).await[0].clone();
+        assert!(
+            enqueued["detail"].as_str().unwrap_or_default().starts_with("held until "),
+            "{enqueued}"
+        );
+        settle().await;
+        server.clock.advance_millis(LEASE_MS - 1_000);
+        assert!(q.poll("", Some("w2")).await.ok().is_null());
+        server.clock.advance_millis(2_000);
+        let delivered = q.poll("", Some("w2")).await.ok().clone();
+        assert_eq!(delivered["id"], held.as_str(), "handed out once the lease is over");
+        q.ack(&held, Some("w2")).await.ok();
+
+        // A stop request and its confirmation, both from an operator, hold it as well: the worker
+        // was still draining.
+        let drained = q.enqueue().await;
+        take(&drained).await;
+        q.stop(&drained.id, json!({})).await.ok();
+        q.stop(&drained.id, json!({})).await.ok();
+        assert_eq!(q.state(&drained.id).await, "stopped");
+        let held = next_item(&drained).await;
+        assert!(q.poll("", Some("w2")).await.ok().is_null());
+        q.ack(&held, None).await.error(409, "invalid_request_error");
+
+        // A worker polling with an environment key confirms a stop with that key, as poller-based
+        // workers do once drained: nothing runs on. The same key's forced stop may be an operator's.
+        let key = req(server, Method::POST, &format!("/environments/{}/keys", q.env))
+            .json(json!({}))
+            .send()
+            .await
+            .ok()["token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+        let with_key = |method: Method, path: String| q.req(method, &path).bearer(&key);
+        let confirmed = q.enqueue().await;
+        let polled = with_key(Method::GET, q.path("/poll")).send().await.ok().clone();
+        assert_eq!(polled["id"], confirmed.id.as_str());
+        with_key(Method::POST, q.item_path(&confirmed.id, "/ack")).send().await.ok();
+        q.stop(&confirmed.id, json!({})).await.ok();
+        with_key(Method::POST, q.item_path(&confirmed.id, "/stop"))
+            .json(json!({}))
+            .send()
+            .await
+            .ok();
+        let fresh = next_item(&confirmed).await;
+        assert!(q.history(&fresh).await[0]["detail"].is_null());
+        let polled = with_key(Method::GET, q.path("/poll")).send().await.ok().clone();
+        assert_eq!(polled["id"], fresh.as_str());
+        with_key(Method::POST, q.item_path(&fresh, "/ack")).send().await.ok();
+        with_key(Method::POST, q.item_path(&fresh, "/stop"))
+            .json(json!({"force": true}))
+            .send()
+            .await
+            .ok();
+        let held_again = next_item(&Item { id: fresh.clone(), ..confirmed }).await;
+        q.ack(&held_again, None).await.error(409, "invalid_request_error");
+
+        // The worker's own force stop, with the item's session token: nothing runs on.
+        let own = q.enqueue().await;
+        let token = take(&own).await;
+        q.req(Method::POST, &q.item_path(&own.id, "/stop"))
+            .bearer(&token)
+            .json(json!({"force": true}))
+            .send()
+            .await
+            .ok();
+        let fresh = next_item(&own).await;
+        let delivered = q.poll("", Some("w1")).await.ok().clone();
+        assert_eq!(delivered["id"], fresh.as_str(), "handed out at once");
+        assert!(q.history(&fresh).await[0]["detail"].is_null());
+    })
+    .await;
+}
+
 /// A transition's `worker_id` is the worker that held the item; who asked for a stop is in its
 /// `detail`, so that an operator's force stop reads apart from the worker's own at its program's end.
 #[tokio::test]

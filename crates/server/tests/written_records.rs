@@ -19,6 +19,7 @@ use tether_core::{ManualClock, SystemClock, Timestamp, WorkState};
 use tether_server::service::agents::{AgentChanges, NewAgent};
 use tether_server::service::events::NewEvents;
 use tether_server::service::sessions::NewSession;
+use tether_server::service::tokens::Principal;
 use tether_server::{App, ServiceConfig};
 use tether_store::Store;
 use tether_testkit::backends;
@@ -31,6 +32,13 @@ async fn claim(app: &App, env: &tether_core::resources::Environment, worker: &st
         .expect("an item to take")
         .item
         .id
+}
+
+/// An operator's admin token, as the caller of a stop.
+fn operator() -> Principal {
+    Principal::Admin {
+        credential_id: "tok_operator".into(),
+    }
 }
 
 /// A clock that moves only when told, from a fixed start.
@@ -117,7 +125,7 @@ async fn a_work_cycle_on_one_server_reads_each_item_once() {
             1,
             "{name}: a read that writes nothing is answered from the store, not from memory"
         );
-        let stopped = app.stop(&env, &id, true, "a test").await.expect("stop");
+        let stopped = app.stop(&env, &id, true, &operator()).await.expect("stop");
         assert_eq!(
             counting.reads() - before,
             1,
@@ -208,7 +216,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
 
         // A stop elsewhere: `here` still remembers a live item, and must not renew its lease.
         elsewhere
-            .stop(&env, &id, true, "a test")
+            .stop(&env, &id, true, &operator())
             .await
             .expect("stop elsewhere");
         let renewed = here
@@ -288,7 +296,7 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
             .expect("message elsewhere");
         let id = claim(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
-        let stopped = here.stop(&env, &id, true, "a test").await.expect("stop");
+        let stopped = here.stop(&env, &id, true, &operator()).await.expect("stop");
         assert_eq!(stopped.state, WorkState::Stopped, "{name}");
         let session = counting
             .get_session(&session.id)
@@ -514,7 +522,7 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
         let (session_id, id) = acked_item(&here, &env).await;
         // The first stop leaves the session as it is; the second, to `stopped`, ends its turn.
         let stopping = here
-            .stop(&env, &id, false, "a test")
+            .stop(&env, &id, false, &operator())
             .await
             .expect("first stop");
         assert_eq!(stopping.state, WorkState::Stopping, "{name}");
@@ -549,7 +557,7 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
         held.arrived.await.expect("the post's commit arrives");
         let stop = tokio::spawn({
             let (here, env, id) = (here.clone(), env.clone(), id.clone());
-            async move { here.stop(&env, &id, false, "a test").await }
+            async move { here.stop(&env, &id, false, &operator()).await }
         });
         // Without turns the stop, re-reading after its loss, would finish now, before the post.
         let early = tokio::time::timeout(Duration::from_millis(500), async {

@@ -7,8 +7,9 @@ use tokio::sync::broadcast;
 
 use crate::sql::{self, Expect, Row, Statement};
 use crate::{
-    ArchiveFilter, Candidate, ChangeSet, EventDoc, HistoryRow, Notice, Page, PageRequest,
-    QueueCounts, SessionFilter, Store, StoreResult, Versioned, WorkFilter, WorkWithSession,
+    ArchiveFilter, Candidate, ChangeSet, ClaimWindow, EventDoc, HistoryRow, Notice, Page,
+    PageRequest, QueueCounts, SessionFilter, Store, StoreResult, Versioned, WorkFilter,
+    WorkWithSession,
 };
 
 /// What a backend provides: run a query, run a list of writes atomically, and pass notices around.
@@ -240,11 +241,11 @@ impl<E: Executor> Store for SqlStore<E> {
     async fn claim_candidates(
         &self,
         environment_id: &str,
-        reclaim_cutoff: Timestamp,
+        window: ClaimWindow,
         limit: u32,
     ) -> StoreResult<Vec<Candidate>> {
         self.all(
-            sql::claim_candidates(environment_id, reclaim_cutoff, limit),
+            sql::claim_candidates(environment_id, window, limit),
             sql::candidate,
         )
         .await

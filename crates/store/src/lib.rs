@@ -161,6 +161,24 @@ pub enum Cursor {
     Before(String),
 }
 
+/// What a poll at `now` may take: items delivered at or before `reclaim_cutoff` (or never), and
+/// held until no later than `now` (or not at all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimWindow {
+    pub now: Timestamp,
+    pub reclaim_cutoff: Timestamp,
+}
+
+impl ClaimWindow {
+    /// The window of a poll at `now` that takes back deliveries older than `reclaim_older_than_ms`.
+    pub fn at(now: Timestamp, reclaim_older_than_ms: i64) -> ClaimWindow {
+        ClaimWindow {
+            now,
+            reclaim_cutoff: now.minus_millis(reclaim_older_than_ms),
+        }
+    }
+}
+
 /// A queued item a poll may take. Its document is decoded only when the poll takes it: a poll reads a
 /// few candidates, to step past those that other polls of this process are taking, and uses one.
 #[derive(Clone, Debug, PartialEq)]
@@ -391,12 +409,13 @@ pub trait Store: Send + Sync + 'static {
         filter: &WorkFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<WorkItem>>;
-    /// Queued items a poll may take: undelivered, or delivered at or before `reclaim_cutoff`; oldest
+    /// Queued items a poll may take (`tether_core::work::is_claimable`, in SQL): undelivered or
+    /// delivered at or before the window's reclaim cutoff, and not held past its `now`; oldest
     /// `enqueued_at` first, then smallest id (D-22).
     async fn claim_candidates(
         &self,
         environment_id: &str,
-        reclaim_cutoff: Timestamp,
+        window: ClaimWindow,
         limit: u32,
     ) -> StoreResult<Vec<Candidate>>;
     async fn live_work_for_session(

@@ -11,8 +11,9 @@ use tether_core::resources::{Agent, Credential, CredentialKind};
 use tether_core::{Cause, Timestamp, WorkItem, WorkState};
 
 use crate::{
-    history_chunk_seq, history_seq, ArchiveFilter, ChangeSet, Cursor, HistoryRow, Page,
-    PageRequest, QueueCounts, SessionFilter, StoreError, StoreResult, Versioned, WorkFilter, Write,
+    history_chunk_seq, history_seq, ArchiveFilter, ChangeSet, ClaimWindow, Cursor, HistoryRow,
+    Page, PageRequest, QueueCounts, SessionFilter, StoreError, StoreResult, Versioned, WorkFilter,
+    Write,
 };
 
 /// A bound parameter or a fetched column value.
@@ -207,6 +208,13 @@ ON CONFLICT (environment_id, slot) DO NOTHING;
 ALTER TABLE work_items ADD COLUMN history TEXT NOT NULL DEFAULT '';
 "#,
     ),
+    (
+        4,
+        // When a held item may be handed out (`WorkItem::not_before`); null for any other item.
+        r#"
+ALTER TABLE work_items ADD COLUMN not_before BIGINT;
+"#,
+    ),
 ];
 
 /// The statement that reads the newest migration a database has had.
@@ -336,15 +344,16 @@ pub fn doc<T: serde::de::DeserializeOwned>(row: &Row) -> StoreResult<T> {
 }
 
 /// The values every write of a work item sets, in this order: `state`, `enqueued_at`, `delivered_at`,
-/// `lease_expires_at`, `token_hash` (the columns queries filter or sort on, derived from the record)
-/// and `doc`.
-fn work_values(item: &WorkItem) -> [Value; 6] {
+/// `lease_expires_at`, `token_hash`, `not_before` (the columns queries filter or sort on, derived
+/// from the record) and `doc`.
+fn work_values(item: &WorkItem) -> [Value; 7] {
     [
         item.state.as_str().into(),
         item.enqueued_at.into(),
         item.delivery.as_ref().map(|d| d.delivered_at).into(),
         item.lease_expires_at.into(),
         item.session_token_hash.clone().into(),
+        item.not_before.into(),
         to_doc(item),
     ]
 }
@@ -529,8 +538,8 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             out.push((
                 Statement::new(
                     "INSERT INTO work_items (id, version, environment_id, session_id, state, enqueued_at, \
-                     delivered_at, lease_expires_at, token_hash, doc, history) \
-                     VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                     delivered_at, lease_expires_at, token_hash, not_before, doc, history) \
+                     VALUES ($1, 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     params,
                 ),
                 OneRow,
@@ -559,11 +568,11 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             // A write without transitions (a heartbeat after the first) leaves the column alone: on
             // PostgreSQL an unchanged value, stored apart once it has grown, is not written again.
             let history = if spill {
-                ", history = $9"
+                ", history = $10"
             } else if transitions.is_empty() {
                 ""
             } else {
-                ", history = history || $9"
+                ", history = history || $10"
             };
             if !history.is_empty() {
                 params.push(history_lines(version, transitions).into());
@@ -584,7 +593,8 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
                 Statement::new(
                     format!(
                         "UPDATE work_items SET version = version + 1, state = $2, enqueued_at = $3, delivered_at = $4, \
-                         lease_expires_at = $5, token_hash = $6, doc = $7{history} WHERE id = $1 AND version = $8{session_guard}"
+                         lease_expires_at = $5, token_hash = $6, not_before = $7, doc = $8{history} \
+                         WHERE id = $1 AND version = $9{session_guard}"
                     ),
                     params,
                 ),
@@ -888,13 +898,14 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
 /// The limit is written into the text, not bound: SQLite (built with STAT4) prepares a statement
 /// again whenever a bound `LIMIT` is rebound, which for the busiest read of all cost about 7 % of the
 /// server's CPU. Polls ask for few distinct limits (1 to 64), so the texts stay few.
-pub fn claim_candidates(environment_id: &str, reclaim_cutoff: Timestamp, limit: u32) -> Statement {
+pub fn claim_candidates(environment_id: &str, window: ClaimWindow, limit: u32) -> Statement {
     Statement::new(
         format!(
             "SELECT id, version, doc FROM work_items WHERE environment_id = $1 AND state = 'queued' \
-             AND (delivered_at IS NULL OR delivered_at <= $2) ORDER BY enqueued_at, id LIMIT {limit}"
+             AND (delivered_at IS NULL OR delivered_at <= $2) AND (not_before IS NULL OR not_before <= $3) \
+             ORDER BY enqueued_at, id LIMIT {limit}"
         ),
-        vec![environment_id.into(), reclaim_cutoff.into()],
+        vec![environment_id.into(), window.reclaim_cutoff.into(), window.now.into()],
     )
     .bounded()
 }
@@ -1109,6 +1120,7 @@ mod tests {
             WorkData::session("sesn_1".to_owned()),
             Default::default(),
             Timestamp::from_micros(1),
+            None,
             &Default::default(),
         );
         (step.item, step.transitions)
@@ -1170,8 +1182,8 @@ mod tests {
             !sql(update(3, vec![])).contains("history"),
             "a heartbeat leaves the history alone"
         );
-        assert!(sql(update(3, two.clone())).contains("history = history || $9"));
-        assert!(sql(update(HISTORY_SPILL_EVERY - 1, vec![])).contains("history = $9"));
+        assert!(sql(update(3, two.clone())).contains("history = history || $10"));
+        assert!(sql(update(HISTORY_SPILL_EVERY - 1, vec![])).contains("history = $10"));
         let insert = Write::InsertWork {
             item: item.clone(),
             transitions,

@@ -725,3 +725,11 @@ async fn forward_until_cut(
     }
     let _ = client.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_held_item_is_a_claim_candidate_from_its_moment_on() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::a_held_item_is_a_claim_candidate_from_its_moment_on(&store).await;
+}

@@ -119,13 +119,18 @@ fn the_claim_query_is_not_prepared_again_for_each_cutoff() {
             conn.execute_batch(statement).unwrap();
         }
     }
-    let text = tether_store::sql::claim_candidates("env_a", Timestamp::from_micros(0), 9)
-        .sql
-        .replace('$', "?");
+    let text = tether_store::sql::claim_candidates(
+        "env_a",
+        tether_store::ClaimWindow::at(Timestamp::from_micros(0), 0),
+        9,
+    )
+    .sql
+    .replace('$', "?");
     let mut statement = conn.prepare(&text).unwrap();
     for cutoff in 0..10_i64 {
         // Each poll binds the statement's parameters afresh, whatever they are.
-        let claim = tether_store::sql::claim_candidates("env_a", Timestamp::from_micros(cutoff), 9);
+        let window = tether_store::ClaimWindow::at(Timestamp::from_micros(cutoff), 1);
+        let claim = tether_store::sql::claim_candidates("env_a", window, 9);
         let params: Vec<rusqlite::types::Value> = claim
             .params
             .iter()
@@ -161,6 +166,7 @@ async fn history_written_before_migration_3_reads_with_what_came_after() {
         WorkData::session("sesn_old".to_owned()),
         Default::default(),
         at,
+        None,
         &Default::default(),
     );
     {
@@ -274,4 +280,11 @@ async fn ping_reads_the_database() {
         store.ping().await.is_err(),
         "a database that cannot be read is not ready"
     );
+}
+
+#[tokio::test]
+async fn a_held_item_is_a_claim_candidate_from_its_moment_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::a_held_item_is_a_claim_candidate_from_its_moment_on(&store).await;
 }

@@ -312,7 +312,7 @@ pub async fn stop(
     let stop = decode::optional::<api::StopRequest>(body);
     let (env, api::StopRequest { force }) = judged(&app, &env_id, &work_id, stop).await?;
     let force = force.unwrap_or(false);
-    let item = app.stop(&env, &work_id, force, &p.asker()).await?;
+    let item = app.stop(&env, &work_id, force, &p).await?;
     Ok(Json(wire::work(&item, None)))
 }
 

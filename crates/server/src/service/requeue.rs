@@ -38,16 +38,18 @@ impl App {
                     .items
                     .iter()
                     .any(|h| h.transition.cause == Cause::Requeued);
+            let session_id = &current.value.data.id;
+            let session = self.store.get_session(session_id).await?;
             let now = self.now();
             let request = RequeueRequest {
                 fresh_id: ids::new_id(IdKind::Work),
                 by,
                 reason,
                 already_requeued,
+                not_before: session.as_ref().and_then(|s| s.value.next_item_not_before),
             };
             let requeue = work::requeue(&current.value, request, now, &self.config.lease)?;
-            let session_id = &current.value.data.id;
-            let session = match self.store.get_session(session_id).await? {
+            let session = match session {
                 Some(s) if s.value.archived_at.is_none() => s,
                 Some(_) => {
                     return Err(Error::invalid_state(format!(

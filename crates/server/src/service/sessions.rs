@@ -181,6 +181,7 @@ impl App {
             archived_at: None,
             pending_input: false,
             last_event_id: None,
+            next_item_not_before: None,
         };
         let mut work = Vec::new();
         let mut live_item = None;
@@ -318,6 +319,8 @@ impl App {
         );
         session.status = coupling.status;
         session.pending_input = coupling.pending_input;
+        session.next_item_not_before =
+            session::hold_next_item(session.next_item_not_before, step.holder_may_run_until, now);
         for event in &coupling.events {
             changes.push(Write::InsertEvent(super::events::server_event(
                 session, event, now,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Credential, CredentialKind};
+use tether_core::work::Stopper;
 use tether_store::{ChangeSet, Page, PageRequest, Write};
 
 use super::{App, Error, Missing, Result};
@@ -66,6 +67,23 @@ impl Principal {
                 format!("environment key {credential_id}")
             }
             Principal::SessionToken { .. } => "the item's session token".to_owned(),
+        }
+    }
+
+    /// What this caller is to `item`'s lease, for a stop (`work::stop_by`).
+    pub fn stopper_of(&self, item: &tether_core::WorkItem) -> Stopper {
+        match self {
+            Principal::SessionToken { token_hash, .. }
+                if item.session_token_hash.as_deref() == Some(token_hash.as_str()) =>
+            {
+                Stopper::SessionToken
+            }
+            Principal::EnvironmentKey { credential_id, .. }
+                if item.session_token_issuer.as_deref() == Some(credential_id.as_str()) =>
+            {
+                Stopper::DeliveryKey
+            }
+            _ => Stopper::Other,
         }
     }
 

@@ -10,10 +10,12 @@ use tether_core::session;
 use tether_core::work::{self, ExpectedHeartbeat, HeartbeatReply, Step, WorkData};
 use tether_core::{Timestamp, WorkError, WorkItem, WorkState};
 use tether_store::{
-    ChangeSet, HistoryRow, Page, PageRequest, QueueCounts, Versioned, WorkFilter, Write,
+    ChangeSet, ClaimWindow, HistoryRow, Page, PageRequest, QueueCounts, Versioned, WorkFilter,
+    Write,
 };
 
 use super::events::server_event;
+use super::tokens::Principal;
 use super::worker_records::Record;
 use super::{App, Error, Missing, Result, Retry, SessionOfItem};
 use crate::credentials;
@@ -413,11 +415,14 @@ impl App {
         };
         let mut next = session.value.clone();
         let coupling = session::couple(next.status, next.pending_input, &step.transitions);
-        if !coupling.changes(next.status, next.pending_input) {
+        let hold =
+            session::hold_next_item(next.next_item_not_before, step.holder_may_run_until, now);
+        if !coupling.changes(next.status, next.pending_input) && hold == next.next_item_not_before {
             return Ok(Some(session.version));
         }
         next.status = coupling.status;
         next.pending_input = coupling.pending_input;
+        next.next_item_not_before = hold;
         let events: Vec<_> = coupling
             .events
             .iter()
@@ -448,6 +453,7 @@ impl App {
             WorkData::session(session.id.clone()),
             session.metadata.clone(),
             now,
+            session.next_item_not_before,
             &self.config.lease,
         );
         let item = step.item.clone();
@@ -554,7 +560,7 @@ impl App {
                 .min(CLAIM_BATCH);
             let candidates = self
                 .store
-                .claim_candidates(&env.id, now.minus_millis(reclaim_ms), batch)
+                .claim_candidates(&env.id, ClaimWindow::at(now, reclaim_ms), batch)
                 .await?;
             let mut lost_a_race = false;
             for candidate in candidates {
@@ -733,17 +739,22 @@ impl App {
         Ok(reply)
     }
 
-    /// Stop (§6.8); `asker` is the caller, as the item's history names it (`Principal::asker`).
+    /// Stop (§6.8), asked for by `caller`. Unless the core takes it for the lease holder's own
+    /// (`work::stop_by`), a stop of a leased item leaves its program running until the worker learns
+    /// of it, and holds the session's next item until the lease's deadline
+    /// (`work::Step::holder_may_run_until`).
     pub async fn stop(
         &self,
         env: &Environment,
         work_id: &str,
         force: bool,
-        asker: &str,
+        caller: &Principal,
     ) -> Result<WorkItem> {
+        let asker = caller.asker();
         let (item, ()) = self
             .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
-                Ok((work::stop(item, force, now)?.asked_by(asker), ()))
+                let step = work::stop_by(item, force, now, caller.stopper_of(item))?;
+                Ok((step.asked_by(&asker), ()))
             })
             .await?;
         Ok(item)
@@ -1028,10 +1039,7 @@ impl App {
 }
 
 fn unchanged(item: &WorkItem) -> Step {
-    Step {
-        item: item.clone(),
-        transitions: Vec::new(),
-    }
+    Step::unchanged(item)
 }
 
 pub(super) fn not_found_work(work_id: &str) -> Error {
@@ -1079,6 +1087,7 @@ mod tests {
             WorkData::session(ids::new_id(IdKind::Session)),
             Default::default(),
             now,
+            None,
             &tether_core::LeasePolicy::default(),
         )
         .item;

@@ -200,12 +200,12 @@ impl Store for Counting {
     async fn claim_candidates(
         &self,
         environment_id: &str,
-        reclaim_cutoff: Timestamp,
+        window: tether_store::ClaimWindow,
         limit: u32,
     ) -> StoreResult<Vec<tether_store::Candidate>> {
         self.scans.fetch_add(1, Ordering::SeqCst);
         self.inner
-            .claim_candidates(environment_id, reclaim_cutoff, limit)
+            .claim_candidates(environment_id, window, limit)
             .await
     }
     async fn live_work_for_session(

@@ -5,7 +5,7 @@ use tether_core::resources::{Agent, Environment, Session};
 use tether_core::session::SessionStatus;
 use tether_core::work::{self, WorkData};
 use tether_core::Timestamp;
-use tether_store::{ChangeSet, Store, StoreError, Write};
+use tether_store::{ChangeSet, ClaimWindow, Store, StoreError, Write};
 
 const AT: Timestamp = Timestamp::from_micros(5_000_000);
 
@@ -54,6 +54,7 @@ fn session(id: &str, environment_id: &str) -> Session {
         archived_at: None,
         pending_input: false,
         last_event_id: None,
+        next_item_not_before: None,
     }
 }
 
@@ -65,6 +66,7 @@ async fn enqueue(store: &impl Store, work_id: &str, session_id: &str) -> work::S
         WorkData::session(session_id.to_owned()),
         Default::default(),
         AT,
+        None,
         &Default::default(),
     );
     store
@@ -410,4 +412,66 @@ pub async fn workers_seen_are_the_most_recent_up_to_the_limit(store: &impl Store
         names(store.workers_seen("env_limit", since, 2).await.unwrap()),
         ["w4", "w2"]
     );
+}
+
+/// A held item (`WorkItem::not_before`) is no claim candidate before its moment, whatever its place in
+/// the queue, through its insert and every later write; from its moment on it takes its place again.
+pub async fn a_held_item_is_a_claim_candidate_from_its_moment_on(store: &impl Store) {
+    let until = AT.plus_seconds(60);
+    let mut changes = ChangeSet::new();
+    changes.push(Write::InsertEnvironment(environment("env_held")));
+    let held = work::enqueue(
+        "work_held".into(),
+        "env_held".into(),
+        WorkData::session("sesn_held"),
+        Default::default(),
+        AT,
+        Some(until),
+        &Default::default(),
+    );
+    let plain = work::enqueue(
+        "work_plain".into(),
+        "env_held".into(),
+        WorkData::session("sesn_plain"),
+        Default::default(),
+        AT.plus_seconds(1),
+        None,
+        &Default::default(),
+    );
+    for step in [&held, &plain] {
+        changes.push(Write::InsertWork {
+            item: step.item.clone(),
+            transitions: step.transitions.clone(),
+        });
+    }
+    store.commit(changes).await.unwrap();
+    let candidates = async |now: Timestamp| {
+        store
+            .claim_candidates("env_held", ClaimWindow::at(now, 30_000), 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(candidates(AT.plus_seconds(2)).await, ["work_plain"]);
+    assert_eq!(candidates(until.minus_millis(1)).await, ["work_plain"]);
+    assert_eq!(candidates(until).await, ["work_held", "work_plain"]);
+
+    // A write that keeps it held keeps it out.
+    let patch =
+        tether_core::metadata::MetadataPatch::from([("k".to_owned(), Some("v".to_owned()))]);
+    let patched = work::patch_metadata(&held.item, &patch).unwrap();
+    store
+        .commit(ChangeSet::one(Write::UpdateWork {
+            item: patched.item.clone(),
+            expected_version: 1,
+            transitions: patched.transitions,
+            session_version: None,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(candidates(AT.plus_seconds(2)).await, ["work_plain"]);
+    let read = store.get_work("work_held").await.unwrap().unwrap();
+    assert_eq!(read.value.not_before, Some(until));
 }

@@ -104,10 +104,14 @@ impl Setup {
     }
 
     fn worker(&self, name: &str, server: &str) -> Worker {
+        self.worker_with_ttl(name, server, TTL)
+    }
+
+    fn worker_with_ttl(&self, name: &str, server: &str, ttl: i64) -> Worker {
         let mut command = WorkerChild::command(server, &self.env, name);
         command
             .args(["--key", &self.key])
-            .args(["--concurrency", "3", "--ttl", &TTL.to_string()])
+            .args(["--concurrency", "3", "--ttl", &ttl.to_string()])
             .args(["--grace", "1", "--drain-timeout", "2"])
             .args(["--", "sh", "-c", RECORDING_PROGRAM, "sh"])
             .env("RECORDS", self.records());
@@ -317,6 +321,76 @@ async fn a_line_that_fails_fast_then_hangs_loses_the_program_before_the_lease() 
         run.last < requeued_at,
         "the program was still running {} ms after the server requeued its item",
         (run.last - requeued_at) / 1_000
+    );
+}
+
+/// A NAT or a failover forgets the worker's open connections: what the worker sends on them vanishes
+/// without an error. The heartbeat stuck on one is tried again on a fresh connection while the lease
+/// lasts, and the program keeps running.
+#[tokio::test]
+async fn connections_forgotten_on_the_way_cost_no_lease() {
+    // A lease of 10 s is beaten every 5 s, with 3.9 s left for the tries of each beat.
+    const LEASE: i64 = 10;
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(&setup.server.base).await;
+    let _worker = setup.worker_with_ttl("nat", &proxy.url, LEASE);
+    let session = setup.session().await;
+    let deadline = Instant::now() + PATIENCE;
+    let beat_of = async || {
+        setup
+            .items()
+            .await
+            .into_iter()
+            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active")
+            .map(|i| {
+                (
+                    i["id"].as_str().unwrap_or_default().to_owned(),
+                    i["latest_heartbeat_at"].clone(),
+                )
+            })
+    };
+    let (work, first) = loop {
+        if let Some(found) = beat_of().await {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "the session was never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Just after a renewal, every connection the worker holds is forgotten.
+    while beat_of().await.map(|(_, beat)| beat) == Some(first.clone()) {
+        assert!(Instant::now() < deadline, "no second heartbeat");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.forget_connections();
+    // Three beats later, the lease has been renewed all along, and the same program runs.
+    tokio::time::sleep(Duration::from_secs(3 * LEASE as u64 / 2)).await;
+    let causes: Vec<Value> = setup
+        .history(&work)
+        .await
+        .iter()
+        .map(|t| t["cause"].clone())
+        .collect();
+    assert_eq!(
+        causes,
+        [
+            json!("enqueued"),
+            json!("delivered"),
+            json!("acked"),
+            json!("first_heartbeat")
+        ],
+        "the lease was lost"
+    );
+    let runs = runs(&setup.records());
+    let runs = &runs[&session];
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_micros() as i64;
+    assert!(
+        now - runs[0].last < 1_000_000,
+        "the program stopped recording {} ms ago",
+        (now - runs[0].last) / 1_000
     );
 }
 

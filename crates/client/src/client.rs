@@ -1,7 +1,7 @@
 //! The HTTP client.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use reqwest::header::{HeaderValue, ACCEPT};
@@ -137,9 +137,7 @@ impl ClientBuilder {
                 )));
             }
         }
-        // rustls, trusting the system's roots (rustls-native-certs, which also honours SSL_CERT_FILE
-        // and SSL_CERT_DIR) plus any CA files given.
-        let mut http = reqwest::Client::builder().use_rustls_tls();
+        let mut certificates = Vec::new();
         for path in &self.ca_cert_files {
             let pem = std::fs::read(path).map_err(|e| {
                 Error::Config(format!(
@@ -156,23 +154,55 @@ impl ClientBuilder {
                         path.display()
                     ))
                 })?;
-            for cert in certs {
-                http = http.add_root_certificate(cert);
-            }
+            certificates.extend(certs);
         }
-        let http = http
-            .connect_timeout(self.connect_timeout)
-            .read_timeout(self.read_timeout)
-            .user_agent(self.user_agent)
-            .build()
-            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        let transport = Transport {
+            certificates,
+            connect_timeout: self.connect_timeout,
+            read_timeout: self.read_timeout,
+            user_agent: self.user_agent,
+            unpooled: OnceLock::new(),
+        };
+        let http = transport.http(true)?;
         Ok(Client {
             http,
+            transport: Arc::new(transport),
             api_base: Arc::from(format!("{server}{prefix}")),
             server: Arc::from(server),
             token: self.token.map(Arc::from),
             timeout: self.timeout,
         })
+    }
+}
+
+/// What a [`Client`]'s HTTP clients are built from: the pooled one at once, the one without a pool
+/// ([`Client::on_fresh_connections`]) when first asked for, then shared by every clone.
+#[derive(Debug)]
+struct Transport {
+    certificates: Vec<reqwest::Certificate>,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    user_agent: String,
+    unpooled: OnceLock<reqwest::Client>,
+}
+
+impl Transport {
+    /// An HTTP client: rustls, trusting the system's roots (rustls-native-certs, which also honours
+    /// SSL_CERT_FILE and SSL_CERT_DIR) plus any CA files given. Without `pooled`, no connection is
+    /// kept once its answer is read.
+    fn http(&self, pooled: bool) -> Result<reqwest::Client> {
+        let mut http = reqwest::Client::builder().use_rustls_tls();
+        for cert in &self.certificates {
+            http = http.add_root_certificate(cert.clone());
+        }
+        if !pooled {
+            http = http.pool_max_idle_per_host(0);
+        }
+        http.connect_timeout(self.connect_timeout)
+            .read_timeout(self.read_timeout)
+            .user_agent(self.user_agent.clone())
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))
     }
 }
 
@@ -185,6 +215,7 @@ impl ClientBuilder {
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
+    transport: Arc<Transport>,
     server: Arc<str>,
     api_base: Arc<str>,
     token: Option<Arc<str>>,
@@ -223,6 +254,24 @@ impl Client {
             None => Client::builder(fallback_server),
         };
         builder.token(secret.sessions_token.clone()).build()
+    }
+
+    /// The same client, except that each of its requests opens a connection of its own and closes it
+    /// after the answer. For a retry that must not land on a pooled connection that may be dead: a
+    /// NAT or a load balancer that forgot a connection drops what is sent on it without a word, and
+    /// the request then hangs until its timeout.
+    pub fn on_fresh_connections(&self) -> Client {
+        let unpooled = self.transport.unpooled.get_or_init(|| {
+            // The settings built the pooled client already, so they build this one too; were it to
+            // fail all the same, the pooled client is the best left.
+            self.transport
+                .http(false)
+                .unwrap_or_else(|_| self.http.clone())
+        });
+        Client {
+            http: unpooled.clone(),
+            ..self.clone()
+        }
     }
 
     /// The same client (and connection pool) with another token.

@@ -80,3 +80,51 @@ async fn an_error_is_read_from_the_start_of_a_body_that_does_not_end() {
         other => panic!("{other}"),
     }
 }
+
+/// A server each of whose connections answers its first request and then reads on without a word:
+/// a pooled connection dropped on the way, as a NAT or a failover drops it. Counts the connections.
+async fn answers_once_per_connection() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&accepted);
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 4\r\n\r\nnull";
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                while matches!(stream.read(&mut request).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    (base, accepted)
+}
+
+#[tokio::test]
+async fn a_client_on_fresh_connections_never_lands_on_a_pooled_one_that_went_silent() {
+    use std::sync::atomic::Ordering;
+    let (base, accepted) = answers_once_per_connection().await;
+    let client = Client::builder(base)
+        .token("tth_adm_test")
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    client.health().await.unwrap();
+    // The pooled connection went silent: a request on it gets no answer.
+    let stuck = client.health().await.unwrap_err();
+    assert!(matches!(stuck, Error::Timeout { .. }), "{stuck}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Each request of the client on fresh connections opens its own, and is answered.
+    let fresh = client.on_fresh_connections();
+    for opened in 2..5 {
+        fresh.health().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), opened);
+    }
+}

@@ -9,6 +9,14 @@
 //! ([`Heartbeat::established`], [`Heartbeat::event`], [`Heartbeat::lost`]) carry their own timer for it,
 //! so that the program dies in time whatever the network does: answers that fail fast, then hang, or
 //! never come.
+//!
+//! A heartbeat without an answer is tried again while the lease lasts, each try with half the time
+//! left (`WorkerLease::request_timeout`), and on a fresh connection: the pooled one it hung on may be
+//! dead without a word (a NAT or a failover that forgot it). A try that got no answer may still have
+//! been accepted, and moved the lease's `last_heartbeat` on; the next try, expecting the old value,
+//! then gets 412 with the value the server holds (`error.details.current_state`), and the worker takes
+//! it up and tries once more. It can be no other worker's: the server hands the item to another only
+//! after the lease expired, and this worker stops beating before then.
 
 use std::future::Future;
 use std::time::Duration;
@@ -24,7 +32,20 @@ use crate::deadman;
 /// One lease renewal of one item: the heartbeat call. The worker's is [`ItemLease`] (HTTP, with the
 /// item's session token); the unit tests below script the server's answers on tokio's paused clock.
 pub trait Renew: Send + Sync + 'static {
-    fn renew(&self, options: HeartbeatOptions) -> impl Future<Output = Result<Beat, Error>> + Send;
+    fn renew(
+        &self,
+        options: HeartbeatOptions,
+        connection: Connection,
+    ) -> impl Future<Output = Result<Beat, Error>> + Send;
+}
+
+/// Which connection a heartbeat goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// Any the client keeps open (the first try of a beat).
+    Pooled,
+    /// One of its own (a try after one that got no answer).
+    Fresh,
 }
 
 /// The heartbeat call of one item, over HTTP.
@@ -36,8 +57,16 @@ pub struct ItemLease {
 }
 
 impl Renew for ItemLease {
-    async fn renew(&self, options: HeartbeatOptions) -> Result<Beat, Error> {
-        self.client
+    async fn renew(
+        &self,
+        options: HeartbeatOptions,
+        connection: Connection,
+    ) -> Result<Beat, Error> {
+        let client = match connection {
+            Connection::Pooled => self.client.clone(),
+            Connection::Fresh => self.client.on_fresh_connections(),
+        };
+        client
             .heartbeat(&self.environment_id, &self.work_id, &options)
             .await
     }
@@ -66,6 +95,12 @@ enum Verdict {
         stopping: bool,
     },
     Lost(String),
+    /// 412, and the lease's `last_heartbeat` is now this: another heartbeat moved it. If one of this
+    /// worker's own went unanswered, it was that one.
+    Moved {
+        last_heartbeat: String,
+        why: String,
+    },
     /// The server could not write (its database is away) and promises that no lease expires before
     /// this long after it can again.
     Amnesty(Duration),
@@ -87,7 +122,16 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
         // this worker can no longer renew (the poll loop ends the worker on the same error).
         Err(e) if e.is_tls() => Verdict::Lost(format!("the server's TLS was refused ({e})")),
         Err(e) => match e.status() {
-            Some(412) => Verdict::Lost(format!("another heartbeat holds the lease ({e})")),
+            Some(412) => {
+                let why = format!("another heartbeat holds the lease ({e})");
+                match current_heartbeat(e) {
+                    Some(last_heartbeat) => Verdict::Moved {
+                        last_heartbeat,
+                        why,
+                    },
+                    None => Verdict::Lost(why),
+                }
+            }
             Some(409) => Verdict::Lost(format!(
                 "the item went back to the queue or was stopped ({e})"
             )),
@@ -103,6 +147,19 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
             None => Verdict::Retry(crate::error::described(e)),
         },
     }
+}
+
+/// The `last_heartbeat` a 412 says the lease has now (`error.details.current_state`), when the
+/// item is still leased.
+fn current_heartbeat(e: &Error) -> Option<String> {
+    let Error::Api(api) = e else { return None };
+    let current = api.details.as_ref()?.get("current_state")?;
+    let leased = matches!(
+        current.get("state")?.as_str()?,
+        "starting" | "active" | "stopping"
+    );
+    let last = current.get("last_heartbeat")?.as_str()?;
+    leased.then(|| last.to_owned())
 }
 
 /// The amnesty a 503 promises: `error.code = "store_unavailable"` with
@@ -278,6 +335,10 @@ impl<R: Renew> Beats<'_, R> {
         let mut expected = NO_HEARTBEAT.to_owned();
         let mut renewed_once = false;
         let mut last_error = String::from("none");
+        // Since the last renewal: a try got no answer, so it may have been accepted unseen; and the
+        // connection to use for the next.
+        let mut unanswered = false;
+        let mut connection = Connection::Pooled;
         loop {
             let sent = Instant::now();
             let Some(timeout) = lease.request_timeout(self.reading(sent)) else {
@@ -297,14 +358,21 @@ impl<R: Renew> Beats<'_, R> {
                 worker_id: Some(self.worker_id.to_owned()),
                 timeout: Some(timeout.min(interval)),
             };
-            let call = self.renewer.renew(options);
+            let call = self.renewer.renew(options, connection);
             // The client's own timeout should end the call; this one holds even if it does not.
-            let result = match tokio::time::timeout(timeout.min(interval), call).await {
-                Ok(result) => result,
-                Err(_) => {
-                    last_error = "no answer in time".into();
-                    continue;
-                }
+            let answer = tokio::time::timeout(timeout.min(interval), call).await;
+            // No answer (none in time, or a transport error): the request may have reached the
+            // server, and the connection it went on may be dead.
+            if answer
+                .as_ref()
+                .map_or(true, |r| r.as_ref().is_err_and(|e| e.status().is_none()))
+            {
+                unanswered = true;
+                connection = Connection::Fresh;
+            }
+            let Ok(result) = answer else {
+                last_error = "no answer in time".into();
+                continue;
             };
             let answered = Instant::now();
             let wait = match judge(&result) {
@@ -316,6 +384,8 @@ impl<R: Renew> Beats<'_, R> {
                         Duration::from_secs(beat.ttl_seconds.into()),
                     );
                     renewed_once = true;
+                    unanswered = false;
+                    connection = Connection::Pooled;
                     self.publish(&lease);
                     self.state.send_if_modified(|l| {
                         let next = match l {
@@ -329,6 +399,20 @@ impl<R: Renew> Beats<'_, R> {
                     heartbeat_interval(lease.ttl()).saturating_sub(sent.elapsed())
                 }
                 Verdict::Lost(why) => return why,
+                Verdict::Moved {
+                    last_heartbeat,
+                    why,
+                } => {
+                    if !unanswered || last_heartbeat == expected {
+                        return why;
+                    }
+                    // The try that got no answer was accepted: go on from the value it was given.
+                    // The lease is renewed only by an answer this worker sees, from that try's send.
+                    expected = last_heartbeat;
+                    unanswered = false;
+                    last_error = "a heartbeat was accepted without an answer".into();
+                    continue;
+                }
                 Verdict::Amnesty(grace) => {
                     if lease.amnesty(self.reading(sent), self.reading(answered), grace) {
                         self.publish(&lease);
@@ -384,21 +468,32 @@ pub(crate) mod tests {
     /// When each heartbeat was sent, and the `last_heartbeat` it expected.
     type Sent = std::sync::Arc<std::sync::Mutex<Vec<(Instant, Option<String>)>>>;
 
-    /// A server whose heartbeat answers are scripted; it records when each heartbeat was sent and
-    /// what it expected.
+    /// The connection each heartbeat went on.
+    type Connections = std::sync::Arc<std::sync::Mutex<Vec<Connection>>>;
+
+    /// A server whose heartbeat answers are scripted; it records when each heartbeat was sent, what
+    /// it expected and the connection it went on.
     struct Scripted {
         steps: std::sync::Mutex<std::collections::VecDeque<Step>>,
         sent: Sent,
+        connections: Connections,
     }
 
     impl Scripted {
         fn new(steps: Vec<Step>) -> (Scripted, Sent) {
-            let sent = std::sync::Arc::default();
+            let (server, sent, _) = Scripted::watching_connections(steps);
+            (server, sent)
+        }
+
+        fn watching_connections(steps: Vec<Step>) -> (Scripted, Sent, Connections) {
+            let sent = Sent::default();
+            let connections = Connections::default();
             let server = Scripted {
                 steps: std::sync::Mutex::new(steps.into()),
                 sent: std::sync::Arc::clone(&sent),
+                connections: std::sync::Arc::clone(&connections),
             };
-            (server, sent)
+            (server, sent, connections)
         }
     }
 
@@ -406,11 +501,13 @@ pub(crate) mod tests {
         fn renew(
             &self,
             options: HeartbeatOptions,
+            connection: Connection,
         ) -> impl Future<Output = Result<Beat, Error>> + Send {
             self.sent
                 .lock()
                 .unwrap()
                 .push((Instant::now(), options.expected_last_heartbeat.clone()));
+            self.connections.lock().unwrap().push(connection);
             let step = self.steps.lock().unwrap().pop_front();
             async move {
                 match step {
@@ -546,6 +643,126 @@ pub(crate) mod tests {
 
     fn refused(status: u16) -> Result<Beat, Error> {
         Err(refusal(status))
+    }
+
+    /// An accepted heartbeat that hands out `last_heartbeat`, with a lease of 10 s.
+    fn beat_giving(last_heartbeat: &str) -> Result<Beat, Error> {
+        let mut beat = beat_with_ttl("active", true, 10).unwrap();
+        beat.last_heartbeat = last_heartbeat.to_owned();
+        Ok(beat)
+    }
+
+    /// The 412 of a heartbeat whose expectation no longer holds: the lease's `last_heartbeat` is now
+    /// `current`.
+    fn moved_to(current: &str) -> Result<Beat, Error> {
+        Err(tether_client::ApiError {
+            status: 412,
+            kind: "precondition_failed_error".into(),
+            message: "expected_last_heartbeat does not match the current lease".into(),
+            param: None,
+            code: Some("lease_mismatch".into()),
+            details: Some(serde_json::json!({
+                "error_code": "heartbeat_precondition_failed",
+                "current_state": {"state": "active", "ttl_seconds": 10, "last_heartbeat": current},
+            })),
+            request_id: None,
+        }
+        .into())
+    }
+
+    /// A try the server never answers (within any lease).
+    fn hangs() -> Step {
+        Step {
+            delay: Duration::from_secs(3_600),
+            answer: beat_giving("never seen"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_stuck_on_a_dead_connection_is_tried_again_on_a_fresh_one_in_time() {
+        let acked = Instant::now();
+        let (server, sent, connections) = Scripted::watching_connections(vec![
+            at_once(beat_giving("A")),
+            hangs(),
+            hangs(),
+            at_once(beat_giving("B")),
+            at_once(beat_giving("C")),
+        ]);
+        let mut lease = Heartbeat::start(server, "w".into(), None, acked);
+        assert_eq!(lease.established().await, Lease::Held);
+        // Past the first renewal's deadline (8.9 s): the third try, on a fresh connection, renewed
+        // it; and past the beat after that one.
+        tokio::time::sleep_until(acked + Duration::from_secs(13)).await;
+        assert!(matches!(*lease.state.borrow(), Lease::Held));
+        let sent = sent.lock().unwrap();
+        assert_eq!(
+            *connections.lock().unwrap(),
+            [
+                Connection::Pooled,
+                Connection::Pooled,
+                Connection::Fresh,
+                Connection::Fresh,
+                // Renewed: back to the pool.
+                Connection::Pooled,
+            ]
+        );
+        // The beat due at 5 s had 3.9 s left: 1.95 s for it, then 1 s, before the one that answered.
+        let times: Vec<_> = sent.iter().map(|(at, _)| *at - acked).collect();
+        assert_eq!(times[1], Duration::from_secs(5));
+        assert_eq!(times[2] - times[1], Duration::from_millis(1_950));
+        assert_eq!(times[3] - times[2], Duration::from_secs(1));
+        // Unanswered tries do not move the expectation.
+        let expected: Vec<_> = sent.iter().map(|(_, e)| e.as_deref().unwrap()).collect();
+        assert_eq!(expected, [NO_HEARTBEAT, "A", "A", "A", "B"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_accepted_without_an_answer_is_taken_up_from_the_412_that_follows() {
+        let acked = Instant::now();
+        let (server, sent) = Scripted::new(vec![
+            at_once(beat_giving("A")),
+            // Accepted as "B", but its answer never comes.
+            hangs(),
+            at_once(moved_to("B")),
+            at_once(beat_giving("C")),
+            at_once(beat_giving("D")),
+        ]);
+        let mut lease = Heartbeat::start(server, "w".into(), None, acked);
+        assert_eq!(lease.established().await, Lease::Held);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert!(matches!(*lease.state.borrow(), Lease::Held));
+        let sent = sent.lock().unwrap();
+        let expected: Vec<_> = sent.iter().map(|(_, e)| e.as_deref().unwrap()).collect();
+        assert_eq!(expected, [NO_HEARTBEAT, "A", "A", "B", "C"]);
+        // Taken up at once: the try with "B" went out with the 412's answer.
+        assert_eq!(sent[3].0, sent[2].0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_412_is_a_lost_lease_when_every_try_was_answered_or_once_taken_up() {
+        // Every try answered: someone else moved the lease.
+        let (server, _) = Scripted::new(vec![at_once(beat_giving("A")), at_once(moved_to("B"))]);
+        let mut lease = Heartbeat::start(server, "w".into(), None, Instant::now());
+        assert_eq!(lease.established().await, Lease::Held);
+        assert!(lease
+            .lost()
+            .await
+            .contains("another heartbeat holds the lease"));
+
+        // Taken up once, refused again: the lease is another's.
+        let (server, sent) = Scripted::new(vec![
+            at_once(beat_giving("A")),
+            hangs(),
+            at_once(moved_to("B")),
+            at_once(moved_to("B")),
+        ]);
+        let mut lease = Heartbeat::start(server, "w".into(), None, Instant::now());
+        assert_eq!(lease.established().await, Lease::Held);
+        assert!(lease
+            .lost()
+            .await
+            .contains("another heartbeat holds the lease"));
+        assert_eq!(sent.lock().unwrap().len(), 4);
     }
 
     /// The 503 of a server whose database is away, promising `amnesty_ms` of lease amnesty.

@@ -940,6 +940,7 @@ mod tests {
         fn renew(
             &self,
             _: HeartbeatOptions,
+            _: crate::heartbeat::Connection,
         ) -> impl Future<Output = tether_client::Result<Beat>> + Send {
             let answer = if self.0.down() {
                 Some(Answer::Now(Err(refused(503))))

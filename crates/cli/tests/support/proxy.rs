@@ -32,6 +32,9 @@ impl Mode {
 pub struct Proxy {
     pub url: String,
     mode: watch::Sender<Mode>,
+    /// Counts [`Proxy::forget_connections`]: a connection goes silent once it moves past the count
+    /// at its accept.
+    forgotten: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -47,15 +50,29 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let url = format!("http://{}", listener.local_addr().expect("proxy address"));
         let (mode, watcher) = watch::channel(Mode::Forward);
+        let (forgotten, forgetting) = watch::channel(0);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(relay(client, upstream, watcher.clone()));
+                let forgotten = Forgotten::at_accept(&forgetting);
+                tokio::spawn(relay(client, upstream, watcher.clone(), forgotten));
             }
         });
-        Proxy { url, mode, task }
+        Proxy {
+            url,
+            mode,
+            forgotten,
+            task,
+        }
+    }
+
+    /// Every connection open now goes silent for good, its sockets left open, as through a NAT that
+    /// forgot them: what is sent on it is never delivered, and no error says so. New connections
+    /// are forwarded as the mode says.
+    pub fn forget_connections(&self) {
+        self.forgotten.send_modify(|n| *n += 1);
     }
 
     pub fn set(&self, mode: Mode) {
@@ -73,7 +90,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn relay(client: TcpStream, upstream: SocketAddr, mut mode: watch::Receiver<Mode>) {
+async fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut mode: watch::Receiver<Mode>,
+    forgotten: Forgotten,
+) {
     let current = *mode.borrow_and_update();
     if !current.forwards() {
         misbehave(client, current, &mut mode).await;
@@ -84,12 +106,34 @@ async fn relay(client: TcpStream, upstream: SocketAddr, mut mode: watch::Receive
     };
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up = pipe(client_read, server_write, mode.clone());
-    let down = pipe(server_read, client_write, mode.clone());
+    let up = pipe(client_read, server_write, mode.clone(), forgotten.clone());
+    let down = pipe(server_read, client_write, mode.clone(), forgotten);
     // Either direction ending (EOF, error, or a mode that ends the connection) ends both.
     tokio::select! {
         _ = up => {}
         _ = down => {}
+    }
+}
+
+/// Whether one connection has been forgotten ([`Proxy::forget_connections`]).
+#[derive(Clone)]
+struct Forgotten {
+    count: watch::Receiver<u64>,
+    at_accept: u64,
+}
+
+impl Forgotten {
+    fn at_accept(count: &watch::Receiver<u64>) -> Forgotten {
+        Forgotten {
+            at_accept: *count.borrow(),
+            count: count.clone(),
+        }
+    }
+
+    /// Returns once the connection is forgotten.
+    async fn happened(mut self) {
+        let at_accept = self.at_accept;
+        let _ = self.count.wait_for(|n| *n != at_accept).await;
     }
 }
 
@@ -118,10 +162,19 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
+    forgotten: Forgotten,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
+    let forgotten = forgotten.happened();
+    tokio::pin!(forgotten);
     loop {
         let n = tokio::select! {
+            () = &mut forgotten => {
+                // Silent for good, both sockets kept open: nothing passes, nothing is closed.
+                let _open = (&from, &to);
+                std::future::pending::<()>().await;
+                return;
+            },
             read = from.read(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,

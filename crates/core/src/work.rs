@@ -186,7 +186,20 @@ pub struct WorkItem {
     /// queued item is held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<Timestamp>,
+    /// Redeliveries since the item's last other transition. Past [`RECORDED_REDELIVERIES`] they get
+    /// no history line each: a worker that polls the same item again and again without acking it
+    /// (`reclaim_older_than_ms=0`) would otherwise grow the history without bound. The next other
+    /// transition says how many went unrecorded.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redeliveries_in_a_row: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// How many redeliveries in a row get a history line each (see [`WorkItem::redeliveries_in_a_row`]).
+pub const RECORDED_REDELIVERIES: u32 = 10;
 
 /// The result of an accepted operation: the item after it and the transitions on the way.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -373,6 +386,7 @@ pub fn enqueue(
         session_token_hash: None,
         session_token_issuer: None,
         not_before,
+        redeliveries_in_a_row: 0,
     };
     let transition = Transition {
         at: now,
@@ -429,6 +443,13 @@ pub fn deliver(
     next.delivery_count += 1;
     next.session_token_hash = Some(session_token_hash);
     next.session_token_issuer = issuer.map(str::to_owned);
+    if cause == Cause::Redelivered {
+        next.redeliveries_in_a_row = item.redeliveries_in_a_row.saturating_add(1);
+        if next.redeliveries_in_a_row > RECORDED_REDELIVERIES {
+            check_invariants(&next);
+            return Ok(Step::new(next, Vec::new()));
+        }
+    }
     Ok(finish(item, next, now, cause, worker_id, None))
 }
 
@@ -845,12 +866,26 @@ pub fn chain(expired: Option<Step>, then: Step) -> Step {
 
 fn finish(
     before: &WorkItem,
-    next: WorkItem,
+    mut next: WorkItem,
     now: Timestamp,
     cause: Cause,
     worker_id: Option<&str>,
     detail: Option<&str>,
 ) -> Step {
+    let mut detail = detail.map(str::to_owned);
+    if cause != Cause::Redelivered {
+        let unrecorded = before
+            .redeliveries_in_a_row
+            .saturating_sub(RECORDED_REDELIVERIES);
+        if unrecorded > 0 {
+            let note = format!("after {unrecorded} more redeliveries, not recorded one by one");
+            detail = Some(match detail {
+                Some(detail) => format!("{note}; {detail}"),
+                None => note,
+            });
+        }
+        next.redeliveries_in_a_row = 0;
+    }
     check_invariants(&next);
     let transition = Transition {
         at: now,
@@ -858,7 +893,7 @@ fn finish(
         to: next.state,
         cause,
         worker_id: worker_id.map(str::to_owned),
-        detail: detail.map(str::to_owned),
+        detail,
     };
     Step::new(next, vec![transition])
 }

@@ -329,6 +329,12 @@ fn delivered_to(worker: Option<&'static str>) -> Expect {
         delivery_count: b.delivery_count + 1,
         session_token_hash: Some(TOKEN_NEW.into()),
         session_token_issuer: None,
+        // A redelivery counts in a row; a first delivery starts afresh.
+        redeliveries_in_a_row: if b.delivery.is_some() {
+            b.redeliveries_in_a_row + 1
+        } else {
+            0
+        },
         ..b.clone()
     })
 }
@@ -1662,4 +1668,64 @@ fn asked_by_notes_the_asker_after_the_detail() {
             }
         }
     }
+}
+
+/// A worker that polls one item again and again without acking it (`reclaim_older_than_ms=0`) gets
+/// a history line for each of the first `RECORDED_REDELIVERIES` redeliveries in a row, and then none:
+/// the history stays bounded. The next other transition says how many went unrecorded, and starts
+/// the count again.
+#[test]
+fn redeliveries_in_a_row_are_recorded_up_to_a_bound_then_counted() {
+    let p = LeasePolicy::default();
+    let mut item = enqueue_at(t(0), &p);
+    let mut lines = Vec::new();
+    let polls = work::RECORDED_REDELIVERIES + 25;
+    for i in 0..=polls {
+        let step = work::deliver(
+            &item,
+            Some(W1),
+            TOKEN_1.into(),
+            None,
+            t(1 + i64::from(i)),
+            0,
+        )
+        .unwrap();
+        assert!(step.changes(&item), "every delivery is written (poll {i})");
+        lines.extend(step.transitions.iter().map(|t| t.cause));
+        item = step.item;
+        assert_eq!(item.delivery_count, i + 1);
+    }
+    let redelivered = lines.iter().filter(|c| **c == Cause::Redelivered).count();
+    assert_eq!(lines[0], Cause::Delivered);
+    assert_eq!(redelivered, work::RECORDED_REDELIVERIES as usize);
+    assert_eq!(item.redeliveries_in_a_row, polls);
+
+    let acked = work::ack(&item, Some(W1), t(100)).unwrap();
+    assert_eq!(acked.item.redeliveries_in_a_row, 0);
+    assert_eq!(
+        acked.transitions[0].detail.as_deref(),
+        Some("after 25 more redeliveries, not recorded one by one")
+    );
+    assert!(work::invariant_violation(&acked.item).is_none());
+
+    // Within the bound, nothing is said, and a stop's own detail is kept after the note.
+    let mut item = enqueue_at(t(0), &p);
+    for i in 0..3 {
+        item = work::deliver(&item, Some(W1), TOKEN_1.into(), None, t(1 + i), 0)
+            .unwrap()
+            .item;
+    }
+    let acked = work::ack(&item, Some(W1), t(10)).unwrap();
+    assert_eq!(acked.transitions[0].detail, None);
+    let mut item = enqueue_at(t(0), &p);
+    for i in 0..=i64::from(work::RECORDED_REDELIVERIES) + 1 {
+        item = work::deliver(&item, Some(W1), TOKEN_1.into(), None, t(1 + i), 0)
+            .unwrap()
+            .item;
+    }
+    let stopped = work::stop(&item, false, t(50)).unwrap();
+    assert_eq!(
+        stopped.transitions[0].detail.as_deref(),
+        Some("after 1 more redeliveries, not recorded one by one; stopped while queued: no worker held it")
+    );
 }

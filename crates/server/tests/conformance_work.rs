@@ -1526,6 +1526,37 @@ async fn a_stop_its_holder_did_not_ask_for_holds_the_sessions_next_item_until_th
     .await;
 }
 
+/// Polling one item again and again without acking it (`reclaim_older_than_ms=0`) writes a history
+/// line for each of the first ten redeliveries in a row and none after: the history stays bounded,
+/// and the ack that ends the run says how many went unrecorded.
+#[tokio::test]
+async fn redeliveries_in_a_row_keep_the_history_bounded() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let item = q.enqueue().await;
+        let polls = 40;
+        for _ in 0..polls {
+            let got = q.poll("?reclaim_older_than_ms=0", Some("w1")).await;
+            assert_eq!(got.ok()["id"], item.id.as_str());
+        }
+        let causes = q.causes(&item.id).await;
+        assert_eq!(causes.len(), 1 + 1 + 10, "{causes:?}");
+        assert_eq!(causes.iter().filter(|c| *c == "redelivered").count(), 10);
+        q.ack(&item.id, Some("w1")).await.ok();
+        let history = q.history(&item.id).await;
+        let acked = history.last().expect("the ack");
+        assert_eq!(acked["cause"], "acked");
+        assert_eq!(
+            acked["detail"],
+            format!(
+                "after {} more redeliveries, not recorded one by one",
+                polls - 1 - 10
+            )
+        );
+    })
+    .await;
+}
+
 /// A transition's `worker_id` is the worker that held the item; who asked for a stop is in its
 /// `detail`, so that an operator's force stop reads apart from the worker's own at its program's end.
 #[tokio::test]

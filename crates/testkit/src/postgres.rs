@@ -1,6 +1,6 @@
 //! Throwaway PostgreSQL databases for tests: each test server (or store under test) gets a database of
 //! its own on the server a test run names, so tests never see each other's rows. Databases that earlier
-//! runs left behind are dropped once they are old enough that no running test can still use them.
+//! runs left behind are dropped once no running test can still use them ([`is_stale`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +11,17 @@ use tokio_postgres::error::SqlState;
 const TEST_DATABASE_PREFIX: &str = "tether_test_";
 /// Test databases older than this are dropped by the next test that creates one.
 const TEST_DATABASE_MAX_AGE: Duration = Duration::from_secs(6 * 3600);
+/// Test databases older than this that nobody is connected to are dropped too: a test holds its
+/// database's connections while it runs, and none runs this long. A suite run on a long-lived
+/// cluster (`scripts/pg start`) would otherwise leave hundreds of databases behind for hours.
+const TEST_DATABASE_IDLE_AGE: Duration = Duration::from_secs(15 * 60);
+
+/// Whether a test database created at `created` (ms since the epoch) is left over at `now`.
+fn is_stale(created: u128, now: u128, connected: bool) -> bool {
+    let age = now.saturating_sub(created);
+    age > TEST_DATABASE_MAX_AGE.as_millis()
+        || (!connected && age > TEST_DATABASE_IDLE_AGE.as_millis())
+}
 
 /// Creates a uniquely named database on the server at `admin_url` (which must allow `CREATE DATABASE`)
 /// and returns a URL naming it. Test databases left behind by earlier runs are dropped once they are
@@ -54,7 +65,9 @@ pub async fn create_test_database(admin_url: &str) -> anyhow::Result<String> {
 async fn drop_stale_test_databases(client: &tokio_postgres::Client) {
     let Ok(rows) = client
         .query(
-            "SELECT datname::TEXT FROM pg_database WHERE starts_with(datname, $1)",
+            "SELECT d.datname::TEXT, \
+               EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname) \
+             FROM pg_database d WHERE starts_with(d.datname, $1)",
             &[&TEST_DATABASE_PREFIX],
         )
         .await
@@ -67,12 +80,13 @@ async fn drop_stale_test_databases(client: &tokio_postgres::Client) {
         .unwrap_or_default();
     for row in rows {
         let name: String = row.get(0);
+        let connected: bool = row.get(1);
         let created = name
             .strip_prefix(TEST_DATABASE_PREFIX)
             .and_then(|rest| rest.split('_').next())
             .and_then(|hex| u128::from_str_radix(hex, 16).ok());
         if let Some(created) = created {
-            if now.saturating_sub(created) > TEST_DATABASE_MAX_AGE.as_millis() {
+            if is_stale(created, now, connected) {
                 let _ = client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\""))
                     .await;
@@ -108,6 +122,26 @@ pub fn with_database(url: &str, database: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_database_is_stale_when_old_or_idle_for_long() {
+        let minute = 60_000;
+        let now = 1_000_000 * minute;
+        for (age_minutes, connected, stale) in [
+            (1, false, false),
+            (14, false, false),
+            (16, false, true),
+            (16, true, false),
+            (359, true, false),
+            (361, true, true),
+        ] {
+            assert_eq!(
+                is_stale(now - age_minutes * minute, now, connected),
+                stale,
+                "{age_minutes} min, connected {connected}"
+            );
+        }
+    }
 
     #[test]
     fn database_names_are_replaced_in_both_url_forms() {

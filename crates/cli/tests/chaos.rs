@@ -394,6 +394,43 @@ async fn connections_forgotten_on_the_way_cost_no_lease() {
     );
 }
 
+/// The worker's idle connection to the server is forgotten on the way while it long-polls. The poll
+/// that went on it never gets an answer; the worker gives it up once the wait and a margin are over
+/// (not after the client's 30 s), polls again on a fresh connection, and serves the session that came
+/// meanwhile.
+#[tokio::test]
+async fn a_poll_on_a_forgotten_connection_is_given_up_and_sent_again_on_a_fresh_one() {
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(&setup.server.base).await;
+    let _worker = setup.worker("idle", &proxy.url);
+    // Idle, polling: the first poll has gone out (and been answered empty) by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.forget_connections();
+    let forgotten = Instant::now();
+    let session = setup.session().await;
+    loop {
+        let served = setup
+            .items()
+            .await
+            .iter()
+            .any(|i| i["data"]["id"] == session.as_str() && i["state"] == "active");
+        if served {
+            break;
+        }
+        // A liveness bound with slack: the poll's answer is due within its wait and 10 s, then
+        // backoff; before, only the client's 30 s ended it.
+        assert!(
+            forgotten.elapsed() < Duration::from_secs(25),
+            "the session was not served within 25 s of the connection's loss"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "served {:.1?} after the connection was forgotten",
+        forgotten.elapsed()
+    );
+}
+
 /// An operator force-stops a session's item while its program runs, and a message for the session
 /// follows at once. The worker learns of the stop only at its next heartbeat; the session's fresh item
 /// must not start a second program before then, whichever worker takes it.

@@ -628,7 +628,7 @@ impl Client {
         let mut builder = self
             .request(Method::GET, &url)
             .query(&options.query())
-            .timeout(self.timeout + wait);
+            .timeout(options.timeout.unwrap_or(self.timeout) + wait);
         if let Some(worker) = &options.worker_id {
             builder = builder.header("worker-id", worker);
         }

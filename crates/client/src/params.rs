@@ -190,6 +190,8 @@ pub struct PollOptions {
     /// Sent as `Worker-ID`: a stable identity lets the server protect the delivery from other workers'
     /// acks and count the worker in `workers_polling`.
     pub worker_id: Option<String>,
+    /// How long the answer may take beyond `block_ms`; `None`: the client's timeout.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl PollOptions {

@@ -19,6 +19,11 @@ use crate::{reached, supervisor, Phase, Shared};
 const LONG_POLL_MS: u32 = 999;
 /// An empty answer sooner than this did not wait for work (see the claim loop).
 const EARLY_EMPTY_POLL: Duration = Duration::from_millis(LONG_POLL_MS as u64 / 2);
+/// How long a poll's answer may take beyond its wait. A server answers a long poll when the wait is
+/// over; a poll without an answer by then most likely went on a connection that is gone without a
+/// word (a NAT or a failover forgot it), and the client's 30 s would leave the worker claiming
+/// nothing for that long.
+const POLL_ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 /// Claims work until the worker stops claiming (any phase past `Running`, the one item of `run-one`,
 /// `--max-idle` without work), or a refusal says that claiming cannot work (the error explains why).
@@ -48,8 +53,12 @@ async fn claim(
     let options = PollOptions {
         block_ms: Some(LONG_POLL_MS),
         worker_id: Some(shared.worker_id.clone()),
+        timeout: Some(POLL_ANSWER_WITHIN),
         ..Default::default()
     };
+    // After a poll that got no answer, the next goes on a connection of its own: the pooled one it
+    // went on may be dead, and so may others in the pool.
+    let mut fresh_connection = false;
     loop {
         while tasks.try_join_next().is_some() {}
         if *phase.borrow() != Phase::Running || (shared.run_one && *claimed > 0) {
@@ -91,11 +100,17 @@ async fn claim(
         } else {
             report.activity(Activity::Polling);
             let asked = Instant::now();
+            let client = if fresh_connection {
+                shared.client.on_fresh_connections()
+            } else {
+                shared.client.clone()
+            };
             let polled = tokio::select! {
-                polled = shared.client.poll_work(&shared.environment_id, &options) => polled,
+                polled = client.poll_work(&shared.environment_id, &options) => polled,
                 // An item this poll would have claimed is handed out again after the reclaim window.
                 _ = reached(&mut phase, Phase::Draining) => return Ok(()),
             };
+            fresh_connection = polled.as_ref().is_err_and(|e| e.status().is_none());
             match polled {
                 // An id the worker would make paths of (its work directory, its log file, its cgroups)
                 // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.

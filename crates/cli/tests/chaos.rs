@@ -103,6 +103,54 @@ impl Setup {
             .unwrap_or_default()
     }
 
+    /// Waits until `session`'s item is active; returns its id.
+    async fn active_item_of(&self, session: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let items = self.items().await;
+            let active = items
+                .iter()
+                .find(|i| i["data"]["id"] == session && i["state"] == "active");
+            if let Some(item) = active {
+                return item["id"].as_str().expect("id").to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "session {session} was never served"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `work` is renewed by a heartbeat after the one it has now: the moment just after a
+    /// renewal.
+    async fn next_renewal(&self, work: &str) {
+        let beat = async || {
+            self.items()
+                .await
+                .into_iter()
+                .find(|i| i["id"] == work)
+                .map(|i| i["latest_heartbeat_at"].clone())
+        };
+        let first = beat().await;
+        let deadline = Instant::now() + PATIENCE;
+        while beat().await == first {
+            assert!(Instant::now() < deadline, "no heartbeat after {first:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Force-stops `work`, as an operator.
+    async fn force_stop(&self, work: &str) {
+        self.api
+            .ok(
+                Method::POST,
+                &format!("/environments/{}/work/{work}/stop", self.env),
+                json!({"force": true}),
+            )
+            .await;
+    }
+
     fn worker(&self, name: &str, server: &str) -> Worker {
         self.worker_with_ttl(name, server, TTL)
     }
@@ -275,30 +323,9 @@ async fn a_line_that_fails_fast_then_hangs_loses_the_program_before_the_lease() 
     let proxy = Proxy::start(&setup.server.base).await;
     let _worker = setup.worker("cut", &proxy.url);
     let session = setup.session().await;
-    let work = loop {
-        let items = setup.items().await;
-        let active = items
-            .iter()
-            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active");
-        if let Some(item) = active {
-            break item["id"].as_str().expect("id").to_owned();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    // Just after a renewal: wait for the next one to land.
-    let seen = setup.items().await;
-    let beat = |items: &[Value]| {
-        items
-            .iter()
-            .find(|i| i["id"] == work.as_str())
-            .map(|i| i["latest_heartbeat_at"].clone())
-    };
-    let first = beat(&seen);
+    let work = setup.active_item_of(&session).await;
+    setup.next_renewal(&work).await;
     let deadline = Instant::now() + PATIENCE;
-    while beat(&setup.items().await) == first {
-        assert!(Instant::now() < deadline, "no second heartbeat");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     proxy.set(Mode::Refuse);
     tokio::time::sleep(Duration::from_millis(2_600)).await;
     proxy.set(Mode::Freeze);
@@ -335,32 +362,9 @@ async fn connections_forgotten_on_the_way_cost_no_lease() {
     let proxy = Proxy::start(&setup.server.base).await;
     let _worker = setup.worker_with_ttl("nat", &proxy.url, LEASE);
     let session = setup.session().await;
-    let deadline = Instant::now() + PATIENCE;
-    let beat_of = async || {
-        setup
-            .items()
-            .await
-            .into_iter()
-            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active")
-            .map(|i| {
-                (
-                    i["id"].as_str().unwrap_or_default().to_owned(),
-                    i["latest_heartbeat_at"].clone(),
-                )
-            })
-    };
-    let (work, first) = loop {
-        if let Some(found) = beat_of().await {
-            break found;
-        }
-        assert!(Instant::now() < deadline, "the session was never served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let work = setup.active_item_of(&session).await;
     // Just after a renewal, every connection the worker holds is forgotten.
-    while beat_of().await.map(|(_, beat)| beat) == Some(first.clone()) {
-        assert!(Instant::now() < deadline, "no second heartbeat");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    setup.next_renewal(&work).await;
     proxy.forget_connections();
     // Three beats later, the lease has been renewed all along, and the same program runs.
     tokio::time::sleep(Duration::from_secs(3 * LEASE as u64 / 2)).await;
@@ -440,28 +444,11 @@ async fn an_operators_force_stop_never_runs_a_session_twice() {
     let _first = setup.worker("first", &setup.server.base);
     let session = setup.session().await;
     let deadline = Instant::now() + PATIENCE;
-    let running = loop {
-        let items = setup.items().await;
-        let active = items
-            .iter()
-            .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active");
-        if let Some(item) = active {
-            break item["id"].as_str().expect("id").to_owned();
-        }
-        assert!(Instant::now() < deadline, "the session was never served");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let running = setup.active_item_of(&session).await;
     // A second worker, idle and polling, ready to take whatever comes.
     let _second = setup.worker("second", &setup.server.base);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    setup
-        .api
-        .ok(
-            Method::POST,
-            &format!("/environments/{}/work/{running}/stop", setup.env),
-            json!({"force": true}),
-        )
-        .await;
+    setup.force_stop(&running).await;
     setup
         .api
         .ok(
@@ -581,15 +568,7 @@ async fn chaos_between_workers_and_server_never_runs_a_session_twice() {
     let programs = assert_never_two_at_once(&setup.records());
     let requeues = renewals.assert_requeues_timely(&setup).await;
     for item in setup.items().await {
-        let work = item["id"].as_str().expect("id");
-        setup
-            .api
-            .ok(
-                Method::POST,
-                &format!("/environments/{}/work/{work}/stop", setup.env),
-                json!({"force": true}),
-            )
-            .await;
+        setup.force_stop(item["id"].as_str().expect("id")).await;
     }
     drop(workers);
     assert_never_two_at_once(&setup.records());

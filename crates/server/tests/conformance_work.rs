@@ -1491,33 +1491,20 @@ async fn a_stop_its_holder_did_not_ask_for_holds_the_sessions_next_item_until_th
         assert_eq!(polled["id"], confirmed.id.as_str());
         with_key(Method::POST, q.item_path(&confirmed.id, "/ack")).send().await.ok();
         q.stop(&confirmed.id, json!({})).await.ok();
-        with_key(Method::POST, q.item_path(&confirmed.id, "/stop"))
-            .json(json!({}))
-            .send()
-            .await
-            .ok();
+        q.stop_with(&key, &confirmed.id, json!({})).await.ok();
         let fresh = next_item(&confirmed).await;
         assert!(q.history(&fresh).await[0]["detail"].is_null());
         let polled = with_key(Method::GET, q.path("/poll")).send().await.ok().clone();
         assert_eq!(polled["id"], fresh.as_str());
         with_key(Method::POST, q.item_path(&fresh, "/ack")).send().await.ok();
-        with_key(Method::POST, q.item_path(&fresh, "/stop"))
-            .json(json!({"force": true}))
-            .send()
-            .await
-            .ok();
+        q.stop_with(&key, &fresh, json!({"force": true})).await.ok();
         let held_again = next_item(&Item { id: fresh.clone(), ..confirmed }).await;
         q.ack(&held_again, None).await.error(409, "invalid_request_error");
 
         // The worker's own force stop, with the item's session token: nothing runs on.
         let own = q.enqueue().await;
         let token = take(&own).await;
-        q.req(Method::POST, &q.item_path(&own.id, "/stop"))
-            .bearer(&token)
-            .json(json!({"force": true}))
-            .send()
-            .await
-            .ok();
+        q.stop_with(&token, &own.id, json!({"force": true})).await.ok();
         let fresh = next_item(&own).await;
         let delivered = q.poll("", Some("w1")).await.ok().clone();
         assert_eq!(delivered["id"], fresh.as_str(), "handed out at once");
@@ -1578,10 +1565,7 @@ async fn history_names_who_asked_for_a_stop() {
         let delivered = q.poll("", Some("w1")).await.ok().clone();
         q.ack(&own.id, Some("w1")).await.ok();
         let (token, _) = decode_secret(&delivered);
-        q.req(Method::POST, &q.item_path(&own.id, "/stop"))
-            .bearer(&token)
-            .json(json!({"force": true}))
-            .send()
+        q.stop_with(&token, &own.id, json!({"force": true}))
             .await
             .ok();
         let (cause, worker, detail) = last_detail(&own.id).await;

@@ -740,29 +740,29 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_412_is_a_lost_lease_when_every_try_was_answered_or_once_taken_up() {
+        // Runs `script`; returns how many heartbeats went out before the lease was lost.
+        async fn lost_after(script: Vec<Step>) -> usize {
+            let (server, sent) = Scripted::new(script);
+            let mut lease = Heartbeat::start(server, "w".into(), None, Instant::now());
+            assert_eq!(lease.established().await, Lease::Held);
+            let why = lease.lost().await;
+            assert!(why.contains("another heartbeat holds the lease"), "{why}");
+            let sent = sent.lock().unwrap().len();
+            sent
+        }
         // Every try answered: someone else moved the lease.
-        let (server, _) = Scripted::new(vec![at_once(beat_giving("A")), at_once(moved_to("B"))]);
-        let mut lease = Heartbeat::start(server, "w".into(), None, Instant::now());
-        assert_eq!(lease.established().await, Lease::Held);
-        assert!(lease
-            .lost()
-            .await
-            .contains("another heartbeat holds the lease"));
-
+        assert_eq!(
+            lost_after(vec![at_once(beat_giving("A")), at_once(moved_to("B"))]).await,
+            2
+        );
         // Taken up once, refused again: the lease is another's.
-        let (server, sent) = Scripted::new(vec![
+        let script = vec![
             at_once(beat_giving("A")),
             hangs(),
             at_once(moved_to("B")),
             at_once(moved_to("B")),
-        ]);
-        let mut lease = Heartbeat::start(server, "w".into(), None, Instant::now());
-        assert_eq!(lease.established().await, Lease::Held);
-        assert!(lease
-            .lost()
-            .await
-            .contains("another heartbeat holds the lease"));
-        assert_eq!(sent.lock().unwrap().len(), 4);
+        ];
+        assert_eq!(lost_after(script).await, 4);
     }
 
     /// The 503 of a server whose database is away, promising `amnesty_ms` of lease amnesty.

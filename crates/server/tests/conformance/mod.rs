@@ -419,6 +419,15 @@ impl<'a> Queue<'a> {
             .await
     }
 
+    /// [`Queue::stop`] with `token` (a session token, an environment key) as the credential.
+    pub async fn stop_with(&self, token: &str, id: &str, body: Value) -> Reply {
+        self.req(Method::POST, &self.item_path(id, "/stop"))
+            .bearer(token)
+            .json(body)
+            .send()
+            .await
+    }
+
     pub async fn patch_metadata(&self, id: &str, metadata: Value) -> Reply {
         self.req(Method::POST, &self.item_path(id, ""))
             .json(json!({ "metadata": metadata }))

@@ -65,6 +65,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_REQUEST_MEMORY", default_value_t = tether_server::memory::DEFAULT_REQUEST_MEMORY as u64,
           value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
     pub request_memory: u64,
+    /// Ask scrapers of /metrics for this token (Authorization: Bearer); without it /metrics takes no
+    /// credential. At least 16 visible ASCII characters.
+    #[arg(long, env = "TETHER_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -270,6 +274,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         sample_interval: Duration::from_millis(args.sample_ms),
         max_event_bytes: args.event_limit as usize,
         request_memory: args.request_memory as usize,
+        metrics_token_hash: args
+            .metrics_token
+            .as_deref()
+            .map(|token| {
+                tether_server::service::tokens::usable_as_metrics_token(token)
+                    .map(|()| tether_server::credentials::hash(token))
+                    .map_err(anyhow::Error::msg)
+            })
+            .transpose()?,
         ..ServiceConfig::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

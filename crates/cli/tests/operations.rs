@@ -693,3 +693,56 @@ async fn a_request_id_cannot_forge_an_access_log_line() {
         "{log}"
     );
 }
+
+/// With `--metrics-token`, `/metrics` answers its scraper only: no credential, another token or even
+/// an admin token get 401 in the envelope. A token too short to keep anyone out, or one a scraper
+/// could not send back, stops the server at start.
+#[tokio::test]
+async fn a_metrics_token_keeps_the_metrics_to_their_scraper() {
+    const TOKEN: &str = "scraper-secret-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let server = support::ServerProcess::start(dir.path(), &["--metrics-token", TOKEN]);
+    let scrape = |token: Option<&str>| {
+        let mut request = reqwest::Client::new().get(format!("{}/metrics", server.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let answer = request.send().await.unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    for refused in [
+        None,
+        Some("scraper-secret-9876543210"),
+        Some(support::ADMIN_TOKEN),
+    ] {
+        let (status, body) = scrape(refused).await;
+        assert_eq!(status, 401, "{refused:?}: {body}");
+        let envelope: Value = serde_json::from_str(&body).expect("the error envelope");
+        assert_eq!(envelope["error"]["type"], "authentication_error", "{body}");
+    }
+    let (status, body) = scrape(Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("tether_build_info"), "{body}");
+    // Everything else is as it was: health needs nothing, the API its own credentials.
+    let health = reqwest::get(format!("{}/healthz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+
+    for (bad, why) in [
+        ("short", "at least 16"),
+        ("scraper-secret-0123456789\n", "visible ASCII"),
+    ] {
+        let out = support::tether_command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("refused"))
+            .args(["--metrics-token", bad])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} was taken");
+        assert!(stderr.contains(why), "{bad:?}: {stderr}");
+    }
+}

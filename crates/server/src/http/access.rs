@@ -34,6 +34,12 @@ pub async fn authorize(State(guard): State<Guard>, request: Request, next: Next)
     if guard.access == Access::Public {
         return next.run(request).await;
     }
+    if guard.access == Access::Metrics {
+        return match metrics_granted(&guard.app, request.headers()) {
+            Ok(()) => next.run(request).await,
+            Err(refusal) => refusal.into_response(),
+        };
+    }
     let (mut parts, body) = request.into_parts();
     match grant(&guard, &mut parts).await {
         Ok(()) => next.run(Request::from_parts(parts, body)).await,
@@ -43,6 +49,27 @@ pub async fn authorize(State(guard): State<Guard>, request: Request, next: Next)
             budget::drain_refused(body).await;
             refusal
         }
+    }
+}
+
+/// `/metrics` takes the metrics token when the server has one, and no other credential: a scraper
+/// holds no right to anything else, and an admin token is not sent where a scraper's would do.
+fn metrics_granted(app: &App, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &app.config.metrics_token_hash else {
+        return Ok(());
+    };
+    let presented = super::extract::bearer(headers).ok_or_else(|| {
+        ApiError::unauthorized(
+            "this server's metrics token is required, as Authorization: Bearer <token>",
+        )
+    })?;
+    // Compared as hashes, as every credential is: how much of one matches says nothing of the token.
+    if crate::credentials::hash(&presented) == *expected {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "that is not this server's metrics token",
+        ))
     }
 }
 
@@ -72,7 +99,7 @@ async fn grant(guard: &Guard, parts: &mut Parts) -> Result<(), Response> {
             })
     };
     let granted = match guard.access {
-        Access::Public => Ok(None),
+        Access::Public | Access::Metrics => Ok(None),
         Access::Admin => admin(&principal).map(|()| None),
         Access::Environment => environment(&principal, target("environment_id")).map(|()| None),
         Access::WorkItem => {

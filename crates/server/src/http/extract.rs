@@ -48,7 +48,7 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<String> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = header(headers, "authorization")?;
     let (scheme, token) = value.split_once(' ')?;
     scheme

@@ -46,6 +46,9 @@ impl Verb {
 pub enum Access {
     /// No credential at all (operations surface).
     Public,
+    /// No credential, unless the server was given a metrics token (`--metrics-token`): then that
+    /// token, and nothing else.
+    Metrics,
     /// An admin token.
     Admin,
     /// An admin token or the key of the environment in the path.
@@ -64,6 +67,10 @@ impl Access {
     pub fn describe(self) -> &'static str {
         match self {
             Access::Public => "No credential.",
+            Access::Metrics => {
+                "No credential, unless the server was started with `--metrics-token`: then that \
+                 token, as `Authorization: Bearer`."
+            }
             Access::Admin => "Credential: an admin token.",
             Access::Environment => "Credential: an admin token or this environment's key.",
             Access::WorkItem => {
@@ -529,7 +536,7 @@ pub fn ops() -> Vec<Endpoint> {
             .returns(Json(shape::<api::Health>())),
         ep(Get, "/metrics", "metrics", ops::metrics)
             .doc("operations", "Prometheus metrics")
-            .access(Public)
+            .access(Access::Metrics)
             .returns(Text),
         ep(Get, "/", "dashboard", dashboard::index)
             .doc(
@@ -566,7 +573,7 @@ mod tests {
                 Access::WorkItem => &["environment_id", "work_id"],
                 Access::Session => &["session_id"],
                 Access::Agent => &["agent_id"],
-                Access::Public | Access::Admin | Access::SessionList => &[],
+                Access::Public | Access::Metrics | Access::Admin | Access::SessionList => &[],
             };
             for target in targets {
                 assert!(

@@ -70,6 +70,9 @@ pub struct ServiceConfig {
     /// change made through another server takes effect within it where nothing else checks it.
     /// Tests lengthen it to show that a conditional write, not the expiry, catches such a change.
     pub record_ttl: Duration,
+    /// The SHA-256 (hex) of the token `/metrics` asks for (`--metrics-token`); `None`: it asks for
+    /// none.
+    pub metrics_token_hash: Option<String>,
 }
 
 /// The default `--event-limit`: 1 MiB.
@@ -89,6 +92,7 @@ impl Default for ServiceConfig {
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             request_memory: crate::memory::DEFAULT_REQUEST_MEMORY,
             record_ttl: RECORD_TTL,
+            metrics_token_hash: None,
         }
     }
 }

@@ -119,10 +119,24 @@ pub fn adoptable(given: &str) -> std::result::Result<(), String> {
             "TETHER_ADMIN_TOKEN must start with {ADMIN_PREFIX} and carry at least 16 more characters"
         ));
     }
+    sendable("TETHER_ADMIN_TOKEN", given)
+}
+
+/// Whether `given` may serve as the metrics token (`--metrics-token`): one a scraper can send back,
+/// and too long to guess.
+pub fn usable_as_metrics_token(given: &str) -> std::result::Result<(), String> {
+    if given.len() < 16 {
+        return Err("--metrics-token must be at least 16 characters long".into());
+    }
+    sendable("--metrics-token", given)
+}
+
+/// A token a client can send back in an `Authorization` header as it was given: visible ASCII only.
+fn sendable(what: &str, given: &str) -> std::result::Result<(), String> {
     if let Some(c) = given.chars().find(|c| !c.is_ascii_graphic()) {
         return Err(format!(
-            "TETHER_ADMIN_TOKEN may hold only visible ASCII characters, not {c:?} (a trailing newline \
-             from a file or a secret?)"
+            "{what} may hold only visible ASCII characters, not {c:?} (a trailing newline from a \
+             file or a secret?)"
         ));
     }
     Ok(())
@@ -411,6 +425,19 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metrics_token_is_long_and_sendable() {
+        assert!(usable_as_metrics_token("0123456789abcdef").is_ok());
+        for bad in [
+            "0123456789abcde",
+            "0123456789abcdef\n",
+            "0123456789 abcdef",
+            "0123456789abcdé",
+        ] {
+            assert!(usable_as_metrics_token(bad).is_err(), "{bad:?} was taken");
+        }
+    }
 
     #[test]
     fn only_a_token_that_can_be_sent_back_intact_is_adopted() {

@@ -158,23 +158,25 @@ impl WorkerLease {
         self.kill_at.checked_sub(now).filter(|left| !left.is_zero())
     }
 
-    /// The timeout of a heartbeat sent at `now`: half the time left, so that a try stuck on a dead
-    /// connection (a NAT or a failover that forgot it, silently) leaves room for more tries on fresh
-    /// ones; but at least [`MIN_TRY`] while that much is left, and never more than the time left, so
-    /// that no answer is awaited past the moment the program must die, nor than the beat interval.
-    /// `None`: do not send, kill.
+    /// The timeout of a heartbeat sent at `now`: the beat interval, capped by the time left, so that no
+    /// answer is awaited past the moment the program must die. `None`: do not send, kill.
     pub fn request_timeout(&self, now: Duration) -> Option<Duration> {
-        self.time_left(now).map(|left| {
-            (left / 2)
-                .max(MIN_TRY.min(left))
-                .min(heartbeat_interval(self.ttl))
-        })
+        self.time_left(now)
+            .map(|left| left.min(heartbeat_interval(self.ttl)))
     }
 }
 
-/// The shortest timeout [`WorkerLease::request_timeout`] gives a heartbeat while the lease lasts that
-/// long: an answer from a server that is slow but alive takes about this long at worst.
-pub const MIN_TRY: Duration = Duration::from_secs(1);
+/// When a heartbeat with `timeout` that has no answer yet is sent again beside it, on a fresh
+/// connection: half-way, but not before [`MIN_HEDGE`]. The first try keeps running: a server slow
+/// to answer (its database just stopped answering, and its answer will promise amnesty) is still
+/// heard, and a connection that is gone without a word (a NAT or a failover forgot it) costs only
+/// the wait before the second try.
+pub fn hedge_after(timeout: Duration) -> Duration {
+    (timeout / 2).max(MIN_HEDGE.min(timeout))
+}
+
+/// The shortest wait before [`hedge_after`] sends a second try.
+pub const MIN_HEDGE: Duration = Duration::from_secs(1);
 
 /// Amnesty promises longer than this are taken as this: a server misconfigured with a huge grace window
 /// must not keep a program alive for days on a stale answer.
@@ -260,49 +262,37 @@ mod tests {
     }
 
     #[test]
-    fn request_timeouts_leave_room_for_more_tries_before_the_time_is_up() {
-        let check = |lease: &WorkerLease, table: &[(f64, Option<f64>)]| {
-            for &(now, want) in table {
-                let got = lease.request_timeout(s(now)).map(|d| d.as_secs_f64());
-                let close = match (got, want) {
-                    (Some(g), Some(w)) => (g - w).abs() < 1e-6,
-                    (g, w) => g.is_none() && w.is_none(),
-                };
-                assert!(close, "at {now}: {got:?}, not {want:?}");
-            }
-        };
-        // Killed at 58.4 s; the interval is 30 s. The beat due at 30 s, and the tries after it when
-        // none answers: each gets half of what is left, at least a second while that much is left.
-        check(
-            &WorkerLease::acknowledged(s(0.0), s(60.0)),
-            &[
-                (0.0, Some(29.2)),
-                (30.0, Some(14.2)),
-                (44.2, Some(7.1)),
-                (51.3, Some(3.55)),
-                (56.4, Some(1.0)),
-                (57.4, Some(1.0)),
-                (57.9, Some(0.5)),
-                (58.4, None),
-            ],
-        );
-        // Killed at 8.9 s; the interval is 5 s.
-        check(
-            &WorkerLease::acknowledged(s(0.0), s(10.0)),
-            &[
-                (0.0, Some(4.45)),
-                (5.0, Some(1.95)),
-                (6.95, Some(1.0)),
-                (8.0, Some(0.9)),
-                (8.9, None),
-                (9.5, None),
-            ],
-        );
-        // The beat interval caps it: a ten-minute lease still beats every 30 s.
-        check(
-            &WorkerLease::acknowledged(s(0.0), s(600.0)),
-            &[(0.0, Some(30.0))],
-        );
+    fn request_timeouts_are_capped_by_the_time_left() {
+        let lease = WorkerLease::acknowledged(s(0.0), s(10.0));
+        // kill at 8.9 s; the interval is 5 s.
+        for (now, timeout) in [
+            (0.0, Some(5.0)),
+            (3.9, Some(5.0)),
+            (4.0, Some(4.9)),
+            (8.0, Some(0.9)),
+            (8.9, None),
+            (9.5, None),
+        ] {
+            assert_eq!(lease.request_timeout(s(now)), timeout.map(s), "at {now}");
+        }
+    }
+
+    #[test]
+    fn a_second_try_goes_out_half_way_and_not_before_a_second() {
+        for (timeout, hedge) in [
+            (30.0, 15.0),
+            (3.9, 1.95),
+            (2.0, 1.0),
+            (1.5, 1.0),
+            (0.9, 0.9),
+            (0.0, 0.0),
+        ] {
+            assert_eq!(
+                hedge_after(s(timeout)),
+                s(hedge),
+                "a timeout of {timeout} s"
+            );
+        }
     }
 
     #[test]

@@ -10,19 +10,21 @@
 //! so that the program dies in time whatever the network does: answers that fail fast, then hang, or
 //! never come.
 //!
-//! A heartbeat without an answer is tried again while the lease lasts, each try with half the time
-//! left (`WorkerLease::request_timeout`), and on a fresh connection: the pooled one it hung on may be
-//! dead without a word (a NAT or a failover that forgot it). A try that got no answer may still have
-//! been accepted, and moved the lease's `last_heartbeat` on; the next try, expecting the old value,
-//! then gets 412 with the value the server holds (`error.details.current_state`), and the worker takes
-//! it up and tries once more. It can be no other worker's: the server hands the item to another only
-//! after the lease expired, and this worker stops beating before then.
+//! A heartbeat without an answer half-way through its timeout is sent again beside it, on a fresh
+//! connection (`tether_core::lease::hedge_after`): the pooled one it went on may be dead without a
+//! word (a NAT or a failover that forgot it), or the server may be slow to answer (its database just
+//! stopped answering, and the answer will promise amnesty); whichever answers first is taken. A try
+//! that got no answer may still have been accepted, and moved the lease's `last_heartbeat` on; a try
+//! expecting the old value then gets 412 with the value the server holds
+//! (`error.details.current_state`), and the worker takes it up and tries once more. It can be no other
+//! worker's: the server hands the item to another only after the lease expired, and this worker stops
+//! beating before then.
 
 use std::future::Future;
 use std::time::Duration;
 
 use tether_client::{Client, Error, Heartbeat as Beat, HeartbeatOptions, WorkState, NO_HEARTBEAT};
-use tether_core::lease::{heartbeat_interval, WorkerLease, HEARTBEAT_INTERVAL_MAX};
+use tether_core::lease::{heartbeat_interval, hedge_after, WorkerLease, HEARTBEAT_INTERVAL_MAX};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -44,8 +46,25 @@ pub trait Renew: Send + Sync + 'static {
 pub enum Connection {
     /// Any the client keeps open (the first try of a beat).
     Pooled,
-    /// One of its own (a try after one that got no answer).
+    /// One of its own (the second try of a beat, and every try after a beat that got no answer).
     Fresh,
+}
+
+/// What the tries of one beat came to ([`Beats::round`]).
+struct Round {
+    /// The first answer of the server, with the send time of the try it answers; `None` when no
+    /// try was answered in time (the last transport failure, if any, is given as the answer).
+    answer: Option<(Instant, Result<Beat, Error>)>,
+    /// A try ended without an answer, or was still under way when the round ended: the server may
+    /// have accepted it unseen.
+    unanswered: bool,
+}
+
+/// Whether a result is the server's answer rather than a failure on the way.
+fn answered(result: &Result<Beat, Error>) -> bool {
+    result
+        .as_ref()
+        .map_or_else(|e| e.status().is_some(), |_| true)
 }
 
 /// The heartbeat call of one item, over HTTP.
@@ -358,23 +377,16 @@ impl<R: Renew> Beats<'_, R> {
                 worker_id: Some(self.worker_id.to_owned()),
                 timeout: Some(timeout.min(interval)),
             };
-            let call = self.renewer.renew(options, connection);
-            // The client's own timeout should end the call; this one holds even if it does not.
-            let answer = tokio::time::timeout(timeout.min(interval), call).await;
-            // No answer (none in time, or a transport error): the request may have reached the
-            // server, and the connection it went on may be dead.
-            if answer
-                .as_ref()
-                .map_or(true, |r| r.as_ref().is_err_and(|e| e.status().is_none()))
-            {
+            let round = self.round(&options, connection).await;
+            if round.unanswered {
                 unanswered = true;
                 connection = Connection::Fresh;
             }
-            let Ok(result) = answer else {
+            let Some((sent, result)) = round.answer else {
                 last_error = "no answer in time".into();
                 continue;
             };
-            let answered = Instant::now();
+            let answered_at = Instant::now();
             let wait = match judge(&result) {
                 Verdict::Renewed { stopping } => {
                     let beat = result.expect("a renewal is a success");
@@ -414,7 +426,7 @@ impl<R: Renew> Beats<'_, R> {
                     continue;
                 }
                 Verdict::Amnesty(grace) => {
-                    if lease.amnesty(self.reading(sent), self.reading(answered), grace) {
+                    if lease.amnesty(self.reading(sent), self.reading(answered_at), grace) {
                         self.publish(&lease);
                     }
                     last_error = "the server's database is unavailable (amnesty promised)".into();
@@ -428,6 +440,59 @@ impl<R: Renew> Beats<'_, R> {
             // Sleep no further than the deadline: the next round notices it has passed.
             let deadline = self.origin + lease.kill_at();
             tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
+        }
+    }
+
+    /// The tries of one beat: the first on `connection`; when it has no answer after
+    /// [`hedge_after`] its timeout, a second on a fresh connection beside it. Ends at the first
+    /// answer of either, or when the timeout is up (`options.timeout`, within the time left). A
+    /// transport failure of one try before the other is sent ends the round (the caller retries
+    /// after a pause); once both are under way, only both failing or the timeout does.
+    async fn round(&self, options: &HeartbeatOptions, connection: Connection) -> Round {
+        let start = Instant::now();
+        let timeout = options.timeout.expect("a heartbeat's timeout is set");
+        let deadline = start + timeout;
+        let hedge_at = start + hedge_after(timeout);
+        let first = self.renewer.renew(options.clone(), connection);
+        tokio::pin!(first);
+        let mut first_failed = None;
+        let mut second = None;
+        let mut second_failed = None;
+        // The client's own timeout should end each call; the deadline below holds even if it does not.
+        loop {
+            tokio::select! {
+                result = &mut first, if first_failed.is_none() => {
+                    if answered(&result) {
+                        return Round { answer: Some((start, result)), unanswered: second.is_some() };
+                    }
+                    first_failed = Some((start, result));
+                    if second.is_none() {
+                        return Round { answer: first_failed, unanswered: true };
+                    }
+                }
+                result = async { second.as_mut().map(|(_, call): &mut (Instant, _)| call).expect("sent").await },
+                    if second.is_some() && second_failed.is_none() =>
+                {
+                    let sent = second.as_ref().map(|(sent, _)| *sent).expect("sent");
+                    if answered(&result) {
+                        return Round { answer: Some((sent, result)), unanswered: true };
+                    }
+                    second_failed = Some((sent, result));
+                }
+                () = tokio::time::sleep_until(hedge_at), if second.is_none() => {
+                    let call = Box::pin(self.renewer.renew(options.clone(), Connection::Fresh));
+                    second = Some((Instant::now(), call));
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Round { answer: None, unanswered: true };
+                }
+            }
+            if first_failed.is_some() && second_failed.is_some() {
+                return Round {
+                    answer: second_failed,
+                    unanswered: true,
+                };
+            }
         }
     }
 }
@@ -679,41 +744,67 @@ pub(crate) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_try_stuck_on_a_dead_connection_is_tried_again_on_a_fresh_one_in_time() {
+    async fn a_try_stuck_on_a_dead_connection_is_sent_again_beside_it_on_a_fresh_one() {
         let acked = Instant::now();
         let (server, sent, connections) = Scripted::watching_connections(vec![
             at_once(beat_giving("A")),
-            hangs(),
             hangs(),
             at_once(beat_giving("B")),
             at_once(beat_giving("C")),
         ]);
         let mut lease = Heartbeat::start(server, "w".into(), None, acked);
         assert_eq!(lease.established().await, Lease::Held);
-        // Past the first renewal's deadline (8.9 s): the third try, on a fresh connection, renewed
-        // it; and past the beat after that one.
+        // Past the first renewal's deadline (8.9 s), and past the beat after the second renewal.
         tokio::time::sleep_until(acked + Duration::from_secs(13)).await;
         assert!(matches!(*lease.state.borrow(), Lease::Held));
-        let sent = sent.lock().unwrap();
         assert_eq!(
             *connections.lock().unwrap(),
             [
                 Connection::Pooled,
                 Connection::Pooled,
                 Connection::Fresh,
-                Connection::Fresh,
-                // Renewed: back to the pool.
-                Connection::Pooled,
+                Connection::Pooled
             ]
         );
-        // The beat due at 5 s had 3.9 s left: 1.95 s for it, then 1 s, before the one that answered.
+        let sent = sent.lock().unwrap();
+        // The beat due at 5 s had 3.9 s: the second try went out half-way, and the next beat one
+        // interval after the send of the one that renewed.
         let times: Vec<_> = sent.iter().map(|(at, _)| *at - acked).collect();
-        assert_eq!(times[1], Duration::from_secs(5));
-        assert_eq!(times[2] - times[1], Duration::from_millis(1_950));
-        assert_eq!(times[3] - times[2], Duration::from_secs(1));
-        // Unanswered tries do not move the expectation.
+        assert_eq!(
+            times,
+            [
+                Duration::ZERO,
+                Duration::from_secs(5),
+                Duration::from_millis(6_950),
+                Duration::from_millis(11_950)
+            ]
+        );
         let expected: Vec<_> = sent.iter().map(|(_, e)| e.as_deref().unwrap()).collect();
-        assert_eq!(expected, [NO_HEARTBEAT, "A", "A", "A", "B"]);
+        assert_eq!(expected, [NO_HEARTBEAT, "A", "A", "B"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_answer_is_taken_while_the_second_try_beside_it_waits() {
+        let acked = Instant::now();
+        let (server, sent) = Scripted::new(vec![
+            at_once(beat_giving("A")),
+            // Answered after 2.5 s: past the second try's start, within the time left.
+            Step {
+                delay: Duration::from_millis(2_500),
+                answer: beat_giving("B"),
+            },
+            hangs(),
+            at_once(beat_giving("C")),
+        ]);
+        let mut lease = Heartbeat::start(server, "w".into(), None, acked);
+        assert_eq!(lease.established().await, Lease::Held);
+        tokio::time::sleep_until(acked + Duration::from_secs(11)).await;
+        assert!(matches!(*lease.state.borrow(), Lease::Held));
+        let sent = sent.lock().unwrap();
+        // Renewed from the send of the slow try (5 s): the next beat went out at 10 s.
+        let times: Vec<_> = sent.iter().map(|(at, _)| *at - acked).collect();
+        assert_eq!(times[3], Duration::from_secs(10));
+        assert_eq!(sent[3].1.as_deref(), Some("B"));
     }
 
     #[tokio::test(start_paused = true)]

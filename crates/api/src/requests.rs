@@ -430,6 +430,12 @@ pub struct StopRequest {
     /// Stop at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
+    /// Tether extension, for an operator stopping an item its worker is running: the worker learns
+    /// of the stop only at its next heartbeat, so the session's next item is not handed out before
+    /// the stopped lease's deadline. Without it a stop is taken as the worker's own, sent once its
+    /// program ended (SPEC §8, step 5), and holds nothing. Ignored with the item's session token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_next_item: Option<bool>,
 }
 
 /// Body of `POST …/work/{work_id}/requeue` (a Tether extension): why the item is requeued (kept in the

@@ -140,15 +140,23 @@ impl Setup {
         }
     }
 
-    /// Force-stops `work`, as an operator.
+    /// Force-stops `work` as an operator does: `tether work stop --force`.
     async fn force_stop(&self, work: &str) {
-        self.api
-            .ok(
-                Method::POST,
-                &format!("/environments/{}/work/{work}/stop", self.env),
-                json!({"force": true}),
-            )
-            .await;
+        let env = self.env.clone();
+        let (server, token) = (self.server.base.clone(), self.server.token.clone());
+        let work = work.to_owned();
+        let out = tokio::task::spawn_blocking(move || {
+            support::tether_command()
+                .args(["work", "stop", &env, &work, "--force", "--json"])
+                .env("TETHER_SERVER", server)
+                .env("TETHER_TOKEN", token)
+                .output()
+                .expect("run tether work stop")
+        })
+        .await
+        .expect("join");
+        let stopped = support::json_output(&["work", "stop"], &out);
+        assert_eq!(stopped["state"], "stopped", "{stopped}");
     }
 
     fn worker(&self, name: &str, server: &str) -> Worker {

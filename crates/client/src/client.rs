@@ -274,6 +274,14 @@ impl Client {
         }
     }
 
+    /// The same client (and connection pool), allowing `timeout` for each ordinary request instead.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client {
+            timeout,
+            ..self.clone()
+        }
+    }
+
     /// The same client (and connection pool) with another token.
     pub fn with_token(&self, token: impl Into<String>) -> Client {
         Client {
@@ -714,6 +722,23 @@ impl Client {
         self.post(
             &["environments", environment_id, "work", work_id, "stop"],
             Some(&json!({ "force": force })),
+        )
+        .await
+    }
+
+    /// [`Client::stop_work`] by an operator, for an item whose worker may still be running its
+    /// program: with `hold_next_item` (Tether extension), the session's next item is not handed out
+    /// before the stopped lease's deadline, by which the worker has learned of the stop and killed
+    /// its program.
+    pub async fn stop_work_as_operator(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        force: bool,
+    ) -> Result<WorkItem> {
+        self.post(
+            &["environments", environment_id, "work", work_id, "stop"],
+            Some(&json!({ "force": force, "hold_next_item": true })),
         )
         .await
     }

@@ -209,7 +209,8 @@ pub struct Step {
     /// The step stopped an item whose lease had not run out, and nobody has said that the program
     /// behind that lease has ended: it may run until this moment, the lease's deadline. The session's
     /// next item waits for it (§7.3 rule 1 read as "one program per session", not only one live
-    /// item). Set by every stop of a leased item; [`Step::asked_by_holder`] clears it.
+    /// item). Set by every stop of a leased item (an archive, a delete, an operator's stop);
+    /// [`Step::asked_by_holder`] clears it.
     pub holder_may_run_until: Option<Timestamp>,
 }
 
@@ -227,9 +228,9 @@ impl Step {
         Step::new(item.clone(), Vec::new())
     }
 
-    /// The step was asked for by the holder of the item's lease itself: the worker whose session
-    /// token it is. A worker stops its item once its program has ended (§8, step 5), so nothing of
-    /// the lease runs on and the session's next item need not wait.
+    /// The step was asked for by the holder of the item's lease itself ([`Stopper::Holder`]). A
+    /// worker stops its item once its program has ended (§8, step 5), so nothing of the lease runs
+    /// on and the session's next item need not wait.
     pub fn asked_by_holder(mut self) -> Step {
         self.holder_may_run_until = None;
         self
@@ -568,24 +569,21 @@ pub fn heartbeat(
     Ok((step, reply))
 }
 
-/// Who asks for a stop, as far as the item can tell who holds its lease.
+/// Who asks for a stop, as far as the session's next item is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stopper {
-    /// The session token of the item's current delivery: the worker that holds the lease.
-    SessionToken,
-    /// The environment key the item was delivered under (`session_token_issuer`): most often the
-    /// holder's own, but an operator may hold the same key.
-    DeliveryKey,
-    /// Anyone else: another key, an admin token.
-    Other,
+    /// The worker that holds the lease, ending its item once its program has ended (§8, step 5), or
+    /// a caller who did not say otherwise: the credential alone cannot tell a worker's stop from an
+    /// operator's (the Qoder dialect's workers and its operators hold the same org token).
+    Holder,
+    /// An operator, who says that the holder's program may still be running (Tether's
+    /// `hold_next_item`): the worker learns of the stop only at its next heartbeat.
+    Operator,
 }
 
-/// [`stop`], knowing who asks. Whether the holder's program may run on (see
-/// [`Step::holder_may_run_until`]) depends on it: the holder's own stop comes after its program
-/// ended (§8). So does a stop's confirmation sent with the key the item was delivered under, which
-/// the protocol gives to the worker (§6.8: it drains, then calls stop again; poller-based workers
-/// send it with the environment key). A forced stop with that key may be an operator's, and is
-/// taken as one.
+/// [`stop`], knowing who asks. An operator's stop of a leased item leaves the holder's program
+/// running until the lease's deadline at the latest ([`Step::holder_may_run_until`]); the holder's
+/// own comes after its program ended, and leaves nothing running.
 pub fn stop_by(
     item: &WorkItem,
     force: bool,
@@ -593,15 +591,9 @@ pub fn stop_by(
     stopper: Stopper,
 ) -> Result<Step, WorkError> {
     let step = stop(item, force, now)?;
-    let by_holder = match stopper {
-        Stopper::SessionToken => true,
-        Stopper::DeliveryKey => !force && item.state == WorkState::Stopping,
-        Stopper::Other => false,
-    };
-    Ok(if by_holder {
-        step.asked_by_holder()
-    } else {
-        step
+    Ok(match stopper {
+        Stopper::Holder => step.asked_by_holder(),
+        Stopper::Operator => step,
     })
 }
 

@@ -109,22 +109,18 @@ fn a_stop_of_a_leased_item_leaves_its_program_running_until_the_lease_ends() {
 fn who_asks_decides_whether_the_program_may_run_on() {
     let now = t(5);
     // (state, force, who asks, whether the program may run on)
-    let cases = [
-        (WorkState::Active, true, Stopper::SessionToken, false),
-        (WorkState::Stopping, false, Stopper::SessionToken, false),
-        (WorkState::Stopping, true, Stopper::SessionToken, false),
-        // The confirmation the protocol gives the draining worker, with the key it polled with.
-        (WorkState::Stopping, false, Stopper::DeliveryKey, false),
-        // A forced stop with that key may be an operator's.
-        (WorkState::Stopping, true, Stopper::DeliveryKey, true),
-        (WorkState::Active, true, Stopper::DeliveryKey, true),
-        (WorkState::Starting, true, Stopper::DeliveryKey, true),
-        (WorkState::Stopping, false, Stopper::Other, true),
-        (WorkState::Active, true, Stopper::Other, true),
-        // Not stopped yet: the worker drains and confirms.
-        (WorkState::Active, false, Stopper::Other, false),
-        (WorkState::Active, false, Stopper::DeliveryKey, false),
-    ];
+    let mut cases = Vec::new();
+    for state in [WorkState::Starting, WorkState::Active, WorkState::Stopping] {
+        for force in [false, true] {
+            // Stopped now: a forced stop, or the confirmation of a stopping item.
+            let stopped = force || state == WorkState::Stopping;
+            cases.push((state, force, Stopper::Holder, false));
+            cases.push((state, force, Stopper::Operator, stopped));
+        }
+    }
+    // Nothing is leased: nothing runs on, whoever asks.
+    cases.push((WorkState::Queued, true, Stopper::Operator, false));
+    cases.push((WorkState::Queued, false, Stopper::Operator, false));
     for (state, force, stopper, runs_on) in cases {
         let item = item_in(state);
         let step = work::stop_by(&item, force, now, stopper).unwrap();
@@ -135,13 +131,9 @@ fn who_asks_decides_whether_the_program_may_run_on() {
         );
         assert_eq!(step.item, work::stop(&item, force, now).unwrap().item);
     }
-    assert!(work::stop_by(
-        &item_in(WorkState::Stopped),
-        true,
-        now,
-        Stopper::SessionToken
-    )
-    .is_err());
+    for stopper in [Stopper::Holder, Stopper::Operator] {
+        assert!(work::stop_by(&item_in(WorkState::Stopped), true, now, stopper).is_err());
+    }
 }
 
 #[test]

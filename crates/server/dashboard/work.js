@@ -283,7 +283,8 @@ export function workItemPage(main, ctx, envId, workId) {
       force ? 'Force-stop' : 'Stop');
     if (!ok) return;
     try {
-      const item = await api.post(`${base}/stop`, { force }, { signal: ctx.signal });
+      // The worker may still be running the program: its session's next item waits for the lease.
+      const item = await api.post(`${base}/stop`, { force, hold_next_item: true }, { signal: ctx.signal });
       notify(`${force ? 'Force-stopped' : 'Stop requested'}: the item is now ${item.state}.`, { kind: 'info', key: 'stop' });
       await refresh();
     } catch (e) {

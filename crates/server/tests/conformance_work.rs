@@ -1409,13 +1409,13 @@ async fn history_records_every_move() {
     .await;
 }
 
-/// A stop the worker holding the lease did not ask for ends the item at once (§6.8), but the
-/// worker learns of it only at its next heartbeat, and its program may run until the lease's end
-/// (§8). The session's next item is held until then, so that two programs never serve one session
-/// at once. The worker's own stop, sent with the item's session token, comes after its program
-/// ended, and holds nothing.
+/// An operator's stop ends the item at once (§6.8), but the worker learns of it only at its next
+/// heartbeat, and its program may run until the lease's end (§8). With `hold_next_item` the session's
+/// next item is held until then, so that two programs never serve one session at once. A stop without
+/// it is taken as the worker's own, sent once its program ended (§8, step 5) with whatever credential
+/// it polled with, and holds nothing; so does any stop sent with the item's session token.
 #[tokio::test]
-async fn a_stop_its_holder_did_not_ask_for_holds_the_sessions_next_item_until_the_lease_ends() {
+async fn an_operators_stop_holds_the_sessions_next_item_until_the_lease_ends() {
     each_backend(async |server| {
         let q = Queue::new(server).await;
         let message = json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "go on"}]}]});
@@ -1437,11 +1437,20 @@ async fn a_stop_its_holder_did_not_ask_for_holds_the_sessions_next_item_until_th
             assert_ne!(fresh, item.id);
             fresh
         };
+        // The session's next item is handed out at once, unheld.
+        let handed_out_at_once = async |fresh: &str| {
+            assert!(q.history(fresh).await[0]["detail"].is_null());
+            let delivered = q.poll("", Some("w1")).await.ok().clone();
+            assert_eq!(delivered["id"], fresh, "handed out at once");
+            q.ack(fresh, Some("w1")).await.ok();
+        };
 
         // An operator force-stops a leased item: its lease had the whole minute left.
         let operated = q.enqueue().await;
         take(&operated).await;
-        q.stop(&operated.id, json!({"force": true})).await.ok();
+        q.stop(&operated.id, json!({"force": true, "hold_next_item": true}))
+            .await
+            .ok();
         let held = next_item(&operated).await;
         assert_eq!(q.state(&held).await, "queued");
         assert!(
@@ -1463,20 +1472,27 @@ async fn a_stop_its_holder_did_not_ask_for_holds_the_sessions_next_item_until_th
         let delivered = q.poll("", Some("w2")).await.ok().clone();
         assert_eq!(delivered["id"], held.as_str(), "handed out once the lease is over");
         q.ack(&held, Some("w2")).await.ok();
+        q.stop(&held, json!({"force": true})).await.ok();
 
-        // A stop request and its confirmation, both from an operator, hold it as well: the worker
-        // was still draining.
+        // An operator's stop request and its own confirmation hold it as well: the worker was still
+        // draining.
         let drained = q.enqueue().await;
         take(&drained).await;
-        q.stop(&drained.id, json!({})).await.ok();
-        q.stop(&drained.id, json!({})).await.ok();
+        q.stop(&drained.id, json!({"hold_next_item": true})).await.ok();
+        q.stop(&drained.id, json!({"hold_next_item": true})).await.ok();
         assert_eq!(q.state(&drained.id).await, "stopped");
         let held = next_item(&drained).await;
         assert!(q.poll("", Some("w2")).await.ok().is_null());
         q.ack(&held, None).await.error(409, "invalid_request_error");
+        settle().await;
+        server.clock.advance_millis(LEASE_MS + 1_000);
+        assert_eq!(q.poll("", Some("w2")).await.ok()["id"], held.as_str());
+        q.ack(&held, Some("w2")).await.ok();
+        q.stop(&held, json!({"force": true})).await.ok();
 
-        // A worker polling with an environment key confirms a stop with that key, as poller-based
-        // workers do once drained: nothing runs on. The same key's forced stop may be an operator's.
+        // A worker ends its item with the credential it polled with once its program ended: a
+        // forced stop with the org token (the Qoder dialect's workers hold no other), a forced stop
+        // or a confirmation with an environment key. Nothing runs on.
         let key = req(server, Method::POST, &format!("/environments/{}/keys", q.env))
             .json(json!({}))
             .send()
@@ -1485,30 +1501,35 @@ async fn a_stop_its_holder_did_not_ask_for_holds_the_sessions_next_item_until_th
             .as_str()
             .expect("token")
             .to_owned();
-        let with_key = |method: Method, path: String| q.req(method, &path).bearer(&key);
-        let confirmed = q.enqueue().await;
-        let polled = with_key(Method::GET, q.path("/poll")).send().await.ok().clone();
-        assert_eq!(polled["id"], confirmed.id.as_str());
-        with_key(Method::POST, q.item_path(&confirmed.id, "/ack")).send().await.ok();
-        q.stop(&confirmed.id, json!({})).await.ok();
-        q.stop_with(&key, &confirmed.id, json!({})).await.ok();
-        let fresh = next_item(&confirmed).await;
-        assert!(q.history(&fresh).await[0]["detail"].is_null());
-        let polled = with_key(Method::GET, q.path("/poll")).send().await.ok().clone();
-        assert_eq!(polled["id"], fresh.as_str());
-        with_key(Method::POST, q.item_path(&fresh, "/ack")).send().await.ok();
-        q.stop_with(&key, &fresh, json!({"force": true})).await.ok();
-        let held_again = next_item(&Item { id: fresh.clone(), ..confirmed }).await;
-        q.ack(&held_again, None).await.error(409, "invalid_request_error");
-
-        // The worker's own force stop, with the item's session token: nothing runs on.
         let own = q.enqueue().await;
-        let token = take(&own).await;
-        q.stop_with(&token, &own.id, json!({"force": true})).await.ok();
+        take(&own).await;
+        q.stop(&own.id, json!({"force": true})).await.ok();
         let fresh = next_item(&own).await;
-        let delivered = q.poll("", Some("w1")).await.ok().clone();
-        assert_eq!(delivered["id"], fresh.as_str(), "handed out at once");
-        assert!(q.history(&fresh).await[0]["detail"].is_null());
+        handed_out_at_once(&fresh).await;
+        q.stop_with(&key, &fresh, json!({"force": true})).await.ok();
+        let own = Item { id: fresh, ..own };
+        let fresh = next_item(&own).await;
+        handed_out_at_once(&fresh).await;
+        q.stop(&fresh, json!({})).await.ok();
+        q.stop_with(&key, &fresh, json!({})).await.ok();
+        let own = Item { id: fresh, ..own };
+        let fresh = next_item(&own).await;
+        handed_out_at_once(&fresh).await;
+
+        // The item's session token is its holder's, whatever the stop asks for.
+        let own = Item { id: fresh, ..own };
+        q.stop(&own.id, json!({"force": true})).await.ok();
+        let by_token = next_item(&own).await;
+        let token = take(&Item {
+            id: by_token.clone(),
+            ..own.clone()
+        })
+        .await;
+        q.stop_with(&token, &by_token, json!({"force": true, "hold_next_item": true}))
+            .await
+            .ok();
+        let fresh = next_item(&Item { id: by_token, ..own }).await;
+        handed_out_at_once(&fresh).await;
     })
     .await;
 }

@@ -125,7 +125,10 @@ async fn a_work_cycle_on_one_server_reads_each_item_once() {
             1,
             "{name}: a read that writes nothing is answered from the store, not from memory"
         );
-        let stopped = app.stop(&env, &id, true, &operator()).await.expect("stop");
+        let stopped = app
+            .stop(&env, &id, true, true, &operator())
+            .await
+            .expect("stop");
         assert_eq!(
             counting.reads() - before,
             1,
@@ -216,7 +219,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
 
         // A stop elsewhere: `here` still remembers a live item, and must not renew its lease.
         elsewhere
-            .stop(&env, &id, true, &operator())
+            .stop(&env, &id, true, true, &operator())
             .await
             .expect("stop elsewhere");
         let renewed = here
@@ -296,7 +299,10 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
             .expect("message elsewhere");
         let id = claim(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
-        let stopped = here.stop(&env, &id, true, &operator()).await.expect("stop");
+        let stopped = here
+            .stop(&env, &id, true, true, &operator())
+            .await
+            .expect("stop");
         assert_eq!(stopped.state, WorkState::Stopped, "{name}");
         let session = counting
             .get_session(&session.id)
@@ -522,7 +528,7 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
         let (session_id, id) = acked_item(&here, &env).await;
         // The first stop leaves the session as it is; the second, to `stopped`, ends its turn.
         let stopping = here
-            .stop(&env, &id, false, &operator())
+            .stop(&env, &id, false, true, &operator())
             .await
             .expect("first stop");
         assert_eq!(stopping.state, WorkState::Stopping, "{name}");
@@ -557,7 +563,7 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
         held.arrived.await.expect("the post's commit arrives");
         let stop = tokio::spawn({
             let (here, env, id) = (here.clone(), env.clone(), id.clone());
-            async move { here.stop(&env, &id, false, &operator()).await }
+            async move { here.stop(&env, &id, false, true, &operator()).await }
         });
         // Without turns the stop, re-reading after its loss, would finish now, before the post.
         let early = tokio::time::timeout(Duration::from_millis(500), async {

@@ -34,7 +34,9 @@ pub enum WorkCommand {
         #[command(flatten)]
         page: PageArgs,
     },
-    /// Stop an item: gracefully (the worker drains, then confirms) or at once with --force.
+    /// Stop an item: gracefully (the worker drains, then confirms) or at once with --force. The
+    /// session's next item waits until the stopped lease's deadline, by which its worker has killed
+    /// the program.
     Stop {
         #[command(flatten)]
         item: ItemArgs,
@@ -118,7 +120,9 @@ pub async fn run(cx: Ctx, command: WorkCommand) -> Result<()> {
             }
         }
         WorkCommand::Stop { item, force } => {
-            let work = client.stop_work(&item.env, &item.work, force).await?;
+            let work = client
+                .stop_work_as_operator(&item.env, &item.work, force)
+                .await?;
             cx.emit(&work, || {
                 let note = match work.state.as_str() {
                     "stopping" => " (the worker drains, then confirms; --force stops at once)",

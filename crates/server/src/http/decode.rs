@@ -200,11 +200,11 @@ fn agent_field_message(param: &str, serde: &str) -> String {
 }
 
 impl RequestBody for api::StopRequest {
-    const FIELDS: &'static [&'static str] = &["force"];
+    const FIELDS: &'static [&'static str] = &["force", "hold_next_item"];
 
     fn field_message(param: &str, _: &[String], serde: &str) -> String {
         match param {
-            "force" => "force must be a boolean".to_owned(),
+            "force" | "hold_next_item" => format!("{param} must be a boolean"),
             _ => serde.to_owned(),
         }
     }

@@ -310,9 +310,16 @@ pub async fn stop(
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
     let stop = decode::optional::<api::StopRequest>(body);
-    let (env, api::StopRequest { force }) = judged(&app, &env_id, &work_id, stop).await?;
+    let (
+        env,
+        api::StopRequest {
+            force,
+            hold_next_item,
+        },
+    ) = judged(&app, &env_id, &work_id, stop).await?;
     let force = force.unwrap_or(false);
-    let item = app.stop(&env, &work_id, force, &p).await?;
+    let hold_next_item = hold_next_item.unwrap_or(false);
+    let item = app.stop(&env, &work_id, force, hold_next_item, &p).await?;
     Ok(Json(wire::work(&item, None)))
 }
 

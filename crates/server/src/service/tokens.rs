@@ -70,20 +70,22 @@ impl Principal {
         }
     }
 
-    /// What this caller is to `item`'s lease, for a stop (`work::stop_by`).
-    pub fn stopper_of(&self, item: &tether_core::WorkItem) -> Stopper {
-        match self {
-            Principal::SessionToken { token_hash, .. }
-                if item.session_token_hash.as_deref() == Some(token_hash.as_str()) =>
-            {
-                Stopper::SessionToken
+    /// Who this caller is to `item`'s lease, for a stop that asked for the session's next item to
+    /// be held or not (`work::stop_by`). The item's session token is its holder's, whatever it
+    /// asks. Any other credential may be a worker's own: the Qoder dialect's workers hold only an
+    /// org token, the same an operator holds, and end their item with it once their program ended
+    /// (SPEC §8, step 5). So only the caller can say that it stops someone else's program.
+    pub fn stopper_of(&self, item: &tether_core::WorkItem, hold_next_item: bool) -> Stopper {
+        let holders_token = match self {
+            Principal::SessionToken { token_hash, .. } => {
+                item.session_token_hash.as_deref() == Some(token_hash.as_str())
             }
-            Principal::EnvironmentKey { credential_id, .. }
-                if item.session_token_issuer.as_deref() == Some(credential_id.as_str()) =>
-            {
-                Stopper::DeliveryKey
-            }
-            _ => Stopper::Other,
+            Principal::Admin { .. } | Principal::EnvironmentKey { .. } => false,
+        };
+        if hold_next_item && !holders_token {
+            Stopper::Operator
+        } else {
+            Stopper::Holder
         }
     }
 

@@ -739,21 +739,22 @@ impl App {
         Ok(reply)
     }
 
-    /// Stop (§6.8), asked for by `caller`. Unless the core takes it for the lease holder's own
-    /// (`work::stop_by`), a stop of a leased item leaves its program running until the worker learns
-    /// of it, and holds the session's next item until the lease's deadline
-    /// (`work::Step::holder_may_run_until`).
+    /// Stop (§6.8), asked for by `caller`. With `hold_next_item`, an operator's stop of a leased
+    /// item: its program runs on until the worker learns of it, and the session's next item is held
+    /// until the lease's deadline (`work::stop_by`, `work::Step::holder_may_run_until`).
     pub async fn stop(
         &self,
         env: &Environment,
         work_id: &str,
         force: bool,
+        hold_next_item: bool,
         caller: &Principal,
     ) -> Result<WorkItem> {
         let asker = caller.asker();
         let (item, ()) = self
             .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
-                let step = work::stop_by(item, force, now, caller.stopper_of(item))?;
+                let stopper = caller.stopper_of(item, hold_next_item);
+                let step = work::stop_by(item, force, now, stopper)?;
                 Ok((step.asked_by(&asker), ()))
             })
             .await?;

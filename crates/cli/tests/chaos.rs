@@ -164,12 +164,18 @@ impl Setup {
     }
 
     fn worker_with_ttl(&self, name: &str, server: &str, ttl: i64) -> Worker {
+        self.worker_running(name, server, ttl, RECORDING_PROGRAM)
+    }
+
+    /// Worker `name` of `server`, asking for leases of `ttl` seconds, running the shell script
+    /// `program` with `$RECORDS` set.
+    fn worker_running(&self, name: &str, server: &str, ttl: i64, program: &str) -> Worker {
         let mut command = WorkerChild::command(server, &self.env, name);
         command
             .args(["--key", &self.key])
             .args(["--concurrency", "3", "--ttl", &ttl.to_string()])
             .args(["--grace", "1", "--drain-timeout", "2"])
-            .args(["--", "sh", "-c", RECORDING_PROGRAM, "sh"])
+            .args(["--", "sh", "-c", program, "sh"])
             .env("RECORDS", self.records());
         Worker {
             process: WorkerChild::spawn(name, self.dir.path(), command),
@@ -403,6 +409,42 @@ async fn connections_forgotten_on_the_way_cost_no_lease() {
         now - runs[0].last < 1_000_000,
         "the program stopped recording {} ms ago",
         (now - runs[0].last) / 1_000
+    );
+}
+
+/// A program ends just after every connection its worker holds was forgotten on the way. The calls
+/// that end its item (the exit's record, then the stop) are given up after 10 s, not the client's
+/// 30 s, and sent again on fresh connections; before, each waited out its 30 s on a dead one.
+#[tokio::test]
+async fn an_items_end_is_told_on_fresh_connections_once_its_own_went_unanswered() {
+    const ENDING_PROGRAM: &str = r#"while [ ! -e "$RECORDS/end" ]; do sleep 0.05; done; exit 3"#;
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(&setup.server.base).await;
+    let _worker = setup.worker_running("nat", &proxy.url, TTL, ENDING_PROGRAM);
+    let session = setup.session().await;
+    let work = setup.active_item_of(&session).await;
+    setup.next_renewal(&work).await;
+    proxy.forget_connections();
+    std::fs::write(setup.records().join("end"), "").expect("end the program");
+    let forgotten = Instant::now();
+    let item = loop {
+        let items = setup.items().await;
+        let item = items.into_iter().find(|i| i["id"] == work.as_str());
+        let item = item.expect("the item is listed");
+        if item["state"] == "stopped" {
+            break item;
+        }
+        // A liveness bound with slack: one call's 10 s, a backoff, two answered calls.
+        assert!(
+            forgotten.elapsed() < Duration::from_secs(25),
+            "the item's end was not told within 25 s of the connections' loss: {item}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(item["metadata"]["tether.exit_code"], "3", "{item}");
+    eprintln!(
+        "stopped {:.1?} after the connections were forgotten",
+        forgotten.elapsed()
     );
 }
 

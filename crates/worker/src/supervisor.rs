@@ -10,6 +10,7 @@
 //! | the worker is forced to quit    | SIGKILL at once                  | force stop                        |
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,7 +77,8 @@ pub(crate) trait ItemCalls: Send + Sync + 'static {
 }
 
 /// An item's calls over HTTP: the ack with the environment key, the rest with the item's session
-/// token.
+/// token. Each is given [`ITEM_CALL_TIMEOUT`]; once one of them went without an answer, the rest go on
+/// fresh connections.
 pub(crate) struct HttpItem {
     /// Carries the environment key.
     environment_client: Client,
@@ -85,7 +87,17 @@ pub(crate) struct HttpItem {
     environment_id: String,
     work_id: String,
     worker_id: String,
+    /// A call of this item got no answer (a timeout, a connection lost). The pooled connections may
+    /// be dead without a word (a NAT or a failover forgot them): a retry on one of them would hang
+    /// as long again.
+    unanswered: AtomicBool,
 }
+
+/// How long one call of an item other than its heartbeat (the ack, the exit's record, the stop) is
+/// given before it is tried again (on a fresh connection): the server answers these at once, or
+/// within a couple of seconds with a 503 when its database is away. The client's 30 s would keep a
+/// finished item waiting that long on a connection lost on the way, each time.
+pub(crate) const ITEM_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl HttpItem {
     /// The calls of `item`, and its session token (handed on to PROGRAM).
@@ -108,13 +120,33 @@ impl HttpItem {
             }
         };
         let calls = HttpItem {
-            environment_client: shared.client.clone(),
-            client,
+            environment_client: shared.client.with_timeout(ITEM_CALL_TIMEOUT),
+            client: client.with_timeout(ITEM_CALL_TIMEOUT),
             environment_id: shared.environment_id.clone(),
             work_id: item.id.clone(),
             worker_id: shared.worker_id.clone(),
+            unanswered: AtomicBool::new(false),
         };
         (calls, token)
+    }
+
+    /// `client`, or the same on fresh connections once a call of this item went unanswered.
+    fn over(&self, client: &Client) -> Client {
+        if self.unanswered.load(Ordering::Relaxed) {
+            client.on_fresh_connections()
+        } else {
+            client.clone()
+        }
+    }
+
+    /// Notes whether `result` came with the server's answer.
+    fn heard<T>(&self, result: tether_client::Result<T>) -> tether_client::Result<T> {
+        if let Err(e) = &result {
+            if e.status().is_none() {
+                self.unanswered.store(true, Ordering::Relaxed);
+            }
+        }
+        result
     }
 }
 
@@ -122,24 +154,27 @@ impl ItemCalls for HttpItem {
     type Lease = ItemLease;
 
     async fn ack(&self) -> tether_client::Result<()> {
-        self.environment_client
+        let answer = self
+            .over(&self.environment_client)
             .ack_work(&self.environment_id, &self.work_id, Some(&self.worker_id))
-            .await
-            .map(drop)
+            .await;
+        self.heard(answer).map(drop)
     }
 
     async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
-        self.client
+        let answer = self
+            .over(&self.client)
             .stop_work(&self.environment_id, &self.work_id, force)
-            .await
-            .map(|item| item.state)
+            .await;
+        self.heard(answer).map(|item| item.state)
     }
 
     async fn record(&self, patch: &MetadataPatch) -> tether_client::Result<()> {
-        self.client
+        let answer = self
+            .over(&self.client)
             .update_work_metadata(&self.environment_id, &self.work_id, patch)
-            .await
-            .map(drop)
+            .await;
+        self.heard(answer).map(drop)
     }
 
     fn lease(&self) -> ItemLease {

@@ -267,6 +267,16 @@ test('6. a force-stop from the UI reaches the worker: its program is terminated'
   await dialog.getByRole('button', { name: 'Force-stop' }).click();
   await page.getByText('Force-stopped: the item is now stopped.').waitFor();
   await page.locator('ol.timeline .cause', { hasText: 'force_stopped' }).waitFor();
+  // An operator's stop: a message sent now gets the session's next item, which is held until the
+  // stopped lease's end, since the program may still be running.
+  await api(server, 'POST', `/sessions/${sessionId}/events`,
+    { events: [{ type: 'user.message', content: [{ type: 'text', text: 'true' }] }] });
+  const next = await until('the session\'s next item', async () => {
+    const listed = await api(server, 'GET', `/environments/${env.id}/work?state=queued&limit=100`);
+    return listed.data.find((item) => item.data.id === sessionId);
+  });
+  const history = await api(server, 'GET', `/environments/${env.id}/work/${next.id}/history`);
+  assert.match(history.data[0].detail ?? '', /^held until /, JSON.stringify(history.data[0]));
   // The worker learns of it from its next heartbeat (every 5 s with --ttl 10) and kills the program.
   await until('the program to be terminated', () => !descendantsOf(worker.pid).some((c) => c.pid === program.pid), 30_000);
   assert.equal(worker.exited(), false, 'the worker itself keeps running');

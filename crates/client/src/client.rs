@@ -712,18 +712,16 @@ impl Client {
     }
 
     /// `POST /environments/{id}/work/{work_id}/stop`: graceful (`force = false`: starting/active →
-    /// stopping, stopping → stopped) or forced (any live state → stopped). 409 once stopped.
+    /// stopping, stopping → stopped) or forced (any live state → stopped). 409 once stopped. The
+    /// worker's own stop, once its program ended: it holds nothing.
     pub async fn stop_work(
         &self,
         environment_id: &str,
         work_id: &str,
         force: bool,
     ) -> Result<WorkItem> {
-        self.post(
-            &["environments", environment_id, "work", work_id, "stop"],
-            Some(&json!({ "force": force })),
-        )
-        .await
+        self.stop_work_holding(environment_id, work_id, force, false)
+            .await
     }
 
     /// [`Client::stop_work`] by an operator, for an item whose worker may still be running its
@@ -736,9 +734,25 @@ impl Client {
         work_id: &str,
         force: bool,
     ) -> Result<WorkItem> {
+        self.stop_work_holding(environment_id, work_id, force, true)
+            .await
+    }
+
+    async fn stop_work_holding(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        force: bool,
+        hold_next_item: bool,
+    ) -> Result<WorkItem> {
+        // The field only when set: the body a worker sends stays the contract's.
+        let body = match hold_next_item {
+            true => json!({ "force": force, "hold_next_item": true }),
+            false => json!({ "force": force }),
+        };
         self.post(
             &["environments", environment_id, "work", work_id, "stop"],
-            Some(&json!({ "force": force, "hold_next_item": true })),
+            Some(&body),
         )
         .await
     }

@@ -1413,7 +1413,8 @@ async fn history_records_every_move() {
 /// heartbeat, and its program may run until the lease's end (§8). With `hold_next_item` the session's
 /// next item is held until then, so that two programs never serve one session at once. A stop without
 /// it is taken as the worker's own, sent once its program ended (§8, step 5) with whatever credential
-/// it polled with, and holds nothing; so does any stop sent with the item's session token.
+/// it polled with, and holds nothing, except an admin token's on `/v1`, where no worker holds one; a
+/// stop sent with the item's session token never holds.
 #[tokio::test]
 async fn an_operators_stop_holds_the_sessions_next_item_until_the_lease_ends() {
     each_backend(async |server| {
@@ -1515,6 +1516,37 @@ async fn an_operators_stop_holds_the_sessions_next_item_until_the_lease_ends() {
         let own = Item { id: fresh, ..own };
         let fresh = next_item(&own).await;
         handed_out_at_once(&fresh).await;
+
+        // On `/v1` a worker holds no admin token: an admin token's stop is an operator's, and holds
+        // unless it says otherwise.
+        let own = Item { id: fresh, ..own };
+        let v1_stop = |id: &str, body: Value| {
+            req_v1(server, Method::POST, &q.item_path(id, "/stop")).json(body)
+        };
+        v1_stop(&own.id, json!({"force": true})).send().await.ok();
+        let held = next_item(&own).await;
+        assert!(q.poll("", Some("w2")).await.ok().is_null(), "held");
+        settle().await;
+        server.clock.advance_millis(LEASE_MS + 1_000);
+        take(&Item {
+            id: held.clone(),
+            ..own.clone()
+        })
+        .await;
+        v1_stop(&held, json!({"force": true, "hold_next_item": false}))
+            .send()
+            .await
+            .ok();
+        let own = Item { id: held, ..own };
+        let fresh = next_item(&own).await;
+        handed_out_at_once(&fresh).await;
+        // Not a boolean: refused, and nothing stops.
+        for bad in [json!("yes"), json!(1), json!([true])] {
+            let refused = q.stop(&fresh, json!({"force": true, "hold_next_item": bad})).await;
+            let error = refused.error(400, "invalid_request_error");
+            assert_eq!(error["param"], "hold_next_item", "{error}");
+        }
+        assert_eq!(q.state(&fresh).await, "starting", "not stopped");
 
         // The item's session token is its holder's, whatever the stop asks for.
         let own = Item { id: fresh, ..own };

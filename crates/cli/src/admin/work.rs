@@ -34,9 +34,9 @@ pub enum WorkCommand {
         #[command(flatten)]
         page: PageArgs,
     },
-    /// Stop an item: gracefully (the worker drains, then confirms) or at once with --force. The
-    /// session's next item waits until the stopped lease's deadline, by which its worker has killed
-    /// the program.
+    /// Stop an item: gracefully (the worker drains, then confirms) or at once with --force. Once it
+    /// is stopped (--force, or a stop that confirms an item already stopping), the session's next
+    /// item waits until the stopped lease's deadline, by which its worker has killed the program.
     Stop {
         #[command(flatten)]
         item: ItemArgs,

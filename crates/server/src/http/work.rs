@@ -306,6 +306,7 @@ fn heartbeat_inputs(
 pub async fn stop(
     State(app): State<App>,
     Caller(p): Caller,
+    Wire(dialect): Wire,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
@@ -318,7 +319,7 @@ pub async fn stop(
         },
     ) = judged(&app, &env_id, &work_id, stop).await?;
     let force = force.unwrap_or(false);
-    let hold_next_item = hold_next_item.unwrap_or(false);
+    let hold_next_item = hold_next_item.unwrap_or_else(|| p.holds_by_default(dialect));
     let item = app.stop(&env, &work_id, force, hold_next_item, &p).await?;
     Ok(Json(wire::work(&item, None)))
 }

@@ -9,6 +9,7 @@ use tether_store::{ChangeSet, Page, PageRequest, Write};
 
 use super::{App, Error, Missing, Result};
 use crate::credentials::{self, ADMIN_PREFIX, ENVIRONMENT_PREFIX, SESSION_PREFIX};
+use crate::dialect::Dialect;
 
 /// The longest name an admin token or environment key may carry.
 pub const MAX_CREDENTIAL_NAME_CHARS: usize = 256;
@@ -70,11 +71,21 @@ impl Principal {
         }
     }
 
-    /// Who this caller is to `item`'s lease, for a stop that asked for the session's next item to
-    /// be held or not (`work::stop_by`). The item's session token is its holder's, whatever it
-    /// asks. Any other credential may be a worker's own: the Qoder dialect's workers hold only an
-    /// org token, the same an operator holds, and end their item with it once their program ended
-    /// (SPEC §8, step 5). So only the caller can say that it stops someone else's program.
+    /// Whether a stop that does not say (`hold_next_item`) holds the session's next item: an admin
+    /// token's on `/v1`. There a worker holds an environment key and its items' session tokens (the
+    /// Anthropic SDK's worker strips the API key), so an admin token is an operator's. On
+    /// `/api/v1/cloud` a worker holds only an org token (Qoder documents only PATs), the one its
+    /// operator holds too, and ends its items with it once their program ended (SPEC §8, step 5):
+    /// holding then would delay every next turn of its sessions by up to a lease.
+    pub fn holds_by_default(&self, dialect: Dialect) -> bool {
+        matches!(
+            (self, dialect),
+            (Principal::Admin { .. }, Dialect::Anthropic)
+        )
+    }
+
+    /// Who this caller is to `item`'s lease, for a stop that holds the session's next item or not
+    /// (`work::stop_by`). The item's session token is its holder's, whatever the stop asks.
     pub fn stopper_of(&self, item: &tether_core::WorkItem, hold_next_item: bool) -> Stopper {
         let holders_token = match self {
             Principal::SessionToken { token_hash, .. } => {

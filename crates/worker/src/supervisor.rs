@@ -1576,3 +1576,118 @@ mod tests {
         assert!(others.is_empty(), "only acks, no {others:?}");
     }
 }
+
+#[cfg(test)]
+mod connection_tests {
+    //! `HttpItem` against a real loopback server that can forget the connections it holds, on the
+    //! wall clock (no paused time: the calls cross real sockets).
+
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// Answers every request with a stopped work item, after 50 ms, until [`Forgetful::forget`]:
+    /// from then on, what comes on the connections it already holds is read and never answered, as
+    /// when a NAT forgot them; new connections are answered.
+    struct Forgetful {
+        url: String,
+        era: Arc<AtomicUsize>,
+    }
+
+    impl Forgetful {
+        async fn start() -> Forgetful {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let url = format!("http://{}", listener.local_addr().expect("address"));
+            let era = Arc::new(AtomicUsize::new(0));
+            let eras = era.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let born = eras.load(Ordering::SeqCst);
+                    tokio::spawn(serve(stream, born, eras.clone()));
+                }
+            });
+            Forgetful { url, era }
+        }
+
+        fn forget(&self) {
+            self.era.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn serve(mut stream: TcpStream, born: usize, era: Arc<AtomicUsize>) {
+        let body = serde_json::json!({
+            "id": "work_1", "type": "work", "environment_id": "env_1",
+            "data": {"type": "session", "id": "sess_1"}, "state": "stopped",
+            "created_at": "2026-07-01T08:15:01Z", "metadata": {}, "secret": null
+        })
+        .to_string();
+        let mut pending = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+            // One request per answer: its head, then a body of its Content-Length.
+            let Some(head_end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&pending[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            if pending.len() < head_end + 4 + length {
+                continue;
+            }
+            pending.drain(..head_end + 4 + length);
+            if era.load(Ordering::SeqCst) != born {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Two calls at once leave two connections in the pool, and the server forgets both. The next
+    /// call goes on one of them and gets no answer; the one after must not take the other.
+    #[tokio::test]
+    async fn after_an_unanswered_call_the_items_calls_go_on_fresh_connections() {
+        let server = Forgetful::start().await;
+        let client = Client::builder(server.url.clone())
+            .token("tth_ses_test")
+            .build()
+            .expect("client")
+            .with_timeout(Duration::from_millis(500));
+        let calls = HttpItem {
+            environment_client: client.clone(),
+            client,
+            environment_id: "env_1".into(),
+            work_id: "work_1".into(),
+            worker_id: "w1".into(),
+            unanswered: AtomicBool::new(false),
+        };
+        let (first, second) = tokio::join!(calls.stop(true), calls.stop(true));
+        assert_eq!(
+            (first.unwrap(), second.unwrap()),
+            (WorkState::Stopped, WorkState::Stopped)
+        );
+        server.forget();
+        let lost = calls.stop(true).await.expect_err("a forgotten connection");
+        assert_eq!(lost.status(), None, "{lost}");
+        let state = calls
+            .stop(true)
+            .await
+            .expect("an answer on a fresh connection");
+        assert_eq!(state, WorkState::Stopped);
+    }
+}

@@ -432,8 +432,9 @@ pub struct StopRequest {
     pub force: Option<bool>,
     /// Tether extension, for an operator stopping an item its worker is running: the worker learns
     /// of the stop only at its next heartbeat, so the session's next item is not handed out before
-    /// the stopped lease's deadline. Without it a stop is taken as the worker's own, sent once its
-    /// program ended (SPEC §8, step 5), and holds nothing. Ignored with the item's session token.
+    /// the stopped lease's deadline. Absent, an admin token's stop on `/v1` holds (no worker holds
+    /// an admin token there); any other is taken as the worker's own, sent once its program ended
+    /// (SPEC §8, step 5), and holds nothing. Ignored with the item's session token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_next_item: Option<bool>,
 }

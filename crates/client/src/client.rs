@@ -713,7 +713,8 @@ impl Client {
 
     /// `POST /environments/{id}/work/{work_id}/stop`: graceful (`force = false`: starting/active →
     /// stopping, stopping → stopped) or forced (any live state → stopped). 409 once stopped. The
-    /// worker's own stop, once its program ended: it holds nothing.
+    /// worker's own stop, once its program ended: it sends no `hold_next_item`, and holds nothing
+    /// unless an admin token sends it on `/v1` (see [`Client::stop_work_as_operator`]).
     pub async fn stop_work(
         &self,
         environment_id: &str,

@@ -573,8 +573,9 @@ pub fn heartbeat(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stopper {
     /// The worker that holds the lease, ending its item once its program has ended (§8, step 5), or
-    /// a caller who did not say otherwise: the credential alone cannot tell a worker's stop from an
-    /// operator's (the Qoder dialect's workers and its operators hold the same org token).
+    /// a caller not known to be anyone else: the credential alone does not always tell a worker's
+    /// stop from an operator's (the Qoder dialect's workers and its operators hold the same org
+    /// token).
     Holder,
     /// An operator, who says that the holder's program may still be running (Tether's
     /// `hold_next_item`): the worker learns of the stop only at its next heartbeat.

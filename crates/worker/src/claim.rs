@@ -110,7 +110,7 @@ async fn claim(
                 // An item this poll would have claimed is handed out again after the reclaim window.
                 _ = reached(&mut phase, Phase::Draining) => return Ok(()),
             };
-            fresh_connection = polled.as_ref().is_err_and(|e| e.status().is_none());
+            fresh_connection = !crate::error::answered(&polled);
             match polled {
                 // An id the worker would make paths of (its work directory, its log file, its cgroups)
                 // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.

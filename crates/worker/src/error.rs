@@ -38,6 +38,14 @@ pub(crate) fn described(error: &tether_client::Error) -> String {
     }
 }
 
+/// Whether a call's result is the server's answer rather than a failure on the way (a timeout, a
+/// connection refused or lost): only then is the connection it went on known to work.
+pub(crate) fn answered<T>(result: &tether_client::Result<T>) -> bool {
+    result
+        .as_ref()
+        .map_or_else(|e| e.status().is_some(), |_| true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::deadman;
+use crate::error::answered;
 
 /// One lease renewal of one item: the heartbeat call. The worker's is [`ItemLease`] (HTTP, with the
 /// item's session token); the unit tests below script the server's answers on tokio's paused clock.
@@ -50,6 +51,16 @@ pub enum Connection {
     Fresh,
 }
 
+impl Connection {
+    /// `client` sending on this kind of connection.
+    pub fn of(self, client: &Client) -> Client {
+        match self {
+            Connection::Pooled => client.clone(),
+            Connection::Fresh => client.on_fresh_connections(),
+        }
+    }
+}
+
 /// What the tries of one beat came to ([`Beats::round`]).
 struct Round {
     /// The first answer of the server, with the send time of the try it answers; `None` when no
@@ -58,13 +69,6 @@ struct Round {
     /// A try ended without an answer, or was still under way when the round ended: the server may
     /// have accepted it unseen.
     unanswered: bool,
-}
-
-/// Whether a result is the server's answer rather than a failure on the way.
-fn answered(result: &Result<Beat, Error>) -> bool {
-    result
-        .as_ref()
-        .map_or_else(|e| e.status().is_some(), |_| true)
 }
 
 /// The heartbeat call of one item, over HTTP.
@@ -81,11 +85,8 @@ impl Renew for ItemLease {
         options: HeartbeatOptions,
         connection: Connection,
     ) -> Result<Beat, Error> {
-        let client = match connection {
-            Connection::Pooled => self.client.clone(),
-            Connection::Fresh => self.client.on_fresh_connections(),
-        };
-        client
+        connection
+            .of(&self.client)
             .heartbeat(&self.environment_id, &self.work_id, &options)
             .await
     }

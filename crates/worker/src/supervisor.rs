@@ -19,7 +19,7 @@ use tether_client::{Client, MetadataPatch, WorkItem, WorkState};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::{retry, Backoff};
-use crate::heartbeat::{Deadline, Heartbeat, ItemLease, Lease, Renew};
+use crate::heartbeat::{Connection, Deadline, Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
 use crate::proxy::ApiProxy;
 use crate::sandbox::Sandbox;
@@ -132,19 +132,17 @@ impl HttpItem {
 
     /// `client`, or the same on fresh connections once a call of this item went unanswered.
     fn over(&self, client: &Client) -> Client {
-        if self.unanswered.load(Ordering::Relaxed) {
-            client.on_fresh_connections()
-        } else {
-            client.clone()
-        }
+        let connection = match self.unanswered.load(Ordering::Relaxed) {
+            true => Connection::Fresh,
+            false => Connection::Pooled,
+        };
+        connection.of(client)
     }
 
     /// Notes whether `result` came with the server's answer.
     fn heard<T>(&self, result: tether_client::Result<T>) -> tether_client::Result<T> {
-        if let Err(e) = &result {
-            if e.status().is_none() {
-                self.unanswered.store(true, Ordering::Relaxed);
-            }
+        if !crate::error::answered(&result) {
+            self.unanswered.store(true, Ordering::Relaxed);
         }
         result
     }

@@ -291,8 +291,38 @@ fn admin_commands_drive_a_real_server() {
         .unwrap()
         .iter()
         .any(|t| t["id"] == token["id"] && t["name"] == "ci"));
-    server.json(&["token", "revoke", &id(&token)]);
+    let revoked = server.run(&["token", "revoke", &id(&token)]);
+    assert!(revoked.status.success());
+    let said = String::from_utf8_lossy(&revoked.stderr);
+    assert!(!said.contains("last admin token"), "{said}");
     let err = server.fails(&["token", "list", "--token", &secret]);
+    assert!(err.contains("rejected the admin token"), "{err}");
+}
+
+#[test]
+fn revoking_the_last_admin_token_says_how_to_get_one_back() {
+    let server = Server::start();
+    let bootstrap = server.json(&["token", "list"])["data"][0]["id"]
+        .as_str()
+        .expect("the bootstrap token is listed")
+        .to_owned();
+    let spare = server.json(&["token", "create", "--name", "spare"]);
+    let spare_secret = spare["token"].as_str().unwrap().to_owned();
+
+    let first = server.run(&["token", "revoke", &bootstrap, "--token", &spare_secret]);
+    assert!(first.status.success());
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert!(!said.contains("last admin token"), "one is left: {said}");
+
+    // The spare revokes itself: the CLI's own token, and the last one.
+    let last = server.run(&["token", "revoke", &id(&spare), "--token", &spare_secret]);
+    assert!(last.status.success());
+    let said = String::from_utf8_lossy(&last.stderr);
+    assert!(
+        said.contains("last admin token") && said.contains("restarted"),
+        "{said}"
+    );
+    let err = server.fails(&["token", "list", "--token", &spare_secret]);
     assert!(err.contains("rejected the admin token"), "{err}");
 }
 

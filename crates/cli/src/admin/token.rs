@@ -27,6 +27,32 @@ pub enum TokenCommand {
     },
 }
 
+/// Said when no admin token is left: the API then takes none until the server mints one.
+const LAST_TOKEN_REVOKED: &str = "warning: that was the last admin token not revoked. Nothing can \
+     use the API with an admin token until the server is restarted: a start that finds no admin \
+     token mints one (or takes TETHER_ADMIN_TOKEN) and saves it in its data directory.";
+
+/// How many admin tokens other than `id` are not revoked, or `None` when they cannot be listed
+/// (the warning is a courtesy: it never stops the revoke).
+async fn others_not_revoked(client: &tether_client::Client, id: &str) -> Option<usize> {
+    let first = ListParams {
+        limit: Some(100),
+        ..Default::default()
+    };
+    let tokens = tether_client::collect_all(|cursor| {
+        let page = first.at(cursor);
+        async move { client.list_tokens(&page).await }
+    })
+    .await
+    .ok()?;
+    Some(
+        tokens
+            .iter()
+            .filter(|t| t.id != id && t.revoked_at.is_none())
+            .count(),
+    )
+}
+
 pub async fn run(cx: Ctx, command: TokenCommand) -> Result<()> {
     let client = &cx.client;
     match command {
@@ -51,8 +77,14 @@ pub async fn run(cx: Ctx, command: TokenCommand) -> Result<()> {
             cx.emit_list(&page, "No tokens.", credentials_table);
         }
         TokenCommand::Revoke { id } => {
+            // Counted before the revoke: once it is gone, this may have been the CLI's own token,
+            // and nothing can be listed any more.
+            let others_left = others_not_revoked(client, &id).await;
             let token = client.revoke_token(&id).await?;
             cx.emit(&token, || format!("Revoked token {}.\n", token.id));
+            if others_left == Some(0) {
+                eprintln!("{LAST_TOKEN_REVOKED}");
+            }
         }
     }
     Ok(())

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use tether_api::event_type as name;
 
 use crate::ids::{self, IdKind};
-use crate::session::{self, InputDecision, QueueEffect, ServerEvent, SessionStatus};
+use crate::session::{self, IdleReason, InputDecision, QueueEffect, ServerEvent, SessionStatus};
 use crate::work::WorkState;
 
 /// The most events one `POST /sessions/{id}/events` may carry (§12.3).
@@ -436,7 +436,7 @@ impl ServerEvent {
         match self {
             ServerEvent::StatusRunning => EventType::SessionStatusRunning,
             ServerEvent::StatusRescheduled => EventType::SessionStatusRescheduled,
-            ServerEvent::StatusIdle => EventType::SessionStatusIdle,
+            ServerEvent::StatusIdle(_) => EventType::SessionStatusIdle,
             ServerEvent::Error { .. } => EventType::SessionError,
         }
     }
@@ -446,15 +446,17 @@ impl ServerEvent {
         let mut fields = Map::new();
         match self {
             ServerEvent::StatusRunning | ServerEvent::StatusRescheduled => {}
-            // The turn died with the item that served it and the session takes new input: in the
-            // official SDKs' terms the retries are exhausted (`retry_status: exhausted`; `terminal`
-            // would promise a `terminated` session). Both SDKs know these values; §12.3's `error` stop
-            // reason is known to neither (docs/dialects.md).
-            ServerEvent::StatusIdle => {
-                fields.insert(
-                    "stop_reason".into(),
-                    serde_json::json!({"type": "retries_exhausted"}),
-                );
+            // A turn that died with the item that served it, while the session takes new input: in
+            // the official SDKs' terms the retries are exhausted (`retry_status: exhausted`;
+            // `terminal` would promise a `terminated` session). Both SDKs know these values; §12.3's
+            // `error` stop reason is known to neither (docs/dialects.md). A turn cancelled before
+            // any worker started it ended as the user asked: `end_turn`.
+            ServerEvent::StatusIdle(reason) => {
+                let reason = match reason {
+                    IdleReason::EndTurn => "end_turn",
+                    IdleReason::RetriesExhausted => "retries_exhausted",
+                };
+                fields.insert("stop_reason".into(), serde_json::json!({ "type": reason }));
             }
             ServerEvent::Error { message } => {
                 fields.insert(

@@ -58,8 +58,17 @@ impl SessionStatus {
 pub enum ServerEvent {
     StatusRunning,
     StatusRescheduled,
-    StatusIdle,
+    StatusIdle(IdleReason),
     Error { message: String },
+}
+
+/// Why the server ended a turn (the `stop_reason` of its `session.status_idle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleReason {
+    /// The turn was cancelled before any worker started it: ended as asked, not failed.
+    EndTurn,
+    /// The item serving the turn stopped without the worker ending the turn.
+    RetriesExhausted,
 }
 
 /// What a work transition does to its session.
@@ -98,6 +107,17 @@ pub fn on_work_transition(
             effect.status = Some(SessionStatus::Running);
             effect.events.push(ServerEvent::StatusRunning);
         }
+        (Cause::SessionInterrupted, WorkState::Stopped) => {
+            // Asked for by the user (cancel), of an item no program had started: the turn ends
+            // there, without an error, and any input it had is part of the cancelled turn.
+            if matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
+                effect.status = Some(SessionStatus::Idle);
+                effect
+                    .events
+                    .push(ServerEvent::StatusIdle(IdleReason::EndTurn));
+            }
+            effect.clear_pending_input = pending_input;
+        }
         (_, WorkState::Stopped) => {
             let by_session = matches!(
                 transition.cause,
@@ -111,13 +131,16 @@ pub fn on_work_transition(
                 effect.clear_pending_input = true;
             } else if matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
                 effect.status = Some(SessionStatus::Idle);
+                let why = match &transition.detail {
+                    Some(detail) => format!("{}: {detail}", transition.cause.as_str()),
+                    None => transition.cause.as_str().to_owned(),
+                };
                 effect.events.push(ServerEvent::Error {
-                    message: format!(
-                        "the work item serving this turn stopped ({})",
-                        transition.cause.as_str()
-                    ),
+                    message: format!("the work item serving this turn stopped ({why})"),
                 });
-                effect.events.push(ServerEvent::StatusIdle);
+                effect
+                    .events
+                    .push(ServerEvent::StatusIdle(IdleReason::RetriesExhausted));
             }
         }
         _ => {}

@@ -78,6 +78,8 @@ pub enum Cause {
     PoisonStopped,
     SessionArchived,
     SessionDeleted,
+    /// The session's turn was cancelled before any worker started it (Tether extension).
+    SessionInterrupted,
     /// An operator requeued a stopped item: its session got a fresh item (Tether extension).
     Requeued,
 }
@@ -98,6 +100,7 @@ impl Cause {
             Cause::PoisonStopped => "poison_stopped",
             Cause::SessionArchived => "session_archived",
             Cause::SessionDeleted => "session_deleted",
+            Cause::SessionInterrupted => "session_interrupted",
             Cause::Requeued => "requeued",
         }
     }
@@ -233,6 +236,18 @@ impl Step {
     /// on and the session's next item need not wait.
     pub fn asked_by_holder(mut self) -> Step {
         self.holder_may_run_until = None;
+        self
+    }
+
+    /// Adds how the program ended ([`recorded_end`]) to the detail of the step's last transition:
+    /// the stop that the session's error, if any, then explains.
+    fn noting_the_programs_end(mut self) -> Step {
+        if let (Some(end), Some(last)) = (recorded_end(&self.item), self.transitions.last_mut()) {
+            last.detail = Some(match last.detail.take() {
+                Some(detail) => format!("{detail}; {end}"),
+                None => end,
+            });
+        }
         self
     }
 
@@ -593,8 +608,42 @@ pub fn stop_by(
 ) -> Result<Step, WorkError> {
     let step = stop(item, force, now)?;
     Ok(match stopper {
-        Stopper::Holder => step.asked_by_holder(),
+        Stopper::Holder => step.asked_by_holder().noting_the_programs_end(),
         Stopper::Operator => step,
+    })
+}
+
+/// The metadata keys in which Tether's worker records how its program ended, before it stops the
+/// item (§8, step 5).
+pub const EXIT_RECORD_KEYS: [&str; 3] = ["tether.exit_code", "tether.signal", "tether.exit_reason"];
+
+/// How the item's program ended, as its worker recorded it in the item's metadata
+/// ([`EXIT_RECORD_KEYS`]), e.g. `its program ended: tether.exit_code=1`; `None` when nothing was
+/// recorded (a worker of another make).
+pub fn recorded_end(item: &WorkItem) -> Option<String> {
+    let recorded: Vec<String> = EXIT_RECORD_KEYS
+        .iter()
+        .filter_map(|key| {
+            item.metadata
+                .get(*key)
+                .map(|value| format!("{key}={value}"))
+        })
+        .collect();
+    (!recorded.is_empty()).then(|| format!("its program ended: {}", recorded.join(", ")))
+}
+
+/// Cancel (§12.2) of a turn whose item no worker has started: a `queued` item (delivered or not:
+/// a program starts only once its ack is accepted) is stopped, since nothing would read the
+/// interrupt until some worker took the item, and the session stays `running` until then. `None`
+/// for an item a worker has started: its program gets the interrupt and ends the turn itself.
+pub fn interrupt_unstarted(item: &WorkItem, now: Timestamp) -> Option<Step> {
+    (item.state == WorkState::Queued).then(|| {
+        stop_now(
+            item,
+            now,
+            Cause::SessionInterrupted,
+            Some("the turn was cancelled before a worker started it"),
+        )
     })
 }
 

@@ -10,13 +10,13 @@ use proptest::prelude::*;
 use serde_json::json;
 use tether_core::events::{self, EventType};
 use tether_core::session::{
-    couple, on_user_message, on_work_transition, touches_session, InputDecision, QueueEffect,
-    ServerEvent, SessionStatus,
+    couple, on_user_message, on_work_transition, touches_session, IdleReason, InputDecision,
+    QueueEffect, ServerEvent, SessionStatus,
 };
 use tether_core::time::Timestamp;
 use tether_core::work::{Cause, Transition, WorkData, WorkState};
 
-const CAUSES: [Cause; 14] = [
+const CAUSES: [Cause; 15] = [
     Cause::Enqueued,
     Cause::Delivered,
     Cause::Redelivered,
@@ -30,6 +30,7 @@ const CAUSES: [Cause; 14] = [
     Cause::PoisonStopped,
     Cause::SessionArchived,
     Cause::SessionDeleted,
+    Cause::SessionInterrupted,
     Cause::Requeued,
 ];
 
@@ -128,6 +129,59 @@ fn stop_mid_turn_goes_idle_with_error() {
         SessionStatus::Idle,
         false,
         &t(Cause::StopConfirmed, WorkState::Stopped),
+    );
+    assert!(e.is_empty());
+}
+
+#[test]
+fn a_stop_says_why_in_the_sessions_error() {
+    let mut stop = t(Cause::ForceStopped, WorkState::Stopped);
+    stop.detail = Some("its program ended: tether.exit_code=1".into());
+    let e = on_work_transition(SessionStatus::Running, false, &stop);
+    assert_eq!(
+        e.events[0],
+        ServerEvent::Error {
+            message: "the work item serving this turn stopped (force_stopped: its program ended: \
+                      tether.exit_code=1)"
+                .into()
+        }
+    );
+    let e = on_work_transition(
+        SessionStatus::Running,
+        false,
+        &t(Cause::ForceStopped, WorkState::Stopped),
+    );
+    assert_eq!(
+        e.events[0],
+        ServerEvent::Error {
+            message: "the work item serving this turn stopped (force_stopped)".into()
+        }
+    );
+}
+
+#[test]
+fn a_turn_cancelled_before_a_worker_started_it_ends_without_an_error() {
+    for status in [SessionStatus::Running, SessionStatus::Rescheduling] {
+        for pending in [false, true] {
+            let e = on_work_transition(
+                status,
+                pending,
+                &t(Cause::SessionInterrupted, WorkState::Stopped),
+            );
+            assert_eq!(e.status, Some(SessionStatus::Idle), "{status:?}");
+            assert_eq!(
+                e.events,
+                vec![ServerEvent::StatusIdle(IdleReason::EndTurn)],
+                "{status:?}"
+            );
+            assert!(!e.enqueue_fresh_item);
+            assert_eq!(e.clear_pending_input, pending);
+        }
+    }
+    let e = on_work_transition(
+        SessionStatus::Idle,
+        false,
+        &t(Cause::SessionInterrupted, WorkState::Stopped),
     );
     assert!(e.is_empty());
 }
@@ -460,9 +514,14 @@ fn server_events_name_server_side_types_and_carry_their_fields() {
             json!({}),
         ),
         (
-            ServerEvent::StatusIdle,
+            ServerEvent::StatusIdle(IdleReason::RetriesExhausted),
             "session.status_idle",
             json!({"stop_reason": {"type": "retries_exhausted"}}),
+        ),
+        (
+            ServerEvent::StatusIdle(IdleReason::EndTurn),
+            "session.status_idle",
+            json!({"stop_reason": {"type": "end_turn"}}),
         ),
         (
             ServerEvent::Error {
@@ -479,7 +538,10 @@ fn server_events_name_server_side_types_and_carry_their_fields() {
         // What the server writes passes the shape rules a client's event of that type must pass.
         let mut body = event.fields();
         body.insert("type".into(), json!(kind));
-        if matches!(event, ServerEvent::StatusIdle | ServerEvent::Error { .. }) {
+        if matches!(
+            event,
+            ServerEvent::StatusIdle(_) | ServerEvent::Error { .. }
+        ) {
             events::validate("e", event.kind(), &serde_json::Value::Object(body))
                 .expect("a well-formed event");
         }

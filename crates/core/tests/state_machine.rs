@@ -1729,3 +1729,53 @@ fn redeliveries_in_a_row_are_recorded_up_to_a_bound_then_counted() {
         Some("after 1 more redeliveries, not recorded one by one; stopped while queued: no worker held it")
     );
 }
+
+#[test]
+fn a_cancel_stops_only_an_item_no_worker_has_started() {
+    for fx in Fx::ALL {
+        let item = fx.build();
+        let step = work::interrupt_unstarted(&item, t(9));
+        if fx.state() != WorkState::Queued {
+            assert!(
+                step.is_none(),
+                "{fx:?}: a started item hears the interrupt itself"
+            );
+            continue;
+        }
+        let step = step.expect("a queued item is stopped");
+        assert_eq!(step.item.state, WorkState::Stopped, "{fx:?}");
+        assert_eq!(
+            step.item.delivery, None,
+            "{fx:?}: its delivery dies with it"
+        );
+        assert_eq!(step.item.session_token_hash, None, "{fx:?}");
+        assert_eq!(step.transitions.len(), 1);
+        assert_eq!(step.transitions[0].cause, Cause::SessionInterrupted);
+        assert_eq!(step.holder_may_run_until, None, "{fx:?}: no program ran");
+        assert!(work::invariant_violation(&step.item).is_none(), "{fx:?}");
+    }
+}
+
+#[test]
+fn the_holders_stop_tells_how_its_program_ended() {
+    let mut item = Fx::Active.build();
+    let stop = |item: &WorkItem, stopper| {
+        work::stop_by(item, true, t(9), stopper)
+            .unwrap()
+            .transitions[0]
+            .detail
+            .clone()
+    };
+    // Nothing recorded (a worker of another make): nothing said.
+    assert_eq!(stop(&item, work::Stopper::Holder), None);
+    item.metadata
+        .insert("tether.exit_code".into(), "137".into());
+    item.metadata
+        .insert("tether.signal".into(), "SIGKILL".into());
+    assert_eq!(
+        stop(&item, work::Stopper::Holder).as_deref(),
+        Some("its program ended: tether.exit_code=137, tether.signal=SIGKILL")
+    );
+    // An operator's stop comes while the program may still run: what is recorded is not its end.
+    assert_eq!(stop(&item, work::Stopper::Operator), None);
+}

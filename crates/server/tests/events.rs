@@ -1281,6 +1281,75 @@ async fn cancel_interrupts_a_running_turn() {
 }
 
 #[tokio::test]
+async fn cancel_ends_a_turn_no_worker_has_started() {
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let path = format!("/sessions/{session}/cancel");
+        // Queued and never polled; then one polled but not acked: no program runs either way.
+        for delivered in [false, true] {
+            post_ok(server, &session, json!([message("anyone?")])).await;
+            let delivery = if delivered {
+                Some(poll(server, &env).await)
+            } else {
+                None
+            };
+            let (status, canceling) = server.post(&path, json!({})).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{canceling}");
+            assert_eq!(canceling["status"], "canceling");
+            assert_eq!(status_of(server, &session).await, "idle", "{delivered}");
+            let events = log(server, &session).await;
+            let last: Vec<&Value> = events.iter().rev().take(2).collect();
+            assert_eq!(last[1]["type"], "user.interrupt");
+            assert_eq!(last[0]["type"], "session.status_idle");
+            assert_eq!(
+                last[0]["stop_reason"],
+                json!({"type": "end_turn"}),
+                "cancelled as asked, not failed"
+            );
+            assert!(
+                !events.iter().any(|e| e["type"] == "session.error"),
+                "{events:?}"
+            );
+            let items = work_items(server, &env).await;
+            assert!(states(&items).iter().all(|s| *s == "stopped"), "{items:?}");
+            let work = items[0]["id"].as_str().unwrap();
+            let (status, history) = server
+                .get(&format!("/environments/{env}/work/{work}/history"))
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                history["data"].as_array().unwrap().last().unwrap()["cause"],
+                "session_interrupted"
+            );
+            if let Some((item, token)) = delivery {
+                // The worker that polled it may no longer start it.
+                let (status, _) = server
+                    .call_as(
+                        &token,
+                        Method::POST,
+                        &format!(
+                            "/environments/{env}/work/{}/ack",
+                            item["id"].as_str().unwrap()
+                        ),
+                        None,
+                        &[],
+                    )
+                    .await;
+                assert!(
+                    status == StatusCode::CONFLICT || status == StatusCode::UNAUTHORIZED,
+                    "{status}"
+                );
+            }
+        }
+        // The session takes input again, and the fresh turn runs on a fresh item.
+        post_ok(server, &session, json!([message("now")])).await;
+        assert_eq!(status_of(server, &session).await, "running");
+        let (_, _) = take(server, &env).await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_defined_outcome_wakes_a_dormant_session_without_a_turn() {
     each_backend(async |server| {
         let (env, session) = setup(server).await;

@@ -449,12 +449,17 @@ impl App {
                 Map::new(),
                 now,
             );
+            let mut changes = ChangeSet::one(Write::InsertEvent(interrupt));
+            // A turn no worker has started would stay `running` until one took it: it ends now.
+            self.end_live_item(&mut next, now, &mut changes, |item| {
+                tether_core::work::interrupt_unstarted(item, now)
+            })
+            .await?;
             next.updated_at = now;
-            let mut changes = ChangeSet::one(Write::UpdateSession {
+            changes.push(Write::UpdateSession {
                 session: next.clone(),
                 expected_version: current.version,
             });
-            changes.push(Write::InsertEvent(interrupt));
             self.commit(changes).await?;
             self.announce_session(session_id).await;
             Ok((true, next))

@@ -306,16 +306,32 @@ impl App {
         now: tether_core::Timestamp,
         changes: &mut ChangeSet,
     ) -> Result<(), Retry> {
+        self.end_live_item(session, now, changes, |item| {
+            work::force_stop_for(item, now, cause)
+        })
+        .await
+    }
+
+    /// Adds to `changes` what `stop` makes of the session's live item (if any), and what that
+    /// does to the session (§7.3): the session's own change (archive, delete, cancel) is the
+    /// caller's, and the item's write goes in the same commit.
+    pub(super) async fn end_live_item(
+        &self,
+        session: &mut Session,
+        now: tether_core::Timestamp,
+        changes: &mut ChangeSet,
+        stop: impl FnOnce(&tether_core::WorkItem) -> Option<tether_core::Step>,
+    ) -> Result<(), Retry> {
         let Some(live) = self.store.live_work_for_session(&session.id).await? else {
             return Ok(());
         };
-        let Some(step) = work::force_stop_for(&live.value, now, cause) else {
+        let Some(step) = stop(&live.value) else {
             return Ok(());
         };
         let coupling = session::couple(session.status, session.pending_input, &step.transitions);
         assert!(
             !coupling.enqueue_fresh_item,
-            "input waiting on a session that is archived or deleted is never served"
+            "a session's own end of its item never asks for a fresh one"
         );
         session.status = coupling.status;
         session.pending_input = coupling.pending_input;

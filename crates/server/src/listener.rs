@@ -2,10 +2,11 @@
 //! connections from taking the server down.
 //!
 //! * **A cap on open connections** ([`ConnectionLimits::max_connections`]). At it, a new connection
-//!   takes the place of the one that has waited longest without a request in flight ([`slots`]);
-//!   when every one looked at has a request in flight, the new one is accepted and closed at once:
-//!   the client learns at once, and the listen backlog never fills up with connections nobody will
-//!   serve.
+//!   takes the place of the one that has waited longest without a request in flight ([`slots`]), or
+//!   failing that of one whose requests in flight all yield ([`Yieldable`]: event streams, which
+//!   resume, and bodies still trickling in); when every one looked at is doing other work, the new
+//!   one is accepted and closed at once: the client learns at once, and the listen backlog never
+//!   fills up with connections nobody will serve.
 //! * **A header timeout**: from accept (and, on a kept-alive connection, from the first byte of the
 //!   next request) to the end of the request's headers, TLS handshake included. Slowloris connections
 //!   and connections that never say anything are closed by it.
@@ -329,8 +330,11 @@ where
 {
     let router = shared.router.clone();
     let service_state = state.clone();
-    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         let in_flight = InFlight::begin(service_state.clone());
+        request
+            .extensions_mut()
+            .insert(Yieldable(service_state.clone()));
         let router = router.clone();
         let http2 = request.version() == hyper::Version::HTTP_2;
         async move {
@@ -393,8 +397,10 @@ where
                 closing = Some(Instant::now() + CLOSING_GRACE);
             }
             _ = state.displaced.cancelled(), if closing.is_none() => {
-                if state.head_started.load(Ordering::Acquire) != UNSET {
-                    // Nothing of a request yet, or part of its headers: nothing to finish.
+                if state.head_started.load(Ordering::Acquire) != UNSET || state.only_yielding() {
+                    // Nothing of a request yet, or part of its headers: nothing to finish. Or only
+                    // requests that yield: an event stream resumes from its Last-Event-ID, and a
+                    // body that trickles in is what is being refused.
                     return;
                 }
                 // Idle between requests (or a request that came since it was chosen): close as
@@ -409,6 +415,52 @@ where
 /// "Not set" in the millisecond fields of [`ConnState`].
 const UNSET: u64 = u64::MAX;
 
+/// How readily a connection gives its place at the cap: the lesser first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Yield {
+    /// No request in flight.
+    Idle,
+    /// Only requests that yield ([`Yieldable`]).
+    Requests,
+}
+
+/// The connection a request came on, in the request's extensions, for a request to say that for a
+/// while it may be cut when the server is at its connection cap and a new client needs the place
+/// ([`Yieldable::mark`]). Without this, a client holding every place with requests that never end
+/// (event streams, bodies sent a byte at a time) would keep everyone else out.
+#[derive(Clone)]
+pub struct Yieldable(Arc<ConnState>);
+
+impl Yieldable {
+    /// The request yields until the guard is dropped: an event stream for as long as it lasts (its
+    /// client resumes from its `Last-Event-ID`), a body until it has arrived.
+    pub fn mark(&self) -> YieldGuard {
+        let state = &self.0;
+        state.yielding.fetch_add(1, Ordering::AcqRel);
+        if state.only_yielding() {
+            let _ = state.yielding_since.compare_exchange(
+                UNSET,
+                state.now_ms(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        YieldGuard(self.0.clone())
+    }
+}
+
+/// See [`Yieldable::mark`].
+pub struct YieldGuard(Arc<ConnState>);
+
+impl Drop for YieldGuard {
+    fn drop(&mut self) {
+        let state = &self.0;
+        if state.yielding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            state.yielding_since.store(UNSET, Ordering::Release);
+        }
+    }
+}
+
 /// What the watchdog of a connection knows about it, as milliseconds since it was accepted.
 struct ConnState {
     opened: Instant,
@@ -416,6 +468,10 @@ struct ConnState {
     /// where an idle client may send PING or WINDOW_UPDATE frames without starting a request.
     track_heads: std::sync::atomic::AtomicBool,
     in_flight: AtomicU32,
+    /// Of the requests in flight, those that may be cut at the cap ([`Yieldable`]).
+    yielding: AtomicU32,
+    /// When the connection's requests in flight last became all yielding; `UNSET` when not.
+    yielding_since: AtomicU64,
     /// When the current request's first byte arrived while nothing was in flight (from accept, for the
     /// first request); `UNSET` while a request is in flight or the connection idles after one.
     head_started: AtomicU64,
@@ -447,6 +503,8 @@ impl ConnState {
             outbox: Arc::default(),
             track_heads: std::sync::atomic::AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
+            yielding: AtomicU32::new(0),
+            yielding_since: AtomicU64::new(UNSET),
             head_started: AtomicU64::new(0),
             idle_since: AtomicU64::new(UNSET),
             write_blocked: AtomicU64::new(UNSET),
@@ -493,18 +551,35 @@ impl ConnState {
         })
     }
 
-    /// Since when this connection has waited without a request in flight — for its first request,
-    /// for the rest of a request's headers, or for the next request — if it has none in flight and has
-    /// not been displaced already.
-    fn waiting_since(&self, now: Instant) -> Option<Instant> {
-        if self.displaced.is_cancelled() || self.in_flight.load(Ordering::Acquire) > 0 {
+    /// Whether this connection may give its place to a new one at the cap, and how readily: first
+    /// those with no request in flight, by how long they have waited (for their first request, for
+    /// the rest of a request's headers, or for the next request); then those whose every request in
+    /// flight yields ([`Yieldable`]: an event stream, a body still arriving), by how long they have
+    /// done only that. `None` for one doing other work, or displaced already.
+    fn displaceable(&self, now: Instant) -> Option<(Yield, Instant)> {
+        if self.displaced.is_cancelled() {
             return None;
+        }
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        if in_flight > 0 {
+            let since = self.yielding_since.load(Ordering::Acquire);
+            let all_yield = self.yielding.load(Ordering::Acquire) >= in_flight;
+            return (all_yield && since != UNSET).then(|| (Yield::Requests, self.at(since)));
         }
         let head = self.head_started.load(Ordering::Acquire);
         let idle = self.idle_since.load(Ordering::Acquire);
         // A request may begin and end between the loads; then the connection is not waiting for long.
         let since = if head != UNSET { head } else { idle };
-        Some(if since == UNSET { now } else { self.at(since) })
+        Some((
+            Yield::Idle,
+            if since == UNSET { now } else { self.at(since) },
+        ))
+    }
+
+    /// Whether every request in flight yields (and at least one is in flight).
+    fn only_yielding(&self) -> bool {
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        in_flight > 0 && self.yielding.load(Ordering::Acquire) >= in_flight
     }
 
     fn verdict(&self, limits: &ConnectionLimits, now: Instant) -> Verdict {

@@ -374,3 +374,103 @@ async fn http1_headers_are_bounded_by_the_connection_buffer() {
     assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
     stop.cancel();
 }
+
+/// Opens `request` on a fresh HTTP/1.1 connection and returns it once the answer's head (or, for a
+/// request whose body is still to come, nothing) has had a moment to arrive.
+async fn opened(address: std::net::SocketAddr, request: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream
+}
+
+/// Whether the server has closed `stream`, once what it had sent (an answer's head) is read.
+async fn closed_after_what_was_sent(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// At the cap, event streams (which resume from their Last-Event-ID) and bodies that trickle in
+/// give their places to new clients: neither a worker credential's streams nor a body sent a byte at
+/// a time by a client with no credential at all keeps everyone else out. The real application, on
+/// the real listener.
+#[tokio::test]
+async fn at_the_cap_streams_and_trickling_bodies_give_their_places_to_new_clients() {
+    let server = tether_testkit::TestServer::start(&tether_testkit::Backend::Sqlite).await;
+    let (_env, _agent, session) = server.environment_agent_and_session().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let options = tether_server::ServeOptions {
+        body_limit: 1024 * 1024,
+        tls: None,
+        limits: ConnectionLimits {
+            max_connections: 8,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+        },
+    };
+    let shutdown = stop.clone();
+    let serving = tokio::spawn(tether_server::serve_with(
+        server.app.clone(),
+        listener,
+        options,
+        async move { shutdown.cancelled().await },
+    ));
+
+    // Eight event streams fill the cap.
+    let stream_request = format!(
+        "GET /v1/sessions/{session}/events/stream HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {}\r\n\r\n",
+        server.admin_token
+    );
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        streams.push(opened(address, stream_request.as_bytes()).await);
+    }
+    assert_eq!(
+        get_status(address, "/healthz").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in"
+    );
+    assert!(
+        closed_after_what_was_sent(&mut streams[0]).await,
+        "the oldest stream gave its place"
+    );
+    for (i, stream) in streams.iter_mut().enumerate().skip(1) {
+        assert!(
+            !closed_after_what_was_sent(stream).await,
+            "stream {i} stays"
+        );
+    }
+    drop(streams);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Eight bodies that trickle in, without any credential, to an endpoint that takes none.
+    let trickle =
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n";
+    let mut trickling = Vec::new();
+    for _ in 0..8 {
+        trickling.push(opened(address, trickle).await);
+    }
+    assert_eq!(
+        get_status(address, "/healthz").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in"
+    );
+    assert!(
+        closed_after_what_was_sent(&mut trickling[0]).await,
+        "the oldest trickle gave its place"
+    );
+    drop(trickling);
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}

@@ -199,10 +199,22 @@ async fn drain(body: Body, cap: usize, wait: Duration) -> Result<(), ApiError> {
 /// still matters, for the reason [`read_body`] gives.
 pub async fn skip_body(State(policy): State<BodyPolicy>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
+    let arriving = body_arriving(&parts);
     if let Err(e) = drain(body, policy.limit, BODY_READ_TIMEOUT).await {
         return e.into_response();
     }
+    drop(arriving);
     next.run(Request::from_parts(parts, Body::empty())).await
+}
+
+/// While a request's body arrives, its connection may give its place to a new one at the
+/// connection cap (`crate::listener::Yieldable`): a body sent a byte at a time must not keep other
+/// clients out. `None` where the request did not come through the listener (tests of the router).
+fn body_arriving(parts: &axum::http::request::Parts) -> Option<crate::listener::YieldGuard> {
+    parts
+        .extensions
+        .get::<crate::listener::Yieldable>()
+        .map(crate::listener::Yieldable::mark)
 }
 
 /// Before a refusal that no handler answers (no credential, a credential that may not, no such
@@ -241,6 +253,7 @@ pub fn refused(refusal: Refusal) -> Response {
 /// transport error.) The share is held until the response has been written out.
 pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
+    let arriving = body_arriving(&parts);
     let declared = parts
         .headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -278,6 +291,7 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
         }
         bytes.extend_from_slice(&chunk);
     }
+    drop(arriving);
     if !bytes.is_empty() {
         let (values, _) = count_json_values(&bytes, MAX_JSON_VALUES);
         if values > MAX_JSON_VALUES {

@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +18,7 @@ use super::access::{self, ReadableSession};
 use super::extract::{Caller, JsonBody, Params, Wire};
 use super::{budget, decode, wire};
 use crate::error::{ApiError, ApiResult};
+use crate::listener::Yieldable;
 use crate::service::events::{page_bytes, EventFilter, NewEvents};
 use crate::service::tokens::Principal;
 use crate::service::App;
@@ -146,13 +147,17 @@ pub async fn stream(
     ReadableSession(session): ReadableSession,
     params: Params,
     headers: HeaderMap,
+    connection: Option<Extension<Yieldable>>,
 ) -> ApiResult<Response> {
     let after = resume_point(&headers, &params)?;
     let share = app.page_memory.share_for(Some(&caller));
     let (_, tail) = app.tail_events(&session.id, after, share).await?;
-    let frames = futures::stream::unfold(tail, |mut tail| async move {
+    // A stream resumes from its Last-Event-ID: at the connection cap, it gives its place to a new
+    // client rather than keep it out.
+    let yielding = connection.map(|Extension(c)| c.mark());
+    let frames = futures::stream::unfold((tail, yielding), |(mut tail, yielding)| async move {
         let event = tail.next().await?;
-        Some((Ok::<_, Infallible>(frame(&event)), tail))
+        Some((Ok::<_, Infallible>(frame(&event)), (tail, yielding)))
     })
     // The stream ends once its caller's credential is revoked or its session token dies, as its
     // next request would be refused: a client that reconnects then gets the 401.

@@ -10,8 +10,11 @@
 //! Without this, a client with no credential could fill the cap with connections that say nothing,
 //! renewing each before the header timeout closes it, and every new client would be turned away.
 //! With it, such connections are the first to go, and a client that has just connected is the last:
-//! it has waited the least. Busy servers behave as before: requests in flight are never displaced.
-//! (nginx reuses its idle keep-alive connections the same way when it runs out.)
+//! it has waited the least. (nginx reuses its idle keep-alive connections the same way when it runs
+//! out.) When none of those looked at is idle, the one that has longest done nothing but requests
+//! that yield goes: an event stream (its client resumes from its `Last-Event-ID`) or a body still
+//! arriving. Otherwise a client could hold every place with streams, or with bodies sent a byte at a
+//! time, and keep everyone else out. Other requests in flight are never displaced.
 //!
 //! A displaced connection closes at once if it had sent nothing of a request, and gracefully if it
 //! idled between requests (HTTP/2: a GOAWAY), within [`DISPLACED_GRACE`]. It stops counting towards
@@ -127,11 +130,12 @@ impl Slots {
 }
 
 impl Table {
-    /// Among the next [`SAMPLE`] connections from the hand, the one without a request in flight that
-    /// has waited longest, if any; the hand moves past those looked at.
+    /// Among the next [`SAMPLE`] connections from the hand, the one that gives its place most readily
+    /// (`ConnState::displaceable`: one without a request in flight before one with only yielding
+    /// requests, and the longest waiting of either), if any; the hand moves past those looked at.
     fn longest_waiting(&mut self, now: Instant) -> Option<usize> {
         let capacity = self.open.capacity().max(1);
-        let mut best: Option<(Instant, usize)> = None;
+        let mut best: Option<((super::Yield, Instant), usize)> = None;
         let mut looked = 0;
         let mut key = self.hand % capacity;
         // Keys are below the slab's capacity; vacant ones are skipped, and a full turn ends the search.
@@ -141,7 +145,7 @@ impl Table {
             }
             if let Some(state) = self.open.get(key) {
                 looked += 1;
-                if let Some(since) = state.waiting_since(now) {
+                if let Some(since) = state.displaceable(now) {
                     if best.is_none_or(|(earliest, _)| since < earliest) {
                         best = Some((since, key));
                     }

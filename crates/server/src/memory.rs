@@ -74,6 +74,11 @@ impl MemoryBudget {
         }
     }
 
+    /// What no request holds now, in bytes (for metrics and tests).
+    pub fn available(&self) -> usize {
+        self.units.available_permits() * UNIT
+    }
+
     /// The most one caller may hold, in bytes.
     pub fn caller_part(&self) -> usize {
         self.caller_units * UNIT
@@ -177,6 +182,25 @@ impl Share {
 
     pub fn is_empty(&self) -> bool {
         self.units() == 0
+    }
+
+    /// Moves what covers `bytes` of what this share holds (at most all of it) into a share of its
+    /// own: the memory of one piece of an answer, held until whoever ends up holding that piece (a
+    /// buffer of hyper's, a socket's queue) lets it go.
+    pub fn split_off(&mut self, bytes: usize) -> Share {
+        let mut piece = Share {
+            budget: self.budget.clone(),
+            caller: self.caller.clone(),
+            part: self.part.clone(),
+            held: None,
+        };
+        let units = bytes.div_ceil(UNIT).min(self.units());
+        if let (Some((part, whole)), true) = (&mut self.held, units > 0) {
+            let of_part = part.split(units).expect("no more than is held");
+            let of_whole = whole.split(units).expect("no more than is held");
+            piece.held = Some((of_part, of_whole));
+        }
+        piece
     }
 }
 

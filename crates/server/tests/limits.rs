@@ -708,3 +708,66 @@ async fn frames_within(server: &TestServer, token: &str, session: &str, after: &
     }
     frames
 }
+
+/// An event a live stream has handed out stays paid for until the text made of it is let go: a
+/// client that opens streams and takes nothing leaves their events in the server's buffers (hyper's
+/// write buffer holds a whole frame while the socket takes a few KiB at a time), and those count
+/// against its caller's part like unread pages.
+#[tokio::test]
+async fn an_event_a_stream_handed_out_is_paid_for_until_its_text_is_let_go() {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let backend = backends().remove(0);
+    let server = TestServer::start_with(&backend, options(2 << 20, 64 << 20, 4 << 20)).await;
+    let (_env, session) = setup(&server).await;
+    for text in ["first".to_owned(), "x".repeat(1_000_000)] {
+        let (status, body) = server
+            .post(
+                &format!("/sessions/{session}/events"),
+                json!({"events": [text_event("agent.message", &text)]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (_, log) = server
+        .get(&format!("/sessions/{session}/events?limit=1"))
+        .await;
+    let first = log["data"][0]["id"].as_str().unwrap().to_owned();
+
+    let free_before = server.app.page_memory.available();
+    let router = tether_server::http::router(server.app.clone(), 4 << 20);
+    let request =
+        axum::http::Request::get(format!("/api/v1/cloud/sessions/{session}/events/stream"))
+            .header("authorization", format!("Bearer {}", server.admin_token))
+            .header("last-event-id", &first)
+            .header("host", "tether.test")
+            .body(axum::body::Body::empty())
+            .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    if response.status() != StatusCode::OK {
+        let text = response.into_body().collect().await.unwrap().to_bytes();
+        panic!("{}", String::from_utf8_lossy(&text));
+    }
+    let mut body = response.into_body();
+    // The large event's frame, taken from the stream and held as hyper would hold it unsent.
+    let frame = body
+        .frame()
+        .await
+        .expect("a frame")
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert!(frame.len() > 1_000_000);
+    let held = free_before - server.app.page_memory.available();
+    assert!(
+        held >= 1_000_000,
+        "the frame holds what its event costs, {held} bytes held"
+    );
+    drop(frame);
+    assert!(
+        free_before - server.app.page_memory.available() < 1_000_000,
+        "let go with the frame"
+    );
+    drop(body);
+    server.shutdown().await;
+}

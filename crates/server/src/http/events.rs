@@ -6,7 +6,6 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt as _;
@@ -19,6 +18,7 @@ use super::extract::{Caller, JsonBody, Params, Wire};
 use super::{budget, decode, wire};
 use crate::error::{ApiError, ApiResult};
 use crate::listener::Yieldable;
+use crate::memory::Share;
 use crate::service::events::{page_bytes, EventFilter, NewEvents};
 use crate::service::tokens::Principal;
 use crate::service::App;
@@ -156,15 +156,59 @@ pub async fn stream(
     // client rather than keep it out.
     let yielding = connection.map(|Extension(c)| c.mark());
     let frames = futures::stream::unfold((tail, yielding), |(mut tail, yielding)| async move {
-        let event = tail.next().await?;
-        Some((Ok::<_, Infallible>(frame(&event)), (tail, yielding)))
+        let (event, held) = tail.next().await?;
+        Some((frame(&event, held), (tail, yielding)))
     })
     // The stream ends once its caller's credential is revoked or its session token dies, as its
     // next request would be refused: a client that reconnects then gets the 401.
     .take_until(CallerCheck(tokio::spawn(app.clone().lapsed(caller))));
-    Ok(Sse::new(frames)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keep-alive"))
+    let body = Body::from_stream(KeepAlive::new(frames).map(Ok::<_, Infallible>));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
         .into_response())
+}
+
+/// A stream of SSE frames with a `:keep-alive` comment after every [`KEEP_ALIVE`] without one.
+struct KeepAlive<S> {
+    frames: std::pin::Pin<Box<S>>,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> KeepAlive<S> {
+    fn new(frames: S) -> KeepAlive<S> {
+        KeepAlive {
+            frames: Box::pin(frames),
+            timer: Box::pin(tokio::time::sleep(KEEP_ALIVE)),
+        }
+    }
+}
+
+impl<S: futures::Stream<Item = Bytes>> futures::Stream for KeepAlive<S> {
+    type Item = Bytes;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let next = match self.frames.as_mut().poll_next(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                std::task::ready!(self.timer.as_mut().poll(cx));
+                Some(Bytes::from_static(b":keep-alive\n\n"))
+            }
+        };
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + KEEP_ALIVE);
+        Poll::Ready(next)
+    }
 }
 
 /// A stream's check of its caller, as a task of its own, stopped with the stream.
@@ -192,13 +236,42 @@ impl Drop for CallerCheck {
     }
 }
 
-fn frame(event: &tether_store::EventDoc) -> Event {
+/// One event as an SSE frame (`id:`, `event:` — the Anthropic SDK drops frames without it — and
+/// `data:`), holding `held`, the event's part of the stream's memory share, for as long as anything
+/// (hyper's buffers, while the client takes nothing) holds the frame's bytes.
+fn frame(event: &tether_store::EventDoc, held: Share) -> Bytes {
     let head = event.head();
-    let mut frame = Event::default().data(event.body.get()).id(&event.id);
+    let data = event.body.get();
+    let mut text = Vec::with_capacity(data.len() + event.id.len() + head.kind.len() + 32);
+    text.extend_from_slice(b"id: ");
+    text.extend_from_slice(event.id.as_bytes());
+    text.push(b'\n');
     if !head.kind.is_empty() {
-        frame = frame.event(head.kind);
+        text.extend_from_slice(b"event: ");
+        text.extend_from_slice(head.kind.as_bytes());
+        text.push(b'\n');
     }
-    frame
+    // Stored events are compact JSON, but a line break in one would end the field: each line is a
+    // `data:` field of its own, which the client joins back with line breaks.
+    for line in data.split(['\n', '\r']) {
+        text.extend_from_slice(b"data: ");
+        text.extend_from_slice(line.as_bytes());
+        text.push(b'\n');
+    }
+    text.push(b'\n');
+    Bytes::from_owner(HeldFrame { text, _held: held })
+}
+
+/// A frame's text and the memory share that pays for it.
+struct HeldFrame {
+    text: Vec<u8>,
+    _held: Share,
+}
+
+impl AsRef<[u8]> for HeldFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.text
+    }
 }
 
 /// `POST /sessions/{id}/cancel`. While a turn runs (`running`, or `rescheduling` while its item waits for a

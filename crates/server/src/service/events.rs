@@ -539,16 +539,23 @@ impl EventTail {
     /// `session.status_terminated`, after the session was deleted (the last event is then a
     /// `session.deleted` the server makes up, since the log went with the session), at shutdown, or when
     /// the store fails (the client resumes with `Last-Event-ID`).
-    pub async fn next(&mut self) -> Option<EventDoc> {
+    ///
+    /// The event comes with its part of the tail's share of the page budget: whoever writes it out
+    /// holds that until the text made of it is let go (a client that takes nothing leaves it in
+    /// hyper's buffers; those pay for it too).
+    pub async fn next(&mut self) -> Option<(EventDoc, Share)> {
         loop {
             if let Some(event) = self.pending.pop_front() {
-                self.pending_bytes = self.pending_bytes.saturating_sub(event_bytes(&event));
+                let size = event_bytes(&event);
+                self.pending_bytes = self.pending_bytes.saturating_sub(size);
+                let held = self.share.split_off(size);
                 self.share.shrink_to(self.pending_bytes);
                 if event.head().kind == EventType::SessionStatusTerminated.as_str() {
                     self.finished = true;
                     self.pending.clear();
+                    self.share.shrink_to(0);
                 }
-                return Some(event);
+                return Some((event, held));
             }
             if self.finished || *self.closed.borrow() {
                 return None;

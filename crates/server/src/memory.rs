@@ -6,9 +6,16 @@
 //! client does not take (an event page, a live stream's replay; an HTTP/2 client can leave a hundred
 //! of them unread per connection until the idle timeout closes it). Each pays from a budget, through
 //! its [`Share`], held until the memory is let go: a request body until its answer is sent
-//! (`http::budget`), from `--request-memory`; a page of events until it is handed out, from a budget
-//! of its own, a quarter of that ([`page_budget`]), so that a read never waits behind a large body
-//! (the budget is first come, first served, and a body of 32 MiB waits for 160 MiB).
+//! (`http::budget`), from `--request-memory`; a page of events until it is handed out (and a live
+//! stream's event until its text is written), from a budget of its own, a quarter of that
+//! ([`page_budget`]), so that reads and bodies never compete.
+//!
+//! A request takes its share only when all of it is free, and never queues: one that does not fit
+//! waits for memory to be given back and tries again, while a request that fits goes ahead at once.
+//! A queue would be fairer to large requests, but one body of 32 MiB waiting for its 160 MiB at
+//! the head of it would hold up every request behind it, however small, until its wait ran out: two
+//! environment keys sending such bodies kept an admin's 24-byte request waiting 10 s, then refused.
+//! A large request that keeps finding too little free is refused after [`BUDGET_WAIT`].
 //!
 //! One caller may hold at most [`CALLER_PART`] of the budget at once, over all its requests. A caller
 //! is an environment (its key and the session tokens of its items together: claiming items gives no
@@ -20,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::service::tokens::Principal;
 
@@ -52,6 +59,8 @@ pub struct MemoryBudget {
     /// The part of each caller that holds some of the budget now; a caller's entry goes when its
     /// last share does, so the map is bounded by the requests in flight.
     callers: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    /// Woken whenever a share gives memory back, for the requests waiting for room.
+    released: Arc<Notify>,
 }
 
 /// Why a request did not get its share.
@@ -71,12 +80,37 @@ impl MemoryBudget {
             units: Arc::new(Semaphore::new(total_units)),
             caller_units: (total_units * part / whole).max(1),
             callers: Arc::default(),
+            released: Arc::default(),
         }
     }
 
     /// What no request holds now, in bytes (for metrics and tests).
     pub fn available(&self) -> usize {
         self.units.available_permits() * UNIT
+    }
+
+    /// `count` units of `pool` once that many are free at once, without queueing (see the module's
+    /// doc), or [`Refusal::Busy`] at `deadline`.
+    async fn acquire(
+        &self,
+        pool: &Arc<Semaphore>,
+        count: u32,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, Refusal> {
+        loop {
+            // Listening before trying: memory given back between the try and the wait still wakes.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match pool.clone().try_acquire_many_owned(count) {
+                Ok(permit) => return Ok(permit),
+                Err(TryAcquireError::NoPermits) => {}
+                Err(TryAcquireError::Closed) => return Err(Refusal::Busy),
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return Err(Refusal::Busy);
+            }
+        }
     }
 
     /// The most one caller may hold, in bytes.
@@ -138,17 +172,11 @@ impl Share {
         }
         let count = u32::try_from(units).map_err(|_| Refusal::TooLarge)?;
         let deadline = tokio::time::Instant::now() + BUDGET_WAIT;
-        let acquire = |pool: &Arc<Semaphore>| {
-            tokio::time::timeout_at(deadline, pool.clone().acquire_many_owned(count))
-        };
-        let of_part = acquire(&self.part)
-            .await
-            .map_err(|_| Refusal::Busy)?
-            .map_err(|_| Refusal::Busy)?;
-        let of_whole = acquire(&self.budget.units)
-            .await
-            .map_err(|_| Refusal::Busy)?
-            .map_err(|_| Refusal::Busy)?;
+        let of_part = self.budget.acquire(&self.part, count, deadline).await?;
+        let of_whole = self
+            .budget
+            .acquire(&self.budget.units, count, deadline)
+            .await?;
         match &mut self.held {
             Some((part, whole)) => {
                 part.merge(of_part);
@@ -178,6 +206,7 @@ impl Share {
         drop(part.split(release));
         drop(whole.split(release));
         debug_assert_eq!(whole.num_permits(), keep);
+        self.budget.released.notify_waiters();
     }
 
     pub fn is_empty(&self) -> bool {
@@ -206,7 +235,9 @@ impl Share {
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.held = None;
+        if self.held.take().is_some() {
+            self.budget.released.notify_waiters();
+        }
         let mut callers = self
             .budget
             .callers
@@ -282,6 +313,37 @@ mod tests {
             "a caller's entry goes with its last share"
         );
         assert_eq!(budget.units.available_permits(), 64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_fits_never_waits_behind_one_that_does_not() {
+        let budget = MemoryBudget::new(64 * 1024);
+        let mut big = budget.share_for(Some(&env("a")));
+        big.take(40 * 1024).await.unwrap();
+        // Another caller's large request waits for room it cannot have yet.
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move {
+                let mut share = budget.share_for(Some(&env("b")));
+                share.take(40 * 1024).await.map(|()| share)
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished());
+        // A small one of a third caller goes ahead of it at once.
+        let admin = Principal::Admin {
+            credential_id: "tok_1".into(),
+        };
+        let mut small = budget.share_for(Some(&admin));
+        let started = tokio::time::Instant::now();
+        small.take(1024).await.unwrap();
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+        drop(small);
+        // Once the memory is given back, the waiting one gets it, well before its wait runs out.
+        drop(big);
+        let share = waiting.await.unwrap().expect("room was given back");
+        assert!(!share.is_empty());
+        assert!(started.elapsed() < BUDGET_WAIT);
     }
 
     #[tokio::test]

@@ -794,14 +794,21 @@ async fn a_stream_ends_when_its_credential_is_revoked_or_its_session_token_dies(
             let (status, out) = server.call(method, &path, body).await;
             assert_eq!(status, StatusCode::OK, "{path}: {out}");
         }
+        // Posted at once: no stream of a dead credential hands it out, though its periodic check
+        // may not have come yet.
+        post_ok(server, &session, json!([agent_message("still here")])).await;
         for (who, stream) in &mut streams {
             let ended = tokio::time::timeout(Duration::from_secs(10), async {
-                while stream.next().await.is_some() {}
+                while let Some(frame) = stream.next().await {
+                    assert_ne!(
+                        frame.data["content"][0]["text"], "still here",
+                        "the stream of a dead {who} handed out what came after"
+                    );
+                }
             })
             .await;
             assert!(ended.is_ok(), "the stream of a dead {who} ended");
         }
-        post_ok(server, &session, json!([agent_message("still here")])).await;
         loop {
             let frame = unrevoked.next_frame().await;
             if frame.data["type"] == "agent.message" {
@@ -1528,7 +1535,7 @@ async fn streams_caught_in_a_read_and_never_asked_again_hold_no_store_connection
             };
             let share = app.page_memory.share_for(Some(&caller));
             let (_, tail) = app
-                .tail_events(&session, None, share)
+                .tail_events(&session, None, share, caller.clone())
                 .await
                 .expect("a tail");
             let mut next = Box::pin(async move {

@@ -151,7 +151,9 @@ pub async fn stream(
 ) -> ApiResult<Response> {
     let after = resume_point(&headers, &params)?;
     let share = app.page_memory.share_for(Some(&caller));
-    let (_, tail) = app.tail_events(&session.id, after, share).await?;
+    let (_, tail) = app
+        .tail_events(&session.id, after, share, caller.clone())
+        .await?;
     // A stream resumes from its Last-Event-ID: at the connection cap, it gives its place to a new
     // client rather than keep it out.
     let yielding = connection.map(|Extension(c)| c.mark());

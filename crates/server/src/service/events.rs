@@ -12,6 +12,7 @@ use tether_core::Timestamp;
 use tether_store::{ChangeSet, Cursor, EventDoc, Page, PageRequest, Write};
 use tokio::sync::watch;
 
+use super::tokens::Principal;
 use super::{App, Error, Result, Retry};
 use crate::memory::Share;
 
@@ -471,12 +472,15 @@ impl App {
     /// session, so that nothing committed in between is missed. With `after`, the tail starts after that
     /// event (a resume); without, after the newest event at this moment.
     ///
-    /// `share` pays for each page the tail reads until its events are handed out.
+    /// `share` pays for each page the tail reads until its events are handed out. `reader` is the
+    /// credential the tail was opened with: a page read after it was revoked, or after its session
+    /// token died, is not handed out, and the tail ends.
     pub async fn tail_events(
         &self,
         session_id: &str,
         after: Option<String>,
         share: Share,
+        reader: Principal,
     ) -> Result<(Session, EventTail)> {
         let wake = self.hub.subscribe(session_id);
         let closed = self.hub.closed();
@@ -491,6 +495,7 @@ impl App {
             pending: VecDeque::new(),
             pending_bytes: 0,
             share,
+            reader,
             caught_up: false,
             finished: false,
         };
@@ -528,6 +533,8 @@ pub struct EventTail {
     /// What `pending` holds ([`page_bytes`]), paid for by `share`.
     pending_bytes: usize,
     share: Share,
+    /// The credential the tail was opened with; see [`App::tail_events`].
+    reader: Principal,
     /// Everything up to the last wake-up has been read.
     caught_up: bool,
     /// The last event has been queued: `session.status_terminated`, or the deletion notice.
@@ -613,6 +620,17 @@ impl EventTail {
             tracing::error!(session = %self.session_id, error = %e, "an event stream's read failed");
             Error::Internal
         })??;
+        // Asked after the read: every event of the page was committed before this answer, so a
+        // revocation (or a token's death) that came before any of them is seen here. Through this
+        // process it clears the credential cache at once; through another, within its 1 s. A store
+        // that does not answer ends nothing, as in `App::lapsed`.
+        if !page.items.is_empty() {
+            if let Ok(false) = self.app.still_holds(&self.reader).await {
+                tracing::debug!(session = %self.session_id, "event stream ends: its credential no longer holds");
+                self.finished = true;
+                return Ok(());
+            }
+        }
         self.caught_up = !page.has_more;
         if let Some(last) = page.items.last() {
             self.cursor = Some(last.id.clone());

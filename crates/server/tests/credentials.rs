@@ -1086,3 +1086,55 @@ async fn a_long_poll_whose_key_is_revoked_meanwhile_claims_nothing() {
     })
     .await;
 }
+
+/// Two credential headers are refused, whichever they name: which one the server took would be a
+/// guess.
+#[tokio::test]
+async fn a_request_with_two_credential_headers_is_refused() {
+    each_backend(async |server| {
+        let spare = ok(
+            server,
+            Method::POST,
+            "/tokens",
+            Some(json!({"name": "spare"})),
+        )
+        .await;
+        let spare = spare["token"].as_str().unwrap().to_owned();
+        for (prefix, name, value) in [
+            ("/api/v1/cloud", "authorization", format!("Bearer {spare}")),
+            ("/v1", "x-api-key", spare.clone()),
+        ] {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.append(
+                name,
+                format!("Bearer {}", server.admin_token).parse().unwrap(),
+            );
+            if name == "x-api-key" {
+                headers.insert(name, server.admin_token.parse().unwrap());
+            }
+            headers.append(name, value.parse().unwrap());
+            let response = server
+                .http()
+                .get(format!("{}{prefix}/environments", server.base))
+                .headers(headers)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{prefix} {name}"
+            );
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["type"], "authentication_error", "{body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("more than one {name} header")),
+                "{body}"
+            );
+        }
+    })
+    .await;
+}

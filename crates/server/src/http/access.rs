@@ -58,6 +58,7 @@ fn metrics_granted(app: &App, headers: &axum::http::HeaderMap) -> Result<(), Api
     let Some(expected) = &app.config.metrics_token_hash else {
         return Ok(());
     };
+    super::extract::one_credential_header(headers)?;
     let presented = super::extract::bearer(headers).ok_or_else(|| {
         ApiError::unauthorized(
             "this server's metrics token is required, as Authorization: Bearer <token>",

@@ -27,6 +27,7 @@ impl FromRequestParts<App> for Caller {
             return Ok(Caller(principal.clone()));
         }
         let dialect = dialect_of(parts);
+        one_credential_header(&parts.headers)?;
         let secret = bearer(&parts.headers)
             .or_else(|| if dialect.accepts_x_api_key() { header(&parts.headers, "x-api-key") } else { None })
             .ok_or_else(|| {
@@ -46,6 +47,20 @@ impl FromRequestParts<App> for Caller {
         }
         Ok(Caller(principal))
     }
+}
+
+/// Refuses a request that repeats a credential header: which of two the server took would be a
+/// guess (a proxy that adds its own, a client that merges configurations), and a guess about who
+/// is asking is not one to make quietly.
+pub(super) fn one_credential_header(headers: &HeaderMap) -> Result<(), ApiError> {
+    for name in ["authorization", "x-api-key"] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(ApiError::unauthorized(format!(
+                "more than one {name} header: send one credential"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn bearer(headers: &HeaderMap) -> Option<String> {

@@ -68,6 +68,12 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                     describe();
                     metrics::gauge!("tether_build_info", "version" => env!("CARGO_PKG_VERSION"))
                         .set(1.0);
+                    // Counters without labels are there from the start, at 0: a rate over a
+                    // series that appears only with its first event misses that event, and an
+                    // alert on it cannot tell "none yet" from "not exported".
+                    for name in UNLABELLED_COUNTERS {
+                        metrics::counter!(*name).increment(0);
+                    }
                     Some(handle)
                 }
                 Err(e) => {
@@ -152,6 +158,14 @@ fn request_series() -> &'static RwLock<HashMap<String, Vec<RequestSeries>>> {
     SERIES.get_or_init(Default::default)
 }
 
+/// The counters that carry no labels.
+const UNLABELLED_COUNTERS: &[&str] = &[
+    "tether_lease_expiries_total",
+    "tether_http_connections_refused_total",
+    "tether_http_connections_displaced_total",
+    "tether_worker_polls_unrecorded_total",
+];
+
 /// The HELP text of every series the recorder carries.
 fn describe() {
     describe_gauge!(
@@ -213,13 +227,14 @@ fn describe() {
     );
     describe_counter!(
         "tether_http_connections_refused_total",
-        "Connections closed on arrival because --max-connections were already open, each with a \
-         request in flight."
+        "Connections closed on arrival because --max-connections were already open, each with \
+         other work in flight."
     );
     describe_counter!(
         "tether_http_connections_displaced_total",
         "Connections that arrived at --max-connections and took the place of an open one that was \
-         waiting without a request in flight (which was closed)."
+         waiting without a request in flight, or doing nothing but event streams and bodies still \
+         arriving (which was closed)."
     );
     describe_counter!(
         "tether_worker_polls_unrecorded_total",

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::backoff::Backoff;
-use crate::status::Activity;
+use crate::status::{Activity, Holdup};
 use crate::{reached, supervisor, Phase, Shared};
 
 /// The longest wait a poll may ask for (§6.2).
@@ -85,12 +85,14 @@ async fn claim(
                 }
             }
         };
-        // What went wrong, when the next poll must wait for the backoff: a message and what it is about.
-        let (trouble, about) = if let Err(why) = shared.program.runnable() {
+        // What went wrong, when the next poll must wait for the backoff: why (for the status line), a
+        // message and what it is about (for the log).
+        let (holdup, trouble, about) = if let Err(why) = shared.program.runnable() {
             // PROGRAM was removed, replaced or made non-executable since start-up: every item it
             // were handed would fail at once (exit 127) and take a session's turn with it. Claim
             // nothing until it can run again.
             (
+                Holdup::ProgramCannotRun,
                 "PROGRAM cannot run: taking no work until it can",
                 (
                     "reason",
@@ -115,12 +117,14 @@ async fn claim(
                 // An id the worker would make paths of (its work directory, its log file, its cgroups)
                 // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
                 Ok(Some(item)) if !is_plain_name(&item.id) => (
+                    Holdup::RefusedItem,
                     "the server handed out a work item whose id is not a plain name: not running it",
                     ("work_id", format!("{:?}", item.id)),
                 ),
                 // PROGRAM went between the check above and this answer: the item is left unacked,
                 // and the server hands it out again after its reclaim window.
                 Ok(Some(item)) if shared.program.runnable().is_err() => (
+                    Holdup::ProgramCannotRun,
                     "PROGRAM cannot run: leaving the item it was handed to be handed out again",
                     ("work_id", item.id),
                 ),
@@ -149,6 +153,7 @@ async fn claim(
                 }
                 Err(e) if is_fatal(&e) => return Err(explain(&e, shared)),
                 Err(e) => (
+                    Holdup::PollFailed,
                     "poll failed; retrying",
                     ("error", crate::error::described(&e)),
                 ),
@@ -162,7 +167,7 @@ async fn claim(
                 ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
             ],
         );
-        report.activity(Activity::Backoff(delay));
+        report.activity(Activity::Backoff(holdup, delay));
         if !waited(&mut phase, delay).await {
             return Ok(());
         }

@@ -22,9 +22,21 @@ pub enum Activity {
     Polling,
     /// Every slot is taken.
     Full,
-    /// Waiting after a failed poll.
-    Backoff(Duration),
+    /// Waiting before the next poll, and why.
+    Backoff(Holdup, Duration),
     Draining,
+}
+
+/// Why the claim loop waits before its next poll: the status line names it, so that a worker whose
+/// server is fine is not shown as cut off from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holdup {
+    /// The poll failed: no answer, or an error answer that another try may fix.
+    PollFailed,
+    /// PROGRAM cannot run (removed, replaced, made non-executable): nothing is claimed until it can.
+    ProgramCannotRun,
+    /// The server handed out an item the worker will not run.
+    RefusedItem,
 }
 
 /// How an item ended, for the counts.
@@ -407,7 +419,14 @@ fn status_text(s: &State, now: Instant) -> String {
         Activity::Starting => "starting".to_owned(),
         Activity::Polling => "polling".to_owned(),
         Activity::Full => "all slots busy".to_owned(),
-        Activity::Backoff(d) => format!("server unreachable, retrying in {}s", d.as_secs()),
+        Activity::Backoff(holdup, d) => {
+            let why = match holdup {
+                Holdup::PollFailed => "poll failed",
+                Holdup::ProgramCannotRun => "PROGRAM cannot run",
+                Holdup::RefusedItem => "refused an item",
+            };
+            format!("{why}, retrying in {}s", d.as_secs())
+        }
         Activity::Draining => "draining (no new work)".to_owned(),
     };
     let _ = write!(out, " · {}/{} running", s.running.len(), s.concurrency);
@@ -516,6 +535,28 @@ mod tests {
         assert_eq!(
             status_text(&idle, now),
             "polling · 0/1 running · 0 done · 0 failed · 2 lost"
+        );
+    }
+
+    /// A worker waiting for its PROGRAM to come back is not waiting for the server.
+    #[test]
+    fn the_status_line_says_why_the_worker_waits() {
+        let waiting = |holdup| State {
+            activity: Activity::Backoff(holdup, Duration::from_secs(4)),
+            concurrency: 1,
+            running: BTreeMap::new(),
+            done: 0,
+            failed: 0,
+            lost: 0,
+        };
+        let now = Instant::now();
+        assert_eq!(
+            status_text(&waiting(Holdup::ProgramCannotRun), now),
+            "PROGRAM cannot run, retrying in 4s · 0/1 running · 0 done · 0 failed"
+        );
+        assert_eq!(
+            status_text(&waiting(Holdup::PollFailed), now),
+            "poll failed, retrying in 4s · 0/1 running · 0 done · 0 failed"
         );
     }
 }

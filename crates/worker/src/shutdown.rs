@@ -76,14 +76,14 @@ pub async fn drain(
     timeout: Duration,
     report: &Reporter,
 ) {
-    if tasks.is_empty() {
+    let running = still_running(tasks);
+    if running == 0 {
         return;
     }
     report.info(
         &format!(
-            "waiting up to {}s for {} running item(s)",
+            "waiting up to {}s for {running} running item(s)",
             timeout.as_secs_f64(),
-            tasks.len()
         ),
         &[],
     );
@@ -105,6 +105,14 @@ pub async fn drain(
     }
 }
 
+/// How many supervisors have not ended. A finished task stays in the set until it is joined, and the
+/// claim loop joins them only before each poll: the ones that ended since are taken out here, so that
+/// an item whose program already stopped is not counted as running.
+fn still_running(tasks: &mut JoinSet<()>) -> usize {
+    while tasks.try_join_next().is_some() {}
+    tasks.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +125,18 @@ mod tests {
         assert_eq!(*rx.borrow(), Phase::Terminating);
         advance(&tx, Phase::Forced);
         assert_eq!(*rx.borrow(), Phase::Forced);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_item_that_ended_is_not_counted_as_running() {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async {});
+        tasks.spawn(tokio::time::sleep(Duration::from_secs(5)));
+        // The first ends; nobody has joined it yet.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(still_running(&mut tasks), 1);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(still_running(&mut tasks), 0);
     }
 
     /// On tokio's paused clock: items that finish within the drain timeout are waited for; one that

@@ -423,3 +423,75 @@ fn send_wait_says_when_no_worker_serves_the_environment_and_gives_up_at_its_time
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--wait"));
 }
+
+/// `send --wait` on a turn that fails: every event is shown, and the exit status and standard
+/// error say that it failed. A turn that waits for the user did not fail.
+#[test]
+fn send_wait_fails_when_the_turn_fails() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = Client::new(&server.base, &server.token).unwrap();
+    let session = laptop_session(&server, &[]);
+    let s = session.as_str();
+
+    // Runs `send --wait` with `message`; once the message is in the log, the agent's side answers
+    // with `answer`. Returns how the command ended.
+    let turn = |message: &str, answer: Vec<NewEvent>| {
+        let mut command =
+            support::tether_as_admin(&server, &["session", "send", s, message, "--wait"]);
+        command.stdin(Stdio::null());
+        let waiting = std::thread::spawn(move || command.output().expect("run tether"));
+        rt.block_on(async {
+            let deadline = std::time::Instant::now() + PATIENCE;
+            loop {
+                let log = client.list_events(s, &Default::default()).await.unwrap();
+                let sent = log.data.iter().any(|e| {
+                    e.kind == "user.message"
+                        && serde_json::to_string(&e.fields).unwrap().contains(message)
+                });
+                if sent {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the message never came"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            client.send_events(s, &answer).await.unwrap();
+        });
+        waiting.join().unwrap()
+    };
+
+    let failed = turn(
+        "make",
+        vec![
+            NewEvent::new(
+                "session.error",
+                json!({"error": {"type": "model_error", "message": "the model is overloaded"}}),
+            ),
+            NewEvent::status_idle("retries_exhausted"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("session.error"), "{stdout}");
+    assert!(
+        stdout.contains("session.status_idle retries_exhausted"),
+        "{stdout}"
+    );
+    assert!(
+        stderr
+            .contains("the turn failed: retries_exhausted (model_error: the model is overloaded)"),
+        "{stderr}"
+    );
+
+    let asks = turn("deploy", vec![NewEvent::status_idle("requires_action")]);
+    assert!(
+        asks.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asks.stderr)
+    );
+}

@@ -264,8 +264,10 @@ async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
     if !printer.print(&sent) {
         return Ok(());
     }
+    let mut outcome = TurnOutcome::default();
     // Resuming after the message itself shows exactly this turn, however quickly a worker answered.
     let following = events::follow(&cx.client, &args.id, sent.id.clone(), |event| {
+        outcome.note(event);
         printer.print(event) && event.kind != event_type::SESSION_STATUS_IDLE
     });
     let deadline = async {
@@ -286,9 +288,62 @@ async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
         ),
     };
     match ending {
-        Ending::Done => Ok(()),
+        Ending::Done => match outcome.failure() {
+            None => Ok(()),
+            Some(why) => bail!("the turn failed: {why}"),
+        },
         Ending::Deleted => bail!("the session was deleted before the turn ended"),
         Ending::Terminated => bail!("the session was terminated before the turn ended"),
+    }
+}
+
+/// How a turn `send --wait` follows ended: the stop reason of its `session.status_idle`, and the
+/// last `session.error` before it.
+#[derive(Debug, Default)]
+struct TurnOutcome {
+    stop_reason: Option<String>,
+    last_error: Option<String>,
+}
+
+impl TurnOutcome {
+    fn note(&mut self, event: &Event) {
+        let field = |path: &[&str]| {
+            let mut value = event.fields.get(path[0])?;
+            for key in &path[1..] {
+                value = value.get(key)?;
+            }
+            value.as_str().map(str::to_owned)
+        };
+        match event.kind.as_str() {
+            event_type::SESSION_ERROR => {
+                self.last_error = Some(
+                    match (field(&["error", "type"]), field(&["error", "message"])) {
+                        (Some(kind), Some(message)) => format!("{kind}: {message}"),
+                        (kind, message) => {
+                            message.or(kind).unwrap_or_else(|| "an error".to_owned())
+                        }
+                    },
+                );
+            }
+            event_type::SESSION_STATUS_IDLE => {
+                self.stop_reason = field(&["stop_reason", "type"]);
+            }
+            _ => {}
+        }
+    }
+
+    /// Why the turn failed, when it did: a turn that ended (`end_turn`) or waits for the user
+    /// (`requires_action`) succeeded; any other stop reason (`error`, `retries_exhausted`, …) did not.
+    fn failure(&self) -> Option<String> {
+        let reason = self.stop_reason.as_deref()?;
+        if matches!(reason, "end_turn" | "requires_action") {
+            return None;
+        }
+        // Shown escaped by `main`, with every error message.
+        Some(match &self.last_error {
+            Some(error) => format!("{reason} ({error})"),
+            None => reason.to_owned(),
+        })
     }
 }
 

@@ -138,7 +138,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "TETHER_WORKDIR", value_name = "DIR")]
     workdir: Option<PathBuf>,
     /// Keep each item's --workdir directory instead of removing it.
-    #[arg(long, env = "TETHER_KEEP_WORKDIR", requires = "workdir")]
+    #[arg(long, env = "TETHER_KEEP_WORKDIR", requires = "workdir", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     keep_workdir: bool,
     /// Exit 0 after this long without work (no item claimed or running), e.g. 5m.
     #[arg(long, env = "TETHER_MAX_IDLE", value_parser = parse_duration)]
@@ -146,7 +147,8 @@ pub struct WorkerArgs {
     /// Run each item's PROGRAM confined (bubblewrap): read-only system, its own directory the only
     /// writable place, home and other items hidden, own PID namespace. Refuses to start where the
     /// kernel cannot do it.
-    #[arg(long, env = "TETHER_SANDBOX")]
+    #[arg(long, env = "TETHER_SANDBOX", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     sandbox: bool,
     /// What a sandboxed PROGRAM may reach: full (the host's network), api (only the Tether API,
     /// through the worker's proxy: TETHER_API_URL is http://127.0.0.1:4780/… inside) or none.
@@ -286,6 +288,30 @@ mod tests {
             .filter(|id| id != "help")
             .collect();
         assert_eq!(without, Vec::<String>::new());
+    }
+
+    /// Switches set from a unit's environment take the spellings people write there.
+    #[test]
+    fn switches_from_the_environment_take_1_yes_and_on() {
+        // A variable of this test's own (an argument reads its variable when it is named), so that
+        // no other test sees it.
+        const VARIABLE: &str = "TETHER_TEST_SANDBOX_SWITCH";
+        let parse = |value: &str| {
+            std::env::set_var(VARIABLE, value);
+            let command = WorkerArgs::augment_args(clap::Command::new("worker"))
+                .mut_arg("sandbox", |a| a.env(VARIABLE));
+            std::env::remove_var(VARIABLE);
+            command
+                .try_get_matches_from(["worker", "--environment", "e", "--key", "k", "--", "p"])
+                .map(|m| m.get_flag("sandbox"))
+        };
+        for on in ["1", "yes", "on", "true", "TRUE", "y"] {
+            assert_eq!(parse(on).ok(), Some(true), "{on}");
+        }
+        for off in ["0", "no", "off", "false", "n"] {
+            assert_eq!(parse(off).ok(), Some(false), "{off}");
+        }
+        assert!(parse("maybe").is_err());
     }
 
     #[test]

@@ -65,6 +65,11 @@ enum Command {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Before the arguments are read (clap reads each variable as it builds the command), and while
+    // this is the only thread.
+    for name in empty_settings(std::env::vars_os()) {
+        std::env::remove_var(name);
+    }
     let cli = Cli::parse();
     match &cli.command {
         Command::Completions { shell } => {
@@ -133,6 +138,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The `TETHER_*` variables set to nothing. Each counts as unset, as if its line were not there: a
+/// systemd `EnvironmentFile` line or a shell `export` with no value must neither hand an empty id on
+/// (`TETHER_ENVIRONMENT=`) nor make a flag with a default fail (`TETHER_DATA_DIR=`).
+fn empty_settings(
+    variables: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<std::ffi::OsString> {
+    variables
+        .into_iter()
+        .filter(|(name, value)| value.is_empty() && name.as_encoded_bytes().starts_with(b"TETHER_"))
+        .map(|(name, _)| name)
+        .collect()
+}
+
 /// Prints the line a failed command ends with, waiting for standard error at most a second. A
 /// worker's standard error may be a pipe nobody reads, and the worker's own log thread may be
 /// blocked writing to it, holding its lock: the worker must end all the same, without that line.
@@ -146,5 +164,25 @@ fn last_words(line: String) {
         });
     if spawned.is_ok() {
         let _ = wait.recv_timeout(std::time::Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    #[test]
+    fn only_empty_tether_variables_count_as_unset() {
+        let variables = [
+            ("TETHER_ENVIRONMENT", ""),
+            ("TETHER_DATA_DIR", ""),
+            ("TETHER_SERVER", "http://127.0.0.1:4780"),
+            ("HOME", ""),
+        ]
+        .map(|(name, value)| (OsString::from(name), OsString::from(value)));
+        assert_eq!(
+            super::empty_settings(variables),
+            ["TETHER_ENVIRONMENT", "TETHER_DATA_DIR"].map(OsString::from)
+        );
     }
 }

@@ -105,11 +105,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "TETHER_CA_CERT", value_name = "PEM")]
     ca_cert: Option<PathBuf>,
     /// The environment whose work to run (env_…).
-    #[arg(long, env = "TETHER_ENVIRONMENT")]
+    #[arg(long, env = "TETHER_ENVIRONMENT", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     environment: String,
     /// The environment's key (tth_env_…, from `tether env key create`). Prefer TETHER_KEY: a command
     /// line is visible to every user of the machine.
-    #[arg(long, env = "TETHER_KEY", hide_env_values = true)]
+    #[arg(long, env = "TETHER_KEY", hide_env_values = true, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     key: String,
     /// Identity sent on poll, ack and heartbeat [default: <hostname>-<12 random hex digits>].
     #[arg(long, env = "TETHER_WORKER_ID")]

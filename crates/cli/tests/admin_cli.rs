@@ -403,6 +403,50 @@ fn a_server_url_with_the_api_path_is_refused_with_the_base_url_to_give() {
     }
 }
 
+/// A variable set to nothing (a unit's `EnvironmentFile` line with no value) counts as unset: flags
+/// with a default keep it, and a required one is missing rather than empty.
+#[test]
+fn empty_variables_count_as_unset() {
+    let server = Server::start();
+    let token = std::fs::read_to_string(server.data_dir().join("admin-token")).unwrap();
+    let out = support::tether_command()
+        .args(["env", "list", "--server", &server.url])
+        .env("TETHER_TOKEN", token.trim())
+        .env("TETHER_DATA_DIR", "")
+        .env("TETHER_CA_CERT", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let worker = |environment: Option<&str>| {
+        let mut command = support::tether_command();
+        command
+            .args(["worker", "--server", &server.url, "--key", "tth_env_x"])
+            .env("TETHER_ENVIRONMENT", "");
+        if let Some(environment) = environment {
+            command.args(["--environment", environment]);
+        }
+        let out = command.args(["--", "true"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{environment:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = worker(None);
+    assert!(
+        err.contains("required arguments were not provided") && err.contains("--environment"),
+        "{err}"
+    );
+    // Given empty on the command line, it is refused as such.
+    let err = worker(Some(""));
+    assert!(
+        err.contains("a value is required for '--environment <ENVIRONMENT>'"),
+        "{err}"
+    );
+}
+
 /// `tether serve --listen` that cannot listen says why in terms of the flag: an address taken by
 /// another server, or a value that is no address at all.
 #[test]

@@ -37,20 +37,23 @@ pub struct ServeArgs {
     /// How often queue statistics are sampled for the dashboard's chart, in milliseconds.
     #[arg(long, env = "TETHER_SAMPLE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub sample_ms: u64,
-    /// Lease TTL in seconds until a heartbeat asks for another.
-    #[arg(long, env = "TETHER_LEASE_TTL", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=600))]
+    /// Lease TTL in seconds until a heartbeat asks for another (within --lease-ttl-min and
+    /// --lease-ttl-max).
+    #[arg(long, env = "TETHER_LEASE_TTL", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=MAX_LEASE_TTL))]
     pub lease_ttl: u32,
     /// Smallest lease TTL a heartbeat may ask for.
-    #[arg(long, env = "TETHER_LEASE_TTL_MIN", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=600))]
+    #[arg(long, env = "TETHER_LEASE_TTL_MIN", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=MAX_LEASE_TTL))]
     pub lease_ttl_min: u32,
-    /// Largest lease TTL a heartbeat may ask for.
-    #[arg(long, env = "TETHER_LEASE_TTL_MAX", default_value_t = 600, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    /// Largest lease TTL a heartbeat may ask for (at most 600).
+    #[arg(long, env = "TETHER_LEASE_TTL_MAX", default_value_t = MAX_LEASE_TTL as u32, value_parser = clap::value_parser!(u32).range(1..=MAX_LEASE_TTL))]
     pub lease_ttl_max: u32,
     /// Lease expiries that requeue an item before it is stopped as poison.
     #[arg(long, env = "TETHER_MAX_REQUEUES", default_value_t = 3)]
     pub max_requeues: u32,
-    /// Lease amnesty window at start, in milliseconds.
-    #[arg(long, env = "TETHER_AMNESTY_MS", default_value_t = 30_000)]
+    /// Lease amnesty window at start, in milliseconds (at most 600000: workers take no longer
+    /// promise of amnesty).
+    #[arg(long, env = "TETHER_AMNESTY_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(i64).range(0..=MAX_AMNESTY_MS))]
     pub amnesty_ms: i64,
     /// Largest request body in bytes (at least 1024: below that, common requests would not fit).
     #[arg(long, env = "TETHER_BODY_LIMIT", default_value_t = 32 * 1024 * 1024,
@@ -102,6 +105,66 @@ pub struct ServeArgs {
     /// for this long (a full socket on HTTP/1, a shut stream window on HTTP/2), is closed.
     #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "75s", value_parser = crate::worker::parse_duration)]
     pub idle_timeout: Duration,
+}
+
+/// The longest lease, in seconds: SPEC §5.2 clamps every TTL into 10‥600, and workers take no
+/// longer promise of amnesty either (`tether_core::lease::MAX_AMNESTY`).
+const MAX_LEASE_TTL: i64 = 600;
+
+/// The longest amnesty window, in milliseconds: a worker takes a promise of amnesty (the same window,
+/// after a database outage) as at most `tether_core::lease::MAX_AMNESTY`, so a longer one would be
+/// promised and not kept.
+const MAX_AMNESTY_MS: i64 = tether_core::lease::MAX_AMNESTY.as_millis() as i64;
+
+/// What clap cannot judge flag by flag: the flags against each other, and the public URL. Each
+/// refusal is one line that names its flags.
+fn check_flags(args: &ServeArgs) -> Result<(), String> {
+    let (ttl, min, max) = (args.lease_ttl, args.lease_ttl_min, args.lease_ttl_max);
+    if min > max {
+        return Err(format!(
+            "--lease-ttl-min ({min}) must not exceed --lease-ttl-max ({max})"
+        ));
+    }
+    if !(min..=max).contains(&ttl) {
+        return Err(format!(
+            "--lease-ttl ({ttl}) must lie within --lease-ttl-min ({min}) and --lease-ttl-max ({max})"
+        ));
+    }
+    if args.header_timeout.is_zero() || args.idle_timeout.is_zero() {
+        return Err("--header-timeout and --idle-timeout must be above zero".into());
+    }
+    if let Some(public_url) = &args.public_url {
+        check_public_url(public_url)?;
+    }
+    Ok(())
+}
+
+/// `--public-url` reaches every worker as its items' `api_base_url`, to which the dialect's paths
+/// are appended: an absolute http(s) URL with a host, no credentials, query or fragment.
+fn check_public_url(given: &str) -> Result<(), String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "--public-url {given:?} {why}; give the base URL workers reach this server at, e.g. \
+             https://tether.example.com"
+        ))
+    };
+    let url = match url::Url::parse(given) {
+        Ok(url) => url,
+        Err(e) => return refuse(&format!("is not an absolute URL ({e})")),
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return refuse("must start with http:// or https://");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return refuse("has no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("must not carry credentials");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return refuse("must not have a query (?…) or a fragment (#…)");
+    }
+    Ok(())
 }
 
 /// File descriptors kept free of connections: the store, its WAL, the PostgreSQL pool, logs.
@@ -214,10 +277,7 @@ fn claim_data_dir(dir: &Path) -> Result<()> {
 
 pub async fn run(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format);
-    anyhow::ensure!(
-        args.lease_ttl_min <= args.lease_ttl_max,
-        "--lease-ttl-min must not exceed --lease-ttl-max"
-    );
+    check_flags(&args).map_err(anyhow::Error::msg)?;
     // Before the store opens, so that its writer thread's first commits are counted too.
     tether_server::http::ops::install_metrics();
     let store = open_store(&args).await?;
@@ -254,17 +314,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         header_timeout: args.header_timeout,
         idle_timeout: args.idle_timeout,
     };
-    anyhow::ensure!(
-        !limits.header_timeout.is_zero() && !limits.idle_timeout.is_zero(),
-        "--header-timeout and --idle-timeout must be above zero"
-    );
     let config = ServiceConfig {
         public_url: args
             .public_url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{local}")),
         lease: LeasePolicy {
-            default_ttl_seconds: args.lease_ttl.clamp(args.lease_ttl_min, args.lease_ttl_max),
+            default_ttl_seconds: args.lease_ttl,
             min_ttl_seconds: args.lease_ttl_min,
             max_ttl_seconds: args.lease_ttl_max,
             max_requeues: args.max_requeues,
@@ -412,6 +468,70 @@ mod tests {
     struct Command {
         #[command(flatten)]
         serve: super::ServeArgs,
+    }
+
+    fn refusal(args: &[&str]) -> Option<String> {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(args);
+        match Command::try_parse_from(argv) {
+            Ok(parsed) => super::check_flags(&parsed.serve).err(),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn lease_flags_are_judged_against_each_other_and_the_documented_bounds() {
+        assert_eq!(refusal(&[]), None);
+        assert_eq!(
+            refusal(&["--lease-ttl", "5"]).as_deref(),
+            Some("--lease-ttl (5) must lie within --lease-ttl-min (10) and --lease-ttl-max (600)")
+        );
+        assert_eq!(
+            refusal(&["--lease-ttl-min", "30", "--lease-ttl-max", "20"]).as_deref(),
+            Some("--lease-ttl-min (30) must not exceed --lease-ttl-max (20)")
+        );
+        assert_eq!(refusal(&["--lease-ttl", "2", "--lease-ttl-min", "1"]), None);
+        assert_eq!(refusal(&["--lease-ttl-max", "600"]), None);
+        let too_long = refusal(&["--lease-ttl-max", "1000"]).unwrap();
+        assert!(
+            too_long.contains("--lease-ttl-max") && too_long.contains("1..=600"),
+            "{too_long}"
+        );
+    }
+
+    #[test]
+    fn amnesty_is_at_most_ten_minutes() {
+        assert_eq!(refusal(&["--amnesty-ms", "600000"]), None);
+        assert_eq!(refusal(&["--amnesty-ms", "0"]), None);
+        for refused in ["99999999999", "600001", "-1"] {
+            let error = refusal(&[&format!("--amnesty-ms={refused}")]).unwrap();
+            assert!(error.contains("--amnesty-ms"), "{refused}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_public_url_is_an_absolute_http_url() {
+        for accepted in [
+            "http://127.0.0.1:4780",
+            "https://tether.example.com/base",
+            "https://tether.example.com/",
+        ] {
+            assert_eq!(refusal(&["--public-url", accepted]), None, "{accepted}");
+        }
+        for (refused, why) in [
+            ("notaurl", "is not an absolute URL"),
+            ("/relative", "is not an absolute URL"),
+            ("ftp://tether.example.com", "http:// or https://"),
+            ("http://user:pw@tether.example.com", "credentials"),
+            ("https://tether.example.com/?x=1", "query"),
+            ("https://tether.example.com/#top", "fragment"),
+        ] {
+            let error = refusal(&["--public-url", refused]).unwrap();
+            assert!(
+                error.starts_with(&format!("--public-url {refused:?}")) && error.contains(why),
+                "{refused}: {error}"
+            );
+        }
     }
 
     #[test]

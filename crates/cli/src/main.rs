@@ -71,6 +71,20 @@ fn main() -> std::process::ExitCode {
         std::env::remove_var(name);
     }
     let cli = Cli::parse();
+    if let Command::Admin(admin) = &cli.command {
+        if let Some((path, message)) = admin::usage_error(admin) {
+            let mut command = Cli::command();
+            command.build();
+            let subcommand = path.iter().fold(&mut command, |command, name| {
+                command
+                    .find_subcommand_mut(name)
+                    .expect("usage_error names a subcommand that exists")
+            });
+            subcommand
+                .error(clap::error::ErrorKind::MissingRequiredArgument, message)
+                .exit();
+        }
+    }
     match &cli.command {
         Command::Completions { shell } => {
             return match install::completions(*shell, Cli::command(), &mut std::io::stdout()) {

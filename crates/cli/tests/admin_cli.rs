@@ -403,6 +403,26 @@ fn a_server_url_with_the_api_path_is_refused_with_the_base_url_to_give() {
     }
 }
 
+/// An agent update that changes nothing would still make a new version: it is refused as a usage
+/// error before anything is sent.
+#[test]
+fn an_agent_update_without_a_change_is_refused() {
+    let server = Server::start();
+    let agent = server.json(&["agent", "create", "--name", "a", "--model", "none"]);
+    let id = agent["id"].as_str().unwrap();
+    let out = server.run(&["agent", "update", id]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nothing to update: give at least one of --name, --model"),
+        "{err}"
+    );
+    assert!(err.contains("Usage: tether agent update"), "{err}");
+    assert_eq!(server.json(&["agent", "get", id])["version"], 1);
+    let updated = server.json(&["agent", "update", id, "--name", "b"]);
+    assert_eq!(updated["version"], 2);
+}
+
 /// A variable set to nothing (a unit's `EnvironmentFile` line with no value) counts as unset: flags
 /// with a default keep it, and a required one is missing rather than empty.
 #[test]

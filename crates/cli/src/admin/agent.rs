@@ -75,6 +75,24 @@ pub struct UpdateArgs {
     metadata: MetadataPatchArgs,
 }
 
+impl UpdateArgs {
+    /// Every update makes a new version of the agent, even one that changes nothing: an update
+    /// without a change flag is refused before it is sent.
+    pub fn nothing_to_update(&self) -> Option<String> {
+        let changes = self.name.is_some()
+            || self.model.is_some()
+            || self.description.is_some()
+            || self.system.is_some()
+            || self.tools.is_some()
+            || self.metadata.patch().is_some();
+        (!changes).then(|| {
+            "nothing to update: give at least one of --name, --model, --description, --system, \
+             --tools, --metadata or --unset-metadata"
+                .to_owned()
+        })
+    }
+}
+
 fn tools(raw: Option<String>) -> Result<Option<Vec<Value>>> {
     raw.map(|text| serde_json::from_str(&text).context("--tools must be a JSON array of objects"))
         .transpose()

@@ -82,6 +82,20 @@ pub enum AdminCommand {
     Token(Group<token::TokenCommand>),
 }
 
+/// A usage error clap cannot see (it judges flags one by one): the subcommand's path and the
+/// message, for clap to print with that subcommand's usage.
+pub fn usage_error(command: &AdminCommand) -> Option<(&'static [&'static str], String)> {
+    match command {
+        AdminCommand::Agent(Group {
+            command: agent::AgentCommand::Update(args),
+            ..
+        }) => args
+            .nothing_to_update()
+            .map(|message| (&["agent", "update"][..], message)),
+        _ => None,
+    }
+}
+
 /// Runs one admin command.
 pub async fn run(command: AdminCommand) -> Result<()> {
     match command {

@@ -423,6 +423,30 @@ fn an_agent_update_without_a_change_is_refused() {
     assert_eq!(updated["version"], 2);
 }
 
+/// A connection setting that cannot be used is named alone, and quoted as given.
+#[test]
+fn a_bad_server_url_or_ca_file_is_named() {
+    let server = Server::start();
+    let err = server.fails(&["env", "list", "--server", "http://"]);
+    assert!(
+        err.starts_with("error: invalid --server / TETHER_SERVER: "),
+        "{err}"
+    );
+    assert!(
+        err.contains("the server URL \"http://\" is not a URL"),
+        "{err}"
+    );
+    assert!(!err.contains("--ca-cert"), "{err}");
+    let missing = server.data_dir().join("no-such-ca.pem");
+    let err = server.fails(&["env", "list", "--ca-cert", missing.to_str().unwrap()]);
+    assert!(
+        err.starts_with("error: invalid --ca-cert / TETHER_CA_CERT: "),
+        "{err}"
+    );
+    assert!(err.contains("cannot read the CA certificate file"), "{err}");
+    assert!(!err.contains("TETHER_SERVER"), "{err}");
+}
+
 /// A variable set to nothing (a unit's `EnvironmentFile` line with no value) counts as unset: flags
 /// with a default keep it, and a required one is missing rather than empty.
 #[test]

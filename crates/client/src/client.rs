@@ -104,12 +104,14 @@ impl ClientBuilder {
 
     /// Builds the client.
     pub fn build(self) -> Result<Client> {
-        let server = self.server.trim().trim_end_matches('/').to_owned();
+        // Refusals quote the URL as given: `http://` trimmed would read back as `http:`.
+        let given = self.server.trim();
+        let server = given.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&server)
-            .map_err(|e| Error::Config(format!("the server URL {server:?} is not a URL: {e}")))?;
+            .map_err(|e| Error::Config(format!("the server URL {given:?} is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(Error::Config(format!(
-                "the server URL {server:?} must start with http:// or https://"
+                "the server URL {given:?} must start with http:// or https://"
             )));
         }
         let prefix = self.prefix.trim_end_matches('/');
@@ -900,6 +902,19 @@ mod tests {
         };
         let item_client = Client::for_work_secret(&secret, "http://unused").unwrap();
         assert_eq!(item_client.api_base_url(), "http://h:1/api/v1/cloud");
+    }
+
+    #[test]
+    fn a_server_url_that_is_not_one_is_quoted_as_given() {
+        match Client::new("http://", "t") {
+            Err(Error::Config(message)) => {
+                assert!(
+                    message.starts_with("the server URL \"http://\" is not a URL"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -213,10 +213,13 @@ async fn run_to_end(config: Config) -> Result<Summary> {
         builder = builder.ca_cert_file(path);
     }
     let client = builder.build().map_err(|e| {
-        Error::config(format!(
-            "invalid --server / TETHER_SERVER {:?} or --ca-cert: {e}",
-            config.server
-        ))
+        // The builder reads the URL first, then the CA file: the URL alone says which was wrong.
+        let url_alone = Client::builder(config.server.clone()).build();
+        let flag = match (&ca_cert, url_alone) {
+            (Some(_), Ok(_)) => "--ca-cert / TETHER_CA_CERT",
+            _ => "--server / TETHER_SERVER",
+        };
+        Error::config(format!("invalid {flag}: {e}"))
     })?;
     let concurrency = config.concurrency.max(1) as usize;
     let report = Reporter::new(config.log_format, concurrency);

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tether_client::{Client, ListParams, ListResources, MetadataPatch, Page};
@@ -162,11 +162,14 @@ impl Ctx {
         if let Some(path) = &connection.ca_cert {
             builder = builder.ca_cert_file(path);
         }
-        let client = builder.build().with_context(|| {
-            format!(
-                "invalid --server / TETHER_SERVER {:?} or --ca-cert",
-                connection.server
-            )
+        let client = builder.build().map_err(|e| {
+            // The builder reads the URL first, then the CA file: the URL alone says which was wrong.
+            let url_alone = Client::builder(connection.server.clone()).build();
+            let flag = match (&connection.ca_cert, url_alone) {
+                (Some(_), Ok(_)) => "--ca-cert / TETHER_CA_CERT",
+                _ => "--server / TETHER_SERVER",
+            };
+            anyhow::Error::new(e).context(format!("invalid {flag}"))
         })?;
         Ok(Ctx {
             client,

@@ -38,6 +38,10 @@ pub fn completions(
 
 /// Writes `tether.1` and `tether-<sub>[-<subsub>].1` for every subcommand; returns how many pages.
 pub fn man_pages(cmd: clap::Command, dir: &Path) -> Result<usize> {
+    // create_dir_all calls a file in the way "File exists", which does not say what is wrong.
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cmd = cmd;
     cmd.build();

@@ -624,6 +624,24 @@ fn man_pages_are_written_for_every_command() {
     );
 }
 
+#[test]
+fn man_pages_into_a_file_say_it_is_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, "").unwrap();
+    let out = support::tether_command()
+        .arg("man")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{} is not a directory", file.display())),
+        "{err}"
+    );
+}
+
 /// `systemd-analyze verify` on the units under deploy/systemd (with the binary path pointed at the one
 /// just built, since verify checks that it exists). Skipped, saying so, without systemd-analyze.
 #[test]

@@ -168,7 +168,7 @@ fn show(w: &WorkItem) -> String {
         ("started", output::time(w.started_at.as_deref())),
         (
             "last heartbeat",
-            output::or_dash(w.latest_heartbeat_at.as_deref()),
+            output::time(w.latest_heartbeat_at.as_deref()),
         ),
         (
             "stop requested",
@@ -271,4 +271,30 @@ fn workers_table(workers: &[Worker]) -> String {
         ]);
     }
     t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every time of an item reads alike: to the second, in UTC.
+    #[test]
+    fn an_item_shows_its_times_alike() {
+        let item: super::WorkItem = serde_json::from_value(serde_json::json!({
+            "id": "work_1",
+            "environment_id": "env_1",
+            "data": {"type": "session", "id": "sess_1"},
+            "state": "active",
+            "created_at": "2026-12-04T14:27:20.000001Z",
+            "latest_heartbeat_at": "2026-12-04T14:27:22.557812Z",
+        }))
+        .unwrap();
+        let shown = super::show(&item);
+        assert!(
+            shown.contains("created:         2026-12-04 14:27:20Z\n"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("last heartbeat:  2026-12-04 14:27:22Z\n"),
+            "{shown}"
+        );
+    }
 }

@@ -70,7 +70,7 @@ fn main() -> std::process::ExitCode {
     for name in empty_settings(std::env::vars_os()) {
         std::env::remove_var(name);
     }
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|error| with_plain_usage(error).exit());
     if let Command::Admin(admin) = &cli.command {
         if let Some((path, message)) = admin::usage_error(admin) {
             let mut command = Cli::command();
@@ -152,6 +152,39 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A usage error with the usage of its command as `--help` shows it. clap's own names the arguments
+/// that were given as if they were required, and counts as given those read from the environment:
+/// with TETHER_SERVER set, a missing `--name` of `tether env create` showed
+/// `Usage: tether env create --name <NAME> --server <SERVER>`.
+fn with_plain_usage(mut error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::StyledStr(usage)) = error.get(ContextKind::Usage) else {
+        return error;
+    };
+    // `Usage: tether env create …`: the command's path is the words before the first argument.
+    let usage = usage.to_string();
+    let path: Vec<&str> = usage
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(2)
+        .take_while(|word| !word.starts_with(['-', '<', '[']))
+        .collect();
+    let mut root = Cli::command();
+    root.build();
+    let mut command = &root;
+    for name in path {
+        match command.find_subcommand(name) {
+            Some(subcommand) => command = subcommand,
+            None => break,
+        }
+    }
+    let plain = command.clone().render_usage();
+    error.insert(ContextKind::Usage, ContextValue::StyledStr(plain));
+    error
+}
+
 /// The `TETHER_*` variables set to nothing. Each counts as unset, as if its line were not there: a
 /// systemd `EnvironmentFile` line or a shell `export` with no value must neither hand an empty id on
 /// (`TETHER_ENVIRONMENT=`) nor make a flag with a default fail (`TETHER_DATA_DIR=`).
@@ -184,6 +217,36 @@ fn last_words(line: String) {
 #[cfg(test)]
 mod tests {
     use std::ffi::OsString;
+
+    use clap::Parser as _;
+
+    /// The usage shown with an error names the required arguments, not the ones that were given.
+    #[test]
+    fn usage_errors_show_only_what_is_required() {
+        for (args, usage) in [
+            (
+                &["tether", "env", "create", "--server", "http://h:1"][..],
+                "Usage: tether env create [OPTIONS] --name <NAME>\n",
+            ),
+            (
+                &[
+                    "tether",
+                    "serve",
+                    "--tls-cert",
+                    "x",
+                    "--listen",
+                    "127.0.0.1:1",
+                ][..],
+                "Usage: tether serve [OPTIONS]\n",
+            ),
+        ] {
+            let Err(error) = super::Cli::try_parse_from(args) else {
+                panic!("{args:?} parsed")
+            };
+            let shown = super::with_plain_usage(error).render().to_string();
+            assert!(shown.contains(usage), "{args:?}: {shown}");
+        }
+    }
 
     #[test]
     fn only_empty_tether_variables_count_as_unset() {

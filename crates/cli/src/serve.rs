@@ -343,20 +343,24 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let app = App::new(store, clock, config);
-    bootstrap_admin(&app, &args.data_dir).await?;
+    bootstrap_admin(&app, &args.data_dir, args.log_format).await?;
     // Watched before the server says it listens: from then on a SIGHUP may come.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tracing::info!(
         address = %local,
+        url = %format!("{scheme}://{local}"),
         store = app.store.backend(),
         tls = tls.is_some(),
         max_connections = limits.max_connections,
         "tether is listening"
     );
-    eprintln!(
-        "tether listening on {scheme}://{local} ({} store)",
-        app.store.backend()
-    );
+    // The line people (and scripts of text logs) look for; a JSON log has it in the event above.
+    if matches!(args.log_format, LogFormat::Text) {
+        eprintln!(
+            "tether listening on {scheme}://{local} ({} store)",
+            app.store.backend()
+        );
+    }
     let reloader = tokio::spawn(reload_on_sighup(hangups, tls.clone()));
     let options = ServeOptions {
         body_limit: args.body_limit,
@@ -370,8 +374,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 }
 
 /// First start of an empty store: mint the admin token (or adopt TETHER_ADMIN_TOKEN), print it once and
-/// write it to `<data-dir>/admin-token` with mode 0600.
-async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
+/// write it to `<data-dir>/admin-token` with mode 0600. A JSON log gets an event that says where the
+/// token is, never the token.
+async fn bootstrap_admin(app: &App, data_dir: &Path, format: LogFormat) -> Result<()> {
     let given = std::env::var("TETHER_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty());
@@ -386,7 +391,14 @@ async fn bootstrap_admin(app: &App, data_dir: &Path) -> Result<()> {
     write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
     // The secret goes to a person at a terminal only: a service's stderr is a log (journald, a file),
     // and logs never carry secrets. The file has it either way.
-    if adopted {
+    if matches!(format, LogFormat::Json) {
+        let path = path.display().to_string();
+        if adopted {
+            tracing::info!(%path, "adopted TETHER_ADMIN_TOKEN as the first admin token");
+        } else {
+            tracing::info!(%path, "created the first admin token; it is in the file (mode 0600)");
+        }
+    } else if adopted {
         eprintln!(
             "Adopted TETHER_ADMIN_TOKEN as the first admin token (also saved to {}).",
             path.display()

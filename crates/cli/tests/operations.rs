@@ -336,6 +336,20 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
             .collect()
     };
     let server_lines = lines(&server_log);
+    // JSON through and through: what the server says at start is an event too.
+    assert!(
+        server_log.lines().all(|l| l.starts_with('{')),
+        "{server_log}"
+    );
+    for said in [
+        "tether is listening",
+        "adopted TETHER_ADMIN_TOKEN as the first admin token",
+    ] {
+        assert!(
+            server_lines.iter().any(|l| l["fields"]["message"] == said),
+            "{said}: {server_log}"
+        );
+    }
     let worker_lines = lines(&worker_log);
     assert!(worker_lines.len() >= 4, "{worker_log}");
     for line in server_lines.iter().chain(&worker_lines) {

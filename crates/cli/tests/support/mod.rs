@@ -193,12 +193,8 @@ pub fn listening_url_in(log: &Path, patience: Duration) -> String {
     let deadline = std::time::Instant::now() + patience;
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(rest) = text.split("tether listening on ").nth(1) {
-            return rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned();
+        if let Some(url) = listening_url(&text) {
+            return url;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -206,6 +202,18 @@ pub fn listening_url_in(log: &Path, patience: Duration) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The URL a server's log says it listens at: the `tether listening on URL` line of a text log, or
+/// the `url` of the `tether is listening` event of a JSON one.
+pub fn listening_url(log: &str) -> Option<String> {
+    if let Some(rest) = log.split("tether listening on ").nth(1) {
+        return rest.split_whitespace().next().map(str::to_owned);
+    }
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["fields"]["message"] == "tether is listening")
+        .and_then(|event| event["fields"]["url"].as_str().map(str::to_owned))
 }
 
 /// `tether serve` on a loopback port with its store in `<dir>/data` and its standard error in

@@ -147,9 +147,16 @@ pub fn usable_as_metrics_token(given: &str) -> std::result::Result<(), String> {
 /// A token a client can send back in an `Authorization` header as it was given: visible ASCII only.
 fn sendable(what: &str, given: &str) -> std::result::Result<(), String> {
     if let Some(c) = given.chars().find(|c| !c.is_ascii_graphic()) {
+        // A line break or a blank at the end is most likely what a file or a secret store added.
+        let hint = if given.trim_end() != given
+            && given.trim_end().chars().all(|c| c.is_ascii_graphic())
+        {
+            " (a trailing newline or blank from a file or a secret?)"
+        } else {
+            ""
+        };
         return Err(format!(
-            "{what} may hold only visible ASCII characters, not {c:?} (a trailing newline from a \
-             file or a secret?)"
+            "{what} may hold only visible ASCII characters, not {c:?}{hint}"
         ));
     }
     Ok(())
@@ -468,5 +475,11 @@ mod tests {
         ] {
             assert!(adoptable(bad).is_err(), "{bad:?} was adopted");
         }
+        // The hint about a file's trailing newline only where there is one.
+        let hinted = |given: &str| adoptable(given).unwrap_err().contains("trailing newline");
+        assert!(hinted("tth_adm_0123456789abcdef\n"));
+        assert!(hinted("tth_adm_0123456789abcdef \r\n"));
+        assert!(!hinted("tth_adm_0123456789 abcdef"));
+        assert!(!hinted("tth_adm_0123456789abcdéé"));
     }
 }

@@ -278,9 +278,17 @@ fn claim_data_dir(dir: &Path) -> Result<()> {
 pub async fn run(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format);
     check_flags(&args).map_err(anyhow::Error::msg)?;
+    // A TETHER_ADMIN_TOKEN that could never be adopted is a mistake in the settings, whether or
+    // not this start would adopt it: said now, before anything is created.
+    if let Some(given) = std::env::var("TETHER_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        tether_server::service::tokens::adoptable(&given).map_err(anyhow::Error::msg)?;
+    }
     // Before the store opens, so that its writer thread's first commits are counted too.
     tether_server::http::ops::install_metrics();
-    let store = open_store(&args).await?;
+    // The address before the store: a start that cannot listen leaves no new store behind.
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| {
@@ -296,6 +304,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             };
             anyhow::anyhow!(e).context(format!("cannot listen on {}{hint}", args.listen))
         })?;
+    let store = open_store(&args).await?;
     let local = listener.local_addr()?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(

@@ -519,5 +519,21 @@ fn a_listen_address_that_cannot_be_used_is_explained() {
             "{line}"
         );
         assert!(line.contains(hint), "{listen}: {line}");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "{listen}: a start that cannot listen creates no store"
+        );
     }
+    // Nor does one with a TETHER_ADMIN_TOKEN that could never be adopted.
+    let dir = tempfile::tempdir().unwrap();
+    let out = support::tether_command()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("TETHER_ADMIN_TOKEN", "tth_adm_short")
+        .output()
+        .expect("run tether serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TETHER_ADMIN_TOKEN must start with"), "{err}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
 }

@@ -400,7 +400,8 @@ async fn closed_after_what_was_sent(stream: &mut tokio::net::TcpStream) -> bool 
 
 /// At the cap, event streams (which resume from their Last-Event-ID) and bodies that trickle in
 /// give their places to new clients: neither a worker credential's streams nor a body sent a byte at
-/// a time by a client with no credential at all keeps everyone else out. The real application, on
+/// a time by a client with no credential at all (to an endpoint that takes none, or to one that
+/// refuses it) keeps everyone else out. The real application, on
 /// the real listener.
 #[tokio::test]
 async fn at_the_cap_streams_and_trickling_bodies_give_their_places_to_new_clients() {
@@ -471,6 +472,23 @@ async fn at_the_cap_streams_and_trickling_bodies_give_their_places_to_new_client
         "the oldest trickle gave its place"
     );
     drop(trickling);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Eight bodies that trickle in to an endpoint that wants a credential, without one: each is
+    // refused, its body drained for up to a second first, and the new client need not wait for
+    // that second.
+    let refused =
+        b"POST /v1/agents HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n";
+    let mut draining = Vec::new();
+    for _ in 0..8 {
+        draining.push(opened(address, refused).await);
+    }
+    assert_eq!(
+        get_status(address, "/healthz").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in while refused bodies drain"
+    );
+    drop(draining);
     stop.cancel();
     serving.await.unwrap().unwrap();
 }

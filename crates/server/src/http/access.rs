@@ -46,7 +46,7 @@ pub async fn authorize(State(guard): State<Guard>, request: Request, next: Next)
         Err(refusal) => {
             // The body is not read for a caller refused here (it would cost the memory budget), but a
             // small one is drained so that the connection can carry the client's next request.
-            budget::drain_refused(body).await;
+            budget::drain_refused(Request::from_parts(parts, body)).await;
             refusal
         }
     }

@@ -219,8 +219,13 @@ fn body_arriving(parts: &axum::http::request::Parts) -> Option<crate::listener::
 
 /// Before a refusal that no handler answers (no credential, a credential that may not, no such
 /// endpoint, a method the path does not have): reads what is left of a small body (see
-/// [`REFUSED_BODY_DRAIN`]), so that the client's connection stays usable for its next request.
-pub async fn drain_refused(body: Body) {
+/// [`REFUSED_BODY_DRAIN`]), so that the client's connection stays usable for its next request. The
+/// connection yields its place at the cap meanwhile, as for any body still arriving: a client
+/// without a credential that sends one body after another, each a byte at a time, must not keep
+/// others out for even that second.
+pub async fn drain_refused(request: Request) {
+    let (parts, body) = request.into_parts();
+    let _arriving = body_arriving(&parts);
     let _ = drain(body, REFUSED_BODY_DRAIN, REFUSED_BODY_WAIT).await;
 }
 

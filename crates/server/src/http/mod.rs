@@ -75,12 +75,12 @@ pub fn router(app: App, body_limit: usize) -> Router {
     let router = router
         // Both refusals drain what they can of the body, as an authorization refusal does, so that the
         // client keeps its connection. Each route's `Allow` header is kept on its 405.
-        .method_not_allowed_fallback(|body: axum::body::Body| async {
-            budget::drain_refused(body).await;
+        .method_not_allowed_fallback(|request: axum::extract::Request| async {
+            budget::drain_refused(request).await;
             ApiError::for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
         })
-        .fallback(|body: axum::body::Body| async {
-            budget::drain_refused(body).await;
+        .fallback(|request: axum::extract::Request| async {
+            budget::drain_refused(request).await;
             ApiError::not_found("no such endpoint")
         })
         .layer(DefaultBodyLimit::max(body_limit))
@@ -190,7 +190,7 @@ async fn one_host(request: Request, next: Next) -> Response {
     if hosts == 1 || (hosts == 0 && request.uri().authority().is_some()) {
         return next.run(request).await;
     }
-    budget::drain_refused(request.into_body()).await;
+    budget::drain_refused(request).await;
     ApiError::bad_request(if hosts == 0 {
         "an HTTP/1.1 request needs a Host header"
     } else {

@@ -264,9 +264,9 @@ impl Endpoint {
 }
 
 /// 405 with `Allow: GET`, after draining what it can of the body, as the router's own 405 does.
-async fn only_get(body: axum::body::Body) -> axum::response::Response {
+async fn only_get(request: axum::extract::Request) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    super::budget::drain_refused(body).await;
+    super::budget::drain_refused(request).await;
     let mut response =
         crate::error::ApiError::for_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
             .into_response();

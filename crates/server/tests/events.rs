@@ -1329,23 +1329,22 @@ async fn cancel_ends_a_turn_no_worker_has_started() {
                 "session_interrupted"
             );
             if let Some((item, token)) = delivery {
-                // The worker that polled it may no longer start it.
-                let (status, _) = server
-                    .call_as(
-                        &token,
-                        Method::POST,
-                        &format!(
-                            "/environments/{env}/work/{}/ack",
-                            item["id"].as_str().unwrap()
-                        ),
-                        None,
-                        &[],
-                    )
-                    .await;
-                assert!(
-                    status == StatusCode::CONFLICT || status == StatusCode::UNAUTHORIZED,
-                    "{status}"
+                // The worker that polled it may no longer start it: its session token died with
+                // the stop (401), and with its environment key the item is stopped (409).
+                let ack = format!(
+                    "/environments/{env}/work/{}/ack",
+                    item["id"].as_str().unwrap()
                 );
+                let key = env_key(server, &env).await;
+                for (credential, refused) in [
+                    (&token, StatusCode::UNAUTHORIZED),
+                    (&key, StatusCode::CONFLICT),
+                ] {
+                    let (status, body) = server
+                        .call_as(credential, Method::POST, &ack, None, &[])
+                        .await;
+                    assert_eq!(status, refused, "{body}");
+                }
             }
         }
         // The session takes input again, and the fresh turn runs on a fresh item.

@@ -398,6 +398,25 @@ async fn closed_after_what_was_sent(stream: &mut tokio::net::TcpStream) -> bool 
     }
 }
 
+/// Fills the cap (8) with connections that each sent `request`, one after the other, then checks
+/// that a new client still gets an answer; returns the eight, oldest first.
+async fn fill_the_cap_then_get_in(
+    address: std::net::SocketAddr,
+    request: &[u8],
+    what: &str,
+) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(opened(address, request).await);
+    }
+    assert_eq!(
+        get_status(address, "/healthz").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in beside eight {what}"
+    );
+    held
+}
+
 /// At the cap, event streams (which resume from their Last-Event-ID) and bodies that trickle in
 /// give their places to new clients: neither a worker credential's streams nor a body sent a byte at
 /// a time by a client with no credential at all (to an endpoint that takes none, or to one that
@@ -433,15 +452,7 @@ async fn at_the_cap_streams_and_trickling_bodies_give_their_places_to_new_client
          Authorization: Bearer {}\r\n\r\n",
         server.admin_token
     );
-    let mut streams = Vec::new();
-    for _ in 0..8 {
-        streams.push(opened(address, stream_request.as_bytes()).await);
-    }
-    assert_eq!(
-        get_status(address, "/healthz").await.as_deref(),
-        Some("HTTP/1.1 200 OK"),
-        "a new client gets in"
-    );
+    let mut streams = fill_the_cap_then_get_in(address, stream_request.as_bytes(), "streams").await;
     assert!(
         closed_after_what_was_sent(&mut streams[0]).await,
         "the oldest stream gave its place"
@@ -458,15 +469,7 @@ async fn at_the_cap_streams_and_trickling_bodies_give_their_places_to_new_client
     // Eight bodies that trickle in, without any credential, to an endpoint that takes none.
     let trickle =
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n";
-    let mut trickling = Vec::new();
-    for _ in 0..8 {
-        trickling.push(opened(address, trickle).await);
-    }
-    assert_eq!(
-        get_status(address, "/healthz").await.as_deref(),
-        Some("HTTP/1.1 200 OK"),
-        "a new client gets in"
-    );
+    let mut trickling = fill_the_cap_then_get_in(address, trickle, "trickling bodies").await;
     assert!(
         closed_after_what_was_sent(&mut trickling[0]).await,
         "the oldest trickle gave its place"
@@ -479,16 +482,7 @@ async fn at_the_cap_streams_and_trickling_bodies_give_their_places_to_new_client
     // that second.
     let refused =
         b"POST /v1/agents HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n";
-    let mut draining = Vec::new();
-    for _ in 0..8 {
-        draining.push(opened(address, refused).await);
-    }
-    assert_eq!(
-        get_status(address, "/healthz").await.as_deref(),
-        Some("HTTP/1.1 200 OK"),
-        "a new client gets in while refused bodies drain"
-    );
-    drop(draining);
+    drop(fill_the_cap_then_get_in(address, refused, "refused bodies draining").await);
     stop.cancel();
     serving.await.unwrap().unwrap();
 }

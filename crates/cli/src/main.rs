@@ -71,19 +71,22 @@ fn main() -> std::process::ExitCode {
         std::env::remove_var(name);
     }
     let cli = Cli::try_parse().unwrap_or_else(|error| with_plain_usage(error).exit());
-    if let Command::Admin(admin) = &cli.command {
-        if let Some((path, message)) = admin::usage_error(admin) {
-            let mut command = Cli::command();
-            command.build();
-            let subcommand = path.iter().fold(&mut command, |command, name| {
-                command
-                    .find_subcommand_mut(name)
-                    .expect("usage_error names a subcommand that exists")
-            });
-            subcommand
-                .error(clap::error::ErrorKind::MissingRequiredArgument, message)
-                .exit();
-        }
+    let usage_error = match &cli.command {
+        Command::Admin(admin) => admin::usage_error(admin),
+        Command::Worker(worker) => worker::usage_error(worker),
+        _ => None,
+    };
+    if let Some((path, message)) = usage_error {
+        let mut command = Cli::command();
+        command.build();
+        let subcommand = path.iter().fold(&mut command, |command, name| {
+            command
+                .find_subcommand_mut(name)
+                .expect("usage_error names a subcommand that exists")
+        });
+        subcommand
+            .error(clap::error::ErrorKind::MissingRequiredArgument, message)
+            .exit();
     }
     match &cli.command {
         Command::Completions { shell } => {

@@ -138,7 +138,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "TETHER_WORKDIR", value_name = "DIR")]
     workdir: Option<PathBuf>,
     /// Keep each item's --workdir directory instead of removing it.
-    #[arg(long, env = "TETHER_KEEP_WORKDIR", requires = "workdir", action = clap::ArgAction::SetTrue,
+    #[arg(long, env = "TETHER_KEEP_WORKDIR", action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     keep_workdir: bool,
     /// Exit 0 after this long without work (no item claimed or running), e.g. 5m.
@@ -151,25 +151,21 @@ pub struct WorkerArgs {
           value_parser = clap::builder::BoolishValueParser::new())]
     sandbox: bool,
     /// What a sandboxed PROGRAM may reach: full (the host's network), api (only the Tether API,
-    /// through the worker's proxy: TETHER_API_URL is http://127.0.0.1:4780/… inside) or none.
-    #[arg(long, env = "TETHER_SANDBOX_NETWORK", value_enum, default_value_t = SandboxNetwork::Full, requires = "sandbox")]
-    sandbox_network: SandboxNetwork,
+    /// through the worker's proxy: TETHER_API_URL is http://127.0.0.1:4780/… inside) or none
+    /// [default: full].
+    #[arg(long, env = "TETHER_SANDBOX_NETWORK", value_enum)]
+    sandbox_network: Option<SandboxNetwork>,
     /// Memory cap of a sandboxed PROGRAM, e.g. 512M, 2G: a cgroup (v2 where delegated, else v1)
     /// where the worker may create one, else RLIMIT_AS. The start-up line says which.
-    #[arg(long, env = "TETHER_SANDBOX_MEMORY", value_parser = tether_worker::sandbox::parse_size, requires = "sandbox")]
+    #[arg(long, env = "TETHER_SANDBOX_MEMORY", value_parser = tether_worker::sandbox::parse_size)]
     sandbox_memory: Option<u64>,
     /// Process cap of a sandboxed PROGRAM: a pids cgroup where the worker may create one, else
     /// RLIMIT_NPROC (refused for a worker running as root, to which the kernel does not apply it).
-    #[arg(long, env = "TETHER_SANDBOX_PIDS", value_parser = clap::value_parser!(u32).range(1..), requires = "sandbox")]
+    #[arg(long, env = "TETHER_SANDBOX_PIDS", value_parser = clap::value_parser!(u32).range(1..))]
     sandbox_pids: Option<u32>,
     /// Make PATH visible inside the sandbox, writable, or read-only with :ro (repeatable; in
     /// TETHER_SANDBOX_BIND, one).
-    #[arg(
-        long,
-        env = "TETHER_SANDBOX_BIND",
-        value_name = "PATH[:ro]",
-        requires = "sandbox"
-    )]
+    #[arg(long, env = "TETHER_SANDBOX_BIND", value_name = "PATH[:ro]")]
     sandbox_bind: Vec<tether_worker::Bind>,
     /// Set by `run-one`.
     #[arg(skip)]
@@ -195,7 +191,53 @@ impl From<LogFormat> for tether_worker::LogFormat {
     }
 }
 
+/// Flags that mean something only beside another, checked here rather than with clap's `requires`:
+/// clap counts a variable set to false (`TETHER_SANDBOX=0`) as the flag given, so
+/// `TETHER_SANDBOX=0 … --sandbox-memory 1G` ran the programs unconfined without a word, and
+/// `TETHER_KEEP_WORKDIR=0` without `--workdir` was refused.
+pub fn usage_error(command: &WorkerCommand) -> Option<(&'static [&'static str], String)> {
+    let (path, args): (&'static [&'static str], _) = match (&command.mode, &command.args) {
+        (Some(Mode::RunOne(args)), _) => (&["worker", "run-one"], args),
+        (None, Some(args)) => (&["worker"], args),
+        (None, None) => return None,
+    };
+    args.flags_without_their_base()
+        .map(|message| (path, message))
+}
+
 impl WorkerArgs {
+    fn flags_without_their_base(&self) -> Option<String> {
+        if self.keep_workdir && self.workdir.is_none() {
+            return Some("--keep-workdir (TETHER_KEEP_WORKDIR) needs --workdir".to_owned());
+        }
+        let sandbox_flags = [
+            ("--sandbox-network", self.sandbox_network.is_some()),
+            ("--sandbox-memory", self.sandbox_memory.is_some()),
+            ("--sandbox-pids", self.sandbox_pids.is_some()),
+            ("--sandbox-bind", !self.sandbox_bind.is_empty()),
+        ];
+        let given: Vec<&str> = sandbox_flags
+            .iter()
+            .filter(|(_, given)| *given)
+            .map(|(flag, _)| *flag)
+            .collect();
+        let (flags, variables, need) = match given.as_slice() {
+            [] => return None,
+            [one] => (one.to_string(), "its TETHER_SANDBOX_* variable", "needs"),
+            [first @ .., last] => (
+                format!("{} and {last}", first.join(", ")),
+                "their TETHER_SANDBOX_* variables",
+                "need",
+            ),
+        };
+        (!self.sandbox).then(|| {
+            format!(
+                "{flags} (or {variables}) {need} --sandbox, which is off: without it PROGRAM \
+                 would run unconfined"
+            )
+        })
+    }
+
     fn into_config(self) -> Config {
         Config {
             server: self.server,
@@ -218,7 +260,7 @@ impl WorkerArgs {
             // replaced on disk since the worker started.
             guard: cfg!(target_os = "linux").then(|| "/proc/self/exe".into()),
             sandbox: self.sandbox.then_some(tether_worker::SandboxConfig {
-                network: match self.sandbox_network {
+                network: match self.sandbox_network.unwrap_or(SandboxNetwork::Full) {
                     SandboxNetwork::Full => tether_worker::Network::Full,
                     SandboxNetwork::Api => tether_worker::Network::Api,
                     SandboxNetwork::None => tether_worker::Network::None,
@@ -263,6 +305,8 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::FromArgMatches as _;
+
     use super::*;
 
     #[test]
@@ -312,6 +356,48 @@ mod tests {
             assert_eq!(parse(off).ok(), Some(false), "{off}");
         }
         assert!(parse("maybe").is_err());
+    }
+
+    /// A switch set to false in the environment is off: the flags that need it are refused, not
+    /// ignored, and the one it would need is not asked for.
+    #[test]
+    fn a_switch_off_in_the_environment_is_not_a_flag_given() {
+        // Variables of this test's own, as above.
+        const SANDBOX: &str = "TETHER_TEST_SANDBOX_OFF";
+        const KEEP: &str = "TETHER_TEST_KEEP_WORKDIR_OFF";
+        std::env::set_var(SANDBOX, "0");
+        std::env::set_var(KEEP, "no");
+        let command = WorkerArgs::augment_args(clap::Command::new("worker"))
+            .mut_arg("sandbox", |a| a.env(SANDBOX))
+            .mut_arg("keep_workdir", |a| a.env(KEEP));
+        std::env::remove_var(SANDBOX);
+        std::env::remove_var(KEEP);
+        let refusal = |flags: &[&str]| {
+            let base = ["worker", "--environment", "e", "--key", "k"];
+            let matches = command
+                .clone()
+                .try_get_matches_from([&base[..], flags, &["--", "p"]].concat())
+                .expect("parses");
+            WorkerArgs::from_arg_matches(&matches)
+                .expect("arguments")
+                .flags_without_their_base()
+        };
+        assert_eq!(refusal(&[]), None);
+        assert_eq!(refusal(&["--sandbox", "--sandbox-memory", "1G"]), None);
+        assert_eq!(refusal(&["--workdir", "/w", "--keep-workdir"]), None);
+        let memory = refusal(&["--sandbox-memory", "1G"]).expect("refused");
+        assert!(
+            memory
+                .starts_with("--sandbox-memory (or its TETHER_SANDBOX_* variable) needs --sandbox"),
+            "{memory}"
+        );
+        let several = refusal(&["--sandbox-pids", "4", "--sandbox-bind", "/tmp"]).expect("refused");
+        assert!(
+            several.starts_with("--sandbox-pids and --sandbox-bind (or their"),
+            "{several}"
+        );
+        let keep = refusal(&["--keep-workdir"]).expect("refused");
+        assert!(keep.contains("needs --workdir"), "{keep}");
     }
 
     #[test]

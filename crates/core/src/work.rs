@@ -613,9 +613,17 @@ pub fn stop_by(
     })
 }
 
+/// The metadata key in which Tether's worker records its program's exit code, as a shell shows it
+/// (128 + the signal for a program a signal ended).
+pub const EXIT_CODE_KEY: &str = "tether.exit_code";
+/// The metadata key for the signal that ended the program (`SIGKILL`), or absent.
+pub const EXIT_SIGNAL_KEY: &str = "tether.signal";
+/// The metadata key for the cap that ended a failed program (`--sandbox` limits), or absent.
+pub const EXIT_REASON_KEY: &str = "tether.exit_reason";
 /// The metadata keys in which Tether's worker records how its program ended, before it stops the
-/// item (§8, step 5).
-pub const EXIT_RECORD_KEYS: [&str; 3] = ["tether.exit_code", "tether.signal", "tether.exit_reason"];
+/// item (§8, step 5). The worker writes them and the server reads them back for a turn's error, so
+/// both name them from here.
+pub const EXIT_RECORD_KEYS: [&str; 3] = [EXIT_CODE_KEY, EXIT_SIGNAL_KEY, EXIT_REASON_KEY];
 
 /// How the item's program ended, as its worker recorded it in the item's metadata
 /// ([`EXIT_RECORD_KEYS`]), e.g. `its program ended: tether.exit_code=1`; `None` when nothing was

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tether_client::{Client, MetadataPatch, WorkItem, WorkState};
+use tether_core::work;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::{retry, Backoff};
@@ -609,9 +610,9 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         let reason = exit.reason.filter(|_| !exit.success());
         self.record(
             &[
-                ("tether.exit_code", Some(code.as_str())),
-                ("tether.signal", signal.as_deref()),
-                ("tether.exit_reason", reason),
+                (work::EXIT_CODE_KEY, Some(code.as_str())),
+                (work::EXIT_SIGNAL_KEY, signal.as_deref()),
+                (work::EXIT_REASON_KEY, reason),
             ],
             tries,
         )

@@ -469,6 +469,19 @@ async fn poll_parameters() {
         ] {
             assert_eq!(q.poll(good, Some("w")).await.ok(), &Value::Null, "{good}");
         }
+        // A parameter of one value given twice: which one was meant is a guess.
+        q.poll("?block_ms=1&block_ms=2", Some("w"))
+            .await
+            .bad_param("block_ms");
+        q.req(Method::GET, &q.path("?limit=2&limit=3"))
+            .send()
+            .await
+            .bad_param("limit");
+        // The repeatable ones take every value.
+        q.req(Method::GET, &q.path("?state=queued&state=active"))
+            .send()
+            .await
+            .ok();
         // The work list clamps `limit` above 100 (§6.1), past i64 as well.
         for limit in ["101", "99999999999999999999"] {
             q.req(Method::GET, &q.path(&format!("?limit={limit}")))

@@ -113,13 +113,11 @@ async fn grant(guard: &Guard, parts: &mut Parts) -> Result<(), Response> {
             .await
             .map(|()| None),
         Access::SessionList => {
-            let query = parts.uri.query().unwrap_or("");
-            let params = Params(
-                form_urlencoded::parse(query.as_bytes())
-                    .into_owned()
-                    .collect(),
-            );
-            session_list(&principal, params.get("environment_id")).map(|()| None)
+            let params = Params::parse(parts.uri.query().unwrap_or(""));
+            params
+                .get("environment_id")
+                .and_then(|filter| session_list(&principal, filter))
+                .map(|()| None)
         }
     };
     let session = granted.map_err(IntoResponse::into_response)?;

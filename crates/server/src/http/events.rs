@@ -125,7 +125,7 @@ fn resume_point(headers: &HeaderMap, params: &Params) -> ApiResult<Option<String
             ))
         }
         Some(Ok(v)) if !v.is_empty() => ("Last-Event-ID", v),
-        _ => match params.get("last_event_id").map(str::trim) {
+        _ => match params.get("last_event_id")?.map(str::trim) {
             Some(v) if !v.is_empty() => ("last_event_id", v),
             _ => return Ok(None),
         },
@@ -300,11 +300,7 @@ mod tests {
     use super::*;
 
     fn params(query: &str) -> Params {
-        Params(
-            form_urlencoded::parse(query.as_bytes())
-                .into_owned()
-                .collect(),
-        )
+        Params::parse(query)
     }
 
     #[test]

@@ -131,21 +131,32 @@ pub struct Params(pub Vec<(String, String)>);
 impl<S: Send + Sync> FromRequestParts<S> for Params {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let query = parts.uri.query().unwrap_or("");
-        Ok(Params(
-            form_urlencoded::parse(query.as_bytes())
-                .into_owned()
-                .collect(),
-        ))
+        Ok(Params::parse(parts.uri.query().unwrap_or("")))
     }
 }
 
 impl Params {
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+    /// The pairs of a query string, `+` and `%XX` decoded.
+    pub fn parse(query: &str) -> Params {
+        Params(
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+
+    /// A parameter that takes one value; 400 when it is given more than once, since which of
+    /// `limit=2&limit=3` a client meant is a guess (the repeatable ones are read with [`Self::all`]).
+    pub fn get(&self, name: &str) -> ApiResult<Option<&str>> {
+        let mut values = self.0.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+        match (values.next(), values.next()) {
+            (None, _) => Ok(None),
+            (Some(value), None) => Ok(Some(value.as_str())),
+            (Some(_), Some(_)) => Err(ApiError::bad_param(
+                name,
+                format!("{name} may be given only once"),
+            )),
+        }
     }
 
     /// Every value of a repeatable parameter (`name` or `name[]`), comma-separated values split.
@@ -166,7 +177,7 @@ impl Params {
 
     /// An integer parameter (see [`integer`]); 400 when present but not an integer.
     pub fn int(&self, name: &str) -> ApiResult<Option<i64>> {
-        match self.get(name) {
+        match self.get(name)? {
             None => Ok(None),
             Some(raw) => integer(raw)
                 .map(Some)
@@ -175,7 +186,7 @@ impl Params {
     }
 
     pub fn bool(&self, name: &str) -> ApiResult<Option<bool>> {
-        match self.get(name) {
+        match self.get(name)? {
             None => Ok(None),
             Some("true" | "1") => Ok(Some(true)),
             Some("false" | "0") => Ok(Some(false)),
@@ -187,7 +198,7 @@ impl Params {
     }
 
     pub fn timestamp(&self, name: &str) -> ApiResult<Option<tether_core::Timestamp>> {
-        match self.get(name) {
+        match self.get(name)? {
             None => Ok(None),
             Some(raw) => tether_core::Timestamp::parse_rfc3339(raw)
                 .map(Some)
@@ -218,10 +229,12 @@ impl Params {
             }
             Some(n) => n.min(i64::from(max)) as u32,
         };
-        let cursors: Vec<(&str, &str)> = ["page", "after_id", "before_id"]
-            .into_iter()
-            .filter_map(|name| self.get(name).map(|v| (name, v)))
-            .collect();
+        let mut cursors: Vec<(&str, &str)> = Vec::new();
+        for name in ["page", "after_id", "before_id"] {
+            if let Some(value) = self.get(name)? {
+                cursors.push((name, value));
+            }
+        }
         if cursors.len() > 1 {
             return Err(ApiError::bad_request(
                 "use at most one of page, after_id and before_id",
@@ -247,7 +260,7 @@ impl Params {
                 }
             }
         };
-        let descending = match self.get("order") {
+        let descending = match self.get("order")? {
             None | Some("asc") => false,
             Some("desc") => true,
             Some(_) => {

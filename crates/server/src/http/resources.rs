@@ -243,8 +243,8 @@ pub async fn list_sessions(
         })
         .collect::<ApiResult<Vec<_>>>()?;
     let mut filter = SessionFilter {
-        agent_id: params.get("agent_id").map(str::to_owned),
-        environment_id: params.get("environment_id").map(str::to_owned),
+        agent_id: params.get("agent_id")?.map(str::to_owned),
+        environment_id: params.get("environment_id")?.map(str::to_owned),
         statuses,
         include_archived: archive.include_archived,
         created_gte: archive.created_gte,

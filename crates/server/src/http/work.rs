@@ -77,7 +77,7 @@ fn work_filter(params: &Params) -> ApiResult<WorkFilter> {
         states: work_states(params)?,
         ..WorkFilter::default()
     };
-    match params.get("cause") {
+    match params.get("cause")? {
         None => {}
         Some("poison") => filter.poison = true,
         Some(_) => {
@@ -282,13 +282,13 @@ fn heartbeat_inputs(
 ) -> ApiResult<(Option<String>, ExpectedHeartbeat, Option<u32>)> {
     let WorkerId(worker) = worker?;
     let expected =
-        ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")).ok_or_else(|| {
+        ExpectedHeartbeat::parse(params.get("expected_last_heartbeat")?).ok_or_else(|| {
             ApiError::bad_param(
                 "expected_last_heartbeat",
                 "expected_last_heartbeat must be NO_HEARTBEAT or an RFC 3339 timestamp",
             )
         })?;
-    let ttl = match params.get("desired_ttl_seconds") {
+    let ttl = match params.get("desired_ttl_seconds")? {
         None => None,
         Some(raw) => match super::extract::integer(raw) {
             Some(n) if n > 0 => Some(n.min(i64::from(u32::MAX)) as u32),

@@ -94,11 +94,12 @@ pub const H2_MAX_SEND_BUFFER: usize = 64 * 1024;
 /// streams slows its other streams on the same connection, and no one else.
 pub const H2_MAX_UNSENT: usize = 4 * H2_MAX_SEND_BUFFER;
 
-/// The most an HTTP/1 connection buffers (hyper's default is about 400 KiB): a request's headers
-/// must fit in it (more is answered 431), and a client that sends most of that much and never ends
-/// its headers holds no more than this until the header timeout. As generous as common servers'
-/// header limits (nginx: 4 × 8 KiB by default).
-pub const H1_MAX_BUFFER: usize = 64 * 1024;
+/// The read buffer hyper may fill on an HTTP/1 connection before it refuses an unfinished head with
+/// 431 (hyper's default is about 400 KiB). Its last read may take up to as much again, the buffer
+/// having doubled to make room for it, so a head of up to this much is always read, a head of over
+/// twice this much never is, and a client that never ends its headers holds at most twice this
+/// until the header timeout. As generous as common servers' header limits (nginx: 4 × 8 KiB).
+pub const H1_MAX_BUFFER: usize = 32 * 1024;
 
 /// An HTTP server for one connection, with the HTTP/1 and HTTP/2 bounds above.
 fn http_builder() -> auto::Builder<TokioExecutor> {
@@ -212,66 +213,110 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     metrics::gauge!("tether_http_connections").increment(1.0);
     match &shared.acceptor {
-        None => {
+        None => serve_plain(stream, &shared, state).await,
+        // Boxed: a TLS connection's state (the handshake, rustls' session) would otherwise make
+        // every connection's task as large, about 9 KiB where a plain one needs under 4.
+        Some(acceptor) => Box::pin(serve_tls(acceptor, stream, &shared, state)).await,
+    }
+    metrics::gauge!("tether_http_connections").decrement(1.0);
+}
+
+async fn serve_plain(stream: TcpStream, shared: &Shared, state: Arc<ConnState>) {
+    // The first bytes are awaited within the header timeout, as the rest of the head would be.
+    let first_bytes = async {
+        tokio::select! {
+            protocol = sniff(&stream) => Some(protocol),
+            // Displaced or stopped before it has said anything: nothing to finish.
+            _ = state.displaced.cancelled() => None,
+            _ = shared.stop.cancelled() => None,
+        }
+    };
+    let deadline = state.opened + shared.limits.header_timeout;
+    match tokio::time::timeout_at(deadline, first_bytes).await {
+        Ok(Some(protocol)) => {
             drive(
-                Tracked::new(stream, state.clone(), Protocol::Sniff),
-                Protocol::Sniff,
-                &shared,
+                Tracked::new(stream, state.clone(), protocol),
+                protocol,
+                shared,
                 state,
             )
             .await
         }
-        Some(acceptor) => {
-            let handshake = async {
-                if speaks_plain_http(&stream).await {
-                    refuse_plain_http(stream).await;
-                    return None;
-                }
-                match acceptor.accept(stream).await {
-                    Ok(tls) => Some(tls),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        None
-                    }
-                }
-            };
-            let handshake = async {
-                tokio::select! {
-                    tls = handshake => tls,
-                    // Displaced before it has said anything: nothing to finish.
-                    _ = state.displaced.cancelled() => None,
-                }
-            };
-            let tls = match tokio::time::timeout(shared.limits.header_timeout, handshake).await {
-                Ok(Some(tls)) => Some(tls),
-                Ok(None) => None,
-                Err(_) => {
-                    metrics::counter!("tether_http_connections_timed_out_total", "reason" => "handshake").increment(1);
-                    None
-                }
-            }
-            .map(|tls| {
-                let protocol = match tls.get_ref().1.alpn_protocol() {
-                    Some(p) if p == ALPN_H2 => Protocol::Http2,
-                    _ => Protocol::Http1,
-                };
-                (tls, protocol)
-            });
-            if let Some((tls, protocol)) = tls {
-                if matches!(protocol, Protocol::Http2) {
-                    state.track_heads.store(false, Ordering::Relaxed);
-                }
-                drive(
-                    Tracked::new(tls, state.clone(), protocol),
-                    protocol,
-                    &shared,
-                    state,
-                )
-                .await;
-            }
+        Ok(None) => {}
+        Err(_) => {
+            metrics::counter!("tether_http_connections_timed_out_total", "reason" => "header")
+                .increment(1);
         }
     }
-    metrics::gauge!("tether_http_connections").decrement(1.0);
+}
+
+/// Which HTTP a plain connection speaks, from its first bytes, read without taking them: HTTP/1 when
+/// they cannot begin the HTTP/2 preface (`PRI * HTTP/2.0…`), else left to hyper to tell. hyper's own
+/// sniffing reads the first bytes and hands them back as a short first read, after which its
+/// HTTP/1 read buffer grows to 16 KiB on every connection; unread, the head arrives whole in 8.
+async fn sniff(stream: &TcpStream) -> Protocol {
+    let mut first = [0u8; 2];
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0] != b'P' => Protocol::Http1,
+        Ok(2) if first != *b"PR" => Protocol::Http1,
+        _ => Protocol::Sniff,
+    }
+}
+
+async fn serve_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    shared: &Shared,
+    state: Arc<ConnState>,
+) {
+    let handshake = async {
+        if speaks_plain_http(&stream).await {
+            refuse_plain_http(stream).await;
+            return None;
+        }
+        match acceptor.accept(stream).await {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    };
+    let handshake = async {
+        tokio::select! {
+            tls = handshake => tls,
+            // Displaced before it has said anything: nothing to finish.
+            _ = state.displaced.cancelled() => None,
+        }
+    };
+    let tls = match tokio::time::timeout(shared.limits.header_timeout, handshake).await {
+        Ok(Some(tls)) => Some(tls),
+        Ok(None) => None,
+        Err(_) => {
+            metrics::counter!("tether_http_connections_timed_out_total", "reason" => "handshake")
+                .increment(1);
+            None
+        }
+    }
+    .map(|tls| {
+        let protocol = match tls.get_ref().1.alpn_protocol() {
+            Some(p) if p == ALPN_H2 => Protocol::Http2,
+            _ => Protocol::Http1,
+        };
+        (tls, protocol)
+    });
+    if let Some((tls, protocol)) = tls {
+        if matches!(protocol, Protocol::Http2) {
+            state.track_heads.store(false, Ordering::Relaxed);
+        }
+        drive(
+            Tracked::new(tls, state.clone(), protocol),
+            protocol,
+            shared,
+            state,
+        )
+        .await;
+    }
 }
 
 /// Whether the first bytes on a TLS port are a plain-HTTP request line rather than a TLS handshake

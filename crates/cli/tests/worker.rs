@@ -225,7 +225,8 @@ impl WorkerProcess {
                 options.drain_timeout,
             ]);
         if options.key_in_env {
-            command.env("TETHER_KEY", key);
+            // With the server's secrets beside it, as on a machine set up to run both.
+            command.env("TETHER_KEY", key).envs(SERVER_SECRETS);
         } else {
             command.args(["--key", key]);
         }
@@ -403,6 +404,13 @@ async fn wait_dead(pid: i32) {
     }
 }
 
+/// Secrets of `tether serve` that a worker started from the same shell or unit may have.
+const SERVER_SECRETS: [(&str, &str); 3] = [
+    ("TETHER_ADMIN_TOKEN", "tth_adm_not-for-programs-0123456789"),
+    ("TETHER_DATABASE_URL", "postgres://tether:secret@db/tether"),
+    ("TETHER_METRICS_TOKEN", "not-for-programs"),
+];
+
 // ---- the tests ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -454,6 +462,9 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
         "{env:?}"
     );
     assert!(!env.contains_key("TETHER_KEY"), "the key leaked: {env:?}");
+    for (name, _) in SERVER_SECRETS {
+        assert!(!env.contains_key(name), "{name} leaked: {env:?}");
+    }
     // The work item on stdin.
     let stdin: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(format!("{work}.stdin"))).expect("stdin file"),

@@ -53,8 +53,12 @@ async fn an_idle_http2_connection_on_the_plain_port_is_held_to_the_idle_timeout_
 async fn the_first_bytes_on_the_plain_port_are_awaited_within_the_header_timeout() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let router = Router::new().route("/", get(|| async { "ok" }).put(|| async { "put" }));
-    let (address, stop, server) =
-        serve(router, Duration::from_millis(1_000), Duration::from_secs(60)).await;
+    let (address, stop, server) = serve(
+        router,
+        Duration::from_millis(1_000),
+        Duration::from_secs(60),
+    )
+    .await;
 
     // Looked at from 200 to 500 ms, then from 1,000 ms on.
     let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();

@@ -24,8 +24,17 @@ use crate::status::Reporter;
 use crate::{Error, Result};
 
 /// Environment variables of the worker that its programs must not see: the program's credential is its
-/// item's session token, scoped to that item, not the key the worker claims with.
-const WITHHELD: [&str; 2] = ["TETHER_KEY", "TETHER_TOKEN"];
+/// item's session token, scoped to that item, not the key the worker claims with (`TETHER_KEY`) nor
+/// an admin token (`TETHER_TOKEN`, the CLI's). Nor the server's secrets, which a machine that runs
+/// `tether serve` beside its worker may have exported for both (the admin token, the database's
+/// URL with its password, the metrics token).
+const WITHHELD: [&str; 5] = [
+    "TETHER_KEY",
+    "TETHER_TOKEN",
+    "TETHER_ADMIN_TOKEN",
+    "TETHER_DATABASE_URL",
+    "TETHER_METRICS_TOKEN",
+];
 
 /// PROGRAM and its arguments, resolved once at start-up.
 #[derive(Clone, Debug)]

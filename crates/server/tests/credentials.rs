@@ -1138,3 +1138,69 @@ async fn a_request_with_two_credential_headers_is_refused() {
     })
     .await;
 }
+
+/// Servers starting together on one empty database make one admin token between them, minted by
+/// one of them; and once every admin token is revoked, a start that would adopt one of them again
+/// (`TETHER_ADMIN_TOKEN` left in its settings) is refused, rather than starting with no way in.
+#[tokio::test]
+async fn the_first_admin_token_is_made_once_and_a_revoked_one_is_not_taken_back() {
+    use tether_core::resources::CredentialKind;
+    use tether_server::{App, ServiceConfig};
+    for backend in backends() {
+        for round in 0..5 {
+            let location = StoreLocation::fresh(&backend).await.unwrap();
+            let clock = std::sync::Arc::new(tether_core::OffsetClock::new());
+            let mut servers = Vec::new();
+            for _ in 0..4 {
+                let store = location.open().await.unwrap();
+                servers.push(App::new(store, clock.clone(), ServiceConfig::default()));
+            }
+            let minted = futures::future::join_all(
+                servers.iter().map(|app| app.bootstrap_admin_token(None)),
+            )
+            .await;
+            let secrets: Vec<String> = minted
+                .into_iter()
+                .filter_map(|m| m.expect("a start"))
+                .collect();
+            assert_eq!(secrets.len(), 1, "{backend:?}, round {round}: {secrets:?}");
+            let store = location.open().await.unwrap();
+            assert_eq!(
+                store
+                    .count_credentials(CredentialKind::Admin, true)
+                    .await
+                    .unwrap(),
+                1,
+                "{backend:?}, round {round}"
+            );
+
+            if round > 0 {
+                continue;
+            }
+            // The token is revoked, and the next start is given it again.
+            let app = &servers[0];
+            let principal = app
+                .authenticate(&secrets[0])
+                .await
+                .expect("the token works");
+            let id = match principal {
+                tether_server::service::tokens::Principal::Admin { credential_id } => credential_id,
+                other => panic!("{other:?}"),
+            };
+            app.revoke_credential(CredentialKind::Admin, None, &id)
+                .await
+                .unwrap();
+            let refused = app
+                .bootstrap_admin_token(Some(secrets[0].clone()))
+                .await
+                .expect_err("a revoked token taken back");
+            assert!(
+                refused.to_string().contains("revoked"),
+                "{backend:?}: {refused}"
+            );
+            // Without it, a new one is minted, beside the revoked one.
+            let fresh = app.bootstrap_admin_token(None).await.unwrap();
+            assert!(fresh.is_some_and(|s| s != secrets[0]), "{backend:?}");
+        }
+    }
+}

@@ -344,7 +344,7 @@ impl<E: Executor> Store for SqlStore<E> {
         .await
     }
 
-    async fn count_credentials(&self, kind: CredentialKind) -> StoreResult<u64> {
-        self.count(sql::count_credentials(kind)).await
+    async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {
+        self.count(sql::count_credentials(kind, revoked_too)).await
     }
 }

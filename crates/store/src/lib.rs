@@ -458,7 +458,8 @@ pub trait Store: Send + Sync + 'static {
         environment_id: Option<&str>,
         page: &PageRequest,
     ) -> StoreResult<Page<Credential>>;
-    async fn count_credentials(&self, kind: CredentialKind) -> StoreResult<u64>;
+    /// The credentials of `kind` not revoked, or with `revoked_too` all ever made.
+    async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64>;
 }
 
 /// The `seq` of the `index`-th transition written with the item's `version`: versions increase by one per

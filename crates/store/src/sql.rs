@@ -1085,9 +1085,13 @@ pub fn list_credentials(
     f.statement(CREDENTIAL_COLUMNS, &tail)
 }
 
-pub fn count_credentials(kind: CredentialKind) -> Statement {
+pub fn count_credentials(kind: CredentialKind, revoked_too: bool) -> Statement {
     Statement::new(
-        "SELECT COUNT(*) FROM credentials WHERE kind = $1 AND revoked_at IS NULL",
+        if revoked_too {
+            "SELECT COUNT(*) FROM credentials WHERE kind = $1"
+        } else {
+            "SELECT COUNT(*) FROM credentials WHERE kind = $1 AND revoked_at IS NULL"
+        },
         vec![kind_str(kind).into()],
     )
 }

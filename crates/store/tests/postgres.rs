@@ -212,7 +212,7 @@ async fn values_round_trip_and_conditions_conflict() {
     assert_eq!(counts.oldest_queued_at, None);
     assert_eq!(
         store
-            .count_credentials(CredentialKind::Admin)
+            .count_credentials(CredentialKind::Admin, true)
             .await
             .unwrap(),
         0

@@ -30,7 +30,7 @@ pub enum TokenCommand {
 /// Said when no admin token is left: the API then takes none until the server mints one.
 const LAST_TOKEN_REVOKED: &str = "warning: that was the last admin token not revoked. Nothing can \
      use the API with an admin token until the server is restarted: a start that finds no admin \
-     token mints one (or takes TETHER_ADMIN_TOKEN) and saves it in its data directory.";
+     token mints one (or takes TETHER_ADMIN_TOKEN, unless that is a revoked one) and saves it in its data directory.";
 
 /// How many admin tokens other than `id` are not revoked, or `None` when they cannot be listed
 /// (the warning is a courtesy: it never stops the revoke).

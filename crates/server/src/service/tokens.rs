@@ -304,17 +304,29 @@ impl App {
         name: Option<String>,
         secret: Option<String>,
     ) -> Result<(Credential, String)> {
+        let id_kind = match kind {
+            CredentialKind::Admin => IdKind::Token,
+            CredentialKind::Environment => IdKind::EnvironmentKey,
+        };
+        self.mint_credential_as(ids::new_id(id_kind), kind, environment_id, name, secret)
+            .await
+    }
+
+    async fn mint_credential_as(
+        &self,
+        id: String,
+        kind: CredentialKind,
+        environment_id: Option<String>,
+        name: Option<String>,
+        secret: Option<String>,
+    ) -> Result<(Credential, String)> {
         let prefix = match kind {
             CredentialKind::Admin => ADMIN_PREFIX,
             CredentialKind::Environment => ENVIRONMENT_PREFIX,
         };
         let secret = secret.unwrap_or_else(|| credentials::mint(prefix));
-        let id_kind = match kind {
-            CredentialKind::Admin => IdKind::Token,
-            CredentialKind::Environment => IdKind::EnvironmentKey,
-        };
         let credential = Credential {
-            id: ids::new_id(id_kind),
+            id,
             kind,
             environment_id,
             name,
@@ -328,44 +340,60 @@ impl App {
         Ok((credential, secret))
     }
 
-    /// On a store without any admin token, mints one (or adopts `given`) and returns its secret.
+    /// On a store without a live admin token, mints one (or adopts `given`) and returns its secret;
+    /// `None` when there is one, or another server starting at the same time made it.
+    ///
+    /// Servers starting together on one database all give the token they would make the same id,
+    /// the n-th admin token ever made, so the store takes only one of their inserts: exactly one of
+    /// them mints, and only that one writes the secret to its data directory.
     pub async fn bootstrap_admin_token(&self, given: Option<String>) -> Result<Option<String>> {
-        if self.store.count_credentials(CredentialKind::Admin).await? > 0 {
+        // Counted before the live ones: a server that made its token between the two reads is
+        // then seen as live, and one that makes it later took the same id.
+        let made = self
+            .store
+            .count_credentials(CredentialKind::Admin, true)
+            .await?;
+        if self
+            .store
+            .count_credentials(CredentialKind::Admin, false)
+            .await?
+            > 0
+        {
             return Ok(None);
         }
         if let Some(given) = &given {
             adoptable(given).map_err(Error::malformed)?;
-        }
-        if let Some(given) = &given {
-            // Several servers starting together on one database may all try to adopt the same token.
-            let exists = self
+            let known = self
                 .store
                 .credential_by_hash(&credentials::hash(given))
                 .await?;
-            if exists.is_some() {
-                return Ok(None);
+            if known.is_some_and(|c| c.revoked_at.is_some()) {
+                // Starting anyway would leave no way in: the one token it knows is refused.
+                return Err(Error::invalid_state(
+                    "TETHER_ADMIN_TOKEN is an admin token that was revoked, and no admin token is \
+                     live: set it to a new token to adopt that one, or unset it to have one minted",
+                ));
             }
         }
-        match self
-            .mint_credential(
+        let id = ids::format_id(IdKind::Token, uuid::Uuid::from_u128(u128::from(made)));
+        let minted = self
+            .mint_credential_as(
+                id,
                 CredentialKind::Admin,
                 None,
                 Some("bootstrap".into()),
-                given.clone(),
+                given,
             )
-            .await
-        {
+            .await;
+        match minted {
             Ok((_, secret)) => Ok(Some(secret)),
-            // Lost that race to another server: the token it stored is the one we were given.
+            // Lost the race: the token is the one another server made (or adopted).
             Err(_)
-                if given.is_some()
-                    && self
-                        .store
-                        .credential_by_hash(&credentials::hash(
-                            given.as_deref().unwrap_or_default(),
-                        ))
-                        .await?
-                        .is_some() =>
+                if self
+                    .store
+                    .count_credentials(CredentialKind::Admin, false)
+                    .await?
+                    > 0 =>
             {
                 Ok(None)
             }

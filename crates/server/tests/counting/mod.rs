@@ -270,8 +270,8 @@ impl Store for Counting {
             .list_credentials(kind, environment_id, page)
             .await
     }
-    async fn count_credentials(&self, kind: CredentialKind) -> StoreResult<u64> {
-        self.inner.count_credentials(kind).await
+    async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {
+        self.inner.count_credentials(kind, revoked_too).await
     }
 }
 

@@ -233,17 +233,42 @@ pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
             })?;
         return Ok(Arc::new(store));
     }
-    std::fs::create_dir_all(&args.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            args.data_dir.display()
-        )
-    })?;
+    // The store holds every session's conversation and environment variables: only the server's
+    // user may read it. A new directory and everything in it are made so (SQLite gives its journal
+    // files the mode of the database file).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&args.data_dir)
+        .with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                args.data_dir.display()
+            )
+        })?;
     claim_data_dir(&args.data_dir)?;
     let path = args.data_dir.join("tether.db");
+    warn_if_others_may_read(&path);
     let store = tether_store::sqlite::open(&path)
         .with_context(|| format!("cannot open the store at {}", path.display()))?;
     Ok(Arc::new(store))
+}
+
+/// A store made before its files were kept private (or copied in with a looser mode) is left as it
+/// is, with a word on how to close it.
+fn warn_if_others_may_read(store: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(metadata) = std::fs::metadata(store) else {
+        return;
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %store.display(),
+            mode = format!("{mode:o}"),
+            "the store may be read by other users of this machine: chmod 600 it and its -wal and \
+             -shm files"
+        );
+    }
 }
 
 /// Holds the embedded store's directory lock for the life of the process.

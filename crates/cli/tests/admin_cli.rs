@@ -537,3 +537,25 @@ fn a_listen_address_that_cannot_be_used_is_explained() {
     assert!(err.contains("TETHER_ADMIN_TOKEN must start with"), "{err}");
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
 }
+
+/// The embedded store holds every conversation and session variable: whatever the umask it was
+/// started with, the server's files are its user's alone.
+#[test]
+fn the_store_is_readable_by_its_user_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = Server::start();
+    // A write, so that the journal files exist.
+    server.json(&["env", "create", "--name", "private"]);
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(server.data_dir()).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert_eq!(mode & 0o077, 0, "{name} has mode {mode:o}");
+        seen.push(name);
+    }
+    seen.sort();
+    for name in ["admin-token", "lock", "tether.db", "tether.db-wal"] {
+        assert!(seen.iter().any(|s| s == name), "{name} not in {seen:?}");
+    }
+}

@@ -26,7 +26,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
     pub data_dir: PathBuf,
     /// PostgreSQL URL; without it the embedded SQLite store in --data-dir is used.
-    #[arg(long = "database", env = "TETHER_DATABASE_URL")]
+    // Its value may hold the database's password: `--help` does not show it.
+    #[arg(long = "database", env = "TETHER_DATABASE_URL", hide_env_values = true,
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub database_url: Option<String>,
     /// Base URL workers are told to call back (defaults to http://<listen>).
     #[arg(long, env = "TETHER_PUBLIC_URL")]
@@ -70,7 +72,8 @@ pub struct ServeArgs {
     pub request_memory: u64,
     /// Ask scrapers of /metrics for this token (Authorization: Bearer); without it /metrics takes no
     /// credential. At least 16 visible ASCII characters.
-    #[arg(long, env = "TETHER_METRICS_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "TETHER_METRICS_TOKEN", hide_env_values = true,
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub metrics_token: Option<String>,
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -522,6 +525,14 @@ mod tests {
         match Command::try_parse_from(argv) {
             Ok(parsed) => super::check_flags(&parsed.serve).err(),
             Err(e) => Some(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_database_or_metrics_token_given_empty_is_refused() {
+        for flag in ["--database", "--metrics-token"] {
+            let error = refusal(&[flag, ""]).unwrap_or_else(|| panic!("{flag} '' taken"));
+            assert!(error.contains(flag), "{error}");
         }
     }
 

@@ -224,7 +224,9 @@ impl Sandbox {
                 "--sandbox does not work on this machine: bwrap could not create its namespaces \
                  ({}). Unprivileged user namespaces must be enabled (sysctl \
                  kernel.unprivileged_userns_clone=1, or user.max_user_namespaces > 0; on Ubuntu \
-                 24.04+ an AppArmor profile for bwrap). The worker does not run programs unconfined.",
+                 24.04+ an AppArmor profile for bwrap), and nothing around the worker may forbid \
+                 them: a container's seccomp profile, or a systemd unit's RestrictNamespaces= (see \
+                 deploy/systemd/tether-worker@.service). The worker does not run programs unconfined.",
                 String::from_utf8_lossy(&probe.stderr).trim()
             )));
         }

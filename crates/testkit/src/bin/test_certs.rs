@@ -3,9 +3,20 @@
 //! over HTTPS (scripts/sdk-tests --tls). Nothing it makes is meant to outlive the test run.
 
 fn main() {
-    let Some(dir) = std::env::args_os().nth(1) else {
-        eprintln!("usage: tether-test-certs DIR");
-        std::process::exit(2);
+    const USAGE: &str =
+        "usage: tether-test-certs DIR\n\nWrites a throwaway test CA (ca.pem) and a \
+certificate for localhost and 127.0.0.1 signed by it (server.crt, server.key) into DIR.";
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let dir = match args.as_slice() {
+        [flag] if flag == "--help" || flag == "-h" => {
+            println!("{USAGE}");
+            return;
+        }
+        [dir] if !dir.as_encoded_bytes().starts_with(b"-") => dir.clone(),
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
     };
     let dir = std::path::PathBuf::from(dir);
     std::fs::create_dir_all(&dir).expect("create the directory");

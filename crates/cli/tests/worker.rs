@@ -828,6 +828,45 @@ async fn a_worker_cut_off_from_the_server_abandons_its_item() {
     }
 }
 
+/// A server the worker cannot reach for a while, shorter than the lease: the worker says so as its
+/// heartbeats fail and when they get through again, and likewise for the calls that end the item
+/// its program finished meanwhile. Before, only failed polls were logged, and an item ended seconds
+/// late without a word.
+#[tokio::test]
+async fn a_server_away_for_a_while_shows_in_the_workers_log() {
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(&setup.server.base).await;
+    let script = format!("{PRELUDE}{UNTIL_RELEASED}");
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            server: Some(proxy.url.clone()),
+            // Beats every 5 s, retried every 1.25 s: 4 s away always costs a beat, never the lease.
+            ttl: "10",
+            ..WorkerOptions::running(&script)
+        },
+    );
+    let (work, start) = setup.session_started_and_active().await;
+    proxy.set(Mode::Refuse);
+    worker.wait_for_log("heartbeat failed; trying again").await;
+    proxy.set(Mode::Forward);
+    worker.wait_for_log("heartbeats get through again").await;
+
+    proxy.set(Mode::Refuse);
+    release(&setup.stamps(), &work);
+    worker
+        .wait_for_log("recording the outcome in the item's metadata failed; trying again")
+        .await;
+    proxy.set(Mode::Forward);
+    let item = setup.wait_for_state(&work, "stopped").await;
+    assert_eq!(item["requeue_count"], 0, "the lease held: {item}");
+    worker
+        .wait_for_log("recording the outcome in the item's metadata got through")
+        .await;
+    assert_eq!(stamps(&setup.stamps(), &work).len(), 2, "one run: {start:?}");
+    worker.shut_down_cleanly().await;
+}
+
 #[tokio::test]
 async fn two_workers_serve_two_hundred_sessions_exactly_once() {
     const SESSIONS: usize = 200;

@@ -201,6 +201,8 @@ pub struct Heartbeat {
     kill_at: watch::Receiver<Instant>,
     /// When the dead man's switch ends the worker if the program still runs ([`super::deadman`]).
     last_resort: watch::Receiver<Instant>,
+    /// Why renewals fail, from the first failure after a renewal until the next renewal.
+    trouble: watch::Receiver<Option<String>>,
 }
 
 impl Heartbeat {
@@ -216,6 +218,7 @@ impl Heartbeat {
         let provisional = WorkerLease::acknowledged(Duration::ZERO, PROVISIONAL_TTL);
         let (deadline_tx, kill_at) = watch::channel(acked + provisional.kill_at());
         let (last_resort_tx, last_resort) = watch::channel(acked + provisional.last_resort());
+        let (trouble_tx, trouble) = watch::channel(None);
         let task = tokio::spawn(async move {
             let beats = Beats {
                 renewer: &renewer,
@@ -225,6 +228,7 @@ impl Heartbeat {
                 state: &tx,
                 kill_at: &deadline_tx,
                 last_resort: &last_resort_tx,
+                trouble: &trouble_tx,
             };
             let outcome = beats.run(provisional).await;
             tx.send_replace(Lease::Lost(outcome));
@@ -236,7 +240,20 @@ impl Heartbeat {
             state,
             kill_at,
             last_resort,
+            trouble,
         }
+    }
+
+    /// Calls `told` when renewals start failing (with why) and when one gets through again
+    /// (`None`), once each way: an operator sees a lease in danger before it is lost.
+    pub fn on_trouble(&self, told: impl Fn(Option<&str>) + Send + 'static) {
+        let mut trouble = self.trouble.clone();
+        tokio::spawn(async move {
+            // Ends with the beats' task, which drops the sender.
+            while trouble.changed().await.is_ok() {
+                told(trouble.borrow_and_update().as_deref());
+            }
+        });
     }
 
     /// Arms the dead man's switch for the program about to start; drop the guard once it is reaped.
@@ -337,11 +354,23 @@ struct Beats<'a, R> {
     state: &'a watch::Sender<Lease>,
     kill_at: &'a watch::Sender<Instant>,
     last_resort: &'a watch::Sender<Instant>,
+    trouble: &'a watch::Sender<Option<String>>,
 }
 
 impl<R: Renew> Beats<'_, R> {
     fn reading(&self, at: Instant) -> Duration {
         at.saturating_duration_since(self.origin)
+    }
+
+    /// Says why renewals fail, at the first failure since the last renewal.
+    fn failing(&self, why: &str) {
+        self.trouble.send_if_modified(|trouble| {
+            let first = trouble.is_none();
+            if first {
+                *trouble = Some(why.to_owned());
+            }
+            first
+        });
     }
 
     fn publish(&self, lease: &WorkerLease) {
@@ -385,6 +414,7 @@ impl<R: Renew> Beats<'_, R> {
             }
             let Some((sent, result)) = round.answer else {
                 last_error = "no answer in time".into();
+                self.failing(&last_error);
                 continue;
             };
             let answered_at = Instant::now();
@@ -400,6 +430,8 @@ impl<R: Renew> Beats<'_, R> {
                     unanswered = false;
                     connection = Connection::Pooled;
                     self.publish(&lease);
+                    self.trouble
+                        .send_if_modified(|trouble| trouble.take().is_some());
                     self.state.send_if_modified(|l| {
                         let next = match l {
                             Lease::Pending | Lease::Held if stopping => Lease::StopRequested,
@@ -431,10 +463,12 @@ impl<R: Renew> Beats<'_, R> {
                         self.publish(&lease);
                     }
                     last_error = "the server's database is unavailable (amnesty promised)".into();
+                    self.failing(&last_error);
                     (interval / 4).max(Duration::from_millis(250))
                 }
                 Verdict::Retry(why) => {
                     last_error = why;
+                    self.failing(&last_error);
                     (interval / 4).max(Duration::from_millis(250))
                 }
             };

@@ -10,7 +10,7 @@
 //! | the worker is forced to quit    | SIGKILL at once                  | force stop                        |
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -253,6 +253,15 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             self.shared.desired_ttl,
             acked,
         );
+        let report = self.shared.report.clone();
+        let work_id = self.work_id.clone();
+        lease.on_trouble(move |trouble| match trouble {
+            Some(why) => report.warn(
+                "heartbeat failed; trying again until the lease's deadline",
+                &[("work_id", &work_id), ("error", why)],
+            ),
+            None => report.info("heartbeats get through again", &[("work_id", &work_id)]),
+        });
         // The program starts only under a lease whose deadline the worker knows: after the first
         // accepted heartbeat (one round trip).
         let established = lease.established().await;
@@ -630,7 +639,11 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         for (k, v) in entries {
             patch.insert((*k).to_owned(), v.map(str::to_owned));
         }
-        let failed = match self.ending_call(tries, || self.calls.record(&patch)).await {
+        let recording = "recording the outcome in the item's metadata";
+        let failed = match self
+            .ending_call(recording, tries, || self.calls.record(&patch))
+            .await
+        {
             Some(Ok(_)) => return,
             Some(Err(e)) => crate::error::described(&e),
             None => "no answer".to_owned(),
@@ -645,7 +658,10 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// its confirmation (stopping → stopped). True when the server took it or the item had already
     /// ended.
     async fn stop(&self, force: bool, tries: &Tries) -> bool {
-        match self.ending_call(tries, || self.calls.stop(force)).await {
+        match self
+            .ending_call("stopping the item", tries, || self.calls.stop(force))
+            .await
+        {
             Some(Ok(state)) => {
                 let message = if state.is_live() {
                     "stop requested"
@@ -677,16 +693,33 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         }
     }
 
-    /// Runs `call`, one of the calls that end an item, as `tries` says; `None` when it was given up
-    /// unanswered.
+    /// Runs `call`, one of the calls that end an item (`what` it does), as `tries` says; `None` when
+    /// it was given up unanswered. While the lease lasts, its first failure is said at once, and
+    /// then whether a later try got through: a server that is away shows in the log, not only as
+    /// an item that ends late.
     async fn ending_call<T, Fut>(
         &self,
+        what: &str,
         tries: &Tries,
         mut call: impl FnMut() -> Fut,
     ) -> Option<tether_client::Result<T>>
     where
         Fut: Future<Output = tether_client::Result<T>>,
     {
+        let failed_tries = AtomicU32::new(0);
+        // A few tries end in the caller's own word.
+        let tell = matches!(tries, Tries::WhileLeased(_));
+        let mut call = || {
+            let answer = call();
+            let failed_tries = &failed_tries;
+            async move {
+                let answer = answer.await;
+                if tell {
+                    self.tell_ending_call(what, &answer, failed_tries);
+                }
+                answer
+            }
+        };
         let call = async {
             match tries {
                 Tries::Few(attempts) => Some(retry(*attempts, &mut call).await),
@@ -702,6 +735,34 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             }
         };
         self.within_shutdown_limit(call).await.flatten()
+    }
+
+    /// Says the first failure of a call that ends an item, and then the try that got through.
+    fn tell_ending_call<T>(
+        &self,
+        what: &str,
+        answer: &tether_client::Result<T>,
+        failed_tries: &AtomicU32,
+    ) {
+        match answer {
+            Err(e) => {
+                if failed_tries.fetch_add(1, Ordering::Relaxed) == 0 {
+                    self.warn(
+                        &format!("{what} failed; trying again while the lease lasts"),
+                        &[("error", &crate::error::described(e))],
+                    );
+                }
+            }
+            Ok(_) => {
+                let failed = failed_tries.load(Ordering::Relaxed);
+                if failed > 0 {
+                    self.info(
+                        &format!("{what} got through"),
+                        &[("detail", &format!("after {failed} failed tries"))],
+                    );
+                }
+            }
+        }
     }
 }
 

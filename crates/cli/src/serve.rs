@@ -376,6 +376,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                     .map_err(anyhow::Error::msg)
             })
             .transpose()?,
+        server_name: Some(server_name(&local)),
         ..ServiceConfig::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -408,6 +409,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     reloader.abort();
     tracing::info!("tether stopped");
     Ok(())
+}
+
+/// This server among those sharing a database, the same from one start to the next: its host and
+/// the address it listens on (one host runs one server per address).
+fn server_name(listening: &std::net::SocketAddr) -> String {
+    let host = hostname::get()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{host}/{listening}")
 }
 
 /// First start of an empty store: mint the admin token (or adopt TETHER_ADMIN_TOKEN), print it once and

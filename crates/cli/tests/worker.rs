@@ -863,7 +863,11 @@ async fn a_server_away_for_a_while_shows_in_the_workers_log() {
     worker
         .wait_for_log("recording the outcome in the item's metadata got through")
         .await;
-    assert_eq!(stamps(&setup.stamps(), &work).len(), 2, "one run: {start:?}");
+    assert_eq!(
+        stamps(&setup.stamps(), &work).len(),
+        2,
+        "one run: {start:?}"
+    );
     worker.shut_down_cleanly().await;
 }
 

@@ -55,6 +55,26 @@ pub fn amnesty_deadline(
     }
 }
 
+/// How recently another server process of a cluster must have checked the leases for this one's
+/// start to grant no amnesty (see [`start_amnesty_due`]): a few of the default 1 s ticks.
+pub const LEASES_KEPT_FRESH_MILLIS: i64 = 5_000;
+
+/// Whether a server process starting now grants lease amnesty (§3.1), given when another process
+/// sharing its store last checked the leases (`None`: none ever did, or the store is this
+/// process's alone). Amnesty makes up for time in which no server could renew or expire a lease.
+/// A cluster in which another server kept checking them was not down: that server has expired
+/// what was due, and has itself granted the amnesty any database outage called for before
+/// checking them. Granting it anyway at every start would let a server restarting in a loop push
+/// back the requeue of every abandoned item for as long as the loop lasts. The check is dated by
+/// the other server's clock: one further from now than [`LEASES_KEPT_FRESH_MILLIS`], either way,
+/// counts as none.
+pub fn start_amnesty_due(kept_elsewhere_at: Option<Timestamp>, now: Timestamp) -> bool {
+    match kept_elsewhere_at {
+        None => true,
+        Some(kept) => now.millis_since(kept).abs() > LEASES_KEPT_FRESH_MILLIS,
+    }
+}
+
 /// The shortest heartbeat interval (§8).
 pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_secs(1);
 
@@ -188,6 +208,24 @@ fn kill_time(start: Duration, length: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn start_amnesty_is_granted_unless_another_server_kept_the_leases_just_now() {
+        let now = Timestamp::from_millis(100_000);
+        for (kept, due) in [
+            (None, true),
+            (Some(now), false),
+            (Some(now.minus_millis(LEASES_KEPT_FRESH_MILLIS)), false),
+            (Some(now.minus_millis(LEASES_KEPT_FRESH_MILLIS + 1)), true),
+            (Some(now.minus_millis(3_600_000)), true),
+            // Another clock a little ahead of this one; one far ahead is not taken at its word.
+            (Some(now.plus_millis(1_000)), false),
+            (Some(now.plus_millis(LEASES_KEPT_FRESH_MILLIS + 1)), true),
+        ] {
+            assert_eq!(start_amnesty_due(kept, now), due, "{kept:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -24,7 +24,11 @@ pub fn spawn(app: App) -> JoinHandle<()> {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    pass(&app, Expiry::Always).await;
+                    if pass(&app, Expiry::Always).await {
+                        if let Err(e) = app.mark_leases_kept().await {
+                            tracing::warn!(error = %e, "dispatcher: marking the leases kept failed");
+                        }
+                    }
                     if let Err(e) = app.write_worker_records().await {
                         tracing::warn!(error = %e, "dispatcher: writing poll records failed");
                     }
@@ -34,7 +38,9 @@ pub fn spawn(app: App) -> JoinHandle<()> {
                         tracing::warn!(error = %e, "dispatcher: pruning idle workers failed");
                     }
                 }
-                _ = app.dispatch_now.notified() => pass(&app, Expiry::WhenDue).await,
+                _ = app.dispatch_now.notified() => {
+                    pass(&app, Expiry::WhenDue).await;
+                }
                 notice = notices.recv() => match notice {
                     Ok(Notice::WorkClaimable { environment_id }) => { app.waiters.wake(&environment_id, 1); }
                     Ok(Notice::Session { session_id }) => app.hub.notify(&session_id),
@@ -68,15 +74,18 @@ pub enum Expiry {
 
 /// One pass over the environments being waited on. Each is probed with one index-backed read of its
 /// oldest claimable item, so a pass costs a read per waited-on environment whatever the backlog.
-pub async fn pass(app: &App, expiry: Expiry) {
+/// Returns whether it checked the leases, and every due one was settled.
+pub async fn pass(app: &App, expiry: Expiry) -> bool {
+    let mut leases_kept = false;
     if expiry == Expiry::Always || app.lease_horizon.may_be_due(app.now()) {
-        if let Err(e) = app.expire_due_leases().await {
-            tracing::warn!(error = %e, "dispatcher: lease expiry pass failed");
+        match app.expire_due_leases().await {
+            Ok(_) => leases_kept = true,
+            Err(e) => tracing::warn!(error = %e, "dispatcher: lease expiry pass failed"),
         }
     }
     let waiting = app.waiters.environments_waiting();
     if waiting.is_empty() {
-        return;
+        return leases_kept;
     }
     let window = ClaimWindow::at(app.now(), app.config.default_reclaim_ms);
     for env in waiting {
@@ -87,8 +96,9 @@ pub async fn pass(app: &App, expiry: Expiry) {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "dispatcher: claimable probe failed");
-                return;
+                break;
             }
         }
     }
+    leases_kept
 }

@@ -64,8 +64,12 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     http::ops::install_metrics();
-    if let Err(e) = app.grant_amnesty().await {
-        tracing::warn!(error = %e, "lease amnesty failed");
+    match app.amnesty_at_start().await {
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::info!(
+            "another server sharing the database is keeping the leases: no lease amnesty at start"
+        ),
+        Err(e) => tracing::warn!(error = %e, "lease amnesty failed"),
     }
     let dispatcher = dispatcher::spawn(app.clone());
     let sampler = sampler::spawn(app.clone());

@@ -1652,6 +1652,85 @@ async fn history_names_who_asked_for_a_stop() {
     .await;
 }
 
+/// In a cluster, a server that starts while another has just been checking the leases grants no
+/// lease amnesty: the cluster was not down, and a server restarting in a loop would otherwise push
+/// back every abandoned item's requeue at each start. A mark too old counts as none, and so does
+/// one of the server's own earlier run. An embedded store is one process's alone: its starts
+/// always grant it.
+#[tokio::test]
+async fn a_server_starting_beside_one_that_keeps_the_leases_grants_no_amnesty() {
+    for backend in backends() {
+        let keeper = TestServer::start_with(&backend, without_tick()).await;
+        if !matches!(backend, Backend::Postgres(_)) {
+            keeper.app.mark_leases_kept().await.unwrap();
+            assert!(
+                keeper.app.amnesty_at_start().await.unwrap().is_some(),
+                "{backend:?}"
+            );
+            keeper.shutdown().await;
+            continue;
+        }
+        let q = Queue::new(&keeper).await;
+        let clock = keeper.clock.clone();
+        for (mark_age_ms, amnesty) in [(0, false), (10_000, true)] {
+            let item = q.item_in("active").await;
+            settle().await;
+            // Due within the 30 s window a start's amnesty extends leases to.
+            clock.advance_millis(LEASE_MS - 15_000 - mark_age_ms);
+            keeper.app.mark_leases_kept().await.unwrap();
+            clock.advance_millis(mark_age_ms);
+            let starting = TestServer::start_on(
+                &backend,
+                keeper.location.clone(),
+                without_tick(),
+                clock.clone(),
+            )
+            .await;
+            // Answered once its start, amnesty included, is behind it.
+            let health = starting.http().get(format!("{}/healthz", starting.base));
+            assert_eq!(health.send().await.unwrap().status(), StatusCode::OK);
+            // Past the lease's own deadline, within the window's.
+            clock.advance_millis(20_000);
+            keeper.app.expire_due_leases().await.unwrap();
+            let state = q.state(&item.id).await;
+            assert_eq!(
+                state == "active",
+                amnesty,
+                "{backend:?}, a mark {mark_age_ms} ms old: {state}"
+            );
+            starting.shutdown().await;
+        }
+        // A server's own earlier run is not another server: a restart under its name grants it.
+        let mut named = without_tick();
+        named.config.server_name = Some("host-a/127.0.0.1:4780".into());
+        let first = TestServer::start_on(
+            &backend,
+            keeper.location.clone(),
+            named.clone(),
+            clock.clone(),
+        )
+        .await;
+        let item = q.item_in("active").await;
+        settle().await;
+        clock.advance_millis(LEASE_MS - 15_000);
+        first.app.mark_leases_kept().await.unwrap();
+        first.shutdown().await;
+        let again =
+            TestServer::start_on(&backend, keeper.location.clone(), named, clock.clone()).await;
+        let health = again.http().get(format!("{}/healthz", again.base));
+        assert_eq!(health.send().await.unwrap().status(), StatusCode::OK);
+        clock.advance_millis(20_000);
+        keeper.app.expire_due_leases().await.unwrap();
+        assert_eq!(
+            q.state(&item.id).await,
+            "active",
+            "its restart granted amnesty"
+        );
+        again.shutdown().await;
+        keeper.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn lease_amnesty_after_a_restart() {
     for backend in backends() {

@@ -22,6 +22,10 @@ pub trait Executor: Send + Sync + 'static {
     async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()>;
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()>;
     fn subscribe(&self) -> broadcast::Receiver<Notice>;
+    /// See [`Store::shared`].
+    fn shared(&self) -> bool {
+        false
+    }
     /// See [`Store::reconnections`].
     fn reconnections(&self) -> u64 {
         0
@@ -86,6 +90,10 @@ impl<E: Executor> SqlStore<E> {
 impl<E: Executor> Store for SqlStore<E> {
     fn backend(&self) -> &'static str {
         self.exec.backend()
+    }
+
+    fn shared(&self) -> bool {
+        self.exec.shared()
     }
 
     async fn commit(&self, changes: ChangeSet) -> StoreResult<()> {
@@ -342,6 +350,16 @@ impl<E: Executor> Store for SqlStore<E> {
             sql::credential_from_row,
         )
         .await
+    }
+
+    async fn leases_kept_elsewhere_at(&self, server_id: &str) -> StoreResult<Option<Timestamp>> {
+        Ok(self
+            .optional(
+                sql::leases_kept_elsewhere_at(server_id),
+                sql::optional_timestamp,
+            )
+            .await?
+            .flatten())
     }
 
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {

@@ -123,6 +123,16 @@ pub enum Write {
     ForgetWorkers {
         before: Timestamp,
     },
+    /// Records that the server process `server_id` checked the leases at `at` (a shared store's
+    /// processes tell each other they are keeping them: see `lease::start_amnesty_due`).
+    MarkLeasesKept {
+        server_id: String,
+        at: Timestamp,
+    },
+    /// Forgets the marks of server processes last heard of before `before`.
+    ForgetLeaseKeepers {
+        before: Timestamp,
+    },
 }
 
 /// Writes committed all together or not at all.
@@ -334,6 +344,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Announces a notice to the other server processes sharing this store (no-op for an embedded store).
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()>;
+
+    /// Whether other server processes may use this store at the same time. An embedded store is
+    /// one process's alone.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// The latest time a server process other than `server_id` marked the leases kept
+    /// ([`Write::MarkLeasesKept`]), if one ever did.
+    async fn leases_kept_elsewhere_at(&self, server_id: &str) -> StoreResult<Option<Timestamp>>;
 
     /// Notices from other server processes.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice>;

@@ -215,6 +215,16 @@ ALTER TABLE work_items ADD COLUMN history TEXT NOT NULL DEFAULT '';
 ALTER TABLE work_items ADD COLUMN not_before BIGINT;
 "#,
     ),
+    (
+        5,
+        // When each server process sharing the store last checked the leases (`Write::MarkLeasesKept`).
+        r#"
+CREATE TABLE IF NOT EXISTS lease_keepers (
+    server_id TEXT PRIMARY KEY,
+    kept_at BIGINT NOT NULL
+);
+"#,
+    ),
 ];
 
 /// The statement that reads the newest migration a database has had.
@@ -645,6 +655,18 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
         )),
         Write::ForgetWorkers { before } => out.push((
             Statement::new("DELETE FROM workers WHERE last_poll_at < $1", vec![(*before).into()]),
+            Any,
+        )),
+        Write::MarkLeasesKept { server_id, at } => out.push((
+            Statement::new(
+                "INSERT INTO lease_keepers (server_id, kept_at) VALUES ($1, $2) \
+                 ON CONFLICT (server_id) DO UPDATE SET kept_at = excluded.kept_at",
+                vec![server_id.as_str().into(), (*at).into()],
+            ),
+            Any,
+        )),
+        Write::ForgetLeaseKeepers { before } => out.push((
+            Statement::new("DELETE FROM lease_keepers WHERE kept_at < $1", vec![(*before).into()]),
             Any,
         )),
     }
@@ -1094,6 +1116,19 @@ pub fn count_credentials(kind: CredentialKind, revoked_too: bool) -> Statement {
         },
         vec![kind_str(kind).into()],
     )
+}
+
+/// The latest mark of the lease keepers other than `server_id`.
+pub fn leases_kept_elsewhere_at(server_id: &str) -> Statement {
+    Statement::new(
+        "SELECT MAX(kept_at) FROM lease_keepers WHERE server_id <> $1",
+        vec![server_id.into()],
+    )
+}
+
+/// A nullable integer column read as a timestamp.
+pub fn optional_timestamp(row: &Row) -> StoreResult<Option<Timestamp>> {
+    Ok(opt_int(&row[0])?.map(Timestamp::from_micros))
 }
 
 /// Credentials are revoked by a column update; the column is the truth for `revoked_at`.

@@ -73,6 +73,11 @@ pub struct ServiceConfig {
     /// The SHA-256 (hex) of the token `/metrics` asks for (`--metrics-token`); `None`: it asks for
     /// none.
     pub metrics_token_hash: Option<String>,
+    /// What this server is called among those sharing its store, the same from one of its starts
+    /// to the next (the host and the address it listens on): a start then tells the marks of its
+    /// own earlier run from those of the other servers ([`App::amnesty_at_start`]). `None`: a name
+    /// of this process's own.
+    pub server_name: Option<String>,
 }
 
 /// The default `--event-limit`: 1 MiB.
@@ -93,6 +98,7 @@ impl Default for ServiceConfig {
             request_memory: crate::memory::DEFAULT_REQUEST_MEMORY,
             record_ttl: RECORD_TTL,
             metrics_token_hash: None,
+            server_name: None,
         }
     }
 }
@@ -134,6 +140,9 @@ pub struct AppInner {
     /// [`App::amnesty_after_outage`]).
     amnesty_granted_through: std::sync::atomic::AtomicU64,
     amnesty_running: tokio::sync::Mutex<()>,
+    /// This process among those sharing the store, for the marks of who keeps the leases
+    /// ([`App::mark_leases_kept`]).
+    server_id: String,
     /// Hints that spare the store a read (`crate::cache`): credentials (by id and by secret hash) and
     /// environments read in the last second, and a lower bound on the earliest lease deadline.
     pub(crate) credentials_by_id: TtlCache<String, Arc<tether_core::resources::Credential>>,
@@ -176,6 +185,10 @@ impl App {
             work::workers_window_ms(config.workers_polling_window_ms),
             config.max_workers_per_environment,
         );
+        let server_id = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| format!("srv_{}", uuid::Uuid::now_v7().simple()));
         App(Arc::new(AppInner {
             store,
             clock,
@@ -193,6 +206,7 @@ impl App {
             dispatch_now: tokio::sync::Notify::new(),
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
+            server_id,
             credentials_by_id: TtlCache::new(ttl),
             credentials_by_hash: TtlCache::new(ttl),
             environments_read: TtlCache::new(ttl),

@@ -863,8 +863,17 @@ impl App {
             .expect("workers lock")
             .forget_aged(now);
         let before = now.minus_millis(workers_window_ms(self.config.workers_polling_window_ms));
-        self.commit(ChangeSet::one(Write::ForgetWorkers { before }))
-            .await?;
+        // Marks of server processes gone for an hour: each start adds one.
+        let keepers_before = now.minus_millis(3_600_000);
+        self.commit(ChangeSet {
+            writes: vec![
+                Write::ForgetWorkers { before },
+                Write::ForgetLeaseKeepers {
+                    before: keepers_before,
+                },
+            ],
+        })
+        .await?;
         Ok(())
     }
 
@@ -1005,7 +1014,36 @@ impl App {
             .then_some(self.config.amnesty_grace_ms)
     }
 
-    /// Lease amnesty at start (§3.1): no lease expires because this process was down.
+    /// Lease amnesty at start (§3.1), unless another server process sharing the store has just
+    /// been checking the leases (`lease::start_amnesty_due`). `None` when it was not due.
+    pub async fn amnesty_at_start(&self) -> Result<Option<usize>> {
+        let kept_elsewhere = if self.store.shared() {
+            self.store.leases_kept_elsewhere_at(&self.server_id).await?
+        } else {
+            None
+        };
+        if !tether_core::lease::start_amnesty_due(kept_elsewhere, self.now()) {
+            return Ok(None);
+        }
+        self.grant_amnesty().await.map(Some)
+    }
+
+    /// Tells the other server processes sharing the store that this one has just checked the
+    /// leases (after a pass of [`Self::expire_due_leases`] that succeeded). A no-op on a store of
+    /// this process's own.
+    pub async fn mark_leases_kept(&self) -> Result<()> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        self.commit(ChangeSet::one(Write::MarkLeasesKept {
+            server_id: self.server_id.clone(),
+            at: self.now(),
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Lease amnesty (§3.1): no lease expires because this process, or its database, was away.
     pub async fn grant_amnesty(&self) -> Result<usize> {
         let grace = self.config.amnesty_grace_ms;
         let mut granted = 0;

@@ -270,6 +270,12 @@ impl Store for Counting {
             .list_credentials(kind, environment_id, page)
             .await
     }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+    async fn leases_kept_elsewhere_at(&self, server_id: &str) -> StoreResult<Option<Timestamp>> {
+        self.inner.leases_kept_elsewhere_at(server_id).await
+    }
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {
         self.inner.count_credentials(kind, revoked_too).await
     }

@@ -312,6 +312,10 @@ impl Executor for PostgresExecutor {
         "postgres"
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {
         // A read is always safe to repeat; one retry covers a pooled connection that died with a
         // restarted database before anyone noticed.

@@ -55,23 +55,27 @@ pub fn amnesty_deadline(
     }
 }
 
-/// How recently another server process of a cluster must have checked the leases for this one's
-/// start to grant no amnesty (see [`start_amnesty_due`]): a few of the default 1 s ticks.
+/// How recently another server process of a cluster must have checked the leases for
+/// [`others_keep_leases`] to hold: a few of the default 1 s ticks.
 pub const LEASES_KEPT_FRESH_MILLIS: i64 = 5_000;
 
-/// Whether a server process starting now grants lease amnesty (§3.1), given when another process
-/// sharing its store last checked the leases (`None`: none ever did, or the store is this
-/// process's alone). Amnesty makes up for time in which no server could renew or expire a lease.
-/// A cluster in which another server kept checking them was not down: that server has expired
-/// what was due, and has itself granted the amnesty any database outage called for before
-/// checking them. Granting it anyway at every start would let a server restarting in a loop push
-/// back the requeue of every abandoned item for as long as the loop lasts. The check is dated by
-/// the other server's clock: one further from now than [`LEASES_KEPT_FRESH_MILLIS`], either way,
-/// counts as none.
-pub fn start_amnesty_due(kept_elsewhere_at: Option<Timestamp>, now: Timestamp) -> bool {
+/// Whether another server process sharing the store is keeping the leases, given when one last
+/// checked them (`None`: none ever did, or the store is this process's alone). The check is dated
+/// by that server's clock: one further from now than [`LEASES_KEPT_FRESH_MILLIS`], either way,
+/// counts as none. Two rules follow from it:
+/// - a start grants lease amnesty (§3.1) only when no other server keeps the leases. Amnesty makes
+///   up for time in which no server could renew or expire them; a cluster in which another server
+///   kept checking them was not down, that server expired what was due, and it granted the amnesty
+///   any database outage called for before checking them. Granted at every start anyway, a server
+///   restarting in a loop would push back the requeue of every abandoned item for as long as the
+///   loop lasts;
+/// - a server that loses its database promises amnesty only when no other server kept the leases
+///   when it last looked: its outage may be a partition of its own, and the other server would
+///   expire the leases it promised would not expire.
+pub fn others_keep_leases(kept_elsewhere_at: Option<Timestamp>, now: Timestamp) -> bool {
     match kept_elsewhere_at {
-        None => true,
-        Some(kept) => now.millis_since(kept).abs() > LEASES_KEPT_FRESH_MILLIS,
+        None => false,
+        Some(kept) => now.millis_since(kept).abs() <= LEASES_KEPT_FRESH_MILLIS,
     }
 }
 
@@ -210,7 +214,7 @@ fn kill_time(start: Duration, length: Duration) -> Duration {
 mod tests {
 
     #[test]
-    fn start_amnesty_is_granted_unless_another_server_kept_the_leases_just_now() {
+    fn another_server_keeps_the_leases_when_it_checked_them_just_now() {
         let now = Timestamp::from_millis(100_000);
         for (kept, due) in [
             (None, true),
@@ -222,7 +226,7 @@ mod tests {
             (Some(now.plus_millis(1_000)), false),
             (Some(now.plus_millis(LEASES_KEPT_FRESH_MILLIS + 1)), true),
         ] {
-            assert_eq!(start_amnesty_due(kept, now), due, "{kept:?}");
+            assert_eq!(others_keep_leases(kept, now), !due, "{kept:?}");
         }
     }
 

@@ -393,6 +393,43 @@ async fn no_lease_lapses_from_memory_right_after_an_outage() {
     }
 }
 
+/// A server that loses its database promises its workers amnesty only when no other server was
+/// keeping the leases when it last looked: the outage may be its own (a partition between it and
+/// the database), and the other server would go on expiring the leases it promised. Alone, or on
+/// an embedded store, it promises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_amnesty_is_promised_while_another_server_keeps_the_leases() {
+    for backend in backends() {
+        let name = backend.name();
+        let clock: Arc<dyn tether_core::Clock> = Arc::new(manual_clock());
+        let (_location, here, counting, env) =
+            counting_app(&backend, clock.clone(), "partition").await;
+        let promise_in_an_outage = || async {
+            counting.down.store(true, Ordering::SeqCst);
+            let unknown = tether_core::ids::new_id(tether_core::ids::IdKind::Work);
+            assert!(here.get_work(&env, &unknown).await.is_err(), "{name}: down");
+            let promise = here.lease_amnesty_promise();
+            counting.down.store(false, Ordering::SeqCst);
+            counting.get_environment(&env.id).await.expect("back");
+            promise
+        };
+        here.mark_leases_kept().await.expect("mark");
+        assert!(promise_in_an_outage().await.is_some(), "{name}: alone");
+
+        let elsewhere = other_server(&counting, clock.clone());
+        elsewhere.mark_leases_kept().await.expect("mark elsewhere");
+        here.mark_leases_kept().await.expect("mark");
+        let promise = promise_in_an_outage().await;
+        assert_eq!(
+            promise.is_some(),
+            !counting.shared(),
+            "{name}: beside a server keeping the leases"
+        );
+        here.begin_shutdown();
+        elsewhere.begin_shutdown();
+    }
+}
+
 /// A fresh store in `backend` with an environment named `name`, and a server on it whose reads of
 /// credentials, environments and agents stay usable for an hour: whatever it then learns of a change
 /// made elsewhere, a conditional write taught it, not an expiry.

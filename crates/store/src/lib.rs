@@ -124,7 +124,7 @@ pub enum Write {
         before: Timestamp,
     },
     /// Records that the server process `server_id` checked the leases at `at` (a shared store's
-    /// processes tell each other they are keeping them: see `lease::start_amnesty_due`).
+    /// processes tell each other they are keeping them: see `lease::others_keep_leases`).
     MarkLeasesKept {
         server_id: String,
         at: Timestamp,

@@ -143,6 +143,10 @@ pub struct AppInner {
     /// This process among those sharing the store, for the marks of who keeps the leases
     /// ([`App::mark_leases_kept`]).
     server_id: String,
+    /// Whether another server process was keeping the leases too when this one last looked
+    /// ([`App::mark_leases_kept`]): then a database this process cannot reach may be one that
+    /// process still writes to, and this one promises no amnesty.
+    others_keep_leases: std::sync::atomic::AtomicBool,
     /// Hints that spare the store a read (`crate::cache`): credentials (by id and by secret hash) and
     /// environments read in the last second, and a lower bound on the earliest lease deadline.
     pub(crate) credentials_by_id: TtlCache<String, Arc<tether_core::resources::Credential>>,
@@ -207,6 +211,7 @@ impl App {
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
             server_id,
+            others_keep_leases: std::sync::atomic::AtomicBool::new(false),
             credentials_by_id: TtlCache::new(ttl),
             credentials_by_hash: TtlCache::new(ttl),
             environments_read: TtlCache::new(ttl),

@@ -1009,28 +1009,35 @@ impl App {
     }
 
     /// The lease amnesty promised while the database is away (see [`Self::with_amnesty_promise`]).
+    /// None while another server process was keeping the leases when this one last could look:
+    /// this process's outage may be its own (a partition between it and the database), and that
+    /// process would go on expiring the leases this one promised would not expire, while their
+    /// workers kept their programs running beside the ones the items went to next.
     pub fn lease_amnesty_promise(&self) -> Option<i64> {
-        (self.store.in_outage() && self.config.amnesty_grace_ms > 0)
+        let alone = !self
+            .others_keep_leases
+            .load(std::sync::atomic::Ordering::SeqCst);
+        (self.store.in_outage() && self.config.amnesty_grace_ms > 0 && alone)
             .then_some(self.config.amnesty_grace_ms)
     }
 
     /// Lease amnesty at start (§3.1), unless another server process sharing the store has just
-    /// been checking the leases (`lease::start_amnesty_due`). `None` when it was not due.
+    /// been checking the leases (`lease::others_keep_leases`). `None` when it was not due.
     pub async fn amnesty_at_start(&self) -> Result<Option<usize>> {
         let kept_elsewhere = if self.store.shared() {
             self.store.leases_kept_elsewhere_at(&self.server_id).await?
         } else {
             None
         };
-        if !tether_core::lease::start_amnesty_due(kept_elsewhere, self.now()) {
+        if tether_core::lease::others_keep_leases(kept_elsewhere, self.now()) {
             return Ok(None);
         }
         self.grant_amnesty().await.map(Some)
     }
 
     /// Tells the other server processes sharing the store that this one has just checked the
-    /// leases (after a pass of [`Self::expire_due_leases`] that succeeded). A no-op on a store of
-    /// this process's own.
+    /// leases (after a pass of [`Self::expire_due_leases`] that succeeded), and notes whether one
+    /// of them has too ([`Self::lease_amnesty_promise`]). A no-op on a store of this process's own.
     pub async fn mark_leases_kept(&self) -> Result<()> {
         if !self.store.shared() {
             return Ok(());
@@ -1040,6 +1047,10 @@ impl App {
             at: self.now(),
         }))
         .await?;
+        let kept_elsewhere = self.store.leases_kept_elsewhere_at(&self.server_id).await?;
+        let others_keep = tether_core::lease::others_keep_leases(kept_elsewhere, self.now());
+        self.others_keep_leases
+            .store(others_keep, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 

@@ -841,7 +841,8 @@ async fn a_server_away_for_a_while_shows_in_the_workers_log() {
         "w1",
         WorkerOptions {
             server: Some(proxy.url.clone()),
-            // Beats every 5 s, retried every 1.25 s: 4 s away always costs a beat, never the lease.
+            // Beats every 5 s, retried every 1.25 s: each time away lasts a failed beat or call and
+            // a retry, well within the lease.
             ttl: "10",
             ..WorkerOptions::running(&script)
         },

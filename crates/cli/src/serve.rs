@@ -100,6 +100,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_MAX_CONNECTIONS", default_value_t = tether_server::listener::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_connections: usize,
+    /// Most event streams the keys and session tokens of one environment may hold open at once
+    /// (an admin token's are not counted); one more is answered 429.
+    #[arg(long, env = "TETHER_MAX_STREAMS_PER_ENVIRONMENT",
+          default_value_t = tether_server::service::DEFAULT_MAX_STREAMS_PER_ENVIRONMENT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_streams_per_environment: usize,
     /// Time a client gets to send a request's headers (from connecting, TLS handshake included, or
     /// from the first byte of a later request on the same connection).
     #[arg(long, env = "TETHER_HEADER_TIMEOUT", default_value = "10s", value_parser = crate::worker::parse_duration)]
@@ -377,6 +383,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             })
             .transpose()?,
         server_name: Some(server_name(&local)),
+        max_streams_per_environment: args.max_streams_per_environment,
         ..ServiceConfig::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -187,6 +187,9 @@ impl From<service::Error> for ApiError {
                 .with_param("version")
                 .with_code("version_mismatch"),
             Error::Contended => ApiError::unavailable(message),
+            Error::TooManyStreams { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            }
             Error::StoreUnavailable { lease_amnesty_ms } => {
                 let error = ApiError::unavailable(message).with_code("store_unavailable");
                 match lease_amnesty_ms {

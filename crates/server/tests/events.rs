@@ -1562,3 +1562,58 @@ async fn streams_caught_in_a_read_and_never_asked_again_hold_no_store_connection
         drop(stalled);
     }
 }
+
+/// The keys and session tokens of one environment hold at most `--max-streams-per-environment`
+/// event streams at once: one more is a 429 in the envelope, a stream that ends gives its place
+/// back, and an admin token's streams are not counted.
+#[tokio::test]
+async fn an_environments_event_streams_are_capped() {
+    const CAP: usize = 3;
+    let mut options = tether_testkit::Options::default();
+    options.config.max_streams_per_environment = CAP;
+    tether_testkit::each_backend_with(options, async |server| {
+        let (env, session) = setup(server).await;
+        let key = env_key_record(server, &env).await;
+        let key = key["token"].as_str().unwrap().to_owned();
+        let refused = async || {
+            server
+                .http()
+                .get(server.url(&format!("/sessions/{session}/events/stream")))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .expect("stream request")
+        };
+        let mut open = Vec::new();
+        for _ in 0..CAP {
+            open.push(Stream::open(server, &key, &session, None).await);
+        }
+        let response = refused().await;
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("--max-streams-per-environment"),
+            "{message}"
+        );
+        // The admin token is not counted.
+        let admin = Stream::open(server, &server.admin_token, &session, None).await;
+
+        // A stream that ends gives its place back (once the server has seen it go).
+        drop(open.pop());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let response = refused().await;
+            if response.status() == StatusCode::OK {
+                open.push(Stream::from(response));
+                break;
+            }
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert!(Instant::now() < deadline, "the place was never given back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop((open, admin));
+    })
+    .await;
+}

@@ -150,6 +150,7 @@ pub async fn stream(
     connection: Option<Extension<Yieldable>>,
 ) -> ApiResult<Response> {
     let after = resume_point(&headers, &params)?;
+    let place = app.open_stream(&caller)?;
     let share = app.page_memory.share_for(Some(&caller));
     let (_, tail) = app
         .tail_events(&session.id, after, share, caller.clone())
@@ -157,10 +158,14 @@ pub async fn stream(
     // A stream resumes from its Last-Event-ID: at the connection cap, it gives its place to a new
     // client rather than keep it out.
     let yielding = connection.map(|Extension(c)| c.mark());
-    let frames = futures::stream::unfold((tail, yielding), |(mut tail, yielding)| async move {
-        let (event, held) = tail.next().await?;
-        Some((frame(&event, held), (tail, yielding)))
-    })
+    // The stream's place among its environment's goes with it.
+    let frames = futures::stream::unfold(
+        (tail, yielding, place),
+        |(mut tail, yielding, place)| async move {
+            let (event, held) = tail.next().await?;
+            Some((frame(&event, held), (tail, yielding, place)))
+        },
+    )
     // The stream ends once its caller's credential is revoked or its session token dies, as its
     // next request would be refused: a client that reconnects then gets the 401.
     .take_until(CallerCheck(tokio::spawn(app.clone().lapsed(caller))));

@@ -66,6 +66,16 @@ pub enum Error {
     /// An update named a version that is no longer the current one.
     #[error("the agent is at version {current}, not {expected}; read it again and retry")]
     VersionMismatch { current: u32, expected: u32 },
+    /// The environment's workers and keys hold as many event streams as they may
+    /// ([`super::ServiceConfig::max_streams_per_environment`]).
+    #[error(
+        "environment {environment_id} has {limit} event streams open, the most its keys and \
+         session tokens may hold at once (--max-streams-per-environment): close one first"
+    )]
+    TooManyStreams {
+        environment_id: String,
+        limit: usize,
+    },
     /// Lost every race with concurrent changes ([`super::MAX_ATTEMPTS`]).
     #[error("the request kept losing races with concurrent changes; retry it")]
     Contended,

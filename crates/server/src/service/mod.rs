@@ -27,6 +27,7 @@ use crate::cache::{LeaseHorizon, TtlCache, Weight, WrittenRecords, RECORD_TTL};
 use crate::hub::SessionHub;
 use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
+use tokens::Principal;
 use turns::SessionTurns;
 
 /// How many times an operation re-reads and re-decides after losing a race before giving up with 503.
@@ -73,12 +74,20 @@ pub struct ServiceConfig {
     /// The SHA-256 (hex) of the token `/metrics` asks for (`--metrics-token`); `None`: it asks for
     /// none.
     pub metrics_token_hash: Option<String>,
+    /// The most event streams the keys and session tokens of one environment may hold open on this
+    /// server at once (`--max-streams-per-environment`); an admin token's are not counted. Below
+    /// the connection cap, one leaked key could otherwise hold most connections with streams of
+    /// one session, and have every event it posts there written to each of them.
+    pub max_streams_per_environment: usize,
     /// What this server is called among those sharing its store, the same from one of its starts
     /// to the next (the host and the address it listens on): a start then tells the marks of its
     /// own earlier run from those of the other servers ([`App::amnesty_at_start`]). `None`: a name
     /// of this process's own.
     pub server_name: Option<String>,
 }
+
+/// The default `--max-streams-per-environment`.
+pub const DEFAULT_MAX_STREAMS_PER_ENVIRONMENT: usize = 1_000;
 
 /// The default `--event-limit`: 1 MiB.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 1 << 20;
@@ -98,6 +107,7 @@ impl Default for ServiceConfig {
             request_memory: crate::memory::DEFAULT_REQUEST_MEMORY,
             record_ttl: RECORD_TTL,
             metrics_token_hash: None,
+            max_streams_per_environment: DEFAULT_MAX_STREAMS_PER_ENVIRONMENT,
             server_name: None,
         }
     }
@@ -147,6 +157,8 @@ pub struct AppInner {
     /// ([`App::mark_leases_kept`]): then a database this process cannot reach may be one that
     /// process still writes to, and this one promises no amnesty.
     others_keep_leases: std::sync::atomic::AtomicBool,
+    /// Event streams open per environment, for [`ServiceConfig::max_streams_per_environment`].
+    streams_open: StreamsOpen,
     /// Hints that spare the store a read (`crate::cache`): credentials (by id and by secret hash) and
     /// environments read in the last second, and a lower bound on the earliest lease deadline.
     pub(crate) credentials_by_id: TtlCache<String, Arc<tether_core::resources::Credential>>,
@@ -166,6 +178,61 @@ pub struct AppInner {
     /// The last reading of `/metrics`' queue gauges, shared by the scrapes of one second.
     pub(crate) queue_gauges: crate::telemetry::QueueGaugeCache,
     pub(crate) live_scrape: crate::telemetry::LiveScrape,
+}
+
+/// How many event streams each environment's callers hold open.
+type StreamsOpen = Arc<Mutex<HashMap<String, usize>>>;
+
+/// One event stream's place among its environment's ([`App::open_stream`]); given back when
+/// dropped, with the stream.
+pub struct StreamPlace {
+    counted: Option<(StreamsOpen, String)>,
+}
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        let Some((open, environment_id)) = self.counted.take() else {
+            return;
+        };
+        let mut open = open
+            .lock()
+            .expect("no code panics holding the streams' map");
+        if let Some(count) = open.get_mut(&environment_id) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&environment_id);
+            }
+        }
+    }
+}
+
+impl App {
+    /// A place for one more event stream of `caller`: refused when its environment's keys and
+    /// session tokens hold [`ServiceConfig::max_streams_per_environment`] already. An admin
+    /// token's streams are not counted.
+    pub fn open_stream(&self, caller: &Principal) -> Result<StreamPlace> {
+        let environment_id = match caller {
+            Principal::Admin { .. } => return Ok(StreamPlace { counted: None }),
+            Principal::EnvironmentKey { environment_id, .. }
+            | Principal::SessionToken { environment_id, .. } => environment_id,
+        };
+        let limit = self.config.max_streams_per_environment;
+        let mut open = self
+            .streams_open
+            .lock()
+            .expect("no code panics holding the streams' map");
+        let count = open.entry(environment_id.clone()).or_insert(0);
+        if *count >= limit {
+            return Err(Error::TooManyStreams {
+                environment_id: environment_id.clone(),
+                limit,
+            });
+        }
+        *count += 1;
+        Ok(StreamPlace {
+            counted: Some((self.streams_open.clone(), environment_id.clone())),
+        })
+    }
 }
 
 impl std::ops::Deref for App {
@@ -212,6 +279,7 @@ impl App {
             amnesty_running: tokio::sync::Mutex::new(()),
             server_id,
             others_keep_leases: std::sync::atomic::AtomicBool::new(false),
+            streams_open: Arc::default(),
             credentials_by_id: TtlCache::new(ttl),
             credentials_by_hash: TtlCache::new(ttl),
             environments_read: TtlCache::new(ttl),

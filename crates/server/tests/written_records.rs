@@ -425,8 +425,30 @@ async fn no_amnesty_is_promised_while_another_server_keeps_the_leases() {
             !counting.shared(),
             "{name}: beside a server keeping the leases"
         );
+
+        // A server that has just started, before its first tick's mark, knows it already.
+        let newcomer = other_server(&counting, clock.clone());
+        let started = newcomer.amnesty_at_start().await.expect("start");
+        assert_eq!(
+            started.is_none(),
+            counting.shared(),
+            "{name}: amnesty at start"
+        );
+        counting.down.store(true, Ordering::SeqCst);
+        let unknown = tether_core::ids::new_id(tether_core::ids::IdKind::Work);
+        assert!(
+            newcomer.get_work(&env, &unknown).await.is_err(),
+            "{name}: down"
+        );
+        assert_eq!(
+            newcomer.lease_amnesty_promise().is_some(),
+            !counting.shared(),
+            "{name}: a newcomer beside a server keeping the leases"
+        );
+        counting.down.store(false, Ordering::SeqCst);
         here.begin_shutdown();
         elsewhere.begin_shutdown();
+        newcomer.begin_shutdown();
     }
 }
 

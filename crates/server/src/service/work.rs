@@ -1024,12 +1024,7 @@ impl App {
     /// Lease amnesty at start (§3.1), unless another server process sharing the store has just
     /// been checking the leases (`lease::others_keep_leases`). `None` when it was not due.
     pub async fn amnesty_at_start(&self) -> Result<Option<usize>> {
-        let kept_elsewhere = if self.store.shared() {
-            self.store.leases_kept_elsewhere_at(&self.server_id).await?
-        } else {
-            None
-        };
-        if tether_core::lease::others_keep_leases(kept_elsewhere, self.now()) {
+        if self.look_for_other_lease_keepers().await? {
             return Ok(None);
         }
         self.grant_amnesty().await.map(Some)
@@ -1047,11 +1042,24 @@ impl App {
             at: self.now(),
         }))
         .await?;
-        let kept_elsewhere = self.store.leases_kept_elsewhere_at(&self.server_id).await?;
+        self.look_for_other_lease_keepers().await?;
+        Ok(())
+    }
+
+    /// Whether another server process sharing the store keeps the leases (`lease::others_keep_leases`),
+    /// noted for [`Self::lease_amnesty_promise`] too: from the start on, before the first tick's
+    /// mark, an outage then promises nothing that another server could break. Never on a store of
+    /// this process's own.
+    async fn look_for_other_lease_keepers(&self) -> Result<bool> {
+        let kept_elsewhere = if self.store.shared() {
+            self.store.leases_kept_elsewhere_at(&self.server_id).await?
+        } else {
+            None
+        };
         let others_keep = tether_core::lease::others_keep_leases(kept_elsewhere, self.now());
         self.others_keep_leases
             .store(others_keep, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        Ok(others_keep)
     }
 
     /// Lease amnesty (§3.1): no lease expires because this process, or its database, was away.

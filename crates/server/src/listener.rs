@@ -221,32 +221,44 @@ async fn connection(
     metrics::gauge!("tether_http_connections").decrement(1.0);
 }
 
-async fn serve_plain(stream: TcpStream, shared: &Shared, state: Arc<ConnState>) {
-    // The first bytes are awaited within the header timeout, as the rest of the head would be.
-    let first_bytes = async {
+/// What a connection does before its first request (its TLS handshake, a look at its first bytes),
+/// held to the header timeout from the connection's opening, as the head that follows would be,
+/// and given up at once when the connection is displaced at the cap or the server stops: it has
+/// nothing to finish. `None` when given up; a timeout is counted under `reason`.
+async fn before_the_first_request<T>(
+    work: impl std::future::Future<Output = Option<T>>,
+    state: &ConnState,
+    shared: &Shared,
+    reason: &'static str,
+) -> Option<T> {
+    let work = async {
         tokio::select! {
-            protocol = sniff(&stream) => Some(protocol),
-            // Displaced or stopped before it has said anything: nothing to finish.
+            done = work => done,
             _ = state.displaced.cancelled() => None,
             _ = shared.stop.cancelled() => None,
         }
     };
     let deadline = state.opened + shared.limits.header_timeout;
-    match tokio::time::timeout_at(deadline, first_bytes).await {
-        Ok(Some(protocol)) => {
-            drive(
-                Tracked::new(stream, state.clone(), protocol),
-                protocol,
-                shared,
-                state,
-            )
-            .await
-        }
-        Ok(None) => {}
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(done) => done,
         Err(_) => {
-            metrics::counter!("tether_http_connections_timed_out_total", "reason" => "header")
+            metrics::counter!("tether_http_connections_timed_out_total", "reason" => reason)
                 .increment(1);
+            None
         }
+    }
+}
+
+async fn serve_plain(stream: TcpStream, shared: &Shared, state: Arc<ConnState>) {
+    let first_bytes = async { Some(sniff(&stream).await) };
+    if let Some(protocol) = before_the_first_request(first_bytes, &state, shared, "header").await {
+        drive(
+            Tracked::new(stream, state.clone(), protocol),
+            protocol,
+            shared,
+            state,
+        )
+        .await
     }
 }
 
@@ -282,29 +294,15 @@ async fn serve_tls(
             }
         }
     };
-    let handshake = async {
-        tokio::select! {
-            tls = handshake => tls,
-            // Displaced before it has said anything: nothing to finish.
-            _ = state.displaced.cancelled() => None,
-        }
-    };
-    let tls = match tokio::time::timeout(shared.limits.header_timeout, handshake).await {
-        Ok(Some(tls)) => Some(tls),
-        Ok(None) => None,
-        Err(_) => {
-            metrics::counter!("tether_http_connections_timed_out_total", "reason" => "handshake")
-                .increment(1);
-            None
-        }
-    }
-    .map(|tls| {
-        let protocol = match tls.get_ref().1.alpn_protocol() {
-            Some(p) if p == ALPN_H2 => Protocol::Http2,
-            _ => Protocol::Http1,
-        };
-        (tls, protocol)
-    });
+    let tls = before_the_first_request(handshake, &state, shared, "handshake")
+        .await
+        .map(|tls| {
+            let protocol = match tls.get_ref().1.alpn_protocol() {
+                Some(p) if p == ALPN_H2 => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            (tls, protocol)
+        });
     if let Some((tls, protocol)) = tls {
         if matches!(protocol, Protocol::Http2) {
             state.track_heads.store(false, Ordering::Relaxed);

@@ -1564,8 +1564,9 @@ async fn streams_caught_in_a_read_and_never_asked_again_hold_no_store_connection
 }
 
 /// The keys and session tokens of one environment hold at most `--max-streams-per-environment`
-/// event streams at once: one more is a 429 in the envelope, a stream that ends gives its place
-/// back, and an admin token's streams are not counted.
+/// event streams at once, together: one more is a 429 in the envelope with `retry-after`, a stream
+/// that ends gives its place back, and an admin token's streams and another environment's are not
+/// counted.
 #[tokio::test]
 async fn an_environments_event_streams_are_capped() {
     const CAP: usize = 3;
@@ -1584,12 +1585,15 @@ async fn an_environments_event_streams_are_capped() {
                 .await
                 .expect("stream request")
         };
-        let mut open = Vec::new();
-        for _ in 0..CAP {
+        // The item's session token counts with the key: one environment, one count.
+        let (_work, session_token) = take(server, &env).await;
+        let mut open = vec![Stream::open(server, &session_token, &session, None).await];
+        for _ in 1..CAP {
             open.push(Stream::open(server, &key, &session, None).await);
         }
         let response = refused().await;
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["retry-after"], "1", "SPEC §1.10");
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
         let message = body["error"]["message"].as_str().unwrap();
@@ -1597,8 +1601,11 @@ async fn an_environments_event_streams_are_capped() {
             message.contains("--max-streams-per-environment"),
             "{message}"
         );
-        // The admin token is not counted.
+        // The admin token is not counted, nor is another environment's key.
         let admin = Stream::open(server, &server.admin_token, &session, None).await;
+        let (other_env, other_session) = setup(server).await;
+        let other_key = env_key(server, &other_env).await;
+        let other = Stream::open(server, &other_key, &other_session, None).await;
 
         // A stream that ends gives its place back (once the server has seen it go).
         drop(open.pop());
@@ -1613,7 +1620,7 @@ async fn an_environments_event_streams_are_capped() {
             assert!(Instant::now() < deadline, "the place was never given back");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        drop((open, admin));
+        drop((open, admin, other));
     })
     .await;
 }

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -237,16 +236,9 @@ pub fn refused(refusal: Refusal) -> Response {
              together (three quarters of --request-memory)",
         )
         .into_response(),
-        Refusal::Busy => {
-            let mut response = ApiError::unavailable(
-                "the server is busy with other large requests; retry shortly",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
-            response
-        }
+        Refusal::Busy => super::retry_shortly(ApiError::unavailable(
+            "the server is busy with other large requests; retry shortly",
+        )),
     }
 }
 

@@ -150,7 +150,10 @@ pub async fn stream(
     connection: Option<Extension<Yieldable>>,
 ) -> ApiResult<Response> {
     let after = resume_point(&headers, &params)?;
-    let place = app.open_stream(&caller)?;
+    let place = match app.open_stream(&caller) {
+        Ok(place) => place,
+        Err(e) => return Ok(super::retry_shortly(e.into())),
+    };
     let share = app.page_memory.share_for(Some(&caller));
     let (_, tail) = app
         .tail_events(&session.id, after, share, caller.clone())

@@ -259,6 +259,16 @@ async fn envelope(request: Request, next: Next) -> Response {
 
 /// `error` in the envelope, in place of `response`'s body. The headers the refusal was given are kept
 /// (`Allow` on a 405, `retry-after` on a 503), but not those that described the body it replaces.
+/// `error` as a response that asks the client to try again in a second (`retry-after`, SPEC §1.10):
+/// a 503 of a busy server, a 429 of a limit that frees up as the caller's other requests end.
+pub fn retry_shortly(error: ApiError) -> Response {
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
+    response
+}
+
 fn enveloped(response: Response, error: &ApiError, request_id: &str) -> Response {
     let mut enveloped = (error.status, Json(error.body(request_id))).into_response();
     let (parts, _) = response.into_parts();

@@ -542,8 +542,14 @@ fn a_listen_address_that_cannot_be_used_is_explained() {
 /// started with, the server's files are its user's alone.
 #[test]
 fn the_store_is_readable_by_its_user_only() {
+    use nix::sys::stat::{umask, Mode};
     use std::os::unix::fs::PermissionsExt as _;
+    // Started with a shell's usual umask, whatever this runner's is: under 077 the files would be
+    // private without the server's doing. (Process-wide for the moment of the spawn; 022 is what
+    // the other tests would get from a shell anyway.)
+    let runner = umask(Mode::from_bits_truncate(0o022));
     let server = Server::start();
+    umask(runner);
     // A write, so that the journal files exist.
     server.json(&["env", "create", "--name", "private"]);
     let mut seen = Vec::new();

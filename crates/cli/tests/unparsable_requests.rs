@@ -151,8 +151,8 @@ fn requests_hyper_cannot_parse_are_answered_in_the_error_envelope() {
     );
     assert_enveloped(&answer, 400, "invalid bytes in a header name");
 
-    // Over the connection's 64 KiB buffer (`H1_MAX_BUFFER`) before hyper's own 64 KiB limit on the
-    // target itself could say 414: the head as a whole is too large.
+    // Over the 64 KiB a connection ever reads of a head (twice `H1_MAX_BUFFER`) before hyper's own
+    // 64 KiB limit on the target itself could say 414: the head as a whole is too large.
     let long_target = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
     let answer = answer_to(&addr, long_target.as_bytes());
     assert_enveloped(

@@ -863,8 +863,10 @@ impl App {
             .expect("workers lock")
             .forget_aged(now);
         let before = now.minus_millis(workers_window_ms(self.config.workers_polling_window_ms));
-        // Marks of server processes gone for an hour: each start adds one.
-        let keepers_before = now.minus_millis(3_600_000);
+        // Marks of servers not heard of for an hour: a server with a new host or address leaves
+        // its old one behind.
+        const LEASE_KEEPER_MARKS_KEPT_MILLIS: i64 = 3_600_000;
+        let keepers_before = now.minus_millis(LEASE_KEEPER_MARKS_KEPT_MILLIS);
         self.commit(ChangeSet {
             writes: vec![
                 Write::ForgetWorkers { before },

@@ -480,6 +480,28 @@ test('a cloud environment\'s page asks nothing of a queue; a link that is not we
   noProblems();
 });
 
+test('a session or work item that does not exist says so in its page, offers nothing, and its message stays with it', async () => {
+  const missingSession = 'sess_01a242b0fb1a72ac8a84e902533b8cf7';
+  const missingWork = 'work_01a242b0fb1a72ac8a84e902533b8cf7';
+  expectedFailures = [{ text: 'status of 404', path: '/api/v1/cloud/' }];
+  await page.goto(`${server.base}/#/sessions/${missingSession}`);
+  await page.getByRole('alert').filter({ hasText: `no session ${missingSession}` }).first().waitFor();
+  assert.equal(await page.getByRole('button', { name: 'Send' }).count(), 0, 'no form to send to a session that is not there');
+  assert.equal(await page.getByText('Connecting…').count(), 0, 'no stream is waited for');
+
+  await page.goto(`${server.base}/#/environments/${env.id}/work/${missingWork}`);
+  await page.getByRole('alert').filter({ hasText: missingWork }).first().waitFor();
+  assert.equal(await page.getByRole('button', { name: 'Stop…', exact: true }).isDisabled(), true);
+  assert.equal(await page.getByRole('button', { name: 'Force-stop…' }).isDisabled(), true);
+
+  // Another view: the item's message does not follow.
+  await page.goto(`${server.base}/#/`);
+  await page.getByRole('heading', { name: 'Environments' }).waitFor();
+  await until('the last view\'s messages to go', async () => (await page.getByRole('alert').count()) === 0);
+  expectedFailures = [];
+  noProblems();
+});
+
 test('a server that goes away shows as a message, not a blank', async () => {
   await page.goto(`${server.base}/#/environments/${env.id}`);
   await page.getByRole('region', { name: 'Work items' }).locator('tbody tr').first().waitFor();

@@ -21,8 +21,9 @@ pub struct CreateEnvironment {
     /// 1 to 256 characters, not all blank.
     #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub name: String,
-    /// Optional free text.
+    /// Optional free text, at most 65,536 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 65536)]
     pub description: Option<String>,
     /// `{"type": "self_hosted"}` makes a work queue.
     #[serde(default)]
@@ -68,8 +69,9 @@ pub struct UpdateEnvironment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub name: Option<String>,
-    /// New description.
+    /// New description, at most 65,536 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 65536)]
     pub description: Option<String>,
     /// Replaces the whole config; its `type` cannot change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,8 +132,9 @@ pub struct CreateAgent {
     /// System prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
-    /// Tool definitions.
+    /// Tool definitions: objects, stored as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
     /// Skills.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,12 +188,13 @@ pub struct UpdateAgent {
     /// New system prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
-    /// Replaces the tools; `null` clears them.
+    /// Replaces the tools (objects); `null` clears them.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "null_as_empty"
     )]
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
     /// Replaces the skills; `null` clears them.
     #[serde(

@@ -309,17 +309,58 @@ fn claim_data_dir(dir: &Path) -> Result<()> {
     }
 }
 
+/// What a start settles before it creates anything. Every refusal a setting can earn is made here,
+/// so a start refused for its settings leaves no store (and no data directory) behind.
+struct Settled {
+    tls: Option<TlsSettings>,
+    metrics_token_hash: Option<String>,
+    /// TETHER_ADMIN_TOKEN, read once: adoptable, or the start was refused.
+    admin_token: Option<String>,
+}
+
+fn settle(args: &ServeArgs) -> Result<Settled> {
+    check_flags(args).map_err(anyhow::Error::msg)?;
+    // A TETHER_ADMIN_TOKEN that could never be adopted is a mistake in the settings, whether or
+    // not this start would adopt it.
+    let admin_token = std::env::var("TETHER_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    if let Some(given) = &admin_token {
+        tether_server::service::tokens::adoptable(given).map_err(anyhow::Error::msg)?;
+    }
+    let metrics_token_hash = args
+        .metrics_token
+        .as_deref()
+        .map(|token| {
+            tether_server::service::tokens::usable_as_metrics_token(token)
+                .map(|()| tether_server::credentials::hash(token))
+                .map_err(anyhow::Error::msg)
+        })
+        .transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsSettings::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .context("cannot serve HTTPS (check --tls-cert and --tls-key)")?,
+        ),
+        _ => None,
+    };
+    Ok(Settled {
+        tls,
+        metrics_token_hash,
+        admin_token,
+    })
+}
+
 pub async fn run(args: ServeArgs) -> Result<()> {
     init_logging(args.log_format);
-    check_flags(&args).map_err(anyhow::Error::msg)?;
-    // A TETHER_ADMIN_TOKEN that could never be adopted is a mistake in the settings, whether or
-    // not this start would adopt it: said now, before anything is created.
-    if let Some(given) = std::env::var("TETHER_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-    {
-        tether_server::service::tokens::adoptable(&given).map_err(anyhow::Error::msg)?;
-    }
+    let Settled {
+        tls,
+        metrics_token_hash,
+        admin_token,
+    } = settle(&args)?;
     // Before the store opens, so that its writer thread's first commits are counted too.
     tether_server::http::ops::install_metrics();
     // The address before the store: a start that cannot listen leaves no new store behind.
@@ -340,16 +381,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         })?;
     let store = open_store(&args).await?;
     let local = listener.local_addr()?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            TlsSettings::load(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-            })
-            .context("cannot serve HTTPS (check --tls-cert and --tls-key)")?,
-        ),
-        _ => None,
-    };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let open_files = raise_open_file_limit();
     let limits = ConnectionLimits {
@@ -373,22 +404,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         sample_interval: Duration::from_millis(args.sample_ms),
         max_event_bytes: args.event_limit as usize,
         request_memory: args.request_memory as usize,
-        metrics_token_hash: args
-            .metrics_token
-            .as_deref()
-            .map(|token| {
-                tether_server::service::tokens::usable_as_metrics_token(token)
-                    .map(|()| tether_server::credentials::hash(token))
-                    .map_err(anyhow::Error::msg)
-            })
-            .transpose()?,
+        metrics_token_hash,
         server_name: Some(server_name(&local)),
         max_streams_per_environment: args.max_streams_per_environment,
         ..ServiceConfig::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let app = App::new(store, clock, config);
-    bootstrap_admin(&app, &args.data_dir, args.log_format).await?;
+    bootstrap_admin(&app, admin_token, &args.data_dir, args.log_format).await?;
     // Watched before the server says it listens: from then on a SIGHUP may come.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tracing::info!(
@@ -430,10 +453,12 @@ fn server_name(listening: &std::net::SocketAddr) -> String {
 /// First start of an empty store: mint the admin token (or adopt TETHER_ADMIN_TOKEN), print it once and
 /// write it to `<data-dir>/admin-token` with mode 0600. A JSON log gets an event that says where the
 /// token is, never the token.
-async fn bootstrap_admin(app: &App, data_dir: &Path, format: LogFormat) -> Result<()> {
-    let given = std::env::var("TETHER_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
+async fn bootstrap_admin(
+    app: &App,
+    given: Option<String>,
+    data_dir: &Path,
+    format: LogFormat,
+) -> Result<()> {
     let adopted = given.is_some();
     let minted = app
         .bootstrap_admin_token(given)

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{id, AMBIENT, BIN};
 use tether_testkit::string_fields;
 
@@ -423,6 +423,110 @@ fn an_agent_update_without_a_change_is_refused() {
     assert_eq!(updated["version"], 2);
 }
 
+/// Updates of environments and sessions without a change flag are refused as usage errors too, as
+/// an agent's are: they would only move `updated_at`.
+#[test]
+fn environment_and_session_updates_without_a_change_are_refused() {
+    let server = Server::start();
+    let env = server.json(&["env", "create", "--name", "e"]);
+    let agent = server.json(&["agent", "create", "--name", "a", "--model", "none"]);
+    let session = server.json(&[
+        "session",
+        "create",
+        "--agent",
+        &id(&agent),
+        "--env",
+        &id(&env),
+    ]);
+    for (command, id, flags) in [
+        ("env", id(&env), "--name, --description, --setup-script"),
+        ("session", id(&session), "--title, --metadata"),
+    ] {
+        let out = server.run(&[command, "update", &id]);
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("nothing to update: give at least one of {flags}")),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!("Usage: tether {command} update")),
+            "{err}"
+        );
+    }
+}
+
+/// A self-hosted environment's setup script is set, shown and removed from the CLI; the rest of
+/// its config stays as it was.
+#[test]
+fn an_environments_setup_script_is_changed_and_shown() {
+    let server = Server::start();
+    let env = server.json(&[
+        "env",
+        "create",
+        "--name",
+        "e",
+        "--setup-script",
+        "apt-get install foo",
+    ]);
+    let env_id = &id(&env);
+    let shown = server.run(&["env", "get", env_id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("apt-get install foo"), "{shown}");
+    let updated = server.json(&[
+        "env",
+        "update",
+        env_id,
+        "--setup-script",
+        "make\nmake install",
+    ]);
+    assert_eq!(updated["config"]["setup_script"], "make\nmake install");
+    assert_eq!(updated["config"]["type"], "self_hosted");
+    let shown = server.run(&["env", "get", env_id]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("make … (1 more lines"), "{shown}");
+    let removed = server.json(&["env", "update", env_id, "--setup-script", ""]);
+    assert_eq!(removed["config"], json!({"type": "self_hosted"}));
+}
+
+/// A token given blank is a mistake, not a wish for the admin-token file; a page size outside what
+/// the help says is refused before anything is sent.
+#[test]
+fn a_blank_token_and_a_page_size_out_of_range_are_refused() {
+    let server = Server::start();
+    for (args, refusal) in [
+        (
+            vec!["env", "list", "--token", ""],
+            "a value is required for '--token",
+        ),
+        (
+            vec!["env", "list", "--token", "  "],
+            "--token (TETHER_TOKEN) is blank",
+        ),
+        (
+            vec!["env", "list", "--limit", "101"],
+            "101 is not in 1..=100",
+        ),
+        (vec!["env", "list", "--limit", "0"], "0 is not in 1..=100"),
+    ] {
+        let err = server.fails(&args);
+        assert!(err.contains(refusal), "{args:?}: {err}");
+    }
+    // The variable given empty counts as unset, as every TETHER_ variable does: the file is read.
+    let out = support::tether_command()
+        .args(["env", "list"])
+        .env("TETHER_SERVER", &server.url)
+        .env("TETHER_DATA_DIR", server.data_dir())
+        .env("TETHER_TOKEN", "")
+        .output()
+        .expect("run tether");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A connection setting that cannot be used is named alone, and quoted as given.
 #[test]
 fn a_bad_server_url_or_ca_file_is_named() {
@@ -524,18 +628,42 @@ fn a_listen_address_that_cannot_be_used_is_explained() {
             "{listen}: a start that cannot listen creates no store"
         );
     }
-    // Nor does one with a TETHER_ADMIN_TOKEN that could never be adopted.
-    let dir = tempfile::tempdir().unwrap();
-    let out = support::tether_command()
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("TETHER_ADMIN_TOKEN", "tth_adm_short")
-        .output()
-        .expect("run tether serve");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("TETHER_ADMIN_TOKEN must start with"), "{err}");
-    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+}
+
+/// Every setting is judged before the store is made: a start refused for one leaves nothing behind
+/// to be mistaken for a server's store.
+#[test]
+fn a_start_refused_for_its_settings_creates_no_store() {
+    let missing = "/nonexistent/tether/cert.pem";
+    for (args, admin_token, refusal) in [
+        (
+            vec![],
+            "tth_adm_short",
+            "TETHER_ADMIN_TOKEN must start with",
+        ),
+        (vec!["--metrics-token", "short"], "", "--metrics-token"),
+        (
+            vec!["--tls-cert", missing, "--tls-key", missing],
+            "",
+            "cannot serve HTTPS (check --tls-cert and --tls-key)",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = support::tether_command()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(&args)
+            .env("TETHER_ADMIN_TOKEN", admin_token)
+            .output()
+            .expect("run tether serve");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(refusal), "{args:?}: {err}");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "{args:?}: a start refused for its settings creates no store"
+        );
+    }
 }
 
 /// The embedded store holds every conversation and session variable: whatever the umask it was

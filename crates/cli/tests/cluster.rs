@@ -825,8 +825,9 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
         return;
     };
     // Leases of 4 s, heartbeats every 300 ms; the database stays away for 6 s, longer than a lease.
-    // Every lease would have run out by the time it is back; the servers grant lease amnesty once
-    // they reach it again (`App::amnesty_after_outage`), so no worker loses its item.
+    // Every lease would have run out by the time it is back; the first server to reach it again
+    // grants lease amnesty (`App::amnesty_after_outage`; the other finds it marked the leases kept
+    // after the outage, and need not), so no worker loses its item.
     let lease = [
         "--lease-ttl",
         "4",

@@ -699,6 +699,39 @@ async fn a_force_stop_kills_the_program() {
     worker.shut_down_cleanly().await;
 }
 
+/// A program that ends because its session was deleted (as the shell agent does when its event
+/// stream ends), before the worker's next heartbeat: the worker says the item had ended, without
+/// announcing tries it will not make.
+#[tokio::test]
+async fn a_program_ending_with_its_deleted_session_is_told_quietly() {
+    let setup = Setup::new().await;
+    let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
+    // Heartbeats every 10 s: the first has just been made once the item is active.
+    let options = WorkerOptions {
+        ttl: "20",
+        ..WorkerOptions::running(&script)
+    };
+    let mut worker = setup.worker("w1", options);
+    let (work, start) = setup.session_started_and_active().await;
+    let session = setup.item(&work).await["data"]["id"]
+        .as_str()
+        .expect("session id")
+        .to_owned();
+    setup
+        .api
+        .ok(Method::DELETE, &format!("/sessions/{session}"), json!({}))
+        .await;
+    release(&setup.stamps(), &work);
+    wait_dead(start.pid).await;
+    worker
+        .wait_for_log("item already ended; its outcome is not recorded")
+        .await;
+    let log = worker.log();
+    assert!(!log.contains("trying again"), "{log}");
+    assert!(!log.contains("could not"), "{log}");
+    worker.shut_down_cleanly().await;
+}
+
 #[tokio::test]
 async fn the_item_of_a_killed_worker_is_served_by_another() {
     let setup = Setup::new().await;

@@ -55,14 +55,60 @@ pub fn amnesty_deadline(
     }
 }
 
-/// How recently another server process of a cluster must have checked the leases for
-/// [`others_keep_leases`] to hold: a few of the default 1 s ticks.
+/// How long a server process's word that it has just checked the leases holds at least: a few of
+/// the default 1 s ticks. A server with a slower tick has its word hold for three of its ticks
+/// ([`LeaseKeeperMark::new`]). It is also how far ahead of this clock another server's clock may
+/// run before its word is not taken.
 pub const LEASES_KEPT_FRESH_MILLIS: i64 = 5_000;
 
-/// Whether another server process sharing the store is keeping the leases, given when one last
-/// checked them (`None`: none ever did, or the store is this process's alone). The check is dated
-/// by that server's clock: one further from now than [`LEASES_KEPT_FRESH_MILLIS`], either way,
-/// counts as none. Two rules follow from it:
+/// How many of its ticks a server process's word that it keeps the leases holds for: it gives
+/// that word once a tick, after its expiry pass, so that a pass running long or a tick that
+/// comes late do not make it look gone between two of them.
+const TICKS_A_MARK_HOLDS_FOR: u32 = 3;
+
+/// A server process's word that it has just checked the leases (the store's
+/// `Write::MarkLeasesKept`), dated by its own clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseKeeperMark {
+    /// When it checked them.
+    pub kept_at: Timestamp,
+    /// Until when the word holds, unless a newer mark follows: [`LEASES_KEPT_FRESH_MILLIS`] or three
+    /// of the server's ticks after `kept_at`, whichever is later.
+    pub holds_until: Timestamp,
+}
+
+impl LeaseKeeperMark {
+    /// The word of a server that checked the leases at `now` and checks them again every `tick`.
+    pub fn new(now: Timestamp, tick: Duration) -> Self {
+        let ticks = (tick * TICKS_A_MARK_HOLDS_FOR).as_millis();
+        let holds_for = i64::try_from(ticks)
+            .unwrap_or(i64::MAX)
+            .max(LEASES_KEPT_FRESH_MILLIS);
+        Self {
+            kept_at: now,
+            holds_until: now.plus_millis(holds_for),
+        }
+    }
+
+    /// Whether the word still holds at `now`: not past `holds_until`, and not dated more than
+    /// [`LEASES_KEPT_FRESH_MILLIS`] ahead of this clock (such a clock is not taken at its word).
+    pub fn holds_at(&self, now: Timestamp) -> bool {
+        self.kept_at.millis_since(now) <= LEASES_KEPT_FRESH_MILLIS && now <= self.holds_until
+    }
+
+    /// A mark written before its server said how long it holds: the least that any does.
+    pub fn of_unknown_tick(kept_at: Timestamp) -> Self {
+        Self {
+            kept_at,
+            holds_until: kept_at.plus_millis(LEASES_KEPT_FRESH_MILLIS),
+        }
+    }
+}
+
+/// Whether another server process sharing the store is keeping the leases, given the marks the
+/// other processes left (none: none ever did, or the store is this process's alone). A mark holds
+/// until its `holds_until`; one dated more than [`LEASES_KEPT_FRESH_MILLIS`] ahead of this clock
+/// is not taken at its word. Two rules follow from it:
 /// - a start grants lease amnesty (§3.1) only when no other server keeps the leases. Amnesty makes
 ///   up for time in which no server could renew or expire them; a cluster in which another server
 ///   kept checking them was not down, that server expired what was due, and it granted the amnesty
@@ -72,11 +118,38 @@ pub const LEASES_KEPT_FRESH_MILLIS: i64 = 5_000;
 /// - a server that loses its database promises amnesty only when no other server kept the leases
 ///   when it last looked: its outage may be a partition of its own, and the other server would
 ///   expire the leases it promised would not expire.
-pub fn others_keep_leases(kept_elsewhere_at: Option<Timestamp>, now: Timestamp) -> bool {
-    match kept_elsewhere_at {
-        None => false,
-        Some(kept) => now.millis_since(kept).abs() <= LEASES_KEPT_FRESH_MILLIS,
-    }
+pub fn others_keep_leases(marks: &[LeaseKeeperMark], now: Timestamp) -> bool {
+    marks.iter().any(|mark| mark.holds_at(now))
+}
+
+/// Whether, after this server process lost its database and got it back, lease amnesty is owed
+/// for the outage. It is, unless both hold:
+/// - the process promised none during the outage (`promised`: another process kept the leases
+///   when it last looked, [`others_keep_leases`]), so that no worker of its own kept a program
+///   running on its word;
+/// - another process kept the leases while this one could not, and keeps them still: it left a
+///   mark later than this one's own last mark held (`own_last`; by more than
+///   [`LEASES_KEPT_FRESH_MILLIS`], the skew allowed between two clocks), and that mark holds at
+///   `now`. That process was not away, or came back first: either way it expired what was due
+///   only after granting any amnesty the outage called for (it judged by this same rule, and a
+///   mark of a process that was away too no longer holds).
+///
+/// An outage that takes every server of a cluster (the database restarting) thus gets its amnesty
+/// from the first server back, and a server cut off alone, or reconnecting again and again, does
+/// not push back the requeue of abandoned items at each reconnection.
+pub fn amnesty_owed_after_outage(
+    promised: bool,
+    own_last: Option<LeaseKeeperMark>,
+    others: &[LeaseKeeperMark],
+    now: Timestamp,
+) -> bool {
+    let kept_while_away = own_last.is_some_and(|own| {
+        let after_own_word = own.holds_until.plus_millis(LEASES_KEPT_FRESH_MILLIS);
+        others
+            .iter()
+            .any(|mark| mark.kept_at > after_own_word && mark.holds_at(now))
+    });
+    promised || !kept_while_away
 }
 
 /// The shortest heartbeat interval (§8).
@@ -216,18 +289,129 @@ mod tests {
     #[test]
     fn another_server_keeps_the_leases_when_it_checked_them_just_now() {
         let now = Timestamp::from_millis(100_000);
-        for (kept, due) in [
-            (None, true),
-            (Some(now), false),
-            (Some(now.minus_millis(LEASES_KEPT_FRESH_MILLIS)), false),
-            (Some(now.minus_millis(LEASES_KEPT_FRESH_MILLIS + 1)), true),
-            (Some(now.minus_millis(3_600_000)), true),
+        let second = Duration::from_secs(1);
+        let kept = |at: Timestamp| vec![LeaseKeeperMark::new(at, second)];
+        for (marks, due) in [
+            (vec![], true),
+            (kept(now), false),
+            (kept(now.minus_millis(LEASES_KEPT_FRESH_MILLIS)), false),
+            (kept(now.minus_millis(LEASES_KEPT_FRESH_MILLIS + 1)), true),
+            (kept(now.minus_millis(3_600_000)), true),
             // Another clock a little ahead of this one; one far ahead is not taken at its word.
-            (Some(now.plus_millis(1_000)), false),
-            (Some(now.plus_millis(LEASES_KEPT_FRESH_MILLIS + 1)), true),
+            (kept(now.plus_millis(1_000)), false),
+            (kept(now.plus_millis(LEASES_KEPT_FRESH_MILLIS + 1)), true),
+            // A mark from before marks said how long they hold.
+            (
+                vec![LeaseKeeperMark::of_unknown_tick(now.minus_millis(4_000))],
+                false,
+            ),
+            (
+                vec![LeaseKeeperMark::of_unknown_tick(now.minus_millis(6_000))],
+                true,
+            ),
+            // Any one mark that holds is enough: a server gone a while beside one still there.
+            (
+                vec![
+                    LeaseKeeperMark::new(now.minus_millis(60_000), second),
+                    LeaseKeeperMark::new(now.minus_millis(1_000), second),
+                ],
+                false,
+            ),
         ] {
-            assert_eq!(others_keep_leases(kept, now), !due, "{kept:?}");
+            assert_eq!(others_keep_leases(&marks, now), !due, "{marks:?}");
         }
+    }
+
+    #[test]
+    fn amnesty_after_an_outage_is_owed_unless_another_server_kept_the_leases_meanwhile() {
+        let second = Duration::from_secs(1);
+        let own = LeaseKeeperMark::new(Timestamp::from_millis(100_000), second);
+        // This server's word held until 105 s; past 110 s no clock within the allowed skew can
+        // date a mark of before its outage.
+        let other = |at_ms: i64| LeaseKeeperMark::new(Timestamp::from_millis(at_ms), second);
+        let now = Timestamp::from_millis(131_000);
+        // (promised, own last mark, the others' marks, owed)
+        for (promised, own_last, others, owed) in [
+            // Alone: the whole outage is made up for.
+            (true, Some(own), vec![], true),
+            (false, Some(own), vec![], true),
+            // Another server's last mark was from before this one's outage, by its clock or one
+            // up to 5 s ahead: the database was away for both.
+            (false, Some(own), vec![other(99_000)], true),
+            (false, Some(own), vec![other(110_000)], true),
+            // It marked later, and its word still holds: it kept the leases while this one was
+            // away, or came back first and granted the amnesty.
+            (false, Some(own), vec![other(129_000)], false),
+            (false, Some(own), vec![other(60_000), other(130_000)], false),
+            // It marked later, but its word no longer holds: it went away too.
+            (false, Some(own), vec![other(120_000)], true),
+            // Promised to its own workers: kept, whatever the others did.
+            (true, Some(own), vec![other(130_000)], true),
+            // Never marked: there is nothing to tell the others' marks against.
+            (false, None, vec![other(130_000)], true),
+        ] {
+            assert_eq!(
+                amnesty_owed_after_outage(promised, own_last, &others, now),
+                owed,
+                "promised {promised}, own {own_last:?}, others {others:?}"
+            );
+        }
+    }
+
+    /// Two servers, B's clock 4.5 s ahead of A's, both cut off by a database restart of 20 s:
+    /// whichever comes back first grants the amnesty, and the other then need not.
+    #[test]
+    fn a_database_restart_gets_its_amnesty_from_the_first_server_back_whatever_their_skew() {
+        let second = Duration::from_secs(1);
+        let skew = 4_500;
+        for a_first in [true, false] {
+            // Both marked every second until the outage at 100 s (A's clock).
+            let a_last = LeaseKeeperMark::new(Timestamp::from_millis(99_800), second);
+            let b_last = LeaseKeeperMark::new(Timestamp::from_millis(99_900 + skew), second);
+            let back = 120_000;
+            // The first back judges by the others' marks from before the outage.
+            let (first_own, first_other, first_now) = if a_first {
+                (a_last, b_last, back)
+            } else {
+                (b_last, a_last, back + skew)
+            };
+            let first = amnesty_owed_after_outage(
+                false,
+                Some(first_own),
+                &[first_other],
+                Timestamp::from_millis(first_now),
+            );
+            assert!(first, "the first back grants it (A first: {a_first})");
+            // It grants, then marks; the second back, a moment later, sees that mark.
+            let first_mark = LeaseKeeperMark::new(Timestamp::from_millis(first_now + 200), second);
+            let (second_own, second_now) = if a_first {
+                (b_last, back + skew + 500)
+            } else {
+                (a_last, back + 500)
+            };
+            let second_grants = amnesty_owed_after_outage(
+                false,
+                Some(second_own),
+                &[first_mark],
+                Timestamp::from_millis(second_now),
+            );
+            assert!(!second_grants, "the second need not (A first: {a_first})");
+        }
+    }
+
+    /// A server that ticks every 20 s marks the leases kept every 20 s: between two of its marks
+    /// it is still keeping them, and three ticks without one mean it is not.
+    #[test]
+    fn a_server_with_a_slow_tick_keeps_the_leases_between_its_marks() {
+        let now = Timestamp::from_millis(1_000_000);
+        let tick = Duration::from_secs(20);
+        for (age_ms, keeps) in [(0, true), (19_000, true), (60_000, true), (60_001, false)] {
+            let mark = LeaseKeeperMark::new(now.minus_millis(age_ms), tick);
+            assert_eq!(others_keep_leases(&[mark], now), keeps, "{age_ms} ms old");
+        }
+        // The fastest tick still holds for the least any mark does.
+        let fast = LeaseKeeperMark::new(now, Duration::from_millis(10));
+        assert_eq!(fast.holds_until, now.plus_millis(LEASES_KEPT_FRESH_MILLIS));
     }
 
     use super::*;

@@ -296,6 +296,11 @@ pub enum WorkError {
         "work item is held until {until}: the program of its session's previous item may run until then"
     )]
     Held { until: Timestamp },
+    /// 409: a session token acts on an item it no longer holds. Its lease lapsed, settled by the
+    /// very request (a token is judged live before the request waits its turn), or the item was
+    /// handed out again since.
+    #[error("this session token no longer holds the work item: its lease ran out")]
+    NotHeld,
     /// Poll lost a race for this item (not an HTTP error: the poll tries the next candidate).
     #[error("work item is not claimable")]
     NotClaimable,
@@ -718,9 +723,28 @@ fn release(item: &mut WorkItem) {
     item.session_token_issuer = None;
 }
 
+/// Whether the session token hashing to `token_hash` still holds `item`: an item carries its latest
+/// delivery's token (D-27) until its lease lapses or it stops ([`lease_lapsed`]). Asked of the item
+/// as it is once any lapsed lease is settled, so that a worker that lost its lease cannot stop, or
+/// write the outcome into, the item that went back to the queue for another.
+pub fn held_by(item: &WorkItem, token_hash: &str) -> Result<(), WorkError> {
+    if item.session_token_hash.as_deref() == Some(token_hash) {
+        Ok(())
+    } else {
+        Err(WorkError::NotHeld)
+    }
+}
+
+/// Whether the item's lease has run out by `now`: the next look at it settles it
+/// ([`expire_if_due`]). Its session token dies with it: a token is its lease's credential, and
+/// the item is about to go back to the queue (or to stop), where the token has nothing to act on.
+pub fn lease_lapsed(item: &WorkItem, now: Timestamp) -> bool {
+    item.state.is_leased() && lease::is_expired(item.lease_expires_at, now)
+}
+
 /// Lazy expiry (§5.4, D-5): what a lapsed lease turns the item into, or `None` while the lease holds.
 pub fn expire_if_due(item: &WorkItem, now: Timestamp, policy: &LeasePolicy) -> Option<Step> {
-    if !item.state.is_leased() || !lease::is_expired(item.lease_expires_at, now) {
+    if !lease_lapsed(item, now) {
         return None;
     }
     let deadline = item.lease_expires_at.expect("a leased item has a deadline");

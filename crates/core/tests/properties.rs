@@ -181,6 +181,7 @@ impl Coverage {
             WorkError::PreconditionFailed { .. } => "precondition_failed",
             WorkError::NotClaimable => "not_claimable",
             WorkError::Held { .. } => "held",
+            WorkError::NotHeld => "not_held",
             WorkError::Metadata(_) => "metadata",
         });
     }

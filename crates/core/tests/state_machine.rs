@@ -174,6 +174,8 @@ enum Refusal {
     Held,
     /// 400 on metadata limits.
     Metadata,
+    /// 409: a session token acting on an item it no longer holds.
+    NotHeld,
 }
 
 fn refusal_of(error: &WorkError) -> Refusal {
@@ -184,6 +186,7 @@ fn refusal_of(error: &WorkError) -> Refusal {
         WorkError::NotClaimable => Refusal::NotClaimable,
         WorkError::Held { .. } => Refusal::Held,
         WorkError::Metadata(_) => Refusal::Metadata,
+        WorkError::NotHeld => Refusal::NotHeld,
     }
 }
 
@@ -1753,6 +1756,36 @@ fn a_cancel_stops_only_an_item_no_worker_has_started() {
         assert_eq!(step.transitions[0].cause, Cause::SessionInterrupted);
         assert_eq!(step.holder_may_run_until, None, "{fx:?}: no program ran");
         assert!(work::invariant_violation(&step.item).is_none(), "{fx:?}");
+    }
+}
+
+/// A session token holds its item from its delivery until the item stops, is handed out again, or
+/// its lease lapses: judged on the item once that lapse is settled, the token that was minted for
+/// it holds no requeued item.
+#[test]
+fn a_session_token_holds_its_item_until_its_lease_lapses() {
+    let p = policy();
+    for fx in Fx::ALL {
+        let item = fx.build();
+        let held = !matches!(fx, Fx::Queued | Fx::Stopped);
+        assert_eq!(work::held_by(&item, TOKEN_1).is_ok(), held, "{fx:?}");
+        assert_eq!(
+            work::held_by(&item, TOKEN_NEW).map_err(|e| refusal_of(&e)),
+            Err(Refusal::NotHeld),
+            "{fx:?}: another token"
+        );
+        let Some(deadline) = item.lease_expires_at else {
+            continue;
+        };
+        let later = deadline.plus_millis(1);
+        assert!(work::lease_lapsed(&item, later), "{fx:?}");
+        let settled = work::expire_if_due(&item, later, &p).expect("lapsed").item;
+        assert_eq!(
+            work::held_by(&settled, TOKEN_1).map_err(|e| refusal_of(&e)),
+            Err(Refusal::NotHeld),
+            "{fx:?}: its lease lapsed, into {:?}",
+            settled.state
+        );
     }
 }
 

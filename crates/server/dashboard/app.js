@@ -16,13 +16,15 @@ const messages = document.getElementById('messages');
 const shown = new Map();
 
 /**
- * Shows a message until dismissed. A `key` names its source (a refresh loop, a form): a newer message
- * with the same key replaces the older one, and `clearMessage(key)` removes it once things work again.
+ * Shows a message until dismissed, or until the view that raised it is left. A `key` names its source
+ * (a refresh loop, a form): a newer message with the same key replaces the older one, and
+ * `clearMessage(key)` removes it once things work again. A `sticky` one outlives the view (the notice
+ * of a forced sign-out, raised as the view changes).
  */
-export function notify(text, { kind = 'error', key } = {}) {
+export function notify(text, { kind = 'error', key, sticky = false } = {}) {
   const id = key ?? `m${Math.random()}`;
   shown.get(id)?.remove();
-  const item = h('div', { class: `message ${kind}`, role: kind === 'error' ? 'alert' : 'status' },
+  const item = h('div', { class: `message ${kind}`, role: kind === 'error' ? 'alert' : 'status', dataset: sticky ? { sticky: '' } : {} },
     h('span', {}, text),
     h('button', { type: 'button', class: 'link', onclick: () => { item.remove(); shown.delete(id); } },
       'Dismiss'));
@@ -60,6 +62,16 @@ export function onSubmit(form, button, { key, what }, request, then) {
 function clearAllMessages() {
   messages.replaceChildren();
   shown.clear();
+}
+
+/** A view's messages go with it: what went wrong on one page says nothing of the next. */
+function clearViewMessages() {
+  for (const [id, item] of shown) {
+    if (item.dataset.sticky === undefined) {
+      item.remove();
+      shown.delete(id);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------- confirmation
@@ -136,6 +148,7 @@ function decodeSegment(segment) {
 
 function route() {
   current?.close();
+  clearViewMessages();
   current = new ViewContext();
   const ctx = current;
   const signedIn = Boolean(api.token.get());
@@ -177,9 +190,10 @@ export function go(hash) {
 
 api.onUnauthorized((error) => {
   api.token.clear();
+  clearAllMessages();
   go('#/');
   notify(`Signed out: the server refused the token (${error.message}). Sign in with a valid admin token.`,
-    { key: 'auth' });
+    { key: 'auth', sticky: true });
 });
 
 document.getElementById('signout').addEventListener('click', () => {

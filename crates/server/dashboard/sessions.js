@@ -145,7 +145,23 @@ function eventItem(event) {
     h('pre', { class: 'event-text' }, describe(event)));
 }
 
+function sessionCrumbs(sessionId) {
+  return h('p', { class: 'crumbs' }, h('a', { href: '#/sessions' }, 'Sessions'), ' / ', h('span', {}, shortId(sessionId)));
+}
+
+/** A session's page, once the session is read: one that does not exist says so in the page, with
+ * nothing to send to and no stream to wait for. */
 export function sessionPage(main, ctx, sessionId) {
+  fill(main, sessionCrumbs(sessionId), h('h1', {}, 'Session'), h('p', { class: 'muted' }, 'Loading…'));
+  api.get(`/sessions/${api.seg(sessionId)}`, { signal: ctx.signal }).then((session) => {
+    if (ctx.active) sessionView(main, ctx, sessionId, session);
+  }, (e) => {
+    if (!ctx.active || e.name === 'AbortError') return;
+    fill(main, sessionCrumbs(sessionId), h('h1', {}, 'Session'), h('p', { role: 'alert' }, e.message));
+  });
+}
+
+function sessionView(main, ctx, sessionId, first) {
   const path = `/sessions/${api.seg(sessionId)}`;
   const title = h('h1', {}, 'Session');
   const facts = h('p', { class: 'muted' });
@@ -157,9 +173,7 @@ export function sessionPage(main, ctx, sessionId) {
   const cancel = h('button', { type: 'button', class: 'secondary' }, 'Interrupt');
   const form = h('form', { class: 'send', 'aria-label': 'Send a message' },
     field('Message (Ctrl+Enter sends)', text), h('div', { class: 'actions' }, send, cancel));
-  fill(main,
-    h('p', { class: 'crumbs' }, h('a', { href: '#/sessions' }, 'Sessions'), ' / ', h('span', {}, shortId(sessionId))),
-    title, facts, live, logBox, form);
+  fill(main, sessionCrumbs(sessionId), title, facts, live, logBox, form);
 
   const seen = new Set();
   function add(event) {
@@ -197,8 +211,10 @@ export function sessionPage(main, ctx, sessionId) {
   });
   cancel.addEventListener('click', () => post(undefined, '/cancel'));
 
+  let read = first;
   ctx.every(LIST_MS, async () => {
-    const s = await api.get(path, { signal: ctx.signal });
+    const s = read ?? await api.get(path, { signal: ctx.signal });
+    read = null;
     fill(title, s.title || 'Session');
     fill(facts, h('code', {}, s.id), ' · ', h('span', { class: `badge status-${s.status}` }, s.status),
       ' · agent ', s.agent?.name ?? s.agent_id, ' · environment ',

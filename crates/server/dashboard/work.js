@@ -293,6 +293,9 @@ export function workItemPage(main, ctx, envId, workId) {
   }
   const stopButton = h('button', { type: 'button', onclick: () => stop(false) }, 'Stop…');
   const forceButton = h('button', { type: 'button', class: 'danger', onclick: () => stop(true) }, 'Force-stop…');
+  // Until the item is read: a page of one that does not exist (or no longer) offers nothing to stop.
+  stopButton.disabled = true;
+  forceButton.disabled = true;
   fill(actions, stopButton, forceButton);
 
   async function refresh() {

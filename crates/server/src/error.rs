@@ -167,6 +167,7 @@ impl From<service::Error> for ApiError {
                 ApiError::bad_param(&param, message).with_code("event_too_large")
             }
             Error::Unauthenticated => ApiError::unauthorized(message),
+            Error::LeaseLapsed => ApiError::unauthorized(message).with_code("lease_lapsed"),
             Error::Forbidden { param, .. } => {
                 let error = ApiError::forbidden(message);
                 match param {
@@ -214,6 +215,7 @@ impl From<WorkError> for ApiError {
             WorkError::Held { .. } => {
                 ApiError::state_conflict(e.to_string()).with_code("work_held")
             }
+            WorkError::NotHeld => ApiError::state_conflict(e.to_string()).with_code("not_held"),
             WorkError::NotClaimable => {
                 ApiError::state_conflict(e.to_string()).with_code("invalid_state")
             }

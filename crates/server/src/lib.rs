@@ -65,7 +65,11 @@ pub async fn serve_with(
 ) -> std::io::Result<()> {
     http::ops::install_metrics();
     match app.amnesty_at_start().await {
-        Ok(Some(_)) => {}
+        Ok(Some(granted)) => tracing::info!(
+            granted,
+            grace_ms = app.config.amnesty_grace_ms,
+            "lease amnesty at start: leases due within the grace window were extended to its end"
+        ),
         Ok(None) => tracing::info!(
             "another server sharing the database is keeping the leases: no lease amnesty at start"
         ),
@@ -89,5 +93,10 @@ pub async fn serve_with(
     let outcome = accepting.await.map_err(std::io::Error::other);
     dispatcher.abort();
     sampler.abort();
+    // Once no pass can mark them again.
+    let _ = dispatcher.await;
+    if let Err(e) = app.unmark_leases_kept().await {
+        tracing::warn!(error = %e, "cannot tell the other servers this one stopped keeping the leases");
+    }
     outcome
 }

@@ -130,6 +130,10 @@ async fn environments_create_and_validate() {
                 "description",
             ),
             (
+                json!({"name": "n", "config": {"type": "self_hosted"}, "description": "d".repeat(64 * 1024 + 1)}),
+                "description",
+            ),
+            (
                 json!({"name": "n", "config": {"type": "self_hosted"}, "metadata": {"k": 5}}),
                 "metadata",
             ),
@@ -208,6 +212,7 @@ async fn environments_update() {
                 "config",
             ),
             (json!({"name": ""}), "name"),
+            (json!({"description": "d".repeat(64 * 1024 + 1)}), "description"),
             (json!({"metadata": {"x": 1}}), "metadata"),
             (
                 json!({"metadata": (0..15).map(|i| (format!("k{i}"), json!("v"))).collect::<serde_json::Map<_, _>>()}),
@@ -403,6 +408,11 @@ async fn agents_create_update_archive() {
                 "execution_identity",
             ),
             (json!({"name": "n", "model": "m", "tools": "bash"}), "tools"),
+            (json!({"name": "n", "model": "m", "tools": ["bash"]}), "tools"),
+            (
+                json!({"name": "n", "model": "m", "tools": [{"type": "bash"}, null]}),
+                "tools",
+            ),
             (
                 json!({"name": "n", "model": "m", "metadata": {"k": ["v"]}}),
                 "metadata",
@@ -428,6 +438,12 @@ async fn agents_create_update_archive() {
             agent: id.clone(),
         };
         let before = q.enqueue().await;
+        let refused = req(server, Method::POST, &format!("/agents/{id}"))
+            .json(json!({"tools": [{"type": "bash"}, "web"]}))
+            .send()
+            .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+        refused.bad_param("tools");
         let updated = req(server, Method::POST, &format!("/agents/{id}"))
             .json(json!({"name": "coder-2", "tools": []}))
             .send()

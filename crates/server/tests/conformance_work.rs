@@ -7,6 +7,8 @@ mod conformance;
 use std::time::{Duration, Instant};
 
 use conformance::*;
+use tether_core::lease::LeaseKeeperMark;
+use tether_store::{ChangeSet, Write};
 
 /// Options whose dispatcher tick never comes round during a test, so that anything that happens when
 /// the clock jumps is the work of the request itself (lazy expiry, §3.1), not of the periodic pass.
@@ -1654,9 +1656,9 @@ async fn history_names_who_asked_for_a_stop() {
 
 /// In a cluster, a server that starts while another has just been checking the leases grants no
 /// lease amnesty: the cluster was not down, and a server restarting in a loop would otherwise push
-/// back every abandoned item's requeue at each start. A mark too old counts as none, and so does
-/// one of the server's own earlier run. An embedded store is one process's alone: its starts
-/// always grant it.
+/// back every abandoned item's requeue at each start. A mark holds for three of its server's ticks
+/// (at least 5 s): one older counts as none, and so does one of the server's own earlier run. An
+/// embedded store is one process's alone: its starts always grant it.
 #[tokio::test]
 async fn a_server_starting_beside_one_that_keeps_the_leases_grants_no_amnesty() {
     for backend in backends() {
@@ -1672,13 +1674,47 @@ async fn a_server_starting_beside_one_that_keeps_the_leases_grants_no_amnesty() 
         }
         let q = Queue::new(&keeper).await;
         let clock = keeper.clock.clone();
-        for (mark_age_ms, amnesty) in [(0, false), (10_000, true)] {
+        // A server's mark, as its dispatcher leaves one. This test writes them: its keeper's only
+        // tick is the one at its start, and that mark, of a tick that never comes round again, is
+        // forgotten once it is there.
+        let store = keeper.app.store.clone();
+        let now = || tether_core::Clock::now(&clock);
+        while store
+            .lease_keeper_marks_elsewhere("")
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        store
+            .commit(ChangeSet::one(Write::ForgetLeaseKeepers {
+                before: now().plus_seconds(3600),
+            }))
+            .await
+            .unwrap();
+        let mark = |server_id: &str, age_ms: i64, tick_ms: u64| {
+            let mark =
+                LeaseKeeperMark::new(now().minus_millis(age_ms), Duration::from_millis(tick_ms));
+            store.commit(ChangeSet::one(Write::MarkLeasesKept {
+                server_id: server_id.into(),
+                mark,
+            }))
+        };
+        for (keepers_tick_ms, mark_age_ms, amnesty) in [
+            (1_000, 0, false),
+            (1_000, 10_000, true),
+            // A server that ticks every 20 s is still keeping the leases 10 s after its last mark.
+            (20_000, 10_000, false),
+            (20_000, 61_000, true),
+        ] {
             let item = q.item_in("active").await;
             settle().await;
             // Due within the 30 s window a start's amnesty extends leases to.
-            clock.advance_millis(LEASE_MS - 15_000 - mark_age_ms);
-            keeper.app.mark_leases_kept().await.unwrap();
-            clock.advance_millis(mark_age_ms);
+            clock.advance_millis(LEASE_MS - 15_000);
+            mark("another-host/127.0.0.1:4780", mark_age_ms, keepers_tick_ms)
+                .await
+                .unwrap();
             let starting = TestServer::start_on(
                 &backend,
                 keeper.location.clone(),
@@ -1696,25 +1732,24 @@ async fn a_server_starting_beside_one_that_keeps_the_leases_grants_no_amnesty() 
             assert_eq!(
                 state == "active",
                 amnesty,
-                "{backend:?}, a mark {mark_age_ms} ms old: {state}"
+                "{backend:?}, a mark {mark_age_ms} ms old of a {keepers_tick_ms} ms tick: {state}"
             );
+            // A server that stops takes its mark back: it keeps the leases no more.
             starting.shutdown().await;
+            let others = store
+                .lease_keeper_marks_elsewhere("another-host/127.0.0.1:4780")
+                .await
+                .unwrap();
+            assert_eq!(others, vec![], "{backend:?}");
         }
         // A server's own earlier run is not another server: a restart under its name grants it.
+        // (Its mark as a run killed before it could take it back leaves it.)
         let mut named = without_tick();
         named.config.server_name = Some("host-a/127.0.0.1:4780".into());
-        let first = TestServer::start_on(
-            &backend,
-            keeper.location.clone(),
-            named.clone(),
-            clock.clone(),
-        )
-        .await;
         let item = q.item_in("active").await;
         settle().await;
         clock.advance_millis(LEASE_MS - 15_000);
-        first.app.mark_leases_kept().await.unwrap();
-        first.shutdown().await;
+        mark("host-a/127.0.0.1:4780", 0, 1_000).await.unwrap();
         let again =
             TestServer::start_on(&backend, keeper.location.clone(), named, clock.clone()).await;
         let health = again.http().get(format!("{}/healthz", again.base));

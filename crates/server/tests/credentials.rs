@@ -671,6 +671,46 @@ async fn a_session_token_serves_the_environment_worker() {
     .await;
 }
 
+/// A session token is its lease's credential: once the lease has lapsed it is dead (401), before
+/// any pass has settled the lease. Through the request that settles it, a worker that lost its
+/// lease (the `anthropic` SDK's force-stops its item on any refused heartbeat but a 412) would
+/// otherwise stop the item that went back to the queue, and end the session's retry.
+#[tokio::test]
+async fn a_session_token_dies_with_its_lease() {
+    let mut no_pass = Options::default();
+    no_pass.config.tick = std::time::Duration::from_secs(3600);
+    each_backend_with(no_pass, async |server| {
+        let world = World::build(server).await;
+        let env = &world.env_a;
+        let work = |suffix: &str| format!("/environments/{env}/work/{}{suffix}", world.w1);
+        let token = |method: Method, path: String| req_v1(server, method, &path).bearer(&world.t1);
+        token(Method::GET, work("")).send().await.ok();
+        // Past the lease's deadline: nothing has looked at the item since.
+        server.clock.advance_millis(61_000);
+        let refused = token(Method::POST, work("/stop"))
+            .json(json!({"force": true}))
+            .send()
+            .await;
+        let error = refused.error(401, "authentication_error");
+        // Saying why: the worker is to know its item will be served again.
+        assert_eq!(error["code"], "lease_lapsed", "{error}");
+        for (method, path) in [
+            (Method::POST, work("/heartbeat")),
+            (Method::GET, work("")),
+            (Method::GET, format!("/sessions/{}", world.s1)),
+        ] {
+            token(method, path)
+                .send()
+                .await
+                .error(401, "authentication_error");
+        }
+        // The lease is settled as ever: the item went back to the queue.
+        let item = req(server, Method::GET, &work("")).send().await;
+        assert_eq!(item.ok()["state"], "queued");
+    })
+    .await;
+}
+
 fn urlencode(text: &str) -> String {
     form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
@@ -1134,6 +1174,25 @@ async fn a_request_with_two_credential_headers_is_refused() {
                     .contains(&format!("more than one {name} header")),
                 "{body}"
             );
+        }
+        // On /v1, where both headers are taken, one credential in each is two as well; the same
+        // one in both is one, and an x-api-key that is no Tether credential (a gateway's own key)
+        // is not one of Tether's to weigh.
+        for (api_key, status) in [
+            (spare.as_str(), StatusCode::UNAUTHORIZED),
+            ("tth_env_unknown", StatusCode::UNAUTHORIZED),
+            (server.admin_token.as_str(), StatusCode::OK),
+            ("sk-gateway-key", StatusCode::OK),
+        ] {
+            let response = server
+                .http()
+                .get(format!("{}/v1/environments", server.base))
+                .bearer_auth(&server.admin_token)
+                .header("x-api-key", api_key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status, "x-api-key {api_key}");
         }
     })
     .await;

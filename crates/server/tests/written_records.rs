@@ -452,6 +452,128 @@ async fn no_amnesty_is_promised_while_another_server_keeps_the_leases() {
     }
 }
 
+/// A session token judged live when its request came in may find, by the time the request is
+/// decided, that its lease lapsed meanwhile: the request settles the lease (the item goes back to
+/// the queue) and the token's stop or metadata patch is refused (409 `not_held`) rather than
+/// stopping, or writing an outcome into, the item that now waits for another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_token_whose_lease_lapses_before_its_request_is_decided_acts_on_nothing() {
+    for backend in backends() {
+        let name = backend.name();
+        let manual = manual_clock();
+        let clock: Arc<dyn tether_core::Clock> = Arc::new(manual.clone());
+        let (_location, here, _counting, env) = counting_app(&backend, clock, "lapse").await;
+        for stop in [true, false] {
+            let session_id = session_in(&here, &env).await;
+            let claimed = here
+                .poll(&env, Some("w"), None, None, 5_000)
+                .await
+                .expect("poll")
+                .expect("an item");
+            let work_id = claimed.item.id.clone();
+            here.ack(&env, &work_id, Some("w")).await.expect("ack");
+            // As the token's request was let in: its item live, its lease not yet lapsed.
+            let caller = Principal::SessionToken {
+                work_id: work_id.clone(),
+                environment_id: env.id.clone(),
+                session_id,
+                token_hash: tether_server::credentials::hash(&claimed.session_token),
+            };
+            // Then its turn comes after the deadline.
+            manual.advance_millis(61_000);
+            let refused = if stop {
+                here.stop(&env, &work_id, true, false, &caller).await
+            } else {
+                let mut patch = tether_core::metadata::MetadataPatch::new();
+                patch.insert("tether.exit_code".into(), Some("0".into()));
+                here.patch_work_metadata(&env, &work_id, &patch, &caller)
+                    .await
+            };
+            let refused = refused.expect_err("the token no longer holds the item");
+            assert!(
+                matches!(
+                    refused,
+                    tether_server::service::Error::Refused(tether_core::work::WorkError::NotHeld)
+                ),
+                "{name}: {refused:?}"
+            );
+            let item = here.get_work(&env, &work_id).await.expect("item");
+            assert_eq!(
+                item.state,
+                WorkState::Queued,
+                "{name}: requeued, not stopped"
+            );
+            assert!(item.metadata.is_empty(), "{name}: {:?}", item.metadata);
+            // The next worker takes it.
+            let again = claim(&here, &env, "w2").await;
+            assert_eq!(again, work_id);
+            here.stop(&env, &work_id, true, false, &operator())
+                .await
+                .expect("stop");
+        }
+        here.begin_shutdown();
+    }
+}
+
+/// After an outage of its database, a server grants lease amnesty unless it promised its workers
+/// none and another server kept the leases meanwhile: an outage of every server (the database
+/// restarting) is made up for, and a server cut off alone does not push back the requeue of
+/// abandoned items at each reconnection. An embedded store's server always grants it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_amnesty_is_granted_unless_another_server_kept_the_leases_meanwhile() {
+    for backend in backends() {
+        let name = backend.name();
+        let manual = manual_clock();
+        let clock: Arc<dyn tether_core::Clock> = Arc::new(manual.clone());
+        let (_location, setup, counting, env) =
+            counting_app(&backend, clock.clone(), "outage").await;
+        setup.begin_shutdown();
+        // Servers whose marks hold for 5 s, as with the default tick.
+        let server = || {
+            App::new(
+                counting.clone(),
+                clock.clone(),
+                ServiceConfig {
+                    tick: Duration::from_secs(1),
+                    ..ServiceConfig::default()
+                },
+            )
+        };
+        for (kept_meanwhile, owed) in [(false, true), (true, !counting.shared())] {
+            let (here, elsewhere) = (server(), server());
+            elsewhere.mark_leases_kept().await.expect("mark elsewhere");
+            here.mark_leases_kept().await.expect("mark");
+            // The database goes away for here, which promises nothing beside a keeper.
+            counting.down.store(true, Ordering::SeqCst);
+            let unknown = tether_core::ids::new_id(tether_core::ids::IdKind::Work);
+            assert!(here.get_work(&env, &unknown).await.is_err(), "{name}: down");
+            assert_eq!(
+                here.lease_amnesty_promise().is_some(),
+                !counting.shared(),
+                "{name}"
+            );
+            manual.advance_millis(15_000);
+            counting.down.store(false, Ordering::SeqCst);
+            counting.get_work(&unknown).await.expect("back");
+            if kept_meanwhile {
+                elsewhere.mark_leases_kept().await.expect("mark elsewhere");
+            }
+            assert_eq!(
+                here.amnesty_after_outage().await.expect("amnesty"),
+                owed,
+                "{name}: another server kept the leases meanwhile: {kept_meanwhile}"
+            );
+            // Decided once per reconnection.
+            assert!(
+                !here.amnesty_after_outage().await.expect("amnesty"),
+                "{name}"
+            );
+            here.begin_shutdown();
+            elsewhere.begin_shutdown();
+        }
+    }
+}
+
 /// A fresh store in `backend` with an environment named `name`, and a server on it whose reads of
 /// credentials, environments and agents stay usable for an hour: whatever it then learns of a change
 /// made elsewhere, a conditional write taught it, not an expiry.

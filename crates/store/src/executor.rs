@@ -1,6 +1,7 @@
 //! The one [`Store`] implementation, generic over how SQL reaches a database.
 
 use async_trait::async_trait;
+use tether_core::lease::LeaseKeeperMark;
 use tether_core::resources::{Agent, Credential, CredentialKind, Environment, Session};
 use tether_core::{Timestamp, WorkItem};
 use tokio::sync::broadcast;
@@ -352,14 +353,15 @@ impl<E: Executor> Store for SqlStore<E> {
         .await
     }
 
-    async fn leases_kept_elsewhere_at(&self, server_id: &str) -> StoreResult<Option<Timestamp>> {
-        Ok(self
-            .optional(
-                sql::leases_kept_elsewhere_at(server_id),
-                sql::optional_timestamp,
-            )
-            .await?
-            .flatten())
+    async fn lease_keeper_marks_elsewhere(
+        &self,
+        server_id: &str,
+    ) -> StoreResult<Vec<LeaseKeeperMark>> {
+        self.all(
+            sql::lease_keeper_marks_elsewhere(server_id),
+            sql::lease_keeper_mark,
+        )
+        .await
     }
 
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {

@@ -21,6 +21,7 @@ pub use executor::{Executor, SqlStore};
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+use tether_core::lease::LeaseKeeperMark;
 use tether_core::resources::{
     Agent, Credential, CredentialKind, Environment, Session, SessionEvent,
 };
@@ -123,11 +124,15 @@ pub enum Write {
     ForgetWorkers {
         before: Timestamp,
     },
-    /// Records that the server process `server_id` checked the leases at `at` (a shared store's
+    /// Records that the server process `server_id` has just checked the leases (a shared store's
     /// processes tell each other they are keeping them: see `lease::others_keep_leases`).
     MarkLeasesKept {
         server_id: String,
-        at: Timestamp,
+        mark: LeaseKeeperMark,
+    },
+    /// Forgets the mark of the server process `server_id`: it has stopped keeping the leases.
+    UnmarkLeasesKept {
+        server_id: String,
     },
     /// Forgets the marks of server processes last heard of before `before`.
     ForgetLeaseKeepers {
@@ -351,9 +356,12 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// The latest time a server process other than `server_id` marked the leases kept
-    /// ([`Write::MarkLeasesKept`]), if one ever did.
-    async fn leases_kept_elsewhere_at(&self, server_id: &str) -> StoreResult<Option<Timestamp>>;
+    /// The newest marks of the server processes other than `server_id` that said they were keeping
+    /// the leases ([`Write::MarkLeasesKept`]).
+    async fn lease_keeper_marks_elsewhere(
+        &self,
+        server_id: &str,
+    ) -> StoreResult<Vec<LeaseKeeperMark>>;
 
     /// Notices from other server processes.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice>;

@@ -7,6 +7,7 @@
 //! place, so the two can never disagree. A work item's history lives in its own row (see
 //! [`HISTORY_SPILL_EVERY`]), so that a transition is one conditional `UPDATE` on either backend.
 
+use tether_core::lease::LeaseKeeperMark;
 use tether_core::resources::{Agent, Credential, CredentialKind};
 use tether_core::{Cause, Timestamp, WorkItem, WorkState};
 
@@ -223,6 +224,14 @@ CREATE TABLE IF NOT EXISTS lease_keepers (
     server_id TEXT PRIMARY KEY,
     kept_at BIGINT NOT NULL
 );
+"#,
+    ),
+    (
+        6,
+        // Until when each mark holds: a few of its server's ticks (`lease::LeaseKeeperMark`); null
+        // in a mark written before.
+        r#"
+ALTER TABLE lease_keepers ADD COLUMN holds_until BIGINT;
 "#,
     ),
 ];
@@ -657,11 +666,23 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
             Statement::new("DELETE FROM workers WHERE last_poll_at < $1", vec![(*before).into()]),
             Any,
         )),
-        Write::MarkLeasesKept { server_id, at } => out.push((
+        Write::MarkLeasesKept { server_id, mark } => out.push((
             Statement::new(
-                "INSERT INTO lease_keepers (server_id, kept_at) VALUES ($1, $2) \
-                 ON CONFLICT (server_id) DO UPDATE SET kept_at = excluded.kept_at",
-                vec![server_id.as_str().into(), (*at).into()],
+                "INSERT INTO lease_keepers (server_id, kept_at, holds_until) VALUES ($1, $2, $3) \
+                 ON CONFLICT (server_id) DO UPDATE \
+                 SET kept_at = excluded.kept_at, holds_until = excluded.holds_until",
+                vec![
+                    server_id.as_str().into(),
+                    mark.kept_at.into(),
+                    mark.holds_until.into(),
+                ],
+            ),
+            Any,
+        )),
+        Write::UnmarkLeasesKept { server_id } => out.push((
+            Statement::new(
+                "DELETE FROM lease_keepers WHERE server_id = $1",
+                vec![server_id.as_str().into()],
             ),
             Any,
         )),
@@ -1118,17 +1139,25 @@ pub fn count_credentials(kind: CredentialKind, revoked_too: bool) -> Statement {
     )
 }
 
-/// The latest mark of the lease keepers other than `server_id`.
-pub fn leases_kept_elsewhere_at(server_id: &str) -> Statement {
+/// The newest marks of the lease keepers other than `server_id`: a cluster has a few servers, and
+/// the marks of those gone an hour are forgotten, so the bound is never reached in practice.
+pub fn lease_keeper_marks_elsewhere(server_id: &str) -> Statement {
     Statement::new(
-        "SELECT MAX(kept_at) FROM lease_keepers WHERE server_id <> $1",
+        "SELECT kept_at, holds_until FROM lease_keepers WHERE server_id <> $1 \
+         ORDER BY kept_at DESC LIMIT 64",
         vec![server_id.into()],
     )
 }
 
-/// A nullable integer column read as a timestamp.
-pub fn optional_timestamp(row: &Row) -> StoreResult<Option<Timestamp>> {
-    Ok(opt_int(&row[0])?.map(Timestamp::from_micros))
+pub fn lease_keeper_mark(row: &Row) -> StoreResult<LeaseKeeperMark> {
+    let kept_at = Timestamp::from_micros(int(&row[0])?);
+    Ok(match opt_int(&row[1])? {
+        Some(holds_until) => LeaseKeeperMark {
+            kept_at,
+            holds_until: Timestamp::from_micros(holds_until),
+        },
+        None => LeaseKeeperMark::of_unknown_tick(kept_at),
+    })
 }
 
 /// Credentials are revoked by a column update; the column is the truth for `revoked_at`.

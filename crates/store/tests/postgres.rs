@@ -514,6 +514,14 @@ async fn an_items_write_can_be_conditional_on_its_session() {
 }
 
 #[tokio::test]
+async fn lease_keeper_marks_are_kept_one_per_server() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::lease_keeper_marks_are_kept_one_per_server(&store).await;
+}
+
+#[tokio::test]
 async fn workers_seen_are_the_most_recent_up_to_the_limit() {
     let Some(store) = store_on_a_fresh_database().await else {
         return;

@@ -64,6 +64,13 @@ async fn an_items_write_can_be_conditional_on_its_session() {
 }
 
 #[tokio::test]
+async fn lease_keeper_marks_are_kept_one_per_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::lease_keeper_marks_are_kept_one_per_server(&store).await;
+}
+
+#[tokio::test]
 async fn workers_seen_are_the_most_recent_up_to_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();

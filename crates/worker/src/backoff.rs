@@ -72,6 +72,12 @@ impl Backoff {
     }
 }
 
+/// Whether [`retry`] tries a call that failed with `error` again (while it has tries left): the
+/// server promised amnesty for an outage, or the failure is one that passes.
+pub fn worth_another_try(error: &tether_client::Error) -> bool {
+    crate::heartbeat::amnesty_promised(error).is_some() || error.is_retryable()
+}
+
 /// Runs `call` until it succeeds, fails for good, or `attempts` tries have failed with errors worth
 /// another try (transport failures, 408, 429, 5xx), waiting as [`Backoff::call`] says in between.
 ///

@@ -9,8 +9,12 @@ pub enum Error {
     /// The server refused to hand out work in a way another try cannot fix.
     #[error("{0}")]
     Refused(String),
-    /// A second signal ended the worker: programs were killed and their items force-stopped.
-    #[error("forced shutdown: programs were killed and their items force-stopped")]
+    /// A second signal ended the worker: programs were killed, and their items force-stopped where
+    /// the server answered (the log says of each item that could not be).
+    #[error(
+        "forced shutdown: programs were killed, and their items force-stopped where the server \
+         answered (see the log for any that could not be)"
+    )]
     Forced,
     /// `run-one`: the item ended without its program running to its end.
     #[error("the item ended without PROGRAM running to its end (see the log)")]

@@ -156,7 +156,7 @@ fn judge(result: &Result<Beat, Error>) -> Verdict {
                 "the item went back to the queue or was stopped ({e})"
             )),
             Some(401) => Verdict::Lost(format!(
-                "the item's session token died: it was stopped, handed to another worker, or its key was revoked ({e})"
+                "the item's session token died: it was stopped, handed to another worker, its lease ran out, or its key was revoked ({e})"
             )),
             Some(503) => match amnesty_promised(e) {
                 Some(grace) => Verdict::Amnesty(grace),
@@ -316,6 +316,16 @@ async fn deadline_passed(kill_at: watch::Receiver<Instant>) -> String {
 pub struct Deadline(watch::Receiver<Instant>);
 
 impl Deadline {
+    #[cfg(test)]
+    pub(crate) fn for_tests(deadline: watch::Receiver<Instant>) -> Deadline {
+        Deadline(deadline)
+    }
+
+    /// Whether the deadline, as it stands now, has passed.
+    pub fn has_passed(&self) -> bool {
+        *self.0.borrow() <= Instant::now()
+    }
+
     /// Returns once `after` has passed since the deadline, as the deadline stands at that moment.
     pub async fn passed_by(mut self, after: Duration) {
         loop {

@@ -645,6 +645,16 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             .await
         {
             Some(Ok(_)) => return,
+            Some(Err(e))
+                if self.told_item_gone(
+                    &e,
+                    tries,
+                    "the outcome was recorded",
+                    "item already ended; its outcome is not recorded",
+                ) =>
+            {
+                return
+            }
             Some(Err(e)) => crate::error::described(&e),
             None => "no answer".to_owned(),
         };
@@ -671,9 +681,9 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 self.info(message, &[("state", state.as_str())]);
                 true
             }
-            Some(Err(e)) if matches!(e.status(), Some(409 | 401)) => {
-                // 409: already stopped; 401: the token died with the item (or its re-delivery).
-                self.info("item already ended", &[("detail", &e.to_string())]);
+            Some(Err(e))
+                if self.told_item_gone(&e, tries, "the item was stopped", "item already ended") =>
+            {
                 true
             }
             Some(Err(e)) => {
@@ -690,6 +700,36 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 );
                 false
             }
+        }
+    }
+
+    /// Tells, and says true, when a call that ends the item was refused because the item is no
+    /// longer this worker's: its lease ran out (a warning: the item will be served again; `before`
+    /// says what it ran out before), or it ended (409: stopped meanwhile, its session deleted, say;
+    /// 401: its token died with it or with its re-delivery), said as `ended`: nothing is lost that
+    /// anyone could read.
+    fn told_item_gone(
+        &self,
+        error: &tether_client::Error,
+        tries: &Tries,
+        before: &str,
+        ended: &str,
+    ) -> bool {
+        let detail = error.to_string();
+        if lease_ran_out(error, tries) {
+            self.warn(
+                &format!(
+                    "the lease ran out before {before}: unless it was stopped meanwhile, the item \
+                     goes back to the queue and will be served again"
+                ),
+                &[("detail", &detail)],
+            );
+            true
+        } else if matches!(error.status(), Some(409 | 401)) {
+            self.info(ended, &[("detail", &detail)]);
+            true
+        } else {
+            false
         }
     }
 
@@ -745,6 +785,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         failed_tries: &AtomicU32,
     ) {
         match answer {
+            // An answer that is final (a 409, a 401) is the caller's to tell: nothing is tried again.
+            Err(e) if !crate::backoff::worth_another_try(e) => {}
             Err(e) => {
                 if failed_tries.fetch_add(1, Ordering::Relaxed) == 0 {
                     self.warn(
@@ -779,12 +821,24 @@ enum Tries {
     WhileLeased(Deadline),
 }
 
+/// Whether the server refused a call of the item's because the item's lease ran out: it says so
+/// (401 `lease_lapsed`, or 409 `not_held` when it ran out while the call waited its turn), or the
+/// token is dead (401) past the lease's deadline as this worker knows it, once the server has
+/// settled the lease and no longer knows the token. The item goes back to the queue and is served
+/// again, its program's run unrecorded, unless it was stopped meanwhile.
+fn lease_ran_out(error: &tether_client::Error, tries: &Tries) -> bool {
+    let past_the_deadline = matches!(tries, Tries::WhileLeased(deadline) if deadline.has_passed());
+    matches!(error.code(), Some("lease_lapsed" | "not_held"))
+        || (error.status() == Some(401) && past_the_deadline)
+}
+
 /// How long past its lease's deadline an item whose program has ended is still tried. A server that
 /// was down starts by extending every lease due within its amnesty window (SPEC §3.1: 30 s by default)
 /// to that window's end, so a lease whose deadline passed during the outage may be alive again when
 /// the server is back. Nothing is at risk in trying: the program is gone, and the calls carry the
-/// item's session token, which dies when the item is handed to another worker (a 401, taken as an
-/// item already ended).
+/// item's session token, which dies when the item is handed to another worker or stopped (a 401,
+/// taken as an item already ended) or when its lease runs out (a 401 `lease_lapsed`, said as a
+/// warning: the item will be served again).
 const PAST_THE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The longest one call that ends an item whose program has ended is tried, however its lease moves
@@ -891,6 +945,44 @@ mod tests {
     use crate::program::{Output, Program};
     use crate::status::Reporter;
     use crate::LogFormat;
+
+    fn deadline_at(
+        at: tokio::time::Instant,
+    ) -> (Deadline, tokio::sync::watch::Sender<tokio::time::Instant>) {
+        let (sender, receiver) = tokio::sync::watch::channel(at);
+        (Deadline::for_tests(receiver), sender)
+    }
+
+    /// A refusal because the lease ran out is told apart from one because the item ended: the
+    /// first is warned of (the item will run again), the second is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_for_a_lease_that_ran_out_is_told_apart() {
+        let refusal = |status: u16, code: Option<&str>| -> tether_client::Error {
+            tether_client::ApiError {
+                status,
+                kind: "x".into(),
+                message: "no".into(),
+                param: None,
+                code: code.map(str::to_owned),
+                details: None,
+                request_id: None,
+            }
+            .into()
+        };
+        let (passed, _keep) = deadline_at(tokio::time::Instant::now());
+        let (ahead, _keep_too) = deadline_at(tokio::time::Instant::now() + Duration::from_secs(60));
+        let (passed, ahead) = (Tries::WhileLeased(passed), Tries::WhileLeased(ahead));
+        let few = Tries::Few(1);
+        for tries in [&passed, &ahead, &few] {
+            assert!(lease_ran_out(&refusal(401, Some("lease_lapsed")), tries));
+            assert!(lease_ran_out(&refusal(409, Some("not_held")), tries));
+            assert!(!lease_ran_out(&refusal(409, Some("invalid_state")), tries));
+        }
+        // A dead token past the deadline: the lease ran out and was settled since.
+        assert!(lease_ran_out(&refusal(401, None), &passed));
+        assert!(!lease_ran_out(&refusal(401, None), &ahead));
+        assert!(!lease_ran_out(&refusal(401, None), &few));
+    }
 
     fn beat(state: &str) -> tether_client::Result<Beat> {
         Ok(serde_json::from_value(json!({

@@ -85,11 +85,10 @@ impl UpdateArgs {
             || self.system.is_some()
             || self.tools.is_some()
             || self.metadata.patch().is_some();
-        (!changes).then(|| {
-            "nothing to update: give at least one of --name, --model, --description, --system, \
-             --tools, --metadata or --unset-metadata"
-                .to_owned()
-        })
+        super::nothing_to_update(
+            changes,
+            "--name, --model, --description, --system, --tools, --metadata or --unset-metadata",
+        )
     }
 }
 

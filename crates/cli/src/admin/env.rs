@@ -15,7 +15,7 @@ pub enum EnvCommand {
     List(ListArgs),
     /// Show one environment.
     Get { id: String },
-    /// Change an environment's name, description or metadata.
+    /// Change an environment's name, description, setup script or metadata.
     Update(UpdateArgs),
     /// Archive an environment: no new sessions, running work continues.
     Archive { id: String },
@@ -66,8 +66,26 @@ pub struct UpdateArgs {
     /// New description.
     #[arg(long)]
     description: Option<String>,
+    /// New setup script ('' removes it). The rest of the config is kept as it is read just
+    /// before: the server replaces a config whole.
+    #[arg(long)]
+    setup_script: Option<String>,
     #[command(flatten)]
     metadata: MetadataPatchArgs,
+}
+
+impl UpdateArgs {
+    /// See [`super::nothing_to_update`].
+    pub fn nothing_to_update(&self) -> Option<String> {
+        let changes = self.name.is_some()
+            || self.description.is_some()
+            || self.setup_script.is_some()
+            || self.metadata.patch().is_some();
+        super::nothing_to_update(
+            changes,
+            "--name, --description, --setup-script, --metadata or --unset-metadata",
+        )
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,11 +145,26 @@ pub async fn run(cx: Ctx, command: EnvCommand) -> Result<()> {
             cx.emit(&env, || show(&env));
         }
         EnvCommand::Update(args) => {
+            let config = match &args.setup_script {
+                None => None,
+                Some(script) => {
+                    let mut config = client.get_environment(&args.id).await?.config;
+                    let Some(fields) = config.as_object_mut() else {
+                        anyhow::bail!("environment {} has no config object", args.id);
+                    };
+                    if script.is_empty() {
+                        fields.remove("setup_script");
+                    } else {
+                        fields.insert("setup_script".into(), script.clone().into());
+                    }
+                    Some(config)
+                }
+            };
             let body = UpdateEnvironment {
                 name: args.name,
                 description: args.description,
+                config,
                 metadata: args.metadata.patch(),
-                ..Default::default()
             };
             let env = client.update_environment(&args.id, &body).await?;
             cx.emit(&env, || show(&env));
@@ -182,11 +215,26 @@ fn show(env: &Environment) -> String {
         ("kind", output::or_dash(env.kind())),
         ("status", output::or_dash(env.status.as_deref())),
         ("description", output::or_dash(env.description.as_deref())),
+        ("setup script", setup_script(env)),
         ("metadata", output::map(&env.metadata)),
         ("created", output::time(Some(&env.created_at))),
         ("updated", output::time(Some(&env.updated_at))),
         ("archived", output::time(env.archived_at.as_deref())),
     ])
+}
+
+/// The setup script's first line, and how many more there are (`--json` shows it whole).
+fn setup_script(env: &Environment) -> String {
+    let script = env.config.get("setup_script").and_then(|s| s.as_str());
+    let Some(script) = script.filter(|s| !s.is_empty()) else {
+        return "-".to_owned();
+    };
+    let mut lines = script.lines();
+    let first = lines.next().unwrap_or_default().to_owned();
+    match lines.count() {
+        0 => first,
+        more => format!("{first} … ({more} more lines; --json shows it whole)"),
+    }
 }
 
 fn table(envs: &[Environment]) -> String {

@@ -33,7 +33,8 @@ pub struct Connection {
     )]
     pub server: String,
     /// Admin token [default: the admin-token file in --data-dir].
-    #[arg(long, global = true, env = "TETHER_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "TETHER_TOKEN", hide_env_values = true,
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub token: Option<String>,
     /// Data directory of the server, whose admin-token file is read when no token is given.
     #[arg(
@@ -82,6 +83,12 @@ pub enum AdminCommand {
     Token(Group<token::TokenCommand>),
 }
 
+/// The refusal of an update given no change flag (`flags`: the flags it takes): one that changes
+/// nothing would still move `updated_at`, and an agent's a new version.
+pub fn nothing_to_update(changes: bool, flags: &str) -> Option<String> {
+    (!changes).then(|| format!("nothing to update: give at least one of {flags}"))
+}
+
 /// A usage error clap cannot see (it judges flags one by one): the subcommand's path and the
 /// message, for clap to print with that subcommand's usage.
 pub fn usage_error(command: &AdminCommand) -> Option<(&'static [&'static str], String)> {
@@ -92,6 +99,18 @@ pub fn usage_error(command: &AdminCommand) -> Option<(&'static [&'static str], S
         }) => args
             .nothing_to_update()
             .map(|message| (&["agent", "update"][..], message)),
+        AdminCommand::Env(Group {
+            command: env::EnvCommand::Update(args),
+            ..
+        }) => args
+            .nothing_to_update()
+            .map(|message| (&["env", "update"][..], message)),
+        AdminCommand::Session(Group {
+            command: session::SessionCommand::Update(args),
+            ..
+        }) => args
+            .nothing_to_update()
+            .map(|message| (&["session", "update"][..], message)),
         _ => None,
     }
 }
@@ -136,7 +155,11 @@ pub struct Ctx {
 
 impl Ctx {
     fn new(connection: Connection) -> Result<Ctx> {
-        let (token, source) = match connection.token.filter(|t| !t.trim().is_empty()) {
+        let (token, source) = match connection.token {
+            // Given blank, it is a mistake (an unset variable in a script), not a wish for the file.
+            Some(token) if token.trim().is_empty() => {
+                bail!("--token (TETHER_TOKEN) is blank: give the admin token, or leave it out to read the admin-token file")
+            }
             Some(token) => (token.trim().to_owned(), TokenSource::Given),
             None => {
                 let path = connection.data_dir.join("admin-token");
@@ -285,7 +308,7 @@ impl Explainer {
 #[derive(Args, Clone, Debug, Default)]
 pub struct PageArgs {
     /// Items per page (1–100).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub limit: Option<u32>,
     /// Start at this cursor (the `next_page` of an earlier listing).
     #[arg(long, conflicts_with = "all")]

@@ -135,6 +135,14 @@ pub struct UpdateArgs {
     metadata: MetadataPatchArgs,
 }
 
+impl UpdateArgs {
+    /// See [`super::nothing_to_update`].
+    pub fn nothing_to_update(&self) -> Option<String> {
+        let changes = self.title.is_some() || self.metadata.patch().is_some();
+        super::nothing_to_update(changes, "--title, --metadata or --unset-metadata")
+    }
+}
+
 pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
     let client = &cx.client;
     match command {

@@ -185,7 +185,11 @@ async fn readable_session(app: &App, p: &Principal, id: &str) -> ApiResult<Sessi
 }
 
 /// An agent may be read by an admin, by the session token of a session on it, and by a key of an
-/// environment where some session uses it.
+/// environment where some session uses it. At any of its versions: SPEC §11.1 grants "the agents
+/// of sessions in it", and an agent is one resource across its versions. A key or token thus also
+/// reads versions made after its sessions'; an agent whose later versions must stay with their
+/// own environments is better made anew for each (confining a key to its sessions' versions would
+/// mean reading every session of its environment, whose agent version only its document holds).
 async fn readable_agent(app: &App, p: &Principal, id: &str) -> ApiResult<()> {
     match p {
         Principal::Admin { .. } => Ok(()),

@@ -28,6 +28,9 @@ impl FromRequestParts<App> for Caller {
         }
         let dialect = dialect_of(parts);
         one_credential_header(&parts.headers)?;
+        if dialect.accepts_x_api_key() {
+            one_credential_in_both_headers(&parts.headers)?;
+        }
         let secret = bearer(&parts.headers)
             .or_else(|| if dialect.accepts_x_api_key() { header(&parts.headers, "x-api-key") } else { None })
             .ok_or_else(|| {
@@ -61,6 +64,25 @@ pub(super) fn one_credential_header(headers: &HeaderMap) -> Result<(), ApiError>
         }
     }
     Ok(())
+}
+
+/// Where both headers are taken (SPEC §11.1: `x-api-key` in the Anthropic dialect), they may name
+/// one credential twice, but not two of Tether's: for the same reason as [`one_credential_header`].
+/// An `x-api-key` that is no Tether credential beside a Bearer one (a gateway's own key passed on,
+/// an `ANTHROPIC_API_KEY` an older client sends beside its token) is left alone, as before: the
+/// Bearer credential is the caller.
+fn one_credential_in_both_headers(headers: &HeaderMap) -> Result<(), ApiError> {
+    let tethers = |token: &str| token.starts_with("tth_");
+    match (bearer(headers), header(headers, "x-api-key")) {
+        (Some(bearer), Some(api_key))
+            if tethers(&bearer) && tethers(api_key.trim()) && bearer != api_key.trim() =>
+        {
+            Err(ApiError::unauthorized(
+                "Authorization and x-api-key name different credentials: send one",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 pub(super) fn bearer(headers: &HeaderMap) -> Option<String> {

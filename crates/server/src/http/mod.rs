@@ -211,7 +211,7 @@ async fn envelope(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
+        .map(|p| crate::telemetry::route_label(p.as_str()))
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().as_str().to_owned();
     let started = Instant::now();
@@ -257,8 +257,6 @@ async fn envelope(request: Request, next: Next) -> Response {
     response
 }
 
-/// `error` in the envelope, in place of `response`'s body. The headers the refusal was given are kept
-/// (`Allow` on a 405, `retry-after` on a 503), but not those that described the body it replaces.
 /// `error` as a response that asks the client to try again in a second (`retry-after`, SPEC §1.10):
 /// a 503 of a busy server, a 429 of a limit that frees up as the caller's other requests end.
 pub fn retry_shortly(error: ApiError) -> Response {
@@ -269,6 +267,8 @@ pub fn retry_shortly(error: ApiError) -> Response {
     response
 }
 
+/// `error` in the envelope, in place of `response`'s body. The headers the refusal was given are kept
+/// (`Allow` on a 405, `retry-after` on a 503), but not those that described the body it replaces.
 fn enveloped(response: Response, error: &ApiError, request_id: &str) -> Response {
     let mut enveloped = (error.status, Json(error.body(request_id))).into_response();
     let (parts, _) = response.into_parts();

@@ -217,6 +217,7 @@ pub async fn get(
 
 pub async fn update(
     State(app): State<App>,
+    Caller(p): Caller,
     Path((env_id, work_id)): Path<(String, String)>,
     body: Result<JsonBody, ApiError>,
 ) -> ApiResult<Json<api::WorkItem>> {
@@ -224,7 +225,7 @@ pub async fn update(
     let api::WorkMetadataPatch { metadata } = decode::optional(body)?;
     let item = match metadata {
         None => app.get_work(&env, &work_id).await?,
-        Some(patch) => app.patch_work_metadata(&env, &work_id, &patch).await?,
+        Some(patch) => app.patch_work_metadata(&env, &work_id, &patch, &p).await?,
     };
     Ok(Json(wire::work(&item, None)))
 }

@@ -55,6 +55,20 @@ fn execution_identity(value: Option<&Value>) -> Result<Option<Value>> {
     )
 }
 
+/// `tools`: an array of objects, stored as given (§12.1). Workers read each one from the session's
+/// agent, so an element that is no definition at all (`null`, a string) is refused here rather than
+/// handed to every worker. `skills` and `mcp_servers` have no element type in the spec and are
+/// stored as given.
+fn tools(given: Option<Vec<Value>>) -> Result<Option<Vec<Value>>> {
+    if let Some(at) = given.iter().flatten().position(|tool| !tool.is_object()) {
+        return Err(Error::invalid(
+            "tools",
+            format!("tools must be an array of objects: tools[{at}] is not an object"),
+        ));
+    }
+    Ok(given)
+}
+
 /// The optional `version` of an update: the version the caller last saw (both official SDKs send it as
 /// an optimistic-concurrency precondition).
 fn expected_version(version: Option<u32>) -> Result<Option<u32>> {
@@ -135,6 +149,7 @@ impl App {
         let model = model(command.model.as_ref())?
             .ok_or_else(|| Error::invalid("model", "model is required"))?;
         let execution_identity = execution_identity(command.execution_identity.as_ref())?;
+        let tools = tools(command.tools)?;
         metadata::validate(&command.metadata)?;
         let now = self.now();
         let agent = Agent {
@@ -143,7 +158,7 @@ impl App {
             model,
             description: command.description,
             system: command.system,
-            tools: list(command.tools),
+            tools: list(tools),
             skills: list(command.skills),
             mcp_servers: list(command.mcp_servers),
             execution_identity,
@@ -182,7 +197,7 @@ impl App {
         let description = changes.description;
         let system = changes.system;
         let arrays: Vec<(&str, Option<Value>)> = vec![
-            ("tools", changes.tools.map(Value::Array)),
+            ("tools", tools(changes.tools)?.map(Value::Array)),
             ("skills", changes.skills.map(Value::Array)),
             ("mcp_servers", changes.mcp_servers.map(Value::Array)),
         ];

@@ -13,6 +13,11 @@ use super::{with_retries, App, Error, Missing, Result, Retry};
 /// The longest environment name.
 pub const MAX_NAME_CHARS: usize = 256;
 
+/// The longest `description` (the spec gives none): room for a page of text. Every read of the
+/// environment carries it, and a key may read its environment as often as it likes, so it is
+/// bounded like the `setup_script` beside it rather than by the body limit alone.
+pub const MAX_DESCRIPTION_CHARS: usize = 64 * 1024;
+
 /// A new environment.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NewEnvironment {
@@ -74,7 +79,7 @@ impl App {
         default_config: Option<Value>,
     ) -> Result<Environment> {
         let name = super::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
-        let description = command.description.unwrap_or_default();
+        let description = checked_description(command.description.unwrap_or_default())?;
         let config = match (command.config, default_config) {
             (Some(c), _) => c,
             (None, Some(default)) => default,
@@ -136,7 +141,7 @@ impl App {
             .name
             .map(|n| super::bounded_name(n, "name", MAX_NAME_CHARS))
             .transpose()?;
-        let description = changes.description;
+        let description = changes.description.map(checked_description).transpose()?;
         let patch = changes.metadata;
         let config = match changes.config {
             None => None,
@@ -225,4 +230,15 @@ impl App {
 
 fn not_found_environment(id: &str) -> Error {
     Error::not_found(Missing::Environment, id)
+}
+
+/// An environment's `description`: empty or up to [`MAX_DESCRIPTION_CHARS`].
+fn checked_description(description: String) -> Result<String> {
+    if description.chars().count() > MAX_DESCRIPTION_CHARS {
+        return Err(Error::invalid(
+            "description",
+            format!("description may be at most {MAX_DESCRIPTION_CHARS} characters"),
+        ));
+    }
+    Ok(description)
 }

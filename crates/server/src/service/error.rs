@@ -40,6 +40,12 @@ pub enum Error {
     /// The presented credential is unknown, revoked, or (a session token) no longer live.
     #[error("the credential is invalid, revoked or expired")]
     Unauthenticated,
+    /// A session token whose item's lease ran out: dead as any other, with the reason a worker needs
+    /// (its item goes back to the queue and will be served again, rather than having ended).
+    #[error(
+        "this session token's lease ran out: its work item goes back to the queue, for another worker"
+    )]
+    LeaseLapsed,
     /// The caller may not ask for this (beyond what the route's access admits), e.g. a worker sending a
     /// user-side event.
     #[error("{message}")]

@@ -157,6 +157,9 @@ pub struct AppInner {
     /// ([`App::mark_leases_kept`]): then a database this process cannot reach may be one that
     /// process still writes to, and this one promises no amnesty.
     others_keep_leases: std::sync::atomic::AtomicBool,
+    /// This process's last mark of the leases kept ([`App::mark_leases_kept`]), to tell whether
+    /// another process kept them while this one could not reach the database.
+    own_lease_mark: Mutex<Option<tether_core::lease::LeaseKeeperMark>>,
     /// Event streams open per environment, for [`ServiceConfig::max_streams_per_environment`].
     streams_open: StreamsOpen,
     /// Hints that spare the store a read (`crate::cache`): credentials (by id and by secret hash) and
@@ -211,26 +214,24 @@ impl App {
     /// session tokens hold [`ServiceConfig::max_streams_per_environment`] already. An admin
     /// token's streams are not counted.
     pub fn open_stream(&self, caller: &Principal) -> Result<StreamPlace> {
-        let environment_id = match caller {
-            Principal::Admin { .. } => return Ok(StreamPlace { counted: None }),
-            Principal::EnvironmentKey { environment_id, .. }
-            | Principal::SessionToken { environment_id, .. } => environment_id,
+        let Some(environment_id) = caller.environment_id() else {
+            return Ok(StreamPlace { counted: None });
         };
         let limit = self.config.max_streams_per_environment;
         let mut open = self
             .streams_open
             .lock()
             .expect("no code panics holding the streams' map");
-        let count = open.entry(environment_id.clone()).or_insert(0);
+        let count = open.entry(environment_id.to_owned()).or_insert(0);
         if *count >= limit {
             return Err(Error::TooManyStreams {
-                environment_id: environment_id.clone(),
+                environment_id: environment_id.to_owned(),
                 limit,
             });
         }
         *count += 1;
         Ok(StreamPlace {
-            counted: Some((self.streams_open.clone(), environment_id.clone())),
+            counted: Some((self.streams_open.clone(), environment_id.to_owned())),
         })
     }
 }
@@ -279,6 +280,7 @@ impl App {
             amnesty_running: tokio::sync::Mutex::new(()),
             server_id,
             others_keep_leases: std::sync::atomic::AtomicBool::new(false),
+            own_lease_mark: Mutex::new(None),
             streams_open: Arc::default(),
             credentials_by_id: TtlCache::new(ttl),
             credentials_by_hash: TtlCache::new(ttl),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Credential, CredentialKind};
-use tether_core::work::Stopper;
+use tether_core::work::{Stopper, WorkError};
 use tether_store::{ChangeSet, Page, PageRequest, Write};
 
 use super::{App, Error, Missing, Result};
@@ -89,7 +89,7 @@ impl Principal {
     pub fn stopper_of(&self, item: &tether_core::WorkItem, hold_next_item: bool) -> Stopper {
         let holders_token = match self {
             Principal::SessionToken { token_hash, .. } => {
-                item.session_token_hash.as_deref() == Some(token_hash.as_str())
+                tether_core::work::held_by(item, token_hash).is_ok()
             }
             Principal::Admin { .. } | Principal::EnvironmentKey { .. } => false,
         };
@@ -97,6 +97,27 @@ impl Principal {
             Stopper::Operator
         } else {
             Stopper::Holder
+        }
+    }
+
+    /// The one environment this caller acts for: a key's, or its session token's item's; `None`
+    /// for an admin token, which acts for every one.
+    pub fn environment_id(&self) -> Option<&str> {
+        match self {
+            Principal::EnvironmentKey { environment_id, .. }
+            | Principal::SessionToken { environment_id, .. } => Some(environment_id),
+            Principal::Admin { .. } => None,
+        }
+    }
+
+    /// Whether this caller may still act on `item`, as it is once any lapsed lease is settled: a
+    /// session token only while it holds the item (`work::held_by`), any other credential always.
+    pub fn may_act_on(&self, item: &tether_core::WorkItem) -> Result<(), WorkError> {
+        match self {
+            Principal::SessionToken { token_hash, .. } => {
+                tether_core::work::held_by(item, token_hash)
+            }
+            Principal::Admin { .. } | Principal::EnvironmentKey { .. } => Ok(()),
         }
     }
 
@@ -176,7 +197,11 @@ impl App {
         let invalid = || Error::Unauthenticated;
         let hash = credentials::hash(secret);
         if secret.starts_with(SESSION_PREFIX) {
-            let item = self.item_of_token(&hash).await?.ok_or_else(invalid)?;
+            let item = match self.token_item(&hash).await? {
+                TokenItem::Live(item) => *item,
+                TokenItem::Lapsed => return Err(Error::LeaseLapsed),
+                TokenItem::Dead => return Err(invalid()),
+            };
             return Ok(Principal::SessionToken {
                 work_id: item.id,
                 environment_id: item.environment_id,
@@ -214,16 +239,47 @@ impl App {
     /// lives no longer than that credential: revoking a worker's key cuts it off from its items at
     /// once, and their leases then run out as usual. The item carries only its latest delivery's
     /// token (D-27), so an earlier one finds nothing.
+    ///
+    /// A token also dies with its item's lease (`work::lease_lapsed`), before any pass has settled
+    /// it: otherwise a worker that lost its lease could still stop the item after it went back to
+    /// the queue, in the request that settles the lease (the `anthropic` SDK's worker force-stops
+    /// its item on any refused heartbeat but a 412), and end the session's retry. A request let in
+    /// just before the deadline and decided after it is refused by the operation itself
+    /// (`work::held_by`). After an outage, the lease is judged after the amnesty the reconnection
+    /// calls for, as any expiry is.
     async fn item_of_token(&self, token_hash: &str) -> Result<Option<tether_core::WorkItem>> {
-        let Some(item) = self.store.work_by_token_hash(token_hash).await? else {
-            return Ok(None);
+        Ok(match self.token_item(token_hash).await? {
+            TokenItem::Live(item) => Some(*item),
+            TokenItem::Lapsed | TokenItem::Dead => None,
+        })
+    }
+
+    /// [`Self::item_of_token`], saying why a token is dead when it is its lease that ran out.
+    async fn token_item(&self, token_hash: &str) -> Result<TokenItem> {
+        let Some(mut item) = self.store.work_by_token_hash(token_hash).await? else {
+            return Ok(TokenItem::Dead);
         };
+        if tether_core::work::lease_lapsed(&item.value, self.now())
+            && self.amnesty_after_outage().await?
+        {
+            // Deadlines may have moved.
+            let Some(again) = self.store.work_by_token_hash(token_hash).await? else {
+                return Ok(TokenItem::Dead);
+            };
+            item = again;
+        }
         let item = item.value;
         let issuer_alive = match &item.session_token_issuer {
             Some(issuer) => self.credential_alive(issuer).await?,
             None => true,
         };
-        Ok((item.state.is_live() && issuer_alive).then_some(item))
+        Ok(if !item.state.is_live() || !issuer_alive {
+            TokenItem::Dead
+        } else if tether_core::work::lease_lapsed(&item, self.now()) {
+            TokenItem::Lapsed
+        } else {
+            TokenItem::Live(Box::new(item))
+        })
     }
 
     /// Whether the stored credential `id` exists and is not revoked (from the one-second cache).
@@ -468,6 +524,15 @@ impl App {
         }
         self.store.get_credential(id).await?.ok_or_else(not_found)
     }
+}
+
+/// What a session token's item says of the token.
+enum TokenItem {
+    Live(Box<tether_core::WorkItem>),
+    /// The item's lease ran out (the item goes back to the queue, or stops if it was stopping).
+    Lapsed,
+    /// Unknown, re-delivered since, stopped, or minted under a revoked key.
+    Dead,
 }
 
 #[cfg(test)]

@@ -753,6 +753,7 @@ impl App {
         let asker = caller.asker();
         let (item, ()) = self
             .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
+                caller.may_act_on(item)?;
                 let stopper = caller.stopper_of(item, hold_next_item);
                 let step = work::stop_by(item, force, now, stopper)?;
                 Ok((step.asked_by(&asker), ()))
@@ -770,14 +771,18 @@ impl App {
         Ok(item)
     }
 
+    /// Merges `patch` into the item's metadata, asked for by `caller` (a worker's session token
+    /// only while it holds the item: its program's outcome belongs to its own run).
     pub async fn patch_work_metadata(
         &self,
         env: &Environment,
         work_id: &str,
         patch: &tether_core::metadata::MetadataPatch,
+        caller: &Principal,
     ) -> Result<WorkItem> {
         let (item, ()) = self
             .run_item_op(&env.id, work_id, ItemRead::Item, |item, _| {
+                caller.may_act_on(item)?;
                 Ok((work::patch_metadata(item, patch)?, ()))
             })
             .await?;
@@ -985,6 +990,15 @@ impl App {
             // Another request granted it while this one waited.
             return Ok(true);
         }
+        if !self.amnesty_owed_after_outage().await? {
+            tracing::info!(
+                "no lease amnesty after the database came back: another server kept the leases \
+                 meanwhile, and none was promised"
+            );
+            self.amnesty_granted_through
+                .fetch_max(seen, Ordering::SeqCst);
+            return Ok(false);
+        }
         let granted = self.grant_amnesty().await?;
         tracing::info!(
             granted,
@@ -993,6 +1007,27 @@ impl App {
         self.amnesty_granted_through
             .fetch_max(seen, Ordering::SeqCst);
         Ok(true)
+    }
+
+    /// `lease::amnesty_owed_after_outage`, from what this process promised during the outage and
+    /// the marks of the lease keepers. Always on a store of this process's own.
+    async fn amnesty_owed_after_outage(&self) -> Result<bool> {
+        if !self.store.shared() {
+            return Ok(true);
+        }
+        // What the last look before the outage noted, and so what the outage's 503s promised.
+        let promised = self.alone_at_last_look();
+        let own_last = *self.own_lease_mark.lock().expect("own lease mark lock");
+        let others = self
+            .store
+            .lease_keeper_marks_elsewhere(&self.server_id)
+            .await?;
+        Ok(tether_core::lease::amnesty_owed_after_outage(
+            promised,
+            own_last,
+            &others,
+            self.now(),
+        ))
     }
 
     /// A 503 because the database is away tells a worker (`error.details.lease_amnesty_ms`) that its
@@ -1016,11 +1051,17 @@ impl App {
     /// process would go on expiring the leases this one promised would not expire, while their
     /// workers kept their programs running beside the ones the items went to next.
     pub fn lease_amnesty_promise(&self) -> Option<i64> {
-        let alone = !self
-            .others_keep_leases
-            .load(std::sync::atomic::Ordering::SeqCst);
-        (self.store.in_outage() && self.config.amnesty_grace_ms > 0 && alone)
+        (self.store.in_outage() && self.config.amnesty_grace_ms > 0 && self.alone_at_last_look())
             .then_some(self.config.amnesty_grace_ms)
+    }
+
+    /// Whether no other server process kept the leases when this one last looked
+    /// ([`Self::look_for_other_lease_keepers`]): then an outage's 503s promise amnesty, and the
+    /// amnesty after it is owed.
+    fn alone_at_last_look(&self) -> bool {
+        !self
+            .others_keep_leases
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Lease amnesty at start (§3.1), unless another server process sharing the store has just
@@ -1039,12 +1080,28 @@ impl App {
         if !self.store.shared() {
             return Ok(());
         }
+        let mark = tether_core::lease::LeaseKeeperMark::new(self.now(), self.config.tick);
         self.commit(ChangeSet::one(Write::MarkLeasesKept {
             server_id: self.server_id.clone(),
-            at: self.now(),
+            mark,
         }))
         .await?;
+        *self.own_lease_mark.lock().expect("own lease mark lock") = Some(mark);
         self.look_for_other_lease_keepers().await?;
+        Ok(())
+    }
+
+    /// Tells the other server processes sharing the store that this one has stopped keeping the
+    /// leases: a server that starts next, beside no other, grants amnesty for the time none kept
+    /// them, rather than waiting out this one's last mark (three of its ticks).
+    pub async fn unmark_leases_kept(&self) -> Result<()> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        self.commit(ChangeSet::one(Write::UnmarkLeasesKept {
+            server_id: self.server_id.clone(),
+        }))
+        .await?;
         Ok(())
     }
 
@@ -1053,12 +1110,14 @@ impl App {
     /// mark, an outage then promises nothing that another server could break. Never on a store of
     /// this process's own.
     async fn look_for_other_lease_keepers(&self) -> Result<bool> {
-        let kept_elsewhere = if self.store.shared() {
-            self.store.leases_kept_elsewhere_at(&self.server_id).await?
+        let marks = if self.store.shared() {
+            self.store
+                .lease_keeper_marks_elsewhere(&self.server_id)
+                .await?
         } else {
-            None
+            Vec::new()
         };
-        let others_keep = tether_core::lease::others_keep_leases(kept_elsewhere, self.now());
+        let others_keep = tether_core::lease::others_keep_leases(&marks, self.now());
         self.others_keep_leases
             .store(others_keep, std::sync::atomic::Ordering::SeqCst);
         Ok(others_keep)

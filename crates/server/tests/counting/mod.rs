@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
+use tether_core::lease::LeaseKeeperMark;
 use tether_core::resources::{Agent, Credential, CredentialKind, Environment, Session};
 use tether_core::{Timestamp, WorkItem};
 use tether_server::service::environments::NewEnvironment;
@@ -273,8 +274,12 @@ impl Store for Counting {
     fn shared(&self) -> bool {
         self.inner.shared()
     }
-    async fn leases_kept_elsewhere_at(&self, server_id: &str) -> StoreResult<Option<Timestamp>> {
-        self.inner.leases_kept_elsewhere_at(server_id).await
+    async fn lease_keeper_marks_elsewhere(
+        &self,
+        server_id: &str,
+    ) -> StoreResult<Vec<LeaseKeeperMark>> {
+        self.before_call()?;
+        self.after_call(self.inner.lease_keeper_marks_elsewhere(server_id).await)
     }
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {
         self.inner.count_credentials(kind, revoked_too).await

@@ -475,3 +475,62 @@ pub async fn a_held_item_is_a_claim_candidate_from_its_moment_on(store: &impl St
     let read = store.get_work("work_held").await.unwrap().unwrap();
     assert_eq!(read.value.not_before, Some(until));
 }
+
+/// The marks of the server processes keeping the leases: each server's latest replaces its earlier
+/// one, a server never reads its own, a stopping server's is taken back, and marks older than a
+/// moment are forgotten.
+pub async fn lease_keeper_marks_are_kept_one_per_server(store: &impl Store) {
+    use std::time::Duration;
+    use tether_core::lease::LeaseKeeperMark;
+    let mark = |server_id: &str, at_ms: i64| {
+        let mark = LeaseKeeperMark::new(Timestamp::from_millis(at_ms), Duration::from_secs(1));
+        (
+            Write::MarkLeasesKept {
+                server_id: server_id.into(),
+                mark,
+            },
+            mark,
+        )
+    };
+    let (a1, _) = mark("host-a/127.0.0.1:4780", 1_000);
+    let (a2, a2_mark) = mark("host-a/127.0.0.1:4780", 2_000);
+    let (b, b_mark) = mark("host-b/127.0.0.1:4780", 1_500);
+    store
+        .commit(ChangeSet {
+            writes: vec![a1, b],
+        })
+        .await
+        .unwrap();
+    store.commit(ChangeSet::one(a2)).await.unwrap();
+    let elsewhere = |server_id: &'static str| store.lease_keeper_marks_elsewhere(server_id);
+    assert_eq!(
+        elsewhere("host-b/127.0.0.1:4780").await.unwrap(),
+        vec![a2_mark]
+    );
+    assert_eq!(
+        elsewhere("host-a/127.0.0.1:4780").await.unwrap(),
+        vec![b_mark]
+    );
+    // Newest first, for a server that is neither.
+    assert_eq!(
+        elsewhere("host-c/127.0.0.1:4780").await.unwrap(),
+        vec![a2_mark, b_mark]
+    );
+    store
+        .commit(ChangeSet::one(Write::UnmarkLeasesKept {
+            server_id: "host-a/127.0.0.1:4780".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        elsewhere("host-c/127.0.0.1:4780").await.unwrap(),
+        vec![b_mark]
+    );
+    store
+        .commit(ChangeSet::one(Write::ForgetLeaseKeepers {
+            before: Timestamp::from_millis(1_501),
+        }))
+        .await
+        .unwrap();
+    assert!(elsewhere("host-c/127.0.0.1:4780").await.unwrap().is_empty());
+}

@@ -388,6 +388,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         header_timeout: args.header_timeout,
         idle_timeout: args.idle_timeout,
     };
+    let name = server_name(&local);
     let config = ServiceConfig {
         public_url: args
             .public_url
@@ -405,7 +406,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         max_event_bytes: args.event_limit as usize,
         request_memory: args.request_memory as usize,
         metrics_token_hash,
-        server_name: Some(server_name(&local)),
+        server_name: Some(name.clone()),
         max_streams_per_environment: args.max_streams_per_environment,
         ..ServiceConfig::default()
     };
@@ -420,6 +421,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         store = app.store.backend(),
         tls = tls.is_some(),
         max_connections = limits.max_connections,
+        // Its mark in the database's lease_keepers says when it last checked the leases.
+        server_name = %name,
         "tether is listening"
     );
     // The line people (and scripts of text logs) look for; a JSON log has it in the event above.
@@ -441,13 +444,35 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// This server among those sharing a database, the same from one start to the next: its host and
-/// the address it listens on (one host runs one server per address).
+/// This server among those sharing a database, the same from one start to the next: its host, the
+/// address it listens on (one host runs one server per address) and the start of the kernel's boot
+/// id. The boot id tells apart machines cloned from one image, which share host name and address:
+/// two servers under one name would each take the other's lease marks for their own, and each could
+/// then promise its workers an amnesty that the other does not keep (`lease::others_keep_leases`).
+/// It stays the same across the server's restarts, which must not take their own last mark for
+/// another server's; a reboot changes it, and the old mark lapses long before a reboot ends.
 fn server_name(listening: &std::net::SocketAddr) -> String {
     let host = hostname::get()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "localhost".to_owned());
-    format!("{host}/{listening}")
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+    name_of_server(&host, listening, boot_id.as_deref())
+}
+
+/// See [`server_name`]: `host/address`, then `/boot-` and the boot id's first 12 hex digits where
+/// the kernel gives one.
+fn name_of_server(host: &str, listening: &std::net::SocketAddr, boot_id: Option<&str>) -> String {
+    let boot: String = boot_id
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(12)
+        .collect();
+    if boot.is_empty() {
+        format!("{host}/{listening}")
+    } else {
+        format!("{host}/{listening}/boot-{boot}")
+    }
 }
 
 /// First start of an empty store: mint the admin token (or adopt TETHER_ADMIN_TOKEN), print it once and
@@ -568,6 +593,32 @@ mod tests {
             Ok(parsed) => super::check_flags(&parsed.serve).err(),
             Err(e) => Some(e.to_string()),
         }
+    }
+
+    #[test]
+    fn servers_on_machines_cloned_from_one_image_have_different_names() {
+        let address: std::net::SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let first = super::name_of_server(
+            "debian",
+            &address,
+            Some("5c9e0d8f-1b2a-4c3d-9e8f-0a1b2c3d4e5f\n"),
+        );
+        let clone = super::name_of_server(
+            "debian",
+            &address,
+            Some("77aa3e10-0b1c-4d2e-8f3a-4b5c6d7e8f90\n"),
+        );
+        assert_eq!(first, "debian/0.0.0.0:8080/boot-5c9e0d8f1b2a");
+        assert_ne!(first, clone);
+        // Without a boot id (not Linux, or no /proc), host and address as before.
+        assert_eq!(
+            super::name_of_server("debian", &address, None),
+            "debian/0.0.0.0:8080"
+        );
+        assert_eq!(
+            super::name_of_server("debian", &address, Some("")),
+            "debian/0.0.0.0:8080"
+        );
     }
 
     #[test]

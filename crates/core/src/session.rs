@@ -205,6 +205,25 @@ pub fn couple(status: SessionStatus, pending_input: bool, transitions: &[Transit
     coupling
 }
 
+/// A cancel (§12.2) of a turn that no work item serves: a session on an environment without a
+/// queue (`cloud`, stored but never run, §0) starts a turn with a message, and no worker would ever
+/// end it. It ends now, as a turn cancelled before a worker started it does
+/// ([`on_work_transition`] with `SessionInterrupted`): `idle`, without an error.
+pub fn on_interrupt_without_item(status: SessionStatus, pending_input: bool) -> Coupling {
+    let ends = matches!(status, SessionStatus::Running | SessionStatus::Rescheduling);
+    Coupling {
+        status: if ends { SessionStatus::Idle } else { status },
+        // Input waiting for the turn is part of what was cancelled; a terminated session keeps all.
+        pending_input: pending_input && status == SessionStatus::Terminated,
+        events: if ends {
+            vec![ServerEvent::StatusIdle(IdleReason::EndTurn)]
+        } else {
+            Vec::new()
+        },
+        enqueue_fresh_item: false,
+    }
+}
+
 /// Until when the session's next item is held (§7.3 rule 1, kept for programs as well as items):
 /// the later of what the session holds already (`held`) and what a step that stopped its item leaves
 /// running (`work::Step::holder_may_run_until`). A moment already past holds nothing and is

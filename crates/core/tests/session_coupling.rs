@@ -10,8 +10,8 @@ use proptest::prelude::*;
 use serde_json::json;
 use tether_core::events::{self, EventType};
 use tether_core::session::{
-    couple, on_user_message, on_work_transition, touches_session, IdleReason, InputDecision,
-    QueueEffect, ServerEvent, SessionStatus,
+    couple, on_interrupt_without_item, on_user_message, on_work_transition, touches_session,
+    IdleReason, InputDecision, QueueEffect, ServerEvent, SessionStatus,
 };
 use tether_core::time::Timestamp;
 use tether_core::work::{Cause, Transition, WorkData, WorkState};
@@ -184,6 +184,37 @@ fn a_turn_cancelled_before_a_worker_started_it_ends_without_an_error() {
         &t(Cause::SessionInterrupted, WorkState::Stopped),
     );
     assert!(e.is_empty());
+}
+
+/// A turn no item serves (a `cloud` environment's) ends at its cancel exactly as one whose item no
+/// worker had started: the same status, events and input flag as the coupling of that stop.
+#[test]
+fn a_cancelled_turn_without_an_item_ends_as_one_no_worker_started() {
+    for status in [
+        SessionStatus::Idle,
+        SessionStatus::Running,
+        SessionStatus::Rescheduling,
+        SessionStatus::Terminated,
+    ] {
+        for pending in [false, true] {
+            let without_item = on_interrupt_without_item(status, pending);
+            let unstarted = couple(
+                status,
+                pending,
+                &[t(Cause::SessionInterrupted, WorkState::Stopped)],
+            );
+            assert_eq!(without_item, unstarted, "{status:?} pending={pending}");
+        }
+    }
+    let ended = on_interrupt_without_item(SessionStatus::Running, true);
+    assert_eq!(
+        (ended.status, ended.pending_input, ended.events),
+        (
+            SessionStatus::Idle,
+            false,
+            vec![ServerEvent::StatusIdle(IdleReason::EndTurn)]
+        )
+    );
 }
 
 #[test]

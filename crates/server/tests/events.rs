@@ -1355,6 +1355,42 @@ async fn cancel_ends_a_turn_no_worker_has_started() {
     .await;
 }
 
+/// A `cloud` environment is stored but runs nothing (§0): a message starts a turn there that no
+/// item serves and no worker could end. Its cancel ends it, as it ends a turn no worker started.
+#[tokio::test]
+async fn cancel_ends_a_turn_that_no_item_serves() {
+    each_backend(async |server| {
+        let (status, env) = server
+            .post(
+                "/environments",
+                json!({"name": "managed", "config": {"type": "cloud"}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{env}");
+        let env = env["id"].as_str().unwrap().to_owned();
+        let agent = server.agent().await;
+        let session = server.session(&env, &agent).await;
+        for turn in ["first", "second"] {
+            post_ok(server, &session, json!([message(turn)])).await;
+            assert_eq!(status_of(server, &session).await, "running", "{turn}");
+            let (status, canceling) = server
+                .post(&format!("/sessions/{session}/cancel"), json!({}))
+                .await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{canceling}");
+            assert_eq!(status_of(server, &session).await, "idle", "{turn}");
+            let events = log(server, &session).await;
+            let last: Vec<&Value> = events.iter().rev().take(2).collect();
+            assert_eq!(last[1]["type"], "user.interrupt", "{turn}");
+            assert_eq!(last[0]["type"], "session.status_idle", "{turn}");
+            assert_eq!(last[0]["stop_reason"], json!({"type": "end_turn"}));
+        }
+        // Nothing was ever queued for it.
+        let (status, items) = server.get(&format!("/environments/{env}/work")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "not a queue: {items}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_defined_outcome_wakes_a_dormant_session_without_a_turn() {
     each_backend(async |server| {

@@ -53,6 +53,22 @@ pub fn server_event(session: &mut Session, event: &ServerEvent, now: Timestamp) 
     new_event(session, event.kind().as_str(), event.fields(), now)
 }
 
+/// Applies a session coupling (`session::couple` and kin) to `session`: its status and input flag,
+/// and the server events it writes, in order, numbered on the session.
+pub fn apply_coupling(
+    session: &mut Session,
+    coupling: &tether_core::session::Coupling,
+    now: Timestamp,
+) -> Vec<SessionEvent> {
+    session.status = coupling.status;
+    session.pending_input = coupling.pending_input;
+    coupling
+        .events
+        .iter()
+        .map(|event| server_event(session, event, now))
+        .collect()
+}
+
 /// The events of one `POST /sessions/{id}/events`, in order, as sent: event types are open-ended (a
 /// user event may carry fields of its own), so each is judged against its type's rules
 /// ([`App::incoming_events`]) rather than by its shape in the request.
@@ -452,10 +468,21 @@ impl App {
             );
             let mut changes = ChangeSet::one(Write::InsertEvent(interrupt));
             // A turn no worker has started would stay `running` until one took it: it ends now.
-            self.end_live_item(&mut next, now, &mut changes, |item| {
-                tether_core::work::interrupt_unstarted(item, now)
-            })
-            .await?;
+            let had_item = self
+                .end_live_item(&mut next, now, &mut changes, |item| {
+                    tether_core::work::interrupt_unstarted(item, now)
+                })
+                .await?;
+            // One that no item serves at all (a `cloud` environment's) would never end: it ends too.
+            if !had_item {
+                let coupling = tether_core::session::on_interrupt_without_item(
+                    next.status,
+                    next.pending_input,
+                );
+                for event in apply_coupling(&mut next, &coupling, now) {
+                    changes.push(Write::InsertEvent(event));
+                }
+            }
             next.updated_at = now;
             changes.push(Write::UpdateSession {
                 session: next.clone(),

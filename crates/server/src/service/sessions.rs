@@ -310,37 +310,35 @@ impl App {
             work::force_stop_for(item, now, cause)
         })
         .await
+        .map(|_had_one| ())
     }
 
     /// Adds to `changes` what `stop` makes of the session's live item (if any), and what that
     /// does to the session (§7.3): the session's own change (archive, delete, cancel) is the
-    /// caller's, and the item's write goes in the same commit.
+    /// caller's, and the item's write goes in the same commit. Returns whether the session had a
+    /// live item at all.
     pub(super) async fn end_live_item(
         &self,
         session: &mut Session,
         now: tether_core::Timestamp,
         changes: &mut ChangeSet,
         stop: impl FnOnce(&tether_core::WorkItem) -> Option<tether_core::Step>,
-    ) -> Result<(), Retry> {
+    ) -> Result<bool, Retry> {
         let Some(live) = self.store.live_work_for_session(&session.id).await? else {
-            return Ok(());
+            return Ok(false);
         };
         let Some(step) = stop(&live.value) else {
-            return Ok(());
+            return Ok(true);
         };
         let coupling = session::couple(session.status, session.pending_input, &step.transitions);
         assert!(
             !coupling.enqueue_fresh_item,
             "a session's own end of its item never asks for a fresh one"
         );
-        session.status = coupling.status;
-        session.pending_input = coupling.pending_input;
         session.next_item_not_before =
             session::hold_next_item(session.next_item_not_before, step.holder_may_run_until, now);
-        for event in &coupling.events {
-            changes.push(Write::InsertEvent(super::events::server_event(
-                session, event, now,
-            )));
+        for event in super::events::apply_coupling(session, &coupling, now) {
+            changes.push(Write::InsertEvent(event));
         }
         changes.push(Write::UpdateWork {
             item: step.item,
@@ -348,7 +346,7 @@ impl App {
             transitions: step.transitions,
             session_version: None,
         });
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -14,7 +14,7 @@ use tether_store::{
     Write,
 };
 
-use super::events::server_event;
+use super::events::apply_coupling;
 use super::tokens::Principal;
 use super::worker_records::Record;
 use super::{App, Error, Missing, Result, Retry, SessionOfItem};
@@ -420,14 +420,8 @@ impl App {
         if !coupling.changes(next.status, next.pending_input) && hold == next.next_item_not_before {
             return Ok(Some(session.version));
         }
-        next.status = coupling.status;
-        next.pending_input = coupling.pending_input;
         next.next_item_not_before = hold;
-        let events: Vec<_> = coupling
-            .events
-            .iter()
-            .map(|event| server_event(&mut next, event, now))
-            .collect();
+        let events = apply_coupling(&mut next, &coupling, now);
         next.updated_at = now;
         if coupling.enqueue_fresh_item {
             let (item, write) = self.enqueue_for_session(&next, now);

@@ -20,7 +20,8 @@ pub enum LogFormat {
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:4780")]
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:4780",
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub listen: String,
     /// Directory of the embedded store and the bootstrap admin token.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data")]
@@ -220,8 +221,21 @@ pub fn init_logging_to<W>(format: LogFormat, writer: W)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG").unwrap_or_else(|_| "info".into());
+    // A TETHER_LOG that does not parse is said in the log it would have shaped, not passed over.
+    let (filter, refused) = match std::env::var("TETHER_LOG") {
+        Ok(given) if !given.trim().is_empty() => {
+            match tracing_subscriber::EnvFilter::try_new(&given) {
+                Ok(filter) => (filter, None),
+                Err(e) => (
+                    "info".into(),
+                    Some(format!(
+                        "TETHER_LOG {given:?} ignored ({e}): logging at info"
+                    )),
+                ),
+            }
+        }
+        _ => ("info".into(), None),
+    };
     // Colours only on a terminal: a log redirected to a file gets no escape sequences.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -231,6 +245,9 @@ where
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    if let Some(refused) = refused {
+        tracing::warn!("{refused}");
+    }
 }
 
 pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
@@ -622,8 +639,8 @@ mod tests {
     }
 
     #[test]
-    fn a_database_or_metrics_token_given_empty_is_refused() {
-        for flag in ["--database", "--metrics-token"] {
+    fn a_database_metrics_token_or_listen_address_given_empty_is_refused() {
+        for flag in ["--database", "--metrics-token", "--listen"] {
             let error = refusal(&[flag, ""]).unwrap_or_else(|| panic!("{flag} '' taken"));
             assert!(error.contains(flag), "{error}");
         }

@@ -56,7 +56,8 @@ impl clap::Args for WorkerCommand {
 #[derive(clap::Subcommand, Debug)]
 enum Mode {
     /// Claim one item, run PROGRAM for it, and exit with PROGRAM's status (for cron and CI runners).
-    /// With --max-idle, exit 0 when no item came within that time.
+    /// With --max-idle, exit 0 when no item came within that time (1 when the server answered no
+    /// poll in it).
     RunOne(WorkerArgs),
 }
 
@@ -141,7 +142,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "TETHER_KEEP_WORKDIR", action = clap::ArgAction::SetTrue,
           value_parser = clap::builder::BoolishValueParser::new())]
     keep_workdir: bool,
-    /// Exit 0 after this long without work (no item claimed or running), e.g. 5m.
+    /// Exit 0 after this long without work (no item claimed or running), e.g. 5m; exit 1 instead
+    /// when the server answered no poll in that time.
     #[arg(long, env = "TETHER_MAX_IDLE", value_parser = parse_duration)]
     max_idle: Option<Duration>,
     /// Run each item's PROGRAM confined (bubblewrap): read-only system, its own directory the only

@@ -571,6 +571,62 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
     );
 }
 
+/// A TETHER_LOG that does not parse is said in the log, not silently replaced by `info`.
+#[test]
+fn a_log_filter_that_does_not_parse_is_said() {
+    let output = support::tether_command()
+        .args([
+            "worker",
+            "--max-idle",
+            "1ms",
+            "--server",
+            "http://127.0.0.1:9",
+        ])
+        .args(["--environment", "env_x", "--key", "tth_env_x", "--", "true"])
+        .env("TETHER_LOG", "bogus===")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains("TETHER_LOG \"bogus===\" ignored") && log.contains("logging at info"),
+        "{log}"
+    );
+}
+
+/// A worker that never reached its server was not idle: `--max-idle` ends it with an error that
+/// says so, not with the 0 of a quiet queue (under cron or an autoscaler, a mistyped --server would
+/// look like success).
+#[test]
+fn max_idle_without_a_single_answered_poll_is_a_failure() {
+    // A port nobody listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("http://127.0.0.1:{port}");
+    for mode in [&["worker"][..], &["worker", "run-one"][..]] {
+        let mut worker = support::tether_command()
+            .args(mode)
+            .args(["--max-idle", "1s", "--server", &server])
+            .args(["--environment", "env_x", "--key", "tth_env_x"])
+            .args(["--", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = support::wait_exit(&mut worker, "tether worker --max-idle", PATIENCE);
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut log).unwrap();
+        assert_eq!(status.code(), Some(1), "{mode:?}: {log}");
+        assert!(
+            log.contains("the server answered no poll for --max-idle") && log.contains(&server),
+            "{mode:?}: {log}"
+        );
+        assert!(!log.contains("no work for --max-idle"), "{mode:?}: {log}");
+    }
+}
+
 #[test]
 fn completions_are_generated_for_each_shell() {
     for shell in ["bash", "zsh", "fish"] {

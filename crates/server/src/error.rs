@@ -153,7 +153,7 @@ impl From<service::Error> for ApiError {
                     Missing::AgentVersion(_) => error.with_code("agent_version_not_found"),
                     Missing::Session => error.with_code("session_not_found"),
                     Missing::Work => error.with_code("work_not_found"),
-                    Missing::Credential => error,
+                    Missing::Credential(_) => error,
                 }
             }
             Error::Invalid { param, .. } => {

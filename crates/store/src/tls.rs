@@ -153,6 +153,11 @@ pub fn split_tls_options(url: &str) -> StoreResult<(String, TlsOptions)> {
                 }
             }
         }
+    } else if let Some(scheme) = other_url_scheme(url) {
+        return Err(invalid(format!(
+            "invalid PostgreSQL connection string: a URL must start with postgresql:// (or \
+             postgres://), not {scheme}://"
+        )));
     } else {
         let mut kept = Vec::new();
         for (key, value, raw) in key_value_pairs(url)? {
@@ -170,6 +175,18 @@ pub fn split_tls_options(url: &str) -> StoreResult<(String, TlsOptions)> {
             roots,
         },
     ))
+}
+
+/// The scheme of a URL that is not PostgreSQL's (`mysql` of `mysql://…`), which would otherwise be
+/// read as a libpq keyword/value string and refused for something it does not say. A keyword/value
+/// string has no `://` before its first `=` or blank.
+fn other_url_scheme(text: &str) -> Option<&str> {
+    let (scheme, _) = text.split_once("://")?;
+    let looks_like_one = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    looks_like_one.then_some(scheme)
 }
 
 /// The `key = value` pairs of a libpq keyword/value string, each with its raw text. Values may be
@@ -414,6 +431,17 @@ mod tests {
         ] {
             assert!(split_tls_options(bad).is_err(), "{bad}");
         }
+        // Another database's URL is named as such, not misread as a keyword string.
+        for (other, scheme) in [("mysql://x", "mysql"), ("sqlite+file://db", "sqlite+file")] {
+            let error = split_tls_options(other).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("not {scheme}://")) && error.contains("postgresql://"),
+                "{error}"
+            );
+        }
+        // A keyword string whose value holds `://` is still one.
+        let (kept, _) = split("host=h options='-c x=a://b'");
+        assert_eq!(kept, "host=h options='-c x=a://b'");
     }
 
     #[test]

@@ -25,6 +25,17 @@ const EARLY_EMPTY_POLL: Duration = Duration::from_millis(LONG_POLL_MS as u64 / 2
 /// nothing for that long.
 const POLL_ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
+/// What the polls of one idle stretch (no item claimed or running) heard from the server.
+#[derive(Debug, PartialEq, Eq)]
+enum IdleStretch {
+    /// No poll was tried yet.
+    Untried,
+    /// None was answered; the last failure, in words.
+    Unanswered(String),
+    /// One was: whatever the others did, the server was reached and found no work.
+    Answered,
+}
+
 /// Claims work until the worker stops claiming (any phase past `Running`, the one item of `run-one`,
 /// `--max-idle` without work), or a refusal says that claiming cannot work (the error explains why).
 /// Supervisors go into `tasks`. Returns how many items it claimed.
@@ -59,6 +70,10 @@ async fn claim(
     // After a poll that got no answer, the next goes on a connection of its own: the pooled one it
     // went on may be dead, and so may others in the pool.
     let mut fresh_connection = false;
+    // What the polls of the idle stretch so far heard: a worker that never reached its server was
+    // not idle, and `--max-idle` must not end it as if it were (under cron or an autoscaler, a
+    // mistyped --server would look like a quiet queue).
+    let mut heard = IdleStretch::Untried;
     loop {
         while tasks.try_join_next().is_some() {}
         if *phase.borrow() != Phase::Running || (shared.run_one && *claimed > 0) {
@@ -66,11 +81,22 @@ async fn claim(
         }
         if !tasks.is_empty() {
             *idle_since = Instant::now();
+            heard = IdleStretch::Untried;
         } else if let Some(max_idle) = shared.max_idle {
-            if idle_since.elapsed() >= max_idle {
+            // A stretch is judged once a poll was tried in it, however short --max-idle is.
+            if idle_since.elapsed() >= max_idle && heard != IdleStretch::Untried {
+                let max_idle = format!("{}s", max_idle.as_secs_f64());
+                if let IdleStretch::Unanswered(why) = heard {
+                    return Err(crate::Error::Unreached(format!(
+                        "the server answered no poll for --max-idle ({max_idle}), so the queue \
+                         may not be idle at all; the last try: {why}. Check --server / \
+                         TETHER_SERVER ({})",
+                        shared.client.server_url()
+                    )));
+                }
                 report.info(
                     "no work for --max-idle: exiting",
-                    &[("max_idle", &format!("{}s", max_idle.as_secs_f64()))],
+                    &[("max_idle", &max_idle)],
                 );
                 return Ok(());
             }
@@ -113,6 +139,11 @@ async fn claim(
                 _ = reached(&mut phase, Phase::Draining) => return Ok(()),
             };
             fresh_connection = !crate::error::answered(&polled);
+            // Only a poll's answer tells whether the queue is idle: a 503 does not either.
+            heard = match (&polled, heard) {
+                (Ok(_), _) | (Err(_), IdleStretch::Answered) => IdleStretch::Answered,
+                (Err(e), _) => IdleStretch::Unanswered(crate::error::described(e)),
+            };
             match polled {
                 // An id the worker would make paths of (its work directory, its log file, its cgroups)
                 // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
@@ -219,8 +250,10 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
              whether it still exists); mint a new key with `tether env key create {env}`"
         ),
         Some(403) => format!(
-            "the key may not take work from environment {env} ({e}). An environment key works for \
-             its own environment only: check --environment / TETHER_ENVIRONMENT and --key / TETHER_KEY"
+            "the key may not take work from environment {env} ({e}): it is another environment's \
+             key, or there is no environment {env} (a key is not told which). An environment key \
+             works for its own environment only: check --environment / TETHER_ENVIRONMENT and \
+             --key / TETHER_KEY"
         ),
         Some(404) if e.code() == Some("environment_not_found") => format!(
             "environment {env} does not exist on {server} ({e}). Check --environment / \
@@ -232,7 +265,9 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
         Some(400) => format!("the server will not hand out work from environment {env}: {e}"),
         Some(_) => format!("the server refused to hand out work: {e}"),
         None if e.is_tls() => format!("{e}"),
-        None => format!("{server} did not answer like a Tether server ({e}). Check --server / TETHER_SERVER"),
+        None => format!(
+            "{server} did not answer like a Tether server ({e}). Check --server / TETHER_SERVER"
+        ),
     };
     crate::Error::Refused(why)
 }

@@ -16,6 +16,10 @@ pub enum Error {
          answered (see the log for any that could not be)"
     )]
     Forced,
+    /// `--max-idle` passed without the server answering a single poll: the worker cannot tell an
+    /// idle queue from a server it does not reach.
+    #[error("{0}")]
+    Unreached(String),
     /// `run-one`: the item ended without its program running to its end.
     #[error("the item ended without PROGRAM running to its end (see the log)")]
     NotRun,

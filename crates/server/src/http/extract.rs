@@ -36,6 +36,8 @@ impl FromRequestParts<App> for Caller {
             .ok_or_else(|| {
                 let hint = if !dialect.accepts_x_api_key() && header(&parts.headers, "x-api-key").is_some() {
                     "send the token as Authorization: Bearer <token> (x-api-key is not accepted on this prefix)"
+                } else if dialect.accepts_x_api_key() {
+                    "an Authorization: Bearer <token> or an x-api-key header is required"
                 } else {
                     "an Authorization: Bearer <token> header is required"
                 };

@@ -250,7 +250,8 @@ async fn envelope(request: Request, next: Next) -> Response {
         tracing::info!(
             target: "tether::access",
             status = status.as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            // Whole microseconds: 0.395, not 0.39458800000000005.
+            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
             "request"
         )
     });

@@ -16,7 +16,8 @@ pub enum Missing {
     Session,
     /// A work item of the environment the request names.
     Work,
-    Credential,
+    /// An admin token or an environment key (of the environment the request names).
+    Credential(tether_core::resources::CredentialKind),
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -103,7 +104,12 @@ fn not_found_message(kind: Missing, id: &str) -> String {
         Missing::AgentVersion(version) => format!("agent {id} has no version {version}"),
         Missing::Session => format!("no session {id}"),
         Missing::Work => format!("no work item {id} in this environment"),
-        Missing::Credential => format!("no credential {id}"),
+        Missing::Credential(tether_core::resources::CredentialKind::Admin) => {
+            format!("no admin token {id}")
+        }
+        Missing::Credential(tether_core::resources::CredentialKind::Environment) => {
+            format!("no key {id} of this environment")
+        }
     }
 }
 

@@ -503,7 +503,7 @@ impl App {
         environment_id: Option<&str>,
         id: &str,
     ) -> Result<Credential> {
-        let not_found = || Error::not_found(Missing::Credential, id);
+        let not_found = || Error::not_found(Missing::Credential(kind), id);
         let credential = self.store.get_credential(id).await?.ok_or_else(not_found)?;
         if credential.kind != kind || credential.environment_id.as_deref() != environment_id {
             return Err(not_found());

@@ -547,9 +547,8 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let status = support::wait_exit(&mut worker, "tether worker --max-idle", PATIENCE);
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut log).unwrap();
+    let (status, log) =
+        support::wait_exit_with_stderr(&mut worker, "tether worker --max-idle", PATIENCE);
     assert!(status.success(), "--max-idle exits 0: {log}");
     assert!(
         !log.contains("worker started"),
@@ -615,9 +614,8 @@ fn max_idle_without_a_single_answered_poll_is_a_failure() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let status = support::wait_exit(&mut worker, "tether worker --max-idle", PATIENCE);
-        let mut log = String::new();
-        std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut log).unwrap();
+        let (status, log) =
+            support::wait_exit_with_stderr(&mut worker, "tether worker --max-idle", PATIENCE);
         assert_eq!(status.code(), Some(1), "{mode:?}: {log}");
         assert!(
             log.contains("the server answered no poll for --max-idle") && log.contains(&server),

@@ -302,6 +302,20 @@ pub fn wait_exit(child: &mut Child, what: &str, patience: Duration) -> std::proc
     }
 }
 
+/// [`wait_exit`] for a child whose stderr is piped, and all it wrote there. The child must not
+/// write more than a pipe holds before it exits (about 64 KiB): the pipe is read after the exit.
+pub fn wait_exit_with_stderr(
+    child: &mut Child,
+    what: &str,
+    patience: Duration,
+) -> (std::process::ExitStatus, String) {
+    let status = wait_exit(child, what, patience);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped stderr"), &mut stderr)
+        .expect("read stderr");
+    (status, stderr)
+}
+
 /// The example agent's binary, which lives next to `tether` in the target directory. `cargo test
 /// --workspace` (and scripts/test) build it; a run of this package's tests alone may not have.
 pub fn shell_agent() -> std::path::PathBuf {

@@ -113,17 +113,14 @@ async fn claim(
         };
         // What went wrong, when the next poll must wait for the backoff: why (for the status line), a
         // message and what it is about (for the log).
-        let (holdup, trouble, about) = if let Err(why) = shared.program.runnable() {
+        let (holdup, trouble, about) = if let Some(why) = cannot_run(shared) {
             // PROGRAM was removed, replaced or made non-executable since start-up: every item it
             // were handed would fail at once (exit 127) and take a session's turn with it. Claim
             // nothing until it can run again.
             (
                 Holdup::ProgramCannotRun,
                 "PROGRAM cannot run: taking no work until it can",
-                (
-                    "reason",
-                    format!("{}: {why}", shared.program.path.display()),
-                ),
+                vec![("reason", why)],
             )
         } else {
             report.activity(Activity::Polling);
@@ -150,14 +147,17 @@ async fn claim(
                 Ok(Some(item)) if !is_plain_name(&item.id) => (
                     Holdup::RefusedItem,
                     "the server handed out a work item whose id is not a plain name: not running it",
-                    ("work_id", format!("{:?}", item.id)),
+                    vec![("work_id", format!("{:?}", item.id))],
                 ),
                 // PROGRAM went between the check above and this answer: the item is left unacked,
                 // and the server hands it out again after its reclaim window.
-                Ok(Some(item)) if shared.program.runnable().is_err() => (
+                Ok(Some(item)) if cannot_run(shared).is_some() => (
                     Holdup::ProgramCannotRun,
                     "PROGRAM cannot run: leaving the item it was handed to be handed out again",
-                    ("work_id", item.id),
+                    vec![
+                        ("work_id", item.id),
+                        ("reason", cannot_run(shared).unwrap_or_default()),
+                    ],
                 ),
                 // Capacity left and work found: poll again at once.
                 Ok(Some(item)) => {
@@ -186,23 +186,26 @@ async fn claim(
                 Err(e) => (
                     Holdup::PollFailed,
                     "poll failed; retrying",
-                    ("error", crate::error::described(&e)),
+                    vec![("error", crate::error::described(&e))],
                 ),
             }
         };
         let delay = backoff.next_delay();
-        report.warn(
-            trouble,
-            &[
-                (about.0, &about.1),
-                ("retry_in", &format!("{:.1}s", delay.as_secs_f64())),
-            ],
-        );
+        let retry_in = format!("{:.1}s", delay.as_secs_f64());
+        let mut fields: Vec<(&str, &str)> = about.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        fields.push(("retry_in", &retry_in));
+        report.warn(trouble, &fields);
         report.activity(Activity::Backoff(holdup, delay));
         if !waited(&mut phase, delay).await {
             return Ok(());
         }
     }
+}
+
+/// Why PROGRAM cannot run now (its path and the reason), or None when it can.
+fn cannot_run(shared: &Shared) -> Option<String> {
+    let why = shared.program.runnable().err()?;
+    Some(format!("{}: {why}", shared.program.path.display()))
 }
 
 /// Waits `delay` before the next poll; false when the worker began draining meanwhile (and claims

@@ -279,7 +279,9 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         self.info(
             "program started",
             &[
-                ("pid", &running.pid.to_string()),
+                // The group's, not PROGRAM's own pid: a guard or bwrap leads it, and the group
+                // is what reaches PROGRAM and all it started (`kill -- -<group>`).
+                ("process_group", &running.pid.to_string()),
                 ("session_id", &item.data.id),
             ],
         );

@@ -636,6 +636,19 @@ mod tests {
             super::name_of_server("debian", &address, Some("")),
             "debian/0.0.0.0:8080"
         );
+        // The name this machine gives carries its own boot id, where the kernel has one.
+        if let Ok(boot_id) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            let hex: String = boot_id
+                .chars()
+                .filter(char::is_ascii_hexdigit)
+                .take(12)
+                .collect();
+            let name = super::server_name(&address);
+            assert!(
+                name.ends_with(&format!("/0.0.0.0:8080/boot-{hex}")),
+                "{name}"
+            );
+        }
     }
 
     #[test]

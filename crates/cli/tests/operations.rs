@@ -523,7 +523,8 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
     let server = Server::start(dir.path(), &[]);
     let setup = server.setup();
     let workdir = dir.path().join("kept");
-    let mut worker = support::tether_command()
+    let mut worker = support::tether_command();
+    worker
         .args([
             "worker",
             "--max-idle",
@@ -542,13 +543,8 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
         ])
         .args(["--", "sh", "-c", "echo scratch > scratch"])
         // TETHER_LOG works for the worker too: warnings only.
-        .env("TETHER_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (status, log) =
-        support::wait_exit_with_stderr(&mut worker, "tether worker --max-idle", PATIENCE);
+        .env("TETHER_LOG", "warn");
+    let (status, log) = support::exit_and_stderr(&mut worker, "tether worker --max-idle", PATIENCE);
     assert!(status.success(), "--max-idle exits 0: {log}");
     assert!(
         !log.contains("worker started"),
@@ -605,17 +601,14 @@ fn max_idle_without_a_single_answered_poll_is_a_failure() {
         .port();
     let server = format!("http://127.0.0.1:{port}");
     for mode in [&["worker"][..], &["worker", "run-one"][..]] {
-        let mut worker = support::tether_command()
+        let mut worker = support::tether_command();
+        worker
             .args(mode)
             .args(["--max-idle", "1s", "--server", &server])
             .args(["--environment", "env_x", "--key", "tth_env_x"])
-            .args(["--", "true"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .args(["--", "true"]);
         let (status, log) =
-            support::wait_exit_with_stderr(&mut worker, "tether worker --max-idle", PATIENCE);
+            support::exit_and_stderr(&mut worker, "tether worker --max-idle", PATIENCE);
         assert_eq!(status.code(), Some(1), "{mode:?}: {log}");
         assert!(
             log.contains("the server answered no poll for --max-idle") && log.contains(&server),

@@ -108,15 +108,8 @@ pub fn on_work_transition(
             effect.events.push(ServerEvent::StatusRunning);
         }
         (Cause::SessionInterrupted, WorkState::Stopped) => {
-            // Asked for by the user (cancel), of an item no program had started: the turn ends
-            // there, without an error, and any input it had is part of the cancelled turn.
-            if matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
-                effect.status = Some(SessionStatus::Idle);
-                effect
-                    .events
-                    .push(ServerEvent::StatusIdle(IdleReason::EndTurn));
-            }
-            effect.clear_pending_input = pending_input;
+            // Asked for by the user (cancel), of an item no program had started.
+            effect = interrupted_turn(status, pending_input);
         }
         (_, WorkState::Stopped) => {
             let by_session = matches!(
@@ -210,18 +203,33 @@ pub fn couple(status: SessionStatus, pending_input: bool, transitions: &[Transit
 /// end it. It ends now, as a turn cancelled before a worker started it does
 /// ([`on_work_transition`] with `SessionInterrupted`): `idle`, without an error.
 pub fn on_interrupt_without_item(status: SessionStatus, pending_input: bool) -> Coupling {
-    let ends = matches!(status, SessionStatus::Running | SessionStatus::Rescheduling);
+    let effect = if status == SessionStatus::Terminated {
+        SessionEffect::default()
+    } else {
+        interrupted_turn(status, pending_input)
+    };
     Coupling {
-        status: if ends { SessionStatus::Idle } else { status },
-        // Input waiting for the turn is part of what was cancelled; a terminated session keeps all.
-        pending_input: pending_input && status == SessionStatus::Terminated,
-        events: if ends {
-            vec![ServerEvent::StatusIdle(IdleReason::EndTurn)]
-        } else {
-            Vec::new()
-        },
-        enqueue_fresh_item: false,
+        status: effect.status.unwrap_or(status),
+        pending_input: pending_input && !effect.clear_pending_input,
+        events: effect.events,
+        enqueue_fresh_item: effect.enqueue_fresh_item,
     }
+}
+
+/// A turn cancelled before any program started it, with or without an item: it ends there,
+/// without an error, and any input it had is part of the cancelled turn.
+fn interrupted_turn(status: SessionStatus, pending_input: bool) -> SessionEffect {
+    let mut effect = SessionEffect {
+        clear_pending_input: pending_input,
+        ..SessionEffect::default()
+    };
+    if matches!(status, SessionStatus::Running | SessionStatus::Rescheduling) {
+        effect.status = Some(SessionStatus::Idle);
+        effect
+            .events
+            .push(ServerEvent::StatusIdle(IdleReason::EndTurn));
+    }
+    effect
 }
 
 /// Until when the session's next item is held (§7.3 rule 1, kept for programs as well as items):

@@ -149,24 +149,23 @@ async fn claim(
                     "the server handed out a work item whose id is not a plain name: not running it",
                     vec![("work_id", format!("{:?}", item.id))],
                 ),
-                // PROGRAM went between the check above and this answer: the item is left unacked,
-                // and the server hands it out again after its reclaim window.
-                Ok(Some(item)) if cannot_run(shared).is_some() => (
-                    Holdup::ProgramCannotRun,
-                    "PROGRAM cannot run: leaving the item it was handed to be handed out again",
-                    vec![
-                        ("work_id", item.id),
-                        ("reason", cannot_run(shared).unwrap_or_default()),
-                    ],
-                ),
-                // Capacity left and work found: poll again at once.
-                Ok(Some(item)) => {
-                    backoff.reset();
-                    *claimed += 1;
-                    *idle_since = Instant::now();
-                    tasks.spawn(supervisor::serve(shared.clone(), item, slot));
-                    continue;
-                }
+                Ok(Some(item)) => match cannot_run(shared) {
+                    // PROGRAM went between the check above and this answer: the item is left
+                    // unacked, and the server hands it out again after its reclaim window.
+                    Some(why) => (
+                        Holdup::ProgramCannotRun,
+                        "PROGRAM cannot run: leaving the item it was handed to be handed out again",
+                        vec![("work_id", item.id), ("reason", why)],
+                    ),
+                    // Capacity left and work found: poll again at once.
+                    None => {
+                        backoff.reset();
+                        *claimed += 1;
+                        *idle_since = Instant::now();
+                        tasks.spawn(supervisor::serve(shared.clone(), item, slot));
+                        continue;
+                    }
+                },
                 // The long poll already waited.
                 Ok(None) if asked.elapsed() >= EARLY_EMPTY_POLL => {
                     backoff.reset();

@@ -916,12 +916,17 @@ pub(crate) mod tests {
 
     /// The server's refusal with `status`, as the client reports it.
     pub(crate) fn refusal(status: u16) -> Error {
+        refusal_with_code(status, None)
+    }
+
+    /// A refusal of `status` whose envelope names `code`.
+    pub(crate) fn refusal_with_code(status: u16, code: Option<&str>) -> Error {
         tether_client::ApiError {
             status,
             kind: "x".into(),
             message: "no".into(),
             param: None,
-            code: None,
+            code: code.map(str::to_owned),
             details: None,
             request_id: None,
         }

@@ -959,18 +959,7 @@ mod tests {
     /// first is warned of (the item will run again), the second is not.
     #[tokio::test(start_paused = true)]
     async fn a_refusal_for_a_lease_that_ran_out_is_told_apart() {
-        let refusal = |status: u16, code: Option<&str>| -> tether_client::Error {
-            tether_client::ApiError {
-                status,
-                kind: "x".into(),
-                message: "no".into(),
-                param: None,
-                code: code.map(str::to_owned),
-                details: None,
-                request_id: None,
-            }
-            .into()
-        };
+        let refusal = crate::heartbeat::tests::refusal_with_code;
         let (passed, _keep) = deadline_at(tokio::time::Instant::now());
         let (ahead, _keep_too) = deadline_at(tokio::time::Instant::now() + Duration::from_secs(60));
         let (passed, ahead) = (Tries::WhileLeased(passed), Tries::WhileLeased(ahead));

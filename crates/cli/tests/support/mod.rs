@@ -302,14 +302,20 @@ pub fn wait_exit(child: &mut Child, what: &str, patience: Duration) -> std::proc
     }
 }
 
-/// [`wait_exit`] for a child whose stderr is piped, and all it wrote there. The child must not
-/// write more than a pipe holds before it exits (about 64 KiB): the pipe is read after the exit.
-pub fn wait_exit_with_stderr(
-    child: &mut Child,
+/// Runs `command` (its stdout dropped, its stderr piped) to its exit within `patience`, named
+/// `what` in a failure: its status and all it wrote to stderr. It must not write more than a pipe
+/// holds before it exits (about 64 KiB): the pipe is read after the exit.
+pub fn exit_and_stderr(
+    command: &mut Command,
     what: &str,
     patience: Duration,
 ) -> (std::process::ExitStatus, String) {
-    let status = wait_exit(child, what, patience);
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status = wait_exit(&mut child, what, patience);
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("piped stderr"), &mut stderr)
         .expect("read stderr");

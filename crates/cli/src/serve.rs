@@ -53,8 +53,9 @@ pub struct ServeArgs {
     /// Lease expiries that requeue an item before it is stopped as poison.
     #[arg(long, env = "TETHER_MAX_REQUEUES", default_value_t = 3)]
     pub max_requeues: u32,
-    /// Lease amnesty window at start, in milliseconds (at most 600000: workers take no longer
-    /// promise of amnesty).
+    /// Lease amnesty window at start, in milliseconds; on PostgreSQL, also how long after its last
+    /// mark in the database a server cut off from it promises its workers that their leases
+    /// outlast the outage (at most 600000: workers take no longer promise of amnesty).
     #[arg(long, env = "TETHER_AMNESTY_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(i64).range(0..=MAX_AMNESTY_MS))]
     pub amnesty_ms: i64,

@@ -916,6 +916,26 @@ struct RecordedWorker {
 impl RecordedWorker {
     /// Starts the worker with a lease of `ttl` seconds and waits until it runs the session's item.
     async fn serving(server: &Server, api: &Api, env: &str, agent: &str, ttl: &str) -> Self {
+        let mut worker = Self::start(server, api, env, ttl, "outage").await;
+        let session = api.session(env, agent).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        worker.work = loop {
+            let items = api.all_work(env).await;
+            if let Some(item) = items
+                .iter()
+                .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active")
+            {
+                break item["id"].as_str().expect("id").to_owned();
+            }
+            assert!(Instant::now() < deadline, "the session was never served");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        worker
+    }
+
+    /// Starts the worker `worker_id` on `server` with a lease of `ttl` seconds. Its program notes
+    /// when it starts, and the time every tenth of a second while it runs ([`Self::alive`]).
+    async fn start(server: &Server, api: &Api, env: &str, ttl: &str, worker_id: &str) -> Self {
         let key = api
             .ok(
                 Method::POST,
@@ -939,12 +959,12 @@ impl RecordedWorker {
                 "--key",
                 &key,
             ])
-            .args(["--worker-id", "outage", "--ttl", ttl, "--grace", "1"])
+            .args(["--worker-id", worker_id, "--ttl", ttl, "--grace", "1"])
             .args([
                 "--",
                 "sh",
                 "-c",
-                r#"echo "start $$" >> "$RECORD"; while :; do sleep 0.1; done"#,
+                r#"echo "start $$" >> "$RECORD"; while :; do date +%s%N >> "$RECORD.alive"; sleep 0.1; done"#,
             ])
             .env_remove("TETHER_KEY")
             .env("RECORD", &record)
@@ -953,31 +973,33 @@ impl RecordedWorker {
             .stderr(std::fs::File::create(&log).expect("worker log"))
             .spawn()
             .expect("spawn tether worker");
-        let session = api.session(env, agent).await;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let work = loop {
-            let items = api.all_work(env).await;
-            if let Some(item) = items
-                .iter()
-                .find(|i| i["data"]["id"] == session.as_str() && i["state"] == "active")
-            {
-                break item["id"].as_str().expect("id").to_owned();
-            }
-            assert!(Instant::now() < deadline, "the session was never served");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
         RecordedWorker {
             child,
             record,
             log,
-            work,
+            work: String::new(),
             _dir: dir,
         }
     }
 
+    /// The wall-clock times (ns since the epoch) at which this worker's programs were seen running.
+    fn alive(&self) -> Vec<u128> {
+        let mut path = self.record.clone().into_os_string();
+        path.push(".alive");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// One program ran from start to now, under one delivery of the item that was never requeued.
     async fn assert_kept_its_program(mut self, api: &Api, env: &str) {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let log = self.log_text();
         let starts = std::fs::read_to_string(&self.record).unwrap_or_default();
         assert_eq!(
             starts.lines().count(),
@@ -1073,16 +1095,9 @@ async fn a_database_that_stops_answering_is_an_outage_not_a_hang() {
     let Some((_serial, url)) = serial_fresh_database().await else {
         return;
     };
-    let address = url
-        .split_once('@')
-        .and_then(|(_, rest)| rest.split(['/', '?']).next())
-        .filter(|address| address.parse::<std::net::SocketAddr>().is_ok());
-    let Some(address) = address else {
-        eprintln!("skipped: the database's address in {url} is not an IP address and port");
+    let Some((proxy, proxied)) = behind_a_proxy(&url).await else {
         return;
     };
-    let proxy = Proxy::start(&format!("http://{address}")).await;
-    let proxied = url.replacen(address, proxy.url.trim_start_matches("http://"), 1);
     let server = Server::start("A", &proxied, &["--tick-ms", "200"]).await;
     let api = server.api();
     let env = api.environment().await;
@@ -1110,4 +1125,102 @@ async fn a_database_that_stops_answering_is_an_outage_not_a_hang() {
         "database unanswering for 15 s: a heartbeat and a read were answered 503 within {answered:.2?} of its start"
     );
     drop(server);
+}
+
+/// A proxy in front of the database at `url`, and the URL that goes through it; `None` (saying
+/// why) when the URL's address is not an IP address and port.
+async fn behind_a_proxy(url: &str) -> Option<(Proxy, String)> {
+    let address = url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split(['/', '?']).next())
+        .filter(|address| address.parse::<std::net::SocketAddr>().is_ok());
+    let Some(address) = address else {
+        eprintln!("skipped: the database's address in {url} is not an IP address and port");
+        return None;
+    };
+    let proxy = Proxy::start(&format!("http://{address}")).await;
+    let proxied = url.replacen(address, proxy.url.trim_start_matches("http://"), 1);
+    Some((proxy, proxied))
+}
+
+/// A lone server cut off from its database by a fault that spares the database (a proxy that
+/// refuses it), and a second server started meanwhile on the database itself, with a worker of
+/// its own. The first promises its worker lease amnesty, up to the end its last mark in the
+/// database gave (`--amnesty-ms` after it) and not past it; the second, having read that mark,
+/// settles the lease only after that end. So the session's item goes to the second server's worker
+/// only after the first worker's program is dead: never two programs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cut_off_alone_and_one_started_meanwhile_never_run_a_session_twice() {
+    let Some((_serial, url)) = serial_fresh_database().await else {
+        return;
+    };
+    let Some((proxy, proxied)) = behind_a_proxy(&url).await else {
+        return;
+    };
+    let flags = [
+        "--lease-ttl-min",
+        "1",
+        "--tick-ms",
+        "200",
+        "--amnesty-ms",
+        "6000",
+    ];
+    let a = Server::start("A", &proxied, &flags).await;
+    let api_a = a.api();
+    let env = api_a.environment().await;
+    let agent = api_a.agent().await;
+    let first = RecordedWorker::serving(&a, &api_a, &env, &agent, "3").await;
+    // A marks the leases kept, alone, a few times.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    proxy.set(Mode::Refuse);
+    let cut = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_heartbeat_promises_amnesty(&api_a, &env, &first.work).await;
+    let b = Server::start("B", &url, &flags).await;
+    let api_b = b.api();
+    let second = RecordedWorker::start(&b, &api_b, &env, "3", "second").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while second.alive().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the item never went to the second server's worker:\n{}\n{}",
+            first.log_text(),
+            second.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let handed_over = cut.elapsed();
+    // Long enough for a program still running to note so a few times.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first_alive = first.alive();
+    let (Some(&first_last), Some(&second_first)) = (first_alive.last(), second.alive().first())
+    else {
+        panic!("both programs ran");
+    };
+    assert!(
+        first_last < second_first,
+        "two programs for one session: the first was seen running {} ms after the second started\n\
+         first worker:\n{}\nsecond worker:\n{}",
+        (first_last - second_first) / 1_000_000,
+        first.log_text(),
+        second.log_text()
+    );
+    let item = api_b
+        .all_work(&env)
+        .await
+        .into_iter()
+        .find(|i| i["id"] == first.work.as_str())
+        .expect("the item");
+    assert_eq!(item["delivery_count"], 2, "{item}");
+    eprintln!(
+        "cut off alone: the item went to a worker of the server started meanwhile {handed_over:.2?} \
+         after the cut, {} ms after the first program was last seen running",
+        (second_first - first_last) / 1_000_000
+    );
+    for mut worker in [first, second] {
+        let _ = worker.child.kill();
+        let _ = worker.child.wait();
+    }
+    drop((a, b));
 }

@@ -48,7 +48,15 @@ pub fn amnesty_deadline(
     now: Timestamp,
     grace_millis: i64,
 ) -> Option<Timestamp> {
-    let floor = now.plus_millis(grace_millis);
+    deadline_at_least(lease_expires_at, now.plus_millis(grace_millis))
+}
+
+/// A deadline that falls before `floor` moves to `floor` (an amnesty, a promise's hold). Returns
+/// `None` when nothing changes, or there is no deadline.
+pub fn deadline_at_least(
+    lease_expires_at: Option<Timestamp>,
+    floor: Timestamp,
+) -> Option<Timestamp> {
     match lease_expires_at {
         Some(deadline) if deadline < floor => Some(floor),
         _ => None,
@@ -75,6 +83,13 @@ pub struct LeaseKeeperMark {
     /// Until when the word holds, unless a newer mark follows: [`LEASES_KEPT_FRESH_MILLIS`] or three
     /// of the server's ticks after `kept_at`, whichever is later.
     pub holds_until: Timestamp,
+    /// Until when the server may promise its workers, should it lose the database before its next
+    /// mark, that their leases will not expire (a 503's `lease_amnesty_ms`, [`promise_left`]): its
+    /// amnesty grace after `kept_at`. `None` when it promises nothing: it saw another server keeping
+    /// the leases before this mark, or grants no amnesty. No other server settles a lease before
+    /// the promise ends ([`expiry_held_until`]), since the loss may be a partition of this server's
+    /// own while the database, and the others, go on.
+    pub promises_until: Option<Timestamp>,
 }
 
 impl LeaseKeeperMark {
@@ -87,6 +102,16 @@ impl LeaseKeeperMark {
         Self {
             kept_at: now,
             holds_until: now.plus_millis(holds_for),
+            promises_until: None,
+        }
+    }
+
+    /// The same word, and a promise of lease amnesty for `grace_millis` from `kept_at` (none for
+    /// a grace of zero).
+    pub fn promising(self, grace_millis: i64) -> Self {
+        Self {
+            promises_until: (grace_millis > 0).then(|| self.kept_at.plus_millis(grace_millis)),
+            ..self
         }
     }
 
@@ -101,6 +126,7 @@ impl LeaseKeeperMark {
         Self {
             kept_at,
             holds_until: kept_at.plus_millis(LEASES_KEPT_FRESH_MILLIS),
+            promises_until: None,
         }
     }
 }
@@ -124,8 +150,9 @@ pub fn others_keep_leases(marks: &[LeaseKeeperMark], now: Timestamp) -> bool {
 
 /// Whether, after this server process lost its database and got it back, lease amnesty is owed
 /// for the outage. It is, unless both hold:
-/// - the process promised none during the outage (`promised`: another process kept the leases
-///   when it last looked, [`others_keep_leases`]), so that no worker of its own kept a program
+/// - the process promised none during the outage (`promised`: none of its 503s did, since
+///   another process kept the leases when it last looked, [`others_keep_leases`], or its last
+///   mark promised nothing, [`promise_left`]), so that no worker of its own kept a program
 ///   running on its word;
 /// - another process kept the leases while this one could not, and keeps them still: it left a
 ///   mark later than this one's own last mark held (`own_last`; by more than
@@ -150,6 +177,56 @@ pub fn amnesty_owed_after_outage(
             .any(|mark| mark.kept_at > after_own_word && mark.holds_at(now))
     });
     promised || !kept_while_away
+}
+
+/// How much is left at `now` of the lease amnesty a server sharing its database with others may
+/// promise its workers while it cannot reach that database: what its own last mark written there
+/// promises ([`LeaseKeeperMark::promises_until`]), and nothing past it. A server cannot tell an
+/// outage of the database from a partition of its own, in which a server that starts meanwhile
+/// keeps the leases; that server can honour only a promise it can read, and it reads the last mark
+/// ([`expiry_held_until`]). `None` when nothing is left.
+pub fn promise_left(own_last: Option<LeaseKeeperMark>, now: Timestamp) -> Option<i64> {
+    let left = own_last?.promises_until?.millis_since(now);
+    (left > 0).then_some(left)
+}
+
+/// Until when no lease may be settled as expired, given the marks the other server processes left
+/// ([`LeaseKeeperMark::promises_until`]): a process that cannot reach the database may have
+/// promised its workers that their leases outlast its outage, up to the end its last mark gave,
+/// plus [`LEASES_KEPT_FRESH_MILLIS`] for the skew between two clocks. `None` when no promise
+/// holds at `now`.
+///
+/// A mark dated more than that skew ahead of this clock is not taken at its word, as in
+/// [`LeaseKeeperMark::holds_at`]: such a process takes this one's marks for stale and so believes
+/// itself alone, and were its promises honoured, two processes with clocks that far apart would
+/// hold each other's leases for good. Servers sharing a database keep their clocks within the
+/// skew; one that does not has its promises broken rather than the cluster's expiry stopped.
+///
+/// A mark written after the marks were read is not in them: [`marks_to_read_again`] says when that
+/// matters.
+pub fn expiry_held_until(others: &[LeaseKeeperMark], now: Timestamp) -> Option<Timestamp> {
+    others
+        .iter()
+        .filter(|mark| mark.kept_at.millis_since(now) <= LEASES_KEPT_FRESH_MILLIS)
+        .filter_map(|mark| mark.promises_until)
+        .max()
+        .map(|until| until.plus_millis(LEASES_KEPT_FRESH_MILLIS))
+        .filter(|until| now <= *until)
+}
+
+/// Whether a server process that last read the other processes' marks at `looked_at` (by its
+/// clock; `None`: never) must read them again before it settles a lease due at `deadline`. A
+/// promise made from a mark written after that read covers only workers whose leases were live
+/// when it was made, so due after the read: a lease due before it (by more than the
+/// [`LEASES_KEPT_FRESH_MILLIS`] two clocks may differ by) is held by the marks read, or by none.
+pub fn marks_to_read_again(deadline: Timestamp, looked_at: Option<Timestamp>) -> bool {
+    looked_at.is_none_or(|looked| deadline.plus_millis(LEASES_KEPT_FRESH_MILLIS) >= looked)
+}
+
+/// Whether leases may be settled as expired at `now` ([`expiry_held_until`]): not while another
+/// server's promise holds them.
+pub fn expiry_allowed(held_until: Option<Timestamp>, now: Timestamp) -> bool {
+    held_until.is_none_or(|until| now > until)
 }
 
 /// The shortest heartbeat interval (§8).
@@ -356,6 +433,115 @@ mod tests {
                 "promised {promised}, own {own_last:?}, others {others:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_server_promises_amnesty_only_up_to_what_its_last_mark_says() {
+        let second = Duration::from_secs(1);
+        let kept_at = Timestamp::from_millis(100_000);
+        let promising = LeaseKeeperMark::new(kept_at, second).promising(30_000);
+        assert_eq!(
+            promising.promises_until,
+            Some(Timestamp::from_millis(130_000))
+        );
+        let at = Timestamp::from_millis;
+        for (own_last, now, left) in [
+            (Some(promising), at(100_000), Some(30_000)),
+            (Some(promising), at(129_999), Some(1)),
+            // Its end has passed: the outage outlasted the promise, and it is not renewed.
+            (Some(promising), at(130_000), None),
+            (Some(promising), at(200_000), None),
+            // It saw another server keep the leases before its mark, or grants no amnesty.
+            (
+                Some(LeaseKeeperMark::new(kept_at, second)),
+                at(100_000),
+                None,
+            ),
+            (
+                Some(LeaseKeeperMark::new(kept_at, second).promising(0)),
+                at(100_000),
+                None,
+            ),
+            // It never marked.
+            (None, at(100_000), None),
+        ] {
+            assert_eq!(
+                promise_left(own_last, now),
+                left,
+                "own {own_last:?} at {now}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_lease_is_settled_while_another_server_may_have_promised_it() {
+        let second = Duration::from_secs(1);
+        let now = Timestamp::from_millis(1_000_000);
+        let mark = |kept_ago: i64, grace: i64| {
+            LeaseKeeperMark::new(now.minus_millis(kept_ago), second).promising(grace)
+        };
+        let skew = LEASES_KEPT_FRESH_MILLIS;
+        for (others, held_until) in [
+            (vec![], None),
+            // Promising nothing.
+            (vec![mark(0, 0)], None),
+            (vec![LeaseKeeperMark::new(now, second)], None),
+            // A promise up to 30 s after its mark, and the skew two clocks may have.
+            (vec![mark(0, 30_000)], Some(now.plus_millis(30_000 + skew))),
+            (
+                vec![mark(20_000, 30_000)],
+                Some(now.plus_millis(10_000 + skew)),
+            ),
+            // Ended, but within the skew: still held.
+            (
+                vec![mark(33_000, 30_000)],
+                Some(now.plus_millis(skew - 3_000)),
+            ),
+            (vec![mark(30_000 + skew, 30_000)], Some(now)),
+            (vec![mark(30_001 + skew, 30_000)], None),
+            // The latest end of all.
+            (
+                vec![mark(20_000, 30_000), mark(0, 0), mark(1_000, 60_000)],
+                Some(now.plus_millis(59_000 + skew)),
+            ),
+            // A clock up to the skew ahead of this one is taken at its word, one further is not.
+            (
+                vec![LeaseKeeperMark::new(now.plus_millis(skew), second).promising(30_000)],
+                Some(now.plus_millis(30_000 + 2 * skew)),
+            ),
+            (
+                vec![LeaseKeeperMark::new(now.plus_millis(skew + 1), second).promising(30_000)],
+                None,
+            ),
+            (
+                vec![LeaseKeeperMark::new(now.plus_millis(3_600_000), second).promising(30_000)],
+                None,
+            ),
+        ] {
+            let got = expiry_held_until(&others, now);
+            assert_eq!(got, held_until, "{others:?}");
+            assert_eq!(expiry_allowed(got, now), held_until.is_none(), "{others:?}");
+        }
+        let at = Timestamp::from_millis;
+        for (deadline, looked_at, again) in [
+            (at(100_000), None, true),
+            // Read after the deadline, by more than two clocks may differ: a promise made since
+            // cannot cover it.
+            (at(100_000), Some(at(105_001)), false),
+            (at(100_000), Some(at(105_000)), true),
+            // Read before the deadline: a promise made since may cover it.
+            (at(100_000), Some(at(99_000)), true),
+        ] {
+            assert_eq!(
+                marks_to_read_again(deadline, looked_at),
+                again,
+                "due {deadline}, read at {looked_at:?}"
+            );
+        }
+        let until = Some(now);
+        assert!(!expiry_allowed(until, now));
+        assert!(expiry_allowed(until, now.next()));
+        assert!(expiry_allowed(None, now));
     }
 
     /// Two servers, B's clock 4.5 s ahead of A's, both cut off by a database restart of 20 s:

@@ -48,7 +48,7 @@ impl Timestamp {
 
     /// Milliseconds from `earlier` to `self` (negative when `earlier` is later).
     pub fn millis_since(self, earlier: Timestamp) -> i64 {
-        (self.0 - earlier.0) / 1_000
+        self.0.saturating_sub(earlier.0) / 1_000
     }
 
     /// RFC 3339 in UTC with a `Z` suffix and exactly six fractional digits.

@@ -799,13 +799,7 @@ pub fn expire_if_due(item: &WorkItem, now: Timestamp, policy: &LeasePolicy) -> O
 
 /// Lease amnesty at server start (§3.1). `None` when the lease is far enough out already.
 pub fn grant_amnesty(item: &WorkItem, now: Timestamp, grace_millis: i64) -> Option<WorkItem> {
-    if !item.state.is_leased() {
-        return None;
-    }
-    let deadline = lease::amnesty_deadline(item.lease_expires_at, now, grace_millis)?;
-    let mut next = item.clone();
-    next.lease_expires_at = Some(deadline);
-    Some(next)
+    hold_lease(item, now.plus_millis(grace_millis))
 }
 
 /// Metadata merge-patch, allowed in every state (D-10).
@@ -919,6 +913,21 @@ pub fn evaluate<T>(
     let current = expired.as_ref().map_or(item, |s| &s.item);
     let outcome = op(current);
     Evaluation { expired, outcome }
+}
+
+/// The item with its lease running until `until` at least: an amnesty ([`grant_amnesty`]), or a
+/// lapsed lease that another server process's promise holds (`lease::expiry_held_until`), which
+/// every operation then judges as the live lease it is for that worker (a stop holds the
+/// session's next item until then), and a write keeps, as an amnesty's. `None` when the item holds
+/// no lease due before.
+pub fn hold_lease(item: &WorkItem, until: Timestamp) -> Option<WorkItem> {
+    if !item.state.is_leased() {
+        return None;
+    }
+    let deadline = lease::deadline_at_least(item.lease_expires_at, until)?;
+    let mut held = item.clone();
+    held.lease_expires_at = Some(deadline);
+    Some(held)
 }
 
 /// Concatenates an expiry step with the step of the operation that followed it.

@@ -1621,6 +1621,33 @@ fn every_refusal_keeps_the_state_names_straight() {
 }
 
 #[test]
+fn a_lease_held_by_a_promise_runs_until_its_end_and_nothing_else_moves() {
+    // A lapsed lease that another server's promise holds: judged as live until the hold's end.
+    for fx in Fx::ALL {
+        let item = fx.build();
+        let got = work::hold_lease(&item, t(90));
+        if item.state.is_leased() {
+            // Fixture deadlines are t(62)/t(63), before t(90).
+            let held = got.unwrap_or_else(|| panic!("{fx:?}"));
+            assert_eq!(
+                held,
+                WorkItem {
+                    lease_expires_at: Some(t(90)),
+                    ..item.clone()
+                },
+                "{fx:?}"
+            );
+            assert!(!work::lease_lapsed(&held, t(90)), "{fx:?}");
+            assert!(work::lease_lapsed(&held, t(90).next()), "{fx:?}");
+            // A hold that ends before the deadline moves nothing.
+            assert!(work::hold_lease(&item, t(10)).is_none(), "{fx:?}");
+        } else {
+            assert!(got.is_none(), "{fx:?}");
+        }
+    }
+}
+
+#[test]
 fn lease_amnesty_only_extends_live_leases() {
     // §3.1: at server start, leases expiring within the grace window move to its end; nothing else moves.
     let restart = t(50);

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use proptest::collection::vec;
 use proptest::prelude::*;
-use tether_core::lease::{WorkerLease, KILL_LATENCY};
+use tether_core::lease::{
+    expiry_allowed, expiry_held_until, promise_left, LeaseKeeperMark, WorkerLease, KILL_LATENCY,
+};
+use tether_core::time::Timestamp;
 
 #[derive(Clone, Debug)]
 enum Answer {
@@ -111,6 +114,73 @@ proptest! {
             prop_assert!(
                 last_resort > real_of(lease.kill_at()) && last_resort < server_may_expire,
                 "the last resort at {last_resort:?} is not between the kill and {server_may_expire:?}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// A lone server (A) cut off from its database promises a worker amnesty from its last mark;
+    /// another server (B) that read that mark, and keeps the leases meanwhile, settles the lease
+    /// only after the program is dead: whatever the two servers' clocks' offsets from real time
+    /// (within the 5 s they may differ by), the worker's drift, when the 503 came and when B looked.
+    #[test]
+    fn a_promise_made_during_a_partition_ends_before_another_server_settles_the_lease(
+        a_offset_ms in -2_500i64..=2_500,
+        b_offset_ms in -2_500i64..=2_500,
+        drift_ppm in -500i64..=500,
+        grace_s in 1i64..=900,
+        sent_after_mark_ms in 0u64..=1_000_000,
+        there_ms in 0u64..=4_000,
+        back_ms in 0u64..=4_000,
+        look_after_mark_ms in 0u64..=1_000_000,
+    ) {
+        let rate = 1.0 + drift_ppm as f64 / 1e6;
+        let worker_clock = |real: Duration| Duration::from_secs_f64(real.as_secs_f64() * rate);
+        let real_of = |reading: Duration| Duration::from_secs_f64(reading.as_secs_f64() / rate);
+        // Real time as each server's clock reads it.
+        let on_clock = |real: Duration, offset_ms: i64| {
+            Timestamp::from_micros(real.as_micros() as i64 + offset_ms * 1_000)
+        };
+        let real_at = |t: Timestamp, offset_ms: i64| {
+            Duration::from_micros((t.as_micros() - offset_ms * 1_000).max(0) as u64)
+        };
+
+        // A's last mark, at real 100 s, alone: a promise of `grace_s` from it.
+        let marked = ms(100_000);
+        let mark = LeaseKeeperMark::new(on_clock(marked, a_offset_ms), Duration::from_secs(1))
+            .promising(grace_s * 1_000);
+        // A worker's lease of 10 s, renewed just now; its next beat gets A's 503.
+        let sent = marked + ms(sent_after_mark_ms);
+        let processed = sent + ms(there_ms);
+        let answered = processed + ms(back_ms);
+        let mut lease = WorkerLease::acknowledged(worker_clock(sent), ms(10_000));
+        let base_server_deadline = processed + ms(10_000);
+        let Some(left) = promise_left(Some(mark), on_clock(processed, a_offset_ms)) else {
+            // Nothing left to promise: a plain 503, which changes nothing.
+            return Ok(());
+        };
+        let moved = lease.amnesty(worker_clock(sent), worker_clock(answered), ms(left as u64));
+        // B read the mark at some moment after it was written; from then on it settles no lease
+        // while the promise may hold.
+        let looked = marked + ms(look_after_mark_ms);
+        let held = expiry_held_until(&[mark], on_clock(looked, b_offset_ms));
+        let b_may_expire_from = match held {
+            Some(until) => {
+                let from = real_at(until, b_offset_ms) + Duration::from_micros(1);
+                prop_assert!(expiry_allowed(held, on_clock(from, b_offset_ms)));
+                prop_assert!(!expiry_allowed(held, on_clock(from - Duration::from_micros(1), b_offset_ms)));
+                from
+            }
+            None => looked,
+        };
+        if moved {
+            let dead_by = real_of(lease.kill_at()) + KILL_LATENCY;
+            prop_assert!(
+                dead_by <= b_may_expire_from.max(base_server_deadline),
+                "the program would still run at {dead_by:?}; B may expire from {b_may_expire_from:?}"
             );
         }
     }

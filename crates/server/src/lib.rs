@@ -96,7 +96,11 @@ pub async fn serve_with(
     // Once no pass can mark them again.
     let _ = dispatcher.await;
     if let Err(e) = app.unmark_leases_kept().await {
-        tracing::warn!(error = %e, "cannot tell the other servers this one stopped keeping the leases");
+        tracing::warn!(
+            error = %e,
+            "cannot take this server's lease mark back: the other servers take it as keeping the \
+             leases for three of its ticks, and honour any promise of amnesty in it until its end"
+        );
     }
     outcome
 }

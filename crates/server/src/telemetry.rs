@@ -217,7 +217,7 @@ fn describe() {
     );
     describe_counter!(
         "tether_lease_expiries_total",
-        "Leases the dispatcher found expired."
+        "Leases an expiry pass settled as expired (an item renewed meanwhile is not counted)."
     );
     describe_gauge!(
         "tether_long_poll_waiters",

@@ -266,6 +266,39 @@ fn other_server(counting: &Arc<counting::Counting>, clock: Arc<dyn tether_core::
     )
 }
 
+/// [`counting_app`] on a manual clock of its own: the store's location, the server, the
+/// counting store, the environment, the clock to move and the same clock as the server sees it.
+async fn on_manual_clock(
+    backend: &tether_testkit::Backend,
+    name: &str,
+) -> (
+    tether_testkit::StoreLocation,
+    App,
+    Arc<counting::Counting>,
+    tether_core::resources::Environment,
+    ManualClock,
+    Arc<dyn tether_core::Clock>,
+) {
+    let manual = manual_clock();
+    let clock: Arc<dyn tether_core::Clock> = Arc::new(manual.clone());
+    let (location, app, counting, env) = counting_app(backend, clock.clone(), name).await;
+    (location, app, counting, env, manual, clock)
+}
+
+/// Marks the leases kept through `here`, then cuts the database off (for every server on
+/// `counting`) and asks `here` for something: what its 503s then promise (`lease_amnesty_ms`).
+async fn cut_off_after_a_mark(
+    here: &App,
+    counting: &counting::Counting,
+    env: &tether_core::resources::Environment,
+) -> Option<i64> {
+    here.mark_leases_kept().await.expect("mark");
+    counting.down.store(true, Ordering::SeqCst);
+    let unknown = tether_core::ids::new_id(tether_core::ids::IdKind::Work);
+    assert!(here.get_work(env, &unknown).await.is_err(), "down");
+    here.lease_amnesty_promise()
+}
+
 /// An event of type `kind` with one text block.
 fn message(kind: &str, text: &str) -> serde_json::Value {
     json!({"type": kind, "content": [{"type": "text", "text": text}]})
@@ -373,10 +406,9 @@ async fn no_lease_lapses_from_memory_right_after_an_outage() {
         let (_location, here, counting, env) =
             counting_app(&backend, Arc::new(clock.clone()), "outage").await;
         let (_, id) = acked_item(&here, &env).await;
-        counting.down.store(true, Ordering::SeqCst);
-        assert!(here.get_work(&env, &id).await.is_err(), "{name}: down");
+        // Alone: its mark promises amnesty, should it lose the database.
         assert!(
-            here.lease_amnesty_promise().is_some(),
+            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
             "{name}: the worker is promised amnesty"
         );
         clock.advance_millis(61_000);
@@ -452,6 +484,325 @@ async fn no_amnesty_is_promised_while_another_server_keeps_the_leases() {
     }
 }
 
+/// A server that loses its database promises its workers amnesty up to the end its last mark in
+/// the database gave, and not past it however long the outage lasts: a server that keeps the
+/// leases meanwhile (the loss may be a partition of this one's own) can honour only what it can
+/// read. On an embedded store, which no other server shares, every answer promises the whole grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_promises_amnesty_up_to_the_end_the_last_mark_gave() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env, manual, _clock) =
+            on_manual_clock(&backend, "promise").await;
+        let grace = ServiceConfig::default().amnesty_grace_ms;
+        assert_eq!(
+            cut_off_after_a_mark(&here, &counting, &env).await,
+            Some(grace),
+            "{name}"
+        );
+        manual.advance_millis(grace - 1_000);
+        let later = if counting.shared() { 1_000 } else { grace };
+        assert_eq!(here.lease_amnesty_promise(), Some(later), "{name}");
+        manual.advance_millis(1_000);
+        let at_the_end = (!counting.shared()).then_some(grace);
+        assert_eq!(here.lease_amnesty_promise(), at_the_end, "{name}");
+        counting.down.store(false, Ordering::SeqCst);
+        here.begin_shutdown();
+    }
+}
+
+/// A server that keeps the leases settles none while another server's last mark says that server
+/// may have promised its workers amnesty (it may have lost the database alone, and its workers
+/// keep their programs on its word), until that promise's end and the skew two clocks may have.
+/// Once the other has seen this one keeping the leases, its marks promise nothing, and the hold
+/// ends. A server on an embedded store has no one else to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_lease_is_settled_while_another_server_may_have_promised_it() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env, manual, clock) =
+            on_manual_clock(&backend, "promised").await;
+        let lease_ms = i64::from(ServiceConfig::default().lease.default_ttl_seconds) * 1_000;
+        let grace = ServiceConfig::default().amnesty_grace_ms;
+        let skew = tether_core::lease::LEASES_KEPT_FRESH_MILLIS;
+        let (_, id) = acked_item(&here, &env).await;
+        // Another server, alone when it last looked, marks the leases kept 40 s later: its mark
+        // promises amnesty until 70 s, the lease's deadline is at 60 s.
+        manual.advance_millis(40_000);
+        let lone = other_server(&counting, clock.clone());
+        lone.mark_leases_kept().await.expect("mark");
+        // Then it falls silent. This server looks at the marks, as every tick does.
+        here.mark_leases_kept().await.expect("mark");
+        let state = || async { here.get_work(&env, &id).await.expect("item").state };
+        manual.advance_millis(lease_ms - 40_000 + 1);
+        if !counting.shared() {
+            assert_eq!(here.expire_due_leases().await.expect("pass"), 1, "{name}");
+            assert_eq!(state().await, WorkState::Queued, "{name}");
+            here.begin_shutdown();
+            lone.begin_shutdown();
+            continue;
+        }
+        let promised_until = 40_000 + grace + skew;
+        assert_eq!(here.expire_due_leases().await.expect("pass"), 0, "{name}");
+        assert_eq!(
+            state().await,
+            WorkState::Starting,
+            "{name}: lapsed, and held"
+        );
+        manual.advance_millis(promised_until - lease_ms - 1);
+        assert_eq!(here.expire_due_leases().await.expect("pass"), 0, "{name}");
+        assert_eq!(
+            state().await,
+            WorkState::Starting,
+            "{name}: at the hold's end"
+        );
+        manual.advance_millis(1);
+        assert_eq!(here.expire_due_leases().await.expect("pass"), 1, "{name}");
+        assert_eq!(state().await, WorkState::Queued, "{name}: after it");
+
+        // Both keep the leases now: the other marks once more, promising again (it has not seen
+        // this one yet), and sees this one's mark; its next mark promises nothing.
+        here.mark_leases_kept().await.expect("mark");
+        lone.mark_leases_kept().await.expect("mark");
+        here.mark_leases_kept().await.expect("mark");
+        assert!(!here.expiry_allowed(here.now()), "{name}: held");
+        lone.mark_leases_kept().await.expect("mark");
+        here.mark_leases_kept().await.expect("mark");
+        assert!(here.expiry_allowed(here.now()), "{name}: no longer");
+        here.begin_shutdown();
+        lone.begin_shutdown();
+    }
+}
+
+/// A mark written after this server last read the marks may promise a lease that lapses after
+/// that read: before settling such a lease, by an operation on its item or by the expiry pass, the
+/// server reads the marks again, however long its tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promise_made_since_the_last_read_of_the_marks_holds_the_lease_too() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env, manual, clock) =
+            on_manual_clock(&backend, "unread").await;
+        let lease_ms = i64::from(ServiceConfig::default().lease.default_ttl_seconds) * 1_000;
+        let grace = ServiceConfig::default().amnesty_grace_ms;
+        let skew = tether_core::lease::LEASES_KEPT_FRESH_MILLIS;
+        let (_, id) = acked_item(&here, &env).await;
+        // This server reads the marks at 40 s (there are none), the other marks at 41 s: a promise
+        // until 71 s. The lease's deadline is at 60 s; this server's next tick is an hour away.
+        manual.advance_millis(40_000);
+        here.mark_leases_kept().await.expect("mark");
+        manual.advance_millis(1_000);
+        let lone = other_server(&counting, clock.clone());
+        lone.mark_leases_kept().await.expect("mark");
+        manual.advance_millis(lease_ms - 41_000 + 1);
+        let state = || async { here.get_work(&env, &id).await.expect("item").state };
+        if !counting.shared() {
+            assert_eq!(state().await, WorkState::Queued, "{name}: settled on sight");
+        } else {
+            assert_eq!(state().await, WorkState::Starting, "{name}: held on sight");
+            assert_eq!(here.expire_due_leases().await.expect("pass"), 0, "{name}");
+            // The clock is 1 ms past the deadline.
+            manual.advance_millis(41_000 + grace + skew - lease_ms - 1);
+            assert_eq!(
+                state().await,
+                WorkState::Starting,
+                "{name}: at the hold's end"
+            );
+            manual.advance_millis(1);
+            assert_eq!(here.expire_due_leases().await.expect("pass"), 1, "{name}");
+            assert_eq!(state().await, WorkState::Queued, "{name}: after it");
+        }
+        here.begin_shutdown();
+        lone.begin_shutdown();
+    }
+}
+
+/// The amnesty owed after an outage follows from what the outage's 503s promised, noted as they
+/// were answered: a server that appears meanwhile, read of before the amnesty is decided (by a
+/// request judging a lapsed lease, or the tick's mark), does not take the promise back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promise_made_during_an_outage_is_kept_whatever_is_read_after_it() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, setup, counting, env, manual, clock) =
+            on_manual_clock(&backend, "kept").await;
+        setup.begin_shutdown();
+        // Its marks hold for 5 s, as with the default tick.
+        let here = App::new(
+            counting.clone(),
+            clock.clone(),
+            ServiceConfig {
+                tick: Duration::from_secs(1),
+                ..ServiceConfig::default()
+            },
+        );
+        let (_, id) = acked_item(&here, &env).await;
+        assert!(
+            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
+            "{name}: promised"
+        );
+        // Another server starts meanwhile, and keeps the leases.
+        manual.advance_millis(20_000);
+        counting.down.store(false, Ordering::SeqCst);
+        let newcomer = other_server(&counting, clock.clone());
+        newcomer.amnesty_at_start().await.expect("start");
+        newcomer.mark_leases_kept().await.expect("mark");
+        // This server reads the marks before anything has asked for the amnesty.
+        here.amnesty_at_start().await.expect("a read of the marks");
+        assert!(
+            here.amnesty_after_outage().await.expect("amnesty"),
+            "{name}: owed, as promised"
+        );
+        let item = counting.get_work(&id).await.expect("read").expect("item");
+        let grace = ServiceConfig::default().amnesty_grace_ms;
+        assert!(
+            item.value.lease_expires_at >= Some(here.now().plus_millis(grace)),
+            "{name}: {:?}",
+            item.value.lease_expires_at
+        );
+        here.begin_shutdown();
+        newcomer.begin_shutdown();
+    }
+}
+
+/// A server that stops gracefully takes its mark back, and with it the promise the others
+/// honoured: so it first grants the amnesty an outage's promise is owed, into the leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopping_after_an_outage_keeps_its_promise_in_the_leases() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env, manual, _clock) =
+            on_manual_clock(&backend, "stopping").await;
+        if !counting.shared() {
+            here.begin_shutdown();
+            continue;
+        }
+        let (_, id) = acked_item(&here, &env).await;
+        assert!(
+            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
+            "{name}: promised"
+        );
+        manual.advance_millis(50_000);
+        counting.down.store(false, Ordering::SeqCst);
+        here.unmark_leases_kept().await.expect("unmark");
+        let item = counting.get_work(&id).await.expect("read").expect("item");
+        let grace = ServiceConfig::default().amnesty_grace_ms;
+        assert_eq!(
+            item.value.lease_expires_at,
+            Some(here.now().plus_millis(grace)),
+            "{name}"
+        );
+        here.begin_shutdown();
+    }
+}
+
+/// A server restarted under the same name replaces its earlier run's mark with its own, and the
+/// earlier run may have promised its workers amnesty from it (cut off from the database, then
+/// killed). Before the new run settles any lease or writes its mark, it keeps that promise, into
+/// the leases, even beside another server keeping them, and whether or not its start got as far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_keeps_its_earlier_runs_promise() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, setup, counting, env, manual, clock) =
+            on_manual_clock(&backend, "restart").await;
+        setup.begin_shutdown();
+        if !counting.shared() {
+            continue;
+        }
+        let named = || {
+            App::new(
+                counting.clone(),
+                clock.clone(),
+                ServiceConfig {
+                    tick: Duration::from_secs(3600),
+                    server_name: Some("host-a/127.0.0.1:4780/boot-0123456789ab".into()),
+                    ..ServiceConfig::default()
+                },
+            )
+        };
+        let lease_ms = i64::from(ServiceConfig::default().lease.default_ttl_seconds) * 1_000;
+        let grace = ServiceConfig::default().amnesty_grace_ms;
+        // The earlier run acks an item (due at 60 s) and, alone, marks at 40 s: a promise until
+        // 70 s. Then it is killed.
+        let earlier = named();
+        let (_, id) = acked_item(&earlier, &env).await;
+        manual.advance_millis(40_000);
+        earlier.mark_leases_kept().await.expect("mark");
+        earlier.begin_shutdown();
+        let promised_until = tether_core::Clock::now(&manual_clock()).plus_millis(40_000 + grace);
+        // Another server starts at 42 s and keeps the leases.
+        manual.advance_millis(2_000);
+        let other = other_server(&counting, clock.clone());
+        other.amnesty_at_start().await.expect("start");
+        other.mark_leases_kept().await.expect("mark");
+        // The restart comes at 44 s, and its start does nothing: the database was away then (an
+        // outage's own amnesty is not what this test is about, so none is simulated).
+        manual.advance_millis(2_000);
+        let restarted = named();
+        manual.advance_millis(lease_ms - 44_000 + 1);
+        // Its first pass, before any mark of its own, settles nothing the earlier run promised.
+        assert_eq!(
+            restarted.expire_due_leases().await.expect("pass"),
+            0,
+            "{name}"
+        );
+        restarted.mark_leases_kept().await.expect("mark");
+        other.mark_leases_kept().await.expect("mark");
+        assert_eq!(other.expire_due_leases().await.expect("pass"), 0, "{name}");
+        let item = counting.get_work(&id).await.expect("read").expect("item");
+        assert_eq!(item.value.state, WorkState::Starting, "{name}");
+        assert!(
+            item.value.lease_expires_at >= Some(promised_until),
+            "{name}: {:?}",
+            item.value.lease_expires_at
+        );
+        restarted.begin_shutdown();
+        other.begin_shutdown();
+    }
+}
+
+/// An operator's stop of an item whose lease lapsed while another server's promise holds it must
+/// hold the session's next item until that promise ends: the worker's program may still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_under_a_promise_holds_the_sessions_next_item_until_it_ends() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env, manual, clock) =
+            on_manual_clock(&backend, "stopped").await;
+        if !counting.shared() {
+            here.begin_shutdown();
+            continue;
+        }
+        let lease_ms = i64::from(ServiceConfig::default().lease.default_ttl_seconds) * 1_000;
+        let (session_id, id) = acked_item(&here, &env).await;
+        manual.advance_millis(40_000);
+        let lone = other_server(&counting, clock.clone());
+        lone.mark_leases_kept().await.expect("mark");
+        here.mark_leases_kept().await.expect("mark");
+        manual.advance_millis(lease_ms - 40_000 + 1);
+        here.stop(&env, &id, true, true, &operator())
+            .await
+            .expect("stop");
+        let session = counting
+            .get_session(&session_id)
+            .await
+            .expect("read")
+            .expect("session")
+            .value;
+        // The other server marked at 40 s, promising for the grace after it.
+        let promised_until = tether_core::Clock::now(&manual_clock())
+            .plus_millis(40_000 + ServiceConfig::default().amnesty_grace_ms);
+        assert_eq!(
+            session.next_item_not_before,
+            Some(promised_until.plus_millis(tether_core::lease::LEASES_KEPT_FRESH_MILLIS)),
+            "{name}"
+        );
+        here.begin_shutdown();
+        lone.begin_shutdown();
+    }
+}
+
 /// A session token judged live when its request came in may find, by the time the request is
 /// decided, that its lease lapsed meanwhile: the request settles the lease (the item goes back to
 /// the queue) and the token's stop or metadata patch is refused (409 `not_held`) rather than
@@ -523,10 +874,8 @@ async fn a_session_token_whose_lease_lapses_before_its_request_is_decided_acts_o
 async fn after_an_outage_amnesty_is_granted_unless_another_server_kept_the_leases_meanwhile() {
     for backend in backends() {
         let name = backend.name();
-        let manual = manual_clock();
-        let clock: Arc<dyn tether_core::Clock> = Arc::new(manual.clone());
-        let (_location, setup, counting, env) =
-            counting_app(&backend, clock.clone(), "outage").await;
+        let (_location, setup, counting, env, manual, clock) =
+            on_manual_clock(&backend, "outage").await;
         setup.begin_shutdown();
         // Servers whose marks hold for 5 s, as with the default tick.
         let server = || {

@@ -364,6 +364,11 @@ impl<E: Executor> Store for SqlStore<E> {
         .await
     }
 
+    async fn lease_keeper_mark_of(&self, server_id: &str) -> StoreResult<Option<LeaseKeeperMark>> {
+        self.optional(sql::lease_keeper_mark_of(server_id), sql::lease_keeper_mark)
+            .await
+    }
+
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {
         self.count(sql::count_credentials(kind, revoked_too)).await
     }

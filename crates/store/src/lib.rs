@@ -363,6 +363,10 @@ pub trait Store: Send + Sync + 'static {
         server_id: &str,
     ) -> StoreResult<Vec<LeaseKeeperMark>>;
 
+    /// The mark `server_id` left last, by an earlier run of the same server process maybe
+    /// ([`Write::MarkLeasesKept`]).
+    async fn lease_keeper_mark_of(&self, server_id: &str) -> StoreResult<Option<LeaseKeeperMark>>;
+
     /// Notices from other server processes.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice>;
 

@@ -234,6 +234,14 @@ CREATE TABLE IF NOT EXISTS lease_keepers (
 ALTER TABLE lease_keepers ADD COLUMN holds_until BIGINT;
 "#,
     ),
+    (
+        7,
+        // Until when each mark's server may promise its workers lease amnesty while it cannot reach
+        // the database (`lease::LeaseKeeperMark::promises_until`); null: it promises none.
+        r#"
+ALTER TABLE lease_keepers ADD COLUMN promises_until BIGINT;
+"#,
+    ),
 ];
 
 /// The statement that reads the newest migration a database has had.
@@ -668,13 +676,16 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
         )),
         Write::MarkLeasesKept { server_id, mark } => out.push((
             Statement::new(
-                "INSERT INTO lease_keepers (server_id, kept_at, holds_until) VALUES ($1, $2, $3) \
+                "INSERT INTO lease_keepers (server_id, kept_at, holds_until, promises_until) \
+                 VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (server_id) DO UPDATE \
-                 SET kept_at = excluded.kept_at, holds_until = excluded.holds_until",
+                 SET kept_at = excluded.kept_at, holds_until = excluded.holds_until, \
+                 promises_until = excluded.promises_until",
                 vec![
                     server_id.as_str().into(),
                     mark.kept_at.into(),
                     mark.holds_until.into(),
+                    mark.promises_until.into(),
                 ],
             ),
             Any,
@@ -1143,10 +1154,19 @@ pub fn count_credentials(kind: CredentialKind, revoked_too: bool) -> Statement {
 /// the marks of those gone an hour are forgotten, so the bound is never reached in practice.
 pub fn lease_keeper_marks_elsewhere(server_id: &str) -> Statement {
     Statement::new(
-        "SELECT kept_at, holds_until FROM lease_keepers WHERE server_id <> $1 \
+        "SELECT kept_at, holds_until, promises_until FROM lease_keepers WHERE server_id <> $1 \
          ORDER BY kept_at DESC LIMIT 64",
         vec![server_id.into()],
     )
+}
+
+/// The mark of `server_id` alone.
+pub fn lease_keeper_mark_of(server_id: &str) -> Statement {
+    Statement::new(
+        "SELECT kept_at, holds_until, promises_until FROM lease_keepers WHERE server_id = $1",
+        vec![server_id.into()],
+    )
+    .bounded()
 }
 
 pub fn lease_keeper_mark(row: &Row) -> StoreResult<LeaseKeeperMark> {
@@ -1155,6 +1175,7 @@ pub fn lease_keeper_mark(row: &Row) -> StoreResult<LeaseKeeperMark> {
         Some(holds_until) => LeaseKeeperMark {
             kept_at,
             holds_until: Timestamp::from_micros(holds_until),
+            promises_until: opt_int(&row[2])?.map(Timestamp::from_micros),
         },
         None => LeaseKeeperMark::of_unknown_tick(kept_at),
     })

@@ -153,13 +153,19 @@ pub struct AppInner {
     /// This process among those sharing the store, for the marks of who keeps the leases
     /// ([`App::mark_leases_kept`]).
     server_id: String,
-    /// Whether another server process was keeping the leases too when this one last looked
-    /// ([`App::mark_leases_kept`]): then a database this process cannot reach may be one that
-    /// process still writes to, and this one promises no amnesty.
-    others_keep_leases: std::sync::atomic::AtomicBool,
+    /// Whether an outage's 503 promised lease amnesty since the amnesty after the last outage was
+    /// decided ([`App::lease_amnesty_promise`]): then that amnesty is owed, whatever is read after.
+    promised_since_last_outage: std::sync::atomic::AtomicBool,
+    /// Whether the promise an earlier run of this process (the same server id) may have made
+    /// from its last mark has been kept ([`App::keep_earlier_runs_promise`]).
+    earlier_runs_promise_kept: std::sync::atomic::AtomicBool,
+    earlier_runs_promise_keeping: tokio::sync::Mutex<()>,
     /// This process's last mark of the leases kept ([`App::mark_leases_kept`]), to tell whether
     /// another process kept them while this one could not reach the database.
     own_lease_mark: Mutex<Option<tether_core::lease::LeaseKeeperMark>>,
+    /// What this process last read of the other processes' marks ([`App::expiry_allowed`]);
+    /// `None` before it first read them.
+    marks_read: Mutex<Option<MarksRead>>,
     /// Event streams open per environment, for [`ServiceConfig::max_streams_per_environment`].
     streams_open: StreamsOpen,
     /// Hints that spare the store a read (`crate::cache`): credentials (by id and by secret hash) and
@@ -207,6 +213,20 @@ impl Drop for StreamPlace {
             }
         }
     }
+}
+
+/// The other server processes' marks as this one last read them.
+#[derive(Clone, Copy, Debug)]
+struct MarksRead {
+    /// When, by this process's clock, taken before the read: every mark committed by then is in it.
+    at: Timestamp,
+    /// Whether another process was keeping the leases (`lease::others_keep_leases`): then a
+    /// database this process cannot reach may be one that process still writes to, and this one
+    /// promises no amnesty.
+    others_keep: bool,
+    /// Until when no lease may be settled as expired, because another process may have promised
+    /// its workers amnesty (`lease::expiry_held_until`); `None`: none may have.
+    expiry_held_until: Option<Timestamp>,
 }
 
 impl App {
@@ -279,8 +299,11 @@ impl App {
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
             server_id,
-            others_keep_leases: std::sync::atomic::AtomicBool::new(false),
+            promised_since_last_outage: std::sync::atomic::AtomicBool::new(false),
+            earlier_runs_promise_kept: std::sync::atomic::AtomicBool::new(false),
+            earlier_runs_promise_keeping: tokio::sync::Mutex::new(()),
             own_lease_mark: Mutex::new(None),
+            marks_read: Mutex::new(None),
             streams_open: Arc::default(),
             credentials_by_id: TtlCache::new(ttl),
             credentials_by_hash: TtlCache::new(ttl),

@@ -327,7 +327,9 @@ impl App {
         let Some(live) = self.store.live_work_for_session(&session.id).await? else {
             return Ok(false);
         };
-        let Some(step) = stop(&live.value) else {
+        // A lapsed lease that another server's promise holds may still have its program running.
+        let held = self.held_lease(&live.value, now).await?;
+        let Some(step) = stop(held.as_ref().unwrap_or(&live.value)) else {
             return Ok(true);
         };
         let coupling = session::couple(session.status, session.pending_input, &step.transitions);

@@ -246,7 +246,8 @@ impl App {
     /// its item on any refused heartbeat but a 412), and end the session's retry. A request let in
     /// just before the deadline and decided after it is refused by the operation itself
     /// (`work::held_by`). After an outage, the lease is judged after the amnesty the reconnection
-    /// calls for, as any expiry is.
+    /// calls for, as any expiry is; and a lapsed lease that another server's promise holds
+    /// (`App::held_lease`) is live to its token as it is to every operation.
     async fn item_of_token(&self, token_hash: &str) -> Result<Option<tether_core::WorkItem>> {
         Ok(match self.token_item(token_hash).await? {
             TokenItem::Live(item) => Some(*item),
@@ -256,9 +257,12 @@ impl App {
 
     /// [`Self::item_of_token`], saying why a token is dead when it is its lease that ran out.
     async fn token_item(&self, token_hash: &str) -> Result<TokenItem> {
+        // What an earlier run of this server may have promised moves deadlines: before the read.
+        self.keep_earlier_runs_promise().await?;
         let Some(mut item) = self.store.work_by_token_hash(token_hash).await? else {
             return Ok(TokenItem::Dead);
         };
+        // The amnesty an outage calls for comes before any read of the marks (`App::lease_lapsed`).
         if tether_core::work::lease_lapsed(&item.value, self.now())
             && self.amnesty_after_outage().await?
         {
@@ -275,7 +279,7 @@ impl App {
         };
         Ok(if !item.state.is_live() || !issuer_alive {
             TokenItem::Dead
-        } else if tether_core::work::lease_lapsed(&item, self.now()) {
+        } else if self.lease_lapsed(&item, self.now()).await? {
             TokenItem::Lapsed
         } else {
             TokenItem::Live(Box::new(item))

@@ -292,9 +292,10 @@ impl App {
             return Err(Retry::Conflict);
         }
         let now = self.now();
-        let evaluation = work::evaluate(&current.value, now, &self.config.lease, |item| {
-            op(item, now)
-        });
+        // A lapsed lease that another server's promise holds is judged as the live lease it is.
+        let held = self.held_lease(&current.value, now).await?;
+        let judged = held.as_ref().unwrap_or(&current.value);
+        let evaluation = work::evaluate(judged, now, &self.config.lease, |item| op(item, now));
         if evaluation.expired.is_some() && self.store.losses() != losses {
             // The database was lost after this read: a worker may have been told (503 with the
             // amnesty promise) that its lease will outlast the outage. Decide after the amnesty
@@ -878,14 +879,32 @@ impl App {
         Ok(())
     }
 
-    /// One expiry pass: every lease past its deadline is settled (§5.4). Returns how many were handled.
+    /// One expiry pass: every lease past its deadline is settled (§5.4). Returns how many expired.
     pub async fn expire_due_leases(&self) -> Result<usize> {
         let now = self.now();
+        if !self.expiry_allowed(now) {
+            // Another server may have promised the leases' workers amnesty: nothing is due yet.
+            // An amnesty after an outage of this one's waits for the first pass after the hold,
+            // or the first operation on an item, whichever comes first; later is only longer.
+            return Ok(0);
+        }
+        // Before the read of what is due: keeping it may move deadlines.
+        self.keep_earlier_runs_promise().await?;
         let mut due = self.store.leases_due_before(now, EXPIRY_BATCH).await?;
         if self.amnesty_after_outage().await? {
             due = self.store.leases_due_before(now, EXPIRY_BATCH).await?;
         }
-        let mut handled = 0;
+        let latest_due = due
+            .iter()
+            .filter_map(|item| item.value.lease_expires_at)
+            .max();
+        if let Some(deadline) = latest_due {
+            if self.promise_holding(deadline, now).await?.is_some() {
+                return Ok(0);
+            }
+        }
+        let batch = due.len();
+        let mut expired = 0;
         for item in due {
             match self
                 .run_item_op(
@@ -897,18 +916,19 @@ impl App {
                 )
                 .await
             {
-                Ok(_) => handled += 1,
-                Err(Error::NotFound { .. }) => {}
+                // Renewed meanwhile (a heartbeat, an amnesty), it is left as it is.
+                Ok((after, ())) if after.state != item.value.state => expired += 1,
+                Ok(_) | Err(Error::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        if handled > 0 {
-            metrics::counter!("tether_lease_expiries_total").increment(handled as u64);
+        if expired > 0 {
+            metrics::counter!("tether_lease_expiries_total").increment(expired as u64);
         }
-        if (handled as u32) < EXPIRY_BATCH {
+        if (batch as u32) < EXPIRY_BATCH {
             self.refresh_lease_horizon().await?;
         }
-        Ok(handled)
+        Ok(expired)
     }
 
     /// Reads the earliest lease deadline in the store into [`crate::cache::LeaseHorizon`] (one index
@@ -984,7 +1004,22 @@ impl App {
             // Another request granted it while this one waited.
             return Ok(true);
         }
-        if !self.amnesty_owed_after_outage().await? {
+        // Taken for this decision; the promises of the next outage are noted from here on. A
+        // decision that fails leaves it for the next try.
+        let promised = self
+            .promised_since_last_outage
+            .swap(false, Ordering::SeqCst);
+        let granted = match self.decide_amnesty_after_outage(promised).await {
+            Ok(granted) => granted,
+            Err(e) => {
+                if promised {
+                    self.promised_since_last_outage
+                        .store(true, Ordering::SeqCst);
+                }
+                return Err(e);
+            }
+        };
+        let Some(granted) = granted else {
             tracing::info!(
                 "no lease amnesty after the database came back: another server kept the leases \
                  meanwhile, and none was promised"
@@ -992,8 +1027,7 @@ impl App {
             self.amnesty_granted_through
                 .fetch_max(seen, Ordering::SeqCst);
             return Ok(false);
-        }
-        let granted = self.grant_amnesty().await?;
+        };
         tracing::info!(
             granted,
             "lease amnesty after the database came back: no lease expires because of the outage"
@@ -1003,14 +1037,23 @@ impl App {
         Ok(true)
     }
 
-    /// `lease::amnesty_owed_after_outage`, from what this process promised during the outage and
-    /// the marks of the lease keepers. Always on a store of this process's own.
-    async fn amnesty_owed_after_outage(&self) -> Result<bool> {
+    /// The amnesty after an outage, granted when owed: how many leases it extended, or `None`
+    /// when none was owed.
+    async fn decide_amnesty_after_outage(&self, promised: bool) -> Result<Option<usize>> {
+        if !self.amnesty_owed_after_outage(promised).await? {
+            return Ok(None);
+        }
+        self.grant_amnesty().await.map(Some)
+    }
+
+    /// `lease::amnesty_owed_after_outage`, from what this process promised during the outage
+    /// (`promised`, noted as its 503s were answered: a read of the marks made since, a newcomer's
+    /// mark in it, says nothing of what was promised before) and the marks of the lease keepers.
+    /// Always on a store of this process's own.
+    async fn amnesty_owed_after_outage(&self, promised: bool) -> Result<bool> {
         if !self.store.shared() {
             return Ok(true);
         }
-        // What the last look before the outage noted, and so what the outage's 503s promised.
-        let promised = self.alone_at_last_look();
         let own_last = *self.own_lease_mark.lock().expect("own lease mark lock");
         let others = self
             .store
@@ -1044,23 +1087,154 @@ impl App {
     /// this process's outage may be its own (a partition between it and the database), and that
     /// process would go on expiring the leases this one promised would not expire, while their
     /// workers kept their programs running beside the ones the items went to next.
+    ///
+    /// On a store shared with other processes, the promise ends where this process's last mark
+    /// said it would (`lease::promise_left`), however long the outage lasts: another process that
+    /// keeps the leases meanwhile honours that end and no later one (`lease::expiry_held_until`).
+    /// On a store of this process's own, where no other process can expire anything, it is the
+    /// whole grace at every answer.
     pub fn lease_amnesty_promise(&self) -> Option<i64> {
-        (self.store.in_outage() && self.config.amnesty_grace_ms > 0 && self.alone_at_last_look())
-            .then_some(self.config.amnesty_grace_ms)
+        let grace = self.config.amnesty_grace_ms;
+        if !self.store.in_outage() || grace <= 0 || !self.alone_at_last_look() {
+            return None;
+        }
+        let promise = if self.store.shared() {
+            let own_last = *self.own_lease_mark.lock().expect("own lease mark lock");
+            tether_core::lease::promise_left(own_last, self.now())
+        } else {
+            Some(grace)
+        };
+        if promise.is_some() {
+            self.promised_since_last_outage
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        promise
+    }
+
+    /// Whether leases may be settled as expired at `now`: not while another server process may
+    /// have promised its workers amnesty ([`Self::look_for_other_lease_keepers`]). Until then a
+    /// lapsed lease is held as if it were live, by the expiry pass and by every operation.
+    pub fn expiry_allowed(&self, now: Timestamp) -> bool {
+        self.expiry_held_at(now).is_none()
+    }
+
+    /// Until when the marks read last hold every lease, if they still do at `now`
+    /// (`lease::expiry_allowed`).
+    fn expiry_held_at(&self, now: Timestamp) -> Option<Timestamp> {
+        let held_until = self
+            .last_marks_read()
+            .and_then(|read| read.expiry_held_until);
+        held_until.filter(|_| !tether_core::lease::expiry_allowed(held_until, now))
+    }
+
+    /// Whether `item`'s lease has lapsed at `now` and may be settled (`work::lease_lapsed`, and
+    /// no promise holds it: [`Self::held_lease`]).
+    pub(crate) async fn lease_lapsed(&self, item: &WorkItem, now: Timestamp) -> Result<bool> {
+        Ok(work::lease_lapsed(item, now) && self.held_lease(item, now).await?.is_none())
+    }
+
+    /// `item` with its lapsed lease held until another server process's promise ends
+    /// (`work::hold_lease`), when one may hold it ([`Self::promise_holding`]); `None` when its
+    /// lease is live, or lapsed and free to be settled.
+    pub(crate) async fn held_lease(
+        &self,
+        item: &WorkItem,
+        now: Timestamp,
+    ) -> Result<Option<WorkItem>> {
+        if !work::lease_lapsed(item, now) {
+            return Ok(None);
+        }
+        let deadline = item
+            .lease_expires_at
+            .expect("a lapsed lease has a deadline");
+        Ok(self
+            .promise_holding(deadline, now)
+            .await?
+            .and_then(|until| work::hold_lease(item, until)))
+    }
+
+    /// Until when another server process's promise holds a lease due at `deadline`, at `now`
+    /// (`None`: it may be settled), by the marks read last, or read again first when one written
+    /// since could promise it (`lease::marks_to_read_again`). A read costs one small query, and
+    /// only a lease about to be settled asks for it. Every settling of a lease asks this first, so
+    /// the amnesty an outage of this process calls for, and the promise an earlier run of it may
+    /// have made, are kept before.
+    async fn promise_holding(
+        &self,
+        deadline: Timestamp,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>> {
+        self.keep_own_promises().await?;
+        let read_at = self.last_marks_read().map(|read| read.at);
+        if self.store.shared() && tether_core::lease::marks_to_read_again(deadline, read_at) {
+            self.look_for_other_lease_keepers().await?;
+        }
+        Ok(self.expiry_held_at(now))
+    }
+
+    /// Keeps the promise an earlier run of this process (the same server id: the same host,
+    /// address and boot) may have made its workers from its last mark, cut off from the database
+    /// and then stopped: this run's first mark replaces that one, and with it the others' hold.
+    /// So before this run settles a lease, writes its mark or takes it back, it grants amnesty
+    /// into the leases up to that promise's end, once (a read that fails is tried again by the
+    /// next caller).
+    pub(crate) async fn keep_earlier_runs_promise(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.earlier_runs_promise_kept.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _keeping = self.earlier_runs_promise_keeping.lock().await;
+        if self.earlier_runs_promise_kept.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if self.store.shared() {
+            let earlier = self.store.lease_keeper_mark_of(&self.server_id).await?;
+            let now = self.now();
+            if let Some(until) = earlier
+                .and_then(|mark| mark.promises_until)
+                .filter(|until| *until > now)
+            {
+                // Up to the promise's end, and no further (1 ms more for the rounding down).
+                let granted = self.grant_amnesty_for(until.millis_since(now) + 1).await?;
+                tracing::info!(
+                    granted,
+                    until = %until,
+                    "lease amnesty for what an earlier run of this server may have promised"
+                );
+            }
+        }
+        self.earlier_runs_promise_kept.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// What this process last read of the other processes' marks (a copy).
+    fn last_marks_read(&self) -> Option<super::MarksRead> {
+        *self.marks_read.lock().expect("marks read lock")
+    }
+
+    /// Keeps what this process may have promised its workers before it settles a lease or
+    /// writes or takes back its mark: an earlier run's promise
+    /// ([`Self::keep_earlier_runs_promise`]) and the amnesty an outage calls for
+    /// ([`Self::amnesty_after_outage`]).
+    async fn keep_own_promises(&self) -> Result<()> {
+        self.keep_earlier_runs_promise().await?;
+        self.amnesty_after_outage().await?;
+        Ok(())
     }
 
     /// Whether no other server process kept the leases when this one last looked
     /// ([`Self::look_for_other_lease_keepers`]): then an outage's 503s promise amnesty, and the
     /// amnesty after it is owed.
     fn alone_at_last_look(&self) -> bool {
-        !self
-            .others_keep_leases
-            .load(std::sync::atomic::Ordering::SeqCst)
+        !self.last_marks_read().is_some_and(|read| read.others_keep)
     }
 
     /// Lease amnesty at start (§3.1), unless another server process sharing the store has just
-    /// been checking the leases (`lease::others_keep_leases`). `None` when it was not due.
+    /// been checking the leases (`lease::others_keep_leases`). `None` when it was not due. The
+    /// promise an earlier run of this process may have made is kept first, in any case
+    /// ([`Self::keep_earlier_runs_promise`]).
     pub async fn amnesty_at_start(&self) -> Result<Option<usize>> {
+        self.keep_earlier_runs_promise().await?;
         if self.look_for_other_lease_keepers().await? {
             return Ok(None);
         }
@@ -1074,7 +1248,21 @@ impl App {
         if !self.store.shared() {
             return Ok(());
         }
-        let mark = tether_core::lease::LeaseKeeperMark::new(self.now(), self.config.tick);
+        // The mark replaces the last one, and the promise in it: keep that promise first.
+        self.keep_own_promises().await?;
+        let mut mark = tether_core::lease::LeaseKeeperMark::new(self.now(), self.config.tick);
+        if self.alone_at_last_look() {
+            // What an outage before the next mark may promise; written before it is promised.
+            mark = mark.promising(self.config.amnesty_grace_ms);
+        }
+        {
+            // A commit that fails may still have been written: until it is known to have been,
+            // promise no more than the less of the two marks says.
+            let mut own = self.own_lease_mark.lock().expect("own lease mark lock");
+            if let Some(last) = own.as_mut() {
+                last.promises_until = last.promises_until.min(mark.promises_until);
+            }
+        }
         self.commit(ChangeSet::one(Write::MarkLeasesKept {
             server_id: self.server_id.clone(),
             mark,
@@ -1087,11 +1275,16 @@ impl App {
 
     /// Tells the other server processes sharing the store that this one has stopped keeping the
     /// leases: a server that starts next, beside no other, grants amnesty for the time none kept
-    /// them, rather than waiting out this one's last mark (three of its ticks).
+    /// them, rather than waiting out this one's last mark (three of its ticks). The mark says what
+    /// this process may have promised during an outage; the amnesty that promise is owed is
+    /// granted first, into the leases themselves, since the others stop honouring it with the mark.
     pub async fn unmark_leases_kept(&self) -> Result<()> {
         if !self.store.shared() {
             return Ok(());
         }
+        // A call first, so that a reconnection not yet counted is, and its amnesty granted.
+        self.store.ping().await?;
+        self.keep_own_promises().await?;
         self.commit(ChangeSet::one(Write::UnmarkLeasesKept {
             server_id: self.server_id.clone(),
         }))
@@ -1104,6 +1297,8 @@ impl App {
     /// mark, an outage then promises nothing that another server could break. Never on a store of
     /// this process's own.
     async fn look_for_other_lease_keepers(&self) -> Result<bool> {
+        // Before the read: every mark committed by then is in it.
+        let read_at = self.now();
         let marks = if self.store.shared() {
             self.store
                 .lease_keeper_marks_elsewhere(&self.server_id)
@@ -1111,15 +1306,52 @@ impl App {
         } else {
             Vec::new()
         };
-        let others_keep = tether_core::lease::others_keep_leases(&marks, self.now());
-        self.others_keep_leases
-            .store(others_keep, std::sync::atomic::Ordering::SeqCst);
+        let now = self.now();
+        let others_keep = tether_core::lease::others_keep_leases(&marks, now);
+        self.note_marks_read(&marks, read_at, others_keep, now);
         Ok(others_keep)
+    }
+
+    /// Notes what the marks read at `read_at` say ([`Self::alone_at_last_look`],
+    /// [`Self::expiry_allowed`]), unless a later read was noted meanwhile, and says so when a hold
+    /// begins.
+    fn note_marks_read(
+        &self,
+        marks: &[tether_core::lease::LeaseKeeperMark],
+        read_at: Timestamp,
+        others_keep: bool,
+        now: Timestamp,
+    ) {
+        let held_until = tether_core::lease::expiry_held_until(marks, now);
+        let mut last = self.marks_read.lock().expect("marks read lock");
+        if last.is_some_and(|last| last.at > read_at) {
+            return;
+        }
+        let held_before = last
+            .and_then(|last| last.expiry_held_until)
+            .is_some_and(|until| until >= now);
+        *last = Some(super::MarksRead {
+            at: read_at,
+            others_keep,
+            expiry_held_until: held_until,
+        });
+        drop(last);
+        if let (Some(until), false) = (held_until, held_before) {
+            tracing::info!(
+                until = %until,
+                "another server may have promised its workers lease amnesty, should it lose \
+                 the database: no lease expires before then"
+            );
+        }
     }
 
     /// Lease amnesty (§3.1): no lease expires because this process, or its database, was away.
     pub async fn grant_amnesty(&self) -> Result<usize> {
-        let grace = self.config.amnesty_grace_ms;
+        self.grant_amnesty_for(self.config.amnesty_grace_ms).await
+    }
+
+    /// [`Self::grant_amnesty`] with a grace of `grace` milliseconds.
+    async fn grant_amnesty_for(&self, grace: i64) -> Result<usize> {
         let mut granted = 0;
         // One `now` for the whole pass: an extended deadline equals the horizon, so it is not read again.
         let now = self.now();

@@ -126,7 +126,9 @@ impl Store for Counting {
         self.inner.in_outage() || self.lost.load(Ordering::SeqCst)
     }
     async fn ping(&self) -> StoreResult<()> {
-        self.inner.ping().await
+        self.before_call()?;
+        let outcome = self.inner.ping().await;
+        self.after_call(outcome)
     }
     async fn get_environment(&self, id: &str) -> StoreResult<Option<Versioned<Environment>>> {
         self.inner.get_environment(id).await
@@ -273,6 +275,12 @@ impl Store for Counting {
     }
     fn shared(&self) -> bool {
         self.inner.shared()
+    }
+    async fn lease_keeper_mark_of(
+        &self,
+        server_id: &str,
+    ) -> StoreResult<Option<tether_core::lease::LeaseKeeperMark>> {
+        self.inner.lease_keeper_mark_of(server_id).await
     }
     async fn lease_keeper_marks_elsewhere(
         &self,

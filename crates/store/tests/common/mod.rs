@@ -477,13 +477,15 @@ pub async fn a_held_item_is_a_claim_candidate_from_its_moment_on(store: &impl St
 }
 
 /// The marks of the server processes keeping the leases: each server's latest replaces its earlier
-/// one, a server never reads its own, a stopping server's is taken back, and marks older than a
-/// moment are forgotten.
+/// one, promise of amnesty included, a server never reads its own, a stopping server's is taken
+/// back, and marks older than a moment are forgotten.
 pub async fn lease_keeper_marks_are_kept_one_per_server(store: &impl Store) {
     use std::time::Duration;
     use tether_core::lease::LeaseKeeperMark;
     let mark = |server_id: &str, at_ms: i64| {
-        let mark = LeaseKeeperMark::new(Timestamp::from_millis(at_ms), Duration::from_secs(1));
+        // Only `host-a`'s second mark promises amnesty: a later mark without one replaces it.
+        let mark = LeaseKeeperMark::new(Timestamp::from_millis(at_ms), Duration::from_secs(1))
+            .promising(if at_ms == 2_000 { 30_000 } else { 0 });
         (
             Write::MarkLeasesKept {
                 server_id: server_id.into(),
@@ -515,6 +517,14 @@ pub async fn lease_keeper_marks_are_kept_one_per_server(store: &impl Store) {
     assert_eq!(
         elsewhere("host-c/127.0.0.1:4780").await.unwrap(),
         vec![a2_mark, b_mark]
+    );
+    assert!(a2_mark.promises_until.is_some() && b_mark.promises_until.is_none());
+    let (a3, a3_mark) = mark("host-a/127.0.0.1:4780", 2_500);
+    store.commit(ChangeSet::one(a3)).await.unwrap();
+    assert_eq!(
+        elsewhere("host-b/127.0.0.1:4780").await.unwrap(),
+        vec![a3_mark],
+        "a mark promising nothing replaces one that promised"
     );
     store
         .commit(ChangeSet::one(Write::UnmarkLeasesKept {

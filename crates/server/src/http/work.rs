@@ -253,11 +253,14 @@ pub async fn heartbeat(
 /// A heartbeat refused because the database is away carries the service's promise of lease amnesty
 /// (`App::lease_amnesty_promise`) in `error.details.lease_amnesty_ms`.
 fn with_amnesty_promise(app: &App, error: ApiError) -> ApiError {
+    // Asked only for an outage's 503: asking notes a promise, which the amnesty after the outage
+    // then owes.
+    if error.code != Some("store_unavailable") {
+        return error;
+    }
     match app.lease_amnesty_promise() {
-        Some(ms) if error.code == Some("store_unavailable") => {
-            error.with_details(serde_json::json!({ "lease_amnesty_ms": ms }))
-        }
-        _ => error,
+        Some(ms) => error.with_details(serde_json::json!({ "lease_amnesty_ms": ms })),
+        None => error,
     }
 }
 

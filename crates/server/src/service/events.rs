@@ -176,10 +176,8 @@ impl EventFilter {
         else {
             return false;
         };
-        // `Option::is_none_or` would say this more briefly, but it is newer than the supported Rust.
-        let within = |bound: Option<Timestamp>, ok: fn(Timestamp, Timestamp) -> bool| match bound {
-            None => true,
-            Some(t) => ok(at, t),
+        let within = |bound: Option<Timestamp>, ok: fn(Timestamp, Timestamp) -> bool| {
+            bound.is_none_or(|t| ok(at, t))
         };
         within(self.created_gt, |at, t| at > t)
             && within(self.created_gte, |at, t| at >= t)

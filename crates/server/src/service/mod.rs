@@ -153,9 +153,13 @@ pub struct AppInner {
     /// This process among those sharing the store, for the marks of who keeps the leases
     /// ([`App::mark_leases_kept`]).
     server_id: String,
-    /// Whether an outage's 503 promised lease amnesty since the amnesty after the last outage was
-    /// decided ([`App::lease_amnesty_promise`]): then that amnesty is owed, whatever is read after.
-    promised_since_last_outage: std::sync::atomic::AtomicBool,
+    /// How many of an outage's 503s promised lease amnesty ([`App::lease_amnesty_promise`]), and
+    /// how many of them the amnesty decided after an outage took into account: a promise made
+    /// since the last decision makes that amnesty owed, whatever is read after. Counts rather than
+    /// a flag taken by the decision, so that a decision dropped halfway (its request cancelled)
+    /// loses no promise.
+    amnesty_promises_made: std::sync::atomic::AtomicU64,
+    amnesty_promises_decided: std::sync::atomic::AtomicU64,
     /// Whether the promise an earlier run of this process (the same server id) may have made
     /// from its last mark has been kept ([`App::keep_earlier_runs_promise`]).
     earlier_runs_promise_kept: std::sync::atomic::AtomicBool,
@@ -299,7 +303,8 @@ impl App {
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
             server_id,
-            promised_since_last_outage: std::sync::atomic::AtomicBool::new(false),
+            amnesty_promises_made: std::sync::atomic::AtomicU64::new(0),
+            amnesty_promises_decided: std::sync::atomic::AtomicU64::new(0),
             earlier_runs_promise_kept: std::sync::atomic::AtomicBool::new(false),
             earlier_runs_promise_keeping: tokio::sync::Mutex::new(()),
             own_lease_mark: Mutex::new(None),

@@ -1004,21 +1004,13 @@ impl App {
             // Another request granted it while this one waited.
             return Ok(true);
         }
-        // Taken for this decision; the promises of the next outage are noted from here on. A
-        // decision that fails leaves it for the next try.
-        let promised = self
-            .promised_since_last_outage
-            .swap(false, Ordering::SeqCst);
-        let granted = match self.decide_amnesty_after_outage(promised).await {
-            Ok(granted) => granted,
-            Err(e) => {
-                if promised {
-                    self.promised_since_last_outage
-                        .store(true, Ordering::SeqCst);
-                }
-                return Err(e);
-            }
-        };
+        // The promises made so far are taken into account only once the decision is made: one
+        // that fails, or is dropped with its request, leaves them for the next try.
+        let promises_made = self.amnesty_promises_made.load(Ordering::SeqCst);
+        let promised = promises_made > self.amnesty_promises_decided.load(Ordering::SeqCst);
+        let granted = self.decide_amnesty_after_outage(promised).await?;
+        self.amnesty_promises_decided
+            .fetch_max(promises_made, Ordering::SeqCst);
         let Some(granted) = granted else {
             tracing::info!(
                 "no lease amnesty after the database came back: another server kept the leases \
@@ -1093,22 +1085,25 @@ impl App {
     /// keeps the leases meanwhile honours that end and no later one (`lease::expiry_held_until`).
     /// On a store of this process's own, where no other process can expire anything, it is the
     /// whole grace at every answer.
+    ///
+    /// The promise is noted before it is made, and made only if the outage it was noted in is
+    /// still the one under way: an amnesty decided after the outage ended may have been decided
+    /// before the note, and a worker is then better told nothing than a promise nobody keeps.
     pub fn lease_amnesty_promise(&self) -> Option<i64> {
+        use std::sync::atomic::Ordering;
         let grace = self.config.amnesty_grace_ms;
+        let outage = self.store.reconnections();
         if !self.store.in_outage() || grace <= 0 || !self.alone_at_last_look() {
             return None;
         }
         let promise = if self.store.shared() {
             let own_last = *self.own_lease_mark.lock().expect("own lease mark lock");
-            tether_core::lease::promise_left(own_last, self.now())
+            tether_core::lease::promise_left(own_last, self.now())?
         } else {
-            Some(grace)
+            grace
         };
-        if promise.is_some() {
-            self.promised_since_last_outage
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        promise
+        self.amnesty_promises_made.fetch_add(1, Ordering::SeqCst);
+        (self.store.reconnections() == outage).then_some(promise)
     }
 
     /// Whether leases may be settled as expired at `now`: not while another server process may
@@ -1194,8 +1189,14 @@ impl App {
                 .and_then(|mark| mark.promises_until)
                 .filter(|until| *until > now)
             {
-                // Up to the promise's end, and no further (1 ms more for the rounding down).
-                let granted = self.grant_amnesty_for(until.millis_since(now) + 1).await?;
+                // Up to the promise's end and the skew between two clocks, as the others held
+                // every lease while the mark was theirs to read (`lease::expiry_held_until`): any
+                // of them may settle what this grants, by its own clock (1 ms more for the
+                // rounding down).
+                let held_until = until.plus_millis(tether_core::lease::LEASES_KEPT_FRESH_MILLIS);
+                let granted = self
+                    .grant_amnesty_for(held_until.millis_since(now) + 1)
+                    .await?;
                 tracing::info!(
                     granted,
                     until = %until,
@@ -1248,7 +1249,10 @@ impl App {
         if !self.store.shared() {
             return Ok(());
         }
-        // The mark replaces the last one, and the promise in it: keep that promise first.
+        // The mark replaces the last one, and the promise in it: keep that promise first. A call
+        // before, so that a reconnection not yet counted is, and the amnesty it may owe granted:
+        // a mark written first would tell the others that the leases were kept meanwhile.
+        self.store.ping().await?;
         self.keep_own_promises().await?;
         let mut mark = tether_core::lease::LeaseKeeperMark::new(self.now(), self.config.tick);
         if self.alone_at_last_look() {

@@ -727,6 +727,25 @@ async fn a_promise_outlives_an_amnesty_decision_dropped_halfway() {
     }
 }
 
+/// A 503 answered while its outage's reconnection is being counted (the count grown, the outage
+/// not yet over) promises nothing: the amnesty decided for that outage may already have read the
+/// promises made, and would not keep this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_promise_is_made_once_the_outages_reconnection_is_counted() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, here, counting, env, _manual, _clock) =
+            on_manual_clock(&backend, "counted").await;
+        assert!(
+            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
+            "{name}: promised"
+        );
+        counting.count_the_reconnection_only();
+        assert_eq!(here.lease_amnesty_promise(), None, "{name}");
+        here.begin_shutdown();
+    }
+}
+
 /// A server's first mark after an outage comes after the amnesty the outage is owed: another
 /// server reading the mark first would take it for leases kept meanwhile, and owe none itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -381,6 +381,10 @@ pub trait Store: Send + Sync + 'static {
     /// How many times the store lost its database (counted when it notices, before the call that noticed
     /// returns its error). A decision read before the count grew may rest on a lease a worker could not
     /// renew since; the service decides such an expiry again from a fresh read.
+    ///
+    /// A loss is counted once [`Store::in_outage`] holds, and its reconnection before it no longer
+    /// does: so there are never more reconnections than losses, and fewer exactly while a counted
+    /// outage is under way (the service tells one outage from the next by this).
     fn losses(&self) -> u64 {
         0
     }

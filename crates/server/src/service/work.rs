@@ -1086,13 +1086,16 @@ impl App {
     /// On a store of this process's own, where no other process can expire anything, it is the
     /// whole grace at every answer.
     ///
-    /// The promise is noted before it is made, and made only if the outage it was noted in is
-    /// still the one under way: an amnesty decided after the outage ended may have been decided
-    /// before the note, and a worker is then better told nothing than a promise nobody keeps.
+    /// The promise is noted before it is made, and made only if the outage it was noted in has
+    /// not ended since: an amnesty decided after the outage ended may have been decided before
+    /// the note, and a worker is then better told nothing than a promise nobody keeps.
     pub fn lease_amnesty_promise(&self) -> Option<i64> {
         use std::sync::atomic::Ordering;
         let grace = self.config.amnesty_grace_ms;
-        let outage = self.store.reconnections();
+        // The outage under way, by its count: a store counts a loss once it is in an outage, and
+        // its reconnection before it is out of it, so until that reconnection is counted there
+        // are fewer reconnections than this (a loss not counted yet makes no promise below).
+        let outage = self.store.losses();
         if !self.store.in_outage() || grace <= 0 || !self.alone_at_last_look() {
             return None;
         }
@@ -1103,7 +1106,8 @@ impl App {
             grace
         };
         self.amnesty_promises_made.fetch_add(1, Ordering::SeqCst);
-        (self.store.reconnections() == outage).then_some(promise)
+        // Any decision for this outage reads the promises made after its reconnection is counted.
+        (self.store.reconnections() < outage).then_some(promise)
     }
 
     /// Whether leases may be settled as expired at `now`: not while another server process may

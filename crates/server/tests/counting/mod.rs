@@ -47,6 +47,7 @@ pub struct Counting {
     lost: AtomicBool,
     losses: AtomicU64,
     reconnections: AtomicU64,
+    recovering: std::sync::Mutex<()>,
     /// Set by [`Counting::hold_next_commit`]: the next commit waits here until the hold is released.
     held_commit: std::sync::Mutex<Option<CommitHold>>,
 }
@@ -76,6 +77,13 @@ impl Counting {
         HeldCommit { arrived, release }
     }
 
+    /// Counts the reconnection of the outage under way and stops there: the moment a real
+    /// backend passes through between counting it and ending the outage.
+    pub fn count_the_reconnection_only(&self) {
+        assert!(self.lost.load(Ordering::SeqCst), "no outage under way");
+        self.reconnections.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn before_call(&self) -> StoreResult<()> {
         if self.down.load(Ordering::SeqCst) {
             if !self.lost.swap(true, Ordering::SeqCst) {
@@ -89,8 +97,13 @@ impl Counting {
     }
 
     fn after_call<T>(&self, outcome: StoreResult<T>) -> StoreResult<T> {
-        if self.lost.swap(false, Ordering::SeqCst) {
-            self.reconnections.fetch_add(1, Ordering::SeqCst);
+        // As a real backend does: the reconnection is counted before the outage ends.
+        if self.lost.load(Ordering::SeqCst) {
+            let _one_at_a_time = self.recovering.lock().expect("recovering lock");
+            if self.lost.load(Ordering::SeqCst) {
+                self.reconnections.fetch_add(1, Ordering::SeqCst);
+                self.lost.store(false, Ordering::SeqCst);
+            }
         }
         outcome
     }
@@ -313,6 +326,7 @@ pub async fn counting_app(
         lost: AtomicBool::new(false),
         losses: AtomicU64::new(0),
         reconnections: AtomicU64::new(0),
+        recovering: std::sync::Mutex::new(()),
         held_commit: std::sync::Mutex::new(None),
     });
     let app = App::new(

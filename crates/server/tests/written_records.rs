@@ -617,6 +617,72 @@ async fn a_promise_made_since_the_last_read_of_the_marks_holds_the_lease_too() {
     }
 }
 
+/// What [`a_newcomer_after_a_promise`] leaves.
+struct ReplacedWhileAway {
+    _location: tether_testkit::StoreLocation,
+    counting: Arc<counting::Counting>,
+    manual: ManualClock,
+    here: App,
+    newcomer: App,
+    /// The item `here` leased (due at 60 s).
+    id: String,
+}
+
+/// A server whose marks hold for 5 s, as with the default tick (so that another's later mark says
+/// the leases were kept while it was away, and only its promise makes the amnesty owed), acks an
+/// item, marks and is cut off, promising amnesty. At 20 s the database is back, and another
+/// server starts and keeps the leases.
+async fn a_newcomer_after_a_promise(backend: &tether_testkit::Backend) -> ReplacedWhileAway {
+    let name = backend.name();
+    let (location, setup, counting, env, manual, clock) =
+        on_manual_clock(backend, "replaced").await;
+    setup.begin_shutdown();
+    let here = App::new(
+        counting.clone(),
+        clock.clone(),
+        ServiceConfig {
+            tick: Duration::from_secs(1),
+            ..ServiceConfig::default()
+        },
+    );
+    let (_, id) = acked_item(&here, &env).await;
+    assert!(
+        cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
+        "{name}: promised"
+    );
+    manual.advance_millis(20_000);
+    counting.down.store(false, Ordering::SeqCst);
+    let newcomer = other_server(&counting, clock);
+    newcomer.amnesty_at_start().await.expect("start");
+    newcomer.mark_leases_kept().await.expect("mark");
+    ReplacedWhileAway {
+        _location: location,
+        counting,
+        manual,
+        here,
+        newcomer,
+        id,
+    }
+}
+
+impl ReplacedWhileAway {
+    /// Asserts that the item's lease reaches at least a whole amnesty past now.
+    async fn assert_amnesty_granted(&self, name: &str) {
+        let item = self.counting.get_work(&self.id).await.expect("read");
+        let deadline = item.expect("item").value.lease_expires_at;
+        let grace = ServiceConfig::default().amnesty_grace_ms;
+        assert!(
+            deadline >= Some(self.here.now().plus_millis(grace)),
+            "{name}: {deadline:?}"
+        );
+    }
+
+    fn shut_down(&self) {
+        self.here.begin_shutdown();
+        self.newcomer.begin_shutdown();
+    }
+}
+
 /// The amnesty owed after an outage follows from what the outage's 503s promised, noted as they
 /// were answered: a server that appears meanwhile, read of before the amnesty is decided (by a
 /// request judging a lapsed lease, or the tick's mark), does not take the promise back.
@@ -624,44 +690,16 @@ async fn a_promise_made_since_the_last_read_of_the_marks_holds_the_lease_too() {
 async fn a_promise_made_during_an_outage_is_kept_whatever_is_read_after_it() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, setup, counting, env, manual, clock) =
-            on_manual_clock(&backend, "kept").await;
-        setup.begin_shutdown();
-        // Its marks hold for 5 s, as with the default tick.
-        let here = App::new(
-            counting.clone(),
-            clock.clone(),
-            ServiceConfig {
-                tick: Duration::from_secs(1),
-                ..ServiceConfig::default()
-            },
-        );
-        let (_, id) = acked_item(&here, &env).await;
-        assert!(
-            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
-            "{name}: promised"
-        );
-        // Another server starts meanwhile, and keeps the leases.
-        manual.advance_millis(20_000);
-        counting.down.store(false, Ordering::SeqCst);
-        let newcomer = other_server(&counting, clock.clone());
-        newcomer.amnesty_at_start().await.expect("start");
-        newcomer.mark_leases_kept().await.expect("mark");
+        let replaced = a_newcomer_after_a_promise(&backend).await;
+        let here = &replaced.here;
         // This server reads the marks before anything has asked for the amnesty.
         here.amnesty_at_start().await.expect("a read of the marks");
         assert!(
             here.amnesty_after_outage().await.expect("amnesty"),
             "{name}: owed, as promised"
         );
-        let item = counting.get_work(&id).await.expect("read").expect("item");
-        let grace = ServiceConfig::default().amnesty_grace_ms;
-        assert!(
-            item.value.lease_expires_at >= Some(here.now().plus_millis(grace)),
-            "{name}: {:?}",
-            item.value.lease_expires_at
-        );
-        here.begin_shutdown();
-        newcomer.begin_shutdown();
+        replaced.assert_amnesty_granted(name).await;
+        replaced.shut_down();
     }
 }
 
@@ -672,39 +710,17 @@ async fn a_promise_made_during_an_outage_is_kept_whatever_is_read_after_it() {
 async fn a_promise_outlives_an_amnesty_decision_dropped_halfway() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, setup, counting, env, manual, clock) =
-            on_manual_clock(&backend, "dropped").await;
-        setup.begin_shutdown();
-        if !counting.shared() {
+        let replaced = a_newcomer_after_a_promise(&backend).await;
+        if !replaced.counting.shared() {
+            replaced.shut_down();
             continue;
         }
-        // Its marks hold for 5 s, as with the default tick: another's later mark says the leases
-        // were kept while it was away, and only its promise makes the amnesty owed.
-        let here = App::new(
-            counting.clone(),
-            clock.clone(),
-            ServiceConfig {
-                tick: Duration::from_secs(1),
-                ..ServiceConfig::default()
-            },
-        );
-        let (_, id) = acked_item(&here, &env).await;
-        assert!(
-            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
-            "{name}: promised"
-        );
-        // Another server starts meanwhile, and keeps the leases.
-        manual.advance_millis(20_000);
-        counting.down.store(false, Ordering::SeqCst);
-        let newcomer = other_server(&counting, clock.clone());
-        newcomer.amnesty_at_start().await.expect("start");
-        newcomer.mark_leases_kept().await.expect("mark");
         // At 40 s the amnesty reaches past the lease's end (60 s): granting it is a write.
-        manual.advance_millis(20_000);
-        newcomer.mark_leases_kept().await.expect("mark");
+        replaced.manual.advance_millis(20_000);
+        replaced.newcomer.mark_leases_kept().await.expect("mark");
         // The decision's grant is held before it reaches the database, and dropped there.
-        let counting::HeldCommit { arrived, release } = counting.hold_next_commit();
-        let mut deciding = Box::pin(here.amnesty_after_outage());
+        let counting::HeldCommit { arrived, release } = replaced.counting.hold_next_commit();
+        let mut deciding = Box::pin(replaced.here.amnesty_after_outage());
         tokio::select! {
             decided = &mut deciding => panic!("{name}: the grant was not held: {decided:?}"),
             came = arrived => came.expect("the grant's commit"),
@@ -712,18 +728,11 @@ async fn a_promise_outlives_an_amnesty_decision_dropped_halfway() {
         drop(deciding);
         drop(release);
         assert!(
-            here.amnesty_after_outage().await.expect("amnesty"),
+            replaced.here.amnesty_after_outage().await.expect("amnesty"),
             "{name}: still owed, as promised"
         );
-        let item = counting.get_work(&id).await.expect("read").expect("item");
-        let grace = ServiceConfig::default().amnesty_grace_ms;
-        assert!(
-            item.value.lease_expires_at >= Some(here.now().plus_millis(grace)),
-            "{name}: {:?}",
-            item.value.lease_expires_at
-        );
-        here.begin_shutdown();
-        newcomer.begin_shutdown();
+        replaced.assert_amnesty_granted(name).await;
+        replaced.shut_down();
     }
 }
 

@@ -755,67 +755,44 @@ async fn no_promise_is_made_once_the_outages_reconnection_is_counted() {
     }
 }
 
-/// A server's first mark after an outage comes after the amnesty the outage is owed: another
-/// server reading the mark first would take it for leases kept meanwhile, and owe none itself.
+/// A server's mark tells the others what it may promise, and they honour it until it is replaced
+/// or taken back. So after an outage whose 503s promised amnesty, the server grants it, into the
+/// leases, before its first mark (another server reading the mark first would take it for leases
+/// kept meanwhile, and owe none itself) and before a graceful stop takes its mark back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_first_mark_after_an_outage_follows_its_amnesty() {
+async fn a_mark_after_an_outage_is_written_or_taken_back_only_after_its_amnesty() {
     for backend in backends() {
-        let name = backend.name();
-        let (_location, here, counting, env, manual, _clock) =
-            on_manual_clock(&backend, "first-mark").await;
-        if !counting.shared() {
+        for taken_back in [false, true] {
+            let name = format!("{}, mark taken back: {taken_back}", backend.name());
+            let (_location, here, counting, env, manual, _clock) =
+                on_manual_clock(&backend, "after-outage").await;
+            if !counting.shared() {
+                here.begin_shutdown();
+                continue;
+            }
+            let (_, id) = acked_item(&here, &env).await;
+            assert!(
+                cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
+                "{name}: promised"
+            );
+            // Back at 40 s, before the lease's end (60 s) and with an amnesty reaching past it;
+            // the mark's change is the first call to reach the database again.
+            manual.advance_millis(40_000);
+            counting.down.store(false, Ordering::SeqCst);
+            if taken_back {
+                here.unmark_leases_kept().await.expect("unmark");
+            } else {
+                here.mark_leases_kept().await.expect("mark");
+            }
+            let item = counting.get_work(&id).await.expect("read").expect("item");
+            let grace = ServiceConfig::default().amnesty_grace_ms;
+            assert_eq!(
+                item.value.lease_expires_at,
+                Some(here.now().plus_millis(grace)),
+                "{name}"
+            );
             here.begin_shutdown();
-            continue;
         }
-        let (_, id) = acked_item(&here, &env).await;
-        assert!(
-            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
-            "{name}: promised"
-        );
-        // Back at 40 s, before the lease's end (60 s) and with an amnesty reaching past it.
-        manual.advance_millis(40_000);
-        counting.down.store(false, Ordering::SeqCst);
-        // Its tick's mark is the first call to reach the database again.
-        here.mark_leases_kept().await.expect("mark");
-        let grace = ServiceConfig::default().amnesty_grace_ms;
-        let item = counting.get_work(&id).await.expect("read").expect("item");
-        assert_eq!(
-            item.value.lease_expires_at,
-            Some(here.now().plus_millis(grace)),
-            "{name}: the amnesty was granted before the mark was written"
-        );
-        here.begin_shutdown();
-    }
-}
-
-/// A server that stops gracefully takes its mark back, and with it the promise the others
-/// honoured: so it first grants the amnesty an outage's promise is owed, into the leases.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_stopping_after_an_outage_keeps_its_promise_in_the_leases() {
-    for backend in backends() {
-        let name = backend.name();
-        let (_location, here, counting, env, manual, _clock) =
-            on_manual_clock(&backend, "stopping").await;
-        if !counting.shared() {
-            here.begin_shutdown();
-            continue;
-        }
-        let (_, id) = acked_item(&here, &env).await;
-        assert!(
-            cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
-            "{name}: promised"
-        );
-        manual.advance_millis(50_000);
-        counting.down.store(false, Ordering::SeqCst);
-        here.unmark_leases_kept().await.expect("unmark");
-        let item = counting.get_work(&id).await.expect("read").expect("item");
-        let grace = ServiceConfig::default().amnesty_grace_ms;
-        assert_eq!(
-            item.value.lease_expires_at,
-            Some(here.now().plus_millis(grace)),
-            "{name}"
-        );
-        here.begin_shutdown();
     }
 }
 

@@ -423,6 +423,37 @@ fn an_agent_update_without_a_change_is_refused() {
     assert_eq!(updated["version"], 2);
 }
 
+/// `--env-var` takes what an agent's commands can read as an environment variable; any other name
+/// (a space, a dash, a leading digit) is a usage error, and no session is created.
+#[test]
+fn an_env_var_that_no_shell_can_read_is_refused() {
+    let server = Server::start();
+    let env = id(&server.json(&["env", "create", "--name", "e"]));
+    let agent = id(&server.json(&["agent", "create", "--name", "a", "--model", "none"]));
+    let create = |env_var| {
+        [
+            "session",
+            "create",
+            "--agent",
+            &agent,
+            "--env",
+            &env,
+            "--env-var",
+            env_var,
+        ]
+    };
+    for bad in ["BAD NAME=1", "A-B=1", "1ST=x", "=x", "NO_VALUE"] {
+        let out = server.run(&create(bad));
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--env-var"), "{bad}: {err}");
+    }
+    let sessions = server.json(&["session", "list", "--env", &env]);
+    assert_eq!(sessions["data"].as_array().map(Vec::len), Some(0));
+    let session = server.json(&create("_Ok_2=a=b"));
+    assert_eq!(session["environment_variables"]["_Ok_2"], "a=b");
+}
+
 /// Updates of environments and sessions without a change flag are refused as usage errors too, as
 /// an agent's are: they would only move `updated_at`.
 #[test]

@@ -375,6 +375,24 @@ pub fn key_value(raw: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A `KEY=VALUE` flag whose key names an environment variable a shell can read: letters, digits
+/// and `_`, not starting with a digit. The API stores any string as a key; a name a program's
+/// shell cannot expand is almost always a typo, so the CLI refuses it before sending anything.
+pub fn env_var(raw: &str) -> Result<(String, String), String> {
+    let (name, value) = key_value(raw)?;
+    let mut chars = name.chars();
+    let starts_well = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !starts_well || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "{name:?} is not an environment variable name: letters, digits and `_`, not starting \
+             with a digit"
+        ));
+    }
+    Ok((name, value))
+}
+
 /// `--metadata k=v` (set) and `--unset-metadata k` (delete) of the update commands.
 #[derive(Args, Debug)]
 pub struct MetadataPatchArgs {

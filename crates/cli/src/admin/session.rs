@@ -12,7 +12,7 @@ use tether_client::{
 
 use super::events::{self, Ending, Renderer, BEFORE_FIRST_EVENT};
 use super::output::{self, Table};
-use super::{key_value, Ctx, MetadataPatchArgs, PageArgs};
+use super::{env_var, key_value, Ctx, MetadataPatchArgs, PageArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum SessionCommand {
@@ -97,10 +97,11 @@ pub struct CreateArgs {
     /// Metadata entry KEY=VALUE (repeatable; copied into the session's work items).
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
     metadata: Vec<(String, String)>,
-    /// Environment variable KEY=VALUE for the commands the agent runs (repeatable). Stored in the
-    /// session's `environment_variables`, where the agent's program reads it; the worker does not
-    /// add it to the program's own environment.
-    #[arg(long = "env-var", value_name = "KEY=VALUE", value_parser = key_value)]
+    /// Environment variable KEY=VALUE for the commands the agent runs (repeatable; KEY of letters,
+    /// digits and `_`, not starting with a digit). Stored in the session's
+    /// `environment_variables`, where the agent's program reads it; the worker does not add it to
+    /// the program's own environment.
+    #[arg(long = "env-var", value_name = "KEY=VALUE", value_parser = env_var)]
     env_vars: Vec<(String, String)>,
     /// A first user message, so that the first turn starts at once.
     #[arg(long)]

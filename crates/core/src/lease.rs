@@ -41,18 +41,9 @@ pub fn is_expired(lease_expires_at: Option<Timestamp>, now: Timestamp) -> bool {
     matches!(lease_expires_at, Some(deadline) if now > deadline)
 }
 
-/// Lease amnesty (§3.1): a deadline that falls before `now + grace` moves to `now + grace`, so that time
-/// the server was down never counts against a worker. Returns `None` when nothing changes.
-pub fn amnesty_deadline(
-    lease_expires_at: Option<Timestamp>,
-    now: Timestamp,
-    grace_millis: i64,
-) -> Option<Timestamp> {
-    deadline_at_least(lease_expires_at, now.plus_millis(grace_millis))
-}
-
-/// A deadline that falls before `floor` moves to `floor` (an amnesty, a promise's hold). Returns
-/// `None` when nothing changes, or there is no deadline.
+/// A deadline that falls before `floor` moves to `floor`: lease amnesty (§3.1, `floor` is
+/// `now + grace`, so that time the server was down never counts against a worker), or a promise's
+/// hold. Returns `None` when nothing changes, or there is no deadline.
 pub fn deadline_at_least(
     lease_expires_at: Option<Timestamp>,
     floor: Timestamp,
@@ -205,13 +196,13 @@ pub fn promise_left(own_last: Option<LeaseKeeperMark>, now: Timestamp) -> Option
 /// A mark written after the marks were read is not in them: [`marks_to_read_again`] says when that
 /// matters.
 pub fn expiry_held_until(others: &[LeaseKeeperMark], now: Timestamp) -> Option<Timestamp> {
-    others
+    let held_until = others
         .iter()
         .filter(|mark| mark.kept_at.millis_since(now) <= LEASES_KEPT_FRESH_MILLIS)
         .filter_map(|mark| mark.promises_until)
         .max()
-        .map(|until| until.plus_millis(LEASES_KEPT_FRESH_MILLIS))
-        .filter(|until| now <= *until)
+        .map(|until| until.plus_millis(LEASES_KEPT_FRESH_MILLIS));
+    still_held(held_until, now)
 }
 
 /// Whether a server process that last read the other processes' marks at `looked_at` (by its
@@ -223,10 +214,10 @@ pub fn marks_to_read_again(deadline: Timestamp, looked_at: Option<Timestamp>) ->
     looked_at.is_none_or(|looked| deadline.plus_millis(LEASES_KEPT_FRESH_MILLIS) >= looked)
 }
 
-/// Whether leases may be settled as expired at `now` ([`expiry_held_until`]): not while another
-/// server's promise holds them.
-pub fn expiry_allowed(held_until: Option<Timestamp>, now: Timestamp) -> bool {
-    held_until.is_none_or(|until| now > until)
+/// What is left at `now` of a hold [`expiry_held_until`] gave: while it lasts (to its end
+/// included) no lease may be settled as expired. `None`: leases may be settled.
+pub fn still_held(held_until: Option<Timestamp>, now: Timestamp) -> Option<Timestamp> {
+    held_until.filter(|until| now <= *until)
 }
 
 /// The shortest heartbeat interval (§8).
@@ -520,7 +511,7 @@ mod tests {
         ] {
             let got = expiry_held_until(&others, now);
             assert_eq!(got, held_until, "{others:?}");
-            assert_eq!(expiry_allowed(got, now), held_until.is_none(), "{others:?}");
+            assert_eq!(still_held(got, now), held_until, "{others:?}");
         }
         let at = Timestamp::from_millis;
         for (deadline, looked_at, again) in [
@@ -539,9 +530,9 @@ mod tests {
             );
         }
         let until = Some(now);
-        assert!(!expiry_allowed(until, now));
-        assert!(expiry_allowed(until, now.next()));
-        assert!(expiry_allowed(None, now));
+        assert_eq!(still_held(until, now), until);
+        assert_eq!(still_held(until, now.next()), None);
+        assert_eq!(still_held(None, now), None);
     }
 
     /// Two servers, B's clock 4.5 s ahead of A's, both cut off by a database restart of 20 s:
@@ -623,14 +614,20 @@ mod tests {
     fn amnesty_only_moves_deadlines_forward() {
         let now = Timestamp::from_millis(100_000);
         assert_eq!(
-            amnesty_deadline(Some(Timestamp::from_millis(50_000)), now, 30_000),
+            deadline_at_least(
+                Some(Timestamp::from_millis(50_000)),
+                now.plus_millis(30_000)
+            ),
             Some(Timestamp::from_millis(130_000))
         );
         assert_eq!(
-            amnesty_deadline(Some(Timestamp::from_millis(200_000)), now, 30_000),
+            deadline_at_least(
+                Some(Timestamp::from_millis(200_000)),
+                now.plus_millis(30_000)
+            ),
             None
         );
-        assert_eq!(amnesty_deadline(None, now, 30_000), None);
+        assert_eq!(deadline_at_least(None, now.plus_millis(30_000)), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use tether_core::lease::{
-    expiry_allowed, expiry_held_until, promise_left, LeaseKeeperMark, WorkerLease, KILL_LATENCY,
+    expiry_held_until, promise_left, still_held, LeaseKeeperMark, WorkerLease, KILL_LATENCY,
 };
 use tether_core::time::Timestamp;
 
@@ -170,8 +170,8 @@ proptest! {
         let b_may_expire_from = match held {
             Some(until) => {
                 let from = real_at(until, b_offset_ms) + Duration::from_micros(1);
-                prop_assert!(expiry_allowed(held, on_clock(from, b_offset_ms)));
-                prop_assert!(!expiry_allowed(held, on_clock(from - Duration::from_micros(1), b_offset_ms)));
+                prop_assert!(still_held(held, on_clock(from, b_offset_ms)).is_none());
+                prop_assert!(still_held(held, on_clock(from - Duration::from_micros(1), b_offset_ms)).is_some());
                 from
             }
             None => looked,

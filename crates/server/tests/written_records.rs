@@ -266,6 +266,22 @@ fn other_server(counting: &Arc<counting::Counting>, clock: Arc<dyn tether_core::
     )
 }
 
+/// A server over the same store whose marks hold for 5 s, as with the default tick, with no
+/// dispatcher tick of its own during the test.
+fn server_marking_every_second(
+    counting: &Arc<counting::Counting>,
+    clock: Arc<dyn tether_core::Clock>,
+) -> App {
+    App::new(
+        counting.clone(),
+        clock,
+        ServiceConfig {
+            tick: Duration::from_secs(1),
+            ..ServiceConfig::default()
+        },
+    )
+}
+
 /// [`counting_app`] on a manual clock of its own: the store's location, the server, the
 /// counting store, the environment, the clock to move and the same clock as the server sees it.
 async fn on_manual_clock(
@@ -621,7 +637,6 @@ async fn a_promise_made_since_the_last_read_of_the_marks_holds_the_lease_too() {
 struct ReplacedWhileAway {
     _location: tether_testkit::StoreLocation,
     counting: Arc<counting::Counting>,
-    manual: ManualClock,
     here: App,
     newcomer: App,
     /// The item `here` leased (due at 60 s).
@@ -630,21 +645,15 @@ struct ReplacedWhileAway {
 
 /// A server whose marks hold for 5 s, as with the default tick (so that another's later mark says
 /// the leases were kept while it was away, and only its promise makes the amnesty owed), acks an
-/// item, marks and is cut off, promising amnesty. At 20 s the database is back, and another
-/// server starts and keeps the leases.
+/// item (due at 60 s), marks and is cut off, promising amnesty. At 20 s the database is back, and
+/// another server starts and keeps the leases; at 40 s, when an amnesty would reach past the
+/// lease's end (so that granting it is a write, and shows in the lease), it marks again.
 async fn a_newcomer_after_a_promise(backend: &tether_testkit::Backend) -> ReplacedWhileAway {
     let name = backend.name();
     let (location, setup, counting, env, manual, clock) =
         on_manual_clock(backend, "replaced").await;
     setup.begin_shutdown();
-    let here = App::new(
-        counting.clone(),
-        clock.clone(),
-        ServiceConfig {
-            tick: Duration::from_secs(1),
-            ..ServiceConfig::default()
-        },
-    );
+    let here = server_marking_every_second(&counting, clock.clone());
     let (_, id) = acked_item(&here, &env).await;
     assert!(
         cut_off_after_a_mark(&here, &counting, &env).await.is_some(),
@@ -655,10 +664,11 @@ async fn a_newcomer_after_a_promise(backend: &tether_testkit::Backend) -> Replac
     let newcomer = other_server(&counting, clock);
     newcomer.amnesty_at_start().await.expect("start");
     newcomer.mark_leases_kept().await.expect("mark");
+    manual.advance_millis(20_000);
+    newcomer.mark_leases_kept().await.expect("mark");
     ReplacedWhileAway {
         _location: location,
         counting,
-        manual,
         here,
         newcomer,
         id,
@@ -666,7 +676,7 @@ async fn a_newcomer_after_a_promise(backend: &tether_testkit::Backend) -> Replac
 }
 
 impl ReplacedWhileAway {
-    /// Asserts that the item's lease reaches at least a whole amnesty past now.
+    /// Asserts that the item's lease reaches at least a whole amnesty past now: past its own end.
     async fn assert_amnesty_granted(&self, name: &str) {
         let item = self.counting.get_work(&self.id).await.expect("read");
         let deadline = item.expect("item").value.lease_expires_at;
@@ -715,9 +725,6 @@ async fn a_promise_outlives_an_amnesty_decision_dropped_halfway() {
             replaced.shut_down();
             continue;
         }
-        // At 40 s the amnesty reaches past the lease's end (60 s): granting it is a write.
-        replaced.manual.advance_millis(20_000);
-        replaced.newcomer.mark_leases_kept().await.expect("mark");
         // The decision's grant is held before it reaches the database, and dropped there.
         let counting::HeldCommit { arrived, release } = replaced.counting.hold_next_commit();
         let mut deciding = Box::pin(replaced.here.amnesty_after_outage());
@@ -979,17 +986,7 @@ async fn after_an_outage_amnesty_is_granted_unless_another_server_kept_the_lease
         let (_location, setup, counting, env, manual, clock) =
             on_manual_clock(&backend, "outage").await;
         setup.begin_shutdown();
-        // Servers whose marks hold for 5 s, as with the default tick.
-        let server = || {
-            App::new(
-                counting.clone(),
-                clock.clone(),
-                ServiceConfig {
-                    tick: Duration::from_secs(1),
-                    ..ServiceConfig::default()
-                },
-            )
-        };
+        let server = || server_marking_every_second(&counting, clock.clone());
         for (kept_meanwhile, owed) in [(false, true), (true, !counting.shared())] {
             let (here, elsewhere) = (server(), server());
             elsewhere.mark_leases_kept().await.expect("mark elsewhere");

@@ -1118,12 +1118,12 @@ impl App {
     }
 
     /// Until when the marks read last hold every lease, if they still do at `now`
-    /// (`lease::expiry_allowed`).
+    /// (`lease::still_held`).
     fn expiry_held_at(&self, now: Timestamp) -> Option<Timestamp> {
         let held_until = self
             .last_marks_read()
             .and_then(|read| read.expiry_held_until);
-        held_until.filter(|_| !tether_core::lease::expiry_allowed(held_until, now))
+        tether_core::lease::still_held(held_until, now)
     }
 
     /// Whether `item`'s lease has lapsed at `now` and may be settled (`work::lease_lapsed`, and
@@ -1189,18 +1189,12 @@ impl App {
         if self.store.shared() {
             let earlier = self.store.lease_keeper_mark_of(&self.server_id).await?;
             let now = self.now();
-            if let Some(until) = earlier
-                .and_then(|mark| mark.promises_until)
-                .filter(|until| *until > now)
-            {
-                // Up to the promise's end and the skew between two clocks, as the others held
-                // every lease while the mark was theirs to read (`lease::expiry_held_until`): any
-                // of them may settle what this grants, by its own clock (1 ms more for the
-                // rounding down).
-                let held_until = until.plus_millis(tether_core::lease::LEASES_KEPT_FRESH_MILLIS);
-                let granted = self
-                    .grant_amnesty_for(held_until.millis_since(now) + 1)
-                    .await?;
+            // As long as the others held every lease for it while the mark was theirs to read:
+            // any of them may settle what this grants, by its own clock (1 ms more for the
+            // rounding down).
+            let held = earlier.and_then(|mark| tether_core::lease::expiry_held_until(&[mark], now));
+            if let Some(until) = held {
+                let granted = self.grant_amnesty_for(until.millis_since(now) + 1).await?;
                 tracing::info!(
                     granted,
                     until = %until,

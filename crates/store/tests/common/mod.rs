@@ -519,6 +519,11 @@ pub async fn lease_keeper_marks_are_kept_one_per_server(store: &impl Store) {
         vec![a2_mark, b_mark]
     );
     assert!(a2_mark.promises_until.is_some() && b_mark.promises_until.is_none());
+    // A server's own mark, as its next run reads it: the promise in it included.
+    let own = |server_id: &'static str| store.lease_keeper_mark_of(server_id);
+    assert_eq!(own("host-a/127.0.0.1:4780").await.unwrap(), Some(a2_mark));
+    assert_eq!(own("host-b/127.0.0.1:4780").await.unwrap(), Some(b_mark));
+    assert_eq!(own("host-c/127.0.0.1:4780").await.unwrap(), None);
     let (a3, a3_mark) = mark("host-a/127.0.0.1:4780", 2_500);
     store.commit(ChangeSet::one(a3)).await.unwrap();
     assert_eq!(
@@ -536,6 +541,7 @@ pub async fn lease_keeper_marks_are_kept_one_per_server(store: &impl Store) {
         elsewhere("host-c/127.0.0.1:4780").await.unwrap(),
         vec![b_mark]
     );
+    assert_eq!(own("host-a/127.0.0.1:4780").await.unwrap(), None);
     store
         .commit(ChangeSet::one(Write::ForgetLeaseKeepers {
             before: Timestamp::from_millis(1_501),

@@ -35,7 +35,7 @@ pub use resources::{
 pub use secret::{SecretError, WorkSecret};
 pub use states::{SessionStatus, WorkState};
 pub use work::{
-    Heartbeat, QueueSample, QueueStats, QueueStatsHistory, WorkData, WorkHistory, WorkItem,
+    Claim, Heartbeat, QueueSample, QueueStats, QueueStatsHistory, WorkData, WorkHistory, WorkItem,
     WorkTransition, Worker, WorkerItem, Workers,
 };
 

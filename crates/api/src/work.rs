@@ -110,6 +110,25 @@ pub struct Heartbeat {
     pub extra: Map<String, Value>,
 }
 
+/// The answer to a claim (a Tether extension): the item, `active` and leased to the claimant, with its
+/// `secret` as a poll's; and the lease its first heartbeat started, whose `last_heartbeat` the next
+/// heartbeat echoes as `expected_last_heartbeat`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = WorkClaim)]
+pub struct Claim {
+    /// `"work_claim"`.
+    #[serde(rename = "type", default)]
+    #[schema(pattern = "^work_claim$")]
+    pub object: String,
+    /// The claimed item.
+    pub work: WorkItem,
+    /// The lease: as the answer to a first heartbeat.
+    pub lease: Heartbeat,
+    /// Fields this crate does not model.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
 /// Queue statistics (§2.5, §11.3).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(as = WorkQueueStats)]

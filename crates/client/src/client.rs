@@ -12,13 +12,15 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, Error, Result};
 use crate::params::{
-    HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, PollOptions, Query,
+    ClaimOptions, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions,
+    PollOptions, Query,
 };
 use crate::sse::EventStream;
 use crate::types::{
-    Agent, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential, Deleted, Environment,
-    Event, Heartbeat, MetadataPatch, NewEvent, Page, PostEvents, PostedEvents, QueueStats, Session,
-    UpdateAgent, UpdateEnvironment, UpdateSession, WorkHistory, WorkItem, WorkSecret, Worker,
+    Agent, Cancel, Claim, CreateAgent, CreateEnvironment, CreateSession, Credential, Deleted,
+    Environment, Event, Heartbeat, MetadataPatch, NewEvent, Page, PostEvents, PostedEvents,
+    QueueStats, Session, UpdateAgent, UpdateEnvironment, UpdateSession, WorkHistory, WorkItem,
+    WorkSecret, Worker,
 };
 
 /// The path prefix of the Qoder dialect, which this client speaks.
@@ -640,6 +642,29 @@ impl Client {
             .query(&options.query())
             .timeout(options.timeout.unwrap_or(self.timeout) + wait);
         if let Some(worker) = &options.worker_id {
+            builder = builder.header("worker-id", worker);
+        }
+        self.send(builder, &url).await
+    }
+
+    /// `POST /environments/{id}/work/claim` (a Tether extension): a poll, its ack and the first
+    /// heartbeat in one request. The item comes back `active` and leased to the caller, with its
+    /// `secret`; heartbeat with `lease.last_heartbeat` as `expected_last_heartbeat`, and stop it at
+    /// the end. `None` when there is no item (after waiting up to `block_ms`). Servers other than
+    /// Tether answer 404.
+    pub async fn claim_work(
+        &self,
+        environment_id: &str,
+        options: &ClaimOptions,
+    ) -> Result<Option<Claim>> {
+        let url = self.url(&["environments", environment_id, "work", "claim"]);
+        let poll = &options.poll;
+        let wait = Duration::from_millis(u64::from(poll.block_ms.unwrap_or(0)));
+        let mut builder = self
+            .request(Method::POST, &url)
+            .query(&options.query())
+            .timeout(poll.timeout.unwrap_or(self.timeout) + wait);
+        if let Some(worker) = &poll.worker_id {
             builder = builder.header("worker-id", worker);
         }
         self.send(builder, &url).await

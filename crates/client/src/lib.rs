@@ -41,15 +41,15 @@ pub use client::{
 pub use error::{ApiError, Error, Result};
 pub use pages::{collect_all, paginate, Paginated};
 pub use params::{
-    HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, Order, PollOptions,
-    NO_HEARTBEAT,
+    ClaimOptions, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, Order,
+    PollOptions, NO_HEARTBEAT,
 };
 pub use reqwest::Method;
 pub use sse::{EventStream, SseEvent, MAX_EVENT_BYTES};
 pub use types::{
-    event_type, Agent, AgentRef, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential,
-    Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page, PostEvents,
-    PostedEvents, QueueStats, SecretError, Session, SessionStatus, UpdateAgent, UpdateEnvironment,
-    UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret, WorkState, WorkTransition, Worker,
-    WorkerItem,
+    event_type, Agent, AgentRef, Cancel, Claim, CreateAgent, CreateEnvironment, CreateSession,
+    Credential, Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page,
+    PostEvents, PostedEvents, QueueStats, SecretError, Session, SessionStatus, UpdateAgent,
+    UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret, WorkState,
+    WorkTransition, Worker, WorkerItem,
 };

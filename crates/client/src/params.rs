@@ -207,6 +207,25 @@ impl PollOptions {
     }
 }
 
+/// Options of `POST …/work/claim` (a Tether extension): a poll's, and the lease length wanted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClaimOptions {
+    /// `block_ms`, `reclaim_older_than_ms`, the Worker-ID and the timeout, as for a poll.
+    pub poll: PollOptions,
+    /// Ask for a lease of this many seconds (the server clamps it); `None`: the server's default.
+    pub desired_ttl_seconds: Option<u32>,
+}
+
+impl ClaimOptions {
+    pub(crate) fn query(&self) -> Query {
+        let mut q = self.poll.query();
+        if let Some(ttl) = self.desired_ttl_seconds {
+            q.push(("desired_ttl_seconds", ttl.to_string()));
+        }
+        q
+    }
+}
+
 /// Options of `POST …/work/{id}/heartbeat` (§6.7).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeartbeatOptions {

@@ -3,11 +3,11 @@
 //! in `extra`, unknown states in an `Other` variant — so this client keeps working against a newer server.
 
 pub use tether_api::{
-    event_type, Agent, AgentRef, Cancel, CreateAgent, CreateEnvironment, CreateSession, Credential,
-    Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page, PostEvents,
-    PostedEvents, QueueStats, SecretError, Session, SessionStatus, UpdateAgent, UpdateEnvironment,
-    UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret, WorkState, WorkTransition, Worker,
-    WorkerItem,
+    event_type, Agent, AgentRef, Cancel, Claim, CreateAgent, CreateEnvironment, CreateSession,
+    Credential, Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page,
+    PostEvents, PostedEvents, QueueStats, SecretError, Session, SessionStatus, UpdateAgent,
+    UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret, WorkState,
+    WorkTransition, Worker, WorkerItem,
 };
 
 impl From<SecretError> for crate::Error {

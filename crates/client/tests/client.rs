@@ -6,9 +6,9 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use tether_client::{
-    collect_all, paginate, Client, CreateAgent, CreateEnvironment, CreateSession, Error,
-    HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, MetadataPatch, NewEvent,
-    PollOptions, SessionStatus, UpdateAgent, UpdateEnvironment, UpdateSession, WorkState,
+    collect_all, paginate, ClaimOptions, Client, CreateAgent, CreateEnvironment, CreateSession,
+    Error, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, MetadataPatch,
+    NewEvent, PollOptions, SessionStatus, UpdateAgent, UpdateEnvironment, UpdateSession, WorkState,
 };
 use tether_testkit::client::environment_agent_and_session;
 use tether_testkit::{each_backend, TestServer};
@@ -272,6 +272,56 @@ async fn agents_and_sessions() {
         // An archived agent takes no new sessions.
         let e = refusal(client.create_session(&create).await);
         assert_eq!((e.status, e.param.as_deref()), (400, Some("agent")));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tethers_own_cycle_claim_then_stop() {
+    each_backend(async |server| {
+        let client = admin(server);
+        let (env, _agent, session) = environment_agent_and_session(&client, "e").await;
+        let options = ClaimOptions {
+            poll: PollOptions {
+                block_ms: Some(500),
+                worker_id: Some("w1".into()),
+                ..Default::default()
+            },
+            desired_ttl_seconds: Some(30),
+        };
+        let claim = client
+            .claim_work(&env.id, &options)
+            .await
+            .unwrap()
+            .expect("an item");
+        let item = &claim.work;
+        assert_eq!(claim.object, "work_claim");
+        assert_eq!(item.state, WorkState::Active);
+        assert_eq!(item.session_id(), Some(session.id.as_str()));
+        assert_eq!(
+            (claim.lease.state, claim.lease.ttl_seconds),
+            (WorkState::Active, 30)
+        );
+        let secret = item
+            .decode_secret()
+            .unwrap()
+            .expect("a claim carries the secret");
+        assert_eq!(client.claim_work(&env.id, &options).await.unwrap(), None);
+
+        // The item's own token renews the lease from the claim's `last_heartbeat`, and ends it.
+        let own = Client::for_work_secret(&secret, "http://unused.invalid").unwrap();
+        let mut next = HeartbeatOptions::after(claim.lease.last_heartbeat.clone());
+        next.worker_id = Some("w1".into());
+        let beat = own.heartbeat(&env.id, &item.id, &next).await.unwrap();
+        assert_eq!(beat.state, WorkState::Active);
+        let stopped = own.stop_work(&env.id, &item.id, true).await.unwrap();
+        assert_eq!(stopped.state, WorkState::Stopped);
+
+        // Bad parameters are refused as a poll's are.
+        let mut bad = options.clone();
+        bad.poll.block_ms = Some(1_000);
+        let e = refusal(client.claim_work(&env.id, &bad).await);
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("block_ms")));
     })
     .await;
 }

@@ -251,6 +251,17 @@ impl Step {
         self
     }
 
+    /// This step, then `next` (taken from this step's item): the item after both, the transitions
+    /// of both in order. What may run on is `next`'s to say: it is the later word on the item.
+    pub fn then(mut self, next: Step) -> Step {
+        self.transitions.extend(next.transitions);
+        Step {
+            item: next.item,
+            transitions: self.transitions,
+            holder_may_run_until: next.holder_may_run_until,
+        }
+    }
+
     /// Whether anything must be written.
     pub fn changes(&self, before: &WorkItem) -> bool {
         &self.item != before
@@ -587,6 +598,50 @@ pub fn heartbeat(
         ttl_seconds: ttl,
     };
     Ok((step, reply))
+}
+
+/// What a worker asks of a claim ([`claim`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRequest<'a> {
+    pub worker_id: Option<&'a str>,
+    /// The hash of the session token minted for the delivery.
+    pub session_token_hash: String,
+    /// The credential the token is minted under (it dies with it).
+    pub issuer: Option<&'a str>,
+    pub reclaim_older_than_ms: i64,
+    pub desired_ttl_seconds: Option<u32>,
+}
+
+/// Claim (Tether's worker cycle, an extension: §11 allows extra endpoints): a poll's delivery, the
+/// ack and the first heartbeat (`NO_HEARTBEAT`) in one step, as if the worker had sent the three
+/// requests at the same instant. The item leaves the queue `active`, leased to the claimant, and
+/// its history has the three transitions; every rule is the three operations' own, so that a claim
+/// can do nothing they could not.
+pub fn claim(
+    item: &WorkItem,
+    request: ClaimRequest<'_>,
+    now: Timestamp,
+    policy: &LeasePolicy,
+) -> Result<(Step, HeartbeatReply), WorkError> {
+    let delivered = deliver(
+        item,
+        request.worker_id,
+        request.session_token_hash,
+        request.issuer,
+        now,
+        request.reclaim_older_than_ms,
+    )?;
+    let acked = ack(&delivered.item, request.worker_id, now)?;
+    let (started, reply) = heartbeat(
+        &acked.item,
+        ExpectedHeartbeat::None,
+        request.desired_ttl_seconds,
+        request.worker_id,
+        now,
+        policy,
+    )?;
+    debug_assert_eq!(started.item.state, WorkState::Active);
+    Ok((delivered.then(acked).then(started), reply))
 }
 
 /// Who asks for a stop, as far as the session's next item is concerned.
@@ -934,15 +989,10 @@ pub fn hold_lease(item: &WorkItem, until: Timestamp) -> Option<WorkItem> {
 pub fn chain(expired: Option<Step>, then: Step) -> Step {
     match expired {
         None => then,
-        Some(mut first) => {
+        Some(first) => {
             // An expiry never leaves a program running (its lease is over); only `then` can.
             debug_assert!(first.holder_may_run_until.is_none());
-            first.transitions.extend(then.transitions);
-            Step {
-                item: then.item,
-                transitions: first.transitions,
-                holder_may_run_until: then.holder_may_run_until,
-            }
+            first.then(then)
         }
     }
 }

@@ -61,6 +61,12 @@ enum Action {
     Ack {
         who: Who,
     },
+    /// Tether's claim: poll, ack and first heartbeat at one instant.
+    Claim {
+        worker: Option<usize>,
+        reclaim_ms: i64,
+        desired_ttl: Option<u32>,
+    },
     Heartbeat {
         expected: Expect,
         desired_ttl: Option<u32>,
@@ -127,6 +133,12 @@ fn action_strategy() -> impl Strategy<Value = Action> {
         )
             .prop_map(|(worker, reclaim_ms)| Action::Poll { worker, reclaim_ms }),
         6 => who_strategy().prop_map(|who| Action::Ack { who }),
+        3 => (
+            option::of(0..WORKERS.len()),
+            prop_oneof![Just(0i64), Just(5_000), 0i64..120_000],
+            option::of(prop_oneof![1u32..1_000, Just(u32::MAX)]),
+        )
+            .prop_map(|(worker, reclaim_ms, desired_ttl)| Action::Claim { worker, reclaim_ms, desired_ttl }),
         10 => (
             expect_strategy(),
             option::of(prop_oneof![1u32..1_000, Just(u32::MAX)]),
@@ -171,6 +183,8 @@ struct Coverage {
     stopping_beats: usize,
     /// Ack retries accepted unchanged (D-28).
     idempotent_acks: usize,
+    /// Claims accepted.
+    claims: usize,
 }
 
 impl Coverage {
@@ -603,6 +617,78 @@ fn apply(
             }
             (ev.expired, ev.outcome, cur)
         }
+        Action::Claim {
+            worker,
+            reclaim_ms,
+            desired_ttl,
+        } => {
+            *tokens += 1;
+            let token = format!("token-{tokens}");
+            let w = worker.map(|i| WORKERS[i]);
+            let request = work::ClaimRequest {
+                worker_id: w,
+                session_token_hash: token.clone(),
+                issuer: None,
+                reclaim_older_than_ms: reclaim_ms,
+                desired_ttl_seconds: desired_ttl,
+            };
+            let ev = work::evaluate(&before, now, policy, |cur| {
+                work::claim(cur, request, now, policy)
+            });
+            let cur = ev.expired.as_ref().map_or(&before, |s| &s.item).clone();
+            let claimable = work::is_claimable(&cur, now, reclaim_ms);
+            let outcome = match ev.outcome {
+                Err(e) => {
+                    prop_assert!(!claimable, "a claimable item was refused");
+                    prop_assert_eq!(&e, &WorkError::NotClaimable);
+                    Err(e)
+                }
+                Ok((step, reply)) => {
+                    prop_assert!(claimable, "claimed a non-claimable item: {:?}", cur);
+                    // Exactly what the three requests would have done, one after the other, at
+                    // the same instant: each of them is checked against its own oracle above.
+                    let delivered =
+                        work::deliver(&cur, w, token.clone(), None, now, reclaim_ms).unwrap();
+                    let acked = work::ack(&delivered.item, w, now).unwrap();
+                    let (started, beat) = work::heartbeat(
+                        &acked.item,
+                        ExpectedHeartbeat::None,
+                        desired_ttl,
+                        w,
+                        now,
+                        policy,
+                    )
+                    .unwrap();
+                    prop_assert_eq!(&step.item, &started.item);
+                    prop_assert_eq!(&reply, &beat);
+                    let mut transitions = delivered.transitions;
+                    transitions.extend(acked.transitions);
+                    transitions.extend(started.transitions);
+                    prop_assert_eq!(&step.transitions, &transitions);
+                    // What the claimant relies on: the item is its own, leased, with no delivery
+                    // left for another poll to take over.
+                    prop_assert_eq!(step.item.state, WorkState::Active);
+                    prop_assert_eq!(step.item.owner_worker_id.as_deref(), w);
+                    prop_assert!(step.item.delivery.is_none());
+                    prop_assert_eq!(
+                        step.item.session_token_hash.as_deref(),
+                        Some(token.as_str())
+                    );
+                    let ttl = i64::from(reply.ttl_seconds);
+                    prop_assert_eq!(
+                        step.item.lease_expires_at,
+                        Some(reply.last_heartbeat.plus_seconds(ttl))
+                    );
+                    if let Some(last) = tracked.beats.last() {
+                        prop_assert!(reply.last_heartbeat > *last);
+                    }
+                    tracked.beats.push(reply.last_heartbeat);
+                    coverage.claims += 1;
+                    Ok(step)
+                }
+            };
+            (ev.expired, outcome, cur)
+        }
         Action::Ack { who } => {
             let mut sent = None;
             let ev = work::evaluate(&before, now, policy, |cur| {
@@ -803,7 +889,9 @@ fn apply(
     }
     let (stored, transitions) = match outcome {
         Ok(step) => {
-            if step.item.state != cur.state {
+            // A claim is three operations, and their three transitions (checked above).
+            let claim = matches!(action, Action::Claim { .. });
+            if step.item.state != cur.state && !claim {
                 prop_assert_eq!(step.transitions.len(), 1, "one transition per state change");
             }
             let expired_count = usize::from(expired.is_some());
@@ -976,4 +1064,5 @@ fn the_generator_reaches_every_cell() {
         "never heartbeat while stopping"
     );
     assert!(coverage.idempotent_acks > 0, "never re-acked");
+    assert!(coverage.claims > 0, "never claimed an item");
 }

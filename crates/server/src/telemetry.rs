@@ -195,12 +195,12 @@ fn describe() {
     describe_histogram!(
         "tether_delivery_to_ack_seconds",
         Unit::Seconds,
-        "Time from a poll's delivery to the worker's ack."
+        "Time from a poll's delivery to the worker's ack (a claim, which acks at its delivery, adds none)."
     );
     describe_histogram!(
         "tether_ack_to_first_heartbeat_seconds",
         Unit::Seconds,
-        "Time from an ack to the first heartbeat (the item becomes active)."
+        "Time from an ack to the first heartbeat (the item becomes active; a claim, which makes both at once, adds none)."
     );
     describe_histogram!(
         "tether_store_commit_duration_seconds",

@@ -861,7 +861,7 @@ fn spec_access(operation: &str) -> Access {
         "healthz" | "readyz" | "dashboard" | "dashboardFile" | "openapi" => Access::Public,
         // No credential unless the server has a metrics token (`--metrics-token`), then only it.
         "metrics" => Access::Metrics,
-        "getEnvironment" | "listWorkers" | "listWork" | "pollWork" | "workStats"
+        "getEnvironment" | "listWorkers" | "listWork" | "pollWork" | "claimWork" | "workStats"
         | "workStatsHistory" => Access::Environment,
         "getWork" | "updateWork" | "ackWork" | "heartbeatWork" | "stopWork" | "workHistory" => {
             Access::WorkItem

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use counting::counting_app;
 use tether_core::{ManualClock, SystemClock, Timestamp};
+use tether_server::service::agents::NewAgent;
+use tether_server::service::sessions::NewSession;
 use tether_testkit::backends;
 
-// The queue is empty throughout; agents and sessions are not needed.
+// The queue is empty in most of these tests; agents and sessions are needed only where an item is.
 
 /// In a cluster a notice often arrives for an item that a poll elsewhere has already taken: the
 /// woken poll finds nothing. That wake-up must end with its scan, not travel on to the next waiter,
@@ -121,6 +123,60 @@ async fn idle_re_polls_wait_without_scanning() {
         assert!(
             counting.scans.load(Ordering::SeqCst) > before,
             "{}: a woken poll scans",
+            backend.name()
+        );
+        app.begin_shutdown();
+    }
+}
+
+/// A claim takes an item out of the queue; it puts none in. It must not wake the environment's
+/// waiters (nor tell other servers to), which would end the mark that spares parked polls their
+/// scans: with 2,000 idle workers, every claim would cost a scan of each re-poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_wakes_no_waiter() {
+    for backend in backends() {
+        let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
+        let (_location, app, counting, env) =
+            counting_app(&backend, Arc::new(clock), "claimed").await;
+        let agent = app
+            .create_agent(NewAgent {
+                name: "agent".into(),
+                model: Some(serde_json::json!("model")),
+                ..NewAgent::default()
+            })
+            .await
+            .expect("agent");
+        app.create_session(NewSession {
+            environment_id: env.id.clone(),
+            agent: agent.id,
+            ..NewSession::default()
+        })
+        .await
+        .expect("session");
+        // Delivered to w1 and not acknowledged: not claimable for the default reclaim window.
+        let delivered = app.poll(&env, Some("w1"), None, None, 5_000).await;
+        let item = delivered.expect("poll").expect("the session's item").item;
+        let idle = async || {
+            let block = Some(Duration::from_millis(20));
+            let got = app.poll(&env, Some("idle"), None, block, 5_000).await;
+            assert!(got.expect("poll").is_none());
+        };
+        idle().await;
+        let before = counting.scans.load(Ordering::SeqCst);
+        // A claim that reclaims at once takes the delivery over.
+        let claimed = app.claim(&env, Some("w2"), None, None, 0, None).await;
+        let claimed = claimed.expect("claim").expect("the delivered item");
+        assert_eq!(claimed.item.id, item.id);
+        assert_eq!(
+            counting.scans.load(Ordering::SeqCst),
+            before + 1,
+            "the claim's own scan"
+        );
+        idle().await;
+        assert_eq!(
+            counting.scans.load(Ordering::SeqCst),
+            before + 1,
+            "{}: a parked poll scanned again after a claim",
             backend.name()
         );
         app.begin_shutdown();

@@ -25,7 +25,7 @@ use tether_store::Store;
 use tether_testkit::backends;
 
 /// The id of the item `worker` takes from `env` through `app` (there must be one).
-async fn claim(app: &App, env: &tether_core::resources::Environment, worker: &str) -> String {
+async fn poll_one(app: &App, env: &tether_core::resources::Environment, worker: &str) -> String {
     app.poll(env, Some(worker), None, None, 5_000)
         .await
         .expect("poll")
@@ -50,7 +50,7 @@ fn manual_clock() -> ManualClock {
 /// `app`: (session id, item id).
 async fn acked_item(app: &App, env: &tether_core::resources::Environment) -> (String, String) {
     let session_id = session_in(app, env).await;
-    let id = claim(app, env, "w").await;
+    let id = poll_one(app, env, "w").await;
     app.ack(env, &id, Some("w")).await.expect("ack");
     (session_id, id)
 }
@@ -346,7 +346,7 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
             )
             .await
             .expect("message elsewhere");
-        let id = claim(&here, &env, "w").await;
+        let id = poll_one(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
         let stopped = here
             .stop(&env, &id, true, true, &operator())
@@ -368,12 +368,16 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
     }
 }
 
-/// A lease settled by another server puts the session in `rescheduling`; the next ack here must
-/// bring it back to `running`, whatever `here` remembers of the session.
+/// A lease settled by another server puts the session in `rescheduling`; the next ack here, or the
+/// next claim (which acks), must bring it back to `running`, whatever `here` remembers of the
+/// session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
-    for backend in backends() {
-        let name = backend.name();
+    for (backend, claims) in backends()
+        .into_iter()
+        .flat_map(|b| [(b.clone(), false), (b, true)])
+    {
+        let name = format!("{}{}", backend.name(), if claims { ", claim" } else { "" });
         let clock = manual_clock();
         let (_location, here, elsewhere, counting, env) =
             two_servers(&backend, Arc::new(clock.clone()), "lapsed").await;
@@ -398,9 +402,18 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
             SessionStatus::Rescheduling,
             "{name}"
         );
-        let again = claim(&here, &env, "w2").await;
-        assert_eq!(again, id, "{name}");
-        here.ack(&env, &id, Some("w2")).await.expect("ack");
+        if claims {
+            let again = here
+                .claim(&env, Some("w2"), None, None, 5_000, None)
+                .await
+                .expect("claim")
+                .expect("the item back");
+            assert_eq!(again.item.id, id, "{name}");
+        } else {
+            let again = poll_one(&here, &env, "w2").await;
+            assert_eq!(again, id, "{name}");
+            here.ack(&env, &id, Some("w2")).await.expect("ack");
+        }
         assert_eq!(
             status(counting.clone()).await,
             SessionStatus::Running,
@@ -965,7 +978,7 @@ async fn a_session_token_whose_lease_lapses_before_its_request_is_decided_acts_o
             );
             assert!(item.metadata.is_empty(), "{name}: {:?}", item.metadata);
             // The next worker takes it.
-            let again = claim(&here, &env, "w2").await;
+            let again = poll_one(&here, &env, "w2").await;
             assert_eq!(again, work_id);
             here.stop(&env, &work_id, true, false, &operator())
                 .await

@@ -300,6 +300,21 @@ const ARCHIVED: &[Param] = &[
         "Created at or before this instant.",
     ),
 ];
+const BLOCK_MS: Param = q(
+    "block_ms",
+    Ty::Integer,
+    "Wait up to this long (1 to 999 ms) for an item; absent: answer at once.",
+);
+const RECLAIM_OLDER_THAN_MS: Param = q(
+    "reclaim_older_than_ms",
+    Ty::Integer,
+    "Re-deliver un-acked deliveries older than this (default 5000; at least 0 on /api/v1/cloud, 1 on /v1).",
+);
+const DESIRED_TTL_SECONDS: Param = q(
+    "desired_ttl_seconds",
+    Ty::Integer,
+    "Lease length wanted; clamped into the server's bounds (10 to 600 by default).",
+);
 const WORKER_ID: Param = Param {
     name: "worker-id",
     at: At::WorkerHeader,
@@ -365,12 +380,22 @@ pub fn api() -> Vec<Endpoint> {
             .doc("work", "Claim one queued item (`null` when there is none)")
             .access(Environment)
             .params(&[
-                q("block_ms", Ty::Integer, "Wait up to this long (1 to 999 ms) for an item; absent: answer at once."),
-                q("reclaim_older_than_ms", Ty::Integer, "Re-deliver un-acked deliveries older than this (default 5000; at least 0 on /api/v1/cloud, 1 on /v1)."),
+                BLOCK_MS,
+                RECLAIM_OLDER_THAN_MS,
                 WORKER_ID,
             ])
             .returns(JsonOrNull(shape::<api::WorkItem>()))
             .no_head(),
+        ep(Post, "/environments/{environment_id}/work/claim", "claimWork", work::claim)
+            .doc("work", "Tether extension: claim one queued item and start its lease, as a poll, its ack and a first heartbeat at once (`null` when there is none); then heartbeat with the answer's `lease.last_heartbeat`, and stop")
+            .access(Environment)
+            .params(&[
+                BLOCK_MS,
+                RECLAIM_OLDER_THAN_MS,
+                DESIRED_TTL_SECONDS,
+                WORKER_ID,
+            ])
+            .returns(JsonOrNull(shape::<api::Claim>())),
         ep(Get, "/environments/{environment_id}/work/stats", "workStats", work::stats)
             .doc("work", "Queue statistics")
             .access(Environment)
@@ -398,7 +423,7 @@ pub fn api() -> Vec<Endpoint> {
             .access(WorkItem)
             .params(&[
                 q("expected_last_heartbeat", Ty::String, "`NO_HEARTBEAT`, or the `last_heartbeat` of the previous answer; absent: unconditional."),
-                q("desired_ttl_seconds", Ty::Integer, "Lease length wanted; clamped into the server's bounds (10 to 600 by default)."),
+                DESIRED_TTL_SECONDS,
                 WORKER_ID,
             ])
             .returns(Json(shape::<api::Heartbeat>())),

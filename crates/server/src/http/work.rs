@@ -14,7 +14,9 @@ use tether_store::WorkFilter;
 
 use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
 use super::{decode, wire};
+use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
+use crate::service::work::Claimed;
 use crate::service::App;
 
 /// The work list clamps `limit` above 100 instead of refusing it (D-4).
@@ -116,6 +118,58 @@ pub async fn poll(
 ) -> ApiResult<Json<Option<api::WorkItem>>> {
     let env = app.work_environment(&env_id).await?;
     let WorkerId(worker) = worker?;
+    let (block, reclaim_ms) = poll_inputs(&app, dialect, &params)?;
+    let issuer = p.credential_id();
+    let claimed = app
+        .poll(&env, worker.as_deref(), issuer, block, reclaim_ms)
+        .await?;
+    Ok(Json(claimed.map(|c| delivered(&app, dialect, &c))))
+}
+
+/// Claim (a Tether extension): a poll that also acks the item and makes its first heartbeat, so that
+/// a worker's cycle is this request and the stop (`tether_core::work::claim`). It takes the poll's
+/// parameters, and the heartbeat's `desired_ttl_seconds`.
+pub async fn claim(
+    State(app): State<App>,
+    Caller(p): Caller,
+    Wire(dialect): Wire,
+    worker: Result<WorkerId, ApiError>,
+    Path(env_id): Path<String>,
+    params: Params,
+) -> ApiResult<Json<Option<api::Claim>>> {
+    let env = app.work_environment(&env_id).await?;
+    let WorkerId(worker) = worker?;
+    let (block, reclaim_ms) = poll_inputs(&app, dialect, &params)?;
+    let ttl = desired_ttl(&params)?;
+    let issuer = p.credential_id();
+    let claimed = app
+        .claim(&env, worker.as_deref(), issuer, block, reclaim_ms, ttl)
+        .await?;
+    Ok(Json(claimed.map(|c| {
+        let lease = c.lease.as_ref().expect("a claim starts a lease");
+        api::Claim {
+            object: "work_claim".into(),
+            work: delivered(&app, dialect, &c),
+            lease: wire::heartbeat(lease),
+            extra: Default::default(),
+        }
+    })))
+}
+
+/// A poll's or a claim's item, with its `secret` (§11.1): the session token and the base URL of
+/// the dialect it was taken through.
+fn delivered(app: &App, dialect: Dialect, claimed: &Claimed) -> api::WorkItem {
+    let base = format!(
+        "{}{}",
+        app.config.public_url.trim_end_matches('/'),
+        dialect.prefix()
+    );
+    let secret = api::WorkSecret::new(claimed.session_token.clone(), base).encode();
+    wire::work(&claimed.item, Some(secret))
+}
+
+/// A poll's `block_ms` and `reclaim_older_than_ms` (§6.2), judged in that order.
+fn poll_inputs(app: &App, dialect: Dialect, params: &Params) -> ApiResult<(Option<Duration>, i64)> {
     let block = match params.int("block_ms")? {
         None => None,
         Some(ms @ 1..=999) => Some(Duration::from_millis(ms as u64)),
@@ -139,19 +193,7 @@ pub async fn poll(
             ))
         }
     };
-    let issuer = p.credential_id();
-    let claimed = app
-        .poll(&env, worker.as_deref(), issuer, block, reclaim_ms)
-        .await?;
-    Ok(Json(claimed.map(|c| {
-        let base = format!(
-            "{}{}",
-            app.config.public_url.trim_end_matches('/'),
-            dialect.prefix()
-        );
-        let secret = api::WorkSecret::new(c.session_token, base).encode();
-        wire::work(&c.item, Some(secret))
-    })))
+    Ok((block, reclaim_ms))
 }
 
 pub async fn stats(
@@ -292,19 +334,23 @@ fn heartbeat_inputs(
                 "expected_last_heartbeat must be NO_HEARTBEAT or an RFC 3339 timestamp",
             )
         })?;
-    let ttl = match params.get("desired_ttl_seconds")? {
-        None => None,
-        Some(raw) => match super::extract::integer(raw) {
-            Some(n) if n > 0 => Some(n.min(i64::from(u32::MAX)) as u32),
-            _ => {
-                return Err(ApiError::bad_param(
-                    "desired_ttl_seconds",
-                    "desired_ttl_seconds must be a positive integer",
-                ))
-            }
-        },
-    };
+    let ttl = desired_ttl(params)?;
     Ok((worker, expected, ttl))
+}
+
+/// The lease length a heartbeat or a claim asks for (`desired_ttl_seconds`), clamped by the lease
+/// policy afterwards.
+fn desired_ttl(params: &Params) -> ApiResult<Option<u32>> {
+    match params.get("desired_ttl_seconds")? {
+        None => Ok(None),
+        Some(raw) => match super::extract::integer(raw) {
+            Some(n) if n > 0 => Ok(Some(n.min(i64::from(u32::MAX)) as u32)),
+            _ => Err(ApiError::bad_param(
+                "desired_ttl_seconds",
+                "desired_ttl_seconds must be a positive integer",
+            )),
+        },
+    }
 }
 
 pub async fn stop(

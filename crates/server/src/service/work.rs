@@ -24,6 +24,24 @@ use crate::credentials;
 pub struct Claimed {
     pub item: WorkItem,
     pub session_token: String,
+    /// The lease a claim ([`Taking::Start`]) started: what its first heartbeat answered.
+    pub lease: Option<HeartbeatReply>,
+}
+
+/// What a poll does with the item it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taking {
+    /// Delivers it (§6.2): the worker acks it and heartbeats in requests of its own.
+    Deliver,
+    /// Claims it (`work::claim`): delivery, ack and first heartbeat in one write, asking for a
+    /// lease of this length.
+    Start { desired_ttl_seconds: Option<u32> },
+}
+
+/// Observes `from` to `to` in `histogram`, one of the pace histograms of §11.4 (enqueue to
+/// delivery, delivery to ack, ack to first heartbeat).
+fn record_pace(histogram: &'static str, from: Timestamp, to: Timestamp) {
+    metrics::histogram!(histogram).record(to.millis_since(from).max(0) as f64 / 1000.0);
 }
 
 /// Queue statistics (§2.5).
@@ -346,7 +364,12 @@ impl App {
             transitions: step.transitions.clone(),
             session_version: None,
         });
-        if step.transitions.iter().any(|t| t.to == WorkState::Queued) {
+        // Only what enters the queue is news to its waiters: a claim's delivery (queued to queued)
+        // takes an item out of it.
+        let enters_queue = |t: &tether_core::Transition| {
+            t.to == WorkState::Queued && t.from != Some(WorkState::Queued)
+        };
+        if step.transitions.iter().any(enters_queue) {
             effects.claimable.push(step.item.environment_id.clone());
         }
         let unchanged_session = self
@@ -471,6 +494,39 @@ impl App {
         block: Option<Duration>,
         reclaim_ms: i64,
     ) -> Result<Option<Claimed>> {
+        self.take(env, worker_id, issuer, block, reclaim_ms, Taking::Deliver)
+            .await
+    }
+
+    /// Claim (a Tether extension): a poll that also acks the item and starts its lease
+    /// (`work::claim`), so that a worker's whole cycle is this request and its stop.
+    pub async fn claim(
+        &self,
+        env: &Environment,
+        worker_id: Option<&str>,
+        issuer: Option<&str>,
+        block: Option<Duration>,
+        reclaim_ms: i64,
+        desired_ttl_seconds: Option<u32>,
+    ) -> Result<Option<Claimed>> {
+        let taking = Taking::Start {
+            desired_ttl_seconds,
+        };
+        self.take(env, worker_id, issuer, block, reclaim_ms, taking)
+            .await
+    }
+
+    /// [`Self::poll`] and [`Self::claim`]: takes the oldest claimable item as `taking` says, waiting
+    /// up to `block` for one to appear.
+    async fn take(
+        &self,
+        env: &Environment,
+        worker_id: Option<&str>,
+        issuer: Option<&str>,
+        block: Option<Duration>,
+        reclaim_ms: i64,
+        taking: Taking,
+    ) -> Result<Option<Claimed>> {
         self.record_worker(&env.id, worker_id).await?;
         // Lazy expiry (§3.1): an item whose lease lapsed is claimable now, whether or not the
         // dispatcher's tick has come round yet. Asked of the store only when a lease may be due.
@@ -516,7 +572,8 @@ impl App {
                 let scan = ticket
                     .as_ref()
                     .map(|_| self.waiters.begin_scan(&env.id, reclaim_ms));
-                Box::pin(self.try_claim(env, worker_id, issuer, reclaim_ms, scan)).await?
+                let claim = self.try_claim(env, worker_id, issuer, reclaim_ms, taking, scan);
+                Box::pin(claim).await?
             };
             if let Some(woken) = answering.take() {
                 woken.consume();
@@ -544,12 +601,13 @@ impl App {
         worker_id: Option<&str>,
         issuer: Option<&str>,
         reclaim_ms: i64,
+        taking: Taking,
         scan: Option<crate::waiters::Scan>,
     ) -> Result<Option<Claimed>> {
         for _ in 0..super::MAX_ATTEMPTS {
             let now = self.now();
-            let taking = self.claiming.lock().expect("claiming lock").taking.len();
-            let batch = u32::try_from(taking)
+            let reserved = self.claiming.lock().expect("claiming lock").taking.len();
+            let batch = u32::try_from(reserved)
                 .unwrap_or(u32::MAX)
                 .saturating_add(CLAIM_SPARE)
                 .min(CLAIM_BATCH);
@@ -567,34 +625,27 @@ impl App {
                 let candidate = candidate.decode()?;
                 let token = credentials::mint(credentials::SESSION_PREFIX);
                 let now = self.now();
-                let Ok(step) = work::deliver(
-                    &candidate.value,
-                    worker_id,
-                    credentials::hash(&token),
-                    issuer,
-                    now,
-                    reclaim_ms,
-                ) else {
+                let taker = (worker_id, issuer);
+                let Ok((step, lease)) =
+                    self.take_step(&candidate.value, &token, taker, reclaim_ms, taking, now)
+                else {
                     continue;
                 };
-                let write = Write::UpdateWork {
-                    item: step.item.clone(),
-                    expected_version: candidate.version,
-                    transitions: step.transitions.clone(),
-                    session_version: None,
-                };
-                match self.commit(ChangeSet::one(write)).await {
+                match self.commit_taking(&candidate, step.clone(), now).await {
                     Ok(()) => {
-                        metrics::histogram!("tether_enqueue_to_delivery_seconds").record(
-                            now.millis_since(candidate.value.enqueued_at).max(0) as f64 / 1000.0,
+                        record_pace(
+                            "tether_enqueue_to_delivery_seconds",
+                            candidate.value.enqueued_at,
+                            now,
                         );
                         return Ok(Some(Claimed {
                             item: step.item,
                             session_token: token,
+                            lease,
                         }));
                     }
-                    Err(tether_store::StoreError::Conflict) => lost_a_race = true,
-                    Err(e) => return Err(e.into()),
+                    Err(Retry::Conflict) => lost_a_race = true,
+                    Err(Retry::Fail(e)) => return Err(e),
                 }
             }
             if !lost_a_race {
@@ -606,6 +657,72 @@ impl App {
             tokio::task::yield_now().await;
         }
         Ok(None)
+    }
+
+    /// What taking `item` at `now` as `taking` says does to it, with the session token `token`
+    /// minted for it, for `(worker_id, issuer)`: a delivery, or a claim and the lease it started.
+    fn take_step(
+        &self,
+        item: &WorkItem,
+        token: &str,
+        (worker_id, issuer): (Option<&str>, Option<&str>),
+        reclaim_ms: i64,
+        taking: Taking,
+        now: Timestamp,
+    ) -> std::result::Result<(Step, Option<HeartbeatReply>), WorkError> {
+        let session_token_hash = credentials::hash(token);
+        match taking {
+            Taking::Deliver => {
+                let step =
+                    work::deliver(item, worker_id, session_token_hash, issuer, now, reclaim_ms)?;
+                Ok((step, None))
+            }
+            Taking::Start {
+                desired_ttl_seconds,
+            } => {
+                let request = work::ClaimRequest {
+                    worker_id,
+                    session_token_hash,
+                    issuer,
+                    reclaim_older_than_ms: reclaim_ms,
+                    desired_ttl_seconds,
+                };
+                let (step, lease) = work::claim(item, request, now, &self.config.lease)?;
+                Ok((step, Some(lease)))
+            }
+        }
+    }
+
+    /// Commits what a poll took from `candidate`. A delivery changes the item alone, and is written
+    /// as it is: its transition (queued to queued) must not announce the item as claimable again. A
+    /// claim acks it, which moves its session (§7.3), and is written with its session coupling.
+    async fn commit_taking(
+        &self,
+        candidate: &Versioned<WorkItem>,
+        step: Step,
+        now: Timestamp,
+    ) -> std::result::Result<(), Retry> {
+        if step.transitions.iter().any(session::touches_session) {
+            // The session as this process last wrote it, when it remembers it: the coupling's write
+            // is conditional on its version, and a refused write forgets it (`App::commit`), so the
+            // next attempt reads it.
+            let session = step
+                .item
+                .data
+                .session_id()
+                .and_then(|id| self.written_sessions.get(id))
+                .map_or(SessionAhead::Unread, |remembered| {
+                    SessionAhead::Read(Some(Box::new(remembered)))
+                });
+            return self.commit_step(candidate, session, &step, now).await;
+        }
+        let write = Write::UpdateWork {
+            item: step.item,
+            expected_version: candidate.version,
+            transitions: step.transitions,
+            session_version: None,
+        };
+        Ok(self.commit(ChangeSet::one(write)).await?)
     }
 
     /// How long a scan that found nothing spares blocked polls a scan of their own: at most a dispatcher
@@ -698,15 +815,19 @@ impl App {
         work_id: &str,
         worker_id: Option<&str>,
     ) -> Result<WorkItem> {
-        let (item, ()) = self
+        let (item, delivered_at) = self
             .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
                 let step = work::ack(item, worker_id, now)?;
-                Ok((step, ()))
+                // The delivery this ack answers (none for a retry, or an ack without a poll).
+                let delivered_at = item.delivery.as_ref().map(|d| d.delivered_at);
+                Ok((
+                    step,
+                    delivered_at.filter(|_| item.state == WorkState::Queued),
+                ))
             })
             .await?;
-        if let Some(acked) = item.acknowledged_at {
-            metrics::histogram!("tether_delivery_to_ack_seconds")
-                .record(self.now().millis_since(acked).max(0) as f64 / 1000.0);
+        if let (Some(delivered), Some(acked)) = (delivered_at, item.acknowledged_at) {
+            record_pace("tether_delivery_to_ack_seconds", delivered, acked);
         }
         Ok(item)
     }
@@ -727,8 +848,7 @@ impl App {
             .await?;
         if reply.state == WorkState::Active && item.heartbeat_count == 1 {
             if let (Some(acked), Some(started)) = (item.acknowledged_at, item.started_at) {
-                metrics::histogram!("tether_ack_to_first_heartbeat_seconds")
-                    .record(started.millis_since(acked).max(0) as f64 / 1000.0);
+                record_pace("tether_ack_to_first_heartbeat_seconds", acked, started);
             }
         }
         Ok(reply)

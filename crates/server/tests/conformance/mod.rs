@@ -386,6 +386,15 @@ impl<'a> Queue<'a> {
         r.send().await
     }
 
+    /// Tether's claim (poll, ack and first heartbeat in one request); `query` includes the `?`.
+    pub async fn claim(&self, query: &str, worker: Option<&str>) -> Reply {
+        let mut r = self.req(Method::POST, &self.path(&format!("/claim{query}")));
+        if let Some(w) = worker {
+            r = r.worker(w);
+        }
+        r.send().await
+    }
+
     pub async fn ack(&self, id: &str, worker: Option<&str>) -> Reply {
         let mut r = self.req(Method::POST, &self.item_path(id, "/ack"));
         if let Some(w) = worker {

@@ -1,0 +1,256 @@
+//! Tether's claim (`POST …/work/claim`, an extension §11 allows): a poll, its ack and a first
+//! heartbeat in one request, over real HTTP on each backend. What a claim does is the three
+//! operations' own (`tether_core::work::claim`, property-tested there); these tests check what the
+//! server adds: the wire, the session token, the choice of item, waking, races and refusals.
+
+mod conformance;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use conformance::*;
+
+/// The claimed item's id, session token and lease token, from a claim's answer.
+fn claimed(reply: &Reply) -> (String, String, String) {
+    let claim = reply.ok();
+    assert_eq!(claim["type"], "work_claim", "{claim}");
+    let (token, _) = decode_secret(&claim["work"]);
+    (
+        claim["work"]["id"].as_str().expect("id").to_owned(),
+        token,
+        claim["lease"]["last_heartbeat"]
+            .as_str()
+            .expect("last_heartbeat")
+            .to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_claim_takes_the_oldest_item_and_starts_its_lease() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let first = q.enqueue().await;
+        let second = q.enqueue().await;
+
+        let reply = q.claim("?desired_ttl_seconds=30", Some("w1")).await;
+        let claim = reply.ok();
+        let work = &claim["work"];
+        assert_eq!(work["id"], first.id.as_str(), "oldest enqueue first");
+        assert_eq!(work["state"], "active");
+        assert_eq!(work["type"], "work");
+        assert_eq!(work["delivery_count"], 1);
+        for stamp in ["acknowledged_at", "started_at", "latest_heartbeat_at"] {
+            assert!(work[stamp].is_string(), "{stamp} missing: {work}");
+        }
+        assert_invariants(work);
+        let lease = &claim["lease"];
+        assert_eq!(lease["type"], "work_heartbeat");
+        assert_eq!(lease["state"], "active");
+        assert_eq!(lease["lease_extended"], true);
+        assert_eq!(lease["ttl_seconds"], 30);
+        assert_eq!(lease["last_heartbeat"], work["latest_heartbeat_at"]);
+        let (id, token, beat) = claimed(&reply);
+        assert!(token.starts_with("tth_ses_"), "{token}");
+        assert_eq!(
+            q.causes(&id).await,
+            ["enqueued", "delivered", "acked", "first_heartbeat"]
+        );
+        let history = q.history(&id).await;
+        assert!(history[1..].iter().all(|t| t["worker_id"] == "w1"));
+
+        // The lease is the worker's: its first heartbeat is behind it, and the next one echoes
+        // the claim's token, with the session token as its credential.
+        let again = q
+            .heartbeat(&id, "?expected_last_heartbeat=NO_HEARTBEAT")
+            .await;
+        again.error(412, "precondition_failed_error");
+        let path = q.item_path(&id, &format!("/heartbeat?expected_last_heartbeat={beat}"));
+        let renewed = q.req(Method::POST, &path).bearer(&token).send().await;
+        assert_eq!(renewed.ok()["state"], "active");
+        let beat_as_stranger = q.heartbeat_as(&id, "w2").await;
+        beat_as_stranger.error(412, "precondition_failed_error");
+
+        // Nothing else takes it: the next claim gets the next item, a poll finds none.
+        let (next, _, _) = claimed(&q.claim("", Some("w2")).await);
+        assert_eq!(next, second.id);
+        assert_eq!(q.poll("", Some("w3")).await.ok(), &Value::Null);
+        assert_eq!(q.claim("", Some("w3")).await.ok(), &Value::Null);
+
+        // The cycle ends with the holder's stop, as a polled item's does.
+        let stopped = q.stop_with(&token, &id, json!({"force": true})).await;
+        assert_eq!(stopped.ok()["state"], "stopped");
+        assert_eq!(
+            q.causes(&id).await.last().map(String::as_str),
+            Some("force_stopped")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_ends_a_rescheduled_turn_as_an_ack_does() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let item = q.enqueue().await;
+        let session = format!("/sessions/{}", item.session);
+        let input = json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "hi"}]}]});
+        let posted = q.req(Method::POST, &format!("{session}/events")).json(input);
+        posted.send().await.ok();
+        let status = async || {
+            let reply = q.req(Method::GET, &session).send().await;
+            reply.ok()["status"].as_str().unwrap().to_owned()
+        };
+        let last_event = async || {
+            let path = format!("{session}/events?limit=100");
+            let reply = q.req(Method::GET, &path).send().await;
+            let events = reply.ok()["data"].as_array().unwrap().clone();
+            events.last().unwrap()["type"].as_str().unwrap().to_owned()
+        };
+        let (id, _, _) = claimed(&q.claim("", Some("w1")).await);
+        assert_eq!(status().await, "running");
+
+        // The lease lapses: the turn waits for the item's next holder (§12.4).
+        server.clock.advance_millis(61_000);
+        assert_eq!(q.state(&id).await, "queued");
+        assert_eq!(status().await, "rescheduling");
+        assert_eq!(last_event().await, "session.status_rescheduled");
+
+        let (again, _, _) = claimed(&q.claim("", Some("w2")).await);
+        assert_eq!(again, id, "the same item comes back (D-33)");
+        assert_eq!(status().await, "running");
+        assert_eq!(last_event().await, "session.status_running");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_claims_take_each_item_once() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let mut queued = HashSet::new();
+        for _ in 0..6 {
+            queued.insert(q.enqueue().await.id);
+        }
+        let claims = (0..10).map(|w| {
+            let q = &q;
+            async move { q.claim("", Some(&format!("w{w}"))).await }
+        });
+        let replies = futures::future::join_all(claims).await;
+        let mut taken = HashSet::new();
+        let mut empty = 0;
+        for reply in &replies {
+            if reply.ok().is_null() {
+                empty += 1;
+                continue;
+            }
+            let (id, _, _) = claimed(reply);
+            assert!(taken.insert(id.clone()), "{id} claimed twice");
+        }
+        assert_eq!(taken, queued, "every item claimed once");
+        assert_eq!(empty, 4);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_blocked_claim_is_woken_by_an_enqueue() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let claim = q.claim("?block_ms=999", Some("waiter"));
+        let enqueue = async {
+            // Give the claim time to find the queue empty and block.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            q.enqueue().await
+        };
+        let (reply, item) = tokio::join!(claim, enqueue);
+        let (id, _, _) = claimed(&reply);
+        assert_eq!(id, item.id, "the blocked claim took the new item");
+        assert_eq!(q.state(&id).await, "active");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_takes_over_a_delivery_only_past_its_reclaim_window() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let item = q.enqueue().await;
+        let delivery = q.poll("", Some("w1")).await;
+        let (first_token, _) = decode_secret(delivery.ok());
+        assert_eq!(
+            q.claim("", Some("w2")).await.ok(),
+            &Value::Null,
+            "an un-acked delivery is the poller's for the reclaim window"
+        );
+        let reply = q.claim("?reclaim_older_than_ms=0", Some("w2")).await;
+        let (id, _, _) = claimed(&reply);
+        assert_eq!(id, item.id);
+        assert_eq!(
+            q.causes(&id).await,
+            [
+                "enqueued",
+                "delivered",
+                "redelivered",
+                "acked",
+                "first_heartbeat"
+            ]
+        );
+        // The earlier delivery's token died with the redelivery.
+        let path = q.item_path(&id, "");
+        let stale = q.req(Method::GET, &path).bearer(&first_token).send().await;
+        stale.error(401, "authentication_error");
+        q.ack(&id, Some("w1"))
+            .await
+            .error(409, "invalid_request_error");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_refuses_what_a_poll_or_a_heartbeat_refuses() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        q.enqueue().await;
+        for query in ["?block_ms=0", "?block_ms=1000", "?block_ms=x"] {
+            q.claim(query, None).await.bad_param("block_ms");
+        }
+        q.claim("?reclaim_older_than_ms=-1", None)
+            .await
+            .bad_param("reclaim_older_than_ms");
+        for query in ["?desired_ttl_seconds=0", "?desired_ttl_seconds=ten"] {
+            q.claim(query, None).await.bad_param("desired_ttl_seconds");
+        }
+        // The Claude dialect's reclaim window starts at 1 ms, as its poll's does.
+        let path = q.path("/claim?reclaim_older_than_ms=0");
+        let v1 = req_v1(server, Method::POST, &path).send().await;
+        v1.bad_param("reclaim_older_than_ms");
+
+        let unknown = format!("/environments/{}/work/claim", unknown_id("env"));
+        q.req(Method::POST, &unknown)
+            .send()
+            .await
+            .error(404, "not_found_error");
+        let other = server.self_hosted_environment().await;
+        let key = q
+            .req(Method::POST, &format!("/environments/{other}/keys"))
+            .send()
+            .await;
+        let key = key.ok()["token"].as_str().unwrap().to_owned();
+        let foreign = q
+            .req(Method::POST, &q.path("/claim"))
+            .bearer(&key)
+            .send()
+            .await;
+        foreign.error(403, "permission_error");
+        let anonymous = q
+            .req(Method::POST, &q.path("/claim"))
+            .anonymous()
+            .send()
+            .await;
+        anonymous.error(401, "authentication_error");
+
+        // Refused claims took nothing: the item is still there for a good one.
+        let (_, _, _) = claimed(&q.claim("", None).await);
+    })
+    .await;
+}

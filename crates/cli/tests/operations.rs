@@ -86,6 +86,70 @@ struct Setup {
     session: String,
 }
 
+/// The sum of the observations of the histogram `name` (its `_sum` line) in a scrape of `server`,
+/// which must have explicit buckets.
+async fn histogram_sum(server: &Server, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let bucket = format!("{name}_bucket{{");
+    let buckets = text.lines().filter(|l| l.starts_with(&bucket)).count();
+    assert!(buckets >= 10, "{name} has explicit buckets:\n{text}");
+    let prefix = format!("{name}_sum");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().expect("a number")
+}
+
+/// What a worker that polls (§8, as the official SDKs' do) takes between its calls is what the pace
+/// histograms observe: delivery to ack, ack to first heartbeat.
+#[tokio::test]
+async fn the_pace_histograms_measure_a_polling_workers_pace() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let setup = server.setup();
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String| {
+        http.request(method, format!("{}/api/v1/cloud{path}", server.url))
+            .bearer_auth(server.admin_token)
+            .header("worker-id", "w1")
+    };
+    let work = format!("/environments/{}/work", setup.env);
+    let item: Value = call(reqwest::Method::GET, format!("{work}/poll"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = item["id"].as_str().expect("the session's item").to_owned();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acked = call(reqwest::Method::POST, format!("{work}/{id}/ack"))
+        .send()
+        .await;
+    assert_eq!(acked.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let first = format!("{work}/{id}/heartbeat?expected_last_heartbeat=NO_HEARTBEAT");
+    let beat = call(reqwest::Method::POST, first).send().await;
+    assert_eq!(beat.unwrap().status(), 200);
+    // Lower bounds only: each wait was at least this long, however slow the machine.
+    let delivery_to_ack = histogram_sum(&server, "tether_delivery_to_ack_seconds").await;
+    assert!(
+        delivery_to_ack >= 0.3,
+        "delivery to ack: {delivery_to_ack} s"
+    );
+    let ack_to_beat = histogram_sum(&server, "tether_ack_to_first_heartbeat_seconds").await;
+    assert!(
+        ack_to_beat >= 0.2,
+        "ack to first heartbeat: {ack_to_beat} s"
+    );
+}
+
 /// Polls `check` until it gives a value (bounded by PATIENCE).
 fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
@@ -175,12 +239,12 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         scrape.samples.iter().filter(move |s| s.metric == name)
     }
     let named = |name: &'static str| samples(&scrape, name);
-    // Histograms with explicit buckets, each with observations after the cycle.
+    // Histograms with explicit buckets, each with observations after the cycle. (The worker
+    // claimed its item: the pace between a poll's calls is checked with a polling worker, in
+    // `the_pace_histograms_measure_a_polling_workers_pace`.)
     for name in [
         "tether_http_request_duration_seconds",
         "tether_enqueue_to_delivery_seconds",
-        "tether_delivery_to_ack_seconds",
-        "tether_ack_to_first_heartbeat_seconds",
         "tether_store_commit_duration_seconds",
     ] {
         let mut observed = false;
@@ -201,7 +265,7 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         .collect();
     assert!(
         routes.contains(&(
-            "/api/v1/cloud/environments/:environment_id/work/poll".into(),
+            "/api/v1/cloud/environments/:environment_id/work/claim".into(),
             "200".into()
         )),
         "durations per matched route and status: {routes:?}"
@@ -368,19 +432,19 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         .iter()
         .filter(|l| l["target"] == "tether::access")
         .collect();
-    let poll = access
+    let claim = access
         .iter()
         .find(|l| {
-            l["span"]["route"] == "/api/v1/cloud/environments/:environment_id/work/poll"
+            l["span"]["route"] == "/api/v1/cloud/environments/:environment_id/work/claim"
                 && l["fields"]["status"] == 200
         })
-        .unwrap_or_else(|| panic!("no access line for a poll:\n{server_log}"));
-    assert_eq!(poll["span"]["method"], "GET");
-    assert_eq!(poll["span"]["credential"], "environment_key");
-    assert!(poll["span"]["request_id"]
+        .unwrap_or_else(|| panic!("no access line for a claim:\n{server_log}"));
+    assert_eq!(claim["span"]["method"], "POST");
+    assert_eq!(claim["span"]["credential"], "environment_key");
+    assert!(claim["span"]["request_id"]
         .as_str()
         .is_some_and(|r| !r.is_empty()));
-    assert!(poll["fields"]["latency_ms"].as_f64().is_some());
+    assert!(claim["fields"]["latency_ms"].as_f64().is_some());
     assert!(access
         .iter()
         .any(|l| l["span"]["credential"] == "session_token"));

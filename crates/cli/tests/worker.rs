@@ -18,6 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::api::Deployment;
+use support::no_claims::NoClaims;
 use support::proxy::{Mode, Proxy};
 use support::worker::WorkerChild;
 
@@ -101,6 +102,14 @@ impl Setup {
     }
 
     async fn causes(&self, work: &str) -> Vec<String> {
+        self.history(work)
+            .await
+            .iter()
+            .map(|t| t["cause"].as_str().expect("cause").to_owned())
+            .collect()
+    }
+
+    async fn history(&self, work: &str) -> Vec<Value> {
         let history = self
             .api
             .get(&format!(
@@ -108,12 +117,19 @@ impl Setup {
                 self.env
             ))
             .await;
-        history["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .map(|t| t["cause"].as_str().expect("cause").to_owned())
-            .collect()
+        history["data"].as_array().expect("data").clone()
+    }
+
+    /// Whether the item's delivery, ack and first heartbeat were one request's (a claim's): they
+    /// then share one instant, where three requests each have their own.
+    async fn claimed_in_one_request(&self, work: &str) -> bool {
+        let history = self.history(work).await;
+        let at = |cause: &str| {
+            let transition = history.iter().find(|t| t["cause"] == cause);
+            transition.map(|t| t["at"].clone())
+        };
+        let delivered = at("delivered");
+        delivered.is_some() && delivered == at("acked") && delivered == at("first_heartbeat")
     }
 
     async fn stop(&self, work: &str, force: bool) -> Value {
@@ -482,6 +498,11 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
         without_first_heartbeat(setup.causes(&work).await),
         ["enqueued", "delivered", "acked", "force_stopped"]
     );
+    assert!(
+        setup.claimed_in_one_request(&work).await,
+        "{:?}",
+        setup.history(&work).await
+    );
     // Output reaches the worker's log, line by line, prefixed with the work id.
     worker
         .wait_for_log(&format!("[{work}] hello from the program"))
@@ -490,6 +511,40 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
         .wait_for_log(&format!("[{work}] complaint on stderr"))
         .await;
 
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+}
+
+/// A server without claims (another platform, an older Tether) answers 404 to the first claim; the
+/// worker polls, acks and heartbeats from then on, as §8 says.
+#[tokio::test]
+async fn a_server_without_claims_is_served_by_polls() {
+    let setup = Setup::new().await;
+    let proxy = NoClaims::start(&setup.server.base).await;
+    let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            server: Some(proxy.url.clone()),
+            ..WorkerOptions::running(&script)
+        },
+    );
+    worker.wait_for_log("the server takes no claims").await;
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        let work = setup.session(json!({})).await;
+        setup.wait_for_state(&work, "stopped").await;
+        served.push(work);
+    }
+    for work in &served {
+        assert_eq!(
+            without_first_heartbeat(setup.causes(work).await),
+            ["enqueued", "delivered", "acked", "force_stopped"]
+        );
+        assert!(!setup.claimed_in_one_request(work).await);
+    }
+    assert_eq!(proxy.seen("claim"), 1, "asked once, then never again");
+    assert!(proxy.seen("ack") >= 2, "each item acknowledged");
     let status = worker.shut_down().await;
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }
@@ -1040,6 +1095,43 @@ esac
     }
 }
 
+/// A claim that took an item just as the drain began is answered after it began: the item is served
+/// (its program runs, and the drain waits for it), not left leased to a worker that has gone until
+/// its lease runs out.
+#[tokio::test]
+async fn an_item_claimed_as_the_drain_begins_is_served() {
+    let setup = Setup::new().await;
+    let proxy = Proxy::start(&setup.server.base).await;
+    let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            server: Some(proxy.url.clone()),
+            ..WorkerOptions::running(&script)
+        },
+    );
+    worker.wait_for_log("worker started").await;
+    // From now on every answer comes back half a second late: the claim that takes the item
+    // commits on the server, and its answer is still on its way when the drain begins.
+    proxy.set(Mode::Delay(Duration::from_millis(500)));
+    let work = setup.session(json!({})).await;
+    setup.wait_for_state(&work, "active").await;
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+
+    let item = setup.item(&work).await;
+    assert_eq!(item["state"], "stopped", "{item}");
+    assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+    let dir = setup.stamps();
+    let s = stamps(&dir, &work);
+    assert_eq!(
+        s,
+        [stamp("start", "w1", s[0].pid), stamp("end", "w1", s[0].pid)]
+    );
+    assert!(setup.claimed_in_one_request(&work).await);
+}
+
 /// The parent's process id of `pid`, from `/proc/<pid>/stat`.
 fn parent_of(pid: i32) -> i32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
@@ -1326,9 +1418,11 @@ async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("not a plain name"), "{log}");
     let requests = requests.lock().unwrap().clone();
+    // The first request is a claim, which this server does not take (404): the worker polls then.
+    assert!(requests[0].contains("/work/claim"), "{requests:?}");
     assert!(
-        requests.iter().all(|l| l.contains("/work/poll")),
-        "nothing but polls: {requests:?}"
+        requests[1..].iter().all(|l| l.contains("/work/poll")),
+        "nothing but polls after the claim: {requests:?}"
     );
     assert!(
         victim.join("kept").exists(),
@@ -1390,12 +1484,15 @@ async fn a_program_that_can_no_longer_run_takes_no_work_until_it_can() {
     worker.wait_for_log("PROGRAM cannot run").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let item = setup.item(&work).await;
-    assert_eq!(item["state"], "queued", "{item}");
-    // A poll already under way when PROGRAM went may have been handed the item: it is left unacked,
-    // for the server to hand out again after its reclaim window.
-    assert!(item["acknowledged_at"].is_null(), "never acked: {item}");
+    // A claim already under way when PROGRAM went may have taken the item: it is held, its lease
+    // kept, until PROGRAM can run; otherwise it waits in the queue. Either way nothing ran.
+    assert!(
+        item["state"] == "queued" || item["state"] == "active",
+        "{item}"
+    );
     assert!(item["delivery_count"].as_u64() <= Some(1), "{item}");
     assert!(item["metadata"].get("tether.exit_code").is_none(), "{item}");
+    assert!(stamps(&setup.stamps(), &work).is_empty());
 
     mode(0o755);
     started(&setup.stamps(), &work, 1).await;

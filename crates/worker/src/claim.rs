@@ -1,13 +1,18 @@
 //! The claim loop (§8 step 1): long polls with the Worker-ID while a slot is free, hands each item to its
 //! own supervisor, backs off on transient failures, and gives up with a clear message on refusals that
 //! trying again cannot fix.
+//!
+//! A Tether server takes a claim (`POST …/work/claim`): the poll, the ack and the first heartbeat
+//! in one request, so that an item costs the server two requests and two writes fewer. A server
+//! without it (another platform, an older Tether) answers 404 or 405 there; the loop then polls as
+//! §8 says, and tries a claim again after [`CLAIMS_AGAIN_AFTER`] (the server may have been upgraded).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 
-use tether_client::{Error, PollOptions};
+use tether_client::{ClaimOptions, Client, Error, PollOptions, WorkItem};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -17,6 +22,8 @@ use crate::{reached, supervisor, Phase, Shared};
 
 /// The longest wait a poll may ask for (§6.2).
 const LONG_POLL_MS: u32 = 999;
+/// How long a worker polls a server that took no claim before it tries a claim again.
+const CLAIMS_AGAIN_AFTER: Duration = Duration::from_secs(300);
 /// An empty answer sooner than this did not wait for work (see the claim loop).
 const EARLY_EMPTY_POLL: Duration = Duration::from_millis(LONG_POLL_MS as u64 / 2);
 /// How long a poll's answer may take beyond its wait. A server answers a long poll when the wait is
@@ -61,12 +68,18 @@ async fn claim(
     let mut phase = shared.phase.clone();
     let mut backoff = Backoff::poll();
     let report = &shared.report;
-    let options = PollOptions {
-        block_ms: Some(LONG_POLL_MS),
-        worker_id: Some(shared.worker_id.clone()),
-        timeout: Some(POLL_ANSWER_WITHIN),
-        ..Default::default()
+    let options = ClaimOptions {
+        poll: PollOptions {
+            block_ms: Some(LONG_POLL_MS),
+            worker_id: Some(shared.worker_id.clone()),
+            timeout: Some(POLL_ANSWER_WITHIN),
+            ..Default::default()
+        },
+        desired_ttl_seconds: shared.desired_ttl,
     };
+    let mut claims = true;
+    // Since when a server without claims has been polled instead.
+    let mut polling_since = Instant::now();
     // After a poll that got no answer, the next goes on a connection of its own: the pooled one it
     // went on may be dead, and so may others in the pool.
     let mut fresh_connection = false;
@@ -130,11 +143,35 @@ async fn claim(
             } else {
                 shared.client.clone()
             };
-            let polled = tokio::select! {
-                polled = client.poll_work(&shared.environment_id, &options) => polled,
-                // An item this poll would have claimed is handed out again after the reclaim window.
-                _ = reached(&mut phase, Phase::Draining) => return Ok(()),
+            if !claims && polling_since.elapsed() >= CLAIMS_AGAIN_AFTER {
+                // The server may have been upgraded, or the 404 come from a server behind the same
+                // address that is gone now.
+                claims = true;
+            }
+            let sent = tokio::time::Instant::now();
+            // An item a poll would have been handed is handed out again after the reclaim window:
+            // a poll is given up as the drain begins. A claim may have taken an item already,
+            // leased to this worker until its TTL runs out: its answer is waited for (within its
+            // wait and answer bounds), and an item it brings is served as one that was running
+            // when the drain began. A claim is given up only when the drain time is up.
+            let given_up_at = if claims {
+                Phase::Terminating
+            } else {
+                Phase::Draining
             };
+            let polled = tokio::select! {
+                polled = take(&client, &shared.environment_id, &options, claims) => polled,
+                _ = reached(&mut phase, given_up_at) => return Ok(()),
+            };
+            if claims && polled.as_ref().is_err_and(no_claims_here) {
+                report.info(
+                    "the server takes no claims: polling, acknowledging and heartbeating instead",
+                    &[],
+                );
+                claims = false;
+                polling_since = Instant::now();
+                continue;
+            }
             fresh_connection = !crate::error::answered(&polled);
             // Only a poll's answer tells whether the queue is idle: a 503 does not either.
             heard = match (&polled, heard) {
@@ -144,14 +181,16 @@ async fn claim(
             match polled {
                 // An id the worker would make paths of (its work directory, its log file, its cgroups)
                 // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
-                Ok(Some(item)) if !is_plain_name(&item.id) => (
+                Ok(Some((item, _))) if !is_plain_name(&item.id) => (
                     Holdup::RefusedItem,
                     "the server handed out a work item whose id is not a plain name: not running it",
                     vec![("work_id", format!("{:?}", item.id))],
                 ),
-                Ok(Some(item)) => match cannot_run(shared) {
-                    // PROGRAM went between the check above and this answer: the item is left
-                    // unacked, and the server hands it out again after its reclaim window.
+                Ok(Some((item, taken))) => match cannot_run(shared).filter(|_| taken.is_none()) {
+                    // PROGRAM went between the check above and this answer: a polled item is left
+                    // unacked, and the server hands it out again after its reclaim window. (A
+                    // claimed item is held, its lease kept, until PROGRAM can run again, as a
+                    // passing shortage is: `supervisor`. Either way no more work is taken.)
                     Some(why) => (
                         Holdup::ProgramCannotRun,
                         "PROGRAM cannot run: leaving the item it was handed to be handed out again",
@@ -162,7 +201,11 @@ async fn claim(
                         backoff.reset();
                         *claimed += 1;
                         *idle_since = Instant::now();
-                        tasks.spawn(supervisor::serve(shared.clone(), item, slot));
+                        let taken = match taken {
+                            Some(first) => supervisor::Taken::Claimed { sent, first },
+                            None => supervisor::Taken::Polled,
+                        };
+                        tasks.spawn(supervisor::serve(shared.clone(), item, taken, slot));
                         continue;
                     }
                 },
@@ -198,6 +241,32 @@ async fn claim(
         if !waited(&mut phase, delay).await {
             return Ok(());
         }
+    }
+}
+
+/// Takes an item: by a claim when `claims`, else by a poll (§6.2). A claimed item comes with its
+/// first heartbeat's answer.
+async fn take(
+    client: &Client,
+    environment_id: &str,
+    options: &ClaimOptions,
+    claims: bool,
+) -> tether_client::Result<Option<(WorkItem, Option<tether_client::Heartbeat>)>> {
+    if claims {
+        let claim = client.claim_work(environment_id, options).await?;
+        return Ok(claim.map(|c| (c.work, Some(c.lease))));
+    }
+    let item = client.poll_work(environment_id, &options.poll).await?;
+    Ok(item.map(|item| (item, None)))
+}
+
+/// Whether a refused claim says that the server has no claim endpoint (404 for a path it does not
+/// know, 405 for a method): not an environment it does not know, which is `environment_not_found`.
+fn no_claims_here(e: &Error) -> bool {
+    match e.status() {
+        Some(404) => e.code() != Some("environment_not_found"),
+        Some(405) => true,
+        _ => false,
     }
 }
 
@@ -277,7 +346,7 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::heartbeat::tests::refusal as api;
+    use crate::heartbeat::tests::{refusal as api, refusal_with_code};
 
     #[test]
     fn only_plain_names_are_taken_as_work_ids() {
@@ -299,6 +368,19 @@ mod tests {
         ] {
             assert!(!is_plain_name(id), "{id:?}");
         }
+    }
+
+    #[test]
+    fn only_a_server_without_the_endpoint_turns_claims_into_polls() {
+        for status in [404, 405] {
+            assert!(no_claims_here(&api(status)), "{status}");
+        }
+        for status in [400, 401, 403, 409, 429, 500, 503] {
+            assert!(!no_claims_here(&api(status)), "{status}");
+        }
+        // The environment is unknown: polling would say the same (and the loop explains it).
+        let unknown = refusal_with_code(404, Some("environment_not_found"));
+        assert!(!no_claims_here(&unknown));
     }
 
     #[test]

@@ -214,24 +214,69 @@ impl Heartbeat {
         desired_ttl: Option<u32>,
         acked: Instant,
     ) -> Heartbeat {
-        let (tx, state) = watch::channel(Lease::Pending);
-        let provisional = WorkerLease::acknowledged(Duration::ZERO, PROVISIONAL_TTL);
-        let (deadline_tx, kill_at) = watch::channel(acked + provisional.kill_at());
-        let (last_resort_tx, last_resort) = watch::channel(acked + provisional.last_resort());
+        Heartbeat::begin(renewer, worker_id, desired_ttl, acked, None)
+    }
+
+    /// Goes on beating for an item taken by a claim sent at `sent` (`POST …/work/claim`), whose
+    /// answer carried the first heartbeat's, `first`: the lease is held from the start, its
+    /// deadline counted from the claim's sending, and the next beat echoes `first.last_heartbeat`
+    /// when the cadence calls for it.
+    pub fn start_claimed(
+        renewer: impl Renew,
+        worker_id: String,
+        desired_ttl: Option<u32>,
+        sent: Instant,
+        first: Beat,
+    ) -> Heartbeat {
+        Heartbeat::begin(renewer, worker_id, desired_ttl, sent, Some(first))
+    }
+
+    fn begin(
+        renewer: impl Renew,
+        worker_id: String,
+        desired_ttl: Option<u32>,
+        origin: Instant,
+        first: Option<Beat>,
+    ) -> Heartbeat {
+        let (lease, held) = match &first {
+            None => (
+                WorkerLease::acknowledged(Duration::ZERO, PROVISIONAL_TTL),
+                Lease::Pending,
+            ),
+            Some(beat) => {
+                let ttl = Duration::from_secs(beat.ttl_seconds.into());
+                let held = match judge(&Ok(beat.clone())) {
+                    Verdict::Renewed { stopping: true } => Lease::StopRequested,
+                    Verdict::Renewed { stopping: false } => Lease::Held,
+                    // Not a lease this worker may run a program under (`lease_extended` false, a
+                    // state that ends the item).
+                    Verdict::Lost(why) => Lease::Lost(why),
+                    other => unreachable!("an answer judged as a failure: {other:?}"),
+                };
+                (WorkerLease::acknowledged(Duration::ZERO, ttl), held)
+            }
+        };
+        // A lease lost from the start is not beaten for.
+        let beating = !matches!(held, Lease::Lost(_));
+        let (tx, state) = watch::channel(held);
+        let (deadline_tx, kill_at) = watch::channel(origin + lease.kill_at());
+        let (last_resort_tx, last_resort) = watch::channel(origin + lease.last_resort());
         let (trouble_tx, trouble) = watch::channel(None);
         let task = tokio::spawn(async move {
             let beats = Beats {
                 renewer: &renewer,
                 worker_id: &worker_id,
                 desired_ttl,
-                origin: acked,
+                origin,
                 state: &tx,
                 kill_at: &deadline_tx,
                 last_resort: &last_resort_tx,
                 trouble: &trouble_tx,
             };
-            let outcome = beats.run(provisional).await;
-            tx.send_replace(Lease::Lost(outcome));
+            if beating {
+                let outcome = beats.run(lease, first).await;
+                tx.send_replace(Lease::Lost(outcome));
+            }
             // The senders stay, so that waiting on them never sees a closed channel.
             std::future::pending::<()>().await;
         });
@@ -389,10 +434,17 @@ impl<R: Renew> Beats<'_, R> {
             .send_replace(self.origin + lease.last_resort());
     }
 
-    /// Beats until the lease is lost; returns why.
-    async fn run(&self, mut lease: WorkerLease) -> String {
+    /// Beats until the lease is lost; returns why. `first`: the first heartbeat's answer, when a
+    /// claim made it; the next beat then waits for its turn.
+    async fn run(&self, mut lease: WorkerLease, first: Option<Beat>) -> String {
         let mut expected = NO_HEARTBEAT.to_owned();
         let mut renewed_once = false;
+        if let Some(beat) = first {
+            expected = beat.last_heartbeat;
+            renewed_once = true;
+            let next = self.origin + heartbeat_interval(lease.ttl());
+            tokio::time::sleep_until(next.min(self.origin + lease.kill_at())).await;
+        }
         let mut last_error = String::from("none");
         // Since the last renewal: a try got no answer, so it may have been accepted unseen; and the
         // connection to use for the next.
@@ -653,6 +705,52 @@ pub(crate) mod tests {
         assert_eq!(acked.elapsed(), provisional().kill_at());
         let sent = sent.lock().unwrap();
         assert_eq!(sent[0], (acked, Some(NO_HEARTBEAT.to_owned())));
+    }
+
+    /// A claim's answer made the first heartbeat: the lease is held at once, with the deadline the
+    /// claim's send gives, and the next beat goes out one interval after that send and echoes the
+    /// claim's `last_heartbeat`; with no answer to it, the lease is lost at that deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_claimed_lease_is_held_at_once_and_renewed_from_the_claims_heartbeat() {
+        const TTL: u32 = 20;
+        let sent_claim = Instant::now();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let first = beat_with_ttl("active", true, TTL).unwrap();
+        let (server, sent) = Scripted::new(vec![]);
+        let mut lease = Heartbeat::start_claimed(server, "w".into(), Some(TTL), sent_claim, first);
+        assert_eq!(lease.established().await, Lease::Held);
+        assert!(sent.lock().unwrap().is_empty(), "a beat before its turn");
+        let why = lease.lost().await;
+        assert!(why.contains("deadline"), "{why}");
+        let claimed = WorkerLease::acknowledged(Duration::ZERO, Duration::from_secs(TTL.into()));
+        assert_eq!(sent_claim.elapsed(), claimed.kill_at());
+        let sent = sent.lock().unwrap();
+        let interval = heartbeat_interval(Duration::from_secs(TTL.into()));
+        assert_eq!(
+            sent[0],
+            (
+                sent_claim + interval,
+                Some("2026-07-01T08:15:06.120394Z".to_owned())
+            )
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_holds_no_lease_runs_nothing_and_beats_for_nothing() {
+        let (server, sent) = Scripted::new(vec![]);
+        let first = beat("stopped", true).unwrap();
+        let mut lease = Heartbeat::start_claimed(server, "w".into(), None, Instant::now(), first);
+        let Lease::Lost(why) = lease.established().await else {
+            panic!("a stopped item's claim was taken as a lease");
+        };
+        assert!(why.contains("stopped"), "{why}");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(sent.lock().unwrap().is_empty());
+
+        let (server, _) = Scripted::new(vec![]);
+        let first = beat("stopping", true).unwrap();
+        let mut lease = Heartbeat::start_claimed(server, "w".into(), None, Instant::now(), first);
+        assert_eq!(lease.established().await, Lease::StopRequested);
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,12 +27,25 @@ use crate::sandbox::Sandbox;
 use crate::status::Outcome;
 use crate::{reached, Phase, Shared};
 
-/// Serves `item`, holding `slot` (one unit of `--concurrency`) until it is done.
-pub async fn serve(shared: Arc<Shared>, item: WorkItem, slot: OwnedSemaphorePermit) {
+/// How the worker took an item.
+pub enum Taken {
+    /// Delivered by a poll: the worker acks it, and its first heartbeat starts the lease.
+    Polled,
+    /// Claimed (`POST …/work/claim`) by a request sent at `sent`, which made the first heartbeat:
+    /// `first` is its answer.
+    Claimed {
+        sent: tokio::time::Instant,
+        first: tether_client::Heartbeat,
+    },
+}
+
+/// Serves `item`, taken as `taken` says, holding `slot` (one unit of `--concurrency`) until it is
+/// done.
+pub async fn serve(shared: Arc<Shared>, item: WorkItem, taken: Taken, slot: OwnedSemaphorePermit) {
     let work_id = item.id.clone();
     let (calls, token) = HttpItem::new(&shared, &item);
     let outcome = Item::new(&shared, &item, calls, token)
-        .run(item.clone())
+        .run(item.clone(), taken)
         .await;
     if let Some(dirs) = &shared.workdirs {
         if let Err(e) = dirs.finish(&work_id) {
@@ -228,13 +241,13 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         self.shared.report.warn(message, &all);
     }
 
-    async fn run(mut self, item: WorkItem) -> Outcome {
+    async fn run(mut self, item: WorkItem, taken: Taken) -> Outcome {
         self.info(
             "claimed",
             &[("type", &item.data.kind), ("id", &item.data.id)],
         );
         let acked = tokio::time::Instant::now();
-        if !self.ack().await {
+        if matches!(taken, Taken::Polled) && !self.ack().await {
             return Outcome::Skipped;
         }
         if item.data.kind != "session" {
@@ -247,12 +260,17 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             return Outcome::Skipped;
         }
         // Before anything slow: the provisional lease of the ack is short.
-        let mut lease = Heartbeat::start(
+        let (renewer, worker_id, ttl) = (
             self.calls.lease(),
             self.shared.worker_id.clone(),
             self.shared.desired_ttl,
-            acked,
         );
+        let mut lease = match taken {
+            Taken::Polled => Heartbeat::start(renewer, worker_id, ttl, acked),
+            Taken::Claimed { sent, first } => {
+                Heartbeat::start_claimed(renewer, worker_id, ttl, sent, first)
+            }
+        };
         let report = self.shared.report.clone();
         let work_id = self.work_id.clone();
         lease.on_trouble(move |trouble| match trouble {
@@ -371,8 +389,9 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// Starts the program with `spawn`. A shortage that passes (of processes, open files or memory)
     /// is waited out, the lease kept, for up to [`SPAWN_PATIENCE`]; after that the item is left for
     /// its lease to expire, and the server hands it out again, here or to another worker. Stopping
-    /// it would end a session for a moment's want of this machine's. Any other failure is the
-    /// item's: recorded in its metadata, and the item stopped.
+    /// it would end a session for a moment's want of this machine's. So is a PROGRAM that cannot run
+    /// (removed, replaced, made non-executable since the item was taken: a deploy replacing it).
+    /// Any other failure is the item's: recorded in its metadata, and the item stopped.
     ///
     /// The dead man's switch comes with the program: armed just before each try (so that the
     /// kernel ends a worker that cannot act by the lease's deadline, and the program with it),
@@ -386,24 +405,42 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         let first_try = tokio::time::Instant::now();
         let mut backoff = Backoff::call();
         let mut phase = self.phase.clone();
+        let mut told_cannot_run = false;
         loop {
-            let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
-            let error = match spawn() {
-                Ok(mut running) => {
-                    running.arm(dead_man);
-                    return Ok(running);
+            let (why, delay) = match self.shared.program.runnable() {
+                Err(why) => {
+                    let why = format!("{}: {why}", self.shared.program.path.display());
+                    if !told_cannot_run {
+                        self.warn(
+                            "PROGRAM cannot run: holding the item, its lease kept, until it can",
+                            &[("reason", &why)],
+                        );
+                        told_cannot_run = true;
+                    }
+                    // Looked at again soon, quietly: a deploy replacing it takes moments.
+                    (why, None)
                 }
-                Err(error) => error,
+                Ok(()) => {
+                    let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
+                    let error = match spawn() {
+                        Ok(mut running) => {
+                            running.arm(dead_man);
+                            return Ok(running);
+                        }
+                        Err(error) => error,
+                    };
+                    drop(dead_man);
+                    let why = error.to_string();
+                    if !is_passing_shortage(&error) {
+                        self.warn("cannot start PROGRAM", &[("error", &why)]);
+                        let error = [("tether.error", Some(why.as_str()))];
+                        self.record(&error, &Tries::Few(3)).await;
+                        self.stop(true, &Tries::Few(5)).await;
+                        return Err(Outcome::Failed);
+                    }
+                    (why, Some(backoff.next_delay()))
+                }
             };
-            drop(dead_man);
-            let why = error.to_string();
-            if !is_passing_shortage(&error) {
-                self.warn("cannot start PROGRAM", &[("error", &why)]);
-                self.record(&[("tether.error", Some(why.as_str()))], &Tries::Few(3))
-                    .await;
-                self.stop(true, &Tries::Few(5)).await;
-                return Err(Outcome::Failed);
-            }
             if first_try.elapsed() >= SPAWN_PATIENCE {
                 self.warn(
                     "cannot start PROGRAM for now: leaving the item, which the server hands out again once its lease expires",
@@ -411,11 +448,16 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 );
                 return Err(Outcome::Skipped);
             }
-            let delay = backoff.next_delay();
-            self.warn(
-                "cannot start PROGRAM for now; trying again",
-                &[("error", &why), ("retry_in", &seconds(delay))],
-            );
+            let delay = match delay {
+                Some(delay) => {
+                    self.warn(
+                        "cannot start PROGRAM for now; trying again",
+                        &[("error", &why), ("retry_in", &seconds(delay))],
+                    );
+                    delay
+                }
+                None => PROGRAM_LOOKED_AT_AGAIN,
+            };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 event = lease.event() => {
@@ -851,6 +893,8 @@ const ENDING_PATIENCE: Duration = Duration::from_secs(300);
 /// How long a program that cannot be started for want of processes, open files or memory is tried
 /// again before its item is left to the server (see `Item::start_program`).
 const SPAWN_PATIENCE: Duration = Duration::from_secs(60);
+/// How often a PROGRAM that cannot run is looked at again while an item waits for it.
+const PROGRAM_LOOKED_AT_AGAIN: Duration = Duration::from_secs(1);
 
 /// Whether a failure to start a program is a shortage of this machine's that passes: the process
 /// limit (EAGAIN from fork), the open-file limits of the worker or the system, memory.
@@ -1226,7 +1270,7 @@ mod tests {
     async fn run(shared: &Shared, script: &Arc<Script>) -> Outcome {
         let item = session_item();
         Item::new(shared, &item, Scripted(Arc::clone(script)), None)
-            .run(item)
+            .run(item, Taken::Polled)
             .await
     }
 
@@ -1341,7 +1385,7 @@ mod tests {
             yield_until("no program", || ready.exists()).await;
             phase.send_replace(Phase::Terminating);
         };
-        let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), drain);
+        let (outcome, ()) = tokio::join!(supervisor.run(item.clone(), Taken::Polled), drain);
         assert_eq!(outcome, Outcome::Failed);
         assert_eq!(
             script.calls(),
@@ -1383,7 +1427,8 @@ mod tests {
             .await;
             terminated_at
         };
-        let (outcome, terminated_at) = tokio::join!(supervisor.run(item.clone()), drain);
+        let (outcome, terminated_at) =
+            tokio::join!(supervisor.run(item.clone(), Taken::Polled), drain);
         assert_eq!(outcome, Outcome::Done);
         // The stop request, unanswered, used up the time the end of the item had: nothing more is
         // asked of a server that does not answer.
@@ -1422,7 +1467,8 @@ mod tests {
             phase.send_replace(Phase::Forced);
             tokio::time::Instant::now()
         };
-        let (outcome, forced_at) = tokio::join!(supervisor.run(item.clone()), signals);
+        let (outcome, forced_at) =
+            tokio::join!(supervisor.run(item.clone(), Taken::Polled), signals);
         assert_eq!(outcome, Outcome::Done);
         assert_eq!(forced_at.elapsed(), FORCED_EXCHANGE_LIMIT);
     }
@@ -1654,7 +1700,7 @@ mod tests {
             }
             phase.send_replace(Phase::Terminating);
         };
-        let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), drain);
+        let (outcome, ()) = tokio::join!(supervisor.run(item.clone(), Taken::Polled), drain);
         assert_eq!(outcome, Outcome::Done);
     }
 
@@ -1679,7 +1725,7 @@ mod tests {
         }
         let item = session_item();
         let supervisor = Item::new(&shared, &item, Scripted(Arc::clone(&script)), None);
-        let outcome = supervisor.run(item.clone()).await;
+        let outcome = supervisor.run(item.clone(), Taken::Polled).await;
         assert_eq!(outcome, Outcome::Lost);
         // Past the time the switch would have fired.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1708,7 +1754,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             phase.send_replace(Phase::Terminating);
         };
-        let (outcome, ()) = tokio::join!(supervisor.run(item.clone()), shutdown);
+        let (outcome, ()) = tokio::join!(supervisor.run(item.clone(), Taken::Polled), shutdown);
         assert_eq!(outcome, Outcome::Skipped);
         let calls = script.calls();
         assert!(

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod lines;
+pub mod no_claims;
 pub mod proxy;
 pub mod seed;
 pub mod worker;

@@ -1,0 +1,103 @@
+//! An HTTP proxy on 127.0.0.1 in front of a real server that has no claim endpoint, as another
+//! platform or an older Tether: `POST …/work/claim` answers 404 in the error envelope, every other
+//! request goes through as it came. It counts what it refused and what it forwarded, by path.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+pub struct NoClaims {
+    pub url: String,
+    /// Requests seen, by their last path segment (`claim`, `poll`, `ack`, `heartbeat`, …).
+    seen: Arc<Mutex<BTreeMap<String, usize>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NoClaims {
+    /// Starts proxying to `upstream` (`http://127.0.0.1:port`).
+    pub async fn start(upstream: &str) -> NoClaims {
+        let upstream = upstream.trim_end_matches('/').to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let url = format!("http://{}", listener.local_addr().expect("proxy address"));
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
+        let client = reqwest::Client::new();
+        let counted = seen.clone();
+        let app = axum::Router::new().fallback(move |request: Request| {
+            let (client, upstream, seen) = (client.clone(), upstream.clone(), counted.clone());
+            async move { forward(request, &client, &upstream, &seen).await }
+        });
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("the proxy serves");
+        });
+        NoClaims { url, seen, task }
+    }
+
+    /// How many requests ended in this path segment.
+    pub fn seen(&self, segment: &str) -> usize {
+        self.seen.lock().unwrap().get(segment).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for NoClaims {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(
+    request: Request,
+    client: &reqwest::Client,
+    upstream: &str,
+    seen: &Mutex<BTreeMap<String, usize>>,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let segment = path.rsplit('/').next().unwrap_or_default().to_owned();
+    *seen.lock().unwrap().entry(segment.clone()).or_default() += 1;
+    if segment == "claim" {
+        let envelope = serde_json::json!({
+            "type": "error",
+            "error": {"type": "not_found_error", "message": format!("no route for {path}")},
+        });
+        return (StatusCode::NOT_FOUND, axum::Json(envelope)).into_response();
+    }
+    let target = format!(
+        "{upstream}{}",
+        request.uri().path_and_query().map_or("/", |p| p.as_str())
+    );
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .expect("the request's body");
+    let mut outgoing = client.request(parts.method, target).body(body);
+    for (name, value) in &parts.headers {
+        if !is_hop_by_hop(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    let answer = match outgoing.send().await {
+        Ok(answer) => answer,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let mut response = Response::builder().status(answer.status());
+    for (name, value) in answer.headers() {
+        if !is_hop_by_hop(name) {
+            response = response.header(name, value);
+        }
+    }
+    let bytes = answer.bytes().await.unwrap_or_default();
+    response.body(Body::from(bytes)).expect("a response")
+}
+
+/// Headers that belong to one connection, which the proxy's own connections replace.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "transfer-encoding" | "host" | "content-length" | "upgrade"
+    )
+}

@@ -8,7 +8,8 @@
 // scripts/bench-peers starts the cluster, installs this directory's locked dependencies and builds the
 // server; run that. Scenarios (each runs every system in turn before the next scenario starts):
 //   A  wake latency: one blocked worker, enqueues one at a time
-//   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue
+//   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue (Tether twice
+//      more: its workers on its own two-request cycle, claim and stop)
 //   C  idle workers: memory, CPU and an unrelated worker's latencies beside many idle long polls
 //      (Tether twice: a connection per worker, then the workers sharing 16 HTTP/2 connections)
 //   D  poll+ack latency with 1k queued, with 100k queued in another environment, and with 100k queued
@@ -41,7 +42,7 @@ const pgData = option("--pg-data");
 const big = option("--big");
 const only = new Set((option("--only") ?? "a,b,e,c,d").toLowerCase().split(","));
 // --systems graphile,sqlite: only these; the ratios need graphile.
-const knownSystems = ["graphile", "raw", "sqlite", "postgres"];
+const knownSystems = ["graphile", "raw", "sqlite", "postgres", "sqlite-claim", "postgres-claim"];
 const wanted = new Set((option("--systems") ?? knownSystems.join(",")).toLowerCase().split(","));
 const unknownSystems = [...wanted].filter((name) => !knownSystems.includes(name));
 if (unknownSystems.length > 0) {
@@ -50,7 +51,7 @@ if (unknownSystems.length > 0) {
 }
 const jsonOut = option("--json");
 if (!tetherBin || !pgUrl || !pgData) {
-    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres] [--big N] [--json FILE]");
+    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--json FILE]");
     process.exit(2);
 }
 
@@ -213,15 +214,22 @@ class TetherApi {
     }
 }
 
+// `claims`: the workers run Tether's own cycle (claim, stop) instead of the contract's four requests (poll,
+// ack, heartbeat, stop). Such a system takes part in B only: elsewhere it would repeat its twin's figures.
 class TetherSystem {
-    constructor(backend) {
+    constructor(backend, { claims = false } = {}) {
         this.backend = backend;
-        this.name = `tether-${backend}`;
-        this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}`;
+        this.claims = claims;
+        const suffix = claims ? "-claim" : "";
+        this.name = `tether-${backend}${suffix}`;
+        this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}${claims ? ", claim" : ""}`;
     }
     // What `--systems` names this system by, as a peer's `kind`.
     get kind() {
-        return this.backend;
+        return this.claims ? `${this.backend}-claim` : this.backend;
+    }
+    runs(scenario) {
+        return !this.claims || scenario === "b";
     }
     async start(connections = 64) {
         this.dir = mkdtempSync(join(tmpdir(), "tether-bench-"));
@@ -294,6 +302,10 @@ class TetherSystem {
     stop(env, id) {
         return this.api.call("POST", `/environments/${env}/work/${id}/stop`, { body: { force: true } });
     }
+    // Tether's claim: poll, ack and first heartbeat in one request; `null` when the queue is empty.
+    claim(env, worker) {
+        return this.api.call("POST", `/environments/${env}/work/claim`, { worker });
+    }
     // What a worker does with an item: ack, first heartbeat, stop.
     async finish(env, id, worker) {
         await this.ack(env, id, worker);
@@ -356,9 +368,15 @@ class TetherSystem {
             Array.from({ length: workers }, async (_, w) => {
                 const id = `drain-${w}`;
                 for (;;) {
-                    const item = await this.poll(env, id);
-                    if (!item) return;
-                    await this.finish(env, item.id, id);
+                    if (this.claims) {
+                        const claim = await this.claim(env, id);
+                        if (!claim) return;
+                        await this.stop(env, claim.work.id);
+                    } else {
+                        const item = await this.poll(env, id);
+                        if (!item) return;
+                        await this.finish(env, item.id, id);
+                    }
                     done += 1;
                 }
             }),
@@ -484,6 +502,9 @@ class PeerSystem {
         this.kind = kind;
         this.name = kind === "graphile" ? "graphile-worker" : "raw-skip-locked";
         this.label = kind === "graphile" ? "graphile-worker 0.16" : "raw SKIP LOCKED loop";
+    }
+    runs() {
+        return true;
     }
     async start() {
         this.db = await freshDatabase(this.kind);
@@ -695,7 +716,11 @@ const systems = [
     new PeerSystem("raw"),
     new TetherSystem("sqlite"),
     new TetherSystem("postgres"),
+    new TetherSystem("sqlite", { claims: true }),
+    new TetherSystem("postgres", { claims: true }),
 ].filter((system) => wanted.has(system.kind));
+// The systems with a result in a scenario's `out`.
+const ran = (out) => systems.filter((s) => s.name in out);
 const results = { quick, counts, started: new Date().toISOString(), scenarios: {} };
 const fmt = (v, digits = 1) => (v === null || v === undefined || Number.isNaN(v) ? "—" : v.toFixed(digits));
 const ratio = (v, base) => (base ? `${(v / base).toFixed(2)}x` : "—");
@@ -709,7 +734,7 @@ function printRates(out, withClient) {
     const head = ["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "of it db", "client CPU-s"];
     const columns = withClient ? head.length : head.length - 1;
     console.log(row(head.slice(0, columns), w));
-    for (const s of systems) {
+    for (const s of ran(out)) {
         const r = out[s.name];
         const cells = [
             s.label,
@@ -730,14 +755,14 @@ async function scenario(key, title, fn, print) {
     if (!only.has(key)) return;
     console.log(title);
     const out = {};
-    for (const system of systems) {
+    for (const system of systems.filter((s) => s.runs(key))) {
         const t = now();
         out[system.name] = await fn(system);
         out[system.name].wallSeconds = (now() - t) / 1000;
     }
     results.scenarios[key] = out;
     print(out);
-    console.log(`   (${systems.map((s) => `${s.name} ${out[s.name].wallSeconds.toFixed(0)} s`).join(", ")} of wall time)`);
+    console.log(`   (${ran(out).map((s) => `${s.name} ${out[s.name].wallSeconds.toFixed(0)} s`).join(", ")} of wall time)`);
     console.log("");
 }
 
@@ -749,7 +774,7 @@ await scenario(
         const base = out["graphile-worker"] ?? {};
         const w = [24, 8, 8, 8, 12];
         console.log(row(["", "p50", "p99", "max", "p99 ratio"], w));
-        for (const s of systems) {
+        for (const s of ran(out)) {
             const r = out[s.name];
             console.log(row([s.label, fmt(r.p50, 2), fmt(r.p99, 2), fmt(r.max, 2), ratio(r.p99, base.p99)], w));
         }
@@ -810,7 +835,7 @@ await scenario(
         const w = [24, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
         console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "of it", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99", "rounds"], w));
         console.log(row(["", "MB", "MB", "", "", "db", "alone", "beside", "alone", "beside", "growth", ""], w));
-        const lines = systems.flatMap((s) => {
+        const lines = ran(out).flatMap((s) => {
             const r = out[s.name];
             return r.shared ? [[s.label, r], [`  on ${IDLE_CONNECTIONS} HTTP/2 conns`, r.shared]] : [[s.label, r]];
         });
@@ -854,7 +879,7 @@ await scenario(
         const base = out["graphile-worker"] ?? {};
         const w = [24, 8, 8, 9, 9, 9, 9, 10, 10, 8];
         console.log(row(["", "1k p50", "1k p99", "other p50", "other p99", "same p50", "same p99", "same/1k", "ratio", "load s"], w));
-        for (const s of systems) {
+        for (const s of ran(out)) {
             const r = out[s.name];
             const growth = r.sameEnv.p50 / r.alone.p50;
             const baseGrowth = base.sameEnv ? base.sameEnv.p50 / base.alone.p50 : undefined;

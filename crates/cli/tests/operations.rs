@@ -260,6 +260,17 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         }
         assert!(observed, "{name} has no observation:\n{text}");
     }
+    // The worker claimed: a claim adds no sample to the pace between a poll's calls, and the
+    // histograms are there all the same, empty.
+    for name in [
+        "tether_delivery_to_ack_seconds",
+        "tether_ack_to_first_heartbeat_seconds",
+    ] {
+        let count = format!("{name}_count");
+        let line = text.lines().find(|l| l.starts_with(&count));
+        let value = line.map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap());
+        assert_eq!(value, Some(0.0), "{name} after a claimed cycle:\n{text}");
+    }
     let routes: HashSet<(String, String)> = named("tether_http_request_duration_seconds")
         .map(|s| (s.labels["route"].to_owned(), s.labels["status"].to_owned()))
         .collect();

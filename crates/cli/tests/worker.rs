@@ -1107,6 +1107,8 @@ async fn an_item_claimed_as_the_drain_begins_is_served() {
         "w1",
         WorkerOptions {
             server: Some(proxy.url.clone()),
+            // A lease long enough for the slow answers below on a loaded machine.
+            ttl: "10",
             ..WorkerOptions::running(&script)
         },
     );
@@ -1130,6 +1132,13 @@ async fn an_item_claimed_as_the_drain_begins_is_served() {
         [stamp("start", "w1", s[0].pid), stamp("end", "w1", s[0].pid)]
     );
     assert!(setup.claimed_in_one_request(&work).await);
+    // The claim's answer came after the drain began: what this test is about.
+    let log = worker.log();
+    let drained = log.find("taking no new work").expect("the drain's line");
+    let claimed = log
+        .find(&format!("claimed work_id=\"{work}\""))
+        .expect("the claim's line");
+    assert!(drained < claimed, "{log}");
 }
 
 /// The parent's process id of `pid`, from `/proc/<pid>/stat`.
@@ -1311,7 +1320,10 @@ async fn a_second_signal_forces_the_shutdown() {
 
 /// A server that answers every poll with `poll` at once, and anything else 404; the request lines
 /// it got.
-async fn hostile_server(poll: Value) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+async fn hostile_server(
+    poll: Value,
+    claim: Option<Value>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -1320,7 +1332,7 @@ async fn hostile_server(poll: Value) -> (String, std::sync::Arc<std::sync::Mutex
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let seen = seen.clone();
-            let poll = poll.clone();
+            let (poll, claim) = (poll.clone(), claim.clone());
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
                 loop {
@@ -1346,8 +1358,11 @@ async fn hostile_server(poll: Value) -> (String, std::sync::Arc<std::sync::Mutex
                     let mut body = vec![0u8; length];
                     let _ = tokio::io::AsyncReadExt::read_exact(&mut stream, &mut body).await;
                     seen.lock().unwrap().push(line.trim().to_owned());
+                    let claimed = claim.as_ref().filter(|_| line.contains("/work/claim"));
                     let (status, body) = if line.contains("/work/poll") {
                         ("200 OK", poll.to_string())
+                    } else if let Some(claim) = claimed {
+                        ("200 OK", claim.to_string())
                     } else {
                         let error = json!({"type": "error", "error": {"type": "not_found_error", "message": "no"}});
                         ("404 Not Found", error.to_string())
@@ -1376,18 +1391,34 @@ async fn hostile_server(poll: Value) -> (String, std::sync::Arc<std::sync::Mutex
 /// acknowledged nor run, and the directory it names is left alone.
 #[tokio::test]
 async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
+    // Handed out by a poll (from a server that takes no claims), then by a claim.
+    for claims in [false, true] {
+        a_work_id_that_is_not_a_plain_name_is_refused(claims).await;
+    }
+}
+
+async fn a_work_id_that_is_not_a_plain_name_is_refused(claims: bool) {
     let dir = tempfile::tempdir().unwrap();
     let victim = dir.path().join("victim");
     std::fs::create_dir(&victim).unwrap();
     std::fs::write(victim.join("kept"), "x").unwrap();
     let items = dir.path().join("items");
     std::fs::create_dir(&items).unwrap();
-    let (base, requests) = hostile_server(json!({
+    let item = json!({
         "type": "work", "id": "../victim", "environment_id": "env_1",
         "data": {"type": "session", "id": "sess_1"}, "state": "starting",
         "created_at": "2026-07-01T08:15:00Z",
-    }))
-    .await;
+    });
+    let claim = claims.then(|| {
+        let mut claimed = item.clone();
+        claimed["state"] = json!("active");
+        json!({
+            "type": "work_claim", "work": claimed,
+            "lease": {"type": "work_heartbeat", "last_heartbeat": "2026-07-01T08:15:00Z",
+                      "lease_extended": true, "state": "active", "ttl_seconds": 60},
+        })
+    });
+    let (base, requests) = hostile_server(item, claim).await;
     let log = dir.path().join("worker.log");
     let mut worker = Command::new(support::BIN)
         .args(["worker", "--server", &base, "--environment", "env_1"])
@@ -1401,16 +1432,17 @@ async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + PATIENCE;
-    // Two polls: the second one after the item of the first was turned away.
+    // Two takes: the second one after the item of the first was turned away.
+    let take = if claims { "/work/claim" } else { "/work/poll" };
     while requests
         .lock()
         .unwrap()
         .iter()
-        .filter(|l| l.contains("/work/poll"))
+        .filter(|l| l.contains(take))
         .count()
         < 2
     {
-        assert!(Instant::now() < deadline, "never polled twice");
+        assert!(Instant::now() < deadline, "never took twice");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = worker.kill();
@@ -1418,12 +1450,19 @@ async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("not a plain name"), "{log}");
     let requests = requests.lock().unwrap().clone();
-    // The first request is a claim, which this server does not take (404): the worker polls then.
-    assert!(requests[0].contains("/work/claim"), "{requests:?}");
-    assert!(
-        requests[1..].iter().all(|l| l.contains("/work/poll")),
-        "nothing but polls after the claim: {requests:?}"
-    );
+    if claims {
+        assert!(
+            requests.iter().all(|l| l.contains("/work/claim")),
+            "nothing but claims: {requests:?}"
+        );
+    } else {
+        // The first request is a claim, which this server does not take (404): polls follow.
+        assert!(requests[0].contains("/work/claim"), "{requests:?}");
+        assert!(
+            requests[1..].iter().all(|l| l.contains("/work/poll")),
+            "nothing but polls after the claim: {requests:?}"
+        );
+    }
     assert!(
         victim.join("kept").exists(),
         "the directory it names is left alone"
@@ -1436,7 +1475,7 @@ async fn a_work_id_that_is_not_a_plain_name_is_not_run() {
 /// 3 s before the next one (§8), rather than polling as fast as the server answers.
 #[tokio::test]
 async fn a_server_that_answers_polls_at_once_is_not_polled_in_a_loop() {
-    let (base, requests) = hostile_server(Value::Null).await;
+    let (base, requests) = hostile_server(Value::Null, None).await;
     let mut worker = Command::new(support::BIN)
         .args(["worker", "--server", &base, "--environment", "env_1"])
         .args(["--key", "tth_env_hostile_server_test_0123456789"])
@@ -1499,6 +1538,13 @@ async fn a_program_that_can_no_longer_run_takes_no_work_until_it_can() {
     release(&setup.stamps(), &work);
     let item = setup.wait_for_state(&work, "stopped").await;
     assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+    // Taken once, by whichever take came first, and never left to lapse meanwhile.
+    assert_eq!(item["delivery_count"], 1, "{item}");
+    let causes = setup.causes(&work).await;
+    assert!(
+        !causes.iter().any(|c| c == "lease_expired_requeued"),
+        "{causes:?}"
+    );
     let status = worker.shut_down().await;
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }

@@ -53,6 +53,13 @@ pub const HISTOGRAMS: &[(&str, &[f64])] = &[
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// The histograms of a worker's pace between its calls (§11.4).
+const PACE_HISTOGRAMS: &[&str] = &[
+    "tether_enqueue_to_delivery_seconds",
+    "tether_delivery_to_ack_seconds",
+    "tether_ack_to_first_heartbeat_seconds",
+];
+
 /// Installs the process-wide metrics recorder once (several servers in one test process share it).
 pub fn install() -> Option<&'static PrometheusHandle> {
     PROMETHEUS
@@ -73,6 +80,11 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                     // alert on it cannot tell "none yet" from "not exported".
                     for name in UNLABELLED_COUNTERS {
                         metrics::counter!(*name).increment(0);
+                    }
+                    // So are the pace histograms, which a server whose workers all claim never
+                    // observes (a claim acks and makes its first heartbeat at its delivery).
+                    for name in PACE_HISTOGRAMS {
+                        let _registered = metrics::histogram!(*name);
                     }
                     Some(handle)
                 }

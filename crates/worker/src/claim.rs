@@ -22,6 +22,9 @@ use crate::{reached, supervisor, Phase, Shared};
 
 /// The longest wait a poll may ask for (§6.2).
 const LONG_POLL_MS: u32 = 999;
+/// How long a claim under way as the drain begins is waited for: the longest `block_ms` and a
+/// second more. The drain time starts once it is answered or given up.
+const CLAIM_ANSWERED_IN_DRAIN: Duration = Duration::from_millis(LONG_POLL_MS as u64 + 1_000);
 /// How long a worker polls a server that took no claim before it tries a claim again.
 const CLAIMS_AGAIN_AFTER: Duration = Duration::from_secs(300);
 /// An empty answer sooner than this did not wait for work (see the claim loop).
@@ -149,19 +152,9 @@ async fn claim(
                 claims = true;
             }
             let sent = tokio::time::Instant::now();
-            // An item a poll would have been handed is handed out again after the reclaim window:
-            // a poll is given up as the drain begins. A claim may have taken an item already,
-            // leased to this worker until its TTL runs out: its answer is waited for (within its
-            // wait and answer bounds), and an item it brings is served as one that was running
-            // when the drain began. A claim is given up only when the drain time is up.
-            let given_up_at = if claims {
-                Phase::Terminating
-            } else {
-                Phase::Draining
-            };
             let polled = tokio::select! {
                 polled = take(&client, &shared.environment_id, &options, claims) => polled,
-                _ = reached(&mut phase, given_up_at) => return Ok(()),
+                () = given_up(&mut phase, claims) => return Ok(()),
             };
             if claims && polled.as_ref().is_err_and(no_claims_here) {
                 report.info(
@@ -240,6 +233,21 @@ async fn claim(
         report.activity(Activity::Backoff(holdup, delay));
         if !waited(&mut phase, delay).await {
             return Ok(());
+        }
+    }
+}
+
+/// Returns when a take under way is given up, once the drain has begun. An item a poll would have
+/// been handed is handed out again after the reclaim window: a poll is given up at once. A claim
+/// may have taken an item already, leased to this worker until its TTL runs out: its answer is
+/// waited for, for [`CLAIM_ANSWERED_IN_DRAIN`] (a server answers a claim within its `block_ms`), and
+/// an item it brings is served as one that was running when the drain began.
+async fn given_up(phase: &mut tokio::sync::watch::Receiver<Phase>, claims: bool) {
+    reached(phase, Phase::Draining).await;
+    if claims {
+        tokio::select! {
+            () = tokio::time::sleep(CLAIM_ANSWERED_IN_DRAIN) => {}
+            () = reached(phase, Phase::Terminating) => {}
         }
     }
 }

@@ -430,6 +430,10 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                         Err(error) => error,
                     };
                     drop(dead_man);
+                    if self.shared.program.runnable().is_err() {
+                        // PROGRAM went between the look and the spawn: held as above.
+                        continue;
+                    }
                     let why = error.to_string();
                     if !is_passing_shortage(&error) {
                         self.warn("cannot start PROGRAM", &[("error", &why)]);
@@ -448,6 +452,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 );
                 return Err(Outcome::Skipped);
             }
+            let held_for_program = delay.is_none();
             let delay = match delay {
                 Some(delay) => {
                     self.warn(
@@ -466,7 +471,16 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     }
                 }
                 () = reached(&mut phase, Phase::Terminating) => {
-                    return Err(self.shut_down_before_start().await);
+                    if !held_for_program {
+                        return Err(self.shut_down_before_start().await);
+                    }
+                    // Not stopped, which would end the session's turn for a deploy's moment: the
+                    // server hands the item out again once its lease expires, as after the wait.
+                    self.warn(
+                        "the worker is shutting down: leaving the item, whose PROGRAM cannot run, for its lease to expire",
+                        &[("reason", &why)],
+                    );
+                    return Err(Outcome::Skipped);
                 }
             }
         }
@@ -902,7 +916,8 @@ fn is_passing_shortage(error: &std::io::Error) -> bool {
     use nix::errno::Errno;
     matches!(
         error.raw_os_error().map(Errno::from_raw),
-        Some(Errno::EAGAIN | Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM)
+        // ETXTBSY: PROGRAM is being written in place (a deploy copying over it).
+        Some(Errno::EAGAIN | Errno::EMFILE | Errno::ENFILE | Errno::ENOMEM | Errno::ETXTBSY)
     )
 }
 

@@ -86,15 +86,16 @@ struct Setup {
     session: String,
 }
 
+/// What `GET /metrics` of `server` answers.
+async fn metrics_text(server: &Server) -> String {
+    let url = format!("{}/metrics", server.url);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 /// The sum of the observations of the histogram `name` (its `_sum` line) in a scrape of `server`,
 /// which must have explicit buckets.
 async fn histogram_sum(server: &Server, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(server).await;
     let bucket = format!("{name}_bucket{{");
     let buckets = text.lines().filter(|l| l.starts_with(&bucket)).count();
     assert!(buckets >= 10, "{name} has explicit buckets:\n{text}");
@@ -225,12 +226,7 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         &setup.env,
     ]);
 
-    let text = reqwest::get(format!("{}/metrics", server.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&server).await;
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
     fn samples<'a>(
         scrape: &'a Scrape,

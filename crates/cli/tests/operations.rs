@@ -99,12 +99,15 @@ async fn histogram_sum(server: &Server, name: &str) -> f64 {
     let bucket = format!("{name}_bucket{{");
     let buckets = text.lines().filter(|l| l.starts_with(&bucket)).count();
     assert!(buckets >= 10, "{name} has explicit buckets:\n{text}");
-    let prefix = format!("{name}_sum");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().expect("a number")
+    let sum = format!("{name}_sum");
+    series_value(&text, &sum).unwrap_or_else(|| panic!("no {sum} in\n{text}"))
+}
+
+/// The value of the unlabelled series `series` (e.g. a histogram's `_sum` or `_count`) in
+/// Prometheus text; `None` when it is not there.
+fn series_value(text: &str, series: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.split(' ').next() == Some(series))?;
+    Some(line.rsplit(' ').next()?.parse().expect("a number"))
 }
 
 /// What a worker that polls (§8, as the official SDKs' do) takes between its calls is what the pace
@@ -262,10 +265,8 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
         "tether_delivery_to_ack_seconds",
         "tether_ack_to_first_heartbeat_seconds",
     ] {
-        let count = format!("{name}_count");
-        let line = text.lines().find(|l| l.starts_with(&count));
-        let value = line.map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap());
-        assert_eq!(value, Some(0.0), "{name} after a claimed cycle:\n{text}");
+        let count = series_value(&text, &format!("{name}_count"));
+        assert_eq!(count, Some(0.0), "{name} after a claimed cycle:\n{text}");
     }
     let routes: HashSet<(String, String)> = named("tether_http_request_duration_seconds")
         .map(|s| (s.labels["route"].to_owned(), s.labels["status"].to_owned()))

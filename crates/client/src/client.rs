@@ -636,14 +636,7 @@ impl Client {
         options: &PollOptions,
     ) -> Result<Option<WorkItem>> {
         let url = self.url(&["environments", environment_id, "work", "poll"]);
-        let wait = Duration::from_millis(u64::from(options.block_ms.unwrap_or(0)));
-        let mut builder = self
-            .request(Method::GET, &url)
-            .query(&options.query())
-            .timeout(options.timeout.unwrap_or(self.timeout) + wait);
-        if let Some(worker) = &options.worker_id {
-            builder = builder.header("worker-id", worker);
-        }
+        let builder = self.taking(Method::GET, &url, options, &options.query());
         self.send(builder, &url).await
     }
 
@@ -658,16 +651,28 @@ impl Client {
         options: &ClaimOptions,
     ) -> Result<Option<Claim>> {
         let url = self.url(&["environments", environment_id, "work", "claim"]);
-        let poll = &options.poll;
-        let wait = Duration::from_millis(u64::from(poll.block_ms.unwrap_or(0)));
-        let mut builder = self
-            .request(Method::POST, &url)
-            .query(&options.query())
-            .timeout(poll.timeout.unwrap_or(self.timeout) + wait);
-        if let Some(worker) = &poll.worker_id {
-            builder = builder.header("worker-id", worker);
-        }
+        let builder = self.taking(Method::POST, &url, &options.poll, &options.query());
         self.send(builder, &url).await
+    }
+
+    /// A poll's or a claim's request: `query`, the `Worker-ID`, and a timeout that lets the server
+    /// hold it for `block_ms` on top of the answer's own bound.
+    fn taking(
+        &self,
+        method: Method,
+        url: &str,
+        poll: &PollOptions,
+        query: &Query,
+    ) -> RequestBuilder {
+        let wait = Duration::from_millis(u64::from(poll.block_ms.unwrap_or(0)));
+        let builder = self
+            .request(method, url)
+            .query(query)
+            .timeout(poll.timeout.unwrap_or(self.timeout) + wait);
+        match &poll.worker_id {
+            Some(worker) => builder.header("worker-id", worker),
+            None => builder,
+        }
     }
 
     /// `GET /environments/{id}/work/stats`.

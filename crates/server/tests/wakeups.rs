@@ -129,11 +129,11 @@ async fn idle_re_polls_wait_without_scanning() {
     }
 }
 
-/// A claim takes an item out of the queue; it puts none in. It must not wake the environment's
-/// waiters (nor tell other servers to), which would end the mark that spares parked polls their
-/// scans: with 2,000 idle workers, every claim would cost a scan of each re-poll.
+/// A claim or a poll's delivery takes an item out of the queue; it puts none in. Neither may wake
+/// the environment's waiters (nor tell other servers to), which would end the mark that spares
+/// parked polls their scans: with 2,000 idle workers, every take would cost a scan of each re-poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_wakes_no_waiter() {
+async fn a_claim_or_a_delivery_wakes_no_waiter() {
     for backend in backends() {
         let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
         let (_location, app, counting, env) =
@@ -146,16 +146,19 @@ async fn a_claim_wakes_no_waiter() {
             })
             .await
             .expect("agent");
-        app.create_session(NewSession {
-            environment_id: env.id.clone(),
-            agent: agent.id,
-            ..NewSession::default()
-        })
-        .await
-        .expect("session");
-        // Delivered to w1 and not acknowledged: not claimable for the default reclaim window.
+        for _ in 0..2 {
+            let session = NewSession {
+                environment_id: env.id.clone(),
+                agent: agent.id.clone(),
+                ..NewSession::default()
+            };
+            app.create_session(session).await.expect("session");
+        }
+        // Both delivered and not acknowledged: not claimable for the default reclaim window.
         let delivered = app.poll(&env, Some("w1"), None, None, 5_000).await;
-        let item = delivered.expect("poll").expect("the session's item").item;
+        let item = delivered.expect("poll").expect("the first item").item;
+        let delivered = app.poll(&env, Some("w1"), None, None, 5_000).await;
+        let other = delivered.expect("poll").expect("the second item").item;
         let idle = async || {
             let block = Some(Duration::from_millis(20));
             let got = app.poll(&env, Some("idle"), None, block, 5_000).await;
@@ -177,6 +180,17 @@ async fn a_claim_wakes_no_waiter() {
             counting.scans.load(Ordering::SeqCst),
             before + 1,
             "{}: a parked poll scanned again after a claim",
+            backend.name()
+        );
+        // A poll that reclaims at once takes the other delivery over.
+        let redelivered = app.poll(&env, Some("w3"), None, None, 0).await;
+        let redelivered = redelivered.expect("poll").expect("the other item");
+        assert_eq!(redelivered.item.id, other.id);
+        idle().await;
+        assert_eq!(
+            counting.scans.load(Ordering::SeqCst),
+            before + 2,
+            "{}: a parked poll scanned again after a delivery",
             backend.name()
         );
         app.begin_shutdown();

@@ -279,7 +279,7 @@ fn no_claims_here(e: &Error) -> bool {
 }
 
 /// Why PROGRAM cannot run now (its path and the reason), or None when it can.
-fn cannot_run(shared: &Shared) -> Option<String> {
+pub(crate) fn cannot_run(shared: &Shared) -> Option<String> {
     let why = shared.program.runnable().err()?;
     Some(format!("{}: {why}", shared.program.path.display()))
 }

@@ -407,9 +407,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         let mut phase = self.phase.clone();
         let mut told_cannot_run = false;
         loop {
-            let (why, delay) = match self.shared.program.runnable() {
-                Err(why) => {
-                    let why = format!("{}: {why}", self.shared.program.path.display());
+            let (why, delay) = match crate::claim::cannot_run(self.shared) {
+                Some(why) => {
                     if !told_cannot_run {
                         self.warn(
                             "PROGRAM cannot run: holding the item, its lease kept, until it can",
@@ -420,7 +419,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     // Looked at again soon, quietly: a deploy replacing it takes moments.
                     (why, None)
                 }
-                Ok(()) => {
+                None => {
                     let dead_man = self.shared.dead_mans_switch.then(|| lease.dead_man());
                     let error = match spawn() {
                         Ok(mut running) => {
@@ -430,7 +429,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                         Err(error) => error,
                     };
                     drop(dead_man);
-                    if self.shared.program.runnable().is_err() {
+                    if crate::claim::cannot_run(self.shared).is_some() {
                         // PROGRAM went between the look and the spawn: held as above.
                         continue;
                     }

@@ -116,12 +116,10 @@ pub async fn poll(
     Path(env_id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Option<api::WorkItem>>> {
-    let env = app.work_environment(&env_id).await?;
-    let WorkerId(worker) = worker?;
-    let (block, reclaim_ms) = poll_inputs(&app, dialect, &params)?;
-    let issuer = p.credential_id();
+    let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
+    let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
     let claimed = app
-        .poll(&env, worker.as_deref(), issuer, block, reclaim_ms)
+        .poll(&take.env, worker, issuer, take.block, take.reclaim_ms)
         .await?;
     Ok(Json(claimed.map(|c| delivered(&app, dialect, &c))))
 }
@@ -137,13 +135,11 @@ pub async fn claim(
     Path(env_id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Option<api::Claim>>> {
-    let env = app.work_environment(&env_id).await?;
-    let WorkerId(worker) = worker?;
-    let (block, reclaim_ms) = poll_inputs(&app, dialect, &params)?;
+    let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
     let ttl = desired_ttl(&params)?;
-    let issuer = p.credential_id();
+    let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
     let claimed = app
-        .claim(&env, worker.as_deref(), issuer, block, reclaim_ms, ttl)
+        .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ttl)
         .await?;
     Ok(Json(claimed.map(|c| {
         let lease = c.lease.as_ref().expect("a claim starts a lease");
@@ -168,32 +164,55 @@ fn delivered(app: &App, dialect: Dialect, claimed: &Claimed) -> api::WorkItem {
     wire::work(&claimed.item, Some(secret))
 }
 
-/// A poll's `block_ms` and `reclaim_older_than_ms` (§6.2), judged in that order.
-fn poll_inputs(app: &App, dialect: Dialect, params: &Params) -> ApiResult<(Option<Duration>, i64)> {
-    let block = match params.int("block_ms")? {
-        None => None,
-        Some(ms @ 1..=999) => Some(Duration::from_millis(ms as u64)),
-        Some(_) => {
-            return Err(ApiError::bad_param(
-                "block_ms",
-                "block_ms must be an integer from 1 to 999",
-            ))
-        }
-    };
-    let reclaim_ms = match params.int("reclaim_older_than_ms")? {
-        None => app.config.default_reclaim_ms,
-        Some(ms) if ms >= dialect.min_reclaim_ms() => ms,
-        Some(_) => {
-            return Err(ApiError::bad_param(
-                "reclaim_older_than_ms",
-                format!(
-                    "reclaim_older_than_ms must be an integer of at least {}",
-                    dialect.min_reclaim_ms()
-                ),
-            ))
-        }
-    };
-    Ok((block, reclaim_ms))
+/// What a poll or a claim asks for (§6.2), judged in this order: the environment (404, then 400
+/// when it has no queue), the `Worker-ID`, `block_ms`, `reclaim_older_than_ms`.
+struct TakeInputs {
+    env: Arc<Environment>,
+    worker: Option<String>,
+    block: Option<Duration>,
+    reclaim_ms: i64,
+}
+
+impl TakeInputs {
+    async fn judge(
+        app: &App,
+        dialect: Dialect,
+        env_id: &str,
+        worker: Result<WorkerId, ApiError>,
+        params: &Params,
+    ) -> ApiResult<TakeInputs> {
+        let env = app.work_environment(env_id).await?;
+        let WorkerId(worker) = worker?;
+        let block = match params.int("block_ms")? {
+            None => None,
+            Some(ms @ 1..=999) => Some(Duration::from_millis(ms as u64)),
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "block_ms",
+                    "block_ms must be an integer from 1 to 999",
+                ))
+            }
+        };
+        let reclaim_ms = match params.int("reclaim_older_than_ms")? {
+            None => app.config.default_reclaim_ms,
+            Some(ms) if ms >= dialect.min_reclaim_ms() => ms,
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "reclaim_older_than_ms",
+                    format!(
+                        "reclaim_older_than_ms must be an integer of at least {}",
+                        dialect.min_reclaim_ms()
+                    ),
+                ))
+            }
+        };
+        Ok(TakeInputs {
+            env,
+            worker,
+            block,
+            reclaim_ms,
+        })
+    }
 }
 
 pub async fn stats(

@@ -232,12 +232,17 @@ impl App {
         }
         let session = match read {
             ItemRead::Item => SessionAhead::Unread,
-            ItemRead::ItemAndSession => {
-                let session = self.written_sessions.get(item.value.data.session_id()?)?;
-                SessionAhead::Read(Some(Box::new(session)))
-            }
+            ItemRead::ItemAndSession => self.remembered_session_of(&item.value)?,
         };
         Some((item, session))
+    }
+
+    /// The session of `item` as this process last wrote it (`crate::cache::WrittenRecords`);
+    /// `None` when it does not remember it. Only a starting point, as any read: the coupling's
+    /// write is conditional on its version, and a refused write forgets it (`App::commit`).
+    fn remembered_session_of(&self, item: &WorkItem) -> Option<SessionAhead> {
+        let session = self.written_sessions.get(item.data.session_id()?)?;
+        Some(SessionAhead::Read(Some(Box::new(session))))
     }
 
     /// Runs `op` on the item after lazy expiry, commits the result with its session effects, and retries
@@ -631,7 +636,15 @@ impl App {
                 else {
                     continue;
                 };
-                match self.commit_taking(&candidate, step.clone(), now).await {
+                // A claim acks the item, which may move its session (§7.3): the coupling starts from
+                // the session as this process remembers it, as an ack's does. A delivery touches
+                // no session, and neither reads nor copies one.
+                let session = match step.transitions.iter().any(session::touches_session) {
+                    true => self.remembered_session_of(&step.item),
+                    false => None,
+                };
+                let session = session.unwrap_or(SessionAhead::Unread);
+                match self.commit_step(&candidate, session, &step, now).await {
                     Ok(()) => {
                         record_pace(
                             "tether_enqueue_to_delivery_seconds",
@@ -691,38 +704,6 @@ impl App {
                 Ok((step, Some(lease)))
             }
         }
-    }
-
-    /// Commits what a poll took from `candidate`. A delivery changes the item alone, and is written
-    /// as it is: its transition (queued to queued) must not announce the item as claimable again. A
-    /// claim acks it, which moves its session (§7.3), and is written with its session coupling.
-    async fn commit_taking(
-        &self,
-        candidate: &Versioned<WorkItem>,
-        step: Step,
-        now: Timestamp,
-    ) -> std::result::Result<(), Retry> {
-        if step.transitions.iter().any(session::touches_session) {
-            // The session as this process last wrote it, when it remembers it: the coupling's write
-            // is conditional on its version, and a refused write forgets it (`App::commit`), so the
-            // next attempt reads it.
-            let session = step
-                .item
-                .data
-                .session_id()
-                .and_then(|id| self.written_sessions.get(id))
-                .map_or(SessionAhead::Unread, |remembered| {
-                    SessionAhead::Read(Some(Box::new(remembered)))
-                });
-            return self.commit_step(candidate, session, &step, now).await;
-        }
-        let write = Write::UpdateWork {
-            item: step.item,
-            expected_version: candidate.version,
-            transitions: step.transitions,
-            session_version: None,
-        };
-        Ok(self.commit(ChangeSet::one(write)).await?)
     }
 
     /// How long a scan that found nothing spares blocked polls a scan of their own: at most a dispatcher

@@ -16,6 +16,7 @@
 //   E  enqueue rate from 32 concurrent clients
 import { spawn, fork, execFileSync } from "node:child_process";
 import { readFileSync, readdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -193,9 +194,10 @@ class TetherApi {
             connectTimeout: 30_000,
         });
     }
-    async call(method, path, { body, worker } = {}) {
+    async call(method, path, { body, worker, key } = {}) {
         const headers = { authorization: `Bearer ${TOKEN}` };
         if (worker) headers["worker-id"] = worker;
+        if (key) headers["idempotency-key"] = key;
         if (body !== undefined) headers["content-type"] = "application/json";
         const res = await this.pool.request({
             method,
@@ -303,8 +305,11 @@ class TetherSystem {
         return this.api.call("POST", `/environments/${env}/work/${id}/stop`, { body: { force: true } });
     }
     // Tether's claim: poll, ack and first heartbeat in one request; `null` when the queue is empty.
+    // With a fresh idempotency key each, as `tether worker` sends them (a lost answer is then sent
+    // again with it).
     claim(env, worker) {
-        return this.api.call("POST", `/environments/${env}/work/claim`, { worker });
+        const key = randomBytes(16).toString("hex");
+        return this.api.call("POST", `/environments/${env}/work/claim`, { worker, key });
     }
     // What a worker does with an item: ack, first heartbeat, stop.
     async finish(env, id, worker) {

@@ -18,7 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::api::Deployment;
-use support::no_claims::NoClaims;
+use support::http_proxy::{HttpProxy, Meddling};
 use support::proxy::{Mode, Proxy};
 use support::worker::WorkerChild;
 
@@ -520,7 +520,7 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
 #[tokio::test]
 async fn a_server_without_claims_is_served_by_polls() {
     let setup = Setup::new().await;
-    let proxy = NoClaims::start(&setup.server.base).await;
+    let proxy = HttpProxy::start(&setup.server.base, Meddling::NoClaims).await;
     let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
     let mut worker = setup.worker(
         "w1",
@@ -545,6 +545,43 @@ async fn a_server_without_claims_is_served_by_polls() {
     }
     assert_eq!(proxy.seen("claim"), 1, "asked once, then never again");
     assert!(proxy.seen("ack") >= 2, "each item acknowledged");
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+}
+
+#[tokio::test]
+async fn a_claim_whose_answer_is_lost_is_answered_again() {
+    let setup = Setup::new().await;
+    let proxy = HttpProxy::start(&setup.server.base, Meddling::LoseFirstTakenClaim).await;
+    let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
+    let mut worker = setup.worker(
+        "w1",
+        WorkerOptions {
+            server: Some(proxy.url.clone()),
+            ..WorkerOptions::running(&script)
+        },
+    );
+    let work = setup.session(json!({})).await;
+    setup.wait_for_state(&work, "stopped").await;
+    // The claim was taken once and served by the worker that took it: no lease ran out, no
+    // second delivery, though its first answer never arrived.
+    assert_eq!(
+        setup.causes(&work).await,
+        [
+            "enqueued",
+            "delivered",
+            "acked",
+            "first_heartbeat",
+            "force_stopped"
+        ]
+    );
+    assert!(setup.claimed_in_one_request(&work).await);
+    assert!(proxy.seen("claim") >= 2, "the claim was sent again");
+    assert!(
+        worker.log().contains("poll failed; retrying"),
+        "the lost answer was seen as one:\n{}",
+        worker.log()
+    );
     let status = worker.shut_down().await;
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }

@@ -652,6 +652,10 @@ impl Client {
     ) -> Result<Option<Claim>> {
         let url = self.url(&["environments", environment_id, "work", "claim"]);
         let builder = self.taking(Method::POST, &url, &options.poll, &options.query());
+        let builder = match &options.idempotency_key {
+            Some(key) => builder.header("idempotency-key", key),
+            None => builder,
+        };
         self.send(builder, &url).await
     }
 

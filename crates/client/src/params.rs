@@ -214,6 +214,11 @@ pub struct ClaimOptions {
     pub poll: PollOptions,
     /// Ask for a lease of this many seconds (the server clamps it); `None`: the server's default.
     pub desired_ttl_seconds: Option<u32>,
+    /// Sent as `Idempotency-Key`: makes the claim safe to send again. Send the same key with
+    /// every try of one claim (a try whose answer was lost, say) and a fresh one for the next
+    /// claim; a try after one that took an item answers that item again. Random and secret (it
+    /// leads to the item's session token): 16 to 255 printable ASCII characters.
+    pub idempotency_key: Option<String>,
 }
 
 impl ClaimOptions {

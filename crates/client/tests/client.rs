@@ -288,6 +288,7 @@ async fn tethers_own_cycle_claim_then_stop() {
                 ..Default::default()
             },
             desired_ttl_seconds: Some(30),
+            idempotency_key: Some("tethers-own-cycle-claim-1".into()),
         };
         let claim = client
             .claim_work(&env.id, &options)
@@ -299,14 +300,19 @@ async fn tethers_own_cycle_claim_then_stop() {
         assert_eq!(item.state, WorkState::Active);
         assert_eq!(item.session_id(), Some(session.id.as_str()));
         assert_eq!(
-            (claim.lease.state, claim.lease.ttl_seconds),
+            (claim.lease.state.clone(), claim.lease.ttl_seconds),
             (WorkState::Active, 30)
         );
         let secret = item
             .decode_secret()
             .unwrap()
             .expect("a claim carries the secret");
-        assert_eq!(client.claim_work(&env.id, &options).await.unwrap(), None);
+        // Sent again with its key, the claim answers the same item; a new claim finds none.
+        let again = client.claim_work(&env.id, &options).await.unwrap();
+        assert_eq!(again.as_ref(), Some(&claim));
+        let mut next_claim = options.clone();
+        next_claim.idempotency_key = Some("tethers-own-cycle-claim-2".into());
+        assert_eq!(client.claim_work(&env.id, &next_claim).await.unwrap(), None);
 
         // The item's own token renews the lease from the claim's `last_heartbeat`, and ends it.
         let own = Client::for_work_secret(&secret, "http://unused.invalid").unwrap();

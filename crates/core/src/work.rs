@@ -644,6 +644,32 @@ pub fn claim(
     Ok((delivered.then(acked).then(started), reply))
 }
 
+/// A claim asked again (Tether's idempotent claim: a retry whose first try committed but whose
+/// answer was lost): the lease that claim started, as it stands, for the worker that made it. It
+/// changes nothing, so asking again any number of times answers the same. The caller has found
+/// `item` by the session token the claim minted, and has judged that token live (a lapsed lease
+/// is not answered again: its item is on its way back to the queue).
+pub fn claimed_lease(
+    item: &WorkItem,
+    worker_id: Option<&str>,
+) -> Result<HeartbeatReply, WorkError> {
+    let (true, Some(last_heartbeat)) = (item.state.is_leased(), item.latest_heartbeat_at) else {
+        return Err(WorkError::InvalidState {
+            state: item.state,
+            operation: "claim",
+        });
+    };
+    if item.owner_worker_id.as_deref() != worker_id {
+        return Err(WorkError::WorkerMismatch);
+    }
+    Ok(HeartbeatReply {
+        last_heartbeat,
+        lease_extended: true,
+        state: item.state,
+        ttl_seconds: item.ttl_seconds,
+    })
+}
+
 /// Who asks for a stop, as far as the session's next item is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stopper {

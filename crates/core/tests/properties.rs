@@ -679,6 +679,8 @@ fn apply(
                         step.item.lease_expires_at,
                         Some(reply.last_heartbeat.plus_seconds(ttl))
                     );
+                    // Asked again (a retry whose answer was lost), it answers the same lease.
+                    prop_assert_eq!(work::claimed_lease(&step.item, w), Ok(reply.clone()));
                     if let Some(last) = tracked.beats.last() {
                         prop_assert!(reply.last_heartbeat > *last);
                     }

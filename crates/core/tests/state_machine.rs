@@ -1839,3 +1839,37 @@ fn the_holders_stop_tells_how_its_program_ended() {
     // An operator's stop comes while the program may still run: what is recorded is not its end.
     assert_eq!(stop(&item, work::Stopper::Operator), None);
 }
+
+/// A claim asked again answers the lease it started, for its own worker only, while the item is
+/// leased under that lease: one cell per fixture and worker.
+#[test]
+fn table_claimed_lease_asked_again() {
+    for fx in Fx::ALL {
+        let item = fx.build();
+        for worker in [Some(W1), Some(W2), None] {
+            let answered = work::claimed_lease(&item, worker);
+            let expected = match fx {
+                Fx::Active | Fx::Stopping if worker == Some(W1) => Ok(()),
+                Fx::ActiveAnon if worker.is_none() => Ok(()),
+                Fx::Active | Fx::Stopping | Fx::ActiveAnon => Err(Refusal::WorkerMismatch),
+                // No heartbeat yet (a claim makes one) or no lease at all.
+                _ => Err(Refusal::InvalidState),
+            };
+            match (answered, expected) {
+                (Ok(reply), Ok(())) => {
+                    assert_eq!(reply.last_heartbeat, t(3), "{fx:?}");
+                    assert_eq!(reply.ttl_seconds, item.ttl_seconds, "{fx:?}");
+                    assert_eq!(reply.state, item.state, "{fx:?}");
+                    assert!(reply.lease_extended, "{fx:?}");
+                }
+                (Err(WorkError::WorkerMismatch), Err(Refusal::WorkerMismatch)) => {}
+                (Err(WorkError::InvalidState { state, .. }), Err(Refusal::InvalidState)) => {
+                    assert_eq!(state, item.state, "{fx:?}");
+                }
+                (answered, expected) => {
+                    panic!("{fx:?} asked by {worker:?}: {answered:?}, expected {expected:?}")
+                }
+            }
+        }
+    }
+}

@@ -17,6 +17,38 @@ pub fn mint(prefix: &str) -> String {
     format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
 }
 
+/// The session token of a claim sent with an idempotency key (Tether's claim): the same for every
+/// try of that claim, so that a retry whose first try committed finds the item that try leased by
+/// the token's hash and answers it again (`App::claim`). Its secret is the claimant's credential
+/// (`issuer_secret_hash`, the stored hash of its key or admin token) as much as the key: a key
+/// that others could guess (a counter, a time-based UUID) gives them no token, and neither does
+/// knowing the environment and the worker. Distinct per environment and per worker, so that two
+/// workers that happened to use one key claim an item each. Fields are separated by NUL, which
+/// none of them can hold (ids and keys are printable ASCII, the hash is hex).
+pub fn claim_token(
+    issuer_secret_hash: &str,
+    environment_id: &str,
+    worker_id: Option<&str>,
+    idempotency_key: &str,
+) -> String {
+    let mut digest = Sha256::new();
+    for field in [
+        "tether claim token v1",
+        issuer_secret_hash,
+        environment_id,
+        worker_id.unwrap_or(""),
+        idempotency_key,
+    ] {
+        debug_assert!(!field.contains('\0'));
+        digest.update(field.as_bytes());
+        digest.update([0u8]);
+    }
+    format!(
+        "{SESSION_PREFIX}{}",
+        URL_SAFE_NO_PAD.encode(digest.finalize())
+    )
+}
+
 /// SHA-256 of a secret, lowercase hex. Only this is stored. Every authenticated request computes one
 /// (the credential cache is keyed by it).
 pub fn hash(secret: &str) -> String {
@@ -52,6 +84,28 @@ mod tests {
             hash(""),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    #[test]
+    fn a_claims_token_is_the_same_for_its_tries_and_differs_in_every_input() {
+        let token = claim_token("cred", "env", Some("w"), "key-0123456789abcdef");
+        assert_eq!(
+            token,
+            claim_token("cred", "env", Some("w"), "key-0123456789abcdef")
+        );
+        assert!(token.starts_with(SESSION_PREFIX));
+        assert_eq!(token.len(), mint(SESSION_PREFIX).len());
+        for other in [
+            claim_token("cred2", "env", Some("w"), "key-0123456789abcdef"),
+            claim_token("cred", "env2", Some("w"), "key-0123456789abcdef"),
+            claim_token("cred", "env", Some("w2"), "key-0123456789abcdef"),
+            claim_token("cred", "env", None, "key-0123456789abcdef"),
+            claim_token("cred", "env", Some("w"), "key-0123456789abcdeF"),
+            // The separator keeps fields apart: no shifting of characters between them.
+            claim_token("cre", "denv", Some("w"), "key-0123456789abcdef"),
+        ] {
+            assert_ne!(token, other);
+        }
     }
 
     #[test]

@@ -254,3 +254,120 @@ async fn a_claim_refuses_what_a_poll_or_a_heartbeat_refuses() {
     })
     .await;
 }
+
+/// A claim sent with an `Idempotency-Key` as `worker`.
+async fn keyed_claim(q: &Queue<'_>, query: &str, worker: &str, key: &str) -> Reply {
+    let path = q.path(&format!("/claim{query}"));
+    let request = q.req(Method::POST, &path).worker(worker);
+    request.header("idempotency-key", key).send().await
+}
+
+const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+#[tokio::test]
+async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let first = q.enqueue().await;
+        let second = q.enqueue().await;
+
+        let reply = keyed_claim(&q, "?desired_ttl_seconds=30", "w1", KEY).await;
+        let (id, token, beat) = claimed(&reply);
+        assert_eq!(id, first.id);
+        let lease = reply.ok()["lease"].clone();
+
+        // Its answer lost, the worker sends it again: the same item, token and lease, and
+        // nothing more is taken or written.
+        server.clock.advance_millis(2_000);
+        let again = keyed_claim(&q, "?desired_ttl_seconds=30", "w1", KEY).await;
+        assert_eq!(claimed(&again), (id.clone(), token.clone(), beat.clone()));
+        assert_eq!(again.ok()["lease"], lease);
+        assert_eq!(
+            q.causes(&id).await,
+            ["enqueued", "delivered", "acked", "first_heartbeat"]
+        );
+        assert_eq!(q.state(&second.id).await, "queued");
+
+        // Once the worker has heartbeated, the claim asked again answers the lease as it is.
+        let path = q.item_path(&id, &format!("/heartbeat?expected_last_heartbeat={beat}"));
+        let renewed = q.req(Method::POST, &path).bearer(&token).send().await;
+        let renewed_beat = renewed.ok()["last_heartbeat"].clone();
+        let third = keyed_claim(&q, "", "w1", &format!("\"{KEY}\"")).await;
+        assert_eq!(third.ok()["lease"]["last_heartbeat"], renewed_beat);
+        assert_eq!(claimed(&third).0, id, "a quoted key is the same key");
+
+        // Another worker's claim with the same key is another claim: it takes the next item.
+        let (other, other_token, _) = claimed(&keyed_claim(&q, "", "w2", KEY).await);
+        assert_eq!(other, second.id);
+        assert_ne!(other_token, token);
+
+        // Once the item has stopped, the key names nothing: a claim with it takes new work.
+        q.stop_with(&token, &id, json!({"force": true})).await.ok();
+        let later = q.enqueue().await;
+        assert_eq!(claimed(&keyed_claim(&q, "", "w1", KEY).await).0, later.id);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tries_of_one_claim_racing_take_one_item() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        for _ in 0..4 {
+            q.enqueue().await;
+        }
+        let tries = (0..8).map(|_| keyed_claim(&q, "", "w1", KEY));
+        let replies = futures::future::join_all(tries).await;
+        let answers: HashSet<_> = replies.iter().map(claimed).collect();
+        assert_eq!(
+            answers.len(),
+            1,
+            "every try answers the same claim: {answers:?}"
+        );
+        let (id, _, _) = answers.into_iter().next().unwrap();
+        let stats = q.req(Method::GET, &q.path("/stats")).send().await;
+        assert_eq!(stats.ok()["states"]["active"], 1, "{id} alone was taken");
+        assert_eq!(stats.ok()["states"]["queued"], 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_tried_again_after_its_lease_ran_out_is_a_new_claim() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let item = q.enqueue().await;
+        let (id, first_token, _) = claimed(&keyed_claim(&q, "", "w1", KEY).await);
+        assert_eq!(id, item.id);
+        // With nothing left in the queue, a try again still answers the item it took.
+        server.clock.advance_millis(50_000);
+        assert_eq!(claimed(&keyed_claim(&q, "", "w1", KEY).await).0, id);
+        // Past the lease, the item went back to the queue: a try now is a claim anew, which
+        // takes the oldest item (the same one, the only one), counted as a requeue and delivered
+        // again, and the token of the lapsed lease is dead in between.
+        server.clock.advance_millis(11_000);
+        let path = q.item_path(&id, "");
+        let stale = q.req(Method::GET, &path).bearer(&first_token).send().await;
+        stale.error(401, "authentication_error");
+        let late = keyed_claim(&q, "", "w1", KEY).await;
+        assert_eq!(claimed(&late).0, id);
+        assert_eq!(late.ok()["work"]["requeue_count"], 1);
+        assert_eq!(late.ok()["work"]["delivery_count"], 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claims_key_must_be_a_plain_long_string() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        q.enqueue().await;
+        for key in ["short", "has a space in it, so no", &"k".repeat(256)] {
+            keyed_claim(&q, "", "w1", key)
+                .await
+                .bad_param("Idempotency-Key");
+        }
+        let (_, _, _) = claimed(&keyed_claim(&q, "", "w1", &"k".repeat(255)).await);
+    })
+    .await;
+}

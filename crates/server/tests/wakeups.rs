@@ -13,6 +13,8 @@ use counting::counting_app;
 use tether_core::{ManualClock, SystemClock, Timestamp};
 use tether_server::service::agents::NewAgent;
 use tether_server::service::sessions::NewSession;
+use tether_server::service::tokens::NewCredential;
+use tether_server::service::work::ClaimAsk;
 use tether_testkit::backends;
 
 // The queue is empty in most of these tests; agents and sessions are needed only where an item is.
@@ -167,7 +169,9 @@ async fn a_claim_or_a_delivery_wakes_no_waiter() {
         idle().await;
         let before = counting.scans.load(Ordering::SeqCst);
         // A claim that reclaims at once takes the delivery over.
-        let claimed = app.claim(&env, Some("w2"), None, None, 0, None).await;
+        let claimed = app
+            .claim(&env, Some("w2"), None, None, 0, ClaimAsk::default())
+            .await;
         let claimed = claimed.expect("claim").expect("the delivered item");
         assert_eq!(claimed.item.id, item.id);
         assert_eq!(
@@ -191,6 +195,60 @@ async fn a_claim_or_a_delivery_wakes_no_waiter() {
             counting.scans.load(Ordering::SeqCst),
             before + 2,
             "{}: a parked poll scanned again after a delivery",
+            backend.name()
+        );
+        app.begin_shutdown();
+    }
+}
+
+/// A claim sent again with its key while work is queued goes for the oldest item, loses its write
+/// (its token holds the item the earlier try took) and answers that item: one scan, not a scan for
+/// every attempt until it gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
+    for backend in backends() {
+        let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
+        let (_location, app, counting, env) =
+            counting_app(&backend, Arc::new(clock), "again").await;
+        let agent = app
+            .create_agent(NewAgent {
+                name: "agent".into(),
+                model: Some(serde_json::json!("model")),
+                ..NewAgent::default()
+            })
+            .await
+            .expect("agent");
+        for _ in 0..2 {
+            let session = NewSession {
+                environment_id: env.id.clone(),
+                agent: agent.id.clone(),
+                ..NewSession::default()
+            };
+            app.create_session(session).await.expect("session");
+        }
+        let (key, _) = app
+            .create_environment_key(&env.id, NewCredential::default())
+            .await
+            .expect("a key");
+        let claim = async || {
+            let ask = ClaimAsk {
+                idempotency_key: Some("the-same-key-for-every-try"),
+                ..ClaimAsk::default()
+            };
+            let claimed = app.claim(&env, Some("w1"), Some(&key.id), None, 5_000, ask);
+            claimed.await.expect("claim").expect("an item")
+        };
+        let first = claim().await;
+        let before = counting.scans.load(Ordering::SeqCst);
+        let again = claim().await;
+        assert_eq!(
+            (&again.item.id, &again.session_token),
+            (&first.item.id, &first.session_token)
+        );
+        assert_eq!(
+            counting.scans.load(Ordering::SeqCst),
+            before + 1,
+            "{}: the try again scanned once",
             backend.name()
         );
         app.begin_shutdown();

@@ -20,6 +20,7 @@ use tether_server::service::agents::{AgentChanges, NewAgent};
 use tether_server::service::events::NewEvents;
 use tether_server::service::sessions::NewSession;
 use tether_server::service::tokens::Principal;
+use tether_server::service::work::ClaimAsk;
 use tether_server::{App, ServiceConfig};
 use tether_store::Store;
 use tether_testkit::backends;
@@ -404,7 +405,7 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
         );
         if claims {
             let again = here
-                .claim(&env, Some("w2"), None, None, 5_000, None)
+                .claim(&env, Some("w2"), None, None, 5_000, ClaimAsk::default())
                 .await
                 .expect("claim")
                 .expect("the item back");

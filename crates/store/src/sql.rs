@@ -242,6 +242,17 @@ ALTER TABLE lease_keepers ADD COLUMN holds_until BIGINT;
 ALTER TABLE lease_keepers ADD COLUMN promises_until BIGINT;
 "#,
     ),
+    (
+        8,
+        // One live item per session token: a token names the item it acts on. Minted tokens never
+        // collide; a claim's token derived from its idempotency key (Tether's claim) could, when two
+        // tries of one claim race, and the second must then lose rather than lease a second item
+        // under the same token.
+        r#"
+DROP INDEX IF EXISTS work_tokens;
+CREATE UNIQUE INDEX IF NOT EXISTS work_token_unique ON work_items (token_hash) WHERE token_hash IS NOT NULL;
+"#,
+    ),
 ];
 
 /// The statement that reads the newest migration a database has had.

@@ -522,6 +522,14 @@ async fn lease_keeper_marks_are_kept_one_per_server() {
 }
 
 #[tokio::test]
+async fn a_session_token_holds_one_item_at_most() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::a_session_token_holds_one_item_at_most(&store).await;
+}
+
+#[tokio::test]
 async fn workers_seen_are_the_most_recent_up_to_the_limit() {
     let Some(store) = store_on_a_fresh_database().await else {
         return;

@@ -71,6 +71,13 @@ async fn lease_keeper_marks_are_kept_one_per_server() {
 }
 
 #[tokio::test]
+async fn a_session_token_holds_one_item_at_most() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::a_session_token_holds_one_item_at_most(&store).await;
+}
+
+#[tokio::test]
 async fn workers_seen_are_the_most_recent_up_to_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();

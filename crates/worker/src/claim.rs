@@ -71,7 +71,7 @@ async fn claim(
     let mut phase = shared.phase.clone();
     let mut backoff = Backoff::poll();
     let report = &shared.report;
-    let options = ClaimOptions {
+    let mut options = ClaimOptions {
         poll: PollOptions {
             block_ms: Some(LONG_POLL_MS),
             worker_id: Some(shared.worker_id.clone()),
@@ -79,6 +79,7 @@ async fn claim(
             ..Default::default()
         },
         desired_ttl_seconds: shared.desired_ttl,
+        idempotency_key: None,
     };
     let mut claims = true;
     // Since when a server without claims has been polled instead.
@@ -151,6 +152,12 @@ async fn claim(
                 // address that is gone now.
                 claims = true;
             }
+            // A claim is sent again with its key until it is answered (`ClaimOptions::idempotency_key`):
+            // a try that took an item but whose answer was lost is then answered again, rather
+            // than leaving its item leased to nobody for the lease's whole length.
+            if claims && options.idempotency_key.is_none() {
+                options.idempotency_key = Some(new_claim_key());
+            }
             let sent = tokio::time::Instant::now();
             let polled = tokio::select! {
                 polled = take(&client, &shared.environment_id, &options, claims) => polled,
@@ -164,6 +171,9 @@ async fn claim(
                 claims = false;
                 polling_since = Instant::now();
                 continue;
+            }
+            if !may_have_taken_unheard(&polled) {
+                options.idempotency_key = None;
             }
             fresh_connection = !crate::error::answered(&polled);
             // Only a poll's answer tells whether the queue is idle: a 503 does not either.
@@ -266,6 +276,26 @@ async fn take(
     }
     let item = client.poll_work(environment_id, &options.poll).await?;
     Ok(item.map(|item| (item, None)))
+}
+
+/// A claim's idempotency key: 128 random bits, as 32 hex digits. The server makes the claim's
+/// session token of it, with the worker's key, so it is never logged.
+fn new_claim_key() -> String {
+    let bits: u128 = rand::rng().random();
+    format!("{bits:032x}")
+}
+
+/// Whether a take may have taken an item that its answer never brought: no answer came (a timeout,
+/// a connection lost), or one that cannot be read (a body cut short), or a 5xx (a database
+/// connection lost during the commit may have committed it). A claim is then tried again with the
+/// same key. An answer read whole, or a refusal, ends the claim.
+fn may_have_taken_unheard<T>(result: &tether_client::Result<T>) -> bool {
+    match result {
+        Ok(_) => false,
+        Err(e) => e
+            .status()
+            .is_none_or(|status| !(300..500).contains(&status)),
+    }
 }
 
 /// Whether a refused claim says that the server has no claim endpoint (404 for a path it does not
@@ -376,6 +406,20 @@ mod tests {
         ] {
             assert!(!is_plain_name(id), "{id:?}");
         }
+    }
+
+    #[test]
+    fn a_claim_keeps_its_key_only_while_it_may_have_taken_an_item_unheard() {
+        assert!(!may_have_taken_unheard(&Ok(())));
+        for status in [500, 502, 503, 504] {
+            assert!(may_have_taken_unheard::<()>(&Err(api(status))), "{status}");
+        }
+        for status in [400, 401, 403, 404, 409, 429] {
+            assert!(!may_have_taken_unheard::<()>(&Err(api(status))), "{status}");
+        }
+        let (a, b) = (new_claim_key(), new_claim_key());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod http_proxy;
 pub mod lines;
-pub mod no_claims;
 pub mod proxy;
 pub mod seed;
 pub mod worker;

@@ -149,6 +149,41 @@ impl<S: Send + Sync> FromRequestParts<S> for WorkerId {
     }
 }
 
+/// The `Idempotency-Key` header of a claim (Tether's claim): absent, or 16 to 255 printable ASCII
+/// characters without spaces, bare or as a quoted string (the IETF draft's form). Every try of one
+/// claim sends the same key; it is a secret as much as the session token it leads to, so a client
+/// sends a random one (16 bytes or more, say).
+pub struct IdempotencyKey(pub Option<String>);
+
+impl IdempotencyKey {
+    pub const HEADER: &'static str = "idempotency-key";
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all(Self::HEADER).iter();
+        let Some(raw) = values.next() else {
+            return Ok(IdempotencyKey(None));
+        };
+        let bad = |why: &str| ApiError::bad_param("Idempotency-Key", why.to_owned());
+        if values.next().is_some() {
+            return Err(bad("send one Idempotency-Key header, not several"));
+        }
+        let text = raw.to_str().unwrap_or("\u{7f}").trim();
+        let text = text
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(text);
+        if !(16..=255).contains(&text.len()) || !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad(
+                "the Idempotency-Key must be 16 to 255 printable ASCII characters without spaces",
+            ));
+        }
+        Ok(IdempotencyKey(Some(text.to_owned())))
+    }
+}
+
 /// The query string as ordered pairs, so that parameters can be validated one by one with clear errors.
 pub struct Params(pub Vec<(String, String)>);
 

@@ -322,6 +322,16 @@ const WORKER_ID: Param = Param {
     doc: "Stable worker identity: 1 to 256 printable ASCII characters.",
 };
 
+const IDEMPOTENCY_KEY: Param = Param {
+    name: "Idempotency-Key",
+    at: At::Header,
+    ty: Ty::String,
+    doc:
+        "Makes the claim safe to send again: every try of one claim sends the same key (16 to 255 \
+          printable ASCII characters, random: it is as secret as the session token it leads to). A \
+          try after one that took an item answers that item and its lease again.",
+};
+
 /// Every endpoint of one dialect, relative to its prefix (both dialects serve the same table).
 pub fn api() -> Vec<Endpoint> {
     use Access::*;
@@ -394,6 +404,7 @@ pub fn api() -> Vec<Endpoint> {
                 RECLAIM_OLDER_THAN_MS,
                 DESIRED_TTL_SECONDS,
                 WORKER_ID,
+                IDEMPOTENCY_KEY,
             ])
             .returns(JsonOrNull(shape::<api::Claim>())),
         ep(Get, "/environments/{environment_id}/work/stats", "workStats", work::stats)

@@ -12,11 +12,11 @@ use tether_core::work::ExpectedHeartbeat;
 use tether_core::{WorkItem, WorkState};
 use tether_store::WorkFilter;
 
-use super::extract::{Caller, JsonBody, Params, Wire, WorkerId};
+use super::extract::{Caller, IdempotencyKey, JsonBody, Params, Wire, WorkerId};
 use super::{decode, wire};
 use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
-use crate::service::work::Claimed;
+use crate::service::work::{ClaimAsk, Claimed};
 use crate::service::App;
 
 /// The work list clamps `limit` above 100 instead of refusing it (D-4).
@@ -132,14 +132,20 @@ pub async fn claim(
     Caller(p): Caller,
     Wire(dialect): Wire,
     worker: Result<WorkerId, ApiError>,
+    key: Result<IdempotencyKey, ApiError>,
     Path(env_id): Path<String>,
     params: Params,
 ) -> ApiResult<Json<Option<api::Claim>>> {
     let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
     let ttl = desired_ttl(&params)?;
+    let IdempotencyKey(key) = key?;
     let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
+    let ask = ClaimAsk {
+        desired_ttl_seconds: ttl,
+        idempotency_key: key.as_deref(),
+    };
     let claimed = app
-        .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ttl)
+        .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
         .await?;
     Ok(Json(claimed.map(|c| {
         let lease = c.lease.as_ref().expect("a claim starts a lease");

@@ -256,7 +256,7 @@ impl App {
     }
 
     /// [`Self::item_of_token`], saying why a token is dead when it is its lease that ran out.
-    async fn token_item(&self, token_hash: &str) -> Result<TokenItem> {
+    pub(super) async fn token_item(&self, token_hash: &str) -> Result<TokenItem> {
         // What an earlier run of this server may have promised moves deadlines: before the read.
         self.keep_earlier_runs_promise().await?;
         let Some(mut item) = self.store.work_by_token_hash(token_hash).await? else {
@@ -284,6 +284,27 @@ impl App {
         } else {
             TokenItem::Live(Box::new(item))
         })
+    }
+
+    /// The session token every try of the claim with `idempotency_key` names, sent by
+    /// `worker_id` with the stored credential `issuer` (`credentials::claim_token`).
+    pub(super) async fn keyed_claim_token(
+        &self,
+        env: &tether_core::resources::Environment,
+        worker_id: Option<&str>,
+        issuer: &str,
+        idempotency_key: &str,
+    ) -> Result<String> {
+        // The claim was authenticated with this credential a moment ago: it is in the cache.
+        let Some(credential) = self.credential_read(issuer, CredentialKey::Id).await? else {
+            return Err(Error::Unauthenticated);
+        };
+        Ok(credentials::claim_token(
+            &credential.secret_hash,
+            &env.id,
+            worker_id,
+            idempotency_key,
+        ))
     }
 
     /// Whether the stored credential `id` exists and is not revoked (from the one-second cache).
@@ -531,7 +552,7 @@ impl App {
 }
 
 /// What a session token's item says of the token.
-enum TokenItem {
+pub(super) enum TokenItem {
     Live(Box<tether_core::WorkItem>),
     /// The item's lease ran out (the item goes back to the queue, or stops if it was stopping).
     Lapsed,

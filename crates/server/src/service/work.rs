@@ -30,12 +30,38 @@ pub struct Claimed {
 
 /// What a poll does with the item it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Taking {
+pub enum Taking<'a> {
     /// Delivers it (§6.2): the worker acks it and heartbeats in requests of its own.
     Deliver,
     /// Claims it (`work::claim`): delivery, ack and first heartbeat in one write, asking for a
-    /// lease of this length.
-    Start { desired_ttl_seconds: Option<u32> },
+    /// lease of this length, under `session_token` when the claim names its own (one derived from
+    /// its idempotency key) rather than taking a freshly minted one.
+    Start {
+        desired_ttl_seconds: Option<u32>,
+        session_token: Option<&'a str>,
+    },
+}
+
+impl Taking<'_> {
+    /// The session token this take must hand out, when it is not a fresh one.
+    fn named_token(&self) -> Option<&str> {
+        match self {
+            Taking::Start {
+                session_token: Some(token),
+                ..
+            } => Some(token),
+            _ => None,
+        }
+    }
+}
+
+/// What a claim asks for beyond a poll's parameters (Tether's claim).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClaimAsk<'a> {
+    /// The lease length wanted, as a heartbeat's.
+    pub desired_ttl_seconds: Option<u32>,
+    /// The claimant's `Idempotency-Key`, which makes the claim safe to send again.
+    pub idempotency_key: Option<&'a str>,
 }
 
 /// Observes `from` to `to` in `histogram`, one of the pace histograms of §11.4 (enqueue to
@@ -505,6 +531,17 @@ impl App {
 
     /// Claim (a Tether extension): a poll that also acks the item and starts its lease
     /// (`work::claim`), so that a worker's whole cycle is this request and its stop.
+    ///
+    /// With a `key`, the claim can be tried again: every try of it hands out the same session
+    /// token (`credentials::claim_token`), and a try whose token already holds an item (an
+    /// earlier try committed, its answer was lost) answers that item and its lease again, taking
+    /// nothing more (`work::claimed_lease`). Without one, a claim whose answer is lost leaves its
+    /// item leased to nobody until the lease runs out.
+    ///
+    /// The store keeps a token on one live item at most, so a try that goes for another item
+    /// while an earlier one holds the token loses its write: only then, or when it finds nothing
+    /// to take, does a try look for the item its token holds (`App::claimed_before`). A first try
+    /// with work in the queue, the common case, costs no read more than a claim without a key.
     pub async fn claim(
         &self,
         env: &Environment,
@@ -512,13 +549,49 @@ impl App {
         issuer: Option<&str>,
         block: Option<Duration>,
         reclaim_ms: i64,
-        desired_ttl_seconds: Option<u32>,
+        ask: ClaimAsk<'_>,
     ) -> Result<Option<Claimed>> {
+        let session_token = match (ask.idempotency_key, issuer) {
+            (Some(key), Some(issuer)) => {
+                Some(self.keyed_claim_token(env, worker_id, issuer, key).await?)
+            }
+            (Some(_), None) => return Err(Error::invalid(
+                "Idempotency-Key",
+                "a claim sent with an Idempotency-Key needs an admin token or an environment key",
+            )),
+            (None, _) => None,
+        };
         let taking = Taking::Start {
-            desired_ttl_seconds,
+            desired_ttl_seconds: ask.desired_ttl_seconds,
+            session_token: session_token.as_deref(),
         };
         self.take(env, worker_id, issuer, block, reclaim_ms, taking)
             .await
+    }
+
+    /// The claim whose session token is `token`, answered again: `None` when no item holds the
+    /// token (no try of this claim committed, or its item has stopped since), a conflict when its
+    /// lease ran out (the item is going back to the queue; a claim needs a new key).
+    async fn claimed_before(
+        &self,
+        token: &str,
+        worker_id: Option<&str>,
+    ) -> Result<Option<Claimed>> {
+        let item =
+            match self.token_item(&credentials::hash(token)).await? {
+                super::tokens::TokenItem::Dead => return Ok(None),
+                super::tokens::TokenItem::Lapsed => return Err(Error::invalid_state(
+                    "the claim made with this Idempotency-Key is over: its lease ran out and its \
+                     work item goes back to the queue; claim with a new key",
+                )),
+                super::tokens::TokenItem::Live(item) => *item,
+            };
+        let lease = work::claimed_lease(&item, worker_id)?;
+        Ok(Some(Claimed {
+            item,
+            session_token: token.to_owned(),
+            lease: Some(lease),
+        }))
     }
 
     /// [`Self::poll`] and [`Self::claim`]: takes the oldest claimable item as `taking` says, waiting
@@ -530,7 +603,7 @@ impl App {
         issuer: Option<&str>,
         block: Option<Duration>,
         reclaim_ms: i64,
-        taking: Taking,
+        taking: Taking<'_>,
     ) -> Result<Option<Claimed>> {
         self.record_worker(&env.id, worker_id).await?;
         // Lazy expiry (§3.1): an item whose lease lapsed is claimable now, whether or not the
@@ -546,6 +619,7 @@ impl App {
         // whatever it finds: passing it on after a fruitless scan would send it round every waiter
         // again and again, each time costing a query, for as long as polls keep waiting.
         let mut answering: Option<crate::waiters::Ticket> = None;
+        let mut asked_for_earlier_tries = false;
         loop {
             // Woken after a wait: the credential may have been revoked meanwhile. A poll that claimed
             // now would hand the item (its session's metadata) to a caller refused from then on, and
@@ -583,6 +657,15 @@ impl App {
             if let Some(woken) = answering.take() {
                 woken.consume();
             }
+            // A claim sent again that found nothing to take: an earlier try of it may have taken
+            // an item, which is then its answer (`App::claim`). Asked once, before any wait.
+            let claimed = match (claimed, taking.named_token()) {
+                (None, Some(token)) if !asked_for_earlier_tries => {
+                    asked_for_earlier_tries = true;
+                    Box::pin(self.claimed_before(token, worker_id)).await?
+                }
+                (claimed, _) => claimed,
+            };
             if let Some(claimed) = claimed {
                 if let Some(t) = &ticket {
                     t.consume();
@@ -606,7 +689,7 @@ impl App {
         worker_id: Option<&str>,
         issuer: Option<&str>,
         reclaim_ms: i64,
-        taking: Taking,
+        taking: Taking<'_>,
         scan: Option<crate::waiters::Scan>,
     ) -> Result<Option<Claimed>> {
         for _ in 0..super::MAX_ATTEMPTS {
@@ -628,7 +711,10 @@ impl App {
                 };
                 // Decoded only now: the candidates this poll steps past cost no parsing.
                 let candidate = candidate.decode()?;
-                let token = credentials::mint(credentials::SESSION_PREFIX);
+                let token = match taking.named_token() {
+                    Some(token) => token.to_owned(),
+                    None => credentials::mint(credentials::SESSION_PREFIX),
+                };
                 let now = self.now();
                 let taker = (worker_id, issuer);
                 let Ok((step, lease)) =
@@ -657,7 +743,16 @@ impl App {
                             lease,
                         }));
                     }
-                    Err(Retry::Conflict) => lost_a_race = true,
+                    Err(Retry::Conflict) => {
+                        // Another try of this claim may have taken the token first (a token
+                        // holds one item at most): then its item is this claim's answer.
+                        if let Some(token) = taking.named_token() {
+                            if let Some(claimed) = self.claimed_before(token, worker_id).await? {
+                                return Ok(Some(claimed));
+                            }
+                        }
+                        lost_a_race = true
+                    }
                     Err(Retry::Fail(e)) => return Err(e),
                 }
             }
@@ -680,7 +775,7 @@ impl App {
         token: &str,
         (worker_id, issuer): (Option<&str>, Option<&str>),
         reclaim_ms: i64,
-        taking: Taking,
+        taking: Taking<'_>,
         now: Timestamp,
     ) -> std::result::Result<(Step, Option<HeartbeatReply>), WorkError> {
         let session_token_hash = credentials::hash(token);
@@ -692,6 +787,7 @@ impl App {
             }
             Taking::Start {
                 desired_ttl_seconds,
+                ..
             } => {
                 let request = work::ClaimRequest {
                     worker_id,

@@ -550,3 +550,46 @@ pub async fn lease_keeper_marks_are_kept_one_per_server(store: &impl Store) {
         .unwrap();
     assert!(elsewhere("host-c/127.0.0.1:4780").await.unwrap().is_empty());
 }
+
+/// A session token names one live item: a write that would give a second item the token hash
+/// another holds is refused as a conflict, and once the first lets go of it the second may take it.
+pub async fn a_session_token_holds_one_item_at_most(store: &impl Store) {
+    let first = enqueue(store, "work_token_1", "sesn_token_1").await;
+    let second = enqueue(store, "work_token_2", "sesn_token_2").await;
+    let deliver = |item: &tether_core::WorkItem| {
+        work::deliver(item, Some("w"), "same-hash".into(), None, AT, 5_000).unwrap()
+    };
+    let update = |step: work::Step, expected_version: i64| {
+        ChangeSet::one(Write::UpdateWork {
+            item: step.item,
+            expected_version,
+            transitions: step.transitions,
+            session_version: None,
+        })
+    };
+    let taken = deliver(&first.item);
+    store.commit(update(taken.clone(), 1)).await.unwrap();
+    let refused = store.commit(update(deliver(&second.item), 1)).await;
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    let read = store.get_work("work_token_2").await.unwrap().unwrap();
+    assert_eq!((read.version, read.value.session_token_hash), (1, None));
+    let holder = store
+        .work_by_token_hash("same-hash")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder.value.id, "work_token_1");
+
+    let stopped = work::stop(&taken.item, true, AT).unwrap();
+    store.commit(update(stopped, 2)).await.unwrap();
+    store
+        .commit(update(deliver(&second.item), 1))
+        .await
+        .unwrap();
+    let holder = store
+        .work_by_token_hash("same-hash")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder.value.id, "work_token_2");
+}

@@ -1,8 +1,9 @@
-//! An HTTP proxy on 127.0.0.1 in front of a real server that has no claim endpoint, as another
-//! platform or an older Tether: `POST …/work/claim` answers 404 in the error envelope, every other
-//! request goes through as it came. It counts what it refused and what it forwarded, by path.
+//! An HTTP proxy on 127.0.0.1 in front of a real server that meddles with claims (`Meddling`):
+//! it plays a server without the claim endpoint, or loses the answer of a claim that took an item.
+//! Every other request goes through as it came. It counts what it saw, by path.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -10,16 +11,27 @@ use axum::extract::Request;
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-pub struct NoClaims {
+/// What the proxy does to `POST …/work/claim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Meddling {
+    /// Answers 404 in the error envelope, as another platform or an older Tether.
+    NoClaims,
+    /// Forwards it; the first answer that brings an item is lost on the way back: its status and
+    /// headers arrive, then the connection breaks inside the body. The server has committed the
+    /// claim; the worker cannot know which item it took.
+    LoseFirstTakenClaim,
+}
+
+pub struct HttpProxy {
     pub url: String,
     /// Requests seen, by their last path segment (`claim`, `poll`, `ack`, `heartbeat`, …).
     seen: Arc<Mutex<BTreeMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl NoClaims {
+impl HttpProxy {
     /// Starts proxying to `upstream` (`http://127.0.0.1:port`).
-    pub async fn start(upstream: &str) -> NoClaims {
+    pub async fn start(upstream: &str, meddling: Meddling) -> HttpProxy {
         let upstream = upstream.trim_end_matches('/').to_owned();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -28,14 +40,22 @@ impl NoClaims {
         let seen = Arc::new(Mutex::new(BTreeMap::new()));
         let client = reqwest::Client::new();
         let counted = seen.clone();
+        let lost = Arc::new(AtomicBool::new(false));
         let app = axum::Router::new().fallback(move |request: Request| {
             let (client, upstream, seen) = (client.clone(), upstream.clone(), counted.clone());
-            async move { forward(request, &client, &upstream, &seen).await }
+            let lost = lost.clone();
+            async move {
+                let meddle = Meddle {
+                    meddling,
+                    lost: &lost,
+                };
+                forward(request, &client, &upstream, &seen, meddle).await
+            }
         });
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("the proxy serves");
         });
-        NoClaims { url, seen, task }
+        HttpProxy { url, seen, task }
     }
 
     /// How many requests ended in this path segment.
@@ -44,10 +64,17 @@ impl NoClaims {
     }
 }
 
-impl Drop for NoClaims {
+impl Drop for HttpProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// What one request's forwarding is to do to claims.
+struct Meddle<'a> {
+    meddling: Meddling,
+    /// Whether a claim's answer was lost already.
+    lost: &'a AtomicBool,
 }
 
 async fn forward(
@@ -55,11 +82,12 @@ async fn forward(
     client: &reqwest::Client,
     upstream: &str,
     seen: &Mutex<BTreeMap<String, usize>>,
+    meddle: Meddle<'_>,
 ) -> Response {
     let path = request.uri().path().to_owned();
     let segment = path.rsplit('/').next().unwrap_or_default().to_owned();
     *seen.lock().unwrap().entry(segment.clone()).or_default() += 1;
-    if segment == "claim" {
+    if segment == "claim" && meddle.meddling == Meddling::NoClaims {
         let envelope = serde_json::json!({
             "type": "error",
             "error": {"type": "not_found_error", "message": format!("no route for {path}")},
@@ -91,6 +119,19 @@ async fn forward(
         }
     }
     let bytes = answer.bytes().await.unwrap_or_default();
+    let took_an_item = segment == "claim" && bytes.as_ref() != b"null";
+    if meddle.meddling == Meddling::LoseFirstTakenClaim
+        && took_an_item
+        && !meddle.lost.swap(true, Ordering::SeqCst)
+    {
+        // Half the answer, then a broken connection: hyper ends a response whose body fails.
+        let half = bytes.slice(..bytes.len() / 2);
+        let broken =
+            futures::stream::iter([Ok(half), Err(std::io::Error::other("the connection broke"))]);
+        return response
+            .body(Body::from_stream(broken))
+            .expect("a response");
+    }
     response.body(Body::from(bytes)).expect("a response")
 }
 

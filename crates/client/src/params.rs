@@ -219,6 +219,11 @@ pub struct ClaimOptions {
     /// claim; a try after one that took an item answers that item again. Random and secret (it
     /// leads to the item's session token): 16 to 255 printable ASCII characters.
     pub idempotency_key: Option<String>,
+    /// Sent as `retry=true`: this is a try of a claim sent again (with the first try's
+    /// `idempotency_key`) after one whose answer was not heard. The server then answers the item an
+    /// earlier try took, also when the queue is empty or the earlier try commits while this one
+    /// waits; a first try need not say so.
+    pub retry: bool,
 }
 
 impl ClaimOptions {
@@ -226,6 +231,9 @@ impl ClaimOptions {
         let mut q = self.poll.query();
         if let Some(ttl) = self.desired_ttl_seconds {
             q.push(("desired_ttl_seconds", ttl.to_string()));
+        }
+        if self.retry {
+            q.push(("retry", "true".to_owned()));
         }
         q
     }

@@ -289,6 +289,7 @@ async fn tethers_own_cycle_claim_then_stop() {
             },
             desired_ttl_seconds: Some(30),
             idempotency_key: Some("tethers-own-cycle-claim-1".into()),
+            retry: false,
         };
         let claim = client
             .claim_work(&env.id, &options)
@@ -308,7 +309,11 @@ async fn tethers_own_cycle_claim_then_stop() {
             .unwrap()
             .expect("a claim carries the secret");
         // Sent again with its key, the claim answers the same item; a new claim finds none.
-        let again = client.claim_work(&env.id, &options).await.unwrap();
+        let resent = ClaimOptions {
+            retry: true,
+            ..options.clone()
+        };
+        let again = client.claim_work(&env.id, &resent).await.unwrap();
         assert_eq!(again.as_ref(), Some(&claim));
         let mut next_claim = options.clone();
         next_claim.idempotency_key = Some("tethers-own-cycle-claim-2".into());

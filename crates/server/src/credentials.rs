@@ -18,15 +18,16 @@ pub fn mint(prefix: &str) -> String {
 }
 
 /// The session token of a claim sent with an idempotency key (Tether's claim): the same for every
-/// try of that claim, so that a retry whose first try committed finds the item that try leased by
-/// the token's hash and answers it again (`App::claim`). Its secret is the claimant's credential
-/// (`issuer_secret_hash`, the stored hash of its key or admin token) as much as the key: a key
-/// that others could guess (a counter, a time-based UUID) gives them no token, and neither does
-/// knowing the environment and the worker. Distinct per environment and per worker, so that two
-/// workers that happened to use one key claim an item each. Fields are separated by NUL, which
-/// none of them can hold (ids and keys are printable ASCII, the hash is hex).
+/// try of that claim, so that a try whose earlier one committed finds the item that try leased by
+/// the token's hash (`App::claim`). Its secret is the credential the claimant presented
+/// (`claimant_secret`, the key or admin token itself, which the server keeps only as a hash of its
+/// own) as much as the idempotency key: neither a key that others could guess (a counter, a
+/// time-based UUID, one written to a proxy's log) nor a copy of the database gives anyone the
+/// token. Distinct per environment and per worker, so that two workers that happened to use one
+/// key claim an item each. Fields are separated by NUL, which none of them can hold (credentials,
+/// ids and keys are printable ASCII).
 pub fn claim_token(
-    issuer_secret_hash: &str,
+    claimant_secret: &str,
     environment_id: &str,
     worker_id: Option<&str>,
     idempotency_key: &str,
@@ -34,7 +35,7 @@ pub fn claim_token(
     let mut digest = Sha256::new();
     for field in [
         "tether claim token v1",
-        issuer_secret_hash,
+        claimant_secret,
         environment_id,
         worker_id.unwrap_or(""),
         idempotency_key,

@@ -279,7 +279,7 @@ async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
         // Its answer lost, the worker sends it again: the same item, token and lease, and
         // nothing more is taken or written.
         server.clock.advance_millis(2_000);
-        let again = keyed_claim(&q, "?desired_ttl_seconds=30", "w1", KEY).await;
+        let again = keyed_claim(&q, "?desired_ttl_seconds=30&retry=true", "w1", KEY).await;
         assert_eq!(claimed(&again), (id.clone(), token.clone(), beat.clone()));
         assert_eq!(again.ok()["lease"], lease);
         assert_eq!(
@@ -288,7 +288,9 @@ async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
         );
         assert_eq!(q.state(&second.id).await, "queued");
 
-        // Once the worker has heartbeated, the claim asked again answers the lease as it is.
+        // Once the worker has heartbeated, the claim asked again answers the lease as it is; a
+        // try that does not say it is one sent again finds it too, once its write for the
+        // next item loses to the token's holder.
         let path = q.item_path(&id, &format!("/heartbeat?expected_last_heartbeat={beat}"));
         let renewed = q.req(Method::POST, &path).bearer(&token).send().await;
         let renewed_beat = renewed.ok()["last_heartbeat"].clone();
@@ -339,9 +341,12 @@ async fn a_claim_tried_again_after_its_lease_ran_out_is_a_new_claim() {
         let item = q.enqueue().await;
         let (id, first_token, _) = claimed(&keyed_claim(&q, "", "w1", KEY).await);
         assert_eq!(id, item.id);
-        // With nothing left in the queue, a try again still answers the item it took.
+        // With nothing left in the queue, a try sent again still answers the item it took.
         server.clock.advance_millis(50_000);
-        assert_eq!(claimed(&keyed_claim(&q, "", "w1", KEY).await).0, id);
+        assert_eq!(
+            claimed(&keyed_claim(&q, "?retry=true", "w1", KEY).await).0,
+            id
+        );
         // Past the lease, the item went back to the queue: a try now is a claim anew, which
         // takes the oldest item (the same one, the only one), counted as a requeue and delivered
         // again, and the token of the lapsed lease is dead in between.
@@ -349,10 +354,30 @@ async fn a_claim_tried_again_after_its_lease_ran_out_is_a_new_claim() {
         let path = q.item_path(&id, "");
         let stale = q.req(Method::GET, &path).bearer(&first_token).send().await;
         stale.error(401, "authentication_error");
-        let late = keyed_claim(&q, "", "w1", KEY).await;
+        let late = keyed_claim(&q, "?retry=true", "w1", KEY).await;
         assert_eq!(claimed(&late).0, id);
         assert_eq!(late.ok()["work"]["requeue_count"], 1);
         assert_eq!(late.ok()["work"]["delivery_count"], 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_claim_sent_again_answers_what_an_earlier_try_took_while_it_waited() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let item = q.enqueue().await;
+        // Delivered to another worker a moment ago: not claimable within the reclaim window, and
+        // a claim that takes it over enqueues nothing, so it wakes no waiter.
+        q.poll("", Some("w0")).await.ok();
+        let resent = keyed_claim(&q, "?block_ms=999&retry=true", "w1", KEY);
+        let earlier = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            keyed_claim(&q, "?reclaim_older_than_ms=0", "w1", KEY).await
+        };
+        let (resent, earlier) = tokio::join!(resent, earlier);
+        assert_eq!(claimed(&earlier).0, item.id);
+        assert_eq!(claimed(&resent), claimed(&earlier));
     })
     .await;
 }
@@ -367,6 +392,8 @@ async fn a_claims_key_must_be_a_plain_long_string() {
                 .await
                 .bad_param("Idempotency-Key");
         }
+        // Only a claim with a key can be one sent again.
+        q.claim("?retry=true", Some("w1")).await.bad_param("retry");
         let (_, _, _) = claimed(&keyed_claim(&q, "", "w1", &"k".repeat(255)).await);
     })
     .await;

@@ -203,7 +203,8 @@ async fn a_claim_or_a_delivery_wakes_no_waiter() {
 
 /// A claim sent again with its key while work is queued goes for the oldest item, loses its write
 /// (its token holds the item the earlier try took) and answers that item: one scan, not a scan for
-/// every attempt until it gives up.
+/// every attempt until it gives up. One that says it is sent again (`retry=true`) answers it
+/// without a scan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
     for backend in backends() {
@@ -230,25 +231,32 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
             .create_environment_key(&env.id, NewCredential::default())
             .await
             .expect("a key");
-        let claim = async || {
+        let claim = async |resent: bool| {
             let ask = ClaimAsk {
-                idempotency_key: Some("the-same-key-for-every-try"),
+                session_token: Some("tth_ses_the-same-token-for-every-try"),
+                resent,
                 ..ClaimAsk::default()
             };
             let claimed = app.claim(&env, Some("w1"), Some(&key.id), None, 5_000, ask);
             claimed.await.expect("claim").expect("an item")
         };
-        let first = claim().await;
+        let first = claim(false).await;
+        let taken = (&first.item.id, &first.session_token);
         let before = counting.scans.load(Ordering::SeqCst);
-        let again = claim().await;
-        assert_eq!(
-            (&again.item.id, &again.session_token),
-            (&first.item.id, &first.session_token)
-        );
+        let again = claim(false).await;
+        assert_eq!((&again.item.id, &again.session_token), taken);
         assert_eq!(
             counting.scans.load(Ordering::SeqCst),
             before + 1,
             "{}: the try again scanned once",
+            backend.name()
+        );
+        let resent = claim(true).await;
+        assert_eq!((&resent.item.id, &resent.session_token), taken);
+        assert_eq!(
+            counting.scans.load(Ordering::SeqCst),
+            before + 1,
+            "{}: the try sent again did not scan",
             backend.name()
         );
         app.begin_shutdown();

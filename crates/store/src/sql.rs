@@ -247,7 +247,10 @@ ALTER TABLE lease_keepers ADD COLUMN promises_until BIGINT;
         // One live item per session token: a token names the item it acts on. Minted tokens never
         // collide; a claim's token derived from its idempotency key (Tether's claim) could, when two
         // tries of one claim race, and the second must then lose rather than lease a second item
-        // under the same token.
+        // under the same token. Only live items carry a token (it is cleared when an item stops or
+        // its lease lapses), so the index is small; building it reads the table once, during which
+        // writes to work items wait (PostgreSQL's CONCURRENTLY cannot run in a migration's
+        // transaction, nor on SQLite).
         r#"
 DROP INDEX IF EXISTS work_tokens;
 CREATE UNIQUE INDEX IF NOT EXISTS work_token_unique ON work_items (token_hash) WHERE token_hash IS NOT NULL;

@@ -79,8 +79,10 @@ async fn claim(
             ..Default::default()
         },
         desired_ttl_seconds: shared.desired_ttl,
-        idempotency_key: None,
+        ..Default::default()
     };
+    // The claim under way, until an answer is heard (see `ClaimTries`).
+    let mut tries: Option<ClaimTries> = None;
     let mut claims = true;
     // Since when a server without claims has been polled instead.
     let mut polling_since = Instant::now();
@@ -152,13 +154,10 @@ async fn claim(
                 // address that is gone now.
                 claims = true;
             }
-            // A claim is sent again with its key until it is answered (`ClaimOptions::idempotency_key`):
-            // a try that took an item but whose answer was lost is then answered again, rather
-            // than leaving its item leased to nobody for the lease's whole length.
-            if claims && options.idempotency_key.is_none() {
-                options.idempotency_key = Some(new_claim_key());
-            }
             let sent = tokio::time::Instant::now();
+            tries
+                .get_or_insert_with(|| ClaimTries::first_at(sent))
+                .ask(&mut options);
             let polled = tokio::select! {
                 polled = take(&client, &shared.environment_id, &options, claims) => polled,
                 () = given_up(&mut phase, claims) => return Ok(()),
@@ -172,9 +171,10 @@ async fn claim(
                 polling_since = Instant::now();
                 continue;
             }
-            if !may_have_taken_unheard(&polled) {
-                options.idempotency_key = None;
-            }
+            // A claimed lease runs from the claim's first try: an item an earlier try took was
+            // leased from then, however much later this try's answer brings it.
+            let lease_from = tries.as_ref().map_or(sent, |t| t.first_sent);
+            ClaimTries::answered(&mut tries, !may_have_taken_unheard(&polled));
             fresh_connection = !crate::error::answered(&polled);
             // Only a poll's answer tells whether the queue is idle: a 503 does not either.
             heard = match (&polled, heard) {
@@ -205,7 +205,10 @@ async fn claim(
                         *claimed += 1;
                         *idle_since = Instant::now();
                         let taken = match taken {
-                            Some(first) => supervisor::Taken::Claimed { sent, first },
+                            Some(first) => supervisor::Taken::Claimed {
+                                sent: lease_from,
+                                first,
+                            },
                             None => supervisor::Taken::Polled,
                         };
                         tasks.spawn(supervisor::serve(shared.clone(), item, taken, slot));
@@ -278,11 +281,45 @@ async fn take(
     Ok(item.map(|item| (item, None)))
 }
 
-/// A claim's idempotency key: 128 random bits, as 32 hex digits. The server makes the claim's
-/// session token of it, with the worker's key, so it is never logged.
-fn new_claim_key() -> String {
-    let bits: u128 = rand::rng().random();
-    format!("{bits:032x}")
+/// The tries of one claim, sent until one is heard: a claim that may have taken an item without
+/// the worker hearing of it (`may_have_taken_unheard`) is sent again with the same idempotency
+/// key and `retry=true`, and the server answers the item an earlier try took, rather than leave it
+/// leased to nobody for the lease's whole length.
+#[derive(Debug)]
+struct ClaimTries {
+    /// 128 random bits, as 32 hex digits. With the worker's key, it makes the claim's session
+    /// token: it is never logged.
+    key: String,
+    /// When the first try went out: the earliest its item's lease can have started.
+    first_sent: tokio::time::Instant,
+    /// Tries sent so far whose answers were not heard.
+    unheard: u32,
+}
+
+impl ClaimTries {
+    fn first_at(sent: tokio::time::Instant) -> ClaimTries {
+        let bits: u128 = rand::rng().random();
+        ClaimTries {
+            key: format!("{bits:032x}"),
+            first_sent: sent,
+            unheard: 0,
+        }
+    }
+
+    /// Sets the next try's key, and whether it is one sent again.
+    fn ask(&self, options: &mut ClaimOptions) {
+        options.idempotency_key = Some(self.key.clone());
+        options.retry = self.unheard > 0;
+    }
+
+    /// After a try: `heard`, the claim is over (the next claim is a new one); else the next try
+    /// is this claim's again.
+    fn answered(tries: &mut Option<ClaimTries>, heard: bool) {
+        match tries {
+            Some(unheard) if !heard => unheard.unheard += 1,
+            _ => *tries = None,
+        }
+    }
 }
 
 /// Whether a take may have taken an item that its answer never brought: no answer came (a timeout,
@@ -417,9 +454,35 @@ mod tests {
         for status in [400, 401, 403, 404, 409, 429] {
             assert!(!may_have_taken_unheard::<()>(&Err(api(status))), "{status}");
         }
-        let (a, b) = (new_claim_key(), new_claim_key());
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn a_claim_is_sent_again_with_its_key_and_first_sending_until_it_is_heard() {
+        let start = tokio::time::Instant::now();
+        let mut options = ClaimOptions::default();
+        let mut tries = Some(ClaimTries::first_at(start));
+        tries.as_ref().unwrap().ask(&mut options);
+        let key = options.idempotency_key.clone().expect("a key");
+        assert_eq!((key.len(), options.retry), (32, false));
+
+        ClaimTries::answered(&mut tries, false);
+        let later = start + Duration::from_secs(12);
+        let again = tries.get_or_insert_with(|| ClaimTries::first_at(later));
+        again.ask(&mut options);
+        assert_eq!(options.idempotency_key.as_deref(), Some(key.as_str()));
+        assert!(options.retry, "sent again");
+        assert_eq!(
+            again.first_sent, start,
+            "the lease may run from the first try"
+        );
+
+        ClaimTries::answered(&mut tries, true);
+        assert!(tries.is_none());
+        let next = tries.get_or_insert_with(|| ClaimTries::first_at(later));
+        next.ask(&mut options);
+        assert_ne!(options.idempotency_key.as_deref(), Some(key.as_str()));
+        assert!(!options.retry, "a new claim");
+        assert_eq!(next.first_sent, later);
     }
 
     #[test]

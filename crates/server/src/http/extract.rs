@@ -31,8 +31,7 @@ impl FromRequestParts<App> for Caller {
         if dialect.accepts_x_api_key() {
             one_credential_in_both_headers(&parts.headers)?;
         }
-        let secret = bearer(&parts.headers)
-            .or_else(|| if dialect.accepts_x_api_key() { header(&parts.headers, "x-api-key") } else { None })
+        let secret = presented_secret(&parts.headers, dialect)
             .ok_or_else(|| {
                 let hint = if !dialect.accepts_x_api_key() && header(&parts.headers, "x-api-key").is_some() {
                     "send the token as Authorization: Bearer <token> (x-api-key is not accepted on this prefix)"
@@ -85,6 +84,18 @@ fn one_credential_in_both_headers(headers: &HeaderMap) -> Result<(), ApiError> {
         }
         _ => Ok(()),
     }
+}
+
+/// The credential the request presents: its Bearer token, or where the dialect takes one, its
+/// `x-api-key`.
+fn presented_secret(headers: &HeaderMap, dialect: Dialect) -> Option<String> {
+    bearer(headers).or_else(|| {
+        if dialect.accepts_x_api_key() {
+            header(headers, "x-api-key")
+        } else {
+            None
+        }
+    })
 }
 
 pub(super) fn bearer(headers: &HeaderMap) -> Option<String> {
@@ -151,9 +162,16 @@ impl<S: Send + Sync> FromRequestParts<S> for WorkerId {
 
 /// The `Idempotency-Key` header of a claim (Tether's claim): absent, or 16 to 255 printable ASCII
 /// characters without spaces, bare or as a quoted string (the IETF draft's form). Every try of one
-/// claim sends the same key; it is a secret as much as the session token it leads to, so a client
-/// sends a random one (16 bytes or more, say).
-pub struct IdempotencyKey(pub Option<String>);
+/// claim sends the same key; a client sends a random one (16 bytes or more, say). With it, the
+/// credential the request presents, from which with the key only its holder can derive the
+/// claim's session token (`credentials::claim_token`).
+pub struct IdempotencyKey(pub Option<KeyedClaim>);
+
+pub struct KeyedClaim {
+    pub key: String,
+    /// The key or admin token the claim was sent with, as presented.
+    pub claimant_secret: String,
+}
 
 impl IdempotencyKey {
     pub const HEADER: &'static str = "idempotency-key";
@@ -180,7 +198,13 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
                 "the Idempotency-Key must be 16 to 255 printable ASCII characters without spaces",
             ));
         }
-        Ok(IdempotencyKey(Some(text.to_owned())))
+        // Only on a route that authenticates: the credential is there, and valid.
+        let claimant_secret = presented_secret(&parts.headers, dialect_of(parts))
+            .ok_or_else(|| ApiError::unauthorized("a credential is required"))?;
+        Ok(IdempotencyKey(Some(KeyedClaim {
+            key: text.to_owned(),
+            claimant_secret,
+        })))
     }
 }
 

@@ -322,6 +322,12 @@ const WORKER_ID: Param = Param {
     doc: "Stable worker identity: 1 to 256 printable ASCII characters.",
 };
 
+const RETRY: Param = q(
+    "retry",
+    Ty::Boolean,
+    "This claim is one sent again with its first try's Idempotency-Key, that try's answer unheard: \
+     it answers the item an earlier try took, also one taken while it waited.",
+);
 const IDEMPOTENCY_KEY: Param = Param {
     name: "Idempotency-Key",
     at: At::Header,
@@ -405,6 +411,7 @@ pub fn api() -> Vec<Endpoint> {
                 DESIRED_TTL_SECONDS,
                 WORKER_ID,
                 IDEMPOTENCY_KEY,
+                RETRY,
             ])
             .returns(JsonOrNull(shape::<api::Claim>())),
         ep(Get, "/environments/{environment_id}/work/stats", "workStats", work::stats)

@@ -14,6 +14,7 @@ use tether_store::WorkFilter;
 
 use super::extract::{Caller, IdempotencyKey, JsonBody, Params, Wire, WorkerId};
 use super::{decode, wire};
+use crate::credentials;
 use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
 use crate::service::work::{ClaimAsk, Claimed};
@@ -139,10 +140,22 @@ pub async fn claim(
     let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
     let ttl = desired_ttl(&params)?;
     let IdempotencyKey(key) = key?;
+    let resent = params.bool("retry")?.unwrap_or(false);
+    if resent && key.is_none() {
+        return Err(ApiError::bad_param(
+            "retry",
+            "retry=true says that this is a claim sent again: send it with the Idempotency-Key \
+             of its first try",
+        ));
+    }
     let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
+    // Every try of one claim names the same session token; only the claimant can derive it.
+    let token =
+        key.map(|k| credentials::claim_token(&k.claimant_secret, &take.env.id, worker, &k.key));
     let ask = ClaimAsk {
         desired_ttl_seconds: ttl,
-        idempotency_key: key.as_deref(),
+        session_token: token.as_deref(),
+        resent,
     };
     let claimed = app
         .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)

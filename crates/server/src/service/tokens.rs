@@ -286,27 +286,6 @@ impl App {
         })
     }
 
-    /// The session token every try of the claim with `idempotency_key` names, sent by
-    /// `worker_id` with the stored credential `issuer` (`credentials::claim_token`).
-    pub(super) async fn keyed_claim_token(
-        &self,
-        env: &tether_core::resources::Environment,
-        worker_id: Option<&str>,
-        issuer: &str,
-        idempotency_key: &str,
-    ) -> Result<String> {
-        // The claim was authenticated with this credential a moment ago: it is in the cache.
-        let Some(credential) = self.credential_read(issuer, CredentialKey::Id).await? else {
-            return Err(Error::Unauthenticated);
-        };
-        Ok(credentials::claim_token(
-            &credential.secret_hash,
-            &env.id,
-            worker_id,
-            idempotency_key,
-        ))
-    }
-
     /// Whether the stored credential `id` exists and is not revoked (from the one-second cache).
     pub(crate) async fn credential_alive(&self, id: &str) -> Result<bool> {
         Ok(self

@@ -33,35 +33,38 @@ pub struct Claimed {
 pub enum Taking<'a> {
     /// Delivers it (§6.2): the worker acks it and heartbeats in requests of its own.
     Deliver,
-    /// Claims it (`work::claim`): delivery, ack and first heartbeat in one write, asking for a
-    /// lease of this length, under `session_token` when the claim names its own (one derived from
-    /// its idempotency key) rather than taking a freshly minted one.
-    Start {
-        desired_ttl_seconds: Option<u32>,
-        session_token: Option<&'a str>,
-    },
+    /// Claims it (`work::claim`): delivery, ack and first heartbeat in one write, as `ask` says.
+    Start(ClaimAsk<'a>),
 }
 
 impl Taking<'_> {
     /// The session token this take must hand out, when it is not a fresh one.
     fn named_token(&self) -> Option<&str> {
         match self {
-            Taking::Start {
-                session_token: Some(token),
-                ..
-            } => Some(token),
+            Taking::Start(ask) => ask.session_token,
+            Taking::Deliver => None,
+        }
+    }
+
+    /// The session token of a claim sent again, whose earlier try may have taken an item.
+    fn resent_token(&self) -> Option<&str> {
+        match self {
+            Taking::Start(ask) if ask.resent => ask.session_token,
             _ => None,
         }
     }
 }
 
 /// What a claim asks for beyond a poll's parameters (Tether's claim).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClaimAsk<'a> {
     /// The lease length wanted, as a heartbeat's.
     pub desired_ttl_seconds: Option<u32>,
-    /// The claimant's `Idempotency-Key`, which makes the claim safe to send again.
-    pub idempotency_key: Option<&'a str>,
+    /// The session token every try of this claim hands out (`credentials::claim_token`, from the
+    /// claim's `Idempotency-Key`); `None`: a fresh one, and the claim cannot be sent again.
+    pub session_token: Option<&'a str>,
+    /// This try is one sent again, after one whose answer was not heard (`retry=true`).
+    pub resent: bool,
 }
 
 /// Observes `from` to `to` in `histogram`, one of the pace histograms of §11.4 (enqueue to
@@ -532,16 +535,17 @@ impl App {
     /// Claim (a Tether extension): a poll that also acks the item and starts its lease
     /// (`work::claim`), so that a worker's whole cycle is this request and its stop.
     ///
-    /// With a `key`, the claim can be tried again: every try of it hands out the same session
-    /// token (`credentials::claim_token`), and a try whose token already holds an item (an
-    /// earlier try committed, its answer was lost) answers that item and its lease again, taking
-    /// nothing more (`work::claimed_lease`). Without one, a claim whose answer is lost leaves its
-    /// item leased to nobody until the lease runs out.
+    /// A claim that names its session token (`ask.session_token`, the same for every try of it)
+    /// can be sent again: a try whose token already holds an item (an earlier try committed, its
+    /// answer was lost) answers that item and its lease again, taking nothing more
+    /// (`work::claimed_lease`). Without one, a claim whose answer is lost leaves its item leased
+    /// to nobody until the lease runs out.
     ///
     /// The store keeps a token on one live item at most, so a try that goes for another item
-    /// while an earlier one holds the token loses its write: only then, or when it finds nothing
-    /// to take, does a try look for the item its token holds (`App::claimed_before`). A first try
-    /// with work in the queue, the common case, costs no read more than a claim without a key.
+    /// while an earlier one holds the token loses its write, and then answers that one. A try
+    /// marked as sent again (`ask.resent`) also looks for it first, and once more before it
+    /// answers that it found nothing (an earlier try may have committed while it waited). A
+    /// first try costs no read more than a claim without a key, idle or not.
     pub async fn claim(
         &self,
         env: &Environment,
@@ -551,41 +555,44 @@ impl App {
         reclaim_ms: i64,
         ask: ClaimAsk<'_>,
     ) -> Result<Option<Claimed>> {
-        let session_token = match (ask.idempotency_key, issuer) {
-            (Some(key), Some(issuer)) => {
-                Some(self.keyed_claim_token(env, worker_id, issuer, key).await?)
-            }
-            (Some(_), None) => return Err(Error::invalid(
-                "Idempotency-Key",
-                "a claim sent with an Idempotency-Key needs an admin token or an environment key",
-            )),
-            (None, _) => None,
-        };
-        let taking = Taking::Start {
-            desired_ttl_seconds: ask.desired_ttl_seconds,
-            session_token: session_token.as_deref(),
-        };
+        let taking = Taking::Start(ask);
+        if let Some(claimed) = Box::pin(self.taken_by_earlier_try(taking, worker_id)).await? {
+            return Ok(Some(claimed));
+        }
         self.take(env, worker_id, issuer, block, reclaim_ms, taking)
             .await
     }
 
+    /// What an earlier try of a claim sent again took ([`Self::claimed_before`]); `None` for a
+    /// take of any other kind.
+    async fn taken_by_earlier_try(
+        &self,
+        taking: Taking<'_>,
+        worker_id: Option<&str>,
+    ) -> Result<Option<Claimed>> {
+        match taking.resent_token() {
+            Some(token) => self.claimed_before(token, worker_id).await,
+            None => Ok(None),
+        }
+    }
+
     /// The claim whose session token is `token`, answered again: `None` when no item holds the
-    /// token (no try of this claim committed, or its item has stopped since), a conflict when its
-    /// lease ran out (the item is going back to the queue; a claim needs a new key).
+    /// token (no try of this claim committed, or its item has stopped or gone back to the queue
+    /// since). An item whose lease ran out, not yet settled, is settled first: it goes back to
+    /// the queue, and the claim takes work anew.
     async fn claimed_before(
         &self,
         token: &str,
         worker_id: Option<&str>,
     ) -> Result<Option<Claimed>> {
-        let item =
-            match self.token_item(&credentials::hash(token)).await? {
-                super::tokens::TokenItem::Dead => return Ok(None),
-                super::tokens::TokenItem::Lapsed => return Err(Error::invalid_state(
-                    "the claim made with this Idempotency-Key is over: its lease ran out and its \
-                     work item goes back to the queue; claim with a new key",
-                )),
-                super::tokens::TokenItem::Live(item) => *item,
-            };
+        let item = match self.token_item(&credentials::hash(token)).await? {
+            super::tokens::TokenItem::Dead => return Ok(None),
+            super::tokens::TokenItem::Lapsed => {
+                Box::pin(self.expire_due_leases()).await?;
+                return Ok(None);
+            }
+            super::tokens::TokenItem::Live(item) => *item,
+        };
         let lease = work::claimed_lease(&item, worker_id)?;
         Ok(Some(Claimed {
             item,
@@ -619,7 +626,6 @@ impl App {
         // whatever it finds: passing it on after a fruitless scan would send it round every waiter
         // again and again, each time costing a query, for as long as polls keep waiting.
         let mut answering: Option<crate::waiters::Ticket> = None;
-        let mut asked_for_earlier_tries = false;
         loop {
             // Woken after a wait: the credential may have been revoked meanwhile. A poll that claimed
             // now would hand the item (its session's metadata) to a caller refused from then on, and
@@ -657,27 +663,21 @@ impl App {
             if let Some(woken) = answering.take() {
                 woken.consume();
             }
-            // A claim sent again that found nothing to take: an earlier try of it may have taken
-            // an item, which is then its answer (`App::claim`). Asked once, before any wait.
-            let claimed = match (claimed, taking.named_token()) {
-                (None, Some(token)) if !asked_for_earlier_tries => {
-                    asked_for_earlier_tries = true;
-                    Box::pin(self.claimed_before(token, worker_id)).await?
-                }
-                (claimed, _) => claimed,
-            };
             if let Some(claimed) = claimed {
                 if let Some(t) = &ticket {
                     t.consume();
                 }
                 return Ok(Some(claimed));
             }
+            // Nothing taken: a claim sent again answers what an earlier try of it took meanwhile.
             let Some(ticket) = ticket else {
-                return Ok(None);
+                return Box::pin(self.taken_by_earlier_try(taking, worker_id)).await;
             };
             tokio::select! {
                 _ = ticket.woken() => answering = Some(ticket),
-                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Box::pin(self.taken_by_earlier_try(taking, worker_id)).await
+                }
                 _ = self.until_shutdown() => return Ok(None),
             }
         }
@@ -785,10 +785,10 @@ impl App {
                     work::deliver(item, worker_id, session_token_hash, issuer, now, reclaim_ms)?;
                 Ok((step, None))
             }
-            Taking::Start {
+            Taking::Start(ClaimAsk {
                 desired_ttl_seconds,
                 ..
-            } => {
+            }) => {
                 let request = work::ClaimRequest {
                     worker_id,
                     session_token_hash,

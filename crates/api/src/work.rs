@@ -124,6 +124,11 @@ pub struct Claim {
     pub work: WorkItem,
     /// The lease: as the answer to a first heartbeat.
     pub lease: Heartbeat,
+    /// The item is the one an earlier try of this claim (the same `Idempotency-Key`) took, answered
+    /// again: its lease began when that try was committed, so a worker counts it from when it sent
+    /// that try. False for an item this try took.
+    #[serde(default)]
+    pub earlier_try: bool,
     /// Fields this crate does not model.
     #[serde(flatten)]
     pub extra: Map<String, Value>,

@@ -216,8 +216,9 @@ pub struct ClaimOptions {
     pub desired_ttl_seconds: Option<u32>,
     /// Sent as `Idempotency-Key`: makes the claim safe to send again. Send the same key with
     /// every try of one claim (a try whose answer was lost, say) and a fresh one for the next
-    /// claim; a try after one that took an item answers that item again. Random and secret (it
-    /// leads to the item's session token): 16 to 255 printable ASCII characters.
+    /// claim; a try after one that took an item answers that item again (`Claim::earlier_try`).
+    /// Random, 16 to 255 printable ASCII characters; the claim must name its worker
+    /// (`PollOptions::worker_id`).
     pub idempotency_key: Option<String>,
     /// Sent as `retry=true`: this is a try of a claim sent again (with the first try's
     /// `idempotency_key`) after one whose answer was not heard. The server then answers the item an

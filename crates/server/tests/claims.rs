@@ -274,6 +274,7 @@ async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
         let reply = keyed_claim(&q, "?desired_ttl_seconds=30", "w1", KEY).await;
         let (id, token, beat) = claimed(&reply);
         assert_eq!(id, first.id);
+        assert_eq!(reply.ok()["earlier_try"], false);
         let lease = reply.ok()["lease"].clone();
 
         // Its answer lost, the worker sends it again: the same item, token and lease, and
@@ -282,6 +283,11 @@ async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
         let again = keyed_claim(&q, "?desired_ttl_seconds=30&retry=true", "w1", KEY).await;
         assert_eq!(claimed(&again), (id.clone(), token.clone(), beat.clone()));
         assert_eq!(again.ok()["lease"], lease);
+        assert_eq!(
+            again.ok()["earlier_try"],
+            true,
+            "its lease began at the first try"
+        );
         assert_eq!(
             q.causes(&id).await,
             ["enqueued", "delivered", "acked", "first_heartbeat"]
@@ -356,6 +362,7 @@ async fn a_claim_tried_again_after_its_lease_ran_out_is_a_new_claim() {
         stale.error(401, "authentication_error");
         let late = keyed_claim(&q, "?retry=true", "w1", KEY).await;
         assert_eq!(claimed(&late).0, id);
+        assert_eq!(late.ok()["earlier_try"], false, "a lease of its own");
         assert_eq!(late.ok()["work"]["requeue_count"], 1);
         assert_eq!(late.ok()["work"]["delivery_count"], 2);
     })
@@ -394,6 +401,10 @@ async fn a_claims_key_must_be_a_plain_long_string() {
         }
         // Only a claim with a key can be one sent again.
         q.claim("?retry=true", Some("w1")).await.bad_param("retry");
+        // A key is a worker's.
+        let path = q.path("/claim");
+        let anonymous = q.req(Method::POST, &path).header("idempotency-key", KEY);
+        anonymous.send().await.bad_param("Idempotency-Key");
         let (_, _, _) = claimed(&keyed_claim(&q, "", "w1", &"k".repeat(255)).await);
     })
     .await;

@@ -155,9 +155,11 @@ async fn claim(
                 claims = true;
             }
             let sent = tokio::time::Instant::now();
-            tries
-                .get_or_insert_with(|| ClaimTries::first_at(sent))
-                .ask(&mut options);
+            if claims {
+                tries
+                    .get_or_insert_with(|| ClaimTries::first_at(sent))
+                    .ask(&mut options);
+            }
             let polled = tokio::select! {
                 polled = take(&client, &shared.environment_id, &options, claims) => polled,
                 () = given_up(&mut phase, claims) => return Ok(()),
@@ -171,9 +173,8 @@ async fn claim(
                 polling_since = Instant::now();
                 continue;
             }
-            // A claimed lease runs from the claim's first try: an item an earlier try took was
-            // leased from then, however much later this try's answer brings it.
-            let lease_from = tries.as_ref().map_or(sent, |t| t.first_sent);
+            let earlier_try = matches!(&polled, Ok(Some((_, Some(taken)))) if taken.earlier_try);
+            let lease_from = ClaimTries::lease_start(tries.as_ref(), sent, earlier_try);
             ClaimTries::answered(&mut tries, !may_have_taken_unheard(&polled));
             fresh_connection = !crate::error::answered(&polled);
             // Only a poll's answer tells whether the queue is idle: a 503 does not either.
@@ -205,9 +206,9 @@ async fn claim(
                         *claimed += 1;
                         *idle_since = Instant::now();
                         let taken = match taken {
-                            Some(first) => supervisor::Taken::Claimed {
+                            Some(taken) => supervisor::Taken::Claimed {
                                 sent: lease_from,
-                                first,
+                                first: taken.lease,
                             },
                             None => supervisor::Taken::Polled,
                         };
@@ -265,17 +266,31 @@ async fn given_up(phase: &mut tokio::sync::watch::Receiver<Phase>, claims: bool)
     }
 }
 
+/// What a claim's answer says of the lease beside its item.
+struct ClaimedLease {
+    /// The answer of the first heartbeat the claim made.
+    lease: tether_client::Heartbeat,
+    /// The item is the one an earlier try of this claim took (`Claim::earlier_try`).
+    earlier_try: bool,
+}
+
 /// Takes an item: by a claim when `claims`, else by a poll (§6.2). A claimed item comes with its
-/// first heartbeat's answer.
+/// lease.
 async fn take(
     client: &Client,
     environment_id: &str,
     options: &ClaimOptions,
     claims: bool,
-) -> tether_client::Result<Option<(WorkItem, Option<tether_client::Heartbeat>)>> {
+) -> tether_client::Result<Option<(WorkItem, Option<ClaimedLease>)>> {
     if claims {
         let claim = client.claim_work(environment_id, options).await?;
-        return Ok(claim.map(|c| (c.work, Some(c.lease))));
+        return Ok(claim.map(|c| {
+            let lease = ClaimedLease {
+                lease: c.lease,
+                earlier_try: c.earlier_try,
+            };
+            (c.work, Some(lease))
+        }));
     }
     let item = client.poll_work(environment_id, &options.poll).await?;
     Ok(item.map(|item| (item, None)))
@@ -283,8 +298,8 @@ async fn take(
 
 /// The tries of one claim, sent until one is heard: a claim that may have taken an item without
 /// the worker hearing of it (`may_have_taken_unheard`) is sent again with the same idempotency
-/// key and `retry=true`, and the server answers the item an earlier try took, rather than leave it
-/// leased to nobody for the lease's whole length.
+/// key and `retry=true`, and the server answers the item an earlier try took (`earlier_try`),
+/// rather than leave it leased to nobody for the lease's whole length.
 #[derive(Debug)]
 struct ClaimTries {
     /// 128 random bits, as 32 hex digits. With the worker's key, it makes the claim's session
@@ -312,6 +327,20 @@ impl ClaimTries {
         options.retry = self.unheard > 0;
     }
 
+    /// When the lease of an item a claim's try sent at `sent` brought began, at the earliest: an
+    /// item an earlier try took (`earlier_try`) was leased when that try committed, so its lease
+    /// counts from when the first try went out, however much later this answer brings it.
+    fn lease_start(
+        tries: Option<&ClaimTries>,
+        sent: tokio::time::Instant,
+        earlier_try: bool,
+    ) -> tokio::time::Instant {
+        match tries {
+            Some(tries) if earlier_try => tries.first_sent.min(sent),
+            _ => sent,
+        }
+    }
+
     /// After a try: `heard`, the claim is over (the next claim is a new one); else the next try
     /// is this claim's again.
     fn answered(tries: &mut Option<ClaimTries>, heard: bool) {
@@ -329,6 +358,8 @@ impl ClaimTries {
 fn may_have_taken_unheard<T>(result: &tether_client::Result<T>) -> bool {
     match result {
         Ok(_) => false,
+        // Never reached the server: nothing was sent.
+        Err(Error::Connect { .. }) => false,
         Err(e) => e
             .status()
             .is_none_or(|status| !(300..500).contains(&status)),
@@ -471,10 +502,11 @@ mod tests {
         again.ask(&mut options);
         assert_eq!(options.idempotency_key.as_deref(), Some(key.as_str()));
         assert!(options.retry, "sent again");
-        assert_eq!(
-            again.first_sent, start,
-            "the lease may run from the first try"
-        );
+        // An earlier try's item is leased from the first try's sending; one this try took, from
+        // this try's.
+        let tried = tries.as_ref();
+        assert_eq!(ClaimTries::lease_start(tried, later, true), start);
+        assert_eq!(ClaimTries::lease_start(tried, later, false), later);
 
         ClaimTries::answered(&mut tries, true);
         assert!(tries.is_none());
@@ -483,6 +515,7 @@ mod tests {
         assert_ne!(options.idempotency_key.as_deref(), Some(key.as_str()));
         assert!(!options.retry, "a new claim");
         assert_eq!(next.first_sent, later);
+        assert_eq!(ClaimTries::lease_start(None, later, false), later);
     }
 
     #[test]

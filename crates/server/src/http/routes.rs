@@ -334,8 +334,9 @@ const IDEMPOTENCY_KEY: Param = Param {
     ty: Ty::String,
     doc:
         "Makes the claim safe to send again: every try of one claim sends the same key (16 to 255 \
-          printable ASCII characters, random: it is as secret as the session token it leads to). A \
-          try after one that took an item answers that item and its lease again.",
+          printable ASCII characters, random) and hands out the same session token; a try after \
+          one that took an item answers that item and its lease again, with `earlier_try`. Needs a \
+          Worker-ID.",
 };
 
 /// Every endpoint of one dialect, relative to its prefix (both dialects serve the same table).

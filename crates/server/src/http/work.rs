@@ -149,6 +149,14 @@ pub async fn claim(
         ));
     }
     let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
+    if key.is_some() && worker.is_none() {
+        // The token is the claimant's: without a worker's id, two claimants sharing a
+        // credential and a key would be answered each other's item.
+        return Err(ApiError::bad_param(
+            "Idempotency-Key",
+            "a claim sent with an Idempotency-Key must name its worker (the Worker-ID header)",
+        ));
+    }
     // Every try of one claim names the same session token; only the claimant can derive it.
     let token =
         key.map(|k| credentials::claim_token(&k.claimant_secret, &take.env.id, worker, &k.key));
@@ -166,6 +174,7 @@ pub async fn claim(
             object: "work_claim".into(),
             work: delivered(&app, dialect, &c),
             lease: wire::heartbeat(lease),
+            earlier_try: c.earlier_try,
             extra: Default::default(),
         }
     })))

@@ -256,7 +256,7 @@ impl App {
     }
 
     /// [`Self::item_of_token`], saying why a token is dead when it is its lease that ran out.
-    pub(super) async fn token_item(&self, token_hash: &str) -> Result<TokenItem> {
+    async fn token_item(&self, token_hash: &str) -> Result<TokenItem> {
         // What an earlier run of this server may have promised moves deadlines: before the read.
         self.keep_earlier_runs_promise().await?;
         let Some(mut item) = self.store.work_by_token_hash(token_hash).await? else {
@@ -531,7 +531,7 @@ impl App {
 }
 
 /// What a session token's item says of the token.
-pub(super) enum TokenItem {
+enum TokenItem {
     Live(Box<tether_core::WorkItem>),
     /// The item's lease ran out (the item goes back to the queue, or stops if it was stopping).
     Lapsed,

@@ -26,6 +26,9 @@ pub struct Claimed {
     pub session_token: String,
     /// The lease a claim ([`Taking::Start`]) started: what its first heartbeat answered.
     pub lease: Option<HeartbeatReply>,
+    /// The item is the one an earlier try of this claim took ([`App::claim`]): its lease began
+    /// when that try committed, not when this one was sent.
+    pub earlier_try: bool,
 }
 
 /// What a poll does with the item it finds.
@@ -578,27 +581,40 @@ impl App {
 
     /// The claim whose session token is `token`, answered again: `None` when no item holds the
     /// token (no try of this claim committed, or its item has stopped or gone back to the queue
-    /// since). An item whose lease ran out, not yet settled, is settled first: it goes back to
-    /// the queue, and the claim takes work anew.
+    /// since). The item is judged as any operation on it is (`run_item_op`): a lease that ran out
+    /// is settled there, so that the token lets go of it and the claim takes work anew, and one
+    /// that an amnesty holds is live.
     async fn claimed_before(
         &self,
         token: &str,
         worker_id: Option<&str>,
     ) -> Result<Option<Claimed>> {
-        let item = match self.token_item(&credentials::hash(token)).await? {
-            super::tokens::TokenItem::Dead => return Ok(None),
-            super::tokens::TokenItem::Lapsed => {
-                Box::pin(self.expire_due_leases()).await?;
-                return Ok(None);
-            }
-            super::tokens::TokenItem::Live(item) => *item,
+        let token_hash = credentials::hash(token);
+        let Some(found) = self.store.work_by_token_hash(&token_hash).await? else {
+            return Ok(None);
         };
-        let lease = work::claimed_lease(&item, worker_id)?;
-        Ok(Some(Claimed {
-            item,
-            session_token: token.to_owned(),
-            lease: Some(lease),
-        }))
+        let found = found.value;
+        let answered = self.run_item_op(
+            &found.environment_id,
+            &found.id,
+            ItemRead::ItemAndSession,
+            |item, _now| {
+                work::held_by(item, &token_hash)?;
+                let lease = work::claimed_lease(item, worker_id)?;
+                Ok((Step::unchanged(item), lease))
+            },
+        );
+        match Box::pin(answered).await {
+            Ok((item, lease)) => Ok(Some(Claimed {
+                item,
+                session_token: token.to_owned(),
+                lease: Some(lease),
+                earlier_try: true,
+            })),
+            // The token no longer holds it (its lease ran out, and is settled now; it stopped).
+            Err(Error::Refused(WorkError::NotHeld)) | Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// [`Self::poll`] and [`Self::claim`]: takes the oldest claimable item as `taking` says, waiting
@@ -678,7 +694,9 @@ impl App {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Box::pin(self.taken_by_earlier_try(taking, worker_id)).await
                 }
-                _ = self.until_shutdown() => return Ok(None),
+                _ = self.until_shutdown() => {
+                    return Box::pin(self.taken_by_earlier_try(taking, worker_id)).await
+                }
             }
         }
     }
@@ -741,12 +759,14 @@ impl App {
                             item: step.item,
                             session_token: token,
                             lease,
+                            earlier_try: false,
                         }));
                     }
                     Err(Retry::Conflict) => {
                         // Another try of this claim may have taken the token first (a token
                         // holds one item at most): then its item is this claim's answer.
                         if let Some(token) = taking.named_token() {
+                            drop(_reservation);
                             if let Some(claimed) = self.claimed_before(token, worker_id).await? {
                                 return Ok(Some(claimed));
                             }

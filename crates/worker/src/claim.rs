@@ -171,6 +171,8 @@ async fn claim(
                 );
                 claims = false;
                 polling_since = Instant::now();
+                // Nothing was claimed: the next claim, once tried again, is a new one.
+                tries = None;
                 continue;
             }
             let earlier_try = matches!(&polled, Ok(Some((_, Some(taken)))) if taken.earlier_try);

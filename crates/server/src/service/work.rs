@@ -548,7 +548,8 @@ impl App {
     /// while an earlier one holds the token loses its write, and then answers that one. A try
     /// marked as sent again (`ask.resent`) also looks for it first, and once more before it
     /// answers that it found nothing (an earlier try may have committed while it waited). A
-    /// first try costs no read more than a claim without a key, idle or not.
+    /// first try costs no read more than a claim without a key, idle or not, unless it loses a
+    /// race for an item.
     pub async fn claim(
         &self,
         env: &Environment,

@@ -157,6 +157,19 @@ impl Setup {
         }
     }
 
+    /// A worker `w1` that reaches the server through an HTTP proxy meddling with its claims, and
+    /// records each item's end.
+    async fn worker_behind(&self, meddling: Meddling) -> (HttpProxy, WorkerProcess) {
+        let proxy = HttpProxy::start(&self.server.base, meddling).await;
+        let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
+        let options = WorkerOptions {
+            server: Some(proxy.url.clone()),
+            ..WorkerOptions::running(&script)
+        };
+        let worker = self.worker("w1", options);
+        (proxy, worker)
+    }
+
     fn worker(&self, name: &str, options: WorkerOptions) -> WorkerProcess {
         let server = options
             .server
@@ -520,15 +533,7 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
 #[tokio::test]
 async fn a_server_without_claims_is_served_by_polls() {
     let setup = Setup::new().await;
-    let proxy = HttpProxy::start(&setup.server.base, Meddling::NoClaims).await;
-    let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
-    let mut worker = setup.worker(
-        "w1",
-        WorkerOptions {
-            server: Some(proxy.url.clone()),
-            ..WorkerOptions::running(&script)
-        },
-    );
+    let (proxy, mut worker) = setup.worker_behind(Meddling::NoClaims).await;
     worker.wait_for_log("the server takes no claims").await;
     let mut served = Vec::new();
     for _ in 0..2 {
@@ -552,15 +557,7 @@ async fn a_server_without_claims_is_served_by_polls() {
 #[tokio::test]
 async fn a_claim_whose_answer_is_lost_is_answered_again() {
     let setup = Setup::new().await;
-    let proxy = HttpProxy::start(&setup.server.base, Meddling::LoseFirstTakenClaim).await;
-    let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
-    let mut worker = setup.worker(
-        "w1",
-        WorkerOptions {
-            server: Some(proxy.url.clone()),
-            ..WorkerOptions::running(&script)
-        },
-    );
+    let (proxy, mut worker) = setup.worker_behind(Meddling::LoseFirstTakenClaim).await;
     let work = setup.session(json!({})).await;
     setup.wait_for_state(&work, "stopped").await;
     // The claim was taken once and served by the worker that took it: no lease ran out, no

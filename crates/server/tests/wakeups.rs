@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use counting::counting_app;
+use tether_core::resources::Environment;
 use tether_core::{ManualClock, SystemClock, Timestamp};
 use tether_server::service::agents::NewAgent;
 use tether_server::service::sessions::NewSession;
 use tether_server::service::tokens::NewCredential;
 use tether_server::service::work::ClaimAsk;
+use tether_server::App;
 use tether_testkit::backends;
 
 // The queue is empty in most of these tests; agents and sessions are needed only where an item is.
@@ -140,22 +142,7 @@ async fn a_claim_or_a_delivery_wakes_no_waiter() {
         let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
         let (_location, app, counting, env) =
             counting_app(&backend, Arc::new(clock), "claimed").await;
-        let agent = app
-            .create_agent(NewAgent {
-                name: "agent".into(),
-                model: Some(serde_json::json!("model")),
-                ..NewAgent::default()
-            })
-            .await
-            .expect("agent");
-        for _ in 0..2 {
-            let session = NewSession {
-                environment_id: env.id.clone(),
-                agent: agent.id.clone(),
-                ..NewSession::default()
-            };
-            app.create_session(session).await.expect("session");
-        }
+        two_sessions(&app, &env).await;
         // Both delivered and not acknowledged: not claimable for the default reclaim window.
         let delivered = app.poll(&env, Some("w1"), None, None, 5_000).await;
         let item = delivered.expect("poll").expect("the first item").item;
@@ -211,22 +198,7 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
         let clock = ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000));
         let (_location, app, counting, env) =
             counting_app(&backend, Arc::new(clock), "again").await;
-        let agent = app
-            .create_agent(NewAgent {
-                name: "agent".into(),
-                model: Some(serde_json::json!("model")),
-                ..NewAgent::default()
-            })
-            .await
-            .expect("agent");
-        for _ in 0..2 {
-            let session = NewSession {
-                environment_id: env.id.clone(),
-                agent: agent.id.clone(),
-                ..NewSession::default()
-            };
-            app.create_session(session).await.expect("session");
-        }
+        two_sessions(&app, &env).await;
         let (key, _) = app
             .create_environment_key(&env.id, NewCredential::default())
             .await
@@ -260,5 +232,25 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
             backend.name()
         );
         app.begin_shutdown();
+    }
+}
+
+/// Two sessions of one agent in `env`, so two queued items.
+async fn two_sessions(app: &App, env: &Environment) {
+    let agent = app
+        .create_agent(NewAgent {
+            name: "agent".into(),
+            model: Some(serde_json::json!("model")),
+            ..NewAgent::default()
+        })
+        .await
+        .expect("agent");
+    for _ in 0..2 {
+        let session = NewSession {
+            environment_id: env.id.clone(),
+            agent: agent.id.clone(),
+            ..NewSession::default()
+        };
+        app.create_session(session).await.expect("session");
     }
 }

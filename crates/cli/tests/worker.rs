@@ -401,6 +401,15 @@ async fn started(dir: &Path, work: &str, n: usize) -> Stamp {
 
 /// A history without `first_heartbeat`: a program that ends at once may be done, and its item stopped,
 /// before the first heartbeat (sent concurrently with the start) lands.
+/// The history of an item claimed once and served to its end by the worker that claimed it.
+const SERVED_ONCE: [&str; 5] = [
+    "enqueued",
+    "delivered",
+    "acked",
+    "first_heartbeat",
+    "force_stopped",
+];
+
 fn without_first_heartbeat(causes: Vec<String>) -> Vec<String> {
     causes
         .into_iter()
@@ -562,16 +571,7 @@ async fn a_claim_whose_answer_is_lost_is_answered_again() {
     setup.wait_for_state(&work, "stopped").await;
     // The claim was taken once and served by the worker that took it: no lease ran out, no
     // second delivery, though its first answer never arrived.
-    assert_eq!(
-        setup.causes(&work).await,
-        [
-            "enqueued",
-            "delivered",
-            "acked",
-            "first_heartbeat",
-            "force_stopped"
-        ]
-    );
+    assert_eq!(setup.causes(&work).await, SERVED_ONCE);
     assert!(setup.claimed_in_one_request(&work).await);
     assert!(proxy.seen("claim") >= 2, "the claim was sent again");
     assert!(
@@ -775,16 +775,7 @@ async fn a_force_stop_kills_the_program() {
         item["metadata"].get("tether.exit_code").is_none(),
         "a worker that lost the item leaves it alone: {item}"
     );
-    assert_eq!(
-        setup.causes(&work).await,
-        [
-            "enqueued",
-            "delivered",
-            "acked",
-            "first_heartbeat",
-            "force_stopped"
-        ]
-    );
+    assert_eq!(setup.causes(&work).await, SERVED_ONCE);
     worker.shut_down_cleanly().await;
 }
 

@@ -583,27 +583,6 @@ async fn a_claim_whose_answer_is_lost_is_answered_again() {
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }
 
-/// The answer of a claim is lost and the worker is told to stop while it waits to send the claim
-/// again: it sends it once more as the drain begins, and serves the item that claim took, rather
-/// than leave it to its lease.
-#[tokio::test]
-async fn a_claim_whose_answer_is_lost_as_the_drain_begins_is_served() {
-    let setup = Setup::new().await;
-    let (proxy, mut worker) = setup.worker_behind(Meddling::LoseFirstTakenClaim).await;
-    let work = setup.session(json!({})).await;
-    let deadline = Instant::now() + PATIENCE;
-    while !proxy.lost_an_answer() {
-        assert!(Instant::now() < deadline, "no claim's answer was lost");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // The worker waits a second or more before it sends the claim again.
-    worker.signal(Signal::SIGTERM);
-    let status = worker.wait_exit().await;
-    assert!(status.success(), "{status:?}\n{}", worker.log());
-    setup.wait_for_state(&work, "stopped").await;
-    assert_eq!(setup.causes(&work).await, SERVED_ONCE, "{}", worker.log());
-}
-
 #[tokio::test]
 async fn failures_are_recorded_and_the_items_stopped() {
     let setup = Setup::new().await;

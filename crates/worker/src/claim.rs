@@ -93,17 +93,9 @@ async fn claim(
     // not idle, and `--max-idle` must not end it as if it were (under cron or an autoscaler, a
     // mistyped --server would look like a quiet queue).
     let mut heard = IdleStretch::Untried;
-    // A claim that may have taken an item unheard is sent again once more when the drain begins
-    // (`ClaimTries::unheard`); then the loop ends.
-    let mut last_try_sent = false;
     loop {
         while tasks.try_join_next().is_some() {}
-        let last_try = !last_try_sent
-            && claims
-            && *phase.borrow() == Phase::Draining
-            && tries.as_ref().is_some_and(ClaimTries::unheard);
-        last_try_sent |= last_try;
-        if (*phase.borrow() != Phase::Running && !last_try) || (shared.run_one && *claimed > 0) {
+        if *phase.borrow() != Phase::Running || (shared.run_one && *claimed > 0) {
             return Ok(());
         }
         if !tasks.is_empty() {
@@ -255,8 +247,7 @@ async fn claim(
         fields.push(("retry_in", &retry_in));
         report.warn(trouble, &fields);
         report.activity(Activity::Backoff(holdup, delay));
-        let unheard = claims && tries.as_ref().is_some_and(ClaimTries::unheard);
-        if !waited(&mut phase, delay).await && !unheard {
+        if !waited(&mut phase, delay).await {
             return Ok(());
         }
     }
@@ -330,14 +321,6 @@ impl ClaimTries {
             first_sent: sent,
             unheard: 0,
         }
-    }
-
-    /// Whether a try of this claim went unheard: it may have taken an item, which a try sent again
-    /// is answered. Such a claim is sent again once more when the drain begins, rather than left
-    /// to wait for its backoff: the item it may have taken would otherwise wait for its lease to
-    /// run out (the try has the 2 s a claim under way gets at the drain, [`given_up`]).
-    fn unheard(&self) -> bool {
-        self.unheard > 0
     }
 
     /// Sets the next try's key, and whether it is one sent again.

@@ -26,8 +26,6 @@ pub struct HttpProxy {
     pub url: String,
     /// Requests seen, by their last path segment (`claim`, `poll`, `ack`, `heartbeat`, …).
     seen: Arc<Mutex<BTreeMap<String, usize>>>,
-    /// Whether a claim's answer was lost ([`Meddling::LoseFirstTakenClaim`]).
-    lost: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -43,10 +41,9 @@ impl HttpProxy {
         let client = reqwest::Client::new();
         let counted = seen.clone();
         let lost = Arc::new(AtomicBool::new(false));
-        let losing = lost.clone();
         let app = axum::Router::new().fallback(move |request: Request| {
             let (client, upstream, seen) = (client.clone(), upstream.clone(), counted.clone());
-            let lost = losing.clone();
+            let lost = lost.clone();
             async move {
                 let meddle = Meddle {
                     meddling,
@@ -58,17 +55,7 @@ impl HttpProxy {
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("the proxy serves");
         });
-        HttpProxy {
-            url,
-            seen,
-            lost,
-            task,
-        }
-    }
-
-    /// Whether the answer of a claim that took an item was lost on the way.
-    pub fn lost_an_answer(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        HttpProxy { url, seen, task }
     }
 
     /// How many requests ended in this path segment.

@@ -29,7 +29,7 @@ pub fn mint(prefix: &str) -> String {
 pub fn claim_token(
     claimant_secret: &str,
     environment_id: &str,
-    worker_id: Option<&str>,
+    worker_id: &str,
     idempotency_key: &str,
 ) -> String {
     let mut digest = Sha256::new();
@@ -37,7 +37,7 @@ pub fn claim_token(
         "tether claim token v1",
         claimant_secret,
         environment_id,
-        worker_id.unwrap_or(""),
+        worker_id,
         idempotency_key,
     ] {
         debug_assert!(!field.contains('\0'));
@@ -89,21 +89,21 @@ mod tests {
 
     #[test]
     fn a_claims_token_is_the_same_for_its_tries_and_differs_in_every_input() {
-        let token = claim_token("cred", "env", Some("w"), "key-0123456789abcdef");
+        let token = claim_token("cred", "env", "w", "key-0123456789abcdef");
         assert_eq!(
             token,
-            claim_token("cred", "env", Some("w"), "key-0123456789abcdef")
+            claim_token("cred", "env", "w", "key-0123456789abcdef")
         );
         assert!(token.starts_with(SESSION_PREFIX));
         assert_eq!(token.len(), mint(SESSION_PREFIX).len());
         for other in [
-            claim_token("cred2", "env", Some("w"), "key-0123456789abcdef"),
-            claim_token("cred", "env2", Some("w"), "key-0123456789abcdef"),
-            claim_token("cred", "env", Some("w2"), "key-0123456789abcdef"),
-            claim_token("cred", "env", None, "key-0123456789abcdef"),
-            claim_token("cred", "env", Some("w"), "key-0123456789abcdeF"),
+            claim_token("cred2", "env", "w", "key-0123456789abcdef"),
+            claim_token("cred", "env2", "w", "key-0123456789abcdef"),
+            claim_token("cred", "env", "w2", "key-0123456789abcdef"),
+            claim_token("cred", "env", "", "key-0123456789abcdef"),
+            claim_token("cred", "env", "w", "key-0123456789abcdeF"),
             // The separator keeps fields apart: no shifting of characters between them.
-            claim_token("cre", "denv", Some("w"), "key-0123456789abcdef"),
+            claim_token("cre", "denv", "w", "key-0123456789abcdef"),
         ] {
             assert_ne!(token, other);
         }

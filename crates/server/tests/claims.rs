@@ -280,7 +280,8 @@ async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
         // Its answer lost, the worker sends it again: the same item, token and lease, and
         // nothing more is taken or written.
         server.clock.advance_millis(2_000);
-        let again = keyed_claim(&q, "?desired_ttl_seconds=30&retry=true", "w1", KEY).await;
+        // (It asks for another lease length: the lease answered is the one the first try made.)
+        let again = keyed_claim(&q, "?desired_ttl_seconds=45&retry=true", "w1", KEY).await;
         assert_eq!(claimed(&again), (id.clone(), token.clone(), beat.clone()));
         assert_eq!(again.ok()["lease"], lease);
         assert_eq!(
@@ -389,20 +390,65 @@ async fn a_claim_sent_again_answers_what_an_earlier_try_took_while_it_waited() {
     .await;
 }
 
+/// A key names a claim of one claimant in one environment: the same key sent with another
+/// credential, or to another environment, is another claim, even one marked as sent again.
+#[tokio::test]
+async fn a_key_is_one_claimants_in_one_environment() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let first = q.enqueue().await;
+        let second = q.enqueue().await;
+        let (id, token, _) = claimed(&keyed_claim(&q, "", "w1", KEY).await);
+        assert_eq!(id, first.id);
+
+        let key = q.req(Method::POST, &format!("/environments/{}/keys", q.env));
+        let env_key = key.send().await.ok()["token"].as_str().unwrap().to_owned();
+        let path = q.path("/claim?retry=true");
+        let request = q.req(Method::POST, &path).bearer(&env_key).worker("w1");
+        let other = request.header("idempotency-key", KEY).send().await;
+        let (other_id, other_token, _) = claimed(&other);
+        assert_eq!(
+            other_id, second.id,
+            "another credential's claim takes its own item"
+        );
+        assert_ne!(other_token, token);
+        assert_eq!(other.ok()["earlier_try"], false);
+
+        let elsewhere = Queue::new(server).await;
+        let answer = keyed_claim(&elsewhere, "?retry=true", "w1", KEY).await;
+        assert_eq!(
+            answer.ok(),
+            &Value::Null,
+            "nothing of the first environment's"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_claims_key_must_be_a_plain_long_string() {
     each_backend(async |server| {
         let q = Queue::new(server).await;
         q.enqueue().await;
-        for key in ["short", "has a space in it, so no", &"k".repeat(256)] {
+        for key in [
+            "short",
+            "fifteen-chars-k",
+            "has a space in it, so no",
+            &"k".repeat(256),
+        ] {
             keyed_claim(&q, "", "w1", key)
                 .await
                 .bad_param("Idempotency-Key");
         }
+        let path = q.path("/claim");
+        let twice = q.req(Method::POST, &path).worker("w1");
+        let twice = twice
+            .header("idempotency-key", KEY)
+            .header("idempotency-key", KEY);
+        twice.send().await.bad_param("Idempotency-Key");
         // Only a claim with a key can be one sent again.
         q.claim("?retry=true", Some("w1")).await.bad_param("retry");
         // A key is a worker's.
-        let path = q.path("/claim");
         let anonymous = q.req(Method::POST, &path).header("idempotency-key", KEY);
         anonymous.send().await.bad_param("Idempotency-Key");
         let (_, _, _) = claimed(&keyed_claim(&q, "", "w1", &"k".repeat(255)).await);

@@ -334,9 +334,10 @@ const IDEMPOTENCY_KEY: Param = Param {
     ty: Ty::String,
     doc:
         "Makes the claim safe to send again: every try of one claim sends the same key (16 to 255 \
-          printable ASCII characters, random) and hands out the same session token; a try after \
-          one that took an item answers that item and its lease again, with `earlier_try`. Needs a \
-          Worker-ID.",
+          printable ASCII characters, random) and hands out the same session token. A try sent \
+          again with `retry=true` answers the item an earlier try took, and its lease, with \
+          `earlier_try`; a try without it does so only when it loses a race for a queued item to \
+          that earlier try. Needs a Worker-ID.",
 };
 
 /// Every endpoint of one dialect, relative to its prefix (both dialects serve the same table).

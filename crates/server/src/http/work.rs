@@ -149,17 +149,23 @@ pub async fn claim(
         ));
     }
     let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
-    if key.is_some() && worker.is_none() {
-        // The token is the claimant's: without a worker's id, two claimants sharing a
-        // credential and a key would be answered each other's item.
-        return Err(ApiError::bad_param(
-            "Idempotency-Key",
-            "a claim sent with an Idempotency-Key must name its worker (the Worker-ID header)",
-        ));
-    }
     // Every try of one claim names the same session token; only the claimant can derive it.
     let token =
-        key.map(|k| credentials::claim_token(&k.claimant_secret, &take.env.id, worker, &k.key));
+        match (key, worker) {
+            (Some(k), Some(worker)) => Some(credentials::claim_token(
+                &k.claimant_secret,
+                &take.env.id,
+                worker,
+                &k.key,
+            )),
+            // The token is the claimant's: without a worker's id, two claimants sharing a
+            // credential and a key would be answered each other's item.
+            (Some(_), None) => return Err(ApiError::bad_param(
+                "Idempotency-Key",
+                "a claim sent with an Idempotency-Key must name its worker (the Worker-ID header)",
+            )),
+            (None, _) => None,
+        };
     let ask = ClaimAsk {
         desired_ttl_seconds: ttl,
         session_token: token.as_deref(),

@@ -677,6 +677,11 @@ impl App {
                 let claim = self.try_claim(env, worker_id, issuer, reclaim_ms, taking, scan);
                 Box::pin(claim).await?
             };
+            // An earlier try's item, answered after this try lost its write for an item of the
+            // queue: that item is still there, and the wake-up passes on as the tickets drop.
+            if claimed.as_ref().is_some_and(|c| c.earlier_try) {
+                return Ok(claimed);
+            }
             if let Some(woken) = answering.take() {
                 woken.consume();
             }

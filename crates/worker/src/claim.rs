@@ -25,6 +25,9 @@ const LONG_POLL_MS: u32 = 999;
 /// How long a claim under way as the drain begins is waited for: the longest `block_ms` and a
 /// second more. The drain time starts once it is answered or given up.
 const CLAIM_ANSWERED_IN_DRAIN: Duration = Duration::from_millis(LONG_POLL_MS as u64 + 1_000);
+/// The longest wait before a claim whose answer was not heard is sent again: well within any lease
+/// (10 s at the least), whatever the backoff has grown to.
+const CLAIM_SENT_AGAIN_WITHIN: Duration = Duration::from_secs(2);
 /// How long a worker polls a server that took no claim before it tries a claim again.
 const CLAIMS_AGAIN_AFTER: Duration = Duration::from_secs(300);
 /// An empty answer sooner than this did not wait for work (see the claim loop).
@@ -241,7 +244,7 @@ async fn claim(
                 ),
             }
         };
-        let delay = backoff.next_delay();
+        let delay = ClaimTries::wait_before_next(tries.as_ref(), backoff.next_delay());
         let retry_in = format!("{:.1}s", delay.as_secs_f64());
         let mut fields: Vec<(&str, &str)> = about.iter().map(|(k, v)| (*k, v.as_str())).collect();
         fields.push(("retry_in", &retry_in));
@@ -309,8 +312,8 @@ struct ClaimTries {
     key: String,
     /// When the first try went out: the earliest its item's lease can have started.
     first_sent: tokio::time::Instant,
-    /// Tries sent so far whose answers were not heard.
-    unheard: u32,
+    /// A try was sent whose answer was not heard: the next is one sent again.
+    unheard: bool,
 }
 
 impl ClaimTries {
@@ -319,14 +322,14 @@ impl ClaimTries {
         ClaimTries {
             key: format!("{bits:032x}"),
             first_sent: sent,
-            unheard: 0,
+            unheard: false,
         }
     }
 
     /// Sets the next try's key, and whether it is one sent again.
     fn ask(&self, options: &mut ClaimOptions) {
         options.idempotency_key = Some(self.key.clone());
-        options.retry = self.unheard > 0;
+        options.retry = self.unheard;
     }
 
     /// When the lease of an item a claim's try sent at `sent` brought began, at the earliest: an
@@ -338,8 +341,18 @@ impl ClaimTries {
         earlier_try: bool,
     ) -> tokio::time::Instant {
         match tries {
-            Some(tries) if earlier_try => tries.first_sent.min(sent),
+            Some(tries) if earlier_try => tries.first_sent,
             _ => sent,
+        }
+    }
+
+    /// How long to wait before the next take, the backoff having said `backoff`: a claim sent
+    /// again goes within [`CLAIM_SENT_AGAIN_WITHIN`]. The item it may have taken is leased from
+    /// its first try; at the poll's backoff (up to a minute) the try would come after the lease.
+    fn wait_before_next(tries: Option<&ClaimTries>, backoff: Duration) -> Duration {
+        match tries {
+            Some(tries) if tries.unheard => backoff.min(CLAIM_SENT_AGAIN_WITHIN),
+            _ => backoff,
         }
     }
 
@@ -347,7 +360,7 @@ impl ClaimTries {
     /// is this claim's again.
     fn answered(tries: &mut Option<ClaimTries>, heard: bool) {
         match tries {
-            Some(unheard) if !heard => unheard.unheard += 1,
+            Some(unheard) if !heard => unheard.unheard = true,
             _ => *tries = None,
         }
     }
@@ -504,6 +517,13 @@ mod tests {
         again.ask(&mut options);
         assert_eq!(options.idempotency_key.as_deref(), Some(key.as_str()));
         assert!(options.retry, "sent again");
+        let long = Duration::from_secs(60);
+        assert_eq!(
+            ClaimTries::wait_before_next(tries.as_ref(), long),
+            CLAIM_SENT_AGAIN_WITHIN,
+            "sent again well within the lease"
+        );
+        assert_eq!(ClaimTries::wait_before_next(None, long), long);
         // An earlier try's item is leased from the first try's sending; one this try took, from
         // this try's.
         let tried = tries.as_ref();

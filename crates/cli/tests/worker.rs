@@ -161,11 +161,8 @@ impl Setup {
     /// records each item's end.
     async fn worker_behind(&self, meddling: Meddling) -> (HttpProxy, WorkerProcess) {
         let proxy = HttpProxy::start(&self.server.base, meddling).await;
-        let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
-        let options = WorkerOptions {
-            server: Some(proxy.url.clone()),
-            ..WorkerOptions::running(&script)
-        };
+        let script = format!("{PRELUDE}{ENDS_AT_ONCE}");
+        let options = WorkerOptions::running(&script).via(&proxy.url);
         let worker = self.worker("w1", options);
         (proxy, worker)
     }
@@ -203,6 +200,14 @@ struct WorkerOptions {
 }
 
 impl WorkerOptions {
+    /// Reaching the server at `url` (a proxy in front of it).
+    fn via(self, url: &str) -> WorkerOptions {
+        WorkerOptions {
+            server: Some(url.to_owned()),
+            ..self
+        }
+    }
+
     fn running(script: &str) -> WorkerOptions {
         WorkerOptions {
             server: None,
@@ -220,6 +225,10 @@ impl WorkerOptions {
 /// The lines every script starts with: `$f` is the item's stamp file, and the start is stamped.
 const PRELUDE: &str = r#"f="$STAMPS/$TETHER_WORK_ID"
 echo "start $TETHER_WORKER_ID $$" >> "$f"
+"#;
+
+/// Stamps its end at once and exits 0 (after [`PRELUDE`]).
+const ENDS_AT_ONCE: &str = r#"echo "end $TETHER_WORKER_ID $$" >> "$f"
 "#;
 
 /// Runs until `$f.release` exists, then stamps its end and exits 0.
@@ -399,8 +408,6 @@ async fn started(dir: &Path, work: &str, n: usize) -> Stamp {
     }
 }
 
-/// A history without `first_heartbeat`: a program that ends at once may be done, and its item stopped,
-/// before the first heartbeat (sent concurrently with the start) lands.
 /// The history of an item claimed once and served to its end by the worker that claimed it.
 const SERVED_ONCE: [&str; 5] = [
     "enqueued",
@@ -410,6 +417,8 @@ const SERVED_ONCE: [&str; 5] = [
     "force_stopped",
 ];
 
+/// A history without `first_heartbeat`: a program that ends at once may be done, and its item stopped,
+/// before the first heartbeat (sent concurrently with the start) lands.
 fn without_first_heartbeat(causes: Vec<String>) -> Vec<String> {
     causes
         .into_iter()
@@ -559,6 +568,10 @@ async fn a_server_without_claims_is_served_by_polls() {
     }
     assert_eq!(proxy.seen("claim"), 1, "asked once, then never again");
     assert!(proxy.seen("ack") >= 2, "each item acknowledged");
+    assert!(
+        proxy.seen("heartbeat") >= 2,
+        "each lease begun by a heartbeat of its own"
+    );
     let status = worker.shut_down().await;
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }
@@ -885,13 +898,7 @@ async fn a_worker_cut_off_from_the_server_abandons_its_item() {
     let setup = Setup::new().await;
     let proxy = Proxy::start(&setup.server.base).await;
     let script = format!("{TRAP_TERM}{PRELUDE}{UNTIL_RELEASED}");
-    let mut cut_off = setup.worker(
-        "w1",
-        WorkerOptions {
-            server: Some(proxy.url.clone()),
-            ..WorkerOptions::running(&script)
-        },
-    );
+    let mut cut_off = setup.worker("w1", WorkerOptions::running(&script).via(&proxy.url));
     let (work, start) = setup.session_started_and_active().await;
     let dir = setup.stamps();
 
@@ -953,11 +960,10 @@ async fn a_server_away_for_a_while_shows_in_the_workers_log() {
     let mut worker = setup.worker(
         "w1",
         WorkerOptions {
-            server: Some(proxy.url.clone()),
             // Beats every 5 s, retried every 1.25 s: each time away lasts a failed beat or call and
             // a retry, well within the lease.
             ttl: "10",
-            ..WorkerOptions::running(&script)
+            ..WorkerOptions::running(&script).via(&proxy.url)
         },
     );
     let (work, start) = setup.session_started_and_active().await;
@@ -1127,14 +1133,13 @@ esac
 async fn an_item_claimed_as_the_drain_begins_is_served() {
     let setup = Setup::new().await;
     let proxy = Proxy::start(&setup.server.base).await;
-    let script = format!("{PRELUDE}echo \"end $TETHER_WORKER_ID $$\" >> \"$f\"\n");
+    let script = format!("{PRELUDE}{ENDS_AT_ONCE}");
     let mut worker = setup.worker(
         "w1",
         WorkerOptions {
-            server: Some(proxy.url.clone()),
             // A lease long enough for the slow answers below on a loaded machine.
             ttl: "10",
-            ..WorkerOptions::running(&script)
+            ..WorkerOptions::running(&script).via(&proxy.url)
         },
     );
     worker.wait_for_log("worker started").await;
@@ -1343,8 +1348,8 @@ async fn a_second_signal_forces_the_shutdown() {
     );
 }
 
-/// A server that answers every poll with `poll` at once, and anything else 404; the request lines
-/// it got.
+/// A server that answers every poll with `poll` at once, every claim with `claim` when given (a
+/// server without claims otherwise), and anything else 404; the request lines it got.
 async fn hostile_server(
     poll: Value,
     claim: Option<Value>,
@@ -1544,14 +1549,22 @@ async fn a_program_that_can_no_longer_run_takes_no_work_until_it_can() {
     worker.wait_for_log("worker started").await;
 
     mode(0o644);
+    // The claim under way (the queue is empty) comes back, and the loop sees PROGRAM cannot run
+    // before it takes anything more.
+    worker
+        .wait_for_log("PROGRAM cannot run: taking no work until it can")
+        .await;
     let work = setup.session(json!({})).await;
-    worker.wait_for_log("PROGRAM cannot run").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let item = setup.item(&work).await;
-    // A claim already under way when PROGRAM went may have taken the item: it is held, its lease
-    // kept, until PROGRAM can run; otherwise it waits in the queue. Either way nothing ran.
+    // Nothing takes it: it waits in the queue, and nothing ran.
     assert!(
         item["state"] == "queued" || item["state"] == "active",
+        "{item}"
+    );
+    assert_eq!(
+        (&item["state"], &item["delivery_count"]),
+        (&json!("queued"), &json!(0)),
         "{item}"
     );
     assert!(item["delivery_count"].as_u64() <= Some(1), "{item}");

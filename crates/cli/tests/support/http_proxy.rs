@@ -112,14 +112,16 @@ async fn forward(
         Ok(answer) => answer,
         Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     };
-    let mut response = Response::builder().status(answer.status());
+    let answer_status = answer.status();
+    let mut response = Response::builder().status(answer_status);
     for (name, value) in answer.headers() {
         if !is_hop_by_hop(name) {
             response = response.header(name, value);
         }
     }
     let bytes = answer.bytes().await.unwrap_or_default();
-    let took_an_item = segment == "claim" && bytes.as_ref() != b"null";
+    let took_an_item =
+        segment == "claim" && answer_status.is_success() && bytes.as_ref() != b"null";
     if meddle.meddling == Meddling::LoseFirstTakenClaim
         && took_an_item
         && !meddle.lost.swap(true, Ordering::SeqCst)

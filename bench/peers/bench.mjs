@@ -217,7 +217,9 @@ class TetherApi {
 }
 
 // `claims`: the workers run Tether's own cycle (claim, stop) instead of the contract's four requests (poll,
-// ack, heartbeat, stop). Such a system takes part in B only: elsewhere it would repeat its twin's figures.
+// ack, heartbeat, stop). Such a system takes part in B only. A, C and D keep the contract's polls (C's
+// idle workers and A's blocked one wait in a poll; a claim's wait is the same, its answer one write
+// larger), so they measure the official SDKs' workers rather than `tether worker`'s own cycle.
 class TetherSystem {
     constructor(backend, { claims = false } = {}) {
         this.backend = backend;

@@ -41,24 +41,23 @@ const COMMIT_BUCKETS: &[f64] = &[
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
+/// The histograms of a worker's pace between its calls (§11.4).
+pub const ENQUEUE_TO_DELIVERY: &str = "tether_enqueue_to_delivery_seconds";
+pub const DELIVERY_TO_ACK: &str = "tether_delivery_to_ack_seconds";
+pub const ACK_TO_FIRST_HEARTBEAT: &str = "tether_ack_to_first_heartbeat_seconds";
+const PACE_HISTOGRAMS: &[&str] = &[ENQUEUE_TO_DELIVERY, DELIVERY_TO_ACK, ACK_TO_FIRST_HEARTBEAT];
+
 /// Every histogram and its buckets.
 pub const HISTOGRAMS: &[(&str, &[f64])] = &[
     ("tether_http_request_duration_seconds", REQUEST_BUCKETS),
-    ("tether_enqueue_to_delivery_seconds", QUEUE_BUCKETS),
-    ("tether_delivery_to_ack_seconds", WORKER_BUCKETS),
-    ("tether_ack_to_first_heartbeat_seconds", WORKER_BUCKETS),
+    (ENQUEUE_TO_DELIVERY, QUEUE_BUCKETS),
+    (DELIVERY_TO_ACK, WORKER_BUCKETS),
+    (ACK_TO_FIRST_HEARTBEAT, WORKER_BUCKETS),
     ("tether_store_commit_duration_seconds", COMMIT_BUCKETS),
     ("tether_store_commit_batch_size", BATCH_BUCKETS),
 ];
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// The histograms of a worker's pace between its calls (§11.4).
-const PACE_HISTOGRAMS: &[&str] = &[
-    "tether_enqueue_to_delivery_seconds",
-    "tether_delivery_to_ack_seconds",
-    "tether_ack_to_first_heartbeat_seconds",
-];
 
 /// Installs the process-wide metrics recorder once (several servers in one test process share it).
 pub fn install() -> Option<&'static PrometheusHandle> {
@@ -200,17 +199,17 @@ fn describe() {
         "Time from request to response head, by method, matched route and status."
     );
     describe_histogram!(
-        "tether_enqueue_to_delivery_seconds",
+        ENQUEUE_TO_DELIVERY,
         Unit::Seconds,
         "Time a work item waited in the queue before a poll handed it out."
     );
     describe_histogram!(
-        "tether_delivery_to_ack_seconds",
+        DELIVERY_TO_ACK,
         Unit::Seconds,
         "Time from a poll's delivery to the worker's ack (a claim, which acks at its delivery, adds none)."
     );
     describe_histogram!(
-        "tether_ack_to_first_heartbeat_seconds",
+        ACK_TO_FIRST_HEARTBEAT,
         Unit::Seconds,
         "Time from an ack to the first heartbeat (the item becomes active; a claim, which makes both at once, adds none)."
     );

@@ -757,7 +757,7 @@ impl App {
                 match self.commit_step(&candidate, session, &step, now).await {
                     Ok(()) => {
                         record_pace(
-                            "tether_enqueue_to_delivery_seconds",
+                            crate::telemetry::ENQUEUE_TO_DELIVERY,
                             candidate.value.enqueued_at,
                             now,
                         );
@@ -930,7 +930,7 @@ impl App {
             })
             .await?;
         if let (Some(delivered), Some(acked)) = (delivered_at, item.acknowledged_at) {
-            record_pace("tether_delivery_to_ack_seconds", delivered, acked);
+            record_pace(crate::telemetry::DELIVERY_TO_ACK, delivered, acked);
         }
         Ok(item)
     }
@@ -951,7 +951,7 @@ impl App {
             .await?;
         if reply.state == WorkState::Active && item.heartbeat_count == 1 {
             if let (Some(acked), Some(started)) = (item.acknowledged_at, item.started_at) {
-                record_pace("tether_ack_to_first_heartbeat_seconds", acked, started);
+                record_pace(crate::telemetry::ACK_TO_FIRST_HEARTBEAT, acked, started);
             }
         }
         Ok(reply)

@@ -256,6 +256,20 @@ DROP INDEX IF EXISTS work_tokens;
 CREATE UNIQUE INDEX IF NOT EXISTS work_token_unique ON work_items (token_hash) WHERE token_hash IS NOT NULL;
 "#,
     ),
+    (
+        9,
+        // The queue's index holds live items only. Stopped items pile up and no read of the queue
+        // wants them, yet every stop inserted the stopped row into this index too: on PostgreSQL
+        // an update that is not HOT adds an entry to every index whose predicate the new row meets,
+        // so a stop now writes two index entries (the primary key, `work_by_environment`) instead
+        // of three, and the index stays the size of the live queue however long the store lives.
+        // The reads it serves repeat its predicate word for word (see [`LIVE`]): SQLite uses a
+        // partial index only for a query whose WHERE holds the index's terms.
+        r#"
+DROP INDEX IF EXISTS work_queue;
+CREATE INDEX IF NOT EXISTS work_queue ON work_items (environment_id, state, enqueued_at, id) WHERE state <> 'stopped';
+"#,
+    ),
 ];
 
 /// The statement that reads the newest migration a database has had.
@@ -963,19 +977,50 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
     f.statement("SELECT doc FROM work_items", &tail)
 }
 
+/// The predicate of the partial indexes over live items (`work_queue`, `one_live_item_per_session`),
+/// which every read meant for them repeats as it stands: SQLite takes a partial index only for a
+/// query whose WHERE holds the index's own terms (`state = 'queued'` alone would not do), and
+/// PostgreSQL proves the implication either way. `tests::hot_reads_use_their_indexes` (SQLite) and
+/// the PostgreSQL store tests check the plans.
+const LIVE: &str = "state <> 'stopped'";
+
 /// The limit is written into the text, not bound: SQLite (built with STAT4) prepares a statement
 /// again whenever a bound `LIMIT` is rebound, which for the busiest read of all cost about 7 % of the
 /// server's CPU. Polls ask for few distinct limits (1 to 64), so the texts stay few.
 pub fn claim_candidates(environment_id: &str, window: ClaimWindow, limit: u32) -> Statement {
     Statement::new(
         format!(
-            "SELECT id, version, doc FROM work_items WHERE environment_id = $1 AND state = 'queued' \
+            "SELECT id, version, doc FROM work_items WHERE environment_id = $1 AND state = 'queued' AND {LIVE} \
              AND (delivered_at IS NULL OR delivered_at <= $2) AND (not_before IS NULL OR not_before <= $3) \
              ORDER BY enqueued_at, id LIMIT {limit}"
         ),
         vec![environment_id.into(), window.reclaim_cutoff.into(), window.now.into()],
     )
     .bounded()
+}
+
+/// The reads on the queue's busy paths, each with the index that must serve it: what the plan tests
+/// of both backends check (`hot_reads_use_their_indexes`), on a database migrated from scratch.
+pub fn busy_reads_and_their_indexes() -> Vec<(Statement, &'static str)> {
+    let now = Timestamp::from_micros(1_700_000_000_000_000);
+    vec![
+        (
+            claim_candidates("env", ClaimWindow::at(now, 5_000), 8),
+            "work_queue",
+        ),
+        (leased_work_in_environment("env"), "work_queue"),
+        (queue_counts("env"), "work_queue"),
+        (
+            live_work_for_session("session"),
+            "one_live_item_per_session",
+        ),
+        (leases_due_before(now, 64), "work_leases"),
+        (work_by_token_hash("hash"), "work_token_unique"),
+        (
+            list_work("env", &WorkFilter::default(), &PageRequest::first(20)),
+            "work_by_environment",
+        ),
+    ]
 }
 
 /// Decodes `(id, version, doc)` rows, leaving the document as text.
@@ -989,17 +1034,20 @@ pub fn candidate(row: &Row) -> StoreResult<crate::Candidate> {
 
 pub fn live_work_for_session(session_id: &str) -> Statement {
     Statement::new(
-        "SELECT version, doc FROM work_items WHERE session_id = $1 AND state <> 'stopped'",
+        format!("SELECT version, doc FROM work_items WHERE session_id = $1 AND {LIVE}"),
         vec![session_id.into()],
     )
     .bounded()
 }
 
 /// Served by the `work_queue` index (environment, state, …); stopped items, which pile up, are not read.
+/// In no particular order (the store sorts them).
 pub fn leased_work_in_environment(environment_id: &str) -> Statement {
     Statement::new(
-        "SELECT doc FROM work_items WHERE environment_id = $1 \
-         AND state IN ('starting', 'active', 'stopping') ORDER BY id",
+        format!(
+            "SELECT doc FROM work_items WHERE environment_id = $1 AND {LIVE} \
+             AND state IN ('starting', 'active', 'stopping')"
+        ),
         vec![environment_id.into()],
     )
 }
@@ -1015,14 +1063,16 @@ pub fn leases_due_before(before: Timestamp, limit: u32) -> Statement {
 
 pub fn queue_counts(environment_id: &str) -> Statement {
     Statement::new(
-        "SELECT \
-           COALESCE(SUM(CASE WHEN state = 'queued' AND delivered_at IS NULL THEN 1 ELSE 0 END), 0), \
-           COALESCE(SUM(CASE WHEN state = 'queued' AND delivered_at IS NOT NULL THEN 1 ELSE 0 END), 0), \
-           MIN(CASE WHEN state = 'queued' THEN enqueued_at ELSE NULL END), \
-           COALESCE(SUM(CASE WHEN state = 'starting' THEN 1 ELSE 0 END), 0), \
-           COALESCE(SUM(CASE WHEN state = 'active' THEN 1 ELSE 0 END), 0), \
-           COALESCE(SUM(CASE WHEN state = 'stopping' THEN 1 ELSE 0 END), 0) \
-         FROM work_items WHERE environment_id = $1 AND state <> 'stopped'",
+        format!(
+            "SELECT \
+               COALESCE(SUM(CASE WHEN state = 'queued' AND delivered_at IS NULL THEN 1 ELSE 0 END), 0), \
+               COALESCE(SUM(CASE WHEN state = 'queued' AND delivered_at IS NOT NULL THEN 1 ELSE 0 END), 0), \
+               MIN(CASE WHEN state = 'queued' THEN enqueued_at ELSE NULL END), \
+               COALESCE(SUM(CASE WHEN state = 'starting' THEN 1 ELSE 0 END), 0), \
+               COALESCE(SUM(CASE WHEN state = 'active' THEN 1 ELSE 0 END), 0), \
+               COALESCE(SUM(CASE WHEN state = 'stopping' THEN 1 ELSE 0 END), 0) \
+             FROM work_items WHERE environment_id = $1 AND {LIVE}"
+        ),
         vec![environment_id.into()],
     )
 }

@@ -501,4 +501,42 @@ mod tests {
     async fn a_runtime_of_one_thread_reads_nothing_inline() {
         assert!(pool().run_inline().is_none());
     }
+
+    /// SQLite's plan for `statement`, one line per step.
+    fn plan(conn: &Connection, statement: &Statement) -> String {
+        let explain = Statement::new(
+            format!("EXPLAIN QUERY PLAN {}", statement.sql),
+            statement.params.clone(),
+        );
+        let rows = query_rows(conn, &explain).unwrap();
+        rows.iter()
+            .map(|row| match &row[3] {
+                Value::Text(step) => step.clone(),
+                other => panic!("a plan step is text, not {other:?}"),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The reads on the queue's busy paths are each served by the index meant for them, in the
+    /// index's order (no sort), on a database migrated from scratch. A partial index serves only
+    /// queries that repeat its predicate, so a read that lost the predicate would scan the table.
+    #[test]
+    fn hot_reads_use_their_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        for (read, index) in sql::busy_reads_and_their_indexes() {
+            let plan = plan(&conn, &read);
+            assert!(
+                plan.contains(&format!("INDEX {index} (")),
+                "{} is not served by {index}:\n{plan}",
+                read.sql
+            );
+            assert!(
+                !plan.contains("TEMP B-TREE"),
+                "{} sorts its rows:\n{plan}",
+                read.sql
+            );
+        }
+    }
 }

@@ -596,6 +596,40 @@ async fn a_claim_whose_answer_is_lost_is_answered_again() {
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }
 
+/// A claim whose answer is lost as the worker begins to drain: the worker asks once more for
+/// what it may have taken, taking no new work, and serves that item before it exits, rather than
+/// leave it leased to nobody until its lease runs out. (The proxy answers 503 to every try sent
+/// again with `retry=true`, so that the drain finds the claim still unheard.)
+#[tokio::test]
+async fn a_claim_whose_answer_is_lost_as_the_drain_begins_is_served() {
+    let setup = Setup::new().await;
+    let meddling = Meddling::LoseFirstTakenClaimUntilDrain;
+    let (proxy, mut worker) = setup.worker_behind(meddling).await;
+    let work = setup.session(json!({})).await;
+    let deadline = Instant::now() + PATIENCE;
+    while proxy.seen("claim retry=true") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never sent again:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        setup.item(&work).await["state"],
+        "active",
+        "leased, unheard"
+    );
+    let other = setup.session(json!({})).await;
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+    assert!(proxy.seen("claim retry=only") >= 1, "{}", worker.log());
+    // Served by the worker that took it before it exited: no lease ran out, no second delivery.
+    assert_eq!(setup.causes(&work).await, SERVED_ONCE, "{}", worker.log());
+    // Nothing more was taken as it drained.
+    assert_eq!(setup.causes(&other).await, ["enqueued"]);
+}
+
 #[tokio::test]
 async fn failures_are_recorded_and_the_items_stopped() {
     let setup = Setup::new().await;

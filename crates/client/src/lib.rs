@@ -41,8 +41,8 @@ pub use client::{
 pub use error::{ApiError, Error, Result};
 pub use pages::{collect_all, paginate, Paginated};
 pub use params::{
-    ClaimOptions, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, Order,
-    PollOptions, NO_HEARTBEAT,
+    ClaimOptions, ClaimTry, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions,
+    Order, PollOptions, NO_HEARTBEAT,
 };
 pub use reqwest::Method;
 pub use sse::{EventStream, SseEvent, MAX_EVENT_BYTES};

@@ -220,11 +220,24 @@ pub struct ClaimOptions {
     /// Random, 16 to 255 printable ASCII characters; the claim must name its worker
     /// (`PollOptions::worker_id`).
     pub idempotency_key: Option<String>,
-    /// Sent as `retry=true`: this is a try of a claim sent again (with the first try's
-    /// `idempotency_key`) after one whose answer was not heard. The server then answers the item an
-    /// earlier try took, also when the queue is empty or the earlier try commits while this one
-    /// waits; a first try need not say so.
-    pub retry: bool,
+    /// Which try of the claim this is (`retry`); a try sent again carries the first try's
+    /// `idempotency_key`.
+    pub retry: ClaimTry,
+}
+
+/// Which try of a claim a request is (`retry`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClaimTry {
+    /// The first: nothing is sent.
+    #[default]
+    First,
+    /// Sent as `retry=true`: a try sent again after one whose answer was not heard. The server
+    /// answers the item an earlier try took, also when the queue is empty or the earlier try
+    /// commits while this one waits, and otherwise claims as a first try would.
+    Again,
+    /// Sent as `retry=only`: a try sent again by a worker that takes no new work (draining). The
+    /// server answers the item an earlier try took, or at once nothing; it takes no other item.
+    AgainTakingNothing,
 }
 
 impl ClaimOptions {
@@ -233,8 +246,10 @@ impl ClaimOptions {
         if let Some(ttl) = self.desired_ttl_seconds {
             q.push(("desired_ttl_seconds", ttl.to_string()));
         }
-        if self.retry {
-            q.push(("retry", "true".to_owned()));
+        match self.retry {
+            ClaimTry::First => {}
+            ClaimTry::Again => q.push(("retry", "true".to_owned())),
+            ClaimTry::AgainTakingNothing => q.push(("retry", "only".to_owned())),
         }
         q
     }

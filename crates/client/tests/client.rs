@@ -6,9 +6,10 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use tether_client::{
-    collect_all, paginate, ClaimOptions, Client, CreateAgent, CreateEnvironment, CreateSession,
-    Error, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions, MetadataPatch,
-    NewEvent, PollOptions, SessionStatus, UpdateAgent, UpdateEnvironment, UpdateSession, WorkState,
+    collect_all, paginate, ClaimOptions, ClaimTry, Client, CreateAgent, CreateEnvironment,
+    CreateSession, Error, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions,
+    MetadataPatch, NewEvent, PollOptions, SessionStatus, UpdateAgent, UpdateEnvironment,
+    UpdateSession, WorkState,
 };
 use tether_testkit::client::environment_agent_and_session;
 use tether_testkit::{each_backend, TestServer};
@@ -289,7 +290,7 @@ async fn tethers_own_cycle_claim_then_stop() {
             },
             desired_ttl_seconds: Some(30),
             idempotency_key: Some("tethers-own-cycle-claim-1".into()),
-            retry: false,
+            retry: ClaimTry::First,
         };
         let claim = client
             .claim_work(&env.id, &options)
@@ -309,14 +310,16 @@ async fn tethers_own_cycle_claim_then_stop() {
             .unwrap()
             .expect("a claim carries the secret");
         // Sent again with its key, the claim answers the same item; a new claim finds none.
-        let resent = ClaimOptions {
-            retry: true,
-            ..options.clone()
-        };
-        let again = client.claim_work(&env.id, &resent).await.unwrap();
-        let again = again.expect("the item the first try took");
-        assert!(!claim.earlier_try && again.earlier_try);
-        assert_eq!((&again.work, &again.lease), (&claim.work, &claim.lease));
+        for retry in [ClaimTry::Again, ClaimTry::AgainTakingNothing] {
+            let resent = ClaimOptions {
+                retry,
+                ..options.clone()
+            };
+            let again = client.claim_work(&env.id, &resent).await.unwrap();
+            let again = again.expect("the item the first try took");
+            assert!(!claim.earlier_try && again.earlier_try);
+            assert_eq!((&again.work, &again.lease), (&claim.work, &claim.lease));
+        }
         let mut next_claim = options.clone();
         next_claim.idempotency_key = Some("tethers-own-cycle-claim-2".into());
         assert_eq!(client.claim_work(&env.id, &next_claim).await.unwrap(), None);

@@ -390,6 +390,48 @@ async fn a_claim_sent_again_answers_what_an_earlier_try_took_while_it_waited() {
     .await;
 }
 
+/// A worker that takes no new work (draining) asks only for what an earlier try took: answered that
+/// item if a try committed, otherwise nothing at once, with the queue untouched and no wait.
+#[tokio::test]
+async fn a_claim_sent_again_taking_nothing_new_answers_only_an_earlier_try() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let first = q.enqueue().await;
+        let second = q.enqueue().await;
+
+        // No try of this key committed: nothing, though items are queued.
+        let nothing = keyed_claim(&q, "?retry=only&block_ms=999", "w1", KEY).await;
+        assert_eq!(nothing.ok(), &Value::Null);
+        assert_eq!(q.state(&first.id).await, "queued");
+        assert_eq!(q.state(&second.id).await, "queued");
+        assert_eq!(q.causes(&first.id).await, ["enqueued"]);
+
+        // A try committed and its answer was lost: that item, its token and lease.
+        let reply = keyed_claim(&q, "", "w1", KEY).await;
+        assert_eq!(claimed(&reply).0, first.id);
+        let again = keyed_claim(&q, "?retry=only", "w1", KEY).await;
+        assert_eq!(claimed(&again), claimed(&reply));
+        assert_eq!(again.ok()["earlier_try"], true);
+        assert_eq!(q.state(&second.id).await, "queued", "nothing more taken");
+
+        // Once that item has stopped, there is nothing to answer, and still nothing is taken.
+        let (_, token, _) = claimed(&reply);
+        q.stop_with(&token, &first.id, json!({"force": true}))
+            .await
+            .ok();
+        let after = keyed_claim(&q, "?retry=only", "w1", KEY).await;
+        assert_eq!(after.ok(), &Value::Null);
+        assert_eq!(q.state(&second.id).await, "queued");
+
+        // Like `retry=true`, it needs the key of the first try; anything else is refused.
+        q.claim("?retry=only", Some("w1")).await.bad_param("retry");
+        keyed_claim(&q, "?retry=later", "w1", KEY)
+            .await
+            .bad_param("retry");
+    })
+    .await;
+}
+
 /// A key names a claim of one claimant in one environment: the same key sent with another
 /// credential, or to another environment, is another claim, even one marked as sent again.
 #[tokio::test]

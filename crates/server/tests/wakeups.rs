@@ -15,7 +15,7 @@ use tether_core::{ManualClock, SystemClock, Timestamp};
 use tether_server::service::agents::NewAgent;
 use tether_server::service::sessions::NewSession;
 use tether_server::service::tokens::NewCredential;
-use tether_server::service::work::ClaimAsk;
+use tether_server::service::work::{ClaimAsk, KeyedTry, TrySent};
 use tether_server::App;
 use tether_testkit::backends;
 
@@ -203,19 +203,21 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
             .create_environment_key(&env.id, NewCredential::default())
             .await
             .expect("a key");
-        let claim = async |resent: bool| {
+        let claim = async |sent: TrySent| {
             let ask = ClaimAsk {
-                session_token: Some("tth_ses_the-same-token-for-every-try"),
-                resent,
+                keyed: Some(KeyedTry {
+                    session_token: "tth_ses_the-same-token-for-every-try",
+                    sent,
+                }),
                 ..ClaimAsk::default()
             };
             let claimed = app.claim(&env, Some("w1"), Some(&key.id), None, 5_000, ask);
             claimed.await.expect("claim").expect("an item")
         };
-        let first = claim(false).await;
+        let first = claim(TrySent::First).await;
         let taken = (&first.item.id, &first.session_token);
         let before = counting.scans.load(Ordering::SeqCst);
-        let again = claim(false).await;
+        let again = claim(TrySent::First).await;
         assert_eq!((&again.item.id, &again.session_token), taken);
         assert_eq!(
             counting.scans.load(Ordering::SeqCst),
@@ -223,14 +225,16 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
             "{}: the try again scanned once",
             backend.name()
         );
-        let resent = claim(true).await;
-        assert_eq!((&resent.item.id, &resent.session_token), taken);
-        assert_eq!(
-            counting.scans.load(Ordering::SeqCst),
-            before + 1,
-            "{}: the try sent again did not scan",
-            backend.name()
-        );
+        for sent in [TrySent::Again, TrySent::AgainTakingNothing] {
+            let resent = claim(sent).await;
+            assert_eq!((&resent.item.id, &resent.session_token), taken);
+            assert_eq!(
+                counting.scans.load(Ordering::SeqCst),
+                before + 1,
+                "{}: the try sent again ({sent:?}) did not scan",
+                backend.name()
+            );
+        }
         app.begin_shutdown();
     }
 }

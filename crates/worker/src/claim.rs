@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 
-use tether_client::{ClaimOptions, Client, Error, PollOptions, WorkItem};
-use tokio::sync::Semaphore;
+use tether_client::{ClaimOptions, ClaimTry, Client, Error, PollOptions, WorkItem};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::backoff::Backoff;
@@ -28,6 +28,10 @@ const CLAIM_ANSWERED_IN_DRAIN: Duration = Duration::from_millis(LONG_POLL_MS as 
 /// The longest wait before a claim whose answer was not heard is sent again: well within any lease
 /// (10 s at the least), whatever the backoff has grown to.
 const CLAIM_SENT_AGAIN_WITHIN: Duration = Duration::from_secs(2);
+/// How long a worker that began draining goes on asking for the item of a claim whose answer it
+/// did not hear (`ask_again_taking_nothing`), and how often.
+const CLAIM_ASKED_AGAIN_IN_DRAIN: Duration = Duration::from_secs(5);
+const CLAIM_SENT_AGAIN_IN_DRAIN_EVERY: Duration = Duration::from_millis(500);
 /// How long a worker polls a server that took no claim before it tries a claim again.
 const CLAIMS_AGAIN_AFTER: Duration = Duration::from_secs(300);
 /// An empty answer sooner than this did not wait for work (see the claim loop).
@@ -71,9 +75,6 @@ async fn claim(
     idle_since: &mut Instant,
 ) -> crate::Result<()> {
     let slots = Arc::new(Semaphore::new(concurrency));
-    let mut phase = shared.phase.clone();
-    let mut backoff = Backoff::poll();
-    let report = &shared.report;
     let mut options = ClaimOptions {
         poll: PollOptions {
             block_ms: Some(LONG_POLL_MS),
@@ -86,6 +87,58 @@ async fn claim(
     };
     // The claim under way, until an answer is heard (see `ClaimTries`).
     let mut tries: Option<ClaimTries> = None;
+    let claiming = Claiming {
+        slots: &slots,
+        tasks,
+        claimed,
+    };
+    let until_drain = claim_until_drain(shared, claiming, idle_since, &mut options, &mut tries);
+    let result = until_drain.await;
+    if let Some(unheard) = tries.filter(|tries| tries.unheard) {
+        let claiming = Claiming {
+            slots: &slots,
+            tasks,
+            claimed,
+        };
+        ask_again_taking_nothing(shared, claiming, &options, unheard).await;
+    }
+    result
+}
+
+/// Where the claim loop puts what it claims: the free slots, the supervisors, the count.
+struct Claiming<'a> {
+    slots: &'a Arc<Semaphore>,
+    tasks: &'a mut JoinSet<()>,
+    claimed: &'a mut u64,
+}
+
+impl Claiming<'_> {
+    /// Hands a claimed or polled item to a supervisor of its own, which holds `slot` while it runs.
+    fn serve(
+        &mut self,
+        shared: &Arc<Shared>,
+        item: WorkItem,
+        taken: supervisor::Taken,
+        slot: OwnedSemaphorePermit,
+    ) {
+        *self.claimed += 1;
+        self.tasks
+            .spawn(supervisor::serve(shared.clone(), item, taken, slot));
+    }
+}
+
+/// The claim loop proper, until the worker stops claiming. `tries` is left holding a claim whose
+/// answer was not heard, if the loop ends with one.
+async fn claim_until_drain(
+    shared: &Arc<Shared>,
+    mut claiming: Claiming<'_>,
+    idle_since: &mut Instant,
+    options: &mut ClaimOptions,
+    tries: &mut Option<ClaimTries>,
+) -> crate::Result<()> {
+    let mut phase = shared.phase.clone();
+    let mut backoff = Backoff::poll();
+    let report = &shared.report;
     let mut claims = true;
     // Since when a server without claims has been polled instead.
     let mut polling_since = Instant::now();
@@ -97,11 +150,11 @@ async fn claim(
     // mistyped --server would look like a quiet queue).
     let mut heard = IdleStretch::Untried;
     loop {
-        while tasks.try_join_next().is_some() {}
-        if *phase.borrow() != Phase::Running || (shared.run_one && *claimed > 0) {
+        while claiming.tasks.try_join_next().is_some() {}
+        if *phase.borrow() != Phase::Running || (shared.run_one && *claiming.claimed > 0) {
             return Ok(());
         }
-        if !tasks.is_empty() {
+        if !claiming.tasks.is_empty() {
             *idle_since = Instant::now();
             heard = IdleStretch::Untried;
         } else if let Some(max_idle) = shared.max_idle {
@@ -123,12 +176,12 @@ async fn claim(
                 return Ok(());
             }
         }
-        let slot = match slots.clone().try_acquire_owned() {
+        let slot = match claiming.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 report.activity(Activity::Full);
                 tokio::select! {
-                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    slot = claiming.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
                     _ = reached(&mut phase, Phase::Draining) => return Ok(()),
                 }
             }
@@ -161,11 +214,15 @@ async fn claim(
             if claims {
                 tries
                     .get_or_insert_with(|| ClaimTries::first_at(sent))
-                    .ask(&mut options);
+                    .ask(options);
             }
             let polled = tokio::select! {
-                polled = take(&client, &shared.environment_id, &options, claims) => polled,
-                () = given_up(&mut phase, claims) => return Ok(()),
+                polled = take(&client, &shared.environment_id, options, claims) => polled,
+                () = given_up(&mut phase, claims) => {
+                    // Not answered in time: the claim may have taken an item all the same.
+                    ClaimTries::answered(tries, false);
+                    return Ok(());
+                }
             };
             if claims && polled.as_ref().is_err_and(no_claims_here) {
                 report.info(
@@ -175,12 +232,12 @@ async fn claim(
                 claims = false;
                 polling_since = Instant::now();
                 // Nothing was claimed: the next claim, once tried again, is a new one.
-                tries = None;
+                *tries = None;
                 continue;
             }
             let earlier_try = matches!(&polled, Ok(Some((_, Some(taken)))) if taken.earlier_try);
             let lease_from = ClaimTries::lease_start(tries.as_ref(), sent, earlier_try);
-            ClaimTries::answered(&mut tries, !may_have_taken_unheard(&polled));
+            ClaimTries::answered(tries, !may_have_taken_unheard(&polled));
             fresh_connection = !crate::error::answered(&polled);
             // Only a poll's answer tells whether the queue is idle: a 503 does not either.
             heard = match (&polled, heard) {
@@ -208,7 +265,6 @@ async fn claim(
                     // Capacity left and work found: poll again at once.
                     None => {
                         backoff.reset();
-                        *claimed += 1;
                         *idle_since = Instant::now();
                         let taken = match taken {
                             Some(taken) => supervisor::Taken::Claimed {
@@ -217,7 +273,7 @@ async fn claim(
                             },
                             None => supervisor::Taken::Polled,
                         };
-                        tasks.spawn(supervisor::serve(shared.clone(), item, taken, slot));
+                        claiming.serve(shared, item, taken, slot);
                         continue;
                     }
                 },
@@ -260,7 +316,8 @@ async fn claim(
 /// been handed is handed out again after the reclaim window: a poll is given up at once. A claim
 /// may have taken an item already, leased to this worker until its TTL runs out: its answer is
 /// waited for, for [`CLAIM_ANSWERED_IN_DRAIN`] (a server answers a claim within its `block_ms`), and
-/// an item it brings is served as one that was running when the drain began.
+/// an item it brings is served as one that was running when the drain began; one not answered by
+/// then is asked for again, taking nothing new (`ask_again_taking_nothing`).
 async fn given_up(phase: &mut tokio::sync::watch::Receiver<Phase>, claims: bool) {
     reached(phase, Phase::Draining).await;
     if claims {
@@ -268,6 +325,77 @@ async fn given_up(phase: &mut tokio::sync::watch::Receiver<Phase>, claims: bool)
             () = tokio::time::sleep(CLAIM_ANSWERED_IN_DRAIN) => {}
             () = reached(phase, Phase::Terminating) => {}
         }
+    }
+}
+
+/// A claim whose answer was not heard when the worker stopped claiming (the drain began during its
+/// try or its wait to be sent again) is sent again once more, taking no new work (`retry=only`):
+/// the item an earlier try took, if one did, is served as one that was running when the drain
+/// began, rather than left leased to nobody until its lease runs out and counted as a requeue.
+/// Tried until a try is heard, for up to [`CLAIM_ASKED_AGAIN_IN_DRAIN`], and not once the drain
+/// time is up.
+async fn ask_again_taking_nothing(
+    shared: &Arc<Shared>,
+    mut claiming: Claiming<'_>,
+    options: &ClaimOptions,
+    tries: ClaimTries,
+) {
+    let mut options = options.clone();
+    tries.ask(&mut options);
+    options.retry = ClaimTry::AgainTakingNothing;
+    options.poll.timeout = Some(CLAIM_ANSWERED_IN_DRAIN);
+    let mut phase = shared.phase.clone();
+    let until = tokio::time::Instant::now() + CLAIM_ASKED_AGAIN_IN_DRAIN;
+    shared.report.info(
+        "asking once more for the item of a claim whose answer was lost, taking no new work",
+        &[],
+    );
+    let client = shared.client.on_fresh_connections();
+    loop {
+        let sent = tokio::time::Instant::now();
+        let asked = tokio::select! {
+            asked = take(&client, &shared.environment_id, &options, true) => asked,
+            () = reached(&mut phase, Phase::Terminating) => return,
+        };
+        let unheard = may_have_taken_unheard(&asked);
+        match asked {
+            Ok(Some((item, Some(taken)))) if is_plain_name(&item.id) => {
+                shared.report.info(
+                    "the lost answer's item: running it as one taken before the drain",
+                    &[("work_id", &item.id)],
+                );
+                let taken = supervisor::Taken::Claimed {
+                    sent: ClaimTries::lease_start(Some(&tries), sent, taken.earlier_try),
+                    first: taken.lease,
+                };
+                // The loop's slot was given back when it ended: one is free.
+                let slot = claiming.slots.clone().try_acquire_owned();
+                let slot = slot.expect("the claim loop's slot is free once it has ended");
+                claiming.serve(shared, item, taken, slot);
+                return;
+            }
+            // Nothing taken by an earlier try (or an item not to run, which its lease returns).
+            Ok(_) => return,
+            // A refusal: nothing to answer here (or a server without claims).
+            Err(_) if !unheard => return,
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() + CLAIM_SENT_AGAIN_IN_DRAIN_EVERY >= until
+            || !waited_until_terminating(&mut phase, CLAIM_SENT_AGAIN_IN_DRAIN_EVERY).await
+        {
+            return;
+        }
+    }
+}
+
+/// Waits `delay`; false when the drain time is up meanwhile.
+async fn waited_until_terminating(
+    phase: &mut tokio::sync::watch::Receiver<Phase>,
+    delay: Duration,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = reached(phase, Phase::Terminating) => false,
     }
 }
 
@@ -303,8 +431,9 @@ async fn take(
 
 /// The tries of one claim, sent until one is heard: a claim that may have taken an item without
 /// the worker hearing of it (`may_have_taken_unheard`) is sent again with the same idempotency
-/// key and `retry=true`, and the server answers the item an earlier try took (`earlier_try`),
-/// rather than leave it leased to nobody for the lease's whole length.
+/// key and `retry=true` (`retry=only` once the worker drains: `ask_again_taking_nothing`), and the
+/// server answers the item an earlier try took (`earlier_try`), rather than leave it leased to
+/// nobody for the lease's whole length.
 #[derive(Debug)]
 struct ClaimTries {
     /// 128 random bits, as 32 hex digits. With the worker's key, it makes the claim's session
@@ -329,7 +458,10 @@ impl ClaimTries {
     /// Sets the next try's key, and whether it is one sent again.
     fn ask(&self, options: &mut ClaimOptions) {
         options.idempotency_key = Some(self.key.clone());
-        options.retry = self.unheard;
+        options.retry = match self.unheard {
+            true => ClaimTry::Again,
+            false => ClaimTry::First,
+        };
     }
 
     /// When the lease of an item a claim's try sent at `sent` brought began, at the earliest: an
@@ -509,14 +641,14 @@ mod tests {
         let mut tries = Some(ClaimTries::first_at(start));
         tries.as_ref().unwrap().ask(&mut options);
         let key = options.idempotency_key.clone().expect("a key");
-        assert_eq!((key.len(), options.retry), (32, false));
+        assert_eq!((key.len(), options.retry), (32, ClaimTry::First));
 
         ClaimTries::answered(&mut tries, false);
         let later = start + Duration::from_secs(12);
         let again = tries.get_or_insert_with(|| ClaimTries::first_at(later));
         again.ask(&mut options);
         assert_eq!(options.idempotency_key.as_deref(), Some(key.as_str()));
-        assert!(options.retry, "sent again");
+        assert_eq!(options.retry, ClaimTry::Again, "sent again");
         let long = Duration::from_secs(60);
         assert_eq!(
             ClaimTries::wait_before_next(tries.as_ref(), long),
@@ -535,7 +667,7 @@ mod tests {
         let next = tries.get_or_insert_with(|| ClaimTries::first_at(later));
         next.ask(&mut options);
         assert_ne!(options.idempotency_key.as_deref(), Some(key.as_str()));
-        assert!(!options.retry, "a new claim");
+        assert_eq!(options.retry, ClaimTry::First, "a new claim");
         assert_eq!(next.first_sent, later);
         assert_eq!(ClaimTries::lease_start(None, later, false), later);
     }

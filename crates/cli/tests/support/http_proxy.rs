@@ -1,6 +1,7 @@
 //! An HTTP proxy on 127.0.0.1 in front of a real server that meddles with claims (`Meddling`):
 //! it plays a server without the claim endpoint, or loses the answer of a claim that took an item.
-//! Every other request goes through as it came. It counts what it saw, by path.
+//! Every other request goes through as it came. It counts what it saw, by path, and claims also
+//! by their `retry` (`claim retry=true`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +21,16 @@ pub enum Meddling {
     /// headers arrive, then the connection breaks inside the body. The server has committed the
     /// claim; the worker cannot know which item it took.
     LoseFirstTakenClaim,
+    /// As `LoseFirstTakenClaim`, and every claim sent again with `retry=true` is answered 503
+    /// without reaching the server, so that the worker goes on not knowing: only a try sent with
+    /// `retry=only` (a draining worker's) gets through.
+    LoseFirstTakenClaimUntilDrain,
 }
 
 pub struct HttpProxy {
     pub url: String,
-    /// Requests seen, by their last path segment (`claim`, `poll`, `ack`, `heartbeat`, …).
+    /// Requests seen, by their last path segment (`claim`, `poll`, `ack`, `heartbeat`, …), and
+    /// claims sent again by their `retry` as well (`claim retry=only`).
     seen: Arc<Mutex<BTreeMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -87,6 +93,25 @@ async fn forward(
     let path = request.uri().path().to_owned();
     let segment = path.rsplit('/').next().unwrap_or_default().to_owned();
     *seen.lock().unwrap().entry(segment.clone()).or_default() += 1;
+    let query = request.uri().query().unwrap_or_default();
+    let retry = query.split('&').find(|pair| pair.starts_with("retry="));
+    if let Some(retry) = retry.filter(|_| segment == "claim") {
+        *seen
+            .lock()
+            .unwrap()
+            .entry(format!("claim {retry}"))
+            .or_default() += 1;
+    }
+    if segment == "claim"
+        && meddle.meddling == Meddling::LoseFirstTakenClaimUntilDrain
+        && retry == Some("retry=true")
+    {
+        let envelope = serde_json::json!({
+            "type": "error",
+            "error": {"type": "api_error", "message": "the proxy keeps the worker guessing"},
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(envelope)).into_response();
+    }
     if segment == "claim" && meddle.meddling == Meddling::NoClaims {
         let envelope = serde_json::json!({
             "type": "error",
@@ -122,10 +147,11 @@ async fn forward(
     let bytes = answer.bytes().await.unwrap_or_default();
     let took_an_item =
         segment == "claim" && answer_status.is_success() && bytes.as_ref() != b"null";
-    if meddle.meddling == Meddling::LoseFirstTakenClaim
-        && took_an_item
-        && !meddle.lost.swap(true, Ordering::SeqCst)
-    {
+    let loses = matches!(
+        meddle.meddling,
+        Meddling::LoseFirstTakenClaim | Meddling::LoseFirstTakenClaimUntilDrain
+    );
+    if loses && took_an_item && !meddle.lost.swap(true, Ordering::SeqCst) {
         // Half the answer, then a broken connection: hyper ends a response whose body fails.
         let half = bytes.slice(..bytes.len() / 2);
         let broken =

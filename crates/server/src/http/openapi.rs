@@ -320,6 +320,10 @@ fn parameter(param: &Param, dialect: Option<Dialect>) -> utoipa::openapi::path::
         Ty::Strings => ArrayBuilder::new()
             .items(ObjectBuilder::new().schema_type(Type::String))
             .into(),
+        Ty::OneOf(words) => ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(words.iter().copied()))
+            .into(),
     };
     let mut builder = ParameterBuilder::new()
         .name(name)

@@ -110,6 +110,8 @@ pub enum Ty {
     Timestamp,
     /// Repeatable (`name=a&name=b`, `name[]=a`, or comma-separated).
     Strings,
+    /// One of these words.
+    OneOf(&'static [&'static str]),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -324,9 +326,12 @@ const WORKER_ID: Param = Param {
 
 const RETRY: Param = q(
     "retry",
-    Ty::Boolean,
-    "This claim is one sent again with its first try's Idempotency-Key, that try's answer unheard: \
-     it answers the item an earlier try took, also one taken while it waited.",
+    Ty::OneOf(&["true", "false", "only", "1", "0"]),
+    "This claim is one sent again with its first try's Idempotency-Key, that try's answer unheard. \
+     `true`: it answers the item an earlier try took, also one taken while it waited, and \
+     otherwise claims as a first try. `only`, for a worker that takes no new work (one that is \
+     draining): it answers the item an earlier try took, or at once nothing, taking no other \
+     item and not waiting (`block_ms` does not apply). `false` or absent: a first try.",
 );
 const IDEMPOTENCY_KEY: Param = Param {
     name: "Idempotency-Key",
@@ -335,9 +340,9 @@ const IDEMPOTENCY_KEY: Param = Param {
     doc:
         "Makes the claim safe to send again: every try of one claim sends the same key (16 to 255 \
           printable ASCII characters, random) and hands out the same session token. A try sent \
-          again with `retry=true` answers the item an earlier try took, and its lease, with \
-          `earlier_try`; a try without it does so only when it loses a race for a queued item to \
-          that earlier try. Needs a Worker-ID.",
+          again with `retry=true` or `retry=only` answers the item an earlier try took, and its \
+          lease, with `earlier_try`; a try without it does so only when it loses a race for a \
+          queued item to that earlier try. Needs a Worker-ID.",
 };
 
 /// Every endpoint of one dialect, relative to its prefix (both dialects serve the same table).

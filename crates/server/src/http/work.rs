@@ -17,7 +17,7 @@ use super::{decode, wire};
 use crate::credentials;
 use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
-use crate::service::work::{ClaimAsk, Claimed};
+use crate::service::work::{ClaimAsk, Claimed, KeyedTry, TrySent};
 use crate::service::App;
 
 /// The work list clamps `limit` above 100 instead of refusing it (D-4).
@@ -140,12 +140,12 @@ pub async fn claim(
     let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
     let ttl = desired_ttl(&params)?;
     let IdempotencyKey(key) = key?;
-    let resent = params.bool("retry")?.unwrap_or(false);
-    if resent && key.is_none() {
+    let sent = try_sent(&params)?;
+    if sent != TrySent::First && key.is_none() {
         return Err(ApiError::bad_param(
             "retry",
-            "retry=true says that this is a claim sent again: send it with the Idempotency-Key \
-             of its first try",
+            "retry says that this is a claim sent again: send it with the Idempotency-Key of its \
+             first try",
         ));
     }
     let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
@@ -168,8 +168,10 @@ pub async fn claim(
         };
     let ask = ClaimAsk {
         desired_ttl_seconds: ttl,
-        session_token: token.as_deref(),
-        resent,
+        keyed: token.as_deref().map(|session_token| KeyedTry {
+            session_token,
+            sent,
+        }),
     };
     let claimed = app
         .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
@@ -184,6 +186,20 @@ pub async fn claim(
             extra: Default::default(),
         }
     })))
+}
+
+/// `retry`: `true` (or `1`) for a claim sent again, `only` for one sent again that must take no
+/// new work, `false` (or `0`, or absent) for a first try.
+fn try_sent(params: &Params) -> ApiResult<TrySent> {
+    match params.get("retry")? {
+        None | Some("false" | "0") => Ok(TrySent::First),
+        Some("true" | "1") => Ok(TrySent::Again),
+        Some("only") => Ok(TrySent::AgainTakingNothing),
+        Some(_) => Err(ApiError::bad_param(
+            "retry",
+            "retry must be true, false or only",
+        )),
+    }
 }
 
 /// A poll's or a claim's item, with its `secret` (§11.1): the session token and the base URL of

@@ -44,15 +44,19 @@ impl Taking<'_> {
     /// The session token this take must hand out, when it is not a fresh one.
     fn named_token(&self) -> Option<&str> {
         match self {
-            Taking::Start(ask) => ask.session_token,
-            Taking::Deliver => None,
+            Taking::Start(ClaimAsk {
+                keyed: Some(keyed), ..
+            }) => Some(keyed.session_token),
+            _ => None,
         }
     }
 
     /// The session token of a claim sent again, whose earlier try may have taken an item.
     fn resent_token(&self) -> Option<&str> {
         match self {
-            Taking::Start(ask) if ask.resent => ask.session_token,
+            Taking::Start(ClaimAsk {
+                keyed: Some(keyed), ..
+            }) if keyed.sent != TrySent::First => Some(keyed.session_token),
             _ => None,
         }
     }
@@ -63,11 +67,31 @@ impl Taking<'_> {
 pub struct ClaimAsk<'a> {
     /// The lease length wanted, as a heartbeat's.
     pub desired_ttl_seconds: Option<u32>,
-    /// The session token every try of this claim hands out (`credentials::claim_token`, from the
-    /// claim's `Idempotency-Key`); `None`: a fresh one, and the claim cannot be sent again.
-    pub session_token: Option<&'a str>,
-    /// This try is one sent again, after one whose answer was not heard (`retry=true`).
-    pub resent: bool,
+    /// A claim sent with an `Idempotency-Key`, which can be sent again; `None`: the claim hands
+    /// out a fresh session token, and a try of it sent again would be a claim anew.
+    pub keyed: Option<KeyedTry<'a>>,
+}
+
+/// One try of a claim that can be sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyedTry<'a> {
+    /// The session token every try of the claim hands out (`credentials::claim_token`, from the
+    /// claim's `Idempotency-Key`).
+    pub session_token: &'a str,
+    pub sent: TrySent,
+}
+
+/// Which try of a claim this is (`retry`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrySent {
+    /// The first (`retry` absent or `false`): nothing is looked up before the queue is scanned.
+    First,
+    /// Sent again after a try whose answer was not heard (`retry=true`): answers what an earlier
+    /// try took, and otherwise claims as a first try would.
+    Again,
+    /// Sent again by a worker that takes no new work (`retry=only`, a worker draining): answers
+    /// what an earlier try took, and otherwise nothing, at once, without scanning the queue.
+    AgainTakingNothing,
 }
 
 /// Observes `from` to `to` in `histogram`, one of the pace histograms of §11.4 (enqueue to
@@ -538,7 +562,7 @@ impl App {
     /// Claim (a Tether extension): a poll that also acks the item and starts its lease
     /// (`work::claim`), so that a worker's whole cycle is this request and its stop.
     ///
-    /// A claim that names its session token (`ask.session_token`, the same for every try of it)
+    /// A claim that names its session token (`ask.keyed`, the same for every try of it)
     /// can be sent again: a try whose token already holds an item (an earlier try committed, its
     /// answer was lost) answers that item and its lease again, taking nothing more
     /// (`work::claimed_lease`). Without one, a claim whose answer is lost leaves its item leased
@@ -546,10 +570,11 @@ impl App {
     ///
     /// The store keeps a token on one live item at most, so a try that goes for another item
     /// while an earlier one holds the token loses its write, and then answers that one. A try
-    /// marked as sent again (`ask.resent`) also looks for it first, and once more before it
-    /// answers that it found nothing (an earlier try may have committed while it waited). A
-    /// first try costs no read more than a claim without a key, idle or not, unless it loses a
-    /// race for an item.
+    /// marked as sent again ([`TrySent::Again`]) also looks for it first, and once more before it
+    /// answers that it found nothing (an earlier try may have committed while it waited); one
+    /// that takes nothing new ([`TrySent::AgainTakingNothing`]) only looks, once, and neither
+    /// waits nor counts as a poll. A first try costs no read more than a claim without a key,
+    /// idle or not, unless it loses a race for an item.
     pub async fn claim(
         &self,
         env: &Environment,
@@ -562,6 +587,12 @@ impl App {
         let taking = Taking::Start(ask);
         if let Some(claimed) = Box::pin(self.taken_by_earlier_try(taking, worker_id)).await? {
             return Ok(Some(claimed));
+        }
+        if ask
+            .keyed
+            .is_some_and(|keyed| keyed.sent == TrySent::AgainTakingNothing)
+        {
+            return Ok(None);
         }
         self.take(env, worker_id, issuer, block, reclaim_ms, taking)
             .await

@@ -3,10 +3,12 @@
 // one Node process (undici with keep-alive for Tether, node-postgres for the peers). Each figure is
 // printed with its ratio to graphile-worker's in the same run; on a shared machine only ratios mean much.
 //
-//   node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--big N] [--json FILE]
+//   node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--big N] [--seed S] [--json FILE]
 //
 // scripts/bench-peers starts the cluster, installs this directory's locked dependencies and builds the
-// server; run that. Scenarios (each runs every system in turn before the next scenario starts):
+// server; run that. Scenarios (each runs every system in turn before the next scenario starts, in an
+// order shuffled per scenario, so that no system always runs first or last on a machine whose load
+// drifts; `--seed` repeats a run's order):
 //   A  wake latency: one blocked worker, enqueues one at a time
 //   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue (Tether twice
 //      more: its workers on its own two-request cycle, claim and stop)
@@ -51,6 +53,33 @@ if (unknownSystems.length > 0) {
     process.exit(2);
 }
 const jsonOut = option("--json");
+// The systems' order within each scenario comes from this seed (printed, so that a run's order can be
+// repeated); a fixed order would give the systems run last whatever the machine's load drifts into.
+const seed = option("--seed") === undefined ? randomBytes(4).readUInt32BE(0) : Number(option("--seed"));
+if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
+    console.error("bench-peers: --seed takes an integer from 0 to 4294967295");
+    process.exit(2);
+}
+/** mulberry32: a small seeded generator of floats in [0, 1). */
+function seeded(state) {
+    return () => {
+        state = (state + 0x6d2b79f5) >>> 0;
+        let t = state;
+        t = Math.imul(t ^ (t >>> 15), t | 1);
+        t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+        return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+}
+const nextRandom = seeded(seed);
+/** A copy of `list` in a seeded random order (Fisher-Yates). */
+function shuffled(list) {
+    const out = [...list];
+    for (let i = out.length - 1; i > 0; i--) {
+        const j = Math.floor(nextRandom() * (i + 1));
+        [out[i], out[j]] = [out[j], out[i]];
+    }
+    return out;
+}
 if (!tetherBin || !pgUrl || !pgData) {
     console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--json FILE]");
     process.exit(2);
@@ -728,7 +757,7 @@ const systems = [
 ].filter((system) => wanted.has(system.kind));
 // The systems with a result in a scenario's `out`.
 const ran = (out) => systems.filter((s) => s.name in out);
-const results = { quick, counts, started: new Date().toISOString(), scenarios: {} };
+const results = { quick, counts, seed, started: new Date().toISOString(), scenarios: {} };
 const fmt = (v, digits = 1) => (v === null || v === undefined || Number.isNaN(v) ? "—" : v.toFixed(digits));
 const ratio = (v, base) => (base ? `${(v / base).toFixed(2)}x` : "—");
 const row = (cells, widths) => cells.map((c, i) => (i === 0 ? String(c).padEnd(widths[i]) : String(c).padStart(widths[i]))).join(" ");
@@ -756,20 +785,21 @@ function printRates(out, withClient) {
     }
 }
 
-console.log(`bench-peers (${quick ? "quick" : "full"} run): ratios are to graphile-worker in this run\n`);
+console.log(`bench-peers (${quick ? "quick" : "full"} run, --seed ${seed}): ratios are to graphile-worker in this run\n`);
 
 async function scenario(key, title, fn, print) {
     if (!only.has(key)) return;
     console.log(title);
     const out = {};
-    for (const system of systems.filter((s) => s.runs(key))) {
+    const order = shuffled(systems.filter((s) => s.runs(key)));
+    for (const system of order) {
         const t = now();
         out[system.name] = await fn(system);
         out[system.name].wallSeconds = (now() - t) / 1000;
     }
     results.scenarios[key] = out;
     print(out);
-    console.log(`   (${ran(out).map((s) => `${s.name} ${out[s.name].wallSeconds.toFixed(0)} s`).join(", ")} of wall time)`);
+    console.log(`   (run in this order: ${order.map((s) => `${s.name} ${out[s.name].wallSeconds.toFixed(0)} s`).join(", ")} of wall time)`);
     console.log("");
 }
 

@@ -298,3 +298,24 @@ impl HeartbeatOptions {
         q
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claims_try_is_sent_as_retry() {
+        let retry = |retry: ClaimTry| {
+            let options = ClaimOptions {
+                retry,
+                ..ClaimOptions::default()
+            };
+            let query = options.query();
+            let sent: Vec<_> = query.iter().filter(|(name, _)| *name == "retry").collect();
+            sent.into_iter().map(|(_, value)| value.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(retry(ClaimTry::First), Vec::<String>::new());
+        assert_eq!(retry(ClaimTry::Again), ["true"]);
+        assert_eq!(retry(ClaimTry::AgainTakingNothing), ["only"]);
+    }
+}

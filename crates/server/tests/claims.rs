@@ -399,9 +399,14 @@ async fn a_claim_sent_again_taking_nothing_new_answers_only_an_earlier_try() {
         let first = q.enqueue().await;
         let second = q.enqueue().await;
 
-        // No try of this key committed: nothing, though items are queued.
+        // No try of this key committed: nothing, though items are queued. It is no poll: the
+        // worker is not counted as polling (nor does it wait, which a poll's `block_ms` would).
         let nothing = keyed_claim(&q, "?retry=only&block_ms=999", "w1", KEY).await;
         assert_eq!(nothing.ok(), &Value::Null);
+        let workers = q.req(Method::GET, &format!("/environments/{}/workers", q.env));
+        assert_eq!(workers.send().await.ok()["data"], json!([]), "not a poll");
+        let stats = q.req(Method::GET, &q.path("/stats")).send().await;
+        assert_eq!(stats.ok()["workers_polling"], 0);
         assert_eq!(q.state(&first.id).await, "queued");
         assert_eq!(q.state(&second.id).await, "queued");
         assert_eq!(q.causes(&first.id).await, ["enqueued"]);

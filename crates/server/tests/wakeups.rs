@@ -235,6 +235,23 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
                 backend.name()
             );
         }
+        // A try that takes nothing new, of a claim whose tries took nothing, scans nothing
+        // either, though an item is queued (a try sent again with `retry=true` would take it).
+        let ask = ClaimAsk {
+            keyed: Some(KeyedTry {
+                session_token: "tth_ses_a-token-no-try-took-anything-with",
+                sent: TrySent::AgainTakingNothing,
+            }),
+            ..ClaimAsk::default()
+        };
+        let nothing = app.claim(&env, Some("w1"), Some(&key.id), None, 5_000, ask);
+        assert!(nothing.await.expect("claim").is_none());
+        assert_eq!(
+            counting.scans.load(Ordering::SeqCst),
+            before + 1,
+            "{}: a try taking nothing new did not scan",
+            backend.name()
+        );
         app.begin_shutdown();
     }
 }

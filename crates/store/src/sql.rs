@@ -957,6 +957,11 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
     if !filter.states.is_empty() {
         let ps: Vec<String> = filter.states.iter().map(|s| f.param(s.as_str())).collect();
         f.add(format!("state IN ({})", ps.join(", ")));
+        // Live states only: said as the partial index over live items says it, so that the index
+        // can serve the read (the bound states alone prove nothing to either planner).
+        if !filter.states.contains(&WorkState::Stopped) {
+            f.add(LIVE.into());
+        }
     }
     if filter.poison {
         // The cause lives in the history (one serialization, `"cause":"…"`, on both backends): in

@@ -94,13 +94,14 @@ async fn claim(
     };
     let until_drain = claim_until_drain(shared, claiming, idle_since, &mut options, &mut tries);
     let result = until_drain.await;
-    if let Some(unheard) = tries.filter(|tries| tries.unheard) {
-        let claiming = Claiming {
-            slots: &slots,
-            tasks,
-            claimed,
-        };
-        ask_again_taking_nothing(shared, claiming, &options, unheard).await;
+    // After a fatal refusal the worker exits at once: nothing more is sent.
+    if let (Ok(()), Some(unheard)) = (&result, tries.filter(|tries| tries.unheard)) {
+        // The loop's slot was given back as it ended: one is free. The ask runs as a task of the
+        // drain, so that the drain time counts it and its end stops it.
+        let slot = slots.clone().try_acquire_owned();
+        let slot = slot.expect("the claim loop's slot is free once it has ended");
+        let asking = ask_again_taking_nothing(shared.clone(), options, unheard, slot);
+        tasks.spawn(asking);
     }
     result
 }
@@ -220,7 +221,7 @@ async fn claim_until_drain(
                 polled = take(&client, &shared.environment_id, options, claims) => polled,
                 () = given_up(&mut phase, claims) => {
                     // Not answered in time: the claim may have taken an item all the same.
-                    ClaimTries::answered(tries, false);
+                    ClaimTries::answered(tries, TryOutcome::Unheard);
                     return Ok(());
                 }
             };
@@ -237,7 +238,7 @@ async fn claim_until_drain(
             }
             let earlier_try = matches!(&polled, Ok(Some((_, Some(taken)))) if taken.earlier_try);
             let lease_from = ClaimTries::lease_start(tries.as_ref(), sent, earlier_try);
-            ClaimTries::answered(tries, !may_have_taken_unheard(&polled));
+            ClaimTries::answered(tries, TryOutcome::of(&polled));
             fresh_connection = !crate::error::answered(&polled);
             // Only a poll's answer tells whether the queue is idle: a 503 does not either.
             heard = match (&polled, heard) {
@@ -329,25 +330,26 @@ async fn given_up(phase: &mut tokio::sync::watch::Receiver<Phase>, claims: bool)
 }
 
 /// A claim whose answer was not heard when the worker stopped claiming (the drain began during its
-/// try or its wait to be sent again) is sent again once more, taking no new work (`retry=only`):
-/// the item an earlier try took, if one did, is served as one that was running when the drain
-/// began, rather than left leased to nobody until its lease runs out and counted as a requeue.
-/// Tried until a try is heard, for up to [`CLAIM_ASKED_AGAIN_IN_DRAIN`], and not once the drain
-/// time is up.
+/// try or its wait to be sent again) is sent again, taking no new work (`retry=only`): the item an
+/// earlier try took, if one did, is served as one that was running when the drain began, rather
+/// than left leased to nobody until its lease runs out and counted as a requeue. Tried until a try
+/// is answered or refused, for up to [`CLAIM_ASKED_AGAIN_IN_DRAIN`], and not once the drain time
+/// is up (this runs as one of the drain's tasks, holding the slot the item would run in).
 async fn ask_again_taking_nothing(
-    shared: &Arc<Shared>,
-    mut claiming: Claiming<'_>,
-    options: &ClaimOptions,
+    shared: Arc<Shared>,
+    mut options: ClaimOptions,
     tries: ClaimTries,
+    slot: OwnedSemaphorePermit,
 ) {
-    let mut options = options.clone();
     tries.ask(&mut options);
     options.retry = ClaimTry::AgainTakingNothing;
+    // Answered at once, waiting for nothing: the client's timeout is this one alone.
+    options.poll.block_ms = None;
     options.poll.timeout = Some(CLAIM_ANSWERED_IN_DRAIN);
     let mut phase = shared.phase.clone();
     let until = tokio::time::Instant::now() + CLAIM_ASKED_AGAIN_IN_DRAIN;
     shared.report.info(
-        "asking once more for the item of a claim whose answer was lost, taking no new work",
+        "asking again for the item of a claim whose answer was lost, taking no new work",
         &[],
     );
     let client = shared.client.on_fresh_connections();
@@ -357,27 +359,26 @@ async fn ask_again_taking_nothing(
             asked = take(&client, &shared.environment_id, &options, true) => asked,
             () = reached(&mut phase, Phase::Terminating) => return,
         };
-        let unheard = may_have_taken_unheard(&asked);
+        let outcome = TryOutcome::of(&asked);
         match asked {
             Ok(Some((item, Some(taken)))) if is_plain_name(&item.id) => {
                 shared.report.info(
                     "the lost answer's item: running it as one taken before the drain",
                     &[("work_id", &item.id)],
                 );
+                // (An item that is not an earlier try's cannot come from a server that knows
+                // `only`, and one that does not refuses it; it would be leased from this try.)
                 let taken = supervisor::Taken::Claimed {
                     sent: ClaimTries::lease_start(Some(&tries), sent, taken.earlier_try),
                     first: taken.lease,
                 };
-                // The loop's slot was given back when it ended: one is free.
-                let slot = claiming.slots.clone().try_acquire_owned();
-                let slot = slot.expect("the claim loop's slot is free once it has ended");
-                claiming.serve(shared, item, taken, slot);
+                supervisor::serve(shared.clone(), item, taken, slot).await;
                 return;
             }
             // Nothing taken by an earlier try (or an item not to run, which its lease returns).
             Ok(_) => return,
-            // A refusal: nothing to answer here (or a server without claims).
-            Err(_) if !unheard => return,
+            // Refused (a server that does not know `only`, a credential revoked): nothing to ask.
+            Err(_) if outcome == TryOutcome::Heard => return,
             Err(_) => {}
         }
         if tokio::time::Instant::now() + CLAIM_SENT_AGAIN_IN_DRAIN_EVERY >= until
@@ -430,7 +431,7 @@ async fn take(
 }
 
 /// The tries of one claim, sent until one is heard: a claim that may have taken an item without
-/// the worker hearing of it (`may_have_taken_unheard`) is sent again with the same idempotency
+/// the worker hearing of it ([`TryOutcome::Unheard`]) is sent again with the same idempotency
 /// key and `retry=true` (`retry=only` once the worker drains: `ask_again_taking_nothing`), and the
 /// server answers the item an earlier try took (`earlier_try`), rather than leave it leased to
 /// nobody for the lease's whole length.
@@ -488,28 +489,45 @@ impl ClaimTries {
         }
     }
 
-    /// After a try: `heard`, the claim is over (the next claim is a new one); else the next try
-    /// is this claim's again.
-    fn answered(tries: &mut Option<ClaimTries>, heard: bool) {
-        match tries {
-            Some(unheard) if !heard => unheard.unheard = true,
+    /// After a try: heard, the claim is over (the next claim is a new one); unheard, the next
+    /// try is this claim's again. A try that did not reach the server changes nothing: a claim
+    /// already unheard stays so (an earlier try may still have taken an item), and a first try
+    /// took nothing.
+    fn answered(tries: &mut Option<ClaimTries>, outcome: TryOutcome) {
+        match (tries.as_mut(), outcome) {
+            (Some(claim), TryOutcome::Unheard) => claim.unheard = true,
+            (Some(claim), TryOutcome::NotReached) if claim.unheard => {}
             _ => *tries = None,
         }
     }
 }
 
-/// Whether a take may have taken an item that its answer never brought: no answer came (a timeout,
-/// a connection lost), or one that cannot be read (a body cut short), or a 5xx (a database
-/// connection lost during the commit may have committed it). A claim is then tried again with the
-/// same key. An answer read whole, or a refusal, ends the claim.
-fn may_have_taken_unheard<T>(result: &tether_client::Result<T>) -> bool {
-    match result {
-        Ok(_) => false,
-        // Never reached the server: nothing was sent.
-        Err(Error::Connect { .. }) => false,
-        Err(e) => e
-            .status()
-            .is_none_or(|status| !(300..500).contains(&status)),
+/// What one try of a take says of whether it took an item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TryOutcome {
+    /// Answered (the answer read whole) or refused: whatever it took, the worker knows.
+    Heard,
+    /// It may have taken an item that its answer never brought: no answer came (a timeout, a
+    /// connection lost), or one that cannot be read (a body cut short), or a 5xx (a database
+    /// connection lost during the commit may have committed it). A claim is then tried again
+    /// with the same key.
+    Unheard,
+    /// It did not reach the queue: the connection was refused, or the server turned it away
+    /// before looking at it (408, 429).
+    NotReached,
+}
+
+impl TryOutcome {
+    fn of<T>(result: &tether_client::Result<T>) -> TryOutcome {
+        match result {
+            Ok(_) => TryOutcome::Heard,
+            Err(Error::Connect { .. }) => TryOutcome::NotReached,
+            Err(e) => match e.status() {
+                Some(408 | 429) => TryOutcome::NotReached,
+                Some(300..=499) => TryOutcome::Heard,
+                _ => TryOutcome::Unheard,
+            },
+        }
     }
 }
 
@@ -623,15 +641,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_claim_keeps_its_key_only_while_it_may_have_taken_an_item_unheard() {
-        assert!(!may_have_taken_unheard(&Ok(())));
+    #[tokio::test]
+    async fn a_claim_keeps_its_key_while_it_may_have_taken_an_item_unheard() {
+        assert_eq!(TryOutcome::of(&Ok(())), TryOutcome::Heard);
         for status in [500, 502, 503, 504] {
-            assert!(may_have_taken_unheard::<()>(&Err(api(status))), "{status}");
+            assert_eq!(TryOutcome::of::<()>(&Err(api(status))), TryOutcome::Unheard);
         }
-        for status in [400, 401, 403, 404, 409, 429] {
-            assert!(!may_have_taken_unheard::<()>(&Err(api(status))), "{status}");
+        for status in [400, 401, 403, 404, 409] {
+            assert_eq!(TryOutcome::of::<()>(&Err(api(status))), TryOutcome::Heard);
         }
+        for status in [408, 429] {
+            assert_eq!(
+                TryOutcome::of::<()>(&Err(api(status))),
+                TryOutcome::NotReached
+            );
+        }
+        // A refused connection (nothing listens on port 1).
+        let client = Client::new("http://127.0.0.1:1", "tth_adm_x").unwrap();
+        let refused = client.poll_work("env_x", &PollOptions::default()).await;
+        assert!(matches!(refused, Err(Error::Connect { .. })), "{refused:?}");
+        assert_eq!(TryOutcome::of(&refused), TryOutcome::NotReached);
+
+        // Not reaching the server changes nothing: a first try took nothing, and a claim already
+        // unheard stays so, for an earlier try may still have taken an item.
+        let start = tokio::time::Instant::now();
+        let mut tries = Some(ClaimTries::first_at(start));
+        ClaimTries::answered(&mut tries, TryOutcome::NotReached);
+        assert!(tries.is_none());
+        let mut tries = Some(ClaimTries::first_at(start));
+        ClaimTries::answered(&mut tries, TryOutcome::Unheard);
+        ClaimTries::answered(&mut tries, TryOutcome::NotReached);
+        assert!(tries.as_ref().is_some_and(|tries| tries.unheard));
+        ClaimTries::answered(&mut tries, TryOutcome::Heard);
+        assert!(tries.is_none());
     }
 
     #[test]
@@ -643,7 +685,7 @@ mod tests {
         let key = options.idempotency_key.clone().expect("a key");
         assert_eq!((key.len(), options.retry), (32, ClaimTry::First));
 
-        ClaimTries::answered(&mut tries, false);
+        ClaimTries::answered(&mut tries, TryOutcome::Unheard);
         let later = start + Duration::from_secs(12);
         let again = tries.get_or_insert_with(|| ClaimTries::first_at(later));
         again.ask(&mut options);
@@ -662,7 +704,7 @@ mod tests {
         assert_eq!(ClaimTries::lease_start(tried, later, true), start);
         assert_eq!(ClaimTries::lease_start(tried, later, false), later);
 
-        ClaimTries::answered(&mut tries, true);
+        ClaimTries::answered(&mut tries, TryOutcome::Heard);
         assert!(tries.is_none());
         let next = tries.get_or_insert_with(|| ClaimTries::first_at(later));
         next.ask(&mut options);

@@ -312,7 +312,9 @@ mod tests {
             };
             let query = options.query();
             let sent: Vec<_> = query.iter().filter(|(name, _)| *name == "retry").collect();
-            sent.into_iter().map(|(_, value)| value.clone()).collect::<Vec<_>>()
+            sent.into_iter()
+                .map(|(_, value)| value.clone())
+                .collect::<Vec<_>>()
         };
         assert_eq!(retry(ClaimTry::First), Vec::<String>::new());
         assert_eq!(retry(ClaimTry::Again), ["true"]);

@@ -6,7 +6,6 @@
 //! for any reader, which keeps the workers table from growing with every worker ever started.
 
 use tether_store::{ClaimWindow, Notice};
-use tokio::task::JoinHandle;
 
 use crate::service::App;
 
@@ -14,52 +13,51 @@ use crate::service::App;
 /// table; doing it every tick would cost a write (and on SQLite an fsync) per second for nothing.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-pub fn spawn(app: App) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut notices = app.store.subscribe();
-        let mut tick = tokio::time::interval(app.config.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune = tokio::time::interval(PRUNE_EVERY);
-        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if pass(&app, Expiry::Always).await {
-                        if let Err(e) = app.mark_leases_kept().await {
-                            tracing::warn!(error = %e, "dispatcher: marking the leases kept failed");
-                        }
-                    }
-                    if let Err(e) = app.write_worker_records().await {
-                        tracing::warn!(error = %e, "dispatcher: writing poll records failed");
+/// The dispatcher's loop, until the server shuts down (run as a service: `crate::services`).
+pub async fn run(app: App) {
+    let mut notices = app.store.subscribe();
+    let mut tick = tokio::time::interval(app.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if pass(&app, Expiry::Always).await {
+                    if let Err(e) = app.mark_leases_kept().await {
+                        tracing::warn!(error = %e, "dispatcher: marking the leases kept failed");
                     }
                 }
-                _ = prune.tick() => {
-                    if let Err(e) = app.forget_idle_workers().await {
-                        tracing::warn!(error = %e, "dispatcher: pruning idle workers failed");
-                    }
-                }
-                _ = app.dispatch_now.notified() => {
-                    pass(&app, Expiry::WhenDue).await;
-                }
-                notice = notices.recv() => match notice {
-                    Ok(Notice::WorkClaimable { environment_id }) => { app.waiters.wake(&environment_id, 1); }
-                    Ok(Notice::Session { session_id }) => app.hub.notify(&session_id),
-                    // Notices were missed: look at every environment and wake every stream.
-                    Ok(Notice::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        pass(&app, Expiry::Always).await;
-                        app.hub.notify_all();
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => notices = app.store.subscribe(),
-                },
-                _ = app.until_shutdown() => {
-                    if let Err(e) = app.write_worker_records().await {
-                        tracing::warn!(error = %e, "dispatcher: writing poll records failed");
-                    }
-                    return;
+                if let Err(e) = app.write_worker_records().await {
+                    tracing::warn!(error = %e, "dispatcher: writing poll records failed");
                 }
             }
+            _ = prune.tick() => {
+                if let Err(e) = app.forget_idle_workers().await {
+                    tracing::warn!(error = %e, "dispatcher: pruning idle workers failed");
+                }
+            }
+            _ = app.dispatch_now.notified() => {
+                pass(&app, Expiry::WhenDue).await;
+            }
+            notice = notices.recv() => match notice {
+                Ok(Notice::WorkClaimable { environment_id }) => { app.waiters.wake(&environment_id, 1); }
+                Ok(Notice::Session { session_id }) => app.hub.notify(&session_id),
+                // Notices were missed: look at every environment and wake every stream.
+                Ok(Notice::Resync) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    pass(&app, Expiry::Always).await;
+                    app.hub.notify_all();
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => notices = app.store.subscribe(),
+            },
+            _ = app.until_shutdown() => {
+                if let Err(e) = app.write_worker_records().await {
+                    tracing::warn!(error = %e, "dispatcher: writing poll records failed");
+                }
+                return;
+            }
         }
-    })
+    }
 }
 
 /// Whether a pass asks the store for due leases.

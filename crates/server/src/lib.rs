@@ -12,12 +12,15 @@ pub mod memory;
 mod parse_error;
 pub mod sampler;
 pub mod service;
+pub mod services;
 pub mod telemetry;
 pub mod tls;
 pub mod waiters;
 
 use std::future::Future;
 use std::time::Duration;
+
+use services::Service;
 
 pub use listener::ConnectionLimits;
 pub use service::{App, ServiceConfig};
@@ -75,8 +78,14 @@ pub async fn serve_with(
         ),
         Err(e) => tracing::warn!(error = %e, "lease amnesty failed"),
     }
-    let dispatcher = dispatcher::spawn(app.clone());
-    let sampler = sampler::spawn(app.clone());
+    let dispatcher = {
+        let app = app.clone();
+        Service::start(services::DISPATCHER, move || dispatcher::run(app.clone()))
+    };
+    let sampler = {
+        let app = app.clone();
+        Service::start(services::SAMPLER, move || sampler::run(app.clone()))
+    };
     let router = http::router(app.clone(), options.body_limit);
     let stop = tokio_util::sync::CancellationToken::new();
     let accepting = tokio::spawn(listener::run(
@@ -91,10 +100,8 @@ pub async fn serve_with(
     app.begin_shutdown();
     stop.cancel();
     let outcome = accepting.await.map_err(std::io::Error::other);
-    dispatcher.abort();
-    sampler.abort();
     // Once no pass can mark them again.
-    let _ = dispatcher.await;
+    tokio::join!(dispatcher.stop(), sampler.stop());
     if let Err(e) = app.unmark_leases_kept().await {
         tracing::warn!(
             error = %e,

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use tether_core::{Timestamp, WorkState};
 use tether_store::{ArchiveFilter, Cursor, PageRequest};
-use tokio::task::JoinHandle;
 
 use crate::service::App;
 
@@ -81,21 +80,20 @@ impl QueueHistory {
     }
 }
 
-pub fn spawn(app: App) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(app.config.sample_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = pass(&app).await {
-                        tracing::warn!(error = %e, "sampler: queue sampling failed");
-                    }
+/// The sampler's loop, until the server shuts down (run as a service: `crate::services`).
+pub async fn run(app: App) {
+    let mut tick = tokio::time::interval(app.config.sample_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = pass(&app).await {
+                    tracing::warn!(error = %e, "sampler: queue sampling failed");
                 }
-                _ = app.until_shutdown() => return,
             }
+            _ = app.until_shutdown() => return,
         }
-    })
+    }
 }
 
 /// One sample of every environment with a work queue that is not archived.

@@ -80,6 +80,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                     for name in UNLABELLED_COUNTERS {
                         metrics::counter!(*name).increment(0);
                     }
+                    for service in crate::services::NAMES {
+                        metrics::counter!(crate::services::RESTARTS, "service" => service)
+                            .increment(0);
+                    }
                     // So are the pace histograms, which a server whose workers all claim never
                     // observes (a claim acks and makes its first heartbeat at its delivery).
                     for name in PACE_HISTOGRAMS {
@@ -252,6 +256,11 @@ fn describe() {
         "Connections that arrived at --max-connections and took the place of an open one that was \
          waiting without a request in flight, or doing nothing but event streams and bodies still \
          arriving (which was closed)."
+    );
+    describe_counter!(
+        crate::services::RESTARTS,
+        "Runs of a background service (dispatcher, sampler) that panicked; each is started \
+         again a second later."
     );
     describe_counter!(
         "tether_worker_polls_unrecorded_total",

@@ -127,6 +127,9 @@ const MAX_LEASE_TTL: i64 = 600;
 /// promised and not kept.
 const MAX_AMNESTY_MS: i64 = tether_core::lease::MAX_AMNESTY.as_millis() as i64;
 
+/// The longest `--header-timeout` and `--idle-timeout`.
+const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3_600);
+
 /// What clap cannot judge flag by flag: the flags against each other, and the public URL. Each
 /// refusal is one line that names its flags.
 fn check_flags(args: &ServeArgs) -> Result<(), String> {
@@ -143,6 +146,11 @@ fn check_flags(args: &ServeArgs) -> Result<(), String> {
     }
     if args.header_timeout.is_zero() || args.idle_timeout.is_zero() {
         return Err("--header-timeout and --idle-timeout must be above zero".into());
+    }
+    // A deadline this far off is no bound at all, and one near `Duration::MAX` would overflow the
+    // clock arithmetic of every connection.
+    if args.header_timeout > MAX_CONNECTION_TIMEOUT || args.idle_timeout > MAX_CONNECTION_TIMEOUT {
+        return Err("--header-timeout and --idle-timeout must be at most a day (1440m)".into());
     }
     if let Some(public_url) = &args.public_url {
         check_public_url(public_url)?;
@@ -678,6 +686,23 @@ mod tests {
             too_long.contains("--lease-ttl-max") && too_long.contains("1..=600"),
             "{too_long}"
         );
+    }
+
+    #[test]
+    fn connection_timeouts_are_above_zero_and_at_most_a_day() {
+        assert_eq!(
+            refusal(&["--idle-timeout", "1440m", "--header-timeout", "1s"]),
+            None
+        );
+        for flag in ["--idle-timeout", "--header-timeout"] {
+            for refused in ["0s", "1441m", "100000000000000s"] {
+                let error = refusal(&[flag, refused]);
+                assert!(
+                    error.as_deref().is_some_and(|e| e.contains(flag)),
+                    "{flag} {refused}: {error:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -361,11 +361,12 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
     }
     // Each background service's restarts, at 0 from the start.
     for service in ["dispatcher", "sampler"] {
+        let restarts = named("tether_service_restarts_total")
+            .find(|s| s.labels.get("service") == Some(service))
+            .map(|s| &s.value);
         assert!(
-            named("tether_service_restarts_total")
-                .any(|s| s.labels.get("service") == Some(&service.to_owned())
-                    && matches!(s.value, Prom::Counter(v) if v == 0.0)),
-            "tether_service_restarts_total{{service={service:?}}} is exported at 0"
+            matches!(restarts, Some(Prom::Counter(v)) if *v == 0.0),
+            "tether_service_restarts_total{{service={service:?}}} is exported at 0: {restarts:?}"
         );
     }
     let build = named("tether_build_info")

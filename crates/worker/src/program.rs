@@ -78,6 +78,8 @@ impl Program {
         };
         let path = std::path::absolute(&path)
             .map_err(|e| Error::config(format!("cannot run PROGRAM {shown}: {e}")))?;
+        check_interpreter(&path)
+            .map_err(|why| Error::config(format!("cannot run PROGRAM {shown}: {why}")))?;
         Ok(Program {
             name: name.clone(),
             path,
@@ -86,9 +88,11 @@ impl Program {
         })
     }
 
-    /// Whether the file is still there to run, as it was at start-up: a file, executable.
+    /// Whether the file is still there to run, as it was at start-up: a file, executable, and
+    /// for a script, its interpreter there too.
     pub fn runnable(&self) -> std::result::Result<(), String> {
-        check_executable(&self.path)
+        check_executable(&self.path)?;
+        check_interpreter(&self.path)
     }
 
     pub fn display(&self) -> String {
@@ -113,6 +117,56 @@ fn check_executable(path: &Path) -> std::result::Result<(), String> {
         return Err("not executable (chmod +x?)".into());
     }
     Ok(())
+}
+
+/// How much of a file the kernel reads for its `#!` line (Linux's `BINPRM_BUF_SIZE`).
+const SHEBANG_READ: usize = 256;
+
+/// A script's `#!` line names the program the kernel runs it with. A script whose interpreter is
+/// missing starts and fails at once on every run (exit 127, the kernel's "no such file"), which
+/// would end every item's session turn: such a PROGRAM cannot run, as a missing file cannot. The
+/// interpreter must be an executable file; with `#!/usr/bin/env NAME` (options and `VAR=value`
+/// words skipped, as `env` skips them), NAME must be found in `PATH` too, as `env` would look it
+/// up. A file that cannot be read (execute-only) or has no `#!` line is left to the kernel.
+fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read as _;
+    let mut head = [0u8; SHEBANG_READ];
+    let Ok(read) = std::fs::File::open(path).and_then(|mut file| file.read(&mut head)) else {
+        return Ok(());
+    };
+    let Some(line) = head[..read].strip_prefix(b"#!") else {
+        return Ok(());
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_ascii_whitespace();
+    let Some(interpreter) = words.next() else {
+        return Err("its #! line names no interpreter".into());
+    };
+    if let Err(why) = check_executable(Path::new(interpreter)) {
+        return Err(format!(
+            "its interpreter {interpreter} (its #! line): {why}"
+        ));
+    }
+    if Path::new(interpreter).file_name() != Some(std::ffi::OsStr::new("env")) {
+        return Ok(());
+    }
+    let Some(command) = words.find(|word| !word.starts_with('-') && !word.contains('=')) else {
+        return Ok(());
+    };
+    if command.contains('/') {
+        return check_executable(Path::new(command))
+            .map_err(|why| format!("its interpreter {command} (its #! line): {why}"));
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    let found =
+        std::env::split_paths(&search).any(|dir| check_executable(&dir.join(command)).is_ok());
+    match found {
+        true => Ok(()),
+        false => Err(format!(
+            "its interpreter {command} (its #! line, through env) is not in PATH"
+        )),
+    }
 }
 
 /// Where a program's stdout and stderr go.
@@ -519,6 +573,62 @@ mod tests {
         let err = Program::resolve(&[dir.path().join("nope").into()]).unwrap_err();
         assert!(err.to_string().contains("no such file"), "{err}");
         assert!(Program::resolve(&[]).is_err());
+    }
+
+    /// A script runs only where its `#!` line's interpreter does: one whose interpreter is missing
+    /// is refused at start-up, and once it goes missing, the program can no longer run.
+    #[test]
+    fn a_script_whose_interpreter_is_missing_cannot_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        for (name, text) in [
+            ("sh", "#!/bin/sh\ntrue\n"),
+            ("sh-with-arg", "#! /bin/sh -e\ntrue\n"),
+            ("env-sh", "#!/usr/bin/env sh\ntrue\n"),
+            ("env-split", "#!/usr/bin/env -S LC_ALL=C sh -e\ntrue\n"),
+            ("no-shebang", "true\n"),
+        ] {
+            let path = script(name, text);
+            let program = Program::resolve(&[path.into()]);
+            assert!(program.is_ok(), "{name}: {:?}", program.err());
+        }
+        for (name, text, why) in [
+            (
+                "missing",
+                "#!/no/such/interpreter\n",
+                "/no/such/interpreter",
+            ),
+            ("empty", "#!\n", "names no interpreter"),
+            (
+                "env-missing",
+                "#!/usr/bin/env no-such-interpreter-anywhere\n",
+                "not in PATH",
+            ),
+            (
+                "env-path",
+                "#!/usr/bin/env /no/such/python\n",
+                "/no/such/python",
+            ),
+        ] {
+            let path = script(name, text);
+            let err = Program::resolve(&[path.into()]).unwrap_err().to_string();
+            assert!(
+                err.contains("interpreter") && err.contains(why),
+                "{name}: {err}"
+            );
+        }
+        // Taken away after start-up (a deploy that changed the #! line): it can no longer run.
+        let path = script("later", "#!/bin/sh\ntrue\n");
+        let program = Program::resolve(&[path.clone().into()]).unwrap();
+        assert_eq!(program.runnable(), Ok(()));
+        std::fs::write(&path, "#!/no/such/shell\ntrue\n").unwrap();
+        let why = program.runnable().unwrap_err();
+        assert!(why.contains("/no/such/shell"), "{why}");
     }
 
     #[tokio::test]

@@ -124,12 +124,18 @@ const SHEBANG_READ: usize = 256;
 
 /// A script's `#!` line names the program the kernel runs it with. A script whose interpreter is
 /// missing starts and fails at once on every run (exit 127, the kernel's "no such file"), which
-/// would end every item's session turn: such a PROGRAM cannot run, as a missing file cannot. The
-/// interpreter must be an executable file; with `#!/usr/bin/env NAME` (options and `VAR=value`
-/// words skipped, as `env` skips them), NAME must be found in `PATH` too, as `env` would look it
-/// up. A file that cannot be read (execute-only) or has no `#!` line is left to the kernel.
+/// would end every item's session turn: such a PROGRAM cannot run, as a missing file cannot.
+///
+/// Read as Linux reads it: the interpreter runs to the first space or tab (so a line that ends in
+/// a carriage return, a script saved with CRLF line endings, names `/bin/sh\r`, which is missing),
+/// and the rest of the line is one argument. The interpreter must be an executable file. With
+/// `#!/usr/bin/env NAME`, NAME is looked up as `env` would, in `PATH` (glibc's `/bin:/usr/bin`
+/// without one), when it is one plain word; an argument `env` would parse (options, `-S`
+/// strings, `VAR=value`) is left to it, so that nothing that runs is refused. A file that cannot be
+/// read (execute-only) or has no `#!` line is left to the kernel.
 fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
     use std::io::Read as _;
+    use std::os::unix::ffi::OsStrExt as _;
     let mut head = [0u8; SHEBANG_READ];
     let Ok(read) = std::fs::File::open(path).and_then(|mut file| file.read(&mut head)) else {
         return Ok(());
@@ -138,33 +144,50 @@ fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
         return Ok(());
     };
     let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split_ascii_whitespace();
-    let Some(interpreter) = words.next() else {
+    let is_blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let line = &line[line.iter().position(|b| !is_blank(b)).unwrap_or(line.len())..];
+    let interpreter_end = line.iter().position(is_blank).unwrap_or(line.len());
+    let (interpreter, rest) = line.split_at(interpreter_end);
+    if interpreter.is_empty() {
         return Err("its #! line names no interpreter".into());
-    };
-    if let Err(why) = check_executable(Path::new(interpreter)) {
+    }
+    let shown = String::from_utf8_lossy(interpreter);
+    if interpreter.ends_with(b"\r") {
         return Err(format!(
-            "its interpreter {interpreter} (its #! line): {why}"
+            "its #! line ends in a carriage return (CRLF line endings), so the kernel looks for an \
+             interpreter named {:?}",
+            shown
         ));
     }
-    if Path::new(interpreter).file_name() != Some(std::ffi::OsStr::new("env")) {
+    let interpreter = Path::new(std::ffi::OsStr::from_bytes(interpreter));
+    if let Err(why) = check_executable(interpreter) {
+        return Err(format!("its interpreter {shown} (its #! line): {why}"));
+    }
+    if interpreter.file_name() != Some(std::ffi::OsStr::new("env")) {
         return Ok(());
     }
-    let Some(command) = words.find(|word| !word.starts_with('-') && !word.contains('=')) else {
+    let argument = rest.trim_ascii();
+    let plain_word = !argument.is_empty()
+        && !argument.starts_with(b"-")
+        && !argument
+            .iter()
+            .any(|b| is_blank(b) || *b == b'=' || *b == b'\r');
+    if !plain_word {
         return Ok(());
-    };
-    if command.contains('/') {
-        return check_executable(Path::new(command))
-            .map_err(|why| format!("its interpreter {command} (its #! line): {why}"));
     }
-    let search = std::env::var_os("PATH").unwrap_or_default();
+    let command = Path::new(std::ffi::OsStr::from_bytes(argument));
+    let shown = String::from_utf8_lossy(argument);
+    if argument.contains(&b'/') {
+        return check_executable(command)
+            .map_err(|why| format!("its interpreter {shown} (its #! line, through env): {why}"));
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
     let found =
         std::env::split_paths(&search).any(|dir| check_executable(&dir.join(command)).is_ok());
     match found {
         true => Ok(()),
         false => Err(format!(
-            "its interpreter {command} (its #! line, through env) is not in PATH"
+            "its interpreter {shown} (its #! line, through env) is not in PATH"
         )),
     }
 }
@@ -590,8 +613,13 @@ mod tests {
             ("sh", "#!/bin/sh\ntrue\n"),
             ("sh-with-arg", "#! /bin/sh -e\ntrue\n"),
             ("env-sh", "#!/usr/bin/env sh\ntrue\n"),
+            // What env parses itself is left to it, whatever it names.
             ("env-split", "#!/usr/bin/env -S LC_ALL=C sh -e\ntrue\n"),
+            ("env-unset", "#!/usr/bin/env -S -u NAME sh\ntrue\n"),
+            ("env-chdir", "#!/usr/bin/env -S -C /tmp sh\ntrue\n"),
+            ("env-assign", "#!/usr/bin/env LC_ALL=C\ntrue\n"),
             ("no-shebang", "true\n"),
+            ("crlf-body", "#!/bin/sh\ntrue\r\n"),
         ] {
             let path = script(name, text);
             let program = Program::resolve(&[path.into()]);
@@ -604,6 +632,8 @@ mod tests {
                 "/no/such/interpreter",
             ),
             ("empty", "#!\n", "names no interpreter"),
+            ("blank", "#!  \t\n", "names no interpreter"),
+            ("crlf", "#!/bin/sh\r\ntrue\r\n", "carriage return"),
             (
                 "env-missing",
                 "#!/usr/bin/env no-such-interpreter-anywhere\n",

@@ -16,6 +16,10 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// The dispatcher's loop, until the server shuts down (run as a service: `crate::services`).
 pub async fn run(app: App) {
     let mut notices = app.store.subscribe();
+    // A run after one that panicked missed the notices of its pause: every stream looks again, as
+    // after a resync (the first tick, at once, passes over every environment). On the first run
+    // there is no stream yet, and this costs nothing.
+    app.hub.notify_all();
     let mut tick = tokio::time::interval(app.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune = tokio::time::interval(PRUNE_EVERY);

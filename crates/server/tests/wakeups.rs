@@ -203,16 +203,20 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
             .create_environment_key(&env.id, NewCredential::default())
             .await
             .expect("a key");
-        let claim = async |sent: TrySent| {
+        let claim_with = async |session_token: &str, sent: TrySent| {
             let ask = ClaimAsk {
                 keyed: Some(KeyedTry {
-                    session_token: "tth_ses_the-same-token-for-every-try",
+                    session_token,
                     sent,
                 }),
                 ..ClaimAsk::default()
             };
             let claimed = app.claim(&env, Some("w1"), Some(&key.id), None, 5_000, ask);
-            claimed.await.expect("claim").expect("an item")
+            claimed.await.expect("claim")
+        };
+        let claim = async |sent: TrySent| {
+            let claimed = claim_with("tth_ses_the-same-token-for-every-try", sent).await;
+            claimed.expect("an item")
         };
         let first = claim(TrySent::First).await;
         let taken = (&first.item.id, &first.session_token);
@@ -237,15 +241,9 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
         }
         // A try that takes nothing new, of a claim whose tries took nothing, scans nothing
         // either, though an item is queued (a try sent again with `retry=true` would take it).
-        let ask = ClaimAsk {
-            keyed: Some(KeyedTry {
-                session_token: "tth_ses_a-token-no-try-took-anything-with",
-                sent: TrySent::AgainTakingNothing,
-            }),
-            ..ClaimAsk::default()
-        };
-        let nothing = app.claim(&env, Some("w1"), Some(&key.id), None, 5_000, ask);
-        assert!(nothing.await.expect("claim").is_none());
+        let untaken = "tth_ses_a-token-no-try-took-anything-with";
+        let nothing = claim_with(untaken, TrySent::AgainTakingNothing).await;
+        assert!(nothing.is_none());
         assert_eq!(
             counting.scans.load(Ordering::SeqCst),
             before + 1,

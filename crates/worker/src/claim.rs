@@ -213,6 +213,7 @@ async fn claim_until_drain(
             }
             let sent = tokio::time::Instant::now();
             if claims {
+                ClaimTries::forget_once_lapsed(tries, sent, lease_length(shared));
                 tries
                     .get_or_insert_with(|| ClaimTries::first_at(sent))
                     .ask(options);
@@ -489,6 +490,23 @@ impl ClaimTries {
         }
     }
 
+    /// Forgets a claim unheard for longer than a lease: an item it took has lapsed by now (and
+    /// gone back to the queue), so there is nothing left to ask for, and a server that answers
+    /// every try with a 5xx (a proxy in front of one that is down) is polled at the backoff's pace
+    /// again, not every [`CLAIM_SENT_AGAIN_WITHIN`] for ever. The next claim is a new one.
+    fn forget_once_lapsed(
+        tries: &mut Option<ClaimTries>,
+        now: tokio::time::Instant,
+        lease: Duration,
+    ) {
+        if tries
+            .as_ref()
+            .is_some_and(|claim| claim.unheard && now >= claim.first_sent + lease)
+        {
+            *tries = None;
+        }
+    }
+
     /// After a try: heard, the claim is over (the next claim is a new one); unheard, the next
     /// try is this claim's again. A try that did not reach the server changes nothing: a claim
     /// already unheard stays so (an earlier try may still have taken an item), and a first try
@@ -529,6 +547,16 @@ impl TryOutcome {
             },
         }
     }
+}
+
+/// How long an item a claim took stays leased at the most, from the claim's sending: the lease the
+/// worker asks for (`--ttl`), or the contract's default of 60 s, and never under the server's
+/// least, 10 s (§5.2).
+fn lease_length(shared: &Shared) -> Duration {
+    const DEFAULT_TTL_SECONDS: u32 = 60;
+    const LEAST_TTL_SECONDS: u32 = 10;
+    let seconds = shared.desired_ttl.unwrap_or(DEFAULT_TTL_SECONDS);
+    Duration::from_secs(seconds.max(LEAST_TTL_SECONDS).into())
 }
 
 /// Whether a refused claim says that the server has no claim endpoint (404 for a path it does not
@@ -703,6 +731,15 @@ mod tests {
         let tried = tries.as_ref();
         assert_eq!(ClaimTries::lease_start(tried, later, true), start);
         assert_eq!(ClaimTries::lease_start(tried, later, false), later);
+
+        // Unheard for longer than a lease: its item, if any, lapsed; the next claim is a new one.
+        let lease = Duration::from_secs(60);
+        ClaimTries::forget_once_lapsed(&mut tries, start + lease - Duration::from_millis(1), lease);
+        assert!(tries.is_some(), "still within the lease");
+        let mut lapsed = Some(ClaimTries::first_at(start));
+        ClaimTries::answered(&mut lapsed, TryOutcome::Unheard);
+        ClaimTries::forget_once_lapsed(&mut lapsed, start + lease, lease);
+        assert!(lapsed.is_none(), "forgotten once the lease is over");
 
         ClaimTries::answered(&mut tries, TryOutcome::Heard);
         assert!(tries.is_none());

@@ -132,7 +132,8 @@ const SHEBANG_READ: usize = 256;
 /// `#!/usr/bin/env NAME`, NAME is looked up as `env` would, in `PATH` (glibc's `/bin:/usr/bin`
 /// without one), when it is one plain word; an argument `env` would parse (options, `-S`
 /// strings, `VAR=value`) is left to it, so that nothing that runs is refused. A file that cannot be
-/// read (execute-only) or has no `#!` line is left to the kernel.
+/// read (execute-only) is left to the kernel. A file without a `#!` line must be a binary: an
+/// empty file, or one of text, is refused.
 fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
     use std::io::Read as _;
     use std::os::unix::ffi::OsStrExt as _;
@@ -140,8 +141,20 @@ fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
     let Ok(read) = std::fs::File::open(path).and_then(|mut file| file.read(&mut head)) else {
         return Ok(());
     };
-    let Some(line) = head[..read].strip_prefix(b"#!") else {
-        return Ok(());
+    let head = &head[..read];
+    let Some(line) = head.strip_prefix(b"#!") else {
+        // No interpreter: the kernel runs only a binary (an ELF file, or one a binfmt handler
+        // takes, which text is not). A shell would run a text file with `sh`; `execve` answers
+        // "exec format error", every time.
+        let text = !head.contains(&0) && !head.starts_with(b"\x7fELF");
+        return match head.is_empty() || text {
+            true => Err(
+                "it has no #! line naming its interpreter, so the kernel cannot run it (exec \
+                 format error): make its first line one, such as #!/bin/sh"
+                    .into(),
+            ),
+            false => Ok(()),
+        };
     };
     let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
     let is_blank = |b: &u8| *b == b' ' || *b == b'\t';
@@ -618,7 +631,6 @@ mod tests {
             ("env-unset", "#!/usr/bin/env -S -u NAME sh\ntrue\n"),
             ("env-chdir", "#!/usr/bin/env -S -C /tmp sh\ntrue\n"),
             ("env-assign", "#!/usr/bin/env LC_ALL=C\ntrue\n"),
-            ("no-shebang", "true\n"),
             ("crlf-body", "#!/bin/sh\ntrue\r\n"),
         ] {
             let path = script(name, text);
@@ -644,6 +656,8 @@ mod tests {
                 "#!/usr/bin/env /no/such/python\n",
                 "/no/such/python",
             ),
+            ("no-shebang", "echo no interpreter named\n", "#!/bin/sh"),
+            ("empty-file", "", "#!/bin/sh"),
         ] {
             let path = script(name, text);
             let err = Program::resolve(&[path.into()]).unwrap_err().to_string();
@@ -652,6 +666,11 @@ mod tests {
                 "{name}: {err}"
             );
         }
+        // A binary without a #! line is the kernel's to judge (a real one runs).
+        let binary = Program::resolve(&["sh".into()]).unwrap();
+        assert_eq!(binary.runnable(), Ok(()));
+        let path = script("not-elf", "\0\u{1}binary of some other format");
+        assert!(Program::resolve(&[path.into()]).is_ok());
         // Taken away after start-up (a deploy that changed the #! line): it can no longer run.
         let path = script("later", "#!/bin/sh\ntrue\n");
         let program = Program::resolve(&[path.clone().into()]).unwrap();

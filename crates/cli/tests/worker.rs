@@ -1269,6 +1269,67 @@ async fn a_terminal_that_stops_reading_blocks_neither_the_worker_nor_its_program
     runs_with_a_standard_error_nobody_reads(Stdio::from(terminal.slave), |_| ()).await;
 }
 
+/// Started in the background of a shell with job control (`tether worker … &`), the worker draws no
+/// status line over the terminal its shell and the foreground jobs have; its log lines still go
+/// out. In the foreground of the same terminal, it draws one.
+#[tokio::test]
+async fn a_worker_in_the_background_of_a_shell_draws_no_status_line() {
+    let setup = Setup::new().await;
+    for (job, draws) in [("&", false), ("", true)] {
+        let terminal = nix::pty::openpty(None, None).expect("a pseudo-terminal");
+        let screen = File::from(terminal.master);
+        // A new session whose controlling terminal is the pseudo-terminal, and a shell with job
+        // control in it: a job started with `&` gets a process group of its own, which is not the
+        // terminal's foreground group; one started without it is.
+        let script = format!(
+            "set -m; \"$0\" worker --server \"$1\" --environment \"$2\" --worker-id w1 \
+             --key \"$3\" -- sleep 60 {job}\nwait"
+        );
+        // Built and dropped here: the terminal's other end must be held by the session alone, so
+        // that reading this end ends once the session has gone.
+        let mut shell = {
+            let slave = File::from(terminal.slave);
+            let mut command = Command::new("setsid");
+            command
+                .args(["--ctty", "sh", "-c", &script, support::BIN])
+                .args([&setup.server.base, &setup.env, &setup.key])
+                .stdin(slave.try_clone().unwrap())
+                .stdout(slave.try_clone().unwrap())
+                .stderr(slave);
+            for name in support::AMBIENT {
+                command.env_remove(name);
+            }
+            command.spawn().expect("setsid sh")
+        };
+        // What the terminal shows, read on a thread of its own until the terminal closes.
+        let shown = std::thread::spawn(move || {
+            let mut screen = screen;
+            let mut shown = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut screen, &mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                shown.extend_from_slice(&buffer[..n]);
+            }
+            String::from_utf8_lossy(&shown).into_owned()
+        });
+        // The status line is redrawn every half second at least: a few seconds show it, if drawn.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // The whole session goes (the shell, the worker in its job's group, the worker's program).
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-s", &shell.id().to_string()])
+            .status();
+        let _ = shell.wait();
+        let shown = shown.join().expect("the reader");
+        assert!(shown.contains("worker started"), "{job:?}: {shown}");
+        let spinner = shown
+            .chars()
+            .any(|c| ('\u{2800}'..='\u{28ff}').contains(&c));
+        assert_eq!(spinner, draws, "{job:?}: {shown}");
+    }
+}
+
 /// Runs two items whose programs write far more than `stderr` holds, then outlive a lease (4 s)
 /// with it full; `hold` keeps whatever end of it the test has.
 async fn runs_with_a_standard_error_nobody_reads<T>(

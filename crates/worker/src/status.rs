@@ -160,8 +160,8 @@ impl Reporter {
 
     fn emit(&self, line: &str) {
         match &self.inner.bar {
-            Some(bar) => bar.println(line),
-            None => crate::logsink::stderr().line(format!("{line}\n").as_bytes()),
+            Some(bar) if in_the_foreground() => bar.println(line),
+            _ => crate::logsink::stderr().line(format!("{line}\n").as_bytes()),
         }
     }
 
@@ -288,10 +288,23 @@ impl TermLike for LossyTerminal {
 
     fn flush(&self) -> std::io::Result<()> {
         let drawn = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if !drawn.is_empty() {
+        if !drawn.is_empty() && in_the_foreground() {
             crate::logsink::stderr().line(&drawn);
         }
         Ok(())
+    }
+}
+
+/// Whether the worker has its terminal to itself: not when it was started in the background of a
+/// shell (`tether worker … &`), where a status line redrawn several times a second would be drawn
+/// over the prompt and over what the foreground job prints. There, log lines go out plain, and
+/// the status line comes back once the worker is brought to the foreground (`fg`). Asked of the
+/// kernel (an `ioctl`) at each drawing.
+fn in_the_foreground() -> bool {
+    match nix::unistd::tcgetpgrp(std::io::stderr()) {
+        Ok(foreground) => foreground == nix::unistd::getpgrp(),
+        // No terminal (any more): the writer judges what to do with the drawing.
+        Err(_) => true,
     }
 }
 
@@ -319,7 +332,7 @@ impl std::io::Write for LogLine {
 impl Drop for LogLine {
     fn drop(&mut self) {
         match LIVE_BAR.get() {
-            Some(bar) if !bar.is_finished() => {
+            Some(bar) if !bar.is_finished() && in_the_foreground() => {
                 bar.println(String::from_utf8_lossy(&self.0).trim_end())
             }
             _ => crate::logsink::stderr().line(&self.0),

@@ -124,8 +124,18 @@ pub async fn run(cx: Ctx, command: WorkCommand) -> Result<()> {
                 .stop_work_as_operator(&item.env, &item.work, force)
                 .await?;
             cx.emit(&work, || {
+                // A worker hears of a stop at its next heartbeat: every half lease, at most 30 s
+                // (§8). Said here, so that a program still running a while later is no surprise.
                 let note = match work.state.as_str() {
-                    "stopping" => " (the worker drains, then confirms; --force stops at once)",
+                    "stopping" => {
+                        ": its worker hears of it at its next heartbeat (within 30 s), sends its \
+                         program SIGTERM and confirms once the program has ended; --force stops \
+                         it at once"
+                    }
+                    "stopped" if force => {
+                        ": a worker running it hears of it at its next heartbeat (within 30 s) \
+                         and then kills its program"
+                    }
                     _ => "",
                 };
                 format!("Work item {} is {}{note}.\n", work.id, work.state)

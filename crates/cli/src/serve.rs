@@ -272,6 +272,13 @@ pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
     // user may read it. A new directory and everything in it are made so (SQLite gives its journal
     // files the mode of the database file).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    if args.data_dir.exists() && !args.data_dir.is_dir() {
+        anyhow::bail!(
+            "--data-dir {} is not a directory: give a directory for the store (it is made if it \
+             does not exist)",
+            args.data_dir.display()
+        );
+    }
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&args.data_dir)
         .with_context(|| {

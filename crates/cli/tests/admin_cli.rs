@@ -661,6 +661,23 @@ fn a_listen_address_that_cannot_be_used_is_explained() {
     }
 }
 
+/// A `--data-dir` that names a file is refused with a message that says so.
+#[test]
+fn a_data_dir_that_is_a_file_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let out = support::tether_command()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&file)
+        .output()
+        .expect("run tether serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a directory"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
+}
+
 /// Every setting is judged before the store is made: a start refused for one leaves nothing behind
 /// to be mistaken for a server's store.
 #[test]

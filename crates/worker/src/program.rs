@@ -71,8 +71,16 @@ impl Program {
                 .map(|dir| dir.join(name))
                 .find(|candidate| check_executable(candidate).is_ok())
                 .ok_or_else(|| {
+                    // A name without `/` is looked up in PATH only, as a shell does, which
+                    // surprises most with a script in the current directory.
+                    let here = match Path::new(name).is_file() {
+                        true => {
+                            format!(" (a file of that name is here: to run it, write ./{shown})")
+                        }
+                        false => String::new(),
+                    };
                     Error::config(format!(
-                        "cannot run PROGRAM {shown}: no executable of that name in PATH"
+                        "cannot run PROGRAM {shown}: no executable of that name in PATH{here}"
                     ))
                 })?
         };
@@ -601,6 +609,16 @@ mod tests {
         assert_eq!(sh.display(), "sh -c true");
         let missing = Program::resolve(&["no-such-program-anywhere".into()]).unwrap_err();
         assert!(missing.to_string().contains("no executable"), "{missing}");
+        assert!(!missing.to_string().contains("./"), "{missing}");
+        // A script in the current directory, named as a shell would not find it.
+        let here = std::env::current_dir().unwrap();
+        let name = format!("resolve-test-{}.sh", std::process::id());
+        std::fs::write(here.join(&name), "#!/bin/sh\n").unwrap();
+        let err = Program::resolve(&[name.clone().into()])
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_file(here.join(&name)).unwrap();
+        assert!(err.contains(&format!("write ./{name}")), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("script");
         std::fs::write(&plain, "#!/bin/sh\n").unwrap();

@@ -82,7 +82,8 @@ pub async fn drain(
     }
     report.info(
         &format!(
-            "waiting up to {}s for {running} running item(s)",
+            // The tasks are the items' supervisors, and the ask for a claim whose answer was lost.
+            "waiting up to {}s for {running} item(s) running, or being asked for again",
             timeout.as_secs_f64(),
         ),
         &[],

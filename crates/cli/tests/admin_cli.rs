@@ -661,6 +661,38 @@ fn a_listen_address_that_cannot_be_used_is_explained() {
     }
 }
 
+/// A `--server` that is not a Tether server (here a web server's 404 page) is said to be one.
+#[test]
+fn a_server_that_is_not_tethers_is_told_apart() {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let answering = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 4096];
+        let _ = stream.read(&mut request);
+        let page = "<html><body>404 Not Found</body></html>";
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{page}",
+            page.len()
+        );
+        stream.write_all(answer.as_bytes()).unwrap();
+    });
+    let out = support::tether_command()
+        .args(["env", "list", "--server", &url, "--token"])
+        .arg(format!("tth_adm_{}", "x".repeat(32)))
+        .output()
+        .expect("run tether env list");
+    answering.join().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not answer as a Tether server does") && err.contains("--server"),
+        "{err}"
+    );
+}
+
 /// A `--data-dir` that names a file is refused with a message that says so.
 #[test]
 fn a_data_dir_that_is_a_file_is_explained() {

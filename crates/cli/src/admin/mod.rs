@@ -264,6 +264,14 @@ impl Explainer {
                  stuck?\n  cause: {}",
                 error.root_cause()
             ),
+            // Tether answers every error with its envelope and a request id (in the body and in
+            // `x-request-id`): without one, another server, or a proxy's own page, answered.
+            tether_client::Error::Api(api) if api.request_id.is_none() => anyhow!(
+                "{server} did not answer as a Tether server does ({} {}): is --server / \
+                 TETHER_SERVER the Tether server's URL, and is the server up behind any proxy?",
+                api.status,
+                api.message
+            ),
             tether_client::Error::Api(api) => match api.status {
                 401 => {
                     let from = match &self.source {

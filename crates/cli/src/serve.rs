@@ -120,7 +120,7 @@ pub struct ServeArgs {
 
 /// The longest lease, in seconds: SPEC §5.2 clamps every TTL into 10‥600, and workers take no
 /// longer promise of amnesty either (`tether_core::lease::MAX_AMNESTY`).
-const MAX_LEASE_TTL: i64 = 600;
+const MAX_LEASE_TTL: i64 = tether_core::lease::LeasePolicy::MAX_TTL_SECONDS as i64;
 
 /// The longest amnesty window, in milliseconds: a worker takes a promise of amnesty (the same window,
 /// after a database outage) as at most `tether_core::lease::MAX_AMNESTY`, so a longer one would be

@@ -588,6 +588,10 @@ async fn a_claim_whose_answer_is_lost_is_answered_again() {
     assert!(setup.claimed_in_one_request(&work).await);
     assert!(proxy.seen("claim") >= 2, "the claim was sent again");
     assert!(
+        proxy.seen("claim retry=true") >= 1,
+        "sent again as a try of the same claim"
+    );
+    assert!(
         worker.log().contains("poll failed; retrying"),
         "the lost answer was seen as one:\n{}",
         worker.log()

@@ -20,13 +20,17 @@ impl Default for LeasePolicy {
         LeasePolicy {
             default_ttl_seconds: 60,
             min_ttl_seconds: 10,
-            max_ttl_seconds: 600,
+            max_ttl_seconds: LeasePolicy::MAX_TTL_SECONDS,
             max_requeues: 3,
         }
     }
 }
 
 impl LeasePolicy {
+    /// The longest TTL of any policy (§5.2 clamps every TTL into 10‥600; a server may narrow the
+    /// bounds, never widen them past this).
+    pub const MAX_TTL_SECONDS: u32 = 600;
+
     /// The TTL applied for a requested one (`None` keeps `current`), clamped into the policy's bounds.
     pub fn effective_ttl(&self, desired: Option<u32>, current: u32) -> u32 {
         debug_assert!(self.min_ttl_seconds <= self.max_ttl_seconds);

@@ -55,25 +55,14 @@ enum IdleStretch {
 
 /// Claims work until the worker stops claiming (any phase past `Running`, the one item of `run-one`,
 /// `--max-idle` without work), or a refusal says that claiming cannot work (the error explains why).
-/// Supervisors go into `tasks`. Returns how many items it claimed.
+/// Supervisors go into `tasks`; `Shared::taken` counts the items.
 pub async fn run(
     shared: Arc<Shared>,
     concurrency: usize,
     tasks: &mut JoinSet<()>,
-) -> crate::Result<u64> {
-    let mut claimed = 0;
-    let mut idle_since = Instant::now();
-    let result = claim(&shared, concurrency, tasks, &mut claimed, &mut idle_since).await;
-    result.map(|()| claimed)
-}
-
-async fn claim(
-    shared: &Arc<Shared>,
-    concurrency: usize,
-    tasks: &mut JoinSet<()>,
-    claimed: &mut u64,
-    idle_since: &mut Instant,
 ) -> crate::Result<()> {
+    let shared = &shared;
+    let mut idle_since = Instant::now();
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut options = ClaimOptions {
         poll: PollOptions {
@@ -87,12 +76,13 @@ async fn claim(
     };
     // The claim under way, until an answer is heard (see `ClaimTries`).
     let mut tries: Option<ClaimTries> = None;
-    let claiming = Claiming {
-        slots: &slots,
-        tasks,
-        claimed,
-    };
-    let until_drain = claim_until_drain(shared, claiming, idle_since, &mut options, &mut tries);
+    let until_drain = claim_until_drain(
+        shared,
+        (&slots, tasks),
+        &mut idle_since,
+        &mut options,
+        &mut tries,
+    );
     let result = until_drain.await;
     // After a fatal refusal the worker exits at once: nothing more is sent.
     if let (Ok(()), Some(unheard)) = (&result, tries.filter(|tries| tries.unheard)) {
@@ -106,33 +96,25 @@ async fn claim(
     result
 }
 
-/// Where the claim loop puts what it claims: the free slots, the supervisors, the count.
-struct Claiming<'a> {
-    slots: &'a Arc<Semaphore>,
-    tasks: &'a mut JoinSet<()>,
-    claimed: &'a mut u64,
-}
-
-impl Claiming<'_> {
-    /// Hands a claimed or polled item to a supervisor of its own, which holds `slot` while it runs.
-    fn serve(
-        &mut self,
-        shared: &Arc<Shared>,
-        item: WorkItem,
-        taken: supervisor::Taken,
-        slot: OwnedSemaphorePermit,
-    ) {
-        *self.claimed += 1;
-        self.tasks
-            .spawn(supervisor::serve(shared.clone(), item, taken, slot));
-    }
+/// Hands an item to a supervisor of its own, which holds `slot` while it runs, and counts it
+/// (`Shared::taken`): the one way every item, however it came, is served.
+fn hand_over(
+    shared: &Arc<Shared>,
+    item: WorkItem,
+    taken: supervisor::Taken,
+    slot: OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    shared
+        .taken
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    supervisor::serve(shared.clone(), item, taken, slot)
 }
 
 /// The claim loop proper, until the worker stops claiming. `tries` is left holding a claim whose
 /// answer was not heard, if the loop ends with one.
 async fn claim_until_drain(
     shared: &Arc<Shared>,
-    mut claiming: Claiming<'_>,
+    (slots, tasks): (&Arc<Semaphore>, &mut JoinSet<()>),
     idle_since: &mut Instant,
     options: &mut ClaimOptions,
     tries: &mut Option<ClaimTries>,
@@ -151,11 +133,12 @@ async fn claim_until_drain(
     // mistyped --server would look like a quiet queue).
     let mut heard = IdleStretch::Untried;
     loop {
-        while claiming.tasks.try_join_next().is_some() {}
-        if *phase.borrow() != Phase::Running || (shared.run_one && *claiming.claimed > 0) {
+        while tasks.try_join_next().is_some() {}
+        let any_taken = shared.taken.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        if *phase.borrow() != Phase::Running || (shared.run_one && any_taken) {
             return Ok(());
         }
-        if !claiming.tasks.is_empty() {
+        if !tasks.is_empty() {
             *idle_since = Instant::now();
             heard = IdleStretch::Untried;
         } else if let Some(max_idle) = shared.max_idle {
@@ -177,12 +160,12 @@ async fn claim_until_drain(
                 return Ok(());
             }
         }
-        let slot = match claiming.slots.clone().try_acquire_owned() {
+        let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 report.activity(Activity::Full);
                 tokio::select! {
-                    slot = claiming.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
                     _ = reached(&mut phase, Phase::Draining) => return Ok(()),
                 }
             }
@@ -213,7 +196,7 @@ async fn claim_until_drain(
             }
             let sent = tokio::time::Instant::now();
             if claims {
-                ClaimTries::forget_once_lapsed(tries, sent, lease_length(shared));
+                ClaimTries::forget_once_lapsed(tries, sent, LONGEST_LEASE);
                 tries
                     .get_or_insert_with(|| ClaimTries::first_at(sent))
                     .ask(options);
@@ -275,7 +258,7 @@ async fn claim_until_drain(
                             },
                             None => supervisor::Taken::Polled,
                         };
-                        claiming.serve(shared, item, taken, slot);
+                        tasks.spawn(hand_over(shared, item, taken, slot));
                         continue;
                     }
                 },
@@ -302,7 +285,12 @@ async fn claim_until_drain(
                 ),
             }
         };
-        let delay = ClaimTries::wait_before_next(tries.as_ref(), backoff.next_delay());
+        // A claim is sent again soon only when one goes out next: while PROGRAM cannot run,
+        // nothing does, and the backoff keeps its pace (the supervisor holds what was taken).
+        let delay = match holdup {
+            Holdup::ProgramCannotRun => backoff.next_delay(),
+            _ => ClaimTries::wait_before_next(tries.as_ref(), backoff.next_delay()),
+        };
         let retry_in = format!("{:.1}s", delay.as_secs_f64());
         let mut fields: Vec<(&str, &str)> = about.iter().map(|(k, v)| (*k, v.as_str())).collect();
         fields.push(("retry_in", &retry_in));
@@ -373,7 +361,7 @@ async fn ask_again_taking_nothing(
                     sent: ClaimTries::lease_start(Some(&tries), sent, taken.earlier_try),
                     first: taken.lease,
                 };
-                supervisor::serve(shared.clone(), item, taken, slot).await;
+                hand_over(&shared, item, taken, slot).await;
                 return;
             }
             // Nothing taken by an earlier try (or an item not to run, which its lease returns).
@@ -383,21 +371,15 @@ async fn ask_again_taking_nothing(
             Err(_) => {}
         }
         if tokio::time::Instant::now() + CLAIM_SENT_AGAIN_IN_DRAIN_EVERY >= until
-            || !waited_until_terminating(&mut phase, CLAIM_SENT_AGAIN_IN_DRAIN_EVERY).await
+            || !waited_until(
+                &mut phase,
+                CLAIM_SENT_AGAIN_IN_DRAIN_EVERY,
+                Phase::Terminating,
+            )
+            .await
         {
             return;
         }
-    }
-}
-
-/// Waits `delay`; false when the drain time is up meanwhile.
-async fn waited_until_terminating(
-    phase: &mut tokio::sync::watch::Receiver<Phase>,
-    delay: Duration,
-) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => true,
-        _ = reached(phase, Phase::Terminating) => false,
     }
 }
 
@@ -549,15 +531,12 @@ impl TryOutcome {
     }
 }
 
-/// How long an item a claim took stays leased at the most, from the claim's sending: the lease the
-/// worker asks for (`--ttl`), or the contract's default of 60 s, and never under the server's
-/// least, 10 s (§5.2).
-fn lease_length(shared: &Shared) -> Duration {
-    const DEFAULT_TTL_SECONDS: u32 = 60;
-    const LEAST_TTL_SECONDS: u32 = 10;
-    let seconds = shared.desired_ttl.unwrap_or(DEFAULT_TTL_SECONDS);
-    Duration::from_secs(seconds.max(LEAST_TTL_SECONDS).into())
-}
+/// How long an item a claim took can stay leased, from the claim's sending: the longest lease any
+/// server gives (§5.2's bound, 600 s). Nothing shorter is safe to assume: the server clamps `--ttl`
+/// into bounds of its own, and a claim that asks none keeps the TTL an earlier heartbeat set on
+/// the item (D-9b).
+const LONGEST_LEASE: Duration =
+    Duration::from_secs(tether_core::lease::LeasePolicy::MAX_TTL_SECONDS as u64);
 
 /// Whether a refused claim says that the server has no claim endpoint (404 for a path it does not
 /// know, 405 for a method): not an environment it does not know, which is `environment_not_found`.
@@ -578,9 +557,18 @@ pub(crate) fn cannot_run(shared: &Shared) -> Option<String> {
 /// Waits `delay` before the next poll; false when the worker began draining meanwhile (and claims
 /// no more).
 async fn waited(phase: &mut tokio::sync::watch::Receiver<Phase>, delay: Duration) -> bool {
+    waited_until(phase, delay, Phase::Draining).await
+}
+
+/// Waits `delay`; false when the worker reached `until` meanwhile.
+async fn waited_until(
+    phase: &mut tokio::sync::watch::Receiver<Phase>,
+    delay: Duration,
+    until: Phase,
+) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(delay) => true,
-        _ = reached(phase, Phase::Draining) => false,
+        _ = reached(phase, until) => false,
     }
 }
 

@@ -146,6 +146,9 @@ pub(crate) struct Shared {
     pub run_one: bool,
     /// How PROGRAM exited, per item run (for `run-one`'s exit status).
     pub exits: std::sync::Mutex<Vec<Exit>>,
+    /// Items handed to a supervisor, however they came (a poll, a claim, a lost claim's item asked
+    /// for again as the drain began): `claim::hand_over` counts them.
+    pub taken: std::sync::atomic::AtomicU64,
     /// `--sandbox`, checked at start-up.
     pub sandbox: Option<sandbox::Sandbox>,
     /// `--sandbox-network api`: where each item's proxy sends requests, and where its socket goes.
@@ -316,14 +319,13 @@ async fn run_to_end(config: Config) -> Result<Summary> {
         max_idle: config.max_idle,
         run_one: config.run_one,
         exits: std::sync::Mutex::default(),
+        taken: Default::default(),
         sandbox,
         api_proxy,
         dead_mans_switch: true,
     });
     let mut tasks = JoinSet::new();
     let claimed = claim::run(shared.clone(), concurrency, &mut tasks).await;
-    let any_claimed = matches!(claimed, Ok(n) if n > 0);
-    let claimed = claimed.map(|_| ());
     if shared.run_one {
         // The item runs to its end; a signal still drains (and then terminates) it as usual.
         let mut phase = phase.clone();
@@ -360,8 +362,7 @@ async fn run_to_end(config: Config) -> Result<Summary> {
     }
     let exits = std::mem::take(&mut *shared.exits.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(Summary {
-        // An item whose claim's answer was lost, asked for again as the drain began, ran too.
-        claimed: any_claimed || !exits.is_empty(),
+        claimed: shared.taken.load(std::sync::atomic::Ordering::Relaxed) > 0,
         exits,
     })
 }

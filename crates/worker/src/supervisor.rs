@@ -1260,6 +1260,7 @@ mod tests {
             max_idle: None,
             run_one: false,
             exits: Mutex::new(Vec::new()),
+            taken: Default::default(),
             sandbox: None,
             api_proxy: None,
             // It would follow this test's paused clock with a real kernel timer, and SIGKILL the

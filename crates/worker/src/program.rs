@@ -66,23 +66,19 @@ impl Program {
                 .map_err(|why| Error::config(format!("cannot run PROGRAM {shown}: {why}")))?;
             path
         } else {
-            let search = std::env::var_os("PATH").unwrap_or_default();
-            std::env::split_paths(&search)
-                .map(|dir| dir.join(name))
-                .find(|candidate| check_executable(candidate).is_ok())
-                .ok_or_else(|| {
-                    // A name without `/` is looked up in PATH only, as a shell does, which
-                    // surprises most with a script in the current directory.
-                    let here = match Path::new(name).is_file() {
-                        true => {
-                            format!(" (a file of that name is here: to run it, write ./{shown})")
-                        }
-                        false => String::new(),
-                    };
-                    Error::config(format!(
-                        "cannot run PROGRAM {shown}: no executable of that name in PATH{here}"
-                    ))
-                })?
+            find_in_path(name).ok_or_else(|| {
+                // A name without `/` is looked up in PATH only, as a shell does, which
+                // surprises most with a script in the current directory.
+                let here = match Path::new(name).is_file() {
+                    true => {
+                        format!(" (a file of that name is here: to run it, write ./{shown})")
+                    }
+                    false => String::new(),
+                };
+                Error::config(format!(
+                    "cannot run PROGRAM {shown}: no executable of that name in PATH{here}"
+                ))
+            })?
         };
         let path = std::path::absolute(&path)
             .map_err(|e| Error::config(format!("cannot run PROGRAM {shown}: {e}")))?;
@@ -202,15 +198,21 @@ fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
         return check_executable(command)
             .map_err(|why| format!("its interpreter {shown} (its #! line, through env): {why}"));
     }
-    let search = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
-    let found =
-        std::env::split_paths(&search).any(|dir| check_executable(&dir.join(command)).is_ok());
-    match found {
-        true => Ok(()),
-        false => Err(format!(
+    match find_in_path(command) {
+        Some(_) => Ok(()),
+        None => Err(format!(
             "its interpreter {shown} (its #! line, through env) is not in PATH"
         )),
     }
+}
+
+/// The executable file `name` (without a `/`) names, looked up in `PATH` as `execvp` looks it up:
+/// the first directory that has one; without `PATH`, glibc's `/bin:/usr/bin`.
+pub(crate) fn find_in_path(name: impl AsRef<std::ffi::OsStr>) -> Option<PathBuf> {
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/bin:/usr/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(name.as_ref()))
+        .find(|candidate| check_executable(candidate).is_ok())
 }
 
 /// Where a program's stdout and stderr go.

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use crate::limits::{self, Caps, Mechanism};
+use crate::program::find_in_path;
 use crate::{Error, Result};
 
 /// Where the program reaches the API under `--sandbox-network api`, inside its own network namespace.
@@ -426,13 +427,6 @@ impl Sandbox {
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let search = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&search)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }
 
 #[cfg(test)]

@@ -124,19 +124,22 @@ pub async fn run(cx: Ctx, command: WorkCommand) -> Result<()> {
                 .stop_work_as_operator(&item.env, &item.work, force)
                 .await?;
             cx.emit(&work, || {
-                // A worker hears of a stop at its next heartbeat: every half lease, at most 30 s
-                // (§8). Said here, so that a program still running a while later is no surprise.
+                // A worker hears of a stop at its next heartbeat: every half lease, at most
+                // `HEARTBEAT_INTERVAL_MAX` (§8). Said here, so that a program still running a while
+                // later is no surprise.
+                let within = tether_core::lease::HEARTBEAT_INTERVAL_MAX.as_secs();
+                let heard =
+                    format!("its worker hears of it at its next heartbeat (within {within} s)");
                 let note = match work.state.as_str() {
-                    "stopping" => {
-                        ": its worker hears of it at its next heartbeat (within 30 s), sends its \
-                         program SIGTERM and confirms once the program has ended; --force stops \
-                         it at once"
+                    "stopping" => format!(
+                        ": {heard}, sends its program SIGTERM and confirms once the program has \
+                         ended; --force stops it at once"
+                    ),
+                    // Only an item a worker had acknowledged had a program to end.
+                    "stopped" if force && work.acknowledged_at.is_some() => {
+                        format!(": {heard} and then kills its program")
                     }
-                    "stopped" if force => {
-                        ": a worker running it hears of it at its next heartbeat (within 30 s) \
-                         and then kills its program"
-                    }
-                    _ => "",
+                    _ => String::new(),
                 };
                 format!("Work item {} is {}{note}.\n", work.id, work.state)
             });

@@ -70,9 +70,10 @@ function seeded(state) {
         return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
     };
 }
-const nextRandom = seeded(seed);
-/** A copy of `list` in a seeded random order (Fisher-Yates). */
-function shuffled(list) {
+/** A copy of `list` in an order drawn from the run's seed and `key` (a scenario's letter), so that
+ * `--seed` repeats a scenario's order (for the same systems) whichever other scenarios the run has (Fisher-Yates). */
+function shuffled(list, key) {
+    const nextRandom = seeded((seed ^ Math.imul(key.charCodeAt(0), 0x9e3779b1)) >>> 0);
     const out = [...list];
     for (let i = out.length - 1; i > 0; i--) {
         const j = Math.floor(nextRandom() * (i + 1));
@@ -81,7 +82,7 @@ function shuffled(list) {
     return out;
 }
 if (!tetherBin || !pgUrl || !pgData) {
-    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--json FILE]");
+    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--seed S] [--json FILE]");
     process.exit(2);
 }
 
@@ -791,7 +792,7 @@ async function scenario(key, title, fn, print) {
     if (!only.has(key)) return;
     console.log(title);
     const out = {};
-    const order = shuffled(systems.filter((s) => s.runs(key)));
+    const order = shuffled(systems.filter((s) => s.runs(key)), key);
     for (const system of order) {
         const t = now();
         out[system.name] = await fn(system);

@@ -50,16 +50,6 @@ impl Taking<'_> {
             _ => None,
         }
     }
-
-    /// The session token of a claim sent again, whose earlier try may have taken an item.
-    fn resent_token(&self) -> Option<&str> {
-        match self {
-            Taking::Start(ClaimAsk {
-                keyed: Some(keyed), ..
-            }) if keyed.sent != TrySent::First => Some(keyed.session_token),
-            _ => None,
-        }
-    }
 }
 
 /// What a claim asks for beyond a poll's parameters (Tether's claim).
@@ -584,30 +574,25 @@ impl App {
         reclaim_ms: i64,
         ask: ClaimAsk<'_>,
     ) -> Result<Option<Claimed>> {
+        let resent = ask.keyed.filter(|keyed| keyed.sent != TrySent::First);
+        if let Some(keyed) = resent {
+            let earlier = self.claimed_before(keyed.session_token, worker_id);
+            if let Some(claimed) = Box::pin(earlier).await? {
+                return Ok(Some(claimed));
+            }
+            if keyed.sent == TrySent::AgainTakingNothing {
+                return Ok(None);
+            }
+        }
         let taking = Taking::Start(ask);
-        if let Some(claimed) = Box::pin(self.taken_by_earlier_try(taking, worker_id)).await? {
-            return Ok(Some(claimed));
-        }
-        if ask
-            .keyed
-            .is_some_and(|keyed| keyed.sent == TrySent::AgainTakingNothing)
-        {
-            return Ok(None);
-        }
-        self.take(env, worker_id, issuer, block, reclaim_ms, taking)
-            .await
-    }
-
-    /// What an earlier try of a claim sent again took ([`Self::claimed_before`]); `None` for a
-    /// take of any other kind.
-    async fn taken_by_earlier_try(
-        &self,
-        taking: Taking<'_>,
-        worker_id: Option<&str>,
-    ) -> Result<Option<Claimed>> {
-        match taking.resent_token() {
-            Some(token) => self.claimed_before(token, worker_id).await,
-            None => Ok(None),
+        let taken = self.take(env, worker_id, issuer, block, reclaim_ms, taking);
+        match (taken.await?, resent) {
+            // Nothing taken (the wait ended, or the server is shutting down): a claim sent again
+            // answers what an earlier try of it took meanwhile.
+            (None, Some(keyed)) => {
+                Box::pin(self.claimed_before(keyed.session_token, worker_id)).await
+            }
+            (taken, _) => Ok(taken),
         }
     }
 
@@ -722,18 +707,13 @@ impl App {
                 }
                 return Ok(Some(claimed));
             }
-            // Nothing taken: a claim sent again answers what an earlier try of it took meanwhile.
             let Some(ticket) = ticket else {
-                return Box::pin(self.taken_by_earlier_try(taking, worker_id)).await;
+                return Ok(None);
             };
             tokio::select! {
                 _ = ticket.woken() => answering = Some(ticket),
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Box::pin(self.taken_by_earlier_try(taking, worker_id)).await
-                }
-                _ = self.until_shutdown() => {
-                    return Box::pin(self.taken_by_earlier_try(taking, worker_id)).await
-                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(None),
+                _ = self.until_shutdown() => return Ok(None),
             }
         }
     }

@@ -957,11 +957,6 @@ pub fn list_work(environment_id: &str, filter: &WorkFilter, page: &PageRequest) 
     if !filter.states.is_empty() {
         let ps: Vec<String> = filter.states.iter().map(|s| f.param(s.as_str())).collect();
         f.add(format!("state IN ({})", ps.join(", ")));
-        // Live states only: said as the partial index over live items says it, so that the index
-        // can serve the read (the bound states alone prove nothing to either planner).
-        if !filter.states.contains(&WorkState::Stopped) {
-            f.add(LIVE.into());
-        }
     }
     if filter.poison {
         // The cause lives in the history (one serialization, `"cause":"…"`, on both backends): in
@@ -1023,6 +1018,19 @@ pub fn busy_reads_and_their_indexes() -> Vec<(Statement, &'static str)> {
         (work_by_token_hash("hash"), "work_token_unique"),
         (
             list_work("env", &WorkFilter::default(), &PageRequest::first(20)),
+            "work_by_environment",
+        ),
+        (
+            list_work(
+                "env",
+                &WorkFilter {
+                    states: vec![WorkState::Queued],
+                    poison: false,
+                },
+                &PageRequest::first(20),
+            ),
+            // Paginated by id: both planners walk the environment's items in id order rather
+            // than sort the matches (a filtered list is an operator's, not a worker's, read).
             "work_by_environment",
         ),
     ]

@@ -752,46 +752,36 @@ async fn a_held_item_is_a_claim_candidate_from_its_moment_on() {
 
 /// The reads on the queue's busy paths can each be served by the index meant for them, on a
 /// database migrated from scratch; the planner is told to avoid a sequential scan, which on a
-/// near-empty table it would otherwise pick for anything. (The SQLite store's unit test checks the
-/// same list there, where a partial index's predicate must be repeated word for word.)
+/// near-empty table it would otherwise pick for anything (a setting of the database, so that the
+/// store's own connections, binding the reads' parameters as they always do, take it). The SQLite
+/// store's unit test checks the same list there, where a partial index's predicate must be
+/// repeated word for word.
 #[tokio::test]
 async fn hot_reads_use_their_indexes() {
     let Some(url) = fresh().await else {
         return;
     };
-    drop(postgres::connect(&url).await.unwrap());
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .batch_execute("SET enable_seqscan = off")
-        .await
-        .unwrap();
+    let migrated = postgres::connect(&url).await.unwrap();
+    let name = match &query_all(migrated.executor(), "SELECT current_database()").await[0][0] {
+        Value::Text(name) => name.clone(),
+        other => panic!("{other:?}"),
+    };
+    let no_scans = format!("ALTER DATABASE \"{name}\" SET enable_seqscan = off");
+    query_all(migrated.executor(), &no_scans).await;
+    drop(migrated);
+    let store = postgres::connect(&url).await.unwrap();
     for (read, index) in tether_store::sql::busy_reads_and_their_indexes() {
-        let explain = client
-            .prepare(&format!("EXPLAIN (COSTS OFF) {}", read.sql))
-            .await
-            .unwrap();
-        let params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync>> = read
-            .params
+        let explain = Statement::new(
+            format!("EXPLAIN (COSTS OFF) {}", read.sql),
+            read.params.clone(),
+        );
+        let rows = store.executor().query(explain).await.unwrap();
+        let plan: Vec<String> = rows
             .iter()
-            .map(|value| -> Box<dyn tokio_postgres::types::ToSql + Sync> {
-                match value {
-                    Value::Int(v) => Box::new(*v),
-                    Value::Text(t) => Box::new(t.clone()),
-                    Value::Null => Box::new(Option::<String>::None),
-                }
+            .map(|row| match &row[0] {
+                Value::Text(step) => step.clone(),
+                other => panic!("a plan step is text, not {other:?}"),
             })
-            .collect();
-        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p.as_ref()).collect();
-        let plan: Vec<String> = client
-            .query(&explain, &refs)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get(0))
             .collect();
         let plan = plan.join("\n");
         assert!(

@@ -284,6 +284,7 @@ async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
         let again = keyed_claim(&q, "?desired_ttl_seconds=45&retry=true", "w1", KEY).await;
         assert_eq!(claimed(&again), (id.clone(), token.clone(), beat.clone()));
         assert_eq!(again.ok()["lease"], lease);
+        assert_eq!(again.ok()["work"], reply.ok()["work"], "the item as it was");
         assert_eq!(
             again.ok()["earlier_try"],
             true,
@@ -304,6 +305,7 @@ async fn a_claim_tried_again_with_its_key_answers_the_item_it_took() {
         let third = keyed_claim(&q, "", "w1", &format!("\"{KEY}\"")).await;
         assert_eq!(third.ok()["lease"]["last_heartbeat"], renewed_beat);
         assert_eq!(claimed(&third).0, id, "a quoted key is the same key");
+        assert_eq!(third.ok()["earlier_try"], true);
 
         // Another worker's claim with the same key is another claim: it takes the next item.
         let (other, other_token, _) = claimed(&keyed_claim(&q, "", "w2", KEY).await);
@@ -334,9 +336,9 @@ async fn tries_of_one_claim_racing_take_one_item() {
             "every try answers the same claim: {answers:?}"
         );
         let (id, _, _) = answers.into_iter().next().unwrap();
-        let stats = q.req(Method::GET, &q.path("/stats")).send().await;
-        assert_eq!(stats.ok()["states"]["active"], 1, "{id} alone was taken");
-        assert_eq!(stats.ok()["states"]["queued"], 3);
+        let stats = q.stats().await;
+        assert_eq!(stats["states"]["active"], 1, "{id} alone was taken");
+        assert_eq!(stats["states"]["queued"], 3);
     })
     .await;
 }
@@ -405,8 +407,7 @@ async fn a_claim_sent_again_taking_nothing_new_answers_only_an_earlier_try() {
         assert_eq!(nothing.ok(), &Value::Null);
         let workers = q.req(Method::GET, &format!("/environments/{}/workers", q.env));
         assert_eq!(workers.send().await.ok()["data"], json!([]), "not a poll");
-        let stats = q.req(Method::GET, &q.path("/stats")).send().await;
-        assert_eq!(stats.ok()["workers_polling"], 0);
+        assert_eq!(q.stats().await["workers_polling"], 0);
         assert_eq!(q.state(&first.id).await, "queued");
         assert_eq!(q.state(&second.id).await, "queued");
         assert_eq!(q.causes(&first.id).await, ["enqueued"]);
@@ -499,6 +500,9 @@ async fn a_claims_key_must_be_a_plain_long_string() {
         let anonymous = q.req(Method::POST, &path).header("idempotency-key", KEY);
         anonymous.send().await.bad_param("Idempotency-Key");
         let (_, _, _) = claimed(&keyed_claim(&q, "", "w1", &"k".repeat(255)).await);
+        // The shortest key taken: 16 characters (another worker, so another claim).
+        q.enqueue().await;
+        let (_, _, _) = claimed(&keyed_claim(&q, "", "w2", &"k".repeat(16)).await);
     })
     .await;
 }

@@ -110,9 +110,9 @@ pub struct Heartbeat {
     pub extra: Map<String, Value>,
 }
 
-/// The answer to a claim (a Tether extension): the item, `active` and leased to the claimant, with its
-/// `secret` as a poll's; and the lease its first heartbeat started, whose `last_heartbeat` the next
-/// heartbeat echoes as `expected_last_heartbeat`.
+/// The answer to a claim (a Tether extension): the item, leased to the claimant (`active`; an earlier
+/// try's item may since have been asked to stop), with its `secret` as a poll's; and its lease, whose
+/// `last_heartbeat` the next heartbeat echoes as `expected_last_heartbeat`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(as = WorkClaim)]
 pub struct Claim {
@@ -122,7 +122,8 @@ pub struct Claim {
     pub object: String,
     /// The claimed item.
     pub work: WorkItem,
-    /// The lease: as the answer to a first heartbeat.
+    /// The lease, as a heartbeat's answer gives it: the one the claim's first heartbeat started, or,
+    /// for an earlier try's item (`earlier_try`), the lease as it stands after any heartbeat since.
     pub lease: Heartbeat,
     /// The item is the one an earlier try of this claim (the same `Idempotency-Key`) took, answered
     /// again: its lease began when that try was committed, so a worker counts it from when it sent

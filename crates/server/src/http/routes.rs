@@ -339,7 +339,8 @@ const IDEMPOTENCY_KEY: Param = Param {
     ty: Ty::String,
     doc:
         "Makes the claim safe to send again: every try of one claim sends the same key (16 to 255 \
-          printable ASCII characters, random) and hands out the same session token. A try sent \
+          printable ASCII characters without spaces, random; it may be sent in double quotes) and \
+          hands out the same session token. A try sent \
           again with `retry=true` or `retry=only` answers the item an earlier try took, and its \
           lease, with `earlier_try`; a try without it does so only when it loses a race for a \
           queued item to that earlier try. Needs a Worker-ID.",

@@ -161,6 +161,14 @@ fn main() -> std::process::ExitCode {
 /// `Usage: tether env create --name <NAME> --server <SERVER>`.
 fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue};
+    let mut root = Cli::command();
+    root.build();
+    if let Some(tip) = variable_value_tip(&error, &root, |name| std::env::var_os(name)) {
+        error.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![tip.into()]),
+        );
+    }
     let Some(ContextValue::StyledStr(usage)) = error.get(ContextKind::Usage) else {
         return error;
     };
@@ -174,8 +182,6 @@ fn with_plain_usage(mut error: clap::Error) -> clap::Error {
         .skip(2)
         .take_while(|word| !word.starts_with(['-', '<', '[']))
         .collect();
-    let mut root = Cli::command();
-    root.build();
     let mut command = &root;
     for name in path {
         match command.find_subcommand(name) {
@@ -185,7 +191,81 @@ fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     }
     let plain = command.clone().render_usage();
     error.insert(ContextKind::Usage, ContextValue::StyledStr(plain));
+    if let Some(tip) = program_after_dashes_tip(&error, command) {
+        error.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![tip.into()]),
+        );
+    }
     error
+}
+
+/// For `TETHER_TTL=abc tether worker …`: clap names the flag whose value is wrong, and a user who
+/// never typed that flag looks for it on the command line. The error does not say which command
+/// it is about, so the flag is looked for in every command under `root`; `variable` reads the
+/// environment.
+fn variable_value_tip(
+    error: &clap::Error,
+    root: &clap::Command,
+    variable: impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let (Some(ContextValue::String(flag)), Some(ContextValue::String(value))) = (
+        error.get(ContextKind::InvalidArg),
+        error.get(ContextKind::InvalidValue),
+    ) else {
+        return None;
+    };
+    // `--ttl <TTL>`
+    let long = flag.split_whitespace().next()?.strip_prefix("--")?;
+    let name = commands_under(root)
+        .flat_map(|command| command.get_arguments())
+        .filter(|arg| arg.get_long() == Some(long))
+        .filter_map(|arg| arg.get_env())
+        .find(|name| variable(name).is_some_and(|set| set.to_str() == Some(value.as_str())))?;
+    Some(format!(
+        "'{value}' is the value of {}, which sets --{long}",
+        name.to_string_lossy()
+    ))
+}
+
+/// `command` and every command under it.
+fn commands_under(command: &clap::Command) -> Box<dyn Iterator<Item = &clap::Command> + '_> {
+    Box::new(std::iter::once(command).chain(command.get_subcommands().flat_map(commands_under)))
+}
+
+/// For `tether worker ./run.sh`: the command runs a program given after `--` (so that the program's
+/// own options are never taken for the worker's), and clap's "unexpected argument" alone does not
+/// say so.
+fn program_after_dashes_tip(error: &clap::Error, command: &clap::Command) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    if error.kind() != clap::error::ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(unexpected)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let program = command.get_positionals().find(|arg| arg.is_last_set())?;
+    if unexpected.starts_with('-') {
+        return None;
+    }
+    let name = program
+        .get_value_names()
+        .and_then(|names| names.first())
+        .map_or_else(
+            || program.get_id().to_string().to_uppercase(),
+            |n| n.to_string(),
+        );
+    Some(format!(
+        "{name} and its arguments go after `--`: {} [OPTIONS] -- {unexpected} …",
+        command.get_bin_name().unwrap_or(command.get_name())
+    ))
 }
 
 /// The `TETHER_*` variables set to nothing. Each counts as unset, as if its line were not there: a
@@ -249,6 +329,61 @@ mod tests {
             let shown = super::with_plain_usage(error).render().to_string();
             assert!(shown.contains(usage), "{args:?}: {shown}");
         }
+    }
+
+    /// A program given without `--` is explained; an option clap does not know is not.
+    #[test]
+    fn a_program_without_dashes_is_told_where_it_goes() {
+        let shown = |args: &[&str]| {
+            let Err(error) = super::Cli::try_parse_from(args) else {
+                panic!("{args:?} parsed")
+            };
+            super::with_plain_usage(error).render().to_string()
+        };
+        let worker = shown(&["tether", "worker", "--environment", "e", "./run.sh", "-v"]);
+        assert!(
+            worker.contains("tip: PROGRAM and its arguments go after `--`: tether worker [OPTIONS] -- ./run.sh …"),
+            "{worker}"
+        );
+        let run_one = shown(&["tether", "worker", "run-one", "./run.sh"]);
+        assert!(
+            run_one.contains("go after `--`: tether worker run-one [OPTIONS] -- ./run.sh …"),
+            "{run_one}"
+        );
+        let option = shown(&["tether", "worker", "--no-such-flag"]);
+        assert!(!option.contains("go after `--`"), "{option}");
+        let elsewhere = shown(&["tether", "env", "list", "stray"]);
+        assert!(!elsewhere.contains("go after `--`"), "{elsewhere}");
+    }
+
+    /// A wrong value that came from a variable names the variable.
+    #[test]
+    fn a_wrong_value_from_a_variable_names_it() {
+        let tip = |args: &[&str], set: (&str, &str)| {
+            let Err(error) = super::Cli::try_parse_from(args) else {
+                panic!("{args:?} parsed")
+            };
+            let mut root = <super::Cli as clap::CommandFactory>::command();
+            root.build();
+            super::variable_value_tip(&error, &root, |name| (name == set.0).then(|| set.1.into()))
+        };
+        let worker = [
+            "tether",
+            "worker",
+            "--environment",
+            "e",
+            "--ttl",
+            "abc",
+            "--",
+            "x",
+        ];
+        assert_eq!(
+            tip(&worker, ("TETHER_TTL", "abc")).as_deref(),
+            Some("'abc' is the value of TETHER_TTL, which sets --ttl")
+        );
+        // The variable holds something else: the value was typed.
+        assert_eq!(tip(&worker, ("TETHER_TTL", "60")), None);
+        assert_eq!(tip(&worker, ("TETHER_GRACE", "abc")), None);
     }
 
     #[test]

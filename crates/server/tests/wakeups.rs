@@ -254,8 +254,87 @@ async fn a_claim_sent_again_finds_its_item_at_its_first_lost_write() {
     }
 }
 
+/// A poll woken for an item that then answers an earlier try's item instead (its write for the new
+/// item lost to the token the earlier try holds) has not spent the wake-up: the new item is still
+/// queued, and the next waiter is woken for it rather than left waiting out its block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_answered_with_an_earlier_try_passes_on() {
+    // Long enough that a waiter left asleep would still be waiting when the test looks.
+    const BLOCK: Duration = Duration::from_secs(20);
+    for backend in backends() {
+        // No dispatcher runs here, so no tick wakes a waiter for the item the test queues.
+        let (_location, app, _counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "passes").await;
+        sessions(&app, &env, 1).await;
+        let (key, _) = app
+            .create_environment_key(&env.id, NewCredential::default())
+            .await
+            .expect("a key");
+        const TOKEN: &str = "tth_ses_one-claim-sent-twice-without-retry";
+        let keyed_claim = {
+            let (app, env, key) = (app.clone(), env.clone(), key.id.clone());
+            move |block: Option<Duration>| {
+                let (app, env, key) = (app.clone(), env.clone(), key.clone());
+                async move {
+                    let ask = ClaimAsk {
+                        keyed: Some(KeyedTry {
+                            session_token: TOKEN,
+                            sent: TrySent::First,
+                        }),
+                        ..ClaimAsk::default()
+                    };
+                    let claimed = app.claim(&env, Some("w1"), Some(&key), block, 5_000, ask);
+                    claimed.await.expect("claim")
+                }
+            }
+        };
+        let first = keyed_claim(None).await.expect("the queued item");
+        // The same claim sent again without saying so waits, the queue being empty, and is the
+        // oldest waiter; a worker's plain poll waits behind it.
+        let again = tokio::spawn(keyed_claim(Some(BLOCK)));
+        wait_for_waiters(&app, 1).await;
+        let other = {
+            let (app, env) = (app.clone(), env.clone());
+            tokio::spawn(async move {
+                let polled = app.poll(&env, Some("w2"), None, Some(BLOCK), 5_000);
+                polled.await.expect("poll")
+            })
+        };
+        wait_for_waiters(&app, 2).await;
+        // One item queued: one waiter woken, the claim sent again.
+        sessions(&app, &env, 1).await;
+        let again = again
+            .await
+            .expect("claim task")
+            .expect("the earlier try's item");
+        assert!(again.earlier_try, "{}", backend.name());
+        assert_eq!(again.item.id, first.item.id, "{}", backend.name());
+        let polled = other.await.expect("poll task");
+        let polled = polled.unwrap_or_else(|| {
+            panic!(
+                "{}: the waiter behind slept through its block with an item queued",
+                backend.name()
+            )
+        });
+        assert_ne!(polled.item.id, first.item.id, "{}", backend.name());
+        app.begin_shutdown();
+    }
+}
+
+/// Until `count` polls wait on `app`.
+async fn wait_for_waiters(app: &App, count: usize) {
+    while app.waiters.count() < count {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Two sessions of one agent in `env`, so two queued items.
 async fn two_sessions(app: &App, env: &Environment) {
+    sessions(app, env, 2).await
+}
+
+/// `count` sessions of a new agent in `env`, so `count` more queued items.
+async fn sessions(app: &App, env: &Environment, count: usize) {
     let agent = app
         .create_agent(NewAgent {
             name: "agent".into(),
@@ -264,7 +343,7 @@ async fn two_sessions(app: &App, env: &Environment) {
         })
         .await
         .expect("agent");
-    for _ in 0..2 {
+    for _ in 0..count {
         let session = NewSession {
             environment_id: env.id.clone(),
             agent: agent.id.clone(),

@@ -124,23 +124,8 @@ pub async fn run(cx: Ctx, command: WorkCommand) -> Result<()> {
                 .stop_work_as_operator(&item.env, &item.work, force)
                 .await?;
             cx.emit(&work, || {
-                // A worker hears of a stop at its next heartbeat: every half lease, at most
-                // `HEARTBEAT_INTERVAL_MAX` (§8). Said here, so that a program still running a while
-                // later is no surprise.
-                let within = tether_core::lease::HEARTBEAT_INTERVAL_MAX.as_secs();
-                let heard =
-                    format!("its worker hears of it at its next heartbeat (within {within} s)");
-                let note = match work.state.as_str() {
-                    "stopping" => format!(
-                        ": {heard}, sends its program SIGTERM and confirms once the program has \
-                         ended; --force stops it at once"
-                    ),
-                    // Only an item a worker had acknowledged had a program to end.
-                    "stopped" if force && work.acknowledged_at.is_some() => {
-                        format!(": {heard} and then kills its program")
-                    }
-                    _ => String::new(),
-                };
+                let acknowledged = work.acknowledged_at.is_some();
+                let note = stop_note(work.state.as_str(), force, acknowledged);
                 format!("Work item {} is {}{note}.\n", work.id, work.state)
             });
         }
@@ -286,8 +271,48 @@ fn workers_table(workers: &[Worker]) -> String {
     t.render()
 }
 
+/// What `work stop` adds to the item's new state: when its program ends. A worker hears of a stop at
+/// its next heartbeat, every half lease and at most `HEARTBEAT_INTERVAL_MAX` apart (§8); said here,
+/// so that a program still running a while later is no surprise.
+fn stop_note(state: &str, force: bool, acknowledged: bool) -> String {
+    let within = tether_core::lease::HEARTBEAT_INTERVAL_MAX.as_secs();
+    let heard = format!("its worker hears of it at its next heartbeat (within {within} s)");
+    match state {
+        "stopping" => format!(
+            ": {heard}, sends its program SIGTERM and confirms once the program has ended; \
+             --force stops it at once"
+        ),
+        // Only an item a worker had acknowledged had a program to end.
+        "stopped" if force && acknowledged => format!(": {heard} and then kills its program"),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// A stop says when the program ends only where there is one: an item a worker acknowledged.
+    #[test]
+    fn a_stop_says_when_the_program_ends() {
+        let sigterm = "within 30 s), sends its program SIGTERM and confirms once";
+        let kill = "within 30 s) and then kills its program";
+        for (state, force, acknowledged, says) in [
+            ("stopping", false, true, Some(sigterm)),
+            ("stopped", true, true, Some(kill)),
+            // Queued or delivered, never acknowledged: no program was started.
+            ("stopped", true, false, None),
+            ("stopped", false, false, None),
+        ] {
+            let note = super::stop_note(state, force, acknowledged);
+            match says {
+                Some(says) => assert!(
+                    note.contains(says),
+                    "{state} {force} {acknowledged}: {note}"
+                ),
+                None => assert_eq!(note, "", "{state} {force} {acknowledged}"),
+            }
+        }
+    }
+
     /// Every time of an item reads alike: to the second, in UTC.
     #[test]
     fn an_item_shows_its_times_alike() {

@@ -122,9 +122,7 @@ async fn claim_until_drain(
     let mut phase = shared.phase.clone();
     let mut backoff = Backoff::poll();
     let report = &shared.report;
-    let mut claims = true;
-    // Since when a server without claims has been polled instead.
-    let mut polling_since = Instant::now();
+    let mut claim_support = ClaimSupport::Assumed;
     // After a poll that got no answer, the next goes on a connection of its own: the pooled one it
     // went on may be dead, and so may others in the pool.
     let mut fresh_connection = false;
@@ -189,11 +187,7 @@ async fn claim_until_drain(
             } else {
                 shared.client.clone()
             };
-            if !claims && polling_since.elapsed() >= CLAIMS_AGAIN_AFTER {
-                // The server may have been upgraded, or the 404 come from a server behind the same
-                // address that is gone now.
-                claims = true;
-            }
+            let claims = claim_support.claims_now(Instant::now());
             let sent = tokio::time::Instant::now();
             if claims {
                 ClaimTries::forget_once_lapsed(tries, sent, LONGEST_LEASE);
@@ -214,8 +208,7 @@ async fn claim_until_drain(
                     "the server takes no claims: polling, acknowledging and heartbeating instead",
                     &[],
                 );
-                claims = false;
-                polling_since = Instant::now();
+                claim_support = ClaimSupport::RefusedAt(Instant::now());
                 // Nothing was claimed: the next claim, once tried again, is a new one.
                 *tries = None;
                 continue;
@@ -630,10 +623,53 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
     crate::Error::Refused(why)
 }
 
+/// Whether the server takes claims, as far as the worker knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClaimSupport {
+    /// Until a claim is refused: a Tether server takes them.
+    Assumed,
+    /// A claim was refused (404 or 405) at this moment; the worker polls instead.
+    RefusedAt(Instant),
+}
+
+impl ClaimSupport {
+    /// Whether the next take is a claim, at `now`. A server that refused one is asked again after
+    /// [`CLAIMS_AGAIN_AFTER`]: it may have been upgraded, or the refusal come from another server
+    /// behind the same address that is gone now.
+    fn claims_now(&mut self, now: Instant) -> bool {
+        match *self {
+            ClaimSupport::Assumed => true,
+            ClaimSupport::RefusedAt(at)
+                if now.saturating_duration_since(at) >= CLAIMS_AGAIN_AFTER =>
+            {
+                *self = ClaimSupport::Assumed;
+                true
+            }
+            ClaimSupport::RefusedAt(_) => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::heartbeat::tests::{refusal as api, refusal_with_code};
+
+    #[test]
+    fn a_server_that_refused_claims_is_polled_and_asked_again_later() {
+        let start = Instant::now();
+        let mut support = ClaimSupport::Assumed;
+        assert!(support.claims_now(start));
+        support = ClaimSupport::RefusedAt(start);
+        let almost = start + CLAIMS_AGAIN_AFTER - Duration::from_millis(1);
+        assert!(!support.claims_now(start));
+        assert!(!support.claims_now(almost));
+        assert_eq!(support, ClaimSupport::RefusedAt(start));
+        assert!(support.claims_now(start + CLAIMS_AGAIN_AFTER));
+        // Once asked again, claims go on until the next refusal.
+        assert_eq!(support, ClaimSupport::Assumed);
+        assert!(support.claims_now(almost));
+    }
 
     #[test]
     fn only_plain_names_are_taken_as_work_ids() {

@@ -415,6 +415,35 @@ fn send_wait_says_when_no_worker_serves_the_environment_and_gives_up_at_its_time
     let stderr = String::from_utf8_lossy(&waits[1].stderr);
     assert!(!stderr.contains("no worker has polled"), "{stderr}");
 
+    // A timeout before the hint is due says why all the same, once.
+    let another = session_on(&lonely);
+    let out = run(
+        &server,
+        &[
+            "session",
+            "send",
+            &another,
+            "x",
+            "--wait",
+            "--timeout",
+            "1s",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the turn did not end within 1s, and has not started: its work item is queued and \
+             no worker has polled environment {lonely}"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("no worker has polled").count(),
+        1,
+        "{stderr}"
+    );
+
     // --timeout belongs to --wait.
     let out = run(
         &server,

@@ -1,6 +1,7 @@
 //! `tether session …`.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -285,16 +286,29 @@ async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
             None => std::future::pending().await,
         }
     };
+    let hinted = AtomicBool::new(false);
     let ending = tokio::select! {
         ending = following => ending?,
         _ = tokio::signal::ctrl_c() => return Ok(()),
-        () = hint_when_nobody_serves(&cx.client, &args.id) => unreachable!("it never returns"),
-        () = deadline => bail!(
-            "the turn did not end within {:?} (the message stays sent; `tether session watch {}` \
-             follows the session)",
-            args.timeout.unwrap_or_default(),
-            args.id
-        ),
+        () = hint_when_nobody_serves(&cx.client, &args.id, &hinted) => {
+            unreachable!("it never returns")
+        }
+        () = deadline => {
+            // A timeout shorter than the hint's delay would otherwise end without saying why.
+            let why = match hinted.load(Ordering::Relaxed) {
+                true => None,
+                false => nobody_serves(&cx.client, &args.id).await.ok().flatten(),
+            };
+            let why = why.map_or_else(String::new, |env| {
+                format!(", and has not started: {}", unserved(&env))
+            });
+            bail!(
+                "the turn did not end within {:?}{why} (the message stays sent; `tether session \
+                 watch {}` follows the session)",
+                args.timeout.unwrap_or_default(),
+                args.id
+            )
+        }
     };
     match ending {
         Ending::Done => match outcome.failure() {
@@ -364,22 +378,30 @@ const QUEUED_HINT_EVERY: Duration = Duration::from_secs(30);
 /// While `send --wait` waits: says once, on standard error, when the session's environment has
 /// queued work, nothing running, and no worker that polled in the last 5 minutes (the workers
 /// listing's window), so that the wait is not silent when it would be endless. Never returns.
-async fn hint_when_nobody_serves(client: &Client, session_id: &str) {
+async fn hint_when_nobody_serves(client: &Client, session_id: &str, hinted: &AtomicBool) {
     tokio::time::sleep(QUEUED_HINT_AFTER).await;
     loop {
         // A failed look is no reason to disturb the wait: the next one may work.
         if let Ok(Some(env)) = nobody_serves(client, session_id).await {
             eprintln!(
-                "(the turn has not started: its work item is queued and no worker has polled \
-                 environment {env} in the last 5 minutes; start one with `tether worker \
-                 --environment {env}`. Still waiting; Ctrl-C to stop.)",
-                env = output::printable(&env, &[])
+                "(the turn has not started: {}. Still waiting; Ctrl-C to stop.)",
+                unserved(&env)
             );
+            hinted.store(true, Ordering::Relaxed);
             break;
         }
         tokio::time::sleep(QUEUED_HINT_EVERY).await;
     }
     std::future::pending().await
+}
+
+/// Why a turn in environment `env` has not started, when [`nobody_serves`] says so.
+fn unserved(env: &str) -> String {
+    format!(
+        "its work item is queued and no worker has polled environment {env} in the last 5 \
+         minutes; start one with `tether worker --environment {env}`",
+        env = output::printable(env, &[])
+    )
 }
 
 /// The session's environment, when it has queued items, none starting, active or stopping (so the

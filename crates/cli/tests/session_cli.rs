@@ -524,3 +524,56 @@ fn send_wait_fails_when_the_turn_fails() {
         String::from_utf8_lossy(&asks.stderr)
     );
 }
+
+/// A cloud environment's sessions are stored and never run: creating one says so, and `send
+/// --wait`, which would wait for ever, refuses before it sends anything.
+#[test]
+fn a_cloud_environments_session_is_said_never_to_run() {
+    let data = tempfile::tempdir().unwrap();
+    let server = support::ServerProcess::start(data.path(), &[]);
+    let agent = json(
+        &server,
+        &["agent", "create", "--name", "shell", "--model", "none"],
+    );
+    let agent = agent["id"].as_str().unwrap();
+    let env_named = |name: &str, cloud: bool| {
+        let mut args = vec!["env", "create", "--name", name];
+        if cloud {
+            args.push("--cloud");
+        }
+        json(&server, &args)["id"].as_str().unwrap().to_owned()
+    };
+    let cloud = env_named("sandboxes", true);
+    let own = env_named("laptop", false);
+
+    let out = run(
+        &server,
+        &[
+            "session", "create", "--agent", agent, "--env", &cloud, "--json",
+        ],
+    );
+    assert!(out.status.success());
+    let session: Value = serde_json::from_slice(&out.stdout).expect("the session as JSON");
+    let session = session["id"].as_str().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("environment {cloud} is a cloud environment")),
+        "{stderr}"
+    );
+    let out = run(&server, &["session", "send", session, "hi", "--wait"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("its turn would never end"), "{stderr}");
+    let events = json(&server, &["session", "events", session]);
+    assert_eq!(events["data"], serde_json::json!([]), "nothing was sent");
+    // Without --wait the message is stored, as the API does.
+    ok(&server, &["session", "send", session, "hi"]);
+
+    let out = run(
+        &server,
+        &["session", "create", "--agent", agent, "--env", &own],
+    );
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("cloud"), "{stderr}");
+}

@@ -163,6 +163,13 @@ pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
             let body = body.with_initial_events(args.message.map(NewEvent::user_message));
             let session = client.create_session(&body).await?;
             cx.emit(&session, || show(&session));
+            if let Some(env) = cloud_environment(client, &session.environment_id).await {
+                eprintln!(
+                    "note: environment {env} is a cloud environment, whose sessions Tether stores \
+                     but runs nothing for: no work item is queued and no worker serves it (a \
+                     self_hosted environment's sessions are what `tether worker` runs)"
+                );
+            }
         }
         SessionCommand::List(args) => {
             let page = args
@@ -255,6 +262,17 @@ async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
     };
     if text.trim().is_empty() {
         bail!("the message is empty");
+    }
+    if args.wait {
+        // No worker would ever end the turn: say so rather than wait for ever.
+        let session = cx.client.get_session(&args.id).await?;
+        if let Some(env) = cloud_environment(&cx.client, &session.environment_id).await {
+            bail!(
+                "session {} is in cloud environment {env}, where Tether runs nothing: its turn \
+                 would never end. Send without --wait to store the message",
+                output::printable(&args.id, &[])
+            );
+        }
     }
     let stored = cx
         .client
@@ -393,6 +411,14 @@ async fn hint_when_nobody_serves(client: &Client, session_id: &str, hinted: &Ato
         tokio::time::sleep(QUEUED_HINT_EVERY).await;
     }
     std::future::pending().await
+}
+
+/// `env` (printable), when it is a cloud environment: stored, never run (SPEC §0). `None` also
+/// when it cannot be read: the note it serves is no reason to fail.
+async fn cloud_environment(client: &Client, env: &str) -> Option<String> {
+    let environment = client.get_environment(env).await.ok()?;
+    let cloud = environment.config.get("type").and_then(|t| t.as_str()) == Some("cloud");
+    cloud.then(|| output::printable(env, &[]))
 }
 
 /// Why a turn in environment `env` has not started, when [`nobody_serves`] says so.

@@ -279,14 +279,12 @@ pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
             args.data_dir.display()
         );
     }
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(&args.data_dir)
-        .with_context(|| {
-            format!(
-                "cannot create the data directory {}",
-                args.data_dir.display()
-            )
-        })?;
+    create_private_dir(&args.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            args.data_dir.display()
+        )
+    })?;
     claim_data_dir(&args.data_dir)?;
     let path = args.data_dir.join("tether.db");
     warn_if_others_may_read(&path);
@@ -519,11 +517,27 @@ async fn bootstrap_admin(
 ) -> Result<()> {
     let adopted = given.is_some();
     let minted = app
-        .bootstrap_admin_token(given)
+        .bootstrap_admin_token(given.clone())
         .await
         .map_err(anyhow::Error::new)?;
-    let Some(secret) = minted else { return Ok(()) };
-    std::fs::create_dir_all(data_dir)?;
+    let Some(secret) = minted else {
+        if let Some(given) = given {
+            if !app
+                .is_live_admin_token(&given)
+                .await
+                .map_err(anyhow::Error::new)?
+            {
+                tracing::warn!(
+                    "TETHER_ADMIN_TOKEN is set but is not an admin token of this store: it is \
+                     adopted only by the first start of a store with no live admin token, and this \
+                     one has one (on a cluster, give every server the token the first one adopted)"
+                );
+            }
+        }
+        return Ok(());
+    };
+    create_private_dir(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let path = data_dir.join("admin-token");
     write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
     // The secret goes to a person at a terminal only: a service's stderr is a log (journald, a file),
@@ -552,6 +566,17 @@ async fn bootstrap_admin(
         );
     }
     Ok(())
+}
+
+/// Makes `dir` (and any parent missing) readable by this user only, on either store: it holds the
+/// admin token, and on the embedded store every session's conversation. One that exists is left
+/// as it is.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {

@@ -69,6 +69,19 @@ struct Server {
 impl Server {
     async fn start(name: &'static str, database_url: &str, extra: &[&str]) -> Server {
         let data = tempfile::tempdir().expect("data dir");
+        let dir = data.path().to_owned();
+        Server::start_in(name, database_url, extra, ADMIN_TOKEN, (data, &dir)).await
+    }
+
+    /// Started with `admin_token` as `TETHER_ADMIN_TOKEN` and `--data-dir dir`, within `data`
+    /// (which holds its log, and goes when the server does).
+    async fn start_in(
+        name: &'static str,
+        database_url: &str,
+        extra: &[&str],
+        admin_token: &str,
+        (data, dir): (tempfile::TempDir, &Path),
+    ) -> Server {
         let port = free_port();
         let log = data.path().join("server.log");
         let child = Command::new(env!("CARGO_BIN_EXE_tether"))
@@ -76,9 +89,9 @@ impl Server {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--database", database_url])
             .arg("--data-dir")
-            .arg(data.path())
+            .arg(dir)
             .args(extra)
-            .env("TETHER_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TETHER_ADMIN_TOKEN", admin_token)
             .env("TETHER_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -611,6 +624,44 @@ async fn two_servers_drain_one_queue_without_double_delivery() {
         drain_time,
         N as f64 / drain_time.as_secs_f64()
     );
+}
+
+/// Each server of a cluster given an admin token of its own (one made on each machine) leaves every
+/// one but the first without use: that server says so at start, and the token it was given is
+/// refused. A data directory a server makes is its user's alone on this store too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_admin_token_that_is_not_adopted_is_said_so() {
+    let Some((_serial, url)) = serial_fresh_database().await else {
+        return;
+    };
+    // The first server adopts its token, and writes it into a data directory it makes. Started
+    // with a shell's usual umask (see `the_store_is_readable_by_its_user_only`).
+    let data = tempfile::tempdir().expect("data dir");
+    let dir = data.path().join("made-by-the-server");
+    let runner = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let first = Server::start_in("A", &url, &[], ADMIN_TOKEN, (data, &dir)).await;
+    nix::sys::stat::umask(runner);
+    let other_token = "tth_adm_made-on-the-second-machine-0123456789";
+    let data = tempfile::tempdir().expect("data dir");
+    let second_dir = data.path().to_owned();
+    let second = Server::start_in("B", &url, &[], other_token, (data, &second_dir)).await;
+    let said = "TETHER_ADMIN_TOKEN is set but is not an admin token of this store";
+    let warned_by = |server: &Server| std::fs::read_to_string(&server.log).unwrap().contains(said);
+    assert!(warned_by(&second), "{}", second.log_tail());
+    assert!(!warned_by(&first), "{}", first.log_tail());
+    let refused = reqwest::Client::new()
+        .get(format!("{}/api/v1/cloud/environments", second.base))
+        .bearer_auth(other_token)
+        .send()
+        .await
+        .expect("a request");
+    assert_eq!(refused.status(), 401);
+    // The token the first server adopted works on both.
+    second.api().environment().await;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the data directory has mode {mode:o}");
+    assert!(dir.join("admin-token").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

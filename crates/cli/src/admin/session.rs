@@ -213,7 +213,13 @@ pub async fn run(cx: Ctx, command: SessionCommand) -> Result<()> {
             let cancel = client.cancel_session(&id).await?;
             cx.emit(&cancel, || {
                 if cancel.is_canceling() {
-                    format!("Interrupting the running turn of session {}.\n", cancel.id)
+                    // The server only records the interrupt; the session's program acts on it.
+                    format!(
+                        "Interrupting the running turn of session {}: sent user.interrupt, which \
+                         the program serving the session acts on (one that does not read it runs \
+                         on until it ends the turn).\n",
+                        cancel.id
+                    )
                 } else {
                     format!(
                         "Session {} is not running a turn (status {}); nothing to interrupt.\n",

@@ -90,6 +90,9 @@ pub async fn run(
         // drain, so that the drain time counts it and its end stops it.
         let slot = slots.clone().try_acquire_owned();
         let slot = slot.expect("the claim loop's slot is free once it has ended");
+        shared
+            .asking_for_lost_claim
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let asking = ask_again_taking_nothing(shared.clone(), options, unheard, slot);
         tasks.spawn(asking);
     }
@@ -323,6 +326,15 @@ async fn ask_again_taking_nothing(
     tries: ClaimTries,
     slot: OwnedSemaphorePermit,
 ) {
+    // Cleared whichever way the ask ends, before an item it brings runs.
+    struct Asking<'a>(&'a Shared);
+    impl Drop for Asking<'_> {
+        fn drop(&mut self) {
+            let flag = &self.0.asking_for_lost_claim;
+            flag.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let asking = Asking(&shared);
     tries.ask(&mut options);
     options.retry = ClaimTry::AgainTakingNothing;
     // Answered at once, waiting for nothing: the client's timeout is this one alone.
@@ -354,6 +366,7 @@ async fn ask_again_taking_nothing(
                     sent: ClaimTries::lease_start(Some(&tries), sent, taken.earlier_try),
                     first: taken.lease,
                 };
+                drop(asking);
                 hand_over(&shared, item, taken, slot).await;
                 return;
             }

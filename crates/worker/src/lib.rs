@@ -149,6 +149,9 @@ pub(crate) struct Shared {
     /// Items handed to a supervisor, however they came (a poll, a claim, a lost claim's item asked
     /// for again as the drain began): `claim::hand_over` counts them.
     pub taken: std::sync::atomic::AtomicU64,
+    /// A drain task is asking for a lost claim's item (`claim::ask_again_taking_nothing`), not yet
+    /// running one: what the drain's message counts apart from the items running.
+    pub asking_for_lost_claim: std::sync::atomic::AtomicBool,
     /// `--sandbox`, checked at start-up.
     pub sandbox: Option<sandbox::Sandbox>,
     /// `--sandbox-network api`: where each item's proxy sends requests, and where its socket goes.
@@ -320,6 +323,7 @@ async fn run_to_end(config: Config) -> Result<Summary> {
         run_one: config.run_one,
         exits: std::sync::Mutex::default(),
         taken: Default::default(),
+        asking_for_lost_claim: Default::default(),
         sandbox,
         api_proxy,
         dead_mans_switch: true,
@@ -341,7 +345,10 @@ async fn run_to_end(config: Config) -> Result<Summary> {
             report.error(&e.to_string(), &[]);
         }
     }
-    shutdown::drain(&mut tasks, &phase_tx, config.drain_timeout, &report).await;
+    let asking = shared
+        .asking_for_lost_claim
+        .load(std::sync::atomic::Ordering::Relaxed);
+    shutdown::drain(&mut tasks, &phase_tx, config.drain_timeout, &report, asking).await;
     signals.abort();
     if let Some(sandbox) = &shared.sandbox {
         limits::remove_worker_groups(sandbox.caps());

@@ -69,25 +69,20 @@ pub fn watch_signals(
     }))
 }
 
-/// Waits for every supervisor; once `timeout` has passed, tells them to terminate their programs.
+/// Waits for every task, the items' supervisors and (`asking`) the ask for a lost claim's item
+/// among them; once `timeout` has passed, tells them to terminate their programs.
 pub async fn drain(
     tasks: &mut JoinSet<()>,
     phase: &watch::Sender<Phase>,
     timeout: Duration,
     report: &Reporter,
+    asking: bool,
 ) {
     let running = still_running(tasks);
     if running == 0 {
         return;
     }
-    report.info(
-        &format!(
-            // The tasks are the items' supervisors, and the ask for a claim whose answer was lost.
-            "waiting up to {}s for {running} item(s) running, or being asked for again",
-            timeout.as_secs_f64(),
-        ),
-        &[],
-    );
+    report.info(&drain_message(running, asking, timeout), &[]);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let mut terminating = false;
@@ -106,6 +101,23 @@ pub async fn drain(
     }
 }
 
+/// What the drain waits for, said as it begins: `tasks` still running, one of them the ask for a lost
+/// claim's item when `asking`.
+fn drain_message(tasks: usize, asking: bool, timeout: Duration) -> String {
+    let items = tasks - usize::from(asking);
+    let waiting = match (items, asking) {
+        (_, false) => format!("{items} item(s) running to finish"),
+        (0, true) => "the item of a claim whose answer was lost, should it come".to_owned(),
+        (_, true) => format!(
+            "{items} item(s) running to finish, and for the item of a claim whose answer was lost"
+        ),
+    };
+    format!(
+        "waiting up to {}s for {waiting} (signal again to stop at once)",
+        timeout.as_secs_f64()
+    )
+}
+
 /// How many supervisors have not ended. A finished task stays in the set until it is joined, and the
 /// claim loop joins them only before each poll: the ones that ended since are taken out here, so that
 /// an item whose program already stopped is not counted as running.
@@ -117,6 +129,31 @@ fn still_running(tasks: &mut JoinSet<()>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_drain_says_what_it_waits_for() {
+        let minute = Duration::from_secs(60);
+        for (tasks, asking, says) in [
+            (
+                2,
+                false,
+                "waiting up to 60s for 2 item(s) running to finish (signal again",
+            ),
+            (
+                1,
+                true,
+                "waiting up to 60s for the item of a claim whose answer was lost, should",
+            ),
+            (
+                3,
+                true,
+                "for 2 item(s) running to finish, and for the item of a claim whose",
+            ),
+        ] {
+            let message = drain_message(tasks, asking, minute);
+            assert!(message.contains(says), "{tasks} {asking}: {message}");
+        }
+    }
 
     #[test]
     fn phases_only_move_forward() {
@@ -157,7 +194,7 @@ mod tests {
             crate::reached(&mut told, Phase::Terminating).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
         });
-        drain(&mut tasks, &tx, timeout, &report).await;
+        drain(&mut tasks, &tx, timeout, &report, false).await;
         assert!(tasks.is_empty());
         assert_eq!(*rx.borrow(), Phase::Terminating);
         assert_eq!(start.elapsed(), timeout + Duration::from_secs(2));
@@ -169,7 +206,7 @@ mod tests {
         let (tx, rx) = watch::channel(Phase::Draining);
         let mut tasks = JoinSet::new();
         tasks.spawn(tokio::time::sleep(Duration::from_secs(1)));
-        drain(&mut tasks, &tx, Duration::from_secs(60), &report).await;
+        drain(&mut tasks, &tx, Duration::from_secs(60), &report, false).await;
         assert_eq!(*rx.borrow(), Phase::Draining);
     }
 }

@@ -1261,6 +1261,7 @@ mod tests {
             run_one: false,
             exits: Mutex::new(Vec::new()),
             taken: Default::default(),
+            asking_for_lost_claim: Default::default(),
             sandbox: None,
             api_proxy: None,
             // It would follow this test's paused clock with a real kernel timer, and SIGKILL the

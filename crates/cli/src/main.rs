@@ -163,7 +163,9 @@ fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue};
     let mut root = Cli::command();
     root.build();
-    if let Some(tip) = variable_value_tip(&error, &root, |name| std::env::var_os(name)) {
+    let tip = variable_value_tip(&error, &root, |name| std::env::var_os(name))
+        .or_else(|| missing_variables_tip(&error, &root));
+    if let Some(tip) = tip {
         error.insert(
             ContextKind::Suggested,
             ContextValue::StyledStrs(vec![tip.into()]),
@@ -233,6 +235,36 @@ fn variable_value_tip(
         "'{value}' is the value of {}, which sets --{long}",
         name.to_string_lossy()
     ))
+}
+
+/// For `tether worker` without `--key`: the README passes the key as `TETHER_KEY`, and clap's list
+/// of missing flags does not say that a variable would do.
+fn missing_variables_tip(error: &clap::Error, root: &clap::Command) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::MissingRequiredArgument {
+        return None;
+    }
+    let Some(ContextValue::Strings(missing)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let variables: Vec<String> = missing
+        .iter()
+        .filter_map(|flag| {
+            // `--key <KEY>`
+            let long = flag.split_whitespace().next()?.strip_prefix("--")?;
+            let name = commands_under(root)
+                .flat_map(|command| command.get_arguments())
+                .filter(|arg| arg.get_long() == Some(long))
+                .find_map(|arg| arg.get_env())?;
+            Some(format!("--{long} as {}", name.to_string_lossy()))
+        })
+        .collect();
+    (!variables.is_empty()).then(|| {
+        format!(
+            "may be given in the environment instead: {}",
+            variables.join(", ")
+        )
+    })
 }
 
 /// `command` and every command under it.
@@ -384,6 +416,30 @@ mod tests {
         // The variable holds something else: the value was typed.
         assert_eq!(tip(&worker, ("TETHER_TTL", "60")), None);
         assert_eq!(tip(&worker, ("TETHER_GRACE", "abc")), None);
+    }
+
+    /// Missing flags that a variable may give are named with it.
+    #[test]
+    fn missing_flags_name_their_variables() {
+        let mut root = <super::Cli as clap::CommandFactory>::command();
+        root.build();
+        let tip = |args: &[&str]| {
+            let Err(error) = super::Cli::try_parse_from(args) else {
+                panic!("{args:?} parsed")
+            };
+            super::missing_variables_tip(&error, &root)
+        };
+        assert_eq!(
+            tip(&["tether", "worker", "--", "./x"]).as_deref(),
+            Some(
+                "may be given in the environment instead: --environment as TETHER_ENVIRONMENT, \
+                 --key as TETHER_KEY"
+            )
+        );
+        assert_eq!(
+            tip(&["tether", "worker", "--environment", "e", "--", "./x"]).as_deref(),
+            Some("may be given in the environment instead: --key as TETHER_KEY")
+        );
     }
 
     #[test]

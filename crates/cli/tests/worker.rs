@@ -596,6 +596,11 @@ async fn a_claim_whose_answer_is_lost_is_answered_again() {
         "the lost answer was seen as one:\n{}",
         worker.log()
     );
+    assert!(
+        worker.log().contains("the server answers again"),
+        "the answer after it is said:\n{}",
+        worker.log()
+    );
     let status = worker.shut_down().await;
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }

@@ -865,6 +865,8 @@ async fn a_program_ending_with_its_deleted_session_is_told_quietly() {
     let log = worker.log();
     assert!(!log.contains("trying again"), "{log}");
     assert!(!log.contains("could not"), "{log}");
+    // The token's refusal is put down to the stop, not left to read as a credential to mend.
+    assert!(log.contains("session token no longer holds"), "{log}");
     worker.shut_down_cleanly().await;
 }
 

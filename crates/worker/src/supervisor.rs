@@ -782,8 +782,18 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 &[("detail", &detail)],
             );
             true
-        } else if matches!(error.status(), Some(409 | 401)) {
+        } else if error.status() == Some(409) {
             self.info(ended, &[("detail", &detail)]);
+            true
+        } else if error.status() == Some(401) {
+            // Not a credential the operator must mend: a session token ends with its item.
+            self.info(
+                &format!(
+                    "{ended}: its session token no longer holds (the item was stopped on the \
+                     server, or the worker's key revoked)"
+                ),
+                &[("detail", &detail)],
+            );
             true
         } else {
             false

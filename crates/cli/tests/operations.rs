@@ -868,6 +868,83 @@ async fn a_request_id_cannot_forge_an_access_log_line() {
     );
 }
 
+/// A poll or claim that took nothing, which every idle worker makes each second, is logged at
+/// `debug`; one that took an item, and any other request, at `info`.
+#[tokio::test]
+async fn a_take_that_took_nothing_is_logged_at_debug() {
+    for (filter, empty_takes_logged) in [("info", false), ("debug", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::spawn(
+            dir.path(),
+            ADMIN_TOKEN,
+            &["--log-format", "json"],
+            &[("TETHER_LOG", filter)],
+            PATIENCE,
+        );
+        let setup = server.setup();
+        let http = reqwest::Client::new();
+        let take = async |path: &str| {
+            let url = format!(
+                "{}/api/v1/cloud/environments/{}/{path}",
+                server.url, setup.env
+            );
+            let response = http
+                .request(
+                    if path.ends_with("claim") {
+                        reqwest::Method::POST
+                    } else {
+                        reqwest::Method::GET
+                    },
+                    url,
+                )
+                .bearer_auth(&setup.key)
+                .header("Worker-ID", "w1")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        };
+        // The session's item, then nothing, by a claim and by a poll.
+        assert!(take("work/claim").await.is_object());
+        assert!(take("work/claim").await.is_null());
+        assert!(take("work/poll").await.is_null());
+        let route = |l: &Value, take: &str| {
+            l["target"] == "tether::access"
+                && l["span"]["route"]
+                    == format!("/api/v1/cloud/environments/:environment_id/work/{take}")
+        };
+        let log = eventually("the access lines", || {
+            let log = server.log();
+            let lines: Vec<Value> = log
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            // The claim that took the item is logged either way, and the requests after it with it.
+            let claims = lines.iter().filter(|l| route(l, "claim")).count();
+            (claims >= 1 && lines.iter().any(|l| route(l, "poll")) == empty_takes_logged)
+                .then_some((log, lines))
+        });
+        let (log, lines) = log;
+        let level = |take: &str| -> Vec<String> {
+            let levels = lines.iter().filter(|l| route(l, take));
+            levels
+                .map(|l| l["level"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        match empty_takes_logged {
+            false => {
+                assert_eq!(level("claim"), ["INFO"], "{log}");
+                assert_eq!(level("poll"), Vec::<String>::new(), "{log}");
+            }
+            true => {
+                assert_eq!(level("claim"), ["INFO", "DEBUG"], "{log}");
+                assert_eq!(level("poll"), ["DEBUG"], "{log}");
+            }
+        }
+    }
+}
+
 /// With `--metrics-token`, `/metrics` answers its scraper only: no credential, another token or even
 /// an admin token get 401 in the envelope. A token too short to keep anyone out, or one a scraper
 /// could not send back, stops the server at start.

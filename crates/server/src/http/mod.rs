@@ -199,6 +199,19 @@ async fn one_host(request: Request, next: Next) -> Response {
     .into_response()
 }
 
+/// Marks a response whose access line is written at `debug`, not `info`: a poll or claim that took
+/// nothing. Each idle worker asks once a second (`block_ms` is at most 999), and their lines would
+/// bury every other in the log; the metrics count them all the same.
+#[derive(Clone, Copy, Debug)]
+pub struct RoutineAccess;
+
+impl RoutineAccess {
+    /// For the answer of a take: routine when it took nothing.
+    pub fn unless_taken<T>(taken: &Option<T>) -> Option<axum::Extension<RoutineAccess>> {
+        taken.is_none().then_some(axum::Extension(RoutineAccess))
+    }
+}
+
 /// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
 /// request causes is logged inside its span, so every line carries the request id.
 async fn envelope(request: Request, next: Next) -> Response {
@@ -246,14 +259,23 @@ async fn envelope(request: Request, next: Next) -> Response {
             .insert("x-should-retry", HeaderValue::from_static("false"));
     }
     crate::telemetry::record_request(&method, &route, status.as_u16(), started.elapsed());
-    span.in_scope(|| {
-        tracing::info!(
-            target: "tether::access",
-            status = status.as_u16(),
-            // Whole microseconds: 0.395, not 0.39458800000000005.
-            latency_ms = started.elapsed().as_micros() as f64 / 1000.0,
-            "request"
-        )
+    let routine = response.extensions().get::<RoutineAccess>().is_some();
+    // Whole microseconds: 0.395, not 0.39458800000000005.
+    let latency_ms = started.elapsed().as_micros() as f64 / 1000.0;
+    macro_rules! access {
+        ($level:expr) => {
+            tracing::event!(
+                target: "tether::access",
+                $level,
+                status = status.as_u16(),
+                latency_ms,
+                "request"
+            )
+        };
+    }
+    span.in_scope(|| match routine {
+        true => access!(tracing::Level::DEBUG),
+        false => access!(tracing::Level::INFO),
     });
     response
 }

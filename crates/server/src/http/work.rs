@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::Json;
 use tether_api as api;
 use tether_core::ids::IdKind;
@@ -13,7 +13,7 @@ use tether_core::{WorkItem, WorkState};
 use tether_store::WorkFilter;
 
 use super::extract::{Caller, IdempotencyKey, JsonBody, Params, Wire, WorkerId};
-use super::{decode, wire};
+use super::{decode, wire, RoutineAccess};
 use crate::credentials;
 use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
@@ -116,13 +116,17 @@ pub async fn poll(
     worker: Result<WorkerId, ApiError>,
     Path(env_id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Option<api::WorkItem>>> {
+) -> ApiResult<(
+    Option<Extension<RoutineAccess>>,
+    Json<Option<api::WorkItem>>,
+)> {
     let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
     let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
     let claimed = app
         .poll(&take.env, worker, issuer, take.block, take.reclaim_ms)
         .await?;
-    Ok(Json(claimed.map(|c| delivered(&app, dialect, &c))))
+    let routine = RoutineAccess::unless_taken(&claimed);
+    Ok((routine, Json(claimed.map(|c| delivered(&app, dialect, &c)))))
 }
 
 /// Claim (a Tether extension): a poll that also acks the item and makes its first heartbeat, so that
@@ -136,7 +140,7 @@ pub async fn claim(
     key: Result<IdempotencyKey, ApiError>,
     Path(env_id): Path<String>,
     params: Params,
-) -> ApiResult<Json<Option<api::Claim>>> {
+) -> ApiResult<(Option<Extension<RoutineAccess>>, Json<Option<api::Claim>>)> {
     let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
     let ttl = desired_ttl(&params)?;
     let IdempotencyKey(key) = key?;
@@ -176,16 +180,20 @@ pub async fn claim(
     let claimed = app
         .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
         .await?;
-    Ok(Json(claimed.map(|c| {
-        let lease = c.lease.as_ref().expect("a claim starts a lease");
-        api::Claim {
-            object: "work_claim".into(),
-            work: delivered(&app, dialect, &c),
-            lease: wire::heartbeat(lease),
-            earlier_try: c.earlier_try,
-            extra: Default::default(),
-        }
-    })))
+    let routine = RoutineAccess::unless_taken(&claimed);
+    Ok((
+        routine,
+        Json(claimed.map(|c| {
+            let lease = c.lease.as_ref().expect("a claim starts a lease");
+            api::Claim {
+                object: "work_claim".into(),
+                work: delivered(&app, dialect, &c),
+                lease: wire::heartbeat(lease),
+                earlier_try: c.earlier_try,
+                extra: Default::default(),
+            }
+        })),
+    ))
 }
 
 /// `retry`: `true` (or `1`) for a claim sent again, `only` for one sent again that must take no

@@ -224,12 +224,8 @@ fn variable_value_tip(
     ) else {
         return None;
     };
-    // `--ttl <TTL>`
-    let long = flag.split_whitespace().next()?.strip_prefix("--")?;
-    let name = commands_under(root)
-        .flat_map(|command| command.get_arguments())
-        .filter(|arg| arg.get_long() == Some(long))
-        .filter_map(|arg| arg.get_env())
+    let (long, mut names) = variables_of(root, flag)?;
+    let name = names
         .find(|name| variable(name).is_some_and(|set| set.to_str() == Some(value.as_str())))?;
     Some(format!(
         "'{value}' is the value of {}, which sets --{long}",
@@ -250,13 +246,8 @@ fn missing_variables_tip(error: &clap::Error, root: &clap::Command) -> Option<St
     let variables: Vec<String> = missing
         .iter()
         .filter_map(|flag| {
-            // `--key <KEY>`
-            let long = flag.split_whitespace().next()?.strip_prefix("--")?;
-            let name = commands_under(root)
-                .flat_map(|command| command.get_arguments())
-                .filter(|arg| arg.get_long() == Some(long))
-                .find_map(|arg| arg.get_env())?;
-            Some(format!("--{long} as {}", name.to_string_lossy()))
+            let (long, mut names) = variables_of(root, flag)?;
+            Some(format!("--{long} as {}", names.next()?.to_string_lossy()))
         })
         .collect();
     (!variables.is_empty()).then(|| {
@@ -265,6 +256,20 @@ fn missing_variables_tip(error: &clap::Error, root: &clap::Command) -> Option<St
             variables.join(", ")
         )
     })
+}
+
+/// For a flag as clap's errors name it (`--key <KEY>`): its long name, and the variables that set it
+/// in the commands under `root` (one flag name may be another command's too).
+fn variables_of<'a>(
+    root: &'a clap::Command,
+    flag: &'a str,
+) -> Option<(&'a str, impl Iterator<Item = &'a std::ffi::OsStr>)> {
+    let long = flag.split_whitespace().next()?.strip_prefix("--")?;
+    let names = commands_under(root)
+        .flat_map(|command| command.get_arguments())
+        .filter(move |arg| arg.get_long() == Some(long))
+        .filter_map(|arg| arg.get_env());
+    Some((long, names))
 }
 
 /// `command` and every command under it.

@@ -90,11 +90,8 @@ pub async fn run(
         // drain, so that the drain time counts it and its end stops it.
         let slot = slots.clone().try_acquire_owned();
         let slot = slot.expect("the claim loop's slot is free once it has ended");
-        shared
-            .asking_for_lost_claim
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        let asking = ask_again_taking_nothing(shared.clone(), options, unheard, slot);
-        tasks.spawn(asking);
+        let asking = AskingForLostClaim::new(shared.clone());
+        tasks.spawn(ask_again_taking_nothing(options, unheard, slot, asking));
     }
     result
 }
@@ -336,20 +333,12 @@ async fn given_up(phase: &mut tokio::sync::watch::Receiver<Phase>, claims: bool)
 /// is answered or refused, for up to [`CLAIM_ASKED_AGAIN_IN_DRAIN`], and not once the drain time
 /// is up (this runs as one of the drain's tasks, holding the slot the item would run in).
 async fn ask_again_taking_nothing(
-    shared: Arc<Shared>,
     mut options: ClaimOptions,
     tries: ClaimTries,
     slot: OwnedSemaphorePermit,
+    asking: AskingForLostClaim,
 ) {
-    // Cleared whichever way the ask ends, before an item it brings runs.
-    struct Asking<'a>(&'a Shared);
-    impl Drop for Asking<'_> {
-        fn drop(&mut self) {
-            let flag = &self.0.asking_for_lost_claim;
-            flag.store(false, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    let asking = Asking(&shared);
+    let shared = asking.0.clone();
     tries.ask(&mut options);
     options.retry = ClaimTry::AgainTakingNothing;
     // Answered at once, waiting for nothing: the client's timeout is this one alone.
@@ -401,6 +390,26 @@ async fn ask_again_taking_nothing(
         {
             return;
         }
+    }
+}
+
+/// `Shared::asking_for_lost_claim`, set for as long as this lives: made before the ask's task is
+/// spawned and moved into it, so that the flag goes down whichever way the task ends, dropped
+/// unpolled included, and before an item the ask brings runs.
+struct AskingForLostClaim(Arc<Shared>);
+
+impl AskingForLostClaim {
+    fn new(shared: Arc<Shared>) -> AskingForLostClaim {
+        let flag = &shared.asking_for_lost_claim;
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        AskingForLostClaim(shared)
+    }
+}
+
+impl Drop for AskingForLostClaim {
+    fn drop(&mut self) {
+        let flag = &self.0.asking_for_lost_claim;
+        flag.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

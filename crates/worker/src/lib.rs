@@ -345,9 +345,7 @@ async fn run_to_end(config: Config) -> Result<Summary> {
             report.error(&e.to_string(), &[]);
         }
     }
-    let asking = shared
-        .asking_for_lost_claim
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let asking = &shared.asking_for_lost_claim;
     shutdown::drain(&mut tasks, &phase_tx, config.drain_timeout, &report, asking).await;
     signals.abort();
     if let Some(sandbox) = &shared.sandbox {

@@ -69,19 +69,21 @@ pub fn watch_signals(
     }))
 }
 
-/// Waits for every task, the items' supervisors and (`asking`) the ask for a lost claim's item
-/// among them; once `timeout` has passed, tells them to terminate their programs.
+/// Waits for every task, the items' supervisors and, while `asking` is set, the ask for a lost
+/// claim's item among them; once `timeout` has passed, tells them to terminate their programs.
 pub async fn drain(
     tasks: &mut JoinSet<()>,
     phase: &watch::Sender<Phase>,
     timeout: Duration,
     report: &Reporter,
-    asking: bool,
+    asking: &std::sync::atomic::AtomicBool,
 ) {
     let running = still_running(tasks);
     if running == 0 {
         return;
     }
+    // Read after the count: set now, the ask's task is still there, and was counted.
+    let asking = asking.load(std::sync::atomic::Ordering::Relaxed);
     report.info(&drain_message(running, asking, timeout), &[]);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
@@ -102,9 +104,10 @@ pub async fn drain(
 }
 
 /// What the drain waits for, said as it begins: `tasks` still running, one of them the ask for a lost
-/// claim's item when `asking`.
+/// claim's item when `asking`. (How to stop at once is said where the drain is asked for: a drain
+/// after a fatal refusal was asked for by no signal.)
 fn drain_message(tasks: usize, asking: bool, timeout: Duration) -> String {
-    let items = tasks - usize::from(asking);
+    let items = tasks.saturating_sub(usize::from(asking));
     let waiting = match (items, asking) {
         (_, false) => format!("{items} item(s) running to finish"),
         (0, true) => "the item of a claim whose answer was lost, should it come".to_owned(),
@@ -112,10 +115,7 @@ fn drain_message(tasks: usize, asking: bool, timeout: Duration) -> String {
             "{items} item(s) running to finish, and for the item of a claim whose answer was lost"
         ),
     };
-    format!(
-        "waiting up to {}s for {waiting} (signal again to stop at once)",
-        timeout.as_secs_f64()
-    )
+    format!("waiting up to {}s for {waiting}", timeout.as_secs_f64())
 }
 
 /// How many supervisors have not ended. A finished task stays in the set until it is joined, and the
@@ -137,7 +137,7 @@ mod tests {
             (
                 2,
                 false,
-                "waiting up to 60s for 2 item(s) running to finish (signal again",
+                "waiting up to 60s for 2 item(s) running to finish",
             ),
             (
                 1,
@@ -194,7 +194,7 @@ mod tests {
             crate::reached(&mut told, Phase::Terminating).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
         });
-        drain(&mut tasks, &tx, timeout, &report, false).await;
+        drain(&mut tasks, &tx, timeout, &report, &Default::default()).await;
         assert!(tasks.is_empty());
         assert_eq!(*rx.borrow(), Phase::Terminating);
         assert_eq!(start.elapsed(), timeout + Duration::from_secs(2));
@@ -206,7 +206,8 @@ mod tests {
         let (tx, rx) = watch::channel(Phase::Draining);
         let mut tasks = JoinSet::new();
         tasks.spawn(tokio::time::sleep(Duration::from_secs(1)));
-        drain(&mut tasks, &tx, Duration::from_secs(60), &report, false).await;
+        let asking = Default::default();
+        drain(&mut tasks, &tx, Duration::from_secs(60), &report, &asking).await;
         assert_eq!(*rx.borrow(), Phase::Draining);
     }
 }

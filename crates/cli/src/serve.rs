@@ -522,16 +522,18 @@ async fn bootstrap_admin(
         .map_err(anyhow::Error::new)?;
     let Some(secret) = minted else {
         if let Some(given) = given {
-            if !app
-                .is_live_admin_token(&given)
-                .await
-                .map_err(anyhow::Error::new)?
-            {
-                tracing::warn!(
-                    "TETHER_ADMIN_TOKEN is set but is not an admin token of this store: it is \
+            // Only a warning hangs on it: a failed look is said, and the server starts.
+            match app.is_live_admin_token(&given).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    "TETHER_ADMIN_TOKEN is set but is not a live admin token of this store: it is \
                      adopted only by the first start of a store with no live admin token, and this \
                      one has one (on a cluster, give every server the token the first one adopted)"
-                );
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot tell whether TETHER_ADMIN_TOKEN is an admin token of this store"
+                ),
             }
         }
         return Ok(());

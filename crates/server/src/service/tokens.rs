@@ -400,12 +400,6 @@ impl App {
         Ok((credential, secret))
     }
 
-    /// On a store without a live admin token, mints one (or adopts `given`) and returns its secret;
-    /// `None` when there is one, or another server starting at the same time made it.
-    ///
-    /// Servers starting together on one database all give the token they would make the same id,
-    /// the n-th admin token ever made, so the store takes only one of their inserts: exactly one of
-    /// them mints, and only that one writes the secret to its data directory.
     /// Whether `secret` is an admin token of the store that is not revoked: what a server given
     /// `TETHER_ADMIN_TOKEN` checks when it did not adopt it (the store had a live admin token), so
     /// that a token made anew on each server of a cluster is not silently of no use.
@@ -417,6 +411,12 @@ impl App {
         Ok(known.is_some_and(|c| c.kind == CredentialKind::Admin && c.revoked_at.is_none()))
     }
 
+    /// On a store without a live admin token, mints one (or adopts `given`) and returns its secret;
+    /// `None` when there is one, or another server starting at the same time made it.
+    ///
+    /// Servers starting together on one database all give the token they would make the same id,
+    /// the n-th admin token ever made, so the store takes only one of their inserts: exactly one of
+    /// them mints, and only that one writes the secret to its data directory.
     pub async fn bootstrap_admin_token(&self, given: Option<String>) -> Result<Option<String>> {
         // Counted before the live ones: a server that made its token between the two reads is
         // then seen as live, and one that makes it later took the same id.

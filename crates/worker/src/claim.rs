@@ -130,9 +130,9 @@ async fn claim_until_drain(
     // not idle, and `--max-idle` must not end it as if it were (under cron or an autoscaler, a
     // mistyped --server would look like a quiet queue).
     let mut heard = IdleStretch::Untried;
-    // Since when polls have failed: the first answer after them is said, or a warning that the
-    // server could not be reached would stay the last word in the log.
-    let mut failing_since: Option<Instant> = None;
+    // Since when polls have failed, and how many: the first that succeeds after them is said, or a
+    // warning that the server could not be reached would stay the last word in the log.
+    let mut failing: Option<(Instant, u32)> = None;
     loop {
         while tasks.try_join_next().is_some() {}
         let any_taken = shared.taken.load(std::sync::atomic::Ordering::Relaxed) > 0;
@@ -220,17 +220,19 @@ async fn claim_until_drain(
             let lease_from = ClaimTries::lease_start(tries.as_ref(), sent, earlier_try);
             ClaimTries::answered(tries, TryOutcome::of(&polled));
             fresh_connection = !crate::error::answered(&polled);
-            match (&polled, failing_since) {
-                (Ok(_), Some(since)) => {
-                    let after = since.elapsed().as_secs_f64();
+            match (&polled, &mut failing) {
+                (Ok(_), Some((since, failed))) => {
+                    let over = since.elapsed().as_secs_f64();
                     report.info(
-                        &format!("the server answers again, after {after:.1}s of failed polls"),
+                        &format!("polls succeed again, after {failed} failed over {over:.1}s"),
                         &[],
                     );
-                    failing_since = None;
+                    failing = None;
                 }
-                (Err(_), None) => failing_since = Some(Instant::now()),
-                _ => {}
+                // From when the first failed poll was sent.
+                (Err(_), Some((_, failed))) => *failed += 1,
+                (Err(_), None) => failing = Some((asked, 1)),
+                (Ok(_), None) => {}
             }
             // Only a poll's answer tells whether the queue is idle: a 503 does not either.
             heard = match (&polled, heard) {

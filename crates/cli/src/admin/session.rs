@@ -319,9 +319,11 @@ async fn send(cx: &Ctx, args: SendArgs) -> Result<()> {
         }
         () = deadline => {
             // A timeout shorter than the hint's delay would otherwise end without saying why.
+            // Bounded: a server that does not answer must not hold the timeout up.
+            let look = tokio::time::timeout(UNSERVED_LOOK_WITHIN, nobody_serves(&cx.client, &args.id));
             let why = match hinted.load(Ordering::Relaxed) {
                 true => None,
-                false => nobody_serves(&cx.client, &args.id).await.ok().flatten(),
+                false => look.await.ok().and_then(|looked| looked.ok().flatten()),
             };
             let why = why.map_or_else(String::new, |env| {
                 format!(", and has not started: {}", unserved(&env))
@@ -396,6 +398,8 @@ impl TurnOutcome {
 
 /// How long a turn may wait for a worker before `send --wait` looks for one.
 const QUEUED_HINT_AFTER: Duration = Duration::from_secs(5);
+/// How long a `send --wait` that timed out looks for why the turn has not started.
+const UNSERVED_LOOK_WITHIN: Duration = Duration::from_secs(2);
 /// How often it looks again, until it has said something.
 const QUEUED_HINT_EVERY: Duration = Duration::from_secs(30);
 

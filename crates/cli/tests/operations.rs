@@ -869,10 +869,10 @@ async fn a_request_id_cannot_forge_an_access_log_line() {
 }
 
 /// A poll or claim that took nothing, which every idle worker makes each second, is logged at
-/// `debug`; one that took an item, and any other request, at `info`.
+/// `debug`; one that took an item, one refused, and any other request, at `info`.
 #[tokio::test]
 async fn a_take_that_took_nothing_is_logged_at_debug() {
-    for (filter, empty_takes_logged) in [("info", false), ("debug", true)] {
+    for (filter, debug) in [("info", false), ("debug", true)] {
         let dir = tempfile::tempdir().unwrap();
         let server = Server::spawn(
             dir.path(),
@@ -883,65 +883,68 @@ async fn a_take_that_took_nothing_is_logged_at_debug() {
         );
         let setup = server.setup();
         let http = reqwest::Client::new();
-        let take = async |path: &str| {
+        let take = async |take: &str, key: &str| {
             let url = format!(
-                "{}/api/v1/cloud/environments/{}/{path}",
+                "{}/api/v1/cloud/environments/{}/work/{take}",
                 server.url, setup.env
             );
+            let method = match take {
+                "claim" => reqwest::Method::POST,
+                _ => reqwest::Method::GET,
+            };
             let response = http
-                .request(
-                    if path.ends_with("claim") {
-                        reqwest::Method::POST
-                    } else {
-                        reqwest::Method::GET
-                    },
-                    url,
-                )
-                .bearer_auth(&setup.key)
-                .header("Worker-ID", "w1")
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            response.json::<Value>().await.unwrap()
+                .request(method, url)
+                .bearer_auth(key)
+                .header("Worker-ID", "w1");
+            let response = response.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
         };
-        // The session's item, then nothing, by a claim and by a poll.
-        assert!(take("work/claim").await.is_object());
-        assert!(take("work/claim").await.is_null());
-        assert!(take("work/poll").await.is_null());
+        // The session's item, then nothing, by a claim and by a poll; another session's item by a
+        // poll; and a poll refused.
+        let key = setup.key.as_str();
+        assert!(take("claim", key).await.1.is_object());
+        assert!(take("claim", key).await.1.is_null());
+        assert!(take("poll", key).await.1.is_null());
+        server.json(&[
+            "session",
+            "create",
+            "--agent",
+            &setup.agent,
+            "--env",
+            &setup.env,
+        ]);
+        assert!(take("poll", key).await.1.is_object());
+        assert_eq!(take("poll", "tth_env_not-a-key").await.0, 401);
         let route = |l: &Value, take: &str| {
             l["target"] == "tether::access"
                 && l["span"]["route"]
                     == format!("/api/v1/cloud/environments/:environment_id/work/{take}")
         };
-        let log = eventually("the access lines", || {
-            let log = server.log();
-            let lines: Vec<Value> = log
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            // The claim that took the item is logged either way, and the requests after it with it.
-            let claims = lines.iter().filter(|l| route(l, "claim")).count();
-            (claims >= 1 && lines.iter().any(|l| route(l, "poll")) == empty_takes_logged)
-                .then_some((log, lines))
-        });
-        let (log, lines) = log;
-        let level = |take: &str| -> Vec<String> {
+        let levels = |lines: &[Value], take: &str| -> Vec<String> {
             let levels = lines.iter().filter(|l| route(l, take));
             levels
                 .map(|l| l["level"].as_str().unwrap().to_owned())
                 .collect()
         };
-        match empty_takes_logged {
-            false => {
-                assert_eq!(level("claim"), ["INFO"], "{log}");
-                assert_eq!(level("poll"), Vec::<String>::new(), "{log}");
-            }
-            true => {
-                assert_eq!(level("claim"), ["INFO", "DEBUG"], "{log}");
-                assert_eq!(level("poll"), ["DEBUG"], "{log}");
-            }
-        }
+        let (claims, polls) = match debug {
+            false => (vec!["INFO"], vec!["INFO", "INFO"]),
+            true => (vec!["INFO", "DEBUG"], vec!["DEBUG", "INFO", "INFO"]),
+        };
+        // Every line is there once the refused poll's, the last request's, is.
+        let (log, lines) = eventually("the access lines", || {
+            let log = server.log();
+            let lines: Vec<Value> = log
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let refused = lines
+                .iter()
+                .any(|l| route(l, "poll") && l["fields"]["status"] == 401);
+            refused.then_some((log, lines))
+        });
+        assert_eq!(levels(&lines, "claim"), claims, "{log}");
+        assert_eq!(levels(&lines, "poll"), polls, "{log}");
     }
 }
 

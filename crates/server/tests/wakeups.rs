@@ -321,11 +321,15 @@ async fn a_wake_up_answered_with_an_earlier_try_passes_on() {
     }
 }
 
-/// Until `count` polls wait on `app`.
+/// Until `count` polls wait on `app` (failing after 30 s, rather than hanging).
 async fn wait_for_waiters(app: &App, count: usize) {
-    while app.waiters.count() < count {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiting = async {
+        while app.waiters.count() < count {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(30), waiting).await;
+    waited.unwrap_or_else(|_| panic!("{count} polls never waited"));
 }
 
 /// Two sessions of one agent in `env`, so two queued items.

@@ -786,11 +786,11 @@ impl<'a, C: ItemCalls> Item<'a, C> {
             self.info(ended, &[("detail", &detail)]);
             true
         } else if error.status() == Some(401) {
-            // Not a credential the operator must mend: a session token ends with its item.
+            // A session token ends with its item, its re-delivery, or the key it was issued to.
             self.info(
                 &format!(
                     "{ended}: its session token no longer holds (the item was stopped on the \
-                     server, or the worker's key revoked)"
+                     server or handed to another worker, or the worker's key was revoked)"
                 ),
                 &[("detail", &detail)],
             );

@@ -301,6 +301,8 @@ mod tests {
             // Queued or delivered, never acknowledged: no program was started.
             ("stopped", true, false, None),
             ("stopped", false, false, None),
+            // Stopped without --force: an acknowledged item would have answered `stopping`.
+            ("stopped", false, true, None),
         ] {
             let note = super::stop_note(state, force, acknowledged);
             match says {

@@ -163,9 +163,8 @@ fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue};
     let mut root = Cli::command();
     root.build();
-    let tip = variable_value_tip(&error, &root, |name| std::env::var_os(name))
-        .or_else(|| missing_variables_tip(&error, &root));
-    if let Some(tip) = tip {
+    // A wrong value's error carries no usage line to tell its command by.
+    if let Some(tip) = variable_value_tip(&error, &root, |name| std::env::var_os(name)) {
         error.insert(
             ContextKind::Suggested,
             ContextValue::StyledStrs(vec![tip.into()]),
@@ -193,7 +192,9 @@ fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     }
     let plain = command.clone().render_usage();
     error.insert(ContextKind::Usage, ContextValue::StyledStr(plain));
-    if let Some(tip) = program_after_dashes_tip(&error, command) {
+    let tip = program_after_dashes_tip(&error, command)
+        .or_else(|| missing_variables_tip(&error, command));
+    if let Some(tip) = tip {
         error.insert(
             ContextKind::Suggested,
             ContextValue::StyledStrs(vec![tip.into()]),
@@ -234,8 +235,8 @@ fn variable_value_tip(
 }
 
 /// For `tether worker` without `--key`: the README passes the key as `TETHER_KEY`, and clap's list
-/// of missing flags does not say that a variable would do.
-fn missing_variables_tip(error: &clap::Error, root: &clap::Command) -> Option<String> {
+/// of missing flags does not say that a variable would do. `command` is the one the error is about.
+fn missing_variables_tip(error: &clap::Error, command: &clap::Command) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     if error.kind() != ErrorKind::MissingRequiredArgument {
         return None;
@@ -246,7 +247,7 @@ fn missing_variables_tip(error: &clap::Error, root: &clap::Command) -> Option<St
     let variables: Vec<String> = missing
         .iter()
         .filter_map(|flag| {
-            let (long, mut names) = variables_of(root, flag)?;
+            let (long, mut names) = variables_of(command, flag)?;
             Some(format!("--{long} as {}", names.next()?.to_string_lossy()))
         })
         .collect();
@@ -259,7 +260,7 @@ fn missing_variables_tip(error: &clap::Error, root: &clap::Command) -> Option<St
 }
 
 /// For a flag as clap's errors name it (`--key <KEY>`): its long name, and the variables that set it
-/// in the commands under `root` (one flag name may be another command's too).
+/// in `root` and the commands under it (one flag name may be another command's too).
 fn variables_of<'a>(
     root: &'a clap::Command,
     flag: &'a str,
@@ -440,7 +441,8 @@ mod tests {
             let Err(error) = parser.clone().try_get_matches_from(args) else {
                 panic!("{args:?} parsed")
             };
-            super::missing_variables_tip(&error, &root)
+            let worker = root.find_subcommand("worker").expect("worker");
+            super::missing_variables_tip(&error, worker)
         };
         assert_eq!(
             tip(&["tether", "worker", "--", "./x"]).as_deref(),

@@ -949,6 +949,17 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
         "the servers answered throughout"
     );
     assert_all_done(&api_b, &env, &ledger, N).await;
+    // The outage is said once by each server, not by every duty at every tick of it.
+    for server in [&a, &b] {
+        let log = std::fs::read_to_string(&server.log).unwrap();
+        assert!(log.contains("lost the database"), "{log}");
+        for duty in ["dispatcher:", "sampler:"] {
+            assert!(
+                !log.contains(duty),
+                "{duty} lines during the outage:\n{log}"
+            );
+        }
+    }
     eprintln!(
         "database down for {outage:.2?} (longer than the 4 s leases) with {} of {N} items done: \
          {} requests answered 503 meanwhile; both servers ready {resumed:.2?} after the database; \

@@ -8,6 +8,7 @@
 use tether_store::{ClaimWindow, Notice};
 
 use crate::service::App;
+use crate::services::duty_failed;
 
 /// How often stale poll records are dropped. Readers filter by time anyway, so this only bounds the
 /// table; doing it every tick would cost a write (and on SQLite an fsync) per second for nothing.
@@ -29,16 +30,16 @@ pub async fn run(app: App) {
             _ = tick.tick() => {
                 if pass(&app, Expiry::Always).await {
                     if let Err(e) = app.mark_leases_kept().await {
-                        tracing::warn!(error = %e, "dispatcher: marking the leases kept failed");
+                        duty_failed("dispatcher: marking the leases kept", &e, e.is_outage());
                     }
                 }
                 if let Err(e) = app.write_worker_records().await {
-                    tracing::warn!(error = %e, "dispatcher: writing poll records failed");
+                    duty_failed("dispatcher: writing poll records", &e, e.is_outage());
                 }
             }
             _ = prune.tick() => {
                 if let Err(e) = app.forget_idle_workers().await {
-                    tracing::warn!(error = %e, "dispatcher: pruning idle workers failed");
+                    duty_failed("dispatcher: pruning idle workers", &e, e.is_outage());
                 }
             }
             _ = app.dispatch_now.notified() => {
@@ -82,7 +83,7 @@ pub async fn pass(app: &App, expiry: Expiry) -> bool {
     if expiry == Expiry::Always || app.lease_horizon.may_be_due(app.now()) {
         match app.expire_due_leases().await {
             Ok(_) => leases_kept = true,
-            Err(e) => tracing::warn!(error = %e, "dispatcher: lease expiry pass failed"),
+            Err(e) => duty_failed("dispatcher: lease expiry pass", &e, e.is_outage()),
         }
     }
     let waiting = app.waiters.environments_waiting();
@@ -97,7 +98,8 @@ pub async fn pass(app: &App, expiry: Expiry) -> bool {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "dispatcher: claimable probe failed");
+                let outage = matches!(e, tether_store::StoreError::Unavailable(_));
+                duty_failed("dispatcher: claimable probe", &e, outage);
                 break;
             }
         }

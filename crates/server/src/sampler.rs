@@ -88,7 +88,7 @@ pub async fn run(app: App) {
         tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = pass(&app).await {
-                    tracing::warn!(error = %e, "sampler: queue sampling failed");
+                    crate::services::duty_failed("sampler: queue sampling", &e, e.is_outage());
                 }
             }
             _ = app.until_shutdown() => return,

@@ -25,6 +25,17 @@ pub const RESTARTS: &str = "tether_service_restarts_total";
 /// then costs a log line a second, not a busy loop.
 pub const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
+/// Logs a failed pass of a service's duty (`what`, e.g. "dispatcher: lease expiry pass"): at
+/// `warn`, but at `debug` while the database is unavailable (`outage`). The store says an outage once
+/// as it begins ("lost the database") and once as it ends; a line from every duty at every tick
+/// meanwhile would bury both.
+pub fn duty_failed(what: &str, error: &dyn std::fmt::Display, outage: bool) {
+    match outage {
+        true => tracing::debug!(error = %error, "{what} failed: the database is unavailable"),
+        false => tracing::warn!(error = %error, "{what} failed"),
+    }
+}
+
 /// A running service.
 pub struct Service {
     stop: CancellationToken,

@@ -97,6 +97,13 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// The store could not reach its database: an outage, said once by the store itself.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, Error::StoreUnavailable { .. })
+    }
+}
+
 fn not_found_message(kind: Missing, id: &str) -> String {
     match kind {
         Missing::Environment => format!("no environment {id}"),

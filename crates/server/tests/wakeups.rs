@@ -321,6 +321,51 @@ async fn a_wake_up_answered_with_an_earlier_try_passes_on() {
     }
 }
 
+/// Two tries of one claim reach the server at once, the first still committing the item it took
+/// when the second looks at the queue. The second must not answer that it found nothing (the item
+/// it would go for is reserved by the first, again and again while that commits): it waits for the
+/// first and answers its item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_racing_another_of_its_claim_answers_its_item() {
+    for backend in backends() {
+        let (_location, app, counting, env) =
+            counting_app(&backend, Arc::new(SystemClock), "racing").await;
+        sessions(&app, &env, 1).await;
+        let (key, _) = app
+            .create_environment_key(&env.id, NewCredential::default())
+            .await
+            .expect("a key");
+        let try_of_the_claim = || {
+            let (app, env, key) = (app.clone(), env.clone(), key.id.clone());
+            tokio::spawn(async move {
+                let ask = ClaimAsk {
+                    keyed: Some(KeyedTry {
+                        session_token: "tth_ses_one-claim-two-tries-at-once",
+                        sent: TrySent::First,
+                    }),
+                    ..ClaimAsk::default()
+                };
+                let claimed = app.claim(&env, Some("w1"), Some(&key), None, 5_000, ask);
+                claimed.await.expect("claim")
+            })
+        };
+        let held = counting.hold_next_commit();
+        let first = try_of_the_claim();
+        held.arrived.await.expect("the first try's commit");
+        let second = try_of_the_claim();
+        // Long enough for the second to have lost every race it could run meanwhile.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        held.release.send(()).expect("release");
+        let first = first.await.expect("first task").expect("the item");
+        let second = second.await.expect("second task");
+        let second =
+            second.unwrap_or_else(|| panic!("{}: the second try answered nothing", backend.name()));
+        assert_eq!(second.item.id, first.item.id, "{}", backend.name());
+        assert!(second.earlier_try, "{}", backend.name());
+        app.begin_shutdown();
+    }
+}
+
 /// Until `count` polls wait on `app` (failing after 30 s, rather than hanging).
 async fn wait_for_waiters(app: &App, count: usize) {
     let waiting = async {

@@ -4,6 +4,7 @@
 //! ([`Error`]); only `http/` (through `crate::error`) turns an answer into a status and an envelope.
 
 pub mod agents;
+mod claim_turns;
 pub mod environments;
 mod error;
 pub mod events;
@@ -134,6 +135,8 @@ pub struct AppInner {
     /// polls pick different items instead of colliding (other processes are kept apart by the
     /// conditional write).
     claiming: Mutex<work::Claims>,
+    /// Tries of one keyed claim in this process take turns (`claim_turns`).
+    claim_turns: claim_turns::ClaimTurns,
     /// The polls this process recorded lately, to write each worker's at most once an interval and
     /// to bound the workers each environment may have recorded.
     workers_recorded: Mutex<worker_records::WorkerRecords>,
@@ -295,6 +298,7 @@ impl App {
             memory,
             page_memory,
             claiming: Mutex::new(work::Claims::default()),
+            claim_turns: claim_turns::ClaimTurns::default(),
             workers_recorded: Mutex::new(workers_recorded),
             workers_unwritten: Mutex::new(HashMap::new()),
             workers_writing: tokio::sync::Mutex::new(()),

@@ -50,6 +50,12 @@ impl Server {
         }
     }
 
+    /// Another session of `setup`'s agent and environment (another queued item).
+    fn another_session(&self, setup: &Setup) {
+        let (agent, env) = (setup.agent.as_str(), setup.env.as_str());
+        self.json(&["session", "create", "--agent", agent, "--env", env]);
+    }
+
     /// `tether worker [ARGS…] -- sh -c SCRIPT` with its log in `<dir>/<name>.log`.
     fn worker(&self, name: &str, setup: &Setup, args: &[&str], script: &str) -> Child {
         self.worker_running(name, setup, args, &["sh", "-c", script, "sh"])
@@ -220,14 +226,7 @@ async fn a_work_cycle_shows_in_the_metrics_and_the_logs_hold_no_secret() {
     assert!(workdir.exists());
 
     // A second session waits in the queue: the depth an autoscaler would scale on.
-    server.json(&[
-        "session",
-        "create",
-        "--agent",
-        &setup.agent,
-        "--env",
-        &setup.env,
-    ]);
+    server.another_session(&setup);
 
     let text = metrics_text(&server).await;
     let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text");
@@ -906,14 +905,7 @@ async fn a_take_that_took_nothing_is_logged_at_debug() {
         assert!(take("claim", key).await.1.is_object());
         assert!(take("claim", key).await.1.is_null());
         assert!(take("poll", key).await.1.is_null());
-        server.json(&[
-            "session",
-            "create",
-            "--agent",
-            &setup.agent,
-            "--env",
-            &setup.env,
-        ]);
+        server.another_session(&setup);
         assert!(take("poll", key).await.1.is_object());
         assert_eq!(take("poll", "tth_env_not-a-key").await.0, 401);
         let route = |l: &Value, take: &str| {

@@ -263,13 +263,7 @@ async fn a_wake_up_answered_with_an_earlier_try_passes_on() {
     const BLOCK: Duration = Duration::from_secs(20);
     for backend in backends() {
         // No dispatcher runs here, so no tick wakes a waiter for the item the test queues.
-        let (_location, app, _counting, env) =
-            counting_app(&backend, Arc::new(SystemClock), "passes").await;
-        sessions(&app, &env, 1).await;
-        let (key, _) = app
-            .create_environment_key(&env.id, NewCredential::default())
-            .await
-            .expect("a key");
+        let (_location, app, _counting, env, key) = one_item_and_a_key(&backend, "passes").await;
         const TOKEN: &str = "tth_ses_one-claim-sent-twice-without-retry";
         let keyed_claim = {
             let (app, env, key) = (app.clone(), env.clone(), key.id.clone());
@@ -328,13 +322,7 @@ async fn a_wake_up_answered_with_an_earlier_try_passes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_try_racing_another_of_its_claim_answers_its_item() {
     for backend in backends() {
-        let (_location, app, counting, env) =
-            counting_app(&backend, Arc::new(SystemClock), "racing").await;
-        sessions(&app, &env, 1).await;
-        let (key, _) = app
-            .create_environment_key(&env.id, NewCredential::default())
-            .await
-            .expect("a key");
+        let (_location, app, counting, env, key) = one_item_and_a_key(&backend, "racing").await;
         let try_of_the_claim = || {
             let (app, env, key) = (app.clone(), env.clone(), key.id.clone());
             tokio::spawn(async move {
@@ -364,6 +352,27 @@ async fn a_try_racing_another_of_its_claim_answers_its_item() {
         assert!(second.earlier_try, "{}", backend.name());
         app.begin_shutdown();
     }
+}
+
+/// A counting app on the system's clock, its environment `name` with one queued item, and a key of
+/// that environment.
+async fn one_item_and_a_key(
+    backend: &tether_testkit::Backend,
+    name: &str,
+) -> (
+    tether_testkit::StoreLocation,
+    App,
+    Arc<counting::Counting>,
+    Environment,
+    tether_core::resources::Credential,
+) {
+    let (location, app, counting, env) = counting_app(backend, Arc::new(SystemClock), name).await;
+    sessions(&app, &env, 1).await;
+    let (key, _) = app
+        .create_environment_key(&env.id, NewCredential::default())
+        .await
+        .expect("a key");
+    (location, app, counting, env, key)
 }
 
 /// Until `count` polls wait on `app` (failing after 30 s, rather than hanging).

@@ -163,13 +163,16 @@ fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue};
     let mut root = Cli::command();
     root.build();
+    let with_tip = |mut error: clap::Error, tip: Option<String>| {
+        if let Some(tip) = tip {
+            let tip = ContextValue::StyledStrs(vec![tip.into()]);
+            error.insert(ContextKind::Suggested, tip);
+        }
+        error
+    };
     // A wrong value's error carries no usage line to tell its command by.
-    if let Some(tip) = variable_value_tip(&error, &root, |name| std::env::var_os(name)) {
-        error.insert(
-            ContextKind::Suggested,
-            ContextValue::StyledStrs(vec![tip.into()]),
-        );
-    }
+    let tip = variable_value_tip(&error, &root, |name| std::env::var_os(name));
+    error = with_tip(error, tip);
     let Some(ContextValue::StyledStr(usage)) = error.get(ContextKind::Usage) else {
         return error;
     };
@@ -194,13 +197,7 @@ fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     error.insert(ContextKind::Usage, ContextValue::StyledStr(plain));
     let tip = program_after_dashes_tip(&error, command)
         .or_else(|| missing_variables_tip(&error, command));
-    if let Some(tip) = tip {
-        error.insert(
-            ContextKind::Suggested,
-            ContextValue::StyledStrs(vec![tip.into()]),
-        );
-    }
-    error
+    with_tip(error, tip)
 }
 
 /// For `TETHER_TTL=abc tether worker …`: clap names the flag whose value is wrong, and a user who

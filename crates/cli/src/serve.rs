@@ -272,19 +272,7 @@ pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
     // user may read it. A new directory and everything in it are made so (SQLite gives its journal
     // files the mode of the database file).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    if args.data_dir.exists() && !args.data_dir.is_dir() {
-        anyhow::bail!(
-            "--data-dir {} is not a directory: give a directory for the store (it is made if it \
-             does not exist)",
-            args.data_dir.display()
-        );
-    }
-    create_private_dir(&args.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            args.data_dir.display()
-        )
-    })?;
+    create_private_dir(&args.data_dir)?;
     claim_data_dir(&args.data_dir)?;
     let path = args.data_dir.join("tether.db");
     warn_if_others_may_read(&path);
@@ -538,8 +526,7 @@ async fn bootstrap_admin(
         }
         return Ok(());
     };
-    create_private_dir(data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    create_private_dir(data_dir)?;
     let path = data_dir.join("admin-token");
     write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
     // The secret goes to a person at a terminal only: a service's stderr is a log (journald, a file),
@@ -570,15 +557,23 @@ async fn bootstrap_admin(
     Ok(())
 }
 
-/// Makes `dir` (and any parent missing) readable by this user only, on either store: it holds the
-/// admin token, and on the embedded store every session's conversation. One that exists is left
-/// as it is.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// Makes the data directory `dir` (and any parent missing) readable by this user only, on either
+/// store: it holds the admin token, and on the embedded store every session's conversation. One
+/// that exists is left as it is; a file there is refused, saying so.
+fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "--data-dir {} is not a directory: give a directory for the store (it is made if it \
+             does not exist)",
+            dir.display()
+        );
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))
 }
 
 fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {

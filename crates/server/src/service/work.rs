@@ -730,17 +730,18 @@ impl App {
         // A keyed claim's tries in this process scan and write one at a time (`claim_turns`); one
         // that waited for another looks for what that one took first. Not held while a try waits
         // for work: a try sent again may wait while an earlier one takes an item.
-        let turn = match taking.named_token() {
-            Some(token) => Some(Box::pin(self.claim_turns.take(token)).await),
+        let _turn = match taking.named_token() {
+            Some(token) => {
+                let turn = Box::pin(self.claim_turns.take(token)).await;
+                if turn.waited {
+                    if let Some(claimed) = Box::pin(self.claimed_before(token, worker_id)).await? {
+                        return Ok(Some(claimed));
+                    }
+                }
+                Some(turn)
+            }
             None => None,
         };
-        if let (Some(turn), Some(token)) = (&turn, taking.named_token()) {
-            if turn.waited {
-                if let Some(claimed) = Box::pin(self.claimed_before(token, worker_id)).await? {
-                    return Ok(Some(claimed));
-                }
-            }
-        }
         for _ in 0..super::MAX_ATTEMPTS {
             let now = self.now();
             let reserved = self.claiming.lock().expect("claiming lock").taking.len();

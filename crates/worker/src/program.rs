@@ -130,9 +130,10 @@ const SHEBANG_READ: usize = 256;
 /// missing starts and fails at once on every run (exit 127, the kernel's "no such file"), which
 /// would end every item's session turn: such a PROGRAM cannot run, as a missing file cannot.
 ///
-/// Read as Linux reads it: the interpreter runs to the first space or tab (so a line that ends in
-/// a carriage return, a script saved with CRLF line endings, names `/bin/sh\r`, which is missing),
-/// and the rest of the line is one argument. The interpreter must be an executable file. With
+/// Read as Linux reads it: the interpreter runs to the first space or tab, and the rest of the line
+/// is one argument. A line that ends in a carriage return (a script saved with CRLF line endings)
+/// is refused: the return stays on its last word, the interpreter (`/bin/sh\r`, missing) or its
+/// argument (`env`'s `bash\r`). The interpreter must be an executable file. With
 /// `#!/usr/bin/env NAME`, NAME is looked up as `env` would, in `PATH` (glibc's `/bin:/usr/bin`
 /// without one), when it is one plain word; an argument `env` would parse (options, `-S`
 /// strings, `VAR=value`) is left to it, so that nothing that runs is refused. A file that cannot be
@@ -150,7 +151,8 @@ fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
         // No interpreter: the kernel runs only a binary (an ELF file, or one a binfmt handler
         // takes, which text is not). A shell would run a text file with `sh`; `execve` answers
         // "exec format error", every time.
-        let text = !head.contains(&0) && !head.starts_with(b"\x7fELF");
+        // A zero byte marks a binary (an ELF header has several in its first bytes).
+        let text = !head.contains(&0);
         return match head.is_empty() || text {
             true => Err(
                 "it has no #! line naming its interpreter, so the kernel cannot run it (exec \
@@ -163,19 +165,27 @@ fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
     let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
     let is_blank = |b: &u8| *b == b' ' || *b == b'\t';
     let line = &line[line.iter().position(|b| !is_blank(b)).unwrap_or(line.len())..];
+    // The kernel trims spaces and tabs only: a carriage return stays on the line's last word,
+    // whether that is the interpreter (`#!/bin/sh\r`) or what `env` is to find (`bash\r`).
+    let line = &line[..line
+        .iter()
+        .rposition(|b| !is_blank(b))
+        .map_or(0, |end| end + 1)];
+    if line.ends_with(b"\r") {
+        let last = line.rsplit(is_blank).next().unwrap_or(line);
+        return Err(format!(
+            "its #! line, which names its interpreter, ends in a carriage return (CRLF line \
+             endings), so its last word is read as {:?}, carriage return and all: save it with LF \
+             line endings",
+            String::from_utf8_lossy(last)
+        ));
+    }
     let interpreter_end = line.iter().position(is_blank).unwrap_or(line.len());
     let (interpreter, rest) = line.split_at(interpreter_end);
     if interpreter.is_empty() {
         return Err("its #! line names no interpreter".into());
     }
     let shown = String::from_utf8_lossy(interpreter);
-    if interpreter.ends_with(b"\r") {
-        return Err(format!(
-            "its #! line ends in a carriage return (CRLF line endings), so the kernel looks for an \
-             interpreter named {:?}",
-            shown
-        ));
-    }
     let interpreter = Path::new(std::ffi::OsStr::from_bytes(interpreter));
     if let Err(why) = check_executable(interpreter) {
         return Err(format!("its interpreter {shown} (its #! line): {why}"));
@@ -186,9 +196,7 @@ fn check_interpreter(path: &Path) -> std::result::Result<(), String> {
     let argument = rest.trim_ascii();
     let plain_word = !argument.is_empty()
         && !argument.starts_with(b"-")
-        && !argument
-            .iter()
-            .any(|b| is_blank(b) || *b == b'=' || *b == b'\r');
+        && !argument.iter().any(|b| is_blank(b) || *b == b'=');
     if !plain_word {
         return Ok(());
     }
@@ -666,6 +674,8 @@ mod tests {
             ("empty", "#!\n", "names no interpreter"),
             ("blank", "#!  \t\n", "names no interpreter"),
             ("crlf", "#!/bin/sh\r\ntrue\r\n", "carriage return"),
+            ("crlf-arg", "#!/bin/sh -e\r\ntrue\r\n", "carriage return"),
+            ("env-crlf", "#!/usr/bin/env sh\r\ntrue\r\n", "\"sh\\r\""),
             (
                 "env-missing",
                 "#!/usr/bin/env no-such-interpreter-anywhere\n",

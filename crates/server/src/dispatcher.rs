@@ -98,8 +98,7 @@ pub async fn pass(app: &App, expiry: Expiry) -> bool {
             }
             Ok(_) => {}
             Err(e) => {
-                let outage = matches!(e, tether_store::StoreError::Unavailable(_));
-                duty_failed("dispatcher: claimable probe", &e, outage);
+                duty_failed("dispatcher: claimable probe", &e, e.is_unavailable());
                 break;
             }
         }

@@ -53,6 +53,13 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+impl StoreError {
+    /// The database cannot be reached: an outage, which the store announces itself.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
 /// One write of a change set.
 #[derive(Clone, Debug)]
 pub enum Write {

@@ -98,7 +98,8 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// The store could not reach its database: an outage, said once by the store itself.
+    /// The store could not reach its database ([`StoreError::is_unavailable`], which this error is
+    /// made from): an outage, said once by the store itself.
     pub fn is_outage(&self) -> bool {
         matches!(self, Error::StoreUnavailable { .. })
     }

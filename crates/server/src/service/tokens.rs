@@ -404,11 +404,11 @@ impl App {
     /// `TETHER_ADMIN_TOKEN` checks when it did not adopt it (the store had a live admin token), so
     /// that a token made anew on each server of a cluster is not silently of no use.
     pub async fn is_live_admin_token(&self, secret: &str) -> Result<bool> {
-        let known = self
-            .store
-            .credential_by_hash(&credentials::hash(secret))
-            .await?;
-        Ok(known.is_some_and(|c| c.kind == CredentialKind::Admin && c.revoked_at.is_none()))
+        match self.authenticate(secret).await {
+            Ok(principal) => Ok(matches!(principal, Principal::Admin { .. })),
+            Err(Error::Unauthenticated) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// On a store without a live admin token, mints one (or adopts `given`) and returns its secret;

@@ -3,7 +3,7 @@
 // one Node process (undici with keep-alive for Tether, node-postgres for the peers). Each figure is
 // printed with its ratio to graphile-worker's in the same run; on a shared machine only ratios mean much.
 //
-//   node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--big N] [--seed S] [--json FILE]
+//   node bench.mjs --tether BIN --pg URL --pg-data DIR [options] (USAGE, below, lists them)
 //
 // scripts/bench-peers starts the cluster, installs this directory's locked dependencies and builds the
 // server; run that. Scenarios (each runs every system in turn before the next scenario starts, in an
@@ -81,8 +81,10 @@ function shuffled(list, key) {
     }
     return out;
 }
+const USAGE =
+    "usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--seed S] [--json FILE]";
 if (!tetherBin || !pgUrl || !pgData) {
-    console.error("usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--seed S] [--json FILE]");
+    console.error(USAGE);
     process.exit(2);
 }
 

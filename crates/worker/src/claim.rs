@@ -55,7 +55,7 @@ enum IdleStretch {
 
 /// Claims work until the worker stops claiming (any phase past `Running`, the one item of `run-one`,
 /// `--max-idle` without work), or a refusal says that claiming cannot work (the error explains why).
-/// Supervisors go into `tasks`; `Shared::taken` counts the items.
+/// Supervisors go into `tasks`; `Shared::took_any` says whether there were any.
 pub async fn run(
     shared: Arc<Shared>,
     concurrency: usize,
@@ -96,8 +96,8 @@ pub async fn run(
     result
 }
 
-/// Hands an item to a supervisor of its own, which holds `slot` while it runs, and counts it
-/// (`Shared::taken`): the one way every item, however it came, is served.
+/// Hands an item to a supervisor of its own, which holds `slot` while it runs, and notes that one
+/// was taken (`Shared::took_any`): the one way every item, however it came, is served.
 fn hand_over(
     shared: &Arc<Shared>,
     item: WorkItem,
@@ -105,8 +105,8 @@ fn hand_over(
     slot: OwnedSemaphorePermit,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     shared
-        .taken
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        .took_any
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     supervisor::serve(shared.clone(), item, taken, slot)
 }
 
@@ -135,7 +135,7 @@ async fn claim_until_drain(
     let mut failing: Option<(Instant, u32)> = None;
     loop {
         while tasks.try_join_next().is_some() {}
-        let any_taken = shared.taken.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        let any_taken = shared.took_any.load(std::sync::atomic::Ordering::Relaxed);
         if *phase.borrow() != Phase::Running || (shared.run_one && any_taken) {
             return Ok(());
         }

@@ -146,9 +146,9 @@ pub(crate) struct Shared {
     pub run_one: bool,
     /// How PROGRAM exited, per item run (for `run-one`'s exit status).
     pub exits: std::sync::Mutex<Vec<Exit>>,
-    /// Items handed to a supervisor, however they came (a poll, a claim, a lost claim's item asked
-    /// for again as the drain began): `claim::hand_over` counts them.
-    pub taken: std::sync::atomic::AtomicU64,
+    /// An item was handed to a supervisor, however it came (a poll, a claim, a lost claim's item
+    /// asked for again as the drain began): `claim::hand_over` sets it. `run-one` ends on it.
+    pub took_any: std::sync::atomic::AtomicBool,
     /// A drain task is asking for a lost claim's item (`claim::ask_again_taking_nothing`), not yet
     /// running one: what the drain's message counts apart from the items running.
     pub asking_for_lost_claim: std::sync::atomic::AtomicBool,
@@ -322,7 +322,7 @@ async fn run_to_end(config: Config) -> Result<Summary> {
         max_idle: config.max_idle,
         run_one: config.run_one,
         exits: std::sync::Mutex::default(),
-        taken: Default::default(),
+        took_any: Default::default(),
         asking_for_lost_claim: Default::default(),
         sandbox,
         api_proxy,
@@ -367,7 +367,7 @@ async fn run_to_end(config: Config) -> Result<Summary> {
     }
     let exits = std::mem::take(&mut *shared.exits.lock().unwrap_or_else(|e| e.into_inner()));
     Ok(Summary {
-        claimed: shared.taken.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        claimed: shared.took_any.load(std::sync::atomic::Ordering::Relaxed),
         exits,
     })
 }

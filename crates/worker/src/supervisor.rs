@@ -1270,7 +1270,7 @@ mod tests {
             max_idle: None,
             run_one: false,
             exits: Mutex::new(Vec::new()),
-            taken: Default::default(),
+            took_any: Default::default(),
             asking_for_lost_claim: Default::default(),
             sandbox: None,
             api_proxy: None,

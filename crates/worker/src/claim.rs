@@ -133,6 +133,8 @@ async fn claim_until_drain(
     // Since when polls have failed, and how many: the first that succeeds after them is said, or a
     // warning that the server could not be reached would stay the last word in the log.
     let mut failing: Option<(Instant, u32)> = None;
+    // Since when claims' tries have gone unheard, across claims (see `UnheardStretch`).
+    let mut unheard = UnheardStretch::default();
     loop {
         while tasks.try_join_next().is_some() {}
         let any_taken = shared.took_any.load(std::sync::atomic::Ordering::Relaxed);
@@ -218,7 +220,11 @@ async fn claim_until_drain(
             }
             let earlier_try = matches!(&polled, Ok(Some((_, Some(taken)))) if taken.earlier_try);
             let lease_from = ClaimTries::lease_start(tries.as_ref(), sent, earlier_try);
-            ClaimTries::answered(tries, TryOutcome::of(&polled));
+            if claims {
+                let outcome = TryOutcome::of(&polled);
+                ClaimTries::answered(tries, outcome);
+                unheard.after(outcome, sent);
+            }
             fresh_connection = !crate::error::answered(&polled);
             match (&polled, &mut failing) {
                 (Ok(_), Some((since, failed))) => {
@@ -299,7 +305,11 @@ async fn claim_until_drain(
         // nothing does, and the backoff keeps its pace (the supervisor holds what was taken).
         let delay = match holdup {
             Holdup::ProgramCannotRun => backoff.next_delay(),
-            _ => ClaimTries::wait_before_next(tries.as_ref(), backoff.next_delay()),
+            _ => ClaimTries::wait_before_next(
+                tries.as_ref(),
+                backoff.next_delay(),
+                unheard.sends_again_soon(tokio::time::Instant::now()),
+            ),
         };
         let retry_in = format!("{:.1}s", delay.as_secs_f64());
         let mut fields: Vec<(&str, &str)> = about.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -495,19 +505,20 @@ impl ClaimTries {
     }
 
     /// How long to wait before the next take, the backoff having said `backoff`: a claim sent
-    /// again goes within [`CLAIM_SENT_AGAIN_WITHIN`]. The item it may have taken is leased from
-    /// its first try; at the poll's backoff (up to a minute) the try would come after the lease.
-    fn wait_before_next(tries: Option<&ClaimTries>, backoff: Duration) -> Duration {
+    /// again goes within [`CLAIM_SENT_AGAIN_WITHIN`] while `soon` (`UnheardStretch::sends_again_soon`).
+    /// The item it may have taken is leased from its first try; at the poll's backoff (up to a
+    /// minute) the try would come after the lease.
+    fn wait_before_next(tries: Option<&ClaimTries>, backoff: Duration, soon: bool) -> Duration {
         match tries {
-            Some(tries) if tries.unheard => backoff.min(CLAIM_SENT_AGAIN_WITHIN),
+            Some(tries) if tries.unheard && soon => backoff.min(CLAIM_SENT_AGAIN_WITHIN),
             _ => backoff,
         }
     }
 
     /// Forgets a claim unheard for longer than a lease: an item it took has lapsed by now (and
-    /// gone back to the queue), so there is nothing left to ask for, and a server that answers
-    /// every try with a 5xx (a proxy in front of one that is down) is polled at the backoff's pace
-    /// again, not every [`CLAIM_SENT_AGAIN_WITHIN`] for ever. The next claim is a new one.
+    /// gone back to the queue), unless the server kept it through an outage of its database
+    /// (lease amnesty), and then it goes back once that lease lapses. The worker cannot tell when
+    /// such an item's lease began, so it asks for it no more: the next claim is a new one.
     fn forget_once_lapsed(
         tries: &mut Option<ClaimTries>,
         now: tokio::time::Instant,
@@ -531,6 +542,36 @@ impl ClaimTries {
             (Some(claim), TryOutcome::NotReached) if claim.unheard => {}
             _ => *tries = None,
         }
+    }
+}
+
+/// Since when every try of a claim has gone unheard, across claims: a try heard (or a claim
+/// refused) ends the stretch, and one that did not reach the server leaves it as it is.
+///
+/// A claim unheard is sent again within [`CLAIM_SENT_AGAIN_WITHIN`], so that an item it took is
+/// not left leased to nobody; but a server that answers every try with a 5xx (a proxy in front
+/// of one that is down) most likely takes nothing, and would be sent a try every two seconds for
+/// as long as it stays down, each new claim starting the pace again once the one before was
+/// forgotten (`ClaimTries::forget_once_lapsed`). Past a lease of unheard tries, tries go at the
+/// backoff's pace: a claim still sent again with its key, only later.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct UnheardStretch {
+    since: Option<tokio::time::Instant>,
+}
+
+impl UnheardStretch {
+    /// Notes the outcome of a claim's try sent at `sent`.
+    fn after(&mut self, outcome: TryOutcome, sent: tokio::time::Instant) {
+        match outcome {
+            TryOutcome::Heard => self.since = None,
+            TryOutcome::Unheard => self.since = self.since.or(Some(sent)),
+            TryOutcome::NotReached => {}
+        }
+    }
+
+    /// Whether a claim unheard is sent again soon: tries have not gone unheard for a whole lease.
+    fn sends_again_soon(&self, now: tokio::time::Instant) -> bool {
+        self.since.is_none_or(|since| now < since + LONGEST_LEASE)
     }
 }
 
@@ -784,11 +825,16 @@ mod tests {
         assert_eq!(options.retry, ClaimTry::Again, "sent again");
         let long = Duration::from_secs(60);
         assert_eq!(
-            ClaimTries::wait_before_next(tries.as_ref(), long),
+            ClaimTries::wait_before_next(tries.as_ref(), long, true),
             CLAIM_SENT_AGAIN_WITHIN,
             "sent again well within the lease"
         );
-        assert_eq!(ClaimTries::wait_before_next(None, long), long);
+        assert_eq!(ClaimTries::wait_before_next(None, long, true), long);
+        assert_eq!(
+            ClaimTries::wait_before_next(tries.as_ref(), long, false),
+            long,
+            "at the backoff's pace once tries have gone unheard for a lease"
+        );
         // An earlier try's item is leased from the first try's sending; one this try took, from
         // this try's.
         let tried = tries.as_ref();
@@ -812,6 +858,71 @@ mod tests {
         assert_eq!(options.retry, ClaimTry::First, "a new claim");
         assert_eq!(next.first_sent, later);
         assert_eq!(ClaimTries::lease_start(None, later, false), later);
+    }
+
+    /// The claim loop's bookkeeping for one try sent at `now` with the outcome given: the wait
+    /// before the next, the backoff having said `backoff`.
+    fn one_try(
+        tries: &mut Option<ClaimTries>,
+        unheard: &mut UnheardStretch,
+        now: tokio::time::Instant,
+        outcome: TryOutcome,
+        backoff: Duration,
+    ) -> Duration {
+        ClaimTries::forget_once_lapsed(tries, now, LONGEST_LEASE);
+        tries.get_or_insert_with(|| ClaimTries::first_at(now));
+        ClaimTries::answered(tries, outcome);
+        unheard.after(outcome, now);
+        ClaimTries::wait_before_next(tries.as_ref(), backoff, unheard.sends_again_soon(now))
+    }
+
+    #[test]
+    fn a_server_that_answers_every_claim_with_5xx_is_tried_at_the_backoffs_pace_after_a_lease() {
+        let start = tokio::time::Instant::now();
+        let backoff = Duration::from_secs(60);
+        let (mut tries, mut unheard) = (None, UnheardStretch::default());
+        let mut now = start;
+        let mut first_key = None;
+        // Within a lease of unheard tries, the claim is sent again within two seconds.
+        while now < start + LONGEST_LEASE - CLAIM_SENT_AGAIN_WITHIN {
+            let wait = one_try(&mut tries, &mut unheard, now, TryOutcome::Unheard, backoff);
+            assert_eq!(wait, CLAIM_SENT_AGAIN_WITHIN, "at {:?}", now - start);
+            let key = tries.as_ref().map(|tries| tries.key.clone());
+            assert_eq!(*first_key.get_or_insert(key.clone()), key, "one claim");
+            now += wait;
+        }
+        // Past the lease the claim is forgotten; the next one's tries go unheard too, and are
+        // sent again at the backoff's pace, with their own key, however many claims follow.
+        now = start + LONGEST_LEASE;
+        for _ in 0..30 {
+            let wait = one_try(&mut tries, &mut unheard, now, TryOutcome::Unheard, backoff);
+            assert_eq!(wait, backoff, "at {:?}", now - start);
+            assert!(tries.as_ref().is_some_and(|tries| tries.unheard));
+            assert_ne!(
+                tries.as_ref().map(|tries| tries.key.clone()),
+                first_key.clone().flatten()
+            );
+            now += wait;
+        }
+        // A try that does not reach the server ends nothing.
+        let wait = one_try(
+            &mut tries,
+            &mut unheard,
+            now,
+            TryOutcome::NotReached,
+            backoff,
+        );
+        assert_eq!(wait, backoff);
+        // One heard ends the stretch: the next claim unheard is sent again soon.
+        now += wait;
+        assert_eq!(
+            one_try(&mut tries, &mut unheard, now, TryOutcome::Heard, backoff),
+            backoff
+        );
+        assert_eq!(unheard, UnheardStretch::default());
+        now += Duration::from_secs(1);
+        let wait = one_try(&mut tries, &mut unheard, now, TryOutcome::Unheard, backoff);
+        assert_eq!(wait, CLAIM_SENT_AGAIN_WITHIN);
     }
 
     #[test]

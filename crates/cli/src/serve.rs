@@ -233,17 +233,17 @@ where
     // A TETHER_LOG that does not parse is said in the log it would have shaped, not passed over.
     let (filter, refused) = match std::env::var("TETHER_LOG") {
         Ok(given) if !given.trim().is_empty() => {
-            match tracing_subscriber::EnvFilter::try_new(&given) {
+            match tracing_subscriber::EnvFilter::try_new(with_quiet_libraries(&given)) {
                 Ok(filter) => (filter, None),
                 Err(e) => (
-                    "info".into(),
+                    with_quiet_libraries("info").into(),
                     Some(format!(
                         "TETHER_LOG {given:?} ignored ({e}): logging at info"
                     )),
                 ),
             }
         }
-        _ => ("info".into(), None),
+        _ => (with_quiet_libraries("info").into(), None),
     };
     // Colours only on a terminal: a log redirected to a file gets no escape sequences.
     let builder = tracing_subscriber::fmt()
@@ -257,6 +257,18 @@ where
     if let Some(refused) = refused {
         tracing::warn!("{refused}");
     }
+}
+
+/// `directives` with the PostgreSQL pool's own warnings left out, unless they name it: each of
+/// its connections that a database restart ends is a line of its own ("Connection error: db
+/// error", "could not be recycled"), while the store says the loss once, and why, as it begins and
+/// as it ends, and tries a cut connection again by itself. `TETHER_LOG=info,deadpool=warn` shows
+/// them.
+fn with_quiet_libraries(directives: &str) -> String {
+    if directives.contains("deadpool") {
+        return directives.to_owned();
+    }
+    format!("{directives},deadpool=error")
 }
 
 pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
@@ -634,6 +646,58 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
+
+    /// The lines `directives` (as `TETHER_LOG` gives them) lets through, of a warning by the pool
+    /// and one by the store.
+    fn logged_under(directives: &str) -> String {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let filter =
+            tracing_subscriber::EnvFilter::try_new(super::with_quiet_libraries(directives))
+                .expect(directives);
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || SharedWriter(writer.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "deadpool.postgres", "Connection error: db error");
+            tracing::warn!(target: "tether_store::postgres::listener", "lost the database");
+        });
+        let logged = buffer.lock().unwrap().clone();
+        String::from_utf8(logged).unwrap()
+    }
+
+    struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_pools_own_warnings_are_left_out_unless_named() {
+        for given in [
+            "info",
+            "warn",
+            "tether_store=debug,tower_http=warn",
+            "trace",
+        ] {
+            let logged = logged_under(given);
+            assert!(logged.contains("lost the database"), "{given}: {logged}");
+            assert!(!logged.contains("Connection error"), "{given}: {logged}");
+        }
+        for named in ["info,deadpool=warn", "warn,deadpool.postgres=debug"] {
+            let logged = logged_under(named);
+            assert!(logged.contains("lost the database"), "{named}: {logged}");
+            assert!(logged.contains("Connection error"), "{named}: {logged}");
+        }
+    }
 
     #[derive(clap::Parser)]
     struct Command {

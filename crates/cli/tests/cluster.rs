@@ -959,6 +959,15 @@ async fn a_database_restart_is_survived_without_losses_or_expired_leases() {
                 "{duty} lines during the outage:\n{log}"
             );
         }
+        // Nor by the pool for each connection it loses, nor by every failed request: the
+        // store's failures at most once every 10 s.
+        assert!(!log.contains("deadpool"), "the pool's own lines:\n{log}");
+        let failures = log.matches("store unavailable").count() as u64;
+        let windows = 2 + (outage + resumed).as_secs() / 10;
+        assert!(
+            failures <= windows,
+            "{failures} lines of a store unavailable, more than {windows}:\n{log}"
+        );
     }
     eprintln!(
         "database down for {outage:.2?} (longer than the 4 s leases) with {} of {N} items done: \

@@ -64,7 +64,7 @@ impl Failure {
     /// `e`, from a connection that was already open; `before_commit` as for [`Failure`].
     fn on_connection(e: tokio_postgres::Error, before_commit: bool) -> Self {
         Failure {
-            cut: is_connection_failure(&e).then(|| e.to_string()),
+            cut: is_connection_failure(&e).then(|| super::describe(&e)),
             error: classify(e),
             before_commit,
         }
@@ -77,7 +77,7 @@ impl PostgresExecutor {
             Ok(client) => Ok(client),
             Err(PoolError::Backend(e)) => {
                 if is_connection_failure(&e) {
-                    self.health.lost(&e.to_string());
+                    self.health.lost(&super::describe(&e));
                 }
                 Err(connect_error(e))
             }

@@ -147,7 +147,7 @@ pub(super) async fn listen(
                             },
                             m = messages.next() => match m {
                                 Some(Ok(message)) => deliver(message),
-                                Some(Err(e)) => break Err((true, e.to_string())),
+                                Some(Err(e)) => break Err((true, describe(&e))),
                                 None => break Err((true, "the connection closed".into())),
                             },
                         }
@@ -183,7 +183,7 @@ pub(super) async fn listen(
                                 tokio::select! {
                                     m = messages.next() => match m {
                                         Some(Ok(message)) => deliver(message),
-                                        Some(Err(e)) => break Some(e.to_string()),
+                                        Some(Err(e)) => break Some(describe(&e)),
                                         None => break Some("the listening connection closed".to_owned()),
                                     },
                                     answer = &mut probe => break match answer {
@@ -231,7 +231,7 @@ pub(super) async fn listen(
                     }
                 }
             }
-            Ok(Err(e)) if is_connection_failure(&e) => health.lost(&e.to_string()),
+            Ok(Err(e)) if is_connection_failure(&e) => health.lost(&describe(&e)),
             Ok(Err(e)) => tracing::warn!(error = %describe(&e), "cannot connect the listener"),
         }
         if let Some(why) = std::mem::replace(&mut cut, cut_now) {

@@ -60,6 +60,18 @@ enum Command {
     },
 }
 
+/// An admin command whose reader went away (`tether session list --json | head -1`) ends as any
+/// Unix filter does, by SIGPIPE, quietly and with the shell's usual status: Rust ignores the
+/// signal, and every `print!` would panic at the broken pipe instead. Only for the admin commands,
+/// which write their answers to standard output; their network writes are not signalled (sockets
+/// are written with `MSG_NOSIGNAL`). The server and the worker keep ignoring it.
+fn end_quietly_on_closed_stdout() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: restores the default disposition, with no handler to run; before any other thread.
+    let restored = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    debug_assert!(restored.is_ok(), "SIGPIPE is a valid signal");
+}
+
 /// See the workspace manifest for why.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -87,6 +99,9 @@ fn main() -> std::process::ExitCode {
         subcommand
             .error(clap::error::ErrorKind::MissingRequiredArgument, message)
             .exit();
+    }
+    if let Command::Admin(_) = &cli.command {
+        end_quietly_on_closed_stdout();
     }
     match &cli.command {
         Command::Completions { shell } => {

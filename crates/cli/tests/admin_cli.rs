@@ -299,6 +299,40 @@ fn admin_commands_drive_a_real_server() {
     assert!(err.contains("rejected the admin token"), "{err}");
 }
 
+/// `tether … --json | head -1` on a long answer: the reader goes away and the command ends as a
+/// Unix filter does (SIGPIPE), without a panic's message.
+#[test]
+fn an_answer_into_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let server = Server::start();
+    let env = id(&server.json(&["env", "create", "--name", "piped"]));
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    // Closed before the command writes: its first write finds no reader.
+    drop(reader);
+    let mut command = Command::new(BIN);
+    command
+        .args(["env", "get", &env, "--json"])
+        .env("TETHER_SERVER", &server.url)
+        .env("TETHER_DATA_DIR", server.data_dir())
+        .stdin(Stdio::null())
+        .stdout(writer);
+    for name in AMBIENT
+        .iter()
+        .filter(|n| !matches!(**n, "TETHER_SERVER" | "TETHER_DATA_DIR"))
+    {
+        command.env_remove(name);
+    }
+    let out = command.output().expect("run tether");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "ended by SIGPIPE: {:?}\n{stderr}",
+        out.status
+    );
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
 #[test]
 fn revoking_the_last_admin_token_says_how_to_get_one_back() {
     let server = Server::start();

@@ -1421,6 +1421,47 @@ async fn a_refused_connection_is_logged_with_its_cause() {
     );
 }
 
+/// `--server` naming a web server that is not Tether's (Python's `http.server` answers a POST
+/// with 501 and an HTML page): the worker says so and ends, rather than trying again for ever as
+/// if a claim's answer had been lost.
+#[tokio::test]
+async fn a_server_that_is_not_tethers_ends_the_worker_with_the_reason() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 8192];
+                let _ = stream.read(&mut request).await;
+                let page =
+                    "<html><body><h1>Error response</h1><p>Error code: 501</p></body></html>";
+                let answer = format!(
+                    "HTTP/1.0 501 Unsupported method ('POST')\r\nContent-Type: text/html\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let args = [
+        "--server",
+        &url,
+        "--environment",
+        "env_1",
+        "--key",
+        "tth_env_unused",
+    ];
+    let (status, log) = run_worker_to_end(&args, &["true"]).await;
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("it is not a Tether server") && log.contains("--server"),
+        "{log}"
+    );
+    assert!(!log.contains("lost"), "no claim taken as lost:\n{log}");
+}
+
 #[tokio::test]
 async fn a_second_signal_forces_the_shutdown() {
     let setup = Setup::new().await;

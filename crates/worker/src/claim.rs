@@ -597,7 +597,9 @@ impl TryOutcome {
             Err(Error::Connect { .. }) => TryOutcome::NotReached,
             Err(e) => match e.status() {
                 Some(408 | 429) => TryOutcome::NotReached,
-                Some(300..=499) => TryOutcome::Heard,
+                // 501: the server does not know the request at all (nor answers it with Tether's
+                // envelope): it took nothing.
+                Some(300..=499 | 501) => TryOutcome::Heard,
                 _ => TryOutcome::Unheard,
             },
         }
@@ -616,7 +618,9 @@ const LONGEST_LEASE: Duration =
 fn no_claims_here(e: &Error) -> bool {
     match e.status() {
         Some(404) => e.code() != Some("environment_not_found"),
-        Some(405) => true,
+        // Some servers answer a method they do not implement so; a poll then says whether they
+        // are Tether's peers at all.
+        Some(405 | 501) => true,
         _ => false,
     }
 }
@@ -661,7 +665,10 @@ pub fn is_plain_name(id: &str) -> bool {
 /// Tether's at all.
 fn is_fatal(e: &Error) -> bool {
     match e.status() {
-        Some(status) => (400..500).contains(&status) && !matches!(status, 408 | 409 | 429),
+        // Tether never answers 501 (Not Implemented): something else listens at --server.
+        Some(status) => {
+            ((400..500).contains(&status) && !matches!(status, 408 | 409 | 429)) || status == 501
+        }
         // A refused certificate stays refused.
         None => matches!(
             e,
@@ -692,6 +699,10 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
         ),
         Some(404) => format!(
             "{server} answered 404 to a poll ({e}). Is --server / TETHER_SERVER the Tether server?"
+        ),
+        Some(501) => format!(
+            "{server} does not implement the poll ({e}): it is not a Tether server. Check \
+             --server / TETHER_SERVER"
         ),
         Some(400) => format!("the server will not hand out work from environment {env}: {e}"),
         Some(_) => format!("the server refused to hand out work: {e}"),
@@ -779,7 +790,7 @@ mod tests {
         for status in [500, 502, 503, 504] {
             assert_eq!(TryOutcome::of::<()>(&Err(api(status))), TryOutcome::Unheard);
         }
-        for status in [400, 401, 403, 404, 409] {
+        for status in [400, 401, 403, 404, 409, 501] {
             assert_eq!(TryOutcome::of::<()>(&Err(api(status))), TryOutcome::Heard);
         }
         for status in [408, 429] {
@@ -927,7 +938,7 @@ mod tests {
 
     #[test]
     fn only_a_server_without_the_endpoint_turns_claims_into_polls() {
-        for status in [404, 405] {
+        for status in [404, 405, 501] {
             assert!(no_claims_here(&api(status)), "{status}");
         }
         for status in [400, 401, 403, 409, 429, 500, 503] {
@@ -940,7 +951,7 @@ mod tests {
 
     #[test]
     fn only_refusals_that_cannot_change_are_fatal() {
-        for status in [400, 401, 403, 404, 413] {
+        for status in [400, 401, 403, 404, 413, 501] {
             assert!(is_fatal(&api(status)), "{status}");
         }
         for status in [408, 409, 429, 500, 502, 503] {

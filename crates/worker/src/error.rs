@@ -36,13 +36,24 @@ impl Error {
 /// A failed call in words for the log: the client's message and, when the message does not already
 /// end with it, the innermost error of its source chain (the operating system's words for a refused
 /// connection or an unknown host, which the client's message leaves out).
+///
+/// An answer without a request id is not Tether's (Tether answers every error with its envelope
+/// and an id): a proxy's page while the server is away, or something else listening at --server.
+/// It is said so, as the admin CLI does.
 pub(crate) fn described(error: &tether_client::Error) -> String {
     let message = error.to_string();
     let cause = error.root_cause();
-    if message.ends_with(&cause) {
+    let message = if message.ends_with(&cause) {
         message
     } else {
         format!("{message} (cause: {cause})")
+    };
+    match error.api() {
+        Some(api) if api.request_id.is_none() => format!(
+            "{message} (not a Tether server's answer: a proxy's while the server is away, or \
+             --server / TETHER_SERVER names something else)"
+        ),
+        _ => message,
     }
 }
 
@@ -79,5 +90,24 @@ mod tests {
         // An answer of the server's is its own words already.
         let refused = crate::heartbeat::tests::refusal(409);
         assert_eq!(described(&refused), refused.to_string());
+    }
+
+    #[test]
+    fn an_answer_without_a_request_id_is_said_not_to_be_tethers() {
+        let page: tether_client::Error = tether_client::ApiError {
+            status: 502,
+            kind: "api_error".into(),
+            message: "HTTP 502: <html>Bad Gateway</html>".into(),
+            param: None,
+            code: None,
+            details: None,
+            request_id: None,
+        }
+        .into();
+        let text = described(&page);
+        assert!(text.starts_with(&page.to_string()), "{text}");
+        assert!(text.contains("not a Tether server's answer"), "{text}");
+        let tethers = crate::heartbeat::tests::refusal(503);
+        assert!(!described(&tethers).contains("not a Tether"));
     }
 }

@@ -1026,7 +1026,7 @@ pub(crate) mod tests {
             param: None,
             code: code.map(str::to_owned),
             details: None,
-            request_id: None,
+            request_id: Some("req_1".into()),
         }
         .into()
     }

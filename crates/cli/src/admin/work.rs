@@ -283,7 +283,11 @@ fn stop_note(state: &str, force: bool, acknowledged: bool) -> String {
              --force stops it at once"
         ),
         // Only an item a worker had acknowledged had a program to end.
-        "stopped" if force && acknowledged => format!(": {heard} and then kills its program"),
+        // The server cannot hear when that program ends (the item's token died with the stop).
+        "stopped" if force && acknowledged => format!(
+            ": {heard} and then kills its program. The session's next turn waits until this \
+             item's lease would have run out, so that no two programs serve the session"
+        ),
         _ => String::new(),
     }
 }
@@ -294,7 +298,8 @@ mod tests {
     #[test]
     fn a_stop_says_when_the_program_ends() {
         let sigterm = "within 30 s), sends its program SIGTERM and confirms once";
-        let kill = "within 30 s) and then kills its program";
+        let kill = "within 30 s) and then kills its program. The session's next turn waits until \
+                    this item's lease would have run out";
         for (state, force, acknowledged, says) in [
             ("stopping", false, true, Some(sigterm)),
             ("stopped", true, true, Some(kill)),

@@ -30,11 +30,13 @@ enum Command {
     Admin(admin::AdminCommand),
     /// Print a shell completion script (bash, zsh or fish) to standard output.
     Completions {
+        /// The shell the script is for.
         #[arg(value_enum)]
         shell: install::Shell,
     },
     /// Write the man pages (tether.1 and one per subcommand) into DIR.
     Man {
+        /// Where the pages go (made if missing), e.g. /usr/local/share/man/man1.
         #[arg(value_name = "DIR")]
         dir: std::path::PathBuf,
     },
@@ -349,6 +351,28 @@ fn last_words(line: String) {
 
 #[cfg(test)]
 mod tests {
+
+    /// Every argument says in `--help` what it is: a bare `<ID>` leaves the reader to guess
+    /// whose.
+    #[test]
+    fn every_positional_argument_is_described() {
+        fn undescribed(command: &clap::Command, path: &str, out: &mut Vec<String>) {
+            for arg in command.get_positionals() {
+                if arg.get_help().is_none() && !arg.is_hide_set() {
+                    out.push(format!("{path} <{}>", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+                undescribed(sub, &format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut missing = Vec::new();
+        let mut cli = <super::Cli as clap::CommandFactory>::command();
+        cli.build();
+        undescribed(&cli, "tether", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
     use std::ffi::OsString;
 
     use clap::Parser as _;

@@ -144,13 +144,18 @@ fn check_flags(args: &ServeArgs) -> Result<(), String> {
             "--lease-ttl ({ttl}) must lie within --lease-ttl-min ({min}) and --lease-ttl-max ({max})"
         ));
     }
-    if args.header_timeout.is_zero() || args.idle_timeout.is_zero() {
-        return Err("--header-timeout and --idle-timeout must be above zero".into());
-    }
     // A deadline this far off is no bound at all, and one near `Duration::MAX` would overflow the
     // clock arithmetic of every connection.
-    if args.header_timeout > MAX_CONNECTION_TIMEOUT || args.idle_timeout > MAX_CONNECTION_TIMEOUT {
-        return Err("--header-timeout and --idle-timeout must be at most a day (1440m)".into());
+    for (flag, timeout) in [
+        ("--header-timeout", args.header_timeout),
+        ("--idle-timeout", args.idle_timeout),
+    ] {
+        if timeout.is_zero() {
+            return Err(format!("{flag} must be above zero"));
+        }
+        if timeout > MAX_CONNECTION_TIMEOUT {
+            return Err(format!("{flag} must be at most a day (1440m)"));
+        }
     }
     if let Some(public_url) = &args.public_url {
         check_public_url(public_url)?;
@@ -288,8 +293,18 @@ pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
     claim_data_dir(&args.data_dir)?;
     let path = args.data_dir.join("tether.db");
     warn_if_others_may_read(&path);
-    let store = tether_store::sqlite::open(&path)
-        .with_context(|| format!("cannot open the store at {}", path.display()))?;
+    let store = tether_store::sqlite::open(&path).with_context(|| {
+        // SQLite says only that it could not open the file; the system says why.
+        let why = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => format!(" ({e})"),
+            _ => String::new(),
+        };
+        format!("cannot open the store at {}{why}", path.display())
+    })?;
     Ok(Arc::new(store))
 }
 
@@ -400,6 +415,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::AddrInUse => " (is another server running? try --listen)",
+                // `:4780`, as some servers take it for every interface: Tether wants the host.
+                _ if args.listen.starts_with(':') => {
+                    " (--listen takes HOST:PORT: 0.0.0.0:PORT for every interface, \
+                     127.0.0.1:PORT for this machine alone)"
+                }
                 // Not an address at all (`4780`, `localhost`). A name that does not resolve fails
                 // otherwise, and gets the system's reason alone.
                 std::io::ErrorKind::InvalidInput => {
@@ -585,7 +605,12 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .with_context(|| format!("cannot create the data directory {}", dir.display()))
+        .with_context(|| {
+            format!(
+                "cannot create the data directory {} (--data-dir / TETHER_DATA_DIR)",
+                dir.display()
+            )
+        })
 }
 
 fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
@@ -787,11 +812,17 @@ mod tests {
             refusal(&["--idle-timeout", "1440m", "--header-timeout", "1s"]),
             None
         );
-        for flag in ["--idle-timeout", "--header-timeout"] {
+        for (flag, other) in [
+            ("--idle-timeout", "--header-timeout"),
+            ("--header-timeout", "--idle-timeout"),
+        ] {
             for refused in ["0s", "1441m", "100000000000000s"] {
                 let error = refusal(&[flag, refused]);
+                // The flag at fault alone.
                 assert!(
-                    error.as_deref().is_some_and(|e| e.contains(flag)),
+                    error
+                        .as_deref()
+                        .is_some_and(|e| e.contains(flag) && !e.contains(other)),
                     "{flag} {refused}: {error:?}"
                 );
             }

@@ -670,6 +670,7 @@ fn a_listen_address_that_cannot_be_used_is_explained() {
         (taken.as_str(), "is another server running?"),
         ("4780", "--listen takes HOST:PORT"),
         ("localhost", "--listen takes HOST:PORT"),
+        (":4780", "0.0.0.0:PORT for every interface"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let out = support::tether_command()
@@ -742,6 +743,25 @@ fn a_data_dir_that_is_a_file_is_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a directory"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a directory");
+}
+
+/// A store file that cannot be opened is refused with the system's reason, which SQLite leaves
+/// out (here a directory where the store's file goes; a file of another user reads the same way).
+#[test]
+fn a_store_that_cannot_be_opened_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("tether.db")).unwrap();
+    let out = support::tether_command()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run tether serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot open the store at") && err.contains("(Is a directory"),
+        "{err}"
+    );
 }
 
 /// Every setting is judged before the store is made: a start refused for one leaves nothing behind

@@ -1718,6 +1718,9 @@ async fn a_program_that_can_no_longer_run_takes_no_work_until_it_can() {
 
     mode(0o755);
     started(&setup.stamps(), &work, 1).await;
+    worker
+        .wait_for_log("PROGRAM can run again: taking work")
+        .await;
     release(&setup.stamps(), &work);
     let item = setup.wait_for_state(&work, "stopped").await;
     assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");

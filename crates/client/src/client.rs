@@ -109,6 +109,13 @@ impl ClientBuilder {
         // Refusals quote the URL as given: `http://` trimmed would read back as `http:`.
         let given = self.server.trim();
         let server = given.trim_end_matches('/').to_owned();
+        // `127.0.0.1:4780`, `[::1]:4780`, `tether.example`: a host (and port) without a scheme,
+        // which the URL parser calls relative or takes the host for the scheme of.
+        if !given.contains("://") {
+            return Err(Error::Config(format!(
+                "the server URL {given:?} must start with http:// or https:// (http://{server})"
+            )));
+        }
         let parsed = reqwest::Url::parse(&server)
             .map_err(|e| Error::Config(format!("the server URL {given:?} is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -936,6 +943,20 @@ mod tests {
         };
         let item_client = Client::for_work_secret(&secret, "http://unused").unwrap();
         assert_eq!(item_client.api_base_url(), "http://h:1/api/v1/cloud");
+    }
+
+    #[test]
+    fn a_host_and_port_without_a_scheme_are_told_what_to_add() {
+        for given in ["127.0.0.1:4780", "[::1]:4780", "tether.example/"] {
+            match Client::new(given, "t") {
+                Err(Error::Config(message)) => assert!(
+                    message.contains("must start with http:// or https:// (http://")
+                        && message.contains(given.trim_end_matches('/')),
+                    "{given}: {message}"
+                ),
+                other => panic!("{given}: {other:?}"),
+            }
+        }
     }
 
     #[test]

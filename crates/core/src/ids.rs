@@ -29,6 +29,38 @@ impl IdKind {
     }
 }
 
+impl IdKind {
+    const ALL: [IdKind; 7] = [
+        IdKind::Environment,
+        IdKind::Work,
+        IdKind::Session,
+        IdKind::Event,
+        IdKind::Agent,
+        IdKind::Token,
+        IdKind::EnvironmentKey,
+    ];
+
+    /// What an id of this kind names, for messages: "an environment".
+    pub const fn noun(self) -> &'static str {
+        match self {
+            IdKind::Environment => "an environment",
+            IdKind::Work => "a work item",
+            IdKind::Session => "a session",
+            IdKind::Event => "an event",
+            IdKind::Agent => "an agent",
+            IdKind::Token => "an admin token",
+            IdKind::EnvironmentKey => "an environment key",
+        }
+    }
+
+    /// The kind `text` is a well-formed id of, if any.
+    pub fn of(text: &str) -> Option<IdKind> {
+        IdKind::ALL
+            .into_iter()
+            .find(|kind| is_well_formed(*kind, text))
+    }
+}
+
 /// Renders an id from a UUID. The caller supplies the UUID so that this stays free of I/O.
 pub fn format_id(kind: IdKind, uuid: Uuid) -> String {
     format!("{}_{}", kind.prefix(), uuid.simple())
@@ -92,6 +124,32 @@ mod tests {
             IdKind::Work,
             "work_019f3be4fd2475d9a784bf2c739e1194"
         ));
+    }
+
+    #[test]
+    fn an_id_says_its_kind() {
+        for kind in IdKind::ALL {
+            let id = format_id(kind, Uuid::now_v7());
+            assert_eq!(IdKind::of(&id), Some(kind), "{id}");
+        }
+        // `env_` is a prefix of `envkey_`: each is told apart all the same.
+        assert_eq!(
+            IdKind::of("envkey_019f3be4fd2475d9a784bf2c739e1194"),
+            Some(IdKind::EnvironmentKey)
+        );
+        assert_eq!(
+            IdKind::of("env_019f3be4fd2475d9a784bf2c739e1194"),
+            Some(IdKind::Environment)
+        );
+        for other in [
+            "",
+            "env_",
+            "env_x",
+            "sess_019F3BE4FD2475D9A784BF2C739E1194",
+            "nope",
+        ] {
+            assert_eq!(IdKind::of(other), None, "{other}");
+        }
     }
 
     #[test]

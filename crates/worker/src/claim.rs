@@ -135,6 +135,8 @@ async fn claim_until_drain(
     let mut failing: Option<(Instant, u32)> = None;
     // Since when claims' tries have gone unheard, across claims (see `UnheardStretch`).
     let mut unheard = UnheardStretch::default();
+    // PROGRAM could not run at the last look: its return is said, as its going was.
+    let mut program_gone = false;
     loop {
         while tasks.try_join_next().is_some() {}
         let any_taken = shared.took_any.load(std::sync::atomic::Ordering::Relaxed);
@@ -175,7 +177,11 @@ async fn claim_until_drain(
         };
         // What went wrong, when the next poll must wait for the backoff: why (for the status line), a
         // message and what it is about (for the log).
-        let (holdup, trouble, about) = if let Some(why) = cannot_run(shared) {
+        let cannot = cannot_run(shared);
+        if std::mem::replace(&mut program_gone, cannot.is_some()) && cannot.is_none() {
+            report.info("PROGRAM can run again: taking work", &[]);
+        }
+        let (holdup, trouble, about) = if let Some(why) = cannot {
             // PROGRAM was removed, replaced or made non-executable since start-up: every item it
             // were handed would fail at once (exit 127) and take a session's turn with it. Claim
             // nothing until it can run again.

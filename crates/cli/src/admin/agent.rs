@@ -15,11 +15,17 @@ pub enum AgentCommand {
     /// List agents.
     List(ListArgs),
     /// Show one agent (its current version).
-    Get { id: String },
+    Get {
+        /// The agent (agent_…).
+        id: String,
+    },
     /// Change an agent; every change makes a new version (sessions keep theirs).
     Update(UpdateArgs),
     /// Archive an agent: no new sessions may use it.
-    Archive { id: String },
+    Archive {
+        /// The agent (agent_…).
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -55,6 +61,7 @@ pub struct ListArgs {
 
 #[derive(Args, Debug)]
 pub struct UpdateArgs {
+    /// The agent (agent_…).
     id: String,
     /// New name.
     #[arg(long)]
@@ -93,8 +100,12 @@ impl UpdateArgs {
 }
 
 fn tools(raw: Option<String>) -> Result<Option<Vec<Value>>> {
-    raw.map(|text| serde_json::from_str(&text).context("--tools must be a JSON array of objects"))
-        .transpose()
+    // Read as any JSON first, so that a typo is said as one rather than as the wrong shape.
+    raw.map(|text| {
+        let value: Value = serde_json::from_str(&text).context("--tools is not JSON")?;
+        serde_json::from_value(value).context("--tools must be a JSON array of objects")
+    })
+    .transpose()
 }
 
 pub async fn run(cx: Ctx, command: AgentCommand) -> Result<()> {
@@ -177,4 +188,24 @@ fn table(agents: &[Agent]) -> String {
         ]);
     }
     t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tools_that_are_not_json_are_told_apart_from_the_wrong_shape() {
+        let said = |raw: &str| format!("{:#}", super::tools(Some(raw.into())).unwrap_err());
+        let typo = said("{bad");
+        assert!(
+            typo.starts_with("--tools is not JSON: key must be a string"),
+            "{typo}"
+        );
+        let shape = said(r#"{"name": "x"}"#);
+        assert!(
+            shape.starts_with("--tools must be a JSON array of objects: invalid type: map"),
+            "{shape}"
+        );
+        let tools = super::tools(Some(r#"[{"type": "bash"}]"#.into())).unwrap();
+        assert_eq!(tools.map(|t| t.len()), Some(1));
+    }
 }

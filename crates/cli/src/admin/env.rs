@@ -14,13 +14,22 @@ pub enum EnvCommand {
     /// List environments.
     List(ListArgs),
     /// Show one environment.
-    Get { id: String },
+    Get {
+        /// The environment (env_…).
+        id: String,
+    },
     /// Change an environment's name, description, setup script or metadata.
     Update(UpdateArgs),
     /// Archive an environment: no new sessions, running work continues.
-    Archive { id: String },
+    Archive {
+        /// The environment (env_…).
+        id: String,
+    },
     /// Delete an environment that no session references any more.
-    Delete { id: String },
+    Delete {
+        /// The environment (env_…).
+        id: String,
+    },
     /// Manage the worker keys of an environment.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -59,6 +68,7 @@ pub struct ListArgs {
 
 #[derive(Args, Debug)]
 pub struct UpdateArgs {
+    /// The environment (env_…).
     id: String,
     /// New name.
     #[arg(long)]

@@ -22,13 +22,22 @@ pub enum SessionCommand {
     /// List sessions.
     List(ListArgs),
     /// Show one session.
-    Get { id: String },
+    Get {
+        /// The session (sess_…).
+        id: String,
+    },
     /// Change a session's title or metadata.
     Update(UpdateArgs),
     /// Archive a session (its running work is stopped).
-    Archive { id: String },
+    Archive {
+        /// The session (sess_…).
+        id: String,
+    },
     /// Delete a session and its events (its running work is stopped).
-    Delete { id: String },
+    Delete {
+        /// The session (sess_…).
+        id: String,
+    },
     /// Send a user message: on an idle session it starts a turn, which a worker serves.
     Send(SendArgs),
     /// Follow a session's events as they happen, one line each (times in UTC), until the session is
@@ -37,7 +46,10 @@ pub enum SessionCommand {
     /// List a session's events (oldest first unless --order desc).
     Events(EventsArgs),
     /// Interrupt the running turn (sends user.interrupt; the agent stops what it is doing).
-    Cancel { id: String },
+    Cancel {
+        /// The session (sess_…).
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -129,6 +141,7 @@ pub struct ListArgs {
 
 #[derive(Args, Debug)]
 pub struct UpdateArgs {
+    /// The session (sess_…).
     id: String,
     /// New title.
     #[arg(long)]

@@ -2,6 +2,7 @@
 //! wrong, never how HTTP shows it. `crate::error` maps each variant to its status and envelope (§1.7).
 
 use tether_core::events::Refusal;
+use tether_core::ids::IdKind;
 use tether_core::metadata::MetadataError;
 use tether_core::work::WorkError;
 use tether_store::StoreError;
@@ -150,6 +151,28 @@ fn unavailable_said(reason: &str) {
 }
 
 fn not_found_message(kind: Missing, id: &str) -> String {
+    let missing = missing_message(kind, id);
+    // An id of another kind given where this one goes (`--agent env_…`): said, for it is the
+    // likeliest reason, and a plain "no agent env_…" leaves the caller to spot it.
+    let expected = match kind {
+        Missing::Environment => IdKind::Environment,
+        Missing::Agent | Missing::AgentVersion(_) => IdKind::Agent,
+        Missing::Session => IdKind::Session,
+        Missing::Work => IdKind::Work,
+        Missing::Credential(tether_core::resources::CredentialKind::Admin) => IdKind::Token,
+        Missing::Credential(tether_core::resources::CredentialKind::Environment) => {
+            IdKind::EnvironmentKey
+        }
+    };
+    match IdKind::of(id) {
+        Some(given) if given != expected => {
+            format!("{missing}: {id} is {}'s id", given.noun())
+        }
+        _ => missing,
+    }
+}
+
+fn missing_message(kind: Missing, id: &str) -> String {
     match kind {
         Missing::Environment => format!("no environment {id}"),
         Missing::Agent => format!("no agent {id}"),
@@ -231,6 +254,31 @@ impl From<StoreError> for Error {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn an_id_of_another_kind_is_said_to_be_one() {
+        let env = "env_019f3be4fd2475d9a784bf2c739e1194";
+        let agent = "agent_019f3be4fd2475d9a784bf2c739e1194";
+        let message = Error::not_found(Missing::Agent, env).to_string();
+        assert_eq!(
+            message,
+            format!("no agent {env}: {env} is an environment's id")
+        );
+        let message = Error::not_found(Missing::Environment, agent).to_string();
+        assert_eq!(
+            message,
+            format!("no environment {agent}: {agent} is an agent's id")
+        );
+        // Of its own kind, or no id at all: the plain message.
+        assert_eq!(
+            Error::not_found(Missing::Agent, agent).to_string(),
+            format!("no agent {agent}")
+        );
+        assert_eq!(
+            Error::not_found(Missing::Session, "x").to_string(),
+            "no session x"
+        );
+    }
 
     #[test]
     fn a_store_that_cannot_serve_is_said_once_a_while_with_the_failures_between() {

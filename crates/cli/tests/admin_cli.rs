@@ -348,8 +348,32 @@ fn revoking_the_last_admin_token_says_how_to_get_one_back() {
     let said = String::from_utf8_lossy(&first.stderr);
     assert!(!said.contains("last admin token"), "one is left: {said}");
 
-    // The spare revokes itself: the CLI's own token, and the last one.
-    let last = server.run(&["token", "revoke", &id(&spare), "--token", &spare_secret]);
+    // The spare revokes itself: the CLI's own token, and the last one. Refused unless asked
+    // for in so many words.
+    let refused = server.run(&["token", "revoke", &id(&spare), "--token", &spare_secret]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("is the last admin token") && said.contains("--even-if-last"),
+        "{said}"
+    );
+    let listed = server.json(&["token", "list", "--token", &spare_secret]);
+    assert!(
+        listed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == id(&spare) && t["revoked_at"].is_null()),
+        "{listed}"
+    );
+    let last = server.run(&[
+        "token",
+        "revoke",
+        &id(&spare),
+        "--even-if-last",
+        "--token",
+        &spare_secret,
+    ]);
     assert!(last.status.success());
     let said = String::from_utf8_lossy(&last.stderr);
     assert!(

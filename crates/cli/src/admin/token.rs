@@ -24,6 +24,10 @@ pub enum TokenCommand {
     Revoke {
         /// The token's id (tok_…).
         id: String,
+        /// Revoke it even when it is the last admin token not revoked: nothing can then use the
+        /// API with an admin token until the server is restarted.
+        #[arg(long)]
+        even_if_last: bool,
     },
 }
 
@@ -32,8 +36,17 @@ const LAST_TOKEN_REVOKED: &str = "warning: that was the last admin token not rev
      use the API with an admin token until the server is restarted: a start that finds no admin \
      token mints one (or takes TETHER_ADMIN_TOKEN, unless that is a revoked one) and saves it in its data directory.";
 
+/// Said instead of revoking the last admin token, unless `--even-if-last`.
+fn last_token_kept(id: &str) -> String {
+    format!(
+        "{id} is the last admin token not revoked: without it nothing can use the API with an \
+         admin token until the server is restarted. Mint another first (`tether token create`), \
+         or give --even-if-last"
+    )
+}
+
 /// How many admin tokens other than `id` are not revoked, or `None` when they cannot be listed
-/// (the warning is a courtesy: it never stops the revoke).
+/// (the check is a courtesy: a failed look never stops the revoke).
 async fn others_not_revoked(client: &tether_client::Client, id: &str) -> Option<usize> {
     let first = ListParams {
         limit: Some(100),
@@ -76,10 +89,13 @@ pub async fn run(cx: Ctx, command: TokenCommand) -> Result<()> {
                 .await?;
             cx.emit_list(&page, "No tokens.", credentials_table);
         }
-        TokenCommand::Revoke { id } => {
+        TokenCommand::Revoke { id, even_if_last } => {
             // Counted before the revoke: once it is gone, this may have been the CLI's own token,
             // and nothing can be listed any more.
             let others_left = others_not_revoked(client, &id).await;
+            if others_left == Some(0) && !even_if_last {
+                anyhow::bail!(last_token_kept(&id));
+            }
             let token = client.revoke_token(&id).await?;
             cx.emit(&token, || format!("Revoked token {}.\n", token.id));
             if others_left == Some(0) {

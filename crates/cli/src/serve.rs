@@ -568,7 +568,7 @@ async fn bootstrap_admin(
         if adopted {
             tracing::info!(%path, "adopted TETHER_ADMIN_TOKEN as the first admin token");
         } else {
-            tracing::info!(%path, "created the first admin token; it is in the file (mode 0600)");
+            tracing::info!(%path, "created an admin token, as the store had none not revoked; it is in the file (mode 0600)");
         }
     } else if adopted {
         eprintln!(
@@ -577,12 +577,13 @@ async fn bootstrap_admin(
         );
     } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!(
-            "Created the first admin token (shown once; also saved to {}):\n\n    {secret}\n",
+            "Created an admin token, as the store had none not revoked (shown once; also saved \
+             to {}):\n\n    {secret}\n",
             path.display()
         );
     } else {
         eprintln!(
-            "Created the first admin token; it is in {} (mode 0600).",
+            "Created an admin token, as the store had none not revoked; it is in {} (mode 0600).",
             path.display()
         );
     }

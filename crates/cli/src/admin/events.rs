@@ -141,12 +141,19 @@ fn detail(event: &Event) -> (String, Tone) {
             }
             output.to_owned()
         }
-        event_type::SESSION_STATUS_IDLE => fields
-            .get("stop_reason")
-            .and_then(|r| r.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        event_type::SESSION_STATUS_IDLE => {
+            let reason = fields
+                .get("stop_reason")
+                .and_then(|r| r.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            // The contract's name for any turn that ended in an error, whether or not anything
+            // was retried (the SDKs read it so): said plainly beside it.
+            match reason {
+                "retries_exhausted" => "retries_exhausted (the turn ended in an error)".to_owned(),
+                reason => reason.to_owned(),
+            }
+        }
         event_type::SESSION_ERROR => {
             let error = fields.get("error");
             let kind = error
@@ -157,7 +164,13 @@ fn detail(event: &Event) -> (String, Tone) {
                 .and_then(|e| e.get("message"))
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            return (clean(&format!("{kind}: {message}")), Tone::Error);
+            // `unknown_error` is the contract's type for every error it has no other type for: a
+            // program that failed, a stopped item. Its message says what happened.
+            let text = match kind {
+                "unknown_error" if !message.is_empty() => message.to_owned(),
+                kind => format!("{kind}: {message}"),
+            };
+            return (clean(&text), Tone::Error);
         }
         event_type::USER_TOOL_CONFIRMATION => format!(
             "{} {}",
@@ -346,6 +359,30 @@ mod tests {
             "stop_reason": {"type": "end_turn"}
         }));
         assert_eq!(PLAIN.render(&e), "08:15:03  session.status_idle end_turn\n");
+        let e = event(json!({
+            "id": "evt_5", "type": "session.error", "processed_at": "2026-07-01T08:15:04Z",
+            "error": {"type": "unknown_error", "message": "the work item serving this turn stopped"}
+        }));
+        assert_eq!(
+            PLAIN.render(&e),
+            "08:15:04  session.error       the work item serving this turn stopped\n"
+        );
+        let e = event(json!({
+            "id": "evt_6", "type": "session.error", "processed_at": "2026-07-01T08:15:04Z",
+            "error": {"type": "model_overloaded_error", "message": "busy"}
+        }));
+        assert_eq!(
+            PLAIN.render(&e),
+            "08:15:04  session.error       model_overloaded_error: busy\n"
+        );
+        let e = event(json!({
+            "id": "evt_7", "type": "session.status_idle", "processed_at": "2026-07-01T08:15:05Z",
+            "stop_reason": {"type": "retries_exhausted"}
+        }));
+        assert_eq!(
+            PLAIN.render(&e),
+            "08:15:05  session.status_idle retries_exhausted (the turn ended in an error)\n"
+        );
         let e = event(json!({"id": "evt_4", "type": "session.status_running"}));
         assert_eq!(PLAIN.render(&e), "--:--:--  session.status_running\n");
     }

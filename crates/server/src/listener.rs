@@ -375,9 +375,7 @@ where
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         let in_flight = InFlight::begin(service_state.clone());
-        request
-            .extensions_mut()
-            .insert(Yieldable(service_state.clone()));
+        request.extensions_mut().insert(in_flight.yieldable());
         let router = router.clone();
         let http2 = request.version() == hyper::Version::HTTP_2;
         async move {
@@ -440,10 +438,13 @@ where
                 closing = Some(Instant::now() + CLOSING_GRACE);
             }
             _ = state.displaced.cancelled(), if closing.is_none() => {
-                if state.head_started.load(Ordering::Acquire) != UNSET || state.only_yielding() {
+                if state.head_started.load(Ordering::Acquire) != UNSET
+                    || state.only_yielding_or_stalled()
+                {
                     // Nothing of a request yet, or part of its headers: nothing to finish. Or only
                     // requests that yield: an event stream resumes from its Last-Event-ID, and a
-                    // body that trickles in is what is being refused.
+                    // body that trickles in is what is being refused. Or answers the client does
+                    // not take.
                     return;
                 }
                 // Idle between requests (or a request that came since it was chosen): close as
@@ -472,35 +473,54 @@ enum Yield {
 /// ([`Yieldable::mark`]). Without this, a client holding every place with requests that never end
 /// (event streams, bodies sent a byte at a time) would keep everyone else out.
 #[derive(Clone)]
-pub struct Yieldable(Arc<ConnState>);
+pub struct Yieldable {
+    conn: Arc<ConnState>,
+    request: Arc<RequestYields>,
+}
 
 impl Yieldable {
     /// The request yields until the guard is dropped: an event stream for as long as it lasts (its
-    /// client resumes from its `Last-Event-ID`), a body until it has arrived.
+    /// client resumes from its `Last-Event-ID`), a body until it has arrived. A request marked
+    /// twice (a stream whose body is also read) counts once.
     pub fn mark(&self) -> YieldGuard {
-        let state = &self.0;
-        state.yielding.fetch_add(1, Ordering::AcqRel);
-        if state.only_yielding() {
-            let _ = state.yielding_since.compare_exchange(
-                UNSET,
-                state.now_ms(),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+        if self.request.0.fetch_add(1, Ordering::AcqRel) == 0 {
+            let state = &self.conn;
+            state.yielding.fetch_add(1, Ordering::AcqRel);
+            if state.only_yielding() {
+                let _ = state.yielding_since.compare_exchange(
+                    UNSET,
+                    state.now_ms(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
         }
-        YieldGuard(self.0.clone())
+        YieldGuard(self.clone())
     }
 }
 
 /// See [`Yieldable::mark`].
-pub struct YieldGuard(Arc<ConnState>);
+pub struct YieldGuard(Yieldable);
 
 impl Drop for YieldGuard {
     fn drop(&mut self) {
-        let state = &self.0;
+        if self.0.request.0.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let state = &self.0.conn;
         if state.yielding.fetch_sub(1, Ordering::AcqRel) == 1 {
             state.yielding_since.store(UNSET, Ordering::Release);
         }
+    }
+}
+
+/// How many marks ([`Yieldable::mark`]) one request in flight holds: it yields while any does.
+#[derive(Default)]
+struct RequestYields(AtomicU32);
+
+impl RequestYields {
+    fn yields(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
     }
 }
 
@@ -511,7 +531,9 @@ struct ConnState {
     /// where an idle client may send PING or WINDOW_UPDATE frames without starting a request.
     track_heads: std::sync::atomic::AtomicBool,
     in_flight: AtomicU32,
-    /// Of the requests in flight, those that may be cut at the cap ([`Yieldable`]).
+    /// Of the requests in flight, those that may be cut at the cap ([`Yieldable`]). Their answers,
+    /// and those that wait for the client to take them ([`responses::Responses::stalled`]), are
+    /// what a connection at the cap may lose.
     yielding: AtomicU32,
     /// When the connection's requests in flight last became all yielding; `UNSET` when not.
     yielding_since: AtomicU64,
@@ -597,17 +619,30 @@ impl ConnState {
     /// Whether this connection may give its place to a new one at the cap, and how readily: first
     /// those with no request in flight, by how long they have waited (for their first request, for
     /// the rest of a request's headers, or for the next request); then those whose every request in
-    /// flight yields ([`Yieldable`]: an event stream, a body still arriving), by how long they have
-    /// done only that. `None` for one doing other work, or displaced already.
+    /// flight yields ([`Yieldable`]: an event stream, a body still arriving) or has an answer that
+    /// waits for the client to take it (an HTTP/2 stream whose window the client keeps shut: its
+    /// request is done, and a client that does not read it loses nothing it would have had), by
+    /// how long they have done only that. `None` for one doing other work, or displaced already.
     fn displaceable(&self, now: Instant) -> Option<(Yield, Instant)> {
         if self.displaced.is_cancelled() {
             return None;
         }
         let in_flight = self.in_flight.load(Ordering::Acquire);
         if in_flight > 0 {
-            let since = self.yielding_since.load(Ordering::Acquire);
-            let all_yield = self.yielding.load(Ordering::Acquire) >= in_flight;
-            return (all_yield && since != UNSET).then(|| (Yield::Requests, self.at(since)));
+            let yielding = self.yielding.load(Ordering::Acquire);
+            let (stalled, stalled_since) = self.responses.stalled();
+            if (yielding as usize).saturating_add(stalled) < in_flight as usize {
+                return None;
+            }
+            let yielding_since = self.yielding_since.load(Ordering::Acquire);
+            // Since the last of them began to yield or wait; a request that yields beside others
+            // that did not (its mark found them working) counts from now.
+            let since = match (yielding, yielding_since) {
+                (0, _) => stalled_since,
+                (_, UNSET) => Some(self.now_ms()),
+                (_, since) => Some(stalled_since.map_or(since, |stalled| stalled.max(since))),
+            };
+            return since.map(|since| (Yield::Requests, self.at(since)));
         }
         let head = self.head_started.load(Ordering::Acquire);
         let idle = self.idle_since.load(Ordering::Acquire);
@@ -623,6 +658,14 @@ impl ConnState {
     fn only_yielding(&self) -> bool {
         let in_flight = self.in_flight.load(Ordering::Acquire);
         in_flight > 0 && self.yielding.load(Ordering::Acquire) >= in_flight
+    }
+
+    /// Whether every request in flight yields or has an answer that waits for the client (and at
+    /// least one is in flight): a connection displaced so has nothing to finish.
+    fn only_yielding_or_stalled(&self) -> bool {
+        let in_flight = self.in_flight.load(Ordering::Acquire) as usize;
+        let yielding = self.yielding.load(Ordering::Acquire) as usize;
+        in_flight > 0 && yielding.saturating_add(self.responses.stalled().0) >= in_flight
     }
 
     fn verdict(&self, limits: &ConnectionLimits, now: Instant) -> Verdict {
@@ -665,19 +708,33 @@ impl ConnState {
 
 /// One request in flight on a connection, from the call of the service to the end of its response
 /// body (an event stream stays in flight while it lasts).
-struct InFlight(Arc<ConnState>);
+struct InFlight {
+    conn: Arc<ConnState>,
+    request: Arc<RequestYields>,
+}
 
 impl InFlight {
     fn begin(state: Arc<ConnState>) -> InFlight {
         state.in_flight.fetch_add(1, Ordering::AcqRel);
         state.head_started.store(UNSET, Ordering::Release);
-        InFlight(state)
+        InFlight {
+            conn: state,
+            request: Arc::default(),
+        }
+    }
+
+    /// What the request's handlers mark it by.
+    fn yieldable(&self) -> Yieldable {
+        Yieldable {
+            conn: self.conn.clone(),
+            request: self.request.clone(),
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let state = &self.0;
+        let state = &self.conn;
         if state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             state.idle_since.store(state.now_ms(), Ordering::Release);
             state.head_started.store(UNSET, Ordering::Release);

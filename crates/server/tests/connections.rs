@@ -396,6 +396,44 @@ async fn at_the_cap_a_new_connection_displaces_the_longest_waiting_idle_one_neve
     server.await.unwrap();
 }
 
+/// At the cap, HTTP/2 connections whose answers wait for clients that never take them (each
+/// stream's window left shut, nothing read) give their places to new clients, the one stalled
+/// longest first: their requests are done, and a client with no credential at all could otherwise
+/// hold every place until the idle timeout, and take it again at once.
+#[tokio::test]
+async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/large", get(|| async { vec![b'x'; 1024 * 1024] }));
+    let (address, stop, server) =
+        serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        // A 64 KiB window that the client never opens again: it never reads the body.
+        let (mut sender, conn) = h2_client(address, 64 * 1024).await;
+        let request = hyper::Request::get(format!("http://{address}/large"))
+            .body(String::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        held.push((sender, response, conn));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get_status(address, "/").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in beside eight answers nobody takes"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let closed: Vec<bool> = held.iter().map(|(_, _, conn)| conn.is_finished()).collect();
+    assert_eq!(
+        closed,
+        [true, false, false, false, false, false, false, false]
+    );
+    stop.cancel();
+    server.await.unwrap();
+}
+
 /// A GET with `header_bytes` of extra headers on HTTP/1.1 (see [`status_line`]).
 async fn status_with_headers(address: std::net::SocketAddr, header_bytes: usize) -> String {
     let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();

@@ -26,7 +26,7 @@ use futures::task::AtomicWaker;
 use tokio::time::Instant;
 
 use super::outbox::Outbox;
-use super::{InFlight, UNSET};
+use super::{InFlight, RequestYields, UNSET};
 
 /// The size of the pieces a large HTTP/2 data frame is handed out in: h2's default frame size.
 pub const SPLIT: usize = 16 * 1024;
@@ -47,11 +47,12 @@ impl Responses {
     }
 
     /// A new body's progress, waiting from now: hyper asks a body as soon as it has its head.
-    fn track(&self) -> Arc<Progress> {
+    fn track(&self, request: Arc<RequestYields>) -> Arc<Progress> {
         let progress = Arc::new(Progress {
             opened: self.opened,
             waiting_since: AtomicU64::new(UNSET),
             waker: AtomicWaker::new(),
+            request,
         });
         progress.wait_from_now();
         let mut live = self.live.lock().expect("no code panics holding the list");
@@ -71,6 +72,20 @@ impl Responses {
             .filter(|&since| since != UNSET)
             .min()
     }
+
+    /// The bodies waiting for the client to take them whose requests do not yield otherwise, and
+    /// since when (ms after the connection opened) the last of them has waited.
+    pub(super) fn stalled(&self) -> (usize, Option<u64>) {
+        let live = self.live.lock().expect("no code panics holding the list");
+        live.iter()
+            .filter_map(Weak::upgrade)
+            .filter(|p| !p.request.yields())
+            .map(|p| p.waiting_since.load(Ordering::Acquire))
+            .filter(|&since| since != UNSET)
+            .fold((0, None), |(count, latest), since| {
+                (count + 1, Some(latest.map_or(since, |l: u64| l.max(since))))
+            })
+    }
 }
 
 /// Whether one response body is waiting for hyper to take its next frame, and since when.
@@ -79,6 +94,8 @@ struct Progress {
     waiting_since: AtomicU64,
     /// Hyper's waker, woken through this one, so that more to send starts the clock too.
     waker: AtomicWaker,
+    /// Whether the body's request yields (an event stream): its wait is counted as that.
+    request: Arc<RequestYields>,
 }
 
 impl Progress {
@@ -128,8 +145,8 @@ pub(super) struct TrackedBody {
 impl TrackedBody {
     /// `http2`: hand large data frames out in pieces of [`SPLIT`], within the connection's outbox.
     pub(super) fn new(inner: axum::body::Body, in_flight: InFlight, http2: bool) -> TrackedBody {
-        let state = &in_flight.0;
-        let progress = state.responses.track();
+        let state = &in_flight.conn;
+        let progress = state.responses.track(in_flight.request.clone());
         TrackedBody {
             inner,
             rest: None,
@@ -142,7 +159,7 @@ impl TrackedBody {
 
     /// The connection's outbox, on HTTP/2.
     fn outbox(&self) -> Option<&Arc<Outbox>> {
-        self.http2.then_some(&self.in_flight.0.outbox)
+        self.http2.then_some(&self.in_flight.conn.outbox)
     }
 
     /// `data` as handed to hyper: on HTTP/2, counted in the connection's outbox while hyper holds it.

@@ -12,9 +12,11 @@
 //! With it, such connections are the first to go, and a client that has just connected is the last:
 //! it has waited the least. (nginx reuses its idle keep-alive connections the same way when it runs
 //! out.) When none of those looked at is idle, the one that has longest done nothing but requests
-//! that yield goes: an event stream (its client resumes from its `Last-Event-ID`) or a body still
-//! arriving. Otherwise a client could hold every place with streams, or with bodies sent a byte at a
-//! time, and keep everyone else out. Other requests in flight are never displaced.
+//! that yield goes: an event stream (its client resumes from its `Last-Event-ID`), a body still
+//! arriving, or an answer that waits for its client to take it (an HTTP/2 stream whose window the
+//! client keeps shut: the request is done). Otherwise a client could hold every place with
+//! streams, with bodies sent a byte at a time, or with answers it never reads, and keep everyone
+//! else out. Other requests in flight are never displaced.
 //!
 //! A displaced connection closes at once if it had sent nothing of a request, and gracefully if it
 //! idled between requests (HTTP/2: a GOAWAY), within [`DISPLACED_GRACE`]. It stops counting towards

@@ -619,7 +619,7 @@ async fn check_order_d32() {
         }
 
         // 404 item before 400 parameters, headers and bodies.
-        let item_cases: [(&str, &str, Req<'_>); 9] = [
+        let item_cases: [(&str, &str, Req<'_>); 10] = [
             (
                 "heartbeat bad E",
                 "",
@@ -653,6 +653,12 @@ async fn check_order_d32() {
                 "",
                 q.req(Method::POST, &q.item_path(&unknown_work, "/stop"))
                     .json(json!({"force": "yes"})),
+            ),
+            (
+                "stop force null",
+                "",
+                q.req(Method::POST, &q.item_path(&unknown_work, "/stop"))
+                    .json(json!({"force": null})),
             ),
             (
                 "stop malformed JSON",

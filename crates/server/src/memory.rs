@@ -162,6 +162,21 @@ impl Share {
     /// Adds `bytes` to what the request holds: from its caller's part first, then from the whole,
     /// each within [`BUDGET_WAIT`].
     pub async fn take(&mut self, bytes: usize) -> Result<(), Refusal> {
+        self.take_by(bytes, tokio::time::Instant::now() + BUDGET_WAIT)
+            .await
+    }
+
+    /// [`Share::take`] without waiting: for memory already spent (an answer made), which a wait
+    /// would keep spent while it lasts.
+    pub async fn take_now(&mut self, bytes: usize) -> Result<(), Refusal> {
+        self.take_by(bytes, tokio::time::Instant::now()).await
+    }
+
+    async fn take_by(
+        &mut self,
+        bytes: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Refusal> {
         let units = bytes.div_ceil(UNIT);
         if units == 0 {
             return Ok(());
@@ -171,7 +186,6 @@ impl Share {
             return Err(Refusal::TooLarge);
         }
         let count = u32::try_from(units).map_err(|_| Refusal::TooLarge)?;
-        let deadline = tokio::time::Instant::now() + BUDGET_WAIT;
         let of_part = self.budget.acquire(&self.part, count, deadline).await?;
         let of_whole = self
             .budget

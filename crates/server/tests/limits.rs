@@ -134,6 +134,52 @@ async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
     .await;
 }
 
+/// Pages of sessions (and agents) are bounded by bytes too: a session shows its agent, and a page
+/// of sessions whose agent has a 300 kB prompt ends after the record that takes it past 1 MiB,
+/// saying `has_more`; following `next_page` lists every one exactly once, in either order.
+#[tokio::test]
+async fn pages_of_large_records_are_bounded_by_bytes_and_lose_nothing() {
+    each_backend(async |server| {
+        let (env, _agent) = server.environment_and_agent().await;
+        let (status, agent) = server
+            .post(
+                "/agents",
+                json!({"name": "large", "model": "m", "system": "z".repeat(300_000)}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{agent}");
+        let agent = agent["id"].as_str().unwrap().to_owned();
+        let mut created = Vec::new();
+        for _ in 0..9 {
+            created.push(server.session(&env, &agent).await);
+        }
+        for path in [
+            format!("/sessions?agent_id={agent}&limit=100"),
+            format!("/sessions?agent_id={agent}&limit=100&order=desc"),
+        ] {
+            let pages = server.pages(&path).await;
+            let sizes: Vec<usize> = pages
+                .iter()
+                .map(|page| page["data"].as_array().unwrap().len())
+                .collect();
+            assert_eq!(
+                sizes,
+                [4, 4, 1],
+                "{path}: four records of 300 kB pass 1 MiB"
+            );
+            let mut listed: Vec<String> = pages.iter().flat_map(listed_ids).collect();
+            listed.sort();
+            let mut expected = created.clone();
+            expected.sort();
+            assert_eq!(listed, expected, "{path}");
+        }
+        // The agents' listing: the large agent beside the small one fits in one page.
+        let pages = server.pages("/agents?limit=100").await;
+        assert_eq!(pages.len(), 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn bodies_that_would_cost_too_much_memory_are_refused() {
     for backend in backends() {
@@ -672,6 +718,72 @@ async fn unread_event_pages_hold_no_more_than_their_callers_part() {
     );
     assert!(frames_within(&server, &key, &session, first).await > 0);
     drop(unread);
+    server.shutdown().await;
+}
+
+/// Answers made whole (a record, a page of a listing) over 16 KiB are paid for by their caller
+/// until they are written out: a caller that asks for a large session again and again on HTTP/2
+/// streams and reads none gets some, then 503s once its part is held, while another caller is
+/// served; once the streams go, the first is served again.
+#[tokio::test]
+async fn unread_large_answers_hold_no_more_than_their_callers_part() {
+    // Request memory of 64 MiB: answers have 16 MiB, of which a caller may hold 12 MiB. Each
+    // answer is a session whose agent's prompt is 400 kB.
+    let backend = backends().remove(0);
+    let server = TestServer::start_with(&backend, options(64 << 10, 64 << 20, 4 << 20)).await;
+    let (env, _agent, _session) = server.environment_agent_and_session().await;
+    let (status, agent) = server
+        .post(
+            "/agents",
+            json!({"name": "large", "model": "m", "system": "x".repeat(400_000)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{agent}");
+    let session = server.session(&env, agent["id"].as_str().unwrap()).await;
+    let path = format!("/api/v1/cloud/sessions/{session}");
+
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let (sender, _conn) = tether_testkit::net::h2_client(&address, 1024).await;
+    let ask = |token: String| {
+        let mut sender = sender.clone();
+        let request = hyper::Request::get(format!("http://{address}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(String::new())
+            .unwrap();
+        async move { sender.send_request(request).await.unwrap() }
+    };
+    let unread = futures::future::join_all((0..60).map(|_| ask(server.admin_token.clone()))).await;
+    let statuses: Vec<u16> = unread.iter().map(|r| r.status().as_u16()).collect();
+    let answered = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(
+        (20..=31).contains(&answered) && statuses.iter().all(|&s| s == 200 || s == 503),
+        "about 12 MiB of answers held, the rest refused: {statuses:?}"
+    );
+
+    // Another caller, the environment's key, is served meanwhile.
+    let key = environment_key(&server, &env).await;
+    let (status, body) = server
+        .call_as(
+            &key,
+            Method::GET,
+            &format!("/sessions/{session}"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Once the unread answers go, the admin token is served again.
+    drop(unread);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let again = ask(server.admin_token.clone()).await;
+        if again.status() == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", again.status());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     server.shutdown().await;
 }
 

@@ -308,6 +308,74 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
     holding(response, share)
 }
 
+/// The largest answer that pays nothing for the memory it holds until it is sent: the polls,
+/// heartbeats, acks and single records that make most of the traffic. An HTTP/2 connection can
+/// leave its 100 streams' answers unread, so such answers cost a connection at most 100 times this.
+pub const ANSWER_FREE: usize = 16 * 1024;
+
+/// Pays for a larger answer made whole (a record, a page of a listing) from the answers' budget
+/// (`App::page_memory`, which pages of events share) by the request's caller, for as long as
+/// anything holds its bytes: until hyper has written them out, or thrown them away with the
+/// connection. Without this a caller could make the server hold answers it never reads: one
+/// session's record with a large agent, asked for on a hundred HTTP/2 streams per connection.
+///
+/// The answer is made before its cost is known, so it is paid for at once or not at all: a wait
+/// would hold it meanwhile. One that does not fit is dropped and answered 503 (retry shortly).
+/// Streamed answers (event pages, event streams) pay as they go, and public answers share one
+/// copy; neither comes through here.
+pub async fn pay_for_answer(
+    State(budget): State<MemoryBudget>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(caller) = request.extensions().get::<Principal>().cloned() else {
+        return next.run(request).await;
+    };
+    let response = next.run(request).await;
+    let size = match http_body::Body::size_hint(response.body()).exact() {
+        Some(size) if size as usize > ANSWER_FREE => size as usize,
+        _ => return response,
+    };
+    let mut share = budget.share_for(Some(&caller));
+    if let Err(refusal) = share.take_now(size).await {
+        drop(response);
+        return match refusal {
+            Refusal::TooLarge => ApiError::unavailable(
+                "the answer would take more memory than the server holds for one caller's \
+                 answers (three quarters of a quarter of --request-memory): ask for fewer records",
+            )
+            .into_response(),
+            Refusal::Busy => super::retry_shortly(ApiError::unavailable(
+                "the server holds as many answers as it may for this caller or for all; retry \
+                 shortly",
+            )),
+        };
+    }
+    let (parts, body) = response.into_parts();
+    // A body of exact size is whole already: collecting it takes no wait.
+    let bytes = match axum::body::to_bytes(body, size).await {
+        Ok(bytes) => bytes,
+        Err(_) => return ApiError::internal("an answer could not be read").into_response(),
+    };
+    let paid = Bytes::from_owner(PaidAnswer {
+        bytes,
+        _share: share,
+    });
+    Response::from_parts(parts, Body::from(paid))
+}
+
+/// An answer's bytes and the share that pays for them, let go with the last of them.
+struct PaidAnswer {
+    bytes: Bytes,
+    _share: Share,
+}
+
+impl AsRef<[u8]> for PaidAnswer {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// `response`, keeping `share` until its body has been sent (or dropped).
 pub fn holding(response: Response, share: Share) -> Response {
     if share.is_empty() {

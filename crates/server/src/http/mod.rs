@@ -53,6 +53,11 @@ fn guarded(
                 middleware::from_fn_with_state(bodies.clone(), budget::read_body),
             ),
         };
+        // Outside the body's layer, so that an answer is paid for once its request's body is not.
+        let route = route.route_layer(middleware::from_fn_with_state(
+            app.page_memory.clone(),
+            budget::pay_for_answer,
+        ));
         // The layer added last runs first: the credential is checked before the body is read.
         let route = route.route_layer(middleware::from_fn_with_state(guard, access::authorize));
         router.route(&format!("{prefix}{}", e.path), route)

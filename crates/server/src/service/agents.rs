@@ -181,7 +181,13 @@ impl App {
         super::in_list_order(
             page,
             |a: &Agent| &a.id,
-            |page| async move { Ok(self.store.list_agents(filter, &page).await?) },
+            |page| async move {
+                Ok(self
+                    .store
+                    .list_agents(filter, &page)
+                    .await
+                    .map(super::within_page_bytes)?)
+            },
         )
         .await
     }

@@ -2,7 +2,7 @@
 //! a quarter of it), and how much of each one caller may hold.
 //!
 //! Two kinds of request hold memory for as long as a client likes to make them: a body that is
-//! arriving (or that a lying `Content-Length` says is), and an answer of stored events that the
+//! arriving (paid for as it arrives: a `Content-Length` that lies holds nothing more), and an answer of stored events that the
 //! client does not take (an event page, a live stream's replay; an HTTP/2 client can leave a hundred
 //! of them unread per connection until the idle timeout closes it). Each pays from a budget, through
 //! its [`Share`], held until the memory is let go: a request body until its answer is sent

@@ -247,13 +247,13 @@ async fn post_a_large_event(server: &TestServer, session: &str, bytes: usize) ->
 }
 
 /// A `POST` to `path` on a connection of its own that declares a JSON body of `declared` bytes and
-/// sends its first byte only, with the extra header lines `headers`; returned once the server has had
-/// a moment to read its head.
+/// sends `sent` of them (an object's `{` and blanks), with the extra header lines `headers`;
+/// returned once the server has had a moment to read them.
 async fn begin_a_body(
     server: &TestServer,
     path: &str,
     headers: &str,
-    declared: usize,
+    (declared, sent): (usize, usize),
 ) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let address = server.base.trim_start_matches("http://");
@@ -262,7 +262,8 @@ async fn begin_a_body(
         .write_all(
             format!(
                 "POST {path} HTTP/1.1\r\nHost: {address}\r\n{headers}\
-                 Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{"
+                 Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{{}",
+                " ".repeat(sent.saturating_sub(1))
             )
             .as_bytes(),
         )
@@ -287,7 +288,13 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
         // A caller without a credential declares that large body and sends one byte of it (where the
         // budget used to be taken before the credential was looked at); then a caller that is
         // admitted needs the budget.
-        let mut stranger = begin_a_body(&server, "/api/v1/cloud/sessions", "", NEARLY_ALL).await;
+        let mut stranger = begin_a_body(
+            &server,
+            "/api/v1/cloud/sessions",
+            "",
+            (NEARLY_ALL, NEARLY_ALL - 1),
+        )
+        .await;
         assert_eq!(
             post_a_large_event(&server, &session, 20_000).await,
             StatusCode::OK,
@@ -320,15 +327,30 @@ async fn only_a_body_that_is_kept_spends_the_budget_and_only_for_an_admitted_cal
         );
         drop(stream);
 
+        // A body pays for what has arrived of it, not for what its `Content-Length` says: one
+        // that declares most of its caller's part and sends a byte holds nothing of it.
+        let liar = begin_a_body(
+            &server,
+            &format!("/api/v1/cloud/sessions/{session}/events"),
+            &format!("Authorization: Bearer {}\r\n", server.admin_token),
+            (MOST_OF_A_PART, 1),
+        )
+        .await;
+        assert_eq!(
+            post_a_large_event(&server, &session, 20_000).await,
+            StatusCode::OK,
+            "a length that lies held the budget"
+        );
+        drop(liar);
+
         // The budget still binds a body that is kept, by caller: while one request of the admin
-        // token holds nearly all its part (an event post whose body has not all arrived, as a
-        // `Content-Length` that lies would leave it), the token's next large event waits for it and
-        // is refused …
+        // token holds nearly all its part (an event post whose body has not all arrived), the
+        // token's next large event waits for it and is refused …
         let holder = begin_a_body(
             &server,
             &format!("/api/v1/cloud/sessions/{session}/events"),
             &format!("Authorization: Bearer {}\r\n", server.admin_token),
-            MOST_OF_A_PART,
+            (MOST_OF_A_PART + 1, MOST_OF_A_PART),
         )
         .await;
         let refused = server

@@ -10,8 +10,8 @@
 //! An endpoint that takes a body reads it whole before its handler runs ([`read_body`]) and parses
 //! it into a JSON tree, which
 //! can take many times the bytes of its text: `[0,0,0,…]` costs some 32 bytes of tree per 2 bytes of
-//! text. So every request pays, from one budget shared by the process (`--request-memory`),
-//! [`BYTE_COST`] per byte of body (the text, and the copies of its strings that the handler makes: the
+//! text. So every request pays, from one budget shared by the process (`--request-memory`), as
+//! its body arrives, [`BYTE_COST`] per byte of body (the text, and the copies of its strings that the handler makes: the
 //! parsed tree, the events built from it, the stored documents, the answer), then [`VALUE_COST`] per
 //! JSON value of the tree, counted first by a scan that builds nothing. A request that cannot get its
 //! share within [`crate::memory::BUDGET_WAIT`] is answered 503; one whose share alone exceeds what one caller may
@@ -261,14 +261,13 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
     }
     // The authorization layer in front of this one left the principal.
     let mut share = policy.budget.share_for(parts.extensions.get::<Principal>());
-    // A body of declared length pays for all of it at once, so that requests never each hold part of
-    // what they need while waiting for the rest; one sent in chunks pays as they arrive. Either way the
-    // whole body must arrive within BODY_READ_TIMEOUT, so that a slow sender holds its share only so long.
-    if let Some(n) = declared {
-        if let Err(refusal) = share.take(charge_for_bytes(n as usize)).await {
-            return refused(refusal);
-        }
-    }
+    // A body pays as it arrives, whatever its `Content-Length` says: paid for up front, a length
+    // that lies held memory for nothing, and the callers of two environments, each declaring
+    // bodies they never sent, held all of it (each caller may hold three quarters). So memory is
+    // held only for bytes a client has sent, and the whole body must arrive within
+    // BODY_READ_TIMEOUT: a slow sender holds its share only so long. The cost: large bodies
+    // arriving together may each hold part of what they need while waiting for the rest, and the
+    // one that waits out BUDGET_WAIT is answered 503.
     let mut bytes: Vec<u8> = Vec::new();
     let mut stream = body.into_data_stream();
     let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
@@ -281,10 +280,8 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
         if bytes.len() + chunk.len() > policy.limit {
             return too_large().into_response();
         }
-        if declared.is_none() {
-            if let Err(refusal) = share.take(charge_for_bytes(chunk.len())).await {
-                return refused(refusal);
-            }
+        if let Err(refusal) = share.take(charge_for_bytes(chunk.len())).await {
+            return refused(refusal);
         }
         bytes.extend_from_slice(&chunk);
     }

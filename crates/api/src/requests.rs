@@ -92,7 +92,7 @@ pub struct CreateCredential {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "present"
     )]
-    #[schema(nullable = false, min_length = 1, max_length = 256, pattern = r"\S")]
+    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
     pub name: Option<String>,
 }
 
@@ -431,27 +431,15 @@ pub struct WorkMetadataPatch {
 /// confirmation).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StopRequest {
-    /// Stop at once. Omit it for a graceful stop: `null` is refused, as any other value that is
-    /// not a boolean (SPEC §6.8).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "present"
-    )]
-    #[schema(nullable = false)]
+    /// Stop at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
     /// Tether extension, for an operator stopping an item its worker is running: the worker learns
     /// of the stop only at its next heartbeat, so the session's next item is not handed out before
     /// the stopped lease's deadline. Absent, an admin token's stop on `/v1` holds (no worker holds
     /// an admin token there); any other is taken as the worker's own, sent once its program ended
-    /// (SPEC §8, step 5), and holds nothing. Ignored with the item's session token. `null` is
-    /// refused.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "present"
-    )]
-    #[schema(nullable = false)]
+    /// (SPEC §8, step 5), and holds nothing. Ignored with the item's session token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_next_item: Option<bool>,
 }
 

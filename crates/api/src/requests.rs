@@ -92,7 +92,7 @@ pub struct CreateCredential {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "present"
     )]
-    #[schema(min_length = 1, max_length = 256, pattern = r"\S")]
+    #[schema(nullable = false, min_length = 1, max_length = 256, pattern = r"\S")]
     pub name: Option<String>,
 }
 
@@ -431,7 +431,8 @@ pub struct WorkMetadataPatch {
 /// confirmation).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StopRequest {
-    /// Stop at once.
+    /// Stop at once. `null` is a graceful stop, as absent: the Qoder SDK's `stop` takes
+    /// `force=None` and sends it so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
     /// Tether extension, for an operator stopping an item its worker is running: the worker learns

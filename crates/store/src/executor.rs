@@ -82,6 +82,33 @@ impl<E: Executor> SqlStore<E> {
         Ok(sql::page(self.all(statement, decode).await?, request))
     }
 
+    /// A page of `listing` within [`crate::LIST_PAGE_BYTES`] (see [`sql::BoundedListing`]). The
+    /// records between the run's first and last id are read again with the listing's filter: one
+    /// created or changed between the two reads is listed as it is then (ids grow with time, so
+    /// a new record rarely falls inside the run).
+    async fn bounded<T: serde::de::DeserializeOwned>(
+        &self,
+        listing: sql::BoundedListing,
+        page: &PageRequest,
+    ) -> StoreResult<Page<T>> {
+        let sizes = self.all(listing.sizes(page), sql::decode_id_size).await?;
+        let lengths: Vec<i64> = sizes.iter().map(|(_, size)| *size).collect();
+        let (kept, has_more) = sql::fitting(&lengths, page.limit as usize, crate::LIST_PAGE_BYTES);
+        if kept == 0 {
+            return Ok(Page {
+                items: Vec::new(),
+                has_more,
+            });
+        }
+        let (a, b) = (&sizes[0].0, &sizes[kept - 1].0);
+        let (low, high) = if a <= b { (a, b) } else { (b, a) };
+        let mut items = self.all(listing.between(low, high), sql::doc).await?;
+        if page.descending {
+            items.reverse();
+        }
+        Ok(Page { items, has_more })
+    }
+
     async fn count(&self, statement: Statement) -> StoreResult<u64> {
         Ok(self.optional(statement, sql::count).await?.unwrap_or(0))
     }
@@ -144,7 +171,7 @@ impl<E: Executor> Store for SqlStore<E> {
         filter: &ArchiveFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<Environment>> {
-        self.paged(sql::list_environments(filter, page), page, sql::doc)
+        self.bounded(sql::BoundedListing::environments(filter), page)
             .await
     }
 
@@ -168,7 +195,7 @@ impl<E: Executor> Store for SqlStore<E> {
         filter: &ArchiveFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<Agent>> {
-        self.paged(sql::list_agents(filter, page), page, sql::doc)
+        self.bounded(sql::BoundedListing::agents(filter), page)
             .await
     }
 
@@ -182,7 +209,7 @@ impl<E: Executor> Store for SqlStore<E> {
         filter: &SessionFilter,
         page: &PageRequest,
     ) -> StoreResult<Page<Session>> {
-        self.paged(sql::list_sessions(filter, page), page, sql::doc)
+        self.bounded(sql::BoundedListing::sessions(filter), page)
             .await
     }
 
@@ -198,18 +225,8 @@ impl<E: Executor> Store for SqlStore<E> {
         let sizes = self
             .all(sql::event_sizes(session_id, page), sql::decode_id_size)
             .await?;
-        let limit = page.limit as usize;
-        let mut kept = 0;
-        let mut bytes = 0usize;
-        for (_, size) in sizes.iter().take(limit) {
-            let size = usize::try_from(*size).unwrap_or(usize::MAX);
-            if kept > 0 && bytes.saturating_add(size) > max_bytes {
-                break;
-            }
-            bytes = bytes.saturating_add(size);
-            kept += 1;
-        }
-        let has_more = sizes.len() > kept;
+        let lengths: Vec<i64> = sizes.iter().map(|(_, size)| *size).collect();
+        let (kept, has_more) = sql::fitting(&lengths, page.limit as usize, max_bytes);
         if kept == 0 {
             return Ok(Page {
                 items: Vec::new(),

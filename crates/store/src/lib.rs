@@ -282,6 +282,12 @@ pub struct EventHead {
     pub processed_at: Option<String>,
 }
 
+/// The most bytes of stored JSON one page of environments, agents or sessions holds, unless its
+/// one record alone is larger: a session holds its agent, whose prompt and tools may each be as
+/// large as a request body, and a page of 1,000 such records would otherwise be read, and answered,
+/// whole. A page cut short says `has_more`, and the next goes on from its last record (§1.8).
+pub const LIST_PAGE_BYTES: usize = 1 << 20;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Page<T> {
     pub items: Vec<T>,

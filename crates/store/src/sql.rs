@@ -755,7 +755,7 @@ pub fn kind_str(kind: CredentialKind) -> &'static str {
 }
 
 /// Builds `WHERE …` clauses with numbered parameters.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Filter {
     clauses: Vec<String>,
     params: Vec<Value>,
@@ -853,19 +853,92 @@ pub fn get_work_with_session(id: &str) -> Statement {
     .bounded()
 }
 
-pub fn list_environments(filter: &ArchiveFilter, page: &PageRequest) -> Statement {
-    list_archivable("environments", filter, page)
+/// A listing of records bounded by bytes as well as by count ([`crate::LIST_PAGE_BYTES`]): first
+/// the ids and sizes of the page's candidates (nearest the cursor first), then the documents of
+/// the run of them that fits.
+pub struct BoundedListing {
+    table: &'static str,
+    filter: Filter,
 }
 
-pub fn list_agents(filter: &ArchiveFilter, page: &PageRequest) -> Statement {
-    list_archivable("agents", filter, page)
+impl BoundedListing {
+    pub fn environments(filter: &ArchiveFilter) -> BoundedListing {
+        BoundedListing::archivable("environments", filter)
+    }
+
+    pub fn agents(filter: &ArchiveFilter) -> BoundedListing {
+        BoundedListing::archivable("agents", filter)
+    }
+
+    fn archivable(table: &'static str, filter: &ArchiveFilter) -> BoundedListing {
+        let mut f = Filter::default();
+        f.archive(filter);
+        BoundedListing { table, filter: f }
+    }
+
+    pub fn sessions(filter: &SessionFilter) -> BoundedListing {
+        let mut f = Filter::default();
+        f.archive(&ArchiveFilter {
+            include_archived: filter.include_archived,
+            created_gte: filter.created_gte,
+            created_lte: filter.created_lte,
+        });
+        if let Some(agent) = &filter.agent_id {
+            let p = f.param(agent.as_str());
+            f.add(format!("agent_id = {p}"));
+        }
+        if let Some(env) = &filter.environment_id {
+            let p = f.param(env.as_str());
+            f.add(format!("environment_id = {p}"));
+        }
+        if !filter.statuses.is_empty() {
+            let ps: Vec<String> = filter
+                .statuses
+                .iter()
+                .map(|s| f.param(s.as_str()))
+                .collect();
+            f.add(format!("status IN ({})", ps.join(", ")));
+        }
+        BoundedListing {
+            table: "sessions",
+            filter: f,
+        }
+    }
+
+    /// The ids and sizes of the page's candidates, in the order they are read (`limit + 1`).
+    pub fn sizes(&self, page: &PageRequest) -> Statement {
+        let mut f = self.filter.clone();
+        let tail = f.paginate("id", page);
+        f.statement(
+            &format!("SELECT id, OCTET_LENGTH(doc) FROM {}", self.table),
+            &tail,
+        )
+    }
+
+    /// The documents of the records the filter keeps from `low` to `high` (both included), in id
+    /// order.
+    pub fn between(&self, low: &str, high: &str) -> Statement {
+        let mut f = self.filter.clone();
+        let (low, high) = (f.param(low), f.param(high));
+        f.add(format!("id >= {low} AND id <= {high}"));
+        f.statement(&format!("SELECT doc FROM {}", self.table), " ORDER BY id")
+    }
 }
 
-fn list_archivable(table: &str, filter: &ArchiveFilter, page: &PageRequest) -> Statement {
-    let mut f = Filter::default();
-    f.archive(filter);
-    let tail = f.paginate("id", page);
-    f.statement(&format!("SELECT doc FROM {table}"), &tail)
+/// Of candidates of these sizes (in the order read), how many make the page: at most `limit`, and
+/// no more than `max_bytes` together unless one alone is larger; and whether any follow.
+pub fn fitting(sizes: &[i64], limit: usize, max_bytes: usize) -> (usize, bool) {
+    let mut kept = 0;
+    let mut bytes = 0usize;
+    for size in sizes.iter().take(limit) {
+        let size = usize::try_from(*size).unwrap_or(usize::MAX);
+        if kept > 0 && bytes.saturating_add(size) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        kept += 1;
+    }
+    (kept, sizes.len() > kept)
 }
 
 pub fn count_sessions_in_environment(environment_id: &str) -> Statement {
@@ -881,33 +954,6 @@ pub fn get_agent_version(id: &str, version: u32) -> Statement {
         vec![id.into(), i64::from(version).into()],
     )
     .bounded()
-}
-
-pub fn list_sessions(filter: &SessionFilter, page: &PageRequest) -> Statement {
-    let mut f = Filter::default();
-    f.archive(&ArchiveFilter {
-        include_archived: filter.include_archived,
-        created_gte: filter.created_gte,
-        created_lte: filter.created_lte,
-    });
-    if let Some(agent) = &filter.agent_id {
-        let p = f.param(agent.as_str());
-        f.add(format!("agent_id = {p}"));
-    }
-    if let Some(env) = &filter.environment_id {
-        let p = f.param(env.as_str());
-        f.add(format!("environment_id = {p}"));
-    }
-    if !filter.statuses.is_empty() {
-        let ps: Vec<String> = filter
-            .statuses
-            .iter()
-            .map(|s| f.param(s.as_str()))
-            .collect();
-        f.add(format!("status IN ({})", ps.join(", ")));
-    }
-    let tail = f.paginate("id", page);
-    f.statement("SELECT doc FROM sessions", &tail)
 }
 
 /// The ids and stored sizes (bytes) of a page of events, nearest the cursor first, one more than asked.

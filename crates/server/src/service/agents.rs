@@ -181,13 +181,7 @@ impl App {
         super::in_list_order(
             page,
             |a: &Agent| &a.id,
-            |page| async move {
-                Ok(self
-                    .store
-                    .list_agents(filter, &page)
-                    .await
-                    .map(super::within_page_bytes)?)
-            },
+            |page| async move { Ok(self.store.list_agents(filter, &page).await?) },
         )
         .await
     }

@@ -127,13 +127,7 @@ impl App {
         super::in_list_order(
             page,
             |e: &Environment| &e.id,
-            |page| async move {
-                Ok(self
-                    .store
-                    .list_environments(filter, &page)
-                    .await
-                    .map(super::within_page_bytes)?)
-            },
+            |page| async move { Ok(self.store.list_environments(filter, &page).await?) },
         )
         .await
     }

@@ -655,52 +655,6 @@ impl WrittenSet {
     }
 }
 
-/// The most bytes of JSON the records of one page of a listing of environments, agents or
-/// sessions hold, beyond its first record: a session shows its agent, whose prompt and tools may
-/// each be as large as a request body, and a page of 1,000 such records would otherwise be one
-/// answer of gigabytes. A page cut short says `has_more`, and its `next_page` goes on from its last
-/// record, as for any page (§1.8); the official SDKs follow it. The event log's pages have the same
-/// bound ([`events::READ_BYTES`]).
-pub const LIST_PAGE_BYTES: usize = 1 << 20;
-
-/// `page` cut after the record that takes its records past [`LIST_PAGE_BYTES`] of JSON (one
-/// record at the least).
-pub(crate) fn within_page_bytes<T: serde::Serialize>(
-    mut page: tether_store::Page<T>,
-) -> tether_store::Page<T> {
-    let mut bytes = 0usize;
-    let over = page.items.iter().position(|item| {
-        bytes = bytes.saturating_add(json_len(item));
-        bytes > LIST_PAGE_BYTES
-    });
-    if let Some(last) = over {
-        if last + 1 < page.items.len() {
-            page.items.truncate(last + 1);
-            page.has_more = true;
-        }
-    }
-    page
-}
-
-/// The length of `value`'s JSON, counted without keeping it.
-fn json_len<T: serde::Serialize>(value: &T) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Records are plain data: serializing them cannot fail, and a count cut short only lets a
-    // page be longer.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
-}
-
 /// One page of a listing, its `has_more` as §1.8 defines it: whether items follow the page in list
 /// order, however the page was asked for. A `before_id` page is read backwards from its cursor, and
 /// the extra row read there says only that items come *before* it; `next_page` (its last id, D-3)

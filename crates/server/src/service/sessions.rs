@@ -224,13 +224,7 @@ impl App {
         super::in_list_order(
             page,
             |s: &Session| &s.id,
-            |page| async move {
-                Ok(self
-                    .store
-                    .list_sessions(filter, &page)
-                    .await
-                    .map(super::within_page_bytes)?)
-            },
+            |page| async move { Ok(self.store.list_sessions(filter, &page).await?) },
         )
         .await
     }

@@ -273,7 +273,9 @@ fn with_quiet_libraries(directives: &str) -> String {
     if directives.contains("deadpool") {
         return directives.to_owned();
     }
-    format!("{directives},deadpool=error")
+    // `off`, not `error`: a more specific directive wins, so `error` would turn the pool's error
+    // lines back on under `TETHER_LOG=off`.
+    format!("{directives},deadpool=off")
 }
 
 pub async fn open_store(args: &ServeArgs) -> Result<Arc<dyn Store>> {
@@ -688,6 +690,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(target: "deadpool.postgres", "Connection error: db error");
+            tracing::error!(target: "deadpool.postgres", "Connection error: fatal");
             tracing::warn!(target: "tether_store::postgres::listener", "lost the database");
         });
         let logged = buffer.lock().unwrap().clone();
@@ -713,9 +716,14 @@ mod tests {
             "warn",
             "tether_store=debug,tower_http=warn",
             "trace",
+            "off",
         ] {
             let logged = logged_under(given);
-            assert!(logged.contains("lost the database"), "{given}: {logged}");
+            assert_eq!(
+                logged.contains("lost the database"),
+                given != "off",
+                "{given}: {logged}"
+            );
             assert!(!logged.contains("Connection error"), "{given}: {logged}");
         }
         for named in ["info,deadpool=warn", "warn,deadpool.postgres=debug"] {

@@ -27,6 +27,7 @@
 
 mod outbox;
 mod responses;
+pub use responses::STALLED_AFTER;
 mod slots;
 
 use std::convert::Infallible;
@@ -620,9 +621,10 @@ impl ConnState {
     /// those with no request in flight, by how long they have waited (for their first request, for
     /// the rest of a request's headers, or for the next request); then those whose every request in
     /// flight yields ([`Yieldable`]: an event stream, a body still arriving) or has an answer that
-    /// waits for the client to take it (an HTTP/2 stream whose window the client keeps shut: its
-    /// request is done, and a client that does not read it loses nothing it would have had), by
-    /// how long they have done only that. `None` for one doing other work, or displaced already.
+    /// has waited [`responses::STALLED_AFTER`] or more for the client to take it (an HTTP/2 stream
+    /// whose window the client keeps shut: its request is done, and a client that does not read it
+    /// loses nothing it would have had), by how long they have done only that. `None` for one doing
+    /// other work, or displaced already.
     fn displaceable(&self, now: Instant) -> Option<(Yield, Instant)> {
         if self.displaced.is_cancelled() {
             return None;
@@ -630,7 +632,7 @@ impl ConnState {
         let in_flight = self.in_flight.load(Ordering::Acquire);
         if in_flight > 0 {
             let yielding = self.yielding.load(Ordering::Acquire);
-            let (stalled, stalled_since) = self.responses.stalled();
+            let (stalled, stalled_since) = self.responses.stalled(self.now_ms());
             if (yielding as usize).saturating_add(stalled) < in_flight as usize {
                 return None;
             }
@@ -665,7 +667,8 @@ impl ConnState {
     fn only_yielding_or_stalled(&self) -> bool {
         let in_flight = self.in_flight.load(Ordering::Acquire) as usize;
         let yielding = self.yielding.load(Ordering::Acquire) as usize;
-        in_flight > 0 && yielding.saturating_add(self.responses.stalled().0) >= in_flight
+        in_flight > 0
+            && yielding.saturating_add(self.responses.stalled(self.now_ms()).0) >= in_flight
     }
 
     fn verdict(&self, limits: &ConnectionLimits, now: Instant) -> Verdict {

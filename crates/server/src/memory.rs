@@ -2,13 +2,14 @@
 //! a quarter of it), and how much of each one caller may hold.
 //!
 //! Two kinds of request hold memory for as long as a client likes to make them: a body that is
-//! arriving (paid for as it arrives: a `Content-Length` that lies holds nothing more), and an answer of stored events that the
-//! client does not take (an event page, a live stream's replay; an HTTP/2 client can leave a hundred
-//! of them unread per connection until the idle timeout closes it). Each pays from a budget, through
-//! its [`Share`], held until the memory is let go: a request body until its answer is sent
-//! (`http::budget`), from `--request-memory`; a page of events until it is handed out (and a live
-//! stream's event until its text is written), from a budget of its own, a quarter of that
-//! ([`page_budget`]), so that reads and bodies never compete.
+//! arriving (paid for as it arrives: a `Content-Length` that lies holds nothing more), and an
+//! answer the client does not take (an event page, a live stream's replay, any other read's answer
+//! over 16 KiB; an HTTP/2 client can leave a hundred of them unread per connection until the idle
+//! timeout closes it). Each pays from a budget, through its [`Share`], held until the memory is let
+//! go: a request body until its answer is sent (`http::budget`), from `--request-memory`; a page of
+//! events until it is handed out, a live stream's event until its text is written, and a read's
+//! answer until its bytes are, from a budget of its own, a quarter of that ([`page_budget`]), so
+//! that reads and bodies never compete.
 //!
 //! A request takes its share only when all of it is free, and never queues: one that does not fit
 //! waits for memory to be given back and tries again, while a request that fits goes ahead at once.
@@ -38,8 +39,9 @@ pub const DEFAULT_REQUEST_MEMORY: usize = 256 << 20;
 /// quarter always stays for the others.
 pub const CALLER_PART: (usize, usize) = (3, 4);
 
-/// The budget of the pages of events being read or handed out, from `--request-memory`: a quarter of
-/// it (64 MiB by default: sixteen reads of a full page at once, and many more pages being handed out).
+/// The budget of the answers being read or handed out (pages of events, and reads' answers over
+/// 16 KiB), from `--request-memory`: a quarter of it (64 MiB by default: sixteen reads of a full
+/// page at once, and many more pages being handed out).
 pub fn page_budget(request_memory: usize) -> usize {
     request_memory / 4
 }
@@ -187,10 +189,20 @@ impl Share {
         }
         let count = u32::try_from(units).map_err(|_| Refusal::TooLarge)?;
         let of_part = self.budget.acquire(&self.part, count, deadline).await?;
-        let of_whole = self
+        let of_whole = match self
             .budget
             .acquire(&self.budget.units, count, deadline)
-            .await?;
+            .await
+        {
+            Ok(of_whole) => of_whole,
+            Err(refusal) => {
+                // What was taken of the part goes back: a request of the caller that found the
+                // part short meanwhile may fit now.
+                drop(of_part);
+                self.budget.released.notify_waiters();
+                return Err(refusal);
+            }
+        };
         match &mut self.held {
             Some((part, whole)) => {
                 part.merge(of_part);

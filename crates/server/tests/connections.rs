@@ -396,12 +396,14 @@ async fn at_the_cap_a_new_connection_displaces_the_longest_waiting_idle_one_neve
     server.await.unwrap();
 }
 
-/// At the cap, HTTP/2 connections whose answers wait for clients that never take them (each
-/// stream's window left shut, nothing read) give their places to new clients, the one stalled
-/// longest first: their requests are done, and a client with no credential at all could otherwise
-/// hold every place until the idle timeout, and take it again at once.
+/// At the cap, HTTP/2 connections whose answers have waited `STALLED_AFTER` for clients that
+/// never take them (each stream's window left shut, nothing read) give their places to new
+/// clients, the one stalled longest first: their requests are done, and a client with no
+/// credential at all could otherwise hold every place until the idle timeout, and take it again at
+/// once. Before that an answer may be being read, and its connection keeps its place.
 #[tokio::test]
 async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
+    use tether_server::listener::STALLED_AFTER;
     let router = Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/large", get(|| async { vec![b'x'; 1024 * 1024] }));
@@ -419,6 +421,16 @@ async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
         held.push((sender, response, conn));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let stalled = std::time::Instant::now();
+    assert_eq!(
+        get_status(address, "/").await,
+        None,
+        "refused while the answers may still be being read"
+    );
+    tokio::time::sleep(
+        (STALLED_AFTER + Duration::from_millis(200)).saturating_sub(stalled.elapsed()),
+    )
+    .await;
     assert_eq!(
         get_status(address, "/").await.as_deref(),
         Some("HTTP/1.1 200 OK"),

@@ -82,18 +82,40 @@ impl<E: Executor> SqlStore<E> {
         Ok(sql::page(self.all(statement, decode).await?, request))
     }
 
-    /// A page of `listing` within [`crate::LIST_PAGE_BYTES`] (see [`sql::BoundedListing`]). The
-    /// records between the run's first and last id are read again with the listing's filter: one
-    /// created or changed between the two reads is listed as it is then (ids grow with time, so
-    /// a new record rarely falls inside the run).
+    /// A page of `listing` within [`crate::LIST_PAGE_BYTES`] (see [`sql::BoundedListing`]).
     async fn bounded<T: serde::de::DeserializeOwned>(
         &self,
         listing: sql::BoundedListing,
         page: &PageRequest,
     ) -> StoreResult<Page<T>> {
-        let sizes = self.all(listing.sizes(page), sql::decode_id_size).await?;
+        let sizes = listing.sizes(page);
+        let between = |low: &str, high: &str| listing.between(low, high);
+        self.within_bytes(
+            sizes,
+            between,
+            page,
+            crate::LIST_PAGE_BYTES,
+            sql::id_and_doc,
+        )
+        .await
+    }
+
+    /// A page within `max_bytes`: first the ids and sizes of its candidates (`sizes`, nearest the
+    /// cursor first), without their documents; then, read by `between` from the first to the last
+    /// id that fit, the documents of those ids and no others: a record that came into the range or
+    /// into the filter between the two reads is left for another page, so the page holds no more
+    /// records nor bytes than the sizes allowed.
+    async fn within_bytes<T>(
+        &self,
+        sizes: Statement,
+        between: impl FnOnce(&str, &str) -> Statement,
+        page: &PageRequest,
+        max_bytes: usize,
+        decode: fn(&Row) -> StoreResult<(String, T)>,
+    ) -> StoreResult<Page<T>> {
+        let sizes = self.all(sizes, sql::decode_id_size).await?;
         let lengths: Vec<i64> = sizes.iter().map(|(_, size)| *size).collect();
-        let (kept, has_more) = sql::fitting(&lengths, page.limit as usize, crate::LIST_PAGE_BYTES);
+        let (kept, has_more) = sql::fitting(&lengths, page.limit as usize, max_bytes);
         if kept == 0 {
             return Ok(Page {
                 items: Vec::new(),
@@ -102,7 +124,14 @@ impl<E: Executor> SqlStore<E> {
         }
         let (a, b) = (&sizes[0].0, &sizes[kept - 1].0);
         let (low, high) = if a <= b { (a, b) } else { (b, a) };
-        let mut items = self.all(listing.between(low, high), sql::doc).await?;
+        let kept_ids: std::collections::HashSet<&str> =
+            sizes[..kept].iter().map(|(id, _)| id.as_str()).collect();
+        let read = self.all(between(low, high), decode).await?;
+        let mut items: Vec<T> = read
+            .into_iter()
+            .filter(|(id, _)| kept_ids.contains(id.as_str()))
+            .map(|(_, item)| item)
+            .collect();
         if page.descending {
             items.reverse();
         }
@@ -219,29 +248,12 @@ impl<E: Executor> Store for SqlStore<E> {
         page: &PageRequest,
         max_bytes: usize,
     ) -> StoreResult<Page<EventDoc>> {
-        // First the ids and sizes of the page's candidates (nearest the cursor first), without their
-        // documents; then the documents of those that fit, which are a contiguous run of ids. Ids only
-        // grow within a session, so nothing new can appear inside that run between the two queries.
-        let sizes = self
-            .all(sql::event_sizes(session_id, page), sql::decode_id_size)
-            .await?;
-        let lengths: Vec<i64> = sizes.iter().map(|(_, size)| *size).collect();
-        let (kept, has_more) = sql::fitting(&lengths, page.limit as usize, max_bytes);
-        if kept == 0 {
-            return Ok(Page {
-                items: Vec::new(),
-                has_more,
-            });
-        }
-        let (a, b) = (&sizes[0].0, &sizes[kept - 1].0);
-        let (low, high) = if a <= b { (a, b) } else { (b, a) };
-        let mut items = self
-            .all(sql::events_between(session_id, low, high), sql::event_doc)
-            .await?;
-        if page.descending {
-            items.reverse();
-        }
-        Ok(Page { items, has_more })
+        // Ids only grow within a session, so the run read by `events_between` is the events that
+        // were sized.
+        let sizes = sql::event_sizes(session_id, page);
+        let between = |low: &str, high: &str| sql::events_between(session_id, low, high);
+        self.within_bytes(sizes, between, page, max_bytes, sql::event_doc_and_id)
+            .await
     }
 
     async fn get_work(&self, id: &str) -> StoreResult<Option<Versioned<WorkItem>>> {

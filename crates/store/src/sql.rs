@@ -915,13 +915,16 @@ impl BoundedListing {
         )
     }
 
-    /// The documents of the records the filter keeps from `low` to `high` (both included), in id
-    /// order.
+    /// The ids and documents of the records the filter keeps from `low` to `high` (both
+    /// included), in id order.
     pub fn between(&self, low: &str, high: &str) -> Statement {
         let mut f = self.filter.clone();
         let (low, high) = (f.param(low), f.param(high));
         f.add(format!("id >= {low} AND id <= {high}"));
-        f.statement(&format!("SELECT doc FROM {}", self.table), " ORDER BY id")
+        f.statement(
+            &format!("SELECT id, doc FROM {}", self.table),
+            " ORDER BY id",
+        )
     }
 }
 
@@ -971,6 +974,17 @@ pub fn events_between(session_id: &str, low: &str, high: &str) -> Statement {
         "SELECT doc FROM session_events WHERE session_id = $1 AND id >= $2 AND id <= $3 ORDER BY id",
         vec![session_id.into(), low.into(), high.into()],
     )
+}
+
+/// A row of `id, doc`.
+pub fn id_and_doc<T: serde::de::DeserializeOwned>(row: &Row) -> StoreResult<(String, T)> {
+    Ok((text(&row[0])?, from_doc(&row[1])?))
+}
+
+/// An event's document ([`event_doc`]) with its id.
+pub fn event_doc_and_id(row: &Row) -> StoreResult<(String, crate::EventDoc)> {
+    let event = event_doc(row)?;
+    Ok((event.id.clone(), event))
 }
 
 pub fn decode_id_size(row: &Row) -> StoreResult<(String, i64)> {

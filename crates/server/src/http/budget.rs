@@ -16,7 +16,8 @@
 //! JSON value of the tree, counted first by a scan that builds nothing. A request that cannot get its
 //! share within [`crate::memory::BUDGET_WAIT`] is answered 503; one whose share alone exceeds what one caller may
 //! hold, or that holds more than [`MAX_JSON_VALUES`] values, is answered 400. Requests without a body
-//! (polls, heartbeats, `/healthz`) pay nothing and are never held up by large ones.
+//! (polls, heartbeats, `/healthz`) pay nothing for a body and are never held up by large ones;
+//! a read's answer over [`ANSWER_FREE`] pays from the answers' budget ([`pay_for_answer`]).
 //!
 //! The budget and what one caller may hold of it are [`crate::memory`]'s.
 
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -318,14 +320,20 @@ pub const ANSWER_FREE: usize = 16 * 1024;
 ///
 /// The answer is made before its cost is known, so it is paid for at once or not at all: a wait
 /// would hold it meanwhile. One that does not fit is dropped and answered 503 (retry shortly).
-/// Streamed answers (event pages, event streams) pay as they go, and public answers share one
-/// copy; neither comes through here.
+/// An answer larger than a caller's whole part pays the part: one such answer at a time per
+/// caller, rather than a record nobody could ever read. Only reads are paid for so: the answer to
+/// a write comes once the write is committed, and a 503 then would have its client send it again
+/// (a second session, the same events twice); a write's answer keeps its body's share instead
+/// ([`read_body`]). Streamed answers (event pages, event streams) pay as they go, and public
+/// answers share one copy; neither comes through here.
 pub async fn pay_for_answer(
     State(budget): State<MemoryBudget>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(caller) = request.extensions().get::<Principal>().cloned() else {
+    let read = matches!(*request.method(), Method::GET | Method::HEAD);
+    let caller = request.extensions().get::<Principal>().cloned();
+    let (true, Some(caller)) = (read, caller) else {
         return next.run(request).await;
     };
     let response = next.run(request).await;
@@ -334,19 +342,16 @@ pub async fn pay_for_answer(
         _ => return response,
     };
     let mut share = budget.share_for(Some(&caller));
-    if let Err(refusal) = share.take_now(size).await {
+    if share
+        .take_now(size.min(budget.caller_part()))
+        .await
+        .is_err()
+    {
         drop(response);
-        return match refusal {
-            Refusal::TooLarge => ApiError::unavailable(
-                "the answer would take more memory than the server holds for one caller's \
-                 answers (three quarters of a quarter of --request-memory): ask for fewer records",
-            )
-            .into_response(),
-            Refusal::Busy => super::retry_shortly(ApiError::unavailable(
-                "the server holds as many answers as it may for this caller or for all; retry \
-                 shortly",
-            )),
-        };
+        return super::retry_shortly(ApiError::unavailable(
+            "the server holds as many unsent answers as it may for this caller, or for all; retry \
+             shortly",
+        ));
     }
     let (parts, body) = response.into_parts();
     // A body of exact size is whole already: collecting it takes no wait.

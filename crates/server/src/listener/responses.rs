@@ -28,6 +28,11 @@ use tokio::time::Instant;
 use super::outbox::Outbox;
 use super::{InFlight, RequestYields, UNSET};
 
+/// How long an answer must have waited for its client to take more before, at the connection cap,
+/// its connection may give its place to a new one: a client reading an answer takes the next piece
+/// well within it, even on a slow link, and one that reads nothing is found out soon after.
+pub const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The size of the pieces a large HTTP/2 data frame is handed out in: h2's default frame size.
 pub const SPLIT: usize = 16 * 1024;
 
@@ -73,15 +78,17 @@ impl Responses {
             .min()
     }
 
-    /// The bodies waiting for the client to take them whose requests do not yield otherwise, and
-    /// since when (ms after the connection opened) the last of them has waited.
-    pub(super) fn stalled(&self) -> (usize, Option<u64>) {
+    /// The bodies that have waited at least [`STALLED_AFTER`] at `now_ms` (ms after the connection
+    /// opened) for the client to take them, whose requests do not yield otherwise, and since when
+    /// the last of them has waited.
+    pub(super) fn stalled(&self, now_ms: u64) -> (usize, Option<u64>) {
+        let stalled_after = STALLED_AFTER.as_millis() as u64;
         let live = self.live.lock().expect("no code panics holding the list");
         live.iter()
             .filter_map(Weak::upgrade)
             .filter(|p| !p.request.yields())
             .map(|p| p.waiting_since.load(Ordering::Acquire))
-            .filter(|&since| since != UNSET)
+            .filter(|&since| since != UNSET && since.saturating_add(stalled_after) <= now_ms)
             .fold((0, None), |(count, latest), since| {
                 (count + 1, Some(latest.map_or(since, |l: u64| l.max(since))))
             })

@@ -13,8 +13,8 @@
 //! it has waited the least. (nginx reuses its idle keep-alive connections the same way when it runs
 //! out.) When none of those looked at is idle, the one that has longest done nothing but requests
 //! that yield goes: an event stream (its client resumes from its `Last-Event-ID`), a body still
-//! arriving, or an answer that waits for its client to take it (an HTTP/2 stream whose window the
-//! client keeps shut: the request is done). Otherwise a client could hold every place with
+//! arriving, or an answer that has waited `STALLED_AFTER` (5 s) for its client to take it (an
+//! HTTP/2 stream whose window the client keeps shut: the request is done). Otherwise a client could hold every place with
 //! streams, with bodies sent a byte at a time, or with answers it never reads, and keep everyone
 //! else out. Other requests in flight are never displaced.
 //!

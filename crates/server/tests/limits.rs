@@ -134,6 +134,18 @@ async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
     .await;
 }
 
+/// A new agent whose prompt is `bytes` long: its id.
+async fn large_agent(server: &TestServer, bytes: usize) -> String {
+    let (status, agent) = server
+        .post(
+            "/agents",
+            json!({"name": "large", "model": "m", "system": "x".repeat(bytes)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{agent}");
+    agent["id"].as_str().unwrap().to_owned()
+}
+
 /// Pages of sessions (and agents) are bounded by bytes too: a session holds its agent, and a page
 /// of sessions whose agent has a 300 kB prompt holds no more than 1 MiB of them, saying
 /// `has_more`; following `next_page` lists every one exactly once, in either order.
@@ -141,14 +153,7 @@ async fn event_pages_are_bounded_by_bytes_and_lose_nothing() {
 async fn pages_of_large_records_are_bounded_by_bytes_and_lose_nothing() {
     each_backend(async |server| {
         let (env, _agent) = server.environment_and_agent().await;
-        let (status, agent) = server
-            .post(
-                "/agents",
-                json!({"name": "large", "model": "m", "system": "z".repeat(300_000)}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{agent}");
-        let agent = agent["id"].as_str().unwrap().to_owned();
+        let agent = large_agent(server, 300_000).await;
         let mut created = Vec::new();
         for _ in 0..9 {
             created.push(server.session(&env, &agent).await);
@@ -754,14 +759,8 @@ async fn unread_large_answers_hold_no_more_than_their_callers_part() {
     let backend = backends().remove(0);
     let server = TestServer::start_with(&backend, options(64 << 10, 64 << 20, 4 << 20)).await;
     let (env, _agent, _session) = server.environment_agent_and_session().await;
-    let (status, agent) = server
-        .post(
-            "/agents",
-            json!({"name": "large", "model": "m", "system": "x".repeat(400_000)}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{agent}");
-    let session = server.session(&env, agent["id"].as_str().unwrap()).await;
+    let agent = large_agent(&server, 400_000).await;
+    let session = server.session(&env, &agent).await;
     let path = format!("/api/v1/cloud/sessions/{session}");
 
     let address = server.base.trim_start_matches("http://").to_owned();
@@ -785,10 +784,7 @@ async fn unread_large_answers_hold_no_more_than_their_callers_part() {
     // A write's answer is never refused after the write, whose client would send it again: a
     // session made with the large agent is answered while the token's part is held.
     let (status, made) = server
-        .post(
-            "/sessions",
-            json!({"agent": agent["id"], "environment_id": env}),
-        )
+        .post("/sessions", json!({"agent": agent, "environment_id": env}))
         .await;
     assert_eq!(status, StatusCode::OK, "{made}");
 

@@ -338,53 +338,48 @@ mod tests {
 
     #[test]
     fn one_line_per_event_with_time_type_and_text() {
-        let e = event(json!({
-            "id": "evt_1", "type": "user.message", "processed_at": "2026-07-01T08:15:01.123456Z",
-            "content": [{"type": "text", "text": "echo hello"}]
-        }));
-        assert_eq!(
-            PLAIN.render(&e),
-            "08:15:01  user.message        echo hello\n"
-        );
-        let e = event(json!({
-            "id": "evt_2", "type": "agent.tool_use", "processed_at": "2026-07-01T08:15:02Z",
-            "name": "shell", "input": {"command": "ls"}
-        }));
-        assert_eq!(
-            PLAIN.render(&e),
-            "08:15:02  agent.tool_use      shell: ls\n"
-        );
-        let e = event(json!({
-            "id": "evt_3", "type": "session.status_idle", "processed_at": "2026-07-01T08:15:03Z",
-            "stop_reason": {"type": "end_turn"}
-        }));
-        assert_eq!(PLAIN.render(&e), "08:15:03  session.status_idle end_turn\n");
-        let e = event(json!({
-            "id": "evt_5", "type": "session.error", "processed_at": "2026-07-01T08:15:04Z",
-            "error": {"type": "unknown_error", "message": "the work item serving this turn stopped"}
-        }));
-        assert_eq!(
-            PLAIN.render(&e),
-            "08:15:04  session.error       the work item serving this turn stopped\n"
-        );
-        let e = event(json!({
-            "id": "evt_6", "type": "session.error", "processed_at": "2026-07-01T08:15:04Z",
-            "error": {"type": "model_overloaded_error", "message": "busy"}
-        }));
-        assert_eq!(
-            PLAIN.render(&e),
-            "08:15:04  session.error       model_overloaded_error: busy\n"
-        );
-        let e = event(json!({
-            "id": "evt_7", "type": "session.status_idle", "processed_at": "2026-07-01T08:15:05Z",
-            "stop_reason": {"type": "retries_exhausted"}
-        }));
-        assert_eq!(
-            PLAIN.render(&e),
-            "08:15:05  session.status_idle retries_exhausted (the turn ended in an error)\n"
-        );
-        let e = event(json!({"id": "evt_4", "type": "session.status_running"}));
-        assert_eq!(PLAIN.render(&e), "--:--:--  session.status_running\n");
+        let cases = [
+            (
+                json!({"type": "user.message", "processed_at": "2026-07-01T08:15:01.123456Z",
+                       "content": [{"type": "text", "text": "echo hello"}]}),
+                "08:15:01  user.message        echo hello\n",
+            ),
+            (
+                json!({"type": "agent.tool_use", "processed_at": "2026-07-01T08:15:02Z",
+                       "name": "shell", "input": {"command": "ls"}}),
+                "08:15:02  agent.tool_use      shell: ls\n",
+            ),
+            (
+                json!({"type": "session.status_idle", "processed_at": "2026-07-01T08:15:03Z",
+                       "stop_reason": {"type": "end_turn"}}),
+                "08:15:03  session.status_idle end_turn\n",
+            ),
+            // The contract's names for any failed turn, said plainly.
+            (
+                json!({"type": "session.error", "processed_at": "2026-07-01T08:15:04Z",
+                       "error": {"type": "unknown_error",
+                                 "message": "the work item serving this turn stopped"}}),
+                "08:15:04  session.error       the work item serving this turn stopped\n",
+            ),
+            (
+                json!({"type": "session.error", "processed_at": "2026-07-01T08:15:04Z",
+                       "error": {"type": "model_overloaded_error", "message": "busy"}}),
+                "08:15:04  session.error       model_overloaded_error: busy\n",
+            ),
+            (
+                json!({"type": "session.status_idle", "processed_at": "2026-07-01T08:15:05Z",
+                       "stop_reason": {"type": "retries_exhausted"}}),
+                "08:15:05  session.status_idle retries_exhausted (the turn ended in an error)\n",
+            ),
+            (
+                json!({"type": "session.status_running"}),
+                "--:--:--  session.status_running\n",
+            ),
+        ];
+        for (i, (mut fields, line)) in cases.into_iter().enumerate() {
+            fields["id"] = json!(format!("evt_{i}"));
+            assert_eq!(PLAIN.render(&event(fields)), line);
+        }
     }
 
     #[test]

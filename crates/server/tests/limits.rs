@@ -178,6 +178,17 @@ async fn pages_of_large_records_are_bounded_by_bytes_and_lose_nothing() {
             expected.sort();
             assert_eq!(listed, expected, "{path}");
         }
+        // Read backwards from the last: the page holds the three nearest the cursor, in list
+        // order, and says that more follow it (the cursor's record).
+        let last = created.last().unwrap();
+        let (status, page) = server
+            .get(&format!(
+                "/sessions?agent_id={agent}&limit=100&before_id={last}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(listed_ids(&page), created[5..8].to_vec(), "{page}");
+        assert_eq!(page["has_more"], true, "{page}");
         // The agents' listing: the large agent beside the small one fits in one page.
         let pages = server.pages("/agents?limit=100").await;
         assert_eq!(pages.len(), 1);

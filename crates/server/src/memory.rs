@@ -259,6 +259,30 @@ impl Share {
     }
 }
 
+impl Share {
+    /// `data` as bytes that keep this share until the last of them is let go: memory that an
+    /// answer hands to hyper stays paid for while hyper's buffers (or a socket's queue) hold it,
+    /// however long a client that reads nothing makes that.
+    pub fn paying_for<T>(self, data: T) -> bytes::Bytes
+    where
+        T: AsRef<[u8]> + Send + 'static,
+    {
+        bytes::Bytes::from_owner(Paid { data, _share: self })
+    }
+}
+
+/// Bytes and the share that pays for them ([`Share::paying_for`]).
+struct Paid<T> {
+    data: T,
+    _share: Share,
+}
+
+impl<T: AsRef<[u8]>> AsRef<[u8]> for Paid<T> {
+    fn as_ref(&self) -> &[u8] {
+        self.data.as_ref()
+    }
+}
+
 impl Drop for Share {
     fn drop(&mut self) {
         if self.held.take().is_some() {

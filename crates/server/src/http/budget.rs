@@ -359,23 +359,7 @@ pub async fn pay_for_answer(
         Ok(bytes) => bytes,
         Err(_) => return ApiError::internal("an answer could not be read").into_response(),
     };
-    let paid = Bytes::from_owner(PaidAnswer {
-        bytes,
-        _share: share,
-    });
-    Response::from_parts(parts, Body::from(paid))
-}
-
-/// An answer's bytes and the share that pays for them, let go with the last of them.
-struct PaidAnswer {
-    bytes: Bytes,
-    _share: Share,
-}
-
-impl AsRef<[u8]> for PaidAnswer {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
-    }
+    Response::from_parts(parts, Body::from(share.paying_for(bytes)))
 }
 
 /// `response`, keeping `share` until its body has been sent (or dropped).

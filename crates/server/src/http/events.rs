@@ -269,19 +269,7 @@ fn frame(event: &tether_store::EventDoc, held: Share) -> Bytes {
         text.push(b'\n');
     }
     text.push(b'\n');
-    Bytes::from_owner(HeldFrame { text, _held: held })
-}
-
-/// A frame's text and the memory share that pays for it.
-struct HeldFrame {
-    text: Vec<u8>,
-    _held: Share,
-}
-
-impl AsRef<[u8]> for HeldFrame {
-    fn as_ref(&self) -> &[u8] {
-        &self.text
-    }
+    held.paying_for(text)
 }
 
 /// `POST /sessions/{id}/cancel`. While a turn runs (`running`, or `rescheduling` while its item waits for a

@@ -201,10 +201,7 @@ async fn claim_until_drain(
             let claims = claim_support.claims_now(Instant::now());
             let sent = tokio::time::Instant::now();
             if claims {
-                ClaimTries::forget_once_lapsed(tries, sent, LONGEST_LEASE);
-                tries
-                    .get_or_insert_with(|| ClaimTries::first_at(sent))
-                    .ask(options);
+                ClaimTries::before_try(tries, sent, options);
             }
             let polled = tokio::select! {
                 polled = take(&client, &shared.environment_id, options, claims) => polled,
@@ -227,9 +224,7 @@ async fn claim_until_drain(
             let earlier_try = matches!(&polled, Ok(Some((_, Some(taken)))) if taken.earlier_try);
             let lease_from = ClaimTries::lease_start(tries.as_ref(), sent, earlier_try);
             if claims {
-                let outcome = TryOutcome::of(&polled);
-                ClaimTries::answered(tries, outcome);
-                unheard.after(outcome, sent);
+                ClaimTries::after_try(tries, &mut unheard, TryOutcome::of(&polled), sent);
             }
             fresh_connection = !crate::error::answered(&polled);
             match (&polled, &mut failing) {
@@ -313,8 +308,9 @@ async fn claim_until_drain(
             Holdup::ProgramCannotRun => backoff.next_delay(),
             _ => ClaimTries::wait_before_next(
                 tries.as_ref(),
+                &unheard,
                 backoff.next_delay(),
-                unheard.sends_again_soon(tokio::time::Instant::now()),
+                tokio::time::Instant::now(),
             ),
         };
         let retry_in = format!("{:.1}s", delay.as_secs_f64());
@@ -510,13 +506,45 @@ impl ClaimTries {
         }
     }
 
-    /// How long to wait before the next take, the backoff having said `backoff`: a claim sent
-    /// again goes within [`CLAIM_SENT_AGAIN_WITHIN`] while `soon` (`UnheardStretch::sends_again_soon`).
-    /// The item it may have taken is leased from its first try; at the poll's backoff (up to a
-    /// minute) the try would come after the lease.
-    fn wait_before_next(tries: Option<&ClaimTries>, backoff: Duration, soon: bool) -> Duration {
+    /// Before a claim's try sent at `sent`: the claim it belongs to (a new one when there is none,
+    /// or the last lapsed), whose key and kind of try go into `options`.
+    fn before_try(
+        tries: &mut Option<ClaimTries>,
+        sent: tokio::time::Instant,
+        options: &mut ClaimOptions,
+    ) {
+        ClaimTries::forget_once_lapsed(tries, sent, LONGEST_LEASE);
+        tries
+            .get_or_insert_with(|| ClaimTries::first_at(sent))
+            .ask(options);
+    }
+
+    /// After a claim's try sent at `sent`: what its outcome says of the claim and of the stretch
+    /// of unheard tries.
+    fn after_try(
+        tries: &mut Option<ClaimTries>,
+        unheard: &mut UnheardStretch,
+        outcome: TryOutcome,
+        sent: tokio::time::Instant,
+    ) {
+        ClaimTries::answered(tries, outcome);
+        unheard.after(outcome, sent);
+    }
+
+    /// How long to wait at `now` before the next take, the backoff having said `backoff`: a claim
+    /// sent again goes within [`CLAIM_SENT_AGAIN_WITHIN`] while tries have not gone unheard for a
+    /// lease (`UnheardStretch::sends_again_soon`). The item it may have taken is leased from its
+    /// first try; at the poll's backoff (up to a minute) the try would come after the lease.
+    fn wait_before_next(
+        tries: Option<&ClaimTries>,
+        unheard: &UnheardStretch,
+        backoff: Duration,
+        now: tokio::time::Instant,
+    ) -> Duration {
         match tries {
-            Some(tries) if tries.unheard && soon => backoff.min(CLAIM_SENT_AGAIN_WITHIN),
+            Some(tries) if tries.unheard && unheard.sends_again_soon(now) => {
+                backoff.min(CLAIM_SENT_AGAIN_WITHIN)
+            }
             _ => backoff,
         }
     }
@@ -842,13 +870,22 @@ mod tests {
         assert_eq!(options.retry, ClaimTry::Again, "sent again");
         let long = Duration::from_secs(60);
         assert_eq!(
-            ClaimTries::wait_before_next(tries.as_ref(), long, true),
+            ClaimTries::wait_before_next(tries.as_ref(), &UnheardStretch::default(), long, later),
             CLAIM_SENT_AGAIN_WITHIN,
             "sent again well within the lease"
         );
-        assert_eq!(ClaimTries::wait_before_next(None, long, true), long);
+        let never_heard = UnheardStretch::default();
         assert_eq!(
-            ClaimTries::wait_before_next(tries.as_ref(), long, false),
+            ClaimTries::wait_before_next(None, &never_heard, long, later),
+            long
+        );
+        assert_eq!(
+            ClaimTries::wait_before_next(
+                tries.as_ref(),
+                &UnheardStretch { since: Some(start) },
+                long,
+                start + LONGEST_LEASE
+            ),
             long,
             "at the backoff's pace once tries have gone unheard for a lease"
         );
@@ -877,7 +914,8 @@ mod tests {
         assert_eq!(ClaimTries::lease_start(None, later, false), later);
     }
 
-    /// The claim loop's bookkeeping for one try sent at `now` with the outcome given: the wait
+    /// One try of the claim loop sent at `now` with the outcome given, through the steps the loop
+    /// calls around it (`before_try`, `after_try`, `wait_before_next`): the wait
     /// before the next, the backoff having said `backoff`.
     fn one_try(
         tries: &mut Option<ClaimTries>,
@@ -886,11 +924,9 @@ mod tests {
         outcome: TryOutcome,
         backoff: Duration,
     ) -> Duration {
-        ClaimTries::forget_once_lapsed(tries, now, LONGEST_LEASE);
-        tries.get_or_insert_with(|| ClaimTries::first_at(now));
-        ClaimTries::answered(tries, outcome);
-        unheard.after(outcome, now);
-        ClaimTries::wait_before_next(tries.as_ref(), backoff, unheard.sends_again_soon(now))
+        ClaimTries::before_try(tries, now, &mut ClaimOptions::default());
+        ClaimTries::after_try(tries, unheard, outcome, now);
+        ClaimTries::wait_before_next(tries.as_ref(), unheard, backoff, now)
     }
 
     #[test]

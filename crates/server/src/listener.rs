@@ -140,7 +140,8 @@ pub async fn run(
         stop: stop.clone(),
     });
     let slots = slots::Slots::new(limits.max_connections);
-    let mut refusals = RateLimitedLog::new();
+    // At most one warning a while, however many connections a flood brings.
+    let mut refusals = crate::telemetry::RateLimitedLog::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -151,8 +152,8 @@ pub async fn run(
             Err(e) => {
                 // Out of file descriptors (or another resource): wait a little instead of spinning;
                 // the cap normally keeps this from happening at all.
-                if refusals.due() {
-                    tracing::warn!(error = %e, "cannot accept a connection");
+                if let Some(unlogged) = refusals.due() {
+                    tracing::warn!(error = %e, unlogged_since_last = unlogged, "cannot accept a connection");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -167,9 +168,10 @@ pub async fn run(
             }
             slots::Admission::Refused => {
                 metrics::counter!("tether_http_connections_refused_total").increment(1);
-                if refusals.due() {
+                if let Some(unlogged) = refusals.due() {
                     tracing::warn!(
                         max_connections = limits.max_connections,
+                        unlogged_since_last = unlogged,
                         "connection limit reached with a request in flight on every connection: \
                          closing new connections (see --max-connections)"
                     );
@@ -905,28 +907,5 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_replacement(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// At most one warning every ten seconds, however many connections a flood brings.
-struct RateLimitedLog {
-    last: Option<Instant>,
-}
-
-impl RateLimitedLog {
-    fn new() -> RateLimitedLog {
-        RateLimitedLog { last: None }
-    }
-
-    fn due(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
-        {
-            return false;
-        }
-        self.last = Some(now);
-        true
     }
 }

@@ -516,9 +516,68 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// At most one log line every [`RateLimitedLog::EVERY`] of something that can happen many times
+/// a second (a flood of connections at the cap, a store that cannot serve during an outage), with
+/// how many went unlogged since the line before.
+#[derive(Debug, Default)]
+pub struct RateLimitedLog {
+    /// When the last line went out, and how many came after it unlogged.
+    last: Option<(std::time::Instant, u64)>,
+}
+
+impl RateLimitedLog {
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    pub const fn new() -> RateLimitedLog {
+        RateLimitedLog { last: None }
+    }
+
+    /// One more at `now`: `Some(how many went unlogged since the last line)` when this one is to
+    /// be logged.
+    pub fn due_at(&mut self, now: std::time::Instant) -> Option<u64> {
+        match &mut self.last {
+            Some((said, unsaid)) if now.duration_since(*said) < Self::EVERY => {
+                *unsaid += 1;
+                None
+            }
+            last => {
+                let unsaid = last.map_or(0, |(_, unsaid)| unsaid);
+                *last = Some((now, 0));
+                Some(unsaid)
+            }
+        }
+    }
+
+    /// [`RateLimitedLog::due_at`] now.
+    pub fn due(&mut self) -> Option<u64> {
+        self.due_at(std::time::Instant::now())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_is_logged_once_a_while_with_what_went_unlogged_between() {
+        let start = std::time::Instant::now();
+        let mut lines = RateLimitedLog::new();
+        assert_eq!(lines.due_at(start), Some(0), "the first is logged");
+        // One a quarter of a second.
+        let mut said = vec![];
+        for quarter in 1..=120u32 {
+            let at = start + Duration::from_millis(250) * quarter;
+            if let Some(unsaid) = lines.due_at(at) {
+                said.push((at - start, unsaid));
+            }
+        }
+        let every = RateLimitedLog::EVERY;
+        assert_eq!(said, vec![(every, 39), (every * 2, 39), (every * 3, 39)]);
+        // After a quiet stretch the next is logged at once.
+        let later = start + every * 10;
+        assert_eq!(lines.due_at(later), Some(0));
+        assert_eq!(lines.due_at(later + Duration::from_millis(1)), None);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_scrape_shares_the_text_still_being_handed_out_and_renders_afresh_otherwise() {

@@ -106,46 +106,22 @@ impl Error {
     }
 }
 
-/// How often a store that cannot serve is logged at `warn`, at most. In an outage every request
-/// and every background duty's tick fails alike, and the store says the outage itself as it begins
-/// and as it ends ("lost the database", "the database is reachable again"); the failures between
-/// are said once a while, with how many went unsaid, and each at `debug`. A pool whose connections
-/// are all busy is said the same way.
-const UNAVAILABLE_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Failures of a store that cannot serve, since the last one said at `warn`.
-#[derive(Debug, Default)]
-struct UnavailableLines {
-    /// When the last line went out, and how many failures came after it.
-    last: Option<(std::time::Instant, u64)>,
-}
-
-impl UnavailableLines {
-    /// A failure at `now`: `Some(failures not said since the last line)` when this one is said.
-    fn failed(&mut self, now: std::time::Instant) -> Option<u64> {
-        match &mut self.last {
-            Some((said, unsaid)) if now.duration_since(*said) < UNAVAILABLE_SAID_EVERY => {
-                *unsaid += 1;
-                None
-            }
-            last => {
-                let unsaid = last.map_or(0, |(_, unsaid)| unsaid);
-                *last = Some((now, 0));
-                Some(unsaid)
-            }
-        }
-    }
-}
-
+/// A store that cannot serve is logged at `warn` once a while at most
+/// ([`crate::telemetry::RateLimitedLog`]), with how many failures went unlogged, and each at
+/// `debug`: in an outage every request and every background duty's tick fails alike, and the store
+/// says the outage itself as it begins and as it ends ("lost the database", "the database is
+/// reachable again"). A pool whose connections are all busy is said the same way.
 fn unavailable_said(reason: &str) {
-    static LINES: std::sync::Mutex<UnavailableLines> =
-        std::sync::Mutex::new(UnavailableLines { last: None });
-    let said = LINES
+    static LINES: std::sync::Mutex<crate::telemetry::RateLimitedLog> =
+        std::sync::Mutex::new(crate::telemetry::RateLimitedLog::new());
+    let due = LINES
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .failed(std::time::Instant::now());
-    match said {
-        Some(unsaid) => tracing::warn!(%reason, unlogged_since_last = unsaid, "store unavailable"),
+        .due();
+    match due {
+        Some(unlogged) => {
+            tracing::warn!(%reason, unlogged_since_last = unlogged, "store unavailable")
+        }
         None => tracing::debug!(%reason, "store unavailable"),
     }
 }
@@ -253,7 +229,6 @@ impl From<StoreError> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
 
     #[test]
     fn an_id_of_another_kind_is_said_to_be_one() {
@@ -278,26 +253,5 @@ mod tests {
             Error::not_found(Missing::Session, "x").to_string(),
             "no session x"
         );
-    }
-
-    #[test]
-    fn a_store_that_cannot_serve_is_said_once_a_while_with_the_failures_between() {
-        let start = Instant::now();
-        let mut lines = UnavailableLines::default();
-        assert_eq!(lines.failed(start), Some(0), "the first is said");
-        // An outage's requests and ticks: one a quarter of a second.
-        let mut said = vec![];
-        for quarter in 1..=120u32 {
-            let at = start + Duration::from_millis(250) * quarter;
-            if let Some(unsaid) = lines.failed(at) {
-                said.push((at - start, unsaid));
-            }
-        }
-        let every = UNAVAILABLE_SAID_EVERY;
-        assert_eq!(said, vec![(every, 39), (every * 2, 39), (every * 3, 39)]);
-        // After a quiet stretch the next is said at once.
-        let later = start + every * 10;
-        assert_eq!(lines.failed(later), Some(0));
-        assert_eq!(lines.failed(later + Duration::from_millis(1)), None);
     }
 }

@@ -440,8 +440,8 @@ async fn hint_when_nobody_serves(client: &Client, session_id: &str, hinted: &Ato
 /// when it cannot be read: the note it serves is no reason to fail.
 async fn cloud_environment(client: &Client, env: &str) -> Option<String> {
     let environment = client.get_environment(env).await.ok()?;
-    let cloud = environment.config.get("type").and_then(|t| t.as_str()) == Some("cloud");
-    cloud.then(|| output::printable(env, &[]))
+    // Only one that says so: another platform's environment without a `type` is not refused.
+    (environment.kind() == Some("cloud")).then(|| output::printable(env, &[]))
 }
 
 /// Why a turn in environment `env` has not started, when [`nobody_serves`] says so.

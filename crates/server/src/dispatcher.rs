@@ -30,16 +30,16 @@ pub async fn run(app: App) {
             _ = tick.tick() => {
                 if pass(&app, Expiry::Always).await {
                     if let Err(e) = app.mark_leases_kept().await {
-                        duty_failed("dispatcher: marking the leases kept", &e, e.is_outage());
+                        duty_failed("dispatcher: marking the leases kept", &e);
                     }
                 }
                 if let Err(e) = app.write_worker_records().await {
-                    duty_failed("dispatcher: writing poll records", &e, e.is_outage());
+                    duty_failed("dispatcher: writing poll records", &e);
                 }
             }
             _ = prune.tick() => {
                 if let Err(e) = app.forget_idle_workers().await {
-                    duty_failed("dispatcher: pruning idle workers", &e, e.is_outage());
+                    duty_failed("dispatcher: pruning idle workers", &e);
                 }
             }
             _ = app.dispatch_now.notified() => {
@@ -83,7 +83,7 @@ pub async fn pass(app: &App, expiry: Expiry) -> bool {
     if expiry == Expiry::Always || app.lease_horizon.may_be_due(app.now()) {
         match app.expire_due_leases().await {
             Ok(_) => leases_kept = true,
-            Err(e) => duty_failed("dispatcher: lease expiry pass", &e, e.is_outage()),
+            Err(e) => duty_failed("dispatcher: lease expiry pass", &e),
         }
     }
     let waiting = app.waiters.environments_waiting();
@@ -98,7 +98,7 @@ pub async fn pass(app: &App, expiry: Expiry) -> bool {
             }
             Ok(_) => {}
             Err(e) => {
-                duty_failed("dispatcher: claimable probe", &e, e.is_unavailable());
+                duty_failed("dispatcher: claimable probe", &e);
                 break;
             }
         }

@@ -88,7 +88,7 @@ pub async fn run(app: App) {
         tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = pass(&app).await {
-                    crate::services::duty_failed("sampler: queue sampling", &e, e.is_outage());
+                    crate::services::duty_failed("sampler: queue sampling", &e);
                 }
             }
             _ = app.until_shutdown() => return,

@@ -4,7 +4,6 @@
 //! ([`Error`]); only `http/` (through `crate::error`) turns an answer into a status and an envelope.
 
 pub mod agents;
-mod claim_turns;
 pub mod environments;
 mod error;
 pub mod events;
@@ -29,7 +28,7 @@ use crate::hub::SessionHub;
 use crate::sampler::QueueHistory;
 use crate::waiters::Waiters;
 use tokens::Principal;
-use turns::SessionTurns;
+use turns::KeyedTurns;
 
 /// How many times an operation re-reads and re-decides after losing a race before giving up with 503.
 pub const MAX_ATTEMPTS: usize = 32;
@@ -135,8 +134,8 @@ pub struct AppInner {
     /// polls pick different items instead of colliding (other processes are kept apart by the
     /// conditional write).
     claiming: Mutex<work::Claims>,
-    /// Tries of one keyed claim in this process take turns (`claim_turns`).
-    claim_turns: claim_turns::ClaimTurns,
+    /// Tries of one keyed claim in this process take turns, by their session token (`turns`).
+    claim_turns: KeyedTurns,
     /// The polls this process recorded lately, to write each worker's at most once an interval and
     /// to bound the workers each environment may have recorded.
     workers_recorded: Mutex<worker_records::WorkerRecords>,
@@ -190,7 +189,7 @@ pub struct AppInner {
     pub(crate) written_sessions: WrittenRecords<tether_core::resources::Session>,
     /// Turns at writing a session's document, for the requests of this process that change it
     /// ([`App::with_session_retries`]).
-    session_turns: SessionTurns,
+    session_turns: KeyedTurns,
     /// The last reading of `/metrics`' queue gauges, shared by the scrapes of one second.
     pub(crate) queue_gauges: crate::telemetry::QueueGaugeCache,
     pub(crate) live_scrape: crate::telemetry::LiveScrape,
@@ -298,7 +297,7 @@ impl App {
             memory,
             page_memory,
             claiming: Mutex::new(work::Claims::default()),
-            claim_turns: claim_turns::ClaimTurns::default(),
+            claim_turns: KeyedTurns::default(),
             workers_recorded: Mutex::new(workers_recorded),
             workers_unwritten: Mutex::new(HashMap::new()),
             workers_writing: tokio::sync::Mutex::new(()),
@@ -331,7 +330,7 @@ impl App {
                 WRITTEN_RECORD_BYTES,
                 events::json_size_up_to,
             ),
-            session_turns: SessionTurns::default(),
+            session_turns: KeyedTurns::default(),
             queue_gauges: Default::default(),
             live_scrape: Default::default(),
         }))

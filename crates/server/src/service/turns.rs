@@ -19,6 +19,14 @@
 //! A session has a lock only while requests hold or wait for its turn: the last one to leave removes
 //! it. So memory is bounded by the requests in flight, not by the number of sessions, and a client
 //! that floods its own session delays no other session's writers.
+//!
+//! Tries of one keyed claim take turns the same way, by their session token (`App::claim`): every
+//! try names the same token, and the store holds a token on one live item at most, so tries that
+//! race in the store are kept apart there (the loser's write fails and it answers the winner's
+//! item). Tries racing in one process can lose before they write, though: to the reservation
+//! another try holds on an item (`work::Claims`), again and again while that try commits, and then
+//! answer that they found nothing while their claim took an item. A try that had to wait for its
+//! turn ([`Turn::waited`]) looks for what the try before it took, and only then takes anew.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,23 +41,25 @@ pub const TURN_WAIT: Duration = Duration::from_secs(10);
 
 type TurnLock = Arc<tokio::sync::Mutex<()>>;
 
-/// The locks of the sessions that have writers in this process now.
+/// The locks of the keys (sessions, claims' tokens) that have requests in this process now.
 #[derive(Default)]
-pub struct SessionTurns {
+pub struct KeyedTurns {
     locks: Mutex<HashMap<String, TurnLock>>,
 }
 
-/// A session's turn, held until dropped.
+/// A key's turn, held until dropped.
 pub struct Turn<'a> {
     // Declared first, so dropped first: the turn passes on before the ticket is given back.
     _guard: OwnedMutexGuard<()>,
     _ticket: Ticket<'a>,
+    /// Another request held the turn first.
+    pub waited: bool,
 }
 
 /// A place in a session's queue, held or waited for: the lock stays while any ticket does.
 struct Ticket<'a> {
-    turns: &'a SessionTurns,
-    session_id: String,
+    turns: &'a KeyedTurns,
+    key: String,
     lock: TurnLock,
 }
 
@@ -59,43 +69,48 @@ impl Drop for Ticket<'_> {
         // The map's reference and this one: nobody else holds or waits for the turn, and nobody can
         // take a new ticket meanwhile, since that needs the map.
         if Arc::strong_count(&self.lock) == 2 {
-            let removed = locks.remove(&self.session_id);
+            let removed = locks.remove(&self.key);
             debug_assert!(removed.is_some_and(|lock| Arc::ptr_eq(&lock, &self.lock)));
         }
     }
 }
 
-impl SessionTurns {
-    /// Waits for this process's earlier writers of `session_id` (first come, first served) and holds
+impl KeyedTurns {
+    /// Waits for this process's earlier requests of `key` (first come, first served) and holds
     /// the turn until the guard is dropped; `None` when the turn did not come within [`TURN_WAIT`].
-    pub async fn take(&self, session_id: &str) -> Option<Turn<'_>> {
-        self.take_within(session_id, TURN_WAIT).await
+    pub async fn take(&self, key: &str) -> Option<Turn<'_>> {
+        self.take_within(key, TURN_WAIT).await
     }
 
-    async fn take_within(&self, session_id: &str, wait: Duration) -> Option<Turn<'_>> {
-        let ticket = self.ticket(session_id);
-        let guard = tokio::time::timeout(wait, ticket.lock.clone().lock_owned())
-            .await
-            .ok()?;
+    async fn take_within(&self, key: &str, wait: Duration) -> Option<Turn<'_>> {
+        let ticket = self.ticket(key);
+        let (guard, waited) = match ticket.lock.clone().try_lock_owned() {
+            Ok(guard) => (guard, false),
+            Err(_) => {
+                let waiting = ticket.lock.clone().lock_owned();
+                (tokio::time::timeout(wait, waiting).await.ok()?, true)
+            }
+        };
         Some(Turn {
             _guard: guard,
             _ticket: ticket,
+            waited,
         })
     }
 
-    fn ticket(&self, session_id: &str) -> Ticket<'_> {
+    fn ticket(&self, key: &str) -> Ticket<'_> {
         let mut locks = self.locks.lock().expect("turns lock");
-        let lock = locks.entry(session_id.to_owned()).or_default().clone();
+        let lock = locks.entry(key.to_owned()).or_default().clone();
         Ticket {
             turns: self,
-            session_id: session_id.to_owned(),
+            key: key.to_owned(),
             lock,
         }
     }
 
-    /// How many sessions have a lock now.
+    /// How many keys have a lock now.
     #[cfg(test)]
-    fn sessions(&self) -> usize {
+    fn keys(&self) -> usize {
         self.locks.lock().expect("turns lock").len()
     }
 }
@@ -105,13 +120,13 @@ mod tests {
     use super::*;
 
     /// The turn, if it is free now.
-    async fn at_once<'a>(turns: &'a SessionTurns, id: &str) -> Option<Turn<'a>> {
+    async fn at_once<'a>(turns: &'a KeyedTurns, id: &str) -> Option<Turn<'a>> {
         turns.take_within(id, Duration::ZERO).await
     }
 
     #[tokio::test]
     async fn one_session_waits_for_its_turn_and_others_need_not() {
-        let turns = SessionTurns::default();
+        let turns = KeyedTurns::default();
         let held = turns.take("sesn_a").await.expect("a free turn");
         assert!(
             at_once(&turns, "sesn_a").await.is_none(),
@@ -129,7 +144,7 @@ mod tests {
 
     #[tokio::test]
     async fn turns_pass_in_the_order_they_were_asked_for() {
-        let turns = Arc::new(SessionTurns::default());
+        let turns = Arc::new(KeyedTurns::default());
         let held = turns.take("sesn_a").await.expect("a free turn");
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut waiters = Vec::new();
@@ -148,12 +163,49 @@ mod tests {
             waiter.await.expect("waiter");
         }
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
-        assert_eq!(turns.sessions(), 0, "the last one out removed the lock");
+        assert_eq!(turns.keys(), 0, "the last one out removed the lock");
+    }
+
+    #[tokio::test]
+    async fn tries_of_one_claim_take_turns_and_others_do_not_wait() {
+        let turns = KeyedTurns::default();
+        let first = turns.take("a").await.expect("a free turn");
+        assert!(!first.waited);
+        // Another claim's try is not held up.
+        let other = turns.take("b").await.expect("a free turn");
+        assert!(!other.waited);
+        drop(other);
+        let second = turns.take("a");
+        tokio::pin!(second);
+        assert!(
+            futures::poll!(second.as_mut()).is_pending(),
+            "the second try waits for the first"
+        );
+        drop(first);
+        let second = second.await.expect("the turn comes");
+        assert!(second.waited);
+        drop(second);
+        assert_eq!(turns.keys(), 0, "no token is kept once its tries are done");
+    }
+
+    #[tokio::test]
+    async fn a_try_given_up_while_waiting_leaves_nothing_behind() {
+        let turns = KeyedTurns::default();
+        let first = turns.take("a").await.expect("a free turn");
+        {
+            let waiting = turns.take("a");
+            tokio::pin!(waiting);
+            assert!(futures::poll!(waiting.as_mut()).is_pending());
+            // Dropped here, as a request is when its client goes away.
+        }
+        drop(first);
+        assert_eq!(turns.keys(), 0);
+        assert!(!turns.take("a").await.expect("a free turn").waited);
     }
 
     #[tokio::test]
     async fn a_turn_that_does_not_come_is_given_up_after_the_bound() {
-        let turns = SessionTurns::default();
+        let turns = KeyedTurns::default();
         let held = turns.take("sesn_a").await.expect("a free turn");
         let wait = Duration::from_millis(50);
         let started = tokio::time::Instant::now();
@@ -163,7 +215,7 @@ mod tests {
         assert!(started.elapsed() >= wait, "not before the bound");
         drop(held);
         assert_eq!(
-            turns.sessions(),
+            turns.keys(),
             0,
             "a waiter that gave up leaves nothing behind"
         );
@@ -171,17 +223,17 @@ mod tests {
 
     #[tokio::test]
     async fn locks_live_only_while_they_are_wanted() {
-        let turns = SessionTurns::default();
+        let turns = KeyedTurns::default();
         for i in 0..1_000 {
             let _turn = turns.take(&format!("sesn_{i}")).await.expect("free");
         }
-        assert_eq!(turns.sessions(), 0);
+        assert_eq!(turns.keys(), 0);
         let a = turns.take("sesn_a").await.expect("free");
         let b = turns.take("sesn_b").await.expect("free");
-        assert_eq!(turns.sessions(), 2);
+        assert_eq!(turns.keys(), 2);
         drop(a);
-        assert_eq!(turns.sessions(), 1);
+        assert_eq!(turns.keys(), 1);
         drop(b);
-        assert_eq!(turns.sessions(), 0);
+        assert_eq!(turns.keys(), 0);
     }
 }

@@ -727,12 +727,15 @@ impl App {
         taking: Taking<'_>,
         scan: Option<crate::waiters::Scan>,
     ) -> Result<Option<Claimed>> {
-        // A keyed claim's tries in this process scan and write one at a time (`claim_turns`); one
-        // that waited for another looks for what that one took first. Not held while a try waits
-        // for work: a try sent again may wait while an earlier one takes an item.
+        // A keyed claim's tries in this process scan and write one at a time (`turns`); one that
+        // waited for another looks for what that one took first. Not held while a try waits for
+        // work: a try sent again may wait while an earlier one takes an item. A turn that does not
+        // come within `turns::TURN_WAIT` (a database that answers slowly) is answered 503.
         let _turn = match taking.named_token() {
             Some(token) => {
-                let turn = Box::pin(self.claim_turns.take(token)).await;
+                let Some(turn) = Box::pin(self.claim_turns.take(token)).await else {
+                    return Err(Error::Contended);
+                };
                 if turn.waited {
                     if let Some(claimed) = Box::pin(self.claimed_before(token, worker_id)).await? {
                         return Ok(Some(claimed));

@@ -72,6 +72,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TETHER_REQUEST_MEMORY", default_value_t = tether_server::memory::DEFAULT_REQUEST_MEMORY as u64,
           value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
     pub request_memory: u64,
+    /// Free space in bytes the embedded store keeps on its disk: below it, new sessions,
+    /// environments, agents and events are refused (503 disk_low) while work items go on. 0: no
+    /// floor. Not used with PostgreSQL.
+    #[arg(long, env = "TETHER_MIN_FREE_DISK", default_value_t = tether_server::disk::DEFAULT_MIN_FREE_DISK,
+          value_parser = clap::value_parser!(u64).range(0..=(1 << 50)))]
+    pub min_free_disk: u64,
     /// Ask scrapers of /metrics for this token (Authorization: Bearer); without it /metrics takes no
     /// credential. At least 16 visible ASCII characters.
     #[arg(long, env = "TETHER_METRICS_TOKEN", hide_env_values = true,
@@ -458,6 +464,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         sample_interval: Duration::from_millis(args.sample_ms),
         max_event_bytes: args.event_limit as usize,
         request_memory: args.request_memory as usize,
+        min_free_disk: args.min_free_disk,
         metrics_token_hash,
         server_name: Some(name.clone()),
         max_streams_per_environment: args.max_streams_per_environment,

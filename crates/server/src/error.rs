@@ -198,6 +198,8 @@ impl From<service::Error> for ApiError {
                     None => error,
                 }
             }
+            Error::StoreFull => ApiError::unavailable(message).with_code("store_full"),
+            Error::DiskLow { .. } => ApiError::unavailable(message).with_code("disk_low"),
             Error::Internal => ApiError::internal(message),
         }
     }

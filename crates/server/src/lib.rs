@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod credentials;
 pub mod dialect;
+pub mod disk;
 pub mod dispatcher;
 pub mod error;
 pub mod http;
@@ -86,6 +87,10 @@ pub async fn serve_with(
         let app = app.clone();
         Service::start(services::SAMPLER, move || sampler::run(app.clone()))
     };
+    let disk_watch = {
+        let app = app.clone();
+        Service::start(services::DISK_WATCH, move || disk::run(app.clone()))
+    };
     let router = http::router(app.clone(), options.body_limit);
     let stop = tokio_util::sync::CancellationToken::new();
     let accepting = tokio::spawn(listener::run(
@@ -101,7 +106,7 @@ pub async fn serve_with(
     stop.cancel();
     let outcome = accepting.await.map_err(std::io::Error::other);
     // Once no pass can mark them again.
-    tokio::join!(dispatcher.stop(), sampler.stop());
+    tokio::join!(dispatcher.stop(), sampler.stop(), disk_watch.stop());
     if let Err(e) = app.unmark_leases_kept().await {
         tracing::warn!(
             error = %e,

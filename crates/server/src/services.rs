@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 /// The services' names, as `tether_service_restarts_total` labels them.
 pub const DISPATCHER: &str = "dispatcher";
 pub const SAMPLER: &str = "sampler";
-pub const NAMES: [&str; 2] = [DISPATCHER, SAMPLER];
+pub const DISK_WATCH: &str = "disk_watch";
+pub const NAMES: [&str; 3] = [DISPATCHER, SAMPLER, DISK_WATCH];
 
 /// The counter of runs that panicked, by service.
 pub const RESTARTS: &str = "tether_service_restarts_total";

@@ -239,6 +239,13 @@ fn describe() {
         "Long polls blocked in this process."
     );
     describe_gauge!(
+        crate::disk::FREE_BYTES_GAUGE,
+        Unit::Bytes,
+        "Bytes free on the disk of the embedded store's files, read once a second (absent on \
+         PostgreSQL, or with --min-free-disk 0); under --min-free-disk, requests that add records \
+         are refused."
+    );
+    describe_gauge!(
         "tether_session_streams",
         "Session event streams open on this process."
     );
@@ -259,8 +266,8 @@ fn describe() {
     );
     describe_counter!(
         crate::services::RESTARTS,
-        "Runs of a background service (dispatcher, sampler) that panicked; each is started \
-         again a second later."
+        "Runs of a background service (dispatcher, sampler, disk_watch) that panicked; each is \
+         started again a second later."
     );
     describe_counter!(
         "tether_worker_polls_unrecorded_total",

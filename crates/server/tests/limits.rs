@@ -943,3 +943,106 @@ async fn an_event_a_stream_handed_out_is_paid_for_until_its_text_is_let_go() {
     drop(body);
     server.shutdown().await;
 }
+
+/// The free space kept on the store's disk (`--min-free-disk`, `tether_server::disk`): a floor no
+/// disk has, so that the first reading is under it.
+fn beyond_any_disk() -> Options {
+    let defaults = Options::default();
+    Options {
+        config: ServiceConfig {
+            min_free_disk: 1 << 50,
+            ..defaults.config
+        },
+        ..defaults
+    }
+}
+
+#[tokio::test]
+async fn under_the_disk_floor_requests_that_add_records_are_refused_and_work_goes_on() {
+    for backend in backends() {
+        let roomy = TestServer::start(&backend).await;
+        let (env, agent, session) = roomy.environment_agent_and_session().await;
+        let item = roomy.poll_as_worker(&env, "w1", "").await;
+        let work = item["id"].as_str().unwrap().to_owned();
+        roomy.ack_as_worker(&env, &work, "w1").await;
+        let tight = TestServer::start_on(
+            &backend,
+            roomy.location.clone(),
+            beyond_any_disk(),
+            roomy.clock.clone(),
+        )
+        .await;
+        tether_server::disk::watch_once(&tight.app).await;
+        // Only a store on this machine's disk has one to read; PostgreSQL's is its own
+        // operator's to watch.
+        let watched = backend.name() == "sqlite";
+        let additions = [
+            ("/sessions", json!({"agent": agent, "environment_id": env})),
+            (
+                "/environments",
+                json!({"name": "more", "config": {"type": "self_hosted"}}),
+            ),
+            ("/agents", json!({"name": "more", "model": "none"})),
+            (&format!("/agents/{agent}"), json!({"name": "renamed"})),
+            (
+                &format!("/sessions/{session}/events"),
+                json!({"events": [text_event("agent.message", "more")]}),
+            ),
+        ];
+        for (path, body) in additions {
+            let (status, answer) = tight.post(path, body).await;
+            match watched {
+                true => {
+                    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {answer}");
+                    assert_eq!(answer["error"]["type"], "overloaded_error", "{answer}");
+                    assert_eq!(answer["error"]["code"], "disk_low", "{answer}");
+                    let message = answer["error"]["message"].as_str().unwrap();
+                    assert!(message.contains("--min-free-disk"), "{message}");
+                }
+                false => assert_eq!(status, StatusCode::OK, "{backend:?} {path}: {answer}"),
+            }
+        }
+        // The work in flight goes on: its heartbeat, an interrupt of its turn, its stop, and the
+        // session's archive.
+        let item_path = |action: &str| format!("/environments/{env}/work/{work}/{action}");
+        let worker = [("Worker-ID", "w1")];
+        let token = tight.admin_token.clone();
+        let (status, answer) = tight
+            .call_as(&token, Method::POST, &item_path("heartbeat"), None, &worker)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{backend:?}: {answer}");
+        let (status, answer) = tight
+            .post(
+                &format!("/sessions/{session}/events"),
+                json!({"events": [{"type": "user.interrupt"}]}),
+            )
+            .await;
+        assert_ne!(answer["error"]["code"], "disk_low", "{status}: {answer}");
+        let (status, answer) = tight
+            .call_as(
+                &token,
+                Method::POST,
+                &item_path("stop"),
+                Some(json!({"force": true})),
+                &worker,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{backend:?}: {answer}");
+        assert_eq!(answer["state"], "stopped", "{answer}");
+        let (status, answer) = tight
+            .post(&format!("/sessions/{session}/archive"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{backend:?}: {answer}");
+        // The reading is a gauge (of the process: a test's servers share one registry).
+        if watched {
+            let metrics = tight.http().get(format!("{}/metrics", tight.base));
+            let metrics = metrics.send().await.unwrap().text().await.unwrap();
+            assert!(
+                metrics.contains("\ntether_store_disk_free_bytes "),
+                "{metrics}"
+            );
+        }
+        tight.shutdown().await;
+        roomy.shutdown().await;
+    }
+}

@@ -39,6 +39,10 @@ pub trait Executor: Send + Sync + 'static {
     fn in_outage(&self) -> bool {
         false
     }
+    /// See [`Store::free_space`].
+    fn free_space(&self) -> Option<std::io::Result<u64>> {
+        None
+    }
 }
 
 /// A [`Store`] over any [`Executor`].
@@ -170,6 +174,10 @@ impl<E: Executor> Store for SqlStore<E> {
 
     fn reconnections(&self) -> u64 {
         self.exec.reconnections()
+    }
+
+    fn free_space(&self) -> Option<std::io::Result<u64>> {
+        self.exec.free_space()
     }
 
     fn losses(&self) -> u64 {

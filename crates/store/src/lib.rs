@@ -38,7 +38,7 @@ pub struct Versioned<T> {
 /// A work item and its session, read together (see [`Store::get_work_with_session`]).
 pub type WorkWithSession = (Versioned<WorkItem>, Option<Versioned<Session>>);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// A conditional write found a newer version (or a uniqueness rule refused it): re-read and retry.
     #[error("the record changed concurrently")]
@@ -46,6 +46,11 @@ pub enum StoreError {
     /// The database cannot be reached or refused service; retrying later may succeed.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// The database has no room for the write: its disk is full (SQLite's `SQLITE_FULL`,
+    /// PostgreSQL's `disk_full`). Nothing was written; the same write can succeed once space is
+    /// freed, which takes an operator, not a moment's wait.
+    #[error("the database's disk is full: {0}")]
+    Full(String),
     /// Anything else: a bug or a corrupt row.
     #[error("store error: {0}")]
     Internal(String),
@@ -408,6 +413,13 @@ pub trait Store: Send + Sync + 'static {
     /// because of the outage.
     fn in_outage(&self) -> bool {
         false
+    }
+
+    /// The bytes free for this store's files on the filesystem that holds them, for a store on
+    /// this machine's own disk; `None` for a database elsewhere, whose disk its own operator
+    /// watches. A blocking call (`statvfs`): call it off the async threads.
+    fn free_space(&self) -> Option<std::io::Result<u64>> {
+        None
     }
 
     /// Cheap round trip, for readiness.

@@ -9,7 +9,7 @@
 //! is answered before the commit that contains their write has returned, so an answered write
 //! survives `kill -9`. Reads use a small pool of read-only connections and see the last commit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -43,6 +43,8 @@ pub struct SqliteExecutor {
     writer: mpsc::Sender<WriteJob>,
     readers: Arc<ReadPool>,
     notices: broadcast::Sender<Notice>,
+    /// The directory of the database file, where SQLite keeps its write-ahead log too.
+    directory: PathBuf,
 }
 
 struct ReadPool {
@@ -174,6 +176,10 @@ pub fn open_with(path: &Path, options: SqliteOptions) -> StoreResult<SqlStore<Sq
             inline: AtomicUsize::new(0),
         }),
         notices,
+        directory: match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
     }))
 }
 
@@ -250,23 +256,23 @@ pub fn commit_as_one_batch(
 }
 
 fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()>> {
-    let unavailable = |message: String| {
-        batch
-            .iter()
-            .map(|_| Err(StoreError::Unavailable(message.clone())))
-            .collect()
-    };
+    let unwritten = |error: StoreError| batch.iter().map(|_| Err(error.clone())).collect();
+    let unavailable = |e: rusqlite::Error| unwritten(not_written(e));
     // Some errors (I/O, a full disk) make SQLite roll back the whole transaction itself: every list
     // run before is undone as well, and a savepoint opened after it would start a transaction of
     // its own. The whole batch is then answered as not written.
-    let rolled_back =
-        |e: &StoreError| unavailable(format!("the batch's transaction was rolled back: {e}"));
+    let rolled_back = |e: StoreError| match e {
+        StoreError::Full(_) => unwritten(e),
+        e => unwritten(StoreError::Unavailable(format!(
+            "the batch's transaction was rolled back: {e}"
+        ))),
+    };
     if !conn.is_autocommit() {
         // Left open by a failure whose `ROLLBACK` was refused; every `BEGIN` would fail behind it.
         let _ = control(conn, "ROLLBACK");
     }
     if let Err(e) = control(conn, "BEGIN IMMEDIATE") {
-        return unavailable(e.to_string());
+        return unavailable(e);
     }
     let mut results = Vec::with_capacity(batch.len());
     if let [job] = batch {
@@ -275,10 +281,10 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()
         // copies of the pages the list changes.
         if let Err(e) = run_statements(conn, &job.statements) {
             if conn.is_autocommit() {
-                return rolled_back(&e);
+                return rolled_back(e);
             }
             if let Err(refused) = control(conn, "ROLLBACK") {
-                return unavailable(refused.to_string());
+                return unavailable(refused);
             }
             return vec![Err(e)];
         }
@@ -287,20 +293,20 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<StoreResult<()
         for job in batch {
             match run_in_savepoint(conn, &job.statements) {
                 Ok(outcome) => results.push(outcome),
-                // The savepoint could not be rolled back or released, most often because SQLite has
-                // ended the transaction itself: what the batch wrote is unknown, so none of it stays.
+                // SQLite has ended the transaction itself, or the savepoint could not be rolled
+                // back or released: what the batch wrote is unknown, so none of it stays.
                 Err(e) => {
                     if !conn.is_autocommit() {
                         let _ = control(conn, "ROLLBACK");
                     }
-                    return rolled_back(&internal(e));
+                    return rolled_back(e);
                 }
             }
         }
     }
     if let Err(e) = control(conn, "COMMIT") {
         let _ = control(conn, "ROLLBACK");
-        return unavailable(e.to_string());
+        return unavailable(e);
     }
     results
 }
@@ -313,18 +319,22 @@ fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 /// Runs one write list in a savepoint of the batch's transaction and answers its outcome, having
-/// undone what it wrote if it failed; `Err` when a savepoint statement itself fails, which leaves the
-/// transaction in a state the caller must not commit.
+/// undone what it wrote if it failed; `Err` when the list's failure made SQLite roll back the whole
+/// transaction (that failure), or a savepoint statement itself fails: either leaves the transaction
+/// in a state the caller must not commit.
 fn run_in_savepoint(
     conn: &Connection,
     statements: &[(Statement, Expect)],
-) -> rusqlite::Result<StoreResult<()>> {
-    control(conn, "SAVEPOINT job")?;
+) -> Result<StoreResult<()>, StoreError> {
+    control(conn, "SAVEPOINT job").map_err(classify)?;
     let outcome = run_statements(conn, statements);
-    if outcome.is_err() {
-        control(conn, "ROLLBACK TO job")?;
+    if let Err(e) = &outcome {
+        if conn.is_autocommit() {
+            return Err(e.clone());
+        }
+        control(conn, "ROLLBACK TO job").map_err(classify)?;
     }
-    control(conn, "RELEASE job")?;
+    control(conn, "RELEASE job").map_err(classify)?;
     Ok(outcome)
 }
 
@@ -395,8 +405,27 @@ fn classify(e: rusqlite::Error) -> StoreError {
         {
             StoreError::Unavailable(e.to_string())
         }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull => {
+            StoreError::Full(e.to_string())
+        }
         _ => StoreError::Internal(e.to_string()),
     }
+}
+
+/// Why a batch's transaction as a whole was not written (it could not begin, roll back or
+/// commit): a full disk as such, anything else as the store being unavailable.
+fn not_written(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StoreError::Full(e.to_string()),
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+/// The bytes an unprivileged process may still write on the filesystem holding `directory` (the
+/// blocks root keeps for itself are not counted: the server should not rely on them).
+fn free_space_at(directory: &Path) -> std::io::Result<u64> {
+    let stats = nix::sys::statvfs::statvfs(directory).map_err(std::io::Error::from)?;
+    Ok((stats.blocks_available() as u64).saturating_mul(stats.fragment_size() as u64))
 }
 
 fn internal(e: rusqlite::Error) -> StoreError {
@@ -428,6 +457,10 @@ fn query_rows(conn: &Connection, statement: &Statement) -> StoreResult<Vec<Row>>
 impl Executor for SqliteExecutor {
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn free_space(&self) -> Option<std::io::Result<u64>> {
+        Some(free_space_at(&self.directory))
     }
 
     async fn query(&self, statement: Statement) -> StoreResult<Vec<Row>> {

@@ -147,6 +147,7 @@ fn outcomes(results: &[StoreResult<()>]) -> Vec<&'static str> {
             Err(StoreError::Conflict) => "conflict",
             Err(StoreError::Internal(_)) => "internal",
             Err(StoreError::Unavailable(_)) => "unavailable",
+            Err(StoreError::Full(_)) => "full",
         })
         .collect()
 }
@@ -186,6 +187,52 @@ async fn a_transaction_sqlite_rolled_back_itself_answers_every_list_unavailable(
         "{results:?}"
     );
     f.only_x_was_written_and_commits_go_on().await;
+}
+
+/// A row of `bytes` bytes under `id`, in a table of their own (`large`).
+fn insert_large(id: &str, bytes: usize) -> (Statement, Expect) {
+    (
+        Statement::new(
+            "INSERT INTO large (id, body) VALUES ($1, $2)",
+            vec![Value::Text(id.into()), Value::Text("x".repeat(bytes))],
+        ),
+        Expect::OneRow,
+    )
+}
+
+#[tokio::test]
+async fn a_full_database_answers_full_and_writes_nothing_of_the_list() {
+    let mut f = Fixture::new().await;
+    assert!(f.batch(vec![vec![insert("x", 1)]])[0].is_ok());
+    f.conn
+        .execute_batch("CREATE TABLE large (id TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        .unwrap();
+    // SQLite answers a database grown to `max_page_count` exactly as it answers a full disk
+    // (SQLITE_FULL): room for a few pages more, not for a megabyte.
+    let pages: i64 = f
+        .conn
+        .query_row("PRAGMA page_count", [], |row| row.get(0))
+        .unwrap();
+    f.conn
+        .execute_batch(&format!("PRAGMA max_page_count = {}", pages + 4))
+        .unwrap();
+    let results = f.batch(vec![vec![insert("a", 1), insert_large("big", 1 << 20)]]);
+    assert_eq!(outcomes(&results), ["full"], "{results:?}");
+    // SQLite rolls back the whole transaction on a full database: the lists around are not
+    // written either, and are told why.
+    let results = f.batch(vec![
+        vec![insert("b", 1)],
+        vec![insert("c", 1), insert_large("big", 1 << 20)],
+        vec![insert("d", 1)],
+    ]);
+    assert_eq!(outcomes(&results), ["full", "full", "full"], "{results:?}");
+    assert_eq!(f.rows().await, rows(&[("x", 1)]));
+    // Once there is room again, the same write is made.
+    f.conn
+        .execute_batch(&format!("PRAGMA max_page_count = {}", pages + 4096))
+        .unwrap();
+    let results = f.batch(vec![vec![insert_large("big", 1 << 20)]]);
+    assert_eq!(outcomes(&results), ["ok"], "{results:?}");
 }
 
 #[tokio::test]

@@ -145,6 +145,7 @@ impl App {
     }
 
     pub async fn create_agent(&self, command: NewAgent) -> Result<Agent> {
+        self.disk.room_to_grow()?;
         let name = super::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
         let model = model(command.model.as_ref())?
             .ok_or_else(|| Error::invalid("model", "model is required"))?;
@@ -188,7 +189,9 @@ impl App {
 
     /// Partial update; every accepted update makes a new version (§12.1). A `version` in the body must
     /// equal the current version, else nothing changes and the answer is 409 (docs/dialects.md).
+    /// Refused while the disk is low ([`crate::disk`]): every update keeps a new version.
     pub async fn update_agent(&self, id: &str, changes: AgentChanges) -> Result<Agent> {
+        self.disk.room_to_grow()?;
         let name = changes
             .name
             .map(|n| super::bounded_name(n, "name", MAX_NAME_CHARS))

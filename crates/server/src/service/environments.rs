@@ -78,6 +78,7 @@ impl App {
         command: NewEnvironment,
         default_config: Option<Value>,
     ) -> Result<Environment> {
+        self.disk.room_to_grow()?;
         let name = super::bounded_name(command.name, "name", MAX_NAME_CHARS)?;
         let description = checked_description(command.description.unwrap_or_default())?;
         let config = match (command.config, default_config) {

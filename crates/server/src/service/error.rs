@@ -91,6 +91,17 @@ pub enum Error {
     /// because of the outage (see [`super::App::with_amnesty_promise`]).
     #[error("the database is unavailable; retry shortly")]
     StoreUnavailable { lease_amnesty_ms: Option<i64> },
+    /// The database's disk is full: the write was not made ([`StoreError::Full`]).
+    #[error("the database's disk is full: nothing was written; the same request can succeed once space is freed")]
+    StoreFull,
+    /// The store's disk has less free space than the server keeps ([`crate::disk`]): the request
+    /// would add records, and is refused before it is tried.
+    #[error(
+        "the store's disk has {free} bytes free, less than the {floor} this server keeps \
+         (--min-free-disk): new sessions, environments, agents and events are refused until \
+         space is freed"
+    )]
+    DiskLow { free: u64, floor: u64 },
     /// Anything else the store failed at.
     #[error("internal storage error")]
     Internal,
@@ -123,6 +134,25 @@ fn unavailable_said(reason: &str) {
             tracing::warn!(%reason, unlogged_since_last = unlogged, "store unavailable")
         }
         None => tracing::debug!(%reason, "store unavailable"),
+    }
+}
+
+/// A full disk fails every write alike until an operator frees space: said at `error` once a
+/// while at most, as [`unavailable_said`] says an outage.
+fn disk_full_said(reason: &str) {
+    static LINES: std::sync::Mutex<crate::telemetry::RateLimitedLog> =
+        std::sync::Mutex::new(crate::telemetry::RateLimitedLog::new());
+    let due = LINES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .due();
+    match due {
+        Some(unlogged) => tracing::error!(
+            %reason,
+            unlogged_since_last = unlogged,
+            "the database's disk is full: writes fail until space is freed"
+        ),
+        None => tracing::debug!(%reason, "the database's disk is full"),
     }
 }
 
@@ -217,6 +247,10 @@ impl From<StoreError> for Error {
                 Error::StoreUnavailable {
                     lease_amnesty_ms: None,
                 }
+            }
+            StoreError::Full(reason) => {
+                disk_full_said(&reason);
+                Error::StoreFull
             }
             StoreError::Internal(reason) => {
                 tracing::error!(%reason, "store error");

@@ -302,6 +302,11 @@ impl App {
         let batch = self
             .incoming_events(session_id, "events", events.events, sender, 1)
             .await?;
+        // An interrupt ends work rather than adding it, and must reach a runaway turn whatever
+        // the disk holds.
+        if batch.iter().any(|e| e.kind != EventType::UserInterrupt) {
+            self.disk.room_to_grow()?;
+        }
         // The kind of an environment never changes (D-20), so it is read once.
         let self_hosted = self
             .environment(&session.environment_id)

@@ -84,6 +84,9 @@ pub struct ServiceConfig {
     /// own earlier run from those of the other servers ([`App::amnesty_at_start`]). `None`: a name
     /// of this process's own.
     pub server_name: Option<String>,
+    /// The free space, in bytes, kept on the disk of a store on this machine (`--min-free-disk`):
+    /// below it, requests that add records are refused ([`crate::disk`]). 0: no floor.
+    pub min_free_disk: u64,
 }
 
 /// The default `--max-streams-per-environment`.
@@ -109,6 +112,7 @@ impl Default for ServiceConfig {
             metrics_token_hash: None,
             max_streams_per_environment: DEFAULT_MAX_STREAMS_PER_ENVIRONMENT,
             server_name: None,
+            min_free_disk: crate::disk::DEFAULT_MIN_FREE_DISK,
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct AppInner {
     /// What pages of events may hold until they are handed out: a budget of their own, so that
     /// reads never wait behind a large body ([`crate::memory::page_budget`]).
     pub page_memory: crate::memory::MemoryBudget,
+    /// The free space kept on the store's disk, and its last reading ([`crate::disk`]).
+    pub disk: crate::disk::DiskRoom,
     /// Items this process's polls are taking or took lately (`work::Claims`), so that its concurrent
     /// polls pick different items instead of colliding (other processes are kept apart by the
     /// conditional write).
@@ -278,6 +284,7 @@ impl App {
         let memory = crate::memory::MemoryBudget::new(config.request_memory);
         let page_memory =
             crate::memory::MemoryBudget::new(crate::memory::page_budget(config.request_memory));
+        let disk = crate::disk::DiskRoom::new(config.min_free_disk);
         let workers_recorded = worker_records::WorkerRecords::new(
             work::worker_record_interval_ms(config.workers_polling_window_ms),
             work::workers_window_ms(config.workers_polling_window_ms),
@@ -296,6 +303,7 @@ impl App {
             queue_history,
             memory,
             page_memory,
+            disk,
             claiming: Mutex::new(work::Claims::default()),
             claim_turns: KeyedTurns::default(),
             workers_recorded: Mutex::new(workers_recorded),

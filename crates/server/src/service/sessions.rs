@@ -99,6 +99,7 @@ impl App {
     }
 
     pub async fn create_session(&self, mut command: NewSession) -> Result<Session> {
+        self.disk.room_to_grow()?;
         let first_agent = self
             .resolve_agent(&command.agent, command.agent_version, true)
             .await?;

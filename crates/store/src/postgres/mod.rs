@@ -146,7 +146,10 @@ fn classify(e: tokio_postgres::Error) -> StoreError {
         {
             return StoreError::Conflict;
         }
-        // Too many connections, out of memory or disk: the server is there but refuses service.
+        if *code == SqlState::DISK_FULL {
+            return StoreError::Full(describe(&e));
+        }
+        // Too many connections, out of memory: the server is there but refuses service.
         if code.code().starts_with("53") || code.code().starts_with("57P") {
             return StoreError::Unavailable(describe(&e));
         }

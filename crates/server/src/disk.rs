@@ -1,0 +1,191 @@
+//! The disk watch: a store on this machine's disk (SQLite) keeps a floor of free space
+//! (`--min-free-disk`), below which requests that add records are refused, so that the writes
+//! which keep what exists going still have room.
+//!
+//! Without it, any caller that may post events (an environment's key, a session token) fills the
+//! disk at the speed of its uploads, and then every write fails alike: heartbeats, acks and stops
+//! too, so leases cannot be kept or ended. With it, once the free space falls under the floor,
+//! creating sessions, environments and agents (or agents' new versions) and posting events are
+//! answered 503 `disk_low` until space is freed, while work items go on through their states
+//! (which rewrite rows rather than add them) and sessions, environments and agents may still be
+//! archived or deleted. A write the disk still cannot take is answered 503 `store_full`
+//! ([`tether_store::StoreError::Full`]).
+//!
+//! The free space is read once a [`WATCH_INTERVAL`] by a small service, not by each request: one
+//! `statvfs` a second however busy the server is, and a request never waits on the filesystem.
+//! Between two readings a write may take the disk a little under the floor: the floor is a margin
+//! for the writes that go on, not an exact quota. A database elsewhere (PostgreSQL) is its own
+//! operator's to watch: nothing is read, nothing is refused by the floor.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::service::{App, Error};
+
+/// How often the free space is read.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The default `--min-free-disk`: 256 MiB.
+pub const DEFAULT_MIN_FREE_DISK: u64 = 256 << 20;
+
+/// The gauge of the last reading.
+pub const FREE_BYTES_GAUGE: &str = "tether_store_disk_free_bytes";
+
+/// A reading not taken yet, or a store with no disk of this machine's to read: nothing is refused.
+const UNKNOWN: u64 = u64::MAX;
+
+/// The floor and the last reading of the free space.
+pub struct DiskRoom {
+    floor: u64,
+    free: AtomicU64,
+}
+
+/// What one reading changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crossing {
+    /// The free space fell under the floor: refusals begin.
+    WentLow,
+    /// It is at or over the floor again: refusals end.
+    Recovered,
+    /// On the same side of the floor as before.
+    Unchanged,
+}
+
+impl DiskRoom {
+    /// A floor of `floor` bytes (0: none), with no reading yet.
+    pub fn new(floor: u64) -> DiskRoom {
+        DiskRoom {
+            floor,
+            free: AtomicU64::new(UNKNOWN),
+        }
+    }
+
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// Keeps a reading of `free` bytes, and says whether it crossed the floor.
+    pub fn record(&self, free: u64) -> Crossing {
+        let before = self.free.swap(free, Ordering::Relaxed);
+        match (self.is_low(before), self.is_low(free)) {
+            (false, true) => Crossing::WentLow,
+            (true, false) => Crossing::Recovered,
+            _ => Crossing::Unchanged,
+        }
+    }
+
+    fn is_low(&self, free: u64) -> bool {
+        free != UNKNOWN && free < self.floor
+    }
+
+    /// `Ok` when a request may add records; [`Error::DiskLow`] while the last reading was under
+    /// the floor.
+    pub fn room_to_grow(&self) -> Result<(), Error> {
+        let free = self.free.load(Ordering::Relaxed);
+        match self.is_low(free) {
+            false => Ok(()),
+            true => Err(Error::DiskLow {
+                free,
+                floor: self.floor,
+            }),
+        }
+    }
+}
+
+/// The disk watch's runs: a reading every [`WATCH_INTERVAL`] until shutdown. Ends at once for a
+/// store that has no disk of this machine's, or with no floor to keep.
+pub async fn run(app: App) {
+    if app.disk.floor() == 0 || app.store.free_space().is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => watch_once(&app).await,
+            _ = app.until_shutdown() => return,
+        }
+    }
+}
+
+/// One reading of the free space, kept, shown as [`FREE_BYTES_GAUGE`] and said when it crosses the
+/// floor.
+pub async fn watch_once(app: &App) {
+    let store = app.store.clone();
+    let reading = match tokio::task::spawn_blocking(move || store.free_space()).await {
+        Ok(Some(reading)) => reading,
+        Ok(None) => return,
+        Err(e) => Err(std::io::Error::other(e)),
+    };
+    let free = match reading {
+        Ok(free) => free,
+        Err(e) => {
+            // A filesystem that cannot say: nothing is refused on a guess, and the last reading
+            // stands until one succeeds.
+            crate::services::duty_failed("disk watch: reading the free space", &e);
+            return;
+        }
+    };
+    metrics::gauge!(FREE_BYTES_GAUGE).set(free as f64);
+    let floor = app.disk.floor();
+    match app.disk.record(free) {
+        Crossing::WentLow => tracing::error!(
+            free_bytes = free,
+            min_free_disk = floor,
+            "the store's disk has less free space than --min-free-disk: new sessions, \
+             environments, agents and events are refused (503 disk_low) until space is freed; \
+             work items go on"
+        ),
+        Crossing::Recovered => tracing::info!(
+            free_bytes = free,
+            min_free_disk = floor,
+            "the store's disk has room again: new sessions and events are taken"
+        ),
+        Crossing::Unchanged => {}
+    }
+}
+
+impl crate::services::DutyError for std::io::Error {
+    fn is_outage(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_that_add_records_are_refused_only_while_the_last_reading_is_under_the_floor() {
+        let room = DiskRoom::new(100);
+        assert!(room.room_to_grow().is_ok(), "no reading yet");
+        // (reading, what it crossed, refused after it)
+        let readings = [
+            (150, Crossing::Unchanged, false),
+            (100, Crossing::Unchanged, false),
+            (99, Crossing::WentLow, true),
+            (0, Crossing::Unchanged, true),
+            (100, Crossing::Recovered, false),
+            (u64::MAX - 1, Crossing::Unchanged, false),
+            (1, Crossing::WentLow, true),
+        ];
+        for (free, crossing, refused) in readings {
+            assert_eq!(room.record(free), crossing, "reading {free}");
+            match room.room_to_grow() {
+                Err(Error::DiskLow { free: said, floor }) => {
+                    assert!(refused, "reading {free} refused");
+                    assert_eq!((said, floor), (free, 100));
+                }
+                Ok(()) => assert!(!refused, "reading {free} let through"),
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn no_floor_refuses_nothing() {
+        let room = DiskRoom::new(0);
+        assert_eq!(room.record(0), Crossing::Unchanged);
+        assert!(room.room_to_grow().is_ok());
+    }
+}

@@ -561,6 +561,26 @@ impl RateLimitedLog {
     }
 }
 
+/// A [`RateLimitedLog`] that any thread may ask, for a `static` of a function called from
+/// anywhere.
+#[derive(Debug, Default)]
+pub struct SharedRateLimitedLog(std::sync::Mutex<RateLimitedLog>);
+
+impl SharedRateLimitedLog {
+    pub const fn new() -> SharedRateLimitedLog {
+        SharedRateLimitedLog(std::sync::Mutex::new(RateLimitedLog::new()))
+    }
+
+    /// [`RateLimitedLog::due`]. A panic while the lock was held cannot leave the count wrong
+    /// enough to matter: the lock is taken back.
+    pub fn due(&self) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .due()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

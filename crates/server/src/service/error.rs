@@ -7,6 +7,8 @@ use tether_core::metadata::MetadataError;
 use tether_core::work::WorkError;
 use tether_store::StoreError;
 
+use crate::telemetry::SharedRateLimitedLog;
+
 /// The kinds of record a lookup can miss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Missing {
@@ -123,13 +125,8 @@ impl Error {
 /// says the outage itself as it begins and as it ends ("lost the database", "the database is
 /// reachable again"). A pool whose connections are all busy is said the same way.
 fn unavailable_said(reason: &str) {
-    static LINES: std::sync::Mutex<crate::telemetry::RateLimitedLog> =
-        std::sync::Mutex::new(crate::telemetry::RateLimitedLog::new());
-    let due = LINES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .due();
-    match due {
+    static LINES: SharedRateLimitedLog = SharedRateLimitedLog::new();
+    match LINES.due() {
         Some(unlogged) => {
             tracing::warn!(%reason, unlogged_since_last = unlogged, "store unavailable")
         }
@@ -140,13 +137,8 @@ fn unavailable_said(reason: &str) {
 /// A full disk fails every write alike until an operator frees space: said at `error` once a
 /// while at most, as [`unavailable_said`] says an outage.
 fn disk_full_said(reason: &str) {
-    static LINES: std::sync::Mutex<crate::telemetry::RateLimitedLog> =
-        std::sync::Mutex::new(crate::telemetry::RateLimitedLog::new());
-    let due = LINES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .due();
-    match due {
+    static LINES: SharedRateLimitedLog = SharedRateLimitedLog::new();
+    match LINES.due() {
         Some(unlogged) => tracing::error!(
             %reason,
             unlogged_since_last = unlogged,

@@ -959,6 +959,26 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_refused_connection_names_its_url_once() {
+        // A port just given back: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::new(format!("http://127.0.0.1:{port}"), "t").unwrap();
+        let options = crate::PollOptions {
+            block_ms: Some(999),
+            ..Default::default()
+        };
+        let error = client.poll_work("env_x", &options).await.unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+        assert_eq!(message.matches("127.0.0.1").count(), 1, "{message}");
+        assert!(!message.contains("block_ms"), "{message}");
+    }
+
     #[test]
     fn a_server_url_that_is_not_one_is_quoted_as_given() {
         match Client::new("http://", "t") {

@@ -270,6 +270,8 @@ impl Error {
 
     pub(crate) fn transport(url: &str, source: reqwest::Error) -> Error {
         let url = url.to_owned();
+        // This error names the URL once; reqwest's own message would name it again, query and all.
+        let source = source.without_url();
         if let Some(tls) = find_tls_error(&source) {
             return Error::Tls {
                 reason: describe_tls_error(tls, &url),

@@ -569,7 +569,17 @@ async fn bootstrap_admin(
     };
     create_private_dir(data_dir)?;
     let path = data_dir.join("admin-token");
+    let kept = keep_token_replaced(&path, &secret)?;
     write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(kept) = kept {
+        tracing::warn!(
+            kept = %kept.display(),
+            "{} held a token that is no live admin token of this store (revoked, or made for \
+             another store: was TETHER_DATABASE_URL meant to be set?); it is kept in {}",
+            path.display(),
+            kept.display()
+        );
+    }
     // The secret goes to a person at a terminal only: a service's stderr is a log (journald, a file),
     // and logs never carry secrets. The file has it either way.
     if matches!(format, LogFormat::Json) {
@@ -597,6 +607,25 @@ async fn bootstrap_admin(
         );
     }
     Ok(())
+}
+
+/// Moves a token file about to be replaced aside, to `admin-token.old` beside it (replacing an
+/// older one there), and returns where: the store has no live admin token, so the file's is
+/// revoked, or belongs to another store (a cluster member started without its database, say),
+/// whose only copy it may be. `None` when there is no such file, or it holds `secret` already.
+fn keep_token_replaced(path: &Path, secret: &str) -> Result<Option<PathBuf>> {
+    let held = match std::fs::read_to_string(path) {
+        Ok(held) => held,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if held.trim().is_empty() || held.trim() == secret {
+        return Ok(None);
+    }
+    let kept = path.with_file_name("admin-token.old");
+    std::fs::rename(path, &kept)
+        .with_context(|| format!("cannot move {} to {}", path.display(), kept.display()))?;
+    Ok(Some(kept))
 }
 
 /// Makes the data directory `dir` (and any parent missing) readable by this user only, on either

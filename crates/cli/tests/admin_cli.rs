@@ -851,3 +851,39 @@ fn the_store_is_readable_by_its_user_only() {
         assert!(seen.iter().any(|s| s == name), "{name} not in {seen:?}");
     }
 }
+
+/// A start that mints a token where the data directory holds another's (a cluster member started
+/// without its database, say) keeps the one it replaces.
+#[test]
+fn a_token_file_replaced_by_a_new_token_is_kept_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("admin-token");
+    let theirs = "tth_adm_the-only-copy-of-another-stores-token";
+    std::fs::write(&file, theirs).unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    let mut server = support::ServerProcess::start_logging(dir.path(), &[], "warn", move |line| {
+        seen.lock().unwrap().push(line)
+    });
+    server.terminate();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("admin-token.old")).unwrap(),
+        theirs
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().trim(),
+        support::ADMIN_TOKEN
+    );
+    let lines = lines.lock().unwrap().join("\n");
+    assert!(
+        lines.contains("no live admin token of this store") && lines.contains("admin-token.old"),
+        "{lines}"
+    );
+    // A start that writes the same token again has nothing to keep.
+    std::fs::remove_file(dir.path().join("admin-token.old")).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::write(fresh.path().join("admin-token"), support::ADMIN_TOKEN).unwrap();
+    let mut server = support::ServerProcess::start(fresh.path(), &[]);
+    server.terminate();
+    assert!(!fresh.path().join("admin-token.old").exists());
+}

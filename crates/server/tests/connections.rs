@@ -446,6 +446,128 @@ async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
     server.await.unwrap();
 }
 
+/// At the cap, a client that keeps every stream's window shut and resets each stream a second after
+/// asking, having asked again first, has a request in flight at every moment, none of whose answers
+/// waits long; together its answers have not been taken since its first, and its connections give
+/// their places to new clients all the same.
+#[tokio::test]
+async fn at_the_cap_answers_reset_before_they_stall_do_not_keep_their_places() {
+    use tether_server::listener::STALLED_AFTER;
+    let router = Router::new().route("/", get(|| async { "ok" }));
+    let (address, stop, server) =
+        serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
+    let started = std::time::Instant::now();
+    let mut askers = Vec::new();
+    let mut connections = Vec::new();
+    for _ in 0..8 {
+        // A window of nothing: the server may send heads, never a byte of a body.
+        let (mut sender, conn) = h2_client(address, 0).await;
+        connections.push(conn);
+        askers.push(tokio::spawn(async move {
+            let mut unread = None;
+            loop {
+                let request = hyper::Request::get(format!("http://{address}/"))
+                    .body(String::new())
+                    .unwrap();
+                let Ok(response) = sender.send_request(request).await else {
+                    return;
+                };
+                // The answer before is reset (dropped unread) once this one's head is in: a
+                // request is in flight at every moment.
+                drop(unread.replace(response));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get_status(address, "/").await,
+        None,
+        "refused while the answers may still be being read"
+    );
+    tokio::time::sleep(
+        (STALLED_AFTER + Duration::from_millis(500)).saturating_sub(started.elapsed()),
+    )
+    .await;
+    assert_eq!(
+        get_status(address, "/").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in beside answers reset before each could stall"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let closed: Vec<bool> = connections.iter().map(|conn| conn.is_finished()).collect();
+    assert_eq!(
+        closed,
+        [true, false, false, false, false, false, false, false],
+        "the place of the one that has taken nothing longest given, the others kept"
+    );
+    for asker in askers {
+        asker.abort();
+    }
+    stop.cancel();
+    server.await.unwrap();
+}
+
+/// At the cap, long polls give their places to new clients: one environment's key could otherwise
+/// hold every place with polls sent back to back, and keep out every other client, admins included.
+/// The worker whose poll is cut polls again.
+#[tokio::test]
+async fn at_the_cap_long_polls_give_their_places_to_new_clients() {
+    let backend = tether_testkit::backends().remove(0);
+    let tether = tether_testkit::TestServer::start(&backend).await;
+    let env = tether.self_hosted_environment().await;
+    let router = tether_server::http::router(tether.app.clone(), 1 << 20);
+    let (address, stop, server) =
+        serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
+    let polls = Arc::new(AtomicUsize::new(0));
+    let cut = Arc::new(AtomicUsize::new(0));
+    let mut pollers = Vec::new();
+    for w in 0..8 {
+        let client = reqwest::Client::builder()
+            .http1_only()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap();
+        let url =
+            format!("http://{address}/api/v1/cloud/environments/{env}/work/poll?block_ms=999");
+        let (token, polls, cut) = (tether.admin_token.clone(), polls.clone(), cut.clone());
+        pollers.push(tokio::spawn(async move {
+            loop {
+                let answer = client
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .header("Worker-ID", format!("w{w}"))
+                    .send()
+                    .await;
+                match answer {
+                    Ok(answer) if answer.status() == 200 => polls.fetch_add(1, Ordering::Relaxed),
+                    _ => cut.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get_status(address, "/healthz").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in beside eight long polls"
+    );
+    let before = polls.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(cut.load(Ordering::Relaxed) >= 1, "a poll gave its place");
+    assert!(
+        polls.load(Ordering::Relaxed) >= before + 8,
+        "the workers poll on, the one cut included"
+    );
+    for poller in pollers {
+        poller.abort();
+    }
+    stop.cancel();
+    server.await.unwrap();
+    tether.shutdown().await;
+}
+
 /// A GET with `header_bytes` of extra headers on HTTP/1.1 (see [`status_line`]).
 async fn status_with_headers(address: std::net::SocketAddr, header_bytes: usize) -> String {
     let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();

@@ -17,6 +17,7 @@ use super::{decode, wire, RoutineAccess};
 use crate::credentials;
 use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
+use crate::listener::{YieldGuard, Yieldable};
 use crate::service::work::{ClaimAsk, Claimed, KeyedTry, TrySent};
 use crate::service::App;
 
@@ -116,11 +117,13 @@ pub async fn poll(
     worker: Result<WorkerId, ApiError>,
     Path(env_id): Path<String>,
     params: Params,
+    connection: Option<Extension<Yieldable>>,
 ) -> ApiResult<(
     Option<Extension<RoutineAccess>>,
     Json<Option<api::WorkItem>>,
 )> {
     let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
+    let _yielding = take.yields(connection);
     let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
     let claimed = app
         .poll(&take.env, worker, issuer, take.block, take.reclaim_ms)
@@ -138,10 +141,12 @@ pub async fn claim(
     Wire(dialect): Wire,
     worker: Result<WorkerId, ApiError>,
     key: Result<IdempotencyKey, ApiError>,
-    Path(env_id): Path<String>,
+    // The queue and the connection that waits on it, as one extractor.
+    (Path(env_id), connection): (Path<String>, Option<Extension<Yieldable>>),
     params: Params,
 ) -> ApiResult<(Option<Extension<RoutineAccess>>, Json<Option<api::Claim>>)> {
     let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
+    let _yielding = take.yields(connection);
     let ttl = desired_ttl(&params)?;
     let IdempotencyKey(key) = key?;
     let sent = try_sent(&params)?;
@@ -270,6 +275,18 @@ impl TakeInputs {
             block,
             reclaim_ms,
         })
+    }
+
+    /// A long poll (or claim) gives its place at the connection cap to a new client, as an event
+    /// stream does, until it is answered: otherwise one environment's key holding every place with
+    /// polls sent back to back keeps every other client out, admins and other environments' workers
+    /// included. A worker whose poll is cut so polls again, as after any lost connection; an item
+    /// taken in the moment it was cut is handed out again once its delivery may be reclaimed (a
+    /// poll's) or its lease runs out (a claim's, unless a try sent again with its key gets it back
+    /// first). One that answers at once has no place to give.
+    fn yields(&self, connection: Option<Extension<Yieldable>>) -> Option<YieldGuard> {
+        self.block?;
+        connection.map(|Extension(c)| c.mark())
     }
 }
 

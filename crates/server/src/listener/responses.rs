@@ -38,9 +38,23 @@ pub const SPLIT: usize = 16 * 1024;
 
 /// Every live response body of one connection, for the watchdog to ask how long the longest waiting
 /// one has waited.
+///
+/// At the cap, a connection's answers are also judged together
+/// ([`Responses::untaken_since`]): since when its client has taken nothing of any of them while some
+/// waited. A client that keeps its streams' windows shut and resets each stream before its answer
+/// has waited long never has one answer wait long; together, its answers have not been taken since
+/// its first. Taken means written out: hyper asks a body for its first frame before the client's
+/// window has room for a byte of it, and lets a frame go unsent with a stream the client resets, so
+/// only the frame's bytes being consumed for the socket ([`Sent`]) count. (Only for the cap: a
+/// connection closed for a stalled write is judged by each answer's own wait, so that an answer
+/// reset untaken long ago never makes a new one look late.)
 pub(super) struct Responses {
     opened: Instant,
     live: Mutex<Vec<Weak<Progress>>>,
+    /// Since when (ms after the connection opened) some answer has waited with no byte of any
+    /// written out since; `UNSET` once one is ([`Sent`]). An answer dropped untaken (its stream
+    /// reset) leaves it as it is.
+    untaken_since: Arc<AtomicU64>,
 }
 
 impl Responses {
@@ -48,6 +62,7 @@ impl Responses {
         Responses {
             opened,
             live: Mutex::new(Vec::new()),
+            untaken_since: Arc::new(AtomicU64::new(UNSET)),
         }
     }
 
@@ -56,6 +71,7 @@ impl Responses {
         let progress = Arc::new(Progress {
             opened: self.opened,
             waiting_since: AtomicU64::new(UNSET),
+            untaken_since: self.untaken_since.clone(),
             waker: AtomicWaker::new(),
             request,
         });
@@ -79,15 +95,16 @@ impl Responses {
     }
 
     /// The bodies that have waited at least [`STALLED_AFTER`] at `now_ms` (ms after the connection
-    /// opened) for the client to take them, whose requests do not yield otherwise, and since when
-    /// the last of them has waited.
+    /// opened) for the client to take them (or that wait on a connection whose client has taken
+    /// nothing for as long), whose requests do not yield otherwise, and since when the last of them
+    /// has waited.
     pub(super) fn stalled(&self, now_ms: u64) -> (usize, Option<u64>) {
         let stalled_after = STALLED_AFTER.as_millis() as u64;
         let live = self.live.lock().expect("no code panics holding the list");
         live.iter()
             .filter_map(Weak::upgrade)
             .filter(|p| !p.request.yields())
-            .map(|p| p.waiting_since.load(Ordering::Acquire))
+            .map(|p| p.waited_since())
             .filter(|&since| since != UNSET && since.saturating_add(stalled_after) <= now_ms)
             .fold((0, None), |(count, latest), since| {
                 (count + 1, Some(latest.map_or(since, |l: u64| l.max(since))))
@@ -99,6 +116,8 @@ impl Responses {
 struct Progress {
     opened: Instant,
     waiting_since: AtomicU64,
+    /// The connection's [`Responses::untaken_since`].
+    untaken_since: Arc<AtomicU64>,
     /// Hyper's waker, woken through this one, so that more to send starts the clock too.
     waker: AtomicWaker,
     /// Whether the body's request yields (an event stream): its wait is counted as that.
@@ -110,12 +129,33 @@ impl Progress {
         self.opened.elapsed().as_millis() as u64
     }
 
+    /// Waiting for hyper to ask for more, or to write out what it was handed.
     fn wait_from_now(&self) {
-        self.waiting_since.store(self.now_ms(), Ordering::Release);
+        let now = self.now_ms();
+        self.waiting_since.store(now, Ordering::Release);
+        self.connection_waits_from(now);
     }
 
+    /// The connection has an answer waiting from `now`, unless one has waited untaken since earlier.
+    fn connection_waits_from(&self, now: u64) {
+        let _ =
+            self.untaken_since
+                .compare_exchange(UNSET, now, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Hyper asks for more: it has sent what this body handed out before, or asks for the first
+    /// frame (which it does before the client has room for it).
     fn asked(&self) {
         self.waiting_since.store(UNSET, Ordering::Release);
+    }
+
+    /// Since when this body has waited, or, if earlier, since when its connection's client has taken
+    /// nothing while answers waited; `UNSET` when it is not waiting.
+    fn waited_since(&self) -> u64 {
+        match self.waiting_since.load(Ordering::Acquire) {
+            UNSET => UNSET,
+            since => since.min(self.untaken_since.load(Ordering::Acquire)),
+        }
     }
 }
 
@@ -126,12 +166,11 @@ impl Wake for Progress {
 
     fn wake_by_ref(self: &Arc<Self>) {
         // The body has more to give from now; hyper asks at once if the client takes it.
-        let _ = self.waiting_since.compare_exchange(
-            UNSET,
-            self.now_ms(),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        let now = self.now_ms();
+        let _ =
+            self.waiting_since
+                .compare_exchange(UNSET, now, Ordering::AcqRel, Ordering::Acquire);
+        self.connection_waits_from(now);
         self.waker.wake();
     }
 }
@@ -169,11 +208,16 @@ impl TrackedBody {
         self.http2.then_some(&self.in_flight.conn.outbox)
     }
 
-    /// `data` as handed to hyper: on HTTP/2, counted in the connection's outbox while hyper holds it.
-    fn hand(&self, data: Bytes) -> Bytes {
-        match self.outbox() {
+    /// `data` as handed to hyper: on HTTP/2, counted in the connection's outbox while hyper holds it,
+    /// and telling the connection when it is written out.
+    fn hand(&self, data: Bytes) -> Sent {
+        let data = match self.outbox() {
             Some(outbox) => outbox.hand(data),
             None => data,
+        };
+        Sent {
+            data,
+            untaken_since: self.progress.untaken_since.clone(),
         }
     }
 
@@ -189,8 +233,40 @@ impl TrackedBody {
     }
 }
 
+/// A data frame as hyper writes it out: each byte consumed for the socket tells the connection that
+/// its client takes its answers ([`Responses::untaken_since`]).
+#[derive(Debug)]
+pub(super) struct Sent {
+    data: Bytes,
+    untaken_since: Arc<AtomicU64>,
+}
+
+impl Sent {
+    #[cfg(test)]
+    fn into_bytes(self) -> Bytes {
+        self.data
+    }
+}
+
+impl Buf for Sent {
+    fn remaining(&self) -> usize {
+        self.data.remaining()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.data.chunk()
+    }
+
+    fn advance(&mut self, count: usize) {
+        self.data.advance(count);
+        if count > 0 {
+            self.untaken_since.store(UNSET, Ordering::Release);
+        }
+    }
+}
+
 impl http_body::Body for TrackedBody {
-    type Data = Bytes;
+    type Data = Sent;
     type Error = axum::Error;
 
     fn poll_frame(
@@ -221,13 +297,14 @@ impl http_body::Body for TrackedBody {
                         http_body::Frame::data(this.hand(piece))
                     }
                     Ok(data) => http_body::Frame::data(this.hand(data)),
-                    Err(other) => other,
+                    Err(other) => other.map_data(|data| this.hand(data)),
                 };
                 this.progress.wait_from_now();
                 Poll::Ready(Some(Ok(frame)))
             }
             // The end, or an error: nothing more to wait for.
-            done @ Poll::Ready(_) => done,
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -273,7 +350,7 @@ mod tests {
         );
         let mut pieces = Vec::new();
         while let Some(frame) = tracked.frame().await {
-            let data = frame.unwrap().into_data().unwrap();
+            let data = frame.unwrap().into_data().unwrap().into_bytes();
             assert!(data.len() <= SPLIT);
             pieces.push(data);
             let left: usize = whole.len() - pieces.iter().map(|p| p.len()).sum::<usize>();
@@ -288,7 +365,7 @@ mod tests {
         // Over HTTP/1, frames go out as they are.
         let (mut tracked, _state) = body(axum::body::Body::from(whole.clone()), false);
         let frame = tracked.frame().await.unwrap().unwrap();
-        assert_eq!(frame.into_data().unwrap().len(), whole.len());
+        assert_eq!(frame.into_data().unwrap().remaining(), whole.len());
     }
 
     #[tokio::test]

@@ -149,7 +149,7 @@ impl Reporter {
     /// logs; a log record in JSON logs.
     pub fn program_line(&self, work_id: &str, stream: &str, line: &str) {
         match self.inner.format {
-            LogFormat::Text => self.emit(&format!("[{work_id}] {line}")),
+            LogFormat::Text => self.emit(&program_text_line(work_id, line)),
             LogFormat::Json => log_event(
                 Level::Info,
                 "output",
@@ -493,9 +493,35 @@ fn age(d: Duration) -> String {
     }
 }
 
+/// A line of a program's output as the text log shows it, its control characters other than tabs
+/// escaped (`\u{1b}`): the output carries what others wrote (a session's messages, a command's
+/// output), and an escape sequence or a carriage return there could otherwise rewrite the
+/// terminal or pass for a line of the worker's own.
+fn program_text_line(work_id: &str, line: &str) -> String {
+    let mut out = format!("[{work_id}] ");
+    for c in line.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_programs_escape_sequences_and_carriage_returns_reach_the_text_log_escaped() {
+        let forged = "hello\u{1b}[2J\u{1b}]0;TITLE\u{7} cr\rFAKE INFO tether::worker: forged\tend";
+        assert_eq!(
+            program_text_line("work_1", forged),
+            "[work_1] hello\\u{1b}[2J\\u{1b}]0;TITLE\\u{7} cr\\rFAKE INFO tether::worker: forged\tend"
+        );
+        assert_eq!(program_text_line("work_1", "plain é"), "[work_1] plain é");
+    }
 
     #[test]
     fn the_terminal_gathers_a_drawing_until_it_is_flushed() {

@@ -546,6 +546,84 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }
 
+/// Input that comes while PROGRAM is ending, having ended its last turn, would make the item's end
+/// a failed turn that nothing read: the worker runs PROGRAM again for it instead, on the same item,
+/// and ends the item once the turn is ended.
+#[tokio::test]
+async fn input_that_comes_as_the_program_ends_is_served_by_running_it_again() {
+    let setup = Setup::new().await;
+    // Each run waits for a release of its own (`$f.release1`, `$f.release2`, …).
+    let script = format!(
+        r#"{PRELUDE}echo "$TETHER_SESSION_TOKEN" > "$f.token"
+n=$(grep -c '^start' "$f")
+while [ ! -e "$f.release$n" ]; do sleep 0.1; done
+echo "end $TETHER_WORKER_ID $$" >> "$f"
+"#
+    );
+    let mut worker = setup.worker("w1", WorkerOptions::running(&script));
+    let work = setup.session(json!({})).await;
+    started(&setup.stamps(), &work, 1).await;
+    let session = setup.item(&work).await["data"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let events = format!("/sessions/{session}/events");
+    let text =
+        |kind: &str, text: &str| json!({"type": kind, "content": [{"type": "text", "text": text}]});
+    // The run has done what it does (nothing, here) and is ending as the message comes.
+    setup
+        .api
+        .ok(
+            Method::POST,
+            &events,
+            json!({"events": [text("user.message", "one more")]}),
+        )
+        .await;
+    let release = |n: usize| {
+        std::fs::write(setup.stamps().join(format!("{work}.release{n}")), "").unwrap();
+    };
+    release(1);
+    started(&setup.stamps(), &work, 2).await;
+    worker
+        .wait_for_log("input came while PROGRAM was ending: running it again for the open turn")
+        .await;
+    // The second run answers and ends the turn, as its session token.
+    let token = std::fs::read_to_string(setup.stamps().join(format!("{work}.token"))).unwrap();
+    let as_program = support::api::Api {
+        token: token.trim().to_owned(),
+        ..setup.api.clone()
+    };
+    let end_turn = json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}});
+    as_program
+        .ok(
+            Method::POST,
+            &events,
+            json!({"events": [text("agent.message", "done"), end_turn]}),
+        )
+        .await;
+    release(2);
+    let item = setup.wait_for_state(&work, "stopped").await;
+    assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
+    let session_now = setup.api.get(&format!("/sessions/{session}")).await;
+    assert_eq!(session_now["status"], "idle", "{session_now}");
+    let log = setup.api.get(&format!("{events}?limit=100")).await;
+    let kinds: Vec<&str> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(!kinds.contains(&"session.error"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"session.status_idle"), "{kinds:?}");
+    assert_eq!(
+        stamps(&setup.stamps(), &work).len(),
+        4,
+        "two runs, each started and ended"
+    );
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+}
+
 /// A server without claims (another platform, an older Tether) answers 404 to the first claim; the
 /// worker polls, acks and heartbeats from then on, as §8 says.
 #[tokio::test]

@@ -782,6 +782,21 @@ impl Client {
             .await
     }
 
+    /// A forced [`Client::stop_work`] by the item's worker once its program has ended well, refused
+    /// (409, [`crate::Error::turn_left_open`]) while the session has a turn open (Tether extension:
+    /// input came while the program was ending; run it again rather than fail the turn).
+    pub async fn stop_work_unless_turn_open(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+    ) -> Result<WorkItem> {
+        self.post(
+            &["environments", environment_id, "work", work_id, "stop"],
+            Some(&json!({ "force": true, "unless_turn_open": true })),
+        )
+        .await
+    }
+
     async fn stop_work_holding(
         &self,
         environment_id: &str,

@@ -263,6 +263,17 @@ impl Error {
         }
     }
 
+    /// A stop sent with `unless_turn_open` refused because the session has a turn open
+    /// ([`crate::Client::stop_work_unless_turn_open`]): how the session stood (its `updated_at`).
+    pub fn turn_left_open(&self) -> Option<&str> {
+        match self {
+            Error::Api(e) if e.status == 409 && e.code.as_deref() == Some("turn_open") => {
+                e.details.as_ref()?.get("session_updated_at")?.as_str()
+            }
+            _ => None,
+        }
+    }
+
     /// A refused certificate or a failed TLS handshake.
     pub fn is_tls(&self) -> bool {
         matches!(self, Error::Tls { .. })

@@ -141,6 +141,31 @@ pub fn on_work_transition(
     effect
 }
 
+/// Whether the session has a turn nobody has ended: input came (`running`), or its item went back to
+/// the queue mid-turn (`rescheduling`). A stop of the item asked to leave such a turn to the item's
+/// program (Tether's `unless_turn_open`, which a worker sends when its program has ended well) is
+/// refused: input that came while the program was ending would otherwise end its turn in an error
+/// with the item (§12.4), though nothing ever read it.
+pub fn turn_is_open(status: SessionStatus) -> bool {
+    matches!(status, SessionStatus::Running | SessionStatus::Rescheduling)
+}
+
+/// Whether a stop of the item of a session that is at `status`, last updated `updated_at`, may go
+/// ahead: always, unless it was asked to leave an open turn to the item's program
+/// (`unless_turn_open`) and the turn is open ([`turn_is_open`]).
+pub fn may_stop(
+    status: SessionStatus,
+    updated_at: Timestamp,
+    unless_turn_open: bool,
+) -> Result<(), crate::work::WorkError> {
+    match unless_turn_open && turn_is_open(status) {
+        false => Ok(()),
+        true => Err(crate::work::WorkError::TurnOpen {
+            session_updated_at: updated_at,
+        }),
+    }
+}
+
 /// Whether a work transition can matter to its session at all: the only ones [`on_work_transition`]
 /// reacts to. The service reads the session only for these.
 pub fn touches_session(transition: &Transition) -> bool {

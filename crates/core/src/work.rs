@@ -315,6 +315,14 @@ pub enum WorkError {
     /// Poll lost a race for this item (not an HTTP error: the poll tries the next candidate).
     #[error("work item is not claimable")]
     NotClaimable,
+    /// 409: a stop asked to leave an open turn to the item's program (Tether's `unless_turn_open`)
+    /// found the session's turn open ([`crate::session::turn_is_open`]). `session_updated_at` says
+    /// how far the session had got, so that the worker can tell a program that made no progress.
+    #[error(
+        "the session has a turn open that this item's program did not end (input that came while \
+         it was ending): the stop was asked to leave it to the program"
+    )]
+    TurnOpen { session_updated_at: Timestamp },
     /// 400 on metadata limits.
     #[error(transparent)]
     Metadata(#[from] MetadataError),

@@ -197,6 +197,7 @@ impl Coverage {
             WorkError::Held { .. } => "held",
             WorkError::NotHeld => "not_held",
             WorkError::Metadata(_) => "metadata",
+            WorkError::TurnOpen { .. } => "turn_open",
         });
     }
 }

@@ -10,11 +10,11 @@ use proptest::prelude::*;
 use serde_json::json;
 use tether_core::events::{self, EventType};
 use tether_core::session::{
-    couple, on_interrupt_without_item, on_user_message, on_work_transition, touches_session,
+    self, couple, on_interrupt_without_item, on_user_message, on_work_transition, touches_session,
     IdleReason, InputDecision, QueueEffect, ServerEvent, SessionStatus,
 };
 use tether_core::time::Timestamp;
-use tether_core::work::{Cause, Transition, WorkData, WorkState};
+use tether_core::work::{Cause, Transition, WorkData, WorkError, WorkState};
 
 const CAUSES: [Cause; 15] = [
     Cause::Enqueued,
@@ -589,4 +589,24 @@ fn session_work_data() {
         id: "x".into(),
     };
     assert_eq!(other.session_id(), None);
+}
+
+/// A stop asked to leave an open turn to the item's program is refused exactly while the turn is
+/// open, naming how far the session had got; any other stop goes ahead whatever the session's status.
+#[test]
+fn a_stop_unless_turn_open_is_refused_exactly_while_the_turn_is_open() {
+    let at = Timestamp::from_millis(1_700_000_000_000);
+    for status in SessionStatus::ALL {
+        let open = matches!(status, SessionStatus::Running | SessionStatus::Rescheduling);
+        assert_eq!(session::turn_is_open(status), open, "{status:?}");
+        assert!(session::may_stop(status, at, false).is_ok(), "{status:?}");
+        match session::may_stop(status, at, true) {
+            Ok(()) => assert!(!open, "{status:?} let through"),
+            Err(WorkError::TurnOpen { session_updated_at }) => {
+                assert!(open, "{status:?} refused");
+                assert_eq!(session_updated_at, at);
+            }
+            Err(other) => panic!("{status:?}: {other:?}"),
+        }
+    }
 }

@@ -176,6 +176,8 @@ enum Refusal {
     Metadata,
     /// 409: a session token acting on an item it no longer holds.
     NotHeld,
+    /// 409: a stop asked to leave an open turn found one (the session's rule, not the item's).
+    TurnOpen,
 }
 
 fn refusal_of(error: &WorkError) -> Refusal {
@@ -187,6 +189,7 @@ fn refusal_of(error: &WorkError) -> Refusal {
         WorkError::Held { .. } => Refusal::Held,
         WorkError::Metadata(_) => Refusal::Metadata,
         WorkError::NotHeld => Refusal::NotHeld,
+        WorkError::TurnOpen { .. } => Refusal::TurnOpen,
     }
 }
 

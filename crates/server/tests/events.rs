@@ -1105,6 +1105,61 @@ async fn an_item_stopped_mid_turn_ends_the_turn_with_an_error() {
     .await;
 }
 
+/// A worker whose program ended well stops its item `unless_turn_open` (Tether extension): input
+/// that came while the program was ending leaves the turn open, and the stop is refused, changing
+/// nothing, with how far the session had got; once the turn is ended, the stop goes through and no
+/// turn fails.
+#[tokio::test]
+async fn a_stop_unless_turn_open_leaves_an_open_turn_to_the_program() {
+    each_backend(async |server| {
+        let (env, session) = setup(server).await;
+        let (work, token) = take(server, &env).await;
+        post_ok(
+            server,
+            &session,
+            json!([message("came while it was ending")]),
+        )
+        .await;
+        let path = format!("/environments/{env}/work/{work}/stop");
+        let unless = json!({"force": true, "unless_turn_open": true});
+        let (status, refused) = server
+            .call_as(&token, Method::POST, &path, Some(unless.clone()), &[])
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+        assert_eq!(refused["error"]["code"], "turn_open", "{refused}");
+        let (_, record) = server.get(&format!("/sessions/{session}")).await;
+        assert_eq!(
+            refused["error"]["details"]["session_updated_at"], record["updated_at"],
+            "{refused}"
+        );
+        assert_eq!(states(&work_items(server, &env).await), ["active"]);
+        assert_eq!(status_of(server, &session).await, "running");
+
+        // The program, run again, answers and ends the turn: the stop goes through.
+        post_as(
+            server,
+            &token,
+            &session,
+            json!([agent_message("done"), end_turn()]),
+        )
+        .await;
+        let stopped = work_call(server, &token, &env, &work, "stop", Some(unless)).await;
+        assert_eq!(stopped["state"], "stopped");
+        assert_eq!(status_of(server, &session).await, "idle");
+        assert!(!types(server, &session)
+            .await
+            .contains(&"session.error".to_owned()));
+
+        // Not a boolean: named.
+        let (status, refused) = server
+            .post(&path, json!({"force": true, "unless_turn_open": "yes"}))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+        assert_eq!(refused["error"]["param"], "unless_turn_open", "{refused}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn input_while_the_item_is_stopping_waits_for_a_fresh_item() {
     each_backend(async |server| {

@@ -9,6 +9,7 @@ mod counting;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tether_server::service::work::StopAsk;
 
 use counting::counting_app;
 use serde_json::json;
@@ -127,7 +128,7 @@ async fn a_work_cycle_on_one_server_reads_each_item_once() {
             "{name}: a read that writes nothing is answered from the store, not from memory"
         );
         let stopped = app
-            .stop(&env, &id, true, true, &operator())
+            .stop(&env, &id, stop_ask(true, true), &operator())
             .await
             .expect("stop");
         assert_eq!(
@@ -220,7 +221,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
 
         // A stop elsewhere: `here` still remembers a live item, and must not renew its lease.
         elsewhere
-            .stop(&env, &id, true, true, &operator())
+            .stop(&env, &id, stop_ask(true, true), &operator())
             .await
             .expect("stop elsewhere");
         let renewed = here
@@ -350,7 +351,7 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
         let id = poll_one(&here, &env, "w").await;
         here.ack(&env, &id, Some("w")).await.expect("ack");
         let stopped = here
-            .stop(&env, &id, true, true, &operator())
+            .stop(&env, &id, stop_ask(true, true), &operator())
             .await
             .expect("stop");
         assert_eq!(stopped.state, WorkState::Stopped, "{name}");
@@ -904,7 +905,7 @@ async fn a_stop_under_a_promise_holds_the_sessions_next_item_until_it_ends() {
         lone.mark_leases_kept().await.expect("mark");
         here.mark_leases_kept().await.expect("mark");
         manual.advance_millis(lease_ms - 40_000 + 1);
-        here.stop(&env, &id, true, true, &operator())
+        here.stop(&env, &id, stop_ask(true, true), &operator())
             .await
             .expect("stop");
         let session = counting
@@ -956,7 +957,8 @@ async fn a_session_token_whose_lease_lapses_before_its_request_is_decided_acts_o
             // Then its turn comes after the deadline.
             manual.advance_millis(61_000);
             let refused = if stop {
-                here.stop(&env, &work_id, true, false, &caller).await
+                here.stop(&env, &work_id, stop_ask(true, false), &caller)
+                    .await
             } else {
                 let mut patch = tether_core::metadata::MetadataPatch::new();
                 patch.insert("tether.exit_code".into(), Some("0".into()));
@@ -981,7 +983,7 @@ async fn a_session_token_whose_lease_lapses_before_its_request_is_decided_acts_o
             // The next worker takes it.
             let again = poll_one(&here, &env, "w2").await;
             assert_eq!(again, work_id);
-            here.stop(&env, &work_id, true, false, &operator())
+            here.stop(&env, &work_id, stop_ask(true, false), &operator())
                 .await
                 .expect("stop");
         }
@@ -1171,7 +1173,7 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
         let (session_id, id) = acked_item(&here, &env).await;
         // The first stop leaves the session as it is; the second, to `stopped`, ends its turn.
         let stopping = here
-            .stop(&env, &id, false, true, &operator())
+            .stop(&env, &id, stop_ask(false, true), &operator())
             .await
             .expect("first stop");
         assert_eq!(stopping.state, WorkState::Stopping, "{name}");
@@ -1206,7 +1208,10 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
         held.arrived.await.expect("the post's commit arrives");
         let stop = tokio::spawn({
             let (here, env, id) = (here.clone(), env.clone(), id.clone());
-            async move { here.stop(&env, &id, false, true, &operator()).await }
+            async move {
+                here.stop(&env, &id, stop_ask(false, true), &operator())
+                    .await
+            }
         });
         // Without turns the stop, re-reading after its loss, would finish now, before the post.
         let early = tokio::time::timeout(Duration::from_millis(500), async {
@@ -1236,5 +1241,14 @@ async fn an_item_operation_that_loses_a_race_for_its_session_waits_for_the_sessi
         );
         here.begin_shutdown();
         elsewhere.begin_shutdown();
+    }
+}
+
+/// A stop's ask: `force`, and whether it holds the session's next item.
+fn stop_ask(force: bool, hold_next_item: bool) -> StopAsk {
+    StopAsk {
+        force,
+        hold_next_item,
+        ..StopAsk::default()
     }
 }

@@ -27,6 +27,16 @@ use crate::sandbox::Sandbox;
 use crate::status::Outcome;
 use crate::{reached, Phase, Shared};
 
+/// What follows a PROGRAM that ended well ([`Item::stop_unless_turn_open`]).
+enum AfterExit {
+    /// The item is ended (or could not be, and was said so).
+    Ended,
+    /// A turn came while PROGRAM was ending: it runs again.
+    RunAgain,
+    /// The turn was left open by a run that did nothing: stop the item regardless.
+    Stop,
+}
+
 /// How the worker took an item.
 pub enum Taken {
     /// Delivered by a poll: the worker acks it, and its first heartbeat starts the lease.
@@ -82,6 +92,10 @@ pub(crate) trait ItemCalls: Send + Sync + 'static {
     fn ack(&self) -> impl Future<Output = tether_client::Result<()>> + Send;
     /// A graceful stop (or its confirmation), or a forced one; the item's state afterwards.
     fn stop(&self, force: bool) -> impl Future<Output = tether_client::Result<WorkState>> + Send;
+    /// A forced stop, refused while the session has a turn open ([`tether_client::Error::turn_left_open`]).
+    fn stop_unless_turn_open(
+        &self,
+    ) -> impl Future<Output = tether_client::Result<WorkState>> + Send;
     /// A merge patch of the item's metadata.
     fn record(
         &self,
@@ -177,6 +191,14 @@ impl ItemCalls for HttpItem {
         let answer = self
             .over(&self.client)
             .stop_work(&self.environment_id, &self.work_id, force)
+            .await;
+        self.heard(answer).map(|item| item.state)
+    }
+
+    async fn stop_unless_turn_open(&self) -> tether_client::Result<WorkState> {
+        let answer = self
+            .over(&self.client)
+            .stop_work_unless_turn_open(&self.environment_id, &self.work_id)
             .await;
         self.heard(answer).map(|item| item.state)
     }
@@ -289,76 +311,91 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         if let Some(outcome) = self.ended_before_start(established).await {
             return outcome;
         }
-        let mut running = match self.start_program(&mut lease, || self.spawn(&item)).await {
-            Ok(running) => running,
-            Err(outcome) => return outcome,
-        };
-        self.shared.report.started(&self.work_id);
-        self.info(
-            "program started",
-            &[
-                // The group's, not PROGRAM's own pid: a guard or bwrap leads it, and the group
-                // is what reaches PROGRAM and all it started (`kill -- -<group>`).
-                ("process_group", &running.pid.to_string()),
-                ("session_id", &item.data.id),
-            ],
-        );
-        let ending = tokio::select! {
-            exit = running.wait() => Ending::Exited(exit),
-            event = lease.event() => match event {
-                Lease::StopRequested => Ending::StopRequested,
-                Lease::Lost(why) => Ending::Lost(why),
-                Lease::Held | Lease::Pending => unreachable!("event() waits for a change"),
-            },
-            _ = reached(&mut self.phase, Phase::Terminating) => Ending::Shutdown,
-        };
-        match ending {
-            Ending::Exited(exit) => {
-                match exit.reason.filter(|_| !exit.success()) {
-                    Some(reason) => self.info(
-                        "program exited",
-                        &[("status", &exit.describe()), ("reason", reason)],
-                    ),
-                    None => self.info("program exited", &[("status", &exit.describe())]),
+        // How the session stood when a turn was last found open at PROGRAM's end
+        // (`stop_unless_turn_open`).
+        let mut open_turn_seen = None;
+        loop {
+            let mut running = match self.start_program(&mut lease, || self.spawn(&item)).await {
+                Ok(running) => running,
+                Err(outcome) => return outcome,
+            };
+            self.shared.report.started(&self.work_id);
+            self.info(
+                "program started",
+                &[
+                    // The group's, not PROGRAM's own pid: a guard or bwrap leads it, and the group
+                    // is what reaches PROGRAM and all it started (`kill -- -<group>`).
+                    ("process_group", &running.pid.to_string()),
+                    ("session_id", &item.data.id),
+                ],
+            );
+            let ending = tokio::select! {
+                exit = running.wait() => Ending::Exited(exit),
+                event = lease.event() => match event {
+                    Lease::StopRequested => Ending::StopRequested,
+                    Lease::Lost(why) => Ending::Lost(why),
+                    Lease::Held | Lease::Pending => unreachable!("event() waits for a change"),
+                },
+                _ = reached(&mut self.phase, Phase::Terminating) => Ending::Shutdown,
+            };
+            return match ending {
+                Ending::Exited(exit) => {
+                    match exit.reason.filter(|_| !exit.success()) {
+                        Some(reason) => self.info(
+                            "program exited",
+                            &[("status", &exit.describe()), ("reason", reason)],
+                        ),
+                        None => self.info("program exited", &[("status", &exit.describe())]),
+                    }
+                    // The program is gone: nothing is at risk in trying for as long as its lease may
+                    // still be alive, so that its run is not lost to a server that is away meanwhile.
+                    let tries = Tries::WhileLeased(lease.deadline());
+                    self.record_exit(exit, &tries).await;
+                    if exit.success() && *self.phase.borrow() < Phase::Terminating {
+                        match self
+                            .stop_unless_turn_open(&tries, &mut open_turn_seen)
+                            .await
+                        {
+                            AfterExit::Ended => return outcome_of(exit),
+                            AfterExit::RunAgain => continue,
+                            AfterExit::Stop => {}
+                        }
+                    }
+                    self.stop(true, &tries).await;
+                    outcome_of(exit)
                 }
-                // The program is gone: nothing is at risk in trying for as long as its lease may
-                // still be alive, so that its run is not lost to a server that is away meanwhile.
-                let tries = Tries::WhileLeased(lease.deadline());
-                self.record_exit(exit, &tries).await;
-                self.stop(true, &tries).await;
-                outcome_of(exit)
-            }
-            Ending::Lost(why) => self.abandon(&mut running, &why).await,
-            Ending::StopRequested => {
-                self.info(
-                    "stop requested: sending SIGTERM to the program",
-                    &[("grace", &seconds(self.shared.grace))],
-                );
-                // The server asked: the stop that ends it is a confirmation.
-                self.wind_down(&mut running, &mut lease, std::future::ready(true))
-                    .await
-            }
-            Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
-                let exit = running.kill().await;
-                self.warn(
-                    "forced shutdown: program killed",
-                    &[("status", &exit.describe())],
-                );
-                self.record_exit(exit, &Tries::Few(1)).await;
-                self.stop(true, &Tries::Few(1)).await;
-                Outcome::Failed
-            }
-            Ending::Shutdown => {
-                self.info(
-                    "drain time is up: sending SIGTERM to the program",
-                    &[("grace", &seconds(self.shared.grace))],
-                );
-                // Asked, so that the server shows the item winding down rather than active; asked
-                // while the program is being terminated, not before, so that a server that does
-                // not answer delays neither the SIGTERM nor the SIGKILL after the grace.
-                self.wind_down(&mut running, &mut lease, self.stop(false, &Tries::Few(1)))
-                    .await
-            }
+                Ending::Lost(why) => self.abandon(&mut running, &why).await,
+                Ending::StopRequested => {
+                    self.info(
+                        "stop requested: sending SIGTERM to the program",
+                        &[("grace", &seconds(self.shared.grace))],
+                    );
+                    // The server asked: the stop that ends it is a confirmation.
+                    self.wind_down(&mut running, &mut lease, std::future::ready(true))
+                        .await
+                }
+                Ending::Shutdown if *self.phase.borrow() == Phase::Forced => {
+                    let exit = running.kill().await;
+                    self.warn(
+                        "forced shutdown: program killed",
+                        &[("status", &exit.describe())],
+                    );
+                    self.record_exit(exit, &Tries::Few(1)).await;
+                    self.stop(true, &Tries::Few(1)).await;
+                    Outcome::Failed
+                }
+                Ending::Shutdown => {
+                    self.info(
+                        "drain time is up: sending SIGTERM to the program",
+                        &[("grace", &seconds(self.shared.grace))],
+                    );
+                    // Asked, so that the server shows the item winding down rather than active; asked
+                    // while the program is being terminated, not before, so that a server that does
+                    // not answer delays neither the SIGTERM nor the SIGKILL after the grace.
+                    self.wind_down(&mut running, &mut lease, self.stop(false, &Tries::Few(1)))
+                        .await
+                }
+            };
         }
     }
 
@@ -725,10 +762,61 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// its confirmation (stopping → stopped). True when the server took it or the item had already
     /// ended.
     async fn stop(&self, force: bool, tries: &Tries) -> bool {
-        match self
+        let answer = self
             .ending_call("stopping the item", tries, || self.calls.stop(force))
-            .await
-        {
+            .await;
+        self.stopped_by(answer, tries)
+    }
+
+    /// Ends the item after PROGRAM ended well, unless the session has a turn open: input that came
+    /// while PROGRAM was ending, which nothing has read, and which the item's end would make a
+    /// failed turn (§12.4). Then PROGRAM runs again for it, on the same item and lease; but not if
+    /// the session stands as it did the last time (`seen`): a PROGRAM that leaves a turn open
+    /// without touching the session would run for ever, and its item is ended as any other.
+    async fn stop_unless_turn_open(&self, tries: &Tries, seen: &mut Option<String>) -> AfterExit {
+        let answer = self
+            .ending_call("stopping the item", tries, || {
+                self.calls.stop_unless_turn_open()
+            })
+            .await;
+        let open = match &answer {
+            Some(Err(e)) => e.turn_left_open(),
+            _ => None,
+        };
+        match open {
+            None => {
+                self.stopped_by(answer, tries);
+                AfterExit::Ended
+            }
+            Some(stands) if seen.as_deref() == Some(stands) => {
+                self.warn(
+                    "PROGRAM ended again with the session's turn open, having done nothing to the \
+                     session since: ending the item (the turn ends in an error)",
+                    &[(
+                        "detail",
+                        &format!("the session was last updated at {stands}"),
+                    )],
+                );
+                AfterExit::Stop
+            }
+            Some(stands) => {
+                self.info(
+                    "input came while PROGRAM was ending: running it again for the open turn",
+                    &[(
+                        "detail",
+                        &format!("the session was last updated at {stands}"),
+                    )],
+                );
+                *seen = Some(stands.to_owned());
+                AfterExit::RunAgain
+            }
+        }
+    }
+
+    /// Says how a call that ends the item went; true when the server took it or the item had
+    /// already ended.
+    fn stopped_by(&self, answer: Option<tether_client::Result<WorkState>>, tries: &Tries) -> bool {
+        match answer {
             Some(Ok(state)) => {
                 let message = if state.is_live() {
                     "stop requested"
@@ -1079,6 +1167,9 @@ mod tests {
         /// Every record of an exit is refused with an error worth another try, while heartbeats and
         /// stops get through.
         records_refused: bool,
+        /// Stops sent with `unless_turn_open` refused in turn, each with the session's
+        /// `updated_at` it names; the rest are taken.
+        turns_open: Mutex<VecDeque<&'static str>>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -1150,6 +1241,25 @@ mod tests {
             } else {
                 WorkState::Stopping
             })
+        }
+
+        async fn stop_unless_turn_open(&self) -> tether_client::Result<WorkState> {
+            let call = "stop force=true unless_turn_open";
+            if let Some(e) = self.0.unavailable(call) {
+                return Err(e);
+            }
+            self.0.log(call.into());
+            match self.0.turns_open.lock().unwrap().pop_front() {
+                Some(updated_at) => Err(tether_client::ApiError {
+                    details: Some(serde_json::json!({ "session_updated_at": updated_at })),
+                    ..crate::heartbeat::tests::refusal_with_code(409, Some("turn_open"))
+                        .api()
+                        .expect("an API error")
+                        .clone()
+                }
+                .into()),
+                None => Ok(WorkState::Stopped),
+            }
         }
 
         async fn record(&self, patch: &MetadataPatch) -> tether_client::Result<()> {
@@ -1343,9 +1453,51 @@ mod tests {
             ]
         );
 
+        // A program that ended well: its item is ended unless a turn is open.
         let (shared, _phase) = worker("exit 0");
         let script = Arc::new(Script::default());
         assert_eq!(run(&shared, &script).await, Outcome::Done);
+        assert_eq!(
+            script.calls().last().unwrap(),
+            "stop force=true unless_turn_open"
+        );
+    }
+
+    /// Input that came while PROGRAM was ending leaves the session's turn open: PROGRAM runs again
+    /// for it on the same item, rather than the item's end failing a turn nothing read. Not when
+    /// the session stands as it did at the last such end: that run did nothing about the turn.
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_that_came_while_the_program_was_ending_runs_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        let (shared, _phase) = worker(&format!("echo run >> {}", runs.display()));
+        let script = Arc::new(Script::default());
+        script.turns_open.lock().unwrap().extend(["t1", "t2"]);
+        assert_eq!(run(&shared, &script).await, Outcome::Done);
+        let record = "record tether.exit_code=0 tether.exit_reason=- tether.signal=-";
+        let ended = "stop force=true unless_turn_open";
+        assert_eq!(
+            script.calls(),
+            ["ack", record, ended, record, ended, record, ended]
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 3);
+
+        // A run after which the session stands as before: the item is ended regardless.
+        std::fs::remove_file(&runs).unwrap();
+        let script = Arc::new(Script::default());
+        script.turns_open.lock().unwrap().extend(["t1", "t1"]);
+        assert_eq!(run(&shared, &script).await, Outcome::Done);
+        assert_eq!(
+            script.calls(),
+            ["ack", record, ended, record, ended, "stop force=true"]
+        );
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+
+        // A program that failed: its item is ended as ever, the turn with it.
+        let (shared, _phase) = worker("exit 1");
+        let script = Arc::new(Script::default());
+        script.turns_open.lock().unwrap().extend(["t1"]);
+        assert_eq!(run(&shared, &script).await, Outcome::Failed);
         assert_eq!(script.calls().last().unwrap(), "stop force=true");
     }
 
@@ -1535,7 +1687,7 @@ mod tests {
         );
         assert_eq!(
             script.calls().last().map(String::as_str),
-            Some("stop force=true")
+            Some("stop force=true unless_turn_open")
         );
     }
 
@@ -1561,7 +1713,7 @@ mod tests {
             [
                 "ack",
                 "record tether.exit_code=0 tether.exit_reason=- tether.signal=-",
-                "stop force=true"
+                "stop force=true unless_turn_open"
             ],
             "{calls:?}"
         );

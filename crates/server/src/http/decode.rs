@@ -200,11 +200,13 @@ fn agent_field_message(param: &str, serde: &str) -> String {
 }
 
 impl RequestBody for api::StopRequest {
-    const FIELDS: &'static [&'static str] = &["force", "hold_next_item"];
+    const FIELDS: &'static [&'static str] = &["force", "hold_next_item", "unless_turn_open"];
 
     fn field_message(param: &str, _: &[String], serde: &str) -> String {
         match param {
-            "force" | "hold_next_item" => format!("{param} must be a boolean"),
+            "force" | "hold_next_item" | "unless_turn_open" => {
+                format!("{param} must be a boolean")
+            }
             _ => serde.to_owned(),
         }
     }

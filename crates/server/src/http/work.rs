@@ -18,7 +18,7 @@ use crate::credentials;
 use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
 use crate::listener::{YieldGuard, Yieldable};
-use crate::service::work::{ClaimAsk, Claimed, KeyedTry, TrySent};
+use crate::service::work::{ClaimAsk, Claimed, KeyedTry, StopAsk, TrySent};
 use crate::service::App;
 
 /// The work list clamps `limit` above 100 instead of refusing it (D-4).
@@ -460,11 +460,15 @@ pub async fn stop(
         api::StopRequest {
             force,
             hold_next_item,
+            unless_turn_open,
         },
     ) = judged(&app, &env_id, &work_id, stop).await?;
-    let force = force.unwrap_or(false);
-    let hold_next_item = hold_next_item.unwrap_or_else(|| p.holds_by_default(dialect));
-    let item = app.stop(&env, &work_id, force, hold_next_item, &p).await?;
+    let ask = StopAsk {
+        force: force.unwrap_or(false),
+        hold_next_item: hold_next_item.unwrap_or_else(|| p.holds_by_default(dialect)),
+        unless_turn_open: unless_turn_open.unwrap_or(false),
+    };
+    let item = app.stop(&env, &work_id, ask, &p).await?;
     Ok(Json(wire::work(&item, None)))
 }
 

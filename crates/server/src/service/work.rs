@@ -120,6 +120,17 @@ enum SessionAhead {
     Read(Option<Box<Versioned<Session>>>),
 }
 
+/// What a stop asks for (`POST …/stop`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StopAsk {
+    /// At once, from any live state; otherwise a graceful request or its confirmation.
+    pub force: bool,
+    /// Hold the session's next item until the stopped lease's deadline (`Stopper`).
+    pub hold_next_item: bool,
+    /// Refuse (`WorkError::TurnOpen`) while the session has a turn open.
+    pub unless_turn_open: bool,
+}
+
 /// About the size of `item` as JSON, for the memory of written records, without writing it out (a
 /// work item is written four times per cycle): its fixed fields take well under 1 KB, and what varies
 /// is its metadata (at most 16 keys) and a few ids.
@@ -309,6 +320,20 @@ impl App {
         read: ItemRead,
         op: impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
     ) -> Result<(WorkItem, T)> {
+        self.run_item_op_seeing_session(environment_id, work_id, read, |item, _, now| op(item, now))
+            .await
+    }
+
+    /// [`Self::run_item_op`] whose `op` also sees the item's session as the step's coupling judges
+    /// it (with `ItemRead::ItemAndSession`; `None` otherwise): the write stands only if the session
+    /// is still as seen, so a decision that looked at it is as atomic as the write.
+    pub async fn run_item_op_seeing_session<T>(
+        &self,
+        environment_id: &str,
+        work_id: &str,
+        read: ItemRead,
+        op: impl Fn(&WorkItem, Option<&Session>, Timestamp) -> Result<(Step, T), WorkError>,
+    ) -> Result<(WorkItem, T)> {
         let session_of_item = SessionOfItem::default();
         let note_session = |item: &WorkItem| {
             if read == ItemRead::ItemAndSession {
@@ -354,7 +379,7 @@ impl App {
         session: SessionAhead,
         start: Start,
         losses: u64,
-        op: &impl Fn(&WorkItem, Timestamp) -> Result<(Step, T), WorkError>,
+        op: &impl Fn(&WorkItem, Option<&Session>, Timestamp) -> Result<(Step, T), WorkError>,
     ) -> Result<Option<(WorkItem, T)>, Retry> {
         if self.amnesty_after_outage().await? {
             // Deadlines may have moved: decide from a fresh read.
@@ -364,7 +389,12 @@ impl App {
         // A lapsed lease that another server's promise holds is judged as the live lease it is.
         let held = self.held_lease(&current.value, now).await?;
         let judged = held.as_ref().unwrap_or(&current.value);
-        let evaluation = work::evaluate(judged, now, &self.config.lease, |item| op(item, now));
+        let seen = match &session {
+            SessionAhead::Read(Some(session)) => Some(&session.value),
+            _ => None,
+        };
+        let evaluation =
+            work::evaluate(judged, now, &self.config.lease, |item| op(item, seen, now));
         if evaluation.expired.is_some() && self.store.losses() != losses {
             // The database was lost after this read: a worker may have been told (503 with the
             // amnesty promise) that its lease will outlast the outage. Decide after the amnesty
@@ -993,16 +1023,19 @@ impl App {
         &self,
         env: &Environment,
         work_id: &str,
-        force: bool,
-        hold_next_item: bool,
+        ask: StopAsk,
         caller: &Principal,
     ) -> Result<WorkItem> {
         let asker = caller.asker();
+        let read = ItemRead::ItemAndSession;
         let (item, ()) = self
-            .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
+            .run_item_op_seeing_session(&env.id, work_id, read, |item, session, now| {
                 caller.may_act_on(item)?;
-                let stopper = caller.stopper_of(item, hold_next_item);
-                let step = work::stop_by(item, force, now, stopper)?;
+                if let Some(session) = session {
+                    session::may_stop(session.status, session.updated_at, ask.unless_turn_open)?;
+                }
+                let stopper = caller.stopper_of(item, ask.hold_next_item);
+                let step = work::stop_by(item, ask.force, now, stopper)?;
                 Ok((step.asked_by(&asker), ()))
             })
             .await?;

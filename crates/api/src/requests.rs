@@ -442,12 +442,12 @@ pub struct StopRequest {
     /// (SPEC §8, step 5), and holds nothing. Ignored with the item's session token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold_next_item: Option<bool>,
-    /// Tether extension, for a worker whose program has ended well: stop only if the session has
-    /// no turn open (status `running` or `rescheduling`). Otherwise nothing changes and the answer
-    /// is 409 with code `turn_open` and `details.session_updated_at`: input came while the program
-    /// was ending, which the item's end would turn into a failed turn though nothing read it, and
-    /// the worker runs its program again for it instead. The same `session_updated_at` twice says
-    /// the program left the turn open without touching the session: then stop without this.
+    /// Tether extension, for a worker whose program has ended well: a forced stop of a `starting`
+    /// or `active` item goes ahead only if the session has no turn open (status `running` or
+    /// `rescheduling` with no input waiting for a fresh item). Otherwise nothing changes and the
+    /// answer is 409 with code `turn_open` and `details.session_updated_at`: input came while the
+    /// program was ending, which the item's end would turn into a failed turn though nothing read
+    /// it, and the worker runs its program again for it instead. Other stops ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unless_turn_open: Option<bool>,
 }

@@ -609,20 +609,27 @@ async fn bootstrap_admin(
     Ok(())
 }
 
-/// Moves a token file about to be replaced aside, to `admin-token.old` beside it (replacing an
-/// older one there), and returns where: the store has no live admin token, so the file's is
-/// revoked, or belongs to another store (a cluster member started without its database, say),
-/// whose only copy it may be. `None` when there is no such file, or it holds `secret` already.
+/// Moves a token file about to be replaced aside, to `admin-token.old` beside it (or
+/// `admin-token.old.1`, `.2`, …: the first name not taken, so that no earlier one is lost), and
+/// returns where: the store has no live admin token, so the file's is revoked, or belongs to
+/// another store (a cluster member started without its database, say), whose only copy it may be.
+/// `None` when there is no such file, or it holds `secret` already.
 fn keep_token_replaced(path: &Path, secret: &str) -> Result<Option<PathBuf>> {
-    let held = match std::fs::read_to_string(path) {
+    let held = match std::fs::read(path) {
         Ok(held) => held,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    if held.trim().is_empty() || held.trim() == secret {
+    if held.trim_ascii().is_empty() || held.trim_ascii() == secret.as_bytes() {
         return Ok(None);
     }
-    let kept = path.with_file_name("admin-token.old");
+    let kept = (0..)
+        .map(|n| match n {
+            0 => path.with_file_name("admin-token.old"),
+            n => path.with_file_name(format!("admin-token.old.{n}")),
+        })
+        .find(|candidate| !candidate.exists())
+        .expect("some name is free");
     std::fs::rename(path, &kept)
         .with_context(|| format!("cannot move {} to {}", path.display(), kept.display()))?;
     Ok(Some(kept))

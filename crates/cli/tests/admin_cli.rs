@@ -879,8 +879,30 @@ fn a_token_file_replaced_by_a_new_token_is_kept_beside_it() {
         lines.contains("no live admin token of this store") && lines.contains("admin-token.old"),
         "{lines}"
     );
+    // Another such start (on a store made anew) keeps the one before as well.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("tether.db")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    std::fs::write(&file, "tth_adm_a-second-stores-token").unwrap();
+    let mut server = support::ServerProcess::start(dir.path(), &[]);
+    server.terminate();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("admin-token.old")).unwrap(),
+        theirs
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("admin-token.old.1")).unwrap(),
+        "tth_adm_a-second-stores-token"
+    );
     // A start that writes the same token again has nothing to keep.
-    std::fs::remove_file(dir.path().join("admin-token.old")).unwrap();
     let fresh = tempfile::tempdir().unwrap();
     std::fs::write(fresh.path().join("admin-token"), support::ADMIN_TOKEN).unwrap();
     let mut server = support::ServerProcess::start(fresh.path(), &[]);

@@ -150,19 +150,48 @@ pub fn turn_is_open(status: SessionStatus) -> bool {
     matches!(status, SessionStatus::Running | SessionStatus::Rescheduling)
 }
 
-/// Whether a stop of the item of a session that is at `status`, last updated `updated_at`, may go
-/// ahead: always, unless it was asked to leave an open turn to the item's program
-/// (`unless_turn_open`) and the turn is open ([`turn_is_open`]).
+/// Whether a stop of `item` whose session is `session` may go ahead: always, unless it was asked to
+/// leave an open turn to the item's program (`unless_turn_open`) and it would end that turn in an
+/// error (§12.4): a forced stop of a `starting` or `active` item while the session's turn is open
+/// ([`turn_is_open`]) with no input waiting for a fresh item (D-34, which serves input that came
+/// while the item was `stopping`). A graceful request ends no turn; an item `stopping` leaves its
+/// waiting input to a fresh item; one `queued` (its lease lapsed: `rescheduling`) or `stopped` is
+/// not its worker's to stop, and is refused as such.
 pub fn may_stop(
-    status: SessionStatus,
-    updated_at: Timestamp,
+    item: WorkState,
+    force: bool,
+    session: TurnView,
     unless_turn_open: bool,
 ) -> Result<(), crate::work::WorkError> {
-    match unless_turn_open && turn_is_open(status) {
+    let ends_a_turn = force
+        && matches!(item, WorkState::Starting | WorkState::Active)
+        && turn_is_open(session.status)
+        && !session.pending_input;
+    match unless_turn_open && ends_a_turn {
         false => Ok(()),
         true => Err(crate::work::WorkError::TurnOpen {
-            session_updated_at: updated_at,
+            session_updated_at: session.updated_at,
         }),
+    }
+}
+
+/// What [`may_stop`] looks at in a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TurnView {
+    pub status: SessionStatus,
+    /// Input came while the item was `stopping`, for a fresh item (D-34).
+    pub pending_input: bool,
+    /// How far the session had got, said to the worker with a refusal.
+    pub updated_at: Timestamp,
+}
+
+impl From<&crate::resources::Session> for TurnView {
+    fn from(session: &crate::resources::Session) -> TurnView {
+        TurnView {
+            status: session.status,
+            pending_input: session.pending_input,
+            updated_at: session.updated_at,
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::json;
 use tether_core::events::{self, EventType};
 use tether_core::session::{
     self, couple, on_interrupt_without_item, on_user_message, on_work_transition, touches_session,
-    IdleReason, InputDecision, QueueEffect, ServerEvent, SessionStatus,
+    IdleReason, InputDecision, QueueEffect, ServerEvent, SessionStatus, TurnView,
 };
 use tether_core::time::Timestamp;
 use tether_core::work::{Cause, Transition, WorkData, WorkError, WorkState};
@@ -591,22 +591,59 @@ fn session_work_data() {
     assert_eq!(other.session_id(), None);
 }
 
-/// A stop asked to leave an open turn to the item's program is refused exactly while the turn is
-/// open, naming how far the session had got; any other stop goes ahead whatever the session's status.
+/// A stop asked to leave an open turn to the item's program is refused exactly when it would end that
+/// turn in an error: forced, of a `starting` or `active` item, the turn open, no input waiting for a
+/// fresh item. It names how far the session had got. Any other stop goes ahead as the SPEC says.
 #[test]
-fn a_stop_unless_turn_open_is_refused_exactly_while_the_turn_is_open() {
+fn a_stop_unless_turn_open_is_refused_exactly_when_it_would_fail_an_open_turn() {
     let at = Timestamp::from_millis(1_700_000_000_000);
+    let items = [
+        WorkState::Queued,
+        WorkState::Starting,
+        WorkState::Active,
+        WorkState::Stopping,
+        WorkState::Stopped,
+    ];
+    let view = |status, pending_input| TurnView {
+        status,
+        pending_input,
+        updated_at: at,
+    };
+    // The cases that matter, spelled out: the worker's stop as a message came while its program
+    // ended; an operator's stop racing it (input waits for a fresh item); a graceful request; an
+    // item whose lease lapsed (its turn `rescheduling`), no longer the worker's.
+    let running = SessionStatus::Running;
+    assert!(session::may_stop(WorkState::Active, true, view(running, false), true).is_err());
+    assert!(session::may_stop(WorkState::Stopping, true, view(running, true), true).is_ok());
+    assert!(session::may_stop(WorkState::Active, false, view(running, false), true).is_ok());
+    let rescheduling = SessionStatus::Rescheduling;
+    assert!(session::may_stop(WorkState::Queued, true, view(rescheduling, false), true).is_ok());
     for status in SessionStatus::ALL {
         let open = matches!(status, SessionStatus::Running | SessionStatus::Rescheduling);
         assert_eq!(session::turn_is_open(status), open, "{status:?}");
-        assert!(session::may_stop(status, at, false).is_ok(), "{status:?}");
-        match session::may_stop(status, at, true) {
-            Ok(()) => assert!(!open, "{status:?} let through"),
-            Err(WorkError::TurnOpen { session_updated_at }) => {
-                assert!(open, "{status:?} refused");
-                assert_eq!(session_updated_at, at);
+        for (item, force, pending_input) in items
+            .iter()
+            .flat_map(|&item| [(item, false), (item, true)].into_iter())
+            .flat_map(|(item, force)| [(item, force, false), (item, force, true)].into_iter())
+        {
+            let turn = view(status, pending_input);
+            let case = format!("{item:?} force={force} {status:?} pending_input={pending_input}");
+            assert!(
+                session::may_stop(item, force, turn, false).is_ok(),
+                "{case}"
+            );
+            let fails_the_turn = force
+                && matches!(item, WorkState::Starting | WorkState::Active)
+                && open
+                && !pending_input;
+            match session::may_stop(item, force, turn, true) {
+                Ok(()) => assert!(!fails_the_turn, "{case} let through"),
+                Err(WorkError::TurnOpen { session_updated_at }) => {
+                    assert!(fails_the_turn, "{case} refused");
+                    assert_eq!(session_updated_at, at);
+                }
+                Err(other) => panic!("{case}: {other:?}"),
             }
-            Err(other) => panic!("{status:?}: {other:?}"),
         }
     }
 }

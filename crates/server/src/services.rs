@@ -26,31 +26,32 @@ pub const RESTARTS: &str = "tether_service_restarts_total";
 /// then costs a log line a second, not a busy loop.
 pub const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
-/// A duty's error, which says whether it is the database being unavailable: an outage, which the
-/// store announces itself.
+/// A duty's error, which says whether it is the database being unavailable or its disk full: a
+/// state every write shares until it passes, said on its own (the store announces an outage; a
+/// full disk is logged once a while, `service::error`).
 pub trait DutyError: std::fmt::Display {
     fn is_outage(&self) -> bool;
 }
 
 impl DutyError for crate::service::Error {
     fn is_outage(&self) -> bool {
-        crate::service::Error::is_outage(self)
+        crate::service::Error::is_outage(self) || matches!(self, crate::service::Error::StoreFull)
     }
 }
 
 impl DutyError for tether_store::StoreError {
     fn is_outage(&self) -> bool {
-        self.is_unavailable()
+        self.is_unavailable() || matches!(self, tether_store::StoreError::Full(_))
     }
 }
 
 /// Logs a failed pass of a service's duty (`what`, e.g. "dispatcher: lease expiry pass"): at
-/// `warn`, but at `debug` while the database is unavailable. The store says an outage once as it
-/// begins ("lost the database") and once as it ends; a line from every duty at every tick
-/// meanwhile would bury both.
+/// `warn`, but at `debug` while the database is unavailable or its disk full. Those are said on
+/// their own, as they begin and end or once a while; a line from every duty at every tick meanwhile
+/// would bury them.
 pub fn duty_failed(what: &str, error: &dyn DutyError) {
     match error.is_outage() {
-        true => tracing::debug!(error = %error, "{what} failed: the database is unavailable"),
+        true => tracing::debug!(error = %error, "{what} failed"),
         false => tracing::warn!(error = %error, "{what} failed"),
     }
 }

@@ -508,6 +508,66 @@ async fn at_the_cap_answers_reset_before_they_stall_do_not_keep_their_places() {
     server.await.unwrap();
 }
 
+/// At the cap, a connection whose client takes its answer, slowly but steadily, keeps its place;
+/// those whose clients take nothing give theirs, each in turn.
+#[tokio::test]
+async fn at_the_cap_a_client_reading_slowly_keeps_its_place() {
+    use http_body_util::BodyExt as _;
+    use tether_server::listener::STALLED_AFTER;
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/large", get(|| async { vec![b'x'; 8 * 1024 * 1024] }));
+    let (address, stop, server) =
+        serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
+    let started = std::time::Instant::now();
+    // The reader: a frame of 16 KiB every 50 ms, well under what the answer could go at.
+    let (mut sender, reader_conn) = h2_client(address, 64 * 1024).await;
+    let request = hyper::Request::get(format!("http://{address}/large"))
+        .body(String::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let reading = tokio::spawn(async move {
+        let mut body = response.into_body();
+        let mut read = 0;
+        while let Some(frame) = body.frame().await {
+            read += frame.unwrap().into_data().map_or(0, |d| d.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        read
+    });
+    // Seven that take nothing.
+    let mut idle = Vec::new();
+    for _ in 0..7 {
+        let (mut sender, conn) = h2_client(address, 0).await;
+        let request = hyper::Request::get(format!("http://{address}/"))
+            .body(String::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        idle.push((sender, response, conn));
+    }
+    tokio::time::sleep(
+        (STALLED_AFTER + Duration::from_millis(500)).saturating_sub(started.elapsed()),
+    )
+    .await;
+    // The reader's answer began first: were its connection judged by that, it would go first.
+    assert_eq!(
+        get_status(address, "/").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let closed = idle
+        .iter()
+        .filter(|(_, _, conn)| conn.is_finished())
+        .count();
+    assert_eq!(closed, 1, "one of those taking nothing gave its place");
+    assert!(!reader_conn.is_finished(), "the reader kept its place");
+    assert!(!reading.is_finished(), "still reading");
+    reading.abort();
+    stop.cancel();
+    server.await.unwrap();
+}
+
 /// At the cap, long polls give their places to new clients: one environment's key could otherwise
 /// hold every place with polls sent back to back, and keep out every other client, admins included.
 /// The worker whose poll is cut polls again.

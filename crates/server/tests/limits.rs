@@ -965,6 +965,14 @@ async fn under_the_disk_floor_requests_that_add_records_are_refused_and_work_goe
         let item = roomy.poll_as_worker(&env, "w1", "").await;
         let work = item["id"].as_str().unwrap().to_owned();
         roomy.ack_as_worker(&env, &work, "w1").await;
+        // A turn under way when the floor is crossed.
+        let (status, answer) = roomy
+            .post(
+                &format!("/sessions/{session}/events"),
+                json!({"events": [text_event("user.message", "go")]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
         let tight = TestServer::start_on(
             &backend,
             roomy.location.clone(),
@@ -1002,8 +1010,8 @@ async fn under_the_disk_floor_requests_that_add_records_are_refused_and_work_goe
                 false => assert_eq!(status, StatusCode::OK, "{backend:?} {path}: {answer}"),
             }
         }
-        // The work in flight goes on: its heartbeat, an interrupt of its turn, its stop, and the
-        // session's archive.
+        // The work in flight goes on: its heartbeat, an interrupt of its turn and the end of the
+        // turn (small: padded, they are refused as any event), its stop, and the session's archive.
         let item_path = |action: &str| format!("/environments/{env}/work/{work}/{action}");
         let worker = [("Worker-ID", "w1")];
         let token = tight.admin_token.clone();
@@ -1011,13 +1019,29 @@ async fn under_the_disk_floor_requests_that_add_records_are_refused_and_work_goe
             .call_as(&token, Method::POST, &item_path("heartbeat"), None, &worker)
             .await;
         assert_eq!(status, StatusCode::OK, "{backend:?}: {answer}");
-        let (status, answer) = tight
-            .post(
-                &format!("/sessions/{session}/events"),
-                json!({"events": [{"type": "user.interrupt"}]}),
-            )
-            .await;
-        assert_ne!(answer["error"]["code"], "disk_low", "{status}: {answer}");
+        let events = format!("/sessions/{session}/events");
+        let padding = "x".repeat(8 * 1024);
+        let ending = json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}});
+        for (event, let_through) in [
+            (json!({"type": "user.interrupt", "padding": padding}), false),
+            (json!({"type": "user.interrupt"}), true),
+            (
+                json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}, "padding": padding}),
+                false,
+            ),
+            (ending, true),
+        ] {
+            let (status, answer) = tight.post(&events, json!({ "events": [event] })).await;
+            match (watched, let_through) {
+                (true, false) => {
+                    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+                    assert_eq!(answer["error"]["code"], "disk_low", "{answer}");
+                }
+                _ => assert_eq!(status, StatusCode::OK, "{backend:?}: {answer}"),
+            }
+        }
+        let (_, record) = tight.get(&format!("/sessions/{session}")).await;
+        assert_eq!(record["status"], "idle", "the turn ended: {record}");
         let (status, answer) = tight
             .call_as(
                 &token,

@@ -311,9 +311,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         if let Some(outcome) = self.ended_before_start(established).await {
             return outcome;
         }
-        // How the session stood when a turn was last found open at PROGRAM's end
-        // (`stop_unless_turn_open`).
-        let mut open_turn_seen = None;
+        // Whether PROGRAM has run again for a turn found open at its end (`stop_unless_turn_open`).
+        let mut ran_again = false;
         loop {
             let mut running = match self.start_program(&mut lease, || self.spawn(&item)).await {
                 Ok(running) => running,
@@ -352,10 +351,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     let tries = Tries::WhileLeased(lease.deadline());
                     self.record_exit(exit, &tries).await;
                     if exit.success() && *self.phase.borrow() < Phase::Terminating {
-                        match self
-                            .stop_unless_turn_open(&tries, &mut open_turn_seen)
-                            .await
-                        {
+                        match self.stop_unless_turn_open(&tries, &mut ran_again).await {
                             AfterExit::Ended => return outcome_of(exit),
                             AfterExit::RunAgain => continue,
                             AfterExit::Stop => {}
@@ -770,10 +766,11 @@ impl<'a, C: ItemCalls> Item<'a, C> {
 
     /// Ends the item after PROGRAM ended well, unless the session has a turn open: input that came
     /// while PROGRAM was ending, which nothing has read, and which the item's end would make a
-    /// failed turn (§12.4). Then PROGRAM runs again for it, on the same item and lease; but not if
-    /// the session stands as it did the last time (`seen`): a PROGRAM that leaves a turn open
-    /// without touching the session would run for ever, and its item is ended as any other.
-    async fn stop_unless_turn_open(&self, tries: &Tries, seen: &mut Option<String>) -> AfterExit {
+    /// failed turn (§12.4). Then PROGRAM runs again for it, on the same item and lease, once per
+    /// item (`ran_again`): a PROGRAM that ends without ending its turn (posting answers, but never
+    /// `session.status_idle`) would otherwise answer the same input for ever, each run touching
+    /// the session; run again once, it answers it twice, and its item is ended as any other.
+    async fn stop_unless_turn_open(&self, tries: &Tries, ran_again: &mut bool) -> AfterExit {
         let answer = self
             .ending_call("stopping the item", tries, || {
                 self.calls.stop_unless_turn_open()
@@ -788,10 +785,10 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 self.stopped_by(answer, tries);
                 AfterExit::Ended
             }
-            Some(stands) if seen.as_deref() == Some(stands) => {
+            Some(stands) if *ran_again => {
                 self.warn(
-                    "PROGRAM ended again with the session's turn open, having done nothing to the \
-                     session since: ending the item (the turn ends in an error)",
+                    "PROGRAM ended again with the session's turn open: ending the item (the turn \
+                     ends in an error; PROGRAM runs again for an open turn once per item)",
                     &[(
                         "detail",
                         &format!("the session was last updated at {stands}"),
@@ -807,7 +804,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                         &format!("the session was last updated at {stands}"),
                     )],
                 );
-                *seen = Some(stands.to_owned());
+                *ran_again = true;
                 AfterExit::RunAgain
             }
         }
@@ -1464,28 +1461,26 @@ mod tests {
     }
 
     /// Input that came while PROGRAM was ending leaves the session's turn open: PROGRAM runs again
-    /// for it on the same item, rather than the item's end failing a turn nothing read. Not when
-    /// the session stands as it did at the last such end: that run did nothing about the turn.
+    /// for it on the same item, rather than the item's end failing a turn nothing read; once per
+    /// item, so that a PROGRAM that never ends its turns does not run for ever.
     #[tokio::test(start_paused = true)]
     async fn a_turn_that_came_while_the_program_was_ending_runs_it_again() {
         let dir = tempfile::tempdir().unwrap();
         let runs = dir.path().join("runs");
         let (shared, _phase) = worker(&format!("echo run >> {}", runs.display()));
         let script = Arc::new(Script::default());
-        script.turns_open.lock().unwrap().extend(["t1", "t2"]);
+        script.turns_open.lock().unwrap().extend(["t1"]);
         assert_eq!(run(&shared, &script).await, Outcome::Done);
         let record = "record tether.exit_code=0 tether.exit_reason=- tether.signal=-";
         let ended = "stop force=true unless_turn_open";
-        assert_eq!(
-            script.calls(),
-            ["ack", record, ended, record, ended, record, ended]
-        );
-        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 3);
+        assert_eq!(script.calls(), ["ack", record, ended, record, ended]);
+        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
 
-        // A run after which the session stands as before: the item is ended regardless.
+        // A turn open again at the second run's end, however the session moved: the item is
+        // ended regardless.
         std::fs::remove_file(&runs).unwrap();
         let script = Arc::new(Script::default());
-        script.turns_open.lock().unwrap().extend(["t1", "t1"]);
+        script.turns_open.lock().unwrap().extend(["t1", "t2"]);
         assert_eq!(run(&shared, &script).await, Outcome::Done);
         assert_eq!(
             script.calls(),

@@ -186,6 +186,18 @@ pub(super) struct TrackedBody {
     progress: Arc<Progress>,
     waker: Waker,
     in_flight: InFlight,
+    /// Whether a data frame with bytes in it has been handed out.
+    handed_data: bool,
+}
+
+/// An answer with no bytes to take (a 304, an empty body) that reached its end has been taken
+/// whole: its connection's clock of answers untaken stops, as a frame written out stops it.
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if !self.handed_data && http_body::Body::is_end_stream(self) {
+            self.progress.untaken_since.store(UNSET, Ordering::Release);
+        }
+    }
 }
 
 impl TrackedBody {
@@ -200,6 +212,7 @@ impl TrackedBody {
             waker: Waker::from(progress.clone()),
             progress,
             in_flight,
+            handed_data: false,
         }
     }
 
@@ -210,7 +223,8 @@ impl TrackedBody {
 
     /// `data` as handed to hyper: on HTTP/2, counted in the connection's outbox while hyper holds it,
     /// and telling the connection when it is written out.
-    fn hand(&self, data: Bytes) -> Sent {
+    fn hand(&mut self, data: Bytes) -> Sent {
+        self.handed_data |= !data.is_empty();
         let data = match self.outbox() {
             Some(outbox) => outbox.hand(data),
             None => data,
@@ -233,8 +247,10 @@ impl TrackedBody {
     }
 }
 
-/// A data frame as hyper writes it out: each byte consumed for the socket tells the connection that
-/// its client takes its answers ([`Responses::untaken_since`]).
+/// A data frame as hyper writes it out: the frame consumed whole for the socket tells the connection
+/// that its client takes its answers ([`Responses::untaken_since`]). Whole, not a byte: a client
+/// that opens its window a byte at a time, now and then, has taken nothing worth a place at the cap
+/// (a frame is at most [`SPLIT`], so a client reading at a few kB/s keeps its place).
 #[derive(Debug)]
 pub(super) struct Sent {
     data: Bytes,
@@ -259,9 +275,18 @@ impl Buf for Sent {
 
     fn advance(&mut self, count: usize) {
         self.data.advance(count);
-        if count > 0 {
+        if count > 0 && !self.data.has_remaining() {
             self.untaken_since.store(UNSET, Ordering::Release);
         }
+    }
+
+    fn copy_to_bytes(&mut self, count: usize) -> Bytes {
+        // Bytes' own: a slice, not a copy.
+        let taken = self.data.copy_to_bytes(count);
+        if count > 0 && !self.data.has_remaining() {
+            self.untaken_since.store(UNSET, Ordering::Release);
+        }
+        taken
     }
 }
 

@@ -302,9 +302,7 @@ impl App {
         let batch = self
             .incoming_events(session_id, "events", events.events, sender, 1)
             .await?;
-        // An interrupt ends work rather than adding it, and must reach a runaway turn whatever
-        // the disk holds.
-        if batch.iter().any(|e| e.kind != EventType::UserInterrupt) {
+        if !batch.iter().all(ends_or_interrupts_a_turn) {
             self.disk.room_to_grow()?;
         }
         // The kind of an environment never changes (D-20), so it is read once.
@@ -691,6 +689,21 @@ impl EventTail {
 }
 
 /// The length of `value` as compact JSON, counted without building the text.
+/// The largest event [`ends_or_interrupts_a_turn`] lets past the disk floor.
+pub const TURN_CONTROL_MAX_BYTES: usize = 4 * 1024;
+
+/// Whether `event` may be posted while the store's disk is under its floor (`crate::disk`): one
+/// that ends a turn (`session.status_idle`, `session.error`) or interrupts one (`user.interrupt`),
+/// of at most [`TURN_CONTROL_MAX_BYTES`]. Without them every turn running when the floor was
+/// crossed would end in an error with its item, and a runaway one could not be cancelled; bigger
+/// than that, they are what fills a disk (the rules let such events carry fields of their own).
+fn ends_or_interrupts_a_turn(event: &Incoming) -> bool {
+    matches!(
+        event.kind,
+        EventType::SessionStatusIdle | EventType::SessionError | EventType::UserInterrupt
+    ) && json_size_up_to(&event.fields, TURN_CONTROL_MAX_BYTES) <= TURN_CONTROL_MAX_BYTES
+}
+
 pub fn json_size(value: &Value) -> usize {
     json_size_up_to(value, usize::MAX - 1)
 }

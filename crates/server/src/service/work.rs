@@ -1032,7 +1032,8 @@ impl App {
             .run_item_op_seeing_session(&env.id, work_id, read, |item, session, now| {
                 caller.may_act_on(item)?;
                 if let Some(session) = session {
-                    session::may_stop(session.status, session.updated_at, ask.unless_turn_open)?;
+                    let turn = session.into();
+                    session::may_stop(item.state, ask.force, turn, ask.unless_turn_open)?;
                 }
                 let stopper = caller.stopper_of(item, ask.hold_next_item);
                 let step = work::stop_by(item, ask.force, now, stopper)?;

@@ -403,7 +403,6 @@ async fn at_the_cap_a_new_connection_displaces_the_longest_waiting_idle_one_neve
 /// once. Before that an answer may be being read, and its connection keeps its place.
 #[tokio::test]
 async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
-    use tether_server::listener::STALLED_AFTER;
     let router = Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/large", get(|| async { vec![b'x'; 1024 * 1024] }));
@@ -422,21 +421,7 @@ async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stalled = std::time::Instant::now();
-    assert_eq!(
-        get_status(address, "/").await,
-        None,
-        "refused while the answers may still be being read"
-    );
-    tokio::time::sleep(
-        (STALLED_AFTER + Duration::from_millis(200)).saturating_sub(stalled.elapsed()),
-    )
-    .await;
-    assert_eq!(
-        get_status(address, "/").await.as_deref(),
-        Some("HTTP/1.1 200 OK"),
-        "a new client gets in beside eight answers nobody takes"
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    refused_then_let_in_once_stalled(address, stalled, Duration::from_millis(200)).await;
     let closed: Vec<bool> = held.iter().map(|(_, _, conn)| conn.is_finished()).collect();
     assert_eq!(
         closed,
@@ -446,13 +431,35 @@ async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
     server.await.unwrap();
 }
 
+/// At the cap (the connections' answers untaken since `stalled`): a new client is refused while the
+/// answers may still be being read, and let in once they have waited [`STALLED_AFTER`] (and
+/// `margin`); then a moment for the connection that gave its place to close.
+async fn refused_then_let_in_once_stalled(
+    address: std::net::SocketAddr,
+    stalled: std::time::Instant,
+    margin: Duration,
+) {
+    use tether_server::listener::STALLED_AFTER;
+    assert_eq!(
+        get_status(address, "/").await,
+        None,
+        "refused while the answers may still be being read"
+    );
+    tokio::time::sleep((STALLED_AFTER + margin).saturating_sub(stalled.elapsed())).await;
+    assert_eq!(
+        get_status(address, "/").await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "a new client gets in beside answers nobody takes"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
 /// At the cap, a client that keeps every stream's window shut and resets each stream a second after
 /// asking, having asked again first, has a request in flight at every moment, none of whose answers
 /// waits long; together its answers have not been taken since its first, and its connections give
 /// their places to new clients all the same.
 #[tokio::test]
 async fn at_the_cap_answers_reset_before_they_stall_do_not_keep_their_places() {
-    use tether_server::listener::STALLED_AFTER;
     let router = Router::new().route("/", get(|| async { "ok" }));
     let (address, stop, server) =
         serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
@@ -480,21 +487,7 @@ async fn at_the_cap_answers_reset_before_they_stall_do_not_keep_their_places() {
         }));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        get_status(address, "/").await,
-        None,
-        "refused while the answers may still be being read"
-    );
-    tokio::time::sleep(
-        (STALLED_AFTER + Duration::from_millis(500)).saturating_sub(started.elapsed()),
-    )
-    .await;
-    assert_eq!(
-        get_status(address, "/").await.as_deref(),
-        Some("HTTP/1.1 200 OK"),
-        "a new client gets in beside answers reset before each could stall"
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    refused_then_let_in_once_stalled(address, started, Duration::from_millis(500)).await;
     let closed: Vec<bool> = connections.iter().map(|conn| conn.is_finished()).collect();
     assert_eq!(
         closed,

@@ -6,11 +6,12 @@
 //! disk at the speed of its uploads, and then every write fails alike: heartbeats, acks and stops
 //! too, so leases cannot be kept or ended. With it, once the free space falls under the floor,
 //! creating sessions, environments and agents (or agents' new versions) and posting events are
-//! answered 503 `disk_low` until space is freed, but for small events that end or interrupt a turn
-//! (`service::events`, `ends_or_interrupts_a_turn`); work items go on through their states, and
-//! sessions, environments and agents may still be archived or deleted. Those writes add little
-//! (a line of an item's history, a server event, a fresh item for input that waited: bounded per
-//! item and per turn), which the floor leaves room for. A write the disk still cannot take is
+//! answered 503 `disk_low` until space is freed, but for one small event that ends or interrupts a
+//! turn under way (`service::events`, `ends_or_interrupts_a_turn`); work items go on through their
+//! states, and sessions, environments and agents may still be archived or deleted. Those writes add
+//! little (a line of an item's history, a server event, a fresh item for input that waited), and a
+//! turn starts only with input the floor refuses, so what they add is bounded by the items and
+//! turns under way; the floor leaves room for it. A write the disk still cannot take is
 //! answered 503 `store_full` ([`tether_store::StoreError::Full`]).
 //!
 //! The free space is read once a [`WATCH_INTERVAL`] by a small service, not by each request: one

@@ -456,8 +456,9 @@ async fn refused_then_let_in_once_stalled(
 
 /// At the cap, a client that keeps every stream's window shut and resets each stream a second after
 /// asking, having asked again first, has a request in flight at every moment, none of whose answers
-/// waits long; together its answers have not been taken since its first, and its connections give
-/// their places to new clients all the same.
+/// waits long; together its answers have waited since its first (answers with nothing to take,
+/// a HEAD's, taken between them change nothing), and its connections give their places to new
+/// clients all the same.
 #[tokio::test]
 async fn at_the_cap_answers_reset_before_they_stall_do_not_keep_their_places() {
     let router = Router::new().route("/", get(|| async { "ok" }));
@@ -482,6 +483,13 @@ async fn at_the_cap_answers_reset_before_they_stall_do_not_keep_their_places() {
                 // The answer before is reset (dropped unread) once this one's head is in: a
                 // request is in flight at every moment.
                 drop(unread.replace(response));
+                // And one with nothing to take (a HEAD's), which takes nothing of the others.
+                let head = hyper::Request::head(format!("http://{address}/"))
+                    .body(String::new())
+                    .unwrap();
+                if sender.send_request(head).await.is_err() {
+                    return;
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }));
@@ -557,6 +565,129 @@ async fn at_the_cap_a_client_reading_slowly_keeps_its_place() {
     assert!(!reader_conn.is_finished(), "the reader kept its place");
     assert!(!reading.is_finished(), "still reading");
     reading.abort();
+    stop.cancel();
+    server.await.unwrap();
+}
+
+/// HTTP/2 written frame by frame, for a client hyper's would not be: every stream's window shut,
+/// opened a byte at a time where it likes. What the server sends is read and thrown away.
+struct RawH2 {
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl RawH2 {
+    /// The preface and SETTINGS with `SETTINGS_INITIAL_WINDOW_SIZE` = 0.
+    async fn connect(address: std::net::SocketAddr) -> RawH2 {
+        use tokio::io::AsyncReadExt as _;
+        let (mut read, writer) = tokio::net::TcpStream::connect(address)
+            .await
+            .unwrap()
+            .into_split();
+        let reader = tokio::spawn(async move {
+            let mut buffer = vec![0u8; 64 * 1024];
+            while matches!(read.read(&mut buffer).await, Ok(n) if n > 0) {}
+        });
+        let mut h2 = RawH2 { writer, reader };
+        h2.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        h2.frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0]).await;
+        h2
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = self.writer.write_all(bytes).await;
+    }
+
+    async fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.write(&frame).await;
+    }
+
+    /// A GET of `path` on `stream` (odd, rising), its headers as HPACK literals without indexing.
+    async fn get(&mut self, stream: u32, path: &str) {
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "x"),
+        ] {
+            block.push(0);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        // HEADERS with END_STREAM and END_HEADERS.
+        self.frame(0x1, 0x5, stream, &block).await;
+    }
+
+    /// RST_STREAM (CANCEL).
+    async fn reset(&mut self, stream: u32) {
+        self.frame(0x3, 0, stream, &8u32.to_be_bytes()).await;
+    }
+
+    /// WINDOW_UPDATE of `bytes` on `stream`.
+    async fn open_window(&mut self, stream: u32, bytes: u32) {
+        self.frame(0x8, 0, stream, &bytes.to_be_bytes()).await;
+    }
+
+    fn closed(&self) -> bool {
+        self.reader.is_finished()
+    }
+}
+
+/// At the cap, a connection whose client lets a byte of one answer through now and then, never a
+/// whole frame, while it resets and asks again for the others, has taken nothing worth its place.
+#[tokio::test]
+async fn at_the_cap_a_byte_let_through_now_and_then_keeps_no_place() {
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/large", get(|| async { vec![b'x'; 1024 * 1024] }));
+    let (address, stop, server) =
+        serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let tx = tx.clone();
+        clients.push(tokio::spawn(async move {
+            let mut h2 = RawH2::connect(address).await;
+            h2.get(1, "/large").await;
+            let mut stream = 3;
+            h2.get(stream, "/").await;
+            let _ = tx.send(());
+            while !h2.closed() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                // Ask again, then reset the answer before; and a byte of the large answer.
+                h2.get(stream + 2, "/").await;
+                h2.reset(stream).await;
+                stream += 2;
+                h2.open_window(1, 1).await;
+            }
+        }));
+    }
+    for _ in 0..8 {
+        rx.recv().await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(get_status(address, "/").await, None, "refused at first");
+    // Once the large answer stops being asked for more (what hyper holds of it is full), within a
+    // few seconds, and the stall mark after that.
+    let mut let_in = None;
+    while let_in.is_none() && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if get_status(address, "/").await.is_some() {
+            let_in = Some(started.elapsed());
+        }
+    }
+    assert!(let_in.is_some(), "a new client was refused for 20 s");
+    for client in clients {
+        client.abort();
+    }
     stop.cancel();
     server.await.unwrap();
 }

@@ -1042,6 +1042,13 @@ async fn under_the_disk_floor_requests_that_add_records_are_refused_and_work_goe
         }
         let (_, record) = tight.get(&format!("/sessions/{session}")).await;
         assert_eq!(record["status"], "idle", "the turn ended: {record}");
+        // With no turn open, nor those: what passes is bounded by the turns under way.
+        let error = json!({"type": "session.error", "error": {"type": "x", "message": "again"}});
+        let (status, answer) = tight.post(&events, json!({ "events": [error] })).await;
+        match watched {
+            true => assert_eq!(answer["error"]["code"], "disk_low", "{answer}"),
+            false => assert_eq!(status, StatusCode::OK, "{backend:?}: {answer}"),
+        }
         let (status, answer) = tight
             .call_as(
                 &token,

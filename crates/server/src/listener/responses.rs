@@ -17,7 +17,7 @@
 //! counts as waiting to be taken.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -39,22 +39,52 @@ pub const SPLIT: usize = 16 * 1024;
 /// Every live response body of one connection, for the watchdog to ask how long the longest waiting
 /// one has waited.
 ///
-/// At the cap, a connection's answers are also judged together
-/// ([`Responses::untaken_since`]): since when its client has taken nothing of any of them while some
-/// waited. A client that keeps its streams' windows shut and resets each stream before its answer
-/// has waited long never has one answer wait long; together, its answers have not been taken since
-/// its first. Taken means written out: hyper asks a body for its first frame before the client's
-/// window has room for a byte of it, and lets a frame go unsent with a stream the client resets, so
-/// only the frame's bytes being consumed for the socket ([`Sent`]) count. (Only for the cap: a
-/// connection closed for a stalled write is judged by each answer's own wait, so that an answer
-/// reset untaken long ago never makes a new one look late.)
+/// At the cap, a connection's answers are also judged together ([`Untaken`]): since when some of
+/// them have waited without a break, none taken whole meanwhile. A client that keeps its streams'
+/// windows shut and resets each stream before its answer has waited long, having asked again
+/// first, never has one answer wait long; together, its answers have waited since its first.
+/// Taken means written out: hyper asks a body for its first frame before the client's window has
+/// room for a byte of it, and lets a frame go unsent with a stream the client resets, so only a
+/// frame consumed whole for the socket ([`Sent`]) counts, or a moment with no answer waiting at
+/// all. (Only for the cap: a connection closed for a stalled write is judged by each answer's own
+/// wait.)
 pub(super) struct Responses {
     opened: Instant,
     live: Mutex<Vec<Weak<Progress>>>,
-    /// Since when (ms after the connection opened) some answer has waited with no byte of any
-    /// written out since; `UNSET` once one is ([`Sent`]). An answer dropped untaken (its stream
-    /// reset) leaves it as it is.
-    untaken_since: Arc<AtomicU64>,
+    untaken: Arc<Untaken>,
+}
+
+/// How long a connection's answers have waited together: see [`Responses`].
+#[derive(Debug)]
+pub(super) struct Untaken {
+    /// Since when (ms after the connection opened) some answer has waited without a break, with no
+    /// frame taken whole since; `UNSET` while none waits, and from a frame taken until the next
+    /// answer begins to wait. (A body that begins to wait just as the last other one stops may
+    /// find it cleared: the connection is then judged by its answers' own waits, the lenient way.)
+    since: AtomicU64,
+    /// The answers waiting now.
+    waiting: AtomicUsize,
+}
+
+impl Untaken {
+    fn began_waiting(&self, now: u64) {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _ = self
+            .since
+            .compare_exchange(UNSET, now, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn stopped_waiting(&self) {
+        let before = self.waiting.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "more answers stopped waiting than began");
+        if before == 1 {
+            self.since.store(UNSET, Ordering::Release);
+        }
+    }
+
+    fn frame_taken(&self) {
+        self.since.store(UNSET, Ordering::Release);
+    }
 }
 
 impl Responses {
@@ -62,7 +92,10 @@ impl Responses {
         Responses {
             opened,
             live: Mutex::new(Vec::new()),
-            untaken_since: Arc::new(AtomicU64::new(UNSET)),
+            untaken: Arc::new(Untaken {
+                since: AtomicU64::new(UNSET),
+                waiting: AtomicUsize::new(0),
+            }),
         }
     }
 
@@ -71,7 +104,7 @@ impl Responses {
         let progress = Arc::new(Progress {
             opened: self.opened,
             waiting_since: AtomicU64::new(UNSET),
-            untaken_since: self.untaken_since.clone(),
+            untaken: self.untaken.clone(),
             waker: AtomicWaker::new(),
             request,
         });
@@ -90,7 +123,7 @@ impl Responses {
         live.iter()
             .filter_map(Weak::upgrade)
             .map(|p| p.waiting_since.load(Ordering::Acquire))
-            .filter(|&since| since != UNSET)
+            .filter(|&since| since != UNSET && since != GONE)
             .min()
     }
 
@@ -112,12 +145,16 @@ impl Responses {
     }
 }
 
+/// In [`Progress::waiting_since`]: the body is gone; a waker it left behind starts no wait.
+const GONE: u64 = UNSET - 1;
+
 /// Whether one response body is waiting for hyper to take its next frame, and since when.
 struct Progress {
     opened: Instant,
+    /// ms after the connection opened; `UNSET` when not waiting, [`GONE`] once the body is.
     waiting_since: AtomicU64,
-    /// The connection's [`Responses::untaken_since`].
-    untaken_since: Arc<AtomicU64>,
+    /// The connection's answers together.
+    untaken: Arc<Untaken>,
     /// Hyper's waker, woken through this one, so that more to send starts the clock too.
     waker: AtomicWaker,
     /// Whether the body's request yields (an event stream): its wait is counted as that.
@@ -132,29 +169,35 @@ impl Progress {
     /// Waiting for hyper to ask for more, or to write out what it was handed.
     fn wait_from_now(&self) {
         let now = self.now_ms();
-        self.waiting_since.store(now, Ordering::Release);
-        self.connection_waits_from(now);
-    }
-
-    /// The connection has an answer waiting from `now`, unless one has waited untaken since earlier.
-    fn connection_waits_from(&self, now: u64) {
-        let _ =
-            self.untaken_since
-                .compare_exchange(UNSET, now, Ordering::AcqRel, Ordering::Acquire);
+        if self.waiting_since.swap(now, Ordering::AcqRel) == UNSET {
+            self.untaken.began_waiting(now);
+        }
     }
 
     /// Hyper asks for more: it has sent what this body handed out before, or asks for the first
     /// frame (which it does before the client has room for it).
     fn asked(&self) {
-        self.waiting_since.store(UNSET, Ordering::Release);
+        if self.waiting_since.swap(UNSET, Ordering::AcqRel) != UNSET {
+            self.untaken.stopped_waiting();
+        }
     }
 
-    /// Since when this body has waited, or, if earlier, since when its connection's client has taken
-    /// nothing while answers waited; `UNSET` when it is not waiting.
+    /// The body is gone (finished, or dropped with a stream the client reset).
+    fn gone(&self) {
+        if !matches!(
+            self.waiting_since.swap(GONE, Ordering::AcqRel),
+            UNSET | GONE
+        ) {
+            self.untaken.stopped_waiting();
+        }
+    }
+
+    /// Since when this body has waited, or, if earlier, since when its connection's answers have
+    /// waited together; `UNSET` when it is not waiting.
     fn waited_since(&self) -> u64 {
         match self.waiting_since.load(Ordering::Acquire) {
-            UNSET => UNSET,
-            since => since.min(self.untaken_since.load(Ordering::Acquire)),
+            UNSET | GONE => UNSET,
+            since => since.min(self.untaken.since.load(Ordering::Acquire)),
         }
     }
 }
@@ -167,10 +210,12 @@ impl Wake for Progress {
     fn wake_by_ref(self: &Arc<Self>) {
         // The body has more to give from now; hyper asks at once if the client takes it.
         let now = self.now_ms();
-        let _ =
+        let began =
             self.waiting_since
                 .compare_exchange(UNSET, now, Ordering::AcqRel, Ordering::Acquire);
-        self.connection_waits_from(now);
+        if began.is_ok() {
+            self.untaken.began_waiting(now);
+        }
         self.waker.wake();
     }
 }
@@ -186,17 +231,11 @@ pub(super) struct TrackedBody {
     progress: Arc<Progress>,
     waker: Waker,
     in_flight: InFlight,
-    /// Whether a data frame with bytes in it has been handed out.
-    handed_data: bool,
 }
 
-/// An answer with no bytes to take (a 304, an empty body) that reached its end has been taken
-/// whole: its connection's clock of answers untaken stops, as a frame written out stops it.
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        if !self.handed_data && http_body::Body::is_end_stream(self) {
-            self.progress.untaken_since.store(UNSET, Ordering::Release);
-        }
+        self.progress.gone();
     }
 }
 
@@ -212,7 +251,6 @@ impl TrackedBody {
             waker: Waker::from(progress.clone()),
             progress,
             in_flight,
-            handed_data: false,
         }
     }
 
@@ -223,15 +261,14 @@ impl TrackedBody {
 
     /// `data` as handed to hyper: on HTTP/2, counted in the connection's outbox while hyper holds it,
     /// and telling the connection when it is written out.
-    fn hand(&mut self, data: Bytes) -> Sent {
-        self.handed_data |= !data.is_empty();
+    fn hand(&self, data: Bytes) -> Sent {
         let data = match self.outbox() {
             Some(outbox) => outbox.hand(data),
             None => data,
         };
         Sent {
             data,
-            untaken_since: self.progress.untaken_since.clone(),
+            untaken: self.progress.untaken.clone(),
         }
     }
 
@@ -254,7 +291,7 @@ impl TrackedBody {
 #[derive(Debug)]
 pub(super) struct Sent {
     data: Bytes,
-    untaken_since: Arc<AtomicU64>,
+    untaken: Arc<Untaken>,
 }
 
 impl Sent {
@@ -276,7 +313,7 @@ impl Buf for Sent {
     fn advance(&mut self, count: usize) {
         self.data.advance(count);
         if count > 0 && !self.data.has_remaining() {
-            self.untaken_since.store(UNSET, Ordering::Release);
+            self.untaken.frame_taken();
         }
     }
 
@@ -284,7 +321,7 @@ impl Buf for Sent {
         // Bytes' own: a slice, not a copy.
         let taken = self.data.copy_to_bytes(count);
         if count > 0 && !self.data.has_remaining() {
-            self.untaken_since.store(UNSET, Ordering::Release);
+            self.untaken.frame_taken();
         }
         taken
     }

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use tether_core::events::{self as rules, EventType, Sender, TurnState, MAX_EVENTS_PER_BATCH};
 use tether_core::ids::{self, IdKind};
 use tether_core::resources::{Session, SessionEvent};
-use tether_core::session::{ServerEvent, SessionStatus};
+use tether_core::session::{self, ServerEvent, SessionStatus};
 use tether_core::Timestamp;
 use tether_store::{ChangeSet, Cursor, EventDoc, Page, PageRequest, Write};
 use tokio::sync::watch;
@@ -302,7 +302,7 @@ impl App {
         let batch = self
             .incoming_events(session_id, "events", events.events, sender, 1)
             .await?;
-        if !batch.iter().all(ends_or_interrupts_a_turn) {
+        if !ends_or_interrupts_a_turn(&batch, session.status) {
             self.disk.room_to_grow()?;
         }
         // The kind of an environment never changes (D-20), so it is read once.
@@ -688,22 +688,26 @@ impl EventTail {
     }
 }
 
-/// The length of `value` as compact JSON, counted without building the text.
 /// The largest event [`ends_or_interrupts_a_turn`] lets past the disk floor.
 pub const TURN_CONTROL_MAX_BYTES: usize = 4 * 1024;
 
-/// Whether `event` may be posted while the store's disk is under its floor (`crate::disk`): one
-/// that ends a turn (`session.status_idle`, `session.error`) or interrupts one (`user.interrupt`),
-/// of at most [`TURN_CONTROL_MAX_BYTES`]. Without them every turn running when the floor was
-/// crossed would end in an error with its item, and a runaway one could not be cancelled; bigger
-/// than that, they are what fills a disk (the rules let such events carry fields of their own).
-fn ends_or_interrupts_a_turn(event: &Incoming) -> bool {
+/// Whether `batch`, posted to a session at `status`, may be while the store's disk is under its
+/// floor (`crate::disk`): one event that ends the turn under way (`session.status_idle`,
+/// `session.error`) or interrupts it (`user.interrupt`), of at most [`TURN_CONTROL_MAX_BYTES`].
+/// Without it every turn running when the floor was crossed would end in an error with its item,
+/// and a runaway one could not be cancelled. One, small, and only while a turn is open: a turn
+/// starts only with input the floor refuses, so what passes is bounded by the turns under way
+/// (such events may carry fields of their own, and are stored as sent).
+fn ends_or_interrupts_a_turn(batch: &[Incoming], status: SessionStatus) -> bool {
+    let [event] = batch else { return false };
     matches!(
         event.kind,
         EventType::SessionStatusIdle | EventType::SessionError | EventType::UserInterrupt
-    ) && json_size_up_to(&event.fields, TURN_CONTROL_MAX_BYTES) <= TURN_CONTROL_MAX_BYTES
+    ) && session::turn_is_open(status)
+        && json_size_up_to(&event.fields, TURN_CONTROL_MAX_BYTES) <= TURN_CONTROL_MAX_BYTES
 }
 
+/// The length of `value` as compact JSON, counted without building the text.
 pub fn json_size(value: &Value) -> usize {
     json_size_up_to(value, usize::MAX - 1)
 }

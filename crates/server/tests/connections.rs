@@ -692,6 +692,44 @@ async fn at_the_cap_a_byte_let_through_now_and_then_keeps_no_place() {
     server.await.unwrap();
 }
 
+/// At the cap, a connection whose client takes one answer whole, frame by frame, keeps its place
+/// though another of its answers waits unread meanwhile: what it takes is not judged by what it
+/// leaves.
+#[tokio::test]
+async fn at_the_cap_a_client_taking_whole_frames_keeps_its_place_beside_an_unread_answer() {
+    use tether_server::listener::STALLED_AFTER;
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/large", get(|| async { vec![b'x'; 8 * 1024 * 1024] }));
+    let (address, stop, server) =
+        serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(tokio::spawn(async move {
+            let mut h2 = RawH2::connect(address).await;
+            h2.get(1, "/large").await;
+            h2.get(3, "/").await;
+            while !h2.closed() {
+                // One frame of the large answer at a time; the other answer never.
+                h2.open_window(1, 16 * 1024).await;
+                h2.open_window(0, 16 * 1024).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(STALLED_AFTER + Duration::from_secs(1)).await;
+    assert_eq!(
+        get_status(address, "/").await,
+        None,
+        "refused: every connection is taking its answer"
+    );
+    for client in clients {
+        client.abort();
+    }
+    stop.cancel();
+    server.await.unwrap();
+}
+
 /// At the cap, long polls give their places to new clients: one environment's key could otherwise
 /// hold every place with polls sent back to back, and keep out every other client, admins included.
 /// The worker whose poll is cut polls again.

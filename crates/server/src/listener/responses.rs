@@ -285,7 +285,7 @@ impl TrackedBody {
 }
 
 /// A data frame as hyper writes it out: the frame consumed whole for the socket tells the connection
-/// that its client takes its answers ([`Responses::untaken_since`]). Whole, not a byte: a client
+/// that its client takes its answers ([`Untaken`]). Whole, not a byte: a client
 /// that opens its window a byte at a time, now and then, has taken nothing worth a place at the cap
 /// (a frame is at most [`SPLIT`], so a client reading at a few kB/s keeps its place).
 #[derive(Debug)]

@@ -445,7 +445,8 @@ pub struct StopRequest {
     /// Tether extension, for a worker whose program has ended well: a forced stop of a `starting`
     /// or `active` item goes ahead only if the session has no turn open (status `running` or
     /// `rescheduling` with no input waiting for a fresh item). Otherwise nothing changes and the
-    /// answer is 409 with code `turn_open` and `details.session_updated_at`: input came while the
+    /// answer is 409 with code `turn_open`, `details.turn` (which turn: the count of turns input
+    /// has started) and `details.session_updated_at`: input came while the
     /// program was ending, which the item's end would turn into a failed turn though nothing read
     /// it, and the worker runs its program again for it instead. Other stops ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -197,6 +197,7 @@ impl Served {
                     pending_input: false,
                     last_event_id: None,
                     next_item_not_before: None,
+                    turns_started: 0,
                 };
                 let step = work::enqueue(
                     ids::new_id(IdKind::Work),

@@ -264,12 +264,17 @@ impl Error {
     }
 
     /// A stop sent with `unless_turn_open` refused because the session has a turn open
-    /// ([`crate::Client::stop_work_unless_turn_open`]): how the session stood (its `updated_at`).
-    pub fn turn_left_open(&self) -> Option<&str> {
+    /// ([`crate::Client::stop_work_unless_turn_open`]): which turn (the count of turns input has
+    /// started; 0 from a server that does not say).
+    pub fn turn_left_open(&self) -> Option<u64> {
         match self {
-            Error::Api(e) if e.status == 409 && e.code.as_deref() == Some("turn_open") => {
-                e.details.as_ref()?.get("session_updated_at")?.as_str()
-            }
+            Error::Api(e) if e.status == 409 && e.code.as_deref() == Some("turn_open") => Some(
+                e.details
+                    .as_ref()
+                    .and_then(|d| d.get("turn"))
+                    .and_then(|t| t.as_u64())
+                    .unwrap_or(0),
+            ),
             _ => None,
         }
     }

@@ -211,6 +211,14 @@ pub struct Session {
     /// [`crate::session::hold_next_item`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_item_not_before: Option<Timestamp>,
+    /// How many turns input has started: which turn is open, told to a worker whose stop would
+    /// have failed it ([`crate::work::WorkError::TurnOpen`]). 0 in a session stored before it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub turns_started: u64,
+}
+
+fn is_zero(count: &u64) -> bool {
+    *count == 0
 }
 
 /// One entry of a session's append-only event log.

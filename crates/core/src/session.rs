@@ -171,6 +171,7 @@ pub fn may_stop(
         false => Ok(()),
         true => Err(crate::work::WorkError::TurnOpen {
             session_updated_at: session.updated_at,
+            turn: session.turns_started,
         }),
     }
 }
@@ -183,6 +184,8 @@ pub struct TurnView {
     pub pending_input: bool,
     /// How far the session had got, said to the worker with a refusal.
     pub updated_at: Timestamp,
+    /// Which turn is open ([`crate::resources::Session::turns_started`]).
+    pub turns_started: u64,
 }
 
 impl From<&crate::resources::Session> for TurnView {
@@ -191,6 +194,7 @@ impl From<&crate::resources::Session> for TurnView {
             status: session.status,
             pending_input: session.pending_input,
             updated_at: session.updated_at,
+            turns_started: session.turns_started,
         }
     }
 }

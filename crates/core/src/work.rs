@@ -316,13 +316,17 @@ pub enum WorkError {
     #[error("work item is not claimable")]
     NotClaimable,
     /// 409: a stop asked to leave an open turn to the item's program (Tether's `unless_turn_open`)
-    /// found the session's turn open ([`crate::session::turn_is_open`]). `session_updated_at` says
-    /// how far the session had got, so that the worker can tell a program that made no progress.
+    /// found the session's turn open ([`crate::session::may_stop`]). `turn` says which, so that a
+    /// worker can tell a turn that came since it last ran its program again from the same one.
     #[error(
         "the session has a turn open that this item's program did not end (input that came while \
          it was ending): the stop was asked to leave it to the program"
     )]
-    TurnOpen { session_updated_at: Timestamp },
+    TurnOpen {
+        session_updated_at: Timestamp,
+        /// Which turn is open ([`crate::resources::Session::turns_started`]).
+        turn: u64,
+    },
     /// 400 on metadata limits.
     #[error(transparent)]
     Metadata(#[from] MetadataError),

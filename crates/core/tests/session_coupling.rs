@@ -608,6 +608,7 @@ fn a_stop_unless_turn_open_is_refused_exactly_when_it_would_fail_an_open_turn() 
         status,
         pending_input,
         updated_at: at,
+        turns_started: 7,
     };
     // The cases that matter, spelled out: the worker's stop as a message came while its program
     // ended; an operator's stop racing it (input waits for a fresh item); a graceful request; an
@@ -638,9 +639,12 @@ fn a_stop_unless_turn_open_is_refused_exactly_when_it_would_fail_an_open_turn() 
                 && !pending_input;
             match session::may_stop(item, force, turn, true) {
                 Ok(()) => assert!(!fails_the_turn, "{case} let through"),
-                Err(WorkError::TurnOpen { session_updated_at }) => {
+                Err(WorkError::TurnOpen {
+                    session_updated_at,
+                    turn,
+                }) => {
                     assert!(fails_the_turn, "{case} refused");
-                    assert_eq!(session_updated_at, at);
+                    assert_eq!((session_updated_at, turn), (at, 7));
                 }
                 Err(other) => panic!("{case}: {other:?}"),
             }

@@ -218,9 +218,15 @@ impl From<WorkError> for ApiError {
                 ApiError::state_conflict(e.to_string()).with_code("work_held")
             }
             WorkError::NotHeld => ApiError::state_conflict(e.to_string()).with_code("not_held"),
-            WorkError::TurnOpen { session_updated_at } => ApiError::state_conflict(e.to_string())
+            WorkError::TurnOpen {
+                session_updated_at,
+                turn,
+            } => ApiError::state_conflict(e.to_string())
                 .with_code("turn_open")
-                .with_details(json!({ "session_updated_at": session_updated_at.to_rfc3339() })),
+                .with_details(json!({
+                    "session_updated_at": session_updated_at.to_rfc3339(),
+                    "turn": turn,
+                })),
             WorkError::NotClaimable => {
                 ApiError::state_conflict(e.to_string()).with_code("invalid_state")
             }

@@ -1132,6 +1132,8 @@ async fn a_stop_unless_turn_open_leaves_an_open_turn_to_the_program() {
             refused["error"]["details"]["session_updated_at"], record["updated_at"],
             "{refused}"
         );
+        // The session's first turn: one started by input.
+        assert_eq!(refused["error"]["details"]["turn"], 1, "{refused}");
         assert_eq!(states(&work_items(server, &env).await), ["active"]);
         assert_eq!(status_of(server, &session).await, "running");
 

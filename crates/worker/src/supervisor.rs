@@ -311,8 +311,8 @@ impl<'a, C: ItemCalls> Item<'a, C> {
         if let Some(outcome) = self.ended_before_start(established).await {
             return outcome;
         }
-        // Whether PROGRAM has run again for a turn found open at its end (`stop_unless_turn_open`).
-        let mut ran_again = false;
+        // The turn PROGRAM last ran again for, found open at its end (`stop_unless_turn_open`).
+        let mut ran_again_for = None;
         loop {
             let mut running = match self.start_program(&mut lease, || self.spawn(&item)).await {
                 Ok(running) => running,
@@ -351,7 +351,7 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                     let tries = Tries::WhileLeased(lease.deadline());
                     self.record_exit(exit, &tries).await;
                     if exit.success() && *self.phase.borrow() < Phase::Terminating {
-                        match self.stop_unless_turn_open(&tries, &mut ran_again).await {
+                        match self.stop_unless_turn_open(&tries, &mut ran_again_for).await {
                             AfterExit::Ended => return outcome_of(exit),
                             AfterExit::RunAgain => continue,
                             AfterExit::Stop => {}
@@ -767,10 +767,15 @@ impl<'a, C: ItemCalls> Item<'a, C> {
     /// Ends the item after PROGRAM ended well, unless the session has a turn open: input that came
     /// while PROGRAM was ending, which nothing has read, and which the item's end would make a
     /// failed turn (§12.4). Then PROGRAM runs again for it, on the same item and lease, once per
-    /// item (`ran_again`): a PROGRAM that ends without ending its turn (posting answers, but never
-    /// `session.status_idle`) would otherwise answer the same input for ever, each run touching
-    /// the session; run again once, it answers it twice, and its item is ended as any other.
-    async fn stop_unless_turn_open(&self, tries: &Tries, ran_again: &mut bool) -> AfterExit {
+    /// turn (`ran_again_for`, the server's count of turns): a PROGRAM that ends without ending its
+    /// turn (posting answers, but never `session.status_idle`) would otherwise answer the same
+    /// input for ever; run again once, it answers it twice, and its item is ended as any other.
+    /// A turn that came while the run again was ending is another, and is run for too.
+    async fn stop_unless_turn_open(
+        &self,
+        tries: &Tries,
+        ran_again_for: &mut Option<u64>,
+    ) -> AfterExit {
         let answer = self
             .ending_call("stopping the item", tries, || {
                 self.calls.stop_unless_turn_open()
@@ -785,26 +790,20 @@ impl<'a, C: ItemCalls> Item<'a, C> {
                 self.stopped_by(answer, tries);
                 AfterExit::Ended
             }
-            Some(stands) if *ran_again => {
+            Some(turn) if *ran_again_for == Some(turn) => {
                 self.warn(
-                    "PROGRAM ended again with the session's turn open: ending the item (the turn \
-                     ends in an error; PROGRAM runs again for an open turn once per item)",
-                    &[(
-                        "detail",
-                        &format!("the session was last updated at {stands}"),
-                    )],
+                    "PROGRAM ended again with the same turn open: ending the item (the turn ends \
+                     in an error; PROGRAM runs again once for a turn it did not end)",
+                    &[("detail", &format!("turn {turn} of the session"))],
                 );
                 AfterExit::Stop
             }
-            Some(stands) => {
+            Some(turn) => {
                 self.info(
                     "input came while PROGRAM was ending: running it again for the open turn",
-                    &[(
-                        "detail",
-                        &format!("the session was last updated at {stands}"),
-                    )],
+                    &[("detail", &format!("turn {turn} of the session"))],
                 );
-                *ran_again = true;
+                *ran_again_for = Some(turn);
                 AfterExit::RunAgain
             }
         }
@@ -1164,9 +1163,9 @@ mod tests {
         /// Every record of an exit is refused with an error worth another try, while heartbeats and
         /// stops get through.
         records_refused: bool,
-        /// Stops sent with `unless_turn_open` refused in turn, each with the session's
-        /// `updated_at` it names; the rest are taken.
-        turns_open: Mutex<VecDeque<&'static str>>,
+        /// Stops sent with `unless_turn_open` refused in turn, each naming the open turn; the rest
+        /// are taken.
+        turns_open: Mutex<VecDeque<u64>>,
         calls: Mutex<Vec<String>>,
     }
 
@@ -1247,8 +1246,8 @@ mod tests {
             }
             self.0.log(call.into());
             match self.0.turns_open.lock().unwrap().pop_front() {
-                Some(updated_at) => Err(tether_client::ApiError {
-                    details: Some(serde_json::json!({ "session_updated_at": updated_at })),
+                Some(turn) => Err(tether_client::ApiError {
+                    details: Some(serde_json::json!({ "turn": turn })),
                     ..crate::heartbeat::tests::refusal_with_code(409, Some("turn_open"))
                         .api()
                         .expect("an API error")
@@ -1462,36 +1461,46 @@ mod tests {
 
     /// Input that came while PROGRAM was ending leaves the session's turn open: PROGRAM runs again
     /// for it on the same item, rather than the item's end failing a turn nothing read; once per
-    /// item, so that a PROGRAM that never ends its turns does not run for ever.
+    /// turn, so that a PROGRAM that never ends its turns does not run for ever.
     #[tokio::test(start_paused = true)]
     async fn a_turn_that_came_while_the_program_was_ending_runs_it_again() {
         let dir = tempfile::tempdir().unwrap();
         let runs = dir.path().join("runs");
         let (shared, _phase) = worker(&format!("echo run >> {}", runs.display()));
-        let script = Arc::new(Script::default());
-        script.turns_open.lock().unwrap().extend(["t1"]);
-        assert_eq!(run(&shared, &script).await, Outcome::Done);
         let record = "record tether.exit_code=0 tether.exit_reason=- tether.signal=-";
         let ended = "stop force=true unless_turn_open";
-        assert_eq!(script.calls(), ["ack", record, ended, record, ended]);
-        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
-
-        // A turn open again at the second run's end, however the session moved: the item is
-        // ended regardless.
-        std::fs::remove_file(&runs).unwrap();
-        let script = Arc::new(Script::default());
-        script.turns_open.lock().unwrap().extend(["t1", "t2"]);
-        assert_eq!(run(&shared, &script).await, Outcome::Done);
-        assert_eq!(
-            script.calls(),
-            ["ack", record, ended, record, ended, "stop force=true"]
-        );
-        assert_eq!(std::fs::read_to_string(&runs).unwrap().lines().count(), 2);
+        // (turns found open at each end, calls, runs)
+        let cases: [(&[u64], &[&str], usize); 3] = [
+            // One turn came while it ended: run again, then ended.
+            (&[2], &["ack", record, ended, record, ended], 2),
+            // Another came while the second run ended: run for that one too.
+            (
+                &[2, 3],
+                &["ack", record, ended, record, ended, record, ended],
+                3,
+            ),
+            // The same turn open after the run for it: the program does not end its turns; the
+            // item is ended regardless.
+            (
+                &[2, 2],
+                &["ack", record, ended, record, ended, "stop force=true"],
+                2,
+            ),
+        ];
+        for (turns, calls, runs_made) in cases {
+            let _ = std::fs::remove_file(&runs);
+            let script = Arc::new(Script::default());
+            script.turns_open.lock().unwrap().extend(turns);
+            assert_eq!(run(&shared, &script).await, Outcome::Done, "{turns:?}");
+            assert_eq!(script.calls(), calls, "{turns:?}");
+            let made = std::fs::read_to_string(&runs).unwrap().lines().count();
+            assert_eq!(made, runs_made, "{turns:?}");
+        }
 
         // A program that failed: its item is ended as ever, the turn with it.
         let (shared, _phase) = worker("exit 1");
         let script = Arc::new(Script::default());
-        script.turns_open.lock().unwrap().extend(["t1"]);
+        script.turns_open.lock().unwrap().extend([2]);
         assert_eq!(run(&shared, &script).await, Outcome::Failed);
         assert_eq!(script.calls().last().unwrap(), "stop force=true");
     }

@@ -111,6 +111,9 @@ pub fn append_batch(
         out.posted.push(stored.clone());
         out.all.push(stored);
         for server in &applied.server_events {
+            if *server == ServerEvent::StatusRunning {
+                session.turns_started += 1;
+            }
             out.all.push(server_event(session, server, now));
         }
         out.enqueue |= applied.enqueue;

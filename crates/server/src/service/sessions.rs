@@ -183,6 +183,7 @@ impl App {
             pending_input: false,
             last_event_id: None,
             next_item_not_before: None,
+            turns_started: 0,
         };
         let mut work = Vec::new();
         let mut live_item = None;

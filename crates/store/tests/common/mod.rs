@@ -55,6 +55,7 @@ fn session(id: &str, environment_id: &str) -> Session {
         pending_input: false,
         last_event_id: None,
         next_item_not_before: None,
+        turns_started: 0,
     }
 }
 

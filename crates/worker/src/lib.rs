@@ -1,5 +1,5 @@
 //! The Tether worker's runtime (§8): claims work items of one environment with an environment key and
-//! runs PROGRAM once per item, in a process group of its own, with the item's session token as the
+//! runs PROGRAM for each item (again for a turn that came as it ended), in a process group of its own, with the item's session token as the
 //! program's only credential. The `tether worker` command only turns its flags into a [`Config`] and
 //! calls [`run`].
 //!

@@ -32,6 +32,7 @@ mod error;
 mod pages;
 mod params;
 mod sse;
+pub mod text;
 mod types;
 
 pub use client::{

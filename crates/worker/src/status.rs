@@ -494,19 +494,13 @@ fn age(d: Duration) -> String {
 }
 
 /// A line of a program's output as the text log shows it, its control characters other than tabs
-/// escaped (`\u{1b}`): the output carries what others wrote (a session's messages, a command's
-/// output), and an escape sequence or a carriage return there could otherwise rewrite the
-/// terminal or pass for a line of the worker's own.
+/// escaped ([`tether_client::text::printable`]): the output carries what others wrote (a session's
+/// messages, a command's output).
 fn program_text_line(work_id: &str, line: &str) -> String {
-    let mut out = format!("[{work_id}] ");
-    for c in line.chars() {
-        match c {
-            '\t' => out.push(c),
-            c if c.is_control() => out.extend(c.escape_default()),
-            c => out.push(c),
-        }
-    }
-    out
+    format!(
+        "[{work_id}] {}",
+        tether_client::text::printable(line, &['\t'])
+    )
 }
 
 #[cfg(test)]

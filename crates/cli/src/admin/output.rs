@@ -65,22 +65,7 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
     out
 }
 
-/// Text from the server, made fit for a terminal: control characters other than those `kept` are
-/// shown escaped (`\u{1b}`). Much of what is shown was written by others than the operator: work
-/// metadata and worker ids by any worker with the environment's key, event text by agents and
-/// commands. An escape sequence among them could otherwise rewrite the operator's terminal, or a
-/// line break pass for a line of its own.
-pub fn printable(text: &str, kept: &[char]) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c.is_control() && !kept.contains(&c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+pub use tether_client::text::printable;
 
 /// Pretty JSON for `--json`.
 pub fn json<T: Serialize + ?Sized>(value: &T) -> String {

@@ -1137,14 +1137,18 @@ async fn a_stop_unless_turn_open_leaves_an_open_turn_to_the_program() {
         assert_eq!(states(&work_items(server, &env).await), ["active"]);
         assert_eq!(status_of(server, &session).await, "running");
 
-        // The program, run again, answers and ends the turn: the stop goes through.
-        post_as(
-            server,
-            &token,
-            &session,
-            json!([agent_message("done"), end_turn()]),
-        )
-        .await;
+        // The program, run again, answers and ends the turn; another message comes as it ends:
+        // another turn, which the refusal names.
+        let answer = || json!([agent_message("done"), end_turn()]);
+        post_as(server, &token, &session, answer()).await;
+        post_ok(server, &session, json!([message("and another")])).await;
+        let (status, refused) = server
+            .call_as(&token, Method::POST, &path, Some(unless.clone()), &[])
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+        assert_eq!(refused["error"]["details"]["turn"], 2, "{refused}");
+        // Run again for it, it ends that one too: the stop goes through.
+        post_as(server, &token, &session, answer()).await;
         let stopped = work_call(server, &token, &env, &work, "stop", Some(unless)).await;
         assert_eq!(stopped["state"], "stopped");
         assert_eq!(status_of(server, &session).await, "idle");

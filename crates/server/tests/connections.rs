@@ -403,9 +403,7 @@ async fn at_the_cap_a_new_connection_displaces_the_longest_waiting_idle_one_neve
 /// once. Before that an answer may be being read, and its connection keeps its place.
 #[tokio::test]
 async fn at_the_cap_answers_nobody_takes_give_their_places_to_new_clients() {
-    let router = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .route("/large", get(|| async { vec![b'x'; 1024 * 1024] }));
+    let router = ok_and_large(1024 * 1024);
     let (address, stop, server) =
         serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
     let mut held = Vec::new();
@@ -515,9 +513,7 @@ async fn at_the_cap_answers_reset_before_they_stall_do_not_keep_their_places() {
 async fn at_the_cap_a_client_reading_slowly_keeps_its_place() {
     use http_body_util::BodyExt as _;
     use tether_server::listener::STALLED_AFTER;
-    let router = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .route("/large", get(|| async { vec![b'x'; 8 * 1024 * 1024] }));
+    let router = ok_and_large(8 * 1024 * 1024);
     let (address, stop, server) =
         serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
     let started = std::time::Instant::now();
@@ -645,9 +641,7 @@ impl RawH2 {
 /// whole frame, while it resets and asks again for the others, has taken nothing worth its place.
 #[tokio::test]
 async fn at_the_cap_a_byte_let_through_now_and_then_keeps_no_place() {
-    let router = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .route("/large", get(|| async { vec![b'x'; 1024 * 1024] }));
+    let router = ok_and_large(1024 * 1024);
     let (address, stop, server) =
         serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -698,9 +692,7 @@ async fn at_the_cap_a_byte_let_through_now_and_then_keeps_no_place() {
 #[tokio::test]
 async fn at_the_cap_a_client_taking_whole_frames_keeps_its_place_beside_an_unread_answer() {
     use tether_server::listener::STALLED_AFTER;
-    let router = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .route("/large", get(|| async { vec![b'x'; 8 * 1024 * 1024] }));
+    let router = ok_and_large(8 * 1024 * 1024);
     let (address, stop, server) =
         serve(router, Duration::from_secs(30), Duration::from_secs(30)).await;
     let mut clients = Vec::new();
@@ -788,6 +780,13 @@ async fn at_the_cap_long_polls_give_their_places_to_new_clients() {
     stop.cancel();
     server.await.unwrap();
     tether.shutdown().await;
+}
+
+/// A router answering `/` with "ok" and `/large` with `bytes` bytes.
+fn ok_and_large(bytes: usize) -> Router {
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/large", get(move || async move { vec![b'x'; bytes] }))
 }
 
 /// A GET with `header_bytes` of extra headers on HTTP/1.1 (see [`status_line`]).

@@ -167,7 +167,14 @@ fn main() -> std::process::ExitCode {
             // The message may carry a server's words (an error envelope's): shown escaped.
             let message = admin::output::printable(&format!("{e:#}"), &['\n']);
             last_words(format!("error: {message}"));
-            std::process::ExitCode::FAILURE
+            let needs_the_operator = e
+                .downcast_ref::<tether_worker::Error>()
+                .is_some_and(tether_worker::Error::needs_the_operator);
+            if needs_the_operator {
+                std::process::ExitCode::from(tether_worker::EXIT_NEEDS_THE_OPERATOR)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

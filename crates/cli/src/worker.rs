@@ -61,7 +61,8 @@ enum Mode {
     RunOne(WorkerArgs),
 }
 
-/// Runs the worker; the exit code is PROGRAM's for `run-one`, else 0.
+/// Runs the worker; the exit code is PROGRAM's for `run-one`, else 0. On an error `main` exits 78
+/// when only the operator can fix it ([`tether_worker::Error::needs_the_operator`]), else 1.
 pub async fn main(command: WorkerCommand) -> Result<std::process::ExitCode> {
     match (command.mode, command.args) {
         (Some(Mode::RunOne(args)), _) => run_one(args).await,
@@ -94,6 +95,9 @@ TETHER_ENVIRONMENT_ID, TETHER_SESSION_ID, TETHER_SESSION_TOKEN and TETHER_WORKER
 TETHER_CA_CERT with --ca-cert) in its environment and the work item as JSON on stdin. Its exit status is recorded in the item's metadata \
 (tether.exit_code, tether.signal, and tether.exit_reason when a --sandbox cap ended it) and the item is stopped. When the server asks for a stop, PROGRAM \
 gets SIGTERM, then SIGKILL after --grace.
+
+The worker exits 78 (EX_CONFIG) when only its operator can fix what ended it (its flags, its PROGRAM, \
+a revoked key): for systemd, RestartPreventExitStatus=78. Other errors exit 1.
 
 Example (the key in TETHER_KEY: a --key on the command line is visible to every local user):
   TETHER_KEY=tth_env_… tether worker --server http://127.0.0.1:4780 --environment env_… -- ./agent.sh")]

@@ -857,7 +857,8 @@ async fn refuses_to_start_when_it_cannot_work() {
             key,
         ];
         let (status, stderr) = run_worker_to_end(&args, &["true"]).await;
-        assert!(!status.success(), "{says}: {stderr}");
+        // EX_CONFIG: a service manager should not start it again to be refused again.
+        assert_eq!(status.code(), Some(78), "{says}: {stderr}");
         assert!(stderr.contains(says), "{says}: {stderr}");
     }
 }

@@ -27,9 +27,25 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The exit status of a worker that ended on an error only its operator can fix: `EX_CONFIG` of
+/// `sysexits.h`. A service manager that restarts a failed worker should not restart this one (as
+/// systemd's `RestartPreventExitStatus=78`): it would only be refused again, as often as the
+/// manager allows.
+pub const EXIT_NEEDS_THE_OPERATOR: u8 = 78;
+
 impl Error {
     pub(crate) fn config(message: impl Into<String>) -> Error {
         Error::Config(message.into())
+    }
+
+    /// Whether only the operator can fix what ended the worker (its configuration, or a refusal
+    /// such as a revoked key): trying again as it is cannot help. A forced shutdown, a server not
+    /// reached and an item not run can go otherwise on the next start.
+    pub fn needs_the_operator(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Refused(_) => true,
+            Error::Forced | Error::Unreached(_) | Error::NotRun => false,
+        }
     }
 }
 

@@ -39,7 +39,7 @@ use tether_client::Client;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, EXIT_NEEDS_THE_OPERATOR};
 pub use program::Exit;
 pub use sandbox::{Bind, Network, SandboxConfig};
 pub use status::LogWriter;

@@ -1,15 +1,15 @@
 //! Who may do what (§11.1), enforced from the route table: every route of `routes.rs` declares its
-//! [`Access`], and the router wraps each route in [`authorize`] built from that declaration. No handler
+//! [`Access`], and the router's guard of each route ([`super::guard_route`]) [`admit`]s its requests
+//! by that declaration. No handler
 //! checks rights itself; a handler runs only for a caller the table admits.
 //!
-//! The layer keeps D-32's order: it authenticates (401), then checks what the caller may do (403), and
+//! The guard keeps D-32's order: it authenticates (401), then checks what the caller may do (403), and
 //! only then do the handler's lookups (404) and parameter checks (400) run. Where a right depends on a
-//! record (a session, the sessions that use an agent), the layer reads that record; a session it read
+//! record (a session, the sessions that use an agent), the guard reads that record; a session it read
 //! is handed to the handler ([`ReadableSession`]) instead of being read twice.
 
-use axum::extract::{FromRequestParts, RawPathParams, Request, State};
+use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::http::request::Parts;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tether_core::resources::Session;
 use tether_store::{PageRequest, SessionFilter};
@@ -21,33 +21,33 @@ use crate::error::{ApiError, ApiResult};
 use crate::service::tokens::Principal;
 use crate::service::App;
 
-/// The state of one route's [`authorize`] layer: the application and the route's declared access.
+/// What [`admit`] judges a route's requests by: the application and the route's declared access.
 #[derive(Clone)]
 pub struct Guard {
     pub app: App,
     pub access: Access,
 }
 
-/// Authorizes a request by its route's declared [`Access`]; answers 401 or 403 (or 404 for a session
-/// that does not exist, once the caller may know) without running the handler.
-pub async fn authorize(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+/// Admits a request by its route's declared [`Access`], or answers 401 or 403 (or 404 for a session
+/// that does not exist, once the caller may know) so that the handler never runs.
+pub async fn admit(guard: &Guard, request: Request) -> Result<Request, Response> {
     if guard.access == Access::Public {
-        return next.run(request).await;
+        return Ok(request);
     }
     if guard.access == Access::Metrics {
         return match metrics_granted(&guard.app, request.headers()) {
-            Ok(()) => next.run(request).await,
-            Err(refusal) => refusal.into_response(),
+            Ok(()) => Ok(request),
+            Err(refusal) => Err(refusal.into_response()),
         };
     }
     let (mut parts, body) = request.into_parts();
-    match grant(&guard, &mut parts).await {
-        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+    match grant(guard, &mut parts).await {
+        Ok(()) => Ok(Request::from_parts(parts, body)),
         Err(refusal) => {
             // The body is not read for a caller refused here (it would cost the memory budget), but a
             // small one is drained so that the connection can carry the client's next request.
             budget::drain_refused(Request::from_parts(parts, body)).await;
-            refusal
+            Err(refusal)
         }
     }
 }
@@ -239,7 +239,7 @@ fn session_list(p: &Principal, environment_filter: Option<&str>) -> ApiResult<()
     }
 }
 
-/// The session of a route declared [`Access::Session`], as [`authorize`] read it for the caller.
+/// The session of a route declared [`Access::Session`], as [`admit`] read it for the caller.
 #[derive(Clone)]
 pub struct ReadableSession(pub Session);
 

@@ -1,7 +1,7 @@
 //! What request bodies may cost in memory, all of them together.
 //!
-//! A body is read only once the request's credential has been accepted: the router puts
-//! authorization in front of the two middlewares here, so a caller without a credential never spends
+//! A body is read only once the request's credential has been accepted: each route's guard
+//! ([`super::guard_route`]) admits the caller before it reads the body, so a caller without a credential never spends
 //! the budget (a refusal reads a small body, and only that, to keep the connection usable:
 //! [`drain_refused`]). An endpoint that takes no body reads and drops whatever was sent, keeping and
 //! charging nothing ([`skip_body`]); so a long-lived answer to a request that sent one (an event
@@ -28,9 +28,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::Method;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -198,14 +197,14 @@ async fn drain(body: Body, cap: usize, wait: Duration) -> Result<(), ApiError> {
 /// For an endpoint that takes no body (its table entry says `Body::None`): whatever was sent is read
 /// and dropped, charged nothing since nothing is kept, and the handler gets an empty body. Reading it
 /// still matters, for the reason [`read_body`] gives.
-pub async fn skip_body(State(policy): State<BodyPolicy>, request: Request, next: Next) -> Response {
+pub async fn skip_body(policy: &BodyPolicy, request: Request) -> Result<Request, Response> {
     let (parts, body) = request.into_parts();
     let arriving = body_arriving(&parts);
     if let Err(e) = drain(body, policy.limit, BODY_READ_TIMEOUT).await {
-        return e.into_response();
+        return Err(e.into_response());
     }
     drop(arriving);
-    next.run(Request::from_parts(parts, Body::empty())).await
+    Ok(Request::from_parts(parts, Body::empty()))
 }
 
 /// While a request's body arrives, its connection may give its place to a new one at the
@@ -249,8 +248,12 @@ pub fn refused(refusal: Refusal) -> Response {
 /// archive: the SDKs send `{}` or `Content-Length: 0` there; any early error — would leave unread bytes
 /// on a keep-alive connection, and hyper then closes it after the response; a client that reuses that
 /// pooled connection sees "server disconnected", and the Qoder SDK never retries a POST after a
-/// transport error.) The share is held until the response has been written out.
-pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next: Next) -> Response {
+/// transport error.) The share it returns is to be held until the response has been written out
+/// ([`holding`]).
+pub async fn read_body(
+    policy: &BodyPolicy,
+    request: Request,
+) -> Result<(Request, Share), Response> {
     let (parts, body) = request.into_parts();
     let arriving = body_arriving(&parts);
     let declared = parts
@@ -259,9 +262,9 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > policy.limit as u64) {
-        return too_large().into_response();
+        return Err(too_large().into_response());
     }
-    // The authorization layer in front of this one left the principal.
+    // The route's guard admitted the caller and left the principal.
     let mut share = policy.budget.share_for(parts.extensions.get::<Principal>());
     // A body pays as it arrives, whatever its `Content-Length` says: paid for up front, a length
     // that lies held memory for nothing, and the callers of two environments, each declaring
@@ -275,15 +278,15 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
     let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
     loop {
         let chunk = match next_chunk(&mut stream, deadline).await {
-            Err(e) => return e.into_response(),
+            Err(e) => return Err(e.into_response()),
             Ok(None) => break,
             Ok(Some(chunk)) => chunk,
         };
         if bytes.len() + chunk.len() > policy.limit {
-            return too_large().into_response();
+            return Err(too_large().into_response());
         }
         if let Err(refusal) = share.take(charge_for_bytes(chunk.len())).await {
-            return refused(refusal);
+            return Err(refused(refusal));
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -291,26 +294,34 @@ pub async fn read_body(State(policy): State<BodyPolicy>, request: Request, next:
     if !bytes.is_empty() {
         let (values, _) = count_json_values(&bytes, MAX_JSON_VALUES);
         if values > MAX_JSON_VALUES {
-            return ApiError::bad_request(format!(
+            return Err(ApiError::bad_request(format!(
                 "the request body holds more than {MAX_JSON_VALUES} JSON values"
             ))
-            .into_response();
+            .into_response());
         }
         let tree = (values as usize).saturating_mul(VALUE_COST);
         if let Err(refusal) = share.take(tree).await {
-            return refused(refusal);
+            return Err(refused(refusal));
         }
     }
-    let response = next
-        .run(Request::from_parts(parts, Body::from(Bytes::from(bytes))))
-        .await;
-    holding(response, share)
+    Ok((
+        Request::from_parts(parts, Body::from(Bytes::from(bytes))),
+        share,
+    ))
 }
 
 /// The largest answer that pays nothing for the memory it holds until it is sent: the polls,
 /// heartbeats, acks and single records that make most of the traffic. An HTTP/2 connection can
 /// leave its 100 streams' answers unread, so such answers cost a connection at most 100 times this.
 pub const ANSWER_FREE: usize = 16 * 1024;
+
+/// Who pays for the answer to `request` ([`pay_for_answer`]): its caller, admitted already, when it
+/// is a read (`GET`, `HEAD`).
+pub fn answer_payer(request: &Request) -> Option<Principal> {
+    matches!(*request.method(), Method::GET | Method::HEAD)
+        .then(|| request.extensions().get::<Principal>().cloned())
+        .flatten()
+}
 
 /// Pays for a larger answer made whole (a record, a page of a listing) from the answers' budget
 /// (`App::page_memory`, which pages of events share) by the request's caller, for as long as
@@ -327,21 +338,15 @@ pub const ANSWER_FREE: usize = 16 * 1024;
 /// ([`read_body`]). Streamed answers (event pages, event streams) pay as they go, and public
 /// answers share one copy; neither comes through here.
 pub async fn pay_for_answer(
-    State(budget): State<MemoryBudget>,
-    request: Request,
-    next: Next,
+    budget: &MemoryBudget,
+    caller: &Principal,
+    response: Response,
 ) -> Response {
-    let read = matches!(*request.method(), Method::GET | Method::HEAD);
-    let caller = request.extensions().get::<Principal>().cloned();
-    let (true, Some(caller)) = (read, caller) else {
-        return next.run(request).await;
-    };
-    let response = next.run(request).await;
     let size = match http_body::Body::size_hint(response.body()).exact() {
         Some(size) if size as usize > ANSWER_FREE => size as usize,
         _ => return response,
     };
-    let mut share = budget.share_for(Some(&caller));
+    let mut share = budget.share_for(Some(caller));
     if share
         .take_now(size.min(budget.caller_part()))
         .await

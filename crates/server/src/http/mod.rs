@@ -17,7 +17,7 @@ pub mod work;
 
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,9 +29,8 @@ use crate::dialect::Dialect;
 use crate::error::ApiError;
 use crate::service::App;
 
-/// Routes from the route table under `prefix`, each behind the authorization its entry declares, and
-/// behind that the reading of its body: paid from the memory budget where the entry takes a body,
-/// read and dropped where it takes none (see [`budget`]).
+/// Routes from the route table under `prefix`, each behind its guard ([`guard_route`]) built from
+/// what its entry declares.
 fn guarded(
     router: Router<App>,
     app: &App,
@@ -40,28 +39,71 @@ fn guarded(
     bodies: &budget::BodyPolicy,
 ) -> Router<App> {
     endpoints.into_iter().fold(router, |router, e| {
-        let guard = access::Guard {
-            app: app.clone(),
-            access: e.access,
+        let guard = RouteGuard {
+            access: access::Guard {
+                app: app.clone(),
+                access: e.access,
+            },
+            bodies: bodies.clone(),
+            takes_body: !matches!(e.body, routes::Body::None),
+            answers: app.page_memory.clone(),
         };
-        let route = match e.body {
-            routes::Body::None => e.route.route_layer(middleware::from_fn_with_state(
-                bodies.clone(),
-                budget::skip_body,
-            )),
-            routes::Body::Optional(_) | routes::Body::Required(_) => e.route.route_layer(
-                middleware::from_fn_with_state(bodies.clone(), budget::read_body),
-            ),
-        };
-        // Outside the body's layer, so that an answer is paid for once its request's body is not.
-        let route = route.route_layer(middleware::from_fn_with_state(
-            app.page_memory.clone(),
-            budget::pay_for_answer,
-        ));
-        // The layer added last runs first: the credential is checked before the body is read.
-        let route = route.route_layer(middleware::from_fn_with_state(guard, access::authorize));
+        let route = e
+            .route
+            .route_layer(middleware::from_fn_with_state(guard, guard_route));
         router.route(&format!("{prefix}{}", e.path), route)
     })
+}
+
+/// What one route's guard judges its requests by.
+#[derive(Clone)]
+struct RouteGuard {
+    access: access::Guard,
+    bodies: budget::BodyPolicy,
+    /// The entry takes a body (`Body::Optional` or `Body::Required`), else it has none.
+    takes_body: bool,
+    /// The answers' budget, which reads pay from ([`budget::pay_for_answer`]).
+    answers: crate::memory::MemoryBudget,
+}
+
+/// Each route's guard, in the order its steps must go: the caller is admitted by the route's
+/// declared access ([`access::admit`]: 401 and 403 come before anything costs memory); then the
+/// body is read whole and paid for from the memory budget where the entry takes one, or read and
+/// dropped where it takes none ([`budget`]); the handler runs; a write's answer keeps its body's
+/// share until it is sent, and a read's answer is paid for by its caller.
+///
+/// One middleware rather than one per step: each layer of a route costs every request in flight a
+/// few boxed futures and a clone of the rest of the route, and a long poll keeps them for its
+/// whole wait (2,000 idle workers, 2,000 of each).
+async fn guard_route(State(guard): State<RouteGuard>, request: Request, next: Next) -> Response {
+    // The steps before the handler are boxed: each is large (the credential's and the session's
+    // reads, the body's), and inline they would be part of this future's size all through the
+    // handler's run, a long poll's whole wait included.
+    let request = match Box::pin(access::admit(&guard.access, request)).await {
+        Ok(request) => request,
+        Err(refusal) => return refusal,
+    };
+    let payer = budget::answer_payer(&request);
+    let (request, share) = if guard.takes_body {
+        match Box::pin(budget::read_body(&guard.bodies, request)).await {
+            Ok((request, share)) => (request, Some(share)),
+            Err(refusal) => return refusal,
+        }
+    } else {
+        match Box::pin(budget::skip_body(&guard.bodies, request)).await {
+            Ok(request) => (request, None),
+            Err(refusal) => return refusal,
+        }
+    };
+    let response = next.run(request).await;
+    let response = match share {
+        Some(share) => budget::holding(response, share),
+        None => response,
+    };
+    match payer {
+        Some(caller) => budget::pay_for_answer(&guard.answers, &caller, response).await,
+        None => response,
+    }
 }
 
 /// The whole application.
@@ -88,12 +130,16 @@ pub fn router(app: App, body_limit: usize) -> Router {
             budget::drain_refused(request).await;
             ApiError::not_found("no such endpoint")
         })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::internal("internal error").into_response()
-        }))
-        .layer(middleware::from_fn(one_host))
-        .layer(middleware::from_fn(envelope))
+        // One layer of three (the first is the outermost): each `Router::layer` wraps every route in one
+        // more boxed service, which each request in flight pays for (see `guard_route`).
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(middleware::from_fn(envelope))
+                .layer(CatchPanicLayer::custom(|_| {
+                    ApiError::internal("internal error").into_response()
+                }))
+                .layer(DefaultBodyLimit::max(body_limit)),
+        )
         .with_state(app);
     // Before routing, so that the rewritten path is what the routes see.
     Router::new()
@@ -183,9 +229,9 @@ pub fn request_id(client: Option<&[u8]>) -> String {
 /// One whose target is a whole URL (`GET https://host/path`) names it there, and is let through
 /// without a Host header, as clients built on bare HTTP connections send it. HTTP/1.0 has no such
 /// rule, and HTTP/2 names the host in the `:authority` pseudo-header instead.
-async fn one_host(request: Request, next: Next) -> Response {
+fn host_refusal(request: &Request) -> Option<ApiError> {
     if request.version() != axum::http::Version::HTTP_11 {
-        return next.run(request).await;
+        return None;
     }
     let hosts = request
         .headers()
@@ -193,15 +239,13 @@ async fn one_host(request: Request, next: Next) -> Response {
         .iter()
         .count();
     if hosts == 1 || (hosts == 0 && request.uri().authority().is_some()) {
-        return next.run(request).await;
+        return None;
     }
-    budget::drain_refused(request).await;
-    ApiError::bad_request(if hosts == 0 {
+    Some(ApiError::bad_request(if hosts == 0 {
         "an HTTP/1.1 request needs a Host header"
     } else {
         "an HTTP/1.1 request may have only one Host header"
-    })
-    .into_response()
+    }))
 }
 
 /// Marks a response whose access line is written at `debug`, not `info`: a poll or claim that took
@@ -241,7 +285,17 @@ async fn envelope(request: Request, next: Next) -> Response {
         credential = tracing::field::Empty,
         credential_id = tracing::field::Empty,
     );
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = match host_refusal(&request) {
+        None => next.run(request).instrument(span.clone()).await,
+        Some(refusal) => {
+            // Boxed, as the steps before the handler in `guard_route`: what a future may await is
+            // part of its size for as long as it lives, and this one lives through a long poll.
+            Box::pin(budget::drain_refused(request))
+                .instrument(span.clone())
+                .await;
+            refusal.into_response()
+        }
+    };
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {
         response = enveloped(response, &error, &request_id);
     } else if (response.status().is_client_error() || response.status().is_server_error())

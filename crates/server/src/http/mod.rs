@@ -101,7 +101,8 @@ async fn guard_route(State(guard): State<RouteGuard>, request: Request, next: Ne
         None => response,
     };
     match payer {
-        Some(caller) => budget::pay_for_answer(&guard.answers, &caller, response).await,
+        // Boxed too: inline, its room would be kept through the handler's run.
+        Some(caller) => Box::pin(budget::pay_for_answer(&guard.answers, &caller, response)).await,
         None => response,
     }
 }

@@ -714,31 +714,36 @@ impl App {
                     self.parked_scan_ttl(),
                     reclaim_ms,
                 );
-            let claimed = if parked {
-                None
-            } else {
-                let scan = ticket
-                    .as_ref()
-                    .map(|_| self.waiters.begin_scan(&env.id, reclaim_ms));
-                let claim = self.try_claim(env, worker_id, issuer, reclaim_ms, taking, scan);
-                Box::pin(claim).await?
-            };
-            // An earlier try's item, answered after this try lost its write for an item of the
-            // queue: that item is still there, and the wake-up passes on as the tickets drop.
-            if claimed.as_ref().is_some_and(|c| c.earlier_try) {
-                return Ok(claimed);
-            }
-            if let Some(woken) = answering.take() {
-                woken.consume();
-            }
-            if let Some(claimed) = claimed {
-                if let Some(t) = &ticket {
-                    t.consume();
+            // In a scope of its own, so that the claim's result is not kept through the wait below:
+            // every blocked poll would hold room for it (an idle worker's poll is mostly that wait).
+            let ticket = {
+                let claimed = if parked {
+                    None
+                } else {
+                    let scan = ticket
+                        .as_ref()
+                        .map(|_| self.waiters.begin_scan(&env.id, reclaim_ms));
+                    let claim = self.try_claim(env, worker_id, issuer, reclaim_ms, taking, scan);
+                    Box::pin(claim).await?
+                };
+                // An earlier try's item, answered after this try lost its write for an item of the
+                // queue: that item is still there, and the wake-up passes on as the tickets drop.
+                if claimed.as_ref().is_some_and(|c| c.earlier_try) {
+                    return Ok(claimed);
                 }
-                return Ok(Some(claimed));
-            }
-            let Some(ticket) = ticket else {
-                return Ok(None);
+                if let Some(woken) = answering.take() {
+                    woken.consume();
+                }
+                if let Some(claimed) = claimed {
+                    if let Some(t) = &ticket {
+                        t.consume();
+                    }
+                    return Ok(Some(claimed));
+                }
+                let Some(ticket) = ticket else {
+                    return Ok(None);
+                };
+                ticket
             };
             tokio::select! {
                 _ = ticket.woken() => answering = Some(ticket),

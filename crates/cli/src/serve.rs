@@ -544,12 +544,41 @@ async fn bootstrap_admin(
     data_dir: &Path,
     format: LogFormat,
 ) -> Result<()> {
+    let path = data_dir.join("admin-token");
+    let pending = data_dir.join("admin-token.new");
+    finish_saving_token(app, &path, &pending).await?;
     let adopted = given.is_some();
-    let minted = app
-        .bootstrap_admin_token(given.clone())
-        .await
-        .map_err(anyhow::Error::new)?;
+    // The token is saved before the store has it, in a file of its own that takes the usual one's
+    // place once the store took it: a start killed at any moment leaves either no token made, or
+    // one saved where this function finds it next time. Made first in the store, a kill before the
+    // file was written left a store whose only admin token nobody had.
+    let needed = app.lacks_admin_token().await.map_err(anyhow::Error::new)?;
+    let secret = match (needed, &given) {
+        (false, _) => None,
+        (true, Some(given)) => Some(given.clone()),
+        (true, None) => Some(tether_server::service::tokens::new_admin_secret()),
+    };
+    if let Some(secret) = &secret {
+        create_private_dir(data_dir)?;
+        write_private(&pending, secret)
+            .with_context(|| format!("cannot write {}", pending.display()))?;
+    }
+    let minted = match &secret {
+        Some(secret) => app.bootstrap_admin_token(Some(secret.clone())).await,
+        None => Ok(None),
+    };
+    let minted = match minted {
+        Ok(minted) => minted,
+        Err(e) => {
+            let _ = std::fs::remove_file(&pending);
+            return Err(anyhow::Error::new(e));
+        }
+    };
     let Some(secret) = minted else {
+        // Another server starting at the same time made the store's token.
+        if secret.is_some() {
+            let _ = std::fs::remove_file(&pending);
+        }
         if let Some(given) = given {
             // Only a warning hangs on it: a failed look is said, and the server starts.
             match app.is_live_admin_token(&given).await {
@@ -567,19 +596,7 @@ async fn bootstrap_admin(
         }
         return Ok(());
     };
-    create_private_dir(data_dir)?;
-    let path = data_dir.join("admin-token");
-    let kept = keep_token_replaced(&path, &secret)?;
-    write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
-    if let Some(kept) = kept {
-        tracing::warn!(
-            kept = %kept.display(),
-            "{} held a token that is no live admin token of this store (revoked, or made for \
-             another store: was TETHER_DATABASE_URL meant to be set?); it is kept in {}",
-            path.display(),
-            kept.display()
-        );
-    }
+    put_in_place(&pending, &path, &secret)?;
     // The secret goes to a person at a terminal only: a service's stderr is a log (journald, a file),
     // and logs never carry secrets. The file has it either way.
     if matches!(format, LogFormat::Json) {
@@ -604,6 +621,57 @@ async fn bootstrap_admin(
         eprintln!(
             "Created an admin token, as the store had none not revoked; it is in {} (mode 0600).",
             path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The admin token saved by a start that was stopped before it finished (see [`bootstrap_admin`]):
+/// put where the operator finds it if the store took it, else thrown away (the store never had it).
+async fn finish_saving_token(app: &App, path: &Path, pending: &Path) -> Result<()> {
+    let saved = match std::fs::read_to_string(pending) {
+        Ok(saved) => saved,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", pending.display())),
+    };
+    let secret = saved.trim();
+    let taken = !secret.is_empty()
+        && app
+            .is_live_admin_token(secret)
+            .await
+            .map_err(anyhow::Error::new)?;
+    if taken {
+        put_in_place(pending, path, secret)?;
+        tracing::warn!(
+            path = %path.display(),
+            "an earlier start made an admin token and was stopped before it saved it in place: \
+             it is saved now"
+        );
+    } else {
+        std::fs::remove_file(pending)
+            .with_context(|| format!("cannot remove {}", pending.display()))?;
+    }
+    Ok(())
+}
+
+/// Renames the saved token `pending` (holding `secret`) over `path`, keeping what `path` held
+/// before (see [`keep_token_replaced`]), and makes the rename durable.
+fn put_in_place(pending: &Path, path: &Path, secret: &str) -> Result<()> {
+    let kept = keep_token_replaced(path, secret)?;
+    std::fs::rename(pending, path)
+        .with_context(|| format!("cannot move {} to {}", pending.display(), path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync the directory {}", dir.display()))?;
+    }
+    if let Some(kept) = kept {
+        tracing::warn!(
+            kept = %kept.display(),
+            "{} held a token that is no live admin token of this store (revoked, or made for \
+             another store: was TETHER_DATABASE_URL meant to be set?); it is kept in {}",
+            path.display(),
+            kept.display()
         );
     }
     Ok(())

@@ -902,10 +902,54 @@ fn a_token_file_replaced_by_a_new_token_is_kept_beside_it() {
         std::fs::read_to_string(dir.path().join("admin-token.old.1")).unwrap(),
         "tth_adm_a-second-stores-token"
     );
+    assert!(!dir.path().join("admin-token.new").exists());
     // A start that writes the same token again has nothing to keep.
     let fresh = tempfile::tempdir().unwrap();
     std::fs::write(fresh.path().join("admin-token"), support::ADMIN_TOKEN).unwrap();
     let mut server = support::ServerProcess::start(fresh.path(), &[]);
     server.terminate();
     assert!(!fresh.path().join("admin-token.old").exists());
+}
+
+/// A start stopped after the store took the admin token it made and before the token's file had
+/// it (a kill -9, a power cut) left a store whose only admin token nobody had. The token is saved
+/// first now, in `admin-token.new`: the next start puts it in place when the store has it, and
+/// throws it away when the store never took it.
+#[test]
+fn a_token_saved_by_a_start_stopped_halfway_is_put_in_place_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("admin-token");
+    let saved = dir.path().join("admin-token.new");
+    let mut server = support::ServerProcess::start(dir.path(), &[]);
+    // A live admin token that only the saved file has, as such a start leaves it.
+    let args = ["token", "create", "--name", "made-then-stopped", "--json"];
+    let out = support::tether_command()
+        .args(args)
+        .env("TETHER_SERVER", &server.base)
+        .env("TETHER_TOKEN", support::ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let made = support::json_output(&args, &out);
+    let secret = made["token"].as_str().unwrap().to_owned();
+    server.terminate();
+    // The file as a kill in the middle of writing it leaves it.
+    std::fs::write(&file, "").unwrap();
+    std::fs::write(&saved, format!("{secret}\n")).unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    let mut server = support::ServerProcess::start_logging(dir.path(), &[], "warn", move |line| {
+        seen.lock().unwrap().push(line)
+    });
+    server.terminate();
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), secret);
+    assert!(!saved.exists());
+    let lines = lines.lock().unwrap().join("\n");
+    assert!(lines.contains("it is saved now"), "{lines}");
+
+    // One the store never took is thrown away, and the file stays as it is.
+    std::fs::write(&saved, "tth_adm_never-taken-by-this-store-0000\n").unwrap();
+    let mut server = support::ServerProcess::start(dir.path(), &[]);
+    server.terminate();
+    assert!(!saved.exists());
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), secret);
 }

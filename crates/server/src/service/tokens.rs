@@ -147,6 +147,12 @@ pub const CALLER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1
 /// newline of a secret read from a file) or a non-ASCII one could be stored but never sent back intact
 /// in an `Authorization` header, and once stored no other first token is ever minted: the operator
 /// would be locked out for good.
+/// A new admin token's secret: for a start that saves it where its operator finds it before the
+/// store has it (`tether serve`), so that no moment leaves the store holding a token nobody has.
+pub fn new_admin_secret() -> String {
+    credentials::mint(ADMIN_PREFIX)
+}
+
 pub fn adoptable(given: &str) -> std::result::Result<(), String> {
     if !given.starts_with(ADMIN_PREFIX) || given.len() < ADMIN_PREFIX.len() + 16 {
         return Err(format!(
@@ -409,6 +415,15 @@ impl App {
             Err(Error::Unauthenticated) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether the store has no live admin token: a start would make one ([`Self::bootstrap_admin_token`]).
+    pub async fn lacks_admin_token(&self) -> Result<bool> {
+        Ok(self
+            .store
+            .count_credentials(CredentialKind::Admin, false)
+            .await?
+            == 0)
     }
 
     /// On a store without a live admin token, mints one (or adopts `given`) and returns its secret;

@@ -13,6 +13,14 @@ use tether_core::work::WorkError;
 
 use crate::service::{self, Error, Missing};
 
+/// `error.code` of a 503 whose request wrote nothing because the database is away: it may be sent
+/// again (heartbeats' 503s carry the lease amnesty promise besides, `details.lease_amnesty_ms`).
+pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+/// `error.code` of a 503 whose write went out for its commit before the database's connection was
+/// lost: it may have been applied. Answered with `x-should-retry: false`, so that the official SDKs
+/// do not send it again by themselves.
+pub const STORE_OUTCOME_UNKNOWN: &str = "store_outcome_unknown";
+
 #[derive(Clone, Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -191,8 +199,15 @@ impl From<service::Error> for ApiError {
             Error::TooManyStreams { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             }
-            Error::StoreUnavailable { lease_amnesty_ms } => {
-                let error = ApiError::unavailable(message).with_code("store_unavailable");
+            Error::StoreUnavailable {
+                lease_amnesty_ms,
+                outcome_unknown,
+            } => {
+                let error = ApiError::unavailable(message).with_code(if outcome_unknown {
+                    STORE_OUTCOME_UNKNOWN
+                } else {
+                    STORE_UNAVAILABLE
+                });
                 match lease_amnesty_ms {
                     Some(ms) => error.with_details(json!({ "lease_amnesty_ms": ms })),
                     None => error,

@@ -46,6 +46,13 @@ pub enum StoreError {
     /// The database cannot be reached or refused service; retrying later may succeed.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
+    /// The connection was lost, or the database stopped answering, after a write had been sent for
+    /// its commit: it may have been applied or not, and no answer will say which. An outage as
+    /// [`StoreError::Unavailable`] is, but the write is not to be sent again blindly (it would be
+    /// applied twice if the first one was). PostgreSQL only: the embedded store's commits are
+    /// answered in this process.
+    #[error("the store's answer to a write was lost: {0}")]
+    OutcomeUnknown(String),
     /// The database has no room for the write: its disk is full (SQLite's `SQLITE_FULL`,
     /// PostgreSQL's `disk_full`). Nothing was written; the same write can succeed once space is
     /// freed, which takes an operator, not a moment's wait.
@@ -61,7 +68,10 @@ pub type StoreResult<T> = Result<T, StoreError>;
 impl StoreError {
     /// The database cannot be reached: an outage, which the store announces itself.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(
+            self,
+            StoreError::Unavailable(_) | StoreError::OutcomeUnknown(_)
+        )
     }
 }
 

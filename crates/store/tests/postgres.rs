@@ -619,6 +619,43 @@ async fn cut_pooled_connections_with_no_way_back_are_an_outage() {
     assert_eq!(b.losses(), losses + 1);
 }
 
+/// A connection lost after COMMIT went out leaves the write's outcome unknown: the store says so
+/// (`OutcomeUnknown`), not `Unavailable`, which tells the caller nothing was written, and here the
+/// write was applied. It is not tried again either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_commit_went_unanswered_is_of_unknown_outcome() {
+    let Some((cutter, b)) = a_busy_store_behind_a_cutter(1).await else {
+        return;
+    };
+    let lone = |sql: &str| vec![(Statement::new(sql, vec![]), Expect::Any)];
+    b.executor()
+        .execute(lone("CREATE TABLE answers_lost (n INTEGER)"))
+        .await
+        .unwrap();
+    cutter.cut_at_commit();
+    let two_rows = vec![
+        (
+            Statement::new("INSERT INTO answers_lost VALUES (1)", vec![]),
+            Expect::Any,
+        ),
+        (
+            Statement::new("INSERT INTO answers_lost VALUES (2)", vec![]),
+            Expect::Any,
+        ),
+    ];
+    let outcome = b.executor().execute(two_rows).await;
+    assert!(
+        matches!(outcome, Err(StoreError::OutcomeUnknown(_))),
+        "{outcome:?}"
+    );
+    let rows = b
+        .executor()
+        .query(Statement::new("SELECT count(*) FROM answers_lost", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![vec![Value::Int(2)]], "both rows were committed");
+}
+
 /// A store on a fresh database behind a [`Cutter`], with `connections` pooled connections open, each
 /// with its statement prepared, as on a busy server (`None` without PostgreSQL).
 async fn a_busy_store_behind_a_cutter(
@@ -648,6 +685,9 @@ struct Cutter {
     refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
     cuts_met: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// While set, a connection that sends COMMIT is cut once the database has answered it, the
+    /// answer kept from the client.
+    at_commit: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cutter {
@@ -668,6 +708,8 @@ impl Cutter {
         let (cuts_seen, cuts_met_counted) = (cuts.clone(), cuts_met.clone());
         let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let refuse = refusing.clone();
+        let at_commit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut_at_commit = at_commit.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if refuse.load(std::sync::atomic::Ordering::SeqCst) {
@@ -683,6 +725,7 @@ impl Cutter {
                     server,
                     cut,
                     cuts_met_counted.clone(),
+                    cut_at_commit.clone(),
                 ));
             }
         });
@@ -691,7 +734,14 @@ impl Cutter {
             refusing,
             cuts,
             cuts_met,
+            at_commit,
         }
+    }
+
+    /// From now on, cuts each connection right after the database answered a COMMIT on it.
+    fn cut_at_commit(&self) {
+        self.at_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn refuse(&self) {
@@ -713,20 +763,48 @@ async fn forward_until_cut(
     server: tokio::net::TcpStream,
     mut cut: tokio::sync::watch::Receiver<u64>,
     cuts_met: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    at_commit: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
-    use tokio::io::AsyncWriteExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let before = *cut.borrow_and_update();
     let (mut from_client, mut to_client) = client.split();
     let (mut from_server, mut to_server) = server.into_split();
-    let forwarding = async {
-        tokio::select! {
-            _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
-            _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
+    let to_database = async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if to_server.write_all(&chunk[..n]).await.is_err() {
+                return false;
+            }
+            let commit = chunk[..n].windows(6).any(|w| w == b"COMMIT");
+            if commit && at_commit.load(std::sync::atomic::Ordering::SeqCst) {
+                return true;
+            }
         }
     };
-    tokio::select! {
-        _ = forwarding => return,
-        _ = cut.wait_for(|n| *n > before) => {}
+    let forwarding = async {
+        tokio::select! {
+            committing = to_database => committing,
+            _ = tokio::io::copy(&mut from_server, &mut to_client) => false,
+        }
+    };
+    let cut_now = tokio::select! {
+        committing = forwarding => match committing {
+            true => false,
+            false => return,
+        },
+        _ = cut.wait_for(|n| *n > before) => true,
+    };
+    if !cut_now {
+        // At a COMMIT: the database's answer (it has committed once it answers) is read and kept
+        // from the client, whose connection then ends.
+        let mut answer = [0u8; 256];
+        let _ = from_server.read(&mut answer).await;
+        let _ = client.shutdown().await;
+        return;
     }
     // The server side goes away unseen (the database sees its connection end); the client is left
     // waiting until it sends, and then sees the connection end under its request.

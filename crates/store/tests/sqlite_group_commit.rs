@@ -148,6 +148,8 @@ fn outcomes(results: &[StoreResult<()>]) -> Vec<&'static str> {
             Err(StoreError::Internal(_)) => "internal",
             Err(StoreError::Unavailable(_)) => "unavailable",
             Err(StoreError::Full(_)) => "full",
+            // The embedded store's commits are answered in this process.
+            Err(StoreError::OutcomeUnknown(_)) => "outcome unknown",
         })
         .collect()
 }

@@ -182,11 +182,15 @@ fn current_heartbeat(e: &Error) -> Option<String> {
     leased.then(|| last.to_owned())
 }
 
-/// The amnesty a 503 promises: `error.code = "store_unavailable"` with
+/// The amnesty a 503 promises: `error.code = "store_unavailable"` (or `"store_outcome_unknown"`,
+/// a heartbeat that may have been applied as its connection to the database was lost) with
 /// `error.details.lease_amnesty_ms`, the window the server extends every lease to once it can write again.
 pub(crate) fn amnesty_promised(e: &Error) -> Option<Duration> {
     let Error::Api(api) = e else { return None };
-    if api.code.as_deref() != Some("store_unavailable") {
+    if !matches!(
+        api.code.as_deref(),
+        Some("store_unavailable" | "store_outcome_unknown")
+    ) {
         return None;
     }
     let ms = api.details.as_ref()?.get("lease_amnesty_ms")?.as_u64()?;
@@ -1049,6 +1053,13 @@ pub(crate) mod tests {
         let mut outage = outage(30_000);
         assert_eq!(
             judge(&Err(outage.clone().into())),
+            Verdict::Amnesty(Duration::from_secs(30))
+        );
+        // A heartbeat that may have been applied as the server lost its database: the same promise.
+        let mut unknown = outage.clone();
+        unknown.code = Some("store_outcome_unknown".into());
+        assert_eq!(
+            judge(&Err(unknown.into())),
             Verdict::Amnesty(Duration::from_secs(30))
         );
         // Without the promise (or with a malformed one) a 503 is only worth another try.

@@ -297,7 +297,9 @@ async fn envelope(request: Request, next: Next) -> Response {
             refusal.into_response()
         }
     };
+    let mut may_have_been_applied = false;
     if let Some(error) = response.extensions_mut().remove::<ApiError>() {
+        may_have_been_applied = error.code == Some(crate::error::STORE_OUTCOME_UNKNOWN);
         response = enveloped(response, &error, &request_id);
     } else if (response.status().is_client_error() || response.status().is_server_error())
         && !is_json(&response)
@@ -311,9 +313,11 @@ async fn envelope(request: Request, next: Next) -> Response {
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status();
-    if status.is_client_error() && !matches!(status.as_u16(), 408 | 429) {
+    if (status.is_client_error() && !matches!(status.as_u16(), 408 | 429)) || may_have_been_applied
+    {
         // Our 4xx answers are deterministic: tell SDKs that honour it (both official ones do) not to
-        // retry them — the Anthropic SDK would otherwise retry every 409 twice.
+        // retry them — the Anthropic SDK would otherwise retry every 409 twice. Nor a write that may
+        // have been applied: sent again, it could be applied twice.
         response
             .headers_mut()
             .insert("x-should-retry", HeaderValue::from_static("false"));

@@ -391,7 +391,10 @@ pub async fn heartbeat(
 fn with_amnesty_promise(app: &App, error: ApiError) -> ApiError {
     // Asked only for an outage's 503: asking notes a promise, which the amnesty after the outage
     // then owes.
-    if error.code != Some("store_unavailable") {
+    if !matches!(
+        error.code,
+        Some(crate::error::STORE_UNAVAILABLE | crate::error::STORE_OUTCOME_UNKNOWN)
+    ) {
         return error;
     }
     match app.lease_amnesty_promise() {

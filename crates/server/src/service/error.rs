@@ -90,9 +90,14 @@ pub enum Error {
     #[error("the request kept losing races with concurrent changes; retry it")]
     Contended,
     /// The store cannot reach its database. `lease_amnesty_ms`: the promise that no lease expires
-    /// because of the outage (see [`super::App::with_amnesty_promise`]).
-    #[error("the database is unavailable; retry shortly")]
-    StoreUnavailable { lease_amnesty_ms: Option<i64> },
+    /// because of the outage (see [`super::App::with_amnesty_promise`]). `outcome_unknown`: the
+    /// connection was lost after a write went out for its commit ([`StoreError::OutcomeUnknown`]),
+    /// so it may have been applied; else nothing was written.
+    #[error("{}", unavailable_said_to_the_client(*outcome_unknown))]
+    StoreUnavailable {
+        lease_amnesty_ms: Option<i64>,
+        outcome_unknown: bool,
+    },
     /// The database's disk is full: the write was not made ([`StoreError::Full`]).
     #[error("the database's disk is full: nothing was written; the same request can succeed once space is freed")]
     StoreFull,
@@ -110,6 +115,17 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a client is told of an outage: that it may send the request again, unless its write may
+/// have been applied (sent again, a session or an event would then be made twice).
+fn unavailable_said_to_the_client(outcome_unknown: bool) -> &'static str {
+    if outcome_unknown {
+        "the connection to the database was lost while this request's write was being committed: \
+         it may have been applied. Read what it would have changed before sending it again"
+    } else {
+        "the database is unavailable; retry shortly"
+    }
+}
 
 impl Error {
     /// The store could not reach its database ([`StoreError::is_unavailable`], which this error is
@@ -238,6 +254,14 @@ impl From<StoreError> for Error {
                 unavailable_said(&reason);
                 Error::StoreUnavailable {
                     lease_amnesty_ms: None,
+                    outcome_unknown: false,
+                }
+            }
+            StoreError::OutcomeUnknown(reason) => {
+                unavailable_said(&reason);
+                Error::StoreUnavailable {
+                    lease_amnesty_ms: None,
+                    outcome_unknown: true,
                 }
             }
             StoreError::Full(reason) => {

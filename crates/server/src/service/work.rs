@@ -1358,8 +1358,11 @@ impl App {
     /// not for a merely busy pool, whose database others can still write to.
     pub fn with_amnesty_promise(&self, error: Error) -> Error {
         match error {
-            Error::StoreUnavailable { .. } => Error::StoreUnavailable {
+            Error::StoreUnavailable {
+                outcome_unknown, ..
+            } => Error::StoreUnavailable {
                 lease_amnesty_ms: self.lease_amnesty_promise(),
+                outcome_unknown,
             },
             other => other,
         }

@@ -48,6 +48,9 @@ pub struct Counting {
     losses: AtomicU64,
     reconnections: AtomicU64,
     recovering: std::sync::Mutex<()>,
+    /// While set, the next commit is made, and then answered as one whose connection was lost after
+    /// it went out for its commit (`OutcomeUnknown`); the flag is cleared by that commit.
+    pub answer_lost: AtomicBool,
     /// Set by [`Counting::hold_next_commit`]: the next commit waits here until the hold is released.
     held_commit: std::sync::Mutex<Option<CommitHold>>,
 }
@@ -121,7 +124,13 @@ impl Store for Counting {
             let _ = hold.released.await;
         }
         self.before_call()?;
-        self.after_call(self.inner.commit(changes).await)
+        let outcome = self.after_call(self.inner.commit(changes).await);
+        if outcome.is_ok() && self.answer_lost.swap(false, Ordering::SeqCst) {
+            return Err(tether_store::StoreError::OutcomeUnknown(
+                "the connection was lost after COMMIT went out".into(),
+            ));
+        }
+        outcome
     }
     async fn announce(&self, notices: Vec<Notice>) -> StoreResult<()> {
         self.inner.announce(notices).await
@@ -327,6 +336,7 @@ pub async fn counting_app(
         losses: AtomicU64::new(0),
         reconnections: AtomicU64::new(0),
         recovering: std::sync::Mutex::new(()),
+        answer_lost: AtomicBool::new(false),
         held_commit: std::sync::Mutex::new(None),
     });
     let app = App::new(

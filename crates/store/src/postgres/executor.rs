@@ -347,7 +347,17 @@ impl Executor for PostgresExecutor {
                 self.health.reached();
                 Err(StoreError::Conflict)
             }
-            Err(f) => Err(self.failed(f).await),
+            Err(f) => {
+                // Sent with nothing to say it was not committed (COMMIT, or a lone statement, went
+                // out before the connection was lost): the write's outcome is unknown.
+                let unknown = !f.before_commit && f.error.is_unavailable();
+                match self.failed(f).await {
+                    StoreError::Unavailable(reason) if unknown => {
+                        Err(StoreError::OutcomeUnknown(reason))
+                    }
+                    error => Err(error),
+                }
+            }
         }
     }
 

@@ -11,6 +11,7 @@ pub mod hub;
 pub mod listener;
 pub mod memory;
 mod parse_error;
+mod purger;
 pub mod sampler;
 pub mod service;
 pub mod services;
@@ -91,6 +92,10 @@ pub async fn serve_with(
         let app = app.clone();
         Service::start(services::DISK_WATCH, move || disk::run(app.clone()))
     };
+    let event_purge = {
+        let app = app.clone();
+        Service::start(services::EVENT_PURGE, move || purger::run(app.clone()))
+    };
     let router = http::router(app.clone(), options.body_limit);
     let stop = tokio_util::sync::CancellationToken::new();
     let accepting = tokio::spawn(listener::run(
@@ -106,7 +111,12 @@ pub async fn serve_with(
     stop.cancel();
     let outcome = accepting.await.map_err(std::io::Error::other);
     // Once no pass can mark them again.
-    tokio::join!(dispatcher.stop(), sampler.stop(), disk_watch.stop());
+    tokio::join!(
+        dispatcher.stop(),
+        sampler.stop(),
+        disk_watch.stop(),
+        event_purge.stop()
+    );
     if let Err(e) = app.unmark_leases_kept().await {
         tracing::warn!(
             error = %e,

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub const DISPATCHER: &str = "dispatcher";
 pub const SAMPLER: &str = "sampler";
 pub const DISK_WATCH: &str = "disk_watch";
-pub const NAMES: [&str; 3] = [DISPATCHER, SAMPLER, DISK_WATCH];
+pub const EVENT_PURGE: &str = "event_purge";
+pub const NAMES: [&str; 4] = [DISPATCHER, SAMPLER, DISK_WATCH, EVENT_PURGE];
 
 /// The counter of runs that panicked, by service.
 pub const RESTARTS: &str = "tether_service_restarts_total";

@@ -747,6 +747,41 @@ async fn a_stream_ends_when_its_session_is_deleted() {
     .await;
 }
 
+/// A deleted session's events beyond the first batch are deleted afterwards, a batch per commit, by
+/// the server's own background service (`event_purge`): none is left a moment later.
+#[tokio::test]
+async fn a_deleted_sessions_events_are_purged_after_its_delete() {
+    each_backend(async |server| {
+        let (_, session) = setup(server).await;
+        let batch = tether_core::events::MAX_EVENTS_PER_BATCH;
+        // Past two batches: the delete takes the first, and each of the purge's takes one more.
+        let posts = 2 * (tether_store::sql::EVENT_PURGE_BATCH as usize) / batch + 3;
+        for _ in 0..posts {
+            let events: Vec<Value> = (0..batch).map(|_| agent_message("x")).collect();
+            post_ok(server, &session, Value::Array(events)).await;
+        }
+        let (status, _) = server
+            .call(Method::DELETE, &format!("/sessions/{session}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let left = || async {
+            let first = tether_store::PageRequest::first(10_000);
+            let page = server.app.store.list_events(&session, &first, usize::MAX);
+            page.await.unwrap().items.len()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while left().await > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} events left after 30 s",
+                left().await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
 /// An open stream answers to its caller's credential as a new request does (§11.1): once the key
 /// or admin token is revoked, or the session token dies with its item, the stream ends, and a client
 /// that reconnects gets the 401.

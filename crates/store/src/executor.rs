@@ -414,4 +414,19 @@ impl<E: Executor> Store for SqlStore<E> {
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {
         self.count(sql::count_credentials(kind, revoked_too)).await
     }
+
+    async fn purge_deleted_events(&self, batch: u32) -> StoreResult<bool> {
+        let Some(session_id) = self.optional(sql::next_purge(), sql::decode_text).await? else {
+            return Ok(false);
+        };
+        self.exec
+            .execute(vec![(sql::purge_events(&session_id, batch), Expect::Any)])
+            .await?;
+        if self.count(sql::events_left(&session_id)).await? == 0 {
+            self.exec
+                .execute(vec![(sql::end_purge(&session_id), Expect::Any)])
+                .await?;
+        }
+        Ok(true)
+    }
 }

@@ -111,7 +111,8 @@ pub enum Write {
         session: Session,
         expected_version: i64,
     },
-    /// Removes the session and its events.
+    /// Removes the session, and its events: the first [`sql::EVENT_PURGE_BATCH`] at once, the rest
+    /// through [`Store::purge_deleted_events`].
     DeleteSession {
         id: String,
         expected_version: i64,
@@ -531,6 +532,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Page<Credential>>;
     /// The credentials of `kind` not revoked, or with `revoked_too` all ever made.
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64>;
+    /// Deletes up to `batch` of the events that deleted sessions left (their deletes take the
+    /// first batch of each), each batch a commit of its own, so that no commit holds the writer
+    /// long. `true` when it found some to delete: call again until `false`.
+    async fn purge_deleted_events(&self, batch: u32) -> StoreResult<bool>;
 }
 
 /// The `seq` of the `index`-th transition written with the item's `version`: versions increase by one per

@@ -270,7 +270,25 @@ DROP INDEX IF EXISTS work_queue;
 CREATE INDEX IF NOT EXISTS work_queue ON work_items (environment_id, state, enqueued_at, id) WHERE state <> 'stopped';
 "#,
     ),
+    (
+        10,
+        // A session's delete removes its row and leaves its events to be deleted a batch at a time
+        // (`Store::purge_deleted_events`): deleting millions of events in the delete's own
+        // transaction held the embedded store's one writer, and so every write of every tenant,
+        // for many seconds (leases lapsed meanwhile), and needed free disk for a WAL the size of
+        // most of the session. Nothing reads a deleted session's events: every read of events
+        // finds its session first.
+        r#"
+CREATE TABLE IF NOT EXISTS session_event_purges (
+    session_id TEXT PRIMARY KEY
+);
+"#,
+    ),
 ];
+
+/// How many of a deleted session's events its delete removes itself, and each later purge: small
+/// enough that a commit of them takes a few milliseconds.
+pub const EVENT_PURGE_BATCH: u32 = 1000;
 
 /// The statement that reads the newest migration a database has had.
 pub const NEWEST_MIGRATION: &str = "SELECT CAST(MAX(version) AS BIGINT) FROM schema_migrations";
@@ -580,7 +598,16 @@ fn write_statements(write: &Write, out: &mut Vec<(Statement, Expect)>) {
                 ),
                 OneRow,
             ));
-            out.push((Statement::new("DELETE FROM session_events WHERE session_id = $1", vec![id.as_str().into()]), Any));
+            // The first batch of its events goes now, which for most sessions is all of them; the
+            // rest are deleted later, a batch at a time (see migration 10).
+            out.push((purge_events(id, EVENT_PURGE_BATCH), Any));
+            out.push((
+                Statement::new(
+                    "INSERT INTO session_event_purges (session_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                    vec![id.as_str().into()],
+                ),
+                Any,
+            ));
         }
         Write::InsertWork { item, transitions } => {
             let mut params: Vec<Value> = vec![
@@ -1274,6 +1301,46 @@ pub fn list_credentials(
     }
     let tail = f.paginate("id", page);
     f.statement(CREDENTIAL_COLUMNS, &tail)
+}
+
+/// Deletes up to `batch` events of the session `session_id`, oldest first.
+pub fn purge_events(session_id: &str, batch: u32) -> Statement {
+    Statement::new(
+        "DELETE FROM session_events WHERE id IN \
+         (SELECT id FROM session_events WHERE session_id = $1 ORDER BY id LIMIT $2)",
+        vec![session_id.into(), i64::from(batch).into()],
+    )
+}
+
+/// A deleted session whose events are still being deleted, if there is one.
+pub fn next_purge() -> Statement {
+    Statement::new(
+        "SELECT session_id FROM session_event_purges ORDER BY session_id LIMIT 1",
+        vec![],
+    )
+}
+
+/// 1 when the session `session_id` has events left, else 0.
+pub fn events_left(session_id: &str) -> Statement {
+    Statement::new(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM session_events WHERE session_id = $1 LIMIT 1) AS one",
+        vec![session_id.into()],
+    )
+}
+
+/// The end of a deleted session's purge: its events are all gone.
+pub fn end_purge(session_id: &str) -> Statement {
+    Statement::new(
+        "DELETE FROM session_event_purges WHERE session_id = $1",
+        vec![session_id.into()],
+    )
+}
+
+/// The first column of a row as text.
+pub fn decode_text(row: &Row) -> StoreResult<String> {
+    row.first()
+        .ok_or_else(|| StoreError::Internal("a row without columns".into()))
+        .and_then(text)
 }
 
 pub fn count_credentials(kind: CredentialKind, revoked_too: bool) -> Statement {

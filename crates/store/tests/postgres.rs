@@ -883,3 +883,11 @@ async fn hot_reads_use_their_indexes() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_deleted_sessions_events_go_a_batch_at_a_time() {
+    let Some(store) = store_on_a_fresh_database().await else {
+        return;
+    };
+    common::a_deleted_sessions_events_go_a_batch_at_a_time(&store).await;
+}

@@ -302,3 +302,10 @@ async fn a_held_item_is_a_claim_candidate_from_its_moment_on() {
     let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
     common::a_held_item_is_a_claim_candidate_from_its_moment_on(&store).await;
 }
+
+#[tokio::test]
+async fn a_deleted_sessions_events_go_a_batch_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite::open(&dir.path().join("tether.db")).unwrap();
+    common::a_deleted_sessions_events_go_a_batch_at_a_time(&store).await;
+}

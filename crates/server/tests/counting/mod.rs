@@ -314,6 +314,9 @@ impl Store for Counting {
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64> {
         self.inner.count_credentials(kind, revoked_too).await
     }
+    async fn purge_deleted_events(&self, batch: u32) -> StoreResult<bool> {
+        self.inner.purge_deleted_events(batch).await
+    }
 }
 
 /// An app over a fresh store of `backend` that counts claim scans and item reads, with no periodic dispatcher pass

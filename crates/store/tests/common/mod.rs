@@ -594,3 +594,84 @@ pub async fn a_session_token_holds_one_item_at_most(store: &impl Store) {
         .unwrap();
     assert_eq!(holder.value.id, "work_token_2");
 }
+
+/// A session's delete removes its row and the first [`EVENT_PURGE_BATCH`] of its events; the rest
+/// go a batch per call of `purge_deleted_events`, which says `true` while it found some to delete,
+/// and leaves the events of sessions not deleted alone.
+pub async fn a_deleted_sessions_events_go_a_batch_at_a_time(store: &impl Store) {
+    use tether_store::sql::EVENT_PURGE_BATCH;
+    use tether_store::PageRequest;
+    let mut changes = ChangeSet::one(Write::InsertEnvironment(environment("env_store")));
+    for id in ["sesn_large", "sesn_small", "sesn_kept"] {
+        changes.push(Write::InsertSession {
+            session: session(id, "env_store"),
+            agent_version: None,
+        });
+    }
+    store.commit(changes).await.unwrap();
+    let batch = EVENT_PURGE_BATCH as usize;
+    for (session_id, count) in [
+        ("sesn_large", 2 * batch + 5),
+        ("sesn_small", 3),
+        ("sesn_kept", 2),
+    ] {
+        let events: Vec<Write> = (0..count)
+            .map(|n| {
+                Write::InsertEvent(tether_core::resources::SessionEvent {
+                    id: format!("sevt_{session_id}_{n:06}"),
+                    session_id: session_id.into(),
+                    body: json!({"type": "agent.message", "n": n}),
+                })
+            })
+            .collect();
+        for chunk in events.chunks(500) {
+            let mut changes = ChangeSet::default();
+            for write in chunk {
+                changes.push(write.clone());
+            }
+            store.commit(changes).await.unwrap();
+        }
+    }
+    let events_of = |session_id: &'static str| async move {
+        let page = store
+            .list_events(session_id, &PageRequest::first(10_000), usize::MAX)
+            .await;
+        page.unwrap().items.len()
+    };
+    assert_eq!(events_of("sesn_large").await, 2 * batch + 5);
+    assert!(!store.purge_deleted_events(EVENT_PURGE_BATCH).await.unwrap());
+
+    let mut deletes = ChangeSet::default();
+    for id in ["sesn_large", "sesn_small"] {
+        deletes.push(Write::DeleteSession {
+            id: id.into(),
+            expected_version: 1,
+        });
+    }
+    store.commit(deletes).await.unwrap();
+    assert_eq!(
+        events_of("sesn_small").await,
+        0,
+        "a small session's all go at once"
+    );
+    assert_eq!(
+        events_of("sesn_large").await,
+        batch + 5,
+        "one batch goes with the delete"
+    );
+    let mut calls = 0;
+    while store.purge_deleted_events(EVENT_PURGE_BATCH).await.unwrap() {
+        calls += 1;
+        assert!(calls <= 3, "each call deletes a batch");
+    }
+    assert_eq!(
+        calls, 3,
+        "a whole batch, what is left of it, and the small session's end"
+    );
+    assert_eq!(events_of("sesn_large").await, 0);
+    assert_eq!(
+        events_of("sesn_kept").await,
+        2,
+        "a session not deleted keeps its events"
+    );
+}

@@ -244,6 +244,20 @@ test('7 and 8. the session view streams the agent\'s answer live; markup in name
   noProblems();
 });
 
+test('an event of hundreds of kilobytes is shown cut, saying how much is left out', async () => {
+  const text = `${marker}-${'z'.repeat(300_000)}`;
+  await api(server, 'POST', `/sessions/${sessionId}/events`, {
+    events: [{ type: 'agent.message', content: [{ type: 'text', text }] }],
+  });
+  await page.goto(`${server.base}/#/sessions/${sessionId}`);
+  const shown = page.locator('.ev-agent-message .event-text', { hasText: `${marker}-zzz` });
+  await shown.waitFor({ timeout: 30_000 });
+  const seen = await shown.textContent();
+  assert.ok(seen.length < 9_000, `${seen.length} characters shown`);
+  assert.match(seen, /… 29\d,\d{3} more characters \(the API has the whole event\)$/);
+  noProblems();
+});
+
 test('6. a force-stop from the UI reaches the worker: its program is terminated', async () => {
   await page.goto(`${server.base}/#/sessions/${sessionId}`);
   await page.getByText('Live: new events appear as they happen.').waitFor();

@@ -9,6 +9,10 @@ const LIST_MS = 3000;
 const LIST_PAGE = 50;
 /** Events kept on screen; older ones are dropped from the page (the API still has them). */
 const EVENTS_SHOWN = 1000;
+/** Characters of one event's text shown: an event may be a megabyte, written by any worker of the
+ * environment, and a thousand of them in full took a tab's memory to gigabytes. The rest is said,
+ * and the API has it. */
+const TEXT_SHOWN = 8 * 1024;
 
 function time(iso) {
   return iso ? h('time', { datetime: iso }, localTime(iso)) : '—';
@@ -142,7 +146,13 @@ function describe(event) {
 function eventItem(event) {
   return h('li', { class: `event ev-${event.type.replace(/[^a-z_]/g, '-')}`, dataset: { id: event.id } },
     h('div', { class: 'event-head' }, h('span', { class: 'event-type' }, event.type), ' ', time(event.processed_at)),
-    h('pre', { class: 'event-text' }, describe(event)));
+    h('pre', { class: 'event-text' }, cut(describe(event))));
+}
+
+function cut(text) {
+  if (text.length <= TEXT_SHOWN) return text;
+  const left = text.length - TEXT_SHOWN;
+  return `${text.slice(0, TEXT_SHOWN)}\n… ${left.toLocaleString('en')} more characters (the API has the whole event)`;
 }
 
 function sessionCrumbs(sessionId) {
@@ -181,7 +191,11 @@ function sessionView(main, ctx, sessionId, first) {
     seen.add(event.id);
     const stick = logBox.scrollHeight - logBox.scrollTop - logBox.clientHeight < 40;
     log.append(eventItem(event));
-    while (log.children.length > EVENTS_SHOWN) log.firstElementChild.remove();
+    while (log.children.length > EVENTS_SHOWN) {
+      // Forgotten with it: the ids of a long-lived page's events would otherwise pile up.
+      seen.delete(log.firstElementChild.dataset.id);
+      log.firstElementChild.remove();
+    }
     if (stick) logBox.scrollTop = logBox.scrollHeight;
   }
 

@@ -16,8 +16,11 @@
 //!
 //! The free space is read once a [`WATCH_INTERVAL`] by a small service, not by each request: one
 //! `statvfs` a second however busy the server is, and a request never waits on the filesystem.
-//! Between two readings a write may take the disk a little under the floor: the floor is a margin
-//! for the writes that go on, not an exact quota. A database elsewhere (PostgreSQL) is its own
+//! Between two readings, the events let through are counted against the last one, each byte of
+//! them as [`DISK_BYTES_PER_EVENT_BYTE`]: one key posting as fast as it can took the disk from over a
+//! 120 MB floor to 60 MB within the second before the next reading. The count is an estimate, so a
+//! write may still take the disk a little under the floor: the floor is a margin for the writes
+//! that go on, not an exact quota. A database elsewhere (PostgreSQL) is its own
 //! operator's to watch: nothing is read, nothing is refused by the floor.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,10 +40,17 @@ pub const FREE_BYTES_GAUGE: &str = "tether_store_disk_free_bytes";
 /// A reading not taken yet, or a store with no disk of this machine's to read: nothing is refused.
 const UNKNOWN: u64 = u64::MAX;
 
-/// The floor and the last reading of the free space.
+/// What a byte of an event's JSON is taken to cost the disk until the next reading: its row and
+/// index entry take about four times the JSON (5M events of about 150 bytes filled a 3.3 GB
+/// database), and the WAL holds the pages written until a checkpoint copies them over.
+pub const DISK_BYTES_PER_EVENT_BYTE: u64 = 8;
+
+/// The floor, the last reading of the free space, and what requests were let add since.
 pub struct DiskRoom {
     floor: u64,
     free: AtomicU64,
+    /// Bytes of disk the requests let through since the last reading are taken to use.
+    added: AtomicU64,
 }
 
 /// What one reading changed.
@@ -60,6 +70,7 @@ impl DiskRoom {
         DiskRoom {
             floor,
             free: AtomicU64::new(UNKNOWN),
+            added: AtomicU64::new(0),
         }
     }
 
@@ -70,6 +81,8 @@ impl DiskRoom {
     /// Keeps a reading of `free` bytes, and says whether it crossed the floor.
     pub fn record(&self, free: u64) -> Crossing {
         let before = self.free.swap(free, Ordering::Relaxed);
+        // The reading holds what was written before it.
+        self.added.store(0, Ordering::Relaxed);
         match (self.is_low(before), self.is_low(free)) {
             (false, true) => Crossing::WentLow,
             (true, false) => Crossing::Recovered,
@@ -81,17 +94,34 @@ impl DiskRoom {
         free != UNKNOWN && free < self.floor
     }
 
-    /// `Ok` when a request may add records; [`Error::DiskLow`] while the last reading was under
-    /// the floor.
+    /// `Ok` when a request may add records; [`Error::DiskLow`] while the last reading, less what
+    /// the requests let through since are taken to use, is under the floor.
     pub fn room_to_grow(&self) -> Result<(), Error> {
+        self.room_to_add(0)
+    }
+
+    /// [`Self::room_to_grow`] for a request that adds `event_bytes` of events, counted against the
+    /// last reading when it is let through (see [`DISK_BYTES_PER_EVENT_BYTE`]).
+    pub fn room_to_add(&self, event_bytes: u64) -> Result<(), Error> {
         let free = self.free.load(Ordering::Relaxed);
-        match self.is_low(free) {
-            false => Ok(()),
-            true => Err(Error::DiskLow {
-                free,
-                floor: self.floor,
-            }),
+        if free == UNKNOWN || self.floor == 0 {
+            return Ok(());
         }
+        let cost = event_bytes.saturating_mul(DISK_BYTES_PER_EVENT_BYTE);
+        let added = self
+            .added
+            .fetch_add(cost, Ordering::Relaxed)
+            .saturating_add(cost);
+        let left = free.saturating_sub(added);
+        if self.is_low(left) {
+            self.added.fetch_sub(cost, Ordering::Relaxed);
+            return Err(Error::DiskLow {
+                // What is taken to be left before this request.
+                free: free.saturating_sub(added - cost),
+                floor: self.floor,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -183,6 +213,28 @@ mod tests {
                 Err(other) => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn events_let_through_since_the_last_reading_count_against_it() {
+        let room = DiskRoom::new(100);
+        assert!(room.room_to_add(1_000_000).is_ok(), "no reading yet");
+        room.record(1_000);
+        // 100 bytes of events are taken to use 800 of disk: 200 left, over the floor.
+        assert!(room.room_to_add(100).is_ok());
+        // 20 more would leave 40: refused, and not counted.
+        assert!(matches!(
+            room.room_to_add(20),
+            Err(Error::DiskLow { floor: 100, .. })
+        ));
+        assert!(room.room_to_add(10).is_ok(), "80 more leaves 120");
+        assert!(
+            room.room_to_grow().is_ok(),
+            "a record without events adds nothing"
+        );
+        // A new reading holds what was written: the count starts again.
+        room.record(1_000);
+        assert!(room.room_to_add(100).is_ok());
     }
 
     #[test]

@@ -306,7 +306,11 @@ impl App {
             .incoming_events(session_id, "events", events.events, sender, 1)
             .await?;
         if !ends_or_interrupts_a_turn(&batch, session.status) {
-            self.disk.room_to_grow()?;
+            let bytes: usize = batch
+                .iter()
+                .map(|e| json_size_up_to(&e.fields, usize::MAX - 1))
+                .sum();
+            self.disk.room_to_add(bytes as u64)?;
         }
         // The kind of an environment never changes (D-20), so it is read once.
         let self_hosted = self

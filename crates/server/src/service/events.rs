@@ -310,7 +310,8 @@ impl App {
                 .iter()
                 .map(|e| json_size_up_to(&e.fields, usize::MAX - 1))
                 .sum();
-            self.disk.room_to_add(bytes as u64)?;
+            self.disk
+                .room_to_add(crate::disk::disk_cost_of_events(batch.len(), bytes))?;
         }
         // The kind of an environment never changes (D-20), so it is read once.
         let self_hosted = self

@@ -309,8 +309,11 @@ pub enum WorkError {
     Held { until: Timestamp },
     /// 409: a session token acts on an item it no longer holds. Its lease lapsed, settled by the
     /// very request (a token is judged live before the request waits its turn), or the item was
-    /// handed out again since.
-    #[error("this session token no longer holds the work item: its lease ran out")]
+    /// stopped (an operator's force stop racing the worker's own) or handed out again since.
+    #[error(
+        "this session token no longer holds the work item: it was stopped, or its lease ran out \
+         (and it may have been handed to another worker since)"
+    )]
     NotHeld,
     /// Poll lost a race for this item (not an HTTP error: the poll tries the next candidate).
     #[error("work item is not claimable")]

@@ -534,7 +534,8 @@ pub trait Store: Send + Sync + 'static {
     async fn count_credentials(&self, kind: CredentialKind, revoked_too: bool) -> StoreResult<u64>;
     /// Deletes up to `batch` of the events that deleted sessions left (their deletes take the
     /// first batch of each), each batch a commit of its own, so that no commit holds the writer
-    /// long. `true` when it found some to delete: call again until `false`.
+    /// long. `true` when it found some to delete: call again until `false`. With a `batch` of 0 it
+    /// deletes none and says whether any are left.
     async fn purge_deleted_events(&self, batch: u32) -> StoreResult<bool>;
 }
 

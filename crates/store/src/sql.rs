@@ -987,10 +987,13 @@ pub fn get_agent_version(id: &str, version: u32) -> Statement {
 }
 
 /// The ids and stored sizes (bytes) of a page of events, nearest the cursor first, one more than asked.
+/// None once the session is deleted: its events are deleted after it, a batch at a time (migration
+/// 10), and a stream behind them must not go on showing them meanwhile.
 pub fn event_sizes(session_id: &str, page: &PageRequest) -> Statement {
     let mut f = Filter::default();
     let p = f.param(session_id);
     f.add(format!("session_id = {p}"));
+    f.add(format!("EXISTS (SELECT 1 FROM sessions WHERE id = {p})"));
     let tail = f.paginate("id", page);
     f.statement("SELECT id, OCTET_LENGTH(doc) FROM session_events", &tail)
 }

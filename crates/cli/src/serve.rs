@@ -567,18 +567,24 @@ async fn bootstrap_admin(
         Some(secret) => app.bootstrap_admin_token(Some(secret.clone())).await,
         None => Ok(None),
     };
-    let minted = match minted {
-        Ok(minted) => minted,
-        Err(e) => {
-            let _ = std::fs::remove_file(&pending);
-            return Err(anyhow::Error::new(e));
-        }
+    // A failed mint keeps the saved token: its write may have been applied with its answer lost
+    // (PostgreSQL), and the next start puts it in place if so (`finish_saving_token`).
+    let minted = minted.map_err(anyhow::Error::new)?;
+    // None: another server starting at the same time made the store's token, or this one's write
+    // was applied and its answer lost, so that the store has a live token when asked again.
+    let minted = match (minted, &secret) {
+        (Some(minted), _) => Some(minted),
+        (None, Some(secret)) => match app.is_live_admin_token(secret).await {
+            Ok(true) => Some(secret.clone()),
+            Ok(false) => {
+                let _ = std::fs::remove_file(&pending);
+                None
+            }
+            Err(e) => return Err(anyhow::Error::new(e)),
+        },
+        (None, None) => None,
     };
     let Some(secret) = minted else {
-        // Another server starting at the same time made the store's token.
-        if secret.is_some() {
-            let _ = std::fs::remove_file(&pending);
-        }
         if let Some(given) = given {
             // Only a warning hangs on it: a failed look is said, and the server starts.
             match app.is_live_admin_token(&given).await {
@@ -658,8 +664,18 @@ async fn finish_saving_token(app: &App, path: &Path, pending: &Path) -> Result<(
 /// before (see [`keep_token_replaced`]), and makes the rename durable.
 fn put_in_place(pending: &Path, path: &Path, secret: &str) -> Result<()> {
     let kept = keep_token_replaced(path, secret)?;
-    std::fs::rename(pending, path)
-        .with_context(|| format!("cannot move {} to {}", pending.display(), path.display()))?;
+    match std::fs::rename(pending, path) {
+        Ok(()) => {}
+        // Another start on this data directory (servers of a cluster sharing one) found the saved
+        // file before the store had its token, and dropped it: the secret is here still.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_private(path, secret)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot move {} to {}", pending.display(), path.display())
+            })
+        }
+    }
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir)
             .and_then(|dir| dir.sync_all())

@@ -142,17 +142,17 @@ enum CredentialKey {
 /// holds: the revocation bound the credential cache gives every request.
 pub const CALLER_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Whether `given` may be adopted as the first admin token (`TETHER_ADMIN_TOKEN`): the prefix, at least
-/// 16 more characters, and only visible ASCII. A token with a space, a control character (the trailing
-/// newline of a secret read from a file) or a non-ASCII one could be stored but never sent back intact
-/// in an `Authorization` header, and once stored no other first token is ever minted: the operator
-/// would be locked out for good.
 /// A new admin token's secret: for a start that saves it where its operator finds it before the
 /// store has it (`tether serve`), so that no moment leaves the store holding a token nobody has.
 pub fn new_admin_secret() -> String {
     credentials::mint(ADMIN_PREFIX)
 }
 
+/// Whether `given` may be adopted as the first admin token (`TETHER_ADMIN_TOKEN`): the prefix, at least
+/// 16 more characters, and only visible ASCII. A token with a space, a control character (the trailing
+/// newline of a secret read from a file) or a non-ASCII one could be stored but never sent back intact
+/// in an `Authorization` header, and once stored no other first token is ever minted: the operator
+/// would be locked out for good.
 pub fn adoptable(given: &str) -> std::result::Result<(), String> {
     if !given.starts_with(ADMIN_PREFIX) || given.len() < ADMIN_PREFIX.len() + 16 {
         return Err(format!(

@@ -2,7 +2,7 @@
 //! without BEGIN/COMMIT, one retry after a connection loss that left no doubt nothing committed, and
 //! the mapping between the shared SQL's values and PostgreSQL's types.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -227,7 +227,13 @@ impl PostgresExecutor {
             .map_err(Failure::no_retry)
     }
 
-    async fn execute_once(&self, statements: &[(Statement, Expect)]) -> Result<(), Failure> {
+    /// `sent` is set once what could commit the write has gone out (COMMIT, or a lone statement):
+    /// from then on a failure leaves the write's outcome unknown.
+    async fn execute_once(
+        &self,
+        statements: &[(Statement, Expect)],
+        sent: &AtomicBool,
+    ) -> Result<(), Failure> {
         let mut client = self.client().await.map_err(Failure::retry_safe)?;
         let fail = |e| Failure::on_connection(e, true);
         // A lone statement is atomic by itself: skip BEGIN/COMMIT and their round trips.
@@ -235,6 +241,7 @@ impl PostgresExecutor {
             let prepared = client.prepare_cached(&statement.sql).await.map_err(fail)?;
             let params =
                 bind_all(&statement.params, prepared.params()).map_err(Failure::no_retry)?;
+            sent.store(true, Ordering::SeqCst);
             let changed = client
                 .execute(&prepared, &refs(&params))
                 .await
@@ -282,6 +289,7 @@ impl PostgresExecutor {
                 return Err(Failure::no_retry(StoreError::Conflict));
             }
         }
+        sent.store(true, Ordering::SeqCst);
         tx.commit()
             .await
             .map_err(|e| Failure::on_connection(e, false))
@@ -331,7 +339,10 @@ impl Executor for PostgresExecutor {
 
     async fn execute(&self, statements: Vec<(Statement, Expect)>) -> StoreResult<()> {
         let started = std::time::Instant::now();
-        let outcome = self.attempted(|| self.execute_once(&statements)).await;
+        let sent = AtomicBool::new(false);
+        let outcome = self
+            .attempted(|| self.execute_once(&statements, &sent))
+            .await;
         metrics::histogram!("tether_store_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match outcome {
@@ -348,9 +359,10 @@ impl Executor for PostgresExecutor {
                 Err(StoreError::Conflict)
             }
             Err(f) => {
-                // Sent with nothing to say it was not committed (COMMIT, or a lone statement, went
-                // out before the connection was lost): the write's outcome is unknown.
-                let unknown = !f.before_commit && f.error.is_unavailable();
+                // COMMIT, or a lone statement, went out before the connection was lost or the
+                // database stopped answering: nothing says whether it committed. A write still
+                // waiting for a connection, or stopped before its COMMIT, is known not to have.
+                let unknown = sent.load(Ordering::SeqCst) && f.error.is_unavailable();
                 match self.failed(f).await {
                     StoreError::Unavailable(reason) if unknown => {
                         Err(StoreError::OutcomeUnknown(reason))

@@ -112,20 +112,22 @@ impl DiskRoom {
         if free == UNKNOWN || self.floor == 0 {
             return Ok(());
         }
-        let added = self
+        // Counted only when let through, in one step: a reading that resets the count meanwhile
+        // never sees part of it taken back.
+        let counted = self
             .added
-            .fetch_add(cost, Ordering::Relaxed)
-            .saturating_add(cost);
-        let left = free.saturating_sub(added);
-        if self.is_low(left) {
-            self.added.fetch_sub(cost, Ordering::Relaxed);
-            return Err(Error::DiskLow {
-                // What is taken to be left before this request.
-                free: free.saturating_sub(added - cost),
-                floor: self.floor,
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |added| {
+                let next = added.saturating_add(cost);
+                (!self.is_low(free.saturating_sub(next))).then_some(next)
             });
+        match counted {
+            Ok(_) => Ok(()),
+            Err(added) => Err(Error::DiskLow {
+                // What is taken to be left before this request.
+                free: free.saturating_sub(added),
+                floor: self.floor,
+            }),
         }
-        Ok(())
     }
 }
 

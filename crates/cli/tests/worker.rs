@@ -1533,7 +1533,9 @@ async fn a_server_that_is_not_tethers_ends_the_worker_with_the_reason() {
         "tth_env_unused",
     ];
     let (status, log) = run_worker_to_end(&args, &["true"]).await;
-    assert!(!status.success(), "{log}");
+    // 1, not 78: the answer is not Tether's (a proxy's while the server is redeployed, say), and a
+    // later start may reach the server.
+    assert_eq!(status.code(), Some(1), "{log}");
     assert!(
         log.contains("it is not a Tether server") && log.contains("--server"),
         "{log}"

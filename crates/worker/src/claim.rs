@@ -745,7 +745,13 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
             "{server} did not answer like a Tether server ({e}). Check --server / TETHER_SERVER"
         ),
     };
-    crate::Error::Refused(why)
+    // An answer without Tether's request id is a proxy's or another program's: the server may be
+    // behind it again on the next start (a redeploy), so it is not said to need the operator.
+    if e.api().is_some_and(|api| api.request_id.is_none()) {
+        crate::Error::NotTethers(why)
+    } else {
+        crate::Error::Refused(why)
+    }
 }
 
 /// Whether the server takes claims, as far as the worker knows.

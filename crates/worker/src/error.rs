@@ -9,6 +9,11 @@ pub enum Error {
     /// The server refused to hand out work in a way another try cannot fix.
     #[error("{0}")]
     Refused(String),
+    /// An answer that is not Tether's (no request id) refused the poll as another try would not
+    /// change: a proxy's 404 while the server behind it is redeployed, or another program at
+    /// --server. Said as [`Error::Refused`] is, but a later start may find the server.
+    #[error("{0}")]
+    NotTethers(String),
     /// A second signal ended the worker: programs were killed, and their items force-stopped where
     /// the server answered (the log says of each item that could not be).
     #[error(
@@ -44,7 +49,7 @@ impl Error {
     pub fn needs_the_operator(&self) -> bool {
         match self {
             Error::Config(_) | Error::Refused(_) => true,
-            Error::Forced | Error::Unreached(_) | Error::NotRun => false,
+            Error::NotTethers(_) | Error::Forced | Error::Unreached(_) | Error::NotRun => false,
         }
     }
 }

@@ -11,9 +11,11 @@ use crate::service::App;
 /// between them.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(10);
 
-/// How often an idle purge looks for a deleted session's events (one read of a table that is
-/// nearly always empty).
-const IDLE_LOOK: Duration = Duration::from_secs(5);
+/// How often an idle purge looks for a deleted session's events: this process's deletes wake it
+/// (`App::purge_now`), so the look is for what other servers of a cluster left (one that stopped
+/// in the middle of a purge), and for this one's after a restart. Rare, because the look is a read
+/// of the store like any other, which a stalled disk holds like any other.
+const IDLE_LOOK: Duration = Duration::from_secs(60);
 
 pub async fn run(app: App) {
     loop {
@@ -34,6 +36,7 @@ pub async fn run(app: App) {
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
+            _ = app.purge_now.notified() => {}
             _ = app.until_shutdown() => return,
         }
     }

@@ -154,6 +154,8 @@ pub struct AppInner {
     shutdown: watch::Sender<bool>,
     /// Asks the dispatcher for a pass now (§3.1).
     pub dispatch_now: tokio::sync::Notify,
+    /// Wakes the event purge (`crate::purger`): this process deleted a session.
+    pub purge_now: tokio::sync::Notify,
     /// The store's reconnection count that lease amnesty has been granted for (see
     /// [`App::amnesty_after_outage`]).
     amnesty_granted_through: std::sync::atomic::AtomicU64,
@@ -311,6 +313,7 @@ impl App {
             workers_writing: tokio::sync::Mutex::new(()),
             shutdown,
             dispatch_now: tokio::sync::Notify::new(),
+            purge_now: tokio::sync::Notify::new(),
             amnesty_granted_through: reconnections.into(),
             amnesty_running: tokio::sync::Mutex::new(()),
             server_id,

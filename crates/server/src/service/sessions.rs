@@ -295,6 +295,8 @@ impl App {
             });
             self.commit(changes).await?;
             self.announce_session(id).await;
+            // What the delete left of its events goes now, a batch at a time.
+            self.purge_now.notify_one();
             Ok(())
         })
         .await

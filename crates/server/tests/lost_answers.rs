@@ -52,17 +52,23 @@ async fn a_write_whose_answer_was_lost_is_said_to_be_of_unknown_outcome() {
             .unwrap()
             .expect("a fresh store has no admin token");
         let router = tether_server::http::router(app.clone(), 1 << 20);
-        let new_environment = json!({"name": "second", "config": {"type": "self_hosted"}});
+        let create = |name: &'static str| {
+            let body = json!({"name": name, "config": {"type": "self_hosted"}});
+            call(&router, &token, "POST", "/environments", Some(body))
+        };
+        let names = || async {
+            let (_, _, listed) = call(&router, &token, "GET", "/environments", None).await;
+            let names: Vec<String> = listed["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_owned())
+                .collect();
+            names
+        };
 
         counting.answer_lost.store(true, Ordering::SeqCst);
-        let (status, headers, body) = call(
-            &router,
-            &token,
-            "POST",
-            "/environments",
-            Some(new_environment.clone()),
-        )
-        .await;
+        let (status, headers, body) = create("second").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{name}: {body}");
         assert_eq!(
             body["error"]["code"], "store_outcome_unknown",
@@ -77,26 +83,18 @@ async fn a_write_whose_answer_was_lost_is_said_to_be_of_unknown_outcome() {
         // The official SDKs send a 503 again by themselves unless told not to.
         assert_eq!(headers["x-should-retry"], "false", "{name}");
         // And it was applied, here: what the client is told to look for before sending it again.
-        let (_, _, listed) = call(&router, &token, "GET", "/environments", None).await;
-        let names: Vec<&str> = listed["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap())
-            .collect();
-        assert!(names.contains(&"second"), "{name}: {names:?}");
+        let listed = names().await;
+        assert!(listed.iter().any(|n| n == "second"), "{name}: {listed:?}");
 
         // An outage in which nothing was written says so, and may be retried.
         counting.down.store(true, Ordering::SeqCst);
-        let (status, headers, body) = call(
-            &router,
-            &token,
-            "POST",
-            "/environments",
-            Some(new_environment),
-        )
-        .await;
+        let (status, headers, body) = create("third").await;
         counting.down.store(false, Ordering::SeqCst);
+        let listed = names().await;
+        assert!(
+            !listed.iter().any(|n| n == "third"),
+            "{name}: nothing written: {listed:?}"
+        );
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{name}: {body}");
         assert_eq!(body["error"]["code"], "store_unavailable", "{name}: {body}");
         assert!(headers.get("x-should-retry").is_none(), "{name}");

@@ -1008,6 +1008,33 @@ async fn request_ids_are_echoed_or_generated() {
 }
 
 #[tokio::test]
+async fn no_cache_keeps_an_answer() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        q.enqueue().await;
+        let delivered = q.poll("?block_ms=1", None).await;
+        delivered.ok();
+        assert!(delivered.body["secret"].is_string(), "{}", delivered.body);
+        let refused = q
+            .req(Method::GET, &q.item_path(&unknown_id("work"), ""))
+            .send()
+            .await;
+        refused.error(404, "not_found_error");
+        let unrouted = q.req(Method::GET, "/api/v1/cloud/nowhere").send().await;
+        for reply in [&delivered, &refused, &unrouted] {
+            assert_eq!(
+                reply.header("cache-control"),
+                Some("no-store"),
+                "{}",
+                reply.body
+            );
+            assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn unknown_routes_and_methods_answer_in_the_envelope() {
     each_backend(async |server| {
         let q = Queue::new(server).await;

@@ -312,6 +312,16 @@ async fn envelope(request: Request, next: Next) -> Response {
         response.headers_mut().insert("request-id", value.clone());
         response.headers_mut().insert("x-request-id", value);
     }
+    // Answers carry secrets (a new token, a poll's `secret`) and a tenant's data: no cache on the way,
+    // a proxy's or the browser's, may keep one. The dashboard's files and the event stream say their
+    // own. And no browser may take a JSON answer, whose messages echo what the caller sent, for a page.
+    let headers = response.headers_mut();
+    headers
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    headers
+        .entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(HeaderValue::from_static("nosniff"));
     let status = response.status();
     if (status.is_client_error() && !matches!(status.as_u16(), 408 | 429)) || may_have_been_applied
     {

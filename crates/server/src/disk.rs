@@ -7,11 +7,13 @@
 //! too, so leases cannot be kept or ended. With it, once the free space falls under the floor,
 //! creating sessions, environments and agents (or agents' new versions) and posting events are
 //! answered 503 `disk_low` until space is freed, but for one small event that ends or interrupts a
-//! turn under way (`service::events`, `ends_or_interrupts_a_turn`); work items go on through their
+//! turn under way (`service::events`, `turn_control`); work items go on through their
 //! states, and sessions, environments and agents may still be archived or deleted. Those writes add
 //! little (a line of an item's history, a server event, a fresh item for input that waited), and a
 //! turn starts only with input the floor refuses, so what they add is bounded by the items and
-//! turns under way; the floor leaves room for it. A write the disk still cannot take is
+//! turns under way; the floor leaves room for it. An interrupt or an error, which leave the turn
+//! open and could be sent again and again, may take the disk only down to half the floor
+//! ([`DiskRoom::room_in_reserve`]). A write the disk still cannot take is
 //! answered 503 `store_full` ([`tether_store::StoreError::Full`]).
 //!
 //! The free space is read once a [`WATCH_INTERVAL`] by a small service, not by each request: one
@@ -99,6 +101,12 @@ impl DiskRoom {
         free != UNKNOWN && free < self.floor
     }
 
+    /// The lower half of the floor: how far under it the events that keep a turn under way in hand
+    /// may take the disk ([`Self::room_in_reserve`]).
+    fn reserve_floor(&self) -> u64 {
+        self.floor / 2
+    }
+
     /// `Ok` when a request may add records; [`Error::DiskLow`] while the last reading, less what
     /// the requests let through since are taken to use, is under the floor.
     pub fn room_to_grow(&self) -> Result<(), Error> {
@@ -108,6 +116,21 @@ impl DiskRoom {
     /// [`Self::room_to_grow`] for a request taken to use `cost` bytes of disk, counted against the
     /// last reading when it is let through (see [`disk_cost_of_events`]).
     pub fn room_to_add(&self, cost: u64) -> Result<(), Error> {
+        self.room_over(self.floor, cost)
+    }
+
+    /// [`Self::room_to_add`] for an event that keeps a turn under way in hand without ending it (an
+    /// interrupt, an error): let through under the floor, down to half of it. Such events may be
+    /// sent again and again while the turn lasts, so they need a bound of their own; the end of
+    /// the turn needs none (it closes the turn, and a new one starts only with input the floor
+    /// refuses).
+    pub fn room_in_reserve(&self, cost: u64) -> Result<(), Error> {
+        self.room_over(self.reserve_floor(), cost)
+    }
+
+    /// `Ok`, with `cost` counted, when the last reading less what was let through since and
+    /// `cost` stays at or over `limit`.
+    fn room_over(&self, limit: u64, cost: u64) -> Result<(), Error> {
         let free = self.free.load(Ordering::Relaxed);
         if free == UNKNOWN || self.floor == 0 {
             return Ok(());
@@ -118,7 +141,7 @@ impl DiskRoom {
             .added
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |added| {
                 let next = added.saturating_add(cost);
-                (!self.is_low(free.saturating_sub(next))).then_some(next)
+                (free.saturating_sub(next) >= limit).then_some(next)
             });
         match counted {
             Ok(_) => Ok(()),
@@ -242,6 +265,32 @@ mod tests {
         room.record(1_000);
         assert!(room.room_to_add(800).is_ok());
         assert_eq!(disk_cost_of_events(2, 100), 2 * 100 + 2 * 512);
+    }
+
+    #[test]
+    fn events_that_keep_a_turn_in_hand_may_take_the_lower_half_of_the_floor_and_no_more() {
+        let room = DiskRoom::new(100);
+        room.record(90);
+        assert!(room.room_to_add(0).is_err(), "under the floor");
+        // 30 of the 40 between the reading and half the floor.
+        assert!(room.room_in_reserve(30).is_ok());
+        assert!(matches!(
+            room.room_in_reserve(11),
+            Err(Error::DiskLow {
+                free: 60,
+                floor: 100
+            })
+        ));
+        assert!(
+            room.room_in_reserve(10).is_ok(),
+            "exactly half the floor left"
+        );
+        assert!(room.room_in_reserve(1).is_err());
+        room.record(49);
+        assert!(
+            room.room_in_reserve(0).is_err(),
+            "a reading under half the floor"
+        );
     }
 
     #[test]

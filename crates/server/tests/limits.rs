@@ -946,11 +946,13 @@ async fn an_event_a_stream_handed_out_is_paid_for_until_its_text_is_let_go() {
 
 /// The free space kept on the store's disk (`--min-free-disk`, `tether_server::disk`): a floor no
 /// disk has, so that the first reading is under it.
+const BEYOND_ANY_DISK: u64 = 1 << 50;
+
 fn beyond_any_disk() -> Options {
     let defaults = Options::default();
     Options {
         config: ServiceConfig {
-            min_free_disk: 1 << 50,
+            min_free_disk: BEYOND_ANY_DISK,
             ..defaults.config
         },
         ..defaults
@@ -1020,6 +1022,34 @@ async fn under_the_disk_floor_requests_that_add_records_are_refused_and_work_goe
             .await;
         assert_eq!(status, StatusCode::OK, "{backend:?}: {answer}");
         let events = format!("/sessions/{session}/events");
+        // Those that leave the turn open may take the disk down to half the floor, no further:
+        // a reading 64 KiB over that lets through a few errors of 4 KiB, then refuses them.
+        if watched {
+            tight.app.disk.record(BEYOND_ANY_DISK / 2 + 64 * 1024);
+        }
+        let failing =
+            json!({"type": "session.error", "error": {"type": "x", "message": "y".repeat(3_900)}});
+        let mut errors_let_through = 0;
+        while errors_let_through < 100 {
+            let (status, answer) = tight
+                .post(&events, json!({ "events": [failing.clone()] }))
+                .await;
+            if status != StatusCode::OK {
+                assert_eq!(answer["error"]["code"], "disk_low", "{answer}");
+                break;
+            }
+            errors_let_through += 1;
+        }
+        match watched {
+            true => assert!(
+                (1..10).contains(&errors_let_through),
+                "{errors_let_through}"
+            ),
+            false => assert_eq!(errors_let_through, 100),
+        }
+        if watched {
+            tight.app.disk.record(BEYOND_ANY_DISK / 2 + 64 * 1024);
+        }
         let padding = "x".repeat(8 * 1024);
         let ending = json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}});
         for (event, let_through) in [

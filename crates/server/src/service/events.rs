@@ -305,13 +305,15 @@ impl App {
         let batch = self
             .incoming_events(session_id, "events", events.events, sender, 1)
             .await?;
-        if !ends_or_interrupts_a_turn(&batch, session.status) {
-            let bytes: usize = batch
-                .iter()
-                .map(|e| json_size_up_to(&e.fields, usize::MAX - 1))
-                .sum();
-            self.disk
-                .room_to_add(crate::disk::disk_cost_of_events(batch.len(), bytes))?;
+        let bytes: usize = batch
+            .iter()
+            .map(|e| json_size_up_to(&e.fields, usize::MAX - 1))
+            .sum();
+        let cost = crate::disk::disk_cost_of_events(batch.len(), bytes);
+        match turn_control(&batch, session.status) {
+            Some(TurnControl::Ends) => {}
+            Some(TurnControl::KeepsInHand) => self.disk.room_in_reserve(cost)?,
+            None => self.disk.room_to_add(cost)?,
         }
         // The kind of an environment never changes (D-20), so it is read once.
         let self_hosted = self
@@ -696,23 +698,36 @@ impl EventTail {
     }
 }
 
-/// The largest event [`ends_or_interrupts_a_turn`] lets past the disk floor.
+/// The largest event [`turn_control`] lets past the disk floor.
 pub const TURN_CONTROL_MAX_BYTES: usize = 4 * 1024;
 
+/// What a batch that [`turn_control`] lets past the disk floor does to the turn under way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TurnControl {
+    /// `session.status_idle`: the turn ends, so another such event needs another turn, which
+    /// starts only with input the floor refuses. Bounded by the turns under way.
+    Ends,
+    /// `session.error`, `user.interrupt`: the turn stays open, so the event could be sent again
+    /// and again; let through only down to half the floor (`DiskRoom::room_in_reserve`).
+    KeepsInHand,
+}
+
 /// Whether `batch`, posted to a session at `status`, may be while the store's disk is under its
-/// floor (`crate::disk`): one event that ends the turn under way (`session.status_idle`,
-/// `session.error`) or interrupts it (`user.interrupt`), of at most [`TURN_CONTROL_MAX_BYTES`].
-/// Without it every turn running when the floor was crossed would end in an error with its item,
-/// and a runaway one could not be cancelled. One, small, and only while a turn is open: a turn
-/// starts only with input the floor refuses, so what passes is bounded by the turns under way
-/// (such events may carry fields of their own, and are stored as sent).
-fn ends_or_interrupts_a_turn(batch: &[Incoming], status: SessionStatus) -> bool {
-    let [event] = batch else { return false };
-    matches!(
-        event.kind,
-        EventType::SessionStatusIdle | EventType::SessionError | EventType::UserInterrupt
-    ) && session::turn_is_open(status)
-        && json_size_up_to(&event.fields, TURN_CONTROL_MAX_BYTES) <= TURN_CONTROL_MAX_BYTES
+/// floor (`crate::disk`): one event that ends the turn under way (`session.status_idle`), reports
+/// its failure (`session.error`) or interrupts it (`user.interrupt`), of at most
+/// [`TURN_CONTROL_MAX_BYTES`], and only while a turn is open. Without it every turn running when
+/// the floor was crossed would end in an error with its item, and a runaway one could not be
+/// cancelled. (Such events may carry fields of their own, and are stored as sent.)
+fn turn_control(batch: &[Incoming], status: SessionStatus) -> Option<TurnControl> {
+    let [event] = batch else { return None };
+    let control = match event.kind {
+        EventType::SessionStatusIdle => TurnControl::Ends,
+        EventType::SessionError | EventType::UserInterrupt => TurnControl::KeepsInHand,
+        _ => return None,
+    };
+    (session::turn_is_open(status)
+        && json_size_up_to(&event.fields, TURN_CONTROL_MAX_BYTES) <= TURN_CONTROL_MAX_BYTES)
+        .then_some(control)
 }
 
 /// The length of `value` as compact JSON, counted without building the text.

@@ -1127,6 +1127,36 @@ async fn a_long_poll_whose_key_is_revoked_meanwhile_claims_nothing() {
     .await;
 }
 
+/// Ids that are not shaped like ids, a NUL among them (which PostgreSQL text cannot hold), name no
+/// credential and no agent alike on both stores: 404 for a revocation, 403 for a key's agent read.
+#[tokio::test]
+async fn malformed_ids_name_no_credential_and_no_agent() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let (key_id, secret) = new_key(server, &q.env).await;
+        for id in ["%00", "tok_%00", &format!("{key_id}%00"), "envkey_x"] {
+            req(server, Method::DELETE, &format!("/tokens/{id}"))
+                .send()
+                .await
+                .error(404, "not_found_error");
+            req(
+                server,
+                Method::DELETE,
+                &format!("/environments/{}/keys/{id}", q.env),
+            )
+            .send()
+            .await
+            .error(404, "not_found_error");
+            q.req(Method::GET, &format!("/agents/{id}"))
+                .bearer(&secret)
+                .send()
+                .await
+                .error(403, "permission_error");
+        }
+    })
+    .await;
+}
+
 /// Two credential headers are refused, whichever they name: which one the server took would be a
 /// guess.
 #[tokio::test]

@@ -203,6 +203,16 @@ async fn readable_agent(app: &App, p: &Principal, id: &str) -> ApiResult<()> {
             Ok(())
         }
         Principal::EnvironmentKey { environment_id, .. } => {
+            let refused = || {
+                ApiError::forbidden(
+                    "this credential may only read agents of its environment's sessions",
+                )
+            };
+            // No session has an agent of a malformed id: answered without asking the store, which
+            // could not even be asked about some strings (PostgreSQL text holds no NUL).
+            if !tether_core::ids::is_well_formed(tether_core::ids::IdKind::Agent, id) {
+                return Err(refused());
+            }
             let filter = SessionFilter {
                 agent_id: Some(id.to_owned()),
                 environment_id: Some(environment_id.clone()),
@@ -211,9 +221,7 @@ async fn readable_agent(app: &App, p: &Principal, id: &str) -> ApiResult<()> {
             };
             let used = app.list_sessions(&filter, &PageRequest::first(1)).await?;
             if used.items.is_empty() {
-                return Err(ApiError::forbidden(
-                    "this credential may only read agents of its environment's sessions",
-                ));
+                return Err(refused());
             }
             Ok(())
         }

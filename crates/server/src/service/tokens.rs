@@ -534,6 +534,15 @@ impl App {
         id: &str,
     ) -> Result<Credential> {
         let not_found = || Error::not_found(Missing::Credential(kind), id);
+        let id_kind = match kind {
+            CredentialKind::Admin => IdKind::Token,
+            CredentialKind::Environment => IdKind::EnvironmentKey,
+        };
+        // Answered without asking the store, which could not even be asked about some strings
+        // (PostgreSQL text holds no NUL).
+        if !ids::is_well_formed(id_kind, id) {
+            return Err(not_found());
+        }
         let credential = self.store.get_credential(id).await?.ok_or_else(not_found)?;
         if credential.kind != kind || credential.environment_id.as_deref() != environment_id {
             return Err(not_found());

@@ -790,14 +790,14 @@ async fn unread_large_answers_hold_no_more_than_their_callers_part() {
     // answer is a session whose agent's prompt is 400 kB.
     let backend = backends().remove(0);
     let server = TestServer::start_with(&backend, options(64 << 10, 64 << 20, 4 << 20)).await;
-    let (env, _agent, _session) = server.environment_agent_and_session().await;
+    let (env, small_agent, _session) = server.environment_agent_and_session().await;
     let agent = large_agent(&server, 400_000).await;
     let session = server.session(&env, &agent).await;
     let path = format!("/api/v1/cloud/sessions/{session}");
 
     let address = server.base.trim_start_matches("http://").to_owned();
     let (sender, _conn) = tether_testkit::net::h2_client(&address, 1024).await;
-    let ask = |token: String| {
+    let ask_for = |path: &str, token: String| {
         let mut sender = sender.clone();
         let request = hyper::Request::get(format!("http://{address}{path}"))
             .header("authorization", format!("Bearer {token}"))
@@ -805,6 +805,7 @@ async fn unread_large_answers_hold_no_more_than_their_callers_part() {
             .unwrap();
         async move { sender.send_request(request).await.unwrap() }
     };
+    let ask = |token: String| ask_for(&path, token);
     let unread = futures::future::join_all((0..60).map(|_| ask(server.admin_token.clone()))).await;
     let statuses: Vec<u16> = unread.iter().map(|r| r.status().as_u16()).collect();
     let answered = statuses.iter().filter(|&&s| s == 200).count();
@@ -819,6 +820,56 @@ async fn unread_large_answers_hold_no_more_than_their_callers_part() {
         .post("/sessions", json!({"agent": agent, "environment_id": env}))
         .await;
     assert_eq!(status, StatusCode::OK, "{made}");
+
+    // Nor a poll's, once it delivered its item: an item whose metadata makes its answer larger
+    // than a read may be for free (about 33 KiB), polled with the token whose part is held to
+    // less than that by unread records of about 20 KiB, is answered.
+    let wide = |chars: usize| -> serde_json::Map<String, Value> {
+        (0..16)
+            .map(|k| (format!("key{k}"), json!("\u{1d11e}".repeat(chars))))
+            .collect()
+    };
+    let (status, fresh) = server
+        .post(
+            "/environments",
+            json!({"name": "fresh", "config": {"type": "self_hosted"}, "metadata": wide(300)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{fresh}");
+    let fresh = fresh["id"].as_str().unwrap();
+    let record = format!("/api/v1/cloud/environments/{fresh}");
+    let filling =
+        futures::future::join_all((0..40).map(|_| ask_for(&record, server.admin_token.clone())))
+            .await;
+    assert!(
+        filling.iter().any(|r| r.status() == 503),
+        "the part held to less than one more record"
+    );
+    let wide = wide(512);
+    let (status, made) = server
+        .post(
+            "/sessions",
+            json!({"agent": small_agent, "environment_id": fresh, "metadata": wide}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{made}");
+    let (status, polled) = server
+        .call_as(
+            &server.admin_token,
+            Method::GET,
+            &format!("/environments/{fresh}/work/poll?block_ms=1"),
+            None,
+            &[("Worker-ID", "w")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{polled}");
+    assert!(
+        polled.to_string().len() > 16 * 1024,
+        "{}",
+        polled.to_string().len()
+    );
+    assert_eq!(polled["data"]["id"], made["id"], "{polled}");
+    drop(filling);
 
     // Another caller, the environment's key, is served meanwhile.
     let key = environment_key(&server, &env).await;

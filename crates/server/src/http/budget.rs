@@ -316,7 +316,7 @@ pub async fn read_body(
 pub const ANSWER_FREE: usize = 16 * 1024;
 
 /// Who pays for the answer to `request` ([`pay_for_answer`]): its caller, admitted already, when it
-/// is a read (`GET`, `HEAD`).
+/// is a read (`GET`, `HEAD`; the guard leaves out a GET that changes state, the poll).
 pub fn answer_payer(request: &Request) -> Option<Principal> {
     matches!(*request.method(), Method::GET | Method::HEAD)
         .then(|| request.extensions().get::<Principal>().cloned())

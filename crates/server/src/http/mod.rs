@@ -46,6 +46,7 @@ fn guarded(
             },
             bodies: bodies.clone(),
             takes_body: !matches!(e.body, routes::Body::None),
+            reads: !e.changes_state,
             answers: app.page_memory.clone(),
         };
         let route = e
@@ -62,6 +63,9 @@ struct RouteGuard {
     bodies: budget::BodyPolicy,
     /// The entry takes a body (`Body::Optional` or `Body::Required`), else it has none.
     takes_body: bool,
+    /// A GET of the entry only reads; one that changes state (a poll's delivery) is answered as a
+    /// write is: its answer is not paid for, as it could be refused only after the change.
+    reads: bool,
     /// The answers' budget, which reads pay from ([`budget::pay_for_answer`]).
     answers: crate::memory::MemoryBudget,
 }
@@ -83,7 +87,10 @@ async fn guard_route(State(guard): State<RouteGuard>, request: Request, next: Ne
         Ok(request) => request,
         Err(refusal) => return refusal,
     };
-    let payer = budget::answer_payer(&request);
+    let payer = guard
+        .reads
+        .then(|| budget::answer_payer(&request))
+        .flatten();
     let (request, share) = if guard.takes_body {
         match Box::pin(budget::read_body(&guard.bodies, request)).await {
             Ok((request, share)) => (request, Some(share)),

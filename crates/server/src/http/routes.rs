@@ -205,6 +205,8 @@ pub struct Endpoint {
     pub params: Vec<Param>,
     pub body: Body,
     pub returns: Returns,
+    /// A GET that changes state (the poll claims an item; [`Endpoint::no_head`]).
+    pub changes_state: bool,
 }
 
 fn ep<H, T>(verb: Verb, path: &'static str, operation: &'static str, handler: H) -> Endpoint
@@ -223,6 +225,7 @@ where
         params: Vec::new(),
         body: Body::None,
         returns: Returns::AnyJson,
+        changes_state: false,
     }
 }
 
@@ -261,6 +264,7 @@ impl Endpoint {
     fn no_head(mut self) -> Self {
         assert_eq!(self.verb, Verb::Get, "HEAD is served only by GET routes");
         self.route = self.route.head(only_get).fallback(only_get);
+        self.changes_state = true;
         self
     }
 }

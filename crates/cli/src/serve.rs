@@ -546,6 +546,17 @@ async fn bootstrap_admin(
 ) -> Result<()> {
     let path = data_dir.join("admin-token");
     let pending = data_dir.join("admin-token.new");
+    // Starts sharing a data directory (servers of a cluster on one machine, on PostgreSQL) take
+    // turns with its token files: two at once could each save a token in `admin-token.new`, and
+    // the one whose token the store took put the other's in place. A directory that does not
+    // exist holds no token to finish saving, and gets one only if the store needs one.
+    let needs_one = app.lacks_admin_token().await.map_err(anyhow::Error::new)?;
+    let _turn = if needs_one || data_dir.exists() {
+        create_private_dir(data_dir)?;
+        Some(take_turn_with_token_files(data_dir).await?)
+    } else {
+        None
+    };
     finish_saving_token(app, &path, &pending).await?;
     let adopted = given.is_some();
     // The token is saved before the store has it, in a file of its own that takes the usual one's
@@ -660,14 +671,35 @@ async fn finish_saving_token(app: &App, path: &Path, pending: &Path) -> Result<(
     Ok(())
 }
 
+/// Waits for this process's turn with the admin token's files in `dir`, held until the returned
+/// lock is dropped (or the process ends, however it ends).
+async fn take_turn_with_token_files(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("admin-token.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let locking = tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+    });
+    match locking.await.context("locking the admin token's files")? {
+        Ok(lock) => Ok(lock),
+        Err((_, e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+    }
+}
+
 /// Renames the saved token `pending` (holding `secret`) over `path`, keeping what `path` held
 /// before (see [`keep_token_replaced`]), and makes the rename durable.
 fn put_in_place(pending: &Path, path: &Path, secret: &str) -> Result<()> {
     let kept = keep_token_replaced(path, secret)?;
     match std::fs::rename(pending, path) {
         Ok(()) => {}
-        // Another start on this data directory (servers of a cluster sharing one) found the saved
-        // file before the store had its token, and dropped it: the secret is here still.
+        // The saved file is gone (removed by hand meanwhile, or by the start of an older build
+        // that did not take turns with the files): the secret is here still.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_private(path, secret)
             .with_context(|| format!("cannot write {}", path.display()))?,
         Err(e) => {

@@ -70,43 +70,56 @@ impl Server {
     async fn start(name: &'static str, database_url: &str, extra: &[&str]) -> Server {
         let data = tempfile::tempdir().expect("data dir");
         let dir = data.path().to_owned();
-        Server::start_in(name, database_url, extra, ADMIN_TOKEN, (data, &dir)).await
+        Server::start_in(name, database_url, extra, Some(ADMIN_TOKEN), (data, &dir)).await
     }
 
-    /// Started with `admin_token` as `TETHER_ADMIN_TOKEN` and `--data-dir dir`, within `data`
-    /// (which holds its log, and goes when the server does).
+    /// Started with `admin_token` as `TETHER_ADMIN_TOKEN` (`None`: unset) and `--data-dir dir`,
+    /// within `data` (which holds its log, and goes when the server does).
     async fn start_in(
         name: &'static str,
         database_url: &str,
         extra: &[&str],
-        admin_token: &str,
+        admin_token: Option<&str>,
+        (data, dir): (tempfile::TempDir, &Path),
+    ) -> Server {
+        let server = Server::spawn_in(name, database_url, extra, admin_token, (data, dir));
+        server.wait_ready().await;
+        server
+    }
+
+    /// [`Server::start_in`] without waiting for it to be ready.
+    fn spawn_in(
+        name: &'static str,
+        database_url: &str,
+        extra: &[&str],
+        admin_token: Option<&str>,
         (data, dir): (tempfile::TempDir, &Path),
     ) -> Server {
         let port = free_port();
-        let log = data.path().join("server.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        let log = data.path().join(format!("server-{name}.log"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+        command
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--database", database_url])
             .arg("--data-dir")
             .arg(dir)
             .args(extra)
-            .env("TETHER_ADMIN_TOKEN", admin_token)
+            .env_remove("TETHER_ADMIN_TOKEN")
             .env("TETHER_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn tether serve");
-        let server = Server {
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if let Some(token) = admin_token {
+            command.env("TETHER_ADMIN_TOKEN", token);
+        }
+        Server {
             name,
             base: format!("http://127.0.0.1:{port}"),
-            child: Some(child),
+            child: Some(command.spawn().expect("spawn tether serve")),
             log,
             _data: data,
-        };
-        server.wait_ready().await;
-        server
+        }
     }
 
     async fn wait_ready(&self) {
@@ -639,12 +652,12 @@ async fn a_second_admin_token_that_is_not_adopted_is_said_so() {
     let data = tempfile::tempdir().expect("data dir");
     let dir = data.path().join("made-by-the-server");
     let runner = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let first = Server::start_in("A", &url, &[], ADMIN_TOKEN, (data, &dir)).await;
+    let first = Server::start_in("A", &url, &[], Some(ADMIN_TOKEN), (data, &dir)).await;
     nix::sys::stat::umask(runner);
     let other_token = "tth_adm_made-on-the-second-machine-0123456789";
     let data = tempfile::tempdir().expect("data dir");
     let second_dir = data.path().to_owned();
-    let second = Server::start_in("B", &url, &[], other_token, (data, &second_dir)).await;
+    let second = Server::start_in("B", &url, &[], Some(other_token), (data, &second_dir)).await;
     let said = "TETHER_ADMIN_TOKEN is set but is not a live admin token of this store";
     let warned_by = |server: &Server| std::fs::read_to_string(&server.log).unwrap().contains(said);
     assert!(warned_by(&second), "{}", second.log_tail());
@@ -666,6 +679,45 @@ async fn a_second_admin_token_that_is_not_adopted_is_said_so() {
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the data directory has mode {mode:o}");
     assert!(dir.join("admin-token").exists());
+}
+
+/// Servers of a cluster sharing one data directory, all started at once on an empty store, leave
+/// in `admin-token` the one token the store took, whichever start made it: each saved the token it
+/// made in the same file before the store had it, and one could put another's in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_started_at_once_on_one_data_directory_save_the_token_the_store_took() {
+    let Some(admin_url) = postgres_url() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    for round in 0..8 {
+        let url = fresh_database(&admin_url).await;
+        let shared = tempfile::tempdir().expect("data dir");
+        let servers: Vec<Server> = ["A", "B", "C"]
+            .into_iter()
+            .map(|name| {
+                let logs = tempfile::tempdir().expect("log dir");
+                Server::spawn_in(name, &url, &[], None, (logs, shared.path()))
+            })
+            .collect();
+        for server in &servers {
+            server.wait_ready().await;
+        }
+        let token = std::fs::read_to_string(shared.path().join("admin-token")).expect("the file");
+        for server in &servers {
+            let answer = reqwest::Client::new()
+                .get(format!("{}/api/v1/cloud/environments", server.base))
+                .bearer_auth(token.trim())
+                .send()
+                .await
+                .expect("a request");
+            assert_eq!(answer.status(), 200, "round {round}: {}", server.log_tail());
+        }
+        assert!(
+            !shared.path().join("admin-token.new").exists(),
+            "round {round}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,7 +53,9 @@ fn manual_clock() -> ManualClock {
 async fn acked_item(app: &App, env: &tether_core::resources::Environment) -> (String, String) {
     let session_id = session_in(app, env).await;
     let id = poll_one(app, env, "w").await;
-    app.ack(env, &id, Some("w")).await.expect("ack");
+    app.ack(env, &id, Some("w"), &operator())
+        .await
+        .expect("ack");
     (session_id, id)
 }
 
@@ -105,9 +107,19 @@ async fn a_work_cycle_on_one_server_reads_each_item_once() {
         let id = claimed.item.id.clone();
         let before = counting.reads();
 
-        let acked = app.ack(&env, &id, Some("w")).await.expect("ack");
+        let acked = app
+            .ack(&env, &id, Some("w"), &operator())
+            .await
+            .expect("ack");
         let first = app
-            .heartbeat(&env, &id, ExpectedHeartbeat::None, None, Some("w"))
+            .heartbeat(
+                &env,
+                &id,
+                ExpectedHeartbeat::None,
+                None,
+                Some("w"),
+                &operator(),
+            )
             .await
             .expect("first heartbeat");
         let second = app
@@ -117,6 +129,7 @@ async fn a_work_cycle_on_one_server_reads_each_item_once() {
                 ExpectedHeartbeat::At(first.last_heartbeat),
                 None,
                 Some("w"),
+                &operator(),
             )
             .await
             .expect("second heartbeat");
@@ -174,7 +187,14 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
         // The other server takes the first heartbeat: what `here` remembers is one write behind,
         // and by it the heartbeat below would be refused (the lease has no heartbeat yet).
         let elsewhere_first = elsewhere
-            .heartbeat(&env, &id, ExpectedHeartbeat::None, None, Some("w"))
+            .heartbeat(
+                &env,
+                &id,
+                ExpectedHeartbeat::None,
+                None,
+                Some("w"),
+                &operator(),
+            )
             .await
             .expect("heartbeat elsewhere");
         tick().await;
@@ -186,6 +206,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
                 ExpectedHeartbeat::At(elsewhere_first.last_heartbeat),
                 None,
                 Some("w"),
+                &operator(),
             )
             .await
             .expect("decided from the store, where the expected heartbeat is the last");
@@ -201,6 +222,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
                 ExpectedHeartbeat::At(here_second.last_heartbeat),
                 None,
                 Some("w"),
+                &operator(),
             )
             .await
             .expect("heartbeat elsewhere");
@@ -212,6 +234,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
                 ExpectedHeartbeat::At(here_second.last_heartbeat),
                 None,
                 Some("w"),
+                &operator(),
             )
             .await;
         assert!(
@@ -225,7 +248,14 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
             .await
             .expect("stop elsewhere");
         let renewed = here
-            .heartbeat(&env, &id, ExpectedHeartbeat::Any, None, Some("w"))
+            .heartbeat(
+                &env,
+                &id,
+                ExpectedHeartbeat::Any,
+                None,
+                Some("w"),
+                &operator(),
+            )
             .await;
         assert!(
             renewed.is_err(),
@@ -349,7 +379,9 @@ async fn a_session_changed_by_another_server_is_coupled_as_it_is_now() {
             .await
             .expect("message elsewhere");
         let id = poll_one(&here, &env, "w").await;
-        here.ack(&env, &id, Some("w")).await.expect("ack");
+        here.ack(&env, &id, Some("w"), &operator())
+            .await
+            .expect("ack");
         let stopped = here
             .stop(&env, &id, stop_ask(true, true), &operator())
             .await
@@ -414,7 +446,9 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
         } else {
             let again = poll_one(&here, &env, "w2").await;
             assert_eq!(again, id, "{name}");
-            here.ack(&env, &id, Some("w2")).await.expect("ack");
+            here.ack(&env, &id, Some("w2"), &operator())
+                .await
+                .expect("ack");
         }
         assert_eq!(
             status(counting.clone()).await,
@@ -423,6 +457,62 @@ async fn a_lease_settled_by_another_server_is_coupled_as_it_is_now() {
         );
         here.begin_shutdown();
         elsewhere.begin_shutdown();
+    }
+}
+
+/// A session token let in just before its item went to another worker, whose ack or heartbeat is
+/// decided after, acts on nothing: the operation asks the item its write is conditional on whether
+/// the token still holds it, as a stop does. (An ack would start the other worker's lease, a
+/// heartbeat extend it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_whose_item_went_to_another_worker_acks_and_heartbeats_nothing() {
+    for backend in backends() {
+        let (_location, app, _counting, env, clock, _) = on_manual_clock(&backend, "stale").await;
+        let session_id = session_in(&app, &env).await;
+        let holder = |claimed: &tether_server::service::work::Claimed| Principal::SessionToken {
+            work_id: claimed.item.id.clone(),
+            environment_id: env.id.clone(),
+            session_id: session_id.clone(),
+            token_hash: tether_server::credentials::hash(&claimed.session_token),
+        };
+        let first = app.poll(&env, Some("w1"), None, None, 5_000).await;
+        let first = first.expect("poll").expect("the item");
+        let stale = holder(&first);
+        // Never acked: past the reclaim window, another worker's poll takes it again.
+        clock.advance_millis(6_000);
+        let second = app.poll(&env, Some("w2"), None, None, 5_000).await;
+        let second = second.expect("poll").expect("the item again");
+        assert_eq!(second.item.id, first.item.id);
+        let id = &first.item.id;
+        let refused = app.ack(&env, id, Some("w1"), &stale).await;
+        assert!(
+            matches!(
+                refused,
+                Err(tether_server::service::Error::Refused(
+                    tether_core::work::WorkError::NotHeld
+                ))
+            ),
+            "{backend:?}: {refused:?}"
+        );
+        let fresh = holder(&second);
+        app.ack(&env, id, Some("w2"), &fresh).await.expect("ack");
+        let refused = app
+            .heartbeat(&env, id, ExpectedHeartbeat::None, None, None, &stale)
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(tether_server::service::Error::Refused(
+                    tether_core::work::WorkError::NotHeld
+                ))
+            ),
+            "{backend:?}: {refused:?}"
+        );
+        let renewed = app
+            .heartbeat(&env, id, ExpectedHeartbeat::None, None, Some("w2"), &fresh)
+            .await;
+        assert_eq!(renewed.expect("heartbeat").state, WorkState::Active);
+        app.begin_shutdown();
     }
 }
 
@@ -946,7 +1036,9 @@ async fn a_session_token_whose_lease_lapses_before_its_request_is_decided_acts_o
                 .expect("poll")
                 .expect("an item");
             let work_id = claimed.item.id.clone();
-            here.ack(&env, &work_id, Some("w")).await.expect("ack");
+            here.ack(&env, &work_id, Some("w"), &operator())
+                .await
+                .expect("ack");
             // As the token's request was let in: its item live, its lease not yet lapsed.
             let caller = Principal::SessionToken {
                 work_id: work_id.clone(),

@@ -18,6 +18,7 @@ use crate::credentials;
 use crate::dialect::Dialect;
 use crate::error::{ApiError, ApiResult};
 use crate::listener::{YieldGuard, Yieldable};
+use crate::service::tokens::Principal;
 use crate::service::work::{ClaimAsk, Claimed, KeyedTry, StopAsk, TrySent};
 use crate::service::App;
 
@@ -368,21 +369,23 @@ pub async fn update(
 
 pub async fn ack(
     State(app): State<App>,
+    Caller(p): Caller,
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
 ) -> ApiResult<Json<api::WorkItem>> {
     let (env, WorkerId(worker)) = judged(&app, &env_id, &work_id, worker).await?;
-    let item = app.ack(&env, &work_id, worker.as_deref()).await?;
+    let item = app.ack(&env, &work_id, worker.as_deref(), &p).await?;
     Ok(Json(wire::work(&item, None)))
 }
 
 pub async fn heartbeat(
     State(app): State<App>,
+    Caller(p): Caller,
     worker: Result<WorkerId, ApiError>,
     Path((env_id, work_id)): Path<(String, String)>,
     params: Params,
 ) -> ApiResult<Json<api::Heartbeat>> {
-    let answer = renew(&app, worker, &env_id, &work_id, params).await;
+    let answer = renew(&app, &p, worker, &env_id, &work_id, params).await;
     answer.map_err(|e| with_amnesty_promise(&app, e))
 }
 
@@ -405,6 +408,7 @@ fn with_amnesty_promise(app: &App, error: ApiError) -> ApiError {
 
 async fn renew(
     app: &App,
+    caller: &Principal,
     worker: Result<WorkerId, ApiError>,
     env_id: &str,
     work_id: &str,
@@ -413,7 +417,7 @@ async fn renew(
     let inputs = heartbeat_inputs(worker, &params);
     let (env, (worker, expected, ttl)) = judged(app, env_id, work_id, inputs).await?;
     let reply = app
-        .heartbeat(&env, work_id, expected, ttl, worker.as_deref())
+        .heartbeat(&env, work_id, expected, ttl, worker.as_deref(), caller)
         .await?;
     Ok(Json(wire::heartbeat(&reply)))
 }

@@ -976,14 +976,19 @@ impl App {
         Ok(())
     }
 
+    /// Ack (§6.6), asked for by `caller`: a session token only while it holds the item, judged on
+    /// the item the write is conditional on (a request let in just before its lease lapsed, and
+    /// decided after the item went to another worker, acks nothing).
     pub async fn ack(
         &self,
         env: &Environment,
         work_id: &str,
         worker_id: Option<&str>,
+        caller: &Principal,
     ) -> Result<WorkItem> {
         let (item, delivered_at) = self
             .run_item_op(&env.id, work_id, ItemRead::ItemAndSession, |item, now| {
+                caller.may_act_on(item)?;
                 let step = work::ack(item, worker_id, now)?;
                 // The delivery this ack answers (none for a retry, or an ack without a poll).
                 let delivered_at = item.delivery.as_ref().map(|d| d.delivered_at);
@@ -999,6 +1004,8 @@ impl App {
         Ok(item)
     }
 
+    /// Heartbeat (§6.7), asked for by `caller`: a session token only while it holds the item, as
+    /// for [`App::ack`] (it would otherwise extend the lease of the item's next holder).
     pub async fn heartbeat(
         &self,
         env: &Environment,
@@ -1006,10 +1013,12 @@ impl App {
         expected: ExpectedHeartbeat,
         desired_ttl_seconds: Option<u32>,
         worker_id: Option<&str>,
+        caller: &Principal,
     ) -> Result<HeartbeatReply> {
         let policy = self.config.lease;
         let (item, reply) = self
             .run_item_op(&env.id, work_id, ItemRead::Item, |item, now| {
+                caller.may_act_on(item)?;
                 work::heartbeat(item, expected, desired_ttl_seconds, worker_id, now, &policy)
             })
             .await?;

@@ -84,7 +84,12 @@ fn main() -> std::process::ExitCode {
     for name in empty_settings(std::env::vars_os()) {
         std::env::remove_var(name);
     }
-    let cli = Cli::try_parse().unwrap_or_else(|error| with_plain_usage(error).exit());
+    let cli = Cli::try_parse().unwrap_or_else(|error| {
+        let names_the_worker = std::env::args_os()
+            .nth(1)
+            .is_some_and(|arg| arg == "worker");
+        exit_for_usage(with_plain_usage(error), names_the_worker)
+    });
     let usage_error = match &cli.command {
         Command::Admin(admin) => admin::usage_error(admin),
         Command::Worker(worker) => worker::usage_error(worker),
@@ -98,9 +103,8 @@ fn main() -> std::process::ExitCode {
                 .find_subcommand_mut(name)
                 .expect("usage_error names a subcommand that exists")
         });
-        subcommand
-            .error(clap::error::ErrorKind::MissingRequiredArgument, message)
-            .exit();
+        let error = subcommand.error(clap::error::ErrorKind::MissingRequiredArgument, message);
+        exit_for_usage(error, matches!(cli.command, Command::Worker(_)));
     }
     if let Command::Admin(_) = &cli.command {
         end_quietly_on_closed_stdout();
@@ -183,6 +187,18 @@ fn main() -> std::process::ExitCode {
 /// that were given as if they were required, and counts as given those read from the environment:
 /// with TETHER_SERVER set, a missing `--name` of `tether env create` showed
 /// `Usage: tether env create --name <NAME> --server <SERVER>`.
+/// Ends the process for a command line that cannot run, as clap does (2; 0 for `--help` and
+/// `--version`), but for the worker (`tether worker`, `tether worker run-one`): 78 (`EX_CONFIG`),
+/// as for every other refusal only its operator can fix, so that a service manager told not to
+/// start it again on 78 does not start it again for ever with the same flags.
+fn exit_for_usage(error: clap::Error, worker: bool) -> ! {
+    if worker && error.use_stderr() {
+        let _ = error.print();
+        std::process::exit(tether_worker::EXIT_NEEDS_THE_OPERATOR.into());
+    }
+    error.exit()
+}
+
 fn with_plain_usage(mut error: clap::Error) -> clap::Error {
     use clap::error::{ContextKind, ContextValue};
     let mut root = Cli::command();

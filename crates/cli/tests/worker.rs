@@ -791,11 +791,23 @@ async fn refuses_to_start_when_it_cannot_work() {
     ] {
         let args = [&base[..], &["--key", key]].concat();
         let (status, stderr) = run_worker_to_end(&args, &[program]).await;
-        assert!(!status.success(), "{program}: {stderr}");
+        assert_eq!(status.code(), Some(78), "{program}: {stderr}");
         assert!(
             stderr.contains("cannot run PROGRAM") && stderr.contains(says),
             "{program}: {stderr}"
         );
+    }
+    // So are its flags, whether the command line cannot be read or its flags do not go together.
+    for (flags, says) in [
+        (&["--concurrency", "0"][..], "--concurrency"),
+        (&["--grace", "banana"][..], "--grace"),
+        (&["--keep-workdir"][..], "needs --workdir"),
+        (&["--no-such-flag"][..], "--no-such-flag"),
+    ] {
+        let args = [&base[..], &["--key", key], flags].concat();
+        let (status, stderr) = run_worker_to_end(&args, &["true"]).await;
+        assert_eq!(status.code(), Some(78), "{flags:?}: {stderr}");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
     }
     let item = setup.item(&work).await;
     assert_eq!(item["state"], "queued");

@@ -18,6 +18,14 @@ pub enum LogFormat {
 }
 
 #[derive(Args, Debug)]
+#[command(after_help = "\
+Also read from the environment:
+  TETHER_ADMIN_TOKEN  on a start that finds no live admin token (the first), use this one instead of
+                      minting one (tth_adm_ and at least 16 more visible ASCII characters)
+  TETHER_LOG          what is logged: a level (trace, debug, info, warn, error, off; default info)
+                      or tracing directives (info,tether=debug)
+
+On the first start the admin token is saved to admin-token in --data-dir (mode 0600).")]
 pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:4780",
@@ -244,8 +252,27 @@ where
     // A TETHER_LOG that does not parse is said in the log it would have shaped, not passed over.
     let (filter, refused) = match std::env::var("TETHER_LOG") {
         Ok(given) if !given.trim().is_empty() => {
-            match tracing_subscriber::EnvFilter::try_new(with_quiet_libraries(&given)) {
-                Ok(filter) => (filter, None),
+            let names = names_read_as_targets(&given);
+            // The warning's own target is let through, whatever the directives say.
+            let directives = match names.is_empty() {
+                true => with_quiet_libraries(&given),
+                false => format!(
+                    "{},{LOG_SETTINGS_TARGET}=warn",
+                    with_quiet_libraries(&given)
+                ),
+            };
+            match tracing_subscriber::EnvFilter::try_new(directives) {
+                Ok(filter) => (
+                    filter,
+                    (!names.is_empty()).then(|| {
+                        format!(
+                            "TETHER_LOG {given:?}: {names} read as the name of what logs, not as \
+                             a level (trace, debug, info, warn, error, off): only the lines of \
+                             {names} are logged",
+                            names = names.join(", ")
+                        )
+                    }),
+                ),
                 Err(e) => (
                     with_quiet_libraries("info").into(),
                     Some(format!(
@@ -266,8 +293,30 @@ where
         LogFormat::Json => builder.json().try_init(),
     };
     if let Some(refused) = refused {
-        tracing::warn!("{refused}");
+        tracing::warn!(target: LOG_SETTINGS_TARGET, "{refused}");
     }
+}
+
+/// The target of what is said about `TETHER_LOG` itself.
+const LOG_SETTINGS_TARGET: &str = "tether::log_settings";
+
+/// The bare words of `directives` that `tracing` reads as the names of targets, when they are
+/// all it says: no level for everything, nothing of Tether's named. `inof` for `info` then logs
+/// nothing of Tether's at all.
+fn names_read_as_targets(directives: &str) -> Vec<&str> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let directives: Vec<&str> = directives.split(',').map(str::trim).collect();
+    let is_level = |d: &str| LEVELS.iter().any(|level| d.eq_ignore_ascii_case(level));
+    if directives
+        .iter()
+        .any(|&d| is_level(d) || d.starts_with("tether"))
+    {
+        return Vec::new();
+    }
+    directives
+        .into_iter()
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[', ':']))
+        .collect()
 }
 
 /// `directives` with the PostgreSQL pool's own warnings left out, unless they name it: each of

@@ -99,6 +99,9 @@ gets SIGTERM, then SIGKILL after --grace.
 The worker exits 78 (EX_CONFIG) when only its operator can fix what ended it (its flags, its PROGRAM, \
 a revoked key): for systemd, RestartPreventExitStatus=78. Other errors exit 1.
 
+TETHER_LOG sets what is logged: a level (trace, debug, info, warn, error, off; default info) or tracing \
+directives (info,tether=debug).
+
 Example (the key in TETHER_KEY: a --key on the command line is visible to every local user):
   TETHER_KEY=tth_env_… tether worker --server http://127.0.0.1:4780 --environment env_… -- ./agent.sh")]
 pub struct WorkerArgs {

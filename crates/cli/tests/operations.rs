@@ -647,26 +647,40 @@ async fn max_idle_ends_the_worker_and_keep_workdir_keeps_the_directory() {
     );
 }
 
-/// A TETHER_LOG that does not parse is said in the log, not silently replaced by `info`.
+/// A TETHER_LOG that does not parse is said in the log, not silently replaced by `info`; nor is one
+/// whose only word is read as the name of what logs (`inof` for `info`), which would log nothing
+/// of the worker's at all.
 #[test]
 fn a_log_filter_that_does_not_parse_is_said() {
-    let output = support::tether_command()
-        .args([
-            "worker",
-            "--max-idle",
-            "1ms",
-            "--server",
-            "http://127.0.0.1:9",
-        ])
-        .args(["--environment", "env_x", "--key", "tth_env_x", "--", "true"])
-        .env("TETHER_LOG", "bogus===")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
+    let log_with = |filter: &str| {
+        let output = support::tether_command()
+            .args([
+                "worker",
+                "--max-idle",
+                "1ms",
+                "--server",
+                "http://127.0.0.1:9",
+            ])
+            .args(["--environment", "env_x", "--key", "tth_env_x", "--", "true"])
+            .env("TETHER_LOG", filter)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let log = log_with("bogus===");
     assert!(
         log.contains("TETHER_LOG \"bogus===\" ignored") && log.contains("logging at info"),
         "{log}"
     );
+    let said = "read as the name of what logs, not as a level";
+    let log = log_with("inof");
+    assert!(
+        log.contains("TETHER_LOG \"inof\": inof") && log.contains(said),
+        "{log}"
+    );
+    for meant in ["info,hyper", "tether", "warn"] {
+        assert!(!log_with(meant).contains(said), "{meant}");
+    }
 }
 
 /// A worker that never reached its server was not idle: `--max-idle` ends it with an error that

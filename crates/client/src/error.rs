@@ -69,25 +69,74 @@ impl ApiError {
                 details: envelope.error.details,
                 request_id: envelope.request_id.or(header_request_id),
             },
-            Err(_) => {
-                let text = String::from_utf8_lossy(body);
-                let snippet: String = text.trim().chars().take(200).collect();
-                ApiError {
-                    status,
-                    kind: kind_for_status(status).to_owned(),
-                    message: if snippet.is_empty() {
-                        format!("HTTP {status} with an empty body")
-                    } else {
-                        format!("HTTP {status}: {snippet}")
-                    },
-                    param: None,
-                    code: None,
-                    details: None,
-                    request_id: header_request_id,
-                }
-            }
+            Err(_) => ApiError {
+                status,
+                kind: kind_for_status(status).to_owned(),
+                message: describe_foreign_body(status, body),
+                param: None,
+                code: None,
+                details: None,
+                request_id: header_request_id,
+            },
         }
     }
+}
+
+/// `html` without anything between `<` and `>`.
+fn without_tags(html: &str) -> String {
+    let mut text = String::new();
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' => {
+                in_tag = false;
+                text.push(' ');
+            }
+            c if !in_tag => text.push(c),
+            _ => {}
+        }
+    }
+    text
+}
+
+/// One line on an error answer that is not the envelope: a proxy's or another server's page, named
+/// by its title rather than shown as markup, or the start of any other text on one line.
+fn describe_foreign_body(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let one_line = |text: &str, most: usize| -> String {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let line = words.join(" ");
+        match line.char_indices().nth(most) {
+            Some((end, _)) => format!("{}…", &line[..end]),
+            None => line,
+        }
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return format!("HTTP {status} with an empty body");
+    }
+    let lower = text.to_ascii_lowercase();
+    if lower.starts_with('<') && (lower.contains("<html") || lower.contains("<!doctype html")) {
+        let title = lower.find("<title>").and_then(|start| {
+            let start = start + "<title>".len();
+            let end = start + lower[start..].find("</title>")?;
+            // `lower` keeps `text`'s byte offsets: only ASCII letters were changed.
+            Some(one_line(&text[start..end], 100))
+        });
+        // Else its text without the markup.
+        let title = title.or_else(|| Some(one_line(&without_tags(text), 100)));
+        return match title {
+            Some(title) if !title.is_empty() => {
+                format!("HTTP {status} with an HTML page ({title:?}), not Tether's error envelope")
+            }
+            _ => format!("HTTP {status} with an HTML page, not Tether's error envelope"),
+        };
+    }
+    format!(
+        "HTTP {status}, not Tether's error envelope: {}",
+        one_line(text, 200)
+    )
 }
 
 /// The error type the spec assigns to a status, for responses that did not say.
@@ -388,6 +437,41 @@ mod tests {
         assert_eq!(e.code.as_deref(), Some("lease_mismatch"));
         assert_eq!(e.request_id.as_deref(), Some("r1"));
         assert_eq!(e.details.unwrap()["current_state"]["state"], "active");
+    }
+
+    #[test]
+    fn an_answer_that_is_not_the_envelope_is_said_in_one_line() {
+        let page = b"<!DOCTYPE HTML>\n<html lang=\"en\">\n<head>\n<title>Error response</title>\n</head>\n<body><h1>Error 404</h1></body></html>\n";
+        let e = ApiError::from_response(404, None, page);
+        assert_eq!(
+            e.message,
+            "HTTP 404 with an HTML page (\"Error response\"), not Tether's error envelope"
+        );
+        assert_eq!(e.kind, "not_found_error", "the status's type, for callers");
+        let e = ApiError::from_response(502, None, b"<html><body>Bad Gateway</body></html>");
+        assert_eq!(
+            e.message,
+            "HTTP 502 with an HTML page (\"Bad Gateway\"), not Tether's error envelope"
+        );
+        let e = ApiError::from_response(502, None, b"<html><body></body></html>");
+        assert_eq!(
+            e.message,
+            "HTTP 502 with an HTML page, not Tether's error envelope"
+        );
+        let e = ApiError::from_response(500, None, "upstream\n\n  went   away é".as_bytes());
+        assert_eq!(
+            e.message,
+            "HTTP 500, not Tether's error envelope: upstream went away é"
+        );
+        let long = "é".repeat(300);
+        let e = ApiError::from_response(500, None, long.as_bytes());
+        assert!(
+            e.message.ends_with(&format!("{}…", "é".repeat(200))),
+            "{}",
+            e.message
+        );
+        let e = ApiError::from_response(503, None, b"  ");
+        assert_eq!(e.message, "HTTP 503 with an empty body");
     }
 
     #[test]

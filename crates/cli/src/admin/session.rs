@@ -129,8 +129,9 @@ pub struct ListArgs {
     /// Only sessions of this agent.
     #[arg(long)]
     agent: Option<String>,
-    /// Only sessions in this status: idle, running, rescheduling, terminated (repeatable).
-    #[arg(long = "status")]
+    /// Only sessions in this status (repeatable).
+    #[arg(long = "status", value_name = "STATUS",
+          value_parser = tether_core::session::SessionStatus::ALL.map(|s| s.as_str()))]
     statuses: Vec<String>,
     /// Include archived sessions.
     #[arg(long)]

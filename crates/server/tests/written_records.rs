@@ -485,35 +485,29 @@ async fn a_token_whose_item_went_to_another_worker_acks_and_heartbeats_nothing()
         assert_eq!(second.item.id, first.item.id);
         let id = &first.item.id;
         let refused = app.ack(&env, id, Some("w1"), &stale).await;
-        assert!(
-            matches!(
-                refused,
-                Err(tether_server::service::Error::Refused(
-                    tether_core::work::WorkError::NotHeld
-                ))
-            ),
-            "{backend:?}: {refused:?}"
-        );
+        assert!(is_not_held(&refused), "{backend:?}: {refused:?}");
         let fresh = holder(&second);
         app.ack(&env, id, Some("w2"), &fresh).await.expect("ack");
         let refused = app
             .heartbeat(&env, id, ExpectedHeartbeat::None, None, None, &stale)
             .await;
-        assert!(
-            matches!(
-                refused,
-                Err(tether_server::service::Error::Refused(
-                    tether_core::work::WorkError::NotHeld
-                ))
-            ),
-            "{backend:?}: {refused:?}"
-        );
+        assert!(is_not_held(&refused), "{backend:?}: {refused:?}");
         let renewed = app
             .heartbeat(&env, id, ExpectedHeartbeat::None, None, Some("w2"), &fresh)
             .await;
         assert_eq!(renewed.expect("heartbeat").state, WorkState::Active);
         app.begin_shutdown();
     }
+}
+
+/// Whether `result` is the refusal of a session token that no longer holds its item.
+fn is_not_held<T>(result: &Result<T, tether_server::service::Error>) -> bool {
+    matches!(
+        result,
+        Err(tether_server::service::Error::Refused(
+            tether_core::work::WorkError::NotHeld
+        ))
+    )
 }
 
 /// A worker that could not reach the server while the database was away was promised that its

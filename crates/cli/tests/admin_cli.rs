@@ -214,6 +214,8 @@ fn admin_commands_drive_a_real_server() {
     assert_eq!(session["environment_variables"]["MODE"], "fast");
     let listed = server.json(&["session", "list", "--env", &env_id, "--status", "idle"]);
     assert_eq!(listed["data"][0]["id"], session_id.as_str());
+    let listed = server.json(&["session", "list", "--status", "running,idle"]);
+    assert_eq!(listed["data"][0]["id"], session_id.as_str());
     // A status that is none is the flag's mistake, said in its terms before anything is sent.
     let out = server.run(&["session", "list", "--status", "idel"]);
     assert_eq!(out.status.code(), Some(2));

@@ -129,8 +129,8 @@ pub struct ListArgs {
     /// Only sessions of this agent.
     #[arg(long)]
     agent: Option<String>,
-    /// Only sessions in this status (repeatable).
-    #[arg(long = "status", value_name = "STATUS",
+    /// Only sessions in this status (repeatable, or several separated by commas).
+    #[arg(long = "status", value_name = "STATUS", value_delimiter = ',',
           value_parser = tether_core::session::SessionStatus::ALL.map(|s| s.as_str()))]
     statuses: Vec<String>,
     /// Include archived sessions.

@@ -164,7 +164,13 @@ impl Share {
     /// Adds `bytes` to what the request holds: from its caller's part first, then from the whole,
     /// each within [`BUDGET_WAIT`].
     pub async fn take(&mut self, bytes: usize) -> Result<(), Refusal> {
-        self.take_by(bytes, tokio::time::Instant::now() + BUDGET_WAIT)
+        self.take_within(bytes, BUDGET_WAIT).await
+    }
+
+    /// [`Share::take`], waiting at most `wait` (a request that already waited for part of what it
+    /// holds: `BUDGET_WAIT` is for all its waits together).
+    pub async fn take_within(&mut self, bytes: usize, wait: Duration) -> Result<(), Refusal> {
+        self.take_by(bytes, tokio::time::Instant::now() + wait)
             .await
     }
 

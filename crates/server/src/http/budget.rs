@@ -49,7 +49,8 @@ pub const VALUE_COST: usize = 128;
 /// parsed tree, the events built from it, the stored documents and the answer).
 pub const BYTE_COST: usize = 5;
 
-/// How long a whole request body may take to arrive (408 after that).
+/// How long a whole request body may take to arrive (408 after that), not counting the time the
+/// server waits for memory for it (see [`read_body`]).
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn charge_for_bytes(n: usize) -> usize {
@@ -273,9 +274,15 @@ pub async fn read_body(
     // BODY_READ_TIMEOUT: a slow sender holds its share only so long. The cost: large bodies
     // arriving together may each hold part of what they need while waiting for the rest, and the
     // one that waits out BUDGET_WAIT is answered 503.
+    //
+    // The time the server waits for memory for a body is not the client's: it does not count
+    // against BODY_READ_TIMEOUT, and counts against BUDGET_WAIT over all the body's chunks
+    // together, so that a body the server kept waiting is refused as busy (503, retry shortly),
+    // never as late (408, the client's fault), and within a bound.
     let mut bytes: Vec<u8> = Vec::new();
     let mut stream = body.into_data_stream();
-    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    let mut deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    let mut budget_wait_left = crate::memory::BUDGET_WAIT;
     loop {
         let chunk = match next_chunk(&mut stream, deadline).await {
             Err(e) => return Err(e.into_response()),
@@ -285,9 +292,16 @@ pub async fn read_body(
         if bytes.len() + chunk.len() > policy.limit {
             return Err(too_large().into_response());
         }
-        if let Err(refusal) = share.take(charge_for_bytes(chunk.len())).await {
+        let waiting = tokio::time::Instant::now();
+        let paid = share
+            .take_within(charge_for_bytes(chunk.len()), budget_wait_left)
+            .await;
+        if let Err(refusal) = paid {
             return Err(refused(refusal));
         }
+        let waited = waiting.elapsed();
+        budget_wait_left = budget_wait_left.saturating_sub(waited);
+        deadline += waited;
         bytes.extend_from_slice(&chunk);
     }
     drop(arriving);
@@ -406,6 +420,80 @@ impl http_body::Body for Holding {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that arrives as `chunks` say, each sent at its second from the start (paused time),
+    /// read by [`read_body`] under `budget`: the answer's status, 200 for a body read whole.
+    async fn read_as_sent(budget: &MemoryBudget, chunks: Vec<(u64, usize)>) -> u16 {
+        use futures::SinkExt as _;
+        let start = tokio::time::Instant::now();
+        let (mut sending, arriving) =
+            futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        tokio::spawn(async move {
+            for (at, size) in chunks {
+                tokio::time::sleep_until(start + Duration::from_secs(at)).await;
+                let _ = sending.send(Ok(Bytes::from(vec![b' '; size]))).await;
+            }
+        });
+        let mut request = Request::new(axum::body::Body::from_stream(arriving));
+        request.extensions_mut().insert(Principal::EnvironmentKey {
+            credential_id: "key_poster".into(),
+            environment_id: "env_poster".into(),
+        });
+        let policy = BodyPolicy {
+            limit: 1 << 20,
+            budget: budget.clone(),
+        };
+        match read_body(&policy, request).await {
+            Ok(_) => 200,
+            Err(refusal) => refusal.status().as_u16(),
+        }
+    }
+
+    /// `budget`'s memory held by a caller of its own from second `from` to second `to`.
+    fn held(budget: &MemoryBudget, caller: &str, kib: usize, from: u64, to: u64) {
+        let budget = budget.clone();
+        let caller = Principal::Admin {
+            credential_id: caller.to_owned(),
+        };
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(start + Duration::from_secs(from)).await;
+            let mut share = budget.share_for(Some(&caller));
+            share.take(kib * 1024).await.expect("room for the holder");
+            tokio::time::sleep_until(start + Duration::from_secs(to)).await;
+        });
+    }
+
+    /// The time the server waits for memory for a body is not the client's: a body sent in time
+    /// is read whole however long the server kept it waiting first, up to `BUDGET_WAIT` in all;
+    /// past that, over all its chunks, it is refused as busy (503), not late (408).
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_waits_for_memory_are_not_the_clients_time() {
+        // 16 KiB, of which a caller may hold 12; a byte of body costs 5.
+        let budget = MemoryBudget::new(16 * 1024);
+        // 12 KiB held until second 63: the second chunk (4 KiB) waits from 55 to 63, and the
+        // third, sent at 64, comes after the client's 60 s but within them once the wait is
+        // left out.
+        held(&budget, "first", 12, 0, 63);
+        tokio::task::yield_now().await;
+        let sent = vec![(0, 100), (55, 700), (64, 100)];
+        assert_eq!(read_as_sent(&budget, sent).await, 200);
+
+        // Waits of 6 s and then of more than 4 s: refused once they make BUDGET_WAIT together,
+        // though each is shorter.
+        let budget = MemoryBudget::new(16 * 1024);
+        held(&budget, "first", 12, 0, 7);
+        held(&budget, "second", 11, 8, 30);
+        tokio::task::yield_now().await;
+        let started = tokio::time::Instant::now();
+        let sent = vec![(0, 100), (1, 700), (9, 100)];
+        assert_eq!(read_as_sent(&budget, sent).await, 503);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(13),
+            "6 s, then the 4 s left"
+        );
+    }
 
     #[test]
     fn counts_values_without_building_them() {

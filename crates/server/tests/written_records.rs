@@ -43,6 +43,17 @@ fn operator() -> Principal {
     }
 }
 
+/// Worker `w`'s heartbeat of item `id` through `app`, asked for by the operator.
+async fn heartbeat_of_w(
+    app: &App,
+    env: &tether_core::resources::Environment,
+    id: &str,
+    expected: ExpectedHeartbeat,
+) -> Result<tether_core::work::HeartbeatReply, tether_server::service::Error> {
+    app.heartbeat(env, id, expected, None, Some("w"), &operator())
+        .await
+}
+
 /// A clock that moves only when told, from a fixed start.
 fn manual_clock() -> ManualClock {
     ManualClock::new(Timestamp::from_micros(1_700_000_000_000_000))
@@ -111,26 +122,10 @@ async fn a_work_cycle_on_one_server_reads_each_item_once() {
             .ack(&env, &id, Some("w"), &operator())
             .await
             .expect("ack");
-        let first = app
-            .heartbeat(
-                &env,
-                &id,
-                ExpectedHeartbeat::None,
-                None,
-                Some("w"),
-                &operator(),
-            )
+        let first = heartbeat_of_w(&app, &env, &id, ExpectedHeartbeat::None)
             .await
             .expect("first heartbeat");
-        let second = app
-            .heartbeat(
-                &env,
-                &id,
-                ExpectedHeartbeat::At(first.last_heartbeat),
-                None,
-                Some("w"),
-                &operator(),
-            )
+        let second = heartbeat_of_w(&app, &env, &id, ExpectedHeartbeat::At(first.last_heartbeat))
             .await
             .expect("second heartbeat");
         let reads = counting.reads();
@@ -186,57 +181,40 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
 
         // The other server takes the first heartbeat: what `here` remembers is one write behind,
         // and by it the heartbeat below would be refused (the lease has no heartbeat yet).
-        let elsewhere_first = elsewhere
-            .heartbeat(
-                &env,
-                &id,
-                ExpectedHeartbeat::None,
-                None,
-                Some("w"),
-                &operator(),
-            )
+        let elsewhere_first = heartbeat_of_w(&elsewhere, &env, &id, ExpectedHeartbeat::None)
             .await
             .expect("heartbeat elsewhere");
         tick().await;
         let reads = counting.reads();
-        let here_second = here
-            .heartbeat(
-                &env,
-                &id,
-                ExpectedHeartbeat::At(elsewhere_first.last_heartbeat),
-                None,
-                Some("w"),
-                &operator(),
-            )
-            .await
-            .expect("decided from the store, where the expected heartbeat is the last");
+        let here_second = heartbeat_of_w(
+            &here,
+            &env,
+            &id,
+            ExpectedHeartbeat::At(elsewhere_first.last_heartbeat),
+        )
+        .await
+        .expect("decided from the store, where the expected heartbeat is the last");
         assert!(counting.reads() > reads, "{name}: answered from memory");
 
         // Now `here` remembers its own write, and by it a heartbeat expecting that write is fine;
         // but the other server has written since, so the store refuses it.
         tick().await;
-        elsewhere
-            .heartbeat(
-                &env,
-                &id,
-                ExpectedHeartbeat::At(here_second.last_heartbeat),
-                None,
-                Some("w"),
-                &operator(),
-            )
-            .await
-            .expect("heartbeat elsewhere");
+        heartbeat_of_w(
+            &elsewhere,
+            &env,
+            &id,
+            ExpectedHeartbeat::At(here_second.last_heartbeat),
+        )
+        .await
+        .expect("heartbeat elsewhere");
         tick().await;
-        let stale = here
-            .heartbeat(
-                &env,
-                &id,
-                ExpectedHeartbeat::At(here_second.last_heartbeat),
-                None,
-                Some("w"),
-                &operator(),
-            )
-            .await;
+        let stale = heartbeat_of_w(
+            &here,
+            &env,
+            &id,
+            ExpectedHeartbeat::At(here_second.last_heartbeat),
+        )
+        .await;
         assert!(
             stale.is_err(),
             "{name}: a heartbeat expecting a superseded one was accepted"
@@ -247,16 +225,7 @@ async fn a_record_changed_by_another_server_is_decided_again_from_the_store() {
             .stop(&env, &id, stop_ask(true, true), &operator())
             .await
             .expect("stop elsewhere");
-        let renewed = here
-            .heartbeat(
-                &env,
-                &id,
-                ExpectedHeartbeat::Any,
-                None,
-                Some("w"),
-                &operator(),
-            )
-            .await;
+        let renewed = heartbeat_of_w(&here, &env, &id, ExpectedHeartbeat::Any).await;
         assert!(
             renewed.is_err(),
             "{name}: a stopped item's lease was renewed"

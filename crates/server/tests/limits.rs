@@ -1063,6 +1063,22 @@ async fn under_the_disk_floor_requests_that_add_records_are_refused_and_work_goe
                 false => assert_eq!(status, StatusCode::OK, "{backend:?} {path}: {answer}"),
             }
         }
+        // A session's initial events count against the reading as a post of them would: 64 KiB
+        // over the floor takes a session without events, and not one whose events take more.
+        if watched {
+            tight.app.disk.record(BEYOND_ANY_DISK + 64 * 1024);
+            let with_events = |text: &str| {
+                json!({"agent": agent, "environment_id": env,
+                       "initial_events": [text_event("user.message", text)]})
+            };
+            let (status, answer) = tight
+                .post("/sessions", with_events(&"x".repeat(40_000)))
+                .await;
+            assert_eq!(answer["error"]["code"], "disk_low", "{status}: {answer}");
+            let (status, answer) = tight.post("/sessions", with_events("small")).await;
+            assert_eq!(status, StatusCode::OK, "{answer}");
+            tether_server::disk::watch_once(&tight.app).await;
+        }
         // The work in flight goes on: its heartbeat, an interrupt of its turn and the end of the
         // turn (small: padded, they are refused as any event), its stop, and the session's archive.
         let item_path = |action: &str| format!("/environments/{env}/work/{work}/{action}");

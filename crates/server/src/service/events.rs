@@ -305,11 +305,7 @@ impl App {
         let batch = self
             .incoming_events(session_id, "events", events.events, sender, 1)
             .await?;
-        let bytes: usize = batch
-            .iter()
-            .map(|e| json_size_up_to(&e.fields, usize::MAX - 1))
-            .sum();
-        let cost = crate::disk::disk_cost_of_events(batch.len(), bytes);
+        let cost = disk_cost(&batch);
         match turn_control(&batch, session.status) {
             Some(TurnControl::Ends) => {}
             Some(TurnControl::KeepsInHand) => self.disk.room_in_reserve(cost)?,
@@ -731,8 +727,15 @@ fn turn_control(batch: &[Incoming], status: SessionStatus) -> Option<TurnControl
 }
 
 /// The length of `value` as compact JSON, counted without building the text.
-pub fn json_size(value: &Value) -> usize {
+pub fn json_size(value: &impl serde::Serialize) -> usize {
     json_size_up_to(value, usize::MAX - 1)
+}
+
+/// What `batch` is taken to cost the store's disk until the free space is read again
+/// (`crate::disk::disk_cost_of_events`).
+pub(super) fn disk_cost(batch: &[Incoming]) -> u64 {
+    let bytes = batch.iter().map(|e| json_size(&e.fields)).sum();
+    crate::disk::disk_cost_of_events(batch.len(), bytes)
 }
 
 /// [`json_size`] of any serializable value, or `most + 1` as soon as it is longer than `most`: the

@@ -122,6 +122,8 @@ impl App {
                 0,
             )
             .await?;
+        // Counted against the disk's last reading as a post of them would be.
+        self.disk.room_to_add(super::events::disk_cost(&initial))?;
         let retried = std::sync::atomic::AtomicBool::new(false);
         let session = with_retries(|| async {
             // The first attempt takes the agent as recently read; a conflict may mean that copy is

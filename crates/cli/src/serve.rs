@@ -387,17 +387,24 @@ fn warn_if_others_may_read(store: &Path) {
 static DATA_DIR_LOCK: std::sync::OnceLock<nix::fcntl::Flock<std::fs::File>> =
     std::sync::OnceLock::new();
 
+/// The file at `path` to hold a lock on (made, empty and the user's alone, if it is not there).
+fn open_lock_file(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
 /// One process owns an embedded store: its long-poll waiters, session streams and claim reservations
 /// live in memory, so a second server on the same directory would miss the first one's wake-ups. The
 /// kernel drops the lock when the process ends, however it ends.
 fn claim_data_dir(dir: &Path) -> Result<()> {
     let path = dir.join("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file = open_lock_file(&path)?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(lock) => {
             let _ = DATA_DIR_LOCK.set(lock);
@@ -723,15 +730,8 @@ async fn finish_saving_token(app: &App, path: &Path, pending: &Path) -> Result<(
 /// Waits for this process's turn with the admin token's files in `dir`, held until the returned
 /// lock is dropped (or the process ends, however it ends).
 async fn take_turn_with_token_files(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let path = dir.join("admin-token.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file = open_lock_file(&path)?;
     let locking = tokio::task::spawn_blocking(move || {
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
     });

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
+use futures::FutureExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -46,7 +46,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt as _;
 
 use crate::tls::{TlsSettings, ALPN_H2};
 
@@ -113,6 +112,16 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// An HTTP/1 server for a connection known to speak it, with the same bounds as [`http_builder`]'s.
+/// hyper's HTTP/1 connection on its own, not the one that may speak either: the latter's state has
+/// room for HTTP/2's, about 900 bytes more in every connection's task (2,000 idle workers, 2,000
+/// tasks).
+fn http1_builder() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.max_buf_size(H1_MAX_BUFFER);
+    builder
+}
+
 /// How long a connection told to close gracefully may take to finish what it is doing.
 const CLOSING_GRACE: Duration = Duration::from_secs(10);
 
@@ -120,7 +129,7 @@ const CLOSING_GRACE: Duration = Duration::from_secs(10);
 /// finish. Each connection closes gracefully once `stop` is cancelled.
 pub async fn run(
     listener: TcpListener,
-    router: Router,
+    api: crate::http::Api,
     tls: Option<TlsSettings>,
     limits: ConnectionLimits,
     stop: CancellationToken,
@@ -131,11 +140,11 @@ pub async fn run(
         "max_connections too large"
     );
     let shared = Arc::new(Shared {
-        router,
+        api,
         acceptor: tls.map(|t| t.acceptor()),
         limits: limits.clone(),
         auto: http_builder(),
-        http1: http_builder().http1_only(),
+        http1: http1_builder(),
         http2: http_builder().http2_only(),
         stop: stop.clone(),
     });
@@ -189,11 +198,11 @@ pub async fn run(
 }
 
 struct Shared {
-    router: Router,
+    api: crate::http::Api,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     limits: ConnectionLimits,
     auto: auto::Builder<TokioExecutor>,
-    http1: auto::Builder<TokioExecutor>,
+    http1: hyper::server::conn::http1::Builder,
     http2: auto::Builder<TokioExecutor>,
     stop: CancellationToken,
 }
@@ -374,30 +383,83 @@ async fn drive<IO>(io: Tracked<IO>, protocol: Protocol, shared: &Shared, state: 
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let router = shared.router.clone();
+    let api = shared.api.clone();
     let service_state = state.clone();
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         let in_flight = InFlight::begin(service_state.clone());
         request.extensions_mut().insert(in_flight.yieldable());
-        let router = router.clone();
         let http2 = request.version() == hyper::Version::HTTP_2;
-        async move {
-            let response = router
-                .oneshot(request.map(axum::body::Body::new))
-                .await
-                .unwrap_or_else(|never: Infallible| match never {});
+        // Handed over at once, not from an `async` block awaiting a `oneshot`: the answer's future
+        // is then the router's own, mapped, with no room for the request beside it for as long as
+        // it is in flight. The router is always ready (its `poll_ready` answers at once).
+        let answer = tower::Service::call(&mut api.clone(), request.map(axum::body::Body::new));
+        answer.map(move |answer| {
+            let response = answer.unwrap_or_else(|never: Infallible| match never {});
             Ok::<_, Infallible>(
                 response.map(|inner| responses::TrackedBody::new(inner, in_flight, http2)),
             )
-        }
+        })
     });
-    let builder = match protocol {
-        Protocol::Sniff => &shared.auto,
-        Protocol::Http1 => &shared.http1,
-        Protocol::Http2 => &shared.http2,
-    };
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let io = TokioIo::new(io);
+    // Each connection pinned here and watched through a reference: a connection moved into
+    // `watch` would be kept there twice, as its argument and as the local it is pinned in.
+    match protocol {
+        Protocol::Http1 => {
+            let conn = std::pin::pin!(shared.http1.serve_connection(io, service));
+            watch(conn, shared, state).await
+        }
+        // Boxed: inline, HTTP/2's state would make every connection's task as large, HTTP/1's too.
+        Protocol::Sniff => {
+            let mut conn = Box::pin(shared.auto.serve_connection(io, service));
+            watch(conn.as_mut(), shared, state).await
+        }
+        Protocol::Http2 => {
+            let mut conn = Box::pin(shared.http2.serve_connection(io, service));
+            watch(conn.as_mut(), shared, state).await
+        }
+    }
+}
+
+/// A connection hyper serves, told to close gracefully by [`watch`].
+trait ServedConnection: std::future::Future<Output = Result<(), Self::Error>> {
+    type Error: std::fmt::Display;
+    /// Finishes the requests in flight, takes no more, then ends (HTTP/2: GOAWAY).
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> ServedConnection for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = hyper::Error;
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> ServedConnection for auto::Connection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<hyper::Request<Incoming>, Response = hyper::Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Watches a connection hyper serves until it ends, a timeout closes it, or the server stops.
+async fn watch<C: ServedConnection>(mut conn: Pin<&mut C>, shared: &Shared, state: Arc<ConnState>) {
     let stop = shared.stop.cancelled();
     tokio::pin!(stop);
     let limits = &shared.limits;
@@ -431,13 +493,13 @@ where
                     }
                     Verdict::CloseGracefully => {
                         metrics::counter!("tether_http_connections_timed_out_total", "reason" => "idle").increment(1);
-                        conn.as_mut().graceful_shutdown();
+                        conn.as_mut().close_gracefully();
                         closing = Some(now + CLOSING_GRACE);
                     }
                 }
             }
             _ = &mut stop, if closing.is_none() => {
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().close_gracefully();
                 closing = Some(Instant::now() + CLOSING_GRACE);
             }
             _ = state.displaced.cancelled(), if closing.is_none() => {
@@ -452,7 +514,7 @@ where
                 }
                 // Idle between requests (or a request that came since it was chosen): close as
                 // the idle timeout does, sooner.
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().close_gracefully();
                 closing = Some(Instant::now() + slots::DISPLACED_GRACE);
             }
         }

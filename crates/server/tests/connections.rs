@@ -100,7 +100,7 @@ async fn the_first_bytes_on_the_plain_port_are_awaited_within_the_header_timeout
 /// A server on a fresh port with these timeouts, serving `router`: its address, its stop, and its
 /// task.
 async fn serve(
-    router: Router,
+    router: impl Into<tether_server::http::Api>,
     header_timeout: Duration,
     idle_timeout: Duration,
 ) -> (
@@ -118,7 +118,7 @@ async fn serve(
     let stop = CancellationToken::new();
     let server = tokio::spawn(run(
         listener,
-        router,
+        router.into(),
         None,
         limits,
         stop.clone(),

@@ -16,7 +16,7 @@ use tether_testkit::backends;
 use tower::ServiceExt as _;
 
 async fn call(
-    router: &axum::Router,
+    router: &tether_server::http::Api,
     token: &str,
     method: &str,
     path: &str,

@@ -42,7 +42,10 @@ impl FromRequestParts<App> for Caller {
                 };
                 ApiError::unauthorized(hint)
             })?;
-        let principal = app.authenticate(&secret).await?;
+        // Boxed: inline, the credential's read would be part of every handler's future taking a
+        // `Caller` all through the handler's run (a long poll's whole wait), although a guarded
+        // route has always authenticated the caller above.
+        let principal = Box::pin(app.authenticate(&secret)).await?;
         // The access log names the kind of credential and its id, never the secret.
         let span = tracing::Span::current();
         span.record("credential", principal.kind());

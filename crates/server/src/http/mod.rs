@@ -2,6 +2,7 @@
 //! every response a request id and every error the envelope.
 
 pub mod access;
+mod around;
 pub mod budget;
 mod commands;
 pub mod dashboard;
@@ -17,16 +18,18 @@ pub mod work;
 
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::HeaderValue;
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use futures::future::Either;
+use futures::FutureExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::Instrument as _;
 
 use crate::dialect::Dialect;
 use crate::error::ApiError;
+use crate::service::tokens::Principal;
 use crate::service::App;
 
 /// Routes from the route table under `prefix`, each behind its guard ([`guard_route`]) built from
@@ -39,7 +42,7 @@ fn guarded(
     bodies: &budget::BodyPolicy,
 ) -> Router<App> {
     endpoints.into_iter().fold(router, |router, e| {
-        let guard = RouteGuard {
+        let guard = std::sync::Arc::new(RouteGuard {
             access: access::Guard {
                 app: app.clone(),
                 access: e.access,
@@ -48,16 +51,13 @@ fn guarded(
             takes_body: !matches!(e.body, routes::Body::None),
             reads: !e.changes_state,
             answers: app.page_memory.clone(),
-        };
-        let route = e
-            .route
-            .route_layer(middleware::from_fn_with_state(guard, guard_route));
+        });
+        let route = e.route.route_layer(around::AroundLayer(guard));
         router.route(&format!("{prefix}{}", e.path), route)
     })
 }
 
-/// What one route's guard judges its requests by.
-#[derive(Clone)]
+/// What one route's guard judges its requests by (shared: each request in flight holds it).
 struct RouteGuard {
     access: access::Guard,
     bodies: budget::BodyPolicy,
@@ -79,43 +79,68 @@ struct RouteGuard {
 /// One middleware rather than one per step: each layer of a route costs every request in flight a
 /// few boxed futures and a clone of the rest of the route, and a long poll keeps them for its
 /// whole wait (2,000 idle workers, 2,000 of each).
-async fn guard_route(State(guard): State<RouteGuard>, request: Request, next: Next) -> Response {
-    // The steps before the handler are boxed: each is large (the credential's and the session's
-    // reads, the body's), and inline they would be part of this future's size all through the
-    // handler's run, a long poll's whole wait included.
-    let request = match Box::pin(access::admit(&guard.access, request)).await {
-        Ok(request) => request,
-        Err(refusal) => return refusal,
-    };
+impl around::Middleware for std::sync::Arc<RouteGuard> {
+    fn around<S: around::Rest>(
+        &self,
+        request: Request,
+        next: around::Next<S>,
+    ) -> impl std::future::Future<Output = Response> + Send + 'static {
+        guard_route(self.clone(), request, next)
+    }
+}
+
+fn guard_route<S: around::Rest>(
+    guard: std::sync::Arc<RouteGuard>,
+    request: Request,
+    next: around::Next<S>,
+) -> impl std::future::Future<Output = Response> + Send + 'static {
+    // The steps before the handler in a boxed future of their own, dropped once done: each is
+    // large (the credential's and the session's reads, the body's), and inline they, and the
+    // request they take, would be part of this future's size all through the handler's run, a
+    // long poll's whole wait included.
+    let before = Box::pin(before_the_handler(guard.clone(), request));
+    async move {
+        let (request, payer, share) = match before.await {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refusal,
+        };
+        let response = next.run(request).await;
+        let response = match share {
+            Some(share) => budget::holding(response, share),
+            None => response,
+        };
+        match payer {
+            // Boxed too: inline, its room would be kept through the handler's run.
+            Some(caller) => {
+                Box::pin(budget::pay_for_answer(&guard.answers, &caller, response)).await
+            }
+            None => response,
+        }
+    }
+}
+
+/// The guard's steps before the handler: the request admitted, its body read (and its share of
+/// the memory budget) or skipped, and who pays for its answer if it is a read. Or the refusal.
+async fn before_the_handler(
+    guard: std::sync::Arc<RouteGuard>,
+    request: Request,
+) -> Result<(Request, Option<Principal>, Option<crate::memory::Share>), Response> {
+    let request = access::admit(&guard.access, request).await?;
     let payer = guard
         .reads
         .then(|| budget::answer_payer(&request))
         .flatten();
-    let (request, share) = if guard.takes_body {
-        match Box::pin(budget::read_body(&guard.bodies, request)).await {
-            Ok((request, share)) => (request, Some(share)),
-            Err(refusal) => return refusal,
-        }
+    if guard.takes_body {
+        let (request, share) = budget::read_body(&guard.bodies, request).await?;
+        Ok((request, payer, Some(share)))
     } else {
-        match Box::pin(budget::skip_body(&guard.bodies, request)).await {
-            Ok(request) => (request, None),
-            Err(refusal) => return refusal,
-        }
-    };
-    let response = next.run(request).await;
-    let response = match share {
-        Some(share) => budget::holding(response, share),
-        None => response,
-    };
-    match payer {
-        // Boxed too: inline, its room would be kept through the handler's run.
-        Some(caller) => Box::pin(budget::pay_for_answer(&guard.answers, &caller, response)).await,
-        None => response,
+        let request = budget::skip_body(&guard.bodies, request).await?;
+        Ok((request, payer, None))
     }
 }
 
 /// The whole application.
-pub fn router(app: App, body_limit: usize) -> Router {
+pub fn router(app: App, body_limit: usize) -> Api {
     let bodies = budget::BodyPolicy {
         limit: body_limit,
         budget: app.memory.clone(),
@@ -142,17 +167,46 @@ pub fn router(app: App, body_limit: usize) -> Router {
         // more boxed service, which each request in flight pays for (see `guard_route`).
         .layer(
             tower::ServiceBuilder::new()
-                .layer(middleware::from_fn(envelope))
+                .layer(around::AroundLayer(Envelope))
                 .layer(CatchPanicLayer::custom(|_| {
                     ApiError::internal("internal error").into_response()
                 }))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
         .with_state(app);
-    // Before routing, so that the rewritten path is what the routes see.
-    Router::new()
-        .fallback_service(router)
-        .layer(tower::util::MapRequestLayer::new(readable_path))
+    Api::from(router)
+}
+
+/// A router as the listener serves it: behind the path's rewrite ([`readable_path`]), before
+/// routing, so that the rewritten path is what the routes see.
+///
+/// Each request is one call of the router, whose future is the router's own. A router around the
+/// router, the way to rewrite before routing that axum offers, cost every request a second routing
+/// and a boxed future, which a long poll holds through its whole wait.
+#[derive(Clone)]
+pub struct Api(Router);
+
+impl From<Router> for Api {
+    fn from(router: Router) -> Api {
+        Api(router)
+    }
+}
+
+impl tower::Service<Request> for Api {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<Request>::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.0.call(readable_path(request))
+    }
 }
 
 /// A path segment whose %-escapes decode to no UTF-8 text is read as one U+FFFD, escaped. Ids are
@@ -271,94 +325,146 @@ impl RoutineAccess {
 
 /// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
 /// request causes is logged inside its span, so every line carries the request id.
-async fn envelope(request: Request, next: Next) -> Response {
-    let request_id = request_id(
-        request
-            .headers()
-            .get("x-request-id")
-            .map(HeaderValue::as_bytes),
-    );
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| crate::telemetry::route_label(p.as_str()))
-        .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().as_str().to_owned();
-    let started = Instant::now();
-    let span = tracing::info_span!(
-        "request",
-        request_id = %loggable_request_id(&request_id),
-        method = %method,
-        route = %route,
-        credential = tracing::field::Empty,
-        credential_id = tracing::field::Empty,
-    );
-    let mut response = match host_refusal(&request) {
-        None => next.run(request).instrument(span.clone()).await,
-        Some(refusal) => {
-            // Boxed, as the steps before the handler in `guard_route`: what a future may await is
-            // part of its size for as long as it lives, and this one lives through a long poll.
-            Box::pin(budget::drain_refused(request))
-                .instrument(span.clone())
-                .await;
+#[derive(Clone)]
+struct Envelope;
+
+impl around::Middleware for Envelope {
+    fn around<S: around::Rest>(
+        &self,
+        request: Request,
+        next: around::Next<S>,
+    ) -> impl std::future::Future<Output = Response> + Send + 'static {
+        envelope(request, next)
+    }
+}
+
+fn envelope<S: around::Rest>(
+    request: Request,
+    next: around::Next<S>,
+) -> impl std::future::Future<Output = Response> + Send + 'static {
+    // What the answer needs of the request is taken now, and the request handed on at once: the
+    // future waiting for the answer then holds nothing of it, where an `async` block would keep
+    // room for the request (240 bytes) for as long as it lives: a long poll's whole wait, on each
+    // of thousands of idle workers' connections.
+    let asked = Asked::of(&request);
+    let answer = match host_refusal(&request) {
+        None => Either::Left(next.run(request)),
+        // Boxed: inline, it would make every answer's future as large.
+        Some(refusal) => Either::Right(Box::pin(async move {
+            budget::drain_refused(request).await;
             refusal.into_response()
-        }
+        })),
     };
-    let mut may_have_been_applied = false;
-    if let Some(error) = response.extensions_mut().remove::<ApiError>() {
-        may_have_been_applied = error.code == Some(crate::error::STORE_OUTCOME_UNKNOWN);
-        response = enveloped(response, &error, &request_id);
-    } else if (response.status().is_client_error() || response.status().is_server_error())
-        && !is_json(&response)
-    {
-        let error = ApiError::for_status(response.status());
-        response = enveloped(response, &error, &request_id);
+    answer
+        .instrument(asked.span.clone())
+        .map(move |response| asked.answer(response))
+}
+
+/// What a request's answer is marked, counted and logged by.
+struct Asked {
+    request_id: String,
+    route: String,
+    method: String,
+    started: Instant,
+    /// The request's span: everything the request causes is logged inside it.
+    span: tracing::Span,
+}
+
+impl Asked {
+    fn of(request: &Request) -> Asked {
+        let request_id = request_id(
+            request
+                .headers()
+                .get("x-request-id")
+                .map(HeaderValue::as_bytes),
+        );
+        let route = request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| crate::telemetry::route_label(p.as_str()))
+            .unwrap_or_else(|| "unmatched".into());
+        let method = request.method().as_str().to_owned();
+        let span = tracing::info_span!(
+            "request",
+            request_id = %loggable_request_id(&request_id),
+            method = %method,
+            route = %route,
+            credential = tracing::field::Empty,
+            credential_id = tracing::field::Empty,
+        );
+        Asked {
+            request_id,
+            route,
+            method,
+            started: Instant::now(),
+            span,
+        }
     }
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        // The Anthropic SDK reads `request-id`; D-18 names `x-request-id`. Both carry the same value.
-        response.headers_mut().insert("request-id", value.clone());
-        response.headers_mut().insert("x-request-id", value);
-    }
-    // Answers carry secrets (a new token, a poll's `secret`) and a tenant's data: no cache on the way,
-    // a proxy's or the browser's, may keep one. The dashboard's files and the event stream say their
-    // own. And no browser may take a JSON answer, whose messages echo what the caller sent, for a page.
-    let headers = response.headers_mut();
-    headers
-        .entry(axum::http::header::CACHE_CONTROL)
-        .or_insert(HeaderValue::from_static("no-store"));
-    headers
-        .entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
-        .or_insert(HeaderValue::from_static("nosniff"));
-    let status = response.status();
-    if (status.is_client_error() && !matches!(status.as_u16(), 408 | 429)) || may_have_been_applied
-    {
-        // Our 4xx answers are deterministic: tell SDKs that honour it (both official ones do) not to
-        // retry them — the Anthropic SDK would otherwise retry every 409 twice. Nor a write that may
-        // have been applied: sent again, it could be applied twice.
+
+    /// `response` with its request id, in the envelope if it is an error, counted and logged.
+    fn answer(self, mut response: Response) -> Response {
+        let mut may_have_been_applied = false;
+        if let Some(error) = response.extensions_mut().remove::<ApiError>() {
+            may_have_been_applied = error.code == Some(crate::error::STORE_OUTCOME_UNKNOWN);
+            response = enveloped(response, &error, &self.request_id);
+        } else if (response.status().is_client_error() || response.status().is_server_error())
+            && !is_json(&response)
+        {
+            let error = ApiError::for_status(response.status());
+            response = enveloped(response, &error, &self.request_id);
+        }
+        if let Ok(value) = HeaderValue::from_str(&self.request_id) {
+            // The Anthropic SDK reads `request-id`; D-18 names `x-request-id`. Both carry the same value.
+            response.headers_mut().insert("request-id", value.clone());
+            response.headers_mut().insert("x-request-id", value);
+        }
+        // Answers carry secrets (a new token, a poll's `secret`) and a tenant's data: no cache on the way,
+        // a proxy's or the browser's, may keep one. The dashboard's files and the event stream say their
+        // own. And no browser may take a JSON answer, whose messages echo what the caller sent, for a page.
+        let headers = response.headers_mut();
+        headers
+            .entry(axum::http::header::CACHE_CONTROL)
+            .or_insert(HeaderValue::from_static("no-store"));
+        headers
+            .entry(axum::http::header::X_CONTENT_TYPE_OPTIONS)
+            .or_insert(HeaderValue::from_static("nosniff"));
+        let status = response.status();
+        if (status.is_client_error() && !matches!(status.as_u16(), 408 | 429))
+            || may_have_been_applied
+        {
+            // Our 4xx answers are deterministic: tell SDKs that honour it (both official ones do) not to
+            // retry them — the Anthropic SDK would otherwise retry every 409 twice. Nor a write that may
+            // have been applied: sent again, it could be applied twice.
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        crate::telemetry::record_request(
+            &self.method,
+            &self.route,
+            status.as_u16(),
+            self.started.elapsed(),
+        );
+        let routine = response.extensions().get::<RoutineAccess>().is_some();
+        // Whole microseconds: 0.395, not 0.39458800000000005.
+        let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
+        macro_rules! access {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "tether::access",
+                    $level,
+                    status = status.as_u16(),
+                    latency_ms,
+                    "request"
+                )
+            };
+        }
+        self.span.in_scope(|| match routine {
+            true => access!(tracing::Level::DEBUG),
+            false => access!(tracing::Level::INFO),
+        });
         response
-            .headers_mut()
-            .insert("x-should-retry", HeaderValue::from_static("false"));
     }
-    crate::telemetry::record_request(&method, &route, status.as_u16(), started.elapsed());
-    let routine = response.extensions().get::<RoutineAccess>().is_some();
-    // Whole microseconds: 0.395, not 0.39458800000000005.
-    let latency_ms = started.elapsed().as_micros() as f64 / 1000.0;
-    macro_rules! access {
-        ($level:expr) => {
-            tracing::event!(
-                target: "tether::access",
-                $level,
-                status = status.as_u16(),
-                latency_ms,
-                "request"
-            )
-        };
-    }
-    span.in_scope(|| match routine {
-        true => access!(tracing::Level::DEBUG),
-        false => access!(tracing::Level::INFO),
-    });
-    response
 }
 
 /// `error` as a response that asks the client to try again in a second (`retry-after`, SPEC §1.10):

@@ -111,7 +111,18 @@ fn work_states(params: &Params) -> ApiResult<Vec<WorkState>> {
         .collect()
 }
 
-pub async fn poll(
+/// A poll's answer: the item delivered, if any.
+type PollAnswer = ApiResult<(
+    Option<Extension<RoutineAccess>>,
+    Json<Option<api::WorkItem>>,
+)>;
+/// A claim's answer: the item delivered and its lease, if any.
+type ClaimAnswer = ApiResult<(Option<Extension<RoutineAccess>>, Json<Option<api::Claim>>)>;
+
+/// An `async` block, not an `async fn`: an `async fn` keeps its arguments as they came beside the
+/// copies its body moves on, all through the poll's wait (see `http::envelope`).
+#[allow(clippy::manual_async_fn)]
+pub fn poll(
     State(app): State<App>,
     Caller(p): Caller,
     Wire(dialect): Wire,
@@ -119,24 +130,24 @@ pub async fn poll(
     Path(env_id): Path<String>,
     params: Params,
     connection: Option<Extension<Yieldable>>,
-) -> ApiResult<(
-    Option<Extension<RoutineAccess>>,
-    Json<Option<api::WorkItem>>,
-)> {
-    let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
-    let _yielding = take.yields(connection);
-    let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
-    let claimed = app
-        .poll(&take.env, worker, issuer, take.block, take.reclaim_ms)
-        .await?;
-    let routine = RoutineAccess::unless_taken(&claimed);
-    Ok((routine, Json(claimed.map(|c| delivered(&app, dialect, &c)))))
+) -> impl std::future::Future<Output = PollAnswer> + Send + 'static {
+    async move {
+        let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
+        let _yielding = take.yields(connection);
+        let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
+        let claimed = app
+            .poll(&take.env, worker, issuer, take.block, take.reclaim_ms)
+            .await?;
+        let routine = RoutineAccess::unless_taken(&claimed);
+        Ok((routine, Json(claimed.map(|c| delivered(&app, dialect, &c)))))
+    }
 }
 
 /// Claim (a Tether extension): a poll that also acks the item and makes its first heartbeat, so that
 /// a worker's cycle is this request and the stop (`tether_core::work::claim`). It takes the poll's
 /// parameters, and the heartbeat's `desired_ttl_seconds`.
-pub async fn claim(
+#[allow(clippy::manual_async_fn)] // an `async` block on purpose, as `poll`'s
+pub fn claim(
     State(app): State<App>,
     Caller(p): Caller,
     Wire(dialect): Wire,
@@ -145,23 +156,23 @@ pub async fn claim(
     // The queue and the connection that waits on it, as one extractor.
     (Path(env_id), connection): (Path<String>, Option<Extension<Yieldable>>),
     params: Params,
-) -> ApiResult<(Option<Extension<RoutineAccess>>, Json<Option<api::Claim>>)> {
-    let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
-    let _yielding = take.yields(connection);
-    let ttl = desired_ttl(&params)?;
-    let IdempotencyKey(key) = key?;
-    let sent = try_sent(&params)?;
-    if sent != TrySent::First && key.is_none() {
-        return Err(ApiError::bad_param(
-            "retry",
-            "retry says that this is a claim sent again: send it with the Idempotency-Key of its \
-             first try",
-        ));
-    }
-    let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
-    // Every try of one claim names the same session token; only the claimant can derive it.
-    let token =
-        match (key, worker) {
+) -> impl std::future::Future<Output = ClaimAnswer> + Send + 'static {
+    async move {
+        let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
+        let _yielding = take.yields(connection);
+        let ttl = desired_ttl(&params)?;
+        let IdempotencyKey(key) = key?;
+        let sent = try_sent(&params)?;
+        if sent != TrySent::First && key.is_none() {
+            return Err(ApiError::bad_param(
+                "retry",
+                "retry says that this is a claim sent again: send it with the Idempotency-Key of its \
+                 first try",
+            ));
+        }
+        let (worker, issuer) = (take.worker.as_deref(), p.credential_id());
+        // Every try of one claim names the same session token; only the claimant can derive it.
+        let token = match (key, worker) {
             (Some(k), Some(worker)) => Some(credentials::claim_token(
                 &k.claimant_secret,
                 &take.env.id,
@@ -176,30 +187,31 @@ pub async fn claim(
             )),
             (None, _) => None,
         };
-    let ask = ClaimAsk {
-        desired_ttl_seconds: ttl,
-        keyed: token.as_deref().map(|session_token| KeyedTry {
-            session_token,
-            sent,
-        }),
-    };
-    let claimed = app
-        .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
-        .await?;
-    let routine = RoutineAccess::unless_taken(&claimed);
-    Ok((
-        routine,
-        Json(claimed.map(|c| {
-            let lease = c.lease.as_ref().expect("a claim starts a lease");
-            api::Claim {
-                object: "work_claim".into(),
-                work: delivered(&app, dialect, &c),
-                lease: wire::heartbeat(lease),
-                earlier_try: c.earlier_try,
-                extra: Default::default(),
-            }
-        })),
-    ))
+        let ask = ClaimAsk {
+            desired_ttl_seconds: ttl,
+            keyed: token.as_deref().map(|session_token| KeyedTry {
+                session_token,
+                sent,
+            }),
+        };
+        let claimed = app
+            .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
+            .await?;
+        let routine = RoutineAccess::unless_taken(&claimed);
+        Ok((
+            routine,
+            Json(claimed.map(|c| {
+                let lease = c.lease.as_ref().expect("a claim starts a lease");
+                api::Claim {
+                    object: "work_claim".into(),
+                    work: delivered(&app, dialect, &c),
+                    lease: wire::heartbeat(lease),
+                    earlier_try: c.earlier_try,
+                    extra: Default::default(),
+                }
+            })),
+        ))
+    }
 }
 
 /// `retry`: `true` (or `1`) for a claim sent again, `only` for one sent again that must take no

@@ -391,7 +391,7 @@ where
         let http2 = request.version() == hyper::Version::HTTP_2;
         // Handed over at once, not from an `async` block awaiting a `oneshot`: the answer's future
         // is then the router's own, mapped, with no room for the request beside it for as long as
-        // it is in flight. The router is always ready (its `poll_ready` answers at once).
+        // it is in flight. `Api` is always ready (see its `poll_ready`), so it is not asked.
         let answer = tower::Service::call(&mut api.clone(), request.map(axum::body::Body::new));
         answer.map(move |answer| {
             let response = answer.unwrap_or_else(|never: Infallible| match never {});
@@ -408,7 +408,8 @@ where
             let conn = std::pin::pin!(shared.http1.serve_connection(io, service));
             watch(conn, shared, state).await
         }
-        // Boxed: inline, HTTP/2's state would make every connection's task as large, HTTP/1's too.
+        // Boxed: inline, HTTP/2's state would make every connection's task, HTTP/1 ones included,
+        // as large as an HTTP/2 one.
         Protocol::Sniff => {
             let mut conn = Box::pin(shared.auto.serve_connection(io, service));
             watch(conn.as_mut(), shared, state).await

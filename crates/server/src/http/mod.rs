@@ -70,15 +70,7 @@ struct RouteGuard {
     answers: crate::memory::MemoryBudget,
 }
 
-/// Each route's guard, in the order its steps must go: the caller is admitted by the route's
-/// declared access ([`access::admit`]: 401 and 403 come before anything costs memory); then the
-/// body is read whole and paid for from the memory budget where the entry takes one, or read and
-/// dropped where it takes none ([`budget`]); the handler runs; a write's answer keeps its body's
-/// share until it is sent, and a read's answer is paid for by its caller.
-///
-/// One middleware rather than one per step: each layer of a route costs every request in flight a
-/// few boxed futures and a clone of the rest of the route, and a long poll keeps them for its
-/// whole wait (2,000 idle workers, 2,000 of each).
+/// Each route's guard ([`guard_route`]).
 impl around::Middleware for std::sync::Arc<RouteGuard> {
     fn around<S: around::Rest>(
         &self,
@@ -89,6 +81,15 @@ impl around::Middleware for std::sync::Arc<RouteGuard> {
     }
 }
 
+/// Each route's guard, in the order its steps must go: the caller is admitted by the route's
+/// declared access ([`access::admit`]: 401 and 403 come before anything costs memory); then the
+/// body is read whole and paid for from the memory budget where the entry takes one, or read and
+/// dropped where it takes none ([`budget`]); the handler runs; a write's answer keeps its body's
+/// share until it is sent, and a read's answer is paid for by its caller.
+///
+/// One middleware rather than one per step: each layer of a route costs every request in flight a
+/// few boxed futures and a clone of the rest of the route, and a long poll keeps them for its
+/// whole wait (2,000 idle workers, 2,000 of each).
 fn guard_route<S: around::Rest>(
     guard: std::sync::Arc<RouteGuard>,
     request: Request,
@@ -180,9 +181,10 @@ pub fn router(app: App, body_limit: usize) -> Api {
 /// A router as the listener serves it: behind the path's rewrite ([`readable_path`]), before
 /// routing, so that the rewritten path is what the routes see.
 ///
-/// Each request is one call of the router, whose future is the router's own. A router around the
-/// router, the way to rewrite before routing that axum offers, cost every request a second routing
-/// and a boxed future, which a long poll holds through its whole wait.
+/// Each request is one call of the router, whose future is the router's own (a router around the
+/// router, whose fallback was this one, cost every request a second routing and a boxed future,
+/// which a long poll holds through its whole wait). What `MapRequestLayer` over the router would
+/// be, as a type of its own: the listener names it, and tests serve their routers through it.
 #[derive(Clone)]
 pub struct Api(Router);
 
@@ -201,6 +203,8 @@ impl tower::Service<Request> for Api {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
+        // Always ready, as axum's router is: the listener relies on it and calls without asking
+        // (`listener::drive`). A layer here that could say "not yet" would have to change that.
         tower::Service::<Request>::poll_ready(&mut self.0, cx)
     }
 
@@ -323,8 +327,7 @@ impl RoutineAccess {
     }
 }
 
-/// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
-/// request causes is logged inside its span, so every line carries the request id.
+/// The middleware around every route ([`envelope`]).
 #[derive(Clone)]
 struct Envelope;
 
@@ -338,6 +341,8 @@ impl around::Middleware for Envelope {
     }
 }
 
+/// Request ids (D-18), the error envelope (§1.7), request metrics and the access log. Everything the
+/// request causes is logged inside its span, so every line carries the request id.
 fn envelope<S: around::Rest>(
     request: Request,
     next: around::Next<S>,
@@ -516,6 +521,28 @@ mod tests {
         assert_eq!(
             loggable_request_id("x}: status=200 \"y\""),
             "x%7D:%20status%3D200%20%22y%22"
+        );
+    }
+
+    /// The size of the futures `service` answers with.
+    fn future_size<S: tower::Service<Request>>(_: &S) -> usize {
+        std::mem::size_of::<S::Future>()
+    }
+
+    /// A long poll's request lives through its whole wait, on each of thousands of idle workers'
+    /// connections: what the envelope holds meanwhile, beside the rest of the route's future, is
+    /// what the answer needs, and no room for the request it handed on.
+    #[test]
+    fn the_envelope_holds_nothing_of_the_request_while_the_route_answers() {
+        let route = tower::service_fn(|_: Request| {
+            std::future::ready(Ok::<Response, std::convert::Infallible>(Response::default()))
+        });
+        let routes_future = future_size(&route);
+        let answer = envelope(Request::default(), around::Next::ready(route));
+        let held = std::mem::size_of_val(&answer) - routes_future - std::mem::size_of::<Asked>();
+        assert!(
+            held < std::mem::size_of::<Request>(),
+            "the envelope holds {held} bytes beside the route's future and what the answer needs"
         );
     }
 }

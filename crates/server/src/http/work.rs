@@ -120,7 +120,7 @@ type PollAnswer = ApiResult<(
 type ClaimAnswer = ApiResult<(Option<Extension<RoutineAccess>>, Json<Option<api::Claim>>)>;
 
 /// An `async` block, not an `async fn`: an `async fn` keeps its arguments as they came beside the
-/// copies its body moves on, all through the poll's wait (see `http::envelope`).
+/// copies its body moves on, all through the poll's wait.
 #[allow(clippy::manual_async_fn)]
 pub fn poll(
     State(app): State<App>,

@@ -410,12 +410,12 @@ where
         }
         // Boxed: inline, HTTP/2's state would make every connection's task, HTTP/1 ones included,
         // as large as an HTTP/2 one.
-        Protocol::Sniff => {
-            let mut conn = Box::pin(shared.auto.serve_connection(io, service));
-            watch(conn.as_mut(), shared, state).await
-        }
-        Protocol::Http2 => {
-            let mut conn = Box::pin(shared.http2.serve_connection(io, service));
+        Protocol::Sniff | Protocol::Http2 => {
+            let builder = match protocol {
+                Protocol::Http2 => &shared.http2,
+                _ => &shared.auto,
+            };
+            let mut conn = Box::pin(builder.serve_connection(io, service));
             watch(conn.as_mut(), shared, state).await
         }
     }

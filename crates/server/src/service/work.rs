@@ -158,7 +158,16 @@ enum Start {
 const CLAIM_BATCH: u32 = 64;
 /// Candidates a poll reads beyond the items this process's other polls are taking right now: those
 /// head the queue until their delivery commits, and the poll steps past them without a conflict.
+/// On a store other servers share, the spare rows are for their claims, which this process cannot
+/// see until they commit, and for commits landing meanwhile.
 const CLAIM_SPARE: u32 = 8;
+/// [`CLAIM_SPARE`] on a store no other process writes: every claim is this process's, reserved
+/// (and counted) before it writes, or remembered at its version once committed, so the spare rows
+/// cover only the claims that reserve between the count and the read. A poll that finds all its
+/// candidates taken reads again, which costs the embedded store no round trip; reading the six
+/// rows fewer took the candidates' read from 10 % to 8 % of the server's CPU in a claim cycle
+/// (`perf`, B on SQLite).
+const CLAIM_SPARE_ALONE: u32 = 2;
 /// Items one expiry pass handles at most; the next tick takes the rest.
 const EXPIRY_BATCH: u32 = 256;
 /// Poll records one commit writes at most.
@@ -785,7 +794,10 @@ impl App {
             let reserved = self.claiming.lock().expect("claiming lock").taking.len();
             let batch = u32::try_from(reserved)
                 .unwrap_or(u32::MAX)
-                .saturating_add(CLAIM_SPARE)
+                .saturating_add(match self.store.shared() {
+                    true => CLAIM_SPARE,
+                    false => CLAIM_SPARE_ALONE,
+                })
                 .min(CLAIM_BATCH);
             let candidates = self
                 .store

@@ -8,7 +8,9 @@
 // scripts/bench-peers starts the cluster, installs this directory's locked dependencies and builds the
 // server; run that. Scenarios (each runs every system in turn before the next scenario starts, in an
 // order shuffled per scenario, so that no system always runs first or last on a machine whose load
-// drifts; `--seed` repeats a run's order):
+// drifts; `--seed` repeats a run's order; `--rounds N` runs each scenario N times over, every round in an
+// order of its own, and prints each figure's median with each round's ratio; `--before BIN` runs every
+// Tether system a second time with another build, for a change measured beside the build before it):
 //   A  wake latency: one blocked worker, enqueues one at a time
 //   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue (Tether twice
 //      more: its workers on its own two-request cycle, claim and stop)
@@ -38,6 +40,8 @@ const option = (name) => {
 };
 const quick = args.includes("--quick");
 const tetherBin = option("--tether");
+// --before BIN: every Tether system once more, served by this other build ("…, before" in the tables).
+const beforeBin = option("--before");
 const pgUrl = option("--pg");
 const pgData = option("--pg-data");
 // --big N: the deep queue of D (100,000 by default). Tether fills it through its API, so on a slow disk
@@ -60,6 +64,13 @@ if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) {
     console.error("bench-peers: --seed takes an integer from 0 to 4294967295");
     process.exit(2);
 }
+// --rounds N: each scenario N times over. One run's ratio moves by ±30 % with the shared machine's load;
+// the median of several rounds, each of which runs every system, moves much less.
+const rounds = option("--rounds") === undefined ? 1 : Number(option("--rounds"));
+if (!Number.isInteger(rounds) || rounds < 1 || rounds > 50) {
+    console.error("bench-peers: --rounds takes an integer from 1 to 50");
+    process.exit(2);
+}
 /** mulberry32: a small seeded generator of floats in [0, 1). */
 function seeded(state) {
     return () => {
@@ -70,10 +81,11 @@ function seeded(state) {
         return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
     };
 }
-/** A copy of `list` in an order drawn from the run's seed and `key` (a scenario's letter), so that
- * `--seed` repeats a scenario's order (for the same systems) whichever other scenarios the run has (Fisher-Yates). */
-function shuffled(list, key) {
-    const nextRandom = seeded((seed ^ Math.imul(key.charCodeAt(0), 0x9e3779b1)) >>> 0);
+/** A copy of `list` in an order drawn from the run's seed, `key` (a scenario's letter) and `round`, so
+ * that `--seed` repeats a scenario's order (for the same systems) whichever other scenarios the run has
+ * (Fisher-Yates). Round 0 draws the order a run of one round does. */
+function shuffled(list, key, round = 0) {
+    const nextRandom = seeded((seed ^ Math.imul(key.charCodeAt(0), 0x9e3779b1) ^ Math.imul(round, 0x85ebca6b)) >>> 0);
     const out = [...list];
     for (let i = out.length - 1; i > 0; i--) {
         const j = Math.floor(nextRandom() * (i + 1));
@@ -82,7 +94,7 @@ function shuffled(list, key) {
     return out;
 }
 const USAGE =
-    "usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--seed S] [--json FILE]";
+    "usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--seed S] [--rounds N] [--before BIN] [--json FILE]";
 if (!tetherBin || !pgUrl || !pgData) {
     console.error(USAGE);
     process.exit(2);
@@ -252,13 +264,15 @@ class TetherApi {
 // ack, heartbeat, stop). Such a system takes part in B only. A, C and D keep the contract's polls (C's
 // idle workers and A's blocked one wait in a poll; a claim's wait is the same, its answer one write
 // larger), so they measure the official SDKs' workers rather than `tether worker`'s own cycle.
+// `binary`: the build that serves it; `before` marks a run of the build given by `--before`.
 class TetherSystem {
-    constructor(backend, { claims = false } = {}) {
+    constructor(backend, { claims = false, binary = tetherBin, before = false } = {}) {
         this.backend = backend;
         this.claims = claims;
-        const suffix = claims ? "-claim" : "";
+        this.binary = binary;
+        const suffix = `${claims ? "-claim" : ""}${before ? "-before" : ""}`;
         this.name = `tether-${backend}${suffix}`;
-        this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}${claims ? ", claim" : ""}`;
+        this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}${claims ? ", claim" : ""}${before ? ", before" : ""}`;
     }
     // What `--systems` names this system by, as a peer's `kind`.
     get kind() {
@@ -275,7 +289,7 @@ class TetherSystem {
             this.db = await freshDatabase("tether");
             serveArgs.push("--database", this.db.url);
         }
-        this.child = spawn(tetherBin, serveArgs, {
+        this.child = spawn(this.binary, serveArgs, {
             env: { ...process.env, TETHER_ADMIN_TOKEN: TOKEN, TETHER_LOG: "warn" },
             stdio: ["ignore", "ignore", "pipe"],
         });
@@ -750,26 +764,47 @@ class PeerSystem {
 }
 
 // ------------------------------------------------------------------------------------------------ output
+// Each Tether system, and right after it the same system served by the build before (`--before`).
+const tether = (backend, options = {}) =>
+    beforeBin
+        ? [new TetherSystem(backend, options), new TetherSystem(backend, { ...options, binary: beforeBin, before: true })]
+        : [new TetherSystem(backend, options)];
 const systems = [
     new PeerSystem("graphile"),
     new PeerSystem("raw"),
-    new TetherSystem("sqlite"),
-    new TetherSystem("postgres"),
-    new TetherSystem("sqlite", { claims: true }),
-    new TetherSystem("postgres", { claims: true }),
+    ...tether("sqlite"),
+    ...tether("postgres"),
+    ...tether("sqlite", { claims: true }),
+    ...tether("postgres", { claims: true }),
 ].filter((system) => wanted.has(system.kind));
 // The systems with a result in a scenario's `out`.
 const ran = (out) => systems.filter((s) => s.name in out);
-const results = { quick, counts, seed, started: new Date().toISOString(), scenarios: {} };
+const results = { quick, counts, seed, rounds, started: new Date().toISOString(), scenarios: {}, byRound: {} };
+// The first column fits every label ("Tether on PostgreSQL, claim, before" with `--before`).
+const labelWidth = Math.max(24, ...systems.map((s) => s.label.length + 1));
 const fmt = (v, digits = 1) => (v === null || v === undefined || Number.isNaN(v) ? "—" : v.toFixed(digits));
-const ratio = (v, base) => (base ? `${(v / base).toFixed(2)}x` : "—");
+/** A figure's ratio to graphile-worker's, `pick` of each: with several rounds, the median of the rounds'
+ * own ratios (`r.ratios`, kept figure by figure), which a drift in the machine's load from round to round
+ * moves less than the ratio of the two medians would. */
+const ratio = (r, base, pick) => {
+    const v = r.ratios ? pick(r.ratios) : base && pick(base) ? pick(r) / pick(base) : undefined;
+    return v === undefined || Number.isNaN(v) ? "—" : `${v.toFixed(2)}x`;
+};
+/** `r`'s figures, each divided by the same figure of `base`'s. */
+function ratiosTo(r, base) {
+    if (typeof r === "number") return typeof base === "number" && base !== 0 ? r / base : undefined;
+    if (r && typeof r === "object" && !Array.isArray(r)) {
+        return Object.fromEntries(Object.keys(r).filter((k) => k !== "ratios").map((k) => [k, ratiosTo(r[k], base?.[k])]));
+    }
+    return undefined;
+}
 const row = (cells, widths) => cells.map((c, i) => (i === 0 ? String(c).padEnd(widths[i]) : String(c).padStart(widths[i]))).join(" ");
 
 /** B's and E's table: items/s and CPU per 1000 items, each with its ratio to graphile-worker, the
  * database's share, and (B) the CPU of Tether's HTTP clients. */
 function printRates(out, withClient) {
     const base = out["graphile-worker"] ?? {};
-    const w = [24, 10, 10, 16, 10, 12, 12];
+    const w = [labelWidth, 10, 10, 16, 10, 12, 12];
     const head = ["", "items/s", "ratio", "CPU-s/1000 items", "ratio", "of it db", "client CPU-s"];
     const columns = withClient ? head.length : head.length - 1;
     console.log(row(head.slice(0, columns), w));
@@ -778,9 +813,9 @@ function printRates(out, withClient) {
         const cells = [
             s.label,
             fmt(r.perSecond, 0),
-            ratio(r.perSecond, base.perSecond),
+            ratio(r, base, (x) => x.perSecond),
             fmt(r.cpuPer1000, 2),
-            ratio(r.cpuPer1000, base.cpuPer1000),
+            ratio(r, base, (x) => x.cpuPer1000),
             fmt(r.dbCpuPer1000, 2),
             fmt(r.clientCpuPer1000, 2),
         ];
@@ -788,23 +823,77 @@ function printRates(out, withClient) {
     }
 }
 
-console.log(`bench-peers (${quick ? "quick" : "full"} run, --seed ${seed}): ratios are to graphile-worker in this run\n`);
+console.log(
+    `bench-peers (${quick ? "quick" : "full"} run, --seed ${seed}${rounds > 1 ? `, --rounds ${rounds}` : ""}): ratios are to graphile-worker in this run` +
+        `${rounds > 1 ? `; each figure is the median of ${rounds} rounds` : ""}\n`,
+);
 
-async function scenario(key, title, fn, print) {
+/** The median of the numbers among `values` (undefined when there are none). */
+function median(values) {
+    const v = values.filter((x) => typeof x === "number" && !Number.isNaN(x)).sort((a, b) => a - b);
+    if (v.length === 0) return undefined;
+    const m = v.length >> 1;
+    return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+}
+/** Results of the same shape from several rounds, as one: each number the median of its rounds'. */
+function medianResult(results) {
+    const first = results[0];
+    if (typeof first === "number") return median(results);
+    if (first && typeof first === "object" && !Array.isArray(first)) {
+        return Object.fromEntries(Object.keys(first).map((k) => [k, medianResult(results.map((r) => r?.[k]))]));
+    }
+    return first;
+}
+
+// `byRound(r, base)`: a scenario's headline figure for one system in one round (`base`: graphile-worker's
+// result in that round), printed round by round when there are several. `[headline, what]`: the figure
+// that `--before` compares, build against build, round by round, and its name.
+async function scenario(key, title, fn, print, byRound, [headline, what] = []) {
     if (!only.has(key)) return;
     console.log(title);
-    const out = {};
-    const order = shuffled(systems.filter((s) => s.runs(key)), key);
-    for (const system of order) {
-        const t = now();
-        out[system.name] = await fn(system);
-        out[system.name].wallSeconds = (now() - t) / 1000;
+    const outs = [];
+    const orders = [];
+    for (let round = 0; round < rounds; round++) {
+        const out = {};
+        const order = shuffled(systems.filter((s) => s.runs(key)), key, round);
+        for (const system of order) {
+            const t = now();
+            out[system.name] = await fn(system);
+            out[system.name].wallSeconds = (now() - t) / 1000;
+        }
+        if (rounds > 1 && out["graphile-worker"]) {
+            for (const name of Object.keys(out)) out[name].ratios = ratiosTo(out[name], out["graphile-worker"]);
+        }
+        outs.push(out);
+        orders.push(order);
     }
+    const out = rounds === 1 ? outs[0] : Object.fromEntries(Object.keys(outs[0]).map((name) => [name, medianResult(outs.map((o) => o[name]))]));
     results.scenarios[key] = out;
+    if (rounds > 1) results.byRound[key] = outs;
     print(out);
-    console.log(`   (run in this order: ${order.map((s) => `${s.name} ${out[s.name].wallSeconds.toFixed(0)} s`).join(", ")} of wall time)`);
+    if (rounds > 1 && byRound) {
+        console.log("   each round:");
+        for (const s of ran(out).filter((s) => s.name !== "graphile-worker")) {
+            console.log(`     ${s.label.padEnd(labelWidth)}${outs.map((o) => byRound(o[s.name], o["graphile-worker"])).join("  ")}`);
+        }
+    }
+    if (beforeBin && headline) {
+        console.log(`   ${what}, this build / the build before: the median, then each round's`);
+        for (const s of ran(out).filter((s) => s instanceof TetherSystem && !s.name.endsWith("-before"))) {
+            const twin = `${s.name}-before`;
+            if (!(twin in out)) continue;
+            const each = outs.map((o) => headline(o[s.name]) / headline(o[twin]));
+            console.log(`     ${s.label.padEnd(labelWidth)}${fmt(median(each), 2)}x  (${each.map((v) => `${fmt(v, 2)}x`).join("  ")})`);
+        }
+    }
+    orders.forEach((order, round) => {
+        const walls = order.map((s) => `${s.name} ${outs[round][s.name].wallSeconds.toFixed(0)} s`).join(", ");
+        console.log(`   (${rounds > 1 ? `round ${round + 1} ran` : "run"} in this order: ${walls} of wall time)`);
+    });
     console.log("");
 }
+/** A round's ratio of `pick` to graphile-worker's, as printed by `--rounds`. */
+const roundRatio = (pick) => (r, base) => (base ? `${(pick(r) / pick(base)).toFixed(2)}x` : fmt(pick(r), 0));
 
 await scenario(
     "a",
@@ -812,13 +901,15 @@ await scenario(
     async (system) => ({ ...summary(await system.wake(counts.wake)), n: counts.wake }),
     (out) => {
         const base = out["graphile-worker"] ?? {};
-        const w = [24, 8, 8, 8, 12];
+        const w = [labelWidth, 8, 8, 8, 12];
         console.log(row(["", "p50", "p99", "max", "p99 ratio"], w));
         for (const s of ran(out)) {
             const r = out[s.name];
-            console.log(row([s.label, fmt(r.p50, 2), fmt(r.p99, 2), fmt(r.max, 2), ratio(r.p99, base.p99)], w));
+            console.log(row([s.label, fmt(r.p50, 2), fmt(r.p99, 2), fmt(r.max, 2), ratio(r, base, (x) => x.p99)], w));
         }
     },
+    roundRatio((r) => r.p99),
+    [(r) => r.p99, "p99 (lower is better)"],
 );
 
 await scenario(
@@ -840,6 +931,8 @@ await scenario(
             "   (the peers' CPU includes their worker process, where their queue logic runs; Tether's excludes its HTTP clients, whose CPU per 1000 items is the last column; \"of it db\" is the database's share)",
         );
     },
+    roundRatio((r) => r.perSecond),
+    [(r) => r.perSecond, "items/s (higher is better)"],
 );
 
 await scenario(
@@ -857,6 +950,8 @@ await scenario(
     (out) => {
         printRates(out, false);
     },
+    roundRatio((r) => r.perSecond),
+    [(r) => r.perSecond, "items/s (higher is better)"],
 );
 
 await scenario(
@@ -867,12 +962,13 @@ await scenario(
         // Tether again with the same workers sharing HTTP/2 connections, as many as graphile-worker's pool:
         // what a connection per worker costs, measured rather than estimated.
         if (system instanceof TetherSystem) r.shared = await system.idle(counts.idle, counts.unrelated, counts.window, IDLE_CONNECTIONS);
+        for (const run of [r, r.shared].filter(Boolean)) run.growth = run.beside.ack.p99 / run.alone.ack.p99;
         return r;
     },
     (out) => {
         const base = out["graphile-worker"] ?? {};
-        const slowdown = (r) => r.beside.ack.p99 / r.alone.ack.p99;
-        const w = [24, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
+        const slowdown = (r) => r.growth;
+        const w = [labelWidth, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 8];
         console.log(row(["", "RSS idle", "RSS busy", "+MB", "cores", "of it", "ack p99", "ack p99", "hb p99", "hb p99", "ack p99", "rounds"], w));
         console.log(row(["", "MB", "MB", "", "", "db", "alone", "beside", "alone", "beside", "growth", ""], w));
         const lines = ran(out).flatMap((s) => {
@@ -906,6 +1002,7 @@ await scenario(
                 `    each Tether worker has an HTTP/1.1 connection of its own, and then, on the line below, the same workers share ${IDLE_CONNECTIONS} HTTP/2 connections, as graphile-worker's share a pool of ${IDLE_CONNECTIONS})`,
         );
     },
+    (r) => `+${fmt(r.beside.rssMb - r.alone.rssMb, 0)} MB ${fmt(r.beside.cores, 2)} cores ${fmt(r.growth, 2)}x`,
 );
 
 await scenario(
@@ -913,16 +1010,16 @@ await scenario(
     `D. poll+ack of one worker (ms): ${counts.small} queued, then ${counts.big} more in another environment, then ${counts.big} in its own (${counts.samples} samples each)`,
     async (system) => {
         const r = await system.depth(counts.small, counts.big, counts.samples);
-        return { alone: summary(r.alone), otherEnv: summary(r.otherEnv), sameEnv: summary(r.sameEnv), loadSeconds: r.loadSeconds };
+        const [alone, otherEnv, sameEnv] = [summary(r.alone), summary(r.otherEnv), summary(r.sameEnv)];
+        return { alone, otherEnv, sameEnv, growth: sameEnv.p50 / alone.p50, loadSeconds: r.loadSeconds };
     },
     (out) => {
         const base = out["graphile-worker"] ?? {};
-        const w = [24, 8, 8, 9, 9, 9, 9, 10, 10, 8];
+        const w = [labelWidth, 8, 8, 9, 9, 9, 9, 10, 10, 8];
         console.log(row(["", "1k p50", "1k p99", "other p50", "other p99", "same p50", "same p99", "same/1k", "ratio", "load s"], w));
         for (const s of ran(out)) {
             const r = out[s.name];
-            const growth = r.sameEnv.p50 / r.alone.p50;
-            const baseGrowth = base.sameEnv ? base.sameEnv.p50 / base.alone.p50 : undefined;
+            const growth = r.growth;
             console.log(
                 row(
                     [
@@ -934,7 +1031,7 @@ await scenario(
                         fmt(r.sameEnv.p50, 2),
                         fmt(r.sameEnv.p99, 2),
                         `${fmt(growth, 2)}x`,
-                        ratio(r.alone.p50, base.alone.p50),
+                        ratio(r, base, (x) => x.alone?.p50),
                         fmt(r.loadSeconds, 1),
                     ],
                     w,
@@ -943,6 +1040,7 @@ await scenario(
         }
         console.log("   (graphile-worker's time per item is the interval between job starts; same/1k = p50 with the deep queue in its own environment / p50 at 1k)");
     },
+    (r) => `${fmt(r.growth, 2)}x`,
 );
 
 results.finished = new Date().toISOString();

@@ -286,6 +286,33 @@ async fn a_uniqueness_violation_is_a_conflict_for_that_list_only() {
 }
 
 #[tokio::test]
+async fn a_list_of_one_statement_that_fails_leaves_its_neighbours_alone() {
+    let mut f = Fixture::new().await;
+    assert!(f.batch(vec![vec![insert("x", 1)]])[0].is_ok());
+    let results = f.batch(vec![
+        vec![insert("a", 1)],
+        // One statement, each: a key the batch has already written, a condition on a stale
+        // value, a statement SQLite refuses, and one that changes a row and then fails on the
+        // next (both rows get the id `a`). None of them leaves anything behind, and the lists
+        // around them commit.
+        vec![insert("a", 2)],
+        vec![bump("x", 5)],
+        vec![broken()],
+        vec![(
+            Statement::new("UPDATE scratch SET id = 'a', n = 9", vec![]),
+            Expect::Any,
+        )],
+        vec![bump("x", 1)],
+    ]);
+    assert_eq!(
+        outcomes(&results),
+        ["ok", "conflict", "conflict", "internal", "conflict", "ok"],
+        "{results:?}"
+    );
+    assert_eq!(f.rows().await, rows(&[("a", 1), ("x", 2)]));
+}
+
+#[tokio::test]
 async fn lists_see_earlier_lists_of_their_batch_but_never_rolled_back_ones() {
     let mut f = Fixture::new().await;
     let results = f.batch(vec![

@@ -779,7 +779,7 @@ const systems = [
 ].filter((system) => wanted.has(system.kind));
 // The systems with a result in a scenario's `out`.
 const ran = (out) => systems.filter((s) => s.name in out);
-const results = { quick, counts, seed, rounds, started: new Date().toISOString(), scenarios: {}, byRound: {} };
+const results = { quick, counts, seed, rounds, tether: tetherBin, before: beforeBin ?? null, started: new Date().toISOString(), scenarios: {}, byRound: {} };
 // The first column fits every label ("Tether on PostgreSQL, claim, before" with `--before`).
 const labelWidth = Math.max(24, ...systems.map((s) => s.label.length + 1));
 const fmt = (v, digits = 1) => (v === null || v === undefined || Number.isNaN(v) ? "—" : v.toFixed(digits));
@@ -835,12 +835,14 @@ function median(values) {
     const m = v.length >> 1;
     return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
 }
-/** Results of the same shape from several rounds, as one: each number the median of its rounds'. */
+/** Results of the same shape from several rounds, as one: each number the median of its rounds' (a
+ * figure some round could not measure, say a percentile of no samples, is the median of the others). */
 function medianResult(results) {
-    const first = results[0];
+    const first = results.find((r) => r !== undefined && r !== null);
     if (typeof first === "number") return median(results);
     if (first && typeof first === "object" && !Array.isArray(first)) {
-        return Object.fromEntries(Object.keys(first).map((k) => [k, medianResult(results.map((r) => r?.[k]))]));
+        const keys = new Set(results.flatMap((r) => (r && typeof r === "object" ? Object.keys(r) : [])));
+        return Object.fromEntries([...keys].map((k) => [k, medianResult(results.map((r) => r?.[k]))]));
     }
     return first;
 }
@@ -893,7 +895,7 @@ async function scenario(key, title, fn, print, byRound, [headline, what] = []) {
     console.log("");
 }
 /** A round's ratio of `pick` to graphile-worker's, as printed by `--rounds`. */
-const roundRatio = (pick) => (r, base) => (base ? `${(pick(r) / pick(base)).toFixed(2)}x` : fmt(pick(r), 0));
+const roundRatio = (pick) => (r, base) => (base ? `${(pick(r) / pick(base)).toFixed(2)}x` : fmt(pick(r), 2));
 
 await scenario(
     "a",

@@ -317,10 +317,20 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
 /// `request` on a fresh HTTP/1.1 connection: the answer's status line, or `None` if the server closed
 /// the connection without one.
 async fn status_line(address: std::net::SocketAddr, request: &[u8]) -> Option<String> {
+    status_line_in_pieces(address, &[request]).await
+}
+
+/// [`status_line`] for a request sent in `pieces`, a moment apart.
+async fn status_line_in_pieces(address: std::net::SocketAddr, pieces: &[&[u8]]) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-    // Written as far as the server takes it: one that answers early may close before the end.
-    let _ = stream.write_all(request).await;
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Written as far as the server takes it: one that answers early may close before the end.
+        let _ = stream.write_all(piece).await;
+    }
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
@@ -791,14 +801,34 @@ fn ok_and_large(bytes: usize) -> Router {
 
 /// A GET with `header_bytes` of extra headers on HTTP/1.1 (see [`status_line`]).
 async fn status_with_headers(address: std::net::SocketAddr, header_bytes: usize) -> String {
-    let mut request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
+    status_with_headers_sniffed(address, header_bytes, false).await
+}
+
+/// [`status_with_headers`]; `sniffed`: a `POST` whose `P` arrives alone, which could still begin
+/// HTTP/2's preface, so that the connection is served by hyper's connection that may speak either
+/// (whose HTTP/1 bounds are set apart) rather than by its HTTP/1 connection alone.
+async fn status_with_headers_sniffed(
+    address: std::net::SocketAddr,
+    header_bytes: usize,
+    sniffed: bool,
+) -> String {
+    let method = if sniffed { "POST" } else { "GET" };
+    let mut request =
+        format!("{method} / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n")
+            .into_bytes();
     for i in 0..header_bytes / 1024 {
         request.extend_from_slice(format!("X-Filler-{i:04}: ").as_bytes());
         request.extend_from_slice(&[b'a'; 1024 - 17]);
         request.extend_from_slice(b"\r\n");
     }
     request.extend_from_slice(b"\r\n");
-    status_line(address, &request).await.unwrap_or_default()
+    let pieces: &[&[u8]] = match sniffed {
+        true => &[&request[..1], &request[1..]],
+        false => &[&request],
+    };
+    status_line_in_pieces(address, pieces)
+        .await
+        .unwrap_or_default()
 }
 
 /// A connection buffers at most twice `H1_MAX_BUFFER` on HTTP/1: headers within it are served,
@@ -808,7 +838,7 @@ async fn status_with_headers(address: std::net::SocketAddr, header_bytes: usize)
 #[tokio::test]
 async fn http1_headers_are_bounded_by_the_connection_buffer() {
     use tether_server::listener::H1_MAX_BUFFER;
-    let router = Router::new().route("/", get(|| async { "ok" }));
+    let router = Router::new().route("/", get(|| async { "ok" }).post(|| async { "ok" }));
     let (address, stop, _server) =
         serve(router, Duration::from_secs(10), Duration::from_secs(10)).await;
     assert_eq!(
@@ -816,6 +846,13 @@ async fn http1_headers_are_bounded_by_the_connection_buffer() {
         "HTTP/1.1 200 OK"
     );
     let refused = status_with_headers(address, 2 * H1_MAX_BUFFER + 4 * 1024).await;
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+    // The same bounds on a connection whose first bytes left HTTP/2 open.
+    assert_eq!(
+        status_with_headers_sniffed(address, H1_MAX_BUFFER - 2 * 1024, true).await,
+        "HTTP/1.1 200 OK"
+    );
+    let refused = status_with_headers_sniffed(address, 2 * H1_MAX_BUFFER + 4 * 1024, true).await;
     assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
     stop.cancel();
 }

@@ -12,8 +12,9 @@
 // order of its own, and prints each figure's median with each round's ratio; `--before BIN` runs every
 // Tether system a second time with another build, for a change measured beside the build before it):
 //   A  wake latency: one blocked worker, enqueues one at a time
-//   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue (Tether twice
-//      more: its workers on its own two-request cycle, claim and stop)
+//   B  throughput and CPU per 1,000 items: 16 workers, the full cycle, a preloaded queue (Tether on its
+//      own cycles too: claim and stop, two requests per item, and chained claims, each carrying the stop
+//      of the item before it, one request per item)
 //   C  idle workers: memory, CPU and an unrelated worker's latencies beside many idle long polls
 //      (Tether twice: a connection per worker, then the workers sharing 16 HTTP/2 connections)
 //   D  poll+ack latency with 1k queued, with 100k queued in another environment, and with 100k queued
@@ -49,7 +50,7 @@ const pgData = option("--pg-data");
 const big = option("--big");
 const only = new Set((option("--only") ?? "a,b,e,c,d").toLowerCase().split(","));
 // --systems graphile,sqlite: only these; the ratios need graphile.
-const knownSystems = ["graphile", "raw", "sqlite", "postgres", "sqlite-claim", "postgres-claim"];
+const knownSystems = ["graphile", "raw", "sqlite", "postgres", "sqlite-claim", "postgres-claim", "sqlite-chain", "postgres-chain"];
 const wanted = new Set((option("--systems") ?? knownSystems.join(",")).toLowerCase().split(","));
 const unknownSystems = [...wanted].filter((name) => !knownSystems.includes(name));
 if (unknownSystems.length > 0) {
@@ -94,7 +95,7 @@ function shuffled(list, key, round = 0) {
     return out;
 }
 const USAGE =
-    "usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim] [--big N] [--seed S] [--rounds N] [--before BIN] [--json FILE]";
+    "usage: node bench.mjs --tether BIN --pg URL --pg-data DIR [--quick] [--only a,b,c,d,e] [--systems graphile,raw,sqlite,postgres,sqlite-claim,postgres-claim,sqlite-chain,postgres-chain] [--big N] [--seed S] [--rounds N] [--before BIN] [--json FILE]";
 if (!tetherBin || !pgUrl || !pgData) {
     console.error(USAGE);
     process.exit(2);
@@ -260,26 +261,32 @@ class TetherApi {
     }
 }
 
-// `claims`: the workers run Tether's own cycle (claim, stop) instead of the contract's four requests (poll,
-// ack, heartbeat, stop). Such a system takes part in B only. A, C and D keep the contract's polls (C's
-// idle workers and A's blocked one wait in a poll; a claim's wait is the same, its answer one write
-// larger), so they measure the official SDKs' workers rather than `tether worker`'s own cycle.
+// A polled or claimed item's session token: its `secret` is URL-safe base64 of a small JSON object.
+const sessionToken = (item) => JSON.parse(Buffer.from(item.secret, "base64url").toString()).sessions_token;
+
+// `cycle`: how the workers take and end an item. `contract`: the contract's four requests (poll, ack,
+// heartbeat, stop). `claim`: Tether's own two (claim, stop). `chain`: Tether's claim carrying the stop of
+// the item before it (the body's `stop`: its id and session token), one request per item (the last
+// stop rides on the claim that finds nothing). A system on Tether's own cycles takes part in B only. A, C and D keep the contract's polls
+// (C's idle workers and A's blocked one wait in a poll; a claim's wait is the same, its answer one
+// write larger), so they measure the official SDKs' workers rather than `tether worker`'s own cycle.
 // `binary`: the build that serves it; `before` marks a run of the build given by `--before`.
+const cycleLabels = { contract: "", claim: ", claim", chain: ", chained claim" };
 class TetherSystem {
-    constructor(backend, { claims = false, binary = tetherBin, before = false } = {}) {
+    constructor(backend, { cycle = "contract", binary = tetherBin, before = false } = {}) {
         this.backend = backend;
-        this.claims = claims;
+        this.cycle = cycle;
         this.binary = binary;
-        const suffix = `${claims ? "-claim" : ""}${before ? "-before" : ""}`;
+        const suffix = `${cycle === "contract" ? "" : `-${cycle}`}${before ? "-before" : ""}`;
         this.name = `tether-${backend}${suffix}`;
-        this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}${claims ? ", claim" : ""}${before ? ", before" : ""}`;
+        this.label = `Tether on ${backend === "sqlite" ? "SQLite" : "PostgreSQL"}${cycleLabels[cycle]}${before ? ", before" : ""}`;
     }
     // What `--systems` names this system by, as a peer's `kind`.
     get kind() {
-        return this.claims ? `${this.backend}-claim` : this.backend;
+        return this.cycle === "contract" ? this.backend : `${this.backend}-${this.cycle}`;
     }
     runs(scenario) {
-        return !this.claims || scenario === "b";
+        return this.cycle === "contract" || scenario === "b";
     }
     async start(connections = 64) {
         this.dir = mkdtempSync(join(tmpdir(), "tether-bench-"));
@@ -355,9 +362,12 @@ class TetherSystem {
     // Tether's claim: poll, ack and first heartbeat in one request; `null` when the queue is empty.
     // With a fresh idempotency key each, as `tether worker` sends them (a lost answer is then sent
     // again with it).
-    claim(env, worker) {
+    // `stopping`: the claim's answer for the item whose program has ended, stopped by this claim before
+    // it takes the next (a chained claim), with the item's session token from its `secret`.
+    claim(env, worker, stopping = null) {
         const key = randomBytes(16).toString("hex");
-        return this.api.call("POST", `/environments/${env}/work/claim`, { worker, key });
+        const body = stopping ? { stop: { work_id: stopping.work.id, session_token: sessionToken(stopping.work) } } : undefined;
+        return this.api.call("POST", `/environments/${env}/work/claim`, { worker, key, body });
     }
     // What a worker does with an item: ack, first heartbeat, stop.
     async finish(env, id, worker) {
@@ -420,8 +430,13 @@ class TetherSystem {
         await Promise.all(
             Array.from({ length: workers }, async (_, w) => {
                 const id = `drain-${w}`;
+                let finished = null; // the chained cycle's item, stopped by the next claim
                 for (;;) {
-                    if (this.claims) {
+                    if (this.cycle === "chain") {
+                        const claim = await this.claim(env, id, finished);
+                        if (!claim) return;
+                        finished = claim;
+                    } else if (this.cycle === "claim") {
                         const claim = await this.claim(env, id);
                         if (!claim) return;
                         await this.stop(env, claim.work.id);
@@ -438,8 +453,13 @@ class TetherSystem {
         const cpu = this.cpu() - cpu0;
         const dbCpu = this.dbCpu() - db0;
         const client = process.cpuUsage(client0);
+        // Every item served was stopped, whichever cycle served it (a server that ignored a chained
+        // claim's `stop` would have left them active): the queue's statistics count live items only.
+        const { states } = await this.api.call("GET", `/environments/${env}/work/stats`);
         await this.shutdown();
         check(done === n, `${this.name} served ${done} of ${n} items`);
+        const live = Object.values(states ?? { unknown: 1 }).reduce((a, b) => a + b, 0);
+        check(live === 0, `${this.name} left items live: ${JSON.stringify(states)}`);
         return { done, seconds, cpu, dbCpu, clientCpu: (client.user + client.system) / 1e6 };
     }
 
@@ -774,8 +794,10 @@ const systems = [
     new PeerSystem("raw"),
     ...tether("sqlite"),
     ...tether("postgres"),
-    ...tether("sqlite", { claims: true }),
-    ...tether("postgres", { claims: true }),
+    ...tether("sqlite", { cycle: "claim" }),
+    ...tether("postgres", { cycle: "claim" }),
+    ...tether("sqlite", { cycle: "chain" }),
+    ...tether("postgres", { cycle: "chain" }),
 ].filter((system) => wanted.has(system.kind));
 // The systems with a result in a scenario's `out`.
 const ran = (out) => systems.filter((s) => s.name in out);

@@ -25,8 +25,9 @@ use utoipa::ToSchema;
 
 pub use events::{event_type, Event, NewEvent, PostEvents, PostedEvents};
 pub use requests::{
-    AgentRef, CreateAgent, CreateCredential, CreateEnvironment, CreateSession, RequeueRequest,
-    StopRequest, UpdateAgent, UpdateEnvironment, UpdateSession, WorkMetadataPatch,
+    AgentRef, ClaimRequest, CreateAgent, CreateCredential, CreateEnvironment, CreateSession,
+    RequeueRequest, StopRequest, StopWithClaim, UpdateAgent, UpdateEnvironment, UpdateSession,
+    WorkMetadataPatch,
 };
 pub use resources::{
     Agent, Cancel, Canceling, Credential, Deleted, Environment, EnvironmentConfig, ErrorBody,

@@ -427,6 +427,45 @@ pub struct WorkMetadataPatch {
     pub metadata: Option<MetadataPatch>,
 }
 
+/// Body of `POST …/work/claim` (Tether's claim), optional: what the claim does before it takes
+/// anything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClaimRequest {
+    /// The item whose program has ended, stopped first, so that a worker taking one item after
+    /// another sends one request per item. If the stop is refused, that is the answer, and nothing
+    /// is claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopWithClaim>,
+}
+
+/// The stop a claim makes first: the holder's own forced stop of an item of the claim's
+/// environment, proven by the item's session token, as a stop sent with that token would be. An
+/// item already stopped counts as stopped (a try of the claim whose answer was lost may have
+/// stopped it); a token that no longer holds the item (its lease ran out, it went to another
+/// worker) is refused with 409 `not_held`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StopWithClaim {
+    /// The item's id.
+    pub work_id: String,
+    /// The item's session token (`tth_ses_…`, from its `secret`).
+    pub session_token: String,
+    /// As a stop's `unless_turn_open`: refused (409 `turn_open`) while the item's session has a
+    /// turn open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unless_turn_open: Option<bool>,
+}
+
+impl StopWithClaim {
+    /// The stop of `work_id`, proven by its `session_token`.
+    pub fn new(work_id: impl Into<String>, session_token: impl Into<String>) -> StopWithClaim {
+        StopWithClaim {
+            work_id: work_id.into(),
+            session_token: session_token.into(),
+            unless_turn_open: None,
+        }
+    }
+}
+
 /// Body of `POST …/work/{work_id}/stop`: `force: true` stops at once; otherwise a graceful stop (or its
 /// confirmation).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]

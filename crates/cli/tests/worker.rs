@@ -132,6 +132,14 @@ impl Setup {
         delivered.is_some() && delivered == at("acked") && delivered == at("first_heartbeat")
     }
 
+    /// Whether the worker ended the item with the claim of its next (`crate::chain` of the worker).
+    async fn stopped_with_a_claim(&self, work: &str) -> bool {
+        let history = self.history(work).await;
+        let stop = history.iter().rev().find(|t| t["cause"] == "force_stopped");
+        let detail = stop.and_then(|t| t["detail"].as_str()).unwrap_or_default();
+        detail.ends_with("asked for by the item's session token, sent with a claim")
+    }
+
     async fn stop(&self, work: &str, force: bool) -> Value {
         self.api
             .ok(
@@ -534,6 +542,12 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
         "{:?}",
         setup.history(&work).await
     );
+    // The stop went with a claim, which found nothing more to take.
+    assert!(
+        setup.stopped_with_a_claim(&work).await,
+        "{:?}",
+        setup.history(&work).await
+    );
     // Output reaches the worker's log, line by line, prefixed with the work id.
     worker
         .wait_for_log(&format!("[{work}] hello from the program"))
@@ -677,6 +691,39 @@ async fn a_claim_whose_answer_is_lost_is_answered_again() {
     worker
         .wait_for_log("polls succeed again, after 1 failed")
         .await;
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+}
+
+/// A finished item's stop goes with the claim of the next; that answer lost, the worker sends the
+/// same claim again, whose stop is found done and whose answer is the item the first try took:
+/// each item served once, no lease run out.
+#[tokio::test]
+async fn a_claim_sent_with_a_stop_whose_answer_is_lost_is_answered_again() {
+    let setup = Setup::new().await;
+    // Both queued before the worker starts: the first item's stop takes the second.
+    let first = setup.session(json!({})).await;
+    let second = setup.session(json!({})).await;
+    let (proxy, mut worker) = setup
+        .worker_behind(Meddling::LoseFirstTakenChainedClaim)
+        .await;
+    setup.wait_for_state(&second, "stopped").await;
+    for work in [&first, &second] {
+        assert_eq!(setup.causes(work).await, SERVED_ONCE, "{}", worker.log());
+        assert!(setup.stopped_with_a_claim(work).await, "{}", worker.log());
+    }
+    assert_eq!(stamps(&setup.stamps(), &second).len(), 2, "run once");
+    // The first item's stop and its try sent again, then the second's (which found nothing).
+    assert!(proxy.seen("claim stop") >= 3, "{}", worker.log());
+    assert!(proxy.seen("claim retry=true") >= 1, "{}", worker.log());
+    assert!(
+        worker
+            .log()
+            .contains("stopping the item failed; trying again while the lease lasts"),
+        "the lost answer was seen as one:\n{}",
+        worker.log()
+    );
+    worker.wait_for_log("stopping the item got through").await;
     let status = worker.shut_down().await;
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }
@@ -1182,6 +1229,8 @@ echo "end $TETHER_WORKER_ID $$" >> "$f"
         assert_eq!(item["metadata"]["tether.exit_code"], "0", "{item}");
         assert_eq!(item["metadata"]["tether.worker_id"], s[0].worker.as_str());
         assert_eq!(item["requeue_count"], 0, "{item}");
+        // Each stop went with the claim of the next item (or of none, once the queue was empty).
+        assert!(setup.stopped_with_a_claim(work).await, "{item}");
         *served_by.entry(s[0].worker.clone()).or_default() += 1;
     }
     eprintln!("items served per worker: {served_by:?}");

@@ -651,7 +651,9 @@ impl Client {
     /// heartbeat in one request. The item comes back `active` and leased to the caller, with its
     /// `secret`; heartbeat with `lease.last_heartbeat` as `expected_last_heartbeat`, and stop it at
     /// the end. `None` when there is no item (after waiting up to `block_ms`). Servers other than
-    /// Tether answer 404.
+    /// Tether answer 404. With [`ClaimOptions::stop`] it first stops the item whose program has
+    /// ended (a server without it ignores the body: check that the item stopped once, or stop it
+    /// on its own): one request per item for a worker that takes one after another.
     pub async fn claim_work(
         &self,
         environment_id: &str,
@@ -661,6 +663,12 @@ impl Client {
         let builder = self.taking(Method::POST, &url, &options.poll, &options.query());
         let builder = match &options.idempotency_key {
             Some(key) => builder.header("idempotency-key", key),
+            None => builder,
+        };
+        let builder = match &options.stop {
+            Some(stop) => builder.json(&tether_api::ClaimRequest {
+                stop: Some(stop.clone()),
+            }),
             None => builder,
         };
         self.send(builder, &url).await

@@ -5,9 +5,9 @@
 pub use tether_api::{
     event_type, Agent, AgentRef, Cancel, Claim, CreateAgent, CreateEnvironment, CreateSession,
     Credential, Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page,
-    PostEvents, PostedEvents, QueueStats, SecretError, Session, SessionStatus, UpdateAgent,
-    UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret, WorkState,
-    WorkTransition, Worker, WorkerItem,
+    PostEvents, PostedEvents, QueueStats, SecretError, Session, SessionStatus, StopWithClaim,
+    UpdateAgent, UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret,
+    WorkState, WorkTransition, Worker, WorkerItem,
 };
 
 impl From<SecretError> for crate::Error {

@@ -8,8 +8,8 @@ use serde_json::json;
 use tether_client::{
     collect_all, paginate, ClaimOptions, ClaimTry, Client, CreateAgent, CreateEnvironment,
     CreateSession, Error, HeartbeatOptions, ListEvents, ListParams, ListResources, ListSessions,
-    MetadataPatch, NewEvent, PollOptions, SessionStatus, UpdateAgent, UpdateEnvironment,
-    UpdateSession, WorkState,
+    MetadataPatch, NewEvent, PollOptions, SessionStatus, StopWithClaim, UpdateAgent,
+    UpdateEnvironment, UpdateSession, WorkItem, WorkState,
 };
 use tether_testkit::client::environment_agent_and_session;
 use tether_testkit::{each_backend, TestServer};
@@ -291,6 +291,7 @@ async fn tethers_own_cycle_claim_then_stop() {
             desired_ttl_seconds: Some(30),
             idempotency_key: Some("tethers-own-cycle-claim-1".into()),
             retry: ClaimTry::First,
+            stop: None,
         };
         let claim = client
             .claim_work(&env.id, &options)
@@ -338,6 +339,59 @@ async fn tethers_own_cycle_claim_then_stop() {
         bad.poll.block_ms = Some(1_000);
         let e = refusal(client.claim_work(&env.id, &bad).await);
         assert_eq!((e.status, e.param.as_deref()), (400, Some("block_ms")));
+    })
+    .await;
+}
+
+/// A worker taking one item after another: each claim carries the stop of the item before it,
+/// proven by that item's session token.
+#[tokio::test]
+async fn each_claim_stops_the_item_before_it() {
+    each_backend(async |server| {
+        let client = admin(server);
+        let (env, agent, _session) = environment_agent_and_session(&client, "e").await;
+        let new_session = async || {
+            let create = CreateSession::new(agent.id.as_str(), env.id.as_str());
+            client.create_session(&create).await.unwrap()
+        };
+        let second = new_session().await;
+        let options = |stop: Option<&WorkItem>| ClaimOptions {
+            poll: PollOptions {
+                worker_id: Some("w1".into()),
+                ..Default::default()
+            },
+            stop: stop.map(|item| {
+                let secret = item.decode_secret().unwrap().expect("a secret");
+                StopWithClaim::new(item.id.as_str(), secret.sessions_token)
+            }),
+            ..Default::default()
+        };
+        let first = client.claim_work(&env.id, &options(None)).await.unwrap();
+        let first = first.expect("an item").work;
+        let next = client.claim_work(&env.id, &options(Some(&first))).await;
+        let next = next.unwrap().expect("the second item").work;
+        assert_eq!(next.session_id(), Some(second.id.as_str()));
+        let ended = client.get_work(&env.id, &first.id).await.unwrap();
+        assert_eq!(ended.state, WorkState::Stopped);
+        // The last stop rides on a claim that finds nothing.
+        let last = client.claim_work(&env.id, &options(Some(&next))).await;
+        assert_eq!(last.unwrap(), None);
+        let ended = client.get_work(&env.id, &next.id).await.unwrap();
+        assert_eq!(ended.state, WorkState::Stopped);
+        // A stop that is refused is the claim's error: the token of the item before does not hold
+        // the next one, and nothing is claimed.
+        new_session().await;
+        new_session().await;
+        let third = client.claim_work(&env.id, &options(None)).await.unwrap();
+        let third = third.expect("the third item").work;
+        let mut forged = options(Some(&next));
+        forged.stop.as_mut().unwrap().work_id = third.id.clone();
+        let e = refusal(client.claim_work(&env.id, &forged).await);
+        assert_eq!((e.status, e.code.as_deref()), (409, Some("not_held")));
+        let held = client.get_work(&env.id, &third.id).await.unwrap();
+        assert_eq!(held.state, WorkState::Active);
+        let stats = client.work_stats(&env.id).await.unwrap();
+        assert_eq!(stats.depth, 1, "the fourth item is still queued");
     })
     .await;
 }

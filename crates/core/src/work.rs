@@ -714,6 +714,27 @@ pub fn stop_by(
     })
 }
 
+/// The stop a worker sends with its next claim (Tether's claim with `stop`): its own forced stop of
+/// the item whose program has ended ([`stop_by`] with `force` and [`Stopper::Holder`]), proven by
+/// the item's session token (`token_hash`) as a stop sent with that token is: a token that no longer
+/// holds the item (its lease ran out and it went back to the queue, or to another worker, or to this
+/// one again under a new token) is refused ([`WorkError::NotHeld`]), so a worker late with its stop
+/// cannot end another run. One difference, because the claim may be sent again: an item already
+/// `stopped` is left as it is and counts as stopped, not refused (a try of the claim whose answer
+/// was lost may have stopped it, and so may an operator meanwhile; either way what the worker asked
+/// for holds).
+pub fn stop_with_claim(
+    item: &WorkItem,
+    token_hash: &str,
+    now: Timestamp,
+) -> Result<Step, WorkError> {
+    if item.state == WorkState::Stopped {
+        return Ok(Step::unchanged(item));
+    }
+    held_by(item, token_hash)?;
+    stop_by(item, true, now, Stopper::Holder)
+}
+
 /// The metadata key in which Tether's worker records its program's exit code, as a shell shows it
 /// (128 + the signal for a program a signal ended).
 pub const EXIT_CODE_KEY: &str = "tether.exit_code";

@@ -75,6 +75,11 @@ enum Action {
     Stop {
         force: bool,
     },
+    /// The stop a claim carries (`work::stop_with_claim`), with the token the last claim or poll
+    /// minted (`None`), or with an earlier one, `n` mints back (`Some(n)`).
+    StopWithClaim {
+        token_back: Option<u64>,
+    },
     /// The dispatcher's expiry pass.
     Sweep,
     /// Session archived (false) or deleted (true).
@@ -146,6 +151,7 @@ fn action_strategy() -> impl Strategy<Value = Action> {
         )
             .prop_map(|(expected, desired_ttl, who)| Action::Heartbeat { expected, desired_ttl, who }),
         2 => any::<bool>().prop_map(|force| Action::Stop { force }),
+        2 => option::of(0u64..4).prop_map(|token_back| Action::StopWithClaim { token_back }),
         3 => Just(Action::Sweep),
         1 => any::<bool>().prop_map(|deleted| Action::SessionGone { deleted }),
         2 => vec((0u8..24, option::weighted(0.8, 0u8..3)), 0..8).prop_map(|entries| Action::Patch { entries }),
@@ -883,6 +889,33 @@ fn apply(
             }
             (ev.expired, ev.outcome, cur)
         }
+        Action::StopWithClaim { token_back } => {
+            let token = format!("token-{}", tokens.saturating_sub(token_back.unwrap_or(0)));
+            let ev = work::evaluate(&before, now, policy, |cur| {
+                work::stop_with_claim(cur, &token, now)
+            });
+            let cur = ev.expired.as_ref().map_or(&before, |s| &s.item).clone();
+            let holds = cur.session_token_hash.as_deref() == Some(token.as_str());
+            match &ev.outcome {
+                // Already stopped: counts as stopped, changes nothing.
+                Ok(step) if cur.state == WorkState::Stopped => {
+                    prop_assert_eq!(&step.item, &cur);
+                    prop_assert!(step.transitions.is_empty());
+                }
+                // The token's holder: exactly its own forced stop.
+                Ok(step) if holds => {
+                    let own = work::stop_by(&cur, true, now, work::Stopper::Holder).unwrap();
+                    prop_assert_eq!(&step.item, &own.item);
+                    prop_assert_eq!(&step.transitions, &own.transitions);
+                    prop_assert_eq!(step.item.state, WorkState::Stopped);
+                }
+                Err(e) if cur.state.is_live() && !holds => {
+                    prop_assert_eq!(e, &WorkError::NotHeld)
+                }
+                got => prop_assert!(false, "stop with a claim of {:?}: {:?}", cur, got),
+            }
+            (ev.expired, ev.outcome, cur)
+        }
     };
 
     check_expiry(&before, expired.as_ref(), now, policy)?;
@@ -1051,6 +1084,7 @@ fn the_generator_reaches_every_cell() {
         "worker_mismatch",
         "precondition_failed",
         "not_claimable",
+        "not_held",
         "metadata",
     ] {
         assert!(

@@ -1876,3 +1876,51 @@ fn table_claimed_lease_asked_again() {
         }
     }
 }
+
+/// The stop a claim carries: the holder's forced stop, proven by the item's session token, which
+/// finds a stopped item stopped already. One cell per fixture and token; an accepted one must be
+/// exactly the holder's forced stop.
+#[test]
+fn table_stop_with_claim() {
+    for fx in Fx::ALL {
+        let item = fx.build();
+        for token in [TOKEN_1, TOKEN_NEW] {
+            let cell = format!("{fx:?} stopped with the claim carrying {token}");
+            let answered = work::stop_with_claim(&item, token, now());
+            let holds = item.session_token_hash.as_deref() == Some(token);
+            let expected = match fx {
+                Fx::Stopped => Want::Same,
+                _ if !holds => Want::Refused(Refusal::NotHeld),
+                _ => Want::Moves(Cause::ForceStopped, stopped_now()),
+            };
+            match (answered, expected) {
+                (Ok(step), Want::Same) => {
+                    assert_eq!(step.item, item, "{cell}");
+                    assert!(step.transitions.is_empty(), "{cell}");
+                }
+                (Ok(step), Want::Moves(cause, _)) => {
+                    let holders = work::stop_by(&item, true, now(), work::Stopper::Holder).unwrap();
+                    assert_eq!(step.item, holders.item, "{cell}");
+                    assert_eq!(step.transitions, holders.transitions, "{cell}");
+                    assert_eq!(step.holder_may_run_until, None, "{cell}: nothing runs on");
+                    assert_eq!(step.transitions.len(), 1, "{cell}");
+                    assert_eq!(step.transitions[0].cause, cause, "{cell}");
+                    assert_eq!(step.item.state, WorkState::Stopped, "{cell}");
+                }
+                (Err(error), Want::Refused(refusal)) => {
+                    assert_eq!(refusal_of(&error), refusal, "{cell}")
+                }
+                (answered, _) => panic!("{cell}: {answered:?}"),
+            }
+        }
+    }
+    // The cells that decide: the holder's token stops its item, any other is refused, and a queued
+    // item (a lease that ran out sends it back there, its token dead) is no longer the late worker's.
+    // (A delivered item's token is its poll's: it may stop it, as it may with `POST …/stop`.)
+    let stops = |fx: Fx, token| work::stop_with_claim(&fx.build(), token, now()).is_ok();
+    assert!(stops(Fx::Active, TOKEN_1));
+    assert!(stops(Fx::Stopping, TOKEN_1));
+    assert!(!stops(Fx::Active, TOKEN_NEW));
+    assert!(!stops(Fx::Queued, TOKEN_1), "a queued item has no holder");
+    assert!(stops(Fx::Stopped, TOKEN_NEW));
+}

@@ -506,3 +506,106 @@ async fn a_claims_key_must_be_a_plain_long_string() {
     })
     .await;
 }
+
+/// A claim with `stop` (sent as `worker`, with an `Idempotency-Key` when `key` is given).
+async fn claim_stopping(
+    q: &Queue<'_>,
+    query: &str,
+    worker: &str,
+    key: Option<&str>,
+    stop: Value,
+) -> Reply {
+    let path = q.path(&format!("/claim{query}"));
+    let request = q.req(Method::POST, &path).worker(worker);
+    let request = match key {
+        Some(key) => request.header("idempotency-key", key),
+        None => request,
+    };
+    request.json(json!({ "stop": stop })).send().await
+}
+
+/// A claim with `stop` ends the worker's finished item, then claims: one request per item. The
+/// stop is the holder's forced stop, proven by the item's session token; sent again with its key the
+/// claim answers the same item and finds its stop done; a token that does not hold the item, an
+/// unknown item, a bad body or an open turn is refused, and then nothing is claimed.
+#[tokio::test]
+async fn a_claim_with_stop_ends_the_finished_item_then_takes_the_next() {
+    each_backend(async |server| {
+        let q = Queue::new(server).await;
+        let first = q.enqueue().await;
+        let second = q.enqueue().await;
+        let third = q.enqueue().await;
+        let (a, token_a, _) = claimed(&keyed_claim(&q, "", "w1", KEY).await);
+        assert_eq!(a, first.id);
+
+        // Ends `a`, takes the next.
+        let key_b = "fedcba9876543210fedcba9876543210";
+        let stop_a = json!({"work_id": a, "session_token": token_a});
+        let reply = claim_stopping(&q, "", "w1", Some(key_b), stop_a.clone()).await;
+        let (b, token_b, _) = claimed(&reply);
+        assert_eq!(b, second.id);
+        assert_eq!(q.state(&a).await, "stopped");
+        assert_eq!(
+            q.causes(&a).await,
+            ["enqueued", "delivered", "acked", "first_heartbeat", "force_stopped"]
+        );
+        let stop = q.history(&a).await.last().cloned().unwrap();
+        let detail = stop["detail"].as_str().unwrap_or_default();
+        assert!(detail.ends_with("asked for by the item's session token, sent with a claim"), "{stop}");
+        // Its answer lost, the same claim is sent again: the stop is found done, the item is the
+        // one the first try took, and nothing more is written.
+        let again = claim_stopping(&q, "?retry=true", "w1", Some(key_b), stop_a).await;
+        assert_eq!(claimed(&again).0, b);
+        assert_eq!(again.ok()["earlier_try"], true);
+        assert_eq!(q.causes(&a).await.len(), 5);
+        assert_eq!(q.state(&third.id).await, "queued");
+
+        // A token that does not hold `b` (another item's, or none that was ever minted) cannot end
+        // it, nor can anyone end an item that is not there: refused, and nothing is claimed.
+        for token in [token_a.as_str(), "tth_ses_not_a_token"] {
+            let stop = json!({"work_id": b, "session_token": token});
+            let refused = claim_stopping(&q, "", "w2", None, stop).await;
+            let refusal = refused.error(409, "invalid_request_error");
+            assert_eq!(refusal["code"], "not_held");
+        }
+        assert_eq!(q.state(&b).await, "active");
+        let unknown = json!({"work_id": "work_0190a1b2c3d4e5f60718293a4b5c6d7e", "session_token": token_b});
+        claim_stopping(&q, "", "w1", None, unknown)
+            .await
+            .error(404, "not_found_error");
+        // A body that does not say which item and with what token is refused before anything.
+        for (stop, message) in [
+            (json!({"work_id": b}), "stop.session_token is required"),
+            (json!({"work_id": 5, "session_token": token_b}), "stop.work_id must be a string"),
+            (json!({"work_id": b, "session_token": token_b, "unless_turn_open": "yes"}), "stop.unless_turn_open must be a boolean"),
+            (json!("work_1"), "stop must be an object with the item's work_id and session_token"),
+        ] {
+            let refused = claim_stopping(&q, "", "w1", None, stop).await;
+            let refusal = refused.error(400, "invalid_request_error");
+            assert_eq!((refusal["param"].as_str(), refusal["message"].as_str()), (Some("stop"), Some(message)));
+        }
+        assert_eq!(q.state(&third.id).await, "queued");
+
+        // Input that came while the program was ending leaves the turn open: a stop that must not
+        // end it is refused, and nothing is claimed.
+        let input = json!({"events": [{"type": "user.message", "content": [{"type": "text", "text": "hi"}]}]});
+        let events = format!("/sessions/{}/events", second.session);
+        q.req(Method::POST, &events).json(input).send().await.ok();
+        let unless = json!({"work_id": b, "session_token": token_b, "unless_turn_open": true});
+        let refused = claim_stopping(&q, "", "w1", None, unless).await;
+        assert_eq!(refused.error(409, "invalid_request_error")["code"], "turn_open");
+        assert_eq!(q.state(&b).await, "active");
+        assert_eq!(q.state(&third.id).await, "queued");
+
+        // Without the condition it goes through; with nothing left to claim the answer is null.
+        let stop_b = json!({"work_id": b, "session_token": token_b});
+        let (c, token_c, _) = claimed(&claim_stopping(&q, "", "w1", None, stop_b).await);
+        assert_eq!(c, third.id);
+        assert_eq!(q.state(&b).await, "stopped");
+        let stop_c = json!({"work_id": c, "session_token": token_c});
+        let last = claim_stopping(&q, "?block_ms=20", "w1", None, stop_c).await;
+        assert_eq!(last.ok(), &Value::Null);
+        assert_eq!(q.state(&c).await, "stopped");
+    })
+    .await;
+}

@@ -463,7 +463,7 @@ async fn take(
 /// server answers the item an earlier try took (`earlier_try`), rather than leave it leased to
 /// nobody for the lease's whole length.
 #[derive(Debug)]
-struct ClaimTries {
+pub(crate) struct ClaimTries {
     /// 128 random bits, as 32 hex digits. With the worker's key, it makes the claim's session
     /// token: it is never logged.
     key: String,
@@ -474,7 +474,7 @@ struct ClaimTries {
 }
 
 impl ClaimTries {
-    fn first_at(sent: tokio::time::Instant) -> ClaimTries {
+    pub(crate) fn first_at(sent: tokio::time::Instant) -> ClaimTries {
         let bits: u128 = rand::rng().random();
         ClaimTries {
             key: format!("{bits:032x}"),
@@ -484,7 +484,7 @@ impl ClaimTries {
     }
 
     /// Sets the next try's key, and whether it is one sent again.
-    fn ask(&self, options: &mut ClaimOptions) {
+    pub(crate) fn ask(&self, options: &mut ClaimOptions) {
         options.idempotency_key = Some(self.key.clone());
         options.retry = match self.unheard {
             true => ClaimTry::Again,
@@ -495,7 +495,7 @@ impl ClaimTries {
     /// When the lease of an item a claim's try sent at `sent` brought began, at the earliest: an
     /// item an earlier try took (`earlier_try`) was leased when that try committed, so its lease
     /// counts from when the first try went out, however much later this answer brings it.
-    fn lease_start(
+    pub(crate) fn lease_start(
         tries: Option<&ClaimTries>,
         sent: tokio::time::Instant,
         earlier_try: bool,
@@ -570,7 +570,7 @@ impl ClaimTries {
     /// try is this claim's again. A try that did not reach the server changes nothing: a claim
     /// already unheard stays so (an earlier try may still have taken an item), and a first try
     /// took nothing.
-    fn answered(tries: &mut Option<ClaimTries>, outcome: TryOutcome) {
+    pub(crate) fn answered(tries: &mut Option<ClaimTries>, outcome: TryOutcome) {
         match (tries.as_mut(), outcome) {
             (Some(claim), TryOutcome::Unheard) => claim.unheard = true,
             (Some(claim), TryOutcome::NotReached) if claim.unheard => {}
@@ -611,7 +611,7 @@ impl UnheardStretch {
 
 /// What one try of a take says of whether it took an item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TryOutcome {
+pub(crate) enum TryOutcome {
     /// Answered (the answer read whole) or refused: whatever it took, the worker knows.
     Heard,
     /// It may have taken an item that its answer never brought: no answer came (a timeout, a
@@ -625,7 +625,7 @@ enum TryOutcome {
 }
 
 impl TryOutcome {
-    fn of<T>(result: &tether_client::Result<T>) -> TryOutcome {
+    pub(crate) fn of<T>(result: &tether_client::Result<T>) -> TryOutcome {
         match result {
             Ok(_) => TryOutcome::Heard,
             Err(Error::Connect { .. }) => TryOutcome::NotReached,

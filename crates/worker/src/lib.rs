@@ -4,7 +4,7 @@
 //! calls [`run`].
 //!
 //! * [`claim`]: the long-poll loop, its backoff and the refusals that end the worker;
-//! * [`supervisor`]: one item from ack to stop;
+//! * [`supervisor`]: one item from ack to stop, and the next its stop's claim brings ([`chain`]);
 //! * [`heartbeat`]: one item's lease (the arithmetic is `tether_core::lease`);
 //! * [`program`]: the child process;
 //! * [`sandbox`], [`limits`], [`proxy`], [`forward`]: `--sandbox` (bubblewrap), its caps (cgroups or
@@ -13,6 +13,7 @@
 //! * [`status`]: log lines and the live status line.
 
 pub mod backoff;
+mod chain;
 mod claim;
 mod deadman;
 mod error;

@@ -20,6 +20,8 @@ use tether_core::work;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::{retry, Backoff};
+use crate::chain::NextClaim;
+use crate::claim::is_plain_name;
 use crate::heartbeat::{Connection, Deadline, Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
 use crate::proxy::ApiProxy;
@@ -50,22 +52,37 @@ pub enum Taken {
 }
 
 /// Serves `item`, taken as `taken` says, holding `slot` (one unit of `--concurrency`) until it is
-/// done.
+/// done; then, in the same slot, each item that the claim sent with an item's stop brought
+/// ([`crate::chain`]).
 pub async fn serve(shared: Arc<Shared>, item: WorkItem, taken: Taken, slot: OwnedSemaphorePermit) {
-    let work_id = item.id.clone();
-    let (calls, token) = HttpItem::new(&shared, &item);
-    let outcome = Item::new(&shared, &item, calls, token)
-        .run(item.clone(), taken)
-        .await;
-    if let Some(dirs) = &shared.workdirs {
-        if let Err(e) = dirs.finish(&work_id) {
+    let mut next = Some((item, taken));
+    while let Some((item, taken)) = next.take() {
+        let work_id = item.id.clone();
+        let (mut calls, token) = HttpItem::new(&shared, &item);
+        calls.next = NextClaim::for_item(&shared, &taken, token.as_deref()).map(Arc::new);
+        let chained = calls.next.clone();
+        let outcome = Item::new(&shared, &item, calls, token)
+            .run(item.clone(), taken)
+            .await;
+        if let Some(dirs) = &shared.workdirs {
+            if let Err(e) = dirs.finish(&work_id) {
+                shared.report.warn(
+                    "cannot remove the item's working directory",
+                    &[("work_id", &work_id), ("error", &e.to_string())],
+                );
+            }
+        }
+        shared.report.finished(&work_id, outcome);
+        next = chained.and_then(|chained| chained.take_brought());
+        if let Some((item, _)) = next.as_ref().filter(|(item, _)| !is_plain_name(&item.id)) {
+            // As the claim loop does: its lease lapses, and it goes back to the queue.
             shared.report.warn(
-                "cannot remove the item's working directory",
-                &[("work_id", &work_id), ("error", &e.to_string())],
+                "the server handed out a work item whose id is not a plain name: not running it",
+                &[("work_id", &format!("{:?}", item.id))],
             );
+            next = None;
         }
     }
-    shared.report.finished(&work_id, outcome);
     drop(slot);
 }
 
@@ -119,6 +136,8 @@ pub(crate) struct HttpItem {
     /// be dead without a word (a NAT or a failover forgot them): a retry on one of them would hang
     /// as long again.
     unanswered: AtomicBool,
+    /// The claim a forced stop carries, where it may ([`crate::chain`]).
+    next: Option<Arc<NextClaim>>,
 }
 
 /// How long one call of an item other than its heartbeat (the ack, the exit's record, the stop) is
@@ -154,6 +173,7 @@ impl HttpItem {
             work_id: item.id.clone(),
             worker_id: shared.worker_id.clone(),
             unanswered: AtomicBool::new(false),
+            next: None,
         };
         (calls, token)
     }
@@ -188,6 +208,11 @@ impl ItemCalls for HttpItem {
     }
 
     async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
+        if let Some(next) = self.next.as_ref().filter(|n| force && n.carries_the_stop()) {
+            let client = self.over(&self.environment_client);
+            let answer = next.stop_then_claim(&client, &self.work_id, false).await;
+            return self.heard(answer);
+        }
         let answer = self
             .over(&self.client)
             .stop_work(&self.environment_id, &self.work_id, force)
@@ -196,6 +221,11 @@ impl ItemCalls for HttpItem {
     }
 
     async fn stop_unless_turn_open(&self) -> tether_client::Result<WorkState> {
+        if let Some(next) = self.next.as_ref().filter(|n| n.carries_the_stop()) {
+            let client = self.over(&self.environment_client);
+            let answer = next.stop_then_claim(&client, &self.work_id, true).await;
+            return self.heard(answer);
+        }
         let answer = self
             .over(&self.client)
             .stop_work_unless_turn_open(&self.environment_id, &self.work_id)
@@ -2046,6 +2076,7 @@ mod connection_tests {
             work_id: "work_1".into(),
             worker_id: "w1".into(),
             unanswered: AtomicBool::new(false),
+            next: None,
         };
         let (first, second) = tokio::join!(calls.stop(true), calls.stop(true));
         assert_eq!(

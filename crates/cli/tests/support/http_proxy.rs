@@ -1,7 +1,7 @@
 //! An HTTP proxy on 127.0.0.1 in front of a real server that meddles with claims (`Meddling`):
 //! it plays a server without the claim endpoint, or loses the answer of a claim that took an item.
 //! Every other request goes through as it came. It counts what it saw, by path, and claims also
-//! by their `retry` (`claim retry=true`).
+//! by their `retry` (`claim retry=true`) and by whether they carry a stop (`claim stop`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,9 @@ pub enum Meddling {
     /// without reaching the server, so that the worker goes on not knowing: only a try sent with
     /// `retry=only` (a draining worker's) gets through.
     LoseFirstTakenClaimUntilDrain,
+    /// As `LoseFirstTakenClaim`, for the first claim that carries a stop (`stop` in its body)
+    /// and took an item: the stop and the claim have both committed.
+    LoseFirstTakenChainedClaim,
 }
 
 pub struct HttpProxy {
@@ -127,6 +130,10 @@ async fn forward(
     let body = axum::body::to_bytes(body, 16 << 20)
         .await
         .expect("the request's body");
+    let carries_a_stop = segment == "claim" && body.windows(6).any(|w| w == b"\"stop\"");
+    if carries_a_stop {
+        *seen.lock().unwrap().entry("claim stop".into()).or_default() += 1;
+    }
     let mut outgoing = client.request(parts.method, target).body(body);
     for (name, value) in &parts.headers {
         if !is_hop_by_hop(name) {
@@ -147,10 +154,11 @@ async fn forward(
     let bytes = answer.bytes().await.unwrap_or_default();
     let took_an_item =
         segment == "claim" && answer_status.is_success() && bytes.as_ref() != b"null";
-    let loses = matches!(
-        meddle.meddling,
-        Meddling::LoseFirstTakenClaim | Meddling::LoseFirstTakenClaimUntilDrain
-    );
+    let loses = match meddle.meddling {
+        Meddling::LoseFirstTakenClaim | Meddling::LoseFirstTakenClaimUntilDrain => true,
+        Meddling::LoseFirstTakenChainedClaim => carries_a_stop,
+        Meddling::NoClaims => false,
+    };
     if loses && took_an_item && !meddle.lost.swap(true, Ordering::SeqCst) {
         // Half the answer, then a broken connection: hyper ends a response whose body fails.
         let half = bytes.slice(..bytes.len() / 2);

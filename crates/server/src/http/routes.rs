@@ -415,7 +415,7 @@ pub fn api() -> Vec<Endpoint> {
             .returns(JsonOrNull(shape::<api::WorkItem>()))
             .no_head(),
         ep(Post, "/environments/{environment_id}/work/claim", "claimWork", work::claim)
-            .doc("work", "Tether extension: claim one queued item and start its lease, as a poll, its ack and a first heartbeat at once (`null` when there is none); then heartbeat with the answer's `lease.last_heartbeat`, and stop")
+            .doc("work", "Tether extension: claim one queued item and start its lease, as a poll, its ack and a first heartbeat at once (`null` when there is none); then heartbeat with the answer's `lease.last_heartbeat`, and stop, or send the stop with the next claim (`stop`)")
             .access(Environment)
             .params(&[
                 BLOCK_MS,
@@ -425,6 +425,7 @@ pub fn api() -> Vec<Endpoint> {
                 IDEMPOTENCY_KEY,
                 RETRY,
             ])
+            .body(Optional(shape::<api::ClaimRequest>()))
             .returns(JsonOrNull(shape::<api::Claim>())),
         ep(Get, "/environments/{environment_id}/work/stats", "workStats", work::stats)
             .doc("work", "Queue statistics")

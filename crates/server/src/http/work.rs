@@ -146,16 +146,22 @@ pub fn poll(
 /// Claim (a Tether extension): a poll that also acks the item and makes its first heartbeat, so that
 /// a worker's cycle is this request and the stop (`tether_core::work::claim`). It takes the poll's
 /// parameters, and the heartbeat's `desired_ttl_seconds`.
+///
+/// With a body's `stop`, it first stops the item the worker has finished (`work::stop_with_claim`),
+/// so that a worker taking one item after another needs one request per item. The stop is a write
+/// of its own, made once the parameters and the body are judged and before the claim takes or waits
+/// for anything; if it is refused, the request answers its refusal and claims nothing.
 #[allow(clippy::manual_async_fn)] // an `async` block on purpose, as `poll`'s
 pub fn claim(
     State(app): State<App>,
     Caller(p): Caller,
     Wire(dialect): Wire,
-    worker: Result<WorkerId, ApiError>,
-    key: Result<IdempotencyKey, ApiError>,
+    // Who claims: the worker, and the key of its claim's tries, as one extractor.
+    (worker, key): (Result<WorkerId, ApiError>, Result<IdempotencyKey, ApiError>),
     // The queue and the connection that waits on it, as one extractor.
     (Path(env_id), connection): (Path<String>, Option<Extension<Yieldable>>),
     params: Params,
+    body: Result<JsonBody, ApiError>,
 ) -> impl std::future::Future<Output = ClaimAnswer> + Send + 'static {
     async move {
         let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
@@ -194,6 +200,13 @@ pub fn claim(
                 sent,
             }),
         };
+        let api::ClaimRequest { stop } = decode::optional(body)?;
+        if let Some(stop) = stop {
+            let token_hash = credentials::hash(&stop.session_token);
+            let unless_turn_open = stop.unless_turn_open.unwrap_or(false);
+            app.stop_with_claim(&take.env, &stop.work_id, &token_hash, unless_turn_open)
+                .await?;
+        }
         let claimed = app
             .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
             .await?;

@@ -1069,6 +1069,33 @@ impl App {
         Ok(item)
     }
 
+    /// The stop a claim carries, made before the claim takes anything (`work::stop_with_claim`):
+    /// the holder's forced stop of the item whose program has ended, proven by its session token
+    /// (`token_hash`), one write of its own. An item already stopped is answered as it is, so that
+    /// a claim sent again does not fail on it.
+    pub async fn stop_with_claim(
+        &self,
+        env: &Environment,
+        work_id: &str,
+        token_hash: &str,
+        unless_turn_open: bool,
+    ) -> Result<WorkItem> {
+        // The token is the stop's credential, as it is for a stop sent with it; the claim's
+        // credential only carried it.
+        let asker = "the item's session token, sent with a claim";
+        let read = ItemRead::ItemAndSession;
+        let (item, ()) = self
+            .run_item_op_seeing_session(&env.id, work_id, read, |item, session, now| {
+                let step = work::stop_with_claim(item, token_hash, now)?;
+                if let Some(session) = session {
+                    session::may_stop(item.state, true, session.into(), unless_turn_open)?;
+                }
+                Ok((step.asked_by(asker), ()))
+            })
+            .await?;
+        Ok(item)
+    }
+
     pub async fn get_work(&self, env: &Environment, work_id: &str) -> Result<WorkItem> {
         let (item, ()) = self
             .run_item_op(&env.id, work_id, ItemRead::Item, |item, _| {

@@ -201,6 +201,7 @@ pub fn claim(
             }),
         };
         let api::ClaimRequest { stop } = decode::optional(body)?;
+        let stops = stop.is_some();
         if let Some(stop) = stop {
             let token_hash = credentials::hash(&stop.session_token);
             let unless_turn_open = stop.unless_turn_open.unwrap_or(false);
@@ -210,7 +211,8 @@ pub fn claim(
         let claimed = app
             .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
             .await?;
-        let routine = RoutineAccess::unless_taken(&claimed);
+        // A claim that stopped an item did something, whatever it took.
+        let routine = RoutineAccess::unless_taken(&claimed).filter(|_| !stops);
         Ok((
             routine,
             Json(claimed.map(|c| {

@@ -27,7 +27,7 @@ pub use events::{event_type, Event, NewEvent, PostEvents, PostedEvents};
 pub use requests::{
     AgentRef, ClaimRequest, CreateAgent, CreateCredential, CreateEnvironment, CreateSession,
     RequeueRequest, StopRequest, StopWithClaim, UpdateAgent, UpdateEnvironment, UpdateSession,
-    WorkMetadataPatch,
+    WorkMetadataPatch, STOPPED_HEADER,
 };
 pub use resources::{
     Agent, Cancel, Canceling, Credential, Deleted, Environment, EnvironmentConfig, ErrorBody,

@@ -438,6 +438,11 @@ pub struct ClaimRequest {
     pub stop: Option<StopWithClaim>,
 }
 
+/// The header of a claim's answer that names the item its `stop` ended (or found stopped). A server
+/// that does not know `stop` ignores the body and claims all the same: without the header, the
+/// item is not stopped.
+pub const STOPPED_HEADER: &str = "tether-stopped";
+
 /// The stop a claim makes first: the holder's own forced stop of an item of the claim's
 /// environment, proven by the item's session token, as a stop sent with that token would be. An
 /// item already stopped counts as stopped (a try of the claim whose answer was lost may have

@@ -728,6 +728,32 @@ async fn a_claim_sent_with_a_stop_whose_answer_is_lost_is_answered_again() {
     assert!(status.success(), "{status:?}\n{}", worker.log());
 }
 
+/// A server that does not know a claim's stop (an older Tether, one of several sharing a database
+/// during an upgrade) claims and leaves the item: its answer does not say the stop was made, and
+/// the worker stops the item on its own, each item still served once.
+#[tokio::test]
+async fn an_item_whose_stop_a_claim_carried_in_vain_is_stopped_on_its_own() {
+    let setup = Setup::new().await;
+    let first = setup.session(json!({})).await;
+    let second = setup.session(json!({})).await;
+    let (proxy, mut worker) = setup.worker_behind(Meddling::DropClaimBodies).await;
+    setup.wait_for_state(&second, "stopped").await;
+    setup.wait_for_state(&first, "stopped").await;
+    for work in [&first, &second] {
+        assert_eq!(setup.causes(work).await, SERVED_ONCE, "{}", worker.log());
+        assert!(!setup.stopped_with_a_claim(work).await, "{}", worker.log());
+        assert_eq!(stamps(&setup.stamps(), work).len(), 2, "run once");
+    }
+    // One try, then the stops go on their own for a while.
+    assert_eq!(proxy.seen("claim stop"), 1, "{}", worker.log());
+    assert!(proxy.seen("stop") >= 2, "{}", worker.log());
+    worker
+        .wait_for_log("the server did not make the stop sent with a claim")
+        .await;
+    let status = worker.shut_down().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+}
+
 /// A claim whose answer is lost as the worker begins to drain: the worker asks once more for
 /// what it may have taken, taking no new work, and serves that item before it exits, rather than
 /// leave it leased to nobody until its lease runs out. (The proxy answers 503 to every try sent

@@ -19,8 +19,8 @@ use crate::sse::EventStream;
 use crate::types::{
     Agent, Cancel, Claim, CreateAgent, CreateEnvironment, CreateSession, Credential, Deleted,
     Environment, Event, Heartbeat, MetadataPatch, NewEvent, Page, PostEvents, PostedEvents,
-    QueueStats, Session, UpdateAgent, UpdateEnvironment, UpdateSession, WorkHistory, WorkItem,
-    WorkSecret, Worker,
+    QueueStats, Session, StopThenClaim, StopWithClaim, UpdateAgent, UpdateEnvironment,
+    UpdateSession, WorkHistory, WorkItem, WorkSecret, Worker, STOPPED_HEADER,
 };
 
 /// The path prefix of the Qoder dialect, which this client speaks.
@@ -332,6 +332,17 @@ impl Client {
 
     /// Sends a request and decodes a success body as `T`, or the error envelope as [`Error::Api`].
     async fn send<T: DeserializeOwned>(&self, builder: RequestBuilder, url: &str) -> Result<T> {
+        self.send_reading_headers(builder, url)
+            .await
+            .map(|(body, _)| body)
+    }
+
+    /// [`Client::send`], with the answer's headers.
+    async fn send_reading_headers<T: DeserializeOwned>(
+        &self,
+        builder: RequestBuilder,
+        url: &str,
+    ) -> Result<(T, reqwest::header::HeaderMap)> {
         let response = builder.send().await.map_err(|e| Error::transport(url, e))?;
         let status = response.status().as_u16();
         let request_id = response
@@ -343,12 +354,14 @@ impl Client {
             let body = error_body(response).await;
             return Err(ApiError::from_response(status, request_id, &body).into());
         }
+        let headers = response.headers().clone();
         let body = body_within(response, url, MAX_RESPONSE_BYTES).await?;
-        serde_json::from_slice(&body).map_err(|source| Error::Decode {
+        let body = serde_json::from_slice(&body).map_err(|source| Error::Decode {
             url: url.to_owned(),
             status,
             source,
-        })
+        })?;
+        Ok((body, headers))
     }
 
     async fn get<T: DeserializeOwned>(&self, segments: &[&str], query: &Query) -> Result<T> {
@@ -651,9 +664,7 @@ impl Client {
     /// heartbeat in one request. The item comes back `active` and leased to the caller, with its
     /// `secret`; heartbeat with `lease.last_heartbeat` as `expected_last_heartbeat`, and stop it at
     /// the end. `None` when there is no item (after waiting up to `block_ms`). Servers other than
-    /// Tether answer 404. With [`ClaimOptions::stop`] it first stops the item whose program has
-    /// ended (a server without it ignores the body: check that the item stopped once, or stop it
-    /// on its own): one request per item for a worker that takes one after another.
+    /// Tether answer 404. [`Client::stop_then_claim_work`] also stops the item before.
     pub async fn claim_work(
         &self,
         environment_id: &str,
@@ -665,13 +676,39 @@ impl Client {
             Some(key) => builder.header("idempotency-key", key),
             None => builder,
         };
-        let builder = match &options.stop {
-            Some(stop) => builder.json(&tether_api::ClaimRequest {
-                stop: Some(stop.clone()),
-            }),
+        self.send(builder, &url).await
+    }
+
+    /// [`Client::claim_work`] that first stops `stop`, the caller's item whose program has ended
+    /// (a Tether extension): the holder's forced stop, proven by the item's session token, so that
+    /// a worker taking one item after another sends one request per item. A refused stop is the
+    /// error (409 `not_held` for a token that no longer holds the item,
+    /// [`crate::Error::turn_left_open`] with `unless_turn_open`), and nothing is claimed; an item
+    /// already stopped counts as stopped, so a try sent again with the claim's key may carry the
+    /// stop again. [`StopThenClaim::stopped`] is false when the server did not say that it made the
+    /// stop (a Tether server older than this client ignores the request's body and only claims):
+    /// then stop the item on its own.
+    pub async fn stop_then_claim_work(
+        &self,
+        environment_id: &str,
+        stop: &StopWithClaim,
+        options: &ClaimOptions,
+    ) -> Result<StopThenClaim> {
+        let url = self.url(&["environments", environment_id, "work", "claim"]);
+        let builder = self.taking(Method::POST, &url, &options.poll, &options.query());
+        let builder = match &options.idempotency_key {
+            Some(key) => builder.header("idempotency-key", key),
             None => builder,
         };
-        self.send(builder, &url).await
+        let body = tether_api::ClaimRequest {
+            stop: Some(stop.clone()),
+        };
+        let (claim, headers) = self.send_reading_headers(builder.json(&body), &url).await?;
+        let said = headers.get(STOPPED_HEADER).and_then(|v| v.to_str().ok());
+        Ok(StopThenClaim {
+            stopped: said == Some(stop.work_id.as_str()),
+            claim,
+        })
     }
 
     /// A poll's or a claim's request: `query`, the `Worker-ID`, and a timeout that lets the server

@@ -50,7 +50,7 @@ pub use sse::{EventStream, SseEvent, MAX_EVENT_BYTES};
 pub use types::{
     event_type, Agent, AgentRef, Cancel, Claim, CreateAgent, CreateEnvironment, CreateSession,
     Credential, Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page,
-    PostEvents, PostedEvents, QueueStats, SecretError, Session, SessionStatus, StopWithClaim,
-    UpdateAgent, UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret,
-    WorkState, WorkTransition, Worker, WorkerItem,
+    PostEvents, PostedEvents, QueueStats, SecretError, Session, SessionStatus, StopThenClaim,
+    StopWithClaim, UpdateAgent, UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem,
+    WorkSecret, WorkState, WorkTransition, Worker, WorkerItem,
 };

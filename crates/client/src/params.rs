@@ -223,13 +223,6 @@ pub struct ClaimOptions {
     /// Which try of the claim this is (`retry`); a try sent again carries the first try's
     /// `idempotency_key`.
     pub retry: ClaimTry,
-    /// Sent in the body: the item whose program has ended, stopped (forced, as its holder's,
-    /// proven by its session token) before the claim takes anything, so that one request ends an
-    /// item and takes the next. An item already stopped counts as stopped, so a try sent again may
-    /// carry it too. A refused stop is the claim's error (409 `not_held` for a token that no longer
-    /// holds the item; [`crate::Error::turn_left_open`] with `unless_turn_open`), and then nothing
-    /// is claimed.
-    pub stop: Option<crate::StopWithClaim>,
 }
 
 /// Which try of a claim a request is (`retry`).

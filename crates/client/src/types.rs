@@ -7,8 +7,18 @@ pub use tether_api::{
     Credential, Deleted, Environment, Event, Heartbeat, Metadata, MetadataPatch, NewEvent, Page,
     PostEvents, PostedEvents, QueueStats, SecretError, Session, SessionStatus, StopWithClaim,
     UpdateAgent, UpdateEnvironment, UpdateSession, WorkData, WorkHistory, WorkItem, WorkSecret,
-    WorkState, WorkTransition, Worker, WorkerItem,
+    WorkState, WorkTransition, Worker, WorkerItem, STOPPED_HEADER,
 };
+
+/// The answer of [`crate::Client::stop_then_claim_work`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct StopThenClaim {
+    /// The server said that it stopped the item (or found it stopped). False from a server that
+    /// ignored the stop: the item is as it was, to be stopped on its own.
+    pub stopped: bool,
+    /// The item claimed, if any.
+    pub claim: Option<Claim>,
+}
 
 impl From<SecretError> for crate::Error {
     fn from(e: SecretError) -> Self {

@@ -291,7 +291,6 @@ async fn tethers_own_cycle_claim_then_stop() {
             desired_ttl_seconds: Some(30),
             idempotency_key: Some("tethers-own-cycle-claim-1".into()),
             retry: ClaimTry::First,
-            stop: None,
         };
         let claim = client
             .claim_work(&env.id, &options)
@@ -355,38 +354,49 @@ async fn each_claim_stops_the_item_before_it() {
             client.create_session(&create).await.unwrap()
         };
         let second = new_session().await;
-        let options = |stop: Option<&WorkItem>| ClaimOptions {
+        let options = ClaimOptions {
             poll: PollOptions {
                 worker_id: Some("w1".into()),
                 ..Default::default()
             },
-            stop: stop.map(|item| {
-                let secret = item.decode_secret().unwrap().expect("a secret");
-                StopWithClaim::new(item.id.as_str(), secret.sessions_token)
-            }),
             ..Default::default()
         };
-        let first = client.claim_work(&env.id, &options(None)).await.unwrap();
+        let stop_of = |item: &WorkItem| {
+            let secret = item.decode_secret().unwrap().expect("a secret");
+            StopWithClaim::new(item.id.as_str(), secret.sessions_token)
+        };
+        let first = client.claim_work(&env.id, &options).await.unwrap();
         let first = first.expect("an item").work;
-        let next = client.claim_work(&env.id, &options(Some(&first))).await;
-        let next = next.unwrap().expect("the second item").work;
+        let next = client
+            .stop_then_claim_work(&env.id, &stop_of(&first), &options)
+            .await
+            .unwrap();
+        assert!(next.stopped, "the server said it stopped the item");
+        let next = next.claim.expect("the second item").work;
         assert_eq!(next.session_id(), Some(second.id.as_str()));
         let ended = client.get_work(&env.id, &first.id).await.unwrap();
         assert_eq!(ended.state, WorkState::Stopped);
         // The last stop rides on a claim that finds nothing.
-        let last = client.claim_work(&env.id, &options(Some(&next))).await;
-        assert_eq!(last.unwrap(), None);
+        let last = client
+            .stop_then_claim_work(&env.id, &stop_of(&next), &options)
+            .await
+            .unwrap();
+        assert_eq!((last.stopped, last.claim), (true, None));
         let ended = client.get_work(&env.id, &next.id).await.unwrap();
         assert_eq!(ended.state, WorkState::Stopped);
         // A stop that is refused is the claim's error: the token of the item before does not hold
         // the next one, and nothing is claimed.
         new_session().await;
         new_session().await;
-        let third = client.claim_work(&env.id, &options(None)).await.unwrap();
+        let third = client.claim_work(&env.id, &options).await.unwrap();
         let third = third.expect("the third item").work;
-        let mut forged = options(Some(&next));
-        forged.stop.as_mut().unwrap().work_id = third.id.clone();
-        let e = refusal(client.claim_work(&env.id, &forged).await);
+        let mut forged = stop_of(&next);
+        forged.work_id = third.id.clone();
+        let e = refusal(
+            client
+                .stop_then_claim_work(&env.id, &forged, &options)
+                .await,
+        );
         assert_eq!((e.status, e.code.as_deref()), (409, Some("not_held")));
         let held = client.get_work(&env.id, &third.id).await.unwrap();
         assert_eq!(held.state, WorkState::Active);

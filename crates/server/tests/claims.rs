@@ -544,6 +544,8 @@ async fn a_claim_with_stop_ends_the_finished_item_then_takes_the_next() {
         let reply = claim_stopping(&q, "", "w1", Some(key_b), stop_a.clone()).await;
         let (b, token_b, _) = claimed(&reply);
         assert_eq!(b, second.id);
+        // The answer says the stop was made (a server that ignores the body would not).
+        assert_eq!(reply.header("tether-stopped"), Some(a.as_str()));
         assert_eq!(q.state(&a).await, "stopped");
         assert_eq!(
             q.causes(&a).await,
@@ -556,6 +558,7 @@ async fn a_claim_with_stop_ends_the_finished_item_then_takes_the_next() {
         // one the first try took, and nothing more is written.
         let again = claim_stopping(&q, "?retry=true", "w1", Some(key_b), stop_a).await;
         assert_eq!(claimed(&again).0, b);
+        assert_eq!(again.header("tether-stopped"), Some(a.as_str()));
         assert_eq!(again.ok()["earlier_try"], true);
         assert_eq!(q.causes(&a).await.len(), 5);
         assert_eq!(q.state(&third.id).await, "queued");
@@ -573,6 +576,13 @@ async fn a_claim_with_stop_ends_the_finished_item_then_takes_the_next() {
         claim_stopping(&q, "", "w1", None, unknown)
             .await
             .error(404, "not_found_error");
+        // Nor can another environment's claim, even with the token: the item is not in its queue.
+        let elsewhere = Queue::new(server).await;
+        let stop = json!({"work_id": b, "session_token": token_b});
+        let refused = claim_stopping(&elsewhere, "", "w1", None, stop).await;
+        refused.error(404, "not_found_error");
+        assert_eq!(q.state(&b).await, "active");
+
         // A body that does not say which item and with what token is refused before anything.
         for (stop, message) in [
             (json!({"work_id": b}), "stop.session_token is required"),
@@ -605,6 +615,11 @@ async fn a_claim_with_stop_ends_the_finished_item_then_takes_the_next() {
         let stop_c = json!({"work_id": c, "session_token": token_c});
         let last = claim_stopping(&q, "?block_ms=20", "w1", None, stop_c).await;
         assert_eq!(last.ok(), &Value::Null);
+        assert_eq!(last.header("tether-stopped"), Some(c.as_str()));
+        // A claim without a stop says none.
+        let plain = q.claim("", Some("w3")).await;
+        assert_eq!(plain.header("tether-stopped"), None);
+        assert_eq!(plain.ok(), &Value::Null);
         assert_eq!(q.state(&c).await, "stopped");
     })
     .await;

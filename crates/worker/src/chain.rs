@@ -10,19 +10,28 @@
 //! same slot. The claim does not wait (no `block_ms`): the stop's answer is not held back, and a
 //! claim that finds nothing hands the slot back to the claim loop, which waits for work as always.
 //!
+//! The answer must say that the stop was made (`Tether-Stopped`): a Tether server older than the
+//! worker ignores the body and only claims (one of several sharing a database, say, during an
+//! upgrade). Then, and when the claim is refused for a reason of its own (a 400 or 404 that is not
+//! the stop's), the item is stopped on its own, as before, and for
+//! [`crate::claim::CLAIMS_AGAIN_AFTER`] no stop carries a claim.
+//!
 //! A stop carries a claim only while the worker takes work (not draining, PROGRAM able to run,
 //! not `run-one`), for an item that was itself claimed (so the server takes claims) with a
 //! session token. Its tries are a claim's (`claim::ClaimTries`): a try whose answer was not heard
 //! is sent again with the same key, so that an item an earlier try took comes back rather than
-//! wait out its lease; once the worker drains, that try takes nothing new (`retry=only`).
+//! wait out its lease; once the worker drains, that try takes nothing new (`retry=only`). Once the
+//! supervisor gives up the stop (the lease's deadline passed, the shutdown's bound), a try that
+//! was never heard is not asked after: an item it took stays leased to nobody until its lease
+//! runs out, and is then served again, as an unheard claim's that the claim loop forgets.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tether_client::{
-    ClaimOptions, ClaimTry, Client, PollOptions, StopWithClaim, WorkItem, WorkState,
+    ClaimOptions, ClaimTry, Client, PollOptions, StopThenClaim, StopWithClaim, WorkItem, WorkState,
 };
 
-use crate::claim::{cannot_run, ClaimTries, TryOutcome};
+use crate::claim::{cannot_run, ClaimTries, TryOutcome, CLAIMS_AGAIN_AFTER};
 use crate::supervisor::Taken;
 use crate::{Phase, Shared};
 
@@ -60,20 +69,23 @@ impl NextClaim {
     /// again, whatever the phase, so that the item an earlier try took is asked for; a new one
     /// only while the worker takes work.
     pub fn carries_the_stop(&self) -> bool {
+        let left_lately = lock(&self.shared.stops_with_claims_left_at)
+            .is_some_and(|at| at.elapsed() < CLAIMS_AGAIN_AFTER);
         lock(&self.tries).is_some()
-            || (*self.shared.phase.borrow() == Phase::Running && cannot_run(&self.shared).is_none())
+            || (*self.shared.phase.borrow() == Phase::Running
+                && !left_lately
+                && cannot_run(&self.shared).is_none())
     }
 
     /// One try: stops `work_id` (unless its session has a turn open, with `unless_turn_open`),
-    /// then claims without waiting, over `client` (the environment key's). The answer is the
-    /// stop's, as [`tether_client::Client::stop_work`]'s would be; an item claimed is kept for
-    /// [`NextClaim::take_brought`].
+    /// then claims without waiting, over `client` (the environment key's). What it says of the stop
+    /// is [`StopCarried`]; an item claimed is kept for [`NextClaim::take_brought`].
     pub async fn stop_then_claim(
         &self,
         client: &Client,
         work_id: &str,
         unless_turn_open: bool,
-    ) -> tether_client::Result<WorkState> {
+    ) -> StopCarried {
         let sent = tokio::time::Instant::now();
         let mut options = ClaimOptions {
             poll: PollOptions {
@@ -81,11 +93,11 @@ impl NextClaim {
                 ..Default::default()
             },
             desired_ttl_seconds: self.shared.desired_ttl,
-            stop: Some(StopWithClaim {
-                unless_turn_open: unless_turn_open.then_some(true),
-                ..StopWithClaim::new(work_id, self.session_token.as_str())
-            }),
             ..Default::default()
+        };
+        let stop = StopWithClaim {
+            unless_turn_open: unless_turn_open.then_some(true),
+            ..StopWithClaim::new(work_id, self.session_token.as_str())
         };
         lock(&self.tries)
             .get_or_insert_with(|| ClaimTries::first_at(sent))
@@ -94,30 +106,74 @@ impl NextClaim {
             options.retry = ClaimTry::AgainTakingNothing;
         }
         let answer = client
-            .claim_work(&self.shared.environment_id, &options)
+            .stop_then_claim_work(&self.shared.environment_id, &stop, &options)
             .await;
         let lease_from = {
             let mut tries = lock(&self.tries);
-            let earlier_try = matches!(&answer, Ok(Some(claim)) if claim.earlier_try);
+            let earlier_try = matches!(
+                &answer,
+                Ok(StopThenClaim { claim: Some(claim), .. }) if claim.earlier_try
+            );
             let lease_from = ClaimTries::lease_start(tries.as_ref(), sent, earlier_try);
             ClaimTries::answered(&mut tries, TryOutcome::of(&answer));
             lease_from
         };
-        if let Some(claim) = answer? {
-            let taken = Taken::Claimed {
-                sent: lease_from,
-                first: claim.lease,
-            };
-            *lock(&self.brought) = Some((claim.work, taken));
+        match answer {
+            Ok(StopThenClaim { stopped, claim }) => {
+                if let Some(claim) = claim {
+                    let taken = Taken::Claimed {
+                        sent: lease_from,
+                        first: claim.lease,
+                    };
+                    *lock(&self.brought) = Some((claim.work, taken));
+                }
+                match stopped {
+                    true => StopCarried::Answered(Ok(WorkState::Stopped)),
+                    false => self.left("the server claimed without making the stop"),
+                }
+            }
+            Err(e) if is_the_claims_own_refusal(&e) => self.left(&crate::error::described(&e)),
+            Err(e) => StopCarried::Answered(Err(e)),
         }
-        // The server stops the item before it claims: an answer, an item or none, says it is
-        // stopped (or was already).
-        Ok(WorkState::Stopped)
+    }
+
+    /// The server left the stop undone: said once, and no stop carries a claim for a while.
+    fn left(&self, why: &str) -> StopCarried {
+        let mut left_at = lock(&self.shared.stops_with_claims_left_at);
+        if left_at.is_none_or(|at| at.elapsed() >= CLAIMS_AGAIN_AFTER) {
+            self.shared.report.info(
+                "the server did not make the stop sent with a claim: stopping items on their own \
+                 (the next claim to carry a stop goes in 5 minutes)",
+                &[("reason", why)],
+            );
+        }
+        *left_at = Some(tokio::time::Instant::now());
+        StopCarried::Left
     }
 
     /// The item a try brought, once.
     pub fn take_brought(&self) -> Option<(WorkItem, Taken)> {
         lock(&self.brought).take()
+    }
+}
+
+/// What a try of a stop sent with a claim says of the stop.
+pub(crate) enum StopCarried {
+    /// The server answered for the stop: this, as a stop's own answer would be.
+    Answered(tether_client::Result<WorkState>),
+    /// The server did not make it: the item is to be stopped on its own.
+    Left,
+}
+
+/// A refusal of the request for a reason of the claim's, made before the stop was looked at: a
+/// body or a parameter it does not take (400), a credential that may not claim (403), no such
+/// environment or no claims at all (404 other than the stop's item, 405, 501). Refusals of the stop
+/// itself (409, 401, 404 `work_not_found`), and failures worth another try, are the stop's.
+fn is_the_claims_own_refusal(error: &tether_client::Error) -> bool {
+    match error.status() {
+        Some(400 | 403 | 405 | 501) => true,
+        Some(404) => error.code() != Some("work_not_found"),
+        _ => false,
     }
 }
 

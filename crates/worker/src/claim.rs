@@ -33,7 +33,7 @@ const CLAIM_SENT_AGAIN_WITHIN: Duration = Duration::from_secs(2);
 const CLAIM_ASKED_AGAIN_IN_DRAIN: Duration = Duration::from_secs(5);
 const CLAIM_SENT_AGAIN_IN_DRAIN_EVERY: Duration = Duration::from_millis(500);
 /// How long a worker polls a server that took no claim before it tries a claim again.
-const CLAIMS_AGAIN_AFTER: Duration = Duration::from_secs(300);
+pub(crate) const CLAIMS_AGAIN_AFTER: Duration = Duration::from_secs(300);
 /// An empty answer sooner than this did not wait for work (see the claim loop).
 const EARLY_EMPTY_POLL: Duration = Duration::from_millis(LONG_POLL_MS as u64 / 2);
 /// How long a poll's answer may take beyond its wait. A server answers a long poll when the wait is

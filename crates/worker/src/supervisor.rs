@@ -20,7 +20,7 @@ use tether_core::work;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::{retry, Backoff};
-use crate::chain::NextClaim;
+use crate::chain::{NextClaim, StopCarried};
 use crate::claim::is_plain_name;
 use crate::heartbeat::{Connection, Deadline, Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
@@ -210,8 +210,10 @@ impl ItemCalls for HttpItem {
     async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
         if let Some(next) = self.next.as_ref().filter(|n| force && n.carries_the_stop()) {
             let client = self.over(&self.environment_client);
-            let answer = next.stop_then_claim(&client, &self.work_id, false).await;
-            return self.heard(answer);
+            let carried = next.stop_then_claim(&client, &self.work_id, false).await;
+            if let StopCarried::Answered(answer) = carried {
+                return self.heard(answer);
+            }
         }
         let answer = self
             .over(&self.client)
@@ -223,8 +225,10 @@ impl ItemCalls for HttpItem {
     async fn stop_unless_turn_open(&self) -> tether_client::Result<WorkState> {
         if let Some(next) = self.next.as_ref().filter(|n| n.carries_the_stop()) {
             let client = self.over(&self.environment_client);
-            let answer = next.stop_then_claim(&client, &self.work_id, true).await;
-            return self.heard(answer);
+            let carried = next.stop_then_claim(&client, &self.work_id, true).await;
+            if let StopCarried::Answered(answer) = carried {
+                return self.heard(answer);
+            }
         }
         let answer = self
             .over(&self.client)
@@ -1408,6 +1412,7 @@ mod tests {
             exits: Mutex::new(Vec::new()),
             took_any: Default::default(),
             asking_for_lost_claim: Default::default(),
+            stops_with_claims_left_at: Default::default(),
             sandbox: None,
             api_proxy: None,
             // It would follow this test's paused clock with a real kernel timer, and SIGKILL the

@@ -28,6 +28,9 @@ pub enum Meddling {
     /// As `LoseFirstTakenClaim`, for the first claim that carries a stop (`stop` in its body)
     /// and took an item: the stop and the claim have both committed.
     LoseFirstTakenChainedClaim,
+    /// Forwards every claim without its body, as a server that does not know a claim's `stop`
+    /// reads it: the claim is made, the stop is not, and the answer does not say it was.
+    DropClaimBodies,
 }
 
 pub struct HttpProxy {
@@ -134,6 +137,10 @@ async fn forward(
     if carries_a_stop {
         *seen.lock().unwrap().entry("claim stop".into()).or_default() += 1;
     }
+    let body = match meddle.meddling {
+        Meddling::DropClaimBodies if segment == "claim" => axum::body::Bytes::new(),
+        _ => body,
+    };
     let mut outgoing = client.request(parts.method, target).body(body);
     for (name, value) in &parts.headers {
         if !is_hop_by_hop(name) {
@@ -157,7 +164,7 @@ async fn forward(
     let loses = match meddle.meddling {
         Meddling::LoseFirstTakenClaim | Meddling::LoseFirstTakenClaimUntilDrain => true,
         Meddling::LoseFirstTakenChainedClaim => carries_a_stop,
-        Meddling::NoClaims => false,
+        Meddling::NoClaims | Meddling::DropClaimBodies => false,
     };
     if loses && took_an_item && !meddle.lost.swap(true, Ordering::SeqCst) {
         // Half the answer, then a broken connection: hyper ends a response whose body fails.

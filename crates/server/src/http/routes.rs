@@ -415,7 +415,7 @@ pub fn api() -> Vec<Endpoint> {
             .returns(JsonOrNull(shape::<api::WorkItem>()))
             .no_head(),
         ep(Post, "/environments/{environment_id}/work/claim", "claimWork", work::claim)
-            .doc("work", "Tether extension: claim one queued item and start its lease, as a poll, its ack and a first heartbeat at once (`null` when there is none); then heartbeat with the answer's `lease.last_heartbeat`, and stop, or send the stop with the next claim (`stop`)")
+            .doc("work", "Tether extension: claim one queued item and start its lease, as a poll, its ack and a first heartbeat at once (`null` when there is none); then heartbeat with the answer's `lease.last_heartbeat`, and stop, or send the stop with the next claim (the body's `stop`; the answer's `Tether-Stopped` header then names the item stopped)")
             .access(Environment)
             .params(&[
                 BLOCK_MS,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderName, HeaderValue};
 use axum::Json;
 use tether_api as api;
 use tether_core::ids::IdKind;
@@ -116,8 +117,20 @@ type PollAnswer = ApiResult<(
     Option<Extension<RoutineAccess>>,
     Json<Option<api::WorkItem>>,
 )>;
-/// A claim's answer: the item delivered and its lease, if any.
-type ClaimAnswer = ApiResult<(Option<Extension<RoutineAccess>>, Json<Option<api::Claim>>)>;
+/// A claim's answer: the item delivered and its lease, if any, and the stop it made first
+/// ([`api::STOPPED_HEADER`]).
+type ClaimAnswer = ApiResult<(
+    Option<Extension<RoutineAccess>>,
+    Option<[(HeaderName, HeaderValue); 1]>,
+    Json<Option<api::Claim>>,
+)>;
+
+/// [`api::STOPPED_HEADER`] for `work_id`, which the stop found in the store: a plain id.
+fn stopped_header(work_id: &str) -> ApiResult<[(HeaderName, HeaderValue); 1]> {
+    let value = HeaderValue::from_str(work_id)
+        .map_err(|_| ApiError::bad_param("stop", "stop.work_id is not a work item's id"))?;
+    Ok([(HeaderName::from_static(api::STOPPED_HEADER), value)])
+}
 
 /// An `async` block, not an `async fn`: an `async fn` keeps its arguments as they came beside the
 /// copies its body moves on, all through the poll's wait.
@@ -150,7 +163,8 @@ pub fn poll(
 /// With a body's `stop`, it first stops the item the worker has finished (`work::stop_with_claim`),
 /// so that a worker taking one item after another needs one request per item. The stop is a write
 /// of its own, made once the parameters and the body are judged and before the claim takes or waits
-/// for anything; if it is refused, the request answers its refusal and claims nothing.
+/// for anything; if it is refused, the request answers its refusal and claims nothing. The answer
+/// names the stopped item in [`api::STOPPED_HEADER`].
 #[allow(clippy::manual_async_fn)] // an `async` block on purpose, as `poll`'s
 pub fn claim(
     State(app): State<App>,
@@ -165,7 +179,6 @@ pub fn claim(
 ) -> impl std::future::Future<Output = ClaimAnswer> + Send + 'static {
     async move {
         let take = TakeInputs::judge(&app, dialect, &env_id, worker, &params).await?;
-        let _yielding = take.yields(connection);
         let ttl = desired_ttl(&params)?;
         let IdempotencyKey(key) = key?;
         let sent = try_sent(&params)?;
@@ -201,20 +214,25 @@ pub fn claim(
             }),
         };
         let api::ClaimRequest { stop } = decode::optional(body)?;
-        let stops = stop.is_some();
+        let mut stopped = None;
         if let Some(stop) = stop {
             let token_hash = credentials::hash(&stop.session_token);
             let unless_turn_open = stop.unless_turn_open.unwrap_or(false);
             app.stop_with_claim(&take.env, &stop.work_id, &token_hash, unless_turn_open)
                 .await?;
+            stopped = Some(stopped_header(&stop.work_id)?);
         }
+        // Only now may the connection be given up to a new client (`TakeInputs::yields`): a cut
+        // during the stop's write would leave its caller not knowing whether the item stopped.
+        let _yielding = take.yields(connection);
         let claimed = app
             .claim(&take.env, worker, issuer, take.block, take.reclaim_ms, ask)
             .await?;
         // A claim that stopped an item did something, whatever it took.
-        let routine = RoutineAccess::unless_taken(&claimed).filter(|_| !stops);
+        let routine = RoutineAccess::unless_taken(&claimed).filter(|_| stopped.is_none());
         Ok((
             routine,
+            stopped,
             Json(claimed.map(|c| {
                 let lease = c.lease.as_ref().expect("a claim starts a lease");
                 api::Claim {

@@ -733,10 +733,21 @@ async fn a_claim_sent_with_a_stop_whose_answer_is_lost_is_answered_again() {
 /// the worker stops the item on its own, each item still served once.
 #[tokio::test]
 async fn an_item_whose_stop_a_claim_carried_in_vain_is_stopped_on_its_own() {
+    stopped_on_its_own_behind(Meddling::DropClaimBodies).await;
+}
+
+/// A claim that carries a stop refused for a reason of the claim's own (a 400 that is not the
+/// stop's): the worker stops the item on its own, and each item is served once.
+#[tokio::test]
+async fn an_item_whose_claim_was_refused_for_its_own_reason_is_stopped_on_its_own() {
+    stopped_on_its_own_behind(Meddling::RefuseClaimsWithStops).await;
+}
+
+async fn stopped_on_its_own_behind(meddling: Meddling) {
     let setup = Setup::new().await;
     let first = setup.session(json!({})).await;
     let second = setup.session(json!({})).await;
-    let (proxy, mut worker) = setup.worker_behind(Meddling::DropClaimBodies).await;
+    let (proxy, mut worker) = setup.worker_behind(meddling).await;
     setup.wait_for_state(&second, "stopped").await;
     setup.wait_for_state(&first, "stopped").await;
     for work in [&first, &second] {

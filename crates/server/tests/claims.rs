@@ -573,9 +573,9 @@ async fn a_claim_with_stop_ends_the_finished_item_then_takes_the_next() {
         }
         assert_eq!(q.state(&b).await, "active");
         let unknown = json!({"work_id": "work_0190a1b2c3d4e5f60718293a4b5c6d7e", "session_token": token_b});
-        claim_stopping(&q, "", "w1", None, unknown)
-            .await
-            .error(404, "not_found_error");
+        let missing = claim_stopping(&q, "", "w1", None, unknown).await;
+        // (The worker tells this refusal, the stop's, from a claim's own 404 by its code.)
+        assert_eq!(missing.error(404, "not_found_error")["code"], "work_not_found");
         // Nor can another environment's claim, even with the token: the item is not in its queue.
         let elsewhere = Queue::new(server).await;
         let stop = json!({"work_id": b, "session_token": token_b});

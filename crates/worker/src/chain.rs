@@ -12,9 +12,12 @@
 //!
 //! The answer must say that the stop was made (`Tether-Stopped`): a Tether server older than the
 //! worker ignores the body and only claims (one of several sharing a database, say, during an
-//! upgrade). Then, and when the claim is refused for a reason of its own (a 400 or 404 that is not
-//! the stop's), the item is stopped on its own, as before, and for
-//! [`crate::claim::CLAIMS_AGAIN_AFTER`] no stop carries a claim.
+//! upgrade). Then, and when the claim is refused for a reason of its own (400, 403, a 404 that is
+//! not the stop's, 405, 501), the item is stopped on its own, as before, and for
+//! [`crate::claim::CLAIMS_AGAIN_AFTER`] no stop carries a claim. An item such an answer brought all
+//! the same waits for that stop (and for PROGRAM run again, should the stop find a turn open); one
+//! whose lease has run out by then is not run (`Heartbeat::start_claimed`) and goes back to the
+//! queue when the server settles its lease.
 //!
 //! A stop carries a claim only while the worker takes work (not draining, PROGRAM able to run,
 //! not `run-one`), for an item that was itself claimed (so the server takes claims) with a
@@ -23,7 +26,8 @@
 //! wait out its lease; once the worker drains, that try takes nothing new (`retry=only`). Once the
 //! supervisor gives up the stop (the lease's deadline passed, the shutdown's bound), a try that
 //! was never heard is not asked after: an item it took stays leased to nobody until its lease
-//! runs out, and is then served again, as an unheard claim's that the claim loop forgets.
+//! runs out, and is then served again, as an unheard claim's that the claim loop forgets; so is
+//! one when a try sent again is refused for a reason of the claim's own.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -69,6 +73,11 @@ impl NextClaim {
     /// again, whatever the phase, so that the item an earlier try took is asked for; a new one
     /// only while the worker takes work.
     pub fn carries_the_stop(&self) -> bool {
+        // One item brought per item: a later stop of this item (PROGRAM run again after a stop
+        // that found a turn open) goes on its own.
+        if lock(&self.brought).is_some() {
+            return false;
+        }
         let left_lately = lock(&self.shared.stops_with_claims_left_at)
             .is_some_and(|at| at.elapsed() < CLAIMS_AGAIN_AFTER);
         lock(&self.tries).is_some()

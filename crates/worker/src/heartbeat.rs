@@ -257,7 +257,19 @@ impl Heartbeat {
                     Verdict::Lost(why) => Lease::Lost(why),
                     other => unreachable!("an answer judged as a failure: {other:?}"),
                 };
-                (WorkerLease::acknowledged(Duration::ZERO, ttl), held)
+                let lease = WorkerLease::acknowledged(Duration::ZERO, ttl);
+                // An item taken up late (one a claim brought while its worker was still busy
+                // with the item before, say) may hold a lease that has run out by the worker's
+                // own reckoning: no program may start under it.
+                let held = match held {
+                    Lease::Held | Lease::StopRequested
+                        if origin + lease.kill_at() <= Instant::now() =>
+                    {
+                        Lease::Lost("the lease ran out before the item was taken up".into())
+                    }
+                    held => held,
+                };
+                (lease, held)
             }
         };
         // A lease lost from the start is not beaten for.
@@ -755,6 +767,33 @@ pub(crate) mod tests {
         let first = beat("stopping", true).unwrap();
         let mut lease = Heartbeat::start_claimed(server, "w".into(), None, Instant::now(), first);
         assert_eq!(lease.established().await, Lease::StopRequested);
+    }
+
+    /// A claimed item taken up only after its lease ran out, as the worker reckons it, runs nothing
+    /// and is not beaten for: a program started then would outlive its lease at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_claimed_lease_that_ran_out_before_it_was_taken_up_runs_nothing() {
+        const TTL: u32 = 20;
+        let sent_claim = Instant::now();
+        let claimed = WorkerLease::acknowledged(Duration::ZERO, Duration::from_secs(TTL.into()));
+        tokio::time::advance(claimed.kill_at()).await;
+        let (server, sent) = Scripted::new(vec![]);
+        let first = beat_with_ttl("active", true, TTL).unwrap();
+        let mut lease = Heartbeat::start_claimed(server, "w".into(), Some(TTL), sent_claim, first);
+        let Lease::Lost(why) = lease.established().await else {
+            panic!("a lease past its deadline was taken as held");
+        };
+        assert!(why.contains("ran out before"), "{why}");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(sent.lock().unwrap().is_empty());
+
+        // A moment before the deadline it is still held, and beaten for at once.
+        let sent_claim = Instant::now();
+        tokio::time::advance(claimed.kill_at() - Duration::from_millis(1)).await;
+        let (server, _) = Scripted::new(vec![]);
+        let first = beat_with_ttl("active", true, TTL).unwrap();
+        let mut lease = Heartbeat::start_claimed(server, "w".into(), Some(TTL), sent_claim, first);
+        assert_eq!(lease.established().await, Lease::Held);
     }
 
     #[tokio::test(start_paused = true)]

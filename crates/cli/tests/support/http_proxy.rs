@@ -31,6 +31,9 @@ pub enum Meddling {
     /// Forwards every claim without its body, as a server that does not know a claim's `stop`
     /// reads it: the claim is made, the stop is not, and the answer does not say it was.
     DropClaimBodies,
+    /// Answers every claim that carries a stop 400 in the error envelope, as a server that takes
+    /// no body there (or a proxy that refuses it) might: the claim's own refusal, not the stop's.
+    RefuseClaimsWithStops,
 }
 
 pub struct HttpProxy {
@@ -137,6 +140,13 @@ async fn forward(
     if carries_a_stop {
         *seen.lock().unwrap().entry("claim stop".into()).or_default() += 1;
     }
+    if carries_a_stop && meddle.meddling == Meddling::RefuseClaimsWithStops {
+        let envelope = serde_json::json!({
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": "no body here", "param": "body"},
+        });
+        return (StatusCode::BAD_REQUEST, axum::Json(envelope)).into_response();
+    }
     let body = match meddle.meddling {
         Meddling::DropClaimBodies if segment == "claim" => axum::body::Bytes::new(),
         _ => body,
@@ -164,7 +174,7 @@ async fn forward(
     let loses = match meddle.meddling {
         Meddling::LoseFirstTakenClaim | Meddling::LoseFirstTakenClaimUntilDrain => true,
         Meddling::LoseFirstTakenChainedClaim => carries_a_stop,
-        Meddling::NoClaims | Meddling::DropClaimBodies => false,
+        Meddling::NoClaims | Meddling::DropClaimBodies | Meddling::RefuseClaimsWithStops => false,
     };
     if loses && took_an_item && !meddle.lost.swap(true, Ordering::SeqCst) {
         // Half the answer, then a broken connection: hyper ends a response whose body fails.

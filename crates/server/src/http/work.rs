@@ -216,11 +216,12 @@ pub fn claim(
         let api::ClaimRequest { stop } = decode::optional(body)?;
         let mut stopped = None;
         if let Some(stop) = stop {
+            let header = stopped_header(&stop.work_id)?;
             let token_hash = credentials::hash(&stop.session_token);
             let unless_turn_open = stop.unless_turn_open.unwrap_or(false);
             app.stop_with_claim(&take.env, &stop.work_id, &token_hash, unless_turn_open)
                 .await?;
-            stopped = Some(stopped_header(&stop.work_id)?);
+            stopped = Some(header);
         }
         // Only now may the connection be given up to a new client (`TakeInputs::yields`): a cut
         // during the stop's write would leave its caller not knowing whether the item stopped.

@@ -882,7 +882,8 @@ async fn a_request_id_cannot_forge_an_access_log_line() {
 }
 
 /// A poll or claim that took nothing, which every idle worker makes each second, is logged at
-/// `debug`; one that took an item, one refused, and any other request, at `info`.
+/// `debug`; one that took an item, one refused, one that stopped an item though it took nothing,
+/// and any other request, at `info`.
 #[tokio::test]
 async fn a_take_that_took_nothing_is_logged_at_debug() {
     for (filter, debug) in [("info", false), ("debug", true)] {
@@ -896,7 +897,7 @@ async fn a_take_that_took_nothing_is_logged_at_debug() {
         );
         let setup = server.setup();
         let http = reqwest::Client::new();
-        let take = async |take: &str, key: &str| {
+        let take_with = async |take: &str, key: &str, body: Option<Value>| {
             let url = format!(
                 "{}/api/v1/cloud/environments/{}/work/{take}",
                 server.url, setup.env
@@ -909,15 +910,29 @@ async fn a_take_that_took_nothing_is_logged_at_debug() {
                 .request(method, url)
                 .bearer_auth(key)
                 .header("Worker-ID", "w1");
+            let response = match body {
+                Some(body) => response.json(&body),
+                None => response,
+            };
             let response = response.send().await.unwrap();
             let status = response.status().as_u16();
             (status, response.json::<Value>().await.unwrap())
         };
+        let take = async |take: &str, key: &str| take_with(take, key, None).await;
         // The session's item, then nothing, by a claim and by a poll; another session's item by a
         // poll; and a poll refused.
         let key = setup.key.as_str();
-        assert!(take("claim", key).await.1.is_object());
+        let claimed = take("claim", key).await.1;
+        assert!(claimed.is_object());
         assert!(take("claim", key).await.1.is_null());
+        // A claim that ends the item claimed first and takes nothing.
+        let secret = claimed["work"]["secret"].as_str().unwrap();
+        let token = tether_client::WorkSecret::decode(secret)
+            .unwrap()
+            .sessions_token;
+        let stop =
+            serde_json::json!({"stop": {"work_id": claimed["work"]["id"], "session_token": token}});
+        assert!(take_with("claim", key, Some(stop)).await.1.is_null());
         assert!(take("poll", key).await.1.is_null());
         server.another_session(&setup);
         assert!(take("poll", key).await.1.is_object());
@@ -934,8 +949,8 @@ async fn a_take_that_took_nothing_is_logged_at_debug() {
                 .collect()
         };
         let (claims, polls) = match debug {
-            false => (vec!["INFO"], vec!["INFO", "INFO"]),
-            true => (vec!["INFO", "DEBUG"], vec!["DEBUG", "INFO", "INFO"]),
+            false => (vec!["INFO", "INFO"], vec!["INFO", "INFO"]),
+            true => (vec!["INFO", "DEBUG", "INFO"], vec!["DEBUG", "INFO", "INFO"]),
         };
         // Every line is there once the refused poll's, the last request's, is.
         let (log, lines) = eventually("the access lines", || {

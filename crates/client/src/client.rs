@@ -670,12 +670,7 @@ impl Client {
         environment_id: &str,
         options: &ClaimOptions,
     ) -> Result<Option<Claim>> {
-        let url = self.url(&["environments", environment_id, "work", "claim"]);
-        let builder = self.taking(Method::POST, &url, &options.poll, &options.query());
-        let builder = match &options.idempotency_key {
-            Some(key) => builder.header("idempotency-key", key),
-            None => builder,
-        };
+        let (url, builder) = self.claiming(environment_id, options);
         self.send(builder, &url).await
     }
 
@@ -694,12 +689,7 @@ impl Client {
         stop: &StopWithClaim,
         options: &ClaimOptions,
     ) -> Result<StopThenClaim> {
-        let url = self.url(&["environments", environment_id, "work", "claim"]);
-        let builder = self.taking(Method::POST, &url, &options.poll, &options.query());
-        let builder = match &options.idempotency_key {
-            Some(key) => builder.header("idempotency-key", key),
-            None => builder,
-        };
+        let (url, builder) = self.claiming(environment_id, options);
         let body = tether_api::ClaimRequest {
             stop: Some(stop.clone()),
         };
@@ -709,6 +699,17 @@ impl Client {
             stopped: said == Some(stop.work_id.as_str()),
             claim,
         })
+    }
+
+    /// A claim's URL and request, as `options` say (its body is the caller's).
+    fn claiming(&self, environment_id: &str, options: &ClaimOptions) -> (String, RequestBuilder) {
+        let url = self.url(&["environments", environment_id, "work", "claim"]);
+        let builder = self.taking(Method::POST, &url, &options.poll, &options.query());
+        let builder = match &options.idempotency_key {
+            Some(key) => builder.header("idempotency-key", key),
+            None => builder,
+        };
+        (url, builder)
     }
 
     /// A poll's or a claim's request: `query`, the `Worker-ID`, and a timeout that lets the server

@@ -251,7 +251,7 @@ async fn claim_until_drain(
                 // must be a plain name: a server that hands out `../x` or `/x` is not trusted with them.
                 Ok(Some((item, _))) if !is_plain_name(&item.id) => (
                     Holdup::RefusedItem,
-                    "the server handed out a work item whose id is not a plain name: not running it",
+                    NOT_A_PLAIN_NAME,
                     vec![("work_id", format!("{:?}", item.id))],
                 ),
                 Ok(Some((item, taken))) => match cannot_run(shared).filter(|_| taken.is_none()) {
@@ -682,6 +682,11 @@ async fn waited_until(
         _ = reached(phase, until) => false,
     }
 }
+
+/// What the worker says of an item whose id is not a plain name ([`is_plain_name`]), which it
+/// leaves to its lease (or reclaim window) and the server.
+pub(crate) const NOT_A_PLAIN_NAME: &str =
+    "the server handed out a work item whose id is not a plain name: not running it";
 
 /// Longest work id taken: Tether's are 37 characters.
 const MAX_WORK_ID: usize = 128;

@@ -21,7 +21,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::backoff::{retry, Backoff};
 use crate::chain::{NextClaim, StopCarried};
-use crate::claim::is_plain_name;
+use crate::claim::{is_plain_name, NOT_A_PLAIN_NAME};
 use crate::heartbeat::{Connection, Deadline, Heartbeat, ItemLease, Lease, Renew};
 use crate::program::{Confined, Exit, Running};
 use crate::proxy::ApiProxy;
@@ -76,10 +76,9 @@ pub async fn serve(shared: Arc<Shared>, item: WorkItem, taken: Taken, slot: Owne
         next = chained.and_then(|chained| chained.take_brought());
         if let Some((item, _)) = next.as_ref().filter(|(item, _)| !is_plain_name(&item.id)) {
             // As the claim loop does: its lease lapses, and it goes back to the queue.
-            shared.report.warn(
-                "the server handed out a work item whose id is not a plain name: not running it",
-                &[("work_id", &format!("{:?}", item.id))],
-            );
+            shared
+                .report
+                .warn(NOT_A_PLAIN_NAME, &[("work_id", &format!("{:?}", item.id))]);
             next = None;
         }
     }
@@ -187,6 +186,24 @@ impl HttpItem {
         connection.of(client)
     }
 
+    /// The item's forced stop sent with the claim of the next ([`crate::chain`]), where it may
+    /// go so: its answer, or `None` when the stop is to go on its own (it may not, or the server
+    /// did not make it).
+    async fn stop_with_next_claim(
+        &self,
+        unless_turn_open: bool,
+    ) -> Option<tether_client::Result<WorkState>> {
+        let next = self.next.as_ref().filter(|n| n.carries_the_stop())?;
+        let client = self.over(&self.environment_client);
+        match next
+            .stop_then_claim(&client, &self.work_id, unless_turn_open)
+            .await
+        {
+            StopCarried::Answered(answer) => Some(self.heard(answer)),
+            StopCarried::Left => None,
+        }
+    }
+
     /// Notes whether `result` came with the server's answer.
     fn heard<T>(&self, result: tether_client::Result<T>) -> tether_client::Result<T> {
         if !crate::error::answered(&result) {
@@ -208,11 +225,9 @@ impl ItemCalls for HttpItem {
     }
 
     async fn stop(&self, force: bool) -> tether_client::Result<WorkState> {
-        if let Some(next) = self.next.as_ref().filter(|n| force && n.carries_the_stop()) {
-            let client = self.over(&self.environment_client);
-            let carried = next.stop_then_claim(&client, &self.work_id, false).await;
-            if let StopCarried::Answered(answer) = carried {
-                return self.heard(answer);
+        if force {
+            if let Some(answer) = self.stop_with_next_claim(false).await {
+                return answer;
             }
         }
         let answer = self
@@ -223,12 +238,8 @@ impl ItemCalls for HttpItem {
     }
 
     async fn stop_unless_turn_open(&self) -> tether_client::Result<WorkState> {
-        if let Some(next) = self.next.as_ref().filter(|n| n.carries_the_stop()) {
-            let client = self.over(&self.environment_client);
-            let carried = next.stop_then_claim(&client, &self.work_id, true).await;
-            if let StopCarried::Answered(answer) = carried {
-                return self.heard(answer);
-            }
+        if let Some(answer) = self.stop_with_next_claim(true).await {
+            return answer;
         }
         let answer = self
             .over(&self.client)

@@ -216,18 +216,16 @@ impl RequestBody for api::ClaimRequest {
     const FIELDS: &'static [&'static str] = &["stop"];
 
     fn field_message(param: &str, rest: &[String], serde: &str) -> String {
-        match (param, rest.first().map(String::as_str)) {
+        // The path's first segment is `stop`; the field inside it is named in the message.
+        let field = rest
+            .first()
+            .map(String::as_str)
+            .or_else(|| missing_field(serde));
+        match (param, field) {
             ("stop", Some(field @ ("work_id" | "session_token"))) => {
-                match required_string_message(field, serde).split_once(' ') {
-                    Some((_, rule)) => format!("stop.{field} {rule}"),
-                    None => serde.to_owned(),
-                }
+                format!("stop.{}", required_string_message(field, serde))
             }
             ("stop", Some("unless_turn_open")) => "stop.unless_turn_open must be a boolean".into(),
-            ("stop", None) if missing_field(serde).is_some() => format!(
-                "stop.{} is required",
-                missing_field(serde).unwrap_or_default()
-            ),
             ("stop", _) => {
                 "stop must be an object with the item's work_id and session_token".to_owned()
             }

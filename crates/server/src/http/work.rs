@@ -125,10 +125,12 @@ type ClaimAnswer = ApiResult<(
     Json<Option<api::Claim>>,
 )>;
 
-/// [`api::STOPPED_HEADER`] for `work_id`, which the stop found in the store: a plain id.
-fn stopped_header(work_id: &str) -> ApiResult<[(HeaderName, HeaderValue); 1]> {
-    let value = HeaderValue::from_str(work_id)
-        .map_err(|_| ApiError::bad_param("stop", "stop.work_id is not a work item's id"))?;
+/// [`api::STOPPED_HEADER`] for `stopped`, as the store holds it: its id is well-formed (D-1), so
+/// always a header's value; a body's id that is not one names no item, and the stop answers 404
+/// for it (D-2) before this is reached.
+fn stopped_header(stopped: &WorkItem) -> ApiResult<[(HeaderName, HeaderValue); 1]> {
+    let value = HeaderValue::from_str(&stopped.id)
+        .map_err(|_| ApiError::internal(format!("a stored work id is {:?}", stopped.id)))?;
     Ok([(HeaderName::from_static(api::STOPPED_HEADER), value)])
 }
 
@@ -216,12 +218,12 @@ pub fn claim(
         let api::ClaimRequest { stop } = decode::optional(body)?;
         let mut stopped = None;
         if let Some(stop) = stop {
-            let header = stopped_header(&stop.work_id)?;
             let token_hash = credentials::hash(&stop.session_token);
             let unless_turn_open = stop.unless_turn_open.unwrap_or(false);
-            app.stop_with_claim(&take.env, &stop.work_id, &token_hash, unless_turn_open)
+            let item = app
+                .stop_with_claim(&take.env, &stop.work_id, &token_hash, unless_turn_open)
                 .await?;
-            stopped = Some(header);
+            stopped = Some(stopped_header(&item)?);
         }
         // Only now may the connection be given up to a new client (`TakeInputs::yields`): a cut
         // during the stop's write would leave its caller not knowing whether the item stopped.

@@ -2,7 +2,8 @@
 //! (and its session) as that process wrote them, instead of reading them again; and a record another
 //! process changed since never decides an answer: the conditional write is refused and the operation
 //! is decided again from a fresh read. The same holds for the agent a new session copies, which a
-//! server takes from a read up to a second old.
+//! server takes from a read up to a second old. So does a claim that takes a candidate an earlier
+//! claim's read left over (`service::spare_candidates`), which it may for a few milliseconds only.
 
 mod counting;
 
@@ -1305,5 +1306,115 @@ fn stop_ask(force: bool, hold_next_item: bool) -> StopAsk {
         force,
         hold_next_item,
         ..StopAsk::default()
+    }
+}
+
+/// `n` sessions created through `app` in `env`, a millisecond apart on `clock`: their items, oldest
+/// first.
+async fn items_a_millisecond_apart(
+    app: &App,
+    env: &tether_core::resources::Environment,
+    clock: &ManualClock,
+    n: usize,
+) -> Vec<String> {
+    let mut items = Vec::new();
+    for _ in 0..n {
+        let session = session_in(app, env).await;
+        let item = app
+            .store
+            .live_work_for_session(&session)
+            .await
+            .expect("read")
+            .expect("the session's item");
+        items.push(item.value.id);
+        clock.advance_millis(1);
+    }
+    items
+}
+
+/// A claim reads the queue's first candidates and takes one; the claims after it take the rest, in
+/// queue order, without a read of their own while the read is fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_in_a_row_take_the_candidates_an_earlier_read_left() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, app, counting, env, clock, _) = on_manual_clock(&backend, "spares").await;
+        let items = items_a_millisecond_apart(&app, &env, &clock, 4).await;
+        let before = counting.scans.load(Ordering::SeqCst);
+        let mut taken = Vec::new();
+        for _ in 0..4 {
+            taken.push(poll_one(&app, &env, "w").await);
+        }
+        assert_eq!(taken, items, "{name}: oldest first");
+        // The embedded store's reads are cheap and every claim is this process's: it reads two
+        // candidates at a time, PostgreSQL eight (`work::CLAIM_SPARE`, `CLAIM_SPARE_ALONE`).
+        let reads = if app.store.shared() { 1 } else { 2 };
+        assert_eq!(
+            counting.scans.load(Ordering::SeqCst) - before,
+            reads,
+            "{name}: four claims in a row"
+        );
+        let nothing = app.poll(&env, Some("w"), None, None, 5_000).await;
+        assert!(nothing.expect("poll").is_none(), "{name}: each item once");
+        app.begin_shutdown();
+    }
+}
+
+/// An item older than the candidates left over can become claimable by time alone (here a poll's
+/// delivery that became reclaimable): spares older than `spare_candidates::KEEP_FOR_MS` are not
+/// taken, and the claim reads the queue again and takes the oldest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_left_over_go_stale_and_the_oldest_is_taken_again() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, app, _counting, env, clock, _) = on_manual_clock(&backend, "stale").await;
+        let items = items_a_millisecond_apart(&app, &env, &clock, 3).await;
+        let reclaim_ms = 1_000;
+        let first = app.poll(&env, Some("w"), None, None, reclaim_ms).await;
+        let first = first.expect("poll").expect("an item").item.id;
+        assert_eq!(first, items[0], "{name}");
+        clock.advance_millis(reclaim_ms);
+        let again = app.poll(&env, Some("w"), None, None, reclaim_ms).await;
+        let again = again.expect("poll").expect("an item").item.id;
+        assert_eq!(
+            again, items[0],
+            "{name}: its delivery is reclaimable now, and it is older than those left over"
+        );
+        app.begin_shutdown();
+    }
+}
+
+/// A candidate left over that another server took since is refused by the conditional write; the
+/// claim goes on to another item, and every item is taken once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_left_over_that_another_server_took_is_passed_over() {
+    for backend in backends() {
+        let name = backend.name();
+        let manual = manual_clock();
+        let clock: Arc<dyn tether_core::Clock> = Arc::new(manual.clone());
+        let (_location, here, elsewhere, counting, env) =
+            two_servers(&backend, clock, "taken-elsewhere").await;
+        let items = items_a_millisecond_apart(&here, &env, &manual, 4).await;
+        let mut taken = vec![poll_one(&here, &env, "here").await];
+        // Reads for itself, and takes the item `here` keeps as its next.
+        taken.push(poll_one(&elsewhere, &env, "elsewhere").await);
+        assert_eq!(taken, items[..2], "{name}");
+        let scans_before = counting.scans.load(Ordering::SeqCst);
+        taken.push(poll_one(&here, &env, "here").await);
+        taken.push(poll_one(&elsewhere, &env, "elsewhere").await);
+        taken.sort();
+        let mut all = items.clone();
+        all.sort();
+        assert_eq!(taken, all, "{name}: each item once");
+        assert!(
+            counting.scans.load(Ordering::SeqCst) > scans_before,
+            "{name}: a claim whose left-over candidate was taken elsewhere reads again"
+        );
+        for app in [&here, &elsewhere] {
+            let nothing = app.poll(&env, Some("w"), None, None, 5_000).await;
+            assert!(nothing.expect("poll").is_none(), "{name}");
+        }
+        here.begin_shutdown();
+        elsewhere.begin_shutdown();
     }
 }

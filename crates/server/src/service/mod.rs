@@ -9,6 +9,7 @@ mod error;
 pub mod events;
 pub mod requeue;
 pub mod sessions;
+mod spare_candidates;
 pub mod tokens;
 mod turns;
 pub mod work;
@@ -142,6 +143,8 @@ pub struct AppInner {
     claiming: Mutex<work::Claims>,
     /// Tries of one keyed claim in this process take turns, by their session token (`turns`).
     claim_turns: KeyedTurns,
+    /// Turns at reading a queue's candidates, by environment and reclaim window (`work::try_claim`).
+    candidate_reads: KeyedTurns,
     /// The polls this process recorded lately, to write each worker's at most once an interval and
     /// to bound the workers each environment may have recorded.
     workers_recorded: Mutex<worker_records::WorkerRecords>,
@@ -308,6 +311,7 @@ impl App {
             disk,
             claiming: Mutex::new(work::Claims::default()),
             claim_turns: KeyedTurns::default(),
+            candidate_reads: KeyedTurns::default(),
             workers_recorded: Mutex::new(workers_recorded),
             workers_unwritten: Mutex::new(HashMap::new()),
             workers_writing: tokio::sync::Mutex::new(()),

@@ -12,9 +12,12 @@
 //! session's turn only after losing a race once, so that the common case pays no lock; their first
 //! try is kept apart by the conditional write too.
 //!
-//! Invariant: nothing that holds a turn takes another (the locks are not re-entrant). The holders are
-//! the bodies of `App::with_session_retries`, which write one session and its live item directly,
-//! never through another operation that could wait for a turn.
+//! Invariant: nothing that holds a turn takes another (the locks are not re-entrant), with one
+//! exception that cannot close a cycle: a claim (keyed or not) takes the turn at reading its queue's
+//! candidates (`App::candidate_reads`, by environment and reclaim window), and holds it across that one
+//! read only, taking nothing meanwhile. The session turns' holders are the bodies of
+//! `App::with_session_retries`, which write one session and its live item directly, never through
+//! another operation that could wait for a turn.
 //!
 //! A session has a lock only while requests hold or wait for its turn: the last one to leave removes
 //! it. So memory is bounded by the requests in flight, not by the number of sessions, and a client
@@ -27,6 +30,11 @@
 //! another try holds on an item (`work::Claims`), again and again while that try commits, and then
 //! answer that they found nothing while their claim took an item. A try that had to wait for its
 //! turn ([`Turn::waited`]) looks for what the try before it took, and only then takes anew.
+//!
+//! Claims of one queue take turns at reading its candidates the same way: one that finds no
+//! candidate left over by an earlier read (`spare_candidates`) waits for the claim reading before
+//! it, whose read is sized for those waiting ([`Turn::others_waiting`]), and takes from what that
+//! read left before it reads itself. Under load one read serves many claims.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,6 +69,14 @@ struct Ticket<'a> {
     turns: &'a KeyedTurns,
     key: String,
     lock: TurnLock,
+}
+
+impl Turn<'_> {
+    /// How many other requests of this process wait for the key's turn now.
+    pub fn others_waiting(&self) -> usize {
+        // The map's reference and this turn's own.
+        Arc::strong_count(&self._ticket.lock).saturating_sub(2)
+    }
 }
 
 impl Drop for Ticket<'_> {

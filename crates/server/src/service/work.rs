@@ -10,11 +10,12 @@ use tether_core::session;
 use tether_core::work::{self, ExpectedHeartbeat, HeartbeatReply, Step, WorkData};
 use tether_core::{Timestamp, WorkError, WorkItem, WorkState};
 use tether_store::{
-    ChangeSet, ClaimWindow, HistoryRow, Page, PageRequest, QueueCounts, Versioned, WorkFilter,
-    Write,
+    Candidate, ChangeSet, ClaimWindow, HistoryRow, Page, PageRequest, QueueCounts, Versioned,
+    WorkFilter, Write,
 };
 
 use super::events::apply_coupling;
+use super::spare_candidates::SpareCandidates;
 use super::tokens::Principal;
 use super::worker_records::Record;
 use super::{App, Error, Missing, Result, Retry, SessionOfItem};
@@ -194,6 +195,8 @@ pub fn workers_window_ms(workers_polling_window_ms: i64) -> i64 {
 pub(crate) struct Claims {
     /// Items some poll is committing a delivery for.
     taking: HashSet<String>,
+    /// What earlier reads left for the next claims.
+    spare: SpareCandidates,
 }
 
 impl Claims {
@@ -210,6 +213,16 @@ impl Claims {
         }
         self.taking.insert(work_id.to_owned())
     }
+}
+
+/// What became of a candidate a claim tried to take.
+enum Took {
+    /// The claim's answer: the candidate, or the item an earlier try of the claim took.
+    Item(Box<Claimed>),
+    /// The core refused it (no longer claimable as this claim would take it): the next one.
+    Refused,
+    /// It changed since it was read.
+    Conflict,
 }
 
 struct Reservation<'a> {
@@ -790,9 +803,55 @@ impl App {
             None => None,
         };
         for _ in 0..super::MAX_ATTEMPTS {
+            // The candidates an earlier read of this process left, while they are fresh
+            // (`spare_candidates`); a claim that finds none waits for the claim reading before it,
+            // whose read may leave some, before it reads itself: under load most claims read nothing.
+            let mut read_turn = None;
+            let spare = loop {
+                if let Some(spare) = self.reserve_spare(&env.id, reclaim_ms, self.now()) {
+                    break Some(spare);
+                }
+                if read_turn.is_some() {
+                    break None;
+                }
+                let key = format!("{}\n{reclaim_ms}", env.id);
+                let Some(turn) = Box::pin(self.candidate_reads.take(&key)).await else {
+                    return Err(Error::Contended);
+                };
+                let waited = turn.waited;
+                read_turn = Some(turn);
+                if !waited {
+                    break None;
+                }
+            };
+            if let Some((candidate, reservation)) = spare {
+                drop(read_turn);
+                match self
+                    .take_candidate(
+                        &candidate,
+                        reservation,
+                        worker_id,
+                        issuer,
+                        reclaim_ms,
+                        taking,
+                    )
+                    .await?
+                {
+                    Took::Item(claimed) => return Ok(Some(*claimed)),
+                    Took::Refused => {}
+                    Took::Conflict => {
+                        let mut claims = self.claiming.lock().expect("claiming lock");
+                        claims.spare.forget(&env.id, reclaim_ms);
+                    }
+                }
+                continue;
+            }
+            // This claim's turn to read: for the claims taking items now (they head the queue until
+            // they commit), those waiting to read after it, and a few spare.
             let now = self.now();
             let reserved = self.claiming.lock().expect("claiming lock").taking.len();
-            let batch = u32::try_from(reserved)
+            let waiting = read_turn.as_ref().map_or(0, |turn| turn.others_waiting());
+            let batch = u32::try_from(reserved.saturating_add(waiting))
                 .unwrap_or(u32::MAX)
                 .saturating_add(match self.store.shared() {
                     true => CLAIM_SPARE,
@@ -803,70 +862,105 @@ impl App {
                 .store
                 .claim_candidates(&env.id, ClaimWindow::at(now, reclaim_ms), batch)
                 .await?;
-            let mut lost_a_race = false;
-            for candidate in candidates {
-                let Some(_reservation) = self.reserve(&candidate.id, candidate.version) else {
-                    lost_a_race = true;
-                    continue;
-                };
-                // Decoded only now: the candidates this poll steps past cost no parsing.
-                let candidate = candidate.decode()?;
-                let token = match taking.named_token() {
-                    Some(token) => token.to_owned(),
-                    None => credentials::mint(credentials::SESSION_PREFIX),
-                };
-                let now = self.now();
-                let taker = (worker_id, issuer);
-                let Ok((step, lease)) =
-                    self.take_step(&candidate.value, &token, taker, reclaim_ms, taking, now)
-                else {
-                    continue;
-                };
-                // A claim acks the item, which may move its session (§7.3): the coupling starts from
-                // the session as this process remembers it, as an ack's does. A delivery touches
-                // no session, and neither reads nor copies one.
-                let session = match step.transitions.iter().any(session::touches_session) {
-                    true => self.remembered_session_of(&step.item),
-                    false => None,
-                };
-                let session = session.unwrap_or(SessionAhead::Unread);
-                match self.commit_step(&candidate, session, &step, now).await {
-                    Ok(()) => {
-                        record_pace(
-                            crate::telemetry::ENQUEUE_TO_DELIVERY,
-                            candidate.value.enqueued_at,
-                            now,
-                        );
-                        return Ok(Some(Claimed {
-                            item: step.item,
-                            session_token: token,
-                            lease,
-                            earlier_try: false,
-                        }));
+            let found_some = !candidates.is_empty();
+            let mut candidates = candidates.into_iter();
+            let taken = candidates.by_ref().find_map(|candidate| {
+                let reservation = self.reserve(&candidate.id, candidate.version)?;
+                Some((candidate, reservation))
+            });
+            // What it leaves is for the claims after it (this one's next attempt among them).
+            self.claiming
+                .lock()
+                .expect("claiming lock")
+                .spare
+                .keep(&env.id, reclaim_ms, now, candidates);
+            drop(read_turn);
+            match taken {
+                Some((candidate, reservation)) => match self
+                    .take_candidate(
+                        &candidate,
+                        reservation,
+                        worker_id,
+                        issuer,
+                        reclaim_ms,
+                        taking,
+                    )
+                    .await?
+                {
+                    Took::Item(claimed) => return Ok(Some(*claimed)),
+                    Took::Refused | Took::Conflict => {}
+                },
+                None if !found_some => {
+                    if let Some(scan) = scan {
+                        self.waiters.found_empty(&env.id, scan, self.now());
                     }
-                    Err(Retry::Conflict) => {
-                        // Another try of this claim may have taken the token first (a token
-                        // holds one item at most): then its item is this claim's answer.
-                        if let Some(token) = taking.named_token() {
-                            drop(_reservation);
-                            if let Some(claimed) = self.claimed_before(token, worker_id).await? {
-                                return Ok(Some(claimed));
-                            }
-                        }
-                        lost_a_race = true
-                    }
-                    Err(Retry::Fail(e)) => return Err(e),
+                    return Ok(None);
                 }
+                // Every candidate is being taken by another claim here: read again once they commit.
+                None => tokio::task::yield_now().await,
             }
-            if !lost_a_race {
-                if let Some(scan) = scan {
-                    self.waiters.found_empty(&env.id, scan, self.now());
-                }
-                return Ok(None);
-            }
-            tokio::task::yield_now().await;
         }
         Ok(None)
+    }
+
+    /// Takes `candidate`, reserved for this claim by `reservation`, as `taking` says.
+    async fn take_candidate(
+        &self,
+        candidate: &Candidate,
+        reservation: Reservation<'_>,
+        worker_id: Option<&str>,
+        issuer: Option<&str>,
+        reclaim_ms: i64,
+        taking: Taking<'_>,
+    ) -> Result<Took> {
+        // Decoded only now: the candidates a poll steps past cost no parsing.
+        let candidate = candidate.decode()?;
+        let token = match taking.named_token() {
+            Some(token) => token.to_owned(),
+            None => credentials::mint(credentials::SESSION_PREFIX),
+        };
+        let now = self.now();
+        let taker = (worker_id, issuer);
+        let Ok((step, lease)) =
+            self.take_step(&candidate.value, &token, taker, reclaim_ms, taking, now)
+        else {
+            return Ok(Took::Refused);
+        };
+        // A claim acks the item, which may move its session (§7.3): the coupling starts from
+        // the session as this process remembers it, as an ack's does. A delivery touches
+        // no session, and neither reads nor copies one.
+        let session = match step.transitions.iter().any(session::touches_session) {
+            true => self.remembered_session_of(&step.item),
+            false => None,
+        };
+        let session = session.unwrap_or(SessionAhead::Unread);
+        match self.commit_step(&candidate, session, &step, now).await {
+            Ok(()) => {
+                record_pace(
+                    crate::telemetry::ENQUEUE_TO_DELIVERY,
+                    candidate.value.enqueued_at,
+                    now,
+                );
+                Ok(Took::Item(Box::new(Claimed {
+                    item: step.item,
+                    session_token: token,
+                    lease,
+                    earlier_try: false,
+                })))
+            }
+            Err(Retry::Conflict) => {
+                // Another try of this claim may have taken the token first (a token
+                // holds one item at most): then its item is this claim's answer.
+                if let Some(token) = taking.named_token() {
+                    drop(reservation);
+                    if let Some(claimed) = self.claimed_before(token, worker_id).await? {
+                        return Ok(Took::Item(Box::new(claimed)));
+                    }
+                }
+                Ok(Took::Conflict)
+            }
+            Err(Retry::Fail(e)) => Err(e),
+        }
     }
 
     /// What taking `item` at `now` as `taking` says does to it, with the session token `token`
@@ -908,6 +1002,24 @@ impl App {
     /// tick (whose pass probes every environment with a waiter), and never over a second.
     fn parked_scan_ttl(&self) -> Duration {
         self.config.tick.min(Duration::from_secs(1))
+    }
+
+    /// The next spare candidate of the window (`spare_candidates`) that this claim may take, reserved.
+    fn reserve_spare(
+        &self,
+        environment_id: &str,
+        reclaim_ms: i64,
+        now: Timestamp,
+    ) -> Option<(Candidate, Reservation<'_>)> {
+        let mut claims = self.claiming.lock().expect("claiming lock");
+        loop {
+            let candidate = claims.spare.next(environment_id, reclaim_ms, now)?;
+            let written_here = self.written_items.version_of(&candidate.id);
+            if claims.take(&candidate.id, candidate.version, written_here) {
+                let id = candidate.id.clone();
+                return Some((candidate, Reservation { app: self, id }));
+            }
+        }
     }
 
     /// Reserves a candidate read at `version` for this poll: `None` when another poll here is taking

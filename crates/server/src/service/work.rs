@@ -824,80 +824,74 @@ impl App {
                     break None;
                 }
             };
-            if let Some((candidate, reservation)) = spare {
-                drop(read_turn);
-                match self
-                    .take_candidate(
-                        &candidate,
-                        reservation,
-                        worker_id,
-                        issuer,
-                        reclaim_ms,
-                        taking,
-                    )
-                    .await?
-                {
-                    Took::Item(claimed) => return Ok(Some(*claimed)),
-                    Took::Refused => {}
-                    Took::Conflict => {
-                        let mut claims = self.claiming.lock().expect("claiming lock");
-                        claims.spare.forget(&env.id, reclaim_ms);
+            let (candidate, reservation, left_over) = match spare {
+                Some((candidate, reservation)) => (candidate, reservation, true),
+                None => {
+                    // This claim's turn to read: for the claims taking items now (they head the
+                    // queue until they commit), those waiting to read after it, and a few spare.
+                    let now = self.now();
+                    let reserved = self.claiming.lock().expect("claiming lock").taking.len();
+                    let waiting = read_turn.as_ref().map_or(0, |turn| turn.others_waiting());
+                    let batch = u32::try_from(reserved.saturating_add(waiting))
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(match self.store.shared() {
+                            true => CLAIM_SPARE,
+                            false => CLAIM_SPARE_ALONE,
+                        })
+                        .min(CLAIM_BATCH);
+                    let candidates = self
+                        .store
+                        .claim_candidates(&env.id, ClaimWindow::at(now, reclaim_ms), batch)
+                        .await?;
+                    let found_some = !candidates.is_empty();
+                    let mut candidates = candidates.into_iter();
+                    let taken = candidates.by_ref().find_map(|candidate| {
+                        let reservation = self.reserve(&candidate.id, candidate.version)?;
+                        Some((candidate, reservation))
+                    });
+                    // What it leaves is for the claims after it (this one's next attempt among them).
+                    self.claiming
+                        .lock()
+                        .expect("claiming lock")
+                        .spare
+                        .keep(&env.id, reclaim_ms, now, candidates);
+                    match taken {
+                        Some((candidate, reservation)) => (candidate, reservation, false),
+                        None if !found_some => {
+                            if let Some(scan) = scan {
+                                self.waiters.found_empty(&env.id, scan, self.now());
+                            }
+                            return Ok(None);
+                        }
+                        // Every candidate is being taken by another claim here: read again once
+                        // they commit.
+                        None => {
+                            drop(read_turn);
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
                     }
                 }
-                continue;
-            }
-            // This claim's turn to read: for the claims taking items now (they head the queue until
-            // they commit), those waiting to read after it, and a few spare.
-            let now = self.now();
-            let reserved = self.claiming.lock().expect("claiming lock").taking.len();
-            let waiting = read_turn.as_ref().map_or(0, |turn| turn.others_waiting());
-            let batch = u32::try_from(reserved.saturating_add(waiting))
-                .unwrap_or(u32::MAX)
-                .saturating_add(match self.store.shared() {
-                    true => CLAIM_SPARE,
-                    false => CLAIM_SPARE_ALONE,
-                })
-                .min(CLAIM_BATCH);
-            let candidates = self
-                .store
-                .claim_candidates(&env.id, ClaimWindow::at(now, reclaim_ms), batch)
-                .await?;
-            let found_some = !candidates.is_empty();
-            let mut candidates = candidates.into_iter();
-            let taken = candidates.by_ref().find_map(|candidate| {
-                let reservation = self.reserve(&candidate.id, candidate.version)?;
-                Some((candidate, reservation))
-            });
-            // What it leaves is for the claims after it (this one's next attempt among them).
-            self.claiming
-                .lock()
-                .expect("claiming lock")
-                .spare
-                .keep(&env.id, reclaim_ms, now, candidates);
+            };
             drop(read_turn);
-            match taken {
-                Some((candidate, reservation)) => match self
-                    .take_candidate(
-                        &candidate,
-                        reservation,
-                        worker_id,
-                        issuer,
-                        reclaim_ms,
-                        taking,
-                    )
-                    .await?
-                {
-                    Took::Item(claimed) => return Ok(Some(*claimed)),
-                    Took::Refused | Took::Conflict => {}
-                },
-                None if !found_some => {
-                    if let Some(scan) = scan {
-                        self.waiters.found_empty(&env.id, scan, self.now());
-                    }
-                    return Ok(None);
+            let took = self.take_candidate(
+                &candidate,
+                reservation,
+                worker_id,
+                issuer,
+                reclaim_ms,
+                taking,
+            );
+            match took.await? {
+                Took::Item(claimed) => return Ok(Some(*claimed)),
+                Took::Refused => {}
+                // The other candidates left over may have changed too: the next attempt reads.
+                Took::Conflict if left_over => {
+                    let mut claims = self.claiming.lock().expect("claiming lock");
+                    claims.spare.forget(&env.id, reclaim_ms);
                 }
-                // Every candidate is being taken by another claim here: read again once they commit.
-                None => tokio::task::yield_now().await,
+                // The next attempt takes what this read left, or reads again.
+                Took::Conflict => {}
             }
         }
         Ok(None)

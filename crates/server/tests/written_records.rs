@@ -21,6 +21,7 @@ use tether_core::{ManualClock, SystemClock, Timestamp, WorkState};
 use tether_server::service::agents::{AgentChanges, NewAgent};
 use tether_server::service::events::NewEvents;
 use tether_server::service::sessions::NewSession;
+use tether_server::service::spare_candidates;
 use tether_server::service::tokens::Principal;
 use tether_server::service::work::ClaimAsk;
 use tether_server::{App, ServiceConfig};
@@ -1339,20 +1340,20 @@ async fn claims_in_a_row_take_the_candidates_an_earlier_read_left() {
     for backend in backends() {
         let name = backend.name();
         let (_location, app, counting, env, clock, _) = on_manual_clock(&backend, "spares").await;
-        let items = items_a_millisecond_apart(&app, &env, &clock, 4).await;
+        let items = items_a_millisecond_apart(&app, &env, &clock, 6).await;
         let before = counting.scans.load(Ordering::SeqCst);
         let mut taken = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..6 {
             taken.push(poll_one(&app, &env, "w").await);
         }
         assert_eq!(taken, items, "{name}: oldest first");
         // The embedded store's reads are cheap and every claim is this process's: it reads two
-        // candidates at a time, PostgreSQL eight (`work::CLAIM_SPARE`, `CLAIM_SPARE_ALONE`).
-        let reads = if app.store.shared() { 1 } else { 2 };
+        // candidates at a time, PostgreSQL eight (`work::CLAIM_SPARE_ALONE`, `CLAIM_SPARE`).
+        let reads = if app.store.shared() { 1 } else { 3 };
         assert_eq!(
             counting.scans.load(Ordering::SeqCst) - before,
             reads,
-            "{name}: four claims in a row"
+            "{name}: six claims in a row"
         );
         let nothing = app.poll(&env, Some("w"), None, None, 5_000).await;
         assert!(nothing.expect("poll").is_none(), "{name}: each item once");
@@ -1361,60 +1362,103 @@ async fn claims_in_a_row_take_the_candidates_an_earlier_read_left() {
 }
 
 /// An item older than the candidates left over can become claimable by time alone (here a poll's
-/// delivery that became reclaimable): spares older than `spare_candidates::KEEP_FOR_MS` are not
+/// delivery that became reclaimable): left-overs older than `spare_candidates::KEEP_FOR_MS` are not
 /// taken, and the claim reads the queue again and takes the oldest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn candidates_left_over_go_stale_and_the_oldest_is_taken_again() {
     for backend in backends() {
         let name = backend.name();
-        let (_location, app, _counting, env, clock, _) = on_manual_clock(&backend, "stale").await;
+        let (_location, app, counting, env, clock, _) = on_manual_clock(&backend, "stale").await;
         let items = items_a_millisecond_apart(&app, &env, &clock, 3).await;
-        let reclaim_ms = 1_000;
-        let first = app.poll(&env, Some("w"), None, None, reclaim_ms).await;
-        let first = first.expect("poll").expect("an item").item.id;
-        assert_eq!(first, items[0], "{name}");
-        clock.advance_millis(reclaim_ms);
-        let again = app.poll(&env, Some("w"), None, None, reclaim_ms).await;
-        let again = again.expect("poll").expect("an item").item.id;
+        let reclaim_ms = spare_candidates::KEEP_FOR_MS + 5;
+        let poll = async || {
+            let polled = app.poll(&env, Some("w"), None, None, reclaim_ms).await;
+            polled.expect("poll").expect("an item").item.id
+        };
+        assert_eq!(poll().await, items[0], "{name}");
+        clock.advance_millis(5);
+        let scans = counting.scans.load(Ordering::SeqCst);
+        assert_eq!(poll().await, items[1], "{name}: the next, left over");
+        assert_eq!(counting.scans.load(Ordering::SeqCst), scans, "{name}");
+        clock.advance_millis(reclaim_ms - 5);
         assert_eq!(
-            again, items[0],
-            "{name}: its delivery is reclaimable now, and it is older than those left over"
+            poll().await,
+            items[0],
+            "{name}: its delivery is reclaimable now, and it is older than the one left over"
         );
         app.begin_shutdown();
     }
 }
 
+/// A poll's own delivery makes its item claimable again once the reclaim window has passed: with a
+/// window that short, a read leaves nothing over, and each poll takes the oldest item again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_that_reclaim_at_once_take_the_oldest_each_time() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, app, _counting, env, clock, _) = on_manual_clock(&backend, "at-once").await;
+        let items = items_a_millisecond_apart(&app, &env, &clock, 3).await;
+        for _ in 0..3 {
+            let polled = app.poll(&env, Some("w"), None, None, 0).await;
+            let polled = polled.expect("poll").expect("an item").item.id;
+            assert_eq!(polled, items[0], "{name}");
+        }
+        app.begin_shutdown();
+    }
+}
+
 /// A candidate left over that another server took since is refused by the conditional write; the
-/// claim goes on to another item, and every item is taken once.
+/// claim goes on to the next item, and every item is taken once, oldest first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_left_over_that_another_server_took_is_passed_over() {
     for backend in backends() {
         let name = backend.name();
         let manual = manual_clock();
         let clock: Arc<dyn tether_core::Clock> = Arc::new(manual.clone());
-        let (_location, here, elsewhere, counting, env) =
+        let (_location, here, elsewhere, _counting, env) =
             two_servers(&backend, clock, "taken-elsewhere").await;
         let items = items_a_millisecond_apart(&here, &env, &manual, 4).await;
-        let mut taken = vec![poll_one(&here, &env, "here").await];
-        // Reads for itself, and takes the item `here` keeps as its next.
-        taken.push(poll_one(&elsewhere, &env, "elsewhere").await);
-        assert_eq!(taken, items[..2], "{name}");
-        let scans_before = counting.scans.load(Ordering::SeqCst);
-        taken.push(poll_one(&here, &env, "here").await);
-        taken.push(poll_one(&elsewhere, &env, "elsewhere").await);
-        taken.sort();
-        let mut all = items.clone();
-        all.sort();
-        assert_eq!(taken, all, "{name}: each item once");
-        assert!(
-            counting.scans.load(Ordering::SeqCst) > scans_before,
-            "{name}: a claim whose left-over candidate was taken elsewhere reads again"
-        );
+        // `here` reads and keeps the second item for its next claim; `elsewhere` reads for itself
+        // and takes that item; each then goes for a candidate the other took.
+        let taken = vec![
+            poll_one(&here, &env, "here").await,
+            poll_one(&elsewhere, &env, "elsewhere").await,
+            poll_one(&here, &env, "here").await,
+            poll_one(&elsewhere, &env, "elsewhere").await,
+        ];
+        assert_eq!(taken, items, "{name}: each item once, oldest first");
         for app in [&here, &elsewhere] {
             let nothing = app.poll(&env, Some("w"), None, None, 5_000).await;
             assert!(nothing.expect("poll").is_none(), "{name}");
         }
         here.begin_shutdown();
         elsewhere.begin_shutdown();
+    }
+}
+
+/// A claim whose write fails gives its candidate back: reads made while it held it passed it over
+/// and left younger candidates, which no claim takes now; the next claim reads, and takes it. (On
+/// PostgreSQL, whose reads leave several candidates: the embedded store's leave one here, which the
+/// failed claim took.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_whose_write_failed_goes_before_the_ones_left_over() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, app, counting, env, clock, _) = on_manual_clock(&backend, "failed").await;
+        let items = items_a_millisecond_apart(&app, &env, &clock, 4).await;
+        assert_eq!(poll_one(&app, &env, "w").await, items[0], "{name}");
+        counting.down.store(true, Ordering::SeqCst);
+        let failed = app.poll(&env, Some("w"), None, None, 5_000).await;
+        assert!(
+            failed.is_err(),
+            "{name}: the write of the item left over failed"
+        );
+        counting.down.store(false, Ordering::SeqCst);
+        assert_eq!(
+            poll_one(&app, &env, "w").await,
+            items[1],
+            "{name}: the oldest claimable item, not the next one left over"
+        );
+        app.begin_shutdown();
     }
 }

@@ -231,6 +231,11 @@ impl Candidate {
         Candidate { id, version, doc }
     }
 
+    /// The bytes its document takes.
+    pub fn document_len(&self) -> usize {
+        self.doc.len()
+    }
+
     /// The item, as it was when the candidate was read.
     pub fn decode(&self) -> StoreResult<Versioned<WorkItem>> {
         Ok(Versioned {

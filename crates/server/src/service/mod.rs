@@ -9,7 +9,7 @@ mod error;
 pub mod events;
 pub mod requeue;
 pub mod sessions;
-mod spare_candidates;
+pub mod spare_candidates;
 pub mod tokens;
 mod turns;
 pub mod work;

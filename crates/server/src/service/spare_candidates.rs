@@ -1,38 +1,50 @@
 //! The candidates a claim read and did not take, kept a few milliseconds for this process's next
 //! claims of the same queue, which then take one without a read of their own.
 //!
-//! A claim reads the queue's first candidates (as many as this process's claims in flight, plus a
-//! few spare) and takes one. Under load the next claim comes within a millisecond and would read the
-//! same rows again: on PostgreSQL that read was a third of the statements of a chained claim's
-//! cycle. Taking the next spare candidate instead answers the claim as of the read that found it,
-//! and keeps every guarantee:
+//! A claim reads the queue's first candidates (as many as this process's claims taking an item now,
+//! those waiting to read after it, and a few spare) and takes one. Under load the next claim comes
+//! within a millisecond and would read the same rows again: on PostgreSQL that read was a third of
+//! the statements of a chained claim's cycle. Taking the next candidate left over instead answers the
+//! claim as of the read that found it, which may have begun before the claim arrived: a claim's view
+//! of the queue is at most [`KEEP_FOR_MS`] old, where one that reads is judged as of its own read,
+//! which also precedes its write. What that keeps:
 //!
 //! - The conditional write decides, as for a candidate just read: one that changed since (taken by
-//!   another server, stopped, delivered) conflicts, and the claim forgets the window's spares and
-//!   reads afresh. A candidate this process wrote since is passed over before any write (the
+//!   another server, stopped, delivered) conflicts, and the claim forgets the window's left-overs
+//!   and reads afresh. A candidate this process wrote since is passed over before any write (the
 //!   reservation's check, `App::reserve`).
-//! - Oldest first (D-22): the spares are the candidates that followed the one taken, in queue order.
-//!   Nothing that enters the queue later can go before them, since an item (re)enters `queued` with
-//!   `enqueued_at = now`; what they can miss is an item that became claimable by time alone since the
-//!   read (a hold that ended, a poll's delivery that became reclaimable) or one another server
-//!   enqueued with a clock behind this one's, and [`KEEP_FOR_MS`] bounds that: a claim answered from
-//!   spares is judged as of a read at most that long ago, where a claim that reads is judged as of
-//!   its own read, which also precedes its write.
-//! - Spares are kept per environment and reclaim window: a poll with another `reclaim_older_than_ms`
-//!   has another candidate set.
+//! - Oldest first (D-22), up to that staleness: the left-overs are the candidates that followed the
+//!   one taken, in queue order, and an item that (re)enters `queued` later does so with
+//!   `enqueued_at = now`, behind them. What they can miss, for at most [`KEEP_FOR_MS`]:
+//!   - an item that became claimable by time alone since the read (a hold that ended, a poll's
+//!     delivery older than the reclaim window);
+//!   - one another server enqueued with a clock behind this one's;
+//!   - one a claim of this process had reserved when the read was made and then did not take (its
+//!     write failed, its client went away): such a claim forgets every window's left-overs
+//!     (`App::reserve`'s `Reservation`).
 //!
-//! Bounded: a window keeps at most the rest of one read ([`super::work`]'s batch, at most 64 rows),
-//! and at most [`MAX_WINDOWS`] windows are kept.
+//!   And one case that would not be bounded by time: this process's own poll delivers an item,
+//!   which another poll may take again once the reclaim window has passed; with a window no longer
+//!   than [`KEEP_FOR_MS`] it could be claimable again while younger left-overs are handed out, so no
+//!   left-overs are kept for such a window.
+//! - Left-overs are kept per environment and reclaim window: a poll with another
+//!   `reclaim_older_than_ms` has another candidate set.
+//!
+//! Bounded: a window keeps at most what one read left (`work`'s batch, at most 64 rows), at most
+//! [`MAX_WINDOWS`] windows are kept, and their documents take at most [`MAX_BYTES`] together; stale
+//! windows are dropped whenever a read keeps its own.
 
 use std::collections::{HashMap, VecDeque};
 
 use tether_core::Timestamp;
 use tether_store::Candidate;
 
-/// How long after its read a spare candidate may be taken.
+/// How long after its read a candidate left over may be taken.
 pub const KEEP_FOR_MS: i64 = 10;
-/// Windows kept at most; a read beyond them keeps no spares until stale ones are dropped.
+/// Windows kept at most; a read beyond them keeps nothing until stale ones are dropped.
 pub const MAX_WINDOWS: usize = 64;
+/// The bytes of the documents kept, over every window: a read that would go beyond keeps fewer.
+pub const MAX_BYTES: usize = 4 << 20;
 
 /// A queue's candidate set: the environment and the poll's reclaim window.
 type Window = (String, i64);
@@ -40,6 +52,8 @@ type Window = (String, i64);
 struct Spares {
     read_at: Timestamp,
     candidates: VecDeque<Candidate>,
+    /// The bytes of the candidates' documents.
+    bytes: usize,
 }
 
 impl Spares {
@@ -63,30 +77,42 @@ impl SpareCandidates {
         read_at: Timestamp,
         rest: impl Iterator<Item = Candidate>,
     ) {
-        let candidates: VecDeque<Candidate> = rest.collect();
         let window = (environment_id.to_owned(), reclaim_ms);
-        if candidates.is_empty() {
-            self.by_window.remove(&window);
+        self.by_window.remove(&window);
+        self.by_window.retain(|_, spares| spares.fresh_at(read_at));
+        if reclaim_ms <= KEEP_FOR_MS || self.by_window.len() >= MAX_WINDOWS {
             return;
         }
-        if self.by_window.len() >= MAX_WINDOWS && !self.by_window.contains_key(&window) {
-            self.by_window.retain(|_, spares| spares.fresh_at(read_at));
-            if self.by_window.len() >= MAX_WINDOWS {
-                return;
-            }
+        let mut room = MAX_BYTES.saturating_sub(self.bytes());
+        let candidates: VecDeque<Candidate> = rest
+            .take_while(
+                |candidate| match room.checked_sub(candidate.document_len()) {
+                    Some(left) => {
+                        room = left;
+                        true
+                    }
+                    None => false,
+                },
+            )
+            .collect();
+        let bytes = candidates.iter().map(Candidate::document_len).sum();
+        if candidates.is_empty() {
+            return;
         }
         self.by_window.insert(
             window,
             Spares {
                 read_at,
                 candidates,
+                bytes,
             },
         );
         debug_assert!(self.by_window.len() <= MAX_WINDOWS);
+        debug_assert!(self.bytes() <= MAX_BYTES);
     }
 
-    /// The window's next spare candidate, if one read at most [`KEEP_FOR_MS`] before `now` is left.
-    /// It is handed out once: whether it can still be taken is the caller's to find out.
+    /// The window's next candidate left over, if one read at most [`KEEP_FOR_MS`] before `now` is
+    /// left. It is handed out once: whether it can still be taken is the caller's to find out.
     pub fn next(
         &mut self,
         environment_id: &str,
@@ -99,16 +125,29 @@ impl SpareCandidates {
             true => spares.candidates.pop_front(),
             false => None,
         };
+        if let Some(candidate) = &next {
+            spares.bytes -= candidate.document_len();
+        }
         if next.is_none() || spares.candidates.is_empty() {
             self.by_window.remove(&window);
         }
         next
     }
 
-    /// Drops the window's spares: one of them changed since it was read.
+    /// Drops the window's left-overs: one of them changed since it was read.
     pub fn forget(&mut self, environment_id: &str, reclaim_ms: i64) {
         self.by_window
             .remove(&(environment_id.to_owned(), reclaim_ms));
+    }
+
+    /// Drops every window's left-overs: an item that a read passed over, reserved by a claim here,
+    /// is claimable after all, and older than what that read left.
+    pub fn forget_all(&mut self) {
+        self.by_window.clear();
+    }
+
+    fn bytes(&self) -> usize {
+        self.by_window.values().map(|spares| spares.bytes).sum()
     }
 
     #[cfg(test)]
@@ -198,6 +237,50 @@ mod tests {
             0,
             "a read that left nothing spare leaves no window"
         );
+    }
+
+    #[test]
+    fn a_reclaim_window_no_longer_than_keep_for_ms_keeps_nothing() {
+        let mut spares = SpareCandidates::default();
+        for reclaim_ms in [0, KEEP_FOR_MS] {
+            spares.keep("env", reclaim_ms, at(0), candidates(&["b"]));
+            assert_eq!(spares.next("env", reclaim_ms, at(0)), None, "{reclaim_ms}");
+        }
+        spares.keep("env", KEEP_FOR_MS + 1, at(0), candidates(&["b"]));
+        assert_eq!(ids(&mut spares, "env", KEEP_FOR_MS + 1, at(0)), ["b"]);
+    }
+
+    #[test]
+    fn the_documents_kept_take_at_most_max_bytes() {
+        let mut spares = SpareCandidates::default();
+        let doc = "x".repeat(MAX_BYTES / 3);
+        let big = |id: &str| Candidate::new(id.to_owned(), 1, doc.clone());
+        spares.keep("env", 5000, at(0), [big("a"), big("b")].into_iter());
+        spares.keep(
+            "other",
+            5000,
+            at(0),
+            [big("c"), big("d"), big("e")].into_iter(),
+        );
+        assert_eq!(spares.bytes(), 3 * (MAX_BYTES / 3));
+        assert_eq!(
+            ids(&mut spares, "other", 5000, at(0)),
+            ["c"],
+            "what fits, in order"
+        );
+        assert_eq!(ids(&mut spares, "env", 5000, at(0)), ["a", "b"]);
+        assert_eq!(spares.bytes(), 0, "taken ones are no longer counted");
+    }
+
+    #[test]
+    fn a_read_drops_the_stale_windows_and_forget_all_drops_every_one() {
+        let mut spares = SpareCandidates::default();
+        spares.keep("old", 5000, at(0), candidates(&["a"]));
+        spares.keep("new", 5000, at(KEEP_FOR_MS + 1), candidates(&["b"]));
+        assert_eq!(spares.windows(), 1, "the stale window went with the read");
+        spares.keep("other", 5000, at(KEEP_FOR_MS + 1), candidates(&["c"]));
+        spares.forget_all();
+        assert_eq!(spares.windows(), 0);
     }
 
     #[test]

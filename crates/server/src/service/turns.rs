@@ -15,7 +15,7 @@
 //! Invariant: nothing that holds a turn takes another (the locks are not re-entrant), with one
 //! exception that cannot close a cycle: a claim (keyed or not) takes the turn at reading its queue's
 //! candidates (`App::candidate_reads`, by environment and reclaim window), and holds it across that one
-//! read only, taking nothing meanwhile. The session turns' holders are the bodies of
+//! read at most, taking nothing meanwhile. The session turns' holders are the bodies of
 //! `App::with_session_retries`, which write one session and its live item directly, never through
 //! another operation that could wait for a turn.
 //!
@@ -31,12 +31,15 @@
 //! answer that they found nothing while their claim took an item. A try that had to wait for its
 //! turn ([`Turn::waited`]) looks for what the try before it took, and only then takes anew.
 //!
-//! Claims of one queue take turns at reading its candidates the same way: one that finds no
-//! candidate left over by an earlier read (`spare_candidates`) waits for the claim reading before
-//! it, whose read is sized for those waiting ([`Turn::others_waiting`]), and takes from what that
-//! read left before it reads itself. Under load one read serves many claims.
+//! Claims of one queue take turns at reading its candidates, more loosely: one that finds no
+//! candidate left over by an earlier read (`spare_candidates`) waits a little
+//! ([`KeyedTurns::take_within`]) for the claim reading before it, whose read is sized for those
+//! waiting ([`Turn::others_waiting`]), passes the turn on at once, and takes from what that read
+//! left; one that still finds nothing reads beside the others, not after them. Under load one read
+//! serves many claims, and reads never queue behind a slow one.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +50,14 @@ use tokio::sync::OwnedMutexGuard;
 /// hold its requests for as long as that lasts.
 pub const TURN_WAIT: Duration = Duration::from_secs(10);
 
-type TurnLock = Arc<tokio::sync::Mutex<()>>;
+/// A key's lock, and how many requests wait for it.
+#[derive(Default)]
+struct KeyLock {
+    turn: Arc<tokio::sync::Mutex<()>>,
+    waiting: AtomicUsize,
+}
+
+type TurnLock = Arc<KeyLock>;
 
 /// The locks of the keys (sessions, claims' tokens) that have requests in this process now.
 #[derive(Default)]
@@ -74,8 +84,23 @@ struct Ticket<'a> {
 impl Turn<'_> {
     /// How many other requests of this process wait for the key's turn now.
     pub fn others_waiting(&self) -> usize {
-        // The map's reference and this turn's own.
-        Arc::strong_count(&self._ticket.lock).saturating_sub(2)
+        self._ticket.lock.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request among those waiting for a turn while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -98,12 +123,14 @@ impl KeyedTurns {
         self.take_within(key, TURN_WAIT).await
     }
 
-    async fn take_within(&self, key: &str, wait: Duration) -> Option<Turn<'_>> {
+    /// [`Self::take`], waiting at most `wait`.
+    pub async fn take_within(&self, key: &str, wait: Duration) -> Option<Turn<'_>> {
         let ticket = self.ticket(key);
-        let (guard, waited) = match ticket.lock.clone().try_lock_owned() {
+        let (guard, waited) = match ticket.lock.turn.clone().try_lock_owned() {
             Ok(guard) => (guard, false),
             Err(_) => {
-                let waiting = ticket.lock.clone().lock_owned();
+                let _counted = Waiting::count(&ticket.lock.waiting);
+                let waiting = ticket.lock.turn.clone().lock_owned();
                 (tokio::time::timeout(wait, waiting).await.ok()?, true)
             }
         };
@@ -156,6 +183,45 @@ mod tests {
             at_once(&turns, "sesn_a").await.is_some(),
             "the turn passes on when the holder is done"
         );
+    }
+
+    #[tokio::test]
+    async fn the_holder_knows_how_many_wait_behind_it() {
+        let turns = Arc::new(KeyedTurns::default());
+        let held = turns.take("queue").await.expect("a free turn");
+        assert_eq!(held.others_waiting(), 0);
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            let turns = turns.clone();
+            waiters.push(tokio::spawn(async move {
+                turns
+                    .take("queue")
+                    .await
+                    .expect("the turn comes")
+                    .others_waiting()
+            }));
+            tokio::task::yield_now().await;
+        }
+        let elsewhere = turns.take("another queue").await.expect("a free turn");
+        assert_eq!(
+            elsewhere.others_waiting(),
+            0,
+            "another key's waiters are not counted"
+        );
+        assert_eq!(held.others_waiting(), 3);
+        let gave_up = at_once(&turns, "queue").await;
+        assert!(gave_up.is_none());
+        assert_eq!(
+            held.others_waiting(),
+            3,
+            "one that gave up waiting is not counted"
+        );
+        drop(held);
+        let mut behind = Vec::new();
+        for waiter in waiters {
+            behind.push(waiter.await.expect("waiter"));
+        }
+        assert_eq!(behind, [2, 1, 0], "each in turn saw those still behind it");
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use tether_store::{
 };
 
 use super::events::apply_coupling;
-use super::spare_candidates::SpareCandidates;
+use super::spare_candidates::{self, SpareCandidates};
 use super::tokens::Principal;
 use super::worker_records::Record;
 use super::{App, Error, Missing, Result, Retry, SessionOfItem};
@@ -225,19 +225,29 @@ enum Took {
     Conflict,
 }
 
+/// A candidate a claim of this process is taking, kept from the others until dropped.
 struct Reservation<'a> {
     app: &'a App,
     id: String,
+    /// The claim knows what became of the candidate: taken, changed, or not claimable as it takes it.
+    settled: bool,
+}
+
+impl Reservation<'_> {
+    fn settle(mut self) {
+        self.settled = true;
+    }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.app
-            .claiming
-            .lock()
-            .expect("claiming lock")
-            .taking
-            .remove(&self.id);
+        let mut claims = self.app.claiming.lock().expect("claiming lock");
+        claims.taking.remove(&self.id);
+        if !self.settled {
+            // Its write failed or its client went away: the candidate may still be claimable, and
+            // reads made meanwhile passed it over, leaving younger candidates behind.
+            claims.spare.forget_all();
+        }
     }
 }
 
@@ -802,33 +812,42 @@ impl App {
             }
             None => None,
         };
-        for _ in 0..super::MAX_ATTEMPTS {
+        // A claim that finds nothing left over waits for the claim reading its queue before it, at
+        // most as long as what that read leaves stays fresh.
+        let read_turn_wait = Duration::from_millis(spare_candidates::KEEP_FOR_MS.unsigned_abs());
+        let window = format!("{}\n{reclaim_ms}", env.id);
+        let mut reads = 0;
+        loop {
             // The candidates an earlier read of this process left, while they are fresh
-            // (`spare_candidates`); a claim that finds none waits for the claim reading before it,
-            // whose read may leave some, before it reads itself: under load most claims read nothing.
+            // (`spare_candidates`). A claim that finds none waits for the claim reading before it,
+            // whose read is sized for those waiting, and takes from what it left; one that still
+            // finds none reads beside the others rather than after them, so reads of one queue never
+            // queue up behind a slow one. Under load most claims read nothing.
             let mut read_turn = None;
+            let mut waited = false;
             let spare = loop {
                 if let Some(spare) = self.reserve_spare(&env.id, reclaim_ms, self.now()) {
                     break Some(spare);
                 }
-                if read_turn.is_some() {
+                if waited || read_turn.is_some() {
                     break None;
                 }
-                let key = format!("{}\n{reclaim_ms}", env.id);
-                let Some(turn) = Box::pin(self.candidate_reads.take(&key)).await else {
-                    return Err(Error::Contended);
-                };
-                let waited = turn.waited;
-                read_turn = Some(turn);
-                if !waited {
-                    break None;
+                let turn = self.candidate_reads.take_within(&window, read_turn_wait);
+                match Box::pin(turn).await {
+                    Some(turn) if !turn.waited => read_turn = Some(turn),
+                    // Passed on at once: this claim takes what the read before it left, or reads.
+                    Some(_) | None => waited = true,
                 }
             };
             let (candidate, reservation, left_over) = match spare {
                 Some((candidate, reservation)) => (candidate, reservation, true),
                 None => {
-                    // This claim's turn to read: for the claims taking items now (they head the
-                    // queue until they commit), those waiting to read after it, and a few spare.
+                    if reads == super::MAX_ATTEMPTS {
+                        return Ok(None);
+                    }
+                    reads += 1;
+                    // For the claims taking items now (they head the queue until they commit),
+                    // those waiting to read after this one, and a few spare.
                     let now = self.now();
                     let reserved = self.claiming.lock().expect("claiming lock").taking.len();
                     let waiting = read_turn.as_ref().map_or(0, |turn| turn.others_waiting());
@@ -894,7 +913,6 @@ impl App {
                 Took::Conflict => {}
             }
         }
-        Ok(None)
     }
 
     /// Takes `candidate`, reserved for this claim by `reservation`, as `taking` says.
@@ -918,6 +936,7 @@ impl App {
         let Ok((step, lease)) =
             self.take_step(&candidate.value, &token, taker, reclaim_ms, taking, now)
         else {
+            reservation.settle();
             return Ok(Took::Refused);
         };
         // A claim acks the item, which may move its session (§7.3): the coupling starts from
@@ -928,8 +947,11 @@ impl App {
             false => None,
         };
         let session = session.unwrap_or(SessionAhead::Unread);
+        // A reservation is given back once the outcome is known; a write that failed, or was never
+        // answered, leaves it unsettled (`Reservation`'s drop).
         match self.commit_step(&candidate, session, &step, now).await {
             Ok(()) => {
+                reservation.settle();
                 record_pace(
                     crate::telemetry::ENQUEUE_TO_DELIVERY,
                     candidate.value.enqueued_at,
@@ -943,10 +965,10 @@ impl App {
                 })))
             }
             Err(Retry::Conflict) => {
+                reservation.settle();
                 // Another try of this claim may have taken the token first (a token
                 // holds one item at most): then its item is this claim's answer.
                 if let Some(token) = taking.named_token() {
-                    drop(reservation);
                     if let Some(claimed) = self.claimed_before(token, worker_id).await? {
                         return Ok(Took::Item(Box::new(claimed)));
                     }
@@ -1011,7 +1033,12 @@ impl App {
             let written_here = self.written_items.version_of(&candidate.id);
             if claims.take(&candidate.id, candidate.version, written_here) {
                 let id = candidate.id.clone();
-                return Some((candidate, Reservation { app: self, id }));
+                let reservation = Reservation {
+                    app: self,
+                    id,
+                    settled: false,
+                };
+                return Some((candidate, reservation));
             }
         }
     }
@@ -1029,6 +1056,7 @@ impl App {
             .then(|| Reservation {
                 app: self,
                 id: work_id.to_owned(),
+                settled: false,
             })
     }
 

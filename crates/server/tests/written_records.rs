@@ -1462,3 +1462,37 @@ async fn a_candidate_whose_write_failed_goes_before_the_ones_left_over() {
         app.begin_shutdown();
     }
 }
+
+/// Claims of one queue take turns at reading it only loosely: while one claim's read is slow (held
+/// here), the claims after it wait a few milliseconds at most, then read beside it, and take other
+/// items; the slow one takes what is left once its read is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_read_beside_a_slow_read_of_their_queue() {
+    for backend in backends() {
+        let name = backend.name();
+        let (_location, app, counting, env, clock, _) = on_manual_clock(&backend, "slow").await;
+        let items = items_a_millisecond_apart(&app, &env, &clock, 4).await;
+        let held = counting.hold_next_scan();
+        let slow = {
+            let (app, env) = (app.clone(), env.clone());
+            tokio::spawn(async move { poll_one(&app, &env, "slow").await })
+        };
+        held.arrived.await.expect("the slow claim's read");
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            let beside = tokio::time::timeout(Duration::from_secs(5), poll_one(&app, &env, "w"));
+            taken.push(
+                beside
+                    .await
+                    .expect("a claim beside the slow read is answered"),
+            );
+        }
+        held.release.send(()).expect("release");
+        taken.push(slow.await.expect("the slow claim"));
+        taken.sort();
+        let mut all = items.clone();
+        all.sort();
+        assert_eq!(taken, all, "{name}: each item once");
+        app.begin_shutdown();
+    }
+}

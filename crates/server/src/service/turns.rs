@@ -1,4 +1,5 @@
-//! Turns at writing one session's document, taken in this process.
+//! Turns taken in this process: at writing one session's document, at one claim's tries, and
+//! (loosely) at reading one queue's candidates.
 //!
 //! Every change to a session is a conditional write on its version, retried from a fresh read when it
 //! loses ([`super::with_retries`]). That is correct with any number of writers, but not fair: of N

@@ -1,6 +1,6 @@
 //! The work queue: poll, ack, heartbeat, stop, metadata, listing, stats, history, expiry and amnesty.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -229,11 +229,21 @@ enum Took {
 struct Reservation<'a> {
     app: &'a App,
     id: String,
-    /// The claim knows what became of the candidate: taken, changed, or not claimable as it takes it.
+    /// The claim knows what became of the candidate: taken, refused by the core, or its write lost
+    /// a race (after which the claim forgets its environment's left-overs itself).
     settled: bool,
 }
 
-impl Reservation<'_> {
+impl<'a> Reservation<'a> {
+    /// The reservation of an item `Claims::take` has just marked taken.
+    fn of(app: &'a App, work_id: &str) -> Self {
+        Reservation {
+            app,
+            id: work_id.to_owned(),
+            settled: false,
+        }
+    }
+
     fn settle(mut self) {
         self.settled = true;
     }
@@ -817,6 +827,9 @@ impl App {
         let read_turn_wait = Duration::from_millis(spare_candidates::KEEP_FOR_MS.unsigned_abs());
         let window = format!("{}\n{reclaim_ms}", env.id);
         let mut reads = 0;
+        // The rest of this claim's own last read that the left-overs did not take (none kept for its
+        // window, no room): its next attempts go through them first, as every read's claim did.
+        let mut own_rest = VecDeque::new();
         loop {
             // The candidates an earlier read of this process left, while they are fresh
             // (`spare_candidates`). A claim that finds none waits for the claim reading before it,
@@ -826,6 +839,9 @@ impl App {
             let mut read_turn = None;
             let mut waited = false;
             let spare = loop {
+                if let Some(own) = self.reserve_first(&mut own_rest) {
+                    break Some(own);
+                }
                 if let Some(spare) = self.reserve_spare(&env.id, reclaim_ms, self.now()) {
                     break Some(spare);
                 }
@@ -839,8 +855,8 @@ impl App {
                     Some(_) | None => waited = true,
                 }
             };
-            let (candidate, reservation, left_over) = match spare {
-                Some((candidate, reservation)) => (candidate, reservation, true),
+            let (candidate, reservation) = match spare {
+                Some(spare) => spare,
                 None => {
                     if reads == super::MAX_ATTEMPTS {
                         return Ok(None);
@@ -849,7 +865,10 @@ impl App {
                     // For the claims taking items now (they head the queue until they commit),
                     // those waiting to read after this one, and a few spare.
                     let now = self.now();
-                    let reserved = self.claiming.lock().expect("claiming lock").taking.len();
+                    let (reserved, generation) = {
+                        let claims = self.claiming.lock().expect("claiming lock");
+                        (claims.taking.len(), claims.spare.generation())
+                    };
                     let waiting = read_turn.as_ref().map_or(0, |turn| turn.others_waiting());
                     let batch = u32::try_from(reserved.saturating_add(waiting))
                         .unwrap_or(u32::MAX)
@@ -863,19 +882,26 @@ impl App {
                         .claim_candidates(&env.id, ClaimWindow::at(now, reclaim_ms), batch)
                         .await?;
                     let found_some = !candidates.is_empty();
-                    let mut candidates = candidates.into_iter();
-                    let taken = candidates.by_ref().find_map(|candidate| {
-                        let reservation = self.reserve(&candidate.id, candidate.version)?;
-                        Some((candidate, reservation))
-                    });
-                    // What it leaves is for the claims after it (this one's next attempt among them).
-                    self.claiming
-                        .lock()
-                        .expect("claiming lock")
-                        .spare
-                        .keep(&env.id, reclaim_ms, now, candidates);
+                    let mut candidates = VecDeque::from(candidates);
+                    // Under one lock: a reservation given back meanwhile forgets left-overs either
+                    // before this one takes (and sees it free) or after it keeps.
+                    let taken = {
+                        let mut claims = self.claiming.lock().expect("claiming lock");
+                        let taken = std::iter::from_fn(|| candidates.pop_front()).find(|c| {
+                            claims.take(&c.id, c.version, self.written_items.version_of(&c.id))
+                        });
+                        // What it leaves is for the claims after it, this one's next attempts
+                        // among them.
+                        own_rest = claims
+                            .spare
+                            .keep(&env.id, reclaim_ms, now, generation, candidates);
+                        taken
+                    };
                     match taken {
-                        Some((candidate, reservation)) => (candidate, reservation, false),
+                        Some(candidate) => {
+                            let reservation = Reservation::of(self, &candidate.id);
+                            (candidate, reservation)
+                        }
                         None if !found_some => {
                             if let Some(scan) = scan {
                                 self.waiters.found_empty(&env.id, scan, self.now());
@@ -903,14 +929,8 @@ impl App {
             );
             match took.await? {
                 Took::Item(claimed) => return Ok(Some(*claimed)),
-                Took::Refused => {}
-                // The other candidates left over may have changed too: the next attempt reads.
-                Took::Conflict if left_over => {
-                    let mut claims = self.claiming.lock().expect("claiming lock");
-                    claims.spare.forget(&env.id, reclaim_ms);
-                }
-                // The next attempt takes what this read left, or reads again.
-                Took::Conflict => {}
+                // The next attempt goes on with what is left, or reads again.
+                Took::Refused | Took::Conflict => {}
             }
         }
     }
@@ -947,8 +967,8 @@ impl App {
             false => None,
         };
         let session = session.unwrap_or(SessionAhead::Unread);
-        // A reservation is given back once the outcome is known; a write that failed, or was never
-        // answered, leaves it unsettled (`Reservation`'s drop).
+        // A reservation is settled once the outcome is known; a write that failed, or a claim
+        // dropped before its answer, leaves it unsettled (`Reservation`'s drop).
         match self.commit_step(&candidate, session, &step, now).await {
             Ok(()) => {
                 reservation.settle();
@@ -965,6 +985,11 @@ impl App {
                 })))
             }
             Err(Retry::Conflict) => {
+                // Whatever the race was about, reads made while this claim held the item passed it
+                // over; it may still be claimable, ahead of what they left.
+                let environment_id = &candidate.value.environment_id;
+                (self.claiming.lock().expect("claiming lock").spare)
+                    .forget_environment(environment_id);
                 reservation.settle();
                 // Another try of this claim may have taken the token first (a token
                 // holds one item at most): then its item is this claim's answer.
@@ -1020,6 +1045,19 @@ impl App {
         self.config.tick.min(Duration::from_secs(1))
     }
 
+    /// The first of `candidates` this claim may take, reserved; those before it are dropped.
+    fn reserve_first(
+        &self,
+        candidates: &mut VecDeque<Candidate>,
+    ) -> Option<(Candidate, Reservation<'_>)> {
+        while let Some(candidate) = candidates.pop_front() {
+            if let Some(reservation) = self.reserve(&candidate.id, candidate.version) {
+                return Some((candidate, reservation));
+            }
+        }
+        None
+    }
+
     /// The next spare candidate of the window (`spare_candidates`) that this claim may take, reserved.
     fn reserve_spare(
         &self,
@@ -1033,12 +1071,7 @@ impl App {
             let written_here = self.written_items.version_of(&candidate.id);
             if claims.take(&candidate.id, candidate.version, written_here) {
                 let id = candidate.id.clone();
-                let reservation = Reservation {
-                    app: self,
-                    id,
-                    settled: false,
-                };
-                return Some((candidate, reservation));
+                return Some((candidate, Reservation::of(self, &id)));
             }
         }
     }
@@ -1053,11 +1086,7 @@ impl App {
         let written_here = self.written_items.version_of(work_id);
         claims
             .take(work_id, version, written_here)
-            .then(|| Reservation {
-                app: self,
-                id: work_id.to_owned(),
-                settled: false,
-            })
+            .then(|| Reservation::of(self, work_id))
     }
 
     /// Records a poll for `workers_polling`, at most once per [`worker_record_interval_ms`] per

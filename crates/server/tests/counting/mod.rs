@@ -53,6 +53,8 @@ pub struct Counting {
     pub answer_lost: AtomicBool,
     /// Set by [`Counting::hold_next_commit`]: the next commit waits here until the hold is released.
     held_commit: std::sync::Mutex<Option<CommitHold>>,
+    /// Set by [`Counting::hold_next_scan`]: the next `claim_candidates` waits the same way.
+    held_scan: std::sync::Mutex<Option<CommitHold>>,
 }
 
 /// The next commit's hold: it says when the commit has arrived, then waits for the release.
@@ -71,13 +73,32 @@ impl Counting {
     /// Holds the next commit, whoever makes it, before it reaches the database: `arrived` fires
     /// when it comes, and it goes on once `release` is sent (or dropped).
     pub fn hold_next_commit(&self) -> HeldCommit {
+        Self::hold(&self.held_commit)
+    }
+
+    /// Holds the next queue scan (`claim_candidates`) as [`Counting::hold_next_commit`] holds a
+    /// commit: a read that the database is slow to answer.
+    pub fn hold_next_scan(&self) -> HeldCommit {
+        Self::hold(&self.held_scan)
+    }
+
+    fn hold(slot: &std::sync::Mutex<Option<CommitHold>>) -> HeldCommit {
         let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
         let (release, released) = tokio::sync::oneshot::channel();
-        *self.held_commit.lock().expect("hold lock") = Some(CommitHold {
+        *slot.lock().expect("hold lock") = Some(CommitHold {
             arrived: arrived_tx,
             released,
         });
         HeldCommit { arrived, release }
+    }
+
+    /// Waits at the hold in `slot`, if one is set, and clears it.
+    async fn wait_at(slot: &std::sync::Mutex<Option<CommitHold>>) {
+        let hold = slot.lock().expect("hold lock").take();
+        if let Some(hold) = hold {
+            let _ = hold.arrived.send(());
+            let _ = hold.released.await;
+        }
     }
 
     /// Counts the reconnection of the outage under way and stops there: the moment a real
@@ -118,11 +139,7 @@ impl Store for Counting {
         self.inner.backend()
     }
     async fn commit(&self, changes: ChangeSet) -> StoreResult<()> {
-        let hold = self.held_commit.lock().expect("hold lock").take();
-        if let Some(hold) = hold {
-            let _ = hold.arrived.send(());
-            let _ = hold.released.await;
-        }
+        Self::wait_at(&self.held_commit).await;
         self.before_call()?;
         let outcome = self.after_call(self.inner.commit(changes).await);
         if outcome.is_ok() && self.answer_lost.swap(false, Ordering::SeqCst) {
@@ -229,6 +246,7 @@ impl Store for Counting {
         limit: u32,
     ) -> StoreResult<Vec<tether_store::Candidate>> {
         self.scans.fetch_add(1, Ordering::SeqCst);
+        Self::wait_at(&self.held_scan).await;
         self.inner
             .claim_candidates(environment_id, window, limit)
             .await
@@ -341,6 +359,7 @@ pub async fn counting_app(
         recovering: std::sync::Mutex::new(()),
         answer_lost: AtomicBool::new(false),
         held_commit: std::sync::Mutex::new(None),
+        held_scan: std::sync::Mutex::new(None),
     });
     let app = App::new(
         counting.clone(),

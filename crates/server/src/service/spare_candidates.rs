@@ -15,7 +15,7 @@
 //!   ([`SpareCandidates::forget_environment`]): the item may have changed, as others may have, or
 //!   still be claimable (a write refused for its session's version, or for a token in use) and
 //!   older than what reads made while it was reserved left. A candidate this process wrote since
-//!   is passed over before any write (the reservation's check, `App::reserve`).
+//!   is passed over before any write (the reservation's check, `App::first_takeable`).
 //! - Oldest first (D-22), up to that staleness: the left-overs are the candidates that followed the
 //!   one taken, in queue order, and an item that (re)enters `queued` later does so with
 //!   `enqueued_at = now`, behind them. What they can miss, for at most [`KEEP_FOR_MS`]:

@@ -215,16 +215,6 @@ impl Claims {
     }
 }
 
-/// What became of a candidate a claim tried to take.
-enum Took {
-    /// The claim's answer: the candidate, or the item an earlier try of the claim took.
-    Item(Box<Claimed>),
-    /// The core refused it (no longer claimable as this claim would take it): the next one.
-    Refused,
-    /// It changed since it was read.
-    Conflict,
-}
-
 /// A candidate a claim of this process is taking, kept from the others until dropped.
 struct Reservation<'a> {
     app: &'a App,
@@ -839,11 +829,8 @@ impl App {
             let mut read_turn = None;
             let mut waited = false;
             let spare = loop {
-                if let Some(own) = self.reserve_first(&mut own_rest) {
-                    break Some(own);
-                }
-                if let Some(spare) = self.reserve_spare(&env.id, reclaim_ms, self.now()) {
-                    break Some(spare);
+                if let Some(next) = self.reserve_next(&mut own_rest, &env.id, reclaim_ms) {
+                    break Some(next);
                 }
                 if waited || read_turn.is_some() {
                     break None;
@@ -887,9 +874,7 @@ impl App {
                     // before this one takes (and sees it free) or after it keeps.
                     let taken = {
                         let mut claims = self.claiming.lock().expect("claiming lock");
-                        let taken = std::iter::from_fn(|| candidates.pop_front()).find(|c| {
-                            claims.take(&c.id, c.version, self.written_items.version_of(&c.id))
-                        });
+                        let taken = self.first_takeable(&mut claims, |_| candidates.pop_front());
                         // What it leaves is for the claims after it, this one's next attempts
                         // among them.
                         own_rest = claims
@@ -927,11 +912,11 @@ impl App {
                 reclaim_ms,
                 taking,
             );
-            match took.await? {
-                Took::Item(claimed) => return Ok(Some(*claimed)),
-                // The next attempt goes on with what is left, or reads again.
-                Took::Refused | Took::Conflict => {}
+            if let Some(claimed) = took.await? {
+                return Ok(Some(claimed));
             }
+            // Not taken (refused by the core, or its write lost a race): the next attempt goes on
+            // with what is left, or reads again.
         }
     }
 
@@ -944,7 +929,7 @@ impl App {
         issuer: Option<&str>,
         reclaim_ms: i64,
         taking: Taking<'_>,
-    ) -> Result<Took> {
+    ) -> Result<Option<Claimed>> {
         // Decoded only now: the candidates a poll steps past cost no parsing.
         let candidate = candidate.decode()?;
         let token = match taking.named_token() {
@@ -957,7 +942,7 @@ impl App {
             self.take_step(&candidate.value, &token, taker, reclaim_ms, taking, now)
         else {
             reservation.settle();
-            return Ok(Took::Refused);
+            return Ok(None);
         };
         // A claim acks the item, which may move its session (§7.3): the coupling starts from
         // the session as this process remembers it, as an ack's does. A delivery touches
@@ -977,12 +962,12 @@ impl App {
                     candidate.value.enqueued_at,
                     now,
                 );
-                Ok(Took::Item(Box::new(Claimed {
+                Ok(Some(Claimed {
                     item: step.item,
                     session_token: token,
                     lease,
                     earlier_try: false,
-                })))
+                }))
             }
             Err(Retry::Conflict) => {
                 // Whatever the race was about, reads made while this claim held the item passed it
@@ -995,10 +980,10 @@ impl App {
                 // holds one item at most): then its item is this claim's answer.
                 if let Some(token) = taking.named_token() {
                     if let Some(claimed) = self.claimed_before(token, worker_id).await? {
-                        return Ok(Took::Item(Box::new(claimed)));
+                        return Ok(Some(claimed));
                     }
                 }
-                Ok(Took::Conflict)
+                Ok(None)
             }
             Err(Retry::Fail(e)) => Err(e),
         }
@@ -1045,48 +1030,43 @@ impl App {
         self.config.tick.min(Duration::from_secs(1))
     }
 
-    /// The first of `candidates` this claim may take, reserved; those before it are dropped.
-    fn reserve_first(
+    /// The next candidate this claim may take, reserved: from `own_rest` (the rest of its own last
+    /// read), else from the window's left-overs (`spare_candidates`).
+    fn reserve_next(
         &self,
-        candidates: &mut VecDeque<Candidate>,
-    ) -> Option<(Candidate, Reservation<'_>)> {
-        while let Some(candidate) = candidates.pop_front() {
-            if let Some(reservation) = self.reserve(&candidate.id, candidate.version) {
-                return Some((candidate, reservation));
-            }
-        }
-        None
-    }
-
-    /// The next spare candidate of the window (`spare_candidates`) that this claim may take, reserved.
-    fn reserve_spare(
-        &self,
+        own_rest: &mut VecDeque<Candidate>,
         environment_id: &str,
         reclaim_ms: i64,
-        now: Timestamp,
     ) -> Option<(Candidate, Reservation<'_>)> {
+        let now = self.now();
         let mut claims = self.claiming.lock().expect("claiming lock");
-        loop {
-            let candidate = claims.spare.next(environment_id, reclaim_ms, now)?;
-            let written_here = self.written_items.version_of(&candidate.id);
-            if claims.take(&candidate.id, candidate.version, written_here) {
-                let id = candidate.id.clone();
-                return Some((candidate, Reservation::of(self, &id)));
-            }
-        }
+        let candidate = match self.first_takeable(&mut claims, |_| own_rest.pop_front()) {
+            Some(candidate) => candidate,
+            None => self.first_takeable(&mut claims, |claims| {
+                claims.spare.next(environment_id, reclaim_ms, now)
+            })?,
+        };
+        let reservation = Reservation::of(self, &candidate.id);
+        Some((candidate, reservation))
     }
 
-    /// Reserves a candidate read at `version` for this poll: `None` when another poll here is taking
-    /// it, or delivered it since that version was read.
-    fn reserve(&self, work_id: &str, version: i64) -> Option<Reservation<'_>> {
-        // Under the claims lock: a poll that committed a delivery has remembered it (`App::commit`)
-        // before it lets go of its reservation, so a poll here sees either the reservation or the
-        // delivery's version.
-        let mut claims = self.claiming.lock().expect("claiming lock");
-        let written_here = self.written_items.version_of(work_id);
-        claims
-            .take(work_id, version, written_here)
-            .then(|| Reservation::of(self, work_id))
+    /// The first candidate `next` gives that this claim may take, marked taken (`Claims::take`):
+    /// nobody here is taking it, and no write here made a version later than the one read. The
+    /// caller holds the claims lock: a poll that committed a delivery has remembered it
+    /// (`App::commit`) before it lets go of its reservation, so a poll here sees either the
+    /// reservation or the delivery's version. Those passed over are dropped.
+    fn first_takeable(
+        &self,
+        claims: &mut Claims,
+        mut next: impl FnMut(&mut Claims) -> Option<Candidate>,
+    ) -> Option<Candidate> {
+        loop {
+            let candidate = next(claims)?;
+            let written_here = self.written_items.version_of(&candidate.id);
+            if claims.take(&candidate.id, candidate.version, written_here) {
+                return Some(candidate);
+            }
+        }
     }
 
     /// Records a poll for `workers_polling`, at most once per [`worker_record_interval_ms`] per

@@ -580,7 +580,7 @@ async fn a_claim_with_stop_ends_the_finished_item_then_takes_the_next() {
         let elsewhere = Queue::new(server).await;
         let stop = json!({"work_id": b, "session_token": token_b});
         let refused = claim_stopping(&elsewhere, "", "w1", None, stop).await;
-        refused.error(404, "not_found_error");
+        assert_eq!(refused.error(404, "not_found_error")["code"], "work_not_found");
         assert_eq!(q.state(&b).await, "active");
 
         // A body that does not say which item and with what token is refused before anything.

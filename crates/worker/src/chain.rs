@@ -35,7 +35,7 @@ use tether_client::{
     ClaimOptions, ClaimTry, Client, PollOptions, StopThenClaim, StopWithClaim, WorkItem, WorkState,
 };
 
-use crate::claim::{cannot_run, ClaimTries, TryOutcome, CLAIMS_AGAIN_AFTER};
+use crate::claim::{cannot_run, ClaimSupport, ClaimTries, TryOutcome};
 use crate::supervisor::Taken;
 use crate::{Phase, Shared};
 
@@ -78,11 +78,10 @@ impl NextClaim {
         if lock(&self.brought).is_some() {
             return false;
         }
-        let left_lately = lock(&self.shared.stops_with_claims_left_at)
-            .is_some_and(|at| at.elapsed() < CLAIMS_AGAIN_AFTER);
+        let now = tokio::time::Instant::now();
         lock(&self.tries).is_some()
             || (*self.shared.phase.borrow() == Phase::Running
-                && !left_lately
+                && lock(&self.shared.stops_with_claims).claims_now(now)
                 && cannot_run(&self.shared).is_none())
     }
 
@@ -148,15 +147,16 @@ impl NextClaim {
 
     /// The server left the stop undone: said once, and no stop carries a claim for a while.
     fn left(&self, why: &str) -> StopCarried {
-        let mut left_at = lock(&self.shared.stops_with_claims_left_at);
-        if left_at.is_none_or(|at| at.elapsed() >= CLAIMS_AGAIN_AFTER) {
+        let now = tokio::time::Instant::now();
+        let mut support = lock(&self.shared.stops_with_claims);
+        if support.claims_now(now) {
             self.shared.report.info(
                 "the server did not make the stop sent with a claim: stopping items on their own \
                  (the next claim to carry a stop goes in 5 minutes)",
                 &[("reason", why)],
             );
         }
-        *left_at = Some(tokio::time::Instant::now());
+        *support = ClaimSupport::RefusedAt(now);
         StopCarried::Left
     }
 
@@ -189,4 +189,35 @@ fn is_the_claims_own_refusal(error: &tether_client::Error) -> bool {
 /// A lock that a panic elsewhere does not poison for good: its value is replaced whole.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::heartbeat::tests::refusal_with_code;
+
+    #[test]
+    fn refusals_of_the_claim_are_told_from_refusals_of_the_stop() {
+        let cases = [
+            (400, None, true),
+            (403, None, true),
+            (405, None, true),
+            (501, None, true),
+            (404, Some("environment_not_found"), true),
+            (404, None, true),
+            (404, Some("work_not_found"), false),
+            (401, None, false),
+            (409, Some("not_held"), false),
+            (500, None, false),
+            (503, None, false),
+        ];
+        for (status, code, the_claims) in cases {
+            let error = refusal_with_code(status, code);
+            assert_eq!(
+                is_the_claims_own_refusal(&error),
+                the_claims,
+                "{status} {code:?}"
+            );
+        }
+    }
 }

@@ -198,7 +198,7 @@ async fn claim_until_drain(
             } else {
                 shared.client.clone()
             };
-            let claims = claim_support.claims_now(Instant::now());
+            let claims = claim_support.claims_now(tokio::time::Instant::now());
             let sent = tokio::time::Instant::now();
             if claims {
                 ClaimTries::before_try(tries, sent, options);
@@ -216,7 +216,7 @@ async fn claim_until_drain(
                     "the server takes no claims: polling, acknowledging and heartbeating instead",
                     &[],
                 );
-                claim_support = ClaimSupport::RefusedAt(Instant::now());
+                claim_support = ClaimSupport::RefusedAt(tokio::time::Instant::now());
                 // Nothing was claimed: the next claim, once tried again, is a new one.
                 *tries = None;
                 continue;
@@ -759,20 +759,22 @@ fn explain(e: &Error, shared: &Shared) -> crate::Error {
     }
 }
 
-/// Whether the server takes claims, as far as the worker knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ClaimSupport {
+/// Whether the server takes claims (or, for `chain`, makes the stops they carry), as far as the
+/// worker knows. On tokio's clock, which the supervisor's tests pause.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum ClaimSupport {
     /// Until a claim is refused: a Tether server takes them.
+    #[default]
     Assumed,
     /// A claim was refused (404 or 405) at this moment; the worker polls instead.
-    RefusedAt(Instant),
+    RefusedAt(tokio::time::Instant),
 }
 
 impl ClaimSupport {
     /// Whether the next take is a claim, at `now`. A server that refused one is asked again after
     /// [`CLAIMS_AGAIN_AFTER`]: it may have been upgraded, or the refusal come from another server
     /// behind the same address that is gone now.
-    fn claims_now(&mut self, now: Instant) -> bool {
+    pub(crate) fn claims_now(&mut self, now: tokio::time::Instant) -> bool {
         match *self {
             ClaimSupport::Assumed => true,
             ClaimSupport::RefusedAt(at)
@@ -793,7 +795,7 @@ mod tests {
 
     #[test]
     fn a_server_that_refused_claims_is_polled_and_asked_again_later() {
-        let start = Instant::now();
+        let start = tokio::time::Instant::now();
         let mut support = ClaimSupport::Assumed;
         assert!(support.claims_now(start));
         support = ClaimSupport::RefusedAt(start);

@@ -797,6 +797,18 @@ pub(crate) mod tests {
         let first = beat_with_ttl("active", true, TTL).unwrap();
         let mut lease = Heartbeat::start_claimed(server, "w".into(), Some(TTL), sent_claim, first);
         assert_eq!(lease.established().await, Lease::Held);
+
+        // A lease whose stop was asked for runs out the same way, and the deadline itself is late.
+        let stopping = beat_with_ttl("stopping", true, TTL).unwrap();
+        let active = beat_with_ttl("active", true, TTL).unwrap();
+        for (first, past) in [(stopping, Duration::from_secs(1)), (active, Duration::ZERO)] {
+            let sent_claim = Instant::now();
+            tokio::time::advance(claimed.kill_at() + past).await;
+            let (server, _) = Scripted::new(vec![]);
+            let lease = Heartbeat::start_claimed(server, "w".into(), Some(TTL), sent_claim, first);
+            let state = lease.state.borrow().clone();
+            assert!(matches!(state, Lease::Lost(_)), "{past:?} past: {state:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

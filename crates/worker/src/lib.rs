@@ -153,9 +153,9 @@ pub(crate) struct Shared {
     /// A drain task is asking for a lost claim's item (`claim::ask_again_taking_nothing`), not yet
     /// running one: what the drain's message counts apart from the items running.
     pub asking_for_lost_claim: std::sync::atomic::AtomicBool,
-    /// When the server last left undone a stop that a claim carried (`chain`): items are then
-    /// stopped on their own for a while.
-    pub stops_with_claims_left_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Whether the server makes the stops claims carry (`chain`): once it left one undone, items
+    /// are stopped on their own for a while, as claims give way to polls when refused.
+    pub stops_with_claims: std::sync::Mutex<claim::ClaimSupport>,
     /// `--sandbox`, checked at start-up.
     pub sandbox: Option<sandbox::Sandbox>,
     /// `--sandbox-network api`: where each item's proxy sends requests, and where its socket goes.
@@ -328,7 +328,7 @@ async fn run_to_end(config: Config) -> Result<Summary> {
         exits: std::sync::Mutex::default(),
         took_any: Default::default(),
         asking_for_lost_claim: Default::default(),
-        stops_with_claims_left_at: Default::default(),
+        stops_with_claims: Default::default(),
         sandbox,
         api_proxy,
         dead_mans_switch: true,

@@ -1423,7 +1423,7 @@ mod tests {
             exits: Mutex::new(Vec::new()),
             took_any: Default::default(),
             asking_for_lost_claim: Default::default(),
-            stops_with_claims_left_at: Default::default(),
+            stops_with_claims: Default::default(),
             sandbox: None,
             api_proxy: None,
             // It would follow this test's paused clock with a real kernel timer, and SIGKILL the
